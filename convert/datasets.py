@@ -1,0 +1,75 @@
+"""Loader for the UEA/UCR ``.ts`` format and the shipped BasicMotions IMU recordings.
+
+Pure NumPy (no TensorFlow) so that ``firmware_sim`` can replay the recordings too.
+Data: the UEA multivariate time-series classification archive, "BasicMotions".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHANNELS = ("acc_x", "acc_y", "acc_z", "gyr_x", "gyr_y", "gyr_z")
+UNITS = ("raw", "raw", "raw", "raw", "raw", "raw")
+SAMPLE_RATE_HZ = 10.0
+DATA_DIR = Path(__file__).parent / "data"  # package data, installed with the project
+
+
+@dataclass(frozen=True)
+class Recordings:
+    x: np.ndarray  # [N, T, F] float32
+    labels: np.ndarray  # [N] int index into classes
+    classes: tuple[str, ...]
+
+
+def parse_ts(text: str, where: str = "<ts>") -> tuple[np.ndarray, list[str]]:
+    """Parse equal-length ``.ts`` data: one case a line, channels split by ':', label last."""
+    rows, labels, in_data = [], [], False
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("@"):
+            in_data = in_data or line.lower().startswith("@data")
+            continue
+        if not in_data:
+            raise ValueError(f"{where}:{n}: data line before @data")
+        *channels, label = line.split(":")
+        try:
+            rows.append([[float(v) for v in ch.split(",")] for ch in channels])
+        except ValueError as exc:
+            raise ValueError(f"{where}:{n}: {exc}") from exc
+        labels.append(label.strip())
+    if not rows:
+        raise ValueError(f"{where}: no data lines")
+    lengths = {len(ch) for r in rows for ch in r}
+    if len(lengths) != 1 or len({len(r) for r in rows}) != 1:
+        raise ValueError(f"{where}: recordings of unequal length or channel count")
+    return np.asarray(rows, np.float32).transpose(0, 2, 1), labels  # [N, T, F]
+
+
+def basicmotions(split: str) -> Recordings:
+    """``split`` is "train" or "test"; classes sorted by name for a stable label order."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    name = f"BasicMotions_{split.upper()}.ts"
+    text = (DATA_DIR / name).read_text(encoding="utf-8")
+    x, names = parse_ts(text, name)
+    classes = tuple(sorted(set(names)))
+    return Recordings(x, np.asarray([classes.index(c) for c in names]), classes)
+
+
+def load_array(path: str | Path, key: str = "x") -> np.ndarray:
+    """A float array from .npy, or .npz with ``key``; errors name the file."""
+    p = Path(path)
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                if key not in z:
+                    raise ValueError(f"{p}: no array named {key!r} (has {sorted(z.files)})")
+                return np.asarray(z[key])
+        return np.asarray(np.load(p, allow_pickle=False))
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{p}: cannot read: {exc}") from exc

@@ -1,0 +1,142 @@
+"""Calibration and the TFLite converter for every quantisation mode.
+
+Calibration follows the runtime: the float reference runs over every calibration sequence and
+over their concatenation (one long stream, so the long-run state ranges are covered), and
+real ``(x_t, h_{t-1}, c_{t-1})`` triples from those runs feed the converter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import reference, step_graph
+from .errors import ConvertError
+from .intake import ModelSpec
+
+MODES = ("int8", "int16x8", "float16", "float32")
+C_CANDIDATES = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
+SEARCH_STEPS = 4000
+
+
+@dataclass(frozen=True)
+class Calibration:
+    x: np.ndarray  # [M, F], normalised as the graph sees it
+    states: list[np.ndarray]  # per state tensor [M, H], the state *before* the step
+    c_max: list[float]  # per layer
+
+
+def calibrate(
+    spec: ModelSpec, calib: np.ndarray, *, normalize_in_graph: bool, samples: int = 1024,
+    seed: int = 0,
+) -> Calibration:  # fmt: skip
+    long = calib.reshape(1, -1, calib.shape[-1])
+    xs, states = [], []
+    for data in (calib, long):
+        _, before, xn = reference.run(spec, data)
+        xs.append((data if normalize_in_graph else xn).reshape(-1, spec.features))
+        states.append([b.reshape(-1, b.shape[-1]) for b in before])
+    x_all = np.concatenate(xs)
+    st_all = [np.concatenate([s[k] for s in states]) for k in range(len(states[0]))]
+    c_max = choose_c_range(spec, long[0, :SEARCH_STEPS], normalize_in_graph)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(x_all), size=min(samples, len(x_all)), replace=False)
+    return Calibration(
+        x_all[pick].astype(np.float32), [s[pick].astype(np.float32) for s in st_all], c_max
+    )
+
+
+def _fake_quant(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    scale = (hi - lo) / 255.0
+    return np.clip(np.rint((v - lo) / scale), 0, 255) * scale + lo
+
+
+def simulate_error(spec: ModelSpec, xn: np.ndarray, y_float: np.ndarray, c_max: float) -> float:
+    """Mean |y - y_float| of the float reference with its state rounded to the int8 grid."""
+    state = reference.zero_state(spec, 1)
+    err = 0.0
+    for t in range(len(xn)):
+        y, state = reference.step(spec, xn[t : t + 1], state, normalized=True)
+        state = [_fake_quant(s, -1.0, 1.0) if k % 2 == 0 else _fake_quant(s, -c_max, c_max)
+                 for k, s in enumerate(state)]  # fmt: skip
+        err += float(np.abs(y[0] - y_float[t]).mean())
+    return err / len(xn)
+
+
+def choose_c_range(spec: ModelSpec, stream: np.ndarray, normalize_in_graph: bool) -> list[float]:
+    """The int8 range of C is a trade: too wide and small cell values lose resolution, too
+    narrow and large ones clip. |C| beyond ~4 barely moves tanh(C), so clipping there is often
+    cheap; pick the range whose state rounding disturbs the float model's output least."""
+    y_float, before, xn = reference.run(spec, stream[None])
+    c_seen = max(float(np.abs(b).max()) for b in before[1::2])
+    cands = [c for c in C_CANDIDATES if c < c_seen * 1.1] + [max(1.0, c_seen * 1.1)]
+    errors = {c: simulate_error(spec, xn[0], y_float[0], c) for c in cands}
+    best = min(errors, key=errors.__getitem__)
+    return [best] * len(spec.lstms)
+
+
+def state_ranges(spec: ModelSpec, cal: Calibration) -> list[tuple[float, float]]:
+    out = []
+    for layer in range(len(spec.lstms)):
+        out += [(-1.0, 1.0), (-cal.c_max[layer], cal.c_max[layer])]
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """The converter prints C++ log lines straight to fd 2; keep the terminal readable."""
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def convert(
+    spec: ModelSpec, cal: Calibration, mode: str, *, normalize_in_graph: bool
+) -> bytes:
+    if mode not in MODES:
+        raise ConvertError(f"--quant {mode!r} is not one of {', '.join(MODES)}")
+    import tensorflow as tf
+
+    ranges = state_ranges(spec, cal) if mode == "int8" else None
+    fn, owner = step_graph.build(spec, normalize_in_graph=normalize_in_graph, state_ranges=ranges)
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn], owner)
+    names = [n for n, _, _ in step_graph.state_names(spec)]
+
+    def representative() -> Iterator[dict[str, Any]]:
+        for i in range(0, len(cal.x), 16):
+            feed = {"x": cal.x[i : i + 16]}
+            for n, s in zip(names, cal.states):
+                feed[n] = s[i : i + 16]
+            yield feed
+
+    if mode in ("int8", "int16x8"):
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = representative
+        if mode == "int8":
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            conv.inference_input_type = conv.inference_output_type = tf.int8
+        else:
+            conv.target_spec.supported_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+            ]
+            conv.inference_input_type = conv.inference_output_type = tf.int16
+    elif mode == "float16":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+    try:
+        with _quiet_native_stderr():
+            result: bytes = conv.convert()
+    except Exception as exc:
+        raise ConvertError(f"the TFLite converter failed ({mode}): {exc}") from exc
+    return result

@@ -1,0 +1,312 @@
+"""Fidelity of a bundle against the float reference, as the runtime will run it.
+
+Checks: per-step parity on held-out sequences, closed-loop drift over one long stream with the
+state fed back exactly as ``edge`` feeds it, an op audit, and load-and-run in every interpreter
+that can be reached (in-process, plus a device-like Python given by ``--device-python``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edge
+from edge.backend import available
+from edge.cli import probe_inputs
+from edge.model import dequantize
+
+from . import reference
+from .errors import VerificationFailed
+from .intake import ModelSpec
+
+FORBIDDEN_OPS = {
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": "fused LSTM op",
+    "BIDIRECTIONAL_SEQUENCE_LSTM": "fused LSTM op",
+    "LSTM": "fused LSTM op",
+    "WHILE": "control flow",
+    "IF": "control flow",
+    "VAR_HANDLE": "resource variable",
+    "READ_VARIABLE": "resource variable",
+    "ASSIGN_VARIABLE": "resource variable",
+    "CALL_ONCE": "resource variable initialiser",
+    "CUSTOM": "custom/Flex (Select TF) op",
+}
+TARGETS = {"top1_agreement": 0.995, "drift_ratio": 1.2, "long_steps": 10_000}
+DRIFT_ABS_FLOOR = 1e-3  # errors below this are rounding noise; a ratio of noise means nothing
+
+
+def op_audit(content: bytes) -> dict[str, Any]:
+    from tensorflow.lite.python import schema_py_generated as fb
+
+    model = fb.Model.GetRootAsModel(content, 0)
+    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+    codes = []
+    for i in range(model.OperatorCodesLength()):
+        oc = model.OperatorCodes(i)
+        code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
+        name = names.get(code, str(code))
+        if name == "CUSTOM" and oc.CustomCode():
+            name = f"CUSTOM:{oc.CustomCode().decode()}"
+        codes.append((name, oc.Version()))
+    counts: dict[str, int] = {}
+    for s in range(model.SubgraphsLength()):
+        sg = model.Subgraphs(s)
+        for k in range(sg.OperatorsLength()):
+            name = codes[sg.Operators(k).OpcodeIndex()][0]
+            counts[name] = counts.get(name, 0) + 1
+    forbidden = sorted(
+        f"{n} ({FORBIDDEN_OPS[n.split(':')[0]]})" for n, _ in codes if n.split(":")[0] in FORBIDDEN_OPS
+    )
+    return {
+        "ops": {n: {"version": v, "count": counts.get(n, 0)} for n, v in sorted(codes)},
+        "subgraphs": model.SubgraphsLength(),
+        "forbidden": forbidden,
+        "passed": not forbidden and model.SubgraphsLength() == 1,
+    }
+
+
+def parity(engine: edge.Engine, spec: ModelSpec, x: np.ndarray, labels: np.ndarray | None,
+           y_float: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+    """Every sequence as its own stream, all streams batched per step."""
+    n, t, _ = x.shape
+    streams = [f"verify-{i}" for i in range(n)]
+    outs = engine.step_many([edge.Chunk(s, x[i]) for i, s in enumerate(streams)])
+    for s in streams:
+        engine.store.remove(s)
+    y_q = np.stack([o.y for o in outs]).astype(np.float64)
+    err = np.abs(y_q - y_float)
+    res: dict[str, Any] = {
+        "sequences": int(n),
+        "steps": int(n * t),
+        "max_abs_error": float(err.max()),
+        "mean_abs_error": float(err.mean()),
+    }
+    if engine.manifest.output_kind == "classifier":
+        agree = y_q.argmax(-1) == y_float.argmax(-1)
+        res["top1_agreement"] = float(agree.mean())
+        res["per_class_agreement"] = {
+            lab: float(agree[y_float.argmax(-1) == k].mean()) if (y_float.argmax(-1) == k).any()
+            else None for k, lab in enumerate(engine.manifest.labels)
+        }  # fmt: skip
+        if labels is not None and labels.ndim == 1:
+            res["accuracy_last_step_float"] = float((y_float[:, -1].argmax(-1) == labels).mean())
+            res["accuracy_last_step_bundle"] = float((y_q[:, -1].argmax(-1) == labels).mean())
+    else:
+        if labels is not None and labels.shape == y_float.shape:
+            rmse_f = float(np.sqrt(((y_float - labels) ** 2).mean()))
+            rmse_q = float(np.sqrt(((y_q - labels) ** 2).mean()))
+            res.update(rmse_float=rmse_f, rmse_bundle=rmse_q, rmse_ratio=rmse_q / rmse_f)
+        res["rmse_vs_float"] = float(np.sqrt(((y_q - y_float) ** 2).mean()))
+        res["rmse_vs_float_rel"] = res["rmse_vs_float"] / max(float(y_float.std()), 1e-12)
+    return res, y_q
+
+
+def periodic_stream(x: np.ndarray, steps: int) -> np.ndarray:
+    """>= ``steps`` samples made of one block of concatenated sequences repeated a multiple of
+    ten times, so the first and last 10% see the same inputs and differ only by drift."""
+    per_tenth = max(1, steps // 10 // x.shape[1])
+    pick = np.random.default_rng(0).permutation(len(x))[:per_tenth]  # mixed classes, fixed
+    block = x[np.sort(pick)].reshape(-1, x.shape[-1])
+    reps = 10 * -(-steps // (10 * len(block)))
+    return np.tile(block, (reps, 1))
+
+
+def drift(engine: edge.Engine, spec: ModelSpec, x: np.ndarray, steps: int,
+          progress: Callable[[str], None]) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+    """One stream, never reset, state fed back exactly as the runtime does it."""
+    long = periodic_stream(x, steps)
+    steps = len(long)
+    y_float, _, _ = reference.run(spec, long[None])
+    y_float = y_float[0]
+    model = engine.model
+    state = model.zero_state()
+    y_q = np.empty_like(y_float)
+    sat = [0] * len(state)
+    limits = [(np.iinfo(s.dtype).min, np.iinfo(s.dtype).max) if s.dtype != np.float32 else None
+              for s in state]  # fmt: skip
+    t0 = time.perf_counter()
+    for k in range(steps):
+        y_raw, state = model.invoke(model.encode_x(long[k : k + 1]), state)
+        y_q[k] = dequantize(y_raw, model.y_spec)[0]
+        for j, (s, lim) in enumerate(zip(state, limits)):
+            if lim is not None:
+                sat[j] += int(((s == lim[0]) | (s == lim[1])).sum())
+        if k and k % 5000 == 0:
+            progress(f"  drift: {k}/{steps} steps")
+    elapsed = time.perf_counter() - t0
+    err = np.abs(y_q - y_float).max(-1)
+    tenth = max(1, steps // 10)
+    first, last = float(err[:tenth].mean()), float(err[-tenth:].mean())
+    res: dict[str, Any] = {
+        "steps": steps,
+        "first_10pct_mean_error": first,
+        "last_10pct_mean_error": last,
+        "drift_ratio": last / first if first > 0 else (1.0 if last == 0 else float("inf")),
+        "max_abs_error": float(err.max()),
+        "state_saturation": {
+            name: sat[j] / (steps * state[j].shape[1])
+            for j, (name, _) in enumerate(engine.manifest.state_names)
+        },
+        "us_per_step": elapsed / steps * 1e6,
+    }
+    res["no_drift"] = last <= TARGETS["drift_ratio"] * first + DRIFT_ABS_FLOOR
+    if engine.manifest.output_kind == "classifier":
+        res["top1_agreement"] = float((y_q.argmax(-1) == y_float.argmax(-1)).mean())
+    else:
+        res["rmse_vs_float_rel"] = float(np.sqrt(((y_q - y_float) ** 2).mean()) / max(y_float.std(), 1e-12))
+    return res, err
+
+
+def probe(engine: edge.Engine) -> np.ndarray:
+    return engine.step("probe", probe_inputs(engine.manifest.features))
+
+
+def device_python() -> str | None:
+    """A Python with tflite-runtime 2.14 (the device-like environment), if one is configured."""
+    env = os.environ.get("EDGE_LSTM_DEVICE_PYTHON")
+    if env:
+        return env
+    guess = Path(__file__).resolve().parent.parent / ".venv-device" / "bin" / "python"
+    return str(guess) if guess.exists() else None
+
+
+def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    for name in ("litert", "tensorflow"):
+        if name not in available():
+            res[name] = {"status": "not installed"}
+            continue
+        try:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                eng = edge.load(bundle, backend=name)
+            y = probe(eng)
+            res[name] = {"status": "passed", "version": eng.model.backend.version,
+                         "probe_max_diff": float(np.abs(y - reference_y).max())}  # fmt: skip
+        except Exception as exc:  # report, do not stop: the summary says which failed
+            res[name] = {"status": "failed", "error": str(exc)}
+    if dev_python is None:
+        res["tflite"] = {"status": "not available (set EDGE_LSTM_DEVICE_PYTHON)"}
+        return res
+    cmd = [dev_python, "-m", "edge", "inspect", str(bundle), "--json", "--backend", "tflite"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        res["tflite"] = {"status": "failed", "error": str(exc)}
+        return res
+    if proc.returncode != 0:
+        res["tflite"] = {"status": "failed", "error": proc.stderr.strip()[-500:]}
+        return res
+    try:
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        y = np.asarray(info["probe_y"])
+    except (ValueError, IndexError, KeyError) as exc:
+        res["tflite"] = {"status": "failed", "error": f"unreadable inspect output: {exc}: "
+                         f"{proc.stdout[-300:]!r} {proc.stderr[-300:]!r}"}  # fmt: skip
+        return res
+    res["tflite"] = {"status": "passed", "version": info["backend_version"],
+                     "probe_max_diff": float(np.abs(y - reference_y).max())}  # fmt: skip
+    return res
+
+
+def verify(
+    bundle: Path,
+    spec: ModelSpec,
+    data: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    long_steps: int = TARGETS["long_steps"],
+    dev_python: str | None = None,
+    progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    content = (bundle / "model.tflite").read_bytes()
+    audit = op_audit(content)
+    engine = edge.load(bundle)
+    progress(f"  parity on {len(data)} sequences x {data.shape[1]} steps")
+    y_float, _, _ = reference.run(spec, data)
+    par, y_q = parity(engine, spec, data, labels, y_float)
+    progress(f"  closed-loop drift over {long_steps} steps")
+    dr, err = drift(engine, spec, data, long_steps, progress)
+    progress("  interpreters")
+    interp = interpreters(bundle, probe(engine), dev_python)
+    report = {
+        "bundle": str(bundle),
+        "quantization": engine.manifest.quantization,
+        "tflite_bytes": len(content),
+        "op_audit": audit,
+        "parity": par,
+        "drift": dr,
+        "interpreters": interp,
+        "targets": TARGETS,
+        "seconds": time.perf_counter() - t0,
+    }
+    report["checks"] = checks(report)
+    report["_long_error"] = err  # for the plot; dropped before JSON
+    report["_y"] = (y_q, y_float)
+    return report
+
+
+def checks(report: dict[str, Any]) -> dict[str, bool]:
+    par, dr = report["parity"], report["drift"]
+    out = {
+        "op_audit": report["op_audit"]["passed"],
+        "interpreters": all(v["status"] != "failed" for v in report["interpreters"].values()),
+        "no_drift": bool(dr["no_drift"]),
+    }
+    if "top1_agreement" in dr:
+        out["long_stream_top1_agreement"] = dr["top1_agreement"] >= TARGETS["top1_agreement"]
+    if "accuracy_last_step_float" in par:
+        out["accuracy_within_1pt"] = (
+            par["accuracy_last_step_float"] - par["accuracy_last_step_bundle"] <= 0.01 + 1e-9
+        )
+    if "rmse_ratio" in par:
+        out["rmse_within_5pct"] = par["rmse_ratio"] <= 1.05
+    return out
+
+
+def hard_failures(report: dict[str, Any]) -> list[str]:
+    out = []
+    if report["op_audit"]["forbidden"]:
+        out.append(f"forbidden ops: {', '.join(report['op_audit']['forbidden'])}")
+    for name, v in report["interpreters"].items():
+        if v["status"] == "failed":
+            out.append(f"the bundle failed to run in {name}: {v['error']}")
+    return out
+
+
+def save(report: dict[str, Any], directory: Path) -> None:
+    from . import report as plot
+
+    clean = {k: v for k, v in report.items() if not k.startswith("_")}
+    (directory / "report.json").write_text(json.dumps(clean, indent=2) + "\n")
+    plot.plot(report, directory / "report.png")
+
+
+def fidelity_summary(report: dict[str, Any]) -> dict[str, Any]:
+    keep = ("max_abs_error", "mean_abs_error", "top1_agreement", "accuracy_last_step_float",
+            "accuracy_last_step_bundle", "rmse_ratio", "rmse_vs_float_rel")  # fmt: skip
+    par, dr = report["parity"], report["drift"]
+    return {
+        "parity": {k: par[k] for k in keep if k in par},
+        "drift": {k: dr[k] for k in ("steps", "drift_ratio", "first_10pct_mean_error",
+                                     "last_10pct_mean_error", "top1_agreement") if k in dr},
+        "checks": report["checks"],
+    }
+
+
+def raise_on_hard_failures(report: dict[str, Any]) -> None:
+    bad = hard_failures(report)
+    if bad:
+        raise VerificationFailed("; ".join(bad))

@@ -1,0 +1,42 @@
+"""edge: the device runtime. Keeps LSTM state per stream and steps it one sample at a time.
+
+>>> import edge
+>>> engine = edge.load("bundle/")
+>>> y = engine.step("dev-1", [0.1, 0.2, 0.3, 0.0, 0.0, 0.0])
+
+Never imports TensorFlow unless it is explicitly chosen as the (heavy) fallback backend.
+"""
+
+from .engine import Chunk, Engine, Outcome, load
+from .errors import (
+    BackendError,
+    BundleError,
+    ConfigError,
+    DuplicateSample,
+    EdgeError,
+    InvalidSample,
+    MissingSeq,
+    SampleError,
+    SequenceGap,
+    SnapshotError,
+)
+from .manifest import Manifest
+
+__version__ = "0.1.0"
+__all__ = [
+    "BackendError",
+    "BundleError",
+    "Chunk",
+    "ConfigError",
+    "DuplicateSample",
+    "EdgeError",
+    "Engine",
+    "InvalidSample",
+    "Manifest",
+    "MissingSeq",
+    "Outcome",
+    "SampleError",
+    "SequenceGap",
+    "SnapshotError",
+    "load",
+]

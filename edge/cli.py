@@ -1,0 +1,95 @@
+"""``edge-lstm``: the device runtime's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from .errors import EdgeError
+
+
+def probe_inputs(features: int, steps: int = 64) -> np.ndarray:
+    """A fixed input sequence, identical on every machine, to compare interpreters by."""
+    t = np.arange(steps)[:, None]
+    return np.sin(0.3 * t + np.arange(features)[None, :]).astype(np.float64)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-lstm",
+        description="Streaming LSTM runtime: keeps h/C per stream, steps one sample at a time.",
+    )
+    p.add_argument("--version", action="version", version="edge-lstm 0.1.0")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    i = sub.add_parser("inspect", help="print a bundle's manifest and run a quick self-test",
+                       description="Load DIR (manifest + sha256 checked), run a 64-step probe "
+                       "stream and print what was found.")  # fmt: skip
+    i.add_argument("bundle", help="bundle directory made by lstm-convert")
+    i.add_argument("--backend", default=None,
+                   help="interpreter: auto (default), litert, tflite or tensorflow; "
+                   "or set EDGE_LSTM_BACKEND")  # fmt: skip
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    from .service_cli import add_serve_parser
+
+    add_serve_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command is None:
+        p.print_help()
+        return 2
+    try:
+        if args.command == "inspect":
+            return inspect(args)
+        from .service_cli import serve
+
+        return serve(args)
+    except EdgeError as exc:
+        print(f"edge-lstm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from .engine import load
+
+    t0 = time.perf_counter()
+    engine = load(args.bundle, backend=args.backend)
+    load_s = time.perf_counter() - t0
+    m = engine.manifest
+    y = engine.step("probe", probe_inputs(m.features))
+    info = {
+        "bundle": args.bundle,
+        "backend": engine.model.backend.name,
+        "backend_version": engine.model.backend.version,
+        "load_seconds": load_s,
+        "manifest": m.to_dict(),
+        "probe_y": y.tolist(),
+        "tensorflow_imported": "tensorflow" in sys.modules,
+    }
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"bundle      {args.bundle}")
+    print(f"model       {m.model_id} ({m.quantization}), source {m.extra.get('source_name', '?')}")
+    print(f"features    {m.features}: {', '.join(m.feature_names)}")
+    print(f"output      {m.output_kind}, {m.outputs} values"
+          + (f": {', '.join(m.labels)}" if m.labels else ""))  # fmt: skip
+    print("state       " + ", ".join(f"layer {k}: {la.units} units" for k, la in enumerate(m.layers))
+          + f"; {sum(t.width * (1 if t.dtype == 'int8' else 2 if t.dtype == 'int16' else 4) for t in engine.model.state_in)} bytes per stream")  # fmt: skip
+    print(f"interpreter {engine.model.backend.name} {engine.model.backend.version}, "
+          f"loaded in {load_s * 1000:.0f} ms")  # fmt: skip
+    fid = m.fidelity.get("parity", {})
+    if fid:
+        print("fidelity    " + ", ".join(f"{k} {v:.4g}" for k, v in fid.items()))
+    print(f"self-test   64-step probe ok, last y = {np.round(y[-1], 4).tolist()}")
+    return 0

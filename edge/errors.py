@@ -1,0 +1,75 @@
+"""The one error hierarchy of ``edge``.
+
+::
+
+    EdgeError
+    ├── BackendError        no usable interpreter, or the interpreter failed
+    ├── BundleError         manifest missing/invalid, sha256 mismatch, self-test failed
+    ├── SnapshotError       unreadable, corrupt, wrong format or wrong model
+    ├── ConfigError         bad configuration value
+    └── SampleError         a sample the engine refuses; state and last seq are untouched
+        ├── InvalidSample   wrong shape, non-numeric, NaN/Inf, oversized
+        ├── DuplicateSample seq <= last seen (a redelivery)
+        ├── SequenceGap     seq jumped and the gap policy is "reject"
+        └── MissingSeq      no seq, and the engine is configured for sequenced streams
+
+Dependency errors are wrapped (``raise BundleError(...) from exc``) so callers catch one type.
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base of every error raised by ``edge``."""
+
+
+class BackendError(EdgeError):
+    pass
+
+
+class BundleError(EdgeError):
+    pass
+
+
+class SnapshotError(EdgeError):
+    pass
+
+
+class ConfigError(EdgeError):
+    pass
+
+
+class SampleError(EdgeError):
+    """A refused sample. ``code`` is the stable short name published on ``errors/{stream}``."""
+
+    code = "invalid_sample"
+
+    def __init__(self, message: str, *, stream_id: str | None = None, seq: int | None = None):
+        super().__init__(message)
+        self.stream_id = stream_id
+        self.seq = seq
+
+    def __str__(self) -> str:
+        where = []
+        if self.stream_id is not None:
+            where.append(f"stream {self.stream_id!r}")
+        if self.seq is not None:
+            where.append(f"seq {self.seq}")
+        prefix = f"{', '.join(where)}: " if where else ""
+        return prefix + super().__str__()
+
+
+class InvalidSample(SampleError):
+    code = "invalid_sample"
+
+
+class DuplicateSample(SampleError):
+    code = "duplicate"
+
+
+class SequenceGap(SampleError):
+    code = "gap"
+
+
+class MissingSeq(SampleError):
+    code = "missing_seq"

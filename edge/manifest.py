@@ -1,0 +1,253 @@
+"""The bundle manifest: parsed once, validated field by field, immutable afterwards.
+
+A bundle is a directory holding ``model.tflite`` and ``manifest.json``. The manifest says
+everything the runtime needs; the converter writes it (``convert.bundle``) from this module's
+``to_dict`` so both sides share one schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+FORMAT = "edge-lstm-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+QUANT_MODES = ("int8", "int16x8", "float16", "float32")
+DTYPES = ("int8", "int16", "float32")
+OUTPUT_KINDS = ("classifier", "regressor")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One signature tensor. ``scale == 0`` means not quantised (float)."""
+
+    name: str
+    dtype: str
+    width: int
+    scale: float = 0.0
+    zero_point: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype != "float32"
+
+
+@dataclass(frozen=True)
+class StateLayer:
+    units: int
+    h_in: str
+    h_out: str
+    c_in: str
+    c_out: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_file: str
+    tflite_sha256: str
+    source_sha256: str
+    quantization: str
+    signature: str
+    input: str
+    output: str
+    feature_names: tuple[str, ...]
+    feature_units: tuple[str, ...]
+    output_kind: str
+    labels: tuple[str, ...]
+    layers: tuple[StateLayer, ...]
+    tensors: Mapping[str, TensorSpec]
+    sample_rate_hz: float | None = None
+    fidelity: Mapping[str, Any] = field(default_factory=dict)
+    interpreters: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def outputs(self) -> int:
+        return self.tensors[self.output].width
+
+    @property
+    def model_id(self) -> str:
+        """Short model id published with every prediction."""
+        return self.tflite_sha256[:12]
+
+    @property
+    def state_names(self) -> tuple[tuple[str, str], ...]:
+        """(input name, output name) for every state tensor, in layer order h, c."""
+        pairs = []
+        for layer in self.layers:
+            pairs += [(layer.h_in, layer.h_out), (layer.c_in, layer.c_out)]
+        return tuple(pairs)
+
+    def state_layout(self) -> list[tuple[str, int, str, float, int]]:
+        """What a snapshot or a hot reload must agree on to carry state over."""
+        return [
+            (n, self.tensors[n].width, self.tensors[n].dtype, self.tensors[n].scale,
+             self.tensors[n].zero_point)
+            for n, _ in self.state_names
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_file": self.model_file,
+            "tflite_sha256": self.tflite_sha256,
+            "source_sha256": self.source_sha256,
+            "quantization": self.quantization,
+            "signature": {"key": self.signature, "input": self.input, "output": self.output},
+            "features": {
+                "count": self.features,
+                "names": list(self.feature_names),
+                "units": list(self.feature_units),
+            },
+            "sample_rate_hz": self.sample_rate_hz,
+            "output": {"kind": self.output_kind, "labels": list(self.labels)},
+            "state": [asdict(layer) for layer in self.layers],
+            "tensors": {name: asdict(spec) for name, spec in self.tensors.items()},
+            "fidelity": dict(self.fidelity),
+            "interpreters": dict(self.interpreters),
+            **dict(self.extra),
+        }
+
+
+def _get(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise BundleError(f"{where}: missing field {key!r}")
+    value = d[key]
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        raise BundleError(f"{where}: field {key!r} has the wrong type ({value!r})")
+    return value
+
+
+def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
+    """Validate a manifest dict; every error names the field and the bad value."""
+    if not isinstance(data, Mapping):
+        raise BundleError(f"{where}: not a JSON object")
+    if data.get("format") != FORMAT:
+        raise BundleError(f"{where}: field 'format' is {data.get('format')!r}, not {FORMAT!r}")
+    version = _get(data, "format_version", int, where)
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{where}: format_version {version} is not supported (this runtime reads "
+            f"{FORMAT_VERSION}); upgrade edge-lstm or re-convert the model"
+        )
+    quant = _get(data, "quantization", str, where)
+    if quant not in QUANT_MODES:
+        raise BundleError(f"{where}: quantization {quant!r} is not one of {QUANT_MODES}")
+    sig = _get(data, "signature", dict, where)
+    feats = _get(data, "features", dict, where)
+    names = tuple(str(n) for n in _get(feats, "names", list, f"{where}: features"))
+    count = _get(feats, "count", int, f"{where}: features")
+    if count != len(names) or count < 1:
+        raise BundleError(f"{where}: features.count {count} does not match {len(names)} names")
+    units = tuple(str(u) for u in feats.get("units") or [""] * count)
+    out = _get(data, "output", dict, where)
+    kind = _get(out, "kind", str, f"{where}: output")
+    if kind not in OUTPUT_KINDS:
+        raise BundleError(f"{where}: output.kind {kind!r} is not one of {OUTPUT_KINDS}")
+    tensors: dict[str, TensorSpec] = {}
+    for name, spec in _get(data, "tensors", dict, where).items():
+        w = f"{where}: tensors.{name}"
+        dtype = _get(spec, "dtype", str, w)
+        if dtype not in DTYPES:
+            raise BundleError(f"{w}: dtype {dtype!r} is not one of {DTYPES}")
+        width = _get(spec, "width", int, w)
+        scale = float(_get(spec, "scale", (int, float), w))
+        if width < 1 or not math.isfinite(scale) or scale < 0 or (dtype != "float32") != (scale > 0):
+            raise BundleError(f"{w}: width {width} / scale {scale} invalid for dtype {dtype}")
+        tensors[name] = TensorSpec(name, dtype, width, scale, _get(spec, "zero_point", int, w))
+    layers = []
+    for i, layer in enumerate(_get(data, "state", list, where)):
+        w = f"{where}: state[{i}]"
+        sl = StateLayer(
+            units=_get(layer, "units", int, w),
+            **{k: _get(layer, k, str, w) for k in ("h_in", "h_out", "c_in", "c_out")},
+        )
+        for name in (sl.h_in, sl.h_out, sl.c_in, sl.c_out):
+            if name not in tensors or tensors[name].width != sl.units:
+                raise BundleError(f"{w}: tensor {name!r} missing or not {sl.units} wide")
+        layers.append(sl)
+    if not layers:
+        raise BundleError(f"{where}: field 'state' lists no LSTM layer")
+    m_in, m_out = _get(sig, "input", str, where), _get(sig, "output", str, where)
+    for name in (m_in, m_out):
+        if name not in tensors:
+            raise BundleError(f"{where}: signature tensor {name!r} is not described in 'tensors'")
+    if tensors[m_in].width != count:
+        raise BundleError(f"{where}: input width {tensors[m_in].width} != features.count {count}")
+    labels = tuple(str(x) for x in out.get("labels") or [])
+    if kind == "classifier" and labels and len(labels) != tensors[m_out].width:
+        raise BundleError(f"{where}: {len(labels)} labels for {tensors[m_out].width} outputs")
+    known = {"format", "format_version", "model_file", "tflite_sha256", "source_sha256",
+             "quantization", "signature", "features", "sample_rate_hz", "output", "state",
+             "tensors", "fidelity", "interpreters"}  # fmt: skip
+    rate = data.get("sample_rate_hz")
+    return Manifest(
+        model_file=_get(data, "model_file", str, where),
+        tflite_sha256=_get(data, "tflite_sha256", str, where),
+        source_sha256=str(data.get("source_sha256", "")),
+        quantization=quant,
+        signature=_get(sig, "key", str, where),
+        input=m_in,
+        output=m_out,
+        feature_names=names,
+        feature_units=units,
+        output_kind=kind,
+        labels=labels,
+        layers=tuple(layers),
+        tensors=tensors,
+        sample_rate_hz=float(rate) if rate is not None else None,
+        fidelity=dict(data.get("fidelity") or {}),
+        interpreters=dict(data.get("interpreters") or {}),
+        extra={k: v for k, v in data.items() if k not in known},
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
+    """Read and check a bundle directory: manifest valid, tflite present, sha256 matching."""
+    d = Path(directory)
+    mpath = d / MANIFEST_NAME
+    if not d.is_dir():
+        raise BundleError(f"{d}: not a bundle directory")
+    try:
+        data = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{mpath}: missing; is {d} a bundle made by lstm-convert?") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{mpath}: unreadable: {exc}") from exc
+    manifest = parse(data, str(mpath))
+    mfile = Path(manifest.model_file)
+    if mfile.is_absolute() or ".." in mfile.parts:
+        raise BundleError(f"{mpath}: model_file {manifest.model_file!r} must stay inside the bundle")
+    tpath = d / mfile
+    try:
+        content = tpath.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{tpath}: cannot read the model: {exc}") from exc
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != manifest.tflite_sha256:
+        raise BundleError(
+            f"{tpath}: sha256 {digest[:12]}... does not match the manifest's tflite_sha256 "
+            f"{manifest.tflite_sha256[:12]}...; the bundle was modified or is incomplete"
+        )
+    return manifest, content

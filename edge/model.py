@@ -1,0 +1,160 @@
+"""The step model behind a signature runner: quantise in, invoke in batch buckets, dequantise out.
+
+Batch handling: one runner per power-of-two bucket (1, 2, 4, ... max_batch), created on first
+use and never resized again; a batch is padded up to its bucket and larger batches are split.
+Resizing one interpreter per call re-allocates tensors every time; a handful of small
+interpreters costs a few hundred kB and makes every invoke allocation-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .backend import Backend, SignatureRunner
+from .errors import BackendError, BundleError
+from .manifest import Manifest, TensorSpec
+
+NP_DTYPES = {"int8": np.int8, "int16": np.int16, "float32": np.float32}
+
+
+def quantize(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    dtype = NP_DTYPES[spec.dtype]
+    if not spec.quantized:
+        return np.asarray(values, dtype=np.float32)
+    info = np.iinfo(dtype)
+    q = np.rint(np.asarray(values, dtype=np.float64) / spec.scale) + spec.zero_point
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    if not spec.quantized:
+        return np.asarray(values, dtype=np.float32)
+    return ((values.astype(np.float32) - spec.zero_point) * spec.scale).astype(np.float32)
+
+
+def requantize(values: np.ndarray, src: TensorSpec, dst: TensorSpec) -> np.ndarray:
+    """State output -> state input encoding. A no-op when the converter made them equal."""
+    if (src.dtype, src.scale, src.zero_point) == (dst.dtype, dst.scale, dst.zero_point):
+        return values
+    return quantize(dequantize(values, src), dst)
+
+
+class StepModel:
+    def __init__(
+        self,
+        manifest: Manifest,
+        content: bytes,
+        backend: Backend,
+        *,
+        max_batch: int = 256,
+        num_threads: int = 1,
+    ) -> None:
+        if max_batch < 1:
+            raise BundleError(f"max_batch must be >= 1, got {max_batch}")
+        self.manifest = manifest
+        self.backend = backend
+        self._content = content
+        self._threads = num_threads
+        self.buckets = [1 << i for i in range(max_batch.bit_length()) if (1 << i) <= max_batch]
+        self.max_batch = self.buckets[-1]
+        self._runners: dict[int, SignatureRunner] = {}
+        t = manifest.tensors
+        self.x_spec = t[manifest.input]
+        self.y_spec = t[manifest.output]
+        self.state_in = [t[i] for i, _ in manifest.state_names]
+        self.state_out = [t[o] for _, o in manifest.state_names]
+        self._mean, self._std = _input_normalization(manifest)
+        self._check_signature(self._runner(1))
+
+    def _runner(self, bucket: int) -> SignatureRunner:
+        runner = self._runners.get(bucket)
+        if runner is None:
+            runner = self.backend.runner(self._content, self.manifest.signature, self._threads)
+            self._runners[bucket] = runner
+        return runner
+
+    def _check_signature(self, runner: SignatureRunner) -> None:
+        """The manifest must describe the tensors the model really has, by name and encoding."""
+        try:
+            found = {**runner.get_input_details(), **runner.get_output_details()}
+        except Exception as exc:
+            raise BundleError(f"cannot read the model's signature: {exc}") from exc
+        for spec in [self.x_spec, self.y_spec, *self.state_in, *self.state_out]:
+            d = found.get(spec.name)
+            if d is None:
+                raise BundleError(
+                    f"manifest tensor {spec.name!r} is not in the model's signature "
+                    f"(it has {sorted(found)})"
+                )
+            dtype = np.dtype(d["dtype"]).name
+            scale, zp = d.get("quantization", (0.0, 0))
+            width = int(d["shape"][-1])
+            if dtype != spec.dtype or width != spec.width:
+                raise BundleError(
+                    f"tensor {spec.name!r}: model has {dtype}[{width}], manifest says "
+                    f"{spec.dtype}[{spec.width}]"
+                )
+            if spec.quantized and (not np.isclose(scale, spec.scale) or zp != spec.zero_point):
+                raise BundleError(
+                    f"tensor {spec.name!r}: model quantisation ({scale}, {zp}) differs from the "
+                    f"manifest's ({spec.scale}, {spec.zero_point})"
+                )
+
+    def encode_x(self, values: np.ndarray) -> np.ndarray:
+        """Raw sensor units -> the model's input tensor (normalised in float, then quantised)."""
+        if self._mean is not None:
+            values = (values - self._mean) / self._std
+        return quantize(values, self.x_spec)
+
+    def zero_state(self) -> list[np.ndarray]:
+        """One row per state tensor holding the encoded zero (the zero point for int8)."""
+        return [quantize(np.zeros((1, s.width)), s) for s in self.state_in]
+
+    def invoke(
+        self, x: np.ndarray, states: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One step for ``len(x)`` rows of encoded input/state -> (encoded y, next states)."""
+        n = len(x)
+        if n > self.max_batch:
+            parts = [
+                self.invoke(x[i : i + self.max_batch], [s[i : i + self.max_batch] for s in states])
+                for i in range(0, n, self.max_batch)
+            ]
+            return (
+                np.concatenate([p[0] for p in parts]),
+                [np.concatenate([p[1][k] for p in parts]) for k in range(len(states))],
+            )
+        bucket = next(b for b in self.buckets if b >= n)
+        if bucket != n:
+            pad = bucket - n
+            x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
+            states = [np.concatenate([s, np.repeat(s[:1], pad, axis=0)]) for s in states]
+        feeds: dict[str, np.ndarray] = {self.x_spec.name: x}
+        for spec, arr in zip(self.state_in, states):
+            feeds[spec.name] = arr
+        try:
+            out: Mapping[str, np.ndarray] = self._runner(bucket)(**feeds)
+        except Exception as exc:
+            raise BackendError(f"{self.backend.name} invoke failed: {exc}") from exc
+        new_states = [
+            requantize(out[so.name][:n], so, si) for so, si in zip(self.state_out, self.state_in)
+        ]
+        return out[self.y_spec.name][:n], new_states
+
+
+def _input_normalization(manifest: Manifest) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-feature mean/std applied in float before quantising, when the bundle asks for it."""
+    norm = manifest.extra.get("input_normalization")
+    if norm is None:
+        return None, None
+    try:
+        mean = np.asarray(norm["mean"], np.float64)
+        std = np.asarray(norm["std"], np.float64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"manifest: input_normalization is malformed: {exc}") from exc
+    f = manifest.features
+    if mean.shape != (f,) or std.shape != (f,) or not (std > 0).all():
+        raise BundleError(f"manifest: input_normalization needs {f} means and {f} positive stds")
+    return mean, std

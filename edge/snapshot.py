@@ -1,0 +1,125 @@
+"""Snapshot file format, version 1 (little-endian, no pickle).
+
+::
+
+    offset  size  content
+    0       8     magic b"ELSTMSNP"
+    8       2     u16 format version (1)
+    10      2     u16 reserved (0)
+    12      4     u32 header length N
+    16      N     header, UTF-8 JSON: {"model_sha256", "state_layout", "streams", "created", "extra"}
+    16+N    8*S   i64 last seq per stream (-1 = none yet), S = len(streams)
+    ...           each state tensor in state_layout order: S rows x width, its dtype
+    end-32  32    sha256 of every byte before it
+
+Written to a temp file in the same directory, fsynced, then renamed over the target, so a
+crash leaves either the old snapshot or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SnapshotError
+
+MAGIC = b"ELSTMSNP"
+VERSION = 1
+_HEAD = struct.Struct("<8sHHI")
+DTYPES = {"int8": "<i1", "int16": "<i2", "float32": "<f4"}
+
+
+@dataclass
+class Snapshot:
+    model_sha256: str
+    state_layout: list[list[Any]]  # [name, width, dtype, scale, zero_point]
+    streams: list[str]
+    last_seq: np.ndarray
+    arrays: list[np.ndarray]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(snap: Snapshot) -> bytes:
+    header = json.dumps(
+        {
+            "model_sha256": snap.model_sha256,
+            "state_layout": snap.state_layout,
+            "streams": snap.streams,
+            "created": time.time(),
+            "extra": snap.extra,
+        }
+    ).encode()
+    parts = [_HEAD.pack(MAGIC, VERSION, 0, len(header)), header,
+             np.ascontiguousarray(snap.last_seq, "<i8").tobytes()]  # fmt: skip
+    for (name, width, dtype, *_), arr in zip(snap.state_layout, snap.arrays):
+        parts.append(np.ascontiguousarray(arr, DTYPES[dtype]).tobytes())
+    body = b"".join(parts)
+    return body + hashlib.sha256(body).digest()
+
+
+def decode(data: bytes, where: str = "snapshot") -> Snapshot:
+    if len(data) < _HEAD.size + 32 or data[:8] != MAGIC:
+        raise SnapshotError(f"{where}: not an edge-lstm snapshot (bad magic or too short)")
+    magic, version, _, hlen = _HEAD.unpack_from(data)
+    if version != VERSION:
+        raise SnapshotError(f"{where}: snapshot format version {version}, this runtime reads {VERSION}")
+    body, digest = data[:-32], data[-32:]
+    if hashlib.sha256(body).digest() != digest:
+        raise SnapshotError(f"{where}: checksum mismatch, the file is corrupt or truncated")
+    try:
+        header = json.loads(body[_HEAD.size : _HEAD.size + hlen])
+        streams = [str(s) for s in header["streams"]]
+        layout = header["state_layout"]
+        n = len(streams)
+        off = _HEAD.size + hlen
+        last_seq = np.frombuffer(body, "<i8", n, off).astype(np.int64)
+        off += 8 * n
+        arrays = []
+        for name, width, dtype, *_ in layout:
+            count = n * int(width)
+            arr = np.frombuffer(body, DTYPES[dtype], count, off).reshape(n, int(width))
+            arrays.append(arr.astype(DTYPES[dtype]).copy())
+            off += arr.nbytes
+    except (KeyError, ValueError, TypeError) as exc:
+        raise SnapshotError(f"{where}: malformed snapshot content: {exc}") from exc
+    if off != len(body):
+        raise SnapshotError(f"{where}: {len(body) - off} unexpected bytes after the state arrays")
+    return Snapshot(header["model_sha256"], layout, streams, last_seq, arrays,
+                    dict(header.get("extra") or {}))  # fmt: skip
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write, fsync, rename, fsync the directory: all or nothing."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(target.parent or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read(path: str | Path) -> Snapshot:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SnapshotError(f"{path}: cannot read snapshot: {exc}") from exc
+    return decode(data, str(path))

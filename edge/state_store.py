@@ -1,0 +1,168 @@
+"""Per-stream LSTM state in preallocated arenas.
+
+Each state tensor (``h`` and ``C`` of every layer) is one 2-D array with a row per stream, in
+the encoding the model's state *inputs* use (int8 bytes for int8 models), so a step gathers
+rows, invokes, and scatters rows back with no conversion. Arenas grow in chunks up to
+``capacity``; past it the least recently used stream is evicted. Evicted and idle streams come
+back at the zero state.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError
+
+NO_SEQ = -1
+
+
+@dataclass
+class StoreStats:
+    evicted_lru: int = 0
+    evicted_idle: int = 0
+
+
+class StateStore:
+    def __init__(
+        self,
+        zero_rows: Sequence[np.ndarray],
+        *,
+        capacity: int = 1_000_000,
+        chunk: int = 1024,
+        idle_timeout: float | None = None,
+        clock: Callable[[], float],
+    ) -> None:
+        if capacity < 1 or chunk < 1:
+            raise ConfigError(f"capacity and chunk must be >= 1 (got {capacity}, {chunk})")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ConfigError(f"idle_timeout must be > 0 seconds, got {idle_timeout}")
+        self._zero = [np.asarray(z).reshape(1, -1) for z in zero_rows]
+        self.capacity = capacity
+        self.chunk = chunk
+        self.idle_timeout = idle_timeout
+        self._clock = clock
+        self._rows: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
+        self._free: list[int] = []
+        self.arrays: list[np.ndarray] = [np.empty((0, z.shape[1]), z.dtype) for z in self._zero]
+        self.last_seq = np.empty(0, np.int64)
+        self.last_seen = np.empty(0, np.float64)
+        self.stats = StoreStats()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, stream: object) -> bool:
+        return stream in self._rows
+
+    @property
+    def streams(self) -> list[str]:
+        return list(self._rows)
+
+    @property
+    def allocated(self) -> int:
+        return len(self.last_seq)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays) + self.last_seq.nbytes + self.last_seen.nbytes
+
+    def _grow(self) -> None:
+        old = self.allocated
+        new = min(self.capacity, old + max(self.chunk, old // 2))
+        self.arrays = [np.concatenate([a, np.repeat(z, new - old, 0)]) for a, z in
+                       zip(self.arrays, self._zero)]  # fmt: skip
+        self.last_seq = np.concatenate([self.last_seq, np.full(new - old, NO_SEQ, np.int64)])
+        self.last_seen = np.concatenate([self.last_seen, np.zeros(new - old)])
+        self._free.extend(range(new - 1, old - 1, -1))
+
+    def _clear(self, row: int) -> None:
+        for a, z in zip(self.arrays, self._zero):
+            a[row] = z[0]
+        self.last_seq[row] = NO_SEQ
+
+    def peek(self, stream: str) -> int | None:
+        return self._rows.get(stream)
+
+    def acquire(self, streams: Iterable[str]) -> np.ndarray:
+        """Rows for these streams (new ones at zero state), marked as just used."""
+        now = self._clock()
+        out = []
+        for stream in streams:
+            row = self._rows.get(stream)
+            if row is None:
+                if not self._free and self.allocated < self.capacity:
+                    self._grow()
+                if not self._free:
+                    self._evict_lru()
+                row = self._free.pop()
+                self._clear(row)
+                self._rows[stream] = row
+            else:
+                self._rows.move_to_end(stream)
+            self.last_seen[row] = now
+            out.append(row)
+        return np.asarray(out, dtype=np.intp)
+
+    def _evict_lru(self) -> None:
+        stream, row = self._rows.popitem(last=False)
+        self._free.append(row)
+        self.stats.evicted_lru += 1
+
+    def evict_idle(self, now: float | None = None) -> list[str]:
+        """Drop streams not seen for ``idle_timeout`` seconds; they restart from zero."""
+        if self.idle_timeout is None:
+            return []
+        limit = (self._clock() if now is None else now) - self.idle_timeout
+        gone = []
+        for stream, row in self._rows.items():  # oldest first: stop at the first fresh one
+            if self.last_seen[row] > limit:
+                break
+            gone.append(stream)
+        for stream in gone:
+            self._free.append(self._rows.pop(stream))
+        self.stats.evicted_idle += len(gone)
+        return gone
+
+    def reset(self, stream: str) -> None:
+        """Zero state; the last seq is kept so a reset never re-admits old samples."""
+        row = self._rows.get(stream)
+        if row is not None:
+            for a, z in zip(self.arrays, self._zero):
+                a[row] = z[0]
+
+    def remove(self, stream: str) -> None:
+        row = self._rows.pop(stream, None)
+        if row is not None:
+            self._free.append(row)
+
+    def gather(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [a[rows] for a in self.arrays]
+
+    def scatter(self, rows: np.ndarray, values: Sequence[np.ndarray]) -> None:
+        for a, v in zip(self.arrays, values):
+            a[rows] = v
+
+    def zero_rows(self, rows: np.ndarray) -> None:
+        for a, z in zip(self.arrays, self._zero):
+            a[rows] = z[0]
+
+    def export(self) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
+        """(streams in LRU order, last seq, state arrays) - the snapshot's content."""
+        rows = np.fromiter(self._rows.values(), dtype=np.intp, count=len(self._rows))
+        return list(self._rows), self.last_seq[rows], [a[rows] for a in self.arrays]
+
+    def load(self, streams: list[str], last_seq: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
+        """Replace everything with exported content (same layout, checked by the caller)."""
+        self._rows.clear()
+        self._free.clear()
+        self.arrays = [np.empty((0, z.shape[1]), z.dtype) for z in self._zero]
+        self.last_seq = np.empty(0, np.int64)
+        self.last_seen = np.empty(0, np.float64)
+        if len(streams) > self.capacity:
+            raise ConfigError(f"{len(streams)} streams do not fit capacity {self.capacity}")
+        rows = self.acquire(streams)
+        self.last_seq[rows] = last_seq
+        self.scatter(rows, arrays)

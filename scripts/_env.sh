@@ -1,0 +1,40 @@
+# Shared bootstrap for scripts/test and scripts/demo (sourced, not run).
+# Creates the virtualenvs on first use and reinstalls only when pyproject.toml changes.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 TF_CPP_MIN_LOG_LEVEL=2
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# ensure_venv DIR PIP-ARGS... : create DIR and install PIP-ARGS unless the stamp says it is current.
+ensure_venv() {
+    local dir="$1"; shift
+    local want; want="$(cat "$ROOT/pyproject.toml" <(printf '%s\n' "$@") | sha256sum | cut -c1-16)"
+    if [[ -x "$dir/bin/python" && -f "$dir/.stamp" && "$(cat "$dir/.stamp")" == "$want" ]]; then
+        return 0
+    fi
+    log "setting up $(basename "$dir") (first run or pyproject.toml changed)"
+    [[ -x "$dir/bin/python" ]] || "$PY" -m venv "$dir"
+    "$dir/bin/python" -m pip install -q --upgrade pip
+    (cd "$ROOT" && "$dir/bin/python" -m pip install -q "$@")
+    echo "$want" > "$dir/.stamp"
+}
+
+desktop_venv() { ensure_venv "$ROOT/.venv" -e ".[litert,convert,sim,service,dev]"; }
+
+# The device-like environment: what a Raspberry Pi gets, no TensorFlow, no ai-edge-litert.
+device_venv() {
+    ensure_venv "$ROOT/.venv-device" -e ".[tflite,service]" "pytest>=8" "hypothesis>=6.100"
+}
+
+ensure_mosquitto() {
+    command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] && return 0
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing mosquitto with apt-get"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+        # The package may start a system broker on 1883; the tests never use it.
+    else
+        log "mosquitto is missing: install it (sudo apt-get install mosquitto); broker tests will fail"
+    fi
+}

@@ -44,9 +44,12 @@ def describe(
         scale, zp = d.get("quantization", (0.0, 0))
         dtype = np.dtype(d["dtype"]).name
         tensors[name] = TensorSpec(
-            name, dtype, int(d["shape"][-1]), float(scale) if dtype != "float32" else 0.0,
+            name,
+            dtype,
+            int(d["shape"][-1]),
+            float(scale) if dtype != "float32" else 0.0,
             int(zp) if dtype != "float32" else 0,
-        )  # fmt: skip
+        )
     layers = tuple(
         StateLayer(w.units, f"h{i}", f"h{i}_next", f"c{i}", f"c{i}_next")
         for i, w in enumerate(spec.lstms)

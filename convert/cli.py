@@ -1,4 +1,7 @@
-"""``lstm-convert``: Keras LSTM -> verified step-model bundle. Exit 0 ok, 1 checks failed, 2 bad input."""
+"""``lstm-convert``: Keras LSTM -> verified step-model bundle.
+
+Exit codes: 0 ok, 1 bundle written but a fidelity check failed, 2 bad input.
+"""
 
 from __future__ import annotations
 
@@ -35,39 +38,75 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    c = sub.add_parser("convert", help="convert and verify a model into a bundle directory",
-                       description="Convert MODEL.keras into DIR (model.tflite, manifest.json, "
-                       "report.json, report.png). DIR is replaced atomically; never half-written.")  # fmt: skip
+    c = sub.add_parser(
+        "convert",
+        help="convert and verify a model into a bundle directory",
+        description="Convert MODEL.keras into DIR (model.tflite, manifest.json, "
+        "report.json, report.png). DIR is replaced atomically; never half-written.",
+    )
     c.add_argument("model", help="trained Keras model (.keras, or legacy .h5)")
-    c.add_argument("--calib", required=True,
-                   help="calibration sequences: float32 [N, T, F] .npy, or .npz with key 'x', in "
-                   "the model's input units")  # fmt: skip
+    c.add_argument(
+        "--calib",
+        required=True,
+        help="calibration sequences: float32 [N, T, F] .npy, or .npz with key 'x', in "
+        "the model's input units",
+    )
     c.add_argument("--out", required=True, help="bundle directory to write")
-    c.add_argument("--quant", default="int8", choices=["int8", "int16x8", "float16", "float32"],
-                   help="quantisation mode (default: int8, full integer with int8 state I/O)")  # fmt: skip
+    c.add_argument(
+        "--quant",
+        default="int8",
+        choices=["int8", "int16x8", "float16", "float32"],
+        help="quantisation mode (default: int8, full integer with int8 state I/O)",
+    )
     c.add_argument("--labels", type=_csv, help="class labels, comma separated (classifiers)")
     c.add_argument("--sample-rate", type=float, help="sensor sample rate in Hz (for the manifest)")
     c.add_argument("--feature-names", type=_csv, help="feature names, comma separated")
-    c.add_argument("--data", help="held-out sequences for verification (.npy, or .npz with 'x' "
-                   "and optional labels 'y'); default: the calibration data")  # fmt: skip
-    c.add_argument("--normalization", choices=["runtime", "graph"], default="runtime",
-                   help="where a Normalization layer runs: 'runtime' (float, before int8 "
-                   "quantisation; default, better fidelity) or 'graph' (inside the model)")  # fmt: skip
-    c.add_argument("--long-steps", type=int, default=10_000,
-                   help="length of the closed-loop drift stream (default 10000)")  # fmt: skip
+    c.add_argument(
+        "--data",
+        help="held-out sequences for verification (.npy, or .npz with 'x' "
+        "and optional labels 'y'); default: the calibration data",
+    )
+    c.add_argument(
+        "--normalization",
+        choices=["runtime", "graph"],
+        default="runtime",
+        help="where a Normalization layer runs: 'runtime' (float, before int8 "
+        "quantisation; default, better fidelity) or 'graph' (inside the model)",
+    )
+    c.add_argument(
+        "--long-steps",
+        type=int,
+        default=10_000,
+        help="length of the closed-loop drift stream (default 10000)",
+    )
+    c.add_argument(
+        "--per-channel",
+        action="store_true",
+        help="per-channel weight scales for int8/int16x8 (larger file; default: one "
+        "scale per gate weight tensor)",
+    )
     c.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    v = sub.add_parser("verify", help="re-run the fidelity checks on a bundle",
-                       description="Re-run parity, drift, op audit and interpreter checks on DIR.")  # fmt: skip
+    v = sub.add_parser(
+        "verify",
+        help="re-run the fidelity checks on a bundle",
+        description="Re-run parity, drift, op audit and interpreter checks on DIR.",
+    )
     v.add_argument("bundle", help="bundle directory")
     v.add_argument("--data", required=True, help="sequences (.npy, or .npz with 'x' and 'y')")
-    v.add_argument("--model", required=True,
-                   help="the source Keras model (the float reference); its sha256 must match")  # fmt: skip
+    v.add_argument(
+        "--model",
+        required=True,
+        help="the source Keras model (the float reference); its sha256 must match",
+    )
     v.add_argument("--long-steps", type=int, default=10_000)
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    t = sub.add_parser("train-example", help="train the example IMU model (BasicMotions)",
-                       description="Train Normalization -> LSTM(64) -> Dense(4, softmax) per step "
-                       "on the shipped BasicMotions recordings; writes MODEL.keras, "
-                       "MODEL.calib.npy, MODEL.test.npz and MODEL.json.")  # fmt: skip
+    t = sub.add_parser(
+        "train-example",
+        help="train the example IMU model (BasicMotions)",
+        description="Train Normalization -> LSTM(64) -> Dense(4, softmax) per step "
+        "on the shipped BasicMotions recordings; writes MODEL.keras, "
+        "MODEL.calib.npy, MODEL.test.npz and MODEL.json.",
+    )
     t.add_argument("--out", required=True, help="model file to write (.keras)")
     t.add_argument("--epochs", type=int, default=300)
     t.add_argument("--seed", type=int, default=7)
@@ -97,8 +136,10 @@ def _run(args: argparse.Namespace) -> int:
             raise ConvertError(f"--epochs {args.epochs} must be >= 1")
         info = train_example(args.out, epochs=args.epochs, seed=args.seed)
         print(f"wrote {info['model']} (+ calib {info['calib']}, test {info['test']})")
-        print(f"test accuracy: last step {info['test_accuracy_last_step']:.2%}, "
-              f"every step {info['test_accuracy_all_steps']:.2%}")  # fmt: skip
+        print(
+            f"test accuracy: last step {info['test_accuracy_last_step']:.2%}, "
+            f"every step {info['test_accuracy_all_steps']:.2%}"
+        )
         return 0
     if args.long_steps < 100:
         raise ConvertError(f"--long-steps {args.long_steps} must be >= 100")
@@ -106,10 +147,18 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "convert":
         report = pipeline.run_convert(
-            args.model, args.calib, args.out, mode=args.quant, labels=args.labels,
-            sample_rate_hz=args.sample_rate, feature_names=args.feature_names,
-            data_path=args.data, normalization=args.normalization, long_steps=args.long_steps,
-        )  # fmt: skip
+            args.model,
+            args.calib,
+            args.out,
+            mode=args.quant,
+            labels=args.labels,
+            sample_rate_hz=args.sample_rate,
+            feature_names=args.feature_names,
+            data_path=args.data,
+            normalization=args.normalization,
+            long_steps=args.long_steps,
+            per_channel=args.per_channel,
+        )
     else:
         report = pipeline.run_verify(args.bundle, args.model, args.data, long_steps=args.long_steps)
     print(pipeline.dumps(report) if args.json else pipeline.summary(report))

@@ -99,14 +99,16 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
     mean = std = None
     lstms: list[LSTMWeights] = []
     head: list[DenseWeights] = []
-    for i, layer in enumerate(layers):
+    for layer in layers:
         kind = type(layer).__name__
         where = f"layer {layer.name!r} ({kind})"
         if kind in _REASONS:
             raise UnsupportedModel(f"{where} cannot be streamed: {_REASONS[kind]}")
         if isinstance(layer, keras.layers.Normalization):
             if lstms or head or mean is not None or getattr(layer, "invert", False):
-                raise UnsupportedModel(f"{where}: only a leading, non-inverting Normalization is supported")
+                raise UnsupportedModel(
+                    f"{where}: only a leading, non-inverting Normalization is supported"
+                )
             m, v = (np.asarray(w, np.float64).reshape(-1) for w in layer.get_weights()[:2])
             mean = np.broadcast_to(m, (features,)).astype(np.float32)
             var = np.broadcast_to(v, (features,))
@@ -121,8 +123,13 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
                 problems.append("go_backwards=True reads the sequence in reverse")
             if layer.return_state:
                 problems.append("return_state=True")
-            if _activation_name(layer) != "tanh" or layer.recurrent_activation.__name__ != "sigmoid":
-                problems.append("only activation='tanh', recurrent_activation='sigmoid' are supported")
+            if (
+                _activation_name(layer) != "tanh"
+                or layer.recurrent_activation.__name__ != "sigmoid"
+            ):
+                problems.append(
+                    "only activation='tanh', recurrent_activation='sigmoid' are supported"
+                )
             if not layer.use_bias:
                 problems.append("use_bias=False is not supported")
             if problems:
@@ -139,28 +146,37 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
             if act not in ACTIVATIONS:
                 raise UnsupportedModel(f"{where}: activation {act!r} is not one of {ACTIVATIONS}")
             w = inner.get_weights()
-            bias = np.asarray(w[1], np.float32) if len(w) > 1 else np.zeros(w[0].shape[1], np.float32)
+            bias = (
+                np.asarray(w[1], np.float32) if len(w) > 1 else np.zeros(w[0].shape[1], np.float32)
+            )
             head.append(DenseWeights(np.asarray(w[0], np.float32), bias, act))
         elif isinstance(layer, keras.layers.Activation):
             act = _activation_name(layer)
             if not head or head[-1].activation != "linear" or act not in ACTIVATIONS:
                 raise UnsupportedModel(f"{where}: activation {act!r} must follow a linear Dense")
             head[-1] = DenseWeights(head[-1].kernel, head[-1].bias, act)
-        elif isinstance(layer, (keras.layers.Dropout, keras.layers.GaussianNoise,
-                                keras.layers.GaussianDropout)):  # fmt: skip
+        elif isinstance(
+            layer, (keras.layers.Dropout, keras.layers.GaussianNoise, keras.layers.GaussianDropout)
+        ):
             continue  # identity at inference
         else:
             raise UnsupportedModel(f"{where} is not supported in a streaming step model")
     if not lstms:
         raise UnsupportedModel("the model has no LSTM layer")
     if len(lstms) > MAX_LSTM_LAYERS:
-        raise UnsupportedModel(f"{len(lstms)} stacked LSTM layers; at most {MAX_LSTM_LAYERS} are supported")
+        raise UnsupportedModel(
+            f"{len(lstms)} stacked LSTM layers; at most {MAX_LSTM_LAYERS} are supported"
+        )
     lstm_layers = [la for la in layers if isinstance(la, keras.layers.LSTM)]
     for la in lstm_layers[:-1]:
         if not la.return_sequences:
-            raise UnsupportedModel(f"layer {la.name!r} (LSTM) feeds another LSTM without return_sequences=True")
+            raise UnsupportedModel(
+                f"layer {la.name!r} (LSTM) feeds another LSTM without return_sequences=True"
+            )
     if lstms[0].kernel.shape[0] != features:
-        raise UnsupportedModel(f"first LSTM expects {lstms[0].kernel.shape[0]} features, input has {features}")
+        raise UnsupportedModel(
+            f"first LSTM expects {lstms[0].kernel.shape[0]} features, input has {features}"
+        )
     return ModelSpec(features, mean, std, tuple(lstms), tuple(head), source_sha256, name)
 
 

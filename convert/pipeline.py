@@ -25,7 +25,9 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_sequences(path: str | Path, features: int, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+def load_sequences(
+    path: str | Path, features: int, what: str
+) -> tuple[np.ndarray, np.ndarray | None]:
     """[N, T, F] float32 sequences (and optional labels ``y`` from an .npz), checked."""
     p = Path(path)
     if not p.is_file():
@@ -60,6 +62,7 @@ def run_convert(
     data_path: str | Path | None = None,
     normalization: str = "runtime",
     long_steps: int = verify.TARGETS["long_steps"],
+    per_channel: bool = False,
     progress: Progress = _stderr,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -72,7 +75,9 @@ def run_convert(
     progress(f"reading {model_path}")
     spec = intake.read_spec(model_path)
     if feature_names is not None and len(feature_names) != spec.features:
-        raise ConvertError(f"--feature-names has {len(feature_names)} names for {spec.features} features")
+        raise ConvertError(
+            f"--feature-names has {len(feature_names)} names for {spec.features} features"
+        )
     if labels is not None and len(labels) != spec.outputs:
         raise ConvertError(f"--labels has {len(labels)} labels for {spec.outputs} outputs")
     calib, _ = load_sequences(calib_path, spec.features, "--calib")
@@ -80,68 +85,116 @@ def run_convert(
         load_sequences(data_path, spec.features, "--data") if data_path else (calib, None)
     )
     in_graph = normalization == "graph"
-    progress(f"calibrating on {calib.shape[0]} sequences x {calib.shape[1]} steps (+ their concatenation)")
+    progress(
+        f"calibrating on {calib.shape[0]} sequences x {calib.shape[1]} steps "
+        "(and their concatenation)"
+    )
     cal = quantize.calibrate(spec, calib, normalize_in_graph=in_graph)
     progress(f"converting to {mode}")
-    content = quantize.convert(spec, cal, mode, normalize_in_graph=in_graph)
+    content = quantize.convert(
+        spec, cal, mode, normalize_in_graph=in_graph, per_channel=per_channel
+    )
     manifest = bundle.describe(
-        content, spec, mode=mode, normalize_in_graph=in_graph, labels=labels or [],
+        content,
+        spec,
+        mode=mode,
+        normalize_in_graph=in_graph,
+        labels=labels or [],
         feature_names=feature_names or [f"f{i}" for i in range(spec.features)],
-        feature_units=[""] * spec.features, sample_rate_hz=sample_rate_hz,
-    )  # fmt: skip
+        feature_units=[""] * spec.features,
+        sample_rate_hz=sample_rate_hz,
+    )
     with bundle.staging(Path(out)) as tmp:
         (tmp / bundle.MODEL_NAME).write_bytes(content)
         bundle.write_manifest(tmp, manifest)
         progress("verifying")
-        report = verify.verify(tmp, spec, data, data_labels, long_steps=long_steps,
-                               dev_python=verify.device_python(), progress=progress)  # fmt: skip
+        report = verify.verify(
+            tmp,
+            spec,
+            data,
+            data_labels,
+            long_steps=long_steps,
+            dev_python=verify.device_python(),
+            progress=progress,
+        )
         report["verified_on"] = "held-out data" if data_path else "calibration data"
         report["bundle"] = str(Path(out))
         verify.raise_on_hard_failures(report)
         report["convert_seconds"] = time.perf_counter() - t0
         fidelity = verify.fidelity_summary(report)
-        interp = {k: v.get("version", v["status"]) for k, v in report["interpreters"].items()
-                  if v["status"] == "passed"}  # fmt: skip
+        interp = {
+            k: v.get("version", v["status"])
+            for k, v in report["interpreters"].items()
+            if v["status"] == "passed"
+        }
         manifest = dataclasses.replace(manifest, fidelity=fidelity, interpreters=interp)
         bundle.write_manifest(tmp, manifest)
         verify.save(report, tmp)
     return report
 
 
-def run_verify(directory: str | Path, model_path: str | Path, data_path: str | Path, *,
-               long_steps: int, progress: Progress = _stderr) -> dict[str, Any]:  # fmt: skip
+def run_verify(
+    directory: str | Path,
+    model_path: str | Path,
+    data_path: str | Path,
+    *,
+    long_steps: int,
+    progress: Progress = _stderr,
+) -> dict[str, Any]:
     d = Path(directory)
     manifest, _ = read_bundle(d)
     spec = intake.read_spec(model_path)
     if manifest.source_sha256 and spec.source_sha256 != manifest.source_sha256:
         raise ConvertError(f"{model_path}: sha256 differs from the bundle's source model")
     data, labels = load_sequences(data_path, spec.features, "--data")
-    report = verify.verify(d, spec, data, labels, long_steps=long_steps,
-                           dev_python=verify.device_python(), progress=progress)  # fmt: skip
+    report = verify.verify(
+        d,
+        spec,
+        data,
+        labels,
+        long_steps=long_steps,
+        dev_python=verify.device_python(),
+        progress=progress,
+    )
     return report
 
 
 def summary(report: dict[str, Any]) -> str:
     par, dr = report["parity"], report["drift"]
-    lines = [f"bundle {report['bundle']} ({report['quantization']}, {report['tflite_bytes']} bytes)"]
-    lines.append(f"  parity   max|dy| {par['max_abs_error']:.4g}  mean|dy| {par['mean_abs_error']:.4g}"
-                 + (f"  top-1 agreement {par['top1_agreement']:.4%}" if "top1_agreement" in par else "")
-                 + (f"  RMSE ratio {par['rmse_ratio']:.4f}" if "rmse_ratio" in par else ""))  # fmt: skip
+    lines = [
+        f"bundle {report['bundle']} ({report['quantization']}, {report['tflite_bytes']} bytes)"
+    ]
+    lines.append(
+        f"  parity   max|dy| {par['max_abs_error']:.4g}  mean|dy| {par['mean_abs_error']:.4g}"
+        + (f"  top-1 agreement {par['top1_agreement']:.4%}" if "top1_agreement" in par else "")
+        + (f"  RMSE ratio {par['rmse_ratio']:.4f}" if "rmse_ratio" in par else "")
+    )
     if "accuracy_last_step_float" in par:
-        lines.append(f"  accuracy (last step)  float {par['accuracy_last_step_float']:.2%}  "
-                     f"bundle {par['accuracy_last_step_bundle']:.2%}")  # fmt: skip
-    lines.append(f"  drift    {dr['steps']} steps  first 10% {dr['first_10pct_mean_error']:.4g}  "
-                 f"last 10% {dr['last_10pct_mean_error']:.4g}  ratio {dr['drift_ratio']:.3f}"
-                 + (f"  top-1 {dr['top1_agreement']:.4%}" if "top1_agreement" in dr else ""))  # fmt: skip
+        lines.append(
+            f"  accuracy (last step)  float {par['accuracy_last_step_float']:.2%}  "
+            f"bundle {par['accuracy_last_step_bundle']:.2%}"
+        )
+    lines.append(
+        f"  drift    {dr['steps']} steps  first 10% {dr['first_10pct_mean_error']:.4g}  "
+        f"last 10% {dr['last_10pct_mean_error']:.4g}  ratio {dr['drift_ratio']:.3f}"
+        + (f"  top-1 {dr['top1_agreement']:.4%}" if "top1_agreement" in dr else "")
+    )
     sat = ", ".join(f"{k} {v:.3%}" for k, v in dr["state_saturation"].items())
     if sat:
         lines.append(f"  state saturation  {sat}")
     ops = ", ".join(f"{k} v{v['version']}" for k, v in report["op_audit"]["ops"].items())
     lines.append(f"  ops      {ops}")
-    lines.append("  interpreters  " + ", ".join(
-        f"{k}: {v['status']}" + (f" {v['version']}" if "version" in v else "")
-        for k, v in report["interpreters"].items()))  # fmt: skip
-    lines.append("  checks   " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["checks"].items()))
+    lines.append(
+        "  interpreters  "
+        + ", ".join(
+            f"{k}: {v['status']}" + (f" {v['version']}" if "version" in v else "")
+            for k, v in report["interpreters"].items()
+        )
+    )
+    lines.append(
+        "  checks   "
+        + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["checks"].items())
+    )
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """The golden float LSTM in NumPy (DESIGN.md section 2), used to calibrate and to verify.
 
-    z = x W + h U + b;  i, f, g, o = split(z);  C' = s(f) C + s(i) tanh(g);  h' = s(o) tanh(C')
+z = x W + h U + b;  i, f, g, o = split(z);  C' = s(f) C + s(i) tanh(g);  h' = s(o) tanh(C')
 """
 
 from __future__ import annotations

@@ -20,8 +20,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     smooth = np.convolve(err, np.ones(w) / w, mode="valid")
     a.plot(err, lw=0.3, alpha=0.4, label="per step")
     a.plot(np.arange(len(smooth)) + w // 2, smooth, lw=1.2, label=f"mean of {w}")
-    a.set(title=f"{report['quantization']}: |y - float| over one {len(err)}-step stream",
-          xlabel="step", ylabel="max abs error")  # fmt: skip
+    a.set(
+        title=f"{report['quantization']}: |y - float| over one {len(err)}-step stream",
+        xlabel="step",
+        ylabel="max abs error",
+    )
     a.legend()
     per_class = report["parity"].get("per_class_agreement")
     if per_class:

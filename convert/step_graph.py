@@ -39,14 +39,18 @@ def build(
     # resolution of all four. Separate tensors get a range each.
     consts = [
         [
-            tuple(tf.constant(np.ascontiguousarray(a[..., k * w.units : (k + 1) * w.units]))
-                  for a in (w.kernel, w.recurrent, w.bias))
+            tuple(
+                tf.constant(np.ascontiguousarray(a[..., k * w.units : (k + 1) * w.units]))
+                for a in (w.kernel, w.recurrent, w.bias)
+            )
             for k in range(4)
         ]
         for w in spec.lstms
-    ]  # fmt: skip
+    ]
     head = [(tf.constant(d.kernel), tf.constant(d.bias), d.activation) for d in spec.head]
-    mean = tf.constant(spec.norm_mean) if normalize_in_graph and spec.norm_mean is not None else None
+    mean = (
+        tf.constant(spec.norm_mean) if normalize_in_graph and spec.norm_mean is not None else None
+    )
     std = tf.constant(spec.norm_std) if mean is not None else None
     names = state_names(spec)
 

@@ -26,8 +26,9 @@ def build_model(features: int, classes: int, units: int = 64, layers: int = 1) -
     return keras.Model(inp, out, name="basicmotions_lstm")
 
 
-def train_example(out: str | Path, *, epochs: int = 300, seed: int = 7, units: int = 64,
-                  progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def train_example(
+    out: str | Path, *, epochs: int = 300, seed: int = 7, units: int = 64, progress: bool = True
+) -> dict[str, Any]:
     """Train, save MODEL.keras plus MODEL.calib.npy (train x) and MODEL.test.npz (x, y)."""
     out = Path(out)
     if out.suffix != ".keras":
@@ -44,15 +45,19 @@ def train_example(out: str | Path, *, epochs: int = 300, seed: int = 7, units: i
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
     train, test = basicmotions("train"), basicmotions("test")
-    n, t, f = train.x.shape
+    _, t, f = train.x.shape
     model = build_model(f, len(train.classes), units)
     model.get_layer("normalize").adapt(train.x)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])  # fmt: skip
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     y_steps = np.repeat(train.labels[:, None], t, axis=1)
     callbacks = [_TqdmEpochs(epochs)] if progress else []
-    model.fit(train.x, y_steps, epochs=epochs, batch_size=8, verbose=0, shuffle=True,
-              callbacks=callbacks)  # fmt: skip
+    model.fit(
+        train.x, y_steps, epochs=epochs, batch_size=8, verbose=0, shuffle=True, callbacks=callbacks
+    )
     p_test = model.predict(test.x, verbose=0)
     acc_last = float((p_test[:, -1].argmax(-1) == test.labels).mean())
     acc_steps = float((p_test.argmax(-1) == test.labels[:, None]).mean())

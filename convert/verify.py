@@ -63,7 +63,9 @@ def op_audit(content: bytes) -> dict[str, Any]:
             name = codes[sg.Operators(k).OpcodeIndex()][0]
             counts[name] = counts.get(name, 0) + 1
     forbidden = sorted(
-        f"{n} ({FORBIDDEN_OPS[n.split(':')[0]]})" for n, _ in codes if n.split(":")[0] in FORBIDDEN_OPS
+        f"{n} ({FORBIDDEN_OPS[n.split(':')[0]]})"
+        for n, _ in codes
+        if n.split(":")[0] in FORBIDDEN_OPS
     )
     return {
         "ops": {n: {"version": v, "count": counts.get(n, 0)} for n, v in sorted(codes)},
@@ -73,8 +75,13 @@ def op_audit(content: bytes) -> dict[str, Any]:
     }
 
 
-def parity(engine: edge.Engine, spec: ModelSpec, x: np.ndarray, labels: np.ndarray | None,
-           y_float: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+def parity(
+    engine: edge.Engine,
+    spec: ModelSpec,
+    x: np.ndarray,
+    labels: np.ndarray | None,
+    y_float: np.ndarray,
+) -> tuple[dict[str, Any], np.ndarray]:
     """Every sequence as its own stream, all streams batched per step."""
     n, t, _ = x.shape
     streams = [f"verify-{i}" for i in range(n)]
@@ -93,9 +100,11 @@ def parity(engine: edge.Engine, spec: ModelSpec, x: np.ndarray, labels: np.ndarr
         agree = y_q.argmax(-1) == y_float.argmax(-1)
         res["top1_agreement"] = float(agree.mean())
         res["per_class_agreement"] = {
-            lab: float(agree[y_float.argmax(-1) == k].mean()) if (y_float.argmax(-1) == k).any()
-            else None for k, lab in enumerate(engine.manifest.labels)
-        }  # fmt: skip
+            lab: float(agree[y_float.argmax(-1) == k].mean())
+            if (y_float.argmax(-1) == k).any()
+            else None
+            for k, lab in enumerate(engine.manifest.labels)
+        }
         if labels is not None and labels.ndim == 1:
             res["accuracy_last_step_float"] = float((y_float[:, -1].argmax(-1) == labels).mean())
             res["accuracy_last_step_bundle"] = float((y_q[:, -1].argmax(-1) == labels).mean())
@@ -119,8 +128,9 @@ def periodic_stream(x: np.ndarray, steps: int) -> np.ndarray:
     return np.tile(block, (reps, 1))
 
 
-def drift(engine: edge.Engine, spec: ModelSpec, x: np.ndarray, steps: int,
-          progress: Callable[[str], None]) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+def drift(
+    engine: edge.Engine, spec: ModelSpec, x: np.ndarray, steps: int, progress: Callable[[str], None]
+) -> tuple[dict[str, Any], np.ndarray]:
     """One stream, never reset, state fed back exactly as the runtime does it."""
     long = periodic_stream(x, steps)
     steps = len(long)
@@ -130,8 +140,10 @@ def drift(engine: edge.Engine, spec: ModelSpec, x: np.ndarray, steps: int,
     state = model.zero_state()
     y_q = np.empty_like(y_float)
     sat = [0] * len(state)
-    limits = [(np.iinfo(s.dtype).min, np.iinfo(s.dtype).max) if s.dtype != np.float32 else None
-              for s in state]  # fmt: skip
+    limits = [
+        (np.iinfo(s.dtype).min, np.iinfo(s.dtype).max) if s.dtype != np.float32 else None
+        for s in state
+    ]
     t0 = time.perf_counter()
     for k in range(steps):
         y_raw, state = model.invoke(model.encode_x(long[k : k + 1]), state)
@@ -161,7 +173,9 @@ def drift(engine: edge.Engine, spec: ModelSpec, x: np.ndarray, steps: int,
     if engine.manifest.output_kind == "classifier":
         res["top1_agreement"] = float((y_q.argmax(-1) == y_float.argmax(-1)).mean())
     else:
-        res["rmse_vs_float_rel"] = float(np.sqrt(((y_q - y_float) ** 2).mean()) / max(y_float.std(), 1e-12))
+        res["rmse_vs_float_rel"] = float(
+            np.sqrt(((y_q - y_float) ** 2).mean()) / max(y_float.std(), 1e-12)
+        )
     return res, err
 
 
@@ -191,8 +205,11 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
                 warnings.simplefilter("ignore")
                 eng = edge.load(bundle, backend=name)
             y = probe(eng)
-            res[name] = {"status": "passed", "version": eng.model.backend.version,
-                         "probe_max_diff": float(np.abs(y - reference_y).max())}  # fmt: skip
+            res[name] = {
+                "status": "passed",
+                "version": eng.model.backend.version,
+                "probe_max_diff": float(np.abs(y - reference_y).max()),
+            }
         except Exception as exc:  # report, do not stop: the summary says which failed
             res[name] = {"status": "failed", "error": str(exc)}
     if dev_python is None:
@@ -200,8 +217,13 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
         return res
     cmd = [dev_python, "-m", "edge", "inspect", str(bundle), "--json", "--backend", "tflite"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})  # fmt: skip
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         res["tflite"] = {"status": "failed", "error": str(exc)}
         return res
@@ -212,11 +234,17 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
         info = json.loads(proc.stdout.strip().splitlines()[-1])
         y = np.asarray(info["probe_y"])
     except (ValueError, IndexError, KeyError) as exc:
-        res["tflite"] = {"status": "failed", "error": f"unreadable inspect output: {exc}: "
-                         f"{proc.stdout[-300:]!r} {proc.stderr[-300:]!r}"}  # fmt: skip
+        res["tflite"] = {
+            "status": "failed",
+            "error": f"unreadable inspect output: {exc}: "
+            f"{proc.stdout[-300:]!r} {proc.stderr[-300:]!r}",
+        }
         return res
-    res["tflite"] = {"status": "passed", "version": info["backend_version"],
-                     "probe_max_diff": float(np.abs(y - reference_y).max())}  # fmt: skip
+    res["tflite"] = {
+        "status": "passed",
+        "version": info["backend_version"],
+        "probe_max_diff": float(np.abs(y - reference_y).max()),
+    }
     return res
 
 
@@ -295,13 +323,29 @@ def save(report: dict[str, Any], directory: Path) -> None:
 
 
 def fidelity_summary(report: dict[str, Any]) -> dict[str, Any]:
-    keep = ("max_abs_error", "mean_abs_error", "top1_agreement", "accuracy_last_step_float",
-            "accuracy_last_step_bundle", "rmse_ratio", "rmse_vs_float_rel")  # fmt: skip
+    keep = (
+        "max_abs_error",
+        "mean_abs_error",
+        "top1_agreement",
+        "accuracy_last_step_float",
+        "accuracy_last_step_bundle",
+        "rmse_ratio",
+        "rmse_vs_float_rel",
+    )
     par, dr = report["parity"], report["drift"]
     return {
         "parity": {k: par[k] for k in keep if k in par},
-        "drift": {k: dr[k] for k in ("steps", "drift_ratio", "first_10pct_mean_error",
-                                     "last_10pct_mean_error", "top1_agreement") if k in dr},
+        "drift": {
+            k: dr[k]
+            for k in (
+                "steps",
+                "drift_ratio",
+                "first_10pct_mean_error",
+                "last_10pct_mean_error",
+                "top1_agreement",
+            )
+            if k in dr
+        },
         "checks": report["checks"],
     }
 

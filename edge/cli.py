@@ -16,7 +16,7 @@ from .errors import EdgeError
 def probe_inputs(features: int, steps: int = 64) -> np.ndarray:
     """A fixed input sequence, identical on every machine, to compare interpreters by."""
     t = np.arange(steps)[:, None]
-    return np.sin(0.3 * t + np.arange(features)[None, :]).astype(np.float64)
+    return np.asarray(np.sin(0.3 * t + np.arange(features)[None, :]), dtype=np.float64)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,13 +26,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version="edge-lstm 0.1.0")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    i = sub.add_parser("inspect", help="print a bundle's manifest and run a quick self-test",
-                       description="Load DIR (manifest + sha256 checked), run a 64-step probe "
-                       "stream and print what was found.")  # fmt: skip
+    i = sub.add_parser(
+        "inspect",
+        help="print a bundle's manifest and run a quick self-test",
+        description="Load DIR (manifest + sha256 checked), run a 64-step probe "
+        "stream and print what was found.",
+    )
     i.add_argument("bundle", help="bundle directory made by lstm-convert")
-    i.add_argument("--backend", default=None,
-                   help="interpreter: auto (default), litert, tflite or tensorflow; "
-                   "or set EDGE_LSTM_BACKEND")  # fmt: skip
+    i.add_argument(
+        "--backend",
+        default=None,
+        help="interpreter: auto (default), litert, tflite or tensorflow; or set EDGE_LSTM_BACKEND",
+    )
     i.add_argument("--json", action="store_true", help="machine-readable output")
     from .service_cli import add_serve_parser
 
@@ -82,12 +87,19 @@ def inspect(args: argparse.Namespace) -> int:
     print(f"bundle      {args.bundle}")
     print(f"model       {m.model_id} ({m.quantization}), source {m.extra.get('source_name', '?')}")
     print(f"features    {m.features}: {', '.join(m.feature_names)}")
-    print(f"output      {m.output_kind}, {m.outputs} values"
-          + (f": {', '.join(m.labels)}" if m.labels else ""))  # fmt: skip
-    print("state       " + ", ".join(f"layer {k}: {la.units} units" for k, la in enumerate(m.layers))
-          + f"; {sum(t.width * (1 if t.dtype == 'int8' else 2 if t.dtype == 'int16' else 4) for t in engine.model.state_in)} bytes per stream")  # fmt: skip
-    print(f"interpreter {engine.model.backend.name} {engine.model.backend.version}, "
-          f"loaded in {load_s * 1000:.0f} ms")  # fmt: skip
+    print(
+        f"output      {m.output_kind}, {m.outputs} values"
+        + (f": {', '.join(m.labels)}" if m.labels else "")
+    )
+    print(
+        "state       "
+        + ", ".join(f"layer {k}: {la.units} units" for k, la in enumerate(m.layers))
+        + f"; {sum(z.nbytes for z in engine.model.zero_state())} bytes per stream"
+    )
+    print(
+        f"interpreter {engine.model.backend.name} {engine.model.backend.version}, "
+        f"loaded in {load_s * 1000:.0f} ms"
+    )
     fid = m.fidelity.get("parity", {})
     if fid:
         print("fidelity    " + ", ".join(f"{k} {v:.4g}" for k, v in fid.items()))

@@ -26,7 +26,7 @@ from .errors import (
     SnapshotError,
 )
 from .manifest import Manifest, read_bundle
-from .model import StepModel, dequantize, quantize
+from .model import StepModel, dequantize
 from .sequencing import GAP_POLICIES, admit, last_of
 from .state_store import NO_SEQ, StateStore
 
@@ -107,7 +107,7 @@ class Engine:
         if np.ndim(x) == 1:
             if len(out.y) == 0:
                 raise DuplicateSample("duplicate sample dropped", stream_id=stream, seq=seq)
-            return out.y[0]
+            return np.asarray(out.y[0])
         return out.y
 
     def reset(self, stream: str) -> None:
@@ -201,7 +201,9 @@ class Engine:
             outcome, values = self._admit(chunk, last)
             outcomes.append(outcome)
             if values is not None and len(values):
-                plans.setdefault(chunk.stream, []).append((values, len(outcomes) - 1, outcome.reset))
+                plans.setdefault(chunk.stream, []).append(
+                    (values, len(outcomes) - 1, outcome.reset)
+                )
         if plans:
             self._run(plans, outcomes)
             for stream, seq in last.items():
@@ -234,12 +236,12 @@ class Engine:
             self.counters.gaps += 1
             if self.gap_policy == "reject":
                 self.counters.rejected += 1
-                err = SequenceGap(
+                gap_error = SequenceGap(
                     f"{adm.gap} sample(s) missing before this one (gap policy 'reject')",
                     stream_id=stream,
                     seq=seq,
                 )
-                return Outcome(stream, seq, empty, gap=adm.gap, error=err), None
+                return Outcome(stream, seq, empty, gap=adm.gap, error=gap_error), None
             if self.gap_policy == "reset":
                 reset = True
                 self.counters.gap_resets += 1
@@ -249,13 +251,16 @@ class Engine:
 
     def _validate(self, chunk: Chunk) -> np.ndarray:
         stream, seq = chunk.stream, chunk.seq
-        if not isinstance(stream, str) or not 0 < len(stream) <= MAX_STREAM_ID or not (
-            stream.isprintable()
+        if (
+            not isinstance(stream, str)
+            or not 0 < len(stream) <= MAX_STREAM_ID
+            or not (stream.isprintable())
         ):
             raise InvalidSample(f"invalid stream id {stream!r}", stream_id=None, seq=seq)
         if seq is None and not self.allow_unsequenced:
-            raise MissingSeq("sample has no seq; this engine needs sequenced streams",
-                             stream_id=stream)  # fmt: skip
+            raise MissingSeq(
+                "sample has no seq; this engine needs sequenced streams", stream_id=stream
+            )
         if seq is not None and (
             isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < 2**32
         ):
@@ -263,7 +268,9 @@ class Engine:
         try:
             arr = np.asarray(chunk.values, dtype=np.float64)
         except (TypeError, ValueError) as exc:
-            raise InvalidSample(f"values are not numeric: {exc}", stream_id=stream, seq=seq) from exc
+            raise InvalidSample(
+                f"values are not numeric: {exc}", stream_id=stream, seq=seq
+            ) from exc
         f = self.manifest.features
         if arr.ndim == 1:
             arr = arr.reshape(1, -1)
@@ -283,7 +290,9 @@ class Engine:
             raise InvalidSample("values contain NaN or Inf", stream_id=stream, seq=seq)
         return arr
 
-    def _run(self, plans: dict[str, list[tuple[np.ndarray, int, bool]]], outcomes: list[Outcome]) -> None:
+    def _run(
+        self, plans: dict[str, list[tuple[np.ndarray, int, bool]]], outcomes: list[Outcome]
+    ) -> None:
         if len(plans) > self.store.capacity:
             raise ConfigError(
                 f"{len(plans)} streams in one batch exceed the state capacity "
@@ -304,8 +313,11 @@ class Engine:
                 r += len(v)
             resets.append(pos)
         lengths = np.array([len(x) for x in xs])
-        ys = {oi: np.empty((len(v), self.manifest.outputs), np.float32)
-              for segs in plans.values() for v, oi, _ in segs}  # fmt: skip
+        ys = {
+            oi: np.empty((len(v), self.manifest.outputs), np.float32)
+            for segs in plans.values()
+            for v, oi, _ in segs
+        }
         y_spec = self.model.y_spec
         for r in range(int(lengths.max())):
             m = int((lengths > r).sum())  # streams are sorted by length: a prefix is active
@@ -336,8 +348,9 @@ def load(
 ) -> Engine:
     """Open a bundle directory: manifest checked, sha256 checked, one-step self-test run."""
     manifest, content = read_bundle(directory)
-    model = StepModel(manifest, content, select(backend), max_batch=max_batch,
-                      num_threads=num_threads)  # fmt: skip
+    model = StepModel(
+        manifest, content, select(backend), max_batch=max_batch, num_threads=num_threads
+    )
     if self_test:
         y, _ = model.invoke(model.encode_x(np.zeros((1, manifest.features))), model.zero_state())
         if y.shape != (1, manifest.outputs) or not np.isfinite(dequantize(y, model.y_spec)).all():

@@ -93,8 +93,13 @@ class Manifest:
     def state_layout(self) -> list[tuple[str, int, str, float, int]]:
         """What a snapshot or a hot reload must agree on to carry state over."""
         return [
-            (n, self.tensors[n].width, self.tensors[n].dtype, self.tensors[n].scale,
-             self.tensors[n].zero_point)
+            (
+                n,
+                self.tensors[n].width,
+                self.tensors[n].dtype,
+                self.tensors[n].scale,
+                self.tensors[n].zero_point,
+            )
             for n, _ in self.state_names
         ]
 
@@ -126,7 +131,7 @@ def _get(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: st
     if key not in d:
         raise BundleError(f"{where}: missing field {key!r}")
     value = d[key]
-    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
         raise BundleError(f"{where}: field {key!r} has the wrong type ({value!r})")
     return value
 
@@ -165,7 +170,12 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
             raise BundleError(f"{w}: dtype {dtype!r} is not one of {DTYPES}")
         width = _get(spec, "width", int, w)
         scale = float(_get(spec, "scale", (int, float), w))
-        if width < 1 or not math.isfinite(scale) or scale < 0 or (dtype != "float32") != (scale > 0):
+        if (
+            width < 1
+            or not math.isfinite(scale)
+            or scale < 0
+            or (dtype != "float32") != (scale > 0)
+        ):
             raise BundleError(f"{w}: width {width} / scale {scale} invalid for dtype {dtype}")
         tensors[name] = TensorSpec(name, dtype, width, scale, _get(spec, "zero_point", int, w))
     layers = []
@@ -190,9 +200,22 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     labels = tuple(str(x) for x in out.get("labels") or [])
     if kind == "classifier" and labels and len(labels) != tensors[m_out].width:
         raise BundleError(f"{where}: {len(labels)} labels for {tensors[m_out].width} outputs")
-    known = {"format", "format_version", "model_file", "tflite_sha256", "source_sha256",
-             "quantization", "signature", "features", "sample_rate_hz", "output", "state",
-             "tensors", "fidelity", "interpreters"}  # fmt: skip
+    known = {
+        "format",
+        "format_version",
+        "model_file",
+        "tflite_sha256",
+        "source_sha256",
+        "quantization",
+        "signature",
+        "features",
+        "sample_rate_hz",
+        "output",
+        "state",
+        "tensors",
+        "fidelity",
+        "interpreters",
+    }
     rate = data.get("sample_rate_hz")
     return Manifest(
         model_file=_get(data, "model_file", str, where),
@@ -238,7 +261,9 @@ def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
     manifest = parse(data, str(mpath))
     mfile = Path(manifest.model_file)
     if mfile.is_absolute() or ".." in mfile.parts:
-        raise BundleError(f"{mpath}: model_file {manifest.model_file!r} must stay inside the bundle")
+        raise BundleError(
+            f"{mpath}: model_file {manifest.model_file!r} must stay inside the bundle"
+        )
     tpath = d / mfile
     try:
         content = tpath.read_bytes()

@@ -16,16 +16,18 @@ from .backend import Backend, SignatureRunner
 from .errors import BackendError, BundleError
 from .manifest import Manifest, TensorSpec
 
-NP_DTYPES = {"int8": np.int8, "int16": np.int16, "float32": np.float32}
+NP_DTYPES: dict[str, type[np.generic]] = {"int8": np.int8, "int16": np.int16, "float32": np.float32}
+INT_RANGES = {"int8": (-128, 127), "int16": (-32768, 32767)}
 
 
 def quantize(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
     dtype = NP_DTYPES[spec.dtype]
     if not spec.quantized:
         return np.asarray(values, dtype=np.float32)
-    info = np.iinfo(dtype)
+    lo, hi = INT_RANGES[spec.dtype]
     q = np.rint(np.asarray(values, dtype=np.float64) / spec.scale) + spec.zero_point
-    return np.clip(q, info.min, info.max).astype(dtype)
+    out: np.ndarray = np.clip(q, lo, hi).astype(dtype)
+    return out
 
 
 def dequantize(values: np.ndarray, spec: TensorSpec) -> np.ndarray:

@@ -7,7 +7,7 @@
     8       2     u16 format version (1)
     10      2     u16 reserved (0)
     12      4     u32 header length N
-    16      N     header, UTF-8 JSON: {"model_sha256", "state_layout", "streams", "created", "extra"}
+    16      N     header, UTF-8 JSON: model_sha256, state_layout, streams, created, extra
     16+N    8*S   i64 last seq per stream (-1 = none yet), S = len(streams)
     ...           each state tensor in state_layout order: S rows x width, its dtype
     end-32  32    sha256 of every byte before it
@@ -58,9 +58,12 @@ def encode(snap: Snapshot) -> bytes:
             "extra": snap.extra,
         }
     ).encode()
-    parts = [_HEAD.pack(MAGIC, VERSION, 0, len(header)), header,
-             np.ascontiguousarray(snap.last_seq, "<i8").tobytes()]  # fmt: skip
-    for (name, width, dtype, *_), arr in zip(snap.state_layout, snap.arrays):
+    parts = [
+        _HEAD.pack(MAGIC, VERSION, 0, len(header)),
+        header,
+        np.ascontiguousarray(snap.last_seq, "<i8").tobytes(),
+    ]
+    for (_, _, dtype, *_), arr in zip(snap.state_layout, snap.arrays):
         parts.append(np.ascontiguousarray(arr, DTYPES[dtype]).tobytes())
     body = b"".join(parts)
     return body + hashlib.sha256(body).digest()
@@ -69,9 +72,11 @@ def encode(snap: Snapshot) -> bytes:
 def decode(data: bytes, where: str = "snapshot") -> Snapshot:
     if len(data) < _HEAD.size + 32 or data[:8] != MAGIC:
         raise SnapshotError(f"{where}: not an edge-lstm snapshot (bad magic or too short)")
-    magic, version, _, hlen = _HEAD.unpack_from(data)
+    _, version, _, hlen = _HEAD.unpack_from(data)
     if version != VERSION:
-        raise SnapshotError(f"{where}: snapshot format version {version}, this runtime reads {VERSION}")
+        raise SnapshotError(
+            f"{where}: snapshot format version {version}, this runtime reads {VERSION}"
+        )
     body, digest = data[:-32], data[-32:]
     if hashlib.sha256(body).digest() != digest:
         raise SnapshotError(f"{where}: checksum mismatch, the file is corrupt or truncated")
@@ -84,7 +89,7 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
         last_seq = np.frombuffer(body, "<i8", n, off).astype(np.int64)
         off += 8 * n
         arrays = []
-        for name, width, dtype, *_ in layout:
+        for _, width, dtype, *_ in layout:
             count = n * int(width)
             arr = np.frombuffer(body, DTYPES[dtype], count, off).reshape(n, int(width))
             arrays.append(arr.astype(DTYPES[dtype]).copy())
@@ -93,8 +98,9 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
         raise SnapshotError(f"{where}: malformed snapshot content: {exc}") from exc
     if off != len(body):
         raise SnapshotError(f"{where}: {len(body) - off} unexpected bytes after the state arrays")
-    return Snapshot(header["model_sha256"], layout, streams, last_seq, arrays,
-                    dict(header.get("extra") or {}))  # fmt: skip
+    return Snapshot(
+        header["model_sha256"], layout, streams, last_seq, arrays, dict(header.get("extra") or {})
+    )
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

@@ -72,8 +72,9 @@ class StateStore:
     def _grow(self) -> None:
         old = self.allocated
         new = min(self.capacity, old + max(self.chunk, old // 2))
-        self.arrays = [np.concatenate([a, np.repeat(z, new - old, 0)]) for a, z in
-                       zip(self.arrays, self._zero)]  # fmt: skip
+        self.arrays = [
+            np.concatenate([a, np.repeat(z, new - old, 0)]) for a, z in zip(self.arrays, self._zero)
+        ]
         self.last_seq = np.concatenate([self.last_seq, np.full(new - old, NO_SEQ, np.int64)])
         self.last_seen = np.concatenate([self.last_seen, np.zeros(new - old)])
         self._free.extend(range(new - 1, old - 1, -1))
@@ -107,7 +108,7 @@ class StateStore:
         return np.asarray(out, dtype=np.intp)
 
     def _evict_lru(self) -> None:
-        stream, row = self._rows.popitem(last=False)
+        _, row = self._rows.popitem(last=False)
         self._free.append(row)
         self.stats.evicted_lru += 1
 

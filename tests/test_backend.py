@@ -1,0 +1,42 @@
+import subprocess
+import sys
+
+import pytest
+
+from edge import backend
+from edge.errors import BackendError
+
+
+def test_explicit_unknown_backend_is_named():
+    with pytest.raises(BackendError, match="'onnx'"):
+        backend.select("onnx")
+
+
+def test_env_var_overrides_auto():
+    first = backend.available()[0]
+    assert backend.select(None, env={backend.ENV_VAR: first}).name == first
+
+
+def test_auto_prefers_the_light_interpreters():
+    chosen = backend.select("auto", env={})
+    assert chosen.name == next(b for b in ("litert", "tflite") if b in backend.available())
+
+
+def test_missing_backend_error_names_the_install_commands():
+    missing = next(b for b in ("litert", "tflite") if b not in backend.available())
+    with pytest.raises(BackendError, match="pip install 'edge-lstm\\[litert\\]'"):
+        backend.select(missing)
+
+
+def test_import_edge_never_imports_tensorflow(bundles):
+    code = (
+        "import sys, edge; e = edge.load(sys.argv[1]); e.step('s', [0.0] * 6); "
+        "print('tensorflow' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(bundles / "clf-int8")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,249 @@
+"""The engine against real bundles in a real interpreter (runs in both environments)."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import edge
+from edge import Chunk
+
+MODES = ["clf-int8", "clf-float32", "clf-int16x8", "clf-float16", "reg2-int8"]
+F = 6
+SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def samples(n: int, seed: int, f: int = F) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 3, (n, f))
+
+
+def states_equal(a: edge.Engine, b: edge.Engine, stream: str) -> bool:
+    sa, sb = a.state_of(stream), b.state_of(stream)
+    return all(np.array_equal(x, y) for x, y in zip(sa, sb))
+
+
+@pytest.fixture
+def load(bundles):
+    def _load(name: str = "clf-int8", **kw) -> edge.Engine:
+        return edge.load(bundles / name, **kw)
+
+    return _load
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_outputs_match_the_float_reference_within_the_recorded_fidelity(load, bundles, name):
+    engine = load(name)
+    exp = np.load(bundles / name / "expected.npz")
+    outs = engine.step_many([Chunk(f"s{i}", x) for i, x in enumerate(exp["x"])])
+    y = np.stack([o.y for o in outs])
+    bound = engine.manifest.fidelity["parity"]["max_abs_error"]
+    assert np.abs(y - exp["y"]).max() <= bound + 1e-6
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_every_mode_runs_through_the_same_engine(load, name):
+    engine = load(name)
+    f = engine.manifest.features
+    y = engine.step("a", samples(5, 0, f))
+    assert y.shape == (5, engine.manifest.outputs) and np.isfinite(y).all()
+    assert engine.state_of("a")[0].dtype == {"int8": np.int8, "int16x8": np.int16}.get(
+        engine.manifest.quantization, np.float32
+    )
+
+
+def test_int8_state_is_fed_back_as_bytes(load):
+    engine = load("clf-int8")
+    assert not engine.manifest.extra["state_requantization"]
+    h = engine.manifest.tensors["h0"]
+    assert engine.state_of("x") is None
+    engine.step("x", samples(1, 0)[0])
+    assert engine.state_of("x")[0].nbytes == h.width  # one byte per unit
+
+
+@SETTINGS
+@given(n=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_k_samples_at_once_equal_one_at_a_time(load, n, seed):
+    a, b = load(), load()
+    x = samples(n, seed)
+    ya = a.step("s", x, seq=100)
+    yb = np.stack([b.step("s", x[i], seq=100 + i) for i in range(n)])
+    np.testing.assert_array_equal(ya, yb)
+    assert states_equal(a, b, "s") and a.last_seq("s") == b.last_seq("s") == 99 + n
+
+
+@SETTINGS
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=20),
+    seed=st.integers(0, 999),
+    name=st.sampled_from(["clf-int8", "clf-float32", "reg2-int8"]),
+)
+def test_batched_equals_unbatched_bit_for_bit(load, lengths, seed, name):
+    batched = load(name, max_batch=8)  # small buckets: padding and splitting both happen
+    f = batched.manifest.features
+    xs = [samples(k, seed + i, f) for i, k in enumerate(lengths)]
+    outs = batched.step_many([Chunk(f"s{i}", x, seq=1) for i, x in enumerate(xs)])
+    for i, x in enumerate(xs):
+        alone = load(name, max_batch=1)
+        y = alone.step(f"s{i}", x, seq=1)
+        if batched.manifest.quantization == "float32":
+            # Float kernels (XNNPACK, ruy) may sum in another order per batch size: 1 ulp.
+            np.testing.assert_allclose(outs[i].y, y, rtol=1e-6, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(outs[i].y, y)
+            assert states_equal(batched, alone, f"s{i}")
+
+
+@SETTINGS
+@given(cut=st.integers(0, 30), seed=st.integers(0, 999))
+def test_snapshot_restore_continues_bit_identically(load, tmp_path, cut, seed):
+    x = samples(30, seed)
+    straight = load()
+    y_straight = straight.step("s", x, seq=1)
+    first = load()
+    if cut:
+        first.step("s", x[:cut], seq=1)
+    first.step("other", x[:3], seq=7)
+    path = tmp_path / f"snap-{cut}-{seed}.bin"
+    first.snapshot(path)
+    second = load()
+    second.restore(path)
+    assert second.last_seq("other") == 9
+    if cut < 30:
+        np.testing.assert_array_equal(second.step("s", x[cut:], seq=1 + cut), y_straight[cut:])
+    assert states_equal(second, straight, "s")
+
+
+@SETTINGS
+@given(ops=st.lists(st.tuples(st.integers(0, 20), st.integers(1, 4)), min_size=1, max_size=30))
+def test_duplicates_and_replays_never_change_the_state(load, ops):
+    """Any redelivery pattern ends in the state of the distinct samples applied in order."""
+    x = samples(30, 1)
+    engine = load()
+    high = -1  # highest seq applied so far
+    for start, k in ops:
+        start = min(start, high + 1)  # at-least-once: replays, overlaps and news, no gaps
+        k = min(k, 30 - start)
+        if k <= 0:
+            continue
+        before = engine.state_of("s")
+        out = engine.step_many([Chunk("s", x[start : start + k], seq=start)])[0]
+        dups = max(0, min(k, high - start + 1))
+        assert out.duplicates == dups and len(out.y) == k - dups
+        if dups == k:
+            assert all(np.array_equal(a, b) for a, b in zip(before, engine.state_of("s")))
+        high = max(high, start + k - 1)
+    clean = load()
+    clean.step("s", x[: high + 1], seq=0)
+    assert states_equal(engine, clean, "s")
+    assert engine.counters.duplicates == engine.counters.samples - (high + 1)
+
+
+def test_reset_equals_a_fresh_stream(load):
+    x = samples(10, 3)
+    a = load()
+    a.step("s", x, seq=1)
+    a.reset("s")
+    y = a.step("s", x, seq=11)
+    np.testing.assert_array_equal(y, load().step("s", x))
+    assert a.last_seq("s") == 20
+
+
+def test_eviction_then_return_equals_a_fresh_stream(load):
+    x = samples(10, 4)
+    engine = load(capacity=1)
+    engine.step("a", x, seq=1)
+    engine.step("b", x, seq=1)  # evicts a
+    assert engine.stats()["evicted_lru"] == 1
+    np.testing.assert_array_equal(engine.step("a", x, seq=1), load().step("a", x))
+
+
+def test_idle_timeout_uses_the_injected_clock(load):
+    now = [0.0]
+    engine = load(idle_timeout=60, clock=lambda: now[0])
+    engine.step("a", samples(1, 0)[0], seq=1)
+    now[0] = 61
+    engine.step("b", samples(1, 0)[0], seq=1)
+    assert engine.state_of("a") is None and engine.stats()["evicted_idle"] == 1
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ([1.0] * 5, r"shape \(5,\), expected \[6\]"),
+        (np.ones((2, 2, 6)), "shape"),
+        ([1.0, 2.0, float("nan"), 0, 0, 0], "NaN or Inf"),
+        ([1.0, 2.0, float("inf"), 0, 0, 0], "NaN or Inf"),
+        (["a", "b", "c", "d", "e", "f"], "not numeric"),
+        (np.ones((2000, 6)), "2000 samples in one chunk"),
+    ],
+)
+def test_invalid_samples_are_refused_and_change_nothing(load, values, message):
+    engine = load()
+    engine.step("s", samples(3, 0), seq=10)
+    before = engine.state_of("s")
+    with pytest.raises(edge.InvalidSample, match=message) as err:
+        engine.step("s", values, seq=13)
+    assert err.value.stream_id == "s" and err.value.seq == 13 and "stream 's'" in str(err.value)
+    assert engine.last_seq("s") == 12
+    assert all(np.array_equal(a, b) for a, b in zip(before, engine.state_of("s")))
+
+
+def test_one_bad_chunk_does_not_stop_the_others(load):
+    engine = load()
+    outs = engine.step_many(
+        [Chunk("good", samples(2, 0), 1), Chunk("bad", [1.0], 1), Chunk("good", samples(1, 1), 3)]
+    )
+    assert outs[1].error is not None and outs[1].error.code == "invalid_sample"
+    assert len(outs[0].y) == 2 and len(outs[2].y) == 1 and engine.state_of("bad") is None
+
+
+def test_gap_policies(load):
+    x = samples(1, 0)[0]
+    cont = load()
+    cont.step("s", x, seq=1)
+    out = cont.step_many([Chunk("s", x, seq=5)])[0]
+    assert out.gap == 3 and len(out.y) == 1
+
+    reset = load(gap_policy="reset")
+    reset.step("s", x, seq=1)
+    y = reset.step("s", x, seq=5)
+    np.testing.assert_array_equal(y, load().step("t", x))
+
+    reject = load(gap_policy="reject")
+    reject.step("s", x, seq=1)
+    with pytest.raises(edge.SequenceGap, match="3 sample"):
+        reject.step("s", x, seq=5)
+    assert reject.last_seq("s") == 1
+
+    with pytest.raises(edge.ConfigError, match="'sometimes'"):
+        load(gap_policy="sometimes")
+
+
+def test_unsequenced_samples_only_when_allowed(load):
+    assert load().step("s", samples(1, 0)[0]).shape == (4,)
+    with pytest.raises(edge.MissingSeq):
+        load(allow_unsequenced=False).step("s", samples(1, 0)[0])
+
+
+def test_seq_wraps_around(load):
+    x = samples(4, 0)
+    engine = load()
+    y = engine.step("s", x, seq=2**32 - 2)
+    assert engine.last_seq("s") == 1
+    np.testing.assert_array_equal(y, load().step("s", x))
+    with pytest.raises(edge.DuplicateSample):
+        engine.step("s", x[0], seq=2**32 - 1)
+
+
+def test_restore_refuses_another_model(load, tmp_path):
+    a = load("clf-int8")
+    a.step("s", samples(2, 0), seq=1)
+    a.snapshot(tmp_path / "a.bin")
+    other = load("clf-float32")
+    with pytest.raises(edge.SnapshotError, match="taken with model"):
+        other.restore(tmp_path / "a.bin")
+    other.step("keep", samples(1, 0)[0])
+    other.restore(tmp_path / "a.bin", fresh_on_mismatch=True)
+    assert other.stats()["streams"] == 0

@@ -1,0 +1,70 @@
+import copy
+import json
+
+import pytest
+
+from edge.errors import BundleError
+from edge.manifest import parse, read_bundle
+
+
+@pytest.fixture
+def manifest_dict(bundles):
+    return json.loads((bundles / "clf-int8" / "manifest.json").read_text())
+
+
+def test_real_manifest_parses(manifest_dict):
+    m = parse(manifest_dict)
+    assert m.quantization == "int8" and m.features == 6 and m.output_kind == "classifier"
+    assert m.tensors["h0"].dtype == "int8" and m.tensors["h0"].scale > 0
+    assert parse(m.to_dict()).to_dict() == m.to_dict()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.pop("tflite_sha256"), "missing field 'tflite_sha256'"),
+        (lambda d: d.update(format_version=99), "format_version 99"),
+        (lambda d: d.update(quantization="int4"), "quantization 'int4'"),
+        (lambda d: d["features"].update(count=7), "features.count 7"),
+        (lambda d: d["output"].update(kind="ranker"), "output.kind 'ranker'"),
+        (lambda d: d["tensors"]["h0"].update(dtype="uint8"), "dtype 'uint8'"),
+        (lambda d: d["tensors"]["x"].update(scale=-1.0), "tensors.x"),
+        (lambda d: d["state"][0].update(h_in="nope"), "tensor 'nope'"),
+        (lambda d: d.update(state=[]), "no LSTM layer"),
+        (lambda d: d["output"].update(labels=["a"]), "1 labels for 4 outputs"),
+    ],
+)
+def test_invalid_fields_are_named(manifest_dict, edit, message):
+    d = copy.deepcopy(manifest_dict)
+    edit(d)
+    with pytest.raises(BundleError, match=message.replace("(", r"\(")):
+        parse(d)
+
+
+def test_tampered_model_is_refused(bundles, tmp_path):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles / "clf-int8", b)
+    data = bytearray((b / "model.tflite").read_bytes())
+    data[-1] ^= 0xFF
+    (b / "model.tflite").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        read_bundle(b)
+
+
+def test_missing_and_garbled_manifests(tmp_path):
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        read_bundle(tmp_path / "nothing")
+    with pytest.raises(BundleError, match="manifest.json: missing"):
+        read_bundle(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="unreadable"):
+        read_bundle(tmp_path)
+
+
+def test_model_file_cannot_escape_the_bundle(manifest_dict, tmp_path):
+    manifest_dict["model_file"] = "../elsewhere.tflite"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest_dict))
+    with pytest.raises(BundleError, match="inside the bundle"):
+        read_bundle(tmp_path)

@@ -1,0 +1,180 @@
+"""``lstm-convert``: every bad input is exit 2 with one line naming it, and nothing is written."""
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.desktop
+
+
+@pytest.fixture
+def src(bundles):
+    return bundles / "src" / "clf"
+
+
+def run(capsys, *argv):
+    from convert.cli import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+def assert_refused(code, out, needle, tmp_path):
+    lines = [line for line in out.err.strip().splitlines() if line.startswith("lstm-convert")]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], out.err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_missing_model(capsys, tmp_path, src):
+    code, out = run(
+        capsys,
+        "convert",
+        str(tmp_path / "nope.keras"),
+        "--calib",
+        str(src / "model.calib.npy"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert_refused(code, out, "nope.keras: model file not found", tmp_path)
+
+
+def test_unreadable_model(capsys, tmp_path, src):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a zip")
+    code, out = run(
+        capsys,
+        "convert",
+        str(bad),
+        "--calib",
+        str(src / "model.calib.npy"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert_refused(code, out, "Keras cannot read this model", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "array, needle",
+    [
+        (np.zeros((10, 6), np.float32), "shape [10, 6], expected [N, T, 6]"),
+        (np.zeros((2, 10, 5), np.float32), "expected [N, T, 6]"),
+        (np.zeros((2, 10, 6), np.int32), "dtype int32"),
+        (np.full((2, 10, 6), np.nan, np.float32), "NaN or Inf (first at index [0, 0, 0])"),
+    ],
+)
+def test_bad_calibration_data(capsys, tmp_path, src, array, needle):
+    calib = tmp_path / "calib.npy"
+    np.save(calib, array)
+    code, out = run(
+        capsys,
+        "convert",
+        str(src / "model.keras"),
+        "--calib",
+        str(calib),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert_refused(code, out, needle, tmp_path)
+
+
+def test_npz_without_x(capsys, tmp_path, src):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, data=np.zeros((2, 3, 6), np.float32))
+    code, out = run(
+        capsys,
+        "convert",
+        str(src / "model.keras"),
+        "--calib",
+        str(calib),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert_refused(code, out, "no array named 'x'", tmp_path)
+
+
+def test_unsupported_layer(capsys, tmp_path, src):
+    import keras
+
+    inp = keras.Input((None, 6))
+    keras.Model(inp, keras.layers.GRU(4, name="gru_mem")(inp)).save(tmp_path / "gru.keras")
+    code, out = run(
+        capsys,
+        "convert",
+        str(tmp_path / "gru.keras"),
+        "--calib",
+        str(src / "model.calib.npy"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert_refused(code, out, "layer 'gru_mem' (GRU) cannot be streamed", tmp_path)
+
+
+def test_unwritable_output(capsys, tmp_path, src):
+    (tmp_path / "file").write_text("x")
+    code, out = run(
+        capsys,
+        "convert",
+        str(src / "model.keras"),
+        "--calib",
+        str(src / "model.calib.npy"),
+        "--out",
+        str(tmp_path / "file" / "b"),
+    )
+    assert code == 2 and "cannot write the output directory" in out.err
+
+
+def test_refuses_to_overwrite_a_non_bundle_directory(capsys, tmp_path, src):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.tex").write_text("precious")
+    code, out = run(
+        capsys,
+        "convert",
+        str(src / "model.keras"),
+        "--calib",
+        str(src / "model.calib.npy"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert code == 2 and "not empty and not a bundle" in out.err
+    assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
+
+
+def test_label_count_must_match(capsys, tmp_path, src):
+    code, out = run(
+        capsys,
+        "convert",
+        str(src / "model.keras"),
+        "--calib",
+        str(src / "model.calib.npy"),
+        "--out",
+        str(tmp_path / "out"),
+        "--labels",
+        "a,b",
+    )
+    assert_refused(code, out, "--labels has 2 labels for 4 outputs", tmp_path)
+
+
+def test_verify_command_reruns_the_checks(capsys, bundles, src):
+    code, out = run(
+        capsys,
+        "verify",
+        str(bundles / "clf-int16x8"),
+        "--model",
+        str(src / "model.keras"),
+        "--data",
+        str(src / "model.test.npz"),
+        "--long-steps",
+        "500",
+    )
+    assert code == 0, out.err
+    assert "drift" in out.out and "tflite: passed 2.14" in out.out
+
+
+def test_help_lists_every_subcommand(capsys):
+    from convert.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert all(cmd in text for cmd in ("convert", "verify", "train-example"))

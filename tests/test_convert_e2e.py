@@ -1,0 +1,76 @@
+"""Train, convert in every mode and verify: the figures the issue sets as targets."""
+
+import json
+
+import numpy as np
+import pytest
+
+import edge
+
+pytestmark = pytest.mark.desktop
+
+
+@pytest.fixture(scope="module")
+def reports(bundles):
+    return json.loads((bundles / "reports.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["clf-int8", "clf-float32", "clf-int16x8", "clf-float16"])
+def test_every_mode_converts_verifies_and_runs_everywhere(bundles, reports, name):
+    r = reports[name]
+    assert r["op_audit"]["passed"] and not r["op_audit"]["forbidden"]
+    assert {"UNIDIRECTIONAL_SEQUENCE_LSTM", "WHILE", "VAR_HANDLE"}.isdisjoint(r["op_audit"]["ops"])
+    for interp in ("litert", "tensorflow", "tflite"):
+        assert r["interpreters"][interp]["status"] == "passed", r["interpreters"]
+    files = {p.name for p in (bundles / name).iterdir()}
+    assert {"model.tflite", "manifest.json", "report.json", "report.png"} <= files
+    m = edge.load(bundles / name).manifest
+    assert m.fidelity["checks"] == r["checks"]
+    assert m.interpreters["tflite"].startswith("2.14")
+    assert r["checks"]["no_drift"], r["drift"]
+
+
+def test_int8_state_outputs_share_the_input_quantisation(bundles):
+    for name in ("clf-int8", "reg2-int8"):
+        m = edge.load(bundles / name).manifest
+        for i, o in m.state_names:
+            a, b = m.tensors[i], m.tensors[o]
+            assert (a.dtype, a.scale, a.zero_point) == ("int8", b.scale, b.zero_point)
+
+
+def test_stacked_regression_int8_rmse_within_5pct_of_float(reports):
+    par = reports["reg2-int8"]["parity"]
+    assert par["rmse_ratio"] <= 1.05, par
+    assert reports["reg2-int8"]["checks"]["no_drift"]
+
+
+@pytest.mark.slow
+def test_example_model_meets_the_targets(tmp_path):
+    """The shipped example: accuracy, long-stream agreement, drift and size."""
+    from convert.pipeline import run_convert
+    from convert.train import train_example
+
+    info = train_example(tmp_path / "model.keras", progress=False)
+    assert info["test_accuracy_last_step"] >= 0.9
+    labels = info["classes"]
+    common = dict(data_path=info["test"], labels=labels, progress=lambda m: None)
+    int8 = run_convert(tmp_path / "model.keras", info["calib"], tmp_path / "b8", **common)
+    f32 = run_convert(
+        tmp_path / "model.keras", info["calib"], tmp_path / "b32", mode="float32", **common
+    )
+    par, dr = int8["parity"], int8["drift"]
+    assert par["accuracy_last_step_float"] - par["accuracy_last_step_bundle"] <= 0.01
+    assert dr["steps"] >= 10_000 and dr["top1_agreement"] >= 0.995, dr
+    assert dr["no_drift"], dr
+    assert int8["tflite_bytes"] <= 0.35 * f32["tflite_bytes"]
+    assert all(int8["checks"].values()), int8["checks"]
+    summary = {
+        "float_acc": par["accuracy_last_step_float"],
+        "int8_acc": par["accuracy_last_step_bundle"],
+        "long_top1": dr["top1_agreement"],
+        "drift_ratio": dr["drift_ratio"],
+        "size_ratio": int8["tflite_bytes"] / f32["tflite_bytes"],
+        "convert_seconds": int8["convert_seconds"],
+    }
+    print(json.dumps(summary))
+    np.testing.assert_array_less(0, summary["convert_seconds"])

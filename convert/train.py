@@ -27,7 +27,13 @@ def build_model(features: int, classes: int, units: int = 64, layers: int = 1) -
 
 
 def train_example(
-    out: str | Path, *, epochs: int = 300, seed: int = 7, units: int = 64, progress: bool = True
+    out: str | Path,
+    *,
+    epochs: int = 300,
+    seed: int = 7,
+    units: int = 64,
+    layers: int = 1,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Train, save MODEL.keras plus MODEL.calib.npy (train x) and MODEL.test.npz (x, y)."""
     out = Path(out)
@@ -46,7 +52,7 @@ def train_example(
     tf.config.experimental.enable_op_determinism()
     train, test = basicmotions("train"), basicmotions("test")
     _, t, f = train.x.shape
-    model = build_model(f, len(train.classes), units)
+    model = build_model(f, len(train.classes), units, layers)
     model.get_layer("normalize").adapt(train.x)
     model.compile(
         optimizer=keras.optimizers.Adam(3e-3),

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,6 +55,12 @@ class Outcome:
     error: SampleError | None = None
 
 
+class _Segment(NamedTuple):
+    values: np.ndarray  # [k, F] float64, already validated and de-duplicated
+    outcome: int  # index of the Outcome that receives the k outputs
+    reset: bool  # zero the state before the first of them (gap policy "reset")
+
+
 @dataclass
 class Counters:
     samples: int = 0
@@ -92,6 +98,8 @@ class Engine:
             model.zero_state(), capacity=capacity, idle_timeout=idle_timeout, clock=clock
         )
         self.counters = Counters()
+        self._no_output = np.empty((0, model.manifest.outputs), np.float32)
+        self._no_output.flags.writeable = False
 
     @property
     def manifest(self) -> Manifest:
@@ -195,15 +203,14 @@ class Engine:
             items = [Chunk(s, v) for s, v in items.items()]
         self.store.evict_idle()
         outcomes: list[Outcome] = []
-        plans: dict[str, list[tuple[np.ndarray, int, bool]]] = {}
+        plans: dict[str, list[_Segment]] = {}
         last: dict[str, int | None] = {}
         for chunk in items:
             outcome, values = self._admit(chunk, last)
             outcomes.append(outcome)
             if values is not None and len(values):
-                plans.setdefault(chunk.stream, []).append(
-                    (values, len(outcomes) - 1, outcome.reset)
-                )
+                seg = _Segment(values, len(outcomes) - 1, outcome.reset)
+                plans.setdefault(chunk.stream, []).append(seg)
         if plans:
             self._run(plans, outcomes)
             for stream, seq in last.items():
@@ -216,7 +223,7 @@ class Engine:
         self, chunk: Chunk, last: dict[str, int | None]
     ) -> tuple[Outcome, np.ndarray | None]:
         stream, seq = chunk.stream, chunk.seq
-        empty = np.empty((0, self.manifest.outputs), np.float32)
+        empty = self._no_output
         try:
             values = self._validate(chunk)
         except SampleError as err:
@@ -290,51 +297,52 @@ class Engine:
             raise InvalidSample("values contain NaN or Inf", stream_id=stream, seq=seq)
         return arr
 
-    def _run(
-        self, plans: dict[str, list[tuple[np.ndarray, int, bool]]], outcomes: list[Outcome]
-    ) -> None:
+    def _run(self, plans: dict[str, list[_Segment]], outcomes: list[Outcome]) -> None:
         if len(plans) > self.store.capacity:
             raise ConfigError(
                 f"{len(plans)} streams in one batch exceed the state capacity "
                 f"{self.store.capacity}; lower the batch size or raise the capacity"
             )
-        streams = sorted(plans, key=lambda s: -sum(len(v) for v, _, _ in plans[s]))
+        segments = list(plans.values())
+        if all(len(segs) == 1 and len(segs[0].values) == 1 for segs in segments):
+            # The common case, one new sample per stream: one round, no per-sample bookkeeping.
+            rows = self.store.acquire(plans)
+            x = np.concatenate([segs[0].values for segs in segments])
+            zero = [i for i, segs in enumerate(segments) if segs[0].reset]
+            y = self._step_rows(rows, x, zero)
+            for i, segs in enumerate(segments):
+                outcomes[segs[0].outcome].y = y[i : i + 1]
+            return
+        streams = sorted(plans, key=lambda s: -sum(len(seg.values) for seg in plans[s]))
         rows = self.store.acquire(streams)
-        xs, owner, offset, resets = [], [], [], []
+        xs, where, resets = [], [], []
         for stream in streams:
             segs = plans[stream]
-            xs.append(np.concatenate([v for v, _, _ in segs]) if len(segs) > 1 else segs[0][0])
-            owner.append(np.concatenate([np.full(len(v), oi) for v, oi, _ in segs]))
-            offset.append(np.concatenate([np.arange(len(v)) for v, _, _ in segs]))
-            pos, r = set(), 0
-            for v, _, reset in segs:
-                if reset:
-                    pos.add(r)
-                r += len(v)
-            resets.append(pos)
+            xs.append(np.concatenate([seg.values for seg in segs]))
+            where.append([(seg.outcome, k) for seg in segs for k in range(len(seg.values))])
+            starts = np.cumsum([0] + [len(seg.values) for seg in segs])
+            resets.append({int(starts[j]) for j, seg in enumerate(segs) if seg.reset})
+            for seg in segs:
+                shape = (len(seg.values), self.manifest.outputs)
+                outcomes[seg.outcome].y = np.empty(shape, np.float32)
         lengths = np.array([len(x) for x in xs])
-        ys = {
-            oi: np.empty((len(v), self.manifest.outputs), np.float32)
-            for segs in plans.values()
-            for v, oi, _ in segs
-        }
-        y_spec = self.model.y_spec
         for r in range(int(lengths.max())):
-            m = int((lengths > r).sum())  # streams are sorted by length: a prefix is active
-            active = rows[:m]
-            zero = [active[i] for i in range(m) if r in resets[i]]
-            if zero:
-                self.store.zero_rows(np.asarray(zero, np.intp))
-            x = self.model.encode_x(np.stack([xs[i][r] for i in range(m)]))
-            y_raw, new_state = self.model.invoke(x, self.store.gather(active))
-            self.store.scatter(active, new_state)
-            y = dequantize(y_raw, y_spec)
+            m = int((lengths > r).sum())  # sorted by length: the active streams are a prefix
+            x = np.stack([xs[i][r] for i in range(m)])
+            y = self._step_rows(rows[:m], x, [i for i in range(m) if r in resets[i]])
             for i in range(m):
-                ys[int(owner[i][r])][int(offset[i][r])] = y[i]
-            self.counters.invokes += -(-m // self.model.max_batch)
-            self.counters.steps += m
-        for oi, y in ys.items():
-            outcomes[oi].y = y
+                oi, k = where[i][r]
+                outcomes[oi].y[k] = y[i]
+
+    def _step_rows(self, rows: np.ndarray, x: np.ndarray, zero: list[int]) -> np.ndarray:
+        """One step for these state rows: reset some, gather, invoke, scatter -> float y."""
+        if zero:
+            self.store.zero_rows(rows[zero])
+        y_raw, new_state = self.model.invoke(self.model.encode_x(x), self.store.gather(rows))
+        self.store.scatter(rows, new_state)
+        self.counters.invokes += -(-len(rows) // self.model.max_batch)
+        self.counters.steps += len(rows)
+        return dequantize(y_raw, self.model.y_spec)
 
 
 def load(

@@ -1,0 +1,78 @@
+"""Shared by the benchmarks: cached example bundles, RSS, timing, result tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build" / "bench"
+DEVICE_PYTHON = ROOT / ".venv-device" / "bin" / "python"
+LABELS = ["Badminton", "Running", "Standing", "Walking"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def example(layers: int = 1, units: int = 64, epochs: int = 300) -> tuple[Path, Path]:
+    """(keras model, int8 bundle) of the example network, trained and converted once."""
+    from convert.pipeline import run_convert
+    from convert.train import train_example
+
+    d = BUILD / f"example-l{layers}-h{units}-e{epochs}"
+    model, bundle = d / "model.keras", d / "bundle-int8"
+    if not (bundle / "manifest.json").exists():
+        log(f"building {d.name} (cached for later runs)")
+        info = train_example(model, epochs=epochs, units=units, layers=layers, progress=False)
+        run_convert(model, info["calib"], bundle, labels=LABELS, data_path=info["test"],
+                    progress=lambda m: None)  # fmt: skip
+    return model, bundle
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def per_call(fn: Callable[[], Any], *, min_time: float = 0.5, repeats: int = 5) -> float:
+    """Seconds per call: best of ``repeats`` runs of at least ``min_time`` each."""
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if time.perf_counter() - t0 >= min_time / 5:
+            break
+        n *= 2
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def in_device_env(code: str, *args: str) -> dict[str, Any]:
+    if not DEVICE_PYTHON.exists():
+        return {"error": f"{DEVICE_PYTHON} missing (run scripts/test once)"}
+    out = subprocess.run([str(DEVICE_PYTHON), "-c", code, *args], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-400:]}
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def save(name: str, results: dict[str, Any]) -> Path:
+    path = BUILD / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path

@@ -1,0 +1,151 @@
+"""Engine benchmark: cost per stream-step, against sliding-window re-runs, memory, load time.
+
+    .venv/bin/python bench/engine.py [--quick]
+
+Every ratio compares figures measured in this same run on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import example, in_device_env, log, per_call, rss_bytes, save  # noqa: E402
+
+import edge  # noqa: E402
+from edge import Chunk  # noqa: E402
+
+WINDOW = 100
+BATCHES = (1, 16, 64, 256)
+
+
+def stream_step_costs(bundle: Path, min_time: float) -> dict[str, float]:
+    """Microseconds per stream-step: one stream via step(), and N streams per step_many()."""
+    engine = edge.load(bundle)
+    f = engine.manifest.features
+    rng = np.random.default_rng(0)
+    x1 = rng.normal(0, 2, f)
+    out = {"single_stream_step_us": per_call(lambda: engine.step("solo", x1), min_time=min_time) * 1e6}
+    for n in BATCHES:
+        streams = [f"s{i}" for i in range(n)]
+        xs = rng.normal(0, 2, (n, f))
+        items = [Chunk(s, xs[i]) for i, s in enumerate(streams)]
+        sec = per_call(lambda items=items: engine.step_many(items), min_time=min_time)
+        out[f"batched_{n}_us_per_stream_step"] = sec / n * 1e6
+    return out
+
+
+def window_baselines(model_path: Path, min_time: float) -> dict[str, float]:
+    """What users do today: re-run the whole 100-sample window on every message."""
+    import keras
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = keras.models.load_model(model_path, compile=False)
+    f = model.inputs[0].shape[-1]
+    fixed_in = keras.Input((WINDOW, f), batch_size=1)
+    fixed = keras.Model(fixed_in, model(fixed_in))
+    conv = tf.lite.TFLiteConverter.from_keras_model(fixed)
+    content = conv.convert()
+    interp = Interpreter(model_content=content)
+    interp.allocate_tensors()
+    inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
+    window = np.random.default_rng(1).normal(0, 2, (1, WINDOW, f)).astype(np.float32)
+
+    def tflite_window() -> None:
+        interp.set_tensor(inp["index"], window)
+        interp.invoke()
+        interp.get_tensor(outp["index"])
+
+    ops = sorted({d["op_name"] for d in interp._get_ops_details()})
+    return {
+        "window_tflite_us_per_message": per_call(tflite_window, min_time=min_time) * 1e6,
+        "window_keras_predict_us_per_message": per_call(
+            lambda: model.predict(window, verbose=0), min_time=min_time, repeats=3
+        )
+        * 1e6,
+        "window_tflite_ops": ", ".join(ops),  # type: ignore[dict-item]
+    }
+
+
+def memory(bundle: Path, streams: int) -> dict[str, float]:
+    engine = edge.load(bundle, capacity=streams)
+    f = engine.manifest.features
+    x = np.zeros(f)
+    before = rss_bytes()
+    for start in range(0, streams, 1024):
+        engine.step_many([Chunk(f"device-{i:06d}", x, seq=1)
+                          for i in range(start, min(streams, start + 1024))])  # fmt: skip
+    after = rss_bytes()
+    return {
+        "streams": streams,
+        "state_arena_MB": engine.store.nbytes() / 1e6,
+        "state_bytes_per_stream": engine.store.nbytes() / streams,
+        "rss_growth_MB": (after - before) / 1e6,
+        "rss_bytes_per_stream": (after - before) / streams,
+        "rss_total_MB": after / 1e6,
+    }
+
+
+LOAD_CODE = """
+import json, sys, time
+t0 = time.perf_counter()
+import edge
+t1 = time.perf_counter()
+e = edge.load(sys.argv[1])
+y = e.step("s", [0.0] * e.manifest.features)
+t2 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "load_to_first_prediction_s": t2 - t1,
+                  "backend": e.model.backend.name + " " + e.model.backend.version,
+                  "tensorflow_imported": "tensorflow" in sys.modules}))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="shorter timings, 20k streams")
+    args = ap.parse_args()
+    min_time = 0.1 if args.quick else 0.5
+    results: dict[str, object] = {}
+    models = {"example H=64": example(1, 64), "2-layer H=64": example(2, 64, epochs=40)}
+    for name, (model_path, bundle) in models.items():
+        log(f"[{name}] stream-step costs")
+        r: dict[str, object] = dict(stream_step_costs(bundle, min_time))
+        log(f"[{name}] sliding-window baselines")
+        r.update(window_baselines(model_path, min_time))
+        per_msg_single = r["single_stream_step_us"]
+        per_msg_batched = r["batched_64_us_per_stream_step"]
+        for base in ("window_tflite", "window_keras_predict"):
+            cost = r[f"{base}_us_per_message"]
+            r[f"{base}_ratio_vs_single_stream"] = cost / per_msg_single  # type: ignore[operator]
+            r[f"{base}_ratio_vs_batched_64"] = cost / per_msg_batched  # type: ignore[operator]
+        results[name] = r
+    _, bundle = models["example H=64"]
+    n = 20_000 if args.quick else 100_000
+    log(f"memory with {n} streams")
+    results["memory"] = memory(bundle, n)
+    log("edge.load to first prediction in the device-like environment")
+    t0 = time.perf_counter()
+    results["device_load"] = in_device_env(LOAD_CODE, str(bundle))
+    results["device_load"]["process_wall_s"] = time.perf_counter() - t0  # type: ignore[index]
+    path = save("engine", results)
+    report(results)
+    log(f"results: {path}")
+    return 0
+
+
+def report(results: dict[str, object]) -> None:
+    for name, r in results.items():
+        print(f"\n== {name}")
+        for k, v in r.items():  # type: ignore[attr-defined]
+            print(f"  {k:45s} {v:,.2f}" if isinstance(v, float) else f"  {k:45s} {v}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

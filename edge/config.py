@@ -1,0 +1,230 @@
+"""Service configuration: defaults < TOML file < ``EDGE_LSTM_*`` environment < command line.
+
+Every key is a field below; ``edge-lstm serve --help`` is generated from the same list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+
+ENV_PREFIX = "EDGE_LSTM_"
+
+
+def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    model: str = _opt("", "bundle directory made by lstm-convert (required)")
+    broker: str = _opt("mqtt://127.0.0.1:1883", "broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT")
+    client_id: str = _opt(
+        "", "MQTT client id; fixed, so the broker keeps our session (default: edge-lstm-HOSTNAME)"
+    )
+    runtime_id: str = _opt("", "id in status/stats topics (default: the client id)")
+    protocol: str = _opt("5", "MQTT protocol version", ["5", "3.1.1"])
+    session_expiry: int = _opt(
+        86400, "seconds the broker keeps our session and queue while we are away (MQTT 5)"
+    )
+    keepalive: int = _opt(30, "MQTT keep-alive in seconds")
+    username: str = _opt("", "broker user name")
+    password: str = _opt("", "broker password (prefer password_file)")
+    password_file: str = _opt("", "file holding the broker password")
+    tls_ca: str = _opt("", "CA certificate file; enables TLS")
+    tls_cert: str = _opt("", "client certificate file (TLS client auth)")
+    tls_key: str = _opt("", "client private key file (TLS client auth)")
+    data_topic: str = _opt("sensors/{stream}/data", "topic template of samples in")
+    control_topic: str = _opt(
+        "sensors/{stream}/control", 'topic template of per-stream control ({"cmd": "reset"})'
+    )
+    prediction_topic: str = _opt("predictions/{stream}", "topic template of predictions out")
+    error_topic: str = _opt("errors/{stream}", "topic template of errors out")
+    status_topic: str = _opt(
+        "edge/status/{runtime_id}", "retained online/offline status (last will)"
+    )
+    stats_topic: str = _opt("edge/stats/{runtime_id}", "periodic statistics")
+    runtime_control_topic: str = _opt(
+        "edge/control/{runtime_id}", 'runtime control ({"cmd": "reload"} or "snapshot")'
+    )
+    state_dir: str = _opt("edge-state", "directory of the snapshot and the write-ahead log")
+    snapshot_interval: float = _opt(
+        30.0, "seconds between snapshots (the write-ahead log covers the rest)"
+    )
+    durability: str = _opt(
+        "process",
+        "'process': survive kill -9 (write before ack); 'power': also fsync the log before ack",
+        ["process", "power"],
+    )
+    queue_size: int = _opt(10000, "bounded queue between the MQTT thread and the worker")
+    overload: str = _opt(
+        "block",
+        "when the queue is full: 'block' (broker-side backpressure, lossless) or 'drop-oldest' (counted)",
+        ["block", "drop-oldest"],
+    )
+    max_batch: int = _opt(256, "messages per micro-batch")
+    max_wait_ms: float = _opt(2.0, "longest wait to fill a micro-batch")
+    max_payload_bytes: int = _opt(65536, "larger payloads are refused with error 'too_large'")
+    max_samples_per_message: int = _opt(1024, "more samples in one message are refused")
+    gap_policy: str = _opt(
+        "continue",
+        "on a seq gap: continue (flag it), reset the stream, or reject",
+        ["continue", "reset", "reject"],
+    )
+    reorder_ms: float = _opt(
+        0.0,
+        "hold samples that arrive ahead of a gap this long, waiting for the gap to fill (0 = off)",
+    )
+    capacity: int = _opt(
+        100000, "most streams kept; least recently used beyond it restart at zero state"
+    )
+    idle_timeout: float = _opt(0.0, "seconds after which an idle stream is forgotten (0 = never)")
+    stats_interval: float = _opt(10.0, "seconds between stats messages (0 = off)")
+    metrics_port: int = _opt(0, "Prometheus metrics port (0 = off)")
+    metrics_host: str = _opt("127.0.0.1", "Prometheus metrics bind address")
+    backend: str = _opt(
+        "auto",
+        "interpreter: auto, litert, tflite or tensorflow",
+        ["auto", "litert", "tflite", "tensorflow"],
+    )
+    reconnect_min: float = _opt(0.5, "first reconnect delay, seconds (doubles with jitter)")
+    reconnect_max: float = _opt(30.0, "longest reconnect delay, seconds")
+    log_level: str = _opt("info", "log level", ["debug", "info", "warning", "error"])
+
+    @property
+    def host(self) -> str:
+        return str(urlparse(self.broker).hostname)
+
+    @property
+    def port(self) -> int:
+        u = urlparse(self.broker)
+        return u.port or (8883 if u.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca) or urlparse(self.broker).scheme == "mqtts"
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
+
+
+def _convert(name: str, value: Any) -> Any:
+    typ = FIELDS[name].type
+    try:
+        if typ in ("int", int):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if typ in ("float", float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} = {value!r} is not a valid {typ}") from None
+
+
+def load(
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServiceConfig:
+    values: dict[str, Any] = {}
+    if file:
+        values.update(_read_toml(Path(file)))
+    env = os.environ if env is None else env
+    for name in FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            values[name] = env[key]
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
+    cfg = ServiceConfig(**{k: _convert(k, v) for k, v in values.items()})
+    return validate(cfg)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    section = data.get("serve", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [serve] must be a table")
+    return dict(section)
+
+
+def validate(cfg: ServiceConfig) -> ServiceConfig:
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(choices)}")
+    if not cfg.model:
+        raise ConfigError("model is required (--model DIR)")
+    u = urlparse(cfg.broker)
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise ConfigError(
+            f"broker = {cfg.broker!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"
+        )
+    positive = (
+        "queue_size",
+        "max_batch",
+        "max_payload_bytes",
+        "max_samples_per_message",
+        "capacity",
+        "keepalive",
+        "snapshot_interval",
+        "reconnect_min",
+        "reconnect_max",
+    )
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} = {getattr(cfg, name)!r} must be > 0")
+    for name in ("max_wait_ms", "reorder_ms", "idle_timeout", "stats_interval", "metrics_port"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} = {getattr(cfg, name)!r} must be >= 0")
+    if cfg.max_batch > cfg.capacity:
+        raise ConfigError(f"max_batch {cfg.max_batch} must not exceed capacity {cfg.capacity}")
+    for name in ("tls_ca", "tls_cert", "tls_key", "password_file"):
+        path = getattr(cfg, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{name} = {path!r}: file not found")
+    client_id = cfg.client_id or f"edge-lstm-{socket.gethostname()}"
+    return dataclasses.replace(cfg, client_id=client_id, runtime_id=cfg.runtime_id or client_id)
+
+
+def add_arguments(parser: Any) -> None:
+    """One ``--key`` flag per configuration key, with its help and default."""
+    for f in dataclasses.fields(ServiceConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = (
+            f"{f.metadata['help']} [default: {f.default!r}; env {ENV_PREFIX}{f.name.upper()}]"
+        )
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            choices=f.metadata.get("choices"),
+            help=help_text,
+        )

@@ -1,0 +1,127 @@
+"""Counters and latency histograms of the service, exposed as a stats dict and (optionally)
+on a Prometheus endpoint. Plain Python; ``prometheus-client`` is imported only when the
+endpoint is switched on."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...] = BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def quantile(self, q: float) -> float:
+        """Upper bound of the bucket holding the q-quantile (inf past the last bucket)."""
+        if not self.count:
+            return 0.0
+        target, seen = q * self.count, 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= target:
+                return self.buckets[i] if i < len(self.buckets) else float("inf")
+        return float("inf")
+
+
+class Metrics:
+    COUNTERS = (
+        "messages_in",
+        "samples_in",
+        "predictions_out",
+        "duplicates",
+        "gaps",
+        "dropped_overload",
+        "acks",
+        "wal_records",
+        "snapshots",
+        "reloads",
+        "reconnects",
+        "control",
+    )
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counters: Counter[str] = Counter({name: 0 for name in self.COUNTERS})
+        self.errors: Counter[str] = Counter()
+        self.step_latency = Histogram()
+        self.e2e_latency = Histogram()
+        self.gauges: dict[str, Callable[[], float]] = {}
+
+    def inc(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            self.counters[name] += n
+
+    def error(self, code: str) -> None:
+        with self.lock:
+            self.errors[code] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            out: dict[str, Any] = dict(self.counters)
+            out["errors"] = dict(self.errors)
+            out["step_latency_p50_ms"] = self.step_latency.quantile(0.5) * 1000
+            out["step_latency_p99_ms"] = self.step_latency.quantile(0.99) * 1000
+            out["e2e_latency_p50_ms"] = self.e2e_latency.quantile(0.5) * 1000
+            out["e2e_latency_p99_ms"] = self.e2e_latency.quantile(0.99) * 1000
+        out.update({k: f() for k, f in self.gauges.items()})
+        return out
+
+    def serve_prometheus(self, host: str, port: int) -> None:
+        try:
+            from prometheus_client import REGISTRY, start_http_server
+            from prometheus_client.core import (
+                CounterMetricFamily,
+                GaugeMetricFamily,
+                HistogramMetricFamily,
+            )
+        except ImportError as exc:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                "metrics_port needs prometheus-client: pip install 'edge-lstm[service]'"
+            ) from exc
+        metrics = self
+
+        class Collector:
+            def collect(self) -> Iterator[Any]:
+                with metrics.lock:
+                    for name, value in metrics.counters.items():
+                        yield CounterMetricFamily(
+                            f"edge_lstm_{name}", name.replace("_", " "), value=value
+                        )
+                    errs = CounterMetricFamily(
+                        "edge_lstm_errors", "errors by code", labels=["code"]
+                    )
+                    for code, value in metrics.errors.items():
+                        errs.add_metric([code], value)
+                    yield errs
+                    for hname, h in (
+                        ("step_latency_seconds", metrics.step_latency),
+                        ("e2e_latency_seconds", metrics.e2e_latency),
+                    ):
+                        cum, buckets = 0, []
+                        for b, c in zip([*map(str, h.buckets), "+Inf"], h.counts):
+                            cum += c
+                            buckets.append((b, cum))
+                        yield HistogramMetricFamily(
+                            f"edge_lstm_{hname}", hname, buckets=buckets, sum_value=h.sum
+                        )
+                for name, fn in metrics.gauges.items():
+                    yield GaugeMetricFamily(f"edge_lstm_{name}", name.replace("_", " "), value=fn())
+
+        REGISTRY.register(Collector())
+        start_http_server(port, addr=host)

@@ -1,0 +1,91 @@
+"""Hold messages that arrive ahead of a gap for a short while, so a sample that was merely
+overtaken (reordered in flight) is applied in order instead of being dropped as a duplicate.
+
+Pure logic: the clock is injected, the engine's last applied seq is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .sequencing import HALF, U32
+from .wal import Record
+
+
+@dataclass(order=True)
+class _Held:
+    since: float
+    record: Record = field(compare=False)
+
+
+class Reorderer:
+    def __init__(self, hold_seconds: float, clock: Callable[[], float]) -> None:
+        self.hold = hold_seconds
+        self._clock = clock
+        self._held: dict[str, list[_Held]] = {}
+        self._next: dict[str, int] = {}  # the seq each stream expects next
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._held.values())
+
+    def pending(self) -> list[Record]:
+        return [h.record for items in self._held.values() for h in items]
+
+    def push(self, rec: Record, last_applied: int | None) -> list[Record]:
+        """Records ready to apply, in order; ``rec`` itself may be held back."""
+        if self.hold <= 0:
+            return [rec]
+        expect = self._next.get(rec.stream)
+        if expect is None and last_applied is not None:
+            expect = (last_applied + 1) % U32
+        ahead = None if expect is None else (rec.seq - expect) % U32
+        if ahead is not None and 0 < ahead < HALF:
+            self._held.setdefault(rec.stream, []).append(_Held(self._clock(), rec))
+            return []
+        ready = [rec]
+        self._advance(rec)
+        ready += self._release_contiguous(rec.stream)
+        return ready
+
+    def expire(self, force: bool = False) -> list[Record]:
+        """Give up waiting for gaps older than the hold time (or all, with ``force``)."""
+        limit = self._clock() - self.hold
+        out: list[Record] = []
+        for stream in list(self._held):
+            while stream in self._held and (
+                force or min(h.since for h in self._held[stream]) <= limit
+            ):
+                items, expect = self._held[stream], self._next[stream]
+                first = min(items, key=lambda h: (h.record.seq - expect) % U32)
+                items.remove(first)
+                out.append(first.record)
+                self._advance(first.record)
+                out += self._release_contiguous(stream)
+        return out
+
+    def _advance(self, rec: Record) -> None:
+        last = (rec.seq + len(rec.values) - 1) % U32
+        prev = self._next.get(rec.stream)
+        nxt = (last + 1) % U32
+        if prev is None or 0 < (nxt - prev) % U32 < HALF:
+            self._next[rec.stream] = nxt
+
+    def _release_contiguous(self, stream: str) -> list[Record]:
+        out = []
+        items = self._held.get(stream, [])
+        progress = True
+        while items and progress:
+            progress = False
+            expect = self._next[stream]
+            for h in list(items):
+                ahead = (h.record.seq - expect) % U32
+                if ahead == 0 or ahead >= HALF:  # now in order (or an old duplicate)
+                    items.remove(h)
+                    out.append(h.record)
+                    self._advance(h.record)
+                    progress = True
+                    break
+        if not items:
+            self._held.pop(stream, None)
+        return out

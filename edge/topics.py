@@ -1,0 +1,45 @@
+"""Topic templates: ``sensors/{stream}/data`` <-> subscription filter and stream id."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import ConfigError
+
+PLACEHOLDER = "{stream}"
+
+
+class Template:
+    def __init__(self, template: str) -> None:
+        levels = template.split("/")
+        if template.count(PLACEHOLDER) != 1 or PLACEHOLDER not in levels:
+            raise ConfigError(
+                f"topic template {template!r} must hold '{PLACEHOLDER}' once, as a whole level"
+            )
+        if any(c in template for c in "+#\0"):
+            raise ConfigError(f"topic template {template!r} must not contain '+', '#' or NUL")
+        self.template = template
+        self.index = levels.index(PLACEHOLDER)
+        self.levels = levels
+        self.filter = "/".join("+" if lv == PLACEHOLDER else lv for lv in levels)
+
+    def stream(self, topic: str) -> str | None:
+        """The stream id of a topic, or None when it does not match the template."""
+        parts = topic.split("/")
+        if len(parts) != len(self.levels):
+            return None
+        for i, (got, want) in enumerate(zip(parts, self.levels)):
+            if i != self.index and got != want:
+                return None
+        sid = parts[self.index]
+        return sid if valid_stream_id(sid) else None
+
+    def topic(self, stream: str) -> str:
+        return self.template.replace(PLACEHOLDER, stream)
+
+
+_STREAM_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+
+
+def valid_stream_id(sid: str) -> bool:
+    return bool(_STREAM_RE.match(sid))

@@ -1,6 +1,6 @@
 """Engine benchmark: cost per stream-step, against sliding-window re-runs, memory, load time.
 
-    .venv/bin/python bench/engine.py [--quick]
+    .venv/bin/python -m bench.engine [--quick]
 
 Every ratio compares figures measured in this same run on this machine.
 """
@@ -8,18 +8,14 @@ Every ratio compares figures measured in this same run on this machine.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._common import example, in_device_env, log, per_call, rss_bytes, save  # noqa: E402
-
-import edge  # noqa: E402
-from edge import Chunk  # noqa: E402
+import edge
+from bench._common import example, in_device_env, log, per_call, rss_bytes, save
+from edge import Chunk
 
 WINDOW = 100
 BATCHES = (1, 16, 64, 256)
@@ -31,7 +27,8 @@ def stream_step_costs(bundle: Path, min_time: float) -> dict[str, float]:
     f = engine.manifest.features
     rng = np.random.default_rng(0)
     x1 = rng.normal(0, 2, f)
-    out = {"single_stream_step_us": per_call(lambda: engine.step("solo", x1), min_time=min_time) * 1e6}
+    single = per_call(lambda: engine.step("solo", x1), min_time=min_time)
+    out = {"single_stream_step_us": single * 1e6}
     for n in BATCHES:
         streams = [f"s{i}" for i in range(n)]
         xs = rng.normal(0, 2, (n, f))

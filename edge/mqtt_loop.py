@@ -33,6 +33,16 @@ SNAPSHOT = "snapshot.bin"
 WAL = "wal.log"
 
 
+def delivered(info: Any) -> bool:
+    """Whether the broker acknowledged a QoS 1 publish.
+
+    paho keeps a message published while disconnected and sends it after reconnecting, but
+    its ``is_published()`` raises for such a message forever (its rc stays NO_CONN), so the
+    flag is read directly.
+    """
+    return bool(info._published)
+
+
 def open_engine(cfg: ServiceConfig) -> Engine:
     return load(
         cfg.model,
@@ -195,7 +205,7 @@ class MqttService:
             if o.qos:
                 self._inflight.append(info)
         if len(self._inflight) > 4096:
-            self._inflight = [i for i in self._inflight if not i.is_published()]
+            self._inflight = [i for i in self._inflight if not delivered(i)]
 
     def _ack(self, batch: list[Inbound]) -> None:
         for msg in batch:
@@ -206,7 +216,7 @@ class MqttService:
     def _predictions_delivered(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         for info in self._inflight:
-            while not info.is_published():
+            while not delivered(info):
                 if time.monotonic() > deadline or not self.connected.is_set():
                     return False
                 time.sleep(0.002)

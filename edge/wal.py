@@ -110,3 +110,9 @@ class WriteAheadLog:
 
     def close(self) -> None:
         self._file.close()
+
+    def __enter__(self) -> WriteAheadLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import socket
@@ -48,6 +49,9 @@ class Mosquitto:
     def config(self) -> str:
         lines = [
             f"listener {self.port} 127.0.0.1",
+            # started as root, mosquitto switches to user 'mosquitto', which cannot write
+            # its persistence file into our temp dir: stay who we are
+            f"user {getpass.getuser()}",
             "allow_anonymous true",
             "max_queued_messages 0",  # unlimited: reliability tests queue whole runs
             "max_inflight_messages 0",

@@ -1,0 +1,203 @@
+"""``edge-lstm serve`` against a real Mosquitto: exactly-once state over at-least-once MQTT."""
+
+import json
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.mqtt_helpers import Collector, Publisher, Serve, offline, wait_until
+
+pytestmark = pytest.mark.broker
+BUNDLE = "clf-int8"
+
+
+def make_samples(streams: int, n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"dev-{i}": rng.normal(0, 3, (n, 6)) for i in range(streams)}
+
+
+def assert_exact(got, expected):
+    missing = sorted(set(expected) - set(got))
+    assert not missing, f"{len(missing)} predictions missing, e.g. {missing[:5]}"
+    for key, ys in got.items():
+        for y in ys:  # every copy, duplicates included, must be the offline answer
+            np.testing.assert_array_equal(y, expected[key], err_msg=str(key))
+
+
+@pytest.fixture
+def service(bundles, broker, tmp_path):
+    started = []
+
+    def start(*args, url=None):
+        s = Serve(bundles / BUNDLE, url or broker.url, tmp_path / "state", *args).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def test_duplicates_never_double_count(bundles, broker, service):
+    samples = make_samples(5, 40, seed=1)
+    col = Collector(broker.url)
+    svc = service()
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    rng = random.Random(3)
+    sent = []
+    for stream, x in samples.items():
+        seq = 1
+        while seq <= len(x):
+            k = rng.choice([1, 1, 1, 3])
+            k = min(k, len(x) - seq + 1)
+            pub.send(stream, seq, x[seq - 1 : seq - 1 + k])
+            sent.append((stream, seq, k))
+            if rng.random() < 0.3:  # QoS 1 redelivery, or a device resending
+                old = rng.choice(sent)
+                pub.send(old[0], old[1], samples[old[0]][old[1] - 1 : old[1] - 1 + old[2]])
+            seq += k
+    pub.flush()
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 30, "every prediction")
+    time.sleep(0.3)
+    got = col.predictions()
+    assert_exact(got, expected)
+    assert all(len(v) == 1 for v in got.values()), "a duplicate sample was answered twice"
+    assert svc.stop() == 0
+    assert col.of("edge/status/edge-test")[-1][1]["state"] == "offline"
+
+
+def test_kill_9_at_random_points_loses_nothing(bundles, broker, service):
+    samples = make_samples(6, 150, seed=2)
+    col = Collector(broker.url)
+    svc = service("--snapshot-interval", "0.5")
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+
+    def feed():
+        for i in range(150):
+            for stream, x in samples.items():
+                pub.send(stream, i + 1, x[i])
+            time.sleep(0.004)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    rng = random.Random(7)
+    for _ in range(3):
+        time.sleep(rng.uniform(0.3, 1.0))
+        svc.kill9()
+        time.sleep(rng.uniform(0.0, 0.3))
+        svc = service("--snapshot-interval", "0.5")
+    feeder.join()
+    pub.flush()
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 60, "every prediction")
+    assert_exact(col.predictions(), expected)
+    assert "replayed" in svc.output()
+
+
+def test_broker_restart_with_persistence(bundles, persistent_broker, tmp_path):
+    broker = persistent_broker
+    samples = make_samples(4, 60, seed=3)
+    col = Collector(broker.url)
+    svc = Serve(
+        bundles / BUNDLE,
+        broker.url,
+        tmp_path / "state",
+        "--reconnect-min",
+        "0.1",
+        "--reconnect-max",
+        "0.5",
+    ).start()
+    try:
+        wait_until(col.online, 20, "runtime online")
+        pub = Publisher(broker.url)
+        for i in range(30):
+            for stream, x in samples.items():
+                pub.send(stream, i + 1, x[i])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= 40, 20, "some predictions")
+        broker.restart()
+        col.client.reconnect_delay_set(0.1, 0.5)
+        for i in range(30, 60):
+            for stream, x in samples.items():
+                pub.send(stream, i + 1, x[i])
+        pub.flush(60)
+        expected = offline(bundles / BUNDLE, samples)
+        wait_until(lambda: set(expected) <= set(col.predictions()), 60, "every prediction")
+        assert_exact(col.predictions(), expected)
+    finally:
+        assert svc.stop() == 0, svc.output()
+
+
+def test_malformed_flood_does_not_hurt_good_streams(bundles, broker, service):
+    samples = make_samples(3, 50, seed=4)
+    col = Collector(broker.url)
+    service("--max-payload-bytes", "2000")
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    bad = [
+        b"{not json",
+        b"\xff\xfe\x00",
+        b"[]",
+        b'{"seq": 1}',
+        b'{"values": [1,2,3,4,5,6]}',
+        b'{"seq": 1, "values": [1, 2]}',
+        b'{"seq": 1, "values": [NaN,0,0,0,0,0]}',
+        b'{"seq": -4, "values": [0,0,0,0,0,0]}',
+        b"\x01" + b"\x00" * 40,
+        b"x" * 5000,
+    ]
+    n_bad = 0
+    for i in range(50):
+        for stream, x in samples.items():
+            pub.send(stream, i + 1, x[i])
+            for _ in range(3):
+                pub.raw(f"sensors/evil-{n_bad % 7}/data", random.choice(bad))
+                n_bad += 1
+        pub.raw("sensors/dev-0/control", b'{"cmd": "explode"}')
+    pub.flush()
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 30, "every good prediction")
+    assert_exact(col.predictions(), expected)
+    wait_until(lambda: len(col.of("errors/")) >= n_bad + 50, 20, "an error per bad message")
+    codes = {d["error"] for _, d in col.of("errors/")}
+    assert {
+        "bad_json",
+        "wrong_shape",
+        "not_finite",
+        "bad_seq",
+        "missing_seq",
+        "too_large",
+        "unknown_command",
+        "bad_senml",
+    } <= codes
+
+
+def test_control_reset_and_binary_frames(bundles, broker, service):
+    from edge import payloads
+
+    x = make_samples(1, 6, seed=5)["dev-0"]
+    col = Collector(broker.url)
+    service()
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    pub.raw("sensors/dev-0/data", payloads.encode_frame(1, x[:3]))
+    pub.flush()
+    wait_until(lambda: ("dev-0", 3) in col.predictions(), 10, "frame answered")
+    pub.raw("sensors/dev-0/control", json.dumps({"cmd": "reset"}).encode())
+    pub.raw(
+        "sensors/dev-0/data",
+        payloads.encode_senml(4, x[3:], ["f0", "f1", "f2", "f3", "f4", "f5"], 1.0, 0.1),
+    )
+    pub.flush()
+    wait_until(lambda: ("dev-0", 6) in col.predictions(), 10, "senml answered")
+    import edge
+
+    fresh = edge.load(bundles / BUNDLE).step("s", x[3:])  # after the reset: a fresh stream
+    got = col.predictions()
+    np.testing.assert_array_equal(np.stack([got[("dev-0", s)][0] for s in (4, 5, 6)]), fresh)

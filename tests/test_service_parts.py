@@ -1,0 +1,90 @@
+"""Pure parts of the service: write-ahead log, reordering, configuration, topic templates."""
+
+import numpy as np
+import pytest
+
+from edge import config
+from edge.errors import ConfigError
+from edge.reorder import Reorderer
+from edge.topics import Template
+from edge.wal import Record, WriteAheadLog
+
+
+def rec(stream, seq, k=1):
+    return Record(stream, seq, 1.5, np.full((k, 2), seq, np.float64))
+
+
+def test_wal_roundtrip_and_torn_tail(tmp_path):
+    wal = WriteAheadLog(tmp_path / "w.log")
+    wal.append([rec("a", 1), rec("b", 9, k=3)])
+    wal.append([rec("a", 2)])
+    wal.close()
+    data = (tmp_path / "w.log").read_bytes()
+    (tmp_path / "w.log").write_bytes(data[:-5])  # a crash in the middle of the last write
+    with WriteAheadLog(tmp_path / "w.log") as wal:
+        got = list(wal.replay())
+        assert [(r.stream, r.seq, r.values.shape) for r in got] == [
+            ("a", 1, (1, 2)),
+            ("b", 9, (3, 2)),
+        ]
+        wal.append([rec("c", 1)])  # appends after the cut, not after the garbage
+    with WriteAheadLog(tmp_path / "w.log") as wal:
+        assert [r.stream for r in wal.replay()] == ["a", "b", "c"]
+
+
+def test_wal_rotate_keeps_what_it_is_told(tmp_path):
+    with WriteAheadLog(tmp_path / "w.log") as wal:
+        wal.append([rec("a", 1), rec("a", 2)])
+        wal.rotate(keep=[rec("z", 5)])
+        assert [r.stream for r in wal.replay()] == ["z"]
+
+
+def test_reorderer_waits_for_the_gap_then_gives_up():
+    now = [0.0]
+    r = Reorderer(0.1, lambda: now[0])
+    assert [x.seq for x in r.push(rec("s", 1), None)] == [1]
+    assert r.push(rec("s", 3), 1) == [] and r.push(rec("s", 4), 1) == []
+    assert [x.seq for x in r.push(rec("s", 2), 1)] == [2, 3, 4]
+    assert r.push(rec("s", 7), 4) == []
+    assert r.expire() == []
+    now[0] = 0.2
+    assert [x.seq for x in r.expire()] == [7] and len(r) == 0
+
+
+def test_reorderer_passes_duplicates_and_is_off_at_zero():
+    r = Reorderer(0.1, lambda: 0.0)
+    r.push(rec("s", 5), None)
+    assert [x.seq for x in r.push(rec("s", 5), 5)] == [5]  # the engine drops it
+    off = Reorderer(0, lambda: 0.0)
+    assert [x.seq for x in off.push(rec("s", 9), 1)] == [9]
+
+
+def test_config_precedence_and_errors(tmp_path):
+    f = tmp_path / "edge.toml"
+    f.write_text('[serve]\nmodel = "m"\nmax_batch = 64\nbroker = "mqtt://127.0.0.1:1"\n')
+    cfg = config.load(f, env={"EDGE_LSTM_MAX_BATCH": "32"}, overrides={"gap_policy": "reset"})
+    assert (cfg.max_batch, cfg.gap_policy, cfg.port) == (32, "reset", 1)
+    assert cfg.client_id.startswith("edge-lstm-") and cfg.runtime_id == cfg.client_id
+    with pytest.raises(ConfigError, match="max_batch = 'lots'"):
+        config.load(f, env={"EDGE_LSTM_MAX_BATCH": "lots"})
+    with pytest.raises(ConfigError, match="gap_policy = 'maybe'"):
+        config.load(f, env={}, overrides={"gap_policy": "maybe"})
+    with pytest.raises(ConfigError, match="unknown configuration key"):
+        f.write_text('model = "m"\nmodle = 1\n')
+        config.load(f, env={})
+    with pytest.raises(ConfigError, match="broker = 'http://x'"):
+        config.load(None, env={}, overrides={"model": "m", "broker": "http://x"})
+    with pytest.raises(ConfigError, match="tls_ca = '/nope'"):
+        config.load(None, env={}, overrides={"model": "m", "tls_ca": "/nope"})
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        f.write_text("model = \n")
+        config.load(f, env={})
+
+
+def test_topic_templates():
+    t = Template("site/{stream}/imu")
+    assert t.filter == "site/+/imu" and t.stream("site/dev-1/imu") == "dev-1"
+    assert t.stream("site/dev-1/other") is None and t.stream("site/a b/imu") is None
+    for bad in ("sensors/data", "sensors/x{stream}/data", "a/#/{stream}"):
+        with pytest.raises(ConfigError):
+            Template(bad)

@@ -1,0 +1,210 @@
+"""deploy/: the secure Mosquitto config (TLS, passwords, ACL) and the systemd unit, for real."""
+
+import configparser
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from tests.mosquitto import Mosquitto
+from tests.mqtt_helpers import ROOT, Collector, Publisher, wait_until
+
+pytestmark = pytest.mark.broker
+DEPLOY = ROOT / "deploy"
+
+
+def make_certs(d: Path) -> None:
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
+    ssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server.crt",
+        "-extfile",
+        "ext.cnf",
+    )
+
+
+@pytest.fixture
+def secure_broker(tmp_path):
+    etc = tmp_path / "etc"
+    (etc / "certs").mkdir(parents=True)
+    make_certs(etc / "certs")
+    pw = etc / "edge-lstm.passwd"
+    for i, (user, password) in enumerate(
+        [("edge-runtime", "r-secret"), ("dev-a", "a-secret"), ("dev-b", "b-secret")]
+    ):
+        flags = ["-c"] if i == 0 else []
+        subprocess.run(["mosquitto_passwd", *flags, "-b", str(pw), user, password], check=True)
+    (etc / "edge-lstm.acl").write_text((DEPLOY / "edge-lstm.acl").read_text())
+    conf = (DEPLOY / "mosquitto.conf").read_text()
+    conf = conf.replace("/etc/mosquitto/", f"{etc}/").replace("/var/lib/mosquitto/", f"{tmp_path}/")
+    broker = Mosquitto(tmp_path / "broker")
+    port = broker.port
+    conf = conf.replace("listener 8883", f"listener {port} 127.0.0.1")
+    broker.config = lambda: f"user root\nlog_dest stderr\n{conf}"  # type: ignore[method-assign]
+    broker.start()
+    yield broker, etc
+    broker.stop()
+
+
+def tls_as(etc: Path, user: str | None, password: str | None):
+    def configure(client: mqtt.Client) -> None:
+        client.tls_set(ca_certs=str(etc / "certs" / "ca.crt"))
+        if user:
+            client.username_pw_set(user, password)
+
+    return configure
+
+
+def refused(client: mqtt.Client, port: int) -> bool:
+    try:
+        client.connect("127.0.0.1", port, 5)
+    except OSError:  # includes ssl.SSLError
+        return True
+    client.loop_start()
+    try:
+        wait_until(client.is_connected, 2, "connection")
+        return False
+    except AssertionError:
+        return True
+    finally:
+        client.loop_stop()
+
+
+def test_tls_password_and_acl(bundles, secure_broker, tmp_path):
+    broker, etc = secure_broker
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    (tmp_path / "runtime.pw").write_text("r-secret\n")
+    svc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge",
+            "serve",
+            "--model",
+            str(bundles / "clf-int8"),
+            "--broker",
+            f"mqtts://127.0.0.1:{broker.port}",
+            "--tls-ca",
+            str(etc / "certs/ca.crt"),
+            "--username",
+            "edge-runtime",
+            "--password-file",
+            str(tmp_path / "runtime.pw"),
+            "--client-id",
+            "edge-runtime",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        dev_a = Collector(url, "dev-a-sub", configure=tls_as(etc, "dev-a", "a-secret"))
+        dev_b = Collector(url, "dev-b-sub", configure=tls_as(etc, "dev-b", "b-secret"))
+        pub_a = Publisher(url, "dev-a-pub", configure=tls_as(etc, "dev-a", "a-secret"))
+        time.sleep(1.0)  # the runtime connects and subscribes
+        pub_a.send("dev-a", 1, np.zeros(6))
+        wait_until(lambda: ("dev-a", 1) in dev_a.predictions(), 20, "dev-a's own prediction")
+        pub_a.send("dev-b", 1, np.zeros(6))  # into another device's topic: must be dropped
+        pub_a.send("dev-a", 2, np.zeros(6))
+        pub_a.flush()
+        wait_until(lambda: ("dev-a", 2) in dev_a.predictions(), 20, "dev-a's second prediction")
+        time.sleep(0.5)
+        assert ("dev-b", 1) not in dev_b.predictions(), "dev-a wrote into dev-b's stream"
+        assert not dev_b.of("predictions/dev-a"), "dev-b read dev-a's predictions"
+        # anonymous, wrong-password and plain-TCP clients are refused
+        for user, password, tls in (
+            (None, None, True),
+            ("dev-a", "wrong", True),
+            ("dev-a", "a-secret", False),
+        ):
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"intruder-{user}-{tls}")
+            if tls:
+                tls_as(etc, user, password)(c)
+            elif user:
+                c.username_pw_set(user, password)
+            assert refused(c, broker.port), (user, password, tls)
+        for c in (dev_a, dev_b, pub_a):
+            c.close()
+    finally:
+        svc.send_signal(signal.SIGTERM)
+        assert svc.wait(15) == 0
+
+
+def test_systemd_unit_runs_the_service(bundles, broker, tmp_path):
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(DEPLOY / "edge-lstm.service")
+    service = unit["Service"]
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0].endswith("/edge-lstm") and argv[1] == "serve"
+    config = tmp_path / "edge-lstm.toml"
+    config.write_text(
+        f'[serve]\nmodel = "{bundles / "clf-int8"}"\nbroker = "{broker.url}"\n'
+        'client_id = "edge-test"\nstats_interval = 0\n'
+    )
+    args = [a.replace("/etc/edge-lstm/edge-lstm.toml", str(config)) for a in argv[1:]]
+    args = [a.replace("/var/lib/edge-lstm", str(tmp_path / "state")) for a in args]
+    col = Collector(broker.url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_until(col.online, 20, "runtime online")
+        reload_signal = service["ExecReload"].split()[1].lstrip("-")
+        proc.send_signal(getattr(signal, "SIG" + reload_signal))
+        wait_until(lambda: len(col.of("edge/status/edge-test")) >= 2, 10, "status after reload")
+        assert "state kept" in col.of("edge/status/edge-test")[-1][1]["reload"]
+    finally:
+        t0 = time.monotonic()
+        proc.send_signal(getattr(signal, service["KillSignal"]))
+        rc = proc.wait(float(service["TimeoutStopSec"]))
+    assert rc == 0 and time.monotonic() - t0 < float(service["TimeoutStopSec"])
+    assert col.of("edge/status/edge-test")[-1][1]["state"] == "offline"
+    col.close()

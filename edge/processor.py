@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import payloads
 from .config import ServiceConfig
 from .engine import Chunk, Engine
@@ -129,8 +131,7 @@ class Processor:
     def _decode(self, msg: Inbound, out: list[Outbound]) -> Record | None:
         stream = self.data.stream(msg.topic)
         if stream is None:
-            self._non_data(msg, out)
-            return None
+            return self._non_data(msg, out)
         if len(msg.payload) > self.cfg.max_payload_bytes:
             detail = f"payload of {len(msg.payload)} bytes exceeds max_payload_bytes {self.cfg.max_payload_bytes}"
             self._error(out, stream, "too_large", detail)
@@ -150,7 +151,7 @@ class Processor:
         self.metrics.inc("samples_in", len(s.values))
         return Record(stream, s.seq, s.ts, s.values)
 
-    def _non_data(self, msg: Inbound, out: list[Outbound]) -> None:
+    def _non_data(self, msg: Inbound, out: list[Outbound]) -> Record | None:
         stream = self.control.stream(msg.topic)
         try:
             cmd = json.loads(msg.payload).get("cmd")
@@ -159,8 +160,7 @@ class Processor:
         if stream is not None:
             self.metrics.inc("control")
             if cmd == "reset":
-                self.engine.reset(stream)
-                log.info("stream %s reset by control message", stream)
+                return Record(stream, 0, None, np.empty((0, self.engine.manifest.features)))
             else:
                 self._error(
                     out,
@@ -186,13 +186,21 @@ class Processor:
                 "bad_topic",
                 f"topic {msg.topic[:200]!r} does not match {self.data.template!r}",
             )
+        return None
 
     def _apply(self, records: list[Record]) -> list[Outbound]:
+        out: list[Outbound] = []
         ready: list[Record] = []
         for rec in records:
-            ready += self.reorder.push(rec, self.engine.last_seq(rec.stream))
+            if rec.is_reset:  # in order: everything before it steps first
+                out += self._step(ready)
+                ready = []
+                self.engine.reset(rec.stream)
+                log.info("stream %s reset by control message", rec.stream)
+            else:
+                ready += self.reorder.push(rec, self.engine.last_seq(rec.stream))
         ready += self.reorder.expire()
-        return self._step(ready)
+        return out + self._step(ready)
 
     def _step(self, records: list[Record]) -> list[Outbound]:
         if not records:

@@ -7,6 +7,9 @@ Record layout (little-endian)::
     body: u16 stream length | stream UTF-8 | u32 seq | f64 ts (NaN = none) | u16 k | u16 F
           | k*F f64 values
 
+A record with k = 0 samples is a control reset of its stream, logged in order with the
+samples so that a replay resets at the same point.
+
 A torn tail (crash mid-write) fails its length or CRC check and is cut off on replay; such a
 record was never acknowledged, so the broker redelivers it.
 """
@@ -32,7 +35,11 @@ class Record:
     stream: str
     seq: int
     ts: float | None
-    values: np.ndarray  # [k, F] float64
+    values: np.ndarray  # [k, F] float64; k == 0 marks a reset
+
+    @property
+    def is_reset(self) -> bool:
+        return len(self.values) == 0
 
 
 def encode(rec: Record) -> bytes:

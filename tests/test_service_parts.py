@@ -88,3 +88,11 @@ def test_topic_templates():
     for bad in ("sensors/data", "sensors/x{stream}/data", "a/#/{stream}"):
         with pytest.raises(ConfigError):
             Template(bad)
+
+
+def test_wal_logs_resets_in_order(tmp_path):
+    reset = Record("a", 0, None, np.empty((0, 2)))
+    with WriteAheadLog(tmp_path / "w.log") as wal:
+        wal.append([rec("a", 1), reset, rec("a", 2)])
+        got = list(wal.replay())
+    assert [r.is_reset for r in got] == [False, True, False]

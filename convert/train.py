@@ -98,7 +98,7 @@ class _TqdmEpochs:
 
         class Bar(keras.callbacks.Callback):  # type: ignore[misc]
             def on_train_begin(self, logs: Any = None) -> None:
-                self.bar = tqdm(total=epochs, desc="training", unit="epoch")
+                self.bar = tqdm(total=epochs, desc="training", unit="epoch", disable=None)
 
             def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.3f}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mosquitto import Mosquitto
+from firmware_sim.broker import Broker as Mosquitto
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ BUNDLE_DIR = Path(os.environ.get("EDGE_LSTM_TEST_BUNDLES", ROOT / "build" / "tes
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker")
+    m = Mosquitto(tmp_path / "broker", embedded=False)
     m.start()
     yield m
     m.stop()
@@ -31,7 +31,7 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 @pytest.fixture
 def persistent_broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    m = Mosquitto(tmp_path / "broker", persistence=True)
+    m = Mosquitto(tmp_path / "broker", persistence=True, embedded=False)
     m.start()
     yield m
     m.stop()

@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from firmware_sim.mqtt import close_client
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -134,8 +136,7 @@ class Collector:
         return out
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        close_client(self.client)
 
 
 class Publisher:
@@ -165,8 +166,7 @@ class Publisher:
         wait_until(lambda: all(delivered(i) for i in self.infos), timeout, "publishes acked")
 
     def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
+        close_client(self.client)
 
 
 def offline(bundle: Path, samples: dict[str, np.ndarray]) -> dict[tuple[str, int], np.ndarray]:

@@ -12,7 +12,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.mosquitto import Mosquitto
+from firmware_sim.broker import Broker as Mosquitto
 from tests.mqtt_helpers import ROOT, Collector, Publisher, wait_until
 
 pytestmark = pytest.mark.broker
@@ -84,7 +84,7 @@ def secure_broker(tmp_path):
     (etc / "edge-lstm.acl").write_text((DEPLOY / "edge-lstm.acl").read_text())
     conf = (DEPLOY / "mosquitto.conf").read_text()
     conf = conf.replace("/etc/mosquitto/", f"{etc}/").replace("/var/lib/mosquitto/", f"{tmp_path}/")
-    broker = Mosquitto(tmp_path / "broker")
+    broker = Mosquitto(tmp_path / "broker", embedded=False)
     port = broker.port
     conf = conf.replace("listener 8883", f"listener {port} 127.0.0.1")
     broker.config = lambda: f"user root\nlog_dest stderr\n{conf}"  # type: ignore[method-assign]

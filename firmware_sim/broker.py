@@ -1,0 +1,162 @@
+"""A broker for the demo and the tests: Mosquitto when its binary exists, else an embedded
+pure-Python broker (amqtt, MQTT 3.1.1 only; fine for a demo, not for speed or reliability).
+
+    python -m firmware_sim.broker --port 1883     # the embedded broker on its own
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import SimError
+
+INSTALL_HINT = "install Mosquitto (sudo apt-get install mosquitto) or pip install 'edge-lstm[sim]'"
+
+
+def find_mosquitto() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)),
+        None,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimError(f"the broker exited at start: {log.read_text(errors='replace')[-500:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SimError(f"the broker did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+class Broker:
+    """A broker process on a free loopback port; ``protocol`` says what it speaks."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        persistence: bool = False,
+        extra: str = "",
+        embedded: bool | None = None,
+    ) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.persistence = persistence
+        self.extra = extra
+        self.binary = None if embedded else find_mosquitto()
+        if self.binary is None and embedded is False:
+            raise SimError(f"no mosquitto binary: {INSTALL_HINT}")
+        self.protocol = "5" if self.binary else "3.1.1"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def kind(self) -> str:
+        return "mosquitto" if self.binary else "embedded amqtt (MQTT 3.1.1)"
+
+    def config(self) -> str:
+        return (
+            "\n".join(
+                [
+                    f"listener {self.port} 127.0.0.1",
+                    # started as root, mosquitto would switch to user 'mosquitto', which cannot write
+                    # a persistence file into our directory: stay who we are
+                    f"user {getpass.getuser()}",
+                    "allow_anonymous true",
+                    "max_queued_messages 0",
+                    "max_inflight_messages 0",
+                    f"persistence {'true' if self.persistence else 'false'}",
+                    f"persistence_location {self.dir}/",
+                    "autosave_interval 1",
+                    "log_dest stderr",
+                    "log_type error",
+                    "log_type warning",
+                ]
+            )
+            + "\n"
+            + self.extra
+        )
+
+    def start(self) -> Broker:
+        log = self.dir / "broker.log"
+        self._log = open(log, "ab")  # noqa: SIM115 - lives as long as the process
+        if self.binary:
+            conf = self.dir / "mosquitto.conf"
+            conf.write_text(self.config())
+            cmd = [self.binary, "-c", str(conf)]
+        else:
+            try:
+                import amqtt  # noqa: F401
+            except ImportError as exc:
+                raise SimError(f"no broker available: {INSTALL_HINT}") from exc
+            cmd = [sys.executable, "-m", "firmware_sim.broker", "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_listening(self.port, self.proc, log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # mosquitto saves its persistence file on SIGTERM
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def run_embedded(port: int) -> None:
+    import asyncio
+    import logging
+
+    from amqtt.broker import Broker as AmqttBroker
+
+    logging.basicConfig(level=logging.WARNING)
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+    async def main() -> None:
+        broker = AmqttBroker(config)
+        await broker.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="embedded MQTT 3.1.1 broker (amqtt) on loopback")
+    ap.add_argument("--port", type=int, default=1883)
+    run_embedded(ap.parse_args().port)

@@ -1,0 +1,203 @@
+"""``firmware-sim``: emulated sensor devices, the Pi-class host profile and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge.errors import EdgeError
+
+from .errors import SimError
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", type=int, default=20, help="simulated devices (default 20)")
+    p.add_argument(
+        "--rate", type=float, default=10.0, help="samples per second per device (default 10)"
+    )
+    p.add_argument("--duration", type=float, default=30.0, help="seconds to stream (default 30)")
+    p.add_argument(
+        "--faults",
+        help="fault rates, e.g. drop=0.01,duplicate=0.02,reorder=0.01 or all=0.01; "
+        "kinds: drop, duplicate, reorder, delay, disconnect, nan, garbage, wrong_features, skew",
+    )
+    p.add_argument(
+        "--format", default="json", choices=["json", "senml", "binary"], help="payload format"
+    )
+    p.add_argument("--out", default="sim-results", help="directory for score.json and score.png")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="firmware-sim", description=__doc__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    r = sub.add_parser(
+        "run",
+        help="run simulated devices against a broker and score the answers",
+        description="Stream from N simulated devices to a broker where edge-lstm serve "
+        "runs, then score every prediction and error by (stream, seq).",
+    )
+    r.add_argument(
+        "--broker", required=True, help="mqtt://HOST:PORT (loopback or your own test hosts)"
+    )
+    r.add_argument(
+        "--source",
+        default="basicmotions",
+        help="basicmotions[:test|train] (real IMU recordings, with labels), sine, walk, noise, "
+        "steps, or a .npy/.csv file of [N, F] samples",
+    )
+    r.add_argument(
+        "--bundle", help="the bundle the runtime serves: enables exactness and accuracy scoring"
+    )
+    r.add_argument("--batch", type=int, default=1, help="samples per message (default 1)")
+    r.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="0: one MQTT connection (client id) per device; N: devices share N connections",
+    )
+    r.add_argument("--seed", type=int, default=0)
+    _device_args(r)
+    d = sub.add_parser(
+        "demo",
+        help="the whole pipeline on this machine (what scripts/demo runs)",
+        description="Train and convert the example model if none is cached, start a broker "
+        "(Mosquitto, or an embedded one), edge-lstm serve and devices replaying real IMU "
+        "recordings; show live progress, then the score. Ctrl-C stops it cleanly.",
+    )
+    _device_args(d)
+    d.add_argument(
+        "--embedded-broker",
+        action="store_true",
+        help="use the embedded broker even if Mosquitto exists",
+    )
+    h = sub.add_parser(
+        "host",
+        help="Pi-class host profile: real-time capacity on one core",
+        description="Run edge-lstm serve pinned to CPU cores with a memory cap (and an "
+        "optional CPU slow-down), and find the largest device count that keeps real time.",
+    )
+    h.add_argument("--bundle", required=True, help="bundle directory")
+    h.add_argument("--rate", type=float, default=10.0, help="samples per second per device")
+    h.add_argument("--devices", type=int, help="one trial at this count instead of a search")
+    h.add_argument(
+        "--cores", default="0", help="CPU cores for the runtime, e.g. 0 or 0,1 (default 0)"
+    )
+    h.add_argument(
+        "--memory-mb", type=int, default=1024, help="memory cap for the runtime (default 1024)"
+    )
+    h.add_argument(
+        "--slowdown", type=float, help="CPU slow-down factor, e.g. 3 (needs a writable cgroup)"
+    )
+    h.add_argument("--seconds", type=float, default=6.0, help="length of each trial (default 6)")
+    h.add_argument("--out", default="sim-results", help="directory for host.json")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command is None:
+        p.print_help()
+        return 2
+    try:
+        if args.command == "demo":
+            return demo(args)
+        if args.command == "run":
+            return run(args)
+        return host(args)
+    except (SimError, EdgeError) as exc:
+        print(f"firmware-sim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("firmware-sim: interrupted, everything it started is stopped", file=sys.stderr)
+        return 130
+
+
+def demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    r = run_demo(
+        duration=args.duration,
+        devices=args.devices,
+        rate=args.rate,
+        faults=args.faults,
+        fmt=args.format,
+        out=Path(args.out),
+        embedded=True if args.embedded_broker else None,
+    )
+    return 0 if r["predictions_missing"] == 0 and r.get("wrong_predictions", 0) == 0 else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from .devices import Fleet
+    from .faults import FaultPlan
+    from .scorer import Scorer, save, score, table
+
+    names, features, bundle, classes = None, 6, None, ()
+    if args.bundle:
+        import edge
+
+        manifest = edge.load(args.bundle).manifest
+        names, features, bundle, classes = (
+            list(manifest.feature_names),
+            manifest.features,
+            Path(args.bundle),
+            manifest.labels,
+        )
+    plan = FaultPlan.parse(args.faults)
+    fleet = Fleet(
+        args.broker,
+        args.devices,
+        args.rate,
+        source=args.source,
+        faults=plan,
+        fmt=args.format,
+        batch=args.batch,
+        connections=args.connections,
+        seed=args.seed,
+        features=features,
+        feature_names=names,
+    )
+    try:
+        scorer = Scorer(args.broker)
+    except SimError:
+        fleet.close()
+        raise
+    try:
+        t0 = time.monotonic()
+        log = fleet.run(args.duration)
+        scorer.wait(log, 15)
+        r = score(scorer, log, time.monotonic() - t0, bundle, classes)
+        jpath, ppath = save(r, scorer, log, Path(args.out))
+        print(table(r))
+        print(f"\nscore: {jpath}\nplot:  {ppath}")
+        return 0 if r["predictions_missing"] == 0 else 1
+    finally:
+        fleet.close()
+        scorer.close()
+
+
+def host(args: argparse.Namespace) -> int:
+    from .host import search, trial
+
+    try:
+        cores = {int(c) for c in args.cores.split(",")}
+    except ValueError:
+        raise SimError(f"--cores {args.cores!r}: expected numbers like 0 or 0,1") from None
+    common = dict(
+        seconds=args.seconds, cores=cores, memory_mb=args.memory_mb, slowdown=args.slowdown
+    )
+    if args.devices:
+        r = trial(Path(args.bundle), args.devices, args.rate, **common)  # type: ignore[arg-type]
+    else:
+        r = search(Path(args.bundle), args.rate, **common)  # type: ignore[arg-type]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+    summary = {k: v for k, v in r.items() if k != "trials"}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

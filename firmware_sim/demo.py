@@ -1,0 +1,156 @@
+"""``firmware-sim demo``: the whole pipeline on this machine, live, then the score."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .broker import Broker
+from .devices import Fleet, Sent
+from .errors import SimError
+from .faults import FaultPlan
+from .runtime import Runtime
+from .scorer import U32, Scorer, save, score, table
+
+RUNTIME_ID = "firmware-sim-runtime"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGE_LSTM_CACHE", Path.home() / ".cache" / "edge-lstm")) / "demo"
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def example_bundle(cache: Path) -> tuple[Path, Path]:
+    """(keras model, int8 bundle), trained and converted on first use only."""
+    model, bundle = cache / "model.keras", cache / "bundle-int8"
+    if (bundle / "manifest.json").exists() and model.exists():
+        return model, bundle
+    try:
+        from convert.pipeline import run_convert
+        from convert.train import train_example
+    except ImportError as exc:
+        raise SimError(
+            f"no cached bundle in {cache} and the converter is not installed: pip install 'edge-lstm[convert]'"
+        ) from exc
+    say(f"first run: training the example model and converting it into {cache} (cached)")
+    info = train_example(model)
+    run_convert(
+        model,
+        info["calib"],
+        bundle,
+        labels=info["classes"],
+        data_path=info["test"],
+        sample_rate_hz=info["sample_rate_hz"],
+        feature_names=info["features"],
+    )
+    return model, bundle
+
+
+def float_reference(model: Path, log: list[Sent]) -> dict[tuple[str, int], np.ndarray] | None:
+    """The float model over each stream's delivered samples in order (for agreement)."""
+    try:
+        from convert import intake, reference
+    except ImportError:
+        return None
+    spec = intake.read_spec(model)
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for stream in sorted({m.stream for m in log}):
+        msgs = [m for m in log if m.stream == stream and m.valid and m.delivered]
+        if not msgs:
+            continue
+        x = np.concatenate([m.values for m in msgs])
+        y, _, _ = reference.run(spec, x[None])
+        seqs = [(m.seq + k) % U32 for m in msgs for k in range(len(m.values))]
+        out.update({(stream, s): y[0, i] for i, s in enumerate(seqs)})
+    return out
+
+
+def run_demo(
+    *,
+    duration: float,
+    devices: int,
+    rate: float,
+    faults: str | None,
+    fmt: str,
+    out: Path,
+    embedded: bool | None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    import edge
+
+    plan = FaultPlan.parse(faults)
+    model, bundle = example_bundle(cache_dir())
+    manifest = edge.load(bundle).manifest
+    with tempfile.TemporaryDirectory(prefix="edge-lstm-demo-") as tmp:
+        work = Path(tmp)
+        broker = Broker(work / "broker", embedded=embedded).start()
+        say(f"broker: {broker.kind} on {broker.url}")
+        runtime = scorer = fleet = None
+        try:
+            runtime = Runtime(
+                bundle, broker.url, work / "state", protocol=broker.protocol, client_id=RUNTIME_ID
+            ).start()
+            scorer = Scorer(broker.url)
+            scorer.wait_online(RUNTIME_ID, 30, runtime.alive)
+            say(
+                f"runtime: edge-lstm serve, model {manifest.model_id} ({manifest.quantization}), online"
+            )
+            fleet = Fleet(
+                broker.url,
+                devices,
+                rate,
+                faults=plan,
+                fmt=fmt,
+                feature_names=list(manifest.feature_names),
+            )
+            say(
+                f"devices: {devices} replaying BasicMotions test recordings at {rate:g} Hz for {duration:g} s"
+                + (f", faults {dict(plan.rates)}" if plan.rates else "")
+            )
+            bar = _progress(duration, fleet, scorer) if progress else None
+            t0 = time.monotonic()
+            log = fleet.run(duration, bar)
+            scorer.wait(log, 15)
+            elapsed = time.monotonic() - t0
+            if bar:
+                bar(duration, final=True)
+            r = score(scorer, log, elapsed, bundle, manifest.labels, float_reference(model, log))
+            r["broker"] = broker.kind
+            jpath, ppath = save(r, scorer, log, out)
+            print("\n" + table(r))
+            print(f"\nscore: {jpath}\nplot:  {ppath}")
+            return r
+        finally:
+            for part in (fleet, scorer):
+                if part is not None:
+                    part.close()
+            if runtime is not None:
+                runtime.stop()
+            broker.stop()
+
+
+def _progress(duration: float, fleet: Fleet, scorer: Scorer) -> Any:
+    from tqdm import tqdm
+
+    bar = tqdm(total=round(duration), unit="s", desc="streaming", file=sys.stderr)
+
+    def update(elapsed: float, final: bool = False) -> None:
+        got = scorer.received()
+        bar.n = round(min(elapsed, duration))
+        bar.set_postfix(
+            sent=len(fleet.log), predicted=len(got), errors=len(scorer.errors), refresh=False
+        )
+        bar.refresh()
+        if final:
+            bar.close()
+
+    return update

@@ -1,0 +1,315 @@
+"""Simulated sensor devices that behave like firmware on the wire.
+
+Each device samples on its own clock (rate, jitter), numbers samples with a u32 ``seq``,
+batches ``k`` samples per message, and keeps a bounded store-and-forward buffer while it is
+offline. Devices own a client id each, or share a few connections for load tests.
+One scheduler thread drives them all from a heap of timed events.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from edge import payloads
+
+from .errors import SimError
+from .faults import INVALID, FaultPlan, Injector
+from .mqtt import close_client
+from .sources import Source, make
+
+FORMATS = ("json", "senml", "binary")
+BUFFER_LIMIT = 10_000  # messages a device stores while offline; the oldest go first
+
+
+@dataclass
+class Sent:
+    """Ground truth of one message: what it carried and what happened to it."""
+
+    stream: str
+    seq: int
+    values: np.ndarray
+    labels: np.ndarray | None
+    faults: list[str] = field(default_factory=list)
+    created: float = 0.0
+    published: float | None = None  # wall time of the first publish
+
+    @property
+    def valid(self) -> bool:
+        return not set(self.faults) & set(INVALID)
+
+    @property
+    def delivered(self) -> bool:
+        return self.published is not None
+
+
+class Connection:
+    def __init__(self, url: str, client_id: str, configure: Callable[[Any], None] | None = None):
+        u = urlparse(url)
+        self.host, self.port = str(u.hostname), int(u.port or 1883)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.infos: list[Any] = []
+        if configure:
+            configure(self.client)
+        try:
+            self.client.connect(self.host, self.port, 30)
+        except OSError as exc:
+            raise SimError(f"broker {url} is unreachable: {exc}") from exc
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.infos.append(self.client.publish(topic, payload, qos=1))
+        if len(self.infos) > 5000:
+            self.infos = [i for i in self.infos if not i._published]
+
+    def go_offline(self) -> None:
+        close_client(self.client)
+
+    def go_online(self) -> None:
+        self.client.reconnect()
+        self.client.loop_start()
+
+    def pending(self) -> int:
+        return sum(not i._published for i in self.infos)
+
+    def close(self) -> None:
+        close_client(self.client)
+
+
+class Device:
+    def __init__(
+        self,
+        stream: str,
+        source: Source,
+        conn: Connection,
+        own_conn: bool,
+        *,
+        rate: float,
+        batch: int,
+        fmt: str,
+        injector: Injector,
+        jitter: float,
+        rng: np.random.Generator,
+        feature_names: list[str],
+    ) -> None:
+        self.stream, self.source, self.conn, self.own_conn = stream, source, conn, own_conn
+        self.rate, self.batch, self.fmt = rate, batch, fmt
+        self.injector, self.jitter, self.rng = injector, jitter, rng
+        self.names = feature_names
+        self.seq = int(rng.integers(0, 1000))
+        self.skew = 0.0
+        self.offline = False
+        self.buffer: deque[tuple[Sent, bytes]] = deque()
+        self.topic = f"sensors/{stream}/data"
+
+    def encode(self, msg: Sent, fault: str | None) -> bytes:
+        ts = time.time() + self.skew
+        values = msg.values
+        if fault == "garbage":
+            return bytes(self.rng.integers(0, 256, 24, dtype=np.uint8))
+        if fault == "nan":
+            values = values.copy()
+            values[0, 0] = np.nan
+        if fault == "wrong_features":
+            values = values[:, :-1]
+        if self.fmt == "binary":
+            return payloads.encode_frame(msg.seq, values, ts)
+        if self.fmt == "senml" and fault != "wrong_features":
+            return payloads.encode_senml(msg.seq, values, self.names, ts, 1.0 / self.rate)
+        body: dict[str, Any] = {"seq": msg.seq, "ts": ts}
+        rows = [[None if np.isnan(v) else float(v) for v in row] for row in values]
+        body["values"] = rows[0] if len(rows) == 1 else rows
+        text = json.dumps(body)
+        return text.replace("null", "NaN").encode()
+
+
+class Fleet:
+    """All devices, their connections and the scheduler thread."""
+
+    def __init__(
+        self,
+        url: str,
+        devices: int,
+        rate: float,
+        *,
+        source: str = "basicmotions",
+        faults: FaultPlan | None = None,
+        fmt: str = "json",
+        batch: int = 1,
+        connections: int = 0,
+        seed: int = 0,
+        jitter: float = 0.05,
+        features: int = 6,
+        feature_names: list[str] | None = None,
+        prefix: str = "dev",
+        configure: Callable[[Any], None] | None = None,
+    ) -> None:
+        if devices < 1 or rate <= 0 or batch < 1:
+            raise SimError(
+                f"need --devices >= 1, --rate > 0, --batch >= 1 (got {devices}, {rate}, {batch})"
+            )
+        if fmt not in FORMATS:
+            raise SimError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+        self.plan = faults or FaultPlan()
+        self.rate = rate
+        self.log: list[Sent] = []
+        self.lock = threading.Lock()
+        names = feature_names or [f"f{i}" for i in range(features)]
+        sources = [make(source, i, seed, features) for i in range(devices)]  # checked first
+        if sources[0].features != len(names):
+            raise SimError(
+                f"--source gives {sources[0].features} features, the model expects {len(names)}"
+            )
+        n_conn = devices if connections <= 0 else min(connections, devices)
+        self.conns: list[Connection] = []
+        try:
+            for i in range(n_conn):
+                self.conns.append(Connection(url, f"firmware-sim-{prefix}-{seed}-{i}", configure))
+        except SimError:
+            self.close()
+            raise
+        self.devices = []
+        for i, src in enumerate(sources):
+            rng = np.random.default_rng([seed, i, 7])
+            self.devices.append(
+                Device(
+                    f"{prefix}-{i}",
+                    src,
+                    self.conns[i % n_conn],
+                    n_conn == devices,
+                    rate=rate,
+                    batch=batch,
+                    fmt=fmt,
+                    injector=Injector(self.plan, rng),
+                    jitter=jitter,
+                    rng=rng,
+                    feature_names=names,
+                )
+            )
+        self._events: list[tuple[float, int, str, Callable[[], None]]] = []
+        self._count = itertools.count()
+        self.stop_event = threading.Event()
+
+    def _at(self, t: float, kind: str, fn: Callable[[], None]) -> None:
+        """Schedule ``fn`` at monotonic time ``t``; kind is "tick", "send" or "online"."""
+        heapq.heappush(self._events, (t, next(self._count), kind, fn))
+
+    def _tick(self, d: Device, t: float) -> None:
+        values, labels = d.source.take(d.batch)
+        msg = Sent(d.stream, d.seq, values, labels, created=time.time())
+        d.seq = (d.seq + d.batch) % 2**32
+        fault = d.injector.payload_fault()
+        if fault:
+            msg.faults.append(fault)
+        with self.lock:
+            self.log.append(msg)
+        period = d.batch / d.rate
+        if fault != "drop":
+            payload = d.encode(msg, fault)
+            delay = 0.0
+            if d.injector.roll("delay"):
+                msg.faults.append("delay")
+                delay = self.plan.delay_s
+            if d.injector.roll("reorder"):
+                msg.faults.append("reorder")
+                delay = max(delay, period * (self.plan.reorder_window + 0.5))
+            self._at(t + delay, "send", lambda: self._send(d, msg, payload))
+            if d.injector.roll("duplicate"):
+                msg.faults.append("duplicate")
+                again = t + delay + period * float(d.rng.uniform(0, 3))
+                self._at(again, "send", lambda: self._send(d, msg, payload))
+        if not d.offline and d.injector.roll("disconnect"):
+            msg.faults.append("disconnect")
+            self._offline(d, t)
+        if d.injector.roll("skew"):
+            msg.faults.append("skew")
+            d.skew = self.plan.skew_s
+        nxt = t + period * (1 + d.jitter * float(d.rng.uniform(-1, 1)))
+        self._at(nxt, "tick", lambda: self._tick(d, nxt))
+
+    def _send(self, d: Device, msg: Sent, payload: bytes) -> None:
+        if d.offline:
+            if len(d.buffer) >= BUFFER_LIMIT:
+                old, _ = d.buffer.popleft()
+                old.faults.append("buffer_overflow")
+            d.buffer.append((msg, payload))
+            return
+        d.conn.publish(d.topic, payload)
+        if msg.published is None:
+            msg.published = time.time()
+
+    def _offline(self, d: Device, t: float) -> None:
+        d.offline = True
+        if d.own_conn:
+            d.conn.go_offline()
+
+        def back() -> None:
+            if d.own_conn:
+                d.conn.go_online()
+            d.offline = False
+            for item in sorted(d.buffer, key=lambda item: item[0].seq):  # in sample order
+                self._send(d, *item)
+            d.buffer.clear()
+
+        self._at(t + self.plan.disconnect_s, "online", back)
+
+    def run(self, duration: float, progress: Callable[[float], None] | None = None) -> list[Sent]:
+        start = time.monotonic()
+        rng = np.random.default_rng(1)
+        for d in self.devices:  # stagger the first samples over one period
+            first = start + float(rng.uniform(0, d.batch / d.rate))
+            self._at(first, "tick", lambda d=d, first=first: self._tick(d, first))
+        end = start + duration
+        last_progress = 0.0
+        while self._events and not self.stop_event.is_set():
+            t, _, _, fn = self._events[0]
+            if t >= end:
+                break
+            now = time.monotonic()
+            if t > now:
+                self.stop_event.wait(min(t - now, 0.05))
+                continue
+            heapq.heappop(self._events)
+            fn()
+            if progress and now - last_progress > 0.25:
+                progress(now - start)
+                last_progress = now
+        self._finish()
+        return self.log
+
+    def _finish(self) -> None:
+        """Flush sends still scheduled (delays, reorders) and offline buffers, then wait for
+        the broker to acknowledge everything."""
+        events = sorted((t, n, fn) for t, n, kind, fn in self._events if kind != "tick")
+        self._events.clear()
+        for _, _, fn in events:
+            fn()
+        for d in self.devices:
+            if d.offline:
+                if d.own_conn:
+                    d.conn.go_online()
+                d.offline = False
+                while d.buffer:
+                    self._send(d, *d.buffer.popleft())
+        deadline = time.monotonic() + 15
+        while any(c.pending() for c in self.conns) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()

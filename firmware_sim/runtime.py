@@ -1,0 +1,140 @@
+"""Start ``edge-lstm serve`` as a child process, optionally inside a Pi-class envelope:
+pinned to some cores, with a memory cap and a CPU slow-down (cgroup v1/v2 when writable)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CGROUP_V1 = Path("/sys/fs/cgroup")
+
+
+class Runtime:
+    def __init__(
+        self,
+        bundle: Path,
+        url: str,
+        state_dir: Path,
+        *,
+        protocol: str = "5",
+        client_id: str = "firmware-sim-runtime",
+        cores: set[int] | None = None,
+        memory_mb: int | None = None,
+        slowdown: float | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "edge",
+            "serve",
+            "--model",
+            str(bundle),
+            "--broker",
+            url,
+            "--state-dir",
+            str(state_dir),
+            "--protocol",
+            protocol,
+            "--client-id",
+            client_id,
+            "--stats-interval",
+            "0",
+            "--reorder-ms",
+            "600",
+            *extra,
+        ]
+        self.cores, self.memory_mb, self.slowdown = cores, memory_mb, slowdown
+        self.log_path = state_dir.parent / "runtime.log"
+        self.cgroups: list[Path] = []
+        self.notes: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _limit(self) -> None:  # runs in the child before exec
+        if self.cores:
+            os.sched_setaffinity(0, self.cores)
+        if self.memory_mb and not self.cgroups:
+            cap = self.memory_mb * 2**20
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    def start(self) -> Runtime:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        self._cgroup_setup()
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=self._limit, env=env
+        )
+        for cg in self.cgroups:
+            (cg / "cgroup.procs").write_text(str(self.proc.pid))
+        return self
+
+    def _cgroup_setup(self) -> None:
+        """Slow-down by CPU quota and memory cap by cgroup, where this machine lets us."""
+        name = f"edge-lstm-sim-{os.getpid()}"
+        if self.slowdown and self.slowdown > 1:
+            cg = CGROUP_V1 / "cpu" / name
+            try:
+                cg.mkdir()
+                period = int((cg / "cpu.cfs_period_us").read_text())
+                (cg / "cpu.cfs_quota_us").write_text(
+                    str(int(period * len(self.cores or {0}) / self.slowdown))
+                )
+                self.cgroups.append(cg)
+            except OSError as exc:
+                self.notes.append(
+                    f"CPU slow-down unsupported here ({exc.strerror}); ran at full speed"
+                )
+        if self.memory_mb:
+            cg = CGROUP_V1 / "memory" / name
+            try:
+                cg.mkdir()
+                (cg / "memory.limit_in_bytes").write_text(str(self.memory_mb * 2**20))
+                self.cgroups.append(cg)
+            except OSError:
+                self.notes.append("memory cap by RLIMIT_AS (address space), no memory cgroup here")
+
+    def peak_rss_mb(self) -> float | None:
+        if self.proc is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 15) -> int:
+        rc = 0
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    rc = self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    rc = self.proc.wait()
+            else:
+                rc = self.proc.returncode
+            self._log.close()
+        for cg in self.cgroups:
+            for _ in range(50):
+                try:
+                    cg.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        self.cgroups = []
+        return rc
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,282 @@
+"""Judge a run end to end: match every prediction and error to what was sent by
+``(stream, seq)``, and compare with an offline run of the same bundle."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from .devices import Sent
+from .errors import SimError
+from .mqtt import close_client
+
+U32 = 2**32
+
+
+class Scorer:
+    def __init__(
+        self, url: str, client_id: str = "firmware-sim-scorer", configure: Any = None
+    ) -> None:
+        u = urlparse(url)
+        self.lock = threading.Lock()
+        self.predictions: list[tuple[str, dict[str, Any], float]] = []
+        self.errors: list[tuple[str, dict[str, Any], float]] = []
+        self.status: dict[str, str] = {}
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client.on_message = self._on_message
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(
+            [("predictions/#", 1), ("errors/#", 1), ("edge/status/#", 1)]
+        )
+        if configure:
+            configure(self.client)
+        try:
+            self.client.connect(str(u.hostname), int(u.port or 1883), 30)
+        except OSError as exc:
+            raise SimError(f"broker {url} is unreachable: {exc}") from exc
+        self.client.loop_start()
+        if not ready.wait(10):
+            raise SimError(f"broker {url}: no answer to our subscription within 10 s")
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        now = time.time()
+        try:
+            doc = json.loads(msg.payload)
+        except ValueError:
+            return
+        if msg.topic.startswith("edge/status/"):
+            self.status[msg.topic.rsplit("/", 1)[1]] = str(doc.get("state"))
+            return
+        stream = msg.topic.split("/", 1)[1]
+        with self.lock:
+            (self.predictions if msg.topic.startswith("predictions/") else self.errors).append(
+                (stream, doc, now)
+            )
+
+    def received(self) -> dict[tuple[str, int], list[tuple[np.ndarray, float]]]:
+        """(stream, seq) -> every (y, arrival time) received for it."""
+        out: dict[tuple[str, int], list[tuple[np.ndarray, float]]] = {}
+        with self.lock:
+            items = list(self.predictions)
+        for stream, doc, t in items:
+            y = np.asarray(doc["y"], np.float32)
+            for k, row in enumerate(y.reshape(1, -1) if y.ndim == 1 else y):
+                out.setdefault((stream, (doc["seq"] + k) % U32), []).append((row, t))
+        return out
+
+    def wait(self, log: Sequence[Sent], timeout: float) -> None:
+        want = expected_keys(log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not want <= set(self.received()):
+            time.sleep(0.05)
+
+    def wait_online(self, runtime_id: str, timeout: float, alive: Any = None) -> None:
+        deadline = time.monotonic() + timeout
+        while self.status.get(runtime_id) != "online":
+            if time.monotonic() > deadline or (alive is not None and not alive()):
+                raise SimError(f"the runtime {runtime_id!r} did not come online within {timeout} s")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        close_client(self.client)
+
+
+def expected_keys(log: Sequence[Sent]) -> set[tuple[str, int]]:
+    return {
+        (m.stream, (m.seq + k) % U32)
+        for m in log
+        if m.valid and m.delivered
+        for k in range(len(m.values))
+    }
+
+
+def late_keys(log: Sequence[Sent], hold_s: float) -> set[tuple[str, int]]:
+    """Samples the runtime is entitled to drop: published more than its reorder hold after a
+    later sample of the same stream, so the later one was applied first (expected loss)."""
+    late: set[tuple[str, int]] = set()
+    by_stream: dict[str, list[Sent]] = {}
+    for m in log:
+        if m.valid and m.delivered:
+            by_stream.setdefault(m.stream, []).append(m)
+    for msgs in by_stream.values():
+        newest_seq, newest_t = None, None
+        for m in sorted(msgs, key=lambda m: m.published or 0.0):
+            if newest_seq is not None and m.seq < newest_seq and m.published - hold_s > newest_t:  # type: ignore[operator]
+                late.update((m.stream, (m.seq + k) % U32) for k in range(len(m.values)))
+            if newest_seq is None or m.seq > newest_seq:
+                newest_seq, newest_t = m.seq, m.published
+    return late
+
+
+def offline(
+    bundle: Path,
+    log: Sequence[Sent],
+    skip: set[tuple[str, int]] = frozenset(),  # type: ignore[assignment]
+) -> dict[tuple[str, int], np.ndarray]:
+    """The same bundle fed the delivered samples of each stream in seq order (less ``skip``:
+    the late ones the runtime rightly dropped)."""
+    import edge
+    from edge.engine import Chunk
+
+    engine = edge.load(bundle)
+    chunks = sorted(
+        (m for m in log if m.valid and m.delivered and (m.stream, m.seq) not in skip),
+        key=lambda m: (m.stream, m.created),
+    )
+    out: dict[tuple[str, int], np.ndarray] = {}
+    outcomes = engine.step_many([Chunk(m.stream, m.values, m.seq) for m in chunks])
+    for m, oc in zip(chunks, outcomes):
+        for k, row in enumerate(oc.y):
+            out[(m.stream, (oc.seq + k) % U32)] = row  # type: ignore[operator]
+    return out
+
+
+def score(
+    scorer: Scorer,
+    log: Sequence[Sent],
+    duration: float,
+    bundle: Path | None = None,
+    classes: Sequence[str] = (),
+    float_y: dict[tuple[str, int], np.ndarray] | None = None,
+    hold_s: float = 0.6,
+) -> dict[str, Any]:
+    """``hold_s``: the runtime's reorder hold (its --reorder-ms); later arrivals are expected loss."""
+    got = scorer.received()
+    late = late_keys(log, hold_s)
+    want = expected_keys(log) - late
+    labels = {
+        (m.stream, (m.seq + k) % U32): int(m.labels[k])
+        for m in log
+        if m.labels is not None
+        for k in range(len(m.values))
+    }
+    published = {m.stream: m for m in log}
+    sent_at = {
+        (m.stream, (m.seq + k) % U32): m.published
+        for m in log
+        if m.published
+        for k in range(len(m.values))
+    }
+    faults = Counter(f for m in log for f in m.faults)
+    invalid_delivered = sum(1 for m in log if m.delivered and not m.valid)
+    latencies = np.array([ys[0][1] - sent_at[key] for key, ys in got.items() if sent_at.get(key)])
+    r: dict[str, Any] = {
+        "devices": len(published),
+        "messages_created": len(log),
+        "messages_delivered": sum(m.delivered for m in log),
+        "samples_delivered_valid": len(want),
+        "faults_injected": dict(faults),
+        "predictions_received": len(got),
+        "predictions_missing": len(want - set(got)),
+        "late_beyond_reorder_window": len(late),
+        "missing_examples": sorted(want - set(got))[:5],
+        "duplicate_predictions": sum(len(v) - 1 for v in got.values()),
+        "unexpected_predictions": len(set(got) - want - late),
+        "errors_received": len(scorer.errors),
+        "errors_expected_at_least": invalid_delivered,
+        "duration_s": duration,
+        "throughput_predictions_per_s": len(got) / duration if duration else 0.0,
+    }
+    if len(latencies):
+        p50, p95, p99 = np.percentile(latencies * 1000, [50, 95, 99])
+        r.update(latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99)
+    r["kept_up_real_time"] = bool(
+        r["predictions_missing"] == 0 and r.get("latency_p95_ms", 1e9) < 500
+    )
+    if bundle is not None:
+        ref = offline(bundle, log, late)
+        diffs = [float(np.abs(ys[0][0] - ref[k]).max()) for k, ys in got.items() if k in ref]
+        wrong = [
+            k
+            for k, ys in got.items()
+            if k in ref and any(not np.array_equal(y, ref[k]) for y, _ in ys)
+        ]
+        r["wrong_predictions"] = len(wrong)
+        r["wrong_examples"] = wrong[:5]
+        r["max_abs_diff_vs_offline"] = max(diffs, default=0.0)
+        if labels:
+            keys = [k for k in got if k in labels and k in ref]
+            truth = np.array([labels[k] for k in keys])
+            r["accuracy_runtime"] = (
+                float(np.mean([got[k][0][0].argmax() == labels[k] for k in keys])) if keys else None
+            )
+            r["accuracy_offline"] = (
+                float(np.mean([ref[k].argmax() == t for k, t in zip(keys, truth)]))
+                if keys
+                else None
+            )
+            if float_y is not None:
+                fk = [k for k in keys if k in float_y]
+                r["agreement_with_float"] = (
+                    float(np.mean([got[k][0][0].argmax() == float_y[k].argmax() for k in fk]))
+                    if fk
+                    else None
+                )
+    r["classes"] = list(classes)
+    return r
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = []
+    for key, value in r.items():
+        if key in ("classes",) or (key.endswith("_examples") and not value):
+            continue
+        if isinstance(value, float):
+            value = f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+        rows.append(f"  {key.replace('_', ' '):34s} {value}")
+    return "\n".join(rows)
+
+
+def save(r: dict[str, Any], scorer: Scorer, log: Sequence[Sent], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, ppath = out / "score.json", out / "score.png"
+    jpath.write_text(json.dumps(r, indent=2, default=str) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    got = scorer.received()
+    sent_at = {
+        (m.stream, (m.seq + k) % U32): m.published
+        for m in log
+        if m.published
+        for k in range(len(m.values))
+    }
+    lat = [(ys[0][1] - sent_at[k]) * 1000 for k, ys in got.items() if sent_at.get(k)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    a.hist(lat, bins=50)
+    a.set(title="publish -> prediction latency", xlabel="ms", ylabel="predictions")
+    streams = sorted({m.stream for m in log})[:4]
+    for i, stream in enumerate(streams):
+        msgs = [m for m in log if m.stream == stream and m.labels is not None]
+        keys = [((m.seq + k) % U32, int(m.labels[k])) for m in msgs for k in range(len(m.values))]  # type: ignore[index]
+        xs = np.arange(len(keys))
+        truth = [lab for _, lab in keys]
+        pred = [got[(stream, s)][0][0].argmax() if (stream, s) in got else np.nan for s, _ in keys]
+        b.plot(xs, np.array(truth) + 5 * i, "k-", lw=1, label="true" if i == 0 else None)
+        b.plot(
+            xs,
+            np.array(pred, dtype=float) + 5 * i + 0.15,
+            ".",
+            ms=2,
+            label="predicted" if i == 0 else None,
+        )
+    b.set(title="per-stream timeline (offset per stream)", xlabel="sample", ylabel="class")
+    if r.get("classes"):
+        b.set_yticks(range(len(r["classes"])), r["classes"])
+    b.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(ppath, dpi=90)
+    plt.close(fig)
+    return jpath, ppath

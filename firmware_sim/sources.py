@@ -1,0 +1,105 @@
+"""Where simulated samples come from: real recordings, synthetic signals, user files.
+
+Every source is seeded per device, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from convert.datasets import basicmotions  # pure NumPy, no TensorFlow
+
+from .errors import SimError
+
+SYNTHETIC = ("sine", "walk", "noise", "steps")
+
+
+@dataclass
+class Source:
+    """An endless sample stream: ``data`` [N, F] played from ``start`` and looped."""
+
+    data: np.ndarray
+    labels: np.ndarray | None  # [N] label index per sample, or None
+    classes: tuple[str, ...]
+    start: int = 0
+
+    @property
+    def features(self) -> int:
+        return int(self.data.shape[1])
+
+    def take(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        idx = (self.start + np.arange(k)) % len(self.data)
+        self.start = int((self.start + k) % len(self.data))
+        return self.data[idx], None if self.labels is None else self.labels[idx]
+
+
+def make(spec: str, device: int, seed: int, features: int = 6) -> Source:
+    """``basicmotions`` (test split), ``basicmotions:train``, a synthetic kind, or a file."""
+    rng = np.random.default_rng([seed, device])
+    name, _, arg = spec.partition(":")
+    if name == "basicmotions":
+        rec = basicmotions(arg or "test")
+        order = rng.permutation(len(rec.x))  # each device plays the recordings in its own order
+        data = rec.x[order].reshape(-1, rec.x.shape[-1]).astype(np.float64)
+        labels = np.repeat(rec.labels[order], rec.x.shape[1])
+        return Source(data, labels, rec.classes)
+    if name in SYNTHETIC:
+        return Source(synthetic(name, features, 20_000, rng), None, ())
+    path = Path(spec)
+    if not path.is_file():
+        raise SimError(
+            f"--source {spec!r}: not a file, and not one of basicmotions[:train|test], "
+            f"{', '.join(SYNTHETIC)}"
+        )
+    data = load_file(path)
+    return Source(data, None, (), start=int(rng.integers(len(data))))
+
+
+def synthetic(kind: str, features: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(n)[:, None] / 10.0
+    if kind == "sine":
+        freq = rng.uniform(0.05, 2.0, (3, features))
+        phase = rng.uniform(0, 2 * np.pi, (3, features))
+        amp = rng.uniform(0.2, 2.0, (3, features))
+        return sum(amp[i] * np.sin(2 * np.pi * freq[i] * t + phase[i]) for i in range(3))  # type: ignore[no-any-return]
+    if kind == "walk":
+        return np.cumsum(rng.normal(0, 0.1, (n, features)), axis=0)
+    if kind == "noise":
+        return rng.normal(0, 1, (n, features))
+    levels = rng.normal(0, 2, (n // 50 + 1, features))
+    return np.repeat(levels, 50, axis=0)[:n]
+
+
+def load_file(path: Path) -> np.ndarray:
+    try:
+        if path.suffix == ".npy":
+            data = np.load(path, allow_pickle=False)
+        elif path.suffix == ".csv":
+            with path.open(newline="") as f:
+                rows = [r for r in csv.reader(f) if r]
+            if rows and not _numeric(rows[0]):
+                rows = rows[1:]  # header
+            data = np.asarray(rows, dtype=np.float64)
+        else:
+            raise SimError(f"--source {path}: expected a .npy or .csv file")
+    except (OSError, ValueError) as exc:
+        raise SimError(f"--source {path}: cannot read: {exc}") from exc
+    if data.ndim == 3:
+        data = data.reshape(-1, data.shape[-1])
+    if data.ndim != 2 or not len(data) or not np.isfinite(data).all():
+        raise SimError(
+            f"--source {path}: expected finite numbers [N, F] or [N, T, F], got shape {list(data.shape)}"
+        )
+    return data.astype(np.float64)
+
+
+def _numeric(row: list[str]) -> bool:
+    try:
+        [float(v) for v in row]
+        return True
+    except ValueError:
+        return False

@@ -88,7 +88,7 @@ class Broker:
                     # a persistence file into our directory: stay who we are
                     f"user {getpass.getuser()}",
                     "allow_anonymous true",
-            "set_tcp_nodelay true",  # else Nagle + delayed ACKs add up to ~40 ms per hop
+                    "set_tcp_nodelay true",  # else Nagle + delayed ACKs add up to ~40 ms per hop
                     "max_queued_messages 0",
                     "max_inflight_messages 0",
                     f"persistence {'true' if self.persistence else 'false'}",

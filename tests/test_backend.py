@@ -40,3 +40,16 @@ def test_import_edge_never_imports_tensorflow(bundles):
         check=True,
     )
     assert out.stdout.strip() == "False"
+
+
+def test_the_environment_runs_the_interpreter_it_is_meant_to():
+    """scripts/test says which interpreter each environment must end up with."""
+    import os
+
+    import numpy as np
+
+    expected = os.environ.get("EDGE_LSTM_EXPECT_BACKEND", backend.available()[0])
+    assert backend.select().name == expected
+    if expected == "tflite":  # the device-like environment: what a Pi installs
+        assert "tensorflow" not in backend.available()
+        assert np.__version__.startswith("1.")

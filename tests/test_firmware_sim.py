@@ -150,3 +150,12 @@ def test_bundle_and_source_feature_counts_must_agree(bundles, broker, capsys):
     )
     assert code == 2
     assert "--source gives 6 features, the model expects 3" in capsys.readouterr().err
+
+
+@pytest.mark.broker
+def test_pi_profile_trial_on_one_core(bundles):
+    from firmware_sim.host import trial
+
+    r = trial(bundles / "clf-int8", 5, 10.0, seconds=2.0, cores={0}, memory_mb=1024, slowdown=2.0)
+    assert r["runtime_alive"] and r["kept_up_real_time"], r
+    assert r["predictions_missing"] == 0 and r["runtime_peak_rss_mb"] > 10

@@ -201,3 +201,56 @@ def test_control_reset_and_binary_frames(bundles, broker, service):
     fresh = edge.load(bundles / BUNDLE).step("s", x[3:])  # after the reset: a fresh stream
     got = col.predictions()
     np.testing.assert_array_equal(np.stack([got[("dev-0", s)][0] for s in (4, 5, 6)]), fresh)
+
+
+def test_metrics_stats_and_reload_with_another_layout(bundles, broker, tmp_path):
+    import shutil
+    import urllib.request
+
+    from firmware_sim.broker import free_port
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    port = free_port()
+    col = Collector(broker.url)
+    col.client.subscribe("edge/stats/#", 0)
+    svc = Serve(
+        model,
+        broker.url,
+        tmp_path / "state",
+        "--metrics-port",
+        str(port),
+        "--stats-interval",
+        "0.3",
+    ).start()
+    try:
+        wait_until(col.online, 20, "runtime online")
+        pub = Publisher(broker.url)
+        pub.send("dev-0", 1, np.zeros(6))
+        pub.raw("sensors/dev-0/data", b"{broken")
+        pub.flush()
+        wait_until(lambda: ("dev-0", 1) in col.predictions(), 10, "a prediction")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "edge_lstm_messages_in_total 2.0" in body
+        assert 'edge_lstm_errors_total{code="bad_json"} 1.0' in body
+        assert (
+            "edge_lstm_active_streams 1.0" in body
+            and "edge_lstm_step_latency_seconds_bucket" in body
+        )
+        wait_until(lambda: bool(col.of("edge/stats/")), 5, "a stats message")
+        # hot reload of a bundle with another state layout (float32 state): streams reset
+        shutil.rmtree(model)
+        shutil.copytree(bundles / "clf-float32", model)
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
+        pub.flush()
+        wait_until(lambda: "reload" in col.of("edge/status/")[-1][1], 10, "reload status")
+        assert "state layout changed" in col.of("edge/status/")[-1][1]["reload"]
+        pub.send("dev-0", 2, np.ones(6))
+        pub.flush()
+        wait_until(lambda: ("dev-0", 2) in col.predictions(), 10, "a prediction from the new model")
+        import edge
+
+        fresh = edge.load(bundles / "clf-float32").step("x", np.ones(6))
+        np.testing.assert_array_equal(col.predictions()[("dev-0", 2)][0], fresh)
+    finally:
+        assert svc.stop() == 0

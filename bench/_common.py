@@ -31,8 +31,14 @@ def example(layers: int = 1, units: int = 64, epochs: int = 300) -> tuple[Path, 
     if not (bundle / "manifest.json").exists():
         log(f"building {d.name} (cached for later runs)")
         info = train_example(model, epochs=epochs, units=units, layers=layers, progress=False)
-        run_convert(model, info["calib"], bundle, labels=LABELS, data_path=info["test"],
-                    progress=lambda m: None)  # fmt: skip
+        run_convert(
+            model,
+            info["calib"],
+            bundle,
+            labels=LABELS,
+            data_path=info["test"],
+            progress=lambda m: None,
+        )
     return model, bundle
 
 
@@ -63,8 +69,13 @@ def per_call(fn: Callable[[], Any], *, min_time: float = 0.5, repeats: int = 5) 
 def in_device_env(code: str, *args: str) -> dict[str, Any]:
     if not DEVICE_PYTHON.exists():
         return {"error": f"{DEVICE_PYTHON} missing (run scripts/test once)"}
-    out = subprocess.run([str(DEVICE_PYTHON), "-c", code, *args], capture_output=True,
-                         text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [str(DEVICE_PYTHON), "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-400:]}
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])

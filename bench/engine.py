@@ -38,6 +38,41 @@ def stream_step_costs(bundle: Path, min_time: float) -> dict[str, float]:
     return out
 
 
+def batch_strategies(bundle: Path, min_time: float) -> dict[str, float]:
+    """How to feed micro-batches of varying size: one runner that follows each batch's shape
+    (what edge does), or one runner per power-of-two bucket with the batch padded up."""
+    from edge.manifest import read_bundle
+
+    engine = edge.load(bundle)
+    model = engine.model
+    _, content = read_bundle(bundle)
+    sizes = [3, 17, 64, 5, 40, 9]  # a realistic mix of micro-batch sizes
+    rng = np.random.default_rng(2)
+    feeds = []
+    for n in sizes:
+        x = model.encode_x(rng.normal(0, 2, (n, engine.manifest.features)))
+        feeds.append((x, [np.repeat(z, n, axis=0) for z in model.zero_state()]))
+    runners = {b: model.backend.runner(content, engine.manifest.signature) for b in (4, 16, 32, 64)}
+
+    def resize() -> None:
+        for x, st in feeds:
+            model.invoke(x, st)
+
+    def buckets() -> None:
+        for x, st in feeds:
+            b = next(b for b in runners if b >= len(x))
+            pad = b - len(x)
+            feed = {model.x_spec.name: np.concatenate([x, np.repeat(x[:1], pad, axis=0)])}
+            for spec, a in zip(model.state_in, st):
+                feed[spec.name] = np.concatenate([a, np.repeat(a[:1], pad, axis=0)])
+            runners[b](**feed)
+
+    return {
+        "mixed_batches_resize_us": per_call(resize, min_time=min_time) * 1e6,
+        "mixed_batches_buckets_us": per_call(buckets, min_time=min_time) * 1e6,
+    }
+
+
 def window_baselines(model_path: Path, min_time: float) -> dict[str, float]:
     """What users do today: re-run the whole 100-sample window on every message."""
     import keras
@@ -77,8 +112,9 @@ def memory(bundle: Path, streams: int) -> dict[str, float]:
     x = np.zeros(f)
     before = rss_bytes()
     for start in range(0, streams, 1024):
-        engine.step_many([Chunk(f"device-{i:06d}", x, seq=1)
-                          for i in range(start, min(streams, start + 1024))])  # fmt: skip
+        engine.step_many(
+            [Chunk(f"device-{i:06d}", x, seq=1) for i in range(start, min(streams, start + 1024))]
+        )
     after = rss_bytes()
     return {
         "streams": streams,
@@ -114,6 +150,7 @@ def main() -> int:
     for name, (model_path, bundle) in models.items():
         log(f"[{name}] stream-step costs")
         r: dict[str, object] = dict(stream_step_costs(bundle, min_time))
+        r.update(batch_strategies(bundle, min_time))
         log(f"[{name}] sliding-window baselines")
         r.update(window_baselines(model_path, min_time))
         per_msg_single = r["single_stream_step_us"]

@@ -1,9 +1,10 @@
-"""The step model behind a signature runner: quantise in, invoke in batch buckets, dequantise out.
+"""The step model behind a signature runner: quantise in, invoke a batch, dequantise out.
 
-Batch handling: one runner per power-of-two bucket (1, 2, 4, ... max_batch), created on first
-use and never resized again; a batch is padded up to its bucket and larger batches are split.
-Resizing one interpreter per call re-allocates tensors every time; a handful of small
-interpreters costs a few hundred kB and makes every invoke allocation-free.
+Batch handling, chosen by measurement (``python -m bench.engine``, "mixed batches"): one
+runner whose input shapes follow each micro-batch. The signature runner resizes and
+re-allocates only when the batch size changes, which for a step model costs less than padding
+to fixed power-of-two buckets (example model, batches of 3, 17, 64, 5, 40 and 9 rows:
+133 us resized against 168 us padded into buckets). Batches above ``max_batch`` are split.
 """
 
 from __future__ import annotations
@@ -57,25 +58,15 @@ class StepModel:
             raise BundleError(f"max_batch must be >= 1, got {max_batch}")
         self.manifest = manifest
         self.backend = backend
-        self._content = content
-        self._threads = num_threads
-        self.buckets = [1 << i for i in range(max_batch.bit_length()) if (1 << i) <= max_batch]
-        self.max_batch = self.buckets[-1]
-        self._runners: dict[int, SignatureRunner] = {}
+        self.max_batch = max_batch
+        self._runner = backend.runner(content, manifest.signature, num_threads)
         t = manifest.tensors
         self.x_spec = t[manifest.input]
         self.y_spec = t[manifest.output]
         self.state_in = [t[i] for i, _ in manifest.state_names]
         self.state_out = [t[o] for _, o in manifest.state_names]
         self._mean, self._std = _input_normalization(manifest)
-        self._check_signature(self._runner(1))
-
-    def _runner(self, bucket: int) -> SignatureRunner:
-        runner = self._runners.get(bucket)
-        if runner is None:
-            runner = self.backend.runner(self._content, self.manifest.signature, self._threads)
-            self._runners[bucket] = runner
-        return runner
+        self._check_signature(self._runner)
 
     def _check_signature(self, runner: SignatureRunner) -> None:
         """The manifest must describe the tensors the model really has, by name and encoding."""
@@ -128,22 +119,17 @@ class StepModel:
                 np.concatenate([p[0] for p in parts]),
                 [np.concatenate([p[1][k] for p in parts]) for k in range(len(states))],
             )
-        bucket = next(b for b in self.buckets if b >= n)
-        if bucket != n:
-            pad = bucket - n
-            x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)])
-            states = [np.concatenate([s, np.repeat(s[:1], pad, axis=0)]) for s in states]
         feeds: dict[str, np.ndarray] = {self.x_spec.name: x}
         for spec, arr in zip(self.state_in, states):
             feeds[spec.name] = arr
         try:
-            out: Mapping[str, np.ndarray] = self._runner(bucket)(**feeds)
+            out: Mapping[str, np.ndarray] = self._runner(**feeds)
         except Exception as exc:
             raise BackendError(f"{self.backend.name} invoke failed: {exc}") from exc
         new_states = [
-            requantize(out[so.name][:n], so, si) for so, si in zip(self.state_out, self.state_in)
+            requantize(out[so.name], so, si) for so, si in zip(self.state_out, self.state_in)
         ]
-        return out[self.y_spec.name][:n], new_states
+        return out[self.y_spec.name], new_states
 
 
 def _input_normalization(manifest: Manifest) -> tuple[np.ndarray | None, np.ndarray | None]:

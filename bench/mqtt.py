@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import paho.mqtt.client as mqtt
 from bench._common import example, log, save
 from firmware_sim.broker import Broker
 from firmware_sim.mqtt import close_client
+from firmware_sim.runtime import Runtime
 
 
 def client(url: str, cid: str) -> mqtt.Client:
@@ -149,58 +149,32 @@ def paced(
     return sent
 
 
-class Runtime:
-    def __init__(self, bundle: Path, url: str, state: Path) -> None:
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "edge",
-            "serve",
-            "--model",
-            str(bundle),
-            "--broker",
-            url,
-            "--state-dir",
-            str(state),
-            "--client-id",
-            "bench-runtime",
-            "--stats-interval",
-            "0",
-            "--log-level",
-            "warning",
-            "--snapshot-interval",
-            "5",
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
+def start_runtime(bundle: Path, url: str, state: Path) -> Runtime:
+    """edge-lstm serve in its own process, returned once its retained status says online."""
+    rt = Runtime(
+        bundle,
+        url,
+        state,
+        client_id="bench-runtime",
+        reorder_ms=0,
+        extra=("--log-level", "warning", "--snapshot-interval", "5"),
+    ).start()
+    seen = threading.Event()
+    c = client(url, f"bench-status-{time.monotonic_ns()}")
+    c.on_message = lambda cl, u, m: seen.set() if b'"online"' in m.payload else None
+    c.subscribe("edge/status/bench-runtime", 1)
+    c.loop_start()
+    seen.wait(30)
+    close_client(c)
+    return rt
 
-    def start(self, sink_url: str) -> Runtime:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # online once the retained status says so
-        seen = threading.Event()
-        c = client(sink_url, f"bench-status-{time.monotonic_ns()}")
-        c.on_message = lambda cl, u, m: seen.set() if b'"online"' in m.payload else None
-        c.subscribe("edge/status/bench-runtime", 1)
-        c.loop_start()
-        seen.wait(30)
-        close_client(c)
-        return self
 
-    def rss_mb(self) -> float:
-        assert self.proc
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def kill9(self) -> None:
-        assert self.proc
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
+def rss_mb(rt: Runtime) -> float:
+    assert rt.proc is not None
+    for line in Path(f"/proc/{rt.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> int:
@@ -228,7 +202,7 @@ def main() -> int:
 
             log("runtime: sustained throughput with 1,000 streams")
             sink = Sink(url)
-            rt = Runtime(bundle, url, work / "state").start(url)
+            rt = start_runtime(bundle, url, work / "state")
             rt_rate = flood(url, messages(1000, n), sink, 0)
             results["runtime_msgs_per_s"] = rt_rate
             results["throughput_ratio_vs_ceiling"] = rt_rate / results["ceiling_msgs_per_s"]
@@ -251,7 +225,7 @@ def main() -> int:
             log("RSS with 10,000 active streams")
             base = sink.n
             flood(url, messages(10_000, 10_000, start_seq=100_000), sink, base)
-            results["rss_10k_streams_mb"] = rt.rss_mb()
+            results["rss_10k_streams_mb"] = rss_mb(rt)
 
             log("recovery after kill -9 at 1,000 msg/s offered")
             stop = threading.Event()
@@ -267,7 +241,7 @@ def main() -> int:
             rt.kill9()
             time.sleep(1.0)  # down for a second: ~1,000 messages queue at the broker
             t_restart = time.monotonic()
-            rt = Runtime(bundle, url, work / "state").start(url)
+            rt = start_runtime(bundle, url, work / "state")
             t_online = time.monotonic()
             # cleared when every message offered up to now is answered
             deadline = time.monotonic() + 60

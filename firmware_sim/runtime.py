@@ -23,6 +23,7 @@ class Runtime:
         *,
         protocol: str = "5",
         client_id: str = "firmware-sim-runtime",
+        reorder_ms: float = 600,
         cores: set[int] | None = None,
         memory_mb: int | None = None,
         slowdown: float | None = None,
@@ -46,7 +47,7 @@ class Runtime:
             "--stats-interval",
             "0",
             "--reorder-ms",
-            "600",
+            str(reorder_ms),
             *extra,
         ]
         self.cores, self.memory_mb, self.slowdown = cores, memory_mb, slowdown
@@ -112,6 +113,11 @@ class Runtime:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
 
     def stop(self, timeout: float = 15) -> int:
         rc = 0

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +14,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from firmware_sim.mqtt import close_client
+from firmware_sim.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,56 +33,9 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-class Serve:
+def Serve(bundle: Path, broker: str, state_dir: Path, *args: str) -> Runtime:
     """``edge-lstm serve`` in a child process of this very interpreter."""
-
-    def __init__(self, bundle: Path, broker: str, state_dir: Path, *args: str) -> None:
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "edge",
-            "serve",
-            "--model",
-            str(bundle),
-            "--broker",
-            broker,
-            "--state-dir",
-            str(state_dir),
-            "--client-id",
-            "edge-test",
-            "--stats-interval",
-            "0",
-            *args,
-        ]
-        self.log_path = state_dir.parent / "serve.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Serve:
-        self.log = open(self.log_path, "ab")  # noqa: SIM115
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        return self
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.log.close()
-
-    def stop(self, timeout: float = 15) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
-        self.log.close()
-        return rc
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    return Runtime(bundle, broker, state_dir, client_id="edge-test", extra=args)
 
 
 class Collector:

@@ -72,7 +72,10 @@ class ServiceConfig:
         ["block", "drop-oldest"],
     )
     max_batch: int = _opt(256, "messages per micro-batch")
-    max_wait_ms: float = _opt(2.0, "longest wait to fill a micro-batch")
+    max_wait_ms: float = _opt(
+        0.0,
+        "longest wait to fill a micro-batch; 0 takes what is queued (batches still form under load, and latency is lowest)",
+    )
     max_payload_bytes: int = _opt(65536, "larger payloads are refused with error 'too_large'")
     max_samples_per_message: int = _opt(1024, "more samples in one message are refused")
     gap_policy: str = _opt(

@@ -1,13 +1,13 @@
 """The in-process engine: per-stream state, exactly-once sequencing, batched stepping.
 
-No MQTT here; ``edge.service`` is a thin shell around this class.
+No MQTT here; ``edge.mqtt_loop`` and ``edge.processor`` are a thin shell around this class.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -71,7 +71,6 @@ class Counters:
     gap_resets: int = 0
     rejected: int = 0
     resets: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Engine:
@@ -161,16 +160,21 @@ class Engine:
         )
         snapfmt.write_atomic(path, snapfmt.encode(snap))
 
-    def restore(self, path: str | Path, *, fresh_on_mismatch: bool = False) -> dict[str, Any]:
+    def restore(
+        self, path: str | Path, *, fresh_on_mismatch: bool = False, other_model_ok: bool = False
+    ) -> dict[str, Any]:
         """Load a snapshot of this model. Returns its ``extra`` dict.
 
         A snapshot of another model or state layout is refused, unless ``fresh_on_mismatch``,
-        which starts with no streams instead.
+        which starts with no streams instead. ``other_model_ok`` accepts another model with
+        the same state layout (an updated bundle keeps its streams, as on hot reload).
         """
         snap = snapfmt.read(path)
         layout = [list(x) for x in self.manifest.state_layout()]
         problem = None
-        if snap.model_sha256 != self.manifest.tflite_sha256:
+        if snap.model_sha256 != self.manifest.tflite_sha256 and not (
+            other_model_ok and snap.state_layout == layout
+        ):
             problem = (
                 f"it was taken with model {snap.model_sha256[:12]}..., this engine runs "
                 f"{self.manifest.tflite_sha256[:12]}..."

@@ -24,7 +24,7 @@ from typing import Any
 
 from .config import ServiceConfig
 from .engine import Engine, load
-from .errors import EdgeError
+from .errors import EdgeError, SnapshotError
 from .metrics import Metrics
 from .processor import Inbound, Outbound, Processor
 from .wal import WriteAheadLog
@@ -77,8 +77,11 @@ class MqttService:
         self.engine = open_engine(cfg)
         snap = self.state_dir / SNAPSHOT
         if snap.exists():
-            self.engine.restore(snap, fresh_on_mismatch=True)
-            log.info("restored %d streams from %s", len(self.engine.store), snap)
+            try:
+                self.engine.restore(snap, other_model_ok=True)
+                log.info("restored %d streams from %s", len(self.engine.store), snap)
+            except SnapshotError as exc:
+                log.warning("starting with no streams: %s", exc)
         self.wal = WriteAheadLog(self.state_dir / WAL, fsync=cfg.durability == "power")
         self.processor = Processor(self.engine, cfg, self.wal, self.metrics)
         self.queue: queue.Queue[Inbound] = queue.Queue(cfg.queue_size)

@@ -247,3 +247,28 @@ def test_restore_refuses_another_model(load, tmp_path):
     other.step("keep", samples(1, 0)[0])
     other.restore(tmp_path / "a.bin", fresh_on_mismatch=True)
     assert other.stats()["streams"] == 0
+
+
+def test_restore_may_accept_another_model_with_the_same_layout(load, bundles, tmp_path):
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(bundles / "clf-int8", other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["source_name"] = "retrained"  # a different bundle...
+    data = bytearray((other / "model.tflite").read_bytes())
+    data += b"\0" * 8  # ...with a different sha256 and the same state layout
+    (other / "model.tflite").write_bytes(bytes(data))
+    import hashlib
+
+    m["tflite_sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (other / "manifest.json").write_text(json.dumps(m))
+    a = load("clf-int8")
+    a.step("s", samples(3, 0), seq=1)
+    a.snapshot(tmp_path / "a.bin")
+    b = edge.load(other)
+    with pytest.raises(edge.SnapshotError, match="taken with model"):
+        b.restore(tmp_path / "a.bin")
+    b.restore(tmp_path / "a.bin", other_model_ok=True)
+    assert b.last_seq("s") == 3 and states_equal(a, b, "s")

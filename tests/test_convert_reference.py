@@ -96,3 +96,15 @@ def test_stateful_lstm_is_refused():
     model = keras.Model(inp, keras.layers.LSTM(4, stateful=True, name="mem")(inp))
     with pytest.raises(UnsupportedModel, match="'mem'.*stateful=True"):
         intake.spec_from_model(model)
+
+
+def test_legacy_h5_models_are_read(tmp_path):
+    import keras
+
+    from convert import intake, reference
+
+    model = keras_model([keras.layers.LSTM(6, return_sequences=True), keras.layers.Dense(2)])
+    model.save(tmp_path / "legacy.h5")
+    spec = intake.read_spec(tmp_path / "legacy.h5")
+    x = np.random.default_rng(3).normal(0, 1, (2, 10, 5)).astype(np.float32)
+    np.testing.assert_allclose(reference.run(spec, x)[0], model.predict(x, verbose=0), atol=2e-5)

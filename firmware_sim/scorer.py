@@ -254,28 +254,34 @@ def save(r: dict[str, Any], scorer: Scorer, log: Sequence[Sent], out: Path) -> t
         for k in range(len(m.values))
     }
     lat = [(ys[0][1] - sent_at[k]) * 1000 for k, ys in got.items() if sent_at.get(k)]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    streams = sorted({m.stream for m in log if m.labels is not None})[:4]
+    fig = plt.figure(figsize=(13, 4.5))
+    grid = fig.add_gridspec(max(1, len(streams)), 2)
+    a = fig.add_subplot(grid[:, 0])
     a.hist(lat, bins=50)
     a.set(title="publish -> prediction latency", xlabel="ms", ylabel="predictions")
-    streams = sorted({m.stream for m in log})[:4]
+    classes = r.get("classes") or []
     for i, stream in enumerate(streams):
-        msgs = [m for m in log if m.stream == stream and m.labels is not None]
-        keys = [((m.seq + k) % U32, int(m.labels[k])) for m in msgs for k in range(len(m.values))]  # type: ignore[index]
+        b = fig.add_subplot(grid[i, 1])
+        keys = [
+            ((m.seq + k) % U32, int(m.labels[k]))
+            for m in log
+            if m.stream == stream and m.labels is not None
+            for k in range(len(m.values))
+        ]
         xs = np.arange(len(keys))
-        truth = [lab for _, lab in keys]
         pred = [got[(stream, s)][0][0].argmax() if (stream, s) in got else np.nan for s, _ in keys]
-        b.plot(xs, np.array(truth) + 5 * i, "k-", lw=1, label="true" if i == 0 else None)
-        b.plot(
-            xs,
-            np.array(pred, dtype=float) + 5 * i + 0.15,
-            ".",
-            ms=2,
-            label="predicted" if i == 0 else None,
-        )
-    b.set(title="per-stream timeline (offset per stream)", xlabel="sample", ylabel="class")
-    if r.get("classes"):
-        b.set_yticks(range(len(r["classes"])), r["classes"])
-    b.legend(loc="upper right")
+        b.plot(xs, [lab for _, lab in keys], "k-", lw=1.5, label="true")
+        b.plot(xs, np.array(pred, dtype=float), ".", ms=3, label="predicted")
+        b.set_ylabel(stream, rotation=0, ha="right", va="center")
+        if classes:
+            b.set_yticks(range(len(classes)), classes, fontsize=7)
+        if i == 0:
+            b.set_title("per-stream timeline: true label (line) and prediction (dots)")
+        if i < len(streams) - 1:
+            b.set_xticklabels([])
+    if streams:
+        b.set_xlabel("sample")
     fig.tight_layout()
     fig.savefig(ppath, dpi=90)
     plt.close(fig)

@@ -176,7 +176,8 @@ def summary(report: dict[str, Any]) -> str:
         )
     lines.append(
         f"  drift    {dr['steps']} steps  first 10% {dr['first_10pct_mean_error']:.4g}  "
-        f"last 10% {dr['last_10pct_mean_error']:.4g}  ratio {dr['drift_ratio']:.3f}"
+        f"last 10% {dr['last_10pct_mean_error']:.4g}  ratio {dr['drift_ratio']:.3f} "
+        f"(last vs 2nd 10%: {dr['drift_ratio_steady']:.3f})"
         + (f"  top-1 {dr['top1_agreement']:.4%}" if "top1_agreement" in dr else "")
     )
     sat = ", ".join(f"{k} {v:.3%}" for k, v in dr["state_saturation"].items())

@@ -8,6 +8,8 @@ Every ratio compares figures measured in this same run on this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import time
 from pathlib import Path
 
@@ -84,7 +86,8 @@ def window_baselines(model_path: Path, min_time: float) -> dict[str, float]:
     fixed_in = keras.Input((WINDOW, f), batch_size=1)
     fixed = keras.Model(fixed_in, model(fixed_in))
     conv = tf.lite.TFLiteConverter.from_keras_model(fixed)
-    content = conv.convert()
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its SavedModel
+        content = conv.convert()
     interp = Interpreter(model_content=content)
     interp.allocate_tensors()
     inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]

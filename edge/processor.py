@@ -20,7 +20,8 @@ from . import payloads
 from .config import ServiceConfig
 from .engine import Chunk, Engine
 from .metrics import Metrics
-from .reorder import Reorderer
+from .reorder import GapMemory, Reorderer
+from .sequencing import U32
 from .topics import Template
 from .wal import Record, WriteAheadLog
 
@@ -91,6 +92,8 @@ class Processor:
         self.errors = Template(cfg.error_topic)
         self.runtime_control = cfg.runtime_control_topic.replace("{runtime_id}", cfg.runtime_id)
         self.reorder = Reorderer(cfg.reorder_ms / 1000.0, clock)
+        self.gaps = GapMemory()
+        self._voids: list[tuple[str, int]] = []
         self.requests: set[str] = set()
         self._log_error = RateLimitedLog(clock=clock)
 
@@ -140,6 +143,8 @@ class Processor:
             s = payloads.decode(msg.payload, self.engine.manifest.feature_names, msg.content_type)
         except payloads.PayloadError as exc:
             self._error(out, stream, exc.code, exc.detail, exc.seq)
+            if exc.seq is not None:
+                self._voids.append((stream, exc.seq))
             return None
         if s.seq is None:
             self._error(out, stream, "missing_seq", "every sample message needs a 'seq'")
@@ -191,6 +196,9 @@ class Processor:
     def _apply(self, records: list[Record]) -> list[Outbound]:
         out: list[Outbound] = []
         ready: list[Record] = []
+        for stream, seq in self._voids:  # refused messages: no need to wait for their seq
+            ready += self.reorder.void(stream, seq, self.engine.last_seq(stream))
+        self._voids.clear()
         for rec in records:
             if rec.is_reset:  # in order: everything before it steps first
                 out += self._step(ready)
@@ -205,6 +213,7 @@ class Processor:
     def _step(self, records: list[Record]) -> list[Outbound]:
         if not records:
             return []
+        new = {r.stream for r in records if self.engine.last_seq(r.stream) is None}
         t0 = time.perf_counter()
         outcomes = self.engine.step_many([Chunk(r.stream, r.values, r.seq) for r in records])
         self.metrics.step_latency.observe(time.perf_counter() - t0)
@@ -217,13 +226,21 @@ class Processor:
         for rec, oc in zip(records, outcomes):
             if oc.duplicates:
                 self.metrics.inc("duplicates", oc.duplicates)
+                late = self.gaps.late(rec.stream, rec.seq, oc.duplicates)
+                if late:
+                    detail = f"{late} sample(s) arrived after later ones were applied; dropped (reorder_ms is {self.cfg.reorder_ms:g})"
+                    self._error(out, rec.stream, "late", detail, rec.seq)
             if oc.error is not None:
                 self._error(out, rec.stream, oc.error.code, str(oc.error), rec.seq)
                 continue
-            if oc.gap:
+            if oc.gap and oc.seq is not None:
                 self.metrics.inc("gaps")
+                self.gaps.note(rec.stream, (oc.seq - oc.gap) % U32, oc.gap)
             if not len(oc.y):
                 continue
+            if rec.stream in new and oc.seq is not None:  # it starts here: earlier seqs are late
+                new.discard(rec.stream)
+                self.gaps.note_start(rec.stream, oc.seq)
             body = payloads.prediction(
                 oc.seq, rec.ts, oc.y, model, labels, single=len(rec.values) == 1, gap=oc.gap
             )

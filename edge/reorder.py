@@ -6,6 +6,7 @@ Pure logic: the clock is injected, the engine's last applied seq is passed in.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ class Reorderer:
         self._clock = clock
         self._held: dict[str, list[_Held]] = {}
         self._next: dict[str, int] = {}  # the seq each stream expects next
+        self._void: dict[str, set[int]] = {}  # seqs that arrived unusable: do not wait for them
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._held.values())
@@ -47,6 +49,20 @@ class Reorderer:
         self._advance(rec)
         ready += self._release_contiguous(rec.stream)
         return ready
+
+    def void(self, stream: str, seq: int, last_applied: int | None) -> list[Record]:
+        """A message took ``seq`` but carried nothing usable (it was answered with an error):
+        stop waiting for it. Returns the held records this releases."""
+        if self.hold <= 0:
+            return []
+        expect = self._next.get(stream)
+        if expect is None and last_applied is not None:
+            expect = (last_applied + 1) % U32
+        if expect is None or not 0 <= (seq - expect) % U32 < HALF:
+            return []
+        self._next.setdefault(stream, expect)
+        self._void.setdefault(stream, set()).add(seq)
+        return self._release_contiguous(stream)
 
     def expire(self, force: bool = False) -> list[Record]:
         """Give up waiting for gaps older than the hold time (or all, with ``force``)."""
@@ -75,8 +91,16 @@ class Reorderer:
         out = []
         items = self._held.get(stream, [])
         progress = True
-        while items and progress:
+        while progress:
             progress = False
+            voids = self._void.get(stream)
+            if voids:
+                while self._next[stream] in voids:
+                    voids.discard(self._next[stream])
+                    self._next[stream] = (self._next[stream] + 1) % U32
+                voids -= {v for v in voids if (v - self._next[stream]) % U32 >= HALF}  # passed
+                if not voids:
+                    del self._void[stream]
             expect = self._next[stream]
             for h in list(items):
                 ahead = (h.record.seq - expect) % U32
@@ -89,3 +113,26 @@ class Reorderer:
         if not items:
             self._held.pop(stream, None)
         return out
+
+
+class GapMemory:
+    """Which seqs each stream skipped over (a gap the engine stepped across, or everything
+    before the sample that started the stream), so that a sample arriving after it was given
+    up on is reported as late, not as a plain duplicate."""
+
+    def __init__(self, per_stream: int = 32) -> None:
+        self._gaps: dict[str, deque[tuple[int, int]]] = {}
+        self._per_stream = per_stream
+
+    def note_start(self, stream: str, first_seq: int) -> None:
+        self.note(stream, (first_seq - HALF + 1) % U32, HALF - 1)
+
+    def note(self, stream: str, first_skipped: int, count: int) -> None:
+        self._gaps.setdefault(stream, deque(maxlen=self._per_stream)).append((first_skipped, count))
+
+    def late(self, stream: str, seq: int, count: int) -> int:
+        """How many of the samples ``seq .. seq+count-1`` fall in a remembered gap."""
+        gaps = self._gaps.get(stream)
+        if not gaps:
+            return 0
+        return sum(any((s - first) % U32 < n for first, n in gaps) for s in range(seq, seq + count))

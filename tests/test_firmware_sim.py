@@ -76,6 +76,7 @@ def test_every_fault_at_once_loses_and_corrupts_nothing(bundles, broker, tmp_pat
     injected = r["faults_injected"]
     assert set(injected) >= set(KINDS) - {"skew"}, injected
     assert r["predictions_missing"] == 0, r["missing_examples"]
+    assert r["late_claims_unfounded"] == 0
     assert r["wrong_predictions"] == 0, r["wrong_examples"]
     assert r["unexpected_predictions"] == 0
     assert r["errors_received"] >= r["errors_expected_at_least"] > 0

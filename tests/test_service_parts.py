@@ -96,3 +96,24 @@ def test_wal_logs_resets_in_order(tmp_path):
         wal.append([rec("a", 1), reset, rec("a", 2)])
         got = list(wal.replay())
     assert [r.is_reset for r in got] == [False, True, False]
+
+
+def test_reorderer_stops_waiting_for_a_refused_seq():
+    r = Reorderer(10.0, lambda: 0.0)
+    r.push(rec("s", 1), None)
+    assert r.push(rec("s", 3), 1) == []  # waits for 2
+    assert [x.seq for x in r.void("s", 2, 1)] == [3]  # 2 was refused (NaN): release 3
+    assert r.void("s", 5, 3) == []  # refused ahead of time: 4 is still awaited
+    assert [x.seq for x in r.push(rec("s", 4), 3)] == [4]
+    assert [x.seq for x in r.push(rec("s", 6), 4)] == [6]  # 5 voided: no wait
+
+
+def test_gap_memory_tells_late_from_duplicate():
+    from edge.reorder import GapMemory
+
+    g = GapMemory()
+    g.note("s", 10, 3)  # 10, 11, 12 skipped
+    assert g.late("s", 11, 1) == 1 and g.late("s", 12, 3) == 1 and g.late("s", 9, 1) == 0
+    assert g.late("other", 11, 1) == 0
+    g.note_start("t", 100)  # the stream began at 100: anything before it arrived too late
+    assert g.late("t", 99, 1) == 1 and g.late("t", 100, 1) == 0

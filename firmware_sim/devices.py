@@ -131,11 +131,9 @@ class Device:
             return payloads.encode_frame(msg.seq, values, ts)
         if self.fmt == "senml" and fault != "wrong_features":
             return payloads.encode_senml(msg.seq, values, self.names, ts, 1.0 / self.rate)
-        body: dict[str, Any] = {"seq": msg.seq, "ts": ts}
-        rows = [[None if np.isnan(v) else float(v) for v in row] for row in values]
-        body["values"] = rows[0] if len(rows) == 1 else rows
-        text = json.dumps(body)
-        return text.replace("null", "NaN").encode()
+        rows = values.tolist()  # json writes NaN as NaN, which the runtime must refuse
+        body = {"seq": msg.seq, "ts": ts, "values": rows[0] if len(rows) == 1 else rows}
+        return json.dumps(body).encode()
 
 
 class Fleet:

@@ -6,8 +6,9 @@ Exit codes: 0 ok, 1 bundle written but a fidelity check failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
+
+from edge.cli import run_command
 
 from .errors import ConvertError
 
@@ -114,18 +115,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.command is None:
-        parser().print_help()
-        return 2
-    try:
-        return _run(args)
-    except ConvertError as exc:
-        print(f"lstm-convert: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lstm-convert: interrupted", file=sys.stderr)
-        return 130
+    commands = dict.fromkeys(("convert", "verify", "train-example"), _run)
+    return run_command(parser(), commands, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -45,23 +45,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = parser()
+def run_command(
+    p: argparse.ArgumentParser,
+    commands: Mapping[str, Callable[[argparse.Namespace], int]],
+    argv: Sequence[str] | None,
+) -> int:
+    """The shared shape of our three CLIs: help without a command, exit 2 and one line on
+    stderr for any ``EdgeError``, 130 on Ctrl-C."""
     args = p.parse_args(argv)
     if args.command is None:
         p.print_help()
         return 2
     try:
-        if args.command == "inspect":
-            return inspect(args)
-        from .service_cli import serve
-
-        return serve(args)
+        return commands[args.command](args)
     except EdgeError as exc:
-        print(f"edge-lstm: error: {exc}", file=sys.stderr)
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(f"{p.prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .service_cli import serve
+
+    return run_command(parser(), {"inspect": inspect, "serve": serve}, argv)
 
 
 def inspect(args: argparse.Namespace) -> int:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge.errors import EdgeError
+from edge.cli import run_command
 
 from .errors import SimError
 
@@ -98,23 +97,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    if args.command is None:
-        p.print_help()
-        return 2
-    try:
-        if args.command == "demo":
-            return demo(args)
-        if args.command == "run":
-            return run(args)
-        return host(args)
-    except (SimError, EdgeError) as exc:
-        print(f"firmware-sim: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("firmware-sim: interrupted, everything it started is stopped", file=sys.stderr)
-        return 130
+    return run_command(parser(), {"demo": demo, "run": run, "host": host}, argv)
 
 
 def demo(args: argparse.Namespace) -> int:

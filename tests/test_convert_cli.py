@@ -18,6 +18,10 @@ def run(capsys, *argv):
     return code, capsys.readouterr()
 
 
+def convert(capsys, model, calib, out, *extra):
+    return run(capsys, "convert", str(model), "--calib", str(calib), "--out", str(out), *extra)
+
+
 def assert_refused(code, out, needle, tmp_path):
     lines = [line for line in out.err.strip().splitlines() if line.startswith("lstm-convert")]
     assert code == 2 and len(lines) == 1 and needle in lines[0], out.err
@@ -26,13 +30,10 @@ def assert_refused(code, out, needle, tmp_path):
 
 
 def test_missing_model(capsys, tmp_path, src):
-    code, out = run(
+    code, out = convert(
         capsys,
-        "convert",
-        str(tmp_path / "nope.keras"),
-        "--calib",
-        str(src / "model.calib.npy"),
-        "--out",
+        tmp_path / "nope.keras",
+        src / "model.calib.npy",
         str(tmp_path / "out"),
     )
     assert_refused(code, out, "nope.keras: model file not found", tmp_path)
@@ -41,13 +42,10 @@ def test_missing_model(capsys, tmp_path, src):
 def test_unreadable_model(capsys, tmp_path, src):
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"not a zip")
-    code, out = run(
+    code, out = convert(
         capsys,
-        "convert",
-        str(bad),
-        "--calib",
-        str(src / "model.calib.npy"),
-        "--out",
+        bad,
+        src / "model.calib.npy",
         str(tmp_path / "out"),
     )
     assert_refused(code, out, "Keras cannot read this model", tmp_path)
@@ -65,13 +63,10 @@ def test_unreadable_model(capsys, tmp_path, src):
 def test_bad_calibration_data(capsys, tmp_path, src, array, needle):
     calib = tmp_path / "calib.npy"
     np.save(calib, array)
-    code, out = run(
+    code, out = convert(
         capsys,
-        "convert",
-        str(src / "model.keras"),
-        "--calib",
-        str(calib),
-        "--out",
+        src / "model.keras",
+        calib,
         str(tmp_path / "out"),
     )
     assert_refused(code, out, needle, tmp_path)
@@ -80,13 +75,10 @@ def test_bad_calibration_data(capsys, tmp_path, src, array, needle):
 def test_npz_without_x(capsys, tmp_path, src):
     calib = tmp_path / "calib.npz"
     np.savez(calib, data=np.zeros((2, 3, 6), np.float32))
-    code, out = run(
+    code, out = convert(
         capsys,
-        "convert",
-        str(src / "model.keras"),
-        "--calib",
-        str(calib),
-        "--out",
+        src / "model.keras",
+        calib,
         str(tmp_path / "out"),
     )
     assert_refused(code, out, "no array named 'x'", tmp_path)
@@ -97,13 +89,10 @@ def test_unsupported_layer(capsys, tmp_path, src):
 
     inp = keras.Input((None, 6))
     keras.Model(inp, keras.layers.GRU(4, name="gru_mem")(inp)).save(tmp_path / "gru.keras")
-    code, out = run(
+    code, out = convert(
         capsys,
-        "convert",
-        str(tmp_path / "gru.keras"),
-        "--calib",
-        str(src / "model.calib.npy"),
-        "--out",
+        tmp_path / "gru.keras",
+        src / "model.calib.npy",
         str(tmp_path / "out"),
     )
     assert_refused(code, out, "layer 'gru_mem' (GRU) cannot be streamed", tmp_path)
@@ -111,13 +100,10 @@ def test_unsupported_layer(capsys, tmp_path, src):
 
 def test_unwritable_output(capsys, tmp_path, src):
     (tmp_path / "file").write_text("x")
-    code, out = run(
+    code, out = convert(
         capsys,
-        "convert",
-        str(src / "model.keras"),
-        "--calib",
-        str(src / "model.calib.npy"),
-        "--out",
+        src / "model.keras",
+        src / "model.calib.npy",
         str(tmp_path / "file" / "b"),
     )
     assert code == 2 and "cannot write the output directory" in out.err
@@ -126,13 +112,10 @@ def test_unwritable_output(capsys, tmp_path, src):
 def test_refuses_to_overwrite_a_non_bundle_directory(capsys, tmp_path, src):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.tex").write_text("precious")
-    code, out = run(
+    code, out = convert(
         capsys,
-        "convert",
-        str(src / "model.keras"),
-        "--calib",
-        str(src / "model.calib.npy"),
-        "--out",
+        src / "model.keras",
+        src / "model.calib.npy",
         str(tmp_path / "out"),
     )
     assert code == 2 and "not empty and not a bundle" in out.err
@@ -140,13 +123,10 @@ def test_refuses_to_overwrite_a_non_bundle_directory(capsys, tmp_path, src):
 
 
 def test_label_count_must_match(capsys, tmp_path, src):
-    code, out = run(
+    code, out = convert(
         capsys,
-        "convert",
-        str(src / "model.keras"),
-        "--calib",
-        str(src / "model.calib.npy"),
-        "--out",
+        src / "model.keras",
+        src / "model.calib.npy",
         str(tmp_path / "out"),
         "--labels",
         "a,b",

@@ -29,12 +29,16 @@ device_venv() {
 }
 
 ensure_mosquitto() {
-    command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] && return 0
+    # mosquitto for the broker tests; openssl makes the TLS test's certificates
+    local missing=()
+    command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    [[ ${#missing[@]} == 0 ]] && return 0
     if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-        log "installing mosquitto with apt-get"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
-        # The package may start a system broker on 1883; the tests never use it.
+        log "installing ${missing[*]} with apt-get"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        # The mosquitto package may start a system broker on 1883; the tests never use it.
     else
-        log "mosquitto is missing: install it (sudo apt-get install mosquitto); broker tests will fail"
+        log "missing ${missing[*]}: install with sudo apt-get install ${missing[*]}; broker tests will fail"
     fi
 }

@@ -36,7 +36,7 @@ def describe(
     sample_rate_hz: float | None,
 ) -> Manifest:
     """The manifest of a converted step model, read back from the model's own signature."""
-    backend = select("litert" if "litert" in _avail() else None)
+    backend = select()
     runner = backend.runner(content, "serving_default")
     details = {**runner.get_input_details(), **runner.get_output_details()}
     tensors = {}
@@ -85,12 +85,6 @@ def describe(
         sample_rate_hz=sample_rate_hz,
         extra=extra,
     )
-
-
-def _avail() -> list[str]:
-    from edge.backend import available
-
-    return available()
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

@@ -13,7 +13,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "bench"
-DEVICE_PYTHON = ROOT / ".venv-device" / "bin" / "python"
 LABELS = ["Badminton", "Running", "Standing", "Walking"]
 
 
@@ -67,10 +66,15 @@ def per_call(fn: Callable[[], Any], *, min_time: float = 0.5, repeats: int = 5) 
 
 
 def in_device_env(code: str, *args: str) -> dict[str, Any]:
-    if not DEVICE_PYTHON.exists():
-        return {"error": f"{DEVICE_PYTHON} missing (run scripts/test once)"}
+    from convert.verify import device_python
+
+    python = device_python()
+    if python is None:
+        return {
+            "error": "no device-like Python (run scripts/test once, or set EDGE_LSTM_DEVICE_PYTHON)"
+        }
     out = subprocess.run(
-        [str(DEVICE_PYTHON), "-c", code, *args],
+        [python, "-c", code, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -89,7 +89,9 @@ def run_convert(
         f"calibrating on {calib.shape[0]} sequences x {calib.shape[1]} steps "
         "(and their concatenation)"
     )
-    cal = quantize.calibrate(spec, calib, normalize_in_graph=in_graph)
+    cal = quantize.calibrate(
+        spec, calib, normalize_in_graph=in_graph, search_c_range=mode == "int8"
+    )
     progress(f"converting to {mode}")
     content = quantize.convert(
         spec, cal, mode, normalize_in_graph=in_graph, per_channel=per_channel

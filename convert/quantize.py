@@ -37,18 +37,26 @@ def calibrate(
     calib: np.ndarray,
     *,
     normalize_in_graph: bool,
+    search_c_range: bool,
     samples: int = 1024,
     seed: int = 0,
 ) -> Calibration:
+    """``search_c_range``: pick the int8 cell-state range (only int8 pins state ranges)."""
     long = calib.reshape(1, -1, calib.shape[-1])
     xs, states = [], []
     for data in (calib, long):
-        _, before, xn = reference.run(spec, data)
+        y, before, xn = reference.run(spec, data)
         xs.append((data if normalize_in_graph else xn).reshape(-1, spec.features))
         states.append([b.reshape(-1, b.shape[-1]) for b in before])
     x_all = np.concatenate(xs)
     st_all = [np.concatenate([s[k] for s in states]) for k in range(len(states[0]))]
-    c_max = choose_c_range(spec, long[0, :SEARCH_STEPS], normalize_in_graph)
+    # the last run is the long stream; the search looks at its first SEARCH_STEPS steps
+    head = slice(0, SEARCH_STEPS)
+    c_max = (
+        choose_c_range(spec, xn[0, head], y[0, head], [b[0, head] for b in before[1::2]])
+        if search_c_range
+        else []
+    )
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(x_all), size=min(samples, len(x_all)), replace=False)
     return Calibration(
@@ -75,14 +83,16 @@ def simulate_error(spec: ModelSpec, xn: np.ndarray, y_float: np.ndarray, c_max: 
     return err / len(xn)
 
 
-def choose_c_range(spec: ModelSpec, stream: np.ndarray, normalize_in_graph: bool) -> list[float]:
+def choose_c_range(
+    spec: ModelSpec, xn: np.ndarray, y_float: np.ndarray, cells: list[np.ndarray]
+) -> list[float]:
     """The int8 range of C is a trade: too wide and small cell values lose resolution, too
     narrow and large ones clip. |C| beyond ~4 barely moves tanh(C), so clipping there is often
-    cheap; pick the range whose state rounding disturbs the float model's output least."""
-    y_float, before, xn = reference.run(spec, stream[None])
-    c_seen = max(float(np.abs(b).max()) for b in before[1::2])
+    cheap; pick the range whose state rounding disturbs the float model's output least.
+    ``xn``, ``y_float``, ``cells``: a float reference run (normalised inputs, outputs, C)."""
+    c_seen = max(float(np.abs(c).max()) for c in cells)
     cands = [c for c in C_CANDIDATES if c < c_seen * 1.1] + [max(1.0, c_seen * 1.1)]
-    errors = {c: simulate_error(spec, xn[0], y_float[0], c) for c in cands}
+    errors = {c: simulate_error(spec, xn, y_float, c) for c in cands}
     best = min(errors, key=errors.__getitem__)
     return [best] * len(spec.lstms)
 

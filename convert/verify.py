@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -208,9 +209,7 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
             res[name] = {"status": "not installed"}
             continue
         try:
-            import warnings
-
-            with warnings.catch_warnings():
+            with warnings.catch_warnings():  # tf.lite's own deprecation warning
                 warnings.simplefilter("ignore")
                 eng = edge.load(bundle, backend=name)
             y = probe(eng)

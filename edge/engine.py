@@ -142,6 +142,7 @@ class Engine:
             "invokes": c.invokes,
             "duplicates": c.duplicates,
             "gaps": c.gaps,
+            "gap_resets": c.gap_resets,
             "rejected": c.rejected,
             "resets": c.resets,
             "state_bytes": self.store.nbytes(),

@@ -42,8 +42,6 @@ class Metrics:
         "messages_in",
         "samples_in",
         "predictions_out",
-        "duplicates",
-        "gaps",
         "dropped_overload",
         "acks",
         "wal_records",
@@ -60,6 +58,8 @@ class Metrics:
         self.step_latency = Histogram()
         self.e2e_latency = Histogram()
         self.gauges: dict[str, Callable[[], float]] = {}
+        # counters another object already keeps (the engine's): read, never copied
+        self.derived_counters: dict[str, Callable[[], float]] = {}
 
     def inc(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -77,7 +77,7 @@ class Metrics:
             out["step_latency_p99_ms"] = self.step_latency.quantile(0.99) * 1000
             out["e2e_latency_p50_ms"] = self.e2e_latency.quantile(0.5) * 1000
             out["e2e_latency_p99_ms"] = self.e2e_latency.quantile(0.99) * 1000
-        out.update({k: f() for k, f in self.gauges.items()})
+        out.update({k: f() for k, f in {**self.derived_counters, **self.gauges}.items()})
         return out
 
     def serve_prometheus(self, host: str, port: int) -> None:
@@ -120,6 +120,10 @@ class Metrics:
                         yield HistogramMetricFamily(
                             f"edge_lstm_{hname}", hname, buckets=buckets, sum_value=h.sum
                         )
+                for name, fn in metrics.derived_counters.items():
+                    yield CounterMetricFamily(
+                        f"edge_lstm_{name}", name.replace("_", " "), value=fn()
+                    )
                 for name, fn in metrics.gauges.items():
                     yield GaugeMetricFamily(f"edge_lstm_{name}", name.replace("_", " "), value=fn())
 

@@ -93,10 +93,14 @@ class MqttService:
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
+            queue_depth=lambda: self.queue.qsize(),
+        )
+        self.metrics.derived_counters.update(
+            duplicates=lambda: self.engine.counters.duplicates,
+            gaps=lambda: self.engine.counters.gaps,
             evicted_streams=lambda: (
                 self.engine.store.stats.evicted_lru + self.engine.store.stats.evicted_idle
             ),
-            queue_depth=lambda: self.queue.qsize(),
         )
         self.client = self._make_client()
 
@@ -268,7 +272,6 @@ class MqttService:
         signal.signal(signal.SIGHUP, lambda *_: self.processor.requests.add("reload"))
         if cfg.metrics_port:
             self.metrics.serve_prometheus(cfg.metrics_host, cfg.metrics_port)
-        props = None
         if cfg.protocol == "5":
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties

@@ -225,7 +225,6 @@ class Processor:
         model = self.engine.manifest.model_id
         for rec, oc in zip(records, outcomes):
             if oc.duplicates:
-                self.metrics.inc("duplicates", oc.duplicates)
                 late = self.gaps.late(rec.stream, rec.seq, oc.duplicates)
                 if late:
                     detail = f"{late} sample(s) arrived after later ones were applied; dropped (reorder_ms is {self.cfg.reorder_ms:g})"
@@ -234,7 +233,6 @@ class Processor:
                 self._error(out, rec.stream, oc.error.code, str(oc.error), rec.seq)
                 continue
             if oc.gap and oc.seq is not None:
-                self.metrics.inc("gaps")
                 self.gaps.note(rec.stream, (oc.seq - oc.gap) % U32, oc.gap)
             if not len(oc.y):
                 continue

@@ -80,8 +80,7 @@ class StateStore:
         self._free.extend(range(new - 1, old - 1, -1))
 
     def _clear(self, row: int) -> None:
-        for a, z in zip(self.arrays, self._zero):
-            a[row] = z[0]
+        self.zero_rows(np.asarray([row]))
         self.last_seq[row] = NO_SEQ
 
     def peek(self, stream: str) -> int | None:
@@ -131,8 +130,7 @@ class StateStore:
         """Zero state; the last seq is kept so a reset never re-admits old samples."""
         row = self._rows.get(stream)
         if row is not None:
-            for a, z in zip(self.arrays, self._zero):
-                a[row] = z[0]
+            self.zero_rows(np.asarray([row]))
 
     def remove(self, stream: str) -> None:
         row = self._rows.pop(stream, None)

@@ -16,7 +16,7 @@ from .devices import Fleet, Sent
 from .errors import SimError
 from .faults import FaultPlan
 from .runtime import Runtime
-from .scorer import U32, Scorer, save, score, table
+from .scorer import Scorer, save, score, table
 
 RUNTIME_ID = "firmware-sim-runtime"
 
@@ -69,8 +69,8 @@ def float_reference(model: Path, log: list[Sent]) -> dict[tuple[str, int], np.nd
             continue
         x = np.concatenate([m.values for m in msgs])
         y, _, _ = reference.run(spec, x[None])
-        seqs = [(m.seq + k) % U32 for m in msgs for k in range(len(m.values))]
-        out.update({(stream, s): y[0, i] for i, s in enumerate(seqs)})
+        keys = [key for m in msgs for key in m.keys]
+        out.update({key: y[0, i] for i, key in enumerate(keys)})
     return out
 
 

@@ -46,6 +46,11 @@ class Sent:
     published: float | None = None  # wall time of the first publish
 
     @property
+    def keys(self) -> list[tuple[str, int]]:
+        """(stream, seq) of every sample the message carries."""
+        return [(self.stream, (self.seq + k) % 2**32) for k in range(len(self.values))]
+
+    @property
     def valid(self) -> bool:
         return not set(self.faults) & set(INVALID)
 

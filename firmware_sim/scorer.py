@@ -94,12 +94,7 @@ class Scorer:
 
 
 def expected_keys(log: Sequence[Sent]) -> set[tuple[str, int]]:
-    return {
-        (m.stream, (m.seq + k) % U32)
-        for m in log
-        if m.valid and m.delivered
-        for k in range(len(m.values))
-    }
+    return {key for m in log if m.valid and m.delivered for key in m.keys}
 
 
 def overtaken(log: Sequence[Sent]) -> set[tuple[str, int]]:
@@ -108,7 +103,7 @@ def overtaken(log: Sequence[Sent]) -> set[tuple[str, int]]:
     newest: dict[str, int] = {}
     for m in sorted((m for m in log if m.delivered), key=lambda m: m.published or 0.0):
         if m.stream in newest and m.seq < newest[m.stream]:
-            out.update((m.stream, (m.seq + k) % U32) for k in range(len(m.values)))
+            out.update(m.keys)
         newest[m.stream] = max(m.seq, newest.get(m.stream, m.seq))
     return out
 
@@ -125,7 +120,7 @@ def late_keys(scorer: Scorer, log: Sequence[Sent]) -> tuple[set[tuple[str, int]]
     unfounded = 0
     for m in log:
         if (m.stream, m.seq) in claimed:
-            keys = {(m.stream, (m.seq + k) % U32) for k in range(len(m.values))}
+            keys = set(m.keys)
             excused |= keys & behind
             unfounded += not keys & behind
     return excused, unfounded
@@ -154,6 +149,21 @@ def offline(
     return out
 
 
+def latencies_s(
+    got: dict[tuple[str, int], list[tuple[np.ndarray, float]]], log: Sequence[Sent]
+) -> np.ndarray:
+    """Publish -> first prediction, in seconds, in the order the samples were published."""
+    sent_at = {key: m.published for m in log if m.published for key in m.keys}
+    return np.array(
+        [
+            lat
+            for _, lat in sorted(
+                (sent_at[k], ys[0][1] - sent_at[k]) for k, ys in got.items() if k in sent_at
+            )
+        ]
+    )
+
+
 def score(
     scorer: Scorer,
     log: Sequence[Sent],
@@ -166,26 +176,13 @@ def score(
     late, unfounded = late_keys(scorer, log)
     want = expected_keys(log) - late
     labels = {
-        (m.stream, (m.seq + k) % U32): int(m.labels[k])
-        for m in log
-        if m.labels is not None
-        for k in range(len(m.values))
-    }
-    published = {m.stream: m for m in log}
-    sent_at = {
-        (m.stream, (m.seq + k) % U32): m.published
-        for m in log
-        if m.published
-        for k in range(len(m.values))
+        key: int(lab) for m in log if m.labels is not None for key, lab in zip(m.keys, m.labels)
     }
     faults = Counter(f for m in log for f in m.faults)
     invalid_delivered = sum(1 for m in log if m.delivered and not m.valid)
-    timed = sorted(
-        (sent_at[key], ys[0][1] - sent_at[key]) for key, ys in got.items() if sent_at.get(key)
-    )
-    latencies = np.array([lat for _, lat in timed])
+    latencies = latencies_s(got, log)
     r: dict[str, Any] = {
-        "devices": len(published),
+        "devices": len({m.stream for m in log}),
         "messages_created": len(log),
         "messages_delivered": sum(m.delivered for m in log),
         "samples_delivered_valid": len(want),
@@ -266,13 +263,7 @@ def save(r: dict[str, Any], scorer: Scorer, log: Sequence[Sent], out: Path) -> t
     import matplotlib.pyplot as plt
 
     got = scorer.received()
-    sent_at = {
-        (m.stream, (m.seq + k) % U32): m.published
-        for m in log
-        if m.published
-        for k in range(len(m.values))
-    }
-    lat = [(ys[0][1] - sent_at[k]) * 1000 for k, ys in got.items() if sent_at.get(k)]
+    lat = latencies_s(got, log) * 1000
     streams = sorted({m.stream for m in log if m.labels is not None})[:4]
     fig = plt.figure(figsize=(13, 4.5))
     grid = fig.add_gridspec(max(1, len(streams)), 2)
@@ -283,10 +274,10 @@ def save(r: dict[str, Any], scorer: Scorer, log: Sequence[Sent], out: Path) -> t
     for i, stream in enumerate(streams):
         b = fig.add_subplot(grid[i, 1])
         keys = [
-            ((m.seq + k) % U32, int(m.labels[k]))
+            (key[1], int(lab))
             for m in log
             if m.stream == stream and m.labels is not None
-            for k in range(len(m.values))
+            for key, lab in zip(m.keys, m.labels)
         ]
         xs = np.arange(len(keys))
         pred = [got[(stream, s)][0][0].argmax() if (stream, s) in got else np.nan for s, _ in keys]

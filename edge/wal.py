@@ -218,4 +218,4 @@ def _torn(data: bytes, off: int) -> bool:
     if not data.startswith(MAGIC, off):
         return False
     _, length, _ = _FRAME.unpack_from(data, off)
-    return off + _FRAME.size + length > len(data)
+    return bool(off + _FRAME.size + length > len(data))

@@ -353,11 +353,16 @@ def decode_frame(payload: bytes, f: int) -> Samples:
             seq,
         )
     stamp = None if math.isnan(ts) else _ts(ts, seq)
-    values = np.frombuffer(payload, "<f4", k * f, head.size).astype(np.float64).reshape(k, f)
-    bad = np.flatnonzero(~np.isfinite(values))
+    # Non-finite = all exponent bits set; tested on the bits so that no NaN (signalling ones
+    # included) ever reaches a float operation that could warn.
+    bits = np.frombuffer(payload, "<u4", k * f, head.size)
+    bad = np.flatnonzero((bits & 0x7F800000) == 0x7F800000)
     if len(bad):
         i, j = divmod(int(bad[0]), f)
-        raise PayloadError("not_finite", f"values[{i}][{j}] is {values[i, j]!r}, not finite", seq)
+        word = int(bits[bad[0]])
+        what = "nan" if word & 0x007FFFFF else "-inf" if word >> 31 else "inf"
+        raise PayloadError("not_finite", f"values[{i}][{j}] is {what} ({word:#010x})", seq)
+    values = np.frombuffer(payload, "<f4", k * f, head.size).astype(np.float64).reshape(k, f)
     return Samples(seq, stamp, values, boot)
 
 

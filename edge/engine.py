@@ -58,6 +58,7 @@ class Outcome:
     y: np.ndarray
     duplicates: int = 0
     gap: int = 0
+    late: int = 0  # of the duplicates, those that fell in a gap the stream was stepped across
     reset: bool = False  # the state was zeroed before the first applied sample
     restart: bool = False  # ... because the device restarted (new boot, or seq far behind)
     error: SampleError | None = None
@@ -153,6 +154,11 @@ class Engine:
             return None
         return int(self.store.last_seq[row])
 
+    def boots(self, stream: str) -> tuple[int | None, list[int]]:
+        """(current boot id or None, earlier boot ids) of a stream."""
+        row = self.store.peek(stream)
+        return (None, []) if row is None else self.store.boot_of(row)
+
     def state_of(self, stream: str) -> list[np.ndarray] | None:
         row = self.store.peek(stream)
         return None if row is None else [a[row].copy() for a in self.store.arrays]
@@ -178,7 +184,7 @@ class Engine:
 
     def snapshot(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """All streams' state, last seq and boot ids, atomically (see ``edge.snapshot``)."""
-        streams, last_seq, arrays, boots = self.store.export()
+        streams, last_seq, arrays, boots, gaps = self.store.export()
         snap = snapfmt.Snapshot(
             self.manifest.tflite_sha256,
             [list(x) for x in self.manifest.state_layout()],
@@ -187,6 +193,7 @@ class Engine:
             arrays,
             extra or {},
             boots,
+            gaps,
         )
         snapfmt.write_atomic(path, snapfmt.encode(snap))
 
@@ -216,7 +223,7 @@ class Engine:
                 self.store.load([], np.empty(0, np.int64), [a[:0] for a in self.store.arrays])
                 return {}
             raise SnapshotError(f"{path}: cannot restore: {problem} (start fresh to ignore it)")
-        self.store.load(snap.streams, snap.last_seq, snap.arrays, snap.boots)
+        self.store.load(snap.streams, snap.last_seq, snap.arrays, snap.boots, snap.gaps)
         return snap.extra
 
     def load_state_from(self, other: Engine) -> None:
@@ -240,8 +247,9 @@ class Engine:
         plans: dict[str, list[_Segment]] = {}
         last: dict[str, int | None] = {}
         boots: dict[str, int] = {}
+        gaps: list[tuple[str, int, int, bool]] = []  # (stream, first skipped, count, fresh)
         for chunk in items:
-            outcome, values = self._admit(chunk, last, boots)
+            outcome, values = self._admit(chunk, last, boots, gaps)
             outcomes.append(outcome)
             if values is not None and len(values):
                 seg = _Segment(values, len(outcomes) - 1, outcome.reset)
@@ -256,6 +264,10 @@ class Engine:
             row = self.store.peek(stream)
             if row is not None:
                 self.store.set_boot(row, boot)
+        for stream, first, count, fresh in gaps:
+            row = self.store.peek(stream)
+            if row is not None:
+                self.store.note_gap(row, first, count, fresh=fresh)
         return outcomes
 
     def _boot_of(self, stream: str, boots: dict[str, int]) -> tuple[int | None, list[int]]:
@@ -267,7 +279,11 @@ class Engine:
         return cur, old
 
     def _admit(
-        self, chunk: Chunk, last: dict[str, int | None], boots: dict[str, int]
+        self,
+        chunk: Chunk,
+        last: dict[str, int | None],
+        boots: dict[str, int],
+        gaps: list[tuple[str, int, int, bool]],
     ) -> tuple[Outcome, np.ndarray | None]:
         stream, seq = chunk.stream, chunk.seq
         empty = self._no_output
@@ -301,10 +317,17 @@ class Engine:
         if restart:
             self.counters.restarts += 1
             last[stream] = None
+        start = last[stream] is None
         adm = admit(last[stream], seq, len(values))
         self.counters.duplicates += adm.duplicates
+        late = 0
+        if adm.duplicates:
+            row = self.store.peek(stream)
+            late = 0 if row is None else self.store.late(row, seq, adm.duplicates)
         if adm.first_new is None:
-            return Outcome(stream, seq, empty, duplicates=adm.duplicates), None
+            return Outcome(stream, seq, empty, duplicates=adm.duplicates, late=late), None
+        if start:  # it starts here: anything before it arrives too late
+            gaps.append((stream, (adm.first_new - HALF + 1) % U32, HALF - 1, True))
         reset = False
         if adm.gap:
             self.counters.gaps += 1
@@ -319,10 +342,12 @@ class Engine:
             if self.gap_policy == "reset":
                 reset = True
                 self.counters.gap_resets += 1
+        if adm.gap:
+            gaps.append((stream, (adm.first_new - adm.gap) % U32, adm.gap, False))
         values = values[adm.duplicates :]
         last[stream] = last_of(adm.first_new, len(values))
         return Outcome(
-            stream, adm.first_new, empty, adm.duplicates, adm.gap, reset or restart, restart
+            stream, adm.first_new, empty, adm.duplicates, adm.gap, late, reset or restart, restart
         ), values
 
     def _validate(self, chunk: Chunk) -> np.ndarray:

@@ -74,6 +74,14 @@ class MqttService:
 
         self.mqtt = mqtt
         self.cfg = cfg
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.requests: set[str] = set()
+        if threading.current_thread() is threading.main_thread():
+            # First of all: a SIGTERM while the model loads or the log replays is a clean stop.
+            signal.signal(signal.SIGTERM, self._stop)
+            signal.signal(signal.SIGINT, self._stop)
+            signal.signal(signal.SIGHUP, lambda *_: self.requests.add("reload"))
         self.metrics = Metrics()
         journal = Journal(cfg.state_dir, fsync=cfg.durability == "power")
         self.processor = Processor(open_engine(cfg), cfg, journal, self.metrics)
@@ -89,8 +97,6 @@ class MqttService:
         self.outbox = self.processor.outbox
         self.inbox: deque[Inbound] = deque()
         self.acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
         self.connected = threading.Event()
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
@@ -176,6 +182,10 @@ class MqttService:
             return
         no_delay(client)
         log.info("connected to %s (session present: %s)", self.cfg.broker, flags.session_present)
+        limit = getattr(props, "ReceiveMaximum", None) if props else None
+        if isinstance(limit, int) and limit > 0:
+            # The broker takes no more unacknowledged publishes than that: our window obeys.
+            self.outbox.window = min(self.cfg.max_unacked, limit)
         self.metrics.inc("reconnects")
         p = self.processor
         client.subscribe([(f, 1) for f in (p.data.filter, p.control.filter, p.runtime_control)])
@@ -300,9 +310,6 @@ class MqttService:
 
     def run(self) -> int:
         cfg = self.cfg
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
-        signal.signal(signal.SIGHUP, lambda *_: self.processor.requests.add("reload"))
         if cfg.metrics_port:
             self.metrics.serve_prometheus(cfg.metrics_host, cfg.metrics_port)
         if cfg.protocol == "5":
@@ -346,8 +353,9 @@ class MqttService:
                         self.wake.clear()
                     self._work_once()
                 self._update_status()
-                if "reload" in self.processor.requests:
+                if "reload" in self.processor.requests or "reload" in self.requests:
                     self.processor.requests.discard("reload")
+                    self.requests.discard("reload")
                     self.reload()
                 if (
                     now - last_snapshot >= cfg.snapshot_interval

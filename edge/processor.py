@@ -13,6 +13,7 @@ of the batch goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -25,11 +26,11 @@ import numpy as np
 
 from . import payloads
 from .config import ServiceConfig
-from .engine import Chunk, Engine
+from .engine import Chunk, Engine, Outcome
 from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
-from .reorder import GapMemory, Reorderer
+from .reorder import Reorderer
 from .sequencing import U32
 from .topics import Template
 from .wal import Entry, Mark, Output, Record, Release, Void
@@ -112,8 +113,7 @@ class Processor:
         self.errors = Template(cfg.error_topic)
         self.replies = Template(cfg.reply_topic)
         self.runtime_control = cfg.runtime_control_topic.replace("{runtime_id}", cfg.runtime_id)
-        self.reorder = Reorderer(cfg.reorder_ms / 1000.0, clock)
-        self.gaps = GapMemory(streams=cfg.capacity)
+        self.reorder = Reorderer(cfg.reorder_ms / 1000.0, clock, cfg.restart_gap)
         self.outbox = Outbox(cfg.max_unacked)
         self.requests: set[str] = set()
         self.lsn = 0  # of the last message taken in
@@ -134,7 +134,6 @@ class Processor:
         engine.store.on_evict = self._forget
 
     def _forget(self, streams: list[str]) -> None:
-        self.gaps.forget(streams)
         self.reorder.forget(streams)
         self._restarted.difference_update(streams)
 
@@ -203,7 +202,9 @@ class Processor:
             try:
                 self._decode(msg, r)
             except Exception as exc:  # one message must never stop the service
-                self._internal(r, self.data.stream(msg.topic) or INVALID_STREAM, exc, None)
+                o = self._internal(self.data.stream(msg.topic) or INVALID_STREAM, exc, r.lsn)
+                r.outs.append(o)
+                r.entries.append(Output(o.lsn, o.topic, o.payload))
         return self._run(r, keep=False)
 
     def tick(self) -> bool:
@@ -255,7 +256,7 @@ class Processor:
     def checkpoint(self) -> bool:
         """Snapshot the engine into a new generation; False (and degraded) when it cannot."""
         held = self.reorder.pending()
-        carry: list[Entry] = [_carried(rec) for rec in held]
+        carry: list[Entry] = [dataclasses.replace(rec, carried=True) for rec in held]
         carry += [
             Output(o.lsn, o.topic, o.payload, carried=True)
             for o in self.outbox.unacknowledged()
@@ -282,22 +283,22 @@ class Processor:
             return
         if len(msg.payload) > self.cfg.max_payload_bytes:
             detail = f"payload of {len(msg.payload)} bytes exceeds max_payload_bytes {self.cfg.max_payload_bytes}"
-            self._error(r, stream, "too_large", detail, logged=True)
+            self._error(r, stream, "too_large", detail)
             return
         try:
             s = payloads.decode(msg.payload, self.engine.manifest.feature_names, msg.content_type)
         except payloads.PayloadError as exc:
-            self._error(r, stream, exc.code, exc.detail, exc.seq, logged=True)
+            self._error(r, stream, exc.code, exc.detail, exc.seq)
             if exc.seq is not None:
                 r.voids.append((stream, exc.seq))
                 r.entries.append(Void(stream, exc.seq))
             return
         if s.seq is None:
-            self._error(r, stream, "missing_seq", "every sample message needs a 'seq'", logged=True)
+            self._error(r, stream, "missing_seq", "every sample message needs a 'seq'")
             return
         if len(s.values) > self.cfg.max_samples_per_message:
             detail = f"{len(s.values)} samples in one message; max_samples_per_message is {self.cfg.max_samples_per_message}"
-            self._error(r, stream, "too_many_samples", detail, s.seq, logged=True)
+            self._error(r, stream, "too_many_samples", detail, s.seq)
             r.voids.append((stream, s.seq))
             r.entries.append(Void(stream, s.seq))
             return
@@ -310,18 +311,18 @@ class Processor:
         stream = self.control.stream(msg.topic)
         if stream is None and msg.topic != self.runtime_control:
             detail = f"topic {msg.topic[:200]!r} does not match {self.data.template!r}"
-            self._error(r, INVALID_STREAM, "bad_topic", detail, logged=True)
+            self._error(r, INVALID_STREAM, "bad_topic", detail)
             return
         self.metrics.inc("control")
         where = stream or INVALID_STREAM
         if len(msg.payload) > self.cfg.max_payload_bytes:
             detail = f"control payload of {len(msg.payload)} bytes exceeds max_payload_bytes"
-            self._error(r, where, "too_large", detail, logged=True)
+            self._error(r, where, "too_large", detail)
             return
         try:
             doc = payloads.parse_json(msg.payload)
         except payloads.PayloadError as exc:
-            self._error(r, where, exc.code, f"control message: {exc.detail}", logged=True)
+            self._error(r, where, exc.code, f"control message: {exc.detail}")
             return
         cmd = doc.get("cmd") if isinstance(doc, dict) else None
         if stream is None:
@@ -329,18 +330,18 @@ class Processor:
                 self.requests.add(cmd)
             else:
                 detail = f"runtime control {msg.payload[:80]!r}: expected reload or snapshot"
-                self._error(r, where, "unknown_command", detail, logged=True)
+                self._error(r, where, "unknown_command", detail)
             return
         if cmd != "reset":
             detail = f'control {msg.payload[:80]!r}: expected {{"cmd": "reset"}}'
-            self._error(r, stream, "unknown_command", detail, logged=True)
+            self._error(r, stream, "unknown_command", detail)
             return
         assert isinstance(doc, dict)
         seq, boot = doc.get("seq"), doc.get("boot")
         for name, value in (("seq", seq), ("boot", boot)):
             if value is not None and not _u32(value):
                 detail = f"reset {name} {value!r} is not an unsigned 32-bit integer"
-                self._error(r, stream, f"bad_{name}", detail, logged=True)
+                self._error(r, stream, f"bad_{name}", detail)
                 return
         empty = np.empty((0, self.engine.manifest.features))
         rec = Record(stream, seq or 0, None, empty, boot, r.lsn, rebase=seq is not None)
@@ -361,7 +362,7 @@ class Processor:
             log.debug("could not decode a dropped message", exc_info=True)
         self.metrics.inc("dropped_overload")
         detail = f"{count or 'the'} sample(s) dropped: the runtime is overloaded (overload = drop-oldest)"
-        self._error(r, stream, "dropped", detail, seq, logged=True)
+        self._error(r, stream, "dropped", detail, seq)
 
     # -- stepping ---------------------------------------------------------------------------
 
@@ -376,17 +377,15 @@ class Processor:
                 ready = []
                 out += self._reset(rec)
             else:
-                ready += self.reorder.push(rec, self.engine.last_seq(rec.stream))
+                s = rec.stream
+                ready += self.reorder.push(rec, self.engine.last_seq(s), self.engine.boots(s))
         return out + self._step(ready + r.released)
 
     def _reset(self, rec: Record) -> list[Outbound]:
         try:
             self.engine.reset(rec.stream, next_seq=rec.seq if rec.rebase else None, boot=rec.boot)
         except Exception as exc:
-            out: list[Outbound] = []
-            self._internal_into(out, rec.stream, exc, rec.lsn)
-            return out
-        self.gaps.forget([rec.stream])
+            return [self._internal(rec.stream, exc, rec.lsn)]
         log.info("stream %s reset by control message", rec.stream)
         last = self.engine.last_seq(rec.stream)
         body = {
@@ -401,7 +400,6 @@ class Processor:
     def _step(self, records: list[Record]) -> list[Outbound]:
         if not records:
             return []
-        new = {r.stream for r in records if self.engine.last_seq(r.stream) is None}
         chunks = [Chunk(r.stream, r.values, r.seq, r.boot) for r in records]
         t0 = time.perf_counter()
         try:
@@ -416,54 +414,44 @@ class Processor:
         out = []
         for rec, oc in zip(records, outcomes):
             try:
-                out += self._answer(rec, oc, rec.stream in new)
+                out += self._answer(rec, oc)
             except Exception as exc:
-                self._internal_into(out, rec.stream, exc, rec.lsn, rec.seq)
+                out.append(self._internal(rec.stream, exc, rec.lsn, rec.seq))
         return out
 
     def _step_one(self, rec: Record) -> list[Outbound]:
-        new = self.engine.last_seq(rec.stream) is None
         try:
             (oc,) = self.engine.step_many([Chunk(rec.stream, rec.values, rec.seq, rec.boot)])
-            return self._answer(rec, oc, new)
+            return self._answer(rec, oc)
         except Exception as exc:
-            out: list[Outbound] = []
-            self._internal_into(out, rec.stream, exc, rec.lsn, rec.seq)
-            return out
+            return [self._internal(rec.stream, exc, rec.lsn, rec.seq)]
 
-    def _answer(self, rec: Record, oc: Any, new: bool) -> list[Outbound]:
+    def _answer(self, rec: Record, oc: Outcome) -> list[Outbound]:
         out: list[Outbound] = []
 
         def err(code: str, detail: str, **extra: Any) -> None:
             out.append(self._error_msg(rec.stream, code, detail, rec.seq, rec.lsn, extra))
 
-        if oc.duplicates:
-            late = self.gaps.late(rec.stream, rec.seq, oc.duplicates)
-            if late:
-                err(
-                    "late",
-                    f"{late} sample(s) arrived after later ones were applied; dropped (reorder_ms is {self.cfg.reorder_ms:g})",
-                    count=late,
-                )
-            if oc.duplicates > late and not rec.redelivered:
-                n = oc.duplicates - late
-                err(
-                    "duplicate",
-                    f"{n} sample(s) from seq {rec.seq} were applied already; dropped",
-                    count=n,
-                )
+        if oc.late:
+            err(
+                "late",
+                f"{oc.late} sample(s) arrived after later ones were applied; dropped (reorder_ms is {self.cfg.reorder_ms:g})",
+                count=oc.late,
+            )
+        if oc.duplicates > oc.late and not rec.redelivered:
+            n = oc.duplicates - oc.late
+            err(
+                "duplicate",
+                f"{n} sample(s) from seq {rec.seq} were applied already; dropped",
+                count=n,
+            )
         if oc.error is not None:
             err(oc.error.code, str(oc.error))
             return out
         if oc.restart:
-            self.gaps.forget([rec.stream])
             log.info("stream %s restarted (boot %s, seq %s)", rec.stream, rec.boot, oc.seq)
-        if oc.gap and oc.seq is not None:
-            self.gaps.note(rec.stream, (oc.seq - oc.gap) % U32, oc.gap)
         if not len(oc.y):
             return out
-        if (new or oc.restart) and oc.seq is not None:  # it starts here: earlier seqs are late
-            self.gaps.note_start(rec.stream, oc.seq)
         restart = oc.restart or rec.stream in self._restarted
         self._restarted.discard(rec.stream)
         m = self.engine.manifest
@@ -507,35 +495,19 @@ class Processor:
         code: str,
         detail: str,
         seq: int | None = None,
-        *,
-        logged: bool,
         extra: dict[str, Any] | None = None,
     ) -> None:
         """An answer decided at decode time: logged, since replay does not decode again."""
         o = self._error_msg(stream, code, detail, seq, r.lsn, extra)
         r.outs.append(o)
-        if logged:
-            r.entries.append(Output(o.lsn, o.topic, o.payload))
+        r.entries.append(Output(o.lsn, o.topic, o.payload))
 
-    def _internal(self, r: _Round, stream: str, exc: BaseException, seq: int | None) -> None:
-        incident = secrets.token_hex(4)
-        log.error("internal error %s on stream %s:", incident, stream, exc_info=exc)
-        self._error(
-            r, stream, "internal", f"unexpected {type(exc).__name__}; see log id {incident}", seq,
-            logged=True, extra={"id": incident},
-        )  # fmt: skip
-
-    def _internal_into(
-        self, out: list[Outbound], stream: str, exc: BaseException, lsn: int, seq: int | None = None
-    ) -> None:
+    def _internal(
+        self, stream: str, exc: BaseException, lsn: int, seq: int | None = None
+    ) -> Outbound:
+        """The answer to a message whose handling failed unexpectedly; its id finds the
+        traceback in the log."""
         incident = secrets.token_hex(4)
         log.error("internal error %s on stream %s:", incident, stream, exc_info=exc)
         detail = f"unexpected {type(exc).__name__}; see log id {incident}"
-        out.append(self._error_msg(stream, "internal", detail, seq, lsn, {"id": incident}))
-
-
-def _carried(rec: Record) -> Record:
-    return Record(
-        rec.stream, rec.seq, rec.ts, rec.values, rec.boot, rec.lsn, True, rec.rebase,
-        rec.redelivered,
-    )  # fmt: skip
+        return self._error_msg(stream, "internal", detail, seq, lsn, {"id": incident})

@@ -1,12 +1,16 @@
 """Hold messages that arrive ahead of a gap for a short while, so a sample that was merely
 overtaken (reordered in flight) is applied in order instead of being dropped as a duplicate.
 
-Pure logic: the clock is injected, the engine's last applied seq is passed in.
+A stream starts a new life when its device restarts (a new ``boot`` id, or with
+``restart_gap`` a seq far behind): what is held of the old life is released first, in order,
+and the new life's seq numbering starts afresh. Messages of an earlier boot pass straight
+through (the engine answers them ``stale``).
+
+Pure logic: the clock is injected, the engine's last applied seq and boot ids are passed in.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -21,9 +25,13 @@ class _Held:
 
 
 class Reorderer:
-    def __init__(self, hold_seconds: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, hold_seconds: float, clock: Callable[[], float], restart_gap: int = 0
+    ) -> None:
         self.hold = hold_seconds
+        self.restart_gap = restart_gap
         self._clock = clock
+        self._boots: dict[str, tuple[int, list[int]]] = {}  # current boot, earlier ones
         self._held: dict[str, list[_Held]] = {}
         self._next: dict[str, int] = {}  # the seq each stream expects next
         self._void: dict[str, set[int]] = {}  # seqs that arrived unusable: do not wait for them
@@ -43,6 +51,7 @@ class Reorderer:
             if stream not in self._held:
                 self._next.pop(stream, None)
                 self._void.pop(stream, None)
+                self._boots.pop(stream, None)
 
     def force(self, stream: str, seq: int) -> list[Record]:
         """Release the held record ``seq`` of ``stream`` as ``expire`` once did (log replay)."""
@@ -54,13 +63,30 @@ class Reorderer:
                 return [h.record, *self._release_contiguous(stream)]
         return []
 
-    def push(self, rec: Record, last_applied: int | None) -> list[Record]:
-        """Records ready to apply, in order; ``rec`` itself may be held back."""
+    def push(
+        self,
+        rec: Record,
+        last_applied: int | None,
+        boots: tuple[int | None, list[int]] = (None, []),
+    ) -> list[Record]:
+        """Records ready to apply, in order; ``rec`` itself may be held back. ``boots`` is the
+        engine's (current, earlier) boot ids of the stream."""
         if self.hold <= 0:
             return [rec]
-        expect = self._next.get(rec.stream)
+        stream = rec.stream
+        cur, old = self._boots.get(stream, boots)
+        expect = self._next.get(stream)
         if expect is None and last_applied is not None:
             expect = (last_applied + 1) % U32
+        if rec.boot is not None and cur is not None and rec.boot != cur:
+            if rec.boot in old:
+                return [rec]  # an earlier boot: stale
+            return self._start_over(rec, [cur, *old])
+        if rec.boot is not None:
+            self._boots[stream] = (rec.boot, old)
+        behind = None if expect is None else (expect - 1 - rec.seq) % U32
+        if self.restart_gap and behind is not None and self.restart_gap < behind < HALF:
+            return self._start_over(rec, old)
         ahead = None if expect is None else (rec.seq - expect) % U32
         if ahead is not None and 0 < ahead < HALF:
             self._held.setdefault(rec.stream, []).append(_Held(self._clock(), rec))
@@ -69,6 +95,17 @@ class Reorderer:
         self._advance(rec)
         ready += self._release_contiguous(rec.stream)
         return ready
+
+    def _start_over(self, rec: Record, old: list[int]) -> list[Record]:
+        """``rec`` begins a new life of its stream: the old life's held records go first."""
+        stream = rec.stream
+        held = sorted((h.record for h in self._held.pop(stream, [])), key=lambda r: r.lsn)
+        self._next.pop(stream, None)
+        self._void.pop(stream, None)
+        if rec.boot is not None:
+            self._boots[stream] = (rec.boot, old[:3])
+        self._advance(rec)
+        return [*held, rec]
 
     def void(self, stream: str, seq: int, last_applied: int | None) -> list[Record]:
         """A message took ``seq`` but carried nothing usable (it was answered with an error):
@@ -134,42 +171,3 @@ class Reorderer:
         if not items:
             self._held.pop(stream, None)
         return out
-
-
-class GapMemory:
-    """Which seqs each stream skipped over (a gap the engine stepped across, or everything
-    before the sample that started the stream), so that a sample arriving after it was given
-    up on is reported as late, not as a plain duplicate."""
-
-    def __init__(self, per_stream: int = 8, streams: int = 100_000) -> None:
-        self._gaps: OrderedDict[str, deque[tuple[int, int]]] = OrderedDict()
-        self._per_stream = per_stream
-        self._streams = streams  # most streams remembered, least recently noted go first
-
-    def __len__(self) -> int:
-        return len(self._gaps)
-
-    def note_start(self, stream: str, first_seq: int) -> None:
-        self.forget([stream])  # a (re)start: earlier gaps belong to a previous life
-        self.note(stream, (first_seq - HALF + 1) % U32, HALF - 1)
-
-    def note(self, stream: str, first_skipped: int, count: int) -> None:
-        gaps = self._gaps.get(stream)
-        if gaps is None:
-            gaps = self._gaps[stream] = deque(maxlen=self._per_stream)
-            if len(self._gaps) > self._streams:
-                self._gaps.popitem(last=False)
-        else:
-            self._gaps.move_to_end(stream)
-        gaps.append((first_skipped, count))
-
-    def forget(self, streams: Iterable[str]) -> None:
-        for stream in streams:
-            self._gaps.pop(stream, None)
-
-    def late(self, stream: str, seq: int, count: int) -> int:
-        """How many of the samples ``seq .. seq+count-1`` fall in a remembered gap."""
-        gaps = self._gaps.get(stream)
-        if not gaps:
-            return 0
-        return sum(any((s - first) % U32 < n for first, n in gaps) for s in range(seq, seq + count))

@@ -10,6 +10,7 @@
     16      N     header, UTF-8 JSON: model_sha256, state_layout, streams, created, extra
     16+N    8*S   i64 last seq per stream (-1 = none yet), S = len(streams)
     ...     8*S*B i64 boot ids per stream, current first (-1 = none), B = header "boot_history"
+    ...     16*S*G i64 (first skipped seq, count) of each stream's last gaps, G = "gap_slots"
     ...           each state tensor in state_layout order: S rows x width, its dtype
     end-32  32    sha256 of every byte before it
 
@@ -50,11 +51,13 @@ class Snapshot:
     arrays: list[np.ndarray]
     extra: dict[str, Any] = field(default_factory=dict)
     boots: np.ndarray | None = None  # [S, B] i64; None reads as "no boot ids known"
+    gaps: np.ndarray | None = None  # [S, G, 2] i64; None reads as "no gaps remembered"
 
 
 def encode(snap: Snapshot) -> bytes:
     n = len(snap.streams)
     boots = np.full((n, 1), -1, np.int64) if snap.boots is None else snap.boots
+    gaps = np.zeros((n, 1, 2), np.int64) if snap.gaps is None else snap.gaps
     header = json.dumps(
         {
             "model_sha256": snap.model_sha256,
@@ -63,6 +66,7 @@ def encode(snap: Snapshot) -> bytes:
             "created": time.time(),
             "extra": snap.extra,
             "boot_history": int(boots.shape[1]),
+            "gap_slots": int(gaps.shape[1]),
         },
         allow_nan=False,
     ).encode()
@@ -71,6 +75,7 @@ def encode(snap: Snapshot) -> bytes:
         header,
         np.ascontiguousarray(snap.last_seq, "<i8").tobytes(),
         np.ascontiguousarray(boots, "<i8").tobytes(),
+        np.ascontiguousarray(gaps, "<i8").tobytes(),
     ]
     for (_, _, dtype, *_), arr in zip(snap.state_layout, snap.arrays):
         parts.append(np.ascontiguousarray(arr, DTYPES[dtype]).tobytes())
@@ -97,11 +102,14 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
         off = _HEAD.size + hlen
         last_seq = np.frombuffer(body, "<i8", n, off).astype(np.int64)
         off += 8 * n
-        boots = None
+        boots = gaps = None
         if version >= 2:
             width = int(header["boot_history"])
             boots = np.frombuffer(body, "<i8", n * width, off).reshape(n, width).astype(np.int64)
             off += 8 * n * width
+            slots = int(header["gap_slots"])
+            gaps = np.frombuffer(body, "<i8", n * slots * 2, off).reshape(n, slots, 2).copy()
+            off += 16 * n * slots
         arrays = []
         for _, width, dtype, *_ in layout:
             count = n * int(width)
@@ -120,6 +128,7 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
         arrays,
         dict(header.get("extra") or {}),
         boots,
+        gaps,
     )
 
 

@@ -22,6 +22,8 @@ from .errors import ConfigError
 NO_SEQ = -1
 NO_BOOT = -1
 BOOT_HISTORY = 4
+GAP_SLOTS = 4  # the last gaps remembered per stream, to tell a late sample from a duplicate
+U32 = 1 << 32
 
 
 @dataclass
@@ -55,6 +57,7 @@ class StateStore:
         self.last_seq = np.empty(0, np.int64)
         self.last_seen = np.empty(0, np.float64)
         self.boots = np.empty((0, BOOT_HISTORY), np.int64)
+        self.gaps = np.zeros((0, GAP_SLOTS, 2), np.int64)  # (first skipped seq, count)
         self.stats = StoreStats()
         # Told the ids of evicted streams, so that per-stream memory elsewhere stays bounded too.
         self.on_evict: Callable[[list[str]], None] | None = None
@@ -74,7 +77,7 @@ class StateStore:
         return len(self.last_seq)
 
     def nbytes(self) -> int:
-        meta = self.last_seq.nbytes + self.last_seen.nbytes + self.boots.nbytes
+        meta = self.last_seq.nbytes + self.last_seen.nbytes + self.boots.nbytes + self.gaps.nbytes
         return sum(a.nbytes for a in self.arrays) + meta
 
     def _grow(self) -> None:
@@ -86,12 +89,14 @@ class StateStore:
         self.last_seq = np.concatenate([self.last_seq, np.full(new - old, NO_SEQ, np.int64)])
         self.last_seen = np.concatenate([self.last_seen, np.zeros(new - old)])
         self.boots = np.concatenate([self.boots, np.full((new - old, BOOT_HISTORY), NO_BOOT)])
+        self.gaps = np.concatenate([self.gaps, np.zeros((new - old, GAP_SLOTS, 2), np.int64)])
         self._free.extend(range(new - 1, old - 1, -1))
 
     def _clear(self, row: int) -> None:
         self.zero_rows(np.asarray([row]))
         self.last_seq[row] = NO_SEQ
         self.boots[row] = NO_BOOT
+        self.gaps[row] = 0
 
     def peek(self, stream: str) -> int | None:
         return self._rows.get(stream)
@@ -173,14 +178,33 @@ class StateStore:
         if cur[0] != boot:
             self.boots[row] = np.concatenate([[boot], cur[cur != boot][: BOOT_HISTORY - 1]])
 
-    def export(self) -> tuple[list[str], np.ndarray, list[np.ndarray], np.ndarray]:
-        """(streams in LRU order, last seq, state arrays, boots) - the snapshot's content."""
+    def note_gap(self, row: int, first: int, count: int, *, fresh: bool = False) -> None:
+        """Remember that ``count`` seqs from ``first`` on were skipped (``fresh``: forget the
+        earlier ones, the stream starts over)."""
+        g = self.gaps[row]
+        if fresh:
+            g[:] = 0
+        g[1:] = g[:-1].copy()
+        g[0] = (first, count)
+
+    def late(self, row: int, seq: int, count: int) -> int:
+        """How many of the samples ``seq .. seq+count-1`` fall in a remembered gap."""
+        g = self.gaps[row]
+        g = g[g[:, 1] > 0]
+        if not len(g):
+            return 0
+        s = (seq + np.arange(count)) % U32
+        return int((((s[:, None] - g[:, 0]) % U32) < g[:, 1]).any(axis=1).sum())
+
+    def export(self) -> tuple[list[str], np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+        """(streams in LRU order, last seq, state arrays, boots, gaps): a snapshot's content."""
         rows = np.fromiter(self._rows.values(), dtype=np.intp, count=len(self._rows))
         return (
             list(self._rows),
             self.last_seq[rows],
             [a[rows] for a in self.arrays],
             self.boots[rows],
+            self.gaps[rows],
         )
 
     def load(
@@ -189,6 +213,7 @@ class StateStore:
         last_seq: np.ndarray,
         arrays: Sequence[np.ndarray],
         boots: np.ndarray | None = None,
+        gaps: np.ndarray | None = None,
     ) -> None:
         """Replace everything with exported content (same layout, checked by the caller)."""
         self._rows.clear()
@@ -197,6 +222,7 @@ class StateStore:
         self.last_seq = np.empty(0, np.int64)
         self.last_seen = np.empty(0, np.float64)
         self.boots = np.empty((0, BOOT_HISTORY), np.int64)
+        self.gaps = np.zeros((0, GAP_SLOTS, 2), np.int64)
         if len(streams) > self.capacity:
             raise ConfigError(f"{len(streams)} streams do not fit capacity {self.capacity}")
         rows = self.acquire(streams)
@@ -204,4 +230,7 @@ class StateStore:
         if boots is not None and len(boots):
             w = min(BOOT_HISTORY, boots.shape[1])
             self.boots[rows, :w] = boots[:, :w]
+        if gaps is not None and len(gaps):
+            w = min(GAP_SLOTS, gaps.shape[1])
+            self.gaps[rows, :w] = gaps[:, :w]
         self.scatter(rows, arrays)

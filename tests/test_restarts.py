@@ -61,3 +61,35 @@ def test_reset_keeps_seq_unless_told(bundles, xs):
     e.reset("d", next_seq=1, boot=4)
     y = e.step("d", xs[10:12], seq=1)
     np.testing.assert_array_equal(y, edge.load(bundles / BUNDLE).step("x", xs[10:12]))
+
+
+def test_late_samples_are_told_from_duplicates(bundles, xs):
+    e = edge.load(bundles / BUNDLE)
+    e.step("d", xs[:3], seq=10)  # the stream starts at 10
+    (gap,) = e.step_many([edge.Chunk("d", xs[3:4], 15)])  # 13 and 14 skipped
+    assert gap.gap == 2
+    (late,) = e.step_many([edge.Chunk("d", xs[4:6], 13)])
+    assert (late.duplicates, late.late) == (2, 2)
+    (dup,) = e.step_many([edge.Chunk("d", xs[4:5], 11)])
+    assert (dup.duplicates, dup.late) == (1, 0)
+    (before,) = e.step_many([edge.Chunk("d", xs[4:5], 5)])
+    assert before.late == 1  # before the stream's first sample
+
+
+def test_per_stream_memory_follows_capacity(bundles, xs):
+    e = edge.load(bundles / BUNDLE, capacity=1000)
+    for i in range(0, 20_000, 500):
+        e.step_many([edge.Chunk(f"s{i + k}", xs[k % 80], 1) for k in range(500)])
+    assert len(e.store) == 1000 and e.store.allocated == 1000
+    assert e.store.gaps.shape[0] == 1000 and e.store.boots.shape[0] == 1000
+
+
+def test_boots_and_gaps_survive_a_snapshot(bundles, xs, tmp_path):
+    e = edge.load(bundles / BUNDLE)
+    e.step("d", xs[:3], seq=10, boot=1)
+    e.step("d", xs[3], seq=15, boot=1)  # 13, 14 skipped
+    e.snapshot(tmp_path / "s.bin")
+    f = edge.load(bundles / BUNDLE)
+    f.restore(tmp_path / "s.bin")
+    (late,) = f.step_many([edge.Chunk("d", xs[4:5], 13, boot=1)])
+    assert late.late == 1 and f.boots("d") == (1, [])

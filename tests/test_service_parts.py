@@ -75,29 +75,12 @@ def test_reorderer_stops_waiting_for_a_refused_seq():
     assert [x.seq for x in r.push(rec("s", 6), 4)] == [6]  # 5 voided: no wait
 
 
-def test_gap_memory_tells_late_from_duplicate():
-    from edge.reorder import GapMemory
-
-    g = GapMemory()
-    g.note("s", 10, 3)  # 10, 11, 12 skipped
-    assert g.late("s", 11, 1) == 1 and g.late("s", 12, 3) == 1 and g.late("s", 9, 1) == 0
-    assert g.late("other", 11, 1) == 0
-    g.note_start("t", 100)  # the stream began at 100: anything before it arrived too late
-    assert g.late("t", 99, 1) == 1 and g.late("t", 100, 1) == 0
-    g.forget(["t"])
-    assert g.late("t", 99, 1) == 0
-
-
-def test_gap_memory_and_reorderer_stay_bounded():
-    from edge.reorder import GapMemory
-
-    g = GapMemory(streams=100)
+def test_reorderer_forgets_evicted_streams():
     r = Reorderer(0.5, lambda: 0.0)
     for i in range(10_000):
-        g.note_start(f"s{i}", 1)
         r.push(rec(f"s{i}", 1), None)
         r.forget([f"s{i}"])
-    assert len(g) == 100 and not r._next
+    assert not r._next
 
 
 def test_reorderer_force_repeats_an_expiry():
@@ -111,3 +94,28 @@ def test_reorderer_force_repeats_an_expiry():
     assert [x.seq for x in live.expire()] == [3, 4]
     assert live.forced == [("s", 3)]
     assert [x.seq for x in replay.force("s", 3)] == [3, 4]
+
+
+def brec(seq, boot):
+    return Record("s", seq, None, np.zeros((1, 2)), boot, lsn=seq + 1000 * boot)
+
+
+def test_reorderer_starts_a_new_life_on_a_new_boot():
+    r = Reorderer(10.0, lambda: 0.0)
+    assert [x.seq for x in r.push(brec(1, 5), None)] == [1]
+    assert r.push(brec(3, 5), 1) == []  # waits for 2 of boot 5
+    # the device reboots: boot 6 starts at seq 1; boot 5's held 3 goes first, unwaited
+    assert [(x.seq, x.boot) for x in r.push(brec(1, 6), 1, (5, []))] == [(3, 5), (1, 6)]
+    assert r.push(brec(3, 6), 1) == []  # boot 6 is reordered: 3 waits for 2
+    assert [x.seq for x in r.push(brec(2, 6), 1)] == [2, 3]
+    assert [(x.seq, x.boot) for x in r.push(brec(9, 5), 3)] == [(9, 5)]  # stale: straight on
+
+
+def test_reorderer_starts_over_past_the_restart_gap():
+    r = Reorderer(10.0, lambda: 0.0, restart_gap=10)
+    for seq in range(1, 51):
+        r.push(rec("s", seq), seq - 1 or None)
+    assert [x.seq for x in r.push(rec("s", 45), 50)] == [45]  # a redelivery: the engine drops it
+    assert [x.seq for x in r.push(rec("s", 1), 50)] == [1]  # 49 behind: a restarted device
+    assert r.push(rec("s", 3), 50) == []  # and its numbering is the one now waited on
+    assert [x.seq for x in r.push(rec("s", 2), 50)] == [2, 3]

@@ -1,0 +1,96 @@
+"""The decode -> log -> step -> answer path without a broker: containment of the unexpected,
+replay after a crash, and the answers a restart publishes again."""
+
+import json
+
+import numpy as np
+import pytest
+
+import edge
+from edge import config
+from edge.journal import Journal
+from edge.metrics import Metrics
+from edge.mqtt_loop import open_engine
+from edge.processor import Inbound, Processor
+
+
+def make(bundles, state, **overrides):
+    cfg = config.load(
+        None,
+        env={},
+        overrides={"model": str(bundles / "clf-int8"), "state_dir": str(state), **overrides},
+    )
+    p = Processor(open_engine(cfg), cfg, Journal(state), Metrics())
+    p.recover()
+    return p
+
+
+def msg(stream, seq, row, mid=0):
+    body = json.dumps({"seq": seq, "values": np.asarray(row).tolist()}).encode()
+    return Inbound(f"sensors/{stream}/data", body, mid)
+
+
+def answers(p):
+    outs = p.outbox.take()
+    for mid, o in enumerate(outs, 1):
+        p.outbox.sent(mid, o)
+    return outs
+
+
+@pytest.fixture
+def xs():
+    return np.random.default_rng(3).normal(0, 2, (20, 6))
+
+
+def test_an_unexpected_failure_costs_one_message(bundles, tmp_path, xs, monkeypatch):
+    p = make(bundles, tmp_path)
+    real = p.engine.step_many
+
+    def fragile(chunks):
+        if any(c.stream == "poison" for c in chunks):
+            raise RuntimeError("kernel exploded")
+        return real(chunks)
+
+    monkeypatch.setattr(p.engine, "step_many", fragile)
+    assert p.handle([msg("good", 1, xs[0]), msg("poison", 1, xs[1]), msg("good", 2, xs[2])])
+    outs = answers(p)
+    errs = [json.loads(o.payload) for o in outs if o.topic == "errors/poison"]
+    assert len(errs) == 1 and errs[0]["error"] == "internal" and len(errs[0]["id"]) == 8
+    got = [json.loads(o.payload)["y"] for o in outs if o.topic == "predictions/good"]
+    want = edge.load(bundles / "clf-int8").step("x", xs[[0, 2]])
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+    assert p.metrics.errors["internal"] == 1
+
+
+def test_a_failing_decoder_is_contained_too(bundles, tmp_path, xs, monkeypatch):
+    from edge import payloads
+
+    p = make(bundles, tmp_path)
+    real = payloads.decode
+
+    def fragile(payload, *a, **kw):
+        if b"666" in payload:
+            raise MemoryError("out of memory")
+        return real(payload, *a, **kw)
+
+    monkeypatch.setattr(payloads, "decode", fragile)
+    assert p.handle([msg("a", 666, xs[0]), msg("a", 1, xs[1])])
+    topics = [o.topic for o in answers(p)]
+    assert topics == ["errors/a", "predictions/a"]
+
+
+def test_replay_publishes_again_only_what_the_broker_did_not_acknowledge(bundles, tmp_path, xs):
+    p = make(bundles, tmp_path)
+    for i in range(10):
+        assert p.handle([msg("a", i + 1, xs[i]), msg("b", i + 1, xs[i + 5])])
+    outs = answers(p)
+    assert len(outs) == 20
+    for mid in range(1, 13):  # the broker acknowledged the first 12 answers (lsn 1..12)
+        p.outbox.acked(mid)
+    assert p.tick()  # logs the ack mark
+    p.journal.close()  # kill -9 here
+    q = make(bundles, tmp_path)
+    again = answers(q)
+    assert [o.lsn for o in again] == list(range(13, 21))
+    assert [o.payload for o in again] == [o.payload for o in outs[12:]]  # same y, bit for bit
+    assert q.engine.last_seq("a") == 10 and q.lsn == 20

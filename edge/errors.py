@@ -11,6 +11,7 @@
         ├── InvalidSample   wrong shape, non-numeric, NaN/Inf, oversized
         ├── DuplicateSample seq <= last seen (a redelivery)
         ├── SequenceGap     seq jumped and the gap policy is "reject"
+        ├── StaleSample     from an earlier boot of the device than the stream's current one
         └── MissingSeq      no seq, and the engine is configured for sequenced streams
 
 Dependency errors are wrapped (``raise BundleError(...) from exc``) so callers catch one type.
@@ -69,6 +70,10 @@ class DuplicateSample(SampleError):
 
 class SequenceGap(SampleError):
     code = "gap"
+
+
+class StaleSample(SampleError):
+    code = "stale"
 
 
 class MissingSeq(SampleError):

@@ -5,6 +5,8 @@ endpoint is switched on."""
 from __future__ import annotations
 
 import bisect
+import json
+import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,22 +21,27 @@ class Histogram:
         self.counts = [0] * (len(buckets) + 1)
         self.sum = 0.0
         self.count = 0
+        self.max = 0.0
 
     def observe(self, value: float) -> None:
+        if not math.isfinite(value):
+            return
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.sum += value
         self.count += 1
+        self.max = max(self.max, value)
 
     def quantile(self, q: float) -> float:
-        """Upper bound of the bucket holding the q-quantile (inf past the last bucket)."""
+        """Upper bound of the bucket holding the q-quantile, never above the largest value
+        seen (so past the last bucket it is that value, not infinity)."""
         if not self.count:
             return 0.0
         target, seen = q * self.count, 0
         for i, c in enumerate(self.counts):
             seen += c
-            if seen >= target:
-                return self.buckets[i] if i < len(self.buckets) else float("inf")
-        return float("inf")
+            if seen >= target and i < len(self.buckets):
+                return min(self.buckets[i], self.max)
+        return self.max
 
 
 class Metrics:
@@ -49,6 +56,13 @@ class Metrics:
         "reloads",
         "reconnects",
         "control",
+        "republished",
+        "wal_damaged",
+        "snapshots_damaged",
+        "storage_errors",
+        "publish_retries",
+        "publish_refused",
+        "publish_failed",
     )
 
     def __init__(self) -> None:
@@ -79,6 +93,11 @@ class Metrics:
             out["e2e_latency_p99_ms"] = self.e2e_latency.quantile(0.99) * 1000
         out.update({k: f() for k, f in {**self.derived_counters, **self.gauges}.items()})
         return out
+
+    @staticmethod
+    def dumps(doc: Any) -> bytes:
+        """Strict JSON (no NaN or Infinity, which e.g. JavaScript's JSON.parse rejects)."""
+        return json.dumps(_finite(doc), allow_nan=False).encode()
 
     def serve_prometheus(self, host: str, port: int) -> None:
         try:
@@ -129,3 +148,13 @@ class Metrics:
 
         REGISTRY.register(Collector())
         start_http_server(port, addr=host)
+
+
+def _finite(doc: Any) -> Any:
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: _finite(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [_finite(v) for v in doc]
+    return doc

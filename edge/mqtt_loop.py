@@ -1,11 +1,12 @@
-"""The MQTT loop of ``edge-lstm serve``: paho in its own thread, one worker in ours.
+"""The MQTT transport of ``edge-lstm serve``: paho in its own thread, one worker in ours.
 
-The paho callback only turns a message into an ``Inbound`` record and puts it in a bounded
-queue. The worker takes micro-batches, lets the ``Processor`` log and step them, publishes
-the answers, and only then acknowledges the batch to the broker (``manual_ack``). A fixed
-client id with a persistent session makes the broker keep everything unacknowledged or
-published while we are away. Snapshots wait until every prediction published so far has
-been acknowledged by the broker, so predictions are at-least-once too.
+The paho callbacks never block: a message becomes an ``Inbound`` record appended to the inbox,
+a PUBACK becomes a message id in the ack queue. The broker holds any backlog: messages are
+acknowledged only after the ``Processor`` has logged them (``manual_ack``), and MQTT 5's
+Receive Maximum (``queue_size``) bounds how many the broker sends before we acknowledge (with
+MQTT 3.1.1 the broker's own ``max_inflight_messages`` does). Answers leave through the
+``Outbox`` within ``max_unacked``; while that window is full no new message is taken, so the
+backlog stays at the broker, not in our memory.
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from .config import ServiceConfig
 from .engine import Engine, load
-from .errors import EdgeError, SnapshotError
+from .errors import ConfigError, EdgeError
+from .journal import Journal
 from .metrics import Metrics
-from .processor import Inbound, Outbound, Processor
-from .wal import WriteAheadLog
+from .processor import Inbound, Processor
 
 log = logging.getLogger("edge.service")
-SNAPSHOT = "snapshot.bin"
-WAL = "wal.log"
+DRAIN_SECONDS = 3.0  # how long SIGTERM keeps answering what is already here
+RETRY_SECONDS = 1.0  # between attempts to write to an unwritable state directory
 
 
 def delivered(info: Any) -> bool:
@@ -62,6 +64,7 @@ def open_engine(cfg: ServiceConfig) -> Engine:
         capacity=cfg.capacity,
         idle_timeout=cfg.idle_timeout or None,
         max_chunk=cfg.max_samples_per_message,
+        restart_gap=cfg.restart_gap,
     )
 
 
@@ -72,37 +75,45 @@ class MqttService:
         self.mqtt = mqtt
         self.cfg = cfg
         self.metrics = Metrics()
-        self.state_dir = Path(cfg.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.engine = open_engine(cfg)
-        snap = self.state_dir / SNAPSHOT
-        if snap.exists():
-            try:
-                self.engine.restore(snap, other_model_ok=True)
-                log.info("restored %d streams from %s", len(self.engine.store), snap)
-            except SnapshotError as exc:
-                log.warning("starting with no streams: %s", exc)
-        self.wal = WriteAheadLog(self.state_dir / WAL, fsync=cfg.durability == "power")
-        self.processor = Processor(self.engine, cfg, self.wal, self.metrics)
-        self.queue: queue.Queue[Inbound] = queue.Queue(cfg.queue_size)
+        journal = Journal(cfg.state_dir, fsync=cfg.durability == "power")
+        self.processor = Processor(open_engine(cfg), cfg, journal, self.metrics)
+        try:
+            self.processor.recover()
+        except OSError as exc:
+            raise ConfigError(f"state_dir {cfg.state_dir!r} cannot be read: {exc}") from exc
+        try:
+            journal.open()
+        except OSError as exc:
+            self.processor.degraded = f"state_dir not writable: {exc.strerror or exc}"
+            log.error("cannot write in state_dir %s: %s; not acknowledging", cfg.state_dir, exc)
+        self.outbox = self.processor.outbox
+        self.inbox: deque[Inbound] = deque()
+        self.acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        self.wake = threading.Event()
         self.stopping = threading.Event()
         self.connected = threading.Event()
-        self._inflight: list[Any] = []
-        self._pending_out: list[Outbound] = self.processor.replay()
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
+        self._said: str | None = None  # the state our retained status says
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
-            queue_depth=lambda: self.queue.qsize(),
+            queue_depth=lambda: len(self.inbox),
+            unacked_answers=lambda: len(self.outbox),
+            degraded=lambda: float(self.processor.degraded is not None),
         )
         self.metrics.derived_counters.update(
             duplicates=lambda: self.engine.counters.duplicates,
             gaps=lambda: self.engine.counters.gaps,
+            restarts=lambda: self.engine.counters.restarts,
             evicted_streams=lambda: (
                 self.engine.store.stats.evicted_lru + self.engine.store.stats.evicted_idle
             ),
         )
         self.client = self._make_client()
+
+    @property
+    def engine(self) -> Engine:
+        return self.processor.engine
 
     # -- paho side --------------------------------------------------------------------------
 
@@ -135,8 +146,10 @@ class MqttService:
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def _status(self, state: str, **extra: Any) -> bytes:
@@ -147,23 +160,29 @@ class MqttService:
             "ts": time.time(),
             **extra,
         }
-        return json.dumps(doc).encode()
+        return json.dumps(doc, allow_nan=False).encode()
+
+    def _say(self, state: str, **extra: Any) -> None:
+        """Publish our retained status (online, degraded) when it changes."""
+        if self.connected.is_set():
+            self.client.publish(self._status_topic, self._status(state, **extra), 1, True)
+            self._said = state
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            log.error("broker refused the connection: %s", reason)
+            log.error("broker %s refused the connection: %s", self.cfg.broker, reason)
             return
         no_delay(client)
         log.info("connected to %s (session present: %s)", self.cfg.broker, flags.session_present)
         self.metrics.inc("reconnects")
-        filters = [
-            self.processor.data.filter,
-            self.processor.control.filter,
-            self.processor.runtime_control,
-        ]
-        client.subscribe([(f, 1) for f in filters])
-        client.publish(self._status_topic, self._status("online"), qos=1, retain=True)
+        p = self.processor
+        client.subscribe([(f, 1) for f in (p.data.filter, p.control.filter, p.runtime_control)])
         self.connected.set()
+        self._said = None
+        self.wake.set()
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        log.warning("cannot reach the broker %s; retrying", self.cfg.broker)
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
@@ -173,56 +192,67 @@ class MqttService:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        ctype = getattr(msg.properties, "ContentType", None) if msg.properties else None
-        item = Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, ctype, time.time())
-        if self.cfg.overload == "drop-oldest":
-            while True:
-                try:
-                    self.queue.put_nowait(item)
-                    return
-                except queue.Full:
-                    try:
-                        old = self.queue.get_nowait()
-                    except queue.Empty:
-                        continue
-                    self.metrics.inc("dropped_overload")
-                    self._ack([old])
-        while not self.stopping.is_set():  # "block": the broker holds the rest meanwhile
-            try:
-                self.queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        props = msg.properties
+        ctype = getattr(props, "ContentType", None) if props else None
+        self.inbox.append(
+            Inbound(
+                msg.topic,
+                bytes(msg.payload),
+                msg.mid,
+                msg.qos,
+                ctype if isinstance(ctype, str) else None,
+                time.time(),
+                bool(msg.dup),
+            )
+        )
+        self.wake.set()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self.acks.put((mid, bool(getattr(reason, "is_failure", False))))
+        self.wake.set()
 
     # -- worker side ------------------------------------------------------------------------
 
-    def _take(self) -> list[Inbound]:
-        try:
-            first = self.queue.get(timeout=0.05)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.cfg.max_wait_ms / 1000.0
-        while len(batch) < self.cfg.max_batch:
+    def _drain_acks(self) -> None:
+        while True:
             try:
-                batch.append(self.queue.get_nowait())
+                mid, failed = self.acks.get_nowait()
             except queue.Empty:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(self.queue.get(timeout=left))
-                except queue.Empty:
-                    break
-        return batch
+                return
+            if self.outbox.acked(mid, failed) and failed:
+                log.error("the broker refused an answer (message id %d); check its ACL", mid)
+                self.metrics.inc("publish_refused")
 
-    def _publish(self, outs: list[Outbound]) -> None:
-        for o in outs:
-            info = self.client.publish(o.topic, o.payload, qos=o.qos, retain=o.retain)
-            if o.qos:
-                self._inflight.append(info)
-        if len(self._inflight) > 4096:
-            self._inflight = [i for i in self._inflight if not delivered(i)]
+    def _flush(self) -> None:
+        """Publish what the outbox lets out; paho refusals go back in line, never lost."""
+        if not self.connected.is_set():
+            return
+        outs = self.outbox.take()
+        for i, o in enumerate(outs):
+            try:
+                info = self.client.publish(o.topic, o.payload, qos=o.qos, retain=o.retain)
+            except ValueError as exc:  # a topic or payload MQTT cannot carry: never will
+                log.error("cannot publish on %r: %s; answer dropped", o.topic, exc)
+                self.metrics.inc("publish_failed")
+                self.outbox.discard(o)
+                continue
+            if info.rc in (self.mqtt.MQTT_ERR_SUCCESS, self.mqtt.MQTT_ERR_NO_CONN):
+                self.outbox.sent(info.mid, o)
+            else:
+                self.metrics.inc("publish_retries")
+                self.outbox.retry(outs[i:])
+                return
+
+    def _take(self) -> tuple[list[Inbound], list[Inbound]]:
+        """(dropped, batch): with ``drop-oldest``, what is queued beyond ``queue_size``."""
+        dropped: list[Inbound] = []
+        if self.cfg.overload == "drop-oldest":
+            while len(self.inbox) > self.cfg.queue_size:
+                dropped.append(self.inbox.popleft())
+        if self.outbox.queued or self.outbox.in_flight >= self.outbox.window:
+            return dropped, []  # answers first: the broker keeps the backlog meanwhile
+        n = min(len(self.inbox), self.cfg.max_batch)
+        return dropped, [self.inbox.popleft() for _ in range(n)]
 
     def _ack(self, batch: list[Inbound]) -> None:
         for msg in batch:
@@ -230,22 +260,24 @@ class MqttService:
                 self.client.ack(msg.mid, msg.qos)
         self.metrics.inc("acks", len(batch))
 
-    def _predictions_delivered(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        for info in self._inflight:
-            while not delivered(info):
-                if time.monotonic() > deadline or not self.connected.is_set():
-                    return False
-                time.sleep(0.002)
-        self._inflight.clear()
-        return True
+    def _work_once(self, take: bool = True) -> bool:
+        """One round; False when the state directory refused the write."""
+        self._drain_acks()
+        self._flush()
+        dropped, batch = self._take() if take else ([], [])
+        ok = self.processor.handle(batch, dropped) if batch or dropped else self.processor.tick()
+        if batch or dropped:
+            if ok:
+                self._ack(dropped + batch)
+            else:
+                self.inbox.extendleft(reversed(dropped + batch))  # offered again later
+        if ok and (batch or dropped):
+            ok = self.processor.tick()
+        self._flush()
+        return ok
 
     def checkpoint(self) -> bool:
-        if not self._predictions_delivered(5.0):
-            log.warning("snapshot postponed: predictions not yet acknowledged by the broker")
-            return False
-        self.processor.checkpoint(self.state_dir / SNAPSHOT)
-        return True
+        return self.processor.checkpoint()
 
     def reload(self) -> None:
         try:
@@ -253,22 +285,21 @@ class MqttService:
         except EdgeError as exc:
             log.error("reload failed, keeping the running model: %s", exc)
             return
-        kept = new.manifest.state_layout() == self.engine.manifest.state_layout()
+        old = self.engine
+        kept = new.manifest.state_layout() == old.manifest.state_layout()
         if kept:
-            new.load_state_from(self.engine)
-        new.counters = self.engine.counters
-        self.engine = self.processor.engine = new
+            new.load_state_from(old)
+        new.counters = old.counters
+        self.processor.engine = new
         self.metrics.inc("reloads")
         note = "state kept" if kept else "state layout changed: all streams reset"
         log.info("model reloaded (%s): %s", new.manifest.model_id, note)
-        self.client.publish(
-            self._status_topic, self._status("online", reload=note), qos=1, retain=True
-        )
+        self._say("online", reload=note)
 
     def run(self) -> int:
         cfg = self.cfg
-        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
         signal.signal(signal.SIGHUP, lambda *_: self.processor.requests.add("reload"))
         if cfg.metrics_port:
             self.metrics.serve_prometheus(cfg.metrics_host, cfg.metrics_port)
@@ -278,60 +309,107 @@ class MqttService:
 
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = cfg.session_expiry
-            props.ReceiveMaximum = min(65535, cfg.queue_size)
+            window = cfg.queue_size * (2 if cfg.overload == "drop-oldest" else 1)
+            props.ReceiveMaximum = min(65535, window)
             self.client.connect_async(
                 cfg.host, cfg.port, cfg.keepalive, clean_start=False, properties=props
             )
         else:
             self.client.connect_async(cfg.host, cfg.port, cfg.keepalive)
         self.client.loop_start()
-        log.info("serving %s (%s) for %s", cfg.model, self.engine.manifest.model_id, cfg.broker)
-        last_snapshot = last_stats = time.monotonic()
+        log.info(
+            "serving %s (%s, %s %s) for %s",
+            cfg.model,
+            self.engine.manifest.model_id,
+            self.engine.model.backend.name,
+            self.engine.model.backend.version,
+            cfg.broker,
+        )
+        last_snapshot = last_stats = last_retry = time.monotonic()
         try:
             while not self.stopping.is_set():
-                if self._pending_out and self.connected.is_set():
-                    self._publish(self._pending_out)
-                    self._pending_out = []
-                self._work_once()
                 now = time.monotonic()
+                degraded = self.processor.degraded
+                if degraded is not None and now - last_retry < RETRY_SECONDS:
+                    self._drain_acks()
+                    self._flush()
+                    self.wake.wait(0.1)
+                    self.wake.clear()
+                else:
+                    last_retry = now
+                    if degraded is not None:
+                        self._retry_storage()
+                    if not self.inbox:
+                        self.wake.wait(0.05)
+                        self.wake.clear()
+                    self._work_once()
+                self._update_status()
                 if "reload" in self.processor.requests:
                     self.processor.requests.discard("reload")
                     self.reload()
                 if (
                     now - last_snapshot >= cfg.snapshot_interval
                     or "snapshot" in self.processor.requests
-                ) and self.checkpoint():
-                    self.processor.requests.discard("snapshot")
+                ) and self.processor.degraded is None:
+                    if self.checkpoint():
+                        self.processor.requests.discard("snapshot")
                     last_snapshot = now
                 if cfg.stats_interval and now - last_stats >= cfg.stats_interval:
-                    self.client.publish(self._stats_topic, json.dumps(self.stats()), qos=0)
+                    self.client.publish(self._stats_topic, self.metrics.dumps(self.stats()), qos=0)
                     last_stats = now
             return self._shutdown()
         finally:
             self.client.loop_stop()
-            self.wal.close()
+            self.processor.journal.close()
 
-    def _work_once(self) -> None:
-        batch = self._take()
-        outs = self.processor.tick()
-        if batch:
-            outs += self.processor.process(batch)
-        self._publish(outs)
-        if batch:
-            self._ack(batch)
+    def _stop(self, *_: Any) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def _retry_storage(self) -> None:
+        try:
+            self.processor.journal.open()
+        except OSError as exc:
+            self.processor.degraded = f"state_dir not writable: {exc.strerror or exc}"
+            return
+        self.processor.resume()
+
+    def _update_status(self) -> None:
+        reason = self.processor.degraded
+        state = "online" if reason is None else "degraded"
+        if state != self._said:
+            self._say(state, **({"reason": reason} if reason else {}))
 
     def _shutdown(self) -> int:
-        """Drain what is queued, snapshot, say offline, disconnect."""
-        deadline = time.monotonic() + 3.0
-        while not self.queue.empty() and time.monotonic() < deadline:
-            self._work_once()
-        self.checkpoint()
+        """Answer what is already here for a bounded time, snapshot, say offline, disconnect.
+        Whatever is left unacknowledged the broker delivers again on the next start."""
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while time.monotonic() < deadline and (self.inbox or len(self.outbox)):
+            if not self._work_once(take=bool(self.inbox)):
+                break
+            if not self.inbox:
+                self.wake.wait(0.02)
+                self.wake.clear()
+        left = len(self.inbox)
+        self.inbox.clear()
+        if self.processor.degraded is None:
+            self.checkpoint()
         info = self.client.publish(self._status_topic, self._status("offline"), qos=1, retain=True)
         if self.connected.is_set():
             info.wait_for_publish(2.0)
         self.client.disconnect()
-        log.info("stopped cleanly: %s", json.dumps(self.stats()))
+        log.info(
+            "stopped cleanly (%d messages left to the broker, %d answers unacknowledged): %s",
+            left,
+            len(self.outbox),
+            self.metrics.dumps(self.stats()).decode(),
+        )
         return 0
 
     def stats(self) -> dict[str, Any]:
-        return {**self.metrics.snapshot(), "engine": self.engine.stats(), "ts": time.time()}
+        return {
+            **self.metrics.snapshot(),
+            "engine": self.engine.stats(),
+            "degraded": self.processor.degraded,
+            "ts": time.time(),
+        }

@@ -2,12 +2,13 @@
 
 Samples (auto-detected by the first byte, or by the MQTT 5 content type):
 
-* JSON ``{"seq": int, "ts": float?, "values": [F floats] | [[F floats], ...]}``
+* JSON ``{"seq": int, "ts": float?, "boot": int?, "values": [F floats] | [[F floats], ...]}``
   (content type ``application/json``). k samples numbered ``seq .. seq+k-1``.
 * SenML JSON, RFC 8428 (``application/senml+json``): a JSON array of records. Records with a
   name equal to a feature name (after ``bn``) carry that feature; records sharing one time
-  (``bt`` + ``t``) form one sample, in time order; a record named ``seq`` gives the first seq.
-* Binary frame (``application/vnd.edge-lstm.frame``), little-endian::
+  (``bt`` + ``t``) form one sample, in time order; a record named ``seq`` gives the first seq
+  and one named ``boot`` the boot counter (both in ``v``).
+* Binary frame (``application/vnd.edge-lstm.frame``), little-endian. Version 1::
 
       offset size
       0      1    version = 1
@@ -17,7 +18,23 @@ Samples (auto-detected by the first byte, or by the MQTT 5 content type):
       8      8    f64 timestamp, seconds (NaN = none)
       16     4*k*F  float32 values, sample-major
 
+  Version 2 adds the boot counter after the timestamp::
+
+      0      1    version = 2
+      1      1    flags: bit 0 = boot present (other bits reserved, 0)
+      2      2    u16 sample count k
+      4      4    u32 seq of the first sample
+      8      8    f64 timestamp, seconds (NaN = none)
+      16     4    u32 boot counter (ignored unless flags bit 0 is set)
+      20     4*k*F  float32 values, sample-major
+
+``seq`` and ``boot`` are unsigned 32-bit integers. ``boot`` counts device restarts: a device
+that lost its seq counter on reboot bumps it so the service can tell a restart from a replay.
+Timestamps are seconds since the Unix epoch and must lie in [0, 4102444800] (up to 2100-01-01).
+JSON nesting deeper than ``MAX_DEPTH`` is refused before parsing.
+
 Every refusal is a ``PayloadError`` with a stable ``code`` and a detail naming the bad value.
+Decoding is total: any bytes and any content type give ``Samples`` or a ``PayloadError``.
 """
 
 from __future__ import annotations
@@ -25,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +50,23 @@ import numpy as np
 
 FRAME_HEAD = struct.Struct("<BBHId")
 FRAME_VERSION = 1
+FRAME_HEAD_V2 = struct.Struct("<BBHIdI")
+FRAME_VERSION_V2 = 2
+FRAME_FLAG_BOOT = 0x01
 CONTENT_TYPES = {
     "application/json": "json",
     "application/senml+json": "senml",
     "application/vnd.edge-lstm.frame": "binary",
     "application/octet-stream": "binary",
 }
+MAX_DEPTH = 8
+MAX_TS = 4102444800.0  # 2100-01-01T00:00:00Z: later (or negative) times are clock garbage
+U32 = 2**32
+
+_BOM = b"\xef\xbb\xbf"
+_STRUCTURE = b'[]{}"'
+_DROP = bytes(b for b in range(256) if b not in _STRUCTURE)
+_OPEN = frozenset(b"[{")
 
 
 class PayloadError(ValueError):
@@ -54,67 +82,187 @@ class Samples:
     seq: int | None
     ts: float | None
     values: np.ndarray  # [k, F] float64
+    boot: int | None = None
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` chars; never raises (huge ints exceed Python's str limit)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"<{'-' if value < 0 else ''}{digits}-digit integer>"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_depth(payload: bytes, limit: int) -> None:
+    """Refuse JSON nesting deeper than ``limit`` without parsing: json.loads recurses per level.
+
+    Only brackets outside strings count; escaped quotes are removed first so a string cannot
+    hide or fake brackets. Assumes UTF-8 (ASCII bytes never occur inside multi-byte chars)."""
+    data = payload
+    if b"\\" in data:  # "\\" is one escaped backslash; any "\" left then escapes the next char
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    data = data.translate(None, _DROP)
+    if len(data) <= limit:
+        return
+    if b'"' in data:
+        data = b"".join(data.split(b'"')[::2])  # even parts lie outside strings
+    depth = 0
+    for c in data:
+        if c in _OPEN:
+            depth += 1
+            if depth > limit:
+                raise PayloadError("too_deep", f"JSON nests deeper than {limit} levels")
+        elif depth:
+            depth -= 1
+
+
+def parse_json(payload: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """JSON document of a message; every failure is a PayloadError ("bad_json" or "too_deep").
+
+    Strict UTF-8 (a leading BOM is skipped), nesting checked before parsing, integers above
+    Python's digit limit refused. NaN/Infinity literals parse (the value checks refuse them)."""
+    if payload[:3] == _BOM:
+        payload = payload[3:]
+    check_depth(payload, max_depth)
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError("bad_json", f"payload is not UTF-8: {_show(payload[:40])}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PayloadError("bad_json", f"malformed JSON: {_show(str(exc), 200)}") from exc
+    except (ValueError, RecursionError) as exc:  # e.g. an integer beyond the digit limit
+        raise PayloadError("bad_json", f"unparsable JSON: {_show(str(exc), 200)}") from exc
 
 
 def detect(payload: bytes, content_type: str | None = None) -> str:
     if content_type:
-        kind = CONTENT_TYPES.get(content_type.split(";")[0].strip().lower())
+        key = content_type.split(";")[0].strip().lower() if isinstance(content_type, str) else ""
+        kind = CONTENT_TYPES.get(key)
         if kind is None:
             raise PayloadError(
-                "bad_content_type", f"content type {content_type!r} is not supported"
+                "bad_content_type", f"content type {_show(content_type)} is not supported"
             )
         return kind
-    head = payload.lstrip()[:1]
+    head = payload.removeprefix(_BOM).lstrip()[:1]
     if head == b"{":
         return "json"
     if head == b"[":
         return "senml"
-    if payload[:1] == bytes([FRAME_VERSION]):
+    if payload[:1] in (bytes([FRAME_VERSION]), bytes([FRAME_VERSION_V2])):
         return "binary"
     raise PayloadError("bad_payload", f"not JSON, SenML or a binary frame (starts {payload[:8]!r})")
 
 
-def decode(payload: bytes, features: Sequence[str], content_type: str | None = None) -> Samples:
+def decode(
+    payload: bytes,
+    features: Sequence[str],
+    content_type: str | None = None,
+    *,
+    max_depth: int = MAX_DEPTH,
+) -> Samples:
+    """Samples of one message, or PayloadError: never any other exception."""
+    if not isinstance(payload, bytes):
+        payload = bytes(payload)
     kind = detect(payload, content_type)
     if kind == "binary":
         return decode_frame(payload, len(features))
-    try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError("bad_json", f"malformed JSON: {exc}") from exc
+    doc = parse_json(payload, max_depth=max_depth)
     return decode_senml(doc, features) if kind == "senml" else decode_json(doc, len(features))
 
 
 def _seq(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
-        raise PayloadError("bad_seq", f"seq {value!r} is not an unsigned 32-bit integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < U32:
+        raise PayloadError("bad_seq", f"seq {_show(value)} is not an unsigned 32-bit integer")
     return value
 
 
-def _ts(value: Any) -> float | None:
+def _boot(value: Any, seq: int | None = None) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PayloadError("bad_ts", f"ts {value!r} is not a finite number")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < U32:
+        raise PayloadError(
+            "bad_boot", f"boot {_show(value)} is not an unsigned 32-bit integer", seq
+        )
+    return value
+
+
+def _number(value: Any, what: str, seq: int | None) -> float:
+    """A finite float from a JSON number; huge ints and inf/NaN are refused as bad_ts."""
+    if _is_number(value):
+        try:
+            x = float(value)
+        except OverflowError:
+            x = math.inf
+        if math.isfinite(x):
+            return x
+    raise PayloadError("bad_ts", f"{what} {_show(value)} is not a finite number", seq)
+
+
+def _plausible(ts: float, what: str, seq: int | None) -> float:
+    if not 0.0 <= ts <= MAX_TS:
+        raise PayloadError(
+            "bad_ts", f"{what} {_show(ts)} is outside [0, {MAX_TS:.0f}] seconds since 1970", seq
+        )
+    return ts
+
+
+def _ts(value: Any, seq: int | None = None) -> float | None:
+    if value is None:
+        return None
+    return _plausible(_number(value, "ts", seq), "ts", seq)
+
+
+def _row(row: list[Any], where: str, seq: int | None) -> list[float]:
+    out = []
+    for i, v in enumerate(row):
+        if not _is_number(v):
+            code = "wrong_shape" if isinstance(v, list) else "bad_values"
+            raise PayloadError(code, f"{where}[{i}] is {_show(v)}, not a number", seq)
+        try:
+            x = float(v)
+        except OverflowError:
+            x = math.inf
+        if not math.isfinite(x):
+            raise PayloadError("not_finite", f"{where}[{i}] is {_show(v)}, not finite", seq)
+        out.append(x)
+    return out
 
 
 def _values(values: Any, f: int, seq: int | None) -> np.ndarray:
-    try:
-        arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise PayloadError("bad_values", f"values are not numbers: {exc}", seq) from exc
-    if arr.ndim == 1:
-        arr = arr.reshape(1, -1)
-    if arr.ndim != 2 or arr.shape[1] != f or len(arr) == 0:
+    """[k, F] float64 from a JSON array of F numbers or of k such arrays."""
+    if not isinstance(values, list):
+        raise PayloadError("bad_values", f"values must be an array, got {_show(values)}", seq)
+    if not values:
+        raise PayloadError("wrong_shape", f"values are empty, expected [{f}] or [k, {f}]", seq)
+    if not isinstance(values[0], list):
+        rows = [_row(values, "values", seq)]
+    else:
+        rows = []
+        for k, row in enumerate(values):
+            if not isinstance(row, list):
+                raise PayloadError(
+                    "bad_values", f"values[{k}] is {_show(row)}, expected an array", seq
+                )
+            rows.append(_row(row, f"values[{k}]", seq))
+        if len({len(r) for r in rows}) > 1:
+            lengths = _show([len(r) for r in rows])
+            raise PayloadError("bad_values", f"rows of values differ in length: {lengths}", seq)
+    if len(rows[0]) != f:
+        shape = [len(rows[0])] if not isinstance(values[0], list) else [len(rows), len(rows[0])]
         raise PayloadError(
-            "wrong_shape",
-            f"values have shape {list(np.shape(values))}, expected [{f}] or [k, {f}]",
-            seq,
+            "wrong_shape", f"values have shape {shape}, expected [{f}] or [k, {f}]", seq
         )
-    if not np.isfinite(arr).all():
-        raise PayloadError("not_finite", "values contain NaN or Inf", seq)
-    return arr
+    return np.array(rows, dtype=np.float64).reshape(len(rows), f)
 
 
 def decode_json(doc: Any, f: int) -> Samples:
@@ -123,72 +271,137 @@ def decode_json(doc: Any, f: int) -> Samples:
     seq = _seq(doc["seq"]) if "seq" in doc else None
     if "values" not in doc:
         raise PayloadError("bad_values", "missing field 'values'", seq)
-    return Samples(seq, _ts(doc.get("ts")), _values(doc["values"], f, seq))
+    ts = _ts(doc.get("ts"), seq)
+    boot = _boot(doc.get("boot"), seq)
+    return Samples(seq, ts, _values(doc["values"], f, seq), boot)
 
 
 def decode_senml(doc: Any, features: Sequence[str]) -> Samples:
     if not isinstance(doc, list) or not doc or not all(isinstance(r, dict) for r in doc):
         raise PayloadError("bad_senml", "SenML must be a non-empty array of records")
-    base_name, base_time, seq = "", 0.0, None
+    base_name, base_time, seq, boot, timed = "", 0.0, None, None, False
     by_time: dict[float, dict[str, float]] = {}
     for rec in doc:
-        base_name = rec.get("bn", base_name)
-        bt = _ts(rec.get("bt"))
-        base_time = bt if bt is not None else base_time
-        name = base_name + str(rec.get("n", ""))
+        bn = rec.get("bn", base_name)
+        if not isinstance(bn, str):
+            raise PayloadError("bad_senml", f"base name 'bn' {_show(bn)} is not a string", seq)
+        base_name = bn
+        if rec.get("bt") is not None:
+            base_time, timed = _number(rec["bt"], "base time 'bt'", seq), True
+        n = rec.get("n", "")
+        if not isinstance(n, str):
+            raise PayloadError("bad_senml", f"record name 'n' {_show(n)} is not a string", seq)
+        name = base_name + n
         short = name.rsplit("/", 1)[-1] if name not in features else name
         if short == "seq":
             seq = _seq(rec.get("v"))
             continue
+        if short == "boot":
+            if rec.get("v") is None:
+                raise PayloadError("bad_boot", f"record {_show(name, 60)} has no 'v'", seq)
+            boot = _boot(rec["v"], seq)
+            continue
         if short not in features:
             continue  # other quantities in the pack are allowed and ignored
         v = rec.get("v")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise PayloadError("bad_senml", f"record {name!r} has no numeric 'v' ({v!r})", seq)
-        t = base_time + (_ts(rec.get("t")) or 0.0)
-        by_time.setdefault(t, {})[short] = float(v)
+        if not _is_number(v):
+            raise PayloadError(
+                "bad_senml", f"record {_show(name, 60)} has no numeric 'v' ({_show(v)})", seq
+            )
+        t = base_time
+        if rec.get("t") is not None:
+            t, timed = t + _number(rec["t"], "time 't'", seq), True
+        t = _plausible(t, f"time of record {_show(name, 40)}", seq)
+        by_time.setdefault(t, {})[short] = v
     if not by_time:
         raise PayloadError(
-            "bad_senml", f"no record names one of the features {list(features)}", seq
+            "bad_senml", f"no record names one of the features {_show(list(features), 200)}", seq
         )
     rows = []
     for t in sorted(by_time):
         missing = [n for n in features if n not in by_time[t]]
         if missing:
-            raise PayloadError("wrong_shape", f"sample at t={t} lacks {missing}", seq)
+            raise PayloadError("wrong_shape", f"sample at t={t} lacks {_show(missing)}", seq)
         rows.append([by_time[t][n] for n in features])
-    ts = min(by_time) if base_time or any(by_time) else None
-    return Samples(seq, ts, _values(rows, len(features), seq))
+    ts = min(by_time) if timed else None
+    return Samples(seq, ts, _values(rows, len(features), seq), boot)
 
 
 def decode_frame(payload: bytes, f: int) -> Samples:
-    if len(payload) < FRAME_HEAD.size:
-        raise PayloadError("bad_frame", f"frame of {len(payload)} bytes is shorter than its header")
-    version, _, k, seq, ts = FRAME_HEAD.unpack_from(payload)
-    if version != FRAME_VERSION:
-        raise PayloadError("bad_frame", f"frame version {version}, expected {FRAME_VERSION}")
-    want = FRAME_HEAD.size + 4 * k * f
+    version = payload[0] if payload else None
+    if version not in (FRAME_VERSION, FRAME_VERSION_V2):
+        raise PayloadError(
+            "bad_frame", f"frame version {version}, expected {FRAME_VERSION} or {FRAME_VERSION_V2}"
+        )
+    head = FRAME_HEAD if version == FRAME_VERSION else FRAME_HEAD_V2
+    if len(payload) < head.size:
+        raise PayloadError(
+            "bad_frame",
+            f"frame of {len(payload)} bytes is shorter than its header ({head.size})",
+        )
+    boot: int | None = None
+    if version == FRAME_VERSION:
+        _, _, k, seq, ts = FRAME_HEAD.unpack_from(payload)
+    else:
+        _, flags, k, seq, ts, raw_boot = FRAME_HEAD_V2.unpack_from(payload)
+        boot = raw_boot if flags & FRAME_FLAG_BOOT else None
+    want = head.size + 4 * k * f
     if len(payload) != want or k == 0:
         raise PayloadError(
             "wrong_shape",
             f"frame holds {len(payload)} bytes; {k} samples x {f} features need {want}",
             seq,
         )
-    values = np.frombuffer(payload, "<f4", k * f, FRAME_HEAD.size).reshape(k, f)
-    return Samples(seq, None if math.isnan(ts) else ts, _values(values, f, seq))
+    stamp = None if math.isnan(ts) else _ts(ts, seq)
+    # Non-finite = all exponent bits set; tested on the bits so that no NaN (signalling ones
+    # included) ever reaches a float operation that could warn.
+    bits = np.frombuffer(payload, "<u4", k * f, head.size)
+    bad = np.flatnonzero((bits & 0x7F800000) == 0x7F800000)
+    if len(bad):
+        i, j = divmod(int(bad[0]), f)
+        word = int(bits[bad[0]])
+        what = "nan" if word & 0x007FFFFF else "-inf" if word >> 31 else "inf"
+        raise PayloadError("not_finite", f"values[{i}][{j}] is {what} ({word:#010x})", seq)
+    values = np.frombuffer(payload, "<f4", k * f, head.size).astype(np.float64).reshape(k, f)
+    return Samples(seq, stamp, values, boot)
 
 
-def encode_frame(seq: int, values: np.ndarray, ts: float | None = None) -> bytes:
+def encode_frame(
+    seq: int, values: np.ndarray, ts: float | None = None, boot: int | None = None
+) -> bytes:
+    """Version 1 without ``boot`` (bytes identical to older devices), version 2 with it."""
     values = np.asarray(values, "<f4").reshape(-1, np.shape(values)[-1])
-    head = FRAME_HEAD.pack(FRAME_VERSION, 0, len(values), seq, math.nan if ts is None else ts)
+    stamp = math.nan if ts is None else ts
+    if boot is None:
+        head = FRAME_HEAD.pack(FRAME_VERSION, 0, len(values), seq, stamp)
+    else:
+        head = FRAME_HEAD_V2.pack(FRAME_VERSION_V2, FRAME_FLAG_BOOT, len(values), seq, stamp, boot)
     return head + values.tobytes()
 
 
-def encode_senml(seq: int, values: np.ndarray, names: Sequence[str], ts: float, dt: float) -> bytes:
+def encode_senml(
+    seq: int,
+    values: np.ndarray,
+    names: Sequence[str],
+    ts: float,
+    dt: float,
+    boot: int | None = None,
+) -> bytes:
     records: list[dict[str, Any]] = [{"bt": ts, "n": "seq", "v": seq}]
+    if boot is not None:
+        records.append({"n": "boot", "v": boot})
     for k, row in enumerate(np.asarray(values).reshape(-1, len(names))):
         records += [{"n": n, "t": k * dt, "v": float(v)} for n, v in zip(names, row)]
     return json.dumps(records).encode()
+
+
+def _finite(x: Any) -> float | None:
+    """Float for a JSON document, or None where JSON has no number (NaN, Inf, huge ints)."""
+    try:
+        f = float(x)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return f if math.isfinite(f) else None
 
 
 def prediction(
@@ -200,23 +413,58 @@ def prediction(
     *,
     single: bool,
     gap: int = 0,
+    restart: bool = False,
+    boot: int | None = None,
 ) -> bytes:
-    """One prediction message for one message in (y: [k, O]); ``single`` keeps y flat."""
+    """One prediction message for one message in (y: [k, O]); ``single`` keeps y flat.
+
+    Always valid JSON: a non-finite ts is left out and a non-finite y element is null."""
     doc: dict[str, Any] = {"seq": seq}
-    if ts is not None:
-        doc["ts"] = ts
-    exact = y.astype(np.float64)  # float32 values print exactly (shortest round-trip repr)
-    doc["y"] = exact[0].tolist() if single else exact.tolist()
+    stamp = None if ts is None else _finite(ts)
+    if stamp is not None:
+        doc["ts"] = stamp
+    exact = np.asarray(y, np.float64)  # float32 values print exactly (shortest round-trip repr)
+    ok = np.isfinite(exact)
+    rows: list[list[float | None]] = [
+        [v if good else None for v, good in zip(row, mask)]
+        for row, mask in zip(exact.tolist(), ok.tolist())
+    ]
+    doc["y"] = rows[0] if single else rows
     doc["model"] = model
     if labels:
-        top = y.argmax(-1)
-        names = [labels[i] for i in top]
-        p = [float(y[k, i]) for k, i in enumerate(top)]
+        top = np.where(ok, exact, -np.inf).argmax(-1).tolist()
+        names = [labels[i] if ok[k].any() else None for k, i in enumerate(top)]
+        p = [rows[k][i] for k, i in enumerate(top)]
         doc["label"], doc["p"] = (names[0], p[0]) if single else (names, p)
     if gap:
         doc["gap"] = gap
-    return json.dumps(doc, separators=(",", ":")).encode()
+    if restart:
+        doc["restart"] = True
+    if boot is not None:
+        doc["boot"] = boot
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
-def error(code: str, detail: str, seq: int | None = None) -> bytes:
-    return json.dumps({"seq": seq, "error": code, "detail": detail[:500]}).encode()
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """Caller-supplied extras made JSON-safe: non-finite floats become null, unknowns text."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _finite(value)
+    if depth < MAX_DEPTH and isinstance(value, Mapping):
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+    if depth < MAX_DEPTH and isinstance(value, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in value]
+    return _show(value, 200)
+
+
+def error(
+    code: str, detail: str, seq: int | None = None, extra: Mapping[str, Any] | None = None
+) -> bytes:
+    """Error message; ``extra`` adds fields (e.g. a count) but cannot replace seq/error/detail."""
+    doc: dict[str, Any] = {"seq": seq, "error": code, "detail": str(detail)[:500]}
+    for key, value in (_jsonable(extra) if extra else {}).items():
+        doc.setdefault(key, value)
+    return json.dumps(doc, allow_nan=False).encode()

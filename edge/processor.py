@@ -1,32 +1,43 @@
-"""One micro-batch of MQTT messages in, messages out: decode, log, order, step, answer.
+"""The one path every message takes: decode, log, order, step, answer.
 
-No paho here: the MQTT loop (``edge.mqtt_loop``) feeds ``Inbound`` records and publishes the
-``Outbound`` ones, then acknowledges the batch. Everything that must survive a crash is in the
-write-ahead log before ``process`` returns.
+No paho here: a transport (``edge.mqtt_loop``) hands in ``Inbound`` batches, publishes what
+the ``Outbox`` gives it, reports broker acknowledgements to the outbox, and acknowledges a batch
+to the broker once ``handle`` has returned True. Everything a restart needs is in the journal
+before ``handle`` returns True; when the journal cannot be written (disk full, read-only),
+``handle`` returns False with nothing changed, and ``resume`` retries.
+
+Any exception while handling one message is contained: that message is answered with error
+``internal`` (carrying an id that finds the log line with the traceback), counted, and the rest
+of the batch goes on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from . import payloads
 from .config import ServiceConfig
 from .engine import Chunk, Engine
+from .journal import Journal, Recovery
 from .metrics import Metrics
+from .outbox import Outbound, Outbox
 from .reorder import GapMemory, Reorderer
 from .sequencing import U32
 from .topics import Template
-from .wal import Record, WriteAheadLog
+from .wal import Entry, Mark, Output, Record, Release, Void
 
 log = logging.getLogger("edge.service")
 INVALID_STREAM = "_invalid"
+
+__all__ = ["Inbound", "Outbound", "Processor"]
 
 
 @dataclass(frozen=True)
@@ -37,14 +48,19 @@ class Inbound:
     qos: int = 1
     content_type: str | None = None
     received: float = 0.0  # wall clock, for end-to-end latency against the device's ts
+    redelivered: bool = False  # the broker's DUP flag
 
 
-@dataclass(frozen=True)
-class Outbound:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
+@dataclass
+class _Round:
+    """One batch (or one reorder expiry): what to log first, then what to apply."""
+
+    entries: list[Entry] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    voids: list[tuple[str, int]] = field(default_factory=list)
+    released: list[Record] = field(default_factory=list)
+    outs: list[Outbound] = field(default_factory=list)
+    lsn: int = 0  # the processor's lsn after this round
 
 
 class RateLimitedLog:
@@ -70,187 +86,455 @@ class RateLimitedLog:
         )
 
 
+def _u32(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < U32
+
+
 class Processor:
     def __init__(
         self,
         engine: Engine,
         cfg: ServiceConfig,
-        wal: WriteAheadLog,
+        journal: Journal,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.engine = engine
         self.cfg = cfg
-        self.wal = wal
+        self.journal = journal
         self.metrics = metrics
         self.wall = wall
         self.data = Template(cfg.data_topic)
         self.control = Template(cfg.control_topic)
         self.predictions = Template(cfg.prediction_topic)
         self.errors = Template(cfg.error_topic)
+        self.replies = Template(cfg.reply_topic)
         self.runtime_control = cfg.runtime_control_topic.replace("{runtime_id}", cfg.runtime_id)
         self.reorder = Reorderer(cfg.reorder_ms / 1000.0, clock)
-        self.gaps = GapMemory()
-        self._voids: list[tuple[str, int]] = []
+        self.gaps = GapMemory(streams=cfg.capacity)
+        self.outbox = Outbox(cfg.max_unacked)
         self.requests: set[str] = set()
+        self.lsn = 0  # of the last message taken in
+        self.mark = 0  # the last ack mark logged
+        self.degraded: str | None = None  # why the journal cannot be written, while it cannot
+        self._stalled: _Round | None = None
+        self._restarted: set[str] = set()  # streams whose next answer says "restart"
         self._log_error = RateLimitedLog(clock=clock)
+        self.engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self._engine = engine
+        engine.store.on_evict = self._forget
+
+    def _forget(self, streams: list[str]) -> None:
+        self.gaps.forget(streams)
+        self.reorder.forget(streams)
+        self._restarted.difference_update(streams)
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def recover(self) -> Recovery:
+        """Restore the newest intact snapshot and replay the log on top of it. Answers the
+        broker had not acknowledged go to the outbox again; the rest are not repeated."""
+        rec = self.journal.recover(lambda path: self.engine.restore(path, other_model_ok=True))
+        for problem in rec.damaged_snapshots:
+            log.error("snapshot unusable, falling back to an older generation: %s", problem)
+            self.metrics.inc("snapshots_damaged")
+        for line in rec.damage:
+            log.error("write-ahead log: %s; the intact entries after it are replayed", line)
+            self.metrics.inc("wal_damaged")
+        self.lsn = self.mark = rec.last_lsn
+        outs: list[Outbound] = []
+        for entry in rec.entries:
+            if isinstance(entry, Output):
+                outs.append(Outbound(entry.topic, entry.payload, lsn=entry.lsn))
+                continue
+            r = _Round()
+            if isinstance(entry, Record):
+                r.records.append(entry)
+            elif isinstance(entry, Void):
+                r.voids.append((entry.stream, entry.seq))
+            elif isinstance(entry, Release):
+                r.released += self.reorder.force(entry.stream, entry.seq)
+            outs += self._apply(r)
+        again = [o for o in outs if o.lsn > rec.acked]
+        self.outbox.put(again)
+        self.mark = rec.acked
+        if not rec.exact:
+            self._restarted.update(self.engine.store.streams)
+            log.error(
+                "no usable snapshot and the log does not reach back to the start: every stream "
+                "continues from where the log begins; their next predictions say restart"
+            )
+        log.info(
+            "recovered generation %d: %d log entries replayed, %d answers published again "
+            "(%d already acknowledged)",
+            rec.generation,
+            len(rec.entries),
+            len(again),
+            len(outs) - len(again),
+        )
+        self.metrics.inc("republished", len(again))
+        if rec.damage or rec.damaged_snapshots:
+            self.requests.add("snapshot")  # retire the damaged files soon
+        return rec
 
     # -- batches ----------------------------------------------------------------------------
 
-    def process(self, batch: Iterable[Inbound]) -> list[Outbound]:
-        out: list[Outbound] = []
-        records: list[Record] = []
+    def handle(self, batch: Sequence[Inbound], dropped: Sequence[Inbound] = ()) -> bool:
+        """Take a batch in (and report ``dropped`` messages as dropped). False: the journal
+        cannot be written; nothing was changed and the batch must not be acknowledged."""
+        if self._stalled is not None and not self.resume():
+            return False
+        r = _Round(lsn=self.lsn)
+        for msg in dropped:
+            r.lsn += 1
+            self._drop(msg, r)
         for msg in batch:
+            r.lsn += 1
             self.metrics.inc("messages_in")
-            rec = self._decode(msg, out)
-            if rec is not None:
-                records.append(rec)
-        self.wal.append(records)
-        self.metrics.inc("wal_records", len(records))
-        return out + self._apply(records)
+            try:
+                self._decode(msg, r)
+            except Exception as exc:  # one message must never stop the service
+                self._internal(r, self.data.stream(msg.topic) or INVALID_STREAM, exc, None)
+        return self._run(r, keep=False)
 
-    def replay(self) -> list[Outbound]:
-        """Re-apply the log after a restart; the engine's seq check skips what the snapshot
-        already holds, so only the lost tail is stepped (and its predictions re-published)."""
-        records = list(self.wal.replay())
-        outs = self._apply(records)
-        log.info("replayed %d logged messages (%d answers)", len(records), len(outs))
-        return outs
+    def tick(self) -> bool:
+        """Release reorder-held messages whose wait is over; log how far answers are acked."""
+        if self._stalled is not None and not self.resume():
+            return False
+        r = _Round(lsn=self.lsn)
+        if len(self.reorder):
+            r.released = self.reorder.expire()
+            r.entries += [Release(s, q) for s, q in self.reorder.forced]
+            self.reorder.forced.clear()
+        return self._run(r, keep=True)
 
-    def tick(self) -> list[Outbound]:
-        """Release messages held for reordering whose wait is over."""
-        return self._step(self.reorder.expire()) if len(self.reorder) else []
+    def resume(self) -> bool:
+        """Retry the round the journal could not take."""
+        r, self._stalled = self._stalled, None
+        return r is None or self._run(r, keep=True)
 
-    def checkpoint(self, path: Path) -> None:
-        """Snapshot the engine, then restart the log with what the snapshot lacks."""
-        self.engine.snapshot(path)
-        self.wal.rotate(keep=self.reorder.pending())
+    def _run(self, r: _Round, *, keep: bool) -> bool:
+        """Log the round, then apply it. When the log cannot be written, a round that already
+        changed something (a reorder expiry) is kept for ``resume``; a batch's is dropped and
+        the transport offers the batch again."""
+        held = [h.lsn for h in self.reorder.pending()]
+        mark = self.outbox.watermark(self.lsn, min(held) if held else None)
+        if mark > self.mark:
+            r.entries.append(Mark(mark))
+        if r.entries:
+            try:
+                self.journal.append(r.entries)
+            except OSError as exc:
+                if keep:
+                    self._stalled = r
+                if self.degraded is None:
+                    log.error(
+                        "cannot write the log in %s: %s; not acknowledging", self.cfg.state_dir, exc
+                    )
+                    self.metrics.inc("storage_errors")
+                self.degraded = f"state_dir not writable: {exc.strerror or exc}"
+                return False
+        if self.degraded is not None:
+            log.warning("the log in %s is writable again; resuming", self.cfg.state_dir)
+            self.degraded = None
+        self.mark = max(self.mark, mark)
+        self.lsn = r.lsn
+        self.metrics.inc("wal_records", len(r.records))
+        self.outbox.put(r.outs + self._apply(r))
+        return True
+
+    def checkpoint(self) -> bool:
+        """Snapshot the engine into a new generation; False (and degraded) when it cannot."""
+        held = self.reorder.pending()
+        carry: list[Entry] = [_carried(rec) for rec in held]
+        carry += [
+            Output(o.lsn, o.topic, o.payload, carried=True)
+            for o in self.outbox.unacknowledged()
+            if o.qos and o.lsn
+        ]
+        carry.append(Mark(self.mark))
+        try:
+            self.journal.checkpoint(self.engine.snapshot, carry, {"lsn": self.lsn})
+        except OSError as exc:
+            if self.degraded is None:
+                log.error("snapshot failed in %s: %s; retrying later", self.cfg.state_dir, exc)
+                self.metrics.inc("storage_errors")
+            self.degraded = f"snapshot failed: {exc.strerror or exc}"
+            return False
         self.metrics.inc("snapshots")
+        return True
 
-    # -- steps ------------------------------------------------------------------------------
+    # -- decoding ---------------------------------------------------------------------------
 
-    def _decode(self, msg: Inbound, out: list[Outbound]) -> Record | None:
+    def _decode(self, msg: Inbound, r: _Round) -> None:
         stream = self.data.stream(msg.topic)
         if stream is None:
-            return self._non_data(msg, out)
+            self._non_data(msg, r)
+            return
         if len(msg.payload) > self.cfg.max_payload_bytes:
             detail = f"payload of {len(msg.payload)} bytes exceeds max_payload_bytes {self.cfg.max_payload_bytes}"
-            self._error(out, stream, "too_large", detail)
-            return None
+            self._error(r, stream, "too_large", detail, logged=True)
+            return
         try:
             s = payloads.decode(msg.payload, self.engine.manifest.feature_names, msg.content_type)
         except payloads.PayloadError as exc:
-            self._error(out, stream, exc.code, exc.detail, exc.seq)
+            self._error(r, stream, exc.code, exc.detail, exc.seq, logged=True)
             if exc.seq is not None:
-                self._voids.append((stream, exc.seq))
-            return None
+                r.voids.append((stream, exc.seq))
+                r.entries.append(Void(stream, exc.seq))
+            return
         if s.seq is None:
-            self._error(out, stream, "missing_seq", "every sample message needs a 'seq'")
-            return None
+            self._error(r, stream, "missing_seq", "every sample message needs a 'seq'", logged=True)
+            return
         if len(s.values) > self.cfg.max_samples_per_message:
             detail = f"{len(s.values)} samples in one message; max_samples_per_message is {self.cfg.max_samples_per_message}"
-            self._error(out, stream, "too_many_samples", detail, s.seq)
-            return None
+            self._error(r, stream, "too_many_samples", detail, s.seq, logged=True)
+            r.voids.append((stream, s.seq))
+            r.entries.append(Void(stream, s.seq))
+            return
         self.metrics.inc("samples_in", len(s.values))
-        return Record(stream, s.seq, s.ts, s.values)
+        rec = Record(stream, s.seq, s.ts, s.values, s.boot, r.lsn, redelivered=msg.redelivered)
+        r.records.append(rec)
+        r.entries.append(rec)
 
-    def _non_data(self, msg: Inbound, out: list[Outbound]) -> Record | None:
+    def _non_data(self, msg: Inbound, r: _Round) -> None:
         stream = self.control.stream(msg.topic)
+        if stream is None and msg.topic != self.runtime_control:
+            detail = f"topic {msg.topic[:200]!r} does not match {self.data.template!r}"
+            self._error(r, INVALID_STREAM, "bad_topic", detail, logged=True)
+            return
+        self.metrics.inc("control")
+        where = stream or INVALID_STREAM
+        if len(msg.payload) > self.cfg.max_payload_bytes:
+            detail = f"control payload of {len(msg.payload)} bytes exceeds max_payload_bytes"
+            self._error(r, where, "too_large", detail, logged=True)
+            return
         try:
-            cmd = json.loads(msg.payload).get("cmd")
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            cmd = None
-        if stream is not None:
-            self.metrics.inc("control")
-            if cmd == "reset":
-                return Record(stream, 0, None, np.empty((0, self.engine.manifest.features)))
-            else:
-                self._error(
-                    out,
-                    stream,
-                    "unknown_command",
-                    f'control {msg.payload[:80]!r}: expected {{"cmd": "reset"}}',
-                )
-        elif msg.topic == self.runtime_control:
-            self.metrics.inc("control")
+            doc = payloads.parse_json(msg.payload)
+        except payloads.PayloadError as exc:
+            self._error(r, where, exc.code, f"control message: {exc.detail}", logged=True)
+            return
+        cmd = doc.get("cmd") if isinstance(doc, dict) else None
+        if stream is None:
             if cmd in ("reload", "snapshot"):
                 self.requests.add(cmd)
             else:
-                self._error(
-                    out,
-                    INVALID_STREAM,
-                    "unknown_command",
-                    f"runtime control {msg.payload[:80]!r}: expected reload or snapshot",
-                )
-        else:
-            self._error(
-                out,
-                INVALID_STREAM,
-                "bad_topic",
-                f"topic {msg.topic[:200]!r} does not match {self.data.template!r}",
-            )
-        return None
+                detail = f"runtime control {msg.payload[:80]!r}: expected reload or snapshot"
+                self._error(r, where, "unknown_command", detail, logged=True)
+            return
+        if cmd != "reset":
+            detail = f'control {msg.payload[:80]!r}: expected {{"cmd": "reset"}}'
+            self._error(r, stream, "unknown_command", detail, logged=True)
+            return
+        assert isinstance(doc, dict)
+        seq, boot = doc.get("seq"), doc.get("boot")
+        for name, value in (("seq", seq), ("boot", boot)):
+            if value is not None and not _u32(value):
+                detail = f"reset {name} {value!r} is not an unsigned 32-bit integer"
+                self._error(r, stream, f"bad_{name}", detail, logged=True)
+                return
+        empty = np.empty((0, self.engine.manifest.features))
+        rec = Record(stream, seq or 0, None, empty, boot, r.lsn, rebase=seq is not None)
+        r.records.append(rec)
+        r.entries.append(rec)
 
-    def _apply(self, records: list[Record]) -> list[Outbound]:
+    def _drop(self, msg: Inbound, r: _Round) -> None:
+        """A message given up on under overload: answered as dropped, never silently."""
+        stream = self.data.stream(msg.topic) or self.control.stream(msg.topic) or INVALID_STREAM
+        seq: int | None = None
+        count: int | None = None
+        try:
+            s = payloads.decode(msg.payload, self.engine.manifest.feature_names, msg.content_type)
+            seq, count = s.seq, len(s.values)
+        except payloads.PayloadError as exc:
+            seq = exc.seq
+        except Exception:  # the drop is reported without its seq then
+            log.debug("could not decode a dropped message", exc_info=True)
+        self.metrics.inc("dropped_overload")
+        detail = f"{count or 'the'} sample(s) dropped: the runtime is overloaded (overload = drop-oldest)"
+        self._error(r, stream, "dropped", detail, seq, logged=True)
+
+    # -- stepping ---------------------------------------------------------------------------
+
+    def _apply(self, r: _Round) -> list[Outbound]:
         out: list[Outbound] = []
         ready: list[Record] = []
-        for stream, seq in self._voids:  # refused messages: no need to wait for their seq
+        for stream, seq in r.voids:  # refused messages: no need to wait for their seq
             ready += self.reorder.void(stream, seq, self.engine.last_seq(stream))
-        self._voids.clear()
-        for rec in records:
+        for rec in r.records:
             if rec.is_reset:  # in order: everything before it steps first
                 out += self._step(ready)
                 ready = []
-                self.engine.reset(rec.stream)
-                log.info("stream %s reset by control message", rec.stream)
+                out += self._reset(rec)
             else:
                 ready += self.reorder.push(rec, self.engine.last_seq(rec.stream))
-        ready += self.reorder.expire()
-        return out + self._step(ready)
+        return out + self._step(ready + r.released)
+
+    def _reset(self, rec: Record) -> list[Outbound]:
+        try:
+            self.engine.reset(rec.stream, next_seq=rec.seq if rec.rebase else None, boot=rec.boot)
+        except Exception as exc:
+            out: list[Outbound] = []
+            self._internal_into(out, rec.stream, exc, rec.lsn)
+            return out
+        self.gaps.forget([rec.stream])
+        log.info("stream %s reset by control message", rec.stream)
+        last = self.engine.last_seq(rec.stream)
+        body = {
+            "cmd": "reset",
+            "ok": True,
+            "next_seq": None if last is None else (last + 1) % U32,
+            "boot": rec.boot,
+        }
+        reply = json.dumps(body, allow_nan=False).encode()
+        return [Outbound(self.replies.topic(rec.stream), reply, lsn=rec.lsn)]
 
     def _step(self, records: list[Record]) -> list[Outbound]:
         if not records:
             return []
         new = {r.stream for r in records if self.engine.last_seq(r.stream) is None}
+        chunks = [Chunk(r.stream, r.values, r.seq, r.boot) for r in records]
         t0 = time.perf_counter()
-        outcomes = self.engine.step_many([Chunk(r.stream, r.values, r.seq) for r in records])
+        try:
+            outcomes = self.engine.step_many(chunks)
+        except Exception:  # find the one that fails, answer the rest
+            log.exception("a batch failed to step; stepping its messages one by one")
+            out: list[Outbound] = []
+            for rec in records:
+                out += self._step_one(rec)
+            return out
         self.metrics.step_latency.observe(time.perf_counter() - t0)
-        out: list[Outbound] = []
-        now = self.wall()
-        labels = (
-            self.engine.manifest.labels if self.engine.manifest.output_kind == "classifier" else ()
-        )
-        model = self.engine.manifest.model_id
+        out = []
         for rec, oc in zip(records, outcomes):
-            if oc.duplicates:
-                late = self.gaps.late(rec.stream, rec.seq, oc.duplicates)
-                if late:
-                    detail = f"{late} sample(s) arrived after later ones were applied; dropped (reorder_ms is {self.cfg.reorder_ms:g})"
-                    self._error(out, rec.stream, "late", detail, rec.seq)
-            if oc.error is not None:
-                self._error(out, rec.stream, oc.error.code, str(oc.error), rec.seq)
-                continue
-            if oc.gap and oc.seq is not None:
-                self.gaps.note(rec.stream, (oc.seq - oc.gap) % U32, oc.gap)
-            if not len(oc.y):
-                continue
-            if rec.stream in new and oc.seq is not None:  # it starts here: earlier seqs are late
-                new.discard(rec.stream)
-                self.gaps.note_start(rec.stream, oc.seq)
-            body = payloads.prediction(
-                oc.seq, rec.ts, oc.y, model, labels, single=len(rec.values) == 1, gap=oc.gap
-            )
-            out.append(Outbound(self.predictions.topic(rec.stream), body))
-            self.metrics.inc("predictions_out", len(oc.y))
-            if rec.ts is not None:
-                self.metrics.e2e_latency.observe(max(0.0, now - rec.ts))
+            try:
+                out += self._answer(rec, oc, rec.stream in new)
+            except Exception as exc:
+                self._internal_into(out, rec.stream, exc, rec.lsn, rec.seq)
         return out
 
-    def _error(
-        self, out: list[Outbound], stream: str, code: str, detail: str, seq: int | None = None
-    ) -> None:
+    def _step_one(self, rec: Record) -> list[Outbound]:
+        new = self.engine.last_seq(rec.stream) is None
+        try:
+            (oc,) = self.engine.step_many([Chunk(rec.stream, rec.values, rec.seq, rec.boot)])
+            return self._answer(rec, oc, new)
+        except Exception as exc:
+            out: list[Outbound] = []
+            self._internal_into(out, rec.stream, exc, rec.lsn, rec.seq)
+            return out
+
+    def _answer(self, rec: Record, oc: Any, new: bool) -> list[Outbound]:
+        out: list[Outbound] = []
+
+        def err(code: str, detail: str, **extra: Any) -> None:
+            out.append(self._error_msg(rec.stream, code, detail, rec.seq, rec.lsn, extra))
+
+        if oc.duplicates:
+            late = self.gaps.late(rec.stream, rec.seq, oc.duplicates)
+            if late:
+                err(
+                    "late",
+                    f"{late} sample(s) arrived after later ones were applied; dropped (reorder_ms is {self.cfg.reorder_ms:g})",
+                    count=late,
+                )
+            if oc.duplicates > late and not rec.redelivered:
+                n = oc.duplicates - late
+                err(
+                    "duplicate",
+                    f"{n} sample(s) from seq {rec.seq} were applied already; dropped",
+                    count=n,
+                )
+        if oc.error is not None:
+            err(oc.error.code, str(oc.error))
+            return out
+        if oc.restart:
+            self.gaps.forget([rec.stream])
+            log.info("stream %s restarted (boot %s, seq %s)", rec.stream, rec.boot, oc.seq)
+        if oc.gap and oc.seq is not None:
+            self.gaps.note(rec.stream, (oc.seq - oc.gap) % U32, oc.gap)
+        if not len(oc.y):
+            return out
+        if (new or oc.restart) and oc.seq is not None:  # it starts here: earlier seqs are late
+            self.gaps.note_start(rec.stream, oc.seq)
+        restart = oc.restart or rec.stream in self._restarted
+        self._restarted.discard(rec.stream)
+        m = self.engine.manifest
+        body = payloads.prediction(
+            oc.seq,
+            rec.ts,
+            oc.y,
+            m.model_id,
+            m.labels if m.output_kind == "classifier" else (),
+            single=len(rec.values) == 1,
+            gap=oc.gap,
+            restart=restart,
+            boot=rec.boot,
+        )
+        out.append(Outbound(self.predictions.topic(rec.stream), body, lsn=rec.lsn))
+        self.metrics.inc("predictions_out", len(oc.y))
+        if rec.ts is not None:
+            self.metrics.e2e_latency.observe(max(0.0, self.wall() - rec.ts))
+        return out
+
+    # -- answers ----------------------------------------------------------------------------
+
+    def _error_msg(
+        self,
+        stream: str,
+        code: str,
+        detail: str,
+        seq: int | None,
+        lsn: int,
+        extra: dict[str, Any] | None = None,
+    ) -> Outbound:
         self.metrics.error(code)
         self._log_error(code, f"stream {stream} seq {seq}: {detail}")
-        out.append(Outbound(self.errors.topic(stream), payloads.error(code, detail, seq)))
+        body = payloads.error(code, detail, seq, extra=extra)
+        return Outbound(self.errors.topic(stream), body, lsn=lsn)
+
+    def _error(
+        self,
+        r: _Round,
+        stream: str,
+        code: str,
+        detail: str,
+        seq: int | None = None,
+        *,
+        logged: bool,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """An answer decided at decode time: logged, since replay does not decode again."""
+        o = self._error_msg(stream, code, detail, seq, r.lsn, extra)
+        r.outs.append(o)
+        if logged:
+            r.entries.append(Output(o.lsn, o.topic, o.payload))
+
+    def _internal(self, r: _Round, stream: str, exc: BaseException, seq: int | None) -> None:
+        incident = secrets.token_hex(4)
+        log.error("internal error %s on stream %s:", incident, stream, exc_info=exc)
+        self._error(
+            r, stream, "internal", f"unexpected {type(exc).__name__}; see log id {incident}", seq,
+            logged=True, extra={"id": incident},
+        )  # fmt: skip
+
+    def _internal_into(
+        self, out: list[Outbound], stream: str, exc: BaseException, lsn: int, seq: int | None = None
+    ) -> None:
+        incident = secrets.token_hex(4)
+        log.error("internal error %s on stream %s:", incident, stream, exc_info=exc)
+        detail = f"unexpected {type(exc).__name__}; see log id {incident}"
+        out.append(self._error_msg(stream, "internal", detail, seq, lsn, {"id": incident}))
+
+
+def _carried(rec: Record) -> Record:
+    return Record(
+        rec.stream, rec.seq, rec.ts, rec.values, rec.boot, rec.lsn, True, rec.rebase,
+        rec.redelivered,
+    )  # fmt: skip

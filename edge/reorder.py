@@ -6,8 +6,8 @@ Pure logic: the clock is injected, the engine's last applied seq is passed in.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .sequencing import HALF, U32
@@ -27,12 +27,32 @@ class Reorderer:
         self._held: dict[str, list[_Held]] = {}
         self._next: dict[str, int] = {}  # the seq each stream expects next
         self._void: dict[str, set[int]] = {}  # seqs that arrived unusable: do not wait for them
+        # (stream, seq) of every record released by ``expire`` since the caller last took them:
+        # a decision that depends on the clock, which the caller logs so a replay repeats it.
+        self.forced: list[tuple[str, int]] = []
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._held.values())
 
     def pending(self) -> list[Record]:
         return [h.record for items in self._held.values() for h in items]
+
+    def forget(self, streams: Iterable[str]) -> None:
+        """Drop what is kept about streams that are gone (evicted), unless records are held."""
+        for stream in streams:
+            if stream not in self._held:
+                self._next.pop(stream, None)
+                self._void.pop(stream, None)
+
+    def force(self, stream: str, seq: int) -> list[Record]:
+        """Release the held record ``seq`` of ``stream`` as ``expire`` once did (log replay)."""
+        items = self._held.get(stream, [])
+        for h in items:
+            if h.record.seq == seq:
+                items.remove(h)
+                self._advance(h.record)
+                return [h.record, *self._release_contiguous(stream)]
+        return []
 
     def push(self, rec: Record, last_applied: int | None) -> list[Record]:
         """Records ready to apply, in order; ``rec`` itself may be held back."""
@@ -76,6 +96,7 @@ class Reorderer:
                 first = min(items, key=lambda h: (h.record.seq - expect) % U32)
                 items.remove(first)
                 out.append(first.record)
+                self.forced.append((stream, first.record.seq))
                 self._advance(first.record)
                 out += self._release_contiguous(stream)
         return out
@@ -120,15 +141,31 @@ class GapMemory:
     before the sample that started the stream), so that a sample arriving after it was given
     up on is reported as late, not as a plain duplicate."""
 
-    def __init__(self, per_stream: int = 32) -> None:
-        self._gaps: dict[str, deque[tuple[int, int]]] = {}
+    def __init__(self, per_stream: int = 8, streams: int = 100_000) -> None:
+        self._gaps: OrderedDict[str, deque[tuple[int, int]]] = OrderedDict()
         self._per_stream = per_stream
+        self._streams = streams  # most streams remembered, least recently noted go first
+
+    def __len__(self) -> int:
+        return len(self._gaps)
 
     def note_start(self, stream: str, first_seq: int) -> None:
+        self.forget([stream])  # a (re)start: earlier gaps belong to a previous life
         self.note(stream, (first_seq - HALF + 1) % U32, HALF - 1)
 
     def note(self, stream: str, first_skipped: int, count: int) -> None:
-        self._gaps.setdefault(stream, deque(maxlen=self._per_stream)).append((first_skipped, count))
+        gaps = self._gaps.get(stream)
+        if gaps is None:
+            gaps = self._gaps[stream] = deque(maxlen=self._per_stream)
+            if len(self._gaps) > self._streams:
+                self._gaps.popitem(last=False)
+        else:
+            self._gaps.move_to_end(stream)
+        gaps.append((first_skipped, count))
+
+    def forget(self, streams: Iterable[str]) -> None:
+        for stream in streams:
+            self._gaps.pop(stream, None)
 
     def late(self, stream: str, seq: int, count: int) -> int:
         """How many of the samples ``seq .. seq+count-1`` fall in a remembered gap."""

@@ -1,4 +1,4 @@
-"""Snapshot file format, version 1 (little-endian, no pickle).
+"""Snapshot file format, version 2 (little-endian, no pickle).
 
 ::
 
@@ -9,11 +9,13 @@
     12      4     u32 header length N
     16      N     header, UTF-8 JSON: model_sha256, state_layout, streams, created, extra
     16+N    8*S   i64 last seq per stream (-1 = none yet), S = len(streams)
+    ...     8*S*B i64 boot ids per stream, current first (-1 = none), B = header "boot_history"
     ...           each state tensor in state_layout order: S rows x width, its dtype
     end-32  32    sha256 of every byte before it
 
 Written to a temp file in the same directory, fsynced, then renamed over the target, so a
-crash leaves either the old snapshot or the new one, never a torn file.
+crash leaves either the old snapshot or the new one, never a torn file. Version 1 (no boot
+ids) is still read.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import numpy as np
 from .errors import SnapshotError
 
 MAGIC = b"ELSTMSNP"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)
 _HEAD = struct.Struct("<8sHHI")
 DTYPES = {"int8": "<i1", "int16": "<i2", "float32": "<f4"}
 
@@ -46,9 +49,12 @@ class Snapshot:
     last_seq: np.ndarray
     arrays: list[np.ndarray]
     extra: dict[str, Any] = field(default_factory=dict)
+    boots: np.ndarray | None = None  # [S, B] i64; None reads as "no boot ids known"
 
 
 def encode(snap: Snapshot) -> bytes:
+    n = len(snap.streams)
+    boots = np.full((n, 1), -1, np.int64) if snap.boots is None else snap.boots
     header = json.dumps(
         {
             "model_sha256": snap.model_sha256,
@@ -56,12 +62,15 @@ def encode(snap: Snapshot) -> bytes:
             "streams": snap.streams,
             "created": time.time(),
             "extra": snap.extra,
-        }
+            "boot_history": int(boots.shape[1]),
+        },
+        allow_nan=False,
     ).encode()
     parts = [
         _HEAD.pack(MAGIC, VERSION, 0, len(header)),
         header,
         np.ascontiguousarray(snap.last_seq, "<i8").tobytes(),
+        np.ascontiguousarray(boots, "<i8").tobytes(),
     ]
     for (_, _, dtype, *_), arr in zip(snap.state_layout, snap.arrays):
         parts.append(np.ascontiguousarray(arr, DTYPES[dtype]).tobytes())
@@ -73,9 +82,9 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
     if len(data) < _HEAD.size + 32 or data[:8] != MAGIC:
         raise SnapshotError(f"{where}: not an edge-lstm snapshot (bad magic or too short)")
     _, version, _, hlen = _HEAD.unpack_from(data)
-    if version != VERSION:
+    if version not in READABLE:
         raise SnapshotError(
-            f"{where}: snapshot format version {version}, this runtime reads {VERSION}"
+            f"{where}: snapshot format version {version}, this runtime reads {READABLE}"
         )
     body, digest = data[:-32], data[-32:]
     if hashlib.sha256(body).digest() != digest:
@@ -88,6 +97,11 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
         off = _HEAD.size + hlen
         last_seq = np.frombuffer(body, "<i8", n, off).astype(np.int64)
         off += 8 * n
+        boots = None
+        if version >= 2:
+            width = int(header["boot_history"])
+            boots = np.frombuffer(body, "<i8", n * width, off).reshape(n, width).astype(np.int64)
+            off += 8 * n * width
         arrays = []
         for _, width, dtype, *_ in layout:
             count = n * int(width)
@@ -99,7 +113,13 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
     if off != len(body):
         raise SnapshotError(f"{where}: {len(body) - off} unexpected bytes after the state arrays")
     return Snapshot(
-        header["model_sha256"], layout, streams, last_seq, arrays, dict(header.get("extra") or {})
+        header["model_sha256"],
+        layout,
+        streams,
+        last_seq,
+        arrays,
+        dict(header.get("extra") or {}),
+        boots,
     )
 
 

@@ -4,7 +4,9 @@ Each state tensor (``h`` and ``C`` of every layer) is one 2-D array with a row p
 the encoding the model's state *inputs* use (int8 bytes for int8 models), so a step gathers
 rows, invokes, and scatters rows back with no conversion. Arenas grow in chunks up to
 ``capacity``; past it the least recently used stream is evicted. Evicted and idle streams come
-back at the zero state.
+back at the zero state. Besides the state, each row keeps the stream's last applied ``seq``
+and its boot ids (the current one first, then up to ``BOOT_HISTORY - 1`` earlier ones), so that
+messages of an earlier boot of a device can be told from those of a new one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 from .errors import ConfigError
 
 NO_SEQ = -1
+NO_BOOT = -1
+BOOT_HISTORY = 4
 
 
 @dataclass
@@ -50,7 +54,10 @@ class StateStore:
         self.arrays: list[np.ndarray] = [np.empty((0, z.shape[1]), z.dtype) for z in self._zero]
         self.last_seq = np.empty(0, np.int64)
         self.last_seen = np.empty(0, np.float64)
+        self.boots = np.empty((0, BOOT_HISTORY), np.int64)
         self.stats = StoreStats()
+        # Told the ids of evicted streams, so that per-stream memory elsewhere stays bounded too.
+        self.on_evict: Callable[[list[str]], None] | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -67,7 +74,8 @@ class StateStore:
         return len(self.last_seq)
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays) + self.last_seq.nbytes + self.last_seen.nbytes
+        meta = self.last_seq.nbytes + self.last_seen.nbytes + self.boots.nbytes
+        return sum(a.nbytes for a in self.arrays) + meta
 
     def _grow(self) -> None:
         old = self.allocated
@@ -77,11 +85,13 @@ class StateStore:
         ]
         self.last_seq = np.concatenate([self.last_seq, np.full(new - old, NO_SEQ, np.int64)])
         self.last_seen = np.concatenate([self.last_seen, np.zeros(new - old)])
+        self.boots = np.concatenate([self.boots, np.full((new - old, BOOT_HISTORY), NO_BOOT)])
         self._free.extend(range(new - 1, old - 1, -1))
 
     def _clear(self, row: int) -> None:
         self.zero_rows(np.asarray([row]))
         self.last_seq[row] = NO_SEQ
+        self.boots[row] = NO_BOOT
 
     def peek(self, stream: str) -> int | None:
         return self._rows.get(stream)
@@ -107,9 +117,11 @@ class StateStore:
         return np.asarray(out, dtype=np.intp)
 
     def _evict_lru(self) -> None:
-        _, row = self._rows.popitem(last=False)
+        stream, row = self._rows.popitem(last=False)
         self._free.append(row)
         self.stats.evicted_lru += 1
+        if self.on_evict is not None:
+            self.on_evict([stream])
 
     def evict_idle(self, now: float | None = None) -> list[str]:
         """Drop streams not seen for ``idle_timeout`` seconds; they restart from zero."""
@@ -124,6 +136,8 @@ class StateStore:
         for stream in gone:
             self._free.append(self._rows.pop(stream))
         self.stats.evicted_idle += len(gone)
+        if gone and self.on_evict is not None:
+            self.on_evict(gone)
         return gone
 
     def reset(self, stream: str) -> None:
@@ -148,20 +162,46 @@ class StateStore:
         for a, z in zip(self.arrays, self._zero):
             a[rows] = z[0]
 
-    def export(self) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
-        """(streams in LRU order, last seq, state arrays) - the snapshot's content."""
-        rows = np.fromiter(self._rows.values(), dtype=np.intp, count=len(self._rows))
-        return list(self._rows), self.last_seq[rows], [a[rows] for a in self.arrays]
+    def boot_of(self, row: int) -> tuple[int | None, list[int]]:
+        """(current boot id or None, earlier boot ids) of a row."""
+        cur, *old = (int(b) for b in self.boots[row])
+        return (None if cur == NO_BOOT else cur), [b for b in old if b != NO_BOOT]
 
-    def load(self, streams: list[str], last_seq: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
+    def set_boot(self, row: int, boot: int) -> None:
+        """Make ``boot`` the current boot id, remembering the previous ones."""
+        cur = self.boots[row]
+        if cur[0] != boot:
+            self.boots[row] = np.concatenate([[boot], cur[cur != boot][: BOOT_HISTORY - 1]])
+
+    def export(self) -> tuple[list[str], np.ndarray, list[np.ndarray], np.ndarray]:
+        """(streams in LRU order, last seq, state arrays, boots) - the snapshot's content."""
+        rows = np.fromiter(self._rows.values(), dtype=np.intp, count=len(self._rows))
+        return (
+            list(self._rows),
+            self.last_seq[rows],
+            [a[rows] for a in self.arrays],
+            self.boots[rows],
+        )
+
+    def load(
+        self,
+        streams: list[str],
+        last_seq: np.ndarray,
+        arrays: Sequence[np.ndarray],
+        boots: np.ndarray | None = None,
+    ) -> None:
         """Replace everything with exported content (same layout, checked by the caller)."""
         self._rows.clear()
         self._free.clear()
         self.arrays = [np.empty((0, z.shape[1]), z.dtype) for z in self._zero]
         self.last_seq = np.empty(0, np.int64)
         self.last_seen = np.empty(0, np.float64)
+        self.boots = np.empty((0, BOOT_HISTORY), np.int64)
         if len(streams) > self.capacity:
             raise ConfigError(f"{len(streams)} streams do not fit capacity {self.capacity}")
         rows = self.acquire(streams)
         self.last_seq[rows] = last_seq
+        if boots is not None and len(boots):
+            w = min(BOOT_HISTORY, boots.shape[1])
+            self.boots[rows, :w] = boots[:, :w]
         self.scatter(rows, arrays)

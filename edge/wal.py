@@ -1,125 +1,221 @@
-"""Write-ahead log of accepted sample messages, so that a message can be acknowledged to the
-broker before its effect reaches a snapshot.
+"""Write-ahead log entries and their on-disk framing (format 2).
 
-Record layout (little-endian)::
+The service appends, before it acknowledges a message to the broker, everything a restart needs
+to answer exactly as the first run would have: the accepted sample messages and control resets
+(``Record``), the decisions of the reorder buffer that depend on time or on messages that were
+not logged (``Release``, ``Void``), answers that replay cannot recompute (``Output``) and how far
+the broker has acknowledged our answers (``Mark``).
 
-    u32 body length | u32 crc32(body) | body
-    body: u16 stream length | stream UTF-8 | u32 seq | f64 ts (NaN = none) | u16 k | u16 F
-          | k*F f64 values
+Every entry is one frame (little-endian)::
 
-A record with k = 0 samples is a control reset of its stream, logged in order with the
-samples so that a replay resets at the same point.
+    4  magic b"\\x8eEW2"
+    4  u32 body length
+    4  u32 crc32(body)
+    .  body: u8 kind | u8 flags | u64 lsn | kind-specific fields (see ``encode``)
 
-A torn tail (crash mid-write) fails its length or CRC check and is cut off on replay; such a
-record was never acknowledged, so the broker redelivers it.
+The magic lets a reader find the next intact frame after a damaged one, so one flipped byte
+costs one entry, not the rest of the log; every skipped span is reported (``Damage``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-_FRAME = struct.Struct("<II")
-_HEAD = struct.Struct("<IdHH")
+MAGIC = b"\x8eEW2"
+_FRAME = struct.Struct("<4sII")
+_BODY = struct.Struct("<cBQ")
+_SAMPLE = struct.Struct("<IIdHH")  # seq, boot, ts, k, F
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+MAX_BODY = 64 << 20  # larger lengths are damage, not a record
+
+# flags
+_BOOT, _CARRIED, _REBASE, _REDELIVERED = 1, 2, 4, 8
 
 
 @dataclass(frozen=True)
 class Record:
+    """An accepted sample message, or (k == 0) a control reset of its stream.
+
+    ``lsn`` numbers every logged message in arrival order across restarts. ``carried`` marks a
+    copy written into a new log segment at a checkpoint (held back by the reorder buffer).
+    A reset with ``rebase`` makes ``seq`` the next expected seq of the stream.
+    """
+
     stream: str
     seq: int
     ts: float | None
-    values: np.ndarray  # [k, F] float64; k == 0 marks a reset
+    values: np.ndarray  # [k, F] float64
+    boot: int | None = None
+    lsn: int = 0
+    carried: bool = False
+    rebase: bool = False
+    redelivered: bool = False  # the broker marked the message as a redelivery (DUP)
 
     @property
     def is_reset(self) -> bool:
         return len(self.values) == 0
 
 
-def encode(rec: Record) -> bytes:
-    sid = rec.stream.encode()
-    k, f = rec.values.shape
-    ts = math.nan if rec.ts is None else rec.ts
-    body = (
-        struct.pack("<H", len(sid)) + sid + _HEAD.pack(rec.seq, ts, k, f)
-        + np.ascontiguousarray(rec.values, "<f8").tobytes()
-    )  # fmt: skip
-    return _FRAME.pack(len(body), zlib.crc32(body)) + body
+@dataclass(frozen=True)
+class Output:
+    """A message to publish that replay cannot recompute (or a carried unacknowledged one)."""
+
+    lsn: int
+    topic: str
+    payload: bytes
+    carried: bool = False
 
 
-def _decode_body(body: bytes) -> Record:
-    (n,) = struct.unpack_from("<H", body)
-    stream = body[2 : 2 + n].decode()
-    seq, ts, k, f = _HEAD.unpack_from(body, 2 + n)
-    off = 2 + n + _HEAD.size
-    values = np.frombuffer(body, "<f8", k * f, off).reshape(k, f).astype(np.float64)
-    return Record(stream, seq, None if math.isnan(ts) else ts, values)
+@dataclass(frozen=True)
+class Mark:
+    """Every answer to messages with lsn <= ``acked`` was acknowledged by the broker."""
+
+    acked: int
 
 
-class WriteAheadLog:
-    def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
-        self.path = Path(path)
-        self.fsync = fsync
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the service's life
-        self.records = 0
+@dataclass(frozen=True)
+class Release:
+    """The reorder buffer stopped waiting and released ``stream``'s held message ``seq``."""
 
-    def append(self, records: Sequence[Record]) -> None:
-        """One write for the whole batch; on return the records survive a crash of this
-        process (and, with ``fsync``, a power cut)."""
-        if not records:
-            return
-        self._file.write(b"".join(encode(r) for r in records))
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
-        self.records += len(records)
+    stream: str
+    seq: int
 
-    def replay(self) -> Iterator[Record]:
-        """Every intact record, in order; a torn tail is truncated away."""
-        data = self.path.read_bytes() if self.path.exists() else b""
-        off = good = 0
-        while off + _FRAME.size <= len(data):
-            length, crc = _FRAME.unpack_from(data, off)
-            body = data[off + _FRAME.size : off + _FRAME.size + length]
-            if len(body) != length or zlib.crc32(body) != crc:
-                break
-            try:
-                rec = _decode_body(body)
-            except (ValueError, UnicodeDecodeError, struct.error):
-                break
-            off += _FRAME.size + length
-            good = off
-            yield rec
-        if good != len(data):
-            self._file.close()
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-            self._file = open(self.path, "ab")  # noqa: SIM115
 
-    def rotate(self, keep: Sequence[Record] = ()) -> None:
-        """Start over after a snapshot, keeping the records the snapshot does not cover."""
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(b"".join(encode(r) for r in keep))
-            f.flush()
-            os.fsync(f.fileno())
-        self._file.close()
-        os.replace(tmp, self.path)
-        self._file = open(self.path, "ab")  # noqa: SIM115
-        self.records = len(keep)
+@dataclass(frozen=True)
+class Void:
+    """A message took ``seq`` but was refused: the reorder buffer stops waiting for it."""
 
-    def close(self) -> None:
-        self._file.close()
+    stream: str
+    seq: int
 
-    def __enter__(self) -> WriteAheadLog:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+Entry = Record | Output | Mark | Release | Void
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A span of a log file that held no intact frame."""
+
+    offset: int
+    length: int
+    at_end: bool  # a torn tail: the last write did not complete
+
+
+def _text(s: str) -> bytes:
+    b = s.encode()
+    return _U16.pack(len(b)) + b
+
+
+def encode(entry: Entry) -> bytes:
+    if isinstance(entry, Record):
+        flags = (
+            (_BOOT if entry.boot is not None else 0)
+            | (_CARRIED if entry.carried else 0)
+            | (_REBASE if entry.rebase else 0)
+            | (_REDELIVERED if entry.redelivered else 0)
+        )
+        k, f = entry.values.shape
+        ts = math.nan if entry.ts is None else entry.ts
+        body = (
+            _BODY.pack(b"S", flags, entry.lsn) + _text(entry.stream)
+            + _SAMPLE.pack(entry.seq, entry.boot or 0, ts, k, f)
+            + np.ascontiguousarray(entry.values, "<f8").tobytes()
+        )  # fmt: skip
+    elif isinstance(entry, Output):
+        body = (
+            _BODY.pack(b"O", _CARRIED if entry.carried else 0, entry.lsn)
+            + _text(entry.topic) + _U32.pack(len(entry.payload)) + entry.payload
+        )  # fmt: skip
+    elif isinstance(entry, Mark):
+        body = _BODY.pack(b"A", 0, entry.acked)
+    else:
+        kind = b"X" if isinstance(entry, Release) else b"V"
+        body = _BODY.pack(kind, 0, 0) + _text(entry.stream) + _U32.pack(entry.seq)
+    return _FRAME.pack(MAGIC, len(body), zlib.crc32(body)) + body
+
+
+def _read_text(body: bytes, off: int) -> tuple[str, int]:
+    (n,) = _U16.unpack_from(body, off)
+    end = off + 2 + n
+    if end > len(body):
+        raise ValueError("text runs past the record")
+    return body[off + 2 : end].decode(), end
+
+
+def decode(body: bytes) -> Entry:
+    kind, flags, lsn = _BODY.unpack_from(body)
+    off = _BODY.size
+    if kind == b"S":
+        stream, off = _read_text(body, off)
+        seq, boot, ts, k, f = _SAMPLE.unpack_from(body, off)
+        off += _SAMPLE.size
+        if off + 8 * k * f != len(body):
+            raise ValueError("sample record length does not match k x F")
+        values = np.frombuffer(body, "<f8", k * f, off).reshape(k, f).astype(np.float64)
+        return Record(
+            stream,
+            seq,
+            None if math.isnan(ts) else ts,
+            values,
+            boot if flags & _BOOT else None,
+            lsn,
+            bool(flags & _CARRIED),
+            bool(flags & _REBASE),
+            bool(flags & _REDELIVERED),
+        )
+    if kind == b"O":
+        topic, off = _read_text(body, off)
+        (n,) = _U32.unpack_from(body, off)
+        if off + 4 + n != len(body):
+            raise ValueError("output record length mismatch")
+        return Output(lsn, topic, body[off + 4 :], bool(flags & _CARRIED))
+    if kind == b"A":
+        return Mark(lsn)
+    if kind in (b"X", b"V"):
+        stream, off = _read_text(body, off)
+        (seq,) = _U32.unpack_from(body, off)
+        return Release(stream, seq) if kind == b"X" else Void(stream, seq)
+    raise ValueError(f"unknown entry kind {kind!r}")
+
+
+def scan(data: bytes) -> Iterator[Entry | Damage]:
+    """Every intact entry in order; a ``Damage`` for every span in between that is not one."""
+    off, size = 0, len(data)
+    while off < size:
+        entry: Entry | None = None
+        end = off
+        if data.startswith(MAGIC, off) and off + _FRAME.size <= size:
+            _, length, crc = _FRAME.unpack_from(data, off)
+            end = off + _FRAME.size + length
+            if length <= MAX_BODY and end <= size:
+                body = data[off + _FRAME.size : end]
+                if zlib.crc32(body) == crc:
+                    try:
+                        entry = decode(body)
+                    except (ValueError, UnicodeDecodeError, struct.error):
+                        entry = None
+        if entry is not None:
+            yield entry
+            off = end
+            continue
+        nxt = data.find(MAGIC, off + 1)
+        stop = size if nxt < 0 else nxt
+        yield Damage(off, stop - off, at_end=nxt < 0 and _torn(data, off))
+        off = stop
+
+
+def _torn(data: bytes, off: int) -> bool:
+    """Whether the span from ``off`` to the end is a frame whose write did not finish."""
+    if len(data) - off < _FRAME.size:
+        return bool(MAGIC.startswith(data[off : off + 4]))
+    if not data.startswith(MAGIC, off):
+        return False
+    _, length, _ = _FRAME.unpack_from(data, off)
+    return bool(off + _FRAME.size + length > len(data))

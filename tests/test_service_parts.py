@@ -1,4 +1,4 @@
-"""Pure parts of the service: write-ahead log, reordering, configuration, topic templates."""
+"""Pure parts of the service: reordering, configuration, topic templates."""
 
 import numpy as np
 import pytest
@@ -7,36 +7,11 @@ from edge import config
 from edge.errors import ConfigError
 from edge.reorder import Reorderer
 from edge.topics import Template
-from edge.wal import Record, WriteAheadLog
+from edge.wal import Record
 
 
 def rec(stream, seq, k=1):
     return Record(stream, seq, 1.5, np.full((k, 2), seq, np.float64))
-
-
-def test_wal_roundtrip_and_torn_tail(tmp_path):
-    wal = WriteAheadLog(tmp_path / "w.log")
-    wal.append([rec("a", 1), rec("b", 9, k=3)])
-    wal.append([rec("a", 2)])
-    wal.close()
-    data = (tmp_path / "w.log").read_bytes()
-    (tmp_path / "w.log").write_bytes(data[:-5])  # a crash in the middle of the last write
-    with WriteAheadLog(tmp_path / "w.log") as wal:
-        got = list(wal.replay())
-        assert [(r.stream, r.seq, r.values.shape) for r in got] == [
-            ("a", 1, (1, 2)),
-            ("b", 9, (3, 2)),
-        ]
-        wal.append([rec("c", 1)])  # appends after the cut, not after the garbage
-    with WriteAheadLog(tmp_path / "w.log") as wal:
-        assert [r.stream for r in wal.replay()] == ["a", "b", "c"]
-
-
-def test_wal_rotate_keeps_what_it_is_told(tmp_path):
-    with WriteAheadLog(tmp_path / "w.log") as wal:
-        wal.append([rec("a", 1), rec("a", 2)])
-        wal.rotate(keep=[rec("z", 5)])
-        assert [r.stream for r in wal.replay()] == ["z"]
 
 
 def test_reorderer_waits_for_the_gap_then_gives_up():
@@ -90,14 +65,6 @@ def test_topic_templates():
             Template(bad)
 
 
-def test_wal_logs_resets_in_order(tmp_path):
-    reset = Record("a", 0, None, np.empty((0, 2)))
-    with WriteAheadLog(tmp_path / "w.log") as wal:
-        wal.append([rec("a", 1), reset, rec("a", 2)])
-        got = list(wal.replay())
-    assert [r.is_reset for r in got] == [False, True, False]
-
-
 def test_reorderer_stops_waiting_for_a_refused_seq():
     r = Reorderer(10.0, lambda: 0.0)
     r.push(rec("s", 1), None)
@@ -117,3 +84,30 @@ def test_gap_memory_tells_late_from_duplicate():
     assert g.late("other", 11, 1) == 0
     g.note_start("t", 100)  # the stream began at 100: anything before it arrived too late
     assert g.late("t", 99, 1) == 1 and g.late("t", 100, 1) == 0
+    g.forget(["t"])
+    assert g.late("t", 99, 1) == 0
+
+
+def test_gap_memory_and_reorderer_stay_bounded():
+    from edge.reorder import GapMemory
+
+    g = GapMemory(streams=100)
+    r = Reorderer(0.5, lambda: 0.0)
+    for i in range(10_000):
+        g.note_start(f"s{i}", 1)
+        r.push(rec(f"s{i}", 1), None)
+        r.forget([f"s{i}"])
+    assert len(g) == 100 and not r._next
+
+
+def test_reorderer_force_repeats_an_expiry():
+    now = [0.0]
+    live = Reorderer(0.1, lambda: now[0])
+    replay = Reorderer(0.1, lambda: 0.0)
+    for r in (live, replay):
+        r.push(rec("s", 1), None)
+        assert r.push(rec("s", 3), 1) == [] and r.push(rec("s", 4), 1) == []
+    now[0] = 1.0
+    assert [x.seq for x in live.expire()] == [3, 4]
+    assert live.forced == [("s", 3)]
+    assert [x.seq for x in replay.force("s", 3)] == [3, 4]

@@ -1,0 +1,193 @@
+"""The service's state directory: snapshot generations and write-ahead log segments.
+
+::
+
+    snap-00000007.bin   state after every log entry before segment 7 (the previous generation)
+    wal-00000007.log    entries since then
+    snap-00000008.bin   the newest snapshot
+    wal-00000008.log    entries since it; appended now
+
+A checkpoint opens segment G+1 (starting with the entries a snapshot cannot hold: messages held
+by the reorder buffer and answers the broker has not acknowledged, marked ``carried``), writes
+snapshot G+1, and then deletes what the generation before the previous one needed. Recovery
+restores the newest snapshot that reads back intact and replays every segment from its
+generation on, so a damaged snapshot costs a longer replay, not state. Damaged log spans are
+skipped and reported; intact entries after them are replayed.
+
+Writes either complete or leave the files as they were (a failed append is cut back off), so a
+full disk or a read-only directory is an ``OSError`` the caller can wait out and retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, SnapshotError
+from .wal import Damage, Entry, Mark, Output, Record, encode, scan
+
+log = logging.getLogger("edge.service")
+_NAME = re.compile(r"^(snap|wal)-(\d{8})\.(bin|log)$")
+
+
+@dataclass
+class Recovery:
+    """What start-up found: where the state came from and what to replay on top of it."""
+
+    generation: int = 0  # the snapshot restored (0: none)
+    base_lsn: int = 0  # the last lsn that snapshot covers
+    exact: bool = True  # False: no usable snapshot and the log does not reach back to the start
+    damaged_snapshots: list[str] = field(default_factory=list)
+    damage: list[str] = field(default_factory=list)  # one line per damaged log span
+    entries: list[Entry] = field(default_factory=list)
+    acked: int = 0  # the highest ack mark found
+    last_lsn: int = 0
+
+
+class Journal:
+    def __init__(self, directory: str | Path, *, fsync: bool = False) -> None:
+        self.dir = Path(directory)
+        self.fsync = fsync
+        self.generation = 0  # of the segment appended to
+        self.snapshots: list[int] = []  # generations with a good snapshot, oldest first
+        self._fd: int | None = None
+        self._size = 0
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"state_dir {str(self.dir)!r} exists and is not a directory")
+
+    def path(self, kind: str, gen: int) -> Path:
+        return self.dir / (f"snap-{gen:08d}.bin" if kind == "snap" else f"wal-{gen:08d}.log")
+
+    def _listing(self) -> tuple[list[int], list[int]]:
+        snaps: list[int] = []
+        segs: list[int] = []
+        for p in self.dir.iterdir() if self.dir.is_dir() else []:
+            m = _NAME.match(p.name)
+            if m:
+                (snaps if m.group(1) == "snap" else segs).append(int(m.group(2)))
+        return sorted(snaps), sorted(segs)
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def recover(self, restore: Any) -> Recovery:
+        """Restore the newest intact snapshot (``restore(path) -> extra dict``, raising
+        ``SnapshotError``) and collect the log entries to replay on top of it."""
+        snaps, segs = self._listing()
+        rec = Recovery()
+        for gen in reversed(snaps):
+            try:
+                extra = restore(self.path("snap", gen))
+            except SnapshotError as exc:
+                rec.damaged_snapshots.append(str(exc))
+                continue
+            rec.generation, rec.base_lsn = gen, int(extra.get("lsn", 0))
+            self.snapshots = [g for g in snaps if g <= gen]
+            break
+        if not rec.generation and snaps:
+            # No usable snapshot: exact only if the log still reaches back to the beginning.
+            rec.exact = bool(segs) and segs[0] == 0
+        first = rec.generation
+        for gen in (g for g in segs if g >= first):
+            path = self.path("wal", gen)
+            for item in scan(path.read_bytes()):
+                if isinstance(item, Damage):
+                    what = "torn last write" if item.at_end else "damaged span"
+                    where = f"{item.length} bytes at offset {item.offset}"
+                    rec.damage.append(f"{path.name}: {what} of {where} skipped")
+                    continue
+                if isinstance(item, Mark):
+                    rec.acked = max(rec.acked, item.acked)
+                    continue
+                if isinstance(item, (Record, Output)):
+                    # A carried copy whose original lies in a segment replayed here is redundant.
+                    if item.carried and item.lsn > rec.base_lsn:
+                        continue
+                    rec.last_lsn = max(rec.last_lsn, item.lsn)
+                rec.entries.append(item)
+        rec.last_lsn = max(rec.last_lsn, rec.base_lsn, rec.acked)
+        self.generation = max([first, *segs, *snaps])
+        return rec
+
+    def open(self) -> None:
+        """Open the current segment for appending; OSError when the directory is unusable."""
+        if self._fd is not None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.path("wal", self.generation)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._size = os.fstat(self._fd).st_size
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    # -- running ----------------------------------------------------------------------------
+
+    def append(self, entries: Sequence[Entry]) -> None:
+        """One write for all; on return they survive a crash of this process (and, with
+        ``fsync``, a power cut). On OSError nothing of them is left in the file."""
+        if not entries:
+            return
+        self.open()
+        assert self._fd is not None
+        data = b"".join(encode(e) for e in entries)
+        _write_all(self._fd, data, self._size, self.fsync)
+        self._size += len(data)
+
+    def checkpoint(self, snapshot: Any, carry: Sequence[Entry], extra: dict[str, Any]) -> None:
+        """Start segment G+1 with ``carry``, write snapshot G+1 with ``snapshot(path, extra)``,
+        then drop what only generations before the previous snapshot needed."""
+        gen = self.generation + 1
+        seg = self.path("wal", gen)
+        fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, b"".join(encode(e) for e in carry), 0, True)
+        except OSError:
+            os.close(fd)
+            seg.unlink(missing_ok=True)
+            raise
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd, self._size, self.generation = fd, os.fstat(fd).st_size, gen
+        snapshot(self.path("snap", gen), {**extra, "generation": gen})
+        self.snapshots.append(gen)
+        keep_from = self.snapshots[-2] if len(self.snapshots) > 1 else 0
+        self.snapshots = self.snapshots[-2:]
+        snaps, segs = self._listing()
+        for g in snaps:
+            if g < keep_from:
+                self.path("snap", g).unlink(missing_ok=True)
+        for g in segs:
+            if g < keep_from:
+                self.path("wal", g).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def files(self) -> Iterator[Path]:
+        snaps, segs = self._listing()
+        yield from (self.path("snap", g) for g in snaps)
+        yield from (self.path("wal", g) for g in segs)
+
+
+def _write_all(fd: int, data: bytes, size: int, fsync: bool) -> None:
+    """Write everything or, on failure, cut the file back to ``size`` and re-raise."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, size)
+        except OSError as cut:
+            log.error("could not cut a failed log write back off: %s", cut)
+        raise

@@ -1,0 +1,207 @@
+"""The state directory: log framing, damage, snapshot generations, failed writes."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edge
+from edge import wal
+from edge.errors import SnapshotError
+from edge.journal import Journal
+from edge.outbox import Outbound, Outbox
+from edge.wal import Damage, Mark, Output, Record, Release, Void
+
+
+def rec(stream, seq, lsn, k=1, **kw):
+    return Record(stream, seq, 1.5, np.full((k, 3), seq, np.float64), lsn=lsn, **kw)
+
+
+def no_restore(path):
+    raise SnapshotError(f"{path}: unused")
+
+
+def test_every_entry_kind_round_trips():
+    entries = [
+        rec("a", 7, 1, k=3, boot=9, redelivered=True),
+        Record("b", 5, None, np.empty((0, 3)), None, 2, rebase=True),
+        Output(3, "errors/x", b'{"error":"bad_json"}'),
+        Mark(2),
+        Release("a", 11),
+        Void("b", 4),
+    ]
+    data = b"".join(wal.encode(e) for e in entries)
+    got = list(wal.scan(data))
+    assert len(got) == len(entries)
+    for e, g in zip(entries, got):
+        if isinstance(e, Record):
+            assert (g.stream, g.seq, g.ts, g.boot, g.lsn, g.rebase, g.redelivered) == (
+                e.stream, e.seq, e.ts, e.boot, e.lsn, e.rebase, e.redelivered
+            )  # fmt: skip
+            np.testing.assert_array_equal(g.values, e.values)
+        else:
+            assert g == e
+
+
+def write_log(tmp_path, n):
+    j = Journal(tmp_path)
+    j.recover(no_restore)
+    j.open()
+    for i in range(1, n + 1):
+        j.append([rec(f"s{i % 5}", i, i)])
+    j.close()
+    return tmp_path / "wal-00000000.log"
+
+
+def test_mid_log_damage_costs_only_the_damaged_record(tmp_path):
+    path = write_log(tmp_path, 1000)
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 4] = bytes(b ^ 0xFF for b in data[mid : mid + 4])
+    path.write_bytes(bytes(data))
+    got = Journal(tmp_path).recover(no_restore)
+    lsns = [e.lsn for e in got.entries]
+    assert len(lsns) == 999 and lsns == sorted(lsns)
+    assert len(got.damage) == 1 and "damaged span" in got.damage[0]
+    assert len(set(range(1, 1001)) - set(lsns)) == 1
+
+
+def test_torn_tail_is_reported_and_the_log_goes_on(tmp_path):
+    path = write_log(tmp_path, 50)
+    path.write_bytes(path.read_bytes()[:-10])
+    j = Journal(tmp_path)
+    got = j.recover(no_restore)
+    assert [e.lsn for e in got.entries] == list(range(1, 50))
+    assert len(got.damage) == 1 and "torn" in got.damage[0]
+    j.open()
+    j.append([rec("z", 1, 51)])
+    j.close()
+    again = Journal(tmp_path).recover(no_restore)
+    assert [e.lsn for e in again.entries][-2:] == [49, 51]
+
+
+def test_scan_survives_garbage_everywhere():
+    rng = np.random.default_rng(0)
+    good = b"".join(wal.encode(rec("s", i, i)) for i in range(1, 200))
+    for _ in range(200):
+        data = bytearray(good)
+        for pos in rng.integers(0, len(data), 5):
+            data[pos] = int(rng.integers(0, 256))
+        items = list(wal.scan(bytes(data)))
+        entries = [i for i in items if not isinstance(i, Damage)]
+        assert len(entries) >= 199 - 5
+        assert all(isinstance(e, Record) for e in entries)
+
+
+def test_damaged_snapshot_falls_back_to_the_previous_generation(bundles, tmp_path):
+    bundle = bundles / "clf-int8"
+    engine = edge.load(bundle)
+    j = Journal(tmp_path / "state")
+    j.recover(engine.restore)
+    j.open()
+    rng = np.random.default_rng(1)
+    xs = rng.normal(0, 2, (40, 6))
+    lsn = 0
+    for gen in range(3):  # three checkpoints, records between them
+        for i in range(10):
+            lsn += 1
+            r = Record("dev", lsn, None, xs[lsn - 1 : lsn], lsn=lsn)
+            j.append([r])
+            engine.step("dev", r.values, seq=lsn)
+        j.checkpoint(engine.snapshot, [Mark(lsn)], {"lsn": lsn})
+        assert j.generation == gen + 1
+    names = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert names == ["snap-00000002.bin", "snap-00000003.bin", "wal-00000002.log",
+                     "wal-00000003.log"]  # fmt: skip
+    for i in range(10):
+        lsn += 1
+        j.append([Record("dev", lsn, None, xs[lsn - 1 : lsn], lsn=lsn)])
+        engine.step("dev", xs[lsn - 1], seq=lsn)
+    j.close()
+    snap = tmp_path / "state" / "snap-00000003.bin"
+    data = bytearray(snap.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    snap.write_bytes(bytes(data))
+    fresh = edge.load(bundle)
+    got = Journal(tmp_path / "state").recover(fresh.restore)
+    assert got.generation == 2 and got.exact and len(got.damaged_snapshots) == 1
+    replay = [e for e in got.entries if isinstance(e, Record)]
+    assert [r.seq for r in replay] == list(range(21, 41))
+    for r in replay:
+        fresh.step(r.stream, r.values, seq=r.seq)
+    np.testing.assert_array_equal(fresh.state_of("dev")[0], engine.state_of("dev")[0])
+    np.testing.assert_array_equal(fresh.state_of("dev")[1], engine.state_of("dev")[1])
+
+
+def test_carried_copies_are_not_replayed_twice(tmp_path):
+    j = Journal(tmp_path)
+    j.recover(no_restore)
+    j.open()
+    j.append([rec("a", 1, 1), rec("a", 3, 2)])  # 3 is held by the reorder buffer
+    held = Record("a", 3, 1.5, np.full((1, 3), 3.0), lsn=2, carried=True)
+    out = Output(1, "predictions/a", b"{}", carried=True)
+    j.checkpoint(lambda path, extra: Path(path).write_bytes(b"junk"), [held, out, Mark(0)],
+                 {"lsn": 2})  # fmt: skip
+    j.append([rec("a", 2, 3)])
+    j.close()
+    got = Journal(tmp_path).recover(no_restore)  # the snapshot is junk: replay from the start
+    assert [(type(e).__name__, e.lsn) for e in got.entries if not isinstance(e, Mark)] == [
+        ("Record", 1), ("Record", 2), ("Record", 3)
+    ]  # fmt: skip
+
+
+def test_outbox_watermark_waits_for_every_answer_and_held_messages():
+    box = Outbox(window=3)
+    box.put([Outbound("p/a", b"1", lsn=1), Outbound("e/a", b"2", lsn=1), Outbound("p/b", b"3", lsn=2),
+             Outbound("p/c", b"4", lsn=3)])  # fmt: skip
+    first = box.take()
+    for mid, o in enumerate(first, 1):
+        box.sent(mid, o)
+    assert len(first) == 3 and box.take() == []  # the window is full
+    assert box.watermark(3) == 0
+    box.acked(1)
+    assert box.watermark(3) == 0  # lsn 1 has a second answer still open
+    box.acked(2)
+    assert box.watermark(3) == 1
+    box.acked(3)
+    assert box.watermark(3) == 2 and box.watermark(3, held_from=2) == 1
+    (last,) = box.take()
+    box.sent(4, last)
+    assert [o.lsn for o in box.unacknowledged()] == [3]
+    box.acked(4)
+    assert box.watermark(3) == 3 and len(box) == 0
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_failed_append_leaves_nothing_behind(tiny_fs):
+    j = Journal(tiny_fs / "state")
+    j.recover(no_restore)
+    j.open()
+    j.append([rec("a", 1, 1)])
+    filler = tiny_fs / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass  # the disk is full now, which is the point
+    big = [rec("a", i, i, k=64) for i in range(2, 40)]
+    with pytest.raises(OSError):
+        j.append(big)
+    filler.unlink()
+    j.append([rec("a", 2, 2)])
+    j.close()
+    got = Journal(tiny_fs / "state").recover(no_restore)
+    assert [e.lsn for e in got.entries] == [1, 2] and not got.damage
+    assert os.path.getsize(tiny_fs / "state" / "wal-00000000.log") > 0

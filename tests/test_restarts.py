@@ -1,0 +1,63 @@
+"""Device restarts in the engine: boot ids, restart_gap, and what a reset does to seq."""
+
+import numpy as np
+import pytest
+
+import edge
+from edge.errors import StaleSample
+
+BUNDLE = "clf-int8"
+
+
+@pytest.fixture
+def xs():
+    return np.random.default_rng(5).normal(0, 2, (80, 6))
+
+
+def test_a_new_boot_restarts_the_stream_and_an_old_one_is_stale(bundles, xs, tmp_path):
+    e = edge.load(bundles / BUNDLE)
+    e.step("d", xs[:50], seq=1, boot=7)
+    (oc,) = e.step_many([edge.Chunk("d", xs[50:53], 1, boot=8)])  # rebooted: seq starts over
+    assert oc.restart and oc.seq == 1 and len(oc.y) == 3
+    np.testing.assert_array_equal(oc.y, edge.load(bundles / BUNDLE).step("x", xs[50:53]))
+    with pytest.raises(StaleSample, match="boot 7"):
+        e.step("d", xs[60], seq=51, boot=7)  # a late message of the previous boot
+    (dup,) = e.step_many([edge.Chunk("d", xs[52:53], 3, boot=8)])
+    assert dup.duplicates == 1 and not dup.restart
+    e.snapshot(tmp_path / "s.bin")  # boot ids survive a snapshot
+    f = edge.load(bundles / BUNDLE)
+    f.restore(tmp_path / "s.bin")
+    with pytest.raises(StaleSample):
+        f.step("d", xs[0], seq=99, boot=7)
+    assert e.counters.restarts == 1 and e.counters.stale == 1
+
+
+def test_first_boot_id_is_adopted_without_a_restart(bundles, xs):
+    e = edge.load(bundles / BUNDLE)
+    e.step("d", xs[:5], seq=1)
+    (oc,) = e.step_many([edge.Chunk("d", xs[5:6], 6, boot=3)])
+    assert not oc.restart and oc.seq == 6
+
+
+def test_restart_gap_for_devices_without_boot_ids(bundles, xs):
+    plain = edge.load(bundles / BUNDLE)
+    plain.step("d", xs[:50], seq=1)
+    (oc,) = plain.step_many([edge.Chunk("d", xs[50:51], 1)])
+    assert oc.duplicates == 1 and not len(oc.y)  # without restart_gap: a duplicate
+    e = edge.load(bundles / BUNDLE, restart_gap=10)
+    e.step("d", xs[:50], seq=1)
+    (near,) = e.step_many([edge.Chunk("d", xs[45:46], 45)])
+    assert near.duplicates == 1 and not near.restart  # within the gap: a redelivery
+    (far,) = e.step_many([edge.Chunk("d", xs[50:52], 1)])
+    assert far.restart and far.seq == 1
+    np.testing.assert_array_equal(far.y, edge.load(bundles / BUNDLE).step("x", xs[50:52]))
+
+
+def test_reset_keeps_seq_unless_told(bundles, xs):
+    e = edge.load(bundles / BUNDLE)
+    e.step("d", xs[:10], seq=1)
+    e.reset("d")
+    assert e.last_seq("d") == 10
+    e.reset("d", next_seq=1, boot=4)
+    y = e.step("d", xs[10:12], seq=1)
+    np.testing.assert_array_equal(y, edge.load(bundles / BUNDLE).step("x", xs[10:12]))

@@ -128,6 +128,7 @@ class Truth:
         self.log = log
         self.delivered = [m for m in log if m.delivered]
         self.epochs: dict[tuple[str, int], list[int]] = {}  # (stream, seq) -> epochs, sorted
+        self.message_epochs: dict[tuple[str, int], list[int]] = {}  # of messages starting there
         self.sent_at: dict[Key, float] = {}
         self.msg: dict[Key, Sent] = {}  # valid delivered samples -> their message
         self.epoch_of_boot: dict[tuple[str, int], int] = {}
@@ -141,13 +142,16 @@ class Truth:
                 self.first_pub[(m.stream, m.epoch)] = m.published
             if not m.valid:
                 continue
+            starts = self.message_epochs.setdefault((m.stream, m.seq), [])
+            if m.epoch not in starts:
+                starts.append(m.epoch)
             for key in m.keys:
                 self.sent_at[key] = min(m.published, self.sent_at.get(key, m.published))
                 self.msg.setdefault(key, m)
                 es = self.epochs.setdefault((key[0], key[2]), [])
                 if m.epoch not in es:
                     es.append(m.epoch)
-        for es in self.epochs.values():
+        for es in (*self.epochs.values(), *self.message_epochs.values()):
             es.sort()
         self.starts: dict[str, list[tuple[int, float]]] = {}
         for (stream, e), t in self.first_pub.items():
@@ -244,13 +248,20 @@ def _claims(scorer: Scorer, code: str) -> list[tuple[str, dict[str, Any], float]
 
 
 def _candidates(truth: Truth, stream: str, doc: dict[str, Any]) -> list[int]:
+    """The boots an error about (stream, seq) may be about: a message starting at that seq,
+    else one carrying it."""
     boot = doc.get("boot")
     if isinstance(boot, int) and (stream, boot) in truth.epoch_of_boot:
         return [truth.epoch_of_boot[(stream, boot)]]
-    return truth.epochs.get((stream, doc["seq"]), [])
+    key = (stream, doc["seq"])
+    return truth.message_epochs.get(key) or truth.epochs.get(key, [])
 
 
-def late_keys(scorer: Scorer, truth: Truth) -> tuple[set[Key], int]:
+def late_keys(
+    scorer: Scorer,
+    truth: Truth,
+    ignore: set[Key] = frozenset(),  # type: ignore[assignment]
+) -> tuple[set[Key], int]:
     """Samples the runtime reported as late (given up on, a later one already applied) that
     really were overtaken on the wire: expected loss. Claims without that are not excused.
     Returns (excused samples, unfounded claims)."""
@@ -259,7 +270,11 @@ def late_keys(scorer: Scorer, truth: Truth) -> tuple[set[Key], int]:
     unfounded = 0
     for stream, doc, _ in _claims(scorer, "late"):
         found = False
-        for e in _candidates(truth, stream, doc):
+        every = _candidates(truth, stream, doc)
+        epochs = [e for e in every if (stream, e, doc["seq"]) not in ignore]
+        if every and not epochs:
+            continue  # a sample not to be judged (see ``excluded_keys``)
+        for e in epochs:
             m = truth.msg.get((stream, e, doc["seq"]))
             if m is not None and set(m.keys) & behind:
                 excused |= set(m.keys) & behind
@@ -268,14 +283,22 @@ def late_keys(scorer: Scorer, truth: Truth) -> tuple[set[Key], int]:
     return excused, unfounded
 
 
-def stale_keys(scorer: Scorer, truth: Truth) -> tuple[set[Key], int]:
+def stale_keys(
+    scorer: Scorer,
+    truth: Truth,
+    ignore: set[Key] = frozenset(),  # type: ignore[assignment]
+) -> tuple[set[Key], int]:
     """Samples of an older boot the runtime refused as ``stale``: right when a newer boot of
     the device had published before the answer came. Returns (excused samples, unfounded)."""
     excused: set[Key] = set()
     unfounded = 0
     for stream, doc, t in _claims(scorer, "stale"):
         found = False
-        for e in _candidates(truth, stream, doc):
+        every = _candidates(truth, stream, doc)
+        epochs = [e for e in every if (stream, e, doc["seq"]) not in ignore]
+        if every and not epochs:
+            continue  # a sample not to be judged (see ``excluded_keys``)
+        for e in epochs:
             m = truth.msg.get((stream, e, doc["seq"]))
             if m is not None and truth.newer_boot_started(stream, e, t):
                 excused |= set(m.keys)
@@ -382,13 +405,13 @@ def score(
     separate subscriber saw at the broker, to tell what the broker lost from what the runtime
     lost."""
     truth = Truth(log)
-    late, unfounded = late_keys(scorer, truth)
-    stale, stale_unfounded = stale_keys(scorer, truth)
     excluded, reasons = excluded_keys(truth, restart_gap)
+    late, unfounded = late_keys(scorer, truth, excluded)
+    stale, stale_unfounded = stale_keys(scorer, truth, excluded)
     want = expected_keys(log) - late - stale - excluded
     ref = offline(bundle, log, late | stale) if bundle is not None else None
     ans = answers(scorer, truth, ref)
-    got = ans.got
+    got = {k: ys for k, ys in ans.got.items() if k not in excluded}  # not to be judged
     labels = {
         key: int(lab) for m in log if m.labels is not None for key, lab in zip(m.keys, m.labels)
     }
@@ -423,7 +446,7 @@ def score(
         "restarts_expected": len(reboots_seen - {(k[0], k[1]) for k in excluded}),
         "missing_examples": sorted(missing - broker_lost)[:5],
         "duplicate_predictions": sum(len(v) - 1 for v in got.values()),
-        "unexpected_predictions": ans.unexpected + len(set(got) - want - late - stale - excluded),
+        "unexpected_predictions": ans.unexpected + len(set(got) - want - late - stale),
         "excluded_samples": len(excluded),
         "excluded_reasons": reasons[:5],
         "errors_received": len(scorer.errors),

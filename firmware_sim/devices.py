@@ -15,6 +15,7 @@ with the reboot instead (the runtime could only misjudge them).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import inspect
@@ -112,7 +113,8 @@ class Connection:
         close_client(self.client)
 
     def go_online(self) -> None:
-        self.client.reconnect()
+        with contextlib.suppress(OSError):  # broker away: the network thread keeps retrying
+            self.client.reconnect()
         self.client.loop_start()
 
     def pending(self) -> int:

@@ -117,6 +117,47 @@ class Scorer:
         close_client(self.client)
 
 
+class Witness:
+    """A second subscriber to the sample topics, with its own persistent session: what it
+    never receives, the broker never delivered (to anyone). Tells the broker's losses from
+    the runtime's."""
+
+    def __init__(self, url: str, client_id: str = "firmware-sim-witness") -> None:
+        from .devices import digest
+
+        u = urlparse(url)
+        self.digest = digest
+        self.seen: set[bytes] = set()
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
+        )
+        self.client.reconnect_delay_set(0.2, 2)
+        self.client.on_message = self._on_message
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_connect = lambda c, *a: c.subscribe("sensors/+/data", 1)
+        try:
+            self.client.connect(str(u.hostname), int(u.port or 1883), 30)
+        except OSError as exc:
+            raise SimError(f"broker {url} is unreachable: {exc}") from exc
+        self.client.loop_start()
+        if not ready.wait(10):
+            raise SimError(f"broker {url}: no answer to our subscription within 10 s")
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        d = self.digest(bytes(msg.payload))
+        with self.lock:
+            self.seen.add(d)
+
+    def witnessed(self) -> set[bytes]:
+        with self.lock:
+            return set(self.seen)
+
+    def close(self) -> None:
+        close_client(self.client)
+
+
 Got = list[tuple[np.ndarray, float]]
 Reference = dict[Key, np.ndarray]
 
@@ -131,6 +172,7 @@ class Truth:
         self.message_epochs: dict[tuple[str, int], list[int]] = {}  # of messages starting there
         self.sent_at: dict[Key, float] = {}
         self.msg: dict[Key, Sent] = {}  # valid delivered samples -> their message
+        self.streams = {m.stream for m in log}
         self.epoch_of_boot: dict[tuple[str, int], int] = {}
         self.first_pub: dict[tuple[str, int], float] = {}  # (stream, epoch) -> first publish
         for m in self.delivered:
@@ -191,6 +233,7 @@ class Truth:
 class Answers:
     got: dict[Key, Got] = field(default_factory=dict)
     unexpected: int = 0  # prediction rows for no sample that was sent
+    other_streams: int = 0  # prediction messages on streams no simulated device has
     restarts: set[tuple[str, int]] = field(default_factory=set)  # (stream, epoch) flagged
     gap_covered: set[Key] = field(default_factory=set)  # samples a prediction's gap skipped
 
@@ -200,6 +243,9 @@ def answers(scorer: Scorer, truth: Truth, ref: Reference | None = None) -> Answe
     with scorer.lock:
         items = list(scorer.predictions)
     for stream, doc, t in items:
+        if stream not in truth.streams:
+            out.other_streams += 1
+            continue
         y = np.asarray(doc["y"], np.float32)
         rows = y.reshape(1, -1) if y.ndim == 1 else y
         seq0 = doc["seq"]
@@ -447,6 +493,7 @@ def score(
         "missing_examples": sorted(missing - broker_lost)[:5],
         "duplicate_predictions": sum(len(v) - 1 for v in got.values()),
         "unexpected_predictions": ans.unexpected + len(set(got) - want - late - stale),
+        "predictions_other_streams": ans.other_streams,
         "excluded_samples": len(excluded),
         "excluded_reasons": reasons[:5],
         "errors_received": len(scorer.errors),

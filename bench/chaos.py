@@ -93,6 +93,7 @@ class Supervisor:
         self.started_at = 0.0
         self.kills = 0
         self.crashes: list[dict[str, Any]] = []
+        self.events: list[tuple[float, str]] = []  # wall time, what
         self.crash_loops = 0
         self.max_rss_mb = 0.0
         self.max_hwm_mb = 0.0
@@ -114,6 +115,7 @@ class Supervisor:
                 self._sample()
                 self.rt.kill9()
                 self.kills += 1
+                self.events.append((time.time(), "kill -9"))
             if not self.gave_up:
                 self._start()
 
@@ -136,6 +138,7 @@ class Supervisor:
                     continue
                 lived = time.monotonic() - self.started_at
                 self.crashes.append({"rc": proc.returncode, "after_s": round(lived, 1)})
+                self.events.append((time.time(), f"crash rc {proc.returncode}"))
                 self.crash_loops += lived < CRASH_LOOP_S
                 log(f"runtime exited on its own (rc {proc.returncode}) after {lived:.1f} s")
                 self.rt._log.close()
@@ -258,12 +261,18 @@ def log_groups(text: str, top: int = 25) -> dict[str, int]:
     return dict(groups.most_common(top))
 
 
-def evidence(path: Path, r: dict[str, Any], scorer: Scorer, fleet_log: list[Any]) -> None:
+def evidence(
+    path: Path,
+    r: dict[str, Any],
+    scorer: Scorer,
+    fleet_log: list[Any],
+    events: list[tuple[float, str]],
+) -> None:
     """For the first streams with a lost or wrong sample: what was sent and what came back,
     in time order, to look into without running again."""
     keys = [*r.get("missing_examples", []), *r.get("wrong_examples", [])]
     streams = list(dict.fromkeys(k[0] for k in keys))[:3]
-    doc: dict[str, Any] = {}
+    doc: dict[str, Any] = {"events": [{"t": t, "what": what} for t, what in events]}
     for stream in streams:
         sent = [
             {
@@ -284,7 +293,7 @@ def evidence(path: Path, r: dict[str, Any], scorer: Scorer, fleet_log: list[Any]
                 if s == stream
             ]
         doc[stream] = {"sent": sent, "answers": sorted(got, key=lambda a: a["t"])}
-    if doc:
+    if streams:
         path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
@@ -378,16 +387,19 @@ def run(args: argparse.Namespace) -> int:
             if now >= next_broker and now < calm_at:
                 broker.restart()
                 counts["broker_restarts"] += 1
+                sup.events.append((time.time(), "broker restarted"))
                 next_broker = now + args.broker_every + float(rng.uniform(-10, 10))
                 next_kill = max(next_kill, now + 3)
             if disk_at is not None and now >= disk_at and "filled_at" not in episode:
                 episode["bytes"] = disk.fill()
                 episode["filled_at"] = round(now - t0, 1)
+                sup.events.append((time.time(), "disk full"))
                 log(f"state dir full ({episode['bytes'] / 2**20:.1f} MiB of filler)")
             filled = "filled_at" in episode and "freed_at" not in episode
             if filled and (now >= t0 + episode["filled_at"] + FILL_S or now >= calm_at):
                 disk.free()
                 episode["freed_at"] = round(now - t0, 1)
+                sup.events.append((time.time(), "disk freed"))
                 log("state dir freed")
             with scorer.lock:
                 states = [d.get("state", "?") for _, d, _ in scorer.status_log]
@@ -434,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
             commit=commit_of(ROOT),
         )
         save(r, scorer, fleet_log, out)
-        evidence(out / "evidence.json", r, scorer, fleet_log)
+        evidence(out / "evidence.json", r, scorer, fleet_log, sup.events)
         (out / "chaos.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(table(report))
         print(f"\nreport: {out / 'chaos.json'}  score: {out / 'score.json'}")
@@ -494,6 +506,7 @@ def summary(
         "late_claims_unfounded": r["late_claims_unfounded"],
         "duplicate_answers": codes.get("duplicate", 0),
         "duplicate_predictions": r["duplicate_predictions"],
+        "inconsistent_predictions": r["inconsistent_predictions"],
         "restarts": r["restarts"],
         "restarts_expected": r["restarts_expected"],
         "errors_by_code": codes,

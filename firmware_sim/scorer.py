@@ -492,6 +492,10 @@ def score(
         "restarts_expected": len(reboots_seen - {(k[0], k[1]) for k in excluded}),
         "missing_examples": sorted(missing - broker_lost)[:5],
         "duplicate_predictions": sum(len(v) - 1 for v in got.values()),
+        # one sample answered twice with different values: the runtime contradicts itself
+        "inconsistent_predictions": sum(
+            any(not np.array_equal(ys[0][0], y) for y, _ in ys[1:]) for ys in got.values()
+        ),
         "unexpected_predictions": ans.unexpected + len(set(got) - want - late - stale),
         "predictions_other_streams": ans.other_streams,
         "excluded_samples": len(excluded),

@@ -32,6 +32,7 @@ from .sequencing import GAP_POLICIES, HALF, U32, admit, last_of
 from .state_store import NO_SEQ, StateStore
 
 MAX_STREAM_ID = 256
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,12 @@ class Engine:
             )
         if not np.isfinite(arr).all():
             raise InvalidSample("values contain NaN or Inf", stream_id=stream, seq=seq)
+        if np.abs(arr).max() > FLOAT32_MAX:  # the model computes in float32 at most
+            raise InvalidSample(
+                f"values beyond the float32 range (max |x| {np.abs(arr).max():.3g})",
+                stream_id=stream,
+                seq=seq,
+            )
         return arr
 
     def _run(self, plans: dict[str, list[_Segment]], outcomes: list[Outcome]) -> None:

@@ -127,7 +127,9 @@ class MqttService:
             clean_session=None if v5 else False,
             manual_ack=True,
         )
-        client.max_inflight_messages_set(1000)
+        client.max_inflight_messages_set(
+            0
+        )  # our outbox window governs; paho rescans its queue otherwise
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(
             cfg.reconnect_min * random.uniform(0.75, 1.25), cfg.reconnect_max

@@ -36,6 +36,7 @@ from .wal import Entry, Mark, Output, Record, Release, Void
 
 log = logging.getLogger("edge.service")
 INVALID_STREAM = "_invalid"
+MAX_LATENCY = 3600.0
 
 __all__ = ["Inbound", "Outbound", "Processor"]
 
@@ -479,8 +480,8 @@ class Processor:
         )
         out.append(Outbound(self.predictions.topic(rec.stream), body, lsn=rec.lsn))
         self.metrics.inc("predictions_out", len(oc.y))
-        if rec.ts is not None:
-            self.metrics.e2e_latency.observe(max(0.0, self.wall() - rec.ts))
+        if rec.ts is not None and 0 <= (age := self.wall() - rec.ts) < MAX_LATENCY:
+            self.metrics.e2e_latency.observe(age)  # else a device clock that is off, not latency
         return out
 
     # -- answers ----------------------------------------------------------------------------

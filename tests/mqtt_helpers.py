@@ -49,7 +49,7 @@ class Collector:
         )
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *a: c.subscribe(
-            [("predictions/#", 1), ("errors/#", 1), ("edge/status/#", 1)]
+            [("predictions/#", 1), ("errors/#", 1), ("edge/status/#", 1), ("replies/#", 1)]
         )
         self._configure = connect.get("configure")
         if self._configure:

@@ -105,7 +105,7 @@ def test_damaged_snapshot_falls_back_to_the_previous_generation(bundles, tmp_pat
     xs = rng.normal(0, 2, (40, 6))
     lsn = 0
     for gen in range(3):  # three checkpoints, records between them
-        for i in range(10):
+        for _ in range(10):
             lsn += 1
             r = Record("dev", lsn, None, xs[lsn - 1 : lsn], lsn=lsn)
             j.append([r])
@@ -115,7 +115,7 @@ def test_damaged_snapshot_falls_back_to_the_previous_generation(bundles, tmp_pat
     names = sorted(p.name for p in (tmp_path / "state").iterdir())
     assert names == ["snap-00000002.bin", "snap-00000003.bin", "wal-00000002.log",
                      "wal-00000003.log"]  # fmt: skip
-    for i in range(10):
+    for _ in range(10):
         lsn += 1
         j.append([Record("dev", lsn, None, xs[lsn - 1 : lsn], lsn=lsn)])
         engine.step("dev", xs[lsn - 1], seq=lsn)
@@ -154,8 +154,8 @@ def test_carried_copies_are_not_replayed_twice(tmp_path):
 
 def test_outbox_watermark_waits_for_every_answer_and_held_messages():
     box = Outbox(window=3)
-    box.put([Outbound("p/a", b"1", lsn=1), Outbound("e/a", b"2", lsn=1), Outbound("p/b", b"3", lsn=2),
-             Outbound("p/c", b"4", lsn=3)])  # fmt: skip
+    lsns = [1, 1, 2, 3]
+    box.put([Outbound(f"p/{i}", b"1", lsn=n) for i, n in enumerate(lsns)])
     first = box.take()
     for mid, o in enumerate(first, 1):
         box.sent(mid, o)

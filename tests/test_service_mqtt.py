@@ -97,7 +97,7 @@ def test_kill_9_at_random_points_loses_nothing(bundles, broker, service):
     expected = offline(bundles / BUNDLE, samples)
     wait_until(lambda: set(expected) <= set(col.predictions()), 60, "every prediction")
     assert_exact(col.predictions(), expected)
-    assert "replayed" in svc.output()
+    assert "recovered generation" in svc.output()
 
 
 def test_broker_restart_with_persistence(bundles, persistent_broker, tmp_path):

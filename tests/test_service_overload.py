@@ -1,6 +1,5 @@
-"""The overload policies of the MQTT callback: pure queue logic, no broker involved."""
+"""The paho callbacks never block, whatever the backlog: the broker keeps it, not us."""
 
-import threading
 from dataclasses import dataclass
 
 from edge import config
@@ -14,6 +13,7 @@ class Msg:
     mid: int
     qos: int = 1
     properties: object = None
+    dup: bool = False
 
 
 def service(bundles, tmp_path, **overrides):
@@ -28,35 +28,23 @@ def service(bundles, tmp_path, **overrides):
             **overrides,
         },
     )
-    svc = MqttService(cfg)
-    acked = []
-    svc.client.ack = lambda mid, qos: acked.append(mid)
-    return svc, acked
+    return MqttService(cfg)
 
 
-def test_drop_oldest_keeps_the_newest_and_counts(bundles, tmp_path):
-    svc, acked = service(bundles, tmp_path, overload="drop-oldest")
+def test_on_message_only_appends(bundles, tmp_path):
+    svc = service(bundles, tmp_path)
+    for mid in range(1, 20001):  # far past queue_size: a broker ignoring Receive Maximum
+        svc._on_message(None, None, Msg("sensors/a/data", b"{}", mid, dup=mid % 2 == 0))
+    assert len(svc.inbox) == 20000 and svc.wake.is_set()
+    first, second = svc.inbox[0], svc.inbox[1]
+    assert (first.mid, first.redelivered, second.redelivered) == (1, False, True)
+    svc.processor.journal.close()
+
+
+def test_drop_oldest_takes_only_the_newest(bundles, tmp_path):
+    svc = service(bundles, tmp_path, overload="drop-oldest")
     for mid in range(1, 6):
         svc._on_message(None, None, Msg("sensors/a/data", b"{}", mid))
-    assert [svc.queue.get_nowait().mid for _ in range(2)] == [4, 5]
-    assert acked == [1, 2, 3]  # given up on: acknowledged so the broker does not resend
-    assert svc.metrics.counters["dropped_overload"] == 3
-    svc.wal.close()
-
-
-def test_block_waits_for_room_and_never_drops(bundles, tmp_path):
-    svc, acked = service(bundles, tmp_path, overload="block")
-    for mid in (1, 2):
-        svc._on_message(None, None, Msg("sensors/a/data", b"{}", mid))
-    done = threading.Event()
-    t = threading.Thread(
-        target=lambda: (svc._on_message(None, None, Msg("sensors/a/data", b"{}", 3)), done.set())
-    )
-    t.start()
-    assert not done.wait(0.3)  # the network thread is held: the broker keeps the rest
-    assert svc.queue.get_nowait().mid == 1
-    assert done.wait(2)
-    t.join()
-    assert [svc.queue.get_nowait().mid for _ in range(2)] == [2, 3]
-    assert acked == [] and svc.metrics.counters["dropped_overload"] == 0
-    svc.wal.close()
+    dropped, batch = svc._take()
+    assert [m.mid for m in dropped] == [1, 2, 3] and [m.mid for m in batch] == [4, 5]
+    svc.processor.journal.close()

@@ -1,0 +1,320 @@
+"""``edge-lstm serve`` against what the field throws at it, with a real Mosquitto: hostile
+payloads (also retained), a backlog, overload, a full or read-only disk, device reboots."""
+
+import json
+import subprocess
+import time
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from tests import hostile
+from tests.mqtt_helpers import Collector, Publisher, Serve, offline, wait_until
+from tests.test_service_mqtt import BUNDLE, assert_exact, make_samples
+
+pytestmark = pytest.mark.broker
+
+
+def strict(payload):
+    """JSON as JavaScript's JSON.parse reads it: NaN and Infinity are errors."""
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(payload, parse_constant=refuse)
+
+
+@pytest.fixture
+def service(bundles, broker, tmp_path):
+    started = []
+
+    def start(*args, state=None):
+        s = Serve(bundles / BUNDLE, broker.url, state or tmp_path / "state", *args).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def feed_good(pub, samples, i):
+    for stream, x in samples.items():
+        pub.send(stream, i + 1, x[i])
+
+
+def test_hostile_payloads_never_stop_the_service(bundles, broker, service):
+    """Every hostile case and 20,000 mutated messages, on data and control topics and as
+    retained messages, interleaved with good streams: no crash, good streams exact, every bad
+    message answered, every answer strict JSON."""
+    setup = Publisher(broker.url, client_id="retainer")
+    for name, payload in hostile.CASES[:10]:
+        setup.client.publish(f"sensors/retained-{len(name) % 5}/data", payload, qos=1, retain=True)
+    setup.client.publish("sensors/ret/control", hostile.CONTROL_CASES[0][1], qos=1, retain=True)
+    setup.flush()
+    samples = make_samples(3, 60, seed=11)
+    col = Collector(broker.url)
+    svc = service()
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    bad = [p for _, p in hostile.CASES]
+    control = [p for _, p in hostile.CONTROL_CASES]
+    n_gen = 60 * 334
+    generated = hostile.generate(seed=3, n=n_gen)
+    n_bad = 0
+    for i in range(60):
+        feed_good(pub, samples, i)
+        for k, payload in enumerate(bad if i < 2 else []):
+            pub.raw(f"sensors/evil-{k % 7}/data", payload)
+            n_bad += 1
+        for payload in control if i == 3 else []:
+            pub.raw("sensors/ctl/control", payload)
+            pub.raw("edge/control/edge-test", payload)
+        for _ in range(334):
+            pub.raw(f"sensors/gen-{i % 11}/data", next(generated))
+        if i % 10 == 9:
+            pub.flush(120)
+    pub.flush(120)
+    expected = offline(bundles / BUNDLE, samples)
+    good = lambda: {k: v for k, v in col.predictions().items() if k[0].startswith("dev-")}  # noqa: E731
+    wait_until(lambda: set(expected) <= set(good()), 120, "every good prediction")
+    assert_exact(good(), expected)
+    evil = lambda: sum("/evil-" in t for t, _ in col.messages)  # noqa: E731
+    wait_until(lambda: evil() >= n_bad, 60, "an answer to every hostile message")
+    assert svc.alive(), svc.output()[-3000:]
+    answered_gen = lambda: sum("/gen-" in t for t, _ in col.messages)  # noqa: E731
+    wait_until(lambda: answered_gen() >= n_gen, 120, "an answer for every mutated message")
+    assert "Traceback" not in svc.output()
+    # a restart meets the retained poison again: still no crash loop
+    assert svc.stop() == 0
+    again = service()
+    wait_until(lambda: "recovered generation" in again.output(), 30, "second start")
+    pub.send("dev-0", 61, np.zeros(6))
+    pub.flush()
+    wait_until(lambda: ("dev-0", 61) in col.predictions(), 30, "a prediction after restart")
+    assert again.alive()
+    for topic, doc in col.messages:
+        assert "raw" not in doc, f"{topic}: not JSON: {doc}"
+    strict_ok = [strict(json.dumps(d)) for _, d in col.messages]
+    assert len(strict_ok) == len(col.messages)
+    setup.client.publish("sensors/ret/control", b"", qos=1, retain=True)
+    setup.close()
+
+
+def test_backlog_before_start_is_answered_in_full(bundles, broker, service, tmp_path):
+    samples = make_samples(100, 30, seed=12)
+    col = Collector(broker.url)
+    first = service()
+    wait_until(col.online, 20, "runtime online")  # the broker now keeps a session for us
+    assert first.stop() == 0
+    pub = Publisher(broker.url)
+    for i in range(30):
+        feed_good(pub, samples, i)
+    pub.flush(120)
+    svc = service("--queue-size", "100", "--max-unacked", "300")
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 120, "the whole backlog")
+    got = col.predictions()
+    assert_exact(got, expected)
+    assert svc.stop() == 0
+
+
+def test_drop_oldest_reports_every_sample_it_drops(bundles, broker, service):
+    samples = make_samples(4, 500, seed=13)
+    col = Collector(broker.url)
+    service("--overload", "drop-oldest", "--queue-size", "20", "--max-batch", "1")
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    for i in range(500):
+        feed_good(pub, samples, i)
+    pub.flush(120)
+
+    def accounted():
+        keys = set(col.predictions())
+        for topic, doc in col.of("errors/"):
+            if doc.get("error") == "dropped":
+                keys.add((topic.split("/", 1)[1], doc["seq"]))
+        return keys
+
+    everything = {(s, i + 1) for s in samples for i in range(500)}
+    wait_until(lambda: everything <= accounted(), 120, "a prediction or a drop report each")
+    predicted = set(col.predictions())
+    assert not {(t.split("/", 1)[1], d["seq"]) for t, d in col.of("errors/")} & predicted
+
+
+def test_duplicates_after_kill_9_are_bounded_by_what_was_in_flight(bundles, broker, service):
+    window = 100
+    samples = make_samples(10, 200, seed=14)
+    col = Collector(broker.url)
+    args = ("--max-unacked", str(window), "--snapshot-interval", "1000")
+    svc = service(*args)
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    for i in range(100):
+        feed_good(pub, samples, i)
+        time.sleep(0.01)
+    pub.flush()
+    wait_until(lambda: len(col.predictions()) >= 1000, 60, "the first half answered")
+    svc.kill9()
+    svc = service(*args)
+    for i in range(100, 200):
+        feed_good(pub, samples, i)
+    pub.flush()
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 60, "every prediction")
+    got = col.predictions()
+    assert_exact(got, expected)
+    duplicates = sum(len(v) - 1 for v in got.values())
+    assert duplicates <= 2 * window, f"{duplicates} duplicate predictions after one kill -9"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path):
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass  # full: that is what this helper is for
+
+
+def test_full_disk_degrades_then_recovers_without_loss(bundles, broker, service, small_disk):
+    samples = make_samples(3, 40, seed=15)
+    col = Collector(broker.url)
+    service(state=small_disk / "state")
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    for i in range(10):
+        feed_good(pub, samples, i)
+    pub.flush()
+    wait_until(lambda: len(col.predictions()) == 30, 30, "answers before the disk fills")
+    fill(small_disk / "filler")
+    for i in range(10, 40):
+        feed_good(pub, samples, i)
+    pub.flush()
+    status = lambda: col.of("edge/status/edge-test")[-1][1]  # noqa: E731
+    wait_until(lambda: status()["state"] == "degraded", 30, "a degraded status")
+    assert "reason" in status()
+    (small_disk / "filler").unlink()
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 60, "every prediction")
+    assert_exact(col.predictions(), expected)
+    wait_until(lambda: status()["state"] == "online", 30, "online again")
+
+
+def test_read_only_state_dir_starts_degraded(bundles, broker, service, small_disk):
+    state = small_disk  # the runtime's own log goes beside it, on a writable disk
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    col = Collector(broker.url)
+    svc = service(state=state)
+    status = lambda: col.of("edge/status/edge-test")  # noqa: E731
+    wait_until(lambda: status() and status()[-1][1]["state"] == "degraded", 30, "degraded")
+    pub = Publisher(broker.url)
+    pub.send("dev-0", 1, np.zeros(6))
+    pub.flush()
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    wait_until(lambda: ("dev-0", 1) in col.predictions(), 30, "answered once writable")
+    assert svc.alive() and "Traceback" not in svc.output()
+
+
+def test_device_reboot_boot_ids_and_reset_replies(bundles, broker, service):
+    from edge import payloads
+
+    x = make_samples(1, 30, seed=16)["dev-0"]
+    col = Collector(broker.url)
+    service()
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    for i in range(20):
+        pub.raw(
+            "sensors/dev-0/data",
+            json.dumps({"seq": i + 1, "boot": 5, "values": x[i].tolist()}).encode(),
+        )
+    pub.flush()
+    wait_until(lambda: ("dev-0", 20) in col.predictions(), 20, "first boot answered")
+    # the device reboots: boot 6, seq from 1 again, in a binary frame v2
+    pub.raw("sensors/dev-0/data", payloads.encode_frame(1, x[20:23], boot=6))
+    pub.raw(
+        "sensors/dev-0/data", json.dumps({"seq": 21, "boot": 5, "values": x[0].tolist()}).encode()
+    )
+    pub.flush()
+    wait_until(lambda: any(d.get("error") == "stale" for _, d in col.of("errors/")), 20, "stale")
+    after = [d for _, d in col.of("predictions/") if d.get("boot") == 6]
+    assert after and after[0]["restart"] is True and after[0]["seq"] == 1
+    import edge
+
+    np.testing.assert_array_equal(
+        np.asarray(after[0]["y"], np.float32), edge.load(bundles / BUNDLE).step("n", x[20:23])
+    )
+    pub.raw("sensors/dev-0/control", b'{"cmd": "reset", "seq": 100}')
+    pub.flush()
+    wait_until(lambda: bool(col.of("replies/dev-0")), 20, "a reply to the reset")
+    assert col.of("replies/dev-0")[-1][1] == {
+        "cmd": "reset",
+        "ok": True,
+        "next_seq": 100,
+        "boot": None,
+    }
+    pub.send("dev-0", 50, x[0])  # before the new baseline: a duplicate, reported
+    pub.flush()
+    wait_until(lambda: any(d.get("error") == "duplicate" for _, d in col.of("errors/")), 20, "dup")
+
+
+def test_restart_gap_without_boot_ids(bundles, broker, service):
+    x = make_samples(1, 60, seed=17)["dev-0"]
+    col = Collector(broker.url)
+    service("--restart-gap", "10")
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    for i in range(50):
+        pub.send("dev-0", i + 1, x[i])
+    pub.send("dev-0", 1, x[50])  # rebooted without a boot id: 49 behind > 10
+    pub.flush()
+    wait_until(
+        lambda: (
+            len(col.predictions()[("dev-0", 1)]) == 2
+            if ("dev-0", 1) in col.predictions()
+            else False
+        ),
+        20,
+        "restart",
+    )
+    restarted = [d for _, d in col.of("predictions/") if d.get("restart")]
+    assert len(restarted) == 1 and restarted[0]["seq"] == 1
+
+
+def test_outputs_are_strict_json(bundles, broker, service):
+    from edge import payloads
+
+    col = Collector(broker.url)
+    col.client.subscribe("edge/stats/#", 0)
+    service("--stats-interval", "0.2")
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    pub.raw("sensors/a/data", json.dumps({"seq": 1, "ts": 1.0, "values": [0.0] * 6}).encode())
+    pub.raw("sensors/b/data", payloads.encode_frame(1, np.zeros((1, 6)), ts=float("inf")))
+    pub.flush()
+    wait_until(lambda: len(col.of("edge/stats/")) >= 2, 20, "stats")
+    raw = []
+    got = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw")
+    got.on_message = lambda c, u, m: raw.append(m.payload)
+    got.connect("127.0.0.1", int(broker.url.rsplit(":", 1)[1]))
+    got.subscribe([("edge/stats/#", 0), ("errors/#", 0), ("predictions/#", 0)])
+    got.loop_start()
+    pub.raw("sensors/a/data", json.dumps({"seq": 2, "ts": 1.0, "values": [0.0] * 6}).encode())
+    pub.raw("sensors/b/data", payloads.encode_frame(2, np.zeros((1, 6)), ts=float("inf")))
+    pub.flush()
+    wait_until(lambda: len(raw) >= 4, 20, "raw messages")
+    got.loop_stop()
+    for payload in raw:
+        strict(payload)
+    assert any(d.get("error") == "bad_ts" for _, d in col.of("errors/b"))

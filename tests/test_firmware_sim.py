@@ -126,6 +126,10 @@ def test_demo_runs_and_scores(bundles, tmp_path):
         (["run", "--broker", "mqtt://127.0.0.1:9", "--duration", "1"], "unreachable"),
         (["run", "--broker", "mqtt://127.0.0.1:9", "--source", "missing.csv"], "not a file"),
         (["run", "--broker", "mqtt://127.0.0.1:9", "--faults", "explode=1"], "explode"),
+        (
+            ["run", "--broker", "mqtt://127.0.0.1:9", "--faults", "reboot=0.1", "--no-boot-ids"],
+            "needs --restart-gap",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message):

@@ -270,7 +270,11 @@ def evidence(
 ) -> None:
     """For the first streams with a lost or wrong sample: what was sent and what came back,
     in time order, to look into without running again."""
-    keys = [*r.get("missing_examples", []), *r.get("wrong_examples", [])]
+    keys = [
+        *r.get("missing_examples", []),
+        *r.get("wrong_examples", []),
+        *r.get("stale_in_order_examples", []),
+    ]
     streams = list(dict.fromkeys(k[0] for k in keys))[:3]
     doc: dict[str, Any] = {"events": [{"t": t, "what": what} for t, what in events]}
     for stream in streams:
@@ -501,6 +505,8 @@ def summary(
         "stale_answers": codes.get("stale", 0),
         "stale_samples_excused": r["stale"],
         "stale_claims_unfounded": r["stale_claims_unfounded"],
+        "stale_published_before_newer_boot": r["stale_published_before_newer_boot"],
+        "stale_messages_expected": r["stale_messages_expected"],
         "late_answers": codes.get("late", 0),
         "late_samples_excused": r["late_beyond_reorder_window"],
         "late_claims_unfounded": r["late_claims_unfounded"],

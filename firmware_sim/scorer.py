@@ -333,10 +333,13 @@ def stale_keys(
     scorer: Scorer,
     truth: Truth,
     ignore: set[Key] = frozenset(),  # type: ignore[assignment]
-) -> tuple[set[Key], int]:
+) -> tuple[set[Key], int, set[Key]]:
     """Samples of an older boot the runtime refused as ``stale``: right when a newer boot of
-    the device had published before the answer came. Returns (excused samples, unfounded)."""
+    the device had published before the answer came. Returns (excused samples, unfounded
+    claims, and those of the excused that were published before the newer boot began: the
+    broker had them in order, the runtime took them up only after the newer boot)."""
     excused: set[Key] = set()
+    in_order: set[Key] = set()
     unfounded = 0
     for stream, doc, t in _claims(scorer, "stale"):
         found = False
@@ -349,8 +352,10 @@ def stale_keys(
             if m is not None and truth.newer_boot_started(stream, e, t):
                 excused |= set(m.keys)
                 found = True
+                if not truth.newer_boot_started(stream, e, (m.published or 0.0) - 1e-9):
+                    in_order |= set(m.keys)
         unfounded += not found
-    return excused, unfounded
+    return excused, unfounded, in_order
 
 
 def stale_expected(truth: Truth) -> int:
@@ -453,7 +458,7 @@ def score(
     truth = Truth(log)
     excluded, reasons = excluded_keys(truth, restart_gap)
     late, unfounded = late_keys(scorer, truth, excluded)
-    stale, stale_unfounded = stale_keys(scorer, truth, excluded)
+    stale, stale_unfounded, stale_in_order = stale_keys(scorer, truth, excluded)
     want = expected_keys(log) - late - stale - excluded
     ref = offline(bundle, log, late | stale) if bundle is not None else None
     ans = answers(scorer, truth, ref)
@@ -487,6 +492,9 @@ def score(
         "late_claims_unfounded": unfounded,
         "stale": len(stale),
         "stale_messages_expected": stale_expected(truth),
+        # excused as the contract has it, but these reached the broker before the newer boot
+        "stale_published_before_newer_boot": len(stale_in_order),
+        "stale_in_order_examples": sorted(stale_in_order)[:5],
         "stale_claims_unfounded": stale_unfounded,
         "restarts": len(ans.restarts & reboots_seen),
         "restarts_expected": len(reboots_seen - {(k[0], k[1]) for k in excluded}),

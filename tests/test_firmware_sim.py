@@ -230,10 +230,14 @@ def test_scorer_keys_samples_by_boot_and_counts_restarts_and_stale():
     assert r["predictions_missing"] == 0 and r["lost"] == 0, r["missing_examples"]
     assert r["restarts"] == r["restarts_expected"] == 1
     assert r["stale"] == r["stale_messages_expected"] == 1
-    assert r["stale_claims_unfounded"] == 0
+    assert r["stale_claims_unfounded"] == r["stale_published_before_newer_boot"] == 0
     assert r["duplicate_predictions"] == 1
     assert r["unexpected_predictions"] == 0
     assert r["samples_delivered_valid"] == 8  # the stale one is not expected to be answered
+    ans.error("d", 13, "stale", 6.0, boot=7)  # reached the broker before boot 1 began
+    r = score(ans, log, 8.0)
+    assert r["stale"] == 2 and r["stale_published_before_newer_boot"] == 1
+    assert r["stale_in_order_examples"] == [("d", 0, 13)]
 
 
 def test_stale_is_only_right_once_a_newer_boot_was_published():

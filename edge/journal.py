@@ -77,6 +77,7 @@ class Journal:
     def recover(self, restore: Any) -> Recovery:
         """Restore the newest intact snapshot (``restore(path) -> extra dict``, raising
         ``SnapshotError``) and collect the log entries to replay on top of it."""
+        self._adopt_format_1()
         snaps, segs = self._listing()
         rec = Recovery()
         for gen in reversed(snaps):
@@ -112,6 +113,21 @@ class Journal:
         rec.last_lsn = max(rec.last_lsn, rec.base_lsn, rec.acked)
         self.generation = max([first, *segs, *snaps])
         return rec
+
+    def _adopt_format_1(self) -> None:
+        """edge-lstm 0.1 kept one ``snapshot.bin`` and one ``wal.log``: the snapshot becomes
+        generation 1; that log's format is not read any more and is set aside, named."""
+        old_snap, old_log = self.dir / "snapshot.bin", self.dir / "wal.log"
+        if old_snap.exists() and not self.path("snap", 1).exists():
+            old_snap.rename(self.path("snap", 1))
+            log.warning("adopted %s as the first snapshot generation", old_snap)
+        if old_log.exists():
+            old_log.rename(old_log.with_suffix(".log.v1"))
+            log.error(
+                "%s is a format-1 log, which this version does not replay; kept as %s",
+                old_log,
+                old_log.with_suffix(".log.v1").name,
+            )
 
     def open(self) -> None:
         """Open the current segment for appending; OSError when the directory is unusable."""

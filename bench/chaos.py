@@ -506,6 +506,7 @@ def summary(
         "stale_samples_excused": r["stale"],
         "stale_claims_unfounded": r["stale_claims_unfounded"],
         "stale_published_before_newer_boot": r["stale_published_before_newer_boot"],
+        "stale_in_order_never_predicted": r["stale_in_order_never_predicted"],
         "stale_messages_expected": r["stale_messages_expected"],
         "late_answers": codes.get("late", 0),
         "late_samples_excused": r["late_beyond_reorder_window"],

@@ -494,6 +494,7 @@ def score(
         "stale_messages_expected": stale_expected(truth),
         # excused as the contract has it, but these reached the broker before the newer boot
         "stale_published_before_newer_boot": len(stale_in_order),
+        "stale_in_order_never_predicted": 0,  # filled in below, once answers are attributed
         "stale_in_order_examples": sorted(stale_in_order)[:5],
         "stale_claims_unfounded": stale_unfounded,
         "restarts": len(ans.restarts & reboots_seen),
@@ -514,6 +515,9 @@ def score(
         "duration_s": duration,
         "throughput_predictions_per_s": len(got) / duration if duration else 0.0,
     }
+    never = stale_in_order - set(got)
+    r["stale_in_order_never_predicted"] = len(never)
+    r["stale_in_order_examples"] = sorted(never or stale_in_order)[:5]
     if len(latencies):
         p50, p95, p99 = np.percentile(latencies * 1000, [50, 95, 99])
         r.update(latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99)

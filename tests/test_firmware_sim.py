@@ -238,6 +238,7 @@ def test_scorer_keys_samples_by_boot_and_counts_restarts_and_stale():
     r = score(ans, log, 8.0)
     assert r["stale"] == 2 and r["stale_published_before_newer_boot"] == 1
     assert r["stale_in_order_examples"] == [("d", 0, 13)]
+    assert r["stale_in_order_never_predicted"] == 0  # seq 13 was answered before
 
 
 def test_stale_is_only_right_once_a_newer_boot_was_published():

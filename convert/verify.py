@@ -40,7 +40,10 @@ FORBIDDEN_OPS = {
     "CALL_ONCE": "resource variable initialiser",
     "CUSTOM": "custom/Flex (Select TF) op",
 }
-TARGETS = {"top1_agreement": 0.995, "drift_ratio": 1.2, "long_steps": 10_000}
+# 98% top-1 agreement over a long stream: argmax flips on transition steps and near-ties are
+# quantisation noise, not a broken model; 99.5% failed good models (e.g. the example, whose
+# agreement varies between 98.9% and 99.9% with the training run).
+TARGETS = {"top1_agreement": 0.98, "drift_ratio": 1.2, "long_steps": 10_000}
 DRIFT_ABS_FLOOR = 1e-3  # errors below this are rounding noise; a ratio of noise means nothing
 
 

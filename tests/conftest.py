@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,3 +52,41 @@ def bundles() -> Path:
             "run builds; run scripts/test (desktop suite first)"
         )
     return BUNDLE_DIR
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB file system (tmpfs, mounted as root), to fill up or make read-only."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write zeros to ``path`` until its file system is full."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass  # full: that is what this helper is for
+
+
+@pytest.fixture
+def service(bundles: Path, broker: Mosquitto, tmp_path: Path) -> Iterator[Any]:
+    """``start(*flags, url=None, state=None)`` runs ``edge-lstm serve`` on the int8 example
+    bundle as a child process; every one started is stopped at the end."""
+    from tests.mqtt_helpers import Serve
+
+    started = []
+
+    def start(*args: str, url: str | None = None, state: Path | None = None) -> Any:
+        s = Serve(bundles / "clf-int8", url or broker.url, state or tmp_path / "state", *args)
+        started.append(s.start())
+        return s
+
+    yield start
+    for s in started:
+        s.stop()

@@ -1,7 +1,6 @@
 """The state directory: log framing, damage, snapshot generations, failed writes."""
 
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from edge.errors import SnapshotError
 from edge.journal import Journal
 from edge.outbox import Outbound, Outbox
 from edge.wal import Damage, Mark, Output, Record, Release, Void
+from tests.conftest import fill
 
 
 def rec(stream, seq, lsn, k=1, **kw):
@@ -174,34 +174,19 @@ def test_outbox_watermark_waits_for_every_answer_and_held_messages():
     assert box.watermark(3) == 3 and len(box) == 0
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_a_failed_append_leaves_nothing_behind(tiny_fs):
-    j = Journal(tiny_fs / "state")
+def test_a_failed_append_leaves_nothing_behind(small_disk):
+    j = Journal(small_disk / "state")
     j.recover(no_restore)
     j.open()
     j.append([rec("a", 1, 1)])
-    filler = tiny_fs / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-        except OSError:
-            pass  # the disk is full now, which is the point
+    filler = small_disk / "filler"
+    fill(filler)
     big = [rec("a", i, i, k=64) for i in range(2, 40)]
     with pytest.raises(OSError):
         j.append(big)
     filler.unlink()
     j.append([rec("a", 2, 2)])
     j.close()
-    got = Journal(tiny_fs / "state").recover(no_restore)
+    got = Journal(small_disk / "state").recover(no_restore)
     assert [e.lsn for e in got.entries] == [1, 2] and not got.damage
-    assert os.path.getsize(tiny_fs / "state" / "wal-00000000.log") > 0
+    assert os.path.getsize(small_disk / "state" / "wal-00000000.log") > 0

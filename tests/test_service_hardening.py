@@ -10,7 +10,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from tests import hostile
-from tests.mqtt_helpers import Collector, Publisher, Serve, offline, wait_until
+from tests.conftest import fill
+from tests.mqtt_helpers import Collector, Publisher, offline, wait_until
 from tests.test_service_mqtt import BUNDLE, assert_exact, make_samples
 
 pytestmark = pytest.mark.broker
@@ -23,20 +24,6 @@ def strict(payload):
         raise ValueError(f"{name} is not JSON")
 
     return json.loads(payload, parse_constant=refuse)
-
-
-@pytest.fixture
-def service(bundles, broker, tmp_path):
-    started = []
-
-    def start(*args, state=None):
-        s = Serve(bundles / BUNDLE, broker.url, state or tmp_path / "state", *args).start()
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.stop()
 
 
 def feed_good(pub, samples, i):
@@ -171,24 +158,6 @@ def test_duplicates_after_kill_9_are_bounded_by_what_was_in_flight(bundles, brok
     assert_exact(got, expected)
     duplicates = sum(len(v) - 1 for v in got.values())
     assert duplicates <= 2 * window, f"{duplicates} duplicate predictions after one kill -9"
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(path):
-    with open(path, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError:
-            pass  # full: that is what this helper is for
 
 
 def test_full_disk_degrades_then_recovers_without_loss(bundles, broker, service, small_disk):

@@ -27,20 +27,6 @@ def assert_exact(got, expected):
             np.testing.assert_array_equal(y, expected[key], err_msg=str(key))
 
 
-@pytest.fixture
-def service(bundles, broker, tmp_path):
-    started = []
-
-    def start(*args, url=None):
-        s = Serve(bundles / BUNDLE, url or broker.url, tmp_path / "state", *args).start()
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.stop()
-
-
 def test_duplicates_never_double_count(bundles, broker, service):
     samples = make_samples(5, 40, seed=1)
     col = Collector(broker.url)

@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from edge.cli import run_command
 
@@ -22,12 +23,40 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--faults",
         help="fault rates, e.g. drop=0.01,duplicate=0.02,reorder=0.01 or all=0.01; "
-        "kinds: drop, duplicate, reorder, delay, disconnect, nan, garbage, wrong_features, skew",
+        "kinds: drop, duplicate, reorder, delay, disconnect, nan, garbage, wrong_features, skew, "
+        "reboot",
     )
     p.add_argument(
-        "--format", default="json", choices=["json", "senml", "binary"], help="payload format"
+        "--format",
+        default="json",
+        choices=["json", "senml", "binary", "mixed"],
+        help="payload format (mixed: each device one of the three)",
+    )
+    p.add_argument(
+        "--boot-ids",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="devices send a per-boot id, so the runtime sees their reboots (default on)",
     )
     p.add_argument("--out", default="sim-results", help="directory for score.json and score.png")
+
+
+def _batch(text: str) -> int | tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    try:
+        return (int(lo), int(hi)) if sep else int(lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or LO-HI") from None
+
+
+def check_reboots(plan: Any, boot_ids: bool, restart_gap: int | None) -> None:
+    """Devices without boot ids that reboot can only be recognised by a runtime that treats a
+    large seq jump back as a restart: refuse the combination unless it does."""
+    if plan.rates.get("reboot", 0) > 0 and not boot_ids and restart_gap is None:
+        raise SimError(
+            "--faults reboot with --no-boot-ids needs --restart-gap N (the runtime's setting): "
+            "without a boot id only a seq jump back of more than N tells a reboot"
+        )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,7 +80,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--bundle", help="the bundle the runtime serves: enables exactness and accuracy scoring"
     )
-    r.add_argument("--batch", type=int, default=1, help="samples per message (default 1)")
+    r.add_argument(
+        "--batch", type=_batch, default=1, help="samples per message, N or LO-HI (default 1)"
+    )
+    r.add_argument(
+        "--restart-gap",
+        type=int,
+        help="the runtime's --restart-gap: how it notices reboots of devices without boot ids "
+        "(needed with --no-boot-ids and reboot faults)",
+    )
     r.add_argument(
         "--connections",
         type=int,
@@ -111,6 +148,7 @@ def demo(args: argparse.Namespace) -> int:
         fmt=args.format,
         out=Path(args.out),
         embedded=True if args.embedded_broker else None,
+        boot_ids=args.boot_ids,
     )
     return 0 if r["predictions_missing"] == 0 and r.get("wrong_predictions", 0) == 0 else 1
 
@@ -132,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
             manifest.labels,
         )
     plan = FaultPlan.parse(args.faults)
+    check_reboots(plan, args.boot_ids, args.restart_gap)
     fleet = Fleet(
         args.broker,
         args.devices,
@@ -144,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         features=features,
         feature_names=names,
+        boot_ids=args.boot_ids,
     )
     try:
         scorer = Scorer(args.broker)
@@ -153,8 +193,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         t0 = time.monotonic()
         log = fleet.run(args.duration)
-        scorer.wait(log, 15)
-        r = score(scorer, log, time.monotonic() - t0, bundle, classes)
+        scorer.wait(log, 15, args.restart_gap)
+        r = score(scorer, log, time.monotonic() - t0, bundle, classes, restart_gap=args.restart_gap)
         jpath, ppath = save(r, scorer, log, Path(args.out))
         print(table(r))
         print(f"\nscore: {jpath}\nplot:  {ppath}")

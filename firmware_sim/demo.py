@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .broker import Broker
-from .devices import Fleet, Sent
+from .devices import Fleet, Key, Sent
 from .errors import SimError
 from .faults import FaultPlan
 from .runtime import Runtime
@@ -55,16 +55,18 @@ def example_bundle(cache: Path) -> tuple[Path, Path]:
     return model, bundle
 
 
-def float_reference(model: Path, log: list[Sent]) -> dict[tuple[str, int], np.ndarray] | None:
-    """The float model over each stream's delivered samples in order (for agreement)."""
+def float_reference(model: Path, log: list[Sent]) -> dict[Key, np.ndarray] | None:
+    """The float model over each boot's delivered samples in order (for agreement)."""
     try:
         from convert import intake, reference
     except ImportError:
         return None
     spec = intake.read_spec(model)
-    out: dict[tuple[str, int], np.ndarray] = {}
-    for stream in sorted({m.stream for m in log}):
-        msgs = [m for m in log if m.stream == stream and m.valid and m.delivered]
+    out: dict[Key, np.ndarray] = {}
+    for stream, epoch in sorted({(m.stream, m.epoch) for m in log}):
+        msgs = [
+            m for m in log if m.stream == stream and m.epoch == epoch and m.valid and m.delivered
+        ]
         if not msgs:
             continue
         x = np.concatenate([m.values for m in msgs])
@@ -84,10 +86,14 @@ def run_demo(
     out: Path,
     embedded: bool | None,
     progress: bool = True,
+    boot_ids: bool = True,
 ) -> dict[str, Any]:
     import edge
 
+    from .cli import check_reboots
+
     plan = FaultPlan.parse(faults)
+    check_reboots(plan, boot_ids, None)
     model, bundle = example_bundle(cache_dir())
     manifest = edge.load(bundle).manifest
     with tempfile.TemporaryDirectory(prefix="edge-lstm-demo-") as tmp:
@@ -111,6 +117,7 @@ def run_demo(
                 faults=plan,
                 fmt=fmt,
                 feature_names=list(manifest.feature_names),
+                boot_ids=boot_ids,
             )
             say(
                 f"devices: {devices} replaying BasicMotions test recordings at {rate:g} Hz for {duration:g} s"
@@ -144,7 +151,7 @@ def _progress(duration: float, fleet: Fleet, scorer: Scorer) -> Any:
     bar = tqdm(total=round(duration), unit="s", desc="streaming", file=sys.stderr)
 
     def update(elapsed: float, final: bool = False) -> None:
-        got = scorer.received()
+        got = scorer.predictions
         bar.n = round(min(elapsed, duration))
         bar.set_postfix(
             sent=len(fleet.log), predicted=len(got), errors=len(scorer.errors), refresh=False

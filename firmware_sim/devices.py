@@ -4,11 +4,21 @@ Each device samples on its own clock (rate, jitter), numbers samples with a u32 
 batches ``k`` samples per message, and keeps a bounded store-and-forward buffer while it is
 offline. Devices own a client id each, or share a few connections for load tests.
 One scheduler thread drives them all from a heap of timed events.
+
+A device may reboot (fault ``reboot``): its boot id changes (a per-device counter that starts
+at a random u32; sent as ``"boot"`` when the fleet has ``boot_ids``), its seq restarts at 1 and
+its store-and-forward buffer is gone. Messages already in flight (a delayed, reordered or
+duplicated send) still arrive, so the runtime sees some of the old boot after the new one; a
+device without boot ids cannot be told apart from its old self, so its in-flight messages die
+with the reboot instead (the runtime could only misjudge them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import heapq
+import inspect
 import itertools
 import json
 import threading
@@ -25,12 +35,26 @@ import paho.mqtt.client as mqtt
 from edge import payloads
 
 from .errors import SimError
-from .faults import INVALID, FaultPlan, Injector
+from .faults import INVALID, LOST_IN_REBOOT, FaultPlan, Injector
 from .mqtt import close_client
 from .sources import Source, make
 
 FORMATS = ("json", "senml", "binary")
 BUFFER_LIMIT = 10_000  # messages a device stores while offline; the oldest go first
+U32 = 2**32
+# Whether this edge.payloads can put a boot id into SenML / binary frames (else a device that
+# must carry its boot id speaks JSON).
+BOOT_IN = {
+    "senml": "boot" in inspect.signature(payloads.encode_senml).parameters,
+    "binary": "boot" in inspect.signature(payloads.encode_frame).parameters,
+    "json": True,
+}
+Key = tuple[str, int, int]  # (stream, epoch, seq): epoch counts the device's boots from 0
+
+
+def digest(payload: bytes) -> bytes:
+    """How a message is recognised on the wire (payloads carry a wall-clock ts: unique)."""
+    return hashlib.blake2b(payload, digest_size=12).digest()
 
 
 @dataclass
@@ -44,11 +68,14 @@ class Sent:
     faults: list[str] = field(default_factory=list)
     created: float = 0.0
     published: float | None = None  # wall time of the first publish
+    epoch: int = 0  # which boot of its device, counted from 0
+    boot: int | None = None  # the boot id on the wire (None: the device sends none)
+    wire: bytes = b""  # digest of the payload as sent
 
     @property
-    def keys(self) -> list[tuple[str, int]]:
-        """(stream, seq) of every sample the message carries."""
-        return [(self.stream, (self.seq + k) % 2**32) for k in range(len(self.values))]
+    def keys(self) -> list[Key]:
+        """(stream, epoch, seq) of every sample the message carries."""
+        return [(self.stream, self.epoch, (self.seq + k) % U32) for k in range(len(self.values))]
 
     @property
     def valid(self) -> bool:
@@ -86,7 +113,8 @@ class Connection:
         close_client(self.client)
 
     def go_online(self) -> None:
-        self.client.reconnect()
+        with contextlib.suppress(OSError):  # broker away: the network thread keeps retrying
+            self.client.reconnect()
         self.client.loop_start()
 
     def pending(self) -> int:
@@ -111,16 +139,45 @@ class Device:
         jitter: float,
         rng: np.random.Generator,
         feature_names: list[str],
+        boot_ids: bool = True,
+        batch_max: int | None = None,
     ) -> None:
         self.stream, self.source, self.conn, self.own_conn = stream, source, conn, own_conn
         self.rate, self.batch, self.fmt = rate, batch, fmt
+        self.batch_max = batch_max or batch
         self.injector, self.jitter, self.rng = injector, jitter, rng
         self.names = feature_names
         self.seq = int(rng.integers(0, 1000))
+        self.boot_ids = boot_ids
+        self.boot = int(rng.integers(0, U32))
+        self.epoch = 0
+        if boot_ids and not BOOT_IN[fmt] and injector.plan.rates.get("reboot", 0) > 0:
+            self.fmt = "json"  # the only format that can carry its boot id here
         self.skew = 0.0
         self.offline = False
         self.buffer: deque[tuple[Sent, bytes]] = deque()
         self.topic = f"sensors/{stream}/data"
+
+    @property
+    def carries_boot(self) -> bool:
+        return self.boot_ids and BOOT_IN[self.fmt]
+
+    def take_batch(self) -> int:
+        if self.batch_max <= self.batch:
+            return self.batch
+        return int(self.rng.integers(self.batch, self.batch_max + 1))
+
+    def reboot(self) -> list[Sent]:
+        """New boot id, seq from 1, buffer gone. Returns the messages that were lost."""
+        self.epoch += 1
+        self.boot = (self.boot + 1) % U32
+        self.seq = 1
+        self.skew = 0.0
+        lost = [m for m, _ in self.buffer if not m.delivered]
+        for m in lost:
+            m.faults.append(LOST_IN_REBOOT)
+        self.buffer.clear()
+        return lost
 
     def encode(self, msg: Sent, fault: str | None) -> bytes:
         ts = time.time() + self.skew
@@ -132,12 +189,13 @@ class Device:
             values[0, 0] = np.nan
         if fault == "wrong_features":
             values = values[:, :-1]
+        boot = {"boot": msg.boot} if msg.boot is not None else {}
         if self.fmt == "binary":
-            return payloads.encode_frame(msg.seq, values, ts)
+            return payloads.encode_frame(msg.seq, values, ts, **boot)
         if self.fmt == "senml" and fault != "wrong_features":
-            return payloads.encode_senml(msg.seq, values, self.names, ts, 1.0 / self.rate)
+            return payloads.encode_senml(msg.seq, values, self.names, ts, 1.0 / self.rate, **boot)
         rows = values.tolist()  # json writes NaN as NaN, which the runtime must refuse
-        body = {"seq": msg.seq, "ts": ts, "values": rows[0] if len(rows) == 1 else rows}
+        body = {"seq": msg.seq, "ts": ts, **boot, "values": rows[0] if len(rows) == 1 else rows}
         return json.dumps(body).encode()
 
 
@@ -153,7 +211,7 @@ class Fleet:
         source: str = "basicmotions",
         faults: FaultPlan | None = None,
         fmt: str = "json",
-        batch: int = 1,
+        batch: int | tuple[int, int] = 1,
         connections: int = 0,
         seed: int = 0,
         jitter: float = 0.05,
@@ -161,13 +219,18 @@ class Fleet:
         feature_names: list[str] | None = None,
         prefix: str = "dev",
         configure: Callable[[Any], None] | None = None,
+        boot_ids: bool = True,
     ) -> None:
-        if devices < 1 or rate <= 0 or batch < 1:
+        """``fmt`` "mixed" gives device i the format ``FORMATS[i % 3]``; ``batch`` (lo, hi)
+        draws each message's sample count from lo..hi."""
+        lo, hi = (batch, batch) if isinstance(batch, int) else batch
+        if devices < 1 or rate <= 0 or not 1 <= lo <= hi:
             raise SimError(
                 f"need --devices >= 1, --rate > 0, --batch >= 1 (got {devices}, {rate}, {batch})"
             )
-        if fmt not in FORMATS:
-            raise SimError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
+        if fmt not in (*FORMATS, "mixed"):
+            raise SimError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}, mixed")
+        self.boot_ids = boot_ids
         self.plan = faults or FaultPlan()
         self.rate = rate
         self.log: list[Sent] = []
@@ -196,14 +259,17 @@ class Fleet:
                     self.conns[i % n_conn],
                     n_conn == devices,
                     rate=rate,
-                    batch=batch,
-                    fmt=fmt,
+                    batch=lo,
+                    batch_max=hi,
+                    fmt=FORMATS[i % len(FORMATS)] if fmt == "mixed" else fmt,
                     injector=Injector(self.plan, rng),
                     jitter=jitter,
                     rng=rng,
                     feature_names=names,
+                    boot_ids=boot_ids,
                 )
             )
+        self.reboots = 0
         self._events: list[tuple[float, int, str, Callable[[], None]]] = []
         self._count = itertools.count()
         self.stop_event = threading.Event()
@@ -213,17 +279,26 @@ class Fleet:
         heapq.heappush(self._events, (t, next(self._count), kind, fn))
 
     def _tick(self, d: Device, t: float) -> None:
-        values, labels = d.source.take(d.batch)
-        msg = Sent(d.stream, d.seq, values, labels, created=time.time())
-        d.seq = (d.seq + d.batch) % 2**32
+        rebooted = d.injector.roll("reboot")
+        if rebooted:
+            d.reboot()
+            self.reboots += 1
+        k = d.take_batch()
+        values, labels = d.source.take(k)
+        boot = d.boot if d.carries_boot else None
+        msg = Sent(d.stream, d.seq, values, labels, created=time.time(), epoch=d.epoch, boot=boot)
+        if rebooted:
+            msg.faults.append("reboot")
+        d.seq = (d.seq + k) % U32
         fault = d.injector.payload_fault()
         if fault:
             msg.faults.append(fault)
         with self.lock:
             self.log.append(msg)
-        period = d.batch / d.rate
+        period = k / d.rate
         if fault != "drop":
             payload = d.encode(msg, fault)
+            msg.wire = digest(payload)
             delay = 0.0
             if d.injector.roll("delay"):
                 msg.faults.append("delay")
@@ -246,6 +321,10 @@ class Fleet:
         self._at(nxt, "tick", lambda: self._tick(d, nxt))
 
     def _send(self, d: Device, msg: Sent, payload: bytes) -> None:
+        if msg.epoch != d.epoch and (d.offline or not d.boot_ids):
+            if not msg.delivered:  # in flight when the device rebooted: gone with it
+                msg.faults.append(LOST_IN_REBOOT)
+            return
         if d.offline:
             if len(d.buffer) >= BUFFER_LIMIT:
                 old, _ = d.buffer.popleft()

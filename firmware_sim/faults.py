@@ -18,10 +18,14 @@ KINDS = (
     "garbage",
     "wrong_features",
     "skew",
+    "reboot",
 )
 # What the runtime cannot answer: these messages are expected to produce an error, not a
 # prediction. ("drop" is never delivered at all.)
 INVALID = ("nan", "garbage", "wrong_features")
+# A reboot changes the device's boot id, restarts its seq at 1 and loses its store-and-forward
+# buffer; a message that was in it is never delivered and carries this mark.
+LOST_IN_REBOOT = "lost_in_reboot"
 
 
 @dataclass(frozen=True)

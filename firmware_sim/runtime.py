@@ -100,16 +100,22 @@ class Runtime:
             except OSError:
                 self.notes.append("memory cap by RLIMIT_AS (address space), no memory cgroup here")
 
-    def peak_rss_mb(self) -> float | None:
-        if self.proc is None:
-            return None
+    def vm_status(self) -> dict[str, float]:
+        """VmRSS and VmHWM (peak) of the running process, in MiB; empty when it is gone."""
+        out: dict[str, float] = {}
+        if self.proc is None or self.proc.poll() is not None:
+            return out
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            return None
-        return None
+                name, _, rest = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    out[name] = int(rest.split()[0]) / 1024
+        except (OSError, ValueError, IndexError):
+            return {}
+        return out
+
+    def peak_rss_mb(self) -> float | None:
+        return self.vm_status().get("VmHWM")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -118,6 +124,7 @@ class Runtime:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+        self._log.close()
 
     def stop(self, timeout: float = 15) -> int:
         rc = 0

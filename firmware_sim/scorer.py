@@ -1,5 +1,13 @@
 """Judge a run end to end: match every prediction and error to what was sent by
-``(stream, seq)``, and compare with an offline run of the same bundle."""
+``(stream, boot, seq)``, and compare with an offline run of the same bundle.
+
+Devices may reboot: a boot restarts the seq, so ``(stream, seq)`` alone no longer names one
+sample. Ground truth keys samples by ``(stream, epoch, seq)`` (epoch: the device's boot
+count). An answer is attributed to an epoch by the ``boot`` it carries, else (devices without
+boot ids) by which candidate's expected value it equals, else by time (the newest boot that
+had published that seq before the answer arrived). The expected value of every sample is the
+offline engine run from zero state from the first sample of its boot.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -15,29 +24,42 @@ from urllib.parse import urlparse
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from .devices import Sent
+from .devices import Key, Sent
 from .errors import SimError
 from .mqtt import close_client
 
 U32 = 2**32
+HALF = 2**31
 
 
 class Scorer:
+    """Collects predictions, errors and runtime status. ``persistent``: a fixed session the
+    broker keeps while we are cut off (broker restarts), so no answer passes us by."""
+
     def __init__(
-        self, url: str, client_id: str = "firmware-sim-scorer", configure: Any = None
+        self,
+        url: str,
+        client_id: str = "firmware-sim-scorer",
+        configure: Any = None,
+        persistent: bool = False,
     ) -> None:
         u = urlparse(url)
         self.lock = threading.Lock()
         self.predictions: list[tuple[str, dict[str, Any], float]] = []
         self.errors: list[tuple[str, dict[str, Any], float]] = []
         self.status: dict[str, str] = {}
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.status_log: list[tuple[str, dict[str, Any], float]] = []
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent
+        )
         self.client.on_message = self._on_message
         ready = threading.Event()
         self.client.on_subscribe = lambda *a: ready.set()
         self.client.on_connect = lambda c, *a: c.subscribe(
             [("predictions/#", 1), ("errors/#", 1), ("edge/status/#", 1)]
         )
+        if persistent:
+            self.client.reconnect_delay_set(0.2, 2)
         if configure:
             configure(self.client)
         try:
@@ -54,8 +76,13 @@ class Scorer:
             doc = json.loads(msg.payload)
         except ValueError:
             return
+        if not isinstance(doc, dict):
+            return
         if msg.topic.startswith("edge/status/"):
-            self.status[msg.topic.rsplit("/", 1)[1]] = str(doc.get("state"))
+            runtime = msg.topic.rsplit("/", 1)[1]
+            with self.lock:
+                self.status[runtime] = str(doc.get("state"))
+                self.status_log.append((runtime, doc, now))
             return
         stream = msg.topic.split("/", 1)[1]
         with self.lock:
@@ -63,24 +90,21 @@ class Scorer:
                 (stream, doc, now)
             )
 
-    def received(self) -> dict[tuple[str, int], list[tuple[np.ndarray, float]]]:
-        """(stream, seq) -> every (y, arrival time) received for it."""
-        out: dict[tuple[str, int], list[tuple[np.ndarray, float]]] = {}
-        with self.lock:
-            items = list(self.predictions)
-        for stream, doc, t in items:
-            y = np.asarray(doc["y"], np.float32)
-            for k, row in enumerate(y.reshape(1, -1) if y.ndim == 1 else y):
-                out.setdefault((stream, (doc["seq"] + k) % U32), []).append((row, t))
-        return out
+    def received(self, log: Sequence[Sent], ref: Reference | None = None) -> dict[Key, Got]:
+        """(stream, epoch, seq) -> every (y, arrival time) received for it."""
+        return answers(self, Truth(log), ref).got
 
-    def wait(self, log: Sequence[Sent], timeout: float) -> None:
+    def wait(self, log: Sequence[Sent], timeout: float, restart_gap: int | None = None) -> None:
+        """Until every sample that must be answered has a prediction (or ``timeout``)."""
         deadline = time.monotonic() + timeout
-        want = expected_keys(log)
-        while time.monotonic() < deadline and not want - late_keys(self, log)[0] <= set(
-            self.received()
-        ):
-            time.sleep(0.05)
+        truth = Truth(log)
+        want = expected_keys(log) - excluded_keys(truth, restart_gap)[0]
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            got = answers(self, truth).got
+            if want - set(got) <= excused_keys(self, truth):
+                return
+            time.sleep(max(0.05, 2 * (time.monotonic() - t0)))
 
     def wait_online(self, runtime_id: str, timeout: float, alive: Any = None) -> None:
         deadline = time.monotonic() + timeout
@@ -93,65 +117,317 @@ class Scorer:
         close_client(self.client)
 
 
-def expected_keys(log: Sequence[Sent]) -> set[tuple[str, int]]:
-    return {key for m in log if m.valid and m.delivered for key in m.keys}
+class Witness:
+    """A second subscriber to the sample topics, with its own persistent session: what it
+    never receives, the broker never delivered (to anyone). Tells the broker's losses from
+    the runtime's."""
+
+    def __init__(self, url: str, client_id: str = "firmware-sim-witness") -> None:
+        from .devices import digest
+
+        u = urlparse(url)
+        self.digest = digest
+        self.seen: set[bytes] = set()
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
+        )
+        self.client.reconnect_delay_set(0.2, 2)
+        self.client.on_message = self._on_message
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.on_connect = lambda c, *a: c.subscribe("sensors/+/data", 1)
+        try:
+            self.client.connect(str(u.hostname), int(u.port or 1883), 30)
+        except OSError as exc:
+            raise SimError(f"broker {url} is unreachable: {exc}") from exc
+        self.client.loop_start()
+        if not ready.wait(10):
+            raise SimError(f"broker {url}: no answer to our subscription within 10 s")
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        d = self.digest(bytes(msg.payload))
+        with self.lock:
+            self.seen.add(d)
+
+    def witnessed(self) -> set[bytes]:
+        with self.lock:
+            return set(self.seen)
+
+    def close(self) -> None:
+        close_client(self.client)
 
 
-def overtaken(log: Sequence[Sent]) -> set[tuple[str, int]]:
-    """Ground truth: samples first published after a later sample of their stream."""
-    out: set[tuple[str, int]] = set()
-    newest: dict[str, int] = {}
-    for m in sorted((m for m in log if m.delivered), key=lambda m: m.published or 0.0):
-        if m.stream in newest and m.seq < newest[m.stream]:
-            out.update(m.keys)
-        newest[m.stream] = max(m.seq, newest.get(m.stream, m.seq))
+Got = list[tuple[np.ndarray, float]]
+Reference = dict[Key, np.ndarray]
+
+
+class Truth:
+    """Indexes of the ground truth that the attribution of answers needs."""
+
+    def __init__(self, log: Sequence[Sent]) -> None:
+        self.log = log
+        self.delivered = [m for m in log if m.delivered]
+        self.epochs: dict[tuple[str, int], list[int]] = {}  # (stream, seq) -> epochs, sorted
+        self.message_epochs: dict[tuple[str, int], list[int]] = {}  # of messages starting there
+        self.sent_at: dict[Key, float] = {}
+        self.msg: dict[Key, Sent] = {}  # valid delivered samples -> their message
+        self.streams = {m.stream for m in log}
+        self.epoch_of_boot: dict[tuple[str, int], int] = {}
+        self.first_pub: dict[tuple[str, int], float] = {}  # (stream, epoch) -> first publish
+        for m in self.delivered:
+            assert m.published is not None
+            if m.boot is not None:
+                self.epoch_of_boot[(m.stream, m.boot)] = m.epoch
+            at = self.first_pub.get((m.stream, m.epoch))
+            if at is None or m.published < at:
+                self.first_pub[(m.stream, m.epoch)] = m.published
+            if not m.valid:
+                continue
+            starts = self.message_epochs.setdefault((m.stream, m.seq), [])
+            if m.epoch not in starts:
+                starts.append(m.epoch)
+            for key in m.keys:
+                self.sent_at[key] = min(m.published, self.sent_at.get(key, m.published))
+                self.msg.setdefault(key, m)
+                es = self.epochs.setdefault((key[0], key[2]), [])
+                if m.epoch not in es:
+                    es.append(m.epoch)
+        for es in (*self.epochs.values(), *self.message_epochs.values()):
+            es.sort()
+        self.starts: dict[str, list[tuple[int, float]]] = {}
+        for (stream, e), t in self.first_pub.items():
+            self.starts.setdefault(stream, []).append((e, t))
+
+    def epoch(
+        self,
+        stream: str,
+        seq: int,
+        at: float,
+        boot: Any = None,
+        y: np.ndarray | None = None,
+        ref: Reference | None = None,
+    ) -> int | None:
+        """Which boot of its device an answer for (stream, seq) belongs to."""
+        if isinstance(boot, int) and (stream, boot) in self.epoch_of_boot:
+            return self.epoch_of_boot[(stream, boot)]
+        cands = self.epochs.get((stream, seq))
+        if not cands:
+            return None
+        if len(cands) == 1:
+            return cands[0]
+        if ref is not None and y is not None:
+            same = [e for e in cands if np.array_equal(ref.get((stream, e, seq)), y)]
+            if len(same) == 1:
+                return same[0]
+            cands = same or cands
+        before = [e for e in cands if self.sent_at[(stream, e, seq)] <= at]
+        return before[-1] if before else cands[0]
+
+    def newer_boot_started(self, stream: str, epoch: int, at: float) -> bool:
+        """Whether a later boot of the stream had published anything by time ``at``."""
+        return any(e > epoch and t <= at for e, t in self.starts.get(stream, ()))
+
+
+@dataclass
+class Answers:
+    got: dict[Key, Got] = field(default_factory=dict)
+    unexpected: int = 0  # prediction rows for no sample that was sent
+    other_streams: int = 0  # prediction messages on streams no simulated device has
+    restarts: set[tuple[str, int]] = field(default_factory=set)  # (stream, epoch) flagged
+    gap_covered: set[Key] = field(default_factory=set)  # samples a prediction's gap skipped
+
+
+def answers(scorer: Scorer, truth: Truth, ref: Reference | None = None) -> Answers:
+    out = Answers()
+    with scorer.lock:
+        items = list(scorer.predictions)
+    for stream, doc, t in items:
+        if stream not in truth.streams:
+            out.other_streams += 1
+            continue
+        y = np.asarray(doc["y"], np.float32)
+        rows = y.reshape(1, -1) if y.ndim == 1 else y
+        seq0 = doc["seq"]
+        e0 = None
+        for k, row in enumerate(rows):
+            seq = (seq0 + k) % U32
+            e = truth.epoch(stream, seq, t, doc.get("boot"), row, ref)
+            if e is None:
+                out.unexpected += 1
+                continue
+            e0 = e if e0 is None else e0
+            out.got.setdefault((stream, e, seq), []).append((row, t))
+        if e0 is None:
+            continue
+        if doc.get("restart"):
+            out.restarts.add((stream, e0))
+        gap = doc.get("gap")
+        if isinstance(gap, int) and 0 < gap < HALF:
+            out.gap_covered.update((stream, e0, (seq0 - g) % U32) for g in range(1, gap + 1))
     return out
 
 
-def late_keys(scorer: Scorer, log: Sequence[Sent]) -> tuple[set[tuple[str, int]], int]:
+def expected_keys(log: Sequence[Sent]) -> set[Key]:
+    return {key for m in log if m.valid and m.delivered for key in m.keys}
+
+
+def overtaken(log: Sequence[Sent]) -> set[Key]:
+    """Ground truth: samples first published after a later sample of their boot."""
+    out: set[Key] = set()
+    newest: dict[tuple[str, int], int] = {}
+    for m in sorted((m for m in log if m.delivered), key=lambda m: m.published or 0.0):
+        boot = (m.stream, m.epoch)
+        if boot in newest and m.seq < newest[boot]:
+            out.update(m.keys)
+        newest[boot] = max(m.seq, newest.get(boot, m.seq))
+    return out
+
+
+def _claims(scorer: Scorer, code: str) -> list[tuple[str, dict[str, Any], float]]:
+    with scorer.lock:
+        return [
+            (stream, doc, t)
+            for stream, doc, t in scorer.errors
+            if doc.get("error") == code and isinstance(doc.get("seq"), int)
+        ]
+
+
+def _candidates(truth: Truth, stream: str, doc: dict[str, Any]) -> list[int]:
+    """The boots an error about (stream, seq) may be about: a message starting at that seq,
+    else one carrying it."""
+    boot = doc.get("boot")
+    if isinstance(boot, int) and (stream, boot) in truth.epoch_of_boot:
+        return [truth.epoch_of_boot[(stream, boot)]]
+    key = (stream, doc["seq"])
+    return truth.message_epochs.get(key) or truth.epochs.get(key, [])
+
+
+def late_keys(
+    scorer: Scorer,
+    truth: Truth,
+    ignore: set[Key] = frozenset(),  # type: ignore[assignment]
+) -> tuple[set[Key], int]:
     """Samples the runtime reported as late (given up on, a later one already applied) that
     really were overtaken on the wire: expected loss. Claims without that are not excused.
     Returns (excused samples, unfounded claims)."""
-    claimed = {
-        (stream, doc.get("seq")) for stream, doc, _ in scorer.errors if doc.get("error") == "late"
-    }
-    behind = overtaken(log)
-    excused: set[tuple[str, int]] = set()
+    behind = overtaken(truth.log)
+    excused: set[Key] = set()
     unfounded = 0
-    for m in log:
-        if (m.stream, m.seq) in claimed:
-            keys = set(m.keys)
-            excused |= keys & behind
-            unfounded += not keys & behind
+    for stream, doc, _ in _claims(scorer, "late"):
+        found = False
+        every = _candidates(truth, stream, doc)
+        epochs = [e for e in every if (stream, e, doc["seq"]) not in ignore]
+        if every and not epochs:
+            continue  # a sample not to be judged (see ``excluded_keys``)
+        for e in epochs:
+            m = truth.msg.get((stream, e, doc["seq"]))
+            if m is not None and set(m.keys) & behind:
+                excused |= set(m.keys) & behind
+                found = True
+        unfounded += not found
     return excused, unfounded
 
 
-def offline(
-    bundle: Path,
-    log: Sequence[Sent],
-    skip: set[tuple[str, int]] = frozenset(),  # type: ignore[assignment]
-) -> dict[tuple[str, int], np.ndarray]:
-    """The same bundle fed the delivered samples of each stream in seq order (less ``skip``:
-    the late ones the runtime rightly dropped)."""
+def stale_keys(
+    scorer: Scorer,
+    truth: Truth,
+    ignore: set[Key] = frozenset(),  # type: ignore[assignment]
+) -> tuple[set[Key], int, set[Key]]:
+    """Samples of an older boot the runtime refused as ``stale``: right when a newer boot of
+    the device had published before the answer came. Returns (excused samples, unfounded
+    claims, and those of the excused that were published before the newer boot began: the
+    broker had them in order, the runtime took them up only after the newer boot)."""
+    excused: set[Key] = set()
+    in_order: set[Key] = set()
+    unfounded = 0
+    for stream, doc, t in _claims(scorer, "stale"):
+        found = False
+        every = _candidates(truth, stream, doc)
+        epochs = [e for e in every if (stream, e, doc["seq"]) not in ignore]
+        if every and not epochs:
+            continue  # a sample not to be judged (see ``excluded_keys``)
+        for e in epochs:
+            m = truth.msg.get((stream, e, doc["seq"]))
+            if m is not None and truth.newer_boot_started(stream, e, t):
+                excused |= set(m.keys)
+                found = True
+                if not truth.newer_boot_started(stream, e, (m.published or 0.0) - 1e-9):
+                    in_order |= set(m.keys)
+        unfounded += not found
+    return excused, unfounded, in_order
+
+
+def stale_expected(truth: Truth) -> int:
+    """Valid messages first published after a newer boot of their device had published."""
+    return sum(
+        1
+        for m in truth.delivered
+        if m.valid and truth.newer_boot_started(m.stream, m.epoch, (m.published or 0.0) - 1e-9)
+    )
+
+
+def excused_keys(scorer: Scorer, truth: Truth) -> set[Key]:
+    return late_keys(scorer, truth)[0] | stale_keys(scorer, truth)[0]
+
+
+def excluded_keys(truth: Truth, restart_gap: int | None) -> tuple[set[Key], list[str]]:
+    """Samples no runtime can be judged on: a device without boot ids rebooted, and the
+    runtime could not tell (no ``--restart-gap``, or a seq jump back not beyond it). The
+    device's samples from that reboot on are left out, with a reason each."""
+    by_boot: dict[tuple[str, int], list[Sent]] = {}
+    for m in truth.delivered:
+        if m.valid:
+            by_boot.setdefault((m.stream, m.epoch), []).append(m)
+    out: set[Key] = set()
+    reasons: list[str] = []
+    for stream in sorted({s for s, _ in by_boot}):
+        epochs = sorted(e for s, e in by_boot if s == stream)
+        last: int | None = None
+        for e in epochs:
+            msgs = sorted(by_boot[(stream, e)], key=lambda m: m.published or 0.0)
+            if e > 0 and last is not None and msgs[0].boot is None:
+                back = (last - msgs[0].seq) % U32
+                if restart_gap is None or not restart_gap < back < HALF:
+                    why = (
+                        "the runtime has no --restart-gap"
+                        if restart_gap is None
+                        else f"its seq went back {back}, not more than --restart-gap {restart_gap}"
+                    )
+                    reasons.append(f"{stream} rebooted without a boot id and {why}")
+                    out |= {
+                        k
+                        for (s, ep), ms in by_boot.items()
+                        if s == stream and ep >= e
+                        for m in ms
+                        for k in m.keys
+                    }
+                    break
+            last = max(k[2] for m in msgs for k in m.keys)
+    return out, reasons
+
+
+def offline(bundle: Path, log: Sequence[Sent], skip: set[Key] = frozenset()) -> Reference:  # type: ignore[assignment]
+    """The same bundle fed the delivered samples of each boot of each stream in order, from
+    zero state at the first sample of each boot (less ``skip``: messages the runtime rightly
+    did not apply, late or stale)."""
     import edge
     from edge.engine import Chunk
 
     engine = edge.load(bundle)
     chunks = sorted(
-        (m for m in log if m.valid and m.delivered and (m.stream, m.seq) not in skip),
-        key=lambda m: (m.stream, m.created),
+        (m for m in log if m.valid and m.delivered and m.keys[0] not in skip),
+        key=lambda m: (m.stream, m.epoch, m.created),
     )
-    out: dict[tuple[str, int], np.ndarray] = {}
-    outcomes = engine.step_many([Chunk(m.stream, m.values, m.seq) for m in chunks])
+    out: Reference = {}
+    outcomes = engine.step_many([Chunk(f"{m.stream}#{m.epoch}", m.values, m.seq) for m in chunks])
     for m, oc in zip(chunks, outcomes):
         for k, row in enumerate(oc.y):
-            out[(m.stream, (oc.seq + k) % U32)] = row  # type: ignore[operator]
+            out[(m.stream, m.epoch, (oc.seq + k) % U32)] = row  # type: ignore[operator]
     return out
 
 
-def latencies_s(
-    got: dict[tuple[str, int], list[tuple[np.ndarray, float]]], log: Sequence[Sent]
-) -> np.ndarray:
+def latencies_s(got: dict[Key, Got], log: Sequence[Sent]) -> np.ndarray:
     """Publish -> first prediction, in seconds, in the order the samples were published."""
     sent_at = {key: m.published for m in log if m.published for key in m.keys}
     return np.array(
@@ -170,17 +446,38 @@ def score(
     duration: float,
     bundle: Path | None = None,
     classes: Sequence[str] = (),
-    float_y: dict[tuple[str, int], np.ndarray] | None = None,
+    float_y: Reference | None = None,
+    *,
+    restart_gap: int | None = None,
+    witnessed: set[bytes] | None = None,
 ) -> dict[str, Any]:
-    got = scorer.received()
-    late, unfounded = late_keys(scorer, log)
-    want = expected_keys(log) - late
+    """The figures of a run. ``restart_gap``: the runtime's ``--restart-gap`` (how it can
+    notice a reboot of a device without boot ids). ``witnessed``: digests of every message a
+    separate subscriber saw at the broker, to tell what the broker lost from what the runtime
+    lost."""
+    truth = Truth(log)
+    excluded, reasons = excluded_keys(truth, restart_gap)
+    late, unfounded = late_keys(scorer, truth, excluded)
+    stale, stale_unfounded, stale_in_order = stale_keys(scorer, truth, excluded)
+    want = expected_keys(log) - late - stale - excluded
+    ref = offline(bundle, log, late | stale) if bundle is not None else None
+    ans = answers(scorer, truth, ref)
+    got = {k: ys for k, ys in ans.got.items() if k not in excluded}  # not to be judged
     labels = {
         key: int(lab) for m in log if m.labels is not None for key, lab in zip(m.keys, m.labels)
     }
     faults = Counter(f for m in log for f in m.faults)
     invalid_delivered = sum(1 for m in log if m.delivered and not m.valid)
     latencies = latencies_s(got, log)
+    missing = want - set(got)
+    broker_lost: set[Key] = set()
+    if witnessed is not None:
+        broker_lost = {
+            k for k in missing if truth.msg[k].wire not in witnessed and k in ans.gap_covered
+        }
+    with scorer.lock:
+        codes = Counter(str(doc.get("error")) for _, doc, _ in scorer.errors)
+    reboots_seen = {(m.stream, m.epoch) for m in truth.delivered if m.valid and m.epoch > 0}
     r: dict[str, Any] = {
         "devices": len({m.stream for m in log}),
         "messages_created": len(log),
@@ -188,17 +485,39 @@ def score(
         "samples_delivered_valid": len(want),
         "faults_injected": dict(faults),
         "predictions_received": len(got),
-        "predictions_missing": len(want - set(got)),
+        "predictions_missing": len(missing),
+        "lost_by_broker": len(broker_lost),
+        "lost": len(missing - broker_lost),
         "late_beyond_reorder_window": len(late),
         "late_claims_unfounded": unfounded,
-        "missing_examples": sorted(want - set(got))[:5],
+        "stale": len(stale),
+        "stale_messages_expected": stale_expected(truth),
+        # excused as the contract has it, but these reached the broker before the newer boot
+        "stale_published_before_newer_boot": len(stale_in_order),
+        "stale_in_order_never_predicted": 0,  # filled in below, once answers are attributed
+        "stale_in_order_examples": sorted(stale_in_order)[:5],
+        "stale_claims_unfounded": stale_unfounded,
+        "restarts": len(ans.restarts & reboots_seen),
+        "restarts_expected": len(reboots_seen - {(k[0], k[1]) for k in excluded}),
+        "missing_examples": sorted(missing - broker_lost)[:5],
         "duplicate_predictions": sum(len(v) - 1 for v in got.values()),
-        "unexpected_predictions": len(set(got) - want - late),
+        # one sample answered twice with different values: the runtime contradicts itself
+        "inconsistent_predictions": sum(
+            any(not np.array_equal(ys[0][0], y) for y, _ in ys[1:]) for ys in got.values()
+        ),
+        "unexpected_predictions": ans.unexpected + len(set(got) - want - late - stale),
+        "predictions_other_streams": ans.other_streams,
+        "excluded_samples": len(excluded),
+        "excluded_reasons": reasons[:5],
         "errors_received": len(scorer.errors),
+        "errors_by_code": dict(codes),
         "errors_expected_at_least": invalid_delivered,
         "duration_s": duration,
         "throughput_predictions_per_s": len(got) / duration if duration else 0.0,
     }
+    never = stale_in_order - set(got)
+    r["stale_in_order_never_predicted"] = len(never)
+    r["stale_in_order_examples"] = sorted(never or stale_in_order)[:5]
     if len(latencies):
         p50, p95, p99 = np.percentile(latencies * 1000, [50, 95, 99])
         r.update(latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99)
@@ -209,8 +528,7 @@ def score(
     last = float(np.median(latencies[-tenth:])) * 1000 if len(latencies) else float("inf")
     r.update(latency_first_tenth_median_ms=first, latency_last_tenth_median_ms=last)
     r["kept_up_real_time"] = bool(r["predictions_missing"] == 0 and last <= first + 250)
-    if bundle is not None:
-        ref = offline(bundle, log, late)
+    if ref is not None:
         diffs = [float(np.abs(ys[0][0] - ref[k]).max()) for k, ys in got.items() if k in ref]
         wrong = [
             k
@@ -222,12 +540,12 @@ def score(
         r["max_abs_diff_vs_offline"] = max(diffs, default=0.0)
         if labels:
             keys = [k for k in got if k in labels and k in ref]
-            truth = np.array([labels[k] for k in keys])
+            truth_labels = np.array([labels[k] for k in keys])
             r["accuracy_runtime"] = (
                 float(np.mean([got[k][0][0].argmax() == labels[k] for k in keys])) if keys else None
             )
             r["accuracy_offline"] = (
-                float(np.mean([ref[k].argmax() == t for k, t in zip(keys, truth)]))
+                float(np.mean([ref[k].argmax() == t for k, t in zip(keys, truth_labels)]))
                 if keys
                 else None
             )
@@ -245,7 +563,7 @@ def score(
 def table(r: dict[str, Any]) -> str:
     rows = []
     for key, value in r.items():
-        if key in ("classes",) or (key.endswith("_examples") and not value):
+        if key in ("classes",) or (key.endswith(("_examples", "_reasons")) and not value):
             continue
         if isinstance(value, float):
             value = f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
@@ -262,7 +580,7 @@ def save(r: dict[str, Any], scorer: Scorer, log: Sequence[Sent], out: Path) -> t
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    got = scorer.received()
+    got = scorer.received(log)
     lat = latencies_s(got, log) * 1000
     streams = sorted({m.stream for m in log if m.labels is not None})[:4]
     fig = plt.figure(figsize=(13, 4.5))
@@ -274,13 +592,13 @@ def save(r: dict[str, Any], scorer: Scorer, log: Sequence[Sent], out: Path) -> t
     for i, stream in enumerate(streams):
         b = fig.add_subplot(grid[i, 1])
         keys = [
-            (key[1], int(lab))
-            for m in log
+            (key, int(lab))
+            for m in sorted(log, key=lambda m: (m.epoch, m.created))
             if m.stream == stream and m.labels is not None
             for key, lab in zip(m.keys, m.labels)
         ]
         xs = np.arange(len(keys))
-        pred = [got[(stream, s)][0][0].argmax() if (stream, s) in got else np.nan for s, _ in keys]
+        pred = [got[k][0][0].argmax() if k in got else np.nan for k, _ in keys]
         b.plot(xs, [lab for _, lab in keys], "k-", lw=1.5, label="true")
         b.plot(xs, np.array(pred, dtype=float), ".", ms=3, label="predicted")
         b.set_ylabel(stream, rotation=0, ha="right", va="center")

@@ -57,7 +57,7 @@ def test_every_fault_at_once_loses_and_corrupts_nothing(bundles, broker, tmp_pat
     scorer = Scorer(broker.url)
     try:
         scorer.wait_online("rt", 30, runtime.alive)
-        plan = FaultPlan.parse("all=0.03")
+        plan = FaultPlan.parse("all=0.03,reboot=0")
         fleet = Fleet(
             broker.url,
             8,
@@ -74,7 +74,7 @@ def test_every_fault_at_once_loses_and_corrupts_nothing(bundles, broker, tmp_pat
         scorer.close()
         assert runtime.stop() == 0, runtime.output()[-2000:]
     injected = r["faults_injected"]
-    assert set(injected) >= set(KINDS) - {"skew"}, injected
+    assert set(injected) >= set(KINDS) - {"skew", "reboot"}, injected
     assert r["predictions_missing"] == 0, r["missing_examples"]
     assert r["late_claims_unfounded"] == 0
     assert r["wrong_predictions"] == 0, r["wrong_examples"]
@@ -126,6 +126,10 @@ def test_demo_runs_and_scores(bundles, tmp_path):
         (["run", "--broker", "mqtt://127.0.0.1:9", "--duration", "1"], "unreachable"),
         (["run", "--broker", "mqtt://127.0.0.1:9", "--source", "missing.csv"], "not a file"),
         (["run", "--broker", "mqtt://127.0.0.1:9", "--faults", "explode=1"], "explode"),
+        (
+            ["run", "--broker", "mqtt://127.0.0.1:9", "--faults", "reboot=0.1", "--no-boot-ids"],
+            "needs --restart-gap",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message):
@@ -160,3 +164,244 @@ def test_pi_profile_trial_on_one_core(bundles):
     r = trial(bundles / "clf-int8", 5, 10.0, seconds=2.0, cores={0}, memory_mb=1024, slowdown=2.0)
     assert r["runtime_alive"] and r["kept_up_real_time"], r
     assert r["predictions_missing"] == 0 and r["runtime_peak_rss_mb"] > 10
+
+
+# -- reboots: scorer logic on synthetic ground truth (no broker) -------------------------------
+
+
+class _Answers:
+    """Stands in for a Scorer: what a runtime answered, with arrival times."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.predictions = []
+        self.errors = []
+
+    def predict(self, stream, seq, at, y=None, **extra):
+        y = [0.0, 1.0] if y is None else y
+        self.predictions.append((stream, {"seq": seq, "y": y, "model": "m", **extra}, at))
+
+    def error(self, stream, seq, code, at, **extra):
+        self.errors.append((stream, {"seq": seq, "error": code, "detail": "", **extra}, at))
+
+
+def _sent(stream, seq, at, epoch=0, boot=None, k=1, faults=(), wire=b""):
+    from firmware_sim.devices import Sent
+
+    return Sent(
+        stream,
+        seq,
+        np.zeros((k, 2)),
+        None,
+        faults=list(faults),
+        created=at,
+        published=at,
+        epoch=epoch,
+        boot=boot,
+        wire=wire or f"{stream}/{epoch}/{seq}".encode(),
+    )
+
+
+def _boots(boot_ids=True):
+    """Device d: boot 0 sends seq 10..14 at t=0..4, reboots, boot 1 sends seq 1..3 at
+    t=5..7; boot 0's seq 15 was in flight and arrives at t=5.5, after the new boot began."""
+    b0, b1 = (7, 8) if boot_ids else (None, None)
+    log = [_sent("d", 10 + i, float(i), 0, b0) for i in range(5)]
+    log += [_sent("d", 1 + i, 5.0 + i, 1, b1) for i in range(3)]
+    log.append(_sent("d", 15, 5.5, 0, b0))
+    log[5].faults.append("reboot")
+    return log
+
+
+def test_scorer_keys_samples_by_boot_and_counts_restarts_and_stale():
+    from firmware_sim.scorer import score
+
+    log, ans = _boots(), _Answers()
+    for i in range(5):
+        ans.predict("d", 10 + i, i + 0.1, boot=7)
+    ans.predict("d", 1, 5.1, boot=8, restart=True)
+    ans.predict("d", 2, 6.1, boot=8)
+    ans.predict("d", 2, 6.2, boot=8)  # re-published after a restart of the runtime
+    ans.predict("d", 3, 7.1, boot=8)
+    ans.error("d", 15, "stale", 5.6, boot=7)
+    r = score(ans, log, 8.0)
+    assert r["predictions_missing"] == 0 and r["lost"] == 0, r["missing_examples"]
+    assert r["restarts"] == r["restarts_expected"] == 1
+    assert r["stale"] == r["stale_messages_expected"] == 1
+    assert r["stale_claims_unfounded"] == r["stale_published_before_newer_boot"] == 0
+    assert r["duplicate_predictions"] == 1
+    assert r["unexpected_predictions"] == 0
+    assert r["samples_delivered_valid"] == 8  # the stale one is not expected to be answered
+    ans.error("d", 13, "stale", 6.0, boot=7)  # reached the broker before boot 1 began
+    r = score(ans, log, 8.0)
+    assert r["stale"] == 2 and r["stale_published_before_newer_boot"] == 1
+    assert r["stale_in_order_examples"] == [("d", 0, 13)]
+    assert r["stale_in_order_never_predicted"] == 0  # seq 13 was answered before
+
+
+def test_stale_is_only_right_once_a_newer_boot_was_published():
+    from firmware_sim.scorer import score
+
+    log, ans = _boots(), _Answers()
+    for i in range(4):
+        ans.predict("d", 10 + i, i + 0.1, boot=7)
+    ans.error("d", 14, "stale", 4.1, boot=7)  # no newer boot yet: wrongly refused
+    for i in range(3):
+        ans.predict("d", 1 + i, 5.1 + i, boot=8)
+    r = score(ans, log, 8.0)
+    assert r["stale_claims_unfounded"] == 1
+    assert r["predictions_missing"] == 2  # seq 14 of boot 0, and its in-flight seq 15
+    assert r["restarts"] == 0 and r["restarts_expected"] == 1
+
+
+def test_answers_without_boot_are_attributed_by_value_then_time():
+    from firmware_sim.scorer import Truth, answers
+
+    log = _boots(boot_ids=False)
+    truth = Truth(log)
+    ref = {k: np.array([float(k[1]), float(k[2])], np.float32) for m in log for k in m.keys}
+    ans = _Answers()
+    ans.predict("d", 11, 9.0, y=[0.0, 11.0])  # only boot 0 has seq 11
+    ans.predict("d", 1, 9.0, y=[0.0, 99.0])  # no value match: the newest boot sent by then
+    ans.predict("d", 2, 9.0, y=[1.0, 2.0])  # value of boot 1
+    ans.predict("d", 42, 9.0)  # nobody sent seq 42
+    got = answers(ans, truth, ref)
+    assert set(got.got) == {("d", 0, 11), ("d", 1, 1), ("d", 1, 2)}
+    assert got.unexpected == 1
+    log2 = [_sent("d", 1, 0.0, 0), _sent("d", 1, 2.0, 1)]
+    ans2 = _Answers()
+    ans2.predict("d", 1, 1.0, y=[1.0, 1.0])  # arrived before boot 1 sent its seq 1
+    ans2.predict("d", 1, 3.0, y=[0.0, 1.0])  # re-published answer of boot 0, known by value
+    ref2 = {("d", 0, 1): np.array([0.0, 1.0], np.float32)}
+    got2 = answers(ans2, Truth(log2), ref2).got
+    assert [len(got2[("d", 0, 1)]), ("d", 1, 1) in got2] == [2, False]
+
+
+def test_reboots_without_boot_ids_need_the_runtime_restart_gap():
+    from firmware_sim.scorer import Truth, excluded_keys, score
+
+    log = [m for m in _boots(boot_ids=False) if m.seq != 15]  # no in-flight message: boot-less
+    truth = Truth(log)
+    keys, reasons = excluded_keys(truth, None)
+    assert keys == {("d", 1, s) for s in (1, 2, 3)} and "--restart-gap" in reasons[0]
+    assert excluded_keys(truth, 5) == (set(), [])  # seq 14 -> 1 is 13 back: a restart
+    keys, reasons = excluded_keys(truth, 20)
+    assert len(keys) == 3 and "not more than --restart-gap 20" in reasons[0]
+    ans = _Answers()
+    for i in range(5):
+        ans.predict("d", 10 + i, i + 0.1)
+    r = score(ans, log, 8.0)
+    assert r["predictions_missing"] == 0 and r["excluded_samples"] == 3
+    assert r["restarts_expected"] == 0
+    with pytest.raises(SimError, match="--restart-gap"):
+        from firmware_sim.cli import check_reboots
+
+        check_reboots(FaultPlan.parse("reboot=0.01"), False, None)
+    check_reboots(FaultPlan.parse("reboot=0.01"), False, 50)
+    check_reboots(FaultPlan.parse("reboot=0.01"), True, None)
+
+
+def test_late_after_a_reboot_and_what_the_broker_lost():
+    """Boot 1's seq 1 overtaken by seq 2 is late; seq 3 never reached the broker (the
+    witness did not see it) and the runtime said so with a gap: not the runtime's loss."""
+    from firmware_sim.scorer import score
+
+    log = [_sent("d", 10, 0.0, 0, 7), _sent("d", 2, 1.0, 1, 8), _sent("d", 1, 1.1, 1, 8)]
+    log += [_sent("d", 3, 1.2, 1, 8), _sent("d", 4, 1.3, 1, 8), _sent("d", 5, 1.4, 1, 8)]
+    ans = _Answers()
+    ans.predict("d", 10, 0.1, boot=7)
+    ans.predict("d", 2, 1.05, boot=8, restart=True)
+    ans.error("d", 1, "late", 1.15, boot=8)
+    ans.predict("d", 4, 1.35, boot=8, gap=1)
+    witnessed = {m.wire for m in log if m.seq != 3 and m.seq != 5}
+    r = score(ans, log, 2.0, witnessed=witnessed)
+    assert r["late_beyond_reorder_window"] == 1 and r["late_claims_unfounded"] == 0
+    assert r["predictions_missing"] == 2  # seq 3 (broker) and seq 5 (no gap told of it)
+    assert r["lost_by_broker"] == 1 and r["lost"] == 1
+    assert r["missing_examples"] == [("d", 1, 5)]
+
+
+def test_a_rebooting_device_restarts_its_seq_and_loses_its_buffer():
+    from firmware_sim.devices import Device, Sent
+    from firmware_sim.faults import LOST_IN_REBOOT, Injector
+
+    rng = np.random.default_rng(0)
+    plan = FaultPlan.parse("reboot=0.5")
+    d = Device(
+        "d",
+        make("sine", 0, 0, features=2),
+        None,
+        True,
+        rate=10.0,
+        batch=1,
+        fmt="json",
+        injector=Injector(plan, rng),
+        jitter=0.0,
+        rng=rng,
+        feature_names=["a", "b"],
+    )
+    boot, held = d.boot, Sent("d", d.seq, np.zeros((1, 2)), None)
+    d.buffer.append((held, b""))
+    assert d.reboot() == [held] and held.faults == [LOST_IN_REBOOT]
+    assert (d.seq, d.epoch, d.boot, len(d.buffer)) == (1, 1, (boot + 1) % 2**32, 0)
+    msg = Sent("d", 1, np.ones((1, 2)), None, epoch=1, boot=d.boot)
+    body = json.loads(d.encode(msg, None))
+    assert body["boot"] == d.boot and body["seq"] == 1 and body["values"] == [1.0, 1.0]
+
+
+def _service_knows_boots() -> bool:
+    import dataclasses
+
+    from edge.config import ServiceConfig
+
+    return "restart_gap" in {f.name for f in dataclasses.fields(ServiceConfig)}
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("boot_ids", [True, False], ids=["boot-ids", "restart-gap"])
+def test_rebooting_devices_restart_their_streams(bundles, broker, tmp_path, boot_ids):
+    """Devices reboot mid-stream (seq from 1, buffer lost), with reordering and duplicates on
+    the wire: every sample of every boot is answered exactly as an offline run from zero state
+    at the boot's first sample; old-boot stragglers are refused as stale."""
+    if not _service_knows_boots():
+        pytest.skip("this edge service predates boot ids and --restart-gap")
+    from firmware_sim.devices import Fleet
+    from firmware_sim.runtime import Runtime
+    from firmware_sim.scorer import Scorer, score
+
+    bundle = bundles / "clf-int8"
+    gap = None if boot_ids else 50
+    extra = () if boot_ids else ("--restart-gap", str(gap))
+    runtime = Runtime(bundle, broker.url, tmp_path / "state", client_id="rt", extra=extra).start()
+    scorer = Scorer(broker.url)
+    try:
+        scorer.wait_online("rt", 30, runtime.alive)
+        plan = FaultPlan.parse("reboot=0.02,reorder=0.02,duplicate=0.03,delay=0.02")
+        fleet = Fleet(
+            broker.url,
+            6,
+            20.0,
+            faults=plan,
+            seed=3,
+            fmt="mixed",
+            batch=(1, 3),
+            boot_ids=boot_ids,
+            feature_names=["f0", "f1", "f2", "f3", "f4", "f5"],
+        )
+        log = fleet.run(6.0)
+        scorer.wait(log, 20, gap)
+        fleet.close()
+        r = score(scorer, log, 6.0, bundle, ["a", "b", "c", "d"], restart_gap=gap)
+    finally:
+        scorer.close()
+        assert runtime.stop() == 0, runtime.output()[-2000:]
+    assert r["faults_injected"].get("reboot", 0) > 0, r["faults_injected"]
+    assert r["predictions_missing"] == 0, r["missing_examples"]
+    assert r["wrong_predictions"] == 0, r["wrong_examples"]
+    assert r["unexpected_predictions"] == 0
+    assert r["late_claims_unfounded"] == r["stale_claims_unfounded"] == 0
+    assert r["restarts"] == r["restarts_expected"] > 0
+    if boot_ids:
+        assert r["excluded_samples"] == 0

@@ -320,10 +320,7 @@ class Engine:
         start = last[stream] is None
         adm = admit(last[stream], seq, len(values))
         self.counters.duplicates += adm.duplicates
-        late = 0
-        if adm.duplicates:
-            row = self.store.peek(stream)
-            late = 0 if row is None else self.store.late(row, seq, adm.duplicates)
+        late = self._late(stream, seq, adm.duplicates, gaps) if adm.duplicates else 0
         if adm.first_new is None:
             return Outcome(stream, seq, empty, duplicates=adm.duplicates, late=late), None
         if start:  # it starts here: anything before it arrives too late
@@ -349,6 +346,19 @@ class Engine:
         return Outcome(
             stream, adm.first_new, empty, adm.duplicates, adm.gap, late, reset or restart, restart
         ), values
+
+    def _late(
+        self, stream: str, seq: int, count: int, pending: list[tuple[str, int, int, bool]]
+    ) -> int:
+        """How many of ``count`` duplicate samples from ``seq`` fall in a gap the stream was
+        stepped across: remembered in its row, or noted earlier in this same call."""
+        mine = [(first, n, fresh) for s, first, n, fresh in pending if s == stream]
+        row = self.store.peek(stream)
+        spans = [] if row is None else [(int(f), int(n)) for f, n in self.store.gaps[row] if n]
+        for first, n, fresh in mine:
+            spans = [*([] if fresh else spans), (first, n)]
+        seqs = [(seq + k) % U32 for k in range(count)]
+        return sum(any((q - f) % U32 < n for f, n in spans) for q in seqs)
 
     def _validate(self, chunk: Chunk) -> np.ndarray:
         stream, seq = chunk.stream, chunk.seq

@@ -41,6 +41,7 @@ class Recovery:
 
     generation: int = 0  # the snapshot restored (0: none)
     base_lsn: int = 0  # the last lsn that snapshot covers
+    extra: dict[str, Any] = field(default_factory=dict)  # what the snapshot was given to keep
     exact: bool = True  # False: no usable snapshot and the log does not reach back to the start
     damaged_snapshots: list[str] = field(default_factory=list)
     damage: list[str] = field(default_factory=list)  # one line per damaged log span
@@ -86,7 +87,7 @@ class Journal:
             except SnapshotError as exc:
                 rec.damaged_snapshots.append(str(exc))
                 continue
-            rec.generation, rec.base_lsn = gen, int(extra.get("lsn", 0))
+            rec.generation, rec.base_lsn, rec.extra = gen, int(extra.get("lsn", 0)), extra
             self.snapshots = [g for g in snaps if g <= gen]
             break
         if not rec.generation and snaps:

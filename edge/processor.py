@@ -58,8 +58,7 @@ class _Round:
     """One batch (or one reorder expiry): what to log first, then what to apply."""
 
     entries: list[Entry] = field(default_factory=list)
-    records: list[Record] = field(default_factory=list)
-    voids: list[tuple[str, int]] = field(default_factory=list)
+    items: list[Record | Void] = field(default_factory=list)  # in message order
     released: list[Record] = field(default_factory=list)
     outs: list[Outbound] = field(default_factory=list)
     lsn: int = 0  # the processor's lsn after this round
@@ -150,16 +149,15 @@ class Processor:
             log.error("write-ahead log: %s; the intact entries after it are replayed", line)
             self.metrics.inc("wal_damaged")
         self.lsn = self.mark = rec.last_lsn
+        self.reorder.load(rec.extra.get("reorder") or {})
         outs: list[Outbound] = []
         for entry in rec.entries:
             if isinstance(entry, Output):
                 outs.append(Outbound(entry.topic, entry.payload, lsn=entry.lsn))
                 continue
             r = _Round()
-            if isinstance(entry, Record):
-                r.records.append(entry)
-            elif isinstance(entry, Void):
-                r.voids.append((entry.stream, entry.seq))
+            if isinstance(entry, (Record, Void)):
+                r.items.append(entry)
             elif isinstance(entry, Release):
                 r.released += self.reorder.force(entry.stream, entry.seq)
             outs += self._apply(r)
@@ -249,7 +247,7 @@ class Processor:
             self.degraded = None
         self.mark = max(self.mark, mark)
         self.lsn = r.lsn
-        self.metrics.inc("wal_records", len(r.records))
+        self.metrics.inc("wal_records", sum(isinstance(i, Record) for i in r.items))
         self.outbox.put(r.outs + self._apply(r))
         return True
 
@@ -264,7 +262,8 @@ class Processor:
         ]
         carry.append(Mark(self.mark))
         try:
-            self.journal.checkpoint(self.engine.snapshot, carry, {"lsn": self.lsn})
+            extra = {"lsn": self.lsn, "reorder": self.reorder.export(self.engine.last_seq)}
+            self.journal.checkpoint(self.engine.snapshot, carry, extra)
         except OSError as exc:
             if self.degraded is None:
                 log.error("snapshot failed in %s: %s; retrying later", self.cfg.state_dir, exc)
@@ -290,8 +289,7 @@ class Processor:
         except payloads.PayloadError as exc:
             self._error(r, stream, exc.code, exc.detail, exc.seq)
             if exc.seq is not None:
-                r.voids.append((stream, exc.seq))
-                r.entries.append(Void(stream, exc.seq))
+                self._take(r, Void(stream, exc.seq))
             return
         if s.seq is None:
             self._error(r, stream, "missing_seq", "every sample message needs a 'seq'")
@@ -299,13 +297,12 @@ class Processor:
         if len(s.values) > self.cfg.max_samples_per_message:
             detail = f"{len(s.values)} samples in one message; max_samples_per_message is {self.cfg.max_samples_per_message}"
             self._error(r, stream, "too_many_samples", detail, s.seq)
-            r.voids.append((stream, s.seq))
-            r.entries.append(Void(stream, s.seq))
+            self._take(r, Void(stream, s.seq))
             return
         self.metrics.inc("samples_in", len(s.values))
-        rec = Record(stream, s.seq, s.ts, s.values, s.boot, r.lsn, redelivered=msg.redelivered)
-        r.records.append(rec)
-        r.entries.append(rec)
+        self._take(
+            r, Record(stream, s.seq, s.ts, s.values, s.boot, r.lsn, redelivered=msg.redelivered)
+        )
 
     def _non_data(self, msg: Inbound, r: _Round) -> None:
         stream = self.control.stream(msg.topic)
@@ -344,9 +341,13 @@ class Processor:
                 self._error(r, stream, f"bad_{name}", detail)
                 return
         empty = np.empty((0, self.engine.manifest.features))
-        rec = Record(stream, seq or 0, None, empty, boot, r.lsn, rebase=seq is not None)
-        r.records.append(rec)
-        r.entries.append(rec)
+        self._take(r, Record(stream, seq or 0, None, empty, boot, r.lsn, rebase=seq is not None))
+
+    @staticmethod
+    def _take(r: _Round, item: Record | Void) -> None:
+        """Take a sample message (or the seq of a refused one) in: applied and logged in order."""
+        r.items.append(item)
+        r.entries.append(item)
 
     def _drop(self, msg: Inbound, r: _Round) -> None:
         """A message given up on under overload: answered as dropped, never silently."""
@@ -369,16 +370,16 @@ class Processor:
     def _apply(self, r: _Round) -> list[Outbound]:
         out: list[Outbound] = []
         ready: list[Record] = []
-        for stream, seq in r.voids:  # refused messages: no need to wait for their seq
-            ready += self.reorder.void(stream, seq, self.engine.last_seq(stream))
-        for rec in r.records:
-            if rec.is_reset:  # in order: everything before it steps first
+        for item in r.items:  # in message order, as the log has them for a replay
+            if isinstance(item, Void):  # a refused message: no need to wait for its seq
+                ready += self.reorder.void(item.stream, item.seq, self.engine.last_seq(item.stream))
+            elif item.is_reset:  # in order: everything before it steps first
                 out += self._step(ready)
                 ready = []
-                out += self._reset(rec)
+                out += self._reset(item)
             else:
-                s = rec.stream
-                ready += self.reorder.push(rec, self.engine.last_seq(s), self.engine.boots(s))
+                s = item.stream
+                ready += self.reorder.push(item, self.engine.last_seq(s), self.engine.boots(s))
         return out + self._step(ready + r.released)
 
     def _reset(self, rec: Record) -> list[Outbound]:
@@ -446,7 +447,7 @@ class Processor:
                 count=n,
             )
         if oc.error is not None:
-            err(oc.error.code, str(oc.error))
+            err(oc.error.code, str(oc.error), count=len(rec.values))
             return out
         if oc.restart:
             log.info("stream %s restarted (boot %s, seq %s)", rec.stream, rec.boot, oc.seq)

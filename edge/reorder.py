@@ -12,16 +12,17 @@ Pure logic: the clock is injected, the engine's last applied seq and boot ids ar
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from .sequencing import HALF, U32
 from .wal import Record
 
 
-@dataclass(order=True)
+@dataclass(eq=False)  # removed by identity: records held at one clock reading are distinct
 class _Held:
     since: float
-    record: Record = field(compare=False)
+    record: Record
 
 
 class Reorderer:
@@ -52,6 +53,23 @@ class Reorderer:
                 self._next.pop(stream, None)
                 self._void.pop(stream, None)
                 self._boots.pop(stream, None)
+
+    def export(self, last_applied: Callable[[str], int | None]) -> dict[str, list[Any]]:
+        """What a snapshot must keep: expectations that differ from "the engine's last seq + 1"
+        (refused seqs skipped, or records held), so a replay waits for exactly what this did."""
+        out: dict[str, list[Any]] = {}
+        for stream, nxt in self._next.items():
+            last = last_applied(stream)
+            voids = sorted(self._void.get(stream, ()))
+            if voids or stream in self._held or last is None or nxt != (last + 1) % U32:
+                out[stream] = [nxt, voids]
+        return out
+
+    def load(self, saved: dict[str, list[Any]]) -> None:
+        for stream, (nxt, voids) in saved.items():
+            self._next[stream] = int(nxt)
+            if voids:
+                self._void[stream] = {int(v) for v in voids}
 
     def force(self, stream: str, seq: int) -> list[Record]:
         """Release the held record ``seq`` of ``stream`` as ``expire`` once did (log replay)."""
@@ -88,8 +106,9 @@ class Reorderer:
         if self.restart_gap and behind is not None and self.restart_gap < behind < HALF:
             return self._start_over(rec, old)
         ahead = None if expect is None else (rec.seq - expect) % U32
-        if ahead is not None and 0 < ahead < HALF:
-            self._held.setdefault(rec.stream, []).append(_Held(self._clock(), rec))
+        if expect is not None and ahead is not None and 0 < ahead < HALF:
+            self._next.setdefault(stream, expect)
+            self._held.setdefault(stream, []).append(_Held(self._clock(), rec))
             return []
         ready = [rec]
         self._advance(rec)

@@ -187,15 +187,6 @@ class StateStore:
         g[1:] = g[:-1].copy()
         g[0] = (first, count)
 
-    def late(self, row: int, seq: int, count: int) -> int:
-        """How many of the samples ``seq .. seq+count-1`` fall in a remembered gap."""
-        g = self.gaps[row]
-        g = g[g[:, 1] > 0]
-        if not len(g):
-            return 0
-        s = (seq + np.arange(count)) % U32
-        return int((((s[:, None] - g[:, 0]) % U32) < g[:, 1]).any(axis=1).sum())
-
     def export(self) -> tuple[list[str], np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
         """(streams in LRU order, last seq, state arrays, boots, gaps): a snapshot's content."""
         rows = np.fromiter(self._rows.values(), dtype=np.intp, count=len(self._rows))

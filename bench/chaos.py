@@ -469,6 +469,9 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 sup.rt.stop(5)
         broker.stop()
+        if args.keep:  # the runtime's state directory and log, for a post-mortem
+            shutil.copytree(disk.path, Path(args.keep) / "state", dirs_exist_ok=True)
+            shutil.copy(runtime.log_path, Path(args.keep) / "runtime.log")
         disk.unmount()
         if not disk.mounted:
             shutil.rmtree(work, ignore_errors=True)
@@ -565,6 +568,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-interval", type=float, default=5.0)
     p.add_argument("--drain-s", type=float, default=180.0, help="longest wait for the backlog")
     p.add_argument("--no-disk", action="store_true", help="skip the full-disk episode")
+    p.add_argument("--keep", metavar="DIR", help="copy the runtime's state directory and log here")
     return p
 
 

@@ -431,6 +431,8 @@ class Processor:
         out: list[Outbound] = []
 
         def err(code: str, detail: str, **extra: Any) -> None:
+            if rec.boot is not None:
+                extra["boot"] = rec.boot  # which life of the device the answer is about
             out.append(self._error_msg(rec.stream, code, detail, rec.seq, rec.lsn, extra))
 
         if oc.late:

@@ -460,7 +460,10 @@ def score(
     late, unfounded = late_keys(scorer, truth, excluded)
     stale, stale_unfounded, stale_in_order = stale_keys(scorer, truth, excluded)
     want = expected_keys(log) - late - stale - excluded
-    ref = offline(bundle, log, late | stale) if bundle is not None else None
+    # A sample that was predicted was applied: a late or stale answer to it was about a later
+    # copy (a redelivery), so the reference must apply it too.
+    applied = set(answers(scorer, truth).got)
+    ref = offline(bundle, log, (late | stale) - applied) if bundle is not None else None
     ans = answers(scorer, truth, ref)
     got = {k: ys for k, ys in ans.got.items() if k not in excluded}  # not to be judged
     labels = {

@@ -94,19 +94,41 @@ def predictions(outs, into):
                 into.setdefault((stream, None, d["seq"] + k), set()).add(d["error"])
 
 
-def run(bundles, state, msgs, seed, kills, reorder_ms):
+class Disk:
+    """The journal's writes fail while ``full`` (as on a full disk: OSError, nothing written)."""
+
+    def __init__(self, enabled=False):
+        self.full = False
+        self.enabled = enabled
+
+    def attach(self, p):
+        real = p.journal.append
+
+        def append(entries):
+            if self.full:
+                raise OSError(28, "No space left on device")
+            real(entries)
+
+        p.journal.append = append
+        return p
+
+
+def run(bundles, state, msgs, seed, kills, reorder_ms, disk=None):
     rng = random.Random(seed)
     fate = random.Random(seed + 1000)  # kills: drawn apart, so both runs see the same batches
     clock = Clock()
-    p = make(bundles, state, clock, reorder_ms=reorder_ms)
+    disk = disk or Disk()
+    p = disk.attach(make(bundles, state, clock, reorder_ms=reorder_ms))
     got = {}
     i = 0
     while i < len(msgs):
         batch = msgs[i : i + rng.randint(1, 8)]
-        assert p.handle(batch)
-        i += len(batch)  # acknowledged to the broker: never offered again
+        if p.handle(batch):
+            i += len(batch)  # acknowledged to the broker: never offered again
         clock.t += rng.uniform(0, 0.15)
-        assert p.tick()
+        p.tick()
+        if disk.full != (fate.random() < (0.3 if disk.full else 0.03) * disk.enabled):
+            disk.full = not disk.full
         outs = p.outbox.take()
         for mid, o in enumerate(outs, 1000 * i):
             p.outbox.sent(mid, o)
@@ -115,11 +137,12 @@ def run(bundles, state, msgs, seed, kills, reorder_ms):
             if fate.random() < 0.7:
                 p.outbox.acked(mid)
         if rng.random() < 0.1:
-            assert p.checkpoint()
+            assert p.checkpoint() or disk.full
         if fate.random() < kills:
             p.journal.close()  # kill -9: only what is in the log survives
-            p = make(bundles, state, clock, reorder_ms=reorder_ms)
+            p = disk.attach(make(bundles, state, clock, reorder_ms=reorder_ms))
             predictions(p.outbox.take(), got)
+    disk.full = False
     clock.t += 10
     assert p.tick()
     predictions(p.outbox.take(), got)
@@ -138,9 +161,11 @@ def test_kills_never_change_an_answer(bundles, tmp_path, seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_kills_with_reordering_never_answer_twice_or_lose(bundles, tmp_path, seed):
+@pytest.mark.parametrize("full_disk", [False, True])
+def test_kills_with_reordering_never_answer_twice_or_lose(bundles, tmp_path, seed, full_disk):
     msgs, valid = traffic(seed)
-    got = run(bundles, tmp_path / "chaos", msgs, seed, kills=0.08, reorder_ms=200)
+    disk = Disk(enabled=full_disk)
+    got = run(bundles, tmp_path / "chaos", msgs, seed, kills=0.08, reorder_ms=200, disk=disk)
     two = [k for k, v in got.items() if k[1] is not None and len(v) > 1]
     assert not two, f"answered with two different y: {two[:5]}"
     lost = [k for k in valid if k not in got and (k[0], None, k[2]) not in got]

@@ -228,6 +228,8 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
     ):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} = {getattr(cfg, name)!r} must be >= 0")
+    if cfg.queue_size > 65535:
+        raise ConfigError(f"queue_size = {cfg.queue_size} must be <= 65535 (MQTT Receive Maximum)")
     if cfg.max_unacked > 60000:
         raise ConfigError(f"max_unacked = {cfg.max_unacked} must be <= 60000 (MQTT message ids)")
     if cfg.restart_gap >= 2**31:

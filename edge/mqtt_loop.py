@@ -277,19 +277,16 @@ class MqttService:
         self._drain_acks()
         self._flush()
         dropped, batch = self._take() if take else ([], [])
-        ok = self.processor.handle(batch, dropped) if batch or dropped else self.processor.tick()
-        if batch or dropped:
-            if ok:
-                self._ack(dropped + batch)
-            else:
-                self.inbox.extendleft(reversed(dropped + batch))  # offered again later
-        if ok and (batch or dropped):
+        taken = dropped + batch
+        if not taken:
             ok = self.processor.tick()
+        elif ok := self.processor.handle(batch, dropped):
+            self._ack(taken)
+            ok = self.processor.tick()
+        else:
+            self.inbox.extendleft(reversed(taken))  # offered again later
         self._flush()
         return ok
-
-    def checkpoint(self) -> bool:
-        return self.processor.checkpoint()
 
     def reload(self) -> None:
         try:
@@ -361,7 +358,7 @@ class MqttService:
                     now - last_snapshot >= cfg.snapshot_interval
                     or "snapshot" in self.processor.requests
                 ) and self.processor.degraded is None:
-                    if self.checkpoint():
+                    if self.processor.checkpoint():
                         self.processor.requests.discard("snapshot")
                     last_snapshot = now
                 if cfg.stats_interval and now - last_stats >= cfg.stats_interval:
@@ -403,7 +400,7 @@ class MqttService:
         left = len(self.inbox)
         self.inbox.clear()
         if self.processor.degraded is None:
-            self.checkpoint()
+            self.processor.checkpoint()
         info = self.client.publish(self._status_topic, self._status("offline"), qos=1, retain=True)
         if self.connected.is_set():
             info.wait_for_publish(2.0)

@@ -225,7 +225,8 @@ class Processor:
         """Log the round, then apply it. When the log cannot be written, a round that already
         changed something (a reorder expiry) is kept for ``resume``; a batch's is dropped and
         the transport offers the batch again."""
-        held = [h.lsn for h in self.reorder.pending()]
+        # Messages held, or released by this round, are yet to be answered: the mark stays below.
+        held = [rec.lsn for rec in (*self.reorder.pending(), *r.released)]
         mark = self.outbox.watermark(self.lsn, min(held) if held else None)
         if mark > self.mark:
             r.entries.append(Mark(mark))

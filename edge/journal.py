@@ -90,9 +90,9 @@ class Journal:
             rec.generation, rec.base_lsn, rec.extra = gen, int(extra.get("lsn", 0)), extra
             self.snapshots = [g for g in snaps if g <= gen]
             break
-        if not rec.generation and snaps:
+        if not rec.generation:
             # No usable snapshot: exact only if the log still reaches back to the beginning.
-            rec.exact = bool(segs) and segs[0] == 0
+            rec.exact = not segs or segs[0] == 0
         first = rec.generation
         for gen in (g for g in segs if g >= first):
             path = self.path("wal", gen)

@@ -90,6 +90,8 @@ class Outbox:
         ``held_from`` on are still held (their answers are yet to come)."""
         while self._heap and self._heap[0] not in self._open:
             heapq.heappop(self._heap)
+        if len(self._heap) > 2 * len(self._open) + 1024:  # an old answer still open: compact
+            self._heap = sorted(self._open)
         mark = self._heap[0] - 1 if self._heap else last_lsn
         if held_from is not None:
             mark = min(mark, held_from - 1)

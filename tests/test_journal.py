@@ -190,3 +190,19 @@ def test_a_failed_append_leaves_nothing_behind(small_disk):
     got = Journal(small_disk / "state").recover(no_restore)
     assert [e.lsn for e in got.entries] == [1, 2] and not got.damage
     assert os.path.getsize(small_disk / "state" / "wal-00000000.log") > 0
+
+
+def test_outbox_memory_stays_bounded_behind_one_slow_answer():
+    box = Outbox(window=10)
+    box.put([Outbound("p/slow", b"0", lsn=1)])
+    (slow,) = box.take()
+    box.sent(1, slow)
+    for lsn in range(2, 20_000):
+        box.put([Outbound("p/x", b"1", lsn=lsn)])
+        (o,) = box.take()
+        box.sent(lsn, o)
+        box.acked(lsn)
+        assert box.watermark(lsn) == 0
+    assert len(box._heap) <= 1024 + 2
+    box.acked(1)
+    assert box.watermark(19_999) == 19_999

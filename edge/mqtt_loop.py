@@ -86,7 +86,7 @@ class MqttService:
         journal = Journal(cfg.state_dir, fsync=cfg.durability == "power")
         self.processor = Processor(open_engine(cfg), cfg, journal, self.metrics)
         try:
-            self.processor.recover()
+            rec = self.processor.recover()
         except OSError as exc:
             raise ConfigError(f"state_dir {cfg.state_dir!r} cannot be read: {exc}") from exc
         try:
@@ -95,6 +95,8 @@ class MqttService:
             self.processor.degraded = f"state_dir not writable: {exc.strerror or exc}"
             log.error("cannot write in state_dir %s: %s; not acknowledging", cfg.state_dir, exc)
         self.outbox = self.processor.outbox
+        # Said in every status while this process runs: what start-up found damaged.
+        self._recovery = [*rec.damaged_snapshots, *rec.damage][:20]
         self.inbox: deque[Inbound] = deque()
         self.acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self.connected = threading.Event()
@@ -385,7 +387,10 @@ class MqttService:
         reason = self.processor.degraded
         state = "online" if reason is None else "degraded"
         if state != self._said:
-            self._say(state, **({"reason": reason} if reason else {}))
+            extra: dict[str, Any] = {"reason": reason} if reason else {}
+            if self._recovery:
+                extra["recovered_from_damage"] = self._recovery
+            self._say(state, **extra)
 
     def _shutdown(self) -> int:
         """Answer what is already here for a bounded time, snapshot, say offline, disconnect.

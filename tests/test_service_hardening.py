@@ -313,9 +313,32 @@ def test_a_damaged_log_entry_is_reported_and_the_rest_replayed(bundles, broker, 
     wait_until(lambda: "damaged span" in svc.output(), 30, "the damage reported")
     wait_until(lambda: svc.output().count("recovered generation") == 2, 30, "recovery")
     replayed = int(svc.output().rsplit("recovered generation 0: ", 1)[1].split()[0])
+    wait_until(lambda: "recovered_from_damage" in col.of("edge/status/")[-1][1], 20, "status")
     assert 400 - 2 <= replayed < 400  # one record lost (and perhaps the mark beside it)
     feed_good(pub, {"dev-0": np.zeros((1, 6))}, 0)  # a duplicate now: the service still answers
     pub.send("dev-0", 101, np.zeros(6))
     pub.flush()
     wait_until(lambda: ("dev-0", 101) in col.predictions(), 30, "a prediction after recovery")
     assert svc.alive()
+
+
+def test_a_damaged_snapshot_falls_back_and_answers_stay_exact(bundles, broker, service, tmp_path):
+    samples = make_samples(3, 90, seed=19)
+    col = Collector(broker.url)
+    pub = Publisher(broker.url)
+    for part in range(3):
+        svc = service("--snapshot-interval", "1000")
+        if part == 2:  # the newest snapshot generation is damaged
+            wait_until(lambda: "snapshot unusable" in svc.output(), 30, "the fallback")
+        wait_until(lambda: col.online() and len(col.predictions()) >= 90 * part, 30, "online")
+        for i in range(30 * part, 30 * (part + 1)):
+            feed_good(pub, samples, i)
+        pub.flush()
+        wait_until(lambda p=part: len(col.predictions()) == 90 * (p + 1), 60, "predictions")
+        assert svc.stop() == 0  # a checkpoint: one more snapshot generation
+        if part == 1:
+            newest = max((tmp_path / "state").glob("snap-*.bin"))
+            data = bytearray(newest.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            newest.write_bytes(bytes(data))
+    assert_exact(col.predictions(), offline(bundles / BUNDLE, samples))

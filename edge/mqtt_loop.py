@@ -74,7 +74,8 @@ class MqttService:
 
         self.mqtt = mqtt
         self.cfg = cfg
-        self.wake = threading.Event()
+        self.wake = threading.Event()  # a message arrived (or an answer was acknowledged)
+        self.answered = threading.Event()  # the broker acknowledged an answer
         self.stopping = threading.Event()
         self.requests: set[str] = set()
         if threading.current_thread() is threading.main_thread():
@@ -223,6 +224,7 @@ class MqttService:
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         self.acks.put((mid, bool(getattr(reason, "is_failure", False))))
+        self.answered.set()
         self.wake.set()
 
     # -- worker side ------------------------------------------------------------------------
@@ -341,13 +343,16 @@ class MqttService:
                 if degraded is not None and now - last_retry < RETRY_SECONDS:
                     self._drain_acks()
                     self._flush()
-                    self.wake.wait(0.1)
-                    self.wake.clear()
+                    self.answered.wait(0.1)
+                    self.answered.clear()
                 else:
                     last_retry = now
                     if degraded is not None:
                         self._retry_storage()
-                    if not self.inbox:
+                    if self.outbox.queued or self.outbox.in_flight >= self.outbox.window:
+                        self.answered.wait(0.05)  # nothing to take in before the broker acks
+                        self.answered.clear()
+                    elif not self.inbox:
                         self.wake.wait(0.05)
                         self.wake.clear()
                     self._work_once()

@@ -42,7 +42,7 @@ MAX_LATENCY = 3600.0
 __all__ = ["Inbound", "Outbound", "Processor"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Inbound:
     topic: str
     payload: bytes

@@ -39,7 +39,7 @@ MAX_BODY = 64 << 20  # larger lengths are damage, not a record
 _BOOT, _CARRIED, _REBASE, _REDELIVERED = 1, 2, 4, 8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """An accepted sample message, or (k == 0) a control reset of its stream.
 
@@ -63,7 +63,7 @@ class Record:
         return len(self.values) == 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Output:
     """A message to publish that replay cannot recompute (or a carried unacknowledged one)."""
 
@@ -73,14 +73,14 @@ class Output:
     carried: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mark:
     """Every answer to messages with lsn <= ``acked`` was acknowledged by the broker."""
 
     acked: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Release:
     """The reorder buffer stopped waiting and released ``stream``'s held message ``seq``."""
 
@@ -88,7 +88,7 @@ class Release:
     seq: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Void:
     """A message took ``seq`` but was refused: the reorder buffer stops waiting for it."""
 

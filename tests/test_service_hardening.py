@@ -329,8 +329,8 @@ def test_a_damaged_snapshot_falls_back_and_answers_stay_exact(bundles, broker, s
     for part in range(3):
         svc = service("--snapshot-interval", "1000")
         if part == 2:  # the newest snapshot generation is damaged
-            wait_until(lambda: "snapshot unusable" in svc.output(), 30, "the fallback")
-        wait_until(lambda: col.online() and len(col.predictions()) >= 90 * part, 30, "online")
+            wait_until(lambda s=svc: "snapshot unusable" in s.output(), 30, "the fallback")
+        wait_until(lambda p=part: col.online() and len(col.predictions()) >= 90 * p, 30, "online")
         for i in range(30 * part, 30 * (part + 1)):
             feed_good(pub, samples, i)
         pub.flush()

@@ -32,6 +32,18 @@ U32 = 2**32
 HALF = 2**31
 
 
+def start(client: Any, url: str, subscribed: threading.Event) -> None:
+    """Connect, run the network loop, and wait until the broker confirmed the subscription."""
+    u = urlparse(url)
+    try:
+        client.connect(str(u.hostname), int(u.port or 1883), 30)
+    except OSError as exc:
+        raise SimError(f"broker {url} is unreachable: {exc}") from exc
+    client.loop_start()
+    if not subscribed.wait(10):
+        raise SimError(f"broker {url}: no answer to our subscription within 10 s")
+
+
 class Scorer:
     """Collects predictions, errors and runtime status. ``persistent``: a fixed session the
     broker keeps while we are cut off (broker restarts), so no answer passes us by."""
@@ -43,7 +55,6 @@ class Scorer:
         configure: Any = None,
         persistent: bool = False,
     ) -> None:
-        u = urlparse(url)
         self.lock = threading.Lock()
         self.predictions: list[tuple[str, dict[str, Any], float]] = []
         self.errors: list[tuple[str, dict[str, Any], float]] = []
@@ -62,13 +73,7 @@ class Scorer:
             self.client.reconnect_delay_set(0.2, 2)
         if configure:
             configure(self.client)
-        try:
-            self.client.connect(str(u.hostname), int(u.port or 1883), 30)
-        except OSError as exc:
-            raise SimError(f"broker {url} is unreachable: {exc}") from exc
-        self.client.loop_start()
-        if not ready.wait(10):
-            raise SimError(f"broker {url}: no answer to our subscription within 10 s")
+        start(self.client, url, ready)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         now = time.time()
@@ -125,7 +130,6 @@ class Witness:
     def __init__(self, url: str, client_id: str = "firmware-sim-witness") -> None:
         from .devices import digest
 
-        u = urlparse(url)
         self.digest = digest
         self.seen: set[bytes] = set()
         self.lock = threading.Lock()
@@ -137,13 +141,7 @@ class Witness:
         ready = threading.Event()
         self.client.on_subscribe = lambda *a: ready.set()
         self.client.on_connect = lambda c, *a: c.subscribe("sensors/+/data", 1)
-        try:
-            self.client.connect(str(u.hostname), int(u.port or 1883), 30)
-        except OSError as exc:
-            raise SimError(f"broker {url} is unreachable: {exc}") from exc
-        self.client.loop_start()
-        if not ready.wait(10):
-            raise SimError(f"broker {url}: no answer to our subscription within 10 s")
+        start(self.client, url, ready)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         d = self.digest(bytes(msg.payload))

@@ -143,8 +143,9 @@ class Engine:
         row = self.store.peek(stream)
         if row is None and (next_seq is not None or boot is not None):
             row = int(self.store.acquire([stream])[0])
-        if row is not None and next_seq is not None:
+        if row is not None and next_seq is not None:  # a new numbering: old gaps mean nothing
             self.store.last_seq[row] = (next_seq - 1) % U32
+            self.store.gaps[row] = 0
         if row is not None and boot is not None:
             self.store.set_boot(row, boot)
 

@@ -254,6 +254,8 @@ class Processor:
 
     def checkpoint(self) -> bool:
         """Snapshot the engine into a new generation; False (and degraded) when it cannot."""
+        if self._stalled is not None and not self.resume():
+            return False  # a logged-but-unapplied round would fall between snapshot and log
         held = self.reorder.pending()
         carry: list[Entry] = [dataclasses.replace(rec, carried=True) for rec in held]
         carry += [

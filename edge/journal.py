@@ -94,6 +94,7 @@ class Journal:
             # No usable snapshot: exact only if the log still reaches back to the beginning.
             rec.exact = not segs or segs[0] == 0
         first = rec.generation
+        carried: set[Any] = set()
         for gen in (g for g in segs if g >= first):
             path = self.path("wal", gen)
             for item in scan(path.read_bytes()):
@@ -106,9 +107,17 @@ class Journal:
                     rec.acked = max(rec.acked, item.acked)
                     continue
                 if isinstance(item, (Record, Output)):
-                    # A carried copy whose original lies in a segment replayed here is redundant.
-                    if item.carried and item.lsn > rec.base_lsn:
-                        continue
+                    if item.carried:
+                        # Redundant: the original lies in a segment replayed here, or an earlier
+                        # checkpoint carried the same entry already.
+                        key = (
+                            (item.lsn, item.topic, item.payload)
+                            if isinstance(item, Output)
+                            else item.lsn
+                        )
+                        if item.lsn > rec.base_lsn or key in carried:
+                            continue
+                        carried.add(key)
                     rec.last_lsn = max(rec.last_lsn, item.lsn)
                 rec.entries.append(item)
         rec.last_lsn = max(rec.last_lsn, rec.base_lsn, rec.acked)

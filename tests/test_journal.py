@@ -1,5 +1,6 @@
 """The state directory: log framing, damage, snapshot generations, failed writes."""
 
+import json
 import os
 from pathlib import Path
 
@@ -206,3 +207,26 @@ def test_outbox_memory_stays_bounded_behind_one_slow_answer():
     assert len(box._heap) <= 1024 + 2
     box.acked(1)
     assert box.watermark(19_999) == 19_999
+
+
+def test_an_entry_carried_by_two_checkpoints_is_replayed_once(tmp_path):
+    def snapshot(path, extra):
+        Path(path).write_text("junk" if extra["generation"] == 2 else json.dumps(extra))
+
+    def restore(path):
+        try:
+            return json.loads(Path(path).read_text())
+        except ValueError as exc:
+            raise SnapshotError(f"{path}: damaged") from exc
+
+    j = Journal(tmp_path)
+    j.recover(restore)
+    j.open()
+    j.append([rec("a", 1, 1), rec("a", 3, 2)])  # 3 stays held across two checkpoints
+    held = Record("a", 3, 1.5, np.full((1, 3), 3.0), lsn=2, carried=True)
+    j.checkpoint(snapshot, [held, Mark(0)], {"lsn": 2})
+    j.checkpoint(snapshot, [held, Mark(0)], {"lsn": 2})  # this snapshot is damaged
+    j.close()
+    got = Journal(tmp_path).recover(restore)
+    assert got.generation == 1
+    assert [e.lsn for e in got.entries if isinstance(e, Record)] == [2]

@@ -351,22 +351,12 @@ def test_a_rebooting_device_restarts_its_seq_and_loses_its_buffer():
     assert body["boot"] == d.boot and body["seq"] == 1 and body["values"] == [1.0, 1.0]
 
 
-def _service_knows_boots() -> bool:
-    import dataclasses
-
-    from edge.config import ServiceConfig
-
-    return "restart_gap" in {f.name for f in dataclasses.fields(ServiceConfig)}
-
-
 @pytest.mark.broker
 @pytest.mark.parametrize("boot_ids", [True, False], ids=["boot-ids", "restart-gap"])
 def test_rebooting_devices_restart_their_streams(bundles, broker, tmp_path, boot_ids):
     """Devices reboot mid-stream (seq from 1, buffer lost), with reordering and duplicates on
     the wire: every sample of every boot is answered exactly as an offline run from zero state
     at the boot's first sample; old-boot stragglers are refused as stale."""
-    if not _service_knows_boots():
-        pytest.skip("this edge service predates boot ids and --restart-gap")
     from firmware_sim.devices import Fleet
     from firmware_sim.runtime import Runtime
     from firmware_sim.scorer import Scorer, score

@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,6 +301,18 @@ def _candidates(truth: Truth, stream: str, doc: dict[str, Any]) -> list[int]:
     return truth.message_epochs.get(key) or truth.epochs.get(key, [])
 
 
+def _judged(
+    scorer: Scorer, truth: Truth, code: str, ignore: set[Key]
+) -> Iterator[tuple[str, dict[str, Any], float, list[int]]]:
+    """Error claims of ``code`` with the boots they may be about, less samples not to be
+    judged (see ``excluded_keys``)."""
+    for stream, doc, t in _claims(scorer, code):
+        every = _candidates(truth, stream, doc)
+        epochs = [e for e in every if (stream, e, doc["seq"]) not in ignore]
+        if epochs or not every:
+            yield stream, doc, t, epochs
+
+
 def late_keys(
     scorer: Scorer,
     truth: Truth,
@@ -312,12 +324,8 @@ def late_keys(
     behind = overtaken(truth.log)
     excused: set[Key] = set()
     unfounded = 0
-    for stream, doc, _ in _claims(scorer, "late"):
+    for stream, doc, _, epochs in _judged(scorer, truth, "late", ignore):
         found = False
-        every = _candidates(truth, stream, doc)
-        epochs = [e for e in every if (stream, e, doc["seq"]) not in ignore]
-        if every and not epochs:
-            continue  # a sample not to be judged (see ``excluded_keys``)
         for e in epochs:
             m = truth.msg.get((stream, e, doc["seq"]))
             if m is not None and set(m.keys) & behind:
@@ -339,12 +347,8 @@ def stale_keys(
     excused: set[Key] = set()
     in_order: set[Key] = set()
     unfounded = 0
-    for stream, doc, t in _claims(scorer, "stale"):
+    for stream, doc, t, epochs in _judged(scorer, truth, "stale", ignore):
         found = False
-        every = _candidates(truth, stream, doc)
-        epochs = [e for e in every if (stream, e, doc["seq"]) not in ignore]
-        if every and not epochs:
-            continue  # a sample not to be judged (see ``excluded_keys``)
         for e in epochs:
             m = truth.msg.get((stream, e, doc["seq"]))
             if m is not None and truth.newer_boot_started(stream, e, t):

@@ -87,8 +87,9 @@ def fast_reconnect(client: Any) -> None:
 class Supervisor:
     """The runtime process: kills on request, restarts after crashes, samples its memory."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, keep: Path | None = None) -> None:
         self.rt = runtime
+        self.keep = keep  # copies of the state directory as each kill left it
         self.lock = threading.Lock()
         self.started_at = 0.0
         self.kills = 0
@@ -116,6 +117,11 @@ class Supervisor:
                 self.rt.kill9()
                 self.kills += 1
                 self.events.append((time.time(), "kill -9"))
+                if self.keep is not None:
+                    dest = self.keep / "lives" / f"{self.kills:03d}"
+                    shutil.copytree(
+                        self.rt.state_dir, dest, ignore=shutil.ignore_patterns("filler.bin")
+                    )
             if not self.gave_up:
                 self._start()
 
@@ -344,7 +350,10 @@ def run(args: argparse.Namespace) -> int:
         parts.append(scorer)
         witness = Witness(broker.url, "chaos-witness")
         parts.append(witness)
-        sup = Supervisor(runtime)
+        keep = Path(args.keep) if args.keep else None
+        if keep is not None:
+            shutil.rmtree(keep / "lives", ignore_errors=True)
+        sup = Supervisor(runtime, keep)
         sup.start()
         scorer.wait_online(RUNTIME_ID, 60, runtime.alive)
         plan = FaultPlan.parse(args.faults)
@@ -450,6 +459,9 @@ def run(args: argparse.Namespace) -> int:
             commit=commit_of(ROOT),
         )
         save(r, scorer, fleet_log, out)
+        if keep is not None:  # for bench.recovery_check
+            with scorer.lock, open(keep / "predictions.jsonl", "w") as f:
+                f.writelines(json.dumps([s, d]) + "\n" for s, d, _ in scorer.predictions)
         evidence(out / "evidence.json", r, scorer, fleet_log, sup.events)
         (out / "chaos.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(table(report))

@@ -196,7 +196,7 @@ class Engine:
             boots,
             gaps,
         )
-        snapfmt.write_atomic(path, snapfmt.encode(snap))
+        snapfmt.write_atomic(path, snapfmt.chunks(snap))
 
     def restore(
         self, path: str | Path, *, fresh_on_mismatch: bool = False, other_model_ok: bool = False

@@ -62,7 +62,7 @@ def open_engine(cfg: ServiceConfig) -> Engine:
         gap_policy=cfg.gap_policy,
         allow_unsequenced=False,
         capacity=cfg.capacity,
-        idle_timeout=cfg.idle_timeout or None,
+        idle_timeout=None,  # the processor forgets idle streams, and logs it for replays
         max_chunk=cfg.max_samples_per_message,
         restart_gap=cfg.restart_gap,
     )

@@ -33,7 +33,7 @@ from .outbox import Outbound, Outbox
 from .reorder import Reorderer
 from .sequencing import U32
 from .topics import Template
-from .wal import Entry, Mark, Output, Record, Release, Void
+from .wal import Entry, Evict, Mark, Output, Record, Release, Void
 
 log = logging.getLogger("edge.service")
 INVALID_STREAM = "_invalid"
@@ -60,6 +60,7 @@ class _Round:
     entries: list[Entry] = field(default_factory=list)
     items: list[Record | Void] = field(default_factory=list)  # in message order
     released: list[Record] = field(default_factory=list)
+    evict: list[str] = field(default_factory=list)  # idle streams forgotten before applying
     outs: list[Outbound] = field(default_factory=list)
     lsn: int = 0  # the processor's lsn after this round
 
@@ -113,6 +114,7 @@ class Processor:
         self.replies = Template(cfg.reply_topic)
         self.runtime_control = cfg.runtime_control_topic.replace("{runtime_id}", cfg.runtime_id)
         self.reorder = Reorderer(cfg.reorder_ms / 1000.0, clock, cfg.restart_gap)
+        self.idle_timeout = cfg.idle_timeout  # applied here, not in the engine: it is logged
         self.outbox = Outbox(cfg.max_unacked)
         self.requests: set[str] = set()
         self.lsn = 0  # of the last message taken in
@@ -160,6 +162,8 @@ class Processor:
                 r.items.append(entry)
             elif isinstance(entry, Release):
                 r.released += self.reorder.force(entry.stream, entry.seq)
+            elif isinstance(entry, Evict):
+                self.engine.store.evict([entry.stream])
             outs += self._apply(r)
         again = [o for o in outs if o.lsn > rec.acked]
         self.outbox.put(again)
@@ -203,6 +207,7 @@ class Processor:
                 o = self._internal(self.data.stream(msg.topic) or INVALID_STREAM, exc, r.lsn)
                 r.outs.append(o)
                 r.entries.append(Output(o.lsn, o.topic, o.payload))
+        self._idle(r)
         return self._run(r, keep=False)
 
     def tick(self) -> bool:
@@ -214,7 +219,15 @@ class Processor:
             r.released = self.reorder.expire()
             r.entries += [Release(s, q) for s, q in self.reorder.forced]
             self.reorder.forced.clear()
+        self._idle(r)
         return self._run(r, keep=True)
+
+    def _idle(self, r: _Round) -> None:
+        """Streams idle past ``idle_timeout`` are forgotten before this round applies; logged
+        first, so a replay forgets them at the same point."""
+        if self.idle_timeout and (r.items or r.released):
+            r.evict = self.engine.store.idle(self.idle_timeout)
+            r.entries[:0] = [Evict(s) for s in r.evict]
 
     def resume(self) -> bool:
         """Retry the round the journal could not take."""
@@ -248,6 +261,7 @@ class Processor:
             self.degraded = None
         self.mark = max(self.mark, mark)
         self.lsn = r.lsn
+        self.engine.store.evict(r.evict)
         self.metrics.inc("wal_records", sum(isinstance(i, Record) for i in r.items))
         self.outbox.put(r.outs + self._apply(r))
         return True

@@ -105,15 +105,15 @@ class Reorderer:
         behind = None if expect is None else (expect - 1 - rec.seq) % U32
         if self.restart_gap and behind is not None and self.restart_gap < behind < HALF:
             return self._start_over(rec, old)
-        ahead = None if expect is None else (rec.seq - expect) % U32
-        if expect is not None and ahead is not None and 0 < ahead < HALF:
+        if expect is not None:
+            # The expectation is explicit from here on: a record behind it (a duplicate) must
+            # never set it back, also when only the engine's last seq implied it (a restart).
             self._next.setdefault(stream, expect)
-            self._held.setdefault(stream, []).append(_Held(self._clock(), rec))
-            return []
-        ready = [rec]
+            if 0 < (rec.seq - expect) % U32 < HALF:
+                self._held.setdefault(stream, []).append(_Held(self._clock(), rec))
+                return []
         self._advance(rec)
-        ready += self._release_contiguous(rec.stream)
-        return ready
+        return [rec, *self._release_contiguous(stream)]
 
     def _start_over(self, rec: Record, old: list[int]) -> list[Record]:
         """``rec`` begins a new life of its stream: the old life's held records go first."""

@@ -27,6 +27,7 @@ import os
 import struct
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,12 @@ class Snapshot:
 
 
 def encode(snap: Snapshot) -> bytes:
+    return b"".join(chunks(snap))
+
+
+def chunks(snap: Snapshot) -> Iterator[bytes | memoryview]:
+    """The file's bytes in pieces, digest last: written piece by piece, a snapshot of many
+    streams costs no second copy of the state in memory."""
     n = len(snap.streams)
     boots = np.full((n, 1), -1, np.int64) if snap.boots is None else snap.boots
     gaps = np.zeros((n, 1, 2), np.int64) if snap.gaps is None else snap.gaps
@@ -70,17 +77,17 @@ def encode(snap: Snapshot) -> bytes:
         },
         allow_nan=False,
     ).encode()
-    parts = [
-        _HEAD.pack(MAGIC, VERSION, 0, len(header)),
-        header,
-        np.ascontiguousarray(snap.last_seq, "<i8").tobytes(),
-        np.ascontiguousarray(boots, "<i8").tobytes(),
-        np.ascontiguousarray(gaps, "<i8").tobytes(),
-    ]
-    for (_, _, dtype, *_), arr in zip(snap.state_layout, snap.arrays):
-        parts.append(np.ascontiguousarray(arr, DTYPES[dtype]).tobytes())
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
+    arrays = [(snap.last_seq, "<i8"), (boots, "<i8"), (gaps, "<i8")]
+    arrays += [(a, DTYPES[layout[2]]) for layout, a in zip(snap.state_layout, snap.arrays)]
+    digest = hashlib.sha256()
+    for part in (_HEAD.pack(MAGIC, VERSION, 0, len(header)), header):
+        digest.update(part)
+        yield part
+    for arr, dtype in arrays:
+        view = np.ascontiguousarray(arr, dtype).reshape(-1).view(np.uint8).data
+        digest.update(view)
+        yield view
+    yield digest.digest()
 
 
 def decode(data: bytes, where: str = "snapshot") -> Snapshot:
@@ -132,13 +139,14 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
     )
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the directory: all or nothing."""
+def write_atomic(path: str | Path, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Write (``data`` whole or in pieces), fsync, rename, fsync the directory: all or nothing."""
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

@@ -132,18 +132,28 @@ class StateStore:
         """Drop streams not seen for ``idle_timeout`` seconds; they restart from zero."""
         if self.idle_timeout is None:
             return []
-        limit = (self._clock() if now is None else now) - self.idle_timeout
-        gone = []
+        gone = self.idle(self.idle_timeout, now)
+        self.evict(gone)
+        return gone
+
+    def idle(self, timeout: float, now: float | None = None) -> list[str]:
+        """Streams not seen for ``timeout`` seconds, oldest first (nothing is changed)."""
+        limit = (self._clock() if now is None else now) - timeout
+        out = []
         for stream, row in self._rows.items():  # oldest first: stop at the first fresh one
             if self.last_seen[row] > limit:
                 break
-            gone.append(stream)
+            out.append(stream)
+        return out
+
+    def evict(self, streams: Iterable[str]) -> None:
+        """Forget these streams as idle ones (unknown ids are ignored)."""
+        gone = [s for s in streams if s in self._rows]
         for stream in gone:
             self._free.append(self._rows.pop(stream))
         self.stats.evicted_idle += len(gone)
         if gone and self.on_evict is not None:
             self.on_evict(gone)
-        return gone
 
     def reset(self, stream: str) -> None:
         """Zero state; the last seq is kept so a reset never re-admits old samples."""

@@ -2,9 +2,9 @@
 
 The service appends, before it acknowledges a message to the broker, everything a restart needs
 to answer exactly as the first run would have: the accepted sample messages and control resets
-(``Record``), the decisions of the reorder buffer that depend on time or on messages that were
-not logged (``Release``, ``Void``), answers that replay cannot recompute (``Output``) and how far
-the broker has acknowledged our answers (``Mark``).
+(``Record``), the decisions that depend on time or on messages that were not logged
+(``Release``, ``Void``, ``Evict``), answers that replay cannot recompute (``Output``) and how
+far the broker has acknowledged our answers (``Mark``).
 
 Every entry is one frame (little-endian)::
 
@@ -96,7 +96,15 @@ class Void:
     seq: int
 
 
-Entry = Record | Output | Mark | Release | Void
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """``stream`` was idle past ``idle_timeout`` and forgotten before the entries after this.
+    Logged because the decision depends on the clock, which a replay must not consult."""
+
+    stream: str
+
+
+Entry = Record | Output | Mark | Release | Void | Evict
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,8 @@ def encode(entry: Entry) -> bytes:
         )  # fmt: skip
     elif isinstance(entry, Mark):
         body = _BODY.pack(b"A", 0, entry.acked)
+    elif isinstance(entry, Evict):
+        body = _BODY.pack(b"E", 0, 0) + _text(entry.stream)
     else:
         kind = b"X" if isinstance(entry, Release) else b"V"
         body = _BODY.pack(kind, 0, 0) + _text(entry.stream) + _U32.pack(entry.seq)
@@ -178,6 +188,11 @@ def decode(body: bytes) -> Entry:
         return Output(lsn, topic, body[off + 4 :], bool(flags & _CARRIED))
     if kind == b"A":
         return Mark(lsn)
+    if kind == b"E":
+        stream, off = _read_text(body, off)
+        if off != len(body):
+            raise ValueError("evict record length mismatch")
+        return Evict(stream)
     if kind in (b"X", b"V"):
         stream, off = _read_text(body, off)
         (seq,) = _U32.unpack_from(body, off)

@@ -51,6 +51,7 @@ class Runtime:
             *extra,
         ]
         self.cores, self.memory_mb, self.slowdown = cores, memory_mb, slowdown
+        self.state_dir = state_dir
         self.log_path = state_dir.parent / "runtime.log"
         self.cgroups: list[Path] = []
         self.notes: list[str] = []

@@ -12,7 +12,7 @@ from edge import wal
 from edge.errors import SnapshotError
 from edge.journal import Journal
 from edge.outbox import Outbound, Outbox
-from edge.wal import Damage, Mark, Output, Record, Release, Void
+from edge.wal import Damage, Evict, Mark, Output, Record, Release, Void
 from tests.conftest import fill
 
 
@@ -32,6 +32,7 @@ def test_every_entry_kind_round_trips():
         Mark(2),
         Release("a", 11),
         Void("b", 4),
+        Evict("c"),
     ]
     data = b"".join(wal.encode(e) for e in entries)
     got = list(wal.scan(data))

@@ -94,3 +94,25 @@ def test_replay_publishes_again_only_what_the_broker_did_not_acknowledge(bundles
     assert [o.lsn for o in again] == list(range(13, 21))
     assert [o.payload for o in again] == [o.payload for o in outs[12:]]  # same y, bit for bit
     assert q.engine.last_seq("a") == 10 and q.lsn == 20
+
+
+def test_a_stream_forgotten_as_idle_is_forgotten_at_the_same_point_by_a_replay(
+    bundles, tmp_path, xs
+):
+    """Idle eviction depends on the clock, which a replay does not consult: it is logged, so
+    the answers recomputed after a crash are the ones published before it."""
+    now = [1000.0]
+    p = make(bundles, tmp_path, idle_timeout=60)
+    p.engine.store._clock = lambda: now[0]
+    assert p.handle([msg("a", 1, xs[0]), msg("a", 2, xs[1])])
+    now[0] += 120  # "a" is idle now: its next sample starts from the zero state
+    assert p.handle([msg("a", 3, xs[2]), msg("b", 1, xs[3])])
+    live = {o.topic: o.payload for o in answers(p) if o.topic.startswith("predictions/")}
+    fresh = edge.load(bundles / "clf-int8").step("x", xs[2])
+    assert np.allclose(json.loads(live["predictions/a"])["y"], fresh, atol=0)
+    p.journal.close()  # kill -9: nothing acknowledged, so every answer is published again
+
+    again = make(bundles, tmp_path, idle_timeout=60)
+    replayed = [o for o in answers(again) if o.topic == "predictions/a"]
+    assert replayed[-1].payload == live["predictions/a"]
+    assert again.engine.last_seq("a") == 3

@@ -29,6 +29,7 @@ from .engine import Engine, load
 from .errors import ConfigError, EdgeError
 from .journal import Journal
 from .metrics import Metrics
+from .mqtt_network import NetworkLoop
 from .processor import Inbound, Processor
 
 log = logging.getLogger("edge.service")
@@ -119,6 +120,17 @@ class MqttService:
             ),
         )
         self.client = self._make_client()
+        # Messages taken from the broker before we acknowledge them; with drop-oldest twice
+        # that, so that what lies beyond queue_size can be answered "dropped".
+        self.read_limit = cfg.queue_size * (2 if cfg.overload == "drop-oldest" else 1)
+        self.network = NetworkLoop(
+            self.client,
+            may_read=lambda: len(self.inbox) < self.read_limit,
+            must_read=lambda: self.outbox.in_flight >= self.outbox.window,  # PUBACKs awaited
+            on_connect_fail=self._on_connect_fail,
+            reconnect_min=cfg.reconnect_min * random.uniform(0.75, 1.25),
+            reconnect_max=cfg.reconnect_max,
+        )
 
     @property
     def engine(self) -> Engine:
@@ -140,9 +152,6 @@ class MqttService:
             0
         )  # our outbox window governs; paho rescans its queue otherwise
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(
-            cfg.reconnect_min * random.uniform(0.75, 1.25), cfg.reconnect_max
-        )
         client.will_set(self._status_topic, self._status("offline"), qos=1, retain=True)
         if cfg.username:
             password = (
@@ -157,7 +166,6 @@ class MqttService:
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
         client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -196,8 +204,8 @@ class MqttService:
         self._said = None
         self.wake.set()
 
-    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
-        log.warning("cannot reach the broker %s; retrying", self.cfg.broker)
+    def _on_connect_fail(self, exc: BaseException) -> None:
+        log.warning("cannot reach the broker %s (%s); retrying", self.cfg.broker, exc)
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
@@ -319,14 +327,13 @@ class MqttService:
 
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = cfg.session_expiry
-            window = cfg.queue_size * (2 if cfg.overload == "drop-oldest" else 1)
-            props.ReceiveMaximum = min(65535, window)
+            props.ReceiveMaximum = min(65535, self.read_limit)
             self.client.connect_async(
                 cfg.host, cfg.port, cfg.keepalive, clean_start=False, properties=props
             )
         else:
             self.client.connect_async(cfg.host, cfg.port, cfg.keepalive)
-        self.client.loop_start()
+        self.network.start()
         log.info(
             "serving %s (%s, %s %s) for %s",
             cfg.model,
@@ -373,7 +380,7 @@ class MqttService:
                     last_stats = now
             return self._shutdown()
         finally:
-            self.client.loop_stop()
+            self.network.stop()
             self.processor.journal.close()
 
     def _stop(self, *_: Any) -> None:
@@ -414,6 +421,7 @@ class MqttService:
         info = self.client.publish(self._status_topic, self._status("offline"), qos=1, retain=True)
         if self.connected.is_set():
             info.wait_for_publish(2.0)
+        self.network.quiet()  # no reconnecting after this disconnect
         self.client.disconnect()
         log.info(
             "stopped cleanly (%d messages left to the broker, %d answers unacknowledged): %s",

@@ -1,0 +1,120 @@
+"""paho's network loop, run by us so that reading can pause.
+
+paho's own ``loop_start`` reads whatever the broker sends, as fast as it arrives. MQTT 5's
+Receive Maximum should bound that, but brokers overshoot it (Mosquitto 2.0 was seen sending
+three times as many unacknowledged messages), and MQTT 3.1.1 has no such bound at all. This
+loop reads only while ``may_read()`` says there is room, so a backlog stays at the broker and
+not in our memory. It still reads when ``must_read()`` says so (PUBACKs are awaited: the
+answer window is full), keeps the connection alive, and reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("edge.service")
+PAUSED_POLL = 0.02  # seconds between looks at the inbox while reading is paused
+
+
+class NetworkLoop:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        may_read: Callable[[], bool],
+        must_read: Callable[[], bool] = lambda: False,
+        on_connect_fail: Callable[[BaseException], None],
+        reconnect_min: float = 1.0,
+        reconnect_max: float = 30.0,
+    ) -> None:
+        self.client = client
+        self.may_read, self.must_read = may_read, must_read
+        self.on_connect_fail = on_connect_fail
+        self.reconnect_min, self.reconnect_max = reconnect_min, reconnect_max
+        self.paused_reads = 0  # rounds in which reading waited for room: a backlog held off
+        self._stop = threading.Event()
+        self._quiet = threading.Event()  # set: do not reconnect any more (shutting down)
+        self._wake_r: socket.socket | None = None  # a socket pair, made on start
+        self._wake_w: socket.socket | None = None
+        # paho tells us when it has something to send (from any thread): wake the select.
+        client.on_socket_register_write = lambda *_: self.wake()
+        self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
+
+    def start(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._thread.start()
+
+    def wake(self) -> None:
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):  # already woken (buffer full) or closing
+                self._wake_w.send(b"\0")
+
+    def quiet(self) -> None:
+        """No reconnecting from now on; the current connection keeps working."""
+        self._quiet.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None
+
+    def _run(self) -> None:
+        wake_r = self._wake_r
+        assert wake_r is not None
+        mqtt = _paho()
+        delay, waited = self.reconnect_min, False  # the first connect does not wait
+        while not self._stop.is_set():
+            sock = self.client.socket()
+            if sock is None:
+                if self._quiet.is_set():
+                    self._stop.wait(PAUSED_POLL)
+                    continue
+                if waited and self._stop.wait(delay):
+                    break
+                waited = True
+                try:
+                    self.client.reconnect()
+                    delay = self.reconnect_min
+                except (OSError, ValueError) as exc:
+                    self.on_connect_fail(exc)
+                    delay = min(delay * 2, self.reconnect_max)
+                continue
+            reading = self.may_read() or self.must_read()
+            self.paused_reads += not reading
+            rlist = [sock, wake_r] if reading else [wake_r]
+            wlist = [sock] if self.client.want_write() else []
+            try:
+                wait = 1.0 if reading else PAUSED_POLL
+                ready, writable, _ = select.select(rlist, wlist, [], wait)
+            except (OSError, ValueError):  # the socket was closed under us: look again
+                continue
+            if wake_r in ready:
+                with contextlib.suppress(OSError):  # drained (BlockingIOError) or closing
+                    while wake_r.recv(4096):
+                        pass
+            rc = mqtt.MQTT_ERR_SUCCESS
+            if sock in ready:
+                rc = self.client.loop_read()
+            if rc == mqtt.MQTT_ERR_SUCCESS and (writable or self.client.want_write()):
+                rc = self.client.loop_write()
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                self.client.loop_misc()  # keep-alive pings, and a ping timeout closes
+
+
+def _paho() -> Any:
+    import paho.mqtt.client as mqtt
+
+    return mqtt

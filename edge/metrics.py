@@ -55,6 +55,8 @@ class Metrics:
         "snapshots",
         "reloads",
         "reconnects",
+        "resyncs",
+        "left_to_broker",
         "control",
         "republished",
         "wal_damaged",

@@ -55,8 +55,6 @@ class Metrics:
         "snapshots",
         "reloads",
         "reconnects",
-        "resyncs",
-        "left_to_broker",
         "control",
         "republished",
         "wal_damaged",

@@ -123,9 +123,6 @@ class MqttService:
         # Messages taken from the broker before we acknowledge them; with drop-oldest twice
         # that, so that what lies beyond queue_size can be answered "dropped".
         self.read_limit = cfg.queue_size * (2 if cfg.overload == "drop-oldest" else 1)
-        self.shed = 0  # messages left unacknowledged for the broker to send again
-        self.shedding = False  # leaving every message to the broker until we reconnect
-        self._resyncing = False
         self.network = NetworkLoop(
             self.client,
             may_read=lambda: len(self.inbox) < self.read_limit,
@@ -201,8 +198,6 @@ class MqttService:
             # The broker takes no more unacknowledged publishes than that: our window obeys.
             self.outbox.window = min(self.cfg.max_unacked, limit)
         self.metrics.inc("reconnects")
-        self.metrics.inc("left_to_broker", self.shed)
-        self.shed, self.shedding, self._resyncing = 0, False, False
         p = self.processor
         client.subscribe([(f, 1) for f in (p.data.filter, p.control.filter, p.runtime_control)])
         self.connected.set()
@@ -220,14 +215,6 @@ class MqttService:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        if self.shedding or len(self.inbox) >= 2 * self.read_limit:
-            # Far beyond what we asked for: Mosquitto 2.0 overshoots Receive Maximum (and its
-            # own max_inflight_messages) once it has queued messages for us. Left
-            # unacknowledged, the message stays the broker's: it sends it again, in order,
-            # after a reconnect. Until then every message is left, so none overtakes it.
-            self.shedding = True
-            self.shed += 1
-            return
         props = msg.properties
         ctype = getattr(props, "ContentType", None) if props else None
         self.inbox.append(
@@ -376,8 +363,6 @@ class MqttService:
                         self.wake.wait(0.05)
                         self.wake.clear()
                     self._work_once()
-                if self.shedding and not self.inbox and not self._resyncing:
-                    self._resync()
                 self._update_status()
                 if "reload" in self.processor.requests or "reload" in self.requests:
                     self.processor.requests.discard("reload")
@@ -397,19 +382,6 @@ class MqttService:
         finally:
             self.network.stop()
             self.processor.journal.close()
-
-    def _resync(self) -> None:
-        """Everything taken is acknowledged: reconnect, so the broker sends the messages we
-        left unacknowledged (``shed``) again."""
-        log.warning(
-            "the broker sent more than %d unacknowledged messages; %d were left to it and are "
-            "fetched again by reconnecting",
-            self.read_limit,
-            self.shed,
-        )
-        self.metrics.inc("resyncs")
-        self._resyncing = True
-        self.network.resync()
 
     def _stop(self, *_: Any) -> None:
         self.stopping.set()

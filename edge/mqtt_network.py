@@ -40,7 +40,6 @@ class NetworkLoop:
         self.paused_reads = 0  # rounds in which reading waited for room: a backlog held off
         self._stop = threading.Event()
         self._quiet = threading.Event()  # set: do not reconnect any more (shutting down)
-        self._resync = threading.Event()  # set: disconnect and connect again at once
         self._wake_r: socket.socket | None = None  # a socket pair, made on start
         self._wake_w: socket.socket | None = None
         # paho tells us when it has something to send (from any thread): wake the select.
@@ -57,12 +56,6 @@ class NetworkLoop:
         if self._wake_w is not None:
             with contextlib.suppress(OSError):  # already woken (buffer full) or closing
                 self._wake_w.send(b"\0")
-
-    def resync(self) -> None:
-        """Disconnect (after what is queued to send, acknowledgements included) and connect
-        again at once: the broker then sends again what we left unacknowledged."""
-        self._resync.set()
-        self.wake()
 
     def quiet(self) -> None:
         """No reconnecting from now on; the current connection keeps working."""
@@ -99,10 +92,6 @@ class NetworkLoop:
                     self.on_connect_fail(exc)
                     delay = min(delay * 2, self.reconnect_max)
                 continue
-            if self._resync.is_set():
-                self._resync.clear()
-                self.client.disconnect()  # written after the queued packets; then closed
-                waited = False  # reconnect without the backoff wait
             reading = self.may_read() or self.must_read()
             self.paused_reads += not reading
             rlist = [sock, wake_r] if reading else [wake_r]

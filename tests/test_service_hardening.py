@@ -137,28 +137,6 @@ def test_drop_oldest_reports_every_sample_it_drops(bundles, broker, service):
     assert not {(t.split("/", 1)[1], d["seq"]) for t, d in col.of("errors/")} & predicted
 
 
-def test_a_broker_flooding_past_receive_maximum_gets_the_rest_back_in_order(
-    bundles, broker, service
-):
-    """A tiny Receive Maximum and answer window: Mosquitto 2.0 then sends far more than it
-    may. The runtime takes twice the Receive Maximum, leaves the rest unacknowledged and
-    reconnects for it: every sample answered, exactly, in order (no late, no duplicate)."""
-    samples = make_samples(4, 300, seed=16)
-    col = Collector(broker.url)
-    svc = service("--queue-size", "5", "--max-unacked", "2", "--max-batch", "4")
-    wait_until(col.online, 20, "runtime online")
-    pub = Publisher(broker.url)
-    for i in range(300):
-        feed_good(pub, samples, i)
-    pub.flush(120)
-    expected = offline(bundles / BUNDLE, samples)
-    wait_until(lambda: set(expected) <= set(col.predictions()), 180, "every prediction")
-    assert_exact(col.predictions(), expected)
-    assert not [d for _, d in col.of("errors/")], "no sample overtook another"
-    svc.stop()
-    print(f"resyncs: {svc.output().count('fetched again by reconnecting')}")
-
-
 def test_duplicates_after_kill_9_are_bounded_by_what_was_in_flight(bundles, broker, service):
     window = 100
     samples = make_samples(10, 200, seed=14)

@@ -31,7 +31,7 @@ from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
 from .reorder import Reorderer
-from .sequencing import U32
+from .sequencing import HALF, U32
 from .topics import Template
 from .wal import Entry, Evict, Mark, Output, Record, Release, Void
 
@@ -374,6 +374,12 @@ class Processor:
         try:
             s = payloads.decode(msg.payload, self.engine.manifest.feature_names, msg.content_type)
             seq, count = s.seq, len(s.values)
+            if seq is not None and count and self._applied(stream, seq, count, s.boot):
+                # A redelivery of samples applied (and predicted) already: not dropped.
+                if not msg.redelivered:
+                    detail = f"{count} sample(s) from seq {seq} were applied already; dropped"
+                    self._error(r, stream, "duplicate", detail, seq, {"count": count})
+                return
         except payloads.PayloadError as exc:
             seq = exc.seq
         except Exception:  # the drop is reported without its seq then
@@ -381,6 +387,14 @@ class Processor:
         self.metrics.inc("dropped_overload")
         detail = f"{count or 'the'} sample(s) dropped: the runtime is overloaded (overload = drop-oldest)"
         self._error(r, stream, "dropped", detail, seq)
+
+    def _applied(self, stream: str, seq: int, count: int, boot: int | None) -> bool:
+        """Whether every sample of a message was applied already (same boot, seq behind)."""
+        last = self.engine.last_seq(stream)
+        current, _ = self.engine.boots(stream)
+        if last is None or (boot is not None and boot != current):
+            return False
+        return (last - (seq + count - 1)) % U32 < HALF
 
     # -- stepping ---------------------------------------------------------------------------
 

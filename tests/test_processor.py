@@ -116,3 +116,18 @@ def test_a_stream_forgotten_as_idle_is_forgotten_at_the_same_point_by_a_replay(
     replayed = [o for o in answers(again) if o.topic == "predictions/a"]
     assert replayed[-1].payload == live["predictions/a"]
     assert again.engine.last_seq("a") == 3
+
+
+def test_a_dropped_redelivery_of_applied_samples_is_not_reported_dropped(bundles, tmp_path, xs):
+    """drop-oldest sheds what waits; a redelivered copy of samples already predicted is not
+    news, and saying "dropped" about them would contradict their prediction."""
+    import dataclasses
+
+    p = make(bundles, tmp_path, overload="drop-oldest")
+    assert p.handle([msg("a", 1, xs[0]), msg("a", 2, xs[1])])
+    answers(p)
+    again = dataclasses.replace(msg("a", 2, xs[1]), redelivered=True)
+    assert p.handle([], dropped=[again, msg("a", 1, xs[0]), msg("a", 3, xs[2])])
+    errors = [json.loads(o.payload) for o in answers(p) if o.topic == "errors/a"]
+    assert [(e["error"], e["seq"]) for e in errors] == [("duplicate", 1), ("dropped", 3)]
+    assert p.metrics.counters["dropped_overload"] == 1

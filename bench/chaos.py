@@ -381,9 +381,16 @@ def run(args: argparse.Namespace) -> int:
         )
         t0 = time.monotonic()
         fleet_log: list[Any] = []
-        runner = threading.Thread(
-            target=lambda: fleet_log.extend(fleet.run(duration)), name="fleet", daemon=True
-        )
+        failed: list[BaseException] = []
+
+        def run_fleet() -> None:
+            try:
+                fleet_log.extend(fleet.run(duration))
+            except BaseException as exc:  # the score would be empty: say so, fail the run
+                failed.append(exc)
+                raise
+
+        runner = threading.Thread(target=run_fleet, name="fleet", daemon=True)
         runner.start()
         hostile.thread.start()
         calm_at = t0 + duration - 5  # no new faults in the last seconds: a clean handover
@@ -428,6 +435,9 @@ def run(args: argparse.Namespace) -> int:
                 )
             time.sleep(0.1)
         runner.join()
+        if failed:
+            log(f"the simulated devices failed ({failed[0]!r}): no score for this run")
+            return 1
         disk.free()
         hostile.stop()
         sup.ensure_running()

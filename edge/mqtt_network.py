@@ -96,11 +96,15 @@ class NetworkLoop:
             self.paused_reads += not reading
             rlist = [sock, wake_r] if reading else [wake_r]
             wlist = [sock] if self.client.want_write() else []
+            # TLS decrypts ahead: bytes it holds make no noise on the raw socket.
+            pending = reading and bool(getattr(sock, "pending", lambda: 0)())
             try:
-                wait = 1.0 if reading else PAUSED_POLL
+                wait = 0.0 if pending else 1.0 if reading else PAUSED_POLL
                 ready, writable, _ = select.select(rlist, wlist, [], wait)
-            except (OSError, ValueError):  # the socket was closed under us: look again
+            except (OSError, ValueError, TypeError):  # closed under us: look again
                 continue
+            if pending and sock not in ready:
+                ready = [*ready, sock]
             if wake_r in ready:
                 with contextlib.suppress(OSError):  # drained (BlockingIOError) or closing
                     while wake_r.recv(4096):

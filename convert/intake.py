@@ -57,6 +57,7 @@ class ModelSpec:
     head: tuple[DenseWeights, ...]
     source_sha256: str
     name: str
+    sequence_output: bool = True  # False: many-to-one (Keras returns the last step only)
 
     @property
     def outputs(self) -> int:
@@ -177,7 +178,8 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
         raise UnsupportedModel(
             f"first LSTM expects {lstms[0].kernel.shape[0]} features, input has {features}"
         )
-    return ModelSpec(features, mean, std, tuple(lstms), tuple(head), source_sha256, name)
+    seq_out = bool(lstm_layers[-1].return_sequences)
+    return ModelSpec(features, mean, std, tuple(lstms), tuple(head), source_sha256, name, seq_out)
 
 
 def read_spec(path: str | Path) -> ModelSpec:

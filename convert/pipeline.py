@@ -14,7 +14,7 @@ import numpy as np
 
 from edge.manifest import read_bundle
 
-from . import bundle, intake, quantize, verify
+from . import bundle, intake, quantize, verdict, verify
 from .datasets import load_array
 from .errors import ConvertError
 
@@ -61,11 +61,12 @@ def run_convert(
     feature_names: list[str] | None = None,
     data_path: str | Path | None = None,
     normalization: str = "runtime",
-    long_steps: int = verify.TARGETS["long_steps"],
+    targets: verdict.Targets | None = None,
     per_channel: bool = False,
     progress: Progress = _stderr,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
+    targets = targets or verdict.Targets()
     if mode not in quantize.MODES:
         raise ConvertError(f"--quant {mode!r} is not one of {', '.join(quantize.MODES)}")
     if normalization not in ("runtime", "graph"):
@@ -115,7 +116,7 @@ def run_convert(
             spec,
             data,
             data_labels,
-            long_steps=long_steps,
+            targets=targets,
             dev_python=verify.device_python(),
             progress=progress,
         )
@@ -140,7 +141,7 @@ def run_verify(
     model_path: str | Path,
     data_path: str | Path,
     *,
-    long_steps: int,
+    targets: verdict.Targets | None = None,
     progress: Progress = _stderr,
 ) -> dict[str, Any]:
     d = Path(directory)
@@ -154,7 +155,7 @@ def run_verify(
         spec,
         data,
         labels,
-        long_steps=long_steps,
+        targets=targets,
         dev_python=verify.device_python(),
         progress=progress,
     )
@@ -166,25 +167,39 @@ def summary(report: dict[str, Any]) -> str:
     lines = [
         f"bundle {report['bundle']} ({report['quantization']}, {report['tflite_bytes']} bytes)"
     ]
+    if "rmse_ratio" in par:
+        lines.append(
+            f"  task     RMSE vs targets ({par['labels']}): float {par['rmse_float']:.4g}  "
+            f"bundle {par['rmse_bundle']:.4g}  ratio {par['rmse_ratio']:.4f}"
+        )
+    if "accuracy_float" in par:
+        lines.append(
+            f"  task     accuracy ({par['labels']}): float {par['accuracy_float']:.2%}  "
+            f"bundle {par['accuracy_bundle']:.2%}"
+        )
     lines.append(
         f"  parity   max|dy| {par['max_abs_error']:.4g}  mean|dy| {par['mean_abs_error']:.4g}"
         + (f"  top-1 agreement {par['top1_agreement']:.4%}" if "top1_agreement" in par else "")
-        + (f"  RMSE ratio {par['rmse_ratio']:.4f}" if "rmse_ratio" in par else "")
-    )
-    if "accuracy_last_step_float" in par:
-        lines.append(
-            f"  accuracy (last step)  float {par['accuracy_last_step_float']:.2%}  "
-            f"bundle {par['accuracy_last_step_bundle']:.2%}"
+        + (
+            f"  RMSE vs float {par['rmse_vs_float_rel']:.3%} of std"
+            if "rmse_vs_float_rel" in par
+            else ""
         )
+    )
     lines.append(
         f"  drift    {dr['steps']} steps  first 10% {dr['first_10pct_mean_error']:.4g}  "
         f"last 10% {dr['last_10pct_mean_error']:.4g}  ratio {dr['drift_ratio']:.3f} "
         f"(last vs 2nd 10%: {dr['drift_ratio_steady']:.3f})"
         + (f"  top-1 {dr['top1_agreement']:.4%}" if "top1_agreement" in dr else "")
+        + (
+            " (reported; gated with --regime continuous)"
+            if "top1_agreement" in dr and "long_stream_top1_agreement" not in report["checks"]
+            else ""
+        )
     )
-    sat = ", ".join(f"{k} {v:.3%}" for k, v in dr["state_saturation"].items())
+    sat = ", ".join(f"{k} {v['clipped']:.3%}" for k, v in report.get("saturation", {}).items() if v)
     if sat:
-        lines.append(f"  state saturation  {sat}")
+        lines.append(f"  clipped on --data  {sat}")
     ops = ", ".join(f"{k} v{v['version']}" for k, v in report["op_audit"]["ops"].items())
     lines.append(f"  ops      {ops}")
     lines.append(
@@ -198,6 +213,7 @@ def summary(report: dict[str, Any]) -> str:
         "  checks   "
         + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["checks"].items())
     )
+    lines += [f"  {line}" for line in report.get("advice", [])]
     return "\n".join(lines)
 
 

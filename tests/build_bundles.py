@@ -72,6 +72,7 @@ def build_all(dest: Path) -> None:
     from convert import intake, reference
     from convert.pipeline import run_convert
     from convert.train import train_example
+    from convert.verdict import Targets
     from edge.cli import probe_inputs
 
     tmp = dest.with_name(dest.name + ".tmp")
@@ -112,7 +113,7 @@ def build_all(dest: Path) -> None:
             mode=mode,
             labels=labels,
             data_path=data,
-            long_steps=2000,
+            targets=Targets(long_steps=2000),
             progress=quiet,
         )
         reports[name] = {k: v for k, v in report.items() if not k.startswith("_")}

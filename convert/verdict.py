@@ -184,10 +184,11 @@ def advice(report: dict[str, Any], targets: Targets) -> list[str]:
         "float16": "--quant float32",
     }.get(mode, "")
     graph_norm = report.get("normalization") == "graph"
+    # An int8 cell state clips by choice (``quantize.choose_c_range``): not a calibration gap.
     clipped = {
         k: v["clipped"]
         for k, v in report.get("saturation", {}).items()
-        if v and v["clipped"] > targets.max_saturation
+        if v and v["clipped"] > targets.max_saturation and v.get("role") != "c"
     }
     out = []
     cal_hint = (

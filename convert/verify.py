@@ -26,7 +26,7 @@ from edge.model import dequantize
 
 from . import reference, verdict
 from .errors import VerificationFailed
-from .intake import ModelSpec
+from .spec import ModelSpec
 
 FORBIDDEN_OPS = {
     "UNIDIRECTIONAL_SEQUENCE_LSTM": "fused LSTM op",
@@ -119,13 +119,14 @@ def tensor_saturation(
     values = {m.input: x_in, m.output: y_float}
     for (name, _), s in zip(m.state_names, states):
         values[name] = s
-    return {
-        name: verdict.saturation(
-            v, m.tensors[name].dtype, m.tensors[name].scale, m.tensors[name].zero_point
-        )
-        for name, v in values.items()
-        if m.tensors[name].quantized
-    }
+    roles = {s.input: s.role for s in m.states} | {m.input: "x", m.output: "y"}
+    out: dict[str, Any] = {}
+    for name, v in values.items():
+        t = m.tensors[name]
+        sat = verdict.saturation(v, t.dtype, t.scale, t.zero_point)
+        if sat is not None:
+            out[name] = {**sat, "role": roles[name]}
+    return out
 
 
 def _ratio(a: float, b: float) -> float:

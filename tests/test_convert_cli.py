@@ -88,14 +88,15 @@ def test_unsupported_layer(capsys, tmp_path, src):
     import keras
 
     inp = keras.Input((None, 6))
-    keras.Model(inp, keras.layers.GRU(4, name="gru_mem")(inp)).save(tmp_path / "gru.keras")
+    bi = keras.layers.Bidirectional(keras.layers.GRU(4), name="both_ways")
+    keras.Model(inp, bi(inp)).save(tmp_path / "bi.keras")
     code, out = convert(
         capsys,
-        tmp_path / "gru.keras",
+        tmp_path / "bi.keras",
         src / "model.calib.npy",
         str(tmp_path / "out"),
     )
-    assert_refused(code, out, "layer 'gru_mem' (GRU) cannot be streamed", tmp_path)
+    assert_refused(code, out, "layer 'both_ways' (Bidirectional) cannot be streamed", tmp_path)
 
 
 def test_unwritable_output(capsys, tmp_path, src):

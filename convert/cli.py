@@ -57,8 +57,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--quant",
         default="int8",
-        choices=["int8", "int16x8", "float16", "float32"],
-        help="quantisation mode (default: int8, full integer with int8 state I/O)",
+        choices=["int8", "int16x8", "float16", "float32", "auto"],
+        help="quantisation mode (default: int8, full integer with int8 state I/O); 'auto' "
+        "tries int8, int16x8, float16, float32 in that order and keeps the first that meets "
+        "every target of the verdict, saying why",
     )
     c.add_argument("--labels", type=_csv, help="class labels, comma separated (classifiers)")
     c.add_argument("--sample-rate", type=float, help="sensor sample rate in Hz (for the manifest)")

@@ -19,6 +19,7 @@ from .datasets import load_array
 from .errors import ConvertError
 
 Progress = Callable[[str], None]
+AUTO_ORDER = ("int8", "int16x8", "float16", "float32")  # smallest file first
 
 
 def _stderr(msg: str) -> None:
@@ -67,8 +68,8 @@ def run_convert(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     targets = targets or verdict.Targets()
-    if mode not in quantize.MODES:
-        raise ConvertError(f"--quant {mode!r} is not one of {', '.join(quantize.MODES)}")
+    if mode not in (*quantize.MODES, "auto"):
+        raise ConvertError(f"--quant {mode!r} is not one of {', '.join(quantize.MODES)}, auto")
     if normalization not in ("runtime", "graph"):
         raise ConvertError(f"--normalization {normalization!r} is not 'runtime' or 'graph'")
     if sample_rate_hz is not None and not sample_rate_hz > 0:
@@ -86,40 +87,76 @@ def run_convert(
         load_sequences(data_path, spec.features, "--data") if data_path else (calib, None)
     )
     in_graph = normalization == "graph"
+    if data_labels is not None:  # a bad label shape is a usage error, before the slow part
+        kind = "classifier" if labels or spec.final_activation == "softmax" else "regressor"
+        n, t, _ = data.shape
+        verdict.label_alignment(data_labels, kind, n, t, spec.outputs, spec.sequence_output)
     progress(
         f"calibrating on {calib.shape[0]} sequences x {calib.shape[1]} steps "
         "(and their concatenation)"
     )
-    cal = quantize.calibrate(
-        spec, calib, normalize_in_graph=in_graph, search_c_range=mode == "int8"
-    )
-    progress(f"converting to {mode}")
-    content = quantize.convert(
-        spec, cal, mode, normalize_in_graph=in_graph, per_channel=per_channel
-    )
-    manifest = bundle.describe(
-        content,
-        spec,
-        mode=mode,
-        normalize_in_graph=in_graph,
-        labels=labels or [],
-        feature_names=feature_names or [f"f{i}" for i in range(spec.features)],
-        feature_units=[""] * spec.features,
-        sample_rate_hz=sample_rate_hz,
-    )
+    names = feature_names or [f"f{i}" for i in range(spec.features)]
+    tried: list[dict[str, Any]] = []
     with bundle.staging(Path(out)) as tmp:
-        (tmp / bundle.MODEL_NAME).write_bytes(content)
-        bundle.write_manifest(tmp, manifest)
-        progress("verifying")
-        report = verify.verify(
-            tmp,
-            spec,
-            data,
-            data_labels,
-            targets=targets,
-            dev_python=verify.device_python(),
-            progress=progress,
-        )
+        report: dict[str, Any] | None = None
+        for m in AUTO_ORDER if mode == "auto" else (mode,):
+            cal = quantize.calibrate(
+                spec, calib, normalize_in_graph=in_graph, search_c_range=m == "int8"
+            )
+            progress(f"converting to {m}")
+            try:
+                content = quantize.convert(
+                    spec, cal, m, normalize_in_graph=in_graph, per_channel=per_channel
+                )
+            except ConvertError as exc:
+                if mode != "auto":
+                    raise
+                tried.append({"mode": m, "passed": False, "why": str(exc)})
+                continue
+            manifest = bundle.describe(
+                content,
+                spec,
+                mode=m,
+                normalize_in_graph=in_graph,
+                labels=labels or [],
+                feature_names=names,
+                feature_units=[""] * spec.features,
+                sample_rate_hz=sample_rate_hz,
+            )
+            for old in tmp.iterdir():
+                old.unlink()
+            (tmp / bundle.MODEL_NAME).write_bytes(content)
+            bundle.write_manifest(tmp, manifest)
+            progress("verifying")
+            report = verify.verify(
+                tmp,
+                spec,
+                data,
+                data_labels,
+                targets=targets,
+                dev_python=verify.device_python(),
+                progress=progress,
+            )
+            failed = [k for k, v in report["checks"].items() if not v]
+            tried.append(
+                {
+                    "mode": m,
+                    "passed": not failed and not verify.hard_failures(report),
+                    "tflite_bytes": len(content),
+                    "failed": failed,
+                    "why": "; ".join(
+                        line.split(": try")[0].split("; ")[0]
+                        for line in report["advice"][: len(failed)]
+                    ),
+                }
+            )
+            if tried[-1]["passed"]:
+                break
+        if report is None:
+            raise ConvertError(f"no mode could be converted: {auto_reason(tried)}")
+        if mode == "auto":
+            report["auto"] = {"chosen": report["quantization"], "tried": tried}
+            report["advice"] = [auto_reason(tried), *report["advice"]]
         report["verified_on"] = "held-out data" if data_path else "calibration data"
         report["bundle"] = str(Path(out))
         verify.raise_on_hard_failures(report)
@@ -130,10 +167,28 @@ def run_convert(
             for k, v in report["interpreters"].items()
             if v["status"] == "passed"
         }
-        manifest = dataclasses.replace(manifest, fidelity=fidelity, interpreters=interp)
+        extra = dict(manifest.extra)
+        if mode == "auto":
+            extra["quantization_choice"] = report["advice"][0]
+        manifest = dataclasses.replace(
+            manifest, fidelity=fidelity, interpreters=interp, extra=extra
+        )
         bundle.write_manifest(tmp, manifest)
         verify.save(report, tmp)
     return report
+
+
+def auto_reason(tried: list[dict[str, Any]]) -> str:
+    """One line: which mode ``--quant auto`` chose, and why the smaller ones were not it."""
+    last = tried[-1]
+    before = "; ".join(
+        f"{t['mode']} failed: {t['why'] or ', '.join(t['failed'])}" for t in tried[:-1]
+    )
+    if last["passed"]:
+        head = f"--quant auto chose {last['mode']}, the smallest mode meeting every target"
+    else:
+        head = f"--quant auto: no mode met every target; kept {last['mode']}, the most faithful"
+    return head + (f" ({before})" if before else "")
 
 
 def run_verify(

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from edge.errors import EdgeError
 from edge.manifest import read_bundle
 
 from . import bundle, intake, quantize, verdict, verify
@@ -128,15 +129,22 @@ def run_convert(
             (tmp / bundle.MODEL_NAME).write_bytes(content)
             bundle.write_manifest(tmp, manifest)
             progress("verifying")
-            report = verify.verify(
-                tmp,
-                spec,
-                data,
-                data_labels,
-                targets=targets,
-                dev_python=verify.device_python(),
-                progress=progress,
-            )
+            try:
+                report = verify.verify(
+                    tmp,
+                    spec,
+                    data,
+                    data_labels,
+                    targets=targets,
+                    dev_python=verify.device_python(),
+                    progress=progress,
+                )
+            except EdgeError as exc:  # e.g. an interpreter without a kernel for this mode
+                if mode != "auto":
+                    raise
+                tried.append({"mode": m, "passed": False, "why": str(exc), "failed": ["runs"]})
+                report = None
+                continue
             failed = [k for k, v in report["checks"].items() if not v]
             tried.append(
                 {

@@ -129,7 +129,9 @@ def _layer_fn(layer: Any, tf: Any, c: Callable[[Any], Any]) -> LayerFn:
         def layer_norm(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
             if not rms:
                 inp = inp - tf.reduce_mean(inp, axis=-1, keepdims=True)
-            var = tf.reduce_mean(tf.square(inp), axis=-1, keepdims=True)
+            # inp * inp, not tf.square: the converter fuses square(x - mean) into
+            # SQUARED_DIFFERENCE, which has no int8 kernel
+            var = tf.reduce_mean(inp * inp, axis=-1, keepdims=True)
             return inp * tf.math.rsqrt(var + eps) * g + b, []
 
         return layer_norm

@@ -1,9 +1,11 @@
 """convert: trained Keras LSTM -> verified int8 TFLite step model (desktop side, needs TensorFlow).
 
-Modules, in pipeline order: ``intake`` (read and check the Keras model), ``reference`` (NumPy
-golden LSTM), ``step_graph`` (the one-step TF function), ``quantize`` (calibration and the
-TFLite converter), ``verify`` (fidelity, drift, op audit, interpreters), ``bundle`` (atomic
-output directory and manifest). ``datasets`` and ``train`` serve the example model.
+Modules, in pipeline order: ``intake`` (read and check the Keras model into a ``spec``, the
+framework-free list of per-step layers), ``reference`` (NumPy golden step), ``step_graph``
+(the one-step TF function), ``quantize`` (calibration and the TFLite converter), ``verify``
+(fidelity, drift, op audit, interpreters), ``verdict`` (task metrics, gates, advice),
+``bundle`` (atomic output directory and manifest). ``datasets`` and ``train`` serve the
+example model.
 """
 
 __version__ = "0.1.0"

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from edge.backend import select
-from edge.manifest import MANIFEST_NAME, Manifest, StateLayer, TensorSpec
+from edge.manifest import MANIFEST_NAME, Manifest, StateTensor, TensorSpec
 
 from . import step_graph
 from .errors import ConvertError
-from .intake import ModelSpec
+from .spec import ModelSpec
 
 MODEL_NAME = "model.tflite"
 
@@ -50,9 +50,8 @@ def describe(
             float(scale) if dtype != "float32" else 0.0,
             int(zp) if dtype != "float32" else 0,
         )
-    layers = tuple(
-        StateLayer(w.units, f"h{i}", f"h{i}_next", f"c{i}", f"c{i}_next")
-        for i, w in enumerate(spec.lstms)
+    states = tuple(
+        StateTensor(s.name, s.output, s.width, s.role, s.layer, s.cell) for s in spec.states
     )
     kind = "classifier" if labels or spec.final_activation == "softmax" else "regressor"
     if kind == "classifier" and not labels:
@@ -80,7 +79,7 @@ def describe(
         feature_units=tuple(feature_units),
         output_kind=kind,
         labels=tuple(labels),
-        layers=layers,
+        states=states,
         tensors=tensors,
         sample_rate_hz=sample_rate_hz,
         extra=extra,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from edge.cli import run_command
 
 from .errors import ConvertError
+from .verdict import REGIMES, Targets
 
 EPILOG = """\
 examples:
@@ -56,8 +57,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--quant",
         default="int8",
-        choices=["int8", "int16x8", "float16", "float32"],
-        help="quantisation mode (default: int8, full integer with int8 state I/O)",
+        choices=["int8", "int16x8", "float16", "float32", "auto"],
+        help="quantisation mode (default: int8, full integer with int8 state I/O); 'auto' "
+        "tries int8, int16x8, float16, float32 in that order and keeps the first that meets "
+        "every target of the verdict, saying why",
     )
     c.add_argument("--labels", type=_csv, help="class labels, comma separated (classifiers)")
     c.add_argument("--sample-rate", type=float, help="sensor sample rate in Hz (for the manifest)")
@@ -74,12 +77,7 @@ def parser() -> argparse.ArgumentParser:
         help="where a Normalization layer runs: 'runtime' (float, before int8 "
         "quantisation; default, better fidelity) or 'graph' (inside the model)",
     )
-    c.add_argument(
-        "--long-steps",
-        type=int,
-        default=10_000,
-        help="length of the closed-loop drift stream (default 10000)",
-    )
+    _verdict_options(c)
     c.add_argument(
         "--per-channel",
         action="store_true",
@@ -99,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="the source Keras model (the float reference); its sha256 must match",
     )
-    v.add_argument("--long-steps", type=int, default=10_000)
+    _verdict_options(v)
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     t = sub.add_parser(
         "train-example",
@@ -112,6 +110,74 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=300)
     t.add_argument("--seed", type=int, default=7)
     return p
+
+
+def _verdict_options(p: argparse.ArgumentParser) -> None:
+    """The thresholds of the verdict; defaults in ``convert.verdict.Targets``."""
+    d = Targets()
+    g = p.add_argument_group(
+        "verdict",
+        "exit 0 when every gate holds on --data; 1 when a bundle was written but a gate failed",
+    )
+    g.add_argument(
+        "--max-rmse-ratio",
+        type=float,
+        default=d.max_rmse_ratio,
+        help="regressors: bundle RMSE against the targets / float RMSE "
+        f"(default {d.max_rmse_ratio})",
+    )
+    g.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=d.max_accuracy_drop,
+        help="classifiers: float accuracy minus bundle accuracy, as a fraction "
+        f"(default {d.max_accuracy_drop})",
+    )
+    g.add_argument(
+        "--min-agreement",
+        type=float,
+        default=d.min_agreement,
+        help=f"classifiers: per-step top-1 agreement with float (default {d.min_agreement})",
+    )
+    g.add_argument(
+        "--max-drift-ratio",
+        type=float,
+        default=d.max_drift_ratio,
+        help="closed-loop error of the last 10%% of a long stream over the 2nd 10%% "
+        f"(default {d.max_drift_ratio})",
+    )
+    g.add_argument(
+        "--max-saturation",
+        type=float,
+        default=d.max_saturation,
+        help="share of values on --data an integer tensor may clip before a warning "
+        f"(default {d.max_saturation})",
+    )
+    g.add_argument(
+        "--regime",
+        choices=REGIMES,
+        default=d.regime,
+        help="'sequences' (default): streams are reset between sequences, long-stream "
+        "agreement is reported; 'continuous': streams run unreset, it is a gate too",
+    )
+    g.add_argument(
+        "--long-steps",
+        type=int,
+        default=d.long_steps,
+        help=f"length of the closed-loop drift stream (default {d.long_steps})",
+    )
+
+
+def _targets(args: argparse.Namespace) -> Targets:
+    return Targets(
+        max_rmse_ratio=args.max_rmse_ratio,
+        max_accuracy_drop=args.max_accuracy_drop,
+        min_agreement=args.min_agreement,
+        max_drift_ratio=args.max_drift_ratio,
+        max_saturation=args.max_saturation,
+        regime=args.regime,
+        long_steps=args.long_steps,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,8 +198,7 @@ def _run(args: argparse.Namespace) -> int:
             f"every step {info['test_accuracy_all_steps']:.2%}"
         )
         return 0
-    if args.long_steps < 100:
-        raise ConvertError(f"--long-steps {args.long_steps} must be >= 100")
+    targets = _targets(args)
     from . import pipeline
 
     if args.command == "convert":
@@ -147,11 +212,11 @@ def _run(args: argparse.Namespace) -> int:
             feature_names=args.feature_names,
             data_path=args.data,
             normalization=args.normalization,
-            long_steps=args.long_steps,
+            targets=targets,
             per_channel=args.per_channel,
         )
     else:
-        report = pipeline.run_verify(args.bundle, args.model, args.data, long_steps=args.long_steps)
+        report = pipeline.run_verify(args.bundle, args.model, args.data, targets=targets)
     print(pipeline.dumps(report) if args.json else pipeline.summary(report))
     if args.command == "convert":
         print(f"wrote {args.out} in {report['convert_seconds']:.1f} s")

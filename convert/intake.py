@@ -1,76 +1,81 @@
-"""Read a Keras model and reduce it to what a causal step needs: ``ModelSpec``.
+"""Read a Keras model and reduce it to what a causal step needs: ``spec.ModelSpec``.
 
-Supported: optional leading ``Normalization``, 1-3 stacked ``LSTM`` layers, then a per-step
-head of ``Dense``/``TimeDistributed(Dense)``/``Activation``/``Dropout``. Everything else is
-refused with the layer's name and the reason.
+Accepted, in any order along one chain: ``LSTM`` / ``GRU`` / ``SimpleRNN`` (also as ``RNN``
+over their cells or ``StackedRNNCells``, any activations of ``spec.ACTIVATIONS``, with or
+without bias, ``stateful`` or not: the runtime keeps the state itself), stride-1 ``Conv1D``
+with ``causal`` or ``valid`` padding (any dilation), ``Dense`` / ``TimeDistributed``,
+``Activation``, ``BatchNormalization`` (folded), ``LayerNormalization``, ``Normalization`` and
+the layers that are the identity at inference (``Dropout`` and kin). Refused, with the layer's
+name and why: whatever makes step ``t`` depend on later samples or on the whole sequence.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import ConvertError, UnsupportedModel
+from .spec import (
+    ACTIVATIONS,
+    ALIASES,
+    Activation,
+    Affine,
+    Conv1D,
+    Dense,
+    GRUCell,
+    Layer,
+    LayerNorm,
+    LSTMCell,
+    ModelSpec,
+    SimpleRNNCell,
+    layer_states,
+)
 
-ACTIVATIONS = ("linear", "sigmoid", "softmax", "relu", "tanh")
-MAX_LSTM_LAYERS = 3
+# Re-exported for callers that imported the spec from here.
+__all__ = ["ModelSpec", "load_model", "read_spec", "spec_from_model"]
+
 _REASONS = {
     "Bidirectional": "it reads the sequence backwards too, so step t depends on future samples",
-    "GRU": "GRU layers are not supported yet (only LSTM)",
-    "SimpleRNN": "SimpleRNN layers are not supported yet (only LSTM)",
-    "Masking": "masking changes which steps update the state; the step model cannot reproduce it",
+    "Masking": "a masked step must leave state and output untouched, which a step model fed "
+    "by the runtime cannot tell apart from a real sample; drop masked samples before sending",
     "Attention": "attention looks at the whole sequence, not one causal step",
+    "AdditiveAttention": "attention looks at the whole sequence, not one causal step",
     "MultiHeadAttention": "attention looks at the whole sequence, not one causal step",
-    "Conv1D": "a convolution over time needs a window of samples, not one step",
     "GlobalAveragePooling1D": "pooling over time needs the whole sequence",
+    "GlobalMaxPooling1D": "pooling over time needs the whole sequence",
+    "MaxPooling1D": "pooling over time changes the sample rate",
+    "AveragePooling1D": "pooling over time changes the sample rate",
     "Flatten": "flattening mixes time steps together",
+    "Reshape": "reshaping may mix time steps together",
+    "RepeatVector": "an encoder-decoder repeats a summary of the whole input",
+    "Lambda": "arbitrary code cannot be turned into a step",
+    "ConvLSTM1D": "ConvLSTM layers are not supported",
 }
+IDENTITY = (
+    "Dropout",
+    "SpatialDropout1D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "ActivityRegularization",
+    "InputLayer",
+)
 
 
-@dataclass(frozen=True)
-class LSTMWeights:
-    kernel: np.ndarray  # [F, 4H], gate order i, f, c, o
-    recurrent: np.ndarray  # [H, 4H]
-    bias: np.ndarray  # [4H]
-
-    @property
-    def units(self) -> int:
-        return int(self.recurrent.shape[0])
+def _activation_name(fn: object) -> str:
+    name = getattr(fn, "__name__", str(fn))
+    return ALIASES.get(name, name)
 
 
-@dataclass(frozen=True)
-class DenseWeights:
-    kernel: np.ndarray
-    bias: np.ndarray
-    activation: str
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    features: int
-    norm_mean: np.ndarray | None  # [F]
-    norm_std: np.ndarray | None  # [F], already max(sqrt(var), eps)
-    lstms: tuple[LSTMWeights, ...]
-    head: tuple[DenseWeights, ...]
-    source_sha256: str
-    name: str
-
-    @property
-    def outputs(self) -> int:
-        return int(self.head[-1].kernel.shape[1]) if self.head else self.lstms[-1].units
-
-    @property
-    def final_activation(self) -> str:
-        return self.head[-1].activation if self.head else "tanh"
-
-
-def _activation_name(layer: object) -> str:
-    act = getattr(layer, "activation", None)
-    name = getattr(act, "__name__", str(act))
-    return "linear" if name in ("linear", "None") else name
+def _act(fn: object, where: str, allow_softmax: bool = False) -> str:
+    name = _activation_name(fn)
+    ok = [a for a in ACTIVATIONS if allow_softmax or a != "softmax"]
+    if name not in ok:
+        raise UnsupportedModel(f"{where}: activation {name!r} is not one of {', '.join(ok)}")
+    return name
 
 
 def load_model(path: str | Path) -> object:
@@ -88,96 +93,206 @@ def load_model(path: str | Path) -> object:
         raise ConvertError(f"{p}: Keras cannot read this model: {first}") from exc
 
 
+def _f32(a: Any) -> np.ndarray:
+    return np.asarray(a, np.float32)
+
+
+def _cell(cell: Any, where: str) -> Layer:
+    """One recurrent cell's weights and activations."""
+    import keras
+
+    kind = type(cell).__name__
+    act = _act(cell.activation, where)
+    w = [_f32(v) for v in cell.get_weights()]
+    if isinstance(cell, keras.layers.LSTMCell):
+        ract = _act(cell.recurrent_activation, where)
+        bias = w[2] if cell.use_bias else np.zeros(w[0].shape[1], np.float32)
+        return LSTMCell(w[0], w[1], bias, "ifco", act, ract)
+    if isinstance(cell, keras.layers.GRUCell):
+        ract = _act(cell.recurrent_activation, where)
+        width = w[0].shape[1]
+        zeros = np.zeros(width, np.float32)
+        if not cell.use_bias:
+            b_in, b_rec = zeros, zeros
+        elif cell.reset_after:
+            b_in, b_rec = w[2][0], w[2][1]
+        else:
+            b_in, b_rec = w[2].reshape(-1), zeros
+        return GRUCell(w[0], w[1], b_in, b_rec, bool(cell.reset_after), "zrh", act, ract)
+    if isinstance(cell, keras.layers.SimpleRNNCell):
+        bias = w[2] if cell.use_bias else np.zeros(w[0].shape[1], np.float32)
+        return SimpleRNNCell(w[0], w[1], bias, act)
+    raise UnsupportedModel(f"{where}: cell {kind} is not supported (LSTM, GRU, SimpleRNN cells)")
+
+
+def _recurrent(layer: Any, where: str) -> tuple[list[Layer], bool]:
+    """(cells, return_sequences) of an LSTM / GRU / SimpleRNN / RNN layer."""
+    import keras
+
+    problems = []
+    if layer.go_backwards:
+        problems.append("go_backwards=True reads the sequence in reverse")
+    if layer.return_state:
+        problems.append("return_state=True (the runtime keeps the state; return the sequence)")
+    if problems:
+        raise UnsupportedModel(f"{where} cannot be streamed: {'; '.join(problems)}")
+    cell = layer.cell
+    cells = list(cell.cells) if isinstance(cell, keras.layers.StackedRNNCells) else [cell]
+    return [_cell(c, where) for c in cells], bool(layer.return_sequences)
+
+
+def _conv(layer: Any, where: str) -> Conv1D:
+    problems = []
+    stride = int(np.prod(layer.strides))
+    if stride != 1:
+        problems.append(
+            f"strides={stride} gives one output per {stride} samples; the step model gives one "
+            "per sample"
+        )
+    if layer.padding not in ("causal", "valid"):
+        problems.append(
+            f"padding={layer.padding!r} centres the window, so step t reads later samples; use "
+            "padding='causal'"
+        )
+    if layer.data_format != "channels_last":
+        problems.append("data_format must be 'channels_last' ([batch, time, features])")
+    if problems:
+        raise UnsupportedModel(f"{where} cannot be streamed: {'; '.join(problems)}")
+    w = layer.get_weights()
+    kernel = _f32(w[0])  # [K, D_in / groups, D_out]
+    groups = int(getattr(layer, "groups", 1))
+    if groups > 1:  # a block-diagonal full kernel
+        k, d_g, d_out = kernel.shape
+        full = np.zeros((k, d_g * groups, d_out), np.float32)
+        per = d_out // groups
+        for g in range(groups):
+            full[:, g * d_g : (g + 1) * d_g, g * per : (g + 1) * per] = kernel[
+                ..., g * per : (g + 1) * per
+            ]
+        kernel = full
+    bias = _f32(w[1]) if layer.use_bias else np.zeros(kernel.shape[2], np.float32)
+    act = _act(layer.activation, where)
+    return Conv1D(kernel, bias, int(np.prod(layer.dilation_rate)), act)
+
+
+def _batchnorm(layer: Any, where: str, width: int) -> Affine:
+    axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
+    if axis not in (-1, 2, [-1], (-1,), (2,)):
+        raise UnsupportedModel(f"{where}: only axis=-1 (per feature) can be folded per step")
+    mean = _f32(layer.moving_mean.numpy())
+    var = np.asarray(layer.moving_variance.numpy(), np.float64)
+    gamma = np.asarray(layer.gamma.numpy(), np.float64) if layer.scale else np.ones(width)
+    beta = np.asarray(layer.beta.numpy(), np.float64) if layer.center else np.zeros(width)
+    scale = gamma / np.sqrt(var + layer.epsilon)
+    return Affine(_f32(scale), _f32(beta - mean * scale))
+
+
+def _fold(prev: Layer | None, affine: Affine) -> Layer | None:
+    """An affine after a linear Dense or convolution becomes part of its weights."""
+    if isinstance(prev, Dense) and prev.activation == "linear":
+        return Dense(prev.kernel * affine.scale, prev.bias * affine.scale + affine.shift)
+    if isinstance(prev, Conv1D) and prev.activation == "linear":
+        return Conv1D(
+            prev.kernel * affine.scale, prev.bias * affine.scale + affine.shift, prev.dilation
+        )
+    return None
+
+
 def spec_from_model(model: object, source_sha256: str = "", name: str = "model") -> ModelSpec:
     import keras
 
-    layers = [la for la in model.layers if not isinstance(la, keras.layers.InputLayer)]  # type: ignore[attr-defined]
     shape = model.inputs[0].shape  # type: ignore[attr-defined]
+    if len(model.inputs) != 1 or len(model.outputs) != 1:  # type: ignore[attr-defined]
+        raise UnsupportedModel("the model must have one input and one output")
     if len(shape) != 3:
         raise UnsupportedModel(f"model input has shape {shape}; expected [batch, time, features]")
     features = int(shape[-1])
     mean = std = None
-    lstms: list[LSTMWeights] = []
-    head: list[DenseWeights] = []
-    for layer in layers:
+    out: list[Layer] = []
+    width = features
+    timeline = True  # False once a layer returned only its last step
+    for layer in model.layers:  # type: ignore[attr-defined]
         kind = type(layer).__name__
         where = f"layer {layer.name!r} ({kind})"
-        if kind in _REASONS:
-            raise UnsupportedModel(f"{where} cannot be streamed: {_REASONS[kind]}")
-        if isinstance(layer, keras.layers.Normalization):
-            if lstms or head or mean is not None or getattr(layer, "invert", False):
-                raise UnsupportedModel(
-                    f"{where}: only a leading, non-inverting Normalization is supported"
-                )
-            m, v = (np.asarray(w, np.float64).reshape(-1) for w in layer.get_weights()[:2])
-            mean = np.broadcast_to(m, (features,)).astype(np.float32)
-            var = np.broadcast_to(v, (features,))
-            std = np.maximum(np.sqrt(var), keras.config.epsilon()).astype(np.float32)
-        elif isinstance(layer, keras.layers.LSTM):
-            if head:
-                raise UnsupportedModel(f"{where}: an LSTM after the head is not supported")
-            problems = []
-            if layer.stateful:
-                problems.append("stateful=True (a fixed batch); the runtime keeps the state itself")
-            if layer.go_backwards:
-                problems.append("go_backwards=True reads the sequence in reverse")
-            if layer.return_state:
-                problems.append("return_state=True")
-            if (
-                _activation_name(layer) != "tanh"
-                or layer.recurrent_activation.__name__ != "sigmoid"
-            ):
-                problems.append(
-                    "only activation='tanh', recurrent_activation='sigmoid' are supported"
-                )
-            if not layer.use_bias:
-                problems.append("use_bias=False is not supported")
-            if problems:
-                raise UnsupportedModel(f"{where} cannot be streamed: {'; '.join(problems)}")
-            kernel, recurrent, bias = (np.asarray(w, np.float32) for w in layer.get_weights())
-            lstms.append(LSTMWeights(kernel, recurrent, bias))
-        elif isinstance(layer, (keras.layers.Dense, keras.layers.TimeDistributed)):
-            inner = layer.layer if isinstance(layer, keras.layers.TimeDistributed) else layer
-            if not isinstance(inner, keras.layers.Dense):
-                raise UnsupportedModel(f"{where}: only TimeDistributed(Dense) is supported")
-            if not lstms:
-                raise UnsupportedModel(f"{where}: Dense before the first LSTM is not supported")
-            act = _activation_name(inner)
-            if act not in ACTIVATIONS:
-                raise UnsupportedModel(f"{where}: activation {act!r} is not one of {ACTIVATIONS}")
+        inner = layer.layer if isinstance(layer, keras.layers.TimeDistributed) else layer
+        ikind = type(inner).__name__
+        if kind in _REASONS or ikind in _REASONS:
+            reason = _REASONS.get(kind) or _REASONS[ikind]
+            raise UnsupportedModel(f"{where} cannot be streamed: {reason}")
+        if ikind in IDENTITY:
+            continue
+        new: list[Layer] = []
+        if isinstance(inner, keras.layers.Normalization):
+            m, v = (np.asarray(w, np.float64).reshape(-1) for w in inner.get_weights()[:2])
+            m = np.broadcast_to(m, (width,))
+            s = np.maximum(np.sqrt(np.broadcast_to(v, (width,))), keras.config.epsilon())
+            if not out and mean is None and not getattr(inner, "invert", False):
+                mean, std = _f32(m), _f32(s)
+            elif getattr(inner, "invert", False):
+                new = [Affine(_f32(s), _f32(m))]
+            else:
+                new = [Affine(_f32(1.0 / s), _f32(-m / s))]
+        elif isinstance(inner, keras.layers.BatchNormalization):
+            affine = _batchnorm(inner, where, width)
+            folded = _fold(out[-1] if out else None, affine)
+            if folded is not None:
+                out[-1] = folded
+            else:
+                new = [affine]
+        elif isinstance(inner, keras.layers.LayerNormalization):
+            axis = inner.axis if isinstance(inner.axis, int) else tuple(inner.axis)
+            if axis not in (-1, 2, (-1,), (2,)):
+                raise UnsupportedModel(f"{where}: only axis=-1 (over the features of a step)")
+            gamma = _f32(inner.gamma.numpy()) if inner.scale else np.ones(width, np.float32)
+            beta = _f32(inner.beta.numpy()) if inner.center else np.zeros(width, np.float32)
+            rms = bool(getattr(inner, "rms_scaling", False))
+            new = [LayerNorm(gamma, beta, float(inner.epsilon), rms)]
+        elif isinstance(inner, keras.layers.Dense):
             w = inner.get_weights()
-            bias = (
-                np.asarray(w[1], np.float32) if len(w) > 1 else np.zeros(w[0].shape[1], np.float32)
+            bias = _f32(w[1]) if len(w) > 1 else np.zeros(w[0].shape[1], np.float32)
+            new = [Dense(_f32(w[0]), bias, _act(inner.activation, where, allow_softmax=True))]
+        elif isinstance(inner, keras.layers.Activation):
+            new = [Activation(_act(inner.activation, where, allow_softmax=True))]
+        elif isinstance(inner, keras.layers.ReLU):
+            if inner.max_value is not None or inner.negative_slope or inner.threshold:
+                raise UnsupportedModel(f"{where}: only a plain ReLU (use Activation('relu6'))")
+            new = [Activation("relu")]
+        elif isinstance(inner, keras.layers.Softmax):
+            new = [Activation("softmax")]
+        elif layer is not inner:
+            raise UnsupportedModel(
+                f"{where}: TimeDistributed({ikind}) is not supported (per-step layers only)"
             )
-            head.append(DenseWeights(np.asarray(w[0], np.float32), bias, act))
-        elif isinstance(layer, keras.layers.Activation):
-            act = _activation_name(layer)
-            if not head or head[-1].activation != "linear" or act not in ACTIVATIONS:
-                raise UnsupportedModel(f"{where}: activation {act!r} must follow a linear Dense")
-            head[-1] = DenseWeights(head[-1].kernel, head[-1].bias, act)
-        elif isinstance(
-            layer, (keras.layers.Dropout, keras.layers.GaussianNoise, keras.layers.GaussianDropout)
-        ):
-            continue  # identity at inference
+        elif isinstance(layer, keras.layers.RNN):
+            if not timeline:
+                raise UnsupportedModel(
+                    f"{where}: follows a layer that returned only its last step "
+                    "(set return_sequences=True on the layer before)"
+                )
+            new, timeline = _recurrent(layer, where)
+        elif isinstance(layer, keras.layers.Conv1D):
+            if not timeline:
+                raise UnsupportedModel(f"{where}: follows a layer that returned its last step")
+            new = [_conv(layer, where)]
         else:
             raise UnsupportedModel(f"{where} is not supported in a streaming step model")
-    if not lstms:
-        raise UnsupportedModel("the model has no LSTM layer")
-    if len(lstms) > MAX_LSTM_LAYERS:
+        for la in new:
+            if isinstance(la, (Dense, LSTMCell, GRUCell, SimpleRNNCell, Conv1D)):
+                d_in = la.kernel.shape[-2]
+                if d_in != width:
+                    raise UnsupportedModel(f"{where}: expects {d_in} features, gets {width}")
+                width = (
+                    int(la.kernel.shape[-1])
+                    if not isinstance(la, (LSTMCell, GRUCell, SimpleRNNCell))
+                    else la.units
+                )
+        out += new
+    layers = tuple(out)
+    if not layer_states(layers):
         raise UnsupportedModel(
-            f"{len(lstms)} stacked LSTM layers; at most {MAX_LSTM_LAYERS} are supported"
+            "the model has no recurrent layer or convolution over time: nothing to stream"
         )
-    lstm_layers = [la for la in layers if isinstance(la, keras.layers.LSTM)]
-    for la in lstm_layers[:-1]:
-        if not la.return_sequences:
-            raise UnsupportedModel(
-                f"layer {la.name!r} (LSTM) feeds another LSTM without return_sequences=True"
-            )
-    if lstms[0].kernel.shape[0] != features:
-        raise UnsupportedModel(
-            f"first LSTM expects {lstms[0].kernel.shape[0]} features, input has {features}"
-        )
-    return ModelSpec(features, mean, std, tuple(lstms), tuple(head), source_sha256, name)
+    return ModelSpec(features, mean, std, layers, source_sha256, name, timeline)
 
 
 def read_spec(path: str | Path) -> ModelSpec:

@@ -12,13 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from edge.errors import EdgeError
 from edge.manifest import read_bundle
 
-from . import bundle, intake, quantize, verify
+from . import bundle, intake, quantize, verdict, verify
 from .datasets import load_array
 from .errors import ConvertError
 
 Progress = Callable[[str], None]
+AUTO_ORDER = ("int8", "int16x8", "float16", "float32")  # smallest file first
 
 
 def _stderr(msg: str) -> None:
@@ -61,13 +63,14 @@ def run_convert(
     feature_names: list[str] | None = None,
     data_path: str | Path | None = None,
     normalization: str = "runtime",
-    long_steps: int = verify.TARGETS["long_steps"],
+    targets: verdict.Targets | None = None,
     per_channel: bool = False,
     progress: Progress = _stderr,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    if mode not in quantize.MODES:
-        raise ConvertError(f"--quant {mode!r} is not one of {', '.join(quantize.MODES)}")
+    targets = targets or verdict.Targets()
+    if mode not in (*quantize.MODES, "auto"):
+        raise ConvertError(f"--quant {mode!r} is not one of {', '.join(quantize.MODES)}, auto")
     if normalization not in ("runtime", "graph"):
         raise ConvertError(f"--normalization {normalization!r} is not 'runtime' or 'graph'")
     if sample_rate_hz is not None and not sample_rate_hz > 0:
@@ -85,40 +88,83 @@ def run_convert(
         load_sequences(data_path, spec.features, "--data") if data_path else (calib, None)
     )
     in_graph = normalization == "graph"
+    if data_labels is not None:  # a bad label shape is a usage error, before the slow part
+        kind = "classifier" if labels or spec.final_activation == "softmax" else "regressor"
+        n, t, _ = data.shape
+        verdict.label_alignment(data_labels, kind, n, t, spec.outputs, spec.sequence_output)
     progress(
         f"calibrating on {calib.shape[0]} sequences x {calib.shape[1]} steps "
         "(and their concatenation)"
     )
-    cal = quantize.calibrate(
-        spec, calib, normalize_in_graph=in_graph, search_c_range=mode == "int8"
-    )
-    progress(f"converting to {mode}")
-    content = quantize.convert(
-        spec, cal, mode, normalize_in_graph=in_graph, per_channel=per_channel
-    )
-    manifest = bundle.describe(
-        content,
-        spec,
-        mode=mode,
-        normalize_in_graph=in_graph,
-        labels=labels or [],
-        feature_names=feature_names or [f"f{i}" for i in range(spec.features)],
-        feature_units=[""] * spec.features,
-        sample_rate_hz=sample_rate_hz,
-    )
+    names = feature_names or [f"f{i}" for i in range(spec.features)]
+    tried: list[dict[str, Any]] = []
     with bundle.staging(Path(out)) as tmp:
-        (tmp / bundle.MODEL_NAME).write_bytes(content)
-        bundle.write_manifest(tmp, manifest)
-        progress("verifying")
-        report = verify.verify(
-            tmp,
-            spec,
-            data,
-            data_labels,
-            long_steps=long_steps,
-            dev_python=verify.device_python(),
-            progress=progress,
-        )
+        report: dict[str, Any] | None = None
+        for m in AUTO_ORDER if mode == "auto" else (mode,):
+            cal = quantize.calibrate(
+                spec, calib, normalize_in_graph=in_graph, search_c_range=m == "int8"
+            )
+            progress(f"converting to {m}")
+            try:
+                content = quantize.convert(
+                    spec, cal, m, normalize_in_graph=in_graph, per_channel=per_channel
+                )
+            except ConvertError as exc:
+                if mode != "auto":
+                    raise
+                tried.append({"mode": m, "passed": False, "why": str(exc)})
+                continue
+            manifest = bundle.describe(
+                content,
+                spec,
+                mode=m,
+                normalize_in_graph=in_graph,
+                labels=labels or [],
+                feature_names=names,
+                feature_units=[""] * spec.features,
+                sample_rate_hz=sample_rate_hz,
+            )
+            for old in tmp.iterdir():
+                old.unlink()
+            (tmp / bundle.MODEL_NAME).write_bytes(content)
+            bundle.write_manifest(tmp, manifest)
+            progress("verifying")
+            try:
+                report = verify.verify(
+                    tmp,
+                    spec,
+                    data,
+                    data_labels,
+                    targets=targets,
+                    dev_python=verify.device_python(),
+                    progress=progress,
+                )
+            except EdgeError as exc:  # e.g. an interpreter without a kernel for this mode
+                if mode != "auto":
+                    raise
+                tried.append({"mode": m, "passed": False, "why": str(exc), "failed": ["runs"]})
+                report = None
+                continue
+            failed = [k for k, v in report["checks"].items() if not v]
+            tried.append(
+                {
+                    "mode": m,
+                    "passed": not failed and not verify.hard_failures(report),
+                    "tflite_bytes": len(content),
+                    "failed": failed,
+                    "why": "; ".join(
+                        line.split(": try")[0].split("; ")[0]
+                        for line in report["advice"][: len(failed)]
+                    ),
+                }
+            )
+            if tried[-1]["passed"]:
+                break
+        if report is None:
+            raise ConvertError(f"no mode could be converted: {auto_reason(tried)}")
+        if mode == "auto":
+            report["auto"] = {"chosen": report["quantization"], "tried": tried}
+            report["advice"] = [auto_reason(tried), *report["advice"]]
         report["verified_on"] = "held-out data" if data_path else "calibration data"
         report["bundle"] = str(Path(out))
         verify.raise_on_hard_failures(report)
@@ -129,10 +175,28 @@ def run_convert(
             for k, v in report["interpreters"].items()
             if v["status"] == "passed"
         }
-        manifest = dataclasses.replace(manifest, fidelity=fidelity, interpreters=interp)
+        extra = dict(manifest.extra)
+        if mode == "auto":
+            extra["quantization_choice"] = report["advice"][0]
+        manifest = dataclasses.replace(
+            manifest, fidelity=fidelity, interpreters=interp, extra=extra
+        )
         bundle.write_manifest(tmp, manifest)
         verify.save(report, tmp)
     return report
+
+
+def auto_reason(tried: list[dict[str, Any]]) -> str:
+    """One line: which mode ``--quant auto`` chose, and why the smaller ones were not it."""
+    last = tried[-1]
+    before = "; ".join(
+        f"{t['mode']} failed: {t['why'] or ', '.join(t['failed'])}" for t in tried[:-1]
+    )
+    if last["passed"]:
+        head = f"--quant auto chose {last['mode']}, the smallest mode meeting every target"
+    else:
+        head = f"--quant auto: no mode met every target; kept {last['mode']}, the most faithful"
+    return head + (f" ({before})" if before else "")
 
 
 def run_verify(
@@ -140,7 +204,7 @@ def run_verify(
     model_path: str | Path,
     data_path: str | Path,
     *,
-    long_steps: int,
+    targets: verdict.Targets | None = None,
     progress: Progress = _stderr,
 ) -> dict[str, Any]:
     d = Path(directory)
@@ -154,7 +218,7 @@ def run_verify(
         spec,
         data,
         labels,
-        long_steps=long_steps,
+        targets=targets,
         dev_python=verify.device_python(),
         progress=progress,
     )
@@ -166,25 +230,39 @@ def summary(report: dict[str, Any]) -> str:
     lines = [
         f"bundle {report['bundle']} ({report['quantization']}, {report['tflite_bytes']} bytes)"
     ]
+    if "rmse_ratio" in par:
+        lines.append(
+            f"  task     RMSE vs targets ({par['labels']}): float {par['rmse_float']:.4g}  "
+            f"bundle {par['rmse_bundle']:.4g}  ratio {par['rmse_ratio']:.4f}"
+        )
+    if "accuracy_float" in par:
+        lines.append(
+            f"  task     accuracy ({par['labels']}): float {par['accuracy_float']:.2%}  "
+            f"bundle {par['accuracy_bundle']:.2%}"
+        )
     lines.append(
         f"  parity   max|dy| {par['max_abs_error']:.4g}  mean|dy| {par['mean_abs_error']:.4g}"
         + (f"  top-1 agreement {par['top1_agreement']:.4%}" if "top1_agreement" in par else "")
-        + (f"  RMSE ratio {par['rmse_ratio']:.4f}" if "rmse_ratio" in par else "")
-    )
-    if "accuracy_last_step_float" in par:
-        lines.append(
-            f"  accuracy (last step)  float {par['accuracy_last_step_float']:.2%}  "
-            f"bundle {par['accuracy_last_step_bundle']:.2%}"
+        + (
+            f"  RMSE vs float {par['rmse_vs_float_rel']:.3%} of std"
+            if "rmse_vs_float_rel" in par
+            else ""
         )
+    )
     lines.append(
         f"  drift    {dr['steps']} steps  first 10% {dr['first_10pct_mean_error']:.4g}  "
         f"last 10% {dr['last_10pct_mean_error']:.4g}  ratio {dr['drift_ratio']:.3f} "
         f"(last vs 2nd 10%: {dr['drift_ratio_steady']:.3f})"
         + (f"  top-1 {dr['top1_agreement']:.4%}" if "top1_agreement" in dr else "")
+        + (
+            " (reported; gated with --regime continuous)"
+            if "top1_agreement" in dr and "long_stream_top1_agreement" not in report["checks"]
+            else ""
+        )
     )
-    sat = ", ".join(f"{k} {v:.3%}" for k, v in dr["state_saturation"].items())
+    sat = ", ".join(f"{k} {v['clipped']:.3%}" for k, v in report.get("saturation", {}).items() if v)
     if sat:
-        lines.append(f"  state saturation  {sat}")
+        lines.append(f"  clipped on --data  {sat}")
     ops = ", ".join(f"{k} v{v['version']}" for k, v in report["op_audit"]["ops"].items())
     lines.append(f"  ops      {ops}")
     lines.append(
@@ -198,6 +276,7 @@ def summary(report: dict[str, Any]) -> str:
         "  checks   "
         + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["checks"].items())
     )
+    lines += [f"  {line}" for line in report.get("advice", [])]
     return "\n".join(lines)
 
 

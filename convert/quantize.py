@@ -18,18 +18,30 @@ import numpy as np
 
 from . import reference, step_graph
 from .errors import ConvertError
-from .intake import ModelSpec
+from .spec import ModelSpec
 
 MODES = ("int8", "int16x8", "float16", "float32")
 C_CANDIDATES = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
 SEARCH_STEPS = 4000
+BATCH = 16  # rows per representative batch
+
+
+# Ranges known without data: the interval an activation's values lie in.
+INTERVALS = {
+    "tanh": (-1.0, 1.0),
+    "softsign": (-1.0, 1.0),
+    "sigmoid": (0.0, 1.0),
+    "hard_sigmoid": (0.0, 1.0),
+}
+# A range read from calibration data gets this much room beyond what the data showed.
+HEADROOM = 1.1
 
 
 @dataclass(frozen=True)
 class Calibration:
     x: np.ndarray  # [M, F], normalised as the graph sees it
-    states: list[np.ndarray]  # per state tensor [M, H], the state *before* the step
-    c_max: list[float]  # per layer
+    states: list[np.ndarray]  # per state tensor [M, W], the state *before* the step
+    ranges: list[tuple[float, float]]  # per state tensor, the int8 range to pin
 
 
 def calibrate(
@@ -43,25 +55,59 @@ def calibrate(
 ) -> Calibration:
     """``search_c_range``: pick the int8 cell-state range (only int8 pins state ranges)."""
     long = calib.reshape(1, -1, calib.shape[-1])
-    xs, states = [], []
+    xs, states, ys = [], [], []
     for data in (calib, long):
         y, before, xn = reference.run(spec, data)
         xs.append((data if normalize_in_graph else xn).reshape(-1, spec.features))
         states.append([b.reshape(-1, b.shape[-1]) for b in before])
+        ys.append(y.reshape(-1, y.shape[-1]))
     x_all = np.concatenate(xs)
     st_all = [np.concatenate([s[k] for s in states]) for k in range(len(states[0]))]
-    # the last run is the long stream; the search looks at its first SEARCH_STEPS steps
-    head = slice(0, SEARCH_STEPS)
-    c_max = (
-        choose_c_range(spec, xn[0, head], y[0, head], [b[0, head] for b in before[1::2]])
-        if search_c_range
-        else []
-    )
+    ranges = base_ranges(spec, st_all)
+    if search_c_range and any(s.role == "c" for s in spec.states):
+        # the last run is the long stream; the search looks at its first SEARCH_STEPS steps
+        head = slice(0, SEARCH_STEPS)
+        ranges = choose_c_range(spec, xn[0, head], y[0, head], [b[0, head] for b in before])
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(x_all), size=min(samples, len(x_all)), replace=False)
+    # Plus the rows holding every column's extremes (inputs, outputs, states), so the ranges
+    # the converter reads cover all of the calibration data, not only a random sample of it.
+    extremes = [
+        idx for a in (x_all, np.concatenate(ys), *st_all) for idx in (a.argmin(0), a.argmax(0))
+    ]
+    pick = np.unique(np.concatenate([pick, *extremes]))
+    # the TFLite calibrator needs every batch of the same size (BATCH rows)
+    pick = np.resize(pick, -(-len(pick) // BATCH) * BATCH)
     return Calibration(
-        x_all[pick].astype(np.float32), [s[pick].astype(np.float32) for s in st_all], c_max
+        x_all[pick].astype(np.float32), [s[pick].astype(np.float32) for s in st_all], ranges
     )
+
+
+def _hull_with_zero(lo: float, hi: float) -> tuple[float, float]:
+    return min(lo, 0.0), max(hi, 0.0)
+
+
+def base_ranges(spec: ModelSpec, seen: list[np.ndarray]) -> list[tuple[float, float]]:
+    """Every state's int8 range: an activation's own interval where the cell bounds the state
+    by it (h of a tanh LSTM is in [-1, 1] whatever the data), else what calibration saw plus
+    ``HEADROOM``. A cell state starts at the calibrated maximum; ``choose_c_range`` refines it."""
+    out = []
+    for s, values in zip(spec.states, seen):
+        layer = spec.layers[s.layer]
+        known = None
+        if s.role == "h":
+            act = INTERVALS.get(getattr(layer, "activation", ""))
+            gate = getattr(layer, "recurrent_activation", "sigmoid")
+            if act is not None and INTERVALS.get(gate) == (0.0, 1.0):
+                known = _hull_with_zero(*act)
+        if s.role == "c":
+            c = max(float(np.abs(values).max()) * HEADROOM, 1.0)
+            known = (-c, c)
+        if known is None:
+            lo, hi = _hull_with_zero(float(values.min()), float(values.max()))
+            known = (lo * HEADROOM, max(hi * HEADROOM, lo * -1e-3, 1e-3))
+        out.append(known)
+    return out
 
 
 def _fake_quant(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -69,39 +115,41 @@ def _fake_quant(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.rint((v - lo) / scale), 0, 255) * scale + lo
 
 
-def simulate_error(spec: ModelSpec, xn: np.ndarray, y_float: np.ndarray, c_max: float) -> float:
+def simulate_error(
+    spec: ModelSpec, xn: np.ndarray, y_float: np.ndarray, ranges: list[tuple[float, float]]
+) -> float:
     """Mean |y - y_float| of the float reference with its state rounded to the int8 grid."""
     state = reference.zero_state(spec, 1)
     err = 0.0
     for t in range(len(xn)):
         y, state = reference.step(spec, xn[t : t + 1], state, normalized=True)
-        state = [
-            _fake_quant(s, -1.0, 1.0) if k % 2 == 0 else _fake_quant(s, -c_max, c_max)
-            for k, s in enumerate(state)
-        ]
+        state = [_fake_quant(s, *r) for s, r in zip(state, ranges)]
         err += float(np.abs(y[0] - y_float[t]).mean())
     return err / len(xn)
 
 
 def choose_c_range(
-    spec: ModelSpec, xn: np.ndarray, y_float: np.ndarray, cells: list[np.ndarray]
-) -> list[float]:
+    spec: ModelSpec, xn: np.ndarray, y_float: np.ndarray, before: list[np.ndarray]
+) -> list[tuple[float, float]]:
     """The int8 range of C is a trade: too wide and small cell values lose resolution, too
     narrow and large ones clip. |C| beyond ~4 barely moves tanh(C), so clipping there is often
     cheap; pick the range whose state rounding disturbs the float model's output least.
-    ``xn``, ``y_float``, ``cells``: a float reference run (normalised inputs, outputs, C)."""
-    c_seen = max(float(np.abs(c).max()) for c in cells)
+    ``xn``, ``y_float``, ``before``: a float reference run (normalised inputs, outputs, every
+    state before each step)."""
+    ranges = base_ranges(spec, before)
+    cells = [k for k, s in enumerate(spec.states) if s.role == "c"]
+    c_seen = max(float(np.abs(before[k]).max()) for k in cells)
     cands = [c for c in C_CANDIDATES if c < c_seen * 1.1] + [max(1.0, c_seen * 1.1)]
-    errors = {c: simulate_error(spec, xn, y_float, c) for c in cands}
-    best = min(errors, key=errors.__getitem__)
-    return [best] * len(spec.lstms)
+
+    def with_c(c: float) -> list[tuple[float, float]]:
+        return [(-c, c) if k in cells else r for k, r in enumerate(ranges)]
+
+    errors = {c: simulate_error(spec, xn, y_float, with_c(c)) for c in cands}
+    return with_c(min(errors, key=errors.__getitem__))
 
 
 def state_ranges(spec: ModelSpec, cal: Calibration) -> list[tuple[float, float]]:
-    out = []
-    for layer in range(len(spec.lstms)):
-        out += [(-1.0, 1.0), (-cal.c_max[layer], cal.c_max[layer])]
-    return out
+    return cal.ranges
 
 
 @contextlib.contextmanager
@@ -135,10 +183,10 @@ def convert(
     names = [n for n, _, _ in step_graph.state_names(spec)]
 
     def representative() -> Iterator[dict[str, Any]]:
-        for i in range(0, len(cal.x), 16):
-            feed = {"x": cal.x[i : i + 16]}
+        for i in range(0, len(cal.x), BATCH):
+            feed = {"x": cal.x[i : i + BATCH]}
             for n, s in zip(names, cal.states):
-                feed[n] = s[i : i + 16]
+                feed[n] = s[i : i + BATCH]
             yield feed
 
     if mode in ("int8", "int16x8"):

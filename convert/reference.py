@@ -1,13 +1,27 @@
-"""The golden float LSTM in NumPy (DESIGN.md section 2), used to calibrate and to verify.
+"""The golden float step in NumPy (DESIGN.md section 2), used to calibrate and to verify.
 
-z = x W + h U + b;  i, f, g, o = split(z);  C' = s(f) C + s(i) tanh(g);  h' = s(o) tanh(C')
+LSTM: z = x W + h U + b;  i, f, g, o = split(z);  C' = s(f) C + s(i) tanh(g);  h' = s(o) tanh(C')
+(with the cell's own activations); GRU, SimpleRNN and the causal convolution as in ``spec``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .intake import DenseWeights, ModelSpec
+from .spec import (
+    Activation,
+    Affine,
+    Conv1D,
+    Dense,
+    GRUCell,
+    Layer,
+    LayerNorm,
+    LSTMCell,
+    ModelSpec,
+    SimpleRNNCell,
+)
+
+_SELU = (1.6732632423543772, 1.0507009873554805)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -15,26 +29,48 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def activate(z: np.ndarray, name: str) -> np.ndarray:
+    """Keras' activations of the same name (``spec.ACTIVATIONS``)."""
+    if name == "linear":
+        return z
     if name == "sigmoid":
         return sigmoid(z)
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "relu":
+        return np.maximum(z, 0)
+    if name == "relu6":
+        return np.clip(z, 0, 6)
+    if name == "hard_sigmoid":
+        return np.clip(z + 3.0, 0, 6) / 6.0
+    if name == "hard_silu":
+        return z * np.clip(z + 3.0, 0, 6) / 6.0
+    if name == "softsign":
+        return z / (1.0 + np.abs(z))
+    if name == "softplus":
+        return np.logaddexp(0.0, z)
+    if name == "elu":
+        return np.where(z > 0, z, np.expm1(np.minimum(z, 0)))
+    if name == "selu":
+        a, s = _SELU
+        return s * np.where(z > 0, z, a * np.expm1(np.minimum(z, 0)))
+    if name == "silu":
+        return z * sigmoid(z)
+    if name == "gelu":
+        from math import erf, sqrt
+
+        return 0.5 * z * (1.0 + np.vectorize(erf)(z / sqrt(2.0)))
+    if name == "exponential":
+        return np.exp(z)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, 0.2 * z)
     if name == "softmax":
         e = np.exp(z - z.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
-    if name == "relu":
-        return np.maximum(z, 0)
-    if name == "tanh":
-        return np.tanh(z)
-    return z
-
-
-def head(spec_head: tuple[DenseWeights, ...], h: np.ndarray) -> np.ndarray:
-    for d in spec_head:
-        h = activate(h @ d.kernel + d.bias, d.activation)
-    return h
+    raise ValueError(f"unknown activation {name!r}")
 
 
 def zero_state(spec: ModelSpec, batch: int, dtype: type = np.float64) -> list[np.ndarray]:
-    return [np.zeros((batch, w.units), dtype) for w in spec.lstms for _ in range(2)]
+    return [np.zeros((batch, s.width), dtype) for s in spec.states]
 
 
 def normalize(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
@@ -43,28 +79,83 @@ def normalize(spec: ModelSpec, x: np.ndarray) -> np.ndarray:
     return (x - spec.norm_mean) / spec.norm_std
 
 
+def layer_step(
+    layer: Layer, inp: np.ndarray, state: list[np.ndarray]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One layer, one step: (output, its new state tensors)."""
+    if isinstance(layer, Dense):
+        return activate(inp @ layer.kernel + layer.bias, layer.activation), []
+    if isinstance(layer, Affine):
+        return inp * layer.scale + layer.shift, []
+    if isinstance(layer, Activation):
+        return activate(inp, layer.name), []
+    if isinstance(layer, LayerNorm):
+        if layer.rms:
+            out = inp / np.sqrt((inp**2).mean(-1, keepdims=True) + layer.epsilon)
+        else:
+            c = inp - inp.mean(-1, keepdims=True)
+            out = c / np.sqrt((c**2).mean(-1, keepdims=True) + layer.epsilon)
+        return out * layer.gamma + layer.beta, []
+    if isinstance(layer, LSTMCell):
+        h, c = state
+        z = inp @ layer.kernel + h @ layer.recurrent + layer.bias
+        ra, a = layer.recurrent_activation, layer.activation
+        i, f, o = (activate(layer.gate(g, z), ra) for g in "ifo")
+        c = f * c + i * activate(layer.gate("c", z), a)
+        h = o * activate(c, a)
+        return h, [h, c]
+    if isinstance(layer, GRUCell):
+        (h,) = state
+        xz = inp @ layer.kernel + layer.input_bias
+        ra, a = layer.recurrent_activation, layer.activation
+        if layer.reset_after:
+            hz = h @ layer.recurrent + layer.recurrent_bias
+            z, r = (activate(layer.gate(g, xz) + layer.gate(g, hz), ra) for g in "zr")
+            hh = activate(layer.gate("h", xz) + r * layer.gate("h", hz), a)
+        else:
+            u = layer.recurrent
+            z, r = (activate(layer.gate(g, xz) + h @ layer.gate(g, u), ra) for g in "zr")
+            hh = activate(layer.gate("h", xz) + (r * h) @ layer.gate("h", u), a)
+        h = z * h + (1.0 - z) * hh
+        return h, [h]
+    if isinstance(layer, SimpleRNNCell):
+        (h,) = state
+        h = activate(inp @ layer.kernel + h @ layer.recurrent + layer.bias, layer.activation)
+        return h, [h]
+    if isinstance(layer, Conv1D):
+        k, d_in, _ = layer.kernel.shape
+        window = np.concatenate([*state, inp], axis=-1) if layer.span else inp
+        taps = [
+            window[:, j * layer.dilation * d_in : j * layer.dilation * d_in + d_in]
+            for j in range(k)
+        ]
+        y = np.concatenate(taps, axis=-1) @ layer.kernel.reshape(k * d_in, -1) + layer.bias
+        return activate(y, layer.activation), ([window[:, d_in:]] if layer.span else [])
+    raise TypeError(f"unknown layer {layer!r}")
+
+
 def step(
     spec: ModelSpec, x: np.ndarray, state: list[np.ndarray], *, normalized: bool = False
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One step for a batch: x [B, F] raw units (or normalised), state [h0, c0, h1, c1, ...]."""
+    """One step for a batch: x [B, F] raw units (or normalised), state in ``spec.states``
+    order."""
     inp = x if normalized else normalize(spec, x)
-    new = []
-    for layer, w in enumerate(spec.lstms):
-        h, c = state[2 * layer], state[2 * layer + 1]
-        z = inp @ w.kernel + h @ w.recurrent + w.bias
-        i, f, g, o = np.split(z, 4, axis=-1)
-        c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
-        h = sigmoid(o) * np.tanh(c)
-        new += [h, c]
-        inp = h
-    return head(spec.head, inp), new
+    new: list[np.ndarray] = []
+    k = 0
+    owners = [s.layer for s in spec.states]
+    for i, layer in enumerate(spec.layers):
+        n = owners.count(i)
+        inp, st = layer_step(layer, inp, state[k : k + n])
+        new += st
+        k += n
+    return inp, new
 
 
 def run(
     spec: ModelSpec, xs: np.ndarray, dtype: type = np.float64
 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """Whole sequences [N, T, F] from zero state -> (y [N, T, O], states before each step
-    [N, T, H] per state tensor, normalised inputs [N, T, F])."""
+    [N, T, W] per state tensor, normalised inputs [N, T, F])."""
     xs = np.asarray(xs, dtype)
     n, t, _ = xs.shape
     xn = normalize(spec, xs).astype(dtype)

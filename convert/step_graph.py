@@ -1,28 +1,62 @@
-"""The one-step TF function: explicit per-layer state in and out, plain ops only.
+"""The one-step TF function: explicit state in and out, plain ops only.
 
-Inputs ``x [B, F]``, ``h{l}``/``c{l} [B, H_l]``; outputs ``y``, ``h{l}_next``, ``c{l}_next``.
-For int8, fake-quant nodes pin every state input and its matching output to the same range
-(``h`` in [-1, 1], ``C`` in [-c_max, c_max]) so the converter gives them identical
-scale/zero-point and the runtime feeds the int8 bytes straight back.
+Inputs ``x [B, F]`` and every state tensor of ``spec.states`` (``h0``, ``c0``, ``buf0``, ...);
+outputs ``y`` and ``<state>_next``. For int8, fake-quant nodes pin every state input and its
+matching output to the same range so the converter gives them identical scale/zero-point and
+the runtime feeds the int8 bytes straight back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from .intake import ModelSpec
+from .spec import (
+    Activation,
+    Affine,
+    Conv1D,
+    Dense,
+    GRUCell,
+    LayerNorm,
+    LSTMCell,
+    ModelSpec,
+    SimpleRNNCell,
+)
 
 
 def state_names(spec: ModelSpec) -> list[tuple[str, str, int]]:
-    """(input name, output name, width) for h0, c0, h1, c1, ..."""
-    out = []
-    for layer, w in enumerate(spec.lstms):
-        for kind in ("h", "c"):
-            out.append((f"{kind}{layer}", f"{kind}{layer}_next", w.units))
-    return out
+    """(input name, output name, width) for every state tensor, in signature order."""
+    return [(s.name, s.output, s.width) for s in spec.states]
+
+
+def tf_activation(name: str) -> Callable[[Any], Any]:
+    import tensorflow as tf
+
+    table: dict[str, Callable[[Any], Any]] = {
+        "linear": lambda z: z,
+        "sigmoid": tf.sigmoid,
+        "tanh": tf.tanh,
+        "relu": tf.nn.relu,
+        "relu6": tf.nn.relu6,
+        "hard_sigmoid": lambda z: tf.nn.relu6(z + 3.0) / 6.0,
+        "hard_silu": lambda z: z * tf.nn.relu6(z + 3.0) / 6.0,
+        "softsign": lambda z: z / (1.0 + tf.abs(z)),
+        "softplus": tf.nn.softplus,
+        "elu": tf.nn.elu,
+        "selu": tf.nn.selu,
+        "silu": lambda z: z * tf.sigmoid(z),
+        "gelu": lambda z: tf.nn.gelu(z, approximate=False),
+        "exponential": tf.exp,
+        "leaky_relu": lambda z: tf.nn.leaky_relu(z, alpha=0.2),
+        "softmax": tf.nn.softmax,
+    }
+    return table[name]
+
+
+def _gates(a: np.ndarray, units: int, count: int) -> list[np.ndarray]:
+    return [np.ascontiguousarray(a[..., k * units : (k + 1) * units]) for k in range(count)]
 
 
 def build(
@@ -34,25 +68,11 @@ def build(
     """(concrete function, the module owning it). ``state_ranges`` adds fake-quants."""
     import tensorflow as tf
 
-    # One matmul pair per gate, not one [4H] matmul then a split: in int8 a split shares one
-    # scale across its outputs, so the gate with the widest pre-activation range would set the
-    # resolution of all four. Separate tensors get a range each.
-    consts = [
-        [
-            tuple(
-                tf.constant(np.ascontiguousarray(a[..., k * w.units : (k + 1) * w.units]))
-                for a in (w.kernel, w.recurrent, w.bias)
-            )
-            for k in range(4)
-        ]
-        for w in spec.lstms
-    ]
-    head = [(tf.constant(d.kernel), tf.constant(d.bias), d.activation) for d in spec.head]
-    mean = (
-        tf.constant(spec.norm_mean) if normalize_in_graph and spec.norm_mean is not None else None
-    )
-    std = tf.constant(spec.norm_std) if mean is not None else None
-    names = state_names(spec)
+    c = tf.constant
+    mean = c(spec.norm_mean) if normalize_in_graph and spec.norm_mean is not None else None
+    std = c(spec.norm_std) if mean is not None else None
+    states = spec.states
+    slots = {i: [k for k, s in enumerate(states) if s.layer == i] for i in range(len(spec.layers))}
 
     def pin(t: Any, k: int) -> Any:
         if state_ranges is None:
@@ -60,31 +80,127 @@ def build(
         lo, hi = state_ranges[k]
         return tf.quantization.fake_quant_with_min_max_args(t, min=lo, max=hi, num_bits=8)
 
+    # One matmul pair per gate, not one [4H] matmul then a split: in int8 a split shares one
+    # scale across its outputs, so the gate with the widest pre-activation range would set the
+    # resolution of all of them. Separate tensors get a range each.
+    steps: list[LayerFn] = []
+    for layer in spec.layers:
+        steps.append(_layer_fn(layer, tf, c))
+
     specs = [tf.TensorSpec([None, spec.features], tf.float32, name="x")]
-    specs += [tf.TensorSpec([None, w], tf.float32, name=n) for n, _, w in names]
+    specs += [tf.TensorSpec([None, s.width], tf.float32, name=s.name) for s in states]
 
     @tf.function(input_signature=specs)  # type: ignore[misc]
     def step(x: Any, *state: Any) -> dict[str, Any]:
         inp = (x - mean) / std if mean is not None else x
         out = {}
-        for layer, gates in enumerate(consts):
-            h = pin(state[2 * layer], 2 * layer)
-            c = pin(state[2 * layer + 1], 2 * layer + 1)
-            i, f, g, o = (tf.matmul(inp, kx) + tf.matmul(h, kh) + b for kx, kh, b in gates)
-            c = pin(tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g), 2 * layer + 1)
-            h = pin(tf.sigmoid(o) * tf.tanh(c), 2 * layer)
-            out[names[2 * layer][1]] = h
-            out[names[2 * layer + 1][1]] = c
-            inp = h
-        for kernel, bias, act in head:
-            inp = tf.matmul(inp, kernel) + bias
-            if act == "softmax":
-                inp = tf.nn.softmax(inp)
-            elif act != "linear":
-                inp = getattr(tf.nn, act)(inp)
+        for i, fn in enumerate(steps):
+            ks = slots[i]
+            inp, new = fn(inp, [pin(state[k], k) for k in ks], lambda j, t, ks=ks: pin(t, ks[j]))
+            for k, t in zip(ks, new):
+                out[states[k].output] = t
         out["y"] = inp
         return out
 
     module = tf.Module()
     module.step = step
     return step.get_concrete_function(), module
+
+
+Pin = Callable[[int, Any], Any]
+LayerFn = Callable[[Any, list[Any], Pin], tuple[Any, list[Any]]]
+
+
+def _layer_fn(layer: Any, tf: Any, c: Callable[[Any], Any]) -> LayerFn:
+    """A TF function of (input, this layer's state, pin) -> (output, new state); ``pin(j, t)``
+    gives state output ``j`` the range of state input ``j``."""
+    if isinstance(layer, Dense):
+        w, b, act = c(layer.kernel), c(layer.bias), tf_activation(layer.activation)
+        return lambda inp, st, pin: (act(tf.matmul(inp, w) + b), [])
+    if isinstance(layer, Affine):
+        sc, sh = c(layer.scale), c(layer.shift)
+        return lambda inp, st, pin: (inp * sc + sh, [])
+    if isinstance(layer, Activation):
+        act = tf_activation(layer.name)
+        return lambda inp, st, pin: (act(inp), [])
+    if isinstance(layer, LayerNorm):
+        g, b, eps, rms = c(layer.gamma), c(layer.beta), layer.epsilon, layer.rms
+
+        def layer_norm(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
+            if not rms:
+                inp = inp - tf.reduce_mean(inp, axis=-1, keepdims=True)
+            # inp * inp, not tf.square: the converter fuses square(x - mean) into
+            # SQUARED_DIFFERENCE, which has no int8 kernel
+            var = tf.reduce_mean(inp * inp, axis=-1, keepdims=True)
+            return inp * tf.math.rsqrt(var + eps) * g + b, []
+
+        return layer_norm
+    if isinstance(layer, LSTMCell):
+        u = layer.units
+        gw = dict(
+            zip(
+                layer.gates,
+                zip(
+                    *(
+                        [c(a) for a in _gates(m, u, 4)]
+                        for m in (layer.kernel, layer.recurrent, layer.bias)
+                    )
+                ),
+            )
+        )
+        act, ract = tf_activation(layer.activation), tf_activation(layer.recurrent_activation)
+
+        def lstm(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
+            h, cell = st
+            z = {g: tf.matmul(inp, kx) + tf.matmul(h, kh) + b for g, (kx, kh, b) in gw.items()}
+            cell = pin(1, ract(z["f"]) * cell + ract(z["i"]) * act(z["c"]))
+            h = pin(0, ract(z["o"]) * act(cell))
+            return h, [h, cell]
+
+        return lstm
+    if isinstance(layer, GRUCell):
+        u = layer.units
+        kx = dict(zip(layer.gates, (c(a) for a in _gates(layer.kernel, u, 3))))
+        kh = dict(zip(layer.gates, (c(a) for a in _gates(layer.recurrent, u, 3))))
+        bx = dict(zip(layer.gates, (c(a) for a in _gates(layer.input_bias, u, 3))))
+        bh = dict(zip(layer.gates, (c(a) for a in _gates(layer.recurrent_bias, u, 3))))
+        act, ract = tf_activation(layer.activation), tf_activation(layer.recurrent_activation)
+        after = layer.reset_after
+
+        def gru(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
+            (h,) = st
+            x = {g: tf.matmul(inp, kx[g]) + bx[g] for g in "zrh"}
+            if after:
+                r_ = {g: tf.matmul(h, kh[g]) + bh[g] for g in "zrh"}
+                z, r = (ract(x[g] + r_[g]) for g in "zr")
+                hh = act(x["h"] + r * r_["h"])
+            else:
+                z, r = (ract(x[g] + tf.matmul(h, kh[g])) for g in "zr")
+                hh = act(x["h"] + tf.matmul(r * h, kh["h"]))
+            h = pin(0, z * h + (1.0 - z) * hh)
+            return h, [h]
+
+        return gru
+    if isinstance(layer, SimpleRNNCell):
+        w, r, b = c(layer.kernel), c(layer.recurrent), c(layer.bias)
+        act = tf_activation(layer.activation)
+
+        def rnn(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
+            h = pin(0, act(tf.matmul(inp, w) + tf.matmul(st[0], r) + b))
+            return h, [h]
+
+        return rnn
+    if isinstance(layer, Conv1D):
+        k, d_in, d_out = layer.kernel.shape
+        taps = [j * layer.dilation * d_in for j in range(k)]
+        w = c(np.ascontiguousarray(layer.kernel.reshape(k * d_in, d_out)))
+        b, act, span = c(layer.bias), tf_activation(layer.activation), layer.span
+
+        def conv(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
+            window = tf.concat([st[0], inp], axis=-1) if span else inp
+            cols = tf.concat([window[:, a : a + d_in] for a in taps], axis=-1) if k > 1 else window
+            y = act(tf.matmul(cols, w) + b)
+            return y, ([pin(0, window[:, d_in:])] if span else [])
+
+        return conv
+    raise TypeError(f"unknown layer {layer!r}")

@@ -101,7 +101,7 @@ def inspect(args: argparse.Namespace) -> int:
     )
     print(
         "state       "
-        + ", ".join(f"layer {k}: {la.units} units" for k, la in enumerate(m.layers))
+        + ", ".join(f"{s.input} ({s.cell} {s.role}) {s.width}" for s in m.states)
         + f"; {sum(z.nbytes for z in engine.model.zero_state())} bytes per stream"
     )
     print(

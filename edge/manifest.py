@@ -18,11 +18,13 @@ from typing import Any
 from .errors import BundleError
 
 FORMAT = "edge-lstm-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: LSTM-only state layout (h_in/h_out/c_in/c_out per layer)
 MANIFEST_NAME = "manifest.json"
 QUANT_MODES = ("int8", "int16x8", "float16", "float32")
 DTYPES = ("int8", "int16", "float32")
 OUTPUT_KINDS = ("classifier", "regressor")
+STATE_ROLES = ("h", "c", "buffer")  # hidden state, LSTM cell state, convolution input buffer
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,19 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
-class StateLayer:
-    units: int
-    h_in: str
-    h_out: str
-    c_in: str
-    c_out: str
+class StateTensor:
+    """One state tensor: fed as ``input``, read back from ``output`` after each step.
+
+    ``role`` says what it holds (``h``, ``c`` or a convolution's ``buffer`` of past inputs),
+    ``layer`` and ``cell`` which layer of the step owns it. The runtime treats every role
+    alike: zero at the start of a stream, carried, snapshotted."""
+
+    input: str
+    output: str
+    width: int
+    role: str
+    layer: int = 0
+    cell: str = "lstm"
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ class Manifest:
     feature_units: tuple[str, ...]
     output_kind: str
     labels: tuple[str, ...]
-    layers: tuple[StateLayer, ...]
+    states: tuple[StateTensor, ...]
     tensors: Mapping[str, TensorSpec]
     sample_rate_hz: float | None = None
     fidelity: Mapping[str, Any] = field(default_factory=dict)
@@ -84,11 +93,8 @@ class Manifest:
 
     @property
     def state_names(self) -> tuple[tuple[str, str], ...]:
-        """(input name, output name) for every state tensor, in layer order h, c."""
-        pairs = []
-        for layer in self.layers:
-            pairs += [(layer.h_in, layer.h_out), (layer.c_in, layer.c_out)]
-        return tuple(pairs)
+        """(input name, output name) for every state tensor, in the manifest's order."""
+        return tuple((s.input, s.output) for s in self.states)
 
     def state_layout(self) -> list[tuple[str, int, str, float, int]]:
         """What a snapshot or a hot reload must agree on to carry state over."""
@@ -119,7 +125,7 @@ class Manifest:
             },
             "sample_rate_hz": self.sample_rate_hz,
             "output": {"kind": self.output_kind, "labels": list(self.labels)},
-            "state": [asdict(layer) for layer in self.layers],
+            "state": [asdict(s) for s in self.states],
             "tensors": {name: asdict(spec) for name, spec in self.tensors.items()},
             "fidelity": dict(self.fidelity),
             "interpreters": dict(self.interpreters),
@@ -143,10 +149,10 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     if data.get("format") != FORMAT:
         raise BundleError(f"{where}: field 'format' is {data.get('format')!r}, not {FORMAT!r}")
     version = _get(data, "format_version", int, where)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise BundleError(
             f"{where}: format_version {version} is not supported (this runtime reads "
-            f"{FORMAT_VERSION}); upgrade edge-lstm or re-convert the model"
+            f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade edge-lstm or re-convert the model"
         )
     quant = _get(data, "quantization", str, where)
     if quant not in QUANT_MODES:
@@ -178,19 +184,7 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         ):
             raise BundleError(f"{w}: width {width} / scale {scale} invalid for dtype {dtype}")
         tensors[name] = TensorSpec(name, dtype, width, scale, _get(spec, "zero_point", int, w))
-    layers = []
-    for i, layer in enumerate(_get(data, "state", list, where)):
-        w = f"{where}: state[{i}]"
-        sl = StateLayer(
-            units=_get(layer, "units", int, w),
-            **{k: _get(layer, k, str, w) for k in ("h_in", "h_out", "c_in", "c_out")},
-        )
-        for name in (sl.h_in, sl.h_out, sl.c_in, sl.c_out):
-            if name not in tensors or tensors[name].width != sl.units:
-                raise BundleError(f"{w}: tensor {name!r} missing or not {sl.units} wide")
-        layers.append(sl)
-    if not layers:
-        raise BundleError(f"{where}: field 'state' lists no LSTM layer")
+    states = _parse_states(_get(data, "state", list, where), version, tensors, where)
     m_in, m_out = _get(sig, "input", str, where), _get(sig, "output", str, where)
     for name in (m_in, m_out):
         if name not in tensors:
@@ -229,13 +223,54 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         feature_units=units,
         output_kind=kind,
         labels=labels,
-        layers=tuple(layers),
+        states=states,
         tensors=tensors,
         sample_rate_hz=float(rate) if rate is not None else None,
         fidelity=dict(data.get("fidelity") or {}),
         interpreters=dict(data.get("interpreters") or {}),
         extra={k: v for k, v in data.items() if k not in known},
     )
+
+
+def _parse_states(
+    entries: list[Any], version: int, tensors: Mapping[str, TensorSpec], where: str
+) -> tuple[StateTensor, ...]:
+    """Version 1 lists LSTM layers (h and c per entry); version 2 one entry per tensor."""
+    states: list[StateTensor] = []
+    for i, e in enumerate(entries):
+        w = f"{where}: state[{i}]"
+        if not isinstance(e, Mapping):
+            raise BundleError(f"{w}: not a JSON object")
+        if version == 1:
+            units = _get(e, "units", int, w)
+            states += [
+                StateTensor(_get(e, "h_in", str, w), _get(e, "h_out", str, w), units, "h", i),
+                StateTensor(_get(e, "c_in", str, w), _get(e, "c_out", str, w), units, "c", i),
+            ]
+            continue
+        role = _get(e, "role", str, w)
+        if role not in STATE_ROLES:
+            raise BundleError(f"{w}: role {role!r} is not one of {STATE_ROLES}")
+        states.append(
+            StateTensor(
+                _get(e, "input", str, w),
+                _get(e, "output", str, w),
+                _get(e, "width", int, w),
+                role,
+                _get(e, "layer", int, w),
+                _get(e, "cell", str, w),
+            )
+        )
+    for i, s in enumerate(states):
+        w = f"{where}: state[{i if version > 1 else i // 2}]"
+        for name in (s.input, s.output):
+            if name not in tensors or tensors[name].width != s.width:
+                raise BundleError(f"{w}: tensor {name!r} missing or not {s.width} wide")
+    if len({s.input for s in states}) != len(states):
+        raise BundleError(f"{where}: a state tensor is listed twice")
+    if not states:
+        raise BundleError(f"{where}: field 'state' lists no state tensor")
+    return tuple(states)
 
 
 def sha256_file(path: Path) -> str:

@@ -65,6 +65,27 @@ def train_regressor(out: Path) -> None:
     np.savez(out / "test.npz", x=xt, y=yt)
 
 
+def train_cnn_gru(out: Path) -> None:
+    """A causal convolution front-end (its input buffer is a state tensor) before a GRU."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    x, y = regression_data(160, 60, seed=1)
+    inp = keras.Input((None, 3))
+    norm = keras.layers.Normalization()
+    z = norm(inp)
+    z = keras.layers.Conv1D(8, 3, dilation_rate=2, padding="causal", activation="relu")(z)
+    z = keras.layers.GRU(16, return_sequences=True)(z)
+    model = keras.Model(inp, keras.layers.Dense(2)(z))
+    norm.adapt(x)
+    model.compile(optimizer=keras.optimizers.Adam(5e-3), loss="mse")
+    model.fit(x, y, epochs=25, batch_size=16, verbose=0)
+    model.save(out / "model.keras")
+    np.save(out / "calib.npy", x[:80])
+    xt, yt = regression_data(40, 60, seed=2)
+    np.savez(out / "test.npz", x=xt, y=yt)
+
+
 def build_all(dest: Path) -> None:
     key = _key()
     if (dest / "complete").exists() and (dest / "complete").read_text() == key:
@@ -72,6 +93,7 @@ def build_all(dest: Path) -> None:
     from convert import intake, reference
     from convert.pipeline import run_convert
     from convert.train import train_example
+    from convert.verdict import Targets
     from edge.cli import probe_inputs
 
     tmp = dest.with_name(dest.name + ".tmp")
@@ -81,6 +103,8 @@ def build_all(dest: Path) -> None:
     (src / "reg").mkdir(parents=True)
     train_example(src / "clf" / "model.keras", epochs=40, units=16, progress=False)
     train_regressor(src / "reg")
+    (src / "cnn-gru").mkdir(parents=True)
+    train_cnn_gru(src / "cnn-gru")
     quiet = lambda msg: None  # noqa: E731
     jobs = [
         (
@@ -103,6 +127,17 @@ def build_all(dest: Path) -> None:
             None,
         )
     )
+    for mode in ("int8", "float32"):
+        jobs.append(
+            (
+                f"cnn-gru-{mode}",
+                src / "cnn-gru" / "model.keras",
+                src / "cnn-gru" / "calib.npy",
+                src / "cnn-gru" / "test.npz",
+                mode,
+                None,
+            )
+        )
     reports = {}
     for name, model, calib, data, mode, labels in jobs:
         report = run_convert(
@@ -112,7 +147,7 @@ def build_all(dest: Path) -> None:
             mode=mode,
             labels=labels,
             data_path=data,
-            long_steps=2000,
+            targets=Targets(long_steps=2000),
             progress=quiet,
         )
         reports[name] = {k: v for k, v in report.items() if not k.startswith("_")}

@@ -88,14 +88,15 @@ def test_unsupported_layer(capsys, tmp_path, src):
     import keras
 
     inp = keras.Input((None, 6))
-    keras.Model(inp, keras.layers.GRU(4, name="gru_mem")(inp)).save(tmp_path / "gru.keras")
+    bi = keras.layers.Bidirectional(keras.layers.GRU(4), name="both_ways")
+    keras.Model(inp, bi(inp)).save(tmp_path / "bi.keras")
     code, out = convert(
         capsys,
-        tmp_path / "gru.keras",
+        tmp_path / "bi.keras",
         src / "model.calib.npy",
         str(tmp_path / "out"),
     )
-    assert_refused(code, out, "layer 'gru_mem' (GRU) cannot be streamed", tmp_path)
+    assert_refused(code, out, "layer 'both_ways' (Bidirectional) cannot be streamed", tmp_path)
 
 
 def test_unwritable_output(capsys, tmp_path, src):
@@ -158,3 +159,47 @@ def test_help_lists_every_subcommand(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert all(cmd in text for cmd in ("convert", "verify", "train-example"))
+
+
+def test_quant_auto_keeps_the_smallest_mode_meeting_the_targets(capsys, tmp_path, src):
+    import json
+
+    code, out = convert(
+        capsys,
+        src / "model.keras",
+        src / "model.calib.npy",
+        str(tmp_path / "out"),
+        "--data",
+        str(src / "model.test.npz"),
+        "--quant",
+        "auto",
+        "--long-steps",
+        "500",
+        "--min-agreement",
+        "0.995",
+        "--json",
+    )
+    report = json.loads(out.out[: out.out.rindex("}") + 1])
+    tried = report["auto"]["tried"]
+    assert [t["mode"] for t in tried] == ["int8", "int16x8", "float16", "float32"][: len(tried)]
+    assert all(not t["passed"] and t["failed"] for t in tried[:-1])
+    assert report["quantization"] == report["auto"]["chosen"] == tried[-1]["mode"]
+    assert code == (0 if tried[-1]["passed"] else 1)
+    assert report["advice"][0].startswith("--quant auto")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["quantization"] == tried[-1]["mode"]
+    assert manifest["quantization_choice"] == report["advice"][0]
+
+
+def test_a_label_shape_that_fits_no_output_is_refused_before_converting(capsys, tmp_path, src):
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((3, 10, 6), np.float32), y=np.zeros((3, 10, 7)))
+    code, out = convert(
+        capsys,
+        src / "model.keras",
+        src / "model.calib.npy",
+        str(tmp_path / "out"),
+        "--data",
+        str(data),
+    )
+    assert_refused(code, out, "labels 'y' have shape [3, 10, 7]", tmp_path)

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from convert.spec import ACTIVATIONS
+
 pytestmark = pytest.mark.desktop
 
 
@@ -57,45 +59,51 @@ def _refusals():
     L = keras.layers
     return [
         ([L.Bidirectional(L.LSTM(4, return_sequences=True))], "Bidirectional", "future samples"),
-        ([L.GRU(4)], "GRU", "not supported yet"),
-        ([L.SimpleRNN(4)], "SimpleRNN", "not supported yet"),
-        ([L.Conv1D(4, 3, padding="same"), L.LSTM(4)], "Conv1D", "window"),
-        ([L.Masking(), L.LSTM(4)], "Masking", "masking"),
+        ([L.Conv1D(4, 3, padding="same"), L.LSTM(4)], "Conv1D", "padding='same'"),
+        ([L.Conv1D(4, 3, strides=2), L.LSTM(4)], "Conv1D", "strides=2"),
+        ([L.Masking(), L.LSTM(4)], "Masking", "masked step"),
         ([L.LSTM(4, go_backwards=True)], "LSTM", "go_backwards"),
-        ([L.LSTM(4, activation="relu")], "LSTM", "activation='tanh'"),
-        (
-            [L.LSTM(4, return_sequences=True), L.Dense(4), L.LSTM(4)],
-            "LSTM",
-            "after the head",
-        ),
-        ([L.LSTM(4, return_sequences=True) for _ in range(3)] + [L.LSTM(4)], "", "at most 3"),
-        ([L.Dense(4)], "Dense", "before the first LSTM"),
-        ([L.LSTM(4), L.Dense(3, activation="elu")], "Dense", "'elu'"),
+        ([L.LSTM(4, activation="celu")], "LSTM", "activation 'celu'"),
+        ([L.LSTM(4), L.RepeatVector(3), L.LSTM(4)], "RepeatVector", "encoder-decoder"),
+        ([L.LSTM(4, return_sequences=True), L.GlobalAveragePooling1D()], "Global", "whole"),
+        ([L.LSTM(4, return_sequences=True), L.MultiHeadAttention(1, 2)], "Attention", "whole"),
+        ([L.Dense(4)], "", "no recurrent layer"),
+        ([L.LSTM(4), L.Dense(3, activation="celu")], "Dense", "'celu'"),
+        ([L.LSTM(4, return_sequences=True), L.MaxPooling1D(2)], "MaxPooling1D", "rate"),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(12))
 def test_unstreamable_models_are_refused_naming_the_layer(case):
     from convert import intake
     from convert.errors import UnsupportedModel
 
     layers, kind, reason = _refusals()[case]
-    model = keras_model(layers)
+    if kind == "Attention":
+        import keras
+
+        inp = keras.Input((None, 5))
+        z = layers[0](inp)
+        model = keras.Model(inp, layers[1](z, z))
+    else:
+        model = keras_model(layers)
     with pytest.raises(UnsupportedModel) as err:
         intake.spec_from_model(model)
     assert kind in str(err.value) and reason in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
 
 
-def test_stateful_lstm_is_refused():
+def test_stateful_lstm_streams_like_keras():
+    """stateful=True only fixes Keras' batch; the runtime keeps each stream's state itself."""
     import keras
 
-    from convert import intake
-    from convert.errors import UnsupportedModel
+    from convert import intake, reference
 
     inp = keras.Input((None, 3), batch_size=2)
-    model = keras.Model(inp, keras.layers.LSTM(4, stateful=True, name="mem")(inp))
-    with pytest.raises(UnsupportedModel, match="'mem'.*stateful=True"):
-        intake.spec_from_model(model)
+    model = keras.Model(inp, keras.layers.LSTM(4, stateful=True, return_sequences=True)(inp))
+    x = np.random.default_rng(4).normal(0, 1, (2, 12, 3)).astype(np.float32)
+    spec = intake.spec_from_model(model)
+    np.testing.assert_allclose(reference.run(spec, x)[0], model.predict(x, verbose=0), atol=2e-5)
 
 
 def test_legacy_h5_models_are_read(tmp_path):
@@ -108,3 +116,125 @@ def test_legacy_h5_models_are_read(tmp_path):
     spec = intake.read_spec(tmp_path / "legacy.h5")
     x = np.random.default_rng(3).normal(0, 1, (2, 10, 5)).astype(np.float32)
     np.testing.assert_allclose(reference.run(spec, x)[0], model.predict(x, verbose=0), atol=2e-5)
+
+
+def _accepted():
+    import keras
+
+    L = keras.layers
+    return {
+        "lstm-relu": [L.LSTM(8, activation="relu", return_sequences=True), L.Dense(2)],
+        "lstm-no-bias-many-to-one": [L.LSTM(8, use_bias=False), L.Dense(1)],
+        "lstm-hard-sigmoid-softsign-dropout": [
+            L.LSTM(
+                8,
+                activation="softsign",
+                recurrent_activation="hard_sigmoid",
+                dropout=0.2,
+                recurrent_dropout=0.1,
+                unit_forget_bias=False,
+                return_sequences=True,
+            ),
+            L.Dropout(0.3),
+            L.Dense(2),
+        ],
+        "rnn-lstmcell": [L.RNN(L.LSTMCell(6), return_sequences=True), L.Dense(2)],
+        "stacked-cells": [
+            L.RNN(L.StackedRNNCells([L.LSTMCell(6), L.GRUCell(5)]), return_sequences=True),
+            L.Dense(3, activation="softmax"),
+        ],
+        "gru-reset-after": [L.GRU(7, return_sequences=True), L.Dense(2)],
+        "gru-reset-before": [L.GRU(7, reset_after=False), L.Dense(2)],
+        "mixed": [
+            L.LSTM(6, return_sequences=True),
+            L.GRU(5, return_sequences=True),
+            L.SimpleRNN(4),
+            L.Dense(2),
+        ],
+        "batchnorm": [
+            L.Dense(8),
+            L.BatchNormalization(),
+            L.LSTM(6, return_sequences=True),
+            L.BatchNormalization(),
+            L.Dense(2),
+        ],
+        "layernorm": [L.LSTM(6, return_sequences=True), L.LayerNormalization(), L.Dense(2)],
+        "cnn-lstm": [
+            L.Conv1D(8, 3, padding="causal", activation="relu"),
+            L.Conv1D(6, 2, dilation_rate=2, padding="causal"),
+            L.BatchNormalization(),
+            L.SpatialDropout1D(0.1),
+            L.GaussianNoise(0.1),
+            L.LSTM(6),
+            L.Dense(2),
+        ],
+        "grouped-conv": [
+            L.Conv1D(6, 3, padding="causal", groups=1),
+            L.Conv1D(6, 2, padding="causal", groups=3),
+            L.LSTM(4, return_sequences=True),
+            L.TimeDistributed(L.Dense(2)),
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lstm-relu",
+        "lstm-no-bias-many-to-one",
+        "lstm-hard-sigmoid-softsign-dropout",
+        "rnn-lstmcell",
+        "stacked-cells",
+        "gru-reset-after",
+        "gru-reset-before",
+        "mixed",
+        "batchnorm",
+        "layernorm",
+        "cnn-lstm",
+        "grouped-conv",
+    ],
+)
+def test_reference_matches_keras_for_every_accepted_shape(name):
+    import keras
+
+    from convert import intake, reference
+
+    model = keras_model(_accepted()[name])
+    rng = np.random.default_rng(5)
+    for layer in model.layers:  # a trained BatchNormalization is not the identity
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 1, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2, layer.moving_variance.shape))
+    x = rng.normal(0, 1, (3, 20, 5)).astype(np.float32)
+    spec = intake.spec_from_model(model)
+    y, _, _ = reference.run(spec, x)
+    want = model.predict(x, verbose=0)
+    assert spec.sequence_output == (want.ndim == 3)
+    np.testing.assert_allclose(y if want.ndim == 3 else y[:, -1], want, atol=2e-5)
+
+
+def test_valid_convolution_streams_as_its_causal_twin():
+    """A 'valid' convolution's outputs start (k-1)d samples late in Keras; a stream emits from
+    the first sample with the zero buffer as padding, as the 'causal' twin does."""
+    import keras
+
+    from convert import intake, reference
+
+    L = keras.layers
+    valid = keras_model([L.Conv1D(4, 3, padding="valid"), L.LSTM(3, return_sequences=True)])
+    causal = keras_model([L.Conv1D(4, 3, padding="causal"), L.LSTM(3, return_sequences=True)])
+    causal.set_weights(valid.get_weights())
+    x = np.random.default_rng(6).normal(0, 1, (2, 15, 5)).astype(np.float32)
+    y, _, _ = reference.run(intake.spec_from_model(valid), x)
+    np.testing.assert_allclose(y, causal.predict(x, verbose=0), atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activations_are_keras_own(name):
+    import keras
+
+    from convert import reference
+
+    z = np.linspace(-8, 8, 161).reshape(7, 23)
+    want = np.asarray(keras.activations.get(name)(z.astype(np.float32)))
+    np.testing.assert_allclose(reference.activate(z, name), want, atol=2e-6, rtol=1e-5)

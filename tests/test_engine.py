@@ -8,7 +8,15 @@ from hypothesis import strategies as st
 import edge
 from edge import Chunk
 
-MODES = ["clf-int8", "clf-float32", "clf-int16x8", "clf-float16", "reg2-int8"]
+MODES = [
+    "clf-int8",
+    "clf-float32",
+    "clf-int16x8",
+    "clf-float16",
+    "reg2-int8",
+    "cnn-gru-int8",
+    "cnn-gru-float32",
+]
 F = 6
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -77,7 +85,7 @@ def test_k_samples_at_once_equal_one_at_a_time(load, n, seed):
 @given(
     lengths=st.lists(st.integers(1, 12), min_size=1, max_size=20),
     seed=st.integers(0, 999),
-    name=st.sampled_from(["clf-int8", "clf-float32", "reg2-int8"]),
+    name=st.sampled_from(["clf-int8", "clf-float32", "reg2-int8", "cnn-gru-int8"]),
 )
 def test_batched_equals_unbatched_bit_for_bit(load, lengths, seed, name):
     batched = load(name, max_batch=8)  # small buckets: padding and splitting both happen
@@ -272,3 +280,27 @@ def test_restore_may_accept_another_model_with_the_same_layout(load, bundles, tm
         b.restore(tmp_path / "a.bin")
     b.restore(tmp_path / "a.bin", other_model_ok=True)
     assert b.last_seq("s") == 3 and states_equal(a, b, "s")
+
+
+@pytest.mark.parametrize("cut", [0, 1, 4, 17])
+def test_a_convolution_buffer_is_state_like_h(load, tmp_path, cut):
+    """A causal Conv1D's past inputs are a state tensor: carried, snapshotted, restored, reset."""
+    name = "cnn-gru-int8"
+    m = load(name).manifest
+    assert [(s.input, s.role, s.cell) for s in m.states] == [
+        ("buf0", "buffer", "conv1d"),
+        ("h0", "h", "gru"),
+    ]
+    x = samples(25, cut, m.features)
+    straight = load(name)
+    y_straight = straight.step("s", x, seq=1)
+    first = load(name)
+    if cut:
+        first.step("s", x[:cut], seq=1)
+    first.snapshot(tmp_path / "snap.bin")
+    second = load(name)
+    second.restore(tmp_path / "snap.bin")
+    np.testing.assert_array_equal(second.step("s", x[cut:], seq=1 + cut), y_straight[cut:])
+    assert states_equal(second, straight, "s")
+    second.reset("s")
+    np.testing.assert_array_equal(second.step("s", x[:5], seq=100), y_straight[:5])

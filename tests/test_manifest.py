@@ -29,8 +29,10 @@ def test_real_manifest_parses(manifest_dict):
         (lambda d: d["output"].update(kind="ranker"), "output.kind 'ranker'"),
         (lambda d: d["tensors"]["h0"].update(dtype="uint8"), "dtype 'uint8'"),
         (lambda d: d["tensors"]["x"].update(scale=-1.0), "tensors.x"),
-        (lambda d: d["state"][0].update(h_in="nope"), "tensor 'nope'"),
-        (lambda d: d.update(state=[]), "no LSTM layer"),
+        (lambda d: d["state"][0].update(input="nope"), "tensor 'nope'"),
+        (lambda d: d["state"][1].update(role="cake"), "role 'cake'"),
+        (lambda d: d["state"][1].update(input="h0"), "listed twice"),
+        (lambda d: d.update(state=[]), "no state tensor"),
         (lambda d: d["output"].update(labels=["a"]), "1 labels for 4 outputs"),
     ],
 )
@@ -68,3 +70,18 @@ def test_model_file_cannot_escape_the_bundle(manifest_dict, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest_dict))
     with pytest.raises(BundleError, match="inside the bundle"):
         read_bundle(tmp_path)
+
+
+def test_format_1_lstm_layouts_are_still_read(manifest_dict):
+    """Bundles made before per-tensor state roles list h and c per LSTM layer."""
+    m = parse(manifest_dict)
+    old = copy.deepcopy(manifest_dict)
+    old["format_version"] = 1
+    old["state"] = [
+        {"units": h["width"], "h_in": h["input"], "h_out": h["output"]}
+        | {"c_in": c["input"], "c_out": c["output"]}
+        for h, c in zip(manifest_dict["state"][::2], manifest_dict["state"][1::2])
+    ]
+    legacy = parse(old)
+    assert legacy.state_names == m.state_names and legacy.state_layout() == m.state_layout()
+    assert [s.role for s in legacy.states] == ["h", "c"] * (len(m.states) // 2)

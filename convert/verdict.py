@@ -1,0 +1,249 @@
+"""The verdict: task metrics of float and bundle on ``--data``, the gates, and what to try.
+
+Pure NumPy, no TensorFlow. The gates are the task's: a regressor's RMSE against its targets,
+a classifier's accuracy against its labels and its per-step top-1 agreement with the float
+model, and no drift over a long stream. Long-stream agreement gates only models meant to run
+unreset (``regime="continuous"``); a model reset between sequences gets it reported.
+
+Many-to-one meaning: after ``t`` samples a stream's output is the model's prediction on that
+``t``-sample prefix, so a label per sequence (``y[N]``, ``y[N, 1]``, ``y[N, O]``) is compared
+with the output after the sequence's last sample, and a label per step (``y[N, T]``,
+``y[N, T, O]``) with every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ConvertError
+
+REGIMES = ("sequences", "continuous")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The thresholds of the verdict (every one a command-line option)."""
+
+    max_rmse_ratio: float = 1.05
+    max_accuracy_drop: float = 0.01
+    min_agreement: float = 0.98
+    max_drift_ratio: float = 1.2
+    max_saturation: float = 0.001
+    regime: str = "sequences"
+    long_steps: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.regime not in REGIMES:
+            raise ConvertError(f"--regime {self.regime!r} is not one of {', '.join(REGIMES)}")
+        for name in ("max_rmse_ratio", "max_drift_ratio"):
+            if not getattr(self, name) >= 1.0:
+                raise ConvertError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        for name in ("max_accuracy_drop", "min_agreement", "max_saturation"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConvertError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)} must be in [0, 1]"
+                )
+        if self.long_steps < 100:
+            raise ConvertError(f"--long-steps {self.long_steps} must be >= 100")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def label_alignment(
+    labels: np.ndarray, kind: str, n: int, t: int, outputs: int, sequence_output: bool = True
+) -> str:
+    """'step' (a label per step) or 'last' (a label per sequence); a bad shape is exit 2."""
+    shape = tuple(labels.shape)
+    if not shape or shape[0] != n:
+        raise ConvertError(f"--data: labels 'y' have shape {list(shape)}, expected {n} rows")
+    if kind == "classifier":
+        per_step = {(n, t), (n, t, outputs)}
+        per_seq = {(n,), (n, 1), (n, outputs)}
+    else:
+        per_step = {(n, t, outputs)} | ({(n, t)} if outputs == 1 else set())
+        per_seq = {(n, outputs)} | ({(n,)} if outputs == 1 else set())
+    if shape in per_seq and shape in per_step:
+        return "step" if sequence_output else "last"
+    if shape in per_seq:
+        return "last"
+    if shape in per_step:
+        return "step"
+    raise ConvertError(
+        f"--data: labels 'y' have shape {list(shape)}; for this {kind} with {outputs} outputs "
+        f"expected per sequence [{n}] / [{n}, {outputs}] or per step [{n}, {t}"
+        + ("" if kind == "classifier" and outputs > 1 else f", {outputs}")
+        + "]"
+    )
+
+
+def _class_index(labels: np.ndarray, where: str, outputs: int) -> np.ndarray:
+    """Integer class labels from indices or one-hot rows."""
+    one_hot_ndim = 2 if where == "last" else 3
+    if labels.ndim == one_hot_ndim and labels.shape[-1] == outputs:
+        return np.asarray(labels.argmax(-1))
+    n = labels.shape[0]
+    return labels.reshape((n,) if where == "last" else (n, -1)).astype(np.int64)
+
+
+def task_metrics(
+    y_float: np.ndarray,
+    y_bundle: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    kind: str,
+    sequence_output: bool,
+) -> dict[str, Any]:
+    """Figures of float and bundle on ``--data``: y [N, T, O] per step (all steps streamed)."""
+    n, t, o = y_float.shape
+    res: dict[str, Any] = {
+        "sequence_output": sequence_output,
+        "max_abs_error": float(np.abs(y_bundle - y_float).max()),
+        "mean_abs_error": float(np.abs(y_bundle - y_float).mean()),
+    }
+    if kind == "classifier":
+        agree = y_bundle.argmax(-1) == y_float.argmax(-1)
+        res["top1_agreement"] = float(agree.mean())
+        res["top1_agreement_last_step"] = float(agree[:, -1].mean())
+    else:
+        res["rmse_vs_float"] = float(np.sqrt(((y_bundle - y_float) ** 2).mean()))
+        res["rmse_vs_float_rel"] = res["rmse_vs_float"] / max(float(y_float.std()), 1e-12)
+    if labels is None:
+        res["labels"] = "none"
+        return res
+    where = label_alignment(labels, kind, n, t, o, sequence_output)
+    res["labels"] = "per sequence (output after the last sample)" if where == "last" else "per step"
+    yf, yb = (y_float[:, -1], y_bundle[:, -1]) if where == "last" else (y_float, y_bundle)
+    if kind == "classifier":
+        lab = _class_index(labels, where, o)
+        acc_f = float((yf.argmax(-1) == lab).mean())
+        acc_b = float((yb.argmax(-1) == lab).mean())
+        res.update(accuracy_float=acc_f, accuracy_bundle=acc_b, accuracy_drop=acc_f - acc_b)
+    else:
+        target = labels.astype(np.float64).reshape(yf.shape)
+        rmse_f = float(np.sqrt(((yf - target) ** 2).mean()))
+        rmse_b = float(np.sqrt(((yb - target) ** 2).mean()))
+        res.update(rmse_float=rmse_f, rmse_bundle=rmse_b, rmse_ratio=_ratio(rmse_b, rmse_f))
+    return res
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else (1.0 if a == 0 else float("inf"))
+
+
+def saturation(
+    values: np.ndarray, dtype: str, scale: float, zero_point: int
+) -> dict[str, float] | None:
+    """How much of ``values`` falls outside what an integer tensor can represent."""
+    if dtype == "float32":
+        return None
+    lo_q, hi_q = (-128, 127) if dtype == "int8" else (-32768, 32767)
+    lo, hi = (lo_q - zero_point) * scale, (hi_q - zero_point) * scale
+    v = np.asarray(values, np.float64)
+    # half a step beyond the end still rounds onto the last code: not clipped
+    out = (v < lo - scale / 2) | (v > hi + scale / 2)
+    return {
+        "range_min": float(lo),
+        "range_max": float(hi),
+        "data_min": float(v.min()),
+        "data_max": float(v.max()),
+        "clipped": float(out.mean()),
+    }
+
+
+def checks(report: dict[str, Any], targets: Targets) -> dict[str, bool]:
+    """The gates; a missing figure (no labels, a regressor) is not a gate."""
+    par, dr = report["parity"], report["drift"]
+    out = {
+        "op_audit": bool(report["op_audit"]["passed"]),
+        "interpreters": all(v["status"] != "failed" for v in report["interpreters"].values()),
+        "no_drift": bool(dr["no_drift"]),
+    }
+    if "rmse_ratio" in par:
+        out["rmse_ratio"] = par["rmse_ratio"] <= targets.max_rmse_ratio + 1e-12
+    if "accuracy_drop" in par:
+        out["accuracy"] = par["accuracy_drop"] <= targets.max_accuracy_drop + 1e-9
+    if "top1_agreement" in par:
+        out["top1_agreement"] = par["top1_agreement"] >= targets.min_agreement
+    if "top1_agreement" in dr and targets.regime == "continuous":
+        out["long_stream_top1_agreement"] = dr["top1_agreement"] >= targets.min_agreement
+    return out
+
+
+def advice(report: dict[str, Any], targets: Targets) -> list[str]:
+    """One line per failed gate or warning: what failed, by how much, and what to try."""
+    par, dr, ch = report["parity"], report["drift"], report["checks"]
+    mode = report["quantization"]
+    lighter = mode in ("int8", "int16x8", "float16")
+    other = {
+        "int8": "--quant int16x8 (or --quant auto)",
+        "int16x8": "--quant float16 (or --quant auto)",
+        "float16": "--quant float32",
+    }.get(mode, "")
+    graph_norm = report.get("normalization") == "graph"
+    # An int8 cell state clips by choice (``quantize.choose_c_range``): not a calibration gap.
+    clipped = {
+        k: v["clipped"]
+        for k, v in report.get("saturation", {}).items()
+        if v and v["clipped"] > targets.max_saturation and v.get("role") != "c"
+    }
+    out = []
+    cal_hint = (
+        "; calibration data does not cover --data ("
+        + ", ".join(f"{k} {v:.2%} clipped" for k, v in clipped.items())
+        + "): calibrate on data spanning the operating range"
+        if clipped
+        else ""
+    )
+    norm_hint = (
+        "; the model normalises inside the graph: try --normalization runtime" if graph_norm else ""
+    )
+    try_other = f": try {other}" if lighter else ""
+    if not ch.get("rmse_ratio", True):
+        out.append(
+            f"RMSE {par['rmse_bundle']:.4g} is x{par['rmse_ratio']:.3f} of float "
+            f"{par['rmse_float']:.4g} (limit x{targets.max_rmse_ratio}){try_other}"
+            f"{norm_hint}{cal_hint}"
+        )
+    if not ch.get("accuracy", True):
+        out.append(
+            f"accuracy {par['accuracy_bundle']:.2%} vs float {par['accuracy_float']:.2%} "
+            f"(limit -{targets.max_accuracy_drop:.1%}){try_other}{norm_hint}{cal_hint}"
+        )
+    if not ch.get("top1_agreement", True):
+        out.append(
+            f"per-step top-1 agreement {par['top1_agreement']:.2%} < "
+            f"{targets.min_agreement:.0%}{try_other}"
+            f"{'' if mode == 'float32' else ', or --per-channel'}{norm_hint}{cal_hint}"
+        )
+    if not ch.get("long_stream_top1_agreement", True):
+        out.append(
+            f"long-stream top-1 agreement {dr['top1_agreement']:.2%} < "
+            f"{targets.min_agreement:.0%} over {dr['steps']} unreset steps{try_other}"
+        )
+    if not ch["no_drift"]:
+        out.append(
+            f"the error grows over a long stream (last 10% {dr['last_10pct_mean_error']:.3g} vs "
+            f"2nd 10% {dr['second_10pct_mean_error']:.3g}, limit x{targets.max_drift_ratio})"
+            + (
+                ": the state clips its range; try --quant int16x8 or --quant auto"
+                if lighter
+                else ""
+            )
+        )
+    if clipped and not out:
+        out.append(
+            "warning: "
+            + ", ".join(f"{k} {v:.2%}" for k, v in clipped.items())
+            + " of values on --data fall outside the bundle's ranges (clipped): calibrate on "
+            "data spanning the operating range"
+        )
+    if par.get("labels") == "none":
+        out.append(
+            "note: --data has no labels 'y': the task metric (accuracy or RMSE against targets) "
+            "was not checked; give an .npz with 'x' and 'y'"
+        )
+    return out

@@ -1,0 +1,126 @@
+"""The verdict's logic: label shapes, task metrics, gates and advice (pure NumPy)."""
+
+import numpy as np
+import pytest
+
+from convert import verdict
+from convert.errors import ConvertError
+
+
+def test_many_to_one_targets_are_compared_with_the_last_step():
+    rng = np.random.default_rng(0)
+    y_float = rng.normal(0, 1, (20, 7, 1))
+    y_bundle = y_float + rng.normal(0, 0.1, y_float.shape)
+    target = y_float[:, -1, 0] + rng.normal(0, 0.3, 20)
+    for labels in (target, target[:, None]):
+        m = verdict.task_metrics(y_float, y_bundle, labels, kind="regressor", sequence_output=False)
+        rmse_f = np.sqrt(((y_float[:, -1, 0] - target) ** 2).mean())
+        rmse_b = np.sqrt(((y_bundle[:, -1, 0] - target) ** 2).mean())
+        assert m["labels"].startswith("per sequence")
+        assert m["rmse_float"] == pytest.approx(rmse_f)
+        assert m["rmse_ratio"] == pytest.approx(rmse_b / rmse_f)
+
+
+def test_per_step_targets_use_every_step():
+    rng = np.random.default_rng(1)
+    y_float = rng.normal(0, 1, (5, 9, 2))
+    target = y_float + 0.5
+    m = verdict.task_metrics(
+        y_float, y_float.copy(), target, kind="regressor", sequence_output=True
+    )
+    assert m["labels"] == "per step" and m["rmse_float"] == pytest.approx(0.5)
+    assert m["rmse_ratio"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 1)])
+def test_classifier_labels_per_sequence(shape):
+    y_float = np.zeros((6, 4, 3))
+    y_float[:, -1, 1] = 1.0  # every sequence ends on class 1
+    y_bundle = y_float.copy()
+    y_bundle[:2, -1] = [0.0, 0.0, 1.0]  # two end on class 2 in the bundle
+    labels = np.ones(shape, np.int64)
+    m = verdict.task_metrics(y_float, y_bundle, labels, kind="classifier", sequence_output=True)
+    assert m["accuracy_float"] == 1.0 and m["accuracy_bundle"] == pytest.approx(4 / 6)
+    assert m["top1_agreement_last_step"] == pytest.approx(4 / 6)
+
+
+def test_one_hot_labels_per_step():
+    rng = np.random.default_rng(2)
+    y = rng.random((3, 5, 4))
+    one_hot = np.eye(4)[y.argmax(-1)]
+    m = verdict.task_metrics(y, y, one_hot, kind="classifier", sequence_output=True)
+    assert m["labels"] == "per step" and m["accuracy_float"] == 1.0
+
+
+def test_bad_label_shape_names_the_shape():
+    with pytest.raises(ConvertError, match=r"labels 'y' have shape \[4, 3, 2\]"):
+        verdict.label_alignment(np.zeros((4, 3, 2)), "regressor", 4, 3, 1)
+    with pytest.raises(ConvertError, match="expected 5 rows"):
+        verdict.label_alignment(np.zeros(4), "classifier", 5, 3, 2)
+
+
+def _report(**parity):
+    return {
+        "quantization": "int8",
+        "op_audit": {"passed": True},
+        "interpreters": {"litert": {"status": "passed"}},
+        "parity": parity,
+        "drift": {
+            "no_drift": True,
+            "top1_agreement": 0.95,
+            "steps": 10_000,
+            "last_10pct_mean_error": 0.1,
+            "second_10pct_mean_error": 0.1,
+        },
+        "saturation": {},
+    }
+
+
+def test_long_stream_agreement_gates_only_continuous_models():
+    r = _report(
+        top1_agreement=0.991,
+        accuracy_float=0.916,
+        accuracy_bundle=0.922,
+        accuracy_drop=-0.006,
+        labels="per sequence",
+    )
+    ch = verdict.checks(r, verdict.Targets())
+    assert all(ch.values()) and "long_stream_top1_agreement" not in ch
+    ch = verdict.checks(r, verdict.Targets(regime="continuous"))
+    assert ch["long_stream_top1_agreement"] is False
+    r["checks"] = ch
+    (line,) = verdict.advice(r, verdict.Targets(regime="continuous"))
+    assert "long-stream top-1 agreement 95.00%" in line and "--quant int16x8" in line
+
+
+def test_failed_rmse_says_what_to_try():
+    r = _report(rmse_float=1.0, rmse_bundle=1.254, rmse_ratio=1.254, labels="per step")
+    r["normalization"] = "graph"
+    r["saturation"] = {"y": {"clipped": 0.07}}
+    targets = verdict.Targets()
+    r["checks"] = verdict.checks(r, targets)
+    assert r["checks"]["rmse_ratio"] is False
+    (line,) = verdict.advice(r, targets)
+    assert "x1.254" in line and "--quant int16x8" in line
+    assert "--normalization runtime" in line and "y 7.00% clipped" in line
+    assert verdict.checks(r, verdict.Targets(max_rmse_ratio=1.3))["rmse_ratio"] is True
+
+
+def test_saturation_counts_values_beyond_half_a_step():
+    sat = verdict.saturation(np.array([-1.0, 0.0, 0.99, 1.2, 3.0]), "int8", 1 / 128, 0)
+    assert sat["range_max"] == pytest.approx(127 / 128) and sat["clipped"] == pytest.approx(0.4)
+    assert verdict.saturation(np.zeros(3), "float32", 0.0, 0) is None
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"regime": "forever"}, "--regime 'forever'"),
+        ({"max_rmse_ratio": 0.9}, "--max-rmse-ratio 0.9 must be >= 1"),
+        ({"min_agreement": 1.5}, "--min-agreement 1.5 must be in [0, 1]"),
+        ({"long_steps": 10}, "--long-steps 10 must be >= 100"),
+    ],
+)
+def test_bad_thresholds_are_usage_errors(kw, needle):
+    with pytest.raises(ConvertError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        verdict.Targets(**kw)

@@ -1,24 +1,22 @@
 """paho's network loop, run by us so that reading can pause.
 
 paho's own ``loop_start`` reads whatever the broker sends, as fast as it arrives. MQTT 5's
-Receive Maximum should bound that, but brokers overshoot it (Mosquitto 2.0 was seen sending
-three times as many unacknowledged messages), and MQTT 3.1.1 has no such bound at all. This
-loop reads only while ``may_read()`` says there is room, so a backlog stays at the broker and
-not in our memory. It still reads when ``must_read()`` says so (PUBACKs are awaited: the
-answer window is full), keeps the connection alive, and reconnects with backoff.
+Receive Maximum should bound that, but MQTT 3.1.1 has no such bound and brokers overshoot it
+(``bench.broker_flow``). This loop reads only while ``may_read()`` says there is room, so a
+backlog stays at the broker and not in our memory. It still reads when ``must_read()`` says so
+(PUBACKs are awaited: the answer window is full; they may queue behind a broker's flood, which
+then comes in too), keeps the connection alive, and reconnects with backoff.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import select
 import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger("edge.service")
 PAUSED_POLL = 0.02  # seconds between looks at the inbox while reading is paused
 
 
@@ -74,7 +72,8 @@ class NetworkLoop:
     def _run(self) -> None:
         wake_r = self._wake_r
         assert wake_r is not None
-        mqtt = _paho()
+        import paho.mqtt.client as mqtt
+
         delay, waited = self.reconnect_min, False  # the first connect does not wait
         while not self._stop.is_set():
             sock = self.client.socket()
@@ -116,9 +115,3 @@ class NetworkLoop:
                 rc = self.client.loop_write()
             if rc == mqtt.MQTT_ERR_SUCCESS:
                 self.client.loop_misc()  # keep-alive pings, and a ping timeout closes
-
-
-def _paho() -> Any:
-    import paho.mqtt.client as mqtt
-
-    return mqtt

@@ -28,7 +28,7 @@ from .errors import (
 )
 from .manifest import Manifest, read_bundle
 from .model import StepModel, dequantize
-from .sequencing import GAP_POLICIES, HALF, U32, admit, last_of
+from .sequencing import GAP_POLICIES, HALF, U32, admit, earlier_boot, last_of
 from .state_store import NO_SEQ, StateStore
 
 MAX_STREAM_ID = 256
@@ -301,7 +301,7 @@ class Engine:
         restart = False
         if chunk.boot is not None:
             cur, old = self._boot_of(stream, boots)
-            if chunk.boot in old:
+            if earlier_boot(chunk.boot, cur, old):
                 self.counters.stale += 1
                 stale = StaleSample(
                     f"boot {chunk.boot} is older than the stream's current boot {cur}",

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .sequencing import HALF, U32
+from .sequencing import HALF, U32, earlier_boot
 from .wal import Record
 
 
@@ -97,7 +97,7 @@ class Reorderer:
         if expect is None and last_applied is not None:
             expect = (last_applied + 1) % U32
         if rec.boot is not None and cur is not None and rec.boot != cur:
-            if rec.boot in old:
+            if earlier_boot(rec.boot, cur, old):
                 return [rec]  # an earlier boot: stale
             return self._start_over(rec, [cur, *old])
         if rec.boot is not None:

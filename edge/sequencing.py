@@ -12,6 +12,18 @@ from dataclasses import dataclass
 U32 = 1 << 32
 HALF = 1 << 31
 GAP_POLICIES = ("continue", "reset", "reject")
+BOOT_BEHIND = 16  # an unseen boot id at most this far below the current one is an earlier boot
+
+
+def earlier_boot(boot: int, current: int | None, earlier: list[int]) -> bool:
+    """Whether ``boot`` is a life of the device before its ``current`` one: one seen before it,
+    or an unseen id at most ``BOOT_BEHIND`` below it. The latter is a device counting its
+    boots whose short-lived boot was heard only after the next one began (else that late
+    message would restart the stream and every later message of the live boot would be
+    stale). A random nonce lands there about once in 2**28 boots."""
+    if boot in earlier:
+        return True
+    return current is not None and 0 < (current - boot) % U32 <= BOOT_BEHIND
 
 
 @dataclass(frozen=True)

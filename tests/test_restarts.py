@@ -32,6 +32,22 @@ def test_a_new_boot_restarts_the_stream_and_an_old_one_is_stale(bundles, xs, tmp
     assert e.counters.restarts == 1 and e.counters.stale == 1
 
 
+def test_a_boot_heard_only_after_the_next_one_is_stale_not_a_restart(bundles, xs):
+    """A device counting its boots rebooted twice in a row (boot 8 then 9) and the only
+    message of boot 8 arrived after boot 9's first: boot 9 goes on, boot 8 is stale."""
+    e = edge.load(bundles / BUNDLE)
+    e.step("d", xs[:5], seq=1, boot=7)
+    (nine,) = e.step_many([edge.Chunk("d", xs[5:7], 1, boot=9)])
+    assert nine.restart
+    with pytest.raises(StaleSample, match="boot 8"):
+        e.step("d", xs[7], seq=1, boot=8)
+    (more,) = e.step_many([edge.Chunk("d", xs[8:10], 3, boot=9)])
+    assert len(more.y) == 2 and not more.restart and e.boots("d")[0] == 9
+    # An id far from the current one (a random nonce) is a new boot, as before.
+    (nonce,) = e.step_many([edge.Chunk("d", xs[10:11], 1, boot=9 - 1000)])
+    assert nonce.restart
+
+
 def test_first_boot_id_is_adopted_without_a_restart(bundles, xs):
     e = edge.load(bundles / BUNDLE)
     e.step("d", xs[:5], seq=1)

@@ -1,5 +1,7 @@
 """Pure parts of the service: reordering, configuration, topic templates."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -73,6 +75,15 @@ def test_a_duplicate_first_after_a_restart_does_not_set_the_expectation_back():
     assert [x.seq for x in r.push(rec("s", 9, k=2), 13)] == [9]  # duplicate: the engine drops it
     assert [x.seq for x in r.push(rec("s", 14), 13)] == [14]
     assert len(r) == 0
+
+
+def test_reorderer_passes_a_boot_heard_after_the_next_one_as_stale():
+    r = Reorderer(10.0, lambda: 0.0)
+    r.push(dataclasses.replace(rec("s", 1), boot=7), None)
+    assert [x.boot for x in r.push(dataclasses.replace(rec("s", 1), boot=9), 1, (7, []))] == [9]
+    late = dataclasses.replace(rec("s", 1), boot=8)  # never seen, just below the current one
+    assert r.push(late, 1, (9, [7])) == [late]  # passed to the engine, which answers stale
+    assert [x.seq for x in r.push(dataclasses.replace(rec("s", 2), boot=9), 1, (9, [7]))] == [2]
 
 
 def test_reorderer_stops_waiting_for_a_refused_seq():

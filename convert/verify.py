@@ -24,7 +24,7 @@ from edge.backend import available
 from edge.cli import probe_inputs
 from edge.model import dequantize
 
-from . import reference
+from . import kernels, reference
 from .errors import VerificationFailed
 from .intake import ModelSpec
 
@@ -214,7 +214,7 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
         try:
             with warnings.catch_warnings():  # tf.lite's own deprecation warning
                 warnings.simplefilter("ignore")
-                eng = edge.load(bundle, backend=name)
+                eng = edge.load(bundle, backend=name, kernel_mismatch="allow")
             y = probe(eng)
             res[name] = {
                 "status": "passed",
@@ -227,6 +227,7 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
         res["tflite"] = {"status": "not available (set EDGE_LSTM_DEVICE_PYTHON)"}
         return res
     cmd = [dev_python, "-m", "edge", "inspect", str(bundle), "--json", "--backend", "tflite"]
+    cmd += ["--kernel-mismatch", "warn"]  # the kernel sets are judged by ``kernels``
     try:
         proc = subprocess.run(
             cmd,
@@ -272,7 +273,7 @@ def verify(
     t0 = time.perf_counter()
     content = (bundle / "model.tflite").read_bytes()
     audit = op_audit(content)
-    engine = edge.load(bundle)
+    engine = edge.load(bundle, kernel_mismatch="allow")
     progress(f"  parity on {len(data)} sequences x {data.shape[1]} steps")
     y_float, _, _ = reference.run(spec, data)
     par, y_q = parity(engine, spec, data, labels, y_float)
@@ -280,6 +281,19 @@ def verify(
     dr, err = drift(engine, spec, data, long_steps, progress)
     progress("  interpreters")
     interp = interpreters(bundle, probe(engine), dev_python)
+    progress("  closed loop in every kernel set")
+    long = periodic_stream(data, long_steps)
+    y_long, _, _ = reference.run(spec, long[None])
+    kern = kernels.verify_kernel_sets(
+        bundle,
+        engine.manifest,
+        {"parity": data, "long": long[None]},
+        {"parity": y_float, "long": y_long},
+        labels,
+        dev_python,
+        TARGETS,
+        DRIFT_ABS_FLOOR,
+    )
     report = {
         "bundle": str(bundle),
         "quantization": engine.manifest.quantization,
@@ -288,6 +302,7 @@ def verify(
         "parity": par,
         "drift": dr,
         "interpreters": interp,
+        "kernel_sets": kern,
         "targets": TARGETS,
         "seconds": time.perf_counter() - t0,
     }
@@ -304,6 +319,9 @@ def checks(report: dict[str, Any]) -> dict[str, bool]:
         "interpreters": all(v["status"] != "failed" for v in report["interpreters"].values()),
         "no_drift": bool(dr["no_drift"]),
     }
+    if "kernel_sets" in report:  # every reachable kernel set meets what the reference meets
+        kern = report["kernel_sets"]
+        out["kernel_sets"] = set(kern["verified"]) == set(kern["sets"])
     if "top1_agreement" in dr:
         out["long_stream_top1_agreement"] = dr["top1_agreement"] >= TARGETS["top1_agreement"]
     if "accuracy_last_step_float" in par:

@@ -40,7 +40,7 @@ def mismatch(manifest: Manifest, got: str) -> str | None:
     listed = ", ".join(repr(v) for v in verified) or "none"
     return (
         f"this runtime computes with kernel set {got!r} but the bundle was verified with {listed}; "
-        "int8 results would differ from the verified ones"
+        "its results would differ from the verified ones"
     )
 
 

@@ -178,8 +178,9 @@ def run_convert(
         extra = dict(manifest.extra)
         if mode == "auto":
             extra["quantization_choice"] = report["advice"][0]
+        kern = {k: v for k, v in report["kernel_sets"].items() if k != "unavailable"}
         manifest = dataclasses.replace(
-            manifest, fidelity=fidelity, interpreters=interp, extra=extra
+            manifest, fidelity=fidelity, interpreters=interp, extra=extra, kernels=kern
         )
         bundle.write_manifest(tmp, manifest)
         verify.save(report, tmp)
@@ -272,6 +273,22 @@ def summary(report: dict[str, Any]) -> str:
             for k, v in report["interpreters"].items()
         )
     )
+    kern = report.get("kernel_sets", {})
+    for name, v in kern.get("sets", {}).items():
+        d = v["vs_reference"]
+        lines.append(
+            f"  kernels  {name} ({v['interpreter']}): {'verified' if v['passed'] else 'FAILED'}, "
+            + (
+                "reference"
+                if name == kern["reference"]
+                else "bit-identical to the reference"
+                if d["bit_identical"]
+                else f"max |dy| {d['max_output_diff']:g} output steps from the reference "
+                f"({d['differing_outputs']:.0%} of outputs differ)"
+            )
+        )
+    for name, why in kern.get("unavailable", {}).items():
+        lines.append(f"  kernels  {name}: not run ({why})")
     lines.append(
         "  checks   "
         + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["checks"].items())

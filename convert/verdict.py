@@ -170,6 +170,9 @@ def checks(report: dict[str, Any], targets: Targets) -> dict[str, bool]:
         out["top1_agreement"] = par["top1_agreement"] >= targets.min_agreement
     if "top1_agreement" in dr and targets.regime == "continuous":
         out["long_stream_top1_agreement"] = dr["top1_agreement"] >= targets.min_agreement
+    if report.get("kernel_sets", {}).get("sets"):  # each reachable kernel set meets what the
+        kern = report["kernel_sets"]  # reference set meets
+        out["kernel_sets"] = set(kern["verified"]) == set(kern["sets"])
     return out
 
 
@@ -233,6 +236,13 @@ def advice(report: dict[str, Any], targets: Targets) -> list[str]:
                 if lighter
                 else ""
             )
+        )
+    if ch.get("kernel_sets") is False:
+        kern = report["kernel_sets"]
+        bad = ", ".join(sorted(set(kern["sets"]) - set(kern["verified"])))
+        out.append(
+            f"kernel set(s) {bad} miss targets that {kern['reference']} meets: a device running "
+            "them would not compute what was verified; try another --quant mode"
         )
     if clipped and not out:
         out.append(

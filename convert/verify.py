@@ -24,7 +24,7 @@ from edge.backend import available
 from edge.cli import probe_inputs
 from edge.model import dequantize
 
-from . import reference, verdict
+from . import kernels, reference, verdict
 from .errors import VerificationFailed
 from .spec import ModelSpec
 
@@ -226,7 +226,7 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
         try:
             with warnings.catch_warnings():  # tf.lite's own deprecation warning
                 warnings.simplefilter("ignore")
-                eng = edge.load(bundle, backend=name)
+                eng = edge.load(bundle, backend=name, kernel_mismatch="allow")
             y = probe(eng)
             res[name] = {
                 "status": "passed",
@@ -239,6 +239,7 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
         res["tflite"] = {"status": "not available (set EDGE_LSTM_DEVICE_PYTHON)"}
         return res
     cmd = [dev_python, "-m", "edge", "inspect", str(bundle), "--json", "--backend", "tflite"]
+    cmd += ["--kernel-mismatch", "warn"]  # the kernel sets are judged by ``kernels``
     try:
         proc = subprocess.run(
             cmd,
@@ -285,7 +286,7 @@ def verify(
     t0 = time.perf_counter()
     content = (bundle / "model.tflite").read_bytes()
     audit = op_audit(content)
-    engine = edge.load(bundle)
+    engine = edge.load(bundle, kernel_mismatch="allow")
     progress(f"  parity on {len(data)} sequences x {data.shape[1]} steps")
     y_float, states, xn = reference.run(spec, data)
     par, y_q = parity(engine, spec, data, labels, y_float)
@@ -293,6 +294,24 @@ def verify(
     dr, err = drift(engine, spec, data, targets.long_steps, progress, targets.max_drift_ratio)
     progress("  interpreters")
     interp = interpreters(bundle, probe(engine), dev_python)
+    progress("  closed loop in every kernel set")
+    long = periodic_stream(data, targets.long_steps)
+    y_long, _, _ = reference.run(spec, long[None])
+    kern = kernels.verify_kernel_sets(
+        bundle,
+        engine.manifest,
+        {"parity": data, "long": long[None]},
+        {"parity": y_float, "long": y_long},
+        labels,
+        dev_python,
+        {
+            "top1_agreement": targets.min_agreement,
+            "drift_ratio": targets.max_drift_ratio,
+            "max_accuracy_drop": targets.max_accuracy_drop,
+            "max_rmse_ratio": targets.max_rmse_ratio,
+        },
+        DRIFT_ABS_FLOOR,
+    )
     report = {
         "bundle": str(bundle),
         "quantization": engine.manifest.quantization,
@@ -308,6 +327,7 @@ def verify(
             states,
         ),
         "interpreters": interp,
+        "kernel_sets": kern,
         "targets": targets.to_dict(),
         "seconds": time.perf_counter() - t0,
     }

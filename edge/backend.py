@@ -3,6 +3,22 @@
 Order for ``auto``: ai-edge-litert, then tflite-runtime, then ``tensorflow.lite`` (the heavy
 fallback, with a warning). ``EDGE_LSTM_BACKEND`` or an explicit argument overrides the order.
 TensorFlow is imported only when that fallback is actually chosen.
+
+The interpreter alone does not decide the bits of an int8 model: its *kernel set* does.
+ai-edge-litert runs int8 through its default XNNPACK delegate, tflite-runtime 2.14 through its
+built-in kernels, and an int8 step model feeds its rounded state back, so one LSB between two
+kernel sets grows over a stream. ``kernel_set`` names what a loaded interpreter really runs:
+
+- ``<interpreter>-xnnpack`` when the XNNPACK delegate took the graph (a ``DELEGATE`` node in the
+  execution plan). Its int8 state was measured bit-exact between x86-64 and aarch64
+  (``scripts/test-arm`` keeps checking it), so the name carries no machine. An op XNNPACK does
+  not take (an int8 softmax head) runs on built-in kernels and may round ``y`` one step apart
+  between machines; that does not feed back.
+- ``<interpreter>-builtin-<machine>`` otherwise: the built-in kernels differ between x86-64 and
+  aarch64 (up to 2 output steps measured), so the machine is part of the name.
+
+``<interpreter>`` is ``litert``, ``tflite-<major.minor>`` or ``tensorflow``. XNNPACK can also be
+silently absent (no readable ``/sys`` or ``/proc/cpuinfo``): the name then says ``builtin``.
 """
 
 from __future__ import annotations
@@ -10,9 +26,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import platform
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,14 +59,38 @@ class Backend:
     name: str
     version: str
     make_interpreter: Callable[..., Any]
+    builtin_resolver: Any = None  # OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    builtin_only: bool = False  # default delegates (XNNPACK) switched off
 
-    def runner(self, model_content: bytes, signature: str, num_threads: int = 1) -> SignatureRunner:
+    @property
+    def family(self) -> str:
+        """The interpreter part of a kernel-set name: litert, tflite-2.14, tensorflow."""
+        if self.name == "tflite":
+            return "tflite-" + ".".join(self.version.split(".")[:2])
+        return self.name
+
+    def builtin(self) -> Backend:
+        """The same interpreter with its default delegates off: only the built-in kernels."""
+        if self.builtin_resolver is None:
+            raise BackendError(f"{self.name} {self.version} cannot switch its delegates off")
+        return replace(self, builtin_only=True)
+
+    def open(
+        self, model_content: bytes, signature: str, num_threads: int = 1
+    ) -> tuple[Any, SignatureRunner]:
+        """(interpreter, signature runner); the interpreter is kept to read its execution plan."""
+        kwargs: dict[str, Any] = {"model_content": model_content, "num_threads": num_threads}
+        if self.builtin_only:
+            kwargs["experimental_op_resolver_type"] = self.builtin_resolver
         try:
-            interp = self.make_interpreter(model_content=model_content, num_threads=num_threads)
+            interp = self.make_interpreter(**kwargs)
             runner: SignatureRunner = interp.get_signature_runner(signature)
         except Exception as exc:  # the interpreters raise ValueError/RuntimeError freely
             raise BackendError(f"{self.name} could not open the model: {exc}") from exc
-        return runner
+        return interp, runner
+
+    def runner(self, model_content: bytes, signature: str, num_threads: int = 1) -> SignatureRunner:
+        return self.open(model_content, signature, num_threads)[1]
 
     def op_names(self, model_content: bytes) -> list[str]:
         interp = self.make_interpreter(model_content=model_content)
@@ -74,7 +115,33 @@ def _load(name: str) -> Backend:
         version = str(tf.__version__)
     else:
         raise BackendError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
-    return Backend(name, version, mod.Interpreter)
+    resolver = getattr(
+        getattr(mod, "OpResolverType", None), "BUILTIN_WITHOUT_DEFAULT_DELEGATES", None
+    )
+    if resolver is None and name == "tensorflow":
+        resolver = mod.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    return Backend(name, version, mod.Interpreter, resolver)
+
+
+def kernel_set_name(family: str, delegated: bool, machine: str) -> str:
+    """See the module docstring: XNNPACK sets are machine-independent, built-in ones are not."""
+    return f"{family}-xnnpack" if delegated else f"{family}-builtin-{machine}"
+
+
+def machine() -> str:
+    """The CPU architecture as Python names it: x86_64, aarch64, armv7l."""
+    return platform.machine().lower() or "unknown"
+
+
+def kernel_set(backend: Backend, interpreter: Any) -> str:
+    """The kernel set a loaded interpreter runs. Read after the first invoke: delegates are
+    applied lazily, and tflite-runtime's signature runner applies them only then."""
+    try:
+        ops = interpreter._get_ops_details()
+    except Exception as exc:  # a private API: say so rather than guess
+        raise BackendError(f"{backend.name} does not show its execution plan: {exc}") from exc
+    delegated = any(str(op.get("op_name")) == "DELEGATE" for op in ops)
+    return kernel_set_name(backend.family, delegated, machine())
 
 
 def _dist_version(dist: str) -> str:

@@ -38,7 +38,31 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="interpreter: auto (default), litert, tflite or tensorflow; or set EDGE_LSTM_BACKEND",
     )
+    i.add_argument(
+        "--kernel-mismatch",
+        choices=["refuse", "warn"],
+        default="refuse",
+        help="when the interpreter's kernel set is not one the bundle was verified with: "
+        "refuse (default) or warn and run anyway",
+    )
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    r = sub.add_parser(
+        "replay",
+        help="run recorded streams through a bundle and write the raw outputs",
+        description="Replay every [N, T, F] array of IN.npz through DIR, each row a stream from "
+        "zero state, and write the model's raw outputs and states (NAME/y, NAME/state) to "
+        "OUT.npz with the kernel set that computed them: to compare interpreters and machines "
+        "bit for bit. Runs on any kernel set (this is how kernel sets are compared).",
+    )
+    r.add_argument("bundle", help="bundle directory made by lstm-convert")
+    r.add_argument("--input", required=True, help="IN.npz of float [N, T, F] arrays")
+    r.add_argument("--out", required=True, help="OUT.npz to write")
+    r.add_argument("--backend", default=None, help="interpreter, as for inspect")
+    r.add_argument(
+        "--builtin-kernels",
+        action="store_true",
+        help="switch the interpreter's default delegates (XNNPACK) off",
+    )
     from .service_cli import add_serve_parser
 
     add_serve_parser(sub)
@@ -69,14 +93,26 @@ def run_command(
 def main(argv: Sequence[str] | None = None) -> int:
     from .service_cli import serve
 
-    return run_command(parser(), {"inspect": inspect, "serve": serve}, argv)
+    return run_command(parser(), {"inspect": inspect, "serve": serve, "replay": replay}, argv)
+
+
+def replay(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .replay import replay_command
+
+    info = replay_command(
+        args.bundle, Path(args.input), Path(args.out), args.backend, args.builtin_kernels
+    )
+    print(json.dumps(info))
+    return 0
 
 
 def inspect(args: argparse.Namespace) -> int:
     from .engine import load
 
     t0 = time.perf_counter()
-    engine = load(args.bundle, backend=args.backend)
+    engine = load(args.bundle, backend=args.backend, kernel_mismatch=args.kernel_mismatch)
     load_s = time.perf_counter() - t0
     m = engine.manifest
     y = engine.step("probe", probe_inputs(m.features))
@@ -84,6 +120,7 @@ def inspect(args: argparse.Namespace) -> int:
         "bundle": args.bundle,
         "backend": engine.model.backend.name,
         "backend_version": engine.model.backend.version,
+        "kernels": engine.model.kernels,
         "load_seconds": load_s,
         "manifest": m.to_dict(),
         "probe_y": y.tolist(),
@@ -107,6 +144,11 @@ def inspect(args: argparse.Namespace) -> int:
     print(
         f"interpreter {engine.model.backend.name} {engine.model.backend.version}, "
         f"loaded in {load_s * 1000:.0f} ms"
+    )
+    verified = m.verified_kernels
+    print(
+        f"kernels     {engine.model.kernels}; verified with "
+        + (", ".join(verified) if verified is not None else "(not recorded)")
     )
     fid = m.fidelity.get("parity", {})
     if fid:

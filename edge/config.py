@@ -113,6 +113,11 @@ class ServiceConfig:
         "interpreter: auto, litert, tflite or tensorflow",
         ["auto", "litert", "tflite", "tensorflow"],
     )
+    kernel_mismatch: str = _opt(
+        "refuse",
+        "when the interpreter's kernel set (e.g. litert-xnnpack) is not one the bundle was verified with: 'refuse' to start, or 'warn' and run anyway (results differ from the verified ones)",
+        ["refuse", "warn"],
+    )
     reconnect_min: float = _opt(0.5, "first reconnect delay, seconds (doubles with jitter)")
     reconnect_max: float = _opt(30.0, "longest reconnect delay, seconds")
     log_level: str = _opt("info", "log level", ["debug", "info", "warning", "error"])

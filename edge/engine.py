@@ -26,6 +26,7 @@ from .errors import (
     SnapshotError,
     StaleSample,
 )
+from .kernels import enforce
 from .manifest import Manifest, read_bundle
 from .model import StepModel, dequantize
 from .sequencing import GAP_POLICIES, HALF, U32, admit, earlier_boot, last_of
@@ -463,13 +464,25 @@ def load(
     max_batch: int = 256,
     num_threads: int = 1,
     self_test: bool = True,
+    builtin_kernels: bool = False,
+    kernel_mismatch: str = "refuse",
     **engine_options: Any,
 ) -> Engine:
-    """Open a bundle directory: manifest checked, sha256 checked, one-step self-test run."""
+    """Open a bundle directory: manifest checked, sha256 checked, one-step self-test run, and
+    the kernel set the interpreter really runs checked against those the bundle was verified
+    with (``kernel_mismatch``: "refuse", "warn", or "allow" for tools that compare kernel sets
+    on purpose). ``builtin_kernels`` switches the interpreter's default delegates off."""
     manifest, content = read_bundle(directory)
+    chosen = select(backend)
     model = StepModel(
-        manifest, content, select(backend), max_batch=max_batch, num_threads=num_threads
+        manifest,
+        content,
+        chosen.builtin() if builtin_kernels else chosen,
+        max_batch=max_batch,
+        num_threads=num_threads,
     )
+    if kernel_mismatch != "allow":
+        enforce(manifest, model.kernels, kernel_mismatch, str(directory))
     if self_test:
         y, _ = model.invoke(model.encode_x(np.zeros((1, manifest.features))), model.zero_state())
         if y.shape != (1, manifest.outputs) or not np.isfinite(dequantize(y, model.y_spec)).all():

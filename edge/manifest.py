@@ -76,7 +76,16 @@ class Manifest:
     sample_rate_hz: float | None = None
     fidelity: Mapping[str, Any] = field(default_factory=dict)
     interpreters: Mapping[str, Any] = field(default_factory=dict)
+    kernels: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def verified_kernels(self) -> tuple[str, ...] | None:
+        """Kernel sets the converter verified this bundle with (``edge.backend`` names them);
+        None for a manifest written before kernel sets were recorded."""
+        if not self.kernels:
+            return None
+        return tuple(self.kernels.get("verified", ()))
 
     @property
     def features(self) -> int:
@@ -129,6 +138,7 @@ class Manifest:
             "tensors": {name: asdict(spec) for name, spec in self.tensors.items()},
             "fidelity": dict(self.fidelity),
             "interpreters": dict(self.interpreters),
+            **({"kernels": dict(self.kernels)} if self.kernels else {}),
             **dict(self.extra),
         }
 
@@ -209,6 +219,7 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         "tensors",
         "fidelity",
         "interpreters",
+        "kernels",
     }
     rate = data.get("sample_rate_hz")
     return Manifest(
@@ -228,6 +239,7 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         sample_rate_hz=float(rate) if rate is not None else None,
         fidelity=dict(data.get("fidelity") or {}),
         interpreters=dict(data.get("interpreters") or {}),
+        kernels=_kernels(data, where),
         extra={k: v for k, v in data.items() if k not in known},
     )
 
@@ -271,6 +283,22 @@ def _parse_states(
     if not states:
         raise BundleError(f"{where}: field 'state' lists no state tensor")
     return tuple(states)
+
+
+def _kernels(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The ``kernels`` record: {"reference": NAME, "verified": [NAME, ...], "sets": {...}}."""
+    if "kernels" not in data:
+        return {}
+    k = _get(data, "kernels", dict, where)
+    verified = _get(k, "verified", list, f"{where}: kernels")
+    if not all(isinstance(v, str) and v for v in verified):
+        raise BundleError(f"{where}: kernels.verified must list kernel-set names, got {verified!r}")
+    reference = _get(k, "reference", str, f"{where}: kernels")
+    if not isinstance(k.get("sets", {}), dict):
+        raise BundleError(f"{where}: kernels.sets has the wrong type ({k['sets']!r})")
+    if reference not in k.get("sets", {reference: None}):
+        raise BundleError(f"{where}: kernels.reference {reference!r} is not one of kernels.sets")
+    return dict(k)
 
 
 def sha256_file(path: Path) -> str:

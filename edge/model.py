@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .backend import Backend, SignatureRunner
+from .backend import Backend, SignatureRunner, kernel_set
 from .errors import BackendError, BundleError
 from .manifest import Manifest, TensorSpec
 
@@ -59,7 +59,7 @@ class StepModel:
         self.manifest = manifest
         self.backend = backend
         self.max_batch = max_batch
-        self._runner = backend.runner(content, manifest.signature, num_threads)
+        interpreter, self._runner = backend.open(content, manifest.signature, num_threads)
         t = manifest.tensors
         self.x_spec = t[manifest.input]
         self.y_spec = t[manifest.output]
@@ -67,6 +67,10 @@ class StepModel:
         self.state_out = [t[o] for _, o in manifest.state_names]
         self._mean, self._std = _input_normalization(manifest)
         self._check_signature(self._runner)
+        # One step from zero state applies the interpreter's lazy delegates, so the execution
+        # plan then shows the kernels every later invoke runs.
+        self.invoke(self.encode_x(np.zeros((1, manifest.features))), self.zero_state())
+        self.kernels = kernel_set(backend, interpreter)
 
     def _check_signature(self, runner: SignatureRunner) -> None:
         """The manifest must describe the tensors the model really has, by name and encoding."""

@@ -59,6 +59,7 @@ def open_engine(cfg: ServiceConfig) -> Engine:
     return load(
         cfg.model,
         backend=None if cfg.backend == "auto" else cfg.backend,
+        kernel_mismatch=cfg.kernel_mismatch,
         max_batch=cfg.max_batch,
         gap_policy=cfg.gap_policy,
         allow_unsequenced=False,
@@ -176,6 +177,7 @@ class MqttService:
             "state": state,
             "runtime_id": self.cfg.runtime_id,
             "model": self.engine.manifest.model_id,
+            "kernels": self.engine.model.kernels,
             "ts": time.time(),
             **extra,
         }

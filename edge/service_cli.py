@@ -34,6 +34,7 @@ def serve(args: argparse.Namespace) -> int:
         level=cfg.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.captureWarnings(True)  # e.g. a kernel-set mismatch accepted with "warn"
     from .mqtt_loop import MqttService
 
     return MqttService(cfg).run()

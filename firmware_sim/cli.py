@@ -81,6 +81,11 @@ def parser() -> argparse.ArgumentParser:
         "--bundle", help="the bundle the runtime serves: enables exactness and accuracy scoring"
     )
     r.add_argument(
+        "--kernels",
+        help="kernel set of the offline run that judges exactness (default: the one the "
+        "runtime reports in its status, e.g. tflite-2.14-builtin-x86_64 for a device install)",
+    )
+    r.add_argument(
         "--batch", type=_batch, default=1, help="samples per message, N or LO-HI (default 1)"
     )
     r.add_argument(
@@ -160,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
 
     names, features, bundle, classes = None, 6, None, ()
     if args.bundle:
-        import edge
+        from edge.manifest import read_bundle
 
-        manifest = edge.load(args.bundle).manifest
+        manifest = read_bundle(args.bundle)[0]  # the runtime may run on other kernels
         names, features, bundle, classes = (
             list(manifest.feature_names),
             manifest.features,
@@ -194,7 +199,15 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         log = fleet.run(args.duration)
         scorer.wait(log, 15, args.restart_gap)
-        r = score(scorer, log, time.monotonic() - t0, bundle, classes, restart_gap=args.restart_gap)
+        r = score(
+            scorer,
+            log,
+            time.monotonic() - t0,
+            bundle,
+            classes,
+            restart_gap=args.restart_gap,
+            kernels=args.kernels,
+        )
         jpath, ppath = save(r, scorer, log, Path(args.out))
         print(table(r))
         print(f"\nscore: {jpath}\nplot:  {ppath}")

@@ -28,9 +28,10 @@ class Runtime:
         memory_mb: int | None = None,
         slowdown: float | None = None,
         extra: tuple[str, ...] = (),
+        python: str | None = None,
     ) -> None:
         self.cmd = [
-            sys.executable,
+            python or sys.executable,  # e.g. a device-like install's Python
             "-m",
             "edge",
             "serve",

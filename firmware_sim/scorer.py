@@ -413,20 +413,42 @@ def offline(bundle: Path, log: Sequence[Sent], skip: set[Key] = frozenset()) -> 
     """The same bundle fed the delivered samples of each boot of each stream in order, from
     zero state at the first sample of each boot (less ``skip``: messages the runtime rightly
     did not apply, late or stale)."""
-    import edge
-    from edge.engine import Chunk
+    return offline_in(bundle, log, skip, None)[0]
 
-    engine = edge.load(bundle)
-    chunks = sorted(
+
+def offline_in(
+    bundle: Path, log: Sequence[Sent], skip: set[Key], kernels: str | None
+) -> tuple[Reference, str, str | None]:
+    """``offline`` computed in the kernel set ``kernels`` (the runtime's; None: this Python's
+    default): (reference, kernel set used, why it is not the one asked for, or None)."""
+    from . import offline as kernel_run
+
+    msgs = sorted(
         (m for m in log if m.valid and m.delivered and m.keys[0] not in skip),
         key=lambda m: (m.stream, m.epoch, m.created),
     )
+    chunks = [(f"{m.stream}#{m.epoch}", m.seq, np.asarray(m.values)) for m in msgs]
+    answers, used, why = kernel_run.run(bundle, chunks, kernels)
     out: Reference = {}
-    outcomes = engine.step_many([Chunk(f"{m.stream}#{m.epoch}", m.values, m.seq) for m in chunks])
-    for m, oc in zip(chunks, outcomes):
-        for k, row in enumerate(oc.y):
-            out[(m.stream, m.epoch, (oc.seq + k) % U32)] = row  # type: ignore[operator]
-    return out
+    for m, (seq, y) in zip(msgs, answers):
+        for k, row in enumerate(y):
+            out[(m.stream, m.epoch, (seq + k) % U32)] = row  # type: ignore[operator]
+    return out, used, why
+
+
+def runtime_kernels(scorer: Scorer) -> str | None:
+    """The kernel set the runtime(s) said in their status while up (a retained offline status
+    may be an older runtime's); None when none said one."""
+    with scorer.lock:
+        docs = [d for _, d, _ in scorer.status_log if d.get("kernels")]
+    up = [d for d in docs if d.get("state") in ("online", "degraded")]
+    found = {str(d["kernels"]) for d in up or docs}
+    if len(found) > 1:
+        raise SimError(
+            f"runtimes report different kernel sets ({', '.join(sorted(found))}); "
+            "score one runtime at a time or name one with --kernels"
+        )
+    return found.pop() if found else None
 
 
 def latencies_s(got: dict[Key, Got], log: Sequence[Sent]) -> np.ndarray:
@@ -452,11 +474,13 @@ def score(
     *,
     restart_gap: int | None = None,
     witnessed: set[bytes] | None = None,
+    kernels: str | None = None,
 ) -> dict[str, Any]:
     """The figures of a run. ``restart_gap``: the runtime's ``--restart-gap`` (how it can
     notice a reboot of a device without boot ids). ``witnessed``: digests of every message a
     separate subscriber saw at the broker, to tell what the broker lost from what the runtime
-    lost."""
+    lost. ``kernels``: the kernel set the offline run computes with; default: the one the
+    runtime reported in its status, so a device install is judged by its own bits."""
     truth = Truth(log)
     excluded, reasons = excluded_keys(truth, restart_gap)
     late, unfounded = late_keys(scorer, truth, excluded)
@@ -465,7 +489,12 @@ def score(
     # A sample that was predicted was applied: a late or stale answer to it was about a later
     # copy (a redelivery), so the reference must apply it too.
     applied = set(answers(scorer, truth).got)
-    ref = offline(bundle, log, (late | stale) - applied) if bundle is not None else None
+    ref, ref_kernels, ref_note = None, None, None
+    runtime = runtime_kernels(scorer) if bundle is not None else None
+    if bundle is not None:
+        ref, ref_kernels, ref_note = offline_in(
+            bundle, log, (late | stale) - applied, kernels or runtime
+        )
     ans = answers(scorer, truth, ref)
     got = {k: ys for k, ys in ans.got.items() if k not in excluded}  # not to be judged
     labels = {
@@ -534,6 +563,10 @@ def score(
     r.update(latency_first_tenth_median_ms=first, latency_last_tenth_median_ms=last)
     r["kept_up_real_time"] = bool(r["predictions_missing"] == 0 and last <= first + 250)
     if ref is not None:
+        r["runtime_kernels"] = runtime or "not reported"
+        r["offline_kernels"] = ref_kernels
+        if ref_note:
+            r["offline_kernels_note"] = ref_note
         diffs = [float(np.abs(ys[0][0] - ref[k]).max()) for k, ys in got.items() if k in ref]
         wrong = [
             k

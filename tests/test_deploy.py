@@ -149,9 +149,17 @@ def test_tls_password_and_acl(bundles, secure_broker, tmp_path):
         dev_a = Collector(url, "dev-a-sub", configure=tls_as(etc, "dev-a", "a-secret"))
         dev_b = Collector(url, "dev-b-sub", configure=tls_as(etc, "dev-b", "b-secret"))
         pub_a = Publisher(url, "dev-a-pub", configure=tls_as(etc, "dev-a", "a-secret"))
-        time.sleep(1.0)  # the runtime connects and subscribes
-        pub_a.send("dev-a", 1, np.zeros(6))
-        wait_until(lambda: ("dev-a", 1) in dev_a.predictions(), 20, "dev-a's own prediction")
+        # Sent again until answered: the runtime may still be starting and subscribing (a
+        # copy that arrives after the first was applied is only answered 'duplicate').
+        deadline = time.monotonic() + 120
+        while ("dev-a", 1) not in dev_a.predictions():
+            assert time.monotonic() < deadline, "no prediction for dev-a's own sample"
+            pub_a.send("dev-a", 1, np.zeros(6))
+            pub_a.flush()
+            for _ in range(40):
+                if ("dev-a", 1) in dev_a.predictions():
+                    break
+                time.sleep(0.05)
         pub_a.send("dev-b", 1, np.zeros(6))  # into another device's topic: must be dropped
         pub_a.send("dev-a", 2, np.zeros(6))
         pub_a.flush()

@@ -45,6 +45,53 @@ def test_fault_plan_parsing():
 
 
 @pytest.mark.broker
+@pytest.mark.desktop
+def test_a_device_install_runtime_scores_zero_wrong_in_its_own_kernel_set(
+    bundles, broker, tmp_path
+):
+    """edge-lstm serve from the device-like install (tflite-runtime 2.14, built-in kernels),
+    firmware-sim run from the desktop one (ai-edge-litert, XNNPACK): the scorer judges by an
+    offline run in the runtime's kernel set, read from its status, and names it. Judged by
+    this Python's XNNPACK instead, the same answers are wrong by the kernels' difference."""
+    from edge.backend import machine
+    from firmware_sim.offline import device_python
+    from firmware_sim.runtime import Runtime
+    from firmware_sim.scorer import Scorer
+
+    python = device_python()
+    assert python, "scripts/test creates .venv-device (or set EDGE_LSTM_DEVICE_PYTHON)"
+    device_kernels = f"tflite-2.14-builtin-{machine()}"
+    bundle = bundles / "clf-int8"
+    runtime = Runtime(bundle, broker.url, tmp_path / "state", client_id="rt", python=python)
+    runtime.start()
+    try:
+        waiter = Scorer(broker.url, client_id="waiter")
+        try:
+            waiter.wait_online("rt", 60, runtime.alive)  # firmware-sim reads it, retained
+        finally:
+            waiter.close()
+        out = tmp_path / "score"
+        args = ["run", "--broker", broker.url, "--devices", "6", "--rate", "20"]
+        args += ["--duration", "8", "--bundle", str(bundle), "--out", str(out), "--seed", "3"]
+        from firmware_sim.cli import main
+
+        assert main(args) == 0
+        r = json.loads((out / "score.json").read_text())
+        assert r["predictions_missing"] == 0
+        assert r["runtime_kernels"] == r["offline_kernels"] == device_kernels
+        assert "offline_kernels_note" not in r
+        assert r["wrong_predictions"] == 0 and r["max_abs_diff_vs_offline"] == 0.0
+        # another seed: new boot ids, so the runtime takes the streams up afresh
+        more = [*args[:-1], "4", "--kernels", "litert-xnnpack", "--out", str(tmp_path / "x")]
+        assert main(more) == 0
+        other = json.loads((tmp_path / "x" / "score.json").read_text())
+        assert other["offline_kernels"] == "litert-xnnpack"
+        assert other["wrong_predictions"] > 0, other
+    finally:
+        assert runtime.stop() == 0, runtime.output()[-2000:]
+
+
+@pytest.mark.broker
 def test_every_fault_at_once_loses_and_corrupts_nothing(bundles, broker, tmp_path):
     """Drop, duplicate, reorder, delay, disconnect, NaN, garbage, wrong count and skew, all
     enabled: every delivered sample answered, each exactly as the offline run of the bundle."""

@@ -1,0 +1,74 @@
+"""Closed-loop streams through a bundle, raw outputs out: the bits a kernel set computes.
+
+Used to compare kernel sets and machines bit for bit (``lstm-convert`` runs it in every
+interpreter it can reach, ``scripts/test-arm`` under emulated Arm CPUs, the scorer in the
+runtime's kernel set). Each sequence is its own stream from the zero state, all streams
+advance together one batched invoke per step, and the state is fed back exactly as the
+runtime feeds it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engine import Engine
+from .errors import BundleError
+
+
+def run(engine: Engine, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x: [N, T, F] raw sensor units -> (y [N, T, O], state [N, T, S]) as the model's raw
+    tensors (int8 codes for an int8 bundle), state being every state tensor side by side."""
+    model = engine.model
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 3 or x.shape[-1] != engine.manifest.features:
+        raise BundleError(
+            f"replay input has shape {list(x.shape)}, expected [N, T, {engine.manifest.features}]"
+        )
+    n, t, _ = x.shape
+    states = [np.repeat(z, n, axis=0) for z in model.zero_state()]
+    ys, ss = [], []
+    for k in range(t):
+        y, states = model.invoke(model.encode_x(x[:, k]), states)
+        ys.append(y)
+        ss.append(np.concatenate(states, axis=1))
+    return np.stack(ys, axis=1), np.stack(ss, axis=1)
+
+
+def run_file(engine: Engine, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every array of ``inputs`` replayed: ``NAME/y`` and ``NAME/state`` for each ``NAME``."""
+    out: dict[str, np.ndarray] = {}
+    for name, x in inputs.items():
+        out[f"{name}/y"], out[f"{name}/state"] = run(engine, x)
+    return out
+
+
+def replay_command(
+    bundle: str, inputs: Path, out: Path, backend: str | None, builtin_kernels: bool
+) -> dict[str, Any]:
+    """``edge-lstm replay``: no kernel-set check (comparing kernel sets is the point); the
+    kernel set that ran is written beside the outputs."""
+    from .engine import load
+
+    engine = load(bundle, backend=backend, builtin_kernels=builtin_kernels, kernel_mismatch="allow")
+    try:
+        with np.load(inputs, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{inputs}: not a readable .npz of [N, T, F] arrays: {exc}") from exc
+    result = run_file(engine, arrays)
+    info = {
+        "kernels": engine.model.kernels,
+        "backend": engine.model.backend.name,
+        "backend_version": engine.model.backend.version,
+        "streams": {k: list(v.shape) for k, v in arrays.items()},
+    }
+    tmp = out.with_name(out.name + ".tmp.npz")
+    arrays_out: dict[str, Any] = {**result, "info": np.asarray(json.dumps(info))}
+    np.savez(tmp, **arrays_out)
+    tmp.replace(out)
+    return info

@@ -57,7 +57,12 @@ def test_serve_says_it_cannot_reach_the_broker_and_keeps_trying(bundles, tmp_pat
 @pytest.mark.broker
 @pytest.mark.parametrize("matplotlib", [pytest.param(True, marks=pytest.mark.desktop), False])
 def test_a_run_keeps_its_score_without_matplotlib(service, broker, bundles, tmp_path, matplotlib):
+    from tests.mqtt_helpers import Collector, wait_until
+
     service()
+    col = Collector(broker.url)
+    wait_until(col.online, 60, "runtime online")  # subscribed: no sample published into the void
+    col.close()
     block = "" if matplotlib else "sys.modules['matplotlib'] = None\n"
     out_dir = tmp_path / "out"
     argv = ["run", "--broker", broker.url, "--devices", "2", "--duration", "2",

@@ -126,4 +126,3 @@ def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     ).read_bytes()
     on_a_file = run_cli("edge.cli", ["deploy-kit", str(target / "edge-lstm.toml")])
     assert on_a_file.returncode == 2 and "not a directory" in on_a_file.stderr
-

@@ -1,7 +1,6 @@
-"""The fidelity report's readable parts: what each check compares against what (so no figure
-is read against the wrong target), and the plot: error over the long stream with the drift
-check's threshold, and agreement per class on an axis that shows the difference between
-0.98 and 0.995 (or y vs float for regressors)."""
+"""The fidelity plot: error over the long stream (with the drift check's limit when the report
+carries it), and agreement per class on an axis that shows the difference between 0.98 and
+0.995 (or y vs float for regressors)."""
 
 from __future__ import annotations
 
@@ -9,27 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def criteria(targets: dict[str, Any], drift_floor: float) -> dict[str, str]:
-    """Check name -> the rule it applies, naming the report figures it reads."""
-    return {
-        "long_stream_top1_agreement": (
-            f"drift.top1_agreement >= {targets['top1_agreement']:g} (argmax vs the float "
-            "model over the closed-loop stream; parity.top1_agreement is informative only)"
-        ),
-        "no_drift": (
-            f"drift.last_10pct_mean_error <= {targets['drift_ratio']:g} x "
-            f"drift.second_10pct_mean_error + {drift_floor:g}"
-        ),
-        "accuracy_within_1pt": (
-            "parity.accuracy_last_step_float - parity.accuracy_last_step_bundle <= 0.01"
-        ),
-        "rmse_within_5pct": "parity.rmse_ratio <= 1.05",
-        "op_audit": "no fused LSTM, WHILE, resource variables or Flex ops",
-        "interpreters": "the bundle loads and runs in every interpreter reached",
-        "drift_stream_steps": f"{targets['long_steps']} by default (--long-steps)",
-    }
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

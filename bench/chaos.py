@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from edge.config import REORDER_MS_DEFAULT
 from firmware_sim.broker import Broker
 from firmware_sim.devices import Fleet
 from firmware_sim.faults import FaultPlan
@@ -586,7 +587,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--faults", default=DEVICE_FAULTS, help="device fault rates per message")
     p.add_argument("--broker-every", type=float, default=120.0, help="seconds between restarts")
-    p.add_argument("--reorder-ms", type=float, default=600.0)
+    p.add_argument("--reorder-ms", type=float, default=REORDER_MS_DEFAULT)
     p.add_argument("--snapshot-interval", type=float, default=5.0)
     p.add_argument("--drain-s", type=float, default=180.0, help="longest wait for the backlog")
     p.add_argument("--no-disk", action="store_true", help="skip the full-disk episode")

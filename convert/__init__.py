@@ -8,4 +8,6 @@ framework-free list of per-step layers), ``reference`` (NumPy golden step), ``st
 example model.
 """
 
-__version__ = "0.1.0"
+from edge._version import __version__
+
+__all__ = ["__version__"]

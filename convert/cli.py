@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from edge.cli import run_command
+from edge.cli import quiet_tensorflow, run_command, version_text
 
 from .errors import ConvertError
 from .verdict import REGIMES, Targets
@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=version_text("lstm-convert"))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser(
         "convert",
@@ -181,11 +182,16 @@ def _targets(args: argparse.Namespace) -> Targets:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_tensorflow()
     commands = dict.fromkeys(("convert", "verify", "train-example"), _run)
     return run_command(parser(), commands, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Every command needs TensorFlow: without it, say so before anything is written.
+    import keras  # noqa: F401
+    import tensorflow  # noqa: F401
+
     if args.command == "train-example":
         from .train import train_example
 
@@ -221,3 +227,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "convert":
         print(f"wrote {args.out} in {report['convert_seconds']:.1f} s")
     return 0 if all(report["checks"].values()) else 1
+
+
+def console() -> int:
+    """The console script: ``main`` with TensorFlow's start-up lines kept off stderr."""
+    quiet_tensorflow(filter_stderr=True)
+    return main()

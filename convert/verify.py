@@ -217,6 +217,15 @@ def device_python() -> str | None:
     return str(guess) if guess.exists() else None
 
 
+def device_env() -> dict[str, str]:
+    """The device interpreter runs this checkout's ``edge``; an installed converter must not
+    lend it its own site-packages (their NumPy 2 breaks tflite-runtime there)."""
+    root = Path(__file__).parents[1]
+    if not (root / "pyproject.toml").exists():  # installed, not a checkout
+        return dict(os.environ)
+    return {**os.environ, "PYTHONPATH": str(root)}
+
+
 def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) -> dict[str, Any]:
     res: dict[str, Any] = {}
     for name in ("litert", "tensorflow"):
@@ -246,7 +255,7 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
             capture_output=True,
             text=True,
             timeout=120,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+            env=device_env(),
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         res["tflite"] = {"status": "failed", "error": str(exc)}

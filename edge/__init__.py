@@ -7,6 +7,7 @@
 Never imports TensorFlow unless it is explicitly chosen as the (heavy) fallback backend.
 """
 
+from ._version import __version__
 from .engine import Chunk, Engine, Outcome, load
 from .errors import (
     BackendError,
@@ -22,7 +23,6 @@ from .errors import (
 )
 from .manifest import Manifest
 
-__version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "BundleError",
@@ -38,5 +38,6 @@ __all__ = [
     "SampleError",
     "SequenceGap",
     "SnapshotError",
+    "__version__",
     "load",
 ]

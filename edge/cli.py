@@ -10,7 +10,59 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ._version import __version__
 from .errors import EdgeError
+
+# Optional dependencies by top-level module, with the extra that installs them: a command that
+# needs one of these on a machine without it says so in one line instead of a traceback.
+OPTIONAL_MODULES = {
+    "tensorflow": "convert",
+    "keras": "convert",
+    "matplotlib": "sim",
+    "tqdm": "sim",
+    "amqtt": "sim",
+    "prometheus_client": "service",
+    "ai_edge_litert": "litert",
+    "tflite_runtime": "tflite",
+}
+
+
+def version_text(prog: str) -> str:
+    """``PROG VERSION`` from the installed package's metadata (the source tree's version when
+    run from a checkout that is not installed)."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("edge-lstm")
+    except metadata.PackageNotFoundError:
+        version = __version__
+    return f"{prog} {version}"
+
+
+def quiet_tensorflow(*, filter_stderr: bool = False) -> None:
+    """Keep TensorFlow's start-up chatter (oneDNN notes, absent-GPU errors, absl warnings) off
+    the terminal of the commands that may import it; a user's own setting wins.
+    ``filter_stderr`` (console entry points only) also drops the lines TensorFlow writes
+    before its log level applies (``EDGE_LSTM_TF_LOGS=1`` keeps them)."""
+    import logging
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if filter_stderr:
+        from . import stderr_filter
+
+        stderr_filter.install()
+    for name in ("tensorflow", "absl", "h5py"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def missing_dependency(exc: ModuleNotFoundError) -> str | None:
+    """The one-line message for an optional dependency that is not installed, else None."""
+    top = (exc.name or "").split(".")[0]
+    extra = OPTIONAL_MODULES.get(top)
+    if extra is None:
+        return None
+    return f"this needs {top}, which is not installed here: pip install 'edge-lstm[{extra}]'"
 
 
 def probe_inputs(features: int, steps: int = 64) -> np.ndarray:
@@ -24,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
         prog="edge-lstm",
         description="Streaming LSTM runtime: keeps h/C per stream, steps one sample at a time.",
     )
-    p.add_argument("--version", action="version", version="edge-lstm 0.1.0")
+    p.add_argument("--version", action="version", version=version_text("edge-lstm"))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     i = sub.add_parser(
         "inspect",
@@ -66,6 +118,41 @@ def parser() -> argparse.ArgumentParser:
     from .service_cli import add_serve_parser
 
     add_serve_parser(sub)
+    k = sub.add_parser(
+        "deploy-kit",
+        help="write the systemd unit, example configuration and Mosquitto configuration",
+        description="Write the deploy kit that ships with this installation (systemd unit, "
+        "edge-lstm.toml, Mosquitto TLS/ACL configuration) into DIR, and say where each "
+        "file goes. Existing files are left alone unless --force.",
+    )
+    k.add_argument("directory", metavar="DIR", help="directory to write (created if needed)")
+    k.add_argument("--force", action="store_true", help="overwrite files already in DIR")
+    t = sub.add_parser(
+        "top",
+        help="live view of running services (streams, rates, errors, latency)",
+        description="Subscribe to the stats and status topics of every edge-lstm serve on "
+        "a broker and show one line per runtime, refreshed as stats arrive (every "
+        "stats_interval seconds of the service).",
+    )
+    t.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://HOST:PORT or mqtts://")
+    t.add_argument("--runtime-id", default="+", help="one runtime id (default: all)")
+    t.add_argument("--stats-topic", default="edge/stats/{runtime_id}", help="as the service's")
+    t.add_argument("--status-topic", default="edge/status/{runtime_id}", help="as the service's")
+    t.add_argument("--username", default="", help="broker user name")
+    t.add_argument("--password-file", default="", help="file holding the broker password")
+    t.add_argument("--tls-ca", default="", help="CA certificate file; enables TLS")
+    t.add_argument(
+        "--count",
+        type=int,
+        default=0,
+        help="stop after this many stats updates (0: run until Ctrl-C)",
+    )
+    t.add_argument(
+        "--timeout",
+        type=float,
+        default=0.0,
+        help="give up (exit 1) when no stats arrive for this many seconds (0: wait forever)",
+    )
     return p
 
 
@@ -75,7 +162,7 @@ def run_command(
     argv: Sequence[str] | None,
 ) -> int:
     """The shared shape of our three CLIs: help without a command, exit 2 and one line on
-    stderr for any ``EdgeError``, 130 on Ctrl-C."""
+    stderr for any ``EdgeError`` or a missing optional dependency, 130 on Ctrl-C."""
     args = p.parse_args(argv)
     if args.command is None:
         p.print_help()
@@ -85,6 +172,12 @@ def run_command(
     except EdgeError as exc:
         print(f"{p.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        message = missing_dependency(exc)
+        if message is None:
+            raise
+        print(f"{p.prog}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{p.prog}: interrupted", file=sys.stderr)
         return 130
@@ -93,7 +186,14 @@ def run_command(
 def main(argv: Sequence[str] | None = None) -> int:
     from .service_cli import serve
 
-    return run_command(parser(), {"inspect": inspect, "serve": serve, "replay": replay}, argv)
+    commands = {
+        "inspect": inspect,
+        "serve": serve,
+        "replay": replay,
+        "deploy-kit": deploy_kit,
+        "top": top,
+    }
+    return run_command(parser(), commands, argv)
 
 
 def replay(args: argparse.Namespace) -> int:
@@ -106,6 +206,21 @@ def replay(args: argparse.Namespace) -> int:
     )
     print(json.dumps(info))
     return 0
+
+
+def deploy_kit(args: argparse.Namespace) -> int:
+    from .deploy_kit import NEXT_STEPS, write_kit
+
+    for path in write_kit(args.directory, force=args.force):
+        print(f"wrote {path}")
+    print(NEXT_STEPS.format(d=args.directory))
+    return 0
+
+
+def top(args: argparse.Namespace) -> int:
+    from .top_cli import run_top
+
+    return run_top(args)
 
 
 def inspect(args: argparse.Namespace) -> int:

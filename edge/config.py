@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 from .errors import ConfigError
 
 ENV_PREFIX = "EDGE_LSTM_"
+# The one default reorder window: serve, the demo, firmware-sim and the chaos bench all use it.
+REORDER_MS_DEFAULT = 600.0
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -98,8 +100,8 @@ class ServiceConfig:
         "a seq more than this many behind the stream's last one restarts the stream, for devices that send no 'boot' (0 = off: it is a duplicate)",
     )
     reorder_ms: float = _opt(
-        0.0,
-        "hold samples that arrive ahead of a gap this long, waiting for the gap to fill (0 = off)",
+        REORDER_MS_DEFAULT,
+        "hold samples that arrive ahead of a gap this long, waiting for the gap to fill; a sample lost for good delays its stream's next answers by this much (0 = off: late arrivals are answered 'late')",
     )
     capacity: int = _opt(
         100000, "most streams kept; least recently used beyond it restart at zero state"
@@ -107,6 +109,11 @@ class ServiceConfig:
     idle_timeout: float = _opt(0.0, "seconds after which an idle stream is forgotten (0 = never)")
     stats_interval: float = _opt(10.0, "seconds between stats messages (0 = off)")
     metrics_port: int = _opt(0, "Prometheus metrics port (0 = off)")
+    ha_discovery: bool = _opt(
+        False,
+        "announce each stream's prediction to Home Assistant (MQTT discovery, retained; removed when the stream is evicted)",
+    )
+    ha_prefix: str = _opt("homeassistant", "Home Assistant's discovery prefix")
     metrics_host: str = _opt("127.0.0.1", "Prometheus metrics bind address")
     backend: str = _opt(
         "auto",
@@ -142,6 +149,15 @@ FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
 def _convert(name: str, value: Any) -> Any:
     typ = FIELDS[name].type
     try:
+        if typ in ("bool", bool):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
         if typ in ("int", int):
             if isinstance(value, bool):
                 raise ValueError
@@ -241,6 +257,14 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         raise ConfigError(f"restart_gap = {cfg.restart_gap} must be < 2**31")
     if cfg.max_batch > cfg.capacity:
         raise ConfigError(f"max_batch {cfg.max_batch} must not exceed capacity {cfg.capacity}")
+    prefix = cfg.ha_prefix
+    if (
+        not prefix
+        or any(c in prefix for c in "+#\0")
+        or prefix.startswith("/")
+        or prefix.endswith("/")
+    ):
+        raise ConfigError(f"ha_prefix = {prefix!r}: expected a topic like 'homeassistant'")
     for name in ("tls_ca", "tls_cert", "tls_key", "password_file"):
         path = getattr(cfg, name)
         if path and not Path(path).is_file():

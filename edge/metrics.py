@@ -8,6 +8,7 @@ import bisect
 import json
 import math
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -71,13 +72,18 @@ class Metrics:
         self.errors: Counter[str] = Counter()
         self.step_latency = Histogram()
         self.e2e_latency = Histogram()
-        self.gauges: dict[str, Callable[[], float]] = {}
+        self._last_snapshot = time.monotonic()  # or the start, before the first snapshot
+        self.gauges: dict[str, Callable[[], float]] = {
+            "snapshot_age_seconds": lambda: time.monotonic() - self._last_snapshot
+        }
         # counters another object already keeps (the engine's): read, never copied
         self.derived_counters: dict[str, Callable[[], float]] = {}
 
     def inc(self, name: str, n: int = 1) -> None:
         with self.lock:
             self.counters[name] += n
+            if name == "snapshots":
+                self._last_snapshot = time.monotonic()
 
     def error(self, code: str) -> None:
         with self.lock:

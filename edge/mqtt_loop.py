@@ -27,6 +27,8 @@ from typing import Any
 from .config import ServiceConfig
 from .engine import Engine, load
 from .errors import ConfigError, EdgeError
+from .ha_discovery import announcer_for
+from .ha_discovery import publish as publish_discovery
 from .journal import Journal
 from .metrics import Metrics
 from .mqtt_network import NetworkLoop
@@ -45,6 +47,17 @@ def delivered(info: Any) -> bool:
     flag is read directly.
     """
     return bool(info._published)
+
+
+def connect_error(exc: BaseException | None) -> str:
+    """Why a connection attempt failed, in a few words (the OS's own reason)."""
+    if isinstance(exc, socket.gaierror):
+        return f"host name not resolved: {exc.strerror or exc}"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower() if isinstance(exc, ConnectionError) else exc.strerror
+    return str(exc) if exc else "unknown reason"
 
 
 def no_delay(client: Any) -> None:
@@ -103,6 +116,7 @@ class MqttService:
         self.inbox: deque[Inbound] = deque()
         self.acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self.connected = threading.Event()
+        self._connect_failures = 0  # in a row, for the log
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
         self._said: str | None = None  # the state our retained status says
@@ -132,6 +146,7 @@ class MqttService:
             reconnect_min=cfg.reconnect_min * random.uniform(0.75, 1.25),
             reconnect_max=cfg.reconnect_max,
         )
+        self.ha = announcer_for(cfg, self.engine.manifest)  # Home Assistant discovery, if on
 
     @property
     def engine(self) -> Engine:
@@ -203,11 +218,18 @@ class MqttService:
         p = self.processor
         client.subscribe([(f, 1) for f in (p.data.filter, p.control.filter, p.runtime_control)])
         self.connected.set()
+        self._connect_failures = 0
         self._said = None
         self.wake.set()
 
     def _on_connect_fail(self, exc: BaseException) -> None:
-        log.warning("cannot reach the broker %s (%s); retrying", self.cfg.broker, exc)
+        self._connect_failures += 1
+        log.warning(
+            "cannot reach the broker %s (%s); retrying, attempt %d",
+            self.cfg.broker,
+            connect_error(exc),
+            self._connect_failures,
+        )
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
@@ -317,6 +339,8 @@ class MqttService:
         self.metrics.inc("reloads")
         note = "state kept" if kept else "state layout changed: all streams reset"
         log.info("model reloaded (%s): %s", new.manifest.model_id, note)
+        if self.ha is not None:
+            publish_discovery(self.client, self.ha.model_changed(new.manifest))
         self._say("online", reload=note)
 
     def run(self) -> int:
@@ -337,14 +361,14 @@ class MqttService:
             self.client.connect_async(cfg.host, cfg.port, cfg.keepalive)
         self.network.start()
         log.info(
-            "serving %s (%s, %s %s) for %s",
+            "serving %s (%s, interpreter %s %s); connecting to %s",
             cfg.model,
             self.engine.manifest.model_id,
             self.engine.model.backend.name,
             self.engine.model.backend.version,
             cfg.broker,
         )
-        last_snapshot = last_stats = last_retry = time.monotonic()
+        last_snapshot = last_stats = last_retry = last_ha = time.monotonic()
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
@@ -374,9 +398,15 @@ class MqttService:
                     now - last_snapshot >= cfg.snapshot_interval
                     or "snapshot" in self.processor.requests
                 ) and self.processor.degraded is None:
+                    requested = "snapshot" in self.processor.requests
                     if self.processor.checkpoint():
                         self.processor.requests.discard("snapshot")
+                        if requested:  # the answer to {"cmd": "snapshot"}: in the status
+                            self._say("online", snapshot="done", snapshot_ts=time.time())
                     last_snapshot = now
+                if self.ha is not None and self.connected.is_set() and now - last_ha >= 1.0:
+                    publish_discovery(self.client, self.ha.reconcile(self.engine.store.streams))
+                    last_ha = now
                 if cfg.stats_interval and now - last_stats >= cfg.stats_interval:
                     self.client.publish(self._stats_topic, self.metrics.dumps(self.stats()), qos=0)
                     last_stats = now

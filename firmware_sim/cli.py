@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.cli import run_command
+from edge.cli import quiet_tensorflow, run_command, version_text
 
 from .errors import SimError
 
@@ -61,6 +61,7 @@ def check_reboots(plan: Any, boot_ids: bool, restart_gap: int | None) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="firmware-sim", description=__doc__)
+    p.add_argument("--version", action="version", version=version_text("firmware-sim"))
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     r = sub.add_parser(
         "run",
@@ -139,6 +140,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_tensorflow()
     return run_command(parser(), {"demo": demo, "run": run, "host": host}, argv)
 
 
@@ -161,7 +163,8 @@ def demo(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from .devices import Fleet
     from .faults import FaultPlan
-    from .scorer import Scorer, save, score, table
+    from .scorer import PLOT_SKIPPED, Scorer, save, score, table
+    from .verdict import verdict
 
     names, features, bundle, classes = None, 6, None, ()
     if args.bundle:
@@ -210,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         )
         jpath, ppath = save(r, scorer, log, Path(args.out))
         print(table(r))
-        print(f"\nscore: {jpath}\nplot:  {ppath}")
+        print(f"\nscore: {jpath}\nplot:  {ppath or PLOT_SKIPPED}")
+        print(verdict(r))
         return 0 if r["predictions_missing"] == 0 else 1
     finally:
         fleet.close()
@@ -237,3 +241,9 @@ def host(args: argparse.Namespace) -> int:
     summary = {k: v for k, v in r.items() if k != "trials"}
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def console() -> int:
+    """The console script: ``main`` with TensorFlow's start-up lines kept off stderr."""
+    quiet_tensorflow(filter_stderr=True)
+    return main()

@@ -17,7 +17,8 @@ from .devices import Fleet, Key, Sent
 from .errors import SimError
 from .faults import FaultPlan
 from .runtime import Runtime
-from .scorer import Scorer, save, score, table
+from .scorer import PLOT_SKIPPED, Scorer, save, score, table
+from .verdict import verdict
 
 RUNTIME_ID = "firmware-sim-runtime"
 
@@ -137,7 +138,8 @@ def run_demo(
             r["broker"] = broker.kind
             jpath, ppath = save(r, scorer, log, out)
             print("\n" + table(r))
-            print(f"\nscore: {jpath}\nplot:  {ppath}")
+            print(f"\nscore: {jpath}\nplot:  {ppath or PLOT_SKIPPED}")
+            print(verdict(r))
             return r
         finally:
             for part in (fleet, scorer):
@@ -149,7 +151,24 @@ def run_demo(
 
 
 def _progress(duration: float, fleet: Fleet, scorer: Scorer) -> Any:
-    from tqdm import tqdm
+    """A live bar on a terminal; plain lines every 10 s when output is redirected (no
+    carriage returns or escape codes in a log file) or tqdm is not installed."""
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        tqdm = None
+    if tqdm is None or not sys.stderr.isatty():
+        last = [-10.0]
+
+        def plain(elapsed: float, final: bool = False) -> None:
+            if final or elapsed - last[0] >= 10:
+                last[0] = elapsed
+                say(
+                    f"streaming {min(elapsed, duration):.0f}/{duration:g} s: sent {len(fleet.log)}, "
+                    f"predicted {len(scorer.predictions)}, errors {len(scorer.errors)}"
+                )
+
+        return plain
 
     bar = tqdm(total=round(duration), unit="s", desc="streaming", file=sys.stderr)
 

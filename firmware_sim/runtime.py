@@ -23,7 +23,7 @@ class Runtime:
         *,
         protocol: str = "5",
         client_id: str = "firmware-sim-runtime",
-        reorder_ms: float = 600,
+        reorder_ms: float | None = None,
         cores: set[int] | None = None,
         memory_mb: int | None = None,
         slowdown: float | None = None,
@@ -47,8 +47,7 @@ class Runtime:
             client_id,
             "--stats-interval",
             "0",
-            "--reorder-ms",
-            str(reorder_ms),
+            *(() if reorder_ms is None else ("--reorder-ms", str(reorder_ms))),
             *extra,
         ]
         self.cores, self.memory_mb, self.slowdown = cores, memory_mb, slowdown

@@ -609,46 +609,32 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def save(r: dict[str, Any], scorer: Scorer, log: Sequence[Sent], out: Path) -> tuple[Path, Path]:
+def save(
+    r: dict[str, Any], scorer: Scorer, log: Sequence[Sent], out: Path
+) -> tuple[Path, Path | None]:
+    """score.json first (so a missing plotting library never costs the score), then score.png;
+    the plot's path is None when matplotlib is not installed."""
+    from .plots import plot_score, stream_grid
+    from .verdict import verdict
+
     out.mkdir(parents=True, exist_ok=True)
     jpath, ppath = out / "score.json", out / "score.png"
     jpath.write_text(json.dumps(r, indent=2, default=str) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        return jpath, None
     got = scorer.received(log)
     lat = latencies_s(got, log) * 1000
-    streams = sorted({m.stream for m in log if m.labels is not None})[:4]
-    fig = plt.figure(figsize=(13, 4.5))
-    grid = fig.add_gridspec(max(1, len(streams)), 2)
-    a = fig.add_subplot(grid[:, 0])
-    a.hist(lat, bins=50)
-    a.set(title="publish -> prediction latency", xlabel="ms", ylabel="predictions")
-    classes = r.get("classes") or []
-    for i, stream in enumerate(streams):
-        b = fig.add_subplot(grid[i, 1])
-        keys = [
-            (key, int(lab))
-            for m in sorted(log, key=lambda m: (m.epoch, m.created))
-            if m.stream == stream and m.labels is not None
-            for key, lab in zip(m.keys, m.labels)
-        ]
-        xs = np.arange(len(keys))
-        pred = [got[k][0][0].argmax() if k in got else np.nan for k, _ in keys]
-        b.plot(xs, [lab for _, lab in keys], "k-", lw=1.5, label="true")
-        b.plot(xs, np.array(pred, dtype=float), ".", ms=3, label="predicted")
-        b.set_ylabel(stream, rotation=0, ha="right", va="center")
-        if classes:
-            b.set_yticks(range(len(classes)), classes, fontsize=7)
-        if i == 0:
-            b.set_title("per-stream timeline: true label (line) and prediction (dots)")
-        if i < len(streams) - 1:
-            b.set_xticklabels([])
-    if streams:
-        b.set_xlabel("sample")
-    fig.tight_layout()
-    fig.savefig(ppath, dpi=90)
-    plt.close(fig)
+    labelled = bool(r.get("classes"))
+    predicted = {k: (int(ys[0][0].argmax()) if labelled else None) for k, ys in got.items()}
+    pct = {
+        k[len("latency_") : -len("_ms")]: r[k]
+        for k in ("latency_p50_ms", "latency_p99_ms")
+        if k in r
+    }
+    plot_score(ppath, lat, stream_grid(log, predicted), verdict(r), pct)
     return jpath, ppath
+
+
+PLOT_SKIPPED = "skipped: matplotlib is not installed (pip install 'edge-lstm[sim]')"

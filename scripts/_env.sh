@@ -3,9 +3,15 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
-export PIP_DISABLE_PIP_VERSION_CHECK=1 TF_CPP_MIN_LOG_LEVEL=2
+# TF_CPP_MIN_LOG_LEVEL=3 also hides TensorFlow's start-up errors about absent GPUs (cuInit).
+export PIP_DISABLE_PIP_VERSION_CHECK=1 TF_CPP_MIN_LOG_LEVEL=3
 
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+# Bold headings on a terminal; plain text when output goes to a file or a pipe.
+if [[ -t 2 && -z "${NO_COLOR:-}" ]]; then
+    log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+else
+    log() { printf '==> %s\n' "$*" >&2; }
+fi
 
 # ensure_venv DIR PIP-ARGS... : create DIR and install PIP-ARGS unless the stamp says it is current.
 ensure_venv() {
@@ -14,10 +20,16 @@ ensure_venv() {
     if [[ -x "$dir/bin/python" && -f "$dir/.stamp" && "$(cat "$dir/.stamp")" == "$want" ]]; then
         return 0
     fi
-    log "setting up $(basename "$dir") (first run or pyproject.toml changed)"
+    log "setting up $(basename "$dir") (first run or pyproject.toml changed; a few minutes)"
     [[ -x "$dir/bin/python" ]] || "$PY" -m venv "$dir"
-    "$dir/bin/python" -m pip install -q --upgrade pip
-    (cd "$ROOT" && "$dir/bin/python" -m pip install -q "$@")
+    # pip's and the build backend's chatter goes to a log, shown only when something fails.
+    local out="$dir/bootstrap.log"
+    if ! { "$dir/bin/python" -m pip install -q --upgrade pip \
+            && (cd "$ROOT" && "$dir/bin/python" -m pip install -q "$@"); } >"$out" 2>&1; then
+        cat "$out" >&2
+        log "setting up $(basename "$dir") failed (log: $out)"
+        return 1
+    fi
     echo "$want" > "$dir/.stamp"
 }
 

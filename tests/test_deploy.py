@@ -1,4 +1,4 @@
-"""deploy/: the secure Mosquitto config (TLS, passwords, ACL) and the systemd unit, for real."""
+"""The deploy kit (edge/deploy/): secure Mosquitto config (TLS, passwords, ACL), systemd unit."""
 
 import configparser
 import shlex
@@ -16,7 +16,7 @@ from firmware_sim.broker import Broker as Mosquitto
 from tests.mqtt_helpers import ROOT, Collector, Publisher, wait_until
 
 pytestmark = pytest.mark.broker
-DEPLOY = ROOT / "deploy"
+DEPLOY = ROOT / "edge" / "deploy"
 
 
 def make_certs(d: Path) -> None:

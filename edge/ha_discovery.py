@@ -1,0 +1,196 @@
+"""Home Assistant MQTT discovery: each stream's prediction appears as a sensor.
+
+With ``ha_discovery = true`` the service publishes one retained discovery message per sensor
+(``{prefix}/sensor/{node}/{object}/config``): for a classifier the predicted label and its
+probability (percent), for a regressor one sensor per output value. Home Assistant reads the
+state from the prediction topic with a value template and the availability from the retained
+status topic. A stream that is evicted (least recently used past ``capacity``, or idle past
+``idle_timeout``) has its sensors removed with an empty retained message, as the discovery
+protocol has it.
+
+Pure logic: ``Announcer.reconcile`` turns the set of live streams into the messages to publish;
+the transport publishes them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ._version import __version__
+from .config import ServiceConfig
+from .manifest import Manifest
+
+_UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
+
+# Templates tolerate both prediction shapes: one sample (y: [O], label: str, p: float) and
+# several samples in one message (y: [[O], ...], label: [str], p: [float]); the last counts.
+LABEL_TEMPLATE = "{{ value_json.label if value_json.label is string else value_json.label | last }}"
+P_TEMPLATE = (
+    "{{ ((value_json.p if value_json.p is number else value_json.p | last) * 100) | round(1) }}"
+)
+Y_TEMPLATE = "{{{{ (value_json.y if value_json.y[0] is number else value_json.y | last)[{i}] }}}}"
+
+ATTRIBUTES_TEMPLATE = "{{ {'seq': value_json.seq, 'model': value_json.model} | tojson }}"
+
+
+def object_id(text: str) -> str:
+    """A discovery topic level: only ``[a-zA-Z0-9_-]``; other characters become ``_``."""
+    return _UNSAFE.sub("_", text)
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    topic: str
+    payload: bytes  # empty: remove the sensor
+
+
+def sensor_configs(
+    stream: str,
+    manifest: Manifest,
+    *,
+    runtime_id: str,
+    prediction_topic: str,
+    status_topic: str,
+    prefix: str = "homeassistant",
+) -> list[tuple[str, dict[str, object]]]:
+    """(discovery topic, config) of every sensor of one stream."""
+    node = object_id(runtime_id)
+    base = object_id(stream)
+    device = {
+        "identifiers": [f"edge-lstm-{node}-{base}"],
+        "name": f"{stream} ({manifest.model_id[:8]})",
+        "model": f"edge-lstm {manifest.output_kind}, {manifest.quantization}",
+        "manufacturer": "edge-lstm",
+        "sw_version": __version__,
+    }
+    common: dict[str, object] = {
+        "state_topic": prediction_topic,
+        "availability": [
+            {
+                "topic": status_topic,
+                "value_template": "{{ value_json.state }}",
+                "payload_available": "online",
+                "payload_not_available": "offline",
+            }
+        ],
+        "json_attributes_topic": prediction_topic,
+        "json_attributes_template": ATTRIBUTES_TEMPLATE,
+        "device": device,
+        "origin": {"name": "edge-lstm", "sw_version": __version__},
+        "qos": 1,
+    }
+    sensors: list[tuple[str, dict[str, object]]] = []
+    if manifest.output_kind == "classifier" and manifest.labels:
+        sensors.append(
+            (
+                "label",
+                {
+                    "name": "prediction",
+                    "value_template": LABEL_TEMPLATE,
+                    "icon": "mdi:label-outline",
+                },
+            )
+        )
+        sensors.append(
+            (
+                "probability",
+                {
+                    "name": "probability",
+                    "value_template": P_TEMPLATE,
+                    "unit_of_measurement": "%",
+                    "state_class": "measurement",
+                    "suggested_display_precision": 1,
+                },
+            )
+        )
+    else:
+        for i in range(manifest.outputs):
+            sensors.append(
+                (
+                    f"y{i}",
+                    {
+                        "name": f"y{i}" if manifest.outputs > 1 else "value",
+                        "value_template": Y_TEMPLATE.format(i=i),
+                        "state_class": "measurement",
+                    },
+                )
+            )
+    out = []
+    for suffix, extra in sensors:
+        uid = f"edge-lstm-{node}-{base}-{suffix}"
+        topic = f"{prefix}/sensor/{node}/{base}_{suffix}/config"
+        out.append((topic, {**common, **extra, "unique_id": uid}))
+    return out
+
+
+class Announcer:
+    """Keeps Home Assistant's sensors in step with the service's live streams."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        runtime_id: str,
+        prediction_template: str,
+        status_topic: str,
+        prefix: str = "homeassistant",
+    ) -> None:
+        self.manifest = manifest
+        self.runtime_id = runtime_id
+        self.prediction_template = prediction_template
+        self.status_topic = status_topic
+        self.prefix = prefix
+        self.announced: dict[str, list[str]] = {}  # stream -> its discovery topics
+
+    def _configs(self, stream: str) -> list[tuple[str, dict[str, object]]]:
+        return sensor_configs(
+            stream,
+            self.manifest,
+            runtime_id=self.runtime_id,
+            prediction_topic=self.prediction_template.replace("{stream}", stream),
+            status_topic=self.status_topic,
+            prefix=self.prefix,
+        )
+
+    def reconcile(self, streams: Iterable[str]) -> list[Discovery]:
+        """Discovery messages for streams new since the last call, removals for streams gone.
+        Call it with every stream the service holds state for."""
+        live = set(streams)
+        out: list[Discovery] = []
+        for stream in sorted(set(self.announced) - live):
+            out += [Discovery(t, b"") for t in self.announced.pop(stream)]
+        for stream in sorted(live - set(self.announced)):
+            configs = self._configs(stream)
+            self.announced[stream] = [t for t, _ in configs]
+            out += [Discovery(t, json.dumps(c).encode()) for t, c in configs]
+        return out
+
+    def model_changed(self, manifest: Manifest) -> list[Discovery]:
+        """A reloaded model may change the sensors (labels, outputs): announce all again."""
+        self.manifest = manifest
+        streams = list(self.announced)
+        gone = [Discovery(t, b"") for s in streams for t in self.announced.pop(s)]
+        return gone + self.reconcile(streams)
+
+
+def announcer_for(cfg: ServiceConfig, manifest: Manifest) -> Announcer | None:
+    """The service's announcer, or None when ``ha_discovery`` is off."""
+    if not cfg.ha_discovery:
+        return None
+    return Announcer(
+        manifest,
+        runtime_id=cfg.runtime_id,
+        prediction_template=cfg.prediction_topic,
+        status_topic=cfg.status_topic.replace("{runtime_id}", cfg.runtime_id),
+        prefix=cfg.ha_prefix,
+    )
+
+
+def publish(client: Any, messages: Iterable[Discovery]) -> None:
+    """Retained, QoS 1: Home Assistant finds them whenever it (re)connects."""
+    for m in messages:
+        client.publish(m.topic, m.payload, qos=1, retain=True)

@@ -1,0 +1,94 @@
+"""The MQTT and terminal side of ``edge-lstm top`` (the view itself is ``edge.top``)."""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import ssl
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+from .top import TopView
+
+CLEAR = "\033[H\033[2J"  # cursor home, clear screen: only on a terminal
+
+
+def _prefix(template: str, name: str) -> str:
+    head, sep, tail = template.partition("{runtime_id}")
+    if not sep or tail or not head.endswith("/"):
+        raise ConfigError(f"--{name} {template!r}: expected a template ending in /{{runtime_id}}")
+    return head
+
+
+def run_top(args: argparse.Namespace, out: Any = None) -> int:
+    import paho.mqtt.client as paho
+
+    mqtt: Any = paho
+    out = out or sys.stdout
+    u = urlparse(args.broker)
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise ConfigError(
+            f"--broker {args.broker!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"
+        )
+    if args.count < 0 or args.timeout < 0:
+        raise ConfigError("--count and --timeout must be >= 0")
+    stats_prefix = _prefix(args.stats_topic, "stats-topic")
+    status_prefix = _prefix(args.status_topic, "status-topic")
+    view = TopView(stats_prefix, status_prefix)
+    inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-lstm-top-{uuid.uuid4().hex[:8]}"
+    )
+    if args.username:
+        password = Path(args.password_file).read_text().strip() if args.password_file else None
+        client.username_pw_set(args.username, password)
+    if args.tls_ca or u.scheme == "mqtts":
+        client.tls_set(ca_certs=args.tls_ca or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+
+    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not reason.is_failure:
+            c.subscribe([(stats_prefix + args.runtime_id, 0), (status_prefix + args.runtime_id, 0)])
+
+    client.on_connect = on_connect
+    client.on_message = lambda c, userdata, msg: inbox.put((msg.topic, bytes(msg.payload)))
+    port = u.port or (8883 if u.scheme == "mqtts" else 1883)
+    try:
+        client.connect(str(u.hostname), port, keepalive=30)
+    except OSError as exc:
+        print(f"edge-lstm: error: cannot reach the broker {args.broker}: {exc}", file=sys.stderr)
+        return 1
+    client.loop_start()
+    tty = out.isatty()
+    updates, last = 0, time.monotonic()
+    try:
+        while not args.count or updates < args.count:
+            try:
+                topic, payload = inbox.get(timeout=0.5)
+            except queue.Empty:
+                if args.timeout and time.monotonic() - last > args.timeout:
+                    print(
+                        f"edge-lstm: no stats from {args.broker} for {args.timeout:g} s",
+                        file=sys.stderr,
+                    )
+                    return 1
+                continue
+            rid = view.update(topic, payload)
+            if rid is None or not topic.startswith(stats_prefix):
+                continue
+            updates += 1
+            last = time.monotonic()
+            frame = view.render()
+            if tty:
+                out.write(CLEAR + time.strftime("%H:%M:%S ") + args.broker + "\n" + frame + "\n")
+            else:
+                out.write(frame + "\n\n")
+            out.flush()
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return 0

@@ -1,0 +1,33 @@
+"""The one line a run ends with: exact or not, accuracy, p99 latency, anything lost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def verdict(r: dict[str, Any]) -> str:
+    """``exact`` means every prediction equals an offline run of the same bundle over what
+    the devices delivered, and no expected prediction is missing."""
+    wrong = r.get("wrong_predictions")
+    missing = int(r.get("predictions_missing", 0))
+    got = int(r.get("predictions_received", 0))
+    if wrong is None:
+        head = "no offline reference (run with --bundle to judge exactness)"
+    elif wrong == 0 and missing == 0:
+        head = f"EXACT: all {got:,} predictions equal the offline run"
+    else:
+        parts = []
+        if wrong:
+            parts.append(f"{wrong:,} of {got:,} predictions differ from the offline run")
+        if missing:
+            parts.append(f"{missing:,} expected predictions missing")
+        head = "NOT EXACT: " + ", ".join(parts)
+    tail = []
+    if r.get("accuracy_runtime") is not None:
+        tail.append(f"accuracy {r['accuracy_runtime']:.1%}")
+    if r.get("latency_p99_ms") is not None:
+        tail.append(f"p99 latency {r['latency_p99_ms']:.0f} ms")
+    late = int(r.get("late_beyond_reorder_window", 0))
+    if late:
+        tail.append(f"{late:,} sample{'s' if late != 1 else ''} late beyond the reorder window")
+    return "verdict: " + head + ("; " + ", ".join(tail) if tail else "")

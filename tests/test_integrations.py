@@ -1,0 +1,342 @@
+"""Integrations against the real thing where it runs here: Home Assistant discovery through a
+real Mosquitto (payloads checked against Home Assistant's documented MQTT sensor schema), the
+Grafana dashboard's every metric scraped from a real service's Prometheus endpoint, and
+``edge-lstm top`` reading a real service's stats."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge.ha_discovery import Announcer, object_id, sensor_configs
+from edge.manifest import read_bundle
+from edge.top import TopView
+from tests.mqtt_helpers import Collector, Publisher, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.broker
+
+# --- Home Assistant's MQTT discovery, as documented -------------------------------------------
+# https://www.home-assistant.io/integrations/mqtt/#mqtt-discovery (topic format, removal by an
+# empty retained payload, availability list, device and origin maps) and
+# https://www.home-assistant.io/integrations/sensor.mqtt/ (the sensor's configuration keys).
+HA_TOPIC = re.compile(
+    r"^(?P<prefix>[^/#+]+)/(?P<component>sensor)/(?:(?P<node>[a-zA-Z0-9_-]+)/)?"
+    r"(?P<object>[a-zA-Z0-9_-]+)/config$"
+)
+HA_SENSOR_KEYS = {
+    "availability": list,
+    "availability_mode": str,
+    "availability_template": str,
+    "availability_topic": str,
+    "device": dict,
+    "device_class": str,
+    "enabled_by_default": bool,
+    "encoding": str,
+    "entity_category": str,
+    "entity_picture": str,
+    "expire_after": int,
+    "force_update": bool,
+    "icon": str,
+    "json_attributes_template": str,
+    "json_attributes_topic": str,
+    "last_reset_value_template": str,
+    "name": str,
+    "object_id": str,
+    "options": list,
+    "origin": dict,
+    "payload_available": str,
+    "payload_not_available": str,
+    "platform": str,
+    "qos": int,
+    "state_class": str,
+    "state_topic": str,
+    "suggested_display_precision": int,
+    "unique_id": str,
+    "unit_of_measurement": str,
+    "value_template": str,
+}
+HA_REQUIRED = {"state_topic"}
+HA_STATE_CLASSES = {"measurement", "measurement_angle", "total", "total_increasing"}
+HA_AVAILABILITY_KEYS = {"topic": str, "payload_available": str, "payload_not_available": str,
+                        "value_template": str}  # fmt: skip
+HA_DEVICE_KEYS = {
+    "configuration_url": str, "connections": list, "hw_version": str, "identifiers": list,
+    "manufacturer": str, "model": str, "model_id": str, "name": str, "serial_number": str,
+    "suggested_area": str, "sw_version": str, "via_device": str,
+}  # fmt: skip
+HA_ORIGIN_KEYS = {"name": str, "sw_version": str, "support_url": str}
+
+
+def ha_schema_errors(topic: str, config: dict[str, Any]) -> list[str]:
+    """Everything about one discovery message that Home Assistant's documentation forbids."""
+    errs = []
+    if not HA_TOPIC.match(topic):
+        errs.append(f"topic {topic!r} is not <prefix>/sensor/[<node_id>/]<object_id>/config")
+    for key, value in config.items():
+        want = HA_SENSOR_KEYS.get(key)
+        if want is None:
+            errs.append(f"unknown key {key!r}")
+        elif not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            errs.append(f"{key} must be {want.__name__}, not {type(value).__name__}")
+    errs += [f"missing {k}" for k in HA_REQUIRED - set(config)]
+    if "state_class" in config and config["state_class"] not in HA_STATE_CLASSES:
+        errs.append(f"state_class {config['state_class']!r}")
+    if config.get("qos", 0) not in (0, 1, 2):
+        errs.append("qos")
+    for topic_key in ("state_topic", "json_attributes_topic"):
+        if any(c in str(config.get(topic_key, "")) for c in "+#"):
+            errs.append(f"{topic_key} must be a topic, not a filter")
+    for item in config.get("availability", []):
+        errs += [f"availability.{k}" for k in item if k not in HA_AVAILABILITY_KEYS]
+        errs += [] if "topic" in item else ["availability entry without topic"]
+    device = config.get("device", {})
+    errs += [f"device.{k}" for k in device if k not in HA_DEVICE_KEYS]
+    if device and not (device.get("identifiers") or device.get("connections")):
+        errs.append("device needs identifiers or connections")
+    origin = config.get("origin")
+    if origin is not None:
+        errs += [f"origin.{k}" for k in origin if k not in HA_ORIGIN_KEYS]
+        errs += [] if "name" in origin else ["origin needs a name"]
+    return errs
+
+
+def render(template: str, payload: bytes) -> str:
+    """Render a value template as Home Assistant does: Jinja2 with ``value_json``."""
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env.filters["tojson"] = json.dumps
+    return env.from_string(template).render(value_json=json.loads(payload), value=payload)
+
+
+def test_discovery_configs_follow_the_documented_schema(bundles):
+    for name in ("clf-int8", "reg2-int8"):
+        m = read_bundle(bundles / name)[0]
+        configs = sensor_configs(
+            "dev/odd id:1",
+            m,
+            runtime_id="edge.pi-1",
+            prediction_topic="predictions/dev-1",
+            status_topic="edge/status/edge.pi-1",
+        )
+        assert configs
+        for topic, config in configs:
+            assert ha_schema_errors(topic, config) == [], (topic, config)
+        ids = [c["unique_id"] for _, c in configs]
+        assert len(set(ids)) == len(ids)
+        kinds = {t.rsplit("_", 1)[-1].split("/")[0] for t, _ in configs}
+        if m.output_kind == "classifier":
+            assert kinds == {"label", "probability"}
+        else:
+            assert kinds == {f"y{i}" for i in range(m.outputs)}
+    assert ha_schema_errors("homeassistant/sensor/a b/c/config", {"state_topic": "x"}) != []
+    assert ha_schema_errors("homeassistant/sensor/n/o/config", {"name": "x"}) == [
+        "missing state_topic"
+    ]
+    assert object_id("dev/odd id:1") == "dev_odd_id_1"
+
+
+@pytest.mark.desktop  # needs jinja2, Home Assistant's template engine (dev extra)
+def test_value_templates_render_real_predictions(bundles):
+    from edge import payloads
+
+    clf = read_bundle(bundles / "clf-int8")[0]
+    configs = dict(sensor_configs("d", clf, runtime_id="r", prediction_topic="p", status_topic="s"))
+    y = np.array([[0.1, 0.7, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1]], np.float32)
+    single = payloads.prediction(5, None, y[:1], "m", clf.labels, single=True)
+    several = payloads.prediction(5, None, y, "m", clf.labels, single=False)
+    label = next(c for t, c in configs.items() if t.endswith("_label/config"))
+    prob = next(c for t, c in configs.items() if t.endswith("_probability/config"))
+    assert render(label["value_template"], single) == clf.labels[1]
+    assert render(label["value_template"], several) == clf.labels[0]  # the last sample counts
+    assert float(render(prob["value_template"], single)) == pytest.approx(70.0, abs=0.1)
+    assert float(render(prob["value_template"], several)) == pytest.approx(60.0, abs=0.1)
+    attrs = json.loads(render(label["json_attributes_template"], single))
+    assert attrs == {"seq": 5, "model": "m"}
+    assert render(label["availability"][0]["value_template"], b'{"state": "online"}') == "online"
+    reg = read_bundle(bundles / "reg2-int8")[0]
+    rconf = sensor_configs("d", reg, runtime_id="r", prediction_topic="p", status_topic="s")
+    ry = np.arange(reg.outputs * 2, dtype=np.float32).reshape(2, reg.outputs) + 0.5
+    for i, (_, c) in enumerate(rconf):
+        one = payloads.prediction(1, None, ry[:1], "m", (), single=True)
+        two = payloads.prediction(1, None, ry, "m", (), single=False)
+        assert float(render(c["value_template"], one)) == ry[0, i]
+        assert float(render(c["value_template"], two)) == ry[1, i]
+
+
+def test_announcer_adds_new_streams_and_removes_gone_ones(bundles):
+    m = read_bundle(bundles / "clf-int8")[0]
+    a = Announcer(m, runtime_id="r", prediction_template="predictions/{stream}", status_topic="s")
+    first = a.reconcile(["a", "b"])
+    assert len(first) == 4 and all(d.payload for d in first)
+    assert a.reconcile(["a", "b"]) == []
+    second = a.reconcile(["b", "c"])
+    removed = [d.topic for d in second if not d.payload]
+    assert sorted(removed) == sorted(d.topic for d in first if "/a_" in d.topic)
+    assert sorted(json.loads(d.payload)["state_topic"] for d in second if d.payload) == [
+        "predictions/c",
+        "predictions/c",
+    ]
+
+
+def retained(url: str, prefix: str) -> dict[str, bytes]:
+    """What a new subscriber gets from the broker's retained store under ``prefix``."""
+    import time
+
+    import paho.mqtt.client as mqtt
+
+    from tests.mqtt_helpers import _hostport, close_client
+
+    got: dict[str, bytes] = {}
+    done = f"{prefix}-marker/{time.monotonic_ns()}"
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    c.on_message = lambda cl, u, msg: got.__setitem__(msg.topic, bytes(msg.payload))
+    # retained messages come right after SUBACK; a marker published after them shows the end
+    c.on_subscribe = lambda cl, *a: cl.publish(done, b"x", qos=1)
+    c.on_connect = lambda cl, *a: cl.subscribe([(f"{prefix}/#", 1), (done, 1)])
+    c.connect(*_hostport(url), 30)
+    c.loop_start()
+    wait_until(lambda: done in got, 30, "the marker")
+    close_client(c)
+    got.pop(done)
+    return got
+
+
+def test_home_assistant_discovery_through_a_real_broker(service, broker):
+    s = service("--ha-discovery", "true", "--capacity", "2", "--max-batch", "2")
+    col = Collector(broker.url)
+    wait_until(col.online, 60, "runtime online")
+    pub = Publisher(broker.url)
+    for stream in ("dev-1", "dev-2"):
+        pub.send(stream, 1, np.full(6, 0.1))
+    pub.flush()
+    wait_until(lambda: len(retained(broker.url, "homeassistant")) == 4, 60, "4 sensors")
+    configs = retained(broker.url, "homeassistant")
+    for topic, body in configs.items():
+        doc = json.loads(body)
+        assert ha_schema_errors(topic, doc) == []
+        stream = doc["state_topic"].split("/")[1]
+        assert topic.startswith(f"homeassistant/sensor/edge-test/{stream}_")
+        assert doc["availability"][0]["topic"] == "edge/status/edge-test"
+    pub.send("dev-3", 1, np.full(6, 0.1))  # capacity 2: dev-1 (least recently used) goes
+    pub.flush()
+
+    def sensors_of() -> set[str]:
+        return {t.split("/")[3].rsplit("_", 1)[0] for t in retained(broker.url, "homeassistant")}
+
+    wait_until(lambda: sensors_of() == {"dev-2", "dev-3"}, 60, "dev-1 removed, dev-3 added")
+    pub.close()
+    col.close()
+    assert "Traceback" not in s.output()
+
+
+# --- Grafana --------------------------------------------------------------------------------
+
+
+def dashboard_metrics() -> set[str]:
+    doc = json.loads((ROOT / "edge" / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in doc["templating"]["list"] if "definition" in v]
+    assert len(doc["panels"]) >= 6 and all(p["targets"] for p in doc["panels"])
+    return {m for e in exprs for m in re.findall(r"\b(edge_lstm_[a-z0-9_]+)", e)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_every_metric_the_grafana_dashboard_queries_exists(service, broker):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    service("--metrics-port", str(port), "--stats-interval", "0")
+    col = Collector(broker.url)
+    wait_until(col.online, 60, "runtime online")
+    pub = Publisher(broker.url)
+    pub.send("g-1", 1, np.full(6, 0.2))
+    pub.raw("sensors/g-1/data", b"{not json")
+    pub.flush()
+    wait_until(lambda: len(col.of("errors/g-1")) == 1, 60, "an error")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    samples = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    wanted = dashboard_metrics()
+    assert {
+        "edge_lstm_messages_in_total",
+        "edge_lstm_errors_total",
+        "edge_lstm_e2e_latency_seconds_bucket",
+        "edge_lstm_active_streams",
+        "edge_lstm_queue_depth",
+        "edge_lstm_snapshot_age_seconds",
+    } <= wanted
+    assert wanted - samples == set(), f"queried but not exported: {sorted(wanted - samples)}"
+    assert 'edge_lstm_errors_total{code="bad_json"} 1.0' in text
+    pub.close()
+    col.close()
+
+
+# --- edge-lstm top ----------------------------------------------------------------------------
+
+
+def test_top_view_rates_and_errors():
+    v = TopView("edge/stats/", "edge/status/")
+    base = {"messages_in": 100, "predictions_out": 90, "active_streams": 3, "ts": 10.0}
+    v.update("edge/stats/pi-1", json.dumps({**base, "errors": {"bad_json": 1}}).encode())
+    later = {**base, "messages_in": 150, "predictions_out": 130, "ts": 12.0}
+    v.update(
+        "edge/stats/pi-1", json.dumps({**later, "errors": {"bad_json": 5, "late": 1}}).encode()
+    )
+    v.update("edge/status/pi-1", b'{"state": "degraded"}')
+    assert v.update("edge/stats/pi-2", b"[not an object]") is None and v.ignored == 1
+    assert v.update("other/topic", b"{}") is None
+    line = v.render().splitlines()[1].split()
+    assert line[:6] == ["pi-1", "degraded", "3", "25", "20", "2.5"]
+    assert "bad_json 5, late 1" in v.render()
+
+
+def test_top_shows_a_real_service(service, broker):
+    service("--stats-interval", "0.2")
+    col = Collector(broker.url)
+    wait_until(col.online, 60, "runtime online")
+    pub = Publisher(broker.url)
+    for stream in ("t-1", "t-2"):
+        pub.send(stream, 1, np.full(6, 0.3))
+    pub.flush()
+    wait_until(lambda: len(col.of("predictions/")) == 2, 60, "predictions")
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "top", "--broker", broker.url, "--count", "2",
+         "--timeout", "60"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    frames = [f for f in out.stdout.strip().split("\n\n") if f]
+    assert len(frames) == 2 and "\033" not in out.stdout  # no escape codes into a pipe
+    row = next(line for line in frames[-1].splitlines() if line.startswith("edge-test"))
+    assert row.split()[1:3] == ["online", "2"]
+    pub.close()
+    col.close()
+
+
+def test_top_without_a_broker_is_one_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "top", "--broker", f"mqtt://127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(err) == 1 and "cannot reach the broker" in err[0]
+    bad = subprocess.run(
+        [sys.executable, "-m", "edge", "top", "--broker", "tcp://x"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "expected mqtt://" in bad.stderr

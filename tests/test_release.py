@@ -1,0 +1,128 @@
+"""What a first user meets before anything streams: versions, licence files, the deploy kit,
+one-line messages for missing optional dependencies, and one reorder default everywhere."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from edge import config
+from edge._version import __version__
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIS = {"edge-lstm": "edge.cli", "lstm-convert": "convert.cli", "firmware-sim": "firmware_sim.cli"}
+
+
+def run_cli(
+    module: str, argv: list[str], block: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """Run a CLI's main() in a fresh interpreter, with some modules made unimportable (as on
+    a machine where they are not installed)."""
+    code = (
+        "import sys\n"
+        f"for m in {list(block)!r}: sys.modules[m] = None\n"
+        f"from {module} import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+
+
+@pytest.mark.parametrize("prog", sorted(CLIS))
+def test_every_cli_reports_the_installed_version(prog):
+    out = run_cli(CLIS[prog], ["--version"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{prog} {metadata.version('edge-lstm')}"
+    # one place: the metadata comes from edge/_version.py
+    assert metadata.version("edge-lstm") == __version__
+
+
+def test_version_is_written_in_one_place():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in text and "edge._version.__version__" in text
+    hits = [
+        p.relative_to(ROOT)
+        for pkg in ("edge", "convert", "firmware_sim")
+        for p in (ROOT / pkg).rglob("*.py")
+        if re.search(r"^__version__ = ", p.read_text(), re.M)
+    ]
+    assert hits == [Path("edge/_version.py")]
+
+
+def test_licence_notice_and_changelog():
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    assert "Version 2.0" in (ROOT / "LICENSE").read_text()
+    notice = (ROOT / "NOTICE").read_text()
+    assert "BasicMotions" in notice and "UEA" in notice and "BSD" in notice
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "Keep a Changelog" in changelog and f"## [{__version__}]" in changelog
+
+
+def test_one_reorder_default_everywhere():
+    from bench.chaos import parser as chaos_parser
+    from firmware_sim.runtime import Runtime
+
+    default = config.ServiceConfig().reorder_ms
+    assert default == config.REORDER_MS_DEFAULT > 0
+    # the demo, firmware-sim and the tests run serve with its own default
+    cmd = Runtime(Path("b"), "mqtt://127.0.0.1:1", Path("s")).cmd
+    assert "--reorder-ms" not in cmd
+    assert chaos_parser().parse_args(["--bundle", "b"]).reorder_ms == default
+    readme = (ROOT / "README.md").read_text()
+    assert f"reorder_ms` defaults to {default:g} ms" in readme
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train-example", "--out", "{tmp}/out/m.keras"],
+        ["convert", "{tmp}/m.keras", "--calib", "{tmp}/c.npy", "--out", "{tmp}/out/b"],
+    ],
+)
+def test_converter_without_tensorflow_says_what_to_install(tmp_path, argv):
+    """As on a device install: no TensorFlow, no Keras; one line, exit 2, nothing written."""
+    import numpy as np
+
+    (tmp_path / "m.keras").write_bytes(b"PK")
+    np.save(tmp_path / "c.npy", np.zeros((2, 5, 3), np.float32))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = run_cli("convert.cli", argv, block=("keras", "tensorflow"))
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert err[-1].startswith("lstm-convert: error: this needs ")
+    assert err[-1].endswith("pip install 'edge-lstm[convert]'")
+    assert len([line for line in err if "error" in line]) == 1, out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
+    target = tmp_path / "kit"
+    out = run_cli("edge.cli", ["deploy-kit", str(target)])
+    assert out.returncode == 0, out.stderr
+    shipped = sorted(p.name for p in (ROOT / "edge" / "deploy").iterdir() if p.is_file())
+    assert sorted(p.name for p in target.iterdir()) == shipped
+    for name in shipped:
+        assert (target / name).read_bytes() == (ROOT / "edge" / "deploy" / name).read_bytes()
+    assert {"edge-lstm.service", "mosquitto.conf", "edge-lstm.acl", "edge-lstm.toml"} <= set(
+        shipped
+    )
+    assert "systemctl" in out.stdout
+    (target / "edge-lstm.toml").write_text("# mine\n")
+    again = run_cli("edge.cli", ["deploy-kit", str(target)])
+    err = again.stderr.strip().splitlines()
+    assert again.returncode == 2 and len(err) == 1 and "--force" in err[0]
+    assert (target / "edge-lstm.toml").read_text() == "# mine\n"
+    forced = run_cli("edge.cli", ["deploy-kit", str(target), "--force"])
+    assert forced.returncode == 0
+    assert (target / "edge-lstm.toml").read_bytes() == (
+        ROOT / "edge/deploy/edge-lstm.toml"
+    ).read_bytes()
+    on_a_file = run_cli("edge.cli", ["deploy-kit", str(target / "edge-lstm.toml")])
+    assert on_a_file.returncode == 2 and "not a directory" in on_a_file.stderr

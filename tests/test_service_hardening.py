@@ -316,7 +316,7 @@ def test_a_damaged_log_entry_is_reported_and_the_rest_replayed(bundles, broker, 
     wait_until(lambda: "damaged span" in svc.output(), 30, "the damage reported")
     wait_until(lambda: svc.output().count("recovered generation") == 2, 30, "recovery")
     replayed = int(svc.output().rsplit("recovered generation 0: ", 1)[1].split()[0])
-    wait_until(lambda: "recovered_from_damage" in col.of("edge/status/")[-1][1], 20, "status")
+    wait_until(lambda: "recovered_from_damage" in col.of("edge/status/")[-1][1], 90, "status")
     assert 400 - 2 <= replayed < 400  # one record lost (and perhaps the mark beside it)
     feed_good(pub, {"dev-0": np.zeros((1, 6))}, 0)  # a duplicate now: the service still answers
     pub.send("dev-0", 101, np.zeros(6))

@@ -196,6 +196,8 @@ class MqttService:
             "ts": time.time(),
             **extra,
         }
+        if self._recovery and state != "offline":  # every status of this run says so
+            doc["recovered_from_damage"] = self._recovery
         return json.dumps(doc, allow_nan=False).encode()
 
     def _say(self, state: str, **extra: Any) -> None:
@@ -394,14 +396,13 @@ class MqttService:
                     self.processor.requests.discard("reload")
                     self.requests.discard("reload")
                     self.reload()
+                asked = self.processor.requests & {"snapshot", "checkpoint"}
                 if (
-                    now - last_snapshot >= cfg.snapshot_interval
-                    or "snapshot" in self.processor.requests
+                    now - last_snapshot >= cfg.snapshot_interval or asked
                 ) and self.processor.degraded is None:
-                    requested = "snapshot" in self.processor.requests
                     if self.processor.checkpoint():
-                        self.processor.requests.discard("snapshot")
-                        if requested:  # the answer to {"cmd": "snapshot"}: in the status
+                        self.processor.requests -= asked
+                        if "snapshot" in asked:  # the answer to {"cmd": "snapshot"}: in the status
                             self._say("online", snapshot="done", snapshot_ts=time.time())
                     last_snapshot = now
                 if self.ha is not None and self.connected.is_set() and now - last_ha >= 1.0:
@@ -431,10 +432,7 @@ class MqttService:
         reason = self.processor.degraded
         state = "online" if reason is None else "degraded"
         if state != self._said:
-            extra: dict[str, Any] = {"reason": reason} if reason else {}
-            if self._recovery:
-                extra["recovered_from_damage"] = self._recovery
-            self._say(state, **extra)
+            self._say(state, **({"reason": reason} if reason else {}))
 
     def _shutdown(self) -> int:
         """Answer what is already here for a bounded time, snapshot, say offline, disconnect.

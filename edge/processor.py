@@ -184,7 +184,7 @@ class Processor:
         )
         self.metrics.inc("republished", len(again))
         if rec.damage or rec.damaged_snapshots:
-            self.requests.add("snapshot")  # retire the damaged files soon
+            self.requests.add("checkpoint")  # retire the damaged files soon (not a command)
         return rec
 
     # -- batches ----------------------------------------------------------------------------

@@ -416,7 +416,8 @@ class Worker:
                 for p, rev in list(self.leases.items()):
                     try:
                         new = await self.kv.update(f"p.{p}", me, last=rev)
-                    except (KeyWrongLastSequenceError, KeyNotFoundError):
+                    except (KeyWrongLastSequenceError, KeyNotFoundError) as exc:
+                        log.warning("partition %d: lease renewal refused: %r", p, exc)
                         if self.leases.get(p) == rev:
                             del self.leases[p]  # the balancing round drops the partition
                         continue

@@ -19,7 +19,9 @@ from tests.mqtt_helpers import Collector, Publisher, offline, wait_until
 from tests.nats_helpers import (
     NatsServer,
     WorkerProc,
+    all_owned,
     nats_server_binary,
+    owned,
     wait_owned,
 )
 
@@ -198,4 +200,105 @@ def test_partitions_fixed_at_creation(
         assert other.proc.wait(60) == 2
         assert "partitions are fixed at creation" in other.log()
     finally:
+        col.close()
+
+
+def test_kill_9_worker_mid_stream_moves_partitions_with_state(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    ids = ["w1", "w2", "w3"]
+    procs = {i: workers(i) for i in ids}
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_until(
+            lambda: all(owned(col, i) is not None for i in ids) and all_owned(col, ids, P),
+            90,
+            "three workers sharing the partitions",
+        )
+        samples = _samples(12, 40, seed=7)
+        want = offline(bundles / "clf-int8", samples)
+        for k in range(20):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= 12 * 20, 60, "first half answered")
+        victim = max(ids, key=lambda i: len(owned(col, i) or []))
+        moved = owned(col, victim) or []
+        assert moved
+        procs[victim].kill()  # kill -9: no release, no final snapshot
+        for k in range(20, 40):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= len(want), 90, "every prediction")
+        missing, wrong = _check(col.predictions(), want)
+        assert (missing, wrong) == ([], [])
+        moved_streams = [s for s in samples if partition(s, P) in moved]
+        assert moved_streams, "no stream of the killed worker's partitions was exercised"
+        survivors = [i for i in ids if i != victim]
+        wait_owned(col, survivors, P, 60)
+        assert not col.of("errors/")
+    finally:
+        pub.close()
+        col.close()
+
+
+def _damage_newest_snapshots(url: str, partitions: int) -> int:
+    """Overwrite each partition's newest snapshot object with garbage; returns how many."""
+    import nats
+
+    from edge.nats_worker import SNAPSHOTS
+    from edge.partition_snapshot import object_name, unpack
+
+    async def run() -> int:
+        nc = await nats.connect(url)
+        store = await nc.jetstream().object_store(SNAPSHOTS)
+        damaged = 0
+        for p in range(partitions):
+            found = []
+            for slot in (0, 1):
+                try:
+                    res = await store.get(object_name(p, slot))
+                except Exception:
+                    continue
+                found.append((unpack(res.data).generation, slot))
+            if found:
+                await store.put(object_name(p, max(found)[1]), b"EDGEPS1\n garbage")
+                damaged += 1
+        await nc.close()
+        return damaged
+
+    return asyncio.run(run())
+
+
+def test_damaged_snapshots_fall_back_and_replay(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    w1 = workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        samples = _samples(8, 30, seed=11)
+        want = offline(bundles / "clf-int8", samples)
+        for k in range(15):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= 8 * 15, 60, "first half answered")
+        assert w1.stop() == 0  # a clean stop snapshots every partition
+        assert _damage_newest_snapshots(nats_server.url, P) > 0
+        w2 = workers("w2")
+        for k in range(15, 30):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= len(want), 90, "every prediction")
+        missing, wrong = _check(col.predictions(), want)
+        assert (missing, wrong) == ([], [])
+        assert "checksum mismatch" in w2.log()
+        assert not col.of("errors/")
+    finally:
+        pub.close()
         col.close()

@@ -342,9 +342,10 @@ class Worker:
         while not part.stop.is_set():
             try:
                 msgs = await part.sub.fetch(self.cfg.max_batch, timeout=FETCH_WAIT)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nats-py raises both
                 msgs = []
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+            except Exception as exc:  # reconnecting, consumer re-created: try again shortly
+                log.warning("partition %d: fetch failed: %r", part.number, exc)
                 await asyncio.sleep(0.2)
                 continue
             batch: list[Inbound] = []
@@ -441,6 +442,10 @@ class Worker:
         members = {k[2:] for k in keys if k.startswith("w.")} | {self.opts.worker_id}
         plan = assignment(self.opts.partitions, members)
         for p, part in list(self.owned.items()):
+            if part.task is not None and part.task.done() and not part.task.cancelled():
+                # A loop that died (a bug): hand the partition on rather than sit on it.
+                log.error("partition %d stopped: %r", p, part.task.exception())
+                self.leases.pop(p, None)
             if p not in self.leases:
                 await self.lose(part)
         give = [part for p, part in self.owned.items() if plan.get(p) != self.opts.worker_id]

@@ -32,6 +32,9 @@ pytestmark = [
     ),
 ]
 P = 8
+# The failover cases run once, in the desktop suite: the worker code is the same in both
+# environments, and the device-like suite already proves it answers bit-identically there.
+failover = pytest.mark.desktop
 
 
 @pytest.fixture
@@ -140,6 +143,7 @@ def test_worker_answers_mqtt_devices_bit_identical(
     assert "stopped cleanly" in w.log()
 
 
+@failover
 def test_reordered_messages_are_held_like_serve(
     bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
 ) -> None:
@@ -186,6 +190,7 @@ def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path)
     assert r.returncode == 2 and "partitions = 'many'" in r.stderr
 
 
+@failover
 def test_partitions_fixed_at_creation(
     bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
 ) -> None:
@@ -203,6 +208,7 @@ def test_partitions_fixed_at_creation(
         col.close()
 
 
+@failover
 def test_kill_9_worker_mid_stream_moves_partitions_with_state(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:
@@ -272,6 +278,7 @@ def _damage_newest_snapshots(url: str, partitions: int) -> int:
     return asyncio.run(run())
 
 
+@failover
 def test_damaged_snapshots_fall_back_and_replay(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

@@ -309,3 +309,38 @@ def test_damaged_snapshots_fall_back_and_replay(
     finally:
         pub.close()
         col.close()
+
+
+@failover
+def test_worker_added_mid_stream_takes_its_share_with_state(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    from edge.partitions import assignment
+
+    workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        samples = _samples(10, 40, seed=5)
+        want = offline(bundles / "clf-int8", samples)
+        for k in range(20):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= 10 * 20, 60, "first half answered")
+        workers("w2")
+        plan = assignment(P, ["w1", "w2"])
+        mine = sorted(p for p, o in plan.items() if o == "w2")
+        wait_until(lambda: owned(col, "w2") == mine, 60, "w2 to take its share")
+        for k in range(20, 40):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= len(want), 90, "every prediction")
+        missing, wrong = _check(col.predictions(), want)
+        assert (missing, wrong) == ([], [])
+        assert not col.of("errors/")
+    finally:
+        pub.close()
+        col.close()

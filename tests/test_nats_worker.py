@@ -344,3 +344,68 @@ def test_worker_added_mid_stream_takes_its_share_with_state(
     finally:
         pub.close()
         col.close()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    nodes = [NatsServer(tmp_path / f"n{i}", name=f"n{i}") for i in (1, 2, 3)]
+    for n in nodes:
+        n.peers = [m for m in nodes if m is not n]
+    for n in nodes:
+        n.start()
+    yield nodes
+    for n in nodes:
+        n.stop()
+
+
+@failover
+def test_three_node_cluster_loses_a_node_mid_stream(
+    bundles: Path, nats_cluster: list[NatsServer], tmp_path: Path
+) -> None:
+    """R3 stream, bucket and store; two workers; kill -9 of a NATS node the devices do not
+    use: every prediction still arrives, bit-identical."""
+    n1, _, n3 = nats_cluster
+    servers = ",".join(n.url for n in nats_cluster)
+    ws = [
+        WorkerProc(
+            bundles / "clf-int8",
+            servers,
+            tmp_path / "state",
+            wid,
+            "--partitions",
+            str(P),
+            "--replicas",
+            "3",
+        ).start()
+        for wid in ("w1", "w2")
+    ]
+    col = Collector(n1.mqtt_url)
+    pub = Publisher(n1.mqtt_url)
+    try:
+        wait_until(
+            lambda: (
+                all(owned(col, w.id) is not None for w in ws) and all_owned(col, ["w1", "w2"], P)
+            ),
+            120,
+            "two workers sharing the partitions",
+        )
+        samples = _samples(8, 30, seed=13)
+        want = offline(bundles / "clf-int8", samples)
+        for k in range(15):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= 8 * 15, 90, "first half answered")
+        n3.kill()
+        for k in range(15, 30):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush(60)
+        wait_until(lambda: len(col.predictions()) >= len(want), 120, "every prediction")
+        missing, wrong = _check(col.predictions(), want)
+        assert (missing, wrong) == ([], [])
+    finally:
+        pub.close()
+        col.close()
+        for w in ws:
+            w.stop()

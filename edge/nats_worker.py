@@ -60,6 +60,7 @@ log = logging.getLogger("edge.worker")
 STREAM = "EDGE_SENSORS"
 LEASES = "edge_leases"
 SNAPSHOTS = "edge_snapshots"
+CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
 FETCH_WAIT = 0.25  # seconds a fetch waits for messages before the partition ticks
 
@@ -493,15 +494,21 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stopping.set)
         try:
-            self.nc = await nats.connect(
-                servers=self.opts.servers,
-                name=f"edge-lstm-{self.opts.worker_id}",
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                connect_timeout=5,
+            # nats-py retries a first connection as long as reconnects are allowed: bounded here.
+            self.nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=self.opts.servers,
+                    name=f"edge-lstm-{self.opts.worker_id}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=5,
+                ),
+                CONNECT_SECONDS,
             )
         except Exception as exc:
-            raise ConfigError(f"cannot reach NATS at {','.join(self.opts.servers)}: {exc}") from exc
+            raise ConfigError(
+                f"cannot reach NATS at {','.join(self.opts.servers)}: {str(exc) or 'timed out'}"
+            ) from exc
         self.js = self.nc.jetstream()
         await self.ensure_resources()
         log.info(

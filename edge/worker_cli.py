@@ -114,9 +114,8 @@ def worker(args: argparse.Namespace) -> int:
         value = getattr(args, key, None)
         if value is not None:
             wk[key] = value
-    overrides = {**serve, "model": args.model, "state_dir": args.state_dir}
-    if args.log_level:
-        overrides["log_level"] = args.log_level
+    cli = {"model": args.model, "state_dir": args.state_dir, "log_level": args.log_level}
+    overrides = {**serve, **{k: v for k, v in cli.items() if v is not None}}
     cfg = config.load(None, overrides=overrides)
     servers = [u.strip() for u in str(wk.get("nats") or "").split(",") if u.strip()]
     if not servers:

@@ -409,3 +409,40 @@ def test_three_node_cluster_loses_a_node_mid_stream(
         col.close()
         for w in ws:
             w.stop()
+
+
+@failover
+def test_systemd_unit_runs_the_worker(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import configparser
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    from tests.mqtt_helpers import ROOT
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(ROOT / "deploy" / "edge-lstm-worker.service")
+    service = unit["Service"]
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0].endswith("/edge-lstm") and argv[1] == "worker"
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f'model = "{bundles / "clf-int8"}"\n'
+        f'[worker]\nnats = "{nats_server.url}"\nworker_id = "unit"\npartitions = {P}\n'
+    )
+    args = [a.replace("/etc/edge-lstm/worker.toml", str(config)) for a in argv[1:]]
+    args = [a.replace("/var/lib/edge-lstm-worker", str(tmp_path / "state")) for a in args]
+    col = Collector(nats_server.mqtt_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_owned(col, ["unit"], P)
+    finally:
+        proc.send_signal(getattr(signal, service["KillSignal"]))
+        rc = proc.wait(float(service["TimeoutStopSec"]))
+        col.close()
+    assert rc == 0

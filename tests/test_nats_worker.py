@@ -424,7 +424,7 @@ def test_systemd_unit_runs_the_worker(
     from tests.mqtt_helpers import ROOT
 
     unit = configparser.ConfigParser(interpolation=None, strict=False)
-    unit.read(ROOT / "deploy" / "edge-lstm-worker.service")
+    unit.read(ROOT / "edge" / "deploy" / "edge-lstm-worker.service")
     service = unit["Service"]
     argv = shlex.split(service["ExecStart"])
     assert argv[0].endswith("/edge-lstm") and argv[1] == "worker"

@@ -153,6 +153,9 @@ def parser() -> argparse.ArgumentParser:
         default=0.0,
         help="give up (exit 1) when no stats arrive for this many seconds (0: wait forever)",
     )
+    from .worker_cli import add_worker_parser
+
+    add_worker_parser(sub)
     return p
 
 
@@ -185,6 +188,7 @@ def run_command(
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .service_cli import serve
+    from .worker_cli import worker
 
     commands = {
         "inspect": inspect,
@@ -192,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "replay": replay,
         "deploy-kit": deploy_kit,
         "top": top,
+        "worker": worker,
     }
     return run_command(parser(), commands, argv)
 

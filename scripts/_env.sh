@@ -33,11 +33,11 @@ ensure_venv() {
     echo "$want" > "$dir/.stamp"
 }
 
-desktop_venv() { ensure_venv "$ROOT/.venv" -e ".[litert,convert,sim,service,dev]"; }
+desktop_venv() { ensure_venv "$ROOT/.venv" -e ".[litert,convert,sim,service,cluster,dev]"; }
 
 # The device-like environment: what a Raspberry Pi gets, no TensorFlow, no ai-edge-litert.
 device_venv() {
-    ensure_venv "$ROOT/.venv-device" -e ".[tflite,service]" "pytest>=8" "hypothesis>=6.100"
+    ensure_venv "$ROOT/.venv-device" -e ".[tflite,service,cluster]" "pytest>=8" "hypothesis>=6.100"
 }
 
 ensure_mosquitto() {

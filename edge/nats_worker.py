@@ -1,0 +1,549 @@
+"""``edge-lstm worker``: the same ``Processor`` as ``serve``, fed from NATS JetStream partitions.
+
+JetStream resources (created idempotently by every worker on start):
+
+* stream ``EDGE_SENSORS`` on ``sensors.*.data`` / ``sensors.*.control`` (what NATS's MQTT
+  listener makes of ``sensors/{stream}/data``), whose subject transform stores each message as
+  ``in.{partition}.{stream}.{kind}``: the partition function is nats-server's own
+  ``{{partition(P,1)}}``, and P is fixed once the stream exists;
+* key-value bucket ``edge_leases`` with a TTL of ``lease_seconds``: ``w.{worker}`` says a worker
+  is alive, ``p.{partition}`` says who owns a partition. A lease is taken with ``create`` (only
+  when absent) and renewed with ``update`` against the revision we hold, so two workers never
+  both believe they own a partition; a worker killed stops renewing and its leases expire;
+* object store ``edge_snapshots``: per partition, the newest two snapshots, each with the
+  stream sequence it covers (``edge.partition_snapshot``);
+* per owned partition, a durable pull consumer ``edge-p{partition}`` that the owner re-creates
+  on taking the partition over, starting after the sequence its snapshot covers.
+
+Per partition the owner runs a ``Processor`` over a scratch journal (its write-ahead log is what
+``handle`` needs before it returns True; the replayable log that moves with the partition is the
+JetStream stream itself). A message is acknowledged to JetStream only after ``handle`` logged it.
+Answers go out on ``predictions.{stream}`` / ``errors.{stream}`` (``predictions/{stream}`` for
+MQTT subscribers). A new owner restores the partition's snapshot and replays the stream from
+the sequence after it, so state moves with the partition and every (stream, seq) is stepped on
+exactly one state; answers to the replayed messages may be published a second time (identical).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import partition_snapshot as psnap
+from .config import ServiceConfig
+from .engine import Engine, load
+from .errors import ConfigError, EdgeError
+from .journal import Journal
+from .metrics import Metrics
+from .model import StepModel
+from .partitions import (
+    SENSOR_SUBJECTS,
+    assignment,
+    check_partitions,
+    filter_subject,
+    stored_to_topic,
+    topic_to_subject,
+    transform_dest,
+)
+from .processor import Inbound, Processor
+
+log = logging.getLogger("edge.worker")
+
+STREAM = "EDGE_SENSORS"
+LEASES = "edge_leases"
+SNAPSHOTS = "edge_snapshots"
+CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
+STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
+FETCH_WAIT = 0.25  # seconds a fetch waits for messages before the partition ticks
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    servers: list[str]
+    worker_id: str
+    partitions: int = 16
+    lease_seconds: float = 3.0
+    snapshot_interval: float = 5.0
+    replicas: int = 1
+    stats_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ConfigError("nats: at least one server URL is needed")
+        for url in self.servers:
+            if not url.startswith(("nats://", "tls://")) or len(url.split("://", 1)[1]) == 0:
+                raise ConfigError(f"nats server {url!r}: expected nats://HOST:PORT")
+        check_partitions(self.partitions)
+        if not self.worker_id or any(c in self.worker_id for c in " .*>/\\"):
+            raise ConfigError(
+                f"worker_id {self.worker_id!r}: needs letters, digits, '-' or '_' only"
+            )
+        if self.lease_seconds < 1:
+            raise ConfigError(f"lease_seconds = {self.lease_seconds!r} must be >= 1")
+        if self.snapshot_interval <= 0:
+            raise ConfigError(f"snapshot_interval = {self.snapshot_interval!r} must be > 0")
+        if self.replicas not in (1, 3, 5):
+            raise ConfigError(f"replicas = {self.replicas!r} must be 1, 3 or 5")
+
+
+async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any]:
+    """Create the stream, the lease bucket and the snapshot store, unless they exist; a
+    stream made with another partition count is refused (P is fixed at creation)."""
+    from nats.js import api
+    from nats.js.errors import NotFoundError
+
+    try:
+        info = await js.stream_info(STREAM)
+    except NotFoundError:
+        info = None
+    if info is not None:
+        tr = info.config.subject_transform
+        dest = tr.dest if tr is not None else None
+        if dest != transform_dest(opts.partitions):
+            raise ConfigError(
+                f"stream {STREAM} exists with subject transform {dest!r}, not "
+                f"{transform_dest(opts.partitions)!r}: partitions are fixed at creation "
+                "(start with the stream's partition count, or delete the stream)"
+            )
+    else:
+        await js.add_stream(
+            api.StreamConfig(
+                name=STREAM,
+                subjects=list(SENSOR_SUBJECTS),
+                subject_transform=api.SubjectTransform(
+                    src="sensors.*.*", dest=transform_dest(opts.partitions)
+                ),
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                num_replicas=opts.replicas,
+            )
+        )
+        log.info("created stream %s with %d partitions", STREAM, opts.partitions)
+    kv = await js.create_key_value(
+        bucket=LEASES, ttl=opts.lease_seconds, history=1, replicas=opts.replicas
+    )
+    store = await js.create_object_store(SNAPSHOTS, replicas=opts.replicas)
+    return kv, store
+
+
+def partition_engine(model: StepModel, cfg: ServiceConfig) -> Engine:
+    """One engine per partition, all sharing the loaded interpreter (it keeps no state)."""
+    return Engine(
+        model,
+        gap_policy=cfg.gap_policy,
+        allow_unsequenced=False,
+        capacity=cfg.capacity,
+        idle_timeout=None,
+        max_chunk=cfg.max_samples_per_message,
+        restart_gap=cfg.restart_gap,
+    )
+
+
+def inbound(msg: Any) -> Inbound | None:
+    topic = stored_to_topic(msg.subject)
+    if topic is None:
+        return None
+    meta = msg.metadata
+    return Inbound(
+        topic,
+        bytes(msg.data),
+        mid=meta.sequence.stream,
+        received=time.time(),
+        redelivered=meta.num_delivered > 1,
+    )
+
+
+@dataclass
+class Partition:
+    """One owned partition: its processor, its consumer, how far the stream is covered."""
+
+    number: int
+    processor: Processor
+    directory: Path
+    covered: int = 0  # last stream sequence handled
+    snapshotted: int = 0  # stream sequence the last uploaded snapshot covers
+    generation: int = 0  # of the last uploaded snapshot
+    sub: Any = None
+    task: asyncio.Task[None] | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    mids: int = 0
+    last_snapshot: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    def __init__(self, cfg: ServiceConfig, opts: WorkerOptions) -> None:
+        self.cfg, self.opts = cfg, opts
+        self.metrics = Metrics()
+        engine = load(
+            cfg.model,
+            backend=None if cfg.backend == "auto" else cfg.backend,
+            max_batch=cfg.max_batch,
+        )
+        self.model = engine.model
+        self.root = Path(cfg.state_dir) / f"worker-{opts.worker_id}"
+        self.owned: dict[int, Partition] = {}
+        self.leases: dict[int, int] = {}  # partition -> revision of our lease
+        self.stopping = asyncio.Event()
+        self.nc: Any = None
+        self.js: Any = None
+        self.kv: Any = None
+        self.store: Any = None
+
+    # -- JetStream resources ----------------------------------------------------------------
+
+    async def ensure_resources(self) -> None:
+        self.kv, self.store = await ensure_resources(self.js, self.opts)
+
+    # -- partitions -------------------------------------------------------------------------
+
+    def _fresh_processor(self, p: int) -> tuple[Processor, Path]:
+        directory = self.root / f"p{p}"
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        journal = Journal(directory)
+        return Processor(partition_engine(self.model, self.cfg), self.cfg, journal, self.metrics), (
+            directory
+        )
+
+    async def _snapshots(self, p: int) -> list[psnap.PartitionSnapshot]:
+        """This partition's intact snapshots in JetStream, newest first."""
+        from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+        found: list[psnap.PartitionSnapshot] = []
+        for slot in (0, 1):
+            name = psnap.object_name(p, slot)
+            try:
+                res = await self.store.get(name)
+            except (NotFoundError, ObjectNotFoundError):
+                continue
+            except Exception as exc:  # a damaged object: the other slot, or the stream start
+                log.error("partition %d: snapshot %s unreadable: %s", p, name, exc)
+                self.metrics.inc("snapshots_damaged")
+                continue
+            try:
+                found.append(psnap.unpack(res.data or b""))
+            except EdgeError as exc:
+                log.error("partition %d: snapshot %s: %s", p, name, exc)
+                self.metrics.inc("snapshots_damaged")
+        return sorted(found, key=lambda s: s.generation, reverse=True)
+
+    async def _restore(self, p: int) -> Partition:
+        """The partition's newest usable snapshot, or an empty state replaying from the start."""
+        for snap in await self._snapshots(p):
+            proc, directory = self._fresh_processor(p)
+            snap.write_into(directory)
+            rec = proc.recover()
+            if rec.damaged_snapshots or rec.damage or not rec.generation:
+                log.error("partition %d: snapshot generation %d unusable", p, snap.generation)
+                self.metrics.inc("snapshots_damaged")
+                continue
+            proc.journal.open()
+            log.info(
+                "partition %d: restored snapshot generation %d covering stream sequence %d",
+                p,
+                snap.generation,
+                snap.covered,
+            )
+            return Partition(
+                p,
+                proc,
+                directory,
+                covered=snap.covered,
+                snapshotted=snap.covered,
+                generation=snap.generation,
+            )
+        proc, directory = self._fresh_processor(p)
+        proc.recover()
+        proc.journal.open()
+        log.info("partition %d: no snapshot; replaying from the start of the stream", p)
+        return Partition(p, proc, directory)
+
+    async def _subscribe(self, part: Partition) -> None:
+        from nats.js import api
+        from nats.js.errors import NotFoundError
+
+        durable = f"edge-p{part.number}"
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_consumer(STREAM, durable)
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=30.0,
+            max_ack_pending=4 * self.cfg.max_batch,
+            num_replicas=self.opts.replicas,
+        )
+        if part.covered:
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = part.covered + 1
+        part.sub = await self.js.pull_subscribe(
+            filter_subject(part.number), durable=durable, stream=STREAM, config=config
+        )
+
+    async def acquire(self, p: int) -> None:
+        t0 = time.monotonic()
+        part = await self._restore(p)
+        await self._subscribe(part)
+        self.owned[p] = part
+        part.task = asyncio.create_task(self._pump(part), name=f"partition-{p}")
+        self.metrics.inc("partitions_acquired")
+        log.info("partition %d: taken over in %.0f ms", p, (time.monotonic() - t0) * 1000)
+
+    async def _stop_partitions(self, parts: list[Partition]) -> None:
+        """Stop their loops (each finishes the batch in hand), then forget them."""
+        for part in parts:
+            part.stop.set()
+        tasks = [p.task for p in parts if p.task is not None]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=STOP_SECONDS)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for part in parts:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(part.sub.unsubscribe(), STOP_SECONDS)
+            part.processor.journal.close()
+            self.owned.pop(part.number, None)
+
+    async def release(self, parts: list[Partition]) -> None:
+        """Hand partitions over cleanly: stop them, snapshot them, then give up the leases."""
+        await self._stop_partitions(parts)
+        for part in parts:
+            try:
+                await asyncio.wait_for(self._checkpoint(part, force=True), STOP_SECONDS)
+            except Exception as exc:  # the next owner replays from the older snapshot
+                log.warning("partition %d: final snapshot failed: %s", part.number, exc)
+            revision = self.leases.pop(part.number, None)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self.kv.delete(f"p.{part.number}", last=revision), STOP_SECONDS
+                )
+            log.info("partition %d: released", part.number)
+
+    async def lose(self, part: Partition) -> None:
+        """Our lease is gone (expired, or taken): stop at once, keep nothing."""
+        log.warning("partition %d: lease lost; dropping it", part.number)
+        self.metrics.inc("partitions_lost")
+        if part.task is not None:
+            part.task.cancel()
+        await self._stop_partitions([part])
+
+    # -- the partition loop -----------------------------------------------------------------
+
+    async def _pump(self, part: Partition) -> None:
+        import nats.errors
+
+        proc = part.processor
+        while not part.stop.is_set():
+            try:
+                msgs = await part.sub.fetch(self.cfg.max_batch, timeout=FETCH_WAIT)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nats-py raises both
+                msgs = []
+            except Exception as exc:  # reconnecting, consumer re-created: try again shortly
+                log.warning("partition %d: fetch failed: %r", part.number, exc)
+                await asyncio.sleep(0.2)
+                continue
+            batch: list[Inbound] = []
+            for m in msgs:
+                item = inbound(m)
+                if item is None:
+                    log.error("partition %d: unexpected subject %r", part.number, m.subject)
+                else:
+                    batch.append(item)
+            if msgs:
+                while not proc.handle(batch):  # the scratch journal is unwritable: wait
+                    await asyncio.sleep(1.0)
+                for m in msgs:  # only now: the processor has logged them
+                    await m.ack()
+                part.covered = max(part.covered, *(m.metadata.sequence.stream for m in msgs))
+                self.metrics.inc("acks", len(msgs))
+            proc.tick()
+            await self._publish(part)
+            if time.monotonic() - part.last_snapshot >= self.opts.snapshot_interval:
+                await self._checkpoint(part)
+
+    async def _publish(self, part: Partition) -> None:
+        outbox = part.processor.outbox
+        outs = outbox.take()
+        if not outs:
+            return
+        mids: list[int] = []
+        for o in outs:
+            part.mids += 1
+            await self.nc.publish(topic_to_subject(o.topic), o.payload)
+            outbox.sent(part.mids, o)
+            mids.append(part.mids)
+        await self.nc.flush()  # the server has them: as acknowledged as core NATS gets
+        for mid in mids:
+            outbox.acked(mid)
+
+    async def _checkpoint(self, part: Partition, *, force: bool = False) -> None:
+        part.last_snapshot = time.monotonic()
+        if part.covered == part.snapshotted and not force:
+            return
+        proc = part.processor
+        if not proc.checkpoint():
+            return
+        journal = proc.journal
+        gen = part.generation + 1
+        blob = psnap.PartitionSnapshot(
+            part.number,
+            gen,
+            part.covered,
+            journal.path("snap", journal.generation).read_bytes(),
+            journal.path("wal", journal.generation).read_bytes(),
+        ).pack()
+        await self.store.put(psnap.object_name(part.number, gen % 2), blob)
+        part.generation, part.snapshotted = gen, part.covered
+        self.metrics.inc("snapshots")
+
+    # -- leases -----------------------------------------------------------------------------
+
+    async def _renew(self) -> None:
+        """Say we are alive and renew every lease we hold, on its own clock: a slow takeover
+        elsewhere in this worker must not let our other leases run out."""
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        member = f"w.{self.opts.worker_id}"
+        me = self.opts.worker_id.encode()
+        while not self.stopping.is_set():
+            try:
+                await self.kv.put(member, json.dumps({"ts": time.time()}).encode())
+                for p, rev in list(self.leases.items()):
+                    try:
+                        new = await self.kv.update(f"p.{p}", me, last=rev)
+                    except (KeyWrongLastSequenceError, KeyNotFoundError) as exc:
+                        log.warning("partition %d: lease renewal refused: %r", p, exc)
+                        if self.leases.get(p) == rev:
+                            del self.leases[p]  # the balancing round drops the partition
+                        continue
+                    if self.leases.get(p) == rev:
+                        self.leases[p] = new
+            except Exception as exc:  # NATS unreachable for a moment: the leases say so
+                log.warning("lease renewal failed: %s", exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.opts.lease_seconds / 4)
+
+    async def _balance(self) -> None:
+        """Drop partitions whose lease is gone, release what another live worker should own,
+        take what is free and ours by the rendezvous assignment."""
+        from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
+
+        kv = self.kv
+        try:
+            keys = await kv.keys()
+        except NoKeysError:
+            keys = []
+        members = {k[2:] for k in keys if k.startswith("w.")} | {self.opts.worker_id}
+        plan = assignment(self.opts.partitions, members)
+        for p, part in list(self.owned.items()):
+            if part.task is not None and part.task.done() and not part.task.cancelled():
+                # A loop that died (a bug): hand the partition on rather than sit on it.
+                log.error("partition %d stopped: %r", p, part.task.exception())
+                self.leases.pop(p, None)
+            if p not in self.leases:
+                await self.lose(part)
+        give = [part for p, part in self.owned.items() if plan.get(p) != self.opts.worker_id]
+        if give:
+            await self.release(give)
+        for p, owner in plan.items():
+            if owner != self.opts.worker_id or p in self.owned or self.stopping.is_set():
+                continue
+            try:
+                self.leases[p] = await kv.create(f"p.{p}", self.opts.worker_id.encode())
+            except KeyWrongLastSequenceError:
+                continue  # still held: by a worker handing it over, or one whose lease runs out
+            try:
+                await self.acquire(p)
+            except Exception:
+                self.leases.pop(p, None)
+                raise
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def _say(self, state: str) -> None:
+        doc = {
+            "state": state,
+            "runtime_id": self.opts.worker_id,
+            "model": self.model.manifest.model_id,
+            "partitions": sorted(self.owned),
+            "ts": time.time(),
+        }
+        await self.nc.publish(f"edge.status.{self.opts.worker_id}", json.dumps(doc).encode())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.metrics.snapshot(),
+            "worker_id": self.opts.worker_id,
+            "partitions": sorted(self.owned),
+            "streams": sum(len(p.processor.engine.store) for p in self.owned.values()),
+            "ts": time.time(),
+        }
+
+    async def run(self) -> int:
+        import nats
+
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            # nats-py retries a first connection as long as reconnects are allowed: bounded here.
+            self.nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=self.opts.servers,
+                    name=f"edge-lstm-{self.opts.worker_id}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    connect_timeout=5,
+                ),
+                CONNECT_SECONDS,
+            )
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot reach NATS at {','.join(self.opts.servers)}: {str(exc) or 'timed out'}"
+            ) from exc
+        self.js = self.nc.jetstream()
+        await self.ensure_resources()
+        log.info(
+            "worker %s: %d partitions, model %s",
+            self.opts.worker_id,
+            self.opts.partitions,
+            self.model.manifest.model_id,
+        )
+        interval = self.opts.lease_seconds / 3
+        renewing = asyncio.create_task(self._renew(), name="leases")
+        last_stats = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    await self._balance()
+                except Exception as exc:  # NATS unreachable for a moment: the leases say so
+                    log.warning("balancing round failed: %s", exc)
+                await self._say("online")  # every round: core NATS keeps no retained status
+                now = time.monotonic()
+                if self.opts.stats_interval and now - last_stats >= self.opts.stats_interval:
+                    last_stats = now
+                    await self.nc.publish(
+                        f"edge.stats.{self.opts.worker_id}", self.metrics.dumps(self.stats())
+                    )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), interval)
+            await self.release(list(self.owned.values()))
+            renewing.cancel()
+            with contextlib.suppress(Exception):
+                await self.kv.delete(f"w.{self.opts.worker_id}")
+            await self._say("offline")
+            log.info("stopped cleanly: %s", self.metrics.dumps(self.stats()).decode())
+            return 0
+        finally:
+            for part in list(self.owned.values()):
+                if part.task is not None:
+                    part.task.cancel()
+            await self.nc.drain()

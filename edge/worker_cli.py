@@ -1,0 +1,136 @@
+"""``edge-lstm worker``: arguments and start-up of a NATS JetStream worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import config
+from .errors import ConfigError
+
+WORKER_DESCRIPTION = """\
+Join a group of workers that share the sensor streams of a NATS JetStream server or cluster:
+every stream belongs to one of P partitions (a hash of its id), each partition is processed by
+one live worker at a time, and a partition's state moves with it when a worker stops or dies.
+Devices publish MQTT to NATS's MQTT listener (sensors/{stream}/data) or natively
+(sensors.{stream}.data); answers come out on predictions/{stream} and errors/{stream}.
+
+The processing keys of `serve` (reorder_ms, gap_policy, max_batch, ...) are read from the
+TOML file (--config, top level or a [serve] table); the worker's own keys from its [worker]
+table (nats, partitions, worker_id, lease_seconds, snapshot_interval, replicas); the command
+line wins.
+"""
+
+WORKER_KEYS = {
+    "nats": str,
+    "partitions": int,
+    "worker_id": str,
+    "lease_seconds": float,
+    "snapshot_interval": float,
+    "replicas": int,
+    "stats_interval": float,
+}
+
+
+def add_worker_parser(sub: Any) -> None:
+    w = sub.add_parser(
+        "worker",
+        help="run a worker on NATS JetStream (partitioned, with failover)",
+        description=WORKER_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    w.add_argument("--model", metavar="BUNDLE", help="bundle directory made by lstm-convert")
+    w.add_argument(
+        "--nats", metavar="URL[,URL...]", help="NATS servers, e.g. nats://127.0.0.1:4222"
+    )
+    w.add_argument(
+        "--partitions",
+        type=int,
+        metavar="P",
+        help="partition count, fixed when the stream is created [default: 16]",
+    )
+    w.add_argument("--worker-id", metavar="ID", help="this worker's id [default: the host name]")
+    w.add_argument("--config", metavar="FILE.toml", help="configuration file")
+    w.add_argument("--state-dir", metavar="DIR", help="scratch directory of the partitions' logs")
+    w.add_argument(
+        "--lease-seconds",
+        type=float,
+        metavar="S",
+        help="a dead worker's partitions move after this long [default: 3]",
+    )
+    w.add_argument(
+        "--snapshot-interval",
+        type=float,
+        metavar="S",
+        help="seconds between a partition's snapshots in JetStream [default: 5]",
+    )
+    w.add_argument(
+        "--replicas", type=int, metavar="R", help="JetStream replicas (1, 3 or 5) [default: 1]"
+    )
+    w.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="[default: info]"
+    )
+
+
+def _read_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(processing keys, worker keys) of the TOML file."""
+    if not path:
+        return {}, {}
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    worker = data.pop("worker", {})
+    serve = data.get("serve", data)
+    if not isinstance(worker, dict) or not isinstance(serve, dict):
+        raise ConfigError(f"{path}: [worker] and [serve] must be tables")
+    unknown = sorted(set(worker) - set(WORKER_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown [worker] key(s): {', '.join(unknown)}")
+    for key, typ in WORKER_KEYS.items():
+        if key in worker and (
+            isinstance(worker[key], bool) or not isinstance(worker[key], (typ, int))
+        ):
+            raise ConfigError(f"{path}: [worker] {key} = {worker[key]!r} is not a {typ.__name__}")
+    return dict(serve), dict(worker)
+
+
+def worker(args: argparse.Namespace) -> int:
+    from .nats_worker import Worker, WorkerOptions
+
+    serve, wk = _read_file(args.config)
+    for key in WORKER_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            wk[key] = value
+    cli = {"model": args.model, "state_dir": args.state_dir, "log_level": args.log_level}
+    overrides = {**serve, **{k: v for k, v in cli.items() if v is not None}}
+    cfg = config.load(None, overrides=overrides)
+    servers = [u.strip() for u in str(wk.get("nats") or "").split(",") if u.strip()]
+    if not servers:
+        raise ConfigError("nats is required (--nats nats://HOST:PORT[,...])")
+    opts = WorkerOptions(
+        servers=servers,
+        worker_id=str(wk.get("worker_id") or socket.gethostname().replace(".", "-")),
+        partitions=int(wk.get("partitions", 16)),
+        lease_seconds=float(wk.get("lease_seconds", 3.0)),
+        snapshot_interval=float(wk.get("snapshot_interval", 5.0)),
+        replicas=int(wk.get("replicas", 1)),
+        stats_interval=float(wk.get("stats_interval", cfg.stats_interval)),
+    )
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(Worker(cfg, opts).run())

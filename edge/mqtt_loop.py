@@ -20,7 +20,6 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from .engine import Engine, load
 from .errors import ConfigError, EdgeError
 from .ha_discovery import announcer_for
 from .ha_discovery import publish as publish_discovery
+from .inbox import Inbox
 from .journal import Journal
 from .metrics import Metrics
 from .mqtt_network import NetworkLoop
@@ -113,7 +113,10 @@ class MqttService:
         self.outbox = self.processor.outbox
         # Said in every status while this process runs: what start-up found damaged.
         self._recovery = [*rec.damaged_snapshots, *rec.damage][:20]
-        self.inbox: deque[Inbound] = deque()
+        # Messages taken from the broker before we acknowledge them; with drop-oldest twice
+        # that, so that what lies beyond queue_size can be answered "dropped".
+        self.read_limit = cfg.queue_size * (2 if cfg.overload == "drop-oldest" else 1)
+        self.inbox = Inbox(self.read_limit, cfg.state_dir)
         self.acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self.connected = threading.Event()
         self._connect_failures = 0  # in a row, for the log
@@ -123,6 +126,7 @@ class MqttService:
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
             queue_depth=lambda: len(self.inbox),
+            queue_on_disk=lambda: self.inbox.in_file,
             unacked_answers=lambda: len(self.outbox),
             degraded=lambda: float(self.processor.degraded is not None),
         )
@@ -135,9 +139,6 @@ class MqttService:
             ),
         )
         self.client = self._make_client()
-        # Messages taken from the broker before we acknowledge them; with drop-oldest twice
-        # that, so that what lies beyond queue_size can be answered "dropped".
-        self.read_limit = cfg.queue_size * (2 if cfg.overload == "drop-oldest" else 1)
         self.network = NetworkLoop(
             self.client,
             may_read=lambda: len(self.inbox) < self.read_limit,
@@ -445,7 +446,7 @@ class MqttService:
                 self.wake.wait(0.02)
                 self.wake.clear()
         left = len(self.inbox)
-        self.inbox.clear()
+        self.inbox.close()
         if self.processor.degraded is None:
             self.processor.checkpoint()
         info = self.client.publish(self._status_topic, self._status("offline"), qos=1, retain=True)

@@ -345,3 +345,23 @@ def test_a_damaged_snapshot_falls_back_and_answers_stay_exact(bundles, broker, s
             data[len(data) // 2] ^= 0xFF
             newest.write_bytes(bytes(data))
     assert_exact(col.predictions(), offline(bundles / BUNDLE, samples))
+
+
+def test_a_broker_flood_beyond_queue_size_waits_on_disk_and_is_answered(bundles, broker, service):
+    """Mosquitto sends its whole backlog despite Receive Maximum; what lies beyond queue_size
+    goes to the spill file, and every sample is still answered exactly, in order."""
+    samples = make_samples(60, 40, seed=17)
+    col = Collector(broker.url)
+    first = service()
+    wait_until(col.online, 20, "runtime online")  # the broker now keeps a session for us
+    assert first.stop() == 0
+    pub = Publisher(broker.url)
+    for i in range(40):
+        feed_good(pub, samples, i)
+    pub.flush(120)
+    svc = service("--queue-size", "5", "--max-unacked", "5", "--max-batch", "5")
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 180, "the whole backlog")
+    assert_exact(col.predictions(), expected)
+    assert "wait on disk" in svc.output()
+    assert svc.stop() == 0

@@ -1,0 +1,204 @@
+"""The queue of received, not yet acknowledged messages, bounded in memory.
+
+The network loop stops reading when the inbox is full, but it must read while answers wait
+for PUBACKs, and a broker that ignores Receive Maximum (Mosquitto 2.0.11 does,
+``bench.broker_flow``) sends its whole backlog ahead of them. What arrives beyond
+``memory_limit`` goes to an unnamed file in the state directory, in order, and comes back as
+the head drains. Nothing in it is acknowledged, so a crash loses nothing: the broker
+redelivers it, and the file disappears with the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+
+from .processor import Inbound
+
+log = logging.getLogger("edge.inbox")
+
+# mid, qos, dup, received, topic length, content-type length (all ones: none), payload length
+_HEAD = struct.Struct("<IBBdHII")
+_NO_CTYPE = 0xFFFFFFFF
+READ_CHUNK = 1 << 20
+
+
+def encode(msg: Inbound) -> bytes:
+    topic = msg.topic.encode()
+    ctype = b"" if msg.content_type is None else msg.content_type.encode()
+    head = _HEAD.pack(
+        msg.mid,
+        msg.qos,
+        msg.redelivered,
+        msg.received,
+        len(topic),
+        _NO_CTYPE if msg.content_type is None else len(ctype),
+        len(msg.payload),
+    )
+    return b"".join((head, topic, ctype, msg.payload))
+
+
+def decode(buf: bytes, limit: int) -> tuple[list[Inbound], int]:
+    """Up to ``limit`` whole records from the start of ``buf``, and the bytes they took."""
+    out: list[Inbound] = []
+    pos, end, size = 0, len(buf), _HEAD.size
+    while pos + size <= end and len(out) < limit:
+        mid, qos, dup, received, n_topic, n_ctype, n_payload = _HEAD.unpack_from(buf, pos)
+        n_c = 0 if n_ctype == _NO_CTYPE else n_ctype
+        stop = pos + size + n_topic + n_c + n_payload
+        if stop > end:
+            break
+        at = pos + size
+        topic = buf[at : at + n_topic].decode()
+        at += n_topic
+        ctype = None if n_ctype == _NO_CTYPE else buf[at : at + n_c].decode()
+        at += n_c
+        out.append(Inbound(topic, buf[at:stop], mid, qos, ctype, received, bool(dup)))
+        pos = stop
+    return out, pos
+
+
+class Inbox:
+    """A FIFO of ``Inbound``; one thread appends, another takes (``popleft``, ``extendleft``).
+
+    At most ``memory_limit`` messages are held in memory by ``append``; the rest wait in a
+    spill file. ``extendleft`` (a batch offered again) may go over the limit: those are few.
+    """
+
+    def __init__(self, memory_limit: int, spill_dir: Path | str | None = None) -> None:
+        self.memory_limit = max(1, memory_limit)
+        self.spill_dir = spill_dir
+        self.spilled_total = 0  # messages that went through the file, for stats
+        self._mem: deque[Inbound] = deque()
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._read = self._write = 0  # file offsets
+        self._in_file = 0  # messages in the file
+        self._spill_failed = False
+
+    def __len__(self) -> int:
+        return len(self._mem) + self._in_file
+
+    def __bool__(self) -> bool:
+        return bool(self._mem) or self._in_file > 0
+
+    @property
+    def in_file(self) -> int:
+        return self._in_file
+
+    def append(self, msg: Inbound) -> None:
+        with self._lock:
+            if not self._in_file and len(self._mem) < self.memory_limit:
+                self._mem.append(msg)
+            elif not self._spill(msg):
+                self._mem.append(msg)  # no file: memory, rather than losing the message
+
+    def popleft(self) -> Inbound:
+        if not self._mem and self._in_file:
+            self._refill()
+        msg = self._mem.popleft()
+        if self._in_file and len(self._mem) < self.memory_limit // 2:
+            self._refill()
+        return msg
+
+    def extendleft(self, msgs: Iterable[Inbound]) -> None:
+        self._mem.extendleft(msgs)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._mem.clear()
+            self._reset_file()
+
+    def close(self) -> None:
+        with self._lock:
+            self._mem.clear()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._read = self._write = self._in_file = 0
+
+    def _spill(self, msg: Inbound) -> bool:
+        if self._fd is None:
+            if self._spill_failed:
+                return False
+            try:
+                self._fd = _unnamed_file(self.spill_dir)
+            except OSError as exc:
+                self._spill_failed = True
+                log.error(
+                    "cannot open a spill file in %s (%s); holding in memory", self.spill_dir, exc
+                )
+                return False
+            log.warning(
+                "the broker sent more than %d unacknowledged messages; the rest wait on disk",
+                self.memory_limit,
+            )
+        rec = encode(msg)
+        try:
+            os.pwrite(self._fd, rec, self._write)
+        except OSError as exc:
+            if not self._spill_failed:
+                log.error("cannot write the spill file (%s); holding in memory", exc)
+            self._spill_failed = True
+            return False
+        self._write += len(rec)
+        self._in_file += 1
+        self.spilled_total += 1
+        return True
+
+    def _refill(self) -> None:
+        """Move the file's head into memory, up to the limit (in order: under the lock)."""
+        with self._lock:
+            if self._fd is None:
+                return
+            room = self.memory_limit - len(self._mem)
+            while self._in_file and room > 0:
+                want = min(READ_CHUNK, self._write - self._read)
+                buf = os.pread(self._fd, want, self._read)
+                msgs, used = decode(buf, room)
+                if not msgs:  # one record larger than a chunk
+                    buf = os.pread(self._fd, _record_size(buf), self._read)
+                    msgs, used = decode(buf, room)
+                self._mem.extend(msgs)
+                self._read += used
+                self._in_file -= len(msgs)
+                room -= len(msgs)
+            if not self._in_file:
+                self._reset_file()
+
+    def _reset_file(self) -> None:
+        if self._fd is not None and self._write:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                os.close(self._fd)
+                self._fd = None
+        self._read = self._write = self._in_file = 0
+
+
+def _record_size(buf: bytes) -> int:
+    n_topic, n_ctype, n_payload = _HEAD.unpack_from(buf, 0)[4:]
+    size: int = _HEAD.size + n_topic + (0 if n_ctype == _NO_CTYPE else n_ctype) + n_payload
+    return size
+
+
+def _unnamed_file(directory: Path | str | None) -> int:
+    """A file no one else can open and that goes away with the process (O_TMPFILE when the
+    file system has it, else created and unlinked at once)."""
+    d = str(directory) if directory is not None else tempfile.gettempdir()
+    flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0)
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            return os.open(d, flags | tmpfile, 0o600)
+        except OSError:
+            pass
+    fd, name = tempfile.mkstemp(prefix=".inbox-", suffix=".spill", dir=d)
+    os.unlink(name)
+    return fd

@@ -1,0 +1,111 @@
+"""The inbox keeps order and content while what lies beyond its memory limit waits on disk."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+from edge import inbox as inbox_mod
+from edge.inbox import Inbox
+from edge.processor import Inbound
+
+
+def msg(i: int, size: int = 20) -> Inbound:
+    return Inbound(
+        f"sensors/s{i % 7}/data",
+        bytes([i % 251]) * (size + i % 5),
+        mid=i % 65535 + 1,
+        qos=i % 2,
+        content_type=None if i % 3 else "application/json",
+        received=1_700_000_000.0 + i / 1000,
+        redelivered=i % 4 == 0,
+    )
+
+
+def test_order_and_content_survive_the_spill_file(tmp_path: Path) -> None:
+    box = Inbox(10, tmp_path)
+    rng = random.Random(3)
+    sent = received = 0
+    out: list[Inbound] = []
+    while received < 2000:
+        for _ in range(rng.randrange(0, 40)):
+            if sent < 2000:
+                box.append(msg(sent))
+                sent += 1
+        assert len(box) == sent - received
+        assert len(box._mem) <= 10
+        for _ in range(rng.randrange(0, 30)):
+            if box:
+                out.append(box.popleft())
+                received += 1
+    assert out == [msg(i) for i in range(2000)]
+    assert box.spilled_total > 1000
+    assert box.in_file == 0 and box._write == 0  # the file is emptied once drained
+
+
+def test_a_batch_offered_again_comes_first(tmp_path: Path) -> None:
+    box = Inbox(4, tmp_path)
+    for i in range(12):
+        box.append(msg(i))
+    taken = [box.popleft() for _ in range(3)]
+    box.extendleft(reversed(taken))
+    assert [box.popleft() for _ in range(12)] == [msg(i) for i in range(12)]
+    assert not box
+
+
+def test_a_record_larger_than_a_read_chunk(tmp_path: Path, monkeypatch: object) -> None:
+    monkeypatch.setattr(inbox_mod, "READ_CHUNK", 64)  # type: ignore[attr-defined]
+    box = Inbox(1, tmp_path)
+    msgs = [msg(0), msg(1, size=500), msg(2, size=3), msg(3, size=1000)]
+    for m in msgs:
+        box.append(m)
+    assert box.in_file == 3
+    assert [box.popleft() for _ in range(4)] == msgs
+
+
+def test_clear_and_close_forget_everything(tmp_path: Path) -> None:
+    box = Inbox(2, tmp_path)
+    for i in range(10):
+        box.append(msg(i))
+    box.clear()
+    assert len(box) == 0 and not box
+    box.append(msg(42))
+    assert box.popleft() == msg(42)
+    box.close()
+    assert len(box) == 0
+
+
+def test_no_file_left_behind(tmp_path: Path) -> None:
+    box = Inbox(1, tmp_path)
+    for i in range(5):
+        box.append(msg(i))
+    assert box.in_file == 4
+    assert list(tmp_path.iterdir()) == []  # unnamed: nothing to clean up after a crash
+    box.close()
+
+
+def test_an_unwritable_spill_directory_keeps_messages_in_memory(tmp_path: Path) -> None:
+    box = Inbox(2, tmp_path / "missing")
+    for i in range(6):
+        box.append(msg(i))
+    assert box.in_file == 0 and len(box) == 6
+    assert [box.popleft() for _ in range(6)] == [msg(i) for i in range(6)]
+
+
+def test_one_appender_and_one_taker_in_threads(tmp_path: Path) -> None:
+    box = Inbox(16, tmp_path)
+    n = 20_000
+    got: list[Inbound] = []
+
+    def produce() -> None:
+        for i in range(n):
+            box.append(msg(i))
+
+    t = threading.Thread(target=produce)
+    t.start()
+    while len(got) < n:
+        if box:
+            got.append(box.popleft())
+    t.join()
+    assert got == [msg(i) for i in range(n)]

@@ -31,6 +31,7 @@ from .ha_discovery import publish as publish_discovery
 from .inbox import Inbox
 from .journal import Journal
 from .metrics import Metrics
+from .mqtt_client import Client
 from .mqtt_network import NetworkLoop
 from .processor import Inbound, Processor
 
@@ -158,7 +159,7 @@ class MqttService:
     def _make_client(self) -> Any:
         mqtt, cfg = self.mqtt, self.cfg
         v5 = cfg.protocol == "5"
-        client = mqtt.Client(
+        client = Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 PAUSED_POLL = 0.02  # seconds between looks at the inbox while reading is paused
+MAX_READS_AHEAD = 1000  # packets taken from what is read ahead before writing again
 
 
 class NetworkLoop:
@@ -69,6 +70,12 @@ class NetworkLoop:
                 sock.close()
         self._wake_r = self._wake_w = None
 
+    def _buffered(self, sock: Any) -> int:
+        buffered = getattr(self.client, "buffered", None)
+        if buffered is not None:
+            return int(buffered())
+        return int(getattr(sock, "pending", lambda: 0)())  # TLS decrypts ahead
+
     def _run(self) -> None:
         wake_r = self._wake_r
         assert wake_r is not None
@@ -95,8 +102,8 @@ class NetworkLoop:
             self.paused_reads += not reading
             rlist = [sock, wake_r] if reading else [wake_r]
             wlist = [sock] if self.client.want_write() else []
-            # TLS decrypts ahead: bytes it holds make no noise on the raw socket.
-            pending = reading and bool(getattr(sock, "pending", lambda: 0)())
+            # Bytes read ahead (by the client, or decrypted by TLS) make no noise on the socket.
+            pending = reading and self._buffered(sock) > 0
             try:
                 wait = 0.0 if pending else 1.0 if reading else PAUSED_POLL
                 ready, writable, _ = select.select(rlist, wlist, [], wait)
@@ -111,6 +118,13 @@ class NetworkLoop:
             rc = mqtt.MQTT_ERR_SUCCESS
             if sock in ready:
                 rc = self.client.loop_read()
+                # What is read ahead is taken now, not one packet per select.
+                for _ in range(MAX_READS_AHEAD):
+                    if rc != mqtt.MQTT_ERR_SUCCESS or not self._buffered(sock):
+                        break
+                    if not (self.may_read() or self.must_read()):
+                        break
+                    rc = self.client.loop_read()
             if rc == mqtt.MQTT_ERR_SUCCESS and (writable or self.client.want_write()):
                 rc = self.client.loop_write()
             if rc == mqtt.MQTT_ERR_SUCCESS:

@@ -425,15 +425,18 @@ def prediction(
         doc["ts"] = stamp
     exact = np.asarray(y, np.float64)  # float32 values print exactly (shortest round-trip repr)
     ok = np.isfinite(exact)
-    rows: list[list[float | None]] = [
-        [v if good else None for v, good in zip(row, mask)]
-        for row, mask in zip(exact.tolist(), ok.tolist())
-    ]
+    rows: list[list[float | None]] = exact.tolist()
+    all_ok = bool(ok.all())
+    if not all_ok:
+        rows = [
+            [v if good else None for v, good in zip(row, mask)]
+            for row, mask in zip(rows, ok.tolist())
+        ]
     doc["y"] = rows[0] if single else rows
     doc["model"] = model
     if labels:
-        top = np.where(ok, exact, -np.inf).argmax(-1).tolist()
-        names = [labels[i] if ok[k].any() else None for k, i in enumerate(top)]
+        top = (exact if all_ok else np.where(ok, exact, -np.inf)).argmax(-1).tolist()
+        names = [labels[i] if all_ok or ok[k].any() else None for k, i in enumerate(top)]
         p = [rows[k][i] for k, i in enumerate(top)]
         doc["label"], doc["p"] = (names[0], p[0]) if single else (names, p)
     if gap:

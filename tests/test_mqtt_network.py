@@ -5,10 +5,13 @@ MQTT 3.1.1 has no Receive Maximum, and the test broker sets no in-flight limit o
 
 from __future__ import annotations
 
+import socket
 import time
 
 import paho.mqtt.client as mqtt
+import pytest
 
+from edge.mqtt_client import Client
 from edge.mqtt_network import NetworkLoop
 from tests.mqtt_helpers import _hostport, wait_until
 
@@ -16,10 +19,11 @@ ROOM = 40
 SENT = 2000
 
 
-def test_reading_pauses_while_the_inbox_is_full_and_resumes_with_room(broker):
+@pytest.mark.parametrize("client_class", [mqtt.Client, Client], ids=["paho", "read-ahead"])
+def test_reading_pauses_while_the_inbox_is_full_and_resumes_with_room(broker, client_class):
     host, port = _hostport(broker.url)
     inbox: list[int] = []
-    sub = mqtt.Client(
+    sub = client_class(
         mqtt.CallbackAPIVersion.VERSION2, client_id="net-sub", clean_session=False, manual_ack=True
     )
     sub.on_message = lambda c, u, m: inbox.append(m.mid)
@@ -60,3 +64,29 @@ def test_reading_pauses_while_the_inbox_is_full_and_resumes_with_room(broker):
         pub.loop_stop()
         pub.disconnect()
     assert not failures
+
+
+def test_the_read_ahead_client_serves_paho_in_order_and_forgets_an_old_connection():
+    c = Client(mqtt.CallbackAPIVersion.VERSION2, client_id="read-ahead")
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    c._sock = a
+    data = bytes(range(256)) * 3
+    b.sendall(data)
+    got = c._sock_recv(1) + c._sock_recv(2)
+    assert c.buffered() == len(data) - 3  # one recv took all that was there
+    while c.buffered():
+        got += c._sock_recv(100)
+    assert got == data
+    with pytest.raises(BlockingIOError):
+        c._sock_recv(1)
+    b.sendall(b"abc")
+    assert c._sock_recv(1) == b"a" and c.buffered() == 2
+    a2, b2 = socket.socketpair()
+    c._sock = a2  # reconnected: what the old socket left is not the new one's
+    assert c.buffered() == 0
+    b2.sendall(b"xyz")
+    assert c._sock_recv(3) == b"xyz"
+    for s in (a, b, a2, b2):
+        s.close()
+    c._sock = None

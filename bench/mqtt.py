@@ -38,10 +38,10 @@ from firmware_sim.mqtt import close_client
 from firmware_sim.runtime import Runtime
 
 
-def client(url: str, cid: str) -> mqtt.Client:
+def client(url: str, cid: str, inflight: int = 2000) -> mqtt.Client:
     u = urlparse(url)
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid)
-    c.max_inflight_messages_set(2000)
+    c.max_inflight_messages_set(inflight)
     c.max_queued_messages_set(0)
     c.connect(str(u.hostname), int(u.port or 1883), 60)
     return c
@@ -87,8 +87,7 @@ class Sink:
 
 def echo_main(url: str) -> None:
     """The ceiling, in its own process like the runtime: receive, decode, answer. Nothing else."""
-    c = client(url, "bench-echo")
-    c.max_inflight_messages_set(0)  # as serve does: paho rescans its in-flight list otherwise
+    c = client(url, "bench-echo", inflight=0)  # as serve: paho rescans its in-flight list else
 
     def on_message(cl: Any, u: Any, msg: Any) -> None:
         doc = json.loads(msg.payload)

@@ -4,7 +4,8 @@ paho reads a packet with at least three ``recv`` calls (the command byte, each b
 remaining length, the body), and a system call costs more than our handling of a small
 sample; this client reads up to ``READ_SIZE`` bytes at once and serves paho from them. The
 service has one ``on_message`` for every topic, so paho's per-message topic matching (for
-per-topic callbacks it never registers) is skipped.
+per-topic callbacks it never registers) is skipped. A plain PUBACK (two bytes, or a success
+reason code alone) does not build a reason code and properties object of its own each time.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 READ_SIZE = 1 << 16
+_PUBACK_OK = ReasonCode(PacketTypes.PUBACK)  # success, shared: read only
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
 class Client(mqtt.Client):
@@ -48,3 +55,13 @@ class Client(mqtt.Client):
         on_message = self.on_message
         if on_message is not None:
             on_message(self, self._userdata, message)
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or not (len(packet) == 2 or (len(packet) == 3 and packet[2] == 0)):
+            return super()._handle_pubackcomp(cmd)
+        mid = int.from_bytes(packet[:2], "big")
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_OK, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS

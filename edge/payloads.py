@@ -41,12 +41,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+try:  # a C JSON codec, when installed; the standard library otherwise (same results)
+    import orjson
+except ImportError:  # pragma: no cover - depends on the install
+    orjson = None  # type: ignore[assignment]
 
 FRAME_HEAD = struct.Struct("<BBHId")
 FRAME_VERSION = 1
@@ -67,6 +73,8 @@ _BOM = b"\xef\xbb\xbf"
 _STRUCTURE = b'[]{}"'
 _DROP = bytes(b for b in range(256) if b not in _STRUCTURE)
 _OPEN = frozenset(b"[{")
+# orjson reads integers beyond 64 bits as floats; the standard library keeps them exact.
+_LONG_DIGITS = re.compile(rb"\d{16}")
 
 
 class PayloadError(ValueError):
@@ -132,6 +140,11 @@ def parse_json(payload: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     if payload[:3] == _BOM:
         payload = payload[3:]
     check_depth(payload, max_depth)
+    if orjson is not None and not _LONG_DIGITS.search(payload):
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            pass  # NaN literals, lone surrogates, bad bytes: the standard library decides
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -445,6 +458,13 @@ def prediction(
         doc["restart"] = True
     if boot is not None:
         doc["boot"] = boot
+    return dumps(doc)
+
+
+def dumps(doc: dict[str, Any]) -> bytes:
+    """Compact JSON of a document whose numbers are finite and ints at most 64-bit."""
+    if orjson is not None:
+        return orjson.dumps(doc)
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 

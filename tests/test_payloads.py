@@ -568,3 +568,26 @@ def test_generate_accepts_a_valid_factory():
     assert len(bodies) == 100
     for body in bodies:
         _total(body, NAMES)
+
+
+def _outcome(payload: bytes) -> object:
+    try:
+        s = payloads.decode(payload, hostile.FEATURES)
+    except payloads.PayloadError as exc:
+        return ("refused", exc.code, exc.detail, exc.seq)
+    return ("samples", s.seq, s.ts, s.boot, s.values.tobytes(), s.values.shape)
+
+
+def test_the_c_json_codec_and_the_standard_library_give_the_same_results(monkeypatch):
+    """orjson, when installed, only makes decoding faster: every hostile case, every mutated
+    payload and every prediction come out the same as with the standard library alone."""
+    assert payloads.orjson is not None, "orjson is part of the service extra"
+    corpus = [p for _, p in hostile.CASES] + list(hostile.generate(11, 3000))
+    corpus += [hostile._data(seq="12345678901234567", values="[1,2,3,4,5,1e400]")]
+    fast = [_outcome(p) for p in corpus]
+    y = np.array([[0.25, float("nan"), 1e-5, 3.4028234663852886e38]], np.float32)
+    fast_out = payloads.prediction(7, 1.5, y, "m", ("a", "b", "c", "d"), single=True)
+    monkeypatch.setattr(payloads, "orjson", None)
+    assert [_outcome(p) for p in corpus] == fast
+    slow_out = payloads.prediction(7, 1.5, y, "m", ("a", "b", "c", "d"), single=True)
+    assert json.loads(fast_out) == json.loads(slow_out)

@@ -96,8 +96,9 @@ class Inbox:
         with self._lock:
             if not self._in_file and len(self._mem) < self.memory_limit:
                 self._mem.append(msg)
-            elif not self._spill(msg):
-                self._mem.append(msg)  # no file: memory, rather than losing the message
+            elif not self._spill(msg):  # no file: memory, rather than losing the message
+                self._load(len(self))  # what the file holds comes first
+                self._mem.append(msg)
 
     def popleft(self) -> Inbound:
         if not self._mem and self._in_file:
@@ -155,9 +156,10 @@ class Inbox:
     def _refill(self) -> None:
         """Move the file's head into memory, up to the limit (in order: under the lock)."""
         with self._lock:
-            if self._fd is None:
-                return
-            room = self.memory_limit - len(self._mem)
+            self._load(self.memory_limit - len(self._mem))
+
+    def _load(self, room: int) -> None:
+        if self._fd is not None:
             while self._in_file and room > 0:
                 want = min(READ_CHUNK, self._write - self._read)
                 buf = os.pread(self._fd, want, self._read)
@@ -169,8 +171,8 @@ class Inbox:
                 self._read += used
                 self._in_file -= len(msgs)
                 room -= len(msgs)
-            if not self._in_file:
-                self._reset_file()
+        if not self._in_file:
+            self._reset_file()
 
     def _reset_file(self) -> None:
         if self._fd is not None and self._write:

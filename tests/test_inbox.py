@@ -109,3 +109,19 @@ def test_one_appender_and_one_taker_in_threads(tmp_path: Path) -> None:
             got.append(box.popleft())
     t.join()
     assert got == [msg(i) for i in range(n)]
+
+
+def test_a_failing_spill_file_keeps_the_order(tmp_path: Path, monkeypatch: object) -> None:
+    box = Inbox(3, tmp_path)
+    for i in range(8):
+        box.append(msg(i))
+    assert box.in_file == 5
+
+    def full(*args: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(inbox_mod.os, "pwrite", full)  # type: ignore[attr-defined]
+    for i in range(8, 12):
+        box.append(msg(i))
+    assert box.in_file == 0 and len(box) == 12
+    assert [box.popleft() for _ in range(12)] == [msg(i) for i in range(12)]

@@ -296,13 +296,15 @@ class MqttService:
                 return
 
     def _take(self) -> tuple[list[Inbound], list[Inbound]]:
-        """(dropped, batch): with ``drop-oldest``, what is queued beyond ``queue_size``."""
+        """(dropped, batch): with ``drop-oldest``, what is queued beyond ``queue_size``.
+        Nothing while answers wait: the broker keeps the backlog meanwhile, and drop reports
+        that cannot go out would only pile up in memory."""
+        if self.outbox.queued or self.outbox.in_flight >= self.outbox.window:
+            return [], []
         dropped: list[Inbound] = []
         if self.cfg.overload == "drop-oldest":
             while len(self.inbox) > self.cfg.queue_size:
                 dropped.append(self.inbox.popleft())
-        if self.outbox.queued or self.outbox.in_flight >= self.outbox.window:
-            return dropped, []  # answers first: the broker keeps the backlog meanwhile
         n = min(len(self.inbox), self.cfg.max_batch)
         return dropped, [self.inbox.popleft() for _ in range(n)]
 

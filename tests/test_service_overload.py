@@ -36,8 +36,10 @@ def test_on_message_only_appends(bundles, tmp_path):
     for mid in range(1, 20001):  # far past queue_size: a broker ignoring Receive Maximum
         svc._on_message(None, None, Msg("sensors/a/data", b"{}", mid, dup=mid % 2 == 0))
     assert len(svc.inbox) == 20000 and svc.wake.is_set()
-    first, second = svc.inbox[0], svc.inbox[1]
+    assert svc.inbox.in_file == 20000 - 2  # beyond queue_size: on disk, not in memory
+    first, second = svc.inbox.popleft(), svc.inbox.popleft()
     assert (first.mid, first.redelivered, second.redelivered) == (1, False, True)
+    assert [svc.inbox.popleft().mid for _ in range(19998)] == list(range(3, 20001))
     svc.processor.journal.close()
 
 

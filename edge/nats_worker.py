@@ -330,7 +330,8 @@ class Worker:
         with contextlib.suppress(NotFoundError):
             await self.js.delete_consumer(STREAM, durable)
         config = api.ConsumerConfig(
-            ack_policy=api.AckPolicy.EXPLICIT,
+            # one ack per batch (the last message), as the batch is handled in order
+            ack_policy=api.AckPolicy.ALL,
             ack_wait=30.0,
             max_ack_pending=4 * self.cfg.max_batch,
             num_replicas=self.opts.replicas,
@@ -424,8 +425,7 @@ class Worker:
             if msgs:
                 while not proc.handle(batch):  # the scratch journal is unwritable: wait
                     await asyncio.sleep(1.0)
-                for m in msgs:  # only now: the processor has logged them
-                    await m.ack()
+                await msgs[-1].ack()  # only now: the processor has logged them
                 part.covered = max(part.covered, *(m.metadata.sequence.stream for m in msgs))
                 self.metrics.inc("acks", len(msgs))
             proc.tick()
@@ -444,7 +444,7 @@ class Worker:
         if not outs:
             return
         stored: list[tuple[str, bytes, dict[str, str]]] = []
-        tasks: list[asyncio.Task[Any]] = []
+        tasks: list[asyncio.Future[Any]] = []
         try:
             for o in outs:
                 subject = topic_to_subject(o.topic)
@@ -457,11 +457,9 @@ class Worker:
                 stored.append((MQTT_STORE_PREFIX + subject, o.payload, headers))
             await self.nc.flush()  # the server has them: as acknowledged as core NATS gets
             if self.mqtt_store:
-                tasks = [
-                    asyncio.ensure_future(self.js.publish(s, b, headers=h, timeout=STOP_SECONDS))
-                    for s, b, h in stored
-                ]
-                await asyncio.gather(*tasks)
+                for s, b, h in stored:
+                    tasks.append(await self.js.publish_async(s, b, headers=h))
+                await asyncio.wait_for(asyncio.gather(*tasks), STOP_SECONDS)
         except Exception as exc:  # NATS failing over: all of them again on the next round
             for t in tasks:
                 t.cancel()

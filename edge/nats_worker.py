@@ -15,13 +15,20 @@ JetStream resources (created idempotently by every worker on start):
 * per owned partition, a durable pull consumer ``edge-p{partition}`` that the owner re-creates
   on taking the partition over, starting after the sequence its snapshot covers.
 
+Devices' MQTT QoS 1 publishes reach the stream twice: live (the listener's core publish, lost
+while the stream elects a leader, though the listener has sent its PUBACK) and copied from the
+listener's own store ``$MQTT_msgs`` (a stream source: durable, since the PUBACK waits for that
+store); the worker steps the first copy and passes over its twin (``edge.partitions.Twins``).
+
 Per partition the owner runs a ``Processor`` over a scratch journal (its write-ahead log is what
 ``handle`` needs before it returns True; the replayable log that moves with the partition is the
 JetStream stream itself). A message is acknowledged to JetStream only after ``handle`` logged it.
 Answers go out on ``predictions.{stream}`` / ``errors.{stream}`` (``predictions/{stream}`` for
-MQTT subscribers). A new owner restores the partition's snapshot and replays the stream from
-the sequence after it, so state moves with the partition and every (stream, seq) is stepped on
-exactly one state; answers to the replayed messages may be published a second time (identical).
+MQTT QoS 0 subscribers and NATS subscribers) and are stored in ``$MQTT_msgs`` with a message id
+derived from their bytes (MQTT QoS 1 subscribers: delivered at QoS 1, and once, since the answer
+to a replayed message has the same bytes and id). A new owner restores the partition's snapshot
+and replays the stream from the sequence after it, so state moves with the partition and every
+(stream, seq) is stepped on exactly one state.
 """
 
 from __future__ import annotations
@@ -45,10 +52,16 @@ from .journal import Journal
 from .metrics import Metrics
 from .model import StepModel
 from .partitions import (
+    MQTT_QOS_HEADER,
+    MQTT_STORE,
+    MQTT_STORE_PREFIX,
     SENSOR_SUBJECTS,
+    Twins,
+    answer_id,
     assignment,
     check_partitions,
     filter_subject,
+    mqtt_source_transforms,
     stored_to_topic,
     topic_to_subject,
     transform_dest,
@@ -61,6 +74,7 @@ STREAM = "EDGE_SENSORS"
 LEASES = "edge_leases"
 SNAPSHOTS = "edge_snapshots"
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
+READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a forming cluster)
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
 FETCH_WAIT = 0.25  # seconds a fetch waits for messages before the partition ticks
 
@@ -94,12 +108,46 @@ class WorkerOptions:
             raise ConfigError(f"replicas = {self.replicas!r} must be 1, 3 or 5")
 
 
+def mqtt_source(partitions: int) -> Any:
+    """The stream's copy of the MQTT listener's store of devices' QoS 1 publishes."""
+    from nats.js import api
+
+    return api.StreamSource(
+        name=MQTT_STORE,
+        subject_transforms=[
+            api.SubjectTransform(src=src, dest=dest)
+            for src, dest in mqtt_source_transforms(partitions)
+        ],
+    )
+
+
+def _has_mqtt_source(config: Any) -> bool:
+    return any(s.name == MQTT_STORE for s in config.sources or [])
+
+
 async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any]:
     """Create the stream, the lease bucket and the snapshot store, unless they exist; a
     stream made with another partition count is refused (P is fixed at creation)."""
     from nats.js import api
-    from nats.js.errors import NotFoundError
+    from nats.js.errors import BadRequestError, NotFoundError
 
+    try:
+        await js.stream_info(MQTT_STORE)
+    except NotFoundError:
+        # Made here as the MQTT listener makes it (it uses one that exists), so that the
+        # stream's copy from it runs from the first publish: JetStream retries a source whose
+        # origin is missing only after a back-off, and this store keeps a message only while a
+        # consumer (the copy) is there to take it.
+        with contextlib.suppress(BadRequestError):  # the listener made it meanwhile
+            await js.add_stream(
+                api.StreamConfig(
+                    name=MQTT_STORE,
+                    subjects=[MQTT_STORE_PREFIX + ">"],
+                    retention=api.RetentionPolicy.INTEREST,
+                    storage=api.StorageType.FILE,
+                    num_replicas=opts.replicas,
+                )
+            )
     try:
         info = await js.stream_info(STREAM)
     except NotFoundError:
@@ -113,6 +161,10 @@ async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any]:
                 f"{transform_dest(opts.partitions)!r}: partitions are fixed at creation "
                 "(start with the stream's partition count, or delete the stream)"
             )
+        if not _has_mqtt_source(info.config):  # made by a version that only captured
+            info.config.sources = [*(info.config.sources or []), mqtt_source(opts.partitions)]
+            await js.update_stream(info.config)
+            log.info("stream %s now also sources %s", STREAM, MQTT_STORE)
     else:
         await js.add_stream(
             api.StreamConfig(
@@ -124,6 +176,7 @@ async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any]:
                 retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.FILE,
                 num_replicas=opts.replicas,
+                sources=[mqtt_source(opts.partitions)],
             )
         )
         log.info("created stream %s with %d partitions", STREAM, opts.partitions)
@@ -147,7 +200,7 @@ def partition_engine(model: StepModel, cfg: ServiceConfig) -> Engine:
     )
 
 
-def inbound(msg: Any) -> Inbound | None:
+def inbound(msg: Any, twin: bool = False) -> Inbound | None:
     topic = stored_to_topic(msg.subject)
     if topic is None:
         return None
@@ -157,7 +210,7 @@ def inbound(msg: Any) -> Inbound | None:
         bytes(msg.data),
         mid=meta.sequence.stream,
         received=time.time(),
-        redelivered=meta.num_delivered > 1,
+        redelivered=twin or meta.num_delivered > 1,
     )
 
 
@@ -175,6 +228,8 @@ class Partition:
     task: asyncio.Task[None] | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     mids: int = 0
+    replay_until: int = 0  # the stream's last sequence when the partition was taken over
+    twins: Twins = field(default_factory=Twins)
     last_snapshot: float = field(default_factory=time.monotonic)
 
 
@@ -196,6 +251,7 @@ class Worker:
         self.js: Any = None
         self.kv: Any = None
         self.store: Any = None
+        self.mqtt_store = False  # whether the MQTT listener's store exists (it makes it itself)
 
     # -- JetStream resources ----------------------------------------------------------------
 
@@ -274,7 +330,8 @@ class Worker:
         with contextlib.suppress(NotFoundError):
             await self.js.delete_consumer(STREAM, durable)
         config = api.ConsumerConfig(
-            ack_policy=api.AckPolicy.EXPLICIT,
+            # one ack per batch (the last message), as the batch is handled in order
+            ack_policy=api.AckPolicy.ALL,
             ack_wait=30.0,
             max_ack_pending=4 * self.cfg.max_batch,
             num_replicas=self.opts.replicas,
@@ -288,7 +345,9 @@ class Worker:
 
     async def acquire(self, p: int) -> None:
         t0 = time.monotonic()
+        last = (await self.js.stream_info(STREAM)).state.last_seq
         part = await self._restore(p)
+        part.replay_until = last
         await self._subscribe(part)
         self.owned[p] = part
         part.task = asyncio.create_task(self._pump(part), name=f"partition-{p}")
@@ -351,7 +410,14 @@ class Worker:
                 continue
             batch: list[Inbound] = []
             for m in msgs:
-                item = inbound(m)
+                twin = part.twins.admit(m.subject, m.data, m.headers)
+                if twin is None:
+                    continue  # an MQTT publish's second copy, the first one stepped
+                if twin:
+                    self.metrics.inc("mqtt_store_copies_stepped")
+                # the replay after a takeover: a duplicate there is the partition's own
+                # (a twin whose other copy the restored state had stepped), not the device's
+                item = inbound(m, twin or m.metadata.sequence.stream <= part.replay_until)
                 if item is None:
                     log.error("partition %d: unexpected subject %r", part.number, m.subject)
                 else:
@@ -359,8 +425,7 @@ class Worker:
             if msgs:
                 while not proc.handle(batch):  # the scratch journal is unwritable: wait
                     await asyncio.sleep(1.0)
-                for m in msgs:  # only now: the processor has logged them
-                    await m.ack()
+                await msgs[-1].ack()  # only now: the processor has logged them
                 part.covered = max(part.covered, *(m.metadata.sequence.stream for m in msgs))
                 self.metrics.inc("acks", len(msgs))
             proc.tick()
@@ -369,19 +434,44 @@ class Worker:
                 await self._checkpoint(part)
 
     async def _publish(self, part: Partition) -> None:
+        """Each answer as core NATS (NATS subscribers, MQTT QoS 0 subscriptions) and, when
+        the MQTT listener's store exists, stored there with a message id (MQTT QoS 1
+        subscriptions: at QoS 1, and once, since a replayed answer has the same id). The
+        header marks it as a QoS 1 publish, so that a QoS 1 subscription takes only the
+        stored copy, as for a device's own QoS 1 publish."""
         outbox = part.processor.outbox
         outs = outbox.take()
         if not outs:
             return
-        mids: list[int] = []
+        stored: list[tuple[str, bytes, dict[str, str]]] = []
+        tasks: list[asyncio.Future[Any]] = []
+        try:
+            for o in outs:
+                subject = topic_to_subject(o.topic)
+                # The header only with a stored copy: a QoS 1 subscription passes over the
+                # core copy of a message that says it was published at QoS 1.
+                headers = {MQTT_QOS_HEADER: "1", "Nats-Msg-Id": answer_id(subject, o.payload)}
+                await self.nc.publish(
+                    subject, o.payload, headers=headers if self.mqtt_store else None
+                )
+                stored.append((MQTT_STORE_PREFIX + subject, o.payload, headers))
+            await self.nc.flush()  # the server has them: as acknowledged as core NATS gets
+            if self.mqtt_store:
+                for s, b, h in stored:
+                    tasks.append(await self.js.publish_async(s, b, headers=h))
+                await asyncio.wait_for(asyncio.gather(*tasks), STOP_SECONDS)
+        except Exception as exc:  # NATS failing over: all of them again on the next round
+            for t in tasks:
+                t.cancel()
+            log.warning("partition %d: answers not confirmed, sending again: %r", part.number, exc)
+            self.metrics.inc("answer_retries")
+            outbox.retry(outs)
+            await asyncio.sleep(0.2)
+            return
         for o in outs:
             part.mids += 1
-            await self.nc.publish(topic_to_subject(o.topic), o.payload)
             outbox.sent(part.mids, o)
-            mids.append(part.mids)
-        await self.nc.flush()  # the server has them: as acknowledged as core NATS gets
-        for mid in mids:
-            outbox.acked(mid)
+            outbox.acked(part.mids)
 
     async def _checkpoint(self, part: Partition, *, force: bool = False) -> None:
         part.last_snapshot = time.monotonic()
@@ -467,6 +557,19 @@ class Worker:
 
     # -- running ----------------------------------------------------------------------------
 
+    async def _find_mqtt_store(self) -> None:
+        """The MQTT listener creates its store when the first MQTT client connects."""
+        from nats.js.errors import NotFoundError
+
+        if self.mqtt_store:
+            return
+        try:
+            await self.js.stream_info(MQTT_STORE)
+        except NotFoundError:
+            return
+        self.mqtt_store = True
+        log.info("answers are also stored in %s (MQTT QoS 1 subscriptions)", MQTT_STORE)
+
     async def _say(self, state: str) -> None:
         doc = {
             "state": state,
@@ -510,7 +613,18 @@ class Worker:
                 f"cannot reach NATS at {','.join(self.opts.servers)}: {str(exc) or 'timed out'}"
             ) from exc
         self.js = self.nc.jetstream()
-        await self.ensure_resources()
+        deadline = time.monotonic() + READY_SECONDS
+        while True:  # a cluster that is still electing its JetStream leaders says so: wait
+            try:
+                await self.ensure_resources()
+                break
+            except ConfigError:
+                raise
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"JetStream at {','.join(self.opts.servers)}: {exc}") from exc
+                log.warning("JetStream not ready yet: %r", exc)
+                await asyncio.sleep(1.0)
         log.info(
             "worker %s: %d partitions, model %s",
             self.opts.worker_id,
@@ -523,6 +637,7 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 try:
+                    await self._find_mqtt_store()
                     await self._balance()
                 except Exception as exc:  # NATS unreachable for a moment: the leases say so
                     log.warning("balancing round failed: %s", exc)

@@ -15,12 +15,21 @@ the partitions it gains or loses, and no coordinator is needed. Leases in a key-
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from .errors import ConfigError
 
 SENSOR_SUBJECTS = ("sensors.*.data", "sensors.*.control")
+SENSOR_KINDS = ("data", "control")
 STORED_PREFIX = "in"
+# NATS's MQTT listener stores every QoS 1/2 publish in its own stream (R3 in a 3-node
+# cluster) under this prefix before it sends the PUBACK, and delivers what is stored there to
+# MQTT QoS 1 subscriptions: the worker reads devices' publishes from it and writes answers to it.
+MQTT_STORE = "$MQTT_msgs"
+MQTT_STORE_PREFIX = "$MQTT.msgs."
+MQTT_QOS_HEADER = "Nmqtt-Pub"  # set by the listener on every MQTT publish: the QoS, first char
+SOURCE_HEADER = "Nats-Stream-Source"  # set by JetStream on a message copied from another stream
 MAX_PARTITIONS = 1024
 _FNV_OFFSET, _FNV_PRIME = 0x811C9DC5, 0x01000193
 
@@ -48,6 +57,57 @@ def transform_dest(partitions: int) -> str:
     return (
         f"{STORED_PREFIX}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
     )
+
+
+def mqtt_source_transforms(partitions: int) -> list[tuple[str, str]]:
+    """(source, destination) pairs that copy devices' stored QoS 1 publishes
+    (``$MQTT.msgs.sensors.{token}.{kind}``) into the partitioned stream, as the direct
+    capture of ``sensors.*.*`` would store them."""
+    dest = f"{STORED_PREFIX}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}"
+    return [(f"{MQTT_STORE_PREFIX}sensors.*.{k}", f"{dest}.{k}") for k in SENSOR_KINDS]
+
+
+class Twins:
+    """An MQTT QoS 1/2 publish reaches the stream twice: live, when the stream's leader gets
+    the listener's core publish (lost while the stream elects a leader: the listener's PUBACK
+    waits only for its own store), and copied from the listener's store (durable; usually
+    later, not always). Whichever copy comes first is stepped and its twin passed over. A
+    copy from the store stepped first is marked as a redelivery: its live twin may have come
+    before the snapshot a new owner restored, and then it is a silent duplicate."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        # key -> copies stepped whose twin has not come yet: > 0 live ones, < 0 stored ones
+        self._open: OrderedDict[bytes, int] = OrderedDict()
+
+    @staticmethod
+    def _key(subject: str, data: bytes) -> bytes:
+        return hashlib.blake2b(subject.encode() + b"\0" + data, digest_size=16).digest()
+
+    def admit(self, subject: str, data: bytes, headers: dict[str, str] | None) -> bool | None:
+        """None: pass the message over; else step it, True marking it as a redelivery."""
+        if not headers or headers.get(MQTT_QOS_HEADER, "")[:1] not in ("1", "2"):
+            return False  # native, or MQTT QoS 0: one copy only
+        key = self._key(subject, data)
+        side = -1 if SOURCE_HEADER in headers else 1
+        n = self._open.get(key, 0)
+        if n * side < 0:  # the twin of a copy already stepped
+            if n + side:
+                self._open[key] = n + side
+            else:
+                del self._open[key]
+            return None
+        self._open[key] = n + side
+        self._open.move_to_end(key)
+        while len(self._open) > self.capacity:
+            self._open.popitem(last=False)
+        return side < 0
+
+
+def answer_id(subject: str, payload: bytes) -> str:
+    """A JetStream message id for an answer: the same answer (a replay after a failover
+    computes identical bytes) gets the same id, so the store keeps it once."""
+    return hashlib.sha256(subject.encode() + b"\0" + payload).hexdigest()[:32]
 
 
 def filter_subject(p: int) -> str:

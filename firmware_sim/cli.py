@@ -116,6 +116,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the embedded broker even if Mosquitto exists",
     )
+    d.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a local nats-server (JetStream, MQTT listener) and 2 edge-lstm workers instead "
+        "of a broker and serve; one worker is killed (kill -9) half-way "
+        "(needs the cluster extra)",
+    )
     h = sub.add_parser(
         "host",
         help="Pi-class host profile: real-time capacity on one core",
@@ -147,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.cluster and args.embedded_broker:
+        raise SimError("--cluster runs nats-server: it does not go with --embedded-broker")
+
     r = run_demo(
         duration=args.duration,
         devices=args.devices,
@@ -156,6 +166,7 @@ def demo(args: argparse.Namespace) -> int:
         out=Path(args.out),
         embedded=True if args.embedded_broker else None,
         boot_ids=args.boot_ids,
+        cluster=args.cluster,
     )
     return 0 if r["predictions_missing"] == 0 and r.get("wrong_predictions", 0) == 0 else 1
 

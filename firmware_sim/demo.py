@@ -21,6 +21,7 @@ from .scorer import PLOT_SKIPPED, Scorer, save, score, table
 from .verdict import verdict
 
 RUNTIME_ID = "firmware-sim-runtime"
+WORKER_IDS = ("demo-w1", "demo-w2")
 
 
 def cache_dir() -> Path:
@@ -91,7 +92,10 @@ def run_demo(
     embedded: bool | None,
     progress: bool = True,
     boot_ids: bool = True,
+    cluster: bool = False,
 ) -> dict[str, Any]:
+    """``cluster``: nats-server and two ``edge-lstm worker`` processes instead of a broker and
+    ``edge-lstm serve``; one worker is killed half-way, and the score must stay exact."""
     import edge
 
     from .cli import check_reboots
@@ -102,20 +106,42 @@ def run_demo(
     manifest = edge.load(bundle).manifest
     with tempfile.TemporaryDirectory(prefix="edge-lstm-demo-") as tmp:
         work = Path(tmp)
-        broker = Broker(work / "broker", embedded=embedded).start()
-        say(f"broker: {broker.kind} on {broker.url}")
-        runtime = scorer = fleet = None
+        broker: Any = None
+        runtime: Runtime | None = None
+        workers: list[Any] = []
+        scorer = fleet = None
         try:
-            runtime = Runtime(
-                bundle, broker.url, work / "state", protocol=broker.protocol, client_id=RUNTIME_ID
-            ).start()
-            scorer = Scorer(broker.url)
-            scorer.wait_online(RUNTIME_ID, 30, runtime.alive)
-            say(
-                f"runtime: edge-lstm serve, model {manifest.model_id} ({manifest.quantization}), online"
-            )
+            if cluster:
+                from .cluster import LocalNats, WorkerProcess
+
+                broker = LocalNats(work / "nats").start()
+                url = broker.mqtt_url
+                say(f"broker: nats-server (JetStream, MQTT listener on {url})")
+                workers = [
+                    WorkerProcess(bundle, broker.url, work / "state", w).start() for w in WORKER_IDS
+                ]
+                scorer = Scorer(url)
+                for w in workers:
+                    scorer.wait_online(w.id, 90, w.alive)
+                say(
+                    f"runtime: {len(workers)} edge-lstm workers ({', '.join(WORKER_IDS)}), "
+                    f"model {manifest.model_id} ({manifest.quantization}), online; "
+                    f"{workers[0].id} is killed (kill -9) half-way"
+                )
+            else:
+                broker = Broker(work / "broker", embedded=embedded).start()
+                url = broker.url
+                say(f"broker: {broker.kind} on {broker.url}")
+                runtime = Runtime(
+                    bundle, url, work / "state", protocol=broker.protocol, client_id=RUNTIME_ID
+                ).start()
+                scorer = Scorer(url)
+                scorer.wait_online(RUNTIME_ID, 30, runtime.alive)
+                say(
+                    f"runtime: edge-lstm serve, model {manifest.model_id} ({manifest.quantization}), online"
+                )
             fleet = Fleet(
-                broker.url,
+                url,
                 devices,
                 rate,
                 faults=plan,
@@ -128,16 +154,35 @@ def run_demo(
                 + (f", faults {dict(plan.rates)}" if plan.rates else "")
             )
             bar = _progress(duration, fleet, scorer) if progress else None
+            killed: list[float] = []
+
+            def tick(elapsed: float, final: bool = False) -> None:
+                if workers and not killed and elapsed >= duration / 2:
+                    workers[0].kill()
+                    killed.append(elapsed)
+                    say(f"\nkilled worker {workers[0].id} (kill -9) at {elapsed:.1f} s")
+                if bar:
+                    bar(elapsed, final)
+
             t0 = time.monotonic()
-            log = fleet.run(duration, bar)
-            scorer.wait(log, 15)
+            log = fleet.run(duration, tick)
+            scorer.wait(log, 15 + 15 * bool(workers))
             elapsed = time.monotonic() - t0
             if bar:
                 bar(duration, final=True)
             r = score(scorer, log, elapsed, bundle, manifest.labels, float_reference(model, log))
-            r["broker"] = broker.kind
+            if cluster:
+                r["broker"] = "nats-server"
+                r["workers"] = list(WORKER_IDS)
+                r["worker_killed_at_s"] = killed[0] if killed else None
+            else:
+                r["broker"] = broker.kind
             jpath, ppath = save(r, scorer, log, out)
             print("\n" + table(r))
+            if killed:
+                print(
+                    f"\nworker {workers[0].id} killed (kill -9) at {killed[0]:.1f} s of {duration:g} s"
+                )
             print(f"\nscore: {jpath}\nplot:  {ppath or PLOT_SKIPPED}")
             print(verdict(r))
             return r
@@ -147,7 +192,10 @@ def run_demo(
                     part.close()
             if runtime is not None:
                 runtime.stop()
-            broker.stop()
+            for w in workers:
+                w.stop()
+            if broker is not None:
+                broker.stop()
 
 
 def _progress(duration: float, fleet: Fleet, scorer: Scorer) -> Any:

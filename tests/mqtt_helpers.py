@@ -48,15 +48,38 @@ class Collector:
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
         )
         self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *a: c.subscribe(
-            [("predictions/#", 1), ("errors/#", 1), ("edge/status/#", 1), ("replies/#", 1)]
-        )
+        self.client.on_connect = lambda c, *a: c.subscribe(list(self.FILTERS))
+        self.granted: list[int] | None = None  # from the latest SUBACK
+        self.client.on_subscribe = self._on_subscribe
         self._configure = connect.get("configure")
         if self._configure:
             self._configure(self.client)
         host, port = _hostport(broker)
         self.client.connect(host, port, 30)
         self.client.loop_start()
+
+    FILTERS: tuple[tuple[str, int], ...] = (
+        ("predictions/#", 1),
+        ("errors/#", 1),
+        ("edge/status/#", 1),
+        ("replies/#", 1),
+    )
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, codes: Any, *rest: Any) -> None:
+        with self.lock:
+            self.granted = [int(getattr(c, "value", c)) for c in codes]
+
+    def qos1_granted(self) -> bool:
+        """Whether the broker granted every subscription at QoS 1; a refusal (NATS's MQTT
+        listener refuses one whose durable consumer it could not create in time) asks again."""
+        with self.lock:
+            granted, self.granted = (
+                self.granted,
+                (None if self.granted and 128 in self.granted else self.granted),
+            )
+        if granted and 128 in granted:
+            self.client.subscribe(list(self.FILTERS))
+        return granted == [1] * len(self.FILTERS)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         try:

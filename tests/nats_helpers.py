@@ -67,6 +67,9 @@ class NatsServer:
             "}",
             "mqtt {",
             f"  listen: 127.0.0.1:{self.mqtt_port}",
+            # The listener sizes its own streams (sessions, QoS 1 messages) by the routes it
+            # is given, which is 2 here (its peers): an R2 store stalls when one node dies.
+            f"  stream_replicas: {min(3, len(self.peers) + 1)}",
             "}",
         ]
         if self.peers:

@@ -442,3 +442,54 @@ def test_rebooting_devices_restart_their_streams(bundles, broker, tmp_path, boot
     assert r["restarts"] == r["restarts_expected"] > 0
     if boot_ids:
         assert r["excluded_samples"] == 0
+
+
+@pytest.mark.desktop
+@pytest.mark.broker
+def test_demo_on_a_cluster_kills_a_worker_and_stays_exact(bundles, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "EDGE_LSTM_CACHE": str(tmp_path / "cache")}
+    cache = tmp_path / "cache" / "demo"
+    cache.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(bundles / "clf-int8", cache / "bundle-int8")
+    shutil.copy(bundles / "src" / "clf" / "model.keras", cache / "model.keras")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "firmware_sim",
+            "demo",
+            "--cluster",
+            "--duration",
+            "10",
+            "--devices",
+            "10",
+            "--out",
+            str(tmp_path / "res"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "killed worker demo-w1 (kill -9)" in out.stderr
+    r = json.loads((tmp_path / "res" / "score.json").read_text())
+    assert r["broker"] == "nats-server" and r["worker_killed_at_s"] is not None
+    assert r["predictions_missing"] == 0 and r["wrong_predictions"] == 0
+    assert r["predictions_received"] == r["samples_delivered_valid"] > 300
+
+
+def test_demo_cluster_refuses_the_embedded_broker():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "firmware_sim", "demo", "--cluster", "--embedded-broker"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not go with --embedded-broker" in lines[0], out.stderr

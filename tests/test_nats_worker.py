@@ -147,6 +147,34 @@ def test_worker_answers_mqtt_devices_bit_identical(
     assert "stopped cleanly" in w.log()
 
 
+def test_predictions_wait_for_an_offline_qos1_subscriber(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """Answers are stored for MQTT QoS 1 subscriptions: a subscriber that was offline while
+    they were computed receives them when it comes back (persistent session)."""
+    workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    late = Collector(nats_server.mqtt_url, client_id="late")
+    try:
+        wait_until(lambda: col.qos1_granted() and late.qos1_granted(), 60, "QoS 1 subscriptions")
+        late.close()
+        wait_owned(col, ["w1"], P)
+        samples = _samples(3, 10, seed=2)
+        want = offline(bundles / "clf-int8", samples)
+        _send(pub, samples, range(10))
+        wait_until(lambda: len(col.predictions()) >= len(want), 60, "every prediction")
+        late = Collector(nats_server.mqtt_url, client_id="late")
+        wait_until(lambda: len(late.predictions()) >= len(want), 60, "the stored predictions")
+        missing, wrong = _check(late.predictions(), want)
+        assert (missing, wrong) == ([], [])
+        assert [k for k, ys in late.predictions().items() if len(ys) > 1] == []
+    finally:
+        pub.close()
+        col.close()
+        late.close()
+
+
 @failover
 def test_reordered_messages_are_held_like_serve(
     bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
@@ -221,6 +249,7 @@ def test_kill_9_worker_mid_stream_moves_partitions_with_state(
     col = Collector(nats_server.mqtt_url)
     pub = Publisher(nats_server.mqtt_url)
     try:
+        wait_until(col.qos1_granted, 60, "the collector's QoS 1 subscriptions")
         wait_until(
             lambda: all(owned(col, i) is not None for i in ids) and all_owned(col, ids, P),
             90,
@@ -243,6 +272,11 @@ def test_kill_9_worker_mid_stream_moves_partitions_with_state(
         survivors = [i for i in ids if i != victim]
         wait_owned(col, survivors, P, 60)
         assert not col.of("errors/")
+        # the new owners replayed from their snapshots and published those answers again:
+        # the MQTT listener's store kept each once (same message id), so a QoS 1 subscriber
+        # got each (stream, seq) exactly once
+        assert [k for k, ys in col.predictions().items() if len(ys) > 1] == []
+        assert "answers are also stored" in procs[survivors[0]].log()
     finally:
         pub.close()
         col.close()
@@ -367,3 +401,106 @@ def test_systemd_unit_runs_the_worker(
         rc = proc.wait(float(service["TimeoutStopSec"]))
         col.close()
     assert rc == 0
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    nodes = [NatsServer(tmp_path / f"n{i}", name=f"n{i}") for i in (1, 2, 3)]
+    for n in nodes:
+        n.peers = [m for m in nodes if m is not n]
+    for n in nodes:
+        n.start()
+    yield nodes
+    for n in nodes:
+        n.stop()
+
+
+def _stream_leader(urls: list[str]) -> str:
+    """The server name of the sensor stream's leader, once it has one."""
+    import nats
+
+    from edge.nats_worker import STREAM
+
+    async def run() -> str:
+        nc = await nats.connect(servers=urls)
+        try:
+            info = await nc.jetstream().stream_info(STREAM)
+            return str(info.cluster.leader or "") if info.cluster else ""
+        finally:
+            await nc.close()
+
+    found: list[str] = []
+
+    def has_leader() -> bool:
+        try:
+            found.append(asyncio.run(run()))
+        except Exception:
+            return False
+        return bool(found[-1])
+
+    wait_until(has_leader, 120, "the sensor stream to have a leader")
+    return found[-1]
+
+
+@failover
+def test_three_node_cluster_loses_the_stream_leader_mid_stream(
+    bundles: Path, nats_cluster: list[NatsServer], tmp_path: Path
+) -> None:
+    """R3 stream, bucket, store and consumers; two workers given every node; kill -9 of the
+    node leading the sensor stream while devices publish (on a node that survives): every
+    prediction arrives, bit-identical. While the stream elects a new leader NATS's MQTT
+    listener still acknowledges QoS 1 publishes whose live copy is lost; their copy from the
+    listener's own store is what the worker steps then (a held later sample waits for it:
+    ``reorder_ms`` covers the election)."""
+    urls = [n.url for n in nats_cluster]
+    cfg = tmp_path / "w.toml"
+    cfg.write_text("reorder_ms = 120000\n")
+    ids = ["w1", "w2"]
+    ws = [
+        WorkerProc(
+            bundles / "clf-int8",
+            ",".join(urls),
+            tmp_path / "state",
+            wid,
+            "--partitions",
+            str(P),
+            "--replicas",
+            "3",
+            "--config",
+            str(cfg),
+        ).start()
+        for wid in ids
+    ]
+    leader = _stream_leader(urls)
+    victim = next(n for n in nats_cluster if n.name == leader)
+    devices_on = next(n for n in nats_cluster if n is not victim)
+    col = Collector(devices_on.mqtt_url)
+    pub = Publisher(devices_on.mqtt_url)
+    try:
+        # answers stored before the subscription's durable consumer exists are not kept for it
+        wait_until(col.qos1_granted, 180, "the collector's QoS 1 subscriptions")
+        wait_until(
+            lambda: all(owned(col, i) is not None for i in ids) and all_owned(col, ids, P),
+            180,
+            "two workers sharing the partitions",
+        )
+        samples = _samples(8, 40, seed=13)
+        want = offline(bundles / "clf-int8", samples)
+        _send(pub, samples, range(10))
+        wait_until(lambda: len(col.predictions()) >= 8 * 10, 180, "first quarter answered")
+        for k in range(10, 40):
+            for s, x in samples.items():
+                pub.send(s, k + 1, x[k : k + 1])
+            if k == 15:
+                victim.kill()  # kill -9 of the stream leader's node, publishes in flight
+        pub.flush(300)
+        wait_until(lambda: len(col.predictions()) >= len(want), 300, "every prediction")
+        missing, wrong = _check(col.predictions(), want)
+        assert (missing, wrong) == ([], [])
+        # a device's QoS 1 resend after its session moved is a reported duplicate, nothing else
+        assert {d.get("error") for _, d in col.of("errors/")} <= {"duplicate"}
+    finally:
+        pub.close()
+        col.close()
+        for w in ws:
+            w.stop()

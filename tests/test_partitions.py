@@ -60,3 +60,60 @@ def test_snapshot_object_round_trip_and_damage(tmp_path: Path) -> None:
         unpack(b"nonsense")
     snap.write_into(tmp_path)
     assert (tmp_path / "snap-00000001.bin").read_bytes() == b"S" * 100
+
+
+def _live(qos: str = "1") -> dict[str, str]:
+    return {"Nmqtt-Pub": qos}
+
+
+def _stored() -> dict[str, str]:
+    return {"Nmqtt-Pub": "1", "Nats-Stream-Source": "$MQTT_msgs 7 $MQTT.msgs.sensors.a.data"}
+
+
+def test_twins_step_the_first_copy_of_an_mqtt_publish_and_pass_over_the_second() -> None:
+    from edge.partitions import Twins
+
+    t = Twins()
+    subj = "in.3.a.data"
+    assert t.admit(subj, b"x", None) is False  # native: one copy, stepped
+    assert t.admit(subj, b"x", _live("0")) is False  # MQTT QoS 0: not stored by the listener
+    # live copy first, then its stored twin
+    assert t.admit(subj, b"1", _live()) is False
+    assert t.admit(subj, b"1", _stored()) is None
+    # stored copy first (its live twin lost, or still to come): stepped as a redelivery
+    assert t.admit(subj, b"2", _stored()) is True
+    assert t.admit(subj, b"2", _live()) is None
+    # a device's resend: a second pair, whose first copy is stepped (a reported duplicate)
+    assert t.admit(subj, b"1", _live()) is False
+    assert t.admit(subj, b"1", _stored()) is None
+    # the same bytes on another stream are another message
+    assert t.admit("in.3.b.data", b"2", _live()) is False
+
+
+def test_twins_forget_the_oldest_beyond_capacity() -> None:
+    from edge.partitions import Twins
+
+    t = Twins(capacity=2)
+    for b in (b"1", b"2", b"3"):
+        assert t.admit("in.0.a.data", b, _live()) is False
+    assert t.admit("in.0.a.data", b"1", _stored()) is True  # forgotten: stepped again, silently
+    assert t.admit("in.0.a.data", b"3", _stored()) is None
+
+
+def test_answer_ids_follow_the_bytes() -> None:
+    from edge.partitions import answer_id
+
+    assert answer_id("predictions.a", b"{}") == answer_id("predictions.a", b"{}")
+    assert answer_id("predictions.a", b"{}") != answer_id("predictions.b", b"{}")
+    assert answer_id("predictions.a", b"{}") != answer_id("predictions.a", b"{ }")
+
+
+def test_mqtt_source_transforms_mirror_the_capture() -> None:
+    from edge.partitions import mqtt_source_transforms, transform_dest
+
+    pairs = mqtt_source_transforms(16)
+    assert [src for src, _ in pairs] == [
+        "$MQTT.msgs.sensors.*.data",
+        "$MQTT.msgs.sensors.*.control",
+    ]
+    assert pairs[0][1] == transform_dest(16).replace("{{wildcard(2)}}", "data")

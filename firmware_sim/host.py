@@ -25,7 +25,10 @@ def trial(
     memory_mb: int,
     slowdown: float | None,
     batch: int = 1,
+    drain: float = 5.0,
 ) -> dict[str, Any]:
+    """One run of ``devices`` at ``rate``; answers still missing ``drain`` s after the last
+    sample count as missing (and as not keeping up)."""
     import edge
 
     names = list(edge.load(bundle).manifest.feature_names)
@@ -58,7 +61,7 @@ def trial(
             )
             t0 = time.monotonic()
             log = fleet.run(seconds)
-            scorer.wait(log, 5)
+            scorer.wait(log, drain)
             r = score(scorer, log, time.monotonic() - t0)
             r.update(
                 devices=devices,

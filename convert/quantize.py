@@ -18,7 +18,7 @@ import numpy as np
 
 from . import reference, step_graph
 from .errors import ConvertError
-from .spec import ModelSpec
+from .spec import LSTMCell, ModelSpec
 
 MODES = ("int8", "int16x8", "float16", "float32")
 C_CANDIDATES = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
@@ -152,6 +152,70 @@ def state_ranges(spec: ModelSpec, cal: Calibration) -> list[tuple[float, float]]
     return cal.ranges
 
 
+def layer_input_ranges(
+    spec: ModelSpec, cal: Calibration, *, normalize_in_graph: bool
+) -> dict[int, tuple[float, float]]:
+    """Per layer index, the (min, max) of its input over the calibration rows (one step of the
+    float reference from each row's state)."""
+    inp = reference.normalize(spec, cal.x) if normalize_in_graph else cal.x.astype(np.float64)
+    owners = [s.layer for s in spec.states]
+    out: dict[int, tuple[float, float]] = {}
+    k = 0
+    for i, layer in enumerate(spec.layers):
+        out[i] = (float(inp.min()), float(inp.max()))
+        n = owners.count(i)
+        inp, _ = reference.layer_step(layer, inp, cal.states[k : k + n])
+        k += n
+    return out
+
+
+# Where one weight tensor holds a gate's input rows and recurrent rows (``step_graph._lstm_fn``),
+# neither part may span more than this many times the other's magnitude: the smaller part's
+# weights would be rounded that much coarser than with a tensor of their own.
+MAX_WEIGHT_IMBALANCE = 2.0
+# ...and the scaled input must use at least this share of h's int8 codes.
+MIN_SHARED_RANGE_USE = 0.5
+# An input inside h's range using at least this share of it joins h unscaled (no MUL).
+UNSCALED_USE = 0.8
+
+
+def input_scales(
+    spec: ModelSpec, cal: Calibration, *, normalize_in_graph: bool
+) -> dict[int, float | None]:
+    """Per LSTM layer, the factor that maps its input's calibrated range into the range of its
+    ``h`` (an integer concatenation ``[input, h]`` shares ``h``'s scale), or None where the
+    input cannot share it well: an input with signs ``h`` lacks, one that would use under
+    ``MIN_SHARED_RANGE_USE`` of the codes, or one whose scaled weights would differ from the
+    recurrent ones by more than ``MAX_WEIGHT_IMBALANCE`` (e.g. a first layer fed raw features
+    with outliers); that input gets FCs of its own."""
+    seen = layer_input_ranges(spec, cal, normalize_in_graph=normalize_in_graph)
+    h_range = {s.layer: cal.ranges[k] for k, s in enumerate(spec.states) if s.role == "h"}
+    out: dict[int, float | None] = {}
+    for i, layer in enumerate(spec.layers):
+        if not isinstance(layer, LSTMCell):
+            continue
+        (lo, hi), (h_lo, h_hi) = _hull_with_zero(*seen[i]), h_range[i]
+        fits = [b / a for a, b in ((lo, h_lo), (hi, h_hi)) if a != 0.0]
+        k = min(fits, default=1.0)
+        if k >= 1.0 and (hi - lo) / (h_hi - h_lo) >= UNSCALED_USE:
+            k = 1.0  # e.g. a stacked layer's input, the h below it: no MUL needed
+        use = k * (hi - lo) / (h_hi - h_lo)
+        balanced = k > 0.0 and all(
+            _within(
+                float(np.abs(layer.gate(g, layer.kernel)).max()) / k,
+                float(np.abs(layer.gate(g, layer.recurrent)).max()),
+                MAX_WEIGHT_IMBALANCE,
+            )
+            for g in "ifco"
+        )
+        out[i] = k if balanced and use >= MIN_SHARED_RANGE_USE else None
+    return out
+
+
+def _within(a: float, b: float, factor: float) -> bool:
+    return a <= factor * b and b <= factor * a
+
+
 @contextlib.contextmanager
 def _quiet_native_stderr() -> Iterator[None]:
     """The converter prints C++ log lines straight to fd 2; keep the terminal readable."""
@@ -178,7 +242,17 @@ def convert(
     import tensorflow as tf
 
     ranges = state_ranges(spec, cal) if mode == "int8" else None
-    fn, owner = step_graph.build(spec, normalize_in_graph=normalize_in_graph, state_ranges=ranges)
+    scales = (
+        input_scales(spec, cal, normalize_in_graph=normalize_in_graph)
+        if mode in ("int8", "int16x8")
+        else None
+    )
+    fn, owner = step_graph.build(
+        spec,
+        normalize_in_graph=normalize_in_graph,
+        state_ranges=ranges,
+        input_scales=scales,
+    )
     conv = tf.lite.TFLiteConverter.from_concrete_functions([fn], owner)
     names = [n for n, _, _ in step_graph.state_names(spec)]
 

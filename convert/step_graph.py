@@ -8,7 +8,7 @@ the runtime feeds the int8 bytes straight back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,8 +64,13 @@ def build(
     *,
     normalize_in_graph: bool,
     state_ranges: Sequence[tuple[float, float]] | None = None,
+    input_scales: Mapping[int, float | None] | None = None,
 ) -> tuple[Any, Any]:
-    """(concrete function, the module owning it). ``state_ranges`` adds fake-quants."""
+    """(concrete function, the module owning it). ``state_ranges`` adds fake-quants.
+
+    ``input_scales``: per LSTM layer index, the factor its input is scaled by before it joins
+    ``h`` in one tensor (see ``_lstm_fn``), or None for an input FC apart from the recurrent
+    one; a layer not named gets 1.0."""
     import tensorflow as tf
 
     c = tf.constant
@@ -80,12 +85,13 @@ def build(
         lo, hi = state_ranges[k]
         return tf.quantization.fake_quant_with_min_max_args(t, min=lo, max=hi, num_bits=8)
 
-    # One matmul pair per gate, not one [4H] matmul then a split: in int8 a split shares one
-    # scale across its outputs, so the gate with the widest pre-activation range would set the
-    # resolution of all of them. Separate tensors get a range each.
+    scales = input_scales or {}
     steps: list[LayerFn] = []
-    for layer in spec.layers:
-        steps.append(_layer_fn(layer, tf, c))
+    for i, layer in enumerate(spec.layers):
+        if isinstance(layer, LSTMCell):
+            steps.append(_lstm_fn(layer, tf, c, scales.get(i, 1.0)))
+        else:
+            steps.append(_layer_fn(layer, tf, c))
 
     specs = [tf.TensorSpec([None, spec.features], tf.float32, name="x")]
     specs += [tf.TensorSpec([None, s.width], tf.float32, name=s.name) for s in states]
@@ -135,29 +141,6 @@ def _layer_fn(layer: Any, tf: Any, c: Callable[[Any], Any]) -> LayerFn:
             return inp * tf.math.rsqrt(var + eps) * g + b, []
 
         return layer_norm
-    if isinstance(layer, LSTMCell):
-        u = layer.units
-        gw = dict(
-            zip(
-                layer.gates,
-                zip(
-                    *(
-                        [c(a) for a in _gates(m, u, 4)]
-                        for m in (layer.kernel, layer.recurrent, layer.bias)
-                    )
-                ),
-            )
-        )
-        act, ract = tf_activation(layer.activation), tf_activation(layer.recurrent_activation)
-
-        def lstm(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
-            h, cell = st
-            z = {g: tf.matmul(inp, kx) + tf.matmul(h, kh) + b for g, (kx, kh, b) in gw.items()}
-            cell = pin(1, ract(z["f"]) * cell + ract(z["i"]) * act(z["c"]))
-            h = pin(0, ract(z["o"]) * act(cell))
-            return h, [h, cell]
-
-        return lstm
     if isinstance(layer, GRUCell):
         u = layer.units
         kx = dict(zip(layer.gates, (c(a) for a in _gates(layer.kernel, u, 3))))
@@ -186,7 +169,8 @@ def _layer_fn(layer: Any, tf: Any, c: Callable[[Any], Any]) -> LayerFn:
         act = tf_activation(layer.activation)
 
         def rnn(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
-            h = pin(0, act(tf.matmul(inp, w) + tf.matmul(st[0], r) + b))
+            # the bias rides in the input FULLY_CONNECTED: no ADD of a broadcast bias
+            h = pin(0, act((tf.matmul(inp, w) + b) + tf.matmul(st[0], r)))
             return h, [h]
 
         return rnn
@@ -204,3 +188,44 @@ def _layer_fn(layer: Any, tf: Any, c: Callable[[Any], Any]) -> LayerFn:
 
         return conv
     raise TypeError(f"unknown layer {layer!r}")
+
+
+def _lstm_fn(layer: LSTMCell, tf: Any, c: Callable[[Any], Any], scale: float | None) -> LayerFn:
+    """The gates' pre-activations, each gate's bias inside a FULLY_CONNECTED (no broadcast
+    ADD; the built-in int8 kernels of older runtimes spent most of a step on those).
+
+    ``scale`` a number: one FULLY_CONNECTED per gate over ``[input * scale, h]``, one
+    CONCATENATION per layer. In int8 a concatenation shares one scale between its inputs,
+    pinned by ``h``: ``scale`` maps the input's range onto ``h``'s and the input rows of each
+    gate's kernel are divided by it, so the float function is unchanged; the weight tensor then
+    shares one scale between input and recurrent rows, which ``quantize.input_scales`` allows
+    only where their magnitudes are alike. ``scale`` None: per gate an input FC (with the
+    bias) and a recurrent FC, then one ADD of the two (same shapes, no broadcast).
+
+    One FC per gate, not one [4H] FC then a split: in int8 a split shares one scale across its
+    outputs, so the gate with the widest pre-activation range would set the resolution of all
+    of them."""
+    gates = {g: (layer.gate(g, layer.kernel), layer.gate(g, layer.recurrent)) for g in "ifco"}
+    bias = {g: c(np.ascontiguousarray(layer.gate(g, layer.bias))) for g in "ifco"}
+    act, ract = tf_activation(layer.activation), tf_activation(layer.recurrent_activation)
+    if scale is None:
+        kx = {g: c(np.ascontiguousarray(k)) for g, (k, _) in gates.items()}
+        kh = {g: c(np.ascontiguousarray(r)) for g, (_, r) in gates.items()}
+    else:
+        kxh = {
+            g: c(np.concatenate([k / np.float32(scale), r]).astype(np.float32))
+            for g, (k, r) in gates.items()
+        }
+
+    def lstm(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
+        h, cell = st
+        if scale is None:
+            z = {g: (tf.matmul(inp, kx[g]) + bias[g]) + tf.matmul(h, kh[g]) for g in "ifco"}
+        else:
+            xh = tf.concat([inp * scale if scale != 1.0 else inp, h], axis=-1)
+            z = {g: tf.matmul(xh, kxh[g]) + bias[g] for g in "ifco"}
+        cell = pin(1, ract(z["f"]) * cell + ract(z["i"]) * act(z["c"]))
+        h = pin(0, ract(z["o"]) * act(cell))
+        return h, [h, cell]
+
+    return lstm

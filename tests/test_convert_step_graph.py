@@ -1,0 +1,126 @@
+"""The step graph's layout: both LSTM layouts compute the reference step, the choice between
+them follows the calibrated ranges and weights, and no integer graph adds a constant bias
+element by element."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.desktop
+
+
+def _lstm(
+    rng: np.random.Generator, d_in: int, units: int, scale: float = 0.3, rec: float = 0.3
+) -> object:
+    from convert.spec import LSTMCell
+
+    return LSTMCell(
+        kernel=rng.uniform(-scale, scale, (d_in, 4 * units)).astype(np.float32),
+        recurrent=rng.uniform(-rec, rec, (units, 4 * units)).astype(np.float32),
+        bias=rng.uniform(-1, 1, 4 * units).astype(np.float32),
+    )
+
+
+def _spec(layers: tuple[object, ...], features: int) -> object:
+    from convert.spec import ModelSpec
+
+    return ModelSpec(features, None, None, layers, "0" * 64, "t")  # type: ignore[arg-type]
+
+
+def _stacked(features: int = 3) -> object:
+    from convert.spec import Dense
+
+    rng = np.random.default_rng(0)
+    head = Dense(rng.normal(0, 0.5, (8, 2)).astype(np.float32), np.zeros(2, np.float32))
+    return _spec((_lstm(rng, features, 12), _lstm(rng, 12, 8), head), features)
+
+
+@pytest.mark.parametrize("scales", [{}, {0: None, 1: None}, {0: 0.1, 1: 1.0}, {0: None, 1: 0.5}])
+def test_every_lstm_layout_computes_the_reference_step(scales):
+    """Joined ([input * k, h], the input rows divided by k) or apart, with or without a
+    scale: the float function is the cell's own."""
+    from convert import reference, step_graph
+
+    spec = _stacked()
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 4, (5, 3)).astype(np.float32)
+    state = [rng.uniform(-1, 1, (5, s.width)).astype(np.float32) for s in spec.states]
+    fn, _ = step_graph.build(spec, normalize_in_graph=False, input_scales=scales)
+    out = fn(x, *state)
+    y, new = reference.step(spec, x, state, normalized=True)
+    np.testing.assert_allclose(out["y"].numpy(), y, atol=1e-5)
+    for s, want in zip(spec.states, new):
+        np.testing.assert_allclose(out[s.output].numpy(), want, atol=1e-5)
+
+
+def _calibration(spec, x: np.ndarray):  # type: ignore[no-untyped-def]
+    from convert import quantize, reference
+
+    _, before, _ = reference.run(spec, x)
+    states = [b.reshape(-1, b.shape[-1]) for b in before]
+    flat = x.reshape(-1, x.shape[-1])
+    return quantize.Calibration(flat, states, quantize.base_ranges(spec, states))
+
+
+def test_a_wide_input_keeps_its_own_fcs_and_a_stacked_layer_joins_h():
+    """Inputs up to +-10 against h in [-1, 1]: joining them would put the recurrent weights on
+    a grid ~10x coarser, so the first layer keeps an input FC; the second layer's input is
+    the first layer's h, in h's own range, so it joins unscaled (no MUL)."""
+    from convert import quantize
+
+    spec = _stacked()
+    x = np.random.default_rng(2).uniform(-10, 10, (8, 40, 3))
+    scales = quantize.input_scales(spec, _calibration(spec, x), normalize_in_graph=False)
+    assert scales == {0: None, 1: 1.0}
+
+
+def test_an_input_in_a_narrower_range_is_scaled_onto_h():
+    """Inputs within +-0.25 would use a quarter of h's codes unscaled: scaled up by ~4
+    instead (their weights, 4x the recurrent ones, come out alike once divided by 4)."""
+    from convert import quantize
+
+    rng = np.random.default_rng(3)
+    spec = _spec((_lstm(rng, 4, 6, scale=0.4, rec=0.1),), 4)
+    x = np.random.default_rng(4).uniform(-0.25, 0.25, (8, 40, 4))
+    scales = quantize.input_scales(spec, _calibration(spec, x), normalize_in_graph=False)
+    k = scales[0]
+    assert k is not None and 3.9 < k < 4.1, scales
+
+
+def _constant_operands(content: bytes) -> dict[str, int]:
+    """Per element-wise op name, how many of its operands are constant tensors (a buffer with
+    data in the flatbuffer)."""
+    from tensorflow.lite.python import schema_py_generated as fb
+
+    model = fb.Model.GetRootAsModel(content, 0)
+    names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+    sg = model.Subgraphs(0)
+    out: dict[str, int] = {}
+    for k in range(sg.OperatorsLength()):
+        op = sg.Operators(k)
+        oc = model.OperatorCodes(op.OpcodeIndex())
+        name = names.get(max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()), "?")
+        if name not in ("ADD", "SUB"):
+            continue
+        for j in range(op.InputsLength()):
+            t = sg.Tensors(op.Inputs(j))
+            if model.Buffers(t.Buffer()).DataLength() > 0:
+                out[name] = out.get(name, 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("name", ["clf-int8", "reg2-int8", "clf-int16x8"])
+def test_integer_lstm_bundles_add_no_constant_bias(bundles: Path, name):
+    """Every bias rides inside a FULLY_CONNECTED: no ADD of a broadcast constant (the built-in
+    int8 kernels of tflite-runtime 2.14 spent most of a step on those), and at most one ADD
+    per gate plus the cell's per layer."""
+    content = (bundles / name / "model.tflite").read_bytes()
+    assert _constant_operands(content) == {}
+    from convert.verify import op_audit
+
+    ops = op_audit(content)["ops"]
+    layers = 2 if name.startswith("reg2") else 1
+    assert ops.get("ADD", {"count": 0})["count"] <= 5 * layers, ops

@@ -1,7 +1,7 @@
 """Raw invoke of the step graph: the layout before (per gate an input and a recurrent matmul
 plus a broadcast bias ADD) against the current one, converted from the same weights.
 
-    .venv/bin/python -m bench.step_graph [--quick] [--batch 64] [--mode int8]
+    .venv/bin/python -m bench.step_graph [--quick] [--batch 64] [--mode int8] [--layers 1|2]
 
 Both graphs come from the example model (H=64, F=6) and one calibration, each converted and
 verified by the converter (``run_convert``: parity, drift, every reachable kernel set), so the
@@ -113,17 +113,17 @@ def per_gate_lstm(layer: Any, tf: Any, c: Any, scale: float | None = None) -> An
     return lstm
 
 
-def build_variants(mode: str, fresh: bool) -> dict[str, Path]:
+def build_variants(mode: str, layers: int, fresh: bool) -> dict[str, Path]:
     """Both layouts of the example model, converted and verified (cached unless ``fresh``)."""
     from unittest import mock
 
     from convert import step_graph
     from convert.pipeline import run_convert
 
-    model, _ = example(1, 64)
+    model, _ = example(layers, 64) if layers == 1 else example(layers, 64, epochs=40)
     out = {}
     for layout in LAYOUTS:
-        d = BUILD / "step-graph" / f"{layout}-{mode}"
+        d = BUILD / "step-graph" / f"l{layers}-{layout}-{mode}"
         if fresh or not (d / "manifest.json").exists():
             log(f"converting the example model ({mode}, layout {layout})")
             before = layout == "before"
@@ -167,17 +167,22 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rounds")
     ap.add_argument("--batch", type=int, default=64, help="streams per invoke (default 64)")
     ap.add_argument("--mode", default="int8", help="quantisation mode (default int8)")
+    ap.add_argument("--layers", type=int, default=1, help="1: the example; 2: two stacked LSTMs")
     ap.add_argument("--fresh", action="store_true", help="convert again, ignore the cache")
     args = ap.parse_args()
     if args.batch < 1:
         print(f"bench.step_graph: --batch {args.batch} must be >= 1", file=sys.stderr)
         return 2
+    if args.layers not in (1, 2):
+        print(f"bench.step_graph: --layers {args.layers} must be 1 or 2", file=sys.stderr)
+        return 2
     rounds, calls = (5, 100) if args.quick else (15, 200)
-    bundles = build_variants(args.mode, args.fresh)
+    bundles = build_variants(args.mode, args.layers, args.fresh)
     paths = [str(bundles[k] / "model.tflite") for k in LAYOUTS]
     results: dict[str, Any] = {
         "batch": args.batch,
         "mode": args.mode,
+        "layers": args.layers,
         "rounds": rounds,
         "calls_per_round": calls,
         "fidelity": {k: fidelity(bundles[k]) for k in LAYOUTS},
@@ -195,7 +200,7 @@ def main() -> int:
         results["timing"]["tflite-2.14"] = dev
     else:
         results["timing"]["tflite-2.14"] = dict(zip(LAYOUTS, dev))
-    path = save("step_graph", results)
+    path = save(f"step_graph-l{args.layers}-{args.mode}", results)
     print(report(results))
     log(f"results: {path}")
     return 0
@@ -203,7 +208,8 @@ def main() -> int:
 
 def report(results: dict[str, Any]) -> str:
     lines = [
-        f"raw invoke, {results['batch']} streams, {results['mode']}, "
+        f"raw invoke, {results['layers']}-layer example, {results['batch']} streams, "
+        f"{results['mode']}, "
         f"{results['rounds']} interleaved rounds: CPU us per stream-step",
         "",
         "| kernel set | before min / median | after min / median | after / before (median) |",

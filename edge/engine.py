@@ -6,10 +6,10 @@ No MQTT here; ``edge.mqtt_loop`` and ``edge.processor`` are a thin shell around 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -28,12 +28,13 @@ from .errors import (
 )
 from .kernels import enforce
 from .manifest import Manifest, read_bundle
-from .model import StepModel, dequantize
+from .model import NP_DTYPES, StepModel, dequantize, requantize
 from .sequencing import GAP_POLICIES, HALF, U32, admit, earlier_boot, last_of
-from .state_store import NO_SEQ, StateStore
+from .state_store import BOOT_HISTORY, NO_BOOT, NO_SEQ, StateStore
 
 MAX_STREAM_ID = 256
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+_Y_DTYPES = NP_DTYPES
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,94 @@ class Outcome:
     error: SampleError | None = None
 
 
-class _Segment(NamedTuple):
-    values: np.ndarray  # [k, F] float64, already validated and de-duplicated
-    outcome: int  # index of the Outcome that receives the k outputs
-    reset: bool  # zero the state before the first of them (gap policy "reset")
+@dataclass
+class Batch:
+    """What ``step_batch`` did to each chunk, as arrays with one entry per chunk (the fields
+    of ``Outcome``). Chunk i's outputs are ``y[offsets[i]:offsets[i + 1]]``, one row per
+    applied sample; ``seq`` is ``NO_SEQ`` where the outcome has none."""
+
+    streams: Sequence[str]
+    y: np.ndarray  # [applied samples, O] float32, chunk after chunk
+    offsets: np.ndarray  # [N + 1]
+    seq: np.ndarray
+    duplicates: np.ndarray
+    gap: np.ndarray
+    late: np.ndarray
+    reset: np.ndarray
+    restart: np.ndarray
+    errors: dict[int, SampleError]
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def y_of(self, i: int) -> np.ndarray:
+        return self.y[self.offsets[i] : self.offsets[i + 1]]
+
+    def outcome(self, i: int) -> Outcome:
+        seq = int(self.seq[i])
+        return Outcome(
+            self.streams[i],
+            None if seq == NO_SEQ else seq,
+            self.y_of(i),
+            int(self.duplicates[i]),
+            int(self.gap[i]),
+            int(self.late[i]),
+            bool(self.reset[i]),
+            bool(self.restart[i]),
+            self.errors.get(i),
+        )
+
+
+@dataclass
+class _Plan:
+    """What admission decided, per chunk (arrays), and what to record after stepping. Keys
+    of ``last``/``boots``/``notes`` are stream ids, or chunk indices into ``rows``."""
+
+    applied: np.ndarray  # samples stepped
+    skip: np.ndarray  # leading duplicates skipped
+    stream_of: np.ndarray  # index of the chunk's stream among this batch's streams
+    first_seq: np.ndarray
+    duplicates: np.ndarray
+    gap: np.ndarray
+    late: np.ndarray
+    reset: np.ndarray  # zero the state before the chunk's first applied sample
+    restart: np.ndarray
+    rows: np.ndarray | None  # per chunk (fast admission: every stream once)
+    last: list[tuple[str, int]]
+    # (chunks with a seq or None for all, their last seq)
+    last_arrays: tuple[np.ndarray | None, np.ndarray] | None
+    boots: list[tuple[Any, int]]
+    notes: list[tuple[Any, int, int, bool]]  # (key, first skipped seq, count, fresh)
+
+
+def _u32(value: Any) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, np.integer))
+        and 0 <= int(value) < U32
+    )
+
+
+def _int64(value: Any) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, np.integer))
+        and -(2**63) <= int(value) < 2**63
+    )
+
+
+def _valid_id(stream: Any) -> bool:
+    return isinstance(stream, str) and 0 < len(stream) <= MAX_STREAM_ID and stream.isprintable()
+
+
+def _opt(value: Any) -> int | None:
+    """An int64 array entry -> int, or None for the "none" marker (NO_SEQ = NO_BOOT = -1)."""
+    v = int(value)
+    return None if v == NO_SEQ else v
+
+
+def _name(stream: Any) -> str | None:
+    return stream if isinstance(stream, str) else None
 
 
 @dataclass
@@ -94,21 +179,17 @@ class Engine:
         allow_unsequenced: bool = True,
         capacity: int = 1_000_000,
         idle_timeout: float | None = None,
-        max_chunk: int = 1024,
         restart_gap: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if gap_policy not in GAP_POLICIES:
             raise ConfigError(f"gap_policy {gap_policy!r} is not one of {GAP_POLICIES}")
-        if max_chunk < 1:
-            raise ConfigError(f"max_chunk must be >= 1, got {max_chunk}")
         if not 0 <= restart_gap < HALF:
             raise ConfigError(f"restart_gap must be in 0..{HALF - 1}, got {restart_gap}")
         self.restart_gap = restart_gap
         self.model = model
         self.gap_policy = gap_policy
         self.allow_unsequenced = allow_unsequenced
-        self.max_chunk = max_chunk
         self.store = StateStore(
             model.zero_state(), capacity=capacity, idle_timeout=idle_timeout, clock=clock
         )
@@ -125,7 +206,11 @@ class Engine:
     def step(
         self, stream: str, x: Any, seq: int | None = None, boot: int | None = None
     ) -> np.ndarray:
-        """x: [F] -> y: [O]; x: [k, F] -> y: [k, O]. Raises a ``SampleError`` on refusal."""
+        """x: [F] -> y: [O]; x: [k, F] -> y: [k, O], any k (a whole recording in one call).
+        Raises a ``SampleError`` on refusal."""
+        y = self._step_next(stream, x, seq, boot)
+        if y is not None:
+            return y
         out = self.step_many([Chunk(stream, x, seq, boot)])[0]
         if out.error is not None:
             raise out.error
@@ -134,6 +219,52 @@ class Engine:
                 raise DuplicateSample("duplicate sample dropped", stream_id=stream, seq=seq)
             return np.asarray(out.y[0])
         return out.y
+
+    def _step_next(self, stream: Any, x: Any, seq: Any, boot: Any) -> np.ndarray | None:
+        """One sample of a known stream that simply continues it (next seq or none, same
+        boot): the arithmetic of ``step_batch`` without its batch bookkeeping. None when the
+        general path must decide."""
+        store = self.store
+        if type(stream) is not str or store.idle_timeout is not None:
+            return None
+        row = store.peek(stream)
+        if row is None:
+            return None
+        if seq is None:
+            if not self.allow_unsequenced:
+                return None
+        else:
+            last = int(store.last_seq[row])
+            if type(seq) is not int or last == NO_SEQ or (seq - last) % U32 != 1:
+                return None
+        if boot is not None and (type(boot) is not int or boot != store.boots[row, 0]):
+            return None
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+        if arr.shape != (self.manifest.features,) or not np.abs(arr).max() <= FLOAT32_MAX:
+            return None
+        model = self.model
+        b = model.binding
+        b.bind(1)
+        b.inputs[0][0] = model.encode_x(arr)
+        for arena, view in zip(store.arrays, b.inputs[1:]):
+            view[0] = arena[row]
+        model.run()
+        for arena, out, rq, so, si in zip(
+            store.arrays, b.outputs[1:], model.requantized, model.state_out, model.state_in
+        ):
+            arena[row] = requantize(out[0], so, si) if rq else out[0]
+        y = model.decode_y(b.outputs[0][0])
+        store.touch(stream, row)
+        if seq is not None:
+            store.last_seq[row] = seq
+        c = self.counters
+        c.samples += 1
+        c.steps += 1
+        c.invokes += 1
+        return y
 
     def reset(self, stream: str, *, next_seq: int | None = None, boot: int | None = None) -> None:
         """Zero the stream's state. Its last seq is kept (redeliveries stay duplicates) unless
@@ -237,147 +368,91 @@ class Engine:
     # -- stepping ---------------------------------------------------------------------------
 
     def step_many(self, items: Iterable[Chunk] | Mapping[str, Any]) -> list[Outcome]:
-        """Advance many streams with as few invokes as possible.
-
-        Chunks are applied in the order given; a stream's samples step in order. Round r steps
-        the r-th pending sample of every stream in one batched invoke.
-        """
+        """Advance many streams with as few invokes as possible (see ``step_batch``); one
+        ``Outcome`` per chunk. Chunks are applied in the order given."""
         if isinstance(items, Mapping):
             items = [Chunk(s, v) for s, v in items.items()]
-        self.store.evict_idle()
-        outcomes: list[Outcome] = []
-        plans: dict[str, list[_Segment]] = {}
-        last: dict[str, int | None] = {}
-        boots: dict[str, int] = {}
-        gaps: list[tuple[str, int, int, bool]] = []  # (stream, first skipped, count, fresh)
-        for chunk in items:
-            outcome, values = self._admit(chunk, last, boots, gaps)
-            outcomes.append(outcome)
-            if values is not None and len(values):
-                seg = _Segment(values, len(outcomes) - 1, outcome.reset)
-                plans.setdefault(chunk.stream, []).append(seg)
-        if plans:
-            self._run(plans, outcomes)
-            for stream, seq in last.items():
-                row = self.store.peek(stream)
-                if row is not None and seq is not None:
-                    self.store.last_seq[row] = seq
-        for stream, boot in boots.items():
-            row = self.store.peek(stream)
-            if row is not None:
-                self.store.set_boot(row, boot)
-        for stream, first, count, fresh in gaps:
-            row = self.store.peek(stream)
-            if row is not None:
-                self.store.note_gap(row, first, count, fresh=fresh)
+        chunks = list(items)
+        n = len(chunks)
+        f = self.manifest.features
+        streams: list[Any] = [c.stream for c in chunks]
+        seqs = np.full(n, NO_SEQ, np.int64)
+        boots = np.full(n, NO_BOOT, np.int64)
+        counts = np.zeros(n, np.int64)
+        parts: list[np.ndarray] = []
+        errors: dict[int, SampleError] = {}
+        for i, c in enumerate(chunks):
+            try:
+                arr = self._chunk_values(c)
+            except SampleError as err:
+                errors[i] = err
+                continue
+            parts.append(arr)
+            counts[i] = len(arr)
+            if c.seq is not None:
+                seqs[i] = c.seq
+            if c.boot is not None:
+                boots[i] = c.boot
+        x = np.concatenate(parts) if parts else np.empty((0, f))
+        batch = self._step_arrays(streams, x, counts, seqs, boots, errors)
+        outcomes = [batch.outcome(i) for i in range(n)]
+        for i in batch.errors:  # the seq as given, even one refused as invalid
+            outcomes[i].seq = chunks[i].seq
         return outcomes
 
-    def _boot_of(self, stream: str, boots: dict[str, int]) -> tuple[int | None, list[int]]:
-        row = self.store.peek(stream)
-        cur, old = (None, []) if row is None else self.store.boot_of(row)
-        if stream in boots and boots[stream] != cur:
-            old = [] if cur is None else [cur, *old]
-            cur = boots[stream]
-        return cur, old
-
-    def _admit(
+    def step_batch(
         self,
-        chunk: Chunk,
-        last: dict[str, int | None],
-        boots: dict[str, int],
-        gaps: list[tuple[str, int, int, bool]],
-    ) -> tuple[Outcome, np.ndarray | None]:
-        stream, seq = chunk.stream, chunk.seq
-        empty = self._no_output
+        streams: Sequence[str],
+        values: Any,
+        *,
+        counts: Any = None,
+        seqs: Any = None,
+        boots: Any = None,
+    ) -> Batch:
+        """Advance many streams, the whole batch as arrays.
+
+        Chunk i is ``counts[i]`` consecutive rows of ``values`` (``[total, F]``; one row per
+        chunk when ``counts`` is None) for ``streams[i]``, its first sample numbered
+        ``seqs[i]`` (``NO_SEQ`` = unsequenced; None: all unsequenced), from device boot
+        ``boots[i]`` (``NO_BOOT`` = none). Chunks apply in the order given, a stream's samples
+        in order; round r steps the r-th pending sample of every stream in one invoke. A chunk
+        may hold any number of samples. A refused chunk is reported in ``Batch.errors`` and
+        changes nothing."""
+        n = len(streams)
+        f = self.manifest.features
         try:
-            values = self._validate(chunk)
-        except SampleError as err:
-            self.counters.rejected += 1
-            return Outcome(stream, seq, empty, error=err), None
-        self.counters.samples += len(values)
-        if seq is None:
-            return Outcome(stream, None, empty), values
-        if stream not in last:
-            last[stream] = self.last_seq(stream)
-        restart = False
-        if chunk.boot is not None:
-            cur, old = self._boot_of(stream, boots)
-            if earlier_boot(chunk.boot, cur, old):
-                self.counters.stale += 1
-                stale = StaleSample(
-                    f"boot {chunk.boot} is older than the stream's current boot {cur}",
-                    stream_id=stream,
-                    seq=seq,
-                )
-                return Outcome(stream, seq, empty, error=stale), None
-            restart = cur is not None and chunk.boot != cur and last[stream] is not None
-            boots[stream] = chunk.boot
-        prev = last[stream]
-        if not restart and self.restart_gap and prev is not None:
-            behind = (prev - seq) % U32
-            restart = self.restart_gap < behind < HALF
-        if restart:
-            self.counters.restarts += 1
-            last[stream] = None
-        start = last[stream] is None
-        adm = admit(last[stream], seq, len(values))
-        self.counters.duplicates += adm.duplicates
-        late = self._late(stream, seq, adm.duplicates, gaps) if adm.duplicates else 0
-        if adm.first_new is None:
-            return Outcome(stream, seq, empty, duplicates=adm.duplicates, late=late), None
-        if start:  # it starts here: anything before it arrives too late
-            gaps.append((stream, (adm.first_new - HALF + 1) % U32, HALF - 1, True))
-        reset = False
-        if adm.gap:
-            self.counters.gaps += 1
-            if self.gap_policy == "reject":
-                self.counters.rejected += 1
-                gap_error = SequenceGap(
-                    f"{adm.gap} sample(s) missing before this one (gap policy 'reject')",
-                    stream_id=stream,
-                    seq=seq,
-                )
-                return Outcome(stream, seq, empty, gap=adm.gap, error=gap_error), None
-            if self.gap_policy == "reset":
-                reset = True
-                self.counters.gap_resets += 1
-        if adm.gap:
-            gaps.append((stream, (adm.first_new - adm.gap) % U32, adm.gap, False))
-        values = values[adm.duplicates :]
-        last[stream] = last_of(adm.first_new, len(values))
-        return Outcome(
-            stream, adm.first_new, empty, adm.duplicates, adm.gap, late, reset or restart, restart
-        ), values
+            x = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InvalidSample(f"values are not numeric: {exc}") from exc
+        if x.ndim == 1 and n == 1 and counts is None:
+            x = x.reshape(1, -1)
+        if x.ndim != 2 or x.shape[1] != f:
+            raise InvalidSample(f"values have shape {x.shape}, expected [total, {f}]")
+        cnt = np.ones(n, np.int64) if counts is None else np.asarray(counts, np.int64)
+        sq = np.full(n, NO_SEQ, np.int64) if seqs is None else np.asarray(seqs, np.int64)
+        bt = np.full(n, NO_BOOT, np.int64) if boots is None else np.asarray(boots, np.int64)
+        for name, arr in (("counts", cnt), ("seqs", sq), ("boots", bt)):
+            if arr.shape != (n,):
+                raise InvalidSample(f"{name} has shape {arr.shape}, expected ({n},)")
+        if int(cnt.sum()) != len(x) or (n and cnt.min() < 0):
+            raise InvalidSample(f"counts add up to {int(cnt.sum())}, values have {len(x)} rows")
+        errors: dict[int, SampleError] = {}
+        return self._step_arrays(streams, x, cnt, sq, bt, errors)
 
-    def _late(
-        self, stream: str, seq: int, count: int, pending: list[tuple[str, int, int, bool]]
-    ) -> int:
-        """How many of ``count`` duplicate samples from ``seq`` fall in a gap the stream was
-        stepped across: remembered in its row, or noted earlier in this same call."""
-        mine = [(first, n, fresh) for s, first, n, fresh in pending if s == stream]
-        row = self.store.peek(stream)
-        spans = [] if row is None else [(int(f), int(n)) for f, n in self.store.gaps[row] if n]
-        for first, n, fresh in mine:
-            spans = [*([] if fresh else spans), (first, n)]
-        seqs = [(seq + k) % U32 for k in range(count)]
-        return sum(any((q - f) % U32 < n for f, n in spans) for q in seqs)
-
-    def _validate(self, chunk: Chunk) -> np.ndarray:
+    def _chunk_values(self, chunk: Chunk) -> np.ndarray:
+        """One chunk's checks that need its Python objects (the rest run on the whole batch),
+        in the order a refusal names them: stream id, seq, values."""
         stream, seq = chunk.stream, chunk.seq
-        if (
-            not isinstance(stream, str)
-            or not 0 < len(stream) <= MAX_STREAM_ID
-            or not (stream.isprintable())
-        ):
+        if not _valid_id(stream):
             raise InvalidSample(f"invalid stream id {stream!r}", stream_id=None, seq=seq)
         if seq is None and not self.allow_unsequenced:
             raise MissingSeq(
                 "sample has no seq; this engine needs sequenced streams", stream_id=stream
             )
-        if seq is not None and (
-            isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < 2**32
-        ):
+        if seq is not None and not _u32(seq):
             raise InvalidSample(f"seq {seq!r} is not an unsigned 32-bit integer", stream_id=stream)
+        if chunk.boot is not None and not _int64(chunk.boot):
+            raise InvalidSample(f"boot {chunk.boot!r} is not an integer", stream_id=stream, seq=seq)
         try:
             arr = np.asarray(chunk.values, dtype=np.float64)
         except (TypeError, ValueError) as exc:
@@ -393,68 +468,541 @@ class Engine:
                 stream_id=stream,
                 seq=seq,
             )
-        if not 0 < len(arr) <= self.max_chunk:
-            raise InvalidSample(
-                f"{len(arr)} samples in one chunk, expected 1..{self.max_chunk}",
-                stream_id=stream,
-                seq=seq,
-            )
-        if not np.isfinite(arr).all():
-            raise InvalidSample("values contain NaN or Inf", stream_id=stream, seq=seq)
-        if np.abs(arr).max() > FLOAT32_MAX:  # the model computes in float32 at most
-            raise InvalidSample(
-                f"values beyond the float32 range (max |x| {np.abs(arr).max():.3g})",
-                stream_id=stream,
-                seq=seq,
-            )
         return arr
 
-    def _run(self, plans: dict[str, list[_Segment]], outcomes: list[Outcome]) -> None:
-        if len(plans) > self.store.capacity:
+    def _step_arrays(
+        self,
+        streams: Sequence[Any],
+        x: np.ndarray,
+        cnt: np.ndarray,
+        sq: np.ndarray,
+        bt: np.ndarray,
+        errors: dict[int, SampleError],
+    ) -> Batch:
+        """Check, admit, step and record a batch (``errors``: chunks refused already)."""
+        self.store.evict_idle()
+        n = len(streams)
+        try:
+            rows = self.store.lookup(streams)
+        except TypeError:  # an unhashable stream id: refused below like any invalid one
+            get = self.store.peek
+            rows = np.array([get(s) if isinstance(s, str) else -1 for s in streams], np.intp)
+            rows[rows == None] = -1  # noqa: E711
+        self._check(streams, x, cnt, sq, rows, errors)
+        if errors:
+            self.counters.rejected += len(errors)
+        ok = np.ones(n, bool)
+        if errors:
+            ok[list(errors)] = False
+        self.counters.samples += int(cnt[ok].sum())
+        plan = self._admit_fast(streams, cnt, sq, bt, rows, ok)
+        if plan is None:
+            plan = self._admit_each(streams, cnt, sq, bt, ok, errors)
+        return self._apply(streams, x, cnt, sq, plan, errors)
+
+    def _check(
+        self,
+        streams: Sequence[Any],
+        x: np.ndarray,
+        cnt: np.ndarray,
+        sq: np.ndarray,
+        rows: np.ndarray,
+        errors: dict[int, SampleError],
+    ) -> None:
+        """The batch-wide refusals, in the order a refusal names them: stream id, seq, length,
+        values. A stream with a row was checked when it got it."""
+        if not len(streams):
+            return
+        if rows.min() < 0:
+            for i in np.flatnonzero(rows < 0).tolist():
+                if i not in errors and not _valid_id(streams[i]):
+                    msg = f"invalid stream id {streams[i]!r}"
+                    errors[i] = InvalidSample(msg, stream_id=None, seq=_opt(sq[i]))
+        lo, hi = int(sq.min()), int(sq.max())
+        if lo == NO_SEQ and not self.allow_unsequenced:
+            for i in np.flatnonzero(sq == NO_SEQ).tolist():
+                errors.setdefault(
+                    i,
+                    MissingSeq(
+                        "sample has no seq; this engine needs sequenced streams",
+                        stream_id=streams[i],
+                    ),
+                )
+        if lo < NO_SEQ or hi >= U32:
+            for i in np.flatnonzero((sq < NO_SEQ) | (sq >= U32)).tolist():
+                msg = f"seq {int(sq[i])} is not an unsigned 32-bit integer"
+                errors.setdefault(i, InvalidSample(msg, stream_id=streams[i]))
+        if cnt.min() < 1:
+            for i in np.flatnonzero(cnt < 1).tolist():
+                msg = "no samples in the chunk, expected at least 1"
+                errors.setdefault(i, InvalidSample(msg, stream_id=streams[i], seq=_opt(sq[i])))
+        if not len(x) or np.abs(x).max() <= FLOAT32_MAX:  # NaN compares false: it fails too
+            return
+        peak = np.abs(x).max(axis=1)
+        ends = np.cumsum(cnt)
+        for i in np.unique(np.searchsorted(ends, np.flatnonzero(~(peak <= FLOAT32_MAX)), "right")):
+            i = int(i)
+            part = x[ends[i] - cnt[i] : ends[i]]
+            if not np.isfinite(part).all():
+                err = InvalidSample(
+                    "values contain NaN or Inf", stream_id=streams[i], seq=_opt(sq[i])
+                )
+            else:  # the model computes in float32 at most
+                err = InvalidSample(
+                    f"values beyond the float32 range (max |x| {np.abs(part).max():.3g})",
+                    stream_id=streams[i],
+                    seq=_opt(sq[i]),
+                )
+            errors.setdefault(i, err)
+
+    def _admit_fast(
+        self,
+        streams: Sequence[Any],
+        cnt: np.ndarray,
+        sq: np.ndarray,
+        bt: np.ndarray,
+        rows: np.ndarray,
+        ok: np.ndarray,
+    ) -> _Plan | None:
+        """The common batch, admitted with array arithmetic: every stream once, every seq
+        ahead of the stream's last one, no boot change. None: admit chunk by chunk instead."""
+        n = len(streams)
+        if n > 1:
+            try:
+                if len(set(streams)) != n:
+                    return None
+            except TypeError:
+                return None
+        store = self.store
+        if n and ok.all() and rows.min() >= 0 and sq.min() >= 0:  # the steady state, quickly
+            last = store.last_seq[rows]
+            ahead = (sq - last) % U32
+            if (
+                last.min() != NO_SEQ
+                and ahead.min() == 1
+                and ahead.max() == 1
+                and (bt.max() == NO_BOOT or ((bt == store.boots[rows, 0]) | (bt == NO_BOOT)).all())
+            ):
+                zeros = np.zeros(n, np.int64)
+                no = np.zeros(n, bool)
+                return _Plan(
+                    applied=cnt,
+                    skip=zeros,
+                    stream_of=np.arange(n),
+                    first_seq=sq,
+                    duplicates=zeros,
+                    gap=zeros,
+                    late=zeros,
+                    reset=no,
+                    restart=no,
+                    rows=rows,
+                    last=[],
+                    last_arrays=(None, (sq + cnt - 1) % U32),
+                    boots=[],
+                    notes=[],
+                )
+        known = rows >= 0
+        safe = np.where(known, rows, 0) if len(store.last_seq) else None
+        last = np.full(n, NO_SEQ, np.int64) if safe is None else store.last_seq[safe]
+        last[~known] = NO_SEQ
+        seq_on = ok & (sq != NO_SEQ)
+        cont = seq_on & (last != NO_SEQ)
+        ahead = (sq - last) % U32
+        if (cont & ((ahead == 0) | (ahead >= HALF))).any():
+            return None  # duplicates, replays, restarts: chunk by chunk
+        gap = np.where(cont, ahead - 1, 0)
+        gapped = gap > 0
+        any_gap = bool(gapped.any())
+        if any_gap and self.gap_policy == "reject":
+            return None
+        set_boot = np.zeros(n, bool)
+        with_boot = seq_on & (bt != NO_BOOT)
+        if with_boot.any():
+            cur = np.full(n, NO_BOOT, np.int64) if safe is None else store.boots[safe, 0]
+            cur[~known] = NO_BOOT
+            if (with_boot & (cur != NO_BOOT) & (bt != cur)).any():
+                return None  # a new or an earlier boot: chunk by chunk
+            set_boot = with_boot & (cur == NO_BOOT)
+        reset = gapped & (self.gap_policy == "reset")
+        if any_gap:
+            self.counters.gaps += int(gapped.sum())
+            self.counters.gap_resets += int(reset.sum())
+        zeros = np.zeros(n, np.int64)
+        notes: list[tuple[int, int, int, bool]] = []  # (chunk, first skipped seq, count, fresh)
+        for i in np.flatnonzero(seq_on & ~cont).tolist():  # a stream starting here
+            notes.append((i, (int(sq[i]) - HALF + 1) % U32, HALF - 1, True))
+        for i in np.flatnonzero(gapped).tolist():
+            notes.append((i, (int(sq[i]) - int(gap[i])) % U32, int(gap[i]), False))
+        boots = [(i, int(bt[i])) for i in np.flatnonzero(set_boot).tolist()]
+        return _Plan(
+            applied=np.where(ok, cnt, 0),
+            skip=zeros,
+            stream_of=np.arange(n),
+            first_seq=sq,
+            duplicates=zeros,
+            gap=gap,
+            late=zeros,
+            reset=reset,
+            restart=np.zeros(n, bool),
+            rows=rows,
+            last=[],
+            last_arrays=(seq_on, (sq + cnt - 1) % U32),
+            boots=boots,
+            notes=notes,
+        )
+
+    def _admit_each(
+        self,
+        streams: Sequence[Any],
+        cnt: np.ndarray,
+        sq: np.ndarray,
+        bt: np.ndarray,
+        ok: np.ndarray,
+        errors: dict[int, SampleError],
+    ) -> _Plan:
+        """Admission chunk by chunk: duplicates, replays, restarts, boots, a stream more than
+        once. Nothing is written to the store here; ``_apply`` records it after stepping."""
+        n = len(streams)
+        applied = np.zeros(n, np.int64)
+        skip = np.zeros(n, np.int64)
+        first_seq = sq.copy()
+        dups = np.zeros(n, np.int64)
+        gaps = np.zeros(n, np.int64)
+        late = np.zeros(n, np.int64)
+        reset = np.zeros(n, bool)
+        restart = np.zeros(n, bool)
+        stream_of = np.zeros(n, np.int64)
+        index: dict[str, int] = {}
+        last: dict[str, int | None] = {}
+        boots: dict[str, list[int]] = {}  # each stream's boots in this batch, in order
+        notes: list[tuple[str, int, int, bool]] = []
+        for i in range(n):
+            if not ok[i]:
+                continue
+            stream = streams[i]
+            stream_of[i] = index.setdefault(stream, len(index))
+            seq = _opt(sq[i])
+            count = int(cnt[i])
+            if seq is None:
+                applied[i] = count
+                continue
+            if stream not in last:
+                last[stream] = self.last_seq(stream)
+            boot = _opt(bt[i])
+            is_restart = False
+            if boot is not None:
+                cur, old = self._boot_of(stream, boots)
+                if earlier_boot(boot, cur, old):
+                    self.counters.stale += 1
+                    errors[i] = StaleSample(
+                        f"boot {boot} is older than the stream's current boot {cur}",
+                        stream_id=stream,
+                        seq=seq,
+                    )
+                    continue
+                is_restart = cur is not None and boot != cur and last[stream] is not None
+                boots.setdefault(stream, []).append(boot)
+            prev = last[stream]
+            if not is_restart and self.restart_gap and prev is not None:
+                behind = (prev - seq) % U32
+                is_restart = self.restart_gap < behind < HALF
+            if is_restart:
+                self.counters.restarts += 1
+                last[stream] = None
+            start = last[stream] is None
+            adm = admit(last[stream], seq, count)
+            self.counters.duplicates += adm.duplicates
+            dups[i] = adm.duplicates
+            if adm.duplicates:
+                late[i] = self._late(stream, seq, adm.duplicates, notes)
+            if adm.first_new is None:
+                continue
+            if start:  # it starts here: anything before it arrives too late
+                notes.append((stream, (adm.first_new - HALF + 1) % U32, HALF - 1, True))
+            if adm.gap:
+                self.counters.gaps += 1
+                gaps[i] = adm.gap
+                if self.gap_policy == "reject":
+                    self.counters.rejected += 1
+                    errors[i] = SequenceGap(
+                        f"{adm.gap} sample(s) missing before this one (gap policy 'reject')",
+                        stream_id=stream,
+                        seq=seq,
+                    )
+                    continue
+                if self.gap_policy == "reset":
+                    reset[i] = True
+                    self.counters.gap_resets += 1
+                notes.append((stream, (adm.first_new - adm.gap) % U32, adm.gap, False))
+            first_seq[i] = adm.first_new
+            skip[i] = adm.duplicates
+            applied[i] = count - adm.duplicates
+            last[stream] = last_of(adm.first_new, int(applied[i]))
+            reset[i] |= is_restart
+            restart[i] = is_restart
+        return _Plan(
+            applied=applied,
+            skip=skip,
+            stream_of=stream_of,
+            first_seq=first_seq,
+            duplicates=dups,
+            gap=gaps,
+            late=late,
+            reset=reset,
+            restart=restart,
+            rows=None,
+            last=[(s, q) for s, q in last.items() if q is not None],
+            last_arrays=None,
+            boots=[(s, b) for s, seen in boots.items() for b in seen],
+            notes=notes,
+        )
+
+    def _apply(
+        self,
+        streams: Sequence[Any],
+        x: np.ndarray,
+        cnt: np.ndarray,
+        seq_out: np.ndarray,
+        plan: _Plan,
+        errors: dict[int, SampleError],
+    ) -> Batch:
+        """Step what the plan admits, then record last seqs, boots and gaps in the store."""
+        n = len(streams)
+        applied = plan.applied
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(applied, out=offsets[1:])
+        total = int(offsets[-1])
+        stepped = applied > 0
+        if not total:
+            y = self._no_output
+        else:
+            if total == len(x):
+                xa = x
+            else:  # the applied rows of each chunk: after its duplicates, none of a refused one
+                ends = np.cumsum(cnt)
+                keep = np.zeros(len(x), bool)
+                for i in np.flatnonzero(stepped).tolist():
+                    a = int(ends[i] - cnt[i] + plan.skip[i])
+                    keep[a : a + int(applied[i])] = True
+                xa = x[keep]
+            y = self._step_streams(streams, xa, applied, stepped, plan)
+        store = self.store
+        if plan.last_arrays is not None and plan.rows is not None and total:
+            seq_on, last = plan.last_arrays
+            if seq_on is None:
+                store.last_seq[plan.rows] = last
+            else:
+                done = seq_on & stepped
+                store.last_seq[plan.rows[done]] = last[done]
+        elif total:
+            for stream, q in plan.last:
+                row = store.peek(stream)
+                if row is not None:
+                    store.last_seq[row] = q
+        for key, boot in plan.boots:
+            row = self._row(plan, key)
+            if row is not None:
+                store.set_boot(row, boot)
+        for key, first, count, fresh in plan.notes:
+            row = self._row(plan, key)
+            if row is not None:
+                store.note_gap(row, first, count, fresh=fresh)
+        return Batch(
+            streams,
+            y,
+            offsets,
+            np.where(stepped, plan.first_seq, seq_out),
+            plan.duplicates,
+            plan.gap,
+            plan.late,
+            plan.reset & stepped,
+            plan.restart & stepped,
+            errors,
+        )
+
+    def _row(self, plan: _Plan, key: Any) -> int | None:
+        """The row of a plan's key: a stream id, or a chunk index into ``plan.rows``."""
+        if isinstance(key, str) or plan.rows is None:
+            return self.store.peek(key)
+        return int(plan.rows[key])
+
+    def _step_streams(
+        self,
+        streams: Sequence[Any],
+        xa: np.ndarray,
+        applied: np.ndarray,
+        stepped: np.ndarray,
+        plan: _Plan,
+    ) -> np.ndarray:
+        """Group the applied samples by stream, acquire rows, advance, and give back y in the
+        order of ``xa`` (chunk after chunk)."""
+        model = self.model
+        n = len(stepped)
+        if plan.rows is not None and len(xa) == n <= self.store.capacity and stepped.all():
+            # Fast admission, one sample per stream, all known: no grouping to do.
+            names = list(streams)
+            rows = plan.rows[:] = self.store.acquire(names, plan.rows)
+            zero = plan.reset if plan.reset.any() else None
+            return model.decode_y(self._advance(rows, applied, model.encode_x(xa), zero))
+        chunks = np.flatnonzero(stepped)
+        u_of_chunk = plan.stream_of[chunks]
+        n_streams = int(u_of_chunk.max()) + 1 if len(chunks) else 0
+        firsts = np.full(n_streams, -1, np.int64)
+        firsts[u_of_chunk[::-1]] = chunks[::-1]  # each stream's first chunk
+        names = [streams[int(i)] for i in firsts]
+        if n_streams > self.store.capacity:
             raise ConfigError(
-                f"{len(plans)} streams in one batch exceed the state capacity "
+                f"{n_streams} streams in one batch exceed the state capacity "
                 f"{self.store.capacity}; lower the batch size or raise the capacity"
             )
-        segments = list(plans.values())
-        if all(len(segs) == 1 and len(segs[0].values) == 1 for segs in segments):
-            # The common case, one new sample per stream: one round, no per-sample bookkeeping.
-            rows = self.store.acquire(plans)
-            x = np.concatenate([segs[0].values for segs in segments])
-            zero = [i for i, segs in enumerate(segments) if segs[0].reset]
-            y = self._step_rows(rows, x, zero)
-            for i, segs in enumerate(segments):
-                outcomes[segs[0].outcome].y = y[i : i + 1]
-            return
-        streams = sorted(plans, key=lambda s: -sum(len(seg.values) for seg in plans[s]))
-        rows = self.store.acquire(streams)
-        xs, where, resets = [], [], []
-        for stream in streams:
-            segs = plans[stream]
-            xs.append(np.concatenate([seg.values for seg in segs]))
-            where.append([(seg.outcome, k) for seg in segs for k in range(len(seg.values))])
-            starts = np.cumsum([0] + [len(seg.values) for seg in segs])
-            resets.append({int(starts[j]) for j, seg in enumerate(segs) if seg.reset})
-            for seg in segs:
-                shape = (len(seg.values), self.manifest.outputs)
-                outcomes[seg.outcome].y = np.empty(shape, np.float32)
-        lengths = np.array([len(x) for x in xs])
-        for r in range(int(lengths.max())):
-            m = int((lengths > r).sum())  # sorted by length: the active streams are a prefix
-            x = np.stack([xs[i][r] for i in range(m)])
-            y = self._step_rows(rows[:m], x, [i for i in range(m) if r in resets[i]])
-            for i in range(m):
-                oi, k = where[i][r]
-                outcomes[oi].y[k] = y[i]
+        known = None if plan.rows is None else plan.rows[firsts]
+        if plan.rows is not None:
+            rows = self.store.acquire(names, known)
+            plan.rows[firsts] = rows
+        else:
+            rows = self.store.acquire(names)
+        lengths = np.bincount(u_of_chunk, weights=plan.applied[chunks], minlength=n_streams)
+        lengths = lengths.astype(np.int64)
+        zero_first = plan.reset[chunks]
+        grouped = n_streams == len(chunks) and bool((np.diff(u_of_chunk) > 0).all())
+        starts_c = np.zeros(len(chunks), np.int64)  # each chunk's first sample in xa
+        np.cumsum(applied[chunks][:-1], out=starts_c[1:])
+        if grouped:  # streams in chunk order, one chunk each: xa is grouped already
+            xg, order = xa, None
+            zero_at = starts_c[zero_first]
+        else:  # a stable sort by stream keeps every stream's samples in order
+            sample_stream = np.repeat(u_of_chunk, applied[chunks])
+            order = np.argsort(sample_stream, kind="stable")
+            xg = xa[order]
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            zero_at = inverse[starts_c[zero_first]]
+        zero = None
+        if len(zero_at):
+            zero = np.zeros(len(xa), bool)
+            zero[zero_at] = True
+        y_raw = self._advance(rows, lengths, self.model.encode_x(xg), zero)
+        if order is not None:
+            back = np.empty_like(y_raw)
+            back[order] = y_raw
+            y_raw = back
+        return self.model.decode_y(y_raw)
 
-    def _step_rows(self, rows: np.ndarray, x: np.ndarray, zero: list[int]) -> np.ndarray:
-        """One step for these state rows: reset some, gather, invoke, scatter -> float y."""
-        if zero:
-            self.store.zero_rows(rows[zero])
-        y_raw, new_state = self.model.invoke(self.model.encode_x(x), self.store.gather(rows))
-        self.store.scatter(rows, new_state)
-        self.counters.invokes += -(-len(rows) // self.model.max_batch)
-        self.counters.steps += len(rows)
-        return dequantize(y_raw, self.model.y_spec)
+    def _advance(
+        self, rows: np.ndarray, lengths: np.ndarray, xq: np.ndarray, zero: np.ndarray | None
+    ) -> np.ndarray:
+        """Step streams ``rows`` through their ``lengths`` encoded samples (``xq`` grouped by
+        stream, in order); ``zero``: reset the state before these samples. Round r steps the
+        r-th sample of every stream still going, in one invoke per ``max_batch`` rows. While
+        the same streams go on, the state stays in the interpreter's buffers between rounds;
+        it goes back to the arena when one finishes. -> encoded y, in ``xq``'s order."""
+        model = self.model
+        b = model.binding
+        arenas = self.store.arrays
+        zero_rows = [z[0] for z in self.store._zero]
+        total = len(xq)
+        y_raw = np.empty((total, self.manifest.outputs), _Y_DTYPES[model.y_spec.dtype])
+        n = len(rows)
+        starts = np.zeros(n, np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        zero_rounds: set[int] = set()
+        if zero is not None:  # the rounds (sample positions in their stream) with a reset
+            pos = np.arange(total) - np.repeat(starts, lengths)
+            zero_rounds = set(pos[zero].tolist())
+        if total == n:
+            spans = [(0, 1, n)]
+        else:  # longest first: the streams still going in a round are a prefix
+            order = np.argsort(-lengths, kind="stable")
+            rows, starts, lengths = rows[order], starts[order], lengths[order]
+            spans = []
+            r, m = 0, n
+            ls = lengths.tolist()
+            while m:
+                end = ls[m - 1]
+                spans.append((r, end, m))
+                r = end
+                while m and ls[m - 1] <= r:
+                    m -= 1
+        maxb = model.max_batch
+        requant = model.requantized
+        specs = list(zip(model.state_out, model.state_in))
+        invokes = 0
+        for r0, r1, m in spans:
+            if m > maxb:  # split rounds: every part gathers and scatters its rows
+                for r in range(r0, r1):
+                    for k in range(0, m, maxb):
+                        part = slice(k, min(m, k + maxb))
+                        self._round(rows[part], starts[part] + r, xq, zero, y_raw)
+                        invokes += 1
+                continue
+            b.bind(m)
+            x_in, s_in = b.inputs[0], b.inputs[1:]
+            y_out, s_out = b.outputs[0], b.outputs[1:]
+            mine = rows[:m]
+            for arena, view in zip(arenas, s_in):
+                np.take(arena, mine, axis=0, out=view)
+            st = starts[:m]
+            for r in range(r0, r1):
+                idx = st + r
+                np.take(xq, idx, axis=0, out=x_in)
+                if r in zero_rounds:
+                    z = zero[idx]  # type: ignore[index]
+                    for view, zr in zip(s_in, zero_rows):
+                        view[z] = zr
+                model.run()
+                y_raw[idx] = y_out
+                if r + 1 < r1:  # the same streams go on: feed the state straight back
+                    for view, out, rq, (so, si) in zip(s_in, s_out, requant, specs):
+                        if rq:
+                            view[...] = requantize(out, so, si)
+                        else:
+                            np.copyto(view, out)
+            for arena, out, rq, (so, si) in zip(arenas, s_out, requant, specs):
+                arena[mine] = requantize(out, so, si) if rq else out
+            invokes += r1 - r0
+        self.counters.invokes += invokes
+        self.counters.steps += total
+        return y_raw
+
+    def _round(
+        self,
+        rows: np.ndarray,
+        idx: np.ndarray,
+        xq: np.ndarray,
+        zero: np.ndarray | None,
+        y_raw: np.ndarray,
+    ) -> None:
+        """One invoke for some rows of a round too wide for ``max_batch``: gather, scatter."""
+        if zero is not None:
+            z = zero[idx]
+            if z.any():
+                self.store.zero_rows(rows[z])
+        y, states = self.model.invoke(xq[idx], self.store.gather(rows))
+        self.store.scatter(rows, states)
+        y_raw[idx] = y
+
+    def _boot_of(self, stream: str, boots: dict[str, list[int]]) -> tuple[int | None, list[int]]:
+        """(current boot, earlier boots) of a stream, counting the boots seen in this batch."""
+        row = self.store.peek(stream)
+        cur, old = (None, []) if row is None else self.store.boot_of(row)
+        history = [] if cur is None else [cur, *old]
+        for boot in boots.get(stream, ()):
+            if not history or history[0] != boot:  # as StateStore.set_boot records it
+                history = [boot, *(b for b in history if b != boot)][:BOOT_HISTORY]
+        return (history[0] if history else None), history[1:]
+
+    def _late(
+        self, stream: str, seq: int, count: int, pending: list[tuple[str, int, int, bool]]
+    ) -> int:
+        """How many of ``count`` duplicate samples from ``seq`` fall in a gap the stream was
+        stepped across: remembered in its row, or noted earlier in this same call."""
+        mine = [(first, n, fresh) for s, first, n, fresh in pending if s == stream]
+        row = self.store.peek(stream)
+        spans = [] if row is None else [(int(f), int(n)) for f, n in self.store.gaps[row] if n]
+        for first, n, fresh in mine:
+            spans = [*([] if fresh else spans), (first, n)]
+        seqs = [(seq + k) % U32 for k in range(count)]
+        return sum(any((q - f) % U32 < n for f, n in spans) for q in seqs)
 
 
 def load(

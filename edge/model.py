@@ -1,19 +1,17 @@
-"""The step model behind a signature runner: quantise in, invoke a batch, dequantise out.
+"""The step model behind a tensor binding: quantise in, invoke a batch, dequantise out.
 
 Batch handling, chosen by measurement (``python -m bench.engine``, "mixed batches"): one
-runner whose input shapes follow each micro-batch. The signature runner resizes and
-re-allocates only when the batch size changes, which for a step model costs less than padding
-to fixed power-of-two buckets (example model, batches of 3, 17, 64, 5, 40 and 9 rows:
-133 us resized against 168 us padded into buckets). Batches above ``max_batch`` are split.
+interpreter whose input shapes follow the batch. ``edge.binding`` resizes and re-allocates
+only when the batch size changes (a repeated size costs nothing extra), which for a step model
+costs less than padding to fixed power-of-two buckets. Batches above ``max_batch`` are split.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
 from .backend import Backend, SignatureRunner, kernel_set
+from .binding import Binding, bind
 from .errors import BackendError, BundleError
 from .manifest import Manifest, TensorSpec
 
@@ -67,6 +65,20 @@ class StepModel:
         self.state_out = [t[o] for _, o in manifest.state_names]
         self._mean, self._std = _input_normalization(manifest)
         self._check_signature(self._runner)
+        self.binding: Binding = bind(
+            interpreter,
+            self._runner,
+            manifest.signature,
+            [self.x_spec.name, *(s.name for s in self.state_in)],
+            [self.y_spec.name, *(s.name for s in self.state_out)],
+        )
+        # Whether a state output must be re-encoded before it is fed back (stacked layers whose
+        # output and input encodings differ); else the bytes go straight back.
+        self.requantized = [
+            (so.dtype, so.scale, so.zero_point) != (si.dtype, si.scale, si.zero_point)
+            for so, si in zip(self.state_out, self.state_in)
+        ]
+        self._y_table = _dequantize_table(self.y_spec)
         # One step from zero state applies the interpreter's lazy delegates, so the execution
         # plan then shows the kernels every later invoke runs.
         self.invoke(self.encode_x(np.zeros((1, manifest.features))), self.zero_state())
@@ -123,17 +135,42 @@ class StepModel:
                 np.concatenate([p[0] for p in parts]),
                 [np.concatenate([p[1][k] for p in parts]) for k in range(len(states))],
             )
-        feeds: dict[str, np.ndarray] = {self.x_spec.name: x}
-        for spec, arr in zip(self.state_in, states):
-            feeds[spec.name] = arr
-        try:
-            out: Mapping[str, np.ndarray] = self._runner(**feeds)
-        except Exception as exc:
-            raise BackendError(f"{self.backend.name} invoke failed: {exc}") from exc
+        b = self.binding
+        b.bind(n)
+        b.inputs[0][...] = x
+        for dst, arr in zip(b.inputs[1:], states):
+            dst[...] = arr
+        self.run()
         new_states = [
-            requantize(out[so.name], so, si) for so, si in zip(self.state_out, self.state_in)
+            requantize(out.copy(), so, si)
+            for out, so, si in zip(b.outputs[1:], self.state_out, self.state_in)
         ]
-        return out[self.y_spec.name], new_states
+        return b.outputs[0].copy(), new_states
+
+    def run(self) -> None:
+        """Invoke on what the binding holds."""
+        try:
+            self.binding.invoke()
+        except BackendError as exc:
+            raise BackendError(f"{self.backend.name} {exc}") from exc
+
+    def decode_y(self, raw: np.ndarray) -> np.ndarray:
+        """Encoded y rows -> float32, exactly as ``dequantize`` (by table for int8)."""
+        if self._y_table is not None:
+            out: np.ndarray = self._y_table[raw.view(np.uint8)]
+            return out
+        if not self.y_spec.quantized:  # a copy: ``raw`` may be the interpreter's own buffer
+            return np.array(raw, dtype=np.float32)
+        return dequantize(raw, self.y_spec)
+
+
+def _dequantize_table(spec: TensorSpec) -> np.ndarray | None:
+    """``dequantize`` of every int8 value, indexed by the value's byte (one gather per call)."""
+    if not spec.quantized or spec.dtype != "int8":
+        return None
+    table = dequantize(np.arange(256, dtype=np.uint8).view(np.int8), spec)
+    table.flags.writeable = False
+    return table
 
 
 def _input_normalization(manifest: Manifest) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -79,7 +79,6 @@ def open_engine(cfg: ServiceConfig) -> Engine:
         allow_unsequenced=False,
         capacity=cfg.capacity,
         idle_timeout=None,  # the processor forgets idle streams, and logs it for replays
-        max_chunk=cfg.max_samples_per_message,
         restart_gap=cfg.restart_gap,
     )
 

@@ -195,7 +195,6 @@ def partition_engine(model: StepModel, cfg: ServiceConfig) -> Engine:
         allow_unsequenced=False,
         capacity=cfg.capacity,
         idle_timeout=None,
-        max_chunk=cfg.max_samples_per_message,
         restart_gap=cfg.restart_gap,
     )
 

@@ -101,25 +101,44 @@ class StateStore:
     def peek(self, stream: str) -> int | None:
         return self._rows.get(stream)
 
-    def acquire(self, streams: Iterable[str]) -> np.ndarray:
-        """Rows for these streams (new ones at zero state), marked as just used."""
-        now = self._clock()
-        out = []
-        for stream in streams:
-            row = self._rows.get(stream)
-            if row is None:
-                if not self._free and self.allocated < self.capacity:
-                    self._grow()
-                if not self._free:
-                    self._evict_lru()
-                row = self._free.pop()
-                self._clear(row)
-                self._rows[stream] = row
-            else:
-                self._rows.move_to_end(stream)
-            self.last_seen[row] = now
-            out.append(row)
-        return np.asarray(out, dtype=np.intp)
+    def lookup(self, streams: Sequence[str]) -> np.ndarray:
+        """Rows of these streams, -1 for unknown ones; nothing is changed."""
+        get = self._rows.get
+        return np.fromiter((get(s, -1) for s in streams), np.intp, len(streams))
+
+    def acquire(self, streams: Iterable[str], rows: np.ndarray | None = None) -> np.ndarray:
+        """Rows for these (distinct) streams, new ones at zero state, all marked as just used.
+
+        ``rows``: their ``lookup``, when the caller has it already. Known streams are marked
+        before new ones get rows, so that making room never evicts a stream of this call."""
+        streams = list(streams)
+        out = self.lookup(streams) if rows is None else rows.astype(np.intp, copy=True)
+        move = self._rows.move_to_end
+        if not len(out) or out.min() >= 0:
+            new = []
+            for stream in streams:
+                move(stream)
+        else:
+            new = np.flatnonzero(out < 0).tolist()
+            for stream, row in zip(streams, out.tolist()):
+                if row >= 0:
+                    move(stream)
+        for i in new:
+            if not self._free and self.allocated < self.capacity:
+                self._grow()
+            if not self._free:
+                self._evict_lru()
+            row = self._free.pop()
+            self._clear(row)
+            self._rows[streams[i]] = row
+            out[i] = row
+        self.last_seen[out] = self._clock()
+        return out
+
+    def touch(self, stream: str, row: int) -> None:
+        """Mark one known stream as just used."""
+        self._rows.move_to_end(stream)
+        self.last_seen[row] = self._clock()
 
     def _evict_lru(self) -> None:
         stream, row = self._rows.popitem(last=False)

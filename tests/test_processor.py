@@ -44,14 +44,20 @@ def xs():
 
 def test_an_unexpected_failure_costs_one_message(bundles, tmp_path, xs, monkeypatch):
     p = make(bundles, tmp_path)
-    real = p.engine.step_many
+    real, real_batch = p.engine.step_many, p.engine.step_batch
 
     def fragile(chunks):
         if any(c.stream == "poison" for c in chunks):
             raise RuntimeError("kernel exploded")
         return real(chunks)
 
+    def fragile_batch(streams, *args, **kw):
+        if "poison" in streams:
+            raise RuntimeError("kernel exploded")
+        return real_batch(streams, *args, **kw)
+
     monkeypatch.setattr(p.engine, "step_many", fragile)
+    monkeypatch.setattr(p.engine, "step_batch", fragile_batch)
     assert p.handle([msg("good", 1, xs[0]), msg("poison", 1, xs[1]), msg("good", 2, xs[2])])
     outs = answers(p)
     errs = [json.loads(o.payload) for o in outs if o.topic == "errors/poison"]

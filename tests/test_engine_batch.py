@@ -1,0 +1,225 @@
+"""The array path of the engine (``step_batch``), chunks of any length, and the tensor binding,
+against real bundles in a real interpreter (runs in both environments)."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import edge
+from edge import Chunk
+from edge.binding import TensorBinding
+from edge.state_store import NO_BOOT, NO_SEQ
+
+SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+QUANTIZED = ["clf-int8", "reg2-int8", "cnn-gru-int8"]
+
+
+def samples(n: int, seed: int, f: int = 6) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 3, (n, f))
+
+
+def same_state(a: edge.Engine, b: edge.Engine, stream: str) -> bool:
+    sa, sb = a.state_of(stream), b.state_of(stream)
+    if sa is None or sb is None:
+        return sa is sb
+    return all(np.array_equal(x, y) for x, y in zip(sa, sb))
+
+
+@pytest.fixture
+def load(bundles):
+    def _load(name: str = "clf-int8", **kw) -> edge.Engine:
+        return edge.load(bundles / name, **kw)
+
+    return _load
+
+
+# Messages of a few streams: (stream, k samples, seq offset from the stream's next seq, boot).
+# Offsets below 0 replay samples already applied, above 0 skip some; boots change rarely.
+MESSAGES = st.lists(
+    st.tuples(
+        st.integers(0, 4),
+        st.integers(1, 5),
+        st.sampled_from([0, 0, 0, 0, 1, 3, -1, -3]),
+        st.sampled_from([None, None, None, 7, 8]),
+    ),
+    min_size=1,
+    max_size=24,
+)
+
+
+def as_chunks(messages, seed: int, f: int) -> list[Chunk]:
+    nxt = [1] * 5
+    out = []
+    for i, (s, k, offset, boot) in enumerate(messages):
+        seq = max(0, nxt[s] + offset)
+        out.append(Chunk(f"s{s}", samples(k, seed + i, f), seq, boot))
+        nxt[s] = max(nxt[s], seq + k)
+    return out
+
+
+@SETTINGS
+@given(messages=MESSAGES, seed=st.integers(0, 999), name=st.sampled_from(QUANTIZED))
+def test_a_batch_as_arrays_equals_its_chunks_one_call_each(load, messages, seed, name):
+    """One ``step_batch`` call over many messages (streams repeated, replays, gaps, boots)
+    gives exactly what the same messages give one call at a time."""
+    batched, single = load(name, max_batch=4), load(name)
+    f = batched.manifest.features
+    chunks = as_chunks(messages, seed, f)
+    got = batched.step_batch(
+        [c.stream for c in chunks],
+        np.concatenate([c.values for c in chunks]),
+        counts=[len(c.values) for c in chunks],
+        seqs=[c.seq for c in chunks],
+        boots=[NO_BOOT if c.boot is None else c.boot for c in chunks],
+    )
+    for i, c in enumerate(chunks):
+        (want,) = single.step_many([c])
+        have = got.outcome(i)
+        np.testing.assert_array_equal(have.y, want.y)
+        assert (have.seq, have.duplicates, have.gap, have.late, have.reset, have.restart) == (
+            want.seq,
+            want.duplicates,
+            want.gap,
+            want.late,
+            want.reset,
+            want.restart,
+        )
+        assert type(have.error) is type(want.error)
+    for s in {c.stream for c in chunks}:
+        assert same_state(batched, single, s)
+        assert batched.last_seq(s) == single.last_seq(s) and batched.boots(s) == single.boots(s)
+    assert batched.counters.steps == single.counters.steps
+
+
+@SETTINGS
+@given(
+    n=st.integers(1, 70),
+    seed=st.integers(0, 999),
+    gap_policy=st.sampled_from(["continue", "reset"]),
+)
+def test_one_sample_per_stream_equals_each_stream_alone(load, n, seed, gap_policy):
+    """The service's common batch (every stream once, one sample each, some streams new, some
+    skipping seqs) in one invoke, against each stream stepped alone."""
+    batched, alone = load(gap_policy=gap_policy), load(gap_policy=gap_policy)
+    rng = np.random.default_rng(seed)
+    streams = [f"d{i}" for i in range(n)]
+    warm = rng.random(n) < 0.7  # these already run; the rest start in the batch
+    for s, w in zip(streams, warm):
+        if w:
+            x0 = samples(1, seed)[0]
+            batched.step(s, x0, seq=10)
+            alone.step(s, x0, seq=10)
+    seqs = np.where(rng.random(n) < 0.8, 11, 11 + rng.integers(1, 4, n))
+    x = samples(n, seed + 1)
+    got = batched.step_batch(streams, x, seqs=seqs)
+    assert batched.counters.invokes == alone.counters.invokes + 1
+    for i, s in enumerate(streams):
+        (want,) = alone.step_many([Chunk(s, x[i], int(seqs[i]))])
+        np.testing.assert_array_equal(got.y_of(i), want.y)
+        assert got.outcome(i).gap == want.gap and got.outcome(i).reset == want.reset
+        assert same_state(batched, alone, s) and batched.last_seq(s) == alone.last_seq(s)
+
+
+def test_a_long_recording_in_one_call_equals_it_in_pieces(load):
+    """``step`` takes a chunk of any length: 100,000 samples at once, as an offline user
+    streams a recording, equal bit for bit to the same samples 1,000 at a time."""
+    x = samples(100_000, 5)
+    whole, pieces = load(), load()
+    y = whole.step("rec", x, seq=1)
+    parts = [pieces.step("rec", x[i : i + 1000], seq=1 + i) for i in range(0, len(x), 1000)]
+    assert y.shape == (100_000, whole.manifest.outputs)
+    np.testing.assert_array_equal(y, np.concatenate(parts))
+    assert same_state(whole, pieces, "rec") and whole.last_seq("rec") == 100_000
+    assert whole.counters.invokes == 100_000  # one invoke per round, one round per sample
+
+
+def test_chunks_of_different_lengths_share_rounds(load):
+    """Streams with 1, 3 and 7 samples: 7 rounds, the batch shrinking as streams finish."""
+    xs = [samples(k, k) for k in (1, 7, 3)]
+    e, ref = load(), load()
+    outs = e.step_many([Chunk(f"s{i}", x, seq=1) for i, x in enumerate(xs)])
+    assert e.counters.invokes == 7
+    for i, x in enumerate(xs):
+        np.testing.assert_array_equal(outs[i].y, ref.step(f"s{i}", x, seq=1))
+        assert same_state(e, ref, f"s{i}")
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_the_binding_follows_the_batch_size_up_and_down(load, name):
+    """Tensors are re-bound only when the batch size changes (growing and shrinking), and a
+    re-bound interpreter gives the same bits as a fresh one."""
+    e, ref = load(name), load(name)
+    binding = e.model.binding
+    assert isinstance(binding, TensorBinding)  # both interpreters allow views of their tensors
+    f = e.manifest.features
+    sizes = [3, 3, 3, 17, 64, 64, 5, 1, 1, 40, 64, 2]
+    seq = {}
+    for j, n in enumerate(sizes):
+        before = binding.rebinds
+        streams = [f"s{i}" for i in range(n)]
+        x = samples(n, j, f)
+        seqs = [seq.get(s, 0) + 1 for s in streams]
+        got = e.step_batch(streams, x, seqs=seqs)
+        changed = j == 0 or sizes[j - 1] != n
+        assert binding.rebinds == before + changed and binding.rows == n
+        for i, s in enumerate(streams):
+            np.testing.assert_array_equal(got.y_of(i)[0], ref.step(s, x[i], seq=seqs[i]))
+            seq[s] = seqs[i]
+    for s in seq:
+        assert same_state(e, ref, s)
+
+
+def test_model_invoke_still_works_beside_the_engine(load):
+    """``StepModel.invoke`` (used by tools) shares the binding and returns copies."""
+    e = load()
+    m = e.model
+    x = m.encode_x(samples(5, 1))
+    y1, s1 = m.invoke(x, [np.repeat(z, 5, 0) for z in m.zero_state()])
+    e.step_batch(["a", "b"], samples(2, 2), seqs=[1, 1])
+    y2, s2 = m.invoke(x, [np.repeat(z, 5, 0) for z in m.zero_state()])
+    np.testing.assert_array_equal(y1, y2)
+    assert all(np.array_equal(a, b) for a, b in zip(s1, s2))
+
+
+def test_refused_chunks_in_a_batch_change_nothing(load):
+    e = load()
+    e.step("ok", samples(1, 0)[0], seq=1)
+    before = e.state_of("ok")
+    x = samples(4, 1)
+    x[1, 2] = np.nan
+    x[2, 0] = 1e39
+    got = e.step_batch(
+        ["new", "bad-nan", "bad-range", "bad id\n"], x, seqs=[1, 1, 1, 1], boots=[NO_BOOT] * 4
+    )
+    assert got.errors[1].code == "invalid_sample" and "NaN" in str(got.errors[1])
+    assert "float32 range" in str(got.errors[2]) and "stream id" in str(got.errors[3])
+    assert 0 not in got.errors and len(got.y_of(0)) == 1
+    assert all(e.state_of(s) is None for s in ("bad-nan", "bad-range", "bad id\n"))
+    assert same_state(e, e, "ok") and all(
+        np.array_equal(a, b) for a, b in zip(before, e.state_of("ok"))
+    )
+    assert e.counters.rejected == 3
+
+
+def test_unsequenced_and_sequenced_arrays(load):
+    e, ref = load(), load()
+    x = samples(3, 9)
+    got = e.step_batch(["a", "b", "c"], x, seqs=[NO_SEQ, 5, NO_SEQ])
+    assert got.outcome(0).seq is None and got.outcome(1).seq == 5
+    for i, (s, q) in enumerate([("a", None), ("b", 5), ("c", None)]):
+        np.testing.assert_array_equal(got.y_of(i)[0], ref.step(s, x[i], seq=q))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"counts": [1, 2, 1]}, r"counts add up to 4, values have 3 rows"),
+        ({"seqs": [1, 2]}, r"seqs has shape \(2,\), expected \(3,\)"),
+    ],
+)
+def test_malformed_batches_are_refused_whole(load, kwargs, message):
+    with pytest.raises(edge.InvalidSample, match=message):
+        load().step_batch(["a", "b", "c"], samples(3, 0), **kwargs)

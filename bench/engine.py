@@ -1,6 +1,13 @@
-"""Engine benchmark: cost per stream-step, against sliding-window re-runs, memory, load time.
+"""Engine benchmark: cost per stream-step against its peers and against sliding-window re-runs,
+memory, load time.
 
-    .venv/bin/python -m bench.engine [--quick]
+    .venv/bin/python -m bench.engine [--quick] [--peers-only]
+
+Peers (``bench.peers``), same weights, same inputs, CPU time per call in interleaved rounds
+(min and median of the rounds), at 1, 16, 64 and 256 streams: a NumPy float32 LSTM step
+vectorised over streams, and onnxruntime with a one-step ONNX LSTM when onnx and onnxruntime
+are installed. The engine is measured with ai-edge-litert here and with tflite-runtime 2.14 in
+the device-like environment (``.venv-device``), against the same NumPy peer there.
 
 Every ratio compares figures measured in this same run on this machine.
 """
@@ -16,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 import edge
-from bench._common import example, in_device_env, log, per_call, rss_bytes, save
+from bench import peers
+from bench._common import BUILD, example, in_device_env, log, per_call, rss_bytes, save
 from edge import Chunk
 
 WINDOW = 100
@@ -143,12 +151,51 @@ print(json.dumps({"import_s": t1 - t0, "load_to_first_prediction_s": t2 - t1,
 """
 
 
+PEERS_CODE = """
+import json, sys
+from pathlib import Path
+from bench.peers import compare, load_weights
+r = compare(Path(sys.argv[1]), load_weights(Path(sys.argv[2])), rounds=int(sys.argv[3]),
+            min_time=float(sys.argv[4]))
+print(json.dumps(r))
+"""
+TARGETS = (  # (streams, engine contender, peer): the engine's figure must not exceed the peer's
+    ("64", "engine_step_batch_seq", "numpy"),
+    ("64", "engine_step_batch_seq", "onnxruntime"),
+    ("1", "engine_step", "numpy"),
+)
+
+
+def peer_costs(model_path: Path, bundle: Path, quick: bool) -> dict[str, object]:
+    """The engine against its peers with the same weights, here (ai-edge-litert) and in the
+    device-like environment (tflite-runtime 2.14)."""
+    weights = peers.keras_weights(model_path)
+    path = BUILD / f"{bundle.parent.name}-weights.npz"
+    peers.save_weights(path, weights)
+    rounds, min_time = (5, 0.02) if quick else (9, 0.05)
+    out: dict[str, object] = {
+        "desktop": peers.compare(bundle, weights, rounds=rounds, min_time=min_time)
+    }
+    log("  the same in the device-like environment (tflite-runtime 2.14)")
+    out["device"] = in_device_env(PEERS_CODE, str(bundle), str(path), str(rounds), str(min_time))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="shorter timings, 20k streams")
+    ap.add_argument("--peers-only", action="store_true", help="only the engine against its peers")
     args = ap.parse_args()
     min_time = 0.1 if args.quick else 0.5
     results: dict[str, object] = {}
+    model_path, bundle = example(1, 64)
+    log("[example H=64] the engine against its peers (same weights, interleaved)")
+    results["peers example H=64"] = peer_costs(model_path, bundle, args.quick)
+    if args.peers_only:
+        path = save("engine-peers", results)
+        report_peers(results)
+        log(f"results: {path}")
+        return 0
     models = {"example H=64": example(1, 64), "2-layer H=64": example(2, 64, epochs=40)}
     for name, (model_path, bundle) in models.items():
         log(f"[{name}] stream-step costs")
@@ -177,8 +224,43 @@ def main() -> int:
     return 0
 
 
+def report_peers(results: dict[str, object]) -> None:
+    """Per stream-step (us, min / median of the rounds) and the engine's ratios to its peers."""
+    for name, both in results.items():
+        if not name.startswith("peers"):
+            continue
+        for where, r in both.items():  # type: ignore[attr-defined]
+            if "error" in r:
+                print(f"\n== {name}, {where}: not measured: {r['error']}")
+                continue
+            print(
+                f"\n== {name}, {where}: {r['backend']} ({r['kernels']}); onnxruntime: {r['onnxruntime']}"
+            )
+            print("  us per stream-step, min / median")
+            for n in ("1", "16", "64", "256"):
+                row = r[n]
+                cells = "  ".join(
+                    f"{k} {v['min']:.2f} / {v['median']:.2f}"
+                    for k, v in row.items()
+                    if k != "ratios"
+                )
+                print(f"  {n:>4} streams: {cells}")
+            for n in ("1", "64"):
+                for k, v in r[n]["ratios"].items():
+                    print(f"  {n:>4} streams: {k:45s} {v:.2f}")
+            for n, mine, peer in TARGETS:
+                key = f"{mine}/{peer} (median)"
+                if key in r[n]["ratios"]:
+                    v = r[n]["ratios"][key]
+                    verdict = "met" if v <= 1 else "NOT met"
+                    print(f"  target {mine} <= {peer} at {n} stream(s): {v:.2f} -> {verdict}")
+
+
 def report(results: dict[str, object]) -> None:
+    report_peers(results)
     for name, r in results.items():
+        if name.startswith("peers"):
+            continue
         print(f"\n== {name}")
         for k, v in r.items():  # type: ignore[attr-defined]
             print(f"  {k:45s} {v:,.2f}" if isinstance(v, float) else f"  {k:45s} {v}")

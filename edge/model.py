@@ -117,6 +117,29 @@ class StepModel:
             values = (values - self._mean) / self._std
         return quantize(values, self.x_spec)
 
+    def encode_x_into(self, values: np.ndarray, out: np.ndarray) -> None:
+        """``encode_x`` written straight into ``out`` (a bound input tensor): the same float64
+        arithmetic, in place, bit for bit."""
+        spec = self.x_spec
+        if self._mean is not None:
+            v = (values - self._mean) / self._std
+        elif not spec.quantized:
+            out[...] = values
+            return
+        else:
+            v = values / spec.scale
+        if not spec.quantized:
+            out[...] = v
+            return
+        if self._mean is not None:
+            np.divide(v, spec.scale, out=v)
+        lo, hi = INT_RANGES[spec.dtype]
+        np.rint(v, out=v)
+        v += spec.zero_point
+        np.maximum(v, lo, out=v)  # np.clip, without its per-call overhead
+        np.minimum(v, hi, out=v)
+        out[...] = v
+
     def zero_state(self) -> list[np.ndarray]:
         """One row per state tensor holding the encoded zero (the zero point for int8)."""
         return [quantize(np.zeros((1, s.width)), s) for s in self.state_in]

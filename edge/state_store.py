@@ -11,9 +11,10 @@ messages of an earlier boot of a device can be told from those of a new one.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 
@@ -134,6 +135,19 @@ class StateStore:
             out[i] = row
         self.last_seen[out] = self._clock()
         return out
+
+    def rows_of(self, streams: Sequence[str]) -> np.ndarray | None:
+        """Rows of these streams when every one is known, else None; nothing is changed."""
+        try:
+            found = itemgetter(*streams)(self._rows)
+        except (KeyError, TypeError):
+            return None
+        return np.array(found if len(streams) > 1 else (found,), np.intp)
+
+    def touch_many(self, streams: Sequence[str], rows: np.ndarray) -> None:
+        """Mark known streams (and their rows) as just used, in this order."""
+        deque(map(self._rows.move_to_end, streams), maxlen=0)
+        self.last_seen[rows] = self._clock()
 
     def touch(self, stream: str, row: int) -> None:
         """Mark one known stream as just used."""

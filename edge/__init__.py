@@ -8,7 +8,7 @@ Never imports TensorFlow unless it is explicitly chosen as the (heavy) fallback 
 """
 
 from ._version import __version__
-from .engine import Chunk, Engine, Outcome, load
+from .engine import Batch, Chunk, Engine, Outcome, load
 from .errors import (
     BackendError,
     BundleError,
@@ -25,6 +25,7 @@ from .manifest import Manifest
 
 __all__ = [
     "BackendError",
+    "Batch",
     "BundleError",
     "Chunk",
     "ConfigError",

@@ -223,3 +223,20 @@ def test_unsequenced_and_sequenced_arrays(load):
 def test_malformed_batches_are_refused_whole(load, kwargs, message):
     with pytest.raises(edge.InvalidSample, match=message):
         load().step_batch(["a", "b", "c"], samples(3, 0), **kwargs)
+
+
+def test_a_steady_batch_with_one_bad_value_refuses_only_that_chunk(load):
+    """Known streams, next seqs (the steady case), one sample NaN: only it is refused."""
+    e, ref = load(), load()
+    streams = [f"k{i}" for i in range(5)]
+    x0 = samples(5, 0)
+    e.step_batch(streams, x0, seqs=[1] * 5)
+    ref.step_batch(streams, x0, seqs=[1] * 5)
+    x = samples(5, 1)
+    x[3, 1] = np.inf
+    got = e.step_batch(streams, x, seqs=[2] * 5)
+    assert list(got.errors) == [3] and "NaN or Inf" in str(got.errors[3])
+    assert e.last_seq("k3") == 1 and same_state(e, ref, "k3")
+    for i in (0, 1, 2, 4):
+        np.testing.assert_array_equal(got.y_of(i)[0], ref.step(streams[i], x[i], seq=2))
+        assert same_state(e, ref, streams[i])

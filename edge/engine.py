@@ -395,7 +395,11 @@ class Engine:
             if c.boot is not None:
                 boots[i] = c.boot
         x = np.concatenate(parts) if parts else np.empty((0, f))
-        batch = self._step_arrays(streams, x, counts, seqs, boots, errors)
+        batch = None
+        if not errors and len(x) == n:  # one sample each: perhaps the steady batch
+            batch = self._step_steady(streams, x, seqs, boots)
+        if batch is None:
+            batch = self._step_arrays(streams, x, counts, seqs, boots, errors)
         outcomes = [batch.outcome(i) for i in range(n)]
         for i in batch.errors:  # the seq as given, even one refused as invalid
             outcomes[i].seq = chunks[i].seq
@@ -466,9 +470,15 @@ class Engine:
             return None
         if x.shape != (n, f) or sq.shape != (n,) or sq.max() >= U32:
             return None
-        last = store.last_seq[rows]
-        if last.min() < 0 or not (sq == last + 1).all():  # a start, a gap, a replay, a wrap
-            return None
+        unsequenced = sq.max() == NO_SEQ
+        if unsequenced:  # all without seq: nothing to admit, no boots to look at
+            if not self.allow_unsequenced:
+                return None
+            boots = None
+        else:
+            last = store.last_seq[rows]
+            if last.min() < 0 or not (sq == last + 1).all():  # a start, gap, replay, wrap
+                return None
         if boots is not None:
             bt = np.asarray(boots, dtype=np.int64)
             if bt.shape != (n,):
@@ -490,7 +500,8 @@ class Engine:
         ):
             arena[rows] = requantize(out, so, si) if rq else out
         y = model.decode_y(b.outputs[0])
-        store.last_seq[rows] = sq
+        if not unsequenced:
+            store.last_seq[rows] = sq
         c = self.counters
         c.samples += n
         c.steps += n

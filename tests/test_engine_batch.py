@@ -240,3 +240,41 @@ def test_a_steady_batch_with_one_bad_value_refuses_only_that_chunk(load):
     for i in (0, 1, 2, 4):
         np.testing.assert_array_equal(got.y_of(i)[0], ref.step(streams[i], x[i], seq=2))
         assert same_state(e, ref, streams[i])
+
+
+@pytest.mark.parametrize("name", ["clf-int8", "reg2-int8"])
+def test_the_runner_binding_gives_the_same_bits_as_the_tensor_views(load, bundles, name):
+    """The fallback for interpreters without tensor views (copies through the signature
+    runner) on its own interpreter, against the bound views, growing and shrinking."""
+    from edge.binding import RunnerBinding, bind
+    from edge.manifest import read_bundle
+
+    e = load(name)
+    m = e.model
+    manifest, content = read_bundle(bundles / name)
+    interpreter, runner = m.backend.open(content, manifest.signature)
+    names_in = [m.x_spec.name, *(s.name for s in m.state_in)]
+    names_out = [m.y_spec.name, *(s.name for s in m.state_out)]
+    views = bind(interpreter, runner, manifest.signature, names_in, names_out)
+    details = {**runner.get_input_details(), **runner.get_output_details()}
+    copies = RunnerBinding(
+        runner,
+        names_in,
+        names_out,
+        [np.dtype(details[k]["dtype"]) for k in [*names_in, *names_out]],
+        [int(details[k]["shape"][-1]) for k in [*names_in, *names_out]],
+    )
+    assert isinstance(views, TensorBinding)
+    for j, n in enumerate([4, 4, 9, 1, 4]):
+        x = m.encode_x(samples(n, j, manifest.features))
+        states = [np.repeat(z, n, 0) for z in m.zero_state()]
+        got = []
+        for b in (views, copies):
+            b.bind(n)
+            b.inputs[0][...] = x
+            for dst, s in zip(b.inputs[1:], states):
+                dst[...] = s
+            b.invoke()
+            got.append([o.copy() for o in b.outputs])
+        assert all(np.array_equal(a, c) for a, c in zip(*got))
+    assert views.rebinds == copies.rebinds == 4

@@ -566,8 +566,8 @@ class Engine:
             rows = self.store.lookup(streams)
         except TypeError:  # an unhashable stream id: refused below like any invalid one
             get = self.store.peek
-            rows = np.array([get(s) if isinstance(s, str) else -1 for s in streams], np.intp)
-            rows[rows == None] = -1  # noqa: E711
+            found = [get(s) if isinstance(s, str) else None for s in streams]
+            rows = np.array([-1 if r is None else r for r in found], np.intp)
         self._check(streams, x, cnt, sq, rows, errors)
         if errors:
             self.counters.rejected += len(errors)

@@ -278,3 +278,10 @@ def test_the_runner_binding_gives_the_same_bits_as_the_tensor_views(load, bundle
             got.append([o.copy() for o in b.outputs])
         assert all(np.array_equal(a, c) for a, c in zip(*got))
     assert views.rebinds == copies.rebinds == 4
+
+
+def test_an_unhashable_stream_id_is_refused_like_any_invalid_one(load):
+    e = load()
+    outs = e.step_many([Chunk(["x"], samples(1, 0)[0], 1), Chunk("fine", samples(1, 1)[0], 1)])
+    assert outs[0].error is not None and "invalid stream id" in str(outs[0].error)
+    assert outs[1].error is None and len(outs[1].y) == 1

@@ -34,7 +34,6 @@ from .state_store import BOOT_HISTORY, NO_BOOT, NO_SEQ, StateStore
 
 MAX_STREAM_ID = 256
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-_Y_DTYPES = NP_DTYPES
 
 
 @dataclass(frozen=True)
@@ -150,10 +149,6 @@ def _opt(value: Any) -> int | None:
     """An int64 array entry -> int, or None for the "none" marker (NO_SEQ = NO_BOOT = -1)."""
     v = int(value)
     return None if v == NO_SEQ else v
-
-
-def _name(stream: Any) -> str | None:
-    return stream if isinstance(stream, str) else None
 
 
 @dataclass
@@ -979,9 +974,9 @@ class Engine:
         model = self.model
         b = model.binding
         arenas = self.store.arrays
-        zero_rows = [z[0] for z in self.store._zero]
+        zero_rows = self.store.zero_row
         total = len(xq)
-        y_raw = np.empty((total, self.manifest.outputs), _Y_DTYPES[model.y_spec.dtype])
+        y_raw = np.empty((total, self.manifest.outputs), NP_DTYPES[model.y_spec.dtype])
         n = len(rows)
         starts = np.zeros(n, np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])

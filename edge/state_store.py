@@ -74,6 +74,11 @@ class StateStore:
         return list(self._rows)
 
     @property
+    def zero_row(self) -> list[np.ndarray]:
+        """The zero state of one row, per state tensor."""
+        return [z[0] for z in self._zero]
+
+    @property
     def allocated(self) -> int:
         return len(self.last_seq)
 

@@ -920,7 +920,10 @@ class Engine:
             zero = plan.reset if plan.reset.any() else None
             return model.decode_y(self._advance(rows, applied, model.encode_x(xa), zero))
         chunks = np.flatnonzero(stepped)
-        u_of_chunk = plan.stream_of[chunks]
+        # Streams numbered densely among the stepped chunks (in order of first appearance):
+        # a stream whose chunks were all refused or duplicates has no samples to step.
+        _, u_of_chunk = np.unique(plan.stream_of[chunks], return_inverse=True)
+        u_of_chunk = u_of_chunk.reshape(-1)
         n_streams = int(u_of_chunk.max()) + 1 if len(chunks) else 0
         firsts = np.full(n_streams, -1, np.int64)
         firsts[u_of_chunk[::-1]] = chunks[::-1]  # each stream's first chunk

@@ -436,10 +436,12 @@ class Processor:
         n = len(records)
         t0 = time.perf_counter()
         try:  # the whole batch as arrays: no per-message objects on the way into the engine
+            values = np.concatenate([r.values for r in records])
+            counts = np.fromiter((len(r.values) for r in records), np.int64, n)
             batch = self.engine.step_batch(
                 [r.stream for r in records],
-                np.concatenate([r.values for r in records]),
-                counts=np.fromiter((len(r.values) for r in records), np.int64, n),
+                values,
+                counts=None if (counts == 1).all() else counts,  # one each: the steady path
                 seqs=np.fromiter((r.seq for r in records), np.int64, n),
                 boots=np.fromiter(
                     (NO_BOOT if r.boot is None else r.boot for r in records), np.int64, n

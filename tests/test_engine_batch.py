@@ -51,7 +51,7 @@ MESSAGES = st.lists(
 
 
 def as_chunks(messages, seed: int, f: int) -> list[Chunk]:
-    nxt = [1] * 5
+    nxt = [1, 4, 1, 4, 1]  # s1 and s3 have had seqs 1..3
     out = []
     for i, (s, k, offset, boot) in enumerate(messages):
         seq = max(0, nxt[s] + offset)
@@ -67,6 +67,9 @@ def test_a_batch_as_arrays_equals_its_chunks_one_call_each(load, messages, seed,
     gives exactly what the same messages give one call at a time."""
     batched, single = load(name, max_batch=4), load(name)
     f = batched.manifest.features
+    warm = [Chunk(f"s{s}", samples(3, seed + 100 + s, f), 1, 7) for s in (1, 3)]
+    for engine in (batched, single):  # two streams run already: replays of them come first
+        engine.step_many(warm)
     chunks = as_chunks(messages, seed, f)
     got = batched.step_batch(
         [c.stream for c in chunks],
@@ -285,3 +288,25 @@ def test_an_unhashable_stream_id_is_refused_like_any_invalid_one(load):
     outs = e.step_many([Chunk(["x"], samples(1, 0)[0], 1), Chunk("fine", samples(1, 1)[0], 1)])
     assert outs[0].error is not None and "invalid stream id" in str(outs[0].error)
     assert outs[1].error is None and len(outs[1].y) == 1
+
+
+def test_a_stream_with_nothing_to_step_does_not_shift_the_others(load):
+    """A replayed message first, then streams that come twice: only the applied samples are
+    grouped by stream (a regression: the replayed stream once took a slot of its own)."""
+    e, ref = load(), load()
+    for engine in (e, ref):
+        engine.step("old", samples(2, 0), seq=1)
+    xs = [samples(k, 10 + k) for k in (1, 3, 1, 2)]
+    chunks = [
+        Chunk("old", xs[0], 2),  # a duplicate: nothing to step
+        Chunk("a", xs[1], 1),
+        Chunk("b", xs[2], 1),
+        Chunk("a", xs[3], 4),
+    ]
+    outs = e.step_many(chunks)
+    for c, out in zip(chunks, outs):
+        (want,) = ref.step_many([c])
+        np.testing.assert_array_equal(out.y, want.y)
+        assert out.duplicates == want.duplicates
+    for s in ("old", "a", "b"):
+        assert same_state(e, ref, s)

@@ -49,4 +49,5 @@ def test_the_manifest_says_where_the_model_came_from(bundles, name):
         "[time, batch, features]" if time_first else "[batch, time, features]"
     )
     assert m.extra["input_normalization"] is not None  # the model's (x - mean) / std
-    assert not m.extra["state_requantization"]
+    if m.quantization == "int8":  # int8 pins each state output to its input's range
+        assert not m.extra["state_requantization"]

@@ -24,7 +24,7 @@ MODES = ("int8", "float32", "int16x8", "float16")
 TORCH = {
     "torch-lstm": (dict(kind="LSTM", layers=1, task="clf"), MODES),
     "torch-lstm2": (
-        dict(kind="LSTM", layers=2, task="reg", batch_first=False, exporter="legacy"),
+        dict(kind="LSTM", layers=2, task="reg", batch_first=False, exporter="legacy", seed=1),
         ("int8", "float32"),
     ),
     "torch-gru": (dict(kind="GRU", layers=1, task="reg"), ("int8", "float32")),

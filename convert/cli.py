@@ -1,4 +1,4 @@
-"""``lstm-convert``: Keras LSTM -> verified step-model bundle.
+"""``lstm-convert``: Keras or ONNX (PyTorch) LSTM -> verified step-model bundle.
 
 Exit codes: 0 ok, 1 bundle written but a fidelity check failed, 2 bad input.
 """
@@ -34,8 +34,9 @@ def _csv(text: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lstm-convert",
-        description="Turn a trained Keras LSTM into a verified TFLite step model (one time step, "
-        "explicit h/C state) with a manifest and a fidelity report.",
+        description="Turn a trained Keras or ONNX (e.g. PyTorch nn.LSTM / nn.GRU exported with "
+        "torch.onnx.export) LSTM into a verified TFLite step model (one time step, explicit h/C "
+        "state) with a manifest and a fidelity report.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -44,15 +45,19 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "convert",
         help="convert and verify a model into a bundle directory",
-        description="Convert MODEL.keras into DIR (model.tflite, manifest.json, "
+        description="Convert MODEL (.keras or .onnx) into DIR (model.tflite, manifest.json, "
         "report.json, report.png). DIR is replaced atomically; never half-written.",
     )
-    c.add_argument("model", help="trained Keras model (.keras, or legacy .h5)")
+    c.add_argument(
+        "model",
+        help="trained model: Keras (.keras, or legacy .h5) or ONNX (.onnx, as torch.onnx.export "
+        "writes nn.LSTM / nn.GRU models; onnxruntime running it is the float reference)",
+    )
     c.add_argument(
         "--calib",
         required=True,
         help="calibration sequences: float32 [N, T, F] .npy, or .npz with key 'x', in "
-        "the model's input units",
+        "the model's input units (also for an ONNX model whose input is [time, batch, features])",
     )
     c.add_argument("--out", required=True, help="bundle directory to write")
     c.add_argument(
@@ -96,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--model",
         required=True,
-        help="the source Keras model (the float reference); its sha256 must match",
+        help="the source model, .keras or .onnx (the float reference); its sha256 must match",
     )
     _verdict_options(v)
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")

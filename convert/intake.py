@@ -83,7 +83,7 @@ def load_model(path: str | Path) -> object:
     if not p.is_file():
         raise ConvertError(f"{p}: model file not found")
     if p.suffix not in (".keras", ".h5", ".hdf5"):
-        raise ConvertError(f"{p}: expected a .keras (or legacy .h5) model file")
+        raise ConvertError(f"{p}: expected a .keras (or legacy .h5) or an .onnx model file")
     import keras
 
     try:

@@ -18,6 +18,7 @@ from edge.manifest import read_bundle
 from . import bundle, intake, quantize, verdict, verify
 from .datasets import load_array
 from .errors import ConvertError
+from .spec import ModelSpec
 
 Progress = Callable[[str], None]
 AUTO_ORDER = ("int8", "int16x8", "float16", "float32")  # smallest file first
@@ -52,6 +53,25 @@ def load_sequences(
     return x.astype(np.float32), labels
 
 
+def read_model(path: str | Path) -> tuple[ModelSpec, verify.FloatModel | None]:
+    """The spec of a Keras or ONNX model, and for ONNX the model itself as the float
+    reference (onnxruntime over the original graph)."""
+    if Path(path).suffix.lower() == ".onnx":
+        from . import onnx_intake
+
+        source = onnx_intake.read(path)
+        return source.spec, source
+    return intake.read_spec(path), None
+
+
+def check_source(float_model: verify.FloatModel | None, calib: np.ndarray) -> None:
+    """An ONNX graph must compute what was read from it (exit 2 otherwise)."""
+    from . import onnx_intake
+
+    if isinstance(float_model, onnx_intake.OnnxSource):
+        float_model.check_agreement(calib[: onnx_intake.AGREEMENT_SEQUENCES])
+
+
 def run_convert(
     model_path: str | Path,
     calib_path: str | Path,
@@ -76,7 +96,7 @@ def run_convert(
     if sample_rate_hz is not None and not sample_rate_hz > 0:
         raise ConvertError(f"--sample-rate {sample_rate_hz} must be > 0")
     progress(f"reading {model_path}")
-    spec = intake.read_spec(model_path)
+    spec, float_model = read_model(model_path)
     if feature_names is not None and len(feature_names) != spec.features:
         raise ConvertError(
             f"--feature-names has {len(feature_names)} names for {spec.features} features"
@@ -87,6 +107,7 @@ def run_convert(
     data, data_labels = (
         load_sequences(data_path, spec.features, "--data") if data_path else (calib, None)
     )
+    check_source(float_model, calib)
     in_graph = normalization == "graph"
     if data_labels is not None:  # a bad label shape is a usage error, before the slow part
         kind = "classifier" if labels or spec.final_activation == "softmax" else "regressor"
@@ -138,6 +159,7 @@ def run_convert(
                     targets=targets,
                     dev_python=verify.device_python(),
                     progress=progress,
+                    float_model=float_model,
                 )
             except EdgeError as exc:  # e.g. an interpreter without a kernel for this mode
                 if mode != "auto":
@@ -176,6 +198,7 @@ def run_convert(
             if v["status"] == "passed"
         }
         extra = dict(manifest.extra)
+        extra["source"] = report["source"]
         if mode == "auto":
             extra["quantization_choice"] = report["advice"][0]
         kern = {k: v for k, v in report["kernel_sets"].items() if k != "unavailable"}
@@ -210,10 +233,11 @@ def run_verify(
 ) -> dict[str, Any]:
     d = Path(directory)
     manifest, _ = read_bundle(d)
-    spec = intake.read_spec(model_path)
+    spec, float_model = read_model(model_path)
     if manifest.source_sha256 and spec.source_sha256 != manifest.source_sha256:
         raise ConvertError(f"{model_path}: sha256 differs from the bundle's source model")
     data, labels = load_sequences(data_path, spec.features, "--data")
+    check_source(float_model, data)
     report = verify.verify(
         d,
         spec,
@@ -222,6 +246,7 @@ def run_verify(
         targets=targets,
         dev_python=verify.device_python(),
         progress=progress,
+        float_model=float_model,
     )
     return report
 
@@ -231,6 +256,12 @@ def summary(report: dict[str, Any]) -> str:
     lines = [
         f"bundle {report['bundle']} ({report['quantization']}, {report['tflite_bytes']} bytes)"
     ]
+    src = report.get("source", {})
+    if src.get("format") == "onnx":
+        lines.append(
+            f"  source   ONNX, input {src['input_layout']}; float reference: "
+            f"{src['float_reference']}"
+        )
     if "rmse_ratio" in par:
         lines.append(
             f"  task     RMSE vs targets ({par['labels']}): float {par['rmse_float']:.4g}  "

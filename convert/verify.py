@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,7 +40,25 @@ FORBIDDEN_OPS = {
     "CALL_ONCE": "resource variable initialiser",
     "CUSTOM": "custom/Flex (Select TF) op",
 }
-DRIFT_ABS_FLOOR = 1e-3  # errors below this are rounding noise; a ratio of noise means nothing
+DRIFT_ABS_FLOOR = 1e-3
+
+
+class FloatModel(Protocol):
+    """The source model itself as the float reference (an ONNX graph in onnxruntime); without
+    one, the NumPy reference of the spec is the float model."""
+
+    def run(self, xs: np.ndarray) -> np.ndarray:
+        """[N, T, F] sequences from zero state -> per-step outputs [N, T, O]."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def float_outputs(spec: ModelSpec, xs: np.ndarray, float_model: FloatModel | None) -> np.ndarray:
+    if float_model is not None:
+        return float_model.run(xs)
+    y, _, _ = reference.run(spec, xs)
+    return y  # errors below this are rounding noise; a ratio of noise means nothing
 
 
 def op_audit(content: bytes) -> dict[str, Any]:
@@ -150,12 +168,12 @@ def drift(
     steps: int,
     progress: Callable[[str], None],
     max_ratio: float = verdict.Targets.max_drift_ratio,
+    float_model: FloatModel | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """One stream, never reset, state fed back exactly as the runtime does it."""
     long = periodic_stream(x, steps)
     steps = len(long)
-    y_float, _, _ = reference.run(spec, long[None])
-    y_float = y_float[0]
+    y_float = float_outputs(spec, long[None], float_model)[0]
     model = engine.model
     state = model.zero_state()
     y_q = np.empty_like(y_float)
@@ -290,7 +308,10 @@ def verify(
     targets: verdict.Targets | None = None,
     dev_python: str | None = None,
     progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    float_model: FloatModel | None = None,
 ) -> dict[str, Any]:
+    """``float_model``: the source model as the float reference (default: the NumPy reference
+    of ``spec``, which also gives the states and normalised inputs either way)."""
     targets = targets or verdict.Targets()
     t0 = time.perf_counter()
     content = (bundle / "model.tflite").read_bytes()
@@ -298,14 +319,18 @@ def verify(
     engine = edge.load(bundle, kernel_mismatch="allow")
     progress(f"  parity on {len(data)} sequences x {data.shape[1]} steps")
     y_float, states, xn = reference.run(spec, data)
+    if float_model is not None:
+        y_float = float_model.run(data)
     par, y_q = parity(engine, spec, data, labels, y_float)
     progress(f"  closed-loop drift over {targets.long_steps} steps")
-    dr, err = drift(engine, spec, data, targets.long_steps, progress, targets.max_drift_ratio)
+    dr, err = drift(
+        engine, spec, data, targets.long_steps, progress, targets.max_drift_ratio, float_model
+    )
     progress("  interpreters")
     interp = interpreters(bundle, probe(engine), dev_python)
     progress("  closed loop in every kernel set")
     long = periodic_stream(data, targets.long_steps)
-    y_long, _, _ = reference.run(spec, long[None])
+    y_long = float_outputs(spec, long[None], float_model)
     kern = kernels.verify_kernel_sets(
         bundle,
         engine.manifest,
@@ -324,6 +349,9 @@ def verify(
     report = {
         "bundle": str(bundle),
         "quantization": engine.manifest.quantization,
+        "source": float_model.describe()
+        if float_model is not None
+        else {"format": "keras", "float_reference": "the NumPy reference of the model's layers"},
         "normalization": engine.manifest.extra.get("normalization"),
         "tflite_bytes": len(content),
         "op_audit": audit,

@@ -18,6 +18,8 @@ from .errors import EdgeError
 OPTIONAL_MODULES = {
     "tensorflow": "convert",
     "keras": "convert",
+    "onnx": "convert",
+    "onnxruntime": "convert",
     "matplotlib": "sim",
     "tqdm": "sim",
     "amqtt": "sim",

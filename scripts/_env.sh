@@ -33,7 +33,7 @@ ensure_venv() {
     echo "$want" > "$dir/.stamp"
 }
 
-desktop_venv() { ensure_venv "$ROOT/.venv" -e ".[litert,convert,sim,service,cluster,dev]"; }
+desktop_venv() { ensure_venv "$ROOT/.venv" -e ".[litert,convert,sim,service,cluster,dev,test]"; }
 
 # The device-like environment: what a Raspberry Pi gets, no TensorFlow, no ai-edge-litert.
 device_venv() {

@@ -20,9 +20,23 @@ LABELS = ["Badminton", "Running", "Standing", "Walking"]
 MODES = ("int8", "float32", "int16x8", "float16")
 
 
+# PyTorch models exported to ONNX (tests/torch_models.py): name -> (recipe, modes)
+TORCH = {
+    "torch-lstm": (dict(kind="LSTM", layers=1, task="clf"), MODES),
+    "torch-lstm2": (
+        dict(kind="LSTM", layers=2, task="reg", batch_first=False, exporter="legacy", seed=1),
+        ("int8", "float32"),
+    ),
+    "torch-gru": (dict(kind="GRU", layers=1, task="reg"), ("int8", "float32")),
+    "torch-gru-clf": (dict(kind="GRU", layers=1, task="clf", exporter="legacy"), ("int8",)),
+}
+
+
 def _key() -> str:
     h = hashlib.sha256()
-    for p in sorted([*ROOT.glob("convert/*.py"), ROOT / "edge/manifest.py", Path(__file__)]):
+    sources = [*ROOT.glob("convert/*.py"), ROOT / "edge/manifest.py"]
+    sources.append(ROOT / "tests" / "torch_models.py")
+    for p in sorted([*sources, Path(__file__)]):
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -86,15 +100,32 @@ def train_cnn_gru(out: Path) -> None:
     np.savez(out / "test.npz", x=xt, y=yt)
 
 
+def record_bits(bundle: Path, x: np.ndarray) -> None:
+    """``bits.npz``: the raw closed-loop outputs of ``x`` in every kernel set the desktop reaches
+    (tflite-runtime 2.14 through the device-like Python), keyed ``KERNELS/x/y`` and
+    ``KERNELS/x/state``: what the device-like run must compute bit for bit."""
+    from convert import kernels, verify
+
+    runs, failed = kernels.in_process(bundle, {"x": x})
+    device = verify.device_python()
+    if device is None:
+        raise RuntimeError("no device-like Python (.venv-device) to record tflite-runtime's bits")
+    runs.append(kernels.in_device_python(bundle, {"x": x}, device))
+    if failed:
+        raise RuntimeError(f"kernel sets that failed to run: {failed}")
+    bits = {f"{r.kernels}/{k}": v for r in runs for k, v in r.outputs.items()}
+    np.savez(bundle / "bits.npz", **bits)
+
+
 def build_all(dest: Path) -> None:
     key = _key()
     if (dest / "complete").exists() and (dest / "complete").read_text() == key:
         return
-    from convert import intake, reference
-    from convert.pipeline import run_convert
+    from convert.pipeline import read_model, run_convert, verify
     from convert.train import train_example
     from convert.verdict import Targets
     from edge.cli import probe_inputs
+    from tests import torch_models
 
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -105,6 +136,15 @@ def build_all(dest: Path) -> None:
     train_regressor(src / "reg")
     (src / "cnn-gru").mkdir(parents=True)
     train_cnn_gru(src / "cnn-gru")
+    for name, (recipe, _) in TORCH.items():
+        r = torch_models.Recipe(**recipe)  # type: ignore[arg-type]
+        net, d = torch_models.train(r)
+        (src / name).mkdir()
+        torch_models.export(net, r, src / name / "model.onnx")
+        np.save(src / name / "calib.npy", d["calib"])
+        np.savez(src / name / "test.npz", x=d["x"], y=d["y"])
+        np.save(src / name / "y_torch.npy", torch_models.run_torch(net, r, d["x"]))
+        (src / name / "recipe.json").write_text(json.dumps(recipe))
     quiet = lambda msg: None  # noqa: E731
     jobs = [
         (
@@ -138,6 +178,13 @@ def build_all(dest: Path) -> None:
                 None,
             )
         )
+    for name, (recipe, modes) in TORCH.items():
+        d = src / name
+        labels = LABELS if recipe["task"] == "clf" else None
+        jobs += [
+            (f"{name}-{m}", d / "model.onnx", d / "calib.npy", d / "test.npz", m, labels)
+            for m in modes
+        ]
     reports = {}
     for name, model, calib, data, mode, labels in jobs:
         report = run_convert(
@@ -147,17 +194,22 @@ def build_all(dest: Path) -> None:
             mode=mode,
             labels=labels,
             data_path=data,
-            targets=Targets(long_steps=2000),
+            # the PyTorch models' int8 drift streams are as long as a user's (>= 10,000 steps)
+            targets=Targets(
+                long_steps=10_000 if name.startswith("torch-") and mode == "int8" else 2000
+            ),
             progress=quiet,
         )
         reports[name] = {k: v for k, v in report.items() if not k.startswith("_")}
-        spec = intake.read_spec(model)
+        spec, float_model = read_model(model)  # the float reference: ONNX models run themselves
         probe = probe_inputs(spec.features, 64)
         with np.load(data) as z:
             seqs = z["x"][:8]
-        y_probe, _, _ = reference.run(spec, probe[None])
-        y_seqs, _, _ = reference.run(spec, seqs)
+        y_probe = verify.float_outputs(spec, probe[None], float_model)
+        y_seqs = verify.float_outputs(spec, seqs, float_model)
         np.savez(tmp / name / "expected.npz", probe=probe, y_probe=y_probe[0], x=seqs, y=y_seqs)
+        if name.startswith("torch-"):
+            record_bits(tmp / name, seqs)
     (tmp / "reports.json").write_text(json.dumps(reports, indent=2, default=str))
     (tmp / "complete").write_text(key)
     shutil.rmtree(dest, ignore_errors=True)

@@ -1,0 +1,660 @@
+"""Read an ONNX model (as ``torch.onnx.export`` writes ``nn.LSTM`` / ``nn.GRU`` models) into a
+``spec.ModelSpec``, and run the original graph in onnxruntime as the float reference.
+
+Accepted: one input ``[batch, time, features]`` or ``[time, batch, features]`` (which one is
+read from the first recurrent op), one chain of ONNX ``LSTM`` / ``GRU`` ops (forward, default
+activations or others the step reproduces, both bias vectors, zero initial state) with the
+layout ops exporters put between them (``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Reshape``,
+``Identity``, ``Dropout``), per-feature ``Sub`` / ``Add`` / ``Mul`` / ``Div`` by constants
+(a leading one becomes the runtime's input normalisation), ``LayerNormalization`` over the
+features, and a per-step head of ``MatMul`` / ``Gemm`` + ``Add`` and ``Relu``, ``Sigmoid``,
+``Tanh``, ``Softmax``. Everything else is refused with one line naming the node and why.
+
+Shapes are read from what the graph computes, not from what it declares (an exporter may write
+the example's fixed time length into declared shapes): onnxruntime runs the graph on two probe
+inputs of different batch and time lengths, and an axis is the batch or time axis when its
+length follows the probe's. The tensors that do not depend on the input's values (weights,
+initial states, reshape targets) are read from the same runs, so weights that an exporter
+computes from initialisers (a gate reordering) are read as onnxruntime computes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConvertError, UnsupportedModel
+from .spec import (
+    Activation,
+    Affine,
+    Dense,
+    GRUCell,
+    Layer,
+    LayerNorm,
+    LSTMCell,
+    ModelSpec,
+    layer_states,
+)
+
+# ONNX activation names the step reproduces exactly (the cell's own f, g, h activations).
+CELL_ACTIVATIONS = {
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "Relu": "relu",
+    "Softsign": "softsign",
+    "Softplus": "softplus",
+}
+HEAD_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softmax": "softmax"}
+LAYOUT_OPS = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Dropout")
+ELEMENTWISE = ("Sub", "Add", "Mul", "Div")
+REASONS = {
+    "Flatten": "flattening mixes time steps together",
+    "ReduceMean": "a reduction over time needs the whole sequence",
+    "ReduceMax": "a reduction over time needs the whole sequence",
+    "GlobalAveragePool": "pooling over time needs the whole sequence",
+    "GlobalMaxPool": "pooling over time needs the whole sequence",
+    "Conv": "convolutions are not read from ONNX models (LSTM / GRU chains only)",
+    "RNN": "the plain ONNX RNN op is not read (LSTM and GRU only)",
+    "Attention": "attention looks at the whole sequence, not one causal step",
+    "Gather": "selecting time steps (e.g. the last, out[:, -1]) needs the whole sequence; apply "
+    "the head to every step of the recurrent output (the runtime predicts after every sample)",
+    "Slice": "selecting time steps (e.g. the last, out[:, -1]) needs the whole sequence; apply "
+    "the head to every step of the recurrent output (the runtime predicts after every sample)",
+    "LogSoftmax": "LogSoftmax has no step equivalent here; export Softmax (or the logits)",
+    "Loop": "control flow cannot be turned into a step",
+    "Scan": "control flow cannot be turned into a step",
+    "If": "control flow cannot be turned into a step",
+}
+PROBES = ((5, 7), (6, 9))  # (axis 0, axis 1) lengths of the two probe inputs
+AGREEMENT_TOL = 1e-4  # float reference vs the spec read from it, relative to the output scale
+AGREEMENT_SEQUENCES = 32  # calibration sequences the agreement check runs
+
+
+def _dim(d: Any) -> int | str:
+    return int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+
+
+@dataclass
+class _Graph:
+    """The model with every tensor's probe values, and who consumes what."""
+
+    model: Any
+    input_name: str
+    output_name: str
+    consts: dict[str, np.ndarray]
+    probes: list[dict[str, np.ndarray]]  # per probe: tensor name -> value
+    consumers: dict[str, list[Any]] = field(default_factory=dict)
+
+
+def _where(node: Any) -> str:
+    return f"node {node.name or node.output[0]!r} ({node.op_type})"
+
+
+def load(path: str | Path) -> Any:
+    """The ONNX model with its external data, or one clear line why not."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConvertError(f"{p}: model file not found")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError and friends
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvertError(f"{p}: not an ONNX model: {why}") from exc
+    if model.ir_version <= 0 or not model.graph.node:
+        raise ConvertError(f"{p}: not an ONNX model (no graph in the file)")
+    for t in model.graph.initializer:
+        if uses_external_data(t):
+            info = {e.key: e.value for e in t.external_data}
+            where = p.parent / info.get("location", "")
+            if not info.get("location") or not where.is_file():
+                raise ConvertError(
+                    f"{p}: initializer {t.name!r} keeps its data in the external file "
+                    f"{info.get('location', '')!r}, which is not beside the model"
+                )
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except Exception as exc:
+        raise ConvertError(f"{p}: cannot read the model's external data: {exc}") from exc
+    return model
+
+
+def _strip_shapes(model: Any) -> Any:
+    """A copy without declared intermediate and output shapes (they may be wrong: see the module
+    docstring); onnxruntime then checks nothing against them."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    return m
+
+
+def session(model: Any) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    try:
+        return ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvertError(f"onnxruntime cannot run the model: {first}") from exc
+
+
+def _probe(model: Any, input_name: str, features: int) -> list[dict[str, np.ndarray]]:
+    """Every tensor's value for two inputs of different batch and time lengths."""
+    import onnx
+
+    m = _strip_shapes(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    except Exception:
+        types = {}
+    have = {o.name for o in m.graph.output}
+    for node in m.graph.node:
+        for name in node.output:
+            if name and name not in have:
+                elem = types.get(name) or onnx.TensorProto.FLOAT
+                m.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+                have.add(name)
+    sess = session(m)
+    names = [o.name for o in sess.get_outputs()]
+    out = []
+    rng = np.random.default_rng(0)
+    for a, b in PROBES:
+        x = rng.normal(0, 1, (a, b, features)).astype(np.float32)
+        try:
+            values = sess.run(names, {input_name: x})
+        except Exception as exc:
+            text = str(exc).strip()
+            node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+            where = f"node {node.group(2)!r} ({node.group(1)})" if node else "the graph"
+            raise UnsupportedModel(
+                f"onnxruntime cannot run the model on a [{a}, {b}, {features}] input: {where} "
+                "fixes a batch or time length; export with dynamic batch and time axes "
+                "(torch 2.13's default exporter fixes the time length of batch_first=False "
+                "recurrent layers: use torch.onnx.export(..., dynamo=False) for those)"
+            ) from exc
+        out.append({n: np.asarray(v) for n, v in zip(names, values)} | {input_name: x})
+    return out
+
+
+def _roles(g: _Graph, name: str) -> list[str]:
+    """Per axis of tensor ``name``: 'a0' / 'a1' (follows the input's axis 0 / 1) or 'static'."""
+    shapes = [p[name].shape for p in g.probes]
+    if len({len(s) for s in shapes}) != 1:
+        return ["?"]
+    roles = []
+    for k in range(len(shapes[0])):
+        sizes = [s[k] for s in shapes]
+        if all(n == PROBES[i][0] for i, n in enumerate(sizes)):
+            roles.append("a0")
+        elif all(n == PROBES[i][1] for i, n in enumerate(sizes)):
+            roles.append("a1")
+        elif len(set(sizes)) == 1:
+            roles.append("static")
+        else:
+            roles.append("?")
+    return roles
+
+
+def _const(g: _Graph, name: str, node: Any, what: str) -> np.ndarray:
+    """A tensor that does not depend on the input's values: an initialiser, or what
+    onnxruntime computed for it (the same in both probes)."""
+    if name in g.consts:
+        return g.consts[name]
+    values = [p.get(name) for p in g.probes]
+    if values[0] is None or any(v is None or not np.array_equal(v, values[0]) for v in values):
+        raise UnsupportedModel(f"{_where(node)}: its {what} is not a constant")
+    return np.asarray(values[0])
+
+
+class _Chain:
+    """Walks the value path from the input to the output, collecting layers."""
+
+    def __init__(self, g: _Graph) -> None:
+        self.g = g
+        self.layers: list[Layer] = []
+        self.width = 0
+        self.batch_axis = ""  # 'a0' or 'a1' once the first recurrent op tells
+        self.cells = 0
+
+    def feature_axis(self, node: Any, name: str) -> int:
+        """The one feature axis of a tensor on the chain (others: batch, time, or length 1)."""
+        roles = _roles(self.g, name)
+        shape = self.g.probes[0][name].shape
+        if "?" in roles or roles.count("a0") != 1 or roles.count("a1") != 1:
+            raise UnsupportedModel(
+                f"{_where(node)}: its output {name!r} has shape {list(shape)} on a "
+                f"[{PROBES[0][0]}, {PROBES[0][1]}, F] input, no longer one row of features per "
+                "step (it mixes time steps or batch rows together)"
+            )
+        wide = [k for k, r in enumerate(roles) if r == "static" and shape[k] != 1]
+        if len(wide) > 1:
+            raise UnsupportedModel(
+                f"{_where(node)}: its output {name!r} has {len(wide)} feature axes; expected one"
+            )
+        return wide[0] if wide else len(shape) - 1
+
+    def add(self, layer: Layer) -> None:
+        prev = self.layers[-1] if self.layers else None
+        linear_dense = isinstance(prev, Dense) and prev.activation == "linear"
+        if isinstance(layer, Affine) and isinstance(prev, Affine):
+            scale, shift = prev.scale * layer.scale, prev.shift * layer.scale + layer.shift
+            self.layers[-1] = Affine(scale, shift)
+            return
+        if isinstance(layer, Affine) and isinstance(prev, Dense) and linear_dense:
+            kernel, bias = prev.kernel * layer.scale, prev.bias * layer.scale + layer.shift
+            self.layers[-1] = Dense(kernel, bias)
+            return
+        if isinstance(layer, Activation) and isinstance(prev, Dense) and linear_dense:
+            self.layers[-1] = Dense(prev.kernel, prev.bias, layer.name)
+            return
+        self.layers.append(layer)
+
+
+def _vector(g: _Graph, node: Any, name: str, width: int, what: str) -> np.ndarray:
+    """A constant that broadcasts along the feature axis only, as a [width] vector."""
+    c = _const(g, name, node, what).astype(np.float64)
+    if c.size == 1:
+        return np.full(width, float(c.reshape(())), np.float64)
+    if c.ndim >= 1 and c.shape[-1] == width and c.size == width:
+        return c.reshape(width)
+    raise UnsupportedModel(
+        f"{_where(node)}: its {what} has shape {list(c.shape)}; only a per-feature constant "
+        f"([{width}] or a scalar) can be applied per step"
+    )
+
+
+def _cell_activations(node: Any, attrs: dict[str, Any], count: int) -> list[str]:
+    names = [a.decode() if isinstance(a, bytes) else a for a in attrs.get("activations", [])]
+    where = _where(node)
+    if not names:
+        return ["sigmoid", "tanh", "tanh"][:count]
+    if len(names) != count:
+        raise UnsupportedModel(f"{where}: {len(names)} activations; expected {count}")
+    if attrs.get("activation_alpha") or attrs.get("activation_beta"):
+        raise UnsupportedModel(
+            f"{_where(node)}: activations with parameters (activation_alpha/beta) cannot be "
+            "reproduced by the step"
+        )
+    out = []
+    for n in names:
+        if n not in CELL_ACTIVATIONS:
+            raise UnsupportedModel(
+                f"{_where(node)}: activation {n!r} cannot be reproduced by the step (one of "
+                f"{', '.join(CELL_ACTIVATIONS)})"
+            )
+        out.append(CELL_ACTIVATIONS[n])
+    return out
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    import onnx
+
+    out = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in out.items()}
+
+
+def check_recurrent(node: Any) -> None:
+    """What the step cannot do, from the op's attributes and inputs alone (before running it)."""
+    attrs = _attrs(node)
+    where = _where(node)
+    ins = list(node.input) + [""] * (8 - len(node.input))
+    direction = attrs.get("direction", "forward")
+    if direction != "forward":
+        raise UnsupportedModel(
+            f"{where} cannot be streamed: direction={direction!r} reads the sequence backwards, "
+            "so step t depends on later samples (bidirectional=False in PyTorch)"
+        )
+    if "clip" in attrs:
+        raise UnsupportedModel(
+            f"{where}: clip={attrs['clip']:g} clips the gate pre-activations; the step does not"
+        )
+    if node.op_type == "LSTM" and attrs.get("input_forget", 0):
+        raise UnsupportedModel(f"{where}: input_forget=1 (coupled gates) is not supported")
+    if ins[4]:
+        raise UnsupportedModel(
+            f"{where}: sequence_lens masks steps of shorter sequences, which a step model fed by "
+            "the runtime cannot tell apart from real samples; export without packed sequences "
+            "and drop padding before sending"
+        )
+    if node.op_type == "LSTM" and ins[7]:
+        raise UnsupportedModel(f"{where}: peephole weights (input P) are not supported")
+    acts = _cell_activations(node, attrs, 3 if node.op_type == "LSTM" else 2)
+    if node.op_type == "LSTM" and acts[1] != acts[2]:
+        raise UnsupportedModel(
+            f"{where}: cell activation {acts[1]!r} differs from the output activation "
+            f"{acts[2]!r}; the step uses one for both"
+        )
+
+
+def _recurrent(chain: _Chain, node: Any, x_name: str) -> tuple[Layer, str]:
+    """An ONNX LSTM / GRU op as a spec cell, and the name of the output the chain follows."""
+    g = chain.g
+    attrs = _attrs(node)
+    where = _where(node)
+    ins = list(node.input) + [""] * (8 - len(node.input))
+    layout = int(attrs.get("layout", 0))
+    roles = _roles(g, x_name)
+    if len(roles) != 3 or roles[2] != "static":
+        raise UnsupportedModel(f"{where}: input X is not [time, batch, features]")
+    t_axis = 1 if layout else 0
+    batch = roles[1 - t_axis]
+    if chain.batch_axis and chain.batch_axis != batch:
+        raise UnsupportedModel(f"{where}: swaps the batch and time axes of the layers before it")
+    chain.batch_axis = batch
+    w = _const(g, ins[1], node, "input weight W").astype(np.float32)
+    r = _const(g, ins[2], node, "recurrent weight R").astype(np.float32)
+    gates = 4 if node.op_type == "LSTM" else 3
+    h = int(r.shape[-1])
+    if w.ndim != 3 or w.shape[0] != 1 or w.shape[1] != gates * h or r.shape != (1, gates * h, h):
+        raise UnsupportedModel(f"{where}: weights W {list(w.shape)} / R {list(r.shape)} unexpected")
+    if "hidden_size" in attrs and int(attrs["hidden_size"]) != h:
+        raise UnsupportedModel(f"{where}: hidden_size {attrs['hidden_size']} but R holds {h}")
+    d_in = int(w.shape[2])
+    if d_in != chain.width:
+        raise UnsupportedModel(f"{where}: expects {d_in} features, gets {chain.width}")
+    b = (
+        _const(g, ins[3], node, "bias B").astype(np.float32).reshape(-1)
+        if ins[3]
+        else np.zeros(2 * gates * h, np.float32)
+    )
+    if b.size != 2 * gates * h:
+        raise UnsupportedModel(f"{where}: bias B has {b.size} values; expected {2 * gates * h}")
+    for k, what in ((5, "initial_h"), (6, "initial_c")):
+        if k == 6 and node.op_type != "LSTM":
+            continue
+        if ins[k]:
+            v = [p.get(ins[k]) for p in g.probes]
+            if ins[k] in g.consts:
+                v = [g.consts[ins[k]]]
+            if any(a is None or np.any(a != 0) for a in v):
+                raise UnsupportedModel(
+                    f"{where}: {what} is not zero; the runtime starts every stream from the "
+                    "zero state"
+                )
+    kernel, recurrent = np.ascontiguousarray(w[0].T), np.ascontiguousarray(r[0].T)
+    if node.op_type == "LSTM":
+        f, g_act, _ = _cell_activations(node, attrs, 3)
+        cell: Layer = LSTMCell(kernel, recurrent, b[: 4 * h] + b[4 * h :], "iofc", g_act, f)
+    else:
+        f, g_act = _cell_activations(node, attrs, 2)
+        if int(attrs.get("linear_before_reset", 0)):
+            cell = GRUCell(kernel, recurrent, b[: 3 * h], b[3 * h :], True, "zrh", g_act, f)
+        else:
+            folded, zeros = b[: 3 * h] + b[3 * h :], np.zeros(3 * h, np.float32)
+            cell = GRUCell(kernel, recurrent, folded, zeros, False, "zrh", g_act, f)
+    outs = [*node.output, "", "", ""]
+    used = [k for k in range(3) if outs[k] and g.consumers.get(outs[k])]
+    used += [k for k in range(3) if outs[k] == g.output_name and k not in used]
+    if used != [0]:
+        what = {1: "the last hidden state Y_h", 2: "the last cell state Y_c"}
+        names = ", ".join(what[k] for k in used if k in what)
+        raise UnsupportedModel(
+            f"{where}: the model uses {names or 'no output'} of the recurrent op; only per-step "
+            "outputs (Y) can be streamed (many-to-one: apply the head to every step of Y)"
+        )
+    chain.width = h
+    chain.cells += 1
+    return cell, outs[0]
+
+
+def _matmul(chain: _Chain, node: Any, name: str, w: np.ndarray) -> None:
+    if w.ndim != 2 or w.shape[0] != chain.width:
+        raise UnsupportedModel(
+            f"{_where(node)}: weight of shape {list(w.shape)} for {chain.width} features"
+        )
+    chain.add(Dense(w.astype(np.float32), np.zeros(w.shape[1], np.float32)))
+    chain.width = int(w.shape[1])
+
+
+def read(path: str | Path) -> OnnxSource:
+    """Read ``path`` into a spec, checking every node on the way (see the module docstring)."""
+    from onnx import numpy_helper
+
+    p = Path(path)
+    model = load(p)
+    graph = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    recurrent = [n for n in graph.node if n.op_type in ("LSTM", "GRU")]
+    if not recurrent:
+        raise ConvertError(f"{p}: no LSTM or GRU op in the model: nothing to stream")
+    for n in recurrent:
+        check_recurrent(n)
+    inputs = [i for i in graph.input if i.name not in consts]
+    if len(inputs) != 1:
+        raise UnsupportedModel(
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); expected "
+            "one [batch, time, features] input (the runtime keeps the state itself)"
+        )
+    if len(graph.output) != 1:
+        raise UnsupportedModel(
+            f"the model has {len(graph.output)} outputs ({', '.join(o.name for o in graph.output)})"
+            "; expected one (return only the per-step prediction, not the states)"
+        )
+    inp = inputs[0]
+    dims = [_dim(d) for d in inp.type.tensor_type.shape.dim]
+    if inp.type.tensor_type.HasField("shape") and len(dims) != 3:
+        raise UnsupportedModel(
+            f"model input {inp.name!r} has shape {dims}; expected [batch, time, features]"
+        )
+    features = int(dims[2]) if len(dims) == 3 and isinstance(dims[2], int) and dims[2] > 0 else 0
+    if not features:
+        first = recurrent[0]
+        w = consts.get(first.input[1])
+        if w is None:
+            raise UnsupportedModel(f"{_where(first)}: cannot tell the number of input features")
+        features = int(w.shape[-1])
+    g = _Graph(model, inp.name, graph.output[0].name, consts, [])
+    # Which tensors depend on the input's values (Shape and Size read only its shape).
+    value = {inp.name}
+    for n in graph.node:
+        if n.op_type in ("Shape", "Size"):
+            continue
+        if any(i in value for i in n.input if i):
+            value.update(o for o in n.output if o)
+            for i in n.input:
+                if i in value:
+                    g.consumers.setdefault(i, []).append(n)
+    g.probes = _probe(model, inp.name, features)
+    chain = _Chain(g)
+    chain.width = features
+    current = inp.name
+    time_first: bool | None = None
+    for n in graph.node:
+        if not any(i in value for i in n.input if i) or n.op_type in ("Shape", "Size"):
+            continue
+        where = _where(n)
+        on_chain = [i for i in n.input if i in value]
+        if on_chain != [current] or len(g.consumers.get(current, [])) != 1:
+            raise UnsupportedModel(
+                f"{where}: the model branches or joins here (e.g. a residual connection); only "
+                "one chain of per-step layers can be streamed"
+            )
+        op = n.op_type
+        nxt = n.output[0]
+        if op in REASONS:
+            raise UnsupportedModel(f"{where} cannot be streamed: {REASONS[op]}")
+        if op in ("LSTM", "GRU"):
+            if time_first is None:
+                roles = _roles(g, n.input[0])
+                layout = next((a.i for a in n.attribute if a.name == "layout"), 0)
+                t_role = roles[1 if layout else 0] if len(roles) == 3 else "?"
+                time_first = t_role == "a0"
+            cell, nxt = _recurrent(chain, n, current)
+            chain.add(cell)
+        elif op in LAYOUT_OPS or (op == "Cast" and _cast_to_float(n)):
+            chain.feature_axis(n, nxt)
+        elif op in ("MatMul", "Gemm"):
+            axis = chain.feature_axis(n, current)
+            if axis != len(g.probes[0][current].shape) - 1 or n.input[0] != current:
+                raise UnsupportedModel(f"{where}: multiplies along an axis other than features")
+            w = _const(g, n.input[1], n, "weight")
+            bias = None
+            if op == "Gemm":
+                attrs = {a.name: a for a in n.attribute}
+                if attrs.get("transA") and attrs["transA"].i:
+                    raise UnsupportedModel(f"{where}: transA=1 is not a per-step Dense")
+                if attrs.get("transB") and attrs["transB"].i:
+                    w = w.T
+                alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
+                beta = attrs["beta"].f if "beta" in attrs else 1.0
+                w = w * alpha
+                if len(n.input) > 2 and n.input[2]:
+                    bias = _vector(g, n, n.input[2], int(w.shape[-1]), "bias") * beta
+            _matmul(chain, n, nxt, w)
+            if bias is not None:
+                chain.add(Affine(np.ones_like(bias, np.float32), bias.astype(np.float32)))
+            chain.feature_axis(n, nxt)
+        elif op in ELEMENTWISE:
+            if n.input[0] != current and op in ("Sub", "Div"):
+                raise UnsupportedModel(f"{where}: the constant comes first ({op} of a constant)")
+            other = n.input[1] if n.input[0] == current else n.input[0]
+            v = _vector(g, n, other, chain.width, "constant")
+            if op == "Sub":
+                chain.add(Affine(np.ones(chain.width, np.float32), (-v).astype(np.float32)))
+            elif op == "Add":
+                chain.add(Affine(np.ones(chain.width, np.float32), v.astype(np.float32)))
+            elif op == "Mul":
+                chain.add(Affine(v.astype(np.float32), np.zeros(chain.width, np.float32)))
+            else:
+                if np.any(v == 0):
+                    raise UnsupportedModel(f"{where}: divides by zero")
+                chain.add(Affine((1.0 / v).astype(np.float32), np.zeros(chain.width, np.float32)))
+            chain.feature_axis(n, nxt)
+        elif op in HEAD_ACTIVATIONS:
+            if op == "Softmax":
+                rank = len(g.probes[0][current].shape)
+                axis = next((a.i for a in n.attribute if a.name == "axis"), -1) % rank
+                if axis != chain.feature_axis(n, current):
+                    raise UnsupportedModel(f"{where}: softmax over an axis other than features")
+            chain.add(Activation(HEAD_ACTIVATIONS[op]))
+            chain.feature_axis(n, nxt)
+        elif op == "LayerNormalization":
+            attrs = {a.name: a for a in n.attribute}
+            rank = len(g.probes[0][current].shape)
+            axis = (attrs["axis"].i if "axis" in attrs else -1) % rank
+            if axis != rank - 1 or chain.feature_axis(n, current) != rank - 1:
+                raise UnsupportedModel(f"{where}: normalises over more than one step's features")
+            gamma = _vector(g, n, n.input[1], chain.width, "scale")
+            beta = (
+                _vector(g, n, n.input[2], chain.width, "bias")
+                if len(n.input) > 2 and n.input[2]
+                else np.zeros(chain.width)
+            )
+            eps = attrs["epsilon"].f if "epsilon" in attrs else 1e-5
+            chain.add(LayerNorm(gamma.astype(np.float32), beta.astype(np.float32), float(eps)))
+            chain.feature_axis(n, nxt)
+        else:
+            raise UnsupportedModel(
+                f"{where} is not supported in a streaming step model (LSTM / GRU, layout ops, "
+                "per-feature Sub/Add/Mul/Div, LayerNormalization, MatMul/Gemm + Add, Relu, "
+                "Sigmoid, Tanh, Softmax)"
+            )
+        current = nxt
+    if current != g.output_name:
+        raise UnsupportedModel(f"the chain from the input ends at {current!r}, not at the output")
+    out_roles = _roles(g, current)
+    chain.feature_axis(graph.node[-1], current)
+    layers = tuple(chain.layers)
+    mean = std = None
+    if layers and isinstance(layers[0], Affine) and np.all(layers[0].scale > 0):
+        std = (1.0 / layers[0].scale.astype(np.float64)).astype(np.float32)
+        mean = (-layers[0].shift.astype(np.float64) * std).astype(np.float32)
+        layers = layers[1:]
+    if not layer_states(layers):
+        raise ConvertError(f"{p}: no LSTM or GRU op on the path from input to output")
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    spec = ModelSpec(features, mean, std, layers, digest, p.stem, True)
+    assert time_first is not None
+    return OnnxSource(spec, model, inp.name, g.output_name, time_first, out_roles, chain.batch_axis)
+
+
+def _cast_to_float(node: Any) -> bool:
+    import onnx
+
+    to = next((a.i for a in node.attribute if a.name == "to"), 0)
+    return bool(to == onnx.TensorProto.FLOAT)
+
+
+@dataclass
+class OnnxSource:
+    """The spec read from an ONNX model, and the model itself as the float reference."""
+
+    spec: ModelSpec
+    model: Any
+    input_name: str
+    output_name: str
+    time_first: bool
+    output_roles: list[str]
+    batch_role: str
+    _session: Any = None
+
+    @property
+    def layout(self) -> str:
+        return "[time, batch, features]" if self.time_first else "[batch, time, features]"
+
+    def describe(self) -> dict[str, Any]:
+        import onnxruntime
+
+        return {
+            "format": "onnx",
+            "input_layout": self.layout,
+            "float_reference": f"onnxruntime {onnxruntime.__version__} (the original graph)",
+        }
+
+    def run(self, xs: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """[N, T, F] sequences from zero state -> the graph's outputs [N, T, O] (float64)."""
+        if self._session is None:
+            self._session = session(_strip_shapes(self.model))
+        xs = np.asarray(xs, np.float32)
+        outs = []
+        for i in range(0, len(xs), chunk):
+            x = xs[i : i + chunk]
+            feed = np.ascontiguousarray(x.transpose(1, 0, 2)) if self.time_first else x
+            (y,) = self._session.run([self.output_name], {self.input_name: feed})
+            outs.append(self._canonical(np.asarray(y, np.float64)))
+        return np.concatenate(outs)
+
+    def _canonical(self, y: np.ndarray) -> np.ndarray:
+        """The output's axes as [batch, time, features], whatever the graph put where."""
+        roles = self.output_roles
+        b = roles.index(self.batch_role)
+        t = roles.index("a1" if self.batch_role == "a0" else "a0")
+        rest = [k for k in range(y.ndim) if k not in (b, t)]
+        y = y.transpose(b, t, *rest)
+        return y.reshape(y.shape[0], y.shape[1], -1)
+
+    def check_agreement(self, xs: np.ndarray) -> float:
+        """Max |y| difference between the graph and the spec read from it, on ``xs``; refuses
+        a graph that computes something else than what was read (exit 2)."""
+        from . import reference
+
+        y_ref, _, _ = reference.run(self.spec, xs)
+        y_ort = self.run(xs)
+        diff = float(np.abs(y_ref - y_ort).max())
+        scale = max(1.0, float(np.abs(y_ort).max()))
+        if not diff <= AGREEMENT_TOL * scale:
+            raise UnsupportedModel(
+                f"the step read from the graph differs from onnxruntime's run of it by up to "
+                f"{diff:.3g} on --calib: the graph does more than the nodes this reader knows"
+            )
+        return diff

@@ -1,0 +1,382 @@
+"""ONNX intake: real PyTorch models (trained and exported once per session by build_bundles),
+the NumPy reference with the ONNX gate layouts against onnxruntime and PyTorch, every mode's
+verdict, and every refusal (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.build_bundles import TORCH
+
+pytestmark = pytest.mark.desktop
+
+BUNDLES = [f"{name}-{mode}" for name, (_, modes) in TORCH.items() for mode in modes]
+
+
+@pytest.fixture(scope="module")
+def reports(bundles):
+    return json.loads((bundles / "reports.json").read_text())
+
+
+def ort_run(model: Path, x: np.ndarray, time_first: bool) -> np.ndarray:
+    """onnxruntime on the exported file, nothing of the converter in between."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    feed = np.ascontiguousarray(x.transpose(1, 0, 2)) if time_first else x
+    (y,) = sess.run(None, {sess.get_inputs()[0].name: feed.astype(np.float32)})
+    return y.transpose(1, 0, 2) if time_first else y
+
+
+@pytest.mark.parametrize("name", list(TORCH))
+def test_reference_with_the_onnx_gate_layout_matches_onnxruntime_and_pytorch(bundles, name):
+    from convert import onnx_intake, reference
+    from convert.spec import GRUCell, LSTMCell
+
+    recipe = TORCH[name][0]
+    src = bundles / "src" / name
+    source = onnx_intake.read(src / "model.onnx")
+    cells = source.spec.cells
+    assert len(cells) == recipe["layers"]
+    for cell in cells:
+        if recipe["kind"] == "LSTM":
+            assert isinstance(cell, LSTMCell) and cell.gates == "iofc"
+        else:  # torch writes linear_before_reset=1: the reset gate applies after R h + b_hh
+            assert isinstance(cell, GRUCell) and cell.gates == "zrh" and cell.reset_after
+    with np.load(src / "test.npz") as z:
+        x = z["x"]
+    time_first = not recipe.get("batch_first", True)
+    assert source.time_first == time_first
+    y_ref, _, _ = reference.run(source.spec, x)
+    y_ort = ort_run(src / "model.onnx", x, time_first)
+    y_torch = np.load(src / "y_torch.npy")
+    assert np.abs(y_ref - y_ort).max() <= 1e-5
+    assert np.abs(y_ref - y_torch).max() <= 1e-5
+    np.testing.assert_allclose(source.run(x), y_ort, atol=1e-6)
+
+
+def test_gate_layouts_are_the_same_cell_in_another_order():
+    """An LSTM cell with ONNX's i, o, f, c blocks is Keras' i, f, c, o cell with its blocks
+    moved: the reference reads the order from the spec, so both give the same step."""
+    from convert import reference
+    from convert.spec import LSTMCell
+
+    rng = np.random.default_rng(0)
+    h, d = 5, 3
+    k, r, b = rng.normal(size=(d, 4 * h)), rng.normal(size=(h, 4 * h)), rng.normal(size=4 * h)
+
+    def blocks(a: np.ndarray, order: str, new: str) -> np.ndarray:
+        parts = {g: a[..., i * h : (i + 1) * h] for i, g in enumerate(order)}
+        return np.concatenate([parts[g] for g in new], axis=-1)
+
+    keras = LSTMCell(k, r, b, "ifco")
+    onnx_cell = LSTMCell(*(blocks(a, "ifco", "iofc") for a in (k, r, b)), "iofc")
+    x, st = rng.normal(size=(2, d)), [rng.normal(size=(2, h)), rng.normal(size=(2, h))]
+    ya, sa = reference.layer_step(keras, x, st)
+    yb, sb = reference.layer_step(onnx_cell, x, st)
+    np.testing.assert_array_equal(ya, yb)
+    assert all(np.array_equal(p, q) for p, q in zip(sa, sb))
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_every_mode_meets_every_target_against_onnxruntime(reports, name):
+    r = reports[name]
+    assert r["source"]["format"] == "onnx"
+    assert r["source"]["float_reference"].startswith("onnxruntime ")
+    assert all(r["checks"].values()), (name, r["checks"], r["advice"])
+    assert r["drift"]["no_drift"]
+    assert r["drift"]["steps"] >= (10_000 if r["quantization"] == "int8" else 2000)
+    par = r["parity"]
+    if "rmse_ratio" in par:
+        assert par["rmse_ratio"] <= 1.05
+    else:
+        assert par["accuracy_drop"] <= 0.01 and par["top1_agreement"] >= 0.98
+    if r["quantization"] == "float32":  # per step, against the ONNX graph itself
+        assert par["max_abs_error"] <= 1e-5 and r["drift"]["max_abs_error"] <= 1e-5
+
+
+def test_time_first_models_are_detected_and_said(reports):
+    assert reports["torch-lstm2-int8"]["source"]["input_layout"] == "[time, batch, features]"
+    assert reports["torch-lstm-int8"]["source"]["input_layout"] == "[batch, time, features]"
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small exported nn.LSTM (legacy exporter: fast) and a maker of edited copies."""
+
+    from tests.torch_models import Recipe, export, train
+
+    d = tmp_path_factory.mktemp("tiny")
+    r = Recipe("LSTM", 1, "reg", exporter="legacy", units=4, epochs=1)
+    net, data = train(r)
+    export(net, r, d / "model.onnx")
+    np.save(d / "calib.npy", data["calib"][:4])
+    return d
+
+
+def edited(tiny: Path, out: Path, change) -> Path:
+    import onnx
+
+    m = onnx.load(str(tiny / "model.onnx"))
+    node = next(n for n in m.graph.node if n.op_type in ("LSTM", "GRU"))
+    change(m, node)
+    onnx.save(m, str(out))
+    return out
+
+
+def run_cli(capsys, *argv):
+    from convert.cli import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+def assert_refused(capsys, model: Path, calib: Path, tmp_path: Path, *needles: str) -> str:
+    out = tmp_path / "out"
+    code, res = run_cli(capsys, "convert", str(model), "--calib", str(calib), "--out", str(out))
+    lines = [line for line in res.err.strip().splitlines() if line.startswith("lstm-convert")]
+    assert code == 2 and len(lines) == 1, res.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    return lines[0]
+
+
+def _attr(name, value):
+    import onnx
+
+    return onnx.helper.make_attribute(name, value)
+
+
+def _initializer(m, name, array):
+    from onnx import numpy_helper
+
+    m.graph.initializer.append(numpy_helper.from_array(array, name))
+
+
+def _set_input(node, k, name):
+    while len(node.input) <= k:
+        node.input.append("")
+    node.input[k] = name
+
+
+EDITS = {
+    "clip": (lambda m, n: n.attribute.append(_attr("clip", 3.0)), ["clip=3", "(LSTM)"]),
+    "peepholes": (
+        lambda m, n: (
+            _initializer(m, "peep", np.zeros((1, 12), np.float32)),
+            _set_input(n, 7, "peep"),
+        ),
+        ["peephole weights (input P)"],
+    ),
+    "activation": (
+        lambda m, n: n.attribute.append(_attr("activations", ["Sigmoid", "Tanh", "ScaledTanh"])),
+        ["activation 'ScaledTanh' cannot be reproduced"],
+    ),
+    "two activations": (
+        lambda m, n: n.attribute.append(_attr("activations", ["Sigmoid", "Tanh", "Relu"])),
+        ["cell activation 'tanh' differs from the output activation 'relu'"],
+    ),
+    "sequence_lens": (
+        lambda m, n: (
+            _initializer(m, "lens", np.array([3], np.int32)),
+            _set_input(n, 4, "lens"),
+        ),
+        ["sequence_lens masks steps"],
+    ),
+    "reverse": (
+        lambda m, n: n.attribute.append(_attr("direction", "reverse")),
+        ["direction='reverse' reads the sequence backwards"],
+    ),
+    "coupled gates": (
+        lambda m, n: n.attribute.append(_attr("input_forget", 1)),
+        ["input_forget=1"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_what_the_step_cannot_do_is_refused_naming_the_node(capsys, tmp_path, tiny, case):
+    change, needles = EDITS[case]
+    model = edited(tiny, tmp_path / "m.onnx", change)
+    line = assert_refused(capsys, model, tiny / "calib.npy", tmp_path, *needles)
+    assert "node '" in line
+
+
+class Heads:
+    """Small PyTorch models whose exported graphs hold what the step cannot stream."""
+
+    @staticmethod
+    def build(kind: str):
+        import torch
+        from torch import nn
+
+        class M(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                bi = kind == "bidirectional"
+                self.rnn = nn.LSTM(3, 4, batch_first=True, bidirectional=bi)
+                self.fc = nn.Linear(8 if bi else 4, 2)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                y, (h, _) = self.rnn(x)
+                if kind == "last step":
+                    return self.fc(y[:, -1])
+                if kind == "h_n":
+                    return self.fc(h[-1])
+                if kind == "log_softmax":
+                    return torch.log_softmax(self.fc(y), -1)
+                if kind == "residual":
+                    return self.fc(y + x.sum(-1, keepdim=True))
+                if kind == "abs":
+                    return self.fc(y).abs()
+                return self.fc(y)
+
+        return M().eval()
+
+
+HEADS = {
+    "bidirectional": ["direction='bidirectional'", "bidirectional=False in PyTorch"],
+    "last step": ["(Gather)", "selecting time steps"],
+    "h_n": ["the last hidden state Y_h", "(LSTM)"],
+    "log_softmax": ["(LogSoftmax)", "export Softmax"],
+    "residual": ["branches or joins"],
+    "abs": ["(Abs) is not supported in a streaming step model"],
+}
+
+
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_heads_and_layers_the_step_cannot_stream_are_refused(capsys, tmp_path, tiny, kind):
+    import torch
+
+    net = Heads.build(kind)
+    axes = {"x": {0: "batch", 1: "time"}}
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (torch.zeros(2, 5, 3),),
+            str(tmp_path / "m.onnx"),
+            input_names=["x"],
+            dynamic_axes=axes,
+            dynamo=False,
+        )
+    assert_refused(capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path, *HEADS[kind])
+
+
+def test_bad_files_are_one_line(capsys, tmp_path, tiny):
+    import onnx
+    import torch
+
+    calib = tiny / "calib.npy"
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("this is not a protobuf\n" * 3)
+    assert_refused(capsys, bad, calib, tmp_path, "bad.onnx: not an ONNX model")
+    lin = tmp_path / "linear.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Linear(3, 2), (torch.zeros(2, 3),), str(lin), dynamo=False)
+    assert_refused(capsys, lin, calib, tmp_path, "no LSTM or GRU op in the model")
+    # external data saved beside the model, then lost
+    m = onnx.load(str(tiny / "model.onnx"))
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    onnx.save(
+        m, str(ext / "m.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0
+    )
+    from convert import onnx_intake
+
+    kept = onnx_intake.read(ext / "m.onnx").spec  # readable while the data file is there
+    assert kept.cells[0].units == 4
+    (ext / "w.bin").unlink()
+    assert_refused(capsys, ext / "m.onnx", calib, tmp_path, "external file 'w.bin'")
+
+
+@pytest.mark.parametrize(
+    "array, needle",
+    [
+        (np.zeros((10, 3), np.float32), "shape [10, 3], expected [N, T, 3]"),
+        (np.zeros((2, 10, 6), np.float32), "shape [2, 10, 6], expected [N, T, 3]"),
+    ],
+)
+def test_calibration_data_must_fit_the_graph(capsys, tmp_path, tiny, array, needle):
+    np.save(tmp_path / "c.npy", array)
+    assert_refused(capsys, tiny / "model.onnx", tmp_path / "c.npy", tmp_path, "--calib", needle)
+
+
+def test_a_state_that_does_not_start_at_zero_is_refused(capsys, tmp_path, tiny):
+    from onnx import numpy_helper
+
+    def nonzero_start(m, n):  # the exporter's zero initial state, made 0.5
+        fill = next(x for x in m.graph.node if x.op_type == "ConstantOfShape")
+        del fill.attribute[:]
+        fill.attribute.append(_attr("value", numpy_helper.from_array(np.array([0.5], np.float32))))
+
+    model = edited(tiny, tmp_path / "m.onnx", nonzero_start)
+    assert_refused(capsys, model, tiny / "calib.npy", tmp_path, "initial_h is not zero", "node '")
+
+
+def test_a_graph_computing_other_than_what_was_read_is_refused(tiny):
+    """The safety net behind the reader: the spec must reproduce onnxruntime's run of the graph
+    (here a spec with one weight changed stands for anything the reader could misread)."""
+    import dataclasses
+
+    from convert import onnx_intake
+    from convert.errors import UnsupportedModel
+
+    source = onnx_intake.read(tiny / "model.onnx")
+    calib = np.load(tiny / "calib.npy")
+    assert source.check_agreement(calib) <= 1e-5
+    cell = source.spec.cells[0]
+    kernel = cell.kernel.copy()
+    kernel[0, 0] += 0.5
+    layers = tuple(
+        dataclasses.replace(la, kernel=kernel) if la is cell else la for la in source.spec.layers
+    )
+    source.spec = dataclasses.replace(source.spec, layers=layers)
+    with pytest.raises(UnsupportedModel, match="differs from onnxruntime's run of it by up to"):
+        source.check_agreement(calib)
+
+
+def test_convert_and_verify_commands_take_onnx(capsys, tmp_path, bundles):
+    src = bundles / "src" / "torch-gru"
+    out = tmp_path / "b"
+    code, res = run_cli(
+        capsys,
+        "convert",
+        str(src / "model.onnx"),
+        "--calib",
+        str(src / "calib.npy"),
+        "--data",
+        str(src / "test.npz"),
+        "--out",
+        str(out),
+        "--quant",
+        "float32",
+        "--long-steps",
+        "300",
+    )
+    assert code == 0, res.err
+    assert "source   ONNX, input [batch, time, features]; float reference: onnxruntime" in res.out
+    code, res = run_cli(
+        capsys,
+        "verify",
+        str(out),
+        "--model",
+        str(src / "model.onnx"),
+        "--data",
+        str(src / "test.npz"),
+        "--long-steps",
+        "300",
+        "--json",
+    )
+    assert code == 0, res.err
+    assert json.loads(res.out)["parity"]["max_abs_error"] <= 1e-5

@@ -40,7 +40,7 @@ FORBIDDEN_OPS = {
     "CALL_ONCE": "resource variable initialiser",
     "CUSTOM": "custom/Flex (Select TF) op",
 }
-DRIFT_ABS_FLOOR = 1e-3  # errors below this are rounding noise; a ratio of noise means nothing
+DRIFT_ABS_FLOOR = verdict.DRIFT_ABS_FLOOR  # the no-drift rule is the verdict's
 
 
 def op_audit(content: bytes) -> dict[str, Any]:
@@ -340,6 +340,7 @@ def verify(
         "targets": targets.to_dict(),
         "seconds": time.perf_counter() - t0,
     }
+    report["gates"] = verdict.gates(report, targets)
     report["checks"] = verdict.checks(report, targets)
     report["advice"] = verdict.advice(report, targets)
     report["_long_error"] = err  # for the plot; dropped before JSON

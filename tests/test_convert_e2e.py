@@ -39,7 +39,7 @@ def test_report_gates_are_the_checks_with_the_targets_limits(reports):
         t, g, dr = r["targets"], r["gates"], r["drift"]
         assert r["checks"] == {k: v["passed"] for k, v in g.items() if v["gated"]}, name
         for gate in g.values():
-            if "*" not in gate["figure"]:
+            if gate["rule"] != "is true":  # a yes/no gate's figure may name several values
                 node = r
                 for part in gate["figure"].split("."):
                     node = node[part]

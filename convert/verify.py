@@ -217,13 +217,7 @@ def device_python() -> str | None:
     return str(guess) if guess.exists() else None
 
 
-def device_env() -> dict[str, str]:
-    """The device interpreter runs this checkout's ``edge``; an installed converter must not
-    lend it its own site-packages (their NumPy 2 breaks tflite-runtime there)."""
-    root = Path(__file__).parents[1]
-    if not (root / "pyproject.toml").exists():  # installed, not a checkout
-        return dict(os.environ)
-    return {**os.environ, "PYTHONPATH": str(root)}
+device_env = kernels.device_env  # one rule for every call into the device Python
 
 
 def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) -> dict[str, Any]:

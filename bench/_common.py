@@ -20,11 +20,12 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def example(layers: int = 1, units: int = 64, epochs: int = 300) -> tuple[Path, Path]:
+def example(layers: int = 1, units: int = 64, epochs: int | None = None) -> tuple[Path, Path]:
     """(keras model, int8 bundle) of the example network, trained and converted once."""
     from convert.pipeline import run_convert
-    from convert.train import train_example
+    from convert.train import EPOCHS, train_example
 
+    epochs = epochs or EPOCHS
     d = BUILD / f"example-l{layers}-h{units}-e{epochs}"
     model, bundle = d / "model.keras", d / "bundle-int8"
     if not (bundle / "manifest.json").exists():

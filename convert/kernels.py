@@ -73,6 +73,14 @@ def in_process(bundle: Path, streams: dict[str, np.ndarray]) -> tuple[list[Run],
     return runs, failed
 
 
+def device_env() -> dict[str, str]:
+    """The device interpreter runs this checkout's ``edge``; an installed converter must not
+    lend it its own site-packages (their NumPy 2 breaks tflite-runtime there)."""
+    if not (ROOT / "pyproject.toml").exists():  # installed, not a checkout
+        return dict(os.environ)
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
 def in_device_python(
     bundle: Path, streams: dict[str, np.ndarray], python: str, timeout: float = 600
 ) -> Run:
@@ -87,7 +95,7 @@ def in_device_python(
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env=device_env(),
         )
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip()[-500:] or f"exit code {proc.returncode}")

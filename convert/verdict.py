@@ -154,26 +154,81 @@ def saturation(
     }
 
 
-def checks(report: dict[str, Any], targets: Targets) -> dict[str, bool]:
-    """The gates; a missing figure (no labels, a regressor) is not a gate."""
+# Errors below this are rounding noise; a ratio of noise means nothing (the no-drift gate).
+DRIFT_ABS_FLOOR = 1e-3
+
+
+def gates(report: dict[str, Any], targets: Targets) -> dict[str, dict[str, Any]]:
+    """Every check beside the figure it reads and the limit it applies (report.json "gates").
+
+    ``figure`` names the measured value's place in the report, ``rule`` and ``limit`` say what
+    it must meet; ``gated`` is false for a figure that is reported, not judged (long-stream
+    agreement of a model meant to be reset). A missing figure (no labels, a regressor) has no
+    entry. ``checks`` is derived from this, so the two can never disagree.
+    """
     par, dr = report["parity"], report["drift"]
-    out = {
-        "op_audit": bool(report["op_audit"]["passed"]),
-        "interpreters": all(v["status"] != "failed" for v in report["interpreters"].values()),
-        "no_drift": bool(dr["no_drift"]),
-    }
+    out: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, figure: str, value: Any, rule: str, limit: Any, gated: bool = True) -> None:
+        tol = 1e-9  # a figure equal to its limit up to float rounding meets it
+        passed = (
+            value >= limit - tol
+            if rule == ">="
+            else value <= limit + tol
+            if rule == "<="
+            else value
+        )
+        out[name] = {
+            "figure": figure,
+            "measured": value,
+            "rule": rule,
+            "limit": limit,
+            "passed": bool(passed),
+            "gated": gated,
+        }
+
+    add("op_audit", "op_audit.passed", bool(report["op_audit"]["passed"]), "is true", True)
+    add(
+        "interpreters",
+        "interpreters.*.status",
+        all(v["status"] != "failed" for v in report["interpreters"].values()),
+        "is true",
+        True,
+    )
+    second = dr.get("second_10pct_mean_error")
+    if second is not None and "last_10pct_mean_error" in dr:
+        # the same rule as verify.drift's ``no_drift``: max_drift_ratio x the 2nd tenth's error
+        add(
+            "no_drift",
+            "drift.last_10pct_mean_error",
+            float(dr["last_10pct_mean_error"]),
+            "<=",
+            targets.max_drift_ratio * float(second) + DRIFT_ABS_FLOOR,
+        )
+    else:
+        add("no_drift", "drift.no_drift", bool(dr["no_drift"]), "is true", True)
     if "rmse_ratio" in par:
-        out["rmse_ratio"] = par["rmse_ratio"] <= targets.max_rmse_ratio + 1e-12
+        add("rmse_ratio", "parity.rmse_ratio", par["rmse_ratio"], "<=",
+            targets.max_rmse_ratio)  # fmt: skip
     if "accuracy_drop" in par:
-        out["accuracy"] = par["accuracy_drop"] <= targets.max_accuracy_drop + 1e-9
+        add("accuracy", "parity.accuracy_bundle", par["accuracy_bundle"], ">=",
+            par["accuracy_float"] - targets.max_accuracy_drop)  # fmt: skip
     if "top1_agreement" in par:
-        out["top1_agreement"] = par["top1_agreement"] >= targets.min_agreement
-    if "top1_agreement" in dr and targets.regime == "continuous":
-        out["long_stream_top1_agreement"] = dr["top1_agreement"] >= targets.min_agreement
+        add("top1_agreement", "parity.top1_agreement", par["top1_agreement"], ">=",
+            targets.min_agreement)  # fmt: skip
+    if "top1_agreement" in dr:
+        add("long_stream_top1_agreement", "drift.top1_agreement", dr["top1_agreement"], ">=",
+            targets.min_agreement, gated=targets.regime == "continuous")  # fmt: skip
     if report.get("kernel_sets", {}).get("sets"):  # each reachable kernel set meets what the
         kern = report["kernel_sets"]  # reference set meets
-        out["kernel_sets"] = set(kern["verified"]) == set(kern["sets"])
+        add("kernel_sets", "kernel_sets.verified", set(kern["verified"]) == set(kern["sets"]),
+            "is true", True)  # fmt: skip
     return out
+
+
+def checks(report: dict[str, Any], targets: Targets) -> dict[str, bool]:
+    """The gates' outcomes; a figure that is only reported is not among them."""
+    return {k: g["passed"] for k, g in gates(report, targets).items() if g["gated"]}
 
 
 def advice(report: dict[str, Any], targets: Targets) -> list[str]:

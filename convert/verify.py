@@ -40,7 +40,7 @@ FORBIDDEN_OPS = {
     "CALL_ONCE": "resource variable initialiser",
     "CUSTOM": "custom/Flex (Select TF) op",
 }
-DRIFT_ABS_FLOOR = 1e-3
+DRIFT_ABS_FLOOR = verdict.DRIFT_ABS_FLOOR  # the no-drift rule is the verdict's
 
 
 class FloatModel(Protocol):
@@ -58,7 +58,7 @@ def float_outputs(spec: ModelSpec, xs: np.ndarray, float_model: FloatModel | Non
     if float_model is not None:
         return float_model.run(xs)
     y, _, _ = reference.run(spec, xs)
-    return y  # errors below this are rounding noise; a ratio of noise means nothing
+    return y
 
 
 def op_audit(content: bytes) -> dict[str, Any]:
@@ -235,13 +235,7 @@ def device_python() -> str | None:
     return str(guess) if guess.exists() else None
 
 
-def device_env() -> dict[str, str]:
-    """The device interpreter runs this checkout's ``edge``; an installed converter must not
-    lend it its own site-packages (their NumPy 2 breaks tflite-runtime there)."""
-    root = Path(__file__).parents[1]
-    if not (root / "pyproject.toml").exists():  # installed, not a checkout
-        return dict(os.environ)
-    return {**os.environ, "PYTHONPATH": str(root)}
+device_env = kernels.device_env  # one rule for every call into the device Python
 
 
 def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) -> dict[str, Any]:
@@ -368,6 +362,7 @@ def verify(
         "targets": targets.to_dict(),
         "seconds": time.perf_counter() - t0,
     }
+    report["gates"] = verdict.gates(report, targets)
     report["checks"] = verdict.checks(report, targets)
     report["advice"] = verdict.advice(report, targets)
     report["_long_error"] = err  # for the plot; dropped before JSON

@@ -35,9 +35,7 @@ def say(msg: str) -> None:
 def example_bundle(cache: Path) -> tuple[Path, Path]:
     """(keras model, int8 bundle), trained and converted on first use only."""
     model, bundle = cache / "model.keras", cache / "bundle-int8"
-    # a bundle converted before kernel sets were recorded would be refused: convert again
-    manifest = bundle / "manifest.json"
-    if manifest.exists() and model.exists() and "kernels" in json.loads(manifest.read_text()):
+    if cached(cache):
         return model, bundle
     try:
         from convert.pipeline import run_convert
@@ -79,6 +77,21 @@ def float_reference(model: Path, log: list[Sent]) -> dict[Key, np.ndarray] | Non
         keys = [key for m in msgs for key in m.keys]
         out.update({key: y[0, i] for i, key in enumerate(keys)})
     return out
+
+
+def cached(cache: Path) -> bool:
+    """Whether ``cache`` holds a current example: a bundle converted before kernel sets were
+    recorded would be refused, and a model trained before train-example trained on streams
+    (no replay accuracy in model.json) is the one that lags behind activity changes."""
+    manifest, info = cache / "bundle-int8" / "manifest.json", cache / "model.json"
+    try:
+        return (
+            (cache / "model.keras").exists()
+            and "kernels" in json.loads(manifest.read_text())
+            and "test_accuracy_replay" in json.loads(info.read_text())
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def run_demo(

@@ -88,6 +88,17 @@ def plot_score(
     verdict: str,
     percentiles: Mapping[str, float],
 ) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = score_figure(latency_ms, grid, verdict, percentiles)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def score_figure(
+    latency_ms: np.ndarray, grid: StreamGrid, verdict: str, percentiles: Mapping[str, float]
+) -> Any:
+    """The figure of score.png (a matplotlib Figure; the caller saves and closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,5 +165,4 @@ def plot_score(
     )
     fig.suptitle(verdict, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig

@@ -132,7 +132,9 @@ def build_all(dest: Path) -> None:
     src = tmp / "src"
     (src / "clf").mkdir(parents=True)
     (src / "reg").mkdir(parents=True)
-    train_example(src / "clf" / "model.keras", epochs=40, units=16, progress=False)
+    train_example(
+        src / "clf" / "model.keras", epochs=5, pretrain_epochs=40, units=16, progress=False
+    )
     train_regressor(src / "reg")
     (src / "cnn-gru").mkdir(parents=True)
     train_cnn_gru(src / "cnn-gru")

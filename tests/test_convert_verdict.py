@@ -124,3 +124,46 @@ def test_saturation_counts_values_beyond_half_a_step():
 def test_bad_thresholds_are_usage_errors(kw, needle):
     with pytest.raises(ConvertError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         verdict.Targets(**kw)
+
+
+def _lookup(report, figure):
+    node = report
+    for part in figure.split("."):
+        node = node[part]
+    return node
+
+
+def test_gates_stand_beside_the_figures_and_limits_the_verdict_applies():
+    """report.json's "gates": each check with the figure it reads and the limit it applies, so
+    0.99 beside a limit of 0.995 cannot read as a pass."""
+    r = _report(
+        top1_agreement=0.99,
+        accuracy_float=0.90,
+        accuracy_bundle=0.895,
+        accuracy_drop=0.005,
+        labels="per step",
+    )
+    g = verdict.gates(r, verdict.Targets())
+    assert g["top1_agreement"] == {
+        "figure": "parity.top1_agreement",
+        "measured": 0.99,
+        "rule": ">=",
+        "limit": 0.98,
+        "passed": True,
+        "gated": True,
+    }
+    assert g["accuracy"]["limit"] == pytest.approx(0.89) and g["accuracy"]["passed"]
+    assert g["no_drift"]["limit"] == pytest.approx(1.2 * 0.1 + verdict.DRIFT_ABS_FLOOR)
+    long = g["long_stream_top1_agreement"]
+    assert (long["measured"], long["passed"], long["gated"]) == (0.95, False, False)
+    for gate in g.values():
+        if gate["rule"] != "is true":  # a yes/no gate's figure may name several values
+            assert _lookup(r, gate["figure"]) == gate["measured"]
+    assert verdict.checks(r, verdict.Targets()) == {
+        k: v["passed"] for k, v in g.items() if v["gated"]
+    }
+    strict = verdict.gates(r, verdict.Targets(min_agreement=0.995, regime="continuous"))
+    assert strict["top1_agreement"]["limit"] == 0.995 and not strict["top1_agreement"]["passed"]
+    assert strict["long_stream_top1_agreement"]["gated"]
+    r["drift"]["last_10pct_mean_error"] = 0.2  # beyond 1.2 x 0.1 + floor
+    assert not verdict.gates(r, verdict.Targets())["no_drift"]["passed"]

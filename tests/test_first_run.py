@@ -154,3 +154,18 @@ def test_a_snapshot_command_is_answered_in_the_status(service, broker):
     assert last["state"] == "online" and last["snapshot_ts"] > 0
     pub.close()
     col.close()
+
+
+def test_the_demo_cache_is_current_only_with_a_stream_trained_model(tmp_path):
+    from firmware_sim.demo import cached
+
+    (tmp_path / "bundle-int8").mkdir()
+    (tmp_path / "model.keras").write_bytes(b"PK")
+    (tmp_path / "bundle-int8" / "manifest.json").write_text('{"kernels": {}}')
+    assert not cached(tmp_path)  # no model.json
+    (tmp_path / "model.json").write_text('{"test_accuracy_last_step": 1.0}')
+    assert not cached(tmp_path)  # trained before train-example trained on streams
+    (tmp_path / "model.json").write_text('{"test_accuracy_replay": 0.9}')
+    assert cached(tmp_path)
+    (tmp_path / "bundle-int8" / "manifest.json").write_text("{}")
+    assert not cached(tmp_path)  # converted before kernel sets were recorded

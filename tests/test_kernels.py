@@ -186,3 +186,17 @@ def test_replay_gives_the_runtimes_bits(bundles, tmp_path):
     with np.load(tmp_path / "out.npz") as z:
         np.testing.assert_array_equal(z["a/y"], y_raw)
         np.testing.assert_array_equal(z["a/state"], state)
+
+
+@pytest.mark.desktop
+def test_an_installed_converter_lends_the_device_python_no_site_packages(tmp_path, monkeypatch):
+    """From a checkout the device Python runs the checkout's edge; from an installed wheel
+    ROOT is site-packages, whose NumPy 2 would break tflite-runtime there (found by
+    scripts/walkthrough: tflite-2.14 went unverified and serve refused the bundle)."""
+    from convert import kernels, verify
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert kernels.device_env()["PYTHONPATH"] == str(kernels.ROOT)
+    monkeypatch.setattr(kernels, "ROOT", tmp_path)  # no pyproject.toml: an installed package
+    assert "PYTHONPATH" not in kernels.device_env()
+    assert verify.device_env is kernels.device_env

@@ -301,8 +301,9 @@ class MqttService:
         if self.outbox.queued or self.outbox.in_flight >= self.outbox.window:
             return [], []
         dropped: list[Inbound] = []
-        if self.cfg.overload == "drop-oldest":
-            while len(self.inbox) > self.cfg.queue_size:
+        if self.cfg.overload == "drop-oldest":  # as many as their reports can go out now
+            room = self.outbox.window - self.outbox.in_flight
+            while len(self.inbox) > self.cfg.queue_size and len(dropped) < room:
                 dropped.append(self.inbox.popleft())
         n = min(len(self.inbox), self.cfg.max_batch)
         return dropped, [self.inbox.popleft() for _ in range(n)]

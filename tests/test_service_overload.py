@@ -50,3 +50,13 @@ def test_drop_oldest_takes_only_the_newest(bundles, tmp_path):
     dropped, batch = svc._take()
     assert [m.mid for m in dropped] == [1, 2, 3] and [m.mid for m in batch] == [4, 5]
     svc.processor.journal.close()
+
+
+def test_drop_oldest_drops_no_more_than_the_answer_window_takes(bundles, tmp_path):
+    svc = service(bundles, tmp_path, overload="drop-oldest", max_unacked=3)
+    for mid in range(1, 11):
+        svc._on_message(None, None, Msg("sensors/a/data", b"{}", mid))
+    dropped, batch = svc._take()  # 8 beyond queue_size, but only 3 reports can go out
+    assert [m.mid for m in dropped] == [1, 2, 3]
+    assert [m.mid for m in batch] == list(range(4, 11))  # the rest is answered, not dropped
+    svc.processor.journal.close()

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from .broker import free_port
 from .errors import SimError
 
 
@@ -25,13 +26,7 @@ def nats_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _open(port: int) -> bool:
+def is_listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -42,7 +37,7 @@ class LocalNats:
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.port, self.mqtt_port = _free_port(), _free_port()
+        self.port, self.mqtt_port = free_port(), free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,7 +59,7 @@ class LocalNats:
         with open(self.dir / "nats.log", "ab") as log:
             self.proc = subprocess.Popen([nats_binary(), "-c", str(conf)], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
-        while not (_open(self.port) and _open(self.mqtt_port)):
+        while not (is_listening(self.port) and is_listening(self.mqtt_port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise SimError(f"nats-server did not start (see {self.dir / 'nats.log'})")

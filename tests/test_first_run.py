@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from firmware_sim.broker import free_port
 from firmware_sim.devices import Sent
 from firmware_sim.plots import MISSING, RIGHT, SKIPPED, UNLABELLED, WRONG, stream_grid
 from firmware_sim.verdict import verdict
-from tests.test_integrations import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -20,6 +19,7 @@ import pytest
 from edge.ha_discovery import Announcer, object_id, sensor_configs
 from edge.manifest import read_bundle
 from edge.top import TopView
+from firmware_sim.broker import free_port
 from tests.mqtt_helpers import Collector, Publisher, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,12 +249,6 @@ def dashboard_metrics() -> set[str]:
     exprs += [v["definition"] for v in doc["templating"]["list"] if "definition" in v]
     assert len(doc["panels"]) >= 6 and all(p["targets"] for p in doc["panels"])
     return {m for e in exprs for m in re.findall(r"\b(edge_lstm_[a-z0-9_]+)", e)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_every_metric_the_grafana_dashboard_queries_exists(service, broker):

@@ -591,3 +591,63 @@ def test_the_c_json_codec_and_the_standard_library_give_the_same_results(monkeyp
     assert [_outcome(p) for p in corpus] == fast
     slow_out = payloads.prediction(7, 1.5, y, "m", ("a", "b", "c", "d"), single=True)
     assert json.loads(fast_out) == json.loads(slow_out)
+
+
+_ELEMENT = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+    st.just([]),
+    st.just({}),
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.lists(_ELEMENT, max_size=5),
+        st.lists(st.lists(_ELEMENT, max_size=5), max_size=4),
+        st.lists(
+            st.lists(st.floats(-1e6, 1e6) | st.integers(-(2**70), 2**70), min_size=3, max_size=3),
+            min_size=1,
+            max_size=6,
+        ),
+        _ELEMENT,
+    )
+)
+def test_plain_numbers_fast_path_equals_the_checked_path(values):
+    """The one-scan path for plain numbers accepts exactly what the element-wise check accepts,
+    with the same float64 values; everything else gets the element-wise path's error."""
+
+    def outcome():
+        try:
+            return ("ok", payloads._values(values, 3, 5).tobytes())
+        except PayloadError as exc:
+            return ("refused", exc.code, exc.detail)
+
+    fast = outcome()
+    original = payloads._plain
+    payloads._plain = lambda v, f: None
+    try:
+        assert outcome() == fast
+    finally:
+        payloads._plain = original
+
+
+def test_plain_numbers_fast_path_refuses_what_the_check_refuses():
+    for values, code in [
+        ([1.0, True, 3.0], "bad_values"),
+        ([[1.0, 2.0, 3.0], [1.0, "2", 3.0]], "bad_values"),
+        ([[1.0, 2.0, 3.0], [1.0, 2.0]], "bad_values"),
+        ([1.0, 2.0, 10**400], "not_finite"),
+        ([[1.0, 2.0, 3.0, 4.0]], "wrong_shape"),
+    ]:
+        with pytest.raises(PayloadError) as err:
+            payloads._values(values, 3, None)
+        assert err.value.code == code, values
+    assert payloads._values([[1, 2, 3], [4.5, -0.0, 2**64]], 3, None).tolist() == [
+        [1.0, 2.0, 3.0],
+        [4.5, -0.0, float(2**64)],
+    ]

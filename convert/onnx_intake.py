@@ -10,6 +10,13 @@ layout ops exporters put between them (``Transpose``, ``Squeeze``, ``Unsqueeze``
 features, and a per-step head of ``MatMul`` / ``Gemm`` + ``Add`` and ``Relu``, ``Sigmoid``,
 ``Tanh``, ``Softmax``. Everything else is refused with one line naming the node and why.
 
+Many-to-one models (the last step of the top layer, ``out[:, -1]`` or ``h_n[-1]``, then the
+head) are read as the same step with ``sequence_output=False``: the step applies the head after
+every sample, and its output after a sequence's last sample is the graph's output. The last
+step is recognised from what the nodes select (a ``Gather`` / ``Slice`` keeping only the last
+index of the time axis, or the ``Y_h`` output, through a ``Concat`` of the layers' ``Y_h`` and
+its last entry); any other selection of steps or layers is refused naming the node.
+
 Shapes are read from what the graph computes, not from what it declares (an exporter may write
 the example's fixed time length into declared shapes): onnxruntime runs the graph on two probe
 inputs of different batch and time lengths, and an axis is the batch or time axis when its
@@ -60,11 +67,9 @@ REASONS = {
     "GlobalMaxPool": "pooling over time needs the whole sequence",
     "Conv": "convolutions are not read from ONNX models (LSTM / GRU chains only)",
     "RNN": "the plain ONNX RNN op is not read (LSTM and GRU only)",
+    "Concat": "joining tensors is not a per-step layer (only the layers' final states h_n, "
+    "of which h_n[-1] is read)",
     "Attention": "attention looks at the whole sequence, not one causal step",
-    "Gather": "selecting time steps (e.g. the last, out[:, -1]) needs the whole sequence; apply "
-    "the head to every step of the recurrent output (the runtime predicts after every sample)",
-    "Slice": "selecting time steps (e.g. the last, out[:, -1]) needs the whole sequence; apply "
-    "the head to every step of the recurrent output (the runtime predicts after every sample)",
     "LogSoftmax": "LogSoftmax has no step equivalent here; export Softmax (or the logits)",
     "Loop": "control flow cannot be turned into a step",
     "Scan": "control flow cannot be turned into a step",
@@ -186,8 +191,9 @@ def _probe(model: Any, input_name: str, features: int) -> list[dict[str, np.ndar
             raise UnsupportedModel(
                 f"onnxruntime cannot run the model on a [{a}, {b}, {features}] input: {where} "
                 "fixes a batch or time length; export with dynamic batch and time axes "
-                "(torch 2.13's default exporter fixes the time length of batch_first=False "
-                "recurrent layers: use torch.onnx.export(..., dynamo=False) for those)"
+                "(given named Dims, torch 2.13's default exporter can fix the time length: "
+                "batch_first=False, stacked layers, h_n; use torch.export.Dim.AUTO axes or "
+                "torch.onnx.export(..., dynamo=False))"
             ) from exc
         out.append({n: np.asarray(v) for n, v in zip(names, values)} | {input_name: x})
     return out
@@ -232,16 +238,30 @@ class _Chain:
         self.width = 0
         self.batch_axis = ""  # 'a0' or 'a1' once the first recurrent op tells
         self.cells = 0
+        self.last = False  # the last step was selected: no time axis from here on
+        self.final_states: list[str] = []  # Y_h of each cell whose final state the graph uses
+        self.stack: tuple[int, list[str]] | None = None  # (axis, Y_h names) of a Concat h_n
+
+    @property
+    def time_axis(self) -> str:
+        return "a1" if self.batch_axis == "a0" else "a0"
 
     def feature_axis(self, node: Any, name: str) -> int:
-        """The one feature axis of a tensor on the chain (others: batch, time, or length 1)."""
+        """The one feature axis of a tensor on the chain (others: batch, time, or length 1;
+        no time axis once the last step was selected)."""
         roles = _roles(self.g, name)
         shape = self.g.probes[0][name].shape
-        if "?" in roles or roles.count("a0") != 1 or roles.count("a1") != 1:
+        if self.last:
+            ok = roles.count(self.batch_axis) == 1 and self.time_axis not in roles
+            what = "sequence"
+        else:
+            ok = roles.count("a0") == 1 and roles.count("a1") == 1
+            what = "step"
+        if "?" in roles or not ok:
             raise UnsupportedModel(
                 f"{_where(node)}: its output {name!r} has shape {list(shape)} on a "
                 f"[{PROBES[0][0]}, {PROBES[0][1]}, F] input, no longer one row of features per "
-                "step (it mixes time steps or batch rows together)"
+                f"{what} (it mixes time steps or batch rows together)"
             )
         wide = [k for k, r in enumerate(roles) if r == "static" and shape[k] != 1]
         if len(wide) > 1:
@@ -348,6 +368,11 @@ def _recurrent(chain: _Chain, node: Any, x_name: str) -> tuple[Layer, str]:
     g = chain.g
     attrs = _attrs(node)
     where = _where(node)
+    if chain.last:
+        raise UnsupportedModel(
+            f"{where}: runs over the selected last step (a one-step sequence), not over the "
+            "stream; only per-step layers can follow out[:, -1] / h_n[-1]"
+        )
     ins = list(node.input) + [""] * (8 - len(node.input))
     layout = int(attrs.get("layout", 0))
     roles = _roles(g, x_name)
@@ -402,15 +427,20 @@ def _recurrent(chain: _Chain, node: Any, x_name: str) -> tuple[Layer, str]:
     outs = [*node.output, "", "", ""]
     used = [k for k in range(3) if outs[k] and g.consumers.get(outs[k])]
     used += [k for k in range(3) if outs[k] == g.output_name and k not in used]
-    if used != [0]:
-        what = {1: "the last hidden state Y_h", 2: "the last cell state Y_c"}
-        names = ", ".join(what[k] for k in used if k in what)
+    if 2 in used:
         raise UnsupportedModel(
-            f"{where}: the model uses {names or 'no output'} of the recurrent op; only per-step "
-            "outputs (Y) can be streamed (many-to-one: apply the head to every step of Y)"
+            f"{where}: the model uses the final cell state Y_c (c_n) of the recurrent op; the "
+            "step streams the hidden state: use h_n[-1] or out[:, -1] (or every step of out)"
         )
+    if not used:
+        raise UnsupportedModel(f"{where}: the model uses no output of the recurrent op")
     chain.width = h
     chain.cells += 1
+    if 1 in used:  # h_n: its own last step (read here), or a layer's entry of a Concat h_n
+        chain.final_states.append(outs[1])
+    if used == [1]:  # many-to-one: the final hidden state is the output Y at the last step
+        chain.last = True
+        return cell, outs[1]
     return cell, outs[0]
 
 
@@ -421,6 +451,135 @@ def _matmul(chain: _Chain, node: Any, name: str, w: np.ndarray) -> None:
         )
     chain.add(Dense(w.astype(np.float32), np.zeros(w.shape[1], np.float32)))
     chain.width = int(w.shape[1])
+
+
+def _values(g: _Graph, node: Any, name: str, what: str) -> list[np.ndarray]:
+    """Per probe, a tensor that does not depend on the input's values (it may depend on its
+    shape: an index computed from the time length)."""
+    if name in g.consts:
+        return [np.asarray(g.consts[name])] * len(g.probes)
+    values = [p.get(name) for p in g.probes]
+    if any(v is None for v in values):
+        raise UnsupportedModel(f"{_where(node)}: cannot read its {what}")
+    return [np.asarray(v) for v in values]
+
+
+def _kept(
+    node: Any, data_shape: tuple[int, ...], ins: list[np.ndarray | None]
+) -> dict[int, list[int]]:
+    """The indices a Gather / Slice keeps along each axis it cuts (for one probe; ``ins``: its
+    inputs after the data, None where an optional one is not given)."""
+    rank = len(data_shape)
+    ins = ins + [None] * (4 - len(ins))
+    if node.op_type == "Gather":
+        axis = int(_attrs(node).get("axis", 0)) % rank
+        n = data_shape[axis]
+        assert ins[0] is not None
+        return {axis: [int(i) + n if i < 0 else int(i) for i in ins[0].reshape(-1).tolist()]}
+    assert ins[0] is not None and ins[1] is not None
+    starts, ends = ins[0].reshape(-1).tolist(), ins[1].reshape(-1).tolist()
+    axes = ins[2].reshape(-1).tolist() if ins[2] is not None else list(range(len(starts)))
+    steps = ins[3].reshape(-1).tolist() if ins[3] is not None else [1] * len(starts)
+    out = {}
+    for start, end, a, step in zip(starts, ends, axes, steps):
+        a, n = int(a) % rank, data_shape[int(a) % rank]
+        kept = list(range(n))[slice(int(start), int(end), int(step))]
+        if kept != list(range(n)):
+            out[a] = kept
+    return out
+
+
+def _picked(g: _Graph, node: Any, data: str) -> tuple[int, list[list[int]]] | None:
+    """The one axis a Gather / Slice cuts and, per probe, the indices it keeps there (None: a
+    Slice that keeps everything)."""
+    where = _where(node)
+    if node.input[0] != data:
+        raise UnsupportedModel(f"{where}: uses the model's values as indices")
+    if node.op_type == "Slice" and len(node.input) < 3:
+        raise UnsupportedModel(f"{where}: a Slice without starts / ends inputs is not read")
+    given = [_values(g, node, i, "indices") if i else None for i in node.input[1:]]
+    cuts = [
+        _kept(node, p[data].shape, [v[k] if v is not None else None for v in given])
+        for k, p in enumerate(g.probes)
+    ]
+    axes = {a for c in cuts for a in c}
+    if not axes:
+        return None
+    if len(axes) > 1:
+        raise UnsupportedModel(f"{where}: selects along {len(axes)} axes at once; not read")
+    (axis,) = axes
+    return axis, [c.get(axis, list(range(p[data].shape[axis]))) for c, p in zip(cuts, g.probes)]
+
+
+def _indices(kept: list[int], length: int, what: str) -> str:
+    if len(kept) == 1:
+        return f"{what} {kept[0]} of {length}"
+    if not kept:
+        return f"no {what} of {length}"
+    return f"{len(kept)} {what}s ({kept[0]}..{kept[-1]}) of {length}"
+
+
+def _select(chain: _Chain, node: Any, data: str) -> None:
+    """A Gather / Slice on the chain: the last time step (many-to-one), the top layer's entry
+    of a Concat h_n, or dropping a length-1 axis; every other selection is refused."""
+    g, where = chain.g, _where(node)
+    picked = _picked(g, node, data)
+    if picked is None:
+        return
+    axis, kept = picked
+    lengths = [p[data].shape[axis] for p in g.probes]
+    last = all(k == [n - 1] for k, n in zip(kept, lengths))
+    probe = f"(on a probe input of {PROBES[0][1 if chain.batch_axis == 'a0' else 0]} steps)"
+    if chain.stack is not None:
+        if axis != chain.stack[0] or not last:
+            which = _indices(kept[0], lengths[0], "layer") if axis == chain.stack[0] else "parts"
+            raise UnsupportedModel(
+                f"{where} cannot be streamed: it selects {which} of the layers' final states "
+                "h_n; only the top layer's (h_n[-1]) is the output of the last step"
+            )
+        chain.stack = None
+        return
+    role = _roles(g, data)[axis]
+    if role == chain.time_axis and chain.cells and not chain.last:
+        if not last:
+            raise UnsupportedModel(
+                f"{where} cannot be streamed: it selects {_indices(kept[0], lengths[0], 'step')} "
+                f"along the time axis {probe}; a step model's output after a sequence's last "
+                "sample is the last step's (out[:, -1]), other steps need the whole sequence"
+            )
+        chain.last = True
+        return
+    if role == "static" and all(n == 1 for n in lengths) and all(k == [0] for k in kept):
+        return  # drops a length-1 axis (h_n[-1] of one layer: its direction axis)
+    what = {
+        chain.batch_axis: "batch rows (each sequence streams on its own)",
+        "static": "features of a step (only whole feature vectors are read)",
+    }.get(role, "time steps before the recurrent layers")
+    raise UnsupportedModel(f"{where} cannot be streamed: it selects {what}")
+
+
+def _stack(chain: _Chain, node: Any, on_chain: list[str], current: str) -> None:
+    """A Concat of the layers' final states Y_h (PyTorch's h_n of a stacked nn.LSTM / nn.GRU):
+    read only when the next node picks the top layer's entry."""
+    g, where = chain.g, _where(node)
+    if (
+        not chain.last
+        or on_chain != list(node.input)
+        or on_chain != chain.final_states
+        or on_chain[-1] != current
+        or any(len(g.consumers.get(i, [])) != 1 for i in on_chain)
+    ):
+        raise UnsupportedModel(
+            f"{where}: the model branches or joins here (e.g. a residual connection); only "
+            "one chain of per-step layers (or the layers' final states h_n) can be streamed"
+        )
+    rank = len(g.probes[0][current].shape)
+    axis = int(_attrs(node).get("axis", 0)) % rank
+    if _roles(g, current)[axis] != "static" or any(
+        g.probes[0][i].shape[axis] != 1 for i in on_chain
+    ):
+        raise UnsupportedModel(f"{where}: joins the layers' final states along another axis")
+    chain.stack = (axis, on_chain)
 
 
 def read(path: str | Path) -> OnnxSource:
@@ -484,6 +643,15 @@ def read(path: str | Path) -> OnnxSource:
             continue
         where = _where(n)
         on_chain = [i for i in n.input if i in value]
+        if n.op_type == "Concat" and len(on_chain) > 1:
+            _stack(chain, n, on_chain, current)
+            current = n.output[0]
+            continue
+        if chain.stack is not None and n.op_type not in ("Gather", "Slice"):
+            raise UnsupportedModel(
+                f"{where} cannot be streamed: it uses every layer's final state h_n; only the "
+                "top layer's (h_n[-1]) is the output of the last step"
+            )
         if on_chain != [current] or len(g.consumers.get(current, [])) != 1:
             raise UnsupportedModel(
                 f"{where}: the model branches or joins here (e.g. a residual connection); only "
@@ -501,6 +669,10 @@ def read(path: str | Path) -> OnnxSource:
                 time_first = t_role == "a0"
             cell, nxt = _recurrent(chain, n, current)
             chain.add(cell)
+        elif op in ("Gather", "Slice"):
+            _select(chain, n, current)
+            if chain.stack is None:
+                chain.feature_axis(n, nxt)
         elif op in LAYOUT_OPS or (op == "Cast" and _cast_to_float(n)):
             chain.feature_axis(n, nxt)
         elif op in ("MatMul", "Gemm"):
@@ -572,6 +744,11 @@ def read(path: str | Path) -> OnnxSource:
         current = nxt
     if current != g.output_name:
         raise UnsupportedModel(f"the chain from the input ends at {current!r}, not at the output")
+    if chain.stack is not None:
+        raise UnsupportedModel(
+            "the model outputs every layer's final state h_n; only the top layer's (h_n[-1]) is "
+            "the output of the last step"
+        )
     out_roles = _roles(g, current)
     chain.feature_axis(graph.node[-1], current)
     layers = tuple(chain.layers)
@@ -583,7 +760,7 @@ def read(path: str | Path) -> OnnxSource:
     if not layer_states(layers):
         raise ConvertError(f"{p}: no LSTM or GRU op on the path from input to output")
     digest = hashlib.sha256(p.read_bytes()).hexdigest()
-    spec = ModelSpec(features, mean, std, layers, digest, p.stem, True)
+    spec = ModelSpec(features, mean, std, layers, digest, p.stem, not chain.last)
     assert time_first is not None
     return OnnxSource(spec, model, inp.name, g.output_name, time_first, out_roles, chain.batch_axis)
 
@@ -615,14 +792,36 @@ class OnnxSource:
     def describe(self) -> dict[str, Any]:
         import onnxruntime
 
-        return {
+        out = {
             "format": "onnx",
             "input_layout": self.layout,
             "float_reference": f"onnxruntime {onnxruntime.__version__} (the original graph)",
+            "output": "every step",
         }
+        if not self.spec.sequence_output:
+            out["output"] = (
+                "the last step (many-to-one); the bundle predicts after every sample, the steps "
+                "before the last are compared with the step read from the graph"
+            )
+        return out
 
     def run(self, xs: np.ndarray, chunk: int = 256) -> np.ndarray:
-        """[N, T, F] sequences from zero state -> the graph's outputs [N, T, O] (float64)."""
+        """[N, T, F] sequences from zero state -> per-step outputs [N, T, O] (float64): the
+        graph's own, or for a many-to-one graph its output at the last step and, before it, the
+        NumPy reference of the step read from the graph (as for a Keras many-to-one model;
+        ``check_agreement`` ties the two together)."""
+        y = self.run_graph(xs, chunk)
+        if self.spec.sequence_output:
+            return y
+        from . import reference
+
+        steps, _, _ = reference.run(self.spec, xs)
+        steps = np.array(steps, np.float64)
+        steps[:, -1] = y
+        return steps
+
+    def run_graph(self, xs: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """The graph's outputs in onnxruntime: [N, T, O], or [N, O] for a many-to-one graph."""
         if self._session is None:
             self._session = session(_strip_shapes(self.model))
         xs = np.asarray(xs, np.float32)
@@ -635,21 +834,28 @@ class OnnxSource:
         return np.concatenate(outs)
 
     def _canonical(self, y: np.ndarray) -> np.ndarray:
-        """The output's axes as [batch, time, features], whatever the graph put where."""
+        """The output's axes as [batch, time, features] ([batch, features] for a many-to-one
+        graph), whatever the graph put where."""
         roles = self.output_roles
         b = roles.index(self.batch_role)
+        if not self.spec.sequence_output:
+            y = y.transpose(b, *[k for k in range(y.ndim) if k != b])
+            return y.reshape(y.shape[0], -1)
         t = roles.index("a1" if self.batch_role == "a0" else "a0")
         rest = [k for k in range(y.ndim) if k not in (b, t)]
         y = y.transpose(b, t, *rest)
         return y.reshape(y.shape[0], y.shape[1], -1)
 
     def check_agreement(self, xs: np.ndarray) -> float:
-        """Max |y| difference between the graph and the spec read from it, on ``xs``; refuses
-        a graph that computes something else than what was read (exit 2)."""
+        """Max |y| difference between the graph and the spec read from it, on ``xs`` (at the
+        last step for a many-to-one graph); refuses a graph that computes something else than
+        what was read (exit 2)."""
         from . import reference
 
         y_ref, _, _ = reference.run(self.spec, xs)
-        y_ort = self.run(xs)
+        if not self.spec.sequence_output:
+            y_ref = y_ref[:, -1]
+        y_ort = self.run_graph(xs)
         diff = float(np.abs(y_ref - y_ort).max())
         scale = max(1.0, float(np.abs(y_ort).max()))
         if not diff <= AGREEMENT_TOL * scale:

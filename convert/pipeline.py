@@ -261,6 +261,11 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(
             f"  source   ONNX, input {src['input_layout']}; float reference: "
             f"{src['float_reference']}"
+            + (
+                "; many-to-one (the last step)"
+                if src.get("output", "").startswith("the last")
+                else ""
+            )
         )
     if "rmse_ratio" in par:
         lines.append(

@@ -227,11 +227,7 @@ class Heads:
                 self.fc = nn.Linear(8 if bi else 4, 2)
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                y, (h, _) = self.rnn(x)
-                if kind == "last step":
-                    return self.fc(y[:, -1])
-                if kind == "h_n":
-                    return self.fc(h[-1])
+                y, _ = self.rnn(x)
                 if kind == "log_softmax":
                     return torch.log_softmax(self.fc(y), -1)
                 if kind == "residual":
@@ -245,8 +241,6 @@ class Heads:
 
 HEADS = {
     "bidirectional": ["direction='bidirectional'", "bidirectional=False in PyTorch"],
-    "last step": ["(Gather)", "selecting time steps"],
-    "h_n": ["the last hidden state Y_h", "(LSTM)"],
     "log_softmax": ["(LogSoftmax)", "export Softmax"],
     "residual": ["branches or joins"],
     "abs": ["(Abs) is not supported in a streaming step model"],

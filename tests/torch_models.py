@@ -29,6 +29,7 @@ class Recipe:
     noise: float = 0.5  # training-time input noise (normalised units), as the Keras example
     lr: float = 1e-2
     forget_bias: float = 1.0  # added to the LSTM forget gate's bias at initialisation
+    head: str = "step"  # per step; many-to-one: "last" (out[:, -1]) or "h_n" (h_n[-1])
 
 
 def _net(recipe: Recipe, features: int, outputs: int, mean: np.ndarray, std: np.ndarray) -> Any:
@@ -60,7 +61,11 @@ def _net(recipe: Recipe, features: int, outputs: int, mean: np.ndarray, std: np.
             z = (x - self.mean) / self.std
             if self.training and recipe.noise:
                 z = z + recipe.noise * torch.randn_like(z)
-            y, _ = self.rnn(z)
+            y, h_n = self.rnn(z)
+            if recipe.head == "last":  # many-to-one, the tutorials' way
+                y = y[:, -1] if recipe.batch_first else y[-1]
+            elif recipe.head == "h_n":
+                y = (h_n[0] if recipe.kind == "LSTM" else h_n)[-1]
             y = self.head(y)
             return torch.softmax(y, dim=-1) if self.classify else y
 
@@ -98,11 +103,15 @@ def train(recipe: Recipe) -> tuple[Any, dict[str, np.ndarray]]:
         target = torch.tensor(np.repeat(y[:, None], x.shape[1], axis=1))
     else:
         target = torch.tensor(y)
+    many_to_one = recipe.head != "step"
+    if many_to_one:  # one label per sequence: the last step's
+        target = target[:, -1]
+        yt = yt if recipe.task == "clf" else yt[:, -1]
     net.train()
     for _ in range(recipe.epochs):
         inp = xs if recipe.batch_first else xs.transpose(0, 1)
         out = net(inp)
-        out = out if recipe.batch_first else out.transpose(0, 1)
+        out = out if recipe.batch_first or many_to_one else out.transpose(0, 1)
         if recipe.task == "clf":
             loss = torch.nn.functional.nll_loss(
                 torch.log(out.clamp_min(1e-7)).reshape(-1, outputs), target.reshape(-1)
@@ -131,6 +140,8 @@ def _export(net: Any, recipe: Recipe, path: Path) -> None:
     names = (0, 1) if recipe.batch_first else (1, 0)  # (batch axis, time axis)
     if recipe.exporter == "dynamo":
         dims = {names[0]: torch.export.Dim("batch"), names[1]: torch.export.Dim("time")}
+        if recipe.head != "step":  # named Dims let torch.export fix the time length here
+            dims = {names[0]: torch.export.Dim.AUTO, names[1]: torch.export.Dim.AUTO}
         torch.onnx.export(
             net,
             (x,),
@@ -142,25 +153,28 @@ def _export(net: Any, recipe: Recipe, path: Path) -> None:
         )
     else:
         axes = {names[0]: "batch", names[1]: "time"}
+        out_axes = axes if recipe.head == "step" else {0: "batch"}
         torch.onnx.export(
             net,
             (x,),
             str(path),
             input_names=["x"],
             output_names=["y"],
-            dynamic_axes={"x": axes, "y": axes},
+            dynamic_axes={"x": axes, "y": out_axes},
             dynamo=False,
         )
 
 
 def run_torch(net: Any, recipe: Recipe, x: np.ndarray) -> np.ndarray:
-    """The PyTorch model's own outputs for [N, T, F] sequences, as [N, T, O]."""
+    """The PyTorch model's own outputs for [N, T, F] sequences, as [N, T, O] ([N, O] for a
+    many-to-one model)."""
     import torch
 
     with torch.no_grad():
         t = torch.tensor(np.asarray(x, np.float32))
         out = net(t if recipe.batch_first else t.transpose(0, 1))
-        return (out if recipe.batch_first else out.transpose(0, 1)).numpy()
+        keep = recipe.batch_first or recipe.head != "step"
+        return (out if keep else out.transpose(0, 1)).numpy()
 
 
 def build(recipe: Recipe, out: Path) -> dict[str, Path]:

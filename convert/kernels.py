@@ -31,6 +31,8 @@ from edge.backend import available
 from edge.manifest import Manifest
 from edge.model import dequantize
 
+from . import verdict
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -132,8 +134,10 @@ def figures(
     y_long_float: np.ndarray,
     targets: dict[str, Any],
     drift_floor: float,
+    sequence_output: bool = True,
 ) -> dict[str, Any]:
-    """The task figures and checks of ``verify`` for one kernel set's dequantised outputs."""
+    """The task figures and checks of ``verify`` for one kernel set's dequantised outputs
+    (labels aligned as the verdict aligns them: one per sequence against the last step)."""
     par: dict[str, Any] = {"max_abs_error": float(np.abs(y_parity - y_float).max())}
     err = np.abs(y_long - y_long_float).max(-1)
     tenth = max(1, len(err) // 10)
@@ -150,17 +154,24 @@ def figures(
         par["top1_agreement"] = float((y_parity.argmax(-1) == y_float.argmax(-1)).mean())
         dr["top1_agreement"] = float((y_long.argmax(-1) == y_long_float.argmax(-1)).mean())
         checks["long_stream_top1_agreement"] = dr["top1_agreement"] >= targets["top1_agreement"]
-        if labels is not None and labels.ndim == 1:
-            acc_f = float((y_float[:, -1].argmax(-1) == labels).mean())
-            acc_q = float((y_parity[:, -1].argmax(-1) == labels).mean())
-            par.update(accuracy_last_step_float=acc_f, accuracy_last_step_bundle=acc_q)
+    if labels is not None:
+        n, t, o = y_float.shape
+        where = verdict.label_alignment(labels, manifest.output_kind, n, t, o, sequence_output)
+        yf, yq = (y_float[:, -1], y_parity[:, -1]) if where == "last" else (y_float, y_parity)
+        if manifest.output_kind == "classifier":
+            lab = verdict.class_index(labels, where, o)
+            acc_f = float((yf.argmax(-1) == lab).mean())
+            acc_q = float((yq.argmax(-1) == lab).mean())
+            key = "accuracy_last_step" if where == "last" else "accuracy"
+            par.update({f"{key}_float": acc_f, f"{key}_bundle": acc_q})
             checks["accuracy_within_1pt"] = acc_f - acc_q <= targets["max_accuracy_drop"] + 1e-9
-    else:
-        if labels is not None and labels.shape == y_float.shape:
-            rmse_f = float(np.sqrt(((y_float - labels) ** 2).mean()))
-            rmse_q = float(np.sqrt(((y_parity - labels) ** 2).mean()))
+        else:
+            target = labels.astype(np.float64).reshape(yf.shape)
+            rmse_f = float(np.sqrt(((yf - target) ** 2).mean()))
+            rmse_q = float(np.sqrt(((yq - target) ** 2).mean()))
             par["rmse_ratio"] = rmse_q / rmse_f
             checks["rmse_within_5pct"] = par["rmse_ratio"] <= targets["max_rmse_ratio"] + 1e-12
+    if manifest.output_kind != "classifier":
         dr["rmse_vs_float_rel"] = float(
             np.sqrt(((y_long - y_long_float) ** 2).mean()) / max(float(y_long_float.std()), 1e-12)
         )
@@ -176,9 +187,11 @@ def verify_kernel_sets(
     dev_python: str | None,
     targets: dict[str, Any],
     drift_floor: float,
+    sequence_output: bool = True,
 ) -> dict[str, Any]:
     """``streams``: {"parity": [N, T, F], "long": [1, L, F]}; ``y_float``: the float model's
-    outputs for both. Returns the manifest's ``kernels`` record (plus ``unavailable``)."""
+    outputs for both; ``sequence_output`` False: the source returns the last step only.
+    Returns the manifest's ``kernels`` record (plus ``unavailable``)."""
     runs, failed = in_process(bundle, streams)
     if dev_python is None:
         failed["tflite"] = "not available (set EDGE_LSTM_DEVICE_PYTHON)"
@@ -205,6 +218,7 @@ def verify_kernel_sets(
             y_float["long"][0],
             targets,
             drift_floor,
+            sequence_output,
         )
         sets[r.kernels] = {
             "interpreter": r.interpreter,

@@ -80,7 +80,7 @@ def label_alignment(
     )
 
 
-def _class_index(labels: np.ndarray, where: str, outputs: int) -> np.ndarray:
+def class_index(labels: np.ndarray, where: str, outputs: int) -> np.ndarray:
     """Integer class labels from indices or one-hot rows."""
     one_hot_ndim = 2 if where == "last" else 3
     if labels.ndim == one_hot_ndim and labels.shape[-1] == outputs:
@@ -118,7 +118,7 @@ def task_metrics(
     res["labels"] = "per sequence (output after the last sample)" if where == "last" else "per step"
     yf, yb = (y_float[:, -1], y_bundle[:, -1]) if where == "last" else (y_float, y_bundle)
     if kind == "classifier":
-        lab = _class_index(labels, where, o)
+        lab = class_index(labels, where, o)
         acc_f = float((yf.argmax(-1) == lab).mean())
         acc_b = float((yb.argmax(-1) == lab).mean())
         res.update(accuracy_float=acc_f, accuracy_bundle=acc_b, accuracy_drop=acc_f - acc_b)

@@ -339,6 +339,7 @@ def verify(
             "max_rmse_ratio": targets.max_rmse_ratio,
         },
         DRIFT_ABS_FLOOR,
+        spec.sequence_output,
     )
     report = {
         "bundle": str(bundle),

@@ -240,6 +240,11 @@ def test_many_to_one_models_convert_and_meet_their_targets(capsys, tmp_path, tra
     assert y_ort.shape == y_last.shape
     if mode == "float32":
         assert np.abs(y_last - y_ort).max() <= 1e-5
+        argv = ["verify", str(out), "--model", str(src["model"]), "--data", str(src["test"])]
+        code, res = run_cli(capsys, *argv, "--long-steps", "300", "--json")
+        assert code == 0, res.err
+        again = json.loads(res.out)
+        assert again["parity"]["sequence_output"] is False and all(again["checks"].values())
     elif "rmse_ratio" in par:
         assert par["rmse_ratio"] <= 1.05
     else:

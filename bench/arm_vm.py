@@ -211,6 +211,44 @@ def wheels_key(litert: str, pyproject: str) -> str:
     return hashlib.sha256(f"{litert}\n{RECIPE}\n{grep}\n".encode()).hexdigest()[:12]
 
 
+def same_streams(a: Path, b: Path) -> dict[str, list[str]]:
+    """Bundles whose streams (``y`` and state) in ``a`` are identical to ``b``'s: {'same': ...,
+    'differ': ..., 'missing': ...} (missing: in ``a`` only)."""
+    import numpy as np
+
+    out: dict[str, list[str]] = {"same": [], "differ": [], "missing": []}
+    for f in sorted(a.glob("*.npz")):
+        g = b / f.name
+        if not g.exists():
+            out["missing"].append(f.stem)
+            continue
+        with np.load(f) as x, np.load(g) as y:
+            equal = all(
+                x[k].shape == y[k].shape and bool((x[k] == y[k]).all()) for k in ("y", "state")
+            )
+        out["same" if equal else "differ"].append(f.stem)
+    return out
+
+
+def user_table(runs: Path, user_runs: Path) -> tuple[str, dict[str, Any]]:
+    """The VM's streams against scripts/test-arm's qemu-user streams of the same CPU model."""
+    lines = [
+        "| qemu -cpu | interpreter | identical to qemu-user (bundles) | differ | not in qemu-user |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    found: dict[str, Any] = {}
+    for vm in sorted(runs.glob("vm-*")):
+        cpu = vm.name.removeprefix("vm-")
+        for interp in INTERPRETERS:
+            r = same_streams(vm / interp, user_runs / cpu / interp)
+            found.setdefault(cpu, {})[interp] = r
+            lines.append(
+                f"| {cpu} | {interp} | {len(r['same'])} | {', '.join(r['differ']) or '-'} | "
+                f"{', '.join(r['missing']) or '-'} |"
+            )
+    return "\n".join(lines), found
+
+
 def vm_table(vms: dict[str, dict[str, Any]], kernel: str) -> str:
     """One row per VM: what the guest's kernel reported and how long it took."""
     lines = [
@@ -532,6 +570,13 @@ def main() -> int:
     ap.add_argument("--smp", type=int, default=2, help="guest CPUs (the replays run in parallel)")
     ap.add_argument("--bundles", type=Path, default=ROOT / "build/test-bundles")
     ap.add_argument("--out", type=Path, default=BUILD / "arm_vm")
+    ap.add_argument(
+        "--user-runs",
+        type=Path,
+        default=ROOT / "build/arm/runs",
+        help="scripts/test-arm's streams (qemu-user) to compare the VM's with, if present "
+        "(default %(default)s)",
+    )
     args = ap.parse_args()
     cpus = [c for c in args.cpus.split(",") if c]
     if not cpus or args.steps < 1 or args.timeout <= 0 or args.smp < 1:
@@ -640,6 +685,11 @@ def check(args: argparse.Namespace, cpus: list[str]) -> int:
     vms = report["vms"]
     assert isinstance(vms, dict)
     print(vm_table(vms, kernel_pkg))
+    if args.user_runs.is_dir() and any(runs.glob("vm-*")):
+        text, found = user_table(runs, args.user_runs)
+        report["vs_qemu_user"] = {"runs": str(args.user_runs), **found}
+        print(f"\nVM streams vs scripts/test-arm's qemu-user streams ({args.user_runs}):")
+        print(text)
     report["wall_s"] = round(time.monotonic() - t_start)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"VM check done in {report['wall_s']} s; results in {args.out}")

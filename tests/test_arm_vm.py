@@ -93,3 +93,24 @@ def test_console_parsing_takes_only_marked_lines() -> None:
     assert isinstance(seen["cpuinfo"], list)
     assert arm_vm.cpu_part(seen["cpuinfo"]) == "0xd08"
     assert arm_vm.parse_console("kernel panic\n")["end"] is None
+
+
+def test_same_streams_tells_identical_differing_and_missing_bundles(tmp_path: Path) -> None:
+    import numpy as np
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    y, state = np.arange(6, dtype=np.int8).reshape(2, 3), np.zeros((2, 3, 4), np.int8)
+    for d in (a, b):
+        np.savez(d / "same.npz", y=y, state=state)
+    np.savez(a / "differ.npz", y=y, state=state)
+    changed = state.copy()
+    changed[1, 2, 3] = 1
+    np.savez(b / "differ.npz", y=y, state=changed)
+    np.savez(a / "only-a.npz", y=y, state=state)
+    assert arm_vm.same_streams(a, b) == {
+        "same": ["same"],
+        "differ": ["differ"],
+        "missing": ["only-a"],
+    }

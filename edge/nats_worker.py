@@ -199,7 +199,7 @@ def partition_engine(model: StepModel, cfg: ServiceConfig) -> Engine:
     )
 
 
-def inbound(msg: Any, twin: bool = False) -> Inbound | None:
+def inbound(msg: Any, redelivered: bool = False) -> Inbound | None:
     topic = stored_to_topic(msg.subject)
     if topic is None:
         return None
@@ -209,7 +209,7 @@ def inbound(msg: Any, twin: bool = False) -> Inbound | None:
         bytes(msg.data),
         mid=meta.sequence.stream,
         received=time.time(),
-        redelivered=twin or meta.num_delivered > 1,
+        redelivered=redelivered or meta.num_delivered > 1,
     )
 
 
@@ -227,7 +227,7 @@ class Partition:
     task: asyncio.Task[None] | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     mids: int = 0
-    replay_until: int = 0  # the stream's last sequence when the partition was taken over
+    replay_until: int = 0  # the previous owner's last acknowledged stream sequence
     twins: Twins = field(default_factory=Twins)
     last_snapshot: float = field(default_factory=time.monotonic)
 
@@ -245,6 +245,8 @@ class Worker:
         self.root = Path(cfg.state_dir) / f"worker-{opts.worker_id}"
         self.owned: dict[int, Partition] = {}
         self.leases: dict[int, int] = {}  # partition -> revision of our lease
+        # partition -> when the request that last created or renewed our lease was sent
+        self.renewed: dict[int, float] = {}
         self.stopping = asyncio.Event()
         self.nc: Any = None
         self.js: Any = None
@@ -326,8 +328,15 @@ class Worker:
         from nats.js.errors import NotFoundError
 
         durable = f"edge-p{part.number}"
-        with contextlib.suppress(NotFoundError):
+        try:
+            # What the previous owner acknowledged, i.e. handled (and maybe answered): in the
+            # replay, a duplicate up to there is the partition's own, not the device's. Past it
+            # nothing was answered, so a device's duplicate there is reported.
+            old = await self.js.consumer_info(STREAM, durable)
+            part.replay_until = old.ack_floor.stream_seq if old.ack_floor else 0
             await self.js.delete_consumer(STREAM, durable)
+        except NotFoundError:
+            part.replay_until = 0
         config = api.ConsumerConfig(
             # one ack per batch (the last message), as the batch is handled in order
             ack_policy=api.AckPolicy.ALL,
@@ -344,9 +353,7 @@ class Worker:
 
     async def acquire(self, p: int) -> None:
         t0 = time.monotonic()
-        last = (await self.js.stream_info(STREAM)).state.last_seq
         part = await self._restore(p)
-        part.replay_until = last
         await self._subscribe(part)
         self.owned[p] = part
         part.task = asyncio.create_task(self._pump(part), name=f"partition-{p}")
@@ -394,6 +401,20 @@ class Worker:
 
     # -- the partition loop -----------------------------------------------------------------
 
+    def holds(self, p: int) -> bool:
+        """Whether our lease on ``p`` is surely still ours: held, and renewed less than 3/4
+        of a lease ago (the bucket expires it a full lease after the renewal was stored). A
+        lease whose renewals fail (NATS failing over) runs out in the bucket while we cannot
+        hear it, and another worker may take the partition then: a loop that went on
+        fetching and acknowledging from the re-created consumer would take messages from the
+        new owner."""
+        renewed = self.renewed.get(p)
+        return (
+            p in self.leases
+            and renewed is not None
+            and time.monotonic() - renewed < self.opts.lease_seconds * 0.75
+        )
+
     async def _pump(self, part: Partition) -> None:
         import nats.errors
 
@@ -407,6 +428,11 @@ class Worker:
                 log.warning("partition %d: fetch failed: %r", part.number, exc)
                 await asyncio.sleep(0.2)
                 continue
+            if not self.holds(part.number):
+                # not acknowledged: redelivered to whoever owns the partition next
+                log.warning("partition %d: lease not confirmed; stopping", part.number)
+                self.metrics.inc("partitions_fenced")
+                return
             batch: list[Inbound] = []
             for m in msgs:
                 twin = part.twins.admit(m.subject, m.data, m.headers)
@@ -414,9 +440,10 @@ class Worker:
                     continue  # an MQTT publish's second copy, the first one stepped
                 if twin:
                     self.metrics.inc("mqtt_store_copies_stepped")
-                # the replay after a takeover: a duplicate there is the partition's own
-                # (a twin whose other copy the restored state had stepped), not the device's
-                item = inbound(m, twin or m.metadata.sequence.stream <= part.replay_until)
+                # the replay after a takeover, up to what the previous owner handled: a
+                # duplicate there is the partition's own (or a twin whose other copy the
+                # restored state stepped), not the device's
+                item = inbound(m, m.metadata.sequence.stream <= part.replay_until)
                 if item is None:
                     log.error("partition %d: unexpected subject %r", part.number, m.subject)
                 else:
@@ -424,13 +451,21 @@ class Worker:
             if msgs:
                 while not proc.handle(batch):  # the scratch journal is unwritable: wait
                     await asyncio.sleep(1.0)
+                if not self.holds(part.number):  # lost while handling: the next owner replays
+                    log.warning("partition %d: lease not confirmed; stopping", part.number)
+                    self.metrics.inc("partitions_fenced")
+                    return
                 await msgs[-1].ack()  # only now: the processor has logged them
                 part.covered = max(part.covered, *(m.metadata.sequence.stream for m in msgs))
                 self.metrics.inc("acks", len(msgs))
             proc.tick()
             await self._publish(part)
             if time.monotonic() - part.last_snapshot >= self.opts.snapshot_interval:
-                await self._checkpoint(part)
+                try:
+                    await self._checkpoint(part)
+                except Exception as exc:  # NATS failing over: the next interval tries again
+                    log.warning("partition %d: snapshot failed: %r", part.number, exc)
+                    self.metrics.inc("snapshot_failures")
 
     async def _publish(self, part: Partition) -> None:
         """Each answer as core NATS (NATS subscribers, MQTT QoS 0 subscriptions) and, when
@@ -505,6 +540,7 @@ class Worker:
             try:
                 await self.kv.put(member, json.dumps({"ts": time.time()}).encode())
                 for p, rev in list(self.leases.items()):
+                    sent = time.monotonic()
                     try:
                         new = await self.kv.update(f"p.{p}", me, last=rev)
                     except (KeyWrongLastSequenceError, KeyNotFoundError) as exc:
@@ -514,27 +550,45 @@ class Worker:
                         continue
                     if self.leases.get(p) == rev:
                         self.leases[p] = new
+                        self.renewed[p] = sent
             except Exception as exc:  # NATS unreachable for a moment: the leases say so
                 log.warning("lease renewal failed: %s", exc)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.opts.lease_seconds / 4)
 
+    async def _members(self) -> set[str]:
+        """The live workers: ``w.{id}`` keys whose newest entry is not a delete marker. Read
+        from the bucket's stream state and direct gets, not ``kv.keys()``: that creates a
+        watcher (a consumer) per call, which a cluster keeps for minutes after it is stopped
+        (seen: 1,000 after 4 minutes of 3 workers, then "maximum consumers limit reached")."""
+        from nats.js.errors import KeyNotFoundError
+
+        prefix = f"$KV.{LEASES}.w."
+        info = await self.js.stream_info(f"KV_{LEASES}", subjects_filter=prefix + ">")
+        members: set[str] = set()
+        for subject in info.state.subjects or {}:
+            key = subject[len(prefix) - 2 :]
+            try:
+                await self.kv.get(key)
+            except KeyNotFoundError:  # deleted (a clean stop) or expired meanwhile
+                continue
+            members.add(key[2:])
+        return members
+
     async def _balance(self) -> None:
         """Drop partitions whose lease is gone, release what another live worker should own,
         take what is free and ours by the rendezvous assignment."""
-        from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
+        from nats.js.errors import KeyWrongLastSequenceError
 
         kv = self.kv
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            keys = []
-        members = {k[2:] for k in keys if k.startswith("w.")} | {self.opts.worker_id}
+        members = await self._members() | {self.opts.worker_id}
         plan = assignment(self.opts.partitions, members)
         for p, part in list(self.owned.items()):
             if part.task is not None and part.task.done() and not part.task.cancelled():
-                # A loop that died (a bug): hand the partition on rather than sit on it.
-                log.error("partition %d stopped: %r", p, part.task.exception())
+                # A loop that stopped, its lease unconfirmed (or dead of a bug): hand the
+                # partition on rather than sit on it.
+                if part.task.exception() is not None:
+                    log.error("partition %d stopped: %r", p, part.task.exception())
                 self.leases.pop(p, None)
             if p not in self.leases:
                 await self.lose(part)
@@ -544,8 +598,10 @@ class Worker:
         for p, owner in plan.items():
             if owner != self.opts.worker_id or p in self.owned or self.stopping.is_set():
                 continue
+            sent = time.monotonic()
             try:
                 self.leases[p] = await kv.create(f"p.{p}", self.opts.worker_id.encode())
+                self.renewed[p] = sent
             except KeyWrongLastSequenceError:
                 continue  # still held: by a worker handing it over, or one whose lease runs out
             try:

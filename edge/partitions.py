@@ -71,9 +71,12 @@ class Twins:
     """An MQTT QoS 1/2 publish reaches the stream twice: live, when the stream's leader gets
     the listener's core publish (lost while the stream elects a leader: the listener's PUBACK
     waits only for its own store), and copied from the listener's store (durable; usually
-    later, not always). Whichever copy comes first is stepped and its twin passed over. A
-    copy from the store stepped first is marked as a redelivery: its live twin may have come
-    before the snapshot a new owner restored, and then it is a silent duplicate."""
+    later, not always). Whichever copy comes first is stepped and its twin passed over.
+    ``admit`` says True for a copy from the store stepped first (its live twin lost, or late);
+    the worker treats it as a redelivery only within a takeover's replay, where its live twin
+    may have come before the restored snapshot. A device's resend of the same bytes is a
+    pair of its own: one of its copies is stepped (a reported duplicate), even when an entry
+    left by an earlier pair (whose live copy was lost) takes the other."""
 
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity

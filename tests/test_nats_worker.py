@@ -7,6 +7,7 @@ offline engine; duplicates, reordering, a worker killed mid-stream and damaged s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -442,65 +443,234 @@ def _stream_leader(urls: list[str]) -> str:
     return found[-1]
 
 
+def _messy(pub: Publisher, samples: dict[str, np.ndarray], first: int, last: int) -> None:
+    """Seqs ``first..last`` (even count) of every stream with each pair swapped: 2, 1, 4, 3...
+    (but a stream's first sample first: before it, any seq may start the stream)."""
+    for a in range(first, last + 1, 2):
+        for seq in (a, a + 1) if a == 1 else (a + 1, a):
+            for s, x in samples.items():
+                pub.send(s, seq, x[seq - 1 : seq])
+
+
+class _Scenario:
+    """Devices on one node of a 3-node cluster, a collector at QoS 1 on the same node, and
+    what the offline engine says; each ``check`` is exact over every seq sent so far."""
+
+    def __init__(self, bundle: Path, node: NatsServer, n_streams: int, n: int) -> None:
+        self.samples = _samples(n_streams, n, seed=13)
+        self.want = offline(bundle, self.samples)
+        self.col = Collector(node.mqtt_url)
+        self.pub = Publisher(node.mqtt_url)
+        self.sent = 0  # every seq up to this one was sent for every stream
+        self.dups: set[tuple[str, int]] = set()
+
+    def send(self, last: int) -> None:
+        _messy(self.pub, self.samples, self.sent + 1, last)
+        self.sent = last
+
+    def duplicate(self, *seqs: int) -> None:
+        """Send answered samples again, same bytes: each is to be reported as a duplicate."""
+        for seq in seqs:
+            for s, x in self.samples.items():
+                self.pub.send(s, seq, x[seq - 1 : seq])
+                self.dups.add((s, seq))
+
+    def reported(self) -> set[tuple[str, int]]:
+        return {
+            (t.split("/", 1)[1], int(d["seq"]))
+            for t, d in self.col.of("errors/")
+            if d.get("error") == "duplicate"
+        }
+
+    def check(self, what: str, timeout: float = 300) -> None:
+        """Every prediction so far bit-identical (copies too), every duplicate sent reported,
+        and nothing else reported but a device's resend (a duplicate too)."""
+        want = {k: v for k, v in self.want.items() if k[1] <= self.sent}
+        wait_until(lambda: want.keys() <= self.col.predictions().keys(), timeout, what)
+        missing, wrong = _check(self.col.predictions(), want)
+        assert (missing, wrong) == ([], []), what
+        wait_until(lambda: self.dups <= self.reported(), timeout, f"duplicates reported: {what}")
+        assert {d.get("error") for _, d in self.col.of("errors/")} <= {"duplicate"}, what
+
+    def close(self) -> None:
+        self.pub.close()
+        self.col.close()
+
+
+def _cluster_state(urls: list[str], parts: list[int]) -> tuple[bool, dict[int, int]]:
+    """Whether the cluster is at rest for these partitions (the MQTT store fully copied, each
+    consumer with nothing pending, each newest snapshot covering what was acknowledged), and
+    each partition's snapshot generations."""
+    import nats
+
+    from edge.nats_worker import SNAPSHOTS, STREAM
+    from edge.partition_snapshot import object_name, unpack
+
+    async def run() -> tuple[bool, dict[int, int]]:
+        nc = await nats.connect(servers=urls)
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(STREAM)
+            rest = all(not s.lag for s in info.sources or [])
+            store = await js.object_store(SNAPSHOTS)
+            gens: dict[int, int] = {}
+            for p in parts:
+                ci = await js.consumer_info(STREAM, f"edge-p{p}")
+                covered = []
+                for slot in (0, 1):
+                    try:
+                        snap = unpack((await store.get(object_name(p, slot))).data or b"")
+                    except Exception:
+                        continue
+                    covered.append((snap.generation, snap.covered))
+                gens[p] = len(covered)
+                floor = ci.ack_floor.stream_seq if ci.ack_floor else 0
+                newest = max(covered)[1] if covered else 0
+                rest = rest and not ci.num_pending and not ci.num_ack_pending
+                rest = rest and newest == (floor or 0)
+            return rest, gens
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def _break_snapshots(urls: list[str], damage: list[int], delete: list[int]) -> None:
+    """Overwrite the newest snapshot of ``damage``'s partitions, delete both of ``delete``'s."""
+    import nats
+
+    from edge.nats_worker import SNAPSHOTS
+    from edge.partition_snapshot import object_name, unpack
+
+    async def run() -> None:
+        nc = await nats.connect(servers=urls)
+        store = await nc.jetstream().object_store(SNAPSHOTS)
+        for p in damage:
+            found = []
+            for slot in (0, 1):
+                found.append(
+                    (unpack((await store.get(object_name(p, slot))).data).generation, slot)
+                )
+            await store.put(object_name(p, max(found)[1]), b"EDGEPS1\n garbage")
+        for p in delete:
+            for slot in (0, 1):
+                with contextlib.suppress(Exception):
+                    await store.delete(object_name(p, slot))
+        await nc.close()
+
+    asyncio.run(run())
+
+
 @failover
-def test_three_node_cluster_loses_the_stream_leader_mid_stream(
+def test_three_node_cluster_three_workers_through_kills_and_a_join(
     bundles: Path, nats_cluster: list[NatsServer], tmp_path: Path
 ) -> None:
-    """R3 stream, bucket, store and consumers; two workers given every node; kill -9 of the
-    node leading the sensor stream while devices publish (on a node that survives): every
-    prediction arrives, bit-identical. While the stream elects a new leader NATS's MQTT
-    listener still acknowledges QoS 1 publishes whose live copy is lost; their copy from the
-    listener's own store is what the worker steps then (a held later sample waits for it:
-    ``reorder_ms`` covers the election)."""
+    """The issue's scenario in one run: a 3-node cluster (R3 stream, bucket, store, consumers),
+    3 workers given every node, devices on NATS's MQTT port sending every pair of samples in
+    swapped order and answered samples again. Exact after each of: kill -9 of a worker
+    mid-stream; kill -9 of the node leading the sensor stream mid-stream (its live copies of
+    acknowledged publishes are lost, the copies from the MQTT listener's store are stepped); a
+    worker joining mid-stream; kill -9 of a worker whose partitions' newest snapshot is damaged
+    (the older one is restored) or missing (the stream is replayed from its start)."""
     urls = [n.url for n in nats_cluster]
     cfg = tmp_path / "w.toml"
+    # the store's copy of a sample whose live copy was lost in an election comes after later
+    # samples: held until it comes, as long as the election may take
     cfg.write_text("reorder_ms = 120000\n")
-    ids = ["w1", "w2"]
-    ws = [
-        WorkerProc(
-            bundles / "clf-int8",
-            ",".join(urls),
-            tmp_path / "state",
-            wid,
-            "--partitions",
-            str(P),
-            "--replicas",
-            "3",
-            "--config",
-            str(cfg),
-        ).start()
-        for wid in ids
-    ]
+
+    def worker(wid: str) -> WorkerProc:
+        w = WorkerProc(
+            bundles / "clf-int8", ",".join(urls), tmp_path / "state", wid,
+            "--partitions", str(P), "--replicas", "3", "--config", str(cfg),
+        )  # fmt: skip
+        return w.start()
+
+    procs = {wid: worker(wid) for wid in ("w1", "w2", "w3")}
     leader = _stream_leader(urls)
-    victim = next(n for n in nats_cluster if n.name == leader)
-    devices_on = next(n for n in nats_cluster if n is not victim)
-    col = Collector(devices_on.mqtt_url)
-    pub = Publisher(devices_on.mqtt_url)
+    devices_on = next(n for n in nats_cluster if n.name != leader)
+    sc = _Scenario(bundles / "clf-int8", devices_on, 12, 60)
+    col = sc.col
     try:
         # answers stored before the subscription's durable consumer exists are not kept for it
         wait_until(col.qos1_granted, 180, "the collector's QoS 1 subscriptions")
+        live = ["w1", "w2", "w3"]
         wait_until(
-            lambda: all(owned(col, i) is not None for i in ids) and all_owned(col, ids, P),
+            lambda: all(owned(col, i) is not None for i in live) and all_owned(col, live, P),
             180,
-            "two workers sharing the partitions",
+            "three workers sharing the partitions",
         )
-        samples = _samples(8, 40, seed=13)
-        want = offline(bundles / "clf-int8", samples)
-        _send(pub, samples, range(10))
-        wait_until(lambda: len(col.predictions()) >= 8 * 10, 180, "first quarter answered")
-        for k in range(10, 40):
-            for s, x in samples.items():
-                pub.send(s, k + 1, x[k : k + 1])
-            if k == 15:
-                victim.kill()  # kill -9 of the stream leader's node, publishes in flight
-        pub.flush(300)
-        wait_until(lambda: len(col.predictions()) >= len(want), 300, "every prediction")
-        missing, wrong = _check(col.predictions(), want)
-        assert (missing, wrong) == ([], [])
-        # a device's QoS 1 resend after its session moved is a reported duplicate, nothing else
-        assert {d.get("error") for _, d in col.of("errors/")} <= {"duplicate"}
+        sc.send(8)
+        sc.check("steady state")
+        sc.duplicate(2, 5)
+        sc.check("duplicates in steady state")
+
+        # 1. kill -9 of the worker owning the most partitions, devices publishing
+        victim = max(live, key=lambda i: len(owned(col, i) or []))
+        sc.send(12)
+        procs[victim].kill()
+        live.remove(victim)
+        sc.send(20)
+        wait_owned(col, live, P, 180)
+        sc.check("after a worker's kill -9")
+        sc.duplicate(10, 14)  # stepped by the dead worker, and by a new owner
+        sc.send(24)
+        sc.check("duplicates after a worker's kill -9")
+
+        # 2. kill -9 of a NATS node (the sensor stream's leader), devices publishing
+        leader = _stream_leader(urls)
+        others = [n for n in nats_cluster if n is not devices_on]
+        node = next((n for n in others if n.name == leader), others[0])
+        sc.send(28)
+        node.kill()
+        sc.send(36)
+        sc.check("after a NATS node's kill -9")
+        sc.duplicate(26, 33)
+        sc.check("duplicates after a NATS node's kill -9")
+
+        # 3. a worker joining mid-stream takes its share with the partitions' state
+        from edge.partitions import assignment
+
+        sc.send(40)
+        procs["w4"] = worker("w4")
+        live.append("w4")
+        plan = assignment(P, live)
+        mine = sorted(p for p, o in plan.items() if o == "w4")
+        sc.send(44)
+        wait_until(lambda: owned(col, "w4") == mine, 180, "w4 to take its share")
+        sc.send(48)
+        sc.check("after a worker joined")
+        sc.duplicate(39, 46)
+        sc.check("duplicates after a worker joined")
+
+        # 4. a worker dies with its partitions' newest snapshot damaged or all missing
+        up = [n.url for n in nats_cluster if n is not node]
+        last = max(live, key=lambda i: len(owned(col, i) or []))
+        busy = sorted({partition(s, P) for s in sc.samples} & set(owned(col, last) or []))
+        assert len(busy) >= 2, f"{last} owns fewer than 2 partitions with streams: {busy}"
+        states: list[tuple[bool, dict[int, int]]] = []
+
+        def at_rest() -> bool:
+            states.append(_cluster_state(up, busy))
+            return states[-1][0]
+
+        wait_until(at_rest, 180, f"{last}'s partitions at rest, snapshots covering them")
+        gens = states[-1][1]
+        delete = busy[:1]  # replayed from the stream's start
+        damage = [p for p in busy[1:] if gens[p] == 2]  # the older snapshot, then replay
+        assert damage, f"no partition of {last} has two snapshots: {gens}"
+        before = {w: len(procs[w].log()) for w in live if w != last}
+        _break_snapshots(up, damage, delete)
+        procs[last].kill()
+        live.remove(last)
+        sc.send(54)
+        wait_owned(col, live, P, 180)
+        sc.send(60)
+        sc.check("after snapshots were damaged or lost")
+        logs = "".join(procs[w].log()[before[w] :] for w in before)
+        assert "checksum mismatch" in logs
+        for p in delete:
+            assert f"partition {p}: no snapshot; replaying from the start" in logs
     finally:
-        pub.close()
-        col.close()
-        for w in ws:
+        sc.close()
+        for w in procs.values():
             w.stop()

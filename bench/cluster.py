@@ -1,13 +1,17 @@
 """NATS worker benchmark: CPU-seconds per sample with 1, 2 and 4 workers against ``serve``, and
 failover time after ``kill -9`` of a worker, all in one run on this machine.
 
-    .venv/bin/python -m bench.cluster [--streams 200] [--messages 50] [--bundle DIR]
+    .venv/bin/python -m bench.cluster [--streams 200] [--messages 50] [--repeat 3]
+        [--workers 1,2,4] [--no-failover] [--bundle DIR]
 
 CPU cost is the runtime processes' own CPU time (user + system, from /proc) between "ready" and
 "every prediction received", divided by the samples answered; ``serve`` is measured in the same
 run on the same samples (through Mosquitto), and each worker count is reported as a ratio of it.
 Both get their input published while they run (the workers natively into JetStream, serve at
-QoS 1 through Mosquitto); both answer every sample.
+QoS 1 through Mosquitto); both answer every sample. Workers run with their default lease and
+snapshot interval. Rounds are interleaved (serve, 1, 2, 4 workers, serve, ...); each ratio is
+reported per round, as the median of rounds, and pooled (all rounds' CPU over all rounds'
+samples: CPU time is counted in clock ticks of 10 ms).
 Failover: 2 workers, 40 streams at 10 Hz, the worker owning the most partitions is killed; the
 figure is the time from the kill until every stream it owned has answered a sample sent after it.
 """
@@ -150,10 +154,9 @@ def bench_workers(bundle: Path, count: int, samples: dict[str, np.ndarray], tmp:
 
     srv = NatsServer(tmp / f"nats-{count}").start()
     ids = [f"w{i}" for i in range(count)]
-    procs = [
-        WorkerProc(bundle, srv.url, tmp / f"state-{count}", i, "--partitions", "16").start()
-        for i in ids
-    ]
+    # the worker's own defaults (the test helper's are shorter, for quick failovers)
+    defaults = ("--partitions", "16", "--lease-seconds", "3", "--snapshot-interval", "5")
+    procs = [WorkerProc(bundle, srv.url, tmp / f"state-{count}", i, *defaults).start() for i in ids]
     try:
         _workers_ready(srv.url, ids, 16)
         total = sum(len(x) for x in samples.values())
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         "--bundle", help="bundle directory (default: the test bundle, else the example)"
     )
     ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds (median, pooled)")
+    ap.add_argument("--no-failover", action="store_true", help="CPU figures only")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     bundle = _bundle(args.bundle)
@@ -286,17 +291,29 @@ def main(argv: list[str] | None = None) -> int:
     samples = _samples(args.streams, args.messages, features)
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     results: dict[str, Any] = {"streams": args.streams, "messages_per_stream": args.messages}
+    counts = [int(c) for c in args.workers.split(",")]
+    serve: list[float] = []
+    cost: dict[int, list[float]] = {c: [] for c in counts}
     try:
-        log("serve ...")
-        serve = bench_serve(bundle, samples, tmp)
-        results["serve_cpu_ms_per_sample"] = serve * 1000
-        for count in [int(c) for c in args.workers.split(",")]:
-            log(f"{count} worker(s) ...")
-            cost = bench_workers(bundle, count, samples, tmp)
-            results[f"workers_{count}_cpu_ms_per_sample"] = cost * 1000
-            results[f"workers_{count}_vs_serve"] = cost / serve
-        log("failover ...")
-        results["failover"] = bench_failover(bundle, tmp)
+        for r in range(args.repeat):  # interleaved: serve, then each worker count, again
+            log(f"round {r + 1}/{args.repeat}: serve ...")
+            serve.append(bench_serve(bundle, samples, tmp / f"r{r}"))
+            for count in counts:
+                log(f"round {r + 1}/{args.repeat}: {count} worker(s) ...")
+                cost[count].append(bench_workers(bundle, count, samples, tmp / f"r{r}"))
+        results["rounds"] = args.repeat
+        results["serve_cpu_ms_per_sample"] = [x * 1000 for x in serve]
+        for count in counts:
+            ratios = [c / s for c, s in zip(cost[count], serve, strict=True)]
+            results[f"workers_{count}_cpu_ms_per_sample"] = [x * 1000 for x in cost[count]]
+            results[f"workers_{count}_vs_serve"] = ratios
+            results[f"workers_{count}_vs_serve_median"] = float(np.median(ratios))
+            # pooled: all rounds' CPU over all rounds' samples (less tick noise than one round)
+            results[f"workers_{count}_vs_serve_pooled"] = sum(cost[count]) / sum(serve)
+        results["loadavg_1_5_15"] = list(os.getloadavg())
+        if not args.no_failover:
+            log("failover ...")
+            results["failover"] = bench_failover(bundle, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results, indent=2))

@@ -489,8 +489,11 @@ class Worker:
                     subject, o.payload, headers=headers if self.mqtt_store else None
                 )
                 stored.append((MQTT_STORE_PREFIX + subject, o.payload, headers))
-            await self.nc.flush()  # the server has them: as acknowledged as core NATS gets
-            if self.mqtt_store:
+            if not self.mqtt_store:
+                await self.nc.flush()  # the server has them: as acknowledged as core NATS gets
+            else:
+                # the store's acknowledgements say as much for the core copies: the server
+                # handles one connection's messages in order (no separate round trip)
                 for s, b, h in stored:
                     tasks.append(await self.js.publish_async(s, b, headers=h))
                 await asyncio.wait_for(asyncio.gather(*tasks), STOP_SECONDS)

@@ -532,7 +532,14 @@ def _cluster_state(urls: list[str], parts: list[int]) -> tuple[bool, dict[int, i
         finally:
             await nc.close()
 
-    return asyncio.run(run())
+    async def bounded() -> tuple[bool, dict[int, int]]:
+        # an object read can hang across an election: not at rest yet, ask again
+        try:
+            return await asyncio.wait_for(run(), 30)
+        except Exception:
+            return False, {}
+
+    return asyncio.run(bounded())
 
 
 def _break_snapshots(urls: list[str], damage: list[int], delete: list[int]) -> None:

@@ -12,6 +12,7 @@ from edge.cli import quiet_tensorflow, run_command, version_text
 
 from . import train as train_defaults
 from .errors import ConvertError
+from .quantize import AUTO_ORDER, MODES
 from .verdict import REGIMES, Targets
 
 EPILOG = """\
@@ -64,10 +65,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--quant",
         default="int8",
-        choices=["int8", "int16x8", "float16", "float32", "auto"],
-        help="quantisation mode (default: int8, full integer with int8 state I/O); 'auto' "
-        "tries int8, int16x8, float16, float32 in that order and keeps the first that meets "
-        "every target of the verdict, saying why",
+        choices=[*MODES, "auto"],
+        help="quantisation mode (default: int8, full integer with int8 state I/O; "
+        "int8-float-head: int8 with float output layers; int8-float-cell: int8 with the LSTM "
+        "cell state and its update in float); 'auto' tries "
+        + ", ".join(AUTO_ORDER)
+        + " in that order (smallest bundle first), skips a mode the model has no part for, "
+        "and keeps the first that meets every target of the verdict, saying why",
     )
     c.add_argument("--labels", type=_csv, help="class labels, comma separated (classifiers)")
     c.add_argument("--sample-rate", type=float, help="sensor sample rate in Hz (for the manifest)")

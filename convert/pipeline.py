@@ -21,7 +21,7 @@ from .errors import ConvertError
 from .spec import ModelSpec
 
 Progress = Callable[[str], None]
-AUTO_ORDER = ("int8", "int16x8", "float16", "float32")  # smallest file first
+AUTO_ORDER = quantize.AUTO_ORDER  # smallest file first
 
 
 def _stderr(msg: str) -> None:
@@ -122,8 +122,15 @@ def run_convert(
     with bundle.staging(Path(out)) as tmp:
         report: dict[str, Any] | None = None
         for m in AUTO_ORDER if mode == "auto" else (mode,):
+            if (unfit := quantize.unfit(spec, m)) is not None:
+                if mode != "auto":
+                    raise ConvertError(f"--quant {unfit}")
+                tried.append(
+                    {"mode": m, "passed": False, "why": unfit, "failed": [], "skipped": True}
+                )
+                continue
             cal = quantize.calibrate(
-                spec, calib, normalize_in_graph=in_graph, search_c_range=m == "int8"
+                spec, calib, normalize_in_graph=in_graph, search_c_range=m.startswith("int8")
             )
             progress(f"converting to {m}")
             try:
@@ -186,7 +193,7 @@ def run_convert(
             raise ConvertError(f"no mode could be converted: {auto_reason(tried)}")
         if mode == "auto":
             report["auto"] = {"chosen": report["quantization"], "tried": tried}
-            report["advice"] = [auto_reason(tried), *report["advice"]]
+            report["advice"] = [auto_reason(tried), *auto_lines(tried), *report["advice"]]
         report["verified_on"] = "held-out data" if data_path else "calibration data"
         report["bundle"] = str(Path(out))
         verify.raise_on_hard_failures(report)
@@ -214,13 +221,30 @@ def auto_reason(tried: list[dict[str, Any]]) -> str:
     """One line: which mode ``--quant auto`` chose, and why the smaller ones were not it."""
     last = tried[-1]
     before = "; ".join(
-        f"{t['mode']} failed: {t['why'] or ', '.join(t['failed'])}" for t in tried[:-1]
+        f"{t['mode']} {'skipped' if t.get('skipped') else 'failed'}: "
+        f"{t['why'].split(': ', 1)[-1] if t.get('skipped') else t['why'] or ', '.join(t['failed'])}"
+        for t in tried[:-1]
     )
     if last["passed"]:
         head = f"--quant auto chose {last['mode']}, the smallest mode meeting every target"
     else:
         head = f"--quant auto: no mode met every target; kept {last['mode']}, the most faithful"
     return head + (f" ({before})" if before else "")
+
+
+def auto_lines(tried: list[dict[str, Any]]) -> list[str]:
+    """One line per mode ``--quant auto`` tried: passed, or the check that failed and why."""
+    return [
+        f"  tried {t['mode']}: "
+        + (
+            "passed"
+            if t["passed"]
+            else f"skipped ({t['why']})"
+            if t.get("skipped")
+            else f"failed {', '.join(t.get('failed', [])) or 'to convert'}: {t['why']}"
+        )
+        for t in tried
+    ]
 
 
 def run_verify(

@@ -20,7 +20,14 @@ from . import reference, step_graph
 from .errors import ConvertError
 from .spec import LSTMCell, ModelSpec
 
-MODES = ("int8", "int16x8", "float16", "float32")
+MODES = ("int8", "int8-float-head", "int8-float-cell", "int16x8", "float16", "float32")
+# ``--quant auto``'s order: by bundle size, smallest first, as measured on the example model
+# (README, "Quantisation modes"); the float parts cost little, int16 activations double the
+# state and output bytes.
+AUTO_ORDER = ("int8", "int8-float-cell", "int8-float-head", "int16x8", "float16", "float32")
+# int8 except the ops in these name scopes (see step_graph), kept float by TFLite's selective
+# quantisation; the tensors' own names say which scope an op belongs to.
+FLOAT_PARTS = {"int8-float-head": step_graph.HEAD_SCOPE, "int8-float-cell": step_graph.CELL_SCOPE}
 C_CANDIDATES = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0)
 SEARCH_STEPS = 4000
 BATCH = 16  # rows per representative batch
@@ -229,6 +236,34 @@ def _quiet_native_stderr() -> Iterator[None]:
             os.close(saved)
 
 
+def unfit(spec: ModelSpec, mode: str) -> str | None:
+    """Why ``mode`` cannot apply to this model (None: it can)."""
+    if mode == "int8-float-head" and _head_start(spec) >= len(spec.layers):
+        return "int8-float-head: the model has no output layers after its last recurrent layer"
+    if mode == "int8-float-cell" and not any(s.role == "c" for s in spec.states):
+        return "int8-float-cell: the model has no LSTM cell state"
+    return None
+
+
+def _head_start(spec: ModelSpec) -> int:
+    return 1 + max((s.layer for s in spec.states), default=-1)
+
+
+def _float_nodes(calibrated: bytes, spec: ModelSpec, mode: str) -> list[str]:
+    """The tensors ``mode`` keeps float: every tensor named in its scope, plus the signature
+    outputs that scope computes (an output tensor carries the signature's name, not the op's:
+    ``y`` for the head, each ``c{n}_next`` for the cell)."""
+    from edge.backend import select
+
+    it, runner = select().open(calibrated, "serving_default")
+    names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    scope = FLOAT_PARTS[mode]
+    out = [n for n in names.values() if any(scope in p.split("/") for p in n.split(";"))]
+    outputs = runner.get_output_details()
+    keep = ["y"] if mode == "int8-float-head" else [s.output for s in spec.states if s.role == "c"]
+    return out + [names[outputs[k]["index"]] for k in keep]
+
+
 def convert(
     spec: ModelSpec,
     cal: Calibration,
@@ -241,12 +276,15 @@ def convert(
         raise ConvertError(f"--quant {mode!r} is not one of {', '.join(MODES)}")
     import tensorflow as tf
 
-    ranges = state_ranges(spec, cal) if mode == "int8" else None
-    scales = (
-        input_scales(spec, cal, normalize_in_graph=normalize_in_graph)
-        if mode in ("int8", "int16x8")
-        else None
-    )
+    if (why := unfit(spec, mode)) is not None:
+        raise ConvertError(why)
+    integer = mode.startswith("int")
+    ranges: list[tuple[float, float] | None] | None = None
+    if mode.startswith("int8"):
+        ranges = list(state_ranges(spec, cal))
+        if mode == "int8-float-cell":  # C stays float: no int8 range on it
+            ranges = [None if s.role == "c" else r for s, r in zip(spec.states, ranges)]
+    scales = input_scales(spec, cal, normalize_in_graph=normalize_in_graph) if integer else None
     fn, owner = step_graph.build(
         spec,
         normalize_in_graph=normalize_in_graph,
@@ -263,13 +301,15 @@ def convert(
                 feed[n] = s[i : i + BATCH]
             yield feed
 
-    if mode in ("int8", "int16x8"):
+    if integer:
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = representative
         # Each gate has its own weight tensor (see step_graph), so one scale per tensor loses
         # little, while per-channel parameters cost 12 bytes per channel per tensor: ~40% of
         # the int8 file for the example model. ``per_channel=True`` opts back in.
         conv._experimental_disable_per_channel = not per_channel
+        if mode in FLOAT_PARTS:
+            return _selective(conv, spec, mode, per_channel=per_channel)
         if mode == "int8":
             conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             conv.inference_input_type = conv.inference_output_type = tf.int8
@@ -287,3 +327,28 @@ def convert(
     except Exception as exc:
         raise ConvertError(f"the TFLite converter failed ({mode}): {exc}") from exc
     return result
+
+
+def _selective(conv: Any, spec: ModelSpec, mode: str, *, per_channel: bool) -> bytes:
+    """TFLite's selective quantisation (what ``tf.lite.experimental.QuantizationDebugger``
+    does with ``denylisted_nodes``): calibrate only, then quantise everything to int8 except
+    the denylisted tensors' ops, which stay float. Inputs and outputs are float32 (the
+    quantiser's selective path does not make them integer); the int8 states still round-trip
+    exactly, as their QUANTIZE and DEQUANTIZE share one scale."""
+    from tensorflow.lite.python import convert as tflite_convert
+
+    conv.experimental_mlir_quantizer = True
+    conv._experimental_calibrate_only = True
+    try:
+        with _quiet_native_stderr():
+            calibrated = conv.convert()
+            return bytes(
+                tflite_convert.mlir_quantize(
+                    calibrated,
+                    disable_per_channel=not per_channel,
+                    fully_quantize=False,
+                    denylisted_nodes=_float_nodes(calibrated, spec, mode),
+                )
+            )
+    except Exception as exc:
+        raise ConvertError(f"the TFLite converter failed ({mode}): {exc}") from exc

@@ -25,6 +25,9 @@ from .spec import (
     SimpleRNNCell,
 )
 
+HEAD_SCOPE = "head"  # the output layers' ops (see ``build``)
+CELL_SCOPE = "cell"  # an LSTM's cell-state update and tanh(C) (see ``_lstm_fn``)
+
 
 def state_names(spec: ModelSpec) -> list[tuple[str, str, int]]:
     """(input name, output name, width) for every state tensor, in signature order."""
@@ -63,10 +66,11 @@ def build(
     spec: ModelSpec,
     *,
     normalize_in_graph: bool,
-    state_ranges: Sequence[tuple[float, float]] | None = None,
+    state_ranges: Sequence[tuple[float, float] | None] | None = None,
     input_scales: Mapping[int, float | None] | None = None,
 ) -> tuple[Any, Any]:
-    """(concrete function, the module owning it). ``state_ranges`` adds fake-quants.
+    """(concrete function, the module owning it). ``state_ranges`` adds fake-quants (none
+    on a state whose range is None).
 
     ``input_scales``: per LSTM layer index, the factor its input is scaled by before it joins
     ``h`` in one tensor (see ``_lstm_fn``), or None for an input FC apart from the recurrent
@@ -80,7 +84,7 @@ def build(
     slots = {i: [k for k, s in enumerate(states) if s.layer == i] for i in range(len(spec.layers))}
 
     def pin(t: Any, k: int) -> Any:
-        if state_ranges is None:
+        if state_ranges is None or state_ranges[k] is None:
             return t
         lo, hi = state_ranges[k]
         return tf.quantization.fake_quant_with_min_max_args(t, min=lo, max=hi, num_bits=8)
@@ -96,13 +100,20 @@ def build(
     specs = [tf.TensorSpec([None, spec.features], tf.float32, name="x")]
     specs += [tf.TensorSpec([None, s.width], tf.float32, name=s.name) for s in states]
 
+    # Every op after the last recurrent layer's h lies in the name scope HEAD_SCOPE, so a mixed
+    # quantisation mode can find the output layers by their tensors' names.
+    head = 1 + max((i for i, layer in enumerate(spec.layers) if slots[i]), default=-1)
+
     @tf.function(input_signature=specs)  # type: ignore[misc]
     def step(x: Any, *state: Any) -> dict[str, Any]:
         inp = (x - mean) / std if mean is not None else x
         out = {}
         for i, fn in enumerate(steps):
             ks = slots[i]
-            inp, new = fn(inp, [pin(state[k], k) for k in ks], lambda j, t, ks=ks: pin(t, ks[j]))
+            with tf.name_scope(HEAD_SCOPE if i >= head else f"layer{i}"):
+                inp, new = fn(
+                    inp, [pin(state[k], k) for k in ks], lambda j, t, ks=ks: pin(t, ks[j])
+                )
             for k, t in zip(ks, new):
                 out[states[k].output] = t
         out["y"] = inp
@@ -224,8 +235,11 @@ def _lstm_fn(layer: LSTMCell, tf: Any, c: Callable[[Any], Any], scale: float | N
         else:
             xh = tf.concat([inp * scale if scale != 1.0 else inp, h], axis=-1)
             z = {g: tf.matmul(xh, kxh[g]) + bias[g] for g in "ifco"}
-        cell = pin(1, ract(z["f"]) * cell + ract(z["i"]) * act(z["c"]))
-        h = pin(0, ract(z["o"]) * act(cell))
+        f, i, g, o = ract(z["f"]), ract(z["i"]), act(z["c"]), ract(z["o"])
+        with tf.name_scope(CELL_SCOPE):  # C and what computes it, up to act(C)
+            cell = pin(1, f * cell + i * g)
+            act_c = act(cell)
+        h = pin(0, o * act_c)
         return h, [h, cell]
 
     return lstm

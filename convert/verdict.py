@@ -235,9 +235,11 @@ def advice(report: dict[str, Any], targets: Targets) -> list[str]:
     """One line per failed gate or warning: what failed, by how much, and what to try."""
     par, dr, ch = report["parity"], report["drift"], report["checks"]
     mode = report["quantization"]
-    lighter = mode in ("int8", "int16x8", "float16")
+    lighter = mode in ("int8", "int8-float-head", "int8-float-cell", "int16x8", "float16")
     other = {
-        "int8": "--quant int16x8 (or --quant auto)",
+        "int8": "--quant int8-float-head, int8-float-cell or int16x8 (or --quant auto)",
+        "int8-float-head": "--quant int16x8 (or --quant auto)",
+        "int8-float-cell": "--quant int16x8 (or --quant auto)",
         "int16x8": "--quant float16 (or --quant auto)",
         "float16": "--quant float32",
     }.get(mode, "")

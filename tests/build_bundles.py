@@ -159,16 +159,17 @@ def build_all(dest: Path) -> None:
         )
         for m in MODES
     ]
-    jobs.append(
-        (
-            "reg2-int8",
-            src / "reg" / "model.keras",
-            src / "reg" / "calib.npy",
-            src / "reg" / "test.npz",
-            "int8",
-            None,
+    for mode in ("int8", "int8-float-head"):  # float-head: float output layers and I/O
+        jobs.append(
+            (
+                f"reg2-{mode}",
+                src / "reg" / "model.keras",
+                src / "reg" / "calib.npy",
+                src / "reg" / "test.npz",
+                mode,
+                None,
+            )
         )
-    )
     for mode in ("int8", "float32"):
         jobs.append(
             (
@@ -210,7 +211,7 @@ def build_all(dest: Path) -> None:
         y_probe = verify.float_outputs(spec, probe[None], float_model)
         y_seqs = verify.float_outputs(spec, seqs, float_model)
         np.savez(tmp / name / "expected.npz", probe=probe, y_probe=y_probe[0], x=seqs, y=y_seqs)
-        if name.startswith("torch-"):
+        if name.startswith("torch-") or name == "reg2-int8-float-head":
             record_bits(tmp / name, seqs)
     (tmp / "reports.json").write_text(json.dumps(reports, indent=2, default=str))
     (tmp / "complete").write_text(key)

@@ -14,6 +14,7 @@ MODES = [
     "clf-int16x8",
     "clf-float16",
     "reg2-int8",
+    "reg2-int8-float-head",
     "cnn-gru-int8",
     "cnn-gru-float32",
 ]

@@ -62,6 +62,25 @@ def test_every_mode_runs_through_the_same_engine(load, name):
     )
 
 
+def test_a_mixed_mode_bundle_computes_the_bits_the_desktop_verified(load, bundles):
+    """int8-float-head (int8 core, float head, float I/O): the closed loop in this
+    environment's kernel set (tflite-runtime 2.14's built-in kernels in the device-like run)
+    gives exactly the bits the desktop recorded for that kernel set when it built the bundle."""
+    from edge import replay
+
+    engine = load("reg2-int8-float-head")
+    assert engine.manifest.quantization == "int8-float-head"
+    assert engine.model.kernels in (engine.manifest.verified_kernels or ())
+    with np.load(bundles / "reg2-int8-float-head" / "expected.npz") as z:
+        x = z["x"]
+    with np.load(bundles / "reg2-int8-float-head" / "bits.npz") as bits:
+        y_bits = bits[f"{engine.model.kernels}/x/y"]
+        state_bits = bits[f"{engine.model.kernels}/x/state"]
+    y, state = replay.run(engine, x)
+    np.testing.assert_array_equal(y, y_bits)
+    np.testing.assert_array_equal(state, state_bits)
+
+
 def test_int8_state_is_fed_back_as_bytes(load):
     engine = load("clf-int8")
     assert not engine.manifest.extra["state_requantization"]

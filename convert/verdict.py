@@ -237,7 +237,8 @@ def advice(report: dict[str, Any], targets: Targets) -> list[str]:
     mode = report["quantization"]
     lighter = mode in ("int8", "int8-float-head", "int8-float-cell", "int16x8", "float16")
     other = {
-        "int8": "--quant int8-float-head, int8-float-cell or int16x8 (or --quant auto)",
+        "int8": "--quant int8-float-cell, --quant int8-float-head, --quant int16x8 "
+        "(or --quant auto)",
         "int8-float-head": "--quant int16x8 (or --quant auto)",
         "int8-float-cell": "--quant int16x8 (or --quant auto)",
         "int16x8": "--quant float16 (or --quant auto)",
@@ -289,7 +290,9 @@ def advice(report: dict[str, Any], targets: Targets) -> list[str]:
             f"the error grows over a long stream (last 10% {dr['last_10pct_mean_error']:.3g} vs "
             f"2nd 10% {dr['second_10pct_mean_error']:.3g}, limit x{targets.max_drift_ratio})"
             + (
-                ": the state clips its range; try --quant int16x8 or --quant auto"
+                ": the state clips its range; try "
+                + ("--quant int8-float-cell, " if mode == "int8" else "")
+                + "--quant int16x8 or --quant auto"
                 if lighter
                 else ""
             )

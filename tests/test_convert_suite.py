@@ -135,7 +135,14 @@ def _write_table(built: dict[str, dict[str, Any]]) -> None:
             mf, mb = f"acc {par['accuracy_float']:.1%}", f"acc {par['accuracy_bundle']:.1%}"
         agree = f"{par['top1_agreement']:.2%}" if "top1_agreement" in par else "-"
         tried = ", ".join(
-            f"{t['mode']} {'ok' if t['passed'] else 'failed: ' + ', '.join(t.get('failed', []))}"
+            f"{t['mode']} "
+            + (
+                "ok"
+                if t["passed"]
+                else "skipped"
+                if t.get("skipped")
+                else "failed: " + ", ".join(t.get("failed", []))
+            )
             for t in r["auto"]["tried"]
         )
         rows.append(

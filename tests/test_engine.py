@@ -47,7 +47,10 @@ def test_outputs_match_the_float_reference_within_the_recorded_fidelity(load, bu
     exp = np.load(bundles / name / "expected.npz")
     outs = engine.step_many([Chunk(f"s{i}", x) for i, x in enumerate(exp["x"])])
     y = np.stack([o.y for o in outs])
-    bound = engine.manifest.fidelity["parity"]["max_abs_error"]
+    # the figure recorded for the kernel set this environment runs (tflite-runtime 2.14's
+    # built-in kernels in the device-like run), else the reference kernel set's
+    own = engine.manifest.kernels.get("sets", {}).get(engine.model.kernels, {})
+    bound = own.get("parity", engine.manifest.fidelity["parity"])["max_abs_error"]
     assert np.abs(y - exp["y"]).max() <= bound + 1e-6
 
 
@@ -105,7 +108,9 @@ def test_k_samples_at_once_equal_one_at_a_time(load, n, seed):
 @given(
     lengths=st.lists(st.integers(1, 12), min_size=1, max_size=20),
     seed=st.integers(0, 999),
-    name=st.sampled_from(["clf-int8", "clf-float32", "reg2-int8", "cnn-gru-int8"]),
+    name=st.sampled_from(
+        ["clf-int8", "clf-float32", "reg2-int8", "reg2-int8-float-head", "cnn-gru-int8"]
+    ),
 )
 def test_batched_equals_unbatched_bit_for_bit(load, lengths, seed, name):
     batched = load(name, max_batch=8)  # small buckets: padding and splitting both happen
@@ -118,6 +123,11 @@ def test_batched_equals_unbatched_bit_for_bit(load, lengths, seed, name):
         if batched.manifest.quantization == "float32":
             # Float kernels (XNNPACK, ruy) may sum in another order per batch size: 1 ulp.
             np.testing.assert_allclose(outs[i].y, y, rtol=1e-6, atol=1e-6)
+        elif batched.manifest.tensors["y"].dtype == "float32":
+            # a float head on an int8 core: the head may sum in another order, the state
+            # (dequantised int8 codes) is exact
+            np.testing.assert_allclose(outs[i].y, y, rtol=1e-6, atol=1e-6)
+            assert states_equal(batched, alone, f"s{i}")
         else:
             np.testing.assert_array_equal(outs[i].y, y)
             assert states_equal(batched, alone, f"s{i}")

@@ -1,0 +1,59 @@
+"""A stacked PyTorch classifier through ``--quant auto``: the converter's answer when int8
+alone may not meet every target (per-step agreement of near-ties in a sequence's first steps
+is what a 2-layer nn.LSTM classifier loses first)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.test_convert_onnx import run_cli
+
+pytestmark = pytest.mark.desktop
+
+
+def test_a_two_layer_lstm_classifier_converts_in_auto_and_meets_every_target(capsys, tmp_path):
+    import onnxruntime as ort
+
+    import edge
+    from tests.torch_models import Recipe, build
+
+    src = build(Recipe(kind="LSTM", layers=2, task="clf", exporter="legacy"), tmp_path / "src")
+    out = tmp_path / "bundle"
+    code, res = run_cli(
+        capsys,
+        "convert",
+        str(src["model"]),
+        "--calib",
+        str(src["calib"]),
+        "--data",
+        str(src["test"]),
+        "--out",
+        str(out),
+        "--quant",
+        "auto",
+        "--long-steps",
+        "2000",
+    )
+    assert code == 0, res.err
+    report = json.loads((out / "report.json").read_text())
+    assert all(report["checks"].values()), (report["checks"], report["advice"])
+    mode = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert f"--quant auto chose {mode}" in res.out + res.err, res.out + res.err
+    # judged here without the converter: the bundle streamed sample by sample against
+    # onnxruntime on the original graph, per step
+    with np.load(src["test"]) as z:
+        x, labels = z["x"], z["y"]
+    sess = ort.InferenceSession(str(src["model"]), providers=["CPUExecutionProvider"])
+    y_float = sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)})[0]
+    engine = edge.load(out)
+    y = np.stack(
+        [o.y for o in engine.step_many([edge.Chunk(f"s{i}", x[i]) for i in range(len(x))])]
+    )
+    assert y.shape == y_float.shape
+    assert (y.argmax(-1) == y_float.argmax(-1)).mean() >= 0.98
+    per_step = labels[:, None] if labels.ndim == 1 else labels  # one class per recording
+    acc_float = (y_float.argmax(-1) == per_step).mean()
+    assert (y.argmax(-1) == per_step).mean() >= acc_float - 0.01

@@ -406,36 +406,14 @@ def x86_reference(bundles: Path, work: Path, runs: Path, steps: int) -> None:
         ],
         cwd=ROOT,
     )
-    run(
-        [
-            py,
-            "-m",
-            "tests.arm_check",
-            "replay",
-            str(bundles),
-            str(work / "in"),
-            str(runs / "x86_64" / "litert"),
-            "--backend",
-            "litert",
-        ],
-        cwd=ROOT,
-    )
-    env = {**os.environ, "EDGE_LSTM_DEVICE_PYTHON": "", "PYTHONPATH": str(ROOT)}
-    run(
-        [
-            venv_python(".venv-device"),
-            "-m",
-            "tests.arm_check",
-            "replay",
-            str(bundles),
-            str(work / "in"),
-            str(runs / "x86_64" / "tflite"),
-            "--backend",
-            "tflite",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
+    device_env = {**os.environ, "EDGE_LSTM_DEVICE_PYTHON": "", "PYTHONPATH": str(ROOT)}
+    for backend, python, env in (
+        ("litert", py, None),
+        ("tflite", venv_python(".venv-device"), device_env),
+    ):
+        out = runs / "x86_64" / backend
+        replay = ["-m", "tests.arm_check", "replay", str(bundles), str(work / "in"), str(out)]
+        run([python, *replay, "--backend", backend], cwd=ROOT, env=env)
 
 
 def disk_image(rootfs: Path, wheels: Path, bundles: Path, work: Path) -> Path:

@@ -18,11 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench._common import BUILD, LABELS, example, in_device_env, log, save
-from bench.step_graph import time_invokes
+from bench._common import BUILD, LABELS, example, log, save
+from bench.step_graph import time_kernel_sets
 from convert.quantize import AUTO_ORDER
-
-DEVICE_CODE = "from bench.step_graph import _device_main; _device_main()"
 
 
 def build(mode: str, fresh: bool) -> Path:
@@ -72,23 +70,18 @@ def main() -> int:
         return 2
     rounds, calls = (5, 100) if args.quick else (15, 200)
     bundles = {m: build(m, args.fresh) for m in AUTO_ORDER}
-    paths = [str(b / "model.tflite") for b in bundles.values()]
     results: dict[str, Any] = {
         "batch": args.batch,
         "rounds": rounds,
         "calls_per_round": calls,
         "fidelity": {m: figures(b) for m, b in bundles.items()},
-        "timing": {},
+        "timing": time_kernel_sets(
+            {m: str(b / "model.tflite") for m, b in bundles.items()},
+            batch=args.batch,
+            rounds=rounds,
+            calls=calls,
+        ),
     }
-    for kind in ("litert-xnnpack", "litert-builtin"):
-        log(f"timing {kind}")
-        res = time_invokes(kind, paths, batch=args.batch, rounds=rounds, calls=calls)
-        results["timing"][kind] = dict(zip(bundles, res))
-    log("timing tflite-2.14 (device-like Python)")
-    dev: Any = in_device_env(
-        DEVICE_CODE, "tflite-2.14", str(args.batch), str(rounds), str(calls), *paths
-    )
-    results["timing"]["tflite-2.14"] = dev if "error" in dev else dict(zip(bundles, dev))
     path = save("quant_modes", results)
     print(report(results))
     log(f"results: {path}")

@@ -94,6 +94,26 @@ def _device_main() -> None:
 DEVICE_CODE = "from bench.step_graph import _device_main; _device_main()"
 
 
+def time_kernel_sets(
+    models: dict[str, str], *, batch: int, rounds: int, calls: int
+) -> dict[str, Any]:
+    """``time_invokes`` of every model (name -> .tflite path) in ai-edge-litert with XNNPACK and
+    with its built-in kernels, and in tflite-runtime 2.14 in the device-like Python:
+    kernel set -> model name -> figures (or ``{"error": ...}`` where that Python is missing)."""
+    names, paths = list(models), list(models.values())
+    out: dict[str, Any] = {}
+    for kind in ("litert-xnnpack", "litert-builtin"):
+        log(f"timing {kind}")
+        res = time_invokes(kind, paths, batch=batch, rounds=rounds, calls=calls)
+        out[kind] = dict(zip(names, res))
+    log("timing tflite-2.14 (device-like Python)")
+    dev: Any = in_device_env(
+        DEVICE_CODE, "tflite-2.14", str(batch), str(rounds), str(calls), *paths
+    )
+    out["tflite-2.14"] = dev if isinstance(dev, dict) and "error" in dev else dict(zip(names, dev))
+    return out
+
+
 def per_gate_lstm(layer: Any, tf: Any, c: Any, scale: float | None = None) -> Any:
     """The LSTM layer as the step graph built it before: per gate x W_g + h U_g + b_g, i.e. two
     FULLY_CONNECTEDs, an ADD, and an ADD of the broadcast bias."""
@@ -186,20 +206,10 @@ def main() -> int:
         "rounds": rounds,
         "calls_per_round": calls,
         "fidelity": {k: fidelity(bundles[k]) for k in LAYOUTS},
-        "timing": {},
     }
-    for kind in ("litert-xnnpack", "litert-builtin"):
-        log(f"timing {kind}")
-        res = time_invokes(kind, paths, batch=args.batch, rounds=rounds, calls=calls)
-        results["timing"][kind] = dict(zip(LAYOUTS, res))
-    log("timing tflite-2.14 (device-like Python)")
-    dev: Any = in_device_env(
-        DEVICE_CODE, "tflite-2.14", str(args.batch), str(rounds), str(calls), *paths
+    results["timing"] = time_kernel_sets(
+        dict(zip(LAYOUTS, paths)), batch=args.batch, rounds=rounds, calls=calls
     )
-    if isinstance(dev, dict) and "error" in dev:
-        results["timing"]["tflite-2.14"] = dev
-    else:
-        results["timing"]["tflite-2.14"] = dict(zip(LAYOUTS, dev))
     path = save(f"step_graph-l{args.layers}-{args.mode}", results)
     print(report(results))
     log(f"results: {path}")

@@ -139,6 +139,21 @@ def run_cli(capsys, *argv):
     return code, capsys.readouterr()
 
 
+def convert_cli(capsys, src: dict[str, Path], out: Path, mode: str, long_steps: int = 2000):
+    """``lstm-convert convert`` of a built model (``torch_models.build``'s paths) with --data."""
+    files = ("--calib", str(src["calib"]), "--data", str(src["test"]), "--out", str(out))
+    return run_cli(
+        capsys,
+        "convert",
+        str(src["model"]),
+        *files,
+        "--quant",
+        mode,
+        "--long-steps",
+        str(long_steps),
+    )
+
+
 def assert_refused(capsys, model: Path, calib: Path, tmp_path: Path, *needles: str) -> str:
     out = tmp_path / "out"
     code, res = run_cli(capsys, "convert", str(model), "--calib", str(calib), "--out", str(out))

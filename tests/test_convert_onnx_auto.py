@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_convert_onnx import run_cli
+from tests.test_convert_onnx import convert_cli
 
 pytestmark = pytest.mark.desktop
 
@@ -22,21 +22,7 @@ def test_a_two_layer_lstm_classifier_converts_in_auto_and_meets_every_target(cap
 
     src = build(Recipe(kind="LSTM", layers=2, task="clf", exporter="legacy"), tmp_path / "src")
     out = tmp_path / "bundle"
-    code, res = run_cli(
-        capsys,
-        "convert",
-        str(src["model"]),
-        "--calib",
-        str(src["calib"]),
-        "--data",
-        str(src["test"]),
-        "--out",
-        str(out),
-        "--quant",
-        "auto",
-        "--long-steps",
-        "2000",
-    )
+    code, res = convert_cli(capsys, src, out, "auto")
     assert code == 0, res.err
     report = json.loads((out / "report.json").read_text())
     assert all(report["checks"].values()), (report["checks"], report["advice"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_convert_onnx import assert_refused, run_cli
+from tests.test_convert_onnx import assert_refused, convert_cli, run_cli
 
 pytestmark = pytest.mark.desktop
 
@@ -203,21 +203,7 @@ def test_many_to_one_models_convert_and_meet_their_targets(capsys, tmp_path, tra
     src = trained[name]
     recipe = TRAINED[name][0]
     out = tmp_path / "bundle"
-    code, res = run_cli(
-        capsys,
-        "convert",
-        str(src["model"]),
-        "--calib",
-        str(src["calib"]),
-        "--data",
-        str(src["test"]),
-        "--out",
-        str(out),
-        "--quant",
-        mode,
-        "--long-steps",
-        "2000",
-    )
+    code, res = convert_cli(capsys, src, out, mode)
     assert code == 0, res.err
     assert "many-to-one (the last step)" in res.out
     assert "(per sequence (output after the last sample))" in res.out

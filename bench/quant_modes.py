@@ -18,27 +18,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench._common import BUILD, LABELS, example, log, save
+from bench._common import BUILD, convert_example, example, log, save
 from bench.step_graph import time_kernel_sets
 from convert.quantize import AUTO_ORDER
 
 
 def build(mode: str, fresh: bool) -> Path:
-    from convert.pipeline import run_convert
-
     model, _ = example()
     d = BUILD / "quant-modes" / mode
     if fresh or not (d / "report.json").exists():
         log(f"converting the example model ({mode})")
-        run_convert(
-            model,
-            model.with_suffix(".calib.npy"),
-            d,
-            mode=mode,
-            labels=LABELS,
-            data_path=model.with_suffix(".test.npz"),
-            progress=lambda m: None,
-        )
+        convert_example(model, d, mode)
     return d
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import BUILD, LABELS, example, in_device_env, log, save
+from bench._common import BUILD, convert_example, example, in_device_env, log, save
 
 LAYOUTS = ("before", "after")
 
@@ -138,7 +138,6 @@ def build_variants(mode: str, layers: int, fresh: bool) -> dict[str, Path]:
     from unittest import mock
 
     from convert import step_graph
-    from convert.pipeline import run_convert
 
     model, _ = example(layers, 64) if layers == 1 else example(layers, 64, epochs=40)
     out = {}
@@ -152,15 +151,7 @@ def build_variants(mode: str, layers: int, fresh: bool) -> dict[str, Path]:
                 if before
                 else nullcontext()
             ):
-                run_convert(
-                    model,
-                    model.with_suffix(".calib.npy"),
-                    d,
-                    mode=mode,
-                    labels=LABELS,
-                    data_path=model.with_suffix(".test.npz"),
-                    progress=lambda m: None,
-                )
+                convert_example(model, d, mode)
         out[layout] = d
     return out
 

@@ -51,6 +51,7 @@ from .errors import ConfigError, EdgeError
 from .journal import Journal
 from .metrics import Metrics
 from .model import StepModel
+from .nats_pull import PullFeed
 from .partitions import (
     MQTT_QOS_HEADER,
     MQTT_STORE,
@@ -76,7 +77,8 @@ SNAPSHOTS = "edge_snapshots"
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
 READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a forming cluster)
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
-FETCH_WAIT = 0.25  # seconds a fetch waits for messages before the partition ticks
+FETCH_WAIT = 0.25  # seconds a partition waits for messages while samples are held
+IDLE_WAIT = 1.0  # ... and with nothing held
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ class Partition:
     covered: int = 0  # last stream sequence handled
     snapshotted: int = 0  # stream sequence the last uploaded snapshot covers
     generation: int = 0  # of the last uploaded snapshot
-    sub: Any = None
+    feed: PullFeed | None = None  # once subscribed
     task: asyncio.Task[None] | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     mids: int = 0
@@ -347,9 +349,11 @@ class Worker:
         if part.covered:
             config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = part.covered + 1
-        part.sub = await self.js.pull_subscribe(
-            filter_subject(part.number), durable=durable, stream=STREAM, config=config
-        )
+        config.durable_name = durable
+        config.filter_subject = filter_subject(part.number)
+        await self.js.add_consumer(STREAM, config=config)
+        part.feed = PullFeed(self.nc, STREAM, durable, self.cfg.max_batch)
+        await part.feed.start()
 
     async def acquire(self, p: int) -> None:
         t0 = time.monotonic()
@@ -364,6 +368,8 @@ class Worker:
         """Stop their loops (each finishes the batch in hand), then forget them."""
         for part in parts:
             part.stop.set()
+            if part.feed is not None:
+                part.feed.wake()
         tasks = [p.task for p in parts if p.task is not None]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=STOP_SECONDS)
@@ -371,8 +377,9 @@ class Worker:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         for part in parts:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(part.sub.unsubscribe(), STOP_SECONDS)
+            if part.feed is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(part.feed.stop(), STOP_SECONDS)
             part.processor.journal.close()
             self.owned.pop(part.number, None)
 
@@ -416,16 +423,16 @@ class Worker:
         )
 
     async def _pump(self, part: Partition) -> None:
-        import nats.errors
-
-        proc = part.processor
+        proc, feed = part.processor, part.feed
+        assert feed is not None, "subscribed before the loop starts"
         while not part.stop.is_set():
+            # Held samples and answers to send again need the loop soon; otherwise it only
+            # wakes for messages (or to snapshot and check its lease now and then).
+            busy = len(proc.reorder) or proc.outbox.queued
             try:
-                msgs = await part.sub.fetch(self.cfg.max_batch, timeout=FETCH_WAIT)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nats-py raises both
-                msgs = []
-            except Exception as exc:  # reconnecting, consumer re-created: try again shortly
-                log.warning("partition %d: fetch failed: %r", part.number, exc)
+                msgs = await feed.take(FETCH_WAIT if busy else IDLE_WAIT)
+            except Exception as exc:  # reconnecting: try again shortly
+                log.warning("partition %d: pull request failed: %r", part.number, exc)
                 await asyncio.sleep(0.2)
                 continue
             if not self.holds(part.number):

@@ -231,6 +231,7 @@ class Partition:
     mids: int = 0
     replay_until: int = 0  # the previous owner's last acknowledged stream sequence
     twins: Twins = field(default_factory=Twins)
+    unsure: set[str] = field(default_factory=set)  # ids of answers maybe stored, not sent core
     last_snapshot: float = field(default_factory=time.monotonic)
 
 
@@ -475,35 +476,48 @@ class Worker:
                     self.metrics.inc("snapshot_failures")
 
     async def _publish(self, part: Partition) -> None:
-        """Each answer as core NATS (NATS subscribers, MQTT QoS 0 subscriptions) and, when
-        the MQTT listener's store exists, stored there with a message id (MQTT QoS 1
-        subscriptions: at QoS 1, and once, since a replayed answer has the same id). The
-        header marks it as a QoS 1 publish, so that a QoS 1 subscription takes only the
-        stored copy, as for a device's own QoS 1 publish."""
+        """Each answer stored in the MQTT listener's store with a message id derived from its
+        bytes (MQTT QoS 1 subscriptions take it from there), then, only if the store had not
+        seen that id, as core NATS (NATS subscribers, MQTT QoS 0 subscriptions). A replay
+        after a failover computes the same bytes, so every subscriber gets an answer once:
+        what the previous owner stored, it had sent as core NATS too. The header marks the
+        core copy as a QoS 1 publish, so that a QoS 1 subscription passes over it, as for a
+        device's own QoS 1 publish."""
         outbox = part.processor.outbox
         outs = outbox.take()
         if not outs:
             return
-        stored: list[tuple[str, bytes, dict[str, str]]] = []
         tasks: list[asyncio.Future[Any]] = []
         try:
-            for o in outs:
-                subject = topic_to_subject(o.topic)
-                # The header only with a stored copy: a QoS 1 subscription passes over the
-                # core copy of a message that says it was published at QoS 1.
-                headers = {MQTT_QOS_HEADER: "1", "Nats-Msg-Id": answer_id(subject, o.payload)}
-                await self.nc.publish(
-                    subject, o.payload, headers=headers if self.mqtt_store else None
-                )
-                stored.append((MQTT_STORE_PREFIX + subject, o.payload, headers))
-            if not self.mqtt_store:
-                await self.nc.flush()  # the server has them: as acknowledged as core NATS gets
+            if self.mqtt_store:
+                sent: list[tuple[str, dict[str, str]]] = []
+                for o in outs:
+                    subject = topic_to_subject(o.topic)
+                    headers = {MQTT_QOS_HEADER: "1", "Nats-Msg-Id": answer_id(subject, o.payload)}
+                    sent.append((subject, headers))
+                    tasks.append(
+                        await self.js.publish_async(
+                            MQTT_STORE_PREFIX + subject, o.payload, headers=headers
+                        )
+                    )
+                try:
+                    acks = await asyncio.wait_for(asyncio.gather(*tasks), STOP_SECONDS)
+                except Exception:
+                    # Some may be stored: sent again, the store calls them duplicates, but
+                    # their core copies are still to go.
+                    part.unsure.update(h["Nats-Msg-Id"] for _, h in sent)
+                    raise
+                for o, (subject, headers), ack in zip(outs, sent, acks, strict=True):
+                    mid = headers["Nats-Msg-Id"]
+                    if not ack.duplicate or mid in part.unsure:
+                        await self.nc.publish(subject, o.payload, headers=headers)
+                    else:
+                        self.metrics.inc("answers_sent_before")
+                    part.unsure.discard(mid)
             else:
-                # the store's acknowledgements say as much for the core copies: the server
-                # handles one connection's messages in order (no separate round trip)
-                for s, b, h in stored:
-                    tasks.append(await self.js.publish_async(s, b, headers=h))
-                await asyncio.wait_for(asyncio.gather(*tasks), STOP_SECONDS)
+                for o in outs:
+                    await self.nc.publish(topic_to_subject(o.topic), o.payload)
+                await self.nc.flush()  # the server has them: as acknowledged as core NATS gets
         except Exception as exc:  # NATS failing over: all of them again on the next round
             for t in tasks:
                 t.cancel()

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from firmware_sim.broker import free_port
 from firmware_sim.cluster import is_listening
-from tests.mqtt_helpers import ROOT, wait_until
+from tests.mqtt_helpers import ROOT, Collector, wait_until
 
 
 def nats_server_binary() -> str | None:
@@ -168,17 +170,22 @@ def owned(collector: Any, worker_id: str) -> list[int] | None:
 
 
 def all_owned(collector: Any, ids: list[str], partitions: int) -> bool:
-    got: list[int] = []
-    for w in ids:
-        got += owned(collector, w) or []
-    return sorted(got) == list(range(partitions))
+    """Whether the workers ``ids`` own every partition, each exactly its rendezvous share
+    (not merely all of them between them: the first to start takes everything for a while)."""
+    from edge.partitions import assignment
+
+    plan = assignment(partitions, ids)
+    return all(
+        sorted(owned(collector, w) or []) == sorted(p for p, o in plan.items() if o == w)
+        for w in ids
+    )
 
 
 def wait_owned(collector: Any, ids: list[str], partitions: int, timeout: float = 60) -> None:
     wait_until(
         lambda: all_owned(collector, ids, partitions),
         timeout,
-        f"workers {ids} to own all {partitions} partitions",
+        f"workers {ids} to own their shares of {partitions} partitions",
     )
 
 
@@ -188,3 +195,55 @@ def dumps(doc: Any) -> bytes:
 
 def elapsed(t0: float) -> float:
     return time.monotonic() - t0
+
+
+class Qos0Collector(Collector):
+    """An MQTT subscriber at QoS 0: on NATS's listener, a core NATS subscription."""
+
+    FILTERS = tuple((f, 0) for f, _ in Collector.FILTERS)
+
+    def subscribed(self) -> bool:
+        with self.lock:
+            return self.granted == [0] * len(self.FILTERS)
+
+
+class NatsCollector:
+    """A native core NATS subscriber to ``predictions.>`` and ``errors.>`` in its own thread;
+    ``messages`` are (topic as MQTT spells it, document), like ``Collector``'s."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.lock = threading.Lock()
+        self.messages: list[tuple[str, dict[str, Any]]] = []
+        self.ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),))
+        self._thread.start()
+        assert self.ready.wait(30), f"could not subscribe at {url}"
+
+    async def _run(self) -> None:
+        import nats
+
+        self._stop = asyncio.Event()
+        nc = await nats.connect(self.url)
+
+        async def on(msg: Any) -> None:
+            with self.lock:
+                self.messages.append((msg.subject.replace(".", "/", 1), json.loads(msg.data)))
+
+        await nc.subscribe("predictions.>", cb=on)
+        await nc.subscribe("errors.>", cb=on)
+        await nc.flush()
+        self.ready.set()
+        await self._stop.wait()
+        await nc.close()
+
+    of = Collector.of
+    predictions = Collector.predictions
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        self._loop.close()

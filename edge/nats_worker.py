@@ -48,10 +48,10 @@ from . import partition_snapshot as psnap
 from .config import ServiceConfig
 from .engine import Engine, load
 from .errors import ConfigError, EdgeError
+from .jetstream import PullFeed, StorePublisher
 from .journal import Journal
 from .metrics import Metrics
 from .model import StepModel
-from .nats_pull import PullFeed
 from .partitions import (
     MQTT_QOS_HEADER,
     MQTT_STORE,
@@ -255,6 +255,7 @@ class Worker:
         self.js: Any = None
         self.kv: Any = None
         self.store: Any = None
+        self.stored: Any = None  # StorePublisher, once connected
         self.mqtt_store = False  # whether the MQTT listener's store exists (it makes it itself)
 
     # -- JetStream resources ----------------------------------------------------------------
@@ -487,30 +488,25 @@ class Worker:
         outs = outbox.take()
         if not outs:
             return
-        tasks: list[asyncio.Future[Any]] = []
         try:
             if self.mqtt_store:
-                sent: list[tuple[str, dict[str, str]]] = []
+                items: list[tuple[str, bytes, dict[str, str]]] = []
                 for o in outs:
                     subject = topic_to_subject(o.topic)
                     headers = {MQTT_QOS_HEADER: "1", "Nats-Msg-Id": answer_id(subject, o.payload)}
-                    sent.append((subject, headers))
-                    tasks.append(
-                        await self.js.publish_async(
-                            MQTT_STORE_PREFIX + subject, o.payload, headers=headers
-                        )
-                    )
+                    items.append((subject, o.payload, headers))
+                stored = [(MQTT_STORE_PREFIX + s, b, h) for s, b, h in items]
                 try:
-                    acks = await asyncio.wait_for(asyncio.gather(*tasks), STOP_SECONDS)
+                    duplicate = await self.stored.publish(stored, STOP_SECONDS)
                 except Exception:
                     # Some may be stored: sent again, the store calls them duplicates, but
                     # their core copies are still to go.
-                    part.unsure.update(h["Nats-Msg-Id"] for _, h in sent)
+                    part.unsure.update(h["Nats-Msg-Id"] for _, _, h in items)
                     raise
-                for o, (subject, headers), ack in zip(outs, sent, acks, strict=True):
+                for (subject, payload, headers), dup in zip(items, duplicate, strict=True):
                     mid = headers["Nats-Msg-Id"]
-                    if not ack.duplicate or mid in part.unsure:
-                        await self.nc.publish(subject, o.payload, headers=headers)
+                    if not dup or mid in part.unsure:
+                        await self.nc.publish(subject, payload, headers=headers)
                     else:
                         self.metrics.inc("answers_sent_before")
                     part.unsure.discard(mid)
@@ -519,8 +515,6 @@ class Worker:
                     await self.nc.publish(topic_to_subject(o.topic), o.payload)
                 await self.nc.flush()  # the server has them: as acknowledged as core NATS gets
         except Exception as exc:  # NATS failing over: all of them again on the next round
-            for t in tasks:
-                t.cancel()
             log.warning("partition %d: answers not confirmed, sending again: %r", part.number, exc)
             self.metrics.inc("answer_retries")
             outbox.retry(outs)
@@ -692,6 +686,8 @@ class Worker:
                 f"cannot reach NATS at {','.join(self.opts.servers)}: {str(exc) or 'timed out'}"
             ) from exc
         self.js = self.nc.jetstream()
+        self.stored = StorePublisher(self.nc)
+        await self.stored.start()
         deadline = time.monotonic() + READY_SECONDS
         while True:  # a cluster that is still electing its JetStream leaders says so: wait
             try:

@@ -547,30 +547,39 @@ class Worker:
 
     # -- leases -----------------------------------------------------------------------------
 
-    async def _renew(self) -> None:
-        """Say we are alive and renew every lease we hold, on its own clock: a slow takeover
-        elsewhere in this worker must not let our other leases run out."""
+    async def _renew_lease(self, p: int, rev: int) -> None:
         from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+        sent = time.monotonic()
+        try:
+            new = await self.kv.update(f"p.{p}", self.opts.worker_id.encode(), last=rev)
+        except (KeyWrongLastSequenceError, KeyNotFoundError) as exc:
+            log.warning("partition %d: lease renewal refused: %r", p, exc)
+            if self.leases.get(p) == rev:
+                del self.leases[p]  # the balancing round drops the partition
+            return
+        if self.leases.get(p) == rev:
+            self.leases[p] = new
+            self.renewed[p] = sent
+
+    async def _renew(self) -> None:
+        """Say we are alive and renew every lease we hold, on its own clock: a slow takeover
+        elsewhere in this worker must not let our other leases run out. All renewals go out
+        at once: one after the other, each waited for a turn of an event loop busy with
+        partitions' batches, they took longer than a lease under load (seen: a lone worker
+        fencing and re-acquiring its own partitions, replaying a third of its input)."""
         member = f"w.{self.opts.worker_id}"
-        me = self.opts.worker_id.encode()
         while not self.stopping.is_set():
-            try:
-                await self.kv.put(member, json.dumps({"ts": time.time()}).encode())
-                for p, rev in list(self.leases.items()):
-                    sent = time.monotonic()
-                    try:
-                        new = await self.kv.update(f"p.{p}", me, last=rev)
-                    except (KeyWrongLastSequenceError, KeyNotFoundError) as exc:
-                        log.warning("partition %d: lease renewal refused: %r", p, exc)
-                        if self.leases.get(p) == rev:
-                            del self.leases[p]  # the balancing round drops the partition
-                        continue
-                    if self.leases.get(p) == rev:
-                        self.leases[p] = new
-                        self.renewed[p] = sent
-            except Exception as exc:  # NATS unreachable for a moment: the leases say so
-                log.warning("lease renewal failed: %s", exc)
+            results = await asyncio.gather(
+                self.kv.put(member, json.dumps({"ts": time.time()}).encode()),
+                *(self._renew_lease(p, rev) for p, rev in list(self.leases.items())),
+                return_exceptions=True,
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:  # NATS unreachable for a moment: the leases say so
+                log.warning(
+                    "lease renewal failed (%d of %d): %s", len(failed), len(results), failed[0]
+                )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.opts.lease_seconds / 4)
 

@@ -7,6 +7,7 @@
     ├── BundleError         manifest missing/invalid, sha256 mismatch, self-test failed
     ├── SnapshotError       unreadable, corrupt, wrong format or wrong model
     ├── ConfigError         bad configuration value
+    ├── TransportError      the message broker refused what we sent
     └── SampleError         a sample the engine refuses; state and last seq are untouched
         ├── InvalidSample   wrong shape, non-numeric, NaN/Inf, oversized
         ├── DuplicateSample seq <= last seen (a redelivery)
@@ -37,6 +38,10 @@ class SnapshotError(EdgeError):
 
 
 class ConfigError(EdgeError):
+    pass
+
+
+class TransportError(EdgeError):
     pass
 
 

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import TransportError
+
 log = logging.getLogger("edge.worker")
 
 EXPIRES = 5.0  # seconds a pull request lives on the server
@@ -87,10 +89,6 @@ class PullFeed:
         return msgs
 
 
-class StoreError(Exception):
-    """JetStream refused a stored publish, or nothing answered it."""
-
-
 @dataclass(eq=False)
 class _Batch:
     left: int
@@ -140,7 +138,7 @@ class StorePublisher:
         self, items: list[tuple[str, bytes, dict[str, str]]], timeout: float
     ) -> list[bool]:
         """Store every (subject, payload, headers); for each, whether it was a duplicate.
-        Raises ``StoreError`` (refused) or ``asyncio.TimeoutError`` (not all answered)."""
+        Raises ``TransportError`` (refused) or ``asyncio.TimeoutError`` (not all answered)."""
         n = self._next
         self._next += 1
         batch = _Batch(len(items), [False] * len(items))
@@ -154,5 +152,5 @@ class StorePublisher:
         finally:
             del self._batches[n]
         if batch.error:
-            raise StoreError(batch.error)
+            raise TransportError(batch.error)
         return batch.duplicate

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from edge.jetstream import PullFeed, StoreError, StorePublisher
+from edge.errors import TransportError
+from edge.jetstream import PullFeed, StorePublisher
 from tests.nats_helpers import NatsServer
 
 pytestmark = [pytest.mark.broker]
@@ -42,7 +43,7 @@ def test_store_publisher_says_which_ids_the_stream_had_seen(nats_server: NatsSer
         again = [items[3], ("t.new", b"y", {"Nats-Msg-Id": "id-new"}), items[49]]
         assert await pub.publish(again, 10) == [True, False, True]
         assert (await js.stream_info("T")).state.messages == 51
-        with pytest.raises(StoreError, match="503"):  # no stream takes the subject
+        with pytest.raises(TransportError, match="503"):  # no stream takes the subject
             await pub.publish([("nowhere.x", b"z", {})], 10)
         await nc.close()
 

@@ -240,3 +240,26 @@ def test_metrics_stats_and_reload_with_another_layout(bundles, broker, tmp_path)
         np.testing.assert_array_equal(col.predictions()[("dev-0", 2)][0], fresh)
     finally:
         assert svc.stop() == 0
+
+
+def test_max_wait_ms_gives_a_batch_time_to_fill(bundles, broker, service):
+    """``--max-wait-ms``: a message that finds no company waits that long to be stepped with
+    what arrives meanwhile (its latency has that lower bound, which a slow machine only
+    lengthens); the answers stay exact."""
+    samples = make_samples(4, 10, seed=5)
+    col = Collector(broker.url)
+    service("--max-wait-ms", "400")
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    t0 = time.monotonic()
+    pub.send("dev-0", 1, samples["dev-0"][:1])
+    wait_until(lambda: ("dev-0", 1) in col.predictions(), 30, "the first answer")
+    assert time.monotonic() - t0 >= 0.4
+    for k in range(10):
+        for stream, x in samples.items():
+            if (stream, k) != ("dev-0", 0):
+                pub.send(stream, k + 1, x[k : k + 1])
+    pub.flush()
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 30, "every prediction")
+    assert_exact(col.predictions(), expected)

@@ -213,6 +213,7 @@ def start_runtime(
     protocol: str = "5",
     prefix: str = "v5",
     cores: set[int] | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Runtime:
     """edge-lstm serve in its own process, returned once its retained status says online.
     It reads ``{prefix}/{stream}/data``, so that several can wait side by side."""
@@ -232,6 +233,7 @@ def start_runtime(
             "5",
             "--data-topic",
             f"{prefix}/{{stream}}/data",
+            *extra,
         ),
     ).start()
     seen = threading.Event()

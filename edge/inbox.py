@@ -92,6 +92,11 @@ class Inbox:
     def in_file(self) -> int:
         return self._in_file
 
+    def oldest_received(self) -> float | None:
+        """When the first message held in memory arrived (``Inbound.received``), if any."""
+        mem = self._mem
+        return mem[0].received if mem else None
+
     def append(self, msg: Inbound) -> None:
         with self._lock:
             if not self._in_file and len(self._mem) < self.memory_limit:

@@ -311,12 +311,20 @@ class MqttService:
         return dropped, [self.inbox.popleft() for _ in range(n)]
 
     def _fill(self) -> None:
-        """With ``max_wait_ms``, give a batch that is not full that long to fill: at a steady
-        trickle each message otherwise costs a round of its own (thread switches, a log write,
-        a step, a publish), most of a small device's CPU. Latency grows by up to the wait."""
+        """With ``max_wait_ms``, give a batch that is not full until its first message is
+        that old to fill: at a steady trickle each message otherwise costs a round of its own
+        (thread switches, a log write, a step, a publish), most of a small device's CPU.
+        Latency grows by at most the wait; messages that waited during the previous round
+        (a busy service) do not wait again."""
         wait = self.cfg.max_wait_ms / 1000.0
-        if wait and 0 < len(self.inbox) < self.cfg.max_batch:
-            self.stopping.wait(wait)
+        if not wait or not 0 < len(self.inbox) < self.cfg.max_batch:
+            return
+        first = self.inbox.oldest_received()
+        if first is None:
+            return
+        left = min(wait, first + wait - time.time())
+        if left > 0:
+            self.stopping.wait(left)
             self.wake.clear()
 
     def _ack(self, batch: list[Inbound]) -> None:

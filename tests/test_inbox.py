@@ -125,3 +125,15 @@ def test_a_failing_spill_file_keeps_the_order(tmp_path: Path, monkeypatch: objec
         box.append(msg(i))
     assert box.in_file == 0 and len(box) == 12
     assert [box.popleft() for _ in range(12)] == [msg(i) for i in range(12)]
+
+
+def test_oldest_received_is_the_first_message_in_memory(tmp_path: Path) -> None:
+    box = Inbox(memory_limit=10, spill_dir=tmp_path)
+    assert box.oldest_received() is None
+    for t in (5.0, 6.0, 7.0):
+        box.append(Inbound("sensors/a/data", b"{}", received=t))
+    assert box.oldest_received() == 5.0
+    box.popleft()
+    assert box.oldest_received() == 6.0
+    box.extendleft([Inbound("sensors/a/data", b"{}", received=1.0)])
+    assert box.oldest_received() == 1.0

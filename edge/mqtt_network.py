@@ -41,6 +41,7 @@ class NetworkLoop:
         self._quiet = threading.Event()  # set: do not reconnect any more (shutting down)
         self._wake_r: socket.socket | None = None  # a socket pair, made on start
         self._wake_w: socket.socket | None = None
+        self._woken = False  # a wake is on its way: paho asks for one per packet it queues
         # paho tells us when it has something to send (from any thread): wake the select.
         client.on_socket_register_write = lambda *_: self.wake()
         self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
@@ -52,6 +53,15 @@ class NetworkLoop:
         self._thread.start()
 
     def wake(self) -> None:
+        """Make the select return. One system call per round of the worker rather than per
+        packet: while a wake is pending, the loop has yet to write, and writes everything
+        queued by then (the flag is cleared after the wake is drained, before writing)."""
+        if self._woken:
+            return
+        self._woken = True
+        self._send_wake()
+
+    def _send_wake(self) -> None:
         if self._wake_w is not None:
             with contextlib.suppress(OSError):  # already woken (buffer full) or closing
                 self._wake_w.send(b"\0")
@@ -62,7 +72,7 @@ class NetworkLoop:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self.wake()
+        self._send_wake()
         if self._thread.is_alive():
             self._thread.join(timeout)
         for sock in (self._wake_r, self._wake_w):
@@ -115,6 +125,7 @@ class NetworkLoop:
                 with contextlib.suppress(OSError):  # drained (BlockingIOError) or closing
                     while wake_r.recv(4096):
                         pass
+            self._woken = False  # after draining, before writing: a wake from now on is sent
             rc = mqtt.MQTT_ERR_SUCCESS
             if sock in ready:
                 rc = self.client.loop_read()

@@ -151,16 +151,6 @@ def _status(url: str, ids: list[str]) -> dict[str, list[int]]:
     return asyncio.run(run())
 
 
-def _stopped_stats(procs: list[Any]) -> list[dict[str, Any]]:
-    """Each stopped worker's final counters (its "stopped cleanly" log line)."""
-    out = []
-    for p in procs:
-        for line in p.log().splitlines():
-            if "stopped cleanly: " in line:
-                out.append(json.loads(line.split("stopped cleanly: ", 1)[1]))
-    return out
-
-
 def bench_workers(
     bundle: Path, count: int, samples: dict[str, np.ndarray], tmp: Path, extra: dict[str, int]
 ) -> float:
@@ -199,7 +189,7 @@ def bench_workers(
         srv.stop()
         # work beyond the samples: a lease not confirmed in time makes a worker drop a
         # partition and its next owner (maybe itself) replay it
-        for st in _stopped_stats(procs):
+        for st in (st for p in procs for st in p.final_stats()):
             for k in ("messages_in", "partitions_fenced", "answers_sent_before"):
                 extra[k] = extra.get(k, 0) + int(st.get(k, 0))
 

@@ -77,7 +77,7 @@ SNAPSHOTS = "edge_snapshots"
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
 READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a forming cluster)
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
-FETCH_WAIT = 0.25  # seconds a partition waits for messages while samples are held
+BUSY_WAIT = 0.25  # seconds a partition waits for messages while samples are held
 IDLE_WAIT = 1.0  # ... and with nothing held
 
 
@@ -255,7 +255,7 @@ class Worker:
         self.js: Any = None
         self.kv: Any = None
         self.store: Any = None
-        self.stored: Any = None  # StorePublisher, once connected
+        self.stored: StorePublisher | None = None  # once connected
         self.mqtt_store = False  # whether the MQTT listener's store exists (it makes it itself)
 
     # -- JetStream resources ----------------------------------------------------------------
@@ -432,7 +432,7 @@ class Worker:
             # wakes for messages (or to snapshot and check its lease now and then).
             busy = len(proc.reorder) or proc.outbox.queued
             try:
-                msgs = await feed.take(FETCH_WAIT if busy else IDLE_WAIT)
+                msgs = await feed.take(BUSY_WAIT if busy else IDLE_WAIT)
             except Exception as exc:  # reconnecting: try again shortly
                 log.warning("partition %d: pull request failed: %r", part.number, exc)
                 await asyncio.sleep(0.2)
@@ -497,6 +497,7 @@ class Worker:
                     items.append((subject, o.payload, headers))
                 stored = [(MQTT_STORE_PREFIX + s, b, h) for s, b, h in items]
                 try:
+                    assert self.stored is not None, "connected before partitions run"
                     duplicate = await self.stored.publish(stored, STOP_SECONDS)
                 except Exception:
                     # Some may be stored: sent again, the store calls them duplicates, but

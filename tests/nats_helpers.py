@@ -143,6 +143,11 @@ class WorkerProc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def final_stats(self) -> list[dict[str, Any]]:
+        """The counters of each clean stop in the log (its "stopped cleanly" line)."""
+        mark = "stopped cleanly: "
+        return [json.loads(ln.split(mark, 1)[1]) for ln in self.log().splitlines() if mark in ln]
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)

@@ -17,7 +17,7 @@ import numpy as np
 from edge.backend import select
 from edge.manifest import MANIFEST_NAME, Manifest, StateTensor, TensorSpec
 
-from . import step_graph
+from . import quantize, step_graph
 from .errors import ConvertError
 from .spec import ModelSpec
 
@@ -83,6 +83,7 @@ def describe(
         tensors=tensors,
         sample_rate_hz=sample_rate_hz,
         extra=extra,
+        output_activation="softmax" if quantize.runtime_softmax(spec, mode) else "linear",
     )
 
 

@@ -29,7 +29,7 @@ import edge
 from edge import replay
 from edge.backend import available
 from edge.manifest import Manifest
-from edge.model import dequantize
+from edge.model import output_decoder
 
 from . import verdict
 
@@ -203,12 +203,12 @@ def verify_kernel_sets(
     if not runs:
         return {"reference": "", "verified": [], "sets": {}, "unavailable": failed}
     ref = runs[0]
-    y_spec = manifest.tensors[manifest.output]
+    decode = output_decoder(manifest)
     sets: dict[str, Any] = {}
     for r in runs:
         if r.kernels in sets:
             continue  # the device Python may reach a kernel set this one has too
-        deq = {k: dequantize(r.outputs[f"{k}/y"], y_spec).astype(np.float64) for k in streams}
+        deq = {k: decode(r.outputs[f"{k}/y"]).astype(np.float64) for k in streams}
         fig = figures(
             manifest,
             deq["parity"],

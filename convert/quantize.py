@@ -11,14 +11,14 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from . import reference, step_graph
 from .errors import ConvertError
-from .spec import LSTMCell, ModelSpec
+from .spec import Activation, Dense, LSTMCell, ModelSpec
 
 MODES = ("int8", "int8-float-head", "int8-float-cell", "int16x8", "float16", "float32")
 # ``--quant auto``'s order: by bundle size, smallest first, as measured on the example model
@@ -245,6 +245,22 @@ def unfit(spec: ModelSpec, mode: str) -> str | None:
     return None
 
 
+def runtime_softmax(spec: ModelSpec, mode: str) -> bool:
+    """Whether the graph ends at the logits and the runtime applies the softmax: in int8,
+    where the interpreter's SOFTMAX rounds differently per machine (``edge.softmax``). The
+    mixed modes' float output keeps it in the graph (no int8 logits to start from)."""
+    return mode == "int8" and spec.final_activation == "softmax"
+
+
+def logits(spec: ModelSpec) -> ModelSpec:
+    """``spec`` without its final softmax (the last layer: see ``ModelSpec.final_activation``)."""
+    last = spec.layers[-1]
+    if isinstance(last, Activation):
+        return replace(spec, layers=spec.layers[:-1])
+    assert isinstance(last, Dense), last
+    return replace(spec, layers=(*spec.layers[:-1], replace(last, activation="linear")))
+
+
 def _head_start(spec: ModelSpec) -> int:
     return 1 + max((s.layer for s in spec.states), default=-1)
 
@@ -286,7 +302,7 @@ def convert(
             ranges = [None if s.role == "c" else r for s, r in zip(spec.states, ranges)]
     scales = input_scales(spec, cal, normalize_in_graph=normalize_in_graph) if integer else None
     fn, owner = step_graph.build(
-        spec,
+        logits(spec) if runtime_softmax(spec, mode) else spec,
         normalize_in_graph=normalize_in_graph,
         state_ranges=ranges,
         input_scales=scales,

@@ -22,9 +22,8 @@ import numpy as np
 import edge
 from edge.backend import available
 from edge.cli import probe_inputs
-from edge.model import dequantize
 
-from . import kernels, reference, verdict
+from . import kernels, quantize, reference, verdict
 from .errors import VerificationFailed
 from .spec import ModelSpec
 
@@ -185,7 +184,7 @@ def drift(
     t0 = time.perf_counter()
     for k in range(steps):
         y_raw, state = model.invoke(model.encode_x(long[k : k + 1]), state)
-        y_q[k] = dequantize(y_raw, model.y_spec)[0]
+        y_q[k] = model.decode_y(y_raw)[0]
         for j, (s, lim) in enumerate(zip(state, limits)):
             if lim is not None:
                 sat[j] += int(((s == lim[0]) | (s == lim[1])).sum())
@@ -355,7 +354,10 @@ def verify(
         "saturation": tensor_saturation(
             engine,
             data if engine.manifest.extra.get("normalization") == "graph" else xn,
-            y_float,
+            # a bundle ending at the logits (the runtime applies the softmax): their range
+            reference.run(quantize.logits(spec), data)[0]
+            if engine.manifest.output_activation == "softmax"
+            else y_float,
             states,
         ),
         "interpreters": interp,

@@ -11,9 +11,9 @@ kernel sets grows over a stream. ``kernel_set`` names what a loaded interpreter 
 
 - ``<interpreter>-xnnpack`` when the XNNPACK delegate took the graph (a ``DELEGATE`` node in the
   execution plan). Its int8 state was measured bit-exact between x86-64 and aarch64
-  (``scripts/test-arm`` keeps checking it), so the name carries no machine. An op XNNPACK does
-  not take (an int8 softmax head) runs on built-in kernels and may round ``y`` one step apart
-  between machines; that does not feed back.
+  (``scripts/test-arm`` keeps checking it), so the name carries no machine. (The one op of
+  our graphs XNNPACK does not take, an int8 softmax, is applied by the runtime instead:
+  ``edge.softmax``.)
 - ``<interpreter>-builtin-<machine>`` otherwise: the built-in kernels differ between x86-64 and
   aarch64 (up to 2 output steps measured), so the machine is part of the name.
 

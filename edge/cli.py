@@ -257,6 +257,7 @@ def inspect(args: argparse.Namespace) -> int:
     print(
         f"output      {m.output_kind}, {m.outputs} values"
         + (f": {', '.join(m.labels)}" if m.labels else "")
+        + ("; the runtime applies the softmax" if m.output_activation == "softmax" else "")
     )
     print(
         "state       "

@@ -28,7 +28,7 @@ from .errors import (
 )
 from .kernels import enforce
 from .manifest import Manifest, read_bundle
-from .model import NP_DTYPES, StepModel, dequantize, requantize
+from .model import NP_DTYPES, StepModel, requantize
 from .sequencing import GAP_POLICIES, HALF, U32, admit, earlier_boot, last_of
 from .state_store import BOOT_HISTORY, NO_BOOT, NO_SEQ, StateStore
 
@@ -1111,6 +1111,6 @@ def load(
         enforce(manifest, model.kernels, kernel_mismatch, str(directory))
     if self_test:
         y, _ = model.invoke(model.encode_x(np.zeros((1, manifest.features))), model.zero_state())
-        if y.shape != (1, manifest.outputs) or not np.isfinite(dequantize(y, model.y_spec)).all():
+        if y.shape != (1, manifest.outputs) or not np.isfinite(model.decode_y(y)).all():
             raise BundleError(f"{directory}: self-test step gave {y!r}")
     return Engine(model, **engine_options)

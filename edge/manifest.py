@@ -19,11 +19,15 @@ from .errors import BundleError
 
 FORMAT = "edge-lstm-bundle"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: LSTM-only state layout (h_in/h_out/c_in/c_out per layer)
+# 1: LSTM-only state layout (h_in/h_out/c_in/c_out per layer). 3: the output tensor holds
+# logits and the runtime applies ``output.activation``; written only by bundles that need it,
+# so an older runtime refuses those instead of publishing logits, and still reads the others.
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 QUANT_MODES = ("int8", "int8-float-head", "int8-float-cell", "int16x8", "float16", "float32")
 DTYPES = ("int8", "int16", "float32")
 OUTPUT_KINDS = ("classifier", "regressor")
+OUTPUT_ACTIVATIONS = ("linear", "softmax")  # applied by the runtime to the output tensor
 STATE_ROLES = ("h", "c", "buffer")  # hidden state, LSTM cell state, convolution input buffer
 
 
@@ -78,6 +82,7 @@ class Manifest:
     interpreters: Mapping[str, Any] = field(default_factory=dict)
     kernels: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    output_activation: str = "linear"  # "softmax": the output tensor holds int8 logits
 
     @property
     def verified_kernels(self) -> tuple[str, ...] | None:
@@ -119,9 +124,11 @@ class Manifest:
         ]
 
     def to_dict(self) -> dict[str, Any]:
+        act = self.output_activation
+        activation = {"activation": act} if act != "linear" else {}
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": 3 if activation else FORMAT_VERSION,
             "model_file": self.model_file,
             "tflite_sha256": self.tflite_sha256,
             "source_sha256": self.source_sha256,
@@ -133,7 +140,7 @@ class Manifest:
                 "units": list(self.feature_units),
             },
             "sample_rate_hz": self.sample_rate_hz,
-            "output": {"kind": self.output_kind, "labels": list(self.labels)},
+            "output": {"kind": self.output_kind, "labels": list(self.labels), **activation},
             "state": [asdict(s) for s in self.states],
             "tensors": {name: asdict(spec) for name, spec in self.tensors.items()},
             "fidelity": dict(self.fidelity),
@@ -202,6 +209,16 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     if tensors[m_in].width != count:
         raise BundleError(f"{where}: input width {tensors[m_in].width} != features.count {count}")
     labels = tuple(str(x) for x in out.get("labels") or [])
+    activation = out.get("activation", "linear")
+    if activation not in OUTPUT_ACTIVATIONS:
+        raise BundleError(
+            f"{where}: output.activation {activation!r} is not one of {OUTPUT_ACTIVATIONS}"
+        )
+    if activation != "linear" and (version < 3 or tensors[m_out].dtype != "int8"):
+        raise BundleError(
+            f"{where}: output.activation {activation!r} needs format_version 3 and an int8 "
+            f"output tensor (got version {version}, {tensors[m_out].dtype})"
+        )
     if kind == "classifier" and labels and len(labels) != tensors[m_out].width:
         raise BundleError(f"{where}: {len(labels)} labels for {tensors[m_out].width} outputs")
     known = {
@@ -241,6 +258,7 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         interpreters=dict(data.get("interpreters") or {}),
         kernels=_kernels(data, where),
         extra={k: v for k, v in data.items() if k not in known},
+        output_activation=activation,
     )
 
 

@@ -8,12 +8,15 @@ costs less than padding to fixed power-of-two buckets. Batches above ``max_batch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .backend import Backend, SignatureRunner, kernel_set
 from .binding import Binding, bind
 from .errors import BackendError, BundleError
 from .manifest import Manifest, TensorSpec
+from .softmax import IntSoftmax
 
 NP_DTYPES: dict[str, type[np.generic]] = {"int8": np.int8, "int16": np.int16, "float32": np.float32}
 INT_RANGES = {"int8": (-128, 127), "int16": (-32768, 32767)}
@@ -78,7 +81,7 @@ class StepModel:
             (so.dtype, so.scale, so.zero_point) != (si.dtype, si.scale, si.zero_point)
             for so, si in zip(self.state_out, self.state_in)
         ]
-        self._y_table = _dequantize_table(self.y_spec)
+        self.decode_y = output_decoder(manifest)
         # One step from zero state applies the interpreter's lazy delegates, so the execution
         # plan then shows the kernels every later invoke runs.
         self.invoke(self.encode_x(np.zeros((1, manifest.features))), self.zero_state())
@@ -177,23 +180,21 @@ class StepModel:
         except BackendError as exc:
             raise BackendError(f"{self.backend.name} {exc}") from exc
 
-    def decode_y(self, raw: np.ndarray) -> np.ndarray:
-        """Encoded y rows -> float32, exactly as ``dequantize`` (by table for int8)."""
-        if self._y_table is not None:
-            out: np.ndarray = self._y_table[raw.view(np.uint8)]
-            return out
-        if not self.y_spec.quantized:  # a copy: ``raw`` may be the interpreter's own buffer
-            return np.array(raw, dtype=np.float32)
-        return dequantize(raw, self.y_spec)
 
-
-def _dequantize_table(spec: TensorSpec) -> np.ndarray | None:
-    """``dequantize`` of every int8 value, indexed by the value's byte (one gather per call)."""
-    if not spec.quantized or spec.dtype != "int8":
-        return None
+def output_decoder(manifest: Manifest) -> Callable[[np.ndarray], np.ndarray]:
+    """Encoded y rows -> the float32 the runtime publishes: ``dequantize`` (by table for
+    int8), or the machine-independent softmax of ``edge.softmax`` when the bundle's output
+    tensor holds logits. Always a new array: ``raw`` may be the interpreter's own buffer."""
+    spec = manifest.tensors[manifest.output]
+    if manifest.output_activation == "softmax":
+        return IntSoftmax(spec.scale)
+    if not spec.quantized:
+        return lambda raw: np.array(raw, dtype=np.float32)
+    if spec.dtype != "int8":
+        return lambda raw: dequantize(raw, spec)
     table = dequantize(np.arange(256, dtype=np.uint8).view(np.int8), spec)
     table.flags.writeable = False
-    return table
+    return lambda raw: table[raw.view(np.uint8)]
 
 
 def _input_normalization(manifest: Manifest) -> tuple[np.ndarray | None, np.ndarray | None]:

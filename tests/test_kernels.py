@@ -18,8 +18,7 @@ import edge
 from edge import backend, replay
 from edge.errors import BundleError
 from edge.kernels import KernelMismatchWarning, mismatch
-from edge.manifest import parse
-from edge.model import dequantize
+from edge.manifest import parse, read_bundle
 
 BUNDLE = "clf-int8"
 
@@ -163,7 +162,7 @@ def test_replay_gives_the_runtimes_bits(bundles, tmp_path):
     y_raw, state = replay.run(e, x)
     assert state.shape == (3, 40, 32) and state.dtype == np.int8
     for i in range(3):
-        np.testing.assert_array_equal(dequantize(y_raw[i], e.model.y_spec), e.step(f"s{i}", x[i]))
+        np.testing.assert_array_equal(e.model.decode_y(y_raw[i]), e.step(f"s{i}", x[i]))
     np.savez(tmp_path / "in.npz", a=x)
     out = subprocess.run(
         [
@@ -200,3 +199,23 @@ def test_an_installed_converter_lends_the_device_python_no_site_packages(tmp_pat
     monkeypatch.setattr(kernels, "ROOT", tmp_path)  # no pyproject.toml: an installed package
     assert "PYTHONPATH" not in kernels.device_env()
     assert verify.device_env is kernels.device_env
+
+
+def test_int8_classifier_publishes_the_softmax_of_its_logits(bundles):
+    """The graph ends at the logits (XNNPACK takes no int8 SOFTMAX and the built-in one rounds
+    per machine); the published values are their softmax, to float32 resolution."""
+    e = edge.load(bundles / BUNDLE)
+    assert e.manifest.output_activation == "softmax"
+    interp, _ = e.model.backend.open(read_bundle(bundles / BUNDLE)[1], "serving_default", 1)
+    ops = {d["op_name"] for d in interp._get_ops_details()}
+    assert "SOFTMAX" not in ops and "FULLY_CONNECTED" in ops
+    with np.load(bundles / BUNDLE / "expected.npz") as z:
+        x = z["x"][:3, :40]
+    y_raw, _ = replay.run(e, x)
+    spec = e.model.y_spec
+    z = (y_raw.astype(np.float64) - spec.zero_point) * spec.scale
+    want = np.exp(z - z.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    for i in range(3):
+        got = e.step(f"p{i}", x[i])
+        np.testing.assert_allclose(got, want[i], rtol=0, atol=1e-7)

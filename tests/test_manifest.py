@@ -17,6 +17,14 @@ def test_real_manifest_parses(manifest_dict):
     assert m.quantization == "int8" and m.features == 6 and m.output_kind == "classifier"
     assert m.tensors["h0"].dtype == "int8" and m.tensors["h0"].scale > 0
     assert parse(m.to_dict()).to_dict() == m.to_dict()
+    # an int8 classifier ends at its logits: version 3, which older runtimes refuse
+    assert m.output_activation == "softmax" and manifest_dict["format_version"] == 3
+
+
+def test_bundles_without_a_runtime_activation_stay_version_2(bundles):
+    d = json.loads((bundles / "reg2-int8" / "manifest.json").read_text())
+    assert d["format_version"] == 2 and "activation" not in d["output"]
+    assert parse(d).output_activation == "linear"
 
 
 @pytest.mark.parametrize(
@@ -34,6 +42,13 @@ def test_real_manifest_parses(manifest_dict):
         (lambda d: d["state"][1].update(input="h0"), "listed twice"),
         (lambda d: d.update(state=[]), "no state tensor"),
         (lambda d: d["output"].update(labels=["a"]), "1 labels for 4 outputs"),
+        (lambda d: d["output"].update(activation="relu"), "output.activation 'relu'"),
+        (lambda d: d["output"].update(activation=["softmax"]), "output.activation"),
+        (lambda d: d.update(format_version=2), "needs format_version 3"),
+        (
+            lambda d: d["tensors"]["y"].update(dtype="float32", scale=0.0, zero_point=0),
+            "an int8 output tensor",
+        ),
     ],
 )
 def test_invalid_fields_are_named(manifest_dict, edit, message):
@@ -77,6 +92,7 @@ def test_format_1_lstm_layouts_are_still_read(manifest_dict):
     m = parse(manifest_dict)
     old = copy.deepcopy(manifest_dict)
     old["format_version"] = 1
+    del old["output"]["activation"]  # version 3's; a version 1 bundle's softmax is in its graph
     old["state"] = [
         {"units": h["width"], "h_in": h["input"], "h_out": h["output"]}
         | {"c_in": c["input"], "c_out": c["output"]}

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -73,8 +72,11 @@ _BOM = b"\xef\xbb\xbf"
 _STRUCTURE = b'[]{}"'
 _DROP = bytes(b for b in range(256) if b not in _STRUCTURE)
 _OPEN = frozenset(b"[{")
-# orjson reads integers beyond 64 bits as floats; the standard library keeps them exact.
-_LONG_DIGITS = re.compile(rb"\d{16}")
+# orjson reads integers beyond 64 bits as floats; the standard library keeps them exact. A
+# payload with a run of 16 digits goes to the standard library: every digit mapped to "0",
+# everything else to " ", then one substring search (a tenth of the cost of a regex search).
+_DIGITS_AS_ZERO = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+_LONG_DIGITS = b"0" * 16
 
 
 class PayloadError(ValueError):
@@ -143,7 +145,7 @@ def parse_json(payload: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     if payload[:3] == _BOM:
         payload = payload[3:]
     check_depth(payload, max_depth)
-    if orjson is not None and not _LONG_DIGITS.search(payload):
+    if orjson is not None and _LONG_DIGITS not in payload.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(payload)
         except orjson.JSONDecodeError:

@@ -114,7 +114,9 @@ def time_kernel_sets(
     return out
 
 
-def per_gate_lstm(layer: Any, tf: Any, c: Any, scale: float | None = None) -> Any:
+def per_gate_lstm(
+    layer: Any, tf: Any, c: Any, scale: float | None = None, *, bias_with_h: bool = False
+) -> Any:
     """The LSTM layer as the step graph built it before: per gate x W_g + h U_g + b_g, i.e. two
     FULLY_CONNECTEDs, an ADD, and an ADD of the broadcast bias."""
     from convert.step_graph import tf_activation

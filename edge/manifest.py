@@ -19,10 +19,11 @@ from .errors import BundleError
 
 FORMAT = "edge-lstm-bundle"
 FORMAT_VERSION = 2
-# 1: LSTM-only state layout (h_in/h_out/c_in/c_out per layer). 3: the output tensor holds
-# logits and the runtime applies ``output.activation``; written only by bundles that need it,
-# so an older runtime refuses those instead of publishing logits, and still reads the others.
-READABLE_VERSIONS = (1, 2, 3)
+# The output tensor holds logits and the runtime applies ``output.activation``. Written only by
+# bundles that need it: an older runtime refuses those instead of publishing logits, and still
+# reads the others.
+ACTIVATION_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: LSTM-only state layout (h_in/h_out/c_in/c_out per layer)
 MANIFEST_NAME = "manifest.json"
 QUANT_MODES = ("int8", "int8-float-head", "int8-float-cell", "int16x8", "float16", "float32")
 DTYPES = ("int8", "int16", "float32")
@@ -128,7 +129,7 @@ class Manifest:
         activation = {"activation": act} if act != "linear" else {}
         return {
             "format": FORMAT,
-            "format_version": 3 if activation else FORMAT_VERSION,
+            "format_version": ACTIVATION_VERSION if activation else FORMAT_VERSION,
             "model_file": self.model_file,
             "tflite_sha256": self.tflite_sha256,
             "source_sha256": self.source_sha256,
@@ -214,10 +215,11 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         raise BundleError(
             f"{where}: output.activation {activation!r} is not one of {OUTPUT_ACTIVATIONS}"
         )
-    if activation != "linear" and (version < 3 or tensors[m_out].dtype != "int8"):
+    y_dtype = tensors[m_out].dtype
+    if activation != "linear" and (version < ACTIVATION_VERSION or y_dtype != "int8"):
         raise BundleError(
-            f"{where}: output.activation {activation!r} needs format_version 3 and an int8 "
-            f"output tensor (got version {version}, {tensors[m_out].dtype})"
+            f"{where}: output.activation {activation!r} needs format_version "
+            f"{ACTIVATION_VERSION} and an int8 output tensor (got {version}, {y_dtype})"
         )
     if kind == "classifier" and labels and len(labels) != tensors[m_out].width:
         raise BundleError(f"{where}: {len(labels)} labels for {tensors[m_out].width} outputs")

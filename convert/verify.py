@@ -311,7 +311,11 @@ def verify(
     audit = op_audit(content)
     engine = edge.load(bundle, kernel_mismatch="allow")
     progress(f"  parity on {len(data)} sequences x {data.shape[1]} steps")
-    y_float, states, xn = reference.run(spec, data)
+    # A bundle that ends at the logits (the runtime applies the softmax): the reference stops
+    # there too, once, for the output tensor's range; the float outputs are their softmax.
+    softmax = engine.manifest.output_activation == "softmax"
+    y_tensor, states, xn = reference.run(quantize.logits(spec) if softmax else spec, data)
+    y_float = reference.activate(y_tensor, "softmax") if softmax else y_tensor
     if float_model is not None:
         y_float = float_model.run(data)
     par, y_q = parity(engine, spec, data, labels, y_float)
@@ -354,10 +358,7 @@ def verify(
         "saturation": tensor_saturation(
             engine,
             data if engine.manifest.extra.get("normalization") == "graph" else xn,
-            # a bundle ending at the logits (the runtime applies the softmax): their range
-            reference.run(quantize.logits(spec), data)[0]
-            if engine.manifest.output_activation == "softmax"
-            else y_float,
+            y_tensor if softmax else y_float,  # the values the output tensor holds
             states,
         ),
         "interpreters": interp,

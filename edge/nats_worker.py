@@ -496,8 +496,8 @@ class Worker:
                     headers = {MQTT_QOS_HEADER: "1", "Nats-Msg-Id": answer_id(subject, o.payload)}
                     items.append((subject, o.payload, headers))
                 stored = [(MQTT_STORE_PREFIX + s, b, h) for s, b, h in items]
+                assert self.stored is not None, "connected before partitions run"
                 try:
-                    assert self.stored is not None, "connected before partitions run"
                     duplicate = await self.stored.publish(stored, STOP_SECONDS)
                 except Exception:
                     # Some may be stored: sent again, the store calls them duplicates, but

@@ -183,6 +183,7 @@ class Engine:
             raise ConfigError(f"restart_gap must be in 0..{HALF - 1}, got {restart_gap}")
         self.restart_gap = restart_gap
         self.model = model
+        self._features = model.manifest.features  # read on every call: kept, not recounted
         self.gap_policy = gap_policy
         self.allow_unsequenced = allow_unsequenced
         self.store = StateStore(
@@ -239,7 +240,7 @@ class Engine:
             arr = np.asarray(x, dtype=np.float64)
         except (TypeError, ValueError):
             return None
-        if arr.shape != (self.manifest.features,) or not np.abs(arr).max() <= FLOAT32_MAX:
+        if arr.shape != (self._features,) or not np.abs(arr).max() <= FLOAT32_MAX:
             return None
         model = self.model
         b = model.binding
@@ -370,7 +371,7 @@ class Engine:
             items = [Chunk(s, v) for s, v in items.items()]
         chunks = list(items)
         n = len(chunks)
-        f = self.manifest.features
+        f = self._features
         streams: list[Any] = [c.stream for c in chunks]
         seqs = np.full(n, NO_SEQ, np.int64)
         boots = np.full(n, NO_BOOT, np.int64)
@@ -419,7 +420,7 @@ class Engine:
         may hold any number of samples. A refused chunk is reported in ``Batch.errors`` and
         changes nothing."""
         n = len(streams)
-        f = self.manifest.features
+        f = self._features
         if counts is None and seqs is not None:
             batch = self._step_steady(streams, values, seqs, boots)
             if batch is not None:
@@ -452,7 +453,7 @@ class Engine:
         when it must decide."""
         n = len(streams)
         store = self.store
-        f = self.manifest.features
+        f = self._features
         if not n or n > self.model.max_batch or store.idle_timeout is not None:
             return None
         rows = store.rows_of(streams)
@@ -463,23 +464,27 @@ class Engine:
             sq = np.asarray(seqs, dtype=np.int64)
         except (TypeError, ValueError, OverflowError):
             return None
-        if x.shape != (n, f) or sq.shape != (n,) or sq.max() >= U32:
+        if x.shape != (n, f) or sq.shape != (n,):
             return None
-        unsequenced = sq.max() == NO_SEQ
+        hi = sq.max()
+        if hi >= U32:
+            return None
+        unsequenced = hi == NO_SEQ
         if unsequenced:  # all without seq: nothing to admit, no boots to look at
             if not self.allow_unsequenced:
                 return None
             boots = None
-        else:
-            last = store.last_seq[rows]
-            if last.min() < 0 or not (sq == last + 1).all():  # a start, gap, replay, wrap
-                return None
+        # each the next of its stream: a start (no last seq), gap, replay or wrap is not
+        elif sq.min() < 1 or not (sq - 1 == store.last_seq[rows]).all():
+            return None
         if boots is not None:
             bt = np.asarray(boots, dtype=np.int64)
             if bt.shape != (n,):
                 return None
-            if bt.max() != NO_BOOT and not ((bt == store.boots[rows, 0]) | (bt == NO_BOOT)).all():
-                return None
+            if bt.max() != NO_BOOT:  # each the stream's current boot, or none
+                same = bt == store.boots[rows, 0]
+                if not same.all() and not (same | (bt == NO_BOOT)).all():
+                    return None
         if not np.abs(x).max() <= FLOAT32_MAX or len(set(streams)) != n:
             return None
         store.touch_many(streams, rows)
@@ -488,7 +493,7 @@ class Engine:
         b.bind(n)
         model.encode_x_into(x, b.inputs[0])
         for arena, view in zip(store.arrays, b.inputs[1:]):
-            np.take(arena, rows, axis=0, out=view)
+            arena.take(rows, axis=0, out=view)
         model.run()
         for arena, out, rq, so, si in zip(
             store.arrays, b.outputs[1:], model.requantized, model.state_out, model.state_in
@@ -534,7 +539,7 @@ class Engine:
             raise InvalidSample(
                 f"values are not numeric: {exc}", stream_id=stream, seq=seq
             ) from exc
-        f = self.manifest.features
+        f = self._features
         if arr.ndim == 1:
             arr = arr.reshape(1, -1)
         if arr.ndim != 2 or arr.shape[1] != f:
@@ -1018,11 +1023,11 @@ class Engine:
             y_out, s_out = b.outputs[0], b.outputs[1:]
             mine = rows[:m]
             for arena, view in zip(arenas, s_in):
-                np.take(arena, mine, axis=0, out=view)
+                arena.take(mine, axis=0, out=view)
             st = starts[:m]
             for r in range(r0, r1):
                 idx = st + r
-                np.take(xq, idx, axis=0, out=x_in)
+                xq.take(idx, axis=0, out=x_in)
                 if r in zero_rounds:
                     z = zero[idx]  # type: ignore[index]
                     for view, zr in zip(s_in, zero_rows):

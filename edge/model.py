@@ -67,6 +67,8 @@ class StepModel:
         self.state_in = [t[i] for i, _ in manifest.state_names]
         self.state_out = [t[o] for _, o in manifest.state_names]
         self._mean, self._std = _input_normalization(manifest)
+        self._scratch: dict[tuple[int, ...], np.ndarray] = {}  # encode_x_into's, by shape
+        self._scratch_base = np.empty(0, np.float64)
         self._check_signature(self._runner)
         self.binding: Binding = bind(
             interpreter,
@@ -122,26 +124,39 @@ class StepModel:
 
     def encode_x_into(self, values: np.ndarray, out: np.ndarray) -> None:
         """``encode_x`` written straight into ``out`` (a bound input tensor): the same float64
-        arithmetic, in place, bit for bit."""
-        spec = self.x_spec
-        if self._mean is not None:
-            v = (values - self._mean) / self._std
-        elif not spec.quantized:
+        operations in the same order, bit for bit, in a scratch array kept per shape (at the
+        service's small batches each temporary costs as much as the arithmetic)."""
+        spec, mean, std = self.x_spec, self._mean, self._std
+        if mean is None and not spec.quantized:
             out[...] = values
             return
+        v = self._scratch.get(values.shape)
+        if v is None:
+            v = self._scratch_view(values.shape)
+        if mean is not None and std is not None:
+            np.subtract(values, mean, out=v)
+            np.divide(v, std, out=v)
+            if spec.quantized:
+                np.divide(v, spec.scale, out=v)
         else:
-            v = values / spec.scale
-        if not spec.quantized:
-            out[...] = v
-            return
-        if self._mean is not None:
-            np.divide(v, spec.scale, out=v)
-        lo, hi = INT_RANGES[spec.dtype]
-        np.rint(v, out=v)
-        v += spec.zero_point
-        np.maximum(v, lo, out=v)  # np.clip, without its per-call overhead
-        np.minimum(v, hi, out=v)
+            np.divide(values, spec.scale, out=v)
+        if spec.quantized:
+            lo, hi = INT_RANGES[spec.dtype]
+            np.rint(v, out=v)
+            np.add(v, spec.zero_point, out=v)
+            np.maximum(v, lo, out=v)  # np.clip, without its per-call overhead
+            np.minimum(v, hi, out=v)
         out[...] = v
+
+    def _scratch_view(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float64 view of ``shape`` on one buffer that grows to the largest batch seen."""
+        size = int(np.prod(shape))
+        if size > self._scratch_base.size:
+            self._scratch_base = np.empty(size, np.float64)
+            self._scratch.clear()  # views of the old buffer
+        view = self._scratch_base[:size].reshape(shape)
+        self._scratch[shape] = view
+        return view
 
     def zero_state(self) -> list[np.ndarray]:
         """One row per state tensor holding the encoded zero (the zero point for int8)."""

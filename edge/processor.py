@@ -64,6 +64,7 @@ class _Round:
     evict: list[str] = field(default_factory=list)  # idle streams forgotten before applying
     outs: list[Outbound] = field(default_factory=list)
     lsn: int = 0  # the processor's lsn after this round
+    samples: int = 0  # in the messages decoded, counted once per round
 
 
 class RateLimitedLog:
@@ -199,15 +200,16 @@ class Processor:
         for msg in dropped:
             r.lsn += 1
             self._drop(msg, r)
+        self.metrics.inc("messages_in", len(batch))
         for msg in batch:
             r.lsn += 1
-            self.metrics.inc("messages_in")
             try:
                 self._decode(msg, r)
             except Exception as exc:  # one message must never stop the service
                 o = self._internal(self.data.stream(msg.topic) or INVALID_STREAM, exc, r.lsn)
                 r.outs.append(o)
                 r.entries.append(Output(o.lsn, o.topic, o.payload))
+        self.metrics.inc("samples_in", r.samples)
         self._idle(r)
         return self._run(r, keep=False)
 
@@ -317,7 +319,7 @@ class Processor:
             self._error(r, stream, "too_many_samples", detail, s.seq)
             self._take(r, Void(stream, s.seq))
             return
-        self.metrics.inc("samples_in", len(s.values))
+        r.samples += len(s.values)
         self._take(
             r, Record(stream, s.seq, s.ts, s.values, s.boot, r.lsn, redelivered=msg.redelivered)
         )
@@ -410,8 +412,7 @@ class Processor:
                 ready = []
                 out += self._reset(item)
             else:
-                s = item.stream
-                ready += self.reorder.push(item, self.engine.last_seq(s), self.engine.boots(s))
+                ready += self.reorder.push(item, self.engine.last_seq, self.engine.boots)
         return out + self._step(ready + r.released)
 
     def _reset(self, rec: Record) -> list[Outbound]:

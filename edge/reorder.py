@@ -6,7 +6,8 @@ A stream starts a new life when its device restarts (a new ``boot`` id, or with
 and the new life's seq numbering starts afresh. Messages of an earlier boot pass straight
 through (the engine answers them ``stale``).
 
-Pure logic: the clock is injected, the engine's last applied seq and boot ids are passed in.
+Pure logic: the clock is injected, the engine's last applied seq and boot ids are asked for
+through functions passed in.
 """
 
 from __future__ import annotations
@@ -84,18 +85,25 @@ class Reorderer:
     def push(
         self,
         rec: Record,
-        last_applied: int | None,
-        boots: tuple[int | None, list[int]] = (None, []),
+        last_applied: Callable[[str], int | None],
+        boots: Callable[[str], tuple[int | None, list[int]]] = lambda _: (None, []),
     ) -> list[Record]:
-        """Records ready to apply, in order; ``rec`` itself may be held back. ``boots`` is the
-        engine's (current, earlier) boot ids of the stream."""
+        """Records ready to apply, in order; ``rec`` itself may be held back. The engine's
+        last applied seq and (current, earlier) boot ids of a stream are asked for only when
+        this has no expectation of its own (a stream's first message here)."""
         if self.hold <= 0:
             return [rec]
         stream = rec.stream
-        cur, old = self._boots.get(stream, boots)
+        cur: int | None = None
+        old: list[int] = []
+        if rec.boot is not None:  # boot ids matter only to a message that carries one
+            known = self._boots.get(stream)
+            cur, old = boots(stream) if known is None else known
         expect = self._next.get(stream)
-        if expect is None and last_applied is not None:
-            expect = (last_applied + 1) % U32
+        if expect is None:
+            last = last_applied(stream)
+            if last is not None:
+                expect = (last + 1) % U32
         if rec.boot is not None and cur is not None and rec.boot != cur:
             if earlier_boot(rec.boot, cur, old):
                 return [rec]  # an earlier boot: stale

@@ -7,6 +7,8 @@ import re
 from .errors import ConfigError
 
 PLACEHOLDER = "{stream}"
+CACHED = 16384  # topics remembered per template: a fleet's topics repeat with every message
+CACHED_LENGTH = 512  # longer topics (never a valid stream's) are matched, not remembered
 
 
 class Template:
@@ -22,9 +24,23 @@ class Template:
         self.index = levels.index(PLACEHOLDER)
         self.levels = levels
         self.filter = "/".join("+" if lv == PLACEHOLDER else lv for lv in levels)
+        self._streams: dict[str, str | None] = {}
+        self._topics: dict[str, str] = {}
 
     def stream(self, topic: str) -> str | None:
         """The stream id of a topic, or None when it does not match the template."""
+        try:
+            return self._streams[topic]
+        except KeyError:
+            pass
+        sid = self._match(topic)
+        if len(topic) <= CACHED_LENGTH:
+            if len(self._streams) >= CACHED:
+                self._streams.clear()
+            self._streams[topic] = sid
+        return sid
+
+    def _match(self, topic: str) -> str | None:
         parts = topic.split("/")
         if len(parts) != len(self.levels):
             return None
@@ -35,7 +51,16 @@ class Template:
         return sid if valid_stream_id(sid) else None
 
     def topic(self, stream: str) -> str:
-        return self.template.replace(PLACEHOLDER, stream)
+        try:
+            return self._topics[stream]
+        except KeyError:
+            pass
+        topic = self.template.replace(PLACEHOLDER, stream)
+        if len(stream) <= CACHED_LENGTH:
+            if len(self._topics) >= CACHED:
+                self._topics.clear()
+            self._topics[stream] = topic
+        return topic
 
 
 _STREAM_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")

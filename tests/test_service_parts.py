@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edge import config
+from edge import topics as topics_module
 from edge.errors import ConfigError
 from edge.reorder import Reorderer
 from edge.topics import Template
@@ -16,13 +17,18 @@ def rec(stream, seq, k=1):
     return Record(stream, seq, 1.5, np.full((k, 2), seq, np.float64))
 
 
+def push(r, record, last, boots=(None, [])):
+    """``Reorderer.push`` with the engine's view of the stream given as values."""
+    return r.push(record, lambda _: last, lambda _: boots)
+
+
 def test_reorderer_waits_for_the_gap_then_gives_up():
     now = [0.0]
     r = Reorderer(0.1, lambda: now[0])
-    assert [x.seq for x in r.push(rec("s", 1), None)] == [1]
-    assert r.push(rec("s", 3), 1) == [] and r.push(rec("s", 4), 1) == []
-    assert [x.seq for x in r.push(rec("s", 2), 1)] == [2, 3, 4]
-    assert r.push(rec("s", 7), 4) == []
+    assert [x.seq for x in push(r, rec("s", 1), None)] == [1]
+    assert push(r, rec("s", 3), 1) == [] and push(r, rec("s", 4), 1) == []
+    assert [x.seq for x in push(r, rec("s", 2), 1)] == [2, 3, 4]
+    assert push(r, rec("s", 7), 4) == []
     assert r.expire() == []
     now[0] = 0.2
     assert [x.seq for x in r.expire()] == [7] and len(r) == 0
@@ -30,10 +36,10 @@ def test_reorderer_waits_for_the_gap_then_gives_up():
 
 def test_reorderer_passes_duplicates_and_is_off_at_zero():
     r = Reorderer(0.1, lambda: 0.0)
-    r.push(rec("s", 5), None)
-    assert [x.seq for x in r.push(rec("s", 5), 5)] == [5]  # the engine drops it
+    push(r, rec("s", 5), None)
+    assert [x.seq for x in push(r, rec("s", 5), 5)] == [5]  # the engine drops it
     off = Reorderer(0, lambda: 0.0)
-    assert [x.seq for x in off.push(rec("s", 9), 1)] == [9]
+    assert [x.seq for x in push(off, rec("s", 9), 1)] == [9]
 
 
 def test_config_precedence_and_errors(tmp_path):
@@ -67,39 +73,65 @@ def test_topic_templates():
             Template(bad)
 
 
+def test_topic_templates_answer_the_same_past_their_memory():
+    t = Template("site/{stream}/imu")
+    topics = [f"site/d{i}/imu" for i in range(topics_module.CACHED + 10)]
+    topics += ["site/a b/imu", "x/d1/imu", "site/" + "d" * 2000 + "/imu"]
+    for _ in range(2):  # remembered, forgotten when full, matched again: the same answers
+        got = [t.stream(topic) for topic in topics]
+        assert got[:-3] == [f"d{i}" for i in range(topics_module.CACHED + 10)]
+        assert got[-3:] == [None, None, None]
+        assert all(t.topic(s) == topic for s, topic in zip(got[:-3], topics))
+    assert len(t._streams) <= topics_module.CACHED  # bounded, whatever the topics
+    assert all(len(k) <= topics_module.CACHED_LENGTH for k in t._streams)
+
+
+def test_reorderer_asks_the_engine_only_about_a_stream_new_to_it():
+    asked = []
+
+    def last(stream):
+        asked.append(stream)
+        return 4
+
+    r = Reorderer(0.1, lambda: 0.0)
+    assert [x.seq for x in r.push(rec("s", 5), last)] == [5]
+    assert [x.seq for x in r.push(rec("s", 6), last)] == [6]
+    assert r.push(rec("s", 8), last) == [] and asked == ["s"]
+
+
 def test_a_duplicate_first_after_a_restart_does_not_set_the_expectation_back():
     """After recovery the reorderer knows a stream only from the engine's last seq; a
     redelivered old message arriving first must not make the next in-order one wait."""
     r = Reorderer(10.0, lambda: 0.0)
     r.load({})  # the snapshot held nothing special for "s": it expects last seq + 1
-    assert [x.seq for x in r.push(rec("s", 9, k=2), 13)] == [9]  # duplicate: the engine drops it
-    assert [x.seq for x in r.push(rec("s", 14), 13)] == [14]
+    assert [x.seq for x in push(r, rec("s", 9, k=2), 13)] == [9]  # duplicate: the engine drops it
+    assert [x.seq for x in push(r, rec("s", 14), 13)] == [14]
     assert len(r) == 0
 
 
 def test_reorderer_passes_a_boot_heard_after_the_next_one_as_stale():
     r = Reorderer(10.0, lambda: 0.0)
-    r.push(dataclasses.replace(rec("s", 1), boot=7), None)
-    assert [x.boot for x in r.push(dataclasses.replace(rec("s", 1), boot=9), 1, (7, []))] == [9]
+    push(r, dataclasses.replace(rec("s", 1), boot=7), None)
+    assert [x.boot for x in push(r, dataclasses.replace(rec("s", 1), boot=9), 1, (7, []))] == [9]
     late = dataclasses.replace(rec("s", 1), boot=8)  # never seen, just below the current one
-    assert r.push(late, 1, (9, [7])) == [late]  # passed to the engine, which answers stale
-    assert [x.seq for x in r.push(dataclasses.replace(rec("s", 2), boot=9), 1, (9, [7]))] == [2]
+    assert push(r, late, 1, (9, [7])) == [late]  # passed to the engine, which answers stale
+    assert [x.seq for x in push(r, dataclasses.replace(rec("s", 2), boot=9), 1, (9, [7]))] == [2]
 
 
 def test_reorderer_stops_waiting_for_a_refused_seq():
     r = Reorderer(10.0, lambda: 0.0)
-    r.push(rec("s", 1), None)
-    assert r.push(rec("s", 3), 1) == []  # waits for 2
+    push(r, rec("s", 1), None)
+    assert push(r, rec("s", 3), 1) == []  # waits for 2
     assert [x.seq for x in r.void("s", 2, 1)] == [3]  # 2 was refused (NaN): release 3
     assert r.void("s", 5, 3) == []  # refused ahead of time: 4 is still awaited
-    assert [x.seq for x in r.push(rec("s", 4), 3)] == [4]
-    assert [x.seq for x in r.push(rec("s", 6), 4)] == [6]  # 5 voided: no wait
+    assert [x.seq for x in push(r, rec("s", 4), 3)] == [4]
+    assert [x.seq for x in push(r, rec("s", 6), 4)] == [6]  # 5 voided: no wait
 
 
 def test_reorderer_forgets_evicted_streams():
     r = Reorderer(0.5, lambda: 0.0)
     for i in range(10_000):
-        r.push(rec(f"s{i}", 1), None)
+        push(r, rec(f"s{i}", 1), None)
         r.forget([f"s{i}"])
     assert not r._next
 
@@ -109,8 +141,8 @@ def test_reorderer_force_repeats_an_expiry():
     live = Reorderer(0.1, lambda: now[0])
     replay = Reorderer(0.1, lambda: 0.0)
     for r in (live, replay):
-        r.push(rec("s", 1), None)
-        assert r.push(rec("s", 3), 1) == [] and r.push(rec("s", 4), 1) == []
+        push(r, rec("s", 1), None)
+        assert push(r, rec("s", 3), 1) == [] and push(r, rec("s", 4), 1) == []
     now[0] = 1.0
     assert [x.seq for x in live.expire()] == [3, 4]
     assert live.forced == [("s", 3)]
@@ -123,20 +155,20 @@ def brec(seq, boot):
 
 def test_reorderer_starts_a_new_life_on_a_new_boot():
     r = Reorderer(10.0, lambda: 0.0)
-    assert [x.seq for x in r.push(brec(1, 5), None)] == [1]
-    assert r.push(brec(3, 5), 1) == []  # waits for 2 of boot 5
+    assert [x.seq for x in push(r, brec(1, 5), None)] == [1]
+    assert push(r, brec(3, 5), 1) == []  # waits for 2 of boot 5
     # the device reboots: boot 6 starts at seq 1; boot 5's held 3 goes first, unwaited
-    assert [(x.seq, x.boot) for x in r.push(brec(1, 6), 1, (5, []))] == [(3, 5), (1, 6)]
-    assert r.push(brec(3, 6), 1) == []  # boot 6 is reordered: 3 waits for 2
-    assert [x.seq for x in r.push(brec(2, 6), 1)] == [2, 3]
-    assert [(x.seq, x.boot) for x in r.push(brec(9, 5), 3)] == [(9, 5)]  # stale: straight on
+    assert [(x.seq, x.boot) for x in push(r, brec(1, 6), 1, (5, []))] == [(3, 5), (1, 6)]
+    assert push(r, brec(3, 6), 1) == []  # boot 6 is reordered: 3 waits for 2
+    assert [x.seq for x in push(r, brec(2, 6), 1)] == [2, 3]
+    assert [(x.seq, x.boot) for x in push(r, brec(9, 5), 3)] == [(9, 5)]  # stale: straight on
 
 
 def test_reorderer_starts_over_past_the_restart_gap():
     r = Reorderer(10.0, lambda: 0.0, restart_gap=10)
     for seq in range(1, 51):
-        r.push(rec("s", seq), seq - 1 or None)
-    assert [x.seq for x in r.push(rec("s", 45), 50)] == [45]  # a redelivery: the engine drops it
-    assert [x.seq for x in r.push(rec("s", 1), 50)] == [1]  # 49 behind: a restarted device
-    assert r.push(rec("s", 3), 50) == []  # and its numbering is the one now waited on
-    assert [x.seq for x in r.push(rec("s", 2), 50)] == [2, 3]
+        push(r, rec("s", seq), seq - 1 or None)
+    assert [x.seq for x in push(r, rec("s", 45), 50)] == [45]  # a redelivery: the engine drops it
+    assert [x.seq for x in push(r, rec("s", 1), 50)] == [1]  # 49 behind: a restarted device
+    assert push(r, rec("s", 3), 50) == []  # and its numbering is the one now waited on
+    assert [x.seq for x in push(r, rec("s", 2), 50)] == [2, 3]

@@ -217,8 +217,11 @@ class Processor:
         """Release reorder-held messages whose wait is over; log how far answers are acked."""
         if self._stalled is not None and not self.resume():
             return False
+        held = len(self.reorder)
+        if not held and self.degraded is None and self.outbox.watermark(self.lsn) <= self.mark:
+            return True  # nothing to release, nothing newly acknowledged: nothing to log
         r = _Round(lsn=self.lsn)
-        if len(self.reorder):
+        if held:
             r.released = self.reorder.expire()
             r.entries += [Release(s, q) for s, q in self.reorder.forced]
             self.reorder.forced.clear()
@@ -264,8 +267,10 @@ class Processor:
             self.degraded = None
         self.mark = max(self.mark, mark)
         self.lsn = r.lsn
-        self.engine.store.evict(r.evict)
-        self.metrics.inc("wal_records", sum(isinstance(i, Record) for i in r.items))
+        if r.evict:
+            self.engine.store.evict(r.evict)
+        if r.items:
+            self.metrics.inc("wal_records", sum(isinstance(i, Record) for i in r.items))
         self.outbox.put(r.outs + self._apply(r))
         return True
 

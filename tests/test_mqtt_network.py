@@ -90,3 +90,120 @@ def test_the_read_ahead_client_serves_paho_in_order_and_forgets_an_old_connectio
     for s in (a, b, a2, b2):
         s.close()
     c._sock = None
+
+
+def _fields(m: mqtt.MQTTMessage) -> tuple[object, ...]:
+    props = m.properties
+    ctype = getattr(props, "ContentType", None) if props else None
+    return (m.topic, bytes(m.payload), m.mid, m.qos, m.retain, m.dup, ctype)
+
+
+def _publish_packet(
+    topic: bytes, payload: bytes, qos: int, v5: bool, props: bytes = b"\x00", flags: int = 0
+) -> tuple[int, bytes]:
+    body = len(topic).to_bytes(2, "big") + topic + (b"\x00\x2a" if qos else b"")
+    return 0x30 | (qos << 1) | flags, body + (props if v5 else b"") + payload
+
+
+PACKETS = {
+    "qos1": (b"sensors/d1/data", b'{"seq": 1}', 1, 0),
+    "qos0": (b"sensors/d1/data", b"\x00\xff binary", 0, 0),
+    "empty payload": (b"a/b", b"", 1, 0),
+    "retained, dup": (b"a/b", b"x", 1, 0x09),
+    "utf-8 topic": ("capteurs/été/data".encode(), b"x", 1, 0),
+}
+
+
+@pytest.mark.parametrize("v5", [True, False], ids=["mqtt5", "mqtt311"])
+@pytest.mark.parametrize("name", list(PACKETS))
+def test_a_plain_publish_reads_as_paho_reads_it(name, v5, monkeypatch):
+    topic, payload, qos, flags = PACKETS[name]
+    command, packet = _publish_packet(topic, payload, qos, v5, flags=flags)
+    got = []
+    for cls in (mqtt.Client, Client):
+        if cls is Client:  # read from the bytes, not handed back to paho
+
+            def paho_decoding(self):
+                raise AssertionError("paho decoded a plain PUBLISH")
+
+            monkeypatch.setattr(mqtt.Client, "_handle_publish", paho_decoding)
+        c = cls(
+            mqtt.CallbackAPIVersion.VERSION2,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        seen: list[mqtt.MQTTMessage] = []
+        c.on_message = lambda cl, u, m, seen=seen: seen.append(m)
+        c._in_packet = {**c._in_packet, "command": command, "packet": bytearray(packet)}
+        assert c._handle_publish() == mqtt.MQTT_ERR_SUCCESS
+        (m,) = seen
+        got.append(_fields(m))
+    assert got[0] == got[1]
+
+
+@pytest.mark.parametrize(
+    "command, packet",
+    [
+        (0x32, b"\x00"),  # shorter than a topic length
+        (0x32, b"\x00\x09abc"),  # a topic longer than the packet
+        (0x32, b"\x00\x01a\x00"),  # no room for the message id
+        (0x32, b"\x00\x01a\x00\x2a"),  # MQTT 5: no property length
+        (0x32, b"\x00\x00\x00\x2a\x00x"),  # an empty topic (an alias would be needed)
+        (0x32, b"\x00\x01a\x00\x2a\x05\x03\x00\x02ab"),  # properties: a truncated one
+    ],
+)
+def test_an_unusual_publish_is_left_to_paho(command, packet):
+    """Whatever paho does with these (refuse or read), the fast path does the same."""
+    outcomes = []
+    for cls in (mqtt.Client, Client):
+        c = cls(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
+        seen: list[mqtt.MQTTMessage] = []
+        c.on_message = lambda cl, u, m, seen=seen: seen.append(m)
+        c._in_packet = {**c._in_packet, "command": command, "packet": bytearray(packet)}
+        try:
+            outcomes.append((c._handle_publish(), [_fields(m) for m in seen]))
+        except Exception as exc:  # paho's own refusal of a malformed packet
+            outcomes.append((type(exc).__name__, str(exc)))
+    assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("protocol", [mqtt.MQTTv5, mqtt.MQTTv311], ids=["mqtt5", "mqtt311"])
+def test_messages_through_a_broker_read_alike(broker, protocol):
+    """paho's client and ours, subscribed side by side, see the same messages."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    host, port = _hostport(broker.url)
+    seen: dict[str, list[tuple[object, ...]]] = {"paho": [], "ours": []}
+    subs = []
+    for name, cls in (("paho", mqtt.Client), ("ours", Client)):
+        c = cls(mqtt.CallbackAPIVersion.VERSION2, client_id=f"alike-{name}", protocol=protocol)
+        c.on_message = lambda cl, u, m, out=seen[name]: out.append(_fields(m)[:2] + _fields(m)[3:])
+        c.connect(host, port, 30)
+        c.subscribe("alike/#", 1)
+        c.loop_start()
+        subs.append(c)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="alike-pub", protocol=protocol)
+    pub.connect(host, port, 30)
+    pub.loop_start()
+    try:
+        time.sleep(0.5)  # the subscriptions are in place
+        typed = Properties(PacketTypes.PUBLISH)
+        typed.ContentType = "application/json"
+        sent = [
+            ("alike/a", b'{"seq": 1}', 1, None),
+            ("alike/b", b"", 0, None),
+            ("alike/c", bytes(range(256)), 1, None),
+            ("alike/d", b"{}", 1, typed if protocol == mqtt.MQTTv5 else None),
+        ]
+        for topic, payload, qos, props in sent:
+            pub.publish(topic, payload, qos, properties=props).wait_for_publish(10)
+        wait_until(lambda: all(len(v) == len(sent) for v in seen.values()), 20, "both to hear all")
+        assert seen["paho"] == seen["ours"]
+        assert [m[0] for m in seen["ours"]] == [s[0] for s in sent]
+        if protocol == mqtt.MQTTv5:
+            assert seen["ours"][-1][-1] == "application/json"
+    finally:
+        for c in (*subs, pub):
+            c.loop_stop()
+            c.disconnect()

@@ -207,3 +207,37 @@ def test_messages_through_a_broker_read_alike(broker, protocol):
         for c in (*subs, pub):
             c.loop_stop()
             c.disconnect()
+
+
+def test_queued_packets_leave_together_in_order():
+    """Acknowledgements and QoS 1 answers go out in one send; a QoS 0 PUBLISH (paho calls its
+    on_publish once written) and a partly written packet are never joined."""
+    c = Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    c._sock = a
+    c.on_socket_register_write = lambda *_: None
+    sends: list[int] = []
+    plain_send = c._sock_send
+    c._sock_send = lambda data: sends.append(len(data)) or plain_send(data)
+    published: list[int] = []
+    c.on_publish = lambda cl, u, mid, rc, props: published.append(mid)
+    c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    for mid in (1, 2, 3):
+        c.ack(mid, 1)
+    c.publish("answers/s1", b'{"y": 1}', qos=1)
+    qos0 = c.publish("stats/r1", b"{}", qos=0)
+    c.ack(4, 1)
+    c.publish("answers/s2", b'{"y": 2}', qos=1)
+    expected = b"".join(bytes(p["packet"]) for p in c._out_packet)
+    assert len(c._out_packet) == 7
+    assert c.loop_write() == mqtt.MQTT_ERR_SUCCESS
+    got = b""
+    while len(got) < len(expected):
+        got += b.recv(65536)
+    assert got == expected  # every byte, in the order queued
+    assert len(sends) == 3  # 4 joined, the QoS 0 one alone, 2 joined
+    assert published == [qos0.mid] and qos0.is_published()
+    c._sock = None
+    a.close()
+    b.close()

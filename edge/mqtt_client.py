@@ -13,12 +13,12 @@ system call of its own; the acknowledgements and answers of a batch go out toget
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import DISCONNECT, PUBACK, PUBLISH
 from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket  # paho >= 2.2, as its reading is
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -57,6 +57,69 @@ class Client(mqtt.Client):
         self._rpos = pos + len(out)
         return out
 
+    def _packet_read(self) -> MQTTErrorCode:
+        """A packet that lies whole in the read-ahead buffer is cut from it at once; paho
+        reads one byte per call for the command and each length byte. A partial packet (and
+        one already begun) is left to paho, which reads the rest as it arrives."""
+        if self._in_packet["command"] == 0:
+            if self._sock is not self._rsock or self._rpos >= len(self._rbuf):
+                try:
+                    data = super()._sock_recv(READ_SIZE)
+                except BlockingIOError:
+                    return MQTTErrorCode.MQTT_ERR_AGAIN
+                except OSError as err:
+                    self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                if not data:
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                self._rsock, self._rbuf, self._rpos = self._sock, data, 0
+            buf, start = self._rbuf, self._rpos
+            length, mult, i = 0, 1, start + 1
+            while i < len(buf) and i <= start + 4:  # at most 4 length bytes
+                byte = buf[i]
+                length += (byte & 127) * mult
+                mult *= 128
+                i += 1
+                if not byte & 128:
+                    if i + length <= len(buf):
+                        return self._handle_whole(buf, start, i, length, mult)
+                    break
+        return super()._packet_read()
+
+    def _handle_whole(
+        self, buf: bytes, start: int, body: int, length: int, mult: int
+    ) -> MQTTErrorCode:
+        """Hand paho the packet at ``buf[start:]`` as its own reading would have left it."""
+        self._rpos = body + length
+        self._in_packet = {
+            "command": buf[start],
+            "have_remaining": 1,
+            "remaining_count": list(buf[start + 1 : body]),
+            "remaining_mult": mult,
+            "remaining_length": length,
+            "packet": bytearray(buf[body : body + length]),
+            "to_process": 0,
+            "pos": 0,
+        }
+        try:
+            rc: MQTTErrorCode = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
+        return rc
+
     def _handle_publish(self) -> MQTTErrorCode:
         """A plain PUBLISH read from its bytes; anything else (QoS 2, properties, automatic
         acks, a packet too short for what it claims) is paho's to decode and judge."""
@@ -77,7 +140,7 @@ class Client(mqtt.Client):
         message.qos = qos
         message.retain = bool(command & 0x01)
         message.payload = bytes(packet[pos + v5 :])
-        message.timestamp = time.monotonic()  # as paho stamps it
+        message.timestamp = mqtt.time_func()  # as paho stamps it
         self._handle_on_message(message)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 

@@ -241,3 +241,87 @@ def test_queued_packets_leave_together_in_order():
     c._sock = None
     a.close()
     b.close()
+
+
+def _stream(rng) -> bytes:
+    """PUBLISHes (with and without properties, short and long), PUBACKs of mids 1..40, a
+    PINGRESP: what a subscriber that also publishes reads from its broker."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    typed = Properties(PacketTypes.PUBLISH)
+    typed.ContentType = "application/json"
+    out = []
+    for i in range(1, 41):
+        payload = bytes(rng.integers(0, 256, int(rng.choice([0, 10, 200, 20000]))).tolist())
+        props = typed.pack() if i % 5 == 0 else b"\x00"
+        command, body = _publish_packet(f"s/d{i}".encode(), payload, i % 2, True, props)
+        out.append(bytes([command]) + _length(len(body)) + body)
+        out.append(bytes([0x40, 2]) + i.to_bytes(2, "big"))
+        if i % 13 == 0:
+            out.append(b"\xd0\x00")  # PINGRESP
+    return b"".join(out)
+
+
+def _length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = n >> 7, n & 127
+        out.append(byte | (128 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def test_packets_cut_from_the_read_ahead_buffer_read_as_paho_reads_them(monkeypatch):
+    """The same byte stream, delivered in random pieces (packets split anywhere), gives the
+    same messages and acknowledgements as paho's own reading."""
+    import numpy as np
+
+    whole: list[int] = []
+    cut = Client._handle_whole
+    monkeypatch.setattr(Client, "_handle_whole", lambda self, *a: whole.append(1) or cut(self, *a))
+
+    rng = np.random.default_rng(7)
+    data = _stream(rng)
+    cuts = np.sort(rng.choice(len(data), 300, replace=False)).tolist()
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    events: dict[str, list[tuple[object, ...]]] = {}
+    for cls in (mqtt.Client, Client):
+        c = cls(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
+        c.max_inflight_messages_set(0)
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        c._sock = a
+        c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+        c.on_socket_register_write = lambda *_: None
+        seen = events.setdefault(cls.__module__, [])
+        c.on_message = lambda cl, u, m, seen=seen: seen.append(("message", *_fields(m)))
+        c.on_publish = lambda cl, u, mid, rc, p, seen=seen: seen.append(("acked", mid))
+        for i in range(40):  # mids 1..40 awaiting their PUBACK
+            c.publish(f"answers/{i}", b"y", qos=1)
+        c._out_packet.clear()
+        for piece in pieces:
+            b.sendall(piece)
+            for _ in range(40):
+                assert c.loop_read() == mqtt.MQTT_ERR_SUCCESS
+        c._sock = None
+        a.close()
+        b.close()
+    paho_saw, ours = events.values()
+    assert len(paho_saw) == 80 and ours == paho_saw
+    assert 40 < len(whole) < 83  # most packets cut whole, the split ones left to paho
+
+
+def test_a_length_of_five_bytes_is_refused_as_paho_refuses_it():
+    outcomes = []
+    for cls in (mqtt.Client, Client):
+        c = cls(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        c._sock = a
+        b.sendall(b"\x30\xff\xff\xff\xff\x01" + b"x" * 64)
+        outcomes.append(c._packet_read())
+        c._sock = None
+        a.close()
+        b.close()
+    assert outcomes == [mqtt.MQTT_ERR_PROTOCOL] * 2

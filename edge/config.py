@@ -6,6 +6,7 @@ Every key is a field below; ``edge-lstm serve --help`` is generated from the sam
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import sys
@@ -159,16 +160,17 @@ def _convert(name: str, value: Any) -> Any:
                 return False
             raise ValueError
         if typ in ("int", int):
-            if isinstance(value, bool):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
         if typ in ("float", float):
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(number := float(value)):
                 raise ValueError
-            return float(value)
+            return number
         return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} = {value!r} is not a valid {typ}") from None
+    except (TypeError, ValueError, OverflowError):
+        kind = "finite number" if typ in ("float", float) else typ
+        raise ConfigError(f"{name} = {value!r} is not a valid {kind}") from None
 
 
 def load(
@@ -194,6 +196,41 @@ def load(
     return validate(cfg)
 
 
+def _check_topics(cfg: ServiceConfig) -> None:
+    """Topics the service publishes to or subscribes with: no wildcards where MQTT forbids
+    them (a will topic with one makes the broker refuse every connection), no two alike."""
+    from .topics import Template
+
+    streams = {
+        name: getattr(cfg, name)
+        for name in (
+            "data_topic",
+            "control_topic",
+            "prediction_topic",
+            "error_topic",
+            "reply_topic",
+        )
+    }
+    for name, template in streams.items():
+        try:
+            Template(template)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    for name in ("status_topic", "stats_topic", "runtime_control_topic"):
+        template = getattr(cfg, name)
+        topic = template.replace("{runtime_id}", "x")
+        if not template or any(c in topic for c in "+#\0") or "{" in topic or "}" in topic:
+            raise ConfigError(
+                f"{name} = {template!r}: expected a topic, '{{runtime_id}}' its only placeholder, "
+                "no '+' or '#'"
+            )
+    for a, b in (("data_topic", "control_topic"), ("data_topic", "runtime_control_topic")):
+        if getattr(cfg, a).replace("{runtime_id}", "{stream}") == getattr(cfg, b).replace(
+            "{runtime_id}", "{stream}"
+        ):
+            raise ConfigError(f"{a} and {b} are the same ({getattr(cfg, a)!r}): they must differ")
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     if sys.version_info >= (3, 11):
         import tomllib
@@ -203,6 +240,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the configuration file: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     section = data.get("serve", data)
@@ -224,6 +263,14 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         raise ConfigError(
             f"broker = {cfg.broker!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"
         )
+    try:
+        port = u.port
+    except ValueError as exc:
+        raise ConfigError(f"broker = {cfg.broker!r}: {exc}") from None
+    if port == 0:
+        raise ConfigError(f"broker = {cfg.broker!r}: port 0 is not a broker's port")
+    if not cfg.state_dir.strip():
+        raise ConfigError("state_dir is empty: name a directory (it is created if missing)")
     positive = (
         "queue_size",
         "max_unacked",
@@ -249,6 +296,20 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
     ):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} = {getattr(cfg, name)!r} must be >= 0")
+    for name, top in (
+        ("keepalive", 65535),  # MQTT's two-byte field
+        ("session_expiry", 2**32 - 1),  # MQTT 5's four-byte field
+        ("metrics_port", 65535),
+    ):
+        if not 0 <= getattr(cfg, name) <= top:
+            raise ConfigError(f"{name} = {getattr(cfg, name)} must be in 0..{top}")
+    if cfg.reconnect_min > cfg.reconnect_max:
+        raise ConfigError(
+            f"reconnect_min = {cfg.reconnect_min} must not exceed reconnect_max = {cfg.reconnect_max}"
+        )
+    if cfg.metrics_port and not cfg.metrics_host.strip():
+        raise ConfigError("metrics_host is empty: give the address to serve metrics on")
+    _check_topics(cfg)
     if cfg.queue_size > 65535:
         raise ConfigError(f"queue_size = {cfg.queue_size} must be <= 65535 (MQTT Receive Maximum)")
     if cfg.max_unacked > 60000:
@@ -270,7 +331,13 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         if path and not Path(path).is_file():
             raise ConfigError(f"{name} = {path!r}: file not found")
     client_id = cfg.client_id or f"edge-lstm-{socket.gethostname()}"
-    return dataclasses.replace(cfg, client_id=client_id, runtime_id=cfg.runtime_id or client_id)
+    runtime_id = cfg.runtime_id or client_id
+    if any(c in runtime_id for c in "/+#\0") or not runtime_id.strip():
+        raise ConfigError(
+            f"runtime_id = {runtime_id!r} (the client id unless set) must be one topic level "
+            "without '+' or '#'"
+        )
+    return dataclasses.replace(cfg, client_id=client_id, runtime_id=runtime_id)
 
 
 def add_arguments(parser: Any) -> None:

@@ -23,8 +23,8 @@ from .errors import (
     MissingSeq,
     SampleError,
     SequenceGap,
-    SnapshotError,
     StaleSample,
+    StateMismatch,
 )
 from .kernels import enforce
 from .manifest import Manifest, read_bundle
@@ -352,7 +352,7 @@ class Engine:
             if fresh_on_mismatch:
                 self.store.load([], np.empty(0, np.int64), [a[:0] for a in self.store.arrays])
                 return {}
-            raise SnapshotError(f"{path}: cannot restore: {problem} (start fresh to ignore it)")
+            raise StateMismatch(f"{path}: cannot restore: {problem} (start fresh to ignore it)")
         self.store.load(snap.streams, snap.last_seq, snap.arrays, snap.boots, snap.gaps)
         return snap.extra
 

@@ -37,6 +37,10 @@ class SnapshotError(EdgeError):
     pass
 
 
+class StateMismatch(SnapshotError):
+    """A sound snapshot of another model or state layout: not damage, and not ours to drop."""
+
+
 class ConfigError(EdgeError):
     pass
 

@@ -20,6 +20,7 @@ full disk or a read-only directory is an ``OSError`` the caller can wait out and
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -58,6 +59,9 @@ class Journal:
         self.snapshots: list[int] = []  # generations with a good snapshot, oldest first
         self._fd: int | None = None
         self._size = 0
+        # Set when the segment was removed under us (the directory deleted, say): nothing more
+        # is appended until a checkpoint has written the state out again.
+        self.lost: str | None = None
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"state_dir {str(self.dir)!r} exists and is not a directory")
 
@@ -159,17 +163,24 @@ class Journal:
         ``fsync``, a power cut). On OSError nothing of them is left in the file."""
         if not entries:
             return
+        if self.lost:
+            raise OSError(errno.ENOENT, self.lost)
         self.open()
         assert self._fd is not None
         data = b"".join(encode(e) for e in entries)
         _write_all(self._fd, data, self._size, self.fsync)
         self._size += len(data)
+        if not os.fstat(self._fd).st_nlink:  # written to a file no longer in the directory
+            self.lost = f"log segment {self.path('wal', self.generation)} was removed"
+            self.close()
+            raise OSError(errno.ENOENT, self.lost)
 
     def checkpoint(self, snapshot: Any, carry: Sequence[Entry], extra: dict[str, Any]) -> None:
         """Start segment G+1 with ``carry``, write snapshot G+1 with ``snapshot(path, extra)``,
         then drop what only generations before the previous snapshot needed."""
         gen = self.generation + 1
         seg = self.path("wal", gen)
+        self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, b"".join(encode(e) for e in carry), 0, True)
@@ -181,6 +192,7 @@ class Journal:
             os.close(self._fd)
         self._fd, self._size, self.generation = fd, os.fstat(fd).st_size, gen
         snapshot(self.path("snap", gen), {**extra, "generation": gen})
+        self.lost = None
         self.snapshots.append(gen)
         keep_from = self.snapshots[-2] if len(self.snapshots) > 1 else 0
         self.snapshots = self.snapshots[-2:]

@@ -354,14 +354,20 @@ class MqttService:
             new = open_engine(self.cfg)
         except EdgeError as exc:
             log.error("reload failed, keeping the running model: %s", exc)
+            self._say("online", reload=f"failed, the running model kept: {exc}")
             return
         old = self.engine
         kept = new.manifest.state_layout() == old.manifest.state_layout()
         if kept:
             new.load_state_from(old)
+        else:  # their next answers say so
+            self.processor.restarted(old.store.streams)
         new.counters = old.counters
         self.processor.engine = new
         self.metrics.inc("reloads")
+        # A restart must not replay the old model's log into the new one: a new generation.
+        if not self.processor.checkpoint():
+            self.processor.requests.add("checkpoint")
         note = "state kept" if kept else "state layout changed: all streams reset"
         log.info("model reloaded (%s): %s", new.manifest.model_id, note)
         if self.ha is not None:
@@ -446,12 +452,16 @@ class MqttService:
         self.wake.set()
 
     def _retry_storage(self) -> None:
+        journal = self.processor.journal
         try:
-            self.processor.journal.open()
+            journal.open()
         except OSError as exc:
             self.processor.degraded = f"state_dir not writable: {exc.strerror or exc}"
             return
-        self.processor.resume()
+        if journal.lost:  # its files were removed: the state is written out anew first
+            self.processor.checkpoint()
+        else:
+            self.processor.resume()
 
     def _update_status(self) -> None:
         reason = self.processor.degraded

@@ -11,12 +11,14 @@ then comes in too), keeps the connection alive, and reconnects with backoff.
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import socket
 import threading
 from collections.abc import Callable
 from typing import Any
 
+log = logging.getLogger("edge.service")
 PAUSED_POLL = 0.02  # seconds between looks at the inbox while reading is paused
 MAX_READS_AHEAD = 1000  # packets taken from what is read ahead before writing again
 
@@ -87,6 +89,24 @@ class NetworkLoop:
         return int(getattr(sock, "pending", lambda: 0)())  # TLS decrypts ahead
 
     def _run(self) -> None:
+        """The loop, restarted after anything it did not expect: a network thread that died
+        would leave the service running, connected to nothing, with nobody told."""
+        import paho.mqtt.client as mqtt
+
+        delay = self.reconnect_min
+        while not self._stop.is_set():
+            try:
+                self._loop()
+                return
+            except Exception:
+                log.exception("the MQTT network loop failed; dropping the connection")
+                with contextlib.suppress(Exception):  # as paho drops a lost connection
+                    self.client._loop_rc_handle(mqtt.MQTT_ERR_CONN_LOST)
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, self.reconnect_max)
+
+    def _loop(self) -> None:
         wake_r = self._wake_r
         assert wake_r is not None
         import paho.mqtt.client as mqtt

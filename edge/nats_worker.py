@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import shutil
 import signal
 import time
@@ -102,10 +103,14 @@ class WorkerOptions:
             raise ConfigError(
                 f"worker_id {self.worker_id!r}: needs letters, digits, '-' or '_' only"
             )
-        if self.lease_seconds < 1:
-            raise ConfigError(f"lease_seconds = {self.lease_seconds!r} must be >= 1")
-        if self.snapshot_interval <= 0:
-            raise ConfigError(f"snapshot_interval = {self.snapshot_interval!r} must be > 0")
+        if not self.lease_seconds >= 1 or math.isinf(self.lease_seconds):  # NaN fails >= too
+            raise ConfigError(f"lease_seconds = {self.lease_seconds!r} must be finite and >= 1")
+        if not self.snapshot_interval > 0 or math.isinf(self.snapshot_interval):
+            raise ConfigError(
+                f"snapshot_interval = {self.snapshot_interval!r} must be finite and > 0"
+            )
+        if not self.stats_interval >= 0 or math.isinf(self.stats_interval):
+            raise ConfigError(f"stats_interval = {self.stats_interval!r} must be finite and >= 0")
         if self.replicas not in (1, 3, 5):
             raise ConfigError(f"replicas = {self.replicas!r} must be 1, 3 or 5")
 
@@ -301,7 +306,11 @@ class Worker:
         for snap in await self._snapshots(p):
             proc, directory = self._fresh_processor(p)
             snap.write_into(directory)
-            rec = proc.recover()
+            try:
+                rec = proc.recover()
+            except ConfigError as exc:  # another model's: the stream is replayed instead
+                log.error("partition %d: snapshot generation %d: %s", p, snap.generation, exc)
+                continue
             if rec.damaged_snapshots or rec.damage or not rec.generation:
                 log.error("partition %d: snapshot generation %d unusable", p, snap.generation)
                 self.metrics.inc("snapshots_damaged")

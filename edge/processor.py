@@ -18,7 +18,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 from . import payloads
 from .config import ServiceConfig
 from .engine import Chunk, Engine, Outcome
+from .errors import ConfigError, StateMismatch
 from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
@@ -136,6 +137,11 @@ class Processor:
         self._engine = engine
         engine.store.on_evict = self._forget
 
+    def restarted(self, streams: Iterable[str]) -> None:
+        """These streams lost their state (a reload to another state layout): their next
+        answers say ``restart``."""
+        self._restarted.update(streams)
+
     def _forget(self, streams: list[str]) -> None:
         self.reorder.forget(streams)
         self._restarted.difference_update(streams)
@@ -145,7 +151,17 @@ class Processor:
     def recover(self) -> Recovery:
         """Restore the newest intact snapshot and replay the log on top of it. Answers the
         broker had not acknowledged go to the outbox again; the rest are not repeated."""
-        rec = self.journal.recover(lambda path: self.engine.restore(path, other_model_ok=True))
+        try:
+            rec = self.journal.recover(lambda p: self.engine.restore(p, other_model_ok=True))
+        except StateMismatch as exc:
+            raise self._foreign(str(exc)) from None
+        features = self.engine.manifest.features
+        for entry in rec.entries:
+            if isinstance(entry, Record) and entry.values.shape[-1] != features:
+                raise self._foreign(
+                    f"its log holds samples of {entry.values.shape[-1]} features "
+                    f"(stream {entry.stream}), this model takes {features}"
+                )
         for problem in rec.damaged_snapshots:
             log.error("snapshot unusable, falling back to an older generation: %s", problem)
             self.metrics.inc("snapshots_damaged")
@@ -188,6 +204,14 @@ class Processor:
         if rec.damage or rec.damaged_snapshots:
             self.requests.add("checkpoint")  # retire the damaged files soon (not a command)
         return rec
+
+    def _foreign(self, problem: str) -> ConfigError:
+        """The state directory belongs to another model: replaying it into this one would
+        answer wrongly, and the next checkpoint would delete it. Nothing is touched."""
+        return ConfigError(
+            f"state_dir {self.cfg.state_dir} holds the state of another model ({problem}); "
+            "serve it with the bundle that wrote it, or give another (or an empty) state_dir"
+        )
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -275,8 +299,11 @@ class Processor:
         return True
 
     def checkpoint(self) -> bool:
-        """Snapshot the engine into a new generation; False (and degraded) when it cannot."""
-        if self._stalled is not None and not self.resume():
+        """Snapshot the engine into a new generation; False (and degraded) when it cannot.
+        When the log's files were removed, the snapshot comes first: only then can the round
+        left over be logged again."""
+        lost = self.journal.lost
+        if not lost and self._stalled is not None and not self.resume():
             return False  # a logged-but-unapplied round would fall between snapshot and log
         held = self.reorder.pending()
         carry: list[Entry] = [dataclasses.replace(rec, carried=True) for rec in held]
@@ -296,6 +323,9 @@ class Processor:
             self.degraded = f"snapshot failed: {exc.strerror or exc}"
             return False
         self.metrics.inc("snapshots")
+        if lost:
+            log.warning("the state directory's files were removed; written out again")
+            return self.resume()
         return True
 
     # -- decoding ---------------------------------------------------------------------------

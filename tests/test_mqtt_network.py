@@ -325,3 +325,46 @@ def test_a_length_of_five_bytes_is_refused_as_paho_refuses_it():
         a.close()
         b.close()
     assert outcomes == [mqtt.MQTT_ERR_PROTOCOL] * 2
+
+
+def test_the_network_loop_outlives_an_unexpected_error(broker):
+    """An exception in the network thread drops the connection and reconnects: a thread
+    that died would leave the service up, connected to nothing, with nobody told."""
+
+    class Fragile(Client):
+        failures = 1
+
+        def loop_read(self, *a, **kw):
+            if Fragile.failures and connects:  # once connected
+                Fragile.failures -= 1
+                raise RuntimeError("unexpected")
+            return super().loop_read(*a, **kw)
+
+    host, port = _hostport(broker.url)
+    connects: list[int] = []
+    inbox: list[bytes] = []
+    sub = Fragile(mqtt.CallbackAPIVersion.VERSION2, client_id="fragile", manual_ack=True)
+    sub.on_connect = lambda c, u, f, r, p: (connects.append(1), c.subscribe("f/#", 1))
+    sub.on_message = lambda c, u, m: (inbox.append(m.payload), c.ack(m.mid, 1))
+    sub.connect_async(host, port, 30)
+    failures: list[BaseException] = []
+    net = NetworkLoop(
+        sub, may_read=lambda: True, on_connect_fail=failures.append, reconnect_min=0.1
+    )
+    net.start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fragile-pub")
+    pub.connect(host, port, 30)
+    pub.loop_start()
+    try:
+        wait_until(lambda: len(connects) >= 2, 30, "a reconnect after the failure")
+        wait_until(lambda: sub.is_connected(), 20, "the connection")
+        time.sleep(0.3)  # the subscription is in place
+        pub.publish("f/1", b"after", qos=1).wait_for_publish(10)
+        wait_until(lambda: b"after" in inbox, 20, "a message after the failure")
+        assert Fragile.failures == 0
+    finally:
+        net.quiet()
+        sub.disconnect()
+        net.stop()
+        pub.loop_stop()
+        pub.disconnect()

@@ -8,6 +8,7 @@ import pytest
 
 import edge
 from edge import config
+from edge.errors import ConfigError
 from edge.journal import Journal
 from edge.metrics import Metrics
 from edge.mqtt_loop import open_engine
@@ -137,3 +138,48 @@ def test_a_dropped_redelivery_of_applied_samples_is_not_reported_dropped(bundles
     errors = [json.loads(o.payload) for o in answers(p) if o.topic == "errors/a"]
     assert [(e["error"], e["seq"]) for e in errors] == [("duplicate", 1), ("dropped", 3)]
     assert p.metrics.counters["dropped_overload"] == 1
+
+
+def test_a_removed_state_directory_is_noticed_and_written_out_again(bundles, tmp_path, xs):
+    """rm -rf of the state directory under a running service: the next batch is not taken
+    (nothing acknowledged into a file that is gone), and once the state is written out again
+    a crash loses nothing."""
+    import shutil
+
+    state = tmp_path / "state"
+    p = make(bundles, state)
+    p.journal.open()
+    assert p.handle([msg("s", 1, xs[0]), msg("s", 2, xs[1])])
+    shutil.rmtree(state)
+    assert not p.handle([msg("s", 3, xs[2])])  # the caller offers it again later
+    assert "was removed" in p.degraded and p.journal.lost
+    assert not p.handle([msg("s", 3, xs[2])])  # still refused: no silent new file
+    p.journal.open()  # what the service's storage retry does
+    assert p.checkpoint() and p.journal.lost is None
+    assert p.handle([msg("s", 3, xs[2])]) and p.degraded is None
+    got = {}
+    for proc in (p, again := make(bundles, state)):  # a crash after seq 3: all is back
+        if proc is again:
+            assert again.handle([msg("s", 4, xs[3])])
+        for o in answers(proc):
+            if o.topic == "predictions/s":
+                doc = json.loads(o.payload)
+                got.setdefault(doc["seq"], doc["y"])  # republished ones are the same
+    want = edge.load(bundles / "clf-int8").step("x", xs[:4])
+    np.testing.assert_array_equal(np.asarray([got[q] for q in (1, 2, 3, 4)], np.float32), want)
+
+
+def test_a_state_directory_of_another_model_is_refused_untouched(bundles, tmp_path, xs):
+    state = tmp_path / "state"
+    p = make(bundles, state)
+    p.journal.open()
+    assert p.handle([msg("s", 1, xs[0])])
+    assert p.checkpoint()
+    assert p.handle([msg("s", 2, xs[1])])
+    p.journal.close()
+    before = {f.name: f.read_bytes() for f in state.iterdir()}
+    for other in ("reg2-int8", "torch-gru-int8"):  # another state layout; other features
+        with pytest.raises(ConfigError, match="holds the state of another model"):
+            make(bundles, state, model=str(bundles / other))
+    assert {f.name: f.read_bytes() for f in state.iterdir()} == before
+    make(bundles, state)  # the right bundle still finds it all

@@ -64,6 +64,43 @@ def test_config_precedence_and_errors(tmp_path):
         config.load(f, env={})
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("reorder_ms", "nan", "reorder_ms = 'nan' is not a valid finite number"),
+        ("snapshot_interval", "inf", "snapshot_interval = 'inf' is not a valid finite number"),
+        ("max_wait_ms", float("nan"), "max_wait_ms = nan is not a valid finite number"),
+        ("queue_size", 1.7, "queue_size = 1.7 is not a valid int"),
+        ("keepalive", "100000", r"keepalive = 100000 must be in 0\.\.65535"),
+        ("session_expiry", "-1", r"session_expiry = -1 must be in 0\.\.4294967295"),
+        ("session_expiry", str(2**32), "session_expiry = 4294967296 must be in"),
+        ("metrics_port", "70000", r"metrics_port = 70000 must be in 0\.\.65535"),
+        ("broker", "mqtt://127.0.0.1:99999", "broker = 'mqtt://127.0.0.1:99999': Port out of"),
+        ("broker", "mqtt://127.0.0.1:abc", "broker = 'mqtt://127.0.0.1:abc'"),
+        ("broker", "mqtt://127.0.0.1:0", "port 0"),
+        ("state_dir", "", "state_dir is empty"),
+        ("status_topic", "edge/#/{runtime_id}", "status_topic = 'edge/#/{runtime_id}'"),
+        ("stats_topic", "edge/+/x", "stats_topic = 'edge/\\+/x'"),
+        ("runtime_control_topic", "a/{stream}", "runtime_control_topic = 'a/{stream}'"),
+        ("runtime_id", "a/+/b", "runtime_id = 'a/\\+/b'"),
+        ("client_id", "a/b", "runtime_id = 'a/b' \\(the client id unless set\\)"),
+        ("prediction_topic", "p/#/{stream}", "prediction_topic: topic template 'p/#/{stream}'"),
+        ("control_topic", "sensors/{stream}/data", "data_topic and control_topic are the same"),
+    ],
+)
+def test_config_refuses_values_that_would_fail_later(key, value, message):
+    """Each of these used to start and then hang, loop, crash a thread or never snapshot."""
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, env={}, overrides={"model": "m", key: value})
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    f = tmp_path / "edge.toml"
+    f.write_bytes(b'model = "x"\n\xff\xfe = 1\n')
+    with pytest.raises(ConfigError, match=f"{f}: not UTF-8 text"):
+        config.load(f, env={})
+
+
 def test_topic_templates():
     t = Template("site/{stream}/imu")
     assert t.filter == "site/+/imu" and t.stream("site/dev-1/imu") == "dev-1"

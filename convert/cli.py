@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 from edge.cli import quiet_tensorflow, run_command, version_text
 
@@ -30,7 +31,23 @@ def _csv(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",")]
     if not all(items):
         raise argparse.ArgumentTypeError(f"empty name in {text!r}")
+    twice = sorted({t for t in items if items.count(t) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{twice[0]!r} appears twice in {text!r}")
     return items
+
+
+def _out_dir(text: str) -> str:
+    """A bundle directory to (re)place: never empty, never the directory we run in (or one
+    holding it), which replacing would pull from under the shell."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name the bundle directory to write")
+    path, here = Path(text).resolve(), Path.cwd().resolve()
+    if path == here or path in here.parents:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is the current directory or holds it; name a directory of its own"
+        )
+    return text
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
         help="calibration sequences: float32 [N, T, F] .npy, or .npz with key 'x', in "
         "the model's input units (also for an ONNX model whose input is [time, batch, features])",
     )
-    c.add_argument("--out", required=True, help="bundle directory to write")
+    c.add_argument("--out", required=True, type=_out_dir, help="bundle directory to write")
     c.add_argument(
         "--quant",
         default="int8",

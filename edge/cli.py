@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from ._version import __version__
-from .errors import EdgeError
+from .errors import ConfigError, EdgeError
 
 # Optional dependencies by top-level module, with the extra that installs them: a command that
 # needs one of these on a machine without it says so in one line instead of a traceback.
@@ -218,6 +218,8 @@ def replay(args: argparse.Namespace) -> int:
 def deploy_kit(args: argparse.Namespace) -> int:
     from .deploy_kit import NEXT_STEPS, write_kit
 
+    if not args.directory.strip():
+        raise ConfigError("DIR is empty: name the directory to write the kit into")
     for path in write_kit(args.directory, force=args.force):
         print(f"wrote {path}")
     print(NEXT_STEPS.format(d=args.directory))

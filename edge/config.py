@@ -196,6 +196,30 @@ def load(
     return validate(cfg)
 
 
+def _check_tls(cfg: ServiceConfig) -> None:
+    """Certificate files that load: found wrong at connect time, they stopped the service
+    with a traceback after its state was opened."""
+    import ssl
+
+    if cfg.tls_ca:
+        try:
+            ssl.create_default_context(cafile=cfg.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"tls_ca = {cfg.tls_ca!r}: not a usable CA certificate: {exc}"
+            ) from None
+    if cfg.tls_cert or cfg.tls_key:
+        if not cfg.tls_cert:
+            raise ConfigError("tls_key needs tls_cert")
+        try:
+            ssl.create_default_context().load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"tls_cert = {cfg.tls_cert!r} / tls_key = {cfg.tls_key!r}: not a usable "
+                f"certificate and key: {exc}"
+            ) from None
+
+
 def _check_topics(cfg: ServiceConfig) -> None:
     """Topics the service publishes to or subscribes with: no wildcards where MQTT forbids
     them (a will topic with one makes the broker refuse every connection), no two alike."""
@@ -330,6 +354,7 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         path = getattr(cfg, name)
         if path and not Path(path).is_file():
             raise ConfigError(f"{name} = {path!r}: file not found")
+    _check_tls(cfg)
     client_id = cfg.client_id or f"edge-lstm-{socket.gethostname()}"
     runtime_id = cfg.runtime_id or client_id
     if any(c in runtime_id for c in "/+#\0") or not runtime_id.strip():

@@ -177,11 +177,19 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         raise BundleError(f"{where}: quantization {quant!r} is not one of {QUANT_MODES}")
     sig = _get(data, "signature", dict, where)
     feats = _get(data, "features", dict, where)
-    names = tuple(str(n) for n in _get(feats, "names", list, f"{where}: features"))
+    raw_names = _get(feats, "names", list, f"{where}: features")
+    if not all(isinstance(n, str) and n for n in raw_names) or len(set(raw_names)) != len(
+        raw_names
+    ):
+        raise BundleError(f"{where}: features.names must be distinct names, got {raw_names!r}")
+    names = tuple(raw_names)
     count = _get(feats, "count", int, f"{where}: features")
     if count != len(names) or count < 1:
         raise BundleError(f"{where}: features.count {count} does not match {len(names)} names")
-    units = tuple(str(u) for u in feats.get("units") or [""] * count)
+    raw_units = feats.get("units") or [""] * count
+    if not isinstance(raw_units, list) or len(raw_units) != count:
+        raise BundleError(f"{where}: features.units must list {count} units, got {raw_units!r}")
+    units = tuple(str(u) for u in raw_units)
     out = _get(data, "output", dict, where)
     kind = _get(out, "kind", str, f"{where}: output")
     if kind not in OUTPUT_KINDS:
@@ -209,7 +217,10 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
             raise BundleError(f"{where}: signature tensor {name!r} is not described in 'tensors'")
     if tensors[m_in].width != count:
         raise BundleError(f"{where}: input width {tensors[m_in].width} != features.count {count}")
-    labels = tuple(str(x) for x in out.get("labels") or [])
+    raw_labels = out.get("labels") or []
+    if not isinstance(raw_labels, list) or not all(isinstance(x, str) for x in raw_labels):
+        raise BundleError(f"{where}: output.labels must be a list of names, got {raw_labels!r}")
+    labels = tuple(raw_labels)
     activation = out.get("activation", "linear")
     if activation not in OUTPUT_ACTIVATIONS:
         raise BundleError(
@@ -241,6 +252,15 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         "kernels",
     }
     rate = data.get("sample_rate_hz")
+    if rate is not None and (
+        isinstance(rate, bool)
+        or not isinstance(rate, (int, float))
+        or not (math.isfinite(rate) and rate > 0)
+    ):
+        raise BundleError(f"{where}: sample_rate_hz {rate!r} is not a positive number")
+    for s in states:
+        if {s.input, s.output} & {m_in, m_out}:
+            raise BundleError(f"{where}: state tensor {s.input!r} is the model's input or output")
     return Manifest(
         model_file=_get(data, "model_file", str, where),
         tflite_sha256=_get(data, "tflite_sha256", str, where),
@@ -298,8 +318,13 @@ def _parse_states(
         for name in (s.input, s.output):
             if name not in tensors or tensors[name].width != s.width:
                 raise BundleError(f"{w}: tensor {name!r} missing or not {s.width} wide")
-    if len({s.input for s in states}) != len(states):
-        raise BundleError(f"{where}: a state tensor is listed twice")
+    for side in ("input", "output"):
+        seen = [getattr(s, side) for s in states]
+        twice = sorted({n for n in seen if seen.count(n) > 1})
+        if twice:
+            raise BundleError(f"{where}: state {side} {twice[0]!r} is listed twice")
+    if {s.input for s in states} & {s.output for s in states}:
+        raise BundleError(f"{where}: a state tensor is both an input and an output")
     if not states:
         raise BundleError(f"{where}: field 'state' lists no state tensor")
     return tuple(states)

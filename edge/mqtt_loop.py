@@ -377,7 +377,11 @@ class MqttService:
     def run(self) -> int:
         cfg = self.cfg
         if cfg.metrics_port:
-            self.metrics.serve_prometheus(cfg.metrics_host, cfg.metrics_port)
+            try:
+                self.metrics.serve_prometheus(cfg.metrics_host, cfg.metrics_port)
+            except OSError as exc:  # in use, or an address not of this machine
+                where = f"{cfg.metrics_host}:{cfg.metrics_port}"
+                raise ConfigError(f"metrics_host/metrics_port {where}: {exc}") from None
         if cfg.protocol == "5":
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties

@@ -35,7 +35,11 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
         raise ConfigError(
             f"--broker {args.broker!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"
         )
-    if args.count < 0 or args.timeout < 0:
+    try:
+        port = u.port or (8883 if u.scheme == "mqtts" else 1883)
+    except ValueError as exc:
+        raise ConfigError(f"--broker {args.broker!r}: {exc}") from None
+    if args.count < 0 or not args.timeout >= 0:
         raise ConfigError("--count and --timeout must be >= 0")
     stats_prefix = _prefix(args.stats_topic, "stats-topic")
     status_prefix = _prefix(args.status_topic, "status-topic")
@@ -44,11 +48,21 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-lstm-top-{uuid.uuid4().hex[:8]}"
     )
+    if args.password_file and not args.username:
+        raise ConfigError("--password-file needs --username")
     if args.username:
-        password = Path(args.password_file).read_text().strip() if args.password_file else None
+        try:
+            password = Path(args.password_file).read_text().strip() if args.password_file else None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--password-file {args.password_file!r}: {exc}") from None
         client.username_pw_set(args.username, password)
     if args.tls_ca or u.scheme == "mqtts":
-        client.tls_set(ca_certs=args.tls_ca or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            client.tls_set(ca_certs=args.tls_ca or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"--tls-ca {args.tls_ca!r}: not a usable CA certificate: {exc}"
+            ) from None
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if not reason.is_failure:
@@ -56,7 +70,6 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
 
     client.on_connect = on_connect
     client.on_message = lambda c, userdata, msg: inbox.put((msg.topic, bytes(msg.payload)))
-    port = u.port or (8883 if u.scheme == "mqtts" else 1883)
     try:
         client.connect(str(u.hostname), port, keepalive=30)
     except OSError as exc:

@@ -209,3 +209,11 @@ def test_reorderer_starts_over_past_the_restart_gap():
     assert [x.seq for x in push(r, rec("s", 1), 50)] == [1]  # 49 behind: a restarted device
     assert push(r, rec("s", 3), 50) == []  # and its numbering is the one now waited on
     assert [x.seq for x in push(r, rec("s", 2), 50)] == [2, 3]
+
+
+def test_certificate_files_that_do_not_load_are_named(tmp_path):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for key in ("tls_ca", "tls_cert"):
+        with pytest.raises(ConfigError, match=f"{key} = '{junk}'"):
+            config.load(None, env={}, overrides={"model": "m", key: str(junk)})

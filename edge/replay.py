@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import Engine
+from .engine import FLOAT32_MAX, Engine
 from .errors import BundleError
 
 
@@ -24,11 +24,15 @@ def run(engine: Engine, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x: [N, T, F] raw sensor units -> (y [N, T, O], state [N, T, S]) as the model's raw
     tensors (int8 codes for an int8 bundle), state being every state tensor side by side."""
     model = engine.model
+    f = engine.manifest.features
+    shape = list(np.shape(x))
+    if np.asarray(x).dtype.kind not in "biuf":
+        raise BundleError(f"replay input of dtype {np.asarray(x).dtype} is not real numbers")
     x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 3 or x.shape[-1] != engine.manifest.features:
-        raise BundleError(
-            f"replay input has shape {list(x.shape)}, expected [N, T, {engine.manifest.features}]"
-        )
+    if x.ndim != 3 or x.shape[-1] != f or not x.shape[0] or not x.shape[1]:
+        raise BundleError(f"replay input has shape {shape}, expected [N, T, {f}], N, T >= 1")
+    if not np.abs(x).max() <= FLOAT32_MAX:  # NaN fails this too: as the engine refuses it
+        raise BundleError("replay input holds NaN, Inf or values beyond the float32 range")
     n, t, _ = x.shape
     states = [np.repeat(z, n, axis=0) for z in model.zero_state()]
     ys, ss = [], []
@@ -55,12 +59,20 @@ def replay_command(
     from .engine import load
 
     engine = load(bundle, backend=backend, builtin_kernels=builtin_kernels, kernel_mismatch="allow")
+    if out.is_dir() or not out.parent.is_dir():
+        raise BundleError(f"--out {out}: expected a file in an existing directory")
     try:
-        with np.load(inputs, allow_pickle=False) as z:
+        z = np.load(inputs, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("one array (.npy), not an .npz archive of named arrays")
+        with z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise BundleError(f"{inputs}: not a readable .npz of [N, T, F] arrays: {exc}") from exc
-    result = run_file(engine, arrays)
+    try:
+        result = run_file(engine, arrays)
+    except BundleError as exc:
+        raise BundleError(f"{inputs}: {exc}") from None
     info = {
         "kernels": engine.model.kernels,
         "backend": engine.model.backend.name,
@@ -69,6 +81,10 @@ def replay_command(
     }
     tmp = out.with_name(out.name + ".tmp.npz")
     arrays_out: dict[str, Any] = {**result, "info": np.asarray(json.dumps(info))}
-    np.savez(tmp, **arrays_out)
-    tmp.replace(out)
+    try:
+        np.savez(tmp, **arrays_out)
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise BundleError(f"--out {out}: cannot write: {exc}") from exc
     return info

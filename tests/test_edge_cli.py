@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edge.cli import main
@@ -49,3 +50,24 @@ def test_help_explains_every_command():
     )
     for key in ("--reorder-ms", "--durability", "--tls-ca", "EDGE_LSTM_MAX_BATCH", "--overload"):
         assert key in out.stdout
+
+
+@pytest.mark.parametrize(
+    "name, make, out, needle",
+    [
+        ("t0.npz", lambda p: np.savez(p, a=np.zeros((2, 0, 6))), "o.npz", "N, T >= 1"),
+        ("str.npz", lambda p: np.savez(p, a=np.full((2, 5, 6), "x")), "o.npz", "dtype <U1"),
+        ("cx.npz", lambda p: np.savez(p, a=np.zeros((2, 5, 6), complex)), "o.npz", "complex"),
+        ("nan.npz", lambda p: np.savez(p, a=np.full((2, 5, 6), np.nan)), "o.npz", "NaN"),
+        ("one.npy", lambda p: np.save(p, np.zeros((2, 5, 6))), "o.npz", "one array (.npy)"),
+        ("ok.npz", lambda p: np.savez(p, a=np.zeros((2, 5, 6))), "missing/o.npz", "--out"),
+        ("ok.npz", lambda p: np.savez(p, a=np.zeros((2, 5, 6))), ".", "--out"),
+    ],
+)
+def test_replay_refuses_bad_inputs_in_one_line(bundles, tmp_path, capsys, name, make, out, needle):
+    make(tmp_path / name)
+    args = ["replay", str(bundles / "clf-int8"), "--input", str(tmp_path / name)]
+    assert main([*args, "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not list(tmp_path.glob("*.tmp.npz"))  # nothing half written

@@ -133,12 +133,14 @@ def _u32(value: Any) -> bool:
     )
 
 
-def _int64(value: Any) -> bool:
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, (int, np.integer))
-        and -(2**63) <= int(value) < 2**63
-    )
+def _int_array(name: str, value: Any) -> np.ndarray:
+    """int64 from integers only: floats would be truncated without a word."""
+    arr = np.asarray(value)
+    if arr.size and (
+        arr.dtype.kind not in "iu" or (arr.dtype.kind == "u" and int(arr.max()) >= 2**63)
+    ):
+        raise InvalidSample(f"{name} must be integers, got {arr.dtype} values")
+    return arr.astype(np.int64)
 
 
 def _valid_id(stream: Any) -> bool:
@@ -370,6 +372,12 @@ class Engine:
         if isinstance(items, Mapping):
             items = [Chunk(s, v) for s, v in items.items()]
         chunks = list(items)
+        for c in chunks:
+            if not isinstance(c, Chunk):
+                raise InvalidSample(
+                    f"step_many takes Chunk objects or a mapping of stream -> values, "
+                    f"got {type(c).__name__} {c!r:.60}"
+                )
         n = len(chunks)
         f = self._features
         streams: list[Any] = [c.stream for c in chunks]
@@ -433,12 +441,15 @@ class Engine:
             x = x.reshape(1, -1)
         if x.ndim != 2 or x.shape[1] != f:
             raise InvalidSample(f"values have shape {x.shape}, expected [total, {f}]")
-        cnt = np.ones(n, np.int64) if counts is None else np.asarray(counts, np.int64)
-        sq = np.full(n, NO_SEQ, np.int64) if seqs is None else np.asarray(seqs, np.int64)
-        bt = np.full(n, NO_BOOT, np.int64) if boots is None else np.asarray(boots, np.int64)
+        cnt = np.ones(n, np.int64) if counts is None else _int_array("counts", counts)
+        sq = np.full(n, NO_SEQ, np.int64) if seqs is None else _int_array("seqs", seqs)
+        bt = np.full(n, NO_BOOT, np.int64) if boots is None else _int_array("boots", boots)
         for name, arr in (("counts", cnt), ("seqs", sq), ("boots", bt)):
             if arr.shape != (n,):
                 raise InvalidSample(f"{name} has shape {arr.shape}, expected ({n},)")
+        if n and (bt.min() < NO_BOOT or bt.max() >= U32):
+            bad = int(bt[(bt < NO_BOOT) | (bt >= U32)][0])
+            raise InvalidSample(f"boot {bad} is not an unsigned 32-bit integer (or NO_BOOT)")
         if int(cnt.sum()) != len(x) or (n and cnt.min() < 0):
             raise InvalidSample(f"counts add up to {int(cnt.sum())}, values have {len(x)} rows")
         errors: dict[int, SampleError] = {}
@@ -461,8 +472,10 @@ class Engine:
             return None
         try:
             x = np.asarray(values, dtype=np.float64)
-            sq = np.asarray(seqs, dtype=np.int64)
         except (TypeError, ValueError, OverflowError):
+            return None
+        sq = np.asarray(seqs)
+        if sq.dtype != np.int64:  # the general path converts, or refuses, anything else
             return None
         if x.shape != (n, f) or sq.shape != (n,):
             return None
@@ -478,8 +491,8 @@ class Engine:
         elif sq.min() < 1 or not (sq - 1 == store.last_seq[rows]).all():
             return None
         if boots is not None:
-            bt = np.asarray(boots, dtype=np.int64)
-            if bt.shape != (n,):
+            bt = np.asarray(boots)
+            if bt.shape != (n,) or bt.dtype != np.int64:
                 return None
             if bt.max() != NO_BOOT:  # each the stream's current boot, or none
                 same = bt == store.boots[rows, 0]
@@ -531,8 +544,10 @@ class Engine:
             )
         if seq is not None and not _u32(seq):
             raise InvalidSample(f"seq {seq!r} is not an unsigned 32-bit integer", stream_id=stream)
-        if chunk.boot is not None and not _int64(chunk.boot):
-            raise InvalidSample(f"boot {chunk.boot!r} is not an integer", stream_id=stream, seq=seq)
+        if chunk.boot is not None and not _u32(chunk.boot):
+            raise InvalidSample(
+                f"boot {chunk.boot!r} is not an unsigned 32-bit integer", stream_id=stream, seq=seq
+            )
         try:
             arr = np.asarray(chunk.values, dtype=np.float64)
         except (TypeError, ValueError) as exc:

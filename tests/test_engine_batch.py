@@ -221,6 +221,11 @@ def test_unsequenced_and_sequenced_arrays(load):
     [
         ({"counts": [1, 2, 1]}, r"counts add up to 4, values have 3 rows"),
         ({"seqs": [1, 2]}, r"seqs has shape \(2,\), expected \(3,\)"),
+        ({"seqs": [1.9, 2, 3]}, r"seqs must be integers, got float64"),
+        ({"seqs": [1, 2, 3], "boots": ["x", 1, 2]}, r"boots must be integers"),
+        ({"seqs": [1, 2, 3], "boots": [2**40, 1, 2]}, r"boot 1099511627776 is not an unsigned"),
+        ({"seqs": [1, 2, 3], "boots": [-5, 1, 2]}, r"boot -5 is not an unsigned"),
+        ({"counts": [1.0, 1, 1]}, r"counts must be integers"),
     ],
 )
 def test_malformed_batches_are_refused_whole(load, kwargs, message):
@@ -310,3 +315,13 @@ def test_a_stream_with_nothing_to_step_does_not_shift_the_others(load):
         assert out.duplicates == want.duplicates
     for s in ("old", "a", "b"):
         assert same_state(e, ref, s)
+
+
+def test_a_boot_is_an_unsigned_32_bit_integer_as_in_payloads(load):
+    e = load()
+    for boot in (-1, -5, 2**32, 1.5, True):
+        (oc,) = e.step_many([Chunk("s", samples(1, 0)[0], 1, boot)])
+        assert oc.error is not None and "boot" in str(oc.error)
+    assert e.state_of("s") is None
+    with pytest.raises(edge.InvalidSample, match="takes Chunk objects"):
+        e.step_many([("s", samples(1, 0)[0])])

@@ -44,7 +44,7 @@ def test_a_boot_heard_only_after_the_next_one_is_stale_not_a_restart(bundles, xs
     (more,) = e.step_many([edge.Chunk("d", xs[8:10], 3, boot=9)])
     assert len(more.y) == 2 and not more.restart and e.boots("d")[0] == 9
     # An id far from the current one (a random nonce) is a new boot, as before.
-    (nonce,) = e.step_many([edge.Chunk("d", xs[10:11], 1, boot=9 - 1000)])
+    (nonce,) = e.step_many([edge.Chunk("d", xs[10:11], 1, boot=(9 - 1000) % 2**32)])
     assert nonce.restart
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +125,9 @@ class Processor:
         self.mark = 0  # the last ack mark logged
         self.degraded: str | None = None  # why the journal cannot be written, while it cannot
         self._stalled: _Round | None = None
-        self._restarted: set[str] = set()  # streams whose next answer says "restart"
+        # Streams whose next answer says "restart" (in the order they lost their state; at
+        # most ``capacity``: streams evicted for good must not pile up).
+        self._restarted: OrderedDict[str, None] = OrderedDict()
         self._log_error = RateLimitedLog(clock=clock)
         self.engine = engine
 
@@ -138,13 +141,16 @@ class Processor:
         engine.store.on_evict = self._forget
 
     def restarted(self, streams: Iterable[str]) -> None:
-        """These streams lost their state (a reload to another state layout): their next
-        answers say ``restart``."""
-        self._restarted.update(streams)
+        """These streams lost their state: their next answers say ``restart``."""
+        self._restarted.update(dict.fromkeys(streams))
+        while len(self._restarted) > self.cfg.capacity:
+            self._restarted.popitem(last=False)
 
     def _forget(self, streams: list[str]) -> None:
+        """Streams evicted (least recently used beyond ``capacity``, or idle): they start
+        again from the zero state, and their next answers say so."""
         self.reorder.forget(streams)
-        self._restarted.difference_update(streams)
+        self.restarted(streams)
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -187,7 +193,7 @@ class Processor:
         self.outbox.put(again)
         self.mark = rec.acked
         if not rec.exact:
-            self._restarted.update(self.engine.store.streams)
+            self.restarted(self.engine.store.streams)
             log.error(
                 "no usable snapshot and the log does not reach back to the start: every stream "
                 "continues from where the log begins; their next predictions say restart"
@@ -534,7 +540,7 @@ class Processor:
         if not len(oc.y):
             return out
         restart = oc.restart or rec.stream in self._restarted
-        self._restarted.discard(rec.stream)
+        self._restarted.pop(rec.stream, None)
         m = self.engine.manifest
         body = payloads.prediction(
             oc.seq,

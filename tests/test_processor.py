@@ -183,3 +183,22 @@ def test_a_state_directory_of_another_model_is_refused_untouched(bundles, tmp_pa
             make(bundles, state, model=str(bundles / other))
     assert {f.name: f.read_bytes() for f in state.iterdir()} == before
     make(bundles, state)  # the right bundle still finds it all
+
+
+def test_a_stream_evicted_for_capacity_says_restart_on_its_next_answer(bundles, tmp_path, xs):
+    p = make(bundles, tmp_path, capacity=2, max_batch=1)
+    flags = {}
+    for stream, seq in (("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("b", 3)):
+        assert p.handle([msg(stream, seq, xs[seq])])
+        for o in answers(p):
+            doc = json.loads(o.payload)
+            flags[(stream, seq)] = doc.get("restart", False)
+    # c pushed a out, a pushed b out: both start again from zero, and say so once
+    assert flags == {
+        ("a", 1): False,
+        ("b", 1): False,
+        ("c", 1): False,
+        ("a", 2): True,
+        ("b", 2): True,
+        ("b", 3): False,
+    }

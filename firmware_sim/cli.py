@@ -4,22 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from edge.cli import quiet_tensorflow, run_command, version_text
 
 from .errors import SimError
 
+MAX_BATCH = 1024  # the service's max_samples_per_message default
+
 
 def _device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", type=int, default=20, help="simulated devices (default 20)")
+    p.add_argument("--devices", type=_count(1), default=20, help="simulated devices (default 20)")
     p.add_argument(
-        "--rate", type=float, default=10.0, help="samples per second per device (default 10)"
+        "--rate", type=_positive, default=10.0, help="samples per second per device (default 10)"
     )
-    p.add_argument("--duration", type=float, default=30.0, help="seconds to stream (default 30)")
+    p.add_argument(
+        "--duration", type=_positive, default=30.0, help="seconds to stream (default 30)"
+    )
     p.add_argument(
         "--faults",
         help="fault rates, e.g. drop=0.01,duplicate=0.02,reorder=0.01 or all=0.01; "
@@ -41,12 +50,51 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="sim-results", help="directory for score.json and score.png")
 
 
+def _broker(text: str) -> str:
+    u = urlparse(text)
+    try:
+        port = u.port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname or port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected mqtt://HOST:PORT")
+    return text
+
+
+def _positive(text: str) -> float:
+    """A finite number > 0 (NaN passed every '<= 0' check and hung a run)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+    return value
+
+
+def _count(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {low}")
+        return value
+
+    return parse
+
+
 def _batch(text: str) -> int | tuple[int, int]:
     lo, sep, hi = text.partition("-")
     try:
-        return (int(lo), int(hi)) if sep else int(lo)
+        batch = (int(lo), int(hi)) if sep else int(lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected N or LO-HI") from None
+    low, high = batch if isinstance(batch, tuple) else (batch, batch)
+    if not 1 <= low <= high <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"{text!r}: samples per message must be 1..{MAX_BATCH}")
+    return batch
 
 
 def check_reboots(plan: Any, boot_ids: bool, restart_gap: int | None) -> None:
@@ -70,7 +118,10 @@ def parser() -> argparse.ArgumentParser:
         "runs, then score every prediction and error by (stream, seq).",
     )
     r.add_argument(
-        "--broker", required=True, help="mqtt://HOST:PORT (loopback or your own test hosts)"
+        "--broker",
+        required=True,
+        type=_broker,
+        help="mqtt://HOST:PORT (loopback or your own test hosts)",
     )
     r.add_argument(
         "--source",
@@ -91,13 +142,13 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--restart-gap",
-        type=int,
+        type=_count(0),
         help="the runtime's --restart-gap: how it notices reboots of devices without boot ids "
         "(needed with --no-boot-ids and reboot faults)",
     )
     r.add_argument(
         "--connections",
-        type=int,
+        type=_count(0),
         default=0,
         help="0: one MQTT connection (client id) per device; N: devices share N connections",
     )
@@ -130,8 +181,8 @@ def parser() -> argparse.ArgumentParser:
         "optional CPU slow-down), and find the largest device count that keeps real time.",
     )
     h.add_argument("--bundle", required=True, help="bundle directory")
-    h.add_argument("--rate", type=float, default=10.0, help="samples per second per device")
-    h.add_argument("--devices", type=int, help="one trial at this count instead of a search")
+    h.add_argument("--rate", type=_positive, default=10.0, help="samples per second per device")
+    h.add_argument("--devices", type=_count(1), help="one trial at this count instead of a search")
     h.add_argument(
         "--cores", default="0", help="CPU cores for the runtime, e.g. 0 or 0,1 (default 0)"
     )
@@ -141,14 +192,23 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument(
         "--slowdown", type=float, help="CPU slow-down factor, e.g. 3 (needs a writable cgroup)"
     )
-    h.add_argument("--seconds", type=float, default=6.0, help="length of each trial (default 6)")
+    h.add_argument(
+        "--seconds", type=_positive, default=6.0, help="length of each trial (default 6)"
+    )
     h.add_argument("--out", default="sim-results", help="directory for host.json")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_tensorflow()
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C: the broker, runtime and devices started are stopped.
+        signal.signal(signal.SIGTERM, _interrupt)
     return run_command(parser(), {"demo": demo, "run": run, "host": host}, argv)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -188,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
             Path(args.bundle),
             manifest.labels,
         )
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SimError(f"--out {args.out!r} is a file: name a directory for the score")
     plan = FaultPlan.parse(args.faults)
     check_reboots(plan, args.boot_ids, args.restart_gap)
     fleet = Fleet(
@@ -239,6 +301,14 @@ def host(args: argparse.Namespace) -> int:
         cores = {int(c) for c in args.cores.split(",")}
     except ValueError:
         raise SimError(f"--cores {args.cores!r}: expected numbers like 0 or 0,1") from None
+    usable = os.sched_getaffinity(0)
+    if not cores <= usable:
+        have = ",".join(map(str, sorted(usable)))
+        raise SimError(f"--cores {args.cores!r}: this machine lets us use CPUs {have}")
+    if args.slowdown is not None and not (math.isfinite(args.slowdown) and args.slowdown >= 1):
+        raise SimError(f"--slowdown {args.slowdown}: expected a factor >= 1")
+    if args.memory_mb < 0:
+        raise SimError(f"--memory-mb {args.memory_mb}: expected >= 0 (0: no cap)")
     common = dict(
         seconds=args.seconds, cores=cores, memory_mb=args.memory_mb, slowdown=args.slowdown
     )

@@ -42,6 +42,8 @@ def make(spec: str, device: int, seed: int, features: int = 6) -> Source:
     rng = np.random.default_rng([seed, device])
     name, _, arg = spec.partition(":")
     if name == "basicmotions":
+        if arg not in ("", "test", "train"):
+            raise SimError(f"--source {spec!r}: the split is 'test' or 'train', not {arg!r}")
         rec = basicmotions(arg or "test")
         order = rng.permutation(len(rec.x))  # each device plays the recordings in its own order
         data = rec.x[order].reshape(-1, rec.x.shape[-1]).astype(np.float64)

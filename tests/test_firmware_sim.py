@@ -1,6 +1,7 @@
 """firmware_sim: sources and faults (pure), the fault-storm end-to-end run through a real
 Mosquitto, the demo itself, and its refusals of bad input."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -503,3 +504,25 @@ def test_demo_cluster_refuses_the_embedded_broker():
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not go with --embedded-broker" in lines[0], out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--broker", "mqtt://127.0.0.1:99999"], "Port out of range"),
+        (["run", "--broker", "mqtt://127.0.0.1:1", "--duration", "nan"], "--duration: 'nan'"),
+        (["run", "--broker", "mqtt://127.0.0.1:1", "--rate", "inf"], "--rate: 'inf'"),
+        (["run", "--broker", "mqtt://127.0.0.1:1", "--batch", "5000"], "must be 1..1024"),
+        (["run", "--broker", "mqtt://127.0.0.1:1", "--connections", "-1"], "--connections"),
+        (["run", "--broker", "mqtt://127.0.0.1:1", "--devices", "0"], "--devices: '0'"),
+        (["host", "--bundle", "b", "--cores", "4096"], "--cores '4096'"),
+        (["host", "--bundle", "b", "--slowdown", "0.5"], "--slowdown 0.5"),
+        (["host", "--bundle", "b", "--seconds", "-1"], "--seconds: '-1'"),
+    ],
+)
+def test_simulator_options_are_checked_before_anything_starts(args, needle, capsys):
+    from firmware_sim.cli import main
+
+    with contextlib.suppress(SystemExit):  # argparse's own refusals exit 2 as well
+        assert main(args) == 2
+    assert needle in capsys.readouterr().err

@@ -60,6 +60,11 @@ def label_alignment(
     shape = tuple(labels.shape)
     if not shape or shape[0] != n:
         raise ConvertError(f"--data: labels 'y' have shape {list(shape)}, expected {n} rows")
+    if labels.dtype.kind not in "biuf" or not np.isfinite(labels).all():
+        raise ConvertError(
+            f"--data: labels 'y' ({labels.dtype}) must be finite numbers: class indices, "
+            "one-hot rows or targets"
+        )
     if kind == "classifier":
         per_step = {(n, t), (n, t, outputs)}
         per_seq = {(n,), (n, 1), (n, outputs)}
@@ -86,7 +91,13 @@ def class_index(labels: np.ndarray, where: str, outputs: int) -> np.ndarray:
     if labels.ndim == one_hot_ndim and labels.shape[-1] == outputs:
         return np.asarray(labels.argmax(-1))
     n = labels.shape[0]
-    return labels.reshape((n,) if where == "last" else (n, -1)).astype(np.int64)
+    if (labels != np.round(labels)).any():
+        raise ConvertError("--data: labels 'y' must be whole class indices (or one-hot rows)")
+    index = labels.reshape((n,) if where == "last" else (n, -1)).astype(np.int64)
+    if index.size and (index.min() < 0 or index.max() >= outputs):
+        bad = int(index[(index < 0) | (index >= outputs)][0])
+        raise ConvertError(f"--data: label {bad} is not a class of this model (0..{outputs - 1})")
+    return index
 
 
 def task_metrics(

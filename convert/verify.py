@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from edge.backend import available
 from edge.cli import probe_inputs
 
 from . import kernels, quantize, reference, verdict
-from .errors import VerificationFailed
+from .errors import ConvertError, VerificationFailed
 from .spec import ModelSpec
 
 FORBIDDEN_OPS = {
@@ -229,6 +230,8 @@ def device_python() -> str | None:
     """A Python with tflite-runtime 2.14 (the device-like environment), if one is configured."""
     env = os.environ.get("EDGE_LSTM_DEVICE_PYTHON")
     if env:
+        if shutil.which(env) is None:
+            raise ConvertError(f"EDGE_LSTM_DEVICE_PYTHON={env!r}: no such executable")
         return env
     guess = Path(__file__).resolve().parent.parent / ".venv-device" / "bin" / "python"
     return str(guess) if guess.exists() else None
@@ -307,9 +310,9 @@ def verify(
     of ``spec``, which also gives the states and normalised inputs either way)."""
     targets = targets or verdict.Targets()
     t0 = time.perf_counter()
+    engine = edge.load(bundle, kernel_mismatch="allow")  # refuses a model it cannot open
     content = (bundle / "model.tflite").read_bytes()
     audit = op_audit(content)
-    engine = edge.load(bundle, kernel_mismatch="allow")
     progress(f"  parity on {len(data)} sequences x {data.shape[1]} steps")
     # A bundle that ends at the logits (the runtime applies the softmax): the reference stops
     # there too, once, for the output tensor's range; the float outputs are their softmax.

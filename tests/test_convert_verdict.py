@@ -167,3 +167,22 @@ def test_gates_stand_beside_the_figures_and_limits_the_verdict_applies():
     assert strict["long_stream_top1_agreement"]["gated"]
     r["drift"]["last_10pct_mean_error"] = 0.2  # beyond 1.2 x 0.1 + floor
     assert not verdict.gates(r, verdict.Targets())["no_drift"]["passed"]
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (np.array(["a", "b", "c", "d"]), "must be finite numbers"),
+        (np.array([0.0, 1.0, np.nan, 2.0]), "must be finite numbers"),
+        (np.array([0, 1, 2, 9]), "label 9 is not a class of this model"),
+        (np.array([0, 1, -1, 2]), "label -1 is not a class"),
+        (np.array([0.0, 1.5, 2.0, 1.0]), "whole class indices"),
+    ],
+)
+def test_class_labels_that_are_not_classes_are_named(labels, message):
+    from convert.errors import ConvertError
+    from convert.verdict import class_index, label_alignment
+
+    with pytest.raises(ConvertError, match=message):
+        where = label_alignment(labels, "classifier", 4, 10, 4, sequence_output=False)
+        class_index(labels, where, 4)

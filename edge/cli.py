@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -232,6 +234,17 @@ def top(args: argparse.Namespace) -> int:
     return run_top(args)
 
 
+def _strict(value: Any) -> Any:
+    """JSON every parser takes: a NaN or infinity (a manifest may hold one) becomes null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def inspect(args: argparse.Namespace) -> int:
     from .engine import load
 
@@ -251,7 +264,7 @@ def inspect(args: argparse.Namespace) -> int:
         "tensorflow_imported": "tensorflow" in sys.modules,
     }
     if args.json:
-        print(json.dumps(info))
+        print(json.dumps(_strict(info), allow_nan=False))
         return 0
     print(f"bundle      {args.bundle}")
     print(f"model       {m.model_id} ({m.quantization}), source {m.extra.get('source_name', '?')}")

@@ -271,6 +271,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
     section = data.get("serve", data)
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [serve] must be a table")
+    if "serve" in data:  # [worker] belongs to edge-lstm worker; nothing else is read
+        unknown = sorted(set(data) - {"serve", "worker"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown table(s) or key(s) beside [serve]: {unknown}")
     return dict(section)
 
 

@@ -681,6 +681,9 @@ class Worker:
             "ts": time.time(),
         }
 
+    async def _nats_error(self, exc: Exception) -> None:
+        log.warning("NATS: %s", str(exc) or type(exc).__name__)
+
     async def run(self) -> int:
         import nats
 
@@ -697,6 +700,7 @@ class Worker:
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
                     connect_timeout=5,
+                    error_cb=self._nats_error,  # one line each, not the library's traceback
                 ),
                 CONNECT_SECONDS,
             )

@@ -349,7 +349,10 @@ def decode_senml(doc: Any, features: Sequence[str]) -> Samples:
         if rec.get("t") is not None:
             t, timed = t + _number(rec["t"], "time 't'", seq), True
         t = _plausible(t, f"time of record {_show(name, 40)}", seq)
-        by_time.setdefault(t, {})[short] = v
+        sample = by_time.setdefault(t, {})
+        if short in sample:  # which one is meant cannot be told: neither is taken
+            raise PayloadError("bad_senml", f"{_show(short, 60)} is given twice at t={t}", seq)
+        sample[short] = v
     if not by_time:
         raise PayloadError(
             "bad_senml", f"no record names one of the features {_show(list(features), 200)}", seq
@@ -381,6 +384,8 @@ def decode_frame(payload: bytes, f: int) -> Samples:
         _, _, k, seq, ts = FRAME_HEAD.unpack_from(payload)
     else:
         _, flags, k, seq, ts, raw_boot = FRAME_HEAD_V2.unpack_from(payload)
+        if flags & ~FRAME_FLAG_BOOT:
+            raise PayloadError("bad_frame", f"frame flags {flags:#04x} set reserved bits", seq)
         boot = raw_boot if flags & FRAME_FLAG_BOOT else None
     want = head.size + 4 * k * f
     if len(payload) != want or k == 0:

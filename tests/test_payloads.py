@@ -202,6 +202,9 @@ def _parse_or_refuse(body: bytes) -> None:
         (payloads.FRAME_HEAD_V2.pack(2, 1, 2, 1, 5.0, 1) + bytes(12), "wrong_shape"),
         (payloads.encode_frame(1, np.zeros(3), boot=1)[:-1], "wrong_shape"),
         (payloads.encode_frame(1, np.array([0, np.inf, 0]), boot=1), "not_finite"),
+        (payloads.FRAME_HEAD_V2.pack(2, 0xFE, 1, 1, 5.0, 1) + bytes(12), "bad_frame"),
+        # a feature given twice for one time: which one is meant cannot be told
+        (b'[{"n":"a","v":1},{"n":"b","v":2},{"n":"c","v":3},{"n":"a","v":99}]', "bad_senml"),
     ],
 )
 def test_hostile_payloads_have_codes(payload, code):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -234,17 +232,6 @@ def top(args: argparse.Namespace) -> int:
     return run_top(args)
 
 
-def _strict(value: Any) -> Any:
-    """JSON every parser takes: a NaN or infinity (a manifest may hold one) becomes null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
 def inspect(args: argparse.Namespace) -> int:
     from .engine import load
 
@@ -264,7 +251,9 @@ def inspect(args: argparse.Namespace) -> int:
         "tensorflow_imported": "tensorflow" in sys.modules,
     }
     if args.json:
-        print(json.dumps(_strict(info), allow_nan=False))
+        from .metrics import strict
+
+        print(json.dumps(strict(info), allow_nan=False))  # a manifest may hold a NaN
         return 0
     print(f"bundle      {args.bundle}")
     print(f"model       {m.model_id} ({m.quantization}), source {m.extra.get('source_name', '?')}")

@@ -103,7 +103,7 @@ class Metrics:
     @staticmethod
     def dumps(doc: Any) -> bytes:
         """Strict JSON (no NaN or Infinity, which e.g. JavaScript's JSON.parse rejects)."""
-        return json.dumps(_finite(doc), allow_nan=False).encode()
+        return json.dumps(strict(doc), allow_nan=False).encode()
 
     def serve_prometheus(self, host: str, port: int) -> None:
         try:
@@ -156,11 +156,12 @@ class Metrics:
         start_http_server(port, addr=host)
 
 
-def _finite(doc: Any) -> Any:
+def strict(doc: Any) -> Any:
+    """JSON every parser takes: a NaN or infinity becomes null."""
     if isinstance(doc, float):
         return doc if math.isfinite(doc) else None
     if isinstance(doc, dict):
-        return {k: _finite(v) for k, v in doc.items()}
+        return {k: strict(v) for k, v in doc.items()}
     if isinstance(doc, (list, tuple)):
-        return [_finite(v) for v in doc]
+        return [strict(v) for v in doc]
     return doc

@@ -29,10 +29,8 @@ class Template:
 
     def stream(self, topic: str) -> str | None:
         """The stream id of a topic, or None when it does not match the template."""
-        try:
+        if topic in self._streams:  # remembered: None for a topic that does not match
             return self._streams[topic]
-        except KeyError:
-            pass
         sid = self._match(topic)
         if len(topic) <= CACHED_LENGTH:
             if len(self._streams) >= CACHED:
@@ -51,10 +49,9 @@ class Template:
         return sid if valid_stream_id(sid) else None
 
     def topic(self, stream: str) -> str:
-        try:
-            return self._topics[stream]
-        except KeyError:
-            pass
+        topic = self._topics.get(stream)
+        if topic is not None:
+            return topic
         topic = self.template.replace(PLACEHOLDER, stream)
         if len(stream) <= CACHED_LENGTH:
             if len(self._topics) >= CACHED:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 from .errors import ConfigError
 
 PLACEHOLDER = "{stream}"
 CACHED = 16384  # topics remembered per template: a fleet's topics repeat with every message
+V = TypeVar("V")
 CACHED_LENGTH = 512  # longer topics (never a valid stream's) are matched, not remembered
 
 
@@ -31,12 +33,7 @@ class Template:
         """The stream id of a topic, or None when it does not match the template."""
         if topic in self._streams:  # remembered: None for a topic that does not match
             return self._streams[topic]
-        sid = self._match(topic)
-        if len(topic) <= CACHED_LENGTH:
-            if len(self._streams) >= CACHED:
-                self._streams.clear()
-            self._streams[topic] = sid
-        return sid
+        return _remember(self._streams, topic, self._match(topic))
 
     def _match(self, topic: str) -> str | None:
         parts = topic.split("/")
@@ -52,12 +49,16 @@ class Template:
         topic = self._topics.get(stream)
         if topic is not None:
             return topic
-        topic = self.template.replace(PLACEHOLDER, stream)
-        if len(stream) <= CACHED_LENGTH:
-            if len(self._topics) >= CACHED:
-                self._topics.clear()
-            self._topics[stream] = topic
-        return topic
+        return _remember(self._topics, stream, self.template.replace(PLACEHOLDER, stream))
+
+
+def _remember(cache: dict[str, V], key: str, value: V) -> V:
+    """``value``, kept under ``key`` when the key is short; the cache starts over when full."""
+    if len(key) <= CACHED_LENGTH:
+        if len(cache) >= CACHED:
+            cache.clear()
+        cache[key] = value
+    return value
 
 
 _STREAM_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")

@@ -19,6 +19,15 @@ ROOM = 40
 SENT = 2000
 
 
+def _shut(net: NetworkLoop, sub: mqtt.Client, pub: mqtt.Client) -> None:
+    """A subscriber on our network loop, then its publisher: no reconnect after this."""
+    net.quiet()
+    sub.disconnect()
+    net.stop()
+    pub.loop_stop()
+    pub.disconnect()
+
+
 @pytest.mark.parametrize("client_class", [mqtt.Client, Client], ids=["paho", "read-ahead"])
 def test_reading_pauses_while_the_inbox_is_full_and_resumes_with_room(broker, client_class):
     host, port = _hostport(broker.url)
@@ -58,11 +67,7 @@ def test_reading_pauses_while_the_inbox_is_full_and_resumes_with_room(broker, cl
         taken = [0]
         wait_until(drain, 120, "the rest of the backlog")
     finally:
-        net.quiet()
-        sub.disconnect()
-        net.stop()
-        pub.loop_stop()
-        pub.disconnect()
+        _shut(net, sub, pub)
     assert not failures
 
 
@@ -363,8 +368,4 @@ def test_the_network_loop_outlives_an_unexpected_error(broker):
         wait_until(lambda: b"after" in inbox, 20, "a message after the failure")
         assert Fragile.failures == 0
     finally:
-        net.quiet()
-        sub.disconnect()
-        net.stop()
-        pub.loop_stop()
-        pub.disconnect()
+        _shut(net, sub, pub)

@@ -41,6 +41,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 
 from bench._common import BUILD, log
+from edge.processor import INVALID_STREAM
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "build" / "test-bundles" / "clf-int8"  # --bundle overrides
@@ -500,7 +501,7 @@ def part_fuzz(url: str, work: Path, scale: float) -> dict[str, Any]:
         )
         per = [col.per_stream[s] for s in hostile_streams]
         unanswered = [s for s in hostile_streams if col.per_stream[s] == 0]
-        invalid = col.per_stream["_invalid"]
+        invalid = col.per_stream[INVALID_STREAM]
         errors = dict(col.errors.most_common(12))
         not_json = col.not_json
     res = {

@@ -67,9 +67,11 @@ def load_array(path: str | Path, key: str = "x") -> np.ndarray:
     try:
         if p.suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
-                if key not in z:
-                    raise ValueError(f"{p}: no array named {key!r} (has {sorted(z.files)})")
-                return np.asarray(z[key])
-        return np.asarray(np.load(p, allow_pickle=False))
-    except (OSError, EOFError) as exc:
+                files = z.files
+                if key in files:
+                    return np.asarray(z[key])
+        else:
+            return np.asarray(np.load(p, allow_pickle=False))
+    except (OSError, EOFError, ValueError) as exc:  # ValueError: object (pickled) arrays
         raise ValueError(f"{p}: cannot read: {exc}") from exc
+    raise ValueError(f"{p}: no array named {key!r} (has {sorted(files)})")

@@ -40,7 +40,8 @@ def load_sequences(
         labels = None
         if p.suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
-                labels = np.asarray(z["y"]) if "y" in z.files else None
+                has_labels = "y" in z.files
+            labels = load_array(p, "y") if has_labels else None
     except ValueError as exc:
         raise ConvertError(f"{what} {exc}") from exc
     if not np.issubdtype(x.dtype, np.floating):

@@ -23,6 +23,7 @@ from .errors import (
     MissingSeq,
     SampleError,
     SequenceGap,
+    SnapshotError,
     StaleSample,
     StateMismatch,
 )
@@ -315,7 +316,10 @@ class Engine:
         }
 
     def snapshot(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """All streams' state, last seq and boot ids, atomically (see ``edge.snapshot``)."""
+        """All streams' state, last seq and boot ids, atomically (see ``edge.snapshot``).
+
+        A failed write leaves ``path`` as it was and raises ``SnapshotError`` naming it.
+        """
         streams, last_seq, arrays, boots, gaps = self.store.export()
         snap = snapfmt.Snapshot(
             self.manifest.tflite_sha256,
@@ -327,7 +331,11 @@ class Engine:
             boots,
             gaps,
         )
-        snapfmt.write_atomic(path, snapfmt.chunks(snap))
+        try:
+            snapfmt.write_atomic(path, snapfmt.chunks(snap))
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise SnapshotError(f"{path}: cannot write snapshot: {reason}") from exc
 
     def restore(
         self, path: str | Path, *, fresh_on_mismatch: bool = False, other_model_ok: bool = False

@@ -39,7 +39,7 @@ from .topics import Template
 from .wal import Entry, Evict, Mark, Output, Record, Release, Void
 
 log = logging.getLogger("edge.service")
-INVALID_STREAM = "_invalid"
+INVALID_STREAM = "~invalid"  # outside the stream id alphabet: no device can share it
 MAX_LATENCY = 3600.0
 
 __all__ = ["Inbound", "Outbound", "Processor"]

@@ -74,16 +74,22 @@ def test_bad_calibration_data(capsys, tmp_path, src, array, needle):
     assert_refused(code, out, needle, tmp_path)
 
 
-def test_npz_without_x(capsys, tmp_path, src):
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, data=np.zeros((2, 3, 6), np.float32))
-    code, out = convert(
-        capsys,
-        src / "model.keras",
-        calib,
-        str(tmp_path / "out"),
-    )
-    assert_refused(code, out, "no array named 'x'", tmp_path)
+@pytest.mark.parametrize(
+    "name, arrays, needle",
+    [
+        ("calib.npz", {"data": np.zeros((2, 3, 6), np.float32)}, "calib.npz: no array named 'x'"),
+        ("calib.npz", {"x": np.array([[1, "a"]], object)}, "calib.npz: cannot read: Object"),
+        ("calib.npy", {"x": np.array([[1, "a"]], object)}, "calib.npy: cannot read: Object"),
+    ],
+)
+def test_calibration_file_that_holds_no_float_x(capsys, tmp_path, src, name, arrays, needle):
+    calib = tmp_path / name
+    if name.endswith(".npz"):
+        np.savez(calib, **arrays)
+    else:
+        np.save(calib, arrays["x"], allow_pickle=True)
+    code, out = convert(capsys, src / "model.keras", calib, str(tmp_path / "out"))
+    assert_refused(code, out, needle, tmp_path)
 
 
 def test_unsupported_layer(capsys, tmp_path, src):

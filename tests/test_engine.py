@@ -295,6 +295,17 @@ def test_restore_refuses_another_model(load, tmp_path):
     assert other.stats()["streams"] == 0
 
 
+def test_a_snapshot_that_cannot_be_written_is_a_snapshot_error_naming_the_path(load, tmp_path):
+    engine = load("clf-int8")
+    engine.step("s", samples(2, 0), seq=1)
+    (tmp_path / "taken").mkdir()
+    for bad in (tmp_path / "taken", tmp_path / "missing" / "x.bin"):
+        with pytest.raises(edge.SnapshotError, match=f"{bad}: cannot write snapshot"):
+            engine.snapshot(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no temporary left
+    assert list((tmp_path / "taken").iterdir()) == []
+
+
 def test_restore_may_accept_another_model_with_the_same_layout(load, bundles, tmp_path):
     import json
     import shutil

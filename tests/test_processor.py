@@ -86,6 +86,20 @@ def test_a_failing_decoder_is_contained_too(bundles, tmp_path, xs, monkeypatch):
     assert topics == ["errors/a", "predictions/a"]
 
 
+def test_errors_of_topics_that_name_no_stream_reach_no_device(bundles, tmp_path, xs):
+    """A device may call itself ``_invalid`` or anything else the alphabet allows."""
+    p = make(bundles, tmp_path)
+    bad = Inbound("sensors/bad stream/data", msg("x", 1, xs[0]).payload, 0)
+    control = Inbound("sensors/a/b/control", b'{"cmd": "reset"}', 0)
+    assert p.handle([msg("_invalid", 1, xs[0]), bad, control])
+    outs = answers(p)
+    assert [o.topic for o in outs if o.topic.endswith("_invalid")] == ["predictions/_invalid"]
+    reserved = [json.loads(o.payload)["error"] for o in outs if o.topic.startswith("errors/")]
+    assert reserved == ["bad_topic"] * 2 and all(
+        o.topic == "errors/~invalid" for o in outs if o.topic.startswith("errors/")
+    )
+
+
 def test_replay_publishes_again_only_what_the_broker_did_not_acknowledge(bundles, tmp_path, xs):
     p = make(bundles, tmp_path)
     for i in range(10):

@@ -5,7 +5,8 @@ Receive Maximum should bound that, but MQTT 3.1.1 has no such bound and brokers 
 (``bench.broker_flow``). This loop reads only while ``may_read()`` says there is room, so a
 backlog stays at the broker and not in our memory. It still reads when ``must_read()`` says so
 (PUBACKs are awaited: the answer window is full; they may queue behind a broker's flood, which
-then comes in too), keeps the connection alive, and reconnects with backoff.
+then comes in too) and until a connection is made (the CONNACK), keeps the connection alive,
+and reconnects with backoff.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ class NetworkLoop:
             return int(buffered())
         return int(getattr(sock, "pending", lambda: 0)())  # TLS decrypts ahead
 
+    def _reading(self) -> bool:
+        """Read while there is room or PUBACKs are awaited, and always until connected: a
+        CONNACK left unread behind a full inbox would leave the service connected to nothing."""
+        return not self.client.is_connected() or self.may_read() or self.must_read()
+
     def _run(self) -> None:
         """The loop, restarted after anything it did not expect: a network thread that died
         would leave the service running, connected to nothing, with nobody told."""
@@ -128,7 +134,7 @@ class NetworkLoop:
                     self.on_connect_fail(exc)
                     delay = min(delay * 2, self.reconnect_max)
                 continue
-            reading = self.may_read() or self.must_read()
+            reading = self._reading()
             self.paused_reads += not reading
             rlist = [sock, wake_r] if reading else [wake_r]
             wlist = [sock] if self.client.want_write() else []
@@ -153,7 +159,7 @@ class NetworkLoop:
                 for _ in range(MAX_READS_AHEAD):
                     if rc != mqtt.MQTT_ERR_SUCCESS or not self._buffered(sock):
                         break
-                    if not (self.may_read() or self.must_read()):
+                    if not self._reading():
                         break
                     rc = self.client.loop_read()
             if rc == mqtt.MQTT_ERR_SUCCESS and (writable or self.client.want_write()):

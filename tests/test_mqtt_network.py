@@ -369,3 +369,38 @@ def test_the_network_loop_outlives_an_unexpected_error(broker):
         assert Fragile.failures == 0
     finally:
         _shut(net, sub, pub)
+
+
+def test_a_connection_is_made_while_there_is_no_room(broker):
+    """A reconnect with the inbox full (a backlog in hand when the broker went away): the
+    CONNACK is read all the same, or the service would stay connected to nothing, its
+    answers queued and its inbox never drained. Reading then waits for room again."""
+    host, port = _hostport(broker.url)
+    room = [False]
+    connects: list[int] = []
+    inbox: list[bytes] = []
+    sub = Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id="no-room", clean_session=False, manual_ack=True
+    )
+    sub.on_connect = lambda c, u, f, r, p: (connects.append(1), c.subscribe("n/#", 1))
+    sub.on_message = lambda c, u, m: (inbox.append(m.payload), c.ack(m.mid, 1))
+    subscribed: list[int] = []
+    sub.on_subscribe = lambda c, u, mid, r, p: subscribed.append(mid)
+    sub.connect_async(host, port, 30)
+    failures: list[BaseException] = []
+    net = NetworkLoop(sub, may_read=lambda: room[0], on_connect_fail=failures.append)
+    net.start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="no-room-pub")
+    pub.connect(host, port, 30)
+    pub.loop_start()
+    try:
+        wait_until(lambda: sub.is_connected(), 30, "the CONNACK read with no room")
+        wait_until(lambda: net.paused_reads > 0, 20, "reading paused once connected")
+        room[0] = True  # the SUBACK is read once there is room
+        wait_until(lambda: subscribed, 20, "the SUBACK")
+        pub.publish("n/1", b"with room", qos=1).wait_for_publish(10)
+        wait_until(lambda: inbox == [b"with room"], 20, "the message once there is room")
+        assert connects == [1]
+    finally:
+        _shut(net, sub, pub)
+    assert not failures

@@ -34,8 +34,10 @@ from .metrics import Metrics
 from .mqtt_client import Client
 from .mqtt_network import NetworkLoop
 from .processor import Inbound, Processor
+from .state_lock import StateLock
 
 log = logging.getLogger("edge.service")
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with our id
 DRAIN_SECONDS = 3.0  # how long SIGTERM keeps answering what is already here
 RETRY_SECONDS = 1.0  # between attempts to write to an unwritable state directory
 
@@ -99,6 +101,8 @@ class MqttService:
             signal.signal(signal.SIGINT, self._stop)
             signal.signal(signal.SIGHUP, lambda *_: self.requests.add("reload"))
         self.metrics = Metrics()
+        self.lock = StateLock(cfg.state_dir)
+        self.lock.acquire()
         journal = Journal(cfg.state_dir, fsync=cfg.durability == "power")
         self.processor = Processor(open_engine(cfg), cfg, journal, self.metrics)
         try:
@@ -238,7 +242,16 @@ class MqttService:
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         self.connected.clear()
-        if not self.stopping.is_set():
+        if self.stopping.is_set():
+            return
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            self.metrics.inc("sessions_taken_over")
+            log.error(
+                "the broker gave our session to another client with client id %r: is a "
+                "second serve running with it? Reconnecting with backoff",
+                self.cfg.client_id,
+            )
+        else:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
@@ -450,6 +463,7 @@ class MqttService:
         finally:
             self.network.stop()
             self.processor.journal.close()
+            self.lock.release()
 
     def _stop(self, *_: Any) -> None:
         self.stopping.set()

@@ -6,7 +6,8 @@ Receive Maximum should bound that, but MQTT 3.1.1 has no such bound and brokers 
 backlog stays at the broker and not in our memory. It still reads when ``must_read()`` says so
 (PUBACKs are awaited: the answer window is full; they may queue behind a broker's flood, which
 then comes in too) and until a connection is made (the CONNACK), keeps the connection alive,
-and reconnects with backoff.
+and reconnects with backoff (growing also while connections are dropped soon after they are
+made).
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import logging
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("edge.service")
 PAUSED_POLL = 0.02  # seconds between looks at the inbox while reading is paused
 MAX_READS_AHEAD = 1000  # packets taken from what is read ahead before writing again
+# A connection that lasts less is a flap (e.g. two clients with one client id taking the
+# session from each other): the reconnect delay keeps growing instead of starting over.
+STABLE_SECONDS = 5.0
 
 
 class NetworkLoop:
@@ -118,22 +123,40 @@ class NetworkLoop:
         import paho.mqtt.client as mqtt
 
         delay, waited = self.reconnect_min, False  # the first connect does not wait
+        up_since: float | None = None  # when the current connection was made (CONNACK)
+        flaps = 0  # connections in a row that the broker dropped soon after making them
         while not self._stop.is_set():
             sock = self.client.socket()
             if sock is None:
                 if self._quiet.is_set():
                     self._stop.wait(PAUSED_POLL)
                     continue
-                if waited and self._stop.wait(delay):
-                    break
+                if up_since is not None:
+                    lasted = time.monotonic() - up_since
+                    flaps = 0 if lasted >= STABLE_SECONDS else flaps + 1
+                    if not flaps:
+                        delay = self.reconnect_min  # a connection that held: start over
+                    elif flaps in (3, 10) or flaps % 100 == 0:
+                        log.error(
+                            "the broker dropped the connection %.1f s after making it, %d "
+                            "times in a row: does another client use this client id (a second "
+                            "serve)? The broker hands the session to the newest one.",
+                            lasted,
+                            flaps,
+                        )
+                    up_since = None
+                if waited:
+                    if self._stop.wait(delay):
+                        break
+                    delay = min(delay * 2, self.reconnect_max)
                 waited = True
                 try:
                     self.client.reconnect()
-                    delay = self.reconnect_min
                 except (OSError, ValueError) as exc:
                     self.on_connect_fail(exc)
-                    delay = min(delay * 2, self.reconnect_max)
                 continue
+            if up_since is None and self.client.is_connected():
+                up_since = time.monotonic()
             reading = self._reading()
             self.paused_reads += not reading
             rlist = [sock, wake_r] if reading else [wake_r]

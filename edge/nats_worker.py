@@ -69,6 +69,7 @@ from .partitions import (
     transform_dest,
 )
 from .processor import Inbound, Processor
+from .state_lock import StateLock
 
 log = logging.getLogger("edge.worker")
 
@@ -251,6 +252,7 @@ class Worker:
         )
         self.model = engine.model
         self.root = Path(cfg.state_dir) / f"worker-{opts.worker_id}"
+        self.lock = StateLock(self.root, f"state_dir of worker {opts.worker_id}")
         self.owned: dict[int, Partition] = {}
         self.leases: dict[int, int] = {}  # partition -> revision of our lease
         # partition -> when the request that last created or renewed our lease was sent
@@ -685,6 +687,13 @@ class Worker:
         log.warning("NATS: %s", str(exc) or type(exc).__name__)
 
     async def run(self) -> int:
+        self.lock.acquire()
+        try:
+            return await self._run()
+        finally:
+            self.lock.release()
+
+    async def _run(self) -> int:
         import nats
 
         loop = asyncio.get_running_loop()

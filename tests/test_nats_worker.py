@@ -226,12 +226,12 @@ def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path)
 
 
 @failover
-def test_partitions_fixed_at_creation(
+def test_a_worker_is_refused_with_other_partitions_or_a_state_dir_in_use(
     bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
 ) -> None:
     col = Collector(nats_server.mqtt_url)
     try:
-        workers("w1")
+        first = workers("w1")
         wait_owned(col, ["w1"], P)
         other = WorkerProc(
             bundles / "clf-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", "4"
@@ -239,6 +239,14 @@ def test_partitions_fixed_at_creation(
         assert other.proc is not None
         assert other.proc.wait(60) == 2
         assert "partitions are fixed at creation" in other.log()
+        # the same worker id on the same state directory: a second copy of one unit
+        twin = WorkerProc(bundles / "clf-int8", nats_server.url, tmp_path / "state", "w1")
+        twin.log_path = tmp_path / "twin.log"
+        twin.start()
+        assert twin.proc is not None and twin.proc.wait(60) == 2
+        assert first.proc is not None
+        assert f"is in use by another process (pid {first.proc.pid})" in twin.log()
+        assert "Traceback" not in twin.log() and first.proc.poll() is None
     finally:
         col.close()
 

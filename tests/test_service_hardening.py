@@ -1,6 +1,7 @@
 """``edge-lstm serve`` against what the field throws at it, with a real Mosquitto: hostile
 payloads (also retained), a backlog, overload, a full or read-only disk, device reboots."""
 
+import contextlib
 import json
 import subprocess
 import time
@@ -200,6 +201,71 @@ def test_read_only_state_dir_starts_degraded(bundles, broker, service, small_dis
     subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     wait_until(lambda: ("dev-0", 1) in col.predictions(), 30, "answered once writable")
     assert svc.alive() and "Traceback" not in svc.output()
+
+
+def test_a_second_serve_on_a_state_dir_in_use_is_refused(bundles, broker, service, tmp_path):
+    """Two processes on one state directory would split every stream's history between
+    them; the second one is refused before it reads or writes anything there."""
+    import sys
+
+    col = Collector(broker.url)
+    first = service()
+    wait_until(lambda: col.online(), 30, "the first serve online")
+    cmd = [sys.executable, "-m", "edge", "serve", "--model", str(bundles / BUNDLE)]
+    cmd += ["--broker", broker.url, "--state-dir", str(tmp_path / "state")]
+    second = subprocess.run(
+        [*cmd, "--client-id", "edge-other"], capture_output=True, text=True, timeout=120
+    )
+    assert second.returncode == 2, second.stderr
+    assert f"is in use by another process (pid {first.proc.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    pub = Publisher(broker.url)
+    pub.send("dev-0", 1, np.zeros(6))
+    pub.flush()
+    wait_until(lambda: ("dev-0", 1) in col.predictions(), 30, "the first still answering")
+    col.close()
+    pub.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_session_taken_over_is_named_in_the_log(bundles, broker, service, protocol):
+    """Another client with our client id (a second serve, a copied unit): the broker hands
+    the session back and forth. The log says why, and the service goes on once it is gone."""
+    from tests.mqtt_helpers import _hostport
+
+    col = Collector(broker.url)
+    svc = service("--protocol", protocol)
+    wait_until(lambda: col.online(), 30, "online")
+    v5 = protocol == "5"
+    twin = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id="edge-test",
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        **({} if v5 else {"clean_session": False}),
+    )
+    twin.reconnect_delay_set(0.1, 0.1)
+    twin.connect(*_hostport(broker.url), 30)
+    twin.loop_start()
+    # MQTT 5 brokers may say "session taken over" (Mosquitto 2.0 just closes the connection)
+    said = ("gave our session to another client", "times in a row: does another client use")
+    try:
+        wait_until(lambda: any(s in svc.output() for s in said), 120, "the log to name it")
+    finally:
+        twin.loop_stop()
+        twin.disconnect()
+    # A twin may end the session it took (MQTT 5, no expiry): what is sent before the service
+    # is back and subscribed again has nobody to go to. So: one sample at a time until answered.
+    pub = Publisher(broker.url)
+    for seq in range(1, 100):
+        pub.send("dev-0", seq, np.zeros(6))
+        pub.flush()
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: any(k[0] == "dev-0" for k in col.predictions()), 5, "an answer")
+            break
+    assert any(k[0] == "dev-0" for k in col.predictions()), "never answered after the twin left"
+    assert svc.alive() and "Traceback" not in svc.output()
+    col.close()
+    pub.close()
 
 
 def test_device_reboot_boot_ids_and_reset_replies(bundles, broker, service):

@@ -217,3 +217,26 @@ def test_certificate_files_that_do_not_load_are_named(tmp_path):
     for key in ("tls_ca", "tls_cert"):
         with pytest.raises(ConfigError, match=f"{key} = '{junk}'"):
             config.load(None, env={}, overrides={"model": "m", key: str(junk)})
+
+
+def test_a_state_dir_is_locked_while_held_and_free_once_released(tmp_path):
+    import os
+
+    from edge.state_lock import StateLock
+
+    first = StateLock(tmp_path / "state")
+    first.acquire()
+    with pytest.raises(ConfigError, match=f"in use by another process \\(pid {os.getpid()}\\)"):
+        StateLock(tmp_path / "state").acquire()
+    first.release()
+    again = StateLock(tmp_path / "state")
+    again.acquire()  # a lock is never left behind
+    again.release()
+
+
+def test_a_state_dir_that_cannot_be_written_is_not_locked(tmp_path, caplog):
+    from edge.state_lock import StateLock
+
+    (tmp_path / "file").write_text("not a directory")
+    StateLock(tmp_path / "file" / "state").acquire()  # the service starts degraded instead
+    assert "not locked" in caplog.text

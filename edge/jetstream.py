@@ -42,6 +42,8 @@ class PullFeed:
         self._left = 0  # messages the outstanding request may still bring
         self._sent = 0.0  # when it was sent
         self._refused = 0.0  # when the server last refused a request
+        self.refusals = 0  # refused requests since the last message: the consumer may be gone
+        self.refusal = ""  # the last refusal's status and description, for the log
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(self.inbox, cb=self._on)
@@ -60,10 +62,13 @@ class PullFeed:
         if status is None:
             self._arrived.append(msg)
             self._left -= 1
+            self.refusals = 0
         elif status != "100":  # 408 expired, 409 refused (...), 404: this request is over
             self._left = 0
             if status != "408":
                 self._refused = time.monotonic()
+                self.refusals += 1
+                self.refusal = f"{status} {msg.headers.get('Description', '')}".strip()
                 log.debug("pull request on %s: %s %s", self.subject, status, msg.headers)
         else:
             return  # an idle heartbeat

@@ -74,6 +74,7 @@ from .state_lock import StateLock
 log = logging.getLogger("edge.worker")
 
 STREAM = "EDGE_SENSORS"
+REFUSALS_BEFORE_LOOKING = 5  # refused pull requests in a row before checking the consumer
 LEASES = "edge_leases"
 SNAPSHOTS = "edge_snapshots"
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
@@ -236,6 +237,7 @@ class Partition:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     mids: int = 0
     replay_until: int = 0  # the previous owner's last acknowledged stream sequence
+    stream: str = ""  # the incarnation of the stream ``covered`` counts in (see _stream_state)
     twins: Twins = field(default_factory=Twins)
     unsure: set[str] = field(default_factory=set)  # ids of answers maybe stored, not sent core
     last_snapshot: float = field(default_factory=time.monotonic)
@@ -264,11 +266,19 @@ class Worker:
         self.store: Any = None
         self.stored: StorePublisher | None = None  # once connected
         self.mqtt_store = False  # whether the MQTT listener's store exists (it makes it itself)
+        self.stream_id = ""  # when the stream was created (see _stream_state)
 
     # -- JetStream resources ----------------------------------------------------------------
 
     async def ensure_resources(self) -> None:
         self.kv, self.store = await ensure_resources(self.js, self.opts)
+        self.stream_id, _ = await self._stream_state()
+
+    async def _stream_state(self) -> tuple[str, int]:
+        """(when the stream was created, its last sequence): a stream deleted and made anew
+        counts its sequences from 1 again, so a position in the old one means nothing."""
+        info = await self.js.stream_info(STREAM)
+        return (info.created.isoformat() if info.created else ""), int(info.state.last_seq)
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -304,7 +314,11 @@ class Worker:
         return sorted(found, key=lambda s: s.generation, reverse=True)
 
     async def _restore(self, p: int) -> Partition:
-        """The partition's newest usable snapshot, or an empty state replaying from the start."""
+        """The partition's newest usable snapshot, or an empty state replaying from the start.
+
+        A snapshot of an earlier incarnation of the stream (deleted and made anew) keeps its
+        streams' state, but the new stream is read from its start."""
+        stream_id, last_seq = await self._stream_state()
         for snap in await self._snapshots(p):
             proc, directory = self._fresh_processor(p)
             snap.write_into(directory)
@@ -318,25 +332,42 @@ class Worker:
                 self.metrics.inc("snapshots_damaged")
                 continue
             proc.journal.open()
+            covered = snap.covered
+            if (snap.stream and snap.stream != stream_id) or covered > last_seq:
+                log.warning(
+                    "partition %d: snapshot generation %d was taken on stream %s created %s "
+                    "(up to sequence %d); the stream was made anew (created %s, last sequence "
+                    "%d): reading it from its start, the streams keep their state",
+                    p,
+                    snap.generation,
+                    STREAM,
+                    snap.stream or "before",
+                    covered,
+                    stream_id,
+                    last_seq,
+                )
+                self.metrics.inc("streams_made_anew")
+                covered = 0
             log.info(
                 "partition %d: restored snapshot generation %d covering stream sequence %d",
                 p,
                 snap.generation,
-                snap.covered,
+                covered,
             )
             return Partition(
                 p,
                 proc,
                 directory,
-                covered=snap.covered,
-                snapshotted=snap.covered,
+                covered=covered,
+                snapshotted=covered,
                 generation=snap.generation,
+                stream=stream_id,
             )
         proc, directory = self._fresh_processor(p)
         proc.recover()
         proc.journal.open()
         log.info("partition %d: no snapshot; replaying from the start of the stream", p)
-        return Partition(p, proc, directory)
+        return Partition(p, proc, directory, stream=stream_id)
 
     async def _subscribe(self, part: Partition) -> None:
         from nats.js import api
@@ -435,14 +466,50 @@ class Worker:
             and time.monotonic() - renewed < self.opts.lease_seconds * 0.75
         )
 
+    async def _resubscribe(self, part: Partition) -> None:
+        """Pull requests keep being refused: if the consumer (or the whole stream) is gone,
+        make them again and go on from what the partition covers (from the start of a stream
+        made anew). A consumer that is there was refusing for a passing reason."""
+        from nats.js.errors import NotFoundError
+
+        assert part.feed is not None
+        refusal, part.feed.refusals = part.feed.refusal, 0
+        try:
+            await self.js.consumer_info(STREAM, f"edge-p{part.number}")
+            return
+        except NotFoundError:
+            pass
+        log.error(
+            "partition %d: its consumer is gone (pull requests refused: %s); making it again",
+            part.number,
+            refusal,
+        )
+        self.metrics.inc("consumers_made_again")
+        await self.ensure_resources()  # the stream too, if it went
+        if self.stream_id != part.stream:
+            log.error(
+                "partition %d: stream %s was made anew; reading it from its start",
+                part.number,
+                STREAM,
+            )
+            self.metrics.inc("streams_made_anew")
+            part.covered, part.stream = 0, self.stream_id
+        with contextlib.suppress(Exception):
+            await part.feed.stop()
+        await self._subscribe(part)
+
     async def _pump(self, part: Partition) -> None:
-        proc, feed = part.processor, part.feed
-        assert feed is not None, "subscribed before the loop starts"
+        proc = part.processor
         while not part.stop.is_set():
+            feed = part.feed
+            assert feed is not None, "subscribed before the loop starts"
             # Held samples and answers to send again need the loop soon; otherwise it only
             # wakes for messages (or to snapshot and check its lease now and then).
             busy = len(proc.reorder) or proc.outbox.queued
             try:
+                if feed.refusals >= REFUSALS_BEFORE_LOOKING:
+                    await self._resubscribe(part)
+                    continue
                 msgs = await feed.take(BUSY_WAIT if busy else IDLE_WAIT)
             except Exception as exc:  # reconnecting: try again shortly
                 log.warning("partition %d: pull request failed: %r", part.number, exc)
@@ -552,6 +619,7 @@ class Worker:
             part.covered,
             journal.path("snap", journal.generation).read_bytes(),
             journal.path("wal", journal.generation).read_bytes(),
+            part.stream,
         ).pack()
         await self.store.put(psnap.object_name(part.number, gen % 2), blob)
         part.generation, part.snapshotted = gen, part.covered

@@ -5,7 +5,7 @@ held for reordering, answers not yet acknowledged) plus the stream sequence they
 ::
 
     8  magic b"EDGEPS1\\n"
-    4  u32 header length, header (JSON: partition, generation, covered, sizes)
+    4  u32 header length, header (JSON: partition, generation, covered, sizes, stream)
     .  snapshot bytes, log segment bytes
     4  u32 crc32 of everything before it
 
@@ -37,6 +37,7 @@ class PartitionSnapshot:
     covered: int  # the last stream sequence whose message the state includes
     snapshot: bytes
     segment: bytes
+    stream: str = ""  # when the stream was created: its sequences count in that incarnation
 
     def pack(self) -> bytes:
         head = json.dumps(
@@ -46,6 +47,7 @@ class PartitionSnapshot:
                 "covered": self.covered,
                 "snapshot": len(self.snapshot),
                 "segment": len(self.segment),
+                "stream": self.stream,
             }
         ).encode()
         body = MAGIC + _U32.pack(len(head)) + head + self.snapshot + self.segment
@@ -78,6 +80,7 @@ def unpack(blob: bytes) -> PartitionSnapshot:
             int(head["covered"]),
             body[at : at + snap_len],
             body[at + snap_len :],
+            str(head.get("stream", "")),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"partition snapshot header unreadable: {exc}") from exc

@@ -18,7 +18,7 @@ import json
 import logging
 import secrets
 import time
-from collections import OrderedDict
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +43,38 @@ INVALID_STREAM = "~invalid"  # outside the stream id alphabet: no device can sha
 MAX_LATENCY = 3600.0
 
 __all__ = ["Inbound", "Outbound", "Processor"]
+
+
+class HashedFlags:
+    """A flag per stream id, counted in a fixed table of hashed slots (4 MiB). Streams evicted
+    for good must not pile up, and a bounded list of ids is no answer: a fleet larger than
+    ``capacity`` churns through it, each returning stream evicting another whose id pushes the
+    flags of the streams about to return out. Here nothing is pushed out; ids sharing a slot
+    count in it, and only a flag left by a stream that never came back can fall to a new one
+    sharing its slot (a ``restart`` it did not need)."""
+
+    SLOTS = 1 << 22
+
+    def __init__(self) -> None:
+        self._count = bytearray(self.SLOTS)
+        self.pending = 0  # flags set and not yet taken (including those never to be)
+
+    def _slot(self, stream: str) -> int:
+        return zlib.crc32(stream.encode()) & (self.SLOTS - 1)
+
+    def set(self, stream: str) -> None:
+        i = self._slot(stream)
+        self._count[i] = min(self._count[i] + 1, 255)
+        self.pending += 1
+
+    def pop(self, stream: str) -> bool:
+        """Whether the stream was flagged; its flag is taken."""
+        i = self._slot(stream)
+        if not self._count[i]:
+            return False
+        self._count[i] -= 1
+        self.pending = max(self.pending - 1, 0)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +157,11 @@ class Processor:
         self.mark = 0  # the last ack mark logged
         self.degraded: str | None = None  # why the journal cannot be written, while it cannot
         self._stalled: _Round | None = None
-        # Streams whose next answer says "restart" (in the order they lost their state; at
-        # most ``capacity``: streams evicted for good must not pile up).
-        self._restarted: OrderedDict[str, None] = OrderedDict()
+        self._restarted = HashedFlags()  # streams whose next answer says "restart"
+        self._kept_restarted: set[str] = set()  # the same, of streams whose state was kept
+        # Of the batch being stepped, the streams the engine did not hold: only their answers
+        # take a restart flag (the first after they lost their state).
+        self._fresh: set[str] = set()
         self._log_error = RateLimitedLog(clock=clock)
         self.engine = engine
 
@@ -142,14 +176,14 @@ class Processor:
 
     def restarted(self, streams: Iterable[str]) -> None:
         """These streams lost their state: their next answers say ``restart``."""
-        self._restarted.update(dict.fromkeys(streams))
-        while len(self._restarted) > self.cfg.capacity:
-            self._restarted.popitem(last=False)
+        for stream in streams:
+            self._restarted.set(stream)
 
     def _forget(self, streams: list[str]) -> None:
         """Streams evicted (least recently used beyond ``capacity``, or idle): they start
         again from the zero state, and their next answers say so."""
         self.reorder.forget(streams)
+        self._kept_restarted.difference_update(streams)
         self.restarted(streams)
 
     # -- start-up ---------------------------------------------------------------------------
@@ -192,8 +226,8 @@ class Processor:
         again = [o for o in outs if o.lsn > rec.acked]
         self.outbox.put(again)
         self.mark = rec.acked
-        if not rec.exact:
-            self.restarted(self.engine.store.streams)
+        if not rec.exact:  # they are held, their history incomplete
+            self._kept_restarted.update(self.engine.store.streams)
             log.error(
                 "no usable snapshot and the log does not reach back to the start: every stream "
                 "continues from where the log begins; their next predictions say restart"
@@ -476,6 +510,7 @@ class Processor:
         if not records:
             return []
         n = len(records)
+        self._note_fresh(records)
         t0 = time.perf_counter()
         try:  # the whole batch as arrays: no per-message objects on the way into the engine
             values = np.concatenate([r.values for r in records])
@@ -504,7 +539,16 @@ class Processor:
                 out.append(self._internal(rec.stream, exc, rec.lsn, rec.seq))
         return out
 
+    def _note_fresh(self, records: Sequence[Record]) -> None:
+        store = self.engine.store
+        self._fresh = (
+            {r.stream for r in records if r.stream not in store}
+            if self._restarted.pending
+            else set()
+        )
+
     def _step_one(self, rec: Record) -> list[Outbound]:
+        self._note_fresh([rec])
         try:
             (oc,) = self.engine.step_many([Chunk(rec.stream, rec.values, rec.seq, rec.boot)])
             return self._answer(rec, oc)
@@ -539,8 +583,12 @@ class Processor:
             log.info("stream %s restarted (boot %s, seq %s)", rec.stream, rec.boot, oc.seq)
         if not len(oc.y):
             return out
-        restart = oc.restart or rec.stream in self._restarted
-        self._restarted.pop(rec.stream, None)
+        restart = oc.restart
+        if rec.stream in self._fresh and self._restarted.pop(rec.stream):
+            restart = True
+        elif self._kept_restarted and rec.stream in self._kept_restarted:
+            self._kept_restarted.discard(rec.stream)
+            restart = True
         m = self.engine.manifest
         body = payloads.prediction(
             oc.seq,

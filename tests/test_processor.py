@@ -216,3 +216,17 @@ def test_a_stream_evicted_for_capacity_says_restart_on_its_next_answer(bundles, 
         ("b", 2): True,
         ("b", 3): False,
     }
+
+
+def test_every_stream_says_restart_when_a_fleet_larger_than_capacity_churns(bundles, tmp_path, xs):
+    """Each returning stream evicts another one: a bounded list of evicted ids would lose the
+    flags of the streams about to return before they do."""
+    p = make(bundles, tmp_path, capacity=3, max_batch=1)
+    streams = [f"s{i}" for i in range(12)]
+    flags = {}
+    for seq in (1, 2, 3):
+        for stream in streams:
+            assert p.handle([msg(stream, seq, xs[seq])])
+            (o,) = answers(p)
+            flags[(stream, seq)] = json.loads(o.payload).get("restart", False)
+    assert [k for k, v in flags.items() if v] == [(s, q) for q in (2, 3) for s in streams]

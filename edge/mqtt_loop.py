@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import early_signals
 from .config import ServiceConfig
 from .engine import Engine, load
 from .errors import ConfigError, EdgeError
@@ -100,6 +101,11 @@ class MqttService:
             signal.signal(signal.SIGTERM, self._stop)
             signal.signal(signal.SIGINT, self._stop)
             signal.signal(signal.SIGHUP, lambda *_: self.requests.add("reload"))
+            for sig in early_signals.take():  # arrived while the process was starting
+                if sig == signal.SIGHUP:
+                    self.requests.add("reload")
+                else:
+                    self._stop()
         self.metrics = Metrics()
         self.lock = StateLock(cfg.state_dir)
         self.lock.acquire()

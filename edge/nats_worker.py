@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import early_signals
 from . import partition_snapshot as psnap
 from .config import ServiceConfig
 from .engine import Engine, load
@@ -768,6 +769,8 @@ class Worker:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stopping.set)
+        if set(early_signals.take()) - {signal.SIGHUP}:  # arrived while the process started
+            self.stopping.set()
         try:
             # nats-py retries a first connection as long as reconnects are allowed: bounded here.
             self.nc = await asyncio.wait_for(

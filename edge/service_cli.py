@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from . import config
+from . import config, early_signals
 
 SERVE_DESCRIPTION = """\
 Run the MQTT service: subscribe to sample topics, keep h/C per stream, publish a prediction
@@ -28,6 +28,7 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    early_signals.catch()
     overrides = {k: getattr(args, k) for k in config.FIELDS}
     cfg = config.load(args.config, overrides=overrides)
     logging.basicConfig(

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import config
+from . import config, early_signals
 from .errors import ConfigError
 
 WORKER_DESCRIPTION = """\
@@ -109,6 +109,7 @@ def _read_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def worker(args: argparse.Namespace) -> int:
+    early_signals.catch()  # SIGHUP is ignored from here on: a worker has nothing to reload
     from .nats_worker import Worker, WorkerOptions
 
     serve, wk = _read_file(args.config)

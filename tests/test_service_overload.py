@@ -60,3 +60,26 @@ def test_drop_oldest_drops_no_more_than_the_answer_window_takes(bundles, tmp_pat
     assert [m.mid for m in dropped] == [1, 2, 3]
     assert [m.mid for m in batch] == list(range(4, 11))  # the rest is answered, not dropped
     svc.processor.journal.close()
+
+
+def test_signals_while_starting_are_acted_on_once_the_service_can(bundles, tmp_path):
+    """A ``systemctl reload`` (SIGHUP) right after a start must not kill the service, and a
+    SIGTERM then is a clean stop, not a death by signal."""
+    import os
+    import signal
+
+    from edge import early_signals
+
+    before = {sig: signal.getsignal(sig) for sig in early_signals.SIGNALS}
+    try:
+        early_signals.catch()  # what ``serve`` does first
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGTERM)
+        svc = service(bundles, tmp_path)
+        assert "reload" in svc.requests and svc.stopping.is_set()
+        assert early_signals.take() == []
+        svc.processor.journal.close()
+        svc.lock.release()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -14,6 +14,7 @@ the transport publishes them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -38,8 +39,13 @@ ATTRIBUTES_TEMPLATE = "{{ {'seq': value_json.seq, 'model': value_json.model} | t
 
 
 def object_id(text: str) -> str:
-    """A discovery topic level: only ``[a-zA-Z0-9_-]``; other characters become ``_``."""
-    return _UNSAFE.sub("_", text)
+    """A discovery topic level: only ``[a-zA-Z0-9_-]``. Other characters become ``_``, and a
+    short hash of ``text`` is appended then, so that ``dev.1`` and ``dev_1`` (both valid
+    stream ids) never share a sensor."""
+    safe = _UNSAFE.sub("_", text)
+    if safe == text:
+        return text
+    return f"{safe}_{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,7 +143,9 @@ def test_discovery_configs_follow_the_documented_schema(bundles):
     assert ha_schema_errors("homeassistant/sensor/n/o/config", {"name": "x"}) == [
         "missing state_topic"
     ]
-    assert object_id("dev/odd id:1") == "dev_odd_id_1"
+    assert object_id("dev_1") == "dev_1" and object_id("dev/odd id:1").startswith("dev_odd_id_1_")
+    ids = {object_id(s) for s in ("dev.1", "dev_1", "dev:1", "dev@1", "dev-1")}
+    assert len(ids) == 5 and all(not re.search(r"[^a-zA-Z0-9_-]", i) for i in ids)
 
 
 @pytest.mark.desktop  # needs jinja2, Home Assistant's template engine (dev extra)

@@ -128,6 +128,14 @@ class MqttService:
         self.read_limit = cfg.queue_size * (2 if cfg.overload == "drop-oldest" else 1)
         self.inbox = Inbox(self.read_limit, cfg.state_dir)
         self.acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        # A message's packet id means something only to the session it came in: a connection
+        # that finds no session (a broker restarted without persistence, the session expired)
+        # numbers its deliveries anew, and a PUBACK of an old id there would acknowledge
+        # another, newer message, maybe before it is logged. Inbound ids carry the epoch of
+        # their session in bits 16+; only those of the current one are acknowledged.
+        self._epoch = 0
+        self._epoch_lock = threading.Lock()
+        self._refused = False  # the last CONNACK refused us: its disconnect says nothing new
         self.connected = threading.Event()
         self._connect_failures = 0  # in a row, for the log
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
@@ -219,10 +227,20 @@ class MqttService:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            log.error("broker %s refused the connection: %s", self.cfg.broker, reason)
+            self._connect_failures += 1
+            self._refused = True
+            log.error(
+                "broker %s refused the connection: %s; retrying, attempt %d",
+                self.cfg.broker,
+                reason,
+                self._connect_failures,
+            )
             return
         no_delay(client)
         log.info("connected to %s (session present: %s)", self.cfg.broker, flags.session_present)
+        if not flags.session_present:
+            with self._epoch_lock:  # what came in before is not to be acknowledged here
+                self._epoch = (self._epoch + 1) & 0xFFFF
         limit = getattr(props, "ReceiveMaximum", None) if props else None
         if isinstance(limit, int) and limit > 0:
             # The broker takes no more unacknowledged publishes than that: our window obeys.
@@ -248,7 +266,8 @@ class MqttService:
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
         self.connected.clear()
-        if self.stopping.is_set():
+        refused, self._refused = self._refused, False
+        if self.stopping.is_set() or refused:
             return
         if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
             self.metrics.inc("sessions_taken_over")
@@ -267,7 +286,7 @@ class MqttService:
             Inbound(
                 msg.topic,
                 bytes(msg.payload),
-                msg.mid,
+                msg.mid | self._epoch << 16,
                 msg.qos,
                 ctype if isinstance(ctype, str) else None,
                 time.time(),
@@ -347,9 +366,11 @@ class MqttService:
             self.wake.clear()
 
     def _ack(self, batch: list[Inbound]) -> None:
-        for msg in batch:
-            if msg.qos:
-                self.client.ack(msg.mid, msg.qos)
+        with self._epoch_lock:
+            epoch = self._epoch
+            for msg in batch:
+                if msg.qos and msg.mid >> 16 == epoch:
+                    self.client.ack(msg.mid & 0xFFFF, msg.qos)
         self.metrics.inc("acks", len(batch))
 
     def _work_once(self, take: bool = True) -> bool:

@@ -83,3 +83,36 @@ def test_signals_while_starting_are_acted_on_once_the_service_can(bundles, tmp_p
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_messages_of_a_session_that_is_gone_are_not_acknowledged_on_the_next(bundles, tmp_path):
+    """A broker restarted without persistence numbers its deliveries from 1 again: a PUBACK
+    of a message id from before would acknowledge another, newer message."""
+    from types import SimpleNamespace
+
+    class Wire:
+        def __init__(self):
+            self.acked = []
+
+        def ack(self, mid, qos):
+            self.acked.append(mid)
+
+        def socket(self):
+            return None
+
+        def subscribe(self, *a, **kw):
+            pass
+
+    svc = service(bundles, tmp_path)
+    svc.client = wire = Wire()
+    ok = SimpleNamespace(is_failure=False)
+    svc._on_connect(wire, None, SimpleNamespace(session_present=False), ok, None)
+    svc._on_message(None, None, Msg("sensors/a/data", b"{}", 7))  # taken, not yet answered
+    svc._on_connect(wire, None, SimpleNamespace(session_present=True), ok, None)
+    svc._on_message(None, None, Msg("sensors/a/data", b"{}", 8))  # the same session goes on
+    svc._on_connect(wire, None, SimpleNamespace(session_present=False), ok, None)
+    svc._on_message(None, None, Msg("sensors/b/data", b"{}", 7))  # a new session's 7
+    svc._ack([svc.inbox.popleft() for _ in range(3)])
+    assert wire.acked == [7]  # the new session's, once; 7 and 8 of the old one never
+    svc.processor.journal.close()
+    svc.lock.release()

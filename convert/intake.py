@@ -223,7 +223,11 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
             continue
         new: list[Layer] = []
         if isinstance(inner, keras.layers.Normalization):
-            m, v = (np.asarray(w, np.float64).reshape(-1) for w in inner.get_weights()[:2])
+            # adapted (weights) or given to the constructor (no weights): both end up here
+            m, v = (
+                np.asarray(keras.ops.convert_to_numpy(t), np.float64).reshape(-1)
+                for t in (inner.mean, inner.variance)
+            )
             m = np.broadcast_to(m, (width,))
             s = np.maximum(np.sqrt(np.broadcast_to(v, (width,))), keras.config.epsilon())
             if not out and mean is None and not getattr(inner, "invert", False):
@@ -243,8 +247,10 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
             axis = inner.axis if isinstance(inner.axis, int) else tuple(inner.axis)
             if axis not in (-1, 2, (-1,), (2,)):
                 raise UnsupportedModel(f"{where}: only axis=-1 (over the features of a step)")
-            gamma = _f32(inner.gamma.numpy()) if inner.scale else np.ones(width, np.float32)
-            beta = _f32(inner.beta.numpy()) if inner.center else np.zeros(width, np.float32)
+            gamma = inner.gamma  # rms_scaling=True keeps center=True but makes no beta
+            gamma = _f32(gamma.numpy()) if gamma is not None else np.ones(width, np.float32)
+            beta = inner.beta
+            beta = _f32(beta.numpy()) if beta is not None else np.zeros(width, np.float32)
             rms = bool(getattr(inner, "rms_scaling", False))
             new = [LayerNorm(gamma, beta, float(inner.epsilon), rms)]
         elif isinstance(inner, keras.layers.Dense):
@@ -300,3 +306,55 @@ def read_spec(path: str | Path) -> ModelSpec:
     model = load_model(p)
     digest = hashlib.sha256(p.read_bytes()).hexdigest()
     return spec_from_model(model, digest, p.stem)
+
+
+AGREEMENT_TOL = 1e-4  # Keras vs the step read from the model, relative to the output scale
+AGREEMENT_SEQUENCES = 16
+
+
+def check_agreement(path: str | Path, spec: ModelSpec, xs: np.ndarray) -> str | None:
+    """Keras itself, run over ``xs``, against the step read from the model: what is read
+    wrongly is refused here (exit 2) rather than verified against itself. A ``valid``
+    convolution streams as its causal twin (Keras drops its first outputs, the stream
+    emits them and the layers after it see them): the difference is measured and returned
+    as a warning. None when there is nothing to say (or Keras cannot run the model alone:
+    a ``stateful`` one with a fixed batch)."""
+    import keras
+
+    from . import reference
+
+    model: Any = load_model(path)
+    layers = [getattr(la, "layer", la) for la in model.layers]
+    if any(getattr(la, "stateful", False) for la in layers):
+        return None
+    shift = sum(
+        (int(la.kernel_size[0]) - 1) * int(np.prod(la.dilation_rate))
+        for la in layers
+        if isinstance(la, keras.layers.Conv1D) and la.padding == "valid"
+    )
+    xs = xs[:AGREEMENT_SEQUENCES]
+    if xs.shape[1] <= shift:
+        return None
+    try:
+        y_keras = np.asarray(model.predict(xs, verbose=0, batch_size=len(xs)), np.float64)
+    except Exception:  # e.g. a fixed batch size: the reference is all there is
+        return None
+    y_ref = np.asarray(reference.run(spec, xs)[0], np.float64)
+    y_ref = y_ref[:, shift:] if spec.sequence_output else y_ref[:, -1]
+    if y_ref.shape != y_keras.shape:
+        return None
+    diff = float(np.abs(y_ref - y_keras).max())
+    scale = max(1.0, float(np.abs(y_keras).max()))
+    if diff <= AGREEMENT_TOL * scale:
+        return None
+    if shift:
+        return (
+            f"a Conv1D with padding='valid' streams as its causal twin: on --calib its outputs "
+            f"differ from Keras' by up to {diff:.3g} (the stream also steps the {shift} first "
+            "outputs Keras drops, and the state after them carries that on); train with "
+            "padding='causal' for a stream that is the model"
+        )
+    raise UnsupportedModel(
+        f"the step read from the model differs from Keras' own run of it by up to {diff:.3g} "
+        "on --calib: a layer is not read as Keras computes it (please report the model)"
+    )

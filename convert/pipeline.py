@@ -65,12 +65,21 @@ def read_model(path: str | Path) -> tuple[ModelSpec, verify.FloatModel | None]:
     return intake.read_spec(path), None
 
 
-def check_source(float_model: verify.FloatModel | None, calib: np.ndarray) -> None:
-    """An ONNX graph must compute what was read from it (exit 2 otherwise)."""
+def check_source(
+    model_path: str | Path,
+    spec: ModelSpec,
+    float_model: verify.FloatModel | None,
+    calib: np.ndarray,
+    progress: Progress,
+) -> None:
+    """The model must compute what was read from it (exit 2 otherwise): an ONNX graph in
+    onnxruntime, a Keras model in Keras."""
     from . import onnx_intake
 
     if isinstance(float_model, onnx_intake.OnnxSource):
         float_model.check_agreement(calib[: onnx_intake.AGREEMENT_SEQUENCES])
+    elif float_model is None and (warning := intake.check_agreement(model_path, spec, calib)):
+        progress(f"warning: {warning}")
 
 
 def run_convert(
@@ -108,7 +117,7 @@ def run_convert(
     data, data_labels = (
         load_sequences(data_path, spec.features, "--data") if data_path else (calib, None)
     )
-    check_source(float_model, calib)
+    check_source(model_path, spec, float_model, calib, progress)
     in_graph = normalization == "graph"
     if data_labels is not None:  # a bad label shape is a usage error, before the slow part
         kind = "classifier" if labels or spec.final_activation == "softmax" else "regressor"
@@ -125,7 +134,7 @@ def run_convert(
         for m in AUTO_ORDER if mode == "auto" else (mode,):
             if (unfit := quantize.unfit(spec, m)) is not None:
                 if mode != "auto":
-                    raise ConvertError(f"--quant {unfit}")
+                    raise ConvertError(f"--quant {unfit} (--quant auto picks a mode that fits)")
                 tried.append(
                     {"mode": m, "passed": False, "why": unfit, "failed": [], "skipped": True}
                 )
@@ -262,7 +271,7 @@ def run_verify(
     if manifest.source_sha256 and spec.source_sha256 != manifest.source_sha256:
         raise ConvertError(f"{model_path}: sha256 differs from the bundle's source model")
     data, labels = load_sequences(data_path, spec.features, "--data")
-    check_source(float_model, data)
+    check_source(model_path, spec, float_model, data, progress)
     report = verify.verify(
         d,
         spec,

@@ -242,7 +242,18 @@ def unfit(spec: ModelSpec, mode: str) -> str | None:
         return "int8-float-head: the model has no output layers after its last recurrent layer"
     if mode == "int8-float-cell" and not any(s.role == "c" for s in spec.states):
         return "int8-float-cell: the model has no LSTM cell state"
+    if mode not in ("float16", "float32"):
+        integer = spec.layers[: _head_start(spec)] if mode == "int8-float-head" else spec.layers
+        i = next((i for i, la in enumerate(integer) if "softsign" in _activations(la)), None)
+        if i is not None:
+            return f"{mode}: layer {i} uses softsign, whose DIV TFLite cannot run in integers"
     return None
+
+
+def _activations(layer: object) -> set[str]:
+    if isinstance(layer, Activation):
+        return {layer.name}
+    return {getattr(layer, a) for a in ("activation", "recurrent_activation") if hasattr(layer, a)}
 
 
 def runtime_softmax(spec: ModelSpec, mode: str) -> bool:

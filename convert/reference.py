@@ -90,11 +90,9 @@ def layer_step(
     if isinstance(layer, Activation):
         return activate(inp, layer.name), []
     if isinstance(layer, LayerNorm):
-        if layer.rms:
-            out = inp / np.sqrt((inp**2).mean(-1, keepdims=True) + layer.epsilon)
-        else:
-            c = inp - inp.mean(-1, keepdims=True)
-            out = c / np.sqrt((c**2).mean(-1, keepdims=True) + layer.epsilon)
+        c = inp - inp.mean(-1, keepdims=True)
+        # ``rms``: Keras' rms_scaling, the input itself (not centred) over its deviation
+        out = (inp if layer.rms else c) / np.sqrt((c**2).mean(-1, keepdims=True) + layer.epsilon)
         return out * layer.gamma + layer.beta, []
     if isinstance(layer, LSTMCell):
         h, c = state

@@ -59,7 +59,8 @@ class Affine:
 
 @dataclass(frozen=True)
 class LayerNorm:
-    """Normalise each step's vector over its features (``rms``: RMS scaling, no centring)."""
+    """Normalise each step's vector over its features (``rms``: Keras' ``rms_scaling``, the
+    input itself, not centred, divided by its standard deviation)."""
 
     gamma: np.ndarray
     beta: np.ndarray

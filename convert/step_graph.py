@@ -146,12 +146,12 @@ def _layer_fn(layer: Any, tf: Any, c: Callable[[Any], Any]) -> LayerFn:
         g, b, eps, rms = c(layer.gamma), c(layer.beta), layer.epsilon, layer.rms
 
         def layer_norm(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
-            if not rms:
-                inp = inp - tf.reduce_mean(inp, axis=-1, keepdims=True)
-            # inp * inp, not tf.square: the converter fuses square(x - mean) into
+            centred = inp - tf.reduce_mean(inp, axis=-1, keepdims=True)
+            # centred * centred, not tf.square: the converter fuses square(x - mean) into
             # SQUARED_DIFFERENCE, which has no int8 kernel
-            var = tf.reduce_mean(inp * inp, axis=-1, keepdims=True)
-            return inp * tf.math.rsqrt(var + eps) * g + b, []
+            var = tf.reduce_mean(centred * centred, axis=-1, keepdims=True)
+            # rms: Keras' rms_scaling, the input itself (not centred) over its deviation
+            return (inp if rms else centred) * tf.math.rsqrt(var + eps) * g + b, []
 
         return layer_norm
     if isinstance(layer, GRUCell):

@@ -187,3 +187,25 @@ def test_auto_lines_name_every_mode_tried():
         "--quant auto chose int8-float-head, the smallest mode meeting every target (int8 "
         "failed: accuracy 77.50%; int8-float-cell skipped: the model has no LSTM cell state)"
     )
+
+
+def test_softsign_is_left_to_the_modes_whose_kernels_can_run_it():
+    """TFLite's int8 DIV refuses a denominator stored as 0 (1 + |x| can be), int16x8 has no
+    DIV: a softsign in the integer part of a mode makes the mode unfit, said before any work."""
+    import keras
+
+    from convert import intake, quantize
+
+    inp = keras.Input((None, 3))
+    core = keras.layers.LSTM(4, activation="softsign", return_sequences=True)(inp)
+    in_core = intake.spec_from_model(keras.Model(inp, keras.layers.Dense(2)(core)))
+    plain = keras.layers.LSTM(4, return_sequences=True)(inp)
+    head = keras.layers.Dense(2, activation="softsign")(plain)
+    in_head = intake.spec_from_model(keras.Model(inp, head))
+    for mode in ("int8", "int8-float-cell", "int8-float-head", "int16x8"):
+        assert quantize.unfit(in_core, mode) == (
+            f"{mode}: layer 0 uses softsign, whose DIV TFLite cannot run in integers"
+        )
+    assert quantize.unfit(in_head, "int8") is not None
+    assert [quantize.unfit(in_head, m) for m in ("int8-float-head", "float16")] == [None, None]
+    assert quantize.unfit(in_core, "float16") is None

@@ -159,6 +159,16 @@ def _accepted():
             L.Dense(2),
         ],
         "layernorm": [L.LSTM(6, return_sequences=True), L.LayerNormalization(), L.Dense(2)],
+        "layernorm-rms-scaling": [
+            L.LSTM(6, return_sequences=True),
+            L.LayerNormalization(rms_scaling=True),
+            L.Dense(2),
+        ],
+        "normalization-given-mean-variance": [
+            L.Normalization(mean=[1.0, -2, 0, 3, 0.5], variance=[4.0, 1, 9, 0.25, 2]),
+            L.LSTM(6, return_sequences=True),
+            L.Dense(2),
+        ],
         "cnn-lstm": [
             L.Conv1D(8, 3, padding="causal", activation="relu"),
             L.Conv1D(6, 2, dilation_rate=2, padding="causal"),
@@ -190,10 +200,13 @@ def _accepted():
         "mixed",
         "batchnorm",
         "layernorm",
+        "layernorm-rms-scaling",
+        "normalization-given-mean-variance",
         "cnn-lstm",
         "grouped-conv",
     ],
 )
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")  # deprecated, still read
 def test_reference_matches_keras_for_every_accepted_shape(name):
     import keras
 
@@ -227,6 +240,36 @@ def test_valid_convolution_streams_as_its_causal_twin():
     x = np.random.default_rng(6).normal(0, 1, (2, 15, 5)).astype(np.float32)
     y, _, _ = reference.run(intake.spec_from_model(valid), x)
     np.testing.assert_allclose(y, causal.predict(x, verbose=0), atol=2e-5)
+
+
+def test_keras_itself_checks_what_was_read(tmp_path):
+    """Verification compares the bundle with the step read from the model: that step is
+    compared with Keras' own run first, so a layer read wrongly cannot verify itself."""
+    import dataclasses
+
+    import keras
+
+    from convert import intake
+    from convert.errors import UnsupportedModel
+
+    L = keras.layers
+    x = np.random.default_rng(7).normal(0, 1, (4, 25, 5)).astype(np.float32)
+    good = keras_model([L.LSTM(6, return_sequences=True), L.Dense(2)])
+    good.save(tmp_path / "good.keras")
+    spec = intake.read_spec(tmp_path / "good.keras")
+    assert intake.check_agreement(tmp_path / "good.keras", spec, x) is None
+    dense = spec.layers[-1]
+    misread = dataclasses.replace(
+        spec, layers=(*spec.layers[:-1], dataclasses.replace(dense, bias=dense.bias + 0.01))
+    )
+    with pytest.raises(UnsupportedModel, match="differs from Keras' own run of it by up to 0.01"):
+        intake.check_agreement(tmp_path / "good.keras", misread, x)
+    valid = keras_model([L.Conv1D(4, 3, padding="valid"), L.LSTM(3, return_sequences=True)])
+    valid.save(tmp_path / "valid.keras")
+    said = intake.check_agreement(
+        tmp_path / "valid.keras", intake.read_spec(tmp_path / "valid.keras"), x
+    )
+    assert said is not None and "padding='valid' streams as its causal twin" in said
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)

@@ -62,6 +62,7 @@ IDENTITY = (
     "AlphaDropout",
     "ActivityRegularization",
     "InputLayer",
+    "Identity",
 )
 
 
@@ -265,6 +266,21 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
             new = [Activation("relu")]
         elif isinstance(inner, keras.layers.Softmax):
             new = [Activation("softmax")]
+        elif isinstance(inner, keras.layers.Rescaling):
+            scale = np.broadcast_to(np.asarray(inner.scale, np.float64).reshape(-1), (width,))
+            offset = np.broadcast_to(np.asarray(inner.offset, np.float64).reshape(-1), (width,))
+            new = [Affine(_f32(scale), _f32(offset))]
+        elif isinstance(inner, keras.layers.ELU):
+            if float(inner.alpha) != 1.0:
+                raise UnsupportedModel(f"{where}: only alpha=1.0 (the 'elu' activation)")
+            new = [Activation("elu")]
+        elif isinstance(inner, keras.layers.LeakyReLU):
+            if abs(float(inner.negative_slope) - 0.2) > 1e-7:
+                raise UnsupportedModel(
+                    f"{where}: negative_slope={inner.negative_slope:g}; only 0.2, the slope of "
+                    "the 'leaky_relu' activation the step computes"
+                )
+            new = [Activation("leaky_relu")]
         elif layer is not inner:
             raise UnsupportedModel(
                 f"{where}: TimeDistributed({ikind}) is not supported (per-step layers only)"
@@ -281,7 +297,10 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
                 raise UnsupportedModel(f"{where}: follows a layer that returned its last step")
             new = [_conv(layer, where)]
         else:
-            raise UnsupportedModel(f"{where} is not supported in a streaming step model")
+            raise UnsupportedModel(
+                f"{where} is not a layer the converter reads (recurrent layers, stride-1 Conv1D, "
+                "Dense, per-step normalisations and activations; see the README's list)"
+            )
         for la in new:
             if isinstance(la, (Dense, LSTMCell, GRUCell, SimpleRNNCell, Conv1D)):
                 d_in = la.kernel.shape[-2]
@@ -310,15 +329,17 @@ def read_spec(path: str | Path) -> ModelSpec:
 
 AGREEMENT_TOL = 1e-4  # Keras vs the step read from the model, relative to the output scale
 AGREEMENT_SEQUENCES = 16
+AGREEMENT_STEPS = 4  # compared strictly: later, float32 rounding may grow in an unstable model
 
 
 def check_agreement(path: str | Path, spec: ModelSpec, xs: np.ndarray) -> str | None:
-    """Keras itself, run over ``xs``, against the step read from the model: what is read
-    wrongly is refused here (exit 2) rather than verified against itself. A ``valid``
-    convolution streams as its causal twin (Keras drops its first outputs, the stream
-    emits them and the layers after it see them): the difference is measured and returned
-    as a warning. None when there is nothing to say (or Keras cannot run the model alone:
-    a ``stateful`` one with a fixed batch)."""
+    """Keras itself against the step read from the model, over the first steps of ``xs``:
+    what is read wrongly is refused here (exit 2) rather than verified against itself. (Only
+    the first steps: in a model whose state grows without bound, float32 rounding grows too.)
+    A ``valid`` convolution streams as its causal twin (Keras drops its first outputs, the
+    stream emits them and the layers after it see them): that difference, over all of ``xs``,
+    is returned as a warning. None when there is nothing to say, or when Keras cannot run the
+    model alone (a ``stateful`` one, a fixed batch or length)."""
     import keras
 
     from . import reference
@@ -333,28 +354,40 @@ def check_agreement(path: str | Path, spec: ModelSpec, xs: np.ndarray) -> str | 
         if isinstance(la, keras.layers.Conv1D) and la.padding == "valid"
     )
     xs = xs[:AGREEMENT_SEQUENCES]
-    if xs.shape[1] <= shift:
-        return None
-    try:
-        y_keras = np.asarray(model.predict(xs, verbose=0, batch_size=len(xs)), np.float64)
-    except Exception:  # e.g. a fixed batch size: the reference is all there is
-        return None
-    y_ref = np.asarray(reference.run(spec, xs)[0], np.float64)
-    y_ref = y_ref[:, shift:] if spec.sequence_output else y_ref[:, -1]
-    if y_ref.shape != y_keras.shape:
-        return None
-    diff = float(np.abs(y_ref - y_keras).max())
-    scale = max(1.0, float(np.abs(y_keras).max()))
-    if diff <= AGREEMENT_TOL * scale:
-        return None
-    if shift:
+
+    def differ(x: np.ndarray, pad: np.ndarray | None = None) -> float | None:
+        """Relative max difference; ``pad``: Keras gets it before ``x`` (the twin's padding)."""
+        fed = x if pad is None else np.concatenate([np.broadcast_to(pad, x[:, :shift].shape), x], 1)
+        try:
+            want = np.asarray(model.predict(fed, verbose=0, batch_size=len(x)), np.float64)
+        except Exception:  # e.g. a fixed batch size or length: the reference is all there is
+            return None
+        got = np.asarray(reference.run(spec, x)[0], np.float64)
+        got = got[:, shift if pad is None else 0 :] if spec.sequence_output else got[:, -1]
+        if got.shape != want.shape or not np.isfinite(want).all():
+            return None  # a model that diverges is said by the calibration, naming where
+        return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+
+    early = None
+    if not shift:
+        early = differ(xs[:, :AGREEMENT_STEPS])
+    elif isinstance(spec.layers[0], Conv1D) and spec.layers[0].span == shift:
+        # one valid convolution, first: Keras on the input padded with what the twin's zero
+        # buffer stands for (the mean, where the normalisation runs before it) is the twin
+        mean = spec.norm_mean
+        pad = np.zeros(spec.features) if mean is None else mean.astype(np.float64)
+        early = differ(xs[:, :AGREEMENT_STEPS], pad.astype(np.float32))
+    if early is not None and not early <= AGREEMENT_TOL:
+        raise UnsupportedModel(
+            f"the step read from the model differs from Keras' own run of it by {early:.3g} "
+            f"(relative) in the first {AGREEMENT_STEPS} steps of --calib: a layer is not read "
+            "as Keras computes it (please report the model)"
+        )
+    if shift and (whole := differ(xs)) is not None and whole > AGREEMENT_TOL:
         return (
             f"a Conv1D with padding='valid' streams as its causal twin: on --calib its outputs "
-            f"differ from Keras' by up to {diff:.3g} (the stream also steps the {shift} first "
-            "outputs Keras drops, and the state after them carries that on); train with "
-            "padding='causal' for a stream that is the model"
+            f"differ from Keras' by {whole:.3g} (relative to the output's scale; the stream "
+            f"also steps the {shift} first outputs Keras drops, and the state after them "
+            "carries that on); train with padding='causal' for a stream that is the model"
         )
-    raise UnsupportedModel(
-        f"the step read from the model differs from Keras' own run of it by up to {diff:.3g} "
-        "on --calib: a layer is not read as Keras computes it (please report the model)"
-    )
+    return None

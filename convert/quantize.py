@@ -63,8 +63,9 @@ def calibrate(
     """``search_c_range``: pick the int8 cell-state range (only int8 pins state ranges)."""
     long = calib.reshape(1, -1, calib.shape[-1])
     xs, states, ys = [], [], []
-    for data in (calib, long):
+    for data, what in ((calib, "sequence"), (long, "the sequences run back to back")):
         y, before, xn = reference.run(spec, data)
+        _finite_or_refuse(spec, y, before, what)
         xs.append((data if normalize_in_graph else xn).reshape(-1, spec.features))
         states.append([b.reshape(-1, b.shape[-1]) for b in before])
         ys.append(y.reshape(-1, y.shape[-1]))
@@ -88,6 +89,25 @@ def calibrate(
     return Calibration(
         x_all[pick].astype(np.float32), [s[pick].astype(np.float32) for s in st_all], ranges
     )
+
+
+def _finite_or_refuse(spec: ModelSpec, y: np.ndarray, states: list[np.ndarray], what: str) -> None:
+    """A float model that overflows on its own calibration data has no ranges to quantise
+    to, and no float reference to verify against: said here, naming where, not later as an
+    invalid scale deep in a bundle."""
+    named = [(f"state {s.name!r} (layer {s.layer})", b) for s, b in zip(spec.states, states)]
+    for name, a in [*named, ("output", y)]:
+        bad = ~np.isfinite(a)
+        if bad.any():
+            seq, step = (int(v) for v in np.argwhere(bad)[0][:2])
+            where = (
+                f"sequence {seq}, step {step}" if what == "sequence" else f"step {step} of {what}"
+            )
+            raise ConvertError(
+                f"the float model's {name} becomes NaN or infinite on --calib ({where}): it "
+                "diverges there, so it cannot be quantised or verified (check its activations "
+                "and training)"
+            )
 
 
 def _hull_with_zero(lo: float, hi: float) -> tuple[float, float]:

@@ -77,11 +77,16 @@ def label_alignment(
         return "last"
     if shape in per_step:
         return "step"
+    ok = " / ".join(str(list(s)) for s in sorted(per_seq | per_step, key=len))
+    hint = ""
+    if kind == "regressor" and outputs > 1 and shape in {(n,), (n, t)}:
+        hint = (
+            " (class indices? a classifier without a softmax at its end is taken for a "
+            "regressor: give --labels)"
+        )
     raise ConvertError(
         f"--data: labels 'y' have shape {list(shape)}; for this {kind} with {outputs} outputs "
-        f"expected per sequence [{n}] / [{n}, {outputs}] or per step [{n}, {t}"
-        + ("" if kind == "classifier" and outputs > 1 else f", {outputs}")
-        + "]"
+        f"expected {ok}{hint}"
     )
 
 
@@ -89,6 +94,14 @@ def class_index(labels: np.ndarray, where: str, outputs: int) -> np.ndarray:
     """Integer class labels from indices or one-hot rows."""
     one_hot_ndim = 2 if where == "last" else 3
     if labels.ndim == one_hot_ndim and labels.shape[-1] == outputs:
+        rows = labels.reshape(-1, outputs)
+        if outputs > 1 and not (np.isin(rows, (0, 1)).all() and (rows.sum(-1) == 1).all()):
+            bad = int(np.flatnonzero(~(np.isin(rows, (0, 1)).all(-1) & (rows.sum(-1) == 1)))[0])
+            raise ConvertError(
+                f"--data: labels 'y' are not one-hot (row {bad} is {rows[bad].tolist()}): for "
+                "a multi-label model (several classes at once), convert it without --labels: it "
+                "is then judged per output, by RMSE"
+            )
         return np.asarray(labels.argmax(-1))
     n = labels.shape[0]
     if (labels != np.round(labels)).any():

@@ -177,6 +177,11 @@ def test_gates_stand_beside_the_figures_and_limits_the_verdict_applies():
         (np.array([0, 1, 2, 9]), "label 9 is not a class of this model"),
         (np.array([0, 1, -1, 2]), "label -1 is not a class"),
         (np.array([0.0, 1.5, 2.0, 1.0]), "whole class indices"),
+        (
+            np.eye(4)[[0, 1, 2, 3]] + np.eye(4)[[1, 1, 0, 3]] * (np.arange(4) == 0)[:, None],
+            r"not one-hot \(row 0 is \[1\.0, 1\.0, 0\.0, 0\.0\]\): for a multi-label model",
+        ),
+        (np.zeros((4, 4)), r"not one-hot \(row 0 is \[0\.0, 0\.0, 0\.0, 0\.0\]\)"),
     ],
 )
 def test_class_labels_that_are_not_classes_are_named(labels, message):
@@ -186,3 +191,8 @@ def test_class_labels_that_are_not_classes_are_named(labels, message):
     with pytest.raises(ConvertError, match=message):
         where = label_alignment(labels, "classifier", 4, 10, 4, sequence_output=False)
         class_index(labels, where, 4)
+
+
+def test_class_indices_for_a_model_taken_for_a_regressor_say_what_to_do():
+    with pytest.raises(ConvertError, match=r"expected \[4, 3\] / \[4, 10, 3\] \(class indices"):
+        verdict.label_alignment(np.array([0, 1, 2, 1]), "regressor", 4, 10, 3)

@@ -75,6 +75,7 @@ from .state_lock import StateLock
 log = logging.getLogger("edge.worker")
 
 STREAM = "EDGE_SENSORS"
+MAX_LEASE_SECONDS = 3600.0  # a lease that long would keep a dead worker's partitions an hour
 REFUSALS_BEFORE_LOOKING = 5  # refused pull requests in a row before checking the consumer
 LEASES = "edge_leases"
 SNAPSHOTS = "edge_snapshots"
@@ -106,8 +107,10 @@ class WorkerOptions:
             raise ConfigError(
                 f"worker_id {self.worker_id!r}: needs letters, digits, '-' or '_' only"
             )
-        if not self.lease_seconds >= 1 or math.isinf(self.lease_seconds):  # NaN fails >= too
-            raise ConfigError(f"lease_seconds = {self.lease_seconds!r} must be finite and >= 1")
+        if not 1 <= self.lease_seconds <= MAX_LEASE_SECONDS:  # NaN fails too
+            raise ConfigError(
+                f"lease_seconds = {self.lease_seconds!r} must be in 1..{MAX_LEASE_SECONDS}"
+            )
         if not self.snapshot_interval > 0 or math.isinf(self.snapshot_interval):
             raise ConfigError(
                 f"snapshot_interval = {self.snapshot_interval!r} must be finite and > 0"
@@ -190,6 +193,18 @@ async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any]:
             )
         )
         log.info("created stream %s with %d partitions", STREAM, opts.partitions)
+    try:
+        leases = await js.stream_info(f"KV_{LEASES}")
+    except NotFoundError:
+        leases = None
+    if leases is not None:  # every worker of a group must use the same lease
+        ttl = leases.config.max_age
+        if ttl is not None and abs(ttl - opts.lease_seconds) > 1e-3:
+            raise ConfigError(
+                f"lease_seconds = {opts.lease_seconds:g}, but the lease bucket {LEASES} was made "
+                f"with {ttl:g}: every worker must use the same (or delete the bucket, with no "
+                "worker running, to change it)"
+            )
     kv = await js.create_key_value(
         bucket=LEASES, ttl=opts.lease_seconds, history=1, replicas=opts.replicas
     )
@@ -590,6 +605,9 @@ class Worker:
                     else:
                         self.metrics.inc("answers_sent_before")
                     part.unsure.discard(mid)
+                # Written out now, not at a later turn of the loop: stored, an answer's core
+                # copy is never sent by a replay, so a crash must not find it still buffered.
+                await self.nc.flush()
             else:
                 for o in outs:
                     await self.nc.publish(topic_to_subject(o.topic), o.payload)
@@ -788,6 +806,12 @@ class Worker:
             raise ConfigError(
                 f"cannot reach NATS at {','.join(self.opts.servers)}: {str(exc) or 'timed out'}"
             ) from exc
+        info = getattr(self.nc, "_server_info", None) or {}
+        if info and not info.get("jetstream"):
+            raise ConfigError(
+                f"nats-server at {self.nc.connected_url.netloc if self.nc.connected_url else '?'} "
+                "has no JetStream: start it with -js (or a jetstream {} block)"
+            )
         self.js = self.nc.jetstream()
         self.stored = StorePublisher(self.nc)
         await self.stored.start()

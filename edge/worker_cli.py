@@ -125,7 +125,9 @@ def worker(args: argparse.Namespace) -> int:
         raise ConfigError("nats is required (--nats nats://HOST:PORT[,...])")
     opts = WorkerOptions(
         servers=servers,
-        worker_id=str(wk.get("worker_id") or socket.gethostname().replace(".", "-")),
+        worker_id=str(
+            wk["worker_id"] if "worker_id" in wk else socket.gethostname().replace(".", "-")
+        ),
         partitions=int(wk.get("partitions", 16)),
         lease_seconds=float(wk.get("lease_seconds", 3.0)),
         snapshot_interval=float(wk.get("snapshot_interval", 5.0)),

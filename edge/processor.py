@@ -46,23 +46,26 @@ __all__ = ["Inbound", "Outbound", "Processor"]
 
 
 class HashedFlags:
-    """A flag per stream id, counted in a fixed table of hashed slots (4 MiB). Streams evicted
-    for good must not pile up, and a bounded list of ids is no answer: a fleet larger than
-    ``capacity`` churns through it, each returning stream evicting another whose id pushes the
-    flags of the streams about to return out. Here nothing is pushed out; ids sharing a slot
-    count in it, and only a flag left by a stream that never came back can fall to a new one
-    sharing its slot (a ``restart`` it did not need)."""
+    """A flag per stream id, counted in a fixed table of hashed slots (4 MiB, made when the
+    first stream is flagged). Streams evicted for good must not pile up, and a bounded list of
+    ids is no answer: a fleet larger than ``capacity`` churns through it, each returning
+    stream evicting another whose id pushes the flags of the streams about to return out.
+    Here nothing is pushed out; ids sharing a slot count in it, and only a flag left by a
+    stream that never came back can fall to a new one sharing its slot (a ``restart`` it did
+    not need)."""
 
     SLOTS = 1 << 22
 
     def __init__(self) -> None:
-        self._count = bytearray(self.SLOTS)
+        self._count: bytearray | None = None  # made by the first flag: most runs set none
         self.pending = 0  # flags set and not yet taken (including those never to be)
 
     def _slot(self, stream: str) -> int:
         return zlib.crc32(stream.encode()) & (self.SLOTS - 1)
 
     def set(self, stream: str) -> None:
+        if self._count is None:
+            self._count = bytearray(self.SLOTS)
         i = self._slot(stream)
         self._count[i] = min(self._count[i] + 1, 255)
         self.pending += 1
@@ -70,7 +73,7 @@ class HashedFlags:
     def pop(self, stream: str) -> bool:
         """Whether the stream was flagged; its flag is taken."""
         i = self._slot(stream)
-        if not self._count[i]:
+        if self._count is None or not self._count[i]:
             return False
         self._count[i] -= 1
         self.pending = max(self.pending - 1, 0)

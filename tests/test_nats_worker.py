@@ -372,19 +372,33 @@ def _damage_newest_snapshots(url: str, partitions: int) -> int:
     return asyncio.run(run())
 
 
-@failover
-def test_damaged_snapshots_fall_back_and_replay(
-    bundles: Path, nats_server: NatsServer, workers: Any
-) -> None:
+@contextlib.contextmanager
+def _half_answered(
+    workers: Any, nats_server: NatsServer, samples: dict[str, np.ndarray], half: int
+) -> Iterator[tuple[WorkerProc, Collector, Publisher]]:
+    """Worker w1 owning every partition, the first ``half`` samples of each stream answered
+    over MQTT; the collector and publisher are closed afterwards."""
     w1 = workers("w1")
     col = Collector(nats_server.mqtt_url)
     pub = Publisher(nats_server.mqtt_url)
     try:
         wait_owned(col, ["w1"], P)
-        samples = _samples(8, 30, seed=11)
-        want = offline(bundles / "clf-int8", samples)
-        _send(pub, samples, range(15))
-        wait_until(lambda: len(col.predictions()) >= 8 * 15, 60, "first half answered")
+        _send(pub, samples, range(half))
+        n = len(samples) * half
+        wait_until(lambda: len(col.predictions()) >= n, 60, "the first half answered")
+        yield w1, col, pub
+    finally:
+        pub.close()
+        col.close()
+
+
+@failover
+def test_damaged_snapshots_fall_back_and_replay(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    samples = _samples(8, 30, seed=11)
+    want = offline(bundles / "clf-int8", samples)
+    with _half_answered(workers, nats_server, samples, 15) as (w1, col, pub):
         assert w1.stop() == 0  # a clean stop snapshots every partition
         assert _damage_newest_snapshots(nats_server.url, P) > 0
         w2 = workers("w2")
@@ -394,9 +408,6 @@ def test_damaged_snapshots_fall_back_and_replay(
         assert (missing, wrong) == ([], [])
         assert "checksum mismatch" in w2.log()
         assert not col.of("errors/")
-    finally:
-        pub.close()
-        col.close()
 
 
 def _delete(url: str, what: str) -> None:
@@ -472,14 +483,8 @@ def test_a_stream_made_anew_is_read_from_its_start_and_streams_keep_their_state(
 def test_a_consumer_or_stream_deleted_under_a_running_worker_is_made_again(
     bundles: Path, nats_server: NatsServer, workers: Any, what: str
 ) -> None:
-    w1 = workers("w1")
-    col = Collector(nats_server.mqtt_url)
-    pub = Publisher(nats_server.mqtt_url)
-    try:
-        wait_owned(col, ["w1"], P)
-        samples = _samples(8, 40, seed=17)
-        _send(pub, samples, range(20))
-        wait_until(lambda: len(col.predictions()) >= 8 * 20, 60, "the first half answered")
+    samples = _samples(8, 40, seed=17)
+    with _half_answered(workers, nats_server, samples, 20) as (w1, col, pub):
         _delete(nats_server.url, what)
         if what == "stream":  # an MQTT publish meanwhile reaches no stream: wait for it first
             wait_until(lambda: "made anew" in w1.log(), 120, "the stream made again")
@@ -489,9 +494,6 @@ def test_a_consumer_or_stream_deleted_under_a_running_worker_is_made_again(
         assert _check(col.predictions(), want) == ([], [])
         assert "its consumer is gone" in w1.log()
         assert w1.proc is not None and w1.proc.poll() is None
-    finally:
-        pub.close()
-        col.close()
 
 
 @failover

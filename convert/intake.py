@@ -320,11 +320,16 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
     return ModelSpec(features, mean, std, layers, source_sha256, name, timeline)
 
 
-def read_spec(path: str | Path) -> ModelSpec:
+def read(path: str | Path) -> tuple[ModelSpec, Any]:
+    """The spec read from a Keras model file, and the Keras model itself."""
     p = Path(path)
     model = load_model(p)
     digest = hashlib.sha256(p.read_bytes()).hexdigest()
-    return spec_from_model(model, digest, p.stem)
+    return spec_from_model(model, digest, p.stem), model
+
+
+def read_spec(path: str | Path) -> ModelSpec:
+    return read(path)[0]
 
 
 AGREEMENT_TOL = 1e-4  # Keras vs the step read from the model, relative to the output scale
@@ -332,7 +337,7 @@ AGREEMENT_SEQUENCES = 16
 AGREEMENT_STEPS = 4  # compared strictly: later, float32 rounding may grow in an unstable model
 
 
-def check_agreement(path: str | Path, spec: ModelSpec, xs: np.ndarray) -> str | None:
+def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
     """Keras itself against the step read from the model, over the first steps of ``xs``:
     what is read wrongly is refused here (exit 2) rather than verified against itself. (Only
     the first steps: in a model whose state grows without bound, float32 rounding grows too.)
@@ -344,7 +349,6 @@ def check_agreement(path: str | Path, spec: ModelSpec, xs: np.ndarray) -> str | 
 
     from . import reference
 
-    model: Any = load_model(path)
     layers = [getattr(la, "layer", la) for la in model.layers]
     if any(getattr(la, "stateful", False) for la in layers):
         return None

@@ -54,21 +54,22 @@ def load_sequences(
     return x.astype(np.float32), labels
 
 
-def read_model(path: str | Path) -> tuple[ModelSpec, verify.FloatModel | None]:
-    """The spec of a Keras or ONNX model, and for ONNX the model itself as the float
-    reference (onnxruntime over the original graph)."""
+def read_model(path: str | Path) -> tuple[ModelSpec, verify.FloatModel | None, Any]:
+    """The spec of a Keras or ONNX model; for ONNX the model itself as the float reference
+    (onnxruntime over the original graph); for Keras the Keras model (to check the spec)."""
     if Path(path).suffix.lower() == ".onnx":
         from . import onnx_intake
 
         source = onnx_intake.read(path)
-        return source.spec, source
-    return intake.read_spec(path), None
+        return source.spec, source, None
+    spec, keras_model = intake.read(path)
+    return spec, None, keras_model
 
 
 def check_source(
-    model_path: str | Path,
     spec: ModelSpec,
     float_model: verify.FloatModel | None,
+    keras_model: Any,
     calib: np.ndarray,
     progress: Progress,
 ) -> None:
@@ -78,7 +79,7 @@ def check_source(
 
     if isinstance(float_model, onnx_intake.OnnxSource):
         float_model.check_agreement(calib[: onnx_intake.AGREEMENT_SEQUENCES])
-    elif float_model is None and (warning := intake.check_agreement(model_path, spec, calib)):
+    elif keras_model is not None and (warning := intake.check_agreement(keras_model, spec, calib)):
         progress(f"warning: {warning}")
 
 
@@ -106,7 +107,7 @@ def run_convert(
     if sample_rate_hz is not None and not sample_rate_hz > 0:
         raise ConvertError(f"--sample-rate {sample_rate_hz} must be > 0")
     progress(f"reading {model_path}")
-    spec, float_model = read_model(model_path)
+    spec, float_model, keras_model = read_model(model_path)
     if feature_names is not None and len(feature_names) != spec.features:
         raise ConvertError(
             f"--feature-names has {len(feature_names)} names for {spec.features} features"
@@ -117,7 +118,7 @@ def run_convert(
     data, data_labels = (
         load_sequences(data_path, spec.features, "--data") if data_path else (calib, None)
     )
-    check_source(model_path, spec, float_model, calib, progress)
+    check_source(spec, float_model, keras_model, calib, progress)
     in_graph = normalization == "graph"
     if data_labels is not None:  # a bad label shape is a usage error, before the slow part
         kind = "classifier" if labels or spec.final_activation == "softmax" else "regressor"
@@ -267,11 +268,11 @@ def run_verify(
 ) -> dict[str, Any]:
     d = Path(directory)
     manifest, _ = read_bundle(d)
-    spec, float_model = read_model(model_path)
+    spec, float_model, keras_model = read_model(model_path)
     if manifest.source_sha256 and spec.source_sha256 != manifest.source_sha256:
         raise ConvertError(f"{model_path}: sha256 differs from the bundle's source model")
     data, labels = load_sequences(data_path, spec.features, "--data")
-    check_source(model_path, spec, float_model, data, progress)
+    check_source(spec, float_model, keras_model, data, progress)
     report = verify.verify(
         d,
         spec,

@@ -95,8 +95,9 @@ def class_index(labels: np.ndarray, where: str, outputs: int) -> np.ndarray:
     one_hot_ndim = 2 if where == "last" else 3
     if labels.ndim == one_hot_ndim and labels.shape[-1] == outputs:
         rows = labels.reshape(-1, outputs)
-        if outputs > 1 and not (np.isin(rows, (0, 1)).all() and (rows.sum(-1) == 1).all()):
-            bad = int(np.flatnonzero(~(np.isin(rows, (0, 1)).all(-1) & (rows.sum(-1) == 1)))[0])
+        one_hot = np.isin(rows, (0, 1)).all(-1) & (rows.sum(-1) == 1)
+        if outputs > 1 and not one_hot.all():
+            bad = int(np.flatnonzero(~one_hot)[0])
             raise ConvertError(
                 f"--data: labels 'y' are not one-hot (row {bad} is {rows[bad].tolist()}): for "
                 "a multi-label model (several classes at once), convert it without --labels: it "

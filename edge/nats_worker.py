@@ -492,15 +492,14 @@ class Worker:
         refusal, part.feed.refusals = part.feed.refusal, 0
         try:
             await self.js.consumer_info(STREAM, f"edge-p{part.number}")
-            return
+            return  # it is there: the refusals were passing (a leadership change, ...)
         except NotFoundError:
-            pass
-        log.error(
-            "partition %d: its consumer is gone (pull requests refused: %s); making it again",
-            part.number,
-            refusal,
-        )
-        self.metrics.inc("consumers_made_again")
+            log.error(
+                "partition %d: its consumer is gone (pull requests refused: %s); making it again",
+                part.number,
+                refusal,
+            )
+            self.metrics.inc("consumers_made_again")
         await self.ensure_resources()  # the stream too, if it went
         if self.stream_id != part.stream:
             log.error(

@@ -204,7 +204,7 @@ def build_all(dest: Path) -> None:
             progress=quiet,
         )
         reports[name] = {k: v for k, v in report.items() if not k.startswith("_")}
-        spec, float_model = read_model(model)  # the float reference: ONNX models run themselves
+        spec, float_model, _ = read_model(model)  # the float reference: ONNX models run themselves
         probe = probe_inputs(spec.features, 64)
         with np.load(data) as z:
             seqs = z["x"][:8]

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
 from . import early_signals
 from .config import ServiceConfig
 from .engine import Engine, load
@@ -247,7 +249,12 @@ class MqttService:
             self.outbox.window = min(self.cfg.max_unacked, limit)
         self.metrics.inc("reconnects")
         p = self.processor
-        client.subscribe([(f, 1) for f in (p.data.filter, p.control.filter, p.runtime_control)])
+        filters = (p.data.filter, p.control.filter, p.runtime_control)
+        if self.cfg.protocol == "5":  # the broker's stored copies are old news: not sent
+            keep = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            client.subscribe([(f, keep) for f in filters])
+        else:  # MQTT 3.1.1 sends them at every subscribe; they are answered `retained`
+            client.subscribe([(f, 1) for f in filters])
         self.connected.set()
         self._connect_failures = 0
         self._said = None
@@ -291,6 +298,7 @@ class MqttService:
                 ctype if isinstance(ctype, str) else None,
                 time.time(),
                 bool(msg.dup),
+                bool(msg.retain),
             )
         )
         self.wake.set()

@@ -41,6 +41,10 @@ from .wal import Entry, Evict, Mark, Output, Record, Release, Void
 log = logging.getLogger("edge.service")
 INVALID_STREAM = "~invalid"  # outside the stream id alphabet: no device can share it
 MAX_LATENCY = 3600.0
+RETAINED_DETAIL = (
+    "a retained message is the broker's stored copy of an earlier one, sent again at every "
+    "subscribe: not stepped; publish samples and commands without the retain flag"
+)
 
 __all__ = ["Inbound", "Outbound", "Processor"]
 
@@ -89,6 +93,7 @@ class Inbound:
     content_type: str | None = None
     received: float = 0.0  # wall clock, for end-to-end latency against the device's ts
     redelivered: bool = False  # the broker's DUP flag
+    retained: bool = False  # the broker's stored copy, sent again at each subscribe
 
 
 @dataclass
@@ -375,6 +380,13 @@ class Processor:
 
     def _decode(self, msg: Inbound, r: _Round) -> None:
         stream = self.data.stream(msg.topic)
+        if msg.retained:
+            # Not a new sample or command: the broker sends its stored copy at every
+            # subscribe, so stepping it would count an old sample again (and a retained
+            # reset would reset the stream at every reconnect).
+            where = stream or self.control.stream(msg.topic) or INVALID_STREAM
+            self._error(r, where, "retained", RETAINED_DETAIL)
+            return
         if stream is None:
             self._non_data(msg, r)
             return

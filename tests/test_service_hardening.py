@@ -431,3 +431,67 @@ def test_a_broker_flood_beyond_queue_size_waits_on_disk_and_is_answered(bundles,
     assert_exact(col.predictions(), expected)
     assert "wait on disk" in svc.output()
     assert svc.stop() == 0
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_retained_messages_are_stepped_once(bundles, broker, service, tmp_path, protocol):
+    """A device that publishes with the retain flag: each sample and command acts once, when
+    it is published. The broker's stored copies, sent again at each later subscribe (after a
+    restart, or to a fresh state directory that knows no stream), are never stepped and a
+    retained reset never resets again: MQTT 5 asks the broker not to send them, 3.1.1 gets
+    them and answers each one `retained`."""
+    import edge
+
+    x = make_samples(1, 9, seed=21)["dev-0"]
+    col = Collector(broker.url)
+    svc = service("--protocol", protocol)
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+
+    def retained(topic, doc):
+        pub.infos.append(pub.client.publish(topic, json.dumps(doc).encode(), qos=1, retain=True))
+
+    retained("sensors/dev-0/data", {"seq": 1, "values": x[:1].tolist()})
+    for i in (2, 3, 4):
+        pub.send("dev-0", i, x[i - 1 : i])
+    retained("sensors/dev-0/control", {"cmd": "reset", "seq": 5})
+    pub.send("dev-0", 5, x[4:5])
+    pub.flush()
+    wait_until(lambda: ("dev-0", 5) in col.predictions(), 30, "seq 1 .. 5 answered")
+    assert svc.stop() == 0
+
+    def retained_errors():
+        return [d for t, d in col.of("errors/dev-0") if d["error"] == "retained"]
+
+    svc = service("--protocol", protocol)  # the same state: subscribes again
+    for i in (6, 7, 8):
+        pub.send("dev-0", i, x[i - 1 : i])
+    pub.flush()
+    wait_until(lambda: ("dev-0", 8) in col.predictions(), 30, "seq 6 .. 8 answered")
+    assert svc.stop() == 0
+    # answers go out in the order their messages came in, and the broker sends its stored
+    # copies right after the subscribe: their answers are in by now
+    assert len(retained_errors()) == (0 if protocol == "5" else 2), col.of("errors/")
+
+    fresh = service("--protocol", protocol, state=tmp_path / "fresh")
+    pub.send("dev-0", 9, x[8:9])
+    pub.flush()
+    wait_until(lambda: ("dev-0", 9) in col.predictions(), 30, "seq 9 answered")
+    assert fresh.stop() == 0
+    assert len(retained_errors()) == (0 if protocol == "5" else 4)
+    assert len(retained_errors()) == len(col.of("errors/")), col.of("errors/")
+
+    engine = edge.load(bundles / BUNDLE)
+    want = list(engine.step("s", x[:4], seq=1))
+    engine.reset("s", next_seq=5)
+    want += list(engine.step("s", x[4:8], seq=5))
+    want += list(edge.load(bundles / BUNDLE).step("s", x[8:9], seq=9))  # a stream new to it
+    got = col.predictions()
+    assert sorted(k for k in got if k[0] == "dev-0") == [("dev-0", i) for i in range(1, 10)]
+    for i, y in enumerate(want, start=1):
+        assert len(got[("dev-0", i)]) == 1, f"seq {i} answered {len(got[('dev-0', i)])} times"
+        np.testing.assert_array_equal(got[("dev-0", i)][0], y, err_msg=f"seq {i}")
+    for topic in ("sensors/dev-0/data", "sensors/dev-0/control"):
+        pub.client.publish(topic, b"", qos=1, retain=True)
+    pub.close()
+    col.close()

@@ -23,7 +23,8 @@ from .processor import Inbound
 
 log = logging.getLogger("edge.inbox")
 
-# mid, qos, dup, received, topic length, content-type length (all ones: none), payload length
+# mid, qos, flags (1: dup, 2: retained), received, topic length, content-type length (all ones:
+# none), payload length
 _HEAD = struct.Struct("<IBBdHII")
 _NO_CTYPE = 0xFFFFFFFF
 READ_CHUNK = 1 << 20
@@ -35,7 +36,7 @@ def encode(msg: Inbound) -> bytes:
     head = _HEAD.pack(
         msg.mid,
         msg.qos,
-        msg.redelivered,
+        msg.redelivered | msg.retained << 1,
         msg.received,
         len(topic),
         _NO_CTYPE if msg.content_type is None else len(ctype),
@@ -49,7 +50,7 @@ def decode(buf: bytes, limit: int) -> tuple[list[Inbound], int]:
     out: list[Inbound] = []
     pos, end, size = 0, len(buf), _HEAD.size
     while pos + size <= end and len(out) < limit:
-        mid, qos, dup, received, n_topic, n_ctype, n_payload = _HEAD.unpack_from(buf, pos)
+        mid, qos, flags, received, n_topic, n_ctype, n_payload = _HEAD.unpack_from(buf, pos)
         n_c = 0 if n_ctype == _NO_CTYPE else n_ctype
         stop = pos + size + n_topic + n_c + n_payload
         if stop > end:
@@ -59,7 +60,8 @@ def decode(buf: bytes, limit: int) -> tuple[list[Inbound], int]:
         at += n_topic
         ctype = None if n_ctype == _NO_CTYPE else buf[at : at + n_c].decode()
         at += n_c
-        out.append(Inbound(topic, buf[at:stop], mid, qos, ctype, received, bool(dup)))
+        payload = buf[at:stop]
+        out.append(Inbound(topic, payload, mid, qos, ctype, received, bool(flags & 1), flags > 1))
         pos = stop
     return out, pos
 

@@ -20,6 +20,7 @@ def msg(i: int, size: int = 20) -> Inbound:
         content_type=None if i % 3 else "application/json",
         received=1_700_000_000.0 + i / 1000,
         redelivered=i % 4 == 0,
+        retained=i % 6 == 1,
     )
 
 

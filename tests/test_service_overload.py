@@ -14,6 +14,7 @@ class Msg:
     qos: int = 1
     properties: object = None
     dup: bool = False
+    retain: bool = False
 
 
 def service(bundles, tmp_path, **overrides):

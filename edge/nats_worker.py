@@ -12,6 +12,8 @@ JetStream resources (created idempotently by every worker on start):
   both believe they own a partition; a worker killed stops renewing and its leases expire;
 * object store ``edge_snapshots``: per partition, the newest two snapshots, each with the
   stream sequence it covers (``edge.partition_snapshot``);
+* key-value bucket ``edge_answered``: ``p.{partition}`` is the stream sequence up to which
+  every answer was stored and sent, so that a replay, however late, does not send them again;
 * per owned partition, a durable pull consumer ``edge-p{partition}`` that the owner re-creates
   on taking the partition over, starting after the sequence its snapshot covers.
 
@@ -25,8 +27,9 @@ Per partition the owner runs a ``Processor`` over a scratch journal (its write-a
 JetStream stream itself). A message is acknowledged to JetStream only after ``handle`` logged it.
 Answers go out on ``predictions.{stream}`` / ``errors.{stream}`` (``predictions/{stream}`` for
 MQTT QoS 0 subscribers and NATS subscribers) and are stored in ``$MQTT_msgs`` with a message id
-derived from their bytes (MQTT QoS 1 subscribers: delivered at QoS 1, and once, since the answer
-to a replayed message has the same bytes and id). A new owner restores the partition's snapshot
+naming the message answered (MQTT QoS 1 subscribers: delivered at QoS 1, and once, since the
+answer to a replayed message has the same id); past the store's duplicate window, the answered
+mark keeps a replay from sending them again. A new owner restores the partition's snapshot
 and replays the stream from the sequence after it, so state moves with the partition and every
 (stream, seq) is stepped on exactly one state.
 """
@@ -54,6 +57,7 @@ from .jetstream import PullFeed, StorePublisher
 from .journal import Journal
 from .metrics import Metrics
 from .model import StepModel
+from .outbox import Outbound
 from .partitions import (
     MQTT_QOS_HEADER,
     MQTT_STORE,
@@ -79,6 +83,7 @@ MAX_LEASE_SECONDS = 3600.0  # a lease that long would keep a dead worker's parti
 REFUSALS_BEFORE_LOOKING = 5  # refused pull requests in a row before checking the consumer
 LEASES = "edge_leases"
 SNAPSHOTS = "edge_snapshots"
+ANSWERED = "edge_answered"
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
 READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a forming cluster)
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
@@ -138,9 +143,9 @@ def _has_mqtt_source(config: Any) -> bool:
     return any(s.name == MQTT_STORE for s in config.sources or [])
 
 
-async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any]:
-    """Create the stream, the lease bucket and the snapshot store, unless they exist; a
-    stream made with another partition count is refused (P is fixed at creation)."""
+async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any, Any]:
+    """Create the stream, the buckets and the snapshot store, unless they exist; a stream
+    made with another partition count is refused (P is fixed at creation)."""
     from nats.js import api
     from nats.js.errors import BadRequestError, NotFoundError
 
@@ -209,7 +214,8 @@ async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any]:
         bucket=LEASES, ttl=opts.lease_seconds, history=1, replicas=opts.replicas
     )
     store = await js.create_object_store(SNAPSHOTS, replicas=opts.replicas)
-    return kv, store
+    answered = await js.create_key_value(bucket=ANSWERED, history=1, replicas=opts.replicas)
+    return kv, store, answered
 
 
 def partition_engine(model: StepModel, cfg: ServiceConfig) -> Engine:
@@ -253,6 +259,7 @@ class Partition:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     mids: int = 0
     replay_until: int = 0  # the previous owner's last acknowledged stream sequence
+    answered: int = 0  # every answer to a message up to this stream sequence was sent
     stream: str = ""  # the incarnation of the stream ``covered`` counts in (see _stream_state)
     twins: Twins = field(default_factory=Twins)
     unsure: set[str] = field(default_factory=set)  # ids of answers maybe stored, not sent core
@@ -279,6 +286,7 @@ class Worker:
         self.nc: Any = None
         self.js: Any = None
         self.kv: Any = None
+        self.answered: Any = None
         self.store: Any = None
         self.stored: StorePublisher | None = None  # once connected
         self.mqtt_store = False  # whether the MQTT listener's store exists (it makes it itself)
@@ -287,7 +295,7 @@ class Worker:
     # -- JetStream resources ----------------------------------------------------------------
 
     async def ensure_resources(self) -> None:
-        self.kv, self.store = await ensure_resources(self.js, self.opts)
+        self.kv, self.store, self.answered = await ensure_resources(self.js, self.opts)
         self.stream_id, _ = await self._stream_state()
 
     async def _stream_state(self) -> tuple[str, int]:
@@ -303,9 +311,9 @@ class Worker:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         journal = Journal(directory)
-        return Processor(partition_engine(self.model, self.cfg), self.cfg, journal, self.metrics), (
-            directory
-        )
+        engine = partition_engine(self.model, self.cfg)
+        proc = Processor(engine, self.cfg, journal, self.metrics, lsn_from_mid=True)
+        return proc, directory
 
     async def _snapshots(self, p: int) -> list[psnap.PartitionSnapshot]:
         """This partition's intact snapshots in JetStream, newest first."""
@@ -418,6 +426,7 @@ class Worker:
     async def acquire(self, p: int) -> None:
         t0 = time.monotonic()
         part = await self._restore(p)
+        part.answered = await self._read_answered(part)
         await self._subscribe(part)
         self.owned[p] = part
         part.task = asyncio.create_task(self._pump(part), name=f"partition-{p}")
@@ -579,14 +588,22 @@ class Worker:
         device's own QoS 1 publish."""
         outbox = part.processor.outbox
         outs = outbox.take()
+        if part.answered:  # a replay: what an owner before us marked as sent is not sent again
+            sent = [o for o in outs if o.lsn and o.lsn <= part.answered]
+            if sent:
+                outs = [o for o in outs if not (o.lsn and o.lsn <= part.answered)]
+                self._done(part, sent)
+                self.metrics.inc("answers_sent_before", len(sent))
         if not outs:
+            await self._mark_answered(part)
             return
         try:
             if self.mqtt_store:
                 items: list[tuple[str, bytes, dict[str, str]]] = []
                 for o in outs:
                     subject = topic_to_subject(o.topic)
-                    headers = {MQTT_QOS_HEADER: "1", "Nats-Msg-Id": answer_id(subject, o.payload)}
+                    mid = answer_id(part.stream, o.lsn, subject, o.payload)
+                    headers = {MQTT_QOS_HEADER: "1", "Nats-Msg-Id": mid}
                     items.append((subject, o.payload, headers))
                 stored = [(MQTT_STORE_PREFIX + s, b, h) for s, b, h in items]
                 assert self.stored is not None, "connected before partitions run"
@@ -617,10 +634,40 @@ class Worker:
             outbox.retry(outs)
             await asyncio.sleep(0.2)
             return
+        self._done(part, outs)
+        await self._mark_answered(part)
+
+    @staticmethod
+    def _done(part: Partition, outs: list[Outbound]) -> None:
         for o in outs:
             part.mids += 1
-            outbox.sent(part.mids, o)
-            outbox.acked(part.mids)
+            part.processor.outbox.sent(part.mids, o)
+            part.processor.outbox.acked(part.mids)
+
+    async def _mark_answered(self, part: Partition) -> None:
+        """Record how far every answer went out, for a replay after the store's duplicate
+        window. A core publish into the bucket's stream: no round trip per batch. Lost (NATS
+        failing over), the mark is only behind, and a replay may send answers twice, never
+        fewer."""
+        mark = part.processor.answered()
+        if mark > part.answered:
+            part.answered = mark
+            doc = json.dumps({"stream": part.stream, "lsn": mark}).encode()
+            await self.nc.publish(f"$KV.{ANSWERED}.p.{part.number}", doc)
+
+    async def _read_answered(self, part: Partition) -> int:
+        """The mark of earlier owners on this incarnation of the stream; 0 when there is none."""
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await self.answered.get(f"p.{part.number}")
+            doc = json.loads(entry.value or b"")
+            return int(doc["lsn"]) if doc.get("stream") == part.stream else 0
+        except KeyNotFoundError:
+            return 0
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("partition %d: answered mark unreadable (%r); ignored", part.number, exc)
+            return 0
 
     async def _checkpoint(self, part: Partition, *, force: bool = False) -> None:
         part.last_snapshot = time.monotonic()

@@ -107,10 +107,13 @@ class Twins:
         return side < 0
 
 
-def answer_id(subject: str, payload: bytes) -> str:
-    """A JetStream message id for an answer: the same answer (a replay after a failover
-    computes identical bytes) gets the same id, so the store keeps it once."""
-    return hashlib.sha256(subject.encode() + b"\0" + payload).hexdigest()[:32]
+def answer_id(stream: str, lsn: int, subject: str, payload: bytes) -> str:
+    """A JetStream message id for an answer: the answer to the same message (``lsn``, its
+    sequence in the sensor stream made at ``stream``) that a replay after a failover computes
+    again gets the same id, so the store keeps it once; answers to different messages never
+    share one, also when their bytes are the same (a device sending the same thing twice)."""
+    key = f"{stream}\0{lsn}\0{subject}\0".encode() + payload
+    return hashlib.sha256(key).hexdigest()[:32]
 
 
 def filter_subject(p: int) -> str:

@@ -146,8 +146,12 @@ class Processor:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        lsn_from_mid: bool = False,
     ) -> None:
         self.cfg = cfg
+        # A message's lsn is its transport id (a stream sequence, increasing) when that is the
+        # same for every process that may handle it: answers are then named after it alike.
+        self.lsn_from_mid = lsn_from_mid
         self.journal = journal
         self.metrics = metrics
         self.wall = wall
@@ -274,7 +278,7 @@ class Processor:
             self._drop(msg, r)
         self.metrics.inc("messages_in", len(batch))
         for msg in batch:
-            r.lsn += 1
+            r.lsn = max(r.lsn + 1, msg.mid) if self.lsn_from_mid else r.lsn + 1
             try:
                 self._decode(msg, r)
             except Exception as exc:  # one message must never stop the service
@@ -284,6 +288,11 @@ class Processor:
         self.metrics.inc("samples_in", r.samples)
         self._idle(r)
         return self._run(r, keep=False)
+
+    def answered(self) -> int:
+        """The lsn up to which every message's answers were acknowledged, none still held."""
+        held = [rec.lsn for rec in self.reorder.pending()]
+        return self.outbox.watermark(self.lsn, min(held) if held else None)
 
     def tick(self) -> bool:
         """Release reorder-held messages whose wait is over; log how far answers are acked."""
@@ -497,7 +506,8 @@ class Processor:
         for item in r.items:  # in message order, as the log has them for a replay
             if isinstance(item, Void):  # a refused message: no need to wait for its seq
                 ready += self.reorder.void(item.stream, item.seq, self.engine.last_seq(item.stream))
-            elif item.is_reset:  # in order: everything before it steps first
+            elif item.is_reset:  # in order: everything before it steps first, held or not
+                ready += self.reorder.end(item.stream)
                 out += self._step(ready)
                 ready = []
                 out += self._reset(item)

@@ -1,10 +1,12 @@
 """Hold messages that arrive ahead of a gap for a short while, so a sample that was merely
 overtaken (reordered in flight) is applied in order instead of being dropped as a duplicate.
 
-A stream starts a new life when its device restarts (a new ``boot`` id, or with
-``restart_gap`` a seq far behind): what is held of the old life is released first, in order,
-and the new life's seq numbering starts afresh. Messages of an earlier boot pass straight
-through (the engine answers them ``stale``).
+A stream's first message here, and the first of each new life of its device (a new ``boot``
+id, or with ``restart_gap`` a seq far behind), is held too: nothing says it is the lowest of
+its life, and an overtaken predecessor would otherwise be dropped as late. What is held of
+an old life is released first, in order, and the new life's seq numbering starts afresh.
+Messages of an earlier boot pass straight through (the engine answers them ``stale``). A
+reset ends its stream's wait: what is held goes first, and the reset's numbering holds after.
 
 Pure logic: the clock is injected, the engine's last applied seq and boot ids are asked for
 through functions passed in.
@@ -37,15 +39,24 @@ class Reorderer:
         self._held: dict[str, list[_Held]] = {}
         self._next: dict[str, int] = {}  # the seq each stream expects next
         self._void: dict[str, set[int]] = {}  # seqs that arrived unusable: do not wait for them
+        self._fresh: set[str] = set()  # new lives: no expectation yet, not even the engine's
+        # Records of an earlier boot heard while the new life waits to begin: they follow its
+        # first record, so that the engine, then in the new boot, answers them stale.
+        self._behind: dict[str, list[Record]] = {}
         # (stream, seq) of every record released by ``expire`` since the caller last took them:
         # a decision that depends on the clock, which the caller logs so a replay repeats it.
         self.forced: list[tuple[str, int]] = []
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._held.values())
+        return sum(len(v) for v in self._held.values()) + sum(map(len, self._behind.values()))
 
     def pending(self) -> list[Record]:
-        return [h.record for items in self._held.values() for h in items]
+        """Everything held, in an order that, pushed again, holds it the same way."""
+        out = []
+        for stream, items in self._held.items():
+            out += [h.record for h in items]
+            out += self._behind.get(stream, [])
+        return out
 
     def forget(self, streams: Iterable[str]) -> None:
         """Drop what is kept about streams that are gone (evicted), unless records are held."""
@@ -54,6 +65,7 @@ class Reorderer:
                 self._next.pop(stream, None)
                 self._void.pop(stream, None)
                 self._boots.pop(stream, None)
+                self._fresh.discard(stream)
 
     def export(self, last_applied: Callable[[str], int | None]) -> dict[str, list[Any]]:
         """What a snapshot must keep: expectations that differ from "the engine's last seq + 1"
@@ -79,7 +91,7 @@ class Reorderer:
             if h.record.seq == seq:
                 items.remove(h)
                 self._advance(h.record)
-                return [h.record, *self._release_contiguous(stream)]
+                return [h.record, *self._release_contiguous(stream), *self._behind.pop(stream, [])]
         return []
 
     def push(
@@ -100,39 +112,63 @@ class Reorderer:
             known = self._boots.get(stream)
             cur, old = boots(stream) if known is None else known
         expect = self._next.get(stream)
-        if expect is None:
+        if expect is None and stream not in self._fresh:
             last = last_applied(stream)
             if last is not None:
                 expect = (last + 1) % U32
         if rec.boot is not None and cur is not None and rec.boot != cur:
-            if earlier_boot(rec.boot, cur, old):
-                return [rec]  # an earlier boot: stale
-            return self._start_over(rec, [cur, *old])
+            if not earlier_boot(rec.boot, cur, old):
+                return self._start_over(rec, [cur, *old])
+            if stream in self._fresh:
+                self._behind.setdefault(stream, []).append(rec)
+                return []
+            return [rec]  # an earlier boot: the engine answers it stale
         if rec.boot is not None:
             self._boots[stream] = (rec.boot, old)
         behind = None if expect is None else (expect - 1 - rec.seq) % U32
         if self.restart_gap and behind is not None and self.restart_gap < behind < HALF:
             return self._start_over(rec, old)
-        if expect is not None:
-            # The expectation is explicit from here on: a record behind it (a duplicate) must
-            # never set it back, also when only the engine's last seq implied it (a restart).
-            self._next.setdefault(stream, expect)
-            if 0 < (rec.seq - expect) % U32 < HALF:
-                self._held.setdefault(stream, []).append(_Held(self._clock(), rec))
-                return []
+        if expect is None:  # the first here (of its life): an earlier one may still come
+            self._hold(rec)
+            return []
+        # The expectation is explicit from here on: a record behind it (a duplicate) must
+        # never set it back, also when only the engine's last seq implied it (a restart).
+        self._next.setdefault(stream, expect)
+        if 0 < (rec.seq - expect) % U32 < HALF:
+            self._hold(rec)
+            return []
         self._advance(rec)
         return [rec, *self._release_contiguous(stream)]
 
+    def _hold(self, rec: Record) -> None:
+        self._held.setdefault(rec.stream, []).append(_Held(self._clock(), rec))
+
     def _start_over(self, rec: Record, old: list[int]) -> list[Record]:
-        """``rec`` begins a new life of its stream: the old life's held records go first."""
+        """``rec`` begins a new life of its stream: the old life's held records go first, and
+        ``rec`` waits like a new stream's first record."""
         stream = rec.stream
-        held = sorted((h.record for h in self._held.pop(stream, [])), key=lambda r: r.lsn)
+        held: list[Record] = []
+        while stream in self._held:
+            held += self._release_first(stream)
         self._next.pop(stream, None)
         self._void.pop(stream, None)
         if rec.boot is not None:
             self._boots[stream] = (rec.boot, old[:3])
-        self._advance(rec)
-        return [*held, rec]
+        self._fresh.add(stream)
+        self._hold(rec)
+        return held
+
+    def end(self, stream: str) -> list[Record]:
+        """A reset of ``stream``: what it holds, in order, without waiting (the caller applies
+        it before the reset); after the reset the engine's numbering is the expectation."""
+        out: list[Record] = []
+        while stream in self._held:
+            out += self._release_first(stream)
+        self._next.pop(stream, None)
+        self._void.pop(stream, None)
+        self._boots.pop(stream, None)
+        self._fresh.discard(stream)
+        return out
 
     def void(self, stream: str, seq: int, last_applied: int | None) -> list[Record]:
         """A message took ``seq`` but carried nothing usable (it was answered with an error):
@@ -142,7 +178,11 @@ class Reorderer:
         expect = self._next.get(stream)
         if expect is None and last_applied is not None:
             expect = (last_applied + 1) % U32
-        if expect is None or not 0 <= (seq - expect) % U32 < HALF:
+        if expect is None:  # a new life's: not waited for once its first record is out
+            if stream in self._held:
+                self._void.setdefault(stream, set()).add(seq)
+            return []
+        if not 0 <= (seq - expect) % U32 < HALF:
             return []
         self._next.setdefault(stream, expect)
         self._void.setdefault(stream, set()).add(seq)
@@ -156,16 +196,26 @@ class Reorderer:
             while stream in self._held and (
                 force or min(h.since for h in self._held[stream]) <= limit
             ):
-                items, expect = self._held[stream], self._next[stream]
-                first = min(items, key=lambda h: (h.record.seq - expect) % U32)
-                items.remove(first)
-                out.append(first.record)
-                self.forced.append((stream, first.record.seq))
-                self._advance(first.record)
-                out += self._release_contiguous(stream)
+                released = self._release_first(stream)
+                self.forced.append((stream, released[0].seq))
+                out += released
         return out
 
+    def _release_first(self, stream: str) -> list[Record]:
+        """The earliest held record of ``stream`` and what then follows it in order."""
+        items = self._held[stream]
+        expect = self._next.get(stream)
+        if expect is None:  # a new life: the lowest seq, counted around the first one heard
+            base = (items[0].record.seq - HALF) % U32
+            first = min(items, key=lambda h: (h.record.seq - base) % U32)
+        else:
+            first = min(items, key=lambda h: (h.record.seq - expect) % U32)
+        items.remove(first)
+        self._advance(first.record)
+        return [first.record, *self._release_contiguous(stream), *self._behind.pop(stream, [])]
+
     def _advance(self, rec: Record) -> None:
+        self._fresh.discard(rec.stream)
         last = (rec.seq + len(rec.values) - 1) % U32
         prev = self._next.get(rec.stream)
         nxt = (last + 1) % U32
@@ -173,28 +223,36 @@ class Reorderer:
             self._next[rec.stream] = nxt
 
     def _release_contiguous(self, stream: str) -> list[Record]:
-        out = []
-        items = self._held.get(stream, [])
-        progress = True
-        while progress:
-            progress = False
-            voids = self._void.get(stream)
-            if voids:
-                while self._next[stream] in voids:
-                    voids.discard(self._next[stream])
-                    self._next[stream] = (self._next[stream] + 1) % U32
-                voids -= {v for v in voids if (v - self._next[stream]) % U32 >= HALF}  # passed
-                if not voids:
-                    del self._void[stream]
-            expect = self._next[stream]
-            for h in list(items):
-                ahead = (h.record.seq - expect) % U32
-                if ahead == 0 or ahead >= HALF:  # now in order (or an old duplicate)
-                    items.remove(h)
-                    out.append(h.record)
-                    self._advance(h.record)
-                    progress = True
-                    break
-        if not items:
-            self._held.pop(stream, None)
+        """Held records of ``stream`` now in order, and those behind it (duplicates, for the
+        engine to answer), in order: one sort and one walk, however many are held."""
+        self._skip_voids(stream)
+        items = self._held.pop(stream, [])
+        expect = self._next[stream]
+        items.sort(key=lambda h: (h.record.seq - expect) % U32)
+        out: list[Record] = []
+        for i, h in enumerate(items):
+            self._skip_voids(stream)
+            ahead = (h.record.seq - self._next[stream]) % U32
+            if 0 < ahead < HALF:  # a gap: the rest waits, but what is behind goes on
+                rest = items[i:]
+                for h2 in rest:
+                    if (h2.record.seq - self._next[stream]) % U32 >= HALF:
+                        out.append(h2.record)
+                kept = [h2 for h2 in rest if (h2.record.seq - self._next[stream]) % U32 < HALF]
+                if kept:
+                    self._held[stream] = kept
+                return out
+            out.append(h.record)
+            self._advance(h.record)
         return out
+
+    def _skip_voids(self, stream: str) -> None:
+        voids = self._void.get(stream)
+        if not voids:
+            return
+        while self._next[stream] in voids:
+            voids.discard(self._next[stream])
+            self._next[stream] = (self._next[stream] + 1) % U32
+        voids -= {v for v in voids if (v - self._next[stream]) % U32 >= HALF}  # passed
+        if not voids:
+            del self._void[stream]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,45 @@ def test_worker_answers_mqtt_devices_bit_identical(
         col.close()
     assert w.stop() == 0
     assert "stopped cleanly" in w.log()
+
+
+def test_alike_answers_to_different_messages_are_all_sent(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """An answer is named after the message it answers, not after its bytes: the same garbage
+    sent twice is reported twice, and a device that resets and sends its first sample again
+    gets the same prediction again - at QoS 1, at QoS 0 and on core NATS."""
+    workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    qos0 = Qos0Collector(nats_server.mqtt_url, client_id="qos0")
+    native = NatsCollector(nats_server.url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_until(col.qos1_granted, 60, "the collector's QoS 1 subscriptions")
+        wait_until(qos0.subscribed, 60, "the QoS 0 subscriptions")
+        wait_owned(col, ["w1"], P)
+        x = _samples(1, 1, seed=5)["dev-0"]
+        for _ in range(2):
+            pub.raw("sensors/r1/control", b'{"cmd": "reset", "seq": 1}')
+            pub.send("r1", 1, x)
+            pub.raw("sensors/r1/data", b"{not json")
+        pub.flush()
+        for c in (col, qos0, native):
+            wait_until(
+                lambda c=c: (
+                    len(c.predictions().get(("r1", 1), [])) == 2 and len(c.of("errors/r1")) == 2
+                ),
+                60,
+                "both predictions and both reports",
+            )
+            first, again = c.predictions()[("r1", 1)]
+            np.testing.assert_array_equal(first, again)
+            assert [d["error"] for _, d in c.of("errors/r1")] == ["bad_json", "bad_json"]
+    finally:
+        pub.close()
+        native.close()
+        qos0.close()
+        col.close()
 
 
 def test_predictions_wait_for_an_offline_qos1_subscriber(
@@ -321,9 +361,9 @@ def test_kill_9_worker_mid_stream_moves_partitions_with_state(
         survivors = [i for i in ids if i != victim]
         wait_owned(col, survivors, P, 60)
         # The new owners replayed from their snapshots and computed those answers again. An
-        # answer is stored with a message id from its bytes, and sent as core NATS only when
-        # the store had not seen it: QoS 1, QoS 0 and native subscribers alike got each
-        # (stream, seq) exactly once, bit-identical to the offline engine.
+        # answer is stored with a message id naming the message it answers, and sent as core
+        # NATS only when the store had not seen it: QoS 1, QoS 0 and native subscribers alike
+        # got each (stream, seq) exactly once, bit-identical to the offline engine.
         for c in (col, qos0, native):
             got = c.predictions()
             assert _check(got, want) == ([], [])
@@ -445,6 +485,68 @@ def _publish_native(url: str, samples: dict[str, np.ndarray], seqs: range) -> No
         await nc.close()
 
     asyncio.run(run())
+
+
+def _duplicate_window(url: str, seconds: float) -> None:
+    """Shorten the MQTT listener store's duplicate window (2 min by default), for a test to
+    outlast it."""
+    import nats
+
+    from edge.partitions import MQTT_STORE
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        info = await js.stream_info(MQTT_STORE)
+        info.config.duplicate_window = seconds
+        await js.update_stream(info.config)
+        await nc.close()
+
+    asyncio.run(run())
+
+
+@failover
+def test_a_worker_back_after_the_duplicate_window_sends_no_answer_twice(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """The only worker is killed and comes back after the store's duplicate window (the
+    store no longer knows the answers' ids): its replay from the last snapshot computes the
+    answers sent since then again, and the answered mark keeps them from going out twice,
+    to every kind of subscriber."""
+    w = workers("w1", "--snapshot-interval", "600")
+    col = Collector(nats_server.mqtt_url)
+    qos0 = Qos0Collector(nats_server.mqtt_url, client_id="qos0")
+    native = NatsCollector(nats_server.url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_until(col.qos1_granted, 60, "the collector's QoS 1 subscriptions")
+        wait_until(qos0.subscribed, 60, "the QoS 0 subscriptions")
+        wait_owned(col, ["w1"], P)
+        _duplicate_window(nats_server.url, 0.5)
+        samples = _samples(5, 20, seed=9)
+        want = offline(bundles / "clf-int8", samples)
+        _send(pub, samples, range(10))
+        for c in (col, qos0, native):
+            wait_until(lambda c=c: len(c.predictions()) >= 50, 60, "the first half answered")
+        w.kill()
+        time.sleep(1.0)  # the window passes (a slower machine only lets more pass)
+        w = workers("w1", "--snapshot-interval", "600")
+        _send(pub, samples, range(10, 20))
+        for c in (col, qos0, native):
+            wait_until(lambda c=c: len(c.predictions()) >= len(want), 90, "every prediction")
+        # answers go out in the order of the messages answered: a replayed copy would be in
+        for c in (col, qos0, native):
+            got = c.predictions()
+            assert _check(got, want) == ([], [])
+            assert [k for k, ys in got.items() if len(ys) > 1] == []
+    finally:
+        pub.close()
+        native.close()
+        qos0.close()
+        col.close()
+    assert w.stop() == 0
+    # the replay did happen: its answers were recognised as sent
+    assert sum(s.get("answers_sent_before", 0) for s in w.final_stats()) > 0
 
 
 @failover
@@ -602,10 +704,9 @@ def _stream_leader(urls: list[str]) -> str:
 
 
 def _messy(pub: Publisher, samples: dict[str, np.ndarray], first: int, last: int) -> None:
-    """Seqs ``first..last`` (even count) of every stream with each pair swapped: 2, 1, 4, 3...
-    (but a stream's first sample first: before it, any seq may start the stream)."""
+    """Seqs ``first..last`` (even count) of every stream with each pair swapped: 2, 1, 4, 3..."""
     for a in range(first, last + 1, 2):
-        for seq in (a, a + 1) if a == 1 else (a + 1, a):
+        for seq in (a + 1, a):
             for s, x in samples.items():
                 pub.send(s, seq, x[seq - 1 : seq])
 
@@ -621,6 +722,12 @@ class _Scenario:
         self.pub = Publisher(node.mqtt_url)
         self.sent = 0  # every seq up to this one was sent for every stream
         self.dups: set[tuple[str, int]] = set()
+
+    def announce(self) -> None:
+        """Each device says its first seq (a reset with seq 1): with the long hold below, a
+        stream's first sample would otherwise wait it out for one that might precede it."""
+        for s in self.samples:
+            self.pub.raw(f"sensors/{s}/control", b'{"cmd": "reset", "seq": 1}')
 
     def send(self, last: int) -> None:
         _messy(self.pub, self.samples, self.sent + 1, last)
@@ -764,6 +871,7 @@ def test_three_node_cluster_three_workers_through_kills_and_a_join(
             180,
             "three workers sharing the partitions",
         )
+        sc.announce()
         sc.send(8)
         sc.check("steady state")
         sc.duplicate(2, 5)

@@ -100,12 +100,15 @@ def test_twins_forget_the_oldest_beyond_capacity() -> None:
     assert t.admit("in.0.a.data", b"3", _stored()) is None
 
 
-def test_answer_ids_follow_the_bytes() -> None:
+def test_answer_ids_name_the_message_answered() -> None:
     from edge.partitions import answer_id
 
-    assert answer_id("predictions.a", b"{}") == answer_id("predictions.a", b"{}")
-    assert answer_id("predictions.a", b"{}") != answer_id("predictions.b", b"{}")
-    assert answer_id("predictions.a", b"{}") != answer_id("predictions.a", b"{ }")
+    one = answer_id("t0", 7, "predictions.a", b"{}")
+    assert one == answer_id("t0", 7, "predictions.a", b"{}")  # a replay's
+    assert one != answer_id("t0", 8, "predictions.a", b"{}")  # the same bytes, another message
+    assert one != answer_id("t1", 7, "predictions.a", b"{}")  # the stream made anew
+    assert one != answer_id("t0", 7, "predictions.b", b"{}")
+    assert one != answer_id("t0", 7, "predictions.a", b"{ }")
 
 
 def test_mqtt_source_transforms_mirror_the_capture() -> None:

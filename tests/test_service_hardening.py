@@ -365,7 +365,7 @@ def test_outputs_are_strict_json(bundles, broker, service):
 def test_a_damaged_log_entry_is_reported_and_the_rest_replayed(bundles, broker, service, tmp_path):
     samples = make_samples(4, 100, seed=18)
     col = Collector(broker.url)
-    svc = service("--snapshot-interval", "1000")
+    svc = service("--snapshot-interval", "1000", "--reorder-ms", "0")  # the log: one per message
     wait_until(col.online, 90, "runtime online")
     pub = Publisher(broker.url)
     for i in range(100):
@@ -378,7 +378,7 @@ def test_a_damaged_log_entry_is_reported_and_the_rest_replayed(bundles, broker, 
     middle = len(data) // 2
     data[middle : middle + 4] = b"\xde\xad\xbe\xef"
     segment.write_bytes(bytes(data))
-    svc = service("--snapshot-interval", "1000")
+    svc = service("--snapshot-interval", "1000", "--reorder-ms", "0")
     wait_until(lambda: "damaged span" in svc.output(), 120, "the damage reported")
     wait_until(lambda: svc.output().count("recovered generation") == 2, 120, "recovery")
     replayed = int(svc.output().rsplit("recovered generation 0: ", 1)[1].split()[0])
@@ -425,7 +425,11 @@ def test_a_broker_flood_beyond_queue_size_waits_on_disk_and_is_answered(bundles,
     for i in range(40):
         feed_good(pub, samples, i)
     pub.flush(120)
-    svc = service("--queue-size", "5", "--max-unacked", "5", "--max-batch", "5")
+    # every answer due at once (none waits in a reorder hold): the broker's flood meets a
+    # full answer window
+    svc = service(
+        "--queue-size", "5", "--max-unacked", "5", "--max-batch", "5", "--reorder-ms", "0"
+    )
     expected = offline(bundles / BUNDLE, samples)
     wait_until(lambda: set(expected) <= set(col.predictions()), 180, "the whole backlog")
     assert_exact(col.predictions(), expected)
@@ -495,3 +499,74 @@ def test_retained_messages_are_stepped_once(bundles, broker, service, tmp_path, 
         pub.client.publish(topic, b"", qos=1, retain=True)
     pub.close()
     col.close()
+
+
+def test_a_first_sample_overtaken_by_the_next_is_applied_first(bundles, broker, service):
+    """Nothing says the first sample heard of a stream, or of a rebooted device's new life, is
+    its lowest: overtaken by its successor on the wire, it is applied first (it used to be
+    answered `late` and lost)."""
+    import edge
+
+    x = make_samples(1, 6, seed=22)["dev-0"]
+    col = Collector(broker.url)
+    service("--reorder-ms", "5000")
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+
+    def send(stream, seq, boot=None):
+        doc = {"seq": seq, "values": x[seq - 1 : seq].tolist()}
+        if boot is not None:
+            doc["boot"] = boot
+        pub.raw(f"sensors/{stream}/data", json.dumps(doc).encode())
+
+    for seq in (2, 1, 3):
+        send("new", seq)
+    for seq in (1, 2, 3):
+        send("boot", seq, boot=1)
+    pub.flush()
+    wait_until(lambda: ("boot", 3) in col.predictions(), 60, "the first life answered")
+    for seq in (2, 1, 3):  # the device restarts; its new life's first sample is overtaken
+        send("boot", seq, boot=2)
+    pub.flush()
+    answers = lambda: sum(map(len, col.predictions().values()))  # noqa: E731
+    wait_until(lambda: answers() >= 9, 60, "every sample answered")
+    one = edge.load(bundles / BUNDLE).step("s", x[:3], seq=1)
+    got = col.predictions()
+    for stream in ("new", "boot"):
+        for seq in (1, 2, 3):
+            assert len(got[(stream, seq)]) == (2 if stream == "boot" else 1), (stream, seq)
+            for y in got[(stream, seq)]:  # a new life starts from the zero state again
+                np.testing.assert_array_equal(y, one[seq - 1], err_msg=f"{stream} {seq}")
+    assert col.of("errors/") == []
+
+
+def test_a_reset_ends_a_wait_for_a_gap(bundles, broker, service):
+    """A reset while samples wait for a gap: what waits is applied first (the reset is a
+    barrier in message order), and the samples after it are applied at once, not after the
+    hold (here 10 minutes: a test that waited for it would time out)."""
+    import edge
+
+    x = make_samples(1, 11, seed=23)["dev-0"]
+    col = Collector(broker.url)
+    service("--reorder-ms", "600000")
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    pub.raw("sensors/k/control", b'{"cmd": "reset", "seq": 1}')  # starts at 1: no first wait
+    for seq in (1, 2, 4):
+        pub.send("k", seq, x[seq - 1 : seq])
+    pub.raw("sensors/k/control", b'{"cmd": "reset", "seq": 10}')
+    for seq in (10, 11):
+        pub.send("k", seq, x[seq - 1 : seq])
+    pub.flush()
+    wait_until(lambda: ("k", 11) in col.predictions(), 60, "the samples after the reset")
+    engine = edge.load(bundles / BUNDLE)
+    want = dict(zip((1, 2), engine.step("s", x[:2], seq=1), strict=True))
+    want[4] = engine.step("s", x[3:4], seq=4)[0]  # the gap skipped, as at the end of a hold
+    engine.reset("s", next_seq=10)
+    want.update(zip((10, 11), engine.step("s", x[9:11], seq=10), strict=True))
+    got = col.predictions()
+    assert sorted(got) == [("k", s) for s in sorted(want)]
+    for seq, y in want.items():
+        assert len(got[("k", seq)]) == 1
+        np.testing.assert_array_equal(got[("k", seq)][0], y, err_msg=f"seq {seq}")
+    assert col.of("errors/") == []

@@ -25,7 +25,7 @@ def push(r, record, last, boots=(None, [])):
 def test_reorderer_waits_for_the_gap_then_gives_up():
     now = [0.0]
     r = Reorderer(0.1, lambda: now[0])
-    assert [x.seq for x in push(r, rec("s", 1), None)] == [1]
+    assert [x.seq for x in push(r, rec("s", 1), 0)] == [1]
     assert push(r, rec("s", 3), 1) == [] and push(r, rec("s", 4), 1) == []
     assert [x.seq for x in push(r, rec("s", 2), 1)] == [2, 3, 4]
     assert push(r, rec("s", 7), 4) == []
@@ -36,7 +36,7 @@ def test_reorderer_waits_for_the_gap_then_gives_up():
 
 def test_reorderer_passes_duplicates_and_is_off_at_zero():
     r = Reorderer(0.1, lambda: 0.0)
-    push(r, rec("s", 5), None)
+    push(r, rec("s", 5), 4)
     assert [x.seq for x in push(r, rec("s", 5), 5)] == [5]  # the engine drops it
     off = Reorderer(0, lambda: 0.0)
     assert [x.seq for x in push(off, rec("s", 9), 1)] == [9]
@@ -123,6 +123,36 @@ def test_topic_templates_answer_the_same_past_their_memory():
     assert all(len(k) <= topics_module.CACHED_LENGTH for k in t._streams)
 
 
+def test_a_new_streams_first_record_waits_for_one_that_overtook_it():
+    """Nothing says the first record heard of a stream is its lowest: it waits like one
+    ahead of a gap, and what arrives meanwhile goes out in seq order (across the wrap too)."""
+    now = [0.0]
+    r = Reorderer(0.5, lambda: now[0])
+    top = 2**32 - 1
+    assert push(r, rec("w", 0), None) == [] and push(r, rec("w", top - 1), None) == []
+    assert push(r, rec("w", 2), None) == [] and push(r, rec("w", top), None) == []
+    assert r.void("w", 1, None) == []  # refused on the way: not waited for
+    assert push(r, rec("n", 7), None) == []
+    now[0] = 0.6
+    assert [(x.stream, x.seq) for x in r.expire()] == [
+        ("w", top - 1),
+        ("w", top),
+        ("w", 0),
+        ("w", 2),
+        ("n", 7),
+    ]
+    assert r.forced == [("w", top - 1), ("n", 7)] and len(r) == 0
+
+
+def test_a_reset_ends_its_streams_wait():
+    r = Reorderer(10.0, lambda: 0.0)
+    push(r, rec("s", 1), 0)
+    assert push(r, rec("s", 4), 1) == [] and push(r, rec("x", 9), 1) == []
+    assert [x.seq for x in r.end("s")] == [4] and len(r) == 1  # other streams keep waiting
+    assert [x.seq for x in push(r, rec("s", 10), 9)] == [10]  # the reset's numbering: no wait
+    assert r.end("s") == [] and r.forced == []  # not a clock decision: a replay repeats it
+
+
 def test_reorderer_asks_the_engine_only_about_a_stream_new_to_it():
     asked = []
 
@@ -148,16 +178,18 @@ def test_a_duplicate_first_after_a_restart_does_not_set_the_expectation_back():
 
 def test_reorderer_passes_a_boot_heard_after_the_next_one_as_stale():
     r = Reorderer(10.0, lambda: 0.0)
-    push(r, dataclasses.replace(rec("s", 1), boot=7), None)
-    assert [x.boot for x in push(r, dataclasses.replace(rec("s", 1), boot=9), 1, (7, []))] == [9]
+    push(r, dataclasses.replace(rec("s", 1), boot=7), 0, (7, []))
+    assert push(r, dataclasses.replace(rec("s", 1), boot=9), 1, (7, [])) == []  # a new life
     late = dataclasses.replace(rec("s", 1), boot=8)  # never seen, just below the current one
-    assert push(r, late, 1, (9, [7])) == [late]  # passed to the engine, which answers stale
-    assert [x.seq for x in push(r, dataclasses.replace(rec("s", 2), boot=9), 1, (9, [7]))] == [2]
+    assert push(r, late, 1, (7, [])) == []  # an earlier boot: after boot 9 begins, stale
+    assert push(r, dataclasses.replace(rec("s", 2), boot=9), 1, (7, [])) == []
+    assert [(x.seq, x.boot) for x in r.expire(force=True)] == [(1, 9), (2, 9), (1, 8)]
+    assert push(r, late, 2, (9, [7])) == [late]  # now straight to the engine
 
 
 def test_reorderer_stops_waiting_for_a_refused_seq():
     r = Reorderer(10.0, lambda: 0.0)
-    push(r, rec("s", 1), None)
+    push(r, rec("s", 1), 0)
     assert push(r, rec("s", 3), 1) == []  # waits for 2
     assert [x.seq for x in r.void("s", 2, 1)] == [3]  # 2 was refused (NaN): release 3
     assert r.void("s", 5, 3) == []  # refused ahead of time: 4 is still awaited
@@ -178,7 +210,7 @@ def test_reorderer_force_repeats_an_expiry():
     live = Reorderer(0.1, lambda: now[0])
     replay = Reorderer(0.1, lambda: 0.0)
     for r in (live, replay):
-        push(r, rec("s", 1), None)
+        push(r, rec("s", 1), 0)
         assert push(r, rec("s", 3), 1) == [] and push(r, rec("s", 4), 1) == []
     now[0] = 1.0
     assert [x.seq for x in live.expire()] == [3, 4]
@@ -191,24 +223,44 @@ def brec(seq, boot):
 
 
 def test_reorderer_starts_a_new_life_on_a_new_boot():
-    r = Reorderer(10.0, lambda: 0.0)
-    assert [x.seq for x in push(r, brec(1, 5), None)] == [1]
+    now = [0.0]
+    r = Reorderer(10.0, lambda: now[0])
+    assert [x.seq for x in push(r, brec(1, 5), 0)] == [1]
     assert push(r, brec(3, 5), 1) == []  # waits for 2 of boot 5
-    # the device reboots: boot 6 starts at seq 1; boot 5's held 3 goes first, unwaited
-    assert [(x.seq, x.boot) for x in push(r, brec(1, 6), 1, (5, []))] == [(3, 5), (1, 6)]
-    assert push(r, brec(3, 6), 1) == []  # boot 6 is reordered: 3 waits for 2
-    assert [x.seq for x in push(r, brec(2, 6), 1)] == [2, 3]
+    # the device reboots: boot 6 starts at seq 2; boot 5's held 3 goes first, unwaited, and
+    # boot 6's first waits: its seq 1, overtaken on the way, comes after it and goes first
+    assert [(x.seq, x.boot) for x in push(r, brec(2, 6), 1, (5, []))] == [(3, 5)]
+    assert push(r, brec(3, 6), 3) == [] and push(r, brec(1, 6), 3) == []
+    assert r.expire() == []
+    now[0] = 11.0
+    assert [(x.seq, x.boot) for x in r.expire()] == [(1, 6), (2, 6), (3, 6)]
     assert [(x.seq, x.boot) for x in push(r, brec(9, 5), 3)] == [(9, 5)]  # stale: straight on
+    assert push(r, brec(5, 6), 3) == []  # boot 6 goes on in order: 5 waits for 4
+
+
+def test_an_earlier_boot_heard_while_the_new_one_waits_follows_its_start():
+    """The engine is still in the old boot while the new one's first record waits: a late
+    record of the old boot waits too and goes right after it, so the engine calls it stale
+    instead of stepping it into the old life."""
+    r = Reorderer(10.0, lambda: 0.0)
+    assert [x.seq for x in push(r, brec(20, 5), 19, (5, []))] == [20]
+    assert push(r, brec(1, 6), 20, (5, [])) == []
+    assert push(r, brec(21, 5), 20, (5, [])) == [] and len(r) == 2
+    assert [(x.seq, x.boot) for x in r.pending()] == [(1, 6), (21, 5)]
+    assert [(x.seq, x.boot) for x in r.expire(force=True)] == [(1, 6), (21, 5)]
+    assert [(x.seq, x.boot) for x in push(r, brec(22, 5), 1, (6, [5]))] == [(22, 5)]
 
 
 def test_reorderer_starts_over_past_the_restart_gap():
     r = Reorderer(10.0, lambda: 0.0, restart_gap=10)
     for seq in range(1, 51):
-        push(r, rec("s", seq), seq - 1 or None)
+        push(r, rec("s", seq), seq - 1)
     assert [x.seq for x in push(r, rec("s", 45), 50)] == [45]  # a redelivery: the engine drops it
-    assert [x.seq for x in push(r, rec("s", 1), 50)] == [1]  # 49 behind: a restarted device
-    assert push(r, rec("s", 3), 50) == []  # and its numbering is the one now waited on
-    assert [x.seq for x in push(r, rec("s", 2), 50)] == [2, 3]
+    assert push(r, rec("s", 2), 50) == []  # 48 behind: a restarted device, whose first waits
+    assert push(r, rec("s", 3), 50) == [] and push(r, rec("s", 1), 50) == []
+    assert [x.seq for x in r.expire(force=True)] == [1, 2, 3]
+    assert push(r, rec("s", 5), 3) == []  # and its numbering is the one now waited on
+    assert [x.seq for x in push(r, rec("s", 4), 3)] == [4, 5]
 
 
 def test_certificate_files_that_do_not_load_are_named(tmp_path):

@@ -623,10 +623,17 @@ def read(path: str | Path) -> OnnxSource:
             raise UnsupportedModel(f"{_where(first)}: cannot tell the number of input features")
         features = int(w.shape[-1])
     g = _Graph(model, inp.name, graph.output[0].name, consts, [])
+    # Which nodes' values reach the output (in topological order, as ONNX keeps nodes). The
+    # rest feed only Shape / Size, e.g. a tensor kept for the batch size of the next module's
+    # zero initial state when an exporter fused away the transposes between two modules.
+    live = {graph.output[0].name}
+    for n in reversed(graph.node):
+        if n.op_type not in ("Shape", "Size") and any(o in live for o in n.output if o):
+            live.update(i for i in n.input if i)
     # Which tensors depend on the input's values (Shape and Size read only its shape).
     value = {inp.name}
     for n in graph.node:
-        if n.op_type in ("Shape", "Size"):
+        if n.op_type in ("Shape", "Size") or not any(o in live for o in n.output if o):
             continue
         if any(i in value for i in n.input if i):
             value.update(o for o in n.output if o)
@@ -641,6 +648,8 @@ def read(path: str | Path) -> OnnxSource:
     for n in graph.node:
         if not any(i in value for i in n.input if i) or n.op_type in ("Shape", "Size"):
             continue
+        if not any(o in live for o in n.output if o):
+            continue  # its values go nowhere
         where = _where(n)
         on_chain = [i for i in n.input if i in value]
         if n.op_type == "Concat" and len(on_chain) > 1:

@@ -389,3 +389,48 @@ def test_convert_and_verify_commands_take_onnx(capsys, tmp_path, bundles):
     )
     assert code == 0, res.err
     assert json.loads(res.out)["parity"]["max_abs_error"] <= 1e-5
+
+
+def test_two_recurrent_modules_in_a_row_stream_as_one_chain(capsys, tmp_path):
+    """``self.rnn`` then ``self.gru2`` (a common PyTorch pattern). The legacy exporter fuses
+    away the transposes between the modules but keeps the first one's batch-first output for
+    the batch size of the second's zero initial state: a tensor whose values go nowhere, not
+    a branch. The float32 bundle computes what onnxruntime does with the original graph.
+    (torch 2.13's default exporter writes this model with the second module's initial state
+    sized by the time axis: onnxruntime cannot run it on other lengths, and the converter
+    says so with its advice.)"""
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    import edge
+    from tests.torch_models import Recipe, export
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(3, 12, batch_first=True)
+            self.gru2 = nn.GRU(12, 8, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            o, _ = self.rnn(x)
+            o, _ = self.gru2(o)
+            return self.head(o)
+
+    torch.manual_seed(0)
+    net = Two().eval()
+    model = tmp_path / "two.onnx"
+    export(net, Recipe("LSTM", 2, "reg", exporter="legacy"), model)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.normal(size=(16, 30, 3)).astype(np.float32))
+    out = tmp_path / "bundle"
+    code, res = run_cli(
+        capsys, "convert", str(model), "--calib", str(tmp_path / "calib.npy"),
+        "--out", str(out), "--quant", "float32", "--long-steps", "300",
+    )  # fmt: skip
+    assert code == 0, res.err
+    x = rng.normal(size=(1, 200, 3)).astype(np.float32)
+    want = ort.InferenceSession(str(model)).run(None, {"x": x})[0][0]
+    got = edge.load(out).step("s", x[0])
+    np.testing.assert_allclose(got, want, atol=1e-5)

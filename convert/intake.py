@@ -3,7 +3,8 @@
 Accepted, in any order along one chain: ``LSTM`` / ``GRU`` / ``SimpleRNN`` (also as ``RNN``
 over their cells or ``StackedRNNCells``, any activations of ``spec.ACTIVATIONS``, with or
 without bias, ``stateful`` or not: the runtime keeps the state itself), stride-1 ``Conv1D``
-with ``causal`` or ``valid`` padding (any dilation), ``Dense`` / ``TimeDistributed``,
+with ``causal`` or ``valid`` padding (any dilation; ``ZeroPadding1D((span, 0))`` before a
+``valid`` one makes it the causal convolution it is), ``Dense`` / ``TimeDistributed``,
 ``Activation``, ``BatchNormalization`` (folded), ``LayerNormalization``, ``Normalization`` and
 the layers that are the identity at inference (``Dropout`` and kin). Refused, with the layer's
 name and why: whatever makes step ``t`` depend on later samples or on the whole sequence.
@@ -142,6 +143,32 @@ def _recurrent(layer: Any, where: str) -> tuple[list[Layer], bool]:
     return [_cell(c, where) for c in cells], bool(layer.return_sequences)
 
 
+def _span(layer: Any) -> int:
+    """How many earlier samples a Conv1D's window reaches back."""
+    return (int(layer.kernel_size[0]) - 1) * int(np.prod(layer.dilation_rate))
+
+
+def _causal_padding(layer: Any, where: str, nxt: Any) -> None:
+    """A ``ZeroPadding1D`` is read only as what makes the next ``valid`` Conv1D causal:
+    exactly its span of zeros before the sequence, none after (a stream has no end)."""
+    import keras
+
+    left, right = (int(v) for v in layer.padding)
+    conv = getattr(nxt, "layer", nxt)
+    fits = (
+        isinstance(conv, keras.layers.Conv1D)
+        and conv.padding == "valid"
+        and not isinstance(nxt, keras.layers.TimeDistributed)
+    )
+    if right or not fits or _span(conv) != left:
+        raise UnsupportedModel(
+            f"{where} pads ({left}, {right}): only zeros before a Conv1D with padding='valid', "
+            "as many as its window reaches back ((kernel_size - 1) * dilation_rate), are "
+            "streamed (they make it a causal convolution); padding after the sequence needs "
+            "its end, which a stream does not have"
+        )
+
+
 def _conv(layer: Any, where: str) -> Conv1D:
     problems = []
     stride = int(np.prod(layer.strides))
@@ -212,7 +239,8 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
     out: list[Layer] = []
     width = features
     timeline = True  # False once a layer returned only its last step
-    for layer in model.layers:  # type: ignore[attr-defined]
+    layers = list(model.layers)  # type: ignore[attr-defined]
+    for i, layer in enumerate(layers):
         kind = type(layer).__name__
         where = f"layer {layer.name!r} ({kind})"
         inner = layer.layer if isinstance(layer, keras.layers.TimeDistributed) else layer
@@ -222,6 +250,9 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
             raise UnsupportedModel(f"{where} cannot be streamed: {reason}")
         if ikind in IDENTITY:
             continue
+        if isinstance(layer, keras.layers.ZeroPadding1D):
+            _causal_padding(layer, where, layers[i + 1] if i + 1 < len(layers) else None)
+            continue  # the convolution's zero buffer at the start of a stream is that padding
         new: list[Layer] = []
         if isinstance(inner, keras.layers.Normalization):
             # adapted (weights) or given to the constructor (no weights): both end up here
@@ -353,9 +384,11 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
     if any(getattr(la, "stateful", False) for la in layers):
         return None
     shift = sum(
-        (int(la.kernel_size[0]) - 1) * int(np.prod(la.dilation_rate))
-        for la in layers
-        if isinstance(la, keras.layers.Conv1D) and la.padding == "valid"
+        _span(la)
+        for prev, la in zip([None, *layers], layers)
+        if isinstance(la, keras.layers.Conv1D)
+        and la.padding == "valid"
+        and not isinstance(prev, keras.layers.ZeroPadding1D)  # padded: causal, no shift
     )
     xs = xs[:AGREEMENT_SEQUENCES]
 

@@ -72,10 +72,13 @@ def _refusals():
         ([L.LSTM(4, return_sequences=True), L.MaxPooling1D(2)], "MaxPooling1D", "rate"),
         ([L.LSTM(4, return_sequences=True), L.LeakyReLU(0.3)], "LeakyReLU", "only 0.2"),
         ([L.LSTM(4, return_sequences=True), L.PReLU(shared_axes=[1])], "PReLU", "not a layer"),
+        ([L.ZeroPadding1D((1, 0)), L.Conv1D(4, 3), L.LSTM(4)], "ZeroPadding1D", "pads (1, 0)"),
+        ([L.ZeroPadding1D((2, 1)), L.Conv1D(4, 3), L.LSTM(4)], "ZeroPadding1D", "its end"),
+        ([L.ZeroPadding1D((2, 0)), L.LSTM(4)], "ZeroPadding1D", "before a Conv1D"),
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(17))
 def test_unstreamable_models_are_refused_naming_the_layer(case):
     from convert import intake
     from convert.errors import UnsupportedModel
@@ -190,6 +193,13 @@ def _accepted():
             L.LSTM(6),
             L.Dense(2),
         ],
+        "zero-padded-valid-conv": [
+            L.ZeroPadding1D((4, 0)),
+            L.Conv1D(6, 3, dilation_rate=2, padding="valid", activation="relu"),
+            L.ZeroPadding1D((1, 0)),
+            L.Conv1D(5, 2),
+            L.LSTM(4, return_sequences=True),
+        ],
         "grouped-conv": [
             L.Conv1D(6, 3, padding="causal", groups=1),
             L.Conv1D(6, 2, padding="causal", groups=3),
@@ -216,6 +226,7 @@ def _accepted():
         "normalization-given-mean-variance",
         "rescaling-identity-elu-leaky-relu",
         "cnn-lstm",
+        "zero-padded-valid-conv",
         "grouped-conv",
     ],
 )
@@ -279,6 +290,9 @@ def test_keras_itself_checks_what_was_read():
     valid = keras_model([L.Conv1D(4, 3, padding="valid"), L.LSTM(3, return_sequences=True)])
     said = intake.check_agreement(valid, intake.spec_from_model(valid), x)
     assert said is not None and "padding='valid' streams as its causal twin" in said
+    conv, lstm = L.Conv1D(4, 3, padding="valid"), L.LSTM(3, return_sequences=True)
+    padded = keras_model([L.ZeroPadding1D((2, 0)), conv, lstm])  # causal: nothing to say
+    assert intake.check_agreement(padded, intake.spec_from_model(padded), x) is None
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)

@@ -349,20 +349,21 @@ class Engine:
         snap = snapfmt.read(path)
         layout = [list(x) for x in self.manifest.state_layout()]
         problem = None
-        if snap.model_sha256 != self.manifest.tflite_sha256 and not (
-            other_model_ok and snap.state_layout == layout
-        ):
+        if snap.state_layout != layout:
+            problem = (
+                f"it was taken with model {snap.model_sha256[:12]}..., whose state layout "
+                f"{snap.state_layout} differs from this one's {layout}"
+            )
+        elif snap.model_sha256 != self.manifest.tflite_sha256 and not other_model_ok:
             problem = (
                 f"it was taken with model {snap.model_sha256[:12]}..., this engine runs "
                 f"{self.manifest.tflite_sha256[:12]}..."
             )
-        elif snap.state_layout != layout:
-            problem = f"its state layout {snap.state_layout} differs from {layout}"
         if problem:
             if fresh_on_mismatch:
                 self.store.load([], np.empty(0, np.int64), [a[:0] for a in self.store.arrays])
                 return {}
-            raise StateMismatch(f"{path}: cannot restore: {problem} (start fresh to ignore it)")
+            raise StateMismatch(f"{path}: cannot restore: {problem}")
         self.store.load(snap.streams, snap.last_seq, snap.arrays, snap.boots, snap.gaps)
         return snap.extra
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SnapshotError
+from .errors import ConfigError, SnapshotError, StateMismatch
 from .wal import Damage, Entry, Mark, Output, Record, encode, scan
 
 log = logging.getLogger("edge.service")
@@ -88,6 +88,8 @@ class Journal:
         for gen in reversed(snaps):
             try:
                 extra = restore(self.path("snap", gen))
+            except StateMismatch:
+                raise  # intact, of another model: not to be replaced by this one's state
             except SnapshotError as exc:
                 rec.damaged_snapshots.append(str(exc))
                 continue

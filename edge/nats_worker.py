@@ -331,10 +331,21 @@ class Worker:
                 self.metrics.inc("snapshots_damaged")
                 continue
             try:
-                found.append(psnap.unpack(res.data or b""))
+                snap = psnap.unpack(res.data or b"")
             except EdgeError as exc:
                 log.error("partition %d: snapshot %s: %s", p, name, exc)
                 self.metrics.inc("snapshots_damaged")
+                continue
+            if snap.partition != p:  # intact, but not this partition's state or position
+                log.error(
+                    "partition %d: snapshot %s holds partition %d; not restored",
+                    p,
+                    name,
+                    snap.partition,
+                )
+                self.metrics.inc("snapshots_damaged")
+                continue
+            found.append(snap)
         return sorted(found, key=lambda s: s.generation, reverse=True)
 
     async def _restore(self, p: int) -> Partition:

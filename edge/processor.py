@@ -28,7 +28,7 @@ import numpy as np
 from . import payloads
 from .config import ServiceConfig
 from .engine import Chunk, Engine, Outcome
-from .errors import ConfigError, StateMismatch
+from .errors import ConfigError, SnapshotError, StateMismatch
 from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
@@ -373,11 +373,12 @@ class Processor:
         try:
             extra = {"lsn": self.lsn, "reorder": self.reorder.export(self.engine.last_seq)}
             self.journal.checkpoint(self.engine.snapshot, carry, extra)
-        except OSError as exc:
+        except (OSError, SnapshotError) as exc:  # the engine names the file in a SnapshotError
             if self.degraded is None:
                 log.error("snapshot failed in %s: %s; retrying later", self.cfg.state_dir, exc)
                 self.metrics.inc("storage_errors")
-            self.degraded = f"snapshot failed: {exc.strerror or exc}"
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            self.degraded = f"snapshot failed: {getattr(cause, 'strerror', None) or exc}"
             return False
         self.metrics.inc("snapshots")
         if lost:

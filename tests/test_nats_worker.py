@@ -384,8 +384,9 @@ def test_kill_9_worker_mid_stream_moves_partitions_with_state(
         col.close()
 
 
-def _damage_newest_snapshots(url: str, partitions: int) -> int:
-    """Overwrite each partition's newest snapshot object with garbage; returns how many."""
+def _damage_newest_snapshots(url: str, partitions: int, misplace: bool = False) -> int:
+    """Overwrite each partition's newest snapshot object with garbage (or with the next
+    partition's newest, intact: a misplaced object); returns how many."""
     import nats
 
     from edge.nats_worker import SNAPSHOTS
@@ -394,18 +395,21 @@ def _damage_newest_snapshots(url: str, partitions: int) -> int:
     async def run() -> int:
         nc = await nats.connect(url)
         store = await nc.jetstream().object_store(SNAPSHOTS)
-        damaged = 0
+        newest: dict[int, tuple[int, int, bytes]] = {}  # partition -> generation, slot, bytes
         for p in range(partitions):
-            found = []
             for slot in (0, 1):
                 try:
                     res = await store.get(object_name(p, slot))
                 except Exception:
                     continue
-                found.append((unpack(res.data).generation, slot))
-            if found:
-                await store.put(object_name(p, max(found)[1]), b"EDGEPS1\n garbage")
-                damaged += 1
+                found = (unpack(res.data).generation, slot, res.data)
+                newest[p] = max(newest.get(p, found), found)
+        damaged = 0
+        for p, (_, slot, _) in newest.items():
+            other = newest.get((p + 1) % partitions)
+            blob = other[2] if misplace and other else b"EDGEPS1\n garbage"
+            await store.put(object_name(p, slot), blob)
+            damaged += 1
         await nc.close()
         return damaged
 
@@ -433,20 +437,26 @@ def _half_answered(
 
 
 @failover
+@pytest.mark.parametrize(
+    ("misplace", "said"), [(False, "checksum mismatch"), (True, "holds partition")]
+)
 def test_damaged_snapshots_fall_back_and_replay(
-    bundles: Path, nats_server: NatsServer, workers: Any
+    bundles: Path, nats_server: NatsServer, workers: Any, misplace: bool, said: str
 ) -> None:
+    """A newest snapshot that is garbage, or intact but another partition's (its state and
+    position restored here would answer wrongly and skip messages): the older slot, or the
+    stream from its start, is what the partition restores from."""
     samples = _samples(8, 30, seed=11)
     want = offline(bundles / "clf-int8", samples)
     with _half_answered(workers, nats_server, samples, 15) as (w1, col, pub):
         assert w1.stop() == 0  # a clean stop snapshots every partition
-        assert _damage_newest_snapshots(nats_server.url, P) > 0
+        assert _damage_newest_snapshots(nats_server.url, P, misplace) > 0
         w2 = workers("w2")
         _send(pub, samples, range(15, 30))
         wait_until(lambda: len(col.predictions()) >= len(want), 90, "every prediction")
         missing, wrong = _check(col.predictions(), want)
         assert (missing, wrong) == ([], [])
-        assert "checksum mismatch" in w2.log()
+        assert said in w2.log()
         assert not col.of("errors/")
 
 

@@ -16,11 +16,9 @@ from edge.processor import Inbound, Processor
 
 
 def make(bundles, state, **overrides):
-    cfg = config.load(
-        None,
-        env={},
-        overrides={"model": str(bundles / "clf-int8"), "state_dir": str(state), **overrides},
-    )
+    """A processor that answers at once (reordering, with its waits, is tested on its own)."""
+    base = {"model": str(bundles / "clf-int8"), "state_dir": str(state), "reorder_ms": 0}
+    cfg = config.load(None, env={}, overrides={**base, **overrides})
     p = Processor(open_engine(cfg), cfg, Journal(state), Metrics())
     p.recover()
     return p
@@ -196,7 +194,15 @@ def test_a_state_directory_of_another_model_is_refused_untouched(bundles, tmp_pa
         with pytest.raises(ConfigError, match="holds the state of another model"):
             make(bundles, state, model=str(bundles / other))
     assert {f.name: f.read_bytes() for f in state.iterdir()} == before
-    make(bundles, state)  # the right bundle still finds it all
+    right = make(bundles, state)  # the right bundle still finds it all
+    right.journal.open()
+    assert right.checkpoint()  # as a clean stop leaves it: snapshots, and no sample in the log
+    right.journal.close()
+    before = {f.name: f.read_bytes() for f in state.iterdir()}
+    for other in ("reg2-int8", "torch-gru-int8"):  # the snapshot alone says whose it is
+        with pytest.raises(ConfigError, match="whose state layout"):
+            make(bundles, state, model=str(bundles / other))
+    assert {f.name: f.read_bytes() for f in state.iterdir()} == before
 
 
 def test_a_stream_evicted_for_capacity_says_restart_on_its_next_answer(bundles, tmp_path, xs):
@@ -230,3 +236,27 @@ def test_every_stream_says_restart_when_a_fleet_larger_than_capacity_churns(bund
             (o,) = answers(p)
             flags[(stream, seq)] = json.loads(o.payload).get("restart", False)
     assert [k for k, v in flags.items() if v] == [(s, q) for q in (2, 3) for s in streams]
+
+
+def test_a_snapshot_that_finds_the_disk_full_degrades_and_is_retried(bundles, small_disk, xs):
+    """The log's new segment fits, the snapshot does not: the engine reports that as a
+    ``SnapshotError`` naming the file, which is the storage error it is (degraded, retried
+    later), not the end of the service."""
+    import os
+
+    from tests.conftest import fill
+
+    p = make(bundles, small_disk / "state")
+    p.journal.open()
+    assert p.handle([msg(f"s{i}", 1, xs[i % 20]) for i in range(3000)])
+    for mid, _ in enumerate(answers(p), 1):  # acknowledged: the new segment carries none
+        p.outbox.acked(mid)
+    filler = small_disk / "filler"
+    fill(filler)
+    os.truncate(filler, filler.stat().st_size - 8192)  # room for a segment, not a snapshot
+    assert not p.checkpoint()
+    assert p.degraded is not None and "snapshot failed: No space left" in p.degraded
+    filler.unlink()
+    assert p.checkpoint()
+    again = make(bundles, small_disk / "state")  # what the retry wrote is whole
+    assert again.engine.last_seq("s2999") == 1

@@ -5,7 +5,10 @@ for PUBACKs, and a broker that ignores Receive Maximum (Mosquitto 2.0.11 does,
 ``bench.broker_flow``) sends its whole backlog ahead of them. What arrives beyond
 ``memory_limit`` goes to an unnamed file in the state directory, in order, and comes back as
 the head drains. Nothing in it is acknowledged, so a crash loses nothing: the broker
-redelivers it, and the file disappears with the process.
+redelivers it, and the file disappears with the process. The file leaves a reserve of its
+file system free (``RESERVE``): it shares the state directory with the log, and a log that
+cannot be written acknowledges nothing, so a spill that filled the disk would never drain.
+Past that (or when a write fails), messages wait in memory until they are worked off.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ log = logging.getLogger("edge.inbox")
 _HEAD = struct.Struct("<IBBdHII")
 _NO_CTYPE = 0xFFFFFFFF
 READ_CHUNK = 1 << 20
+RESERVE = 64 << 20  # bytes left free for the log; a quarter of a smaller file system
+ROOM_CHECK_EVERY = 256  # spill writes between looks at the free space
 
 
 def encode(msg: Inbound) -> bytes:
@@ -82,7 +87,8 @@ class Inbox:
         self._fd: int | None = None
         self._read = self._write = 0  # file offsets
         self._in_file = 0  # messages in the file
-        self._spill_failed = False
+        self._spill_failed = False  # memory holds what comes, until that is worked off
+        self._until_check = 0
 
     def __len__(self) -> int:
         return len(self._mem) + self._in_file
@@ -113,6 +119,10 @@ class Inbox:
         msg = self._mem.popleft()
         if self._in_file and len(self._mem) < self.memory_limit // 2:
             self._refill()
+        elif self._spill_failed and len(self._mem) < self.memory_limit // 2:
+            with self._lock:  # worked off: the next overflow tries the disk again
+                self._spill_failed = False
+                self._until_check = 0
         return msg
 
     def extendleft(self, msgs: Iterable[Inbound]) -> None:
@@ -132,9 +142,14 @@ class Inbox:
             self._read = self._write = self._in_file = 0
 
     def _spill(self, msg: Inbound) -> bool:
-        if self._fd is None:
-            if self._spill_failed:
+        if self._spill_failed:
+            return False
+        if self._until_check <= 0:
+            self._until_check = ROOM_CHECK_EVERY
+            if not self._room():
                 return False
+        self._until_check -= 1
+        if self._fd is None:
             try:
                 self._fd = _unnamed_file(self.spill_dir)
             except OSError as exc:
@@ -149,10 +164,13 @@ class Inbox:
             )
         rec = encode(msg)
         try:
-            os.pwrite(self._fd, rec, self._write)
+            written = os.pwrite(self._fd, rec, self._write)
         except OSError as exc:
-            if not self._spill_failed:
-                log.error("cannot write the spill file (%s); holding in memory", exc)
+            written, reason = -1, str(exc)
+        else:
+            reason = f"{written} of {len(rec)} bytes written: the disk is full"
+        if written != len(rec):  # a part written is past the end that counts: ignored
+            log.error("cannot write the spill file (%s); holding in memory", reason)
             self._spill_failed = True
             return False
         self._write += len(rec)
@@ -165,15 +183,41 @@ class Inbox:
         with self._lock:
             self._load(self.memory_limit - len(self._mem))
 
+    def _room(self) -> bool:
+        """Whether the spill may grow: the file system keeps its reserve free for the log."""
+        try:
+            st = os.statvfs(self.spill_dir if self.spill_dir is not None else ".")
+        except OSError:
+            return True  # cannot tell: a write that fails says so
+        reserve = min(RESERVE, st.f_blocks * st.f_frsize // 4)
+        if st.f_bavail * st.f_frsize >= reserve:
+            return True
+        log.error(
+            "the spill file leaves %d bytes free in %s, its reserve for the log; holding in memory",
+            reserve,
+            self.spill_dir,
+        )
+        self._spill_failed = True
+        return False
+
     def _load(self, room: int) -> None:
         if self._fd is not None:
             while self._in_file and room > 0:
                 want = min(READ_CHUNK, self._write - self._read)
                 buf = os.pread(self._fd, want, self._read)
                 msgs, used = decode(buf, room)
-                if not msgs:  # one record larger than a chunk
+                if not msgs and len(buf) >= _HEAD.size:  # one record larger than a chunk
                     buf = os.pread(self._fd, _record_size(buf), self._read)
                     msgs, used = decode(buf, room)
+                if not msgs:  # cannot be: every record counted was written whole
+                    log.error(
+                        "spill file unreadable at offset %d: %d unacknowledged messages in it "
+                        "dropped (the broker sends them again on the next connection)",
+                        self._read,
+                        self._in_file,
+                    )
+                    self._in_file = 0
+                    break
                 self._mem.extend(msgs)
                 self._read += used
                 self._in_file -= len(msgs)

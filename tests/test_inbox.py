@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from pathlib import Path
@@ -138,3 +139,43 @@ def test_oldest_received_is_the_first_message_in_memory(tmp_path: Path) -> None:
     assert box.oldest_received() == 6.0
     box.extendleft([Inbound("sensors/a/data", b"{}", received=1.0)])
     assert box.oldest_received() == 1.0
+
+
+def _appender(box: Inbox, msgs: list[Inbound]) -> threading.Thread:
+    """Appends in a thread of its own: a hang shows as a thread still alive (not a timing:
+    the join waits as long as a working append could ever take, many times over)."""
+    t = threading.Thread(target=lambda: [box.append(m) for m in msgs], daemon=True)
+    t.start()
+    t.join(120)
+    return t
+
+
+def test_a_disk_that_fills_under_the_spill_loses_and_hangs_nothing(small_disk: Path) -> None:
+    """The kernel writes what fits of a record and says so: counted whole, that record and
+    the file's end disagreed and reading it back looped for good, under the lock."""
+    from tests.conftest import fill
+
+    filler = small_disk / "filler"
+    fill(filler)
+    os.truncate(filler, filler.stat().st_size - 12_000)  # a few pages free
+    box = Inbox(4, small_disk)
+    box._room = lambda: True  # type: ignore[method-assign]  # what the reserve would stop
+    msgs = [msg(i, size=300) for i in range(200)]
+    assert not _appender(box, msgs).is_alive()
+    assert 0 < box.spilled_total < 200  # the disk took some, memory the rest
+    assert [box.popleft() for _ in range(200)] == msgs
+
+
+def test_the_spill_leaves_its_file_system_a_reserve(small_disk: Path) -> None:
+    """The spill shares the state directory with the log: filled by the spill, the disk
+    would leave the log unwritable, nothing acknowledged, and the backlog stuck for good."""
+    box = Inbox(4, small_disk)
+    msgs = [msg(i, size=1000) for i in range(4000)]  # twice the 2 MiB file system
+    assert not _appender(box, msgs).is_alive()
+    st = os.statvfs(small_disk)  # the free space is looked at every ROOM_CHECK_EVERY writes
+    reserve = st.f_blocks * st.f_frsize // 4
+    assert st.f_bavail * st.f_frsize >= reserve - inbox_mod.ROOM_CHECK_EVERY * 1100 > 0
+    assert 0 < box.spilled_total < 4000
+    assert [box.popleft() for _ in range(4000)] == msgs
+    box.append(msg(0))  # worked off: the disk is tried again
+    assert box.popleft() == msg(0) and not box._spill_failed

@@ -46,6 +46,7 @@ class Recovery:
     exact: bool = True  # False: no usable snapshot and the log does not reach back to the start
     damaged_snapshots: list[str] = field(default_factory=list)
     damage: list[str] = field(default_factory=list)  # one line per damaged log span
+    lost: bool = False  # the damage may have taken acknowledged entries with it
     entries: list[Entry] = field(default_factory=list)
     acked: int = 0  # the highest ack mark found
     last_lsn: int = 0
@@ -95,6 +96,9 @@ class Journal:
                 continue
             rec.generation, rec.base_lsn, rec.extra = gen, int(extra.get("lsn", 0)), extra
             self.snapshots = [g for g in snaps if g <= gen]
+            if gen not in segs:  # a checkpoint writes it before the snapshot: it was removed
+                rec.damage.append(f"{self.path('wal', gen).name}: missing (what it logged is lost)")
+                rec.lost = True
             break
         if not rec.generation:
             # No usable snapshot: exact only if the log still reaches back to the beginning.
@@ -105,9 +109,17 @@ class Journal:
             path = self.path("wal", gen)
             for item in scan(path.read_bytes()):
                 if isinstance(item, Damage):
-                    what = "torn last write" if item.at_end else "damaged span"
-                    where = f"{item.length} bytes at offset {item.offset}"
-                    rec.damage.append(f"{path.name}: {what} of {where} skipped")
+                    if item.at_end:
+                        what = (
+                            f"ends inside an entry at offset {item.offset} (a torn last "
+                            "write, or the file cut short)"
+                        )
+                    else:
+                        what = f"damaged span of {item.length} bytes at offset {item.offset}"
+                    rec.damage.append(f"{path.name}: {what}, skipped")
+                    # With fsync before each acknowledgement a torn last write held nothing
+                    # acknowledged (the broker sends it again); otherwise it may have.
+                    rec.lost = rec.lost or not (item.at_end and self.fsync)
                     continue
                 if isinstance(item, Mark):
                     rec.acked = max(rec.acked, item.acked)

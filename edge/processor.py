@@ -236,14 +236,22 @@ class Processor:
                 self.engine.store.evict([entry.stream])
             outs += self._apply(r)
         again = [o for o in outs if o.lsn > rec.acked]
+        if not rec.exact or rec.lost:  # they are held, their history incomplete
+            self._kept_restarted.update(self.engine.store.streams)
+            # Computed again on that state, the answers not yet acknowledged may differ from
+            # what went out before the crash: they say so.
+            again = [self._restart_flagged(o) for o in again]
+            why = (
+                "the log was damaged (see above): acknowledged samples may be missing from "
+                "the streams' state"
+                if rec.exact
+                else "no usable snapshot and the log does not reach back to the start"
+            )
+            log.error(
+                "%s: every stream goes on from there; their next predictions say restart", why
+            )
         self.outbox.put(again)
         self.mark = rec.acked
-        if not rec.exact:  # they are held, their history incomplete
-            self._kept_restarted.update(self.engine.store.streams)
-            log.error(
-                "no usable snapshot and the log does not reach back to the start: every stream "
-                "continues from where the log begins; their next predictions say restart"
-            )
         log.info(
             "recovered generation %d: %d log entries replayed, %d answers published again "
             "(%d already acknowledged)",
@@ -256,6 +264,13 @@ class Processor:
         if rec.damage or rec.damaged_snapshots:
             self.requests.add("checkpoint")  # retire the damaged files soon (not a command)
         return rec
+
+    def _restart_flagged(self, o: Outbound) -> Outbound:
+        if self.predictions.stream(o.topic) is None:
+            return o
+        doc = json.loads(o.payload)
+        doc["restart"] = True
+        return dataclasses.replace(o, payload=payloads.dumps(doc))
 
     def _foreign(self, problem: str) -> ConfigError:
         """The state directory belongs to another model: replaying it into this one would

@@ -231,3 +231,26 @@ def test_an_entry_carried_by_two_checkpoints_is_replayed_once(tmp_path):
     got = Journal(tmp_path).recover(restore)
     assert got.generation == 1
     assert [e.lsn for e in got.entries if isinstance(e, Record)] == [2]
+
+
+def test_what_damage_may_have_cost_is_told(tmp_path):
+    """A span damaged, or the log cut short without fsync (a power cut, or the file cut):
+    acknowledged entries may be gone. With fsync before each acknowledgement, a torn last
+    write held nothing acknowledged. A snapshot without the segment that follows it lost
+    whatever that segment logged."""
+    path = write_log(tmp_path / "a", 50)
+    path.write_bytes(path.read_bytes()[:-10])
+    assert Journal(tmp_path / "a").recover(no_restore).lost
+    assert not Journal(tmp_path / "a", fsync=True).recover(no_restore).lost
+    assert not Journal(tmp_path / "b").recover(no_restore).lost  # nothing there: nothing lost
+    j = Journal(tmp_path / "c")
+    j.recover(no_restore)
+    j.open()
+    j.append([rec("s", 1, 1)])
+    j.checkpoint(lambda p, extra: Path(p).write_bytes(b"snap"), [], {"lsn": 1})
+    j.append([rec("s", 2, 2)])
+    j.close()
+    (tmp_path / "c" / "wal-00000001.log").unlink()
+    got = Journal(tmp_path / "c").recover(lambda p: {"lsn": 1})
+    assert got.generation == 1 and got.lost
+    assert got.damage == ["wal-00000001.log: missing (what it logged is lost)"]

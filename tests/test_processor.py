@@ -260,3 +260,28 @@ def test_a_snapshot_that_finds_the_disk_full_degrades_and_is_retried(bundles, sm
     assert p.checkpoint()
     again = make(bundles, small_disk / "state")  # what the retry wrote is whole
     assert again.engine.last_seq("s2999") == 1
+
+
+def test_a_log_damaged_under_acknowledged_samples_makes_every_stream_say_restart(
+    bundles, tmp_path, xs
+):
+    """The samples in a damaged span were acknowledged and are gone from the state: the
+    streams go on from a state that lacks them, and their answers say so - the ones
+    published again after the recovery (computed again on that state) and the next ones."""
+    state = tmp_path / "state"
+    p = make(bundles, state)
+    p.journal.open()
+    for i in range(10):
+        assert p.handle([msg("a", i + 1, xs[i]), msg("b", i + 1, xs[i])])
+    assert len(answers(p)) == 20  # sent, never acknowledged: published again after a crash
+    p.journal.close()
+    (log,) = state.glob("wal-*.log")
+    data = bytearray(log.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4] = b"\xde\xad\xbe\xef"
+    log.write_bytes(bytes(data))
+    again = make(bundles, state)
+    again.journal.open()
+    republished = [json.loads(o.payload) for o in answers(again)]
+    assert 0 < len(republished) < 20 and all(d["restart"] for d in republished)
+    assert again.handle([msg("a", 11, xs[10]), msg("b", 11, xs[10])])
+    assert [json.loads(o.payload).get("restart") for o in answers(again)] == [True, True]

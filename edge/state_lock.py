@@ -1,9 +1,10 @@
 """One process per state directory.
 
 Two processes appending to one write-ahead log, or writing snapshot generations over each
-other, leave a state that is neither's: every stream's history split between them. A lock
-file held with ``flock`` for the life of the process refuses the second one at start-up; the
-kernel drops the lock when the process ends, however it ends, so a crash leaves nothing stale.
+other, leave a state that is neither's: every stream's history split between them. The
+directory itself is held with ``flock`` for the life of the process (a lock file alone is
+gone once a cleaner deletes it), and a lock file in it says which process holds it; the
+kernel drops both when the process ends, however it ends, so a crash leaves nothing stale.
 """
 
 from __future__ import annotations
@@ -25,34 +26,55 @@ class StateLock:
         self.path = Path(directory) / LOCK_NAME
         self.what = what
         self._fd: int | None = None
+        self._dir_fd: int | None = None
 
     def acquire(self) -> None:
-        """Hold the lock, or ConfigError naming the process that holds it. A directory this
-        process cannot write is not locked (a warning): it cannot be written over either."""
+        """Hold the lock, or ConfigError naming the process that holds it. A directory that
+        cannot be made or opened is not locked (a warning): the service starts degraded."""
+        directory = self.path.parent
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            directory.mkdir(parents=True, exist_ok=True)
+            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
-            log.warning("%s %s: not locked (%s)", self.what, self.path.parent, exc.strerror or exc)
+            log.warning("%s %s: not locked (%s)", self.what, directory, exc.strerror or exc)
+            return
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(dfd)
+            self._refuse()
+        self._dir_fd = dfd
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only directory: locked, without the pid
+            log.warning("%s %s: no lock file (%s)", self.what, directory, exc.strerror or exc)
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        except OSError:  # held by a process of a version that locked the file alone
             os.close(fd)
-            raise ConfigError(
-                f"{self.what} {str(self.path.parent)!r} is in use by another process (pid "
-                f"{holder}); give each one a {self.what} of its own"
-            ) from None
-        with contextlib.suppress(OSError):  # the pid is for the message above only
+            self.release()
+            self._refuse()
+        with contextlib.suppress(OSError):  # the pid is for the message below only
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
+    def _refuse(self) -> None:
+        try:
+            holder = self.path.read_bytes()[:32].decode("ascii", "replace").strip()
+        except OSError:
+            holder = ""
+        raise ConfigError(
+            f"{self.what} {str(self.path.parent)!r} is in use by another process (pid "
+            f"{holder or 'unknown'}); give each one a {self.what} of its own"
+        ) from None
+
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the lock
-            self._fd = None
+        for fd in (self._fd, self._dir_fd):
+            if fd is not None:
+                os.close(fd)  # closing drops the lock
+        self._fd = self._dir_fd = None
 
     def __del__(self) -> None:
         self.release()

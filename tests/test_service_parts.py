@@ -286,6 +286,19 @@ def test_a_state_dir_is_locked_while_held_and_free_once_released(tmp_path):
     again.release()
 
 
+def test_a_deleted_lock_file_leaves_the_state_dir_locked(tmp_path):
+    """A cleaner (or ``rm``) takes the lock file: the directory itself is still held."""
+    from edge.state_lock import StateLock
+
+    first = StateLock(tmp_path / "state")
+    first.acquire()
+    (tmp_path / "state" / "lock").unlink()
+    with pytest.raises(ConfigError, match="in use by another process"):
+        StateLock(tmp_path / "state").acquire()
+    first.release()
+    StateLock(tmp_path / "state").acquire()
+
+
 def test_a_state_dir_that_cannot_be_written_is_not_locked(tmp_path, caplog):
     from edge.state_lock import StateLock
 

@@ -151,13 +151,12 @@ def test_worker_answers_mqtt_devices_bit_identical(
     assert "stopped cleanly" in w.log()
 
 
-def test_alike_answers_to_different_messages_are_all_sent(
-    bundles: Path, nats_server: NatsServer, workers: Any
-) -> None:
-    """An answer is named after the message it answers, not after its bytes: the same garbage
-    sent twice is reported twice, and a device that resets and sends its first sample again
-    gets the same prediction again - at QoS 1, at QoS 0 and on core NATS."""
-    workers("w1")
+@contextlib.contextmanager
+def _every_kind(
+    nats_server: NatsServer,
+) -> Iterator[tuple[Collector, Qos0Collector, NatsCollector, Publisher]]:
+    """A subscriber of each kind (MQTT QoS 1, MQTT QoS 0, core NATS), subscribed, and a
+    device's publisher."""
     col = Collector(nats_server.mqtt_url)
     qos0 = Qos0Collector(nats_server.mqtt_url, client_id="qos0")
     native = NatsCollector(nats_server.url)
@@ -165,6 +164,22 @@ def test_alike_answers_to_different_messages_are_all_sent(
     try:
         wait_until(col.qos1_granted, 60, "the collector's QoS 1 subscriptions")
         wait_until(qos0.subscribed, 60, "the QoS 0 subscriptions")
+        yield col, qos0, native, pub
+    finally:
+        pub.close()
+        native.close()
+        qos0.close()
+        col.close()
+
+
+def test_alike_answers_to_different_messages_are_all_sent(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """An answer is named after the message it answers, not after its bytes: the same garbage
+    sent twice is reported twice, and a device that resets and sends its first sample again
+    gets the same prediction again - at QoS 1, at QoS 0 and on core NATS."""
+    workers("w1")
+    with _every_kind(nats_server) as (col, qos0, native, pub):
         wait_owned(col, ["w1"], P)
         x = _samples(1, 1, seed=5)["dev-0"]
         for _ in range(2):
@@ -183,11 +198,6 @@ def test_alike_answers_to_different_messages_are_all_sent(
             first, again = c.predictions()[("r1", 1)]
             np.testing.assert_array_equal(first, again)
             assert [d["error"] for _, d in c.of("errors/r1")] == ["bad_json", "bad_json"]
-    finally:
-        pub.close()
-        native.close()
-        qos0.close()
-        col.close()
 
 
 def test_predictions_wait_for_an_offline_qos1_subscriber(
@@ -333,13 +343,7 @@ def test_kill_9_worker_mid_stream_moves_partitions_with_state(
     ids = ["w1", "w2", "w3"]
     # no snapshot in the test's time: the new owners replay every answer the victim sent
     procs = {i: workers(i, "--snapshot-interval", "120") for i in ids}
-    col = Collector(nats_server.mqtt_url)
-    qos0 = Qos0Collector(nats_server.mqtt_url, client_id="qos0")
-    native = NatsCollector(nats_server.url)
-    pub = Publisher(nats_server.mqtt_url)
-    try:
-        wait_until(col.qos1_granted, 60, "the collector's QoS 1 subscriptions")
-        wait_until(qos0.subscribed, 60, "the QoS 0 subscriptions")
+    with _every_kind(nats_server) as (col, qos0, native, pub):
         wait_until(
             lambda: all(owned(col, i) is not None for i in ids) and all_owned(col, ids, P),
             90,
@@ -377,11 +381,6 @@ def test_kill_9_worker_mid_stream_moves_partitions_with_state(
         stopped = [st for i in survivors for st in procs[i].final_stats()]
         assert len(stopped) == len(survivors)
         assert sum(s.get("answers_sent_before", 0) for s in stopped) > 0
-    finally:
-        pub.close()
-        native.close()
-        qos0.close()
-        col.close()
 
 
 def _damage_newest_snapshots(url: str, partitions: int, misplace: bool = False) -> int:
@@ -524,13 +523,7 @@ def test_a_worker_back_after_the_duplicate_window_sends_no_answer_twice(
     answers sent since then again, and the answered mark keeps them from going out twice,
     to every kind of subscriber."""
     w = workers("w1", "--snapshot-interval", "600")
-    col = Collector(nats_server.mqtt_url)
-    qos0 = Qos0Collector(nats_server.mqtt_url, client_id="qos0")
-    native = NatsCollector(nats_server.url)
-    pub = Publisher(nats_server.mqtt_url)
-    try:
-        wait_until(col.qos1_granted, 60, "the collector's QoS 1 subscriptions")
-        wait_until(qos0.subscribed, 60, "the QoS 0 subscriptions")
+    with _every_kind(nats_server) as (col, qos0, native, pub):
         wait_owned(col, ["w1"], P)
         _duplicate_window(nats_server.url, 0.5)
         samples = _samples(5, 20, seed=9)
@@ -549,11 +542,6 @@ def test_a_worker_back_after_the_duplicate_window_sends_no_answer_twice(
             got = c.predictions()
             assert _check(got, want) == ([], [])
             assert [k for k, ys in got.items() if len(ys) > 1] == []
-    finally:
-        pub.close()
-        native.close()
-        qos0.close()
-        col.close()
     assert w.stop() == 0
     # the replay did happen: its answers were recognised as sent
     assert sum(s.get("answers_sent_before", 0) for s in w.final_stats()) > 0

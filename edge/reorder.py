@@ -5,8 +5,8 @@ A stream's first message here, and the first of each new life of its device (a n
 id, or with ``restart_gap`` a seq far behind), is held too: nothing says it is the lowest of
 its life, and an overtaken predecessor would otherwise be dropped as late. What is held of
 an old life is released first, in order, and the new life's seq numbering starts afresh.
-Messages of an earlier boot pass straight through (the engine answers them ``stale``). A
-reset ends its stream's wait: what is held goes first, and the reset's numbering holds after.
+Messages of an earlier boot pass straight through (the engine answers them ``stale``), or
+wait behind a new life's first record while it waits. A reset ends its stream's wait: what is held goes first, and the reset's numbering holds after.
 
 Pure logic: the clock is injected, the engine's last applied seq and boot ids are asked for
 through functions passed in.
@@ -234,11 +234,12 @@ class Reorderer:
             self._skip_voids(stream)
             ahead = (h.record.seq - self._next[stream]) % U32
             if 0 < ahead < HALF:  # a gap: the rest waits, but what is behind goes on
-                rest = items[i:]
-                for h2 in rest:
+                kept = []
+                for h2 in items[i:]:
                     if (h2.record.seq - self._next[stream]) % U32 >= HALF:
                         out.append(h2.record)
-                kept = [h2 for h2 in rest if (h2.record.seq - self._next[stream]) % U32 < HALF]
+                    else:
+                        kept.append(h2)
                 if kept:
                     self._held[stream] = kept
                 return out

@@ -6,7 +6,8 @@ id, or with ``restart_gap`` a seq far behind), is held too: nothing says it is t
 its life, and an overtaken predecessor would otherwise be dropped as late. What is held of
 an old life is released first, in order, and the new life's seq numbering starts afresh.
 Messages of an earlier boot pass straight through (the engine answers them ``stale``), or
-wait behind a new life's first record while it waits. A reset ends its stream's wait: what is held goes first, and the reset's numbering holds after.
+wait behind a new life's first record while it waits. A reset ends its stream's wait: what
+is held goes first, and the reset's numbering holds after.
 
 Pure logic: the clock is injected, the engine's last applied seq and boot ids are asked for
 through functions passed in.

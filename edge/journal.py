@@ -112,11 +112,14 @@ class Journal:
                     if item.at_end:
                         what = (
                             f"ends inside an entry at offset {item.offset} (a torn last "
-                            "write, or the file cut short)"
+                            "write, or the file cut short), skipped"
                         )
                     else:
-                        what = f"damaged span of {item.length} bytes at offset {item.offset}"
-                    rec.damage.append(f"{path.name}: {what}, skipped")
+                        what = (
+                            f"damaged span of {item.length} bytes at offset {item.offset} "
+                            "skipped; the intact entries after it are replayed"
+                        )
+                    rec.damage.append(f"{path.name}: {what}")
                     # With fsync before each acknowledgement a torn last write held nothing
                     # acknowledged (the broker sends it again); otherwise it may have.
                     rec.lost = rec.lost or not (item.at_end and self.fsync)

@@ -218,7 +218,7 @@ class Processor:
             log.error("snapshot unusable, falling back to an older generation: %s", problem)
             self.metrics.inc("snapshots_damaged")
         for line in rec.damage:
-            log.error("write-ahead log: %s; the intact entries after it are replayed", line)
+            log.error("write-ahead log: %s", line)
             self.metrics.inc("wal_damaged")
         self.lsn = self.mark = rec.last_lsn
         self.reorder.load(rec.extra.get("reorder") or {})

@@ -33,6 +33,7 @@ _NO_CTYPE = 0xFFFFFFFF
 READ_CHUNK = 1 << 20
 RESERVE = 64 << 20  # bytes left free for the log; a quarter of a smaller file system
 ROOM_CHECK_EVERY = 256  # spill writes between looks at the free space
+COMPACT_AT = 256 << 10  # a read head this far in, and past the file's middle: move the rest up
 
 
 def encode(msg: Inbound) -> bytes:
@@ -222,8 +223,29 @@ class Inbox:
                 self._read += used
                 self._in_file -= len(msgs)
                 room -= len(msgs)
+            if self._in_file and self._read >= COMPACT_AT and 2 * self._read >= self._write:
+                self._compact()
         if not self._in_file:
             self._reset_file()
+
+    def _compact(self) -> None:
+        """Move what is still to be read to the file's start and cut the file there: what
+        was read gives its space back (to the log, on a full disk) before the file drains.
+        The rest is no longer than what was read, so the move never writes over what it has
+        yet to read, and a failure leaves the file as it was from the read head on."""
+        assert self._fd is not None
+        src, dst = self._read, 0
+        try:
+            while src < self._write:
+                chunk = os.pread(self._fd, min(READ_CHUNK, self._write - src), src)
+                if not chunk or os.pwrite(self._fd, chunk, dst) != len(chunk):
+                    raise OSError("short read or write")
+                src, dst = src + len(chunk), dst + len(chunk)
+            os.ftruncate(self._fd, dst)
+        except OSError as exc:  # moved in part: the original bytes beyond ``dst`` are intact
+            log.warning("cannot compact the spill file (%s); it shrinks once drained", exc)
+            return
+        self._read, self._write = 0, dst
 
     def _reset_file(self) -> None:
         if self._fd is not None and self._write:

@@ -372,12 +372,14 @@ class Processor:
 
     def checkpoint(self) -> bool:
         """Snapshot the engine into a new generation; False (and degraded) when it cannot.
-        When the log's files were removed, the snapshot comes first: only then can the round
-        left over be logged again."""
+        A round the log could not take (a reorder expiry: neither logged nor applied) is
+        logged after the snapshot, in the new segment, and the records it releases are
+        carried there first, held, for its release to find them in a replay. So a full disk,
+        or a directory whose files were removed, gets its space and files back from the
+        checkpoint before that round has to be written."""
         lost = self.journal.lost
-        if not lost and self._stalled is not None and not self.resume():
-            return False  # a logged-but-unapplied round would fall between snapshot and log
-        held = self.reorder.pending()
+        stalled = self._stalled.released if self._stalled is not None else []
+        held = [*self.reorder.pending(), *stalled]
         carry: list[Entry] = [dataclasses.replace(rec, carried=True) for rec in held]
         carry += [
             Output(o.lsn, o.topic, o.payload, carried=True)
@@ -398,8 +400,7 @@ class Processor:
         self.metrics.inc("snapshots")
         if lost:
             log.warning("the state directory's files were removed; written out again")
-            return self.resume()
-        return True
+        return self.resume()
 
     # -- decoding ---------------------------------------------------------------------------
 

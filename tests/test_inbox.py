@@ -179,3 +179,18 @@ def test_the_spill_leaves_its_file_system_a_reserve(small_disk: Path) -> None:
     assert [box.popleft() for _ in range(4000)] == msgs
     box.append(msg(0))  # worked off: the disk is tried again
     assert box.popleft() == msg(0) and not box._spill_failed
+
+
+def test_what_was_read_from_the_spill_file_gives_its_space_back(tmp_path: Path) -> None:
+    """On a full disk the log needs the space the spill's read head has left behind, and
+    the file shrinks only once drained: a backlog larger than the disk never drained."""
+    box = Inbox(10, tmp_path)
+    msgs = [msg(i, size=300) for i in range(3000)]
+    for m in msgs:
+        box.append(m)
+    assert box._fd is not None
+    full = os.fstat(box._fd).st_size
+    got = [box.popleft() for _ in range(2000)]
+    assert os.fstat(box._fd).st_size < full / 2
+    got += [box.popleft() for _ in range(1000)]
+    assert got == msgs and not box

@@ -285,3 +285,36 @@ def test_a_log_damaged_under_acknowledged_samples_makes_every_stream_say_restart
     assert 0 < len(republished) < 20 and all(d["restart"] for d in republished)
     assert again.handle([msg("a", 11, xs[10]), msg("b", 11, xs[10])])
     assert [json.loads(o.payload).get("restart") for o in answers(again)] == [True, True]
+
+
+def test_a_release_the_log_could_not_take_survives_the_checkpoint_that_follows(
+    bundles, tmp_path, xs
+):
+    """A reorder expiry whose round the log could not take (its files removed under it) is
+    logged after the checkpoint that writes the state out again; the record it releases must
+    be carried into that checkpoint's segment, held, or a replay finds nothing to release and
+    the sample (acknowledged long ago) is gone from the state."""
+    import shutil
+
+    state = tmp_path / "state"
+    now = [0.0]
+    cfg = config.load(
+        None,
+        env={},
+        overrides={"model": str(bundles / "clf-int8"), "state_dir": str(state), "reorder_ms": 100},
+    )
+    p = Processor(open_engine(cfg), cfg, Journal(state), Metrics(), clock=lambda: now[0])
+    p.recover()
+    p.journal.open()
+    assert p.handle([msg("s", 1, xs[0])])
+    now[0] = 1.0
+    assert p.tick() and p.engine.last_seq("s") == 1  # a first sample waits, then goes
+    assert p.handle([msg("s", 3, xs[2])])  # waits for 2
+    shutil.rmtree(state)
+    now[0] = 2.0
+    assert not p.tick()  # the expiry's round cannot be logged: kept, not applied
+    assert p.engine.last_seq("s") == 1
+    p.journal.open()  # what the service's storage retry does
+    assert p.checkpoint() and p.engine.last_seq("s") == 3
+    again = make(bundles, state, reorder_ms=100)  # a crash now: the replay has it too
+    assert again.engine.last_seq("s") == 3

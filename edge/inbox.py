@@ -187,7 +187,7 @@ class Inbox:
     def _room(self) -> bool:
         """Whether the spill may grow: the file system keeps its reserve free for the log."""
         try:
-            st = os.statvfs(self.spill_dir if self.spill_dir is not None else ".")
+            st = os.statvfs(self.spill_dir if self.spill_dir is not None else tempfile.gettempdir())
         except OSError:
             return True  # cannot tell: a write that fails says so
         reserve = min(RESERVE, st.f_blocks * st.f_frsize // 4)

@@ -254,3 +254,25 @@ def test_what_damage_may_have_cost_is_told(tmp_path):
     got = Journal(tmp_path / "c").recover(lambda p: {"lsn": 1})
     assert got.generation == 1 and got.lost
     assert got.damage == ["wal-00000001.log: missing (what it logged is lost)"]
+
+
+def test_a_snapshot_that_finds_the_disk_full_degrades_and_is_retried(bundles, small_disk):
+    """The log's new segment fits, the snapshot does not: the engine reports that as a
+    ``SnapshotError`` naming the file, which is the storage error it is (degraded, retried
+    later), not the end of the service."""
+    from tests.test_processor import answers, make, msg
+
+    p = make(bundles, small_disk / "state")
+    p.journal.open()
+    assert p.handle([msg(f"s{i}", 1, np.full(6, i % 7, np.float64)) for i in range(3000)])
+    for mid, _ in enumerate(answers(p), 1):  # acknowledged: the new segment carries none
+        p.outbox.acked(mid)
+    filler = small_disk / "filler"
+    fill(filler)
+    os.truncate(filler, filler.stat().st_size - 8192)  # room for a segment, not a snapshot
+    assert not p.checkpoint()
+    assert p.degraded is not None and "snapshot failed: No space left" in p.degraded
+    filler.unlink()
+    assert p.checkpoint()
+    again = make(bundles, small_disk / "state")  # what the retry wrote is whole
+    assert again.engine.last_seq("s2999") == 1

@@ -238,30 +238,6 @@ def test_every_stream_says_restart_when_a_fleet_larger_than_capacity_churns(bund
     assert [k for k, v in flags.items() if v] == [(s, q) for q in (2, 3) for s in streams]
 
 
-def test_a_snapshot_that_finds_the_disk_full_degrades_and_is_retried(bundles, small_disk, xs):
-    """The log's new segment fits, the snapshot does not: the engine reports that as a
-    ``SnapshotError`` naming the file, which is the storage error it is (degraded, retried
-    later), not the end of the service."""
-    import os
-
-    from tests.conftest import fill
-
-    p = make(bundles, small_disk / "state")
-    p.journal.open()
-    assert p.handle([msg(f"s{i}", 1, xs[i % 20]) for i in range(3000)])
-    for mid, _ in enumerate(answers(p), 1):  # acknowledged: the new segment carries none
-        p.outbox.acked(mid)
-    filler = small_disk / "filler"
-    fill(filler)
-    os.truncate(filler, filler.stat().st_size - 8192)  # room for a segment, not a snapshot
-    assert not p.checkpoint()
-    assert p.degraded is not None and "snapshot failed: No space left" in p.degraded
-    filler.unlink()
-    assert p.checkpoint()
-    again = make(bundles, small_disk / "state")  # what the retry wrote is whole
-    assert again.engine.last_seq("s2999") == 1
-
-
 def test_a_log_damaged_under_acknowledged_samples_makes_every_stream_say_restart(
     bundles, tmp_path, xs
 ):

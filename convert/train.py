@@ -3,7 +3,8 @@
 It is trained on *continuous streams*, the regime the runtime runs it in: a device's samples
 arrive one after another, activity after activity, and the model's state is never reset
 between them. A model trained only on single recordings from the zero state learns to
-classify a recording's start, not to notice that the activity changed; see docs/training.md.
+classify a recording's start, not to notice that the activity changed; one trained only to
+follow changes quickly jumps at every quiet stretch of an activity. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from .errors import ConvertError
 
 # Defaults of train-example; tests/build_bundles.py trains a smaller one with fewer epochs.
 PRETRAIN_EPOCHS = 100  # single recordings from the zero state: learn the classes first
-EPOCHS = 50  # then streams (each epoch also shows every recording alone once more)
+EPOCHS = 15  # then streams (each epoch also shows every recording alone, SINGLES_PER_EPOCH times)
+SINGLES_PER_EPOCH = 3
+SETTLE = 25  # loss weight after a change of activity rises from 1/SETTLE to 1 over SETTLE steps
+CONSISTENCY = 5.0  # weight of the penalty on a prediction that changes while the label does not
+NOISE = 0.3  # training-time Gaussian noise on the normalised features
 STREAMS_PER_EPOCH = 48
 STREAM_STEPS = 300
 SEGMENT_MIN = 30  # shortest segment of a recording in a stream (steps)
@@ -64,6 +69,17 @@ def make_streams(
     return Streams(xs, ys)
 
 
+def settle_weights(y: np.ndarray, settle: int) -> np.ndarray:
+    """Loss weight per step of streams ``y`` ([S, L] labels): ``(k + 1) / settle`` at the k-th
+    step after the stream's start or a change of label, 1 from step ``settle - 1`` on. The
+    model is not pushed to answer the new activity at its first samples, where the evidence is
+    thin, so it does not learn to jump at every quiet or ambiguous sample either."""
+    since = np.zeros(y.shape, np.float64)
+    for j in range(1, y.shape[1]):
+        since[:, j] = np.where(y[:, j] != y[:, j - 1], 0, since[:, j - 1] + 1)
+    return np.minimum(1.0, (since + 1) / settle).astype(np.float32)
+
+
 def replay_streams(x: np.ndarray, labels: np.ndarray, orders: int, seed: int) -> Streams:
     """Every recording once, back to back, in ``orders`` seeded random orders: what a device of
     ``firmware-sim`` sends (each device replays the recordings in its own order)."""
@@ -93,17 +109,40 @@ def split_per_class(
     return np.setdiff1d(np.arange(len(labels)), held), np.sort(held)
 
 
-def build_model(features: int, classes: int, units: int = 64, layers: int = 1) -> Any:
+def build_model(
+    features: int, classes: int, units: int = 64, layers: int = 1, noise: float = NOISE
+) -> Any:
     import keras
 
     inp = keras.Input((None, features), name="imu")
     z = keras.layers.Normalization(name="normalize")(inp)
-    # Training-time noise: the test recordings hold orientations the 40 training ones lack.
-    z = keras.layers.GaussianNoise(0.5, name="augment")(z)
+    # Training-time noise: the test recordings hold orientations the 40 training ones lack;
+    # more noise than this drowns the small motions that tell Standing from Walking.
+    z = keras.layers.GaussianNoise(noise, name="augment")(z)
     for i in range(layers):
         z = keras.layers.LSTM(units, return_sequences=True, name=f"lstm{i}")(z)
     out = keras.layers.Dense(classes, activation="softmax", name="activity")(z)
     return keras.Model(inp, out, name="basicmotions_lstm")
+
+
+def consistency_loss(weight: float) -> Any:
+    """Cross-entropy per step plus ``weight`` x the squared change of the predicted
+    probabilities from the previous step wherever the label did not change: the model is
+    taught to hold its answer through a quiet or ambiguous stretch of one activity (a pause,
+    the end of a recording), and is not held back where the activity really changes."""
+    import keras
+    from keras import ops
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        ce = keras.losses.sparse_categorical_crossentropy(y_true, y_pred)
+        if not weight:
+            return ce
+        y = ops.cast(ops.reshape(y_true, ops.shape(y_pred)[:2]), "int32")
+        same = ops.cast(ops.equal(y[:, 1:], y[:, :-1]), y_pred.dtype)
+        change = ops.sum(ops.square(y_pred[:, 1:] - y_pred[:, :-1]), axis=-1)
+        return ce + weight * ops.pad(same * change, [[0, 0], [1, 0]])
+
+    return loss
 
 
 def train_example(
@@ -114,9 +153,15 @@ def train_example(
     seed: int = 7,
     units: int = 64,
     layers: int = 1,
+    singles_per_epoch: int = SINGLES_PER_EPOCH,
+    settle: int = SETTLE,
+    consistency: float = CONSISTENCY,
+    noise: float = NOISE,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train on single recordings, then on streams; keep the stream epoch that is best on
+    """Train on single recordings, then on streams (the first steps after each change weighed
+    in gently, a prediction that changes within one activity penalised, the single recordings
+    shown again ``singles_per_epoch`` times an epoch); keep the stream epoch that is best on
     held-out streams (see docs/training.md); save MODEL.keras,
     MODEL.calib.npy (train x), MODEL.test.npz (x, y) and MODEL.json (the figures)."""
     out = Path(out)
@@ -144,16 +189,19 @@ def train_example(
     fit_steps = np.repeat(fit_y[:, None], fit_x.shape[1], 1)
     val = replay_streams(train.x[val_idx], train.labels[val_idx], REPLAY_ORDERS, seed)
 
-    model = build_model(train.x.shape[2], len(train.classes), units, layers)
+    model = build_model(train.x.shape[2], len(train.classes), units, layers, noise)
     model.get_layer("normalize").adapt(train.x)
     batch = 8
     singles = -(-len(fit_x) // batch)  # optimizer steps per pass over the recordings
-    steps = epochs * (-(-STREAMS_PER_EPOCH // batch) + singles) + pretrain_epochs * singles
+    steps = (
+        epochs * (-(-STREAMS_PER_EPOCH // batch) + singles_per_epoch * singles)
+        + pretrain_epochs * singles
+    )
     model.compile(
         optimizer=keras.optimizers.Adam(
             keras.optimizers.schedules.CosineDecay(3e-3, steps, alpha=0.02), clipnorm=1.0
         ),
-        loss="sparse_categorical_crossentropy",
+        loss=consistency_loss(consistency) if consistency else "sparse_categorical_crossentropy",
     )
     bar = _bar(pretrain_epochs + epochs) if progress else lambda *a: None
     if pretrain_epochs:
@@ -164,14 +212,20 @@ def train_example(
     best: tuple[float, int, list[Any]] = (-1.0, -1, [])
     for epoch in range(epochs):
         s = make_streams(fit_x, fit_y, STREAMS_PER_EPOCH, STREAM_STEPS, rng)
-        loss = model.fit(s.x, s.y, batch_size=batch, epochs=1, verbose=0, shuffle=True)
-        model.fit(fit_x, fit_steps, batch_size=batch, epochs=1, verbose=0, shuffle=True)
+        weights = settle_weights(s.y, settle) if settle > 1 else None
+        loss = model.fit(
+            s.x, s.y, sample_weight=weights, batch_size=batch, epochs=1, verbose=0, shuffle=True
+        )
+        for _ in range(singles_per_epoch):
+            model.fit(fit_x, fit_steps, batch_size=batch, epochs=1, verbose=0, shuffle=True)
         acc = step_accuracy(model.predict(val.x, verbose=0, batch_size=len(val.x)), val.y)
         if acc >= best[0]:  # ties: the later epoch, further down the schedule
             best = (acc, epoch, model.get_weights())
         bar(loss.history["loss"][-1], acc, best[0])
     bar(None)
     model.set_weights(best[2])
+    if consistency:  # the saved file names no custom loss, so it loads without this module
+        model.compile(optimizer=model.optimizer, loss="sparse_categorical_crossentropy")
 
     figures = evaluate(lambda x: model.predict(x, verbose=0), test.x, test.labels, seed)
     tmp = out.with_name(f".{out.name}.tmp.keras")
@@ -195,6 +249,10 @@ def train_example(
         "seed": seed,
         "training": {
             "streams_per_epoch": STREAMS_PER_EPOCH,
+            "singles_per_epoch": singles_per_epoch,
+            "settle": settle,
+            "consistency": consistency,
+            "noise": noise,
             "stream_steps": STREAM_STEPS,
             "validation_recordings": [int(i) for i in val_idx],
         },

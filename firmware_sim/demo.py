@@ -81,16 +81,19 @@ def float_reference(model: Path, log: list[Sent]) -> dict[Key, np.ndarray] | Non
 
 def cached(cache: Path) -> bool:
     """Whether ``cache`` holds a current example: a bundle converted before kernel sets were
-    recorded would be refused, and a model trained before train-example trained on streams
-    (no replay accuracy in model.json) is the one that lags behind activity changes."""
-    manifest, info = cache / "bundle-int8" / "manifest.json", cache / "model.json"
+    recorded would be refused; a model trained before train-example trained on streams (no
+    replay accuracy in model.json) lags behind activity changes, and one trained before the
+    settle weights (no ``training.settle``) misreads the quiet last seconds of a recording."""
+    manifest, info_path = cache / "bundle-int8" / "manifest.json", cache / "model.json"
     try:
+        info = json.loads(info_path.read_text())
         return (
             (cache / "model.keras").exists()
             and "kernels" in json.loads(manifest.read_text())
-            and "test_accuracy_replay" in json.loads(info.read_text())
+            and "test_accuracy_replay" in info
+            and "settle" in info.get("training", {})
         )
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
 
 

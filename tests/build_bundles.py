@@ -132,8 +132,18 @@ def build_all(dest: Path) -> None:
     src = tmp / "src"
     (src / "clf").mkdir(parents=True)
     (src / "reg").mkdir(parents=True)
+    # A small, briefly trained classifier with the plain stream recipe: its int8 bundle is the
+    # one that misses the accuracy target in the tests.
     train_example(
-        src / "clf" / "model.keras", epochs=5, pretrain_epochs=40, units=16, progress=False
+        src / "clf" / "model.keras",
+        epochs=5,
+        pretrain_epochs=40,
+        units=16,
+        singles_per_epoch=1,
+        settle=1,
+        consistency=0.0,
+        noise=0.5,
+        progress=False,
     )
     train_regressor(src / "reg")
     (src / "cnn-gru").mkdir(parents=True)

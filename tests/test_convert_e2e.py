@@ -83,9 +83,11 @@ def test_example_model_meets_the_targets(tmp_path):
     from convert.train import train_example
 
     info = train_example(tmp_path / "model.keras", progress=False)
-    assert info["test_accuracy_replay"] >= 0.85, info
-    assert info["test_accuracy_all_steps"] >= 0.88, info
-    assert info["test_accuracy_last_step"] >= 0.8, info
+    # issue targets: each test recording alone, judged on its last step, >= 95%; the
+    # back-to-back figures kept at least where the plain stream recipe had them
+    assert info["test_accuracy_last_step"] >= 0.95, info
+    assert info["test_accuracy_replay"] >= 0.87, info
+    assert info["test_accuracy_all_steps"] >= 0.9, info
     labels = info["classes"]
     common = dict(data_path=info["test"], labels=labels, progress=lambda m: None)
     int8 = run_convert(tmp_path / "model.keras", info["calib"], tmp_path / "b8", **common)

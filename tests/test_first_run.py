@@ -166,6 +166,10 @@ def test_the_demo_cache_is_current_only_with_a_stream_trained_model(tmp_path):
     (tmp_path / "model.json").write_text('{"test_accuracy_last_step": 1.0}')
     assert not cached(tmp_path)  # trained before train-example trained on streams
     (tmp_path / "model.json").write_text('{"test_accuracy_replay": 0.9}')
+    assert not cached(tmp_path)  # trained on streams before the settle weights
+    (tmp_path / "model.json").write_text(
+        '{"test_accuracy_replay": 0.9, "training": {"settle": 25}}'
+    )
     assert cached(tmp_path)
     (tmp_path / "bundle-int8" / "manifest.json").write_text("{}")
     assert not cached(tmp_path)  # converted before kernel sets were recorded

@@ -4,6 +4,7 @@ will give it - recordings back to back, changes at any time, some from a recordi
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from convert import train
 
@@ -58,3 +59,34 @@ def test_validation_holds_out_recordings_of_every_class():
 def test_step_accuracy():
     probs = np.eye(3)[[[0, 1, 2, 2]]]
     assert train.step_accuracy(probs, np.array([[0, 1, 1, 2]])) == 0.75
+
+
+def test_settle_weights_rise_after_every_start_and_change_of_activity():
+    y = np.array([[0, 0, 0, 0, 1, 1, 2, 2, 2, 2], [3, 3, 3, 3, 3, 3, 3, 3, 3, 3]])
+    w = train.settle_weights(y, 3)
+    third = 1 / 3
+    expected = [
+        [third, 2 * third, 1, 1, third, 2 * third, third, 2 * third, 1, 1],
+        [third, 2 * third, 1, 1, 1, 1, 1, 1, 1, 1],
+    ]
+    np.testing.assert_allclose(w, expected, rtol=1e-6)
+    assert w.dtype == np.float32
+    assert (train.settle_weights(y, 1) == 1).all()
+
+
+@pytest.mark.desktop
+def test_the_consistency_loss_charges_a_changed_answer_only_where_the_label_held():
+    keras = pytest.importorskip("keras")
+    p = np.array([[[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]]], np.float32)
+    ce = keras.ops.convert_to_numpy(
+        keras.losses.sparse_categorical_crossentropy(np.array([[0, 0, 1]]), p)
+    )
+    for y, penalised in (([0, 0, 1], [0, 0.32, 0]), ([0, 0, 0], [0, 0.32, 0.18])):
+        got = keras.ops.convert_to_numpy(train.consistency_loss(2.0)(np.array([y]), p))
+        plain = keras.ops.convert_to_numpy(
+            keras.losses.sparse_categorical_crossentropy(np.array([y]), p)
+        )
+        np.testing.assert_allclose(got[0], plain[0] + 2.0 * np.array(penalised), rtol=1e-5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(train.consistency_loss(0.0)(np.array([[0, 0, 1]]), p)), ce
+    )

@@ -389,7 +389,7 @@ class Worker:
                 snap.generation,
                 covered,
             )
-            return Partition(
+            part = Partition(
                 p,
                 proc,
                 directory,
@@ -398,6 +398,9 @@ class Worker:
                 generation=snap.generation,
                 stream=stream_id,
             )
+            if covered:  # the stream it covers goes on: twins of what it covers may come
+                part.twins.load(snap.twins)
+            return part
         proc, directory = self._fresh_processor(p)
         proc.recover()
         proc.journal.open()
@@ -696,6 +699,7 @@ class Worker:
             journal.path("snap", journal.generation).read_bytes(),
             journal.path("wal", journal.generation).read_bytes(),
             part.stream,
+            part.twins.export(),
         ).pack()
         await self.store.put(psnap.object_name(part.number, gen % 2), blob)
         part.generation, part.snapshotted = gen, part.covered

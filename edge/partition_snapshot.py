@@ -5,7 +5,7 @@ held for reordering, answers not yet acknowledged) plus the stream sequence they
 ::
 
     8  magic b"EDGEPS1\\n"
-    4  u32 header length, header (JSON: partition, generation, covered, sizes, stream)
+    4  u32 header length, header (JSON: partition, generation, covered, sizes, stream, twins)
     .  snapshot bytes, log segment bytes
     4  u32 crc32 of everything before it
 
@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import SnapshotError
 
@@ -38,6 +39,7 @@ class PartitionSnapshot:
     snapshot: bytes
     segment: bytes
     stream: str = ""  # when the stream was created: its sequences count in that incarnation
+    twins: list[list[Any]] = field(default_factory=list)  # ``Twins.export()`` at ``covered``
 
     def pack(self) -> bytes:
         head = json.dumps(
@@ -48,6 +50,7 @@ class PartitionSnapshot:
                 "snapshot": len(self.snapshot),
                 "segment": len(self.segment),
                 "stream": self.stream,
+                "twins": self.twins,
             }
         ).encode()
         body = MAGIC + _U32.pack(len(head)) + head + self.snapshot + self.segment
@@ -81,6 +84,7 @@ def unpack(blob: bytes) -> PartitionSnapshot:
             body[at : at + snap_len],
             body[at + snap_len :],
             str(head.get("stream", "")),
+            list(head.get("twins", [])),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise SnapshotError(f"partition snapshot header unreadable: {exc}") from exc

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 from .errors import ConfigError
 
@@ -105,6 +106,16 @@ class Twins:
         while len(self._open) > self.capacity:
             self._open.popitem(last=False)
         return side < 0
+
+    def export(self) -> list[list[Any]]:
+        """The copies stepped whose twin has not come yet, for a partition snapshot: a new
+        owner replaying after it must pass over the twins still to come (a control message
+        stepped twice would act twice)."""
+        return [[key.hex(), n] for key, n in self._open.items()]
+
+    def load(self, entries: list[list[Any]]) -> None:
+        for key, n in entries:
+            self._open[bytes.fromhex(key)] = int(n)
 
 
 def answer_id(stream: str, lsn: int, subject: str, payload: bytes) -> str:

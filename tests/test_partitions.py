@@ -9,6 +9,7 @@ import pytest
 from edge.errors import ConfigError, SnapshotError
 from edge.partition_snapshot import PartitionSnapshot, unpack
 from edge.partitions import (
+    Twins,
     assignment,
     check_partitions,
     fnv1a32,
@@ -71,8 +72,6 @@ def _stored() -> dict[str, str]:
 
 
 def test_twins_step_the_first_copy_of_an_mqtt_publish_and_pass_over_the_second() -> None:
-    from edge.partitions import Twins
-
     t = Twins()
     subj = "in.3.a.data"
     assert t.admit(subj, b"x", None) is False  # native: one copy, stepped
@@ -91,8 +90,6 @@ def test_twins_step_the_first_copy_of_an_mqtt_publish_and_pass_over_the_second()
 
 
 def test_twins_forget_the_oldest_beyond_capacity() -> None:
-    from edge.partitions import Twins
-
     t = Twins(capacity=2)
     for b in (b"1", b"2", b"3"):
         assert t.admit("in.0.a.data", b, _live()) is False
@@ -120,3 +117,19 @@ def test_mqtt_source_transforms_mirror_the_capture() -> None:
         "$MQTT.msgs.sensors.*.control",
     ]
     assert pairs[0][1] == transform_dest(16).replace("{{wildcard(2)}}", "data")
+
+
+def test_twins_still_to_come_move_with_the_partition_snapshot() -> None:
+    """A new owner replays from the sequence its snapshot covers: a copy stepped before it
+    whose twin comes after it must still be passed over there (a reset stepped twice acts
+    twice), so the twins not yet matched travel in the snapshot."""
+    t = Twins()
+    assert t.admit("in.0.a.control", b'{"cmd": "reset"}', _live()) is False
+    assert t.admit("in.0.a.data", b"2", _stored()) is True  # its live twin still to come
+    snap = PartitionSnapshot(0, 1, 10, b"S", b"W", "t0", t.export())
+    again = Twins()
+    again.load(unpack(snap.pack()).twins)
+    assert again.admit("in.0.a.control", b'{"cmd": "reset"}', _stored()) is None
+    assert again.admit("in.0.a.data", b"2", _live()) is None
+    head_without = PartitionSnapshot(0, 1, 10, b"S", b"W", "t0")  # written by an older version
+    assert unpack(head_without.pack()).twins == []

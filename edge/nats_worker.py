@@ -603,9 +603,12 @@ class Worker:
         outbox = part.processor.outbox
         outs = outbox.take()
         if part.answered:  # a replay: what an owner before us marked as sent is not sent again
-            sent = [o for o in outs if o.lsn and o.lsn <= part.answered]
+            sent: list[Outbound] = []
+            rest: list[Outbound] = []
+            for o in outs:
+                (sent if o.lsn and o.lsn <= part.answered else rest).append(o)
             if sent:
-                outs = [o for o in outs if not (o.lsn and o.lsn <= part.answered)]
+                outs = rest
                 self._done(part, sent)
                 self.metrics.inc("answers_sent_before", len(sent))
         if not outs:

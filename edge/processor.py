@@ -304,9 +304,10 @@ class Processor:
         self._idle(r)
         return self._run(r, keep=False)
 
-    def answered(self) -> int:
-        """The lsn up to which every message's answers were acknowledged, none still held."""
-        held = [rec.lsn for rec in self.reorder.pending()]
+    def answered(self, released: Sequence[Record] = ()) -> int:
+        """The lsn up to which every message's answers were acknowledged: messages held, or
+        ``released`` by a round not yet applied, are yet to be answered."""
+        held = [rec.lsn for rec in (*self.reorder.pending(), *released)]
         return self.outbox.watermark(self.lsn, min(held) if held else None)
 
     def tick(self) -> bool:
@@ -340,9 +341,7 @@ class Processor:
         """Log the round, then apply it. When the log cannot be written, a round that already
         changed something (a reorder expiry) is kept for ``resume``; a batch's is dropped and
         the transport offers the batch again."""
-        # Messages held, or released by this round, are yet to be answered: the mark stays below.
-        held = [rec.lsn for rec in (*self.reorder.pending(), *r.released)]
-        mark = self.outbox.watermark(self.lsn, min(held) if held else None)
+        mark = self.answered(r.released)
         if mark > self.mark:
             r.entries.append(Mark(mark))
         if r.entries:

@@ -24,7 +24,7 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,9 +198,10 @@ class Journal:
         gen = self.generation + 1
         seg = self.path("wal", gen)
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        data = b"".join(encode(e) for e in carry)
         try:
-            _write_all(fd, b"".join(encode(e) for e in carry), 0, True)
+            self._with_room(lambda: _write_all(fd, data, 0, True))
         except OSError:
             os.close(fd)
             seg.unlink(missing_ok=True)
@@ -208,18 +209,43 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._size, self.generation = fd, os.fstat(fd).st_size, gen
-        snapshot(self.path("snap", gen), {**extra, "generation": gen})
+        self._with_room(lambda: snapshot(self.path("snap", gen), {**extra, "generation": gen}))
         self.lost = None
         self.snapshots.append(gen)
-        keep_from = self.snapshots[-2] if len(self.snapshots) > 1 else 0
-        self.snapshots = self.snapshots[-2:]
+        self._drop_before(self.snapshots[-2] if len(self.snapshots) > 1 else 0)
+
+    def _with_room(self, write: Callable[[], None]) -> None:
+        """``write``; when the disk is full, once more after dropping the generations before
+        the newest snapshot. They are only the fallback should that snapshot turn out damaged,
+        and a directory too small for two generations would otherwise never checkpoint again:
+        its log, and the spill beside it, could only grow."""
+        try:
+            write()
+            return
+        except (OSError, SnapshotError) as exc:
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            if getattr(cause, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if not self.snapshots or not self._drop_before(self.snapshots[-1]):
+                raise
+            log.warning(
+                "%s is full: the generations before %d were removed to make room (%s keeps one "
+                "generation until it has room for two)",
+                self.dir,
+                self.snapshots[-1],
+                self.dir,
+            )
+        write()
+
+    def _drop_before(self, generation: int) -> bool:
+        """Remove the snapshots and segments older than ``generation``; whether there were."""
         snaps, segs = self._listing()
-        for g in snaps:
-            if g < keep_from:
-                self.path("snap", g).unlink(missing_ok=True)
-        for g in segs:
-            if g < keep_from:
-                self.path("wal", g).unlink(missing_ok=True)
+        old = [self.path("snap", g) for g in snaps if g < generation]
+        old += [self.path("wal", g) for g in segs if g < generation]
+        for f in old:
+            f.unlink(missing_ok=True)
+        self.snapshots = [g for g in self.snapshots if g >= generation]
+        return bool(old)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -262,7 +262,6 @@ class Partition:
     answered: int = 0  # every answer to a message up to this stream sequence was sent
     stream: str = ""  # the incarnation of the stream ``covered`` counts in (see _stream_state)
     twins: Twins = field(default_factory=Twins)
-    unsure: set[str] = field(default_factory=set)  # ids of answers maybe stored, not sent core
     last_snapshot: float = field(default_factory=time.monotonic)
 
 
@@ -296,13 +295,15 @@ class Worker:
 
     async def ensure_resources(self) -> None:
         self.kv, self.store, self.answered = await ensure_resources(self.js, self.opts)
-        self.stream_id, _ = await self._stream_state()
+        self.stream_id, _, _ = await self._stream_state()
 
-    async def _stream_state(self) -> tuple[str, int]:
-        """(when the stream was created, its last sequence): a stream deleted and made anew
-        counts its sequences from 1 again, so a position in the old one means nothing."""
+    async def _stream_state(self) -> tuple[str, int, int]:
+        """(when the stream was created, its first and last sequence): a stream deleted and
+        made anew counts its sequences from 1 again, so a position in the old one means
+        nothing; messages before the first were removed (a purge, limits set on the stream)."""
         info = await self.js.stream_info(STREAM)
-        return (info.created.isoformat() if info.created else ""), int(info.state.last_seq)
+        created = info.created.isoformat() if info.created else ""
+        return created, int(info.state.first_seq), int(info.state.last_seq)
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -353,7 +354,23 @@ class Worker:
 
         A snapshot of an earlier incarnation of the stream (deleted and made anew) keeps its
         streams' state, but the new stream is read from its start."""
-        stream_id, last_seq = await self._stream_state()
+        stream_id, first_seq, last_seq = await self._stream_state()
+        part = await self._restore_snapshot(p, stream_id, last_seq)
+        if part is None:
+            proc, directory = self._fresh_processor(p)
+            proc.recover()
+            proc.journal.open()
+            log.info("partition %d: no snapshot; replaying from the start of the stream", p)
+            part = Partition(p, proc, directory, stream=stream_id)
+        if first_seq > part.covered + 1:
+            part.processor.assume_lost(
+                f"partition {p}: stream {STREAM} begins at sequence {first_seq}, its messages "
+                f"after {part.covered} (what the state covers) up to there were removed"
+            )
+            self.metrics.inc("history_lost")
+        return part
+
+    async def _restore_snapshot(self, p: int, stream_id: str, last_seq: int) -> Partition | None:
         for snap in await self._snapshots(p):
             proc, directory = self._fresh_processor(p)
             snap.write_into(directory)
@@ -401,11 +418,7 @@ class Worker:
             if covered:  # the stream it covers goes on: twins of what it covers may come
                 part.twins.load(snap.twins)
             return part
-        proc, directory = self._fresh_processor(p)
-        proc.recover()
-        proc.journal.open()
-        log.info("partition %d: no snapshot; replaying from the start of the stream", p)
-        return Partition(p, proc, directory, stream=stream_id)
+        return None
 
     async def _subscribe(self, part: Partition) -> None:
         from nats.js import api
@@ -593,13 +606,14 @@ class Worker:
                     self.metrics.inc("snapshot_failures")
 
     async def _publish(self, part: Partition) -> None:
-        """Each answer stored in the MQTT listener's store with a message id derived from its
-        bytes (MQTT QoS 1 subscriptions take it from there), then, only if the store had not
-        seen that id, as core NATS (NATS subscribers, MQTT QoS 0 subscriptions). A replay
-        after a failover computes the same bytes, so every subscriber gets an answer once:
-        what the previous owner stored, it had sent as core NATS too. The header marks the
-        core copy as a QoS 1 publish, so that a QoS 1 subscription passes over it, as for a
-        device's own QoS 1 publish."""
+        """Each answer stored in the MQTT listener's store with a message id naming the message
+        it answers (MQTT QoS 1 subscriptions take it from there: once, since a replay after a
+        failover computes the same id), then sent as core NATS (NATS subscribers, MQTT QoS 0
+        subscriptions), then the answered mark, all in one write to the server. A replay passes
+        over what the mark covers; past it, the core copy goes out again even when the store
+        already holds the answer, since an owner killed between the two did not send it. The
+        header marks the core copy as a QoS 1 publish, so that a QoS 1 subscription passes
+        over it, as for a device's own QoS 1 publish."""
         outbox = part.processor.outbox
         outs = outbox.take()
         if part.answered:  # a replay: what an owner before us marked as sent is not sent again
@@ -614,37 +628,22 @@ class Worker:
         if not outs:
             await self._mark_answered(part)
             return
+        items: list[tuple[str, bytes, dict[str, str] | None]] = []
+        for o in outs:
+            subject = topic_to_subject(o.topic)
+            headers = None
+            if self.mqtt_store:
+                mid = answer_id(part.stream, o.lsn, subject, o.payload)
+                headers = {MQTT_QOS_HEADER: "1", "Nats-Msg-Id": mid}
+            items.append((subject, o.payload, headers))
         try:
             if self.mqtt_store:
-                items: list[tuple[str, bytes, dict[str, str]]] = []
-                for o in outs:
-                    subject = topic_to_subject(o.topic)
-                    mid = answer_id(part.stream, o.lsn, subject, o.payload)
-                    headers = {MQTT_QOS_HEADER: "1", "Nats-Msg-Id": mid}
-                    items.append((subject, o.payload, headers))
-                stored = [(MQTT_STORE_PREFIX + s, b, h) for s, b, h in items]
                 assert self.stored is not None, "connected before partitions run"
-                try:
-                    duplicate = await self.stored.publish(stored, STOP_SECONDS)
-                except Exception:
-                    # Some may be stored: sent again, the store calls them duplicates, but
-                    # their core copies are still to go.
-                    part.unsure.update(h["Nats-Msg-Id"] for _, _, h in items)
-                    raise
-                for (subject, payload, headers), dup in zip(items, duplicate, strict=True):
-                    mid = headers["Nats-Msg-Id"]
-                    if not dup or mid in part.unsure:
-                        await self.nc.publish(subject, payload, headers=headers)
-                    else:
-                        self.metrics.inc("answers_sent_before")
-                    part.unsure.discard(mid)
-                # Written out now, not at a later turn of the loop: stored, an answer's core
-                # copy is never sent by a replay, so a crash must not find it still buffered.
-                await self.nc.flush()
-            else:
-                for o in outs:
-                    await self.nc.publish(topic_to_subject(o.topic), o.payload)
-                await self.nc.flush()  # the server has them: as acknowledged as core NATS gets
+                stored = [(MQTT_STORE_PREFIX + s, b, h or {}) for s, b, h in items]
+                duplicate = await self.stored.publish(stored, STOP_SECONDS)
+                self.metrics.inc("answers_stored_before", sum(duplicate))
+            for subject, payload, headers in items:
+                await self.nc.publish(subject, payload, headers=headers)
         except Exception as exc:  # NATS failing over: all of them again on the next round
             log.warning("partition %d: answers not confirmed, sending again: %r", part.number, exc)
             self.metrics.inc("answer_retries")
@@ -652,7 +651,13 @@ class Worker:
             await asyncio.sleep(0.2)
             return
         self._done(part, outs)
+        # Behind the core copies on the connection: the server has the mark only if it has
+        # them. Written out now, not at a later turn of the loop.
         await self._mark_answered(part)
+        try:
+            await self.nc.flush()
+        except Exception as exc:  # the client sends its buffer after a reconnect
+            log.warning("partition %d: answers sent, not confirmed: %r", part.number, exc)
 
     @staticmethod
     def _done(part: Partition, outs: list[Outbound]) -> None:

@@ -13,6 +13,7 @@ of the batch goes on.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -82,6 +83,21 @@ class HashedFlags:
         self._count[i] -= 1
         self.pending = max(self.pending - 1, 0)
         return True
+
+    def export(self) -> str | None:
+        """The table for a snapshot (compressed: mostly empty slots), None when it is empty."""
+        if self._count is None or not self.pending:
+            return None
+        return base64.b64encode(zlib.compress(bytes(self._count), 1)).decode()
+
+    def load(self, text: str | None) -> None:
+        if not text:
+            return
+        table = zlib.decompress(base64.b64decode(text))
+        if len(table) != self.SLOTS:
+            raise ValueError(f"a table of {len(table)} slots, not {self.SLOTS}")
+        self._count = bytearray(table)
+        self.pending = sum(self._count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +187,10 @@ class Processor:
         self._stalled: _Round | None = None
         self._restarted = HashedFlags()  # streams whose next answer says "restart"
         self._kept_restarted: set[str] = set()  # the same, of streams whose state was kept
+        # After a loss whose streams are not known (a log damaged or missing before the oldest
+        # snapshot kept, a replay that could not reach back far enough), every stream new to
+        # the engine may be one whose state went: its first answer says restart.
+        self._unknown_lost = False
         # Of the batch being stepped, the streams the engine did not hold: only their answers
         # take a restart flag (the first after they lost their state).
         self._fresh: set[str] = set()
@@ -222,6 +242,7 @@ class Processor:
             self.metrics.inc("wal_damaged")
         self.lsn = self.mark = rec.last_lsn
         self.reorder.load(rec.extra.get("reorder") or {})
+        self._load_flags(rec.extra.get("restart") or {})
         outs: list[Outbound] = []
         for entry in rec.entries:
             if isinstance(entry, Output):
@@ -236,20 +257,16 @@ class Processor:
                 self.engine.store.evict([entry.stream])
             outs += self._apply(r)
         again = [o for o in outs if o.lsn > rec.acked]
-        if not rec.exact or rec.lost:  # they are held, their history incomplete
-            self._kept_restarted.update(self.engine.store.streams)
-            # Computed again on that state, the answers not yet acknowledged may differ from
-            # what went out before the crash: they say so.
-            again = [self._restart_flagged(o) for o in again]
-            why = (
+        if not rec.exact or rec.lost:
+            self.assume_lost(
                 "the log was damaged (see above): acknowledged samples may be missing from "
                 "the streams' state"
                 if rec.exact
                 else "no usable snapshot and the log does not reach back to the start"
             )
-            log.error(
-                "%s: every stream goes on from there; their next predictions say restart", why
-            )
+            # Computed again on that state, the answers not yet acknowledged may differ from
+            # what went out before the crash: they say so.
+            again = [self._restart_flagged(o) for o in again]
         self.outbox.put(again)
         self.mark = rec.acked
         log.info(
@@ -264,6 +281,41 @@ class Processor:
         if rec.damage or rec.damaged_snapshots:
             self.requests.add("checkpoint")  # retire the damaged files soon (not a command)
         return rec
+
+    def assume_lost(self, why: str) -> None:
+        """Samples of unknown streams may be missing from the state: the streams held go on
+        from what they have, and every stream's next answer says restart, also the answer of
+        a stream the engine holds no state for (it may be one whose state went)."""
+        self._kept_restarted.update(self.engine.store.streams)
+        self._unknown_lost = True
+        log.error("%s: every stream goes on from there; their next predictions say restart", why)
+
+    def _flags(self) -> dict[str, Any]:
+        """The restart flags not yet taken, for a snapshot: a restart of the runtime must not
+        take them with it."""
+        doc: dict[str, Any] = {}
+        if self._unknown_lost:
+            doc["unknown"] = True
+        if self._kept_restarted:
+            doc["kept"] = sorted(self._kept_restarted & set(self.engine.store.streams))
+        if (evicted := self._restarted.export()) is not None:
+            doc["evicted"] = evicted
+        return doc
+
+    def _load_flags(self, doc: dict[str, Any]) -> None:
+        try:
+            self._unknown_lost = bool(doc.get("unknown"))
+            self._kept_restarted = {str(s) for s in doc.get("kept") or ()}
+            self._restarted = HashedFlags()
+            self._restarted.load(doc.get("evicted"))
+        except (TypeError, ValueError, zlib.error) as exc:  # a header of a later version
+            log.error(
+                "restart flags in the snapshot unreadable (%s): every stream's next "
+                "prediction says restart",
+                exc,
+            )
+            self._restarted = HashedFlags()
+            self._unknown_lost = True
 
     def _restart_flagged(self, o: Outbound) -> Outbound:
         if self.predictions.stream(o.topic) is None:
@@ -387,7 +439,11 @@ class Processor:
         ]
         carry.append(Mark(self.mark))
         try:
-            extra = {"lsn": self.lsn, "reorder": self.reorder.export(self.engine.last_seq)}
+            extra = {
+                "lsn": self.lsn,
+                "reorder": self.reorder.export(self.engine.last_seq),
+                "restart": self._flags(),
+            }
             self.journal.checkpoint(self.engine.snapshot, carry, extra)
         except (OSError, SnapshotError) as exc:  # the engine names the file in a SnapshotError
             if self.degraded is None:
@@ -584,7 +640,7 @@ class Processor:
         store = self.engine.store
         self._fresh = (
             {r.stream for r in records if r.stream not in store}
-            if self._restarted.pending
+            if self._restarted.pending or self._unknown_lost
             else set()
         )
 
@@ -625,7 +681,8 @@ class Processor:
         if not len(oc.y):
             return out
         restart = oc.restart
-        if rec.stream in self._fresh and self._restarted.pop(rec.stream):
+        if rec.stream in self._fresh and (self._restarted.pop(rec.stream) or self._unknown_lost):
+            self._fresh.discard(rec.stream)  # its later answers in this batch go on from it
             restart = True
         elif self._kept_restarted and rec.stream in self._kept_restarted:
             self._kept_restarted.discard(rec.stream)

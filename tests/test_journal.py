@@ -276,3 +276,66 @@ def test_a_snapshot_that_finds_the_disk_full_degrades_and_is_retried(bundles, sm
     assert p.checkpoint()
     again = make(bundles, small_disk / "state")  # what the retry wrote is whole
     assert again.engine.last_seq("s2999") == 1
+
+
+def _snap_of(size):
+    """A snapshot writer of ``size`` bytes that leaves nothing behind when it fails, as the
+    engine's does."""
+
+    def snapshot(path, extra):
+        try:
+            Path(path).write_bytes(b"s" * size)
+        except OSError as exc:
+            Path(path).unlink(missing_ok=True)
+            raise SnapshotError(f"{path}: {exc}") from exc
+
+    return snapshot
+
+
+def test_a_log_write_the_full_disk_cut_short_leaves_no_hole(small_disk):
+    """A segment started by a checkpoint is appended to like the others: after a write the
+    disk cut short (and was cut back), the next one goes on at the end, not after a gap of
+    zeros that a replay would take for damage."""
+    j = Journal(small_disk / "state")
+    j.recover(no_restore)
+    j.open()
+    j.checkpoint(_snap_of(1000), [Mark(0)], {"lsn": 0})
+    j.append([rec("a", 1, 1)])
+    filler = small_disk / "filler"
+    fill(filler)
+    os.truncate(filler, filler.stat().st_size - 4096)  # room for part of the next write
+    with pytest.raises(OSError):
+        j.append([rec("a", seq, seq, k=8) for seq in range(2, 200)])
+    filler.unlink()
+    j.append([rec("a", 2, 2)])
+    j.close()
+    got = Journal(small_disk / "state").recover(lambda p: {"lsn": 0})
+    assert got.damage == [] and not got.lost
+    assert [e.seq for e in got.entries if isinstance(e, Record)] == [1, 2]
+
+
+def test_a_directory_too_small_for_two_generations_keeps_one(small_disk):
+    """The newest snapshot does not fit beside the two generations kept: the older one (only
+    the fallback should the newer snapshot be damaged) goes, with a log line, and the
+    checkpoint succeeds; a directory that can never checkpoint would only fill further."""
+    state = small_disk / "state"
+    j = Journal(state)
+    j.recover(no_restore)
+    j.open()
+    snapshot = _snap_of(300_000)
+    for lsn in (1, 2):
+        j.append([rec("a", lsn, lsn)])
+        j.checkpoint(snapshot, [Mark(lsn)], {"lsn": lsn})
+    filler = small_disk / "filler"
+    fill(filler)
+    os.truncate(filler, filler.stat().st_size - 200_000)  # not room for a third snapshot
+    j.append([rec("a", 3, 3)])
+    j.checkpoint(snapshot, [Mark(3)], {"lsn": 3})
+    assert sorted(p.name for p in state.iterdir()) == [
+        "snap-00000002.bin", "snap-00000003.bin", "wal-00000002.log", "wal-00000003.log"
+    ]  # fmt: skip
+    j.append([rec("a", 4, 4)])
+    j.close()
+    got = Journal(state).recover(lambda p: {"lsn": 3})
+    assert got.generation == 3 and got.exact and not got.damage
+    assert [e.seq for e in got.entries if isinstance(e, Record)] == [4]

@@ -547,6 +547,95 @@ def test_a_worker_back_after_the_duplicate_window_sends_no_answer_twice(
     assert sum(s.get("answers_sent_before", 0) for s in w.final_stats()) > 0
 
 
+def _forget_answered_marks(url: str) -> None:
+    """Remove every partition's answered mark: what a worker killed after storing a batch's
+    answers and before the server had the mark behind their core copies leaves."""
+    import nats
+
+    from edge.nats_worker import ANSWERED
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        await nc.jetstream().purge_stream(f"KV_{ANSWERED}")
+        await nc.close()
+
+    asyncio.run(run())
+
+
+@failover
+def test_a_replay_sends_the_core_copies_of_stored_answers_past_the_mark(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """An answer the store holds was not necessarily sent as core NATS: its owner may have
+    been killed in between. Past the answered mark a replay sends the core copy again (at
+    least once for core subscribers) while MQTT QoS 1 subscribers still get it once."""
+    w = workers("w1", "--snapshot-interval", "600")
+    with _every_kind(nats_server) as (col, qos0, native, pub):
+        wait_owned(col, ["w1"], P)
+        _duplicate_window(nats_server.url, 3600)  # the store knows every replayed answer
+        samples = _samples(5, 20, seed=21)
+        want = offline(bundles / "clf-int8", samples)
+        first = [(s, k + 1) for s in samples for k in range(10)]
+        _send(pub, samples, range(10))
+        for c in (col, qos0, native):
+            wait_until(lambda c=c: len(c.predictions()) >= 50, 60, "the first half answered")
+        w.kill()
+        _forget_answered_marks(nats_server.url)
+        w = workers("w1", "--snapshot-interval", "600")
+        _send(pub, samples, range(10, 20))
+        for c in (qos0, native):
+            wait_until(
+                lambda c=c: all(len(c.predictions().get(k, [])) >= 2 for k in first),
+                90,
+                "the first half's core copies sent again",
+            )
+        for c in (col, qos0, native):
+            wait_until(lambda c=c: len(c.predictions()) >= len(want), 90, "every prediction")
+            assert _check(c.predictions(), want) == ([], [])
+        assert [k for k, ys in col.predictions().items() if len(ys) > 1] == []
+    assert w.stop() == 0
+    assert sum(s.get("answers_stored_before", 0) for s in w.final_stats()) >= len(first)
+
+
+@failover
+def test_messages_removed_from_the_stream_make_every_stream_say_restart(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """A partition replayed from a sequence the stream no longer holds (an operator's purge,
+    limits put on the stream) misses samples it cannot name: every stream's next answer says
+    restart, as after a damaged log in ``serve``."""
+    import nats
+
+    from edge.nats_worker import STREAM
+
+    w = workers("w1", "--snapshot-interval", "600")
+    native = NatsCollector(nats_server.url)
+    col = Collector(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        samples = _samples(4, 6, seed=23)
+        _publish_native(nats_server.url, samples, range(3))
+        wait_until(lambda: len(native.predictions()) >= 4 * 3, 60, "the first samples answered")
+        w.kill()  # no snapshot since: the new owner replays from the stream's start
+
+        async def purge() -> None:
+            nc = await nats.connect(nats_server.url)
+            await nc.jetstream().purge_stream(STREAM)
+            await nc.close()
+
+        asyncio.run(purge())
+        w = workers("w1", "--snapshot-interval", "600")
+        _publish_native(nats_server.url, samples, range(3, 4))
+        wait_until(lambda: all((s, 4) in native.predictions() for s in samples), 60, "answers")
+        docs = [d for _, d in native.of("predictions/") if d["seq"] == 4]
+        assert len(docs) == len(samples) and all(d.get("restart") for d in docs), docs
+        assert w.stop() == 0
+        assert "were removed" in w.log()
+    finally:
+        native.close()
+        col.close()
+
+
 @failover
 def test_a_stream_made_anew_is_read_from_its_start_and_streams_keep_their_state(
     bundles: Path, nats_server: NatsServer, workers: Any
@@ -702,11 +791,9 @@ def _stream_leader(urls: list[str]) -> str:
 
 
 def _messy(pub: Publisher, samples: dict[str, np.ndarray], first: int, last: int) -> None:
-    """Seqs ``first..last`` (even count) of every stream with each pair swapped: 2, 1, 4, 3...
-    (but a stream's first sample first: it waits the hold out anyway, and one that comes
-    during the hold would be held behind it for as long)."""
+    """Seqs ``first..last`` (even count) of every stream with each pair swapped: 2, 1, 4, 3..."""
     for a in range(first, last + 1, 2):
-        for seq in (a, a + 1) if a == 1 else (a + 1, a):
+        for seq in (a + 1, a):
             for s, x in samples.items():
                 pub.send(s, seq, x[seq - 1 : seq])
 
@@ -722,6 +809,12 @@ class _Scenario:
         self.pub = Publisher(node.mqtt_url)
         self.sent = 0  # every seq up to this one was sent for every stream
         self.dups: set[tuple[str, int]] = set()
+
+    def announce(self) -> None:
+        """Each device says its first seq (a reset with seq 1): with the long hold below, a
+        stream's first sample would otherwise wait it out for one that might precede it."""
+        for s in self.samples:
+            self.pub.raw(f"sensors/{s}/control", b'{"cmd": "reset", "seq": 1}')
 
     def send(self, last: int) -> None:
         _messy(self.pub, self.samples, self.sent + 1, last)
@@ -865,7 +958,8 @@ def test_three_node_cluster_three_workers_through_kills_and_a_join(
             180,
             "three workers sharing the partitions",
         )
-        sc.send(8)  # each stream's first sample waits the whole hold: nothing precedes it
+        sc.announce()
+        sc.send(8)
         sc.check("steady state")
         sc.duplicate(2, 5)
         sc.check("duplicates in steady state")

@@ -263,6 +263,61 @@ def test_a_log_damaged_under_acknowledged_samples_makes_every_stream_say_restart
     assert [json.loads(o.payload).get("restart") for o in answers(again)] == [True, True]
 
 
+def _flags(p, batch):
+    assert p.handle(batch)
+    return [json.loads(o.payload).get("restart", False) for o in answers(p)]
+
+
+def test_after_a_loss_of_unknown_streams_every_stream_new_to_the_state_says_restart(
+    bundles, tmp_path, xs
+):
+    """No usable snapshot and a log that does not reach back to the start: a stream absent
+    from the surviving log (its samples all before it) comes back from the zero state; it
+    cannot be told from a new one, so both say restart, also after later restarts."""
+    state = tmp_path / "state"
+    p = make(bundles, state)
+    p.journal.open()
+    assert _flags(p, [msg("old", 1, xs[0]), msg("kept", 1, xs[0])]) == [False, False]
+    assert p.checkpoint()
+    assert _flags(p, [msg("kept", 2, xs[1])]) == [False]
+    assert p.checkpoint()  # generation 2: the log of generation 1 is gone
+    assert _flags(p, [msg("kept", 3, xs[2])]) == [False]
+    p.journal.close()
+    for snap in state.glob("snap-*.bin"):
+        snap.write_bytes(b"garbage")
+    again = make(bundles, state)
+    again.journal.open()
+    assert again.engine.last_seq("kept") == 3 and "old" not in again.engine.store
+    answers(again)
+    assert _flags(again, [msg("old", 2, xs[1])]) == [True]
+    assert _flags(again, [msg("old", 3, xs[2]), msg("kept", 4, xs[3])]) == [False, True]
+    assert _flags(again, [msg("new", 1, xs[0]), msg("new", 2, xs[1])]) == [True, False]
+    assert again.checkpoint()
+    again.journal.close()
+    later = make(bundles, state)  # the flag outlives the recovery that set it
+    later.journal.open()
+    answers(later)  # those not acknowledged, published again
+    assert _flags(later, [msg("other", 1, xs[0]), msg("kept", 5, xs[4])]) == [True, False]
+
+
+def test_restart_flags_not_yet_taken_survive_a_restart(bundles, tmp_path, xs):
+    """An evicted stream's flag, and a kept stream's flag after a damaged log, are in the
+    snapshot: a restart of the runtime between the loss and the stream's return keeps them."""
+    state = tmp_path / "state"
+    p = make(bundles, state, capacity=2, max_batch=1)
+    p.journal.open()
+    for stream in ("a", "b", "c"):  # c pushes a out
+        assert _flags(p, [msg(stream, 1, xs[0])]) == [False]
+    assert p.checkpoint()
+    p.journal.close()
+    again = make(bundles, state, capacity=2, max_batch=1)
+    again.journal.open()
+    answers(again)
+    assert _flags(again, [msg("b", 2, xs[1])]) == [False]
+    assert _flags(again, [msg("a", 2, xs[1])]) == [True]  # evicted before the restart
+    assert _flags(again, [msg("a", 3, xs[2])]) == [False]
+
+
 def test_a_release_the_log_could_not_take_survives_the_checkpoint_that_follows(
     bundles, tmp_path, xs
 ):

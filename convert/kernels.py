@@ -137,7 +137,8 @@ def figures(
     sequence_output: bool = True,
 ) -> dict[str, Any]:
     """The task figures and checks of ``verify`` for one kernel set's dequantised outputs
-    (labels aligned as the verdict aligns them: one per sequence against the last step)."""
+    (labels aligned as the verdict aligns them: one per sequence against the last step); the
+    checks are the verdict's gates, so a kernel set passes where the reference set would."""
     par: dict[str, Any] = {"max_abs_error": float(np.abs(y_parity - y_float).max())}
     err = np.abs(y_long - y_long_float).max(-1)
     tenth = max(1, len(err) // 10)
@@ -153,7 +154,9 @@ def figures(
     if manifest.output_kind == "classifier":
         par["top1_agreement"] = float((y_parity.argmax(-1) == y_float.argmax(-1)).mean())
         dr["top1_agreement"] = float((y_long.argmax(-1) == y_long_float.argmax(-1)).mean())
-        checks["long_stream_top1_agreement"] = dr["top1_agreement"] >= targets["top1_agreement"]
+        checks["top1_agreement"] = par["top1_agreement"] >= targets["top1_agreement"]
+        if targets.get("regime") == "continuous":  # else reported only, as in the verdict
+            checks["long_stream_top1_agreement"] = dr["top1_agreement"] >= targets["top1_agreement"]
     if labels is not None:
         n, t, o = y_float.shape
         where = verdict.label_alignment(labels, manifest.output_kind, n, t, o, sequence_output)

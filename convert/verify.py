@@ -343,6 +343,7 @@ def verify(
             "drift_ratio": targets.max_drift_ratio,
             "max_accuracy_drop": targets.max_accuracy_drop,
             "max_rmse_ratio": targets.max_rmse_ratio,
+            "regime": targets.regime,
         },
         DRIFT_ABS_FLOOR,
         spec.sequence_output,

@@ -196,3 +196,35 @@ def test_class_labels_that_are_not_classes_are_named(labels, message):
 def test_class_indices_for_a_model_taken_for_a_regressor_say_what_to_do():
     with pytest.raises(ConvertError, match=r"expected \[4, 3\] / \[4, 10, 3\] \(class indices"):
         verdict.label_alignment(np.array([0, 1, 2, 1]), "regressor", 4, 10, 3)
+
+
+def test_a_kernel_set_is_judged_by_the_verdicts_gates():
+    """A kernel set passes where the verdict would pass the bundle: per-step agreement is a
+    gate; long-stream agreement only with regime continuous (a model reset between sequences
+    met the task's targets although its unreset long stream agreed on 97.7%)."""
+    from types import SimpleNamespace
+
+    from convert import kernels
+
+    rng = np.random.default_rng(0)
+    y_float = rng.normal(size=(4, 50, 3))
+    y_long_float = rng.normal(size=(1000, 3))
+    y_long = y_long_float.copy()
+    y_long[:30] = y_long[:30, ::-1]  # 3% of the long stream's steps disagree (mostly)
+    agreement = float((y_long.argmax(-1) == y_long_float.argmax(-1)).mean())
+    assert agreement < 0.98
+    base = {"top1_agreement": 0.98, "drift_ratio": 1.2, "max_accuracy_drop": 0.01}
+    clf = SimpleNamespace(output_kind="classifier")
+
+    def judge(y_parity, regime):
+        targets = {**base, "max_rmse_ratio": 1.05, "regime": regime}
+        return kernels.figures(clf, y_parity, y_float, None, y_long, y_long_float, targets, 0.1)
+
+    reset = judge(y_float, "sequences")
+    assert reset["passed"] and "long_stream_top1_agreement" not in reset["checks"]
+    assert reset["drift"]["top1_agreement"] == agreement  # reported all the same
+    assert not judge(y_float, "continuous")["passed"]
+    off = y_float.copy()
+    off[:, :5] = off[:, :5, ::-1]  # 10% of the per-step outputs disagree
+    worse = judge(off, "sequences")
+    assert not worse["passed"] and worse["checks"]["top1_agreement"] is False

@@ -52,6 +52,14 @@ class Recovery:
     last_lsn: int = 0
 
 
+# A segment this large is checkpointed early once it takes as much room as its file system
+# has left (looked at every CROWDED_STEP bytes): a backlog logs far faster than
+# ``snapshot_interval`` comes round, and a full disk can no longer take the snapshot that
+# would free it.
+CROWDED_FROM = 256 * 1024
+CROWDED_STEP = 64 * 1024
+
+
 class Journal:
     def __init__(self, directory: str | Path, *, fsync: bool = False) -> None:
         self.dir = Path(directory)
@@ -60,6 +68,7 @@ class Journal:
         self.snapshots: list[int] = []  # generations with a good snapshot, oldest first
         self._fd: int | None = None
         self._size = 0
+        self._look_at = CROWDED_FROM  # segment size at which ``crowded`` next looks at the disk
         # Set when the segment was removed under us (the directory deleted, say): nothing more
         # is appended until a checkpoint has written the state out again.
         self.lost: str | None = None
@@ -192,6 +201,18 @@ class Journal:
             self.close()
             raise OSError(errno.ENOENT, self.lost)
 
+    def crowded(self) -> bool:
+        """Whether the log since the last snapshot takes as much room as is left on its file
+        system: time for a checkpoint, while there is room for one."""
+        if self._size < self._look_at:
+            return False
+        self._look_at = self._size + CROWDED_STEP
+        try:
+            st = os.statvfs(self.dir)
+        except OSError:
+            return False
+        return self._size >= st.f_bavail * st.f_frsize
+
     def checkpoint(self, snapshot: Any, carry: Sequence[Entry], extra: dict[str, Any]) -> None:
         """Start segment G+1 with ``carry``, write snapshot G+1 with ``snapshot(path, extra)``,
         then drop what only generations before the previous snapshot needed."""
@@ -209,6 +230,7 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._size, self.generation = fd, os.fstat(fd).st_size, gen
+        self._look_at = self._size + CROWDED_FROM
         self._with_room(lambda: snapshot(self.path("snap", gen), {**extra, "generation": gen}))
         self.lost = None
         self.snapshots.append(gen)

@@ -511,10 +511,9 @@ class MqttService:
         except OSError as exc:
             self.processor.degraded = f"state_dir not writable: {exc.strerror or exc}"
             return
-        if journal.lost:  # its files were removed: the state is written out anew first
-            self.processor.checkpoint()
-        else:
-            self.processor.resume()
+        # A new generation first: it writes out the state anew when the files were removed,
+        # and gives a full disk the room of the log it ends (and of older generations).
+        self.processor.checkpoint()
 
     def _update_status(self) -> None:
         reason = self.processor.degraded

@@ -409,6 +409,8 @@ class Processor:
                     self.metrics.inc("storage_errors")
                 self.degraded = f"state_dir not writable: {exc.strerror or exc}"
                 return False
+            if self.journal.crowded():
+                self.requests.add("checkpoint")
         if self.degraded is not None:
             log.warning("the log in %s is writable again; resuming", self.cfg.state_dir)
             self.degraded = None

@@ -339,3 +339,28 @@ def test_a_directory_too_small_for_two_generations_keeps_one(small_disk):
     got = Journal(state).recover(lambda p: {"lsn": 3})
     assert got.generation == 3 and got.exact and not got.damage
     assert [e.seq for e in got.entries if isinstance(e, Record)] == [4]
+
+
+def test_a_segment_as_large_as_the_room_left_asks_for_a_checkpoint(small_disk):
+    """A backlog logs faster than ``snapshot_interval`` comes round: the journal says when
+    the log since the last snapshot takes as much room as is left, while a snapshot still
+    fits; after the checkpoint it is quiet again."""
+    from edge import journal as journal_mod
+
+    j = Journal(small_disk / "state")
+    j.recover(no_restore)
+    j.open()
+    j.checkpoint(_snap_of(1000), [Mark(0)], {"lsn": 0})
+    lsn, asked_at = 0, None
+    while asked_at is None:
+        lsn += 1
+        j.append([rec("a", lsn, lsn, k=40)])
+        if j.crowded():
+            asked_at = j._size
+    st = os.statvfs(small_disk)
+    free = st.f_bavail * st.f_frsize
+    assert asked_at >= journal_mod.CROWDED_FROM and asked_at >= free
+    # looked at every CROWDED_STEP bytes, while the segment grew and the room shrank alike
+    assert asked_at - free <= 2 * (journal_mod.CROWDED_STEP + 4096)
+    j.checkpoint(_snap_of(1000), [Mark(lsn)], {"lsn": lsn})
+    assert not j.crowded()

@@ -164,15 +164,20 @@ def choose_c_range(
     ``xn``, ``y_float``, ``before``: a float reference run (normalised inputs, outputs, every
     state before each step)."""
     ranges = base_ranges(spec, before)
-    cells = [k for k, s in enumerate(spec.states) if s.role == "c"]
-    c_seen = max(float(np.abs(before[k]).max()) for k in cells)
-    cands = [c for c in C_CANDIDATES if c < c_seen * 1.1] + [max(1.0, c_seen * 1.1)]
+    for k in [k for k, s in enumerate(spec.states) if s.role == "c"]:
+        # one layer's cell at a time, the others at their range so far: layers' cells can
+        # differ by orders of magnitude, and one range for all coarsens the smaller ones
+        c_seen = float(np.abs(before[k]).max())
+        cands = [c for c in C_CANDIDATES if c < c_seen * 1.1] + [max(1.0, c_seen * 1.1)]
 
-    def with_c(c: float) -> list[tuple[float, float]]:
-        return [(-c, c) if k in cells else r for k, r in enumerate(ranges)]
+        def with_c(
+            c: float, k: int = k, base: list[tuple[float, float]] = ranges
+        ) -> list[tuple[float, float]]:
+            return [(-c, c) if j == k else r for j, r in enumerate(base)]
 
-    errors = {c: simulate_error(spec, xn, y_float, with_c(c)) for c in cands}
-    return with_c(min(errors, key=errors.__getitem__))
+        errors = {c: simulate_error(spec, xn, y_float, with_c(c)) for c in cands}
+        ranges = with_c(min(errors, key=errors.__getitem__))
+    return ranges
 
 
 def state_ranges(spec: ModelSpec, cal: Calibration) -> list[tuple[float, float]]:

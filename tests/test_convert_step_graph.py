@@ -148,3 +148,30 @@ def test_integer_lstm_bundles_add_no_constant_bias(bundles: Path, name):
     ops = op_audit(content)["ops"]
     layers = 2 if name.startswith("reg2") else 1
     assert ops.get("ADD", {"count": 0})["count"] <= 5 * layers, ops
+
+
+def test_each_layers_cell_gets_an_int8_range_of_its_own():
+    """Stacked LSTMs whose cells differ by an order of magnitude: one int8 range for both
+    coarsened the smaller one (a 2-layer nn.LSTM classifier agreed with its float model on
+    93.9% of the steps in int8; with a range per layer 98.7%)."""
+    from convert import quantize, reference
+    from convert.spec import Dense, LSTMCell, ModelSpec
+
+    rng = np.random.default_rng(0)
+    f, h = 3, 8
+
+    def cell(d_in: int, forget_bias: float, scale: float) -> LSTMCell:
+        bias = np.zeros(4 * h)
+        bias[h : 2 * h] = forget_bias  # gates "ifco": the forget gate's block
+        kernel = rng.normal(0, scale, (d_in, 4 * h))
+        return LSTMCell(kernel=kernel, recurrent=rng.normal(0, 0.3, (h, 4 * h)), bias=bias)
+
+    forgets, remembers = cell(f, -2.0, 0.5), cell(h, 6.0, 1.5)
+    head = Dense(rng.normal(size=(h, 2)), np.zeros(2))
+    spec = ModelSpec(f, None, None, (forgets, remembers, head), "0" * 64, "two-cells")
+    x = rng.normal(size=(1, 2000, f))
+    y, before, xn = reference.run(spec, x)
+    small, big = (float(np.abs(before[k]).max()) for k in (1, 3))
+    assert big > 5 * small
+    ranges = quantize.choose_c_range(spec, xn[0], y[0], [b[0] for b in before])
+    assert ranges[1][1] < ranges[3][1] and ranges[1][1] <= 2 * small

@@ -6,8 +6,9 @@ for PUBACKs, and a broker that ignores Receive Maximum (Mosquitto 2.0.11 does,
 ``memory_limit`` goes to an unnamed file in the state directory, in order, and comes back as
 the head drains. Nothing in it is acknowledged, so a crash loses nothing: the broker
 redelivers it, and the file disappears with the process. The file leaves a reserve of its
-file system free (``RESERVE``): it shares the state directory with the log, and a log that
-cannot be written acknowledges nothing, so a spill that filled the disk would never drain.
+file system free (``RESERVE``, and twice the room the log keeps for its next snapshot): it
+shares the state directory with the log, and a log that cannot be written acknowledges
+nothing, so a spill that filled the disk would never drain.
 Past that (or when a write fails), messages wait in memory until they are worked off.
 """
 
@@ -19,7 +20,7 @@ import struct
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .processor import Inbound
@@ -79,9 +80,16 @@ class Inbox:
     spill file. ``extendleft`` (a batch offered again) may go over the limit: those are few.
     """
 
-    def __init__(self, memory_limit: int, spill_dir: Path | str | None = None) -> None:
+    def __init__(
+        self,
+        memory_limit: int,
+        spill_dir: Path | str | None = None,
+        *,
+        log_reserve: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.memory_limit = max(1, memory_limit)
         self.spill_dir = spill_dir
+        self.log_reserve = log_reserve  # what the log keeps free for its next snapshot
         self.spilled_total = 0  # messages that went through the file, for stats
         self._mem: deque[Inbound] = deque()
         self._lock = threading.Lock()
@@ -190,7 +198,8 @@ class Inbox:
             st = os.statvfs(self.spill_dir if self.spill_dir is not None else tempfile.gettempdir())
         except OSError:
             return True  # cannot tell: a write that fails says so
-        reserve = min(RESERVE, st.f_blocks * st.f_frsize // 4)
+        # and at least twice what the log keeps for its next snapshot: the log's own room
+        reserve = max(min(RESERVE, st.f_blocks * st.f_frsize // 4), 2 * self.log_reserve())
         if st.f_bavail * st.f_frsize >= reserve:
             return True
         log.error(

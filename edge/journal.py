@@ -53,11 +53,12 @@ class Recovery:
 
 
 # A segment this large is checkpointed early once it takes as much room as its file system
-# has left (looked at every CROWDED_STEP bytes): a backlog logs far faster than
-# ``snapshot_interval`` comes round, and a full disk can no longer take the snapshot that
-# would free it.
+# has left: a backlog logs far faster than ``snapshot_interval`` comes round, and a full disk
+# can no longer take the snapshot that would free it. The room left is looked up every
+# ROOM_STEP bytes of log (and estimated in between); the log never takes the last
+# ``reserve`` bytes, kept for the next checkpoint.
 CROWDED_FROM = 256 * 1024
-CROWDED_STEP = 64 * 1024
+ROOM_STEP = 64 * 1024
 
 
 class Journal:
@@ -68,7 +69,12 @@ class Journal:
         self.snapshots: list[int] = []  # generations with a good snapshot, oldest first
         self._fd: int | None = None
         self._size = 0
-        self._look_at = CROWDED_FROM  # segment size at which ``crowded`` next looks at the disk
+        self._room = -1  # free bytes on the file system when last looked up (-1: not yet)
+        self._room_at = 0  # the segment's size then
+        self._snapshot_bytes = 0  # of the newest snapshot written or restored
+        # What the next snapshot will take, as its owner reckons it (the state grows between
+        # snapshots: a first one of no streams says nothing of the thousandth).
+        self.snapshot_estimate: Callable[[], int] = lambda: 0
         # Set when the segment was removed under us (the directory deleted, say): nothing more
         # is appended until a checkpoint has written the state out again.
         self.lost: str | None = None
@@ -105,6 +111,7 @@ class Journal:
                 continue
             rec.generation, rec.base_lsn, rec.extra = gen, int(extra.get("lsn", 0)), extra
             self.snapshots = [g for g in snaps if g <= gen]
+            self._snapshot_bytes = self.path("snap", gen).stat().st_size
             if gen not in segs:  # a checkpoint writes it before the snapshot: it was removed
                 rec.damage.append(f"{self.path('wal', gen).name}: missing (what it logged is lost)")
                 rec.lost = True
@@ -176,7 +183,7 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path("wal", self.generation)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._size = os.fstat(self._fd).st_size
+        self._size, self._room = os.fstat(self._fd).st_size, -1
 
     @property
     def is_open(self) -> bool:
@@ -194,6 +201,13 @@ class Journal:
         self.open()
         assert self._fd is not None
         data = b"".join(encode(e) for e in entries)
+        reserve = self.reserve()
+        if self.room() - len(data) < reserve and self.room(look=True) - len(data) < reserve:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device (the last {reserve} bytes are kept for the next "
+                "snapshot)",
+            )
         _write_all(self._fd, data, self._size, self.fsync)
         self._size += len(data)
         if not os.fstat(self._fd).st_nlink:  # written to a file no longer in the directory
@@ -201,17 +215,26 @@ class Journal:
             self.close()
             raise OSError(errno.ENOENT, self.lost)
 
+    def room(self, *, look: bool = False) -> int:
+        """Free bytes on the log's file system: looked up when ``look`` or after ROOM_STEP
+        bytes of log, else estimated from the last look and what the log wrote since."""
+        if look or self._room < 0 or abs(self._size - self._room_at) >= ROOM_STEP:
+            try:
+                st = os.statvfs(self.dir)
+            except OSError:
+                return 1 << 62  # not known: the writes will tell
+            self._room, self._room_at = st.f_bavail * st.f_frsize, self._size
+        return self._room - (self._size - self._room_at)
+
+    def reserve(self) -> int:
+        """Room the log leaves for the next checkpoint: a snapshot (twice the larger of the
+        last one and the estimate, for what may come until then) and a segment's start."""
+        return 2 * max(self._snapshot_bytes, self.snapshot_estimate()) + ROOM_STEP
+
     def crowded(self) -> bool:
         """Whether the log since the last snapshot takes as much room as is left on its file
         system: time for a checkpoint, while there is room for one."""
-        if self._size < self._look_at:
-            return False
-        self._look_at = self._size + CROWDED_STEP
-        try:
-            st = os.statvfs(self.dir)
-        except OSError:
-            return False
-        return self._size >= st.f_bavail * st.f_frsize
+        return self._size >= CROWDED_FROM and self._size >= self.room()
 
     def checkpoint(self, snapshot: Any, carry: Sequence[Entry], extra: dict[str, Any]) -> None:
         """Start segment G+1 with ``carry``, write snapshot G+1 with ``snapshot(path, extra)``,
@@ -230,8 +253,9 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._size, self.generation = fd, os.fstat(fd).st_size, gen
-        self._look_at = self._size + CROWDED_FROM
+        self._room = -1
         self._with_room(lambda: snapshot(self.path("snap", gen), {**extra, "generation": gen}))
+        self._snapshot_bytes = self.path("snap", gen).stat().st_size
         self.lost = None
         self.snapshots.append(gen)
         self._drop_before(self.snapshots[-2] if len(self.snapshots) > 1 else 0)

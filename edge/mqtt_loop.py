@@ -128,7 +128,7 @@ class MqttService:
         # Messages taken from the broker before we acknowledge them; with drop-oldest twice
         # that, so that what lies beyond queue_size can be answered "dropped".
         self.read_limit = cfg.queue_size * (2 if cfg.overload == "drop-oldest" else 1)
-        self.inbox = Inbox(self.read_limit, cfg.state_dir)
+        self.inbox = Inbox(self.read_limit, cfg.state_dir, log_reserve=journal.reserve)
         self.acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         # A message's packet id means something only to the session it came in: a connection
         # that finds no session (a broker restarted without persistence, the session expired)
@@ -166,6 +166,7 @@ class MqttService:
             on_connect_fail=self._on_connect_fail,
             reconnect_min=cfg.reconnect_min * random.uniform(0.75, 1.25),
             reconnect_max=cfg.reconnect_max,
+            keepalive=cfg.keepalive,
         )
         self.ha = announcer_for(cfg, self.engine.manifest)  # Home Assistant discovery, if on
 

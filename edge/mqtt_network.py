@@ -5,9 +5,9 @@ Receive Maximum should bound that, but MQTT 3.1.1 has no such bound and brokers 
 (``bench.broker_flow``). This loop reads only while ``may_read()`` says there is room, so a
 backlog stays at the broker and not in our memory. It still reads when ``must_read()`` says so
 (PUBACKs are awaited: the answer window is full; they may queue behind a broker's flood, which
-then comes in too) and until a connection is made (the CONNACK), keeps the connection alive,
-and reconnects with backoff (growing also while connections are dropped soon after they are
-made).
+then comes in too), until a connection is made (the CONNACK), and once every half keep-alive
+(a PINGRESP left unread would end the connection). It keeps the connection alive and
+reconnects with backoff (growing also while connections are dropped soon after they are made).
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ class NetworkLoop:
         on_connect_fail: Callable[[BaseException], None],
         reconnect_min: float = 1.0,
         reconnect_max: float = 30.0,
+        keepalive: float = 60.0,
     ) -> None:
         self.client = client
+        self.keepalive = keepalive
+        self._read_at = 0.0  # when the socket was last read (monotonic)
         self.may_read, self.must_read = may_read, must_read
         self.on_connect_fail = on_connect_fail
         self.reconnect_min, self.reconnect_max = reconnect_min, reconnect_max
@@ -96,8 +99,15 @@ class NetworkLoop:
 
     def _reading(self) -> bool:
         """Read while there is room or PUBACKs are awaited, and always until connected: a
-        CONNACK left unread behind a full inbox would leave the service connected to nothing."""
-        return not self.client.is_connected() or self.may_read() or self.must_read()
+        CONNACK left unread behind a full inbox would leave the service connected to nothing.
+        Paused, read once every half keep-alive all the same: a PINGRESP left unread ends the
+        connection (a service degraded by a full disk reconnected every minute)."""
+        return (
+            not self.client.is_connected()
+            or self.may_read()
+            or self.must_read()
+            or time.monotonic() - self._read_at >= self.keepalive / 2
+        )
 
     def _run(self) -> None:
         """The loop, restarted after anything it did not expect: a network thread that died
@@ -177,6 +187,7 @@ class NetworkLoop:
             self._woken = False  # after draining, before writing: a wake from now on is sent
             rc = mqtt.MQTT_ERR_SUCCESS
             if sock in ready:
+                self._read_at = time.monotonic()
                 rc = self.client.loop_read()
                 # What is read ahead is taken now, not one packet per select.
                 for _ in range(MAX_READS_AHEAD):

@@ -35,7 +35,7 @@ from .metrics import Metrics
 from .outbox import Outbound, Outbox
 from .reorder import Reorderer
 from .sequencing import U32, admit
-from .state_store import NO_BOOT
+from .state_store import BOOT_HISTORY, GAP_SLOTS, NO_BOOT
 from .topics import Template
 from .wal import Entry, Evict, Mark, Output, Record, Release, Void
 
@@ -196,6 +196,7 @@ class Processor:
         self._fresh: set[str] = set()
         self._log_error = RateLimitedLog(clock=clock)
         self.engine = engine
+        journal.snapshot_estimate = self._snapshot_estimate
 
     @property
     def engine(self) -> Engine:
@@ -205,6 +206,13 @@ class Processor:
     def engine(self, engine: Engine) -> None:
         self._engine = engine
         engine.store.on_evict = self._forget
+
+    def _snapshot_estimate(self) -> int:
+        """Bytes a snapshot of the streams held would take: each stream's state tensors, seq,
+        boot ids and gaps, and room for its id in the header."""
+        layout = self.engine.manifest.state_layout()
+        state = sum(width * np.dtype(dtype).itemsize for _, width, dtype, _, _ in layout)
+        return len(self.engine.store) * (state + 8 * (1 + BOOT_HISTORY + 2 * GAP_SLOTS) + 48)
 
     def restarted(self, streams: Iterable[str]) -> None:
         """These streams lost their state: their next answers say ``restart``."""

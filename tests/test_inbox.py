@@ -181,6 +181,18 @@ def test_the_spill_leaves_its_file_system_a_reserve(small_disk: Path) -> None:
     assert box.popleft() == msg(0) and not box._spill_failed
 
 
+def test_the_spill_leaves_the_log_twice_its_snapshot_reserve(small_disk: Path) -> None:
+    """The log keeps room for its next snapshot and refuses to write into it: a spill that
+    left less than that (plus the log's own room) would stop the log for good."""
+    box = Inbox(4, small_disk, log_reserve=lambda: 400_000)
+    msgs = [msg(i, size=1000) for i in range(4000)]
+    assert not _appender(box, msgs).is_alive()
+    st = os.statvfs(small_disk)
+    assert st.f_bavail * st.f_frsize >= 800_000 - inbox_mod.ROOM_CHECK_EVERY * 1100
+    assert 0 < box.spilled_total < 4000
+    assert [box.popleft() for _ in range(4000)] == msgs
+
+
 def test_what_was_read_from_the_spill_file_gives_its_space_back(tmp_path: Path) -> None:
     """On a full disk the log needs the space the spill's read head has left behind, and
     the file shrinks only once drained: a backlog larger than the disk never drained."""

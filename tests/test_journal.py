@@ -301,6 +301,7 @@ def test_a_log_write_the_full_disk_cut_short_leaves_no_hole(small_disk):
     j.open()
     j.checkpoint(_snap_of(1000), [Mark(0)], {"lsn": 0})
     j.append([rec("a", 1, 1)])
+    j.reserve = lambda: 0  # the write goes ahead (else the room kept for a snapshot stops it)
     filler = small_disk / "filler"
     fill(filler)
     os.truncate(filler, filler.stat().st_size - 4096)  # room for part of the next write
@@ -329,6 +330,7 @@ def test_a_directory_too_small_for_two_generations_keeps_one(small_disk):
     filler = small_disk / "filler"
     fill(filler)
     os.truncate(filler, filler.stat().st_size - 200_000)  # not room for a third snapshot
+    j.reserve = lambda: 0  # as if the disk had filled by something else than the log
     j.append([rec("a", 3, 3)])
     j.checkpoint(snapshot, [Mark(3)], {"lsn": 3})
     assert sorted(p.name for p in state.iterdir()) == [
@@ -360,7 +362,37 @@ def test_a_segment_as_large_as_the_room_left_asks_for_a_checkpoint(small_disk):
     st = os.statvfs(small_disk)
     free = st.f_bavail * st.f_frsize
     assert asked_at >= journal_mod.CROWDED_FROM and asked_at >= free
-    # looked at every CROWDED_STEP bytes, while the segment grew and the room shrank alike
-    assert asked_at - free <= 2 * (journal_mod.CROWDED_STEP + 4096)
+    # looked up every ROOM_STEP bytes, while the segment grew and the room shrank alike
+    assert asked_at - free <= 2 * (journal_mod.ROOM_STEP + 4096)
     j.checkpoint(_snap_of(1000), [Mark(lsn)], {"lsn": lsn})
     assert not j.crowded()
+
+
+def test_the_log_leaves_room_for_the_next_snapshot(small_disk):
+    """A log that filled the disk after a snapshot failed for lack of room left no way out:
+    the next snapshot could never be written, and the state directory stayed full for good.
+    The log refuses the write that would take the room the next checkpoint needs (the broker
+    keeps the messages), and that checkpoint then fits."""
+    from edge import journal as journal_mod
+
+    j = Journal(small_disk / "state")
+    j.recover(no_restore)
+    j.open()
+    snapshot = _snap_of(200_000)
+    j.checkpoint(snapshot, [Mark(0)], {"lsn": 0})
+    assert j.reserve() == 2 * 200_000 + journal_mod.ROOM_STEP
+    j.snapshot_estimate = lambda: 250_000  # the state grew since: its owner says so
+    assert j.reserve() == 2 * 250_000 + journal_mod.ROOM_STEP
+    lsn = 0
+    with pytest.raises(OSError, match="kept for the next snapshot"):
+        while lsn < 100_000:
+            lsn += 1
+            j.append([rec("a", lsn, lsn, k=20)])
+    st = os.statvfs(small_disk)
+    assert st.f_bavail * st.f_frsize >= j.reserve() - journal_mod.ROOM_STEP
+    j.checkpoint(snapshot, [Mark(lsn)], {"lsn": lsn})  # fits in the room kept
+    with pytest.raises(OSError, match="kept for the next snapshot"):
+        j.append([rec("a", lsn + 1, lsn + 1)])  # the full log is still the fallback's
+    j.checkpoint(snapshot, [Mark(lsn)], {"lsn": lsn})  # fits too, and retires it
+    j.append([rec("a", lsn + 1, lsn + 1)])
+    assert j.room() > 1_000_000

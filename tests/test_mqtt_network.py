@@ -404,3 +404,24 @@ def test_a_connection_is_made_while_there_is_no_room(broker):
     finally:
         _shut(net, sub, pub)
     assert not failures
+
+
+def test_a_paused_loop_still_reads_once_every_half_keep_alive():
+    """Reads paused for longer than the keep-alive left the broker's PINGRESP unread, and paho
+    ended the connection: a service degraded by a full disk reconnected every minute. Paused,
+    the loop still reads once every half keep-alive (one packet: the next read is again
+    half a keep-alive away)."""
+
+    class Connected:
+        on_socket_register_write = None
+
+        def is_connected(self) -> bool:
+            return True
+
+    net = NetworkLoop(
+        Connected(), may_read=lambda: False, on_connect_fail=lambda e: None, keepalive=30
+    )
+    net._read_at = time.monotonic()
+    assert not net._reading()  # just read: paused
+    net._read_at = time.monotonic() - 16
+    assert net._reading()  # over half the keep-alive ago

@@ -90,16 +90,23 @@ def test_hostile_payloads_never_stop_the_service(bundles, broker, service):
     setup.close()
 
 
-def test_backlog_before_start_is_answered_in_full(bundles, broker, service, tmp_path):
-    samples = make_samples(100, 30, seed=12)
+def _backlog(broker, service, samples, *args, **where):
+    """A session at the broker for the service (started once and stopped), then every
+    sample of ``samples`` published while it is down: a backlog waiting for its start."""
     col = Collector(broker.url)
-    first = service()
+    first = service(*args, **where)
     wait_until(col.online, 20, "runtime online")  # the broker now keeps a session for us
     assert first.stop() == 0
     pub = Publisher(broker.url)
-    for i in range(30):
+    for i in range(len(next(iter(samples.values())))):
         feed_good(pub, samples, i)
-    pub.flush(120)
+    pub.flush(300)
+    return col
+
+
+def test_backlog_before_start_is_answered_in_full(bundles, broker, service, tmp_path):
+    samples = make_samples(100, 30, seed=12)
+    col = _backlog(broker, service, samples)
     args = ("--queue-size", "100", "--max-unacked", "300")
     svc = service(*args)
     wait_until(lambda: len(col.predictions()) >= 100, 60, "the backlog draining")
@@ -197,15 +204,8 @@ def test_a_backlog_larger_than_a_small_state_dir_is_answered_in_full(
     the spill of what waits beyond ``queue_size`` shares the disk. The log is checkpointed by
     size, and a full disk is given its room back by a checkpoint: it was stuck for good."""
     samples = make_samples(1000, 24, seed=19)
-    col = Collector(broker.url)
     args = ("--queue-size", "64", "--snapshot-interval", "600")
-    first = service(*args, state=small_disk / "state")
-    wait_until(col.online, 20, "runtime online")  # the broker now keeps a session for us
-    assert first.stop() == 0
-    pub = Publisher(broker.url)
-    for i in range(24):
-        feed_good(pub, samples, i)
-    pub.flush(300)
+    col = _backlog(broker, service, samples, *args, state=small_disk / "state")
     service(*args, state=small_disk / "state")
     expected = offline(bundles / BUNDLE, samples)
     wait_until(lambda: set(expected) <= set(col.predictions()), 600, "the whole backlog")

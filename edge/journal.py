@@ -20,6 +20,7 @@ full disk or a read-only directory is an ``OSError`` the caller can wait out and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -72,9 +73,10 @@ class Journal:
         self._room = -1  # free bytes on the file system when last looked up (-1: not yet)
         self._room_at = 0  # the segment's size then
         self._snapshot_bytes = 0  # of the newest snapshot written or restored
-        # What the next snapshot will take, as its owner reckons it (the state grows between
-        # snapshots: a first one of no streams says nothing of the thousandth).
-        self.snapshot_estimate: Callable[[], int] = lambda: 0
+        # What the next checkpoint will write, as its owner reckons it: (snapshot, carried
+        # entries). The state grows between snapshots (a first one of no streams says nothing
+        # of the thousandth), and a backlog's unacknowledged answers are carried over.
+        self.checkpoint_estimate: Callable[[], tuple[int, int]] = lambda: (0, 0)
         # Set when the segment was removed under us (the directory deleted, say): nothing more
         # is appended until a checkpoint has written the state out again.
         self.lost: str | None = None
@@ -228,8 +230,10 @@ class Journal:
 
     def reserve(self) -> int:
         """Room the log leaves for the next checkpoint: a snapshot (twice the larger of the
-        last one and the estimate, for what may come until then) and a segment's start."""
-        return 2 * max(self._snapshot_bytes, self.snapshot_estimate()) + ROOM_STEP
+        last one and the estimate, for what may come until then) and a segment's start with
+        what it carries over."""
+        snapshot, carry = self.checkpoint_estimate()
+        return 2 * max(self._snapshot_bytes, snapshot) + carry + ROOM_STEP
 
     def crowded(self) -> bool:
         """Whether the log since the last snapshot takes as much room as is left on its file
@@ -254,7 +258,17 @@ class Journal:
             os.close(self._fd)
         self._fd, self._size, self.generation = fd, os.fstat(fd).st_size, gen
         self._room = -1
-        self._with_room(lambda: snapshot(self.path("snap", gen), {**extra, "generation": gen}))
+        try:
+            self._with_room(lambda: snapshot(self.path("snap", gen), {**extra, "generation": gen}))
+        except BaseException:
+            # The segment holds copies of what the log before it holds: the log goes on there,
+            # and a disk that stays full does not gather a segment per attempt.
+            os.close(fd)
+            seg.unlink(missing_ok=True)
+            self._fd, self.generation = None, gen - 1
+            with contextlib.suppress(OSError):  # the next append says what is wrong
+                self.open()
+            raise
         self._snapshot_bytes = self.path("snap", gen).stat().st_size
         self.lost = None
         self.snapshots.append(gen)

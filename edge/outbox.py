@@ -34,6 +34,7 @@ class Outbox:
         self._open: Counter[int] = Counter()  # lsn -> answers not yet acknowledged
         self._heap: list[int] = []  # lsns with open answers (lazy deletion)
         self.refused = 0  # acknowledged by the broker with a failure reason code
+        self.open_bytes = 0  # topics and payloads of the answers a checkpoint carries over
 
     def __len__(self) -> int:
         """Answers not yet acknowledged: queued, in flight, or handed back for a retry."""
@@ -53,6 +54,7 @@ class Outbox:
                 if not self._open[o.lsn]:
                     heapq.heappush(self._heap, o.lsn)
                 self._open[o.lsn] += 1
+                self.open_bytes += len(o.topic) + len(o.payload)
             self._queue.append(o)
 
     def take(self) -> list[Outbound]:
@@ -81,6 +83,7 @@ class Outbox:
     def discard(self, out: Outbound) -> None:
         """An answer that is done with (acknowledged, or one that can never be sent)."""
         if out.qos and out.lsn:
+            self.open_bytes -= len(out.topic) + len(out.payload)
             self._open[out.lsn] -= 1
             if not self._open[out.lsn]:
                 del self._open[out.lsn]

@@ -196,7 +196,7 @@ class Processor:
         self._fresh: set[str] = set()
         self._log_error = RateLimitedLog(clock=clock)
         self.engine = engine
-        journal.snapshot_estimate = self._snapshot_estimate
+        journal.checkpoint_estimate = self._checkpoint_estimate
 
     @property
     def engine(self) -> Engine:
@@ -207,12 +207,15 @@ class Processor:
         self._engine = engine
         engine.store.on_evict = self._forget
 
-    def _snapshot_estimate(self) -> int:
-        """Bytes a snapshot of the streams held would take: each stream's state tensors, seq,
-        boot ids and gaps, and room for its id in the header."""
+    def _checkpoint_estimate(self) -> tuple[int, int]:
+        """Bytes a checkpoint now would write: a snapshot of the streams held (each stream's
+        state tensors, seq, boot ids and gaps, and room for its id in the header), and the
+        entries carried over (answers not yet acknowledged, messages held)."""
         layout = self.engine.manifest.state_layout()
         state = sum(width * np.dtype(dtype).itemsize for _, width, dtype, _, _ in layout)
-        return len(self.engine.store) * (state + 8 * (1 + BOOT_HISTORY + 2 * GAP_SLOTS) + 48)
+        snapshot = len(self.engine.store) * (state + 8 * (1 + BOOT_HISTORY + 2 * GAP_SLOTS) + 48)
+        held = len(self.reorder) * (8 * self.engine.manifest.features + 96)
+        return snapshot, self.outbox.open_bytes + 48 * len(self.outbox) + held
 
     def restarted(self, streams: Iterable[str]) -> None:
         """These streams lost their state: their next answers say ``restart``."""

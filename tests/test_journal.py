@@ -381,8 +381,10 @@ def test_the_log_leaves_room_for_the_next_snapshot(small_disk):
     snapshot = _snap_of(200_000)
     j.checkpoint(snapshot, [Mark(0)], {"lsn": 0})
     assert j.reserve() == 2 * 200_000 + journal_mod.ROOM_STEP
-    j.snapshot_estimate = lambda: 250_000  # the state grew since: its owner says so
+    j.checkpoint_estimate = lambda: (250_000, 0)  # the state grew since: its owner says so
     assert j.reserve() == 2 * 250_000 + journal_mod.ROOM_STEP
+    j.checkpoint_estimate = lambda: (0, 30_000)  # and answers wait to be carried over
+    assert j.reserve() == 2 * 200_000 + 30_000 + journal_mod.ROOM_STEP
     lsn = 0
     with pytest.raises(OSError, match="kept for the next snapshot"):
         while lsn < 100_000:
@@ -396,3 +398,28 @@ def test_the_log_leaves_room_for_the_next_snapshot(small_disk):
     j.checkpoint(snapshot, [Mark(lsn)], {"lsn": lsn})  # fits too, and retires it
     j.append([rec("a", lsn + 1, lsn + 1)])
     assert j.room() > 1_000_000
+
+
+def test_a_checkpoint_whose_snapshot_fails_leaves_the_directory_as_it_was(tmp_path):
+    """Its segment would hold only copies of what the log before it holds: it goes, and the
+    log goes on where it was (a disk that stayed full gathered a segment per second)."""
+    state = tmp_path / "state"
+    j = Journal(state)
+    j.recover(no_restore)
+    j.open()
+    j.checkpoint(_snap_of(100), [Mark(0)], {"lsn": 0})
+    j.append([rec("a", 1, 1)])
+    before = sorted(p.name for p in state.iterdir())
+
+    def failing(path, extra):
+        raise SnapshotError(f"{path}: cannot write snapshot: no room")
+
+    for _ in range(3):
+        with pytest.raises(SnapshotError):
+            j.checkpoint(failing, [rec("a", 1, 1, carried=True), Mark(1)], {"lsn": 1})
+    assert sorted(p.name for p in state.iterdir()) == before
+    j.append([rec("a", 2, 2)])
+    j.close()
+    got = Journal(state).recover(lambda p: {"lsn": 0})
+    assert got.generation == 1 and not got.damage
+    assert [e.seq for e in got.entries if isinstance(e, Record)] == [1, 2]

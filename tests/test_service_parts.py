@@ -305,3 +305,22 @@ def test_a_state_dir_that_cannot_be_written_is_not_locked(tmp_path, caplog):
     (tmp_path / "file").write_text("not a directory")
     StateLock(tmp_path / "file" / "state").acquire()  # the service starts degraded instead
     assert "not locked" in caplog.text
+
+
+def test_the_outbox_counts_the_bytes_a_checkpoint_carries_over():
+    """The log keeps room for the next checkpoint, which carries the answers not yet
+    acknowledged: their bytes are counted as they come and go, never by a scan."""
+    from edge.outbox import Outbound, Outbox
+
+    box = Outbox()
+    a = Outbound("predictions/a", b"x" * 100, lsn=1)
+    b = Outbound("predictions/b", b"y" * 50, lsn=2)
+    status = Outbound("edge/status/r", b"{}", qos=0, retain=True)
+    box.put([a, b, status])
+    assert box.open_bytes == len(a.topic) + 100 + len(b.topic) + 50
+    for mid, o in enumerate(box.take(), 1):
+        box.sent(mid, o)
+    box.acked(1)
+    assert box.open_bytes == len(b.topic) + 50
+    box.acked(2)
+    assert box.open_bytes == 0

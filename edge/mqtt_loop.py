@@ -162,7 +162,7 @@ class MqttService:
         self.network = NetworkLoop(
             self.client,
             may_read=lambda: len(self.inbox) < self.read_limit,
-            must_read=lambda: self.outbox.in_flight >= self.outbox.window,  # PUBACKs awaited
+            must_read=self._must_read,
             on_connect_fail=self._on_connect_fail,
             reconnect_min=cfg.reconnect_min * random.uniform(0.75, 1.25),
             reconnect_max=cfg.reconnect_max,
@@ -173,6 +173,15 @@ class MqttService:
     @property
     def engine(self) -> Engine:
         return self.processor.engine
+
+    def _must_read(self) -> bool:
+        """PUBACKs are awaited: the answer window is full, or the service is degraded (the
+        log keeps room for the answers a checkpoint carries over, and only their
+        acknowledgements give it back)."""
+        in_flight = self.outbox.in_flight
+        return in_flight >= self.outbox.window or (
+            in_flight > 0 and self.processor.degraded is not None
+        )
 
     # -- paho side --------------------------------------------------------------------------
 

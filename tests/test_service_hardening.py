@@ -202,12 +202,11 @@ def test_a_backlog_larger_than_a_small_state_dir_is_answered_in_full(
     """24,000 samples wait at the broker and the state directory is a 2 MiB file system: the
     log of the backlog outgrows the disk long before ``snapshot_interval`` comes round, and
     the spill of what waits beyond ``queue_size`` shares the disk. The log is checkpointed by
-    size, keeps the room its next checkpoint needs, and a full disk is given its room back by
-    a checkpoint: it was stuck for good."""
+    size, keeps the room its next checkpoint needs (with the answers it carries over, up to
+    ``max_unacked``: degraded, the service reads their PUBACKs to get it back), and a full
+    disk is given its room back by a checkpoint: it was stuck for good."""
     samples = make_samples(1000, 24, seed=19)
-    # A checkpoint carries the answers not yet acknowledged: max_unacked bounds them (10,000
-    # of them would take half of this disk, twice over while the older segment is kept).
-    args = ("--queue-size", "64", "--max-unacked", "1000", "--snapshot-interval", "600")
+    args = ("--queue-size", "64", "--snapshot-interval", "600")
     col = _backlog(broker, service, samples, *args, state=small_disk / "state")
     service(*args, state=small_disk / "state")
     expected = offline(bundles / BUNDLE, samples)

@@ -289,11 +289,10 @@ class Journal:
             if not self.snapshots or not self._drop_before(self.snapshots[-1]):
                 raise
             log.warning(
-                "%s is full: the generations before %d were removed to make room (%s keeps one "
-                "generation until it has room for two)",
+                "%s is full: the generations before %d were removed to make room (one "
+                "generation is kept until there is room for two)",
                 self.dir,
                 self.snapshots[-1],
-                self.dir,
             )
         write()
 

@@ -206,14 +206,15 @@ class Processor:
     def engine(self, engine: Engine) -> None:
         self._engine = engine
         engine.store.on_evict = self._forget
+        # A stream's bytes in a snapshot: state tensors, seq, boot ids, gaps, room for its id.
+        layout = engine.manifest.state_layout()
+        state = sum(width * np.dtype(dtype).itemsize for _, width, dtype, _, _ in layout)
+        self._stream_bytes = state + 8 * (1 + BOOT_HISTORY + 2 * GAP_SLOTS) + 48
 
     def _checkpoint_estimate(self) -> tuple[int, int]:
-        """Bytes a checkpoint now would write: a snapshot of the streams held (each stream's
-        state tensors, seq, boot ids and gaps, and room for its id in the header), and the
-        entries carried over (answers not yet acknowledged, messages held)."""
-        layout = self.engine.manifest.state_layout()
-        state = sum(width * np.dtype(dtype).itemsize for _, width, dtype, _, _ in layout)
-        snapshot = len(self.engine.store) * (state + 8 * (1 + BOOT_HISTORY + 2 * GAP_SLOTS) + 48)
+        """Bytes a checkpoint now would write: a snapshot of the streams held, and the entries
+        carried over (answers not yet acknowledged, messages held). Asked at every append."""
+        snapshot = len(self.engine.store) * self._stream_bytes
         held = len(self.reorder) * (8 * self.engine.manifest.features + 96)
         return snapshot, self.outbox.open_bytes + 48 * len(self.outbox) + held
 

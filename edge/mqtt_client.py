@@ -8,11 +8,14 @@ per-topic callbacks it never registers) is skipped. A plain PUBACK (two bytes, o
 reason code alone) does not build a reason code and properties object of its own each time,
 and neither does a plain PUBLISH (QoS 0 or 1, no MQTT 5 properties): paho's own decoding of
 one cost five times what reading it from its bytes does. paho sends each queued packet with a
-system call of its own; the acknowledgements and answers of a batch go out together.
+system call of its own; the acknowledgements and answers of a batch go out together. paho
+builds a lock and a condition for every message in and out, for a wait that the service makes
+once, at its end; these messages share one.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -27,6 +30,42 @@ READ_SIZE = 1 << 16
 WRITE_SIZE = 1 << 16  # queued packets joined into one, up to about this many bytes
 _PUBACK_OK = ReasonCode(PacketTypes.PUBACK)  # success, shared: read only
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+_PUBLISHED = threading.Condition()  # what waiters of every _Receipt wait on
+
+
+class _Receipt(mqtt.MQTTMessageInfo):
+    """paho's receipt of a message, with a condition shared by all: a wait for one message
+    wakes at every acknowledgement and looks again, as paho's own wait does at a timeout."""
+
+    __slots__ = ()
+
+    def __init__(self, mid: int) -> None:
+        self.mid = mid
+        self._published = False
+        self._condition = _PUBLISHED
+        self.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._iterpos = 0
+
+    def _set_as_published(self) -> None:
+        with self._condition:
+            self._published = True
+            self._condition.notify_all()
+
+
+def _message(mid: int, topic: bytes) -> mqtt.MQTTMessage:
+    """An ``MQTTMessage`` as paho's constructor leaves it, with a ``_Receipt``."""
+    m = mqtt.MQTTMessage.__new__(mqtt.MQTTMessage)
+    m.timestamp = 0.0
+    m.state = mqtt.mqtt_ms_invalid
+    m.dup = False
+    m.mid = mid
+    m._topic = topic
+    m.payload = b""
+    m.qos = 0
+    m.retain = False
+    m.info = _Receipt(mid)
+    m.properties = None
+    return m
 
 
 class Client(mqtt.Client):
@@ -133,9 +172,7 @@ class Client(mqtt.Client):
         v5 = self._protocol == mqtt.MQTTv5
         if end == 2 or pos + v5 > size or (v5 and packet[pos] != 0):
             return super()._handle_publish()  # empty topic, too short, or properties
-        message = mqtt.MQTTMessage(
-            (packet[end] << 8) | packet[end + 1] if qos else 0, bytes(packet[2:end])
-        )
+        message = _message((packet[end] << 8) | packet[end + 1] if qos else 0, bytes(packet[2:end]))
         message.dup = bool(command & 0x08)
         message.qos = qos
         message.retain = bool(command & 0x01)
@@ -143,6 +180,60 @@ class Client(mqtt.Client):
         message.timestamp = mqtt.time_func()  # as paho stamps it
         self._handle_on_message(message)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        qos: int = 0,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> mqtt.MQTTMessageInfo:
+        """paho's publish, for a QoS 1 message of bytes without properties (each answer)."""
+        if qos != 1 or properties is not None or not isinstance(payload, bytes) or not topic:
+            return super().publish(topic, payload, qos, retain, properties)
+        topic_bytes = topic.encode("utf-8")
+        self._raise_for_invalid_topic(topic_bytes)
+        if len(payload) > 268435455:
+            raise ValueError("Payload too large.")
+        message = _message(self._mid_generate(), topic_bytes)
+        message.timestamp = mqtt.time_func()
+        message.payload = payload
+        message.qos = 1
+        message.retain = retain
+        info = message.info
+        with self._out_message_mutex:
+            if message.mid in self._out_messages or 0 < self._max_queued_messages <= len(
+                self._out_messages
+            ):
+                info.rc = MQTTErrorCode.MQTT_ERR_QUEUE_SIZE
+                return info
+            self._out_messages[message.mid] = message
+            if 0 < self._max_inflight_messages <= self._inflight_messages:
+                message.state = mqtt.mqtt_ms_queued
+                return info
+            self._inflight_messages += 1
+            message.state = mqtt.mqtt_ms_wait_for_puback
+            rc = self._send_publish(message.mid, topic_bytes, payload, 1, retain, False, info)
+            if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:  # sent after the next connect
+                self._inflight_messages -= 1
+                message.state = mqtt.mqtt_ms_publish
+            info.rc = rc
+            return info
+
+    def ack_many(self, acks: list[tuple[int, int]]) -> None:
+        """``ack`` of each (message id, QoS); the PUBACKs queued as one packet, not each with
+        a packet, a log line and a wake of its own."""
+        if not self._manual_ack:
+            return
+        pubacks = b"".join(
+            b"\x40\x02" + (mid & 0xFFFF).to_bytes(2, "big") for mid, q in acks if q == 1
+        )
+        for mid, qos in acks:
+            if qos == 2:
+                self.ack(mid, qos)
+        if pubacks:  # none of paho's after-write actions apply to it, as to a joined run
+            self._packet_queue(PUBACK, pubacks, 0, 1)
 
     def _packet_write(self) -> MQTTErrorCode:
         """Join runs of queued packets into one packet each before paho writes them. Never

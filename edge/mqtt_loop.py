@@ -386,9 +386,9 @@ class MqttService:
     def _ack(self, batch: list[Inbound]) -> None:
         with self._epoch_lock:
             epoch = self._epoch
-            for msg in batch:
-                if msg.qos and msg.mid >> 16 == epoch:
-                    self.client.ack(msg.mid & 0xFFFF, msg.qos)
+            self.client.ack_many(
+                [(m.mid & 0xFFFF, m.qos) for m in batch if m.qos and m.mid >> 16 == epoch]
+            )
         self.metrics.inc("acks", len(batch))
 
     def _work_once(self, take: bool = True) -> bool:

@@ -142,12 +142,18 @@ def parse_json(payload: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
 
     Strict UTF-8 (a leading BOM is skipped), nesting checked before parsing, integers above
     Python's digit limit refused. NaN/Infinity literals parse (the value checks refuse them)."""
+    return _parse(payload, max_depth)[0]
+
+
+def _parse(payload: bytes, max_depth: int) -> tuple[Any, bool]:
+    """(document, whether its numbers are known finite): orjson refuses NaN, Infinity and
+    numbers beyond a double's range, so what it parsed needs no check for them."""
     if payload[:3] == _BOM:
         payload = payload[3:]
     check_depth(payload, max_depth)
     if orjson is not None and _LONG_DIGITS not in payload.translate(_DIGITS_AS_ZERO):
         try:
-            return orjson.loads(payload)
+            return orjson.loads(payload), True
         except orjson.JSONDecodeError:
             pass  # NaN literals, lone surrogates, bad bytes: the standard library decides
     try:
@@ -155,7 +161,7 @@ def parse_json(payload: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     except UnicodeDecodeError as exc:
         raise PayloadError("bad_json", f"payload is not UTF-8: {_show(payload[:40])}") from exc
     try:
-        return json.loads(text)
+        return json.loads(text), False
     except json.JSONDecodeError as exc:
         raise PayloadError("bad_json", f"malformed JSON: {_show(str(exc), 200)}") from exc
     except (ValueError, RecursionError) as exc:  # e.g. an integer beyond the digit limit
@@ -194,8 +200,10 @@ def decode(
     kind = detect(payload, content_type)
     if kind == "binary":
         return decode_frame(payload, len(features))
-    doc = parse_json(payload, max_depth=max_depth)
-    return decode_senml(doc, features) if kind == "senml" else decode_json(doc, len(features))
+    doc, finite = _parse(payload, max_depth)
+    if kind == "senml":
+        return decode_senml(doc, features)
+    return decode_json(doc, len(features), finite=finite)
 
 
 def _seq(value: Any) -> int:
@@ -256,8 +264,9 @@ def _row(row: list[Any], where: str, seq: int | None) -> list[float]:
     return out
 
 
-def _plain(values: list[Any], f: int) -> np.ndarray | None:
-    """[k, F] float64 when ``values`` is exactly [F] or [k, F] plain finite numbers, else None.
+def _plain(values: list[Any], f: int, finite: bool) -> np.ndarray | None:
+    """[k, F] float64 when ``values`` is exactly [F] or [k, F] plain finite numbers, else None
+    (``finite``: its floats are known to be).
 
     The common case checked with one type scan and one array build instead of a Python call
     per number; anything else (and every error message) is left to the element-wise path."""
@@ -270,12 +279,12 @@ def _plain(values: list[Any], f: int) -> np.ndarray | None:
         arr = np.array(rows, dtype=np.float64)
     except OverflowError:
         return None
-    return arr if np.isfinite(arr).all() else None
+    return arr if finite or np.isfinite(arr).all() else None
 
 
-def _values(values: Any, f: int, seq: int | None) -> np.ndarray:
+def _values(values: Any, f: int, seq: int | None, finite: bool = False) -> np.ndarray:
     """[k, F] float64 from a JSON array of F numbers or of k such arrays."""
-    if type(values) is list and values and (fast := _plain(values, f)) is not None:
+    if type(values) is list and values and (fast := _plain(values, f, finite)) is not None:
         return fast
     if not isinstance(values, list):
         raise PayloadError("bad_values", f"values must be an array, got {_show(values)}", seq)
@@ -302,7 +311,7 @@ def _values(values: Any, f: int, seq: int | None) -> np.ndarray:
     return np.array(rows, dtype=np.float64).reshape(len(rows), f)
 
 
-def decode_json(doc: Any, f: int) -> Samples:
+def decode_json(doc: Any, f: int, *, finite: bool = False) -> Samples:
     if not isinstance(doc, dict):
         raise PayloadError("bad_json", f"expected a JSON object, got {type(doc).__name__}")
     seq = _seq(doc["seq"]) if "seq" in doc else None
@@ -310,7 +319,7 @@ def decode_json(doc: Any, f: int) -> Samples:
         raise PayloadError("bad_values", "missing field 'values'", seq)
     ts = _ts(doc.get("ts"), seq)
     boot = _boot(doc.get("boot"), seq)
-    return Samples(seq, ts, _values(doc["values"], f, seq), boot)
+    return Samples(seq, ts, _values(doc["values"], f, seq, finite), boot)
 
 
 def decode_senml(doc: Any, features: Sequence[str]) -> Samples:

@@ -248,6 +248,100 @@ def test_queued_packets_leave_together_in_order():
     b.close()
 
 
+def _published_state(cls: type[mqtt.Client], connected: bool, inflight: int, v5: bool):
+    """What publishing three answers and acknowledging the first leaves behind: queued bytes,
+    the messages kept for a resend, the receipts' codes and flags, and a wait's outcome."""
+    c = cls(
+        mqtt.CallbackAPIVersion.VERSION2,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        manual_ack=True,
+    )
+    c.max_inflight_messages_set(inflight)
+    a, b = socket.socketpair()
+    if connected:
+        c._sock = a
+        c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    c.on_socket_register_write = lambda *_: None
+    infos = [
+        c.publish("answers/s1", b'{"y": 1}', qos=1),
+        c.publish("answers/s2", b"", qos=1, retain=True),
+        c.publish("answers/s3", b"\x00" * 300, qos=1),
+    ]
+    queued = [bytes(p["packet"]) for p in c._out_packet]
+    kept = [
+        (m.mid, m.topic, bytes(m.payload), m.qos, m.retain, m.dup, m.state, m.properties)
+        for m in c._out_messages.values()
+    ]
+    c._in_packet = {**c._in_packet, "packet": bytearray(infos[0].mid.to_bytes(2, "big"))}
+    c._handle_pubackcomp("PUBACK")
+    if infos[0].rc == mqtt.MQTT_ERR_SUCCESS:
+        infos[0].wait_for_publish(0.01)  # returns at once: acknowledged
+    receipts = [(i.rc, i.mid, i.is_published() if i.rc == 0 else None) for i in infos]
+    c._sock = None
+    a.close()
+    b.close()
+    return queued, kept, receipts, c._inflight_messages, sorted(c._out_messages)
+
+
+@pytest.mark.parametrize("v5", [True, False], ids=["mqtt5", "mqtt311"])
+@pytest.mark.parametrize("connected", [True, False], ids=["connected", "offline"])
+@pytest.mark.parametrize("inflight", [0, 2])
+def test_an_answer_is_published_as_paho_publishes_it(v5, connected, inflight):
+    """The service's publish skips paho's per-message lock and condition, nothing else: the
+    same bytes queued, the same messages kept to send again, the same receipts."""
+    assert _published_state(Client, connected, inflight, v5) == _published_state(
+        mqtt.Client, connected, inflight, v5
+    )
+
+
+def test_a_wait_for_one_answer_ends_when_that_answer_is_acknowledged():
+    """Receipts share one condition: a wait wakes at another answer's ack and waits on."""
+    import threading
+
+    c = Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
+    a, b = socket.socketpair()
+    c._sock = a
+    c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    c.on_socket_register_write = lambda *_: None
+    first, second = (c.publish(f"answers/s{i}", b"{}", qos=1) for i in (1, 2))
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (second.wait_for_publish(60), done.set()))
+    waiter.start()
+    for info in (first, second):
+        c._in_packet = {**c._in_packet, "packet": bytearray(info.mid.to_bytes(2, "big"))}
+        c._handle_pubackcomp("PUBACK")
+        if info is first:
+            assert not done.wait(0.2) and not second.is_published()
+    waiter.join(60)
+    assert done.is_set() and second.is_published()
+    c._sock = None
+    a.close()
+    b.close()
+
+
+def test_acks_of_a_batch_queue_the_bytes_of_pahos_acks():
+    """QoS 1 acknowledgements leave as one packet, byte for byte what paho's ``ack`` of each
+    would send; a QoS 2 one goes paho's way (a PUBCOMP), QoS 0 has none."""
+    acks = [(1, 1), (65535, 1), (7, 2), (300, 1), (9, 0)]
+    sent = []
+    for batched in (False, True):
+        c = Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
+        c.on_socket_register_write = lambda *_: None
+        if batched:
+            c.ack_many(acks)
+        else:
+            for mid, qos in acks:
+                c.ack(mid, qos)
+        sent.append(
+            sorted(
+                bytes(p["packet"][i : i + 4])
+                for p in c._out_packet
+                for i in range(0, len(p["packet"]), 4)
+            )
+        )
+    assert sent[0] == sent[1] and len(sent[1]) == 4
+
+
 def _stream(rng) -> bytes:
     """PUBLISHes (with and without properties, short and long), PUBACKs of mids 1..40, a
     PINGRESP: what a subscriber that also publishes reads from its broker."""

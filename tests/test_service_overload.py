@@ -95,8 +95,8 @@ def test_messages_of_a_session_that_is_gone_are_not_acknowledged_on_the_next(bun
         def __init__(self):
             self.acked = []
 
-        def ack(self, mid, qos):
-            self.acked.append(mid)
+        def ack_many(self, acks):
+            self.acked += [mid for mid, qos in acks]
 
         def socket(self):
             return None

@@ -44,7 +44,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -455,10 +455,34 @@ def _finite(x: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+class Outputs(NamedTuple):
+    """Model outputs made ready for JSON: one list of floats per sample (None where a value is
+    not finite) and each sample's top index (None where none is finite). Made once for a
+    whole batch and sliced per answer: numpy's cost per call dwarfs that of a few rows."""
+
+    rows: list[list[float | None]]
+    top: list[int | None]
+
+    @classmethod
+    def of(cls, y: np.ndarray) -> Outputs:
+        exact = np.asarray(y, np.float64)  # float32 values print exactly (shortest round trip)
+        ok = np.isfinite(exact)
+        rows: list[list[float | None]] = exact.tolist()
+        if ok.all():
+            return cls(rows, exact.argmax(-1).tolist())
+        mask: list[list[bool]] = ok.tolist()
+        rows = [[v if good else None for v, good in zip(r, m)] for r, m in zip(rows, mask)]
+        top: list[int] = np.where(ok, exact, -np.inf).argmax(-1).tolist()
+        return cls(rows, [t if any(m) else None for t, m in zip(top, mask)])
+
+    def part(self, start: int, stop: int) -> Outputs:
+        return Outputs(self.rows[start:stop], self.top[start:stop])
+
+
 def prediction(
     seq: int | None,
     ts: float | None,
-    y: np.ndarray,
+    y: np.ndarray | Outputs,
     model: str,
     labels: Sequence[str] = (),
     *,
@@ -474,21 +498,12 @@ def prediction(
     stamp = None if ts is None else _finite(ts)
     if stamp is not None:
         doc["ts"] = stamp
-    exact = np.asarray(y, np.float64)  # float32 values print exactly (shortest round-trip repr)
-    ok = np.isfinite(exact)
-    rows: list[list[float | None]] = exact.tolist()
-    all_ok = bool(ok.all())
-    if not all_ok:
-        rows = [
-            [v if good else None for v, good in zip(row, mask)]
-            for row, mask in zip(rows, ok.tolist())
-        ]
-    doc["y"] = rows[0] if single else rows
+    out = y if isinstance(y, Outputs) else Outputs.of(y)
+    doc["y"] = out.rows[0] if single else out.rows
     doc["model"] = model
     if labels:
-        top = (exact if all_ok else np.where(ok, exact, -np.inf)).argmax(-1).tolist()
-        names = [labels[i] if all_ok or ok[k].any() else None for k, i in enumerate(top)]
-        p = [rows[k][i] for k, i in enumerate(top)]
+        names = [None if t is None else labels[t] for t in out.top]
+        p = [None if t is None else row[t] for row, t in zip(out.rows, out.top)]
         doc["label"], doc["p"] = (names[0], p[0]) if single else (names, p)
     if gap:
         doc["gap"] = gap

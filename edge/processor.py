@@ -642,10 +642,11 @@ class Processor:
                 out += self._step_one(rec)
             return out
         self.metrics.step_latency.observe(time.perf_counter() - t0)
+        ys, at = payloads.Outputs.of(batch.y), batch.offsets.tolist()
         out = []
         for i, rec in enumerate(records):
             try:
-                out += self._answer(rec, batch.outcome(i))
+                out += self._answer(rec, batch.outcome(i), ys.part(at[i], at[i + 1]))
             except Exception as exc:
                 out.append(self._internal(rec.stream, exc, rec.lsn, rec.seq))
         return out
@@ -666,7 +667,11 @@ class Processor:
         except Exception as exc:
             return [self._internal(rec.stream, exc, rec.lsn, rec.seq)]
 
-    def _answer(self, rec: Record, oc: Outcome) -> list[Outbound]:
+    def _answer(
+        self, rec: Record, oc: Outcome, ys: payloads.Outputs | None = None
+    ) -> list[Outbound]:
+        """Answers to one message: its errors, then its prediction (``ys``: its outputs
+        ready for JSON, when the batch's were made at once)."""
         out: list[Outbound] = []
 
         def err(code: str, detail: str, **extra: Any) -> None:
@@ -705,7 +710,7 @@ class Processor:
         body = payloads.prediction(
             oc.seq,
             rec.ts,
-            oc.y,
+            oc.y if ys is None else ys,
             m.model_id,
             m.labels if m.output_kind == "classifier" else (),
             single=len(rec.values) == 1,

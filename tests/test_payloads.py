@@ -386,6 +386,21 @@ def test_prediction_is_always_valid_json():
     assert doc["ts"] == 3.0
 
 
+def test_a_prediction_from_its_batchs_outputs_is_the_one_from_its_own_rows():
+    """The service converts a batch's outputs once and slices them per answer: the bytes are
+    those of converting each answer's rows on their own, non-finite values included."""
+    rng = np.random.default_rng(3)
+    y = rng.normal(0, 2, (12, 3)).astype(np.float32)
+    y[2, 1], y[5], y[7, 0], y[11, 2] = np.nan, np.nan, np.inf, -np.inf
+    ys = payloads.Outputs.of(y)
+    for start, stop in [(0, 1), (1, 4), (4, 6), (5, 6), (6, 12)]:
+        single = stop - start == 1
+        for labels in ((), ("a", "b", "c")):
+            own = payloads.prediction(9, 2.5, y[start:stop], "m", labels, single=single)
+            part = payloads.prediction(9, 2.5, ys.part(start, stop), "m", labels, single=single)
+            assert part == own
+
+
 def test_prediction_restart_and_boot():
     y = np.array([[0.5]], np.float32)
     doc = json.loads(payloads.prediction(1, None, y, "m", single=True, restart=True, boot=4))

@@ -53,6 +53,7 @@ class NetworkLoop:
         self._wake_r: socket.socket | None = None  # a socket pair, made on start
         self._wake_w: socket.socket | None = None
         self._woken = False  # a wake is on its way: paho asks for one per packet it queues
+        self._waiting = False  # in (or about to decide) its select: a wake must be sent
         # paho tells us when it has something to send (from any thread): wake the select.
         client.on_socket_register_write = lambda *_: self.wake()
         self._thread = threading.Thread(target=self._run, name="mqtt-network", daemon=True)
@@ -64,10 +65,10 @@ class NetworkLoop:
         self._thread.start()
 
     def wake(self) -> None:
-        """Make the select return. One system call per round of the worker rather than per
-        packet: while a wake is pending, the loop has yet to write, and writes everything
-        queued by then (the flag is cleared after the wake is drained, before writing)."""
-        if self._woken:
+        """Make the select return. A system call only while the loop waits in its select, at
+        most one per wait: between selects, it looks at what is queued before the next one
+        (``_waiting`` is set first, and the worker queues before it calls this)."""
+        if self._woken or not self._waiting:
             return
         self._woken = True
         self._send_wake()
@@ -167,6 +168,7 @@ class NetworkLoop:
                 continue
             if up_since is None and self.client.is_connected():
                 up_since = time.monotonic()
+            self._waiting = True  # before anything the select depends on is looked at
             reading = self._reading()
             self.paused_reads += not reading
             rlist = [sock, wake_r] if reading else [wake_r]
@@ -178,6 +180,8 @@ class NetworkLoop:
                 ready, writable, _ = select.select(rlist, wlist, [], wait)
             except (OSError, ValueError, TypeError):  # closed under us: look again
                 continue
+            finally:
+                self._waiting = False
             if pending and sock not in ready:
                 ready = [*ready, sock]
             if wake_r in ready:

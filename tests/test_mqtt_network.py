@@ -37,6 +37,8 @@ def test_reading_pauses_while_the_inbox_is_full_and_resumes_with_room(broker, cl
     )
     sub.on_message = lambda c, u, m: inbox.append(m.mid)
     sub.on_connect = lambda c, u, f, r, p: c.subscribe("t/#", 1)
+    subscribed: list[int] = []
+    sub.on_subscribe = lambda *a: subscribed.append(1)
     sub.connect_async(host, port, 30)
     failures: list[BaseException] = []
     net = NetworkLoop(sub, may_read=lambda: len(inbox) < ROOM, on_connect_fail=failures.append)
@@ -46,8 +48,7 @@ def test_reading_pauses_while_the_inbox_is_full_and_resumes_with_room(broker, cl
     pub.connect(host, port, 30)
     pub.loop_start()
     try:
-        wait_until(lambda: sub.is_connected(), 20, "the subscriber to connect")
-        time.sleep(0.5)  # the subscription is in place before the first message
+        wait_until(lambda: bool(subscribed), 20, "the subscription")
         infos = [pub.publish(f"t/{i}", b"x" * 100, qos=1) for i in range(SENT)]
         wait_until(lambda: all(i.is_published() for i in infos), 60, "the broker to take all")
         wait_until(lambda: len(inbox) >= ROOM, 20, "the inbox to fill")
@@ -180,19 +181,23 @@ def test_messages_through_a_broker_read_alike(broker, protocol):
 
     host, port = _hostport(broker.url)
     seen: dict[str, list[tuple[object, ...]]] = {"paho": [], "ours": []}
-    subs = []
+    loops = []
+    subscribed: list[str] = []
+    failures: list[BaseException] = []
     for name, cls in (("paho", mqtt.Client), ("ours", Client)):
         c = cls(mqtt.CallbackAPIVersion.VERSION2, client_id=f"alike-{name}", protocol=protocol)
         c.on_message = lambda cl, u, m, out=seen[name]: out.append(_fields(m)[:2] + _fields(m)[3:])
-        c.connect(host, port, 30)
-        c.subscribe("alike/#", 1)
-        c.loop_start()
-        subs.append(c)
+        c.on_connect = lambda cl, *a: cl.subscribe("alike/#", 1)
+        c.on_subscribe = lambda *a, name=name: subscribed.append(name)
+        c.connect_async(host, port, 30)
+        # ours reads ahead, so it runs on the service's loop, which reads what it buffered
+        loops.append(NetworkLoop(c, may_read=lambda: True, on_connect_fail=failures.append))
+        loops[-1].start()
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="alike-pub", protocol=protocol)
     pub.connect(host, port, 30)
     pub.loop_start()
     try:
-        time.sleep(0.5)  # the subscriptions are in place
+        wait_until(lambda: len(subscribed) == 2, 20, f"both subscriptions ({subscribed})")
         typed = Properties(PacketTypes.PUBLISH)
         typed.ContentType = "application/json"
         sent = [
@@ -209,9 +214,13 @@ def test_messages_through_a_broker_read_alike(broker, protocol):
         if protocol == mqtt.MQTTv5:
             assert seen["ours"][-1][-1] == "application/json"
     finally:
-        for c in (*subs, pub):
-            c.loop_stop()
-            c.disconnect()
+        for net in loops:
+            net.quiet()
+            net.client.disconnect()
+            net.stop()
+        pub.loop_stop()
+        pub.disconnect()
+    assert not failures
 
 
 def test_queued_packets_leave_together_in_order():
@@ -444,6 +453,8 @@ def test_the_network_loop_outlives_an_unexpected_error(broker):
     inbox: list[bytes] = []
     sub = Fragile(mqtt.CallbackAPIVersion.VERSION2, client_id="fragile", manual_ack=True)
     sub.on_connect = lambda c, u, f, r, p: (connects.append(1), c.subscribe("f/#", 1))
+    subscribed: list[int] = []
+    sub.on_subscribe = lambda *a: subscribed.append(len(connects))
     sub.on_message = lambda c, u, m: (inbox.append(m.payload), c.ack(m.mid, 1))
     sub.connect_async(host, port, 30)
     failures: list[BaseException] = []
@@ -456,8 +467,7 @@ def test_the_network_loop_outlives_an_unexpected_error(broker):
     pub.loop_start()
     try:
         wait_until(lambda: len(connects) >= 2, 30, "a reconnect after the failure")
-        wait_until(lambda: sub.is_connected(), 20, "the connection")
-        time.sleep(0.3)  # the subscription is in place
+        wait_until(lambda: len(connects) in subscribed, 20, "the subscription after it")
         pub.publish("f/1", b"after", qos=1).wait_for_publish(10)
         wait_until(lambda: b"after" in inbox, 20, "a message after the failure")
         assert Fragile.failures == 0

@@ -253,6 +253,20 @@ def _check_topics(cfg: ServiceConfig) -> None:
             "{runtime_id}", "{stream}"
         ):
             raise ConfigError(f"{a} and {b} are the same ({getattr(cfg, a)!r}): they must differ")
+    for out in ("prediction_topic", "error_topic", "reply_topic", "status_topic", "stats_topic"):
+        for sub in ("data_topic", "control_topic", "runtime_control_topic"):
+            if _overlap(getattr(cfg, out), getattr(cfg, sub)):
+                raise ConfigError(
+                    f"{out} = {getattr(cfg, out)!r} overlaps {sub} = {getattr(cfg, sub)!r}: "
+                    "the service would read what it publishes as input, without end"
+                )
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether one topic can match both templates (a placeholder stands for any level)."""
+    la, lb = a.split("/"), b.split("/")
+    wild = ("{stream}", "{runtime_id}")
+    return len(la) == len(lb) and all(x == y or x in wild or y in wild for x, y in zip(la, lb))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

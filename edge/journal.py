@@ -125,7 +125,11 @@ class Journal:
         carried: set[Any] = set()
         for gen in (g for g in segs if g >= first):
             path = self.path("wal", gen)
-            for item in scan(path.read_bytes()):
+            data = path.read_bytes()
+            if not data:  # made with a first entry (``open``, ``checkpoint``): cut to nothing
+                rec.damage.append(f"{path.name}: empty, cut short (what it logged is lost)")
+                rec.lost = True
+            for item in scan(data):
                 if isinstance(item, Damage):
                     if item.at_end:
                         what = (
@@ -184,8 +188,15 @@ class Journal:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path("wal", self.generation)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._size, self._room = os.fstat(self._fd).st_size, -1
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if not os.fstat(fd).st_size:  # a segment begins with an entry: an empty one was cut
+            try:
+                _write_all(fd, encode(Mark(0)), 0, True)
+            except OSError:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
+        self._fd, self._size, self._room = fd, os.fstat(fd).st_size, -1
 
     @property
     def is_open(self) -> bool:
@@ -193,9 +204,11 @@ class Journal:
 
     # -- running ----------------------------------------------------------------------------
 
-    def append(self, entries: Sequence[Entry]) -> None:
+    def append(self, entries: Sequence[Entry], *, keep_reserve: bool = True) -> None:
         """One write for all; on return they survive a crash of this process (and, with
-        ``fsync``, a power cut). On OSError nothing of them is left in the file."""
+        ``fsync``, a power cut). On OSError nothing of them is left in the file.
+        ``keep_reserve=False``: entries that shrink the next checkpoint (releases of held
+        messages) may use the room kept for it; refused, they would keep it too large."""
         if not entries:
             return
         if self.lost:
@@ -203,8 +216,12 @@ class Journal:
         self.open()
         assert self._fd is not None
         data = b"".join(encode(e) for e in entries)
-        reserve = self.reserve()
-        if self.room() - len(data) < reserve and self.room(look=True) - len(data) < reserve:
+        reserve = self.reserve() if keep_reserve else 0
+        if (
+            reserve
+            and self.room() - len(data) < reserve
+            and self.room(look=True) - len(data) < reserve
+        ):
             raise OSError(
                 errno.ENOSPC,
                 f"No space left on device (the last {reserve} bytes are kept for the next "
@@ -236,9 +253,9 @@ class Journal:
         return 2 * max(self._snapshot_bytes, snapshot) + carry + ROOM_STEP
 
     def crowded(self) -> bool:
-        """Whether the log since the last snapshot takes as much room as is left on its file
-        system: time for a checkpoint, while there is room for one."""
-        return self._size >= CROWDED_FROM and self._size >= self.room()
+        """Whether the log since the last snapshot takes as much room as it has left on its
+        file system (beyond the reserve): time for a checkpoint, while there is room for one."""
+        return self._size >= CROWDED_FROM and self._size >= self.room() - self.reserve()
 
     def checkpoint(self, snapshot: Any, carry: Sequence[Entry], extra: dict[str, Any]) -> None:
         """Start segment G+1 with ``carry``, write snapshot G+1 with ``snapshot(path, extra)``,

@@ -366,6 +366,8 @@ def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
         raise BundleError(f"{mpath}: missing; is {d} a bundle made by lstm-convert?") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{mpath}: unreadable: {exc}") from exc
+    except RecursionError as exc:  # nesting far beyond any manifest's
+        raise BundleError(f"{mpath}: unreadable: JSON nested too deeply") from exc
     manifest = parse(data, str(mpath))
     mfile = Path(manifest.model_file)
     if mfile.is_absolute() or ".." in mfile.parts:

@@ -404,6 +404,9 @@ class MqttService:
             ok = self.processor.tick()
         else:
             self.inbox.extendleft(reversed(taken))  # offered again later
+            # Held messages whose wait is over are released all the same: their release
+            # shrinks the room the next checkpoint needs, which the batch may be waiting for.
+            self.processor.tick(settle=False)
         self._flush()
         return ok
 
@@ -415,6 +418,12 @@ class MqttService:
             self._say("online", reload=f"failed, the running model kept: {exc}")
             return
         old = self.engine
+        if new.manifest.features != old.manifest.features and not self.processor.tick(
+            release_all=True  # held messages were taken for the running model: it steps them
+        ):
+            log.error("reload failed, keeping the running model: the log cannot be written")
+            self._say("online", reload="failed, the running model kept: log not writable")
+            return
         kept = new.manifest.state_layout() == old.manifest.state_layout()
         if kept:
             new.load_state_from(old)

@@ -587,7 +587,8 @@ class Worker:
                 else:
                     batch.append(item)
             if msgs:
-                while not proc.handle(batch):  # the scratch journal is unwritable: wait
+                while not proc.handle(batch):  # the scratch journal is unwritable
+                    await self._snapshot(part, force=True)  # a new generation frees its log
                     await asyncio.sleep(1.0)
                 if not self.holds(part.number):  # lost while handling: the next owner replays
                     log.warning("partition %d: lease not confirmed; stopping", part.number)
@@ -598,12 +599,17 @@ class Worker:
                 self.metrics.inc("acks", len(msgs))
             proc.tick()
             await self._publish(part)
-            if time.monotonic() - part.last_snapshot >= self.opts.snapshot_interval:
-                try:
-                    await self._checkpoint(part)
-                except Exception as exc:  # NATS failing over: the next interval tries again
-                    log.warning("partition %d: snapshot failed: %r", part.number, exc)
-                    self.metrics.inc("snapshot_failures")
+            crowded = "checkpoint" in proc.requests  # the log takes what its disk has left
+            if crowded or time.monotonic() - part.last_snapshot >= self.opts.snapshot_interval:
+                proc.requests.discard("checkpoint")
+                await self._snapshot(part, force=crowded)
+
+    async def _snapshot(self, part: Partition, *, force: bool = False) -> None:
+        try:
+            await self._checkpoint(part, force=force)
+        except Exception as exc:  # NATS failing over: the next interval tries again
+            log.warning("partition %d: snapshot failed: %r", part.number, exc)
+            self.metrics.inc("snapshot_failures")
 
     async def _publish(self, part: Partition) -> None:
         """Each answer stored in the MQTT listener's store with a message id naming the message
@@ -687,7 +693,7 @@ class Worker:
             return int(doc["lsn"]) if doc.get("stream") == part.stream else 0
         except KeyNotFoundError:
             return 0
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             log.warning("partition %d: answered mark unreadable (%r); ignored", part.number, exc)
             return 0
 

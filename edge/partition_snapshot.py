@@ -86,5 +86,5 @@ def unpack(blob: bytes) -> PartitionSnapshot:
             str(head.get("stream", "")),
             list(head.get("twins", [])),
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise SnapshotError(f"partition snapshot header unreadable: {exc}") from exc

@@ -203,7 +203,33 @@ def decode(
     doc, finite = _parse(payload, max_depth)
     if kind == "senml":
         return decode_senml(doc, features)
+    _unique_keys(payload)
     return decode_json(doc, len(features), finite=finite)
+
+
+_KEYS = (b'"seq"', b'"values"', b'"ts"', b'"boot"')
+
+
+def _unique_keys(payload: bytes) -> None:
+    """JSON lets an object name a key twice and parsers keep the last: a sample whose "seq"
+    or "values" says two things is refused, not read as whichever came last. A cheap look at
+    the bytes first; the objects are looked at only when a key may repeat."""
+    if b"\\u" not in payload and all(payload.count(k) < 2 for k in _KEYS):
+        return
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        if len(set(keys)) < len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1)
+            raise PayloadError("bad_json", f"key {_show(twice)} appears twice in one object")
+        return dict(items)
+
+    try:
+        json.loads(payload.decode("utf-8", errors="replace"), object_pairs_hook=pairs)
+    except PayloadError:
+        raise
+    except (ValueError, RecursionError):  # parsed already: what the standard library refuses
+        pass  # (NaN literals, long integers) was accepted by the parser that decides
 
 
 def _seq(value: Any) -> int:

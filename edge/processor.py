@@ -374,8 +374,10 @@ class Processor:
         held = [rec.lsn for rec in (*self.reorder.pending(), *released)]
         return self.outbox.watermark(self.lsn, min(held) if held else None)
 
-    def tick(self) -> bool:
-        """Release reorder-held messages whose wait is over; log how far answers are acked."""
+    def tick(self, *, settle: bool = True, release_all: bool = False) -> bool:
+        """Release reorder-held messages whose wait is over (``release_all``: every one, now);
+        log how far answers are acked. ``settle=False``: a degraded state stays (a batch is
+        still waiting for room)."""
         if self._stalled is not None and not self.resume():
             return False
         held = len(self.reorder)
@@ -383,11 +385,11 @@ class Processor:
             return True  # nothing to release, nothing newly acknowledged: nothing to log
         r = _Round(lsn=self.lsn)
         if held:
-            r.released = self.reorder.expire()
+            r.released = self.reorder.expire(force=release_all)
             r.entries += [Release(s, q) for s, q in self.reorder.forced]
             self.reorder.forced.clear()
         self._idle(r)
-        return self._run(r, keep=True)
+        return self._run(r, keep=True, settle=settle)
 
     def _idle(self, r: _Round) -> None:
         """Streams idle past ``idle_timeout`` are forgotten before this round applies; logged
@@ -401,7 +403,7 @@ class Processor:
         r, self._stalled = self._stalled, None
         return r is None or self._run(r, keep=True)
 
-    def _run(self, r: _Round, *, keep: bool) -> bool:
+    def _run(self, r: _Round, *, keep: bool, settle: bool = True) -> bool:
         """Log the round, then apply it. When the log cannot be written, a round that already
         changed something (a reorder expiry) is kept for ``resume``; a batch's is dropped and
         the transport offers the batch again."""
@@ -410,7 +412,8 @@ class Processor:
             r.entries.append(Mark(mark))
         if r.entries:
             try:
-                self.journal.append(r.entries)
+                # a round of no new messages only shrinks what the next checkpoint carries
+                self.journal.append(r.entries, keep_reserve=bool(r.items))
             except OSError as exc:
                 if keep:
                     self._stalled = r
@@ -423,7 +426,7 @@ class Processor:
                 return False
             if self.journal.crowded():
                 self.requests.add("checkpoint")
-        if self.degraded is not None:
+        if settle and self.degraded is not None:
             log.warning("the log in %s is writable again; resuming", self.cfg.state_dir)
             self.degraded = None
         self.mark = max(self.mark, mark)
@@ -620,6 +623,20 @@ class Processor:
     def _step(self, records: list[Record]) -> list[Outbound]:
         if not records:
             return []
+        cap = self.engine.store.capacity
+        if len(records) > cap and len({r.stream for r in records}) > cap:
+            # Held messages released into a full batch can bring more streams than the state
+            # holds at once (the engine refuses such a batch): step it in parts, in order.
+            done: list[Outbound] = []
+            part: list[Record] = []
+            streams: set[str] = set()
+            for rec in records:
+                if rec.stream not in streams and len(streams) == cap:
+                    done += self._step(part)
+                    part, streams = [], set()
+                part.append(rec)
+                streams.add(rec.stream)
+            return done + self._step(part)
         n = len(records)
         self._note_fresh(records)
         t0 = time.perf_counter()

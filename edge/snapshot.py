@@ -123,7 +123,7 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
             arr = np.frombuffer(body, DTYPES[dtype], count, off).reshape(n, int(width))
             arrays.append(arr.astype(DTYPES[dtype]).copy())
             off += arr.nbytes
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
         raise SnapshotError(f"{where}: malformed snapshot content: {exc}") from exc
     if off != len(body):
         raise SnapshotError(f"{where}: {len(body) - off} unexpected bytes after the state arrays")

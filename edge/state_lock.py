@@ -32,6 +32,8 @@ class StateLock:
         """Hold the lock, or ConfigError naming the process that holds it. A directory that
         cannot be made or opened is not locked (a warning): the service starts degraded."""
         directory = self.path.parent
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(f"{self.what} {directory}: not a directory")
         try:
             directory.mkdir(parents=True, exist_ok=True)
             dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

@@ -82,7 +82,7 @@ class TopView:
         rid = topic[len(self.stats_prefix if kind == "stats" else self.status_prefix) :]
         try:
             doc = json.loads(payload) if payload else {}
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # anyone may publish here
             doc = None
         if not isinstance(doc, dict):
             self.ignored += 1

@@ -39,8 +39,10 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
         port = u.port or (8883 if u.scheme == "mqtts" else 1883)
     except ValueError as exc:
         raise ConfigError(f"--broker {args.broker!r}: {exc}") from None
-    if args.count < 0 or not args.timeout >= 0:
-        raise ConfigError("--count and --timeout must be >= 0")
+    if args.count < 0:
+        raise ConfigError(f"--count {args.count}: must be >= 0")
+    if not args.timeout >= 0:  # NaN too
+        raise ConfigError(f"--timeout {args.timeout}: must be a number >= 0")
     stats_prefix = _prefix(args.stats_topic, "stats-topic")
     status_prefix = _prefix(args.status_topic, "status-topic")
     view = TopView(stats_prefix, status_prefix)

@@ -105,10 +105,10 @@ class Disk:
     def attach(self, p):
         real = p.journal.append
 
-        def append(entries):
+        def append(entries, **kw):
             if self.full:
                 raise OSError(28, "No space left on device")
-            real(entries)
+            real(entries, **kw)
 
         p.journal.append = append
         checkpoint = p.journal.checkpoint

@@ -42,6 +42,16 @@ def test_serve_refuses_bad_configuration(args, needle):
     assert out.returncode == 2 and needle in out.stderr, out.stderr
 
 
+def test_serve_on_a_state_dir_that_is_a_file_is_one_line(bundles, tmp_path):
+    (tmp_path / "file").write_text("")
+    argv = ["--model", str(bundles / "clf-int8"), "--state-dir", str(tmp_path / "file")]
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "serve", *argv], capture_output=True, text=True, timeout=60
+    )
+    err = [line for line in out.stderr.splitlines() if "XNNPACK" not in line]
+    assert out.returncode == 2 and len(err) == 1 and "file: not a directory" in err[0], err
+
+
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "edge", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "inspect" in out.stdout and "serve" in out.stdout

@@ -295,6 +295,8 @@ def test_top_view_rates_and_errors():
     )
     v.update("edge/status/pi-1", b'{"state": "degraded"}')
     assert v.update("edge/stats/pi-2", b"[not an object]") is None and v.ignored == 1
+    assert v.update("edge/status/pi-3", b"[" * 100_000 + b"]" * 100_000) is None  # anyone may
+    assert v.ignored == 2
     assert v.update("other/topic", b"{}") is None
     line = v.render().splitlines()[1].split()
     assert line[:6] == ["pi-1", "degraded", "3", "25", "20", "2.5"]
@@ -336,3 +338,8 @@ def test_top_without_a_broker_is_one_line():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and "expected mqtt://" in bad.stderr
+    nan = subprocess.run(
+        [sys.executable, "-m", "edge", "top", "--timeout", "nan"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert nan.returncode == 2 and "--timeout nan: must be a number >= 0" in nan.stderr

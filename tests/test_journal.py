@@ -176,6 +176,27 @@ def test_outbox_watermark_waits_for_every_answer_and_held_messages():
     assert box.watermark(3) == 3 and len(box) == 0
 
 
+def test_a_segment_cut_to_nothing_is_damage_and_a_new_one_is_not(tmp_path):
+    """Every segment is made with a first entry, a fresh one too: one found empty was cut (by
+    a tool, or a power cut with nothing synced), and what it logged is lost. Before, it read
+    as a log that never had anything in it, and the streams went on from zero silently."""
+    j = Journal(tmp_path / "cut")
+    j.recover(no_restore)
+    j.append([rec("a", 1, 1), rec("a", 2, 2)])
+    j.close()
+    os.truncate(tmp_path / "cut" / "wal-00000000.log", 0)
+    got = Journal(tmp_path / "cut").recover(no_restore)
+    assert got.lost and got.damage == [
+        "wal-00000000.log: empty, cut short (what it logged is lost)"
+    ]
+    fresh = Journal(tmp_path / "fresh")
+    fresh.recover(no_restore)
+    fresh.open()  # made, nothing appended yet
+    fresh.close()
+    got = Journal(tmp_path / "fresh").recover(no_restore)
+    assert not got.lost and got.damage == [] and got.exact
+
+
 def test_a_failed_append_leaves_nothing_behind(small_disk):
     j = Journal(small_disk / "state")
     j.recover(no_restore)
@@ -345,8 +366,8 @@ def test_a_directory_too_small_for_two_generations_keeps_one(small_disk):
 
 def test_a_segment_as_large_as_the_room_left_asks_for_a_checkpoint(small_disk):
     """A backlog logs faster than ``snapshot_interval`` comes round: the journal says when
-    the log since the last snapshot takes as much room as is left, while a snapshot still
-    fits; after the checkpoint it is quiet again."""
+    the log since the last snapshot takes as much room as it has left (beyond the room kept
+    for the next snapshot), while a snapshot still fits; after the checkpoint it is quiet."""
     from edge import journal as journal_mod
 
     j = Journal(small_disk / "state")
@@ -358,12 +379,12 @@ def test_a_segment_as_large_as_the_room_left_asks_for_a_checkpoint(small_disk):
         lsn += 1
         j.append([rec("a", lsn, lsn, k=40)])
         if j.crowded():
-            asked_at = j._size
+            asked_at, reserve = j._size, j.reserve()
     st = os.statvfs(small_disk)
-    free = st.f_bavail * st.f_frsize
-    assert asked_at >= journal_mod.CROWDED_FROM and asked_at >= free
+    left = st.f_bavail * st.f_frsize - reserve
+    assert asked_at >= journal_mod.CROWDED_FROM and asked_at >= left
     # looked up every ROOM_STEP bytes, while the segment grew and the room shrank alike
-    assert asked_at - free <= 2 * (journal_mod.ROOM_STEP + 4096)
+    assert asked_at - left <= 2 * (journal_mod.ROOM_STEP + 4096)
     j.checkpoint(_snap_of(1000), [Mark(lsn)], {"lsn": lsn})
     assert not j.crowded()
 

@@ -87,6 +87,9 @@ def test_missing_and_garbled_manifests(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="unreadable"):
         read_bundle(tmp_path)
+    (tmp_path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="manifest.json: unreadable: JSON nested too deeply"):
+        read_bundle(tmp_path)
 
 
 def test_model_file_cannot_escape_the_bundle(manifest_dict, tmp_path):

@@ -372,6 +372,25 @@ def test_frame_v1_bytes_unchanged_and_v2_layout():
 # -- messages out ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"seq": 6, "seq": 7, "values": [1, 2, 3, 4, 5, 6]}',
+        b'{"seq": 6, "values": [1, 2, 3, 4, 5, 6], "values": [6, 5, 4, 3, 2, 1]}',
+        b'{"s\\u0065q": 6, "seq": 7, "values": [1, 2, 3, 4, 5, 6]}',  # the same key, escaped
+    ],
+)
+def test_a_key_named_twice_is_refused_not_read_as_the_last(payload):
+    with pytest.raises(PayloadError, match="appears twice in one object") as exc:
+        payloads.decode(payload, hostile.FEATURES)
+    assert exc.value.code == "bad_json"
+
+
+def test_key_names_inside_strings_are_not_keys():
+    doc = b'{"seq": 6, "values": [1, 2, 3, 4, 5, 6], "note": "\\"seq\\": \\"values\\""}'
+    assert payloads.decode(doc, hostile.FEATURES).seq == 6
+
+
 def test_prediction_is_always_valid_json():
     y = np.array([[np.nan, 0.25, np.inf], [0.5, -np.inf, 0.125]], np.float32)
     for ts in (math.nan, math.inf, -math.inf):

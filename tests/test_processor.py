@@ -224,6 +224,38 @@ def test_a_stream_evicted_for_capacity_says_restart_on_its_next_answer(bundles, 
     }
 
 
+def test_held_messages_of_more_streams_than_capacity_step_in_parts(bundles, tmp_path, xs, caplog):
+    """First messages of new streams wait ``reorder_ms``; released together they can bring
+    more streams into one round than the state holds (``max_batch`` bounds a batch only):
+    stepped in parts, each stream answered as by itself, no internal error."""
+    now = [0.0]
+    cfg = config.load(
+        None,
+        env={},
+        overrides={
+            "model": str(bundles / "clf-int8"),
+            "state_dir": str(tmp_path),
+            "reorder_ms": 500,
+            "capacity": 4,
+            "max_batch": 4,
+        },
+    )
+    p = Processor(open_engine(cfg), cfg, Journal(tmp_path), Metrics(), clock=lambda: now[0])
+    p.recover()
+    streams = [f"s{i}" for i in range(10)]
+    for i in range(0, 10, 4):
+        assert p.handle([msg(s, 1, xs[k]) for k, s in enumerate(streams[i : i + 4], i)])
+    assert not answers(p) and len(p.reorder) == 10  # all waiting
+    now[0] = 1.0
+    assert p.tick()
+    got = {o.topic: json.loads(o.payload) for o in answers(p)}
+    assert sorted(got) == [f"predictions/{s}" for s in streams]
+    one = edge.load(bundles / "clf-int8")
+    for k, s in enumerate(streams):
+        np.testing.assert_array_equal(np.float32(got[f"predictions/{s}"]["y"]), one.step(s, xs[k]))
+    assert not p.metrics.errors and "failed to step" not in caplog.text
+
+
 def test_every_stream_says_restart_when_a_fleet_larger_than_capacity_churns(bundles, tmp_path, xs):
     """Each returning stream evicts another one: a bounded list of evicted ids would lose the
     flags of the streams about to return before they do."""

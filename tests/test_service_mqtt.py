@@ -242,6 +242,42 @@ def test_metrics_stats_and_reload_with_another_layout(bundles, broker, tmp_path)
         assert svc.stop() == 0
 
 
+def test_a_reload_to_another_feature_count_steps_held_messages_with_the_old_model(
+    bundles, broker, tmp_path
+):
+    """A message held for reordering was taken for the running model: a reload to a model of
+    other features steps it first. Carried into the new generation, the new model refused it
+    and, after a kill -9, the state directory was refused as another model's: serve could
+    not start again."""
+    import shutil
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    col = Collector(broker.url)
+    args = (model, broker.url, tmp_path / "state", "--reorder-ms", "600000")
+    svc = Serve(*args).start()
+    try:
+        wait_until(col.online, 20, "runtime online")
+        shutil.rmtree(model)
+        shutil.copytree(bundles / "reg2-int8", model)  # 3 features, read at the reload
+        pub = Publisher(broker.url)
+        pub.send("z", 1, np.zeros(6))  # held: a stream's first message waits for reordering
+        pub.send("z", 3, np.ones(6))  # held: seq 2 may still come
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')  # read after them, in order
+        pub.flush()
+        wait_until(lambda: "reload" in col.of("edge/status/")[-1][1], 20, "reload status")
+        wait_until(lambda: ("z", 3) in col.predictions(), 20, "the held messages answered")
+        assert all("label" in doc for _, doc in col.of("predictions/z"))  # by the classifier
+        svc.kill9()
+        svc = Serve(*args).start()
+        pub.send("z", 4, np.ones(3))
+        pub.flush()
+        wait_until(lambda: ("z", 4) in col.predictions(), 30, "an answer after the restart")
+        assert not col.of("errors/")
+    finally:
+        svc.stop()
+
+
 def test_max_wait_ms_gives_a_batch_time_to_fill(bundles, broker, service):
     """``--max-wait-ms``: a message that finds no company waits that long to be stepped with
     what arrives meanwhile (its latency has that lower bound, which a slow machine only

@@ -86,6 +86,14 @@ def test_config_precedence_and_errors(tmp_path):
         ("client_id", "a/b", "runtime_id = 'a/b' \\(the client id unless set\\)"),
         ("prediction_topic", "p/#/{stream}", "prediction_topic: topic template 'p/#/{stream}'"),
         ("control_topic", "sensors/{stream}/data", "data_topic and control_topic are the same"),
+        (
+            "error_topic",
+            "sensors/{stream}/data",
+            "error_topic = 'sensors/{stream}/data' overlaps data_topic = 'sensors/{stream}/data'",
+        ),
+        ("reply_topic", "sensors/{stream}/control", "reply_topic = .* overlaps control_topic"),
+        ("prediction_topic", "sensors/p/{stream}", "prediction_topic = .* overlaps data_topic"),
+        ("status_topic", "sensors/{runtime_id}/data", "status_topic = .* overlaps data_topic"),
     ],
 )
 def test_config_refuses_values_that_would_fail_later(key, value, message):

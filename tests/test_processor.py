@@ -2,6 +2,7 @@
 replay after a crash, and the answers a restart publishes again."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -15,11 +16,11 @@ from edge.mqtt_loop import open_engine
 from edge.processor import Inbound, Processor
 
 
-def make(bundles, state, **overrides):
+def make(bundles, state, clock=time.monotonic, **overrides):
     """A processor that answers at once (reordering, with its waits, is tested on its own)."""
     base = {"model": str(bundles / "clf-int8"), "state_dir": str(state), "reorder_ms": 0}
     cfg = config.load(None, env={}, overrides={**base, **overrides})
-    p = Processor(open_engine(cfg), cfg, Journal(state), Metrics())
+    p = Processor(open_engine(cfg), cfg, Journal(state), Metrics(), clock=clock)
     p.recover()
     return p
 
@@ -229,19 +230,7 @@ def test_held_messages_of_more_streams_than_capacity_step_in_parts(bundles, tmp_
     more streams into one round than the state holds (``max_batch`` bounds a batch only):
     stepped in parts, each stream answered as by itself, no internal error."""
     now = [0.0]
-    cfg = config.load(
-        None,
-        env={},
-        overrides={
-            "model": str(bundles / "clf-int8"),
-            "state_dir": str(tmp_path),
-            "reorder_ms": 500,
-            "capacity": 4,
-            "max_batch": 4,
-        },
-    )
-    p = Processor(open_engine(cfg), cfg, Journal(tmp_path), Metrics(), clock=lambda: now[0])
-    p.recover()
+    p = make(bundles, tmp_path, lambda: now[0], reorder_ms=500, capacity=4, max_batch=4)
     streams = [f"s{i}" for i in range(10)]
     for i in range(0, 10, 4):
         assert p.handle([msg(s, 1, xs[k]) for k, s in enumerate(streams[i : i + 4], i)])

@@ -186,35 +186,13 @@ def paced(
     rate: float,
     stop: threading.Event | None = None,
 ) -> int:
-    pub = client(url, f"bench-paced-{time.monotonic_ns()}")
-    pub.loop_start()
-    t0 = time.monotonic()
-    sent = 0
-    for i, (topic, seq, values) in enumerate(msgs):
-        if stop is not None and stop.is_set():
-            break
-        due = t0 + i / rate
-        while (now := time.monotonic()) < due:
-            time.sleep(min(due - now, 0.001))
-        pub.publish(
-            topic,
-            json.dumps({"seq": seq, "ts": time.time(), "values": values}),
-            qos=1,
-        )
-        sent += 1
-    time.sleep(0.2)
-    close_client(pub)
-    return sent
-
-
-def paced_raw(url: str, msgs: list[tuple[str, int, list[float]]], rate: float) -> int:
-    """As ``paced``, from the raw-socket publisher: each sample stamped as it goes out, in
-    slices of a few milliseconds. A paho publisher falls behind at the service's half load,
-    and its own lag was read as the service's latency."""
+    """Publish ``msgs`` at ``rate`` from the raw-socket publisher, each sample stamped as it
+    goes out, in slices of a few milliseconds (until ``stop``). A paho publisher falls behind
+    at the service's half load, and its own lag was read as the service's latency."""
     u = urlparse(url)
     pub = RawPublisher(str(u.hostname), int(u.port or 1883), f"bench-paced-{time.monotonic_ns()}")
     t0, sent = time.monotonic(), 0
-    while sent < len(msgs):
+    while sent < len(msgs) and not (stop is not None and stop.is_set()):
         due = min(len(msgs), int((time.monotonic() - t0) * rate) + 1)
         if due <= sent:
             time.sleep(0.002)
@@ -345,7 +323,7 @@ def main() -> int:
             sink.lat.clear()
             base = sink.n
             count = int(half * (3 if args.quick else 6))
-            paced_raw(url, messages(1000, count, start_seq=10_000), half)
+            paced(url, messages(1000, count, start_seq=10_000), half)
             sink.wait_for(base + count, 30)
             lat = np.array(sink.lat) * 1000
             results.update(

@@ -96,7 +96,7 @@ class MqttService:
         self.cfg = cfg
         self.wake = threading.Event()  # a message arrived (or an answer was acknowledged)
         self.answered = threading.Event()  # the broker acknowledged an answer
-        self.stopping = threading.Event()
+        self.stopping = False  # asked to stop (a plain flag: see ``_stop``)
         self.requests: set[str] = set()
         if threading.current_thread() is threading.main_thread():
             # First of all: a SIGTERM while the model loads or the log replays is a clean stop.
@@ -284,7 +284,7 @@ class MqttService:
     ) -> None:
         self.connected.clear()
         refused, self._refused = self._refused, False
-        if self.stopping.is_set() or refused:
+        if self.stopping or refused:
             return
         if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
             self.metrics.inc("sessions_taken_over")
@@ -378,10 +378,10 @@ class MqttService:
         first = self.inbox.oldest_received()
         if first is None:
             return
-        left = min(wait, first + wait - time.time())
-        if left > 0:
-            self.stopping.wait(left)
-            self.wake.clear()
+        end = time.monotonic() + min(wait, first + wait - time.time())  # a clock step: <= wait
+        while not self.stopping and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+        self.wake.clear()
 
     def _ack(self, batch: list[Inbound]) -> None:
         with self._epoch_lock:
@@ -472,7 +472,7 @@ class MqttService:
         )
         last_snapshot = last_stats = last_retry = last_ha = time.monotonic()
         try:
-            while not self.stopping.is_set():
+            while not self.stopping:
                 now = time.monotonic()
                 degraded = self.processor.degraded
                 if degraded is not None and now - last_retry < RETRY_SECONDS:
@@ -520,8 +520,10 @@ class MqttService:
             self.lock.release()
 
     def _stop(self, *_: Any) -> None:
-        self.stopping.set()
-        self.wake.set()
+        """A flag only, seen by the loop within its longest wait (0.1 s). A handler runs in the
+        main thread between two of its bytecodes, maybe while that thread holds the lock of
+        the Event it waits on: setting that Event from here would wait for it forever."""
+        self.stopping = True
 
     def _retry_storage(self) -> None:
         journal = self.processor.journal

@@ -77,13 +77,31 @@ def test_signals_while_starting_are_acted_on_once_the_service_can(bundles, tmp_p
         os.kill(os.getpid(), signal.SIGHUP)
         os.kill(os.getpid(), signal.SIGTERM)
         svc = service(bundles, tmp_path)
-        assert "reload" in svc.requests and svc.stopping.is_set()
+        assert "reload" in svc.requests and svc.stopping
         assert early_signals.take() == []
         svc.processor.journal.close()
         svc.lock.release()
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_the_stop_signal_takes_no_lock_the_loop_may_hold(bundles, tmp_path):
+    """A signal handler runs in the main thread between two of its bytecodes, maybe inside
+    the lock of the Event that thread waits on or clears: a handler that took that lock
+    would wait for itself forever, and ``serve`` would hang on SIGTERM until killed."""
+    import threading
+
+    svc = service(bundles, tmp_path)
+    with svc.wake._cond, svc.answered._cond:  # as inside ``wait`` or ``clear``
+        handler = threading.Thread(target=svc._stop)
+        handler.start()
+        handler.join(60)
+        returned = not handler.is_alive()
+    handler.join()
+    assert returned and svc.stopping
+    svc.processor.journal.close()
+    svc.lock.release()
 
 
 def test_messages_of_a_session_that_is_gone_are_not_acknowledged_on_the_next(bundles, tmp_path):

@@ -63,9 +63,16 @@ ROOM_STEP = 64 * 1024
 
 
 class Journal:
-    def __init__(self, directory: str | Path, *, fsync: bool = False) -> None:
+    def __init__(
+        self, directory: str | Path, *, fsync: bool = False, scratch: bool = False
+    ) -> None:
+        """``scratch``: a copy of state kept elsewhere (a worker's partition, whose snapshots
+        and log live in JetStream), one of several sharing a file system. Only the newest
+        generation is kept (the fallback is elsewhere), and the room left is looked up at
+        every append (the others' writes make an estimate from its own wrong)."""
         self.dir = Path(directory)
         self.fsync = fsync
+        self.scratch = scratch
         self.generation = 0  # of the segment appended to
         self.snapshots: list[int] = []  # generations with a good snapshot, oldest first
         self._fd: int | None = None
@@ -237,7 +244,7 @@ class Journal:
     def room(self, *, look: bool = False) -> int:
         """Free bytes on the log's file system: looked up when ``look`` or after ROOM_STEP
         bytes of log, else estimated from the last look and what the log wrote since."""
-        if look or self._room < 0 or abs(self._size - self._room_at) >= ROOM_STEP:
+        if look or self.scratch or self._room < 0 or abs(self._size - self._room_at) >= ROOM_STEP:
             try:
                 st = os.statvfs(self.dir)
             except OSError:
@@ -289,7 +296,8 @@ class Journal:
         self._snapshot_bytes = self.path("snap", gen).stat().st_size
         self.lost = None
         self.snapshots.append(gen)
-        self._drop_before(self.snapshots[-2] if len(self.snapshots) > 1 else 0)
+        keep = 1 if self.scratch else 2
+        self._drop_before(self.snapshots[-keep] if len(self.snapshots) >= keep else 0)
 
     def _with_room(self, write: Callable[[], None]) -> None:
         """``write``; when the disk is full, once more after dropping the generations before

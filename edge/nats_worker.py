@@ -311,7 +311,7 @@ class Worker:
         directory = self.root / f"p{p}"
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
-        journal = Journal(directory)
+        journal = Journal(directory, scratch=True)
         engine = partition_engine(self.model, self.cfg)
         proc = Processor(engine, self.cfg, journal, self.metrics, lsn_from_mid=True)
         return proc, directory

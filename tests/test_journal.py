@@ -364,6 +364,30 @@ def test_a_directory_too_small_for_two_generations_keeps_one(small_disk):
     assert [e.seq for e in got.entries if isinstance(e, Record)] == [4]
 
 
+def test_scratch_journals_sharing_a_disk_keep_its_room_and_one_generation(small_disk):
+    """A worker's partitions keep scratch journals side by side: each sees the room the
+    others took (its own estimate would not, and they filled the disk to the last byte, where
+    none could checkpoint), and keeps only its newest generation (the fallback is elsewhere)."""
+    a, b = Journal(small_disk / "a", scratch=True), Journal(small_disk / "b", scratch=True)
+    for j in (a, b):
+        j.recover(no_restore)
+        j.open()
+        j.checkpoint_estimate = lambda: (100_000, 0)  # a reserve of 264 KiB each
+        j.append([rec("s", 1, 1)])  # each has looked at the room: all of it free
+    lsn = 1
+    with pytest.raises(OSError, match="kept for the next snapshot"):
+        while True:  # b takes all but its reserve
+            lsn += 1
+            b.append([rec("s", lsn, lsn, k=40) for _ in range(20)])
+    with pytest.raises(OSError, match="kept for the next snapshot"):
+        a.append([rec("s", 2, 2, k=40) for _ in range(200)])
+    for j in (a, b):
+        for gen in (1, 2):
+            j.checkpoint(_snap_of(100_000), [Mark(gen)], {"lsn": gen})
+        assert sorted(p.name for p in j.dir.iterdir()) == ["snap-00000002.bin", "wal-00000002.log"]
+        j.close()
+
+
 def test_a_segment_as_large_as_the_room_left_asks_for_a_checkpoint(small_disk):
     """A backlog logs faster than ``snapshot_interval`` comes round: the journal says when
     the log since the last snapshot takes as much room as it has left (beyond the room kept

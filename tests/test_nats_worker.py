@@ -383,6 +383,43 @@ def test_kill_9_worker_mid_stream_moves_partitions_with_state(
         assert sum(s.get("answers_sent_before", 0) for s in stopped) > 0
 
 
+@failover
+def test_a_backlog_larger_than_a_small_state_dir_is_answered_in_full(
+    bundles: Path, nats_server: NatsServer, small_disk: Path, tmp_path: Path
+) -> None:
+    """Eight partitions' scratch journals share a 2 MiB file system, with 24,000 samples
+    coming in as fast as they can be published. Each journal looks up the room left at every
+    append (the others' writes make its own estimate wrong), and keeps one generation (the
+    fallback is in JetStream). They filled the disk to the last byte together, where none could
+    checkpoint, and answered nothing more."""
+    w = WorkerProc(
+        bundles / "clf-int8",
+        nats_server.url,
+        small_disk / "state",
+        "w1",
+        "--partitions",
+        str(P),
+        "--snapshot-interval",
+        "600",
+    )
+    w.log_path = tmp_path / "w1.log"  # not on the small disk
+    w.start()
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        samples = _samples(1000, 24, seed=19)
+        want = offline(bundles / "clf-int8", samples)
+        _send(pub, samples, range(24))
+        wait_until(lambda: len(col.predictions()) >= len(want), 600, "every prediction")
+        assert _check(col.predictions(), want) == ([], [])
+        assert not col.of("errors/")
+    finally:
+        pub.close()
+        col.close()
+        assert w.stop() == 0
+
+
 def _damage_newest_snapshots(url: str, partitions: int, misplace: bool = False) -> int:
     """Overwrite each partition's newest snapshot object with garbage (or with the next
     partition's newest, intact: a misplaced object); returns how many."""

@@ -1,3 +1,4 @@
 from .cli import console
 
-raise SystemExit(console())
+if __name__ == "__main__":  # not when a spawned process imports it
+    raise SystemExit(console())

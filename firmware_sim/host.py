@@ -3,16 +3,103 @@ And what is the largest device count at a given rate that it keeps up with?"""
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from .broker import Broker
-from .devices import Fleet
+from .devices import Fleet, Sent
+from .errors import SimError
 from .runtime import Runtime
 from .scorer import Scorer, score
+
+# Messages per second one fleet process publishes without falling behind itself (its
+# scheduler, JSON and paho, in one interpreter): the devices are spread over enough processes
+# that the load generator is never what a trial measures.
+PER_PROCESS = 600
+
+
+def _fleet_part(
+    url: str, part: int, devices: int, rate: float, batch: int, names: list[str], seconds: float,
+    ready: Any, go: Any, out: Any,
+) -> None:  # fmt: skip
+    """One process's share of the devices (streams ``dev{part}-*``); its log goes to ``out``."""
+    try:
+        fleet = Fleet(
+            url,
+            devices,
+            rate,
+            source="sine",
+            connections=min(devices, 2),
+            batch=batch,
+            feature_names=names,
+            features=len(names),
+            prefix=f"dev{part}",
+            seed=part,
+        )
+    except SimError as exc:
+        ready.put(str(exc))
+        return
+    try:
+        ready.put(None)
+        go.wait()
+        out.put(fleet.run(seconds))
+    finally:
+        fleet.close()
+
+
+def run_fleet(
+    url: str, devices: int, rate: float, batch: int, names: list[str], seconds: float
+) -> tuple[list[Sent], float]:
+    """``devices`` at ``rate`` for ``seconds``, spread over processes that start together:
+    (every message sent, the monotonic time they started)."""
+    parts = max(1, min(devices, round(devices * rate / batch / PER_PROCESS + 0.5)))
+    ctx = multiprocessing.get_context("spawn")  # not fork: this process runs threads
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    sizes = [devices // parts + (k < devices % parts) for k in range(parts)]
+    procs = [
+        ctx.Process(
+            target=_fleet_part,
+            args=(url, k, n, rate, batch, names, seconds, ready, go, out),
+            daemon=True,
+        )
+        for k, n in enumerate(sizes)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for _ in procs:
+            problem = _get(ready, procs, 120)
+            if problem:
+                raise SimError(problem)
+        go.set()
+        started = time.monotonic()
+        log: list[Sent] = []
+        for _ in procs:
+            log += _get(out, procs, seconds + 120)
+        return sorted(log, key=lambda m: m.created), started
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+
+def _get(queue: Any, procs: list[Any], timeout: float) -> Any:
+    """The next item of ``queue``; a fleet process that died says so, not a timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=0.5)
+        except Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise SimError(f"a device fleet process died (exit code {dead[0]})") from None
+    raise SimError(f"the device fleet processes gave no answer within {timeout:.0f} s")
 
 
 def trial(
@@ -46,21 +133,9 @@ def trial(
             client_id="host-runtime",
         ).start()
         scorer = Scorer(broker.url)
-        fleet = None
         try:
             scorer.wait_online("host-runtime", 30, runtime.alive)
-            fleet = Fleet(
-                broker.url,
-                devices,
-                rate,
-                source="sine",
-                connections=min(devices, 4),
-                batch=batch,
-                feature_names=names,
-                features=len(names),
-            )
-            t0 = time.monotonic()
-            log = fleet.run(seconds)
+            log, t0 = run_fleet(broker.url, devices, rate, batch, names, seconds)
             scorer.wait(log, drain)
             r = score(scorer, log, time.monotonic() - t0)
             r.update(
@@ -74,8 +149,6 @@ def trial(
             r["kept_up_real_time"] = bool(r["kept_up_real_time"] and runtime.alive())
             return r
         finally:
-            if fleet:
-                fleet.close()
             scorer.close()
             runtime.stop()
             broker.stop()

@@ -224,6 +224,22 @@ def test_pi_profile_trial_on_one_core(bundles):
     assert r["predictions_missing"] == 0 and r["runtime_peak_rss_mb"] > 10
 
 
+@pytest.mark.broker
+def test_the_pi_profile_spreads_its_devices_over_processes(broker):
+    """One interpreter cannot publish a few thousand messages a second and stay on time: the
+    trial then measured its own lag as the runtime's. The devices are spread over processes,
+    each its own streams, started together."""
+    from firmware_sim.host import PER_PROCESS, run_fleet
+
+    devices = 2 * PER_PROCESS // 10 + 4  # at 10 Hz: more than two processes' worth
+    log, _ = run_fleet(broker.url, devices, 10.0, 1, [f"f{i}" for i in range(6)], 1.0)
+    streams = {m.stream for m in log}
+    assert len(streams) == devices
+    assert {s.split("-")[0] for s in streams} == {"dev0", "dev1", "dev2"}
+    assert all(m.delivered for m in log)
+    assert [m.created for m in log] == sorted(m.created for m in log)
+
+
 # -- reboots: scorer logic on synthetic ground truth (no broker) -------------------------------
 
 

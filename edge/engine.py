@@ -6,6 +6,7 @@ No MQTT here; ``edge.mqtt_loop`` and ``edge.processor`` are a thin shell around 
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ from .sequencing import GAP_POLICIES, HALF, U32, admit, earlier_boot, last_of
 from .state_store import BOOT_HISTORY, NO_BOOT, NO_SEQ, StateStore
 
 MAX_STREAM_ID = 256
+# The snapshot's ``extra`` keys of the evicted streams' numbering, and of those given their
+# rows back that have applied nothing since.
+DEPARTED, RECALLED = "departed", "recalled"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -228,7 +232,7 @@ class Engine:
         if type(stream) is not str or store.idle_timeout is not None:
             return None
         row = store.peek(stream)
-        if row is None:
+        if row is None or stream in store.recalled:
             return None
         if seq is None:
             if not self.allow_unsequenced:
@@ -321,13 +325,14 @@ class Engine:
         A failed write leaves ``path`` as it was and raises ``SnapshotError`` naming it.
         """
         streams, last_seq, arrays, boots, gaps = self.store.export()
+        kept = {DEPARTED: self.store.departed.export(), RECALLED: sorted(self.store.recalled)}
         snap = snapfmt.Snapshot(
             self.manifest.tflite_sha256,
             [list(x) for x in self.manifest.state_layout()],
             streams,
             last_seq,
             arrays,
-            extra or {},
+            {**(extra or {}), **{k: v for k, v in kept.items() if v}},
             boots,
             gaps,
         )
@@ -365,13 +370,23 @@ class Engine:
                 return {}
             raise StateMismatch(f"{path}: cannot restore: {problem}")
         self.store.load(snap.streams, snap.last_seq, snap.arrays, snap.boots, snap.gaps)
-        return snap.extra
+        extra = dict(snap.extra)
+        recalled = extra.pop(RECALLED, None) or []
+        try:
+            self.store.departed.load(extra.pop(DEPARTED, None))
+            if not isinstance(recalled, list) or not all(isinstance(s, str) for s in recalled):
+                raise TypeError(f"{RECALLED!r} is not a list of stream ids")
+        except (ValueError, TypeError, zlib.error) as exc:  # binascii.Error is a ValueError
+            raise SnapshotError(f"{path}: malformed table of evicted streams: {exc}") from exc
+        self.store.recalled = {s for s in recalled if s in self.store}
+        return extra
 
     def load_state_from(self, other: Engine) -> None:
         """Carry every stream over from another engine with the same state layout."""
         if other.manifest.state_layout() != self.manifest.state_layout():
             raise BundleError("state layouts differ; the streams cannot be carried over")
         self.store.load(*other.store.export())
+        self.store.departed, self.store.recalled = other.store.departed, other.store.recalled
 
     # -- stepping ---------------------------------------------------------------------------
 
@@ -477,7 +492,7 @@ class Engine:
         if not n or n > self.model.max_batch or store.idle_timeout is not None:
             return None
         rows = store.rows_of(streams)
-        if rows is None:
+        if rows is None or (store.recalled and not store.recalled.isdisjoint(streams)):
             return None
         try:
             x = np.asarray(values, dtype=np.float64)
@@ -592,6 +607,7 @@ class Engine:
             get = self.store.peek
             found = [get(s) if isinstance(s, str) else None for s in streams]
             rows = np.array([-1 if r is None else r for r in found], np.intp)
+        rows = self.store.recall(streams, rows)
         self._check(streams, x, cnt, sq, rows, errors)
         if errors:
             self.counters.rejected += len(errors)
@@ -602,7 +618,19 @@ class Engine:
         plan = self._admit_fast(streams, cnt, sq, bt, rows, ok)
         if plan is None:
             plan = self._admit_each(streams, cnt, sq, bt, ok, errors)
+        if self.store.recalled:
+            self._restart_recalled(streams, plan)
         return self._apply(streams, x, cnt, sq, plan, errors)
+
+    def _restart_recalled(self, streams: Sequence[Any], plan: _Plan) -> None:
+        """The first samples an evicted stream applies once back start from the zero state:
+        its answer says ``restart`` (a duplicate it sent first does not count)."""
+        recalled = self.store.recalled
+        plan.restart = plan.restart.copy()  # the fast plan shares one array of False
+        for i in np.flatnonzero(plan.applied > 0).tolist():
+            if streams[i] in recalled:
+                recalled.discard(streams[i])
+                plan.restart[i] = True
 
     def _check(
         self,

@@ -717,7 +717,9 @@ class Processor:
         if not len(oc.y):
             return out
         restart = oc.restart
-        if rec.stream in self._fresh and (self._restarted.pop(rec.stream) or self._unknown_lost):
+        # (a stream evicted and given its row back by a duplicate is not fresh, but restarts)
+        fresh = rec.stream in self._fresh or restart
+        if fresh and (self._restarted.pop(rec.stream) or self._unknown_lost):
             self._fresh.discard(rec.stream)  # its later answers in this batch go on from it
             restart = True
         elif self._kept_restarted and rec.stream in self._kept_restarted:

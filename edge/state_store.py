@@ -4,13 +4,17 @@ Each state tensor (``h`` and ``C`` of every layer) is one 2-D array with a row p
 the encoding the model's state *inputs* use (int8 bytes for int8 models), so a step gathers
 rows, invokes, and scatters rows back with no conversion. Arenas grow in chunks up to
 ``capacity``; past it the least recently used stream is evicted. Evicted and idle streams come
-back at the zero state. Besides the state, each row keeps the stream's last applied ``seq``
-and its boot ids (the current one first, then up to ``BOOT_HISTORY - 1`` earlier ones), so that
-messages of an earlier boot of a device can be told from those of a new one.
+back at the zero state, numbered on from where they were (``Departed``). Besides the state,
+each row keeps the stream's last applied ``seq`` and its boot ids (the current one first, then
+up to ``BOOT_HISTORY - 1`` earlier ones), so that messages of an earlier boot of a device can
+be told from those of a new one.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +29,70 @@ NO_BOOT = -1
 BOOT_HISTORY = 4
 GAP_SLOTS = 4  # the last gaps remembered per stream, to tell a late sample from a duplicate
 U32 = 1 << 32
+
+
+class Departed:
+    """The last seq and current boot of evicted streams, in a fixed table of hashed slots
+    (made at the first eviction). A stream that comes back is numbered on from there: a sample
+    it had applied before its eviction is still a duplicate, not the start of a new stream
+    stepped a second time. A slot keeps the newest stream evicted into it; one pushed out
+    comes back as a new stream, its old samples admitted again."""
+
+    SLOTS = 1 << 16
+
+    def __init__(self) -> None:
+        self._key: np.ndarray | None = None  # 64-bit fingerprint of the id, 0: empty
+        self._seq = self._boot = np.empty(0, np.int64)
+
+    def __bool__(self) -> bool:
+        return self._key is not None
+
+    def _where(self, stream: str) -> tuple[int, int]:
+        digest = hashlib.blake2b(stream.encode("utf-8", "surrogatepass"), digest_size=8)
+        h = int.from_bytes(digest.digest(), "little")
+        return h & (self.SLOTS - 1), h | 1  # a key is never 0
+
+    def _make(self) -> np.ndarray:
+        self._key = np.zeros(self.SLOTS, np.uint64)
+        self._seq = np.full(self.SLOTS, NO_SEQ, np.int64)
+        self._boot = np.full(self.SLOTS, NO_BOOT, np.int64)
+        return self._key
+
+    def put(self, stream: str, seq: int, boot: int) -> None:
+        keys = self._make() if self._key is None else self._key
+        slot, key = self._where(stream)
+        keys[slot], self._seq[slot], self._boot[slot] = key, seq, boot
+
+    def take(self, stream: str) -> tuple[int, int] | None:
+        """(last seq, boot) of an evicted stream, forgotten here; None if not remembered."""
+        if self._key is None:
+            return None
+        slot, key = self._where(stream)
+        if int(self._key[slot]) != key:
+            return None
+        self._key[slot] = 0
+        return int(self._seq[slot]), int(self._boot[slot])
+
+    def export(self) -> str | None:
+        """The occupied slots for a snapshot (slot, key, seq, boot as i64), None if none."""
+        if self._key is None or not self._key.any():
+            return None
+        used = np.flatnonzero(self._key)
+        table = np.stack([used, self._key[used].view(np.int64), self._seq[used], self._boot[used]])
+        return base64.b64encode(zlib.compress(table.astype("<i8").tobytes(), 1)).decode()
+
+    def load(self, text: str | None) -> None:
+        self._key = None
+        if not text:
+            return
+        flat = np.frombuffer(zlib.decompress(base64.b64decode(text)), "<i8")
+        if len(flat) % 4:
+            raise ValueError(f"a table of {len(flat)} numbers, not rows of 4")
+        slot, key, seq, boot = flat.reshape(4, -1)
+        if len(slot) and not (slot.min() >= 0 and slot.max() < self.SLOTS):
+            raise ValueError("a slot out of range")
+        self._make()[slot] = key.view(np.uint64)
+        self._seq[slot], self._boot[slot] = seq, boot
 
 
 @dataclass
@@ -62,6 +130,8 @@ class StateStore:
         self.stats = StoreStats()
         # Told the ids of evicted streams, so that per-stream memory elsewhere stays bounded too.
         self.on_evict: Callable[[list[str]], None] | None = None
+        self.departed = Departed()
+        self.recalled: set[str] = set()  # given their rows back, nothing applied since
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -159,9 +229,44 @@ class StateStore:
         self._rows.move_to_end(stream)
         self.last_seen[row] = self._clock()
 
+    def _depart(self, stream: str, row: int) -> None:
+        self.recalled.discard(stream)
+        seq, boot = int(self.last_seq[row]), int(self.boots[row, 0])
+        if seq != NO_SEQ or boot != NO_BOOT:
+            self.departed.put(stream, seq, boot)
+        self._free.append(row)
+
+    def recall(self, streams: Sequence[str], rows: np.ndarray) -> np.ndarray:
+        """``rows`` (their ``lookup``) again, with evicted streams among ``streams`` given
+        rows back: zero state, numbered on from their last seq and boot. Streams known
+        already are marked first, so that making room evicts none of them."""
+        unknown = np.flatnonzero(rows < 0).tolist()
+        if not self.departed or not unknown:
+            return rows
+        back = {}
+        for i in unknown:
+            stream = streams[i]
+            if type(stream) is str and stream not in back:
+                was = self.departed.take(stream)
+                if was is not None:
+                    back[stream] = was
+        if not back:
+            return rows
+        known = list(dict.fromkeys(s for s, r in zip(streams, rows.tolist()) if r >= 0))
+        got = self.acquire([*known, *back])[len(known) :].tolist()
+        for (seq, boot), row in zip(back.values(), got):
+            self.last_seq[row] = seq
+            self.boots[row, 0] = boot
+        self.recalled.update(back)
+        given = dict(zip(back, got))
+        rows = rows.copy()
+        for i in unknown:
+            rows[i] = given.get(streams[i], -1) if type(streams[i]) is str else -1
+        return rows
+
     def _evict_lru(self) -> None:
         stream, row = self._rows.popitem(last=False)
-        self._free.append(row)
+        self._depart(stream, row)
         self.stats.evicted_lru += 1
         if self.on_evict is not None:
             self.on_evict([stream])
@@ -188,7 +293,7 @@ class StateStore:
         """Forget these streams as idle ones (unknown ids are ignored)."""
         gone = [s for s in streams if s in self._rows]
         for stream in gone:
-            self._free.append(self._rows.pop(stream))
+            self._depart(stream, self._rows.pop(stream))
         self.stats.evicted_idle += len(gone)
         if gone and self.on_evict is not None:
             self.on_evict(gone)
@@ -200,6 +305,7 @@ class StateStore:
             self.zero_rows(np.asarray([row]))
 
     def remove(self, stream: str) -> None:
+        self.recalled.discard(stream)
         row = self._rows.pop(stream, None)
         if row is not None:
             self._free.append(row)
@@ -255,6 +361,8 @@ class StateStore:
         gaps: np.ndarray | None = None,
     ) -> None:
         """Replace everything with exported content (same layout, checked by the caller)."""
+        self.departed = Departed()
+        self.recalled = set()
         self._rows.clear()
         self._free.clear()
         self.arrays = [np.empty((0, z.shape[1]), z.dtype) for z in self._zero]

@@ -196,13 +196,38 @@ def test_reset_equals_a_fresh_stream(load):
     assert a.last_seq("s") == 20
 
 
-def test_eviction_then_return_equals_a_fresh_stream(load):
+def test_eviction_then_return_equals_a_fresh_stream_numbered_on(load):
+    """An evicted stream loses its state, not its numbering: what it had applied stays
+    applied (a resend is a duplicate, not stepped a second time), and it goes on from zero."""
     x = samples(10, 4)
     engine = load(capacity=1)
     engine.step("a", x, seq=1)
     engine.step("b", x, seq=1)  # evicts a
     assert engine.stats()["evicted_lru"] == 1
-    np.testing.assert_array_equal(engine.step("a", x, seq=1), load().step("a", x))
+    again = engine.step_many([Chunk("a", x[4:6], 5)])[0]
+    assert (again.duplicates, len(again.y)) == (2, 0)
+    out = engine.step_many([Chunk("a", x, 11)])[0]
+    assert out.gap == 0 and out.restart  # from the zero state
+    np.testing.assert_array_equal(out.y, load().step("a", x))
+
+
+@pytest.mark.parametrize("how", ["capacity", "idle", "snapshot"])
+def test_a_sample_applied_before_an_eviction_is_a_duplicate_after_it(load, how, tmp_path):
+    now = [0.0]
+    opts = {"capacity": 2} if how == "capacity" else {"idle_timeout": 60}
+    engine = load(clock=lambda: now[0], **opts)
+    x = samples(6, 5)
+    engine.step_many([Chunk("a", x[:4], 1, boot=7)])
+    now[0] = 100  # a is idle from here on
+    engine.step_many([Chunk("b", x[:1], 1), Chunk("c", x[:1], 1)])
+    assert engine.state_of("a") is None  # evicted
+    if how == "snapshot":  # the numbering of evicted streams is in the snapshot
+        engine.snapshot(tmp_path / "snap.bin")
+        engine = load(clock=lambda: now[0], **opts)
+        engine.restore(tmp_path / "snap.bin")
+    outs = engine.step_many([Chunk("a", x[3:5], 4, boot=7), Chunk("z", x[:1], 9)])
+    assert (outs[0].duplicates, outs[0].seq, len(outs[0].y), outs[0].restart) == (1, 5, 1, True)
+    assert outs[1].duplicates == 0  # never seen: a new stream, whatever its seq
 
 
 def test_idle_timeout_uses_the_injected_clock(load):

@@ -225,6 +225,26 @@ def test_a_stream_evicted_for_capacity_says_restart_on_its_next_answer(bundles, 
     }
 
 
+def test_a_resend_after_an_eviction_is_a_duplicate_and_the_stream_goes_on(bundles, tmp_path, xs):
+    """An evicted stream keeps its numbering: a sample it applied before is answered
+    ``duplicate`` (it was stepped a second time from the zero state, and the next sample
+    reported a gap), and its next sample restarts from zero without a gap."""
+    p = make(bundles, tmp_path, capacity=2, max_batch=1)
+    got = []
+    for stream, seq in (("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1), ("a", 2), ("a", 4)):
+        assert p.handle([msg(stream, seq, xs[seq])])
+        got += [(o.topic, json.loads(o.payload)) for o in answers(p)]
+    assert [(t, d["seq"]) for t, d in got if t == "errors/a"] == [("errors/a", 2)]
+    assert got[-2][1]["error"] == "duplicate"
+    last = got[-1][1]
+    assert (got[-1][0], last["seq"], last.get("restart"), last.get("gap")) == (
+        "predictions/a",
+        4,
+        True,
+        None,
+    )
+
+
 def test_held_messages_of_more_streams_than_capacity_step_in_parts(bundles, tmp_path, xs, caplog):
     """First messages of new streams wait ``reorder_ms``; released together they can bring
     more streams into one round than the state holds (``max_batch`` bounds a batch only):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from edge.errors import ConfigError
-from edge.state_store import NO_SEQ, StateStore
+from edge.state_store import NO_BOOT, NO_SEQ, Departed, StateStore
 
 
 class Clock:
@@ -75,3 +75,44 @@ def test_bad_configuration_is_refused():
         store(idle_timeout=0)
     with pytest.raises(ConfigError, match="capacity"):
         store(capacity=0)
+
+
+def test_evicted_streams_come_back_numbered_on_and_a_full_slot_keeps_the_newest():
+    s, _ = store(capacity=2)
+    rows = s.acquire(["a", "b"])
+    s.last_seq[rows] = [10, 20]
+    s.boots[rows[0], 0] = 3
+    s.acquire(["c"])  # evicts a
+    assert "a" not in s
+    back = s.recall(["c", "a", "new"], s.lookup(["c", "a", "new"]))
+    assert back[0] >= 0 and back[1] >= 0 and back[2] == -1
+    assert "c" in s and "b" not in s  # room made without evicting c, which is in the call
+    assert s.last_seq[back[1]] == 10 and s.boots[back[1], 0] == 3
+    assert s.recall(["b"], s.lookup(["b"]))[0] >= 0  # b, evicted to make room, comes back too
+    d = Departed()
+    d.SLOTS = 1  # every id in one slot: the newest stays, the one pushed out is forgotten
+    d.put("x", 5, NO_BOOT)
+    d.put("y", 6, 1)
+    assert d.take("x") is None and d.take("y") == (6, 1) and d.take("y") is None
+
+
+def test_the_evicted_streams_table_round_trips_and_refuses_garbage():
+    d = Departed()
+    assert d.export() is None
+    for i in range(100):
+        d.put(f"s{i}", i, i % 3 - 1)
+    e = Departed()
+    e.load(d.export())
+    assert [e.take(f"s{i}") for i in range(100)] == [d.take(f"s{i}") for i in range(100)]
+    import base64
+    import zlib
+
+    def packed(*numbers):
+        raw = np.asarray(numbers, "<i8").tobytes()
+        return base64.b64encode(zlib.compress(raw)).decode()
+
+    for bad in ("not base64!", base64.b64encode(b"not zlib").decode(), packed(1, 2, 3)):
+        with pytest.raises((ValueError, zlib.error)):
+            Departed().load(bad)
+    with pytest.raises(ValueError, match="slot out of range"):
+        Departed().load(packed(Departed.SLOTS, 1, 1, 1))

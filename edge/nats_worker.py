@@ -48,11 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import early_signals
+from . import early_signals, wal
 from . import partition_snapshot as psnap
+from . import snapshot as snapfmt
 from .config import ServiceConfig
 from .engine import Engine, load
-from .errors import ConfigError, EdgeError
+from .errors import ConfigError, EdgeError, SnapshotError
 from .jetstream import PullFeed, StorePublisher
 from .journal import Journal
 from .metrics import Metrics
@@ -848,7 +849,55 @@ class Worker:
     async def _nats_error(self, exc: Exception) -> None:
         log.warning("NATS: %s", str(exc) or type(exc).__name__)
 
+    def _usable_root(self) -> None:
+        """The worker's scratch journals need a directory it can write: one it cannot would
+        join the group and take partitions it then never steps (``serve`` starts degraded
+        there, the broker keeping the messages; a worker's share would wait for good)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"state_dir {self.cfg.state_dir!r}: the worker cannot keep its scratch journals "
+                f"in {str(self.root)!r}: {exc.strerror or exc}"
+            ) from None
+
+    def _foreign(self, snap: psnap.PartitionSnapshot) -> str | None:
+        """Why a partition snapshot holds another model's state (another state layout, or
+        logged samples of another feature count: what ``serve`` refuses in a state_dir)."""
+        try:
+            state = snapfmt.decode(snap.snapshot)
+        except SnapshotError:
+            return None  # damaged: restoring falls back to the other slot or the stream
+        layout = [list(x) for x in self.model.manifest.state_layout()]
+        if state.state_layout != layout:
+            return f"its state layout {state.state_layout} differs from this model's {layout}"
+        features = self.model.manifest.features
+        for entry in wal.scan(snap.segment):
+            if isinstance(entry, wal.Record) and entry.values.shape[-1] != features:
+                width = entry.values.shape[-1]
+                return f"it holds samples of {width} features, this model takes {features}"
+        return None
+
+    async def _refuse_foreign_snapshots(self) -> None:
+        """A worker of another model must not join the group: it would replay every
+        partition from the stream's start into its own state, answer with errors, and write
+        its snapshots over the group's. Refused at start, nothing touched."""
+        for p in range(self.opts.partitions):
+            for snap in (await self._snapshots(p))[:1]:
+                problem = self._foreign(snap)
+                if problem:
+                    raise ConfigError(
+                        f"partition {p}'s snapshot (generation {snap.generation}) in JetStream "
+                        f"holds the state of another model: {problem}; run the group's workers "
+                        f"with the bundle that wrote it, or delete the object store "
+                        f"{SNAPSHOTS!r} to start the group from the stream's start"
+                    )
+
     async def run(self) -> int:
+        self._usable_root()
         self.lock.acquire()
         try:
             return await self._run()
@@ -902,6 +951,7 @@ class Worker:
                     raise ConfigError(f"JetStream at {','.join(self.opts.servers)}: {exc}") from exc
                 log.warning("JetStream not ready yet: %r", exc)
                 await asyncio.sleep(1.0)
+        await self._refuse_foreign_snapshots()
         log.info(
             "worker %s: %d partitions, model %s",
             self.opts.worker_id,

@@ -277,6 +277,11 @@ def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path)
     bad.write_text("[worker]\npartitions = 'many'\n")
     r = run("--nats", "nats://127.0.0.1:1", "--config", str(bad))
     assert r.returncode == 2 and "partitions = 'many'" in r.stderr
+    # a state_dir it cannot keep its journals in: it would join the group and take
+    # partitions it could never step
+    r = run("--nats", "nats://127.0.0.1:1", "--state-dir", str(bad))
+    assert r.returncode == 2 and "cannot keep its scratch journals" in r.stderr
+    assert f"{str(bad)!r}" in r.stderr and "Traceback" not in r.stderr
 
 
 @failover
@@ -311,6 +316,51 @@ def test_a_worker_is_refused_with_other_partitions_or_a_state_dir_in_use(
         assert "lease_seconds = 5, but the lease bucket edge_leases was made with 2" in other.log()
     finally:
         col.close()
+
+
+@failover
+def test_a_worker_of_another_model_is_refused_and_touches_nothing(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+) -> None:
+    """Its snapshots of another state layout were taken as damage: it replayed every
+    partition from the stream's start, answered errors, and wrote its snapshots over the
+    group's, so the right model, back, replayed from the start too."""
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        first = workers("w1")
+        wait_owned(col, ["w1"], P)
+        samples = _samples(8, 4)
+        _send(pub, samples, range(4))
+        wait_until(lambda: len(col.predictions()) >= 32, 60, "answered")
+        assert first.stop() == 0  # a final snapshot of every partition
+        before = asyncio.run(_snapshot_generations(nats_server.url))
+        assert before
+        other = WorkerProc(
+            bundles / "reg2-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", str(P)
+        ).start()
+        assert other.proc is not None and other.proc.wait(60) == 2
+        assert "holds the state of another model: its state layout" in other.log()
+        assert "Traceback" not in other.log()
+        assert asyncio.run(_snapshot_generations(nats_server.url)) == before
+    finally:
+        pub.close()
+        col.close()
+
+
+async def _snapshot_generations(url: str) -> dict[str, int]:
+    import nats
+
+    from edge.nats_worker import SNAPSHOTS
+    from edge.partition_snapshot import unpack
+
+    nc = await nats.connect(url)
+    try:
+        store = await nc.jetstream().object_store(SNAPSHOTS)
+        names = [o.name for o in await store.list()]
+        return {n: unpack((await store.get(n)).data or b"").generation for n in names}
+    finally:
+        await nc.close()
 
 
 def test_a_server_without_jetstream_is_named(bundles: Path, tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from edge.outfile import regular_target
+
 from .datasets import CHANNELS, SAMPLE_RATE_HZ, basicmotions
 from .errors import ConvertError
 
@@ -173,6 +175,7 @@ def train_example(
         raise ConvertError(f"--out {out}: cannot create the directory: {exc}") from exc
     if not os.access(out.parent, os.W_OK):
         raise ConvertError(f"--out {out}: directory is not writable")
+    model_file = regular_target(out, ConvertError, "--out ")  # the file a link leads to
     if epochs < 1 or pretrain_epochs < 0:
         raise ConvertError(
             f"--epochs {epochs} must be >= 1 and --pretrain-epochs {pretrain_epochs} >= 0"
@@ -228,9 +231,9 @@ def train_example(
         model.compile(optimizer=model.optimizer, loss="sparse_categorical_crossentropy")
 
     figures = evaluate(lambda x: model.predict(x, verbose=0), test.x, test.labels, seed)
-    tmp = out.with_name(f".{out.name}.tmp.keras")
+    tmp = model_file.with_name(f".{model_file.name}.tmp.keras")
     model.save(tmp)
-    os.replace(tmp, out)
+    os.replace(tmp, model_file)
     stem = out.with_suffix("")
     np.save(f"{stem}.calib.npy", train.x)
     np.savez(f"{stem}.test.npz", x=test.x, y=test.labels)

@@ -110,7 +110,12 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument("bundle", help="bundle directory made by lstm-convert")
     r.add_argument("--input", required=True, help="IN.npz of float [N, T, F] arrays")
-    r.add_argument("--out", required=True, help="OUT.npz to write")
+    r.add_argument(
+        "--out",
+        required=True,
+        help="OUT.npz to write: a new or regular file (a link is followed and kept; a device, "
+        "FIFO or directory is refused)",
+    )
     r.add_argument("--backend", default=None, help="interpreter, as for inspect")
     r.add_argument(
         "--builtin-kernels",

@@ -10,6 +10,8 @@ runtime feeds it.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import numpy as np
 
 from .engine import FLOAT32_MAX, Engine
 from .errors import BundleError
+from .outfile import new_mode, regular_target
 
 
 def run(engine: Engine, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,11 +58,13 @@ def replay_command(
     bundle: str, inputs: Path, out: Path, backend: str | None, builtin_kernels: bool
 ) -> dict[str, Any]:
     """``edge-lstm replay``: no kernel-set check (comparing kernel sets is the point); the
-    kernel set that ran is written beside the outputs."""
+    kernel set that ran is written beside the outputs. ``out`` must be a regular file or
+    not exist yet; a link to one is followed, and kept (see ``edge/outfile.py``)."""
     from .engine import load
 
     engine = load(bundle, backend=backend, builtin_kernels=builtin_kernels, kernel_mismatch="allow")
-    if out.is_dir() or not out.parent.is_dir():
+    target = regular_target(out, BundleError, "--out ")
+    if not target.parent.is_dir():
         raise BundleError(f"--out {out}: expected a file in an existing directory")
     try:
         z = np.load(inputs, allow_pickle=False)
@@ -79,12 +84,19 @@ def replay_command(
         "backend_version": engine.model.backend.version,
         "streams": {k: list(v.shape) for k, v in arrays.items()},
     }
-    tmp = out.with_name(out.name + ".tmp.npz")
     arrays_out: dict[str, Any] = {**result, "info": np.asarray(json.dumps(info))}
+    tmp: str | None = None
     try:
-        np.savez(tmp, **arrays_out)
-        tmp.replace(out)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp.npz", dir=target.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays_out)
+        os.chmod(tmp, new_mode(target))
+        regular_target(out, BundleError, "--out ")  # again: it may have changed meanwhile
+        os.replace(tmp, target)
+        tmp = None
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise BundleError(f"--out {out}: cannot write: {exc}") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return info

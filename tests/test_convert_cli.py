@@ -211,3 +211,20 @@ def test_a_label_shape_that_fits_no_output_is_refused_before_converting(capsys, 
         str(data),
     )
     assert_refused(code, out, "labels 'y' have shape [3, 10, 7]", tmp_path)
+
+
+def test_train_example_never_replaces_what_is_not_a_regular_file(tmp_path):
+    import os
+    import re
+    import stat
+
+    from convert.errors import ConvertError
+    from convert.train import train_example
+
+    fifo = tmp_path / "m.keras"
+    os.mkfifo(fifo)
+    # epochs=0 is refused too: only a refusal of --out that comes first names the FIFO
+    with pytest.raises(ConvertError, match=re.escape(f"--out {fifo} is a FIFO")):
+        train_example(fifo, epochs=0, progress=False)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.keras"]

@@ -1,6 +1,8 @@
 """``edge-lstm``: inspect, and the refusals of ``serve`` before it touches the network."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -81,3 +83,59 @@ def test_replay_refuses_bad_inputs_in_one_line(bundles, tmp_path, capsys, name, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not list(tmp_path.glob("*.tmp.npz"))  # nothing half written
+
+
+def special_files(d):
+    """name -> (maker, what the refusal calls it): files a rename must never replace."""
+
+    def device(p):
+        os.mknod(p, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # the device /dev/null is
+
+    def fifo_via_link(p):
+        os.mkfifo(d / "fifo")
+        p.symlink_to(d / "fifo")
+
+    return {
+        "fifo": (os.mkfifo, "is a FIFO"),
+        "dir": (os.mkdir, "is a directory"),
+        "link-to-fifo": (fifo_via_link, "is a FIFO (where the link leads"),
+        "device": (device, "is a character device"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "link-to-fifo", "device"])
+def test_replay_never_replaces_what_is_not_a_regular_file(bundles, tmp_path, capsys, kind):
+    np.savez(tmp_path / "in.npz", a=np.zeros((2, 5, 6)))
+    out = tmp_path / "out" / "o.npz"
+    out.parent.mkdir()
+    make, needle = special_files(out.parent)[kind]
+    try:
+        make(out)
+    except PermissionError:
+        pytest.skip("creating a device node needs root")
+    before = out.lstat()
+    args = ["replay", str(bundles / "clf-int8"), "--input", str(tmp_path / "in.npz")]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {out} {needle}" in err[0], err
+    after = out.lstat()
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert {p.name for p in out.parent.iterdir()} <= {"fifo", "o.npz"}  # no temp file left
+
+
+def test_replay_through_a_link_replaces_its_file_and_keeps_the_link(bundles, tmp_path):
+    np.savez(tmp_path / "in.npz", a=np.zeros((2, 5, 6)))
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "o.npz"
+    target.write_text("keep")
+    target.chmod(0o640)
+    link = tmp_path / "o.npz"
+    link.symlink_to(target)
+    args = ["replay", str(bundles / "clf-int8"), "--input", str(tmp_path / "in.npz")]
+    assert main([*args, "--out", str(link)]) == 0
+    assert link.is_symlink() and link.resolve() == target
+    with np.load(target) as z:
+        assert z["a/y"].shape[:2] == (2, 5) and "kernels" in json.loads(str(z["info"]))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz", "o.npz", "real"]
+    assert [p.name for p in target.parent.iterdir()] == ["o.npz"]

@@ -1,0 +1,54 @@
+"""The file a command was told to write: the file itself, never what stands in its place.
+
+Outputs are written under a temporary name and renamed over the target, so none is ever
+half-written. A rename replaces whatever holds the name: run as root, ``--out /dev/null`` would
+leave a regular file where the device was, and a symbolic link would become a copy. So an
+existing target must be a regular file, and a link is followed: the file it points to is
+replaced (the temporary file beside it, so the rename stays on one file system) and the link
+is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .errors import EdgeError
+
+KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symbolic link that loops",
+}
+
+
+def regular_target(path: Path, error: type[EdgeError], label: str = "") -> Path:
+    """``path`` with its links followed; raises ``error`` (one line naming ``path`` and what
+    it is) unless that is a regular file or does not exist yet."""
+    real = Path(os.path.realpath(path))
+    try:
+        mode = real.lstat().st_mode
+    except FileNotFoundError:
+        return real
+    except OSError as exc:
+        raise error(f"{label}{path}: cannot look at it: {exc.strerror}") from exc
+    if stat.S_ISREG(mode):
+        return real
+    kind = KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    via = f" (where the link leads: {real})" if os.path.islink(path) else ""
+    raise error(f"{label}{path} is {kind}{via}; only a regular file is replaced")
+
+
+def new_mode(target: Path) -> int:
+    """The permissions of the file that replaces ``target``: its own if it exists, else what
+    creating it would have given (the temporary file is created 0600)."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask

@@ -130,7 +130,9 @@ def parser() -> argparse.ArgumentParser:
         help="write the systemd unit, example configuration and Mosquitto configuration",
         description="Write the deploy kit that ships with this installation (systemd unit, "
         "edge-lstm.toml, Mosquitto TLS/ACL configuration) into DIR, and say where each "
-        "file goes. Existing files are left alone unless --force.",
+        "file goes. Existing files are left alone unless --force. Written whole or not at "
+        "all: a target that is not a regular file (a directory, a FIFO...) is refused before "
+        "anything is written; a link is followed and kept.",
     )
     k.add_argument("directory", metavar="DIR", help="directory to write (created if needed)")
     k.add_argument("--force", action="store_true", help="overwrite files already in DIR")

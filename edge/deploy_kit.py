@@ -1,18 +1,21 @@
 """``edge-lstm deploy-kit DIR``: the files a device installation needs, from the package.
 
 They ship inside the wheel (``edge/deploy/``), so a device installed from a wheel or a git URL
-has them without a checkout. Nothing is overwritten unless asked, and each file is written to
-a temporary name and renamed into place, so none is ever half-written.
+has them without a checkout. Nothing is overwritten unless asked, and the kit is written whole
+or not at all: every target is checked before anything is written, and the files are renamed
+into place only once all of them are written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from importlib import resources
 from pathlib import Path
 
 from .errors import ConfigError
+from .outfile import regular_target
 
 NEXT_STEPS = """\
 next steps (as root), see README "Installing on a device":
@@ -34,31 +37,42 @@ def kit_files() -> dict[str, bytes]:
 
 
 def write_kit(directory: str | Path, *, force: bool = False) -> list[Path]:
-    """Write the kit into ``directory`` (created if needed); refuses to replace existing files
-    unless ``force``, before writing anything."""
+    """Write the kit into ``directory`` (created if needed), whole or not at all: every target
+    is checked first (an existing one must be a regular file, and is replaced only with
+    ``force``; a link is followed and kept), every file is then written to a temporary name
+    beside its target, and only when all are written are they renamed into place."""
     target = Path(directory)
     files = kit_files()
     if not files:
         raise ConfigError("the deploy kit is missing from this installation of edge-lstm")
     if target.exists() and not target.is_dir():
         raise ConfigError(f"{str(target)!r} exists and is not a directory")
-    clash = [name for name in files if (target / name).exists()]
+    try:
+        real = {name: regular_target(target / name, ConfigError) for name in files}
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; nothing written") from None
+    clash = [name for name in files if os.path.lexists(target / name)]
     if clash and not force:
         raise ConfigError(f"{target}: {', '.join(clash)} already there; pass --force to overwrite")
+    created = not target.exists()
+    staged: dict[str, str] = {}
+    done = False
     try:
         target.mkdir(parents=True, exist_ok=True)
-        written = []
         for name, content in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(content)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, target / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            written.append(target / name)
+            fd, staged[name] = tempfile.mkstemp(prefix=f".{name}.", dir=real[name].parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+            os.chmod(staged[name], 0o644)
+        for name in files:  # the kit is complete on disk: only renames from here on
+            os.replace(staged.pop(name), real[name])
+        done = True
     except OSError as exc:
         raise ConfigError(f"cannot write the deploy kit into {str(target)!r}: {exc}") from exc
-    return written
+    finally:
+        for tmp in staged.values():
+            Path(tmp).unlink(missing_ok=True)
+        if created and not done:
+            with contextlib.suppress(OSError):
+                target.rmdir()
+    return [target / name for name in files]

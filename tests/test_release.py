@@ -3,7 +3,9 @@ one-line messages for missing optional dependencies, and one reorder default eve
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import subprocess
 import sys
 from importlib import metadata
@@ -126,3 +128,47 @@ def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     ).read_bytes()
     on_a_file = run_cli("edge.cli", ["deploy-kit", str(target / "edge-lstm.toml")])
     assert on_a_file.returncode == 2 and "not a directory" in on_a_file.stderr
+
+
+def test_deploy_kit_is_written_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "kit"
+    (target / "mosquitto.conf").mkdir(parents=True)
+    forced = run_cli("edge.cli", ["deploy-kit", str(target), "--force"])
+    err = forced.stderr.strip().splitlines()
+    assert forced.returncode == 2
+    assert [p.name for p in target.iterdir()] == ["mosquitto.conf"]  # nothing else written
+    assert len(err) == 1 and f"{target / 'mosquitto.conf'} is a directory" in err[0], err
+    assert not any((target / "mosquitto.conf").iterdir())
+
+    (target / "mosquitto.conf").rmdir()
+    assert run_cli("edge.cli", ["deploy-kit", str(target)]).returncode == 0
+    kit = sorted(p.name for p in target.iterdir())
+    (target / "edge-lstm.toml").write_text("# mine\n")
+    (target / "edge-lstm.service").unlink()
+    os.mkfifo(target / "edge-lstm.service")
+    for force in ([], ["--force"]):
+        again = run_cli("edge.cli", ["deploy-kit", str(target), *force])
+        err = again.stderr.strip().splitlines()
+        assert again.returncode == 2 and len(err) == 1, again.stderr
+        assert f"{target / 'edge-lstm.service'} is a FIFO" in err[0]
+        assert (target / "edge-lstm.toml").read_text() == "# mine\n"
+        assert stat.S_ISFIFO((target / "edge-lstm.service").lstat().st_mode)
+        assert sorted(p.name for p in target.iterdir()) == kit  # no temporary file left
+
+
+def test_deploy_kit_follows_a_link_and_keeps_it(tmp_path):
+    elsewhere = tmp_path / "etc"
+    elsewhere.mkdir()
+    (elsewhere / "edge-lstm.toml").write_text("# mine\n")
+    target = tmp_path / "kit"
+    target.mkdir()
+    (target / "edge-lstm.toml").symlink_to(elsewhere / "edge-lstm.toml")
+    again = run_cli("edge.cli", ["deploy-kit", str(target)])
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert [p.name for p in target.iterdir()] == ["edge-lstm.toml"]
+    forced = run_cli("edge.cli", ["deploy-kit", str(target), "--force"])
+    assert forced.returncode == 0, forced.stderr
+    assert (target / "edge-lstm.toml").is_symlink()
+    shipped = (ROOT / "edge/deploy/edge-lstm.toml").read_bytes()
+    assert (elsewhere / "edge-lstm.toml").read_bytes() == shipped
+    assert [p.name for p in elsewhere.iterdir()] == ["edge-lstm.toml"]

@@ -30,6 +30,11 @@ DTYPES = ("int8", "int16", "float32")
 OUTPUT_KINDS = ("classifier", "regressor")
 OUTPUT_ACTIVATIONS = ("linear", "softmax")  # applied by the runtime to the output tensor
 STATE_ROLES = ("h", "c", "buffer")  # hidden state, LSTM cell state, convolution input buffer
+NORMALIZATIONS = ("graph", "runtime")  # where (x - mean) / std happens
+# The runtime's arithmetic ends in float32: a number beyond these turns into inf or 0 there.
+F32_MAX = 3.4028234663852886e38
+F32_TINY = 1.1754943508222875e-38  # the smallest normal float32
+INT_RANGES = {"int8": (-128, 127), "int16": (-32768, 32767), "float32": (0, 0)}
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,18 @@ def _get(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: st
     return value
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None: JSON numbers include NaN, Infinity and integers
+    too large for a float (``float()`` raises on those)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        x = float(value)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
+
+
 def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     """Validate a manifest dict; every error names the field and the bad value."""
     if not isinstance(data, Mapping):
@@ -201,15 +218,21 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         if dtype not in DTYPES:
             raise BundleError(f"{w}: dtype {dtype!r} is not one of {DTYPES}")
         width = _get(spec, "width", int, w)
-        scale = float(_get(spec, "scale", (int, float), w))
+        raw_scale = _get(spec, "scale", (int, float), w)
+        scale = _finite(raw_scale)
         if (
             width < 1
-            or not math.isfinite(scale)
+            or scale is None
             or scale < 0
             or (dtype != "float32") != (scale > 0)
+            or (scale > 0 and not F32_TINY <= scale <= F32_MAX)
         ):
-            raise BundleError(f"{w}: width {width} / scale {scale} invalid for dtype {dtype}")
-        tensors[name] = TensorSpec(name, dtype, width, scale, _get(spec, "zero_point", int, w))
+            raise BundleError(f"{w}: width {width} / scale {raw_scale} invalid for dtype {dtype}")
+        zero_point = _get(spec, "zero_point", int, w)
+        lo, hi = INT_RANGES[dtype]
+        if not lo <= zero_point <= hi:
+            raise BundleError(f"{w}: zero_point {zero_point} is outside {dtype}'s [{lo}, {hi}]")
+        tensors[name] = TensorSpec(name, dtype, width, scale, zero_point)
     states = _parse_states(_get(data, "state", list, where), version, tensors, where)
     m_in, m_out = _get(sig, "input", str, where), _get(sig, "output", str, where)
     for name in (m_in, m_out):
@@ -252,15 +275,13 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         "kernels",
     }
     rate = data.get("sample_rate_hz")
-    if rate is not None and (
-        isinstance(rate, bool)
-        or not isinstance(rate, (int, float))
-        or not (math.isfinite(rate) and rate > 0)
-    ):
+    if rate is not None and not ((_finite(rate) or 0.0) > 0):
         raise BundleError(f"{where}: sample_rate_hz {rate!r} is not a positive number")
     for s in states:
         if {s.input, s.output} & {m_in, m_out}:
             raise BundleError(f"{where}: state tensor {s.input!r} is the model's input or output")
+    _check_state_encodings(data, states, tensors, where)
+    _check_normalization(data, count, where)
     return Manifest(
         model_file=_get(data, "model_file", str, where),
         tflite_sha256=_get(data, "tflite_sha256", str, where),
@@ -328,6 +349,72 @@ def _parse_states(
     if not states:
         raise BundleError(f"{where}: field 'state' lists no state tensor")
     return tuple(states)
+
+
+def _check_state_encodings(
+    data: Mapping[str, Any],
+    states: tuple[StateTensor, ...],
+    tensors: Mapping[str, TensorSpec],
+    where: str,
+) -> None:
+    """A state output is fed back as its input. When the converter recorded that no state
+    needs re-encoding (``state_requantization`` false), each output is encoded exactly as its
+    input, so a pair that differs is cross-wired: h0 fed from c0_next is as wide and as int8
+    as h0_next, but c's scale is not h's. (Float states carry no such mark.)"""
+    requant = data.get("state_requantization", True)
+    if not isinstance(requant, bool):
+        raise BundleError(f"{where}: state_requantization {requant!r} is not true or false")
+    if requant:
+        return
+    for s in states:
+        i, o = tensors[s.input], tensors[s.output]
+        if (i.dtype, i.scale, i.zero_point) != (o.dtype, o.scale, o.zero_point):
+            raise BundleError(
+                f"{where}: state output {o.name!r} is {o.dtype} ({o.scale}, {o.zero_point}), "
+                f"its input {i.name!r} {i.dtype} ({i.scale}, {i.zero_point}), but "
+                "state_requantization is false: the state outputs are cross-wired"
+            )
+
+
+def _check_normalization(data: Mapping[str, Any], count: int, where: str) -> None:
+    """``input_normalization`` is applied to every sample as (x - mean) / std; a mean or std
+    the runtime's float32 cannot hold (NaN, inf, 1e300, 1e-300) gives garbage, not an error.
+    Missing while ``normalization`` says the runtime normalises, the model gets raw units.
+    (An explicit null is the converter's record of a model without normalisation.)"""
+    mode = data.get("normalization")
+    if mode is not None and mode not in NORMALIZATIONS:
+        raise BundleError(f"{where}: normalization {mode!r} is not one of {NORMALIZATIONS}")
+    if "input_normalization" not in data:
+        if mode == "runtime":
+            raise BundleError(
+                f"{where}: normalization is 'runtime' but field 'input_normalization' is missing"
+            )
+        return
+    norm = data["input_normalization"]
+    if norm is None:
+        return
+    if mode == "graph":
+        raise BundleError(
+            f"{where}: normalization is 'graph' (the model normalises) but "
+            "input_normalization is given: the input would be normalised twice"
+        )
+    w = f"{where}: input_normalization"
+    if not isinstance(norm, Mapping):
+        raise BundleError(f"{w} has the wrong type ({norm!r})")
+    for key in ("mean", "std"):
+        values = _get(norm, key, list, w)
+        if len(values) != count:
+            raise BundleError(f"{w}.{key} lists {len(values)} values for {count} features")
+        for k, v in enumerate(values):
+            x = _finite(v)
+            if key == "mean":
+                ok = x is not None and abs(x) <= F32_MAX
+                need = f"a finite number within float32's +-{F32_MAX:.4g}"
+            else:
+                ok = x is not None and F32_TINY <= x <= F32_MAX
+                need = f"a finite number in [{F32_TINY:.4g}, {F32_MAX:.4g}]"
+            if not ok:
+                raise BundleError(f"{w}.{key}[{k}] is {v!r}; it must be {need}")
 
 
 def _kernels(data: Mapping[str, Any], where: str) -> dict[str, Any]:

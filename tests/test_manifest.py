@@ -67,6 +67,80 @@ def test_invalid_fields_are_named(manifest_dict, edit, message):
         parse(d)
 
 
+def _swap_state_outputs(d):
+    d["state"][0]["output"], d["state"][1]["output"] = "c0_next", "h0_next"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda d: d["input_normalization"]["mean"].__setitem__(2, float("nan")),
+            r"mean\[2\] is nan",
+        ),
+        (
+            lambda d: d["input_normalization"]["std"].__setitem__(0, float("inf")),
+            r"std\[0\] is inf",
+        ),
+        (lambda d: d["input_normalization"]["mean"].__setitem__(1, 1e300), r"mean\[1\] is 1e\+300"),
+        (lambda d: d["input_normalization"]["mean"].__setitem__(1, 10**400), r"mean\[1\] is 1000"),
+        (lambda d: d["input_normalization"]["std"].__setitem__(3, 1e39), r"std\[3\] is 1e\+39"),
+        # 1 / std overflows float32
+        (lambda d: d["input_normalization"]["std"].__setitem__(5, 1e-300), r"std\[5\] is 1e-300"),
+        (lambda d: d["input_normalization"]["std"].__setitem__(0, 0.0), r"std\[0\] is 0.0"),
+        (lambda d: d["input_normalization"]["std"].__setitem__(0, "1.0"), r"std\[0\] is '1.0'"),
+        (lambda d: d["input_normalization"]["mean"].pop(), "mean lists 5 values for 6"),
+        (lambda d: d["input_normalization"].pop("std"), "missing field 'std'"),
+        (lambda d: d.update(input_normalization=[0.0, 1.0]), "input_normalization has the wrong"),
+        (lambda d: d.update(normalization="graph"), "normalised twice"),
+        (lambda d: d.update(normalization="sometimes"), "normalization 'sometimes'"),
+        (lambda d: d["tensors"]["x"].update(scale=1e300), "scale 1e\\+300"),
+        (lambda d: d["tensors"]["x"].update(scale=10**400), "tensors.x: width 6 / scale 1000"),
+        (lambda d: d["tensors"]["x"].update(zero_point=1000), "zero_point 1000 is outside int8"),
+        (
+            lambda d: d["tensors"]["c0_next"].update(dtype="int16"),
+            "'c0_next' is int16 .* cross-wired",
+        ),
+        # h0 and c0 fed from each other's output: both int8 and as wide, only the scales differ
+        (_swap_state_outputs, "state output 'c0_next' is int8 .* cross-wired"),
+        (lambda d: d.update(state_requantization="no"), "state_requantization 'no'"),
+    ],
+)
+def test_unusable_numbers_and_wiring_are_named(manifest_dict, edit, message):
+    """Hand-edited values that used to load and compute garbage."""
+    d = copy.deepcopy(manifest_dict)
+    edit(d)
+    with pytest.raises(BundleError, match=message):
+        parse(d)
+
+
+def test_null_normalisation_loads_but_a_missing_one_is_refused(manifest_dict):
+    """The converter writes an explicit null when the source model has no normalisation; a
+    manifest without the field at all lost it, and the model would get raw units."""
+    d = copy.deepcopy(manifest_dict)
+    d["input_normalization"] = None
+    assert parse(d).extra["input_normalization"] is None
+    d["normalization"] = "graph"
+    parse(d)
+    del manifest_dict["input_normalization"]
+    with pytest.raises(BundleError, match="'runtime' but field 'input_normalization' is missing"):
+        parse(manifest_dict)
+
+
+def test_nan_in_a_manifest_file_is_refused(bundles, tmp_path):
+    """Python's json reads NaN and Infinity, so a hand-edited file reaches the checks."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles / "clf-int8", b)
+    d = json.loads((b / "manifest.json").read_text())
+    d["input_normalization"]["std"] = [float("inf")] * 6
+    (b / "manifest.json").write_text(json.dumps(d))
+    assert "Infinity" in (b / "manifest.json").read_text()
+    with pytest.raises(BundleError, match=r"input_normalization.std\[0\] is inf"):
+        read_bundle(b)
+
+
 def test_tampered_model_is_refused(bundles, tmp_path):
     import shutil
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import BundleError
 
@@ -25,6 +27,11 @@ FORMAT_VERSION = 2
 ACTIVATION_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: LSTM-only state layout (h_in/h_out/c_in/c_out per layer)
 MANIFEST_NAME = "manifest.json"
+# Each is read whole, so each has a size limit: a real manifest is a few KiB, a step model a
+# few MiB at most; beyond these a file is damaged or not a bundle's, and reading it could
+# exhaust a small device's memory.
+MANIFEST_LIMIT = 1 << 20
+MODEL_LIMIT = 2 << 30
 QUANT_MODES = ("int8", "int8-float-head", "int8-float-cell", "int16x8", "float16", "float32")
 DTYPES = ("int8", "int16", "float32")
 OUTPUT_KINDS = ("classifier", "regressor")
@@ -433,12 +440,38 @@ def _kernels(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     return dict(k)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _open_regular(path: Path, limit: int, what: str) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file of at most ``limit`` bytes. A FIFO
+    would block the open or the read forever, a device may never end, and each file is read
+    whole: all of them are refused by ``stat`` before the open. The open never blocks, and the
+    opened file is checked again in case the path changed in between."""
+    st = path.stat()  # FileNotFoundError and other OSErrors: the caller words them
+    _check_regular(path, st, limit, what)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    f = os.fdopen(fd, "rb")
+    try:
+        _check_regular(path, os.fstat(fd), limit, what)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _check_regular(path: Path, st: os.stat_result, limit: int, what: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kinds = {
+            stat.S_IFIFO: "a FIFO",
+            stat.S_IFDIR: "a directory",
+            stat.S_IFCHR: "a character device",
+            stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket",
+        }
+        kind = kinds.get(stat.S_IFMT(st.st_mode), "not a file")
+        raise BundleError(f"{path}: the {what} is {kind}, not a regular file")
+    if st.st_size > limit:
+        raise BundleError(
+            f"{path}: the {what} is {st.st_size} bytes, over the limit of {limit} bytes"
+        )
 
 
 def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
@@ -448,7 +481,11 @@ def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
     if not d.is_dir():
         raise BundleError(f"{d}: not a bundle directory")
     try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
+        with _open_regular(mpath, MANIFEST_LIMIT, "manifest") as f:
+            raw = f.read(MANIFEST_LIMIT + 1)
+        if len(raw) > MANIFEST_LIMIT:  # grew after the size check
+            raise BundleError(f"{mpath}: the manifest is over the limit of {MANIFEST_LIMIT} bytes")
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError as exc:
         raise BundleError(f"{mpath}: missing; is {d} a bundle made by lstm-convert?") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -463,13 +500,38 @@ def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
         )
     tpath = d / mfile
     try:
-        content = tpath.read_bytes()
+        with _open_regular(tpath, MODEL_LIMIT, "model") as f:
+            content = _read_verified(f, tpath, manifest.tflite_sha256)
     except OSError as exc:
         raise BundleError(f"{tpath}: cannot read the model: {exc}") from exc
-    digest = hashlib.sha256(content).hexdigest()
-    if digest != manifest.tflite_sha256:
-        raise BundleError(
-            f"{tpath}: sha256 {digest[:12]}... does not match the manifest's tflite_sha256 "
-            f"{manifest.tflite_sha256[:12]}...; the bundle was modified or is incomplete"
-        )
     return manifest, content
+
+
+def _read_verified(f: BinaryIO, path: Path, sha256: str) -> bytes:
+    """The model's bytes, once their sha256 matches. Hashed in 1 MiB reads first, so a wrong
+    or damaged file is refused without holding it in memory; then read whole (the interpreter
+    takes bytes), and refused if it changed in between."""
+    before = os.fstat(f.fileno())
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    digest = h.hexdigest()
+    if digest != sha256:
+        raise BundleError(
+            f"{path}: sha256 {digest[:12]}... does not match the manifest's tflite_sha256 "
+            f"{sha256[:12]}...; the bundle was modified or is incomplete"
+        )
+    f.seek(0)
+    try:
+        content = f.read(before.st_size + 1)
+    except MemoryError as exc:
+        raise BundleError(
+            f"{path}: the model ({before.st_size} bytes) does not fit in the memory left"
+        ) from exc
+    after = os.fstat(f.fileno())
+    if len(content) != before.st_size or (after.st_size, after.st_mtime_ns) != (
+        before.st_size,
+        before.st_mtime_ns,
+    ):
+        raise BundleError(f"{path}: the model changed while it was read; load it again")
+    return content

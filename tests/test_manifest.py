@@ -187,3 +187,106 @@ def test_format_1_lstm_layouts_are_still_read(manifest_dict):
     legacy = parse(old)
     assert legacy.state_names == m.state_names and legacy.state_layout() == m.state_layout()
     assert [s.role for s in legacy.states] == ["h", "c"] * (len(m.states) // 2)
+
+
+@pytest.fixture
+def bundle_copy(bundles, tmp_path):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles / "clf-int8", b)
+    return b
+
+
+@pytest.fixture
+def no_hang():
+    """Turns a blocked open or read into a failure: a FIFO opened for reading waits for a
+    writer that never comes. Only a broken check ever waits for the alarm."""
+    import signal
+
+    def stuck(signum, frame):
+        raise TimeoutError("blocked reading a bundle file")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name", ["model.tflite", "manifest.json"])
+def test_a_fifo_in_a_bundle_is_refused_without_opening_it(bundle_copy, no_hang, name):
+    import os
+
+    (bundle_copy / name).unlink()
+    os.mkfifo(bundle_copy / name)
+    with pytest.raises(BundleError, match=f"{name}: the .* is a FIFO, not a regular file"):
+        read_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("name", ["model.tflite", "manifest.json"])
+def test_a_directory_in_place_of_a_bundle_file_is_refused(bundle_copy, name):
+    (bundle_copy / name).unlink()
+    (bundle_copy / name).mkdir()
+    with pytest.raises(BundleError, match=f"{name}: the .* is a directory, not a regular file"):
+        read_bundle(bundle_copy)
+
+
+def test_an_oversized_manifest_is_refused_by_its_size(bundle_copy):
+    """Sparse: no disk used, and refused before a byte of it is read."""
+    import os
+
+    os.truncate(bundle_copy / "manifest.json", (1 << 20) + 1)
+    with pytest.raises(
+        BundleError,
+        match=r"manifest.json: the manifest is 1048577 bytes, over the limit of 1048576",
+    ):
+        read_bundle(bundle_copy)
+
+
+def test_an_oversized_model_is_refused_by_its_size(bundle_copy, monkeypatch):
+    import os
+
+    import edge.manifest
+
+    assert edge.manifest.MODEL_LIMIT >= 2 << 30  # generous: a step model is a few MiB
+    monkeypatch.setattr(edge.manifest, "MODEL_LIMIT", 1 << 20)
+    os.truncate(bundle_copy / "model.tflite", (1 << 20) + 1)
+    with pytest.raises(
+        BundleError, match=r"model.tflite: the model is 1048577 bytes, over the limit of 1048576"
+    ):
+        read_bundle(bundle_copy)
+
+
+def test_a_model_that_does_not_fit_in_memory_is_one_error(bundle_copy, monkeypatch):
+    """The sha256 is checked in 1 MiB reads; only the read of the whole model can run out."""
+    import edge.manifest
+
+    real_open = edge.manifest._open_regular
+
+    class Scarce:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            if n != 1 << 20:  # anything but a chunk of the sha256 check
+                raise MemoryError
+            return self.f.read(n)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def scarce_open(path, limit, what):
+        f = real_open(path, limit, what)
+        return Scarce(f) if what == "model" else f
+
+    monkeypatch.setattr(edge.manifest, "_open_regular", scarce_open)
+    size = (bundle_copy / "model.tflite").stat().st_size
+    with pytest.raises(BundleError, match=rf"the model \({size} bytes\) does not fit in"):
+        read_bundle(bundle_copy)

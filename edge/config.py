@@ -167,9 +167,11 @@ def _convert(name: str, value: Any) -> Any:
             if isinstance(value, bool) or not math.isfinite(number := float(value)):
                 raise ValueError
             return number
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise TypeError  # a TOML array, table or date is no name, path or topic
         return str(value)
     except (TypeError, ValueError, OverflowError):
-        kind = "finite number" if typ in ("float", float) else typ
+        kind = {"float": "finite number", "str": "string"}.get(str(typ), str(typ))
         raise ConfigError(f"{name} = {value!r} is not a valid {kind}") from None
 
 
@@ -248,18 +250,43 @@ def _check_topics(cfg: ServiceConfig) -> None:
                 f"{name} = {template!r}: expected a topic, '{{runtime_id}}' its only placeholder, "
                 "no '+' or '#'"
             )
-    for a, b in (("data_topic", "control_topic"), ("data_topic", "runtime_control_topic")):
-        if getattr(cfg, a).replace("{runtime_id}", "{stream}") == getattr(cfg, b).replace(
-            "{runtime_id}", "{stream}"
-        ):
-            raise ConfigError(f"{a} and {b} are the same ({getattr(cfg, a)!r}): they must differ")
-    for out in ("prediction_topic", "error_topic", "reply_topic", "status_topic", "stats_topic"):
-        for sub in ("data_topic", "control_topic", "runtime_control_topic"):
+    inputs = ("data_topic", "control_topic", "runtime_control_topic")
+    outputs = ("prediction_topic", "error_topic", "reply_topic", "status_topic", "stats_topic")
+    for i, a in enumerate(inputs):
+        for b in inputs[i + 1 :]:
+            if _overlap(getattr(cfg, a), getattr(cfg, b)):
+                raise ConfigError(
+                    f"{a} = {getattr(cfg, a)!r} overlaps {b} = {getattr(cfg, b)!r}: a message "
+                    "on a topic both match would be read twice, as either"
+                )
+    for i, a in enumerate(outputs):
+        for b in outputs[i + 1 :]:
+            if _overlap(getattr(cfg, a), getattr(cfg, b)):
+                raise ConfigError(
+                    f"{a} = {getattr(cfg, a)!r} overlaps {b} = {getattr(cfg, b)!r}: their "
+                    "subscribers could not tell one from the other"
+                )
+    for out in outputs:
+        for sub in inputs:
             if _overlap(getattr(cfg, out), getattr(cfg, sub)):
                 raise ConfigError(
                     f"{out} = {getattr(cfg, out)!r} overlaps {sub} = {getattr(cfg, sub)!r}: "
                     "the service would read what it publishes as input, without end"
                 )
+
+
+def _mqtt_string(name: str, text: str) -> None:
+    """What an MQTT string can carry: at most 65,535 bytes of UTF-8 without U+0000. Else the
+    client fails at every connect, with a traceback or a refusal that names nothing."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = -1
+    if size < 0 or size > 65535 or "\0" in text:
+        raise ConfigError(
+            f"{name} = {text[:40]!r}{'...' if len(text) > 40 else ''}: MQTT carries at most "
+            "65,535 bytes of UTF-8 text without NUL characters"
+        )
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -285,6 +312,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     section = data.get("serve", data)
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [serve] must be a table")
+    if "serve" not in data and isinstance(data.get("worker"), dict):  # shared with the worker
+        section = {k: v for k, v in data.items() if k != "worker"}
     if "serve" in data:  # [worker] belongs to edge-lstm worker; nothing else is read
         unknown = sorted(set(data) - {"serve", "worker"})
         if unknown:
@@ -300,15 +329,15 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
             raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(choices)}")
     if not cfg.model:
         raise ConfigError("model is required (--model DIR)")
-    u = urlparse(cfg.broker)
+    try:
+        u = urlparse(cfg.broker)
+        port = u.port
+    except ValueError as exc:  # a port out of range, an unclosed [ of an IPv6 address
+        raise ConfigError(f"broker = {cfg.broker!r}: {exc}") from None
     if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
         raise ConfigError(
             f"broker = {cfg.broker!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"
         )
-    try:
-        port = u.port
-    except ValueError as exc:
-        raise ConfigError(f"broker = {cfg.broker!r}: {exc}") from None
     if port == 0:
         raise ConfigError(f"broker = {cfg.broker!r}: port 0 is not a broker's port")
     if not cfg.state_dir.strip():
@@ -374,6 +403,8 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
             raise ConfigError(f"{name} = {path!r}: file not found")
     _check_tls(cfg)
     client_id = cfg.client_id or f"edge-lstm-{socket.gethostname()}"
+    for name, text in (("client_id", client_id), ("username", cfg.username)):
+        _mqtt_string(name, text)
     runtime_id = cfg.runtime_id or client_id
     if any(c in runtime_id for c in "/+#\0") or not runtime_id.strip():
         raise ConfigError(

@@ -20,8 +20,10 @@ CLEAR = "\033[H\033[2J"  # cursor home, clear screen: only on a terminal
 
 def _prefix(template: str, name: str) -> str:
     head, sep, tail = template.partition("{runtime_id}")
-    if not sep or tail or not head.endswith("/"):
-        raise ConfigError(f"--{name} {template!r}: expected a template ending in /{{runtime_id}}")
+    if not sep or tail or not head.endswith("/") or any(c in head for c in "+#\0"):
+        raise ConfigError(
+            f"--{name} {template!r}: expected a topic ending in /{{runtime_id}}, no '+' or '#'"
+        )
     return head
 
 
@@ -30,7 +32,10 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
 
     mqtt: Any = paho
     out = out or sys.stdout
-    u = urlparse(args.broker)
+    try:
+        u = urlparse(args.broker)
+    except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
+        raise ConfigError(f"--broker {args.broker!r}: {exc}") from None
     if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
         raise ConfigError(
             f"--broker {args.broker!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"
@@ -43,6 +48,9 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
         raise ConfigError(f"--count {args.count}: must be >= 0")
     if not args.timeout >= 0:  # NaN too
         raise ConfigError(f"--timeout {args.timeout}: must be a number >= 0")
+    rid = args.runtime_id
+    if rid != "+" and (not rid or any(c in rid for c in "/+#\0")):
+        raise ConfigError(f"--runtime-id {rid!r}: one topic level without '+' or '#', or + for all")
     stats_prefix = _prefix(args.stats_topic, "stats-topic")
     status_prefix = _prefix(args.status_topic, "status-topic")
     view = TopView(stats_prefix, status_prefix)

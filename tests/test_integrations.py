@@ -343,3 +343,12 @@ def test_top_without_a_broker_is_one_line():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert nan.returncode == 2 and "--timeout nan: must be a number >= 0" in nan.stderr
+    for args, named in (
+        (["--broker", "mqtt://[::1"], "--broker 'mqtt://[::1': Invalid IPv6 URL"),
+        (["--runtime-id", "a+b"], "--runtime-id 'a+b'"),
+        (["--stats-topic", "edge/#/{runtime_id}"], "--stats-topic 'edge/#/{runtime_id}'"),
+    ):  # a wildcard where MQTT forbids one killed the network thread, and top waited on
+        r = subprocess.run(
+            [sys.executable, "-m", "edge", "top", *args], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, r.stderr

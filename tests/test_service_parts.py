@@ -85,7 +85,17 @@ def test_config_precedence_and_errors(tmp_path):
         ("runtime_id", "a/+/b", "runtime_id = 'a/\\+/b'"),
         ("client_id", "a/b", "runtime_id = 'a/b' \\(the client id unless set\\)"),
         ("prediction_topic", "p/#/{stream}", "prediction_topic: topic template 'p/#/{stream}'"),
-        ("control_topic", "sensors/{stream}/data", "data_topic and control_topic are the same"),
+        ("control_topic", "sensors/{stream}/data", "data_topic = .* overlaps control_topic"),
+        ("control_topic", "sensors/x/{stream}", "data_topic = .* overlaps control_topic"),
+        ("runtime_control_topic", "sensors/r/{runtime_id}", "overlaps runtime_control_topic"),
+        ("stats_topic", "edge/status/{runtime_id}", "status_topic = .* overlaps stats_topic"),
+        ("error_topic", "predictions/{stream}", "prediction_topic = .* overlaps error_topic"),
+        ("broker", "mqtt://[::1", "broker = 'mqtt://\\[::1': Invalid IPv6 URL"),
+        ("client_id", "x" * 70000, "client_id = 'x{40}'\\.\\.\\.: MQTT carries at most 65,535"),
+        ("client_id", "a\0b", "client_id = 'a\\\\x00b': MQTT carries"),
+        ("username", "u\0", "username = 'u\\\\x00': MQTT carries"),
+        ("state_dir", [1, 2], "state_dir = \\[1, 2\\] is not a valid string"),
+        ("client_id", {"a": 1}, "client_id = {'a': 1} is not a valid string"),
         (
             "error_topic",
             "sensors/{stream}/data",
@@ -332,3 +342,10 @@ def test_the_outbox_counts_the_bytes_a_checkpoint_carries_over():
     assert box.open_bytes == len(b.topic) + 50
     box.acked(2)
     assert box.open_bytes == 0
+
+
+def test_a_config_file_shared_with_the_worker_is_read_by_serve(tmp_path):
+    """docs/cluster.md: serve's keys at top level and the worker's in [worker], one file."""
+    f = tmp_path / "edge.toml"
+    f.write_text('model = "m"\nreorder_ms = 10\n[worker]\npartitions = 4\n')
+    assert config.load(f, env={}).reorder_ms == 10

@@ -88,8 +88,10 @@ def load_file(path: Path) -> np.ndarray:
             data = np.asarray(rows, dtype=np.float64)
         else:
             raise SimError(f"--source {path}: expected a .npy or .csv file")
-    except (OSError, ValueError) as exc:
-        raise SimError(f"--source {path}: cannot read: {exc}") from exc
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty .npy
+        raise SimError(f"--source {path}: cannot read: {exc or 'the file is empty'}") from exc
+    if data.dtype.kind not in "biuf":
+        raise SimError(f"--source {path}: expected numbers, got an array of {data.dtype}")
     if data.ndim == 3:
         data = data.reshape(-1, data.shape[-1])
     if data.ndim != 2 or not len(data) or not np.isfinite(data).all():

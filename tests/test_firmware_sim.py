@@ -37,6 +37,14 @@ def test_bad_sources(spec, message):
         make(spec, 0, 0)
 
 
+def test_source_files_that_hold_no_numbers_are_named(tmp_path):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "text.npy", np.array([["a", "b"]]))
+    for name, message in (("empty.npy", "the file is empty"), ("text.npy", "expected numbers")):
+        with pytest.raises(SimError, match=f"--source {tmp_path / name}: .*{message}"):
+            make(str(tmp_path / name), 0, 0)
+
+
 def test_fault_plan_parsing():
     assert FaultPlan.parse("all=0.1").rates == {k: 0.1 for k in KINDS}
     assert FaultPlan.parse("drop=0.5, nan=0").rates == {"drop": 0.5, "nan": 0.0}

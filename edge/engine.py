@@ -5,6 +5,7 @@ No MQTT here; ``edge.mqtt_loop`` and ``edge.processor`` are a thin shell around 
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,6 +40,9 @@ MAX_STREAM_ID = 256
 # rows back that have applied nothing since.
 DEPARTED, RECALLED = "departed", "recalled"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+_COMPLEX = (complex, np.complexfloating)
+_F64 = np.dtype(np.float64)
+_REAL = "fiub"  # dtype kinds the quick paths cast to float64 exactly as the general path does
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,31 @@ def _valid_id(stream: Any) -> bool:
     return isinstance(stream, str) and 0 < len(stream) <= MAX_STREAM_ID and stream.isprintable()
 
 
+def _real_values(values: Any) -> np.ndarray:
+    """float64 values, or InvalidSample naming what cannot be one: a complex value would be cast
+    with its imaginary part dropped, and an int past the float range raises OverflowError."""
+    try:
+        raw = np.asarray(values)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidSample(f"values are not numeric: {exc}") from exc
+    kind = raw.dtype.kind
+    if kind == "c" or (kind == "O" and any(isinstance(v, _COMPLEX) for v in raw.flat)):
+        flat = raw.ravel()
+        bad = next((v for v in flat if isinstance(v, _COMPLEX) and v.imag), flat[0])
+        raise InvalidSample(f"value {complex(bad)} is complex; the model takes real numbers")
+    try:
+        return raw.astype(np.float64, copy=False)
+    except OverflowError as exc:
+        big = [v for v in raw.flat if isinstance(v, int) and abs(v) > FLOAT32_MAX]
+        if not big:
+            raise InvalidSample(f"values are not numeric: {exc}") from exc
+        raise InvalidSample(
+            f"values beyond the float32 range (max |x| ~1e{int(math.log10(abs(big[0])))})"
+        ) from exc
+    except (TypeError, ValueError) as exc:
+        raise InvalidSample(f"values are not numeric: {exc}") from exc
+
+
 def _opt(value: Any) -> int | None:
     """An int64 array entry -> int, or None for the "none" marker (NO_SEQ = NO_BOOT = -1)."""
     v = int(value)
@@ -244,9 +273,13 @@ class Engine:
         if boot is not None and (type(boot) is not int or boot != store.boots[row, 0]):
             return None
         try:
-            arr = np.asarray(x, dtype=np.float64)
+            arr = np.asarray(x)
         except (TypeError, ValueError):
             return None
+        if arr.dtype is not _F64:  # complex, objects (an int past float), text: not here
+            if arr.dtype.kind not in _REAL:
+                return None
+            arr = arr.astype(np.float64)
         if arr.shape != (self._features,) or not np.abs(arr).max() <= FLOAT32_MAX:
             return None
         model = self.model
@@ -273,17 +306,25 @@ class Engine:
     def reset(self, stream: str, *, next_seq: int | None = None, boot: int | None = None) -> None:
         """Zero the stream's state. Its last seq is kept (redeliveries stay duplicates) unless
         ``next_seq`` is given: then that seq is the next one accepted. ``boot`` makes that boot
-        the stream's current one."""
+        the stream's current one. Refused (``InvalidSample``, nothing changed) with an invalid
+        stream id, or a ``next_seq`` or ``boot`` that ``step`` would refuse as a seq or boot."""
+        if not _valid_id(stream):
+            raise InvalidSample(f"invalid stream id {stream!r}")
+        for name, value in (("next_seq", next_seq), ("boot", boot)):
+            if value is not None and not _u32(value):
+                raise InvalidSample(
+                    f"{name} {value!r} is not an unsigned 32-bit integer", stream_id=stream
+                )
         self.store.reset(stream)
         self.counters.resets += 1
         row = self.store.peek(stream)
         if row is None and (next_seq is not None or boot is not None):
             row = int(self.store.acquire([stream])[0])
         if row is not None and next_seq is not None:  # a new numbering: old gaps mean nothing
-            self.store.last_seq[row] = (next_seq - 1) % U32
+            self.store.last_seq[row] = (int(next_seq) - 1) % U32
             self.store.gaps[row] = 0
         if row is not None and boot is not None:
-            self.store.set_boot(row, boot)
+            self.store.set_boot(row, int(boot))
 
     def last_seq(self, stream: str) -> int | None:
         row = self.store.peek(stream)
@@ -457,10 +498,7 @@ class Engine:
             batch = self._step_steady(streams, values, seqs, boots)
             if batch is not None:
                 return batch
-        try:
-            x = np.asarray(values, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise InvalidSample(f"values are not numeric: {exc}") from exc
+        x = _real_values(values)
         if x.ndim == 1 and n == 1 and counts is None:
             x = x.reshape(1, -1)
         if x.ndim != 2 or x.shape[1] != f:
@@ -474,7 +512,10 @@ class Engine:
         if n and (bt.min() < NO_BOOT or bt.max() >= U32):
             bad = int(bt[(bt < NO_BOOT) | (bt >= U32)][0])
             raise InvalidSample(f"boot {bad} is not an unsigned 32-bit integer (or NO_BOOT)")
-        if int(cnt.sum()) != len(x) or (n and cnt.min() < 0):
+        if n and cnt.min() < 0:
+            i = int(np.flatnonzero(cnt < 0)[0])
+            raise InvalidSample(f"count {int(cnt[i])} of chunk {i} is negative")
+        if int(cnt.sum()) != len(x):
             raise InvalidSample(f"counts add up to {int(cnt.sum())}, values have {len(x)} rows")
         errors: dict[int, SampleError] = {}
         return self._step_arrays(streams, x, cnt, sq, bt, errors)
@@ -495,9 +536,13 @@ class Engine:
         if rows is None or (store.recalled and not store.recalled.isdisjoint(streams)):
             return None
         try:
-            x = np.asarray(values, dtype=np.float64)
-        except (TypeError, ValueError, OverflowError):
+            x = np.asarray(values)
+        except (TypeError, ValueError):
             return None
+        if x.dtype is not _F64:  # complex, objects (an int past float), text: not here
+            if x.dtype.kind not in _REAL:
+                return None
+            x = x.astype(np.float64)
         sq = np.asarray(seqs)
         if sq.dtype != np.int64:  # the general path converts, or refuses, anything else
             return None
@@ -573,11 +618,9 @@ class Engine:
                 f"boot {chunk.boot!r} is not an unsigned 32-bit integer", stream_id=stream, seq=seq
             )
         try:
-            arr = np.asarray(chunk.values, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise InvalidSample(
-                f"values are not numeric: {exc}", stream_id=stream, seq=seq
-            ) from exc
+            arr = _real_values(chunk.values)
+        except InvalidSample as exc:
+            raise InvalidSample(str(exc), stream_id=stream, seq=seq) from exc.__cause__
         f = self._features
         if arr.ndim == 1:
             arr = arr.reshape(1, -1)

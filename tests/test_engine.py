@@ -1,6 +1,7 @@
 """The engine against real bundles in a real interpreter (runs in both environments)."""
 
 import platform
+import warnings
 
 import numpy as np
 import pytest
@@ -248,6 +249,10 @@ def test_idle_timeout_uses_the_injected_clock(load):
         ([1.0, 2.0, float("inf"), 0, 0, 0], "NaN or Inf"),
         (["a", "b", "c", "d", "e", "f"], "not numeric"),
         (np.ones((0, 6)), "no samples in the chunk"),
+        ([10**400, 0, 0, 0, 0, 0], r"beyond the float32 range \(max \|x\| ~1e400\)"),
+        ([1 + 2j, 0, 0, 0, 0, 0], r"value \(1\+2j\) is complex"),
+        (np.array([0, 3j, 0, 0, 0, 0]), r"value 3j is complex"),
+        ([np.complex128(2j), 0.0, 0, 0, 0, 0], r"value 2j is complex"),
     ],
 )
 def test_invalid_samples_are_refused_and_change_nothing(load, values, message):
@@ -261,6 +266,22 @@ def test_invalid_samples_are_refused_and_change_nothing(load, values, message):
     assert all(np.array_equal(a, b) for a, b in zip(before, engine.state_of("s")))
 
 
+@pytest.mark.parametrize(
+    "values", [np.array([0, 3j, 0, 0, 0, 0]), [10**400, 0, 0, 0, 0, 0]], ids=["complex", "huge"]
+)
+def test_a_value_past_float_or_complex_continuing_a_stream_is_refused(load, values):
+    """A known stream's next sample goes the quick way: it refuses the same values."""
+    engine = load()
+    engine.step("s", samples(1, 0)[0], seq=1)
+    before = engine.state_of("s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not cast with a warning: refused
+        with pytest.raises(edge.InvalidSample, match="complex|float32 range"):
+            engine.step("s", values, seq=2)
+    assert engine.last_seq("s") == 1
+    assert all(np.array_equal(a, b) for a, b in zip(before, engine.state_of("s")))
+
+
 def test_one_bad_chunk_does_not_stop_the_others(load):
     engine = load()
     outs = engine.step_many(
@@ -268,6 +289,51 @@ def test_one_bad_chunk_does_not_stop_the_others(load):
     )
     assert outs[1].error is not None and outs[1].error.code == "invalid_sample"
     assert len(outs[0].y) == 2 and len(outs[2].y) == 1 and engine.state_of("bad") is None
+
+
+def test_a_value_past_float_in_one_chunk_does_not_stop_the_others(load):
+    engine = load()
+    outs = engine.step_many(
+        [Chunk("good", samples(1, 0)[0], 1), Chunk("huge", [10**400, 0, 0, 0, 0, 0], 1)]
+    )
+    assert outs[0].error is None and len(outs[0].y) == 1 and engine.last_seq("good") == 1
+    assert isinstance(outs[1].error, edge.InvalidSample) and "1e400" in str(outs[1].error)
+    assert outs[1].seq == 1 and engine.state_of("huge") is None
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((None, {}), "invalid stream id None"),
+        (("", {"next_seq": 1}), "invalid stream id ''"),
+        ((["s"], {}), r"invalid stream id \['s'\]"),
+        (("s", {"next_seq": 2**32}), "next_seq 4294967296 is not an unsigned 32-bit"),
+        (("s", {"next_seq": -1}), "next_seq -1 is not"),
+        (("s", {"next_seq": 1.5}), "next_seq 1.5 is not"),
+        (("s", {"next_seq": "7"}), "next_seq '7' is not"),
+        (("s", {"next_seq": True}), "next_seq True is not"),
+        (("s", {"boot": -5}), "boot -5 is not"),
+        (("s", {"boot": 2**40}), "boot 1099511627776 is not"),
+        (("s", {"next_seq": 3, "boot": 2.0}), r"boot 2\.0 is not"),
+        (("new", {"next_seq": 2**32}), "next_seq 4294967296 is not"),
+    ],
+)
+def test_reset_refuses_what_step_refuses_and_changes_nothing(load, args, message):
+    engine = load()
+    engine.step("s", samples(1, 0)[0], seq=5, boot=2)
+    before = engine.state_of("s")
+    stream, kw = args
+    with pytest.raises(edge.InvalidSample, match=message):
+        engine.reset(stream, **kw)
+    assert engine.last_seq("s") == 5 and engine.boots("s") == (2, [])
+    assert all(np.array_equal(a, b) for a, b in zip(before, engine.state_of("s")))
+    assert engine.stats()["streams"] == 1 and engine.counters.resets == 0
+
+
+def test_reset_takes_numpy_integers(load):
+    engine = load()
+    engine.reset("s", next_seq=np.uint32(7), boot=np.int64(3))
+    assert engine.last_seq("s") == 6 and engine.boots("s") == (3, [])
 
 
 def test_gap_policies(load):

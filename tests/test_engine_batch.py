@@ -1,6 +1,8 @@
 """The array path of the engine (``step_batch``), chunks of any length, and the tensor binding,
 against real bundles in a real interpreter (runs in both environments)."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -226,6 +228,7 @@ def test_unsequenced_and_sequenced_arrays(load):
         ({"seqs": [1, 2, 3], "boots": [2**40, 1, 2]}, r"boot 1099511627776 is not an unsigned"),
         ({"seqs": [1, 2, 3], "boots": [-5, 1, 2]}, r"boot -5 is not an unsigned"),
         ({"counts": [1.0, 1, 1]}, r"counts must be integers"),
+        ({"counts": [-1, 2, 2]}, r"count -1 of chunk 0 is negative"),
     ],
 )
 def test_malformed_batches_are_refused_whole(load, kwargs, message):
@@ -325,3 +328,34 @@ def test_a_boot_is_an_unsigned_32_bit_integer_as_in_payloads(load):
     assert e.state_of("s") is None
     with pytest.raises(edge.InvalidSample, match="takes Chunk objects"):
         e.step_many([("s", samples(1, 0)[0])])
+
+
+@pytest.mark.parametrize("steady", [True, False], ids=["steady", "general"])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (10**400, r"beyond the float32 range \(max \|x\| ~1e400\)"),
+        (1 + 2j, r"\(1\+2j\) is complex"),
+    ],
+    ids=["huge", "complex"],
+)
+def test_a_batch_with_a_value_past_float_or_complex_is_refused_whole(load, steady, bad, message):
+    """Values as Python objects (an int past the float range) or complex arrays: refused
+    as an invalid sample, not an OverflowError or a cast that drops the imaginary part."""
+    e = load()
+    streams = ["a", "b"]
+    e.step_batch(streams, samples(2, 0), seqs=[1, 1])
+    before = [e.state_of(s) for s in streams]
+    rows = samples(2, 1).tolist()
+    rows[1][2] = bad
+    values = np.array(rows) if isinstance(bad, complex) else rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(edge.InvalidSample, match=message):
+            if steady:
+                e.step_batch(streams, values, seqs=np.array([2, 2]))
+            else:
+                e.step_batch(streams, values, counts=[1, 1], seqs=[2, 2])
+    assert [e.last_seq(s) for s in streams] == [1, 1]
+    for s, st0 in zip(streams, before):
+        assert all(np.array_equal(x, y) for x, y in zip(st0, e.state_of(s)))

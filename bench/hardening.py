@@ -459,7 +459,7 @@ def part_fuzz(url: str, work: Path, scale: float) -> dict[str, Any]:
     silent_ok = 0  # reload / snapshot on the runtime control topic are taken, not answered
     for _, p in hostile.CONTROL_CASES:
         try:
-            doc = payloads.parse_json(p)
+            doc = payloads.parse_control(p)  # as the service parses control messages
         except payloads.PayloadError:
             continue
         silent_ok += isinstance(doc, dict) and doc.get("cmd") in ("reload", "snapshot")

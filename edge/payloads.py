@@ -210,12 +210,25 @@ def decode(
 _KEYS = (b'"seq"', b'"values"', b'"ts"', b'"boot"')
 
 
+def parse_control(payload: bytes) -> Any:
+    """A control message's JSON document (see ``parse_json``); a key named twice in one object
+    is refused ``bad_json`` as in a sample: a reset's "seq" must say one thing."""
+    doc = parse_json(payload)
+    _no_repeated_key(payload)
+    return doc
+
+
 def _unique_keys(payload: bytes) -> None:
     """JSON lets an object name a key twice and parsers keep the last: a sample whose "seq"
     or "values" says two things is refused, not read as whichever came last. A cheap look at
     the bytes first; the objects are looked at only when a key may repeat."""
     if b"\\u" not in payload and all(payload.count(k) < 2 for k in _KEYS):
         return
+    _no_repeated_key(payload)
+
+
+def _no_repeated_key(payload: bytes) -> None:
+    """PayloadError ``bad_json`` naming a key that one object of ``payload`` names twice."""
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         keys = [k for k, _ in items]
@@ -365,10 +378,16 @@ def decode_senml(doc: Any, features: Sequence[str]) -> Samples:
             raise PayloadError("bad_senml", f"record name 'n' {_show(n)} is not a string", seq)
         name = base_name + n
         short = name.rsplit("/", 1)[-1] if name not in features else name
-        if short == "seq":
+        if short == "seq":  # named twice, which one is meant cannot be told: neither is taken
+            if seq is not None:
+                raise PayloadError("bad_senml", f"'seq' is given twice (record {_show(name, 60)})")
             seq = _seq(rec.get("v"))
             continue
         if short == "boot":
+            if boot is not None:
+                raise PayloadError(
+                    "bad_senml", f"'boot' is given twice (record {_show(name, 60)})", seq
+                )
             if rec.get("v") is None:
                 raise PayloadError("bad_boot", f"record {_show(name, 60)} has no 'v'", seq)
             boot = _boot(rec["v"], seq)

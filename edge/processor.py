@@ -525,7 +525,7 @@ class Processor:
             self._error(r, where, "too_large", detail)
             return
         try:
-            doc = payloads.parse_json(msg.payload)
+            doc = payloads.parse_control(msg.payload)
         except payloads.PayloadError as exc:
             self._error(r, where, exc.code, f"control message: {exc.detail}")
             return

@@ -386,6 +386,42 @@ def test_a_key_named_twice_is_refused_not_read_as_the_last(payload):
     assert exc.value.code == "bad_json"
 
 
+_ROW = [{"n": n, "v": 1.0} for n in NAMES]
+
+
+@pytest.mark.parametrize(
+    "pack, field",
+    [
+        ([{"n": "seq", "v": 1}, {"n": "seq", "v": 5}, *_ROW], "seq"),
+        ([{"n": "seq", "v": 5}, *_ROW, {"n": "seq", "v": 5}], "seq"),  # the same value too
+        ([{"bn": "dev/", "n": "seq", "v": 1}, {"n": "seq", "v": 2}, *_ROW], "seq"),
+        ([{"n": "seq", "v": 1}, {"n": "boot", "v": 3}, {"n": "boot", "v": 9}, *_ROW], "boot"),
+        ([{"n": "boot", "v": 3}, *_ROW, {"n": "boot", "v": 3}, {"n": "seq", "v": 1}], "boot"),
+    ],
+)
+def test_a_senml_pack_naming_seq_or_boot_twice_is_refused(pack, field):
+    """As a JSON sample naming a key twice: neither value is taken."""
+    with pytest.raises(PayloadError, match=f"'{field}' is given twice") as exc:
+        payloads.decode(json.dumps(pack).encode(), NAMES)
+    assert exc.value.code == "bad_senml"
+
+
+@pytest.mark.parametrize(
+    "payload, key",
+    [
+        (b'{"cmd": "reset", "seq": 1, "seq": 2}', "seq"),
+        (b'{"cmd": "reset", "boot": 1, "boot": 1}', "boot"),
+        (b'{"cmd": "reset", "cmd": "snapshot"}', "cmd"),
+        (b'{"cmd": "reset", "s\\u0065q": 1, "seq": 2}', "seq"),
+    ],
+)
+def test_a_control_message_naming_a_key_twice_is_refused(payload, key):
+    with pytest.raises(PayloadError, match=f"key '{key}' appears twice") as exc:
+        payloads.parse_control(payload)
+    assert exc.value.code == "bad_json"
+    assert payloads.parse_control(b'{"cmd": "reset", "seq": 2}') == {"cmd": "reset", "seq": 2}
+
+
 def test_key_names_inside_strings_are_not_keys():
     doc = b'{"seq": 6, "values": [1, 2, 3, 4, 5, 6], "note": "\\"seq\\": \\"values\\""}'
     assert payloads.decode(doc, hostile.FEATURES).seq == 6

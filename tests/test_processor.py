@@ -99,6 +99,21 @@ def test_errors_of_topics_that_name_no_stream_reach_no_device(bundles, tmp_path,
     )
 
 
+def test_a_reset_naming_seq_twice_is_refused_and_resets_nothing(bundles, tmp_path, xs):
+    p = make(bundles, tmp_path)
+    assert p.handle([msg("c", 1, xs[0]), msg("c", 2, xs[1])])
+    answers(p)
+    before = p.engine.state_of("c")
+    control = Inbound("sensors/c/control", b'{"cmd": "reset", "seq": 1, "seq": 2}', 0)
+    p.handle([control])
+    outs = answers(p)
+    assert [o.topic for o in outs] == ["errors/c"]
+    doc = json.loads(outs[0].payload)
+    assert doc["error"] == "bad_json" and "'seq' appears twice" in doc["detail"]
+    assert p.engine.last_seq("c") == 2
+    assert all(np.array_equal(a, b) for a, b in zip(before, p.engine.state_of("c")))
+
+
 def test_replay_publishes_again_only_what_the_broker_did_not_acknowledge(bundles, tmp_path, xs):
     p = make(bundles, tmp_path)
     for i in range(10):

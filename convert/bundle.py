@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,13 +16,23 @@ from typing import Any
 import numpy as np
 
 from edge.backend import select
-from edge.manifest import MANIFEST_NAME, Manifest, StateTensor, TensorSpec
+from edge.manifest import (
+    FORMAT,
+    MANIFEST_LIMIT,
+    MANIFEST_NAME,
+    Manifest,
+    StateTensor,
+    TensorSpec,
+)
 
 from . import quantize, step_graph
 from .errors import ConvertError
 from .spec import ModelSpec
 
 MODEL_NAME = "model.tflite"
+# Everything ``convert`` ever writes into a bundle: replacing a directory deletes it whole, so
+# it is replaced only if it holds nothing else.
+BUNDLE_FILES = frozenset({MODEL_NAME, MANIFEST_NAME, "report.json", "report.png"})
 
 
 def describe(
@@ -91,14 +102,61 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
 
 
+def check_replaceable(out: Path) -> None:
+    """Refuse an ``out`` whose replacement would delete anything but an earlier bundle: a
+    directory is replaced whole, so a file merely named manifest.json (a web app's, say) must
+    not be taken for a bundle's, nor may a bundle's directory hold the user's other files."""
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a directory")
+    if not out.is_dir():
+        return
+    try:
+        entries = sorted(out.iterdir())
+    except OSError as exc:
+        raise ConvertError(f"{out}: cannot list the output directory: {exc}") from exc
+    if not entries:
+        return
+    if (why := _not_a_bundle(out / MANIFEST_NAME)) is not None:
+        raise ConvertError(
+            f"{out}: not empty and not a bundle ({MANIFEST_NAME} {why}); refusing to overwrite it"
+        )
+    foreign = [
+        p.name + ("/" if stat.S_ISDIR(p.lstat().st_mode) else "")
+        for p in entries
+        if p.name not in BUNDLE_FILES or stat.S_ISDIR(p.lstat().st_mode)
+    ]
+    if foreign:
+        raise ConvertError(
+            f"{out}: a bundle, but it also holds {', '.join(foreign)}, which no bundle "
+            "contains; refusing to overwrite it (move them out first)"
+        )
+
+
+def _not_a_bundle(mpath: Path) -> str | None:
+    """Why ``mpath`` is not an edge-lstm manifest, or None if it is. Only the ``format`` field
+    is asked for: a bundle of an older or newer format version may still be replaced."""
+    try:
+        st = mpath.lstat()
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        if st.st_size > MANIFEST_LIMIT:
+            return f"is {st.st_size} bytes, more than any manifest"
+        data = json.loads(mpath.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return f"is unreadable: {exc}"
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        return f"has format {found!r}, not {FORMAT!r}"
+    return None
+
+
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A temp directory beside ``out`` that replaces it only if the block succeeds."""
     out = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
-        raise ConvertError(f"{out}: not empty and not a bundle; refusing to overwrite it")
+    check_replaceable(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

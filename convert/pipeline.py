@@ -106,6 +106,7 @@ def run_convert(
         raise ConvertError(f"--normalization {normalization!r} is not 'runtime' or 'graph'")
     if sample_rate_hz is not None and not sample_rate_hz > 0:
         raise ConvertError(f"--sample-rate {sample_rate_hz} must be > 0")
+    bundle.check_replaceable(Path(out).resolve())  # again when staging; here before slow work
     progress(f"reading {model_path}")
     spec, float_model, keras_model = read_model(model_path)
     if feature_names is not None and len(feature_names) != spec.features:

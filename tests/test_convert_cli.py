@@ -131,6 +131,81 @@ def test_refuses_to_overwrite_a_non_bundle_directory(capsys, tmp_path, src):
     assert (tmp_path / "out" / "thesis.tex").read_text() == "precious"
 
 
+def test_a_directory_with_a_foreign_manifest_json_is_not_replaced(capsys, tmp_path, src):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "manifest.json").write_text('{"name": "my-web-app", "start_url": "/"}')
+    (out / "notes.txt").write_text("precious")
+    (out / "sub" / "data.csv").write_text("a,b")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    code, out_ = convert(capsys, src / "model.keras", src / "model.calib.npy", str(out))
+    lines = [line for line in out_.err.strip().splitlines() if line.startswith("lstm-convert")]
+    assert code == 2 and len(lines) == 1, out_.err
+    assert "not a bundle (manifest.json has format None, not 'edge-lstm-bundle')" in lines[0]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert (out / "notes.txt").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_bundle_that_also_holds_other_files_is_not_replaced(capsys, tmp_path, src, bundles):
+    import shutil
+
+    from convert.bundle import staging
+
+    out = tmp_path / "out"
+    shutil.copytree(bundles / "clf-int8", out)
+    (out / "expected.npz").unlink()
+    (out / "notes.txt").write_text("precious")
+    (out / "plots").mkdir()
+    before = sorted(p.name for p in out.iterdir())
+    code, out_ = convert(capsys, src / "model.keras", src / "model.calib.npy", str(out))
+    lines = [line for line in out_.err.strip().splitlines() if line.startswith("lstm-convert")]
+    assert code == 2 and len(lines) == 1, out_.err
+    assert "a bundle, but it also holds notes.txt, plots/, which no bundle contains" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    # with the user's files moved out, the bundle is replaced as before
+    (out / "notes.txt").unlink()
+    (out / "plots").rmdir()
+    with staging(out) as tmp:
+        (tmp / "model.tflite").write_bytes(b"new")
+    assert [p.name for p in out.iterdir()] == ["model.tflite"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+SIGTERM_DURING_CONVERT = """
+import signal, sys
+from convert import cli, quantize
+
+def calibrate(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)  # inside the staging directory's block
+
+quantize.calibrate = calibrate
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_convert_leaves_no_staging_directory(tmp_path, src):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    argv = ["convert", str(src / "model.keras"), "--calib", str(src / "model.calib.npy")]
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_DURING_CONVERT, *argv, "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "lstm-convert: interrupted"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_label_count_must_match(capsys, tmp_path, src):
     code, out = convert(
         capsys,

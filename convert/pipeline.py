@@ -22,6 +22,11 @@ from .spec import ModelSpec
 
 Progress = Callable[[str], None]
 AUTO_ORDER = quantize.AUTO_ORDER  # smallest file first
+# The largest input magnitude accepted. The integer input scale follows the range calibration
+# sees (about range / 255 for int8): one value of 1e36 or 3e38 makes TFLite's interpreter abort
+# the whole process when it prepares the model (no exception to catch), while 1e30 converts.
+# Far beyond any sensor's units; float64 values past float32's range are caught here too.
+MAX_INPUT_MAGNITUDE = 1e30
 
 
 def _stderr(msg: str) -> None:
@@ -51,6 +56,13 @@ def load_sequences(
     if not np.isfinite(x).all():
         bad = np.argwhere(~np.isfinite(x))[0].tolist()
         raise ConvertError(f"{what} {p}: contains NaN or Inf (first at index {bad})")
+    # against the bound as float32 holds it, so that a float32 1e30 (1.0000000150e30) passes
+    if (largest := float(np.abs(x).max())) > float(np.float32(MAX_INPUT_MAGNITUDE)):
+        at = np.unravel_index(int(np.abs(x).argmax()), x.shape)
+        raise ConvertError(
+            f"{what} {p}: largest magnitude {largest:.3g} (at index {list(map(int, at))}) is "
+            f"beyond {MAX_INPUT_MAGNITUDE:g}, more than int8/int16 input quantisation can scale"
+        )
     return x.astype(np.float32), labels
 
 

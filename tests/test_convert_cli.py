@@ -53,6 +53,13 @@ def test_unreadable_model(capsys, tmp_path, src):
     assert_refused(code, out, "Keras cannot read this model", tmp_path)
 
 
+def one_value(value, index):
+    """Zero sequences but for one value, finite in float32: a sensor glitch."""
+    x = np.zeros((2, 10, 6), np.float32)
+    x[index] = value
+    return x
+
+
 @pytest.mark.parametrize(
     "array, needle",
     [
@@ -60,6 +67,12 @@ def test_unreadable_model(capsys, tmp_path, src):
         (np.zeros((2, 10, 5), np.float32), "expected [N, T, 6]"),
         (np.zeros((2, 10, 6), np.int32), "dtype int32"),
         (np.full((2, 10, 6), np.nan, np.float32), "NaN or Inf (first at index [0, 0, 0])"),
+        (
+            one_value(1e36, (0, 4, 3)),
+            "largest magnitude 1e+36 (at index [0, 4, 3]) is beyond 1e+30",
+        ),
+        (np.full((2, 10, 6), -3e38, np.float32), "largest magnitude 3e+38 (at index [0, 0, 0])"),
+        (np.full((2, 10, 6), 1e300), "largest magnitude 1e+300 (at index [0, 0, 0])"),
     ],
 )
 def test_bad_calibration_data(capsys, tmp_path, src, array, needle):
@@ -72,6 +85,23 @@ def test_bad_calibration_data(capsys, tmp_path, src, array, needle):
         str(tmp_path / "out"),
     )
     assert_refused(code, out, needle, tmp_path)
+
+
+def test_held_out_data_beyond_the_input_bound_is_refused_before_converting(capsys, tmp_path, src):
+    data = tmp_path / "data.npz"
+    x = np.zeros((3, 10, 6), np.float32)
+    x[2, 9, 5] = -1e31
+    np.savez(data, x=x)
+    code, out = convert(
+        capsys,
+        src / "model.keras",
+        src / "model.calib.npy",
+        str(tmp_path / "out"),
+        "--data",
+        str(data),
+    )
+    assert_refused(code, out, "--data", tmp_path)
+    assert "largest magnitude 1e+31 (at index [2, 9, 5]) is beyond 1e+30" in out.err
 
 
 @pytest.mark.parametrize(

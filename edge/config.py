@@ -6,6 +6,7 @@ Every key is a field below; ``edge-lstm serve --help`` is generated from the sam
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import socket
@@ -252,27 +253,24 @@ def _check_topics(cfg: ServiceConfig) -> None:
             )
     inputs = ("data_topic", "control_topic", "runtime_control_topic")
     outputs = ("prediction_topic", "error_topic", "reply_topic", "status_topic", "stats_topic")
-    for i, a in enumerate(inputs):
-        for b in inputs[i + 1 :]:
-            if _overlap(getattr(cfg, a), getattr(cfg, b)):
-                raise ConfigError(
-                    f"{a} = {getattr(cfg, a)!r} overlaps {b} = {getattr(cfg, b)!r}: a message "
-                    "on a topic both match would be read twice, as either"
-                )
-    for i, a in enumerate(outputs):
-        for b in outputs[i + 1 :]:
-            if _overlap(getattr(cfg, a), getattr(cfg, b)):
-                raise ConfigError(
-                    f"{a} = {getattr(cfg, a)!r} overlaps {b} = {getattr(cfg, b)!r}: their "
-                    "subscribers could not tell one from the other"
-                )
-    for out in outputs:
-        for sub in inputs:
-            if _overlap(getattr(cfg, out), getattr(cfg, sub)):
-                raise ConfigError(
-                    f"{out} = {getattr(cfg, out)!r} overlaps {sub} = {getattr(cfg, sub)!r}: "
-                    "the service would read what it publishes as input, without end"
-                )
+    pairs = [
+        (a, b, "a message on a topic both match would be read twice, as either")
+        for a, b in itertools.combinations(inputs, 2)
+    ]
+    pairs += [
+        (a, b, "their subscribers could not tell one from the other")
+        for a, b in itertools.combinations(outputs, 2)
+    ]
+    pairs += [
+        (a, b, "the service would read what it publishes as input, without end")
+        for a in outputs
+        for b in inputs
+    ]
+    for a, b, why in pairs:
+        if _overlap(getattr(cfg, a), getattr(cfg, b)):
+            raise ConfigError(
+                f"{a} = {getattr(cfg, a)!r} overlaps {b} = {getattr(cfg, b)!r}: {why}"
+            )
 
 
 def _mqtt_string(name: str, text: str) -> None:

@@ -149,7 +149,8 @@ def test_demo_runs_and_scores(bundles, tmp_path):
     import shutil
 
     shutil.copytree(bundles / "clf-int8", cache / "bundle-int8")
-    shutil.copy(bundles / "src" / "clf" / "model.keras", cache / "model.keras")
+    for name in ("model.keras", "model.json"):  # model.json marks the example current
+        shutil.copy(bundles / "src" / "clf" / name, cache / name)
     out = subprocess.run(
         [
             sys.executable,
@@ -488,7 +489,8 @@ def test_demo_on_a_cluster_kills_a_worker_and_stays_exact(bundles, tmp_path):
     import shutil
 
     shutil.copytree(bundles / "clf-int8", cache / "bundle-int8")
-    shutil.copy(bundles / "src" / "clf" / "model.keras", cache / "model.keras")
+    for name in ("model.keras", "model.json"):  # model.json marks the example current
+        shutil.copy(bundles / "src" / "clf" / name, cache / name)
     out = subprocess.run(
         [
             sys.executable,

@@ -261,6 +261,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ConvertError(f"--epochs {args.epochs} must be >= 1")
         if args.pretrain_epochs < 0:
             raise ConvertError(f"--pretrain-epochs {args.pretrain_epochs} must be >= 0")
+        if not 0 <= args.seed < 2**32:  # NumPy's and Keras's seeds
+            raise ConvertError(f"--seed {args.seed} must be in 0..4294967295")
         info = train_example(
             args.out, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs, seed=args.seed
         )

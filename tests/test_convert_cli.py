@@ -333,3 +333,12 @@ def test_train_example_never_replaces_what_is_not_a_regular_file(tmp_path):
         train_example(fifo, epochs=0, progress=False)
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["m.keras"]
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_train_example_names_a_seed_out_of_range(capsys, tmp_path, seed):
+    """NumPy's seeds are 0..2**32-1: another gave a NumPy traceback after the data was read."""
+    code, out = run(
+        capsys, "train-example", "--out", str(tmp_path / "out" / "m.keras"), "--seed", seed
+    )
+    assert_refused(code, out, f"--seed {seed} must be in 0..4294967295", tmp_path)

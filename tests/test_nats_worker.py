@@ -339,7 +339,11 @@ def test_a_worker_of_another_model_is_refused_and_touches_nothing(
         other = WorkerProc(
             bundles / "reg2-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", str(P)
         ).start()
-        assert other.proc is not None and other.proc.wait(60) == 2
+        assert other.proc is not None
+        try:
+            assert other.proc.wait(60) == 2
+        finally:
+            other.kill()  # not refused: it must not outlive the test
         assert "holds the state of another model: its state layout" in other.log()
         assert "Traceback" not in other.log()
         assert asyncio.run(_snapshot_generations(nats_server.url)) == before

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import BundleError
+from .outfile import KINDS
 
 FORMAT = "edge-lstm-bundle"
 FORMAT_VERSION = 2
@@ -459,14 +460,7 @@ def _open_regular(path: Path, limit: int, what: str) -> BinaryIO:
 
 def _check_regular(path: Path, st: os.stat_result, limit: int, what: str) -> None:
     if not stat.S_ISREG(st.st_mode):
-        kinds = {
-            stat.S_IFIFO: "a FIFO",
-            stat.S_IFDIR: "a directory",
-            stat.S_IFCHR: "a character device",
-            stat.S_IFBLK: "a block device",
-            stat.S_IFSOCK: "a socket",
-        }
-        kind = kinds.get(stat.S_IFMT(st.st_mode), "not a file")
+        kind = KINDS.get(stat.S_IFMT(st.st_mode), "not a file")
         raise BundleError(f"{path}: the {what} is {kind}, not a regular file")
     if st.st_size > limit:
         raise BundleError(

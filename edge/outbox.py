@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # made per message: not frozen, whose __init__ costs 5x
 class Outbound:
     topic: str
     payload: bytes

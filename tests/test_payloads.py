@@ -235,6 +235,27 @@ def test_depth_check_counts_only_structure_outside_strings():
         payloads.check_depth(b'["\\\\"' + b"[" * 10, 8)
     with pytest.raises(PayloadError):
         payloads.check_depth(b'{"a":"x\\u0022", "b":' + b"[" * 20, 8)
+    assert _code(b'{"seq":1,"values":' + b"[{" * 4 + b"}]" * 4 + b"}") == "too_deep"
+
+
+def _deepest(structure: bytes) -> int:
+    """The nesting a bracket-by-bracket walk sees (a stray closer at the top counts nothing)."""
+    depth = deepest = 0
+    for c in structure:
+        depth = depth + 1 if c in b"[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+@settings(max_examples=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=40).map(lambda b: bytes(b"[]{}"[x % 4] for x in b)), st.integers(1, 9))
+def test_depth_check_agrees_with_a_walk_over_any_brackets(structure, limit):
+    """Balanced or not, mixed or not: refused exactly when some point nests deeper."""
+    if _deepest(structure) > limit:
+        with pytest.raises(PayloadError):
+            payloads.check_depth(structure, limit)
+    else:
+        payloads.check_depth(structure, limit)
 
 
 def test_max_depth_is_a_decode_keyword():

@@ -126,7 +126,7 @@ def check_depth(payload: bytes, limit: int) -> None:
     if b"\\" in data:  # "\\" is one escaped backslash; any "\" left then escapes the next char
         data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
     data = data.translate(_AS_BRACKETS, _DROP)
-    if len(data) <= limit:
+    if len(data) - data.count(b'"') <= limit:  # too few brackets to nest deeper
         return
     if b'"' in data:
         data = b"".join(data.split(b'"')[::2])  # even parts lie outside strings
@@ -322,14 +322,16 @@ def _plain(values: list[Any], f: int, finite: bool) -> np.ndarray | None:
 
     The common case checked with a few C-level scans and one array build instead of a Python
     call per number; anything else (and every error message) is left to the element-wise path."""
-    rows = values if type(values[0]) is list else [values]
-    if set(map(type, rows)) != _LIST or set(map(len, rows)) != {f}:
-        return None
-    flat = list(chain.from_iterable(rows))
-    if not set(map(type, flat)) <= _NUMBER_TYPES:
+    if type(values[0]) is not list:
+        flat = values if len(values) == f else None
+    elif set(map(type, values)) == _LIST and set(map(len, values)) == {f}:
+        flat = list(chain.from_iterable(values))
+    else:
+        flat = None
+    if flat is None or not set(map(type, flat)) <= _NUMBER_TYPES:
         return None
     try:
-        arr = np.fromiter(flat, np.float64, len(flat)).reshape(len(rows), f)
+        arr = np.fromiter(flat, np.float64, len(flat)).reshape(-1, f)
     except OverflowError:
         return None
     return arr if finite or np.isfinite(arr).all() else None

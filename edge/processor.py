@@ -592,17 +592,25 @@ class Processor:
     def _apply(self, r: _Round) -> list[Outbound]:
         out: list[Outbound] = []
         ready: list[Record] = []
+        stepped: list[Record] = []
         for item in r.items:  # in message order, as the log has them for a replay
             if isinstance(item, Void):  # a refused message: no need to wait for its seq
                 ready += self.reorder.void(item.stream, item.seq, self.engine.last_seq(item.stream))
             elif item.is_reset:  # in order: everything before it steps first, held or not
                 ready += self.reorder.end(item.stream)
                 out += self._step(ready)
+                stepped += ready
                 ready = []
                 out += self._reset(item)
             else:
                 ready += self.reorder.push(item, self.engine.last_seq, self.engine.boots)
-        return out + self._step(ready + r.released)
+        stepped += ready + r.released
+        out += self._step(ready + r.released)
+        # A stream the engine refused every sample of holds no state: what the reorder buffer
+        # learnt of it goes too (else each such id ever heard is kept, and snapshotted).
+        store = self.engine.store
+        self.reorder.forget({rec.stream for rec in stepped if rec.stream not in store})
+        return out
 
     def _reset(self, rec: Record) -> list[Outbound]:
         try:

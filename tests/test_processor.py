@@ -405,3 +405,27 @@ def test_a_release_the_log_could_not_take_survives_the_checkpoint_that_follows(
     assert p.checkpoint() and p.engine.last_seq("s") == 3
     again = make(bundles, state, reorder_ms=100)  # a crash now: the replay has it too
     assert again.engine.last_seq("s") == 3
+
+
+def test_streams_whose_every_sample_is_refused_leave_nothing_behind(bundles, tmp_path, xs):
+    """A device whose first samples the engine refuses (values beyond the float32 range) never
+    gets state: what the reorder buffer learnt of it must go too, or every such stream id ever
+    heard stays in memory, and in every snapshot, for the life of the service."""
+    now = [0.0]
+    p = make(bundles, tmp_path, lambda: now[0], reorder_ms=500)
+    huge = np.full(6, 1e300)
+    for i in range(0, 40, 8):
+        assert p.handle([msg(f"h{k}", 1, huge) for k in range(i, i + 8)])
+    now[0] = 1.0
+    assert p.tick()
+    codes = {json.loads(o.payload)["error"] for o in answers(p)}
+    assert codes == {"invalid_sample"} and p.metrics.errors["invalid_sample"] == 40
+    assert not len(p.engine.store) and not len(p.reorder)
+    assert p.reorder.export(p.engine.last_seq) == {}
+    assert not p.reorder._next  # nothing kept per stream id
+    # The stream starts as any new one when a usable sample comes, and answers it.
+    assert p.handle([msg("h3", 2, xs[0])])
+    now[0] = 2.0
+    assert p.tick()
+    (o,) = answers(p)
+    assert o.topic == "predictions/h3" and json.loads(o.payload)["seq"] == 2

@@ -35,6 +35,9 @@ from .wal import Damage, Entry, Mark, Output, Record, encode, scan
 
 log = logging.getLogger("edge.service")
 _NAME = re.compile(r"^(snap|wal)-(\d{8})\.(bin|log)$")
+# The temporary file of a snapshot being written (``edge.snapshot.write_atomic``): one found at
+# start-up was left by a crash in the middle of that write.
+_PARTIAL = re.compile(r"^\.snap-\d{8}\.bin\..+$")
 
 
 @dataclass
@@ -108,6 +111,7 @@ class Journal:
         """Restore the newest intact snapshot (``restore(path) -> extra dict``, raising
         ``SnapshotError``) and collect the log entries to replay on top of it."""
         self._adopt_format_1()
+        self._drop_partial()
         snaps, segs = self._listing()
         rec = Recovery()
         for gen in reversed(snaps):
@@ -173,6 +177,19 @@ class Journal:
         rec.last_lsn = max(rec.last_lsn, rec.base_lsn, rec.acked)
         self.generation = max([first, *segs, *snaps])
         return rec
+
+    def _drop_partial(self) -> None:
+        """Remove what snapshot writes cut short by a crash left: each as large as the state,
+        and nothing else would ever reclaim them (one process per directory: none is ours)."""
+        for p in self.dir.iterdir() if self.dir.is_dir() else []:
+            if not _PARTIAL.match(p.name):
+                continue
+            try:
+                p.unlink()
+            except OSError as exc:  # a read-only directory, say: the service starts degraded
+                log.warning("cannot remove %s, left by a snapshot write: %s", p, exc.strerror)
+                continue
+            log.warning("removed %s, left by a snapshot write a crash cut short", p)
 
     def _adopt_format_1(self) -> None:
         """edge-lstm 0.1 kept one ``snapshot.bin`` and one ``wal.log``: the snapshot becomes

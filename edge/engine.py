@@ -391,6 +391,8 @@ class Engine:
         A snapshot of another model or state layout is refused, unless ``fresh_on_mismatch``,
         which starts with no streams instead. ``other_model_ok`` accepts another model with
         the same state layout (an updated bundle keeps its streams, as on hot reload).
+        A snapshot of more streams than ``capacity`` keeps the most recently used ones; the
+        others are evicted (numbering kept, as any eviction).
         """
         snap = snapfmt.read(path)
         layout = [list(x) for x in self.manifest.state_layout()]
@@ -420,6 +422,7 @@ class Engine:
         except (ValueError, TypeError, zlib.error) as exc:  # binascii.Error is a ValueError
             raise SnapshotError(f"{path}: malformed table of evicted streams: {exc}") from exc
         self.store.recalled = {s for s in recalled if s in self.store}
+        self.store.depart_shed()  # a snapshot of more streams than this engine's capacity
         return extra
 
     def load_state_from(self, other: Engine) -> None:

@@ -91,11 +91,15 @@ class HashedFlags:
         return base64.b64encode(zlib.compress(bytes(self._count), 1)).decode()
 
     def load(self, text: str | None) -> None:
+        """Add a table of ``export`` to the flags set here."""
         if not text:
             return
         table = zlib.decompress(base64.b64decode(text))
         if len(table) != self.SLOTS:
             raise ValueError(f"a table of {len(table)} slots, not {self.SLOTS}")
+        if self._count is not None:
+            both = np.frombuffer(table, np.uint8) + np.frombuffer(self._count, np.uint8).astype(int)
+            table = np.minimum(both, 255).astype(np.uint8).tobytes()
         self._count = bytearray(table)
         self.pending = sum(self._count)
 
@@ -239,6 +243,14 @@ class Processor:
             rec = self.journal.recover(lambda p: self.engine.restore(p, other_model_ok=True))
         except StateMismatch as exc:
             raise self._foreign(str(exc)) from None
+        if shed := self.engine.store.stats.evicted_lru:  # a snapshot beyond this capacity
+            log.warning(
+                "the snapshot holds %d streams, capacity is %d: the %d least recently used "
+                "were evicted (their next predictions say restart)",
+                len(self.engine.store) + shed,
+                self.engine.store.capacity,
+                shed,
+            )
         features = self.engine.manifest.features
         for entry in rec.entries:
             if isinstance(entry, Record) and entry.values.shape[-1] != features:
@@ -317,9 +329,9 @@ class Processor:
     def _load_flags(self, doc: dict[str, Any]) -> None:
         try:
             self._unknown_lost = bool(doc.get("unknown"))
-            self._kept_restarted = {str(s) for s in doc.get("kept") or ()}
-            self._restarted = HashedFlags()
-            self._restarted.load(doc.get("evicted"))
+            kept = (str(s) for s in doc.get("kept") or ())
+            self._kept_restarted = {s for s in kept if s in self.engine.store}
+            self._restarted.load(doc.get("evicted"))  # beside those of streams evicted by it
         except (TypeError, ValueError, zlib.error) as exc:  # a header of a later version
             log.error(
                 "restart flags in the snapshot unreadable (%s): every stream's next "

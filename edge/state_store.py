@@ -132,6 +132,8 @@ class StateStore:
         self.on_evict: Callable[[list[str]], None] | None = None
         self.departed = Departed()
         self.recalled: set[str] = set()  # given their rows back, nothing applied since
+        # (stream, last seq, boot) of loaded streams beyond capacity, until ``depart_shed``
+        self.shed: list[tuple[str, int, int]] = []
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -310,6 +312,19 @@ class StateStore:
         if row is not None:
             self._free.append(row)
 
+    def depart_shed(self) -> list[str]:
+        """Evict the streams ``load`` set aside (least recently used beyond ``capacity``):
+        remembered as departed, with their last seq and boot. Returns their ids."""
+        gone = [stream for stream, _, _ in self.shed]
+        for stream, seq, boot in self.shed:
+            if seq != NO_SEQ or boot != NO_BOOT:
+                self.departed.put(stream, seq, boot)
+        self.shed = []
+        self.stats.evicted_lru += len(gone)
+        if gone and self.on_evict is not None:
+            self.on_evict(gone)
+        return gone
+
     def gather(self, rows: np.ndarray) -> list[np.ndarray]:
         return [a[rows] for a in self.arrays]
 
@@ -360,9 +375,19 @@ class StateStore:
         boots: np.ndarray | None = None,
         gaps: np.ndarray | None = None,
     ) -> None:
-        """Replace everything with exported content (same layout, checked by the caller)."""
+        """Replace everything with exported content (same layout, checked by the caller).
+        Content of more streams than ``capacity`` (a smaller one than it was taken with) keeps
+        the most recently used; the others are set aside in ``shed`` for ``depart_shed``."""
         self.departed = Departed()
         self.recalled = set()
+        over = len(streams) - self.capacity
+        self.shed = []
+        if over > 0:  # exported oldest first
+            current = np.full(over, NO_BOOT) if boots is None or not len(boots) else boots[:over, 0]
+            self.shed = list(zip(streams[:over], last_seq[:over].tolist(), current.tolist()))
+            streams, last_seq, arrays = streams[over:], last_seq[over:], [a[over:] for a in arrays]
+            boots = None if boots is None else boots[over:]
+            gaps = None if gaps is None else gaps[over:]
         self._rows.clear()
         self._free.clear()
         self.arrays = [np.empty((0, z.shape[1]), z.dtype) for z in self._zero]
@@ -370,8 +395,6 @@ class StateStore:
         self.last_seen = np.empty(0, np.float64)
         self.boots = np.empty((0, BOOT_HISTORY), np.int64)
         self.gaps = np.zeros((0, GAP_SLOTS, 2), np.int64)
-        if len(streams) > self.capacity:
-            raise ConfigError(f"{len(streams)} streams do not fit capacity {self.capacity}")
         rows = self.acquire(streams)
         self.last_seq[rows] = last_seq
         if boots is not None and len(boots):

@@ -429,3 +429,39 @@ def test_streams_whose_every_sample_is_refused_leave_nothing_behind(bundles, tmp
     assert p.tick()
     (o,) = answers(p)
     assert o.topic == "predictions/h3" and json.loads(o.payload)["seq"] == 2
+
+
+def test_a_restart_with_a_smaller_capacity_evicts_the_least_recently_used_streams(
+    bundles, tmp_path, xs
+):
+    """``capacity`` lowered below the streams in the snapshot: the service starts (it used to
+    refuse, exit 2, at every start: a restart loop under systemd), evicting the least
+    recently used streams as it would have while running; they keep their numbering and say
+    restart on their next answer."""
+    state = tmp_path / "state"
+    p = make(bundles, state, capacity=6, max_batch=1)
+    p.journal.open()
+    for k, stream in enumerate("abcdef"):
+        assert p.handle([msg(stream, 1, xs[k])])
+    assert p.handle([msg("a", 2, xs[6])])  # a is used again: b and c are the oldest now
+    answers(p)
+    assert p.checkpoint()
+    p.journal.close()
+    again = make(bundles, state, capacity=4, max_batch=1)
+    assert sorted(again.engine.store.streams) == ["a", "d", "e", "f"]
+    again.journal.open()
+    answers(again)  # those not acknowledged before the restart
+    assert again.handle([msg("b", 1, xs[1])])  # applied before the restart: still a duplicate
+    (o,) = answers(again)
+    assert o.topic == "errors/b" and json.loads(o.payload)["error"] == "duplicate"
+    assert again.handle([msg("c", 2, xs[7])])
+    (o,) = answers(again)
+    doc = json.loads(o.payload)
+    assert o.topic == "predictions/c" and doc["restart"] and "gap" not in doc
+    assert again.handle([msg("a", 3, xs[8])])  # kept, with its state
+    (o,) = answers(again)
+    doc = json.loads(o.payload)
+    assert o.topic == "predictions/a" and "restart" not in doc
+    want = edge.load(bundles / "clf-int8").step("a", xs[[0, 6, 8]])[-1]
+    np.testing.assert_array_equal(np.float32(doc["y"]), want)
+    assert len(again.engine.store) == 4

@@ -130,21 +130,21 @@ class _Round:
 
 
 class RateLimitedLog:
-    """The first ``burst`` errors of each code per minute at WARNING, the rest at DEBUG."""
+    """The first ``burst`` lines of each code per minute at their level (errors at WARNING),
+    the rest at DEBUG: a device can send as many as it likes, the log stays readable."""
 
     def __init__(self, burst: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
         self.burst, self.clock = burst, clock
         self.window: dict[str, tuple[float, int]] = {}
 
-    def __call__(self, code: str, msg: str) -> None:
+    def __call__(self, code: str, msg: str, level: int = logging.WARNING) -> None:
         now = self.clock()
         start, n = self.window.get(code, (now, 0))
         if now - start > 60:
             start, n = now, 0
         self.window[code] = (start, n + 1)
-        level = logging.WARNING if n < self.burst else logging.DEBUG
         log.log(
-            level,
+            level if n < self.burst else logging.DEBUG,
             "%s: %s%s",
             code,
             msg,
@@ -198,7 +198,7 @@ class Processor:
         # Of the batch being stepped, the streams the engine did not hold: only their answers
         # take a restart flag (the first after they lost their state).
         self._fresh: set[str] = set()
-        self._log_error = RateLimitedLog(clock=clock)
+        self._log_note = RateLimitedLog(clock=clock)
         self.engine = engine
         journal.checkpoint_estimate = self._checkpoint_estimate
 
@@ -629,7 +629,7 @@ class Processor:
             self.engine.reset(rec.stream, next_seq=rec.seq if rec.rebase else None, boot=rec.boot)
         except Exception as exc:
             return [self._internal(rec.stream, exc, rec.lsn)]
-        log.info("stream %s reset by control message", rec.stream)
+        self._log_note("reset", f"stream {rec.stream} reset by control message", logging.INFO)
         last = self.engine.last_seq(rec.stream)
         body = {
             "cmd": "reset",
@@ -733,7 +733,8 @@ class Processor:
             err(oc.error.code, str(oc.error), count=len(rec.values))
             return out
         if oc.restart:
-            log.info("stream %s restarted (boot %s, seq %s)", rec.stream, rec.boot, oc.seq)
+            what = f"stream {rec.stream} restarted (boot {rec.boot}, seq {oc.seq})"
+            self._log_note("restart", what, logging.INFO)
         if not len(oc.y):
             return out
         restart = oc.restart
@@ -775,7 +776,7 @@ class Processor:
         extra: dict[str, Any] | None = None,
     ) -> Outbound:
         self.metrics.error(code)
-        self._log_error(code, f"stream {stream} seq {seq}: {detail}")
+        self._log_note(code, f"stream {stream} seq {seq}: {detail}")
         body = payloads.error(code, detail, seq, extra=extra)
         return Outbound(self.errors.topic(stream), body, lsn=lsn)
 

@@ -465,3 +465,24 @@ def test_a_restart_with_a_smaller_capacity_evicts_the_least_recently_used_stream
     want = edge.load(bundles / "clf-int8").step("a", xs[[0, 6, 8]])[-1]
     np.testing.assert_array_equal(np.float32(doc["y"]), want)
     assert len(again.engine.store) == 4
+
+
+def test_a_flood_of_resets_and_restarts_logs_a_bounded_number_of_lines(
+    bundles, tmp_path, xs, caplog
+):
+    """Every reset and every device restart used to log a line of its own: a device resetting
+    with each sample (or rebooting in a loop) filled the journal of the host, whose disk is
+    often the state directory's. Like errors, the first few a minute are logged, the rest
+    counted."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="edge.service")
+    p = make(bundles, tmp_path)
+    reset = json.dumps({"cmd": "reset"}).encode()
+    for seq in range(1, 201):
+        body = json.dumps({"seq": 1, "boot": seq, "values": xs[0].tolist()}).encode()
+        assert p.handle([Inbound("sensors/d/control", reset), Inbound("sensors/d/data", body)])
+    assert p.engine.counters.resets == 200 and p.engine.counters.restarts == 199
+    lines = [r.getMessage() for r in caplog.records]
+    assert 1 <= sum("reset by control message" in m for m in lines) <= 10
+    assert 1 <= sum("restarted" in m for m in lines) <= 10

@@ -90,6 +90,7 @@ class Journal:
         # Set when the segment was removed under us (the directory deleted, say): nothing more
         # is appended until a checkpoint has written the state out again.
         self.lost: str | None = None
+        self._stuck: set[str] = set()  # retired files that could not be removed (logged once)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"state_dir {str(self.dir)!r} exists and is not a directory")
 
@@ -343,10 +344,17 @@ class Journal:
         snaps, segs = self._listing()
         old = [self.path("snap", g) for g in snaps if g < generation]
         old += [self.path("wal", g) for g in segs if g < generation]
+        removed = False
         for f in old:
-            f.unlink(missing_ok=True)
+            try:
+                f.unlink(missing_ok=True)
+                removed = True
+            except OSError as exc:  # say a directory in its place: the checkpoint stands
+                if f.name not in self._stuck:
+                    self._stuck.add(f.name)
+                    log.error("cannot remove %s of a retired generation: %s", f, exc.strerror)
         self.snapshots = [g for g in self.snapshots if g >= generation]
-        return bool(old)
+        return removed
 
     def close(self) -> None:
         if self._fd is not None:

@@ -496,3 +496,29 @@ def test_a_snapshot_write_cut_by_a_crash_leaves_no_file_behind_after_a_restart(t
     j = Journal(state)
     j.recover(no_restore)
     assert list(state.iterdir()) == []
+
+
+def test_an_old_generation_that_cannot_be_removed_does_not_fail_the_checkpoints(tmp_path, caplog):
+    """A file of a retired generation that cannot be removed (here a directory in its place)
+    failed every checkpoint after its snapshot was written: the service stopped acknowledging,
+    and each retry, once a second, left one more generation behind until the disk was full.
+    The checkpoint succeeds, the rest is removed, and the log says what is left, once."""
+    state = tmp_path / "state"
+    j = Journal(state)
+    j.recover(no_restore)
+    j.open()
+    for lsn in (1, 2):
+        j.append([rec("a", lsn, lsn)])
+        j.checkpoint(_snap_of(100), [Mark(lsn)], {"lsn": lsn})
+    stuck = j.path("snap", 1)
+    stuck.unlink()
+    stuck.mkdir()
+    (stuck / "x").write_bytes(b"")
+    for lsn in (3, 4, 5):
+        j.append([rec("a", lsn, lsn)])
+        j.checkpoint(_snap_of(100), [Mark(lsn)], {"lsn": lsn})
+    assert sorted(p.name for p in state.iterdir()) == [
+        "snap-00000001.bin", "snap-00000004.bin", "snap-00000005.bin",
+        "wal-00000004.log", "wal-00000005.log",
+    ]  # fmt: skip
+    assert caplog.text.count("cannot remove") == 1 and str(stuck) in caplog.text

@@ -488,6 +488,7 @@ class Worker:
                 await asyncio.wait_for(self._checkpoint(part, force=True), STOP_SECONDS)
             except Exception as exc:  # the next owner replays from the older snapshot
                 log.warning("partition %d: final snapshot failed: %s", part.number, exc)
+            shutil.rmtree(part.directory, ignore_errors=True)  # its state is in JetStream
             revision = self.leases.pop(part.number, None)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(
@@ -502,6 +503,7 @@ class Worker:
         if part.task is not None:
             part.task.cancel()
         await self._stop_partitions([part])
+        shutil.rmtree(part.directory, ignore_errors=True)
 
     # -- the partition loop -----------------------------------------------------------------
 
@@ -899,6 +901,9 @@ class Worker:
     async def run(self) -> int:
         self._usable_root()
         self.lock.acquire()
+        for left in self.root.glob("p*"):  # scratch copies of partitions held before
+            if left.is_dir() and left.name[1:].isdigit():
+                shutil.rmtree(left, ignore_errors=True)
         try:
             return await self._run()
         finally:

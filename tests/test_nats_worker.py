@@ -806,6 +806,36 @@ def test_worker_added_mid_stream_takes_its_share_with_state(
 
 
 @failover
+def test_a_worker_keeps_no_copy_of_the_partitions_it_handed_over(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+) -> None:
+    """A partition's state lives in JetStream; the scratch copy (log and snapshot) of one
+    handed to another worker is of no use here and took room from the partitions owned, in a
+    directory where every partition the worker had ever held stayed for good."""
+    from edge.partitions import assignment
+
+    workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        samples = _samples(10, 4, seed=6)
+        _send(pub, samples, range(4))
+        wait_until(lambda: len(col.predictions()) >= 10 * 4, 60, "answers")
+        root = tmp_path / "state" / "worker-w1"
+        assert sorted(d.name for d in root.glob("p*")) == sorted(f"p{p}" for p in range(P))
+        workers("w2")
+        plan = assignment(P, ["w1", "w2"])
+        mine = sorted(p for p, o in plan.items() if o == "w2")
+        wait_until(lambda: owned(col, "w2") == mine, 60, "w2 to take its share")
+        kept = sorted(d.name for d in root.glob("p*"))
+        assert kept == sorted(f"p{p}" for p, o in plan.items() if o == "w1")
+    finally:
+        pub.close()
+        col.close()
+
+
+@failover
 def test_systemd_unit_runs_the_worker(
     bundles: Path, nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -182,6 +182,9 @@ class Processor:
         self.replies = Template(cfg.reply_topic)
         self.runtime_control = cfg.runtime_control_topic.replace("{runtime_id}", cfg.runtime_id)
         self.reorder = Reorderer(cfg.reorder_ms / 1000.0, clock, cfg.restart_gap)
+        # The configured hold while the log is still written with the one it was recovered
+        # with (another reorder_ms before the restart): a checkpoint switches over.
+        self._hold_next: float | None = None
         self.idle_timeout = cfg.idle_timeout  # applied here, not in the engine: it is logged
         self.outbox = Outbox(cfg.max_unacked)
         self.requests: set[str] = set()
@@ -265,6 +268,12 @@ class Processor:
             log.error("write-ahead log: %s", line)
             self.metrics.inc("wal_damaged")
         self.lsn = self.mark = rec.last_lsn
+        hold = rec.extra.get("reorder_hold")
+        if isinstance(hold, (int, float)) and hold != self.reorder.hold:
+            # The log was written with another reorder_ms: replayed with that, the log goes
+            # on with it, until a checkpoint starts a log of the new one.
+            self._hold_next, self.reorder.hold = self.reorder.hold, float(hold)
+            self.requests.add("checkpoint")
         self.reorder.load(rec.extra.get("reorder") or {})
         self._load_flags(rec.extra.get("restart") or {})
         outs: list[Outbound] = []
@@ -457,6 +466,10 @@ class Processor:
         carried there first, held, for its release to find them in a replay. So a full disk,
         or a directory whose files were removed, gets its space and files back from the
         checkpoint before that round has to be written."""
+        switch = self._hold_next
+        # What waits was taken with reordering on: released (and logged) with it first.
+        if switch is not None and switch <= 0 and not self.tick(release_all=True):
+            return False
         lost = self.journal.lost
         stalled = self._stalled.released if self._stalled is not None else []
         held = [*self.reorder.pending(), *stalled]
@@ -471,6 +484,7 @@ class Processor:
             extra = {
                 "lsn": self.lsn,
                 "reorder": self.reorder.export(self.engine.last_seq),
+                "reorder_hold": self.reorder.hold if switch is None else switch,
                 "restart": self._flags(),
             }
             self.journal.checkpoint(self.engine.snapshot, carry, extra)
@@ -482,6 +496,9 @@ class Processor:
             self.degraded = f"snapshot failed: {getattr(cause, 'strerror', None) or exc}"
             return False
         self.metrics.inc("snapshots")
+        if switch is not None:
+            log.info("reorder_ms %g in effect from this snapshot on", switch * 1000)
+            self.reorder.hold, self._hold_next = switch, None
         if lost:
             log.warning("the state directory's files were removed; written out again")
         return self.resume()

@@ -486,3 +486,54 @@ def test_a_flood_of_resets_and_restarts_logs_a_bounded_number_of_lines(
     lines = [r.getMessage() for r in caplog.records]
     assert 1 <= sum("reset by control message" in m for m in lines) <= 10
     assert 1 <= sum("restarted" in m for m in lines) <= 10
+
+
+def _state_equal(p, stream, bundles, x):
+    want = edge.load(bundles / "clf-int8")
+    want.step(stream, x, seq=1)
+    return all(
+        np.array_equal(a, b) for a, b in zip(p.engine.state_of(stream), want.state_of(stream))
+    )
+
+
+@pytest.mark.parametrize(("before", "after"), [(500, 0), (0, 500)])
+def test_a_restart_with_reordering_switched_replays_the_log_as_it_was_written(
+    bundles, tmp_path, xs, before, after
+):
+    """A crash, and ``reorder_ms`` switched on or off before the restart: the log was written
+    with the other setting, and replayed with the new one a sample the first run held and
+    applied was dropped as late (or one it dropped as late was applied): the state no longer
+    what the published answers were computed on, silently. The log is replayed as it was
+    written; the new setting holds from a checkpoint on."""
+    state = tmp_path / "state"
+    now = [0.0]
+    p = make(bundles, state, lambda: now[0], reorder_ms=before)
+    p.journal.open()
+    assert p.handle([msg("s", 1, xs[1])])
+    now[0] = 1.0
+    assert p.tick() and p.checkpoint()
+    assert p.handle([msg("s", 3, xs[3])])  # held for 2 (reordering on), or applied at once
+    assert p.handle([msg("s", 2, xs[2])])
+    now[0] = 2.0
+    assert p.tick()
+    applied = xs[1:4] if before else xs[[1, 3]]  # with reordering off 2 came late: dropped
+    assert _state_equal(p, "s", bundles, applied)
+    for mid, _ in enumerate(answers(p), 1):
+        p.outbox.acked(mid)
+    assert p.tick()  # the broker's acknowledgements logged; then a crash
+    again = make(bundles, state, lambda: now[0], reorder_ms=after)
+    assert _state_equal(again, "s", bundles, applied)
+    assert not answers(again)  # all acknowledged
+    again.journal.open()
+    assert again.handle([msg("s", 4, xs[4])])  # and on with the new setting
+    (o,) = answers(again)
+    assert o.topic == "predictions/s" and json.loads(o.payload)["seq"] == 4
+    assert _state_equal(again, "s", bundles, np.concatenate([applied, xs[4:5]]))
+    crash = make(bundles, state, lambda: now[0], reorder_ms=after)  # what it logged replays
+    assert _state_equal(crash, "s", bundles, np.concatenate([applied, xs[4:5]]))
+    assert again.checkpoint()  # the new setting from here on: 6 waits for 5, or goes at once
+    assert again.handle([msg("s", 6, xs[6])])
+    assert [json.loads(o.payload).get("gap") for o in answers(again)] == ([] if after else [1])
+    crash = make(bundles, state, lambda: now[0], reorder_ms=after)
+    assert crash.engine.last_seq("s") == again.engine.last_seq("s") == (4 if after else 6)
+    assert len(crash.reorder) == len(again.reorder) == (1 if after else 0)

@@ -34,7 +34,7 @@ from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
 from .reorder import Reorderer
-from .sequencing import U32, admit
+from .sequencing import GAP_POLICIES, HALF, U32, admit
 from .state_store import BOOT_HISTORY, GAP_SLOTS, NO_BOOT
 from .topics import Template
 from .wal import Entry, Evict, Mark, Output, Record, Release, Void
@@ -182,9 +182,9 @@ class Processor:
         self.replies = Template(cfg.reply_topic)
         self.runtime_control = cfg.runtime_control_topic.replace("{runtime_id}", cfg.runtime_id)
         self.reorder = Reorderer(cfg.reorder_ms / 1000.0, clock, cfg.restart_gap)
-        # The configured hold while the log is still written with the one it was recovered
-        # with (another reorder_ms before the restart): a checkpoint switches over.
-        self._hold_next: float | None = None
+        # The configured replay settings (``_replay_settings``) while the log is still written
+        # with those it was recovered with (changed before the restart): a checkpoint switches.
+        self._switch: dict[str, Any] | None = None
         self.idle_timeout = cfg.idle_timeout  # applied here, not in the engine: it is logged
         self.outbox = Outbox(cfg.max_unacked)
         self.requests: set[str] = set()
@@ -211,6 +211,8 @@ class Processor:
 
     @engine.setter
     def engine(self, engine: Engine) -> None:
+        if self._switch is not None:  # the log is written with the recovered settings still
+            engine.gap_policy, engine.restart_gap = self.engine.gap_policy, self.engine.restart_gap
         self._engine = engine
         engine.store.on_evict = self._forget
         # A stream's bytes in a snapshot: state tensors, seq, boot ids, gaps, room for its id.
@@ -268,12 +270,7 @@ class Processor:
             log.error("write-ahead log: %s", line)
             self.metrics.inc("wal_damaged")
         self.lsn = self.mark = rec.last_lsn
-        hold = rec.extra.get("reorder_hold")
-        if isinstance(hold, (int, float)) and hold != self.reorder.hold:
-            # The log was written with another reorder_ms: replayed with that, the log goes
-            # on with it, until a checkpoint starts a log of the new one.
-            self._hold_next, self.reorder.hold = self.reorder.hold, float(hold)
-            self.requests.add("checkpoint")
+        self._recovered_settings(rec.extra.get("replay"))
         self.reorder.load(rec.extra.get("reorder") or {})
         self._load_flags(rec.extra.get("restart") or {})
         outs: list[Outbound] = []
@@ -314,6 +311,49 @@ class Processor:
         if rec.damage or rec.damaged_snapshots:
             self.requests.add("checkpoint")  # retire the damaged files soon (not a command)
         return rec
+
+    def _replay_settings(self) -> dict[str, Any]:
+        """The settings that decide what a logged sample does to its stream when the log is
+        replayed: a snapshot records those its log goes on with."""
+        engine = self.engine
+        return {
+            "reorder_hold": self.reorder.hold,
+            "gap_policy": engine.gap_policy,
+            "restart_gap": engine.restart_gap,
+        }
+
+    def _put_settings(self, settings: dict[str, Any]) -> None:
+        self.reorder.hold = settings["reorder_hold"]
+        self.reorder.restart_gap = self.engine.restart_gap = settings["restart_gap"]
+        self.engine.gap_policy = settings["gap_policy"]
+
+    def _recovered_settings(self, logged: Any) -> None:
+        """Replay the log with the settings it was written with, and go on with them until a
+        checkpoint (asked for now) starts a log written with the configured ones."""
+        now = self._replay_settings()
+        if not isinstance(logged, dict):
+            return  # a snapshot of an earlier version: the configured ones
+        was = {**now, **{k: v for k, v in logged.items() if k in now}}
+        hold, policy, gap = was["reorder_hold"], was["gap_policy"], was["restart_gap"]
+        if not (
+            type(hold) in (int, float)
+            and hold >= 0
+            and policy in GAP_POLICIES
+            and type(gap) is int
+            and 0 <= gap < HALF
+        ):
+            log.error("replay settings in the snapshot unreadable (%s); the configured ones", was)
+            return
+        if was != now:
+            log.warning(
+                "the log was written with %s, the configuration says %s: replayed with the "
+                "former, the latter from the next snapshot on (taken at once)",
+                was,
+                now,
+            )
+            self._switch = now
+            self._put_settings({**was, "reorder_hold": float(hold)})
+            self.requests.add("checkpoint")
 
     def assume_lost(self, why: str) -> None:
         """Samples of unknown streams may be missing from the state: the streams held go on
@@ -466,9 +506,9 @@ class Processor:
         carried there first, held, for its release to find them in a replay. So a full disk,
         or a directory whose files were removed, gets its space and files back from the
         checkpoint before that round has to be written."""
-        switch = self._hold_next
-        # What waits was taken with reordering on: released (and logged) with it first.
-        if switch is not None and switch <= 0 and not self.tick(release_all=True):
+        switch = self._switch
+        # What waits was taken with the settings recovered: released (and logged) with them.
+        if switch is not None and not self.tick(release_all=True):
             return False
         lost = self.journal.lost
         stalled = self._stalled.released if self._stalled is not None else []
@@ -484,7 +524,7 @@ class Processor:
             extra = {
                 "lsn": self.lsn,
                 "reorder": self.reorder.export(self.engine.last_seq),
-                "reorder_hold": self.reorder.hold if switch is None else switch,
+                "replay": self._replay_settings() if switch is None else switch,
                 "restart": self._flags(),
             }
             self.journal.checkpoint(self.engine.snapshot, carry, extra)
@@ -497,8 +537,9 @@ class Processor:
             return False
         self.metrics.inc("snapshots")
         if switch is not None:
-            log.info("reorder_ms %g in effect from this snapshot on", switch * 1000)
-            self.reorder.hold, self._hold_next = switch, None
+            log.info("the configured %s in effect from this snapshot on", switch)
+            self._put_settings(switch)
+            self._switch = None
         if lost:
             log.warning("the state directory's files were removed; written out again")
         return self.resume()

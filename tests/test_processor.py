@@ -537,3 +537,37 @@ def test_a_restart_with_reordering_switched_replays_the_log_as_it_was_written(
     crash = make(bundles, state, lambda: now[0], reorder_ms=after)
     assert crash.engine.last_seq("s") == again.engine.last_seq("s") == (4 if after else 6)
     assert len(crash.reorder) == len(again.reorder) == (1 if after else 0)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({"gap_policy": "continue"}, {"gap_policy": "reject"}),
+        ({"gap_policy": "reset"}, {"gap_policy": "continue"}),
+        ({"restart_gap": 0}, {"restart_gap": 1}),
+    ],
+)
+def test_a_restart_with_another_gap_setting_replays_the_log_as_it_was_written(
+    bundles, tmp_path, xs, before, after
+):
+    """``gap_policy`` and ``restart_gap`` decide, as the log is replayed, what a sample does
+    to its stream: changed before the restart after a crash, a replay applied what the first
+    run had refused (or the reverse), leaving a state unlike the one the published answers
+    were computed on. The log is replayed with the settings it was written with."""
+    state = tmp_path / "state"
+    p = make(bundles, state, **before)
+    p.journal.open()
+    assert p.checkpoint()
+    for seq in (5, 7, 2):  # a gap, then a seq far behind
+        assert p.handle([msg("s", seq, xs[seq])])
+    for mid, _ in enumerate(answers(p), 1):
+        p.outbox.acked(mid)
+    assert p.tick()
+    had = (p.engine.last_seq("s"), p.engine.state_of("s"))
+    again = make(bundles, state, **after)  # after a crash
+    assert again.engine.last_seq("s") == had[0]
+    assert all(np.array_equal(a, b) for a, b in zip(again.engine.state_of("s"), had[1]))
+    assert not answers(again)
+    assert again.checkpoint()  # from here on the new setting
+    assert {k: getattr(again.engine, k) for k in after} == after
+    assert again.reorder.restart_gap == again.engine.restart_gap

@@ -95,6 +95,18 @@ def check_source(
         progress(f"warning: {warning}")
 
 
+def check_labels(
+    labels: np.ndarray, data: np.ndarray, spec: ModelSpec, *, classifier: bool
+) -> None:
+    """The labels of ``--data`` as the verdict will read them: their shape, and for a
+    classifier every value a class of the model (exit 2 before converting, not after)."""
+    kind = "classifier" if classifier or spec.final_activation == "softmax" else "regressor"
+    n, t, _ = data.shape
+    where = verdict.label_alignment(labels, kind, n, t, spec.outputs, spec.sequence_output)
+    if kind == "classifier":
+        verdict.class_index(labels, where, spec.outputs)
+
+
 def run_convert(
     model_path: str | Path,
     calib_path: str | Path,
@@ -133,10 +145,8 @@ def run_convert(
     )
     check_source(spec, float_model, keras_model, calib, progress)
     in_graph = normalization == "graph"
-    if data_labels is not None:  # a bad label shape is a usage error, before the slow part
-        kind = "classifier" if labels or spec.final_activation == "softmax" else "regressor"
-        n, t, _ = data.shape
-        verdict.label_alignment(data_labels, kind, n, t, spec.outputs, spec.sequence_output)
+    if data_labels is not None:  # bad labels are a usage error, before the slow part
+        check_labels(data_labels, data, spec, classifier=bool(labels))
     progress(
         f"calibrating on {calib.shape[0]} sequences x {calib.shape[1]} steps "
         "(and their concatenation)"
@@ -285,6 +295,8 @@ def run_verify(
     if manifest.source_sha256 and spec.source_sha256 != manifest.source_sha256:
         raise ConvertError(f"{model_path}: sha256 differs from the bundle's source model")
     data, labels = load_sequences(data_path, spec.features, "--data")
+    if labels is not None:
+        check_labels(labels, data, spec, classifier=manifest.output_kind == "classifier")
     check_source(spec, float_model, keras_model, data, progress)
     report = verify.verify(
         d,

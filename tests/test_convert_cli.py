@@ -342,3 +342,47 @@ def test_train_example_names_a_seed_out_of_range(capsys, tmp_path, seed):
         capsys, "train-example", "--out", str(tmp_path / "out" / "m.keras"), "--seed", seed
     )
     assert_refused(code, out, f"--seed {seed} must be in 0..4294967295", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "labels, needle",
+    [
+        (np.array([0, 1, 9]), "label 9 is not a class of this model (0..3)"),
+        (np.array([0, 1, -1]), "label -1 is not a class of this model (0..3)"),
+        (np.array([0.0, 1.5, 2.0]), "must be whole class indices"),
+        (np.eye(4)[[0, 1, 2]] * 2, "not one-hot (row 0 is [2.0, 0.0, 0.0, 0.0])"),
+    ],
+)
+def test_class_labels_that_name_no_class_are_refused_before_converting(
+    capsys, tmp_path, src, labels, needle
+):
+    """Labels of the right shape whose values name no class of the model were only refused
+    by the verdict, after the conversion and its verification had run."""
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((3, 10, 6), np.float32), y=labels)
+    code, out = convert(
+        capsys,
+        src / "model.keras",
+        src / "model.calib.npy",
+        str(tmp_path / "out"),
+        "--data",
+        str(data),
+    )
+    assert_refused(code, out, needle, tmp_path)
+    assert "converting to" not in out.err
+
+
+def test_verify_refuses_labels_that_name_no_class_before_verifying(capsys, tmp_path, bundles, src):
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros((3, 10, 6), np.float32), y=np.array([0, 4, 1]))
+    code, out = run(
+        capsys,
+        "verify",
+        str(bundles / "clf-int8"),
+        "--model",
+        str(src / "model.keras"),
+        "--data",
+        str(data),
+    )
+    assert code == 2 and "label 4 is not a class of this model (0..3)" in out.err
+    assert "parity" not in out.err

@@ -363,6 +363,22 @@ def check_recurrent(node: Any) -> None:
         )
 
 
+def check_weights(node: Any, w: np.ndarray, r: np.ndarray) -> int:
+    """The op's hidden size, from weights W and R that agree with each other and with its
+    ``hidden_size``; else one line naming the node (onnxruntime would only fail to run it)."""
+    where = _where(node)
+    gates = 4 if node.op_type == "LSTM" else 3
+    h = int(r.shape[-1]) if r.ndim else 0
+    if w.ndim != 3 or w.shape[0] != 1 or w.shape[1] != gates * h or r.shape != (1, gates * h, h):
+        raise UnsupportedModel(f"{where}: weights W {list(w.shape)} / R {list(r.shape)} unexpected")
+    hidden = _attrs(node).get("hidden_size")
+    if hidden is not None and int(hidden) != h:
+        raise UnsupportedModel(
+            f"{where}: hidden_size {hidden} but its weights R {list(r.shape)} are for {h} units"
+        )
+    return h
+
+
 def _recurrent(chain: _Chain, node: Any, x_name: str) -> tuple[Layer, str]:
     """An ONNX LSTM / GRU op as a spec cell, and the name of the output the chain follows."""
     g = chain.g
@@ -386,11 +402,7 @@ def _recurrent(chain: _Chain, node: Any, x_name: str) -> tuple[Layer, str]:
     w = _const(g, ins[1], node, "input weight W").astype(np.float32)
     r = _const(g, ins[2], node, "recurrent weight R").astype(np.float32)
     gates = 4 if node.op_type == "LSTM" else 3
-    h = int(r.shape[-1])
-    if w.ndim != 3 or w.shape[0] != 1 or w.shape[1] != gates * h or r.shape != (1, gates * h, h):
-        raise UnsupportedModel(f"{where}: weights W {list(w.shape)} / R {list(r.shape)} unexpected")
-    if "hidden_size" in attrs and int(attrs["hidden_size"]) != h:
-        raise UnsupportedModel(f"{where}: hidden_size {attrs['hidden_size']} but R holds {h}")
+    h = check_weights(node, w, r)
     d_in = int(w.shape[2])
     if d_in != chain.width:
         raise UnsupportedModel(f"{where}: expects {d_in} features, gets {chain.width}")
@@ -598,6 +610,9 @@ def read(path: str | Path) -> OnnxSource:
         raise ConvertError(f"{p}: no LSTM or GRU op in the model: nothing to stream")
     for n in recurrent:
         check_recurrent(n)
+        w, r = [*n.input, "", ""][1:3]
+        if w in consts and r in consts:  # else read from what onnxruntime computes, later
+            check_weights(n, consts[w], consts[r])
     inputs = [i for i in graph.input if i.name not in consts]
     if len(inputs) != 1:
         raise UnsupportedModel(

@@ -211,6 +211,12 @@ EDITS = {
         lambda m, n: n.attribute.append(_attr("direction", "reverse")),
         ["direction='reverse' reads the sequence backwards"],
     ),
+    "hidden_size": (
+        lambda m, n: next(a for a in n.attribute if a.name == "hidden_size").CopyFrom(
+            _attr("hidden_size", 6)
+        ),
+        ["hidden_size 6 but its weights R [1, 16, 4] are for 4 units"],
+    ),
     "coupled gates": (
         lambda m, n: n.attribute.append(_attr("input_forget", 1)),
         ["input_forget=1"],

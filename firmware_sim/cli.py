@@ -152,7 +152,9 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="0: one MQTT connection (client id) per device; N: devices share N connections",
     )
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--seed", type=_count(0), default=0, help="seeds sources, clocks and faults (default 0)"
+    )
     _device_args(r)
     d = sub.add_parser(
         "demo",

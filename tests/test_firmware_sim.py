@@ -541,6 +541,7 @@ def test_demo_cluster_refuses_the_embedded_broker():
         (["run", "--broker", "mqtt://127.0.0.1:1", "--batch", "5000"], "must be 1..1024"),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--connections", "-1"], "--connections"),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--devices", "0"], "--devices: '0'"),
+        (["run", "--broker", "mqtt://127.0.0.1:1", "--seed", "-1"], "--seed: '-1'"),
         (["host", "--bundle", "b", "--cores", "4096"], "--cores '4096'"),
         (["host", "--bundle", "b", "--slowdown", "0.5"], "--slowdown 0.5"),
         (["host", "--bundle", "b", "--seconds", "-1"], "--seconds: '-1'"),

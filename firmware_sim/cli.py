@@ -17,7 +17,9 @@ from urllib.parse import urlparse
 from edge.cli import quiet_tensorflow, run_command, version_text
 
 from .errors import SimError
+from .results import replace_file, results_dir
 
+SCORE_FILES = ("score.json", "score.png")
 MAX_BATCH = 1024  # the service's max_samples_per_message default
 
 
@@ -218,6 +220,7 @@ def demo(args: argparse.Namespace) -> int:
 
     if args.cluster and args.embedded_broker:
         raise SimError("--cluster runs nats-server: it does not go with --embedded-broker")
+    results_dir(args.out, *SCORE_FILES)
 
     r = run_demo(
         duration=args.duration,
@@ -250,8 +253,7 @@ def run(args: argparse.Namespace) -> int:
             Path(args.bundle),
             manifest.labels,
         )
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise SimError(f"--out {args.out!r} is a file: name a directory for the score")
+    results_dir(args.out, *SCORE_FILES)
     plan = FaultPlan.parse(args.faults)
     check_reboots(plan, args.boot_ids, args.restart_gap)
     fleet = Fleet(
@@ -311,6 +313,7 @@ def host(args: argparse.Namespace) -> int:
         raise SimError(f"--slowdown {args.slowdown}: expected a factor >= 1")
     if args.memory_mb < 0:
         raise SimError(f"--memory-mb {args.memory_mb}: expected >= 0 (0: no cap)")
+    out = results_dir(args.out, "host.json")
     common = dict(
         seconds=args.seconds, cores=cores, memory_mb=args.memory_mb, slowdown=args.slowdown
     )
@@ -318,9 +321,9 @@ def host(args: argparse.Namespace) -> int:
         r = trial(Path(args.bundle), args.devices, args.rate, **common)  # type: ignore[arg-type]
     else:
         r = search(Path(args.bundle), args.rate, **common)  # type: ignore[arg-type]
-    out = Path(args.out)
+    text = json.dumps(r, indent=2, default=str) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "host.json").write_text(json.dumps(r, indent=2, default=str) + "\n")
+    replace_file(out / "host.json", lambda tmp: tmp.write_text(text))
     summary = {k: v for k, v in r.items() if k != "trials"}
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -615,11 +615,13 @@ def save(
     """score.json first (so a missing plotting library never costs the score), then score.png;
     the plot's path is None when matplotlib is not installed."""
     from .plots import plot_score, stream_grid
+    from .results import replace_file
     from .verdict import verdict
 
     out.mkdir(parents=True, exist_ok=True)
     jpath, ppath = out / "score.json", out / "score.png"
-    jpath.write_text(json.dumps(r, indent=2, default=str) + "\n")
+    text = json.dumps(r, indent=2, default=str) + "\n"
+    replace_file(jpath, lambda tmp: tmp.write_text(text))
     try:
         import matplotlib  # noqa: F401
     except ModuleNotFoundError:
@@ -633,7 +635,8 @@ def save(
         for k in ("latency_p50_ms", "latency_p99_ms")
         if k in r
     }
-    plot_score(ppath, lat, stream_grid(log, predicted), verdict(r), pct)
+    grid = stream_grid(log, predicted)
+    replace_file(ppath, lambda tmp: plot_score(tmp, lat, grid, verdict(r), pct))
     return jpath, ppath
 
 

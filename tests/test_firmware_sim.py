@@ -553,3 +553,32 @@ def test_simulator_options_are_checked_before_anything_starts(args, needle, caps
     with contextlib.suppress(SystemExit):  # argparse's own refusals exit 2 as well
         assert main(args) == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "host"])
+@pytest.mark.parametrize("where", ["a file", "a directory in the way", "below a file"])
+def test_an_out_that_cannot_hold_the_results_is_refused_before_anything_starts(
+    command, where, tmp_path, bundles, capsys
+):
+    """It was found only after the run (or the demo's first-run training, or the host's
+    trials), with a traceback, and its results were lost."""
+    from firmware_sim.cli import main
+
+    (tmp_path / "file").write_text("kept\n")
+    name = "host.json" if command == "host" else "score.json"
+    (tmp_path / "res" / name).mkdir(parents=True)
+    out, needle = {
+        "a file": (tmp_path / "file", "is not a directory"),
+        "a directory in the way": (tmp_path / "res", f"{name} is a directory"),
+        "below a file": (tmp_path / "file" / "res", "is not a directory"),
+    }[where]
+    args = {
+        "run": ["--broker", "mqtt://127.0.0.1:1"],
+        "demo": ["--embedded-broker"],
+        "host": ["--bundle", str(bundles / "clf-int8"), "--devices", "1"],
+    }[command]
+    assert main([command, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("firmware-sim: error: --out") and needle in err[0]
+    assert (tmp_path / "file").read_text() == "kept\n"
+    assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [name]

@@ -1,0 +1,54 @@
+"""The ``--out`` directory of ``run``, ``demo`` and ``host``: checked before anything starts
+(a run's results would otherwise be lost at its end), and every file in it replaced whole or
+not at all."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from edge.outfile import new_mode, regular_target
+
+from .errors import SimError
+
+
+def results_dir(text: str, *names: str) -> Path:
+    """``--out``: a directory, or one that can be made (it is made when the results are
+    written), where each of ``names`` is a new or a regular file."""
+    out = Path(text)
+    if not text.strip():
+        raise SimError("--out is empty: name a directory for the results")
+    if out.exists() and not out.is_dir():
+        raise SimError(f"--out {text!r} is not a directory: name a directory for the results")
+    there = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not there.is_dir():
+        raise SimError(f"--out {text!r}: cannot make the directory: {there} is not a directory")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise SimError(f"--out {text!r}: {there} is not writable")
+    for name in names:
+        regular_target(out / name, SimError, "--out ")
+    return out
+
+
+def replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path`` (where its link leads, if it is one), then
+    rename it over ``path``."""
+    target = regular_target(path, SimError, "--out ")
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent
+        )
+        os.close(fd)
+        write(Path(tmp))
+        os.chmod(tmp, new_mode(target))
+        regular_target(path, SimError, "--out ")  # again: it may have changed meanwhile
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as exc:
+        raise SimError(f"--out {path}: cannot write: {exc.strerror or exc}") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)

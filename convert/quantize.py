@@ -117,11 +117,15 @@ def _hull_with_zero(lo: float, hi: float) -> tuple[float, float]:
 def base_ranges(spec: ModelSpec, seen: list[np.ndarray]) -> list[tuple[float, float]]:
     """Every state's int8 range: an activation's own interval where the cell bounds the state
     by it (h of a tanh LSTM is in [-1, 1] whatever the data), else what calibration saw plus
-    ``HEADROOM``. A cell state starts at the calibrated maximum; ``choose_c_range`` refines it."""
-    out = []
+    ``HEADROOM``. A cell state starts at the calibrated maximum; ``choose_c_range`` refines it.
+    A convolution's buffer right after a recurrent layer holds that layer's past ``h``: it gets
+    ``h``'s range, which the int8 concatenation of the two needs (one scale for all its
+    operands; two pinned apart stop the converter)."""
+    out: list[tuple[float, float]] = []
+    h_range: dict[int, tuple[float, float]] = {}
     for s, values in zip(spec.states, seen):
         layer = spec.layers[s.layer]
-        known = None
+        known = h_range.get(s.layer - 1) if s.role == "buffer" else None
         if s.role == "h":
             act = INTERVALS.get(getattr(layer, "activation", ""))
             gate = getattr(layer, "recurrent_activation", "sigmoid")
@@ -133,6 +137,8 @@ def base_ranges(spec: ModelSpec, seen: list[np.ndarray]) -> list[tuple[float, fl
         if known is None:
             lo, hi = _hull_with_zero(float(values.min()), float(values.max()))
             known = (lo * HEADROOM, max(hi * HEADROOM, lo * -1e-3, 1e-3))
+        if s.role == "h":
+            h_range[s.layer] = known
         out.append(known)
     return out
 

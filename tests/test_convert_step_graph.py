@@ -175,3 +175,36 @@ def test_each_layers_cell_gets_an_int8_range_of_its_own():
     assert big > 5 * small
     ranges = quantize.choose_c_range(spec, xn[0], y[0], [b[0] for b in before])
     assert ranges[1][1] < ranges[3][1] and ranges[1][1] <= 2 * small
+
+
+@pytest.mark.parametrize("cell", ["SimpleRNN", "LSTM"])
+def test_a_convolution_after_a_recurrent_layer_converts_to_int8(tmp_path, cell):
+    """The convolution's int8 CONCATENATION [buffer, h] needs one scale for both: the buffer
+    (h's past values) was pinned to its calibrated range and h to tanh's interval, and after a
+    SimpleRNN the TFLite converter stopped on the clash ('same scale constraint')."""
+    import keras
+
+    from convert import intake, quantize
+    from convert.pipeline import run_convert
+    from convert.verdict import Targets
+
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    inp = keras.Input((None, 3))
+    z = getattr(L, cell)(4, return_sequences=True)(inp)
+    z = L.Conv1D(3, 3, padding="causal")(z)
+    keras.Model(inp, L.Dense(2)(z)).save(tmp_path / "model.keras")
+    x = np.random.default_rng(1).normal(0, 1, (8, 20, 3)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    spec, _ = intake.read(tmp_path / "model.keras")
+    cal = quantize.calibrate(spec, x, normalize_in_graph=False, search_c_range=True)
+    role = {s.role: k for k, s in enumerate(spec.states)}
+    assert cal.ranges[role["buffer"]] == cal.ranges[role["h"]] == (-1.0, 1.0)
+    report = run_convert(
+        tmp_path / "model.keras",
+        tmp_path / "calib.npy",
+        tmp_path / "int8",
+        targets=Targets(long_steps=300),
+        progress=lambda msg: None,
+    )
+    assert report["quantization"] == "int8" and all(report["checks"].values()), report["checks"]

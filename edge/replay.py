@@ -50,7 +50,10 @@ def run_file(engine: Engine, inputs: Mapping[str, np.ndarray]) -> dict[str, np.n
     """Every array of ``inputs`` replayed: ``NAME/y`` and ``NAME/state`` for each ``NAME``."""
     out: dict[str, np.ndarray] = {}
     for name, x in inputs.items():
-        out[f"{name}/y"], out[f"{name}/state"] = run(engine, x)
+        try:
+            out[f"{name}/y"], out[f"{name}/state"] = run(engine, x)
+        except BundleError as exc:
+            raise BundleError(f"array {name!r}: {exc}") from None
     return out
 
 
@@ -74,6 +77,8 @@ def replay_command(
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as exc:
         raise BundleError(f"{inputs}: not a readable .npz of [N, T, F] arrays: {exc}") from exc
+    if not arrays:
+        raise BundleError(f"{inputs}: holds no arrays to replay")
     try:
         result = run_file(engine, arrays)
     except BundleError as exc:

@@ -72,6 +72,13 @@ def test_help_explains_every_command():
         ("cx.npz", lambda p: np.savez(p, a=np.zeros((2, 5, 6), complex)), "o.npz", "complex"),
         ("nan.npz", lambda p: np.savez(p, a=np.full((2, 5, 6), np.nan)), "o.npz", "NaN"),
         ("one.npy", lambda p: np.save(p, np.zeros((2, 5, 6))), "o.npz", "one array (.npy)"),
+        (
+            "two.npz",
+            lambda p: np.savez(p, good=np.zeros((2, 5, 6)), bad=np.zeros((2, 5, 4))),
+            "o.npz",
+            "array 'bad': replay input has shape [2, 5, 4]",
+        ),
+        ("none.npz", lambda p: np.savez(p), "o.npz", "holds no arrays to replay"),
         ("ok.npz", lambda p: np.savez(p, a=np.zeros((2, 5, 6))), "missing/o.npz", "--out"),
         ("ok.npz", lambda p: np.savez(p, a=np.zeros((2, 5, 6))), ".", "--out"),
     ],

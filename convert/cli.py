@@ -17,7 +17,7 @@ from edge.cli import quiet_tensorflow, run_command, version_text
 from . import train as train_defaults
 from .errors import ConvertError
 from .quantize import AUTO_ORDER, MODES
-from .verdict import REGIMES, Targets
+from .verdict import MAX_LONG_STEPS, REGIMES, Targets
 
 EPILOG = """\
 examples:
@@ -208,7 +208,8 @@ def _verdict_options(p: argparse.ArgumentParser) -> None:
         "--long-steps",
         type=int,
         default=d.long_steps,
-        help=f"length of the closed-loop drift stream (default {d.long_steps})",
+        help=f"length of the closed-loop drift stream, 100..{MAX_LONG_STEPS} "
+        f"(default {d.long_steps})",
     )
 
 

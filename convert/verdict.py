@@ -21,6 +21,9 @@ import numpy as np
 from .errors import ConvertError
 
 REGIMES = ("sequences", "continuous")
+# The drift stream is held in memory with its float reference, and stepped once per kernel
+# set: 100x the default is hours, not a memory error after the conversion.
+MAX_LONG_STEPS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Targets:
                 )
         if self.long_steps < 100:
             raise ConvertError(f"--long-steps {self.long_steps} must be >= 100")
+        if self.long_steps > MAX_LONG_STEPS:
+            raise ConvertError(f"--long-steps {self.long_steps} must be <= {MAX_LONG_STEPS}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

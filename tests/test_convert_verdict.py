@@ -119,6 +119,7 @@ def test_saturation_counts_values_beyond_half_a_step():
         ({"max_rmse_ratio": 0.9}, "--max-rmse-ratio 0.9 must be >= 1"),
         ({"min_agreement": 1.5}, "--min-agreement 1.5 must be in [0, 1]"),
         ({"long_steps": 10}, "--long-steps 10 must be >= 100"),
+        ({"long_steps": 99999999999}, "--long-steps 99999999999 must be <= 1000000"),
     ],
 )
 def test_bad_thresholds_are_usage_errors(kw, needle):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -128,8 +129,8 @@ def run_convert(
         raise ConvertError(f"--quant {mode!r} is not one of {', '.join(quantize.MODES)}, auto")
     if normalization not in ("runtime", "graph"):
         raise ConvertError(f"--normalization {normalization!r} is not 'runtime' or 'graph'")
-    if sample_rate_hz is not None and not sample_rate_hz > 0:
-        raise ConvertError(f"--sample-rate {sample_rate_hz} must be > 0")
+    if sample_rate_hz is not None and not 0 < sample_rate_hz < math.inf:
+        raise ConvertError(f"--sample-rate {sample_rate_hz} must be a finite number > 0")
     bundle.check_replaceable(Path(out).resolve())  # again when staging; here before slow work
     progress(f"reading {model_path}")
     spec, float_model, keras_model = read_model(model_path)

@@ -386,3 +386,21 @@ def test_verify_refuses_labels_that_name_no_class_before_verifying(capsys, tmp_p
     )
     assert code == 2 and "label 4 is not a class of this model (0..3)" in out.err
     assert "parity" not in out.err
+
+
+@pytest.mark.parametrize("rate", ["inf", "1e400", "nan", "0", "-10"])
+def test_a_sample_rate_that_is_not_a_finite_positive_number_is_refused_first(
+    capsys, tmp_path, src, rate
+):
+    """inf (or a number beyond float's range) was refused only after the conversion, by the
+    manifest's check, naming the staging directory's manifest.json."""
+    code, out = convert(
+        capsys,
+        src / "model.keras",
+        src / "model.calib.npy",
+        str(tmp_path / "out"),
+        "--sample-rate",
+        rate,
+    )
+    assert_refused(code, out, "must be a finite number > 0", tmp_path)
+    assert "--sample-rate" in out.err and "converting to" not in out.err

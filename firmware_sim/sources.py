@@ -94,11 +94,18 @@ def load_file(path: Path) -> np.ndarray:
         raise SimError(f"--source {path}: expected numbers, got an array of {data.dtype}")
     if data.ndim == 3:
         data = data.reshape(-1, data.shape[-1])
-    if data.ndim != 2 or not len(data) or not np.isfinite(data).all():
+    if data.ndim != 2 or not len(data):
         raise SimError(
             f"--source {path}: expected finite numbers [N, F] or [N, T, F], got shape {list(data.shape)}"
         )
-    return data.astype(np.float64)
+    data = data.astype(np.float64)
+    if (bad := ~(np.abs(data) <= np.finfo(np.float32).max)).any():  # as the runtime refuses
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise SimError(
+            f"--source {path}: sample {row}, feature {col} is {data[row, col]:g}: every value "
+            "must be a finite number within float32's range"
+        )
+    return data
 
 
 def _numeric(row: list[str]) -> bool:

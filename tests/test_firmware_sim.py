@@ -4,6 +4,7 @@ Mosquitto, the demo itself, and its refusals of bad input."""
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,19 @@ def test_source_files_that_hold_no_numbers_are_named(tmp_path):
     for name, message in (("empty.npy", "cannot read"), ("text.npy", "expected numbers")):
         with pytest.raises(SimError, match=f"--source {tmp_path / name}: .*{message}"):
             make(str(tmp_path / name), 0, 0)
+
+
+@pytest.mark.parametrize("value, shown", [(np.nan, "nan"), (-np.inf, "-inf"), (1e300, "1e+300")])
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_a_source_value_the_runtime_would_refuse_is_named(tmp_path, value, shown, suffix):
+    """It was refused by its shape ('got shape [4, 3]'), which was right; 1e300 was not
+    refused, and every device sent samples the runtime answers not_finite."""
+    data = np.zeros((4, 3))
+    data[2, 1] = value
+    path = tmp_path / f"x{suffix}"
+    np.save(path, data) if suffix == ".npy" else np.savetxt(path, data, delimiter=",")
+    with pytest.raises(SimError, match=f"sample 2, feature 1 is {re.escape(shown)}: every value"):
+        make(str(path), 0, 0)
 
 
 def test_fault_plan_parsing():

@@ -229,9 +229,20 @@ def _fold(prev: Layer | None, affine: Affine) -> Layer | None:
 def spec_from_model(model: object, source_sha256: str = "", name: str = "model") -> ModelSpec:
     import keras
 
+    keras_model: Any = model
+    ins = [t.name for t in keras_model.inputs]
+    outs = list(getattr(keras_model, "output_names", None) or [t.name for t in keras_model.outputs])
+    if len(ins) != 1:
+        raise UnsupportedModel(
+            f"the model has {len(ins)} inputs ({', '.join(ins)}); expected one "
+            "[batch, time, features] input (the runtime keeps the state itself)"
+        )
+    if len(outs) != 1:
+        raise UnsupportedModel(
+            f"the model has {len(outs)} outputs ({', '.join(outs)}); expected one (return only "
+            "the per-step prediction)"
+        )
     shape = model.inputs[0].shape  # type: ignore[attr-defined]
-    if len(model.inputs) != 1 or len(model.outputs) != 1:  # type: ignore[attr-defined]
-        raise UnsupportedModel("the model must have one input and one output")
     if len(shape) != 3:
         raise UnsupportedModel(f"model input has shape {shape}; expected [batch, time, features]")
     features = int(shape[-1])

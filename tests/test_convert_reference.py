@@ -1,5 +1,7 @@
 """The NumPy reference LSTM against Keras itself, and the refusals of model intake."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -96,6 +98,28 @@ def test_unstreamable_models_are_refused_naming_the_layer(case):
         intake.spec_from_model(model)
     assert kind in str(err.value) and reason in str(err.value)
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_model_of_several_inputs_or_outputs_is_refused_naming_them():
+    """It was refused as 'the model must have one input and one output', whichever it was."""
+    import keras
+
+    from convert import intake
+    from convert.errors import UnsupportedModel
+
+    L = keras.layers
+    a, b = keras.Input((None, 3), name="imu"), keras.Input((None, 2), name="gps")
+    z = L.LSTM(4, return_sequences=True)(L.Concatenate()([a, b]))
+    two_in = keras.Model([a, b], L.Dense(1)(z))
+    a = keras.Input((None, 3))
+    z = L.LSTM(4, return_sequences=True)(a)
+    two_out = keras.Model(a, [L.Dense(2, name="pose")(z), L.Dense(1, name="speed")(z)])
+    for model, needle in (
+        (two_in, "the model has 2 inputs (imu, gps); expected one [batch, time, features]"),
+        (two_out, "the model has 2 outputs (pose, speed); expected one"),
+    ):
+        with pytest.raises(UnsupportedModel, match=re.escape(needle)):
+            intake.spec_from_model(model)
 
 
 def test_stateful_lstm_streams_like_keras():

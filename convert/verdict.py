@@ -320,9 +320,13 @@ def advice(report: dict[str, Any], targets: Targets) -> list[str]:
             f"the error grows over a long stream (last 10% {dr['last_10pct_mean_error']:.3g} vs "
             f"2nd 10% {dr['second_10pct_mean_error']:.3g}, limit x{targets.max_drift_ratio})"
             + (
-                ": the state clips its range; try "
-                + ("--quant int8-float-cell, " if mode == "int8" else "")
-                + "--quant int16x8 or --quant auto"
+                (": try " if mode == "float16" else ": the state clips its range; try ")
+                + (
+                    other
+                    if mode in ("int16x8", "float16")  # int16x8 itself is no remedy there
+                    else ("--quant int8-float-cell, " if mode == "int8" else "")
+                    + "--quant int16x8 or --quant auto"
+                )
                 if lighter
                 else ""
             )

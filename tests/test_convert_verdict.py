@@ -93,6 +93,28 @@ def test_long_stream_agreement_gates_only_continuous_models():
     assert "long-stream top-1 agreement 95.00%" in line and "--quant int16x8" in line
 
 
+@pytest.mark.parametrize(
+    "mode, tried",
+    [
+        ("int8", "try --quant int8-float-cell, --quant int16x8 or --quant auto"),
+        ("int8-float-cell", "try --quant int16x8 or --quant auto"),
+        ("int16x8", "try --quant float16 (or --quant auto)"),
+        ("float16", "try --quant float32"),
+    ],
+)
+def test_drift_advice_names_a_more_faithful_mode(mode, tried):
+    """An int16x8 bundle that drifted was told to try --quant int16x8, and a float16 one (whose
+    states are float) that its state clips its range."""
+    r = _report(top1_agreement=1.0)
+    r["quantization"] = mode
+    r["drift"].update(no_drift=False, last_10pct_mean_error=0.2)
+    r["checks"] = verdict.checks(r, verdict.Targets())
+    (line,) = verdict.advice(r, verdict.Targets())
+    assert line.startswith("the error grows over a long stream") and line.endswith(tried), line
+    assert f"--quant {mode} " not in line and not line.endswith(f"--quant {mode}")
+    assert ("clips" in line) == (mode != "float16")
+
+
 def test_failed_rmse_says_what_to_try():
     r = _report(rmse_float=1.0, rmse_bundle=1.254, rmse_ratio=1.254, labels="per step")
     r["normalization"] = "graph"

@@ -383,8 +383,17 @@ def convert(
         with _quiet_native_stderr():
             result: bytes = conv.convert()
     except Exception as exc:
-        raise ConvertError(f"the TFLite converter failed ({mode}): {exc}") from exc
+        raise converter_failed(mode, exc) from exc
     return result
+
+
+def converter_failed(mode: str, exc: BaseException) -> ConvertError:
+    """One line from what the TFLite converter raised: MLIR's errors come as several lines
+    (``<loc>: error: ...``, then ``note: called from`` lines), the first error says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if ": error: " in line]
+    why = errors[0].split(": error: ", 1)[1] if errors else (lines[0] if lines else repr(exc))
+    return ConvertError(f"the TFLite converter failed ({mode}): {why}")
 
 
 def _selective(conv: Any, spec: ModelSpec, mode: str, *, per_channel: bool) -> bytes:
@@ -409,4 +418,4 @@ def _selective(conv: Any, spec: ModelSpec, mode: str, *, per_channel: bool) -> b
                 )
             )
     except Exception as exc:
-        raise ConvertError(f"the TFLite converter failed ({mode}): {exc}") from exc
+        raise converter_failed(mode, exc) from exc

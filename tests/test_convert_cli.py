@@ -404,3 +404,24 @@ def test_a_sample_rate_that_is_not_a_finite_positive_number_is_refused_first(
     )
     assert_refused(code, out, "must be a finite number > 0", tmp_path)
     assert "--sample-rate" in out.err and "converting to" not in out.err
+
+
+def test_a_converter_failure_is_one_line():
+    """What TFLite's MLIR converter raised for a SimpleRNN -> Conv1D model in int8 (before its
+    buffer shared h's range): the error, then 'note: called from' lines, all on stderr."""
+    from convert.quantize import converter_failed
+
+    text = (
+        "<frozen runpy>:198:1: error: 'tfl.concatenation' op quantization parameters violate "
+        "the same scale constraint: !quant.uniform<i8:f32, 0.0085:-1> vs. "
+        "!quant.uniform<i8:f32, 0.0078>\n"
+        "<frozen runpy>:198:1: note: called from\n"
+        '<unknown>:0: note: loc(fused["PartitionedCall:", "PartitionedCall"]): called from\n'
+    )
+    err = str(converter_failed("int8", Exception(text)))
+    assert err == (
+        "the TFLite converter failed (int8): 'tfl.concatenation' op quantization parameters "
+        "violate the same scale constraint: !quant.uniform<i8:f32, 0.0085:-1> vs. "
+        "!quant.uniform<i8:f32, 0.0078>"
+    )
+    assert str(converter_failed("float16", ValueError("\nno ops\n"))).endswith("(float16): no ops")

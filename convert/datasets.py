@@ -61,6 +61,28 @@ def basicmotions(split: str) -> Recordings:
     return Recordings(x, np.asarray([classes.index(c) for c in names]), classes)
 
 
+def input_file(path: str | Path, label: str = "", missing: str = "file not found") -> Path:
+    """``path`` if it is a regular file (a link to one included); else one line: ``missing``
+    when nothing is there, or what is there instead (a directory; a FIFO would block the read)."""
+    import stat
+
+    from edge.outfile import KINDS
+
+    from .errors import ConvertError
+
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise ConvertError(f"{label}{p}: {missing}") from None
+    except OSError as exc:
+        raise ConvertError(f"{label}{p}: cannot look at it: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        kind = KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise ConvertError(f"{label}{p} is {kind}, not a file to read")
+    return p
+
+
 def load_array(path: str | Path, key: str = "x") -> np.ndarray:
     """A float array from .npy, or .npz with ``key``; errors name the file."""
     p = Path(path)

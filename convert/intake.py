@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .datasets import input_file
 from .errors import ConvertError, UnsupportedModel
 from .spec import (
     ACTIVATIONS,
@@ -81,9 +82,7 @@ def _act(fn: object, where: str, allow_softmax: bool = False) -> str:
 
 
 def load_model(path: str | Path) -> object:
-    p = Path(path)
-    if not p.is_file():
-        raise ConvertError(f"{p}: model file not found")
+    p = input_file(path, missing="model file not found")
     if p.suffix not in (".keras", ".h5", ".hdf5"):
         raise ConvertError(f"{p}: expected a .keras (or legacy .h5) or an .onnx model file")
     import keras

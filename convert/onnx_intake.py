@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .datasets import input_file
 from .errors import ConvertError, UnsupportedModel
 from .spec import (
     Activation,
@@ -105,9 +106,7 @@ def load(path: str | Path) -> Any:
     import onnx
     from onnx.external_data_helper import uses_external_data
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConvertError(f"{p}: model file not found")
+    p = input_file(path, missing="model file not found")
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises its own DecodeError and friends

@@ -17,7 +17,7 @@ from edge.errors import EdgeError
 from edge.manifest import read_bundle
 
 from . import bundle, intake, quantize, verdict, verify
-from .datasets import load_array
+from .datasets import input_file, load_array
 from .errors import ConvertError
 from .spec import ModelSpec
 
@@ -38,9 +38,7 @@ def load_sequences(
     path: str | Path, features: int, what: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """[N, T, F] float32 sequences (and optional labels ``y`` from an .npz), checked."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConvertError(f"{what} {p}: file not found")
+    p = input_file(path, f"{what} ")
     try:
         x = load_array(p)
         labels = None

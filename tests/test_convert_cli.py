@@ -425,3 +425,28 @@ def test_a_converter_failure_is_one_line():
         "!quant.uniform<i8:f32, 0.0078>"
     )
     assert str(converter_failed("float16", ValueError("\nno ops\n"))).endswith("(float16): no ops")
+
+
+@pytest.mark.parametrize(
+    "which, kind",
+    [
+        ("model", "a directory"),
+        ("onnx", "a directory"),
+        ("calib", "a FIFO"),
+        ("data", "a directory"),
+    ],
+)
+def test_an_input_that_is_not_a_file_is_named_for_what_it_is(capsys, tmp_path, src, which, kind):
+    """A directory or a FIFO given as an input was reported 'file not found'."""
+    import os
+
+    odd = (
+        tmp_path / {"model": "m.keras", "onnx": "m.onnx", "calib": "c.npy", "data": "d.npz"}[which]
+    )
+    os.mkfifo(odd) if kind == "a FIFO" else odd.mkdir()
+    model = odd if which in ("model", "onnx") else src / "model.keras"
+    calib = odd if which == "calib" else src / "model.calib.npy"
+    extra = ["--data", str(odd)] if which == "data" else []
+    code, out = convert(capsys, model, calib, str(tmp_path / "out"), *extra)
+    label = {"calib": "--calib ", "data": "--data "}.get(which, "")
+    assert_refused(code, out, f"{label}{odd} is {kind}, not a file to read", tmp_path)

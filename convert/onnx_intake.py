@@ -187,12 +187,14 @@ def _probe(model: Any, input_name: str, features: int) -> list[dict[str, np.ndar
             text = str(exc).strip()
             node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
             where = f"node {node.group(2)!r} ({node.group(1)})" if node else "the graph"
+            status = re.search(r"Status Message: (.+)", text)
+            why = f" ({status.group(1).strip()})" if status else ""
             raise UnsupportedModel(
                 f"onnxruntime cannot run the model on a [{a}, {b}, {features}] input: {where} "
-                "fixes a batch or time length; export with dynamic batch and time axes "
-                "(given named Dims, torch 2.13's default exporter can fix the time length: "
-                "batch_first=False, stacked layers, h_n; use torch.export.Dim.AUTO axes or "
-                "torch.onnx.export(..., dynamo=False))"
+                f"fails{why}; if it fixes a batch or time length, export with dynamic batch and "
+                "time axes (given named Dims, torch 2.13's default exporter can fix the time "
+                "length: batch_first=False, stacked layers, h_n; use torch.export.Dim.AUTO axes "
+                "or torch.onnx.export(..., dynamo=False))"
             ) from exc
         out.append({n: np.asarray(v) for n, v in zip(names, values)} | {input_name: x})
     return out

@@ -183,6 +183,14 @@ def _set_input(node, k, name):
     node.input[k] = name
 
 
+def _one_more_input_column(m, n):
+    from onnx import numpy_helper
+
+    init = next(t for t in m.graph.initializer if t.name == n.input[1])
+    w = numpy_helper.to_array(init)
+    init.CopyFrom(numpy_helper.from_array(np.concatenate([w, w[..., :1]], -1), init.name))
+
+
 EDITS = {
     "clip": (lambda m, n: n.attribute.append(_attr("clip", 3.0)), ["clip=3", "(LSTM)"]),
     "peepholes": (
@@ -216,6 +224,10 @@ EDITS = {
             _attr("hidden_size", 6)
         ),
         ["hidden_size 6 but its weights R [1, 16, 4] are for 4 units"],
+    ),
+    "input weights for another feature count": (
+        _one_more_input_column,
+        ["(LSTM) fails (Input W must have shape {1,16,3}. Actual:{1,16,4})"],
     ),
     "coupled gates": (
         lambda m, n: n.attribute.append(_attr("input_forget", 1)),

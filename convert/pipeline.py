@@ -28,6 +28,8 @@ AUTO_ORDER = quantize.AUTO_ORDER  # smallest file first
 # the whole process when it prepares the model (no exception to catch), while 1e30 converts.
 # Far beyond any sensor's units; float64 values past float32's range are caught here too.
 MAX_INPUT_MAGNITUDE = 1e30
+# Names a SenML pack gives the runtime's own records (edge.payloads.decode_senml), not features.
+SENML_RECORDS = {"seq": "sequence number", "boot": "boot id"}
 
 
 def _stderr(msg: str) -> None:
@@ -129,6 +131,12 @@ def run_convert(
         raise ConvertError(f"--normalization {normalization!r} is not 'runtime' or 'graph'")
     if sample_rate_hz is not None and not 0 < sample_rate_hz < math.inf:
         raise ConvertError(f"--sample-rate {sample_rate_hz} must be a finite number > 0")
+    for name in feature_names or []:
+        if name in SENML_RECORDS:
+            raise ConvertError(
+                f"--feature-names: {name!r} names SenML's {SENML_RECORDS[name]} record, so a "
+                "device could never send that feature in SenML: name it otherwise"
+            )
     bundle.check_replaceable(Path(out).resolve())  # again when staging; here before slow work
     progress(f"reading {model_path}")
     spec, float_model, keras_model = read_model(model_path)

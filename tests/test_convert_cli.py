@@ -450,3 +450,18 @@ def test_an_input_that_is_not_a_file_is_named_for_what_it_is(capsys, tmp_path, s
     code, out = convert(capsys, model, calib, str(tmp_path / "out"), *extra)
     label = {"calib": "--calib ", "data": "--data "}.get(which, "")
     assert_refused(code, out, f"{label}{odd} is {kind}, not a file to read", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["seq", "boot"])
+def test_a_feature_named_as_a_senml_record_of_the_runtime_is_refused(capsys, tmp_path, src, name):
+    """The runtime reads a SenML record named 'seq' or 'boot' as the message's sequence number
+    or boot id: a feature of that name could never arrive in SenML."""
+    code, out = convert(
+        capsys,
+        src / "model.keras",
+        src / "model.calib.npy",
+        str(tmp_path / "out"),
+        "--feature-names",
+        f"acc_x,acc_y,{name},gyr_x,gyr_y,gyr_z",
+    )
+    assert_refused(code, out, f"--feature-names: {name!r} names SenML's", tmp_path)

@@ -176,6 +176,12 @@ def train_example(
     if not os.access(out.parent, os.W_OK):
         raise ConvertError(f"--out {out}: directory is not writable")
     model_file = regular_target(out, ConvertError, "--out ")  # the file a link leads to
+    stem = out.with_suffix("")
+    # the files written beside it, checked as well before training, not after it
+    beside = {
+        kind: regular_target(Path(f"{stem}.{kind}"), ConvertError, f"--out {out}: ")
+        for kind in ("calib.npy", "test.npz", "json")
+    }
     if epochs < 1 or pretrain_epochs < 0:
         raise ConvertError(
             f"--epochs {epochs} must be >= 1 and --pretrain-epochs {pretrain_epochs} >= 0"
@@ -231,12 +237,9 @@ def train_example(
         model.compile(optimizer=model.optimizer, loss="sparse_categorical_crossentropy")
 
     figures = evaluate(lambda x: model.predict(x, verbose=0), test.x, test.labels, seed)
-    tmp = model_file.with_name(f".{model_file.name}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, model_file)
-    stem = out.with_suffix("")
-    np.save(f"{stem}.calib.npy", train.x)
-    np.savez(f"{stem}.test.npz", x=test.x, y=test.labels)
+    _replace(model_file, model.save)
+    _replace(beside["calib.npy"], lambda tmp: np.save(tmp, train.x))
+    _replace(beside["test.npz"], lambda tmp: np.savez(tmp, x=test.x, y=test.labels))
     info = {
         "model": str(out),
         "calib": f"{stem}.calib.npy",
@@ -260,8 +263,20 @@ def train_example(
             "validation_recordings": [int(i) for i in val_idx],
         },
     }
-    Path(f"{stem}.json").write_text(json.dumps(info, indent=2) + "\n")
+    text = json.dumps(info, indent=2) + "\n"
+    _replace(beside["json"], lambda tmp: tmp.write_text(text))
     return info
+
+
+def _replace(target: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file beside ``target`` (its suffix kept, which Keras and NumPy go
+    by), then rename it over ``target``: a file is whole or not there."""
+    tmp = target.with_name(f".{target.name}.tmp{''.join(target.suffixes[-1:])}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def evaluate(

@@ -465,3 +465,22 @@ def test_a_feature_named_as_a_senml_record_of_the_runtime_is_refused(capsys, tmp
         f"acc_x,acc_y,{name},gyr_x,gyr_y,gyr_z",
     )
     assert_refused(code, out, f"--feature-names: {name!r} names SenML's", tmp_path)
+
+
+@pytest.mark.parametrize("beside", ["m.calib.npy", "m.test.npz", "m.json"])
+def test_train_example_checks_the_files_beside_the_model_before_training(tmp_path, beside):
+    """MODEL.calib.npy, MODEL.test.npz and MODEL.json were written after the training as they
+    came: a directory there gave a traceback, a FIFO a write that waited for a reader."""
+    import os
+    import re
+    import stat
+
+    from convert.errors import ConvertError
+    from convert.train import train_example
+
+    os.mkfifo(tmp_path / beside)
+    # epochs=0 is refused too: only a refusal of the file that comes first names the FIFO
+    with pytest.raises(ConvertError, match=re.escape(f"{tmp_path / beside} is a FIFO")):
+        train_example(tmp_path / "m.keras", epochs=0, progress=False)
+    assert stat.S_ISFIFO((tmp_path / beside).lstat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == [beside]

@@ -40,8 +40,12 @@ class FaultPlan:
     def parse(text: str | None) -> FaultPlan:
         """``drop=0.01,duplicate=0.02`` or ``all=0.01`` (every kind at that rate)."""
         rates: dict[str, float] = {}
+        named: set[str] = set()
         for part in filter(None, (p.strip() for p in (text or "").split(","))):
             name, sep, value = part.partition("=")
+            if name in named:  # which rate is meant cannot be told (all=, then one kind: its own)
+                raise SimError(f"--faults {text!r}: {name!r} is given twice")
+            named.add(name)
             try:
                 rate = float(value) if sep else float("nan")
             except ValueError:

@@ -65,6 +65,10 @@ def test_fault_plan_parsing():
     for bad in ("drop", "drop=2", "melt=0.1", "drop=x"):
         with pytest.raises(SimError):
             FaultPlan.parse(bad)
+    assert FaultPlan.parse("all=0.1,drop=0.5").rates["drop"] == 0.5  # all, then one kind's own
+    for twice in ("drop=0.5,duplicate=0.1,drop=0.1", "all=0.1,all=0.2"):
+        with pytest.raises(SimError, match="is given twice"):  # the last one was kept
+            FaultPlan.parse(twice)
 
 
 @pytest.mark.broker

@@ -608,6 +608,9 @@ def read(path: str | Path) -> OnnxSource:
             consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     recurrent = [n for n in graph.node if n.op_type in ("LSTM", "GRU")]
     if not recurrent:
+        for n in graph.node:  # a recurrent op that is not read: named, not "nothing to stream"
+            if n.op_type == "RNN":
+                raise UnsupportedModel(f"{_where(n)} cannot be streamed: {REASONS['RNN']}")
         raise ConvertError(f"{p}: no LSTM or GRU op in the model: nothing to stream")
     for n in recurrent:
         check_recurrent(n)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -295,8 +296,11 @@ def _run(args: argparse.Namespace) -> int:
     else:
         report = pipeline.run_verify(args.bundle, args.model, args.data, targets=targets)
     print(pipeline.dumps(report) if args.json else pipeline.summary(report))
-    if args.command == "convert":
-        print(f"wrote {args.out} in {report['convert_seconds']:.1f} s")
+    if args.command == "convert":  # with --json, stdout holds the report alone
+        print(
+            f"wrote {args.out} in {report['convert_seconds']:.1f} s",
+            file=sys.stderr if args.json else sys.stdout,
+        )
     return 0 if all(report["checks"].values()) else 1
 
 

@@ -292,7 +292,8 @@ def test_quant_auto_keeps_the_smallest_mode_meeting_the_targets(capsys, tmp_path
         "0.995",
         "--json",
     )
-    report = json.loads(out.out[: out.out.rindex("}") + 1])
+    report = json.loads(out.out)  # the report alone: "wrote ..." goes to stderr with --json
+    assert f"wrote {tmp_path / 'out'} in " in out.err
     tried = report["auto"]["tried"]
     assert [t["mode"] for t in tried] == list(AUTO_ORDER)[: len(tried)]
     assert all(not t["passed"] and (t["failed"] or t.get("skipped")) for t in tried[:-1])

@@ -138,6 +138,7 @@ def run_convert(
                 "device could never send that feature in SenML: name it otherwise"
             )
     bundle.check_replaceable(Path(out).resolve())  # again when staging; here before slow work
+    dev_python = verify.device_python()  # a bad EDGE_LSTM_DEVICE_PYTHON: said before, too
     progress(f"reading {model_path}")
     spec, float_model, keras_model = read_model(model_path)
     if feature_names is not None and len(feature_names) != spec.features:
@@ -205,7 +206,7 @@ def run_convert(
                     data,
                     data_labels,
                     targets=targets,
-                    dev_python=verify.device_python(),
+                    dev_python=dev_python,
                     progress=progress,
                     float_model=float_model,
                 )
@@ -298,6 +299,7 @@ def run_verify(
 ) -> dict[str, Any]:
     d = Path(directory)
     manifest, _ = read_bundle(d)
+    dev_python = verify.device_python()
     spec, float_model, keras_model = read_model(model_path)
     if manifest.source_sha256 and spec.source_sha256 != manifest.source_sha256:
         raise ConvertError(f"{model_path}: sha256 differs from the bundle's source model")
@@ -311,7 +313,7 @@ def run_verify(
         data,
         labels,
         targets=targets,
-        dev_python=verify.device_python(),
+        dev_python=dev_python,
         progress=progress,
         float_model=float_model,
     )

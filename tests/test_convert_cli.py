@@ -485,3 +485,21 @@ def test_train_example_checks_the_files_beside_the_model_before_training(tmp_pat
         train_example(tmp_path / "m.keras", epochs=0, progress=False)
     assert stat.S_ISFIFO((tmp_path / beside).lstat().st_mode)
     assert [p.name for p in tmp_path.iterdir()] == [beside]
+
+
+@pytest.mark.parametrize("command", ["convert", "verify"])
+def test_a_device_python_that_is_not_there_is_refused_before_the_work(
+    capsys, tmp_path, src, bundles, monkeypatch, command
+):
+    """EDGE_LSTM_DEVICE_PYTHON was looked at only when the bundle was verified: after the
+    conversion."""
+    monkeypatch.setenv("EDGE_LSTM_DEVICE_PYTHON", str(tmp_path / "no-python"))
+    if command == "convert":
+        code, out = convert(capsys, src / "model.keras", src / "model.calib.npy", tmp_path / "out")
+    else:
+        model, data = str(src / "model.keras"), str(src / "model.test.npz")
+        code, out = run(
+            capsys, "verify", str(bundles / "clf-int8"), "--model", model, "--data", data
+        )
+    assert_refused(code, out, f"EDGE_LSTM_DEVICE_PYTHON='{tmp_path / 'no-python'}'", tmp_path)
+    assert "reading" not in out.err and "parity" not in out.err

@@ -83,6 +83,13 @@ def device_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
+def failure(proc: subprocess.CompletedProcess[str]) -> str:
+    """Why a command of the device Python failed, in one line: the last line it wrote to
+    stderr (a traceback's names the exception), or its exit code when it wrote nothing."""
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    return lines[-1][-300:] if lines else f"exit code {proc.returncode}, nothing on stderr"
+
+
 def in_device_python(
     bundle: Path, streams: dict[str, np.ndarray], python: str, timeout: float = 600
 ) -> Run:
@@ -100,7 +107,7 @@ def in_device_python(
             env=device_env(),
         )
         if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip()[-500:] or f"exit code {proc.returncode}")
+            raise RuntimeError(failure(proc))
         with np.load(out, allow_pickle=False) as z:
             outputs = {k: z[k] for k in z.files if k != "info"}
             info = json.loads(str(z["info"]))

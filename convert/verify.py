@@ -275,7 +275,7 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
         res["tflite"] = {"status": "failed", "error": str(exc)}
         return res
     if proc.returncode != 0:
-        res["tflite"] = {"status": "failed", "error": proc.stderr.strip()[-500:]}
+        res["tflite"] = {"status": "failed", "error": kernels.failure(proc)}
         return res
     try:
         info = json.loads(proc.stdout.strip().splitlines()[-1])

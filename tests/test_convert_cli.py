@@ -503,3 +503,29 @@ def test_a_device_python_that_is_not_there_is_refused_before_the_work(
         )
     assert_refused(code, out, f"EDGE_LSTM_DEVICE_PYTHON='{tmp_path / 'no-python'}'", tmp_path)
     assert "reading" not in out.err and "parity" not in out.err
+
+
+@pytest.mark.parametrize(
+    "says, said",
+    [
+        (
+            "echo 'Traceback (most recent call last):' >&2\n"
+            "echo '  File \"<string>\", line 1, in <module>' >&2\n"
+            "echo \"ModuleNotFoundError: No module named 'tflite_runtime'\" >&2\n",
+            "ModuleNotFoundError: No module named 'tflite_runtime'",
+        ),
+        ("", "exit code 3, nothing on stderr"),
+    ],
+)
+def test_a_device_python_that_fails_is_one_line(capsys, tmp_path, src, monkeypatch, says, said):
+    """What it wrote to stderr was the message, traceback and all, or nothing at all."""
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\n{says}exit 3\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("EDGE_LSTM_DEVICE_PYTHON", str(python))
+    args = ("--quant", "float32", "--long-steps", "200")
+    code, out = convert(
+        capsys, src / "model.keras", src / "model.calib.npy", tmp_path / "out", *args
+    )
+    assert_refused(code, out, f"the bundle failed to run in tflite: {said}", tmp_path)
+    assert "Traceback" not in out.err

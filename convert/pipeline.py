@@ -147,6 +147,12 @@ def run_convert(
         )
     if labels is not None and len(labels) != spec.outputs:
         raise ConvertError(f"--labels has {len(labels)} labels for {spec.outputs} outputs")
+    if labels is not None and spec.outputs == 1:
+        raise ConvertError(
+            f"--labels {labels[0]!r}: a model of one output has no classes to choose between "
+            "(its top class is always the first); a sigmoid output is judged as a regressor "
+            "against 0/1 targets: convert it without --labels"
+        )
     calib, _ = load_sequences(calib_path, spec.features, "--calib")
     data, data_labels = (
         load_sequences(data_path, spec.features, "--data") if data_path else (calib, None)

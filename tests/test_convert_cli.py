@@ -529,3 +529,21 @@ def test_a_device_python_that_fails_is_one_line(capsys, tmp_path, src, monkeypat
     )
     assert_refused(code, out, f"the bundle failed to run in tflite: {said}", tmp_path)
     assert "Traceback" not in out.err
+
+
+def test_labels_for_a_model_of_one_output_are_refused(capsys, tmp_path):
+    """A one-output (sigmoid) model given --labels became a classifier whose top class is always
+    its only one: every prediction published that label; 0/1 labels in --data were refused as
+    'label 1 is not a class of this model (0..0)'."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, 3))
+    z = keras.layers.LSTM(4, return_sequences=True)(inp)
+    keras.Model(inp, keras.layers.Dense(1, activation="sigmoid")(z)).save(tmp_path / "m.keras")
+    np.save(tmp_path / "calib.npy", np.zeros((2, 10, 3), np.float32))
+    code, out = convert(
+        capsys, tmp_path / "m.keras", tmp_path / "calib.npy", tmp_path / "out", "--labels", "motion"
+    )
+    assert_refused(code, out, "--labels 'motion': a model of one output has no classes", tmp_path)
+    assert "convert it without --labels" in out.err

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -87,6 +88,20 @@ def _count(low: int) -> Any:
     return parse
 
 
+# A kernel set's name as edge.backend.kernel_set_name makes it.
+KERNEL_SET = re.compile(r"(litert|tensorflow|tflite-\d+\.\d+)-(xnnpack|builtin-[A-Za-z0-9_]+)")
+
+
+def _kernel_set(text: str) -> str:
+    """A typo was noticed only when the run was scored, and judged against another set."""
+    if not KERNEL_SET.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a kernel set such as litert-xnnpack, litert-builtin-x86_64 or "
+            "tflite-2.14-builtin-aarch64"
+        )
+    return text
+
+
 def _batch(text: str) -> int | tuple[int, int]:
     lo, sep, hi = text.partition("-")
     try:
@@ -136,6 +151,7 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--kernels",
+        type=_kernel_set,
         help="kernel set of the offline run that judges exactness (default: the one the "
         "runtime reports in its status, e.g. tflite-2.14-builtin-x86_64 for a device install)",
     )

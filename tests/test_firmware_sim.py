@@ -560,6 +560,7 @@ def test_demo_cluster_refuses_the_embedded_broker():
         (["run", "--broker", "mqtt://127.0.0.1:1", "--connections", "-1"], "--connections"),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--devices", "0"], "--devices: '0'"),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--seed", "-1"], "--seed: '-1'"),
+        (["run", "--broker", "mqtt://127.0.0.1:1", "--kernels", "litert-xnnpak"], "kernel set"),
         (["host", "--bundle", "b", "--cores", "4096"], "--cores '4096'"),
         (["host", "--bundle", "b", "--slowdown", "0.5"], "--slowdown 0.5"),
         (["host", "--bundle", "b", "--seconds", "-1"], "--seconds: '-1'"),

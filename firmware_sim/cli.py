@@ -292,9 +292,13 @@ def run(args: argparse.Namespace) -> int:
         fleet.close()
         raise
     try:
+        from .demo import progress_bar
+
+        bar = progress_bar(args.duration, fleet, scorer)
         t0 = time.monotonic()
-        log = fleet.run(args.duration)
+        log = fleet.run(args.duration, bar)
         scorer.wait(log, 15, args.restart_gap)
+        bar(args.duration, final=True)
         r = score(
             scorer,
             log,

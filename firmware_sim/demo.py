@@ -169,7 +169,7 @@ def run_demo(
                 f"devices: {devices} replaying BasicMotions test recordings at {rate:g} Hz for {duration:g} s"
                 + (f", faults {dict(plan.rates)}" if plan.rates else "")
             )
-            bar = _progress(duration, fleet, scorer) if progress else None
+            bar = progress_bar(duration, fleet, scorer) if progress else None
             killed: list[float] = []
 
             def tick(elapsed: float, final: bool = False) -> None:
@@ -214,7 +214,7 @@ def run_demo(
                 broker.stop()
 
 
-def _progress(duration: float, fleet: Fleet, scorer: Scorer) -> Any:
+def progress_bar(duration: float, fleet: Fleet, scorer: Scorer) -> Any:
     """A live bar on a terminal; plain lines every 10 s when output is redirected (no
     carriage returns or escape codes in a log file) or tqdm is not installed."""
     try:

@@ -222,6 +222,18 @@ def test_bad_input_is_one_line_and_nonzero(args, message):
 
 
 @pytest.mark.broker
+def test_run_shows_its_progress(broker, tmp_path, capsys):
+    """run said nothing until its table, after --duration and the wait for the last answers
+    (the demo showed a bar)."""
+    from firmware_sim.cli import main
+
+    args = ["run", "--broker", broker.url, "--devices", "2", "--duration", "2", "--source", "sine"]
+    assert main([*args, "--out", str(tmp_path / "res")]) == 1  # nothing serves: none answered
+    err = capsys.readouterr().err
+    assert "streaming 2/2 s: sent " in err and ", predicted 0, errors 0" in err, err
+
+
+@pytest.mark.broker
 def test_bundle_and_source_feature_counts_must_agree(bundles, broker, capsys):
     from firmware_sim.cli import main
 

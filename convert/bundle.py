@@ -54,6 +54,12 @@ def describe(
     for name, d in details.items():
         scale, zp = d.get("quantization", (0.0, 0))
         dtype = np.dtype(d["dtype"]).name
+        if dtype != "float32" and not float(scale) >= np.finfo(np.float32).tiny:
+            raise ConvertError(
+                f"--quant {mode}: TFLite gave tensor {name!r} the scale {float(scale):g}, which "
+                "no runtime can use: its values on --calib are constant (an output always 0?); "
+                "check the model, or try another --quant mode"
+            )
         tensors[name] = TensorSpec(
             name,
             dtype,

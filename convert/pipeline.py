@@ -185,21 +185,21 @@ def run_convert(
                 content = quantize.convert(
                     spec, cal, m, normalize_in_graph=in_graph, per_channel=per_channel
                 )
+                manifest = bundle.describe(
+                    content,
+                    spec,
+                    mode=m,
+                    normalize_in_graph=in_graph,
+                    labels=labels or [],
+                    feature_names=names,
+                    feature_units=[""] * spec.features,
+                    sample_rate_hz=sample_rate_hz,
+                )
             except ConvertError as exc:
                 if mode != "auto":
                     raise
                 tried.append({"mode": m, "passed": False, "why": str(exc)})
                 continue
-            manifest = bundle.describe(
-                content,
-                spec,
-                mode=m,
-                normalize_in_graph=in_graph,
-                labels=labels or [],
-                feature_names=names,
-                feature_units=[""] * spec.features,
-                sample_rate_hz=sample_rate_hz,
-            )
             for old in tmp.iterdir():
                 old.unlink()
             (tmp / bundle.MODEL_NAME).write_bytes(content)

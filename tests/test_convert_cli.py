@@ -547,3 +547,22 @@ def test_labels_for_a_model_of_one_output_are_refused(capsys, tmp_path):
     )
     assert_refused(code, out, "--labels 'motion': a model of one output has no classes", tmp_path)
     assert "convert it without --labels" in out.err
+
+
+def test_a_tensor_without_a_usable_scale_is_named_not_the_staging_manifest(capsys, tmp_path):
+    """An output that is always 0 got an int16 scale of 3.6e-43 from TFLite: the bundle's own
+    manifest check refused it after the conversion, naming the staging directory's manifest."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, 3))
+    z = keras.layers.LSTM(4, return_sequences=True)(inp)
+    head = keras.layers.Dense(2, kernel_initializer="zeros")  # bias zeros too: y is always 0
+    keras.Model(inp, head(z)).save(tmp_path / "m.keras")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).normal(0, 1, (4, 10, 3)))
+    args = ("--quant", "int16x8", "--long-steps", "200")
+    code, out = convert(
+        capsys, tmp_path / "m.keras", tmp_path / "calib.npy", tmp_path / "out", *args
+    )
+    assert_refused(code, out, "--quant int16x8: TFLite gave tensor 'y' the scale", tmp_path)
+    assert "manifest.json" not in out.err

@@ -152,7 +152,7 @@ def run_demo(
                     bundle, url, work / "state", protocol=broker.protocol, client_id=RUNTIME_ID
                 ).start()
                 scorer = Scorer(url)
-                scorer.wait_online(RUNTIME_ID, 30, runtime.alive)
+                scorer.wait_online(RUNTIME_ID, 30, runtime.alive, runtime.why_ended)
                 say(
                     f"runtime: edge-lstm serve, model {manifest.model_id} ({manifest.quantization}), online"
                 )

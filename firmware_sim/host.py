@@ -134,7 +134,7 @@ def trial(
         ).start()
         scorer = Scorer(broker.url)
         try:
-            scorer.wait_online("host-runtime", 30, runtime.alive)
+            scorer.wait_online("host-runtime", 30, runtime.alive, runtime.why_ended)
             log, t0 = run_fleet(broker.url, devices, rate, batch, names, seconds)
             scorer.wait(log, drain)
             r = score(scorer, log, time.monotonic() - t0)

@@ -156,3 +156,13 @@ class Runtime:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def why_ended(self) -> str:
+        """The last line the runtime wrote (its one-line error), else how its process ended."""
+        lines = [line.strip() for line in self.output().splitlines() if line.strip()]
+        if lines:
+            return lines[-1][-300:]
+        rc = None if self.proc is None else self.proc.poll()
+        if rc is not None and rc < 0:
+            return f"killed by signal {-rc} without a word (-9: a memory cap, say)"
+        return f"exit code {rc} without a word"

@@ -111,10 +111,19 @@ class Scorer:
                 return
             time.sleep(max(0.05, 2 * (time.monotonic() - t0)))
 
-    def wait_online(self, runtime_id: str, timeout: float, alive: Any = None) -> None:
+    def wait_online(
+        self, runtime_id: str, timeout: float, alive: Any = None, why_ended: Any = None
+    ) -> None:
+        """``alive()``: whether the runtime's process still runs; ``why_ended()``: what says
+        why it ended (e.g. ``Runtime.why_ended``)."""
         deadline = time.monotonic() + timeout
         while self.status.get(runtime_id) != "online":
-            if time.monotonic() > deadline or (alive is not None and not alive()):
+            if alive is not None and not alive():
+                raise SimError(
+                    f"the runtime {runtime_id!r} ended before it came online"
+                    + (f": {why_ended()}" if why_ended else "")
+                )
+            if time.monotonic() > deadline:
                 raise SimError(f"the runtime {runtime_id!r} did not come online within {timeout} s")
             time.sleep(0.05)
 

@@ -222,6 +222,25 @@ def test_bad_input_is_one_line_and_nonzero(args, message):
 
 
 @pytest.mark.broker
+def test_a_runtime_that_ends_before_it_is_online_says_why(broker, tmp_path):
+    """The demo and host said 'did not come online within 30 s' of a runtime that had ended at
+    once, with a one-line error of its own or killed by a memory cap."""
+    from firmware_sim.runtime import Runtime
+    from firmware_sim.scorer import Scorer
+
+    runtime = Runtime(tmp_path / "no-bundle", broker.url, tmp_path / "state", client_id="rt")
+    scorer = Scorer(broker.url)
+    try:
+        with pytest.raises(SimError) as err:
+            scorer.wait_online("rt", 600, runtime.start().alive, runtime.why_ended)
+        assert str(err.value).startswith("the runtime 'rt' ended before it came online: ")
+        assert "no-bundle" in str(err.value) and "within" not in str(err.value)
+    finally:
+        runtime.stop()
+        scorer.close()
+
+
+@pytest.mark.broker
 def test_run_shows_its_progress(broker, tmp_path, capsys):
     """run said nothing until its table, after --duration and the wait for the last answers
     (the demo showed a bar)."""

@@ -96,8 +96,10 @@ def in_python(python: str, bundle: Path, chunks: Chunks, kernels: str) -> tuple[
             timeout=1800,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-        if proc.returncode != 0:
-            return [], f"(failed: {proc.stderr.strip()[-300:]})"
+        if proc.returncode != 0:  # one line: the last a traceback writes names the exception
+            lines = proc.stderr.strip().splitlines()
+            why = lines[-1][-300:] if lines else f"exit code {proc.returncode}"
+            return [], f"(failed: {why})"
         with np.load(out, allow_pickle=False) as z:
             seqs, ends, y = z["seqs"], np.cumsum(z["lengths"]), z["y"]
             used = str(z["kernels"])

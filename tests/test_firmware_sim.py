@@ -632,3 +632,16 @@ def test_an_out_that_cannot_hold_the_results_is_refused_before_anything_starts(
     assert len(err) == 1 and err[0].startswith("firmware-sim: error: --out") and needle in err[0]
     assert (tmp_path / "file").read_text() == "kept\n"
     assert sorted(p.name for p in (tmp_path / "res").iterdir()) == [name]
+
+
+def test_an_offline_run_in_another_python_that_fails_says_why_in_one_line(tmp_path):
+    """The scorer's note on an offline run that failed: the exception's line, or the exit code
+    of a Python that wrote nothing, not the tail of a traceback."""
+    from firmware_sim.offline import in_python
+
+    chunks = [("s", 1, np.zeros((2, 3)))]
+    answers, why = in_python(sys.executable, tmp_path / "no-bundle", chunks, "litert-xnnpack")
+    assert answers == [] and why.startswith("(failed: ") and "\n" not in why
+    assert "no-bundle" in why or "Error" in why
+    answers, why = in_python("/bin/false", tmp_path / "no-bundle", chunks, "litert-xnnpack")
+    assert (answers, why) == ([], "(failed: exit code 1)")

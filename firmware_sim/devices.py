@@ -21,6 +21,7 @@ import heapq
 import inspect
 import itertools
 import json
+import sys
 import threading
 import time
 from collections import deque
@@ -41,6 +42,7 @@ from .sources import Source, make
 
 FORMATS = ("json", "senml", "binary")
 BUFFER_LIMIT = 10_000  # messages a device stores while offline; the oldest go first
+PROGRESS_S = 5.0  # seconds between progress lines while connecting
 U32 = 2**32
 # Whether this edge.payloads can put a boot id into SenML / binary frames (else a device that
 # must carry its boot id speaks JSON).
@@ -243,9 +245,13 @@ class Fleet:
             )
         n_conn = devices if connections <= 0 else min(connections, devices)
         self.conns: list[Connection] = []
+        said = time.monotonic()
         try:
             for i in range(n_conn):
                 self.conns.append(Connection(url, f"firmware-sim-{prefix}-{seed}-{i}", configure))
+                if time.monotonic() - said >= PROGRESS_S:  # thousands take minutes: say so
+                    said = time.monotonic()
+                    print(f"connecting: {i + 1:,} of {n_conn:,} connections", file=sys.stderr)
         except SimError:
             self.close()
             raise

@@ -645,3 +645,13 @@ def test_an_offline_run_in_another_python_that_fails_says_why_in_one_line(tmp_pa
     assert "no-bundle" in why or "Error" in why
     answers, why = in_python("/bin/false", tmp_path / "no-bundle", chunks, "litert-xnnpack")
     assert (answers, why) == ([], "(failed: exit code 1)")
+
+
+def test_a_fleet_that_takes_long_to_connect_says_how_far_it_is(broker, monkeypatch, capsys):
+    from firmware_sim import devices
+
+    monkeypatch.setattr(devices, "PROGRESS_S", 0.0)  # every connection is "slow"
+    fleet = devices.Fleet(broker.url, 3, 1.0)
+    fleet.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"connecting: {i} of 3 connections" for i in (1, 2, 3)]

@@ -70,7 +70,9 @@ from .partitions import (
     check_partitions,
     filter_subject,
     mqtt_source_transforms,
+    partition,
     stored_to_topic,
+    stream_to_token,
     topic_to_subject,
     transform_dest,
 )
@@ -85,6 +87,7 @@ REFUSALS_BEFORE_LOOKING = 5  # refused pull requests in a row before checking th
 LEASES = "edge_leases"
 SNAPSHOTS = "edge_snapshots"
 ANSWERED = "edge_answered"
+LAYOUT = "partitions"  # key of the answered bucket: the partition count, and the one before
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
 READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a forming cluster)
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
@@ -291,12 +294,36 @@ class Worker:
         self.stored: StorePublisher | None = None  # once connected
         self.mqtt_store = False  # whether the MQTT listener's store exists (it makes it itself)
         self.stream_id = ""  # when the stream was created (see _stream_state)
+        self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
 
     # -- JetStream resources ----------------------------------------------------------------
 
     async def ensure_resources(self) -> None:
         self.kv, self.store, self.answered = await ensure_resources(self.js, self.opts)
         self.stream_id, _, _ = await self._stream_state()
+        self.relaid = await self._layout()
+
+    async def _layout(self) -> int:
+        """The partition count before this incarnation of the stream, when it was made with
+        another one (0: the same, or not known): the partitions' snapshots of the old count
+        hold streams that are now in other partitions. Recorded in the answered bucket, since
+        a partition of the new count may have no snapshot to say so."""
+        from nats.js.errors import KeyNotFoundError
+
+        count = 0
+        try:
+            doc = json.loads((await self.answered.get(LAYOUT)).value or b"")
+            count, before = int(doc["partitions"]), int(doc.get("before", 0))
+            if count == self.opts.partitions:
+                return before if doc.get("stream") == self.stream_id else 0
+        except KeyNotFoundError:
+            pass
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            log.warning("partition count record unreadable (%r); written again", exc)
+            count = 0
+        doc = {"partitions": self.opts.partitions, "before": count, "stream": self.stream_id}
+        await self.answered.put(LAYOUT, json.dumps(doc).encode())
+        return count
 
     async def _stream_state(self) -> tuple[str, int, int]:
         """(when the stream was created, its first and last sequence): a stream deleted and
@@ -356,13 +383,20 @@ class Worker:
         A snapshot of an earlier incarnation of the stream (deleted and made anew) keeps its
         streams' state, but the new stream is read from its start."""
         stream_id, first_seq, last_seq = await self._stream_state()
-        part = await self._restore_snapshot(p, stream_id, last_seq)
+        part, passed = await self._restore_snapshot(p, stream_id, last_seq)
         if part is None:
             proc, directory = self._fresh_processor(p)
             proc.recover()
             proc.journal.open()
             log.info("partition %d: no snapshot; replaying from the start of the stream", p)
-            part = Partition(p, proc, directory, stream=stream_id)
+            # its snapshots come after those of another partition count passed over
+            part = Partition(p, proc, directory, stream=stream_id, generation=passed)
+            if self.relaid or passed:  # its streams' state is in the old count's snapshots
+                part.processor.assume_lost(
+                    f"partition {p}: the stream was made again with another partition count "
+                    f"({self.opts.partitions}), and the state of its streams stays behind"
+                )
+                self.metrics.inc("partitions_relaid")
         if first_seq > part.covered + 1:
             part.processor.assume_lost(
                 f"partition {p}: stream {STREAM} begins at sequence {first_seq}, its messages "
@@ -371,7 +405,30 @@ class Worker:
             self.metrics.inc("history_lost")
         return part
 
-    async def _restore_snapshot(self, p: int, stream_id: str, last_seq: int) -> Partition | None:
+    def _other_layout(self, snap: psnap.PartitionSnapshot, proc: Processor) -> str | None:
+        """Why a snapshot holds the streams of another partition count (the stream deleted and
+        made again with another ``partitions``): restored, a stream that moved to another
+        partition was stepped there from the zero state without a word, and its old state
+        stayed here, stale, for a later change back."""
+        count = self.opts.partitions
+        if self.relaid and snap.stream != self.stream_id:
+            return f"taken with {self.relaid} partitions, the stream now has {count}"
+        if snap.partitions:
+            if snap.partitions != count:
+                return f"taken with {snap.partitions} partitions, the stream has {count}"
+            return None
+        for stream in proc.engine.store.streams:  # written before the count was recorded
+            q = partition(stream_to_token(stream), count)
+            if q != snap.partition:
+                return f"it holds stream {stream!r}, which is partition {q} of {count}"
+        return None
+
+    async def _restore_snapshot(
+        self, p: int, stream_id: str, last_seq: int
+    ) -> tuple[Partition | None, int]:
+        """The partition from its newest usable snapshot, or None; and the newest generation
+        of those of another partition count passed over (0: none was)."""
+        passed = 0
         for snap in await self._snapshots(p):
             proc, directory = self._fresh_processor(p)
             snap.write_into(directory)
@@ -383,6 +440,17 @@ class Worker:
             if rec.damaged_snapshots or rec.damage or not rec.generation:
                 log.error("partition %d: snapshot generation %d unusable", p, snap.generation)
                 self.metrics.inc("snapshots_damaged")
+                continue
+            other = self._other_layout(snap, proc)
+            if other:
+                log.error(
+                    "partition %d: snapshot generation %d is of another partition count (%s); "
+                    "not restored",
+                    p,
+                    snap.generation,
+                    other,
+                )
+                passed = max(passed, snap.generation)
                 continue
             proc.journal.open()
             covered = snap.covered
@@ -418,8 +486,8 @@ class Worker:
             )
             if covered:  # the stream it covers goes on: twins of what it covers may come
                 part.twins.load(snap.twins)
-            return part
-        return None
+            return part, passed
+        return None, passed
 
     async def _subscribe(self, part: Partition) -> None:
         from nats.js import api
@@ -717,6 +785,7 @@ class Worker:
             journal.path("wal", journal.generation).read_bytes(),
             part.stream,
             part.twins.export(),
+            self.opts.partitions,
         ).pack()
         await self.store.put(psnap.object_name(part.number, gen % 2), blob)
         part.generation, part.snapshotted = gen, part.covered

@@ -5,7 +5,8 @@ held for reordering, answers not yet acknowledged) plus the stream sequence they
 ::
 
     8  magic b"EDGEPS1\\n"
-    4  u32 header length, header (JSON: partition, generation, covered, sizes, stream, twins)
+    4  u32 header length, header (JSON: partition, generation, covered, sizes, stream, twins,
+       partitions)
     .  snapshot bytes, log segment bytes
     4  u32 crc32 of everything before it
 
@@ -40,6 +41,7 @@ class PartitionSnapshot:
     segment: bytes
     stream: str = ""  # when the stream was created: its sequences count in that incarnation
     twins: list[list[Any]] = field(default_factory=list)  # ``Twins.export()`` at ``covered``
+    partitions: int = 0  # the group's partition count (0: written before it was recorded)
 
     def pack(self) -> bytes:
         head = json.dumps(
@@ -51,6 +53,7 @@ class PartitionSnapshot:
                 "segment": len(self.segment),
                 "stream": self.stream,
                 "twins": self.twins,
+                "partitions": self.partitions,
             }
         ).encode()
         body = MAGIC + _U32.pack(len(head)) + head + self.snapshot + self.segment
@@ -85,6 +88,7 @@ def unpack(blob: bytes) -> PartitionSnapshot:
             body[at + snap_len :],
             str(head.get("stream", "")),
             list(head.get("twins", [])),
+            int(head.get("partitions", 0)),
         )
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise SnapshotError(f"partition snapshot header unreadable: {exc}") from exc

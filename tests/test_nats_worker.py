@@ -1155,3 +1155,48 @@ def test_three_node_cluster_three_workers_through_kills_and_a_join(
         sc.close()
         for w in procs.values():
             w.stop()
+
+
+@failover
+def test_snapshots_of_another_partition_count_are_not_restored(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+) -> None:
+    """The stream deleted and made again with another ``partitions`` (what a worker started
+    with another count is told to do): a partition snapshot holds the state of the streams of
+    the old count's partition, so restored, streams that moved to another partition were
+    stepped from the zero state there without a word (and a change back restored the state
+    they had before the first change). No stream's state is carried over, and every stream's
+    next answer says restart."""
+
+    def group(count: int) -> WorkerProc:
+        args = ("--partitions", str(count))
+        return WorkerProc(bundles / "clf-int8", nats_server.url, tmp_path / "s", "w1", *args)
+
+    native = NatsCollector(nats_server.url)
+    col = Collector(nats_server.mqtt_url)
+    samples = _samples(8, 30, seed=31)
+    assert any(partition(s, 4) != partition(s, P) for s in samples)  # some streams move
+    w = group(4).start()
+    try:
+        for count, first in ((4, 0), (P, 10), (4, 20)):
+            if first:
+                assert w.stop() == 0  # a snapshot of every partition
+                _delete(nats_server.url, "stream")
+                w = group(count).start()
+            wait_owned(col, ["w1"], count)
+            _publish_native(nats_server.url, samples, range(first, first + 10))
+            # from the zero state at the first seq, every stream's first answer saying so
+            fresh = offline(bundles / "clf-int8", {s: x[first:] for s, x in samples.items()})
+            want = {(s, k + first): y for (s, k), y in fresh.items() if k <= 10}
+            n = 8 * (first + 10)
+            wait_until(lambda n=n: len(native.predictions()) >= n, 90, "answers")
+            got = {k: v for k, v in native.predictions().items() if first < k[1] <= first + 10}
+            assert _check(got, want) == ([], [])
+            docs = [d for _, d in native.of("predictions/") if d["seq"] == first + 1]
+            assert len(docs) == len(samples)
+            assert all(d.get("restart") for d in docs) == bool(first), docs
+        assert "another partition count" in w.log()
+    finally:
+        w.stop()
+        native.close()
+        col.close()

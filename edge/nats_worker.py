@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import shutil
 import signal
 import time
@@ -82,6 +83,7 @@ from .state_lock import StateLock
 log = logging.getLogger("edge.worker")
 
 STREAM = "EDGE_SENSORS"
+WORKER_ID = re.compile(r"[A-Za-z0-9_-]+")
 MAX_LEASE_SECONDS = 3600.0  # a lease that long would keep a dead worker's partitions an hour
 REFUSALS_BEFORE_LOOKING = 5  # refused pull requests in a row before checking the consumer
 LEASES = "edge_leases"
@@ -112,7 +114,7 @@ class WorkerOptions:
             if not url.startswith(("nats://", "tls://")) or len(url.split("://", 1)[1]) == 0:
                 raise ConfigError(f"nats server {url!r}: expected nats://HOST:PORT")
         check_partitions(self.partitions)
-        if not self.worker_id or any(c in self.worker_id for c in " .*>/\\"):
+        if not WORKER_ID.fullmatch(self.worker_id):  # a key of the lease bucket, a subject token
             raise ConfigError(
                 f"worker_id {self.worker_id!r}: needs letters, digits, '-' or '_' only"
             )

@@ -271,6 +271,10 @@ def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path)
     assert r.returncode == 2 and "nats is required" in r.stderr
     r = run("--nats", "nats://127.0.0.1:1", "--worker-id", "")
     assert r.returncode == 2 and "worker_id ''" in r.stderr
+    # not a key of the lease bucket: the worker ran without ever saying it is alive
+    for bad in ("a:b", "w\u00e9", "a=b"):
+        r = run("--nats", "nats://127.0.0.1:1", "--worker-id", bad)
+        assert r.returncode == 2 and f"worker_id {bad!r}: needs letters" in r.stderr, r.stderr
     r = run("--nats", "nats://127.0.0.1:1", "--lease-seconds", "1e308")
     assert r.returncode == 2 and "lease_seconds = 1e+308 must be in 1..3600" in r.stderr
     bad = tmp_path / "bad.toml"

@@ -84,6 +84,7 @@ log = logging.getLogger("edge.worker")
 
 STREAM = "EDGE_SENSORS"
 WORKER_ID = re.compile(r"[A-Za-z0-9_-]+")
+USERINFO = re.compile(r"^([^:/]*://)[^/]*@")  # user:password@ or token@ of a server URL
 MAX_LEASE_SECONDS = 3600.0  # a lease that long would keep a dead worker's partitions an hour
 REFUSALS_BEFORE_LOOKING = 5  # refused pull requests in a row before checking the consumer
 LEASES = "edge_leases"
@@ -112,7 +113,7 @@ class WorkerOptions:
             raise ConfigError("nats: at least one server URL is needed")
         for url in self.servers:
             if not url.startswith(("nats://", "tls://")) or len(url.split("://", 1)[1]) == 0:
-                raise ConfigError(f"nats server {url!r}: expected nats://HOST:PORT")
+                raise ConfigError(f"nats server {shown(url)!r}: expected nats://HOST:PORT")
         check_partitions(self.partitions)
         if not WORKER_ID.fullmatch(self.worker_id):  # a key of the lease bucket, a subject token
             raise ConfigError(
@@ -130,6 +131,15 @@ class WorkerOptions:
             raise ConfigError(f"stats_interval = {self.stats_interval!r} must be finite and >= 0")
         if self.replicas not in (1, 3, 5):
             raise ConfigError(f"replicas = {self.replicas!r} must be 1, 3 or 5")
+
+    def shown(self) -> str:
+        """The servers as a log line or an error may show them: without credentials."""
+        return ",".join(shown(url) for url in self.servers)
+
+
+def shown(url: str) -> str:
+    """``url`` without the user, password or token it may carry (``nats://***@HOST:PORT``)."""
+    return USERINFO.sub(r"\1***@", url)
 
 
 def mqtt_source(partitions: int) -> Any:
@@ -1004,7 +1014,7 @@ class Worker:
             )
         except Exception as exc:
             raise ConfigError(
-                f"cannot reach NATS at {','.join(self.opts.servers)}: {str(exc) or 'timed out'}"
+                f"cannot reach NATS at {self.opts.shown()}: {str(exc) or 'timed out'}"
             ) from exc
         info = getattr(self.nc, "_server_info", None) or {}
         if info and not info.get("jetstream"):
@@ -1024,7 +1034,7 @@ class Worker:
                 raise
             except Exception as exc:
                 if time.monotonic() > deadline:
-                    raise ConfigError(f"JetStream at {','.join(self.opts.servers)}: {exc}") from exc
+                    raise ConfigError(f"JetStream at {self.opts.shown()}: {exc}") from exc
                 log.warning("JetStream not ready yet: %r", exc)
                 await asyncio.sleep(1.0)
         await self._refuse_foreign_snapshots()

@@ -267,6 +267,12 @@ def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path)
     assert r.returncode == 2 and "partitions = 0" in r.stderr and "Traceback" not in r.stderr
     r = run("--nats", "http://x")
     assert r.returncode == 2 and "'http://x'" in r.stderr
+    # credentials in a server URL stay out of the error (and the journal)
+    r = run("--nats", "nats://edge:s3cret@127.0.0.1:99999", "--state-dir", str(tmp_path / "s"))
+    assert r.returncode == 2 and "nats://***@127.0.0.1:99999" in r.stderr
+    assert "s3cret" not in r.stderr
+    r = run("--nats", "nats://127.0.0.1:1,http://t0ken@x")
+    assert r.returncode == 2 and "'http://***@x'" in r.stderr and "t0ken" not in r.stderr
     r = run()
     assert r.returncode == 2 and "nats is required" in r.stderr
     r = run("--nats", "nats://127.0.0.1:1", "--worker-id", "")

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import early_signals, wal
+from . import early_signals, payloads, wal
 from . import partition_snapshot as psnap
 from . import snapshot as snapfmt
 from .config import ServiceConfig
@@ -77,7 +77,7 @@ from .partitions import (
     topic_to_subject,
     transform_dest,
 )
-from .processor import Inbound, Processor
+from .processor import INVALID_STREAM, Inbound, Processor
 from .state_lock import StateLock
 
 log = logging.getLogger("edge.worker")
@@ -93,6 +93,8 @@ ANSWERED = "edge_answered"
 LAYOUT = "partitions"  # key of the answered bucket: the partition count, and the one before
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
 READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a forming cluster)
+# room left in a message for the headers of a stored answer (message id, MQTT QoS)
+ANSWER_HEADROOM = 512
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
 BUSY_WAIT = 0.25  # seconds a partition waits for messages while samples are held
 IDLE_WAIT = 1.0  # ... and with nothing held
@@ -717,6 +719,7 @@ class Worker:
         if not outs:
             await self._mark_answered(part)
             return
+        outs = [self._fit(part, o) for o in outs]
         items: list[tuple[str, bytes, dict[str, str] | None]] = []
         for o in outs:
             subject = topic_to_subject(o.topic)
@@ -747,6 +750,28 @@ class Worker:
             await self.nc.flush()
         except Exception as exc:  # the client sends its buffer after a reconnect
             log.warning("partition %d: answers sent, not confirmed: %r", part.number, exc)
+
+    def _fit(self, part: Partition, o: Outbound) -> Outbound:
+        """An answer the server would refuse (larger than its ``max_payload``; the prediction of
+        a message of many samples) in its place: a report that says so. Sent, it was refused
+        and sent again without end, and every later answer of the partition waited behind it."""
+        limit = int(self.nc.max_payload) - ANSWER_HEADROOM
+        if len(o.payload) <= limit:
+            return o
+        proc = part.processor
+        stream = proc.predictions.stream(o.topic) or proc.errors.stream(o.topic)
+        try:
+            seq = json.loads(o.payload).get("seq")
+        except (ValueError, AttributeError, RecursionError):
+            seq = None
+        detail = (
+            f"answer of {len(o.payload)} bytes exceeds the NATS server's max_payload "
+            f"({self.nc.max_payload} bytes); not sent: send fewer samples per message"
+        )
+        log.error("partition %d: stream %s seq %s: %s", part.number, stream, seq, detail)
+        self.metrics.error("answer_too_large")
+        body = payloads.error("answer_too_large", detail, seq if isinstance(seq, int) else None)
+        return Outbound(proc.errors.topic(stream or INVALID_STREAM), body, lsn=o.lsn)
 
     @staticmethod
     def _done(part: Partition, outs: list[Outbound]) -> None:

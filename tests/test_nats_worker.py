@@ -1210,3 +1210,56 @@ def test_snapshots_of_another_partition_count_are_not_restored(
         w.stop()
         native.close()
         col.close()
+
+
+class _SmallPayloadServer(NatsServer):
+    """A nats-server whose ``max_payload`` is smaller than some answers."""
+
+    def config(self) -> str:
+        return super().config() + "max_payload: 4096\n"
+
+
+def test_an_answer_larger_than_the_servers_max_payload_is_reported(
+    bundles: Path, tmp_path: Path
+) -> None:
+    """The prediction of a message of many samples can be larger than the message (and than
+    what the server takes): it was refused and sent again without end, and every later answer
+    of its partition waited behind it. It is reported on the stream's error topic instead."""
+    import json
+
+    import nats
+
+    server = _SmallPayloadServer(tmp_path / "nats").start()
+    w = WorkerProc(bundles / "clf-int8", server.url, tmp_path / "state", "w1", "--partitions", "4")
+    w.start()
+    native = NatsCollector(server.url)
+    col = Collector(server.mqtt_url)
+    x = np.zeros((153, 6))
+    try:
+        wait_owned(col, ["w1"], 4)
+
+        async def publish() -> None:
+            nc = await nats.connect(server.url)
+            js = nc.jetstream()
+            big = json.dumps({"seq": 1, "values": [[0] * 6] * 150}, separators=(",", ":"))
+            assert len(big) < 4096
+            await js.publish("sensors.big.data", big.encode())
+            for k in range(150, 153):
+                body = json.dumps({"seq": k + 1, "values": x[k : k + 1].tolist()})
+                await js.publish("sensors.big.data", body.encode())
+            await nc.close()
+
+        asyncio.run(publish())
+        want = offline(bundles / "clf-int8", {"big": x})
+        wait_until(lambda: len(native.predictions()) >= 3, 60, "the later answers")
+        got = native.predictions()
+        assert _check(got, {k: v for k, v in want.items() if k[1] > 150}) == ([], [])
+        assert ("big", 1) not in got
+        (report,) = [d for _, d in native.of("errors/big")]
+        assert report["error"] == "answer_too_large" and report["seq"] == 1
+        assert "max_payload (4096 bytes)" in report["detail"]
+    finally:
+        w.stop()
+        native.close()
+        col.close()
+        server.stop()

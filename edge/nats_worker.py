@@ -93,8 +93,9 @@ ANSWERED = "edge_answered"
 LAYOUT = "partitions"  # key of the answered bucket: the partition count, and the one before
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
 READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a forming cluster)
-# room left in a message for the headers of a stored answer (message id, MQTT QoS)
+# room left in a message for its headers (a stored answer's message id and MQTT QoS, ...)
 ANSWER_HEADROOM = 512
+SNAPSHOT_CHUNK = 128 * 1024  # bytes per message of a stored snapshot (nats-py's default)
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
 BUSY_WAIT = 0.25  # seconds a partition waits for messages while samples are held
 IDLE_WAIT = 1.0  # ... and with nothing held
@@ -824,9 +825,18 @@ class Worker:
             part.twins.export(),
             self.opts.partitions,
         ).pack()
-        await self.store.put(psnap.object_name(part.number, gen % 2), blob)
+        await self._put(psnap.object_name(part.number, gen % 2), blob)
         part.generation, part.snapshotted = gen, part.covered
         self.metrics.inc("snapshots")
+
+    async def _put(self, name: str, blob: bytes) -> None:
+        """Into the snapshot store, in chunks the server takes: nats-py's default (128 kB) is
+        refused by a server with a smaller ``max_payload``, every time."""
+        from nats.js import api
+
+        chunk = max(1024, min(SNAPSHOT_CHUNK, int(self.nc.max_payload) - ANSWER_HEADROOM))
+        options = api.ObjectMetaOptions(max_chunk_size=chunk)
+        await self.store.put(name, blob, meta=api.ObjectMeta(name=name, options=options))
 
     # -- leases -----------------------------------------------------------------------------
 

@@ -1263,3 +1263,50 @@ def test_an_answer_larger_than_the_servers_max_payload_is_reported(
         native.close()
         col.close()
         server.stop()
+
+
+def test_snapshots_larger_than_the_servers_max_payload_are_stored(
+    bundles: Path, tmp_path: Path
+) -> None:
+    """A partition snapshot is stored in chunks of 128 kB: with a server ``max_payload``
+    smaller than that, every snapshot larger than it was refused, again at every interval,
+    and a new owner replayed the partition from further and further back."""
+    import nats
+
+    from edge.nats_worker import SNAPSHOTS, STREAM
+    from edge.partition_snapshot import unpack
+
+    server = _SmallPayloadServer(tmp_path / "nats").start()
+    w = WorkerProc(bundles / "clf-int8", server.url, tmp_path / "state", "w1", "--partitions", "1")
+    w.start()
+    col = Collector(server.mqtt_url)
+    native = NatsCollector(server.url)
+    samples = _samples(200, 2, seed=37)
+    try:
+        wait_owned(col, ["w1"], 1)
+        _publish_native(server.url, samples, range(2))
+        wait_until(lambda: len(native.predictions()) >= 400, 60, "every prediction")
+    finally:
+        assert w.stop() == 0  # the final snapshot
+        native.close()
+        col.close()
+
+    async def newest() -> tuple[int, int, int]:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        last = (await js.stream_info(STREAM)).state.last_seq
+        store = await js.object_store(SNAPSHOTS)
+        snaps = []
+        for slot in (0, 1):
+            with contextlib.suppress(Exception):
+                snaps.append(unpack((await store.get(f"p0.{slot}")).data or b""))
+        await nc.close()
+        best = max(snaps, key=lambda s: s.generation)
+        return best.covered, last, len(best.snapshot)
+
+    try:
+        covered, last, size = asyncio.run(newest())
+        assert size > 4096 and covered == last
+        assert "snapshot failed" not in w.log()
+    finally:
+        server.stop()

@@ -945,6 +945,17 @@ class Worker:
         self.mqtt_store = True
         log.info("answers are also stored in %s (MQTT QoS 1 subscriptions)", MQTT_STORE)
 
+    async def _make_again(self, exc: Exception) -> None:
+        """The lease bucket is gone: without it no worker can say it is alive or hold a
+        partition, and every partition of the group stopped for good. Made again (with the
+        stream and stores, if they went too); the partitions are then taken as at a start."""
+        log.error("balancing round failed: %s; making the group's resources again", exc)
+        self.metrics.inc("resources_made_again")
+        try:
+            await self.ensure_resources()
+        except Exception as again:  # tried again at the next round
+            log.warning("making the group's resources again failed: %s", again)
+
     async def _say(self, state: str) -> None:
         doc = {
             "state": state,
@@ -1027,6 +1038,7 @@ class Worker:
 
     async def _run(self) -> int:
         import nats
+        from nats.js.errors import NotFoundError
 
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -1087,6 +1099,8 @@ class Worker:
                 try:
                     await self._find_mqtt_store()
                     await self._balance()
+                except NotFoundError as exc:  # the lease bucket deleted (an operator's clean-up)
+                    await self._make_again(exc)
                 except Exception as exc:  # NATS unreachable for a moment: the leases say so
                     log.warning("balancing round failed: %s", exc)
                 await self._say("online")  # every round: core NATS keeps no retained status

@@ -787,6 +787,37 @@ def test_a_consumer_or_stream_deleted_under_a_running_worker_is_made_again(
 
 
 @failover
+def test_the_lease_bucket_deleted_under_a_running_worker_is_made_again(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """Without the bucket no worker could say it is alive or renew a lease: every partition
+    was fenced and the group stepped nothing more, for good."""
+    import nats
+
+    from edge.nats_worker import LEASES
+
+    async def delete() -> None:
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().delete_stream(f"KV_{LEASES}")
+        await nc.close()
+
+    samples = _samples(8, 40, seed=19)
+    with _half_answered(workers, nats_server, samples, 20) as (w1, col, pub):
+        asyncio.run(delete())
+        wait_until(
+            lambda: "lease not confirmed" in w1.log() or "lease lost" in w1.log(),
+            60,
+            "the worker's leases gone with the bucket",
+        )
+        _send(pub, samples, range(20, 40))
+        want = offline(bundles / "clf-int8", samples)
+        wait_until(lambda: len(col.predictions()) >= len(want), 120, "every prediction")
+        assert _check(col.predictions(), want) == ([], [])
+        assert "making the group's resources again" in w1.log()
+        assert w1.proc is not None and w1.proc.poll() is None
+
+
+@failover
 def test_worker_added_mid_stream_takes_its_share_with_state(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

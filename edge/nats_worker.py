@@ -946,9 +946,11 @@ class Worker:
         log.info("answers are also stored in %s (MQTT QoS 1 subscriptions)", MQTT_STORE)
 
     async def _make_again(self, exc: Exception) -> None:
-        """The lease bucket is gone: without it no worker can say it is alive or hold a
-        partition, and every partition of the group stopped for good. Made again (with the
-        stream and stores, if they went too); the partitions are then taken as at a start."""
+        """A bucket or store of the group is gone. Without the lease bucket no worker can say
+        it is alive or hold a partition, and every partition of the group stopped for good;
+        without the answered marks or the snapshot store, marks and snapshots went nowhere
+        (the marks without a word: a replay would send answers again) until a restart. Made
+        again (with the stream, if it went too); partitions are then taken as at a start."""
         log.error("balancing round failed: %s; making the group's resources again", exc)
         self.metrics.inc("resources_made_again")
         try:
@@ -1099,7 +1101,9 @@ class Worker:
                 try:
                     await self._find_mqtt_store()
                     await self._balance()
-                except NotFoundError as exc:  # the lease bucket deleted (an operator's clean-up)
+                    for name in (f"KV_{ANSWERED}", f"OBJ_{SNAPSHOTS}"):
+                        await self.js.stream_info(name)  # both are written to without an answer
+                except NotFoundError as exc:  # a bucket deleted (an operator's clean-up)
                     await self._make_again(exc)
                 except Exception as exc:  # NATS unreachable for a moment: the leases say so
                     log.warning("balancing round failed: %s", exc)

@@ -787,28 +787,41 @@ def test_a_consumer_or_stream_deleted_under_a_running_worker_is_made_again(
 
 
 @failover
-def test_the_lease_bucket_deleted_under_a_running_worker_is_made_again(
-    bundles: Path, nats_server: NatsServer, workers: Any
+@pytest.mark.parametrize("what", ["KV_edge_leases", "KV_edge_answered", "OBJ_edge_snapshots"])
+def test_a_bucket_deleted_under_a_running_worker_is_made_again(
+    bundles: Path, nats_server: NatsServer, workers: Any, what: str
 ) -> None:
-    """Without the bucket no worker could say it is alive or renew a lease: every partition
-    was fenced and the group stepped nothing more, for good."""
+    """Without the lease bucket no worker could say it is alive or renew a lease: every
+    partition was fenced and the group stepped nothing more, for good. Without the answered
+    marks or the snapshot store, marks (without a word) and snapshots went nowhere until a
+    restart."""
     import nats
-
-    from edge.nats_worker import LEASES
 
     async def delete() -> None:
         nc = await nats.connect(nats_server.url)
-        await nc.jetstream().delete_stream(f"KV_{LEASES}")
+        await nc.jetstream().delete_stream(what)
         await nc.close()
+
+    async def there() -> bool:
+        nc = await nats.connect(nats_server.url)
+        try:
+            await nc.jetstream().stream_info(what)
+            return True
+        except Exception:
+            return False
+        finally:
+            await nc.close()
 
     samples = _samples(8, 40, seed=19)
     with _half_answered(workers, nats_server, samples, 20) as (w1, col, pub):
         asyncio.run(delete())
-        wait_until(
-            lambda: "lease not confirmed" in w1.log() or "lease lost" in w1.log(),
-            60,
-            "the worker's leases gone with the bucket",
-        )
+        if what == "KV_edge_leases":
+            wait_until(
+                lambda: "lease not confirmed" in w1.log() or "lease lost" in w1.log(),
+                60,
+                "the worker's leases gone with the bucket",
+            )
+        wait_until(lambda: asyncio.run(there()), 60, f"{what} made again")
         _send(pub, samples, range(20, 40))
         want = offline(bundles / "clf-int8", samples)
         wait_until(lambda: len(col.predictions()) >= len(want), 120, "every prediction")

@@ -158,6 +158,26 @@ def mqtt_source(partitions: int) -> Any:
     )
 
 
+def discard_problem(config: Any) -> str | None:
+    """Why the sensor stream loses devices' samples without a report, if it does: with a limit
+    and discard ``new``, JetStream refuses every message past the limit, and NATS's MQTT
+    listener has acknowledged the device's publish by then (the worker makes the stream without
+    limits; messages an operator's limits remove with discard ``old`` are reported)."""
+    from nats.js import api
+
+    if config.discard != api.DiscardPolicy.NEW:
+        return None
+    limits = ("max_msgs", "max_bytes", "max_msgs_per_subject")
+    set_ = [f"{k} = {getattr(config, k)}" for k in limits if (getattr(config, k) or 0) > 0]
+    if not set_:
+        return None
+    return (
+        f"stream {STREAM} discards new messages past its limits ({', '.join(set_)}): devices' "
+        "samples past them are acknowledged and lost without a report; set its discard "
+        "policy to old (what it removes is reported) or remove the limits"
+    )
+
+
 def _has_mqtt_source(config: Any) -> bool:
     return any(s.name == MQTT_STORE for s in config.sources or [])
 
@@ -310,6 +330,7 @@ class Worker:
         self.mqtt_store = False  # whether the MQTT listener's store exists (it makes it itself)
         self.stream_id = ""  # when the stream was created (see _stream_state)
         self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
+        self.discarding: str | None = None  # the stream's discard-new limits, once said
 
     # -- JetStream resources ----------------------------------------------------------------
 
@@ -945,6 +966,14 @@ class Worker:
         self.mqtt_store = True
         log.info("answers are also stored in %s (MQTT QoS 1 subscriptions)", MQTT_STORE)
 
+    async def _check_discard(self) -> None:
+        """Limits with discard ``new`` put on the stream while the group runs: said once."""
+        problem = discard_problem((await self.js.stream_info(STREAM)).config)
+        if problem and problem != self.discarding:
+            log.error("%s", problem)
+            self.metrics.inc("stream_discards_new")
+        self.discarding = problem
+
     async def _make_again(self, exc: Exception) -> None:
         """A bucket or store of the group is gone. Without the lease bucket no worker can say
         it is alive or hold a partition, and every partition of the group stopped for good;
@@ -1086,6 +1115,9 @@ class Worker:
                     raise ConfigError(f"JetStream at {self.opts.shown()}: {exc}") from exc
                 log.warning("JetStream not ready yet: %r", exc)
                 await asyncio.sleep(1.0)
+        problem = discard_problem((await self.js.stream_info(STREAM)).config)
+        if problem:
+            raise ConfigError(problem)
         await self._refuse_foreign_snapshots()
         log.info(
             "worker %s: %d partitions, model %s",
@@ -1103,6 +1135,7 @@ class Worker:
                     await self._balance()
                     for name in (f"KV_{ANSWERED}", f"OBJ_{SNAPSHOTS}"):
                         await self.js.stream_info(name)  # both are written to without an answer
+                    await self._check_discard()
                 except NotFoundError as exc:  # a bucket deleted (an operator's clean-up)
                     await self._make_again(exc)
                 except Exception as exc:  # NATS unreachable for a moment: the leases say so

@@ -831,6 +831,43 @@ def test_a_bucket_deleted_under_a_running_worker_is_made_again(
 
 
 @failover
+def test_a_stream_that_discards_new_messages_is_named(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+) -> None:
+    """With a limit and discard ``new`` on the sensor stream, every MQTT publish past the limit
+    was acknowledged to the device by the MQTT listener, refused by the stream, and lost
+    without a word anywhere. A running worker says so; a starting one is refused."""
+    import nats
+    from nats.js import api
+
+    from edge.nats_worker import STREAM
+
+    async def limit() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        info = await js.stream_info(STREAM)
+        info.config.max_msgs, info.config.discard = 30, api.DiscardPolicy.NEW
+        await js.update_stream(info.config)
+        await nc.close()
+
+    w1 = workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        asyncio.run(limit())
+        said = f"stream {STREAM} discards new messages past its limits (max_msgs = 30)"
+        wait_until(lambda: said in w1.log(), 60, "the running worker to say so")
+        assert w1.proc is not None and w1.proc.poll() is None
+        w2 = WorkerProc(
+            bundles / "clf-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", str(P)
+        ).start()
+        assert w2.proc is not None and w2.proc.wait(60) == 2
+        assert said in w2.log() and "Traceback" not in w2.log()
+    finally:
+        col.close()
+
+
+@failover
 def test_worker_added_mid_stream_takes_its_share_with_state(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

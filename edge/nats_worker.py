@@ -1133,8 +1133,11 @@ class Worker:
                 try:
                     await self._find_mqtt_store()
                     await self._balance()
-                    for name in (f"KV_{ANSWERED}", f"OBJ_{SNAPSHOTS}"):
-                        await self.js.stream_info(name)  # both are written to without an answer
+                    # written to without an answer; the MQTT listener's store, which it makes
+                    # only when it starts, holds every device's QoS 1 publish before its PUBACK
+                    stores = [f"KV_{ANSWERED}", f"OBJ_{SNAPSHOTS}"]
+                    for name in stores + [MQTT_STORE] * self.mqtt_store:
+                        await self.js.stream_info(name)
                     await self._check_discard()
                 except NotFoundError as exc:  # a bucket deleted (an operator's clean-up)
                     await self._make_again(exc)

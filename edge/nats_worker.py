@@ -92,6 +92,7 @@ SNAPSHOTS = "edge_snapshots"
 ANSWERED = "edge_answered"
 LAYOUT = "partitions"  # key of the answered bucket: the partition count, and the one before
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
+NOT_CLUSTERED = 10074  # JetStream's error code: replicas > 1 on a server without a cluster
 READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a forming cluster)
 # room left in a message for its headers (a stored answer's message id and MQTT QoS, ...)
 ANSWER_HEADROOM = 512
@@ -1111,6 +1112,12 @@ class Worker:
             except ConfigError:
                 raise
             except Exception as exc:
+                if getattr(exc, "err_code", None) == NOT_CLUSTERED:  # no waiting changes that
+                    raise ConfigError(
+                        f"replicas = {self.opts.replicas}: nats-server at {self.opts.shown()} "
+                        "runs without a cluster (JetStream: replicas > 1 not supported in "
+                        "non-clustered mode); use replicas = 1 there"
+                    ) from exc
                 if time.monotonic() > deadline:
                     raise ConfigError(f"JetStream at {self.opts.shown()}: {exc}") from exc
                 log.warning("JetStream not ready yet: %r", exc)

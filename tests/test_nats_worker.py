@@ -377,6 +377,19 @@ async def _snapshot_generations(url: str) -> dict[str, int]:
         await nc.close()
 
 
+def test_replicas_on_a_server_without_a_cluster_are_named_at_once(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """JetStream's refusal of replicas on a single server was waited out as a forming
+    cluster's, a warning a second for a minute, before the worker gave up."""
+    w = WorkerProc(
+        bundles / "clf-int8", nats_server.url, tmp_path / "s", "w1", "--replicas", "3"
+    ).start()
+    assert w.proc is not None and w.proc.wait(120) == 2
+    assert "replicas = 3: nats-server at" in w.log() and "runs without a cluster" in w.log()
+    assert "not ready yet" not in w.log() and "Traceback" not in w.log()
+
+
 def test_a_server_without_jetstream_is_named(bundles: Path, tmp_path: Path) -> None:
     import subprocess
     import sys

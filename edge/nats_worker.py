@@ -92,6 +92,7 @@ SNAPSHOTS = "edge_snapshots"
 ANSWERED = "edge_answered"
 LAYOUT = "partitions"  # key of the answered bucket: the partition count, and the one before
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
+IN_USE_OTHERWISE = 10058  # ... a stream of that name exists with another configuration
 NOT_CLUSTERED = 10074  # JetStream's error code: replicas > 1 on a server without a cluster
 READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a forming cluster)
 # room left in a message for its headers (a stored answer's message id and MQTT QoS, ...)
@@ -250,11 +251,23 @@ async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any, Any]
                 f"with {ttl:g}: every worker must use the same (or delete the bucket, with no "
                 "worker running, to change it)"
             )
-    kv = await js.create_key_value(
-        bucket=LEASES, ttl=opts.lease_seconds, history=1, replicas=opts.replicas
-    )
-    store = await js.create_object_store(SNAPSHOTS, replicas=opts.replicas)
-    answered = await js.create_key_value(bucket=ANSWERED, history=1, replicas=opts.replicas)
+    try:
+        name = LEASES
+        kv = await js.create_key_value(
+            bucket=LEASES, ttl=opts.lease_seconds, history=1, replicas=opts.replicas
+        )
+        name = SNAPSHOTS
+        store = await js.create_object_store(SNAPSHOTS, replicas=opts.replicas)
+        name = ANSWERED
+        answered = await js.create_key_value(bucket=ANSWERED, history=1, replicas=opts.replicas)
+    except BadRequestError as exc:
+        if exc.err_code != IN_USE_OTHERWISE:
+            raise
+        raise ConfigError(
+            f"{name}: exists with another configuration than the worker makes (history 1, "
+            f"replicas = {opts.replicas}): start with the group's replicas, or delete it with "
+            "no worker running"
+        ) from exc
     return kv, store, answered
 
 

@@ -390,6 +390,27 @@ def test_replicas_on_a_server_without_a_cluster_are_named_at_once(
     assert "not ready yet" not in w.log() and "Traceback" not in w.log()
 
 
+def test_a_bucket_made_otherwise_is_named_at_once(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A lease bucket with another history (an operator's, or a group of other replicas) was
+    waited out as a forming cluster for a minute, and the error then named no bucket."""
+    import nats
+
+    from edge.nats_worker import LEASES
+
+    async def make() -> None:
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().create_key_value(bucket=LEASES, ttl=2.0, history=5)
+        await nc.close()
+
+    asyncio.run(make())
+    w = WorkerProc(bundles / "clf-int8", nats_server.url, tmp_path / "s", "w1").start()
+    assert w.proc is not None and w.proc.wait(120) == 2
+    assert f"{LEASES}: exists with another configuration" in w.log()
+    assert "not ready yet" not in w.log() and "Traceback" not in w.log()
+
+
 def test_a_server_without_jetstream_is_named(bundles: Path, tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.outfile import regular_target
+from edge.outfile import regular_target, replace_whole
 
 from .datasets import CHANNELS, SAMPLE_RATE_HZ, basicmotions
 from .errors import ConvertError
@@ -269,14 +269,8 @@ def train_example(
 
 
 def _replace(target: Path, write: Callable[[Path], object]) -> None:
-    """``write`` a temporary file beside ``target`` (its suffix kept, which Keras and NumPy go
-    by), then rename it over ``target``: a file is whole or not there."""
-    tmp = target.with_name(f".{target.name}.tmp{''.join(target.suffixes[-1:])}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``write`` ``target`` whole or not at all, its suffix kept (Keras and NumPy go by it)."""
+    replace_whole(target, write, ConvertError, "--out ")
 
 
 def evaluate(

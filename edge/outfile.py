@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import EdgeError
@@ -52,3 +54,27 @@ def new_mode(target: Path) -> int:
         umask = os.umask(0o022)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def replace_whole(
+    path: Path, write: Callable[[Path], object], error: type[EdgeError], label: str = ""
+) -> None:
+    """``write`` a temporary file beside ``path`` (where its link leads, if it is one), then
+    rename it over ``path``: a reader finds the old file or the new one, never part of one."""
+    target = regular_target(path, error, label)
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent
+        )
+        os.close(fd)
+        write(Path(tmp))
+        os.chmod(tmp, new_mode(target))
+        regular_target(path, error, label)  # again: it may have changed meanwhile
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as exc:
+        raise error(f"{label}{path}: cannot write: {exc.strerror or exc}") from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)

@@ -10,8 +10,6 @@ runtime feeds it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import numpy as np
 
 from .engine import FLOAT32_MAX, Engine
 from .errors import BundleError
-from .outfile import new_mode, regular_target
+from .outfile import regular_target, replace_whole
 
 
 def run(engine: Engine, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,18 +88,10 @@ def replay_command(
         "streams": {k: list(v.shape) for k, v in arrays.items()},
     }
     arrays_out: dict[str, Any] = {**result, "info": np.asarray(json.dumps(info))}
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp.npz", dir=target.parent)
-        with os.fdopen(fd, "wb") as f:
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
             np.savez(f, **arrays_out)
-        os.chmod(tmp, new_mode(target))
-        regular_target(out, BundleError, "--out ")  # again: it may have changed meanwhile
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as exc:
-        raise BundleError(f"--out {out}: cannot write: {exc}") from exc
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+
+    replace_whole(out, save, BundleError, "--out ")
     return info

@@ -5,11 +5,10 @@ not at all."""
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from edge.outfile import new_mode, regular_target
+from edge.outfile import regular_target, replace_whole
 
 from .errors import SimError
 
@@ -33,22 +32,5 @@ def results_dir(text: str, *names: str) -> Path:
 
 
 def replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path`` (where its link leads, if it is one), then
-    rename it over ``path``."""
-    target = regular_target(path, SimError, "--out ")
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent
-        )
-        os.close(fd)
-        write(Path(tmp))
-        os.chmod(tmp, new_mode(target))
-        regular_target(path, SimError, "--out ")  # again: it may have changed meanwhile
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as exc:
-        raise SimError(f"--out {path}: cannot write: {exc.strerror or exc}") from exc
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+    """``write`` ``path`` whole or not at all (``edge.outfile.replace_whole``)."""
+    replace_whole(path, write, SimError, "--out ")

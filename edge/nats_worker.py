@@ -366,7 +366,7 @@ class Worker:
             count, before = int(doc["partitions"]), int(doc.get("before", 0))
             if count == self.opts.partitions:
                 return before if doc.get("stream") == self.stream_id else 0
-        except KeyNotFoundError:
+        except KeyNotFoundError:  # not recorded yet (a new group): written below
             pass
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
             log.warning("partition count record unreadable (%r); written again", exc)

@@ -178,7 +178,11 @@ def run_convert(
                 )
                 continue
             cal = quantize.calibrate(
-                spec, calib, normalize_in_graph=in_graph, search_c_range=m.startswith("int8")
+                spec,
+                calib,
+                normalize_in_graph=in_graph,
+                search_c_range=m.startswith("int8"),
+                regime=targets.regime,
             )
             progress(f"converting to {m}")
             try:

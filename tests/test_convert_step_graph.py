@@ -173,7 +173,7 @@ def test_each_layers_cell_gets_an_int8_range_of_its_own():
     y, before, xn = reference.run(spec, x)
     small, big = (float(np.abs(before[k]).max()) for k in (1, 3))
     assert big > 5 * small
-    ranges = quantize.choose_c_range(spec, xn[0], y[0], [b[0] for b in before])
+    ranges = quantize.choose_c_range(spec, [(xn, y)], [b[0] for b in before])
     assert ranges[1][1] < ranges[3][1] and ranges[1][1] <= 2 * small
 
 

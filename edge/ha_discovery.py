@@ -6,7 +6,9 @@ probability (percent), for a regressor one sensor per output value. Home Assista
 state from the prediction topic with a value template and the availability from the retained
 status topic. A stream that is evicted (least recently used past ``capacity``, or idle past
 ``idle_timeout``) has its sensors removed with an empty retained message, as the discovery
-protocol has it.
+protocol has it. So are the sensors a previous run left retained under this runtime's node
+that this one does not hold (streams evicted or outputs changed while it was down, or a
+removal cut off by a crash): the transport reads them back at each connect (``filter``).
 
 Pure logic: ``Announcer.reconcile`` turns the set of live streams into the messages to publish;
 the transport publishes them.
@@ -162,9 +164,15 @@ class Announcer:
             prefix=self.prefix,
         )
 
-    def reconcile(self, streams: Iterable[str]) -> list[Discovery]:
-        """Discovery messages for streams new since the last call, removals for streams gone.
-        Call it with every stream the service holds state for."""
+    @property
+    def filter(self) -> str:
+        """The topic filter of every sensor this runtime can have announced."""
+        return f"{self.prefix}/sensor/{object_id(self.runtime_id)}/+/config"
+
+    def reconcile(self, streams: Iterable[str], found: Iterable[str] = ()) -> list[Discovery]:
+        """Discovery messages for streams new since the last call, removals for streams gone
+        and for the ``found`` topics (retained sensors read back from the broker) that no
+        stream held now has. Call it with every stream the service holds state for."""
         live = set(streams)
         out: list[Discovery] = []
         for stream in sorted(set(self.announced) - live):
@@ -173,6 +181,8 @@ class Announcer:
             configs = self._configs(stream)
             self.announced[stream] = [t for t, _ in configs]
             out += [Discovery(t, json.dumps(c).encode()) for t, c in configs]
+        mine = {t for topics in self.announced.values() for t in topics}
+        out += [Discovery(t, b"") for t in sorted(set(found) - mine)]
         return out
 
     def model_changed(self, manifest: Manifest) -> list[Discovery]:

@@ -169,6 +169,9 @@ class MqttService:
             keepalive=cfg.keepalive,
         )
         self.ha = announcer_for(cfg, self.engine.manifest)  # Home Assistant discovery, if on
+        # the retained sensors read back at each connect, for the worker to reconcile
+        self._ha_found: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._ha_under = None if self.ha is None else self.ha.filter.removesuffix("+/config")
 
     @property
     def engine(self) -> Engine:
@@ -262,9 +265,14 @@ class MqttService:
         filters = (p.data.filter, p.control.filter, p.runtime_control)
         if self.cfg.protocol == "5":  # the broker's stored copies are old news: not sent
             keep = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-            client.subscribe([(f, keep) for f in filters])
+            subs: list[tuple[str, Any]] = [(f, keep) for f in filters]
+            if self.ha is not None:  # our own sensors' stored copies, not our publishes
+                subs.append((self.ha.filter, SubscribeOptions(qos=0, noLocal=True)))
         else:  # MQTT 3.1.1 sends them at every subscribe; they are answered `retained`
-            client.subscribe([(f, 1) for f in filters])
+            subs = [(f, 1) for f in filters]
+            if self.ha is not None:
+                subs.append((self.ha.filter, 0))
+        client.subscribe(subs)
         self.connected.set()
         self._connect_failures = 0
         self._said = None
@@ -297,6 +305,10 @@ class MqttService:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if self._ha_under is not None and msg.topic.startswith(self._ha_under):
+            if msg.retain and msg.payload:  # a stored sensor (not an echo of a publish)
+                self._ha_found.put(msg.topic)
+            return
         props = msg.properties
         ctype = getattr(props, "ContentType", None) if props else None
         self.inbox.append(
@@ -508,7 +520,11 @@ class MqttService:
                             self._say("online", snapshot="done", snapshot_ts=time.time())
                     last_snapshot = now
                 if self.ha is not None and self.connected.is_set() and now - last_ha >= 1.0:
-                    publish_discovery(self.client, self.ha.reconcile(self.engine.store.streams))
+                    found = []
+                    while not self._ha_found.empty():
+                        found.append(self._ha_found.get_nowait())
+                    streams = self.engine.store.streams
+                    publish_discovery(self.client, self.ha.reconcile(streams, found))
                     last_ha = now
                 if cfg.stats_interval and now - last_stats >= cfg.stats_interval:
                     self.client.publish(self._stats_topic, self.metrics.dumps(self.stats()), qos=0)

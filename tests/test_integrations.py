@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.ha_discovery import Announcer, object_id, sensor_configs
+from edge.ha_discovery import Announcer, Discovery, object_id, sensor_configs
 from edge.manifest import read_bundle
 from edge.top import TopView
 from firmware_sim.broker import free_port
@@ -191,6 +191,16 @@ def test_announcer_adds_new_streams_and_removes_gone_ones(bundles):
     ]
 
 
+def test_announcer_removes_found_sensors_no_stream_holds(bundles):
+    m = read_bundle(bundles / "clf-int8")[0]
+    a = Announcer(m, runtime_id="r", prediction_template="predictions/{stream}", status_topic="s")
+    mine = [d.topic for d in a.reconcile(["a"])]
+    ghost = "homeassistant/sensor/r/gone_label/config"
+    out = a.reconcile(["a"], [*mine, ghost])
+    assert out == [Discovery(ghost, b"")]
+    assert all(t.startswith(a.filter.removesuffix("+/config")) for t in [*mine, ghost])
+
+
 def retained(url: str, prefix: str) -> dict[str, bytes]:
     """What a new subscriber gets from the broker's retained store under ``prefix``."""
     import time
@@ -237,6 +247,38 @@ def test_home_assistant_discovery_through_a_real_broker(service, broker):
         return {t.split("/")[3].rsplit("_", 1)[0] for t in retained(broker.url, "homeassistant")}
 
     wait_until(lambda: sensors_of() == {"dev-2", "dev-3"}, 60, "dev-1 removed, dev-3 added")
+    pub.close()
+    col.close()
+    assert "Traceback" not in s.output()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_sensors_a_previous_run_left_are_removed(service, broker, protocol):
+    """A stream evicted while the service was down (or whose removal a crash cut off) left
+    its sensors retained: the service reads its node's sensors back and removes those it
+    does not hold. Another runtime's sensors stay; its own publishes are not taken for
+    data (MQTT 3.1.1 has no "no local")."""
+    pub = Publisher(broker.url)
+    ghost = "homeassistant/sensor/edge-test/gone_label/config"
+    other = "homeassistant/sensor/other-node/dev-9_label/config"
+    for topic in (ghost, other):
+        pub.client.publish(topic, b'{"name": "prediction"}', qos=1, retain=True)
+    pub.flush()
+    s = service("--ha-discovery", "true", "--protocol", protocol)
+    col = Collector(broker.url)
+    wait_until(col.online, 60, "runtime online")
+    pub.send("dev-1", 1, np.full(6, 0.1))
+    pub.flush()
+
+    def topics() -> set[str]:
+        return set(retained(broker.url, "homeassistant"))
+
+    want = {other} | {
+        f"homeassistant/sensor/edge-test/dev-1_{k}/config" for k in ("label", "probability")
+    }
+    wait_until(lambda: topics() == want, 60, "the ghost removed, dev-1 announced")
+    wait_until(lambda: ("dev-1", 1) in col.predictions(), 60, "the prediction")
+    assert col.of("errors/") == []
     pub.close()
     col.close()
     assert "Traceback" not in s.output()

@@ -91,7 +91,9 @@ class ServiceConfig:
         "longest a message waits for others to fill its micro-batch (at a steady 1,000 msg/s, 2 ms cut the CPU per message by a third); 0 takes what is queued (lowest latency)",
     )
     max_payload_bytes: int = _opt(65536, "larger payloads are refused with error 'too_large'")
-    max_samples_per_message: int = _opt(1024, "more samples in one message are refused")
+    max_samples_per_message: int = _opt(
+        1024, "more samples in one message are refused (at most 65535)"
+    )
     gap_policy: str = _opt(
         "continue",
         "on a seq gap: continue (flag it), reset the stream, or reject",
@@ -383,6 +385,11 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         raise ConfigError(f"queue_size = {cfg.queue_size} must be <= 65535 (MQTT Receive Maximum)")
     if cfg.max_unacked > 60000:
         raise ConfigError(f"max_unacked = {cfg.max_unacked} must be <= 60000 (MQTT message ids)")
+    if cfg.max_samples_per_message > 65535:  # the log's (and the binary frame's) u16 count
+        raise ConfigError(
+            f"max_samples_per_message = {cfg.max_samples_per_message} must be <= 65535 "
+            "(the write-ahead log's limit)"
+        )
     if cfg.restart_gap >= 2**31:
         raise ConfigError(f"restart_gap = {cfg.restart_gap} must be < 2**31")
     if cfg.max_batch > cfg.capacity:

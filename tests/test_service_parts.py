@@ -75,6 +75,7 @@ def test_config_precedence_and_errors(tmp_path):
         ("session_expiry", "-1", r"session_expiry = -1 must be in 0\.\.4294967295"),
         ("session_expiry", str(2**32), "session_expiry = 4294967296 must be in"),
         ("metrics_port", "70000", r"metrics_port = 70000 must be in 0\.\.65535"),
+        ("max_samples_per_message", "65536", "max_samples_per_message = 65536 must be <= 65535"),
         ("broker", "mqtt://127.0.0.1:99999", "broker = 'mqtt://127.0.0.1:99999': Port out of"),
         ("broker", "mqtt://127.0.0.1:abc", "broker = 'mqtt://127.0.0.1:abc'"),
         ("broker", "mqtt://127.0.0.1:0", "port 0"),

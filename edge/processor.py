@@ -35,7 +35,7 @@ from .metrics import Metrics
 from .outbox import Outbound, Outbox
 from .reorder import Reorderer
 from .sequencing import GAP_POLICIES, HALF, U32, admit
-from .state_store import BOOT_HISTORY, GAP_SLOTS, NO_BOOT
+from .state_store import BOOT_HISTORY, GAP_SLOTS, NO_BOOT, NO_SEQ
 from .topics import Template
 from .wal import Entry, Evict, Mark, Output, Record, Release, Void
 
@@ -202,6 +202,14 @@ class Processor:
         # take a restart flag (the first after they lost their state).
         self._fresh: set[str] = set()
         self._log_note = RateLimitedLog(clock=clock)
+        # Control resets applied, by the broker's packet id of their message: (stream, seq,
+        # boot, rebase, the next seq they left, lsn). The broker sends a message again (DUP)
+        # when our acknowledgement did not reach it, and the messages after it too. A reset
+        # applied again as it came zeroed the state the samples after it built, and their
+        # copies were duplicates then; it is applied again with the numbering its first copy
+        # left, so that they are stepped again. An id is forgotten when the broker gives it to
+        # a new message: it had our acknowledgement by then.
+        self._resets: dict[int, tuple[str, int, int | None, bool, int | None, int]] = {}
         self.engine = engine
         journal.checkpoint_estimate = self._checkpoint_estimate
 
@@ -273,6 +281,7 @@ class Processor:
         self._recovered_settings(rec.extra.get("replay"))
         self.reorder.load(rec.extra.get("reorder") or {})
         self._load_flags(rec.extra.get("restart") or {})
+        self._load_resets(rec.extra.get("resets"))
         outs: list[Outbound] = []
         for entry in rec.entries:
             if isinstance(entry, Output):
@@ -286,6 +295,10 @@ class Processor:
             elif isinstance(entry, Evict):
                 self.engine.store.evict([entry.stream])
             outs += self._apply(r)
+        # The broker holds at most 65535 messages unacknowledged: older resets are not resent.
+        self._resets = {
+            pid: was for pid, was in self._resets.items() if was[5] > self.lsn - (1 << 16)
+        }
         again = [o for o in outs if o.lsn > rec.acked]
         if not rec.exact or rec.lost:
             self.assume_lost(
@@ -390,6 +403,18 @@ class Processor:
             self._restarted = HashedFlags()
             self._unknown_lost = True
 
+    def _load_resets(self, saved: Any) -> None:
+        try:
+            for pid, stream, seq, boot, rebase, nxt, lsn in saved or ():
+                boot, nxt = (None if v is None else int(v) for v in (boot, nxt))
+                self._resets[int(pid)] = (str(stream), int(seq), boot, bool(rebase), nxt, int(lsn))
+        except (TypeError, ValueError) as exc:  # a header of a later version
+            log.error("resets in the snapshot unreadable (%s): redeliveries reset anew", exc)
+
+    def _packet_id(self, msg: Inbound) -> int:
+        """The broker's packet id of a message (0: none, or not an MQTT broker's)."""
+        return 0 if self.lsn_from_mid or not msg.qos else msg.mid & 0xFFFF
+
     def _restart_flagged(self, o: Outbound) -> Outbound:
         if self.predictions.stream(o.topic) is None:
             return o
@@ -413,6 +438,9 @@ class Processor:
         if self._stalled is not None and not self.resume():
             return False
         r = _Round(lsn=self.lsn)
+        for msg in (*dropped, *batch):
+            if self._resets and not msg.redelivered and (pid := self._packet_id(msg)):
+                self._resets.pop(pid, None)  # a new message with the id: the reset was acked
         for msg in dropped:
             r.lsn += 1
             self._drop(msg, r)
@@ -526,6 +554,7 @@ class Processor:
                 "reorder": self.reorder.export(self.engine.last_seq),
                 "replay": self._replay_settings() if switch is None else switch,
                 "restart": self._flags(),
+                "resets": [[pid, *was] for pid, was in self._resets.items()],
             }
             self.journal.checkpoint(self.engine.snapshot, carry, extra)
         except (OSError, SnapshotError) as exc:  # the engine names the file in a SnapshotError
@@ -619,7 +648,11 @@ class Processor:
                 self._error(r, stream, f"bad_{name}", detail)
                 return
         empty = np.empty((0, self.engine.manifest.features))
-        self._take(r, Record(stream, seq or 0, None, empty, boot, r.lsn, rebase=seq is not None))
+        rebase = seq is not None
+        pid = self._packet_id(msg)
+        rec = Record(stream, seq or 0, None, empty, boot, r.lsn, rebase=rebase, mid=pid)
+        rec.redelivered = msg.redelivered
+        self._take(r, rec)
 
     @staticmethod
     def _take(r: _Round, item: Record | Void) -> None:
@@ -683,10 +716,27 @@ class Processor:
         return out
 
     def _reset(self, rec: Record) -> list[Outbound]:
+        next_seq = rec.seq if rec.rebase else None
+        was = self._resets.get(rec.mid) if rec.mid else None
+        again = (
+            rec.redelivered
+            and was is not None
+            and was[:4] == (rec.stream, rec.seq, rec.boot, rec.rebase)
+        )
+        if again and was is not None and was[4] is not None:
+            next_seq = was[4]  # the samples after the first copy come again: stepped again
         try:
-            self.engine.reset(rec.stream, next_seq=rec.seq if rec.rebase else None, boot=rec.boot)
+            self.engine.reset(rec.stream, next_seq=next_seq, boot=rec.boot)
         except Exception as exc:
             return [self._internal(rec.stream, exc, rec.lsn)]
+        store = self.engine.store
+        row = store.peek(rec.stream) if again and was is not None and was[4] is None else None
+        if row is not None:
+            store.last_seq[row] = NO_SEQ  # the first copy left no numbering: none again
+        if rec.mid and not again:
+            after = self.engine.last_seq(rec.stream)
+            nxt = None if after is None else (after + 1) % U32
+            self._resets[rec.mid] = (rec.stream, rec.seq, rec.boot, rec.rebase, nxt, rec.lsn)
         self._log_note("reset", f"stream {rec.stream} reset by control message", logging.INFO)
         last = self.engine.last_seq(rec.stream)
         body = {

@@ -36,7 +36,7 @@ _U32 = struct.Struct("<I")
 MAX_BODY = 64 << 20  # larger lengths are damage, not a record
 
 # flags
-_BOOT, _CARRIED, _REBASE, _REDELIVERED = 1, 2, 4, 8
+_BOOT, _CARRIED, _REBASE, _REDELIVERED, _MID = 1, 2, 4, 8, 16
 
 
 @dataclass(slots=True)  # made per message: not frozen, whose __init__ costs 5x
@@ -57,6 +57,9 @@ class Record:
     carried: bool = False
     rebase: bool = False
     redelivered: bool = False  # the broker marked the message as a redelivery (DUP)
+    # Of a control reset: the broker's packet id of its message (0: none), for telling a
+    # redelivery of it from a new reset (logged in the place of the timestamp a reset lacks).
+    mid: int = 0
 
     @property
     def is_reset(self) -> bool:
@@ -131,6 +134,8 @@ def encode(entry: Entry) -> bytes:
         )
         k, f = entry.values.shape
         ts = math.nan if entry.ts is None else entry.ts
+        if entry.mid and not k:
+            flags, ts = flags | _MID, float(entry.mid)
         body = (
             _BODY.pack(b"S", flags, entry.lsn) + _text(entry.stream)
             + _SAMPLE.pack(entry.seq, entry.boot or 0, ts, k, f)
@@ -169,16 +174,18 @@ def decode(body: bytes) -> Entry:
         if off + 8 * k * f != len(body):
             raise ValueError("sample record length does not match k x F")
         values = np.frombuffer(body, "<f8", k * f, off).reshape(k, f).astype(np.float64)
+        mid = int(ts) if flags & _MID and not k and 0 < ts < 1 << 16 else 0
         return Record(
             stream,
             seq,
-            None if math.isnan(ts) else ts,
+            None if mid or math.isnan(ts) else ts,
             values,
             boot if flags & _BOOT else None,
             lsn,
             bool(flags & _CARRIED),
             bool(flags & _REBASE),
             bool(flags & _REDELIVERED),
+            mid,
         )
     if kind == b"O":
         topic, off = _read_text(body, off)

@@ -28,6 +28,7 @@ def test_every_entry_kind_round_trips():
     entries = [
         rec("a", 7, 1, k=3, boot=9, redelivered=True),
         Record("b", 5, None, np.empty((0, 3)), None, 2, rebase=True),
+        Record("b", 0, None, np.empty((0, 3)), 3, 4, mid=65535),
         Output(3, "errors/x", b'{"error":"bad_json"}'),
         Mark(2),
         Release("a", 11),
@@ -39,8 +40,8 @@ def test_every_entry_kind_round_trips():
     assert len(got) == len(entries)
     for e, g in zip(entries, got):
         if isinstance(e, Record):
-            assert (g.stream, g.seq, g.ts, g.boot, g.lsn, g.rebase, g.redelivered) == (
-                e.stream, e.seq, e.ts, e.boot, e.lsn, e.rebase, e.redelivered
+            assert (g.stream, g.seq, g.ts, g.boot, g.lsn, g.rebase, g.redelivered, g.mid) == (
+                e.stream, e.seq, e.ts, e.boot, e.lsn, e.rebase, e.redelivered, e.mid
             )  # fmt: skip
             np.testing.assert_array_equal(g.values, e.values)
         else:

@@ -114,6 +114,65 @@ def test_a_reset_naming_seq_twice_is_refused_and_resets_nothing(bundles, tmp_pat
     assert all(np.array_equal(a, b) for a, b in zip(before, p.engine.state_of("c")))
 
 
+def test_a_reset_the_broker_sends_again_leaves_the_state_the_first_one_left(bundles, tmp_path, xs):
+    """Our acknowledgements lost (a reconnect, or a crash): the broker sends the reset and the
+    messages around it again, marked DUP, with their packet ids. Applied again as it came, a
+    reset without seq zeroed the state the samples after it built, and their copies were
+    duplicates: every later prediction of the stream went on from the wrong state, silently.
+    Also after a restart of the runtime, or a snapshot; a reset of a stream not known yet, and
+    one naming the seq to start from (a rebooted device, its old samples sent again too)."""
+    import dataclasses
+
+    def dup(m):  # the broker's second delivery: same packet id, a new connection
+        return dataclasses.replace(m, redelivered=True, mid=m.mid | 1 << 16)
+
+    def control(stream, body, mid):
+        return Inbound(f"sensors/{stream}/control", body, mid)
+
+    engine = edge.load(bundles / "clf-int8")
+    engine.step("x", xs[0:2], seq=1)
+    engine.reset("x")
+    engine.step("x", xs[2:4], seq=3)
+    want = engine.step("x", xs[4], seq=5)
+    fresh = edge.load(bundles / "clf-int8").step("x", xs[2:5])[-1]  # from a reset on
+    cases = {
+        "a": ([msg("a", 1, xs[0], 1), msg("a", 2, xs[1], 2)], b'{"cmd": "reset"}', 3, want),
+        "n": ([], b'{"cmd": "reset"}', 3, fresh),  # a stream the runtime did not know yet
+        "b": (  # a rebooted device: its old samples (sent again too), a reset naming seq 1
+            [msg("b", 101, xs[0], 1), msg("b", 102, xs[1], 2)],
+            b'{"cmd": "reset", "seq": 1}',
+            1,
+            fresh,
+        ),
+    }
+    for when in ("reconnect", "restart", "snapshot"):
+        for stream, (before, body, first, y) in cases.items():
+            state = tmp_path / when / stream
+            p = make(bundles, state)
+            after = [msg(stream, first, xs[2], 4), msg(stream, first + 1, xs[3], 5)]
+            sent = [*before, control(stream, body, 3), *after]
+            assert p.handle(sent)
+            if when != "reconnect":
+                if when == "snapshot":
+                    assert p.checkpoint()
+                p.journal.close()  # kill -9
+                p = make(bundles, state)
+            assert p.handle([dup(m) for m in sent])
+            answers(p)
+            assert p.handle([msg(stream, first + 2, xs[4], 6)])
+            (got,) = [json.loads(o.payload) for o in answers(p) if o.topic.startswith("pred")]
+            np.testing.assert_array_equal(np.float32(got["y"]), y, f"{when} {stream}")
+    # The broker got our acknowledgement and gave id 3 to a new message: a reset it then sends
+    # again with that id is a new one.
+    p = make(bundles, tmp_path / "reused")
+    assert p.handle([msg("a", 1, xs[0], 1), control("a", b'{"cmd": "reset"}', 3)])
+    assert p.handle([msg("a", 2, xs[1], 3), dup(control("a", b'{"cmd": "reset"}', 3))])
+    assert p.handle([msg("a", 3, xs[2], 4)])
+    got = [json.loads(o.payload) for o in answers(p) if o.topic == "predictions/a"]
+    zero = edge.load(bundles / "clf-int8").step("x", xs[2])
+    np.testing.assert_array_equal(np.float32(got[-1]["y"]), zero)
+
+
 def test_replay_publishes_again_only_what_the_broker_did_not_acknowledge(bundles, tmp_path, xs):
     p = make(bundles, tmp_path)
     for i in range(10):

@@ -41,6 +41,10 @@ class StateMismatch(SnapshotError):
     """A sound snapshot of another model or state layout: not damage, and not ours to drop."""
 
 
+class NewerFormat(StateMismatch):
+    """A sound snapshot in a format of a later version: not damage, and not ours to drop."""
+
+
 class ConfigError(EdgeError):
     pass
 

@@ -29,7 +29,7 @@ import numpy as np
 from . import payloads
 from .config import ServiceConfig
 from .engine import Chunk, Engine, Outcome
-from .errors import ConfigError, SnapshotError, StateMismatch
+from .errors import ConfigError, NewerFormat, SnapshotError, StateMismatch
 from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
@@ -254,6 +254,11 @@ class Processor:
         broker had not acknowledged go to the outbox again; the rest are not repeated."""
         try:
             rec = self.journal.recover(lambda p: self.engine.restore(p, other_model_ok=True))
+        except NewerFormat as exc:
+            raise ConfigError(
+                f"state_dir {self.cfg.state_dir} was written by a later edge-lstm ({exc}); serve "
+                "it with that version, or give another (or an empty) state_dir"
+            ) from None
         except StateMismatch as exc:
             raise self._foreign(str(exc)) from None
         if shed := self.engine.store.stats.evicted_lru:  # a snapshot beyond this capacity

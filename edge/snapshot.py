@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SnapshotError
+from .errors import NewerFormat, SnapshotError
 
 MAGIC = b"ELSTMSNP"
 VERSION = 2
@@ -95,9 +95,12 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
         raise SnapshotError(f"{where}: not an edge-lstm snapshot (bad magic or too short)")
     _, version, _, hlen = _HEAD.unpack_from(data)
     if version not in READABLE:
-        raise SnapshotError(
-            f"{where}: snapshot format version {version}, this runtime reads {READABLE}"
-        )
+        problem = f"{where}: snapshot format version {version}, this runtime reads {READABLE}"
+        if version > VERSION and hashlib.sha256(data[:-32]).digest() == data[-32:]:
+            # Intact (a damaged version field fails the digest): a later edge-lstm's, whose
+            # state an older one run on the directory (a rollback) would drop as damage.
+            raise NewerFormat(problem)
+        raise SnapshotError(problem)
     body, digest = data[:-32], data[-32:]
     if hashlib.sha256(body).digest() != digest:
         raise SnapshotError(f"{where}: checksum mismatch, the file is corrupt or truncated")

@@ -256,6 +256,31 @@ def test_a_removed_state_directory_is_noticed_and_written_out_again(bundles, tmp
     np.testing.assert_array_equal(np.asarray([got[q] for q in (1, 2, 3, 4)], np.float32), want)
 
 
+def test_a_state_directory_of_a_later_version_is_refused_untouched(bundles, tmp_path, xs):
+    """A rollback to this version after a later one wrote a snapshot format of its own: that
+    snapshot was taken for damage, the state restored from an older generation (or none, the
+    streams starting over), and the next checkpoints deleted the later version's files."""
+    import hashlib
+
+    state = tmp_path / "state"
+    p = make(bundles, state)
+    p.journal.open()
+    for seq in (1, 2):
+        assert p.handle([msg("s", seq, xs[seq])])
+        assert p.checkpoint()
+    p.journal.close()
+    newest = state / "snap-00000002.bin"
+    data = bytearray(newest.read_bytes())
+    data[8:10] = (3).to_bytes(2, "little")  # what a later format version would write
+    newest.write_bytes(bytes(data[:-32]) + hashlib.sha256(data[:-32]).digest())
+    before = {f.name: f.read_bytes() for f in state.iterdir()}
+    with pytest.raises(ConfigError, match="written by a later edge-lstm .*format version 3"):
+        make(bundles, state)
+    assert {f.name: f.read_bytes() for f in state.iterdir()} == before
+    newest.write_bytes(bytes(data))  # the version field damaged: the digest says so
+    assert make(bundles, state).engine.last_seq("s") == 2  # the older generation, and its log
+
+
 def test_a_state_directory_of_another_model_is_refused_untouched(bundles, tmp_path, xs):
     state = tmp_path / "state"
     p = make(bundles, state)

@@ -253,9 +253,14 @@ class MqttService:
             return
         no_delay(client)
         log.info("connected to %s (session present: %s)", self.cfg.broker, flags.session_present)
-        if not flags.session_present:
-            with self._epoch_lock:  # what came in before is not to be acknowledged here
-                self._epoch = (self._epoch + 1) & 0xFFFF
+        # What came in before is not acknowledged on this connection. A new session numbers
+        # its deliveries anew: an old id would acknowledge another message. A session that
+        # goes on sends every message we did not acknowledge again, with its id (MQTT
+        # 4.4.0-1): that copy is the one acknowledged; the original's PUBACK as well would
+        # be a second one for the id, which the broker may have given to a new message by
+        # then, acknowledging it before it is in the log.
+        with self._epoch_lock:
+            self._epoch = (self._epoch + 1) & 0xFFFF
         limit = getattr(props, "ReceiveMaximum", None) if props else None
         if isinstance(limit, int) and limit > 0:
             # The broker takes no more unacknowledged publishes than that: our window obeys.

@@ -135,3 +135,37 @@ def test_messages_of_a_session_that_is_gone_are_not_acknowledged_on_the_next(bun
     assert wire.acked == [7]  # the new session's, once; 7 and 8 of the old one never
     svc.processor.journal.close()
     svc.lock.release()
+
+
+def test_a_message_the_broker_sends_again_on_a_session_that_goes_on_is_acknowledged_once(
+    bundles, tmp_path
+):
+    """A reconnect to the same session: the broker sends message 7, not yet acknowledged,
+    again. The original and its copy were both acknowledged, the second PUBACK for an id the
+    broker may have given to a newer message by then (acknowledged before it is logged)."""
+    from types import SimpleNamespace
+
+    class Wire:
+        def __init__(self):
+            self.acked = []
+
+        def ack_many(self, acks):
+            self.acked += [mid for mid, qos in acks]
+
+        def socket(self):
+            return None
+
+        def subscribe(self, *a, **kw):
+            pass
+
+    svc = service(bundles, tmp_path)
+    svc.client = wire = Wire()
+    ok = SimpleNamespace(is_failure=False)
+    svc._on_connect(wire, None, SimpleNamespace(session_present=False), ok, None)
+    svc._on_message(None, None, Msg("sensors/a/data", b"{}", 7))  # taken, not yet answered
+    svc._on_connect(wire, None, SimpleNamespace(session_present=True), ok, None)
+    svc._on_message(None, None, Msg("sensors/a/data", b"{}", 7, dup=True))  # its copy
+    svc._ack([svc.inbox.popleft() for _ in range(2)])
+    assert wire.acked == [7]
+    svc.processor.journal.close()
+    svc.lock.release()

@@ -490,6 +490,11 @@ class Processor:
         first, so a replay forgets them at the same point."""
         if self.idle_timeout and (r.items or r.released):
             r.evict = self.engine.store.idle(self.idle_timeout)
+            if r.evict and (r.released or len(self.reorder)):
+                # A message held for reordering (released now, or still waiting) came when its
+                # stream was not idle (else the stream was forgotten then): it is not now.
+                heard = {rec.stream for rec in r.released}
+                r.evict = [s for s in r.evict if s not in heard and not self.reorder.holds(s)]
             r.entries[:0] = [Evict(s) for s in r.evict]
 
     def resume(self) -> bool:

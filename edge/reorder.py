@@ -51,6 +51,10 @@ class Reorderer:
     def __len__(self) -> int:
         return sum(len(v) for v in self._held.values()) + sum(map(len, self._behind.values()))
 
+    def holds(self, stream: str) -> bool:
+        """Whether records of ``stream`` are held (it was heard from, if not applied yet)."""
+        return stream in self._held or stream in self._behind
+
     def pending(self) -> list[Record]:
         """Everything held, in an order that, pushed again, holds it the same way."""
         out = []

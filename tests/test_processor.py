@@ -212,6 +212,33 @@ def test_a_stream_forgotten_as_idle_is_forgotten_at_the_same_point_by_a_replay(
     assert again.engine.last_seq("a") == 3
 
 
+def test_a_stream_whose_message_waits_for_reordering_is_not_forgotten_as_idle(
+    bundles, tmp_path, xs
+):
+    """A sample that arrives within idle_timeout, after a gap, waits reorder_ms for the gap to
+    fill; the stream was forgotten as idle meanwhile (its last applied sample was older), and
+    that sample stepped from the zero state, flagged restart."""
+    now = [1000.0]
+    p = make(bundles, tmp_path, idle_timeout=60, reorder_ms=600, clock=lambda: now[0])
+    p.engine.store._clock = lambda: now[0]
+    assert p.handle([msg("a", 1, xs[0]), msg("a", 2, xs[1])])
+    now[0] += 1
+    assert p.tick()  # a stream's first message waits too: now they are applied
+    now[0] += 59.5  # 59.5 s after its last sample: seq 4 comes, seq 3 is lost
+    assert p.handle([msg("a", 4, xs[3])])
+    assert p.handle([msg("b", 1, xs[0])])
+    now[0] += 0.7  # the wait is over; a's last applied sample is 60.2 s old by now
+    assert p.handle([msg("b", 2, xs[1])])  # a round that looks for idle streams
+    assert p.tick()
+    got = [json.loads(o.payload) for o in answers(p) if o.topic == "predictions/a"]
+    assert [(d["seq"], d.get("restart"), d.get("gap")) for d in got][-1] == (4, None, 1)
+    want = edge.load(bundles / "clf-int8").step("x", xs[[0, 1, 3]])[-1]
+    np.testing.assert_array_equal(np.float32(got[-1]["y"]), want)
+    now[0] += 61  # idle now, nothing held: forgotten
+    assert p.handle([msg("b", 3, xs[2])])
+    assert "a" not in p.engine.store
+
+
 def test_a_dropped_redelivery_of_applied_samples_is_not_reported_dropped(bundles, tmp_path, xs):
     """drop-oldest sheds what waits; a redelivered copy of samples already predicted is not
     news, and saying "dropped" about them would contradict their prediction."""

@@ -91,6 +91,9 @@ class Journal:
         # is appended until a checkpoint has written the state out again.
         self.lost: str | None = None
         self._stuck: set[str] = set()  # retired files that could not be removed (logged once)
+        # (generation, offset) of a torn last write found at the end of the newest segment:
+        # cut off before that segment is appended to, else it reads as damage in the middle.
+        self._torn: tuple[int, int] | None = None
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"state_dir {str(self.dir)!r} exists and is not a directory")
 
@@ -144,6 +147,8 @@ class Journal:
             for item in scan(data):
                 if isinstance(item, Damage):
                     if item.at_end:
+                        if gen == segs[-1]:
+                            self._torn = (gen, item.offset)
                         what = (
                             f"ends inside an entry at offset {item.offset} (a torn last "
                             "write, or the file cut short), skipped"
@@ -214,6 +219,13 @@ class Journal:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.path("wal", self.generation)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if self._torn is not None and self._torn[0] == self.generation:
+            try:
+                os.ftruncate(fd, self._torn[1])  # reported at start-up; garbage
+            except OSError:
+                os.close(fd)
+                raise
+            self._torn = None
         if not os.fstat(fd).st_size:  # a segment begins with an entry: an empty one was cut
             try:
                 _write_all(fd, encode(Mark(0)), 0, True)

@@ -234,10 +234,15 @@ def scan(data: bytes) -> Iterator[Entry | Damage]:
 
 
 def _torn(data: bytes, off: int) -> bool:
-    """Whether the span from ``off`` to the end is a frame whose write did not finish."""
-    if len(data) - off < _FRAME.size:
-        return bool(MAGIC.startswith(data[off : off + 4]))
-    if not data.startswith(MAGIC, off):
+    """Whether the span from ``off`` to the end is a frame whose write did not finish: cut
+    short, or with zeros in place of its last bytes (a power cut can leave a file's new
+    length on disk without the blocks written last)."""
+    tail = data[off:].rstrip(b"\0")
+    if not tail:
+        return True
+    if len(tail) < _FRAME.size:
+        return bool(MAGIC.startswith(tail[:4]))
+    if not tail.startswith(MAGIC):
         return False
-    _, length, _ = _FRAME.unpack_from(data, off)
-    return bool(off + _FRAME.size + length > len(data))
+    _, length, _ = _FRAME.unpack_from(tail)
+    return bool(_FRAME.size + length > len(tail))

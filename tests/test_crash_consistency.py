@@ -45,7 +45,7 @@ def make(bundles, state, clock, **overrides):
 
 
 def traffic(seed, streams=4, n=400):
-    """Device messages: 1-3 samples, duplicates, local reordering, reboots, garbage."""
+    """Device messages: 1-3 samples, duplicates, local reordering, reboots, resets, garbage."""
     rng = random.Random(seed)
     xs = np.random.default_rng(seed).normal(0, 2, (streams, 5000, 6))
     msgs, pos, valid = [], [0] * streams, set()
@@ -75,6 +75,8 @@ def traffic(seed, streams=4, n=400):
         msgs.append(Inbound(f"sensors/d{i}/data", payload, len(msgs) + 1))
         if rng.random() < 0.05:
             msgs.append(Inbound(f"sensors/d{i}/data", payload, len(msgs) + 1))  # duplicate
+        if rng.random() < 0.03:  # numbering kept: a redelivered copy must not zero it again
+            msgs.append(Inbound(f"sensors/d{i}/control", b'{"cmd": "reset"}', len(msgs) + 1))
     for j in range(len(msgs) - 1):  # local reordering
         if rng.random() < 0.08:
             msgs[j], msgs[j + 1] = msgs[j + 1], msgs[j]

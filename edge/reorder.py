@@ -22,6 +22,12 @@ from typing import Any
 from .sequencing import HALF, U32, earlier_boot
 from .wal import Record
 
+# Refused seqs remembered per stream ahead of the one awaited. A sensor that fails after a
+# lost sample sends refused messages past a gap that never fills: each was remembered, for
+# months, and written into every snapshot. Past this many the farthest are let go: a record
+# beyond them waits for them as for any gap, at most the hold time.
+MAX_VOIDS = 1024
+
 
 @dataclass(eq=False)  # removed by identity: records held at one clock reading are distinct
 class _Held:
@@ -185,13 +191,20 @@ class Reorderer:
             expect = (last_applied + 1) % U32
         if expect is None:  # a new life's: not waited for once its first record is out
             if stream in self._held:
-                self._void.setdefault(stream, set()).add(seq)
+                self._add_void(stream, seq, self._held[stream][0].record.seq)
             return []
         if not 0 <= (seq - expect) % U32 < HALF:
             return []
         self._next.setdefault(stream, expect)
-        self._void.setdefault(stream, set()).add(seq)
+        self._add_void(stream, seq, expect)
         return self._release_contiguous(stream)
+
+    def _add_void(self, stream: str, seq: int, near: int) -> None:
+        voids = self._void.setdefault(stream, set())
+        voids.add(seq)
+        if len(voids) > MAX_VOIDS:  # keep the half nearest to ``near``
+            keep = sorted(voids, key=lambda v: (v - near) % U32)[: MAX_VOIDS // 2]
+            self._void[stream] = set(keep)
 
     def expire(self, force: bool = False) -> list[Record]:
         """Give up waiting for gaps older than the hold time (or all, with ``force``)."""

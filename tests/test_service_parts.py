@@ -216,6 +216,20 @@ def test_reorderer_stops_waiting_for_a_refused_seq():
     assert [x.seq for x in push(r, rec("s", 6), 4)] == [6]  # 5 voided: no wait
 
 
+def test_refused_seqs_past_a_gap_that_never_fills_are_not_kept_without_bound():
+    """A sensor that fails (NaN) right after a lost sample: every message refused, past a gap
+    that never fills. Each refused seq was kept, in memory and in every snapshot, for as long
+    as it went on (months); the nearest ones still spare a wait."""
+    r = Reorderer(10.0, lambda: 0.0)
+    push(r, rec("s", 1), 0)
+    for seq in range(3, 50_003):  # 2 was lost
+        assert r.void("s", seq, 1) == []
+    assert len(r._void["s"]) <= 1024
+    assert len(r.export(lambda _: 1)["s"][1]) <= 1024
+    assert [x.seq for x in push(r, rec("s", 2), 1)] == [2]  # the gap fills at last
+    assert r._next["s"] > 3 + 256  # past the refused ones nearest to it
+
+
 def test_reorderer_forgets_evicted_streams():
     r = Reorderer(0.5, lambda: 0.0)
     for i in range(10_000):

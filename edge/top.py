@@ -7,6 +7,7 @@ Pure logic: ``TopView.update`` takes each stats or status message as it arrives 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,29 +34,43 @@ class Runtime:
     updates: int = 0
 
     def rate(self, key: str) -> float | None:
-        """Per second between the last two stats messages (None until there are two)."""
+        """Per second between the last two stats messages (None until there are two, and
+        when the counter went down: the service restarted and counts from 0 again)."""
         now, before = self.stats, self.previous
         try:
             dt = float(now["ts"]) - float(before["ts"])
-            return (float(now[key]) - float(before[key])) / dt if dt > 0 else None
-        except (KeyError, TypeError, ValueError):
+            grown = float(now[key]) - float(before[key])
+        except (KeyError, TypeError, ValueError, OverflowError):
             return None
+        return grown / dt if dt > 0 and grown >= 0 else None
 
     def error_rate(self) -> float | None:
-        total = sum(_errors(self.stats).values())
-        before = sum(_errors(self.previous).values())
+        now, before = _errors(self.stats), _errors(self.previous)
         try:
             dt = float(self.stats["ts"]) - float(self.previous["ts"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return None
-        return (total - before) / dt if dt > 0 else None
+        if any(now.get(code, 0) < n for code, n in before.items()):
+            return None  # a count went down: the service restarted and counts from 0 again
+        grown = sum(now.values()) - sum(before.values())
+        return grown / dt if dt > 0 else None
 
 
 def _errors(stats: dict[str, Any]) -> dict[str, int]:
+    """The error counts of a stats message; anyone may publish one, so a count that is no
+    finite number (``Infinity`` in the JSON, a string) is left out."""
     errs = stats.get("errors")
     if not isinstance(errs, dict):
         return {}
-    return {str(k): int(v) for k, v in errs.items() if isinstance(v, (int, float))}
+    return {str(k): int(v) for k, v in errs.items() if _finite(v)}
+
+
+def _finite(value: Any) -> bool:
+    """A number that ``float()`` takes and that is finite (JSON has Infinity, NaN and ints
+    of any length)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else abs(value) < 2**63
 
 
 class TopView:
@@ -126,7 +141,7 @@ class TopView:
 
 
 def _num(value: Any) -> str:
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _finite(value):
         return "-"
     if float(value).is_integer() and abs(value) < 1e6:
         return f"{int(value)}"

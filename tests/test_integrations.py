@@ -345,6 +345,31 @@ def test_top_view_rates_and_errors():
     assert "bad_json 5, late 1" in v.render()
 
 
+def test_top_shows_no_negative_rate_after_a_service_restarts():
+    v = TopView("edge/stats/", "edge/status/")
+    before = {"messages_in": 5000, "predictions_out": 4990, "errors": {"late": 7}, "ts": 100.0}
+    v.update("edge/stats/pi-1", json.dumps(before).encode())
+    after = {"messages_in": 40, "predictions_out": 40, "errors": {"late": 0}, "ts": 110.0}
+    v.update("edge/stats/pi-1", json.dumps(after).encode())  # counters start again at 0
+    line = v.render().splitlines()[1].split()
+    assert line[3:6] == ["-", "-", "-"]
+    later = {"messages_in": 60, "predictions_out": 50, "errors": {"late": 1}, "ts": 112.0}
+    v.update("edge/stats/pi-1", json.dumps(later).encode())
+    assert v.render().splitlines()[1].split()[3:6] == ["10", "5", "0.5"]
+
+
+def test_top_survives_stats_whose_numbers_are_no_finite_numbers():
+    v = TopView("edge/stats/", "edge/status/")  # anyone may publish on the stats topics
+    huge = "1" + "0" * 400
+    v.update(
+        "edge/stats/x",
+        f'{{"ts": 1, "queue_depth": {huge}, "messages_in": {huge}, '
+        f'"errors": {{"a": Infinity, "b": NaN, "c": {huge}, "d": 2}}}}'.encode(),
+    )
+    v.update("edge/stats/x", b'{"ts": 2, "messages_in": 1, "errors": {"d": 3}}')
+    assert v.render().splitlines()[1].split()[:7] == ["x", "online", "-", "-", "-", "1", "-"]
+
+
 def test_top_shows_a_real_service(service, broker):
     service("--stats-interval", "0.2")
     col = Collector(broker.url)

@@ -33,7 +33,7 @@ from .kernels import enforce
 from .manifest import Manifest, read_bundle
 from .model import NP_DTYPES, StepModel, requantize
 from .sequencing import GAP_POLICIES, HALF, U32, admit, earlier_boot, last_of
-from .state_store import BOOT_HISTORY, NO_BOOT, NO_SEQ, StateStore
+from .state_store import BOOT_HISTORY, NO_BOOT, NO_SEQ, StateStore, whole_number
 
 MAX_STREAM_ID = 256
 # The snapshot's ``extra`` keys of the evicted streams' numbering, and of those given their
@@ -215,8 +215,12 @@ class Engine:
     ) -> None:
         if gap_policy not in GAP_POLICIES:
             raise ConfigError(f"gap_policy {gap_policy!r} is not one of {GAP_POLICIES}")
-        if not 0 <= restart_gap < HALF:
-            raise ConfigError(f"restart_gap must be in 0..{HALF - 1}, got {restart_gap}")
+        if not whole_number(restart_gap) or not 0 <= restart_gap < HALF:
+            raise ConfigError(
+                f"restart_gap must be a whole number in 0..{HALF - 1}, got {restart_gap!r}"
+            )
+        if not isinstance(allow_unsequenced, (bool, np.bool_)):  # "no" would allow them
+            raise ConfigError(f"allow_unsequenced must be True or False, got {allow_unsequenced!r}")
         self.restart_gap = restart_gap
         self.model = model
         self._features = model.manifest.features  # read on every call: kept, not recounted

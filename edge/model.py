@@ -14,9 +14,10 @@ import numpy as np
 
 from .backend import Backend, SignatureRunner, kernel_set
 from .binding import Binding, bind
-from .errors import BackendError, BundleError
+from .errors import BackendError, BundleError, ConfigError
 from .manifest import Manifest, TensorSpec
 from .softmax import IntSoftmax
+from .state_store import whole_number
 
 NP_DTYPES: dict[str, type[np.generic]] = {"int8": np.int8, "int16": np.int16, "float32": np.float32}
 INT_RANGES = {"int8": (-128, 127), "int16": (-32768, 32767)}
@@ -55,8 +56,8 @@ class StepModel:
         max_batch: int = 256,
         num_threads: int = 1,
     ) -> None:
-        if max_batch < 1:
-            raise BundleError(f"max_batch must be >= 1, got {max_batch}")
+        if not whole_number(max_batch) or max_batch < 1:
+            raise ConfigError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
         self.manifest = manifest
         self.backend = backend
         self.max_batch = max_batch

@@ -19,6 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,18 @@ class StoreStats:
     evicted_idle: int = 0
 
 
+def whole_number(value: Any) -> bool:
+    """An integer, not a bool (True would be 1 without a word)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _real(value: Any) -> bool:
+    """A real number, not a bool; NaN is one (callers compare it)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
 class StateStore:
     def __init__(
         self,
@@ -111,10 +124,13 @@ class StateStore:
         idle_timeout: float | None = None,
         clock: Callable[[], float],
     ) -> None:
-        if capacity < 1 or chunk < 1:
-            raise ConfigError(f"capacity and chunk must be >= 1 (got {capacity}, {chunk})")
-        if idle_timeout is not None and idle_timeout <= 0:
-            raise ConfigError(f"idle_timeout must be > 0 seconds, got {idle_timeout}")
+        for name, value in (("capacity", capacity), ("chunk", chunk)):
+            if not whole_number(value) or value < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        # NaN too: no stream's last sample is ever more recent than now - NaN, so every
+        # stream would be forgotten (and stepped from the zero state) at every call.
+        if idle_timeout is not None and not (_real(idle_timeout) and idle_timeout > 0):
+            raise ConfigError(f"idle_timeout must be a number of seconds > 0, got {idle_timeout!r}")
         self._zero = [np.asarray(z).reshape(1, -1) for z in zero_rows]
         self.capacity = capacity
         self.chunk = chunk

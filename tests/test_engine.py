@@ -358,6 +358,37 @@ def test_gap_policies(load):
         load(gap_policy="sometimes")
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"idle_timeout": float("nan")},  # accepted, it forgot every stream at every call
+        {"idle_timeout": True},
+        {"capacity": float("nan")},
+        {"capacity": 2.5},
+        {"capacity": "100"},
+        {"restart_gap": 2.5},
+        {"restart_gap": True},
+        {"allow_unsequenced": "no"},  # accepted, and unsequenced samples were allowed
+        {"max_batch": 1.5},
+    ],
+    ids=str,
+)
+def test_engine_options_of_no_valid_value_are_refused_naming_it(load, option):
+    ((name, value),) = option.items()
+    with pytest.raises(edge.ConfigError, match=f"^{name} must be .*{value!r}"):
+        load(**option)
+
+
+def test_an_idle_timeout_keeps_the_state_of_a_stream_that_is_not_idle(load):
+    x = samples(3, 1)
+    engine, plain = load(idle_timeout=3600), load()
+    np.testing.assert_array_equal(
+        [engine.step("s", v, seq=i + 1) for i, v in enumerate(x)],
+        [plain.step("s", v, seq=i + 1) for i, v in enumerate(x)],
+    )
+    assert engine.stats()["evicted_idle"] == 0
+
+
 def test_unsequenced_samples_only_when_allowed(load):
     assert load().step("s", samples(1, 0)[0]).shape == (4,)
     with pytest.raises(edge.MissingSeq):

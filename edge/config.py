@@ -133,6 +133,23 @@ class ServiceConfig:
     reconnect_max: float = _opt(30.0, "longest reconnect delay, seconds")
     log_level: str = _opt("info", "log level", ["debug", "info", "warning", "error"])
 
+    def __post_init__(self) -> None:
+        """Each value of its field's type (a float finite): ``load`` converts what it reads,
+        a configuration made in Python is taken as it is. A NaN passes every range check of
+        ``validate`` and then holds samples, or snapshots, never or always."""
+        for f in dataclasses.fields(self):
+            value, typ = getattr(self, f.name), str(f.type)
+            if typ == "float":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                ok = ok and math.isfinite(value)
+            elif typ == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, {"bool": bool, "str": str}[typ])
+            if not ok:
+                kind = {"float": "finite number", "str": "string"}.get(typ, typ)
+                raise ConfigError(f"{f.name} = {value!r} is not a valid {kind}")
+
     @property
     def host(self) -> str:
         return str(urlparse(self.broker).hostname)

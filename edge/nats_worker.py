@@ -134,7 +134,7 @@ class WorkerOptions:
             )
         if not self.stats_interval >= 0 or math.isinf(self.stats_interval):
             raise ConfigError(f"stats_interval = {self.stats_interval!r} must be finite and >= 0")
-        if self.replicas not in (1, 3, 5):
+        if isinstance(self.replicas, bool) or self.replicas not in (1, 3, 5):
             raise ConfigError(f"replicas = {self.replicas!r} must be 1, 3 or 5")
 
     def shown(self) -> str:

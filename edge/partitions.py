@@ -48,7 +48,8 @@ def partition(token: str, partitions: int) -> int:
 
 
 def check_partitions(partitions: int) -> int:
-    if not 1 <= partitions <= MAX_PARTITIONS:
+    whole = isinstance(partitions, int) and not isinstance(partitions, bool)
+    if not whole or not 1 <= partitions <= MAX_PARTITIONS:
         raise ConfigError(f"partitions = {partitions!r} must be in 1..{MAX_PARTITIONS}")
     return partitions
 

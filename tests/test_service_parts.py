@@ -113,6 +113,34 @@ def test_config_refuses_values_that_would_fail_later(key, value, message):
         config.load(None, env={}, overrides={"model": "m", key: value})
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("reorder_ms", float("nan"), "reorder_ms = nan is not a valid finite number"),
+        ("snapshot_interval", float("inf"), "snapshot_interval = inf is not a valid finite"),
+        ("idle_timeout", float("nan"), "idle_timeout = nan is not a valid finite number"),
+        ("capacity", "100", "capacity = '100' is not a valid int"),
+        ("max_batch", True, "max_batch = True is not a valid int"),
+        ("ha_discovery", "no", "ha_discovery = 'no' is not a valid bool"),
+        ("model", None, "model = None is not a valid string"),
+    ],
+)
+def test_a_config_made_in_python_refuses_values_of_another_type(key, value, message):
+    """``config.load`` converts what it reads; a ``ServiceConfig`` made in Python is taken as
+    it is, and NaN passed every range check of ``validate``."""
+    with pytest.raises(ConfigError, match=message):
+        config.validate(config.ServiceConfig(**{"model": "m", key: value}))
+
+
+def test_worker_options_made_in_python_refuse_values_of_another_type():
+    from edge.nats_worker import WorkerOptions
+
+    with pytest.raises(ConfigError, match="partitions = 1.5 must be in"):
+        WorkerOptions(["nats://127.0.0.1:4222"], "w", partitions=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="replicas = True must be 1, 3 or 5"):
+        WorkerOptions(["nats://127.0.0.1:4222"], "w", replicas=True)
+
+
 def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     f = tmp_path / "edge.toml"
     f.write_bytes(b'model = "x"\n\xff\xfe = 1\n')

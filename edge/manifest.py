@@ -289,6 +289,7 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         if {s.input, s.output} & {m_in, m_out}:
             raise BundleError(f"{where}: state tensor {s.input!r} is the model's input or output")
     _check_state_encodings(data, states, tensors, where)
+    _check_state_pairs(states, version, where)
     _check_normalization(data, count, where)
     return Manifest(
         model_file=_get(data, "model_file", str, where),
@@ -381,6 +382,21 @@ def _check_state_encodings(
                 f"{where}: state output {o.name!r} is {o.dtype} ({o.scale}, {o.zero_point}), "
                 f"its input {i.name!r} {i.dtype} ({i.scale}, {i.zero_point}), but "
                 "state_requantization is false: the state outputs are cross-wired"
+            )
+
+
+def _check_state_pairs(states: tuple[StateTensor, ...], version: int, where: str) -> None:
+    """The converter names each state output after its input (h0 -> h0_next). Outputs all so
+    named but paired with another state's input are cross-wired: h0 fed from h1_next has h0's
+    width and encoding, so no other check tells, and every answer would be wrong."""
+    if {s.output for s in states} != {f"{s.input}_next" for s in states}:
+        return  # named otherwise: nothing to go by
+    for i, s in enumerate(states):
+        if s.output != f"{s.input}_next":
+            raise BundleError(
+                f"{where}: state[{i if version > 1 else i // 2}] feeds {s.input!r} from "
+                f"{s.output!r}, the next value of {s.output[: -len('_next')]!r}: the state "
+                "outputs are cross-wired"
             )
 
 

@@ -104,6 +104,11 @@ def _swap_state_outputs(d):
         # h0 and c0 fed from each other's output: both int8 and as wide, only the scales differ
         (_swap_state_outputs, "state output 'c0_next' is int8 .* cross-wired"),
         (lambda d: d.update(state_requantization="no"), "state_requantization 'no'"),
+        # h0 and c0 fed from each other's output with no scale to tell: only the names do
+        (
+            lambda d: (_swap_state_outputs(d), d.update(state_requantization=True)),
+            r"state\[0\] feeds 'h0' from 'c0_next', the next value of 'c0': .* cross-wired",
+        ),
     ],
 )
 def test_unusable_numbers_and_wiring_are_named(manifest_dict, edit, message):
@@ -290,3 +295,18 @@ def test_a_model_that_does_not_fit_in_memory_is_one_error(bundle_copy, monkeypat
     size = (bundle_copy / "model.tflite").stat().st_size
     with pytest.raises(BundleError, match=rf"the model \({size} bytes\) does not fit in"):
         read_bundle(bundle_copy)
+
+
+def test_the_layers_states_fed_from_each_other_are_refused(bundles, tmp_path):
+    """h0 fed from h1_next in a two-layer bundle: the same width and encoding, so it loaded and
+    answered wrong (by 0.8 on this model) without a word."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles / "torch-lstm2-int8", b)
+    d = json.loads((b / "manifest.json").read_text())
+    assert d["state_requantization"] is False
+    d["state"][0]["output"], d["state"][2]["output"] = "h1_next", "h0_next"
+    (b / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(BundleError, match="feeds 'h0' from 'h1_next'.* cross-wired"):
+        read_bundle(b)

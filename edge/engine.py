@@ -5,6 +5,7 @@ No MQTT here; ``edge.mqtt_loop`` and ``edge.processor`` are a thin shell around 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import zlib
@@ -368,7 +369,20 @@ class Engine:
         """All streams' state, last seq and boot ids, atomically (see ``edge.snapshot``).
 
         A failed write leaves ``path`` as it was and raises ``SnapshotError`` naming it.
+        ``extra`` (given back by ``restore``) must be JSON without NaN or infinities, and may
+        not use the keys the engine keeps its own records under (``departed``, ``recalled``).
         """
+        extra = dict(extra or {})
+        taken = sorted(k for k in (DEPARTED, RECALLED) if k in extra)
+        if taken:
+            raise SnapshotError(
+                f"{path}: extra key {taken[0]!r} is the engine's own (its evicted streams); "
+                "name it otherwise. Nothing written"
+            )
+        try:
+            json.dumps(extra, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise SnapshotError(f"{path}: extra is not plain JSON: {exc}. Nothing written") from exc
         streams, last_seq, arrays, boots, gaps = self.store.export()
         kept = {DEPARTED: self.store.departed.export(), RECALLED: sorted(self.store.recalled)}
         snap = snapfmt.Snapshot(
@@ -377,7 +391,7 @@ class Engine:
             streams,
             last_seq,
             arrays,
-            {**(extra or {}), **{k: v for k, v in kept.items() if v}},
+            {**extra, **{k: v for k, v in kept.items() if v}},
             boots,
             gaps,
         )

@@ -428,6 +428,29 @@ def test_a_snapshot_that_cannot_be_written_is_a_snapshot_error_naming_the_path(l
     assert list((tmp_path / "taken").iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        # written, then refused by every restore: the engine's table of evicted streams
+        ({"departed": "my note"}, "extra key 'departed' is the engine's own"),
+        # taken for the engine's list of recalled streams, and gone from restore's answer
+        ({"recalled": ["s"]}, "extra key 'recalled' is the engine's own"),
+        ({"when": float("nan")}, "extra is not plain JSON"),
+        ({"what": object()}, "extra is not plain JSON"),
+    ],
+    ids=["departed", "recalled", "nan", "object"],
+)
+def test_a_snapshot_extra_that_restore_cannot_give_back_is_refused(load, tmp_path, extra, message):
+    engine = load()
+    engine.step("s", samples(2, 0), seq=1)
+    path = tmp_path / "state.bin"
+    with pytest.raises(edge.SnapshotError, match=f"{path}: {message}.*Nothing written"):
+        engine.snapshot(path, extra=extra)
+    assert list(tmp_path.iterdir()) == []
+    engine.snapshot(path, extra={"note": "mine"})
+    assert load().restore(path) == {"note": "mine"}
+
+
 def test_restore_may_accept_another_model_with_the_same_layout(load, bundles, tmp_path):
     import json
     import shutil

@@ -448,7 +448,11 @@ class Engine:
         if other.manifest.state_layout() != self.manifest.state_layout():
             raise BundleError("state layouts differ; the streams cannot be carried over")
         self.store.load(*other.store.export())
-        self.store.departed, self.store.recalled = other.store.departed, other.store.recalled
+        # Copies: shared, a stream that came back to one engine was forgotten by the other's
+        # table, which then stepped that stream's old samples a second time.
+        self.store.departed.load(other.store.departed.export())
+        self.store.recalled = {s for s in other.store.recalled if s in self.store}
+        self.store.depart_shed()  # a smaller capacity than the other's, as in ``restore``
 
     # -- stepping ---------------------------------------------------------------------------
 

@@ -451,6 +451,26 @@ def test_a_snapshot_extra_that_restore_cannot_give_back_is_refused(load, tmp_pat
     assert load().restore(path) == {"note": "mine"}
 
 
+def test_engines_that_carried_streams_over_keep_their_own_numbering(load):
+    """``load_state_from`` shared the table of evicted streams: a stream back in one engine was
+    forgotten by the other, which then stepped a sample it had applied a second time."""
+    x = samples(4, 3)
+    a = load(capacity=2)
+    for s in ("s1", "s2", "s3"):  # s1 evicted, its numbering kept
+        a.step(s, x[:3], seq=1)
+    b = load(capacity=2)
+    b.load_state_from(a)
+    assert b.step_many([Chunk("s1", x[3], 4)])[0].restart
+    again = a.step_many([Chunk("s1", x[1], 2)])[0]
+    assert (again.duplicates, len(again.y)) == (1, 0)
+    # a smaller capacity keeps the most recent streams, the others evicted as by restore
+    c = load(capacity=1)
+    c.load_state_from(a)
+    assert a.store.streams == ["s3", "s1"] and c.store.streams == ["s1"]
+    again = c.step_many([Chunk("s3", x[1], 2)])[0]
+    assert (again.duplicates, len(again.y)) == (1, 0)
+
+
 def test_restore_may_accept_another_model_with_the_same_layout(load, bundles, tmp_path):
     import json
     import shutil

@@ -257,6 +257,13 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         raise BundleError(
             f"{where}: output.activation {activation!r} is not one of {OUTPUT_ACTIVATIONS}"
         )
+    if version == ACTIVATION_VERSION and activation == "linear":
+        # Only a bundle whose output tensor holds logits is written as version 3: without its
+        # activation the logits would be published as the answer.
+        raise BundleError(
+            f"{where}: format_version {version} marks an output of logits, but "
+            "output.activation is missing or 'linear'"
+        )
     y_dtype = tensors[m_out].dtype
     if activation != "linear" and (version < ACTIVATION_VERSION or y_dtype != "int8"):
         raise BundleError(

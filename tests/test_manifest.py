@@ -54,6 +54,12 @@ def test_bundles_without_a_runtime_activation_stay_version_2(bundles):
         (lambda d: d["output"].update(activation="relu"), "output.activation 'relu'"),
         (lambda d: d["output"].update(activation=["softmax"]), "output.activation"),
         (lambda d: d.update(format_version=2), "needs format_version 3"),
+        # the logits were published as the class probabilities
+        (lambda d: d["output"].pop("activation"), "format_version 3 marks an output of logits"),
+        (
+            lambda d: d["output"].update(activation="linear"),
+            "output.activation is missing or 'linear'",
+        ),
         (
             lambda d: d["tensors"]["y"].update(dtype="float32", scale=0.0, zero_point=0),
             "an int8 output tensor",

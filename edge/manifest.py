@@ -222,6 +222,8 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     tensors: dict[str, TensorSpec] = {}
     for name, spec in _get(data, "tensors", dict, where).items():
         w = f"{where}: tensors.{name}"
+        if not isinstance(spec, Mapping):
+            raise BundleError(f"{w}: not a JSON object ({spec!r:.40})")
         dtype = _get(spec, "dtype", str, w)
         if dtype not in DTYPES:
             raise BundleError(f"{w}: dtype {dtype!r} is not one of {DTYPES}")
@@ -246,6 +248,8 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     for name in (m_in, m_out):
         if name not in tensors:
             raise BundleError(f"{where}: signature tensor {name!r} is not described in 'tensors'")
+    if m_in == m_out:
+        raise BundleError(f"{where}: signature input and output are both {m_in!r}")
     if tensors[m_in].width != count:
         raise BundleError(f"{where}: input width {tensors[m_in].width} != features.count {count}")
     raw_labels = out.get("labels") or []

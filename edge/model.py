@@ -93,11 +93,19 @@ class StepModel:
     def _check_signature(self, runner: SignatureRunner) -> None:
         """The manifest must describe the tensors the model really has, by name and encoding."""
         try:
-            found = {**runner.get_input_details(), **runner.get_output_details()}
+            ins, outs = runner.get_input_details(), runner.get_output_details()
         except Exception as exc:
             raise BundleError(f"cannot read the model's signature: {exc}") from exc
-        for spec in [self.x_spec, self.y_spec, *self.state_in, *self.state_out]:
-            d = found.get(spec.name)
+        found = {**ins, **outs}
+        sides = [(s, ins, "input") for s in [self.x_spec, *self.state_in]]
+        sides += [(s, outs, "output") for s in [self.y_spec, *self.state_out]]
+        for spec, side, kind in sides:
+            d = side.get(spec.name)
+            if d is None and spec.name in found:
+                raise BundleError(
+                    f"manifest tensor {spec.name!r} is used as an {kind} of the model, but it is "
+                    f"not one (its {kind}s are {sorted(side)})"
+                )
             if d is None:
                 raise BundleError(
                     f"manifest tensor {spec.name!r} is not in the model's signature "

@@ -54,6 +54,8 @@ def test_bundles_without_a_runtime_activation_stay_version_2(bundles):
         (lambda d: d["output"].update(activation="relu"), "output.activation 'relu'"),
         (lambda d: d["output"].update(activation=["softmax"]), "output.activation"),
         (lambda d: d.update(format_version=2), "needs format_version 3"),
+        (lambda d: d["tensors"].update(y=1), "tensors.y: not a JSON object"),
+        (lambda d: d["signature"].update(output="x"), "input and output are both 'x'"),
         # the logits were published as the class probabilities
         (lambda d: d["output"].pop("activation"), "format_version 3 marks an output of logits"),
         (
@@ -316,3 +318,28 @@ def test_the_layers_states_fed_from_each_other_are_refused(bundles, tmp_path):
     (b / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(BundleError, match="feeds 'h0' from 'h1_next'.* cross-wired"):
         read_bundle(b)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda d: d["state"][0].update(input="h0_next", output="h0"),
+            "'h0_next' is used as an input of the model, but it is not one",
+        ),
+        (
+            lambda d: d["state"][1].update(input="c0_next", output="c0"),
+            "'c0_next' is used as an input of the model, but it is not one",
+        ),
+    ],
+)
+def test_a_tensor_named_on_the_wrong_side_of_the_model_is_refused(bundle_copy, edit, message):
+    """Both sides of the signature were searched as one: a state input and output swapped were
+    found, and loading failed in the first invoke with the interpreter's 'Invalid Input name'."""
+    import edge
+
+    d = json.loads((bundle_copy / "manifest.json").read_text())
+    edit(d)
+    (bundle_copy / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=message):
+        edge.load(bundle_copy)

@@ -273,7 +273,11 @@ class Engine:
                 return None
         else:
             last = int(store.last_seq[row])
-            if type(seq) is not int or last == NO_SEQ or (seq - last) % U32 != 1:
+            # in range first: 2**32 after 2**32 - 1 (or -1 after 2**32 - 2) is "next" modulo
+            # 2**32, and was stored as the stream's last seq
+            if type(seq) is not int or not 0 <= seq < U32:
+                return None
+            if last == NO_SEQ or (seq - last) % U32 != 1:
                 return None
         if boot is not None and (type(boot) is not int or boot != store.boots[row, 0]):
             return None

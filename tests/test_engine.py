@@ -389,6 +389,22 @@ def test_an_idle_timeout_keeps_the_state_of_a_stream_that_is_not_idle(load):
     assert engine.stats()["evicted_idle"] == 0
 
 
+@pytest.mark.parametrize("last, seq", [(2**32 - 1, 2**32), (2**32 - 2, -1), (5, 6 - 2**32)])
+def test_step_refuses_a_seq_out_of_range_that_is_next_modulo_2_32(load, last, seq):
+    """``step``'s quick path for the next sample of a stream compared seqs modulo 2**32 only:
+    2**32 after 2**32 - 1 was applied and kept as the stream's last seq, so the real next one,
+    0, was dropped as a duplicate; -1 (the 'no seq' mark) made the stream unsequenced."""
+    x = samples(2, 4)
+    engine, twin = load(), load()
+    for e in (engine, twin):
+        e.step("s", x[0], seq=last)
+    with pytest.raises(edge.InvalidSample, match=f"seq {seq} is not an unsigned 32-bit"):
+        engine.step("s", x[1], seq=seq)
+    assert engine.last_seq("s") == last
+    nxt = (last + 1) % 2**32
+    np.testing.assert_array_equal(engine.step("s", x[1], seq=nxt), twin.step("s", x[1], seq=nxt))
+
+
 def test_unsequenced_samples_only_when_allowed(load):
     assert load().step("s", samples(1, 0)[0]).shape == (4,)
     with pytest.raises(edge.MissingSeq):

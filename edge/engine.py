@@ -582,8 +582,14 @@ class Engine:
             return None
         unsequenced = hi == NO_SEQ
         if unsequenced:  # all without seq: nothing to admit, no boots to look at
-            if not self.allow_unsequenced:
+            if not self.allow_unsequenced or sq.min() != NO_SEQ:  # -5 is no "none" mark
                 return None
+            if boots is not None:  # ... once the general path would not refuse one
+                bt = np.asarray(boots)
+                if bt.dtype != np.int64 or bt.shape != (n,):
+                    return None
+                if bt.min() < NO_BOOT or bt.max() >= U32:
+                    return None
             boots = None
         # each the next of its stream: a start (no last seq), gap, replay or wrap is not
         elif sq.min() < 1 or not (sq - 1 == store.last_seq[rows]).all():

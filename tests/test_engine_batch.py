@@ -253,6 +253,23 @@ def test_a_steady_batch_with_one_bad_value_refuses_only_that_chunk(load):
         assert same_state(e, ref, streams[i])
 
 
+def test_a_steady_unsequenced_batch_refuses_what_any_batch_refuses(load):
+    """Known streams without seq (the steady case): a seq below -1 was taken as 'no seq' and the
+    sample applied, and the boots were not looked at, where the general path refuses both."""
+    e = load()
+    streams = ["a", "b"]
+    e.step_batch(streams, samples(2, 0))
+    got = e.step_batch(streams, samples(2, 1), seqs=np.array([-5, NO_SEQ]))
+    assert list(got.errors) == [0] and "seq -5 is not an unsigned 32-bit" in str(got.errors[0])
+    assert got.offsets.tolist() == [0, 0, 1]
+    for bad in (-7, 2**32):
+        with pytest.raises(edge.InvalidSample, match=f"boot {bad} is not an unsigned 32-bit"):
+            e.step_batch(
+                streams, samples(2, 2), seqs=np.array([NO_SEQ] * 2), boots=np.array([bad, NO_BOOT])
+            )
+    assert e.stats()["samples"] == 3
+
+
 @pytest.mark.parametrize("name", ["clf-int8", "reg2-int8"])
 def test_the_runner_binding_gives_the_same_bits_as_the_tensor_views(load, bundles, name):
     """The fallback for interpreters without tensor views (copies through the signature

@@ -729,7 +729,7 @@ class Engine:
                     msg = f"invalid stream id {streams[i]!r}"
                     errors[i] = InvalidSample(msg, stream_id=None, seq=_opt(sq[i]))
         lo, hi = int(sq.min()), int(sq.max())
-        if lo == NO_SEQ and not self.allow_unsequenced:
+        if lo <= NO_SEQ and not self.allow_unsequenced:  # below it: an invalid seq is lowest
             for i in np.flatnonzero(sq == NO_SEQ).tolist():
                 errors.setdefault(
                     i,

@@ -270,6 +270,15 @@ def test_a_steady_unsequenced_batch_refuses_what_any_batch_refuses(load):
     assert e.stats()["samples"] == 3
 
 
+def test_an_engine_that_needs_seqs_refuses_unsequenced_chunks_beside_an_invalid_seq(load):
+    """The check for chunks without seq looked at the lowest seq of the batch only: beside a
+    seq of -5 it was not NO_SEQ, and the unsequenced chunk was applied."""
+    e = load(allow_unsequenced=False)
+    got = e.step_batch(["a", "b"], samples(2, 0), seqs=np.array([-5, NO_SEQ]))
+    assert [type(got.errors[i]).__name__ for i in (0, 1)] == ["InvalidSample", "MissingSeq"]
+    assert got.offsets.tolist() == [0, 0, 0] and e.state_of("b") is None
+
+
 @pytest.mark.parametrize("name", ["clf-int8", "reg2-int8"])
 def test_the_runner_binding_gives_the_same_bits_as_the_tensor_views(load, bundles, name):
     """The fallback for interpreters without tensor views (copies through the signature

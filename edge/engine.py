@@ -245,7 +245,10 @@ class Engine:
         self, stream: str, x: Any, seq: int | None = None, boot: int | None = None
     ) -> np.ndarray:
         """x: [F] -> y: [O]; x: [k, F] -> y: [k, O], any k (a whole recording in one call).
-        Raises a ``SampleError`` on refusal."""
+        Raises a ``SampleError`` on refusal (``DuplicateSample`` for one sample applied before).
+        With ``seq``, samples of ``x`` applied before (a redelivery that overlaps what the
+        stream applied) are skipped: y then has a row for each of the last ``len(y)`` samples
+        of ``x`` only (none when all were), so align it with ``x[len(x) - len(y):]``."""
         y = self._step_next(stream, x, seq, boot)
         if y is not None:
             return y

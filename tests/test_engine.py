@@ -405,6 +405,20 @@ def test_step_refuses_a_seq_out_of_range_that_is_next_modulo_2_32(load, last, se
     np.testing.assert_array_equal(engine.step("s", x[1], seq=nxt), twin.step("s", x[1], seq=nxt))
 
 
+def test_a_chunk_overlapping_what_was_applied_answers_its_last_samples_only(load):
+    """As README and ``step`` say: y aligns with the end of x, not its start."""
+    x = samples(8, 5)
+    engine, plain = load(), load()
+    want = plain.step("s", x, seq=1)
+    engine.step("s", x[:5], seq=1)
+    y = engine.step("s", x[3:], seq=4)  # seqs 4 and 5 again, then 6..8
+    assert len(y) == 3
+    np.testing.assert_array_equal(y, want[5:])
+    assert len(engine.step("s", x[6:], seq=7)) == 0
+    with pytest.raises(edge.DuplicateSample):
+        engine.step("s", x[7], seq=8)
+
+
 def test_unsequenced_samples_only_when_allowed(load):
     assert load().step("s", samples(1, 0)[0]).shape == (4,)
     with pytest.raises(edge.MissingSeq):

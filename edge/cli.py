@@ -284,8 +284,10 @@ def inspect(args: argparse.Namespace) -> int:
         f"kernels     {engine.model.kernels}; verified with "
         + (", ".join(verified) if verified is not None else "(not recorded)")
     )
-    fid = m.fidelity.get("parity", {})
-    if fid:
-        print("fidelity    " + ", ".join(f"{k} {v:.4g}" for k, v in fid.items()))
+    fid = m.fidelity.get("parity")
+    figures = fid.items() if isinstance(fid, dict) else ()
+    shown = [f"{k} {v:.4g}" for k, v in figures if isinstance(v, (int, float))]
+    if shown:  # numbers only: the manifest is hand-editable
+        print("fidelity    " + ", ".join(shown))
     print(f"self-test   64-step probe ok, last y = {np.round(y[-1], 4).tolist()}")
     return 0

@@ -301,6 +301,9 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
             raise BundleError(f"{where}: state tensor {s.input!r} is the model's input or output")
     _check_state_encodings(data, states, tensors, where)
     _check_state_pairs(states, version, where)
+    for key in ("fidelity", "interpreters"):  # records of the conversion, read as objects
+        if not isinstance(data.get(key) or {}, Mapping):
+            raise BundleError(f"{where}: field {key!r} has the wrong type ({data[key]!r:.40})")
     _check_normalization(data, count, where)
     return Manifest(
         model_file=_get(data, "model_file", str, where),

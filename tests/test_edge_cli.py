@@ -28,6 +28,35 @@ def test_inspect_of_a_missing_bundle_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: d.update(fidelity="x"), "field 'fidelity' has the wrong type ('x')"),
+        (lambda d: d.update(interpreters=[1, 2]), "field 'interpreters' has the wrong type"),
+        (lambda d: d["fidelity"].update(parity=[1]), None),
+        (lambda d: d["fidelity"]["parity"].update(max_abs_error="big"), None),
+    ],
+)
+def test_inspect_of_a_hand_edited_conversion_record_is_no_traceback(
+    bundles, tmp_path, capsys, edit, needle
+):
+    """``fidelity`` and ``interpreters`` not objects failed the manifest's parsing with a
+    ValueError or TypeError; a parity figure that is no number stopped ``inspect``."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles / "clf-int8", b)
+    d = json.loads((b / "manifest.json").read_text())
+    edit(d)
+    (b / "manifest.json").write_text(json.dumps(d))
+    code = main(["inspect", str(b)])
+    out, err = capsys.readouterr()
+    if needle:
+        assert code == 2 and err.count("\n") == 1 and needle in err
+    else:
+        assert code == 0 and "self-test" in out and "big" not in out
+
+
+@pytest.mark.parametrize(
     "args, needle",
     [
         ([], "model is required"),

@@ -182,6 +182,24 @@ def _real_values(values: Any) -> np.ndarray:
         raise InvalidSample(f"values are not numeric: {exc}") from exc
 
 
+def input_bounds(model: StepModel) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high) per feature for a float input the runtime normalises: the raw values whose
+    (x - mean) / std the model's float32 input holds. Past them it is inf, the model computes
+    NaN, and the stream's state stays NaN for good. None when every float32 value is fine (a
+    quantised input clips, an input not normalised is the value itself)."""
+    mean, std = model.input_normalization
+    if model.x_spec.quantized or mean is None or std is None:
+        return None
+    span = FLOAT32_MAX * (1 - 1e-6) * std
+    return np.maximum(mean - span, -FLOAT32_MAX), np.minimum(mean + span, FLOAT32_MAX)
+
+
+def out_of_bounds(x: np.ndarray, bounds: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Per row of x [k, F]: whether a value lies past ``input_bounds``."""
+    lo, hi = bounds
+    return np.asarray(~((x >= lo) & (x <= hi)).all(axis=-1))
+
+
 def _opt(value: Any) -> int | None:
     """An int64 array entry -> int, or None for the "none" marker (NO_SEQ = NO_BOOT = -1)."""
     v = int(value)
@@ -225,6 +243,7 @@ class Engine:
         self.restart_gap = restart_gap
         self.model = model
         self._features = model.manifest.features  # read on every call: kept, not recounted
+        self._bounds = input_bounds(model)
         self.gap_policy = gap_policy
         self.allow_unsequenced = allow_unsequenced
         self.store = StateStore(
@@ -293,6 +312,8 @@ class Engine:
                 return None
             arr = arr.astype(np.float64)
         if arr.shape != (self._features,) or not np.abs(arr).max() <= FLOAT32_MAX:
+            return None
+        if self._bounds is not None and out_of_bounds(arr, self._bounds):
             return None
         model = self.model
         b = model.binding
@@ -607,6 +628,8 @@ class Engine:
                     return None
         if not np.abs(x).max() <= FLOAT32_MAX or len(set(streams)) != n:
             return None
+        if self._bounds is not None and out_of_bounds(x, self._bounds).any():
+            return None
         store.touch_many(streams, rows)
         model = self.model
         b = model.binding
@@ -749,6 +772,8 @@ class Engine:
             for i in np.flatnonzero(cnt < 1).tolist():
                 msg = "no samples in the chunk, expected at least 1"
                 errors.setdefault(i, InvalidSample(msg, stream_id=streams[i], seq=_opt(sq[i])))
+        if self._bounds is not None and len(x):
+            self._check_bounds(streams, x, cnt, sq, errors, self._bounds)
         if not len(x) or np.abs(x).max() <= FLOAT32_MAX:  # NaN compares false: it fails too
             return
         peak = np.abs(x).max(axis=1)
@@ -767,6 +792,37 @@ class Engine:
                     seq=_opt(sq[i]),
                 )
             errors.setdefault(i, err)
+
+    def _check_bounds(
+        self,
+        streams: Sequence[Any],
+        x: np.ndarray,
+        cnt: np.ndarray,
+        sq: np.ndarray,
+        errors: dict[int, SampleError],
+        bounds: tuple[np.ndarray, np.ndarray],
+    ) -> None:
+        """Chunks holding a value the normalised float32 input cannot hold (see
+        ``input_bounds``); NaN and values past float32 itself are named by ``_check``."""
+        bad = out_of_bounds(x, bounds) & (np.abs(x).max(axis=1) <= FLOAT32_MAX)
+        if not bad.any():
+            return
+        ends = np.cumsum(cnt)
+        mean, std = self.model.input_normalization
+        assert mean is not None and std is not None, "bounds come with a normalisation"
+        for r in np.flatnonzero(bad).tolist():
+            i = int(np.searchsorted(ends, r, "right"))
+            row = x[r]
+            j = int(np.flatnonzero((row < bounds[0]) | (row > bounds[1]))[0])
+            errors.setdefault(
+                i,
+                InvalidSample(
+                    f"value {row[j]:.6g} of feature {j} is past what the model's float32 input "
+                    f"holds once normalised (mean {mean[j]:.6g}, std {std[j]:.6g})",
+                    stream_id=streams[i],
+                    seq=_opt(sq[i]),
+                ),
+            )
 
     def _admit_fast(
         self,

@@ -128,6 +128,11 @@ class StepModel:
                     f"manifest's ({spec.scale}, {spec.zero_point})"
                 )
 
+    @property
+    def input_normalization(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(mean, std) per feature the runtime normalises the input with, or (None, None)."""
+        return self._mean, self._std
+
     def encode_x(self, values: np.ndarray) -> np.ndarray:
         """Raw sensor units -> the model's input tensor (normalised in float, then quantised)."""
         if self._mean is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .engine import FLOAT32_MAX, Engine
+from .engine import FLOAT32_MAX, Engine, input_bounds, out_of_bounds
 from .errors import BundleError
 from .outfile import regular_target, replace_whole
 
@@ -34,6 +34,12 @@ def run(engine: Engine, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise BundleError(f"replay input has shape {shape}, expected [N, T, {f}], N, T >= 1")
     if not np.abs(x).max() <= FLOAT32_MAX:  # NaN fails this too: as the engine refuses it
         raise BundleError("replay input holds NaN, Inf or values beyond the float32 range")
+    bounds = input_bounds(model)
+    if bounds is not None and out_of_bounds(x.reshape(-1, f), bounds).any():
+        raise BundleError(
+            "replay input holds values past what the model's float32 input holds once "
+            "normalised: the engine refuses them"
+        )
     n, t, _ = x.shape
     states = [np.repeat(z, n, axis=0) for z in model.zero_state()]
     ys, ss = [], []

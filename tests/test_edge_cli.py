@@ -121,6 +121,16 @@ def test_replay_refuses_bad_inputs_in_one_line(bundles, tmp_path, capsys, name, 
     assert not list(tmp_path.glob("*.tmp.npz"))  # nothing half written
 
 
+def test_replay_refuses_a_value_the_normalised_float_input_cannot_hold(bundles, tmp_path, capsys):
+    """It was replayed into inf in the model's input and NaN raw outputs, as if computed."""
+    np.savez(tmp_path / "in.npz", a=np.full((1, 2, 3), 3e38))
+    args = ["replay", str(bundles / "cnn-gru-float32"), "--input", str(tmp_path / "in.npz")]
+    assert main([*args, "--out", str(tmp_path / "o.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "past what the model's float32 input holds" in err[0], err
+    assert not (tmp_path / "o.npz").exists()
+
+
 def special_files(d):
     """name -> (maker, what the refusal calls it): files a rename must never replace."""
 

@@ -419,6 +419,30 @@ def test_a_chunk_overlapping_what_was_applied_answers_its_last_samples_only(load
         engine.step("s", x[7], seq=8)
 
 
+def test_a_value_the_normalised_float_input_cannot_hold_is_refused_not_poisoning_the_state(
+    load,
+):
+    """cnn-gru-float32 normalises feature 1 with std 0.35: 3e38 (a float32) became inf in
+    the model's input, the answer NaN, and the stream's state NaN for every later sample."""
+    x = np.zeros((2, 3))
+    x[1, 1] = 3e38
+    engine, ref = load("cnn-gru-float32"), load("cnn-gru-float32")
+    ref.step("s", x[0], seq=1)
+    engine.step("s", x[0], seq=1)
+    with pytest.raises(edge.InvalidSample, match="value 3e\\+38 of feature 1 is past"):
+        engine.step("s", x[1], seq=2)  # the quick path of a stream's next sample
+    out = engine.step_many([Chunk("s", x, 2), Chunk("t", x[0], 1)])
+    assert "feature 1 is past" in str(out[0].error) and len(out[1].y) == 1
+    batch = engine.step_batch(["s", "t"], x, seqs=[2, 2])  # the steady batch
+    assert list(batch.errors) == [1] and len(batch.y_of(0)) == 1
+    assert engine.last_seq("s") == 2
+    ref.step("s", x[0], seq=2)  # what the steady batch applied to "s"
+    np.testing.assert_array_equal(engine.step("s", x[0], seq=3), ref.step("s", x[0], seq=3))
+    assert all(np.isfinite(a).all() for a in engine.state_of("s"))
+    # 3e38 is fine for a feature whose std (16) takes it into range
+    assert np.isfinite(engine.step("u", [3e38 / 2**20, 0, 0])).all()
+
+
 def test_unsequenced_samples_only_when_allowed(load):
     assert load().step("s", samples(1, 0)[0]).shape == (4,)
     with pytest.raises(edge.MissingSeq):

@@ -160,11 +160,16 @@ def _valid_id(stream: Any) -> bool:
 def _real_values(values: Any) -> np.ndarray:
     """float64 values, or InvalidSample naming what cannot be one: a complex value would be cast
     with its imaginary part dropped, and an int past the float range raises OverflowError."""
+    if isinstance(values, np.ma.MaskedArray) and np.ma.is_masked(values):
+        # np.asarray passes what lies under the mask, as if it had been measured
+        raise InvalidSample("values hold masked (missing) entries; the model takes numbers")
     try:
         raw = np.asarray(values)
     except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidSample(f"values are not numeric: {exc}") from exc
     kind = raw.dtype.kind
+    if kind in "mM":  # a cast gives counts of the time unit since 1970: no sensor values
+        raise InvalidSample(f"values are times ({raw.dtype}), not numbers")
     if kind == "c" or (kind == "O" and any(isinstance(v, _COMPLEX) for v in raw.flat)):
         flat = raw.ravel()
         bad = next((v for v in flat if isinstance(v, _COMPLEX) and v.imag), flat[0])
@@ -302,6 +307,8 @@ class Engine:
             if last == NO_SEQ or (seq - last) % U32 != 1:
                 return None
         if boot is not None and (type(boot) is not int or boot != store.boots[row, 0]):
+            return None
+        if isinstance(x, np.ma.MaskedArray):  # np.asarray drops the mask: the general path
             return None
         try:
             arr = np.asarray(x)
@@ -587,6 +594,8 @@ class Engine:
             return None
         rows = store.rows_of(streams)
         if rows is None or (store.recalled and not store.recalled.isdisjoint(streams)):
+            return None
+        if isinstance(values, np.ma.MaskedArray):  # np.asarray drops the mask: general path
             return None
         try:
             x = np.asarray(values)

@@ -253,6 +253,10 @@ def test_idle_timeout_uses_the_injected_clock(load):
         ([1 + 2j, 0, 0, 0, 0, 0], r"value \(1\+2j\) is complex"),
         (np.array([0, 3j, 0, 0, 0, 0]), r"value 3j is complex"),
         ([np.complex128(2j), 0.0, 0, 0, 0, 0], r"value 2j is complex"),
+        # were taken as counts of seconds since 1970, and the data under the mask as measured
+        (np.arange(6).astype("datetime64[s]"), r"values are times \(datetime64\[s\]\)"),
+        (np.arange(6).astype("timedelta64[ms]"), r"values are times \(timedelta64\[ms\]\)"),
+        (np.ma.masked_array(np.ones(6), mask=[1, 0, 0, 0, 0, 0]), "masked \\(missing\\)"),
     ],
 )
 def test_invalid_samples_are_refused_and_change_nothing(load, values, message):
@@ -267,7 +271,14 @@ def test_invalid_samples_are_refused_and_change_nothing(load, values, message):
 
 
 @pytest.mark.parametrize(
-    "values", [np.array([0, 3j, 0, 0, 0, 0]), [10**400, 0, 0, 0, 0, 0]], ids=["complex", "huge"]
+    "values",
+    [
+        np.array([0, 3j, 0, 0, 0, 0]),
+        [10**400, 0, 0, 0, 0, 0],
+        np.ma.masked_array(np.ones(6), mask=[0, 0, 1, 0, 0, 0]),
+        np.zeros(6, "datetime64[s]"),
+    ],
+    ids=["complex", "huge", "masked", "times"],
 )
 def test_a_value_past_float_or_complex_continuing_a_stream_is_refused(load, values):
     """A known stream's next sample goes the quick way: it refuses the same values."""
@@ -276,7 +287,7 @@ def test_a_value_past_float_or_complex_continuing_a_stream_is_refused(load, valu
     before = engine.state_of("s")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not cast with a warning: refused
-        with pytest.raises(edge.InvalidSample, match="complex|float32 range"):
+        with pytest.raises(edge.InvalidSample, match="complex|float32 range|masked|times"):
             engine.step("s", values, seq=2)
     assert engine.last_seq("s") == 1
     assert all(np.array_equal(a, b) for a, b in zip(before, engine.state_of("s")))

@@ -267,9 +267,16 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
         if isinstance(inner, keras.layers.Normalization):
             # adapted (weights) or given to the constructor (no weights): both end up here
             m, v = (
-                np.asarray(keras.ops.convert_to_numpy(t), np.float64).reshape(-1)
+                np.asarray(keras.ops.convert_to_numpy(t), np.float64)
                 for t in (inner.mean, inner.variance)
             )
+            if any(n != 1 for n in m.shape[:-1]) or (m.ndim and m.shape[-1] not in (1, width)):
+                raise UnsupportedModel(
+                    f"{where}: axis={inner.axis} gives statistics of shape {list(m.shape)}, "
+                    "per time step of a fixed-length window; only per-feature (axis=-1) or "
+                    "one mean and variance for all (axis=None) apply to every step of a stream"
+                )
+            m, v = m.reshape(-1), v.reshape(-1)
             m = np.broadcast_to(m, (width,))
             s = np.maximum(np.sqrt(np.broadcast_to(v, (width,))), keras.config.epsilon())
             if not out and mean is None and not getattr(inner, "invert", False):

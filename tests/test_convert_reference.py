@@ -122,6 +122,26 @@ def test_a_model_of_several_inputs_or_outputs_is_refused_naming_them():
             intake.spec_from_model(model)
 
 
+@pytest.mark.parametrize("axis", [1, (1, 2)])
+def test_a_normalization_per_time_step_is_refused_naming_the_layer(axis):
+    """Statistics per step of a fixed-length window were read as per-feature ones (silently
+    wrong where the window had as many steps as features: Keras cannot run such a model on the
+    agreement check's first steps, so nothing caught it), or ended in a NumPy traceback."""
+    import keras
+
+    from convert import intake
+    from convert.errors import UnsupportedModel
+
+    L = keras.layers
+    norm = L.Normalization(axis=axis)
+    norm.adapt(np.random.default_rng(5).normal(0, 1, (8, 6, 6)).astype(np.float32))
+    inp = keras.Input((6, 6))
+    model = keras.Model(inp, L.LSTM(3, return_sequences=True)(norm(inp)))
+    with pytest.raises(UnsupportedModel, match=r"layer 'normalization\S*' \(Normalization\)") as e:
+        intake.spec_from_model(model)
+    assert "per time step" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
 def test_stateful_lstm_streams_like_keras():
     """stateful=True only fixes Keras' batch; the runtime keeps each stream's state itself."""
     import keras

@@ -202,6 +202,18 @@ def _conv(layer: Any, where: str) -> Conv1D:
     return Conv1D(kernel, bias, int(np.prod(layer.dilation_rate)), act)
 
 
+def _per_feature(a: np.ndarray, width: int, where: str, what: str) -> np.ndarray:
+    """``a`` as a [width] vector when it applies per feature (one value per feature, or one for
+    all); a shape with a time axis (one value per step of a fixed-length window) is refused."""
+    if any(n != 1 for n in a.shape[:-1]) or (a.ndim and a.shape[-1] not in (1, width)):
+        raise UnsupportedModel(
+            f"{where}: its {what} have shape {list(a.shape)}, not one value per feature (a "
+            f"value per time step of a fixed-length window?); only [{width}] or one value "
+            "for all applies to every step of a stream"
+        )
+    return np.broadcast_to(a.reshape(-1), (width,))
+
+
 def _batchnorm(layer: Any, where: str, width: int) -> Affine:
     axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
     if axis not in (-1, 2, [-1], (-1,), (2,)):
@@ -270,15 +282,9 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
                 np.asarray(keras.ops.convert_to_numpy(t), np.float64)
                 for t in (inner.mean, inner.variance)
             )
-            if any(n != 1 for n in m.shape[:-1]) or (m.ndim and m.shape[-1] not in (1, width)):
-                raise UnsupportedModel(
-                    f"{where}: axis={inner.axis} gives statistics of shape {list(m.shape)}, "
-                    "per time step of a fixed-length window; only per-feature (axis=-1) or "
-                    "one mean and variance for all (axis=None) apply to every step of a stream"
-                )
-            m, v = m.reshape(-1), v.reshape(-1)
-            m = np.broadcast_to(m, (width,))
-            s = np.maximum(np.sqrt(np.broadcast_to(v, (width,))), keras.config.epsilon())
+            what = f"statistics (axis={inner.axis})"
+            m, v = (_per_feature(a, width, where, what) for a in (m, v))
+            s = np.maximum(np.sqrt(v), keras.config.epsilon())
             if not out and mean is None and not getattr(inner, "invert", False):
                 mean, std = _f32(m), _f32(s)
             elif getattr(inner, "invert", False):
@@ -315,8 +321,10 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
         elif isinstance(inner, keras.layers.Softmax):
             new = [Activation("softmax")]
         elif isinstance(inner, keras.layers.Rescaling):
-            scale = np.broadcast_to(np.asarray(inner.scale, np.float64).reshape(-1), (width,))
-            offset = np.broadcast_to(np.asarray(inner.offset, np.float64).reshape(-1), (width,))
+            scale, offset = (
+                _per_feature(np.asarray(v, np.float64), width, where, what)
+                for v, what in ((inner.scale, "scale"), (inner.offset, "offset"))
+            )
             new = [Affine(_f32(scale), _f32(offset))]
         elif isinstance(inner, keras.layers.ELU):
             if float(inner.alpha) != 1.0:

@@ -122,22 +122,26 @@ def test_a_model_of_several_inputs_or_outputs_is_refused_naming_them():
             intake.spec_from_model(model)
 
 
-@pytest.mark.parametrize("axis", [1, (1, 2)])
-def test_a_normalization_per_time_step_is_refused_naming_the_layer(axis):
-    """Statistics per step of a fixed-length window were read as per-feature ones (silently
-    wrong where the window had as many steps as features: Keras cannot run such a model on the
-    agreement check's first steps, so nothing caught it), or ended in a NumPy traceback."""
+@pytest.mark.parametrize("case", ["axis=1", "axis=(1, 2)", "rescaling"])
+def test_statistics_per_time_step_are_refused_naming_the_layer(case):
+    """A Normalization's statistics or a Rescaling's scale per step of a fixed-length window
+    were read as per-feature ones (silently wrong where the window had as many steps as
+    features: Keras cannot run such a model on the agreement check's first steps, so nothing
+    caught it), or ended in a NumPy traceback."""
     import keras
 
     from convert import intake
     from convert.errors import UnsupportedModel
 
     L = keras.layers
-    norm = L.Normalization(axis=axis)
-    norm.adapt(np.random.default_rng(5).normal(0, 1, (8, 6, 6)).astype(np.float32))
+    if case == "rescaling":
+        first, kind = L.Rescaling(scale=np.arange(1, 7, dtype="float32").reshape(6, 1)), "Rescaling"
+    else:
+        first, kind = L.Normalization(axis=1 if case == "axis=1" else (1, 2)), "Normalization"
+        first.adapt(np.random.default_rng(5).normal(0, 1, (8, 6, 6)).astype(np.float32))
     inp = keras.Input((6, 6))
-    model = keras.Model(inp, L.LSTM(3, return_sequences=True)(norm(inp)))
-    with pytest.raises(UnsupportedModel, match=r"layer 'normalization\S*' \(Normalization\)") as e:
+    model = keras.Model(inp, L.LSTM(3, return_sequences=True)(first(inp)))
+    with pytest.raises(UnsupportedModel, match=rf"layer '{first.name}' \({kind}\)") as e:
         intake.spec_from_model(model)
     assert "per time step" in str(e.value) and len(str(e.value).splitlines()) == 1
 

@@ -87,13 +87,20 @@ def load_array(path: str | Path, key: str = "x") -> np.ndarray:
     """A float array from .npy, or .npz with ``key``; errors name the file."""
     p = Path(path)
     try:
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                files = z.files
-                if key in files:
-                    return np.asarray(z[key])
-        else:
-            return np.asarray(np.load(p, allow_pickle=False))
-    except (OSError, EOFError, ValueError) as exc:  # ValueError: object (pickled) arrays
+        # opened here, not by np.load: it leaves its own file open when the zip is unreadable
+        with p.open("rb") as f:
+            if p.suffix == ".npz":
+                z = np.load(f, allow_pickle=False)
+                if not isinstance(z, np.lib.npyio.NpzFile):
+                    raise ValueError("one array (.npy), not an .npz archive of named arrays")
+                with z:
+                    files = z.files
+                    if key in files:
+                        return np.asarray(z[key])
+            else:
+                return np.asarray(np.load(f, allow_pickle=False))
+    except Exception as exc:  # a damaged file raises what the part that trips on it raises:
+        # ValueError (object arrays), OSError, EOFError, zipfile.BadZipFile, zlib.error,
+        # tokenize.TokenError (a garbled header), ...
         raise ValueError(f"{p}: cannot read: {exc}") from exc
     raise ValueError(f"{p}: no array named {key!r} (has {sorted(files)})")

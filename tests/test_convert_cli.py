@@ -122,6 +122,24 @@ def test_calibration_file_that_holds_no_float_x(capsys, tmp_path, src, name, arr
     assert_refused(code, out, needle, tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbled member", "bad deflate stream"])
+def test_a_damaged_npz_calibration_file_is_refused_naming_it(capsys, tmp_path, src, damage):
+    """A truncated or damaged .npz (a zip archive) ended in a traceback of zipfile, zlib or
+    tokenize (a garbled array header)."""
+    good = tmp_path / "good.npz"
+    x = np.random.default_rng(0).normal(0, 1, (20, 30, 6)).astype(np.float32)
+    (np.savez if damage == "garbled member" else np.savez_compressed)(good, x=x)
+    raw = bytearray(good.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:  # inside the member's data, past its local header
+        raw[100:400] = bytes(b ^ 0x55 for b in raw[100:400])
+    calib = tmp_path / "calib.npz"
+    calib.write_bytes(bytes(raw))
+    code, out = convert(capsys, src / "model.keras", calib, str(tmp_path / "out"))
+    assert_refused(code, out, "calib.npz: cannot read: ", tmp_path)
+
+
 def test_unsupported_layer(capsys, tmp_path, src):
     import keras
 

@@ -86,7 +86,9 @@ class Backend:
             interp = self.make_interpreter(**kwargs)
             runner: SignatureRunner = interp.get_signature_runner(signature)
         except Exception as exc:  # the interpreters raise ValueError/RuntimeError freely
-            raise BackendError(f"{self.name} could not open the model: {exc}") from exc
+            # one line: TFLite ends with "Registration failed." after the line saying why
+            why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise BackendError(f"{self.name} could not open the model: {why}") from exc
         return interp, runner
 
     def runner(self, model_content: bytes, signature: str, num_threads: int = 1) -> SignatureRunner:

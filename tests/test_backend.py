@@ -28,6 +28,26 @@ def test_missing_backend_error_names_the_install_commands():
         backend.select(missing)
 
 
+def test_a_model_the_interpreter_cannot_open_is_one_line_naming_why():
+    """TFLite says why on one line and then "Registration failed." on the next: the last line,
+    all that one-line reports (``lstm-convert``'s device-like check) kept, named no op."""
+    why = (
+        "Didn't find op for builtin opcode 'LOG' version '2'. An older version of this builtin "
+        "might be supported. Are you using an old TFLite binary with a newer model?\n"
+        "Registration failed.\n"
+    )
+
+    def make_interpreter(**_kwargs):
+        raise ValueError(why)
+
+    b = backend.Backend("tflite", "2.14.0", make_interpreter)
+    with pytest.raises(BackendError) as err:
+        b.open(b"", "serving_default")
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    assert "opcode 'LOG' version '2'" in message and message.endswith("Registration failed.")
+
+
 def test_import_edge_never_imports_tensorflow(bundles):
     code = (
         "import sys, edge; e = edge.load(sys.argv[1]); e.step('s', [0.0] * 6); "

@@ -597,6 +597,7 @@ def _stack(chain: _Chain, node: Any, on_chain: list[str], current: str) -> None:
 
 def read(path: str | Path) -> OnnxSource:
     """Read ``path`` into a spec, checking every node on the way (see the module docstring)."""
+    import onnx
     from onnx import numpy_helper
 
     p = Path(path)
@@ -629,6 +630,16 @@ def read(path: str | Path) -> OnnxSource:
             "; expected one (return only the per-step prediction, not the states)"
         )
     inp = inputs[0]
+    elem = inp.type.tensor_type.elem_type
+    if elem and elem != onnx.TensorProto.FLOAT:
+        try:
+            kind = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name
+        except (KeyError, TypeError):  # a type NumPy has no name for (bfloat16, ...)
+            kind = onnx.TensorProto.DataType.Name(elem).lower()
+        raise UnsupportedModel(
+            f"model input {inp.name!r} is {kind}; the step model reads float32 samples: export "
+            "the model in float32 (in PyTorch, model.float() and a float32 example input)"
+        )
     dims = [_dim(d) for d in inp.type.tensor_type.shape.dim]
     if inp.type.tensor_type.HasField("shape") and len(dims) != 3:
         raise UnsupportedModel(

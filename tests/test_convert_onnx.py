@@ -354,6 +354,26 @@ def test_a_state_that_does_not_start_at_zero_is_refused(capsys, tmp_path, tiny):
     assert_refused(capsys, model, tiny / "calib.npy", tmp_path, "initial_h is not zero", "node '")
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_a_model_not_in_float32_is_refused_naming_its_input_type(capsys, tmp_path, tiny, dtype):
+    """A model exported in double (or half) precision was refused as if it fixed its batch or
+    time length: onnxruntime refused the float32 probe input, and the reason was lost."""
+    import onnx
+    from onnx import numpy_helper
+
+    def retype(m, _node):
+        want = {"float64": onnx.TensorProto.DOUBLE, "float16": onnx.TensorProto.FLOAT16}[dtype]
+        for t in m.graph.initializer:
+            if t.data_type == onnx.TensorProto.FLOAT:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(dtype), t.name))
+        for v in (*m.graph.input, *m.graph.output):
+            v.type.tensor_type.elem_type = want
+        del m.graph.value_info[:]
+
+    model = edited(tiny, tmp_path / "m.onnx", retype)
+    assert_refused(capsys, model, tiny / "calib.npy", tmp_path, f"model input 'x' is {dtype}")
+
+
 def test_a_graph_computing_other_than_what_was_read_is_refused(tiny):
     """The safety net behind the reader: the spec must reproduce onnxruntime's run of the graph
     (here a spec with one weight changed stands for anything the reader could misread)."""

@@ -153,10 +153,12 @@ def _ratio(a: float, b: float) -> float:
 
 def periodic_stream(x: np.ndarray, steps: int) -> np.ndarray:
     """>= ``steps`` samples made of one block of concatenated sequences repeated a multiple of
-    ten times, so the first and last 10% see the same inputs and differ only by drift."""
+    ten times, so the first and last 10% see the same inputs and differ only by drift. The
+    block is at most a tenth of ``steps`` long (a long recording is cut there: the stream is
+    one stream anyway), so long sequences do not make the stream ten of them."""
     per_tenth = max(1, steps // 10 // x.shape[1])
     pick = np.random.default_rng(0).permutation(len(x))[:per_tenth]  # mixed classes, fixed
-    block = x[np.sort(pick)].reshape(-1, x.shape[-1])
+    block = x[np.sort(pick)].reshape(-1, x.shape[-1])[: -(-steps // 10)]
     reps = 10 * -(-steps // (10 * len(block)))
     return np.tile(block, (reps, 1))
 

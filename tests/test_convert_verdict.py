@@ -251,3 +251,16 @@ def test_a_kernel_set_is_judged_by_the_verdicts_gates():
     off[:, :5] = off[:, :5, ::-1]  # 10% of the per-step outputs disagree
     worse = judge(off, "sequences")
     assert not worse["passed"] and worse["checks"]["top1_agreement"] is False
+
+
+@pytest.mark.parametrize("length", [40, 900, 20_000])
+def test_the_long_stream_is_as_long_as_asked_whatever_the_sequences_length(length):
+    """Sequences longer than a tenth of the stream made it ten sequences long: 200,000 steps
+    for --long-steps 10000 with recordings of 20,000 samples, run again in every kernel set."""
+    from convert.verify import periodic_stream
+
+    x = np.random.default_rng(0).normal(0, 1, (10, length, 2)).astype(np.float32)
+    long = periodic_stream(x, 10_000)
+    tenth = len(long) // 10
+    assert 10_000 <= len(long) < 20_000 and len(long) % 10 == 0
+    np.testing.assert_array_equal(long[:tenth], long[-tenth:])  # the same inputs: only drift

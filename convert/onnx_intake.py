@@ -692,6 +692,12 @@ def read(path: str | Path) -> OnnxSource:
                 "top layer's (h_n[-1]) is the output of the last step"
             )
         if on_chain != [current] or len(g.consumers.get(current, [])) != 1:
+            if {"ReduceMean", "Sub"} <= {c.op_type for c in g.consumers.get(current, [])}:
+                raise UnsupportedModel(
+                    f"{where}: a LayerNorm written out in elementwise ops (ReduceMean, Sub, "
+                    "Pow, Sqrt, Div), as exporters write it before opset 17, is not read; "
+                    "export with opset_version=17 or later (one LayerNormalization node)"
+                )
             raise UnsupportedModel(
                 f"{where}: the model branches or joins here (e.g. a residual connection); only "
                 "one chain of per-step layers can be streamed"

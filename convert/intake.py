@@ -98,6 +98,14 @@ def _f32(a: Any) -> np.ndarray:
     return np.asarray(a, np.float32)
 
 
+def _weight(v: Any) -> np.ndarray:
+    """A layer's weight as Keras computes it (``Dense.kernel`` adds a LoRA adapter's update to
+    the stored kernel, which ``get_weights()`` lists apart)."""
+    import keras
+
+    return _f32(keras.ops.convert_to_numpy(v))
+
+
 def _cell(cell: Any, where: str) -> Layer:
     """One recurrent cell's weights and activations."""
     import keras
@@ -185,8 +193,7 @@ def _conv(layer: Any, where: str) -> Conv1D:
         problems.append("data_format must be 'channels_last' ([batch, time, features])")
     if problems:
         raise UnsupportedModel(f"{where} cannot be streamed: {'; '.join(problems)}")
-    w = layer.get_weights()
-    kernel = _f32(w[0])  # [K, D_in / groups, D_out]
+    kernel = _weight(layer.kernel)  # [K, D_in / groups, D_out], with a LoRA adapter's update
     groups = int(getattr(layer, "groups", 1))
     if groups > 1:  # a block-diagonal full kernel
         k, d_g, d_out = kernel.shape
@@ -197,7 +204,7 @@ def _conv(layer: Any, where: str) -> Conv1D:
                 ..., g * per : (g + 1) * per
             ]
         kernel = full
-    bias = _f32(w[1]) if layer.use_bias else np.zeros(kernel.shape[2], np.float32)
+    bias = _weight(layer.bias) if layer.use_bias else np.zeros(kernel.shape[2], np.float32)
     act = _act(layer.activation, where)
     return Conv1D(kernel, bias, int(np.prod(layer.dilation_rate)), act)
 
@@ -272,6 +279,11 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
             raise UnsupportedModel(f"{where} cannot be streamed: {reason}")
         if ikind in IDENTITY:
             continue
+        if mode := getattr(inner, "quantization_mode", None):
+            raise UnsupportedModel(
+                f"{where} is quantised by Keras ({mode}): convert the float model (before "
+                "model.quantize()); the converter quantises the step itself (--quant)"
+            )
         if isinstance(layer, keras.layers.ZeroPadding1D):
             _causal_padding(layer, where, layers[i + 1] if i + 1 < len(layers) else None)
             continue  # the convolution's zero buffer at the start of a stream is that padding
@@ -309,9 +321,9 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
             rms = bool(getattr(inner, "rms_scaling", False))
             new = [LayerNorm(gamma, beta, float(inner.epsilon), rms)]
         elif isinstance(inner, keras.layers.Dense):
-            w = inner.get_weights()
-            bias = _f32(w[1]) if len(w) > 1 else np.zeros(w[0].shape[1], np.float32)
-            new = [Dense(_f32(w[0]), bias, _act(inner.activation, where, allow_softmax=True))]
+            kernel = _weight(inner.kernel)  # with a LoRA adapter's update, as Keras applies it
+            bias = _weight(inner.bias) if inner.use_bias else np.zeros(kernel.shape[1], np.float32)
+            new = [Dense(kernel, bias, _act(inner.activation, where, allow_softmax=True))]
         elif isinstance(inner, keras.layers.Activation):
             new = [Activation(_act(inner.activation, where, allow_softmax=True))]
         elif isinstance(inner, keras.layers.ReLU):

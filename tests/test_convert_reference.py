@@ -1,6 +1,7 @@
 """The NumPy reference LSTM against Keras itself, and the refusals of model intake."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -144,6 +145,45 @@ def test_statistics_per_time_step_are_refused_naming_the_layer(case):
     with pytest.raises(UnsupportedModel, match=rf"layer '{first.name}' \({kind}\)") as e:
         intake.spec_from_model(model)
     assert "per time step" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_dense_and_conv1d_with_a_lora_adapter_are_read_as_keras_computes_them():
+    """get_weights() lists a LoRA adapter apart from the kernel it updates: the kernel alone
+    was read, and the model refused as 'not read as Keras computes it' (silently different
+    where Keras could not run it for the check)."""
+    import keras
+
+    from convert import intake, reference
+
+    L = keras.layers
+    model = keras_model(
+        [L.Conv1D(4, 2, padding="causal"), L.LSTM(5, return_sequences=True), L.Dense(3)]
+    )
+    for layer in (model.layers[1], model.layers[-1]):
+        layer.enable_lora(2)
+        a, b = layer.lora_kernel_a, layer.lora_kernel_b
+        a.assign(np.full(a.shape, 0.3, np.float32))
+        b.assign(np.full(b.shape, 0.2, np.float32))
+    x = np.random.default_rng(8).normal(0, 1, (3, 12, 5)).astype(np.float32)
+    spec = intake.spec_from_model(model)
+    np.testing.assert_allclose(reference.run(spec, x)[0], model.predict(x, verbose=0), atol=2e-5)
+
+
+def test_a_model_quantised_by_keras_is_refused_naming_the_layer():
+    """A Dense after model.quantize('int8') lists its weights in another order (bias, int8
+    kernel, scale): an IndexError traceback."""
+    import keras
+
+    from convert import intake
+    from convert.errors import UnsupportedModel
+
+    L = keras.layers
+    model = keras_model([L.LSTM(5, return_sequences=True), L.Dense(3, name="head")])
+    with warnings.catch_warnings():  # Keras' note on the layers it leaves in float
+        warnings.simplefilter("ignore")
+        model.quantize("int8")
+    with pytest.raises(UnsupportedModel, match=r"layer 'head' \(Dense\) is quantised by Keras"):
+        intake.spec_from_model(model)
 
 
 def test_stateful_lstm_streams_like_keras():

@@ -403,6 +403,8 @@ def read_spec(path: str | Path) -> ModelSpec:
 AGREEMENT_TOL = 1e-4  # Keras vs the step read from the model, relative to the output scale
 AGREEMENT_SEQUENCES = 16
 AGREEMENT_STEPS = 4  # compared strictly: later, float32 rounding may grow in an unstable model
+HALF_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}  # machine epsilon of a half precision
+HALF_STEPS_EPS = 8  # Keras in half precision vs the float32 step: up to this many epsilons
 
 
 def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
@@ -428,6 +430,10 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
         and not isinstance(prev, keras.layers.ZeroPadding1D)  # padded: causal, no shift
     )
     xs = xs[:AGREEMENT_SEQUENCES]
+    # A mixed-precision policy (mixed_float16 / mixed_bfloat16): Keras computes in half
+    # precision, the step in float32; they differ by that rounding, not by a misread layer.
+    half = sorted({str(getattr(la, "compute_dtype", "")) for la in layers} & set(HALF_EPS))
+    tol = max([AGREEMENT_TOL, *(HALF_STEPS_EPS * HALF_EPS[h] for h in half)])
 
     def differ(x: np.ndarray, pad: np.ndarray | None = None) -> float | None:
         """Relative max difference; ``pad``: Keras gets it before ``x`` (the twin's padding)."""
@@ -451,13 +457,20 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
         mean = spec.norm_mean
         pad = np.zeros(spec.features) if mean is None else mean.astype(np.float64)
         early = differ(xs[:, :AGREEMENT_STEPS], pad.astype(np.float32))
-    if early is not None and not early <= AGREEMENT_TOL:
+    if early is not None and not early <= tol:
         raise UnsupportedModel(
             f"the step read from the model differs from Keras' own run of it by {early:.3g} "
             f"(relative) in the first {AGREEMENT_STEPS} steps of --calib: a layer is not read "
             "as Keras computes it (please report the model)"
         )
-    if shift and (whole := differ(xs)) is not None and whole > AGREEMENT_TOL:
+    if half and early is not None and early > AGREEMENT_TOL:
+        return (
+            f"Keras computes this model in {half[0]} (a mixed-precision dtype policy), the "
+            f"step in float32: they differ by {early:.3g} (relative) in the first "
+            f"{AGREEMENT_STEPS} steps of --calib, and the bundle is verified against the "
+            "float32 step"
+        )
+    if shift and (whole := differ(xs)) is not None and whole > tol:
         return (
             f"a Conv1D with padding='valid' streams as its causal twin: on --calib its outputs "
             f"differ from Keras' by {whole:.3g} (relative to the output's scale; the stream "

@@ -8,7 +8,10 @@ layout ops exporters put between them (``Transpose``, ``Squeeze``, ``Unsqueeze``
 ``Identity``, ``Dropout``), per-feature ``Sub`` / ``Add`` / ``Mul`` / ``Div`` by constants
 (a leading one becomes the runtime's input normalisation), ``LayerNormalization`` over the
 features, and a per-step head of ``MatMul`` / ``Gemm`` + ``Add`` and ``Relu``, ``Sigmoid``,
-``Tanh``, ``Softmax``. Everything else is refused with one line naming the node and why.
+``Tanh``, ``Softmax`` or the activation ops with the parameters the step computes (``Elu``,
+``Selu``, ``LeakyRelu`` of slope 0.2, ``HardSigmoid`` and ``HardSwish`` as PyTorch writes them,
+exact ``Gelu``, ``Softplus``, ``Softsign``, ``Clip`` to [0, 6]). Everything else is refused with
+one line naming the node and why.
 
 Many-to-one models (the last step of the top layer, ``out[:, -1]`` or ``h_n[-1]``, then the
 head) are read as the same step with ``sequence_output=False``: the step applies the head after
@@ -322,6 +325,60 @@ def _cell_activations(node: Any, attrs: dict[str, Any], count: int) -> list[str]
             )
         out.append(CELL_ACTIVATIONS[n])
     return out
+
+
+def _activation_op(g: _Graph, node: Any) -> str | None:
+    """The spec activation an ONNX activation op with parameters computes, when it is one the
+    step computes (else one line why not); None for an op that is not such an activation."""
+    op, where, a = node.op_type, _where(node), _attrs(node)
+
+    def near(value: float, want: float) -> bool:
+        return abs(float(value) - want) <= 1e-6 * max(1.0, abs(want))
+
+    if op in ("Softplus", "Softsign"):
+        return op.lower()
+    if op == "HardSwish":
+        return "hard_silu"
+    if op == "Elu":
+        if not near(a.get("alpha", 1.0), 1.0):
+            raise UnsupportedModel(f"{where}: alpha={a['alpha']:g}; only 1 (the step's 'elu')")
+        return "elu"
+    if op == "Selu":
+        alpha, gamma = a.get("alpha", 1.6732632), a.get("gamma", 1.0507010)
+        if not (near(alpha, 1.6732632) and near(gamma, 1.0507010)):
+            raise UnsupportedModel(f"{where}: alpha / gamma differ from SELU's own; not read")
+        return "selu"
+    if op == "LeakyRelu":
+        if not near(a.get("alpha", 0.01), 0.2):
+            raise UnsupportedModel(
+                f"{where}: negative slope {a.get('alpha', 0.01):g}; the step's 'leaky_relu' has "
+                "0.2 (nn.LeakyReLU(0.2))"
+            )
+        return "leaky_relu"
+    if op == "HardSigmoid":
+        if not (near(a.get("alpha", 0.2), 1 / 6) and near(a.get("beta", 0.5), 0.5)):
+            raise UnsupportedModel(
+                f"{where}: alpha={a.get('alpha', 0.2):g}, beta={a.get('beta', 0.5):g}; the step's "
+                "'hard_sigmoid' is relu6(x + 3) / 6 (alpha=1/6, beta=0.5: nn.Hardsigmoid)"
+            )
+        return "hard_sigmoid"
+    if op == "Gelu":
+        if a.get("approximate", "none") != "none":
+            raise UnsupportedModel(
+                f"{where}: approximate={a['approximate']!r}; only the exact GELU"
+            )
+        return "gelu"
+    if op == "Clip":
+        ins = [*node.input, "", ""]
+        lo = _const(g, ins[1], node, "min") if ins[1] else a.get("min")
+        hi = _const(g, ins[2], node, "max") if ins[2] else a.get("max")
+        if lo is None or hi is None or not (near(lo, 0.0) and near(hi, 6.0)):
+            raise UnsupportedModel(
+                f"{where}: clips to [{'-inf' if lo is None else f'{float(lo):g}'}, "
+                f"{'inf' if hi is None else f'{float(hi):g}'}]; only [0, 6] (ReLU6) is read"
+            )
+        return "relu6"
+    return None
 
 
 def _attrs(node: Any) -> dict[str, Any]:
@@ -765,6 +822,9 @@ def read(path: str | Path) -> OnnxSource:
                     raise UnsupportedModel(f"{where}: softmax over an axis other than features")
             chain.add(Activation(HEAD_ACTIVATIONS[op]))
             chain.feature_axis(n, nxt)
+        elif (act := _activation_op(g, n)) is not None:
+            chain.add(Activation(act))
+            chain.feature_axis(n, nxt)
         elif op == "LayerNormalization":
             attrs = {a.name: a for a in n.attribute}
             rank = len(g.probes[0][current].shape)
@@ -784,7 +844,7 @@ def read(path: str | Path) -> OnnxSource:
             raise UnsupportedModel(
                 f"{where} is not supported in a streaming step model (LSTM / GRU, layout ops, "
                 "per-feature Sub/Add/Mul/Div, LayerNormalization, MatMul/Gemm + Add, Relu, "
-                "Sigmoid, Tanh, Softmax)"
+                "Sigmoid, Tanh, Softmax and the activations of the README's list)"
             )
         current = nxt
     if current != g.output_name:

@@ -308,6 +308,82 @@ def test_heads_and_layers_the_step_cannot_stream_are_refused(capsys, tmp_path, t
     assert_refused(capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path, *HEADS[kind])
 
 
+def _export_with(act, path: Path) -> None:
+    """An nn.LSTM, then ``act`` (an activation module) and a Linear, exported (legacy: fast)."""
+    import torch
+    from torch import nn
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc, self.act = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 5), act
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.act(self.fc(self.rnn(x)[0])))
+
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            M().eval(),
+            (torch.zeros(2, 5, 3),),
+            str(path),
+            input_names=["x"],
+            dynamic_axes={"x": {0: "batch", 1: "time"}},
+            dynamo=False,
+        )
+
+
+ACTIVATION_OPS = {  # torch.nn module: the step's activation
+    "ELU": "elu",
+    "LeakyReLU(0.2)": "leaky_relu",
+    "Hardsigmoid": "hard_sigmoid",
+    "Hardswish": "hard_silu",
+    "GELU": "gelu",
+    "ReLU6": "relu6",
+    "SELU": "selu",
+    "Softplus": "softplus",
+}
+
+
+def _module(name: str):
+    from torch import nn
+
+    cls, _, arg = name.partition("(")
+    args = [float(arg.rstrip(")"))] if arg.rstrip(")") else []
+    return getattr(nn, cls)(*args)
+
+
+@pytest.mark.parametrize("act", list(ACTIVATION_OPS))
+def test_activation_ops_the_step_computes_are_read(tmp_path, act):
+    """ONNX ops for activations the step computes (as it does for Keras models) were refused
+    as 'not supported in a streaming step model'."""
+    from convert import onnx_intake
+    from convert.spec import Dense
+
+    _export_with(_module(act), tmp_path / "m.onnx")
+    source = onnx_intake.read(tmp_path / "m.onnx")
+    dense = [la for la in source.spec.layers if isinstance(la, Dense)]
+    assert [d.activation for d in dense] == [ACTIVATION_OPS[act], "linear"]
+    x = np.random.default_rng(0).normal(0, 3, (8, 12, 3)).astype(np.float32)
+    assert source.check_agreement(x) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "act, needle",
+    [
+        ("LeakyReLU", "negative slope 0.01; the step's 'leaky_relu' has 0.2"),
+        ("ELU(0.5)", "alpha=0.5; only 1"),
+        ("Hardtanh", "clips to [-1, 1]; only [0, 6]"),
+    ],
+)
+def test_activation_ops_with_other_parameters_are_refused_naming_them(
+    capsys, tmp_path, tiny, act, needle
+):
+    _export_with(_module(act), tmp_path / "m.onnx")
+    assert_refused(capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path, needle, "node '")
+
+
 def test_bad_files_are_one_line(capsys, tmp_path, tiny):
     import onnx
     import torch

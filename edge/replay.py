@@ -74,12 +74,15 @@ def replay_command(
     if not target.parent.is_dir():
         raise BundleError(f"--out {out}: expected a file in an existing directory")
     try:
-        z = np.load(inputs, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise ValueError("one array (.npy), not an .npz archive of named arrays")
-        with z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as exc:
+        # opened here, not by np.load: it leaves its own file open when the zip is unreadable
+        with open(inputs, "rb") as f:
+            z = np.load(f, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("one array (.npy), not an .npz archive of named arrays")
+            with z:
+                arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # a damaged file raises what the part that trips on it raises:
+        # OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError
         raise BundleError(f"{inputs}: not a readable .npz of [N, T, F] arrays: {exc}") from exc
     if not arrays:
         raise BundleError(f"{inputs}: holds no arrays to replay")

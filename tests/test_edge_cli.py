@@ -93,6 +93,17 @@ def test_help_explains_every_command():
         assert key in out.stdout
 
 
+def _damaged(path, how):
+    """An .npz cut in half, or with its array's header garbled."""
+    np.savez(path, a=np.zeros((20, 30, 6), np.float32))
+    raw = bytearray(path.read_bytes())
+    if how == "cut":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[100:400] = bytes(b ^ 0x55 for b in raw[100:400])
+    path.write_bytes(bytes(raw))
+
+
 @pytest.mark.parametrize(
     "name, make, out, needle",
     [
@@ -108,6 +119,9 @@ def test_help_explains_every_command():
             "array 'bad': replay input has shape [2, 5, 4]",
         ),
         ("none.npz", lambda p: np.savez(p), "o.npz", "holds no arrays to replay"),
+        # damaged archives: they ended in zipfile's and tokenize's tracebacks
+        ("cut.npz", lambda p: _damaged(p, "cut"), "o.npz", "not a readable .npz"),
+        ("garbled.npz", lambda p: _damaged(p, "garbled"), "o.npz", "not a readable .npz"),
         ("ok.npz", lambda p: np.savez(p, a=np.zeros((2, 5, 6))), "missing/o.npz", "--out"),
         ("ok.npz", lambda p: np.savez(p, a=np.zeros((2, 5, 6))), ".", "--out"),
     ],

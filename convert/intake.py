@@ -414,14 +414,32 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
     A ``valid`` convolution streams as its causal twin (Keras drops its first outputs, the
     stream emits them and the layers after it see them): that difference, over all of ``xs``,
     is returned as a warning. None when there is nothing to say, or when Keras cannot run the
-    model alone (a ``stateful`` one, a fixed batch or length)."""
+    model alone (a fixed batch or length; a ``stateful`` one runs batch by batch from a reset
+    state, if ``xs`` holds a whole batch of its size)."""
     import keras
 
     from . import reference
 
     layers = [getattr(la, "layer", la) for la in model.layers]
-    if any(getattr(la, "stateful", False) for la in layers):
-        return None
+    stateful = [la for la in layers if getattr(la, "stateful", False)]
+    batch = model.inputs[0].shape[0] if stateful else None
+
+    def keras_run(fed: np.ndarray) -> np.ndarray:
+        """Keras' own outputs from the zero state: a stateful model (a fixed batch, its state
+        carried from one call to the next) runs one batch at a time, reset before each."""
+        if not stateful:
+            return np.asarray(model.predict(fed, verbose=0, batch_size=len(fed)), np.float64)
+        outs = []
+        try:
+            for i in range(0, len(fed), batch):
+                for la in stateful:
+                    la.reset_state()
+                outs.append(model.predict(fed[i : i + batch], verbose=0, batch_size=batch))
+        finally:
+            for la in stateful:
+                la.reset_state()
+        return np.asarray(np.concatenate(outs), np.float64)
+
     shift = sum(
         _span(la)
         for prev, la in zip([None, *layers], layers)
@@ -430,6 +448,10 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
         and not isinstance(prev, keras.layers.ZeroPadding1D)  # padded: causal, no shift
     )
     xs = xs[:AGREEMENT_SEQUENCES]
+    if stateful:  # whole batches of the model's fixed size
+        if not isinstance(batch, int) or len(xs) < batch:
+            return None
+        xs = xs[: len(xs) // batch * batch]
     # A mixed-precision policy (mixed_float16 / mixed_bfloat16): Keras computes in half
     # precision, the step in float32; they differ by that rounding, not by a misread layer.
     half = sorted({str(getattr(la, "compute_dtype", "")) for la in layers} & set(HALF_EPS))
@@ -439,7 +461,7 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
         """Relative max difference; ``pad``: Keras gets it before ``x`` (the twin's padding)."""
         fed = x if pad is None else np.concatenate([np.broadcast_to(pad, x[:, :shift].shape), x], 1)
         try:
-            want = np.asarray(model.predict(fed, verbose=0, batch_size=len(x)), np.float64)
+            want = keras_run(fed)
         except Exception:  # e.g. a fixed batch size or length: the reference is all there is
             return None
         got = np.asarray(reference.run(spec, x)[0], np.float64)

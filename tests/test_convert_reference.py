@@ -221,6 +221,35 @@ def test_stateful_lstm_streams_like_keras():
     np.testing.assert_allclose(reference.run(spec, x)[0], model.predict(x, verbose=0), atol=2e-5)
 
 
+def test_keras_itself_checks_what_was_read_of_a_stateful_model():
+    """A stateful model (fixed batch, state carried from call to call) was never checked
+    against Keras: a layer read wrongly would have been verified against itself."""
+    import dataclasses
+
+    import keras
+
+    from convert import intake, reference
+    from convert.errors import UnsupportedModel
+
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, 3), batch_size=2)
+    z = L.LSTM(4, stateful=True, return_sequences=True)(inp)
+    model = keras.Model(inp, L.Dense(2)(z))
+    x = np.random.default_rng(10).normal(0, 1, (5, 12, 3)).astype(np.float32)
+    spec = intake.spec_from_model(model)
+    assert intake.check_agreement(model, spec, x) is None
+    dense = spec.layers[-1]
+    misread = dataclasses.replace(
+        spec, layers=(*spec.layers[:-1], dataclasses.replace(dense, bias=dense.bias + 0.01))
+    )
+    with pytest.raises(UnsupportedModel, match="differs from Keras' own run of it by 0.01"):
+        intake.check_agreement(model, misread, x)
+    # the model is left at its zero state: Keras' next run is from the start too
+    y = model.predict(x[:2], batch_size=2, verbose=0)
+    np.testing.assert_allclose(y, reference.run(spec, x[:2])[0], atol=2e-5)
+
+
 def test_legacy_h5_models_are_read(tmp_path):
     import keras
 

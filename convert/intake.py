@@ -82,6 +82,13 @@ def _act(fn: object, where: str, allow_softmax: bool = False) -> str:
 
 
 def load_model(path: str | Path) -> object:
+    saved = Path(path) / "saved_model.pb" if Path(path).is_dir() else Path(path)
+    if saved.name == "saved_model.pb" and saved.is_file():
+        raise ConvertError(
+            f"{path}: a TensorFlow SavedModel (model.export(), tf.saved_model.save()), whose "
+            "layers Keras cannot read back; convert the model saved with "
+            "model.save('model.keras') (or exported to ONNX)"
+        )
     p = input_file(path, missing="model file not found")
     if p.suffix not in (".keras", ".h5", ".hdf5"):
         raise ConvertError(f"{p}: expected a .keras (or legacy .h5) or an .onnx model file")

@@ -140,6 +140,17 @@ def test_a_damaged_npz_calibration_file_is_refused_naming_it(capsys, tmp_path, s
     assert_refused(code, out, "calib.npz: cannot read: ", tmp_path)
 
 
+@pytest.mark.parametrize("given", ["directory", "saved_model.pb"])
+def test_a_savedmodel_is_refused_saying_what_to_convert(capsys, tmp_path, src, given):
+    """It was refused as 'a directory, not a file to read', or as not a .keras file."""
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "saved_model.pb").write_bytes(b"")
+    model = tmp_path / "exported" / ("" if given == "directory" else "saved_model.pb")
+    code, out = convert(capsys, model, src / "model.calib.npy", str(tmp_path / "out"))
+    assert_refused(code, out, "a TensorFlow SavedModel", tmp_path)
+    assert "model.save('model.keras')" in out.err
+
+
 def test_unsupported_layer(capsys, tmp_path, src):
     import keras
 

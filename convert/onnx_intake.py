@@ -565,9 +565,17 @@ def _picked(g: _Graph, node: Any, data: str) -> tuple[int, list[list[int]]] | No
     where = _where(node)
     if node.input[0] != data:
         raise UnsupportedModel(f"{where}: uses the model's values as indices")
-    if node.op_type == "Slice" and len(node.input) < 3:
-        raise UnsupportedModel(f"{where}: a Slice without starts / ends inputs is not read")
-    given = [_values(g, node, i, "indices") if i else None for i in node.input[1:]]
+    given: list[list[np.ndarray] | None]
+    if node.op_type == "Slice" and len(node.input) < 3:  # Slice-1 (opset < 10): attributes
+        a = _attrs(node)
+        if "starts" not in a or "ends" not in a:
+            raise UnsupportedModel(f"{where}: a Slice without starts / ends is not read")
+        given = [
+            [np.asarray(a[k], np.int64)] * len(g.probes) if k in a else None
+            for k in ("starts", "ends", "axes")
+        ]
+    else:
+        given = [_values(g, node, i, "indices") if i else None for i in node.input[1:]]
     cuts = [
         _kept(node, p[data].shape, [v[k] if v is not None else None for v in given])
         for k, p in enumerate(g.probes)

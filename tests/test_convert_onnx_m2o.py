@@ -85,11 +85,16 @@ def export(net, path: Path, batch_first: bool, exporter: str) -> Path:
                 input_names=["x"],
                 dynamic_axes={"x": {b: "batch", t: "time"}},
                 dynamo=False,
+                opset_version=9 if exporter == "legacy opset 9" else None,
             )
     return path
 
 
 ACCEPTED = [
+    # opset 9's Slice holds starts / ends as attributes: it was refused ('a Slice without
+    # starts / ends inputs is not read')
+    ("GRU", 1, True, "out[:, -1]", "legacy opset 9"),
+    ("LSTM", 2, True, "h_n[-1]", "legacy opset 9"),
     ("LSTM", 1, True, "out[:, -1]", "dynamo"),
     ("LSTM", 1, True, "out[:, -1]", "legacy"),
     ("GRU", 1, True, "h_n[-1]", "dynamo"),

@@ -10,8 +10,8 @@ layout ops exporters put between them (``Transpose``, ``Squeeze``, ``Unsqueeze``
 features, and a per-step head of ``MatMul`` / ``Gemm`` + ``Add`` and ``Relu``, ``Sigmoid``,
 ``Tanh``, ``Softmax`` or the activation ops with the parameters the step computes (``Elu``,
 ``Selu``, ``LeakyRelu`` of slope 0.2, ``HardSigmoid`` and ``HardSwish`` as PyTorch writes them,
-exact ``Gelu``, ``Softplus``, ``Softsign``, ``Clip`` to [0, 6]). Everything else is refused with
-one line naming the node and why.
+exact ``Gelu``, ``Softplus``, ``Softsign``, ``Clip`` to [0, 6]; SiLU written out as
+``x * Sigmoid(x)``). Everything else is refused with one line naming the node and why.
 
 Many-to-one models (the last step of the top layer, ``out[:, -1]`` or ``h_n[-1]``, then the
 head) are read as the same step with ``sequence_output=False``: the step applies the head after
@@ -381,6 +381,19 @@ def _activation_op(g: _Graph, node: Any) -> str | None:
     return None
 
 
+def _silu(g: _Graph, x: str) -> tuple[Any, Any] | None:
+    """(Sigmoid, Mul) when ``x``'s only consumers compute x * sigmoid(x), as exporters write
+    SiLU; else None."""
+    uses = g.consumers.get(x, [])
+    sig = next((c for c in uses if c.op_type == "Sigmoid"), None)
+    mul = next((c for c in uses if c.op_type == "Mul"), None)
+    if len(uses) != 2 or sig is None or mul is None:
+        return None
+    if sorted(mul.input) != sorted([x, sig.output[0]]) or g.consumers.get(sig.output[0]) != [mul]:
+        return None
+    return sig, mul
+
+
 def _attrs(node: Any) -> dict[str, Any]:
     import onnx
 
@@ -747,6 +760,12 @@ def read(path: str | Path) -> OnnxSource:
             continue  # its values go nowhere
         where = _where(n)
         on_chain = [i for i in n.input if i in value]
+        if (silu := _silu(g, current)) is not None and any(n is s for s in silu):
+            if n is silu[1]:  # x * sigmoid(x): PyTorch's SiLU, written out
+                chain.add(Activation("silu"))
+                chain.feature_axis(n, n.output[0])
+                current = n.output[0]
+            continue
         if n.op_type == "Concat" and len(on_chain) > 1:
             _stack(chain, n, on_chain, current)
             current = n.output[0]

@@ -343,6 +343,7 @@ ACTIVATION_OPS = {  # torch.nn module: the step's activation
     "ReLU6": "relu6",
     "SELU": "selu",
     "Softplus": "softplus",
+    "SiLU": "silu",  # written out as x * sigmoid(x): it was refused as a residual connection
 }
 
 

@@ -26,6 +26,7 @@ OPTIONAL_MODULES = {
     "prometheus_client": "service",
     "ai_edge_litert": "litert",
     "tflite_runtime": "tflite",
+    "nats": "cluster",
 }
 
 

@@ -104,6 +104,20 @@ def test_converter_without_tensorflow_says_what_to_install(tmp_path, argv):
     assert not (tmp_path / "out").exists()
 
 
+def test_worker_without_nats_py_says_to_install_the_cluster_extra(bundles, tmp_path):
+    """As on a device install with [tflite,service] only: one line, exit 2, no traceback."""
+    argv = ["worker", "--model", str(bundles / "clf-int8"), "--nats", "nats://127.0.0.1:1"]
+    argv += ["--state-dir", str(tmp_path / "state")]
+    out = run_cli("edge.cli", argv, block=("nats",))
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    err = out.stderr.strip().splitlines()
+    assert err[-1] == (
+        "edge-lstm: error: this needs nats, which is not installed here: "
+        "pip install 'edge-lstm[cluster]'"
+    ), out.stderr
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

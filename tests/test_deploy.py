@@ -17,6 +17,14 @@ from tests.mqtt_helpers import ROOT, Collector, Publisher, wait_until
 
 pytestmark = pytest.mark.broker
 DEPLOY = ROOT / "edge" / "deploy"
+# /etc/mosquitto/mosquitto.conf of Debian 12's (and Raspberry Pi OS's) mosquitto package, but
+# for its pid file and log file
+DEBIAN_MOSQUITTO_CONF = """\
+persistence true
+persistence_location /var/lib/mosquitto/
+
+include_dir /etc/mosquitto/conf.d
+"""
 
 
 def make_certs(d: Path) -> None:
@@ -87,7 +95,12 @@ def secure_broker(tmp_path):
     broker = Mosquitto(tmp_path / "broker", embedded=False)
     port = broker.port
     conf = conf.replace("listener 8883", f"listener {port} 127.0.0.1")
-    broker.config = lambda: f"user root\nlog_dest stderr\n{conf}"  # type: ignore[method-assign]
+    # installed as the kit says, in conf.d beside the main file Debian's mosquitto package ships
+    (etc / "conf.d").mkdir()
+    (etc / "conf.d" / "edge-lstm.conf").write_text(conf)
+    debian = DEBIAN_MOSQUITTO_CONF.replace("/var/lib/mosquitto/", f"{tmp_path}/")
+    debian = debian.replace("/etc/mosquitto/", f"{etc}/")
+    broker.config = lambda: f"user root\nlog_dest stderr\n{debian}"  # type: ignore[method-assign]
     broker.start()
     yield broker, etc
     broker.stop()
@@ -115,6 +128,17 @@ def refused(client: mqtt.Client, port: int) -> bool:
         return True
     finally:
         client.loop_stop()
+
+
+def test_the_kits_mosquitto_conf_starts_in_conf_d_of_debians_mosquitto(secure_broker):
+    """Installed as the kit says (/etc/mosquitto/conf.d/edge-lstm.conf), it must not repeat a
+    setting Debian's own mosquitto.conf makes: mosquitto refuses a duplicate
+    persistence_location and would not start."""
+    broker, etc = secure_broker
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="kit-check")
+    tls_as(etc, "edge-runtime", "r-secret")(client)
+    assert not refused(client, broker.port)
+    client.disconnect()
 
 
 def test_tls_password_and_acl(bundles, secure_broker, tmp_path):

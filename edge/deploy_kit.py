@@ -19,9 +19,17 @@ from .outfile import regular_target
 
 NEXT_STEPS = """\
 next steps (as root), see README "Installing on a device":
+  useradd --system --no-create-home --shell /usr/sbin/nologin edge-lstm   # the unit's User=
+  cp -r BUNDLE /opt/edge-lstm/bundle                  # the bundle made by lstm-convert
+  # the broker's TLS files: /etc/mosquitto/certs/ca.crt, server.crt, server.key
+  mosquitto_passwd -c /etc/mosquitto/edge-lstm.passwd edge-runtime   # asks for PASSWORD
+  mosquitto_passwd /etc/mosquitto/edge-lstm.passwd dev-1             # one user per device
   install -m 644 {d}/mosquitto.conf /etc/mosquitto/conf.d/edge-lstm.conf
   install -m 644 {d}/edge-lstm.acl /etc/mosquitto/edge-lstm.acl
+  systemctl restart mosquitto
   install -D -m 644 {d}/edge-lstm.toml /etc/edge-lstm/edge-lstm.toml
+  (umask 027; echo 'PASSWORD' > /etc/edge-lstm/broker.password)
+  chgrp edge-lstm /etc/edge-lstm/broker.password
   install -m 644 {d}/edge-lstm.service /etc/systemd/system/edge-lstm.service
   systemctl daemon-reload && systemctl enable --now edge-lstm"""
 

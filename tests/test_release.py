@@ -118,6 +118,31 @@ def test_worker_without_nats_py_says_to_install_the_cluster_extra(bundles, tmp_p
     ), out.stderr
 
 
+def test_deploy_kits_next_steps_make_everything_its_files_expect(tmp_path):
+    """What the unit and the configurations expect but the kit does not write (the service's
+    user, the bundle, the password files, the certificates) is in the printed steps: without
+    them `systemctl enable --now edge-lstm` fails on a fresh device."""
+    import configparser
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    out = run_cli("edge.cli", ["deploy-kit", str(tmp_path / "kit")])
+    assert out.returncode == 0, out.stderr
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(ROOT / "edge" / "deploy" / "edge-lstm.service")
+    assert re.search(rf"^\s*useradd .*\b{unit['Service']['User']}\b", out.stdout, re.M)
+    serve = tomllib.loads((ROOT / "edge" / "deploy" / "edge-lstm.toml").read_text())["serve"]
+    for key in ("model", "password_file", "tls_ca"):
+        assert serve[key] in out.stdout, key
+    mosquitto = (ROOT / "edge" / "deploy" / "mosquitto.conf").read_text()
+    for key in ("password_file", "certfile", "keyfile"):
+        value = re.search(rf"^{key} (\S+)", mosquitto, re.M).group(1)
+        assert Path(value).name in out.stdout and str(Path(value).parent) in out.stdout, key
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

@@ -143,6 +143,29 @@ def test_deploy_kits_next_steps_make_everything_its_files_expect(tmp_path):
         assert Path(value).name in out.stdout and str(Path(value).parent) in out.stdout, key
 
 
+def test_every_module_path_and_name_the_docs_cite_exists():
+    """`edge/x.py`, `edge.module.Name`, `bench.name`: a reader looks them up."""
+    import importlib
+
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(p.read_text() for p in docs)
+    paths = set(re.findall(r"`((?:edge|convert|firmware_sim|bench|tests|scripts)/[\w./-]+)`", text))
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    for name in sorted(set(re.findall(r"`((?:edge|convert|firmware_sim|bench)(?:\.\w+)+)`", text))):
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for attr in parts[i:]:
+                obj = getattr(obj, attr, None)
+            if obj is None:
+                missing.append(name)
+            break
+    assert not missing, missing
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

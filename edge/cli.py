@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
         description="Load DIR (manifest + sha256 checked), run a 64-step probe "
         "stream and print what was found.",
     )
-    i.add_argument("bundle", help="bundle directory made by lstm-convert")
+    i.add_argument("bundle", metavar="DIR", help="bundle directory made by lstm-convert")
     i.add_argument(
         "--backend",
         default=None,
@@ -109,10 +109,13 @@ def parser() -> argparse.ArgumentParser:
         "OUT.npz with the kernel set that computed them: to compare interpreters and machines "
         "bit for bit. Runs on any kernel set (this is how kernel sets are compared).",
     )
-    r.add_argument("bundle", help="bundle directory made by lstm-convert")
-    r.add_argument("--input", required=True, help="IN.npz of float [N, T, F] arrays")
+    r.add_argument("bundle", metavar="DIR", help="bundle directory made by lstm-convert")
+    r.add_argument(
+        "--input", metavar="IN.npz", required=True, help="IN.npz of float [N, T, F] arrays"
+    )
     r.add_argument(
         "--out",
+        metavar="OUT.npz",
         required=True,
         help="OUT.npz to write: a new or regular file (a link is followed and kept; a device, "
         "FIFO or directory is refused)",
@@ -144,7 +147,11 @@ def parser() -> argparse.ArgumentParser:
         "a broker and show one line per runtime, refreshed as stats arrive (every "
         "stats_interval seconds of the service).",
     )
-    t.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://HOST:PORT or mqtts://")
+    t.add_argument(
+        "--broker",
+        default="mqtt://127.0.0.1:1883",
+        help="mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883)",
+    )
     t.add_argument("--runtime-id", default="+", help="one runtime id (default: all)")
     t.add_argument("--stats-topic", default="edge/stats/{runtime_id}", help="as the service's")
     t.add_argument("--status-topic", default="edge/status/{runtime_id}", help="as the service's")

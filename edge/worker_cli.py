@@ -22,8 +22,8 @@ Devices publish MQTT to NATS's MQTT listener (sensors/{stream}/data) or natively
 
 The processing keys of `serve` (reorder_ms, gap_policy, max_batch, ...) are read from the
 TOML file (--config, top level or a [serve] table); the worker's own keys from its [worker]
-table (nats, partitions, worker_id, lease_seconds, snapshot_interval, replicas); the command
-line wins.
+table (nats, partitions, worker_id, lease_seconds, snapshot_interval, replicas,
+stats_interval); the command line wins.
 """
 
 WORKER_KEYS = {
@@ -44,9 +44,15 @@ def add_worker_parser(sub: Any) -> None:
         description=WORKER_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    w.add_argument("--model", metavar="BUNDLE", help="bundle directory made by lstm-convert")
     w.add_argument(
-        "--nats", metavar="URL[,URL...]", help="NATS servers, e.g. nats://127.0.0.1:4222"
+        "--model",
+        metavar="BUNDLE",
+        help="bundle directory made by lstm-convert (required, here or in --config)",
+    )
+    w.add_argument(
+        "--nats",
+        metavar="URL[,URL...]",
+        help="NATS servers, e.g. nats://127.0.0.1:4222 (required, here or in --config)",
     )
     w.add_argument(
         "--partitions",

@@ -1,4 +1,4 @@
-"""``firmware-sim``: emulated sensor devices, the Pi-class host profile and the demo."""
+"""firmware-sim: emulated sensor devices, the Pi-class host profile and the demo."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
         "--format",
         default="json",
         choices=["json", "senml", "binary", "mixed"],
-        help="payload format (mixed: each device one of the three)",
+        help="payload format (mixed: each device one of the three; default json)",
     )
     p.add_argument(
         "--boot-ids",
@@ -50,7 +50,11 @@ def _device_args(p: argparse.ArgumentParser) -> None:
         default=True,
         help="devices send a per-boot id, so the runtime sees their reboots (default on)",
     )
-    p.add_argument("--out", default="sim-results", help="directory for score.json and score.png")
+    p.add_argument(
+        "--out",
+        default="sim-results",
+        help="directory for score.json and score.png (default sim-results)",
+    )
 
 
 def _broker(text: str) -> str:
@@ -215,7 +219,9 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument(
         "--seconds", type=_positive, default=6.0, help="length of each trial (default 6)"
     )
-    h.add_argument("--out", default="sim-results", help="directory for host.json")
+    h.add_argument(
+        "--out", default="sim-results", help="directory for host.json (default sim-results)"
+    )
     return p
 
 

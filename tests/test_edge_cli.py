@@ -104,6 +104,23 @@ def _damaged(path, how):
     path.write_bytes(bytes(raw))
 
 
+def test_help_uses_the_names_its_text_uses_and_states_the_defaults(capsys):
+    from edge.cli import main
+    from edge.worker_cli import WORKER_KEYS
+
+    def help_of(*argv: str) -> str:
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "[--json] DIR" in help_of("inspect")  # its description: "Load DIR ..."
+    replay = help_of("replay")  # its description: "every [N, T, F] array of IN.npz through DIR"
+    assert "--input IN.npz" in replay and "--out OUT.npz" in replay and "DIR" in replay
+    assert "default mqtt://127.0.0.1:1883" in help_of("top")
+    worker = help_of("worker")
+    assert all(key in worker for key in WORKER_KEYS), worker
+
+
 @pytest.mark.parametrize(
     "name, make, out, needle",
     [

@@ -166,6 +166,21 @@ def test_every_module_path_and_name_the_docs_cite_exists():
     assert not missing, missing
 
 
+def test_the_readmes_python_api_example_runs_as_written(bundles, tmp_path, monkeypatch):
+    import numpy as np
+
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("Python API:\n\n```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"bundle/"', repr(str(bundles / "clf-int8")))
+    monkeypatch.chdir(tmp_path)  # it writes state.bin
+    rows = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
+    exec(
+        compile(code, "README.md", "exec"),
+        {"x": rows[0], "x1": rows[1], "x2": rows[2:3], "xs": rows[3:]},
+    )
+    assert (tmp_path / "state.bin").is_file()
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

@@ -181,6 +181,23 @@ def test_the_readmes_python_api_example_runs_as_written(bundles, tmp_path, monke
     assert (tmp_path / "state.bin").is_file()
 
 
+@pytest.mark.parametrize(
+    "prog, argv",
+    [
+        ("edge-lstm", ["serve", "--durability", "bogus"]),
+        ("edge-lstm", ["inspect"]),
+        ("lstm-convert", ["convert", "m.keras", "--bogus"]),
+        ("firmware-sim", ["run", "--broker", "mqtt://127.0.0.1:1", "--devices", "x"]),
+    ],
+)
+def test_a_bad_option_is_usage_then_one_error_line_and_exit_2(prog, argv):
+    out = run_cli(CLIS[prog], argv)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert err[0].startswith("usage: ") and err[-1].startswith(f"{prog} {argv[0]}: error: ")
+    assert len([line for line in err if ": error: " in line]) == 1, out.stderr
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

@@ -1006,6 +1006,7 @@ class Worker:
             "state": state,
             "runtime_id": self.opts.worker_id,
             "model": self.model.manifest.model_id,
+            "kernels": self.model.kernels,
             "partitions": sorted(self.owned),
             "ts": time.time(),
         }

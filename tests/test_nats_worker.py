@@ -172,6 +172,23 @@ def _every_kind(
         col.close()
 
 
+def test_a_workers_status_names_its_kernel_set_as_serves_does(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """firmware-sim judges exactness in the kernel set the runtime's status names: without it,
+    a worker on tflite-runtime was scored against the desktop's default kernels."""
+    from edge import load
+
+    workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        doc = col.of("edge/status/w1")[-1][1]
+    finally:
+        col.close()
+    assert doc["kernels"] == load(bundles / "clf-int8").model.kernels
+
+
 def test_alike_answers_to_different_messages_are_all_sent(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

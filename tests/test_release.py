@@ -198,6 +198,30 @@ def test_a_bad_option_is_usage_then_one_error_line_and_exit_2(prog, argv):
     assert len([line for line in err if ": error: " in line]) == 1, out.stderr
 
 
+@pytest.mark.desktop
+def test_the_sdist_holds_every_file_the_docs_link_to(tmp_path):
+    """The source release is read without the repository: README's links to docs/ must work."""
+    import tarfile
+
+    out = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(tmp_path), "."],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (sdist,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        held = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    linked = set()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
+            path = (doc.parent / target).resolve().relative_to(ROOT)
+            linked |= {str(path), str(doc.relative_to(ROOT))}
+    assert linked and not sorted(linked - held), sorted(linked - held)
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

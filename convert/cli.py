@@ -69,10 +69,13 @@ def parser() -> argparse.ArgumentParser:
         "convert",
         help="convert and verify a model into a bundle directory",
         description="Convert MODEL (.keras or .onnx) into DIR (model.tflite, manifest.json, "
-        "report.json, report.png). DIR is replaced atomically; never half-written.",
+        "report.json, report.png). DIR is never half-written: it is built in a temporary "
+        "directory and renamed into place, and an existing DIR is replaced only when it is "
+        "empty or an earlier bundle. Exit 0 ok, 1 bundle written but a gate failed, 2 bad input.",
     )
     c.add_argument(
         "model",
+        metavar="MODEL",
         help="trained model: Keras (.keras, or legacy .h5) or ONNX (.onnx, as torch.onnx.export "
         "writes nn.LSTM / nn.GRU models; onnxruntime running it is the float reference)",
     )
@@ -82,7 +85,9 @@ def parser() -> argparse.ArgumentParser:
         help="calibration sequences: float32 [N, T, F] .npy, or .npz with key 'x', in "
         "the model's input units (also for an ONNX model whose input is [time, batch, features])",
     )
-    c.add_argument("--out", required=True, type=_out_dir, help="bundle directory to write")
+    c.add_argument(
+        "--out", metavar="DIR", required=True, type=_out_dir, help="bundle directory to write"
+    )
     c.add_argument(
         "--quant",
         default="int8",
@@ -120,16 +125,17 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "verify",
         help="re-run the fidelity checks on a bundle",
-        description="Re-run parity, drift, op audit and interpreter checks on DIR.",
+        description="Re-run parity, drift, op audit and interpreter checks on DIR. Exit 0 "
+        "when every gate holds, 1 when one failed, 2 bad input.",
     )
-    v.add_argument("bundle", help="bundle directory")
+    v.add_argument("bundle", metavar="DIR", help="bundle directory")
     v.add_argument("--data", required=True, help="sequences (.npy, or .npz with 'x' and 'y')")
     v.add_argument(
         "--model",
         required=True,
         help="the source model, .keras or .onnx (the float reference); its sha256 must match",
     )
-    _verdict_options(v)
+    _verdict_options(v, "exit 1 when a gate fails on --data")
     v.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     t = sub.add_parser(
         "train-example",
@@ -139,7 +145,9 @@ def parser() -> argparse.ArgumentParser:
         "continuous streams of recordings back to back (the regime the runtime runs it in; "
         "docs/training.md); writes MODEL.keras, MODEL.calib.npy, MODEL.test.npz and MODEL.json.",
     )
-    t.add_argument("--out", required=True, help="model file to write (.keras)")
+    t.add_argument(
+        "--out", metavar="MODEL.keras", required=True, help="model file to write (.keras)"
+    )
     t.add_argument(
         "--epochs",
         type=int,
@@ -157,13 +165,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _verdict_options(p: argparse.ArgumentParser) -> None:
+def _verdict_options(
+    p: argparse.ArgumentParser,
+    note: str = "exit 0 when every gate holds on --data; 1 when a bundle was written but a gate "
+    "failed",
+) -> None:
     """The thresholds of the verdict; defaults in ``convert.verdict.Targets``."""
     d = Targets()
-    g = p.add_argument_group(
-        "verdict",
-        "exit 0 when every gate holds on --data; 1 when a bundle was written but a gate failed",
-    )
+    g = p.add_argument_group("verdict", note)
     g.add_argument(
         "--max-rmse-ratio",
         type=float,

@@ -222,6 +222,23 @@ def test_the_sdist_holds_every_file_the_docs_link_to(tmp_path):
     assert linked and not sorted(linked - held), sorted(linked - held)
 
 
+def test_lstm_converts_help_names_what_its_text_names_and_says_the_exit_codes():
+    def help_of(command: str) -> str:
+        out = run_cli("convert.cli", [command, "--help"])
+        assert out.returncode == 0, out.stderr
+        return " ".join(out.stdout.split())
+
+    convert = help_of("convert")  # "Convert MODEL (.keras or .onnx) into DIR ..."
+    assert "--out DIR" in convert and convert.split(" [-h]")[1].split(" Convert ")[0].endswith(
+        "MODEL"
+    )
+    assert "earlier bundle" in convert and "2 bad input" in convert
+    verify = help_of("verify")  # "... checks on DIR"
+    assert "[--json] DIR" in verify and "2 bad input" in verify
+    assert "bundle was written" not in verify  # verify writes none
+    assert "--out MODEL.keras" in help_of("train-example")  # "writes MODEL.keras, ..."
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

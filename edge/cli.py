@@ -297,5 +297,6 @@ def inspect(args: argparse.Namespace) -> int:
     shown = [f"{k} {v:.4g}" for k, v in figures if isinstance(v, (int, float))]
     if shown:  # numbers only: the manifest is hand-editable
         print("fidelity    " + ", ".join(shown))
-    print(f"self-test   64-step probe ok, last y = {np.round(y[-1], 4).tolist()}")
+    last = np.round(y[-1].astype(np.float64), 4).tolist()
+    print(f"self-test   64-step probe ok, last y = {last}")
     return 0

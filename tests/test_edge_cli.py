@@ -16,6 +16,8 @@ def test_inspect_human_and_json(bundles, capsys):
     assert main(["inspect", str(bundles / "clf-int8")]) == 0
     out = capsys.readouterr().out
     assert "int8" in out and "32 bytes per stream" in out and "self-test" in out
+    last_y = out.split("last y = [", 1)[1].split("]", 1)[0].split(", ")
+    assert all(len(v.split(".")[1]) <= 4 for v in last_y), last_y  # rounded as it says
     assert main(["inspect", str(bundles / "clf-int8"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert len(info["probe_y"]) == 64 and info["manifest"]["quantization"] == "int8"

@@ -144,6 +144,9 @@ def test_discovery_configs_follow_the_documented_schema(bundles):
         "missing state_topic"
     ]
     assert object_id("dev_1") == "dev_1" and object_id("dev/odd id:1").startswith("dev_odd_id_1_")
+    readme = " ".join((ROOT / "README.md").read_text().split())  # what it says of the topics
+    assert "`{sensor}` is `label` in its topic" in readme
+    assert "(`y0`, `y1`, ... in its topic)" in readme
     ids = {object_id(s) for s in ("dev.1", "dev_1", "dev:1", "dev@1", "dev-1")}
     assert len(ids) == 5 and all(not re.search(r"[^a-zA-Z0-9_-]", i) for i in ids)
 

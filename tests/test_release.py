@@ -239,6 +239,20 @@ def test_lstm_converts_help_names_what_its_text_names_and_says_the_exit_codes():
     assert "--out MODEL.keras" in help_of("train-example")  # "writes MODEL.keras, ..."
 
 
+def test_the_worker_toml_of_docs_cluster_is_what_the_worker_reads(tmp_path):
+    from edge.worker_cli import _read_file
+
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    (toml,) = re.findall(r"```toml\n(.*?)```", doc, re.S)
+    unit = (ROOT / "edge" / "deploy" / "edge-lstm-worker.service").read_text()
+    assert "--config /etc/edge-lstm/worker.toml" in unit and "/etc/edge-lstm/worker.toml" in doc
+    (tmp_path / "worker.toml").write_text(toml)
+    serve, worker = _read_file(str(tmp_path / "worker.toml"))
+    cfg = config.load(None, overrides=serve)
+    assert cfg.model == "/opt/edge-lstm/bundle" and cfg.reorder_ms == 600
+    assert worker["nats"].count("nats://") == 3 and worker["replicas"] == 3
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

@@ -38,6 +38,8 @@ def example_bundle(cache: Path) -> tuple[Path, Path]:
     if cached(cache):
         return model, bundle
     try:
+        import keras  # noqa: F401 - train_example needs it, and imports it only once it runs
+
         from convert.pipeline import run_convert
         from convert.train import train_example
     except ImportError as exc:

@@ -253,6 +253,16 @@ def test_the_worker_toml_of_docs_cluster_is_what_the_worker_reads(tmp_path):
     assert worker["nats"].count("nats://") == 3 and worker["replicas"] == 3
 
 
+def test_the_demo_without_a_cache_or_the_converter_says_both_in_one_line(tmp_path, monkeypatch):
+    """On a device install: nothing cached, no Keras. Not "first run: training ..." first."""
+    monkeypatch.setenv("EDGE_LSTM_CACHE", str(tmp_path / "cache"))
+    out = run_cli("firmware_sim.cli", ["demo", "--duration", "1"], block=("keras", "tensorflow"))
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr
+    assert len(err) == 1 and "no cached bundle in" in err[0], out.stderr
+    assert err[0].endswith("pip install 'edge-lstm[convert]'")
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

@@ -443,11 +443,12 @@ def add_arguments(parser: Any) -> None:
         help_text = (
             f"{f.metadata['help']} [default: {f.default!r}; env {ENV_PREFIX}{f.name.upper()}]"
         )
+        choices = f.metadata.get("choices")
         parser.add_argument(
             flag,
             dest=f.name,
             default=None,
-            metavar=f.name.upper(),
-            choices=f.metadata.get("choices"),
+            metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
+            choices=choices,
             help=help_text,
         )

@@ -93,6 +93,9 @@ def test_help_explains_every_command():
     )
     for key in ("--reorder-ms", "--durability", "--tls-ca", "EDGE_LSTM_MAX_BATCH", "--overload"):
         assert key in out.stdout
+    # a key with a fixed set of values shows them
+    for key in ("--protocol {5,3.1.1}", "--log-level {debug,info,warning,error}"):
+        assert key in out.stdout, key
 
 
 def _damaged(path, how):

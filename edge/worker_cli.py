@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ Devices publish MQTT to NATS's MQTT listener (sensors/{stream}/data) or natively
 The processing keys of `serve` (reorder_ms, gap_policy, max_batch, ...) are read from the
 TOML file (--config, top level or a [serve] table); the worker's own keys from its [worker]
 table (nats, partitions, worker_id, lease_seconds, snapshot_interval, replicas,
-stats_interval); the command line wins.
+stats_interval). As for serve, the processing keys are also environment variables
+(EDGE_LSTM_REORDER_MS, ...): the command line wins over the environment, which wins over the
+file.
 """
 
 WORKER_KEYS = {
@@ -124,7 +127,10 @@ def worker(args: argparse.Namespace) -> int:
         if value is not None:
             wk[key] = value
     cli = {"model": args.model, "state_dir": args.state_dir, "log_level": args.log_level}
-    overrides = {**serve, **{k: v for k, v in cli.items() if v is not None}}
+    # as for serve: the command line wins over the environment, which wins over the file
+    in_env = {name for name in config.FIELDS if config.ENV_PREFIX + name.upper() in os.environ}
+    from_file = {k: v for k, v in serve.items() if k not in in_env}
+    overrides = {**from_file, **{k: v for k, v in cli.items() if v is not None}}
     cfg = config.load(None, overrides=overrides)
     servers = [u.strip() for u in str(wk.get("nats") or "").split(",") if u.strip()]
     if not servers:

@@ -263,6 +263,43 @@ def test_the_demo_without_a_cache_or_the_converter_says_both_in_one_line(tmp_pat
     assert err[0].endswith("pip install 'edge-lstm[convert]'")
 
 
+def test_a_workers_environment_wins_over_its_file_as_serves_does(tmp_path, monkeypatch):
+    import edge.nats_worker
+    from edge.cli import main
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_worker(cfg, opts):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(edge.nats_worker, "Worker", fake_worker)
+    (tmp_path / "w.toml").write_text('model = "m"\nreorder_ms = 600\nmax_batch = 64\n')
+    monkeypatch.setenv("EDGE_LSTM_REORDER_MS", "100")
+    monkeypatch.setenv("EDGE_LSTM_MODEL", "from-env")
+    with pytest.raises(Stop):
+        main(["worker", "--config", str(tmp_path / "w.toml"), "--nats", "nats://127.0.0.1:1"])
+    assert seen["cfg"].reorder_ms == 100 and seen["cfg"].max_batch == 64  # env, then the file
+    assert seen["cfg"].model == "from-env"
+    seen.clear()
+    with pytest.raises(Stop):
+        main(
+            [
+                "worker",
+                "--config",
+                str(tmp_path / "w.toml"),
+                "--nats",
+                "nats://127.0.0.1:1",
+                "--model",
+                "cli",
+            ]
+        )
+    assert seen["cfg"].model == "cli"  # the command line over both
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

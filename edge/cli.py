@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -96,9 +97,9 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--kernel-mismatch",
         choices=["refuse", "warn"],
-        default="refuse",
+        default=None,
         help="when the interpreter's kernel set is not one the bundle was verified with: "
-        "refuse (default) or warn and run anyway",
+        "refuse (default) or warn and run anyway; or set EDGE_LSTM_KERNEL_MISMATCH",
     )
     i.add_argument("--json", action="store_true", help="machine-readable output")
     r = sub.add_parser(
@@ -251,7 +252,8 @@ def inspect(args: argparse.Namespace) -> int:
     from .engine import load
 
     t0 = time.perf_counter()
-    engine = load(args.bundle, backend=args.backend, kernel_mismatch=args.kernel_mismatch)
+    policy = args.kernel_mismatch or os.environ.get("EDGE_LSTM_KERNEL_MISMATCH") or "refuse"
+    engine = load(args.bundle, backend=args.backend, kernel_mismatch=policy)
     load_s = time.perf_counter() - t0
     m = engine.manifest
     y = engine.step("probe", probe_inputs(m.features))

@@ -90,6 +90,22 @@ def test_warn_runs_the_bundle_and_says_so_loudly(bundles, tmp_path):
         edge.load(other, kernel_mismatch="maybe")
 
 
+def test_inspect_takes_the_kernel_mismatch_policy_from_the_environment_as_serve_does(
+    bundles, tmp_path, monkeypatch, capsys
+):
+    from edge.cli import main
+
+    other = edited(
+        bundles / BUNDLE, tmp_path / "b", lambda d: d["kernels"].update(verified=["xyz-kernels"])
+    )
+    assert main(["inspect", str(other)]) == 2
+    assert "xyz-kernels" in capsys.readouterr().err
+    monkeypatch.setenv("EDGE_LSTM_KERNEL_MISMATCH", "warn")
+    with pytest.warns(KernelMismatchWarning, match="xyz-kernels"):
+        assert main(["inspect", str(other)]) == 0
+    assert main(["inspect", str(other), "--kernel-mismatch", "refuse"]) == 2  # the flag wins
+
+
 def test_an_old_manifest_without_kernel_sets_is_refused_unless_accepted(bundles, tmp_path):
     old = edited(bundles / BUNDLE, tmp_path / "old", lambda d: d.pop("kernels"))
     with pytest.raises(BundleError, match="records no verified kernel set"):

@@ -300,6 +300,12 @@ def test_a_workers_environment_wins_over_its_file_as_serves_does(tmp_path, monke
     assert seen["cfg"].model == "cli"  # the command line over both
 
 
+def test_the_git_url_install_names_the_tag_the_release_steps_make():
+    readme = (ROOT / "README.md").read_text()
+    assert f"edge-lstm.git@v{__version__}'" in readme
+    assert f"`git tag v{__version__}`" in readme.split("## Releasing", 1)[1]
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

@@ -306,6 +306,17 @@ def test_the_git_url_install_names_the_tag_the_release_steps_make():
     assert f"`git tag v{__version__}`" in readme.split("## Releasing", 1)[1]
 
 
+def test_the_demo_refuses_reboots_without_boot_ids_naming_what_it_takes(tmp_path, monkeypatch):
+    """The demo has no --restart-gap: its refusal must not ask for one."""
+    monkeypatch.setenv("EDGE_LSTM_CACHE", str(tmp_path / "cache"))
+    argv = ["demo", "--no-boot-ids", "--faults", "reboot=0.01", "--duration", "1"]
+    out = run_cli("firmware_sim.cli", argv)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert "drop --no-boot-ids" in err[0] and "firmware-sim run --restart-gap" in err[0]
+    assert not (tmp_path / "cache").exists()  # refused before anything else
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

@@ -317,6 +317,20 @@ def test_the_demo_refuses_reboots_without_boot_ids_naming_what_it_takes(tmp_path
     assert not (tmp_path / "cache").exists()  # refused before anything else
 
 
+def test_the_readme_says_where_serve_keeps_its_state_and_which_client_id_it_uses():
+    import socket
+    from dataclasses import replace
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    cfg = config.ServiceConfig()
+    assert f"(`{cfg.state_dir}` in the current directory unless set;" in readme
+    model = str(ROOT)  # validate wants one; the client id is what is read here
+    assert (
+        config.validate(replace(cfg, model=model)).client_id == f"edge-lstm-{socket.gethostname()}"
+    )
+    assert "connects as client id `edge-lstm-HOSTNAME`" in readme
+
+
 def test_deploy_kit_writes_the_shipped_files_and_never_clobbers(tmp_path):
     target = tmp_path / "kit"
     out = run_cli("edge.cli", ["deploy-kit", str(target)])

@@ -40,7 +40,7 @@ BACKENDS = ("litert", "tflite", "tensorflow")
 ENV_VAR = "EDGE_LSTM_BACKEND"
 INSTALL_HINT = (
     "install one interpreter: pip install 'edge-lstm[litert]' (ai-edge-litert, 64-bit, numpy 2) "
-    "or pip install 'edge-lstm[tflite]' (tflite-runtime 2.14, numpy<2, also 32-bit Arm)"
+    "or pip install 'edge-lstm[tflite]' (tflite-runtime 2.14, numpy<2, Python 3.10/3.11)"
 )
 
 

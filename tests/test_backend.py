@@ -26,6 +26,8 @@ def test_missing_backend_error_names_the_install_commands():
     missing = next(b for b in ("litert", "tflite") if b not in backend.available())
     with pytest.raises(BackendError, match="pip install 'edge-lstm\\[litert\\]'"):
         backend.select(missing)
+    # scripts/check-platforms: neither interpreter has wheels for 32-bit Arm (README's table)
+    assert "32-bit" not in backend.INSTALL_HINT and "Python 3.10/3.11" in backend.INSTALL_HINT
 
 
 def test_a_model_the_interpreter_cannot_open_is_one_line_naming_why():

@@ -379,6 +379,19 @@ def summary(report: dict[str, Any]) -> str:
     sat = ", ".join(f"{k} {v['clipped']:.3%}" for k, v in report.get("saturation", {}).items() if v)
     if sat:
         lines.append(f"  clipped on --data  {sat}")
+    limit = report.get("targets", {}).get("max_saturation")
+    over = [
+        f"{k} {v['clipped']:.3%}"
+        for k, v in report.get("saturation", {}).items()
+        # an int8 cell state clips by the converter's choice of its range (quantize.py)
+        if v and limit is not None and v["clipped"] > limit and v.get("role") != "c"
+    ]
+    if over:
+        lines.append(
+            f"  warning  clipped beyond --max-saturation {limit:.3%}: {', '.join(over)}: "
+            "the calibration data does not cover --data; calibrate on data spanning the "
+            "operating range"
+        )
     ops = ", ".join(f"{k} v{v['version']}" for k, v in report["op_audit"]["ops"].items())
     lines.append(f"  ops      {ops}")
     lines.append(

@@ -134,6 +134,26 @@ def test_saturation_counts_values_beyond_half_a_step():
     assert verdict.saturation(np.zeros(3), "float32", 0.0, 0) is None
 
 
+def test_a_tensor_clipping_beyond_max_saturation_is_warned_of_in_the_summary(bundles):
+    """As --max-saturation's help and the README say, also when every gate passes; not for a
+    cell state, whose int8 range the converter chooses to clip."""
+    import json
+
+    from convert.pipeline import summary
+
+    report = json.loads((bundles / "clf-int8" / "report.json").read_text())
+    sat = report["saturation"]
+    for v in sat.values():
+        if v:
+            v["clipped"] = 0.0
+    (cell,) = [k for k, v in sat.items() if v and v.get("role") == "c"]
+    sat[cell]["clipped"] = 0.05
+    assert "warning" not in summary(report)
+    sat["x"]["clipped"] = 0.02
+    (line,) = [x for x in summary(report).splitlines() if "warning" in x]
+    assert "--max-saturation 0.100%" in line and "x 2.000%" in line and cell not in line
+
+
 @pytest.mark.parametrize(
     "kw, needle",
     [

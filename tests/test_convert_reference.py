@@ -1,5 +1,6 @@
 """The NumPy reference LSTM against Keras itself, and the refusals of model intake."""
 
+import dataclasses
 import re
 import warnings
 
@@ -9,6 +10,13 @@ import pytest
 from convert.spec import ACTIVATIONS
 
 pytestmark = pytest.mark.desktop
+
+
+def _head_bias_off(spec):
+    """``spec`` as if its output layer's bias had been misread by 0.01."""
+    dense = spec.layers[-1]
+    head = dataclasses.replace(dense, bias=dense.bias + 0.01)
+    return dataclasses.replace(spec, layers=(*spec.layers[:-1], head))
 
 
 def keras_model(layers, features=5):
@@ -224,7 +232,6 @@ def test_stateful_lstm_streams_like_keras():
 def test_keras_itself_checks_what_was_read_of_a_stateful_model():
     """A stateful model (fixed batch, state carried from call to call) was never checked
     against Keras: a layer read wrongly would have been verified against itself."""
-    import dataclasses
 
     import keras
 
@@ -239,10 +246,7 @@ def test_keras_itself_checks_what_was_read_of_a_stateful_model():
     x = np.random.default_rng(10).normal(0, 1, (5, 12, 3)).astype(np.float32)
     spec = intake.spec_from_model(model)
     assert intake.check_agreement(model, spec, x) is None
-    dense = spec.layers[-1]
-    misread = dataclasses.replace(
-        spec, layers=(*spec.layers[:-1], dataclasses.replace(dense, bias=dense.bias + 0.01))
-    )
+    misread = _head_bias_off(spec)
     with pytest.raises(UnsupportedModel, match="differs from Keras' own run of it by 0.01"):
         intake.check_agreement(model, misread, x)
     # the model is left at its zero state: Keras' next run is from the start too
@@ -408,7 +412,6 @@ def test_valid_convolution_streams_as_its_causal_twin():
 def test_keras_itself_checks_what_was_read():
     """Verification compares the bundle with the step read from the model: that step is
     compared with Keras' own run first, so a layer read wrongly cannot verify itself."""
-    import dataclasses
 
     import keras
 
@@ -420,10 +423,7 @@ def test_keras_itself_checks_what_was_read():
     good = keras_model([L.LSTM(6, return_sequences=True), L.Dense(2)])
     spec = intake.spec_from_model(good)
     assert intake.check_agreement(good, spec, x) is None
-    dense = spec.layers[-1]
-    misread = dataclasses.replace(
-        spec, layers=(*spec.layers[:-1], dataclasses.replace(dense, bias=dense.bias + 0.01))
-    )
+    misread = _head_bias_off(spec)
     with pytest.raises(UnsupportedModel, match="differs from Keras' own run of it by 0.01"):
         intake.check_agreement(good, misread, x)
     valid = keras_model([L.Conv1D(4, 3, padding="valid"), L.LSTM(3, return_sequences=True)])

@@ -1,6 +1,7 @@
 """The paho callbacks never block, whatever the backlog: the broker keeps it, not us."""
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from edge import config
 from edge.mqtt_loop import MqttService
@@ -104,24 +105,25 @@ def test_the_stop_signal_takes_no_lock_the_loop_may_hold(bundles, tmp_path):
     svc.lock.release()
 
 
+class Wire:
+    """The client side ``_on_connect`` and ``_ack`` use: records the acknowledgements."""
+
+    def __init__(self):
+        self.acked = []
+
+    def ack_many(self, acks):
+        self.acked += [mid for mid, qos in acks]
+
+    def socket(self):
+        return None
+
+    def subscribe(self, *a, **kw):
+        pass
+
+
 def test_messages_of_a_session_that_is_gone_are_not_acknowledged_on_the_next(bundles, tmp_path):
     """A broker restarted without persistence numbers its deliveries from 1 again: a PUBACK
     of a message id from before would acknowledge another, newer message."""
-    from types import SimpleNamespace
-
-    class Wire:
-        def __init__(self):
-            self.acked = []
-
-        def ack_many(self, acks):
-            self.acked += [mid for mid, qos in acks]
-
-        def socket(self):
-            return None
-
-        def subscribe(self, *a, **kw):
-            pass
-
     svc = service(bundles, tmp_path)
     svc.client = wire = Wire()
     ok = SimpleNamespace(is_failure=False)
@@ -143,21 +145,6 @@ def test_a_message_the_broker_sends_again_on_a_session_that_goes_on_is_acknowled
     """A reconnect to the same session: the broker sends message 7, not yet acknowledged,
     again. The original and its copy were both acknowledged, the second PUBACK for an id the
     broker may have given to a newer message by then (acknowledged before it is logged)."""
-    from types import SimpleNamespace
-
-    class Wire:
-        def __init__(self):
-            self.acked = []
-
-        def ack_many(self, acks):
-            self.acked += [mid for mid, qos in acks]
-
-        def socket(self):
-            return None
-
-        def subscribe(self, *a, **kw):
-            pass
-
     svc = service(bundles, tmp_path)
     svc.client = wire = Wire()
     ok = SimpleNamespace(is_failure=False)

@@ -36,6 +36,7 @@ from .journal import Journal
 from .metrics import Metrics
 from .mqtt_client import Client
 from .mqtt_network import NetworkLoop
+from .outfile import replace_whole
 from .processor import Inbound, Processor
 from .state_lock import StateLock
 
@@ -86,6 +87,10 @@ def open_engine(cfg: ServiceConfig) -> Engine:
         idle_timeout=None,  # the processor forgets idle streams, and logs it for replays
         restart_gap=cfg.restart_gap,
     )
+
+
+# In the state directory: the topic filters the broker session holds for this service.
+SUBSCRIPTIONS = "subscriptions.json"
 
 
 class MqttService:
@@ -277,11 +282,35 @@ class MqttService:
             subs = [(f, 1) for f in filters]
             if self.ha is not None:
                 subs.append((self.ha.filter, 0))
+        self._drop_stale_subscriptions(client, [f for f, _ in subs], flags.session_present)
         client.subscribe(subs)
         self.connected.set()
         self._connect_failures = 0
         self._said = None
         self.wake.set()
+
+    def _drop_stale_subscriptions(
+        self, client: Any, filters: list[str], session_present: bool
+    ) -> None:
+        """A session that goes on keeps the subscriptions an earlier configuration made under
+        this client id (another data topic, runtime id or discovery prefix): their messages
+        came in and were answered ``bad_topic``. The filters each run subscribes to are
+        recorded in the state directory; those recorded and not made now are unsubscribed."""
+        path = Path(self.cfg.state_dir) / SUBSCRIPTIONS
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: nothing known to drop
+            before = []
+        known = {f for f in before if isinstance(f, str)} if isinstance(before, list) else set()
+        stale = sorted(known - set(filters))
+        if stale and session_present:
+            client.unsubscribe(stale)
+            log.info("unsubscribed from %s: an earlier configuration's topics", ", ".join(stale))
+        if before != filters:
+            try:
+                replace_whole(path, lambda tmp: tmp.write_text(json.dumps(filters)), ConfigError)
+            except ConfigError as exc:  # a read-only state_dir is reported where it matters
+                log.warning("cannot record the subscriptions: %s", exc)
 
     def _on_connect_fail(self, exc: BaseException) -> None:
         self._connect_failures += 1

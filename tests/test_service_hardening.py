@@ -600,3 +600,32 @@ def test_a_reset_ends_a_wait_for_a_gap(bundles, broker, service):
         assert len(got[("k", seq)]) == 1
         np.testing.assert_array_equal(got[("k", seq)][0], y, err_msg=f"seq {seq}")
     assert col.of("errors/") == []
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_the_topics_of_an_earlier_configuration_are_unsubscribed(broker, service, protocol):
+    """The broker session goes on under the same client id: a data topic changed since the
+    last run stayed subscribed, and every message on it was answered ``bad_topic``."""
+    col = Collector(broker.url)
+    pub = Publisher(broker.url)
+    first = service("--protocol", protocol)
+    wait_until(col.online, 30, "online")
+
+    def states() -> list[str]:
+        return [doc.get("state") for _, doc in col.of("edge/status/")]
+
+    first.stop()
+    wait_until(lambda: states()[-1] == "offline", 30, "offline")
+    svc = service("--protocol", protocol, "--data-topic", "dev/{stream}/in")
+    wait_until(lambda: states()[-1] == "online", 30, "online again")  # subscribed by then
+    pub.send("dev-1", 1, np.zeros(6), topic="dev/dev-1/in")
+    wait_until(lambda: ("dev-1", 1) in col.predictions(), 60, "the new topic answered")
+    pub.send("dev-2", 1, np.zeros(6))  # the earlier configuration's topic
+    pub.send("dev-1", 2, np.zeros(6), topic="dev/dev-1/in")
+    pub.flush()
+    wait_until(lambda: ("dev-1", 2) in col.predictions(), 60, "the message after it answered")
+    assert col.of("errors/") == []  # an answer to dev-2's would have come before dev-1's 2nd
+    assert not any(k[0] == "dev-2" for k in col.predictions())
+    assert "Traceback" not in svc.output()
+    col.close()
+    pub.close()

@@ -24,6 +24,12 @@ def convert(capsys, model, calib, out, *extra):
     return run(capsys, "convert", str(model), "--calib", str(calib), "--out", str(out), *extra)
 
 
+def convert_with_data(capsys, src, tmp_path, data):
+    """The example model converted into ``tmp_path/out``, held-out data from ``data``."""
+    model, calib = src / "model.keras", src / "model.calib.npy"
+    return convert(capsys, model, calib, str(tmp_path / "out"), "--data", str(data))
+
+
 def assert_refused(code, out, needle, tmp_path):
     lines = [line for line in out.err.strip().splitlines() if line.startswith("lstm-convert")]
     assert code == 2 and len(lines) == 1 and needle in lines[0], out.err
@@ -92,14 +98,7 @@ def test_held_out_data_beyond_the_input_bound_is_refused_before_converting(capsy
     x = np.zeros((3, 10, 6), np.float32)
     x[2, 9, 5] = -1e31
     np.savez(data, x=x)
-    code, out = convert(
-        capsys,
-        src / "model.keras",
-        src / "model.calib.npy",
-        str(tmp_path / "out"),
-        "--data",
-        str(data),
-    )
+    code, out = convert_with_data(capsys, src, tmp_path, data)
     assert_refused(code, out, "--data", tmp_path)
     assert "largest magnitude 1e+31 (at index [2, 9, 5]) is beyond 1e+30" in out.err
 
@@ -337,14 +336,7 @@ def test_quant_auto_keeps_the_smallest_mode_meeting_the_targets(capsys, tmp_path
 def test_a_label_shape_that_fits_no_output_is_refused_before_converting(capsys, tmp_path, src):
     data = tmp_path / "data.npz"
     np.savez(data, x=np.zeros((3, 10, 6), np.float32), y=np.zeros((3, 10, 7)))
-    code, out = convert(
-        capsys,
-        src / "model.keras",
-        src / "model.calib.npy",
-        str(tmp_path / "out"),
-        "--data",
-        str(data),
-    )
+    code, out = convert_with_data(capsys, src, tmp_path, data)
     assert_refused(code, out, "labels 'y' have shape [3, 10, 7]", tmp_path)
 
 
@@ -390,14 +382,7 @@ def test_class_labels_that_name_no_class_are_refused_before_converting(
     by the verdict, after the conversion and its verification had run."""
     data = tmp_path / "data.npz"
     np.savez(data, x=np.zeros((3, 10, 6), np.float32), y=labels)
-    code, out = convert(
-        capsys,
-        src / "model.keras",
-        src / "model.calib.npy",
-        str(tmp_path / "out"),
-        "--data",
-        str(data),
-    )
+    code, out = convert_with_data(capsys, src, tmp_path, data)
     assert_refused(code, out, needle, tmp_path)
     assert "converting to" not in out.err
 

@@ -121,17 +121,22 @@ class Wire:
         pass
 
 
+def connect(svc, wire, *, session_present):
+    """A successful CONNACK, as paho reports it."""
+    flags = SimpleNamespace(session_present=session_present)
+    svc._on_connect(wire, None, flags, SimpleNamespace(is_failure=False), None)
+
+
 def test_messages_of_a_session_that_is_gone_are_not_acknowledged_on_the_next(bundles, tmp_path):
     """A broker restarted without persistence numbers its deliveries from 1 again: a PUBACK
     of a message id from before would acknowledge another, newer message."""
     svc = service(bundles, tmp_path)
     svc.client = wire = Wire()
-    ok = SimpleNamespace(is_failure=False)
-    svc._on_connect(wire, None, SimpleNamespace(session_present=False), ok, None)
+    connect(svc, wire, session_present=False)
     svc._on_message(None, None, Msg("sensors/a/data", b"{}", 7))  # taken, not yet answered
-    svc._on_connect(wire, None, SimpleNamespace(session_present=True), ok, None)
+    connect(svc, wire, session_present=True)
     svc._on_message(None, None, Msg("sensors/a/data", b"{}", 8))  # the same session goes on
-    svc._on_connect(wire, None, SimpleNamespace(session_present=False), ok, None)
+    connect(svc, wire, session_present=False)
     svc._on_message(None, None, Msg("sensors/b/data", b"{}", 7))  # a new session's 7
     svc._ack([svc.inbox.popleft() for _ in range(3)])
     assert wire.acked == [7]  # the new session's, once; 7 and 8 of the old one never
@@ -147,10 +152,9 @@ def test_a_message_the_broker_sends_again_on_a_session_that_goes_on_is_acknowled
     broker may have given to a newer message by then (acknowledged before it is logged)."""
     svc = service(bundles, tmp_path)
     svc.client = wire = Wire()
-    ok = SimpleNamespace(is_failure=False)
-    svc._on_connect(wire, None, SimpleNamespace(session_present=False), ok, None)
+    connect(svc, wire, session_present=False)
     svc._on_message(None, None, Msg("sensors/a/data", b"{}", 7))  # taken, not yet answered
-    svc._on_connect(wire, None, SimpleNamespace(session_present=True), ok, None)
+    connect(svc, wire, session_present=True)
     svc._on_message(None, None, Msg("sensors/a/data", b"{}", 7, dup=True))  # its copy
     svc._ack([svc.inbox.popleft() for _ in range(2)])
     assert wire.acked == [7]

@@ -416,8 +416,8 @@ class MqttService:
         """With ``max_wait_ms``, give a batch that is not full until its first message is
         that old to fill: at a steady trickle each message otherwise costs a round of its own
         (thread switches, a log write, a step, a publish), most of a small device's CPU.
-        Latency grows by at most the wait; messages that waited during the previous round
-        (a busy service) do not wait again."""
+        Latency grows by at most the wait, and not at all once the batch is full; messages
+        that waited during the previous round (a busy service) do not wait again."""
         wait = self.cfg.max_wait_ms / 1000.0
         if not wait or not 0 < len(self.inbox) < self.cfg.max_batch:
             return
@@ -426,7 +426,10 @@ class MqttService:
             return
         end = time.monotonic() + min(wait, first + wait - time.time())  # a clock step: <= wait
         while not self.stopping and (left := end - time.monotonic()) > 0:
-            time.sleep(min(left, 0.1))
+            self.wake.clear()  # before looking: a message arriving after the look wakes us
+            if len(self.inbox) >= self.cfg.max_batch:
+                break
+            self.wake.wait(min(left, 0.1))
         self.wake.clear()
 
     def _ack(self, batch: list[Inbound]) -> None:

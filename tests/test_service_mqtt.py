@@ -299,3 +299,22 @@ def test_max_wait_ms_gives_a_batch_time_to_fill(bundles, broker, service):
     expected = offline(bundles / BUNDLE, samples)
     wait_until(lambda: set(expected) <= set(col.predictions()), 30, "every prediction")
     assert_exact(col.predictions(), expected)
+
+
+def test_a_batch_that_fills_does_not_wait_out_max_wait_ms(bundles, broker, service):
+    """A message waits for company at most ``--max-wait-ms``; once ``--max-batch`` messages
+    are there the batch is stepped at once (here the wait is an hour)."""
+    samples = make_samples(4, 1, seed=6)
+    col = Collector(broker.url)
+    service("--max-wait-ms", "3600000", "--max-batch", "4")
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    streams = list(samples)
+    pub.send(streams[0], 1, samples[streams[0]])
+    pub.flush()  # the first waits for company ...
+    for stream in streams[1:]:  # ... which fills its batch
+        pub.send(stream, 1, samples[stream])
+    pub.flush()
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 120, "the full batch's answers")
+    assert_exact(col.predictions(), expected)

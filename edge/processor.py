@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import payloads
+from . import payloads, wal
 from .config import ServiceConfig
 from .engine import Chunk, Engine, Outcome
 from .errors import ConfigError, NewerFormat, SnapshotError, StateMismatch
@@ -616,7 +616,13 @@ class Processor:
             self._error(r, stream, "too_many_samples", detail, s.seq)
             self._take(r, Void(stream, s.seq))
             return
-        r.samples += len(s.values)
+        k, f = s.values.shape
+        if (size := wal.sample_record_size(stream, k, f)) > wal.MAX_BODY:
+            detail = f"{k} samples of {f} features make a log record of {size} bytes; the log holds at most {wal.MAX_BODY}"
+            self._error(r, stream, "too_many_samples", detail, s.seq)
+            self._take(r, Void(stream, s.seq))
+            return
+        r.samples += k
         self._take(
             r, Record(stream, s.seq, s.ts, s.values, s.boot, r.lsn, redelivered=msg.redelivered)
         )

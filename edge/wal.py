@@ -156,6 +156,12 @@ def encode(entry: Entry) -> bytes:
     return _FRAME.pack(MAGIC, len(body), zlib.crc32(body)) + body
 
 
+def sample_record_size(stream: str, samples: int, features: int) -> int:
+    """Body bytes of the ``Record`` of a sample message: past ``MAX_BODY`` it could be written
+    but would be read back as damage."""
+    return _BODY.size + 2 + len(stream.encode()) + _SAMPLE.size + 8 * samples * features
+
+
 def _read_text(body: bytes, off: int) -> tuple[str, int]:
     (n,) = _U16.unpack_from(body, off)
     end = off + 2 + n

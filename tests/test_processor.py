@@ -682,3 +682,34 @@ def test_a_restart_with_another_gap_setting_replays_the_log_as_it_was_written(
     assert again.checkpoint()  # from here on the new setting
     assert {k: getattr(again.engine, k) for k in after} == after
     assert again.reorder.restart_gap == again.engine.restart_gap
+
+
+def test_a_message_too_large_for_one_log_record_is_refused_not_logged_as_damage(
+    bundles, tmp_path, xs, monkeypatch
+):
+    """A log record longer than the reader takes would be written, acknowledged, and read back
+    at the next start as damage (every stream then says ``restart``): such a message (more than
+    ~128 features at 65,535 samples with the record limit of 64 MiB) is refused instead. The
+    limit is lowered here so that a small model reaches it."""
+    from edge import wal
+
+    monkeypatch.setattr(wal, "MAX_BODY", 8 * 6 * 100)
+    p = make(bundles, tmp_path)
+    big = np.repeat(xs[:1], 101, axis=0)
+    assert p.handle([msg("a", 1, xs[0]), msg("a", 2, big), msg("b", 1, xs[1])])
+    outs = answers(p)
+    errs = [json.loads(o.payload) for o in outs if o.topic == "errors/a"]
+    assert [(e["error"], e["seq"]) for e in errs] == [("too_many_samples", 2)]
+    assert "log record" in errs[0]["detail"] and str(wal.MAX_BODY) in errs[0]["detail"]
+    p.journal.close()
+    base = {"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path), "reorder_ms": 0}
+    cfg = config.load(None, env={}, overrides=base)
+    again = Processor(open_engine(cfg), cfg, Journal(tmp_path), Metrics())
+    found = again.recover()
+    assert found.damage == [] and not found.lost
+    assert again.handle([msg("a", 3, xs[2])])
+    docs = [json.loads(o.payload) for o in answers(again) if o.topic == "predictions/a"]
+    (doc,) = [d for d in docs if d["seq"] == 3]
+    assert not doc.get("restart")
+    want = edge.load(bundles / "clf-int8").step("x", xs[[0, 2]])[-1]
+    np.testing.assert_array_equal(np.asarray(doc["y"], np.float32), want)

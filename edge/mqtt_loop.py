@@ -148,6 +148,9 @@ class MqttService:
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
         self._said: str | None = None  # the state our retained status says
+        # The broker refused a topic filter we subscribed to: nothing on it will arrive.
+        self._deaf: str | None = None
+        self._subscribing: tuple[int, list[str]] = (-1, [])  # the SUBSCRIBE's id and filters
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
             queue_depth=lambda: len(self.inbox),
@@ -224,6 +227,7 @@ class MqttService:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _status(self, state: str, **extra: Any) -> bytes:
@@ -283,7 +287,8 @@ class MqttService:
             if self.ha is not None:
                 subs.append((self.ha.filter, 0))
         self._drop_stale_subscriptions(client, [f for f, _ in subs], flags.session_present)
-        client.subscribe(subs)
+        _, mid = client.subscribe(subs)
+        self._subscribing = (mid, [f for f, _ in subs])
         self.connected.set()
         self._connect_failures = 0
         self._said = None
@@ -311,6 +316,23 @@ class MqttService:
                 replace_whole(path, lambda tmp: tmp.write_text(json.dumps(filters)), ConfigError)
             except ConfigError as exc:  # a read-only state_dir is reported where it matters
                 log.warning("cannot record the subscriptions: %s", exc)
+
+    def _on_subscribe(
+        self, client: Any, userdata: Any, mid: int, codes: list[Any], props: Any
+    ) -> None:
+        """A broker's ACL may refuse a subscription (mosquitto's dynamic security, EMQX,
+        HiveMQ): the service would be online and deaf to those topics. Said loudly instead."""
+        sent, filters = self._subscribing
+        if mid != sent:
+            return
+        refused = [f"{f!r} ({c})" for f, c in zip(filters, codes) if c.is_failure]
+        if refused:
+            self._deaf = f"the broker refused the subscription to {', '.join(refused)}"
+            log.error(
+                "%s: nothing on it arrives; check the broker's ACL for this client", self._deaf
+            )
+        else:
+            self._deaf = None
 
     def _on_connect_fail(self, exc: BaseException) -> None:
         self._connect_failures += 1
@@ -590,7 +612,7 @@ class MqttService:
         self.processor.checkpoint()
 
     def _update_status(self) -> None:
-        reason = self.processor.degraded
+        reason = self.processor.degraded or self._deaf
         state = "online" if reason is None else "degraded"
         if state != self._said:
             self._say(state, **({"reason": reason} if reason else {}))

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from firmware_sim.broker import Broker as Mosquitto
-from tests.mqtt_helpers import ROOT, Collector, Publisher, wait_until
+from tests.mqtt_helpers import ROOT, Collector, Publisher, Serve, wait_until
 
 pytestmark = pytest.mark.broker
 DEPLOY = ROOT / "edge" / "deploy"
@@ -240,3 +240,43 @@ def test_systemd_unit_runs_the_service(bundles, broker, tmp_path):
     assert rc == 0 and time.monotonic() - t0 < float(service["TimeoutStopSec"])
     assert col.of("edge/status/edge-test")[-1][1]["state"] == "offline"
     col.close()
+
+
+def test_a_subscription_the_broker_refuses_is_said_not_served_deaf(bundles, tmp_path):
+    """A broker's ACL may refuse a subscription (here mosquitto's dynamic security plugin
+    refuses the sensors' topics to anonymous clients): the runtime must not say `online` and
+    wait for messages that never arrive, but say `degraded`, naming the filter."""
+    plugins = sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so"))
+    assert plugins, "mosquitto's dynamic security plugin is missing (Debian package mosquitto)"
+    import json
+
+    security = tmp_path / "dynsec.json"
+    deny = {"acltype": "subscribePattern", "topic": "sensors/#", "priority": 0, "allow": False}
+    allow_all = dict.fromkeys(
+        ("publishClientSend", "publishClientReceive", "subscribe", "unsubscribe"), True
+    )
+    anonymous = {"groupname": "anonymous", "roles": [{"rolename": "no-sensors"}], "clients": []}
+    security.write_text(
+        json.dumps(
+            {
+                "defaultACLAccess": allow_all,
+                "clients": [],
+                "groups": [anonymous],
+                "anonymousGroup": "anonymous",
+                "roles": [{"rolename": "no-sensors", "acls": [deny]}],
+            }
+        )
+    )
+    extra = f"plugin {plugins[0]}\nplugin_opt_config_file {security}\n"
+    broker = Mosquitto(tmp_path / "broker", extra=extra, embedded=False).start()
+    col = Collector(broker.url)
+    svc = Serve(bundles / "clf-int8", broker.url, tmp_path / "state").start()
+    try:
+        status = lambda: col.of("edge/status/edge-test")  # noqa: E731
+        wait_until(lambda: status() and status()[-1][1]["state"] == "degraded", 60, "degraded")
+        reason = status()[-1][1]["reason"]
+        assert "refused the subscription" in reason and "'sensors/+/data'" in reason
+    finally:
+        svc.stop()
+        col.close()
+        broker.stop()

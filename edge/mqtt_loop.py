@@ -150,6 +150,7 @@ class MqttService:
         self._said: str | None = None  # the state our retained status says
         # The broker refused a topic filter we subscribed to: nothing on it will arrive.
         self._deaf: str | None = None
+        self._status_mid = -1  # the message id of our last status
         self._subscribing: tuple[int, list[str]] = (-1, [])  # the SUBSCRIBE's id and filters
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
@@ -246,7 +247,8 @@ class MqttService:
     def _say(self, state: str, **extra: Any) -> None:
         """Publish our retained status (online, degraded) when it changes."""
         if self.connected.is_set():
-            self.client.publish(self._status_topic, self._status(state, **extra), 1, True)
+            info = self.client.publish(self._status_topic, self._status(state, **extra), 1, True)
+            self._status_mid = info.mid
             self._said = state
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -399,6 +401,9 @@ class MqttService:
             if self.outbox.acked(mid, failed) and failed:
                 log.error("the broker refused an answer (message id %d); check its ACL", mid)
                 self.metrics.inc("publish_refused")
+            elif failed:
+                on = f" on {self._status_topic}" if mid == self._status_mid else ""
+                log.error("the broker refused our message %d%s; check its ACL", mid, on)
 
     def _flush(self) -> None:
         """Publish what the outbox lets out; paho refusals go back in line, never lost."""

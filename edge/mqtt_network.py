@@ -151,7 +151,9 @@ class NetworkLoop:
                         log.error(
                             "the broker dropped the connection %.1f s after making it, %d "
                             "times in a row: does another client use this client id (a second "
-                            "serve)? The broker hands the session to the newest one.",
+                            "serve: the broker hands the session to the newest one), or does "
+                            "the broker's ACL refuse a topic we publish on (mosquitto then "
+                            "closes the connection)?",
                             lasted,
                             flaps,
                         )

@@ -280,3 +280,22 @@ def test_a_subscription_the_broker_refuses_is_said_not_served_deaf(bundles, tmp_
         svc.stop()
         col.close()
         broker.stop()
+
+
+def test_a_status_the_brokers_acl_refuses_is_named_in_the_log(bundles, tmp_path):
+    """Mosquitto answers a publish its ACL denies with PUBACK 'not authorized' and closes the
+    connection: the runtime reconnects again and again. Its log must name the refused topic
+    (it blamed a second `serve` with the same client id)."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite #\n\nuser edge-runtime\ntopic read sensors/#\n")
+    broker = Mosquitto(tmp_path / "broker", extra=f"acl_file {acl}\n", embedded=False).start()
+    svc = Serve(bundles / "clf-int8", broker.url, tmp_path / "state", "--username", "edge-runtime")
+    svc.start()
+    try:
+        refused = "the broker refused our message"
+        wait_until(lambda: refused in svc.log_path.read_text(), 60, "the refusal in the log")
+        line = next(s for s in svc.log_path.read_text().splitlines() if refused in s)
+        assert "edge/status/edge-test" in line and "ACL" in line
+    finally:
+        svc.stop()
+        broker.stop()

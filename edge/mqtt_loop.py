@@ -36,6 +36,7 @@ from .journal import Journal
 from .metrics import Metrics
 from .mqtt_client import Client
 from .mqtt_network import NetworkLoop
+from .outbox import Outbound
 from .outfile import replace_whole
 from .processor import Inbound, Processor
 from .state_lock import StateLock
@@ -91,6 +92,12 @@ def open_engine(cfg: ServiceConfig) -> Engine:
 
 # In the state directory: the topic filters the broker session holds for this service.
 SUBSCRIPTIONS = "subscriptions.json"
+
+
+def publish_size(o: Outbound, protocol: str) -> int:
+    """Bytes of the PUBLISH packet that carries ``o`` (no properties)."""
+    rest = 2 + len(o.topic.encode()) + (2 if o.qos else 0) + (protocol == "5") + len(o.payload)
+    return (2 if rest < 1 << 7 else 3 if rest < 1 << 14 else 4 if rest < 1 << 21 else 5) + rest
 
 
 class MqttService:
@@ -151,6 +158,7 @@ class MqttService:
         # The broker refused a topic filter we subscribed to: nothing on it will arrive.
         self._deaf: str | None = None
         self._status_mid = -1  # the message id of our last status
+        self._max_packet = 0  # the broker's largest packet (MQTT 5 CONNACK), 0: not said
         self._subscribing: tuple[int, list[str]] = (-1, [])  # the SUBSCRIBE's id and filters
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
@@ -289,6 +297,7 @@ class MqttService:
             if self.ha is not None:
                 subs.append((self.ha.filter, 0))
         self._drop_stale_subscriptions(client, [f for f, _ in subs], flags.session_present)
+        self._max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
         _, mid = client.subscribe(subs)
         self._subscribing = (mid, [f for f, _ in subs])
         self.connected.set()
@@ -411,6 +420,14 @@ class MqttService:
             return
         outs = self.outbox.take()
         for i, o in enumerate(outs):
+            if self._max_packet and publish_size(o, self.cfg.protocol) > self._max_packet:
+                limit = f"the broker's maximum packet size ({self._max_packet} bytes)"
+                o = outs[i] = self.processor.unsendable(o, limit)
+                if publish_size(o, self.cfg.protocol) > self._max_packet:  # nor its report
+                    log.error("no room in %s for the report on %r; dropped", limit, o.topic)
+                    self.metrics.inc("publish_failed")
+                    self.outbox.discard(o)
+                    continue
             try:
                 info = self.client.publish(o.topic, o.payload, qos=o.qos, retain=o.retain)
             except ValueError as exc:  # a topic or payload MQTT cannot carry: never will

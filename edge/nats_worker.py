@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import early_signals, payloads, wal
+from . import early_signals, wal
 from . import partition_snapshot as psnap
 from . import snapshot as snapfmt
 from .config import ServiceConfig
@@ -77,7 +77,7 @@ from .partitions import (
     topic_to_subject,
     transform_dest,
 )
-from .processor import INVALID_STREAM, Inbound, Processor
+from .processor import Inbound, Processor
 from .state_lock import StateLock
 
 log = logging.getLogger("edge.worker")
@@ -788,26 +788,11 @@ class Worker:
             log.warning("partition %d: answers sent, not confirmed: %r", part.number, exc)
 
     def _fit(self, part: Partition, o: Outbound) -> Outbound:
-        """An answer the server would refuse (larger than its ``max_payload``; the prediction of
-        a message of many samples) in its place: a report that says so. Sent, it was refused
-        and sent again without end, and every later answer of the partition waited behind it."""
-        limit = int(self.nc.max_payload) - ANSWER_HEADROOM
-        if len(o.payload) <= limit:
+        """An answer the server would refuse (larger than its ``max_payload``): a report."""
+        if len(o.payload) <= int(self.nc.max_payload) - ANSWER_HEADROOM:
             return o
-        proc = part.processor
-        stream = proc.predictions.stream(o.topic) or proc.errors.stream(o.topic)
-        try:
-            seq = json.loads(o.payload).get("seq")
-        except (ValueError, AttributeError, RecursionError):
-            seq = None
-        detail = (
-            f"answer of {len(o.payload)} bytes exceeds the NATS server's max_payload "
-            f"({self.nc.max_payload} bytes); not sent: send fewer samples per message"
-        )
-        log.error("partition %d: stream %s seq %s: %s", part.number, stream, seq, detail)
-        self.metrics.error("answer_too_large")
-        body = payloads.error("answer_too_large", detail, seq if isinstance(seq, int) else None)
-        return Outbound(proc.errors.topic(stream or INVALID_STREAM), body, lsn=o.lsn)
+        limit = f"the NATS server's max_payload ({self.nc.max_payload} bytes)"
+        return part.processor.unsendable(o, limit)
 
     @staticmethod
     def _done(part: Partition, outs: list[Outbound]) -> None:

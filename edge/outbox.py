@@ -72,6 +72,11 @@ class Outbox:
         """Answers the transport could not hand to its client: first in line again."""
         self._queue.extendleft(reversed(list(outs)))
 
+    def replace(self, old: Outbound, new: Outbound) -> None:
+        """``new`` (taken already, same lsn) goes out in place of ``old``."""
+        if old.qos and old.lsn:
+            self.open_bytes += len(new.topic) + len(new.payload) - len(old.topic) - len(old.payload)
+
     def acked(self, mid: int, failed: bool = False) -> bool:
         out = self._sent.pop(mid, None)
         if out is None:

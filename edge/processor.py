@@ -420,6 +420,26 @@ class Processor:
         """The broker's packet id of a message (0: none, or not an MQTT broker's)."""
         return 0 if self.lsn_from_mid or not msg.qos else msg.mid & 0xFFFF
 
+    def unsendable(self, o: Outbound, limit: str) -> Outbound:
+        """In place of an answer larger than the transport carries (``limit`` says what it
+        exceeds; the prediction of a message of many samples): a report that says so. Sent,
+        it was refused and sent again without end, and every later answer waited behind it."""
+        stream = self.predictions.stream(o.topic) or self.errors.stream(o.topic)
+        try:
+            seq = json.loads(o.payload).get("seq")
+        except (ValueError, AttributeError, RecursionError):
+            seq = None
+        detail = (
+            f"answer of {len(o.payload)} bytes exceeds {limit}; not sent: send fewer samples "
+            "per message"
+        )
+        log.error("stream %s seq %s: %s", stream, seq, detail)
+        self.metrics.error("answer_too_large")
+        body = payloads.error("answer_too_large", detail, seq if isinstance(seq, int) else None)
+        new = Outbound(self.errors.topic(stream or INVALID_STREAM), body, o.qos, lsn=o.lsn)
+        self.outbox.replace(o, new)
+        return new
+
     def _restart_flagged(self, o: Outbound) -> Outbound:
         if self.predictions.stream(o.topic) is None:
             return o

@@ -318,3 +318,37 @@ def test_a_batch_that_fills_does_not_wait_out_max_wait_ms(bundles, broker, servi
     expected = offline(bundles / BUNDLE, samples)
     wait_until(lambda: set(expected) <= set(col.predictions()), 120, "the full batch's answers")
     assert_exact(col.predictions(), expected)
+
+
+def test_an_answer_past_the_brokers_packet_size_is_reported_not_sent_again_forever(
+    bundles, tmp_path
+):
+    """A broker with ``max_packet_size`` (said in its MQTT 5 CONNACK) closes the connection of
+    a client that publishes a larger packet: the prediction of a message of many samples was
+    sent again at every reconnect, for ever, and every later answer waited behind it. It is
+    replaced by an ``answer_too_large`` report; the answers after it go out."""
+    from firmware_sim.broker import Broker
+
+    broker = Broker(tmp_path / "broker", extra="max_packet_size 1500\n", embedded=False).start()
+    col = Collector(broker.url)
+    svc = Serve(bundles / BUNDLE, broker.url, tmp_path / "state").start()
+    try:
+        wait_until(col.online, 20, "runtime online")
+        samples = {k: v.round(1) for k, v in make_samples(2, 41, seed=7).items()}  # short
+        samples["dev-1"] = samples["dev-1"][:1]
+        pub = Publisher(broker.url)
+        pub.send("dev-0", 1, samples["dev-0"][:40])  # its answer: 40 rows, past 1,500 bytes
+        pub.send("dev-0", 41, samples["dev-0"][40:])
+        pub.send("dev-1", 1, samples["dev-1"])
+        pub.flush()
+        expected = offline(bundles / BUNDLE, samples)
+        later = {("dev-0", 41), ("dev-1", 1)}
+        wait_until(lambda: later <= set(col.predictions()), 60, "the answers after it")
+        assert_exact(col.predictions(), {k: expected[k] for k in later})
+        (err,) = [doc for _, doc in col.of("errors/dev-0")]
+        assert err["error"] == "answer_too_large" and err["seq"] == 1
+        assert "1500 bytes" in err["detail"]
+    finally:
+        svc.stop()
+        col.close()
+        broker.stop()

@@ -30,6 +30,17 @@ READ_SIZE = 1 << 16
 WRITE_SIZE = 1 << 16  # queued packets joined into one, up to about this many bytes
 _PUBACK_OK = ReasonCode(PacketTypes.PUBACK)  # success, shared: read only
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+_PUBACK_CODES = {0, 16, 128, 131, 135, 144, 145, 151, 153}  # what MQTT 5 allows in a PUBACK
+
+
+def _refusal(code: int) -> ReasonCode:
+    """A PUBACK reason code MQTT 5 does not allow there, read as the failure it names."""
+    try:
+        return ReasonCode(PacketTypes.DISCONNECT, identifier=code)
+    except (KeyError, ValueError):  # paho raises either, by the code
+        return ReasonCode(PacketTypes.PUBACK, "Unspecified error")
+
+
 _PUBLISHED = threading.Condition()  # what waiters of every _Receipt wait on
 
 
@@ -263,12 +274,21 @@ class Client(mqtt.Client):
 
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
-        if cmd != "PUBACK" or not (len(packet) == 2 or (len(packet) == 3 and packet[2] == 0)):
+        if cmd != "PUBACK" or len(packet) < 2:
             return super()._handle_pubackcomp(cmd)
+        if len(packet) == 2 or (len(packet) == 3 and packet[2] == 0):
+            reason = _PUBACK_OK
+        elif packet[2] in _PUBACK_CODES:
+            return super()._handle_pubackcomp(cmd)
+        else:
+            # mosquitto answers a publish past its message_size_limit with 0x95, which MQTT 5
+            # allows in a DISCONNECT only: paho took it for a protocol error, kept the answer
+            # in flight and sent it again after every reconnect, for ever.
+            reason = _refusal(packet[2])
         mid = int.from_bytes(packet[:2], "big")
         with self._out_message_mutex:
             if mid in self._out_messages:
-                return self._do_on_publish(mid, _PUBACK_OK, _NO_PROPERTIES)
+                return self._do_on_publish(mid, reason, _NO_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 

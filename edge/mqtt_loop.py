@@ -90,6 +90,9 @@ def open_engine(cfg: ServiceConfig) -> Engine:
     )
 
 
+PACKET_TOO_LARGE = 0x95
+ACL_HINT = "; check its ACL and limits"
+
 # In the state directory: the topic filters the broker session holds for this service.
 SUBSCRIPTIONS = "subscriptions.json"
 
@@ -141,7 +144,8 @@ class MqttService:
         # that, so that what lies beyond queue_size can be answered "dropped".
         self.read_limit = cfg.queue_size * (2 if cfg.overload == "drop-oldest" else 1)
         self.inbox = Inbox(self.read_limit, cfg.state_dir, log_reserve=journal.reserve)
-        self.acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
+        # (message id, the broker's reason code when it refused the message, else None)
+        self.acks: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
         # A message's packet id means something only to the session it came in: a connection
         # that finds no session (a broker restarted without persistence, the session expired)
         # numbers its deliveries anew, and a PUBACK of an old id there would acknowledge
@@ -396,7 +400,7 @@ class MqttService:
         # Only a worker waiting for room in the window needs waking: otherwise the acks are
         # drained with the next messages (or the next idle tick). Waking it for each one
         # doubled its rounds at a steady trickle of messages, each round a thread switch.
-        self.acks.put((mid, bool(getattr(reason, "is_failure", False))))
+        self.acks.put((mid, reason if getattr(reason, "is_failure", False) else None))
         self.answered.set()
 
     # -- worker side ------------------------------------------------------------------------
@@ -404,15 +408,24 @@ class MqttService:
     def _drain_acks(self) -> None:
         while True:
             try:
-                mid, failed = self.acks.get_nowait()
+                mid, refusal = self.acks.get_nowait()
             except queue.Empty:
                 return
-            if self.outbox.acked(mid, failed) and failed:
-                log.error("the broker refused an answer (message id %d); check its ACL", mid)
-                self.metrics.inc("publish_refused")
-            elif failed:
+            out = self.outbox.acked(mid, refusal is not None)
+            if refusal is None:
+                continue
+            if out is None:
                 on = f" on {self._status_topic}" if mid == self._status_mid else ""
-                log.error("the broker refused our message %d%s; check its ACL", mid, on)
+                log.error("the broker refused our message %d%s (%s)%s", mid, on, refusal, ACL_HINT)
+                continue
+            self.metrics.inc("publish_refused")
+            if refusal.value == PACKET_TOO_LARGE and self.processor.predictions.stream(out.topic):
+                limit = f"what the broker takes (it answered '{refusal}')"
+                self.outbox.put([self.processor.unsendable(out, limit)])
+            else:
+                log.error(
+                    "the broker refused the answer on %s (%s)%s", out.topic, refusal, ACL_HINT
+                )
 
     def _flush(self) -> None:
         """Publish what the outbox lets out; paho refusals go back in line, never lost."""
@@ -422,7 +435,9 @@ class MqttService:
         for i, o in enumerate(outs):
             if self._max_packet and publish_size(o, self.cfg.protocol) > self._max_packet:
                 limit = f"the broker's maximum packet size ({self._max_packet} bytes)"
-                o = outs[i] = self.processor.unsendable(o, limit)
+                report = outs[i] = self.processor.unsendable(o, limit)
+                self.outbox.replace(o, report)
+                o = report
                 if publish_size(o, self.cfg.protocol) > self._max_packet:  # nor its report
                     log.error("no room in %s for the report on %r; dropped", limit, o.topic)
                     self.metrics.inc("publish_failed")

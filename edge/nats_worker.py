@@ -792,7 +792,9 @@ class Worker:
         if len(o.payload) <= int(self.nc.max_payload) - ANSWER_HEADROOM:
             return o
         limit = f"the NATS server's max_payload ({self.nc.max_payload} bytes)"
-        return part.processor.unsendable(o, limit)
+        report = part.processor.unsendable(o, limit)
+        part.processor.outbox.replace(o, report)
+        return report
 
     @staticmethod
     def _done(part: Partition, outs: list[Outbound]) -> None:

@@ -77,13 +77,14 @@ class Outbox:
         if old.qos and old.lsn:
             self.open_bytes += len(new.topic) + len(new.payload) - len(old.topic) - len(old.payload)
 
-    def acked(self, mid: int, failed: bool = False) -> bool:
+    def acked(self, mid: int, failed: bool = False) -> Outbound | None:
+        """The answer the broker acknowledged (or refused), None when ``mid`` is none of ours."""
         out = self._sent.pop(mid, None)
         if out is None:
-            return False
+            return None
         self.refused += failed
         self.discard(out)
-        return True
+        return out
 
     def discard(self, out: Outbound) -> None:
         """An answer that is done with (acknowledged, or one that can never be sent)."""

@@ -436,9 +436,7 @@ class Processor:
         log.error("stream %s seq %s: %s", stream, seq, detail)
         self.metrics.error("answer_too_large")
         body = payloads.error("answer_too_large", detail, seq if isinstance(seq, int) else None)
-        new = Outbound(self.errors.topic(stream or INVALID_STREAM), body, o.qos, lsn=o.lsn)
-        self.outbox.replace(o, new)
-        return new
+        return Outbound(self.errors.topic(stream or INVALID_STREAM), body, o.qos, lsn=o.lsn)
 
     def _restart_flagged(self, o: Outbound) -> Outbound:
         if self.predictions.stream(o.topic) is None:

@@ -320,16 +320,23 @@ def test_a_batch_that_fills_does_not_wait_out_max_wait_ms(bundles, broker, servi
     assert_exact(col.predictions(), expected)
 
 
+@pytest.mark.parametrize(
+    "limit",
+    [
+        "max_packet_size 1500",  # said in the CONNACK: the answer is not sent
+        "message_size_limit 1500",  # not said: refused with a code paho took for an error
+    ],
+)
 def test_an_answer_past_the_brokers_packet_size_is_reported_not_sent_again_forever(
-    bundles, tmp_path
+    bundles, tmp_path, limit
 ):
-    """A broker with ``max_packet_size`` (said in its MQTT 5 CONNACK) closes the connection of
-    a client that publishes a larger packet: the prediction of a message of many samples was
-    sent again at every reconnect, for ever, and every later answer waited behind it. It is
-    replaced by an ``answer_too_large`` report; the answers after it go out."""
+    """Mosquitto closes the connection of a client that publishes past its limit: the
+    prediction of a message of many samples was sent again at every reconnect, for ever, and
+    every later answer waited behind it. An ``answer_too_large`` report goes out in its place;
+    the answers after it go out."""
     from firmware_sim.broker import Broker
 
-    broker = Broker(tmp_path / "broker", extra="max_packet_size 1500\n", embedded=False).start()
+    broker = Broker(tmp_path / "broker", extra=f"{limit}\n", embedded=False).start()
     col = Collector(broker.url)
     svc = Serve(bundles / BUNDLE, broker.url, tmp_path / "state").start()
     try:
@@ -347,7 +354,6 @@ def test_an_answer_past_the_brokers_packet_size_is_reported_not_sent_again_forev
         assert_exact(col.predictions(), {k: expected[k] for k in later})
         (err,) = [doc for _, doc in col.of("errors/dev-0")]
         assert err["error"] == "answer_too_large" and err["seq"] == 1
-        assert "1500 bytes" in err["detail"]
     finally:
         svc.stop()
         col.close()

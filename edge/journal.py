@@ -319,6 +319,13 @@ class Journal:
             # and a disk that stays full does not gather a segment per attempt.
             os.close(fd)
             seg.unlink(missing_ok=True)
+            # A snapshot renamed into place before the failure (its directory's fsync failed)
+            # goes too: a restart would take it for the newest state, without its segment,
+            # and skip what the log goes on to hold where it was.
+            try:
+                self.path("snap", gen).unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("cannot remove the snapshot of a failed checkpoint: %s", exc)
             self._fd, self.generation = None, gen - 1
             with contextlib.suppress(OSError):  # the next append says what is wrong
                 self.open()

@@ -2,6 +2,7 @@
 replay after a crash, and the answers a restart publishes again."""
 
 import json
+import os
 import time
 
 import numpy as np
@@ -713,3 +714,39 @@ def test_a_message_too_large_for_one_log_record_is_refused_not_logged_as_damage(
     assert not doc.get("restart")
     want = edge.load(bundles / "clf-int8").step("x", xs[[0, 2]])[-1]
     np.testing.assert_array_equal(np.asarray(doc["y"], np.float32), want)
+
+
+def test_a_checkpoint_whose_directory_fsync_fails_loses_nothing_logged_after_it(
+    bundles, tmp_path, xs, monkeypatch
+):
+    """The snapshot is renamed into place before the directory is fsynced: when that fsync
+    fails (EIO on a worn SD card) the checkpoint fails and the log goes on in the segment
+    before it, but the new snapshot stayed. A restart then took it for the newest state, found
+    its segment missing, and lost every acknowledged sample logged after the failure."""
+    import errno
+    import stat
+
+    from edge import snapshot
+
+    state = tmp_path / "state"
+    p = make(bundles, state)
+    p.journal.open()
+    for i in range(3):
+        assert p.handle([msg("a", i + 1, xs[i])])
+    real = os.fsync
+
+    def failing(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(snapshot.os, "fsync", failing)
+    assert not p.checkpoint() and p.degraded
+    monkeypatch.setattr(snapshot.os, "fsync", real)
+    for i in range(3, 6):  # logged, so acknowledged to the broker
+        assert p.handle([msg("a", i + 1, xs[i])])
+    had = p.engine.state_of("a")
+    p.journal.close()  # kill -9 here
+    again = make(bundles, state)
+    assert again.engine.last_seq("a") == 6
+    assert all(np.array_equal(a, b) for a, b in zip(again.engine.state_of("a"), had))

@@ -306,7 +306,7 @@ class Journal:
             self._with_room(lambda: _write_all(fd, data, 0, True))
         except OSError:
             os.close(fd)
-            seg.unlink(missing_ok=True)
+            _remove(seg, "the segment of a failed checkpoint")
             raise
         if self._fd is not None:
             os.close(self._fd)
@@ -317,16 +317,14 @@ class Journal:
         except BaseException:
             # The segment holds copies of what the log before it holds: the log goes on there,
             # and a disk that stays full does not gather a segment per attempt.
+            # First of all: nothing may be appended to the number ``fd`` had once it is closed.
             os.close(fd)
-            seg.unlink(missing_ok=True)
+            self._fd, self.generation = None, gen - 1
+            _remove(seg, "the segment of a failed checkpoint")
             # A snapshot renamed into place before the failure (its directory's fsync failed)
             # goes too: a restart would take it for the newest state, without its segment,
             # and skip what the log goes on to hold where it was.
-            try:
-                self.path("snap", gen).unlink(missing_ok=True)
-            except OSError as exc:
-                log.error("cannot remove the snapshot of a failed checkpoint: %s", exc)
-            self._fd, self.generation = None, gen - 1
+            _remove(self.path("snap", gen), "the snapshot of a failed checkpoint")
             with contextlib.suppress(OSError):  # the next append says what is wrong
                 self.open()
             raise
@@ -384,6 +382,14 @@ class Journal:
         snaps, segs = self._listing()
         yield from (self.path("snap", g) for g in snaps)
         yield from (self.path("wal", g) for g in segs)
+
+
+def _remove(path: Path, what: str) -> None:
+    """Remove ``path`` if it is there; a failure (a read-only directory) is logged."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("cannot remove %s, %s: %s", path, what, exc.strerror or exc)
 
 
 def _write_all(fd: int, data: bytes, size: int, fsync: bool) -> None:

@@ -544,3 +544,42 @@ def test_an_old_generation_that_cannot_be_removed_does_not_fail_the_checkpoints(
         "wal-00000004.log", "wal-00000005.log",
     ]  # fmt: skip
     assert caplog.text.count("cannot remove") == 1 and str(stuck) in caplog.text
+
+
+def test_a_state_dir_turned_read_only_during_a_checkpoint_loses_no_later_entry(
+    tmp_path, monkeypatch
+):
+    """An SD card remounted read-only while a snapshot is written: the checkpoint fails and
+    its segment cannot be removed. The journal kept the number of the segment it had closed,
+    so the next appends went to whatever file was opened next under that number (or failed
+    with EBADF at every retry), while they were reported written."""
+    import errno
+
+    state = tmp_path / "state"
+    j = Journal(state)
+    j.recover(no_restore)
+    j.open()
+    j.checkpoint(_snap_of(100), [Mark(0)], {"lsn": 0})
+    j.append([rec("a", 1, 1)])
+    real_unlink = Path.unlink
+
+    def read_only(path, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def remounted(path, extra):
+        monkeypatch.setattr(Path, "unlink", read_only)
+        raise SnapshotError(f"{path}: cannot write snapshot: Read-only file system")
+
+    with pytest.raises((OSError, SnapshotError)):
+        j.checkpoint(remounted, [rec("a", 1, 1, carried=True), Mark(1)], {"lsn": 1})
+    monkeypatch.setattr(Path, "unlink", real_unlink)  # writable again
+    other = tmp_path / "other"
+    fd = os.open(other, os.O_RDWR | os.O_CREAT)  # takes the lowest free number
+    try:
+        j.append([rec("a", 2, 2)])
+    finally:
+        os.close(fd)
+    j.close()
+    assert other.read_bytes() == b""
+    got = Journal(state).recover(lambda p: {"lsn": 0})
+    assert [e.seq for e in got.entries if isinstance(e, Record) and not e.carried] == [1, 2]

@@ -315,16 +315,19 @@ class Journal:
         try:
             self._with_room(lambda: snapshot(self.path("snap", gen), {**extra, "generation": gen}))
         except BaseException:
+            # A snapshot renamed into place before the failure (its directory's fsync failed)
+            # goes first: a restart would take it for the newest state and replay only its
+            # segment, skipping what the log goes on to hold where it was.
+            if not _remove(self.path("snap", gen), "the snapshot of a failed checkpoint"):
+                # It stays, whole (written before its rename): the log goes on after it.
+                self.snapshots.append(gen)
+                raise
             # The segment holds copies of what the log before it holds: the log goes on there,
             # and a disk that stays full does not gather a segment per attempt.
             # First of all: nothing may be appended to the number ``fd`` had once it is closed.
             os.close(fd)
             self._fd, self.generation = None, gen - 1
             _remove(seg, "the segment of a failed checkpoint")
-            # A snapshot renamed into place before the failure (its directory's fsync failed)
-            # goes too: a restart would take it for the newest state, without its segment,
-            # and skip what the log goes on to hold where it was.
-            _remove(self.path("snap", gen), "the snapshot of a failed checkpoint")
             with contextlib.suppress(OSError):  # the next append says what is wrong
                 self.open()
             raise
@@ -384,12 +387,15 @@ class Journal:
         yield from (self.path("wal", g) for g in segs)
 
 
-def _remove(path: Path, what: str) -> None:
-    """Remove ``path`` if it is there; a failure (a read-only directory) is logged."""
+def _remove(path: Path, what: str) -> bool:
+    """Remove ``path`` if it is there; whether it is gone. A failure (a read-only directory)
+    is logged."""
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:
         log.error("cannot remove %s, %s: %s", path, what, exc.strerror or exc)
+        return False
+    return True
 
 
 def _write_all(fd: int, data: bytes, size: int, fsync: bool) -> None:

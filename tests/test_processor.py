@@ -716,15 +716,18 @@ def test_a_message_too_large_for_one_log_record_is_refused_not_logged_as_damage(
     np.testing.assert_array_equal(np.asarray(doc["y"], np.float32), want)
 
 
+@pytest.mark.parametrize("removable", [True, False], ids=["removed", "cannot-be-removed"])
 def test_a_checkpoint_whose_directory_fsync_fails_loses_nothing_logged_after_it(
-    bundles, tmp_path, xs, monkeypatch
+    bundles, tmp_path, xs, monkeypatch, removable
 ):
     """The snapshot is renamed into place before the directory is fsynced: when that fsync
     fails (EIO on a worn SD card) the checkpoint fails and the log goes on in the segment
     before it, but the new snapshot stayed. A restart then took it for the newest state, found
-    its segment missing, and lost every acknowledged sample logged after the failure."""
+    its segment missing, and lost every acknowledged sample logged after the failure. A
+    snapshot that cannot be removed either stands: the log goes on in its segment."""
     import errno
     import stat
+    from pathlib import Path
 
     from edge import snapshot
 
@@ -740,9 +743,18 @@ def test_a_checkpoint_whose_directory_fsync_fails_loses_nothing_logged_after_it(
             raise OSError(errno.EIO, "Input/output error")
         real(fd)
 
+    def stuck(path, missing_ok=False):
+        if path.name.startswith("snap-"):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        real_unlink(path, missing_ok=missing_ok)
+
+    real_unlink = Path.unlink
     monkeypatch.setattr(snapshot.os, "fsync", failing)
+    if not removable:
+        monkeypatch.setattr(Path, "unlink", stuck)
     assert not p.checkpoint() and p.degraded
     monkeypatch.setattr(snapshot.os, "fsync", real)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
     for i in range(3, 6):  # logged, so acknowledged to the broker
         assert p.handle([msg("a", i + 1, xs[i])])
     had = p.engine.state_of("a")

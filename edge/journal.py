@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, SnapshotError, StateMismatch
-from .wal import Damage, Entry, Mark, Output, Record, encode, scan
+from .wal import Damage, Entry, Joined, Mark, Output, Record, encode, encode_round, scan
 
 log = logging.getLogger("edge.service")
 _NAME = re.compile(r"^(snap|wal)-(\d{8})\.(bin|log)$")
@@ -52,6 +52,8 @@ class Recovery:
     damage: list[str] = field(default_factory=list)  # one line per damaged log span
     lost: bool = False  # the damage may have taken acknowledged entries with it
     entries: list[Entry] = field(default_factory=list)
+    # Indices of entries logged in one round with the entry after them: replayed together.
+    joined: set[int] = field(default_factory=set)
     acked: int = 0  # the highest ack mark found
     last_lsn: int = 0
 
@@ -94,6 +96,7 @@ class Journal:
         # (generation, offset) of a torn last write found at the end of the newest segment:
         # cut off before that segment is appended to, else it reads as damage in the middle.
         self._torn: tuple[int, int] | None = None
+        self._unfinished = False  # the newest segment ends inside a round (see ``open``)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"state_dir {str(self.dir)!r} exists and is not a directory")
 
@@ -144,11 +147,22 @@ class Journal:
             if not data:  # made with a first entry (``open``, ``checkpoint``): cut to nothing
                 rec.damage.append(f"{path.name}: empty, cut short (what it logged is lost)")
                 rec.lost = True
+            # The last entry replayed, while every frame read since was of its round.
+            open_round: int | None = None
+            more = False  # the frame just read was written with the next one
             for item in scan(data):
+                if isinstance(item, Joined):
+                    more = True
+                    continue
+                joins, more = more, False
+                if not joins:
+                    open_round = None
                 if isinstance(item, Damage):
+                    open_round = None
                     if item.at_end:
                         if gen == segs[-1]:
                             self._torn = (gen, item.offset)
+                            self._unfinished = True  # the round the torn write was in
                         what = (
                             f"ends inside an entry at offset {item.offset} (a torn last "
                             "write, or the file cut short), skipped"
@@ -179,7 +193,12 @@ class Journal:
                             continue
                         carried.add(key)
                     rec.last_lsn = max(rec.last_lsn, item.lsn)
+                if open_round is not None:
+                    rec.joined.add(open_round)
+                open_round = len(rec.entries)
                 rec.entries.append(item)
+            if gen == segs[-1] and more:  # its last round cut short: ended before the next
+                self._unfinished = True
         rec.last_lsn = max(rec.last_lsn, rec.base_lsn, rec.acked)
         self.generation = max([first, *segs, *snaps])
         return rec
@@ -226,13 +245,18 @@ class Journal:
                 os.close(fd)
                 raise
             self._torn = None
-        if not os.fstat(fd).st_size:  # a segment begins with an entry: an empty one was cut
+        # A segment begins with an entry (an empty one was cut), and a round a crash cut short
+        # is ended before the next one (else a replay would take the two for one).
+        if not os.fstat(fd).st_size or self._unfinished:
             try:
-                _write_all(fd, encode(Mark(0)), 0, True)
+                _write_all(fd, encode(Mark(0)), os.fstat(fd).st_size, True)
             except OSError:
+                empty = not os.fstat(fd).st_size
                 os.close(fd)
-                path.unlink(missing_ok=True)
+                if empty:
+                    path.unlink(missing_ok=True)
                 raise
+            self._unfinished = False
         self._fd, self._size, self._room = fd, os.fstat(fd).st_size, -1
 
     @property
@@ -252,7 +276,7 @@ class Journal:
             raise OSError(errno.ENOENT, self.lost)
         self.open()
         assert self._fd is not None
-        data = b"".join(encode(e) for e in entries)
+        data = encode_round(entries)
         reserve = self.reserve() if keep_reserve else 0
         if (
             reserve

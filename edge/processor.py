@@ -288,18 +288,19 @@ class Processor:
         self._load_flags(rec.extra.get("restart") or {})
         self._load_resets(rec.extra.get("resets"))
         outs: list[Outbound] = []
-        for entry in rec.entries:
+        r = _Round()
+        for i, entry in enumerate(rec.entries):
             if isinstance(entry, Output):
                 outs.append(Outbound(entry.topic, entry.payload, lsn=entry.lsn))
-                continue
-            r = _Round()
-            if isinstance(entry, (Record, Void)):
+            elif isinstance(entry, (Record, Void)):
                 r.items.append(entry)
             elif isinstance(entry, Release):
                 r.released += self.reorder.force(entry.stream, entry.seq)
-            elif isinstance(entry, Evict):
+            elif isinstance(entry, Evict):  # logged first in its round: forgotten before it
                 self.engine.store.evict([entry.stream])
-            outs += self._apply(r)
+            if i not in rec.joined:  # the end of a round: stepped whole, as the run stepped it
+                outs += self._apply(r)
+                r = _Round()
         # The broker holds at most 65535 messages unacknowledged: older resets are not resent.
         self._resets = {
             pid: was for pid, was in self._resets.items() if was[5] > self.lsn - (1 << 16)

@@ -15,6 +15,11 @@ Every entry is one frame (little-endian)::
 
 The magic lets a reader find the next intact frame after a damaged one, so one flipped byte
 costs one entry, not the rest of the log; every skipped span is reported (``Damage``).
+
+Flag ``_MORE`` (32, any kind) says that the next frame was written with this one, in the same
+round: a replay steps a round's messages together, as the run did (stepped one by one they
+may leave the streams in another order of use, and at capacity another stream is evicted).
+Entries without it end their round (each is one of its own in a log of an earlier version).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +41,7 @@ _U32 = struct.Struct("<I")
 MAX_BODY = 64 << 20  # larger lengths are damage, not a record
 
 # flags
-_BOOT, _CARRIED, _REBASE, _REDELIVERED, _MID = 1, 2, 4, 8, 16
+_BOOT, _CARRIED, _REBASE, _REDELIVERED, _MID, _MORE = 1, 2, 4, 8, 16, 32
 
 
 @dataclass(slots=True)  # made per message: not frozen, whose __init__ costs 5x
@@ -111,6 +116,11 @@ Entry = Record | Output | Mark | Release | Void | Evict
 
 
 @dataclass(frozen=True)
+class Joined:
+    """Read after an entry written in one round with the next frame."""
+
+
+@dataclass(frozen=True)
 class Damage:
     """A span of a log file that held no intact frame."""
 
@@ -124,10 +134,13 @@ def _text(s: str) -> bytes:
     return _U16.pack(len(b)) + b
 
 
-def encode(entry: Entry) -> bytes:
+def encode(entry: Entry, *, more: bool = False) -> bytes:
+    """One frame; ``more``: the next frame is of the same round."""
+    joined = _MORE if more else 0
     if isinstance(entry, Record):
         flags = (
-            (_BOOT if entry.boot is not None else 0)
+            joined
+            | (_BOOT if entry.boot is not None else 0)
             | (_CARRIED if entry.carried else 0)
             | (_REBASE if entry.rebase else 0)
             | (_REDELIVERED if entry.redelivered else 0)
@@ -143,16 +156,16 @@ def encode(entry: Entry) -> bytes:
         )  # fmt: skip
     elif isinstance(entry, Output):
         body = (
-            _BODY.pack(b"O", _CARRIED if entry.carried else 0, entry.lsn)
+            _BODY.pack(b"O", joined | (_CARRIED if entry.carried else 0), entry.lsn)
             + _text(entry.topic) + _U32.pack(len(entry.payload)) + entry.payload
         )  # fmt: skip
     elif isinstance(entry, Mark):
-        body = _BODY.pack(b"A", 0, entry.acked)
+        body = _BODY.pack(b"A", joined, entry.acked)
     elif isinstance(entry, Evict):
-        body = _BODY.pack(b"E", 0, 0) + _text(entry.stream)
+        body = _BODY.pack(b"E", joined, 0) + _text(entry.stream)
     else:
         kind = b"X" if isinstance(entry, Release) else b"V"
-        body = _BODY.pack(kind, 0, 0) + _text(entry.stream) + _U32.pack(entry.seq)
+        body = _BODY.pack(kind, joined, 0) + _text(entry.stream) + _U32.pack(entry.seq)
     return _FRAME.pack(MAGIC, len(body), zlib.crc32(body)) + body
 
 
@@ -213,8 +226,15 @@ def decode(body: bytes) -> Entry:
     raise ValueError(f"unknown entry kind {kind!r}")
 
 
-def scan(data: bytes) -> Iterator[Entry | Damage]:
-    """Every intact entry in order; a ``Damage`` for every span in between that is not one."""
+def encode_round(entries: Sequence[Entry]) -> bytes:
+    """The frames of entries written in one round (see ``_MORE``)."""
+    last = len(entries) - 1
+    return b"".join(encode(e, more=i < last) for i, e in enumerate(entries))
+
+
+def scan(data: bytes) -> Iterator[Entry | Damage | Joined]:
+    """Every intact entry in order, each written in one round with the next frame followed by
+    ``Joined``; a ``Damage`` for every span in between that is not one."""
     off, size = 0, len(data)
     while off < size:
         entry: Entry | None = None
@@ -231,6 +251,8 @@ def scan(data: bytes) -> Iterator[Entry | Damage]:
                         entry = None
         if entry is not None:
             yield entry
+            if body[1] & _MORE:
+                yield Joined()
             off = end
             continue
         nxt = data.find(MAGIC, off + 1)

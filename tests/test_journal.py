@@ -583,3 +583,37 @@ def test_a_state_dir_turned_read_only_during_a_checkpoint_loses_no_later_entry(
     assert other.read_bytes() == b""
     got = Journal(state).recover(lambda p: {"lsn": 0})
     assert [e.seq for e in got.entries if isinstance(e, Record) and not e.carried] == [1, 2]
+
+
+def _rounds(got):
+    """The lsns of the entries recovered, grouped by the round that logged them."""
+    out, cur = [], []
+    for i, e in enumerate(got.entries):
+        cur.append(e.lsn)
+        if i not in got.joined:
+            out.append(cur)
+            cur = []
+    return out
+
+
+@pytest.mark.parametrize("cut", ["between-frames", "inside-a-frame"])
+def test_a_round_a_crash_cut_short_is_not_taken_with_the_next_one(tmp_path, cut):
+    """Each round's entries are replayed together, as they were stepped; a round whose last
+    frames a crash kept from the disk is ended before the next start appends, else the next
+    replay would step the two as one."""
+    j = Journal(tmp_path)
+    j.recover(no_restore)
+    j.open()
+    j.append([rec("a", 1, 1), rec("b", 1, 2), Mark(0)])
+    j.append([rec("a", 2, 3), rec("b", 2, 4), rec("c", 1, 5)])
+    j.close()
+    seg = tmp_path / "wal-00000000.log"
+    data = seg.read_bytes()
+    size = len(wal.encode(rec("c", 1, 5)))
+    seg.write_bytes(data[: -size if cut == "between-frames" else -size // 2])
+    j = Journal(tmp_path)
+    assert _rounds(j.recover(no_restore)) == [[1, 2], [3, 4]]
+    j.open()
+    j.append([rec("d", 1, 6), rec("e", 1, 7)])
+    j.close()
+    assert _rounds(Journal(tmp_path).recover(no_restore)) == [[1, 2], [3, 4], [6, 7]]

@@ -762,3 +762,29 @@ def test_a_checkpoint_whose_directory_fsync_fails_loses_nothing_logged_after_it(
     again = make(bundles, state)
     assert again.engine.last_seq("a") == 6
     assert all(np.array_equal(a, b) for a, b in zip(again.engine.state_of("a"), had))
+
+
+def test_a_replay_evicts_the_streams_the_run_before_the_crash_evicted(bundles, tmp_path, xs):
+    """A batch in which a stream sends twice leaves it the most recently used, as stepping its
+    messages one by one does. The log was replayed message by message while the batches were
+    stepped whole, which leave the streams in the order they first appear: at capacity, a
+    replay after a crash evicted another stream than the run had (one kept its state, the
+    other lost it), and the answers it published again differed from the first ones."""
+    state = tmp_path / "state"
+    p = make(bundles, state, capacity=3, max_batch=3)
+    p.journal.open()
+    assert p.handle([msg("a", 1, xs[0]), msg("b", 1, xs[1]), msg("c", 1, xs[2])])
+    assert p.handle([msg("a", 2, xs[3]), msg("b", 2, xs[4]), msg("a", 3, xs[5])])
+    assert p.handle([msg("d", 1, xs[6])])
+    assert p.handle([msg("e", 1, xs[7])])  # evicts the two least recently used
+    had = {s: (p.engine.last_seq(s), p.engine.state_of(s)) for s in p.engine.store.streams}
+    first = answers(p)
+    p.journal.close()  # kill -9 here: nothing acknowledged, every answer is published again
+    again = make(bundles, state, capacity=3, max_batch=3)
+    assert sorted(again.engine.store.streams) == sorted(had)
+    for s, (seq, st) in had.items():
+        assert again.engine.last_seq(s) == seq
+        assert all(np.array_equal(a, b) for a, b in zip(again.engine.state_of(s), st))
+    assert sorted((o.topic, o.payload) for o in answers(again)) == sorted(
+        (o.topic, o.payload) for o in first
+    )

@@ -61,8 +61,8 @@ def _remember(cache: dict[str, V], key: str, value: V) -> V:
     return value
 
 
-_STREAM_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+_STREAM_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 
 
 def valid_stream_id(sid: str) -> bool:
-    return bool(_STREAM_RE.match(sid))
+    return bool(_STREAM_RE.fullmatch(sid))  # not ``$``, which also matches before a final \n

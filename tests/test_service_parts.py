@@ -157,6 +157,15 @@ def test_topic_templates():
             Template(bad)
 
 
+def test_a_stream_id_ending_in_a_newline_is_not_a_stream_of_the_template():
+    """``$`` also matches before a final newline: ``sensors/dev-1\n/data`` was read as stream
+    ``dev-1\n``, which the engine then refused, answered on a topic with a newline in it and
+    logged as a line broken in two; it does not match the template (``bad_topic``)."""
+    t = Template("sensors/{stream}/data")
+    assert t.stream("sensors/dev-1\n/data") is None
+    assert t.stream("sensors/dev-1/data") == "dev-1"
+
+
 def test_topic_templates_answer_the_same_past_their_memory():
     t = Template("site/{stream}/imu")
     topics = [f"site/d{i}/imu" for i in range(topics_module.CACHED + 10)]

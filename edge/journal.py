@@ -25,19 +25,21 @@ import errno
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, SnapshotError, StateMismatch
+from .outfile import KINDS
 from .wal import Damage, Entry, Joined, Mark, Output, Record, encode, encode_round, scan
 
 log = logging.getLogger("edge.service")
-_NAME = re.compile(r"^(snap|wal)-(\d{8})\.(bin|log)$")
+_NAME = re.compile(r"(snap|wal)-([0-9]{8})\.(bin|log)")  # matched whole: not before a \n
 # The temporary file of a snapshot being written (``edge.snapshot.write_atomic``): one found at
 # start-up was left by a crash in the middle of that write.
-_PARTIAL = re.compile(r"^\.snap-\d{8}\.bin\..+$")
+_PARTIAL = re.compile(r"\.snap-[0-9]{8}\.bin\..+", re.DOTALL)
 
 
 @dataclass
@@ -107,10 +109,25 @@ class Journal:
         snaps: list[int] = []
         segs: list[int] = []
         for p in self.dir.iterdir() if self.dir.is_dir() else []:
-            m = _NAME.match(p.name)
+            m = _NAME.fullmatch(p.name)
             if m:
                 (snaps if m.group(1) == "snap" else segs).append(int(m.group(2)))
         return sorted(snaps), sorted(segs)
+
+    def _regular(self, snaps: list[int], segs: list[int]) -> None:
+        """Refuse a snapshot or segment that is not a regular file (where a link leads): a FIFO
+        would be waited on for ever, a device read without end."""
+        for path in [*(self.path("snap", g) for g in snaps), *(self.path("wal", g) for g in segs)]:
+            try:
+                mode = path.stat().st_mode
+            except FileNotFoundError:  # a dangling link: read as missing, like a removed file
+                continue
+            if not stat.S_ISREG(mode):
+                kind = KINDS.get(stat.S_IFMT(mode), "not a regular file")
+                raise ConfigError(
+                    f"state_dir {str(self.dir)!r}: {path.name} is {kind}, not a file this "
+                    "runtime wrote; remove it, or give another state_dir"
+                )
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -120,6 +137,7 @@ class Journal:
         self._adopt_format_1()
         self._drop_partial()
         snaps, segs = self._listing()
+        self._regular(snaps, segs)
         rec = Recovery()
         for gen in reversed(snaps):
             try:
@@ -207,7 +225,7 @@ class Journal:
         """Remove what snapshot writes cut short by a crash left: each as large as the state,
         and nothing else would ever reclaim them (one process per directory: none is ours)."""
         for p in self.dir.iterdir() if self.dir.is_dir() else []:
-            if not _PARTIAL.match(p.name):
+            if not _PARTIAL.fullmatch(p.name):
                 continue
             try:
                 p.unlink()

@@ -103,6 +103,18 @@ def publish_size(o: Outbound, protocol: str) -> int:
     return (2 if rest < 1 << 7 else 3 if rest < 1 << 14 else 4 if rest < 1 << 21 else 5) + rest
 
 
+def recorded_filters(path: Path) -> Any:
+    """What ``path`` records (the JSON list of filters an earlier run subscribed to); [] when
+    there is none or it cannot be read. Read in the network thread: anything but a regular
+    file (a FIFO, which would wait for a writer for ever) is not opened."""
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # unreadable: nothing known to drop
+        return []
+
+
 class MqttService:
     def __init__(self, cfg: ServiceConfig) -> None:
         import paho.mqtt.client as mqtt
@@ -317,10 +329,7 @@ class MqttService:
         came in and were answered ``bad_topic``. The filters each run subscribes to are
         recorded in the state directory; those recorded and not made now are unsubscribed."""
         path = Path(self.cfg.state_dir) / SUBSCRIPTIONS
-        try:
-            before = json.loads(path.read_text())
-        except (OSError, ValueError):  # none yet, or unreadable: nothing known to drop
-            before = []
+        before = recorded_filters(path)
         known = {f for f in before if isinstance(f, str)} if isinstance(before, list) else set()
         stale = sorted(known - set(filters))
         if stale and session_present:

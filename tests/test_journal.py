@@ -617,3 +617,21 @@ def test_a_round_a_crash_cut_short_is_not_taken_with_the_next_one(tmp_path, cut)
     j.append([rec("d", 1, 6), rec("e", 1, 7)])
     j.close()
     assert _rounds(Journal(tmp_path).recover(no_restore)) == [[1, 2], [3, 4], [6, 7]]
+
+
+@pytest.mark.parametrize("name", ["wal-00000003.log", "snap-00000003.bin"])
+def test_a_fifo_named_as_a_log_segment_or_snapshot_is_refused_not_waited_on(tmp_path, name):
+    """Reading it waited for a writer that never comes: the service hung at start without a
+    word. It is named, and the start refused."""
+    from edge.errors import ConfigError
+
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(ConfigError, match=f"{name} is a FIFO"):
+        Journal(tmp_path).recover(no_restore)
+
+
+def test_only_names_of_the_journals_own_pattern_are_its_files(tmp_path):
+    """A name with a newline at its end, or digits of another script, is not a generation."""
+    (tmp_path / "wal-00000003.log\n").write_bytes(b"")
+    (tmp_path / "snap-0000000\u0663.bin").write_bytes(b"")
+    assert Journal(tmp_path)._listing() == ([], [])

@@ -629,3 +629,26 @@ def test_the_topics_of_an_earlier_configuration_are_unsubscribed(broker, service
     assert "Traceback" not in svc.output()
     col.close()
     pub.close()
+
+
+def test_a_fifo_where_the_subscriptions_are_recorded_does_not_stop_the_service(
+    broker, service, tmp_path
+):
+    """The record of the topics subscribed to is read at each connect, in the network
+    thread: a FIFO in its place waited for a writer for ever, and the service never
+    subscribed, answered or said it was online. It is not read."""
+    import os
+
+    state = tmp_path / "state"
+    state.mkdir()
+    os.mkfifo(state / "subscriptions.json")
+    col = Collector(broker.url)
+    svc = service(state=state)
+    wait_until(col.online, 60, "online")
+    pub = Publisher(broker.url)
+    pub.send("dev-1", 1, np.zeros(6))
+    pub.flush()
+    wait_until(lambda: ("dev-1", 1) in col.predictions(), 60, "the sample answered")
+    assert svc.alive() and "Traceback" not in svc.output()
+    col.close()
+    pub.close()

@@ -127,6 +127,10 @@ class _Round:
     outs: list[Outbound] = field(default_factory=list)
     lsn: int = 0  # the processor's lsn after this round
     samples: int = 0  # in the messages decoded, counted once per round
+    # Counted once the round is logged: a batch the log cannot take is offered again, and
+    # counted again as it is read.
+    counts: list[tuple[str, int]] = field(default_factory=list)
+    codes: list[str] = field(default_factory=list)  # of the refusals decided as it was read
 
 
 class RateLimitedLog:
@@ -468,16 +472,16 @@ class Processor:
         for msg in dropped:
             r.lsn += 1
             self._drop(msg, r)
-        self.metrics.inc("messages_in", len(batch))
+        r.counts.append(("messages_in", len(batch)))
         for msg in batch:
             r.lsn = max(r.lsn + 1, msg.mid) if self.lsn_from_mid else r.lsn + 1
             try:
                 self._decode(msg, r)
             except Exception as exc:  # one message must never stop the service
-                o = self._internal(self.data.stream(msg.topic) or INVALID_STREAM, exc, r.lsn)
+                o = self._internal(self.data.stream(msg.topic) or INVALID_STREAM, exc, r.lsn, r=r)
                 r.outs.append(o)
                 r.entries.append(Output(o.lsn, o.topic, o.payload))
-        self.metrics.inc("samples_in", r.samples)
+        r.counts.append(("samples_in", r.samples))
         self._idle(r)
         return self._run(r, keep=False)
 
@@ -549,6 +553,10 @@ class Processor:
             self.degraded = None
         self.mark = max(self.mark, mark)
         self.lsn = r.lsn
+        for name, n in r.counts:
+            self.metrics.inc(name, n)
+        for code in r.codes:
+            self.metrics.error(code)
         if r.evict:
             self.engine.store.evict(r.evict)
         if r.items:
@@ -652,7 +660,7 @@ class Processor:
             detail = f"topic {msg.topic[:200]!r} does not match {self.data.template!r}"
             self._error(r, INVALID_STREAM, "bad_topic", detail)
             return
-        self.metrics.inc("control")
+        r.counts.append(("control", 1))
         where = stream or INVALID_STREAM
         if len(msg.payload) > self.cfg.max_payload_bytes:
             detail = f"control payload of {len(msg.payload)} bytes exceeds max_payload_bytes"
@@ -713,7 +721,7 @@ class Processor:
             seq = exc.seq
         except Exception:  # the drop is reported without its seq then
             log.debug("could not decode a dropped message", exc_info=True)
-        self.metrics.inc("dropped_overload")
+        r.counts.append(("dropped_overload", 1))
         detail = f"{count or 'the'} sample(s) dropped: the runtime is overloaded (overload = drop-oldest)"
         self._error(r, stream, "dropped", detail, seq)
 
@@ -917,8 +925,14 @@ class Processor:
         seq: int | None,
         lsn: int,
         extra: dict[str, Any] | None = None,
+        r: _Round | None = None,
     ) -> Outbound:
-        self.metrics.error(code)
+        """``r``: the round of a refusal decided as a message is read, which counts it once it
+        is logged."""
+        if r is None:
+            self.metrics.error(code)
+        else:
+            r.codes.append(code)
         self._log_note(code, f"stream {stream} seq {seq}: {detail}")
         body = payloads.error(code, detail, seq, extra=extra)
         return Outbound(self.errors.topic(stream), body, lsn=lsn)
@@ -933,16 +947,22 @@ class Processor:
         extra: dict[str, Any] | None = None,
     ) -> None:
         """An answer decided at decode time: logged, since replay does not decode again."""
-        o = self._error_msg(stream, code, detail, seq, r.lsn, extra)
+        o = self._error_msg(stream, code, detail, seq, r.lsn, extra, r)
         r.outs.append(o)
         r.entries.append(Output(o.lsn, o.topic, o.payload))
 
     def _internal(
-        self, stream: str, exc: BaseException, lsn: int, seq: int | None = None
+        self,
+        stream: str,
+        exc: BaseException,
+        lsn: int,
+        seq: int | None = None,
+        *,
+        r: _Round | None = None,
     ) -> Outbound:
         """The answer to a message whose handling failed unexpectedly; its id finds the
         traceback in the log."""
         incident = secrets.token_hex(4)
         log.error("internal error %s on stream %s:", incident, stream, exc_info=exc)
         detail = f"unexpected {type(exc).__name__}; see log id {incident}"
-        return self._error_msg(stream, "internal", detail, seq, lsn, {"id": incident})
+        return self._error_msg(stream, "internal", detail, seq, lsn, {"id": incident}, r)

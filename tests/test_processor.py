@@ -788,3 +788,30 @@ def test_a_replay_evicts_the_streams_the_run_before_the_crash_evicted(bundles, t
     assert sorted((o.topic, o.payload) for o in answers(again)) == sorted(
         (o.topic, o.payload) for o in first
     )
+
+
+def test_a_batch_offered_again_after_a_failed_log_write_is_counted_once(
+    bundles, tmp_path, xs, monkeypatch
+):
+    """A batch the log could not take is offered again (a full disk, a file size limit): its
+    messages, samples and the refusals decided as it was read were counted at each offer,
+    so ``messages_in``, ``samples_in`` and ``errors`` grew with every retry."""
+    import errno
+
+    p = make(bundles, tmp_path)
+    p.journal.open()
+    batch = [msg("a", 1, xs[0]), Inbound("sensors/b/data", b"{oops", 0)]
+    real = p.journal.append
+    failing = [2]
+
+    def append(entries, **kw):
+        if failing[0]:
+            failing[0] -= 1
+            raise OSError(errno.EFBIG, "File too large")
+        return real(entries, **kw)
+
+    monkeypatch.setattr(p.journal, "append", append)
+    assert not p.handle(batch) and not p.handle(batch)
+    assert p.handle(batch)
+    snap = p.metrics.snapshot()
+    assert (snap["messages_in"], snap["samples_in"], snap["errors"]) == (2, 1, {"bad_json": 1})

@@ -145,6 +145,15 @@ class Journal:
             except StateMismatch:
                 raise  # intact, of another model: not to be replaced by this one's state
             except SnapshotError as exc:
+                if isinstance(exc.__cause__, PermissionError):
+                    # Not damage: another user's file (snapshots are 0600; a run as root).
+                    # Falling back would restart every stream, and the next checkpoints
+                    # would delete the snapshots that hold their state.
+                    raise ConfigError(
+                        f"state_dir {str(self.dir)!r}: cannot read "
+                        f"{self.path('snap', gen).name}: {exc.__cause__.strerror}; give its "
+                        "files to the user serve runs as"
+                    ) from None
                 rec.damaged_snapshots.append(str(exc))
                 continue
             rec.generation, rec.base_lsn, rec.extra = gen, int(extra.get("lsn", 0)), extra

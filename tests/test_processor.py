@@ -815,3 +815,34 @@ def test_a_batch_offered_again_after_a_failed_log_write_is_counted_once(
     assert p.handle(batch)
     snap = p.metrics.snapshot()
     assert (snap["messages_in"], snap["samples_in"], snap["errors"]) == (2, 1, {"bad_json": 1})
+
+
+def test_a_snapshot_this_user_may_not_read_is_refused_not_taken_for_damage(
+    bundles, tmp_path, xs, monkeypatch
+):
+    """Snapshots are written 0600: run once as root (``sudo``), a state directory's snapshots
+    are root's, and the service user cannot read them. That was taken for damage: the state
+    came from a log that did not reach back (every stream restarted), and the next
+    checkpoints deleted the snapshots holding it. The start is refused, naming the file."""
+    import errno
+    from pathlib import Path
+
+    state = tmp_path / "state"
+    p = make(bundles, state)
+    p.journal.open()
+    for i in range(3):
+        assert p.handle([msg("a", i + 1, xs[i])])
+        assert p.checkpoint()
+    p.journal.close()
+    real = Path.read_bytes
+
+    def denied(path):
+        if path.name.startswith("snap-"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError, match="snap-00000003.bin.*Permission denied"):
+        make(bundles, state)
+    monkeypatch.setattr(Path, "read_bytes", real)
+    assert make(bundles, state).engine.last_seq("a") == 3

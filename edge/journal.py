@@ -14,7 +14,8 @@ restores the newest snapshot that reads back intact and replays every segment fr
 generation on, so a damaged snapshot costs a longer replay, not state. Damaged log spans are
 skipped and reported; intact entries after them are replayed.
 
-Writes either complete or leave the files as they were (a failed append is cut back off), so a
+Writes either complete or leave the files as they were (a failed append is cut back off; one
+that cannot be is never appended after: the next checkpoint starts a new segment first), so a
 full disk or a read-only directory is an ``OSError`` the caller can wait out and retry.
 """
 
@@ -315,7 +316,14 @@ class Journal:
                 f"No space left on device (the last {reserve} bytes are kept for the next "
                 "snapshot)",
             )
-        _write_all(self._fd, data, self._size, self.fsync)
+        try:
+            _write_all(self._fd, data, self._size, self.fsync)
+        except UncutWrite as exc:
+            # Intact frames of a write never acknowledged would be replayed, and the entries
+            # offered again after them replayed a second time: a checkpoint first.
+            self.lost = f"log segment {self.path('wal', self.generation)} {exc.strerror}"
+            self.close()
+            raise
         self._size += len(data)
         if not os.fstat(self._fd).st_nlink:  # written to a file no longer in the directory
             self.lost = f"log segment {self.path('wal', self.generation)} was removed"
@@ -449,17 +457,27 @@ def _remove(path: Path, what: str) -> bool:
     return True
 
 
+class UncutWrite(OSError):
+    """A write failed, and what it put in the file could not be cut back off."""
+
+
 def _write_all(fd: int, data: bytes, size: int, fsync: bool) -> None:
-    """Write everything or, on failure, cut the file back to ``size`` and re-raise."""
+    """Write everything or, on failure, cut the file back to ``size`` and re-raise
+    (``UncutWrite`` when the cut fails too)."""
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         if fsync:
             os.fsync(fd)
-    except OSError:
+    except OSError as exc:
         try:
             os.ftruncate(fd, size)
         except OSError as cut:
             log.error("could not cut a failed log write back off: %s", cut)
+            raise UncutWrite(
+                exc.errno,
+                f"holds part of a failed write ({exc.strerror or exc}) that could not be cut "
+                f"off ({cut.strerror or cut})",
+            ) from exc
         raise

@@ -607,7 +607,7 @@ class Processor:
             self._put_settings(switch)
             self._switch = None
         if lost:
-            log.warning("the state directory's files were removed; written out again")
+            log.warning("%s: the state written out again in a new generation", lost)
         return self.resume()
 
     # -- decoding ---------------------------------------------------------------------------

@@ -846,3 +846,49 @@ def test_a_snapshot_this_user_may_not_read_is_refused_not_taken_for_damage(
         make(bundles, state)
     monkeypatch.setattr(Path, "read_bytes", real)
     assert make(bundles, state).engine.last_seq("a") == 3
+
+
+def test_a_failed_log_write_that_cannot_be_cut_off_is_never_replayed(
+    bundles, tmp_path, xs, monkeypatch
+):
+    """A write the disk cut short is cut back off the log; when that fails too (the card
+    turned read-only after the error, then came back), what the failed write had put in the
+    log stayed there. The batch was offered again and logged after it: a replay after a crash
+    stepped the intact part of the first copy and then the whole second one, answering its
+    samples as duplicates the run never answered, and a reset in it twice. Nothing is
+    appended after such a remnant: the next checkpoint starts a new segment first."""
+    import errno
+
+    from edge import journal
+
+    state = tmp_path / "state"
+    p = make(bundles, state)
+    p.journal.open()
+    assert p.handle([msg("a", 1, xs[0])])
+    for mid, _ in enumerate(answers(p), 1):
+        p.outbox.acked(mid)
+    assert p.tick()
+    real_write, real_truncate = os.write, os.ftruncate
+
+    def half(fd, data):  # the first frames reach the file, then the disk fails
+        real_write(fd, bytes(data)[: len(data) // 2])
+        raise OSError(errno.EIO, "Input/output error")
+
+    def no_cut(fd, size):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    batch = [msg("a", 2, xs[1]), msg("b", 1, xs[2]), msg("c", 1, xs[3]), msg("d", 1, xs[4])]
+    monkeypatch.setattr(journal.os, "write", half)
+    monkeypatch.setattr(journal.os, "ftruncate", no_cut)
+    assert not p.handle(batch)
+    monkeypatch.setattr(journal.os, "write", real_write)
+    monkeypatch.setattr(journal.os, "ftruncate", real_truncate)
+    while not p.handle(batch):  # offered again until it is logged
+        assert p.journal.lost and p.degraded
+        p.checkpoint()
+    first = answers(p)
+    p.journal.close()  # kill -9 here
+    again = make(bundles, state)
+    assert sorted((o.topic, o.payload) for o in answers(again)) == sorted(
+        (o.topic, o.payload) for o in first
+    )

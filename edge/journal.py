@@ -85,6 +85,7 @@ class Journal:
         self.snapshots: list[int] = []  # generations with a good snapshot, oldest first
         self._fd: int | None = None
         self._size = 0
+        self._checkpointed = -1  # the segment's size when the last checkpoint began it
         self._room = -1  # free bytes on the file system when last looked up (-1: not yet)
         self._room_at = 0  # the segment's size then
         self._snapshot_bytes = 0  # of the newest snapshot written or restored
@@ -353,6 +354,11 @@ class Journal:
         file system (beyond the reserve): time for a checkpoint, while there is room for one."""
         return self._size >= CROWDED_FROM and self._size >= self.room() - self.reserve()
 
+    @property
+    def changed(self) -> bool:
+        """Anything appended since the last checkpoint (else a checkpoint writes what is there)."""
+        return self._size != self._checkpointed or self.lost is not None
+
     def checkpoint(self, snapshot: Any, carry: Sequence[Entry], extra: dict[str, Any]) -> None:
         """Start segment G+1 with ``carry``, write snapshot G+1 with ``snapshot(path, extra)``,
         then drop what only generations before the previous snapshot needed."""
@@ -391,6 +397,7 @@ class Journal:
                 self.open()
             raise
         self._snapshot_bytes = self.path("snap", gen).stat().st_size
+        self._checkpointed = self._size
         self.lost = None
         self.snapshots.append(gen)
         keep = 1 if self.scratch else 2

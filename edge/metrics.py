@@ -85,6 +85,11 @@ class Metrics:
             if name == "snapshots":
                 self._last_snapshot = time.monotonic()
 
+    def saved(self) -> None:
+        """The state on disk is current without a new snapshot (nothing changed since)."""
+        with self.lock:
+            self._last_snapshot = time.monotonic()
+
     def error(self, code: str) -> None:
         with self.lock:
             self.errors[code] += 1

@@ -619,7 +619,7 @@ class MqttService:
                 if (
                     now - last_snapshot >= cfg.snapshot_interval or asked
                 ) and self.processor.degraded is None:
-                    if self.processor.checkpoint():
+                    if self.processor.checkpoint(if_changed=not asked):
                         self.processor.requests -= asked
                         if "snapshot" in asked:  # the answer to {"cmd": "snapshot"}: in the status
                             self._say("online", snapshot="done", snapshot_ts=time.time())

@@ -564,14 +564,19 @@ class Processor:
         self.outbox.put(r.outs + self._apply(r))
         return True
 
-    def checkpoint(self) -> bool:
+    def checkpoint(self, if_changed: bool = False) -> bool:
         """Snapshot the engine into a new generation; False (and degraded) when it cannot.
+        ``if_changed``: not when nothing was logged since the last one (an idle device would
+        write the same snapshot every ``snapshot_interval``, wearing its SD card out).
         A round the log could not take (a reorder expiry: neither logged nor applied) is
         logged after the snapshot, in the new segment, and the records it releases are
         carried there first, held, for its release to find them in a replay. So a full disk,
         or a directory whose files were removed, gets its space and files back from the
         checkpoint before that round has to be written."""
         switch = self._switch
+        if if_changed and switch is None and not self.journal.changed:
+            self.metrics.saved()
+            return True
         # What waits was taken with the settings recovered: released (and logged) with them.
         if switch is not None and not self.tick(release_all=True):
             return False

@@ -892,3 +892,21 @@ def test_a_failed_log_write_that_cannot_be_cut_off_is_never_replayed(
     assert sorted((o.topic, o.payload) for o in answers(again)) == sorted(
         (o.topic, o.payload) for o in first
     )
+
+
+def test_a_periodic_checkpoint_of_an_idle_service_writes_nothing(bundles, tmp_path, xs):
+    """An idle gateway wrote the same snapshot (hundreds of KB once streams were evicted) every
+    ``snapshot_interval``, day and night, wearing its SD card out. With nothing logged since
+    the last checkpoint, a periodic one writes nothing (and the state counts as saved); one
+    asked for, or one after anything was logged, is written."""
+    p = make(bundles, tmp_path)
+    assert p.handle([msg("a", 1, xs[0])])
+    assert p.checkpoint(if_changed=True)
+    gen = p.journal.generation
+    files = sorted(f.name for f in tmp_path.iterdir())
+    for _ in range(3):
+        assert p.checkpoint(if_changed=True)
+    assert p.journal.generation == gen and sorted(f.name for f in tmp_path.iterdir()) == files
+    assert p.handle([msg("a", 2, xs[1])])
+    assert p.checkpoint(if_changed=True) and p.journal.generation == gen + 1
+    assert p.checkpoint() and p.journal.generation == gen + 2  # asked for: written

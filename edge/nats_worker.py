@@ -772,6 +772,9 @@ class Worker:
                 self.metrics.inc("answers_stored_before", sum(duplicate))
             for subject, payload, headers in items:
                 await self.nc.publish(subject, payload, headers=headers)
+        except asyncio.CancelledError:  # a hand-over that waited no longer: its snapshot
+            outbox.retry(outs)  # carries them (they were no longer in the outbox it reads)
+            raise
         except Exception as exc:  # NATS failing over: all of them again on the next round
             log.warning("partition %d: answers not confirmed, sending again: %r", part.number, exc)
             self.metrics.inc("answer_retries")

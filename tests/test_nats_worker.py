@@ -1452,3 +1452,79 @@ def test_snapshots_larger_than_the_servers_max_payload_are_stored(
         assert "snapshot failed" not in w.log()
     finally:
         server.stop()
+
+
+async def _until(cond: Any, timeout: float, what: str) -> None:
+    """``wait_until`` for a test that runs a worker in its own event loop."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@failover
+def test_answers_whose_publish_a_hand_over_cuts_short_are_handed_over_too(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A partition handed over (a clean stop, a worker joining) while its answers wait for the
+    store's acknowledgements (NATS electing a leader) has its loop cancelled after 5 s. The
+    answers it had taken from the outbox went with the loop, and the final snapshot, which
+    covers their messages, carried none of them: the new owner never sent them."""
+    import json
+
+    import nats
+
+    from edge import config
+    from edge.nats_worker import Worker, WorkerOptions
+
+    url = nats_server.url
+    cfg = config.load(
+        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
+    )
+    samples = _samples(6, 2, seed=43)
+    want = offline(bundles / "clf-int8", samples)
+    native = NatsCollector(url)
+
+    def worker(worker_id: str) -> Worker:
+        opts = WorkerOptions([url], worker_id, partitions=P, snapshot_interval=600)
+        return Worker(cfg, opts)
+
+    async def run() -> None:
+        w1 = worker("w1")
+        running = asyncio.create_task(w1.run())
+        await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
+        taken: list[int] = []
+
+        async def unanswered(items: list[Any], timeout: float) -> list[bool]:
+            taken.append(len(items))
+            await asyncio.Event().wait()  # the store's acknowledgements do not come
+            return []
+
+        assert w1.stored is not None
+        w1.stored.publish = unanswered  # type: ignore[method-assign]
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        for s, x in samples.items():
+            body = json.dumps({"seq": 1, "values": x[:1].tolist()})
+            await js.publish(f"sensors.{s}.data", body.encode())
+        await nc.close()
+        await _until(lambda: sum(taken) == len(samples), 60, "every answer on its way")
+        w1.stopping.set()  # hand every partition over with the answers in flight
+        assert await running == 0
+        w2 = worker("w2")
+        running = asyncio.create_task(w2.run())
+        try:
+            await _until(lambda: len(native.predictions()) >= len(samples), 60, "the answers")
+        finally:
+            w2.stopping.set()
+            await running
+
+    try:
+        asyncio.run(run())
+        assert _check(native.predictions(), {k: v for k, v in want.items() if k[1] == 1}) == (
+            [],
+            [],
+        )
+    finally:
+        native.close()

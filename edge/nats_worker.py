@@ -693,6 +693,9 @@ class Worker:
                 self.metrics.inc("partitions_fenced")
                 return
             batch: list[Inbound] = []
+            # What this partition's state took in already, delivered again: also as a first
+            # delivery by a server that lost its consumers' newest acknowledgements (killed)
+            handled = max(part.replay_until, part.covered)
             for m in msgs:
                 twin = part.twins.admit(m.subject, m.data, m.headers)
                 if twin is None:
@@ -702,7 +705,7 @@ class Worker:
                 # the replay after a takeover, up to what the previous owner handled: a
                 # duplicate there is the partition's own (or a twin whose other copy the
                 # restored state stepped), not the device's
-                item = inbound(m, m.metadata.sequence.stream <= part.replay_until)
+                item = inbound(m, m.metadata.sequence.stream <= handled)
                 if item is None:
                     log.error("partition %d: unexpected subject %r", part.number, m.subject)
                 else:

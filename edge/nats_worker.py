@@ -316,6 +316,7 @@ class Partition:
     stream: str = ""  # the incarnation of the stream ``covered`` counts in (see _stream_state)
     twins: Twins = field(default_factory=Twins)
     last_snapshot: float = field(default_factory=time.monotonic)
+    remake: bool = False  # its consumer delivered another partition's messages
 
 
 class Worker:
@@ -682,6 +683,12 @@ class Worker:
                 if feed.refusals >= REFUSALS_BEFORE_LOOKING:
                     await self._resubscribe(part)
                     continue
+                if part.remake:
+                    with contextlib.suppress(Exception):
+                        await feed.stop()
+                    await self._subscribe(part)
+                    part.remake = False
+                    continue
                 msgs = await feed.take(BUSY_WAIT if busy else IDLE_WAIT)
             except Exception as exc:  # reconnecting: try again shortly
                 log.warning("partition %d: pull request failed: %r", part.number, exc)
@@ -692,6 +699,20 @@ class Worker:
                 log.warning("partition %d: lease not confirmed; stopping", part.number)
                 self.metrics.inc("partitions_fenced")
                 return
+            mine = filter_subject(part.number)[:-1]
+            if any(not m.subject.startswith(mine) for m in msgs):
+                # Its consumer edited (another filter): stepped here, another partition's
+                # messages would be answered from the wrong state, and twice; the messages
+                # of this one may wait behind the filter. The consumer is made again.
+                log.error(
+                    "partition %d: its consumer delivers messages of other partitions (%s; "
+                    "edited?): not stepped here, the consumer is made again",
+                    part.number,
+                    next(m.subject for m in msgs if not m.subject.startswith(mine)),
+                )
+                self.metrics.inc("consumers_made_again")
+                msgs = [m for m in msgs if m.subject.startswith(mine)]
+                part.remake = True
             batch: list[Inbound] = []
             # What this partition's state took in already, delivered again: also as a first
             # delivery by a server that lost its consumers' newest acknowledgements (killed)

@@ -1576,3 +1576,56 @@ def test_redeliveries_of_a_server_that_lost_its_consumers_acks_are_no_duplicates
         assert w.stop() == 0
     finally:
         native.close()
+
+
+def _edit_filter(url: str, p: int, subject: str) -> None:
+    """Give partition ``p``'s consumer another filter subject (an operator's edit)."""
+    import nats
+
+    from edge.nats_worker import STREAM
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        config = (await js.consumer_info(STREAM, f"edge-p{p}")).config
+        config.filter_subject = subject
+        await js.add_consumer(STREAM, config)  # an update of the durable
+        await nc.close()
+
+    asyncio.run(run())
+
+
+@failover
+@pytest.mark.parametrize("subject", ["in.>", "in.1.>"])
+def test_a_consumer_whose_filter_is_edited_under_a_running_worker_is_made_again(
+    bundles: Path, nats_server: NatsServer, workers: Any, subject: str, tmp_path: Path
+) -> None:
+    """Partition 0's consumer edited to deliver other partitions' messages: its loop stepped
+    them on its own state (wrong answers from the zero state, each sent twice with those of
+    their owner), and its own messages waited for good behind another filter."""
+    samples = _samples(8, 11, seed=53)
+    assert {partition(s, P) for s in samples} >= {0, 1}
+    want = offline(bundles / "clf-int8", samples)
+    toml = tmp_path / "worker.toml"
+    toml.write_text("reorder_ms = 0\n")  # a stream first seen mid-way is stepped at once
+    w1 = workers("w1", "--config", str(toml))
+    col = Collector(nats_server.mqtt_url)
+    native = NatsCollector(nats_server.url)
+    try:
+        wait_owned(col, ["w1"], P)
+        _publish_native(nats_server.url, samples, range(5))
+        wait_until(lambda: len(native.predictions()) >= 8 * 5, 60, "the first samples")
+        _edit_filter(nats_server.url, 0, subject)
+        _publish_native(nats_server.url, samples, range(5, 10))
+        wait_until(lambda: len(native.predictions()) >= 8 * 10, 120, "every prediction")
+        # partition 0 answers in order: its last answers come after any it gave for others
+        _publish_native(nats_server.url, samples, range(10, 11))
+        wait_until(lambda: len(native.predictions()) >= len(want), 120, "the last predictions")
+        got = native.predictions()
+        assert _check(got, want) == ([], [])
+        assert [k for k, ys in got.items() if len(ys) > 1] == []
+        assert not native.of("errors/")
+        assert "delivers messages of other partitions" in w1.log()
+    finally:
+        native.close()
+        col.close()

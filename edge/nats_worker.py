@@ -344,6 +344,7 @@ class Worker:
         self.stored: StorePublisher | None = None  # once connected
         self.mqtt_store = False  # whether the MQTT listener's store exists (it makes it itself)
         self.stream_id = ""  # when the stream was created (see _stream_state)
+        self.seen: set[str] = set()  # the incarnations of the stream this process has seen
         self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
         self.discarding: str | None = None  # the stream's discard-new limits, once said
 
@@ -352,6 +353,7 @@ class Worker:
     async def ensure_resources(self) -> None:
         self.kv, self.store, self.answered = await ensure_resources(self.js, self.opts)
         self.stream_id, _, _ = await self._stream_state()
+        self.seen.add(self.stream_id)
         self.relaid = await self._layout()
 
     async def _layout(self) -> int:
@@ -448,6 +450,16 @@ class Worker:
                     f"({self.opts.partitions}), and the state of its streams stays behind"
                 )
                 self.metrics.inc("partitions_relaid")
+            elif self.seen - {stream_id}:
+                # The stream was made anew while this worker ran, and no snapshot of the
+                # partition is left (a nats-server back without its JetStream store): the
+                # stream from its start is not its streams' history.
+                part.processor.assume_lost(
+                    f"partition {p}: stream {STREAM} was made anew and no snapshot of the "
+                    "partition is left: the state of its streams is lost"
+                )
+                self.metrics.inc("history_lost")
+        self.seen.add(stream_id)
         if first_seq > part.covered + 1:
             part.processor.assume_lost(
                 f"partition {p}: stream {STREAM} begins at sequence {first_seq}, its messages "

@@ -1629,3 +1629,49 @@ def test_a_consumer_whose_filter_is_edited_under_a_running_worker_is_made_again(
     finally:
         native.close()
         col.close()
+
+
+@failover
+def test_a_server_back_without_its_jetstream_store_makes_every_stream_say_restart(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """nats-server restarted without its store (a container without a volume): the stream,
+    the snapshots and the leases are gone, the worker makes them again and takes its
+    partitions as new, from a stream that begins anew. The streams' state went with the store,
+    and their next answers, computed from the zero state, said nothing of it."""
+    import nats
+
+    from edge.nats_worker import STREAM
+
+    w = workers("w1", "--snapshot-interval", "600")
+    samples = _samples(4, 4, seed=59)
+    col = Collector(nats_server.mqtt_url)
+    native = NatsCollector(nats_server.url)
+    try:
+        wait_owned(col, ["w1"], P)
+        col.close()
+        _publish_native(nats_server.url, samples, range(3))
+        wait_until(lambda: len(native.predictions()) >= 4 * 3, 60, "the first samples")
+        assert w.log().count("taken over") == P
+        nats_server.kill()
+        shutil.rmtree(nats_server.dir / "js")
+        nats_server.start()
+        native.close()
+        native = NatsCollector(nats_server.url)
+        # every partition lost with its lease, and taken again
+        wait_until(lambda: w.log().count("taken over") >= 2 * P, 120, "partitions taken again")
+
+        async def there() -> None:
+            nc = await nats.connect(nats_server.url)
+            await nc.jetstream().stream_info(STREAM)
+            await nc.close()
+
+        asyncio.run(there())
+        _publish_native(nats_server.url, samples, range(3, 4))
+        wait_until(lambda: len(native.predictions()) >= 4, 60, "the next samples")
+        docs = [d for _, d in native.of("predictions/")]
+        assert [d["seq"] for d in docs] == [4] * 4
+        assert all(d.get("restart") for d in docs), docs
+        assert "no snapshot of the partition is left" in w.log()
+    finally:
+        native.close()

@@ -271,6 +271,16 @@ async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any, Any]
     return kv, store, answered
 
 
+def discard(path: Path) -> None:
+    """Remove a partition's scratch copy: its directory, or whatever else has its name (a file
+    a file-system repair left, a symlink), which would keep the partition from being taken."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        with contextlib.suppress(OSError):  # then making the directory says why
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def partition_engine(model: StepModel, cfg: ServiceConfig) -> Engine:
     """One engine per partition, all sharing the loaded interpreter (it keeps no state)."""
     return Engine(
@@ -390,7 +400,7 @@ class Worker:
 
     def _fresh_processor(self, p: int) -> tuple[Processor, Path]:
         directory = self.root / f"p{p}"
-        shutil.rmtree(directory, ignore_errors=True)
+        discard(directory)
         directory.mkdir(parents=True)
         journal = Journal(directory, scratch=True)
         engine = partition_engine(self.model, self.cfg)
@@ -1101,8 +1111,8 @@ class Worker:
         self._usable_root()
         self.lock.acquire()
         for left in self.root.glob("p*"):  # scratch copies of partitions held before
-            if left.is_dir() and left.name[1:].isdigit():
-                shutil.rmtree(left, ignore_errors=True)
+            if left.name[1:].isdigit():
+                discard(left)
         try:
             return await self._run()
         finally:

@@ -1675,3 +1675,31 @@ def test_a_server_back_without_its_jetstream_store_makes_every_stream_say_restar
         assert "no snapshot of the partition is left" in w.log()
     finally:
         native.close()
+
+
+@failover
+def test_a_file_where_a_partitions_scratch_directory_goes_does_not_stall_it(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+) -> None:
+    """A file (a file-system repair's leftover) or a symlink under a partition's scratch name
+    in the worker's state directory: the partition could never be taken (``File exists``
+    at every balancing round), and its streams were never answered."""
+    root = tmp_path / "state" / "worker-w1"
+    root.mkdir(parents=True)
+    (root / "p0").write_bytes(b"\0" * 4096)
+    (root / "p1").symlink_to(tmp_path / "elsewhere")
+    samples = _samples(8, 2, seed=61)
+    assert {partition(s, P) for s in samples} >= {0, 1}
+    want = offline(bundles / "clf-int8", samples)
+    w = workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    native = NatsCollector(nats_server.url)
+    try:
+        wait_owned(col, ["w1"], P)
+        _publish_native(nats_server.url, samples, range(2))
+        wait_until(lambda: len(native.predictions()) >= len(want), 60, "every prediction")
+        assert _check(native.predictions(), want) == ([], [])
+        assert "balancing round failed" not in w.log()
+    finally:
+        native.close()
+        col.close()

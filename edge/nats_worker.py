@@ -1017,8 +1017,21 @@ class Worker:
         log.info("answers are also stored in %s (MQTT QoS 1 subscriptions)", MQTT_STORE)
 
     async def _check_discard(self) -> None:
-        """Limits with discard ``new`` put on the stream while the group runs: said once."""
-        problem = discard_problem((await self.js.stream_info(STREAM)).config)
+        """Limits with discard ``new`` put on the stream while the group runs: said once. A
+        subject transform edited to another partition count: stored under it, every stream
+        lands in another partition, whose state knows nothing of it (answered from the zero
+        state without a word), so the worker stops as it refuses to start (exit 2)."""
+        config = (await self.js.stream_info(STREAM)).config
+        transform = config.subject_transform
+        dest = transform.dest if transform is not None else None
+        if dest != transform_dest(self.opts.partitions):
+            raise ConfigError(
+                f"stream {STREAM} was edited to subject transform {dest!r}, not "
+                f"{transform_dest(self.opts.partitions)!r}: its messages no longer land in the "
+                f"partitions whose state they need; put it back, or delete the stream and "
+                "start the workers with the new partition count"
+            )
+        problem = discard_problem(config)
         if problem and problem != self.discarding:
             log.error("%s", problem)
             self.metrics.inc("stream_discards_new")
@@ -1196,6 +1209,8 @@ class Worker:
                     for name in stores + [MQTT_STORE] * self.mqtt_store:
                         await self.js.stream_info(name)
                     await self._check_discard()
+                except ConfigError:  # the stream edited into one the workers cannot serve
+                    raise
                 except NotFoundError as exc:  # a bucket deleted (an operator's clean-up)
                     await self._make_again(exc)
                 except Exception as exc:  # NATS unreachable for a moment: the leases say so

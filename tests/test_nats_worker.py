@@ -1703,3 +1703,38 @@ def test_a_file_where_a_partitions_scratch_directory_goes_does_not_stall_it(
     finally:
         native.close()
         col.close()
+
+
+@failover
+def test_a_stream_edited_to_another_partition_count_stops_the_worker(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """The stream's subject transform edited under a running worker (another P): stored under
+    it, streams land in partitions whose state knows nothing of them, and were answered from
+    the zero state without a word. The worker stops as it refuses to start, exit 2."""
+    import nats
+
+    from edge.nats_worker import STREAM
+    from edge.partitions import transform_dest
+
+    w = workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+
+        async def edit() -> None:
+            nc = await nats.connect(nats_server.url)
+            js = nc.jetstream()
+            config = (await js.stream_info(STREAM)).config
+            assert config.subject_transform is not None
+            config.subject_transform.dest = transform_dest(P // 2)
+            await js.update_stream(config)
+            await nc.close()
+
+        asyncio.run(edit())
+        assert w.proc is not None
+        w.proc.wait(60)
+        assert w.proc.returncode == 2
+        assert f"subject transform {transform_dest(P // 2)!r}" in w.log()
+    finally:
+        col.close()

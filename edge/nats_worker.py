@@ -1059,7 +1059,16 @@ class Worker:
             "partitions": sorted(self.owned),
             "ts": time.time(),
         }
-        await self.nc.publish(f"edge.status.{self.opts.worker_id}", json.dumps(doc).encode())
+        await self._send(f"edge.status.{self.opts.worker_id}", json.dumps(doc).encode())
+
+    async def _send(self, subject: str, payload: bytes) -> None:
+        """A status or stats message, which nothing waits for. While NATS is away its client
+        keeps what is published in a buffer of 2 MB and refuses more once it is full: a long
+        outage must be waited out, not end the worker."""
+        try:
+            await self.nc.publish(subject, payload)
+        except Exception as exc:
+            log.debug("%s not sent: %r", subject, exc)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -1219,7 +1228,7 @@ class Worker:
                 now = time.monotonic()
                 if self.opts.stats_interval and now - last_stats >= self.opts.stats_interval:
                     last_stats = now
-                    await self.nc.publish(
+                    await self._send(
                         f"edge.stats.{self.opts.worker_id}", self.metrics.dumps(self.stats())
                     )
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -1235,4 +1244,8 @@ class Worker:
             for part in list(self.owned.values()):
                 if part.task is not None:
                     part.task.cancel()
-            await self.nc.drain()
+            try:
+                await self.nc.drain()
+            except Exception as exc:  # NATS away (a stop during an outage): nothing to drain to
+                log.debug("drain: %r", exc)
+                await self.nc.close()

@@ -1738,3 +1738,61 @@ def test_a_stream_edited_to_another_partition_count_stops_the_worker(
         assert f"subject transform {transform_dest(P // 2)!r}" in w.log()
     finally:
         col.close()
+
+
+@failover
+def test_a_worker_waits_out_an_outage_that_fills_its_clients_buffer(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """While NATS is away its client keeps what is published (answers sent again, requests)
+    in a buffer of 2 MB, and refuses more once it is full. The status published every round
+    then raised out of the worker's main loop: a long outage ended the worker with a
+    traceback instead of being waited out."""
+    import json
+
+    import nats
+
+    from edge import config
+    from edge.nats_worker import Worker, WorkerOptions
+
+    url = nats_server.url
+    cfg = config.load(
+        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
+    )
+    samples = _samples(2, 1, seed=67)
+
+    async def run() -> None:
+        w = Worker(cfg, WorkerOptions([url], "w1", partitions=P))
+        running = asyncio.create_task(w.run())
+        await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+        nats_server.kill()
+        await _until(lambda: not w.nc.is_connected, 60, "the client to see the server gone")
+        for size in (1_000_000, 10_000, 100, 1):  # what a long outage leaves in the buffer
+            with contextlib.suppress(nats.errors.OutboundBufferLimitError):
+                while True:
+                    await w.nc.publish("edge.test.filler", b"\0" * size)
+        said: list[str] = []
+        say = w._say
+
+        async def counted(state: str) -> None:
+            said.append(state)
+            await say(state)
+
+        w._say = counted  # type: ignore[method-assign]
+        await _until(lambda: running.done() or len(said) >= 2, 60, "rounds in the outage")
+        assert not running.done(), running.exception()
+        nats_server.start()
+        await _until(lambda: w.nc.is_connected, 60, "the client back")
+        nc = await nats.connect(url)
+        answers = await nc.subscribe("predictions.>")
+        js = nc.jetstream()
+        for s, x in samples.items():
+            body = json.dumps({"seq": 1, "values": x[:1].tolist()})
+            await js.publish(f"sensors.{s}.data", body.encode(), timeout=30)
+        for _ in samples:
+            await answers.next_msg(60)
+        await nc.close()
+        w.stopping.set()
+        assert await running == 0
+
+    asyncio.run(run())

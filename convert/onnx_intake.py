@@ -723,6 +723,21 @@ def read(path: str | Path) -> OnnxSource:
         raise UnsupportedModel(
             f"model input {inp.name!r} has shape {dims}; expected [batch, time, features]"
         )
+    fixed = [isinstance(d, int) and d > 0 for d in dims]
+    if len(dims) == 3 and not fixed[2] and any(fixed[:2]):
+        raise UnsupportedModel(
+            f"model input {inp.name!r} has shape {dims}: its features are not on the last axis; "
+            "the step reads [batch, time, features] (or [time, batch, features]) samples: "
+            "move the features last before exporting"
+        )
+    if len(dims) == 3 and any(fixed[:2]):
+        # onnxruntime runs a graph only on inputs of the lengths its input declares
+        raise UnsupportedModel(
+            f"model input {inp.name!r} has the fixed shape {dims}: onnxruntime runs the graph "
+            "on no other batch size or sequence length; export with dynamic batch and time "
+            f"axes (torch.onnx.export(..., dynamic_axes={{{inp.name!r}: {{0: 'batch', 1: "
+            "'time'}}, dynamo=False), or dynamic_shapes with torch.export.Dim.AUTO axes)"
+        )
     features = int(dims[2]) if len(dims) == 3 and isinstance(dims[2], int) and dims[2] > 0 else 0
     if not features:
         first = recurrent[0]

@@ -457,6 +457,55 @@ def test_a_model_not_in_float32_is_refused_naming_its_input_type(capsys, tmp_pat
     assert_refused(capsys, model, tiny / "calib.npy", tmp_path, f"model input 'x' is {dtype}")
 
 
+FIXED = {  # input layout: (example input shape, dynamic axes, refusal)
+    "batch first": ((1, 50, 3), {}, "model input 'x' has the fixed shape [1, 50, 3]"),
+    "time first": ((50, 1, 3), {}, "model input 'x' has the fixed shape [50, 1, 3]"),
+    "channels first": (
+        (2, 3, 50),
+        {0: "batch", 2: "time"},
+        "model input 'x' has shape ['batch', 3, 'time']: its features are not on the last axis",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(FIXED))
+def test_an_input_of_fixed_lengths_or_features_first_is_refused_naming_its_shape(
+    capsys, tmp_path, tiny, layout
+):
+    """``torch.onnx.export`` without ``dynamic_axes`` (its default) fixes the input's batch and
+    time length, and a channels-first input ([batch, features, time], transposed inside the
+    model) has a fixed axis before the last: the refusal said only 'the graph fails'
+    (onnxruntime's reason, a dimension mismatch of the input, was lost) beside advice about
+    the dynamo exporter."""
+    import torch
+    from torch import nn
+
+    shape, axes, needle = FIXED[layout]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=layout != "time first")
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x.transpose(1, 2) if axes else x)[0])
+
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Net().eval(),
+            (torch.zeros(shape),),
+            str(tmp_path / "m.onnx"),
+            input_names=["x"],
+            dynamic_axes={"x": axes} if axes else None,
+            dynamo=False,
+        )
+    line = assert_refused(capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path, needle)
+    if not axes:
+        assert "dynamic_axes={'x': {0: " in line
+
+
 def test_a_graph_computing_other_than_what_was_read_is_refused(tiny):
     """The safety net behind the reader: the spec must reproduce onnxruntime's run of the graph
     (here a spec with one weight changed stands for anything the reader could misread)."""

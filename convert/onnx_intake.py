@@ -858,10 +858,7 @@ def read(path: str | Path) -> OnnxSource:
             chain.feature_axis(n, nxt)
         elif op in HEAD_ACTIVATIONS:
             if op == "Softmax":
-                rank = len(g.probes[0][current].shape)
-                axis = next((a.i for a in n.attribute if a.name == "axis"), -1) % rank
-                if axis != chain.feature_axis(n, current):
-                    raise UnsupportedModel(f"{where}: softmax over an axis other than features")
+                _softmax_axis(chain, n, current)
             chain.add(Activation(HEAD_ACTIVATIONS[op]))
             chain.feature_axis(n, nxt)
         elif (act := _activation_op(g, n)) is not None:
@@ -910,6 +907,28 @@ def read(path: str | Path) -> OnnxSource:
     spec = ModelSpec(features, mean, std, layers, digest, p.stem, not chain.last)
     assert time_first is not None
     return OnnxSource(spec, model, inp.name, g.output_name, time_first, out_roles, chain.batch_axis)
+
+
+def _softmax_axis(chain: _Chain, node: Any, x: str) -> None:
+    """Refuses a Softmax that is not over one step's features. Before opset 13 a Softmax
+    computes over its input's axes from ``axis`` (default 1) on, flattened together."""
+    g, where = chain.g, _where(node)
+    shapes = [p[x].shape for p in g.probes]
+    rank, feature = len(shapes[0]), chain.feature_axis(node, x)
+    opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    given = next((a.i for a in node.attribute if a.name == "axis"), None)
+    axis = (given if given is not None else (-1 if opset >= 13 else 1)) % rank
+    over = [k for k in range(axis, rank) if k == feature or any(s[k] != 1 for s in shapes)]
+    if opset >= 13 or len(over) == 1:
+        if (axis if opset >= 13 else over[0]) != feature:
+            raise UnsupportedModel(f"{where}: softmax over an axis other than features")
+        return
+    raise UnsupportedModel(
+        f"{where}: a Softmax of opset {opset} (before 13) computes over the axes from "
+        f"axis={axis} on, flattened together ({list(shapes[0])} on a [{PROBES[0][0]}, "
+        f"{PROBES[0][1]}, F] input), not over one step's features; write its axis as the "
+        "last one (or export with opset_version=13 or later)"
+    )
 
 
 def _cast_to_float(node: Any) -> bool:

@@ -308,6 +308,49 @@ def test_heads_and_layers_the_step_cannot_stream_are_refused(capsys, tmp_path, t
     assert_refused(capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path, *HEADS[kind])
 
 
+@pytest.mark.parametrize("last", [False, True])
+def test_a_softmax_before_opset_13_is_read_over_the_axes_it_flattens(capsys, tmp_path, tiny, last):
+    """Before opset 13 a Softmax without ``axis`` computes over the axes from 1 on, flattened
+    together: over time and classes of a [batch, time, classes] output. It was read as a
+    softmax over the classes, and the model refused as 'the graph does more than the nodes
+    this reader knows'. A [batch, classes] output (after out[:, -1]) is the same either way."""
+    import onnx
+    import torch
+    from torch import nn
+
+    from convert import onnx_intake
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.rnn(x)[0]
+            return torch.softmax(self.fc(y[:, -1] if last else y), dim=-1)
+
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            M().eval(), (torch.zeros(2, 5, 3),), str(path), input_names=["x"],
+            dynamic_axes={"x": {0: "batch", 1: "time"}}, dynamo=False, opset_version=11,
+        )  # fmt: skip
+    m = onnx.load(str(path))
+    softmax = next(n for n in m.graph.node if n.op_type == "Softmax")
+    assert [a.i for a in softmax.attribute if a.name == "axis"] == [1 if last else 2]
+    del softmax.attribute[:]  # the default axis: 1
+    onnx.save(m, str(path))
+    if last:
+        x = np.random.default_rng(0).normal(0, 1, (8, 12, 3)).astype(np.float32)
+        assert onnx_intake.read(path).check_agreement(x) <= 1e-5
+    else:
+        assert_refused(
+            capsys, path, tiny / "calib.npy", tmp_path,
+            "(Softmax): a Softmax of opset 11 (before 13) computes over the axes from axis=1 on",
+        )  # fmt: skip
+
+
 def _export_with(act, path: Path) -> None:
     """An nn.LSTM, then ``act`` (an activation module) and a Linear, exported (legacy: fast)."""
     import torch

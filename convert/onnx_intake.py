@@ -6,12 +6,13 @@ read from the first recurrent op), one chain of ONNX ``LSTM`` / ``GRU`` ops (for
 activations or others the step reproduces, both bias vectors, zero initial state) with the
 layout ops exporters put between them (``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Reshape``,
 ``Identity``, ``Dropout``), per-feature ``Sub`` / ``Add`` / ``Mul`` / ``Div`` by constants
-(a leading one becomes the runtime's input normalisation), ``LayerNormalization`` over the
-features, and a per-step head of ``MatMul`` / ``Gemm`` + ``Add`` and ``Relu``, ``Sigmoid``,
-``Tanh``, ``Softmax`` or the activation ops with the parameters the step computes (``Elu``,
-``Selu``, ``LeakyRelu`` of slope 0.2, ``HardSigmoid`` and ``HardSwish`` as PyTorch writes them,
-exact ``Gelu``, ``Softplus``, ``Softsign``, ``Clip`` to [0, 6]; SiLU written out as
-``x * Sigmoid(x)``). Everything else is refused with one line naming the node and why.
+(a leading one becomes the runtime's input normalisation), ``LayerNormalization`` and an
+inference ``BatchNormalization`` over the features, and a per-step head of ``MatMul`` /
+``Gemm`` + ``Add`` and ``Relu``, ``Sigmoid``, ``Tanh``, ``Softmax`` or the activation ops with
+the parameters the step computes (``Elu``, ``Selu``, ``LeakyRelu`` of slope 0.2, ``HardSigmoid``
+and ``HardSwish`` as PyTorch writes them, exact ``Gelu``, ``Softplus``, ``Softsign``, ``Clip``
+to [0, 6]; SiLU written out as ``x * Sigmoid(x)``). Everything else is refused with one line
+naming the node and why.
 
 Many-to-one models (the last step of the top layer, ``out[:, -1]`` or ``h_n[-1]``, then the
 head) are read as the same step with ``sequence_output=False``: the step applies the head after
@@ -864,6 +865,9 @@ def read(path: str | Path) -> OnnxSource:
         elif (act := _activation_op(g, n)) is not None:
             chain.add(Activation(act))
             chain.feature_axis(n, nxt)
+        elif op == "BatchNormalization":
+            chain.add(_batch_norm(chain, n, current))
+            chain.feature_axis(n, nxt)
         elif op == "LayerNormalization":
             attrs = {a.name: a for a in n.attribute}
             rank = len(g.probes[0][current].shape)
@@ -882,8 +886,9 @@ def read(path: str | Path) -> OnnxSource:
         else:
             raise UnsupportedModel(
                 f"{where} is not supported in a streaming step model (LSTM / GRU, layout ops, "
-                "per-feature Sub/Add/Mul/Div, LayerNormalization, MatMul/Gemm + Add, Relu, "
-                "Sigmoid, Tanh, Softmax and the activations of the README's list)"
+                "per-feature Sub/Add/Mul/Div, LayerNormalization, BatchNormalization, "
+                "MatMul/Gemm + Add, Relu, Sigmoid, Tanh, Softmax and the activations of the "
+                "README's list)"
             )
         current = nxt
     if current != g.output_name:
@@ -907,6 +912,30 @@ def read(path: str | Path) -> OnnxSource:
     spec = ModelSpec(features, mean, std, layers, digest, p.stem, not chain.last)
     assert time_first is not None
     return OnnxSource(spec, model, inp.name, g.output_name, time_first, out_roles, chain.batch_axis)
+
+
+def _batch_norm(chain: _Chain, node: Any, x: str) -> Affine:
+    """An inference BatchNormalization (PyTorch's BatchNorm1d in eval mode) over the features
+    (its axis 1: [batch, features] or [batch, features, time]) as x * scale + shift."""
+    g, where = chain.g, _where(node)
+    a = _attrs(node)
+    if a.get("training_mode", 0) or any(node.output[1:]):  # the statistics' outputs: training
+        raise UnsupportedModel(
+            f"{where}: batch statistics (training mode) need the whole batch; export the "
+            "model in eval mode (model.eval())"
+        )
+    if chain.feature_axis(node, x) != 1:
+        raise UnsupportedModel(
+            f"{where}: normalises axis 1 of {list(g.probes[0][x].shape)} (on a "
+            f"[{PROBES[0][0]}, {PROBES[0][1]}, F] input), not the features of a step"
+        )
+    w = chain.width
+    gamma, beta, mean, var = (
+        _vector(g, node, node.input[k], w, what)
+        for k, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "variance"))
+    )
+    scale = gamma / np.sqrt(var + float(a.get("epsilon", 1e-5)))
+    return Affine(scale.astype(np.float32), (beta - mean * scale).astype(np.float32))
 
 
 def _softmax_axis(chain: _Chain, node: Any, x: str) -> None:

@@ -351,6 +351,82 @@ def test_a_softmax_before_opset_13_is_read_over_the_axes_it_flattens(capsys, tmp
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "where, exporter", [("head", "legacy"), ("after out[:, -1]", "dynamo"), ("input", "legacy")]
+)
+def test_batchnorm1d_in_eval_mode_is_read_as_a_per_feature_affine(tmp_path, where, exporter):
+    """``nn.BatchNorm1d`` (eval) over the features, as PyTorch users write it: on
+    ``y.transpose(1, 2)`` per step, or on the last step's [batch, features]. It was refused as
+    'not supported in a streaming step model'; it is x * scale + shift per feature."""
+    import torch
+    from torch import nn
+
+    from convert import onnx_intake
+    from convert.spec import Affine
+    from tests.test_convert_onnx_m2o import export
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+            self.bn = nn.BatchNorm1d(3 if where == "input" else 4)
+            with torch.no_grad():  # statistics as training leaves them (not 0 and 1)
+                for t in (self.bn.running_mean, self.bn.bias):
+                    t.normal_()
+                self.bn.weight.uniform_(0.5, 2.0)
+                self.bn.running_var.uniform_(0.5, 2.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if where == "input":
+                x = self.bn(x.transpose(1, 2)).transpose(1, 2)
+            y = self.rnn(x)[0]
+            if where == "head":
+                y = torch.relu(self.bn(y.transpose(1, 2)).transpose(1, 2))
+            if where == "after out[:, -1]":
+                y = torch.relu(self.bn(y[:, -1]))
+            return self.fc(y)
+
+    path = export(M().eval(), tmp_path / "m.onnx", True, exporter)
+    spec = onnx_intake.read(path).spec
+    if where == "input":  # the runtime's input normalisation, as a leading (x - mean) / std
+        assert spec.norm_mean is not None and spec.norm_std is not None
+    else:
+        assert any(isinstance(la, Affine) for la in spec.layers)
+    x = np.random.default_rng(0).normal(0, 2, (8, 12, 3)).astype(np.float32)
+    assert onnx_intake.read(path).check_agreement(x) <= 1e-5
+
+
+@pytest.mark.parametrize("opset", [9, 17])
+def test_batchnorm_exported_in_training_mode_is_refused_naming_it(capsys, tmp_path, tiny, opset):
+    import torch
+    from torch import nn
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.bn, self.fc = (
+                nn.LSTM(3, 4, batch_first=True),
+                nn.BatchNorm1d(4),
+                nn.Linear(4, 2),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.bn(self.rnn(x)[0].transpose(1, 2)).transpose(1, 2))
+
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            M().train(), (torch.zeros(2, 5, 3),), str(tmp_path / "m.onnx"), input_names=["x"],
+            dynamic_axes={"x": {0: "batch", 1: "time"}}, dynamo=False, opset_version=opset,
+            training=torch.onnx.TrainingMode.TRAINING,
+        )  # fmt: skip
+    assert_refused(
+        capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path,
+        "(BatchNormalization): batch statistics (training mode)", "model.eval()",
+    )  # fmt: skip
+
+
 def _export_with(act, path: Path) -> None:
     """An nn.LSTM, then ``act`` (an activation module) and a Linear, exported (legacy: fast)."""
     import torch

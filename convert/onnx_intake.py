@@ -192,13 +192,17 @@ def _probe(model: Any, input_name: str, features: int) -> list[dict[str, np.ndar
             node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
             where = f"node {node.group(2)!r} ({node.group(1)})" if node else "the graph"
             status = re.search(r"Status Message: (.+)", text)
-            why = f" ({status.group(1).strip()})" if status else ""
+            # without onnxruntime's source location and failed condition before the reason
+            why = (
+                re.sub(r"^/\S+:\d+ .* was false\. ", "", status.group(1).strip()) if status else ""
+            )
             raise UnsupportedModel(
                 f"onnxruntime cannot run the model on a [{a}, {b}, {features}] input: {where} "
-                f"fails{why}; if it fixes a batch or time length, export with dynamic batch and "
-                "time axes (given named Dims, torch 2.13's default exporter can fix the time "
-                "length: batch_first=False, stacked layers, h_n; use torch.export.Dim.AUTO axes "
-                "or torch.onnx.export(..., dynamo=False))"
+                f"fails{f' ({why})' if why else ''}; if it fixes a batch or time length, export "
+                "with dynamic batch and time axes: torch 2.13's default exporter fixes the time "
+                "length of batch_first=False layers (export those with torch.onnx.export(..., "
+                "dynamo=False)) and, given named Dims, of stacked layers and h_n (give those "
+                "torch.export.Dim.AUTO axes)"
             ) from exc
         out.append({n: np.asarray(v) for n, v in zip(names, values)} | {input_name: x})
     return out

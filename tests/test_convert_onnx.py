@@ -625,6 +625,33 @@ def test_an_input_of_fixed_lengths_or_features_first_is_refused_naming_its_shape
         assert "dynamic_axes={'x': {0: " in line
 
 
+def test_a_time_first_dynamo_export_is_refused_with_the_advice_that_works(capsys, tmp_path, tiny):
+    """torch 2.13's default exporter fixes the time length of a batch_first=False layer even
+    with Dim.AUTO axes. The refusal advised 'torch.export.Dim.AUTO axes or dynamo=False' for
+    it, and quoted onnxruntime's source location and failed condition before its reason."""
+    import torch
+    from torch import nn
+
+    from tests.test_convert_onnx_m2o import export
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    model = export(Net().eval(), tmp_path / "m.onnx", False, "dynamo")
+    line = assert_refused(
+        capsys, model, tiny / "calib.npy", tmp_path,
+        "(Reshape) fails (The input tensor cannot be reshaped to the requested shape.",
+        "fixes the time length of batch_first=False layers (export those with "
+        "torch.onnx.export(..., dynamo=False))",
+    )  # fmt: skip
+    assert "onnxruntime_src" not in line and "was false" not in line
+
+
 def test_a_graph_computing_other_than_what_was_read_is_refused(tiny):
     """The safety net behind the reader: the spec must reproduce onnxruntime's run of the graph
     (here a spec with one weight changed stands for anything the reader could misread)."""

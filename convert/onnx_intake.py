@@ -5,8 +5,9 @@ Accepted: one input ``[batch, time, features]`` or ``[time, batch, features]`` (
 read from the first recurrent op), one chain of ONNX ``LSTM`` / ``GRU`` ops (forward, default
 activations or others the step reproduces, both bias vectors, zero initial state) with the
 layout ops exporters put between them (``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Reshape``,
-``Identity``, ``Dropout``), per-feature ``Sub`` / ``Add`` / ``Mul`` / ``Div`` by constants
-(a leading one becomes the runtime's input normalisation), ``LayerNormalization`` and an
+``Flatten``, ``Identity``, ``Dropout``; the batch and time axes may be flattened into one axis of
+rows and split again in the same order), per-feature ``Sub`` / ``Add`` / ``Mul`` / ``Div`` by
+constants (a leading one becomes the runtime's input normalisation), ``LayerNormalization`` and an
 inference ``BatchNormalization`` over the features, and a per-step head of ``MatMul`` /
 ``Gemm`` + ``Add`` and ``Relu``, ``Sigmoid``, ``Tanh``, ``Softmax`` or the activation ops with
 the parameters the step computes (``Elu``, ``Selu``, ``LeakyRelu`` of slope 0.2, ``HardSigmoid``
@@ -62,10 +63,9 @@ CELL_ACTIVATIONS = {
     "Softplus": "softplus",
 }
 HEAD_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softmax": "softmax"}
-LAYOUT_OPS = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Identity", "Dropout")
+LAYOUT_OPS = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity", "Dropout")
 ELEMENTWISE = ("Sub", "Add", "Mul", "Div")
 REASONS = {
-    "Flatten": "flattening mixes time steps together",
     "ReduceMean": "a reduction over time needs the whole sequence",
     "ReduceMax": "a reduction over time needs the whole sequence",
     "GlobalAveragePool": "pooling over time needs the whole sequence",
@@ -209,7 +209,8 @@ def _probe(model: Any, input_name: str, features: int) -> list[dict[str, np.ndar
 
 
 def _roles(g: _Graph, name: str) -> list[str]:
-    """Per axis of tensor ``name``: 'a0' / 'a1' (follows the input's axis 0 / 1) or 'static'."""
+    """Per axis of tensor ``name``: 'a0' / 'a1' (follows the input's axis 0 / 1), 'a0a1' (their
+    product: both flattened into one axis of rows, ``y.reshape(-1, units)``) or 'static'."""
     shapes = [p[name].shape for p in g.probes]
     if len({len(s) for s in shapes}) != 1:
         return ["?"]
@@ -220,6 +221,8 @@ def _roles(g: _Graph, name: str) -> list[str]:
             roles.append("a0")
         elif all(n == PROBES[i][1] for i, n in enumerate(sizes)):
             roles.append("a1")
+        elif all(n == PROBES[i][0] * PROBES[i][1] for i, n in enumerate(sizes)):
+            roles.append("a0a1")
         elif len(set(sizes)) == 1:
             roles.append("static")
         else:
@@ -250,6 +253,7 @@ class _Chain:
         self.last = False  # the last step was selected: no time axis from here on
         self.final_states: list[str] = []  # Y_h of each cell whose final state the graph uses
         self.stack: tuple[int, list[str]] | None = None  # (axis, Y_h names) of a Concat h_n
+        self.outer = ""  # 'a0' or 'a1': the outer of the two axes flattened into rows
 
     @property
     def time_axis(self) -> str:
@@ -263,8 +267,8 @@ class _Chain:
         if self.last:
             ok = roles.count(self.batch_axis) == 1 and self.time_axis not in roles
             what = "sequence"
-        else:
-            ok = roles.count("a0") == 1 and roles.count("a1") == 1
+        else:  # a batch and a time axis, or both flattened into one axis of rows
+            ok = sorted(r for r in roles if r != "static") in (["a0", "a1"], ["a0a1"])
             what = "step"
         if "?" in roles or not ok:
             raise UnsupportedModel(
@@ -278,6 +282,21 @@ class _Chain:
                 f"{_where(node)}: its output {name!r} has {len(wide)} feature axes; expected one"
             )
         return wide[0] if wide else len(shape) - 1
+
+    def rows(self, node: Any, x: str, y: str) -> None:
+        """Follows a layout op that flattens the batch and time axes into one axis of rows
+        (``y.reshape(-1, units)``), or splits them again: in the order they were flattened, or
+        the rows would be handed to other batch rows and time steps."""
+        before, after = _roles(self.g, x), _roles(self.g, y)
+        split = [r for r in after if r in ("a0", "a1")]
+        if "a0a1" in after and "a0a1" not in before:
+            self.outer = next(r for r in before if r in ("a0", "a1"))
+        elif "a0a1" in before and len(split) == 2 and split[0] != self.outer:
+            raise UnsupportedModel(
+                f"{_where(node)}: splits the rows of the batch and time axes (flattened with "
+                f"{'batch' if self.outer == self.batch_axis else 'time'} outer) in the other "
+                "order, which hands each step's row to another batch row and time step"
+            )
 
     def add(self, layer: Layer) -> None:
         prev = self.layers[-1] if self.layers else None
@@ -649,6 +668,7 @@ def _select(chain: _Chain, node: Any, data: str) -> None:
         return  # drops a length-1 axis (h_n[-1] of one layer: its direction axis)
     what = {
         chain.batch_axis: "batch rows (each sequence streams on its own)",
+        "a0a1": "rows of the batch and time axes flattened together",
         "static": "features of a step (only whole feature vectors are read)",
     }.get(role, "time steps before the recurrent layers")
     raise UnsupportedModel(f"{where} cannot be streamed: it selects {what}")
@@ -824,6 +844,7 @@ def read(path: str | Path) -> OnnxSource:
                 chain.feature_axis(n, nxt)
         elif op in LAYOUT_OPS or (op == "Cast" and _cast_to_float(n)):
             chain.feature_axis(n, nxt)
+            chain.rows(n, current, nxt)
         elif op in ("MatMul", "Gemm"):
             axis = chain.feature_axis(n, current)
             if axis != len(g.probes[0][current].shape) - 1 or n.input[0] != current:
@@ -903,6 +924,12 @@ def read(path: str | Path) -> OnnxSource:
             "the output of the last step"
         )
     out_roles = _roles(g, current)
+    if "a0a1" in out_roles:
+        raise UnsupportedModel(
+            f"the output {current!r} has the batch and time axes flattened together (shape "
+            f"{list(g.probes[0][current].shape)} on a [{PROBES[0][0]}, {PROBES[0][1]}, F] "
+            "input); reshape it back to the input's batch and time axes in the model"
+        )
     chain.feature_axis(graph.node[-1], current)
     layers = tuple(chain.layers)
     mean = std = None

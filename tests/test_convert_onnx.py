@@ -427,6 +427,52 @@ def test_batchnorm_exported_in_training_mode_is_refused_naming_it(capsys, tmp_pa
     )  # fmt: skip
 
 
+ROWS = {  # head on the rows of y.reshape(-1, units): None (read) or the refusal
+    "view back": None,
+    "torch.flatten(y, 0, 1)": None,  # an ONNX Flatten: it was refused as mixing time steps
+    "time-major rows": None,
+    "split the other way": "splits the rows of the batch and time axes (flattened with batch",
+    "rows as the output": "has the batch and time axes flattened together (shape [35, 2]",
+}
+
+
+@pytest.mark.parametrize("head", list(ROWS))
+def test_a_head_on_the_flattened_batch_and_time_rows_is_read_per_step(capsys, tmp_path, tiny, head):
+    """``self.fc(out.contiguous().view(-1, units)).view(batch, time, -1)``, as older PyTorch
+    code applies a Linear per step, was refused as 'no longer one row of features per step'."""
+    import torch
+    from torch import nn
+
+    from convert import onnx_intake
+    from tests.test_convert_onnx_m2o import export
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.rnn(x)[0]
+            b, t = y.shape[0], y.shape[1]
+            if head == "torch.flatten(y, 0, 1)":
+                return self.fc(torch.flatten(y, 0, 1)).view(b, t, 2)
+            if head == "time-major rows":
+                rows = torch.relu(self.fc(y.transpose(0, 1).reshape(-1, 4)))
+                return rows.view(t, b, 2).transpose(0, 1)
+            rows = torch.softmax(self.fc(y.contiguous().view(-1, 4)), dim=1)
+            if head == "split the other way":
+                return rows.view(t, b, 2)
+            return rows if head == "rows as the output" else rows.view(b, t, 2)
+
+    path = export(M().eval(), tmp_path / "m.onnx", True, "legacy")
+    if ROWS[head] is None:
+        x = np.random.default_rng(0).normal(0, 1, (8, 12, 3)).astype(np.float32)
+        assert onnx_intake.read(path).check_agreement(x) <= 1e-5
+    else:
+        assert_refused(capsys, path, tiny / "calib.npy", tmp_path, ROWS[head])
+
+
 def _export_with(act, path: Path) -> None:
     """An nn.LSTM, then ``act`` (an activation module) and a Linear, exported (legacy: fast)."""
     import torch

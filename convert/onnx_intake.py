@@ -78,7 +78,9 @@ REASONS = {
     "LogSoftmax": "LogSoftmax has no step equivalent here; export Softmax (or the logits)",
     "Loop": "control flow cannot be turned into a step",
     "Scan": "control flow cannot be turned into a step",
-    "If": "control flow cannot be turned into a step",
+    "If": "control flow cannot be turned into a step (torch.onnx.export(..., dynamo=False) "
+    "writes squeeze(dim) of an axis whose length it cannot tell as an If: select the last step "
+    "with out[:, -1])",
 }
 PROBES = ((5, 7), (6, 9))  # (axis 0, axis 1) lengths of the two probe inputs
 AGREEMENT_TOL = 1e-4  # float reference vs the spec read from it, relative to the output scale
@@ -777,15 +779,15 @@ def read(path: str | Path) -> OnnxSource:
     live = {graph.output[0].name}
     for n in reversed(graph.node):
         if n.op_type not in ("Shape", "Size") and any(o in live for o in n.output if o):
-            live.update(i for i in n.input if i)
+            live.update(_node_inputs(n))
     # Which tensors depend on the input's values (Shape and Size read only its shape).
     value = {inp.name}
     for n in graph.node:
         if n.op_type in ("Shape", "Size") or not any(o in live for o in n.output if o):
             continue
-        if any(i in value for i in n.input if i):
+        if any(i in value for i in _node_inputs(n)):
             value.update(o for o in n.output if o)
-            for i in n.input:
+            for i in _node_inputs(n):
                 if i in value:
                     g.consumers.setdefault(i, []).append(n)
     g.probes = _probe(model, inp.name, features)
@@ -794,12 +796,12 @@ def read(path: str | Path) -> OnnxSource:
     current = inp.name
     time_first: bool | None = None
     for n in graph.node:
-        if not any(i in value for i in n.input if i) or n.op_type in ("Shape", "Size"):
+        if not any(i in value for i in _node_inputs(n)) or n.op_type in ("Shape", "Size"):
             continue
         if not any(o in live for o in n.output if o):
             continue  # its values go nowhere
         where = _where(n)
-        on_chain = [i for i in n.input if i in value]
+        on_chain = [i for i in _node_inputs(n) if i in value]
         if (silu := _silu(g, current)) is not None and any(n is s for s in silu):
             if n is silu[1]:  # x * sigmoid(x): PyTorch's SiLU, written out
                 chain.add(Activation("silu"))
@@ -989,6 +991,22 @@ def _softmax_axis(chain: _Chain, node: Any, x: str) -> None:
         f"{PROBES[0][1]}, F] input), not over one step's features; write its axis as the "
         "last one (or export with opset_version=13 or later)"
     )
+
+
+def _node_inputs(node: Any) -> list[str]:
+    """A node's inputs, and the outer tensors its subgraphs (the branches of an ``If``, the
+    body of a ``Loop`` / ``Scan``) read without naming them as inputs."""
+    names = [i for i in node.input if i]
+    for a in node.attribute:
+        for sub in [a.g] if a.HasField("g") else list(a.graphs):
+            made = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            for m in sub.node:
+                made.update(m.output)
+            used = [o.name for o in sub.output]
+            for m in sub.node:
+                used += _node_inputs(m)
+            names += [u for u in used if u not in made and u not in names]
+    return names
 
 
 def _cast_to_float(node: Any) -> bool:

@@ -5,15 +5,15 @@ Accepted: one input ``[batch, time, features]`` or ``[time, batch, features]`` (
 read from the first recurrent op), one chain of ONNX ``LSTM`` / ``GRU`` ops (forward, default
 activations or others the step reproduces, both bias vectors, zero initial state) with the
 layout ops exporters put between them (``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Reshape``,
-``Flatten``, ``Identity``, ``Dropout``; the batch and time axes may be flattened into one axis of
-rows and split again in the same order), per-feature ``Sub`` / ``Add`` / ``Mul`` / ``Div`` by
-constants (a leading one becomes the runtime's input normalisation), ``LayerNormalization`` and an
-inference ``BatchNormalization`` over the features, and a per-step head of ``MatMul`` /
-``Gemm`` + ``Add`` and ``Relu``, ``Sigmoid``, ``Tanh``, ``Softmax`` or the activation ops with
-the parameters the step computes (``Elu``, ``Selu``, ``LeakyRelu`` of slope 0.2, ``HardSigmoid``
-and ``HardSwish`` as PyTorch writes them, exact ``Gelu``, ``Softplus``, ``Softsign``, ``Clip``
-to [0, 6]; SiLU written out as ``x * Sigmoid(x)``). Everything else is refused with one line
-naming the node and why.
+``Flatten``, ``Identity``, ``Dropout``; the batch and time axes may be flattened into one axis
+of rows and split again in the same order), per-feature ``Sub`` / ``Add`` / ``Mul`` / ``Div``
+by constants and ``Neg`` (a leading one becomes the runtime's input normalisation),
+``LayerNormalization`` and an inference ``BatchNormalization`` over the features, and a
+per-step head of ``MatMul`` / ``Gemm`` + ``Add`` and ``Relu``, ``Sigmoid``, ``Tanh``,
+``Softmax`` or the activation ops with the parameters the step computes (``Elu``, ``Selu``,
+``LeakyRelu`` of slope 0.2, ``HardSigmoid`` and ``HardSwish`` as PyTorch writes them, exact
+``Gelu``, ``Softplus``, ``Softsign``, ``Clip`` to [0, 6]; SiLU written out as
+``x * Sigmoid(x)``). Everything else is refused with one line naming the node and why.
 
 Many-to-one models (the last step of the top layer, ``out[:, -1]`` or ``h_n[-1]``, then the
 head) are read as the same step with ``sequence_output=False``: the step applies the head after
@@ -868,12 +868,17 @@ def read(path: str | Path) -> OnnxSource:
             if bias is not None:
                 chain.add(Affine(np.ones_like(bias, np.float32), bias.astype(np.float32)))
             chain.feature_axis(n, nxt)
+        elif op == "Neg":
+            chain.add(Affine(-np.ones(chain.width, np.float32), np.zeros(chain.width, np.float32)))
+            chain.feature_axis(n, nxt)
         elif op in ELEMENTWISE:
-            if n.input[0] != current and op in ("Sub", "Div"):
+            if n.input[0] != current and op == "Div":
                 raise UnsupportedModel(f"{where}: the constant comes first ({op} of a constant)")
             other = n.input[1] if n.input[0] == current else n.input[0]
             v = _vector(g, n, other, chain.width, "constant")
-            if op == "Sub":
+            if op == "Sub" and n.input[0] != current:  # c - x
+                chain.add(Affine(-np.ones(chain.width, np.float32), v.astype(np.float32)))
+            elif op == "Sub":
                 chain.add(Affine(np.ones(chain.width, np.float32), (-v).astype(np.float32)))
             elif op == "Add":
                 chain.add(Affine(np.ones(chain.width, np.float32), v.astype(np.float32)))
@@ -913,7 +918,7 @@ def read(path: str | Path) -> OnnxSource:
         else:
             raise UnsupportedModel(
                 f"{where} is not supported in a streaming step model (LSTM / GRU, layout ops, "
-                "per-feature Sub/Add/Mul/Div, LayerNormalization, BatchNormalization, "
+                "per-feature Sub/Add/Mul/Div, Neg, LayerNormalization, BatchNormalization, "
                 "MatMul/Gemm + Add, Relu, Sigmoid, Tanh, Softmax and the activations of the "
                 "README's list)"
             )

@@ -535,6 +535,25 @@ def test_activation_ops_the_step_computes_are_read(tmp_path, act):
     assert source.check_agreement(x) <= 1e-5
 
 
+@pytest.mark.parametrize("expr", ["-x", "1 - sigmoid(x)"])
+def test_a_negation_or_a_constant_minus_the_values_is_read_per_feature(tmp_path, expr):
+    """``-x`` (ONNX ``Neg``) was refused as 'not supported in a streaming step model' and
+    ``1 - x`` as 'the constant comes first (Sub of a constant)'; both are x * scale + shift."""
+    import torch
+    from torch import nn
+
+    from convert import onnx_intake
+
+    class Expr(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return -x if expr == "-x" else 1.0 - torch.sigmoid(x)
+
+    _export_with(Expr(), tmp_path / "m.onnx")
+    source = onnx_intake.read(tmp_path / "m.onnx")
+    x = np.random.default_rng(0).normal(0, 3, (8, 12, 3)).astype(np.float32)
+    assert source.check_agreement(x) <= 1e-5
+
+
 @pytest.mark.parametrize(
     "act, needle",
     [

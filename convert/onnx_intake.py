@@ -285,6 +285,20 @@ class _Chain:
             )
         return wide[0] if wide else len(shape) - 1
 
+    def step_axis(self, node: Any, name: str) -> int:
+        """The feature axis of a tensor an op normalises or takes a softmax over; refused where
+        a single feature was squeezed away and the last axis left is the batch or time axis."""
+        k = self.feature_axis(node, name)
+        role = _roles(self.g, name)[k]
+        if role != "static":
+            what = {self.batch_axis: "batch", self.time_axis: "time"}.get(role, "batch and time")
+            raise UnsupportedModel(
+                f"{_where(node)}: works over the {what} axis of its input (shape "
+                f"{list(self.g.probes[0][name].shape)} on a [{PROBES[0][0]}, {PROBES[0][1]}, F] "
+                "input, its one feature squeezed away), not over one step's features"
+            )
+        return k
+
     def rows(self, node: Any, x: str, y: str) -> None:
         """Follows a layout op that flattens the batch and time axes into one axis of rows
         (``y.reshape(-1, units)``), or splits them again: in the order they were flattened, or
@@ -904,7 +918,7 @@ def read(path: str | Path) -> OnnxSource:
             attrs = {a.name: a for a in n.attribute}
             rank = len(g.probes[0][current].shape)
             axis = (attrs["axis"].i if "axis" in attrs else -1) % rank
-            if axis != rank - 1 or chain.feature_axis(n, current) != rank - 1:
+            if axis != rank - 1 or chain.step_axis(n, current) != rank - 1:
                 raise UnsupportedModel(f"{where}: normalises over more than one step's features")
             gamma = _vector(g, n, n.input[1], chain.width, "scale")
             beta = (
@@ -962,7 +976,7 @@ def _batch_norm(chain: _Chain, node: Any, x: str) -> Affine:
             f"{where}: batch statistics (training mode) need the whole batch; export the "
             "model in eval mode (model.eval())"
         )
-    if chain.feature_axis(node, x) != 1:
+    if chain.step_axis(node, x) != 1:
         raise UnsupportedModel(
             f"{where}: normalises axis 1 of {list(g.probes[0][x].shape)} (on a "
             f"[{PROBES[0][0]}, {PROBES[0][1]}, F] input), not the features of a step"
@@ -981,7 +995,7 @@ def _softmax_axis(chain: _Chain, node: Any, x: str) -> None:
     computes over its input's axes from ``axis`` (default 1) on, flattened together."""
     g, where = chain.g, _where(node)
     shapes = [p[x].shape for p in g.probes]
-    rank, feature = len(shapes[0]), chain.feature_axis(node, x)
+    rank, feature = len(shapes[0]), chain.step_axis(node, x)
     opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 13)
     given = next((a.i for a in node.attribute if a.name == "axis"), None)
     axis = (given if given is not None else (-1 if opset >= 13 else 1)) % rank

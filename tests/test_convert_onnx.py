@@ -535,6 +535,39 @@ def test_activation_ops_the_step_computes_are_read(tmp_path, act):
     assert source.check_agreement(x) <= 1e-5
 
 
+SQUEEZED = {  # a softmax over what is left when a single output feature is squeezed away
+    "over time": "(Softmax): works over the time axis of its input (shape [5, 7]",
+    "over the batch": "(Softmax): works over the batch axis of its input (shape [5]",
+}
+
+
+@pytest.mark.parametrize("over", list(SQUEEZED))
+def test_a_softmax_over_the_axes_left_by_a_squeezed_feature_is_refused_naming_it(
+    capsys, tmp_path, tiny, over
+):
+    """``softmax(self.fc(y).squeeze(-1), dim=-1)`` with one output: the last axis left is the
+    time axis (the batch after out[:, -1]). It was read as a softmax over the one feature, and
+    the model refused only as 'the graph does more than the nodes this reader knows'."""
+    import torch
+    from torch import nn
+
+    from tests.test_convert_onnx_m2o import export
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.rnn(x)[0]
+            if over == "over time":
+                return torch.softmax(self.fc(y).squeeze(-1), dim=-1)
+            return torch.softmax(self.fc(y[:, -1]).squeeze(-1), dim=0)
+
+    path = export(M().eval(), tmp_path / "m.onnx", True, "legacy")
+    assert_refused(capsys, path, tiny / "calib.npy", tmp_path, SQUEEZED[over])
+
+
 @pytest.mark.parametrize("expr", ["-x", "1 - sigmoid(x)"])
 def test_a_negation_or_a_constant_minus_the_values_is_read_per_feature(tmp_path, expr):
     """``-x`` (ONNX ``Neg``) was refused as 'not supported in a streaming step model' and

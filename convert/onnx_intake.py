@@ -161,6 +161,17 @@ def session(model: Any) -> Any:
         )
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        unknown = re.search(r"([\w.]*):(\w+)\(-?\d+\) is not a registered function/op", first)
+        if unknown:  # e.g. ConstantFill, which torch.onnx.export writes before opset 9
+            domain, op = unknown.group(1), unknown.group(2)
+            standard = domain in ("", "ai.onnx")
+            want = ("", "ai.onnx") if standard else (domain,)
+            opset = next((o.version for o in model.opset_import if o.domain in want), 0)
+            raise ConvertError(
+                f"onnxruntime cannot run the model: it has no {op} op in {domain or 'ai.onnx'} "
+                f"opset {opset}"
+                + ("; export with a current opset_version (17 or later)" if standard else "")
+            ) from exc
         raise ConvertError(f"onnxruntime cannot run the model: {first}") from exc
 
 

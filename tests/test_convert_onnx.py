@@ -750,6 +750,37 @@ def test_a_time_first_dynamo_export_is_refused_with_the_advice_that_works(capsys
     assert "onnxruntime_src" not in line and "was false" not in line
 
 
+def test_an_export_at_an_opset_before_9_is_refused_naming_the_op_and_what_to_do(
+    capsys, tmp_path, tiny
+):
+    """Before opset 9 ``torch.onnx.export(..., dynamo=False)`` writes the zero initial state as
+    ``ConstantFill``, an op onnxruntime does not have; the refusal was onnxruntime's own
+    ('[ONNXRuntimeError] : 1 : FAIL : Fatal error: ai.onnx:ConstantFill(-1) is not a
+    registered function/op')."""
+    import torch
+    from torch import nn
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            M().eval(), (torch.zeros(2, 5, 3),), str(tmp_path / "m.onnx"), input_names=["x"],
+            dynamic_axes={"x": {0: "batch", 1: "time"}}, dynamo=False, opset_version=8,
+        )  # fmt: skip
+    line = assert_refused(
+        capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path,
+        "it has no ConstantFill op in ai.onnx opset 8; export with a current opset_version",
+    )  # fmt: skip
+    assert "ONNXRuntimeError" not in line
+
+
 def test_a_graph_computing_other_than_what_was_read_is_refused(tiny):
     """The safety net behind the reader: the spec must reproduce onnxruntime's run of the graph
     (here a spec with one weight changed stands for anything the reader could misread)."""

@@ -209,6 +209,16 @@ def _probe(model: Any, input_name: str, features: int) -> list[dict[str, np.ndar
             why = (
                 re.sub(r"^/\S+:\d+ .* was false\. ", "", status.group(1).strip()) if status else ""
             )
+            cell = re.search(
+                r"initial_c must have shape \{1,(\d+),(\d+)\}\. Actual:\{1,\1,(\d+)\}", why
+            )
+            if cell:  # the state's batch is right, its units are not: nn.LSTM(proj_size=...)
+                raise UnsupportedModel(
+                    f"{where}: its initial cell state has {cell.group(3)} units but its "
+                    f"hidden_size is {cell.group(2)}, as torch 2.13's default exporter writes an "
+                    f"nn.LSTM with proj_size={cell.group(2)} (it drops the projection); "
+                    "LSTM projections are not read (train it without proj_size)"
+                ) from exc
             raise UnsupportedModel(
                 f"onnxruntime cannot run the model on a [{a}, {b}, {features}] input: {where} "
                 f"fails{f' ({why})' if why else ''}; if it fixes a batch or time length, export "

@@ -750,6 +750,32 @@ def test_a_time_first_dynamo_export_is_refused_with_the_advice_that_works(capsys
     assert "onnxruntime_src" not in line and "was false" not in line
 
 
+def test_an_lstm_with_a_projection_is_refused_naming_proj_size(capsys, tmp_path, tiny):
+    """torch 2.13's default exporter writes ``nn.LSTM(proj_size=2)`` as an LSTM op of
+    hidden_size 2 without the projection, and a zero cell state of the full size, which
+    onnxruntime refuses; the refusal advised exporting dynamic batch and time axes."""
+    import torch
+    from torch import nn
+
+    from tests.test_convert_onnx_m2o import export
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 5, batch_first=True, proj_size=2), nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    path = export(M().eval(), tmp_path / "m.onnx", True, "dynamo")
+    line = assert_refused(
+        capsys, path, tiny / "calib.npy", tmp_path,
+        "(LSTM): its initial cell state has 5 units but its hidden_size is 2",
+        "nn.LSTM with proj_size=2", "LSTM projections are not read",
+    )  # fmt: skip
+    assert "dynamic batch and time axes" not in line
+
+
 def test_an_export_at_an_opset_before_9_is_refused_naming_the_op_and_what_to_do(
     capsys, tmp_path, tiny
 ):

@@ -304,7 +304,11 @@ class _Chain:
             raise UnsupportedModel(
                 f"{_where(node)}: its output {name!r} has {len(wide)} feature axes; expected one"
             )
-        return wide[0] if wide else len(shape) - 1
+        if wide:
+            return wide[0]
+        # one feature: the last axis of length 1 ([batch, 1, time] too), else the last axis
+        ones = [k for k, r in enumerate(roles) if r == "static"]
+        return ones[-1] if ones else len(shape) - 1
 
     def step_axis(self, node: Any, name: str) -> int:
         """The feature axis of a tensor an op normalises or takes a softmax over; refused where

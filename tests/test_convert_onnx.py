@@ -352,12 +352,14 @@ def test_a_softmax_before_opset_13_is_read_over_the_axes_it_flattens(capsys, tmp
 
 
 @pytest.mark.parametrize(
-    "where, exporter", [("head", "legacy"), ("after out[:, -1]", "dynamo"), ("input", "legacy")]
+    "where, exporter",
+    [("head", "legacy"), ("after out[:, -1]", "dynamo"), ("input", "legacy"), ("1 unit", "legacy")],
 )
 def test_batchnorm1d_in_eval_mode_is_read_as_a_per_feature_affine(tmp_path, where, exporter):
     """``nn.BatchNorm1d`` (eval) over the features, as PyTorch users write it: on
     ``y.transpose(1, 2)`` per step, or on the last step's [batch, features]. It was refused as
-    'not supported in a streaming step model'; it is x * scale + shift per feature."""
+    'not supported in a streaming step model'; it is x * scale + shift per feature. (Of one
+    unit, [batch, 1, time], the time axis was taken for the features.)"""
     import torch
     from torch import nn
 
@@ -369,8 +371,9 @@ def test_batchnorm1d_in_eval_mode_is_read_as_a_per_feature_affine(tmp_path, wher
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
-            self.bn = nn.BatchNorm1d(3 if where == "input" else 4)
+            units = 1 if where == "1 unit" else 4
+            self.rnn, self.fc = nn.LSTM(3, units, batch_first=True), nn.Linear(units, 2)
+            self.bn = nn.BatchNorm1d(3 if where == "input" else units)
             with torch.no_grad():  # statistics as training leaves them (not 0 and 1)
                 for t in (self.bn.running_mean, self.bn.bias):
                     t.normal_()
@@ -381,7 +384,7 @@ def test_batchnorm1d_in_eval_mode_is_read_as_a_per_feature_affine(tmp_path, wher
             if where == "input":
                 x = self.bn(x.transpose(1, 2)).transpose(1, 2)
             y = self.rnn(x)[0]
-            if where == "head":
+            if where in ("head", "1 unit"):
                 y = torch.relu(self.bn(y.transpose(1, 2)).transpose(1, 2))
             if where == "after out[:, -1]":
                 y = torch.relu(self.bn(y[:, -1]))

@@ -622,20 +622,22 @@ class Worker:
             self.owned.pop(part.number, None)
 
     async def release(self, parts: list[Partition]) -> None:
-        """Hand partitions over cleanly: stop them, snapshot them, then give up the leases."""
+        """Hand partitions over cleanly: stop them, snapshot them, then give up the leases.
+        All at once: one after another, a NATS outage cost each partition its timeouts in
+        turn, and a stop of a few partitions outlasted what systemd waits before SIGKILL."""
         await self._stop_partitions(parts)
-        for part in parts:
-            try:
-                await asyncio.wait_for(self._checkpoint(part, force=True), STOP_SECONDS)
-            except Exception as exc:  # the next owner replays from the older snapshot
-                log.warning("partition %d: final snapshot failed: %s", part.number, exc)
-            shutil.rmtree(part.directory, ignore_errors=True)  # its state is in JetStream
-            revision = self.leases.pop(part.number, None)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    self.kv.delete(f"p.{part.number}", last=revision), STOP_SECONDS
-                )
-            log.info("partition %d: released", part.number)
+        await asyncio.gather(*(self._hand_over(part) for part in parts))
+
+    async def _hand_over(self, part: Partition) -> None:
+        try:
+            await asyncio.wait_for(self._checkpoint(part, force=True), STOP_SECONDS)
+        except Exception as exc:  # the next owner replays from the older snapshot
+            log.warning("partition %d: final snapshot failed: %s", part.number, exc)
+        shutil.rmtree(part.directory, ignore_errors=True)  # its state is in JetStream
+        revision = self.leases.pop(part.number, None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.kv.delete(f"p.{part.number}", last=revision), STOP_SECONDS)
+        log.info("partition %d: released", part.number)
 
     async def lose(self, part: Partition) -> None:
         """Our lease is gone (expired, or taken): stop at once, keep nothing."""

@@ -1796,3 +1796,40 @@ def test_a_worker_waits_out_an_outage_that_fills_its_clients_buffer(
         assert await running == 0
 
     asyncio.run(run())
+
+
+def test_a_stop_snapshots_its_partitions_at_once_not_one_after_another(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """During a NATS outage each partition's final snapshot and lease removal wait out their
+    timeouts: taken one after another, a clean stop of a worker with a few partitions outlasted
+    systemd's stop timeout and ended in SIGKILL. Every final snapshot starts before any ends."""
+    from edge import config
+    from edge.nats_worker import Worker, WorkerOptions
+
+    cfg = config.load(
+        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
+    )
+    opts = WorkerOptions([nats_server.url], "w1", partitions=P, snapshot_interval=600)
+    started: list[int] = []
+    finished: list[int] = []
+
+    async def run() -> None:
+        w = Worker(cfg, opts)
+        running = asyncio.create_task(w.run())
+        await _until(lambda: len(w.owned) == P, 60, "w to own every partition")
+        all_in = asyncio.Event()
+
+        async def final(part: Any, *, force: bool = False) -> None:
+            started.append(part.number)
+            if len(started) == P:
+                all_in.set()
+            await all_in.wait()  # taken one after another, the first one waits out its timeout
+            finished.append(part.number)
+
+        w._checkpoint = final  # type: ignore[method-assign]
+        w.stopping.set()
+        assert await running == 0
+
+    asyncio.run(run())
+    assert sorted(started) == sorted(finished) == list(range(P))

@@ -321,6 +321,16 @@ def test_a_snapshot_that_finds_the_disk_full_degrades_and_is_retried(bundles, sm
     assert again.engine.last_seq("s2999") == 1
 
 
+def _checkpointed_with_one_record(state):
+    """A journal past its first checkpoint, with one record logged after it."""
+    j = Journal(state)
+    j.recover(no_restore)
+    j.open()
+    j.checkpoint(_snap_of(100), [Mark(0)], {"lsn": 0})
+    j.append([rec("a", 1, 1)])
+    return j
+
+
 def _snap_of(size):
     """A snapshot writer of ``size`` bytes that leaves nothing behind when it fails, as the
     engine's does."""
@@ -471,11 +481,7 @@ def test_a_checkpoint_whose_snapshot_fails_leaves_the_directory_as_it_was(tmp_pa
     """Its segment would hold only copies of what the log before it holds: it goes, and the
     log goes on where it was (a disk that stayed full gathered a segment per second)."""
     state = tmp_path / "state"
-    j = Journal(state)
-    j.recover(no_restore)
-    j.open()
-    j.checkpoint(_snap_of(100), [Mark(0)], {"lsn": 0})
-    j.append([rec("a", 1, 1)])
+    j = _checkpointed_with_one_record(state)
     before = sorted(p.name for p in state.iterdir())
 
     def failing(path, extra):
@@ -556,11 +562,7 @@ def test_a_state_dir_turned_read_only_during_a_checkpoint_loses_no_later_entry(
     import errno
 
     state = tmp_path / "state"
-    j = Journal(state)
-    j.recover(no_restore)
-    j.open()
-    j.checkpoint(_snap_of(100), [Mark(0)], {"lsn": 0})
-    j.append([rec("a", 1, 1)])
+    j = _checkpointed_with_one_record(state)
     real_unlink = Path.unlink
 
     def read_only(path, missing_ok=False):

@@ -6,7 +6,10 @@ offline. Devices own a client id each, or share a few connections for load tests
 One scheduler thread drives them all from a heap of timed events.
 
 A device may reboot (fault ``reboot``): its boot id changes (a per-device counter that starts
-at a random u32; sent as ``"boot"`` when the fleet has ``boot_ids``), its seq restarts at 1 and
+at a random u32, drawn afresh for each run: a run is a new boot of every device, so a runtime
+that served an earlier run of the same seed takes the streams up again instead of refusing
+their samples as duplicates; sent as ``"boot"`` when the fleet has ``boot_ids``), its seq
+restarts at 1 and
 its store-and-forward buffer is gone. Messages already in flight (a delayed, reordered or
 duplicated send) still arrive, so the runtime sees some of the old boot after the new one; a
 device without boot ids cannot be told apart from its old self, so its in-flight messages die
@@ -21,6 +24,7 @@ import heapq
 import inspect
 import itertools
 import json
+import secrets
 import sys
 import threading
 import time
@@ -143,6 +147,7 @@ class Device:
         feature_names: list[str],
         boot_ids: bool = True,
         batch_max: int | None = None,
+        boot_base: int = 0,
     ) -> None:
         self.stream, self.source, self.conn, self.own_conn = stream, source, conn, own_conn
         self.rate, self.batch, self.fmt = rate, batch, fmt
@@ -151,7 +156,7 @@ class Device:
         self.names = feature_names
         self.seq = int(rng.integers(0, 1000))
         self.boot_ids = boot_ids
-        self.boot = int(rng.integers(0, U32))
+        self.boot = (int(rng.integers(0, U32)) + boot_base) % U32  # rng: seeded as before
         self.epoch = 0
         if boot_ids and not BOOT_IN[fmt] and injector.plan.rates.get("reboot", 0) > 0:
             self.fmt = "json"  # the only format that can carry its boot id here
@@ -256,6 +261,7 @@ class Fleet:
             self.close()
             raise
         self.devices = []
+        boot_base = secrets.randbits(32)  # this run's boots: see the module's docstring
         for i, src in enumerate(sources):
             rng = np.random.default_rng([seed, i, 7])
             self.devices.append(
@@ -273,6 +279,7 @@ class Fleet:
                     rng=rng,
                     feature_names=names,
                     boot_ids=boot_ids,
+                    boot_base=boot_base,
                 )
             )
         self.reboots = 0

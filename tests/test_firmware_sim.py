@@ -119,6 +119,36 @@ def test_a_device_install_runtime_scores_zero_wrong_in_its_own_kernel_set(
 
 
 @pytest.mark.broker
+def test_a_second_run_against_the_same_runtime_is_answered_not_refused_as_duplicates(
+    bundles, broker, tmp_path
+):
+    """Each device's boot id came from --seed alone: a second run of the same command against
+    a runtime that had served the first sent the first run's boot ids with seq from where that
+    run began, and every sample was refused as a duplicate (scored as lost: NOT EXACT)."""
+    from firmware_sim.cli import main
+    from firmware_sim.runtime import Runtime
+    from firmware_sim.scorer import Scorer
+
+    bundle = bundles / "clf-int8"
+    runtime = Runtime(bundle, broker.url, tmp_path / "state", client_id="rt").start()
+    try:
+        waiter = Scorer(broker.url, client_id="waiter")
+        try:
+            waiter.wait_online("rt", 60, runtime.alive)
+        finally:
+            waiter.close()
+        args = ["run", "--broker", broker.url, "--devices", "2", "--rate", "10"]
+        args += ["--duration", "2", "--bundle", str(bundle)]
+        for run in ("first", "second"):
+            assert main([*args, "--out", str(tmp_path / run)]) == 0, run
+            r = json.loads((tmp_path / run / "score.json").read_text())
+            assert r["predictions_missing"] == 0 and r["errors_by_code"] == {}, (run, r)
+            assert r["wrong_predictions"] == 0 and r["predictions_received"] > 0, (run, r)
+    finally:
+        assert runtime.stop() == 0, runtime.output()[-2000:]
+
+
+@pytest.mark.broker
 def test_every_fault_at_once_loses_and_corrupts_nothing(bundles, broker, tmp_path):
     """Drop, duplicate, reorder, delay, disconnect, NaN, garbage, wrong count and skew, all
     enabled: every delivered sample answered, each exactly as the offline run of the bundle."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -158,6 +160,43 @@ def _not_a_bundle(mpath: Path) -> str | None:
     return None
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``): a reader, or a
+    kill -9, finds either both as they were or both swapped. False where the C library or the
+    file system cannot do it."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def put_in_place(tmp: Path, out: Path) -> None:
+    """``tmp`` becomes ``out``; an ``out`` there before ends up at ``tmp`` (for the caller to
+    delete). Never a moment without one whole bundle at ``out`` where the file system can swap
+    the two in one step; else two renames, and an interrupt between them puts the old back."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if exchange(tmp, out):
+        return
+    aside = out.with_name(f".{out.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(out, aside)
+        os.replace(tmp, out)
+    except BaseException:  # an interrupt may land before, between or after the two
+        if not out.exists() and aside.exists():
+            os.replace(aside, out)
+        raise
+    os.replace(aside, tmp)
+
+
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A temp directory beside ``out`` that replaces it only if the block succeeds."""
@@ -169,14 +208,10 @@ def staging(out: Path) -> Iterator[Path]:
     except OSError as exc:
         raise ConvertError(f"{out}: cannot write the output directory: {exc}") from exc
     try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            yield tmp
+            put_in_place(tmp, out)  # tmp then holds the earlier bundle, if any
+        except OSError as exc:  # a full disk, most likely: the staging directory goes
+            raise ConvertError(f"{out}: cannot write the bundle: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

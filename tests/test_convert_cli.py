@@ -231,6 +231,65 @@ def test_a_bundle_that_also_holds_other_files_is_not_replaced(capsys, tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_a_full_disk_while_the_bundle_is_written_is_one_line_and_leaves_nothing(
+    capsys, tmp_path, src, monkeypatch
+):
+    """A full disk (ENOSPC) while the bundle's files were written ended in a traceback (of
+    PIL, writing report.png)."""
+    import errno
+
+    from convert import report
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "plot", full)
+    code, out = convert(capsys, src / "model.keras", src / "model.calib.npy", tmp_path / "out")
+    needle = f"{tmp_path / 'out'}: cannot write the bundle: No space left"
+    assert_refused(code, out, needle, tmp_path)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
+def test_an_interrupt_while_the_new_bundle_takes_the_old_ones_place_keeps_one_whole(
+    tmp_path, bundles, monkeypatch, exchange
+):
+    """The old bundle was renamed aside, then the new one into place: Ctrl-C or SIGTERM
+    between the two left no bundle at all (the old one hidden in .out.old, deleted by the next
+    conversion, the new one deleted with the staging directory), and a kill -9 there the
+    same. The two are swapped in one step where the file system can (RENAME_EXCHANGE), and an
+    interrupted pair of renames puts the old bundle back."""
+    import os
+    import shutil
+
+    from convert import bundle
+
+    out = tmp_path / "out"
+    shutil.copytree(bundles / "clf-int8", out)
+    (out / "expected.npz").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if not exchange:  # a file system without RENAME_EXCHANGE
+        monkeypatch.setattr(bundle, "exchange", lambda a, b: False, raising=False)
+    real, calls = os.replace, []
+
+    def replace(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        with bundle.staging(out) as tmp:
+            (tmp / "model.tflite").write_bytes(b"new")
+    except KeyboardInterrupt:
+        assert not exchange
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:
+        assert exchange and calls == []
+        assert [(p.name, p.read_bytes()) for p in out.iterdir()] == [("model.tflite", b"new")]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 SIGTERM_DURING_CONVERT = """
 import signal, sys
 from convert import cli, quantize

@@ -24,6 +24,7 @@ COLUMNS = (
     ("snap s", 7),
     ("top errors", 0),
 )
+CODE_WIDTH = 32  # an error code as shown (the service's are shorter)
 
 
 @dataclass
@@ -120,8 +121,8 @@ class TopView:
             s = rt.stats
             errs = sorted(_errors(s).items(), key=lambda kv: (-kv[1], kv[0]))[:3]
             cells = [
-                rid[:21],
-                rt.state[:8],
+                _shown(rid, 21),
+                _shown(rt.state, 8),
                 _num(s.get("active_streams")),
                 _num(rt.rate("messages_in")),
                 _num(rt.rate("predictions_out")),
@@ -130,7 +131,7 @@ class TopView:
                 _num(s.get("e2e_latency_p50_ms")),
                 _num(s.get("e2e_latency_p99_ms")),
                 _num(s.get("snapshot_age_seconds")),
-                ", ".join(f"{code} {n}" for code, n in errs) or "-",
+                ", ".join(f"{_shown(code, CODE_WIDTH)} {n}" for code, n in errs) or "-",
             ]
             lines.append(
                 "".join(f"{c:<{w}}" if w else c for c, (_, w) in zip(cells, COLUMNS, strict=True))
@@ -138,6 +139,12 @@ class TopView:
         if not self.runtimes:
             lines.append("(waiting for stats; is edge-lstm serve running with stats_interval > 0?)")
         return "\n".join(lines)
+
+
+def _shown(text: str, width: int) -> str:
+    """``text`` cut to ``width`` with every character a terminal would act on (escape
+    sequences, newlines, C1 controls) shown as ``?``: anyone may publish on these topics."""
+    return "".join(c if c.isprintable() else "?" for c in text[:width])
 
 
 def _num(value: Any) -> str:

@@ -373,6 +373,22 @@ def test_top_survives_stats_whose_numbers_are_no_finite_numbers():
     assert v.render().splitlines()[1].split()[:7] == ["x", "online", "-", "-", "-", "1", "-"]
 
 
+def test_top_prints_no_control_character_that_a_publisher_on_its_topics_sent():
+    """Anyone may publish on the stats and status topics: a runtime id, state or error code
+    holding an escape sequence (clear the screen, set the clipboard) or a newline went to the
+    operator's terminal as it was."""
+    v = TopView("edge/stats/", "edge/status/")
+    codes = {"\x1b]52;c;ZXZpbA==\x07": 3, "bad\njson": 2, "\x9b2J" + "x" * 5000: 1}
+    stats = {"ts": 1, "messages_in": 1, "errors": codes}
+    v.update("edge/stats/pi\x1b[2J", json.dumps(stats).encode())
+    v.update("edge/status/pi\x1b[2J", json.dumps({"state": "\x1b[31mon\rline"}).encode())
+    text = v.render()
+    lines = text.split("\n")
+    assert len(lines) == 2 and all(line.isprintable() for line in lines), repr(text)
+    assert lines[1].startswith("pi?[2J") and len(lines[1]) < 300, lines[1]
+    assert "?]52;c;ZXZpbA==? 3, bad?json 2" in lines[1]
+
+
 def test_top_shows_a_real_service(service, broker):
     service("--stats-interval", "0.2")
     col = Collector(broker.url)

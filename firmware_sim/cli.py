@@ -19,6 +19,7 @@ from edge.cli import quiet_tensorflow, run_command, version_text
 
 from .errors import SimError
 from .results import replace_file, results_dir
+from .verdict import judged
 
 SCORE_FILES = ("score.json", "score.png")
 MAX_BATCH = 1024  # the service's max_samples_per_message default
@@ -255,7 +256,8 @@ def demo(args: argparse.Namespace) -> int:
         boot_ids=args.boot_ids,
         cluster=args.cluster,
     )
-    return 0 if r["predictions_missing"] == 0 and r.get("wrong_predictions", 0) == 0 else 1
+    exact = r["predictions_missing"] == 0 and r.get("wrong_predictions", 0) == 0
+    return 0 if exact and judged(r) else 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -318,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
         print(table(r))
         print(f"\nscore: {jpath}\nplot:  {ppath or PLOT_SKIPPED}")
         print(verdict(r))
-        return 0 if r["predictions_missing"] == 0 else 1
+        return 0 if r["predictions_missing"] == 0 and judged(r) else 1
     finally:
         fleet.close()
         scorer.close()

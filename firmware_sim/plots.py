@@ -130,14 +130,17 @@ def score_figure(
         a.text(0.5, 0.5, "no predictions", ha="center", transform=a.transAxes)
     a.set(title="publish -> prediction latency", xlabel="ms (log scale)", ylabel="predictions")
     cmap = ListedColormap(list(CELL_COLOURS))
-    b.imshow(
-        grid.cells,
-        aspect="auto",
-        interpolation="nearest",
-        cmap=cmap,
-        vmin=-0.5,
-        vmax=len(CELLS) - 0.5,
-    )
+    if grid.cells.size:
+        b.imshow(
+            grid.cells,
+            aspect="auto",
+            interpolation="nearest",
+            cmap=cmap,
+            vmin=-0.5,
+            vmax=len(CELLS) - 0.5,
+        )
+    else:  # an empty image has no extent: matplotlib warns of a singular transformation
+        b.text(0.5, 0.5, "no samples", ha="center", transform=b.transAxes)
     if grid.faults:
         kinds = sorted({k for _, _, k in grid.faults})
         markers = dict(zip(kinds, "v^<>osDpPh*H8d"))  # filled markers only

@@ -5,13 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 
+def judged(r: dict[str, Any]) -> bool:
+    """Whether the run delivered anything to judge: a run that sent nothing (a rate below one
+    sample per duration) or lost all it sent (every message dropped) proves nothing."""
+    return int(r.get("samples_delivered_valid", 1)) > 0  # figures without it: judged as given
+
+
 def verdict(r: dict[str, Any]) -> str:
     """``exact`` means every prediction equals an offline run of the same bundle over what
     the devices delivered, and no expected prediction is missing."""
     wrong = r.get("wrong_predictions")
     missing = int(r.get("predictions_missing", 0))
     got = int(r.get("predictions_received", 0))
-    if wrong is None:
+    if not judged(r):
+        created = int(r.get("messages_created", 0))
+        head = (
+            "NOTHING JUDGED: no valid sample was delivered "
+            f"({created:,} message{'s' if created != 1 else ''} created)"
+        )
+    elif wrong is None:
         head = "no offline reference (run with --bundle to judge exactness)"
     elif wrong == 0 and missing == 0:
         head = f"EXACT: all {got:,} predictions equal the offline run"

@@ -283,6 +283,19 @@ def test_run_shows_its_progress(broker, tmp_path, capsys):
 
 
 @pytest.mark.broker
+@pytest.mark.parametrize("how", [["--rate", "0.01"], ["--faults", "drop=1"]], ids=" ".join)
+def test_a_run_that_delivered_no_sample_is_not_judged_exact(broker, tmp_path, capsys, how):
+    """Nothing sent (a rate below one sample per --duration), or every message dropped: the
+    verdict was 'EXACT: all 0 predictions equal the offline run', exit 0."""
+    from firmware_sim.cli import main
+
+    args = ["run", "--broker", broker.url, "--devices", "2", "--duration", "1"]
+    assert main([*args, *how, "--source", "sine", "--out", str(tmp_path / "res")]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("verdict: NOTHING JUDGED: no valid sample was delivered"), last
+
+
+@pytest.mark.broker
 def test_bundle_and_source_feature_counts_must_agree(bundles, broker, capsys):
     from firmware_sim.cli import main
 

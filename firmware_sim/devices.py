@@ -373,9 +373,9 @@ class Fleet:
         last_progress = 0.0
         while self._events and not self.stop_event.is_set():
             t, _, _, fn = self._events[0]
-            if t >= end:
-                break
             now = time.monotonic()
+            if t >= end or now >= end:  # behind its rate (or past the clock's resolution):
+                break  # a device makes samples in real time, and so stops at --duration
             if t > now:
                 self.stop_event.wait(min(t - now, 0.05))
                 continue

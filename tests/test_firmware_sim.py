@@ -296,6 +296,29 @@ def test_a_run_that_delivered_no_sample_is_not_judged_exact(broker, tmp_path, ca
 
 
 @pytest.mark.broker
+def test_devices_that_cannot_keep_their_rate_stop_at_the_duration(broker):
+    """The scheduler made every sample due before --duration, however long that took: at a
+    rate it could not keep up with, the run went on long past --duration, and at a period
+    below the clock's resolution (--rate 1e12) the next sample was due at the same instant
+    for ever, and the run never ended."""
+    import threading
+
+    from firmware_sim.devices import Fleet
+
+    fleet = Fleet(broker.url, 1, 1e12, source="sine")
+    runner = threading.Thread(target=fleet.run, args=(0.5,), daemon=True)
+    try:
+        runner.start()
+        runner.join(120)
+        assert not runner.is_alive()
+        assert fleet.log and all(m.created - fleet.log[0].created < 60 for m in fleet.log)
+    finally:
+        fleet.stop_event.set()
+        runner.join(60)
+        fleet.close()
+
+
+@pytest.mark.broker
 def test_bundle_and_source_feature_counts_must_agree(bundles, broker, capsys):
     from firmware_sim.cli import main
 

@@ -263,7 +263,7 @@ def demo(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from .devices import Fleet
     from .faults import FaultPlan
-    from .scorer import PLOT_SKIPPED, Scorer, save, score, table
+    from .scorer import Scorer, save, score, table
     from .verdict import verdict
 
     names, features, bundle, classes = None, 6, None, ()
@@ -316,9 +316,9 @@ def run(args: argparse.Namespace) -> int:
             restart_gap=args.restart_gap,
             kernels=args.kernels,
         )
-        jpath, ppath = save(r, scorer, log, Path(args.out))
+        jpath, plot = save(r, scorer, log, Path(args.out))
         print(table(r))
-        print(f"\nscore: {jpath}\nplot:  {ppath or PLOT_SKIPPED}")
+        print(f"\nscore: {jpath}\nplot:  {plot}")
         print(verdict(r))
         return 0 if r["predictions_missing"] == 0 and judged(r) else 1
     finally:

@@ -17,7 +17,7 @@ from .devices import Fleet, Key, Sent
 from .errors import SimError
 from .faults import FaultPlan
 from .runtime import Runtime
-from .scorer import PLOT_SKIPPED, Scorer, save, score, table
+from .scorer import Scorer, save, score, table
 from .verdict import verdict
 
 RUNTIME_ID = "firmware-sim-runtime"
@@ -197,13 +197,13 @@ def run_demo(
                 r["worker_killed_at_s"] = killed[0] if killed else None
             else:
                 r["broker"] = broker.kind
-            jpath, ppath = save(r, scorer, log, out)
+            jpath, plot = save(r, scorer, log, out)
             print("\n" + table(r))
             if killed:
                 print(
                     f"\nworker {workers[0].id} killed (kill -9) at {killed[0]:.1f} s of {duration:g} s"
                 )
-            print(f"\nscore: {jpath}\nplot:  {ppath or PLOT_SKIPPED}")
+            print(f"\nscore: {jpath}\nplot:  {plot}")
             print(verdict(r))
             return r
         finally:

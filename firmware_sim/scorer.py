@@ -618,12 +618,12 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def save(
-    r: dict[str, Any], scorer: Scorer, log: Sequence[Sent], out: Path
-) -> tuple[Path, Path | None]:
-    """score.json first (so a missing plotting library never costs the score), then score.png;
-    the plot's path is None when matplotlib is not installed."""
-    from .plots import plot_score, stream_grid
+def save(r: dict[str, Any], scorer: Scorer, log: Sequence[Sent], out: Path) -> tuple[Path, str]:
+    """score.json first (so a missing plotting library or a plot that cannot be written never
+    costs the score), then score.png; returns score.json's path and score.png's, or why there
+    is none (matplotlib not installed, a full disk): an earlier run's score.png is removed
+    then, or it would be read as this run's."""
+    from . import plots
     from .results import replace_file
     from .verdict import verdict
 
@@ -634,7 +634,7 @@ def save(
     try:
         import matplotlib  # noqa: F401
     except ModuleNotFoundError:
-        return jpath, None
+        return jpath, _no_plot(ppath, PLOT_SKIPPED)
     got = scorer.received(log)
     lat = latencies_s(got, log) * 1000
     labelled = bool(r.get("classes"))
@@ -644,9 +644,21 @@ def save(
         for k in ("latency_p50_ms", "latency_p99_ms")
         if k in r
     }
-    grid = stream_grid(log, predicted)
-    replace_file(ppath, lambda tmp: plot_score(tmp, lat, grid, verdict(r), pct))
-    return jpath, ppath
+    grid = plots.stream_grid(log, predicted)
+    try:
+        replace_file(ppath, lambda tmp: plots.plot_score(tmp, lat, grid, verdict(r), pct))
+    except SimError as exc:  # the score is written: the run's outcome stands without its plot
+        return jpath, _no_plot(ppath, f"not written: {exc}")
+    return jpath, str(ppath)
+
+
+def _no_plot(path: Path, why: str) -> str:
+    """``why``, once an earlier run's plot at ``path`` is gone."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        return f"{why}; an earlier {path.name} is still there: {exc.strerror}"
+    return why
 
 
 PLOT_SKIPPED = "skipped: matplotlib is not installed (pip install 'edge-lstm[sim]')"

@@ -319,6 +319,35 @@ def test_devices_that_cannot_keep_their_rate_stop_at_the_duration(broker):
 
 
 @pytest.mark.broker
+def test_a_plot_that_cannot_be_written_leaves_no_earlier_plot_beside_the_new_score(
+    broker, tmp_path, capsys, monkeypatch
+):
+    """score.json was written, then score.png failed (a full disk): the run ended on that error
+    without its table or verdict, and the directory held the new score beside an earlier run's
+    plot, read as this run's."""
+    import errno
+
+    from firmware_sim import plots
+    from firmware_sim.cli import main
+
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "plot_score", full)
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "score.png").write_bytes(b"an earlier run's plot")
+    (out / "score.json").write_text("{}")
+    args = ["run", "--broker", broker.url, "--devices", "1", "--duration", "1", "--source", "sine"]
+    assert main([*args, "--out", str(out)]) == 1  # nothing serves: nothing answered
+    printed = capsys.readouterr().out
+    assert "predictions missing" in printed and "\nverdict: " in printed, printed
+    assert "plot:  not written: --out " in printed and "No space left on device" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["score.json"]
+    assert json.loads((out / "score.json").read_text())["messages_created"] > 0
+
+
+@pytest.mark.broker
 def test_bundle_and_source_feature_counts_must_agree(bundles, broker, capsys):
     from firmware_sim.cli import main
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -85,13 +86,17 @@ def cached(cache: Path) -> bool:
     """Whether ``cache`` holds a current example: a bundle converted before kernel sets were
     recorded would be refused; a model trained before train-example trained on streams (no
     replay accuracy in model.json) lags behind activity changes, and one trained before the
-    settle weights (no ``training.settle``) misreads the quiet last seconds of a recording."""
+    settle weights (no ``training.settle``) misreads the quiet last seconds of a recording.
+    The bundle must be converted from ``model.keras``: a demo stopped while converting a model
+    it had trained again leaves the earlier bundle beside it."""
     manifest, info_path = cache / "bundle-int8" / "manifest.json", cache / "model.json"
     try:
         info = json.loads(info_path.read_text())
+        described = json.loads(manifest.read_text())
+        model_sha256 = hashlib.sha256((cache / "model.keras").read_bytes()).hexdigest()
         return (
-            (cache / "model.keras").exists()
-            and "kernels" in json.loads(manifest.read_text())
+            described.get("source_sha256") == model_sha256
+            and "kernels" in described
             and "test_accuracy_replay" in info
             and "settle" in info.get("training", {})
         )

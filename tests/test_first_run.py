@@ -156,12 +156,18 @@ def test_a_snapshot_command_is_answered_in_the_status(service, broker):
     col.close()
 
 
+def _manifest_of(model: bytes, **fields) -> str:
+    import hashlib
+
+    return json.dumps({"source_sha256": hashlib.sha256(model).hexdigest(), **fields})
+
+
 def test_the_demo_cache_is_current_only_with_a_stream_trained_model(tmp_path):
     from firmware_sim.demo import cached
 
     (tmp_path / "bundle-int8").mkdir()
     (tmp_path / "model.keras").write_bytes(b"PK")
-    (tmp_path / "bundle-int8" / "manifest.json").write_text('{"kernels": {}}')
+    (tmp_path / "bundle-int8" / "manifest.json").write_text(_manifest_of(b"PK", kernels={}))
     assert not cached(tmp_path)  # no model.json
     (tmp_path / "model.json").write_text('{"test_accuracy_last_step": 1.0}')
     assert not cached(tmp_path)  # trained before train-example trained on streams
@@ -171,5 +177,25 @@ def test_the_demo_cache_is_current_only_with_a_stream_trained_model(tmp_path):
         '{"test_accuracy_replay": 0.9, "training": {"settle": 25}}'
     )
     assert cached(tmp_path)
-    (tmp_path / "bundle-int8" / "manifest.json").write_text("{}")
+    (tmp_path / "bundle-int8" / "manifest.json").write_text(_manifest_of(b"PK"))
     assert not cached(tmp_path)  # converted before kernel sets were recorded
+
+
+def test_the_demo_cache_is_not_current_when_its_bundle_was_converted_from_another_model(
+    tmp_path,
+):
+    """A demo that trained the example again (an earlier recipe's cache) and was stopped
+    while converting kept the earlier bundle beside the new model: the next demo took the
+    two for one example, served the old bundle and judged it against the new float model."""
+    from firmware_sim.demo import cached
+
+    (tmp_path / "bundle-int8").mkdir()
+    manifest = _manifest_of(b"PK an earlier model", kernels={})
+    (tmp_path / "bundle-int8" / "manifest.json").write_text(manifest)
+    (tmp_path / "model.keras").write_bytes(b"PK the model trained again")
+    (tmp_path / "model.json").write_text(
+        '{"test_accuracy_replay": 0.9, "training": {"settle": 25}}'
+    )
+    assert not cached(tmp_path)
+    (tmp_path / "model.keras").write_bytes(b"PK an earlier model")
+    assert cached(tmp_path)

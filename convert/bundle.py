@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -197,6 +198,28 @@ def put_in_place(tmp: Path, out: Path) -> None:
     os.replace(aside, tmp)
 
 
+def remove_abandoned(out: Path) -> None:
+    """The staging directories of conversions into ``out`` that were killed (-9, a power cut:
+    nothing removed them) go; each conversion holds a lock on its own while it runs."""
+    prefix = f".{out.name}.staging-"
+    try:
+        found = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return  # nothing to tidy where nothing can be listed; the conversion says why
+    for path in found:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone meanwhile, or no directory of ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # locked: a conversion still running
+        finally:
+            os.close(fd)
+
+
 @contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A temp directory beside ``out`` that replaces it only if the block succeeds."""
@@ -204,10 +227,13 @@ def staging(out: Path) -> Iterator[Path]:
     check_replaceable(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+        lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise ConvertError(f"{out}: cannot write the output directory: {exc}") from exc
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ours while we run; see remove_abandoned
+        remove_abandoned(out)
         try:
             yield tmp
             put_in_place(tmp, out)  # tmp then holds the earlier bundle, if any
@@ -215,3 +241,4 @@ def staging(out: Path) -> Iterator[Path]:
             raise ConvertError(f"{out}: cannot write the bundle: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)

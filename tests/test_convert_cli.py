@@ -290,6 +290,47 @@ def test_an_interrupt_while_the_new_bundle_takes_the_old_ones_place_keeps_one_wh
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+KILLED_WHILE_STAGING = """
+import os, sys
+from pathlib import Path
+from convert import bundle
+
+with bundle.staging(Path(sys.argv[1])) as tmp:
+    (tmp / "model.tflite").write_bytes(b"half")
+    os.kill(os.getpid(), 9)
+"""
+
+
+def test_staging_directories_a_kill_left_behind_go_at_the_next_conversion(tmp_path):
+    """A conversion killed with -9 leaves its staging directory (a partial bundle) beside
+    --out, and each such kill left one more, for good. The next conversion into that --out
+    removes them; one in use by another conversion, and the user's own hidden directories,
+    stay."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from convert import bundle
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_STAGING, str(out)], env=env)
+    assert killed.returncode == -9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".out."), left
+    (tmp_path / ".out.notes").mkdir()  # the user's own
+    with bundle.staging(out) as running:
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".out.notes", running.name]
+        with bundle.staging(out) as tmp:  # another conversion meanwhile: running stays
+            (tmp / "model.tflite").write_bytes(b"new")
+        assert running.is_dir()
+        (running / "model.tflite").write_bytes(b"newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.notes", "out"]
+    assert [(p.name, p.read_bytes()) for p in out.iterdir()] == [("model.tflite", b"newer")]
+
+
 SIGTERM_DURING_CONVERT = """
 import signal, sys
 from convert import cli, quantize

@@ -81,7 +81,7 @@ def load_file(path: Path) -> np.ndarray:
         if path.suffix == ".npy":
             data = np.load(path, allow_pickle=False)
         elif path.suffix == ".csv":
-            with path.open(newline="") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM is no value
                 rows = [r for r in csv.reader(f) if r]
             if rows and not _numeric(rows[0]):
                 rows = rows[1:]  # header

@@ -30,6 +30,16 @@ def test_sources_are_seeded_and_labelled(tmp_path):
     assert make(str(tmp_path / "x.csv"), 0, 0).take(3)[0].shape == (3, 2)
 
 
+@pytest.mark.parametrize("header", ["", "a,b\n"], ids=["no header", "header"])
+def test_a_csv_source_saved_with_a_byte_order_mark_keeps_its_first_row(tmp_path, header):
+    """A spreadsheet's 'CSV UTF-8' begins with a byte order mark: its first value read as
+    '\ufeff1', no number, so a first row of numbers was taken for a header and dropped."""
+    path = tmp_path / "x.csv"
+    path.write_text(header + "1,2\n3,4\n", encoding="utf-8-sig")
+    source = make(str(path), 0, 0)
+    np.testing.assert_array_equal(source.data, [[1.0, 2.0], [3.0, 4.0]])
+
+
 @pytest.mark.parametrize(
     "spec, message", [("nope.npy", "not a file"), ("basicmotions:val", "split")]
 )

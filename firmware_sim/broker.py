@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from .children import ending_with_us
 from .errors import SimError
 
 INSTALL_HINT = "install Mosquitto (sudo apt-get install mosquitto) or pip install 'edge-lstm[sim]'"
@@ -116,7 +117,9 @@ class Broker:
             except ImportError as exc:
                 raise SimError(f"no broker available: {INSTALL_HINT}") from exc
             cmd = [sys.executable, "-m", "firmware_sim.broker", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=ending_with_us()
+        )
         wait_listening(self.port, self.proc, log)
         return self
 

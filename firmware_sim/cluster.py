@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .broker import free_port
+from .children import ending_with_us
 from .errors import SimError
 
 
@@ -57,7 +58,12 @@ class LocalNats:
             f"mqtt {{\n  listen: 127.0.0.1:{self.mqtt_port}\n}}\n"
         )
         with open(self.dir / "nats.log", "ab") as log:
-            self.proc = subprocess.Popen([nats_binary(), "-c", str(conf)], stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                [nats_binary(), "-c", str(conf)],
+                stdout=log,
+                stderr=log,
+                preexec_fn=ending_with_us(),
+            )
         deadline = time.monotonic() + timeout
         while not (is_listening(self.port) and is_listening(self.mqtt_port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -106,7 +112,9 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=ending_with_us()
+            )
         return self
 
     def alive(self) -> bool:

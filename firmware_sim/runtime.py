@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from .children import ending_with_us
+
 CGROUP_V1 = Path("/sys/fs/cgroup")
 
 
@@ -70,7 +72,11 @@ class Runtime:
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
         self._cgroup_setup()
         self.proc = subprocess.Popen(
-            self.cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=self._limit, env=env
+            self.cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=ending_with_us(self._limit),
+            env=env,
         )
         for cg in self.cgroups:
             (cg / "cgroup.procs").write_text(str(self.proc.pid))

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,6 +260,58 @@ def test_bad_input_is_one_line_and_nonzero(args, message):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+KILLED_WITH_ITS_CHILDREN = """
+import os, signal, sys
+from pathlib import Path
+from firmware_sim.broker import Broker
+from firmware_sim.runtime import Runtime
+
+work = Path(sys.argv[1])
+broker = Broker(work / "broker", embedded=False).start()
+runtime = Runtime(Path(sys.argv[2]), broker.url, work / "state", client_id="rt").start()
+print(broker.proc.pid, runtime.proc.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _ended(pid):
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        state = stat.rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # a zombie no one reaps (PID 1 of a container) has ended too
+
+
+@pytest.mark.broker
+def test_the_broker_and_runtime_a_killed_firmware_sim_started_end_with_it(bundles, tmp_path):
+    """firmware-sim demo killed with -9 (an OOM kill, a closed terminal's SIGKILL) left the
+    Mosquitto and the edge-lstm serve it had started running for good, one pair per kill."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [
+        sys.executable,
+        "-c",
+        KILLED_WITH_ITS_CHILDREN,
+        str(tmp_path),
+        str(bundles / "clf-int8"),
+    ]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(_ended(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_ended(pid) for pid in pids), pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.broker

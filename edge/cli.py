@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -219,14 +222,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(parser(), commands, argv)
 
 
+def _raise_interrupt(_number: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends a command that writes files the way Ctrl-C does, so that its temporary
+    files go: by default SIGTERM kills the process outright and leaves them behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def replay(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .replay import replay_command
 
-    info = replay_command(
-        args.bundle, Path(args.input), Path(args.out), args.backend, args.builtin_kernels
-    )
+    with sigterm_interrupts():
+        info = replay_command(
+            args.bundle, Path(args.input), Path(args.out), args.backend, args.builtin_kernels
+        )
     print(json.dumps(info))
     return 0
 
@@ -236,7 +258,9 @@ def deploy_kit(args: argparse.Namespace) -> int:
 
     if not args.directory.strip():
         raise ConfigError("DIR is empty: name the directory to write the kit into")
-    for path in write_kit(args.directory, force=args.force):
+    with sigterm_interrupts():
+        written = write_kit(args.directory, force=args.force)
+    for path in written:
         print(f"wrote {path}")
     print(NEXT_STEPS.format(d=args.directory))
     return 0

@@ -205,6 +205,51 @@ def test_replay_never_replaces_what_is_not_a_regular_file(bundles, tmp_path, cap
     assert {p.name for p in out.parent.iterdir()} <= {"fifo", "o.npz"}  # no temp file left
 
 
+SIGTERM_WHILE_WRITING = """
+import signal, sys
+import numpy as np
+from edge import cli
+
+def savez(*args, **kwargs):
+    signal.raise_signal(signal.SIGTERM)  # while the temporary file beside OUT is written
+
+np.savez = savez
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["replay", "deploy-kit"])
+def test_sigterm_while_writing_leaves_no_temporary_file(bundles, tmp_path, command):
+    """SIGTERM (a timeout, systemd, a CI job cancelled) killed the command outright while it
+    wrote its temporary file beside OUT.npz (or the kit's beside each of its files): the
+    hidden, half-written file stayed for good. It ends as Ctrl-C does: exit 130, nothing left."""
+    import os
+    from pathlib import Path
+
+    np.savez(tmp_path / "in.npz", a=np.zeros((2, 5, 6)))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = {
+        "replay": ["replay", str(bundles / "clf-int8"), "--input", str(tmp_path / "in.npz")],
+        "deploy-kit": ["deploy-kit", str(out)],
+    }[command]
+    if command == "replay":
+        argv += ["--out", str(out / "o.npz")]
+        script = SIGTERM_WHILE_WRITING
+    else:  # the kit is copied, not saved by NumPy: the signal comes while a file is written
+        script = SIGTERM_WHILE_WRITING.replace(
+            "np.savez = savez", "import os\nos.fdopen = lambda *a, **k: savez()"
+        )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "edge-lstm: interrupted"
+    assert list(out.iterdir()) == []
+
+
 def test_replay_through_a_link_replaces_its_file_and_keeps_the_link(bundles, tmp_path):
     np.savez(tmp_path / "in.npz", a=np.zeros((2, 5, 6)))
     (tmp_path / "real").mkdir()

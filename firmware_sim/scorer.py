@@ -66,14 +66,24 @@ class Scorer:
         self.client.on_message = self._on_message
         ready = threading.Event()
         self.client.on_subscribe = lambda *a: ready.set()
-        self.client.on_connect = lambda c, *a: c.subscribe(
-            [("predictions/#", 1), ("errors/#", 1), ("edge/status/#", 1)]
-        )
+        refused: list[str] = []
+
+        def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, *rest: Any) -> None:
+            if reason.is_failure:  # e.g. a broker that wants a user name: say so at once
+                refused.append(str(reason))
+                ready.set()
+                return
+            c.subscribe([("predictions/#", 1), ("errors/#", 1), ("edge/status/#", 1)])
+
+        self.client.on_connect = on_connect
         if persistent:
             self.client.reconnect_delay_set(0.2, 2)
         if configure:
             configure(self.client)
         start(self.client, url, ready)
+        if refused:
+            close_client(self.client)
+            raise SimError(f"broker {url} refused the connection: {refused[0]}")
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         now = time.time()

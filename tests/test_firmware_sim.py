@@ -315,6 +315,23 @@ def test_the_broker_and_runtime_a_killed_firmware_sim_started_end_with_it(bundle
 
 
 @pytest.mark.broker
+def test_a_broker_that_refuses_the_connection_is_named_with_its_reason(tmp_path):
+    """A broker that wants a user name (the deploy kit's) refused the scorer's connection, and
+    firmware-sim said 'no answer to our subscription within 10 s'."""
+    from firmware_sim.broker import Broker
+    from firmware_sim.scorer import Scorer
+
+    broker = Broker(tmp_path / "broker", embedded=False, extra="allow_anonymous false\n")
+    broker.start()
+    try:
+        with pytest.raises(SimError) as err:
+            Scorer(broker.url)
+        assert str(err.value) == f"broker {broker.url} refused the connection: Not authorized"
+    finally:
+        broker.stop()
+
+
+@pytest.mark.broker
 def test_a_runtime_that_ends_before_it_is_online_says_why(broker, tmp_path):
     """The demo and host said 'did not come online within 30 s' of a runtime that had ended at
     once, with a one-line error of its own or killed by a memory cap."""

@@ -84,6 +84,11 @@ def load_file(path: Path) -> np.ndarray:
             with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM is no value
                 rows = [r for r in csv.reader(f) if r]
             if rows and not _numeric(rows[0]):
+                if len(rows) == 1:  # a header alone, or numbers not separated by commas
+                    raise SimError(
+                        f"--source {path}: no row of comma-separated numbers; its one line is "
+                        f"{','.join(rows[0])!r}"
+                    )
                 rows = rows[1:]  # header
             data = np.asarray(rows, dtype=np.float64)
         else:

@@ -57,6 +57,19 @@ def test_source_files_that_hold_no_numbers_are_named(tmp_path):
             make(str(tmp_path / name), 0, 0)
 
 
+@pytest.mark.parametrize("text", ["1;2;3\n", "acc_x,acc_y\n"], ids=["semicolons", "header only"])
+def test_a_csv_source_without_a_row_of_numbers_names_its_line(tmp_path, text):
+    """Its one line was taken for a header, and the file was refused as 'got shape [0]'."""
+    path = tmp_path / "x.csv"
+    path.write_text(text)
+    with pytest.raises(SimError) as err:
+        make(str(path), 0, 0)
+    line = repr(text.strip())
+    assert str(err.value) == (
+        f"--source {path}: no row of comma-separated numbers; its one line is {line}"
+    )
+
+
 @pytest.mark.parametrize("value, shown", [(np.nan, "nan"), (-np.inf, "-inf"), (1e300, "1e+300")])
 @pytest.mark.parametrize("suffix", [".npy", ".csv"])
 def test_a_source_value_the_runtime_would_refuse_is_named(tmp_path, value, shown, suffix):

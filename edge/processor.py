@@ -195,7 +195,6 @@ class Processor:
         self.lsn = 0  # of the last message taken in
         self.mark = 0  # the last ack mark logged
         self.degraded: str | None = None  # why the journal cannot be written, while it cannot
-        self._stalled: _Round | None = None
         self._restarted = HashedFlags()  # streams whose next answer says "restart"
         self._kept_restarted: set[str] = set()  # the same, of streams whose state was kept
         # After a loss whose streams are not known (a log damaged or missing before the oldest
@@ -463,8 +462,6 @@ class Processor:
     def handle(self, batch: Sequence[Inbound], dropped: Sequence[Inbound] = ()) -> bool:
         """Take a batch in (and report ``dropped`` messages as dropped). False: the journal
         cannot be written; nothing was changed and the batch must not be acknowledged."""
-        if self._stalled is not None and not self.resume():
-            return False
         r = _Round(lsn=self.lsn)
         for msg in (*dropped, *batch):
             if self._resets and not msg.redelivered and (pid := self._packet_id(msg)):
@@ -483,7 +480,7 @@ class Processor:
                 r.entries.append(Output(o.lsn, o.topic, o.payload))
         r.counts.append(("samples_in", r.samples))
         self._idle(r)
-        return self._run(r, keep=False)
+        return self._run(r)
 
     def answered(self, released: Sequence[Record] = ()) -> int:
         """The lsn up to which every message's answers were acknowledged: messages held, or
@@ -494,19 +491,26 @@ class Processor:
     def tick(self, *, settle: bool = True, release_all: bool = False) -> bool:
         """Release reorder-held messages whose wait is over (``release_all``: every one, now);
         log how far answers are acked. ``settle=False``: a degraded state stays (a batch is
-        still waiting for room)."""
-        if self._stalled is not None and not self.resume():
-            return False
+        still waiting for room). False: the journal cannot be written; nothing was changed
+        (what was due for release is held as before, and released by a later round)."""
         held = len(self.reorder)
         if not held and self.degraded is None and self.outbox.watermark(self.lsn) <= self.mark:
             return True  # nothing to release, nothing newly acknowledged: nothing to log
         r = _Round(lsn=self.lsn)
+        saved = self.reorder.save() if held else None
         if held:
             r.released = self.reorder.expire(force=release_all)
             r.entries += [Release(s, q) for s, q in self.reorder.forced]
             self.reorder.forced.clear()
         self._idle(r)
-        return self._run(r, keep=True, settle=settle)
+        if self._run(r, settle=settle):
+            return True
+        # Kept to retry, the released records were neither held nor applied: a checkpoint
+        # carried them with the buffer's expectation past them, and a replay stepped them
+        # ahead of the round's idle evictions (at capacity, evicting another stream).
+        if saved is not None:
+            self.reorder.restore(saved)
+        return False
 
     def _idle(self, r: _Round) -> None:
         """Streams idle past ``idle_timeout`` are forgotten before this round applies; logged
@@ -520,15 +524,9 @@ class Processor:
                 r.evict = [s for s in r.evict if s not in heard and not self.reorder.holds(s)]
             r.entries[:0] = [Evict(s) for s in r.evict]
 
-    def resume(self) -> bool:
-        """Retry the round the journal could not take."""
-        r, self._stalled = self._stalled, None
-        return r is None or self._run(r, keep=True)
-
-    def _run(self, r: _Round, *, keep: bool, settle: bool = True) -> bool:
-        """Log the round, then apply it. When the log cannot be written, a round that already
-        changed something (a reorder expiry) is kept for ``resume``; a batch's is dropped and
-        the transport offers the batch again."""
+    def _run(self, r: _Round, *, settle: bool = True) -> bool:
+        """Log the round, then apply it. When the log cannot be written, nothing is applied:
+        the transport offers a batch again, a reorder expiry is decided again by a later tick."""
         mark = self.answered(r.released)
         if mark > self.mark:
             r.entries.append(Mark(mark))
@@ -537,8 +535,6 @@ class Processor:
                 # a round of no new messages only shrinks what the next checkpoint carries
                 self.journal.append(r.entries, keep_reserve=bool(r.items))
             except OSError as exc:
-                if keep:
-                    self._stalled = r
                 if self.degraded is None:
                     log.error(
                         "cannot write the log in %s: %s; not acknowledging", self.cfg.state_dir, exc
@@ -568,11 +564,10 @@ class Processor:
         """Snapshot the engine into a new generation; False (and degraded) when it cannot.
         ``if_changed``: not when nothing was logged since the last one (an idle device would
         write the same snapshot every ``snapshot_interval``, wearing its SD card out).
-        A round the log could not take (a reorder expiry: neither logged nor applied) is
-        logged after the snapshot, in the new segment, and the records it releases are
-        carried there first, held, for its release to find them in a replay. So a full disk,
-        or a directory whose files were removed, gets its space and files back from the
-        checkpoint before that round has to be written."""
+        Messages held for reordering are carried into the new segment, held, for a replay
+        to hold them as this does; a release the log could not take left them held (a full
+        disk, or a directory whose files were removed, gets its space and files back from
+        the checkpoint before that release has to be logged)."""
         switch = self._switch
         if if_changed and switch is None and not self.journal.changed:
             self.metrics.saved()
@@ -581,9 +576,9 @@ class Processor:
         if switch is not None and not self.tick(release_all=True):
             return False
         lost = self.journal.lost
-        stalled = self._stalled.released if self._stalled is not None else []
-        held = [*self.reorder.pending(), *stalled]
-        carry: list[Entry] = [dataclasses.replace(rec, carried=True) for rec in held]
+        carry: list[Entry] = [
+            dataclasses.replace(rec, carried=True) for rec in self.reorder.pending()
+        ]
         carry += [
             Output(o.lsn, o.topic, o.payload, carried=True)
             for o in self.outbox.unacknowledged()
@@ -613,7 +608,7 @@ class Processor:
             self._switch = None
         if lost:
             log.warning("%s: the state written out again in a new generation", lost)
-        return self.resume()
+        return True
 
     # -- decoding ---------------------------------------------------------------------------
 

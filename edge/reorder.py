@@ -35,6 +35,15 @@ class _Held:
     record: Record
 
 
+@dataclass(frozen=True)
+class Saved:
+    """What ``expire`` may change, as it was (``Reorderer.save``): per stream holding records,
+    (held, the seq expected, seqs void, a new life, records behind); and ``forced``'s length."""
+
+    streams: dict[str, tuple[list[_Held], int | None, set[int] | None, bool, list[Record]]]
+    forced: int
+
+
 class Reorderer:
     def __init__(
         self, hold_seconds: float, clock: Callable[[], float], restart_gap: int = 0
@@ -205,6 +214,44 @@ class Reorderer:
         if len(voids) > MAX_VOIDS:  # keep the half nearest to ``near``
             keep = sorted(voids, key=lambda v: (v - near) % U32)[: MAX_VOIDS // 2]
             self._void[stream] = set(keep)
+
+    def save(self) -> Saved:
+        """What ``expire`` may change: ``restore`` puts it back (a release the caller could
+        not log is decided again later, as if this one had not been). Costs the streams that
+        hold records, as ``expire`` does."""
+        streams = {
+            stream: (
+                list(items),
+                self._next.get(stream),
+                set(self._void[stream]) if stream in self._void else None,
+                stream in self._fresh,
+                list(self._behind.get(stream, ())),
+            )
+            for stream, items in self._held.items()
+        }
+        return Saved(streams, len(self.forced))
+
+    def restore(self, saved: Saved) -> None:
+        """Back to ``saved``, taken before the ``expire`` calls to undo (nothing else since)."""
+        for stream, (held, nxt, voids, fresh, behind) in saved.streams.items():
+            self._held[stream] = list(held)
+            if nxt is None:
+                self._next.pop(stream, None)
+            else:
+                self._next[stream] = nxt
+            if voids is None:
+                self._void.pop(stream, None)
+            else:
+                self._void[stream] = set(voids)
+            if behind:
+                self._behind[stream] = list(behind)
+            else:
+                self._behind.pop(stream, None)
+            if fresh:
+                self._fresh.add(stream)
+            else:
+                self._fresh.discard(stream)
+        del self.forced[saved.forced :]
 
     def expire(self, force: bool = False) -> list[Record]:
         """Give up waiting for gaps older than the hold time (or all, with ``force``)."""

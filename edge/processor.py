@@ -288,6 +288,7 @@ class Processor:
         self.lsn = self.mark = rec.last_lsn
         self._recovered_settings(rec.extra.get("replay"))
         self.reorder.load(rec.extra.get("reorder") or {})
+        self.reorder.load_boots(rec.extra.get("reorder_boots") or {})
         self._load_flags(rec.extra.get("restart") or {})
         self._load_resets(rec.extra.get("resets"))
         outs: list[Outbound] = []
@@ -589,6 +590,7 @@ class Processor:
             extra = {
                 "lsn": self.lsn,
                 "reorder": self.reorder.export(self.engine.last_seq),
+                "reorder_boots": self.reorder.export_boots(self.engine.boots),
                 "replay": self._replay_settings() if switch is None else switch,
                 "restart": self._flags(),
                 "resets": [[pid, *was] for pid, was in self._resets.items()],

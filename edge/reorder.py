@@ -104,6 +104,24 @@ class Reorderer:
             if voids:
                 self._void[stream] = {int(v) for v in voids}
 
+    def export_boots(
+        self, boots: Callable[[str], tuple[int | None, list[int]]]
+    ) -> dict[str, list[Any]]:
+        """The boot ids a snapshot must keep: of streams this has in another boot than the
+        engine (a new boot's first message refused by the engine), so that after a restart
+        the boot's next message goes on as here instead of beginning a new life again. Not of
+        a new life still waiting to begin: its held records, pushed again by a replay, begin
+        it again."""
+        return {
+            stream: [cur, old]
+            for stream, (cur, old) in self._boots.items()
+            if stream not in self._fresh and cur != boots(stream)[0]
+        }
+
+    def load_boots(self, saved: dict[str, list[Any]]) -> None:
+        for stream, (cur, old) in saved.items():
+            self._boots[stream] = (int(cur), [int(b) for b in old])
+
     def force(self, stream: str, seq: int) -> list[Record]:
         """Release the held record ``seq`` of ``stream`` as ``expire`` once did (log replay)."""
         items = self._held.get(stream, [])

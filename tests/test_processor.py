@@ -963,3 +963,39 @@ def test_a_release_the_log_could_not_take_replays_as_the_run_applied_it_after_a_
     for s, (seq, st) in had.items():
         assert again.engine.last_seq(s) == seq
         assert all(np.array_equal(a, b) for a, b in zip(again.engine.state_of(s), st))
+
+
+def test_a_refused_first_message_of_a_new_boot_does_not_make_the_next_wait_after_a_restart(
+    bundles, tmp_path, xs
+):
+    """The first message of a device's new boot that the engine refuses (values beyond the
+    float32 range) leaves the reorder buffer in the new boot, the engine in the old one. The
+    buffer's boot ids were not in snapshots: after a restart the boot's next message began a
+    new life again and waited ``reorder_ms`` instead of being answered at once, as it is by a
+    service that did not restart."""
+
+    def boot_msg(boot, seq, row):
+        body = {"seq": seq, "boot": boot, "values": np.asarray(row).tolist()}
+        return Inbound("sensors/s/data", json.dumps(body).encode(), 0)
+
+    now = [0.0]
+    state = tmp_path / "state"
+    p = make(bundles, state, lambda: now[0], reorder_ms=500)
+    p.journal.open()
+    assert p.handle([boot_msg(7, 1, xs[0])])
+    now[0] = 1.0
+    assert p.tick() and p.engine.boots("s")[0] == 7
+    answers(p)
+    assert p.handle([boot_msg(8, 1, np.full(6, 1e300))])  # a new boot: its first waits
+    now[0] = 2.0
+    assert p.tick()
+    (o,) = answers(p)
+    assert json.loads(o.payload)["error"] == "invalid_sample" and p.engine.boots("s")[0] == 7
+    assert p.checkpoint()
+    p.journal.close()
+    again = make(bundles, state, lambda: now[0], reorder_ms=500)
+    again.journal.open()
+    answers(again)
+    assert again.handle([boot_msg(8, 2, xs[1])])
+    got = [json.loads(o.payload) for o in answers(again)]
+    assert [(d.get("seq"), d.get("boot")) for d in got] == [(2, 8)] and "y" in got[0]

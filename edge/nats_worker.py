@@ -101,6 +101,11 @@ SNAPSHOT_CHUNK = 128 * 1024  # bytes per message of a stored snapshot (nats-py's
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
 BUSY_WAIT = 0.25  # seconds a partition waits for messages while samples are held
 IDLE_WAIT = 1.0  # ... and with nothing held
+# A partition whose scratch log takes no batch for this long (its directory unwritable, or
+# full of something else): the worker hands its partitions over and stops, exit 1. Kept, they
+# would wait for good while other workers could step them (the assignment gives them to this
+# worker as long as it is alive).
+STORAGE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -357,6 +362,7 @@ class Worker:
         self.seen: set[str] = set()  # the incarnations of the stream this process has seen
         self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
         self.discarding: str | None = None  # the stream's discard-new limits, once said
+        self.failure: str | None = None  # why the worker stops on its own (exit 1)
 
     # -- JetStream resources ----------------------------------------------------------------
 
@@ -756,7 +762,13 @@ class Worker:
                 else:
                     batch.append(item)
             if msgs:
+                since = time.monotonic()
                 while not proc.handle(batch):  # the scratch journal is unwritable
+                    if part.stop.is_set():
+                        return  # not acknowledged: delivered to the next owner
+                    if time.monotonic() - since >= STORAGE_SECONDS:
+                        self._unwritable(part)
+                        return
                     await self._snapshot(part, force=True)  # a new generation frees its log
                     await asyncio.sleep(1.0)
                 if not self.holds(part.number):  # lost while handling: the next owner replays
@@ -772,6 +784,19 @@ class Worker:
             if crowded or time.monotonic() - part.last_snapshot >= self.opts.snapshot_interval:
                 proc.requests.discard("checkpoint")
                 await self._snapshot(part, force=crowded)
+
+    def _unwritable(self, part: Partition) -> None:
+        """``part`` cannot log: the worker stops (``run`` returns 1), handing every partition
+        over, so that the others take them; systemd starts it again, and at that start a
+        directory it cannot write is refused (exit 2)."""
+        if self.failure is None:
+            self.failure = (
+                f"partition {part.number}: cannot write its log in {str(part.directory)!r} for "
+                f"{STORAGE_SECONDS:g} s ({part.processor.degraded}); stopping, so that other "
+                "workers take the partitions over"
+            )
+            log.error("%s", self.failure)
+        self.stopping.set()
 
     async def _snapshot(self, part: Partition, *, force: bool = False) -> None:
         try:
@@ -1240,6 +1265,9 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self.kv.delete(f"w.{self.opts.worker_id}")
             await self._say("offline")
+            if self.failure is not None:  # said when it was found
+                log.warning("stopped, its partitions handed over: exit 1")
+                return 1
             log.info("stopped cleanly: %s", self.metrics.dumps(self.stats()).decode())
             return 0
         finally:

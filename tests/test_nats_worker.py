@@ -1833,3 +1833,44 @@ def test_a_stop_snapshots_its_partitions_at_once_not_one_after_another(
 
     asyncio.run(run())
     assert sorted(started) == sorted(finished) == list(range(P))
+
+
+@failover
+def test_a_worker_whose_state_dir_becomes_unwritable_hands_its_partitions_over(
+    bundles: Path, nats_server: NatsServer, small_disk: Path, tmp_path: Path
+) -> None:
+    """A worker's scratch directory filled up by something else while it runs: its partitions
+    could not log a batch, and it kept their leases and retried for good, their devices
+    unanswered while another worker stood by. It stops (exit 1, one line saying why) after
+    handing its partitions over; the other worker answers everything."""
+    from tests.conftest import fill
+
+    extra = ("--partitions", str(P), "--snapshot-interval", "600")
+    w1 = WorkerProc(bundles / "clf-int8", nats_server.url, small_disk / "state", "w1", *extra)
+    w1.log_path = tmp_path / "w1.log"  # not on the small disk
+    w2 = WorkerProc(bundles / "clf-int8", nats_server.url, tmp_path / "state2", "w2", *extra)
+    w1.start()
+    w2.start()
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1", "w2"], P)
+        samples = _samples(24, 6, seed=23)
+        want = offline(bundles / "clf-int8", samples)
+        _send(pub, samples, range(3))
+        wait_until(lambda: len(col.predictions()) >= 24 * 3, 60, "the first half answered")
+        fill(small_disk / "filler")
+        _send(pub, samples, range(3, 6))
+        proc = w1.proc
+        assert proc is not None
+        wait_until(lambda: proc.poll() is not None, 120, "w1 to stop")
+        assert proc.returncode == 1
+        assert "cannot write its log" in w1.log()
+        wait_until(lambda: len(col.predictions()) >= len(want), 120, "every prediction")
+        got = col.predictions()
+        assert _check(got, want) == ([], [])
+    finally:
+        pub.close()
+        col.close()
+        w1.stop()
+        assert w2.stop() == 0

@@ -165,23 +165,42 @@ def mqtt_source(partitions: int) -> Any:
     )
 
 
+def _discarding_limits(config: Any) -> list[str]:
+    """A stream's limits past which it refuses every new message (discard ``new``)."""
+    from nats.js import api
+
+    if config.discard != api.DiscardPolicy.NEW:
+        return []
+    limits = ("max_msgs", "max_bytes", "max_msgs_per_subject")
+    return [f"{k} = {getattr(config, k)}" for k in limits if (getattr(config, k) or 0) > 0]
+
+
 def discard_problem(config: Any) -> str | None:
     """Why the sensor stream loses devices' samples without a report, if it does: with a limit
     and discard ``new``, JetStream refuses every message past the limit, and NATS's MQTT
     listener has acknowledged the device's publish by then (the worker makes the stream without
     limits; messages an operator's limits remove with discard ``old`` are reported)."""
-    from nats.js import api
-
-    if config.discard != api.DiscardPolicy.NEW:
-        return None
-    limits = ("max_msgs", "max_bytes", "max_msgs_per_subject")
-    set_ = [f"{k} = {getattr(config, k)}" for k in limits if (getattr(config, k) or 0) > 0]
+    set_ = _discarding_limits(config)
     if not set_:
         return None
     return (
         f"stream {STREAM} discards new messages past its limits ({', '.join(set_)}): devices' "
         "samples past them are acknowledged and lost without a report; set its discard "
         "policy to old (what it removes is reported) or remove the limits"
+    )
+
+
+def store_discard_problem(config: Any) -> str | None:
+    """Why the MQTT listener's store cannot take the answers, if it cannot: with a limit and
+    discard ``new`` it refuses every one past the limit, and the worker sends it again for
+    good (the listener, and the worker when it is missing, make it without limits)."""
+    set_ = _discarding_limits(config)
+    if not set_:
+        return None
+    return (
+        f"stream {MQTT_STORE} (NATS's MQTT store) discards new messages past its limits "
+        f"({', '.join(set_)}): answers past them are refused and sent again for good; "
+        "remove the limits"
     )
 
 
@@ -1222,6 +1241,7 @@ class Worker:
                 log.warning("JetStream not ready yet: %r", exc)
                 await asyncio.sleep(1.0)
         problem = discard_problem((await self.js.stream_info(STREAM)).config)
+        problem = problem or store_discard_problem((await self.js.stream_info(MQTT_STORE)).config)
         if problem:
             raise ConfigError(problem)
         await self._refuse_foreign_snapshots()

@@ -1874,3 +1874,39 @@ def test_a_worker_whose_state_dir_becomes_unwritable_hands_its_partitions_over(
         col.close()
         w1.stop()
         assert w2.stop() == 0
+
+
+@failover
+def test_an_mqtt_store_that_discards_new_messages_is_refused_at_start(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """With a limit and discard ``new`` on the MQTT listener's store, every answer past the
+    limit was refused by it and sent again for good, a warning each round, while the worker
+    started as if nothing were wrong. It is refused at start, as the sensor stream is."""
+    import nats
+    from nats.js import api
+
+    from edge.nats_worker import MQTT_STORE
+    from edge.partitions import MQTT_STORE_PREFIX
+
+    async def limit() -> None:  # made as the listener makes it (at its first client), limited
+        nc = await nats.connect(nats_server.url)
+        await nc.jetstream().add_stream(
+            api.StreamConfig(
+                name=MQTT_STORE,
+                subjects=[MQTT_STORE_PREFIX + ">"],
+                retention=api.RetentionPolicy.INTEREST,
+                max_msgs=30,
+                discard=api.DiscardPolicy.NEW,
+            )
+        )
+        await nc.close()
+
+    asyncio.run(limit())
+    w = WorkerProc(
+        bundles / "clf-int8", nats_server.url, tmp_path / "s", "w1", "--partitions", str(P)
+    ).start()
+    assert w.proc is not None and w.proc.wait(60) == 2
+    said = f"stream {MQTT_STORE} (NATS's MQTT store) discards new messages past its limits "
+    said += "(max_msgs = 30): answers past them are refused"
+    assert said in w.log() and "Traceback" not in w.log()

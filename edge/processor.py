@@ -4,7 +4,8 @@ No paho here: a transport (``edge.mqtt_loop``) hands in ``Inbound`` batches, pub
 the ``Outbox`` gives it, reports broker acknowledgements to the outbox, and acknowledges a batch
 to the broker once ``handle`` has returned True. Everything a restart needs is in the journal
 before ``handle`` returns True; when the journal cannot be written (disk full, read-only),
-``handle`` returns False with nothing changed, and ``resume`` retries.
+``handle`` and ``tick`` return False with nothing changed: the transport offers the batch
+again, and a later ``tick`` releases what was due for release then.
 
 Any exception while handling one message is contained: that message is answered with error
 ``internal`` (carrying an id that finds the log line with the traceback), counted, and the rest
@@ -506,9 +507,10 @@ class Processor:
         self._idle(r)
         if self._run(r, settle=settle):
             return True
-        # Kept to retry, the released records were neither held nor applied: a checkpoint
-        # carried them with the buffer's expectation past them, and a replay stepped them
-        # ahead of the round's idle evictions (at capacity, evicting another stream).
+        # Neither logged nor applied, the released records wait again, held as before: a
+        # checkpoint carries them so, and a later round releases, logs and applies them as a
+        # replay then does (kept released instead, a checkpoint carried them with the buffer's
+        # expectation past them, and a replay stepped them ahead of the round's evictions).
         if saved is not None:
             self.reorder.restore(saved)
         return False

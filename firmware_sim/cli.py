@@ -257,7 +257,7 @@ def demo(args: argparse.Namespace) -> int:
         cluster=args.cluster,
     )
     exact = r["predictions_missing"] == 0 and r.get("wrong_predictions", 0) == 0
-    return 0 if exact and judged(r) else 1
+    return 0 if exact and judged(r) and not r["messages_not_delivered"] else 1
 
 
 def run(args: argparse.Namespace) -> int:
@@ -320,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
         print(table(r))
         print(f"\nscore: {jpath}\nplot:  {plot}")
         print(verdict(r))
-        return 0 if r["predictions_missing"] == 0 and judged(r) else 1
+        ok = r["predictions_missing"] == 0 and not r["messages_not_delivered"]
+        return 0 if ok and judged(r) else 1
     finally:
         fleet.close()
         scorer.close()

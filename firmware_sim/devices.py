@@ -74,6 +74,9 @@ class Sent:
     faults: list[str] = field(default_factory=list)
     created: float = 0.0
     published: float | None = None  # wall time of the first publish
+    # handed to the client but never acknowledged by the broker (no PUBACK for any copy:
+    # it went away); set when the fleet finishes
+    unacked: bool = False
     epoch: int = 0  # which boot of its device, counted from 0
     boot: int | None = None  # the boot id on the wire (None: the device sends none)
     wire: bytes = b""  # digest of the payload as sent
@@ -89,7 +92,8 @@ class Sent:
 
     @property
     def delivered(self) -> bool:
-        return self.published is not None
+        """The broker acknowledged it (PUBACK): handed to the client is not enough."""
+        return self.published is not None and not self.unacked
 
 
 class Connection:
@@ -110,10 +114,13 @@ class Connection:
             raise SimError(f"broker {url} is unreachable: {exc}") from exc
         self.client.loop_start()
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        self.infos.append(self.client.publish(topic, payload, qos=1))
+    def publish(self, topic: str, payload: bytes) -> Any:
+        """Hand one message to the client; returns paho's MessageInfo (published on PUBACK)."""
+        info = self.client.publish(topic, payload, qos=1)
+        self.infos.append(info)
         if len(self.infos) > 5000:
             self.infos = [i for i in self.infos if not i._published]
+        return info
 
     def go_offline(self) -> None:
         close_client(self.client)
@@ -180,7 +187,7 @@ class Device:
         self.boot = (self.boot + 1) % U32
         self.seq = 1
         self.skew = 0.0
-        lost = [m for m, _ in self.buffer if not m.delivered]
+        lost = [m for m, _ in self.buffer if m.published is None]
         for m in lost:
             m.faults.append(LOST_IN_REBOOT)
         self.buffer.clear()
@@ -286,6 +293,10 @@ class Fleet:
         self._events: list[tuple[float, int, str, Callable[[], None]]] = []
         self._count = itertools.count()
         self.stop_event = threading.Event()
+        # every publish: (message, its MessageInfo); paho sets ``_published`` on the PUBACK
+        # (``is_published()`` raises for a message handed over while disconnected)
+        self._handed: list[tuple[Sent, Any]] = []
+        self._acked: set[int] = set()  # id() of messages acknowledged (the log keeps them)
 
     def _at(self, t: float, kind: str, fn: Callable[[], None]) -> None:
         """Schedule ``fn`` at monotonic time ``t``; kind is "tick", "send" or "online"."""
@@ -335,7 +346,7 @@ class Fleet:
 
     def _send(self, d: Device, msg: Sent, payload: bytes) -> None:
         if msg.epoch != d.epoch and (d.offline or not d.boot_ids):
-            if not msg.delivered:  # in flight when the device rebooted: gone with it
+            if msg.published is None:  # in flight when the device rebooted: gone with it
                 msg.faults.append(LOST_IN_REBOOT)
             return
         if d.offline:
@@ -344,7 +355,10 @@ class Fleet:
                 old.faults.append("buffer_overflow")
             d.buffer.append((msg, payload))
             return
-        d.conn.publish(d.topic, payload)
+        self._handed.append((msg, d.conn.publish(d.topic, payload)))
+        if len(self._handed) > 10000:  # keep only what waits for its PUBACK
+            self._acked.update(id(m) for m, info in self._handed if info._published)
+            self._handed = [(m, info) for m, info in self._handed if not info._published]
         if msg.published is None:
             msg.published = time.time()
 
@@ -404,6 +418,10 @@ class Fleet:
         deadline = time.monotonic() + 15
         while any(c.pending() for c in self.conns) and time.monotonic() < deadline:
             time.sleep(0.02)
+        self._acked.update(id(m) for m, info in self._handed if info._published)
+        for m, _ in self._handed:  # any copy acknowledged: delivered
+            m.unacked = id(m) not in self._acked
+        self._handed.clear()
 
     def close(self) -> None:
         for c in self.conns:

@@ -184,15 +184,17 @@ class Truth:
 
     def __init__(self, log: Sequence[Sent]) -> None:
         self.log = log
-        self.delivered = [m for m in log if m.delivered]
+        # handed to the broker, acknowledged or not: one it took before it went away may have
+        # reached the runtime without its acknowledgement reaching the device
+        self.sent = [m for m in log if m.published is not None]
         self.epochs: dict[tuple[str, int], list[int]] = {}  # (stream, seq) -> epochs, sorted
         self.message_epochs: dict[tuple[str, int], list[int]] = {}  # of messages starting there
         self.sent_at: dict[Key, float] = {}
-        self.msg: dict[Key, Sent] = {}  # valid delivered samples -> their message
+        self.msg: dict[Key, Sent] = {}  # valid samples sent -> their message
         self.streams = {m.stream for m in log}
         self.epoch_of_boot: dict[tuple[str, int], int] = {}
         self.first_pub: dict[tuple[str, int], float] = {}  # (stream, epoch) -> first publish
-        for m in self.delivered:
+        for m in self.sent:
             assert m.published is not None
             if m.boot is not None:
                 self.epoch_of_boot[(m.stream, m.boot)] = m.epoch
@@ -293,7 +295,7 @@ def overtaken(log: Sequence[Sent]) -> set[Key]:
     """Ground truth: samples first published after a later sample of their boot."""
     out: set[Key] = set()
     newest: dict[tuple[str, int], int] = {}
-    for m in sorted((m for m in log if m.delivered), key=lambda m: m.published or 0.0):
+    for m in sorted((m for m in log if m.published is not None), key=lambda m: m.published):
         boot = (m.stream, m.epoch)
         if boot in newest and m.seq < newest[boot]:
             out.update(m.keys)
@@ -383,8 +385,10 @@ def stale_expected(truth: Truth) -> int:
     """Valid messages first published after a newer boot of their device had published."""
     return sum(
         1
-        for m in truth.delivered
-        if m.valid and truth.newer_boot_started(m.stream, m.epoch, (m.published or 0.0) - 1e-9)
+        for m in truth.sent
+        if m.delivered
+        and m.valid
+        and truth.newer_boot_started(m.stream, m.epoch, (m.published or 0.0) - 1e-9)
     )
 
 
@@ -397,7 +401,7 @@ def excluded_keys(truth: Truth, restart_gap: int | None) -> tuple[set[Key], list
     runtime could not tell (no ``--restart-gap``, or a seq jump back not beyond it). The
     device's samples from that reboot on are left out, with a reason each."""
     by_boot: dict[tuple[str, int], list[Sent]] = {}
-    for m in truth.delivered:
+    for m in truth.sent:
         if m.valid:
             by_boot.setdefault((m.stream, m.epoch), []).append(m)
     out: set[Key] = set()
@@ -530,11 +534,15 @@ def score(
         }
     with scorer.lock:
         codes = Counter(str(doc.get("error")) for _, doc, _ in scorer.errors)
-    reboots_seen = {(m.stream, m.epoch) for m in truth.delivered if m.valid and m.epoch > 0}
+    reboots_seen = {(m.stream, m.epoch) for m in log if m.delivered and m.valid and m.epoch > 0}
+    # handed to the broker, never acknowledged: it went away (answers to them are no surprise)
+    unacked = [m for m in log if m.published is not None and not m.delivered]
+    unacked_keys = {k for m in unacked for k in m.keys}
     r: dict[str, Any] = {
         "devices": len({m.stream for m in log}),
         "messages_created": len(log),
         "messages_delivered": sum(m.delivered for m in log),
+        "messages_not_delivered": len(unacked),  # the broker did not acknowledge them
         "samples_delivered_valid": len(want),
         "faults_injected": dict(faults),
         "predictions_received": len(got),
@@ -558,7 +566,8 @@ def score(
         "inconsistent_predictions": sum(
             any(not np.array_equal(ys[0][0], y) for y, _ in ys[1:]) for ys in got.values()
         ),
-        "unexpected_predictions": ans.unexpected + len(set(got) - want - late - stale),
+        "unexpected_predictions": ans.unexpected
+        + len(set(got) - want - late - stale - unacked_keys),
         "predictions_other_streams": ans.other_streams,
         "excluded_samples": len(excluded),
         "excluded_reasons": reasons[:5],

@@ -13,10 +13,16 @@ def judged(r: dict[str, Any]) -> bool:
 
 def verdict(r: dict[str, Any]) -> str:
     """``exact`` means every prediction equals an offline run of the same bundle over what
-    the devices delivered, and no expected prediction is missing."""
+    the devices delivered, no expected prediction is missing, and the broker acknowledged
+    every message the devices sent."""
     wrong = r.get("wrong_predictions")
     missing = int(r.get("predictions_missing", 0))
     got = int(r.get("predictions_received", 0))
+    unacked = int(r.get("messages_not_delivered", 0))
+    undelivered = (
+        f"{unacked:,} message{'s' if unacked != 1 else ''} not delivered "
+        f"(the broker did not acknowledge {'them' if unacked != 1 else 'it'}: it went away)"
+    )
     if not judged(r):
         created = int(r.get("messages_created", 0))
         head = (
@@ -25,6 +31,8 @@ def verdict(r: dict[str, Any]) -> str:
         )
     elif wrong is None:
         head = "no offline reference (run with --bundle to judge exactness)"
+    elif wrong == 0 and missing == 0 and unacked:  # exact over what the broker took only
+        head = f"NOT ALL DELIVERED: {undelivered}; the {got:,} predictions equal the offline run"
     elif wrong == 0 and missing == 0:
         head = f"EXACT: all {got:,} predictions equal the offline run"
     else:
@@ -35,6 +43,8 @@ def verdict(r: dict[str, Any]) -> str:
             parts.append(f"{missing:,} expected predictions missing")
         head = "NOT EXACT: " + ", ".join(parts)
     tail = []
+    if unacked and not head.startswith("NOT ALL DELIVERED"):
+        tail.append(undelivered)
     if r.get("accuracy_runtime") is not None:
         tail.append(f"accuracy {r['accuracy_runtime']:.1%}")
     if r.get("latency_p99_ms") is not None:

@@ -843,3 +843,56 @@ def test_a_fleet_that_takes_long_to_connect_says_how_far_it_is(broker, monkeypat
     fleet.close()
     lines = capsys.readouterr().err.splitlines()
     assert lines == [f"connecting: {i} of 3 connections" for i in (1, 2, 3)]
+
+
+@pytest.mark.broker
+def test_messages_the_broker_never_acknowledged_are_not_delivered_nor_lost(broker):
+    """The broker killed mid-run and not restarted: every message handed to the client after
+    that counted as delivered (so as lost, blamed on the runtime, with 'lost by broker 0') and
+    the run could be called EXACT. Delivered means acknowledged (PUBACK) now; the rest is
+    counted as not delivered, and the verdict says so."""
+    import threading
+    import time
+
+    from firmware_sim.devices import Fleet
+    from firmware_sim.scorer import score
+    from firmware_sim.verdict import verdict
+
+    fleet = Fleet(broker.url, 1, 20.0, source="sine", seed=3)
+    runner = threading.Thread(target=fleet.run, args=(600.0,), daemon=True)
+
+    def wait_for(cond):
+        deadline = time.monotonic() + 120
+        while not cond():
+            assert time.monotonic() < deadline and runner.is_alive()
+            fleet.stop_event.wait(0.02)
+
+    try:
+        runner.start()
+        wait_for(lambda: len(fleet.log) >= 5 and fleet.conns[0].pending() == 0)
+        broker.stop()  # and not started again
+        before = len(fleet.log)
+        wait_for(lambda: len(fleet.log) >= before + 10)
+        fleet.stop_event.set()
+        runner.join(120)
+        assert not runner.is_alive()
+    finally:
+        fleet.stop_event.set()
+        runner.join(60)
+        fleet.close()
+    log = fleet.log
+    acked = [m.delivered for m in log]  # those acknowledged before the broker went away
+    took = acked.index(False)
+    assert took >= 5 and not any(acked[took:]) and len(log) - took >= 10
+    ans = _Answers()
+    for m in log[:took]:  # a runtime that answered everything the broker took
+        ans.predict(m.stream, m.seq, (m.published or 0.0) + 0.1)
+    r = score(ans, log, 1.0)
+    assert r["messages_delivered"] == took
+    assert r["messages_not_delivered"] == len(log) - took
+    assert r["predictions_missing"] == 0 and r["lost"] == 0
+    r["wrong_predictions"] = 0  # as an offline reference would have it
+    v = verdict(r)
+    assert not v.startswith("verdict: EXACT"), v
+    assert f"{len(log) - took:,} messages not delivered" in v, v
+    assert "the broker did not acknowledge them" in v, v

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import tempfile
 import warnings
@@ -28,6 +30,7 @@ import numpy as np
 import edge
 from edge import replay
 from edge.backend import available
+from edge.children import ending_with_us
 from edge.manifest import Manifest
 from edge.model import output_decoder
 
@@ -93,8 +96,11 @@ def failure(proc: subprocess.CompletedProcess[str]) -> str:
 def in_device_python(
     bundle: Path, streams: dict[str, np.ndarray], python: str, timeout: float = 600
 ) -> Run:
-    """tflite-runtime 2.14 in the device-like environment, through ``edge-lstm replay``."""
-    with tempfile.TemporaryDirectory(prefix="edge-lstm-kernels-") as tmp:
+    """tflite-runtime 2.14 in the device-like environment, through ``edge-lstm replay``.
+    The child ends with this process, however it ends; its directory (named by our process
+    id) is removed by the next check if a kill -9 left it."""
+    remove_stale_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
         inp, out = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(inp, **streams)
         cmd = [python, "-m", "edge", "replay", str(bundle), "--input", str(inp), "--out", str(out)]
@@ -105,6 +111,7 @@ def in_device_python(
             text=True,
             timeout=timeout,
             env=device_env(),
+            preexec_fn=ending_with_us(),
         )
         if proc.returncode != 0:
             raise RuntimeError(failure(proc))
@@ -112,6 +119,33 @@ def in_device_python(
             outputs = {k: z[k] for k in z.files if k != "info"}
             info = json.loads(str(z["info"]))
     return Run(info["kernels"], f"tflite-runtime {info['backend_version']}", outputs)
+
+
+TMP_PREFIX = "edge-lstm-kernels-"
+_TMP_NAME = re.compile(re.escape(TMP_PREFIX) + r"(\d+)-[a-z0-9_]+")
+
+
+def remove_stale_dirs() -> None:
+    """Remove the directories of earlier checks whose process is gone: a converter killed
+    with kill -9 ran no cleanup. Only ours (our user, named with a process id) are touched."""
+    for d in Path(tempfile.gettempdir()).glob(TMP_PREFIX + "*"):
+        m = _TMP_NAME.fullmatch(d.name)
+        try:
+            if not m or d.stat().st_uid != os.getuid() or _running(int(m.group(1))):
+                continue
+        except OSError:  # gone meanwhile, or not ours to look at: nothing to remove
+            continue
+        shutil.rmtree(d, ignore_errors=True)  # best effort: a leftover of a killed run
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now has that id
+        return True
+    return True
 
 
 def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import numpy as np
 
 import edge
 from edge.backend import available
+from edge.children import ending_with_us
 from edge.cli import probe_inputs
 
 from . import kernels, quantize, reference, verdict
@@ -272,6 +273,7 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
             text=True,
             timeout=120,
             env=device_env(),
+            preexec_fn=ending_with_us(),  # a killed converter leaves no check running
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         res["tflite"] = {"status": "failed", "error": str(exc)}

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from .children import ending_with_us
+from edge.children import ending_with_us
+
 from .errors import SimError
 
 INSTALL_HINT = "install Mosquitto (sudo apt-get install mosquitto) or pip install 'edge-lstm[sim]'"

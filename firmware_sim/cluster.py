@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from edge.children import ending_with_us
+
 from .broker import free_port
-from .children import ending_with_us
 from .errors import SimError
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .children import ending_with_us
+from edge.children import ending_with_us
 
 CGROUP_V1 = Path("/sys/fs/cgroup")
 

@@ -235,3 +235,70 @@ def test_int8_classifier_publishes_the_softmax_of_its_logits(bundles):
     for i in range(3):
         got = e.step(f"p{i}", x[i])
         np.testing.assert_allclose(got, want[i], rtol=0, atol=1e-7)
+
+
+@pytest.mark.desktop
+def test_the_kernel_check_of_a_killed_converter_ends_with_it_and_its_directory_goes_next_time(
+    tmp_path,
+):
+    """lstm-convert killed (kill -9) while the device Python replayed the kernel streams: the
+    `edge-lstm replay` child ran on, and its /tmp/edge-lstm-kernels-* directory stayed for
+    good. The child now ends with the converter, and the next check removes the directory."""
+    import signal
+    import time
+
+    pid_file, tmp = tmp_path / "child.pid", tmp_path / "tmp"
+    tmp.mkdir()
+    fake = tmp_path / "device-python"  # a device Python that replays for ever
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 3600\n")
+    fake.chmod(0o755)
+    script = (
+        "import sys\nfrom pathlib import Path\nimport numpy as np\n"
+        "from convert.kernels import in_device_python\n"
+        "in_device_python(Path('b'), {'a': np.zeros(3)}, sys.argv[1])\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(kernels_root())}
+    conv = subprocess.Popen([sys.executable, "-c", script, str(fake)], env=env)
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while child is None:
+            assert time.monotonic() < deadline and conv.poll() is None
+            text = pid_file.read_text().strip() if pid_file.exists() else ""
+            child = int(text) if text else None
+            time.sleep(0.05)  # polling for the file, not synchronising on time
+        conv.send_signal(signal.SIGKILL)
+        conv.wait(60)
+        deadline = time.monotonic() + 60
+        while alive(child):
+            assert time.monotonic() < deadline, "the device Python outlived the converter"
+            time.sleep(0.05)
+        child = None
+        left = list(tmp.glob("edge-lstm-kernels-*"))
+        assert len(left) == 1  # kill -9: nothing of the converter ran
+        fake.write_text("#!/bin/sh\nexit 3\n")
+        cmd = [sys.executable, "-c", script, str(fake)]
+        again = subprocess.run(cmd, env=env, text=True, capture_output=True)
+        assert "exit code 3" in again.stderr
+        assert list(tmp.glob("edge-lstm-kernels-*")) == []
+    finally:
+        if conv.poll() is None:
+            conv.kill()
+            conv.wait()
+        if child is not None and alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def kernels_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
+
+
+def alive(pid):
+    """Whether a process that is not our child still runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

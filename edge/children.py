@@ -1,9 +1,12 @@
-"""The processes firmware-sim starts (a broker, runtimes, workers) end with it.
+"""Child processes that end with the process that started them.
 
-``stop()`` ends them when firmware-sim ends on its own, on Ctrl-C or on SIGTERM; a kill -9 (an
-out-of-memory kill, say) runs nothing, and left them running for good, one set per kill. On
-Linux each child asks the kernel for a SIGTERM when the process that started it ends
-(``PR_SET_PDEATHSIG``), which they take as a clean stop.
+firmware-sim's broker, runtimes and workers, and the converter's device-Python checks
+(``edge-lstm replay``, ``edge-lstm inspect``). Their parent ends them when it ends on its own,
+on Ctrl-C or on SIGTERM; a kill -9 (an out-of-memory kill, say) runs nothing, and left them
+running for good, one set per kill. On Linux each child asks the kernel for a SIGTERM when the
+process that started it ends (``PR_SET_PDEATHSIG``), which they take as a clean stop.
+
+Imports nothing beyond the standard library: the converter and firmware-sim both use it.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.outfile import regular_target, replace_whole
+from edge.outfile import regular_target, replace_together
 
 from .datasets import CHANNELS, SAMPLE_RATE_HZ, basicmotions
 from .errors import ConvertError
@@ -237,9 +237,6 @@ def train_example(
         model.compile(optimizer=model.optimizer, loss="sparse_categorical_crossentropy")
 
     figures = evaluate(lambda x: model.predict(x, verbose=0), test.x, test.labels, seed)
-    _replace(model_file, model.save)
-    _replace(beside["calib.npy"], lambda tmp: np.save(tmp, train.x))
-    _replace(beside["test.npz"], lambda tmp: np.savez(tmp, x=test.x, y=test.labels))
     info = {
         "model": str(out),
         "calib": f"{stem}.calib.npy",
@@ -264,13 +261,20 @@ def train_example(
         },
     }
     text = json.dumps(info, indent=2) + "\n"
-    _replace(beside["json"], lambda tmp: tmp.write_text(text))
+    # all four written before any is put in place: a full disk partway through retraining
+    # over an earlier model leaves that model's files as they were (suffixes kept: Keras and
+    # NumPy go by them)
+    replace_together(
+        [
+            (model_file, model.save),
+            (beside["calib.npy"], lambda tmp: np.save(tmp, train.x)),
+            (beside["test.npz"], lambda tmp: np.savez(tmp, x=test.x, y=test.labels)),
+            (beside["json"], lambda tmp: tmp.write_text(text)),
+        ],
+        ConvertError,
+        "--out ",
+    )
     return info
-
-
-def _replace(target: Path, write: Callable[[Path], object]) -> None:
-    """``write`` ``target`` whole or not at all, its suffix kept (Keras and NumPy go by it)."""
-    replace_whole(target, write, ConvertError, "--out ")
 
 
 def evaluate(

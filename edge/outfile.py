@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import EdgeError
@@ -78,3 +78,37 @@ def replace_whole(
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+def replace_together(
+    writes: Sequence[tuple[Path, Callable[[Path], object]]],
+    error: type[EdgeError],
+    label: str = "",
+) -> None:
+    """Each ``write`` to a temporary file beside its path first, and only once all are
+    written, each renamed over its path: a failure while writing (a full disk) leaves every
+    path as it was, not some new files beside old ones."""
+    staged: list[tuple[Path, Path, Path]] = []  # (path, where its link leads, temporary)
+    try:
+        for path, write in writes:
+            target = regular_target(path, error, label)
+            try:
+                fd, name = tempfile.mkstemp(
+                    prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent
+                )
+                os.close(fd)
+                staged.append((path, target, Path(name)))
+                write(Path(name))
+                os.chmod(name, new_mode(target))
+            except OSError as exc:
+                raise error(f"{label}{path}: cannot write: {exc.strerror or exc}") from exc
+        for path, _, _ in staged:
+            regular_target(path, error, label)  # again: one may have changed meanwhile
+        for path, target, tmp in staged:
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise error(f"{label}{path}: cannot write: {exc.strerror or exc}") from exc
+    finally:
+        for _, _, tmp in staged:
+            tmp.unlink(missing_ok=True)

@@ -680,3 +680,36 @@ def test_a_tensor_without_a_usable_scale_is_named_not_the_staging_manifest(capsy
     )
     assert_refused(code, out, "--quant int16x8: TFLite gave tensor 'y' the scale", tmp_path)
     assert "manifest.json" not in out.err
+
+
+def test_train_example_over_an_earlier_model_replaces_its_files_together_or_none(
+    tmp_path, monkeypatch
+):
+    """The four files were replaced one after another: a full disk at MODEL.test.npz, when
+    retraining over an earlier model, left the new MODEL.keras beside the old MODEL.json.
+    All are written first and only then put in place: the earlier set stays as it was."""
+    import errno
+    import re
+
+    import numpy as np
+
+    from convert.errors import ConvertError
+    from convert.train import train_example
+
+    names = ["m.keras", "m.calib.npy", "m.test.npz", "m.json"]
+    for name in names:
+        (tmp_path / name).write_text(f"earlier {name}")
+    savez = np.savez
+
+    def full_disk(file, *args, **kwargs):
+        if ".m.test.npz." in str(file):  # the temporary file of m.test.npz
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return savez(file, *args, **kwargs)
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    out = tmp_path / "m.keras"
+    with pytest.raises(ConvertError, match=re.escape(f"{tmp_path / 'm.test.npz'}: cannot write")):
+        train_example(out, epochs=1, units=4, singles_per_epoch=0, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {
+        name: f"earlier {name}".encode() for name in names
+    }

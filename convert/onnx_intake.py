@@ -64,6 +64,8 @@ CELL_ACTIVATIONS = {
 }
 HEAD_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softmax": "softmax"}
 LAYOUT_OPS = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity", "Dropout")
+# read as a layout op where every axis they reduce has length 1 (out[:, -1:].mean(1))
+REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd")
 ELEMENTWISE = ("Sub", "Add", "Mul", "Div")
 REASONS = {
     "ReduceMean": "a reduction over time needs the whole sequence",
@@ -675,6 +677,22 @@ def _indices(kept: list[int], length: int, what: str) -> str:
     return f"{len(kept)} {what}s ({kept[0]}..{kept[-1]}) of {length}"
 
 
+def _reduces_nothing(g: _Graph, node: Any, data: str) -> bool:
+    """Whether a Reduce* op reduces only axes of length 1 on every probe (a mean or sum over
+    the one step ``out[:, -1:]`` selected): then it is the identity, a squeeze at most."""
+    attrs = _attrs(node)
+    if len(node.input) > 1 and node.input[1]:  # opset 18 (ReduceSum: 13): axes as an input
+        axes = [int(a) for a in _const(g, node.input[1], node, "axes").reshape(-1)]
+    else:
+        axes = [int(a) for a in attrs.get("axes", [])]
+    shapes = [p[data].shape for p in g.probes]
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            return True
+        axes = list(range(len(shapes[0])))  # no axes: all of them
+    return all(s[a % len(s)] == 1 for s in shapes for a in axes)
+
+
 def _select(chain: _Chain, node: Any, data: str) -> None:
     """A Gather / Slice on the chain: the last time step (many-to-one), the top layer's entry
     of a Concat h_n, or dropping a length-1 axis; every other selection is refused."""
@@ -869,7 +887,8 @@ def read(path: str | Path) -> OnnxSource:
             )
         op = n.op_type
         nxt = n.output[0]
-        if op in REASONS:
+        reduces_nothing = op in REDUCE_OPS and _reduces_nothing(g, n, current)
+        if op in REASONS and not reduces_nothing:
             raise UnsupportedModel(f"{where} cannot be streamed: {REASONS[op]}")
         if op in ("LSTM", "GRU"):
             if time_first is None:
@@ -883,7 +902,7 @@ def read(path: str | Path) -> OnnxSource:
             _select(chain, n, current)
             if chain.stack is None:
                 chain.feature_axis(n, nxt)
-        elif op in LAYOUT_OPS or (op == "Cast" and _cast_to_float(n)):
+        elif op in LAYOUT_OPS or (op == "Cast" and _cast_to_float(n)) or reduces_nothing:
             chain.feature_axis(n, nxt)
             chain.rows(n, current, nxt)
         elif op in ("MatMul", "Gemm"):

@@ -44,6 +44,10 @@ def tiny_net(kind: str, layers: int, batch_first: bool, head: str):
                 return self.fc(h_n.squeeze(0))
             if head == "out[:, -1:] squeezed":
                 return self.fc((y[:, -1:] if batch_first else y[-1:]).squeeze(t))
+            if head == "out[:, -1:].mean(1)":  # a mean over the one step selected
+                return self.fc((y[:, -1:] if batch_first else y[-1:]).mean(t))
+            if head == "out[:, -1:].sum(1)":
+                return self.fc((y[:, -1:] if batch_first else y[-1:]).sum(t))
             if head == "relu-dropout-linear-softmax":
                 z = self.drop(torch.relu(self.fc(y.select(t, -1))))
                 return torch.softmax(self.out(z), dim=-1)
@@ -107,6 +111,12 @@ ACCEPTED = [
     ("LSTM", 1, False, "h_n.squeeze(0)", "legacy"),
     ("GRU", 1, True, "out[:, -1:] squeezed", "dynamo"),
     ("LSTM", 2, True, "relu-dropout-linear-softmax", "dynamo"),
+    # a reduction over the one step selected is that step: it was refused as 'a reduction
+    # over time needs the whole sequence'
+    ("LSTM", 1, True, "out[:, -1:].mean(1)", "dynamo"),
+    ("LSTM", 2, True, "out[:, -1:].mean(1)", "legacy"),
+    ("GRU", 1, True, "out[:, -1:].sum(1)", "dynamo"),
+    ("GRU", 2, False, "out[:, -1:].sum(1)", "legacy"),
 ]
 
 

@@ -297,6 +297,7 @@ class Fleet:
         # (``is_published()`` raises for a message handed over while disconnected)
         self._handed: list[tuple[Sent, Any]] = []
         self._acked: set[int] = set()  # id() of messages acknowledged (the log keeps them)
+        self._prune_at = 10000
 
     def _at(self, t: float, kind: str, fn: Callable[[], None]) -> None:
         """Schedule ``fn`` at monotonic time ``t``; kind is "tick", "send" or "online"."""
@@ -356,9 +357,10 @@ class Fleet:
             d.buffer.append((msg, payload))
             return
         self._handed.append((msg, d.conn.publish(d.topic, payload)))
-        if len(self._handed) > 10000:  # keep only what waits for its PUBACK
+        if len(self._handed) > self._prune_at:  # keep only what waits for its PUBACK
             self._acked.update(id(m) for m, info in self._handed if info._published)
             self._handed = [(m, info) for m, info in self._handed if not info._published]
+            self._prune_at = max(10000, 2 * len(self._handed))  # a broker away: not each send
         if msg.published is None:
             msg.published = time.time()
 

@@ -489,6 +489,17 @@ class Engine:
         self.store.recalled = {s for s in other.store.recalled if s in self.store}
         self.store.depart_shed()  # a smaller capacity than the other's, as in ``restore``
 
+    def load_numbering_from(self, other: Engine) -> None:
+        """Carry every stream's numbering (last seq, boot ids, gaps, evicted streams) over
+        from an engine of another state layout, with the zero state: a sample applied before
+        is still a duplicate, and a stream's first sample applied here says ``restart``."""
+        streams, last_seq, _, boots, gaps = other.store.export()
+        zeros = [np.repeat(z[None], len(streams), axis=0) for z in self.store.zero_row]
+        self.store.load(streams, last_seq, zeros, boots, gaps)
+        self.store.departed.load(other.store.departed.export())
+        self.store.recalled = set(self.store.streams)
+        self.store.depart_shed()
+
     # -- stepping ---------------------------------------------------------------------------
 
     def step_many(self, items: Iterable[Chunk] | Mapping[str, Any]) -> list[Outcome]:

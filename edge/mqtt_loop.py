@@ -544,8 +544,8 @@ class MqttService:
         kept = new.manifest.state_layout() == old.manifest.state_layout()
         if kept:
             new.load_state_from(old)
-        else:  # their next answers say so
-            self.processor.restarted(old.store.streams)
+        else:  # zero state, numbering kept: their next answers say restart
+            new.load_numbering_from(old)
         new.counters = old.counters
         self.processor.engine = new
         self.metrics.inc("reloads")

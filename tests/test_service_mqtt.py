@@ -278,6 +278,45 @@ def test_a_reload_to_another_feature_count_steps_held_messages_with_the_old_mode
         svc.stop()
 
 
+def test_a_reload_to_another_state_layout_keeps_every_streams_numbering(bundles, broker, tmp_path):
+    """A reload to a model of another state layout zeroes the streams' state, not their
+    numbering: a sample applied before it is still a duplicate. The streams were dropped
+    whole, and a device sending a sample again had it answered a second time, by the new
+    model."""
+    import shutil
+
+    import edge
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    col = Collector(broker.url)
+    svc = Serve(model, broker.url, tmp_path / "state").start()
+    try:
+        wait_until(col.online, 20, "runtime online")
+        pub = Publisher(broker.url)
+        for seq in (1, 2, 3):
+            pub.send("d", seq, np.full(6, seq))
+        pub.flush()
+        wait_until(lambda: ("d", 3) in col.predictions(), 20, "the first answers")
+        shutil.rmtree(model)
+        shutil.copytree(bundles / "clf-float32", model)  # float32 state: another layout
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
+        pub.flush()
+        wait_until(lambda: "reload" in col.of("edge/status/")[-1][1], 20, "reload status")
+        pub.send("d", 2, np.full(6, 2))  # the device sends an applied sample again
+        pub.send("d", 4, np.full(6, 4))
+        pub.flush()
+        wait_until(lambda: ("d", 4) in col.predictions(), 20, "the next answer")
+        assert len(col.predictions()[("d", 2)]) == 1, "an applied sample answered again"
+        assert [d["error"] for _, d in col.of("errors/d")] == ["duplicate"]
+        (last,) = [d for _, d in col.of("predictions/d") if d["seq"] == 4]
+        assert last["restart"] is True and "gap" not in last
+        fresh = edge.load(bundles / "clf-float32").step("x", np.full((1, 6), 4))
+        np.testing.assert_array_equal(col.predictions()[("d", 4)][0], fresh[0])
+    finally:
+        assert svc.stop() == 0
+
+
 def test_max_wait_ms_gives_a_batch_time_to_fill(bundles, broker, service):
     """``--max-wait-ms``: a message that finds no company waits that long to be stepped with
     what arrives meanwhile (its latency has that lower bound, which a slow machine only

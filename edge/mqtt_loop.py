@@ -477,8 +477,13 @@ class MqttService:
             room = self.outbox.window - self.outbox.in_flight
             while len(self.inbox) > self.cfg.queue_size and len(dropped) < room:
                 dropped.append(self.inbox.popleft())
-        n = min(len(self.inbox), self.cfg.max_batch)
-        return dropped, [self.inbox.popleft() for _ in range(n)]
+        batch: list[Inbound] = []
+        control = self.processor.runtime_control
+        while self.inbox and len(batch) < self.cfg.max_batch:
+            batch.append(self.inbox.popleft())
+            if batch[-1].topic == control:
+                break  # a reload acts where it stands: what follows is read after it
+        return dropped, batch
 
     def _fill(self) -> None:
         """With ``max_wait_ms``, give a batch that is not full until its first message is

@@ -317,6 +317,36 @@ def test_a_reload_to_another_state_layout_keeps_every_streams_numbering(bundles,
         assert svc.stop() == 0
 
 
+def test_messages_after_a_reload_in_the_same_batch_go_to_the_new_model(bundles, broker, tmp_path):
+    """A reload takes effect where it stands among the messages: those after it are the new
+    model's, also when they arrive in the reload's batch. The whole batch was read with the
+    running model, and a sample made for the new one was refused ``wrong_shape``."""
+    import shutil
+
+    import edge
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    col = Collector(broker.url)
+    # a message waits up to 5 s for company until the batch of two is full: both come in one
+    args = ("--max-batch", "2", "--max-wait-ms", "5000", "--reorder-ms", "0")
+    svc = Serve(model, broker.url, tmp_path / "state", *args).start()
+    try:
+        wait_until(col.online, 20, "runtime online")
+        shutil.rmtree(model)
+        shutil.copytree(bundles / "reg2-int8", model)  # 3 features, read at the reload
+        pub = Publisher(broker.url)
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
+        pub.send("z", 1, np.ones(3))  # made for the new model
+        pub.flush()
+        wait_until(lambda: col.of("predictions/z") or col.of("errors/z"), 30, "an answer")
+        assert not col.of("errors/"), col.of("errors/")
+        expected = edge.load(bundles / "reg2-int8").step("x", np.ones((1, 3)))
+        np.testing.assert_array_equal(col.predictions()[("z", 1)][0], expected[0])
+    finally:
+        assert svc.stop() == 0
+
+
 def test_max_wait_ms_gives_a_batch_time_to_fill(bundles, broker, service):
     """``--max-wait-ms``: a message that finds no company waits that long to be stepped with
     what arrives meanwhile (its latency has that lower bound, which a slow machine only

@@ -553,10 +553,20 @@ class MqttService:
             new.load_numbering_from(old)
         new.counters = old.counters
         self.processor.engine = new
-        self.metrics.inc("reloads")
         # A restart must not replay the old model's log into the new one: a new generation.
+        generation = self.processor.journal.generation
         if not self.processor.checkpoint():
-            self.processor.requests.add("checkpoint")
+            if self.processor.journal.generation == generation:
+                # Nothing of the new model on disk: running it would add to the old model's
+                # log what a restart cannot replay with either bundle. The old one goes on.
+                self.processor.engine = old
+                why = self.processor.degraded or "the snapshot could not be written"
+                log.error("reload failed, keeping the running model: %s", why)
+                failed = f"failed, the running model kept: {why}"
+                self._say("degraded", reason=why, reload=failed)  # retried as any storage fault
+                return
+            self.processor.requests.add("checkpoint")  # written, its log to follow
+        self.metrics.inc("reloads")
         note = "state kept" if kept else "state layout changed: all streams reset"
         log.info("model reloaded (%s): %s", new.manifest.model_id, note)
         if self.ha is not None:

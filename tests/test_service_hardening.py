@@ -652,3 +652,56 @@ def test_a_fifo_where_the_subscriptions_are_recorded_does_not_stop_the_service(
     assert svc.alive() and "Traceback" not in svc.output()
     col.close()
     pub.close()
+
+
+def test_a_reload_whose_snapshot_does_not_fit_keeps_the_running_model(
+    bundles, broker, small_disk, tmp_path
+):
+    """A reload writes a snapshot of the new model at once; on a full disk it cannot, and the
+    reload is refused with the reason, the running model kept. The new model ran on over the
+    old model's log: its samples of another feature count went into that log, and after a
+    kill -9 neither bundle could serve the state directory again."""
+    import shutil
+
+    from tests.mqtt_helpers import Serve
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    col = Collector(broker.url)
+    svc = Serve(model, broker.url, small_disk / "state", "--reorder-ms", "0").start()
+    try:
+        wait_until(col.online, 20, "runtime online")
+        pub = Publisher(broker.url)
+        pub.send("z", 1, np.ones(6))
+        pub.flush()
+        wait_until(lambda: ("z", 1) in col.predictions(), 30, "the first answer")
+        fill(small_disk / "filler")
+        shutil.rmtree(model)
+        shutil.copytree(bundles / "reg2-int8", model)  # 3 features, read at the reload
+        reloads = lambda: [d for _, d in col.of("edge/status/edge-test") if "reload" in d]  # noqa: E731
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
+        pub.flush()
+        wait_until(reloads, 30, "the reload answered")
+        assert reloads()[-1]["reload"].startswith("failed, the running model kept: snapshot failed")
+        assert reloads()[-1]["model"] == "209013c8fb9d"  # clf-int8
+        assert reloads()[-1]["state"] == "degraded"
+        pub.send("z", 2, np.ones(6))  # for the running model
+        pub.flush()
+        (small_disk / "filler").unlink()
+        wait_until(lambda: ("z", 2) in col.predictions(), 30, "an answer of the running model")
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')  # with room: done
+        pub.flush()
+        wait_until(lambda: len(reloads()) == 2, 30, "the second reload answered")
+        assert reloads()[-1]["reload"] == "state layout changed: all streams reset"
+        pub.send("z", 3, np.ones(3))
+        pub.flush()
+        wait_until(lambda: ("z", 3) in col.predictions(), 30, "an answer of the new model")
+        assert [len(d["y"]) for _, d in col.of("predictions/z")] == [4, 4, 2]
+        assert not col.of("errors/"), col.of("errors/")
+        svc.kill9()
+        svc = Serve(model, broker.url, small_disk / "state", "--reorder-ms", "0").start()
+        pub.send("z", 4, np.ones(3))
+        pub.flush()
+        wait_until(lambda: ("z", 4) in col.predictions(), 30, "an answer after a restart")
+    finally:
+        svc.stop()

@@ -132,6 +132,7 @@ class _Round:
     # counted again as it is read.
     counts: list[tuple[str, int]] = field(default_factory=list)
     codes: list[str] = field(default_factory=list)  # of the refusals decided as it was read
+    requests: set[str] = field(default_factory=set)  # runtime commands, asked once it is logged
 
 
 class RateLimitedLog:
@@ -556,6 +557,7 @@ class Processor:
             self.metrics.inc(name, n)
         for code in r.codes:
             self.metrics.error(code)
+        self.requests |= r.requests
         if r.evict:
             self.engine.store.evict(r.evict)
         if r.items:
@@ -678,7 +680,7 @@ class Processor:
         cmd = doc.get("cmd") if isinstance(doc, dict) else None
         if stream is None:
             if cmd in ("reload", "snapshot"):
-                self.requests.add(cmd)
+                r.requests.add(cmd)
             else:
                 detail = f"runtime control {msg.payload[:80]!r}: expected reload or snapshot"
                 self._error(r, where, "unknown_command", detail)

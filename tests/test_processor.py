@@ -821,6 +821,35 @@ def test_a_batch_offered_again_after_a_failed_log_write_is_counted_once(
     assert (snap["messages_in"], snap["samples_in"], snap["errors"]) == (2, 1, {"bad_json": 1})
 
 
+def test_a_reload_in_a_batch_the_log_could_not_take_waits_until_the_batch_is_taken(
+    bundles, tmp_path, xs, monkeypatch
+):
+    """A batch the log refused is offered again later, and a ``reload`` command in it acts
+    once the batch is taken, after the samples before it. It was asked at the first offer:
+    the service reloaded then, and read those samples, offered again, with the new model
+    (refused ``wrong_shape`` when it takes another feature count); and reloaded again."""
+    import errno
+
+    p = make(bundles, tmp_path)
+    p.journal.open()
+    batch = [msg("a", 1, xs[0]), Inbound(p.runtime_control, b'{"cmd": "reload"}', 0)]
+    real = p.journal.append
+    failing = [1]
+
+    def append(entries, **kw):
+        if failing[0]:
+            failing[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(entries, **kw)
+
+    monkeypatch.setattr(p.journal, "append", append)
+    assert not p.handle(batch)
+    assert "reload" not in p.requests
+    assert p.handle(batch)
+    assert "reload" in p.requests
+    assert [o.topic for o in answers(p)] == ["predictions/a"]
+
+
 def test_a_snapshot_this_user_may_not_read_is_refused_not_taken_for_damage(
     bundles, tmp_path, xs, monkeypatch
 ):

@@ -532,9 +532,11 @@ class Worker:
             snap.write_into(directory)
             try:
                 rec = proc.recover()
-            except ConfigError as exc:  # another model's: the stream is replayed instead
-                log.error("partition %d: snapshot generation %d: %s", p, snap.generation, exc)
-                continue
+            except ConfigError as exc:  # another model's (or a later version's): not ours
+                # A worker of another bundle that joined before the group's first snapshot:
+                # replaying the stream from its start would answer it all again with this
+                # model and write over the group's snapshots. It stops as it is refused at start.
+                raise self._refusal(p, snap, self._foreign(snap) or str(exc)) from None
             if rec.damaged_snapshots or rec.damage or not rec.generation:
                 log.error("partition %d: snapshot generation %d unusable", p, snap.generation)
                 self.metrics.inc("snapshots_damaged")
@@ -1168,12 +1170,16 @@ class Worker:
             for snap in (await self._snapshots(p))[:1]:
                 problem = self._foreign(snap)
                 if problem:
-                    raise ConfigError(
-                        f"partition {p}'s snapshot (generation {snap.generation}) in JetStream "
-                        f"holds the state of another model: {problem}; run the group's workers "
-                        f"with the bundle that wrote it, or delete the object store "
-                        f"{SNAPSHOTS!r} to start the group from the stream's start"
-                    )
+                    raise self._refusal(p, snap, problem)
+
+    @staticmethod
+    def _refusal(p: int, snap: psnap.PartitionSnapshot, problem: str) -> ConfigError:
+        return ConfigError(
+            f"partition {p}'s snapshot (generation {snap.generation}) in JetStream holds the "
+            f"state of another model: {problem}; run the group's workers with the bundle that "
+            f"wrote it, or delete the object store {SNAPSHOTS!r} to start the group from the "
+            "stream's start"
+        )
 
     async def run(self) -> int:
         self._usable_root()

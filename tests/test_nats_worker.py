@@ -380,6 +380,47 @@ def test_a_worker_of_another_model_is_refused_and_touches_nothing(
         col.close()
 
 
+def test_a_worker_of_another_model_that_joins_before_any_snapshot_stops_at_the_first(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+) -> None:
+    """A worker of another state layout that started before the group wrote a snapshot (a
+    rolling update of the bundle) met the group's first snapshot as a partition was handed
+    to it: it took it for damage and replayed the partition from the stream's start, every
+    sample answered again by its model (errors, for another feature count), and wrote its
+    snapshots over the group's. It stops there as it is refused at start, exit 2."""
+    col = Collector(nats_server.mqtt_url)
+    pub = Publisher(nats_server.mqtt_url)
+    try:
+        first = workers("w1", "--snapshot-interval", "600")  # no snapshot before the hand-over
+        wait_owned(col, ["w1"], P)
+        samples = _samples(8, 4)
+        _send(pub, samples, range(4))
+        wait_until(lambda: len(col.predictions()) >= 32, 60, "answered")
+        other = WorkerProc(
+            bundles / "reg2-int8",
+            nats_server.url,
+            tmp_path / "s2",
+            "w2",
+            "--partitions",
+            str(P),
+            "--snapshot-interval",
+            "600",
+        ).start()
+        assert other.proc is not None
+        try:
+            assert other.proc.wait(90) == 2
+        finally:
+            other.kill()  # not stopped: it must not outlive the test
+        assert "holds the state of another model" in other.log()
+        assert "Traceback" not in other.log()
+        wait_owned(col, ["w1"], P, 60)  # the group's worker takes its partitions back
+        assert not col.of("errors/"), col.of("errors/")[:3]
+        assert first.proc is not None and first.proc.poll() is None
+    finally:
+        pub.close()
+        col.close()
+
+
 async def _snapshot_generations(url: str) -> dict[str, int]:
     import nats
 

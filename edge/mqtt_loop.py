@@ -540,8 +540,10 @@ class MqttService:
             self._say("online", reload=f"failed, the running model kept: {exc}")
             return
         old = self.engine
-        if new.manifest.features != old.manifest.features and not self.processor.tick(
-            release_all=True  # held messages were taken for the running model: it steps them
+        # Held messages were read for the running model (SenML by its feature names): a
+        # model of other features, or of features named otherwise, may not step them.
+        if new.manifest.feature_names != old.manifest.feature_names and not self.processor.tick(
+            release_all=True
         ):
             log.error("reload failed, keeping the running model: the log cannot be written")
             self._say("online", reload="failed, the running model kept: log not writable")

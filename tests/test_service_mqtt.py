@@ -347,6 +347,44 @@ def test_messages_after_a_reload_in_the_same_batch_go_to_the_new_model(bundles, 
         assert svc.stop() == 0
 
 
+def test_a_reload_to_other_feature_names_steps_held_messages_with_the_old_model(
+    bundles, broker, tmp_path
+):
+    """A SenML message is read by feature name, into the running model's order: held for
+    reordering, it is stepped by that model before a reload to a model whose features are
+    named otherwise (as many of them). The new model stepped it, its values in the old
+    model's order: a wrong answer."""
+    import shutil
+
+    import edge
+    from edge import payloads
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    col = Collector(broker.url)
+    svc = Serve(model, broker.url, tmp_path / "state", "--reorder-ms", "5000").start()
+    try:
+        wait_until(col.online, 20, "runtime online")
+        shutil.rmtree(model)
+        shutil.copytree(bundles / "torch-lstm-int8", model)  # another model of 6 features ...
+        doc = json.loads((model / "manifest.json").read_text())
+        doc["features"]["names"] = ["f5", "f4", "f3", "f2", "f1", "f0"]  # ... named otherwise
+        (model / "manifest.json").write_text(json.dumps(doc))
+        x = np.arange(6.0).reshape(1, 6) / 3
+        pub = Publisher(broker.url)
+        senml = payloads.encode_senml(1, x, ["f0", "f1", "f2", "f3", "f4", "f5"], 1.7e9, 0.1)
+        pub.raw("sensors/z/data", senml)  # held: a stream's first message waits
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
+        pub.flush()
+        wait_until(lambda: ("z", 1) in col.predictions(), 20, "the held message answered")
+        (answer,) = [d for _, d in col.of("predictions/z")]
+        assert answer["model"] == edge.load(bundles / "clf-int8").manifest.model_id
+        expected = edge.load(bundles / "clf-int8").step("x", x)
+        np.testing.assert_array_equal(col.predictions()[("z", 1)][0], expected[0])
+    finally:
+        assert svc.stop() == 0
+
+
 def test_max_wait_ms_gives_a_batch_time_to_fill(bundles, broker, service):
     """``--max-wait-ms``: a message that finds no company waits that long to be stepped with
     what arrives meanwhile (its latency has that lower bound, which a slow machine only

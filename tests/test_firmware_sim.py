@@ -412,6 +412,7 @@ def test_devices_that_cannot_keep_their_rate_stop_at_the_duration(broker):
 
 
 @pytest.mark.broker
+@pytest.mark.desktop  # the plot needs matplotlib (the sim extra)
 def test_a_plot_that_cannot_be_written_leaves_no_earlier_plot_beside_the_new_score(
     broker, tmp_path, capsys, monkeypatch
 ):

@@ -6,14 +6,11 @@ Exit codes: 0 ok, 1 bundle written but a fidelity check failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
-from edge.cli import quiet_tensorflow, run_command, version_text
+from edge.cli import quiet_tensorflow, run_command, sigterm_interrupts, version_text
 
 from . import train as train_defaults
 from .errors import ConvertError
@@ -238,26 +235,8 @@ def _targets(args: argparse.Namespace) -> Targets:
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_tensorflow()
     commands = dict.fromkeys(("convert", "verify", "train-example"), _run)
-    with _sigterm_interrupts():
+    with sigterm_interrupts():
         return run_command(parser(), commands, argv)
-
-
-def _raise_interrupt(_number: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM ends a command the way Ctrl-C does: by default it kills the process outright,
-    leaving the staging directory of a half-done conversion behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -38,6 +38,20 @@ def answers(p):
     return outs
 
 
+def failing_appends(p, monkeypatch, times, error):
+    """The log refuses the next ``times`` writes with ``error`` (a full disk), then takes them."""
+    real = p.journal.append
+    left = [times]
+
+    def append(entries, **kw):
+        if left[0]:
+            left[0] -= 1
+            raise error
+        return real(entries, **kw)
+
+    monkeypatch.setattr(p.journal, "append", append)
+
+
 @pytest.fixture
 def xs():
     return np.random.default_rng(3).normal(0, 2, (20, 6))
@@ -805,16 +819,7 @@ def test_a_batch_offered_again_after_a_failed_log_write_is_counted_once(
     p = make(bundles, tmp_path)
     p.journal.open()
     batch = [msg("a", 1, xs[0]), Inbound("sensors/b/data", b"{oops", 0)]
-    real = p.journal.append
-    failing = [2]
-
-    def append(entries, **kw):
-        if failing[0]:
-            failing[0] -= 1
-            raise OSError(errno.EFBIG, "File too large")
-        return real(entries, **kw)
-
-    monkeypatch.setattr(p.journal, "append", append)
+    failing_appends(p, monkeypatch, 2, OSError(errno.EFBIG, "File too large"))
     assert not p.handle(batch) and not p.handle(batch)
     assert p.handle(batch)
     snap = p.metrics.snapshot()
@@ -833,16 +838,7 @@ def test_a_reload_in_a_batch_the_log_could_not_take_waits_until_the_batch_is_tak
     p = make(bundles, tmp_path)
     p.journal.open()
     batch = [msg("a", 1, xs[0]), Inbound(p.runtime_control, b'{"cmd": "reload"}', 0)]
-    real = p.journal.append
-    failing = [1]
-
-    def append(entries, **kw):
-        if failing[0]:
-            failing[0] -= 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(entries, **kw)
-
-    monkeypatch.setattr(p.journal, "append", append)
+    failing_appends(p, monkeypatch, 1, OSError(errno.ENOSPC, "No space left on device"))
     assert not p.handle(batch)
     assert "reload" not in p.requests
     assert p.handle(batch)

@@ -206,7 +206,8 @@ def announcer_for(cfg: ServiceConfig, manifest: Manifest) -> Announcer | None:
     )
 
 
-def publish(client: Any, messages: Iterable[Discovery]) -> None:
-    """Retained, QoS 1: Home Assistant finds them whenever it (re)connects."""
+def publish(client: Any, messages: Iterable[Discovery], retain: bool = True) -> None:
+    """Retained, QoS 1: Home Assistant finds them whenever it (re)connects (``retain``
+    False: the broker keeps no retained messages)."""
     for m in messages:
-        client.publish(m.topic, m.payload, qos=1, retain=True)
+        client.publish(m.topic, m.payload, qos=1, retain=retain)

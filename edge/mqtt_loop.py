@@ -43,6 +43,7 @@ from .state_lock import StateLock
 
 log = logging.getLogger("edge.service")
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with our id
+RETAIN_NOT_SUPPORTED = 0x9A  # MQTT 5 CONNACK reason: the broker keeps no retained messages
 DRAIN_SECONDS = 3.0  # how long SIGTERM keeps answering what is already here
 RETRY_SECONDS = 1.0  # between attempts to write to an unwritable state directory
 
@@ -171,6 +172,9 @@ class MqttService:
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
         self._said: str | None = None  # the state our retained status says
+        # False once the broker says it keeps no retained messages (MQTT 5 CONNACK): it
+        # refuses a retained will or publish, so the status goes out without the flag.
+        self._retain = True
         # The broker refused a topic filter we subscribed to: nothing on it will arrive.
         self._deaf: str | None = None
         self._status_mid = -1  # the message id of our last status
@@ -271,7 +275,8 @@ class MqttService:
     def _say(self, state: str, **extra: Any) -> None:
         """Publish our retained status (online, degraded) when it changes."""
         if self.connected.is_set():
-            info = self.client.publish(self._status_topic, self._status(state, **extra), 1, True)
+            status = self._status(state, **extra)
+            info = self.client.publish(self._status_topic, status, 1, self._retain)
             self._status_mid = info.mid
             self._said = state
 
@@ -279,6 +284,9 @@ class MqttService:
         if reason.is_failure:
             self._connect_failures += 1
             self._refused = True
+            if reason.value == RETAIN_NOT_SUPPORTED and self._retain:
+                self._no_retain(client)
+                return
             log.error(
                 "broker %s refused the connection: %s; retrying, attempt %d",
                 self.cfg.broker,
@@ -314,12 +322,27 @@ class MqttService:
                 subs.append((self.ha.filter, 0))
         self._drop_stale_subscriptions(client, [f for f, _ in subs], flags.session_present)
         self._max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
+        if getattr(props, "RetainAvailable", 1) == 0 and self._retain:
+            self._no_retain(client)
         _, mid = client.subscribe(subs)
         self._subscribing = (mid, [f for f, _ in subs])
         self.connected.set()
         self._connect_failures = 0
         self._said = None
         self.wake.set()
+
+    def _no_retain(self, client: Any) -> None:
+        """A broker without retained messages (mosquitto's ``retain_available false``)
+        refuses a connection whose will is retained, for ever: the will and the status go
+        without the flag from now on."""
+        self._retain = False
+        client.will_set(self._status_topic, self._status("offline"), qos=1, retain=False)
+        log.warning(
+            "broker %s keeps no retained messages: our status goes out without the retain "
+            "flag, so a client subscribing later sees it only when it changes%s",
+            self.cfg.broker,
+            "; Home Assistant discovery is not kept either" if self.ha is not None else "",
+        )
 
     def _drop_stale_subscriptions(
         self, client: Any, filters: list[str], session_present: bool
@@ -572,7 +595,7 @@ class MqttService:
         note = "state kept" if kept else "state layout changed: all streams reset"
         log.info("model reloaded (%s): %s", new.manifest.model_id, note)
         if self.ha is not None:
-            publish_discovery(self.client, self.ha.model_changed(new.manifest))
+            publish_discovery(self.client, self.ha.model_changed(new.manifest), self._retain)
         self._say("online", reload=note)
 
     def run(self) -> int:
@@ -646,7 +669,7 @@ class MqttService:
                     while not self._ha_found.empty():
                         found.append(self._ha_found.get_nowait())
                     streams = self.engine.store.streams
-                    publish_discovery(self.client, self.ha.reconcile(streams, found))
+                    publish_discovery(self.client, self.ha.reconcile(streams, found), self._retain)
                     last_ha = now
                 if cfg.stats_interval and now - last_stats >= cfg.stats_interval:
                     self.client.publish(self._stats_topic, self.metrics.dumps(self.stats()), qos=0)
@@ -694,7 +717,8 @@ class MqttService:
         self.inbox.close()
         if self.processor.degraded is None:
             self.processor.checkpoint()
-        info = self.client.publish(self._status_topic, self._status("offline"), qos=1, retain=True)
+        offline = self._status("offline")
+        info = self.client.publish(self._status_topic, offline, qos=1, retain=self._retain)
         if self.connected.is_set():
             info.wait_for_publish(2.0)
         self.network.quiet()  # no reconnecting after this disconnect

@@ -299,3 +299,37 @@ def test_a_status_the_brokers_acl_refuses_is_named_in_the_log(bundles, tmp_path)
     finally:
         svc.stop()
         broker.stop()
+
+
+def test_a_broker_without_retained_messages_is_served_with_an_unretained_status(bundles, tmp_path):
+    """A broker configured without retained messages (mosquitto `retain_available false`)
+    refuses a connection whose will is retained, for ever: the runtime never served. It
+    connects again with its will and status unretained, and answers."""
+    broker = Mosquitto(tmp_path / "broker", extra="retain_available false\n", embedded=False)
+    broker.start()
+
+    class WithDiscovery(Collector):
+        FILTERS = (*Collector.FILTERS, ("homeassistant/#", 1))
+
+    col = WithDiscovery(broker.url)
+    svc = Serve(bundles / "clf-int8", broker.url, tmp_path / "state", "--ha-discovery", "true")
+    svc.start()
+    pub = Publisher(broker.url)
+    try:
+        wait_until(lambda: col.online(), 60, "online")
+        pub.send("dev-1", 1, np.zeros(6))
+        wait_until(lambda: ("dev-1", 1) in col.predictions(), 60, "an answer")
+        wait_until(lambda: col.of("homeassistant/"), 60, "the discovery messages")
+        pub.send("dev-1", 2, np.zeros(6))  # the discovery messages cost no connection
+        wait_until(lambda: ("dev-1", 2) in col.predictions(), 60, "a second answer")
+        log = svc.log_path.read_text()
+        assert "keeps no retained messages" in log and "disconnected" not in log
+        svc.stop()
+        wait_until(
+            lambda: col.of("edge/status/edge-test")[-1][1]["state"] == "offline", 60, "offline"
+        )
+    finally:
+        svc.stop()
+        pub.close()
+        col.close()
+        broker.stop()

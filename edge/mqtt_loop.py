@@ -172,6 +172,7 @@ class MqttService:
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
         self._said: str | None = None  # the state our retained status says
+        self._answers: dict[str, Any] = {}  # the latest answer to each runtime command
         # False once the broker says it keeps no retained messages (MQTT 5 CONNACK): it
         # refuses a retained will or publish, so the status goes out without the flag.
         self._retain = True
@@ -272,9 +273,13 @@ class MqttService:
             doc["recovered_from_damage"] = self._recovery
         return json.dumps(doc, allow_nan=False).encode()
 
-    def _say(self, state: str, **extra: Any) -> None:
-        """Publish our retained status (online, degraded) when it changes."""
+    def _say(self, state: str, reason: str | None = None, **answers: Any) -> None:
+        """Publish our retained status (online, degraded) when it changes. The latest answer
+        to each runtime command (``reload``, ``snapshot``) stays in every status until the
+        next: a later status (storage back, a reconnect) must not erase a failed reload."""
+        self._answers.update(answers)
         if self.connected.is_set():
+            extra = {**self._answers, **({"reason": reason} if reason else {})}
             status = self._status(state, **extra)
             info = self.client.publish(self._status_topic, status, 1, self._retain)
             self._status_mid = info.mid
@@ -701,7 +706,7 @@ class MqttService:
         reason = self.processor.degraded or self._deaf
         state = "online" if reason is None else "degraded"
         if state != self._said:
-            self._say(state, **({"reason": reason} if reason else {}))
+            self._say(state, reason)
 
     def _shutdown(self) -> int:
         """Answer what is already here for a bounded time, snapshot, say offline, disconnect.

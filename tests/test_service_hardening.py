@@ -699,8 +699,8 @@ def test_a_reload_whose_snapshot_does_not_fit_keeps_the_running_model(
         wait_until(lambda: ("z", 2) in col.predictions(), 30, "an answer of the running model")
         pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')  # with room: done
         pub.flush()
-        wait_until(lambda: len(reloads()) == 2, 30, "the second reload answered")
-        assert reloads()[-1]["reload"] == "state layout changed: all streams reset"
+        done = "state layout changed: all streams reset"
+        wait_until(lambda: reloads()[-1]["reload"] == done, 30, "the second reload answered")
         pub.send("z", 3, np.ones(3))
         pub.flush()
         wait_until(lambda: ("z", 3) in col.predictions(), 30, "an answer of the new model")

@@ -242,6 +242,39 @@ def test_metrics_stats_and_reload_with_another_layout(bundles, broker, tmp_path)
         assert svc.stop() == 0
 
 
+def test_a_failed_reload_stays_in_the_status_until_the_next_reload(bundles, broker, tmp_path):
+    """The answer to `reload` is in the retained status: a failed one was replaced by the next
+    status the service published for another reason (here the answer to `snapshot`; a
+    reconnect or storage coming back did the same), and the user never saw it failed."""
+    import shutil
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    col = Collector(broker.url)
+    svc = Serve(model, broker.url, tmp_path / "state").start()
+    try:
+        wait_until(col.online, 20, "runtime online")
+        pub = Publisher(broker.url)
+        (model / "manifest.json").write_text("{")  # a bundle being copied, say
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
+        pub.flush()
+        wait_until(lambda: "reload" in col.of("edge/status/")[-1][1], 20, "the reload answered")
+        pub.raw("edge/control/edge-test", b'{"cmd": "snapshot"}')
+        pub.flush()
+        wait_until(lambda: "snapshot" in col.of("edge/status/")[-1][1], 20, "the snapshot")
+        status = col.of("edge/status/")[-1][1]
+        assert status["reload"].startswith("failed, the running model kept"), status
+        shutil.rmtree(model)
+        shutil.copytree(bundles / "clf-int8", model)
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
+        pub.flush()
+        wait_until(lambda: col.of("edge/status/")[-1][1]["reload"] == "state kept", 20, "done")
+        pub.close()
+    finally:
+        assert svc.stop() == 0
+        col.close()
+
+
 def test_a_reload_to_another_feature_count_steps_held_messages_with_the_old_model(
     bundles, broker, tmp_path
 ):

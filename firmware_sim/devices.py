@@ -47,6 +47,7 @@ from .sources import Source, make
 FORMATS = ("json", "senml", "binary")
 BUFFER_LIMIT = 10_000  # messages a device stores while offline; the oldest go first
 PROGRESS_S = 5.0  # seconds between progress lines while connecting
+PRUNE_AT = 5000  # published messages a connection keeps track of before it drops the acknowledged
 U32 = 2**32
 # Whether this edge.payloads can put a boot id into SenML / binary frames (else a device that
 # must carry its boot id speaks JSON).
@@ -106,6 +107,7 @@ class Connection:
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.infos: list[Any] = []
+        self._prune_at = PRUNE_AT
         if configure:
             configure(self.client)
         try:
@@ -118,9 +120,15 @@ class Connection:
         """Hand one message to the client; returns paho's MessageInfo (published on PUBACK)."""
         info = self.client.publish(topic, payload, qos=1)
         self.infos.append(info)
-        if len(self.infos) > 5000:
-            self.infos = [i for i in self.infos if not i._published]
+        if len(self.infos) > self._prune_at:
+            self._forget_published()
         return info
+
+    def _forget_published(self) -> None:
+        """With the broker away few are published: the list is scanned again only once it
+        doubled, not at every message (minutes of CPU for a device offline for a while)."""
+        self.infos = [i for i in self.infos if not i._published]
+        self._prune_at = max(PRUNE_AT, 2 * len(self.infos))
 
     def go_offline(self) -> None:
         close_client(self.client)

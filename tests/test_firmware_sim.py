@@ -897,3 +897,22 @@ def test_messages_the_broker_never_acknowledged_are_not_delivered_nor_lost(broke
     assert not v.startswith("verdict: EXACT"), v
     assert f"{len(log) - took:,} messages not delivered" in v, v
     assert "the broker did not acknowledge them" in v, v
+
+
+def test_a_device_whose_broker_is_away_does_not_rescan_its_messages_at_every_send(
+    broker, monkeypatch
+):
+    """A connection keeps paho's handle of each message to know what was delivered, and drops
+    the delivered ones past 5,000. With the broker away none are: the whole list was scanned
+    again at every message sent (15,000 messages offline: 10,000 scans of up to 15,000)."""
+    from firmware_sim.devices import Connection
+
+    conn = Connection(broker.url, "offline-device")
+    scans = []
+    scan = Connection._forget_published
+    monkeypatch.setattr(Connection, "_forget_published", lambda c: (scans.append(1), scan(c)))
+    conn.go_offline()
+    for _ in range(15_000):
+        conn.publish("sensors/offline-device/data", b"{}")
+    assert conn.pending() == 15_000
+    assert len(scans) <= 2, len(scans)

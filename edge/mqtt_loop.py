@@ -48,6 +48,14 @@ DRAIN_SECONDS = 3.0  # how long SIGTERM keeps answering what is already here
 RETRY_SECONDS = 1.0  # between attempts to write to an unwritable state directory
 
 
+def worth_logging(attempt: int, reason: str, last_reason: str | None) -> bool:
+    """Whether a failed connection attempt (the ``attempt``-th in a row) is logged at its
+    level: the first three, the 10th, every 100th, and any whose reason differs from the
+    one before. A broker away for a day is otherwise a line every ``reconnect_max`` seconds
+    (2,880 a day at 30 s) on the gateway's SD card; the rest go to debug level."""
+    return attempt <= 3 or attempt == 10 or attempt % 100 == 0 or reason != last_reason
+
+
 def delivered(info: Any) -> bool:
     """Whether the broker acknowledged a QoS 1 publish.
 
@@ -169,6 +177,7 @@ class MqttService:
         self._refused = False  # the last CONNACK refused us: its disconnect says nothing new
         self.connected = threading.Event()
         self._connect_failures = 0  # in a row, for the log
+        self._failure_reason: str | None = None  # that of the last failure logged about
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
         self._said: str | None = None  # the state our retained status says
@@ -287,20 +296,22 @@ class MqttService:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            self._connect_failures += 1
             self._refused = True
             if reason.value == RETAIN_NOT_SUPPORTED and self._retain:
                 self._no_retain(client)
                 return
-            log.error(
-                "broker %s refused the connection: %s; retrying, attempt %d",
-                self.cfg.broker,
-                reason,
-                self._connect_failures,
+            self._connect_failed(
+                logging.ERROR, f"broker {self.cfg.broker} refused the connection: {reason}"
             )
             return
         no_delay(client)
-        log.info("connected to %s (session present: %s)", self.cfg.broker, flags.session_present)
+        failed = self._connect_failures
+        log.info(
+            "connected to %s (session present: %s)%s",
+            self.cfg.broker,
+            flags.session_present,
+            f" after {failed} failed attempts" if failed > 3 else "",
+        )
         # What came in before is not acknowledged on this connection. A new session numbers
         # its deliveries anew: an old id would acknowledge another message. A session that
         # goes on sends every message we did not acknowledge again, with its id (MQTT
@@ -333,6 +344,7 @@ class MqttService:
         self._subscribing = (mid, [f for f, _ in subs])
         self.connected.set()
         self._connect_failures = 0
+        self._failure_reason = None
         self._said = None
         self.wake.set()
 
@@ -387,13 +399,20 @@ class MqttService:
             self._deaf = None
 
     def _on_connect_fail(self, exc: BaseException) -> None:
+        why = f"cannot reach the broker {self.cfg.broker} ({connect_error(exc)})"
+        self._connect_failed(logging.WARNING, why)
+
+    def _connect_failed(self, level: int, why: str) -> None:
+        """One more failed connection attempt in a row, logged as ``worth_logging`` says."""
         self._connect_failures += 1
-        log.warning(
-            "cannot reach the broker %s (%s); retrying, attempt %d",
-            self.cfg.broker,
-            connect_error(exc),
-            self._connect_failures,
-        )
+        n, last = self._connect_failures, self._failure_reason
+        self._failure_reason = why
+        if not worth_logging(n, why, last):
+            log.debug("%s; retrying, attempt %d", why, n)
+            return
+        # Said at the third: what follows the same is summarised.
+        note = " (the same again is logged at attempt 10 and every 100th)" if n == 3 else ""
+        log.log(level, "%s; retrying, attempt %d%s", why, n, note)
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any

@@ -713,3 +713,35 @@ def test_a_reload_whose_snapshot_does_not_fit_keeps_the_running_model(
         wait_until(lambda: ("z", 4) in col.predictions(), 30, "an answer after a restart")
     finally:
         svc.stop()
+
+
+def test_a_broker_away_for_long_is_not_a_log_line_per_attempt(bundles, tmp_path, caplog):
+    """A broker down for a day was a warning every ``reconnect_max`` (2,880 a day at 30 s) on
+    the gateway's SD card. The first three attempts, the 10th, every 100th and any whose
+    reason changes are logged; the rest at debug level, and the connect says how many failed."""
+    import logging
+    from types import SimpleNamespace
+
+    from tests.test_service_overload import service
+
+    svc = service(bundles, tmp_path)
+    try:
+        refused = ConnectionRefusedError(111, "Connection refused")
+        with caplog.at_level(logging.DEBUG, logger="edge.service"):
+            for _ in range(1000):
+                svc._on_connect_fail(refused)
+            svc._on_connect_fail(OSError(113, "No route to host"))  # another reason: said
+            ok = SimpleNamespace(is_failure=False)
+            svc._on_connect(svc.client, None, SimpleNamespace(session_present=True), ok, None)
+        said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        attempts = [int(r.getMessage().split("attempt ")[1].split()[0]) for r in said]
+        assert attempts == [1, 2, 3, 10, *range(100, 1001, 100), 1001], attempts
+        assert "logged at attempt 10 and every 100th" in said[2].getMessage()
+        assert "No route to host" in said[-1].getMessage()
+        quiet = [r for r in caplog.records if r.levelno == logging.DEBUG and "attempt" in r.msg]
+        assert len(quiet) == 1000 - 14  # still there, at debug level
+        connected = [r.getMessage() for r in caplog.records if "connected to" in r.getMessage()]
+        assert connected[-1].endswith("after 1001 failed attempts"), connected
+    finally:
+        svc.processor.journal.close()
+        svc.lock.release()

@@ -35,7 +35,7 @@ from .inbox import Inbox
 from .journal import Journal
 from .metrics import Metrics
 from .mqtt_client import Client
-from .mqtt_network import NetworkLoop
+from .mqtt_network import STABLE_SECONDS, NetworkLoop
 from .outbox import Outbound
 from .outfile import replace_whole
 from .processor import Inbound, Processor
@@ -178,6 +178,12 @@ class MqttService:
         self.connected = threading.Event()
         self._connect_failures = 0  # in a row, for the log
         self._failure_reason: str | None = None  # that of the last failure logged about
+        # Connections in a row the broker dropped soon after making them (another client
+        # with our id): past the third their connects and disconnects go to debug level, and
+        # the network loop says how many there were (at the 3rd, 10th, every 100th).
+        self._flaps = 0
+        self._up_since: float | None = None  # when the current connection was made
+        self._clock = time.monotonic
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
         self._said: str | None = None  # the state our retained status says
@@ -306,7 +312,9 @@ class MqttService:
             return
         no_delay(client)
         failed = self._connect_failures
-        log.info(
+        self._up_since = self._clock()
+        log.log(
+            logging.INFO if self._flaps < 3 else logging.DEBUG,
             "connected to %s (session present: %s)%s",
             self.cfg.broker,
             flags.session_present,
@@ -419,17 +427,29 @@ class MqttService:
     ) -> None:
         self.connected.clear()
         refused, self._refused = self._refused, False
+        up, self._up_since = self._up_since, None
         if self.stopping or refused:
             return
+        short = up is not None and self._clock() - up < STABLE_SECONDS
+        self._flaps = self._flaps + 1 if short else 0
+        loud = self._flaps <= 3 or self._flaps == 10 or self._flaps % 100 == 0
+        more = " (while it goes on, more at the 10th and every 100th)" if self._flaps == 3 else ""
         if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
             self.metrics.inc("sessions_taken_over")
-            log.error(
+            log.log(
+                logging.ERROR if loud else logging.DEBUG,
                 "the broker gave our session to another client with client id %r: is a "
-                "second serve running with it? Reconnecting with backoff",
+                "second serve running with it? Reconnecting with backoff%s",
                 self.cfg.client_id,
+                more,
             )
         else:
-            log.warning("disconnected from the broker (%s); reconnecting", reason)
+            log.log(
+                logging.WARNING if loud else logging.DEBUG,
+                "disconnected from the broker (%s); reconnecting%s",
+                reason,
+                more,
+            )
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if self._ha_under is not None and msg.topic.startswith(self._ha_under):

@@ -745,3 +745,46 @@ def test_a_broker_away_for_long_is_not_a_log_line_per_attempt(bundles, tmp_path,
     finally:
         svc.processor.journal.close()
         svc.lock.release()
+
+
+def test_a_session_handed_back_and_forth_is_not_two_log_lines_per_round(bundles, tmp_path, caplog):
+    """Another client with our client id takes the session at every connect: each round was
+    a 'disconnected' warning (or a 'session taken over' error) and a 'connected' line, for as
+    long as the twin ran (5,760 lines a day at the default `reconnect_max`). Past the third in
+    a row they go to debug level (the 10th and every 100th still said); a connection that held
+    is said again."""
+    import logging
+    from types import SimpleNamespace
+
+    from tests.test_service_overload import service
+
+    svc = service(bundles, tmp_path)
+    now = [1000.0]
+    svc._clock = lambda: now[0]
+    ok = SimpleNamespace(is_failure=False)
+    dropped = SimpleNamespace(value=0x80, is_failure=True)
+    taken = SimpleNamespace(value=0x8E, is_failure=True)
+
+    def round_trip(lasting: float, reason: object = dropped) -> None:
+        svc._on_connect(svc.client, None, SimpleNamespace(session_present=True), ok, None)
+        now[0] += lasting
+        svc._on_disconnect(svc.client, None, None, reason, None)
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="edge.service"):
+            round_trip(3600)  # a connection that held: its drop is news
+            for i in range(500):
+                round_trip(0.5, taken if i % 2 else dropped)
+            round_trip(3600)  # the twin is gone: a connection held again
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        drops = [m for m in said if "disconnected" in m or "gave our session" in m]
+        # the first (after an hour), flaps 1-3, 10, 100..500, and the one after the long one
+        assert len(drops) == 1 + 3 + 1 + 5 + 1, drops
+        assert "more at the 10th and every 100th" in drops[3]
+        connects = [m for m in said if m.startswith("connected to")]
+        assert len(connects) == 1 + 3, connects  # the first, then until the third flap
+        quiet = [r for r in caplog.records if r.levelno == logging.DEBUG]
+        assert len(quiet) == 2 * 502 - len(drops) - len(connects)  # the rest, still there
+    finally:
+        svc.processor.journal.close()
+        svc.lock.release()

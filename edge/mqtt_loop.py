@@ -183,6 +183,7 @@ class MqttService:
         # the network loop says how many there were (at the 3rd, 10th, every 100th).
         self._flaps = 0
         self._up_since: float | None = None  # when the current connection was made
+        self._attempting = False  # a connection attempt is under way (no CONNACK yet)
         self._clock = time.monotonic
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
@@ -268,6 +269,7 @@ class MqttService:
                 keyfile=cfg.tls_key or None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -300,7 +302,11 @@ class MqttService:
             self._status_mid = info.mid
             self._said = state
 
+    def _on_pre_connect(self, client: Any, userdata: Any) -> None:
+        self._attempting = True
+
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._attempting = False
         if reason.is_failure:
             self._refused = True
             if reason.value == RETAIN_NOT_SUPPORTED and self._retain:
@@ -428,9 +434,17 @@ class MqttService:
         self.connected.clear()
         refused, self._refused = self._refused, False
         up, self._up_since = self._up_since, None
+        attempting, self._attempting = self._attempting, False
         if self.stopping or refused:
             return
-        short = up is not None and self._clock() - up < STABLE_SECONDS
+        if up is None:
+            if attempting:  # no CONNACK came (a broker that takes connections, hung)
+                why = f"the broker {self.cfg.broker} did not answer the connection ({reason})"
+                self._connect_failed(logging.WARNING, why)
+            # else paho telling of a disconnect a second time (the broker's DISCONNECT, then
+            # the socket's close): said once
+            return
+        short = self._clock() - up < STABLE_SECONDS
         self._flaps = self._flaps + 1 if short else 0
         loud = self._flaps <= 3 or self._flaps == 10 or self._flaps % 100 == 0
         more = " (while it goes on, more at the 10th and every 100th)" if self._flaps == 3 else ""

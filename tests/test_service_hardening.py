@@ -788,3 +788,41 @@ def test_a_session_handed_back_and_forth_is_not_two_log_lines_per_round(bundles,
     finally:
         svc.processor.journal.close()
         svc.lock.release()
+
+
+def test_a_broker_that_never_answers_a_connection_is_summarised_as_failed_attempts(
+    bundles, tmp_path, caplog
+):
+    """A broker that takes the TCP connection and never sends its CONNACK (stopped, hung) had
+    each attempt end in 'disconnected from the broker (Keep alive timeout)', a warning per
+    attempt for as long as it hung. Such an attempt is a failed one, logged as they are."""
+    import logging
+    from types import SimpleNamespace
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from tests.test_service_overload import service
+
+    svc = service(bundles, tmp_path)
+    timeout = ReasonCode(PacketTypes.DISCONNECT, "Keep alive timeout")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="edge.service"):
+            for _ in range(300):  # never connected: each close ends an attempt
+                svc._on_pre_connect(svc.client, None)
+                svc._on_disconnect(svc.client, None, None, timeout, None)
+            # paho may tell of one disconnect twice (the broker's DISCONNECT, the socket's
+            # close): said once, and not as an attempt that failed
+            ok = SimpleNamespace(is_failure=False)
+            svc._on_connect(svc.client, None, SimpleNamespace(session_present=True), ok, None)
+            for _ in range(2):
+                svc._on_disconnect(svc.client, None, None, timeout, None)
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [int(m.split("retrying, attempt ")[1].split()[0]) for m in said[:-1]] == [
+            1, 2, 3, 10, 100, 200, 300,
+        ], said  # fmt: skip
+        assert all("did not answer the connection (Keep alive timeout)" in m for m in said[:-1])
+        assert said[-1].startswith("disconnected from the broker (Keep alive timeout)"), said
+    finally:
+        svc.processor.journal.close()
+        svc.lock.release()

@@ -38,7 +38,7 @@ from .mqtt_client import Client
 from .mqtt_network import STABLE_SECONDS, NetworkLoop
 from .outbox import Outbound
 from .outfile import replace_whole
-from .processor import Inbound, Processor
+from .processor import Inbound, Processor, RateLimitedLog
 from .state_lock import StateLock
 
 log = logging.getLogger("edge.service")
@@ -185,6 +185,9 @@ class MqttService:
         self._up_since: float | None = None  # when the current connection was made
         self._attempting = False  # a connection attempt is under way (no CONNACK yet)
         self._clock = time.monotonic
+        # The broker's refusals of our publishes, one per answer (a stream's topic its ACL
+        # denies): the first 10 a minute at error level, the rest at debug level.
+        self._log_refusal = RateLimitedLog()
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
         self._said: str | None = None  # the state our retained status says
@@ -506,16 +509,16 @@ class MqttService:
                 continue
             if out is None:
                 on = f" on {self._status_topic}" if mid == self._status_mid else ""
-                log.error("the broker refused our message %d%s (%s)%s", mid, on, refusal, ACL_HINT)
+                what = f"the broker refused our message {mid}{on} ({refusal}){ACL_HINT}"
+                self._log_refusal("publish_refused", what, logging.ERROR)
                 continue
             self.metrics.inc("publish_refused")
             if refusal.value == PACKET_TOO_LARGE and self.processor.predictions.stream(out.topic):
                 limit = f"what the broker takes (it answered '{refusal}')"
                 self.outbox.put([self.processor.unsendable(out, limit)])
             else:
-                log.error(
-                    "the broker refused the answer on %s (%s)%s", out.topic, refusal, ACL_HINT
-                )
+                what = f"the broker refused the answer on {out.topic} ({refusal}){ACL_HINT}"
+                self._log_refusal("publish_refused", what, logging.ERROR)
 
     def _flush(self) -> None:
         """Publish what the outbox lets out; paho refusals go back in line, never lost."""

@@ -440,7 +440,7 @@ class Processor:
             f"answer of {len(o.payload)} bytes exceeds {limit}; not sent: send fewer samples "
             "per message"
         )
-        log.error("stream %s seq %s: %s", stream, seq, detail)
+        self._log_note("answer_too_large", f"stream {stream} seq {seq}: {detail}", logging.ERROR)
         self.metrics.error("answer_too_large")
         body = payloads.error("answer_too_large", detail, seq if isinstance(seq, int) else None)
         return Outbound(self.errors.topic(stream or INVALID_STREAM), body, o.qos, lsn=o.lsn)

@@ -826,3 +826,49 @@ def test_a_broker_that_never_answers_a_connection_is_summarised_as_failed_attemp
     finally:
         svc.processor.journal.close()
         svc.lock.release()
+
+
+def test_answers_the_broker_refuses_are_not_a_log_line_each(bundles, tmp_path, caplog):
+    """A broker whose ACL denies one stream's prediction topic (and goes on, as MQTT 5 lets
+    it: a PUBACK 'Not authorized') refused every answer of that stream, and each refusal was
+    an error line: a device at 10 Hz, 864,000 lines a day. As for refused samples, the first
+    10 a minute are logged at their level, the rest at debug level; all are counted."""
+    import logging
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from edge.outbox import Outbound
+    from tests.test_service_overload import service
+
+    svc = service(bundles, tmp_path)
+    svc._log_refusal.clock = lambda: 0.0  # all within one minute
+    denied = ReasonCode(PacketTypes.PUBACK, "Not authorized")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="edge.service"):
+            for mid in range(1, 501):
+                o = Outbound("predictions/b", b"{}", lsn=mid)
+                svc.outbox.put([o])
+                svc.outbox.sent(mid, svc.outbox.take()[0])
+                svc.acks.put((mid, denied))
+            svc._drain_acks()
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(loud) == 10 and all(
+            "refused the answer on predictions/b" in r.getMessage() for r in loud
+        )
+        assert "further ones at debug level" in loud[-1].getMessage()
+        quiet = [r for r in caplog.records if "refused the answer" in r.getMessage()]
+        assert len(quiet) == 500 and svc.metrics.counters["publish_refused"] == 500
+        assert len(svc.outbox) == 0  # each done with, none left in flight
+        # Likewise the answers too large for the broker, each replaced by a report.
+        caplog.clear()
+        svc.processor._log_note.clock = lambda: 0.0
+        with caplog.at_level(logging.DEBUG, logger="edge.service"):
+            for seq in range(100):
+                big = Outbound("predictions/b", json.dumps({"seq": seq}).encode(), lsn=seq + 1)
+                svc.processor.unsendable(big, "the broker's maximum packet size (9 bytes)")
+        loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(loud) == 10 and "stream b seq 0: answer of" in loud[0].getMessage()
+    finally:
+        svc.processor.journal.close()
+        svc.lock.release()

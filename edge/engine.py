@@ -34,7 +34,7 @@ from .kernels import enforce
 from .manifest import Manifest, read_bundle
 from .model import NP_DTYPES, StepModel, requantize
 from .sequencing import GAP_POLICIES, HALF, U32, admit, earlier_boot, last_of
-from .state_store import BOOT_HISTORY, NO_BOOT, NO_SEQ, StateStore, whole_number
+from .state_store import BOOT_HISTORY, GAP_SLOTS, NO_BOOT, NO_SEQ, StateStore, whole_number
 
 MAX_STREAM_ID = 256
 # The snapshot's ``extra`` keys of the evicted streams' numbering, and of those given their
@@ -1287,12 +1287,17 @@ class Engine:
         self, stream: str, seq: int, count: int, pending: list[tuple[str, int, int, bool]]
     ) -> int:
         """How many of ``count`` duplicate samples from ``seq`` fall in a gap the stream was
-        stepped across: remembered in its row, or noted earlier in this same call."""
-        mine = [(first, n, fresh) for s, first, n, fresh in pending if s == stream]
+        stepped across: remembered in its row, or noted earlier in this same call. The notes
+        of this call are added as ``StateStore.note_gap`` will record them, into its
+        ``GAP_SLOTS`` slots: a chunk's answer does not depend on the chunks sent with it."""
         row = self.store.peek(stream)
-        spans = [] if row is None else [(int(f), int(n)) for f, n in self.store.gaps[row] if n]
-        for first, n, fresh in mine:
-            spans = [*([] if fresh else spans), (first, n)]
+        slots = [(0, 0)] * GAP_SLOTS
+        if row is not None:
+            slots = [(int(f), int(n)) for f, n in self.store.gaps[row]]
+        for s, first, n, fresh in pending:
+            if s == stream:
+                slots = [(first, n), *([(0, 0)] * GAP_SLOTS if fresh else slots)][:GAP_SLOTS]
+        spans = [(f, n) for f, n in slots if n]
         seqs = [(seq + k) % U32 for k in range(count)]
         return sum(any((q - f) % U32 < n for f, n in spans) for q in seqs)
 

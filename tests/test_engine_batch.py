@@ -128,6 +128,21 @@ def test_one_sample_per_stream_equals_each_stream_alone(load, n, seed, gap_polic
         assert same_state(batched, alone, s) and batched.last_seq(s) == alone.last_seq(s)
 
 
+def test_a_sample_in_a_gap_the_stream_has_forgotten_is_a_duplicate_in_a_batch_too(load):
+    """A stream remembers its last four gaps. Five gaps and then a sample from the first: sent
+    one call at a time it is a plain duplicate; sent in one batch it was counted late, from a
+    list of this call's gaps that had no such limit."""
+    seqs = [1, 5, 10, 15, 20, 25, 3]  # gaps 2-4, 6-9, 11-14, 16-19, 21-24; 3 fell in the first
+    x = samples(len(seqs), 0)
+    batched, single = load(), load()
+    got = batched.step_many([Chunk("s", x[i], q) for i, q in enumerate(seqs)])
+    want = [single.step_many([Chunk("s", x[i], q)])[0] for i, q in enumerate(seqs)]
+    assert (want[-1].duplicates, want[-1].late) == (1, 0)
+    assert [(o.duplicates, o.late, o.gap) for o in got] == [
+        (o.duplicates, o.late, o.gap) for o in want
+    ]
+
+
 def test_a_long_recording_in_one_call_equals_it_in_pieces(load):
     """``step`` takes a chunk of any length: 100,000 samples at once, as an offline user
     streams a recording, equal bit for bit to the same samples 1,000 at a time."""

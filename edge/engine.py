@@ -586,8 +586,11 @@ class Engine:
         if n and cnt.min() < 0:
             i = int(np.flatnonzero(cnt < 0)[0])
             raise InvalidSample(f"count {int(cnt[i])} of chunk {i} is negative")
-        if int(cnt.sum()) != len(x):
-            raise InvalidSample(f"counts add up to {int(cnt.sum())}, values have {len(x)} rows")
+        total = int(cnt.sum())
+        if n and int(cnt.max()) > len(x):  # then the int64 sum may have wrapped around
+            total = sum(cnt.tolist())
+        if total != len(x):
+            raise InvalidSample(f"counts add up to {total}, values have {len(x)} rows")
         errors: dict[int, SampleError] = {}
         return self._step_arrays(streams, x, cnt, sq, bt, errors)
 

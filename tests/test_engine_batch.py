@@ -143,6 +143,14 @@ def test_a_sample_in_a_gap_the_stream_has_forgotten_is_a_duplicate_in_a_batch_to
     ]
 
 
+def test_counts_whose_sum_wraps_around_64_bits_are_refused(load):
+    """Counts of 2**62, 2**62, 2**62 and 2**62 + 1 add up to 1 in int64 arithmetic: the batch
+    passed as one sample's and failed deep in NumPy with an IndexError."""
+    big = 2**62
+    with pytest.raises(edge.InvalidSample, match=r"counts add up to 18446744073709551617"):
+        load().step_batch(["a", "b", "c", "d"], samples(1, 0), counts=[big, big, big, big + 1])
+
+
 def test_a_long_recording_in_one_call_equals_it_in_pieces(load):
     """``step`` takes a chunk of any length: 100,000 samples at once, as an offline user
     streams a recording, equal bit for bit to the same samples 1,000 at a time."""

@@ -517,6 +517,8 @@ def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
     except RecursionError as exc:  # nesting far beyond any manifest's
         raise BundleError(f"{mpath}: unreadable: JSON nested too deeply") from exc
     manifest = parse(data, str(mpath))
+    if "\0" in manifest.model_file:  # no file name holds one; os.stat raises ValueError
+        raise BundleError(f"{mpath}: model_file {manifest.model_file!r} holds a NUL character")
     mfile = Path(manifest.model_file)
     if mfile.is_absolute() or ".." in mfile.parts:
         raise BundleError(

@@ -186,6 +186,14 @@ def test_model_file_cannot_escape_the_bundle(manifest_dict, tmp_path):
         read_bundle(tmp_path)
 
 
+def test_a_model_file_name_holding_a_nul_is_refused_as_a_bundle_error(manifest_dict, tmp_path):
+    """``os.stat`` raises ValueError on a NUL in a path: it escaped the error hierarchy."""
+    manifest_dict["model_file"] = "model\x00.tflite"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest_dict))
+    with pytest.raises(BundleError, match=r"model_file 'model\\x00.tflite' holds a NUL"):
+        read_bundle(tmp_path)
+
+
 def test_format_1_lstm_layouts_are_still_read(manifest_dict):
     """Bundles made before per-tensor state roles list h and c per LSTM layer."""
     m = parse(manifest_dict)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 import time
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .errors import NewerFormat, SnapshotError
+from .outfile import KINDS
 
 MAGIC = b"ELSTMSNP"
 VERSION = 2
@@ -164,8 +166,20 @@ def write_atomic(path: str | Path, data: bytes | Iterable[bytes | memoryview]) -
 
 
 def read(path: str | Path) -> Snapshot:
+    """Read a snapshot file whole. Only a regular file: a FIFO blocked the read forever and a
+    device such as ``/dev/zero`` was read until memory ran out. The open never blocks."""
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise SnapshotError(f"{path}: cannot read snapshot: {exc}") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise SnapshotError(f"{path}: cannot read snapshot: it is {kind}, not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read()
+        except OSError as exc:
+            raise SnapshotError(f"{path}: cannot read snapshot: {exc}") from exc
     return decode(data, str(path))

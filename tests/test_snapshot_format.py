@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -39,6 +42,21 @@ def test_damaged_files_are_refused(tmp_path, mutate, message):
     data = mutate(fmt.encode(sample()))
     with pytest.raises(SnapshotError, match=message):
         fmt.decode(data, "snap")
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a character device", "a directory"])
+def test_a_snapshot_path_that_is_no_regular_file_is_refused_without_reading_it(tmp_path, kind):
+    """A FIFO blocked ``read`` forever and ``/dev/zero`` was read until memory ran out: each
+    is refused without a read, naming what it is (a directory too)."""
+    path = tmp_path / "state.bin"
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a directory":
+        path.mkdir()
+    else:
+        path = Path("/dev/zero")
+    with pytest.raises(SnapshotError, match=f"{path}: cannot read snapshot: it is {kind}, not"):
+        fmt.read(path)
 
 
 def test_missing_file_names_the_path(tmp_path):

@@ -407,6 +407,15 @@ class Engine:
         ``extra`` (given back by ``restore``) must be JSON without NaN or infinities, and may
         not use the keys the engine keeps its own records under (``departed``, ``recalled``).
         """
+        if "\0" in str(path):  # no file name holds one; the write raised ValueError
+            raise SnapshotError(f"{path!r}: the path holds a NUL character. Nothing written")
+        if not isinstance(extra, (Mapping, type(None))) or any(
+            not isinstance(k, str) for k in extra or {}
+        ):
+            # JSON would turn a key 1 into "1": restore would give back another dict
+            raise SnapshotError(
+                f"{path}: extra must be a dict with string keys, got {extra!r:.60}. Nothing written"
+            )
         extra = dict(extra or {})
         taken = sorted(k for k in (DEPARTED, RECALLED) if k in extra)
         if taken:

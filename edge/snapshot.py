@@ -172,6 +172,8 @@ def read(path: str | Path) -> Snapshot:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise SnapshotError(f"{path}: cannot read snapshot: {exc}") from exc
+    except ValueError as exc:  # a NUL in the path
+        raise SnapshotError(f"{str(path)!r}: cannot read snapshot: {exc}") from exc
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)

@@ -502,8 +502,13 @@ def test_a_snapshot_that_cannot_be_written_is_a_snapshot_error_naming_the_path(l
         ({"recalled": ["s"]}, "extra key 'recalled' is the engine's own"),
         ({"when": float("nan")}, "extra is not plain JSON"),
         ({"what": object()}, "extra is not plain JSON"),
+        # written as "1": restore gave back another dict
+        ({1: "one"}, "extra must be a dict with string keys"),
+        # dict() of them raised a bare TypeError or ValueError
+        ([("a", 1)], "extra must be a dict with string keys"),
+        ("ab", "extra must be a dict with string keys"),
     ],
-    ids=["departed", "recalled", "nan", "object"],
+    ids=["departed", "recalled", "nan", "object", "int-key", "list", "str"],
 )
 def test_a_snapshot_extra_that_restore_cannot_give_back_is_refused(load, tmp_path, extra, message):
     engine = load()
@@ -514,6 +519,18 @@ def test_a_snapshot_extra_that_restore_cannot_give_back_is_refused(load, tmp_pat
     assert list(tmp_path.iterdir()) == []
     engine.snapshot(path, extra={"note": "mine"})
     assert load().restore(path) == {"note": "mine"}
+
+
+def test_a_snapshot_path_holding_a_nul_is_a_snapshot_error_both_ways(load, tmp_path):
+    """The write and the read raised a bare ValueError ("embedded null byte")."""
+    engine = load()
+    engine.step("s", samples(1, 0))
+    path = f"{tmp_path}/state\x00.bin"
+    with pytest.raises(edge.SnapshotError, match=r"holds a NUL character. Nothing written"):
+        engine.snapshot(path)
+    with pytest.raises(edge.SnapshotError, match=r"cannot read snapshot: embedded null byte"):
+        engine.restore(path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_engines_that_carried_streams_over_keep_their_own_numbering(load):

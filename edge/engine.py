@@ -1329,6 +1329,9 @@ def load(
     the kernel set the interpreter really runs checked against those the bundle was verified
     with (``kernel_mismatch``: "refuse", "warn", or "allow" for tools that compare kernel sets
     on purpose). ``builtin_kernels`` switches the interpreter's default delegates off."""
+    for name, flag in (("self_test", self_test), ("builtin_kernels", builtin_kernels)):
+        if not isinstance(flag, (bool, np.bool_)):  # "no" would switch it on
+            raise ConfigError(f"{name} must be True or False, got {flag!r}")
     manifest, content = read_bundle(directory)
     chosen = select(backend)
     model = StepModel(

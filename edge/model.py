@@ -58,6 +58,12 @@ class StepModel:
     ) -> None:
         if not whole_number(max_batch) or max_batch < 1:
             raise ConfigError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
+        # the interpreter's C int; True would be 1 thread, and the interpreter's own refusal
+        # was worded as a model it "could not open"
+        if not whole_number(num_threads) or not 1 <= num_threads < 2**31:
+            raise ConfigError(
+                f"num_threads must be a whole number from 1 to {2**31 - 1}, got {num_threads!r}"
+            )
         self.manifest = manifest
         self.backend = backend
         self.max_batch = max_batch

@@ -381,6 +381,11 @@ def test_gap_policies(load):
         {"restart_gap": True},
         {"allow_unsequenced": "no"},  # accepted, and unsequenced samples were allowed
         {"max_batch": 1.5},
+        {"num_threads": 0},  # refused by the interpreter as a model it "could not open"
+        {"num_threads": True},  # accepted as 1
+        {"num_threads": 2**31},  # refused as a model it could not open
+        {"builtin_kernels": "no"},  # accepted, and the built-in kernels were switched on
+        {"self_test": "no"},
     ],
     ids=str,
 )

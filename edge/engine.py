@@ -165,7 +165,7 @@ def _real_values(values: Any) -> np.ndarray:
         raise InvalidSample("values hold masked (missing) entries; the model takes numbers")
     try:
         raw = np.asarray(values)
-    except (TypeError, ValueError, OverflowError) as exc:
+    except Exception as exc:  # an object's __array__ raises what it likes (torch: RuntimeError)
         raise InvalidSample(f"values are not numeric: {exc}") from exc
     kind = raw.dtype.kind
     if kind in "mM":  # a cast gives counts of the time unit since 1970: no sensor values
@@ -183,7 +183,7 @@ def _real_values(values: Any) -> np.ndarray:
         raise InvalidSample(
             f"values beyond the float32 range (max |x| ~1e{int(math.log10(abs(big[0])))})"
         ) from exc
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # an object's __float__ raises what it likes
         raise InvalidSample(f"values are not numeric: {exc}") from exc
 
 
@@ -312,7 +312,7 @@ class Engine:
             return None
         try:
             arr = np.asarray(x)
-        except (TypeError, ValueError):
+        except Exception:  # an object's __array__ raises what it likes: the general path says
             return None
         if arr.dtype is not _F64:  # complex, objects (an int past float), text: not here
             if arr.dtype.kind not in _REAL:
@@ -622,7 +622,7 @@ class Engine:
             return None
         try:
             x = np.asarray(values)
-        except (TypeError, ValueError):
+        except Exception:  # an object's __array__ raises what it likes: the general path says
             return None
         if x.dtype is not _F64:  # complex, objects (an int past float), text: not here
             if x.dtype.kind not in _REAL:

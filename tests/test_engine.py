@@ -293,6 +293,36 @@ def test_a_value_past_float_or_complex_continuing_a_stream_is_refused(load, valu
     assert all(np.array_equal(a, b) for a, b in zip(before, engine.state_of("s")))
 
 
+class _NoArray:
+    """Like a torch tensor that requires grad: its ``__array__`` raises RuntimeError."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("Can't call numpy() on Tensor that requires grad")
+
+
+class _NoFloat:
+    def __float__(self):
+        raise ZeroDivisionError("no float for this one")
+
+
+@pytest.mark.parametrize(
+    "values", [_NoArray(), [_NoFloat()] * 6], ids=["array-raises", "float-raises"]
+)
+def test_values_whose_conversion_raises_any_error_are_refused_as_invalid_samples(load, values):
+    """A torch tensor that requires grad raises RuntimeError from ``np.asarray``: it escaped
+    from ``step``, ``step_batch`` and ``step_many``, where it stopped the whole batch."""
+    engine = load()
+    engine.step("s", samples(1, 0)[0], seq=1)
+    for seq in (2, None):  # the quick way of a stream's next sample, and the general one
+        with pytest.raises(edge.InvalidSample, match="values are not numeric: .*(grad|no float)"):
+            engine.step("s", values, seq=seq)
+        with pytest.raises(edge.InvalidSample, match="values are not numeric"):
+            engine.step_batch(["s"], values, seqs=None if seq is None else [seq])
+    bad, good = engine.step_many([Chunk("s", values, 2), Chunk("t", samples(1, 1), 1)])
+    assert isinstance(bad.error, edge.InvalidSample) and good.error is None and len(good.y) == 1
+    assert engine.last_seq("s") == 1
+
+
 def test_one_bad_chunk_does_not_stop_the_others(load):
     engine = load()
     outs = engine.step_many(

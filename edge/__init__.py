@@ -17,9 +17,13 @@ from .errors import (
     EdgeError,
     InvalidSample,
     MissingSeq,
+    NewerFormat,
     SampleError,
     SequenceGap,
     SnapshotError,
+    StaleSample,
+    StateMismatch,
+    TransportError,
 )
 from .manifest import Manifest
 
@@ -35,10 +39,14 @@ __all__ = [
     "InvalidSample",
     "Manifest",
     "MissingSeq",
+    "NewerFormat",
     "Outcome",
     "SampleError",
     "SequenceGap",
     "SnapshotError",
+    "StaleSample",
+    "StateMismatch",
+    "TransportError",
     "__version__",
     "load",
 ]

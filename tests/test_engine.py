@@ -293,6 +293,25 @@ def test_a_value_past_float_or_complex_continuing_a_stream_is_refused(load, valu
     assert all(np.array_equal(a, b) for a, b in zip(before, engine.state_of("s")))
 
 
+def test_every_error_of_the_hierarchy_can_be_caught_by_its_name_from_edge(load):
+    """``edge.StaleSample`` (what ``step`` raises for an earlier boot) and ``StateMismatch``
+    (what ``restore`` raises for another model) were not exported: ``except edge.StaleSample``
+    raised AttributeError while handling the refusal."""
+    import edge.errors
+
+    hierarchy = {
+        name
+        for name, obj in vars(edge.errors).items()
+        if isinstance(obj, type) and issubclass(obj, edge.errors.EdgeError)
+    }
+    assert hierarchy <= set(edge.__all__)
+    engine = load()
+    engine.step("s", samples(1, 0)[0], seq=1, boot=5)
+    engine.step("s", samples(1, 1)[0], seq=1, boot=6)
+    with pytest.raises(edge.StaleSample):
+        engine.step("s", samples(1, 2)[0], seq=2, boot=5)
+
+
 class _NoArray:
     """Like a torch tensor that requires grad: its ``__array__`` raises RuntimeError."""
 

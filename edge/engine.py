@@ -366,19 +366,24 @@ class Engine:
         if row is not None and boot is not None:
             self.store.set_boot(row, int(boot))
 
+    def _known(self, stream: Any) -> int | None:
+        """The row of a stream, None for one without (or an id no stream can have: a list
+        is unhashable, and raised TypeError from the lookup)."""
+        return self.store.peek(stream) if isinstance(stream, str) else None
+
     def last_seq(self, stream: str) -> int | None:
-        row = self.store.peek(stream)
+        row = self._known(stream)
         if row is None or self.store.last_seq[row] == NO_SEQ:
             return None
         return int(self.store.last_seq[row])
 
     def boots(self, stream: str) -> tuple[int | None, list[int]]:
         """(current boot id or None, earlier boot ids) of a stream."""
-        row = self.store.peek(stream)
+        row = self._known(stream)
         return (None, []) if row is None else self.store.boot_of(row)
 
     def state_of(self, stream: str) -> list[np.ndarray] | None:
-        row = self.store.peek(stream)
+        row = self._known(stream)
         return None if row is None else [a[row].copy() for a in self.store.arrays]
 
     def stats(self) -> dict[str, int]:

@@ -312,6 +312,17 @@ def test_every_error_of_the_hierarchy_can_be_caught_by_its_name_from_edge(load):
         engine.step("s", samples(1, 2)[0], seq=2, boot=5)
 
 
+@pytest.mark.parametrize("stream", [["s"], {"s": 1}, 5, None], ids=str)
+def test_asking_about_an_id_no_stream_can_have_answers_none(load, stream):
+    """An unhashable id (a list) raised TypeError from the lookup of ``state_of``,
+    ``last_seq`` and ``boots``; an int answered None."""
+    engine = load()
+    engine.step("s", samples(1, 0)[0], seq=1, boot=3)
+    assert engine.state_of(stream) is None and engine.last_seq(stream) is None
+    assert engine.boots(stream) == (None, [])
+    assert engine.last_seq("s") == 1 and engine.boots("s") == (3, [])
+
+
 class _NoArray:
     """Like a torch tensor that requires grad: its ``__array__`` raises RuntimeError."""
 

@@ -133,6 +133,16 @@ class StepModel:
                     f"tensor {spec.name!r}: model quantisation ({scale}, {zp}) differs from the "
                     f"manifest's ({spec.scale}, {spec.zero_point})"
                 )
+        # An input the manifest does not name is never fed: a state left out of 'state' held
+        # whatever its buffer held, and every answer was wrong without a word. (An output it
+        # does not name is only not read.)
+        named = sorted(s.name for s in [self.x_spec, *self.state_in])
+        unnamed = sorted(set(ins) - set(named))
+        if unnamed:
+            raise BundleError(
+                f"the model's input {unnamed[0]!r} is not in the manifest (its inputs are "
+                f"{sorted(ins)}; the manifest names {named})"
+            )
 
     @property
     def input_normalization(self) -> tuple[np.ndarray | None, np.ndarray | None]:

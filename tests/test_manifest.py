@@ -354,6 +354,26 @@ def test_a_tensor_named_on_the_wrong_side_of_the_model_is_refused(bundle_copy, e
 
 
 @pytest.mark.parametrize(
+    "name, dropped", [("clf-int8", ["c0"]), ("torch-lstm2-int8", ["h1", "c1"])], ids=str
+)
+def test_a_state_of_the_model_the_manifest_leaves_out_is_refused(bundles, tmp_path, name, dropped):
+    """A manifest without c0 (or without the second layer of a two-layer model) loaded: that
+    state input was never fed, it held whatever its buffer held, and every answer was wrong
+    without a word."""
+    import shutil
+
+    import edge
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles / name, b)
+    d = json.loads((b / "manifest.json").read_text())
+    d["state"] = [s for s in d["state"] if s["input"] not in dropped]
+    (b / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(BundleError, match=f"the model's input '{dropped[-1]}' is not in the man"):
+        edge.load(b)
+
+
+@pytest.mark.parametrize(
     "name, tensor, factor",
     [("clf-int16x8", "h0", 1.0003), ("clf-int8", "x", 1.000005), ("clf-int8", "y", 0.999995)],
 )

@@ -174,6 +174,10 @@ _cache: dict[str, Backend] = {}
 def select(choice: str | None = None, env: Mapping[str, str] | None = None) -> Backend:
     """Pick the interpreter: explicit choice, else ``$EDGE_LSTM_BACKEND``, else auto order."""
     env = os.environ if env is None else env
+    if choice is not None and not isinstance(choice, str):  # 5 raised AttributeError (strip)
+        raise BackendError(
+            f"backend {choice!r} is not a name; choose one of auto, {', '.join(BACKENDS)}"
+        )
     choice = (choice or env.get(ENV_VAR) or "auto").strip().lower()
     order = BACKENDS if choice == "auto" else (choice,)
     if choice != "auto" and choice not in BACKENDS:

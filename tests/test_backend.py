@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,13 @@ from edge.errors import BackendError
 def test_explicit_unknown_backend_is_named():
     with pytest.raises(BackendError, match="'onnx'"):
         backend.select("onnx")
+
+
+@pytest.mark.parametrize("choice", [5, ["litert"]], ids=str)
+def test_a_backend_that_is_no_name_is_refused_naming_it(choice):
+    """``edge.load(bundle, backend=5)`` raised AttributeError ('int' object has no 'strip')."""
+    with pytest.raises(BackendError, match=rf"backend {re.escape(repr(choice))} is not a name"):
+        backend.select(choice)
 
 
 def test_env_var_overrides_auto():

@@ -255,6 +255,9 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     raw_labels = out.get("labels") or []
     if not isinstance(raw_labels, list) or not all(isinstance(x, str) for x in raw_labels):
         raise BundleError(f"{where}: output.labels must be a list of names, got {raw_labels!r}")
+    if not all(raw_labels) or len(set(raw_labels)) != len(raw_labels):
+        # the published label names the class: two classes named alike cannot be told apart
+        raise BundleError(f"{where}: output.labels must be distinct names, got {raw_labels!r}")
     labels = tuple(raw_labels)
     activation = out.get("activation", "linear")
     if activation not in OUTPUT_ACTIVATIONS:

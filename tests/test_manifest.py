@@ -49,6 +49,9 @@ def test_bundles_without_a_runtime_activation_stay_version_2(bundles):
         (lambda d: d["features"].update(names=list(range(6))), "features.names must be"),
         (lambda d: d["features"].update(units=[""]), "features.units must list 6"),
         (lambda d: d["output"].update(labels=[1, 2, 3, 4]), "output.labels must be a list"),
+        # accepted: the label published with an answer could not tell the classes apart
+        (lambda d: d["output"].update(labels=["a", "a", "b", "c"]), "labels must be distinct"),
+        (lambda d: d["output"].update(labels=["a", "", "b", "c"]), "labels must be distinct"),
         (lambda d: d.update(state=[]), "no state tensor"),
         (lambda d: d["output"].update(labels=["a"]), "1 labels for 4 outputs"),
         (lambda d: d["output"].update(activation="relu"), "output.activation 'relu'"),

@@ -16,6 +16,7 @@ once, at its end; these messages share one.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -31,6 +32,11 @@ WRITE_SIZE = 1 << 16  # queued packets joined into one, up to about this many by
 _PUBACK_OK = ReasonCode(PacketTypes.PUBACK)  # success, shared: read only
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 _PUBACK_CODES = {0, 16, 128, 131, 135, 144, 145, 151, 153}  # what MQTT 5 allows in a PUBACK
+# Refusals of the topic, not of the message (not authorized, topic name invalid): every later
+# publish on it is refused as well, and mosquitto closes the connection after each one.
+TOPIC_REFUSALS = {0x87, 0x90}
+REFUSAL_KEPT_SECONDS = 600.0  # then a publish on the topic is tried again (an ACL edited)
+REFUSED_TOPICS_KEPT = 10_000  # the oldest go past that
 
 
 def _refusal(code: int) -> ReasonCode:
@@ -85,6 +91,45 @@ class Client(mqtt.Client):
         self._rbuf = b""
         self._rpos = 0
         self._rsock: object = None  # the socket the buffer was read from
+        # topic -> (the broker's refusal, when): see ``refused``
+        self._refused_topics: dict[str, tuple[ReasonCode, float]] = {}
+
+    def refused(self, topic: str) -> ReasonCode | None:
+        """The broker's refusal of our last publish on ``topic`` when it concerned the topic
+        (its ACL), within ``REFUSAL_KEPT_SECONDS``: a publish there now would only be refused
+        again and cost the connection (mosquitto closes it), and with it every other answer
+        in flight, for as long as that stream sends."""
+        got = self._refused_topics.get(topic)
+        if got is None:
+            return None
+        if time.monotonic() - got[1] > REFUSAL_KEPT_SECONDS:
+            self._refused_topics.pop(topic, None)
+            return None
+        return got[0]
+
+    def drop_refused(self) -> list[tuple[int, ReasonCode]]:
+        """Take the messages on refused topics out of the queue a reconnect sends again
+        (each would be refused again, and the connection closed again): (mid, refusal) each,
+        to be handled as the broker's refusal."""
+        with self._out_message_mutex:
+            out = []
+            for mid, m in list(self._out_messages.items()):
+                if (why := self.refused(m.topic)) is not None:
+                    del self._out_messages[mid]
+                    m.info._set_as_published()  # done with: a waiter must not wait for it
+                    out.append((mid, why))
+            return out
+
+    def _do_on_publish(
+        self, mid: int, reason_code: ReasonCode, properties: Properties
+    ) -> MQTTErrorCode:
+        if reason_code.is_failure and reason_code.value in TOPIC_REFUSALS:
+            msg = self._out_messages.get(mid)
+            if msg is not None:
+                self._refused_topics[msg.topic] = (reason_code, time.monotonic())
+                while len(self._refused_topics) > REFUSED_TOPICS_KEPT:
+                    self._refused_topics.pop(next(iter(self._refused_topics)))
+        return super()._do_on_publish(mid, reason_code, properties)
 
     def buffered(self) -> int:
         """Bytes read from the socket that paho has not taken yet (a select will not see

@@ -298,7 +298,7 @@ class MqttService:
         to each runtime command (``reload``, ``snapshot``) stays in every status until the
         next: a later status (storage back, a reconnect) must not erase a failed reload."""
         self._answers.update(answers)
-        if self.connected.is_set():
+        if self.connected.is_set() and self.client.refused(self._status_topic) is None:
             extra = {**self._answers, **({"reason": reason} if reason else {})}
             status = self._status(state, **extra)
             info = self.client.publish(self._status_topic, status, 1, self._retain)
@@ -320,6 +320,8 @@ class MqttService:
             )
             return
         no_delay(client)
+        for refused in client.drop_refused():  # sent again now, each would close it again
+            self.acks.put(refused)
         failed = self._connect_failures
         self._up_since = self._clock()
         log.log(
@@ -536,6 +538,12 @@ class MqttService:
                     self.metrics.inc("publish_failed")
                     self.outbox.discard(o)
                     continue
+            if (refusal := self.client.refused(o.topic)) is not None:
+                self.metrics.inc("publish_refused")
+                what = f"the broker refused the last answer on {o.topic} ({refusal}): not sent"
+                self._log_refusal("publish_refused", what + ACL_HINT, logging.ERROR)
+                self.outbox.discard(o)
+                continue
             try:
                 info = self.client.publish(o.topic, o.payload, qos=o.qos, retain=o.retain)
             except ValueError as exc:  # a topic or payload MQTT cannot carry: never will

@@ -333,3 +333,36 @@ def test_a_broker_without_retained_messages_is_served_with_an_unretained_status(
         pub.close()
         col.close()
         broker.stop()
+
+
+def test_answers_on_a_topic_the_brokers_acl_refuses_do_not_hold_up_the_others(bundles, tmp_path):
+    """Mosquitto refuses a publish its ACL denies and closes the connection; the client sends
+    every answer in flight again when it reconnects, the next refused one closes it again,
+    and the reconnect backoff grows: one stream whose predictions topic is denied held up
+    every other stream's answers for minutes, for as long as it sent."""
+    acl = tmp_path / "acl"
+    acl.write_text(
+        "topic readwrite sensors/#\ntopic readwrite edge/#\ntopic readwrite errors/#\n"
+        "topic readwrite replies/#\ntopic readwrite predictions/a\ntopic read predictions/#\n"
+    )
+    broker = Mosquitto(tmp_path / "broker", extra=f"acl_file {acl}\n", embedded=False).start()
+    col = Collector(broker.url)
+    svc = Serve(bundles / "clf-int8", broker.url, tmp_path / "state", "--reorder-ms", "0")
+    svc.start()
+    pub = Publisher(broker.url)
+    try:
+        wait_until(col.online, 60, "online")
+        for seq in range(1, 51):
+            pub.send("a", seq, np.zeros(6))
+            pub.send("b", seq, np.zeros(6))
+        pub.flush()
+        # well inside the time 50 reconnects with backoff take (minutes)
+        wait_until(lambda: ("a", 50) in col.predictions(), 60, "stream a's answers")
+        assert sorted(s for k, s in col.predictions() if k == "a") == list(range(1, 51))
+        assert not any(k == "b" for k, _ in col.predictions())
+        assert "the broker refused the" in svc.log_path.read_text()
+    finally:
+        svc.stop()
+        pub.close()
+        col.close()
+        broker.stop()

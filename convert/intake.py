@@ -251,10 +251,83 @@ def _fold(prev: Layer | None, affine: Affine) -> Layer | None:
     return None
 
 
+def _chain(model: Any) -> list[Any]:
+    """The layers from the model's input to its output in the order Keras calls them: a layer
+    called twice is listed twice, a nested model's layers stand in its place. Whatever is not
+    one chain of layers is refused naming it: an operation on the model's tensors (``x * 2``,
+    ``keras.ops.add``), which ``model.layers`` does not list; a layer reading several tensors
+    (a branch); a subclassed model, whose ``call`` is code."""
+    import keras
+
+    _readable(model)
+    if isinstance(model, keras.Sequential):
+        return [la for top in model.layers for la in (_chain(top) if _nested(top) else [top])]
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UnsupportedModel(
+            f"model {model.name!r}: {len(model.inputs)} inputs and {len(model.outputs)} "
+            "outputs; a model inside the model must take one tensor and give one"
+        )
+    start, t = model.inputs[0], model.outputs[0]
+    found: list[Any] = []
+    while t is not start:
+        op, node_index, _ = t._keras_history
+        if not isinstance(op, keras.layers.Layer):
+            raise UnsupportedModel(
+                f"operation {op.name!r} ({type(op).__name__}) cannot be streamed: it is an "
+                "operation on the model's tensors (x * 2, x + y, keras.ops...), not a layer, "
+                "and is not read; use layers (Rescaling, Activation, Dense, ...)"
+            )
+        ins = _tensors_read(op._inbound_nodes[node_index])
+        if isinstance(op, keras.layers.InputLayer):
+            raise UnsupportedModel(f"the output is computed from {op.name!r}, not the input")
+        if len(ins) != 1 and type(op).__name__ not in _REASONS:  # those say why themselves
+            raise UnsupportedModel(
+                f"layer {op.name!r} ({type(op).__name__}) takes {len(ins)} tensors: the model "
+                "branches (a residual connection, a concatenation, an initial state); only "
+                "one chain of layers from the input to the output is streamed"
+            )
+        found += reversed(_chain(op)) if _nested(op) else [op]
+        t = ins[0]
+    return found[::-1]
+
+
+def _tensors_read(node: Any) -> list[Any]:
+    """The distinct tensors a call reads (a mask is the tensor's own, not another input)."""
+    import keras
+
+    args = node.arguments
+    kwargs = {k: v for k, v in args.kwargs.items() if k != "mask"}
+    out: list[Any] = []
+    for t in keras.tree.flatten((args.args, kwargs)):
+        if isinstance(t, keras.KerasTensor) and all(t is not u for u in out):
+            out.append(t)
+    return out
+
+
+def _nested(layer: Any) -> bool:
+    import keras
+
+    return isinstance(layer, keras.Model)
+
+
+def _readable(model: Any) -> None:
+    """A Sequential or functional model: a subclassed one's ``call`` is code, not layers."""
+    import keras
+    from keras.src.models.functional import Functional  # no public name for it
+
+    if not isinstance(model, (keras.Sequential, Functional)):
+        raise UnsupportedModel(
+            f"model {model.name!r} ({type(model).__name__}) is a subclassed keras.Model: its "
+            "call() is Python code the converter cannot read; build it with keras.Sequential "
+            "or the functional API (keras.Model(inputs, outputs))"
+        )
+
+
 def spec_from_model(model: object, source_sha256: str = "", name: str = "model") -> ModelSpec:
     import keras
 
     keras_model: Any = model
+    _readable(keras_model)
     ins = [t.name for t in keras_model.inputs]
     outs = list(getattr(keras_model, "output_names", None) or [t.name for t in keras_model.outputs])
     if len(ins) != 1:
@@ -275,7 +348,7 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
     out: list[Layer] = []
     width = features
     timeline = True  # False once a layer returned only its last step
-    layers = list(model.layers)  # type: ignore[attr-defined]
+    layers = _chain(keras_model)
     for i, layer in enumerate(layers):
         kind = type(layer).__name__
         where = f"layer {layer.name!r} ({kind})"
@@ -427,7 +500,7 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
 
     from . import reference
 
-    layers = [getattr(la, "layer", la) for la in model.layers]
+    layers = [getattr(la, "layer", la) for la in _chain(model)]
     stateful = [la for la in layers if getattr(la, "stateful", False)]
     batch = model.inputs[0].shape[0] if stateful else None
 

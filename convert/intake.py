@@ -494,8 +494,10 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
     A ``valid`` convolution streams as its causal twin (Keras drops its first outputs, the
     stream emits them and the layers after it see them): that difference, over all of ``xs``,
     is returned as a warning. None when there is nothing to say, or when Keras cannot run the
-    model alone (a fixed batch or length; a ``stateful`` one runs batch by batch from a reset
-    state, if ``xs`` holds a whole batch of its size)."""
+    model alone. A ``stateful`` model runs batch by batch from a reset state (sequences
+    repeated to fill a batch of its size); a model of a fixed length gets sequences of that
+    length (cut, or repeated along time), and its first steps are compared (its last, the
+    whole length, for a many-to-one model)."""
     import keras
 
     from . import reference
@@ -529,16 +531,26 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
     )
     xs = xs[:AGREEMENT_SEQUENCES]
     if stateful:  # whole batches of the model's fixed size
-        if not isinstance(batch, int) or len(xs) < batch:
+        if not isinstance(batch, int):
             return None
-        xs = xs[: len(xs) // batch * batch]
+        xs = np.resize(xs, (max(batch, len(xs) // batch * batch), *xs.shape[1:]))
+    length = model.inputs[0].shape[1]  # a fixed length: Keras runs nothing else
+
+    def fit(x: np.ndarray, steps: int | None) -> np.ndarray:
+        """``x`` cut to ``steps`` samples, or repeated along time up to them."""
+        return x if steps is None else np.concatenate([x] * -(-steps // x.shape[1]), 1)[:, :steps]
+
+    early_steps = AGREEMENT_STEPS if length is None or spec.sequence_output else None
     # A mixed-precision policy (mixed_float16 / mixed_bfloat16): Keras computes in half
     # precision, the step in float32; they differ by that rounding, not by a misread layer.
     half = sorted({str(getattr(la, "compute_dtype", "")) for la in layers} & set(HALF_EPS))
     tol = max([AGREEMENT_TOL, *(HALF_STEPS_EPS * HALF_EPS[h] for h in half)])
 
-    def differ(x: np.ndarray, pad: np.ndarray | None = None) -> float | None:
-        """Relative max difference; ``pad``: Keras gets it before ``x`` (the twin's padding)."""
+    def differ(
+        x: np.ndarray, pad: np.ndarray | None = None, first: int | None = None
+    ) -> float | None:
+        """Relative max difference (over the ``first`` steps, if given); ``pad``: Keras gets
+        it before ``x`` (the twin's padding)."""
         fed = x if pad is None else np.concatenate([np.broadcast_to(pad, x[:, :shift].shape), x], 1)
         try:
             want = keras_run(fed)
@@ -548,31 +560,34 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
         got = got[:, shift if pad is None else 0 :] if spec.sequence_output else got[:, -1]
         if got.shape != want.shape or not np.isfinite(want).all():
             return None  # a model that diverges is said by the calibration, naming where
+        if first is not None and spec.sequence_output:
+            got, want = got[:, :first], want[:, :first]
         return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
 
     early = None
     if not shift:
-        early = differ(xs[:, :AGREEMENT_STEPS])
+        early = differ(fit(xs[:, :early_steps], length), first=early_steps)
     elif isinstance(spec.layers[0], Conv1D) and spec.layers[0].span == shift:
         # one valid convolution, first: Keras on the input padded with what the twin's zero
         # buffer stands for (the mean, where the normalisation runs before it) is the twin
         mean = spec.norm_mean
         pad = np.zeros(spec.features) if mean is None else mean.astype(np.float64)
-        early = differ(xs[:, :AGREEMENT_STEPS], pad.astype(np.float32))
+        x = fit(xs[:, :early_steps], None if length is None else max(1, length - shift))
+        early = differ(x, pad.astype(np.float32), first=early_steps)
     if early is not None and not early <= tol:
         raise UnsupportedModel(
             f"the step read from the model differs from Keras' own run of it by {early:.3g} "
-            f"(relative) in the first {AGREEMENT_STEPS} steps of --calib: a layer is not read "
-            "as Keras computes it (please report the model)"
+            f"(relative) in the first {early_steps or length} steps of --calib: a layer is not "
+            "read as Keras computes it (please report the model)"
         )
     if half and early is not None and early > AGREEMENT_TOL:
         return (
             f"Keras computes this model in {half[0]} (a mixed-precision dtype policy), the "
             f"step in float32: they differ by {early:.3g} (relative) in the first "
-            f"{AGREEMENT_STEPS} steps of --calib, and the bundle is verified against the "
+            f"{early_steps or length} steps of --calib, and the bundle is verified against the "
             "float32 step"
         )
-    if shift and (whole := differ(xs)) is not None and whole > tol:
+    if shift and (whole := differ(fit(xs, length))) is not None and whole > tol:
         return (
             f"a Conv1D with padding='valid' streams as its causal twin: on --calib its outputs "
             f"differ from Keras' by {whole:.3g} (relative to the output's scale; the stream "

@@ -330,6 +330,33 @@ def test_keras_itself_checks_what_was_read_of_a_stateful_model():
     np.testing.assert_allclose(y, reference.run(spec, x[:2])[0], atol=2e-5)
 
 
+@pytest.mark.parametrize(
+    "shape, batch, many_to_one",
+    [((50, 3), None, False), ((50, 3), None, True), ((None, 3), 32, False), ((7, 3), 24, True)],
+)
+def test_keras_itself_checks_models_of_a_fixed_length_or_a_large_stateful_batch(
+    shape, batch, many_to_one
+):
+    """Keras runs a model of a fixed length on that length only, and a stateful one on its
+    batch size only: the check ran it on the first 4 steps of 16 sequences, Keras refused,
+    and a layer read wrongly was verified against itself."""
+    import keras
+
+    from convert import intake
+    from convert.errors import UnsupportedModel
+
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input(shape, batch_size=batch)
+    z = L.LSTM(4, stateful=batch is not None, return_sequences=not many_to_one)(inp)
+    model = keras.Model(inp, L.Dense(2)(z))
+    x = np.random.default_rng(12).normal(0, 1, (20, 30, 3)).astype(np.float32)
+    spec = intake.spec_from_model(model)
+    assert intake.check_agreement(model, spec, x) is None
+    with pytest.raises(UnsupportedModel, match="differs from Keras' own run of it by 0.01"):
+        intake.check_agreement(model, _head_bias_off(spec), x)
+
+
 def test_legacy_h5_models_are_read(tmp_path):
     import keras
 

@@ -228,10 +228,19 @@ def _per_feature(a: np.ndarray, width: int, where: str, what: str) -> np.ndarray
     return np.broadcast_to(a.reshape(-1), (width,))
 
 
-def _batchnorm(layer: Any, where: str, width: int) -> Affine:
-    axis = layer.axis if isinstance(layer.axis, int) else tuple(layer.axis)
-    if axis not in (-1, 2, [-1], (-1,), (2,)):
-        raise UnsupportedModel(f"{where}: only axis=-1 (per feature) can be folded per step")
+def _on_features(layer: Any, where: str, rank: int, what: str) -> None:
+    """``layer.axis`` must be the features' axis of a tensor of ``rank`` ([batch, time,
+    features], or [batch, features] after a many-to-one layer or inside TimeDistributed)."""
+    axes = [layer.axis] if isinstance(layer.axis, int) else list(layer.axis)
+    if len(axes) != 1 or axes[0] % rank != rank - 1:
+        raise UnsupportedModel(
+            f"{where}: axis={layer.axis} on a tensor of {rank} axes is not the features' axis; "
+            f"only {what} (axis=-1) is computed per step"
+        )
+
+
+def _batchnorm(layer: Any, where: str, width: int, rank: int) -> Affine:
+    _on_features(layer, where, rank, "a normalisation per feature")
     mean = _f32(layer.moving_mean.numpy())
     var = np.asarray(layer.moving_variance.numpy(), np.float64)
     gamma = np.asarray(layer.gamma.numpy(), np.float64) if layer.scale else np.ones(width)
@@ -359,6 +368,7 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
             raise UnsupportedModel(f"{where} cannot be streamed: {reason}")
         if ikind in IDENTITY:
             continue
+        rank = (3 if timeline else 2) - (layer is not inner)  # TimeDistributed: one step
         if mode := getattr(inner, "quantization_mode", None):
             raise UnsupportedModel(
                 f"{where} is quantised by Keras ({mode}): convert the float model (before "
@@ -384,16 +394,14 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
             else:
                 new = [Affine(_f32(1.0 / s), _f32(-m / s))]
         elif isinstance(inner, keras.layers.BatchNormalization):
-            affine = _batchnorm(inner, where, width)
+            affine = _batchnorm(inner, where, width, rank)
             folded = _fold(out[-1] if out else None, affine)
             if folded is not None:
                 out[-1] = folded
             else:
                 new = [affine]
         elif isinstance(inner, keras.layers.LayerNormalization):
-            axis = inner.axis if isinstance(inner.axis, int) else tuple(inner.axis)
-            if axis not in (-1, 2, (-1,), (2,)):
-                raise UnsupportedModel(f"{where}: only axis=-1 (over the features of a step)")
+            _on_features(inner, where, rank, "a normalisation over each step's features")
             gamma = inner.gamma  # rms_scaling=True keeps center=True but makes no beta
             gamma = _f32(gamma.numpy()) if gamma is not None else np.ones(width, np.float32)
             beta = inner.beta
@@ -411,6 +419,7 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
                 raise UnsupportedModel(f"{where}: only a plain ReLU (use Activation('relu6'))")
             new = [Activation("relu")]
         elif isinstance(inner, keras.layers.Softmax):
+            _on_features(inner, where, rank, "a softmax over each step's features")
             new = [Activation("softmax")]
         elif isinstance(inner, keras.layers.Rescaling):
             scale, offset = (

@@ -357,6 +357,35 @@ def test_keras_itself_checks_models_of_a_fixed_length_or_a_large_stateful_batch(
         intake.check_agreement(model, _head_bias_off(spec), x)
 
 
+def test_the_axis_of_a_softmax_or_normalisation_is_read_on_the_tensor_it_works_on():
+    """``Softmax(axis=1)`` over time was read as a softmax over the features (the axis was
+    not read); ``axis=1`` of a many-to-one layer's [batch, features] output, which is the
+    features, was refused for LayerNormalization and BatchNormalization."""
+    import keras
+
+    from convert import intake, reference
+    from convert.errors import UnsupportedModel
+
+    L = keras.layers
+    over_time = keras_model([L.LSTM(4, return_sequences=True), L.Softmax(axis=1, name="sm")])
+    with pytest.raises(UnsupportedModel) as err:
+        intake.spec_from_model(over_time)
+    assert str(err.value) == (
+        "layer 'sm' (Softmax): axis=1 on a tensor of 3 axes is not the features' axis; only a "
+        "softmax over each step's features (axis=-1) is computed per step"
+    )
+    x = np.random.default_rng(13).normal(0, 1, (3, 12, 5)).astype(np.float32)
+    for layers in (
+        [L.LSTM(4), L.LayerNormalization(axis=1), L.BatchNormalization(axis=1), L.Softmax(axis=1)],
+        [L.LSTM(4, return_sequences=True), L.TimeDistributed(L.Softmax(axis=1))],
+    ):
+        model = keras_model(layers)
+        spec = intake.spec_from_model(model)
+        want = model.predict(x, verbose=0)
+        y = reference.run(spec, x)[0]
+        np.testing.assert_allclose(y if want.ndim == 3 else y[:, -1], want, atol=2e-5)
+
+
 def test_legacy_h5_models_are_read(tmp_path):
     import keras
 

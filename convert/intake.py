@@ -5,9 +5,10 @@ over their cells or ``StackedRNNCells``, any activations of ``spec.ACTIVATIONS``
 without bias, ``stateful`` or not: the runtime keeps the state itself), stride-1 ``Conv1D``
 with ``causal`` or ``valid`` padding (any dilation; ``ZeroPadding1D((span, 0))`` before a
 ``valid`` one makes it the causal convolution it is), ``Dense`` / ``TimeDistributed``,
-``Activation``, ``BatchNormalization`` (folded), ``LayerNormalization``, ``Normalization`` and
-the layers that are the identity at inference (``Dropout`` and kin). Refused, with the layer's
-name and why: whatever makes step ``t`` depend on later samples or on the whole sequence.
+``Activation``, ``BatchNormalization`` (folded), ``LayerNormalization``, ``RMSNormalization``,
+``Normalization`` and the layers that are the identity at inference (``Dropout`` and kin).
+Refused, with the layer's name and why: whatever makes step ``t`` depend on later samples or on
+the whole sequence.
 """
 
 from __future__ import annotations
@@ -408,6 +409,11 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
             beta = _f32(beta.numpy()) if beta is not None else np.zeros(width, np.float32)
             rms = bool(getattr(inner, "rms_scaling", False))
             new = [LayerNorm(gamma, beta, float(inner.epsilon), rms)]
+        elif isinstance(inner, keras.layers.RMSNormalization):
+            _on_features(inner, where, rank, "a normalisation over each step's features")
+            eps = keras.config.epsilon() if inner.epsilon is None else float(inner.epsilon)
+            scale = _f32(inner.scale.numpy())
+            new = [LayerNorm(scale, np.zeros(width, np.float32), eps, True, True)]
         elif isinstance(inner, keras.layers.Dense):
             kernel = _weight(inner.kernel)  # with a LoRA adapter's update, as Keras applies it
             bias = _weight(inner.bias) if inner.use_bias else np.zeros(kernel.shape[1], np.float32)

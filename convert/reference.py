@@ -90,7 +90,7 @@ def layer_step(
     if isinstance(layer, Activation):
         return activate(inp, layer.name), []
     if isinstance(layer, LayerNorm):
-        c = inp - inp.mean(-1, keepdims=True)
+        c = inp if layer.root_mean_square else inp - inp.mean(-1, keepdims=True)
         # ``rms``: Keras' rms_scaling, the input itself (not centred) over its deviation
         out = (inp if layer.rms else c) / np.sqrt((c**2).mean(-1, keepdims=True) + layer.epsilon)
         return out * layer.gamma + layer.beta, []

@@ -60,12 +60,14 @@ class Affine:
 @dataclass(frozen=True)
 class LayerNorm:
     """Normalise each step's vector over its features (``rms``: Keras' ``rms_scaling``, the
-    input itself, not centred, divided by its standard deviation)."""
+    input itself, not centred, divided by its standard deviation; ``root_mean_square``: Keras'
+    ``RMSNormalization``, the input over its root mean square, nothing centred)."""
 
     gamma: np.ndarray
     beta: np.ndarray
     epsilon: float
     rms: bool = False
+    root_mean_square: bool = False
 
 
 @dataclass(frozen=True)

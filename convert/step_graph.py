@@ -144,9 +144,10 @@ def _layer_fn(layer: Any, tf: Any, c: Callable[[Any], Any]) -> LayerFn:
         return lambda inp, st, pin: (act(inp), [])
     if isinstance(layer, LayerNorm):
         g, b, eps, rms = c(layer.gamma), c(layer.beta), layer.epsilon, layer.rms
+        plain = layer.root_mean_square  # RMSNormalization: nothing centred
 
         def layer_norm(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
-            centred = inp - tf.reduce_mean(inp, axis=-1, keepdims=True)
+            centred = inp if plain else inp - tf.reduce_mean(inp, axis=-1, keepdims=True)
             # centred * centred, not tf.square: the converter fuses square(x - mean) into
             # SQUARED_DIFFERENCE, which has no int8 kernel
             var = tf.reduce_mean(centred * centred, axis=-1, keepdims=True)

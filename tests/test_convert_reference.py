@@ -386,6 +386,30 @@ def test_the_axis_of_a_softmax_or_normalisation_is_read_on_the_tensor_it_works_o
         np.testing.assert_allclose(y if want.ndim == 3 else y[:, -1], want, atol=2e-5)
 
 
+def test_rms_normalization_is_read_and_stepped_as_keras_computes_it():
+    """Keras' RMSNormalization (which its warning about ``rms_scaling=True`` points to) was
+    refused as 'not a layer the converter reads'; it is the input over its root mean square."""
+    import keras
+
+    from convert import intake, reference, step_graph
+
+    L = keras.layers
+    model = keras_model(
+        [L.LSTM(6, return_sequences=True), L.RMSNormalization(epsilon=1e-3), L.Dense(2)]
+    )
+    model.layers[2].scale.assign(np.linspace(0.5, 2, 6))
+    x = np.random.default_rng(14).normal(0, 1, (3, 12, 5)).astype(np.float32)
+    spec = intake.spec_from_model(model)
+    y = reference.run(spec, x)[0]
+    np.testing.assert_allclose(y, model.predict(x, verbose=0), atol=2e-5)
+    fn, _ = step_graph.build(spec, normalize_in_graph=False)
+    state = reference.zero_state(spec, 3, np.float32)
+    for k in range(3):
+        out = fn(x[:, k], *state)
+        np.testing.assert_allclose(out["y"].numpy(), y[:, k], atol=1e-5)
+        state = [out[s.output].numpy() for s in spec.states]
+
+
 def test_legacy_h5_models_are_read(tmp_path):
     import keras
 

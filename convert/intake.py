@@ -192,7 +192,7 @@ def _conv(layer: Any, where: str) -> Conv1D:
             f"strides={stride} gives one output per {stride} samples; the step model gives one "
             "per sample"
         )
-    if layer.padding not in ("causal", "valid"):
+    if layer.padding not in ("causal", "valid") and _span(layer):  # one tap: no padding
         problems.append(
             f"padding={layer.padding!r} centres the window, so step t reads later samples; use "
             "padding='causal'"
@@ -215,6 +215,21 @@ def _conv(layer: Any, where: str) -> Conv1D:
     bias = _weight(layer.bias) if layer.use_bias else np.zeros(kernel.shape[2], np.float32)
     act = _act(layer.activation, where)
     return Conv1D(kernel, bias, int(np.prod(layer.dilation_rate)), act)
+
+
+def _relu(layer: Any, where: str) -> str:
+    """The activation a ``ReLU`` layer's parameters make: relu, relu6 or leaky_relu (0.2)."""
+    top = None if layer.max_value is None else float(layer.max_value)
+    slope, threshold = float(layer.negative_slope), float(layer.threshold)
+    if threshold == 0.0 and (top, slope) in ((None, 0.0), (6.0, 0.0)):
+        return "relu" if top is None else "relu6"
+    if threshold == 0.0 and top is None and abs(slope - 0.2) <= 1e-7:
+        return "leaky_relu"
+    raise UnsupportedModel(
+        f"{where}: max_value={top}, negative_slope={slope:g}, threshold={threshold:g}; the "
+        "step computes a ReLU capped at 6 or none, with a negative slope of 0 or 0.2 "
+        "(relu, relu6, leaky_relu), from a threshold of 0"
+    )
 
 
 def _per_feature(a: np.ndarray, width: int, where: str, what: str) -> np.ndarray:
@@ -421,9 +436,7 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
         elif isinstance(inner, keras.layers.Activation):
             new = [Activation(_act(inner.activation, where, allow_softmax=True))]
         elif isinstance(inner, keras.layers.ReLU):
-            if inner.max_value is not None or inner.negative_slope or inner.threshold:
-                raise UnsupportedModel(f"{where}: only a plain ReLU (use Activation('relu6'))")
-            new = [Activation("relu")]
+            new = [Activation(_relu(inner, where))]
         elif isinstance(inner, keras.layers.Softmax):
             _on_features(inner, where, rank, "a softmax over each step's features")
             new = [Activation("softmax")]

@@ -410,6 +410,34 @@ def test_rms_normalization_is_read_and_stepped_as_keras_computes_it():
         state = [out[s.output].numpy() for s in spec.states]
 
 
+def test_relu_layers_and_pointwise_convolutions_the_step_computes_are_read():
+    """``ReLU(max_value=6)`` and ``ReLU(negative_slope=0.2)`` (relu6, leaky_relu) were refused as
+    'only a plain ReLU', and a one-tap ``Conv1D(k, 1, padding="same")`` as a centred window
+    reading later samples; the step computes each exactly."""
+    import keras
+
+    from convert import intake, reference
+    from convert.errors import UnsupportedModel
+
+    L = keras.layers
+    model = keras_model(
+        [
+            L.Conv1D(6, 1, padding="same", activation="relu"),
+            L.LSTM(6, return_sequences=True),
+            L.Dense(4),
+            L.ReLU(max_value=6),
+            L.Dense(4),
+            L.ReLU(negative_slope=0.2),
+        ]
+    )
+    x = np.random.default_rng(15).normal(0, 3, (3, 12, 5)).astype(np.float32)
+    y = reference.run(intake.spec_from_model(model), x)[0]
+    np.testing.assert_allclose(y, model.predict(x, verbose=0), atol=2e-5)
+    capped = keras_model([L.LSTM(4, return_sequences=True), L.ReLU(max_value=1.0, name="cap")])
+    with pytest.raises(UnsupportedModel, match="layer 'cap' .ReLU.: max_value=1.0, neg"):
+        intake.spec_from_model(capped)
+
+
 def test_legacy_h5_models_are_read(tmp_path):
     import keras
 

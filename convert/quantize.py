@@ -410,7 +410,61 @@ def convert(
             result: bytes = conv.convert()
     except Exception as exc:
         raise converter_failed(mode, exc) from exc
-    return result
+    return match_bias_scales(result) if integer else result
+
+
+def match_bias_scales(content: bytes) -> bytes:
+    """Every integer FULLY_CONNECTED's bias at the scale its kernel adds it at: input scale
+    times weight scale. TFLite's quantiser scales a bias by its input's calibrated range, and
+    where that input is pinned by a fake-quant to a wider range (a state ``h``, [-1, 1]; a
+    concatenation holding one) it gets the pinned scale: the kernels add the bias as if it
+    were at the product scale, so it counted (product / bias scale) times too much (5x for a
+    head reading an LSTM's ``h`` of calibrated range 0.2), and the built-in kernels refused a
+    mismatch over 2% of the output scale ('scale_diff / output_scale <= 0.02'). The bias's
+    integers are rescaled to the product scale, so it adds what the float model adds."""
+    from tensorflow.lite.python import schema_py_generated as fb
+
+    model = fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(content, 0))
+    wide = {fb.TensorType.INT32: np.int32, fb.TensorType.INT64: np.int64}
+    integer = (fb.TensorType.INT8, fb.TensorType.INT16)
+    fc = [
+        k
+        for k, oc in enumerate(model.operatorCodes)
+        if max(oc.builtinCode, oc.deprecatedBuiltinCode) == fb.BuiltinOperator.FULLY_CONNECTED
+    ]
+    done: set[int] = set()
+    changed = False
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            ins = list(op.inputs)
+            if op.opcodeIndex not in fc or len(ins) < 3 or ins[2] < 0 or ins[2] in done:
+                continue
+            x, w, b = (sg.tensors[i] for i in ins[:3])
+            if x.type not in integer or w.type != fb.TensorType.INT8 or b.type not in wide:
+                continue
+            qx, qw, qb = x.quantization, w.quantization, b.quantization
+            data = model.buffers[b.buffer].data
+            if qx is None or qw is None or qb is None or data is None or not len(data):
+                continue
+            want = np.float64(qx.scale[0]) * np.asarray(qw.scale, np.float64)
+            have = np.asarray(qb.scale, np.float64)
+            done.add(ins[2])
+            if np.allclose(have, want, rtol=1e-6, atol=0.0):
+                continue
+            kind = wide[b.type]
+            ints = np.frombuffer(np.asarray(data, np.uint8).tobytes(), kind).astype(np.float64)
+            lim = np.iinfo(kind)
+            fixed = np.clip(np.round(ints * have / want), lim.min, lim.max).astype(kind)
+            model.buffers[b.buffer].data = np.frombuffer(fixed.tobytes(), np.uint8)
+            qb.scale = np.broadcast_to(want, have.shape).astype(np.float32).tolist()
+            changed = True
+    if not changed:
+        return content
+    import flatbuffers
+
+    builder = flatbuffers.Builder(len(content) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def converter_failed(mode: str, exc: BaseException) -> ConvertError:
@@ -435,13 +489,12 @@ def _selective(conv: Any, spec: ModelSpec, mode: str, *, per_channel: bool) -> b
     try:
         with _quiet_native_stderr():
             calibrated = conv.convert()
-            return bytes(
-                tflite_convert.mlir_quantize(
-                    calibrated,
-                    disable_per_channel=not per_channel,
-                    fully_quantize=False,
-                    denylisted_nodes=_float_nodes(calibrated, spec, mode),
-                )
+            quantized = tflite_convert.mlir_quantize(
+                calibrated,
+                disable_per_channel=not per_channel,
+                fully_quantize=False,
+                denylisted_nodes=_float_nodes(calibrated, spec, mode),
             )
+            return match_bias_scales(bytes(quantized))
     except Exception as exc:
         raise converter_failed(mode, exc) from exc

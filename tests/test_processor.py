@@ -1024,3 +1024,35 @@ def test_a_refused_first_message_of_a_new_boot_does_not_make_the_next_wait_after
     assert again.handle([boot_msg(8, 2, xs[1])])
     got = [json.loads(o.payload) for o in answers(again)]
     assert [(d.get("seq"), d.get("boot")) for d in got] == [(2, 8)] and "y" in got[0]
+
+
+def test_a_redelivery_of_a_sample_of_an_earlier_boot_is_not_reported_stale(bundles, tmp_path, xs):
+    """The broker sends messages again (DUP) when our acknowledgements did not reach it (a
+    restart of the broker, a reconnect): copies of samples predicted already. One of a boot
+    the device has left since was answered ``stale`` as well, a second answer contradicting
+    its prediction (thousands of them after a broker restart under a backlog), where a copy of
+    the current boot is not reported ``duplicate``. A device that resends it is told."""
+    import dataclasses
+
+    def boot_msg(boot, seq, row, mid):
+        body = {"seq": seq, "boot": boot, "values": np.asarray(row).tolist()}
+        return Inbound("sensors/s/data", json.dumps(body).encode(), mid)
+
+    p = make(bundles, tmp_path, overload="drop-oldest")
+    first = [boot_msg(1, 1, xs[0], 1), boot_msg(1, 2, xs[1], 2), boot_msg(2, 0, xs[2], 3)]
+    assert p.handle(first)
+    got = [json.loads(o.payload) for o in answers(p)]
+    assert [(d["seq"], d["boot"], "y" in d) for d in got] == [
+        (1, 1, True),
+        (2, 1, True),
+        (0, 2, True),
+    ]
+    again = [dataclasses.replace(m, redelivered=True) for m in first]
+    assert p.handle([*again, boot_msg(2, 1, xs[3], 4)])
+    got = [json.loads(o.payload) for o in answers(p)]
+    assert [(d["seq"], d["boot"], "y" in d) for d in got] == [(1, 2, True)]
+    assert p.handle([boot_msg(1, 2, xs[1], 5)])  # the device itself: told
+    (o,) = answers(p)
+    assert o.topic == "errors/s" and json.loads(o.payload)["error"] == "stale"
+    assert p.handle([], dropped=again[:2])  # shed under overload: not news either
+    assert answers(p) == [] and p.metrics.counters["dropped_overload"] == 0

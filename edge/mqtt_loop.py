@@ -568,7 +568,13 @@ class MqttService:
         if self.cfg.overload == "drop-oldest":  # as many as their reports can go out now
             room = self.outbox.window - self.outbox.in_flight
             while len(self.inbox) > self.cfg.queue_size and len(dropped) < room:
-                dropped.append(self.inbox.popleft())
+                msg = self.inbox.popleft()
+                if self.processor.data.stream(msg.topic) is None:
+                    # A command (a reset, a reload), not a sample: shed, it would change what
+                    # the samples after it mean. It goes first, shedding goes on after it.
+                    self.inbox.extendleft([msg])
+                    break
+                dropped.append(msg)
         batch: list[Inbound] = []
         control = self.processor.runtime_control
         while self.inbox and len(batch) < self.cfg.max_batch:

@@ -163,3 +163,17 @@ def test_a_message_the_broker_sends_again_on_a_session_that_goes_on_is_acknowled
     assert wire.acked == [7]
     svc.processor.journal.close()
     svc.lock.release()
+
+
+def test_drop_oldest_sheds_samples_never_commands(bundles, tmp_path):
+    """A reset (a rebooted device saying where its seq starts again) or a reload shed under
+    overload was answered "sample(s) dropped" and never acted on: the device's samples after
+    its reset were all refused as duplicates of its previous life."""
+    svc = service(bundles, tmp_path, overload="drop-oldest")
+    topics = ["sensors/a/data", "sensors/a/control", "sensors/a/data", "edge/control/x"]
+    topics += ["sensors/b/data"] * 4
+    for mid, topic in enumerate(topics, 1):
+        svc._on_message(None, None, Msg(topic, b"{}", mid))
+    dropped, batch = svc._take()
+    assert [m.mid for m in dropped] == [1] and [m.mid for m in batch] == list(range(2, 9))
+    svc.processor.journal.close()

@@ -149,6 +149,10 @@ class MqttService:
         self.lock.acquire()
         journal = Journal(cfg.state_dir, fsync=cfg.durability == "power")
         self.processor = Processor(open_engine(cfg), cfg, journal, self.metrics)
+        # Messages held for reordering wait only while the broker can send what they wait
+        # for: from the first message taken on a connection (``_take``), not while starting
+        # (those a crash left held would all be given up on) or cut off from the broker.
+        self.processor.reorder.pause()
         try:
             rec = self.processor.recover()
         except OSError as exc:
@@ -562,8 +566,12 @@ class MqttService:
         """(dropped, batch): with ``drop-oldest``, what is queued beyond ``queue_size``.
         Nothing while answers wait: the broker keeps the backlog meanwhile, and drop reports
         that cannot go out would only pile up in memory."""
+        if not self.connected.is_set():
+            self.processor.reorder.pause()
         if self.outbox.queued or self.outbox.in_flight >= self.outbox.window:
             return [], []
+        if self.connected.is_set():
+            self.processor.reorder.resume()
         dropped: list[Inbound] = []
         if self.cfg.overload == "drop-oldest":  # as many as their reports can go out now
             room = self.outbox.window - self.outbox.in_flight

@@ -62,6 +62,10 @@ class Reorderer:
         # (stream, seq) of every record released by ``expire`` since the caller last took them:
         # a decision that depends on the clock, which the caller logs so a replay repeats it.
         self.forced: list[tuple[str, int]] = []
+        # Since when nothing can arrive (the transport is not reading: starting, or cut off
+        # from its broker), None while it reads. A wait counts only the time messages can
+        # arrive in: what a record waits for may be next in line at the broker meanwhile.
+        self.paused_at: float | None = None
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._held.values()) + sum(map(len, self._behind.values()))
@@ -271,8 +275,27 @@ class Reorderer:
                 self._fresh.discard(stream)
         del self.forced[saved.forced :]
 
+    def pause(self) -> None:
+        """Nothing can arrive from now on (the transport stops reading): waits stand still."""
+        if self.paused_at is None:
+            self.paused_at = self._clock()
+
+    def resume(self) -> None:
+        """Messages can arrive again: each held record waits what it had left when the pause
+        began (one held since then, as a record held at a restart: its whole time)."""
+        if self.paused_at is None:
+            return
+        now, was = self._clock(), self.paused_at
+        self.paused_at = None
+        for items in self._held.values():
+            for h in items:
+                h.since += now - max(was, h.since)
+
     def expire(self, force: bool = False) -> list[Record]:
-        """Give up waiting for gaps older than the hold time (or all, with ``force``)."""
+        """Give up waiting for gaps older than the hold time (or all, with ``force``); while
+        paused, only with ``force``."""
+        if self.paused_at is not None and not force:
+            return []
         limit = self._clock() - self.hold
         out: list[Record] = []
         for stream in list(self._held):

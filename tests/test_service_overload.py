@@ -1,5 +1,6 @@
 """The paho callbacks never block, whatever the backlog: the broker keeps it, not us."""
 
+import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -177,3 +178,55 @@ def test_drop_oldest_sheds_samples_never_commands(bundles, tmp_path):
     dropped, batch = svc._take()
     assert [m.mid for m in dropped] == [1] and [m.mid for m in batch] == list(range(2, 9))
     svc.processor.journal.close()
+
+
+def test_messages_held_at_a_crash_wait_for_their_gap_once_the_service_reads_again(
+    bundles, tmp_path
+):
+    """A message held for reordering (its predecessor overtaken) when the service was
+    killed is held again at the restart. Its wait ran from there: a start-up slower than
+    ``reorder_ms`` (a long log to replay, thousands of answers to publish again first) gave
+    it up before anything was read, and the predecessor, waiting at the broker all along,
+    was then answered ``late`` and dropped, every later prediction of the stream computed
+    without it. The wait begins once the service takes messages again."""
+    import json
+
+    import numpy as np
+
+    from edge.processor import Inbound
+
+    def sample(seq):
+        body = json.dumps({"seq": seq, "values": np.full(6, 0.1 * seq).tolist()}).encode()
+        return Inbound("sensors/s/data", body, seq)
+
+    first = service(bundles, tmp_path)
+    p = first.processor
+    assert p.handle([sample(1)]) and p.tick(release_all=True) and p.handle([sample(3)])
+    assert len(p.reorder) == 1  # seq 3 waits for seq 2
+    p.journal.close()  # killed: no checkpoint
+    first.lock.release()
+    again = service(bundles, tmp_path)
+    reorder = again.processor.reorder
+    assert len(reorder) == 1
+    now = [time.monotonic() + 3600.0]  # a start-up far longer than reorder_ms
+    reorder._clock = lambda: now[0]
+    assert again.processor.tick() and len(reorder) == 1  # not connected: nothing read yet
+    again.connected.set()
+    outbox = again.outbox
+    assert outbox.queued and again._take() == ([], [])  # seq 1's answer goes out again first
+    assert again.processor.tick() and len(reorder) == 1
+    for mid, o in enumerate(outbox.take(), 1):
+        outbox.sent(mid, o)
+        outbox.acked(mid)
+    assert again._take() == ([], [])  # reading from here on
+    assert again.processor.tick() and len(reorder) == 1
+    again._on_message(None, None, Msg("sensors/s/data", sample(2).payload, 2))
+    dropped, batch = again._take()
+    assert not dropped and again.processor.handle(batch) and len(reorder) == 0
+    outs = again.outbox.take()
+    got = [(o.topic, json.loads(o.payload)) for o in outs]
+    assert [(t, d["seq"], d.get("gap")) for t, d in got] == [
+        ("predictions/s", 2, None),
+        ("predictions/s", 3, None),
+    ]
+    again.processor.journal.close()

@@ -34,6 +34,39 @@ def test_reorderer_waits_for_the_gap_then_gives_up():
     assert [x.seq for x in r.expire()] == [7] and len(r) == 0
 
 
+def test_a_wait_counts_only_while_messages_can_arrive():
+    """Paused (the transport not reading: starting, or cut off from its broker), nothing is
+    given up on; resumed, a record held before the pause waits what it had left, one held
+    during it (as those a restart holds again) its whole time."""
+    now = [0.0]
+    r = Reorderer(1.0, lambda: now[0])
+    push(r, rec("s", 1), 0)
+    assert push(r, rec("s", 3), 1) == []  # held at 0.0
+    now[0] = 0.4
+    r.pause()
+    now[0] = 2.0
+    assert push(r, rec("t", 5), 1) == []  # held at 2.0, during the pause
+    now[0] = 5.0
+    assert r.expire() == []  # paused: both would have been given up on
+    assert [x.seq for x in r.expire(force=True)] == [3, 5]  # a forced release still goes
+    r.resume()
+    assert push(r, rec("s", 5), 3) == []  # held at 5.0
+    now[0] = 5.5
+    r.pause()
+    now[0] = 6.0
+    assert push(r, rec("t", 7), 5) == []  # held at 6.0, during the pause
+    now[0] = 6.5
+    r.resume()  # "s" 5 had waited 0.5 before the pause, "t" 7 nothing
+    now[0] = 6.9
+    assert r.expire() == []
+    now[0] = 7.0
+    assert [x.seq for x in r.expire()] == [5]
+    now[0] = 7.4
+    assert r.expire() == []
+    now[0] = 7.5
+    assert [x.seq for x in r.expire()] == [7] and len(r) == 0
+
+
 def test_reorderer_passes_duplicates_and_is_off_at_zero():
     r = Reorderer(0.1, lambda: 0.0)
     push(r, rec("s", 5), 4)

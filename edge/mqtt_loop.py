@@ -591,6 +591,13 @@ class MqttService:
                 break  # a reload acts where it stands: what follows is read after it
         return dropped, batch
 
+    def _horizon(self) -> float | None:
+        """When the oldest message waiting in the inbox arrived, on the processor's clock
+        (monotonic): a message held for reordering is not given up on while one that arrived
+        within its wait is still to be read (a backlog, answers awaiting PUBACKs)."""
+        oldest = self.inbox.oldest_received()
+        return None if oldest is None else oldest - time.time() + time.monotonic()
+
     def _fill(self) -> None:
         """With ``max_wait_ms``, give a batch that is not full until its first message is
         that old to fill: at a steady trickle each message otherwise costs a round of its own
@@ -626,14 +633,15 @@ class MqttService:
         dropped, batch = self._take() if take else ([], [])
         taken = dropped + batch
         if not taken:
-            ok = self.processor.tick()
+            ok = self.processor.tick(horizon=self._horizon())
         elif ok := self.processor.handle(batch, dropped):
             self._ack(taken)
-            ok = self.processor.tick()
+            ok = self.processor.tick(horizon=self._horizon())
         else:
             self.inbox.extendleft(reversed(taken))  # offered again later
             # Held messages whose wait is over are released all the same: their release
-            # shrinks the room the next checkpoint needs, which the batch may be waiting for.
+            # shrinks the room the next checkpoint needs, which the batch may be waiting for
+            # (so not kept until the inbox is read: it is what waits for that room).
             self.processor.tick(settle=False)
         self._flush()
         return ok

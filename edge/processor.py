@@ -491,18 +491,22 @@ class Processor:
         held = [rec.lsn for rec in (*self.reorder.pending(), *released)]
         return self.outbox.watermark(self.lsn, min(held) if held else None)
 
-    def tick(self, *, settle: bool = True, release_all: bool = False) -> bool:
+    def tick(
+        self, *, settle: bool = True, release_all: bool = False, horizon: float | None = None
+    ) -> bool:
         """Release reorder-held messages whose wait is over (``release_all``: every one, now);
         log how far answers are acked. ``settle=False``: a degraded state stays (a batch is
-        still waiting for room). False: the journal cannot be written; nothing was changed
-        (what was due for release is held as before, and released by a later round)."""
+        still waiting for room). ``horizon``: when the oldest message received and not yet
+        handed in arrived, on the processor's clock (``Reorderer.expire``). False: the journal
+        cannot be written; nothing was changed (what was due for release is held as before,
+        and released by a later round)."""
         held = len(self.reorder)
         if not held and self.degraded is None and self.outbox.watermark(self.lsn) <= self.mark:
             return True  # nothing to release, nothing newly acknowledged: nothing to log
         r = _Round(lsn=self.lsn)
         saved = self.reorder.save() if held else None
         if held:
-            r.released = self.reorder.expire(force=release_all)
+            r.released = self.reorder.expire(force=release_all, horizon=horizon)
             r.entries += [Release(s, q) for s, q in self.reorder.forced]
             self.reorder.forced.clear()
         self._idle(r)

@@ -291,12 +291,16 @@ class Reorderer:
             for h in items:
                 h.since += now - max(was, h.since)
 
-    def expire(self, force: bool = False) -> list[Record]:
+    def expire(self, force: bool = False, horizon: float | None = None) -> list[Record]:
         """Give up waiting for gaps older than the hold time (or all, with ``force``); while
-        paused, only with ``force``."""
+        paused, only with ``force``. ``horizon``: when the oldest message received and not
+        yet pushed arrived (on this clock): a record waits until every message that arrived
+        within its hold time was pushed, since one of them may be what it waits for."""
         if self.paused_at is not None and not force:
             return []
         limit = self._clock() - self.hold
+        if horizon is not None:
+            limit = min(limit, horizon - self.hold)
         out: list[Record] = []
         for stream in list(self._held):
             while stream in self._held and (

@@ -230,3 +230,45 @@ def test_messages_held_at_a_crash_wait_for_their_gap_once_the_service_reads_agai
         ("predictions/s", 3, None),
     ]
     again.processor.journal.close()
+
+
+def test_a_held_message_is_not_given_up_on_while_what_it_waits_for_is_in_the_inbox(
+    bundles, tmp_path
+):
+    """Under a backlog the sample a held message waits for may have arrived already and wait
+    in the inbox behind others, or while the answer window is full: the wait ran out all the
+    same (seen in a backlog of 100,000 messages, several streams at once when a round took
+    long), the held message was applied after a gap and its predecessor answered ``late``.
+    A wait ends only once what arrived within it was read."""
+    import json
+
+    import numpy as np
+
+    from edge.processor import Inbound
+
+    def sample(seq):
+        body = json.dumps({"seq": seq, "values": np.full(6, 0.1 * seq).tolist()}).encode()
+        return Inbound("sensors/s/data", body, seq)
+
+    svc = service(bundles, tmp_path, reorder_ms=60000)
+    p = svc.processor
+    svc.connected.set()
+    assert svc._take() == ([], [])  # reading
+    assert p.handle([sample(1)]) and p.tick(release_all=True) and p.handle([sample(3)])
+    svc._on_message(None, None, Msg("sensors/s/data", sample(2).payload, 2))
+    for mid, o in enumerate(p.outbox.take(), 1):
+        p.outbox.sent(mid, o)  # seq 1's answer, awaiting its PUBACK
+    svc.outbox.window = 1  # full: nothing is taken
+    now = [time.monotonic() + 3600.0]  # the wait is long over
+    p.reorder._clock = lambda: now[0]
+    assert svc._work_once() and len(svc.inbox) == 1 and len(p.reorder) == 1
+    svc.outbox.window = 100
+    svc.connected.clear()  # (no broker here: the answers stay in the outbox)
+    svc.processor.reorder.resume()
+    assert svc._work_once() and len(svc.inbox) == 0 and len(p.reorder) == 0
+    got = [(o.topic, json.loads(o.payload)) for o in p.outbox.take()]
+    assert [(t, d["seq"], d.get("gap")) for t, d in got] == [
+        ("predictions/s", 2, None),
+        ("predictions/s", 3, None),
+    ]
+    p.journal.close()

@@ -170,10 +170,14 @@ class Journal:
             rec.exact = not segs or segs[0] == 0
         first = rec.generation
         carried: set[Any] = set()
+        # A newest segment beyond every snapshot is a checkpoint a crash cut short before its
+        # snapshot was in place: it holds copies carried over from the segment before it (the
+        # log goes on in it only once its snapshot is written), so cut short it lost nothing.
+        unfinished = segs[-1] if segs and segs[-1] > max(snaps, default=0) else None
         for gen in (g for g in segs if g >= first):
             path = self.path("wal", gen)
             data = path.read_bytes()
-            if not data:  # made with a first entry (``open``, ``checkpoint``): cut to nothing
+            if not data and gen != unfinished:  # made with a first entry: cut to nothing
                 rec.damage.append(f"{path.name}: empty, cut short (what it logged is lost)")
                 rec.lost = True
             # The last entry replayed, while every frame read since was of its round.
@@ -192,6 +196,8 @@ class Journal:
                         if gen == segs[-1]:
                             self._torn = (gen, item.offset)
                             self._unfinished = True  # the round the torn write was in
+                        if gen == unfinished:  # carried copies cut short: cut off, no loss
+                            continue
                         what = (
                             f"ends inside an entry at offset {item.offset} (a torn last "
                             "write, or the file cut short), skipped"

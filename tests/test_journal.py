@@ -637,3 +637,32 @@ def test_only_names_of_the_journals_own_pattern_are_its_files(tmp_path):
     (tmp_path / "wal-00000003.log\n").write_bytes(b"")
     (tmp_path / "snap-0000000\u0663.bin").write_bytes(b"")
     assert Journal(tmp_path)._listing() == ([], [])
+
+
+def test_a_checkpoint_a_crash_cut_short_before_its_snapshot_lost_nothing(tmp_path):
+    """kill -9 inside a checkpoint, after its segment was made and before its snapshot was in
+    place: the segment, empty or ending inside the copies it carries over, was reported as a
+    log cut short ("what it logged is lost"), and every stream's next answer said restart
+    though nothing was lost (seen draining a backlog with kill -9). It held only copies of
+    the segment before it, which is replayed; the log goes on in it."""
+    j = Journal(tmp_path)
+    j.recover(no_restore)
+    j.open()
+    j.append([rec("a", 1, 1)])
+    j.checkpoint(lambda path, extra: Path(path).write_bytes(b"state"), [Mark(1)], {"lsn": 1})
+    j.append([rec("a", 2, 2), rec("a", 4, 3)])  # 4 is held by the reorder buffer
+    j.close()
+    carry = wal.encode(rec("a", 4, 3, carried=True)) + wal.encode(Mark(2))
+    for cut in (0, len(carry) // 2):
+        (tmp_path / "wal-00000002.log").write_bytes(carry[:cut])
+        got = Journal(tmp_path).recover(lambda path: {"lsn": 1})
+        assert not got.lost and got.damage == [] and got.exact, cut
+        assert [e.lsn for e in got.entries if isinstance(e, Record)] == [2, 3]
+    j = Journal(tmp_path)
+    j.recover(lambda path: {"lsn": 1})
+    j.open()  # the log goes on in the unfinished checkpoint's segment, its torn end cut off
+    j.append([rec("a", 3, 4)])
+    j.close()
+    got = Journal(tmp_path).recover(lambda path: {"lsn": 1})
+    assert not got.lost and got.damage == []
+    assert [e.lsn for e in got.entries if isinstance(e, Record)] == [2, 3, 4]

@@ -740,6 +740,9 @@ class Processor:
         r.counts.append(("dropped_overload", 1))
         detail = f"{count or 'the'} sample(s) dropped: the runtime is overloaded (overload = drop-oldest)"
         self._error(r, stream, "dropped", detail, seq)
+        if seq is not None and self.data.stream(msg.topic) is not None:
+            # Reported: its stream's next samples do not wait reorder_ms for it.
+            self._take(r, Void(stream, seq))
 
     def _applied(self, stream: str, seq: int, count: int, boot: int | None) -> bool:
         """Whether every sample of a message was applied already (same boot, seq behind)."""

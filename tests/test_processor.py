@@ -1056,3 +1056,20 @@ def test_a_redelivery_of_a_sample_of_an_earlier_boot_is_not_reported_stale(bundl
     assert o.topic == "errors/s" and json.loads(o.payload)["error"] == "stale"
     assert p.handle([], dropped=again[:2])  # shed under overload: not news either
     assert answers(p) == [] and p.metrics.counters["dropped_overload"] == 0
+
+
+def test_a_sample_shed_under_overload_is_not_waited_for(bundles, tmp_path, xs):
+    """drop-oldest sheds the oldest samples to keep up with fresh ones; the sample after a
+    shed one waited ``reorder_ms`` for it all the same (it never comes: it was answered
+    ``dropped``), so every stream that lost a sample answered its fresh ones late."""
+    now = [0.0]
+    p = make(bundles, tmp_path, lambda: now[0], overload="drop-oldest", reorder_ms=600)
+    assert p.handle([msg("a", 1, xs[0])]) and p.tick(release_all=True)
+    answers(p)
+    assert p.handle([msg("a", 3, xs[2])], dropped=[msg("a", 2, xs[1])])
+    got = [(o.topic, json.loads(o.payload)) for o in answers(p)]
+    assert [(t, d["seq"], d.get("error"), d.get("gap")) for t, d in got] == [
+        ("errors/a", 2, "dropped", None),
+        ("predictions/a", 3, None, 1),
+    ]
+    assert len(p.reorder) == 0

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,12 +80,17 @@ class PullFeed:
         await self.nc.publish(self.subject, json.dumps(body).encode(), reply=self.inbox)
         self._left, self._sent = self.batch, time.monotonic()
 
-    async def take(self, wait: float) -> list[Any]:
-        """What has arrived, waiting up to ``wait`` seconds for the first message."""
+    async def take(self, wait: float, allowed: Callable[[], bool] | None = None) -> list[Any]:
+        """What has arrived, waiting up to ``wait`` seconds for the first message. A new pull
+        request goes out only while ``allowed()`` says so (the partition's lease is held): the
+        consumer of that name may be a new owner's, whose messages a request would take."""
         now = time.monotonic()
         if self._left <= 0 or now - self._sent > EXPIRES + 2.0:
             if now - self._refused < BACKOFF:
                 await asyncio.sleep(BACKOFF)
+            if allowed is not None and not allowed():
+                msgs, self._arrived = self._arrived, []
+                return msgs
             await self._request()
         if not self._arrived:
             with contextlib.suppress(asyncio.TimeoutError):

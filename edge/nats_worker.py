@@ -730,6 +730,15 @@ class Worker:
             # Held samples and answers to send again need the loop soon; otherwise it only
             # wakes for messages (or to snapshot and check its lease now and then).
             busy = len(proc.reorder) or proc.outbox.queued
+            if not self.holds(part.number):
+                # Before any pull request: a lease that ran out while the loop was busy (the
+                # process stopped, answers waiting for NATS) may be another worker's now, and
+                # the consumer of this name its own. Messages a request took from it would not
+                # be acknowledged here, and the new owner's acknowledgement of later ones (ack
+                # policy all) would cover them: lost.
+                log.warning("partition %d: lease not confirmed; stopping", part.number)
+                self.metrics.inc("partitions_fenced")
+                return
             try:
                 if feed.refusals >= REFUSALS_BEFORE_LOOKING:
                     await self._resubscribe(part)
@@ -740,7 +749,9 @@ class Worker:
                     await self._subscribe(part)
                     part.remake = False
                     continue
-                msgs = await feed.take(BUSY_WAIT if busy else IDLE_WAIT)
+                msgs = await feed.take(
+                    BUSY_WAIT if busy else IDLE_WAIT, lambda: self.holds(part.number)
+                )
             except Exception as exc:  # reconnecting: try again shortly
                 log.warning("partition %d: pull request failed: %r", part.number, exc)
                 await asyncio.sleep(0.2)

@@ -1573,6 +1573,111 @@ def test_answers_whose_publish_a_hand_over_cuts_short_are_handed_over_too(
 
 
 @failover
+def test_a_worker_whose_lease_ran_out_mid_batch_pulls_nothing_from_the_new_owner(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A worker that lost a partition's lease while its loop was in the middle of a batch
+    (stopped, SIGSTOP, for longer than the lease, or its answers waiting for NATS) went round
+    its loop once more before it looked at the lease: it sent a pull request to the
+    partition's consumer, which the new owner had made again under the same name. What the
+    server delivered to that request was never acknowledged by it, and the new owner's
+    acknowledgement of later messages (ack policy ``all``) covered those too: lost."""
+    import json
+
+    import nats
+
+    from edge import config
+    from edge.nats_worker import STREAM, Worker, WorkerOptions
+
+    url = nats_server.url
+    cfg = config.load(
+        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
+    )
+    samples = _samples(1, 12, seed=53)
+    (stream,) = samples
+    p = partition(stream, P)
+    want = offline(bundles / "clf-int8", samples)
+    native = NatsCollector(url)
+
+    def worker(worker_id: str) -> Worker:
+        opts = WorkerOptions([url], worker_id, partitions=P, lease_seconds=1, snapshot_interval=600)
+        return Worker(cfg, opts)
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def send(k: int) -> None:
+            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
+            await js.publish(f"sensors.{stream}.data", body.encode())
+
+        requests: list[str] = []  # reply subjects of pull requests on the partition's consumer
+
+        async def pulled(msg: Any) -> None:
+            requests.append(msg.reply)
+
+        await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.edge-p{p}", cb=pulled)
+        w1 = worker("w1")
+        running1 = asyncio.create_task(w1.run())
+        await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
+        # w1 stands still as a stopped process does, its partition loop in the middle of the
+        # batch of sample 1 (its answer not confirmed): no lease renewed or taken
+        thaw, answers = asyncio.Event(), asyncio.Event()
+        taken: list[int] = []
+
+        def frozen(call: Any, until: asyncio.Event) -> Any:
+            async def wait(*args: Any, **kw: Any) -> Any:
+                await until.wait()
+                return await call(*args, **kw)
+
+            return wait
+
+        async def unanswered(items: list[Any], timeout: float) -> list[bool]:
+            taken.append(len(items))
+            await answers.wait()
+            return [False] * len(items)
+
+        assert w1.stored is not None
+        w1.stored.publish = unanswered  # type: ignore[method-assign]
+        part = w1.owned[p]
+        assert part.feed is not None
+        feed = part.feed
+        await send(0)
+        await _until(lambda: sum(taken) == 1, 60, "w1 to answer sample 1")
+        for name in ("put", "update", "create"):
+            setattr(w1.kv, name, frozen(getattr(w1.kv, name), thaw))
+        w1._balance = frozen(w1._balance, thaw)  # type: ignore[method-assign]
+        w2 = worker("w2")
+        running2 = asyncio.create_task(w2.run())
+        try:
+            await _until(lambda: p in w2.owned, 60, "w2 to take the partition over")
+            # w1's pull request went with its consumer (or expired): a new one is due
+            await _until(lambda: feed._left <= 0, 60, "w1's pull request to end")
+            requests.clear()
+            answers.set()  # w1 goes on
+            assert part.task is not None
+            await _until(part.task.done, 60, "w1's partition loop to see its lease gone")
+            await nc.flush()
+            assert [r for r in requests if r == feed.inbox] == []
+            for k in range(1, 12):
+                await send(k)
+            await _until(lambda: len(native.predictions()) >= 12, 60, "every answer")
+        finally:
+            thaw.set()
+            answers.set()
+            w1.stopping.set()
+            w2.stopping.set()
+            await asyncio.gather(running1, running2, return_exceptions=True)
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+        assert _check(native.predictions(), want) == ([], [])
+    finally:
+        native.close()
+
+
+@failover
 def test_redeliveries_of_a_server_that_lost_its_consumers_acks_are_no_duplicates(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

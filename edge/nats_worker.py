@@ -99,6 +99,7 @@ READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a formin
 ANSWER_HEADROOM = 512
 SNAPSHOT_CHUNK = 128 * 1024  # bytes per message of a stored snapshot (nats-py's default)
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
+READ_TRIES = 3  # reads of a snapshot object that its writer replaces meanwhile
 BUSY_WAIT = 0.25  # seconds a partition waits for messages while samples are held
 IDLE_WAIT = 1.0  # ... and with nothing held
 # A partition whose scratch log takes no batch for this long (its directory unwritable, or
@@ -440,15 +441,15 @@ class Worker:
         for slot in (0, 1):
             name = psnap.object_name(p, slot)
             try:
-                res = await self.store.get(name)
+                data = await self._get(name)
             except (NotFoundError, ObjectNotFoundError):
                 continue  # this slot was never written: nothing to restore from it
             except Exception as exc:  # a damaged object: the other slot, or the stream start
-                log.error("partition %d: snapshot %s unreadable: %s", p, name, exc)
+                log.error("partition %d: snapshot %s unreadable: %r", p, name, exc)
                 self.metrics.inc("snapshots_damaged")
                 continue
             try:
-                snap = psnap.unpack(res.data or b"")
+                snap = psnap.unpack(data)
             except EdgeError as exc:
                 log.error("partition %d: snapshot %s: %s", p, name, exc)
                 self.metrics.inc("snapshots_damaged")
@@ -958,6 +959,32 @@ class Worker:
         await self._put(psnap.object_name(part.number, gen % 2), blob)
         part.generation, part.snapshotted = gen, part.covered
         self.metrics.inc("snapshots")
+
+    async def _get(self, name: str) -> bytes:
+        """An object of the snapshot store, read again when it is written anew meanwhile (by
+        its owner, or a worker whose lease ran out while it was stopped): the store removes
+        the old object's chunks once the new ones are in, and nats-py's ``get`` waits for the
+        chunks of the object it was first told about for good. Raises a timeout error when
+        every try finds the chunks it looks for gone (the object written again each time)."""
+        for _ in range(READ_TRIES):
+            info = await self.store.get_info(name)
+            if not info.size:
+                return b""
+            sub = await self.js.subscribe(f"$O.{SNAPSHOTS}.C.{info.nuid}", ordered_consumer=True)
+            data = bytearray()
+            try:
+                while len(data) < info.size:
+                    data += (await sub.next_msg(timeout=STOP_SECONDS)).data
+            except asyncio.TimeoutError:  # its chunks went: that object was written anew
+                log.info("snapshot %s written anew while read; reading it again", name)
+                continue
+            finally:
+                with contextlib.suppress(Exception):  # the server drops the consumer anyway
+                    await sub.unsubscribe()
+            return bytes(data)  # its own checksum says whether it is whole
+        raise asyncio.TimeoutError(
+            f"snapshot {name}: written anew each of {READ_TRIES} times it was read"
+        )
 
     async def _put(self, name: str, blob: bytes) -> None:
         """Into the snapshot store, in chunks the server takes: nats-py's default (128 kB) is

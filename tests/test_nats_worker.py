@@ -1678,6 +1678,57 @@ def test_a_worker_whose_lease_ran_out_mid_batch_pulls_nothing_from_the_new_owner
 
 
 @failover
+def test_a_snapshot_written_anew_while_it_is_read_is_read_again(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A worker reads a partition's snapshots when it starts (another model's are refused)
+    and when it takes the partition over, while the owner, or a worker whose lease ran out
+    (stopped, then resumed), may write that slot anew: the object store removes the old
+    object's chunks once the new ones are in, and a read that had the old object's
+    description waited for those chunks for good. The worker hung at start (before its
+    heartbeat, deaf to SIGTERM) or in the middle of a takeover, the partition's lease held and
+    renewed and its streams unanswered."""
+    import nats
+
+    from edge import config
+    from edge import partition_snapshot as psnap
+    from edge.nats_worker import Worker, WorkerOptions
+
+    cfg = config.load(
+        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
+    )
+    w = Worker(cfg, WorkerOptions([nats_server.url], "w1", partitions=P))
+
+    def blob(generation: int) -> bytes:
+        return psnap.PartitionSnapshot(0, generation, 7, b"", b"", "", [], P).pack()
+
+    async def run() -> list[int]:
+        w.nc = await nats.connect(nats_server.url)
+        w.js = w.nc.jetstream()
+        try:
+            await w.ensure_resources()
+            await w._put(psnap.object_name(0, 1), blob(1))
+            describe = w.store.get_info
+            written: list[str] = []
+
+            async def get_info(name: str, *args: Any, **kw: Any) -> Any:
+                info = await describe(name, *args, **kw)
+                if name == psnap.object_name(0, 1) and not written:
+                    written.append(name)  # the owner writes generation 3 into that slot now
+                    await w._put(name, blob(3))
+                return info
+
+            w.store.get_info = get_info
+            snaps = await asyncio.wait_for(w._snapshots(0), 120)
+            assert written
+            return [s.generation for s in snaps]
+        finally:
+            await w.nc.close()
+
+    assert asyncio.run(run()) == [3]
+
+
+@failover
 def test_redeliveries_of_a_server_that_lost_its_consumers_acks_are_no_duplicates(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

@@ -41,9 +41,11 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1174,9 +1176,12 @@ class Worker:
         there, the broker keeping the messages; a worker's share would wait for good)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".probe"
-            probe.write_bytes(b"")
-            probe.unlink()
+            # A name of its own: a copy of the same unit started at the same moment probes
+            # the same directory, and would remove a shared name under us (then "No such file
+            # or directory" instead of the lock's "in use by another process").
+            fd, name = tempfile.mkstemp(prefix=".probe-", dir=self.root)
+            os.close(fd)
+            Path(name).unlink()
         except OSError as exc:
             raise ConfigError(
                 f"state_dir {self.cfg.state_dir!r}: the worker cannot keep its scratch journals "

@@ -346,6 +346,43 @@ def test_a_worker_is_refused_with_other_partitions_or_a_state_dir_in_use(
         col.close()
 
 
+def test_two_copies_of_a_worker_started_together_on_one_state_dir_are_told_it_is_in_use(
+    bundles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies of one worker unit started at the same moment: each checked that it can
+    write in its state directory by writing and removing one file of a fixed name there,
+    before taking the directory's lock. The second copy's removal could find the file gone
+    (the first one removed it), and that copy said it could not write in the directory (``No
+    such file or directory``), not that the directory was in use."""
+    from edge import config
+    from edge.errors import ConfigError
+    from edge.nats_worker import Worker, WorkerOptions
+
+    cfg = config.load(
+        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
+    )
+    opts = WorkerOptions(["nats://127.0.0.1:1"], "w1", partitions=P)
+    first, second = Worker(cfg, opts), Worker(cfg, opts)
+    real_unlink = Path.unlink
+    meanwhile: list[str] = []
+
+    def unlink(self: Path, *args: Any, **kw: Any) -> None:
+        if not meanwhile:  # between the second copy's write and removal: the first checks
+            meanwhile.append(self.name)  # the directory and takes its lock
+            first._usable_root()
+            first.lock.acquire()
+        real_unlink(self, *args, **kw)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    try:
+        with pytest.raises(ConfigError, match="is in use by another process"):
+            asyncio.run(second.run())
+    finally:
+        monkeypatch.undo()
+        first.lock.release()
+    assert meanwhile
+
+
 @failover
 def test_a_worker_of_another_model_is_refused_and_touches_nothing(
     bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path

@@ -266,18 +266,7 @@ async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any, Any]
             )
         )
         log.info("created stream %s with %d partitions", STREAM, opts.partitions)
-    try:
-        leases = await js.stream_info(f"KV_{LEASES}")
-    except NotFoundError:
-        leases = None
-    if leases is not None:  # every worker of a group must use the same lease
-        ttl = leases.config.max_age
-        if ttl is not None and abs(ttl - opts.lease_seconds) > 1e-3:
-            raise ConfigError(
-                f"lease_seconds = {opts.lease_seconds:g}, but the lease bucket {LEASES} was made "
-                f"with {ttl:g}: every worker must use the same (or delete the bucket, with no "
-                "worker running, to change it)"
-            )
+    await _check_lease(js, opts)
     try:
         name = LEASES
         kv = await js.create_key_value(
@@ -290,12 +279,31 @@ async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any, Any]
     except BadRequestError as exc:
         if exc.err_code != IN_USE_OTHERWISE:
             raise
+        if name == LEASES:  # made by a worker started at the same moment: with another lease?
+            await _check_lease(js, opts)
         raise ConfigError(
             f"{name}: exists with another configuration than the worker makes (history 1, "
             f"replicas = {opts.replicas}): start with the group's replicas, or delete it with "
             "no worker running"
         ) from exc
     return kv, store, answered
+
+
+async def _check_lease(js: Any, opts: WorkerOptions) -> None:
+    """Every worker of a group must use the same lease: the lease bucket's TTL."""
+    from nats.js.errors import NotFoundError
+
+    try:
+        leases = await js.stream_info(f"KV_{LEASES}")
+    except NotFoundError:
+        return
+    ttl = leases.config.max_age
+    if ttl is not None and abs(ttl - opts.lease_seconds) > 1e-3:
+        raise ConfigError(
+            f"lease_seconds = {opts.lease_seconds:g}, but the lease bucket {LEASES} was made "
+            f"with {ttl:g}: every worker must use the same (or delete the bucket, with no "
+            "worker running, to change it)"
+        )
 
 
 def discard(path: Path) -> None:

@@ -507,6 +507,46 @@ def test_a_bucket_made_otherwise_is_named_at_once(
     assert "not ready yet" not in w.log() and "Traceback" not in w.log()
 
 
+def test_workers_of_other_leases_started_together_are_told_the_lease(
+    nats_server: NatsServer,
+) -> None:
+    """Two workers of other ``lease_seconds`` started at the same moment on a new group: the
+    lease is compared with the bucket's only when the bucket is there when the worker looks.
+    The one that made it second was told the bucket had another history or replicas than it
+    makes, not that its lease differed from the group's."""
+    import nats
+    from nats.js.errors import NotFoundError
+
+    from edge.errors import ConfigError
+    from edge.nats_worker import LEASES, WorkerOptions, ensure_resources
+
+    async def run() -> str:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        look = js.stream_info
+        made: list[str] = []
+
+        async def stream_info(name: str, *args: Any, **kw: Any) -> Any:
+            if name == f"KV_{LEASES}" and not made:  # the other worker makes it just after
+                made.append(name)
+                await js.create_key_value(bucket=LEASES, ttl=5.0, history=1)
+                raise NotFoundError
+            return await look(name, *args, **kw)
+
+        js.stream_info = stream_info  # type: ignore[method-assign]
+        try:
+            await ensure_resources(js, WorkerOptions([nats_server.url], "w1", lease_seconds=2))
+        except ConfigError as exc:
+            return str(exc)
+        finally:
+            await nc.close()
+        return ""
+
+    assert "lease_seconds = 2, but the lease bucket edge_leases was made with 5" in asyncio.run(
+        run()
+    )
+
+
 def test_a_server_without_jetstream_is_named(bundles: Path, tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1027,21 +1029,40 @@ class Worker:
         elsewhere in this worker must not let our other leases run out. All renewals go out
         at once: one after the other, each waited for a turn of an event loop busy with
         partitions' batches, they took longer than a lease under load (seen: a lone worker
-        fencing and re-acquiring its own partitions, replaying a third of its input)."""
+        fencing and re-acquiring its own partitions, replaying a third of its input). Nor does
+        a round wait for the last one's answers: one renewal answered late (its request
+        waited out, NATS failing over) held every other lease back, and the worker fenced
+        all its partitions. A lease whose renewal is still on its way is not renewed again
+        (its revision would be refused, and the lease dropped)."""
         member = f"w.{self.opts.worker_id}"
-        while not self.stopping.is_set():
-            results = await asyncio.gather(
-                self.kv.put(member, json.dumps({"ts": time.time()}).encode()),
-                *(self._renew_lease(p, rev) for p, rev in list(self.leases.items())),
-                return_exceptions=True,
-            )
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:  # NATS unreachable for a moment: the leases say so
-                log.warning(
-                    "lease renewal failed (%d of %d): %s", len(failed), len(results), failed[0]
-                )
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.opts.lease_seconds / 4)
+        pending: dict[Any, asyncio.Task[Any]] = {}  # "w" or (partition, revision) -> renewal
+        failed: list[BaseException] = []
+
+        def start(key: Any, call: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+            if key in pending:
+                return
+
+            def done(task: asyncio.Task[Any]) -> None:
+                pending.pop(key, None)
+                if not task.cancelled() and (exc := task.exception()) is not None:
+                    failed.append(exc)
+
+            pending[key] = asyncio.create_task(call())
+            pending[key].add_done_callback(done)
+
+        try:
+            while not self.stopping.is_set():
+                start("w", lambda: self.kv.put(member, json.dumps({"ts": time.time()}).encode()))
+                for p, rev in list(self.leases.items()):
+                    start((p, rev), functools.partial(self._renew_lease, p, rev))
+                if failed:  # NATS unreachable for a moment: the leases say so
+                    log.warning("lease renewal failed (%d): %s", len(failed), failed[0])
+                    failed.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), self.opts.lease_seconds / 4)
+        finally:
+            for task in list(pending.values()):
+                task.cancel()
 
     async def _members(self) -> set[str]:
         """The live workers: ``w.{id}`` keys whose newest entry is not a delete marker. Read

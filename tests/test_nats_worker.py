@@ -1806,6 +1806,56 @@ def test_a_snapshot_written_anew_while_it_is_read_is_read_again(
 
 
 @failover
+def test_one_slow_lease_renewal_lets_no_other_lease_of_the_worker_run_out(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker renewed its leases in rounds, the next round only once every renewal of the
+    last one was answered: one renewal whose answer was slow (lost, and waited out for the
+    request's timeout; a takeover busy with that partition) held back every other lease, and
+    the worker fenced all its partitions and took them again, each replayed from its snapshot.
+    Each lease is renewed on its own clock: only the slow one's partition may be fenced."""
+    from edge import config
+    from edge.nats_worker import Worker, WorkerOptions
+
+    cfg = config.load(
+        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
+    )
+    w = Worker(cfg, WorkerOptions([nats_server.url], "w1", partitions=P, lease_seconds=1))
+
+    async def run() -> None:
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+            update = w.kv.update
+            answer = asyncio.Event()
+            slow: list[int] = []
+
+            async def renew(key: str, *args: Any, **kw: Any) -> Any:
+                if key == "p.0":  # its answer is slow in coming
+                    slow.append(1)
+                    await answer.wait()
+                return await update(key, *args, **kw)
+
+            w.kv.update = renew
+            await _until(lambda: not w.holds(0), 60, "partition 0's renewal to hang")
+            renewals = {p: w.renewed[p] for p in range(1, P)}
+            # every other lease is renewed meanwhile, more than once
+            await _until(
+                lambda: all(w.renewed[p] > renewals[p] for p in range(1, P)),
+                60,
+                "the other leases renewed after partition 0's renewal hung",
+            )
+            fenced = [r.getMessage() for r in caplog.records if "not confirmed" in r.getMessage()]
+            assert [m for m in fenced if not m.startswith("partition 0:")] == []
+            answer.set()
+        finally:
+            w.stopping.set()
+            await running
+
+    asyncio.run(run())
+
+
+@failover
 def test_redeliveries_of_a_server_that_lost_its_consumers_acks_are_no_duplicates(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

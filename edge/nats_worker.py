@@ -1086,7 +1086,7 @@ class Worker:
     async def _balance(self) -> None:
         """Drop partitions whose lease is gone, release what another live worker should own,
         take what is free and ours by the rendezvous assignment."""
-        from nats.js.errors import KeyWrongLastSequenceError
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
         kv = self.kv
         members = await self._members() | {self.opts.worker_id}
@@ -1112,6 +1112,10 @@ class Worker:
                 self.renewed[p] = sent
             except KeyWrongLastSequenceError:
                 continue  # still held: by a worker handing it over, or one whose lease runs out
+            except KeyNotFoundError:
+                # Held when asked for, gone when the client looked whether it was a delete
+                # marker: it ran out meanwhile (not a deleted bucket). Taken next round.
+                continue
             try:
                 await self.acquire(p)
             except Exception:

@@ -1856,6 +1856,60 @@ def test_one_slow_lease_renewal_lets_no_other_lease_of_the_worker_run_out(
 
 
 @failover
+def test_a_lease_that_runs_out_while_it_is_taken_is_no_deleted_bucket(
+    bundles: Path,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Taking a partition's lease that another worker holds fails; the client then looks
+    whether the lease is a delete marker. A lease that ran out between the two (its worker
+    gone) was no longer found there, and the worker took that for a deleted bucket: the
+    balancing round stopped, logged an error and made the group's resources again."""
+    import nats
+    from nats.js.kv import KeyValue
+
+    from edge import config
+    from edge.nats_worker import LEASES, Worker, WorkerOptions, ensure_resources
+
+    url = nats_server.url
+    cfg = config.load(
+        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
+    )
+    opts = WorkerOptions([url], "w1", partitions=P, lease_seconds=1)
+    w = Worker(cfg, opts)
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        kv, _, _ = await ensure_resources(js, opts)
+        await kv.create("p.0", b"gone")  # a worker that is no longer there holds partition 0
+        look = KeyValue._get
+        ran_out: list[int] = []
+
+        async def get(self: Any, key: str, *args: Any, **kw: Any) -> Any:
+            if key == "p.0" and not ran_out:  # its lease runs out just now
+                ran_out.append(1)
+                await js.purge_stream(f"KV_{LEASES}", subject=f"$KV.{LEASES}.p.0")
+            return await look(self, key, *args, **kw)
+
+        monkeypatch.setattr(KeyValue, "_get", get)
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+        finally:
+            w.stopping.set()
+            await running
+            await nc.close()
+        assert ran_out
+
+    asyncio.run(run())
+    assert "making the group's resources again" not in caplog.text
+    assert not w.metrics.snapshot().get("resources_made_again")
+
+
+@failover
 def test_redeliveries_of_a_server_that_lost_its_consumers_acks_are_no_duplicates(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

@@ -888,6 +888,13 @@ class Worker:
                 stored = [(MQTT_STORE_PREFIX + s, b, h or {}) for s, b, h in items]
                 duplicate = await self.stored.publish(stored, STOP_SECONDS)
                 self.metrics.inc("answers_stored_before", sum(duplicate))
+            if not self.holds(part.number):
+                # The lease ran out while the store answered (the process stopped, NATS slow):
+                # a new owner may have replayed these messages, found no mark for them and
+                # sent their core copies already. Neither copies nor mark from here: the
+                # partition is dropped, and its next owner sends them.
+                outbox.retry(outs)
+                return
             for subject, payload, headers in items:
                 await self.nc.publish(subject, payload, headers=headers)
         except asyncio.CancelledError:  # a hand-over that waited no longer: its snapshot

@@ -1910,6 +1910,92 @@ def test_a_lease_that_runs_out_while_it_is_taken_is_no_deleted_bucket(
 
 
 @failover
+def test_a_worker_whose_lease_ran_out_mid_publish_leaves_the_answers_to_the_new_owner(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A worker stopped (SIGSTOP) for longer than its lease while its answers waited for the
+    store's acknowledgements went on, once resumed, to send their core copies and its mark,
+    though the new owner had replayed those messages and sent the same answers: NATS and MQTT
+    QoS 0 subscribers got them twice. Once its lease is not confirmed it leaves them to the
+    new owner."""
+    import json
+
+    import nats
+
+    from edge import config
+    from edge.nats_worker import Worker, WorkerOptions
+
+    url = nats_server.url
+    cfg = config.load(
+        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
+    )
+    samples = _samples(1, 1, seed=59)
+    (stream,) = samples
+    p = partition(stream, P)
+    want = offline(bundles / "clf-int8", samples)
+    native = NatsCollector(url)
+
+    def worker(worker_id: str) -> Worker:
+        opts = WorkerOptions([url], worker_id, partitions=P, lease_seconds=1, snapshot_interval=600)
+        return Worker(cfg, opts)
+
+    async def run() -> None:
+        w1 = worker("w1")
+        running1 = asyncio.create_task(w1.run())
+        await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
+        thaw, answers = asyncio.Event(), asyncio.Event()
+        taken: list[int] = []
+
+        def frozen(call: Any) -> Any:
+            async def wait(*args: Any, **kw: Any) -> Any:
+                await thaw.wait()
+                return await call(*args, **kw)
+
+            return wait
+
+        async def unanswered(items: list[Any], timeout: float) -> list[bool]:
+            taken.append(len(items))
+            await answers.wait()  # stored, as far as w1 can tell, once it goes on
+            return [False] * len(items)
+
+        assert w1.stored is not None
+        w1.stored.publish = unanswered  # type: ignore[method-assign]
+        part = w1.owned[p]
+        nc = await nats.connect(url)
+        body = json.dumps({"seq": 1, "values": samples[stream][:1].tolist()})
+        await nc.jetstream().publish(f"sensors.{stream}.data", body.encode())
+        await nc.close()
+        await _until(lambda: sum(taken) == 1, 60, "w1 to answer sample 1")
+        for name in ("put", "update", "create"):  # w1 stands still from here
+            setattr(w1.kv, name, frozen(getattr(w1.kv, name)))
+        w1._balance = frozen(w1._balance)  # type: ignore[method-assign]
+        w2 = worker("w2")
+        running2 = asyncio.create_task(w2.run())
+        try:
+            await _until(lambda: len(native.predictions()) >= 1, 60, "w2's answer")
+            answers.set()  # w1 goes on
+            assert part.task is not None
+            await _until(part.task.done, 60, "w1's partition loop to see its lease gone")
+            # behind whatever w1 sent on its connection: seen, so is all of that
+            await w1.nc.publish("errors.sentinel", b"{}")
+            await _until(lambda: bool(native.of("errors/sentinel")), 60, "w1's sentinel")
+        finally:
+            thaw.set()
+            answers.set()
+            w1.stopping.set()
+            w2.stopping.set()
+            await asyncio.gather(running1, running2, return_exceptions=True)
+
+    try:
+        asyncio.run(run())
+        got = native.predictions()
+        assert _check(got, want) == ([], [])
+        assert [k for k, ys in got.items() if len(ys) > 1] == []
+    finally:
+        native.close()
+
+
+@failover
 def test_redeliveries_of_a_server_that_lost_its_consumers_acks_are_no_duplicates(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

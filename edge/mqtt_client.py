@@ -91,21 +91,26 @@ class Client(mqtt.Client):
         self._rbuf = b""
         self._rpos = 0
         self._rsock: object = None  # the socket the buffer was read from
-        # topic -> (the broker's refusal, when): see ``refused``
+        # topic -> (the broker's refusal, when): see ``refused``; the network thread adds,
+        # the service's thread reads and expires
         self._refused_topics: dict[str, tuple[ReasonCode, float]] = {}
+        self._refused_lock = threading.Lock()
 
     def refused(self, topic: str) -> ReasonCode | None:
         """The broker's refusal of our last publish on ``topic`` when it concerned the topic
         (its ACL), within ``REFUSAL_KEPT_SECONDS``: a publish there now would only be refused
         again and cost the connection (mosquitto closes it), and with it every other answer
         in flight, for as long as that stream sends."""
-        got = self._refused_topics.get(topic)
-        if got is None:
+        if not self._refused_topics:
             return None
-        if time.monotonic() - got[1] > REFUSAL_KEPT_SECONDS:
-            self._refused_topics.pop(topic, None)
-            return None
-        return got[0]
+        with self._refused_lock:
+            got = self._refused_topics.get(topic)
+            if got is None:
+                return None
+            if time.monotonic() - got[1] > REFUSAL_KEPT_SECONDS:
+                del self._refused_topics[topic]
+                return None
+            return got[0]
 
     def drop_refused(self) -> list[tuple[int, ReasonCode]]:
         """Take the messages on refused topics out of the queue a reconnect sends again
@@ -126,9 +131,10 @@ class Client(mqtt.Client):
         if reason_code.is_failure and reason_code.value in TOPIC_REFUSALS:
             msg = self._out_messages.get(mid)
             if msg is not None:
-                self._refused_topics[msg.topic] = (reason_code, time.monotonic())
-                while len(self._refused_topics) > REFUSED_TOPICS_KEPT:
-                    self._refused_topics.pop(next(iter(self._refused_topics)))
+                with self._refused_lock:
+                    self._refused_topics[msg.topic] = (reason_code, time.monotonic())
+                    while len(self._refused_topics) > REFUSED_TOPICS_KEPT:
+                        del self._refused_topics[next(iter(self._refused_topics))]
         return super()._do_on_publish(mid, reason_code, properties)
 
     def buffered(self) -> int:

@@ -434,3 +434,31 @@ def test_a_config_file_shared_with_the_worker_is_read_by_serve(tmp_path):
     f = tmp_path / "edge.toml"
     f.write_text('model = "m"\nreorder_ms = 10\n[worker]\npartitions = 4\n')
     assert config.load(f, env={}).reorder_ms == 10
+
+
+def test_a_topic_the_broker_refused_is_kept_out_for_a_while_then_tried_again(monkeypatch):
+    """The MQTT client remembers the topics whose publish the broker refused as such (its ACL:
+    each refused publish costs the connection with mosquitto): the messages on them still
+    queued are taken out before a reconnect sends them again, and after
+    ``REFUSAL_KEPT_SECONDS`` a publish there is tried again (the ACL may have been fixed)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from edge import mqtt_client
+
+    now = [1000.0]
+    monkeypatch.setattr(mqtt_client.time, "monotonic", lambda: now[0])
+    c = mqtt_client.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5)
+    c.max_queued_messages_set(0)
+    first, second, other = (c.publish(t, b"{}", qos=1) for t in ("p/b", "p/b", "p/a"))
+    denied = ReasonCode(PacketTypes.PUBACK, identifier=0x87)
+    quota = ReasonCode(PacketTypes.PUBACK, identifier=0x97)  # about the message, not the topic
+    c._do_on_publish(other.mid, quota, Properties(PacketTypes.PUBACK))
+    assert c.refused("p/a") is None
+    c._do_on_publish(first.mid, denied, Properties(PacketTypes.PUBACK))
+    assert c.refused("p/b") == denied and c.refused("p/a") is None
+    assert c.drop_refused() == [(second.mid, denied)] and not c._out_messages
+    now[0] += mqtt_client.REFUSAL_KEPT_SECONDS + 1
+    assert c.refused("p/b") is None

@@ -2374,3 +2374,98 @@ def test_an_mqtt_store_that_discards_new_messages_is_refused_at_start(
     said = f"stream {MQTT_STORE} (NATS's MQTT store) discards new messages past its limits "
     said += "(max_msgs = 30): answers past them are refused"
     assert said in w.log() and "Traceback" not in w.log()
+
+
+@failover
+def test_messages_held_at_a_hand_over_wait_for_their_gap_once_the_new_owner_reads(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A message held for reordering when its partition is handed over is held again by the
+    new owner, from the snapshot. Its wait ran from the restore: a takeover slower than
+    ``reorder_ms`` (snapshots fetched, the consumer made; here an hour, as its clock sees
+    it) gave it up before the first pull, and its predecessor, in the stream all along, was
+    answered ``late`` and dropped. The wait begins once the new owner pulls."""
+    import json
+
+    import nats
+
+    from edge import config
+    from edge.nats_worker import Worker, WorkerOptions
+
+    url = nats_server.url
+    cfg = config.load(
+        None,
+        overrides={
+            "model": str(bundles / "clf-int8"),
+            "state_dir": str(tmp_path / "s"),
+            "reorder_ms": 60000,
+        },
+    )
+    samples = _samples(1, 3, seed=61)
+    (stream,) = samples
+    p = partition(stream, P)
+    want = offline(bundles / "clf-int8", samples)
+    native = NatsCollector(url)
+
+    def worker(worker_id: str) -> Worker:
+        return Worker(cfg, WorkerOptions([url], worker_id, partitions=P, snapshot_interval=600))
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def send(seq: int) -> None:
+            body = json.dumps({"seq": seq, "values": samples[stream][seq - 1 : seq].tolist()})
+            await js.publish(f"sensors.{stream}.data", body.encode())
+
+        w1 = worker("w1")
+        running1 = asyncio.create_task(w1.run())
+        await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
+        reset = {"cmd": "reset", "seq": 1}  # starts at 1: no wait for an earlier one
+        await js.publish(f"sensors.{stream}.control", json.dumps(reset).encode())
+        await send(1)
+        await send(3)  # waits for 2
+        held = lambda: len(w1.owned[p].processor.reorder) == 1  # noqa: E731
+        await _until(lambda: (stream, 1) in native.predictions() and held(), 60, "3 held")
+        w1.stopping.set()  # a clean stop: 3 is in the final snapshot, held
+        await running1
+        w2 = worker("w2")
+        subscribe = w2._subscribe
+
+        pulls: list[int] = []
+
+        async def slow_takeover(part: Any) -> None:
+            part.processor.reorder._clock = lambda: time.monotonic() + 3600.0
+            await subscribe(part)
+            take = part.feed.take
+            if part.number == p:
+
+                async def counted(*args: Any) -> Any:
+                    pulls.append(1)
+                    return await take(*args)
+
+                part.feed.take = counted
+
+        w2._subscribe = slow_takeover  # type: ignore[method-assign]
+        running2 = asyncio.create_task(w2.run())
+        try:
+            await _until(lambda: len(w2.owned) == P, 60, "w2 to own every partition")
+            await _until(lambda: len(pulls) >= 2, 60, "a round of w2's after its first pull")
+            await send(2)
+            answered = lambda k: (stream, k) in native.predictions()  # noqa: E731
+            refused = lambda: bool(native.of(f"errors/{stream}"))  # noqa: E731
+            await _until(lambda: answered(3) and (answered(2) or refused()), 60, "2 and 3")
+        finally:
+            w2.stopping.set()
+            await asyncio.gather(running2, return_exceptions=True)
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+        got = native.predictions()
+        assert native.of(f"errors/{stream}") == []
+        for seq in (1, 2, 3):
+            assert len(got[(stream, seq)]) == 1, seq
+            np.testing.assert_array_equal(got[(stream, seq)][0], want[(stream, seq)])
+    finally:
+        native.close()

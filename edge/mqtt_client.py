@@ -116,6 +116,8 @@ class Client(mqtt.Client):
         """Take the messages on refused topics out of the queue a reconnect sends again
         (each would be refused again, and the connection closed again): (mid, refusal) each,
         to be handled as the broker's refusal."""
+        if not self._refused_topics:
+            return []
         with self._out_message_mutex:
             out = []
             for mid, m in list(self._out_messages.items()):

@@ -48,12 +48,12 @@ DRAIN_SECONDS = 3.0  # how long SIGTERM keeps answering what is already here
 RETRY_SECONDS = 1.0  # between attempts to write to an unwritable state directory
 
 
-def worth_logging(attempt: int, reason: str, last_reason: str | None) -> bool:
-    """Whether a failed connection attempt (the ``attempt``-th in a row) is logged at its
-    level: the first three, the 10th, every 100th, and any whose reason differs from the
-    one before. A broker away for a day is otherwise a line every ``reconnect_max`` seconds
-    (2,880 a day at 30 s) on the gateway's SD card; the rest go to debug level."""
-    return attempt <= 3 or attempt == 10 or attempt % 100 == 0 or reason != last_reason
+def loud(n: int) -> bool:
+    """Whether the ``n``-th of a run of like events is logged at its level: the first three,
+    the 10th and every 100th; the rest go to debug level. A broker away for a day is
+    otherwise a line every ``reconnect_max`` seconds (2,880 a day at 30 s) on the gateway's
+    SD card."""
+    return n <= 3 or n == 10 or n % 100 == 0
 
 
 def delivered(info: Any) -> bool:
@@ -426,11 +426,12 @@ class MqttService:
         self._connect_failed(logging.WARNING, why)
 
     def _connect_failed(self, level: int, why: str) -> None:
-        """One more failed connection attempt in a row, logged as ``worth_logging`` says."""
+        """One more failed connection attempt in a row, logged as ``loud`` says, and at once
+        when its reason differs from the last one's."""
         self._connect_failures += 1
         n, last = self._connect_failures, self._failure_reason
         self._failure_reason = why
-        if not worth_logging(n, why, last):
+        if not loud(n) and why == last:
             log.debug("%s; retrying, attempt %d", why, n)
             return
         # Said at the third: what follows the same is summarised.
@@ -455,12 +456,12 @@ class MqttService:
             return
         short = self._clock() - up < STABLE_SECONDS
         self._flaps = self._flaps + 1 if short else 0
-        loud = self._flaps <= 3 or self._flaps == 10 or self._flaps % 100 == 0
+        said = loud(self._flaps)
         more = " (while it goes on, more at the 10th and every 100th)" if self._flaps == 3 else ""
         if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
             self.metrics.inc("sessions_taken_over")
             log.log(
-                logging.ERROR if loud else logging.DEBUG,
+                logging.ERROR if said else logging.DEBUG,
                 "the broker gave our session to another client with client id %r: is a "
                 "second serve running with it? Reconnecting with backoff%s",
                 self.cfg.client_id,
@@ -468,7 +469,7 @@ class MqttService:
             )
         else:
             log.log(
-                logging.WARNING if loud else logging.DEBUG,
+                logging.WARNING if said else logging.DEBUG,
                 "disconnected from the broker (%s); reconnecting%s",
                 reason,
                 more,

@@ -136,26 +136,49 @@ class _Round:
 
 
 class RateLimitedLog:
-    """The first ``burst`` lines of each code per minute at their level (errors at WARNING),
-    the rest at DEBUG: a device can send as many as it likes, the log stays readable."""
+    """The first ``burst`` lines of each code per window at their level (errors at WARNING),
+    the rest at DEBUG: a device can send as many as it likes, the log stays readable. The
+    window is a minute and doubles, up to an hour, while a code keeps filling it: a fault that
+    lasts for months is ~10 lines an hour, not 14,400 a day. Each window that sent lines to
+    DEBUG is summed up at the code's next line."""
+
+    MINUTE, HOUR = 60.0, 3600.0
 
     def __init__(self, burst: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
         self.burst, self.clock = burst, clock
-        self.window: dict[str, tuple[float, int]] = {}
+        self.window: dict[str, tuple[float, float, int]] = {}  # code: start, span, lines
 
     def __call__(self, code: str, msg: str, level: int = logging.WARNING) -> None:
         now = self.clock()
-        start, n = self.window.get(code, (now, 0))
-        if now - start > 60:
+        start, span, n = self.window.get(code, (now, self.MINUTE, 0))
+        if not 0 <= now - start < span:  # over (or the clock stepped back)
+            if n > self.burst:
+                log.log(
+                    level,
+                    "%s: %d more in the last %s (at debug level)",
+                    code,
+                    n - self.burst,
+                    _duration(now - start if now > start else span),
+                )
+            # Filled, and the fault goes on: the next window is twice as long; else a minute.
+            going_on = n > self.burst and now - start < 2 * span
+            span = min(span * 2, self.HOUR) if going_on else self.MINUTE
             start, n = now, 0
-        self.window[code] = (start, n + 1)
+        self.window[code] = (start, span, n + 1)
         log.log(
             level if n < self.burst else logging.DEBUG,
             "%s: %s%s",
             code,
             msg,
-            " (further ones at debug level)" if n + 1 == self.burst else "",
+            f" (further ones at debug level for up to {_duration(span)})"
+            if n + 1 == self.burst
+            else "",
         )
+
+
+def _duration(seconds: float) -> str:
+    minutes = max(1, round(seconds / 60))
+    return f"{minutes} min" if minutes < 120 else f"{minutes / 60:.0f} h"
 
 
 def _u32(value: Any) -> bool:

@@ -67,6 +67,39 @@ def test_a_wait_counts_only_while_messages_can_arrive():
     assert [x.seq for x in r.expire()] == [7] and len(r) == 0
 
 
+def test_a_fault_that_lasts_for_months_is_a_few_log_lines_an_hour(caplog):
+    """A device sending a bad sample every second for months was 10 error lines a minute for
+    ever: 14,400 a day, on a gateway whose log often shares the state directory's SD card.
+    While a code keeps filling its window, the window doubles up to an hour, and each one
+    that sent lines to debug level is summed up; a quiet spell brings back a minute."""
+    import logging
+
+    from edge.processor import RateLimitedLog
+
+    now = [0.0]
+    say = RateLimitedLog(clock=lambda: now[0])
+    with caplog.at_level(logging.DEBUG, logger="edge.service"):
+        for second in range(86_400):
+            now[0] = float(second)
+            say("bad_payload", f"stream d seq {second}: not JSON")
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(caplog.records) >= 86_400  # every one still at debug level
+    assert 200 <= len(loud) <= 350, len(loud)  # ~10 an hour once the window is an hour
+    summaries = [m for m in loud if " more in the last " in m]
+    assert summaries[0] == "bad_payload: 50 more in the last 1 min (at debug level)"
+    assert summaries[-1].startswith("bad_payload: 3590 more in the last 60 min")
+    assert sum(int(m.split()[1]) for m in summaries) + len(loud) - len(summaries) <= 86_400
+    # After an hour without the fault, its next occurrence gets a minute's window again.
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="edge.service"):
+        for second in range(100):
+            now[0] = 86_400 + 7_200 + second
+            say("bad_payload", "not JSON")
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "further ones at debug level for up to 1 min" in loud[10]  # [0] sums the last hour
+    assert len(loud) == 1 + 10 + 1 + 10  # 60 s window, summary, the next minute's 10
+
+
 def test_reorderer_passes_duplicates_and_is_off_at_zero():
     r = Reorderer(0.1, lambda: 0.0)
     push(r, rec("s", 5), 4)

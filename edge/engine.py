@@ -1010,8 +1010,8 @@ class Engine:
                 boots.setdefault(stream, []).append(boot)
             prev = last[stream]
             if not is_restart and self.restart_gap and prev is not None:
-                behind = (prev - seq) % U32
-                is_restart = self.restart_gap < behind < HALF
+                behind = (prev - seq) % U32  # 2**31: as far behind as ahead, admitted as behind
+                is_restart = self.restart_gap < behind <= HALF
             if is_restart:
                 self.counters.restarts += 1
                 last[stream] = None

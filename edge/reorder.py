@@ -27,6 +27,9 @@ from .wal import Record
 # months, and written into every snapshot. Past this many the farthest are let go: a record
 # beyond them waits for them as for any gap, at most the hold time.
 MAX_VOIDS = 1024
+# ``seq - expect`` (mod 2**32) below this: at or ahead of the expected seq. One less than HALF,
+# as ``expect`` is the last applied seq + 1 and a seq 2**31 from that one is admitted behind.
+AHEAD = HALF - 1
 
 
 @dataclass(eq=False)  # removed by identity: records held at one clock reading are distinct
@@ -168,7 +171,7 @@ class Reorderer:
         if rec.boot is not None:
             self._boots[stream] = (rec.boot, old)
         behind = None if expect is None else (expect - 1 - rec.seq) % U32
-        if self.restart_gap and behind is not None and self.restart_gap < behind < HALF:
+        if self.restart_gap and behind is not None and self.restart_gap < behind <= HALF:
             return self._start_over(rec, old)
         if expect is None:  # the first here (of its life): an earlier one may still come
             self._hold(rec)
@@ -176,7 +179,7 @@ class Reorderer:
         # The expectation is explicit from here on: a record behind it (a duplicate) must
         # never set it back, also when only the engine's last seq implied it (a restart).
         self._next.setdefault(stream, expect)
-        if 0 < (rec.seq - expect) % U32 < HALF:
+        if 0 < (rec.seq - expect) % U32 < AHEAD:
             self._hold(rec)
             return []
         self._advance(rec)
@@ -224,7 +227,7 @@ class Reorderer:
             if stream in self._held:
                 self._add_void(stream, seq, self._held[stream][0].record.seq)
             return []
-        if not 0 <= (seq - expect) % U32 < HALF:
+        if not 0 <= (seq - expect) % U32 < AHEAD:
             return []
         self._next.setdefault(stream, expect)
         self._add_void(stream, seq, expect)
@@ -343,10 +346,10 @@ class Reorderer:
         for i, h in enumerate(items):
             self._skip_voids(stream)
             ahead = (h.record.seq - self._next[stream]) % U32
-            if 0 < ahead < HALF:  # a gap: the rest waits, but what is behind goes on
+            if 0 < ahead < AHEAD:  # a gap: the rest waits, but what is behind goes on
                 kept = []
                 for h2 in items[i:]:
-                    if (h2.record.seq - self._next[stream]) % U32 >= HALF:
+                    if (h2.record.seq - self._next[stream]) % U32 >= AHEAD:
                         out.append(h2.record)
                     else:
                         kept.append(h2)

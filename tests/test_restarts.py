@@ -69,6 +69,21 @@ def test_restart_gap_for_devices_without_boot_ids(bundles, xs):
     np.testing.assert_array_equal(far.y, edge.load(bundles / BUNDLE).step("x", xs[50:52]))
 
 
+def test_a_seq_exactly_2_pow_31_behind_restarts_a_stream_with_restart_gap(bundles, xs):
+    """2**31 away is as far behind as ahead: admitted as behind (a duplicate without
+    ``restart_gap``), so with it such a seq is more than N behind and restarts the stream."""
+    plain = edge.load(bundles / BUNDLE)
+    plain.step("d", xs[:3], seq=2**31 + 5)  # last seq 2**31 + 7
+    (dup,) = plain.step_many([edge.Chunk("d", xs[3:4], 7)])
+    assert dup.duplicates == 1 and not dup.restart
+    e = edge.load(bundles / BUNDLE, restart_gap=10)
+    e.step("d", xs[:3], seq=2**31 + 5)
+    (far,) = e.step_many([edge.Chunk("d", xs[3:5], 7)])
+    assert far.restart and far.seq == 7 and far.duplicates == 0 and len(far.y) == 2
+    np.testing.assert_array_equal(far.y, edge.load(bundles / BUNDLE).step("x", xs[3:5]))
+    assert e.last_seq("d") == 8 and e.counters.restarts == 1
+
+
 def test_reset_keeps_seq_unless_told(bundles, xs):
     e = edge.load(bundles / BUNDLE)
     e.step("d", xs[:10], seq=1)

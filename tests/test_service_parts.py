@@ -34,6 +34,20 @@ def test_reorderer_waits_for_the_gap_then_gives_up():
     assert [x.seq for x in r.expire()] == [7] and len(r) == 0
 
 
+def test_the_reorderer_does_not_hold_a_seq_2_pow_31_past_the_last_as_a_gap():
+    """2**31 past the last applied seq is admitted as behind (a duplicate, or with
+    ``restart_gap`` a new life): not held for a gap before it, nor awaited once refused."""
+    last = 2**31 + 7  # seq 7 is 2**31 past it, seq 6 the farthest ahead
+    r = Reorderer(10.0, lambda: 0.0)
+    assert [x.seq for x in push(r, rec("s", 7), last)] == [7]
+    assert push(r, rec("s", 6), last) == []  # ahead of a gap: held
+    assert r.void("s", 7, last) == []
+    assert r.export(lambda _: last)["s"][1] == []  # 7 is not awaited
+    gap = Reorderer(10.0, lambda: 0.0, 100)
+    assert push(gap, rec("s", 7), last) == []  # a new life: waits as a first record does
+    assert [x.seq for x in gap.expire(force=True)] == [7]
+
+
 def test_a_wait_counts_only_while_messages_can_arrive():
     """Paused (the transport not reading: starting, or cut off from its broker), nothing is
     given up on; resumed, a record held before the pause waits what it had left, one held

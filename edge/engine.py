@@ -576,7 +576,8 @@ class Engine:
         ``boots[i]`` (``NO_BOOT`` = none). Chunks apply in the order given, a stream's samples
         in order; round r steps the r-th pending sample of every stream in one invoke. A chunk
         may hold any number of samples. A refused chunk is reported in ``Batch.errors`` and
-        changes nothing."""
+        changes nothing. More than ``capacity`` streams in one call: ``ConfigError``, nothing
+        changed."""
         n = len(streams)
         f = self._features
         if counts is None and seqs is not None:
@@ -740,8 +741,16 @@ class Engine:
         errors: dict[int, SampleError],
     ) -> Batch:
         """Check, admit, step and record a batch (``errors``: chunks refused already)."""
-        self.store.evict_idle()
         n = len(streams)
+        cap = self.store.capacity
+        if n > cap:  # refused before anything changes: no eviction, no count
+            ids = {s for i, s in enumerate(streams) if type(s) is str and i not in errors}
+            if len(ids) > cap and (wide := sum(map(_valid_id, ids))) > cap:
+                raise ConfigError(
+                    f"{wide} streams in one batch exceed the state capacity {cap}; "
+                    "lower the batch size or raise the capacity"
+                )
+        self.store.evict_idle()
         try:
             rows = self.store.lookup(streams)
         except TypeError:  # an unhashable stream id: refused below like any invalid one
@@ -1159,11 +1168,7 @@ class Engine:
         firsts = np.full(n_streams, -1, np.int64)
         firsts[u_of_chunk[::-1]] = chunks[::-1]  # each stream's first chunk
         names = [streams[int(i)] for i in firsts]
-        if n_streams > self.store.capacity:
-            raise ConfigError(
-                f"{n_streams} streams in one batch exceed the state capacity "
-                f"{self.store.capacity}; lower the batch size or raise the capacity"
-            )
+        assert n_streams <= self.store.capacity, "a wider batch is refused by _step_arrays"
         known = None if plan.rows is None else plan.rows[firsts]
         if plan.rows is not None:
             rows = self.store.acquire(names, known)

@@ -408,3 +408,29 @@ def test_a_batch_with_a_value_past_float_or_complex_is_refused_whole(load, stead
     assert [e.last_seq(s) for s in streams] == [1, 1]
     for s, st0 in zip(streams, before):
         assert all(np.array_equal(x, y) for x, y in zip(st0, e.state_of(s)))
+
+
+@pytest.mark.parametrize("api", ["step_many", "step_batch"])
+def test_a_batch_wider_than_the_capacity_is_refused_before_anything_changes(load, api):
+    """More streams in one call than ``capacity``: refused whole (``ConfigError`` naming the
+    count), with no stream evicted to give a returning one its row back and no sample, gap or
+    duplicate counted."""
+    engine = load(capacity=3, gap_policy="reset")
+    x = samples(8, 9)
+    for s in "abcd":  # d evicts a
+        engine.step(s, x[:1], seq=1)
+    engine.step("b", x[1:2], seq=5)  # a gap
+    kept = {s: engine.state_of(s) for s in "bcd"}
+    before = (engine.stats(), engine.store.streams, [engine.last_seq(s) for s in "abcd"])
+    chunks = [Chunk(s, x[i : i + 1], 3) for i, s in enumerate("abcdefg")]  # a returns
+    with pytest.raises(edge.ConfigError, match=r"^7 streams in one batch exceed .* capacity 3;"):
+        if api == "step_many":
+            engine.step_many(chunks)
+        else:
+            engine.step_batch([c.stream for c in chunks], x[:7], seqs=[3] * 7)
+    assert (engine.stats(), engine.store.streams) == before[:2]
+    assert [engine.last_seq(s) for s in "abcd"] == before[2]
+    assert all(np.array_equal(engine.state_of(s)[0], kept[s][0]) for s in "bcd")
+    # a batch of at most capacity streams still runs: a returns (restart), b's gap is counted
+    outs = engine.step_many(chunks[:3])
+    assert outs[0].restart and outs[1].gap == 0 and outs[1].duplicates == 1

@@ -2,17 +2,23 @@
 
 They ship inside the wheel (``edge/deploy/``), so a device installed from a wheel or a git URL
 has them without a checkout. Nothing is overwritten unless asked, and the kit is written whole
-or not at all: every target is checked before anything is written, and the files are renamed
-into place only once all of them are written.
+or not at all: every target is checked before anything is written, the files are renamed
+into place only once all of them are written (and synced), and the renames are done all or
+none: a rename that fails puts back the files replaced before it, and Ctrl-C or SIGTERM waits
+until the last rename is done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 from .outfile import regular_target
@@ -68,12 +74,9 @@ def write_kit(directory: str | Path, *, force: bool = False) -> list[Path]:
     try:
         target.mkdir(parents=True, exist_ok=True)
         for name, content in files.items():
-            fd, staged[name] = tempfile.mkstemp(prefix=f".{name}.", dir=real[name].parent)
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-            os.chmod(staged[name], 0o644)
-        for name in files:  # the kit is complete on disk: only renames from here on
-            os.replace(staged.pop(name), real[name])
+            staged[name] = _stage(real[name], content)
+        with _signals_held():  # an interrupt lands before the first rename or after the last
+            _replace_all(staged, real)
         done = True
     except OSError as exc:
         raise ConfigError(f"cannot write the deploy kit into {str(target)!r}: {exc}") from exc
@@ -84,3 +87,85 @@ def write_kit(directory: str | Path, *, force: bool = False) -> list[Path]:
             with contextlib.suppress(OSError):
                 target.rmdir()
     return [target / name for name in files]
+
+
+def _stage(target: Path, content: bytes) -> str:
+    """``content`` in a temporary file beside ``target``, on disk (a power loss after the
+    rename finds the new file whole, not an empty one where the old was)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    return tmp
+
+
+def _replace_all(staged: dict[str, str], real: dict[str, Path]) -> None:
+    """Rename every staged file over its target, or none: a rename that fails puts the files
+    replaced before it back (the old contents are read first; kit files are small)."""
+    old = {name: _read(real[name]) for name in staged}
+    replaced: list[str] = []
+    try:
+        for name in list(staged):
+            os.replace(staged[name], real[name])
+            del staged[name]
+            replaced.append(name)
+    except OSError:
+        for name in replaced:
+            with contextlib.suppress(OSError):  # the first error is the one reported
+                was = old[name]
+                if was is None:
+                    real[name].unlink()
+                else:
+                    os.replace(_stage(real[name], was), real[name])
+        raise
+    for folder in {real[name].parent for name in replaced}:
+        _sync_dir(folder)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _sync_dir(folder: Path) -> None:
+    """The renames in ``folder`` on disk."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a directory that cannot be opened for reading: the renames stand anyway
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory: nothing more can be done
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block are acted on (as their handlers then say)
+    once it is done. Handlers, not a signal mask: a signal sent to the process is taken by
+    any of its threads that does not block it, and its Python handler runs in this one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not None:  # None: set outside Python, cannot be set back
+            previous[sig] = signal.signal(sig, lambda n, _f: caught.append(n))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(caught):
+            handler = previous[number]
+            if callable(handler):
+                handler(number, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(number)

@@ -399,3 +399,61 @@ def test_deploy_kit_follows_a_link_and_keeps_it(tmp_path):
     shipped = (ROOT / "edge/deploy/edge-lstm.toml").read_bytes()
     assert (elsewhere / "edge-lstm.toml").read_bytes() == shipped
     assert [p.name for p in elsewhere.iterdir()] == ["edge-lstm.toml"]
+
+
+def _an_old_kit(target: Path) -> dict[str, bytes]:
+    from edge.deploy_kit import kit_files, write_kit
+
+    write_kit(target)
+    old = {name: b"# old " + name.encode() + b"\n" for name in kit_files()}
+    for name, content in old.items():
+        (target / name).write_bytes(content)
+    return old
+
+
+def test_deploy_kit_force_interrupted_mid_replace_leaves_one_whole_kit(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (which ``edge-lstm`` turns into the same interrupt) arriving while
+    ``--force`` renames the new files over the old ones: the kit on disk is the new one
+    whole, never part old and part new."""
+    import signal
+
+    from edge import cli, deploy_kit
+
+    target = tmp_path / "kit"
+    _an_old_kit(target)
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append(dst)
+        if len(renames) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the interrupt, during the first rename
+        real_replace(src, dst)
+
+    monkeypatch.setattr(deploy_kit.os, "replace", replace)
+    with cli.sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
+        deploy_kit.write_kit(target, force=True)
+    new = deploy_kit.kit_files()
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == new  # no temporary file left
+
+
+def test_deploy_kit_force_puts_the_old_files_back_when_a_rename_fails(tmp_path, monkeypatch):
+    from edge import deploy_kit
+    from edge.errors import ConfigError
+
+    target = tmp_path / "kit"
+    old = _an_old_kit(target)
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append(dst)
+        if len(renames) == 3:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(deploy_kit.os, "replace", replace)
+    with pytest.raises(ConfigError, match="No space left on device") as err:
+        deploy_kit.write_kit(target, force=True)
+    assert "\n" not in str(err.value)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == old

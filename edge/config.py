@@ -96,7 +96,7 @@ class ServiceConfig:
     )
     gap_policy: str = _opt(
         "continue",
-        "on a seq gap: continue (flag it), reset the stream, or reject",
+        "on a seq gap: continue (the answer says 'gap'), reset the stream (it also says 'restart'), or reject",
         ["continue", "reset", "reject"],
     )
     restart_gap: int = _opt(

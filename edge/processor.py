@@ -933,7 +933,7 @@ class Processor:
             self._log_note("restart", what, logging.INFO)
         if not len(oc.y):
             return out
-        restart = oc.restart
+        restart = oc.restart or oc.reset  # a reset at a gap (gap_policy "reset") too
         # (a stream evicted and given its row back by a duplicate is not fresh, but restarts)
         fresh = rec.stream in self._fresh or restart
         if fresh and (self._restarted.pop(rec.stream) or self._unknown_lost):

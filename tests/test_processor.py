@@ -1073,3 +1073,19 @@ def test_a_sample_shed_under_overload_is_not_waited_for(bundles, tmp_path, xs):
         ("predictions/a", 3, None, 1),
     ]
     assert len(p.reorder) == 0
+
+
+@pytest.mark.parametrize("policy", ["continue", "reset"])
+def test_an_answer_after_a_gap_says_restart_when_the_gap_policy_reset_zeroed_the_state(
+    bundles, tmp_path, xs, policy
+):
+    """Both answers say ``gap``: how many samples are missing. Only with ``gap_policy =
+    "reset"`` was the prediction computed from the zero state, and then it says ``restart``
+    as every other answer computed from the zero state of a stream that had one."""
+    p = make(bundles, tmp_path / "state", gap_policy=policy)
+    assert p.handle([msg("s", 1, xs[1])]) and p.handle([msg("s", 4, xs[4])])
+    docs = [json.loads(o.payload) for o in answers(p)]
+    got = [(d["seq"], d.get("gap"), d.get("restart")) for d in docs]
+    assert got == [(1, None, None), (4, 2, True if policy == "reset" else None)]
+    fresh = edge.load(bundles / "clf-int8").step("x", xs[4])
+    assert np.array_equal(docs[1]["y"], fresh.tolist()) == (policy == "reset")

@@ -435,7 +435,7 @@ class Engine:
         streams, last_seq, arrays, boots, gaps = self.store.export()
         kept = {DEPARTED: self.store.departed.export(), RECALLED: sorted(self.store.recalled)}
         snap = snapfmt.Snapshot(
-            self.manifest.tflite_sha256,
+            self.manifest.model_sha256,
             [list(x) for x in self.manifest.state_layout()],
             streams,
             last_seq,
@@ -469,10 +469,13 @@ class Engine:
                 f"it was taken with model {snap.model_sha256[:12]}..., whose state layout "
                 f"{snap.state_layout} differs from this one's {layout}"
             )
-        elif snap.model_sha256 != self.manifest.tflite_sha256 and not other_model_ok:
+        elif not other_model_ok and snap.model_sha256 not in (
+            self.manifest.model_sha256,
+            self.manifest.tflite_sha256,  # a snapshot of an edge-lstm that knew only the file's
+        ):
             problem = (
                 f"it was taken with model {snap.model_sha256[:12]}..., this engine runs "
-                f"{self.manifest.tflite_sha256[:12]}..."
+                f"{self.manifest.model_id}..."
             )
         if problem:
             if fresh_on_mismatch:

@@ -7,6 +7,7 @@ everything the runtime needs; the converter writes it (``convert.bundle``) from 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -76,6 +77,24 @@ class StateTensor:
     cell: str = "lstm"
 
 
+# Manifest fields that describe a bundle without changing what its model answers: left out of
+# ``Manifest.model_sha256`` (a bundle verified again on another kernel set keeps its id).
+DESCRIPTIVE = frozenset(
+    {
+        "format",
+        "format_version",
+        "model_file",
+        "source_sha256",
+        "source_name",
+        "source",
+        "fidelity",
+        "interpreters",
+        "kernels",
+        "quantization_choice",  # why --quant auto chose the mode: the mode itself is kept
+    }
+)
+
+
 @dataclass(frozen=True)
 class Manifest:
     model_file: str
@@ -114,10 +133,20 @@ class Manifest:
     def outputs(self) -> int:
         return self.tensors[self.output].width
 
+    @functools.cached_property
+    def model_sha256(self) -> str:
+        """The model as it answers: the .tflite's digest with every manifest field that
+        changes a prediction or the state (input normalisation, labels, output activation,
+        tensors, ...), not those that only describe it (fidelity, interpreters, source).
+        Two bundles of one .tflite that answer differently differ here."""
+        doc = {k: v for k, v in self.to_dict().items() if k not in DESCRIPTIVE}
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
     @property
     def model_id(self) -> str:
-        """Short model id published with every prediction."""
-        return self.tflite_sha256[:12]
+        """Short model id published with every prediction (of ``model_sha256``)."""
+        return self.model_sha256[:12]
 
     @property
     def state_names(self) -> tuple[tuple[str, str], ...]:

@@ -665,3 +665,45 @@ def test_a_convolution_buffer_is_state_like_h(load, tmp_path, cut):
     assert states_equal(second, straight, "s")
     second.reset("s")
     np.testing.assert_array_equal(second.step("s", x[:5], seq=100), y_straight[:5])
+
+
+def test_a_bundle_of_the_same_tflite_with_another_normalisation_is_another_model(
+    load, bundles, tmp_path
+):
+    """The model id and the model a snapshot names were the .tflite's digest alone: a bundle
+    of the same file with another input normalisation (or other labels) answers otherwise,
+    yet published the same ``model`` id, and a strict ``restore`` took the other's snapshot
+    as its own. Both now cover the manifest fields that change the answers."""
+    import json
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(bundles / "clf-int8", other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["input_normalization"]["mean"] = [v + 1.0 for v in m["input_normalization"]["mean"]]
+    (other / "manifest.json").write_text(json.dumps(m))
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(bundles / "clf-int8", relabelled)
+    m = json.loads((relabelled / "manifest.json").read_text())
+    m["output"]["labels"] = list(reversed(m["output"]["labels"]))
+    m["fidelity"] = {**m["fidelity"], "note": "verified again"}  # describes, changes nothing
+    (relabelled / "manifest.json").write_text(json.dumps(m))
+    a, b, c = load("clf-int8"), edge.load(other), edge.load(relabelled)
+    assert a.manifest.tflite_sha256 == b.manifest.tflite_sha256 == c.manifest.tflite_sha256
+    x = samples(3, 0)
+    assert not np.array_equal(a.step("s", x, seq=1), b.step("s", x, seq=1))
+    assert len({a.manifest.model_id, b.manifest.model_id, c.manifest.model_id}) == 3
+    a.snapshot(tmp_path / "a.bin")
+    with pytest.raises(edge.StateMismatch, match=f"this engine runs {b.manifest.model_id}"):
+        edge.load(other).restore(tmp_path / "a.bin")
+    again = load("clf-int8")
+    again.restore(tmp_path / "a.bin")  # its own model's snapshot
+    assert states_equal(a, again, "s")
+    same = tmp_path / "same"  # a manifest changed only where it describes: the same model
+    shutil.copytree(bundles / "clf-int8", same)
+    m = json.loads((same / "manifest.json").read_text())
+    m["interpreters"] = {**m["interpreters"], "note": "x"}
+    m["quantization_choice"] = "int8: the smallest that passed"
+    (same / "manifest.json").write_text(json.dumps(m))
+    assert edge.load(same).manifest.model_id == a.manifest.model_id
+    edge.load(same).restore(tmp_path / "a.bin")

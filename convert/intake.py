@@ -515,6 +515,40 @@ HALF_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}  # machine epsilon of a ha
 HALF_STEPS_EPS = 8  # Keras in half precision vs the float32 step: up to this many epsilons
 
 
+def _unwrapped(layer: Any) -> Any:
+    return getattr(layer, "layer", layer)
+
+
+def _zero_padding(layer: Any) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.ZeroPadding1D)
+
+
+def _causal_twin(model: Any) -> Any:
+    """``model`` with every ``valid`` Conv1D that no ``ZeroPadding1D`` makes causal made
+    ``causal``, its weights the same: the model a stream runs. None when Keras cannot clone
+    the model so (a custom layer): the checks then do what they can without it."""
+    import keras
+
+    chain = _chain(model)
+    padded = {id(la) for prev, la in zip([None, *chain], chain) if _zero_padding(prev)}
+
+    def twin_of(layer: Any) -> Any:
+        config = layer.get_config()
+        valid = isinstance(layer, keras.layers.Conv1D) and layer.padding == "valid"
+        if valid and id(layer) not in padded:
+            config["padding"] = "causal"
+        return layer.__class__.from_config(config)
+
+    try:
+        twin = keras.models.clone_model(model, clone_function=twin_of, recursive=True)
+        twin.set_weights(model.get_weights())
+    except Exception:  # a layer Keras cannot rebuild from its config: no twin to run
+        return None
+    return twin
+
+
 def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
     """Keras itself against the step read from the model, over the first steps of ``xs``:
     what is read wrongly is refused here (exit 2) rather than verified against itself. (Only
@@ -530,23 +564,24 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
 
     from . import reference
 
-    layers = [getattr(la, "layer", la) for la in _chain(model)]
+    layers = [_unwrapped(la) for la in _chain(model)]
     stateful = [la for la in layers if getattr(la, "stateful", False)]
     batch = model.inputs[0].shape[0] if stateful else None
 
-    def keras_run(fed: np.ndarray) -> np.ndarray:
+    def keras_run(fed: np.ndarray, m: Any) -> np.ndarray:
         """Keras' own outputs from the zero state: a stateful model (a fixed batch, its state
         carried from one call to the next) runs one batch at a time, reset before each."""
         if not stateful:
-            return np.asarray(model.predict(fed, verbose=0, batch_size=len(fed)), np.float64)
+            return np.asarray(m.predict(fed, verbose=0, batch_size=len(fed)), np.float64)
+        held = [la for la in map(_unwrapped, _chain(m)) if getattr(la, "stateful", False)]
         outs = []
         try:
             for i in range(0, len(fed), batch):
-                for la in stateful:
+                for la in held:
                     la.reset_state()
-                outs.append(model.predict(fed[i : i + batch], verbose=0, batch_size=batch))
+                outs.append(m.predict(fed[i : i + batch], verbose=0, batch_size=batch))
         finally:
-            for la in stateful:
+            for la in held:
                 la.reset_state()
         return np.asarray(np.concatenate(outs), np.float64)
 
@@ -575,17 +610,22 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
     tol = max([AGREEMENT_TOL, *(HALF_STEPS_EPS * HALF_EPS[h] for h in half)])
 
     def differ(
-        x: np.ndarray, pad: np.ndarray | None = None, first: int | None = None
+        x: np.ndarray,
+        pad: np.ndarray | None = None,
+        first: int | None = None,
+        keras_model: Any = None,
     ) -> float | None:
         """Relative max difference (over the ``first`` steps, if given); ``pad``: Keras gets
-        it before ``x`` (the twin's padding)."""
+        it before ``x`` (the twin's padding); ``keras_model``: the causal twin to run instead
+        of the model (its outputs are the stream's, none dropped)."""
         fed = x if pad is None else np.concatenate([np.broadcast_to(pad, x[:, :shift].shape), x], 1)
         try:
-            want = keras_run(fed)
+            want = keras_run(fed, model if keras_model is None else keras_model)
         except Exception:  # e.g. a fixed batch size or length: the reference is all there is
             return None
+        drop = shift if pad is None and keras_model is None else 0
         got = np.asarray(reference.run(spec, x)[0], np.float64)
-        got = got[:, shift if pad is None else 0 :] if spec.sequence_output else got[:, -1]
+        got = got[:, drop:] if spec.sequence_output else got[:, -1]
         if got.shape != want.shape or not np.isfinite(want).all():
             return None  # a model that diverges is said by the calibration, naming where
         if first is not None and spec.sequence_output:
@@ -595,6 +635,11 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
     early = None
     if not shift:
         early = differ(fit(xs[:, :early_steps], length), first=early_steps)
+    elif (twin := _causal_twin(model)) is not None:
+        # Keras' own run of the twin the stream is: every 'valid' convolution 'causal', the
+        # weights the same. Wherever the convolution is, a layer read wrongly is found here,
+        # not taken for the difference the 'valid' padding makes (said below).
+        early = differ(fit(xs[:, :early_steps], length), first=early_steps, keras_model=twin)
     elif isinstance(spec.layers[0], Conv1D) and spec.layers[0].span == shift:
         # one valid convolution, first: Keras on the input padded with what the twin's zero
         # buffer stands for (the mean, where the normalisation runs before it) is the twin

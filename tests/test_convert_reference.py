@@ -618,6 +618,34 @@ def test_keras_itself_checks_what_was_read():
     assert intake.check_agreement(padded, intake.spec_from_model(padded), x) is None
 
 
+@pytest.mark.parametrize("first", ["lstm", "dense", "valid-conv"])
+def test_a_layer_read_wrongly_beside_a_valid_convolution_is_refused_not_warned(first):
+    """A 'valid' Conv1D that is not the model's first layer turned the check of what was read
+    into the warning about 'valid' padding alone: a layer read wrongly was converted, its
+    difference from Keras said to be the padding's. The step is checked against Keras' run of
+    the causal twin (the stream), wherever the convolution is; the padding's own difference
+    from Keras' model is still said."""
+    import keras
+
+    from convert import intake
+    from convert.errors import UnsupportedModel
+
+    L = keras.layers
+    before = {
+        "lstm": L.LSTM(6, return_sequences=True),
+        "dense": L.Dense(6),
+        "valid-conv": L.Conv1D(6, 2, padding="valid"),
+    }[first]
+    conv = L.Conv1D(4, 3, padding="valid")
+    model = keras_model([before, conv, L.LSTM(3, return_sequences=True), L.Dense(2)])
+    x = np.random.default_rng(8).normal(0, 1, (4, 25, 5)).astype(np.float32)
+    spec = intake.spec_from_model(model)
+    said = intake.check_agreement(model, spec, x)
+    assert said is not None and "padding='valid' streams as its causal twin" in said
+    with pytest.raises(UnsupportedModel, match="differs from Keras' own run of it"):
+        intake.check_agreement(model, _head_bias_off(spec), x)
+
+
 @pytest.mark.parametrize("name", ACTIVATIONS)
 def test_activations_are_keras_own(name):
     import keras

@@ -42,7 +42,7 @@ from edge import payloads
 from .errors import SimError
 from .faults import INVALID, LOST_IN_REBOOT, FaultPlan, Injector
 from .mqtt import close_client
-from .sources import Source, make
+from .sources import Source, maker
 
 FORMATS = ("json", "senml", "binary")
 BUFFER_LIMIT = 10_000  # messages a device stores while offline; the oldest go first
@@ -258,12 +258,20 @@ class Fleet:
         self.log: list[Sent] = []
         self.lock = threading.Lock()
         names = feature_names or [f"f{i}" for i in range(features)]
-        sources = [make(source, i, seed, features) for i in range(devices)]  # checked first
-        if sources[0].features != len(names):
-            raise SimError(
-                f"--source gives {sources[0].features} features, the model expects {len(names)}"
-            )
         n_conn = devices if connections <= 0 else min(connections, devices)
+        make = maker(source, seed, features)  # the source checked first, read once
+        first = make(0)
+        if first.features != len(names):
+            raise SimError(
+                f"--source gives {first.features} features, the model expects {len(names)}"
+            )
+        sources = [first]
+        said = time.monotonic()
+        for i in range(1, devices):
+            sources.append(make(i))
+            if time.monotonic() - said >= PROGRESS_S:  # a large fleet takes a while: say so
+                said = time.monotonic()
+                print(f"preparing: {i + 1:,} of {devices:,} devices", file=sys.stderr)
         self.conns: list[Connection] = []
         said = time.monotonic()
         try:

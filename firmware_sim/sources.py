@@ -6,6 +6,7 @@ Every source is seeded per device, so a run is reproducible.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,31 +27,52 @@ class Source:
     labels: np.ndarray | None  # [N] label index per sample, or None
     classes: tuple[str, ...]
     start: int = 0
+    rows: np.ndarray | None = None  # the rows of ``data`` in this device's order (shared data)
 
     @property
     def features(self) -> int:
         return int(self.data.shape[1])
 
     def take(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        idx = (self.start + np.arange(k)) % len(self.data)
-        self.start = int((self.start + k) % len(self.data))
+        n = len(self.data) if self.rows is None else len(self.rows)
+        idx = (self.start + np.arange(k)) % n
+        self.start = int((self.start + k) % n)
+        if self.rows is not None:
+            idx = self.rows[idx]
         return self.data[idx], None if self.labels is None else self.labels[idx]
 
 
 def make(spec: str, device: int, seed: int, features: int = 6) -> Source:
     """``basicmotions`` (test split), ``basicmotions:train``, a synthetic kind, or a file."""
-    rng = np.random.default_rng([seed, device])
+    return maker(spec, seed, features)(device)
+
+
+def maker(spec: str, seed: int, features: int = 6) -> Callable[[int], Source]:
+    """``make`` for many devices: a recording set or a file is read (and checked) once, and
+    its samples are shared by every device's source, each in its own order or from its own
+    start (read again for every device, a fleet of thousands took minutes and gigabytes)."""
     name, _, arg = spec.partition(":")
     if name == "basicmotions":
         if arg not in ("", "test", "train"):
             raise SimError(f"--source {spec!r}: the split is 'test' or 'train', not {arg!r}")
         rec = basicmotions(arg or "test")
-        order = rng.permutation(len(rec.x))  # each device plays the recordings in its own order
-        data = rec.x[order].reshape(-1, rec.x.shape[-1]).astype(np.float64)
-        labels = np.repeat(rec.labels[order], rec.x.shape[1])
-        return Source(data, labels, rec.classes)
+        count, length = rec.x.shape[:2]
+        data = rec.x.reshape(-1, rec.x.shape[-1]).astype(np.float64)
+        labels = np.repeat(rec.labels, length)
+        data.flags.writeable = labels.flags.writeable = False
+        steps = np.arange(length, dtype=np.int32)
+
+        def recordings(device: int) -> Source:
+            rng = np.random.default_rng([seed, device])
+            order = rng.permutation(count)  # each device plays the recordings in its own order
+            rows = (order[:, None] * length + steps).reshape(-1).astype(np.int32)
+            return Source(data, labels, rec.classes, rows=rows)
+
+        return recordings
     if name in SYNTHETIC:
-        return Source(synthetic(name, features, 20_000, rng), None, ())
+        return lambda device: Source(
+            synthetic(name, features, 20_000, np.random.default_rng([seed, device])), None, ()
+        )
     path = Path(spec)
     if not path.is_file():
         raise SimError(
@@ -58,7 +80,13 @@ def make(spec: str, device: int, seed: int, features: int = 6) -> Source:
             f"{', '.join(SYNTHETIC)}"
         )
     data = load_file(path)
-    return Source(data, None, (), start=int(rng.integers(len(data))))
+    data.flags.writeable = False
+
+    def from_file(device: int) -> Source:
+        rng = np.random.default_rng([seed, device])
+        return Source(data, None, (), start=int(rng.integers(len(data))))
+
+    return from_file
 
 
 def synthetic(kind: str, features: int, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -839,11 +839,47 @@ def test_an_offline_run_in_another_python_that_fails_says_why_in_one_line(tmp_pa
 def test_a_fleet_that_takes_long_to_connect_says_how_far_it_is(broker, monkeypatch, capsys):
     from firmware_sim import devices
 
-    monkeypatch.setattr(devices, "PROGRESS_S", 0.0)  # every connection is "slow"
+    monkeypatch.setattr(devices, "PROGRESS_S", 0.0)  # every device and connection is "slow"
     fleet = devices.Fleet(broker.url, 3, 1.0)
     fleet.close()
     lines = capsys.readouterr().err.splitlines()
-    assert lines == [f"connecting: {i} of 3 connections" for i in (1, 2, 3)]
+    assert lines == [f"preparing: {i} of 3 devices" for i in (2, 3)] + [
+        f"connecting: {i} of 3 connections" for i in (1, 2, 3)
+    ]
+
+
+def test_a_fleet_reads_its_source_once_and_its_devices_share_the_samples(
+    broker, monkeypatch, tmp_path
+):
+    """Every device read the recording set (or the --source file) again and held its own
+    copy: 20,000 devices took minutes before the first connection, and gigabytes. It is read
+    once; each device plays the shared samples in its own order, as before."""
+    from firmware_sim import devices, sources
+
+    reads = []
+    for name in ("basicmotions", "load_file"):
+        real = getattr(sources, name)
+        monkeypatch.setattr(
+            sources, name, lambda *a, _real=real, _n=name: reads.append(_n) or _real(*a)
+        )
+    np.save(tmp_path / "x.npy", np.arange(60.0).reshape(10, 6))
+    for spec, read in (("basicmotions", "basicmotions"), (str(tmp_path / "x.npy"), "load_file")):
+        reads.clear()
+        fleet = devices.Fleet(broker.url, 4, 1.0, source=spec, connections=1, seed=1)
+        try:
+            assert reads == [read]
+            data = [d.source.data for d in fleet.devices]
+            assert all(x is data[0] and not x.flags.writeable for x in data)
+            for i, d in enumerate(fleet.devices):  # what make() gives a device on its own
+                alone = sources.make(spec, i, 1)
+                for _ in range(3):
+                    got, want = d.source.take(70), alone.take(70)
+                    np.testing.assert_array_equal(got[0], want[0])
+                    assert (got[1] is None) == (want[1] is None)
+                    if got[1] is not None:
+                        np.testing.assert_array_equal(got[1], want[1])
+        finally:
+            fleet.close()
 
 
 @pytest.mark.broker

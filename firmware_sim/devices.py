@@ -97,13 +97,38 @@ class Sent:
         return self.published is not None and not self.unacked
 
 
+FILES_PER_CONNECTION = 3  # paho's socket to the broker and the socket pair that wakes its loop
+FILES_SPARE = 32  # the process's own: libraries, the scorer's connection, the results, a plot
+
+
+def _check_open_files(n_conn: int, devices: int, connections: int) -> None:
+    """Refused before anything starts: past the open-file limit a connection failed half-way
+    through connecting the fleet, with a traceback ("Too many open files")."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    need = n_conn * FILES_PER_CONNECTION + FILES_SPARE
+    if limit == resource.RLIM_INFINITY or need <= limit:
+        return
+    fit = (limit - FILES_SPARE) // FILES_PER_CONNECTION
+    what = f"--devices {devices}" if connections <= 0 else f"--connections {connections}"
+    fix = f"use --connections {fit} or fewer (devices share them), or " if fit >= 1 else ""
+    raise SimError(
+        f"{what}: {n_conn:,} MQTT connections need about {need:,} open files, this process "
+        f"may open {limit:,}: {fix}raise the limit (ulimit -n)"
+    )
+
+
 class Connection:
     def __init__(self, url: str, client_id: str, configure: Callable[[Any], None] | None = None):
         u = urlparse(url)
         self.host, self.port = str(u.hostname), int(u.port or 1883)
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
-        )
+        try:
+            self.client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
+            )
+        except OSError as exc:  # its socket pair: out of open files, say
+            raise SimError(f"cannot make an MQTT client for {url}: {exc}") from exc
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.infos: list[Any] = []
@@ -259,6 +284,7 @@ class Fleet:
         self.lock = threading.Lock()
         names = feature_names or [f"f{i}" for i in range(features)]
         n_conn = devices if connections <= 0 else min(connections, devices)
+        _check_open_files(n_conn, devices, connections)
         make = maker(source, seed, features)  # the source checked first, read once
         first = make(0)
         if first.features != len(names):

@@ -882,6 +882,26 @@ def test_a_fleet_reads_its_source_once_and_its_devices_share_the_samples(
             fleet.close()
 
 
+def test_a_fleet_beyond_the_open_file_limit_is_refused_in_one_line(broker, monkeypatch):
+    """Each MQTT connection takes three open files: past ``ulimit -n`` a connection failed
+    half-way through connecting the fleet, with a traceback ("Too many open files")."""
+    import resource
+
+    from firmware_sim import devices
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (332, 332))
+    with pytest.raises(SimError) as err:
+        devices.Fleet(broker.url, 120, 1.0, source="sine")
+    assert str(err.value) == (
+        "--devices 120: 120 MQTT connections need about 392 open files, this process may "
+        "open 332: use --connections 100 or fewer (devices share them), or raise the limit "
+        "(ulimit -n)"
+    )
+    fleet = devices.Fleet(broker.url, 120, 1.0, source="sine", connections=100)
+    assert len(fleet.conns) == 100
+    fleet.close()
+
+
 @pytest.mark.broker
 def test_messages_the_broker_never_acknowledged_are_not_delivered_nor_lost(broker):
     """The broker killed mid-run and not restarted: every message handed to the client after

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from edge.cli import quiet_tensorflow, run_command, version_text
+from edge.sequencing import HALF
 
 from .errors import SimError
 from .results import replace_file, results_dir
@@ -93,6 +94,17 @@ def _count(low: int) -> Any:
     return parse
 
 
+def _restart_gap(text: str) -> int | None:
+    """The runtime's ``restart_gap``, as it takes it: 0 (off, as without the option) up to
+    2**31 - 1. A value the runtime cannot have judged the run by restarts it never makes."""
+    value = _count(0)(text)
+    if value >= HALF:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected the runtime's restart_gap, 0..{HALF - 1} (0: off)"
+        )
+    return value or None
+
+
 # A kernel set's name as edge.backend.kernel_set_name makes it.
 KERNEL_SET = re.compile(r"(litert|tensorflow|tflite-\d+\.\d+)-(xnnpack|builtin-[A-Za-z0-9_]+)")
 
@@ -165,9 +177,9 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--restart-gap",
-        type=_count(0),
+        type=_restart_gap,
         help="the runtime's --restart-gap: how it notices reboots of devices without boot ids "
-        "(needed with --no-boot-ids and reboot faults)",
+        "(needed with --no-boot-ids and reboot faults; 0: off, as the runtime's)",
     )
     r.add_argument(
         "--connections",

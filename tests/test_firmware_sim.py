@@ -781,6 +781,18 @@ def test_demo_cluster_refuses_the_embedded_broker():
         (["run", "--broker", "mqtt://127.0.0.1:1", "--devices", "0"], "--devices: '0'"),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--seed", "-1"], "--seed: '-1'"),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--kernels", "litert-xnnpak"], "kernel set"),
+        (
+            ["run", "--broker", "mqtt://127.0.0.1:1", "--restart-gap", str(2**31)],
+            "--restart-gap: '2147483648': expected the runtime's restart_gap, 0..2147483647",
+        ),
+        (
+            # 0 is the runtime's "off": no reboot without a boot id can be told
+            [
+                *("run", "--broker", "mqtt://127.0.0.1:1", "--restart-gap", "0"),
+                *("--no-boot-ids", "--faults", "reboot=0.1", "--source", "sine"),
+            ],
+            "--faults reboot with --no-boot-ids needs --restart-gap N",
+        ),
         (["host", "--bundle", "b", "--cores", "4096"], "--cores '4096'"),
         (["host", "--bundle", "b", "--slowdown", "0.5"], "--slowdown 0.5"),
         (["host", "--bundle", "b", "--seconds", "-1"], "--seconds: '-1'"),

@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def host(args: argparse.Namespace) -> int:
-    from .host import search, trial
+    from .host import check_offered, search, trial
 
     try:
         cores = {int(c) for c in args.cores.split(",")}
@@ -354,6 +354,8 @@ def host(args: argparse.Namespace) -> int:
         raise SimError(f"--slowdown {args.slowdown}: expected a factor >= 1")
     if args.memory_mb < 0:
         raise SimError(f"--memory-mb {args.memory_mb}: expected >= 0 (0: no cap)")
+    if args.devices:
+        check_offered(args.devices, args.rate)
     out = results_dir(args.out, "host.json")
     common = dict(
         seconds=args.seconds, cores=cores, memory_mb=args.memory_mb, slowdown=args.slowdown

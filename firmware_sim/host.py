@@ -4,6 +4,7 @@ And what is the largest device count at a given rate that it keeps up with?"""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -21,6 +22,35 @@ from .scorer import Scorer, score
 # scheduler, JSON and paho, in one interpreter): the devices are spread over enough processes
 # that the load generator is never what a trial measures.
 PER_PROCESS = 600
+# Past this many fleet processes they contend for the CPUs, and a trial measures them, not the
+# runtime (thousands of devices at a high rate spawned hundreds of interpreters).
+MAX_PROCESSES = 4 * (os.cpu_count() or 1)
+
+
+def fleet_processes(devices: int, rate: float, batch: int = 1) -> int:
+    """How many processes ``run_fleet`` spreads ``devices`` at ``rate`` over."""
+    return max(1, min(devices, round(devices * rate / batch / PER_PROCESS + 0.5)))
+
+
+def offered_at_most(rate: float, batch: int = 1) -> int:
+    """The most devices at ``rate`` that ``MAX_PROCESSES`` fleet processes offer."""
+    n = max(1, int(MAX_PROCESSES * PER_PROCESS * batch / rate))
+    while n > 1 and fleet_processes(n, rate, batch) > MAX_PROCESSES:
+        n -= max(1, n // 1000)
+    return n
+
+
+def check_offered(devices: int, rate: float, batch: int = 1) -> None:
+    """One line, before anything starts, for a load the fleet processes cannot offer."""
+    parts = fleet_processes(devices, rate, batch)
+    if parts > MAX_PROCESSES:
+        top = offered_at_most(rate, batch)
+        raise SimError(
+            f"--devices {devices} at --rate {rate:g}: {devices * rate / batch:,.0f} msg/s "
+            f"needs {parts} device processes ({PER_PROCESS} msg/s each), more than the "
+            f"{MAX_PROCESSES} this machine runs without them falling behind: at most {top:,} "
+            "devices at this rate"
+        )
 
 
 def _fleet_part(
@@ -57,7 +87,8 @@ def run_fleet(
 ) -> tuple[list[Sent], float]:
     """``devices`` at ``rate`` for ``seconds``, spread over processes that start together:
     (every message sent, the monotonic time they started)."""
-    parts = max(1, min(devices, round(devices * rate / batch / PER_PROCESS + 0.5)))
+    check_offered(devices, rate, batch)
+    parts = fleet_processes(devices, rate, batch)
     ctx = multiprocessing.get_context("spawn")  # not fork: this process runs threads
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     sizes = [devices // parts + (k < devices % parts) for k in range(parts)]
@@ -165,7 +196,10 @@ def search(
     start: int = 10,
     limit: int = 5000,
 ) -> dict[str, Any]:
-    """Double the device count until real time is lost, then bisect a few times."""
+    """Double the device count until real time is lost, then bisect a few times (up to
+    ``limit``, and what the fleet processes can offer at ``rate``)."""
+    limit = min(limit, offered_at_most(rate))
+    start = min(start, limit)
     results = []
 
     def ok(n: int) -> bool:
@@ -202,6 +236,7 @@ def search(
         "rate_hz": rate,
         "max_devices_real_time": good,
         "first_failing": bad,
+        "search_limit_devices": limit,
         "cores": sorted(cores),
         "memory_mb": memory_mb,
         "slowdown": slowdown,

@@ -793,6 +793,10 @@ def test_demo_cluster_refuses_the_embedded_broker():
             ],
             "--faults reboot with --no-boot-ids needs --restart-gap N",
         ),
+        (
+            ["host", "--bundle", "b", "--devices", "100000", "--rate", "100"],
+            "--devices 100000 at --rate 100: 10,000,000 msg/s needs 16667 device processes",
+        ),
         (["host", "--bundle", "b", "--cores", "4096"], "--cores '4096'"),
         (["host", "--bundle", "b", "--slowdown", "0.5"], "--slowdown 0.5"),
         (["host", "--bundle", "b", "--seconds", "-1"], "--seconds: '-1'"),
@@ -984,3 +988,24 @@ def test_a_device_whose_broker_is_away_does_not_rescan_its_messages_at_every_sen
         conn.publish("sensors/offline-device/data", b"{}")
     assert conn.pending() == 15_000
     assert len(scans) <= 2, len(scans)
+
+
+def test_the_host_search_stops_at_the_load_its_device_processes_can_offer(monkeypatch):
+    """The search doubled the device count up to 5,000 whatever the rate: at 100 Hz a trial
+    spread its devices over hundreds of fleet processes, which measured themselves (and
+    swamped the machine). It stops at what ``MAX_PROCESSES`` of them offer, and says so."""
+    from firmware_sim import host
+
+    asked = []
+
+    def trial(bundle, n, rate, **kw):
+        asked.append(n)
+        assert host.fleet_processes(n, rate) <= host.MAX_PROCESSES
+        return {"kept_up_real_time": True, "predictions_missing": 0, "runtime_peak_rss_mb": 1}
+
+    monkeypatch.setattr(host, "trial", trial)
+    monkeypatch.setattr(host, "MAX_PROCESSES", 4)
+    r = host.search(Path("b"), 100.0, seconds=1, cores={0}, memory_mb=0, slowdown=None)
+    top = host.offered_at_most(100.0)
+    assert top == 24 and asked == [10, 20] and r["search_limit_devices"] == top
+    assert r["max_devices_real_time"] == 20 and r["first_failing"] is None

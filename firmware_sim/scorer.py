@@ -413,7 +413,7 @@ def excluded_keys(truth: Truth, restart_gap: int | None) -> tuple[set[Key], list
             msgs = sorted(by_boot[(stream, e)], key=lambda m: m.published or 0.0)
             if e > 0 and last is not None and msgs[0].boot is None:
                 back = (last - msgs[0].seq) % U32
-                if restart_gap is None or not restart_gap < back < HALF:
+                if restart_gap is None or not restart_gap < back <= HALF:  # as the runtime
                     why = (
                         "the runtime has no --restart-gap"
                         if restart_gap is None

@@ -624,6 +624,18 @@ def test_reboots_without_boot_ids_need_the_runtime_restart_gap():
     check_reboots(FaultPlan.parse("reboot=0.01"), True, None)
 
 
+def test_a_reboot_seq_exactly_2_pow_31_back_is_a_restart_as_the_runtime_says():
+    """The runtime restarts a stream whose seq goes 2**31 back with ``restart_gap`` set (as
+    far behind as ahead, admitted as behind): the scorer judged such a reboot as one the
+    runtime could not tell, and left the device's samples out."""
+    from firmware_sim.scorer import Truth, excluded_keys
+
+    log = [m for m in _boots(boot_ids=False) if m.seq != 15]
+    for m in log[:5]:  # boot 0 ends at seq 2**31 + 1: boot 1's seq 1 is 2**31 back
+        m.seq += 2**31 - 13
+    assert excluded_keys(Truth(log), 5) == (set(), [])
+
+
 def test_late_after_a_reboot_and_what_the_broker_lost():
     """Boot 1's seq 1 overtaken by seq 2 is late; seq 3 never reached the broker (the
     witness did not see it) and the runtime said so with a gap: not the runtime's loss."""

@@ -384,13 +384,16 @@ def _cell_activations(node: Any, attrs: dict[str, Any], count: int) -> list[str]
             "reproduced by the step"
         )
     out = []
+    # onnxruntime reads the names in any case ('sigmoid', 'TANH'), as hand-edited graphs
+    # write them: so does the step
+    known = {k.lower(): v for k, v in CELL_ACTIVATIONS.items()}
     for n in names:
-        if n not in CELL_ACTIVATIONS:
+        if n.lower() not in known:
             raise UnsupportedModel(
                 f"{_where(node)}: activation {n!r} cannot be reproduced by the step (one of "
                 f"{', '.join(CELL_ACTIVATIONS)})"
             )
-        out.append(CELL_ACTIVATIONS[n])
+        out.append(known[n.lower()])
     return out
 
 

@@ -244,6 +244,27 @@ def test_what_the_step_cannot_do_is_refused_naming_the_node(capsys, tmp_path, ti
     assert "node '" in line
 
 
+@pytest.mark.parametrize(
+    "names", [["sigmoid", "tanh", "tanh"], ["SIGMOID", "Tanh", "TANH"], ["Sigmoid", "relu", "Relu"]]
+)
+def test_cell_activation_names_in_any_case_are_read_as_onnxruntime_reads_them(
+    tmp_path, tiny, names
+):
+    """A hand-edited graph writing its cell activations in lower (or odd) case runs in
+    onnxruntime, which reads the names in any case; they were refused as activations the step
+    cannot reproduce ('sigmoid' ... one of Sigmoid, Tanh, ...)."""
+    from convert import onnx_intake, reference
+
+    model = edited(
+        tiny, tmp_path / "m.onnx", lambda m, n: n.attribute.append(_attr("activations", names))
+    )
+    source = onnx_intake.read(model)
+    assert source.spec.cells[0].activation == names[1].lower()
+    x = np.random.default_rng(0).normal(0, 2, (3, 400, 3)).astype(np.float32)
+    y_ref, _, _ = reference.run(source.spec, x)
+    assert np.abs(y_ref - ort_run(model, x, False)).max() <= 1e-5
+
+
 class Heads:
     """Small PyTorch models whose exported graphs hold what the step cannot stream."""
 

@@ -155,7 +155,9 @@ def session(model: Any) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    # fatal only: a node that fails is raised with its reason and said in one line; at the
+    # error level onnxruntime also writes it to stderr itself, over several coloured lines
+    opts.log_severity_level = 4
     opts.intra_op_num_threads = 1
     try:
         return ort.InferenceSession(

@@ -265,6 +265,21 @@ def test_cell_activation_names_in_any_case_are_read_as_onnxruntime_reads_them(
     assert np.abs(y_ref - ort_run(model, x, False)).max() <= 1e-5
 
 
+def test_a_graph_onnxruntime_cannot_run_is_said_in_one_line_on_stderr(capfd, tmp_path, tiny):
+    """onnxruntime wrote its own log of the failing node to stderr (coloured, with its source
+    location and status) before the converter's one line saying the same."""
+    from convert.cli import main
+
+    model = edited(tiny, tmp_path / "m.onnx", _one_more_input_column)
+    out = tmp_path / "out"
+    code = main(["convert", str(model), "--calib", str(tiny / "calib.npy"), "--out", str(out)])
+    err = capfd.readouterr().err.strip().splitlines()
+    err = err[err.index(f"reading {model}") :]  # TensorFlow's start-up notes may come before
+    assert code == 2
+    assert len(err) == 2 and err[1].startswith("lstm-convert: error: "), err
+    assert "Input W must have shape {1,16,3}" in err[-1]
+
+
 class Heads:
     """Small PyTorch models whose exported graphs hold what the step cannot stream."""
 

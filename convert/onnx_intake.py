@@ -151,6 +151,20 @@ def _strip_shapes(model: Any) -> Any:
     return m
 
 
+def _free_axes(model: Any, input_name: str) -> Any:
+    """A copy whose input ``input_name`` declares its first two axes (batch and time, in
+    either order) of any length."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inp = next(i for i in m.graph.input if i.name == input_name)
+    for k, d in enumerate(inp.type.tensor_type.shape.dim[:2]):
+        d.Clear()
+        d.dim_param = f"free_axis_{k}"
+    return m
+
+
 def session(model: Any) -> Any:
     import onnxruntime as ort
 
@@ -819,14 +833,15 @@ def read(path: str | Path) -> OnnxSource:
             "the step reads [batch, time, features] (or [time, batch, features]) samples: "
             "move the features last before exporting"
         )
-    if len(dims) == 3 and any(fixed[:2]):
-        # onnxruntime runs a graph only on inputs of the lengths its input declares
-        raise UnsupportedModel(
-            f"model input {inp.name!r} has the fixed shape {dims}: onnxruntime runs the graph "
-            "on no other batch size or sequence length; export with dynamic batch and time "
-            f"axes (torch.onnx.export(..., dynamic_axes={{{inp.name!r}: {{0: 'batch', 1: "
-            "'time'}}, dynamo=False), or dynamic_shapes with torch.export.Dim.AUTO axes)"
-        )
+    declared = dims if len(dims) == 3 and any(fixed[:2]) else None
+    if declared is not None:
+        # torch.onnx.export's default without dynamic axes: the example's batch and time
+        # lengths are declared, and onnxruntime runs the graph on no others. The graph may
+        # well compute for any (the step does not depend on them): the probes tell, on a copy
+        # whose input declares the two axes free.
+        model = _free_axes(model, inp.name)
+        graph = model.graph
+        inp = next(i for i in graph.input if i.name == inp.name)
     features = int(dims[2]) if len(dims) == 3 and isinstance(dims[2], int) and dims[2] > 0 else 0
     if not features:
         first = recurrent[0]
@@ -852,7 +867,24 @@ def read(path: str | Path) -> OnnxSource:
             for i in _node_inputs(n):
                 if i in value:
                     g.consumers.setdefault(i, []).append(n)
-    g.probes = _probe(model, inp.name, features)
+    try:
+        g.probes = _probe(model, inp.name, features)
+    except UnsupportedModel as exc:
+        if declared is None:
+            raise
+        why = re.search(r": (node .*? fails(?: \([^)]*\))?);", str(exc))
+        raise UnsupportedModel(
+            f"model input {inp.name!r} has the fixed shape {declared} and the graph computes "
+            f"for no other batch size or sequence length"
+            + (
+                f" ({why.group(1)} on a [{PROBES[0][0]}, {PROBES[0][1]}, {features}] input)"
+                if why
+                else ""
+            )
+            + "; export with dynamic batch and time axes (torch.onnx.export(..., "
+            f"dynamic_axes={{{inp.name!r}: {{0: 'batch', 1: 'time'}}}}, dynamo=False), or "
+            "dynamic_shapes with torch.export.Dim.AUTO axes)"
+        ) from exc
     chain = _Chain(g)
     chain.width = features
     current = inp.name

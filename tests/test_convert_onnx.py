@@ -714,8 +714,6 @@ def test_a_model_not_in_float32_is_refused_naming_its_input_type(capsys, tmp_pat
 
 
 FIXED = {  # input layout: (example input shape, dynamic axes, refusal)
-    "batch first": ((1, 50, 3), {}, "model input 'x' has the fixed shape [1, 50, 3]"),
-    "time first": ((50, 1, 3), {}, "model input 'x' has the fixed shape [50, 1, 3]"),
     "channels first": (
         (2, 3, 50),
         {0: "batch", 2: "time"},
@@ -725,14 +723,10 @@ FIXED = {  # input layout: (example input shape, dynamic axes, refusal)
 
 
 @pytest.mark.parametrize("layout", list(FIXED))
-def test_an_input_of_fixed_lengths_or_features_first_is_refused_naming_its_shape(
-    capsys, tmp_path, tiny, layout
-):
-    """``torch.onnx.export`` without ``dynamic_axes`` (its default) fixes the input's batch and
-    time length, and a channels-first input ([batch, features, time], transposed inside the
-    model) has a fixed axis before the last: the refusal said only 'the graph fails'
-    (onnxruntime's reason, a dimension mismatch of the input, was lost) beside advice about
-    the dynamo exporter."""
+def test_an_input_of_features_first_is_refused_naming_its_shape(capsys, tmp_path, tiny, layout):
+    """A channels-first input ([batch, features, time], transposed inside the model) has a
+    fixed axis before the last: the refusal said only 'the graph fails' (onnxruntime's reason,
+    a dimension mismatch of the input, was lost) beside advice about the dynamo exporter."""
     import torch
     from torch import nn
 
@@ -741,11 +735,11 @@ def test_an_input_of_fixed_lengths_or_features_first_is_refused_naming_its_shape
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.rnn = nn.GRU(3, 4, batch_first=layout != "time first")
+            self.rnn = nn.GRU(3, 4, batch_first=True)
             self.fc = nn.Linear(4, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.rnn(x.transpose(1, 2) if axes else x)[0])
+            return self.fc(self.rnn(x.transpose(1, 2))[0])
 
     with warnings.catch_warnings():  # the exporter's own notes
         warnings.simplefilter("ignore")
@@ -754,12 +748,94 @@ def test_an_input_of_fixed_lengths_or_features_first_is_refused_naming_its_shape
             (torch.zeros(shape),),
             str(tmp_path / "m.onnx"),
             input_names=["x"],
-            dynamic_axes={"x": axes} if axes else None,
+            dynamic_axes={"x": axes},
             dynamo=False,
         )
-    line = assert_refused(capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path, needle)
-    if not axes:
-        assert "dynamic_axes={'x': {0: " in line
+    assert_refused(capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path, needle)
+
+
+class Fixed:
+    """A small model exported as torch.onnx.export does without dynamic axes: the example's
+    batch (1) and time length (50) declared in the input's shape."""
+
+    @staticmethod
+    def export(path: Path, head: str, batch_first: bool, dynamo: bool):
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.rnn = nn.GRU(3, 4, batch_first=batch_first)
+                self.fc = nn.Linear(4, 2)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                y = self.rnn(x)[0]
+                if head == "last":
+                    y = y[:, -1] if batch_first else y[-1]
+                return self.fc(y)
+
+        torch.manual_seed(0)
+        net = Net().eval()
+        shape = (1, 50, 3) if batch_first else (50, 1, 3)
+        with warnings.catch_warnings():  # the exporter's own notes
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net, (torch.zeros(shape),), str(path), input_names=["x"], dynamo=dynamo
+            )
+        return net
+
+
+@pytest.mark.parametrize("head", ["step", "last"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_an_input_exported_with_fixed_lengths_converts_when_the_graph_runs_on_others(
+    capsys, tmp_path, head, batch_first
+):
+    """``torch.onnx.export(model, torch.randn(1, 50, 3), ..., dynamo=False)``, without dynamic
+    axes, declares the example's lengths in the input's shape, and the model was refused for
+    that alone: its graph computes for any batch and time length. The converter now reads the
+    two axes as free; the float32 bundle streams what PyTorch computes."""
+    import torch
+
+    import edge
+
+    model = tmp_path / "m.onnx"
+    net = Fixed.export(model, head, batch_first, dynamo=False)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.normal(size=(8, 30, 3)).astype(np.float32))
+    out = tmp_path / "bundle"
+    code, res = run_cli(
+        capsys, "convert", str(model), "--calib", str(tmp_path / "calib.npy"),
+        "--out", str(out), "--quant", "float32", "--long-steps", "300",
+    )  # fmt: skip
+    assert code == 0, res.err
+    x = rng.normal(0, 2, (1, 1000, 3)).astype(np.float32)
+    got = np.asarray(edge.load(out).step("s", x[0]))
+    with torch.no_grad():
+        if head == "step":
+            t = torch.tensor(x if batch_first else x.transpose(1, 0, 2))
+            want = net(t).numpy()
+            want = (want if batch_first else want.transpose(1, 0, 2))[0]
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        else:
+            for n in (1, 50, 999, 1000):
+                t = torch.tensor(x[:, :n] if batch_first else x[:, :n].transpose(1, 0, 2))
+                np.testing.assert_allclose(got[n - 1], net(t).numpy()[0], atol=1e-5)
+
+
+def test_a_fixed_input_whose_graph_fixes_its_lengths_too_is_refused_naming_both(
+    capsys, tmp_path, tiny
+):
+    """torch 2.13's default exporter without dynamic shapes writes the example's batch of 1
+    into the zero initial state as well: the graph runs on no other batch, and the refusal
+    names the fixed shape, the node and onnxruntime's reason."""
+    Fixed.export(tmp_path / "m.onnx", "step", True, dynamo=True)
+    line = assert_refused(
+        capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path,
+        "model input 'x' has the fixed shape [1, 50, 3] and the graph computes for no other",
+        "(GRU) fails (Input initial_h must have shape {1,5,4}. Actual:{1,1,4})",
+    )  # fmt: skip
+    assert "dynamic_axes={'x': {0: 'batch', 1: 'time'}}" in line
 
 
 def test_a_time_first_dynamo_export_is_refused_with_the_advice_that_works(capsys, tmp_path, tiny):

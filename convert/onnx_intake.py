@@ -3,8 +3,9 @@
 
 Accepted: one input ``[batch, time, features]`` or ``[time, batch, features]`` (which one is
 read from the first recurrent op), one chain of ONNX ``LSTM`` / ``GRU`` ops (forward, default
-activations or others the step reproduces, both bias vectors, zero initial state) with the
-layout ops exporters put between them (``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Reshape``,
+activations or others the step reproduces, both bias vectors, zero initial state; a state
+given as inputs and returned as outputs is left out: the runtime keeps it) with the layout
+ops exporters put between them (``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Reshape``,
 ``Flatten``, ``Identity``, ``Dropout``; the batch and time axes may be flattened into one axis
 of rows and split again in the same order), per-feature ``Sub`` / ``Add`` / ``Mul`` / ``Div``
 by constants and ``Neg`` (a leading one becomes the runtime's input normalisation),
@@ -776,6 +777,90 @@ def _stack(chain: _Chain, node: Any, on_chain: list[str], current: str) -> None:
     chain.stack = (axis, on_chain)
 
 
+# ops a model's state input passes through to reach a recurrent op's initial state (a layer's
+# part of a stacked h0), and its final states through to a state output (h_n of a stack)
+STATE_PATH_OPS = ("Slice", "Gather", "Split", "Squeeze", "Unsqueeze", "Identity", "Reshape")
+
+
+def _without_state(model: Any, consts: dict[str, np.ndarray]) -> tuple[Any, list[str]]:
+    """A copy of ``model`` without the recurrent state as inputs and outputs (PyTorch's
+    ``forward(x, h0, c0)`` returning ``y, h_n, c_n``, to carry the state between calls), and
+    the names dropped. A state input feeds only recurrent ops' initial states (through
+    ``STATE_PATH_OPS``); they start at zero, as the runtime starts every stream, which keeps
+    each stream's state itself. A state output is made only of recurrent ops' final states.
+    The model is returned as it is when that would not leave one input and one output."""
+    import onnx
+
+    graph = model.graph
+    nodes = list(graph.node)
+    uses: dict[str, list[tuple[int, int]]] = {}  # tensor -> (node index, input slot)
+    made: dict[str, tuple[int, int]] = {}  # tensor -> (node index, output slot)
+    for j, n in enumerate(nodes):
+        for k, i in enumerate(n.input):
+            uses.setdefault(i, []).append((j, k))
+        for k, o in enumerate(n.output):
+            made[o] = (j, k)
+    outputs = {o.name for o in graph.output}
+
+    def state_in(name: str, path: list[int]) -> bool:
+        if name in outputs or not uses.get(name):
+            return False
+        for j, k in uses[name]:
+            n = nodes[j]
+            slots = (5, 6) if n.op_type == "LSTM" else (5,) if n.op_type == "GRU" else ()
+            if k in slots:
+                continue
+            if n.op_type not in STATE_PATH_OPS or k != 0:
+                return False
+            path.append(j)
+            if not all(state_in(o, path) for o in n.output if o):
+                return False
+        return True
+
+    def state_out(name: str) -> bool:
+        if name not in made:
+            return False
+        j, k = made[name]
+        n = nodes[j]
+        if n.op_type in ("LSTM", "GRU"):
+            return k in (1, 2)
+        if n.op_type not in (*STATE_PATH_OPS, "Concat", "Transpose"):
+            return False
+        ins = [i for i in n.input if i]
+        data = ins if n.op_type == "Concat" else ins[:1]
+        return all(state_out(i) for i in data)
+
+    inputs = [i.name for i in graph.input if i.name not in consts]
+    paths: dict[str, list[int]] = {}
+    for name in inputs:
+        path: list[int] = []
+        if state_in(name, path):
+            paths[name] = path
+    state_outputs = [o.name for o in graph.output if state_out(o.name)]
+    if len(graph.output) - len(state_outputs) != 1:
+        state_outputs = []
+    if len(inputs) - len(paths) != 1 or not (paths or state_outputs):
+        return model, []
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    gone = {j for path in paths.values() for j in path}
+    dropped = set(paths)
+    dropped.update(o for j in gone for o in nodes[j].output)
+    del g.node[:]  # extended with copies of the original's nodes, inputs and outputs
+    g.node.extend(n for j, n in enumerate(nodes) if j not in gone)
+    for n in g.node:
+        if n.op_type in ("LSTM", "GRU"):
+            for k in range(5, len(n.input)):
+                if n.input[k] in dropped:
+                    n.input[k] = ""  # no initial state: zero
+    del g.input[:]
+    g.input.extend(i for i in graph.input if i.name not in paths)
+    del g.output[:]
+    g.output.extend(o for o in graph.output if o.name not in state_outputs)
+    return m, [*paths, *state_outputs]
+
+
 def read(path: str | Path) -> OnnxSource:
     """Read ``path`` into a spec, checking every node on the way (see the module docstring)."""
     import onnx
@@ -788,6 +873,8 @@ def read(path: str | Path) -> OnnxSource:
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    model, state = _without_state(model, consts)
+    graph = model.graph
     recurrent = [n for n in graph.node if n.op_type in ("LSTM", "GRU")]
     if not recurrent:
         for n in graph.node:  # a recurrent op that is not read: named, not "nothing to stream"
@@ -1044,7 +1131,9 @@ def read(path: str | Path) -> OnnxSource:
     digest = hashlib.sha256(p.read_bytes()).hexdigest()
     spec = ModelSpec(features, mean, std, layers, digest, p.stem, not chain.last)
     assert time_first is not None
-    return OnnxSource(spec, model, inp.name, g.output_name, time_first, out_roles, chain.batch_axis)
+    return OnnxSource(
+        spec, model, inp.name, g.output_name, time_first, out_roles, chain.batch_axis, state
+    )
 
 
 def _batch_norm(chain: _Chain, node: Any, x: str) -> Affine:
@@ -1127,6 +1216,7 @@ class OnnxSource:
     time_first: bool
     output_roles: list[str]
     batch_role: str
+    state: list[str] = field(default_factory=list)  # the state inputs and outputs dropped
     _session: Any = None
 
     @property
@@ -1142,6 +1232,11 @@ class OnnxSource:
             "float_reference": f"onnxruntime {onnxruntime.__version__} (the original graph)",
             "output": "every step",
         }
+        if self.state:
+            out["state"] = (
+                f"{', '.join(self.state)}: the recurrent state, which the runtime keeps for "
+                "each stream itself (from zero at its start); not inputs or outputs of the bundle"
+            )
         if not self.spec.sequence_output:
             out["output"] = (
                 "the last step (many-to-one); the bundle predicts after every sample, the steps "

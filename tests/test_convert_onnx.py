@@ -280,6 +280,104 @@ def test_a_graph_onnxruntime_cannot_run_is_said_in_one_line_on_stderr(capfd, tmp
     assert "Input W must have shape {1,16,3}" in err[-1]
 
 
+class Carried:
+    """``forward(x, h0[, c0])`` returning ``y, h_n[, c_n]``: the state as inputs and outputs, as
+    users write a model to carry it between calls."""
+
+    @staticmethod
+    def export(path: Path, kind: str, layers: int, dynamo: bool):
+        import torch
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.rnn = getattr(nn, kind)(3, 5, num_layers=layers, batch_first=True)
+                self.fc = nn.Linear(5, 2)
+
+            def forward(self, x, h0, c0=None):  # type: ignore[no-untyped-def]
+                if kind == "LSTM":
+                    y, (h, c) = self.rnn(x, (h0, c0))
+                    return self.fc(y), h, c
+                y, h = self.rnn(x, h0)
+                return self.fc(y), h
+
+        torch.manual_seed(0)
+        net = Net().eval()
+        states = 2 if kind == "LSTM" else 1
+        args = (torch.zeros(2, 7, 3), *[torch.zeros(layers, 2, 5) for _ in range(states)])
+        names = ["x", "h0", "c0"][: 1 + states]
+        with warnings.catch_warnings():  # the exporter's own notes
+            warnings.simplefilter("ignore")
+            if dynamo:
+                auto = torch.export.Dim.AUTO
+                shapes = ({0: auto, 1: auto}, *[{1: auto}] * states)
+                torch.onnx.export(net, args, str(path), input_names=names, dynamic_shapes=shapes)
+            else:
+                axes = {"x": {0: "b", 1: "t"}} | {n: {1: "b"} for n in names[1:]}
+                torch.onnx.export(
+                    net, args, str(path), input_names=names, dynamic_axes=axes, dynamo=False
+                )
+        return names
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+@pytest.mark.parametrize("kind, layers", [("LSTM", 1), ("GRU", 1), ("LSTM", 2)])
+def test_a_state_given_and_returned_by_the_model_is_the_runtimes_own(
+    capsys, tmp_path, kind, layers, dynamo
+):
+    """A model that takes h0 (and c0) and returns h_n (and c_n) beside its prediction, to carry
+    the state between calls, was refused ('the model has 3 inputs'): the runtime carries each
+    stream's state itself. The state inputs start at zero and the state outputs are left out;
+    the float32 bundle streams what onnxruntime computes from the zero state over 1000
+    samples, and the report names what was left out."""
+    import onnxruntime as ort
+
+    import edge
+
+    model = tmp_path / "m.onnx"
+    names = Carried.export(model, kind, layers, dynamo)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.normal(size=(8, 30, 3)).astype(np.float32))
+    out = tmp_path / "bundle"
+    code, res = run_cli(
+        capsys, "convert", str(model), "--calib", str(tmp_path / "calib.npy"),
+        "--out", str(out), "--quant", "float32", "--long-steps", "300",
+    )  # fmt: skip
+    assert code == 0, res.err
+    x = rng.normal(0, 2, (1, 1000, 3)).astype(np.float32)
+    zero = np.zeros((layers, 1, 5), np.float32)
+    want = ort.InferenceSession(str(model)).run(None, {"x": x} | dict.fromkeys(names[1:], zero))
+    got = np.asarray(edge.load(out).step("s", x[0]))
+    np.testing.assert_allclose(got, want[0][0], atol=1e-5)
+    state = json.loads((out / "report.json").read_text())["source"]["state"]
+    assert state.startswith(", ".join(names[1:])), state
+
+
+def test_an_input_that_is_not_the_state_is_still_refused_naming_the_inputs(capsys, tmp_path, tiny):
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x, h0, scale):  # type: ignore[no-untyped-def]
+            return self.fc(self.rnn(x, h0)[0]) * scale
+
+    args = (torch.zeros(2, 7, 3), torch.zeros(1, 2, 4), torch.ones(2))
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Net().eval(), args, str(tmp_path / "m.onnx"), input_names=["x", "h0", "scale"],
+            dynamic_axes={"x": {0: "b", 1: "t"}, "h0": {1: "b"}}, dynamo=False,
+        )  # fmt: skip
+    assert_refused(
+        capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path, "3 inputs (x, h0, scale)"
+    )
+
+
 class Heads:
     """Small PyTorch models whose exported graphs hold what the step cannot stream."""
 

@@ -697,20 +697,54 @@ def _indices(kept: list[int], length: int, what: str) -> str:
     return f"{len(kept)} {what}s ({kept[0]}..{kept[-1]}) of {length}"
 
 
-def _reduces_nothing(g: _Graph, node: Any, data: str) -> bool:
-    """Whether a Reduce* op reduces only axes of length 1 on every probe (a mean or sum over
-    the one step ``out[:, -1:]`` selected): then it is the identity, a squeeze at most."""
+def _reduce_axes(g: _Graph, node: Any, data: str) -> list[int]:
+    """The axes of ``data`` a Reduce* op reduces (none: ``noop_with_empty_axes``)."""
     attrs = _attrs(node)
     if len(node.input) > 1 and node.input[1]:  # opset 18 (ReduceSum: 13): axes as an input
         axes = [int(a) for a in _const(g, node.input[1], node, "axes").reshape(-1)]
     else:
         axes = [int(a) for a in attrs.get("axes", [])]
-    shapes = [p[data].shape for p in g.probes]
-    if not axes:
-        if attrs.get("noop_with_empty_axes", 0):
-            return True
-        axes = list(range(len(shapes[0])))  # no axes: all of them
-    return all(s[a % len(s)] == 1 for s in shapes for a in axes)
+    rank = len(g.probes[0][data].shape)
+    if not axes and not attrs.get("noop_with_empty_axes", 0):
+        axes = list(range(rank))  # no axes: all of them
+    return sorted({a % rank for a in axes})
+
+
+def _reduces_nothing(g: _Graph, node: Any, data: str) -> bool:
+    """Whether a Reduce* op reduces only axes of length 1 on every probe (a mean or sum over
+    the one step ``out[:, -1:]`` selected): then it is the identity, a squeeze at most."""
+    axes = _reduce_axes(g, node, data)
+    return all(p[data].shape[a] == 1 for p in g.probes for a in axes)
+
+
+def _written_out_mean(chain: _Chain, node: Any, data: str) -> UnsupportedModel:
+    """Why ``x - x.mean(axis, keepdim=True)`` (a ReduceMean beside a Sub of ``data``) is not
+    read: over time or the batch it needs the whole sequence (a per-sequence normalisation);
+    over each step's features it is a LayerNorm written out, as exporters write nn.LayerNorm
+    before opset 17."""
+    g, where = chain.g, _where(node)
+    roles, shape = _roles(g, data), list(g.probes[0][data].shape)
+    axes = [a for a in _reduce_axes(g, node, data) if shape[a] != 1]
+    if any(roles[a] != "static" for a in axes):
+        return UnsupportedModel(
+            f"{where} cannot be streamed: its mean over axis {', '.join(map(str, axes))} of "
+            f"{shape} (on a [{PROBES[0][0]}, {PROBES[0][1]}, F] input) mixes time steps or batch "
+            "rows (a normalisation per sequence, x - x.mean(1)), which needs the whole "
+            "sequence; normalise with constants (the training data's mean and std: (x - mean) "
+            "/ std), which are read as the input normalisation"
+        )
+    opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    if opset < 17:
+        return UnsupportedModel(
+            f"{where}: a LayerNorm written out in elementwise ops (ReduceMean, Sub, Pow, Sqrt, "
+            "Div), as exporters write it before opset 17, is not read; export with "
+            "opset_version=17 or later (one LayerNormalization node)"
+        )
+    return UnsupportedModel(
+        f"{where}: a mean over each step's features written out in elementwise ops (x - "
+        "x.mean(-1, keepdim=True)) is not read; a LayerNorm is read as one "
+        "LayerNormalization node (nn.LayerNorm, opset 17 or later)"
+    )
 
 
 def _select(chain: _Chain, node: Any, data: str) -> None:
@@ -999,12 +1033,10 @@ def read(path: str | Path) -> OnnxSource:
                 "top layer's (h_n[-1]) is the output of the last step"
             )
         if on_chain != [current] or len(g.consumers.get(current, [])) != 1:
-            if {"ReduceMean", "Sub"} <= {c.op_type for c in g.consumers.get(current, [])}:
-                raise UnsupportedModel(
-                    f"{where}: a LayerNorm written out in elementwise ops (ReduceMean, Sub, "
-                    "Pow, Sqrt, Div), as exporters write it before opset 17, is not read; "
-                    "export with opset_version=17 or later (one LayerNormalization node)"
-                )
+            uses = g.consumers.get(current, [])
+            if {"ReduceMean", "Sub"} <= {c.op_type for c in uses}:
+                mean = next(c for c in uses if c.op_type == "ReduceMean")
+                raise _written_out_mean(chain, mean, current)
             raise UnsupportedModel(
                 f"{where}: the model branches or joins here (e.g. a residual connection); only "
                 "one chain of per-step layers can be streamed"

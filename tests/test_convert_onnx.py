@@ -378,6 +378,48 @@ def test_an_input_that_is_not_the_state_is_still_refused_naming_the_inputs(capsy
     )
 
 
+MEANS = {  # x - x.mean(axis, keepdim=True) before the LSTM: (axis, exporter, refusal)
+    "per sequence, legacy": (1, False, "its mean over axis 1 of [5, 7, 3] (on a [5, 7, F]"),
+    "per sequence, dynamo": (1, True, "mixes time steps or batch rows"),
+    "per step, dynamo": (-1, True, "a mean over each step's features written out"),
+}
+
+
+@pytest.mark.parametrize("case", list(MEANS))
+def test_a_mean_subtracted_from_the_input_is_refused_for_what_it_reduces(
+    capsys, tmp_path, tiny, case
+):
+    """``x - x.mean(1, keepdim=True)`` (a normalisation per sequence) was refused as 'a
+    LayerNorm written out in elementwise ops, as exporters write it before opset 17; export
+    with opset_version=17 or later', also at opset 18, where that advice gives the same graph."""
+    import torch
+    from torch import nn
+
+    axis, dynamo, needle = MEANS[case]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x - x.mean(axis, keepdim=True))[0])
+
+    path, x = tmp_path / "m.onnx", torch.zeros(2, 5, 3)
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        if dynamo:
+            auto = {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO}
+            torch.onnx.export(Net().eval(), (x,), str(path), dynamic_shapes={"x": auto})
+        else:
+            axes = {"x": {0: "b", 1: "t"}}
+            torch.onnx.export(
+                Net().eval(), (x,), str(path), input_names=["x"], dynamic_axes=axes, dynamo=False
+            )
+    line = assert_refused(capsys, path, tiny / "calib.npy", tmp_path, needle, "(ReduceMean)")
+    assert "opset" not in line or axis == -1
+
+
 class Heads:
     """Small PyTorch models whose exported graphs hold what the step cannot stream."""
 

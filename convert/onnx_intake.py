@@ -921,6 +921,15 @@ def read(path: str | Path) -> OnnxSource:
         if w in consts and r in consts:  # else read from what onnxruntime computes, later
             check_weights(n, consts[w], consts[r])
     inputs = [i for i in graph.input if i.name not in consts]
+    weights = [n.input[k] for n in recurrent for k in (1, 2, 3) if k < len(n.input) and n.input[k]]
+    given = [i.name for i in inputs if i.name in weights]
+    if given:  # torch.onnx.export(..., export_params=False): no weights in the file
+        owner = next(n for n in recurrent if given[0] in n.input)
+        raise UnsupportedModel(
+            f"the model has {len(inputs)} inputs: its weights are not stored in the file but "
+            f"inputs (input {given[0]!r} is a weight of {_where(owner)}); export with the "
+            "parameters (torch.onnx.export(..., export_params=True), its default)"
+        )
     if len(inputs) != 1:
         raise UnsupportedModel(
             f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); expected "

@@ -420,6 +420,33 @@ def test_a_mean_subtracted_from_the_input_is_refused_for_what_it_reduces(
     assert "opset" not in line or axis == -1
 
 
+def test_a_model_exported_without_its_weights_is_refused_saying_so(capsys, tmp_path, tiny):
+    """``torch.onnx.export(..., export_params=False)`` makes every weight an input: the model
+    was refused as one of 9 inputs 'expected one [batch, time, features] input (the runtime
+    keeps the state itself)', which said nothing of the weights."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Net().eval(), (torch.zeros(2, 5, 3),), str(tmp_path / "m.onnx"), input_names=["x"],
+            dynamic_axes={"x": {0: "b", 1: "t"}}, dynamo=False, export_params=False,
+        )  # fmt: skip
+    assert_refused(
+        capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path,
+        "its weights are not stored in the file but inputs", "(GRU)", "export_params=True",
+    )  # fmt: skip
+
+
 class Heads:
     """Small PyTorch models whose exported graphs hold what the step cannot stream."""
 

@@ -72,6 +72,9 @@ REASONS = {
     "ReduceMean": "a reduction over time needs the whole sequence",
     "ReduceMax": "a reduction over time needs the whole sequence",
     "GlobalAveragePool": "pooling over time needs the whole sequence",
+    "InstanceNormalization": "it normalises each sequence by its mean and variance over time "
+    "(nn.InstanceNorm1d), which needs the whole sequence; normalise with constants (the "
+    "training data's mean and std: (x - mean) / std), which are read as the input normalisation",
     "GlobalMaxPool": "pooling over time needs the whole sequence",
     "Conv": "convolutions are not read from ONNX models (LSTM / GRU chains only)",
     "RNN": "the plain ONNX RNN op is not read (LSTM and GRU only)",

@@ -463,6 +463,7 @@ class Heads:
                 self.rnn = cell(3, 4, batch_first=True, bidirectional=bi)
                 self.fc = nn.Linear(8 if bi else 4, 2)
                 self.ln = nn.LayerNorm(4)
+                self.inorm = nn.InstanceNorm1d(3)
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
                 y, _ = self.rnn(x)
@@ -472,6 +473,8 @@ class Heads:
                     return self.fc(y + x.sum(-1, keepdim=True))
                 if kind == "abs":
                     return self.fc(y).abs()
+                if kind == "instance norm":
+                    return self.fc(self.rnn(self.inorm(x.transpose(1, 2)).transpose(1, 2))[0])
                 if kind == "layernorm before opset 17":
                     return self.fc(self.ln(y))
                 return self.fc(y)
@@ -488,6 +491,8 @@ HEADS = {
     "plain rnn": ["(RNN) cannot be streamed: the plain ONNX RNN op is not read"],
     # written out in elementwise ops: it was 'branches or joins here (e.g. a residual ...)'
     "layernorm before opset 17": ["LayerNorm written out", "opset_version=17 or later"],
+    # it was 'not supported in a streaming step model', which said nothing of why
+    "instance norm": ["(InstanceNormalization) cannot be streamed", "needs the whole sequence"],
 }
 
 

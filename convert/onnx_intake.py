@@ -462,12 +462,23 @@ def _activation_op(g: _Graph, node: Any) -> str | None:
         ins = [*node.input, "", ""]
         lo = _const(g, ins[1], node, "min") if ins[1] else a.get("min")
         hi = _const(g, ins[2], node, "max") if ins[2] else a.get("max")
+        if lo is not None and near(lo, 0.0) and (hi is None or float(hi) == np.inf):
+            return "relu"  # x.clamp(min=0)
         if lo is None or hi is None or not (near(lo, 0.0) and near(hi, 6.0)):
             raise UnsupportedModel(
                 f"{where}: clips to [{'-inf' if lo is None else f'{float(lo):g}'}, "
-                f"{'inf' if hi is None else f'{float(hi):g}'}]; only [0, 6] (ReLU6) is read"
+                f"{'inf' if hi is None else f'{float(hi):g}'}]; only [0, 6] (ReLU6) and [0, "
+                "inf] (ReLU) are read"
             )
         return "relu6"
+    if op == "Max" and len(node.input) == 2:  # x.clamp(min=0) as the dynamo exporter writes it
+        bounds = [_const(g, i, node, "bound") for i in node.input if i in g.consts]
+        if len(bounds) != 1 or bounds[0].size != 1 or not near(bounds[0].reshape(()), 0.0):
+            raise UnsupportedModel(
+                f"{where}: only the maximum of the values and 0 (x.clamp(min=0), a ReLU) is "
+                "read; not of two tensors or another bound"
+            )
+        return "relu"
     return None
 
 

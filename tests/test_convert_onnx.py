@@ -684,7 +684,7 @@ def test_a_head_on_the_flattened_batch_and_time_rows_is_read_per_step(capsys, tm
         assert_refused(capsys, path, tiny / "calib.npy", tmp_path, ROWS[head])
 
 
-def _export_with(act, path: Path) -> None:
+def _export_with(act, path: Path, dynamo: bool = False) -> None:
     """An nn.LSTM, then ``act`` (an activation module) and a Linear, exported (legacy: fast)."""
     import torch
     from torch import nn
@@ -698,6 +698,7 @@ def _export_with(act, path: Path) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.out(self.act(self.fc(self.rnn(x)[0])))
 
+    auto = torch.export.Dim.AUTO
     with warnings.catch_warnings():  # the exporter's own notes
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -705,9 +706,36 @@ def _export_with(act, path: Path) -> None:
             (torch.zeros(2, 5, 3),),
             str(path),
             input_names=["x"],
-            dynamic_axes={"x": {0: "batch", 1: "time"}},
-            dynamo=False,
+            dynamic_axes=None if dynamo else {"x": {0: "batch", 1: "time"}},
+            dynamic_shapes={"x": {0: auto, 1: auto}} if dynamo else None,
+            dynamo=dynamo,
         )
+
+
+def _clamp_min0():
+    """``x.clamp(min=0)``: a ReLU (legacy exporter: Clip with no max; dynamo: Max with 0)."""
+    from torch import nn
+
+    class Clamp(nn.Module):
+        def forward(self, x):
+            return x.clamp(min=0)
+
+    return Clamp()
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_a_clamp_at_zero_is_read_as_a_relu(tmp_path, dynamo):
+    """``x.clamp(min=0)`` was refused ('clips to [0, inf]; only [0, 6] (ReLU6) is read', and
+    the dynamo exporter's Max 'is not supported'); it is a ReLU."""
+    from convert import onnx_intake
+    from convert.spec import Dense
+
+    _export_with(_clamp_min0(), tmp_path / "m.onnx", dynamo)
+    source = onnx_intake.read(tmp_path / "m.onnx")
+    dense = [la for la in source.spec.layers if isinstance(la, Dense)]
+    assert [d.activation for d in dense] == ["relu", "linear"]
+    x = np.random.default_rng(0).normal(0, 3, (8, 300, 3)).astype(np.float32)
+    assert source.check_agreement(x) <= 1e-5
 
 
 ACTIVATION_OPS = {  # torch.nn module: the step's activation

@@ -346,6 +346,8 @@ def summary(report: dict[str, Any]) -> str:
                 else ""
             )
         )
+        if src.get("state"):
+            lines.append(f"  state    {src['state']}")
     if "rmse_ratio" in par:
         lines.append(
             f"  task     RMSE vs targets ({par['labels']}): float {par['rmse_float']:.4g}  "

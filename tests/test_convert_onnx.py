@@ -352,6 +352,7 @@ def test_a_state_given_and_returned_by_the_model_is_the_runtimes_own(
     np.testing.assert_allclose(got, want[0][0], atol=1e-5)
     state = json.loads((out / "report.json").read_text())["source"]["state"]
     assert state.startswith(", ".join(names[1:])), state
+    assert f"  state    {state}" in res.out  # the summary says it too
 
 
 def test_an_input_that_is_not_the_state_is_still_refused_naming_the_inputs(capsys, tmp_path, tiny):

@@ -152,7 +152,7 @@ class MqttService:
         # Messages held for reordering wait only while the broker can send what they wait
         # for: from the first message taken on a connection (``_take``), not while starting
         # (those a crash left held would all be given up on) or cut off from the broker.
-        self.processor.reorder.pause()
+        self.processor.pause()
         try:
             rec = self.processor.recover()
         except OSError as exc:
@@ -568,11 +568,11 @@ class MqttService:
         Nothing while answers wait: the broker keeps the backlog meanwhile, and drop reports
         that cannot go out would only pile up in memory."""
         if not self.connected.is_set():
-            self.processor.reorder.pause()
+            self.processor.pause()
         if self.outbox.queued or self.outbox.in_flight >= self.outbox.window:
             return [], []
         if self.connected.is_set():
-            self.processor.reorder.resume()
+            self.processor.resume()
         dropped: list[Inbound] = []
         if self.cfg.overload == "drop-oldest":  # as many as their reports can go out now
             room = self.outbox.window - self.outbox.in_flight

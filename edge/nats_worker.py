@@ -446,7 +446,7 @@ class Worker:
         # What the snapshot holds for reordering waits only while the stream can deliver what
         # it waits for: from the partition's first pull (``_pump``), not while it is taken
         # over (snapshots fetched, the consumer made), which can outlast ``reorder_ms``.
-        proc.reorder.pause()
+        proc.pause()
         return proc, directory
 
     async def _snapshots(self, p: int) -> list[psnap.PartitionSnapshot]:
@@ -769,9 +769,9 @@ class Worker:
                 msgs = await feed.take(
                     BUSY_WAIT if busy else IDLE_WAIT, lambda: self.holds(part.number)
                 )
-                proc.reorder.resume()
+                proc.resume()
             except Exception as exc:  # reconnecting: try again shortly
-                proc.reorder.pause()  # nothing arrives meanwhile: waits stand still
+                proc.pause()  # nothing arrives meanwhile: waits stand still
                 log.warning("partition %d: pull request failed: %r", part.number, exc)
                 await asyncio.sleep(0.2)
                 continue

@@ -249,6 +249,8 @@ class Processor:
     def engine(self, engine: Engine) -> None:
         if self._switch is not None:  # the log is written with the recovered settings still
             engine.gap_policy, engine.restart_gap = self.engine.gap_policy, self.engine.restart_gap
+        if getattr(self, "_engine", None) is not None and self.engine.store.paused_at is not None:
+            engine.store.pause()  # a reload while cut off: idle time still stands still
         self._engine = engine
         engine.store.on_evict = self._forget
         # A stream's bytes in a snapshot: state tensors, seq, boot ids, gaps, room for its id.
@@ -262,6 +264,18 @@ class Processor:
         snapshot = len(self.engine.store) * self._stream_bytes
         held = len(self.reorder) * (8 * self.engine.manifest.features + 96)
         return snapshot, self.outbox.open_bytes + 48 * len(self.outbox) + held
+
+    def pause(self) -> None:
+        """Nothing can arrive from now on (the transport stops reading: starting, or cut off
+        from its broker, which keeps the devices' messages meanwhile): reordering waits and
+        idle time stand still."""
+        self.reorder.pause()
+        self.engine.store.pause()
+
+    def resume(self) -> None:
+        """Messages can arrive again: waits and idle time go on from where they stood."""
+        self.reorder.resume()
+        self.engine.store.resume()
 
     def restarted(self, streams: Iterable[str]) -> None:
         """These streams lost their state: their next answers say ``restart``."""

@@ -150,6 +150,10 @@ class StateStore:
         self.recalled: set[str] = set()  # given their rows back, nothing applied since
         # (stream, last seq, boot) of loaded streams beyond capacity, until ``depart_shed``
         self.shed: list[tuple[str, int, int]] = []
+        # Since when no message can arrive (the transport is not reading: starting, cut off
+        # from its broker), None while it reads. Idle time counts only the time a stream's
+        # messages could arrive in: a broker keeps them for us meanwhile.
+        self.paused_at: float | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -297,9 +301,26 @@ class StateStore:
         self.evict(gone)
         return gone
 
+    def pause(self) -> None:
+        """Nothing can arrive from now on: idle time stands still."""
+        if self.paused_at is None:
+            self.paused_at = self._clock()
+
+    def resume(self) -> None:
+        """Messages can arrive again: each stream has been idle what it had been when the
+        pause began (one applied since then: none)."""
+        if self.paused_at is None:
+            return
+        now, was = self._clock(), self.paused_at
+        self.paused_at = None
+        self.last_seen += now - np.maximum(was, self.last_seen)  # keeps the LRU order
+
     def idle(self, timeout: float, now: float | None = None) -> list[str]:
-        """Streams not seen for ``timeout`` seconds, oldest first (nothing is changed)."""
-        limit = (self._clock() if now is None else now) - timeout
+        """Streams not seen for ``timeout`` seconds (of those messages could arrive in),
+        oldest first (nothing is changed)."""
+        if now is None:
+            now = self._clock() if self.paused_at is None else self.paused_at
+        limit = now - timeout
         out = []
         for stream, row in self._rows.items():  # oldest first: stop at the first fresh one
             if self.last_seen[row] > limit:

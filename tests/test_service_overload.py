@@ -272,3 +272,49 @@ def test_a_held_message_is_not_given_up_on_while_what_it_waits_for_is_in_the_inb
         ("predictions/s", 3, None),
     ]
     p.journal.close()
+
+
+def test_time_cut_off_from_the_broker_does_not_make_a_stream_idle(bundles, tmp_path):
+    """While the service is cut off from its broker the devices' samples wait there (QoS 1,
+    a persistent session), so a stream is not idle meanwhile. A cut longer than
+    ``idle_timeout`` forgot every stream at the first batch read after it: a stream that had
+    sent without a break was stepped from the zero state, its answer flagged restart."""
+    import json
+
+    import numpy as np
+
+    import edge
+
+    xs = np.linspace(-1, 1, 12).reshape(2, 6)
+
+    def sample(seq):
+        return json.dumps({"seq": seq, "values": xs[seq - 1].tolist()}).encode()
+
+    svc = service(bundles, tmp_path, idle_timeout=60, reorder_ms=0, max_wait_ms=0)
+    p = svc.processor
+    now = [time.monotonic()]
+    p.engine.store._clock = p.reorder._clock = lambda: now[0]
+    sent = []
+    publish = svc.client.publish
+    svc.client.publish = lambda topic, payload, *a, **k: (
+        sent.append((topic, payload)) or publish(topic, payload, *a, **k)
+    )
+    svc.connected.set()
+    svc._on_message(None, None, Msg("sensors/s/data", sample(1), 1))
+    assert svc._work_once() and "s" in p.engine.store
+    svc.connected.clear()  # cut off: "s" goes on sending, the broker keeps it for us
+    assert svc._work_once()
+    now[0] += 3600.0
+    assert svc._work_once()
+    svc.connected.set()  # back: the broker delivers what it kept
+    svc._on_message(None, None, Msg("sensors/s/data", sample(2), 2))
+    assert svc._work_once()
+    got = [json.loads(b) for t, b in sent if t == "predictions/s"]
+    assert [(d["seq"], d.get("restart")) for d in got] == [(1, None), (2, None)]
+    want = edge.load(bundles / "clf-int8").step("x", xs)[-1]
+    np.testing.assert_array_equal(np.float32(got[-1]["y"]), want)
+    assert p.engine.store.stats.evicted_idle == 0
+    now[0] += 61.0  # heard from nothing while connected: idle now
+    svc._on_message(None, None, Msg("sensors/t/data", sample(1), 3))
+    assert svc._work_once() and "s" not in p.engine.store
+    p.journal.close()

@@ -532,14 +532,20 @@ class Processor:
         self, *, settle: bool = True, release_all: bool = False, horizon: float | None = None
     ) -> bool:
         """Release reorder-held messages whose wait is over (``release_all``: every one, now);
-        log how far answers are acked. ``settle=False``: a degraded state stays (a batch is
+        forget streams idle past ``idle_timeout``; log how far answers are acked. ``settle=False``: a degraded state stays (a batch is
         still waiting for room). ``horizon``: when the oldest message received and not yet
         handed in arrived, on the processor's clock (``Reorderer.expire``). False: the journal
         cannot be written; nothing was changed (what was due for release is held as before,
         and released by a later round)."""
         held = len(self.reorder)
-        if not held and self.degraded is None and self.outbox.watermark(self.lsn) <= self.mark:
-            return True  # nothing to release, nothing newly acknowledged: nothing to log
+        idle = bool(self.idle_timeout) and bool(self.engine.store.idle(self.idle_timeout))
+        if (
+            not held
+            and not idle
+            and self.degraded is None
+            and self.outbox.watermark(self.lsn) <= self.mark
+        ):
+            return True  # nothing to release or forget, nothing newly acknowledged: no log
         r = _Round(lsn=self.lsn)
         saved = self.reorder.save() if held else None
         if held:
@@ -559,8 +565,9 @@ class Processor:
 
     def _idle(self, r: _Round) -> None:
         """Streams idle past ``idle_timeout`` are forgotten before this round applies; logged
-        first, so a replay forgets them at the same point."""
-        if self.idle_timeout and (r.items or r.released):
+        first, so a replay forgets them at the same point. Also in a round that takes nothing
+        in: a gateway that hears from nobody any more forgets its streams all the same."""
+        if self.idle_timeout:
             r.evict = self.engine.store.idle(self.idle_timeout)
             if r.evict and (r.released or len(self.reorder)):
                 # A message held for reordering (released now, or still waiting) came when its

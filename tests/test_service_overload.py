@@ -318,3 +318,36 @@ def test_time_cut_off_from_the_broker_does_not_make_a_stream_idle(bundles, tmp_p
     svc._on_message(None, None, Msg("sensors/t/data", sample(1), 3))
     assert svc._work_once() and "s" not in p.engine.store
     p.journal.close()
+
+
+def test_a_stream_idle_past_idle_timeout_is_forgotten_while_nothing_arrives(bundles, tmp_path):
+    """A gateway that hears nothing more (its only device unplugged) kept the stream, and its
+    Home Assistant sensors, for good: idle streams were looked for only in a round that took
+    messages in. They are forgotten while the service is idle too, and a restart after that
+    does not bring them back."""
+    import json
+
+    svc = service(
+        bundles, tmp_path, idle_timeout=60, reorder_ms=0, max_wait_ms=0, ha_discovery=True
+    )
+    p = svc.processor
+    now = [time.monotonic()]
+    p.engine.store._clock = p.reorder._clock = lambda: now[0]
+    svc.connected.set()
+    body = json.dumps({"seq": 1, "values": [0.5] * 6}).encode()
+    svc._on_message(None, None, Msg("sensors/s/data", body, 1))
+    assert svc._work_once() and "s" in p.engine.store
+    sensors = [d.topic for d in svc.ha.reconcile(p.engine.store.streams)]
+    assert sensors and all("/s_" in t for t in sensors)
+    now[0] += 59.0
+    assert svc._work_once() and "s" in p.engine.store
+    now[0] += 2.0  # nothing heard for 61 s, nothing else arrives
+    assert svc._work_once()
+    assert "s" not in p.engine.store and p.engine.store.stats.evicted_idle == 1
+    removed = svc.ha.reconcile(p.engine.store.streams)
+    assert [(d.topic, d.payload) for d in removed] == [(t, b"") for t in sensors]
+    p.journal.close()  # kill -9: the log says the stream was forgotten
+    svc.lock.release()
+    again = service(bundles, tmp_path, idle_timeout=60)
+    assert "s" not in again.processor.engine.store
+    again.processor.journal.close()

@@ -489,7 +489,7 @@ class MqttService:
                 msg.mid | self._epoch << 16,
                 msg.qos,
                 ctype if isinstance(ctype, str) else None,
-                time.time(),
+                time.monotonic(),  # the processor's clock: NTP steps the wall clock
                 bool(msg.dup),
                 bool(msg.retain),
             )
@@ -596,8 +596,7 @@ class MqttService:
         """When the oldest message waiting in the inbox arrived, on the processor's clock
         (monotonic): a message held for reordering is not given up on while one that arrived
         within its wait is still to be read (a backlog, answers awaiting PUBACKs)."""
-        oldest = self.inbox.oldest_received()
-        return None if oldest is None else oldest - time.time() + time.monotonic()
+        return self.inbox.oldest_received()
 
     def _fill(self) -> None:
         """With ``max_wait_ms``, give a batch that is not full until its first message is
@@ -611,7 +610,7 @@ class MqttService:
         first = self.inbox.oldest_received()
         if first is None:
             return
-        end = time.monotonic() + min(wait, first + wait - time.time())  # a clock step: <= wait
+        end = first + wait
         while not self.stopping and (left := end - time.monotonic()) > 0:
             self.wake.clear()  # before looking: a message arriving after the look wakes us
             if len(self.inbox) >= self.cfg.max_batch:

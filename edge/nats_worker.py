@@ -339,7 +339,7 @@ def inbound(msg: Any, redelivered: bool = False) -> Inbound | None:
         topic,
         bytes(msg.data),
         mid=meta.sequence.stream,
-        received=time.time(),
+        received=time.monotonic(),
         redelivered=redelivered or meta.num_delivered > 1,
     )
 

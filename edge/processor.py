@@ -112,7 +112,7 @@ class Inbound:
     mid: int = 0
     qos: int = 1
     content_type: str | None = None
-    received: float = 0.0  # wall clock, for end-to-end latency against the device's ts
+    received: float = 0.0  # when it arrived, on the monotonic clock (not stepped by NTP)
     redelivered: bool = False  # the broker's DUP flag
     retained: bool = False  # the broker's stored copy, sent again at each subscribe
 

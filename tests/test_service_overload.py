@@ -351,3 +351,48 @@ def test_a_stream_idle_past_idle_timeout_is_forgotten_while_nothing_arrives(bund
     again = service(bundles, tmp_path, idle_timeout=60)
     assert "s" not in again.processor.engine.store
     again.processor.journal.close()
+
+
+def test_a_wall_clock_step_back_does_not_give_up_a_held_message_its_gap_waits_in_the_inbox(
+    bundles, tmp_path, monkeypatch
+):
+    """The arrival of a message waiting in the inbox was taken on the wall clock and turned
+    into the processor's monotonic one with the offset between them now: after NTP stepped
+    the wall clock back, the message seemed to arrive in the future, a held message's wait
+    ran out while the sample it waited for was in the inbox, and that sample was answered
+    ``late`` and dropped."""
+    import json
+
+    import numpy as np
+
+    import edge.mqtt_loop
+    from edge.processor import Inbound
+
+    def sample(seq):
+        body = json.dumps({"seq": seq, "values": np.full(6, 0.1 * seq).tolist()}).encode()
+        return Inbound("sensors/s/data", body, seq)
+
+    svc = service(bundles, tmp_path, reorder_ms=60000)
+    p = svc.processor
+    svc.connected.set()
+    assert svc._take() == ([], [])  # reading
+    assert p.handle([sample(1)]) and p.tick(release_all=True) and p.handle([sample(3)])
+    svc._on_message(None, None, Msg("sensors/s/data", sample(2).payload, 2))
+    for mid, o in enumerate(p.outbox.take(), 1):
+        p.outbox.sent(mid, o)  # seq 1's answer, awaiting its PUBACK
+    svc.outbox.window = 1  # full: nothing is taken
+    wall = SimpleNamespace(time=lambda: time.time() - 86400.0, monotonic=time.monotonic)
+    monkeypatch.setattr(edge.mqtt_loop, "time", wall)  # NTP steps the clock back a day
+    now = [time.monotonic() + 3600.0]  # seq 3's wait is long over
+    p.reorder._clock = lambda: now[0]
+    assert svc._work_once() and len(svc.inbox) == 1 and len(p.reorder) == 1
+    svc.outbox.window = 100
+    svc.connected.clear()  # (no broker here: the answers stay in the outbox)
+    svc.processor.resume()
+    assert svc._work_once() and len(svc.inbox) == 0 and len(p.reorder) == 0
+    got = [(o.topic, json.loads(o.payload)) for o in p.outbox.take()]
+    assert [(t, d["seq"], d.get("gap")) for t, d in got] == [
+        ("predictions/s", 2, None),
+        ("predictions/s", 3, None),
+    ]
+    p.journal.close()

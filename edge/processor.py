@@ -229,6 +229,7 @@ class Processor:
         # Of the batch being stepped, the streams the engine did not hold: only their answers
         # take a restart flag (the first after they lost their state).
         self._fresh: set[str] = set()
+        self._replaying = False  # the log is being replayed (``recover``)
         self._log_note = RateLimitedLog(clock=clock)
         # Control resets applied, by the broker's packet id of their message: (stream, seq,
         # boot, rebase, the next seq they left, lsn). The broker sends a message again (DUP)
@@ -332,18 +333,24 @@ class Processor:
         self._load_resets(rec.extra.get("resets"))
         outs: list[Outbound] = []
         r = _Round()
-        for i, entry in enumerate(rec.entries):
-            if isinstance(entry, Output):
-                outs.append(Outbound(entry.topic, entry.payload, lsn=entry.lsn))
-            elif isinstance(entry, (Record, Void)):
-                r.items.append(entry)
-            elif isinstance(entry, Release):
-                r.released += self.reorder.force(entry.stream, entry.seq)
-            elif isinstance(entry, Evict):  # logged first in its round: forgotten before it
-                self.engine.store.evict([entry.stream])
-            if i not in rec.joined:  # the end of a round: stepped whole, as the run stepped it
-                outs += self._apply(r)
-                r = _Round()
+        # Answers computed again, not samples answered now: their age is the time since the
+        # crash (a power cut, a reboot), which would read as end-to-end latency.
+        self._replaying = True
+        try:
+            for i, entry in enumerate(rec.entries):
+                if isinstance(entry, Output):
+                    outs.append(Outbound(entry.topic, entry.payload, lsn=entry.lsn))
+                elif isinstance(entry, (Record, Void)):
+                    r.items.append(entry)
+                elif isinstance(entry, Release):
+                    r.released += self.reorder.force(entry.stream, entry.seq)
+                elif isinstance(entry, Evict):  # logged first in its round: forgotten before it
+                    self.engine.store.evict([entry.stream])
+                if i not in rec.joined:  # the end of a round: stepped whole, as the run stepped it
+                    outs += self._apply(r)
+                    r = _Round()
+        finally:
+            self._replaying = False
         # The broker holds at most 65535 messages unacknowledged: older resets are not resent.
         self._resets = {
             pid: was for pid, was in self._resets.items() if was[5] > self.lsn - (1 << 16)
@@ -977,7 +984,11 @@ class Processor:
         )
         out.append(Outbound(self.predictions.topic(rec.stream), body, lsn=rec.lsn))
         self.metrics.inc("predictions_out", len(oc.y))
-        if rec.ts is not None and 0 <= (age := self.wall() - rec.ts) < MAX_LATENCY:
+        if (
+            rec.ts is not None
+            and not self._replaying
+            and 0 <= (age := self.wall() - rec.ts) < MAX_LATENCY
+        ):
             self.metrics.e2e_latency.observe(age)  # else a device clock that is off, not latency
         return out
 

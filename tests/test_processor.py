@@ -1089,3 +1089,35 @@ def test_an_answer_after_a_gap_says_restart_when_the_gap_policy_reset_zeroed_the
     assert got == [(1, None, None), (4, 2, True if policy == "reset" else None)]
     fresh = edge.load(bundles / "clf-int8").step("x", xs[4])
     assert np.array_equal(docs[1]["y"], fresh.tolist()) == (policy == "reset")
+
+
+def test_samples_replayed_after_a_crash_are_not_counted_as_end_to_end_latency(
+    bundles, tmp_path, xs
+):
+    """The log replayed at a start after a crash computes again answers published minutes or
+    hours before: their device ``ts`` is as old as the outage, and each was observed as an
+    end-to-end latency that long (a power cut of ten minutes: p99 of ten minutes)."""
+    cfg = config.load(
+        None,
+        env={},
+        overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path), "reorder_ms": 0},
+    )
+    wall = [1_800_000_000.0]
+
+    def processor():
+        p = Processor(open_engine(cfg), cfg, Journal(tmp_path), Metrics(), wall=lambda: wall[0])
+        p.recover()
+        return p
+
+    p = processor()
+    body = [
+        json.dumps({"seq": i + 1, "ts": wall[0] - 0.02, "values": xs[i].tolist()}) for i in range(5)
+    ]
+    assert p.handle([Inbound("sensors/a/data", b.encode(), i + 1) for i, b in enumerate(body)])
+    assert p.metrics.e2e_latency.count == 5 and p.metrics.e2e_latency.max < 0.1
+    p.journal.close()  # kill -9, back ten minutes later
+    wall[0] += 600.0
+    again = processor()
+    assert again.engine.last_seq("a") == 5
+    assert again.metrics.e2e_latency.count == 0
+    again.journal.close()

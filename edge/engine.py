@@ -500,6 +500,7 @@ class Engine:
         if other.manifest.state_layout() != self.manifest.state_layout():
             raise BundleError("state layouts differ; the streams cannot be carried over")
         self.store.load(*other.store.export())
+        self.store.seen_as(other.store)
         # Copies: shared, a stream that came back to one engine was forgotten by the other's
         # table, which then stepped that stream's old samples a second time.
         self.store.departed.load(other.store.departed.export())
@@ -513,6 +514,7 @@ class Engine:
         streams, last_seq, _, boots, gaps = other.store.export()
         zeros = [np.repeat(z[None], len(streams), axis=0) for z in self.store.zero_row]
         self.store.load(streams, last_seq, zeros, boots, gaps)
+        self.store.seen_as(other.store)
         self.store.departed.load(other.store.departed.export())
         self.store.recalled = set(self.store.streams)
         self.store.depart_shed()

@@ -250,7 +250,8 @@ class Processor:
     def engine(self, engine: Engine) -> None:
         if self._switch is not None:  # the log is written with the recovered settings still
             engine.gap_policy, engine.restart_gap = self.engine.gap_policy, self.engine.restart_gap
-        if getattr(self, "_engine", None) is not None and self.engine.store.paused_at is not None:
+        old = getattr(self, "_engine", None)
+        if old is not None and old.store.paused_at is not None and engine.store.paused_at is None:
             engine.store.pause()  # a reload while cut off: idle time still stands still
         self._engine = engine
         engine.store.on_evict = self._forget

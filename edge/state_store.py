@@ -301,6 +301,16 @@ class StateStore:
         self.evict(gone)
         return gone
 
+    def seen_as(self, other: StateStore) -> None:
+        """Each stream carried over from ``other`` (``load`` of its export) last used when
+        it was there, and paused as it is: a reload does not make idle streams fresh."""
+        streams = self.streams
+        mine, theirs = self.lookup(streams), other.lookup(streams)
+        known = theirs >= 0
+        self.last_seen[mine[known]] = other.last_seen[theirs[known]]
+        if other.paused_at is not None:
+            self.paused_at = other.paused_at
+
     def pause(self) -> None:
         """Nothing can arrive from now on: idle time stands still."""
         if self.paused_at is None:

@@ -240,6 +240,24 @@ def test_idle_timeout_uses_the_injected_clock(load):
     assert engine.state_of("a") is None and engine.stats()["evicted_idle"] == 1
 
 
+@pytest.mark.parametrize("carry", ["load_state_from", "load_numbering_from"])
+def test_a_reload_keeps_how_long_each_stream_has_been_idle(load, carry):
+    """A reload carries the streams over to a new engine: each was marked as used at that
+    moment, so every reload put off the forgetting of idle streams (and the removal of their
+    Home Assistant sensors) by a whole idle_timeout."""
+    now = [0.0]
+    old = load(idle_timeout=60, clock=lambda: now[0])
+    old.step("a", samples(1, 0)[0], seq=1)
+    now[0] = 50.0
+    old.step("b", samples(1, 0)[0], seq=1)
+    now[0] = 100.0  # "a" idle for 100 s, "b" for 50 s
+    new = load(idle_timeout=60, clock=lambda: now[0])
+    getattr(new, carry)(old)
+    assert new.store.streams == ["a", "b"] and new.store.idle(60) == ["a"]
+    now[0] = 111.0
+    assert new.store.idle(60) == ["a", "b"]
+
+
 @pytest.mark.parametrize(
     "values, message",
     [

@@ -67,6 +67,9 @@ CONTENT_TYPES = {
 }
 MAX_DEPTH = 8
 MAX_TS = 4102444800.0  # 2100-01-01T00:00:00Z: later (or negative) times are clock garbage
+# SenML (RFC 8428): a time below 2**28 s is relative to now; negative ones are seconds ago, as
+# a device without a clock sends them. Those further back than this are clock garbage too.
+SENML_RELATIVE = 2.0**28
 U32 = 2**32
 
 _BOM = b"\xef\xbb\xbf"
@@ -381,6 +384,7 @@ def decode_senml(doc: Any, features: Sequence[str]) -> Samples:
     if not isinstance(doc, list) or not doc or not all(isinstance(r, dict) for r in doc):
         raise PayloadError("bad_senml", "SenML must be a non-empty array of records")
     base_name, base_time, seq, boot, timed = "", 0.0, None, None, False
+    relative: str | None = None  # the first record timed relative to now (a negative time)
     by_time: dict[float, dict[str, float]] = {}
     for rec in doc:
         bn = rec.get("bn", base_name)
@@ -418,7 +422,10 @@ def decode_senml(doc: Any, features: Sequence[str]) -> Samples:
         t = base_time
         if rec.get("t") is not None:
             t, timed = t + _number(rec["t"], "time 't'", seq), True
-        t = _plausible(t, f"time of record {_show(name, 40)}", seq)
+        if -SENML_RELATIVE <= t < 0:  # seconds ago: only their order is known
+            relative = relative or _show(name, 40)
+        else:
+            t = _plausible(t, f"time of record {_show(name, 40)}", seq)
         sample = by_time.setdefault(t, {})
         if short in sample:  # which one is meant cannot be told: neither is taken
             raise PayloadError("bad_senml", f"{_show(short, 60)} is given twice at t={t}", seq)
@@ -433,7 +440,17 @@ def decode_senml(doc: Any, features: Sequence[str]) -> Samples:
         if missing:
             raise PayloadError("wrong_shape", f"sample at t={t} lacks {_show(missing)}", seq)
         rows.append([by_time[t][n] for n in features])
-    ts = min(by_time) if timed else None
+    if relative is not None:
+        if max(by_time) >= SENML_RELATIVE:  # now is not known here: no order between them
+            raise PayloadError(
+                "bad_ts",
+                f"record {relative} is timed relative to now (a negative time), others at "
+                f"{max(by_time):.0f} s since 1970: times of one pack must be one or the other",
+                seq,
+            )
+        ts = None  # relative to now: no absolute time to give
+    else:
+        ts = min(by_time) if timed else None
     return Samples(seq, ts, _values(rows, len(features), seq), boot)
 
 

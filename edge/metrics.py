@@ -72,7 +72,8 @@ class Metrics:
         self.errors: Counter[str] = Counter()
         self.step_latency = Histogram()
         self.e2e_latency = Histogram()
-        self._last_snapshot = time.monotonic()  # or the start, before the first snapshot
+        self._started = time.monotonic()
+        self._last_snapshot = self._started  # or the start, before the first snapshot
         self.gauges: dict[str, Callable[[], float]] = {
             "snapshot_age_seconds": lambda: time.monotonic() - self._last_snapshot
         }
@@ -102,6 +103,8 @@ class Metrics:
             out["step_latency_p99_ms"] = self.step_latency.quantile(0.99) * 1000
             out["e2e_latency_p50_ms"] = self.e2e_latency.quantile(0.5) * 1000
             out["e2e_latency_p99_ms"] = self.e2e_latency.quantile(0.99) * 1000
+        # seconds between two stats on a clock NTP does not step (``ts`` is the wall clock)
+        out["uptime_seconds"] = time.monotonic() - self._started
         out.update({k: f() for k, f in {**self.derived_counters, **self.gauges}.items()})
         return out
 

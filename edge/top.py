@@ -34,22 +34,32 @@ class Runtime:
     previous: dict[str, Any] = field(default_factory=dict)
     updates: int = 0
 
+    def seconds(self) -> float | None:
+        """Seconds between the last two stats messages: by the service's uptime, on a clock
+        NTP does not step (a gateway without a real-time clock has its wall clock stepped by
+        hours or months after it boots), else (an older service) by their ``ts``."""
+        for key in ("uptime_seconds", "ts"):
+            try:
+                return float(self.stats[key]) - float(self.previous[key])
+            except (KeyError, TypeError, ValueError, OverflowError):
+                continue
+        return None
+
     def rate(self, key: str) -> float | None:
         """Per second between the last two stats messages (None until there are two, and
         when the counter went down: the service restarted and counts from 0 again)."""
         now, before = self.stats, self.previous
+        dt = self.seconds()
         try:
-            dt = float(now["ts"]) - float(before["ts"])
             grown = float(now[key]) - float(before[key])
         except (KeyError, TypeError, ValueError, OverflowError):
             return None
-        return grown / dt if dt > 0 and grown >= 0 else None
+        return grown / dt if dt is not None and dt > 0 and grown >= 0 else None
 
     def error_rate(self) -> float | None:
         now, before = _errors(self.stats), _errors(self.previous)
-        try:
-            dt = float(self.stats["ts"]) - float(self.previous["ts"])
-        except (KeyError, TypeError, ValueError, OverflowError):
+        dt = self.seconds()
+        if dt is None:
             return None
         if any(now.get(code, 0) < n for code, n in before.items()):
             return None  # a count went down: the service restarted and counts from 0 again

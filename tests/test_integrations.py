@@ -361,6 +361,21 @@ def test_top_shows_no_negative_rate_after_a_service_restarts():
     assert v.render().splitlines()[1].split()[3:6] == ["10", "5", "0.5"]
 
 
+def test_top_rates_do_not_follow_a_step_of_the_services_wall_clock():
+    """A gateway without a real-time clock starts at the time it last saved, and NTP then
+    steps its clock by hours or months: the rates between two stats messages were divided by
+    their wall-clock ``ts`` apart (0 msg/s after a step forward, nothing after a step back).
+    The service says its uptime, which NTP does not step."""
+    v = TopView("edge/stats/", "edge/status/")
+    first = {"messages_in": 100, "predictions_out": 90, "errors": {"late": 1}}
+    v.update("edge/stats/pi", json.dumps({**first, "ts": 1e9, "uptime_seconds": 60.0}).encode())
+    later = {"messages_in": 200, "predictions_out": 190, "errors": {"late": 11}}
+    for ts in (1e9 + 90 * 86400, 1e9 - 86400):  # forward three months, then back
+        v.update("edge/stats/pi", json.dumps({**later, "ts": ts, "uptime_seconds": 70.0}).encode())
+        assert v.render().splitlines()[1].split()[3:6] == ["10", "10", "1"]
+        v.update("edge/stats/pi", json.dumps({**first, "ts": 1e9, "uptime_seconds": 60.0}).encode())
+
+
 def test_top_survives_stats_whose_numbers_are_no_finite_numbers():
     v = TopView("edge/stats/", "edge/status/")  # anyone may publish on the stats topics
     huge = "1" + "0" * 400

@@ -640,6 +640,7 @@ class Worker:
         t0 = time.monotonic()
         part = await self._restore(p)
         part.answered = await self._read_answered(part)
+        part.processor.sent_before = part.answered  # stepped again, not answered again
         await self._subscribe(part)
         self.owned[p] = part
         part.task = asyncio.create_task(self._pump(part), name=f"partition-{p}")

@@ -230,6 +230,9 @@ class Processor:
         # take a restart flag (the first after they lost their state).
         self._fresh: set[str] = set()
         self._replaying = False  # the log is being replayed (``recover``)
+        # The lsn up to which another process published the answers already (a worker's
+        # predecessor on a partition, whose messages this one steps again after a takeover).
+        self.sent_before = 0
         self._log_note = RateLimitedLog(clock=clock)
         # Control resets applied, by the broker's packet id of their message: (stream, seq,
         # boot, rebase, the next seq they left, lsn). The broker sends a message again (DUP)
@@ -335,7 +338,7 @@ class Processor:
         outs: list[Outbound] = []
         r = _Round()
         # Answers computed again, not samples answered now: their age is the time since the
-        # crash (a power cut, a reboot), which would read as end-to-end latency.
+        # crash (a power cut, a reboot), which would read as end-to-end latency (``_step_one``).
         self._replaying = True
         try:
             for i, entry in enumerate(rec.entries):
@@ -988,6 +991,7 @@ class Processor:
         if (
             rec.ts is not None
             and not self._replaying
+            and rec.lsn > self.sent_before
             and 0 <= (age := self.wall() - rec.ts) < MAX_LATENCY
         ):
             self.metrics.e2e_latency.observe(age)  # else a device clock that is off, not latency

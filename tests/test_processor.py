@@ -1121,3 +1121,28 @@ def test_samples_replayed_after_a_crash_are_not_counted_as_end_to_end_latency(
     assert again.engine.last_seq("a") == 5
     assert again.metrics.e2e_latency.count == 0
     again.journal.close()
+
+
+def test_samples_whose_answers_a_predecessor_sent_are_not_counted_as_latency(bundles, tmp_path, xs):
+    """A worker that takes a partition over steps again the messages after its snapshot; the
+    answers up to its predecessor's mark went out before (seconds to minutes ago) and are not
+    sent again, yet each was observed as an end-to-end latency of the takeover's length."""
+    cfg = config.load(
+        None,
+        env={},
+        overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path), "reorder_ms": 0},
+    )
+    wall = [1_800_000_000.0]
+    p = Processor(
+        open_engine(cfg), cfg, Journal(tmp_path), Metrics(), wall=lambda: wall[0], lsn_from_mid=True
+    )
+    p.recover()
+    p.sent_before = 3  # the predecessor's answered mark
+    wall[0] += 30.0  # the takeover took this long after the samples were sent
+    body = [
+        json.dumps({"seq": i + 1, "ts": wall[0] - 30.0, "values": xs[i].tolist()}) for i in range(5)
+    ]
+    assert p.handle([Inbound("sensors/a/data", b.encode(), i + 1) for i, b in enumerate(body)])
+    assert p.engine.last_seq("a") == 5
+    assert p.metrics.e2e_latency.count == 2  # seq 4 and 5: answered now, 30 s late
+    p.journal.close()

@@ -344,6 +344,26 @@ def inbound(msg: Any, redelivered: bool = False) -> Inbound | None:
     )
 
 
+class Fenced(Exception):
+    """A partition this worker was taking or holding is another worker's now."""
+
+
+def consumer_name(p: int, lease: int) -> str:
+    """Partition ``p``'s consumer as the owner that took it with lease revision ``lease`` makes
+    it: each takeover makes a consumer of its own, so that a worker whose lease ran out (stopped
+    past it) and goes on can pull from, acknowledge on, delete or make again only its own."""
+    return f"edge-p{p}-{lease}"
+
+
+def consumer_lease(name: str, p: int) -> int | None:
+    """The lease revision a consumer of partition ``p`` was made under (0: ``edge-p{p}``, of
+    a version that named one consumer per partition); None: no consumer of the partition."""
+    if name == f"edge-p{p}":
+        return 0
+    head, _, rev = name.rpartition("-")
+    return int(rev) if head == f"edge-p{p}" and rev.isdigit() else None
+
+
 @dataclass
 class Partition:
     """One owned partition: its processor, its consumer, how far the stream is covered."""
@@ -364,6 +384,11 @@ class Partition:
     twins: Twins = field(default_factory=Twins)
     last_snapshot: float = field(default_factory=time.monotonic)
     remake: bool = False  # its consumer delivered another partition's messages
+    lease: int = 0  # the revision of the lease this owner took it with: names its consumer
+
+    @property
+    def consumer(self) -> str:
+        return consumer_name(self.number, self.lease)
 
 
 class Worker:
@@ -606,20 +631,56 @@ class Worker:
             return part, passed
         return None, passed
 
+    async def _consumers(self, p: int) -> dict[str, int]:
+        """The consumers of partition ``p`` (name -> the lease revision it was made under)."""
+        from nats.js.errors import APIError
+
+        found: dict[str, int] = {}
+        offset = 0
+        while True:  # in pages (1,024 names each)
+            reply = await self.nc.request(
+                f"$JS.API.CONSUMER.NAMES.{STREAM}",
+                json.dumps({"offset": offset}).encode(),
+                timeout=STOP_SECONDS,
+            )
+            doc = json.loads(reply.data)
+            if "error" in doc:
+                APIError.from_error(doc["error"])  # raises its class (NotFoundError, ...)
+                raise APIError(description=str(doc["error"]))
+            names = [str(n) for n in doc.get("consumers") or []]
+            for name in names:
+                rev = consumer_lease(name, p)
+                if rev is not None:
+                    found[name] = rev
+            offset += len(names)
+            if not names or offset >= int(doc.get("total", 0)):
+                return found
+
     async def _subscribe(self, part: Partition) -> None:
+        """Make the partition's consumer of this takeover, after the consumers of earlier ones
+        (lower lease revisions), from what the partition covers. One of a later takeover
+        means the partition is another worker's: ``Fenced``, nothing touched."""
         from nats.js import api
         from nats.js.errors import NotFoundError
 
-        durable = f"edge-p{part.number}"
-        try:
-            # What the previous owner acknowledged, i.e. handled (and maybe answered): in the
-            # replay, a duplicate up to there is the partition's own, not the device's. Past it
-            # nothing was answered, so a device's duplicate there is reported.
-            old = await self.js.consumer_info(STREAM, durable)
-            part.replay_until = old.ack_floor.stream_seq if old.ack_floor else 0
-            await self.js.delete_consumer(STREAM, durable)
-        except NotFoundError:
-            part.replay_until = 0
+        durable = part.consumer
+        found = await self._consumers(part.number)
+        found[durable] = part.lease  # edited to another filter, it is not listed
+        later = sorted(name for name, rev in found.items() if rev > part.lease)
+        if later:
+            raise Fenced(f"partition {part.number}: taken over since (consumer {later[0]})")
+        # What earlier owners acknowledged, i.e. handled (and maybe answered): in the replay,
+        # a duplicate up to there is the partition's own, not the device's. Past it nothing
+        # was answered, so a device's duplicate there is reported.
+        part.replay_until = 0
+        for name in sorted(found, key=found.__getitem__):
+            try:
+                old = await self.js.consumer_info(STREAM, name)
+                floor = old.ack_floor.stream_seq if old.ack_floor else 0
+                part.replay_until = max(part.replay_until, floor or 0)
+                await self.js.delete_consumer(STREAM, name)
+            except NotFoundError:  # never made, or deleted by another taker meanwhile
+                continue
         config = api.ConsumerConfig(
             # one ack per batch (the last message), as the batch is handled in order
             ack_policy=api.AckPolicy.ALL,
@@ -633,15 +694,28 @@ class Worker:
         config.durable_name = durable
         config.filter_subject = filter_subject(part.number)
         await self.js.add_consumer(STREAM, config=config)
+        later = sorted(
+            n for n, rev in (await self._consumers(part.number)).items() if rev > part.lease
+        )
+        if later:  # a later owner made its own meanwhile (we were stopped past our lease)
+            with contextlib.suppress(Exception):  # the next takeover deletes it otherwise
+                await self.js.delete_consumer(STREAM, durable)
+            raise Fenced(f"partition {part.number}: taken over since (consumer {later[0]})")
         part.feed = PullFeed(self.nc, STREAM, durable, self.cfg.max_batch)
         await part.feed.start()
 
-    async def acquire(self, p: int) -> None:
+    async def acquire(self, p: int, lease: int) -> None:
         t0 = time.monotonic()
         part = await self._restore(p)
-        part.answered = await self._read_answered(part)
-        part.processor.sent_before = part.answered  # stepped again, not answered again
-        await self._subscribe(part)
+        part.lease = lease
+        try:
+            part.answered = await self._read_answered(part)
+            part.processor.sent_before = part.answered  # stepped again, not answered again
+            await self._subscribe(part)
+        except BaseException:
+            part.processor.journal.close()
+            shutil.rmtree(part.directory, ignore_errors=True)
+            raise
         self.owned[p] = part
         part.task = asyncio.create_task(self._pump(part), name=f"partition-{p}")
         self.metrics.inc("partitions_acquired")
@@ -718,7 +792,7 @@ class Worker:
         assert part.feed is not None
         refusal, part.feed.refusals = part.feed.refusal, 0
         try:
-            await self.js.consumer_info(STREAM, f"edge-p{part.number}")
+            await self.js.consumer_info(STREAM, part.consumer)
             return  # it is there: the refusals were passing (a leadership change, ...)
         except NotFoundError:
             log.error(
@@ -771,6 +845,10 @@ class Worker:
                     BUSY_WAIT if busy else IDLE_WAIT, lambda: self.holds(part.number)
                 )
                 proc.resume()
+            except Fenced as exc:  # a later owner made its consumer: the partition is its
+                log.warning("%s; stopping", exc)
+                self.metrics.inc("partitions_fenced")
+                return
             except Exception as exc:  # reconnecting: try again shortly
                 proc.pause()  # nothing arrives meanwhile: waits stand still
                 log.warning("partition %d: pull request failed: %r", part.number, exc)
@@ -1131,7 +1209,11 @@ class Worker:
                 # marker: it ran out meanwhile (not a deleted bucket). Taken next round.
                 continue
             try:
-                await self.acquire(p)
+                await self.acquire(p, self.leases[p])
+            except Fenced as exc:  # stopped past the lease while taking it: another's now
+                log.warning("%s; not taken", exc)
+                self.metrics.inc("partitions_fenced")
+                self.leases.pop(p, None)
             except Exception:
                 self.leases.pop(p, None)
                 raise

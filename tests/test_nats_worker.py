@@ -743,10 +743,21 @@ def _delete(url: str, what: str) -> None:
             await js.delete_stream(STREAM)
         else:
             for p in range(P):
-                await js.delete_consumer(STREAM, f"edge-p{p}")
+                await js.delete_consumer(STREAM, await _consumer(js, p))
         await nc.close()
 
     asyncio.run(run())
+
+
+async def _consumer(js: Any, p: int) -> str:
+    """The name of partition ``p``'s consumer (of its owner's takeover: the newest)."""
+    from edge.nats_worker import STREAM, consumer_lease
+
+    names = [c.name for c in await js.consumers_info(STREAM)]
+    return max(
+        (n for n in names if consumer_lease(n, p) is not None),
+        key=lambda n: consumer_lease(n, p) or 0,
+    )
 
 
 def _publish_native(url: str, samples: dict[str, np.ndarray], seqs: range) -> None:
@@ -1259,7 +1270,7 @@ def _cluster_state(urls: list[str], parts: list[int]) -> tuple[bool, dict[int, i
             store = await js.object_store(SNAPSHOTS)
             gens: dict[int, int] = {}
             for p in parts:
-                ci = await js.consumer_info(STREAM, f"edge-p{p}")
+                ci = await js.consumer_info(STREAM, await _consumer(js, p))
                 covered = []
                 for slot in (0, 1):
                     try:
@@ -1573,6 +1584,14 @@ def test_snapshots_larger_than_the_servers_max_payload_are_stored(
         server.stop()
 
 
+def _worker_config(bundles: Path, tmp_path: Path, **overrides: Any) -> Any:
+    """The processing configuration of a worker run in the test's own event loop."""
+    from edge import config
+
+    keys = {"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s"), **overrides}
+    return config.load(None, overrides=keys)
+
+
 async def _until(cond: Any, timeout: float, what: str) -> None:
     """``wait_until`` for a test that runs a worker in its own event loop."""
     deadline = time.monotonic() + timeout
@@ -1693,7 +1712,7 @@ def test_a_worker_whose_lease_ran_out_mid_batch_pulls_nothing_from_the_new_owner
         async def pulled(msg: Any) -> None:
             requests.append(msg.reply)
 
-        await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.edge-p{p}", cb=pulled)
+        await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.*", cb=pulled)
         w1 = worker("w1")
         running1 = asyncio.create_task(w1.run())
         await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
@@ -2051,7 +2070,7 @@ def _edit_filter(url: str, p: int, subject: str) -> None:
     async def run() -> None:
         nc = await nats.connect(url)
         js = nc.jetstream()
-        config = (await js.consumer_info(STREAM, f"edge-p{p}")).config
+        config = (await js.consumer_info(STREAM, await _consumer(js, p))).config
         config.filter_subject = subject
         await js.add_consumer(STREAM, config)  # an update of the durable
         await nc.close()
@@ -2467,5 +2486,107 @@ def test_messages_held_at_a_hand_over_wait_for_their_gap_once_the_new_owner_read
         for seq in (1, 2, 3):
             assert len(got[(stream, seq)]) == 1, seq
             np.testing.assert_array_equal(got[(stream, seq)][0], want[(stream, seq)])
+    finally:
+        native.close()
+
+
+@failover
+def test_a_worker_stopped_inside_a_takeover_leaves_the_new_owners_consumer_alone(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A worker stopped (SIGSTOP) past its lease in the middle of taking a partition over,
+    before it had made the partition's consumer, went on when resumed: it deleted the consumer
+    the new owner had made meanwhile under the same name and made it again from its own,
+    older snapshot. The new owner read the partition again from there, and its
+    acknowledgements went to a consumer that had not delivered them."""
+    import json
+
+    import nats
+
+    from edge.nats_worker import Worker, WorkerOptions
+
+    url = nats_server.url
+    cfg = _worker_config(bundles, tmp_path)
+    samples = _samples(1, 12, seed=61)
+    (stream,) = samples
+    p = partition(stream, P)
+    want = offline(bundles / "clf-int8", samples)
+    native = NatsCollector(url)
+
+    def worker(worker_id: str) -> Worker:
+        opts = WorkerOptions([url], worker_id, partitions=P, lease_seconds=1, snapshot_interval=600)
+        return Worker(cfg, opts)
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def send(k: int) -> None:
+            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
+            await js.publish(f"sensors.{stream}.data", body.encode())
+
+        w1 = worker("w1")
+        # w1 stands still inside the takeover (thaw), and takes no part in the group after it
+        # (end): no lease renewed, none taken, as a worker back too late for the group
+        thaw, end, inside, done = (asyncio.Event() for _ in range(4))
+
+        def frozen(call: Any) -> Any:
+            async def wait(*args: Any, **kw: Any) -> Any:
+                await end.wait()
+                return await call(*args, **kw)
+
+            return wait
+
+        subscribe = w1._subscribe
+
+        async def stalled(part: Any) -> None:
+            if part.number != p or done.is_set():
+                return await subscribe(part)
+            for name in ("put", "update", "create"):
+                setattr(w1.kv, name, frozen(getattr(w1.kv, name)))
+            inside.set()
+            await thaw.wait()
+            try:
+                await subscribe(part)
+            finally:
+                done.set()
+
+        w1._subscribe = stalled  # type: ignore[method-assign]
+        running1 = asyncio.create_task(w1.run())
+        await _until(inside.is_set, 60, "w1 to be taking the partition over")
+        w2 = worker("w2")
+        running2 = asyncio.create_task(w2.run())
+        try:
+            await _until(lambda: p in w2.owned, 60, "w2 to take the partition over")
+            for k in range(6):
+                await send(k)
+            await _until(lambda: len(native.predictions()) >= 6, 60, "w2's first answers")
+            thaw.set()  # w1 goes on with its takeover
+            await _until(done.is_set, 60, "w1's takeover to go on")
+
+            def stopped() -> bool:  # its partition loop saw the lease gone, if it began one
+                part = w1.owned.get(p)
+                return part is None or part.task is None or part.task.done()
+
+            await _until(stopped, 60, "w1 to see its lease gone")
+            for k in range(6, 12):
+                await send(k)
+            await _until(lambda: len(native.predictions()) >= 12, 60, "every answer")
+            await _until(lambda: w2.metrics.snapshot().get("acks", 0) >= 12, 60, "w2's acks")
+            # each message was delivered to w2 once: none read again from w1's position
+            assert w2.metrics.snapshot().get("acks") == 12
+        finally:
+            thaw.set()
+            end.set()
+            w1.stopping.set()
+            w2.stopping.set()
+            await asyncio.gather(running1, running2, return_exceptions=True)
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+        got = native.predictions()
+        assert _check(got, want) == ([], [])
+        assert [k for k, ys in got.items() if len(ys) > 1] == []
     finally:
         native.close()

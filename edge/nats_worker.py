@@ -519,8 +519,9 @@ class Worker:
             proc.recover()
             proc.journal.open()
             log.info("partition %d: no snapshot; replaying from the start of the stream", p)
-            # its snapshots come after those of another partition count passed over
-            part = Partition(p, proc, directory, stream=stream_id, generation=passed)
+            # its snapshots come after those of another partition count passed over, and
+            # after any a worker whose lease ran out may still write (see _restore_snapshot)
+            part = Partition(p, proc, directory, stream=stream_id, generation=passed + 1)
             if self.relaid or passed:  # its streams' state is in the old count's snapshots
                 part.processor.assume_lost(
                     f"partition {p}: the stream was made again with another partition count "
@@ -623,7 +624,11 @@ class Worker:
                 directory,
                 covered=covered,
                 snapshotted=covered,
-                generation=snap.generation,
+                # One generation left out: a worker that held the partition before, its lease
+                # run out while it was stopped, may still write the next one (resumed between
+                # its lease check and the write). The new owner's are never of that
+                # generation: the stale one, of a lower one, is never restored before them.
+                generation=snap.generation + 1,
                 stream=stream_id,
             )
             if covered:  # the stream it covers goes on: twins of what it covers may come
@@ -931,6 +936,8 @@ class Worker:
     async def _snapshot(self, part: Partition, *, force: bool = False) -> None:
         try:
             await self._checkpoint(part, force=force)
+        except Fenced as exc:  # the loop stops at its next lease check
+            log.warning("%s", exc)
         except Exception as exc:  # NATS failing over: the next interval tries again
             log.warning("partition %d: snapshot failed: %r", part.number, exc)
             self.metrics.inc("snapshot_failures")
@@ -1060,6 +1067,11 @@ class Worker:
             part.twins.export(),
             self.opts.partitions,
         ).pack()
+        if not self.holds(part.number):
+            # The lease ran out (the process stopped, NATS slow): another worker may own the
+            # partition, and this state is older than its. Written over the new owner's
+            # newest snapshot, the next takeover would step the partition back to it.
+            raise Fenced(f"partition {part.number}: lease not confirmed; no snapshot written")
         await self._put(psnap.object_name(part.number, gen % 2), blob)
         part.generation, part.snapshotted = gen, part.covered
         self.metrics.inc("snapshots")

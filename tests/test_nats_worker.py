@@ -2590,3 +2590,98 @@ def test_a_worker_stopped_inside_a_takeover_leaves_the_new_owners_consumer_alone
         assert [k for k, ys in got.items() if len(ys) > 1] == []
     finally:
         native.close()
+
+
+@failover
+def test_a_worker_whose_lease_ran_out_writes_no_snapshot_over_the_new_owners(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A worker stopped (SIGSTOP) past its lease while its answers waited for the store went
+    on, once resumed, to write the partition's snapshot at its interval: its older state, into
+    the slot (its next generation) where the new owner had written its own. The next takeover
+    restored the older state and read the partition again from there."""
+    import json
+
+    import nats
+
+    from edge.nats_worker import Worker, WorkerOptions
+
+    url = nats_server.url
+    cfg = _worker_config(bundles, tmp_path)
+    samples = _samples(1, 6, seed=71)
+    (stream,) = samples
+    p = partition(stream, P)
+    want = offline(bundles / "clf-int8", samples)
+    native = NatsCollector(url)
+
+    def worker(worker_id: str, interval: float) -> Worker:
+        opts = WorkerOptions(
+            [url], worker_id, partitions=P, lease_seconds=1, snapshot_interval=interval
+        )
+        return Worker(cfg, opts)
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def send(k: int) -> None:
+            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
+            await js.publish(f"sensors.{stream}.data", body.encode())
+
+        w1 = worker("w1", 1.0)  # snapshots each partition that moved, every second
+        running1 = asyncio.create_task(w1.run())
+        await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
+        thaw, answers = asyncio.Event(), asyncio.Event()
+        taken: list[int] = []
+
+        def frozen(call: Any) -> Any:
+            async def wait(*args: Any, **kw: Any) -> Any:
+                await thaw.wait()
+                return await call(*args, **kw)
+
+            return wait
+
+        async def unanswered(items: list[Any], timeout: float) -> list[bool]:
+            taken.append(len(items))
+            await answers.wait()  # stored, as far as w1 can tell, once it goes on
+            return [False] * len(items)
+
+        assert w1.stored is not None
+        w1.stored.publish = unanswered  # type: ignore[method-assign]
+        part = w1.owned[p]
+        await send(0)
+        await _until(lambda: sum(taken) == 1, 60, "w1 to answer sample 1")
+        for name in ("put", "update", "create"):  # w1 stands still from here
+            setattr(w1.kv, name, frozen(getattr(w1.kv, name)))
+        w1._balance = frozen(w1._balance)  # type: ignore[method-assign]
+        w2 = worker("w2", 600.0)
+        running2 = asyncio.create_task(w2.run())
+        try:
+            await _until(lambda: p in w2.owned, 60, "w2 to take the partition over")
+            for k in range(1, 6):
+                await send(k)
+            await _until(lambda: len(native.predictions()) >= 6, 60, "w2's answers")
+            ours = w2.owned[p]
+            await _until(lambda: ours.covered >= 6, 60, "w2 to acknowledge every message")
+            await w2._snapshot(ours, force=True)
+            assert ours.snapshotted == ours.covered
+            answers.set()  # w1 goes on, past its snapshot interval
+            assert part.task is not None
+            await _until(part.task.done, 60, "w1's partition loop to see its lease gone")
+            newest = (await w2._snapshots(p))[0]
+            assert (newest.generation, newest.covered) == (ours.generation, ours.covered)
+        finally:
+            thaw.set()
+            answers.set()
+            w1.stopping.set()
+            w2.stopping.set()
+            await asyncio.gather(running1, running2, return_exceptions=True)
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+        got = native.predictions()
+        assert _check(got, want) == ([], [])
+        assert [k for k, ys in got.items() if len(ys) > 1] == []
+    finally:
+        native.close()

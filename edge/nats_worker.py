@@ -111,6 +111,11 @@ IDLE_WAIT = 1.0  # ... and with nothing held
 # would wait for good while other workers could step them (the assignment gives them to this
 # worker as long as it is alive).
 STORAGE_SECONDS = 10.0
+# How often the owner of partition 0 looks for chunks of the snapshot store that no object
+# names (a put cut short by a kill, two puts of one name at once, a purge that failed): each
+# is removed once two looks this far apart found it unnamed and unchanged (a put in progress
+# names its chunks, or adds to them, well within that).
+SWEEP_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -420,6 +425,10 @@ class Worker:
         self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
         self.discarding: str | None = None  # the stream's discard-new limits, once said
         self.failure: str | None = None  # why the worker stops on its own (exit 1)
+        # chunk subjects of the snapshot store no object named at the last look -> their last
+        # sequence then (see _sweep_chunks)
+        self.unnamed: dict[str, int] = {}
+        self.swept = time.monotonic()
 
     # -- JetStream resources ----------------------------------------------------------------
 
@@ -1111,6 +1120,36 @@ class Worker:
         options = api.ObjectMetaOptions(max_chunk_size=chunk)
         await self.store.put(name, blob, meta=api.ObjectMeta(name=name, options=options))
 
+    async def _sweep_chunks(self) -> None:
+        """Remove the snapshot store's chunks that no object names. nats-py writes an object's
+        chunks under a new id, then its description, then removes the chunks of the object it
+        replaced: a worker killed before the description leaves the new chunks, one killed (or
+        cut off) before the removal the old ones, and two workers writing one name at once
+        (one of them stopped past its lease) leave the chunks of the description that lost.
+        Nothing else ever removes them: the store grew by a snapshot each time, for good. A
+        chunk subject is removed when two looks ``SWEEP_SECONDS`` apart found it unnamed and
+        unchanged: a put in progress names its chunks or adds to them before the second."""
+        stream, metas, chunks = f"OBJ_{SNAPSHOTS}", f"$O.{SNAPSHOTS}.M.", f"$O.{SNAPSHOTS}.C."
+        named: set[str] = set()
+        info = await self.js.stream_info(stream, subjects_filter=metas + ">")
+        for subject in info.state.subjects or {}:  # descriptions first: then their chunks
+            doc = json.loads((await self.js.get_last_msg(stream, subject)).data or b"{}")
+            if isinstance(doc, dict) and doc.get("nuid") and not doc.get("deleted"):
+                named.add(str(doc["nuid"]))
+        info = await self.js.stream_info(stream, subjects_filter=chunks + ">")
+        unnamed: dict[str, int] = {}
+        for subject in info.state.subjects or {}:
+            if subject[len(chunks) :] in named:
+                continue
+            last = int((await self.js.get_last_msg(stream, subject)).seq or 0)
+            if self.unnamed.get(subject) == last:
+                await self.js.purge_stream(stream, subject=subject)
+                log.info("snapshot store: removed chunks no object names (%s)", subject)
+                self.metrics.inc("snapshot_chunks_removed")
+            else:
+                unnamed[subject] = last
+        self.unnamed = unnamed
+
     # -- leases -----------------------------------------------------------------------------
 
     async def _renew_lease(self, p: int, rev: int) -> None:
@@ -1455,6 +1494,13 @@ class Worker:
                     for name in stores + [MQTT_STORE] * self.mqtt_store:
                         await self.js.stream_info(name)
                     await self._check_discard()
+                    # one worker of the group: the owner of partition 0
+                    if 0 in self.owned and time.monotonic() - self.swept >= SWEEP_SECONDS:
+                        self.swept = time.monotonic()
+                        try:
+                            await self._sweep_chunks()
+                        except Exception as exc:  # (a chunk removed meanwhile) the next look
+                            log.warning("snapshot store: looking for stray chunks: %r", exc)
                 except ConfigError:  # the stream edited into one the workers cannot serve
                     raise
                 except NotFoundError as exc:  # a bucket deleted (an operator's clean-up)

@@ -2685,3 +2685,66 @@ def test_a_worker_whose_lease_ran_out_writes_no_snapshot_over_the_new_owners(
         assert [k for k, ys in got.items() if len(ys) > 1] == []
     finally:
         native.close()
+
+
+@failover
+def test_snapshot_chunks_that_no_object_names_are_removed(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed while it wrote a snapshot (after its chunks, before its description)
+    left the chunks in the snapshot store for good, as did one killed before it removed the
+    chunks of the snapshot it replaced: over months of restarts the store grew without bound.
+    Chunks no object names, found so twice, are removed; the snapshots stay readable."""
+    import json
+
+    import nats
+
+    from edge import nats_worker
+    from edge.nats_worker import SNAPSHOTS, Worker, WorkerOptions
+
+    monkeypatch.setattr(nats_worker, "SWEEP_SECONDS", 0.5)
+    url = nats_server.url
+    samples = _samples(1, 1, seed=73)
+    (stream,) = samples
+    p = partition(stream, P)
+    w = Worker(_worker_config(bundles, tmp_path), WorkerOptions([url], "w1", partitions=P))
+    stray = f"$O.{SNAPSHOTS}.C.strayid0123456789"
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def left(subject: str) -> int:
+            info = await js.stream_info(f"OBJ_{SNAPSHOTS}", subjects_filter=subject)
+            return sum((info.state.subjects or {}).values())
+
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+            body = json.dumps({"seq": 1, "values": samples[stream][:1].tolist()})
+            await js.publish(f"sensors.{stream}.data", body.encode())
+            part = w.owned[p]
+            await _until(lambda: part.covered > 0, 60, "the sample to be handled")
+            await w._snapshot(part, force=True)
+            await w._snapshot(part, force=True)  # both slots written
+            for _ in range(3):  # what a put killed before its description leaves
+                await js.publish(stray, b"x" * 1000)
+            removed = asyncio.Event()
+
+            async def gone() -> None:
+                while await left(stray):
+                    await asyncio.sleep(0.1)
+                removed.set()
+
+            watcher = asyncio.create_task(gone())
+            await _until(removed.is_set, 60, "the stray chunks to be removed")
+            await watcher
+            snaps = await w._snapshots(p)
+            assert [s.covered for s in snaps] == [part.covered] * 2
+            assert await left(f"$O.{SNAPSHOTS}.C.>") > 0  # the snapshots' own chunks stay
+        finally:
+            w.stopping.set()
+            assert await running == 0
+            await nc.close()
+
+    asyncio.run(run())

@@ -185,6 +185,16 @@ def _discarding_limits(config: Any) -> list[str]:
     return [f"{k} = {getattr(config, k)}" for k in limits if (getattr(config, k) or 0) > 0]
 
 
+def _removing_limits(config: Any) -> list[str]:
+    """A stream's limits past which it removes its oldest messages (discard ``old``)."""
+    from nats.js import api
+
+    if config.discard == api.DiscardPolicy.NEW:
+        return []
+    limits = ("max_msgs", "max_bytes", "max_age", "max_msgs_per_subject")
+    return [f"{k} = {getattr(config, k)}" for k in limits if (getattr(config, k) or 0) > 0]
+
+
 def discard_problem(config: Any) -> str | None:
     """Why the sensor stream loses devices' samples without a report, if it does: with a limit
     and discard ``new``, JetStream refuses every message past the limit, and NATS's MQTT
@@ -390,6 +400,9 @@ class Partition:
     last_snapshot: float = field(default_factory=time.monotonic)
     remake: bool = False  # its consumer delivered another partition's messages
     lease: int = 0  # the revision of the lease this owner took it with: names its consumer
+    # the stream sequence of the partition's next message, known to be in the stream and not
+    # yet delivered (0: none known); looked up only while the stream has limits (see _gone)
+    expect: int = 0
 
     @property
     def consumer(self) -> str:
@@ -424,6 +437,7 @@ class Worker:
         self.seen: set[str] = set()  # the incarnations of the stream this process has seen
         self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
         self.discarding: str | None = None  # the stream's discard-new limits, once said
+        self.limited = False  # whether the stream has limits that remove old messages
         self.failure: str | None = None  # why the worker stops on its own (exit 1)
         # chunk subjects of the snapshot store no object named at the last look -> their last
         # sequence then (see _sweep_chunks)
@@ -887,6 +901,8 @@ class Worker:
                 self.metrics.inc("consumers_made_again")
                 msgs = [m for m in msgs if m.subject.startswith(mine)]
                 part.remake = True
+            if msgs:
+                await self._gone(part, msgs)
             batch: list[Inbound] = []
             # What this partition's state took in already, delivered again: also as a first
             # delivery by a server that lost its consumers' newest acknowledgements (killed)
@@ -928,6 +944,32 @@ class Worker:
             if crowded or time.monotonic() - part.last_snapshot >= self.opts.snapshot_interval:
                 proc.requests.discard("checkpoint")
                 await self._snapshot(part, force=crowded)
+
+    async def _gone(self, part: Partition, msgs: list[Any]) -> None:
+        """Whether the stream's limits (``max_msgs``, ``max_bytes``, ``max_age`` with discard
+        old, an operator's) removed messages of the partition before they were delivered: the
+        consumer passes over them without a word. The message known to come next, not among
+        these and behind them, was removed: reported as at a takeover (every stream's next
+        answer says ``restart``). Then the next one is looked up, while messages wait behind
+        these; only while the stream has such limits."""
+        first = msgs[0].metadata.sequence.stream
+        if part.expect and part.covered < part.expect < first:
+            part.processor.assume_lost(
+                f"partition {part.number}: stream {STREAM}'s limits removed its message at "
+                f"sequence {part.expect} (and any up to {first - 1}) before it was handled"
+            )
+            self.metrics.inc("history_lost")
+        part.expect = 0
+        last = msgs[-1].metadata
+        if not self.limited or not last.num_pending:
+            return
+        try:
+            found = await self.js.get_msg(
+                STREAM, seq=last.sequence.stream + 1, subject=filter_subject(part.number), next=True
+            )
+            part.expect = int(found.seq or 0)
+        except Exception as exc:  # not found (removed meanwhile, too), NATS away: not watched
+            log.debug("partition %d: next message not looked up: %r", part.number, exc)
 
     def _unwritable(self, part: Partition) -> None:
         """``part`` cannot log: the worker stops (``run`` returns 1), handing every partition
@@ -1299,6 +1341,7 @@ class Worker:
                 f"partitions whose state they need; put it back, or delete the stream and "
                 "start the workers with the new partition count"
             )
+        self.limited = bool(_removing_limits(config))
         problem = discard_problem(config)
         if problem and problem != self.discarding:
             log.error("%s", problem)
@@ -1469,7 +1512,9 @@ class Worker:
                     raise ConfigError(f"JetStream at {self.opts.shown()}: {exc}") from exc
                 log.warning("JetStream not ready yet: %r", exc)
                 await asyncio.sleep(1.0)
-        problem = discard_problem((await self.js.stream_info(STREAM)).config)
+        stream_config = (await self.js.stream_info(STREAM)).config
+        self.limited = bool(_removing_limits(stream_config))
+        problem = discard_problem(stream_config)
         problem = problem or store_discard_problem((await self.js.stream_info(MQTT_STORE)).config)
         if problem:
             raise ConfigError(problem)

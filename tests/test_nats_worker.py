@@ -2748,3 +2748,73 @@ def test_snapshot_chunks_that_no_object_names_are_removed(
             await nc.close()
 
     asyncio.run(run())
+
+
+@failover
+def test_messages_the_streams_limits_remove_before_they_are_handled_are_reported(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Limits an operator set on the sensor stream (``max_msgs``, ``max_bytes``, ``max_age``,
+    discard old) removed messages a running worker had not handled yet (a backlog): its
+    consumer passed over them and the stream went on from the next one, flagged nothing: the
+    samples were lost without a report. The stream's next answer now says ``restart``."""
+    import json
+
+    import nats
+
+    from edge.nats_worker import STREAM, Worker, WorkerOptions, ensure_resources
+
+    url = nats_server.url
+    cfg = _worker_config(bundles, tmp_path, max_batch=1, reorder_ms=0)
+    samples = _samples(1, 4, seed=79)
+    (stream,) = samples
+    p = partition(stream, P)
+    native = NatsCollector(url)
+    opts = WorkerOptions([url], "w1", partitions=P, snapshot_interval=600)
+    w = Worker(cfg, opts)
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def limit(n: int) -> None:
+            config = (await js.stream_info(STREAM)).config
+            config.max_msgs = n
+            await js.update_stream(config)
+
+        await ensure_resources(js, opts)
+        await limit(1000)  # removes nothing yet
+        for k in range(4):  # a backlog when the worker starts
+            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
+            await js.publish(f"sensors.{stream}.data", body.encode())
+        publish, held, go = w._publish, asyncio.Event(), asyncio.Event()
+
+        async def slow(q: Any) -> None:  # the partition stays behind after its first batch
+            if q.number == p and not go.is_set():
+                held.set()
+                await go.wait()
+            await publish(q)
+
+        w._publish = slow  # type: ignore[method-assign]
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(held.is_set, 60, "the first batch to be handled")
+            await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+            await limit(2)  # seqs 1 and 2 go: 2 was not handled
+            go.set()
+            await _until(lambda: len(native.predictions()) >= 3, 60, "the answers")
+        finally:
+            go.set()
+            w.stopping.set()
+            await running
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+        got = native.predictions()
+        assert sorted(k[1] for k in got) == [1, 3, 4]
+        flags = {d["seq"]: d.get("restart", False) for _, d in native.of(f"predictions/{stream}")}
+        assert flags == {1: False, 3: True, 4: False}
+        assert w.metrics.snapshot().get("history_lost") == 1
+    finally:
+        native.close()

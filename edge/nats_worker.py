@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import json
 import logging
@@ -363,20 +364,28 @@ class Fenced(Exception):
     """A partition this worker was taking or holding is another worker's now."""
 
 
-def consumer_name(p: int, lease: int) -> str:
-    """Partition ``p``'s consumer as the owner that took it with lease revision ``lease`` makes
-    it: each takeover makes a consumer of its own, so that a worker whose lease ran out (stopped
-    past it) and goes on can pull from, acknowledge on, delete or make again only its own."""
-    return f"edge-p{p}-{lease}"
+Takeover = tuple[int, int]  # (when the lease bucket was made, in µs; the lease's revision)
 
 
-def consumer_lease(name: str, p: int) -> int | None:
-    """The lease revision a consumer of partition ``p`` was made under (0: ``edge-p{p}``, of
-    a version that named one consumer per partition); None: no consumer of the partition."""
+def consumer_name(p: int, lease: Takeover) -> str:
+    """Partition ``p``'s consumer as the owner that took it with ``lease`` makes it: each
+    takeover makes a consumer of its own, so that a worker whose lease ran out (stopped past
+    it) and goes on can pull from, acknowledge on, delete or make again only its own. The
+    revision counts in one lease bucket: one made again (deleted by an operator) counts from 1,
+    and its takeovers come after every one of the bucket before it."""
+    return f"edge-p{p}-{lease[0]}-{lease[1]}"
+
+
+def consumer_lease(name: str, p: int) -> Takeover | None:
+    """The takeover a consumer of partition ``p`` was made by ((0, 0): ``edge-p{p}``, of a
+    version that named one consumer per partition); None: no consumer of the partition."""
     if name == f"edge-p{p}":
-        return 0
-    head, _, rev = name.rpartition("-")
-    return int(rev) if head == f"edge-p{p}" and rev.isdigit() else None
+        return (0, 0)
+    head = f"edge-p{p}-"
+    parts = name[len(head) :].split("-") if name.startswith(head) else []
+    if len(parts) != 2 or not all(x.isdigit() for x in parts):
+        return None
+    return int(parts[0]), int(parts[1])
 
 
 @dataclass
@@ -399,7 +408,7 @@ class Partition:
     twins: Twins = field(default_factory=Twins)
     last_snapshot: float = field(default_factory=time.monotonic)
     remake: bool = False  # its consumer delivered another partition's messages
-    lease: int = 0  # the revision of the lease this owner took it with: names its consumer
+    lease: Takeover = (0, 0)  # of the lease this owner took it with: names its consumer
     # the stream sequence of the partition's next message, known to be in the stream and not
     # yet delivered (0: none known); looked up only while the stream has limits (see _gone)
     expect: int = 0
@@ -451,6 +460,18 @@ class Worker:
         self.stream_id, _, _ = await self._stream_state()
         self.seen.add(self.stream_id)
         self.relaid = await self._layout()
+
+    async def _lease_epoch(self) -> int:
+        """When the lease bucket was made, in µs: its revisions count from there. Read before
+        a lease is taken, every round that takes one: the bucket may have been made again
+        (an operator deleted it) without this worker seeing it missing."""
+        created = (await self.js.stream_info(f"KV_{LEASES}")).created
+        if created is None:
+            return 0
+        utc = datetime.timezone.utc
+        created = created if created.tzinfo else created.replace(tzinfo=utc)
+        unix = datetime.datetime(1970, 1, 1, tzinfo=utc)
+        return int((created - unix) // datetime.timedelta(microseconds=1))
 
     async def _layout(self) -> int:
         """The partition count before this incarnation of the stream, when it was made with
@@ -659,11 +680,11 @@ class Worker:
             return part, passed
         return None, passed
 
-    async def _consumers(self, p: int) -> dict[str, int]:
+    async def _consumers(self, p: int) -> dict[str, Takeover]:
         """The consumers of partition ``p`` (name -> the lease revision it was made under)."""
         from nats.js.errors import APIError
 
-        found: dict[str, int] = {}
+        found: dict[str, Takeover] = {}
         offset = 0
         while True:  # in pages (1,024 names each)
             reply = await self.nc.request(
@@ -686,7 +707,7 @@ class Worker:
 
     async def _subscribe(self, part: Partition) -> None:
         """Make the partition's consumer of this takeover, after the consumers of earlier ones
-        (lower lease revisions), from what the partition covers. One of a later takeover
+        (see consumer_name), from what the partition covers. One of a later takeover
         means the partition is another worker's: ``Fenced``, nothing touched."""
         from nats.js import api
         from nats.js.errors import NotFoundError
@@ -732,7 +753,7 @@ class Worker:
         part.feed = PullFeed(self.nc, STREAM, durable, self.cfg.max_batch)
         await part.feed.start()
 
-    async def acquire(self, p: int, lease: int) -> None:
+    async def acquire(self, p: int, lease: Takeover) -> None:
         t0 = time.monotonic()
         part = await self._restore(p)
         part.lease = lease
@@ -1288,9 +1309,12 @@ class Worker:
         give = [part for p, part in self.owned.items() if plan.get(p) != self.opts.worker_id]
         if give:
             await self.release(give)
+        epoch: int | None = None  # of the lease bucket the leases below are taken in
         for p, owner in plan.items():
             if owner != self.opts.worker_id or p in self.owned or self.stopping.is_set():
                 continue
+            if epoch is None:  # before the lease: a bucket made again after it has not got it
+                epoch = await self._lease_epoch()
             sent = time.monotonic()
             try:
                 self.leases[p] = await kv.create(f"p.{p}", self.opts.worker_id.encode())
@@ -1302,10 +1326,10 @@ class Worker:
                 # marker: it ran out meanwhile (not a deleted bucket). Taken next round.
                 continue
             try:
-                await self.acquire(p, self.leases[p])
+                await self.acquire(p, (epoch, self.leases[p]))
             except Fenced as exc:  # stopped past the lease while taking it: another's now
                 log.warning("%s; not taken", exc)
-                self.metrics.inc("partitions_fenced")
+                self.metrics.inc("takeovers_fenced")
                 self.leases.pop(p, None)
             except Exception:
                 self.leases.pop(p, None)

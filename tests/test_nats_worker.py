@@ -756,7 +756,7 @@ async def _consumer(js: Any, p: int) -> str:
     names = [c.name for c in await js.consumers_info(STREAM)]
     return max(
         (n for n in names if consumer_lease(n, p) is not None),
-        key=lambda n: consumer_lease(n, p) or 0,
+        key=lambda n: consumer_lease(n, p) or (0, 0),
     )
 
 
@@ -2816,5 +2816,63 @@ def test_messages_the_streams_limits_remove_before_they_are_handled_are_reported
         flags = {d["seq"]: d.get("restart", False) for _, d in native.of(f"predictions/{stream}")}
         assert flags == {1: False, 3: True, 4: False}
         assert w.metrics.snapshot().get("history_lost") == 1
+    finally:
+        native.close()
+
+
+@failover
+def test_partitions_are_taken_at_once_from_a_lease_bucket_made_again(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The lease bucket deleted (an operator's clean-up) and made again counts its revisions
+    from 1: a partition's consumer, named with the revision of the takeover that made it, must
+    not make a takeover of the new bucket look older than it (the partition left alone until
+    the new revisions passed the old ones)."""
+    import json
+
+    import nats
+
+    from edge.nats_worker import LEASES, Worker, WorkerOptions, ensure_resources
+
+    url = nats_server.url
+    samples = _samples(1, 2, seed=83)
+    (stream,) = samples
+    want = offline(bundles / "clf-int8", samples)
+    native = NatsCollector(url)
+    opts = WorkerOptions([url], "w1", partitions=P, lease_seconds=1, snapshot_interval=600)
+    w = Worker(_worker_config(bundles, tmp_path), opts)
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def send(k: int) -> None:
+            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
+            await js.publish(f"sensors.{stream}.data", body.encode())
+
+        kv, _, _ = await ensure_resources(js, opts)
+        for _ in range(3000):  # a group that ran a while: its lease revisions are high
+            await nc.publish(f"$KV.{LEASES}.pad", b"x")
+        await kv.put("pad", b"x")
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+            await send(0)
+            await _until(lambda: len(native.predictions()) >= 1, 60, "the first answer")
+            await js.delete_stream(f"KV_{LEASES}")
+            await _until(lambda: w.metrics.snapshot().get("resources_made_again"), 60, "remade")
+            acquired = lambda: w.metrics.snapshot().get("partitions_acquired", 0)  # noqa: E731
+            await _until(lambda: acquired() >= 2 * P, 60, "w1 to take every partition again")
+            await send(1)
+            await _until(lambda: len(native.predictions()) >= 2, 60, "the second answer")
+            assert not w.metrics.snapshot().get("takeovers_fenced")
+        finally:
+            w.stopping.set()
+            await running
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+        assert _check(native.predictions(), want) == ([], [])
     finally:
         native.close()

@@ -716,8 +716,10 @@ class Worker:
         found = await self._consumers(part.number)
         found[durable] = part.lease  # edited to another filter, it is not listed
         later = sorted(name for name, rev in found.items() if rev > part.lease)
-        if later:
+        if later and not await self._still_ours(part.number):
             raise Fenced(f"partition {part.number}: taken over since (consumer {later[0]})")
+        # (Else a leftover named as if later: of a lease bucket made on a server whose clock
+        # was ahead. Deleted below with the earlier ones: the lease says no one took it since.)
         # What earlier owners acknowledged, i.e. handled (and maybe answered): in the replay,
         # a duplicate up to there is the partition's own, not the device's. Past it nothing
         # was answered, so a device's duplicate there is reported.
@@ -746,12 +748,23 @@ class Worker:
         later = sorted(
             n for n, rev in (await self._consumers(part.number)).items() if rev > part.lease
         )
-        if later:  # a later owner made its own meanwhile (we were stopped past our lease)
+        if later and not await self._still_ours(part.number):
+            # a later owner made its own meanwhile (we were stopped past our lease)
             with contextlib.suppress(Exception):  # the next takeover deletes it otherwise
                 await self.js.delete_consumer(STREAM, durable)
             raise Fenced(f"partition {part.number}: taken over since (consumer {later[0]})")
         part.feed = PullFeed(self.nc, STREAM, durable, self.cfg.max_batch)
         await part.feed.start()
+
+    async def _still_ours(self, p: int) -> bool:
+        """Whether the server holds our lease on ``p`` now: a later takeover took it first."""
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await self.kv.get(f"p.{p}")
+        except KeyNotFoundError:  # ran out (or deleted): another worker may take it now
+            return False
+        return p in self.leases and entry.value == self.opts.worker_id.encode()
 
     async def acquire(self, p: int, lease: Takeover) -> None:
         t0 = time.monotonic()

@@ -2876,3 +2876,55 @@ def test_partitions_are_taken_at_once_from_a_lease_bucket_made_again(
         assert _check(native.predictions(), want) == ([], [])
     finally:
         native.close()
+
+
+@failover
+def test_a_leftover_consumer_named_as_a_later_takeover_does_not_keep_its_partition_untaken(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A partition's consumer named as if by a later takeover than any the lease bucket gives
+    (left by a bucket made on a server whose clock was ahead) made every worker take the
+    partition for another's and leave it, for good. Whether the partition was taken since is
+    the lease's to say: still ours, the leftover is deleted."""
+    import json
+
+    import nats
+    from nats.js import api
+
+    from edge.nats_worker import STREAM, Worker, WorkerOptions, ensure_resources
+    from edge.partitions import filter_subject
+
+    url = nats_server.url
+    samples = _samples(1, 1, seed=89)
+    (stream,) = samples
+    p = partition(stream, P)
+    want = offline(bundles / "clf-int8", samples)
+    native = NatsCollector(url)
+    opts = WorkerOptions([url], "w1", partitions=P, snapshot_interval=600)
+    w = Worker(_worker_config(bundles, tmp_path), opts)
+    leftover = f"edge-p{p}-99999999999999999-1"
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        await ensure_resources(js, opts)
+        config = api.ConsumerConfig(durable_name=leftover, filter_subject=filter_subject(p))
+        config.ack_policy = api.AckPolicy.ALL
+        await js.add_consumer(STREAM, config=config)
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+            body = json.dumps({"seq": 1, "values": samples[stream][:1].tolist()})
+            await js.publish(f"sensors.{stream}.data", body.encode())
+            await _until(lambda: len(native.predictions()) >= 1, 60, "the answer")
+            assert leftover not in [c.name for c in await js.consumers_info(STREAM)]
+        finally:
+            w.stopping.set()
+            await running
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+        assert _check(native.predictions(), want) == ([], [])
+    finally:
+        native.close()

@@ -98,6 +98,7 @@ ANSWERED = "edge_answered"
 LAYOUT = "partitions"  # key of the answered bucket: the partition count, and the one before
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
 IN_USE_OTHERWISE = 10058  # ... a stream of that name exists with another configuration
+NO_STORAGE = 10023  # JetStream's error code: insufficient resources (its storage is full)
 NOT_CLUSTERED = 10074  # JetStream's error code: replicas > 1 on a server without a cluster
 READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a forming cluster)
 # room left in a message for its headers (a stored answer's message id and MQTT QoS, ...)
@@ -324,6 +325,13 @@ async def _check_lease(js: Any, opts: WorkerOptions) -> None:
         )
 
 
+def _why(exc: BaseException) -> str:
+    """An exception as a log line: nats-py's API errors print as ``ServiceUnavailableError()``
+    unless their description is asked for."""
+    description = getattr(exc, "description", None)
+    return f"{type(exc).__name__}: {description}" if description else repr(exc)
+
+
 def discard(path: Path) -> None:
     """Remove a partition's scratch copy: its directory, or whatever else has its name (a file
     a file-system repair left, a symlink), which would keep the partition from being taken."""
@@ -447,6 +455,7 @@ class Worker:
         self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
         self.discarding: str | None = None  # the stream's discard-new limits, once said
         self.limited = False  # whether the stream has limits that remove old messages
+        self.full_said = -math.inf  # when JetStream's want of storage was last said (_no_room)
         self.failure: str | None = None  # why the worker stops on its own (exit 1)
         # chunk subjects of the snapshot store no object named at the last look -> their last
         # sequence then (see _sweep_chunks)
@@ -1005,6 +1014,24 @@ class Worker:
         except Exception as exc:  # not found (removed meanwhile, too), NATS away: not watched
             log.debug("partition %d: next message not looked up: %r", part.number, exc)
 
+    def _no_room(self, exc: BaseException) -> bool:
+        """Whether a refusal says JetStream's storage is full; said (an error line, counter
+        ``jetstream_full``) at most once a minute while it lasts. Every write of the group
+        (answers, snapshots, leases, devices' samples) is refused until it has room: the
+        warnings of each would not say why (a snapshot's refusal reads
+        ``ServiceUnavailableError()``)."""
+        code = getattr(exc, "err_code", None)
+        full = code == NO_STORAGE or "insufficient resources" in str(exc)
+        if full and time.monotonic() - self.full_said >= 60.0:
+            self.full_said = time.monotonic()
+            log.error(
+                "JetStream is out of storage (insufficient resources): answers, snapshots, "
+                "leases and devices' samples are refused until it has room (nats-server's "
+                "jetstream max_file_store / max_memory_store, or the disk of its store_dir)"
+            )
+            self.metrics.inc("jetstream_full")
+        return full
+
     def _unwritable(self, part: Partition) -> None:
         """``part`` cannot log: the worker stops (``run`` returns 1), handing every partition
         over, so that the others take them; systemd starts it again, and at that start a
@@ -1024,7 +1051,8 @@ class Worker:
         except Fenced as exc:  # the loop stops at its next lease check
             log.warning("%s", exc)
         except Exception as exc:  # NATS failing over: the next interval tries again
-            log.warning("partition %d: snapshot failed: %r", part.number, exc)
+            self._no_room(exc)
+            log.warning("partition %d: snapshot failed: %s", part.number, _why(exc))
             self.metrics.inc("snapshot_failures")
 
     async def _publish(self, part: Partition) -> None:
@@ -1078,6 +1106,7 @@ class Worker:
             outbox.retry(outs)  # carries them (they were no longer in the outbox it reads)
             raise
         except Exception as exc:  # NATS failing over: all of them again on the next round
+            self._no_room(exc)
             log.warning("partition %d: answers not confirmed, sending again: %r", part.number, exc)
             self.metrics.inc("answer_retries")
             outbox.retry(outs)
@@ -1275,6 +1304,7 @@ class Worker:
                 for p, rev in list(self.leases.items()):
                     start((p, rev), functools.partial(self._renew_lease, p, rev))
                 if failed:  # NATS unreachable for a moment: the leases say so
+                    self._no_room(failed[0])
                     log.warning("lease renewal failed (%d): %s", len(failed), failed[0])
                     failed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -1588,6 +1618,7 @@ class Worker:
                 except NotFoundError as exc:  # a bucket deleted (an operator's clean-up)
                     await self._make_again(exc)
                 except Exception as exc:  # NATS unreachable for a moment: the leases say so
+                    self._no_room(exc)
                     log.warning("balancing round failed: %s", exc)
                 await self._say("online")  # every round: core NATS keeps no retained status
                 now = time.monotonic()

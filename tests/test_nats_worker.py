@@ -2928,3 +2928,61 @@ def test_a_leftover_consumer_named_as_a_later_takeover_does_not_keep_its_partiti
         assert _check(native.predictions(), want) == ([], [])
     finally:
         native.close()
+
+
+class _SmallStoreServer(NatsServer):
+    """A nats-server whose JetStream has 1 MB of file storage."""
+
+    def config(self) -> str:
+        return super().config().replace("max_file_store: 1GB", "max_file_store: 1MB")
+
+
+@failover
+def test_jetstream_out_of_storage_is_named_once(
+    bundles: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JetStream's storage full (``max_file_store``, or its disk): every answer, snapshot and
+    lease renewal of the group was refused, and the worker said so only in warnings of each,
+    a snapshot's as ``ServiceUnavailableError()``: nothing named the cause. One error line
+    says it (at most once a minute while it lasts)."""
+    import json
+    import logging
+
+    import nats
+
+    from edge.nats_worker import Worker, WorkerOptions
+
+    server = _SmallStoreServer(tmp_path / "nats").start()
+    opts = WorkerOptions([server.url], "w1", partitions=P, snapshot_interval=1)
+    w = Worker(_worker_config(bundles, tmp_path), opts)
+    said = "JetStream is out of storage (insufficient resources)"
+
+    async def run() -> None:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+            rng = np.random.default_rng(97)
+            for k in range(100_000):  # until JetStream has no room for more
+                values = rng.normal(size=(1, 6)).tolist()
+                body = json.dumps({"seq": k + 1, "values": values}).encode() + b" " * 400
+                try:
+                    await js.publish(f"sensors.d{k % 10}.data", body, timeout=5)
+                except nats.js.errors.ServiceUnavailableError:
+                    break
+            else:
+                raise AssertionError("JetStream took every message")
+            await _until(lambda: said in caplog.text, 60, "the worker to say why")
+        finally:
+            w.stopping.set()
+            await running
+            await nc.close()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="edge.worker"):
+            asyncio.run(run())
+        assert caplog.text.count(said) == 1
+        assert w.metrics.snapshot().get("jetstream_full") == 1
+    finally:
+        server.stop()

@@ -64,6 +64,7 @@ class Metrics:
         "publish_retries",
         "publish_refused",
         "publish_failed",
+        "sessions_lost",
     )
 
     def __init__(self) -> None:

@@ -204,6 +204,7 @@ class MqttService:
         self._status_mid = -1  # the message id of our last status
         self._max_packet = 0  # the broker's largest packet (MQTT 5 CONNACK), 0: not said
         self._subscribing: tuple[int, list[str]] = (-1, [])  # the SUBSCRIBE's id and filters
+        self._had_session = False  # a connection of this process made one at the broker
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
             queue_depth=lambda: len(self.inbox),
@@ -359,7 +360,10 @@ class MqttService:
             subs = [(f, 1) for f in filters]
             if self.ha is not None:
                 subs.append((self.ha.filter, 0))
-        self._drop_stale_subscriptions(client, [f for f, _ in subs], flags.session_present)
+        known = self._drop_stale_subscriptions(client, [f for f, _ in subs], flags.session_present)
+        if not flags.session_present and (self._had_session or known):
+            self._session_lost()
+        self._had_session = True
         self._max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
         if getattr(props, "RetainAvailable", 1) == 0 and self._retain:
             self._no_retain(client)
@@ -384,9 +388,24 @@ class MqttService:
             "; Home Assistant discovery is not kept either" if self.ha is not None else "",
         )
 
+    def _session_lost(self) -> None:
+        """The broker had no session for us where one was made before (by this process, or
+        by an earlier run on this state directory, which recorded its subscriptions): what
+        was published on our topics while we were away, and what it held unacknowledged,
+        was not kept for us. Said, and counted; nothing here can get it back."""
+        self.metrics.inc("sessions_lost")
+        log.warning(
+            "the broker %s kept no session for client id %r: messages published on our "
+            "topics while we were away are lost to us (the session expired: our "
+            "session_expiry, mosquitto's persistent_client_expiration; or the broker "
+            "restarted without persistence)",
+            self.cfg.broker,
+            self.cfg.client_id,
+        )
+
     def _drop_stale_subscriptions(
         self, client: Any, filters: list[str], session_present: bool
-    ) -> None:
+    ) -> bool:
         """A session that goes on keeps the subscriptions an earlier configuration made under
         this client id (another data topic, runtime id or discovery prefix): their messages
         came in and were answered ``bad_topic``. The filters each run subscribes to are
@@ -403,6 +422,7 @@ class MqttService:
                 replace_whole(path, lambda tmp: tmp.write_text(json.dumps(filters)), ConfigError)
             except ConfigError as exc:  # a read-only state_dir is reported where it matters
                 log.warning("cannot record the subscriptions: %s", exc)
+        return bool(known)
 
     def _on_subscribe(
         self, client: Any, userdata: Any, mid: int, codes: list[Any], props: Any

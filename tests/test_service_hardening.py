@@ -874,3 +874,24 @@ def test_answers_the_broker_refuses_are_not_a_log_line_each(bundles, tmp_path, c
     finally:
         svc.processor.journal.close()
         svc.lock.release()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_session_the_broker_no_longer_has_is_reported_as_messages_lost(broker, service, protocol):
+    """A broker restarted without persistence (or a session past its expiry, mosquitto's
+    `persistent_client_expiration`) has no session for us at the reconnect: what was published
+    on our topics meanwhile is gone, and the only trace was 'session present: False' at info
+    level. It is a warning naming the loss (and counted); a first connect, and a session the
+    broker kept across a restart of the service, are not."""
+    col = Collector(broker.url)
+    first = service("--protocol", protocol)
+    wait_until(col.online, 30, "online")
+    first.stop()  # the session stays at the broker
+    svc = service("--protocol", protocol)
+    wait_until(lambda: svc.output().count("session present: True") == 1, 30, "reconnected")
+    assert "kept no session" not in svc.output()
+    broker.restart()  # no persistence: every session gone
+    wait_until(lambda: "kept no session for client id 'edge-test'" in svc.output(), 60, "a warning")
+    assert "messages published on our topics while we were away are lost" in svc.output()
+    assert svc.alive() and "Traceback" not in svc.output()
+    col.close()

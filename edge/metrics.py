@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
+import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
+
+log = logging.getLogger("edge.service")
+# The metrics endpoint: connections served at once (more are closed as they come), and how
+# long one may wait for the client's next bytes. A client that connects and sends nothing (or
+# a thousand of them) held a thread and a file descriptor each, for ever: with the usual limit
+# of 1,024 descriptors, the service could no longer open a log segment or a broker connection.
+HTTP_CONNECTIONS = 8
+HTTP_TIMEOUT = 10.0
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -116,7 +126,7 @@ class Metrics:
 
     def serve_prometheus(self, host: str, port: int) -> None:
         try:
-            from prometheus_client import REGISTRY, start_http_server
+            from prometheus_client import REGISTRY, make_wsgi_app
             from prometheus_client.core import (
                 CounterMetricFamily,
                 GaugeMetricFamily,
@@ -162,7 +172,59 @@ class Metrics:
                     yield GaugeMetricFamily(f"edge_lstm_{name}", name.replace("_", " "), value=fn())
 
         REGISTRY.register(Collector())
-        start_http_server(port, addr=host)
+        serve_http(host, port, make_wsgi_app(REGISTRY))
+
+
+def serve_http(
+    host: str,
+    port: int,
+    app: Any,
+    connections: int = HTTP_CONNECTIONS,
+    idle: float = HTTP_TIMEOUT,
+) -> Any:
+    """Serve the WSGI ``app`` on ``host:port`` in a thread of its own, at most
+    ``connections`` clients at once (those beyond are closed at once) and each given
+    ``idle`` seconds for its next bytes: a client that never sends, or never reads, does
+    not hold a thread and a descriptor for longer. Returns the server."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    slots = threading.BoundedSemaphore(connections)
+
+    class Handler(WSGIRequestHandler):
+        timeout = idle  # StreamRequestHandler's: each read and write of the connection
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """No log line per scrape."""
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = family
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                self.shutdown_request(request)  # every slot taken: closed, nothing held
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:  # no thread started: it would never give the slot back
+                slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A client that timed out or went away: its business, not a traceback on stderr.
+            log.debug("metrics endpoint: a request from %s failed", client_address)
+
+    httpd = make_server(host, port, app, Server, handler_class=Handler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd
 
 
 def strict(doc: Any) -> Any:

@@ -895,3 +895,50 @@ def test_a_session_the_broker_no_longer_has_is_reported_as_messages_lost(broker,
     assert "messages published on our topics while we were away are lost" in svc.output()
     assert svc.alive() and "Traceback" not in svc.output()
     col.close()
+
+
+def test_idle_connections_to_the_metrics_endpoint_hold_no_thread_or_descriptor(
+    bundles, broker, service, tmp_path
+):
+    """A client of `metrics_port` that connects and never sends (a port scanner, a
+    slowloris) held a thread and a file descriptor of the service for as long as it stayed:
+    a thousand of them took every descriptor of a service run with the usual limit (1,024),
+    and with them its log segments and broker connections. Connections past a few are closed
+    at once, and an idle one after its timeout; samples are answered meanwhile, and a scrape
+    works once they are gone."""
+    import os
+    import selectors
+    import socket
+    import urllib.request
+
+    from firmware_sim.broker import free_port
+
+    port = free_port()
+    col = Collector(broker.url)
+    svc = service("--metrics-port", str(port), "--stats-interval", "0")
+    wait_until(col.online, 30, "online")
+    threads = f"/proc/{svc.proc.pid}/task"
+    before = len(os.listdir(threads))
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(200)]
+    pub = Publisher(broker.url)
+    pub.send("m-1", 1, np.zeros(6))
+    pub.flush()
+    wait_until(lambda: ("m-1", 1) in col.predictions(), 60, "an answer meanwhile")
+    sel = selectors.DefaultSelector()
+    for s in idle:
+        sel.register(s, selectors.EVENT_READ)
+    deadline = time.monotonic() + 120
+    while sel.get_map() and time.monotonic() < deadline:
+        for key, _ in sel.select(1.0):
+            assert key.fileobj.recv(1) == b""  # closed by the service, nothing sent
+            sel.unregister(key.fileobj)
+    open_ones = len(sel.get_map())
+    for s in idle:
+        s.close()
+    assert open_ones == 0, f"{open_ones} idle connections still held by the service"
+    wait_until(lambda: len(os.listdir(threads)) <= before + 1, 60, "no thread left behind")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read()
+    assert b"edge_lstm_messages_in_total 1.0" in body
+    assert svc.alive() and "Traceback" not in svc.output()
+    pub.close()
+    col.close()

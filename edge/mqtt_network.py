@@ -101,14 +101,24 @@ class NetworkLoop:
     def _reading(self) -> bool:
         """Read while there is room or PUBACKs are awaited, and always until connected: a
         CONNACK left unread behind a full inbox would leave the service connected to nothing.
-        Paused, read once every half keep-alive all the same: a PINGRESP left unread ends the
-        connection (a service degraded by a full disk reconnected every minute)."""
+        Paused, read once every half keep-alive all the same (the broker's, when it gave a
+        shorter one): a PINGRESP left unread ends the connection (a service degraded by a full
+        disk reconnected every minute)."""
         return (
             not self.client.is_connected()
             or self.may_read()
             or self.must_read()
-            or time.monotonic() - self._read_at >= self.keepalive / 2
+            or time.monotonic() - self._read_at >= self._keepalive() / 2
         )
+
+    def _keepalive(self) -> float:
+        """The keep-alive paho pings by: an MQTT 5 broker may have shortened ours in its
+        CONNACK (mosquitto's ``max_keepalive``), and paho then drops a connection whose
+        PINGRESP is not read within that."""
+        given = getattr(self.client, "keepalive", None)
+        if isinstance(given, (int, float)) and 0 < given < self.keepalive:
+            return float(given)
+        return self.keepalive
 
     def _run(self) -> None:
         """The loop, restarted after anything it did not expect: a network thread that died

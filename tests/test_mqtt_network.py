@@ -529,3 +529,39 @@ def test_a_paused_loop_still_reads_once_every_half_keep_alive():
     assert not net._reading()  # just read: paused
     net._read_at = time.monotonic() - 16
     assert net._reading()  # over half the keep-alive ago
+
+
+def test_a_paused_loop_reads_within_the_keep_alive_the_broker_gives(tmp_path):
+    """An MQTT 5 broker may shorten our keep-alive in its CONNACK (mosquitto's
+    `max_keepalive`), and paho then pings at that interval and drops the connection when a
+    PINGRESP is not read within it. Paused, the loop read once every half of the keep-alive
+    it was configured with: a service degraded (or with a full inbox) reconnected every few
+    seconds. It reads within half the one the broker gave."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from firmware_sim.broker import Broker
+
+    broker = Broker(tmp_path / "broker", embedded=False, extra="max_keepalive 10\n").start()
+    sub = Client(mqtt.CallbackAPIVersion.VERSION2, client_id="short-ka", protocol=mqtt.MQTTv5)
+    events: list[str] = []
+    sub.on_connect = lambda c, u, f, r, p: events.append("connect")
+    sub.on_disconnect = lambda c, u, f, r, p: events.append("disconnect")
+    sub.on_log = lambda c, u, level, msg: (
+        msg.startswith("Sending PINGREQ") and events.append("ping")
+    )
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    sub.connect_async(*_hostport(broker.url), 60, clean_start=True, properties=props)
+    net = NetworkLoop(sub, may_read=lambda: False, on_connect_fail=lambda e: None, keepalive=60)
+    net.start()
+    try:
+        # Each ping is sent once the one before was answered: three on one connection.
+        wait_until(lambda: events.count("ping") >= 3 or "disconnect" in events, 120, "three pings")
+        assert sub.keepalive == 10 and events[:1] == ["connect"]
+        assert "disconnect" not in events, events
+    finally:
+        net.quiet()
+        sub.disconnect()
+        net.stop()
+        broker.stop()

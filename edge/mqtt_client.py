@@ -95,6 +95,11 @@ class Client(mqtt.Client):
         # the service's thread reads and expires
         self._refused_topics: dict[str, tuple[ReasonCode, float]] = {}
         self._refused_lock = threading.Lock()
+        # Why the last read of the socket ended it (an error, a TLS alert, the broker's
+        # close): a broker that refuses a connection before its CONNACK (a client
+        # certificate it does not take, a TLS 1.3 alert read after the handshake) says so
+        # only there. Cleared by the caller at each connection attempt.
+        self.read_error: str | None = None
 
     def refused(self, topic: str) -> ReasonCode | None:
         """The broker's refusal of our last publish on ``topic`` when it concerned the topic
@@ -147,12 +152,25 @@ class Client(mqtt.Client):
         tls = getattr(self._sock, "pending", None)
         return len(self._rbuf) - self._rpos + (tls() if tls is not None else 0)
 
+    def _recv(self, bufsize: int) -> bytes:
+        """paho's read of the socket, and why it ended the connection, if it did."""
+        try:
+            data = super()._sock_recv(bufsize)
+        except BlockingIOError:
+            raise
+        except OSError as err:
+            self.read_error = str(err) or type(err).__name__
+            raise
+        if not data:
+            self.read_error = "the broker closed the connection"
+        return data
+
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._sock is not self._rsock:  # a new connection: nothing buffered is its
             self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
         pos = self._rpos
         if pos >= len(self._rbuf):
-            data = super()._sock_recv(max(bufsize, READ_SIZE))
+            data = self._recv(max(bufsize, READ_SIZE))
             if len(data) <= bufsize:
                 return data
             self._rbuf, pos = data, 0
@@ -167,7 +185,7 @@ class Client(mqtt.Client):
         if self._in_packet["command"] == 0:
             if self._sock is not self._rsock or self._rpos >= len(self._rbuf):
                 try:
-                    data = super()._sock_recv(READ_SIZE)
+                    data = self._recv(READ_SIZE)
                 except BlockingIOError:
                     return MQTTErrorCode.MQTT_ERR_AGAIN
                 except OSError as err:

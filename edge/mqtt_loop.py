@@ -312,6 +312,7 @@ class MqttService:
 
     def _on_pre_connect(self, client: Any, userdata: Any) -> None:
         self._attempting = True
+        client.read_error = None  # what ends this attempt is its own
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._attempting = False
@@ -468,8 +469,12 @@ class MqttService:
         if self.stopping or refused:
             return
         if up is None:
-            if attempting:  # no CONNACK came (a broker that takes connections, hung)
-                why = f"the broker {self.cfg.broker} did not answer the connection ({reason})"
+            if attempting:  # no CONNACK came: the broker ended it, or hangs
+                ended = getattr(client, "read_error", None)
+                if ended:  # a TLS alert (our certificate refused), a close without a word
+                    why = f"the broker {self.cfg.broker} ended the connection before answering it: {ended}"
+                else:
+                    why = f"the broker {self.cfg.broker} did not answer the connection ({reason})"
                 self._connect_failed(logging.WARNING, why)
             # else paho telling of a disconnect a second time (the broker's DISCONNECT, then
             # the socket's close): said once

@@ -37,6 +37,7 @@ _PUBACK_CODES = {0, 16, 128, 131, 135, 144, 145, 151, 153}  # what MQTT 5 allows
 TOPIC_REFUSALS = {0x87, 0x90}
 REFUSAL_KEPT_SECONDS = 600.0  # then a publish on the topic is tried again (an ACL edited)
 REFUSED_TOPICS_KEPT = 10_000  # the oldest go past that
+CLOSED = "closed, no reason given"  # the socket's end read where a packet was awaited
 
 
 def _refusal(code: int) -> ReasonCode:
@@ -162,7 +163,7 @@ class Client(mqtt.Client):
             self.read_error = str(err) or type(err).__name__
             raise
         if not data:
-            self.read_error = "the broker closed the connection"
+            self.read_error = CLOSED
         return data
 
     def _sock_recv(self, bufsize: int) -> bytes:

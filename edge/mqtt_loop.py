@@ -34,7 +34,7 @@ from .ha_discovery import publish as publish_discovery
 from .inbox import Inbox
 from .journal import Journal
 from .metrics import Metrics
-from .mqtt_client import Client
+from .mqtt_client import CLOSED, Client
 from .mqtt_network import STABLE_SECONDS, NetworkLoop
 from .outbox import Outbound
 from .outfile import replace_whole
@@ -44,6 +44,12 @@ from .state_lock import StateLock
 log = logging.getLogger("edge.service")
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with our id
 RETAIN_NOT_SUPPORTED = 0x9A  # MQTT 5 CONNACK reason: the broker keeps no retained messages
+QOS_NOT_SUPPORTED = 0x9B  # MQTT 5 CONNACK reason: our will's QoS is above the broker's maximum
+# What serve asks of a broker (its will, answers and subscriptions are QoS 1, its status and
+# will retained), for the failures a broker gives no reason for.
+QOS_HINT = (
+    "serve's last will, answers and subscriptions are QoS 1: the broker's max_qos must be 1 or 2"
+)
 DRAIN_SECONDS = 3.0  # how long SIGTERM keeps answering what is already here
 RETRY_SECONDS = 1.0  # between attempts to write to an unwritable state directory
 
@@ -321,9 +327,10 @@ class MqttService:
             if reason.value == RETAIN_NOT_SUPPORTED and self._retain:
                 self._no_retain(client)
                 return
-            self._connect_failed(
-                logging.ERROR, f"broker {self.cfg.broker} refused the connection: {reason}"
-            )
+            why = f"broker {self.cfg.broker} refused the connection: {reason}"
+            if reason.value == QOS_NOT_SUPPORTED:
+                why += f" ({QOS_HINT})"
+            self._connect_failed(logging.ERROR, why)
             return
         no_delay(client)
         for refused in client.drop_refused():  # sent again now, each would close it again
@@ -471,6 +478,11 @@ class MqttService:
         if up is None:
             if attempting:  # no CONNACK came: the broker ended it, or hangs
                 ended = getattr(client, "read_error", None)
+                if ended == CLOSED and self.cfg.protocol == "3.1.1":
+                    ended += (
+                        " (mosquitto closes an MQTT 3.1.1 connection it refuses without a "
+                        f"reason: {QOS_HINT}, and retain_available true; MQTT 5 says why)"
+                    )
                 if ended:  # a TLS alert (our certificate refused), a close without a word
                     why = f"the broker {self.cfg.broker} ended the connection before answering it: {ended}"
                 else:

@@ -1004,3 +1004,27 @@ def test_a_client_certificate_the_broker_refuses_is_named_and_tls_serves(service
         col.close()
     finally:
         broker.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_broker_whose_max_qos_is_0_is_named_as_the_reason_it_refuses_us(
+    service, tmp_path, protocol
+):
+    """Mosquitto with `max_qos 0` refuses our QoS 1 last will at every connect: over MQTT 5
+    with `QoS not supported`, over 3.1.1 by closing the connection without a word, which the
+    log told as `did not answer the connection (Unspecified error)`, the line of a hung
+    broker. Both now say what the broker wants changed."""
+    from firmware_sim.broker import Broker
+
+    broker = Broker(tmp_path / "qos0", embedded=False, extra="max_qos 0\n").start()
+    try:
+        svc = service("--protocol", protocol, "--reconnect-max", "2", url=broker.url)
+        said = "answers and subscriptions are QoS 1: the broker's max_qos must be 1 or 2"
+        wait_until(lambda: said in svc.output(), 60, "the reason in the log")
+        if protocol == "5":
+            assert "refused the connection: QoS not supported" in svc.output()
+        else:
+            assert "closed, no reason given (mosquitto closes an MQTT 3.1.1" in svc.output()
+        assert "Unspecified error" not in svc.output()
+    finally:
+        broker.stop()

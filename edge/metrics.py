@@ -75,6 +75,7 @@ class Metrics:
         "publish_refused",
         "publish_failed",
         "sessions_lost",
+        "subscriptions_downgraded",
     )
 
     def __init__(self) -> None:

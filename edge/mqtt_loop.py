@@ -441,6 +441,21 @@ class MqttService:
         if mid != sent:
             return
         refused = [f"{f!r} ({c})" for f, c in zip(filters, codes) if c.is_failure]
+        # Granted at QoS 0 (a broker's maximum QoS): messages come unacknowledged, so those
+        # in hand at a crash are lost, and none are kept for us while we are away.
+        qos0 = [
+            f
+            for f, c in zip(filters, codes)
+            if not c.is_failure and c.value == 0 and (self.ha is None or f != self.ha.filter)
+        ]
+        if qos0:
+            self.metrics.inc("subscriptions_downgraded")
+            log.warning(
+                "the broker granted %s at QoS 0 only, not the QoS 1 asked for: what arrives "
+                "there is not acknowledged after it is logged (a crash loses what is in hand) "
+                "and nothing is kept for us while we are away; check the broker's maximum QoS",
+                ", ".join(map(repr, qos0)),
+            )
         if refused:
             self._deaf = f"the broker refused the subscription to {', '.join(refused)}"
             log.error(

@@ -1028,3 +1028,35 @@ def test_a_broker_whose_max_qos_is_0_is_named_as_the_reason_it_refuses_us(
         assert "Unspecified error" not in svc.output()
     finally:
         broker.stop()
+
+
+def test_a_subscription_granted_at_qos_0_is_a_warning(bundles, tmp_path, caplog):
+    """A broker whose maximum QoS is 0 for subscriptions grants our QoS 1 ones at QoS 0 (its
+    SUBACK says so): messages then come unacknowledged, those in hand at a crash are lost and
+    none are kept while the service is away. The service went on as if granted QoS 1; the
+    downgrade is now a warning naming the filters, and counted. (Mosquitto 2.0.11 cannot
+    show it: with `max_qos 0` it refuses the connection first, which the log names.)"""
+    import logging
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from tests.test_service_overload import service
+
+    svc = service(bundles, tmp_path)
+    qos0, qos1 = (ReasonCode(PacketTypes.SUBACK, identifier=q) for q in (0, 1))
+    try:
+        svc._subscribing = (7, ["sensors/+/data", "sensors/+/control", "edge/control/x"])
+        with caplog.at_level(logging.INFO, logger="edge.service"):
+            svc._on_subscribe(svc.client, None, 7, [qos1, qos1, qos1], None)
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+            svc._on_subscribe(svc.client, None, 7, [qos0, qos1, qos0], None)
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(said) == 1 and said[0].startswith(
+            "the broker granted 'sensors/+/data', 'edge/control/x' at QoS 0 only"
+        ), said
+        assert svc.metrics.counters["subscriptions_downgraded"] == 1
+        assert svc._deaf is None  # not refused: the service still hears them
+    finally:
+        svc.processor.journal.close()
+        svc.lock.release()

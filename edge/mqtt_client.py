@@ -40,6 +40,12 @@ REFUSED_TOPICS_KEPT = 10_000  # the oldest go past that
 CLOSED = "closed, no reason given"  # the socket's end read where a packet was awaited
 
 
+def packet_size(topic: bytes, payload: int, qos: int, v5: bool) -> int:
+    """Bytes of a PUBLISH of ``payload`` bytes on ``topic`` (no properties)."""
+    rest = 2 + len(topic) + (2 if qos else 0) + v5 + payload
+    return (2 if rest < 1 << 7 else 3 if rest < 1 << 14 else 4 if rest < 1 << 21 else 5) + rest
+
+
 def _refusal(code: int) -> ReasonCode:
     """A PUBACK reason code MQTT 5 does not allow there, read as the failure it names."""
     try:
@@ -101,6 +107,11 @@ class Client(mqtt.Client):
         # certificate it does not take, a TLS 1.3 alert read after the handshake) says so
         # only there. Cleared by the caller at each connection attempt.
         self.read_error: str | None = None
+        # The broker's Maximum Packet Size (MQTT 5 CONNACK; 0: none said), set by the caller
+        # at each connect. A larger packet would not be delivered: mosquitto closes the
+        # connection, so such a publish is not sent and ``on_too_large(topic, size)`` told.
+        self.max_packet = 0
+        self.on_too_large: Any = None
 
     def refused(self, topic: str) -> ReasonCode | None:
         """The broker's refusal of our last publish on ``topic`` when it concerned the topic
@@ -273,6 +284,19 @@ class Client(mqtt.Client):
         properties: Properties | None = None,
     ) -> mqtt.MQTTMessageInfo:
         """paho's publish, for a QoS 1 message of bytes without properties (each answer)."""
+        if self.max_packet and isinstance(payload, (bytes, bytearray, str)):
+            size = packet_size(
+                topic.encode("utf-8"),
+                len(payload.encode("utf-8") if isinstance(payload, str) else payload),
+                qos,
+                self._protocol == mqtt.MQTTv5,
+            )
+            if size > self.max_packet:
+                info = mqtt.MQTTMessageInfo(0)
+                info.rc = MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE
+                if self.on_too_large is not None:
+                    self.on_too_large(topic, size)
+                return info
         if qos != 1 or properties is not None or not isinstance(payload, bytes) or not topic:
             return super().publish(topic, payload, qos, retain, properties)
         topic_bytes = topic.encode("utf-8")

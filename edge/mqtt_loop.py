@@ -211,6 +211,7 @@ class MqttService:
         self._max_packet = 0  # the broker's largest packet (MQTT 5 CONNACK), 0: not said
         self._subscribing: tuple[int, list[str]] = (-1, [])  # the SUBSCRIBE's id and filters
         self._had_session = False  # a connection of this process made one at the broker
+        self._too_large_said: set[str] = set()  # topics whose message was too large, said
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
             queue_depth=lambda: len(self.inbox),
@@ -289,7 +290,25 @@ class MqttService:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_too_large = self._on_too_large
         return client
+
+    def _on_too_large(self, topic: str, size: int) -> None:
+        """A message of ours (the stats, the status, a discovery message) larger than the
+        broker takes: not sent, since the broker would close the connection for it (and
+        with it every answer in flight, at every stats message). Said once per topic."""
+        self.metrics.inc("publish_failed")
+        said = topic in self._too_large_said
+        self._too_large_said.add(topic)
+        log.log(
+            logging.DEBUG if said else logging.WARNING,
+            "not sent on %s: %d bytes, over the broker's maximum packet size (%d bytes), "
+            "for which it would close the connection%s",
+            topic,
+            size,
+            self._max_packet,
+            "" if said else " (said once for this topic; counted in publish_failed)",
+        )
 
     def _status(self, state: str, **extra: Any) -> bytes:
         doc = {
@@ -373,6 +392,7 @@ class MqttService:
             self._session_lost()
         self._had_session = True
         self._max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
+        client.max_packet = self._max_packet
         if getattr(props, "RetainAvailable", 1) == 0 and self._retain:
             self._no_retain(client)
         _, mid = client.subscribe(subs)
@@ -862,7 +882,7 @@ class MqttService:
             self.processor.checkpoint()
         offline = self._status("offline")
         info = self.client.publish(self._status_topic, offline, qos=1, retain=self._retain)
-        if self.connected.is_set():
+        if self.connected.is_set() and info.rc == self.mqtt.MQTT_ERR_SUCCESS:
             info.wait_for_publish(2.0)
         self.network.quiet()  # no reconnecting after this disconnect
         self.client.disconnect()

@@ -1060,3 +1060,35 @@ def test_a_subscription_granted_at_qos_0_is_a_warning(bundles, tmp_path, caplog)
     finally:
         svc.processor.journal.close()
         svc.lock.release()
+
+
+def test_stats_larger_than_the_brokers_packet_size_do_not_cost_the_connection(
+    broker, service, tmp_path
+):
+    """An MQTT 5 broker with a small maximum packet size (mosquitto `max_packet_size 700`)
+    closes the connection on a larger packet: the stats message (about 1 kB) was sent at
+    every `stats_interval`, and the service reconnected each time, its answers in flight with
+    it, while the log blamed a second client id or the ACL. It is not sent, and said once;
+    answers go on, on one connection."""
+    from firmware_sim.broker import Broker
+
+    small = Broker(tmp_path / "small", embedded=False, extra="max_packet_size 700\n").start()
+    try:
+        col = Collector(small.url)
+        svc = service("--stats-interval", "0.2", "--log-level", "debug", url=small.url)
+        wait_until(col.online, 30, "online")
+        said = "not sent on edge/stats/edge-test: "
+        wait_until(lambda: svc.output().count(said) >= 5, 60, "five stats messages not sent")
+        pub = Publisher(small.url)
+        for seq in range(1, 6):
+            pub.send("p-1", seq, np.zeros(6))
+        pub.flush()
+        wait_until(lambda: ("p-1", 5) in col.predictions(), 60, "the answers")
+        out = svc.output()
+        assert "over the broker's maximum packet size (700 bytes)" in out
+        assert out.count("WARNING edge.service: not sent on") == 1, out
+        assert "disconnected" not in out and out.count("connected to") == 1, out
+        pub.close()
+        col.close()
+    finally:
+        small.stop()

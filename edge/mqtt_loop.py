@@ -45,6 +45,8 @@ log = logging.getLogger("edge.service")
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with our id
 RETAIN_NOT_SUPPORTED = 0x9A  # MQTT 5 CONNACK reason: the broker keeps no retained messages
 QOS_NOT_SUPPORTED = 0x9B  # MQTT 5 CONNACK reason: our will's QoS is above the broker's maximum
+# CONNACK reasons that refuse who we are (MQTT 3.1.1's codes 4 and 5 read as these two)
+BAD_CREDENTIALS, NOT_AUTHORIZED, BAD_AUTH_METHOD, BANNED = 0x86, 0x87, 0x8C, 0x8A
 # What serve asks of a broker (its will, answers and subscriptions are QoS 1, its status and
 # will retained), for the failures a broker gives no reason for.
 QOS_HINT = (
@@ -349,6 +351,8 @@ class MqttService:
             why = f"broker {self.cfg.broker} refused the connection: {reason}"
             if reason.value == QOS_NOT_SUPPORTED:
                 why += f" ({QOS_HINT})"
+            elif reason.value in (BAD_CREDENTIALS, NOT_AUTHORIZED, BAD_AUTH_METHOD, BANNED):
+                why += f" ({self._credentials()})"
             self._connect_failed(logging.ERROR, why)
             return
         no_delay(client)
@@ -402,6 +406,20 @@ class MqttService:
         self._failure_reason = None
         self._said = None
         self.wake.set()
+
+    def _credentials(self) -> str:
+        """Who we said we are, for a refusal of it (mosquitto says `Not authorized` to a
+        wrong password and to an anonymous client where it allows none alike)."""
+        cfg = self.cfg
+        if not cfg.username:
+            return (
+                "no user name given: the broker may allow no anonymous clients "
+                "(mosquitto's allow_anonymous false); set username and password_file"
+            )
+        where = f"password_file {cfg.password_file}" if cfg.password_file else "password"
+        if not cfg.password_file and not cfg.password:
+            where = "no password"
+        return f"user name {cfg.username!r}, {where}: check them against the broker's"
 
     def _no_retain(self, client: Any) -> None:
         """A broker without retained messages (mosquitto's ``retain_available false``)

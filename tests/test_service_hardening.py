@@ -1092,3 +1092,38 @@ def test_stats_larger_than_the_brokers_packet_size_do_not_cost_the_connection(
         col.close()
     finally:
         small.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_refused_login_names_who_the_service_said_it_was(service, tmp_path, protocol):
+    """Mosquitto with `allow_anonymous false` answers a wrong password and a client without a
+    user name alike, `Not authorized`, and the log said only that: read as the ACL. The line
+    now says which user name (and which password file) was refused, or that none was given."""
+    from firmware_sim.broker import Broker
+
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "edge", "right"], check=True)
+    conf = f"allow_anonymous false\npassword_file {passwd}\n"
+    broker = Broker(tmp_path / "auth", embedded=False, extra=conf).start()
+    wrong = tmp_path / "wrong"
+    wrong.write_text("wrong\n")
+    right = tmp_path / "right"
+    right.write_text("right\n")
+    try:
+        args = ("--protocol", protocol, "--reconnect-max", "2")
+        anonymous = service(*args, url=broker.url, state=tmp_path / "s1")
+        said = "refused the connection: Not authorized (no user name given: the broker may"
+        wait_until(lambda: said in anonymous.output(), 60, "the anonymous refusal named")
+        anonymous.stop()
+        login = ("--username", "edge", "--password-file")
+        refused = service(*args, *login, str(wrong), url=broker.url, state=tmp_path / "s2")
+        said = f"Not authorized (user name 'edge', password_file {wrong}: check them"
+        wait_until(lambda: said in refused.output(), 60, "the refused user named")
+        refused.stop()
+        col = Collector(broker.url, configure=lambda c: c.username_pw_set("edge", "right"))
+        svc = service(*args, *login, str(right), url=broker.url, state=tmp_path / "s3")
+        wait_until(col.online, 60, "online with the right password")
+        assert svc.alive()
+        col.close()
+    finally:
+        broker.stop()

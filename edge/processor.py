@@ -543,11 +543,12 @@ class Processor:
         self, *, settle: bool = True, release_all: bool = False, horizon: float | None = None
     ) -> bool:
         """Release reorder-held messages whose wait is over (``release_all``: every one, now);
-        forget streams idle past ``idle_timeout``; log how far answers are acked. ``settle=False``: a degraded state stays (a batch is
-        still waiting for room). ``horizon``: when the oldest message received and not yet
-        handed in arrived, on the processor's clock (``Reorderer.expire``). False: the journal
-        cannot be written; nothing was changed (what was due for release is held as before,
-        and released by a later round)."""
+        forget streams idle past ``idle_timeout``; log how far answers are acked.
+        ``settle=False``: a degraded state stays (a batch is still waiting for room).
+        ``horizon``: when the oldest message received and not yet handed in arrived, on the
+        processor's clock (``Reorderer.expire``). False: the journal cannot be written;
+        nothing was changed (what was due for release is held as before, and released by a
+        later round)."""
         held = len(self.reorder)
         idle = bool(self.idle_timeout) and bool(self.engine.store.idle(self.idle_timeout))
         if (

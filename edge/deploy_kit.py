@@ -93,11 +93,16 @@ def _stage(target: Path, content: bytes) -> str:
     """``content`` in a temporary file beside ``target``, on disk (a power loss after the
     rename finds the new file whole, not an empty one where the old was)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+    except BaseException:  # a full disk, Ctrl-C, SIGTERM: no hidden half-written file left
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return tmp
 
 

@@ -24,6 +24,7 @@ from .verdict import judged
 
 SCORE_FILES = ("score.json", "score.png")
 MAX_BATCH = 1024  # the service's max_samples_per_message default
+MAX_SLOWDOWN = 100  # per core: cgroup's least CPU quota (1 ms) of its default period (100 ms)
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -350,8 +351,14 @@ def host(args: argparse.Namespace) -> int:
     if not cores <= usable:
         have = ",".join(map(str, sorted(usable)))
         raise SimError(f"--cores {args.cores!r}: this machine lets us use CPUs {have}")
-    if args.slowdown is not None and not (math.isfinite(args.slowdown) and args.slowdown >= 1):
-        raise SimError(f"--slowdown {args.slowdown}: expected a factor >= 1")
+    top = MAX_SLOWDOWN * len(cores)
+    if args.slowdown is not None and not (
+        math.isfinite(args.slowdown) and 1 <= args.slowdown <= top
+    ):
+        raise SimError(
+            f"--slowdown {args.slowdown:g}: expected a factor from 1 to {top:g} (a CPU quota of "
+            "at least 1 ms per 100 ms period on each core, the kernel's least)"
+        )
     if args.memory_mb < 0:
         raise SimError(f"--memory-mb {args.memory_mb}: expected >= 0 (0: no cap)")
     if args.devices:

@@ -3,6 +3,7 @@ pinned to some cores, with a memory cap and a CPU slow-down (cgroup v1/v2 when w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -89,20 +90,34 @@ class Runtime:
             cg = CGROUP_V1 / "cpu" / name
             try:
                 cg.mkdir()
-                period = int((cg / "cpu.cfs_period_us").read_text())
-                (cg / "cpu.cfs_quota_us").write_text(
-                    str(int(period * len(self.cores or {0}) / self.slowdown))
-                )
-                self.cgroups.append(cg)
             except OSError as exc:
                 self.notes.append(
                     f"CPU slow-down unsupported here ({exc.strerror}); ran at full speed"
                 )
+            else:
+                try:
+                    period = int((cg / "cpu.cfs_period_us").read_text())
+                    (cg / "cpu.cfs_quota_us").write_text(
+                        str(int(period * len(self.cores or {0}) / self.slowdown))
+                    )
+                    self.cgroups.append(cg)
+                except (OSError, ValueError) as exc:
+                    with contextlib.suppress(OSError):  # made here and left behind for good
+                        cg.rmdir()
+                    self.notes.append(
+                        f"CPU slow-down unsupported here ({getattr(exc, 'strerror', exc)}); "
+                        "ran at full speed"
+                    )
         if self.memory_mb:
             cg = CGROUP_V1 / "memory" / name
             try:
                 cg.mkdir()
-                (cg / "memory.limit_in_bytes").write_text(str(self.memory_mb * 2**20))
+                try:
+                    (cg / "memory.limit_in_bytes").write_text(str(self.memory_mb * 2**20))
+                except OSError:
+                    with contextlib.suppress(OSError):  # made here: not left behind
+                        cg.rmdir()
+                    raise
                 self.cgroups.append(cg)
             except OSError:
                 self.notes.append("memory cap by RLIMIT_AS (address space), no memory cgroup here")

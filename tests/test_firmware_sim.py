@@ -811,6 +811,8 @@ def test_demo_cluster_refuses_the_embedded_broker():
         ),
         (["host", "--bundle", "b", "--cores", "4096"], "--cores '4096'"),
         (["host", "--bundle", "b", "--slowdown", "0.5"], "--slowdown 0.5"),
+        (["host", "--bundle", "b", "--slowdown", "1e308"], "--slowdown 1e+308: expected a"),
+        (["host", "--bundle", "b", "--cores", "0", "--slowdown", "101"], "from 1 to 100"),
         (["host", "--bundle", "b", "--seconds", "-1"], "--seconds: '-1'"),
     ],
 )
@@ -1021,3 +1023,26 @@ def test_the_host_search_stops_at_the_load_its_device_processes_can_offer(monkey
     top = host.offered_at_most(100.0)
     assert top == 24 and asked == [10, 20] and r["search_limit_devices"] == top
     assert r["max_devices_real_time"] == 20 and r["first_failing"] is None
+
+
+def test_a_cpu_slow_down_the_kernel_refuses_leaves_no_cgroup_behind(tmp_path, monkeypatch):
+    """The runtime's CPU cgroup was made before its quota was written: a quota the kernel
+    refused (or no quota file) left the empty group in /sys/fs/cgroup for good, one per run."""
+    from firmware_sim import runtime
+
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "memory").mkdir()
+    monkeypatch.setattr(runtime, "CGROUP_V1", tmp_path)  # a group made here has no quota file
+
+    def refused(*_args, **_kw):  # as the kernel refuses a value
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    url, state = "mqtt://127.0.0.1:1", tmp_path / "state"
+    rt = runtime.Runtime(Path("b"), url, state, slowdown=3.0, memory_mb=64)
+    rt._cgroup_setup()
+    assert rt.cgroups == [] and list(tmp_path.glob("*/*")) == []
+    assert rt.notes == [
+        "CPU slow-down unsupported here (No such file or directory); ran at full speed",
+        "memory cap by RLIMIT_AS (address space), no memory cgroup here",
+    ]

@@ -17,6 +17,7 @@ from convert.datasets import basicmotions  # pure NumPy, no TensorFlow
 from .errors import SimError
 
 SYNTHETIC = ("sine", "walk", "noise", "steps")
+SYNTHETIC_LENGTH = 20_000  # samples of a synthetic signal before it loops
 
 
 @dataclass
@@ -28,15 +29,24 @@ class Source:
     classes: tuple[str, ...]
     start: int = 0
     rows: np.ndarray | None = None  # the rows of ``data`` in this device's order (shared data)
+    # A signal computed from the sample's index instead of read from ``data`` (which then
+    # only has its width): ``length`` samples, looped
+    wave: Callable[[np.ndarray], np.ndarray] | None = None
+    length: int = 0
 
     @property
     def features(self) -> int:
         return int(self.data.shape[1])
 
     def take(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        n = len(self.data) if self.rows is None else len(self.rows)
+        if self.wave is not None:
+            n = self.length
+        else:
+            n = len(self.data) if self.rows is None else len(self.rows)
         idx = (self.start + np.arange(k)) % n
         self.start = int((self.start + k) % n)
+        if self.wave is not None:
+            return self.wave(idx), None
         if self.rows is not None:
             idx = self.rows[idx]
         return self.data[idx], None if self.labels is None else self.labels[idx]
@@ -69,9 +79,13 @@ def maker(spec: str, seed: int, features: int = 6) -> Callable[[int], Source]:
             return Source(data, labels, rec.classes, rows=rows)
 
         return recordings
+    if name in ("sine", "steps"):  # computed as taken: a fleet holds no table per device
+        return lambda device: waves(name, features, np.random.default_rng([seed, device]))
     if name in SYNTHETIC:
         return lambda device: Source(
-            synthetic(name, features, 20_000, np.random.default_rng([seed, device])), None, ()
+            synthetic(name, features, SYNTHETIC_LENGTH, np.random.default_rng([seed, device])),
+            None,
+            (),
         )
     path = Path(spec)
     if not path.is_file():
@@ -87,6 +101,30 @@ def maker(spec: str, seed: int, features: int = 6) -> Callable[[int], Source]:
         return Source(data, None, (), start=int(rng.integers(len(data))))
 
     return from_file
+
+
+def waves(kind: str, features: int, rng: np.random.Generator) -> Source:
+    """``synthetic``'s sine or steps (the same draws, the same samples), each sample computed
+    from its index when taken: a table of 20,000 samples per device was most of a large
+    fleet's memory (a gigabyte per thousand devices)."""
+    n = SYNTHETIC_LENGTH
+    if kind == "sine":
+        freq = rng.uniform(0.05, 2.0, (3, features))
+        phase = rng.uniform(0, 2 * np.pi, (3, features))
+        amp = rng.uniform(0.2, 2.0, (3, features))
+
+        def sine(idx: np.ndarray) -> np.ndarray:
+            t = idx[:, None] / 10.0
+            return sum(amp[i] * np.sin(2 * np.pi * freq[i] * t + phase[i]) for i in range(3))  # type: ignore[return-value]
+
+        wave = sine
+    else:
+        levels = rng.normal(0, 2, (n // 50 + 1, features))
+
+        def wave(idx: np.ndarray) -> np.ndarray:
+            return levels[idx // 50]
+
+    return Source(np.empty((0, features)), None, (), wave=wave, length=n)
 
 
 def synthetic(kind: str, features: int, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -1046,3 +1046,18 @@ def test_a_cpu_slow_down_the_kernel_refuses_leaves_no_cgroup_behind(tmp_path, mo
         "CPU slow-down unsupported here (No such file or directory); ran at full speed",
         "memory cap by RLIMIT_AS (address space), no memory cgroup here",
     ]
+
+
+@pytest.mark.parametrize("kind", ["sine", "steps"])
+def test_a_sine_or_steps_source_holds_no_table_and_plays_the_same_samples(kind):
+    """Each device held a table of 20,000 samples of its signal: a fleet of 20,000 devices
+    took gigabytes and minutes before its first connection. Such a signal is computed from
+    the sample's index when taken: the samples of that table, looped as it was."""
+    from firmware_sim.sources import SYNTHETIC_LENGTH, make, synthetic
+
+    source = make(kind, 3, 5, features=4)
+    assert source.data.size == 0 and source.features == 4
+    table = synthetic(kind, 4, SYNTHETIC_LENGTH, np.random.default_rng([5, 3]))
+    got = np.concatenate([source.take(997)[0] for _ in range(41)])  # past the loop
+    want = np.resize(table, got.shape)
+    np.testing.assert_array_equal(got, want)

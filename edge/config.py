@@ -31,7 +31,10 @@ def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
 @dataclass(frozen=True)
 class ServiceConfig:
     model: str = _opt("", "bundle directory made by lstm-convert (required)")
-    broker: str = _opt("mqtt://127.0.0.1:1883", "broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT")
+    broker: str = _opt(
+        "mqtt://127.0.0.1:1883",
+        "broker URL: mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH (a unix socket)",
+    )
     client_id: str = _opt(
         "", "MQTT client id; fixed, so the broker keeps our session (default: edge-lstm-HOSTNAME)"
     )
@@ -151,12 +154,20 @@ class ServiceConfig:
                 raise ConfigError(f"{f.name} = {value!r} is not a valid {kind}")
 
     @property
+    def unix(self) -> bool:
+        """The broker is reached on a unix socket (``unix:///PATH``): ``host`` is its path."""
+        return urlparse(self.broker).scheme == "unix"
+
+    @property
     def host(self) -> str:
-        return str(urlparse(self.broker).hostname)
+        u = urlparse(self.broker)
+        return u.path if u.scheme == "unix" else str(u.hostname)
 
     @property
     def port(self) -> int:
         u = urlparse(self.broker)
+        if u.scheme == "unix":
+            return 1883  # not used, but paho wants one
         return u.port or (8883 if u.scheme == "mqtts" else 1883)
 
     @property
@@ -351,9 +362,19 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         port = u.port
     except ValueError as exc:  # a port out of range, an unclosed [ of an IPv6 address
         raise ConfigError(f"broker = {cfg.broker!r}: {exc}") from None
-    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+    if u.scheme == "unix":
+        if u.netloc or not u.path.startswith("/") or u.query or u.fragment:
+            raise ConfigError(
+                f"broker = {cfg.broker!r}: expected unix:///PATH, the socket's absolute path"
+            )
+        if cfg.tls_ca or cfg.tls_cert:
+            raise ConfigError(
+                f"broker = {cfg.broker!r}: no TLS over a unix socket; leave tls_ca and "
+                "tls_cert empty (the socket's file permissions guard it)"
+            )
+    elif u.scheme not in ("mqtt", "mqtts") or not u.hostname:
         raise ConfigError(
-            f"broker = {cfg.broker!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"
+            f"broker = {cfg.broker!r}: expected mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH"
         )
     if port == 0:
         raise ConfigError(f"broker = {cfg.broker!r}: port 0 is not a broker's port")

@@ -89,7 +89,7 @@ def no_delay(client: Any) -> None:
     """Switch Nagle off: paho leaves it on, and a stream of small QoS 1 messages then waits on
     delayed ACKs (tens of ms per message)."""
     sock = client.socket()
-    if sock is not None:
+    if sock is not None and sock.family != getattr(socket, "AF_UNIX", None):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
@@ -268,6 +268,7 @@ class MqttService:
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else False,
             manual_ack=True,
+            transport="unix" if cfg.unix else "tcp",
         )
         client.max_inflight_messages_set(
             0

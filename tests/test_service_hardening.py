@@ -4,7 +4,9 @@ payloads (also retained), a backlog, overload, a full or read-only disk, device 
 import contextlib
 import json
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -1127,3 +1129,39 @@ def test_a_refused_login_names_who_the_service_said_it_was(service, tmp_path, pr
         col.close()
     finally:
         broker.stop()
+
+
+def test_a_broker_on_a_unix_socket_is_served(bundles, service, tmp_path):
+    """Mosquitto 2 listens on a unix socket too (`listener 0 /run/mosquitto/mqtt.sock`), the
+    way to reach a broker on the same gateway without a TCP port: `broker = unix:///PATH`
+    was refused (`expected mqtt://HOST:PORT or mqtts://HOST:PORT`). It connects there, and
+    samples are answered; TLS over it is refused in one line."""
+    import shutil
+    import tempfile
+
+    from firmware_sim.broker import Broker
+
+    short = Path(tempfile.mkdtemp(prefix="mq-", dir="/tmp"))  # a socket path is <= 107 bytes
+    sock = short / "mqtt.sock"
+    broker = Broker(tmp_path / "ux", embedded=False, extra=f"listener 0 {sock}\n").start()
+    try:
+        wait_until(sock.exists, 30, "the broker's socket")
+        col = Collector(broker.url)
+        svc = service(url=f"unix://{sock}")
+        wait_until(col.online, 60, "online over the unix socket")
+        pub = Publisher(broker.url)
+        pub.send("u-1", 1, np.zeros(6))
+        pub.flush()
+        wait_until(lambda: ("u-1", 1) in col.predictions(), 60, "an answer")
+        assert f"connected to unix://{sock}" in svc.output() and svc.alive()
+        pub.close()
+        col.close()
+    finally:
+        broker.stop()
+        shutil.rmtree(short, ignore_errors=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "edge", "serve", "--model", str(bundles / "clf-int8"),
+         "--broker", f"unix://{sock}", "--tls-ca", str(sock), "--state-dir", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "no TLS over a unix socket" in bad.stderr, bad.stderr

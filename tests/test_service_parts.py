@@ -159,6 +159,8 @@ def test_config_precedence_and_errors(tmp_path):
         ("broker", "mqtt://127.0.0.1:99999", "broker = 'mqtt://127.0.0.1:99999': Port out of"),
         ("broker", "mqtt://127.0.0.1:abc", "broker = 'mqtt://127.0.0.1:abc'"),
         ("broker", "mqtt://127.0.0.1:0", "port 0"),
+        ("broker", "unix://run/m.sock", "expected unix:///PATH, the socket's absolute path"),
+        ("broker", "unix:///run/m.sock?x=1", "expected unix:///PATH"),
         ("state_dir", "", "state_dir is empty"),
         ("status_topic", "edge/#/{runtime_id}", "status_topic = 'edge/#/{runtime_id}'"),
         ("stats_topic", "edge/+/x", "stats_topic = 'edge/\\+/x'"),

@@ -22,6 +22,7 @@ log = logging.getLogger("edge.service")
 # of 1,024 descriptors, the service could no longer open a log segment or a broker connection.
 HTTP_CONNECTIONS = 8
 HTTP_TIMEOUT = 10.0
+HTTP_DEADLINE = 20.0  # the longest a connection is served: a byte every 9 s is no scrape
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -182,11 +183,13 @@ def serve_http(
     app: Any,
     connections: int = HTTP_CONNECTIONS,
     idle: float = HTTP_TIMEOUT,
+    deadline: float = HTTP_DEADLINE,
 ) -> Any:
     """Serve the WSGI ``app`` on ``host:port`` in a thread of its own, at most
-    ``connections`` clients at once (those beyond are closed at once) and each given
-    ``idle`` seconds for its next bytes: a client that never sends, or never reads, does
-    not hold a thread and a descriptor for longer. Returns the server."""
+    ``connections`` clients at once (those beyond are closed at once), each given ``idle``
+    seconds for its next bytes and ``deadline`` seconds in all: a client that never sends,
+    never reads, or trickles its request a byte at a time, does not hold a thread and a
+    descriptor for longer. Returns the server."""
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -214,9 +217,14 @@ def serve_http(
                 raise
 
         def process_request_thread(self, request: Any, client_address: Any) -> None:
+            # Past the deadline the socket is shut: the handler's read or write ends at once.
+            timer = threading.Timer(deadline, _shut, (request,))
+            timer.daemon = True
+            timer.start()
             try:
                 super().process_request_thread(request, client_address)
             finally:
+                timer.cancel()
                 slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:
@@ -226,6 +234,13 @@ def serve_http(
     httpd = make_server(host, port, app, Server, handler_class=Handler)
     threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
     return httpd
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed meanwhile: the request ended on its own
+        return
 
 
 def strict(doc: Any) -> Any:

@@ -1165,3 +1165,43 @@ def test_a_broker_on_a_unix_socket_is_served(bundles, service, tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "no TLS over a unix socket" in bad.stderr, bad.stderr
+
+
+def test_a_request_trickled_to_the_metrics_endpoint_is_cut_off(broker, service):
+    """A slowloris sends its request a byte at a time, each before the idle timeout: every
+    connection the endpoint serves at once was held for as long as it kept on, and no scrape
+    got through. Each connection is served for a bounded time in all, then closed."""
+    import select
+    import socket
+    import urllib.request
+
+    from edge.metrics import HTTP_CONNECTIONS
+    from firmware_sim.broker import free_port
+
+    port = free_port()
+    col = Collector(broker.url)
+    service("--metrics-port", str(port), "--stats-interval", "0")
+    wait_until(col.online, 30, "online")
+    slow = [
+        socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(HTTP_CONNECTIONS)
+    ]
+    line = b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 10_000
+    held, deadline, i = list(slow), time.monotonic() + 180, 0
+    while held and time.monotonic() < deadline:
+        for s in list(held):
+            try:
+                s.sendall(line[i % len(line) : i % len(line) + 1])  # one byte a second
+            except OSError:  # closed by the service: what this test waits for
+                held.remove(s)
+        ready, _, _ = select.select(held, [], [], 1.0)  # the slowloris's pace
+        for s in ready:
+            with contextlib.suppress(OSError):  # a reset rather than a close: as good
+                s.recv(65536)  # the close (or an error page before it)
+            held.remove(s)
+        i += 1
+    for s in slow:
+        s.close()
+    assert not held, f"{len(held)} trickling connections still served"
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read()
+    assert b"edge_lstm_messages_in_total" in body
+    col.close()

@@ -410,7 +410,7 @@ class Partition:
     task: asyncio.Task[None] | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     mids: int = 0
-    replay_until: int = 0  # the previous owner's last acknowledged stream sequence
+    replay_until: int = 0  # earlier owners' answered mark at the takeover (see _pump)
     answered: int = 0  # every answer to a message up to this stream sequence was sent
     stream: str = ""  # the incarnation of the stream ``covered`` counts in (see _stream_state)
     twins: Twins = field(default_factory=Twins)
@@ -729,18 +729,9 @@ class Worker:
             raise Fenced(f"partition {part.number}: taken over since (consumer {later[0]})")
         # (Else a leftover named as if later: of a lease bucket made on a server whose clock
         # was ahead. Deleted below with the earlier ones: the lease says no one took it since.)
-        # What earlier owners acknowledged, i.e. handled (and maybe answered): in the replay,
-        # a duplicate up to there is the partition's own, not the device's. Past it nothing
-        # was answered, so a device's duplicate there is reported.
-        part.replay_until = 0
         for name in sorted(found, key=found.__getitem__):
-            try:
-                old = await self.js.consumer_info(STREAM, name)
-                floor = old.ack_floor.stream_seq if old.ack_floor else 0
-                part.replay_until = max(part.replay_until, floor or 0)
+            with contextlib.suppress(NotFoundError):  # never made, or deleted meanwhile
                 await self.js.delete_consumer(STREAM, name)
-            except NotFoundError:  # never made, or deleted by another taker meanwhile
-                continue
         config = api.ConsumerConfig(
             # one ack per batch (the last message), as the batch is handled in order
             ack_policy=api.AckPolicy.ALL,
@@ -780,7 +771,11 @@ class Worker:
         part = await self._restore(p)
         part.lease = lease
         try:
-            part.answered = await self._read_answered(part)
+            # What earlier owners answered: in the replay, a duplicate up to there was
+            # reported already (or is the partition's own). Past it nothing was answered, also
+            # what they acknowledged (killed before they sent the answers): a device's
+            # duplicate there is reported, as no one did.
+            part.answered = part.replay_until = await self._read_answered(part)
             part.processor.sent_before = part.answered  # stepped again, not answered again
             await self._subscribe(part)
         except BaseException:
@@ -956,9 +951,8 @@ class Worker:
                     continue  # an MQTT publish's second copy, the first one stepped
                 if twin:
                     self.metrics.inc("mqtt_store_copies_stepped")
-                # the replay after a takeover, up to what the previous owner handled: a
-                # duplicate there is the partition's own (or a twin whose other copy the
-                # restored state stepped), not the device's
+                # the replay after a takeover, up to what earlier owners answered: a
+                # duplicate there was reported already, or is the partition's own
                 item = inbound(m, m.metadata.sequence.stream <= handled)
                 if item is None:
                     log.error("partition %d: unexpected subject %r", part.number, m.subject)

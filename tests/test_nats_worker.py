@@ -2986,3 +2986,60 @@ def test_jetstream_out_of_storage_is_named_once(
         assert w.metrics.snapshot().get("jetstream_full") == 1
     finally:
         server.stop()
+
+
+@failover
+def test_a_devices_duplicate_is_reported_once_through_two_quick_kills(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """A device's duplicate sent just after the owner of its partition was killed (-9), and
+    its next owner killed right after taking the partition over: the next owner had
+    acknowledged the replay's batch and was killed before it sent the answers; the last one,
+    replaying, took everything up to that acknowledgement for the partition's own redeliveries
+    and reported none of those duplicates. A replay now passes over only the duplicates of what
+    earlier owners answered (their answered mark)."""
+    from collections import Counter
+
+    ids = ["w1", "w2", "w3"]
+    procs = {i: workers(i, "--snapshot-interval", "120", "--lease-seconds", "2") for i in ids}
+    with _every_kind(nats_server) as (col, qos0, native, pub):
+        wait_until(lambda: all_owned(col, ids, P), 90, "three workers sharing the partitions")
+        samples = _samples(12, 30, seed=7)
+        want = offline(bundles / "clf-int8", samples)
+
+        def duplicate(seq: int) -> None:
+            for s, x in samples.items():
+                pub.send(s, seq, x[seq - 1 : seq])
+            pub.flush()
+
+        _send(pub, samples, range(20))
+        duplicate(5)
+        wait_until(lambda: len(col.of("errors/")) >= 12, 60, "the first duplicates' reports")
+        victim = max(ids, key=lambda i: len(owned(col, i) or []))
+        moved = set(owned(col, victim) or [])
+        procs[victim].kill()
+        _send(pub, samples, range(20, 25))
+        duplicate(22)
+        rest = [i for i in ids if i != victim]
+        had = {i: set(owned(col, i) or []) for i in rest}
+
+        def taking() -> list[str]:
+            return [i for i in rest if (set(owned(col, i) or []) - had[i]) & moved]
+
+        wait_until(lambda: bool(taking()), 60, "a survivor taking a partition over")
+        second = taking()[0]
+        procs[second].kill()  # right after its takeover, in the middle of its replay
+        last = [i for i in rest if i != second]
+        wait_until(lambda: all_owned(col, last, P), 90, "the last worker owning every partition")
+        _send(pub, samples, range(25, 30))
+        for c in (col, qos0, native):
+            wait_until(lambda c=c: len(c.predictions()) >= len(want), 90, "every prediction")
+            wait_until(lambda c=c: len(c.of("errors/")) >= 24, 90, "every duplicate's report")
+        assert moved & {partition(s, P) for s in samples}
+        for c in (col, qos0, native):
+            got = c.predictions()
+            assert _check(got, want) == ([], [])
+            assert [k for k, ys in got.items() if len(ys) > 1] == []
+            reports = Counter((t, d.get("seq")) for t, d in c.of("errors/"))
+            assert sorted(reports.values()) == [1] * 24
+            assert {seq for _, seq in reports} == {5, 22}

@@ -1392,7 +1392,8 @@ class Worker:
         subject transform edited to another partition count: stored under it, every stream
         lands in another partition, whose state knows nothing of it (answered from the zero
         state without a word), so the worker stops as it refuses to start (exit 2)."""
-        config = (await self.js.stream_info(STREAM)).config
+        info = await self.js.stream_info(STREAM)
+        config = info.config
         transform = config.subject_transform
         dest = transform.dest if transform is not None else None
         if dest != transform_dest(self.opts.partitions):
@@ -1408,6 +1409,27 @@ class Worker:
             log.error("%s", problem)
             self.metrics.inc("stream_discards_new")
         self.discarding = problem
+        if self.limited:
+            await self._caught_up(int(info.state.last_seq))
+
+    async def _caught_up(self, last: int) -> None:
+        """On a stream whose limits remove old messages, move what each idle partition covers
+        up to ``last`` (read before): its consumer has nothing pending or unacknowledged, so
+        every message of the partition up to there was handled. Else a partition without
+        messages of its own for a while covers a sequence the limits have removed since (the
+        other partitions' messages), and its next owner took that for lost history: every
+        stream of the partition said ``restart`` with nothing lost."""
+        from nats.js.errors import NotFoundError
+
+        for part in list(self.owned.values()):
+            if part.covered >= last or part.stop.is_set():
+                continue
+            try:
+                ci = await self.js.consumer_info(STREAM, part.consumer)
+            except NotFoundError:  # made again by its loop
+                continue
+            if not ci.num_pending and not ci.num_ack_pending and self.holds(part.number):
+                part.covered = max(part.covered, last)
 
     async def _make_again(self, exc: Exception) -> None:
         """A bucket or store of the group is gone. Without the lease bucket no worker can say

@@ -3043,3 +3043,76 @@ def test_a_devices_duplicate_is_reported_once_through_two_quick_kills(
             reports = Counter((t, d.get("seq")) for t, d in c.of("errors/"))
             assert sorted(reports.values()) == [1] * 24
             assert {seq for _, seq in reports} == {5, 22}
+
+
+@failover
+def test_an_idle_partition_on_a_stream_with_limits_is_taken_over_without_a_restart(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """On a sensor stream with limits an operator set (``max_msgs``, discard old), a partition
+    whose own messages had stopped for a while covered a sequence the other partitions' traffic
+    pushed out of the stream since: its next owner took that for removed history, and every
+    stream of the partition said ``restart`` on its next answer, with nothing lost."""
+    import json
+
+    import nats
+
+    from edge.nats_worker import STREAM, Worker, WorkerOptions, ensure_resources
+
+    url = nats_server.url
+    samples = _samples(2, 2, seed=101)
+    quiet, busy = samples
+    assert partition(quiet, P) != partition(busy, P)
+    want = offline(bundles / "clf-int8", {quiet: samples[quiet]})
+    native = NatsCollector(url)
+    opts = WorkerOptions([url], "w1", partitions=P, snapshot_interval=600)
+
+    def worker(worker_id: str) -> Worker:
+        return Worker(_worker_config(bundles, tmp_path / worker_id), opts)
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def send(stream: str, seq: int) -> None:
+            x = samples[stream][(seq - 1) % 2 : (seq - 1) % 2 + 1]
+            body = json.dumps({"seq": seq, "values": x.tolist()})
+            await js.publish(f"sensors.{stream}.data", body.encode())
+
+        await ensure_resources(js, opts)
+        config = (await js.stream_info(STREAM)).config
+        config.max_msgs = 10
+        await js.update_stream(config)
+        w1 = worker("w1")
+        running = asyncio.create_task(w1.run())
+        try:
+            await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
+            await send(quiet, 1)
+            await _until(lambda: len(native.of(f"predictions/{quiet}")) == 1, 60, "its answer")
+            for seq in range(1, 31):  # the other partition's traffic: 'quiet''s message goes
+                await send(busy, seq)
+            last = (await js.stream_info(STREAM)).state.last_seq
+            part = w1.owned[partition(quiet, P)]
+            await _until(lambda: part.covered >= last, 60, "the quiet partition to catch up")
+        finally:
+            w1.stopping.set()  # hands every partition over with its snapshot
+            assert await running == 0
+        w2 = worker("w2")
+        running = asyncio.create_task(w2.run())
+        try:
+            await _until(lambda: len(w2.owned) == P, 60, "w2 to own every partition")
+            await send(quiet, 2)
+            await _until(lambda: len(native.of(f"predictions/{quiet}")) == 2, 60, "its answer")
+            assert not w2.metrics.snapshot().get("history_lost")
+        finally:
+            w2.stopping.set()
+            assert await running == 0
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+        assert _check(native.predictions(), want) == ([], [])
+        flags = [d.get("restart", False) for _, d in native.of(f"predictions/{quiet}")]
+        assert flags == [False, False]
+    finally:
+        native.close()

@@ -354,13 +354,10 @@ def test_two_copies_of_a_worker_started_together_on_one_state_dir_are_told_it_is
     before taking the directory's lock. The second copy's removal could find the file gone
     (the first one removed it), and that copy said it could not write in the directory (``No
     such file or directory``), not that the directory was in use."""
-    from edge import config
     from edge.errors import ConfigError
     from edge.nats_worker import Worker, WorkerOptions
 
-    cfg = config.load(
-        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
-    )
+    cfg = _worker_config(bundles, tmp_path)
     opts = WorkerOptions(["nats://127.0.0.1:1"], "w1", partitions=P)
     first, second = Worker(cfg, opts), Worker(cfg, opts)
     real_unlink = Path.unlink
@@ -1613,13 +1610,10 @@ def test_answers_whose_publish_a_hand_over_cuts_short_are_handed_over_too(
 
     import nats
 
-    from edge import config
     from edge.nats_worker import Worker, WorkerOptions
 
     url = nats_server.url
-    cfg = config.load(
-        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
-    )
+    cfg = _worker_config(bundles, tmp_path)
     samples = _samples(6, 2, seed=43)
     want = offline(bundles / "clf-int8", samples)
     native = NatsCollector(url)
@@ -1682,13 +1676,10 @@ def test_a_worker_whose_lease_ran_out_mid_batch_pulls_nothing_from_the_new_owner
 
     import nats
 
-    from edge import config
     from edge.nats_worker import STREAM, Worker, WorkerOptions
 
     url = nats_server.url
-    cfg = config.load(
-        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
-    )
+    cfg = _worker_config(bundles, tmp_path)
     samples = _samples(1, 12, seed=53)
     (stream,) = samples
     p = partition(stream, P)
@@ -1786,13 +1777,10 @@ def test_a_snapshot_written_anew_while_it_is_read_is_read_again(
     renewed and its streams unanswered."""
     import nats
 
-    from edge import config
     from edge import partition_snapshot as psnap
     from edge.nats_worker import Worker, WorkerOptions
 
-    cfg = config.load(
-        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
-    )
+    cfg = _worker_config(bundles, tmp_path)
     w = Worker(cfg, WorkerOptions([nats_server.url], "w1", partitions=P))
 
     def blob(generation: int) -> bytes:
@@ -1833,12 +1821,9 @@ def test_one_slow_lease_renewal_lets_no_other_lease_of_the_worker_run_out(
     request's timeout; a takeover busy with that partition) held back every other lease, and
     the worker fenced all its partitions and took them again, each replayed from its snapshot.
     Each lease is renewed on its own clock: only the slow one's partition may be fenced."""
-    from edge import config
     from edge.nats_worker import Worker, WorkerOptions
 
-    cfg = config.load(
-        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
-    )
+    cfg = _worker_config(bundles, tmp_path)
     w = Worker(cfg, WorkerOptions([nats_server.url], "w1", partitions=P, lease_seconds=1))
 
     async def run() -> None:
@@ -1889,13 +1874,10 @@ def test_a_lease_that_runs_out_while_it_is_taken_is_no_deleted_bucket(
     import nats
     from nats.js.kv import KeyValue
 
-    from edge import config
     from edge.nats_worker import LEASES, Worker, WorkerOptions, ensure_resources
 
     url = nats_server.url
-    cfg = config.load(
-        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
-    )
+    cfg = _worker_config(bundles, tmp_path)
     opts = WorkerOptions([url], "w1", partitions=P, lease_seconds=1)
     w = Worker(cfg, opts)
 
@@ -1941,13 +1923,10 @@ def test_a_worker_whose_lease_ran_out_mid_publish_leaves_the_answers_to_the_new_
 
     import nats
 
-    from edge import config
     from edge.nats_worker import Worker, WorkerOptions
 
     url = nats_server.url
-    cfg = config.load(
-        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
-    )
+    cfg = _worker_config(bundles, tmp_path)
     samples = _samples(1, 1, seed=59)
     (stream,) = samples
     p = partition(stream, P)
@@ -2235,13 +2214,10 @@ def test_a_worker_waits_out_an_outage_that_fills_its_clients_buffer(
 
     import nats
 
-    from edge import config
     from edge.nats_worker import Worker, WorkerOptions
 
     url = nats_server.url
-    cfg = config.load(
-        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
-    )
+    cfg = _worker_config(bundles, tmp_path)
     samples = _samples(2, 1, seed=67)
 
     async def run() -> None:
@@ -2287,12 +2263,9 @@ def test_a_stop_snapshots_its_partitions_at_once_not_one_after_another(
     """During a NATS outage each partition's final snapshot and lease removal wait out their
     timeouts: taken one after another, a clean stop of a worker with a few partitions outlasted
     systemd's stop timeout and ended in SIGKILL. Every final snapshot starts before any ends."""
-    from edge import config
     from edge.nats_worker import Worker, WorkerOptions
 
-    cfg = config.load(
-        None, overrides={"model": str(bundles / "clf-int8"), "state_dir": str(tmp_path / "s")}
-    )
+    cfg = _worker_config(bundles, tmp_path)
     opts = WorkerOptions([nats_server.url], "w1", partitions=P, snapshot_interval=600)
     started: list[int] = []
     finished: list[int] = []
@@ -2408,18 +2381,10 @@ def test_messages_held_at_a_hand_over_wait_for_their_gap_once_the_new_owner_read
 
     import nats
 
-    from edge import config
     from edge.nats_worker import Worker, WorkerOptions
 
     url = nats_server.url
-    cfg = config.load(
-        None,
-        overrides={
-            "model": str(bundles / "clf-int8"),
-            "state_dir": str(tmp_path / "s"),
-            "reorder_ms": 60000,
-        },
-    )
+    cfg = _worker_config(bundles, tmp_path, reorder_ms=60000)
     samples = _samples(1, 3, seed=61)
     (stream,) = samples
     p = partition(stream, P)

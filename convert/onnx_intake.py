@@ -731,6 +731,34 @@ def _reduces_nothing(g: _Graph, node: Any, data: str) -> bool:
     return all(p[data].shape[a] == 1 for p in g.probes for a in axes)
 
 
+def _reduce_features(chain: _Chain, node: Any, data: str) -> None:
+    """A Reduce* op after the recurrent layers: a mean or sum over each step's features (its
+    feature axis only, ``y.mean(-1)``) is a Dense to one output; over time or batch rows, or
+    another reduction, it is refused naming what it reduces."""
+    g, where, op = chain.g, _where(node), node.op_type
+    roles, shape = _roles(g, data), list(g.probes[0][data].shape)
+    axes = [a for a in _reduce_axes(g, node, data) if shape[a] != 1]
+    if any(roles[a] == chain.time_axis for a in axes) or any(roles[a] == "a0a1" for a in axes):
+        raise UnsupportedModel(
+            f"{where} cannot be streamed: a reduction over time needs the whole sequence"
+        )
+    if any(roles[a] != "static" for a in axes):
+        raise UnsupportedModel(
+            f"{where} cannot be streamed: it reduces over the batch rows "
+            "(each sequence streams on its own)"
+        )
+    if axes != [chain.feature_axis(node, data)]:
+        raise UnsupportedModel(f"{where}: reduces axes {axes} of {shape}, not one step's features")
+    if op not in ("ReduceMean", "ReduceSum"):
+        raise UnsupportedModel(
+            f"{where}: a {op} over each step's features is not read (a mean or a sum is)"
+        )
+    w = chain.width
+    kernel = np.full((w, 1), 1.0 / w if op == "ReduceMean" else 1.0, np.float32)
+    chain.add(Dense(kernel, np.zeros(1, np.float32)))
+    chain.width = 1
+
+
 def _written_out_mean(chain: _Chain, node: Any, data: str) -> UnsupportedModel:
     """Why ``x - x.mean(axis, keepdim=True)`` (a ReduceMean beside a Sub of ``data``) is not
     read: over time or the batch it needs the whole sequence (a per-sequence normalisation);
@@ -1067,6 +1095,12 @@ def read(path: str | Path) -> OnnxSource:
         op = n.op_type
         nxt = n.output[0]
         reduces_nothing = op in REDUCE_OPS and _reduces_nothing(g, n, current)
+        if op in REDUCE_OPS and not reduces_nothing and chain.cells:
+            # over each step's features: a mean or a sum is a Dense to one output
+            _reduce_features(chain, n, current)
+            chain.feature_axis(n, nxt)
+            current = nxt
+            continue
         if op in REASONS and not reduces_nothing:
             raise UnsupportedModel(f"{where} cannot be streamed: {REASONS[op]}")
         if op in ("LSTM", "GRU"):

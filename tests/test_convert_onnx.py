@@ -739,6 +739,57 @@ def test_a_clamp_at_zero_is_read_as_a_relu(tmp_path, dynamo):
     assert source.check_agreement(x) <= 1e-5
 
 
+REDUCTIONS = {  # a reduction of y after the LSTM and a Linear(4, 3): (it, read as)
+    "y.mean(-1, keepdim=True)": (lambda y: y.mean(-1, keepdim=True), "mean"),
+    "y.sum(-1)": (lambda y: y.sum(-1), "sum"),
+    "y[:, -1].mean(-1)": (lambda y: y[:, -1].mean(-1), "mean"),
+    "y.amax(-1)": (lambda y: y.amax(-1), "a ReduceMax over each step's features is not read"),
+    "y.mean(1)": (lambda y: y.mean(1), "a reduction over time needs the whole sequence"),
+}
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("expr", list(REDUCTIONS))
+def test_a_mean_or_sum_over_a_steps_features_is_read_as_a_dense(
+    capsys, tmp_path, tiny, expr, dynamo
+):
+    """``y.mean(-1)`` over each step's outputs was refused as 'a reduction over time needs the
+    whole sequence' (and ``y.sum(-1)`` as 'not supported'): over the features it is one
+    output per step, a Dense of weights 1/width (or 1)."""
+    import torch
+    from torch import nn
+
+    from convert import onnx_intake
+    from convert.spec import Dense
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return REDUCTIONS[expr][0](self.fc(self.rnn(x)[0]))
+
+    path, auto = tmp_path / "m.onnx", torch.export.Dim.AUTO
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Net().eval(), (torch.zeros(2, 5, 3),), str(path), input_names=["x"], dynamo=dynamo,
+            dynamic_axes=None if dynamo else {"x": {0: "b", 1: "t"}},
+            dynamic_shapes={"x": {0: auto, 1: auto}} if dynamo else None,
+        )  # fmt: skip
+    want = REDUCTIONS[expr][1]
+    if want not in ("mean", "sum"):
+        assert_refused(capsys, path, tiny / "calib.npy", tmp_path, want, "node '")
+        return
+    source = onnx_intake.read(path)
+    last = [la for la in source.spec.layers if isinstance(la, Dense)][-1]
+    assert last.kernel.shape == (3, 1)
+    np.testing.assert_allclose(last.kernel, 1 / 3 if want == "mean" else 1.0)
+    x = np.random.default_rng(0).normal(0, 3, (8, 300, 3)).astype(np.float32)
+    assert source.check_agreement(x) <= 1e-5
+
+
 ACTIVATION_OPS = {  # torch.nn module: the step's activation
     "ELU": "elu",
     "LeakyReLU(0.2)": "leaky_relu",

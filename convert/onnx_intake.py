@@ -197,8 +197,11 @@ def session(model: Any) -> Any:
         raise ConvertError(f"onnxruntime cannot run the model: {first}") from exc
 
 
-def _probe(model: Any, input_name: str, features: int) -> list[dict[str, np.ndarray]]:
-    """Every tensor's value for two inputs of different batch and time lengths."""
+def _probe(
+    model: Any, input_name: str, features: int, one_feature: bool = False
+) -> list[dict[str, np.ndarray]]:
+    """Every tensor's value for two inputs of different batch and time lengths (``[a, b]``
+    for an input of one feature without its axis)."""
     import onnx
 
     m = _strip_shapes(model)
@@ -220,6 +223,8 @@ def _probe(model: Any, input_name: str, features: int) -> list[dict[str, np.ndar
     rng = np.random.default_rng(0)
     for a, b in PROBES:
         x = rng.normal(0, 1, (a, b, features)).astype(np.float32)
+        if one_feature:
+            x = x[..., 0]
         try:
             values = sess.run(names, {input_name: x})
         except Exception as exc:
@@ -994,9 +999,13 @@ def read(path: str | Path) -> OnnxSource:
             "the model in float32 (in PyTorch, model.float() and a float32 example input)"
         )
     dims = [_dim(d) for d in inp.type.tensor_type.shape.dim]
-    if inp.type.tensor_type.HasField("shape") and len(dims) != 3:
+    w_first = consts.get(recurrent[0].input[1])
+    # [batch, time] samples of one feature, x.unsqueeze(-1) inside the model
+    one_feature = len(dims) == 2 and w_first is not None and w_first.shape[-1] == 1
+    if inp.type.tensor_type.HasField("shape") and len(dims) != 3 and not one_feature:
         raise UnsupportedModel(
-            f"model input {inp.name!r} has shape {dims}; expected [batch, time, features]"
+            f"model input {inp.name!r} has shape {dims}; expected [batch, time, features] "
+            "(or [batch, time] for a model of one feature)"
         )
     fixed = [isinstance(d, int) and d > 0 for d in dims]
     if len(dims) == 3 and not fixed[2] and any(fixed[:2]):
@@ -1005,7 +1014,7 @@ def read(path: str | Path) -> OnnxSource:
             "the step reads [batch, time, features] (or [time, batch, features]) samples: "
             "move the features last before exporting"
         )
-    declared = dims if len(dims) == 3 and any(fixed[:2]) else None
+    declared = dims if len(dims) in (2, 3) and any(fixed[:2]) else None
     if declared is not None:
         # torch.onnx.export's default without dynamic axes: the example's batch and time
         # lengths are declared, and onnxruntime runs the graph on no others. The graph may
@@ -1040,7 +1049,7 @@ def read(path: str | Path) -> OnnxSource:
                 if i in value:
                     g.consumers.setdefault(i, []).append(n)
     try:
-        g.probes = _probe(model, inp.name, features)
+        g.probes = _probe(model, inp.name, features, one_feature)
     except UnsupportedModel as exc:
         if declared is None:
             raise
@@ -1221,7 +1230,15 @@ def read(path: str | Path) -> OnnxSource:
     spec = ModelSpec(features, mean, std, layers, digest, p.stem, not chain.last)
     assert time_first is not None
     return OnnxSource(
-        spec, model, inp.name, g.output_name, time_first, out_roles, chain.batch_axis, state
+        spec,
+        model,
+        inp.name,
+        g.output_name,
+        time_first,
+        out_roles,
+        chain.batch_axis,
+        state,
+        one_feature,
     )
 
 
@@ -1306,10 +1323,15 @@ class OnnxSource:
     output_roles: list[str]
     batch_role: str
     state: list[str] = field(default_factory=list)  # the state inputs and outputs dropped
+    one_feature: bool = False  # the input is [batch, time]: one feature, without its axis
     _session: Any = None
 
     @property
     def layout(self) -> str:
+        if self.one_feature:
+            return (
+                "[time, batch] (one feature)" if self.time_first else "[batch, time] (one feature)"
+            )
         return "[time, batch, features]" if self.time_first else "[batch, time, features]"
 
     def describe(self) -> dict[str, Any]:
@@ -1357,6 +1379,8 @@ class OnnxSource:
         for i in range(0, len(xs), chunk):
             x = xs[i : i + chunk]
             feed = np.ascontiguousarray(x.transpose(1, 0, 2)) if self.time_first else x
+            if self.one_feature:  # an input [batch, time] of one feature, without its axis
+                feed = np.ascontiguousarray(feed[..., 0])
             (y,) = self._session.run([self.output_name], {self.input_name: feed})
             outs.append(self._canonical(np.asarray(y, np.float64)))
         return np.concatenate(outs)

@@ -280,6 +280,50 @@ def test_a_graph_onnxruntime_cannot_run_is_said_in_one_line_on_stderr(capfd, tmp
     assert "Input W must have shape {1,16,3}" in err[-1]
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_a_model_of_one_feature_taking_batch_and_time_only_converts(capsys, tmp_path, dynamo):
+    """A univariate model whose input is ``[batch, time]``, made ``[batch, time, 1]`` inside
+    (``x.unsqueeze(-1)``), was refused: 'model input 'x' has shape ['b', 't']; expected
+    [batch, time, features]'. It streams its one feature per sample; the float32 bundle
+    computes what PyTorch does over 1000 samples."""
+    import torch
+    from torch import nn
+
+    import edge
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.GRU(1, 4, batch_first=True), nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x.unsqueeze(-1))[0]).squeeze(-1)
+
+    torch.manual_seed(0)
+    net, model, auto = Net().eval(), tmp_path / "m.onnx", torch.export.Dim.AUTO
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, (torch.zeros(2, 5),), str(model), input_names=["x"], dynamo=dynamo,
+            dynamic_axes=None if dynamo else {"x": {0: "b", 1: "t"}},
+            dynamic_shapes={"x": {0: auto, 1: auto}} if dynamo else None,
+        )  # fmt: skip
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.normal(size=(8, 30, 1)).astype(np.float32))
+    out = tmp_path / "bundle"
+    code, res = run_cli(
+        capsys, "convert", str(model), "--calib", str(tmp_path / "calib.npy"),
+        "--out", str(out), "--quant", "float32", "--long-steps", "300",
+    )  # fmt: skip
+    assert code == 0, res.err
+    assert "input [batch, time] (one feature)" in res.out
+    x = rng.normal(0, 2, (1000, 1)).astype(np.float32)
+    got = np.asarray(edge.load(out).step("s", x))
+    with torch.no_grad():
+        want = net(torch.tensor(x[None, :, 0])).numpy()[0]
+    np.testing.assert_allclose(got[:, 0], want, atol=1e-5)
+
+
 class Carried:
     """``forward(x, h0[, c0])`` returning ``y, h_n[, c_n]``: the state as inputs and outputs, as
     users write a model to carry it between calls."""

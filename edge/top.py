@@ -25,6 +25,9 @@ COLUMNS = (
     ("top errors", 0),
 )
 CODE_WIDTH = 32  # an error code as shown (the service's are shorter)
+MAX_PAYLOAD = 1 << 20  # a stats message is a few kB; anyone may publish 10 MB on the topic
+MAX_RUNTIMES = 200  # rows kept; the ids past this many (fakes, most likely) are skipped
+MAX_COUNT = 2**53  # a count or measurement at or past this is nonsense, shown as "-"
 
 
 @dataclass
@@ -50,10 +53,10 @@ class Runtime:
         when the counter went down: the service restarted and counts from 0 again)."""
         now, before = self.stats, self.previous
         dt = self.seconds()
-        try:
-            grown = float(now[key]) - float(before[key])
-        except (KeyError, TypeError, ValueError, OverflowError):
+        a, b = _count(now.get(key)), _count(before.get(key))
+        if a is None or b is None:
             return None
+        grown = a - b
         return grown / dt if dt is not None and dt > 0 and grown >= 0 else None
 
     def error_rate(self) -> float | None:
@@ -69,11 +72,19 @@ class Runtime:
 
 def _errors(stats: dict[str, Any]) -> dict[str, int]:
     """The error counts of a stats message; anyone may publish one, so a count that is no
-    finite number (``Infinity`` in the JSON, a string) is left out."""
+    whole number from 0 to 2**53 (``Infinity`` in the JSON, a string, -5, 1e300) is left out."""
     errs = stats.get("errors")
     if not isinstance(errs, dict):
         return {}
-    return {str(k): int(v) for k, v in errs.items() if _finite(v)}
+    counts = ((str(k), _count(v)) for k, v in errs.items())
+    return {k: n for k, n in counts if n is not None}
+
+
+def _count(value: Any) -> int | None:
+    """``value`` as a count: a whole number from 0 to below 2**53, else None."""
+    if not _finite(value) or not 0 <= value < MAX_COUNT or not float(value).is_integer():
+        return None
+    return int(value)
 
 
 def _finite(value: Any) -> bool:
@@ -91,7 +102,13 @@ class TopView:
         self.stats_prefix = stats_prefix
         self.status_prefix = status_prefix
         self.runtimes: dict[str, Runtime] = {}
-        self.ignored = 0  # messages that were not JSON objects
+        self.skipped: dict[str, int] = {}  # why -> how many messages were skipped
+        self.ignored = 0  # messages skipped, all reasons
+
+    def skip(self, why: str) -> None:
+        """Count one message left out (shown under the table: anyone may publish here)."""
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+        self.ignored += 1
 
     def update(self, topic: str, payload: bytes) -> str | None:
         """Take one message; returns the runtime id it was about (None when ignored)."""
@@ -106,16 +123,26 @@ class TopView:
         if kind is None:
             return None
         rid = topic[len(self.stats_prefix if kind == "stats" else self.status_prefix) :]
+        if len(payload) > MAX_PAYLOAD:
+            self.skip(f"over {MAX_PAYLOAD >> 20} MiB")
+            return None
         try:
             doc = json.loads(payload) if payload else {}
         except (ValueError, UnicodeDecodeError, RecursionError):  # anyone may publish here
             doc = None
         if not isinstance(doc, dict):
-            self.ignored += 1
+            self.skip("not a JSON object")
+            return None
+        state = doc.get("state", "?") if kind == "status" and doc else "gone"
+        if not isinstance(state, str):
+            self.skip("a state that is no text")
+            return None
+        if rid not in self.runtimes and len(self.runtimes) >= MAX_RUNTIMES:
+            self.skip(f"past {MAX_RUNTIMES} runtimes")
             return None
         rt = self.runtimes.setdefault(rid, Runtime())
         if kind == "status":
-            rt.state = str(doc.get("state", "?")) if doc else "gone"
+            rt.state = state
         else:
             rt.previous, rt.stats = rt.stats, doc
             rt.updates += 1
@@ -148,6 +175,9 @@ class TopView:
             )
         if not self.runtimes:
             lines.append("(waiting for stats; is edge-lstm serve running with stats_interval > 0?)")
+        if self.skipped:
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+            lines.append(f"(skipped messages: {why})")
         return "\n".join(lines)
 
 
@@ -158,7 +188,9 @@ def _shown(text: str, width: int) -> str:
 
 
 def _num(value: Any) -> str:
-    if not _finite(value):
+    """A count, rate or measurement; "-" when there is none or it is nonsense (negative,
+    2**53 or more: anyone may publish on the stats topics)."""
+    if not _finite(value) or not 0 <= value < MAX_COUNT:
         return "-"
     if float(value).is_integer() and abs(value) < 1e6:
         return f"{int(value)}"

@@ -18,7 +18,7 @@ import pytest
 
 from edge.ha_discovery import Announcer, Discovery, object_id, sensor_configs
 from edge.manifest import read_bundle
-from edge.top import TopView
+from edge.top import MAX_RUNTIMES, TopView
 from firmware_sim.broker import free_port
 from tests.mqtt_helpers import Collector, Publisher, wait_until
 
@@ -402,6 +402,31 @@ def test_top_prints_no_control_character_that_a_publisher_on_its_topics_sent():
     assert len(lines) == 2 and all(line.isprintable() for line in lines), repr(text)
     assert lines[1].startswith("pi?[2J") and len(lines[1]) < 300, lines[1]
     assert "?]52;c;ZXZpbA==? 3, bad?json 2" in lines[1]
+
+
+def test_top_skips_hostile_stats_with_a_note_and_keeps_a_bounded_table():
+    """Anyone may publish on the stats and status topics: numbers past any real count,
+    negative counts, a state that is no text, a 10 MB message and thousands of fake runtime
+    ids are skipped (with a note under the table), never shown, and never grow the table."""
+    v = TopView("edge/stats/", "edge/status/")
+    v.update(
+        "edge/stats/pi",
+        b'{"uptime_seconds": 1, "messages_in": 1e300, "queue_depth": 1e300, "active_streams": -2,'
+        b' "e2e_latency_p99_ms": -1, "errors": {"a": 1e300, "b": -5, "c": 2}}',
+    )
+    v.update("edge/stats/pi", b'{"uptime_seconds": 2, "messages_in": 1e300, "errors": {"c": 3}}')
+    assert v.update("edge/status/pi", b'{"state": {"x": 1}}') is None
+    assert v.update("edge/stats/big", b'{"pad": "' + b"x" * 10_000_000 + b'"}') is None
+    for i in range(5000):
+        v.update(f"edge/stats/fake-{i}", b'{"uptime_seconds": 1}')
+    assert len(v.runtimes) <= MAX_RUNTIMES
+    lines = v.render().splitlines()
+    row = next(line for line in lines if line.startswith("pi "))
+    assert row.split() == ["pi", "online", "-", "-", "-", "1", "-", "-", "-", "-", "c", "3"]
+    assert max(len(line) for line in lines) < 200
+    note = lines[-1]
+    assert note.startswith("(skipped messages: ") and "1 a state that is no text" in note
+    assert "1 over 1 MiB" in note and f"{5001 - MAX_RUNTIMES} past {MAX_RUNTIMES} runtimes" in note
 
 
 def test_top_shows_a_real_service(service, broker):

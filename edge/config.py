@@ -349,6 +349,33 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return dict(section)
 
 
+def broker_address(url: str, what: str) -> tuple[str, str, int]:
+    """``(transport, host, port)`` of a broker URL as paho takes them: ``("tcp", HOST, PORT)``
+    of ``mqtt://HOST:PORT`` / ``mqtts://HOST:PORT``, ``("unix", PATH, 1883)`` of
+    ``unix:///PATH``. The one parser of ``serve``, ``top`` and ``firmware-sim``; a bad URL is a
+    ConfigError of one line that starts with ``what`` (``broker =``, ``--broker``)."""
+    try:
+        u = urlparse(url)
+        port = u.port
+    except ValueError as exc:  # a port out of range, an unclosed [ of an IPv6 address
+        raise ConfigError(f"{what} {url!r}: {exc}") from None
+    if u.scheme == "unix":
+        if u.netloc or not u.path.startswith("/") or u.query or u.fragment:
+            raise ConfigError(f"{what} {url!r}: expected unix:///PATH, the socket's absolute path")
+        return "unix", u.path, 1883  # paho wants a port; a socket has none
+    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+        raise ConfigError(
+            f"{what} {url!r}: expected mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH"
+        )
+    if port == 0:
+        raise ConfigError(f"{what} {url!r}: port 0 is not a broker's port")
+    try:
+        u.hostname.encode("idna")  # what the resolver does: a label over 63 characters fails
+    except UnicodeError as exc:
+        raise ConfigError(f"{what} {url!r}: host {u.hostname!r} is no host name: {exc}") from None
+    return "tcp", u.hostname, port or (8883 if u.scheme == "mqtts" else 1883)
+
+
 def validate(cfg: ServiceConfig) -> ServiceConfig:
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
@@ -357,27 +384,12 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
             raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(choices)}")
     if not cfg.model:
         raise ConfigError("model is required (--model DIR)")
-    try:
-        u = urlparse(cfg.broker)
-        port = u.port
-    except ValueError as exc:  # a port out of range, an unclosed [ of an IPv6 address
-        raise ConfigError(f"broker = {cfg.broker!r}: {exc}") from None
-    if u.scheme == "unix":
-        if u.netloc or not u.path.startswith("/") or u.query or u.fragment:
-            raise ConfigError(
-                f"broker = {cfg.broker!r}: expected unix:///PATH, the socket's absolute path"
-            )
-        if cfg.tls_ca or cfg.tls_cert:
-            raise ConfigError(
-                f"broker = {cfg.broker!r}: no TLS over a unix socket; leave tls_ca and "
-                "tls_cert empty (the socket's file permissions guard it)"
-            )
-    elif u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+    transport, _, _ = broker_address(cfg.broker, "broker =")
+    if transport == "unix" and (cfg.tls_ca or cfg.tls_cert):
         raise ConfigError(
-            f"broker = {cfg.broker!r}: expected mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH"
+            f"broker = {cfg.broker!r}: no TLS over a unix socket; leave tls_ca and "
+            "tls_cert empty (the socket's file permissions guard it)"
         )
-    if port == 0:
-        raise ConfigError(f"broker = {cfg.broker!r}: port 0 is not a broker's port")
     if not cfg.state_dir.strip():
         raise ConfigError("state_dir is empty: name a directory (it is created if missing)")
     positive = (

@@ -10,8 +10,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from .config import broker_address
 from .errors import ConfigError
 from .top import TopView
 
@@ -32,18 +32,7 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
 
     mqtt: Any = paho
     out = out or sys.stdout
-    try:
-        u = urlparse(args.broker)
-    except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
-        raise ConfigError(f"--broker {args.broker!r}: {exc}") from None
-    if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-        raise ConfigError(
-            f"--broker {args.broker!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"
-        )
-    try:
-        port = u.port or (8883 if u.scheme == "mqtts" else 1883)
-    except ValueError as exc:
-        raise ConfigError(f"--broker {args.broker!r}: {exc}") from None
+    transport, host, port = broker_address(args.broker, "--broker")
     if args.count < 0:
         raise ConfigError(f"--count {args.count}: must be >= 0")
     if not args.timeout >= 0:  # NaN too
@@ -54,9 +43,13 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
     stats_prefix = _prefix(args.stats_topic, "stats-topic")
     status_prefix = _prefix(args.status_topic, "status-topic")
     view = TopView(stats_prefix, status_prefix)
-    inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+    # (topic, payload); the topic None: not UTF-8, skipped; the payload None: the broker
+    # refused the connection (the reason is the topic)
+    inbox: queue.SimpleQueue[tuple[str | None, bytes | None]] = queue.SimpleQueue()
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-lstm-top-{uuid.uuid4().hex[:8]}"
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"edge-lstm-top-{uuid.uuid4().hex[:8]}",
+        transport=transport,
     )
     if args.password_file and not args.username:
         raise ConfigError("--password-file needs --username")
@@ -66,7 +59,11 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"--password-file {args.password_file!r}: {exc}") from None
         client.username_pw_set(args.username, password)
-    if args.tls_ca or u.scheme == "mqtts":
+    if transport == "unix" and args.tls_ca:
+        raise ConfigError(
+            f"--broker {args.broker!r}: no TLS over a unix socket; leave --tls-ca out"
+        )
+    if args.tls_ca or args.broker.startswith("mqtts:"):
         try:
             client.tls_set(ca_certs=args.tls_ca or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         except (OSError, ssl.SSLError) as exc:
@@ -77,11 +74,20 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if not reason.is_failure:
             c.subscribe([(stats_prefix + args.runtime_id, 0), (status_prefix + args.runtime_id, 0)])
+        else:  # a wrong user name or password: paho would retry it for ever, silently
+            inbox.put((str(reason), None))
+
+    def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # an exception here would end paho's network thread
+            topic = None
+        inbox.put((topic, bytes(msg.payload)))
 
     client.on_connect = on_connect
-    client.on_message = lambda c, userdata, msg: inbox.put((msg.topic, bytes(msg.payload)))
+    client.on_message = on_message
     try:
-        client.connect(str(u.hostname), port, keepalive=30)
+        client.connect(host, port, keepalive=30)
     except OSError as exc:
         print(f"edge-lstm: error: cannot reach the broker {args.broker}: {exc}", file=sys.stderr)
         return 1
@@ -99,6 +105,15 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
                         file=sys.stderr,
                     )
                     return 1
+                continue
+            if payload is None:
+                print(
+                    f"edge-lstm: error: the broker {args.broker} refused us: {topic}",
+                    file=sys.stderr,
+                )
+                return 1
+            if topic is None:
+                view.skip("a topic that is not UTF-8")
                 continue
             rid = view.update(topic, payload)
             if rid is None or not topic.startswith(stats_prefix):

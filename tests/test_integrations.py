@@ -478,3 +478,53 @@ def test_top_without_a_broker_is_one_line():
             [sys.executable, "-m", "edge", "top", *args], capture_output=True, text=True, timeout=60
         )
         assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_top_reads_a_broker_on_a_unix_socket_and_says_when_the_broker_refuses_it(tmp_path):
+    """`serve` accepts `unix:///PATH`; `top` refused it (`expected mqtt://HOST:PORT`). It
+    reads the stats there now. A broker that refuses the connection (no user name where one
+    is required) was retried by paho for ever in silence: one line and exit 1."""
+    import shutil
+    import tempfile
+
+    import paho.mqtt.publish as publish
+
+    from firmware_sim.broker import Broker
+
+    short = Path(tempfile.mkdtemp(prefix="mq-", dir="/tmp"))  # a socket path is <= 107 bytes
+    sock = short / "mqtt.sock"
+    broker = Broker(tmp_path / "ux", embedded=False, extra=f"listener 0 {sock}\n").start()
+    try:
+        wait_until(sock.exists, 30, "the broker's socket")
+        host, port = broker.url.rsplit("/", 1)[1].split(":")
+        stats = json.dumps({"uptime_seconds": 1, "active_streams": 7}).encode()
+        publish.single("edge/stats/ux", stats, qos=1, retain=True, hostname=host, port=int(port))
+        out = subprocess.run(
+            [sys.executable, "-m", "edge", "top", "--broker", f"unix://{sock}", "--count", "1",
+             "--timeout", "60"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert next(r for r in out.stdout.splitlines() if r.startswith("ux ")).split()[:3] == [
+            "ux",
+            "online",
+            "7",
+        ]
+    finally:
+        broker.stop()
+        shutil.rmtree(short, ignore_errors=True)
+    closed = Broker(tmp_path / "closed", embedded=False, extra="allow_anonymous false\n").start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "edge", "top", "--broker", closed.url, "--timeout", "60"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        closed.stop()
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(err) == 1 and "refused us" in err[0], out.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "edge", "top", "--broker", "mqtt://" + "a" * 70 + ".example"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "is no host name" in bad.stderr and "Traceback" not in bad.stderr

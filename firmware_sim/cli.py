@@ -13,9 +13,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from edge.cli import quiet_tensorflow, run_command, version_text
+from edge.config import broker_address
+from edge.errors import ConfigError
 from edge.sequencing import HALF
 
 from .errors import SimError
@@ -61,13 +62,11 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _broker(text: str) -> str:
-    u = urlparse(text)
+    """A broker URL ``edge-lstm serve`` takes: mqtt://, mqtts:// or unix:///PATH."""
     try:
-        port = u.port
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
-    if u.scheme not in ("mqtt", "mqtts") or not u.hostname or port == 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected mqtt://HOST:PORT")
+        broker_address(text, "")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip()) from None
     return text
 
 
@@ -156,7 +155,7 @@ def parser() -> argparse.ArgumentParser:
         "--broker",
         required=True,
         type=_broker,
-        help="mqtt://HOST:PORT (loopback or your own test hosts)",
+        help="mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH (loopback or your own test hosts)",
     )
     r.add_argument(
         "--source",

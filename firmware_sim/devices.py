@@ -32,16 +32,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from edge import payloads
 
 from .errors import SimError
 from .faults import INVALID, LOST_IN_REBOOT, FaultPlan, Injector
-from .mqtt import close_client
+from .mqtt import close_client, connect, new_client
 from .sources import Source, maker
 
 FORMATS = ("json", "senml", "binary")
@@ -121,12 +119,8 @@ def _check_open_files(n_conn: int, devices: int, connections: int) -> None:
 
 class Connection:
     def __init__(self, url: str, client_id: str, configure: Callable[[Any], None] | None = None):
-        u = urlparse(url)
-        self.host, self.port = str(u.hostname), int(u.port or 1883)
         try:
-            self.client = mqtt.Client(
-                mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
-            )
+            self.client = new_client(url, client_id, clean_session=False)
         except OSError as exc:  # its socket pair: out of open files, say
             raise SimError(f"cannot make an MQTT client for {url}: {exc}") from exc
         self.client.max_inflight_messages_set(1000)
@@ -136,7 +130,7 @@ class Connection:
         if configure:
             configure(self.client)
         try:
-            self.client.connect(self.host, self.port, 30)
+            connect(self.client, url)
         except OSError as exc:
             raise SimError(f"broker {url} is unreachable: {exc}") from exc
         self.client.loop_start()

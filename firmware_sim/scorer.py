@@ -19,14 +19,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from .devices import Key, Sent
 from .errors import SimError
-from .mqtt import close_client
+from .mqtt import close_client, connect, new_client
 
 U32 = 2**32
 HALF = 2**31
@@ -34,9 +32,8 @@ HALF = 2**31
 
 def start(client: Any, url: str, subscribed: threading.Event) -> None:
     """Connect, run the network loop, and wait until the broker confirmed the subscription."""
-    u = urlparse(url)
     try:
-        client.connect(str(u.hostname), int(u.port or 1883), 30)
+        connect(client, url)
     except OSError as exc:
         raise SimError(f"broker {url} is unreachable: {exc}") from exc
     client.loop_start()
@@ -60,9 +57,7 @@ class Scorer:
         self.errors: list[tuple[str, dict[str, Any], float]] = []
         self.status: dict[str, str] = {}
         self.status_log: list[tuple[str, dict[str, Any], float]] = []
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent
-        )
+        self.client = new_client(url, client_id, clean_session=not persistent)
         self.client.on_message = self._on_message
         ready = threading.Event()
         self.client.on_subscribe = lambda *a: ready.set()
@@ -152,9 +147,7 @@ class Witness:
         self.digest = digest
         self.seen: set[bytes] = set()
         self.lock = threading.Lock()
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False
-        )
+        self.client = new_client(url, client_id, clean_session=False)
         self.client.reconnect_delay_set(0.2, 2)
         self.client.on_message = self._on_message
         ready = threading.Event()

@@ -15,7 +15,7 @@ import pytest
 from firmware_sim.errors import SimError
 from firmware_sim.faults import KINDS, FaultPlan
 from firmware_sim.sources import make
-from tests.mqtt_helpers import ROOT
+from tests.mqtt_helpers import ROOT, wait_until
 
 
 def test_sources_are_seeded_and_labelled(tmp_path):
@@ -325,6 +325,45 @@ def test_the_broker_and_runtime_a_killed_firmware_sim_started_end_with_it(bundle
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.broker
+def test_a_run_against_a_broker_on_a_unix_socket_is_scored(bundles, tmp_path):
+    """`serve` takes `unix:///PATH`; `firmware-sim run --broker unix:///PATH` was refused
+    (`expected mqtt://HOST:PORT`). Its devices and scorer reach the broker on the socket now,
+    and every sample is answered."""
+    import shutil
+    import tempfile
+
+    from firmware_sim.broker import Broker
+    from firmware_sim.cli import main
+    from firmware_sim.runtime import Runtime
+    from firmware_sim.scorer import Scorer
+
+    short = Path(tempfile.mkdtemp(prefix="mq-", dir="/tmp"))  # a socket path is <= 107 bytes
+    sock = short / "mqtt.sock"
+    broker = Broker(tmp_path / "ux", embedded=False, extra=f"listener 0 {sock}\n").start()
+    url = f"unix://{sock}"
+    bundle = bundles / "clf-int8"
+    try:
+        wait_until(sock.exists, 30, "the broker's socket")
+        runtime = Runtime(bundle, url, tmp_path / "state", client_id="rt").start()
+        try:
+            waiter = Scorer(url, client_id="waiter")
+            try:
+                waiter.wait_online("rt", 60, runtime.alive)
+            finally:
+                waiter.close()
+            args = ["run", "--broker", url, "--devices", "2", "--rate", "10", "--duration", "2"]
+            assert main([*args, "--bundle", str(bundle), "--out", str(tmp_path / "o")]) == 0
+            r = json.loads((tmp_path / "o" / "score.json").read_text())
+            assert r["predictions_missing"] == 0 and r["errors_by_code"] == {}, r
+            assert r["wrong_predictions"] == 0 and r["predictions_received"] > 0, r
+        finally:
+            assert runtime.stop() == 0, runtime.output()[-2000:]
+    finally:
+        broker.stop()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.mark.broker

@@ -153,6 +153,8 @@ class Announcer:
         self.status_topic = status_topic
         self.prefix = prefix
         self.announced: dict[str, list[str]] = {}  # stream -> its discovery topics
+        self.unsent: set[str] = set()  # streams a discovery message of was not sent
+        self.again: set[str] = set()  # streams announced again at the next reconcile
 
     def _configs(self, stream: str) -> list[tuple[str, dict[str, object]]]:
         return sensor_configs(
@@ -177,13 +179,31 @@ class Announcer:
         out: list[Discovery] = []
         for stream in sorted(set(self.announced) - live):
             out += [Discovery(t, b"") for t in self.announced.pop(stream)]
-        for stream in sorted(live - set(self.announced)):
+        fresh = live - set(self.announced) | (live & self.again)
+        self.again.clear()
+        for stream in sorted(fresh):
             configs = self._configs(stream)
             self.announced[stream] = [t for t, _ in configs]
             out += [Discovery(t, json.dumps(c).encode()) for t, c in configs]
         mine = {t for topics in self.announced.values() for t in topics}
         out += [Discovery(t, b"") for t in sorted(set(found) - mine)]
         return out
+
+    def not_sent(self, topics: Iterable[str]) -> list[str]:
+        """The discovery messages of ``topics`` were not sent (over the broker's maximum
+        packet size): their streams are announced again after the next connection, maybe to
+        a broker that takes them. Returns those streams."""
+        lost = set(topics)
+        streams = sorted(s for s, ts in self.announced.items() if lost & set(ts))
+        self.unsent.update(streams)
+        return streams
+
+    def reconnected(self, everything: bool) -> None:
+        """A new connection: the streams whose messages were not sent are announced again at
+        the next reconcile, and every stream when ``everything`` (the broker kept no session
+        for us: it may have restarted without persistence, its retained sensors lost)."""
+        self.again |= set(self.announced) if everything else self.unsent
+        self.unsent.clear()
 
     def model_changed(self, manifest: Manifest) -> list[Discovery]:
         """A reloaded model may change the sensors (labels, outputs): announce all again."""
@@ -206,8 +226,15 @@ def announcer_for(cfg: ServiceConfig, manifest: Manifest) -> Announcer | None:
     )
 
 
-def publish(client: Any, messages: Iterable[Discovery], retain: bool = True) -> None:
+def publish(client: Any, messages: Iterable[Discovery], retain: bool = True) -> list[str]:
     """Retained, QoS 1: Home Assistant finds them whenever it (re)connects (``retain``
-    False: the broker keeps no retained messages)."""
+    False: the broker keeps no retained messages). Returns the topics of the messages not
+    sent because they are larger than the broker takes (its maximum packet size)."""
+    from paho.mqtt.enums import MQTTErrorCode
+
+    too_large = []
     for m in messages:
-        client.publish(m.topic, m.payload, qos=1, retain=retain)
+        info = client.publish(m.topic, m.payload, qos=1, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE:
+            too_large.append(m.topic)
+    return too_large

@@ -242,6 +242,8 @@ class MqttService:
         self.ha = announcer_for(cfg, self.engine.manifest)  # Home Assistant discovery, if on
         # the retained sensors read back at each connect, for the worker to reconcile
         self._ha_found: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # one per connection: whether the broker kept our session (the loop re-announces)
+        self._ha_connects: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._ha_under = None if self.ha is None else self.ha.filter.removesuffix("+/config")
 
     @property
@@ -295,6 +297,22 @@ class MqttService:
         client.on_subscribe = self._on_subscribe
         client.on_too_large = self._on_too_large
         return client
+
+    def _announce(self, messages: list[Any]) -> None:
+        """Publish Home Assistant discovery messages; those larger than the broker takes are
+        said (their sensors are missing in Home Assistant) and sent again after the next
+        connection, maybe to a broker that takes them."""
+        if self.ha is None:
+            return
+        streams = self.ha.not_sent(publish_discovery(self.client, messages, self._retain))
+        if streams:
+            log.warning(
+                "Home Assistant discovery of stream(s) %s not sent: over the broker's maximum "
+                "packet size (%d bytes); their sensors are missing in Home Assistant until a "
+                "reconnect to a broker that takes them (mosquitto's max_packet_size)",
+                ", ".join(streams[:5]) + (f" and {len(streams) - 5} more" if streams[5:] else ""),
+                self._max_packet,
+            )
 
     def _on_too_large(self, topic: str, size: int) -> None:
         """A message of ours (the stats, the status, a discovery message) larger than the
@@ -396,6 +414,7 @@ class MqttService:
         if not flags.session_present and (self._had_session or known):
             self._session_lost()
         self._had_session = True
+        self._ha_connects.put(bool(flags.session_present))
         self._max_packet = int(getattr(props, "MaximumPacketSize", 0) or 0)
         client.max_packet = self._max_packet
         if getattr(props, "RetainAvailable", 1) == 0 and self._retain:
@@ -777,7 +796,7 @@ class MqttService:
         note = "state kept" if kept else "state layout changed: all streams reset"
         log.info("model reloaded (%s): %s", new.manifest.model_id, note)
         if self.ha is not None:
-            publish_discovery(self.client, self.ha.model_changed(new.manifest), self._retain)
+            self._announce(self.ha.model_changed(new.manifest))
         self._say("online", reload=note)
 
     def run(self) -> int:
@@ -850,8 +869,12 @@ class MqttService:
                     found = []
                     while not self._ha_found.empty():
                         found.append(self._ha_found.get_nowait())
-                    streams = self.engine.store.streams
-                    publish_discovery(self.client, self.ha.reconcile(streams, found), self._retain)
+                    kept = []
+                    while not self._ha_connects.empty():
+                        kept.append(self._ha_connects.get_nowait())
+                    if kept:
+                        self.ha.reconnected(everything=False)
+                    self._announce(self.ha.reconcile(self.engine.store.streams, found))
                     last_ha = now
                 if cfg.stats_interval and now - last_stats >= cfg.stats_interval:
                     self.client.publish(self._stats_topic, self.metrics.dumps(self.stats()), qos=0)

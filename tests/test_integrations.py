@@ -287,6 +287,41 @@ def test_sensors_a_previous_run_left_are_removed(service, broker, protocol):
     assert "Traceback" not in s.output()
 
 
+def test_sensors_too_large_for_the_broker_are_said_and_sent_after_a_reconnect(service, tmp_path):
+    """An MQTT 5 broker with a small maximum packet size (mosquitto `max_packet_size 700`)
+    takes no discovery message (about 800 bytes): they were not sent, the log named only
+    the topic, and the streams counted as announced: their sensors stayed missing for good,
+    also after the broker's limit was raised. The streams are named with what it means,
+    and announced again after the next connection."""
+    from firmware_sim.broker import Broker
+
+    small = Broker(
+        tmp_path / "small", embedded=False, persistence=True, extra="max_packet_size 700\n"
+    ).start()
+    try:
+        col = Collector(small.url)
+        svc = service("--ha-discovery", "true", url=small.url)
+        wait_until(col.online, 60, "online")
+        pub = Publisher(small.url)
+        pub.send("dev-1", 1, np.full(6, 0.1))
+        pub.flush()
+        wait_until(lambda: ("dev-1", 1) in col.predictions(), 60, "the answer")
+        said = "Home Assistant discovery of stream(s) dev-1 not sent: over the broker's maximum"
+        wait_until(lambda: said in svc.output(), 60, "the missing sensors said")
+        assert retained(small.url, "homeassistant") == {}
+        pub.close()
+        col.close()
+        small.extra = ""  # the limit raised
+        small.restart()
+        want = {
+            f"homeassistant/sensor/edge-test/dev-1_{k}/config" for k in ("label", "probability")
+        }
+        wait_until(lambda: set(retained(small.url, "homeassistant")) == want, 60, "the sensors")
+        assert svc.alive() and "Traceback" not in svc.output()
+    finally:
+        small.stop()
+
+
 # --- Grafana --------------------------------------------------------------------------------
 
 

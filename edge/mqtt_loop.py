@@ -873,7 +873,7 @@ class MqttService:
                     while not self._ha_connects.empty():
                         kept.append(self._ha_connects.get_nowait())
                     if kept:
-                        self.ha.reconnected(everything=False)
+                        self.ha.reconnected(everything=not all(kept))
                     self._announce(self.ha.reconcile(self.engine.store.streams, found))
                     last_ha = now
                 if cfg.stats_interval and now - last_stats >= cfg.stats_interval:

@@ -322,6 +322,26 @@ def test_sensors_too_large_for_the_broker_are_said_and_sent_after_a_reconnect(se
         small.stop()
 
 
+def test_sensors_a_broker_restarted_without_persistence_lost_are_announced_again(service, broker):
+    """A broker restarted without persistence loses its retained messages: the service's
+    sensors were gone from Home Assistant until the service restarted, since it counted
+    them as announced. A connection without the session it had re-announces every stream
+    it holds."""
+    svc = service("--ha-discovery", "true")
+    col = Collector(broker.url)
+    wait_until(col.online, 60, "online")
+    pub = Publisher(broker.url)
+    pub.send("dev-1", 1, np.full(6, 0.1))
+    pub.flush()
+    want = {f"homeassistant/sensor/edge-test/dev-1_{k}/config" for k in ("label", "probability")}
+    wait_until(lambda: set(retained(broker.url, "homeassistant")) == want, 60, "the sensors")
+    pub.close()
+    col.close()
+    broker.restart()
+    wait_until(lambda: set(retained(broker.url, "homeassistant")) == want, 60, "announced again")
+    assert svc.alive() and "Traceback" not in svc.output()
+
+
 # --- Grafana --------------------------------------------------------------------------------
 
 

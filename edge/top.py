@@ -42,10 +42,10 @@ class Runtime:
         NTP does not step (a gateway without a real-time clock has its wall clock stepped by
         hours or months after it boots), else (an older service) by their ``ts``."""
         for key in ("uptime_seconds", "ts"):
-            try:
-                return float(self.stats[key]) - float(self.previous[key])
-            except (KeyError, TypeError, ValueError, OverflowError):
-                continue
+            now: Any = self.stats.get(key)
+            before: Any = self.previous.get(key)
+            if _finite(now) and _finite(before):  # not "1e400" (infinite), a string, ...
+                return float(now) - float(before)
         return None
 
     def rate(self, key: str) -> float | None:

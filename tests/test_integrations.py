@@ -484,6 +484,17 @@ def test_top_skips_hostile_stats_with_a_note_and_keeps_a_bounded_table():
     assert "1 over 1 MiB" in note and f"{5001 - MAX_RUNTIMES} past {MAX_RUNTIMES} runtimes" in note
 
 
+def test_top_shows_no_rate_over_an_infinite_uptime():
+    """A stats message with `"uptime_seconds": Infinity` (or the string "1e400") made the
+    time between two messages infinite, and every rate showed 0 where there is none."""
+    v = TopView("edge/stats/", "edge/status/")
+    v.update("edge/stats/x", b'{"uptime_seconds": 1, "messages_in": 5, "errors": {"a": 1}}')
+    v.update("edge/stats/x", b'{"uptime_seconds": Infinity, "messages_in": 9, "errors": {"a": 2}}')
+    assert v.render().splitlines()[1].split()[3:6] == ["-", "-", "-"]
+    v.update("edge/stats/x", b'{"uptime_seconds": "1e400", "messages_in": 20, "errors": {"a": 3}}')
+    assert v.render().splitlines()[1].split()[3:6] == ["-", "-", "-"]
+
+
 def test_top_shows_a_real_service(service, broker):
     service("--stats-interval", "0.2")
     col = Collector(broker.url)

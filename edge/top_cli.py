@@ -6,6 +6,7 @@ import argparse
 import queue
 import ssl
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +17,38 @@ from .errors import ConfigError
 from .top import TopView
 
 CLEAR = "\033[H\033[2J"  # cursor home, clear screen: only on a terminal
+MAX_BEHIND = 10_000  # messages waiting to be drawn; past this, a flood is dropped (counted)
+
+Item = tuple[str | None, bytes | None]
+
+
+class Inbox:
+    """Messages from paho's network thread to the drawing one. Anyone may publish on the
+    topics, faster than a terminal draws: past ``limit`` waiting they are dropped and
+    counted (shown under the table), not kept without bound. A refusal (payload None) is
+    never dropped."""
+
+    def __init__(self, limit: int = MAX_BEHIND) -> None:
+        self.queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.dropped = 0
+
+    def put(self, item: Item) -> None:
+        if item[1] is not None and self.queue.qsize() >= self.limit:
+            with self.lock:
+                self.dropped += 1
+            return
+        self.queue.put(item)
+
+    def get(self, timeout: float) -> Item:
+        return self.queue.get(timeout=timeout)
+
+    def take_dropped(self) -> int:
+        """How many were dropped since the last call."""
+        with self.lock:
+            n, self.dropped = self.dropped, 0
+        return n
 
 
 def _prefix(template: str, name: str) -> str:
@@ -45,7 +78,7 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
     view = TopView(stats_prefix, status_prefix)
     # (topic, payload); the topic None: not UTF-8, skipped; the payload None: the broker
     # refused the connection (the reason is the topic)
-    inbox: queue.SimpleQueue[tuple[str | None, bytes | None]] = queue.SimpleQueue()
+    inbox = Inbox()
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=f"edge-lstm-top-{uuid.uuid4().hex[:8]}",
@@ -106,6 +139,8 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
                     )
                     return 1
                 continue
+            for _ in range(inbox.take_dropped()):
+                view.skip("while top was behind")
             if payload is None:
                 print(
                     f"edge-lstm: error: the broker {args.broker} refused us: {topic}",

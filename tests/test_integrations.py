@@ -495,6 +495,20 @@ def test_top_shows_no_rate_over_an_infinite_uptime():
     assert v.render().splitlines()[1].split()[3:6] == ["-", "-", "-"]
 
 
+def test_top_drops_and_counts_what_comes_faster_than_it_draws():
+    """Anyone may publish on the stats topics, faster than a terminal draws: every message
+    waited in an unbounded queue. Past a limit they are dropped and counted (the note under
+    the table says so); a refusal of the broker is never dropped."""
+    from edge.top_cli import Inbox
+
+    inbox = Inbox(limit=3)
+    for _ in range(5):
+        inbox.put(("edge/stats/x", b"{}"))
+    inbox.put(("Not authorized", None))
+    assert inbox.take_dropped() == 2 and inbox.take_dropped() == 0
+    assert [inbox.get(1)[1] for _ in range(4)] == [b"{}", b"{}", b"{}", None]
+
+
 def test_top_shows_a_real_service(service, broker):
     service("--stats-interval", "0.2")
     col = Collector(broker.url)

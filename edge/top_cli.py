@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import ssl
 import sys
@@ -58,6 +59,18 @@ def _prefix(template: str, name: str) -> str:
             f"--{name} {template!r}: expected a topic ending in /{{runtime_id}}, no '+' or '#'"
         )
     return head
+
+
+def _quiet_stdout(out: Any) -> None:
+    """Point stdout at /dev/null after its reader went away: Python's flush at exit would
+    fail on the closed pipe again and print a traceback."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def run_top(args: argparse.Namespace, out: Any = None) -> int:
@@ -156,11 +169,16 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
             updates += 1
             last = time.monotonic()
             frame = view.render()
-            if tty:
-                out.write(CLEAR + time.strftime("%H:%M:%S ") + args.broker + "\n" + frame + "\n")
-            else:
-                out.write(frame + "\n\n")
-            out.flush()
+            try:
+                if tty:
+                    out.write(CLEAR + time.strftime("%H:%M:%S ") + args.broker + "\n" + frame)
+                    out.write("\n")
+                else:
+                    out.write(frame + "\n\n")
+                out.flush()
+            except BrokenPipeError:  # `edge-lstm top | head`: the reader is done, so are we
+                _quiet_stdout(out)
+                return 0
     finally:
         client.loop_stop()
         client.disconnect()

@@ -532,6 +532,37 @@ def test_top_shows_a_real_service(service, broker):
     col.close()
 
 
+def test_top_into_a_pipe_whose_reader_is_gone_ends_without_a_traceback(broker):
+    """`edge-lstm top | head -1`: the next frame after `head` exited ended `top` with a
+    BrokenPipeError traceback. It ends quietly, exit 0."""
+    import paho.mqtt.publish as publish
+
+    host, port = broker.url.rsplit("/", 1)[1].split(":")
+
+    def stats(n: int) -> None:
+        doc = json.dumps({"uptime_seconds": n}).encode()
+        publish.single("edge/stats/p", doc, qos=1, retain=True, hostname=host, port=int(port))
+
+    stats(1)
+    top = subprocess.Popen(
+        [sys.executable, "-m", "edge", "top", "--broker", broker.url, "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert top.stdout is not None and top.stdout.readline().startswith(b"runtime")
+    top.stdout.close()  # the reader goes away
+    n = 2
+    while True:  # each stats message is a frame written into the closed pipe
+        stats(n)
+        n += 1
+        try:
+            top.wait(timeout=1)
+            break
+        except subprocess.TimeoutExpired:
+            assert n < 120, "top did not end"
+    err = top.communicate()[1].decode()
+    assert top.returncode == 0 and "Traceback" not in err and "Broken pipe" not in err, err
+
+
 def test_top_without_a_broker_is_one_line():
     out = subprocess.run(
         [sys.executable, "-m", "edge", "top", "--broker", f"mqtt://127.0.0.1:{free_port()}"],

@@ -81,12 +81,8 @@ def maker(spec: str, seed: int, features: int = 6) -> Callable[[int], Source]:
         return recordings
     if name in ("sine", "steps"):  # computed as taken: a fleet holds no table per device
         return lambda device: waves(name, features, np.random.default_rng([seed, device]))
-    if name in SYNTHETIC:
-        return lambda device: Source(
-            synthetic(name, features, SYNTHETIC_LENGTH, np.random.default_rng([seed, device])),
-            None,
-            (),
-        )
+    if name in ("noise", "walk"):  # drawn as taken, from a generator rewound at each loop
+        return lambda device: drawn(name, features, seed, device)
     path = Path(spec)
     if not path.is_file():
         raise SimError(
@@ -125,6 +121,52 @@ def waves(kind: str, features: int, rng: np.random.Generator) -> Source:
             return levels[idx // 50]
 
     return Source(np.empty((0, features)), None, (), wave=wave, length=n)
+
+
+class _Drawn:
+    """``synthetic``'s noise or walk drawn in order as the samples are taken (the same
+    generator, the same draws, the same sums): per device a generator and the walk's last
+    value, not a table of 20,000 samples (a gigabyte per thousand devices). At the end of
+    the loop the generator is seeded again, so the signal loops as the table did."""
+
+    def __init__(self, kind: str, features: int, seed: int, device: int) -> None:
+        self.kind, self.features, self.seed, self.device = kind, features, seed, device
+        self.rewind()
+
+    def rewind(self) -> None:
+        self.rng = np.random.default_rng([self.seed, self.device])
+        self.last = np.zeros(self.features)
+        self.at = 0
+
+    def __call__(self, idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), self.features))
+        done = 0
+        while done < len(idx):
+            if int(idx[done]) != self.at:  # only ever taken in order, from 0
+                raise AssertionError(f"sample {int(idx[done])} taken out of order at {self.at}")
+            k = min(len(idx) - done, SYNTHETIC_LENGTH - self.at)
+            if self.kind == "noise":
+                out[done : done + k] = self.rng.normal(0, 1, (k, self.features))
+            else:
+                steps = self.rng.normal(0, 0.1, (k, self.features))
+                steps[0] += self.last  # the table's running sum, added in the same order
+                out[done : done + k] = np.cumsum(steps, axis=0)
+                self.last = out[done + k - 1].copy()
+            done += k
+            self.at += k
+            if self.at == SYNTHETIC_LENGTH:
+                self.rewind()
+        return out
+
+
+def drawn(kind: str, features: int, seed: int, device: int) -> Source:
+    return Source(
+        np.empty((0, features)),
+        None,
+        (),
+        wave=_Drawn(kind, features, seed, device),
+        length=SYNTHETIC_LENGTH,
+    )
 
 
 def synthetic(kind: str, features: int, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -1100,3 +1100,31 @@ def test_a_sine_or_steps_source_holds_no_table_and_plays_the_same_samples(kind):
     got = np.concatenate([source.take(997)[0] for _ in range(41)])  # past the loop
     want = np.resize(table, got.shape)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["noise", "walk"])
+def test_a_noise_or_walk_source_holds_no_table_and_plays_the_same_samples(kind):
+    """Each device held a table of 20,000 samples of its noise or walk (about 1 MB): a fleet
+    of 20,000 devices took gigabytes. The samples are drawn as taken now, from the same
+    generator: the samples of that table, looped as it was, in a few kilobytes per device."""
+    import tracemalloc
+
+    from firmware_sim.sources import SYNTHETIC_LENGTH, maker, synthetic
+
+    make = maker(kind, 5, features=6)
+    source = make(3)
+    assert source.data.size == 0 and source.features == 6
+    table = synthetic(kind, 6, SYNTHETIC_LENGTH, np.random.default_rng([5, 3]))
+    got = np.concatenate([source.take(997)[0] for _ in range(41)])  # past the loop
+    np.testing.assert_array_equal(got, np.resize(table, got.shape))
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        fleet = [make(i) for i in range(200)]
+        for s in fleet:
+            s.take(10)
+        per_device = (tracemalloc.get_traced_memory()[0] - before) / len(fleet)
+    finally:
+        tracemalloc.stop()
+    assert per_device < 16_000, f"{per_device:,.0f} bytes per device"

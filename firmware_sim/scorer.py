@@ -578,11 +578,19 @@ def score(
         r.update(latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99)
     # Real time means no backlog builds up: the last tenth of the run is answered about as
     # fast as the first. (Held-back samples behind a gap wait in both tenths alike.)
-    tenth = max(1, len(latencies) // 10)
-    first = float(np.median(latencies[:tenth])) * 1000 if len(latencies) else float("inf")
-    last = float(np.median(latencies[-tenth:])) * 1000 if len(latencies) else float("inf")
+    # No prediction, no latency: not infinity (score.json held "Infinity", which is not JSON,
+    # and a run with nothing delivered "kept up"), nothing to judge.
+    first = last = None
+    if len(latencies):
+        tenth = max(1, len(latencies) // 10)
+        first = float(np.median(latencies[:tenth])) * 1000
+        last = float(np.median(latencies[-tenth:])) * 1000
     r.update(latency_first_tenth_median_ms=first, latency_last_tenth_median_ms=last)
-    r["kept_up_real_time"] = bool(r["predictions_missing"] == 0 and last <= first + 250)
+    r["kept_up_real_time"] = (
+        None
+        if first is None or last is None
+        else bool(r["predictions_missing"] == 0 and last <= first + 250)
+    )
     if ref is not None:
         r["runtime_kernels"] = runtime or "not reported"
         r["offline_kernels"] = ref_kernels
@@ -596,7 +604,7 @@ def score(
         ]
         r["wrong_predictions"] = len(wrong)
         r["wrong_examples"] = wrong[:5]
-        r["max_abs_diff_vs_offline"] = max(diffs, default=0.0)
+        r["max_abs_diff_vs_offline"] = max(diffs) if diffs else None  # none compared: no figure
         if labels:
             keys = [k for k in got if k in labels and k in ref]
             truth_labels = np.array([labels[k] for k in keys])
@@ -624,7 +632,9 @@ def table(r: dict[str, Any]) -> str:
     for key, value in r.items():
         if key in ("classes",) or (key.endswith(("_examples", "_reasons")) and not value):
             continue
-        if isinstance(value, float):
+        if value is None:
+            value = "n/a (nothing to measure)"
+        elif isinstance(value, float):
             value = f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
         rows.append(f"  {key.replace('_', ' '):34s} {value}")
     return "\n".join(rows)

@@ -1128,3 +1128,33 @@ def test_a_noise_or_walk_source_holds_no_table_and_plays_the_same_samples(kind):
     finally:
         tracemalloc.stop()
     assert per_device < 16_000, f"{per_device:,.0f} bytes per device"
+
+
+@pytest.mark.broker
+def test_a_run_nothing_answered_prints_no_figure_it_did_not_measure(
+    broker, bundles, tmp_path, capsys
+):
+    """Nothing served: the latencies were 'inf' (score.json held "Infinity", which is not
+    JSON), the largest difference from the offline run was 0.0 over no prediction, and a run
+    that delivered nothing had 'kept up real time'. Such figures are n/a now (null)."""
+    from firmware_sim.cli import main
+
+    bundle = str(bundles / "clf-int8")
+    for how in (["--devices", "2"], ["--rate", "0.01"]):  # none answered; nothing delivered
+        args = ["run", "--broker", broker.url, "--duration", "1", "--bundle", bundle, *how]
+        assert main([*args, "--out", str(tmp_path / "res")]) == 1
+
+        def no_constant(name: str) -> None:
+            raise AssertionError(f"score.json holds {name}")
+
+        text = (tmp_path / "res" / "score.json").read_text()
+        r = json.loads(text, parse_constant=no_constant)
+        for key in (
+            "latency_first_tenth_median_ms",
+            "latency_last_tenth_median_ms",
+            "kept_up_real_time",
+            "max_abs_diff_vs_offline",
+        ):
+            assert r[key] is None, (key, r[key])
+        out = capsys.readouterr().out
+        assert "inf" not in out and "kept up real time                  n/a" in out, out

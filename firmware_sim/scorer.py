@@ -71,6 +71,16 @@ class Scorer:
             c.subscribe([("predictions/#", 1), ("errors/#", 1), ("edge/status/#", 1)])
 
         self.client.on_connect = on_connect
+        # Answers published while we are cut off from the broker (a clean session) never reach
+        # us: counted, so that they are not taken for the runtime's losses.
+        self.cut_off = 0
+
+        def on_disconnect(c: Any, userdata: Any, flags: Any, reason: Any, *rest: Any) -> None:
+            if reason.is_failure:  # not our own disconnect at close
+                with self.lock:
+                    self.cut_off += 1
+
+        self.client.on_disconnect = on_disconnect
         if persistent:
             self.client.reconnect_delay_set(0.2, 2)
         if configure:
@@ -542,6 +552,8 @@ def score(
         "predictions_missing": len(missing),
         "lost_by_broker": len(broker_lost),
         "lost": len(missing - broker_lost),
+        # times the scorer lost its broker: what was answered meanwhile never reached it
+        "scorer_cut_off_from_broker": int(getattr(scorer, "cut_off", 0)),
         "late_beyond_reorder_window": len(late),
         "late_claims_unfounded": unfounded,
         "stale": len(stale),

@@ -29,6 +29,13 @@ def verdict(r: dict[str, Any]) -> str:
             "NOTHING JUDGED: no valid sample was delivered "
             f"({created:,} message{'s' if created != 1 else ''} created)"
         )
+    elif missing and int(r.get("scorer_cut_off_from_broker", 0)):
+        cut = int(r["scorer_cut_off_from_broker"])
+        head = (
+            f"NOT JUDGED: {missing:,} expected predictions missing, but the scorer lost its "
+            f"connection to the broker {cut:,} time{'s' if cut != 1 else ''} (answers published "
+            "meanwhile never reached it): run again with the broker up throughout"
+        )
     elif wrong is None:
         head = "no offline reference (run with --bundle to judge exactness)"
     elif wrong == 0 and missing == 0 and unacked:  # exact over what the broker took only

@@ -1158,3 +1158,40 @@ def test_a_run_nothing_answered_prints_no_figure_it_did_not_measure(
             assert r[key] is None, (key, r[key])
         out = capsys.readouterr().out
         assert "inf" not in out and "kept up real time                  n/a" in out, out
+
+
+@pytest.mark.broker
+def test_a_scorer_cut_off_from_its_broker_does_not_blame_the_runtime_for_what_it_missed(broker):
+    """The scorer's session is clean: answers published while the broker was away from it
+    never reached it, and were counted as lost by the runtime ('NOT EXACT'). The times it was
+    cut off are counted now, and the verdict says the missing answers cannot be judged."""
+    import time
+
+    from firmware_sim.scorer import Scorer, score, table
+    from firmware_sim.verdict import verdict
+
+    scorer = Scorer(broker.url)
+    try:
+        log = [_sent("d", i, float(i)) for i in range(3)]
+        r = score(scorer, log, 1.0)
+        r["wrong_predictions"] = 0  # as an offline reference would have it
+        assert r["scorer_cut_off_from_broker"] == 0
+        assert verdict(r).startswith("verdict: NOT EXACT: 3 expected predictions missing")
+        broker.stop()
+        deadline = time.monotonic() + 120
+        while not scorer.cut_off:
+            assert time.monotonic() < deadline, "the scorer never noticed the broker leave"
+            time.sleep(0.05)
+        r = score(scorer, log, 1.0)
+        r["wrong_predictions"] = 0
+    finally:
+        scorer.close()
+    cut = r["scorer_cut_off_from_broker"]
+    assert cut >= 1 and f"scorer cut off from broker         {cut}" in table(r)
+    assert verdict(r).startswith(
+        "verdict: NOT JUDGED: 3 expected predictions missing, but the scorer lost its "
+        "connection to the broker "
+    )
+    assert verdict(r).endswith(
+        "(answers published meanwhile never reached it): run again with the broker up throughout"
+    )

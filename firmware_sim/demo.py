@@ -128,7 +128,13 @@ def run_demo(
             "without them: firmware-sim run --restart-gap N against a runtime with that setting"
         )
     model, bundle = example_bundle(cache_dir())
-    manifest = edge.load(bundle).manifest
+    try:
+        manifest = edge.load(bundle).manifest
+    except edge.EdgeError as exc:  # a damaged cache: say how to get a sound one
+        raise SimError(
+            f"the cached example bundle is damaged ({exc}): remove {cache_dir()} and run the "
+            "demo again to train and convert it anew"
+        ) from exc
     with tempfile.TemporaryDirectory(prefix="edge-lstm-demo-") as tmp:
         work = Path(tmp)
         broker: Any = None

@@ -1195,3 +1195,30 @@ def test_a_scorer_cut_off_from_its_broker_does_not_blame_the_runtime_for_what_it
     assert verdict(r).endswith(
         "(answers published meanwhile never reached it): run again with the broker up throughout"
     )
+
+
+def test_a_demo_whose_cached_bundle_is_damaged_says_how_to_get_a_sound_one(
+    bundles, tmp_path, monkeypatch, capsys
+):
+    """A cached example bundle whose model was cut short (a full disk, a copy stopped half
+    way) stopped the demo with the bundle's checksum error and no word of what to do. It says
+    to remove the cache, which the next demo trains and converts again."""
+    import shutil
+
+    from firmware_sim.cli import main
+
+    cache = tmp_path / "cache" / "demo"
+    cache.mkdir(parents=True)
+    shutil.copytree(bundles / "clf-int8", cache / "bundle-int8")
+    for name in ("model.keras", "model.json"):  # model.json marks the example current
+        shutil.copy(bundles / "src" / "clf" / name, cache / name)
+    model = cache / "bundle-int8" / "model.tflite"
+    model.write_bytes(model.read_bytes()[:1000])
+    monkeypatch.setenv("EDGE_LSTM_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--embedded-broker", "--out", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("firmware-sim: error: the cached example bundle is damaged (")
+    assert err[0].endswith(f"remove {cache} and run the demo again to train and convert it anew"), (
+        err[0]
+    )

@@ -38,6 +38,27 @@ def example_bundle(cache: Path) -> tuple[Path, Path]:
     model, bundle = cache / "model.keras", cache / "bundle-int8"
     if cached(cache):
         return model, bundle
+    import fcntl
+
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = open(cache / ".lock", "a")  # noqa: SIM115 - held until the example is made
+    except OSError as exc:
+        raise SimError(f"cannot write the demo's cache {cache}: {exc.strerror}") from exc
+    with lock:
+        # Two demos started at once on a fresh machine trained into the same files: the
+        # second waits for the first's example, and uses it.
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another demo is making the example model in {cache}: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if cached(cache):
+            return model, bundle
+        return _train_example(cache, model, bundle)
+
+
+def _train_example(cache: Path, model: Path, bundle: Path) -> tuple[Path, Path]:
     try:
         import keras  # noqa: F401 - train_example needs it, and imports it only once it runs
 

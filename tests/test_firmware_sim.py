@@ -1222,3 +1222,41 @@ def test_a_demo_whose_cached_bundle_is_damaged_says_how_to_get_a_sound_one(
     assert err[0].endswith(f"remove {cache} and run the demo again to train and convert it anew"), (
         err[0]
     )
+
+
+def test_a_demo_started_while_another_makes_the_example_waits_for_it(tmp_path, monkeypatch):
+    """Two demos started at once on a fresh machine both trained and converted the example
+    into the same cache files, each over the other's. The second waits for the first (it
+    says so) and uses the example the first made."""
+    import fcntl
+    import threading
+
+    from firmware_sim import demo
+
+    cache = tmp_path / "demo"
+    cache.mkdir()
+    said: list[str] = []
+    waiting = threading.Event()
+
+    def say(msg: str) -> None:
+        said.append(msg)
+        waiting.set()
+
+    trained: list[Path] = []
+    monkeypatch.setattr(demo, "say", say)
+    monkeypatch.setattr(demo, "cached", lambda c: (c / "made").exists())
+    monkeypatch.setattr(demo, "_train_example", lambda c, m, b: trained.append(c) or (m, b))
+    got: list[object] = []
+    with open(cache / ".lock", "a") as first:  # the first demo, making the example
+        fcntl.flock(first, fcntl.LOCK_EX)
+        second = threading.Thread(target=lambda: got.append(demo.example_bundle(cache)))
+        second.start()
+        assert waiting.wait(60), "the second demo did not wait for the first"
+        (cache / "made").write_text("")  # the first demo's example is made
+    second.join(60)
+    assert not second.is_alive()
+    assert said == [f"another demo is making the example model in {cache}: waiting for it"]
+    assert trained == [] and got == [(cache / "model.keras", cache / "bundle-int8")]
+    (cache / "made").unlink()  # alone, with no example yet: it makes one
+    assert demo.example_bundle(cache) == (cache / "model.keras", cache / "bundle-int8")
+    assert trained == [cache]

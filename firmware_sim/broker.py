@@ -41,8 +41,12 @@ def wait_listening(
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SimError(f"the broker exited at start: {log.read_text(errors='replace')[-500:]}")
+        if proc.poll() is not None:  # its last line says why (a traceback's last is the error)
+            lines = log.read_text(errors="replace").strip().splitlines()
+            why = lines[-1].strip()[:300] if lines else "it wrote nothing"
+            raise SimError(
+                f"the broker exited at start (exit code {proc.returncode}): {why} (its log: {log})"
+            )
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
@@ -121,7 +125,11 @@ class Broker:
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=ending_with_us()
         )
-        wait_listening(self.port, self.proc, log)
+        try:
+            wait_listening(self.port, self.proc, log)
+        except BaseException:  # not listening, or Ctrl-C: nothing left running, nor open
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

@@ -1260,3 +1260,42 @@ def test_a_demo_started_while_another_makes_the_example_waits_for_it(tmp_path, m
     (cache / "made").unlink()  # alone, with no example yet: it makes one
     assert demo.example_bundle(cache) == (cache / "model.keras", cache / "bundle-int8")
     assert trained == [cache]
+
+
+@pytest.mark.parametrize("how", ["exits", "never listens"])
+def test_a_broker_that_fails_to_start_is_one_line_and_nothing_is_left_running(
+    how, tmp_path, monkeypatch
+):
+    """A broker that exited at start gave the last 500 characters of its log (many lines, a
+    traceback's middle), and one that never listened was left running after the error."""
+    from firmware_sim import broker
+
+    fake = tmp_path / "mosquitto"
+    body = {
+        "exits": "echo 'first line' >&2; echo 'Error: Address already in use' >&2; exit 1",
+        "never listens": "exec sleep 600",
+    }[how]
+    fake.write_text(f"#!/bin/sh\n{body}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(broker, "find_mosquitto", lambda: str(fake))
+    started = []
+    popen = broker.subprocess.Popen
+
+    def record(*a, **kw):
+        started.append(popen(*a, **kw))
+        return started[-1]
+
+    monkeypatch.setattr(broker.subprocess, "Popen", record)
+    b = broker.Broker(tmp_path / "b", embedded=False)
+    with pytest.raises(SimError) as err:
+        b.start()
+    msg = str(err.value)
+    assert "\n" not in msg
+    if how == "exits":
+        assert msg == (
+            "the broker exited at start (exit code 1): Error: Address already in use "
+            f"(its log: {tmp_path / 'b' / 'broker.log'})"
+        )
+    else:
+        assert msg.startswith("the broker did not listen on 127.0.0.1:")
+    assert len(started) == 1 and started[0].poll() is not None and b._log.closed

@@ -184,9 +184,10 @@ def run_demo(
                 broker = Broker(work / "broker", embedded=embedded).start()
                 url = broker.url
                 say(f"broker: {broker.kind} on {broker.url}")
-                runtime = Runtime(
+                runtime = Runtime(  # before it starts: stopped even if starting fails
                     bundle, url, work / "state", protocol=broker.protocol, client_id=RUNTIME_ID
-                ).start()
+                )
+                runtime.start()
                 scorer = Scorer(url)
                 scorer.wait_online(RUNTIME_ID, 30, runtime.alive, runtime.why_ended)
                 say(

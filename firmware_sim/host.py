@@ -152,19 +152,25 @@ def trial(
     names = list(edge.load(bundle).manifest.feature_names)
     with tempfile.TemporaryDirectory(prefix="edge-lstm-host-") as tmp:
         work = Path(tmp)
-        broker = Broker(work / "broker").start()
-        runtime = Runtime(
-            bundle,
-            broker.url,
-            work / "state",
-            protocol=broker.protocol,
-            cores=cores,
-            memory_mb=memory_mb,
-            slowdown=slowdown,
-            client_id="host-runtime",
-        ).start()
-        scorer = Scorer(broker.url)
+        # Everything started is stopped however the trial ends (Ctrl-C while the scorer
+        # connects, a runtime that cannot start): the broker, the runtime and its cgroups.
+        broker: Broker | None = None
+        runtime: Runtime | None = None
+        scorer: Scorer | None = None
         try:
+            broker = Broker(work / "broker").start()
+            runtime = Runtime(
+                bundle,
+                broker.url,
+                work / "state",
+                protocol=broker.protocol,
+                cores=cores,
+                memory_mb=memory_mb,
+                slowdown=slowdown,
+                client_id="host-runtime",
+            )
+            runtime.start()
+            scorer = Scorer(broker.url)
             scorer.wait_online("host-runtime", 30, runtime.alive, runtime.why_ended)
             log, t0 = run_fleet(broker.url, devices, rate, batch, names, seconds)
             scorer.wait(log, drain)
@@ -180,9 +186,12 @@ def trial(
             r["kept_up_real_time"] = bool(r["kept_up_real_time"] and runtime.alive())
             return r
         finally:
-            scorer.close()
-            runtime.stop()
-            broker.stop()
+            if scorer is not None:
+                scorer.close()
+            if runtime is not None:
+                runtime.stop()
+            if broker is not None:
+                broker.stop()
 
 
 def search(

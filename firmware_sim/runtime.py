@@ -164,6 +164,7 @@ class Runtime:
                     rc = self.proc.wait()
             else:
                 rc = self.proc.returncode
+        if getattr(self, "_log", None) is not None:  # also when it failed to start
             self._log.close()
         for cg in self.cgroups:
             for _ in range(50):

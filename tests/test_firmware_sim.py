@@ -1299,3 +1299,43 @@ def test_a_broker_that_fails_to_start_is_one_line_and_nothing_is_left_running(
     else:
         assert msg.startswith("the broker did not listen on 127.0.0.1:")
     assert len(started) == 1 and started[0].poll() is not None and b._log.closed
+
+
+@pytest.mark.broker
+def test_a_host_trial_stopped_while_its_scorer_connects_leaves_nothing_running(
+    bundles, monkeypatch
+):
+    """Ctrl-C (or a scorer that could not connect) between the start of the runtime and the
+    scorer's connection left the trial's broker and runtime running, and the runtime's
+    cgroups behind: they were stopped only once the scorer was connected."""
+    from firmware_sim import host
+
+    brokers, runtimes = [], []
+
+    class Broker(host.Broker):
+        def start(self):
+            brokers.append(self)
+            return super().start()
+
+    class Runtime:
+        def __init__(self, *a, **kw):
+            self.stopped = False
+            runtimes.append(self)
+
+        def start(self):
+            return self
+
+        def stop(self):
+            self.stopped = True
+            return 0
+
+    def interrupted(url):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(host, "Broker", Broker)
+    monkeypatch.setattr(host, "Runtime", Runtime)
+    monkeypatch.setattr(host, "Scorer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        host.trial(bundles / "clf-int8", 1, 1.0, seconds=1, cores=set(), memory_mb=0, slowdown=None)
+    assert len(brokers) == 1 and brokers[0].proc is None  # stopped
+    assert len(runtimes) == 1 and runtimes[0].stopped

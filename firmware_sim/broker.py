@@ -36,16 +36,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def last_line(log: Path) -> str:
+    """A child's log's last line (a traceback's last is its error), for a one-line error: the
+    log itself is in a working directory removed as the command ends."""
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError as exc:
+        return f"its log is unreadable: {exc.strerror}"
+    return lines[-1].strip()[:300] if lines else "it wrote nothing"
+
+
 def wait_listening(
     port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:  # its last line says why (a traceback's last is the error)
-            lines = log.read_text(errors="replace").strip().splitlines()
-            why = lines[-1].strip()[:300] if lines else "it wrote nothing"
+        if proc.poll() is not None:
             raise SimError(
-                f"the broker exited at start (exit code {proc.returncode}): {why} (its log: {log})"
+                f"the broker exited at start (exit code {proc.returncode}): {last_line(log)}"
             )
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()

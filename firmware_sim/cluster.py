@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edge.children import ending_with_us
 
-from .broker import free_port
+from .broker import free_port, last_line
 from .errors import SimError
 
 
@@ -68,8 +68,17 @@ class LocalNats:
         deadline = time.monotonic() + timeout
         while not (is_listening(self.port) and is_listening(self.mqtt_port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                rc = self.proc.poll()
                 self.stop()
-                raise SimError(f"nats-server did not start (see {self.dir / 'nats.log'})")
+                how = (
+                    f"exited (exit code {rc})"
+                    if rc is not None
+                    else f"not listening in {timeout:g} s"
+                )
+                # its log is in the demo's working directory, removed as the demo ends
+                raise SimError(
+                    f"nats-server did not start, {how}: {last_line(self.dir / 'nats.log')}"
+                )
             time.sleep(0.05)
         return self
 

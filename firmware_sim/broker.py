@@ -7,6 +7,7 @@ pure-Python broker (amqtt, MQTT 3.1.1 only; fine for a demo, not for speed or re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 import shutil
@@ -46,6 +47,25 @@ def last_line(log: Path) -> str:
     return lines[-1].strip()[:300] if lines else "it wrote nothing"
 
 
+def listens(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds the socket listening on loopback ``port``; None where
+    /proc cannot tell."""
+    try:
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError):  # no IPv6 here
+                for line in Path(table).read_text().splitlines()[1:]:
+                    f = line.split()
+                    if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                        inodes.add(f"socket:[{f[9]}]")
+        if not inodes:
+            return None
+        fds = Path(f"/proc/{pid}/fd")
+        return any(os.readlink(fd) in inodes for fd in fds.iterdir())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def wait_listening(
     port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10
 ) -> None:
@@ -57,9 +77,14 @@ def wait_listening(
             )
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
         except OSError:
             time.sleep(0.05)
+            continue
+        if listens(proc.pid, port) is not False:
+            return
+        # Another process took the port between free_port and the broker's start: that
+        # listener is not our broker (ours is about to exit, "Address already in use").
+        time.sleep(0.05)
     raise SimError(f"the broker did not listen on 127.0.0.1:{port} within {timeout} s")
 
 
@@ -119,7 +144,6 @@ class Broker:
 
     def start(self) -> Broker:
         log = self.dir / "broker.log"
-        self._log = open(log, "ab")  # noqa: SIM115 - lives as long as the process
         if self.binary:
             conf = self.dir / "mosquitto.conf"
             conf.write_text(self.config())
@@ -130,6 +154,7 @@ class Broker:
             except ImportError as exc:
                 raise SimError(f"no broker available: {INSTALL_HINT}") from exc
             cmd = [sys.executable, "-m", "firmware_sim.broker", "--port", str(self.port)]
+        self._log = open(log, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=ending_with_us()
         )

@@ -1357,3 +1357,23 @@ def test_a_nats_server_that_fails_to_start_says_why_in_one_line(tmp_path, monkey
         == "nats-server did not start, exited (exit code 1): nats: bad store directory"
     )
     assert nats.proc is not None and nats.proc.poll() is not None
+
+
+@pytest.mark.broker
+def test_a_broker_whose_port_another_process_took_is_not_taken_for_ours(tmp_path, monkeypatch):
+    """Another process listening on the port chosen for the broker (taken between the choice
+    and the broker's start): the broker exited, 'Address already in use', but the listener
+    answered, and the demo went on talking to that other process."""
+    import socket
+
+    from firmware_sim import broker
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        monkeypatch.setattr(broker, "free_port", lambda: other.getsockname()[1])
+        b = broker.Broker(tmp_path / "b", embedded=False)
+        with pytest.raises(SimError) as err:
+            b.start()
+    assert str(err.value).startswith("the broker exited at start (exit code 1): ")
+    assert "Address already in use" in str(err.value) and "\n" not in str(err.value)

@@ -65,6 +65,15 @@ class LocalNats:
                 stderr=log,
                 preexec_fn=ending_with_us(),
             )
+        try:
+            self._wait_listening(timeout)
+        except BaseException:  # Ctrl-C while it starts: not left writing into a removed store
+            self.stop()
+            raise
+        return self
+
+    def _wait_listening(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while not (is_listening(self.port) and is_listening(self.mqtt_port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -80,7 +89,6 @@ class LocalNats:
                     f"nats-server did not start, {how}: {last_line(self.dir / 'nats.log')}"
                 )
             time.sleep(0.05)
-        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

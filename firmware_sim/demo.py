@@ -169,9 +169,9 @@ def run_demo(
                 broker = LocalNats(work / "nats").start()
                 url = broker.mqtt_url
                 say(f"broker: nats-server (JetStream, MQTT listener on {url})")
-                workers = [
-                    WorkerProcess(bundle, broker.url, work / "state", w).start() for w in WORKER_IDS
-                ]
+                for w in WORKER_IDS:  # each kept as it starts: all stopped if one fails
+                    workers.append(WorkerProcess(bundle, broker.url, work / "state", w))
+                    workers[-1].start()
                 scorer = Scorer(url)
                 for w in workers:
                     scorer.wait_online(w.id, 90, w.alive)

@@ -1377,3 +1377,23 @@ def test_a_broker_whose_port_another_process_took_is_not_taken_for_ours(tmp_path
             b.start()
     assert str(err.value).startswith("the broker exited at start (exit code 1): ")
     assert "Address already in use" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_nats_server_interrupted_while_it_starts_is_stopped(tmp_path, monkeypatch):
+    """Ctrl-C while the demo's nats-server started left it running (writing its store into
+    the demo's working directory as that was removed) until the demo's process ended."""
+    from firmware_sim import cluster
+
+    fake = tmp_path / "nats-server"
+    fake.write_text("#!/bin/sh\nexec sleep 600\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(cluster, "nats_binary", lambda: str(fake))
+
+    def interrupted(port):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cluster, "is_listening", interrupted)
+    nats = cluster.LocalNats(tmp_path / "nats")
+    with pytest.raises(KeyboardInterrupt):
+        nats.start()
+    assert nats.proc is not None and nats.proc.poll() is not None

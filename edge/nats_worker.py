@@ -963,6 +963,12 @@ class Worker:
                 while not proc.handle(batch):  # the scratch journal is unwritable
                     if part.stop.is_set():
                         return  # not acknowledged: delivered to the next owner
+                    if not self.holds(part.number):
+                        # Another worker may own it now: its directory is no reason for this
+                        # worker to stop (and its other partitions with it). Not acknowledged.
+                        log.warning("partition %d: lease not confirmed; stopping", part.number)
+                        self.metrics.inc("partitions_fenced")
+                        return
                     if time.monotonic() - since >= STORAGE_SECONDS:
                         self._unwritable(part)
                         return

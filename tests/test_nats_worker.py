@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -3081,3 +3082,54 @@ def test_an_idle_partition_on_a_stream_with_limits_is_taken_over_without_a_resta
         assert flags == [False, False]
     finally:
         native.close()
+
+
+@failover
+def test_a_partition_whose_lease_is_lost_while_its_log_is_unwritable_does_not_stop_the_worker(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partition waiting out a scratch directory it could not write never looked at its
+    lease: one lost meanwhile (another worker owns the partition now) still made the whole
+    worker hand everything over and exit 1 once the wait ran out, its other partitions'
+    answers stopping with it. The partition is dropped as any other whose lease is lost."""
+    import json
+
+    import nats
+
+    from edge import nats_worker
+    from edge.nats_worker import Worker, WorkerOptions
+
+    monkeypatch.setattr(nats_worker, "STORAGE_SECONDS", 0.0)  # gives up at the first refusal
+    url = nats_server.url
+    samples = _samples(1, 1, seed=83)
+    (stream,) = samples
+    p = partition(stream, P)
+    w = Worker(_worker_config(bundles, tmp_path), WorkerOptions([url], "w1", partitions=P))
+
+    async def run() -> None:
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+            part = w.owned[p]
+            refused: list[int] = []
+
+            def unwritable(batch: list[Any]) -> bool:
+                refused.append(len(batch))
+                w.renewed[p] = -math.inf  # the lease is lost while the log refuses the batch
+                return False
+
+            part.processor.handle = unwritable  # type: ignore[method-assign]
+            nc = await nats.connect(url)
+            body = json.dumps({"seq": 1, "values": samples[stream][:1].tolist()})
+            await nc.jetstream().publish(f"sensors.{stream}.data", body.encode())
+            await nc.close()
+            assert part.task is not None
+            await _until(part.task.done, 60, "the partition's loop to stop")
+            assert refused
+            assert w.failure is None
+            assert not w.stopping.is_set()
+        finally:
+            w.stopping.set()
+            assert await running == 0
+
+    asyncio.run(run())

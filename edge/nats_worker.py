@@ -1144,6 +1144,11 @@ class Worker:
         fewer."""
         mark = part.processor.answered()
         if mark > part.answered:
+            if not self.holds(part.number):
+                # The lease ran out (the process stopped, in an acknowledgement, say): a new
+                # owner may have written its own mark since, further on; this one, written
+                # over it, would make the next replay send its answers again.
+                return
             part.answered = mark
             doc = json.dumps({"stream": part.stream, "lsn": mark}).encode()
             await self.nc.publish(f"$KV.{ANSWERED}.p.{part.number}", doc)

@@ -3133,3 +3133,60 @@ def test_a_partition_whose_lease_is_lost_while_its_log_is_unwritable_does_not_st
             assert await running == 0
 
     asyncio.run(run())
+
+
+@failover
+def test_a_worker_whose_lease_ran_out_writes_no_answered_mark_over_the_new_owners(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A worker stopped (SIGSTOP) in a batch's acknowledgement for longer than its lease went
+    on, once resumed, to a round with no answers to send, which wrote its answered mark
+    without a look at the lease: a lower mark over the new owner's, and the next takeover's
+    replay sent the answers between the two again. Only a confirmed lease writes the mark."""
+    import json
+
+    import nats
+
+    from edge.nats_worker import ANSWERED, Worker, WorkerOptions
+
+    url = nats_server.url
+    samples = _samples(1, 1, seed=89)
+    (stream,) = samples
+    p = partition(stream, P)
+    opts = WorkerOptions([url], "w1", partitions=P, snapshot_interval=600)
+    w = Worker(_worker_config(bundles, tmp_path), opts)
+
+    async def run() -> None:
+        running = asyncio.create_task(w.run())
+        nc = await nats.connect(url)
+        try:
+            await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+            part = w.owned[p]
+            body = json.dumps({"seq": 1, "values": samples[stream][:1].tolist()})
+            await nc.jetstream().publish(f"sensors.{stream}.data", body.encode())
+            await _until(lambda: part.answered > 0, 60, "w1 to mark its answer sent")
+
+            async def standing_still(*args: Any, **kw: Any) -> Any:
+                await asyncio.Event().wait()
+
+            async def no_round() -> None:
+                pass
+
+            w.kv.update = standing_still  # no renewal from here
+            w._balance = no_round  # type: ignore[method-assign]  # nor a takeover
+            w.renewed[p] = -math.inf  # the lease ran out while w1 stood still
+            assert part.task is not None
+            await _until(part.task.done, 60, "w1's partition loop to see its lease gone")
+            bucket = await nc.jetstream().key_value(ANSWERED)
+            newer = {"stream": part.stream, "lsn": 1000}  # the new owner's mark
+            await bucket.put(f"p.{p}", json.dumps(newer).encode())
+            part.answered = 0  # its last batch acknowledged, not yet marked
+            await w._publish(part)  # w1 resumed: a round with nothing to send
+            await w.nc.flush()
+            assert json.loads((await bucket.get(f"p.{p}")).value or b"") == newer
+        finally:
+            w.stopping.set()
+            assert await running == 0
+            await nc.close()
+
+    asyncio.run(run())

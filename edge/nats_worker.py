@@ -115,8 +115,8 @@ IDLE_WAIT = 1.0  # ... and with nothing held
 STORAGE_SECONDS = 10.0
 # How often the owner of partition 0 looks for chunks of the snapshot store that no object
 # names (a put cut short by a kill, two puts of one name at once, a purge that failed): each
-# is removed once two looks this far apart found it unnamed and unchanged (a put in progress
-# names its chunks, or adds to them, well within that).
+# is removed once two looks this far apart (at least a lease) found it unnamed and unchanged (a
+# put in progress names its chunks, or adds to them, well within that).
 SWEEP_SECONDS = 60.0
 
 
@@ -1230,6 +1230,15 @@ class Worker:
         options = api.ObjectMetaOptions(max_chunk_size=chunk)
         await self.store.put(name, blob, meta=api.ObjectMeta(name=name, options=options))
 
+    def _sweep_due(self) -> bool:
+        """Whether the owner of partition 0 looks for stray chunks now: every ``SWEEP_SECONDS``,
+        and never sooner than a lease apart. An owner stopped in the middle of a snapshot's put
+        for longer than the two looks apart, and not past its lease (a long one), lost that
+        snapshot's chunks, found unnamed and unchanged twice; one stopped past its lease may
+        have lost the partition, and its put is another owner's to replace."""
+        every = max(SWEEP_SECONDS, self.opts.lease_seconds)
+        return time.monotonic() - self.swept >= every
+
     async def _sweep_chunks(self) -> None:
         """Remove the snapshot store's chunks that no object names. nats-py writes an object's
         chunks under a new id, then its description, then removes the chunks of the object it
@@ -1237,7 +1246,7 @@ class Worker:
         cut off) before the removal the old ones, and two workers writing one name at once
         (one of them stopped past its lease) leave the chunks of the description that lost.
         Nothing else ever removes them: the store grew by a snapshot each time, for good. A
-        chunk subject is removed when two looks ``SWEEP_SECONDS`` apart found it unnamed and
+        chunk subject is removed when two looks ``_sweep_due`` apart found it unnamed and
         unchanged: a put in progress names its chunks or adds to them before the second."""
         stream, metas, chunks = f"OBJ_{SNAPSHOTS}", f"$O.{SNAPSHOTS}.M.", f"$O.{SNAPSHOTS}.C."
         named: set[str] = set()
@@ -1634,7 +1643,7 @@ class Worker:
                         await self.js.stream_info(name)
                     await self._check_discard()
                     # one worker of the group: the owner of partition 0
-                    if 0 in self.owned and time.monotonic() - self.swept >= SWEEP_SECONDS:
+                    if 0 in self.owned and self._sweep_due():
                         self.swept = time.monotonic()
                         try:
                             await self._sweep_chunks()

@@ -3190,3 +3190,25 @@ def test_a_worker_whose_lease_ran_out_writes_no_answered_mark_over_the_new_owner
             await nc.close()
 
     asyncio.run(run())
+
+
+def test_the_stray_chunk_sweep_looks_no_sooner_than_a_lease_apart(
+    bundles: Path, tmp_path: Path
+) -> None:
+    """The sweep of the snapshot store's unnamed chunks looked every 60 s whatever the lease:
+    with a longer one, an owner stopped for more than a minute in the middle of a snapshot's
+    put, its lease still its own, lost that snapshot's chunks (found unnamed and unchanged
+    twice). Two looks are at least a lease apart."""
+    from edge.nats_worker import SWEEP_SECONDS, Worker, WorkerOptions
+
+    lease = 2 * SWEEP_SECONDS
+    opts = WorkerOptions(["nats://127.0.0.1:4222"], "w1", partitions=P, lease_seconds=lease)
+    w = Worker(_worker_config(bundles, tmp_path), opts)
+    w.swept = time.monotonic() - (SWEEP_SECONDS + lease) / 2  # past a minute, within a lease
+    assert not w._sweep_due()
+    w.swept = time.monotonic() - lease - 1
+    assert w._sweep_due()
+    short = WorkerOptions(["nats://127.0.0.1:4222"], "w2", partitions=P, lease_seconds=3)
+    w = Worker(_worker_config(bundles, tmp_path), short)
+    w.swept = time.monotonic() - SWEEP_SECONDS - 1
+    assert w._sweep_due()

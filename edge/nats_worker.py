@@ -420,6 +420,9 @@ class Partition:
     # the stream sequence of the partition's next message, known to be in the stream and not
     # yet delivered (0: none known); looked up only while the stream has limits (see _gone)
     expect: int = 0
+    # idle evictions (the store's count) the last uploaded snapshot holds: one it does not yet
+    # hold is only in the scratch log, and a next owner's replay would not make it
+    evictions: int = 0
 
     @property
     def consumer(self) -> str:
@@ -982,6 +985,15 @@ class Worker:
                 part.covered = max(part.covered, *(m.metadata.sequence.stream for m in msgs))
                 self.metrics.inc("acks", len(msgs))
             proc.tick()
+            if proc.engine.store.stats.evicted_idle != part.evictions:
+                # Streams forgotten as idle: in the partition's snapshot before any answer
+                # goes out. Killed before it, the next owner restored an older snapshot that
+                # still held them and answered their next messages from the old state, where
+                # this owner had said ``restart``: answers that hang on a crash.
+                await self._snapshot(part, force=True)
+                if proc.engine.store.stats.evicted_idle != part.evictions:
+                    await asyncio.sleep(0.2)  # NATS failing over: the answers wait for it
+                    continue
             await self._publish(part)
             crowded = "checkpoint" in proc.requests  # the log takes what its disk has left
             if crowded or time.monotonic() - part.last_snapshot >= self.opts.snapshot_interval:
@@ -1174,6 +1186,7 @@ class Worker:
         proc = part.processor
         if not proc.checkpoint():
             return
+        evictions = proc.engine.store.stats.evicted_idle
         journal = proc.journal
         gen = part.generation + 1
         blob = psnap.PartitionSnapshot(
@@ -1193,6 +1206,7 @@ class Worker:
             raise Fenced(f"partition {part.number}: lease not confirmed; no snapshot written")
         await self._put(psnap.object_name(part.number, gen % 2), blob)
         part.generation, part.snapshotted = gen, part.covered
+        part.evictions = evictions
         self.metrics.inc("snapshots")
 
     async def _get(self, name: str) -> bytes:

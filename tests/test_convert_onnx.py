@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -469,23 +470,7 @@ def test_a_model_exported_without_its_weights_is_refused_saying_so(capsys, tmp_p
     """``torch.onnx.export(..., export_params=False)`` makes every weight an input: the model
     was refused as one of 9 inputs 'expected one [batch, time, features] input (the runtime
     keeps the state itself)', which said nothing of the weights."""
-    import torch
-    from torch import nn
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.rnn(x)[0])
-
-    with warnings.catch_warnings():  # the exporter's own notes
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            Net().eval(), (torch.zeros(2, 5, 3),), str(tmp_path / "m.onnx"), input_names=["x"],
-            dynamic_axes={"x": {0: "b", 1: "t"}}, dynamo=False, export_params=False,
-        )  # fmt: skip
+    _export_tiny_gru(tmp_path / "m.onnx", export_params=False)
     assert_refused(
         capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path,
         "its weights are not stored in the file but inputs", "(GRU)", "export_params=True",
@@ -727,6 +712,28 @@ def test_a_head_on_the_flattened_batch_and_time_rows_is_read_per_step(capsys, tm
         assert onnx_intake.read(path).check_agreement(x) <= 1e-5
     else:
         assert_refused(capsys, path, tiny / "calib.npy", tmp_path, ROWS[head])
+
+
+def _export_tiny_gru(path: Path, **options: Any) -> None:
+    """A GRU(3 -> 4) and a per-step Linear(4 -> 2), exported by the legacy exporter with free
+    batch and time axes and ``options``."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0])
+
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Net().eval(), (torch.zeros(2, 5, 3),), str(path), input_names=["x"],
+            dynamic_axes={"x": {0: "b", 1: "t"}}, dynamo=False, **options,
+        )  # fmt: skip
 
 
 def _export_with(act, path: Path, dynamo: bool = False) -> None:
@@ -1194,23 +1201,7 @@ def test_an_export_at_an_opset_before_9_is_refused_naming_the_op_and_what_to_do(
     ``ConstantFill``, an op onnxruntime does not have; the refusal was onnxruntime's own
     ('[ONNXRuntimeError] : 1 : FAIL : Fatal error: ai.onnx:ConstantFill(-1) is not a
     registered function/op')."""
-    import torch
-    from torch import nn
-
-    class M(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.rnn(x)[0])
-
-    with warnings.catch_warnings():  # the exporter's own notes
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            M().eval(), (torch.zeros(2, 5, 3),), str(tmp_path / "m.onnx"), input_names=["x"],
-            dynamic_axes={"x": {0: "batch", 1: "time"}}, dynamo=False, opset_version=8,
-        )  # fmt: skip
+    _export_tiny_gru(tmp_path / "m.onnx", opset_version=8)
     line = assert_refused(
         capsys, tmp_path / "m.onnx", tiny / "calib.npy", tmp_path,
         "it has no ConstantFill op in ai.onnx opset 8; export with a current opset_version",

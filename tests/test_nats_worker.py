@@ -1590,6 +1590,41 @@ def _worker_config(bundles: Path, tmp_path: Path, **overrides: Any) -> Any:
     return config.load(None, overrides=keys)
 
 
+class _Stall:
+    """A worker standing still as under SIGSTOP: its answers wait for the store's
+    acknowledgements until ``answers`` is set, and from ``freeze()`` its lease renewals and
+    balancing rounds wait until ``release()``."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.thaw, self.answers = asyncio.Event(), asyncio.Event()
+        self.taken: list[int] = []
+        assert worker.stored is not None
+        worker.stored.publish = self._unanswered
+
+    async def _unanswered(self, items: list[Any], timeout: float) -> list[bool]:
+        self.taken.append(len(items))
+        await self.answers.wait()  # stored, as far as the worker can tell, once it goes on
+        return [False] * len(items)
+
+    def _frozen(self, call: Any) -> Any:
+        async def wait(*args: Any, **kw: Any) -> Any:
+            await self.thaw.wait()
+            return await call(*args, **kw)
+
+        return wait
+
+    def freeze(self) -> None:
+        w = self.worker
+        for name in ("put", "update", "create"):
+            setattr(w.kv, name, self._frozen(getattr(w.kv, name)))
+        w._balance = self._frozen(w._balance)
+
+    def release(self) -> None:
+        self.thaw.set()
+        self.answers.set()
+
+
 async def _until(cond: Any, timeout: float, what: str) -> None:
     """``wait_until`` for a test that runs a worker in its own event loop."""
     deadline = time.monotonic() + timeout
@@ -1942,45 +1977,26 @@ def test_a_worker_whose_lease_ran_out_mid_publish_leaves_the_answers_to_the_new_
         w1 = worker("w1")
         running1 = asyncio.create_task(w1.run())
         await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
-        thaw, answers = asyncio.Event(), asyncio.Event()
-        taken: list[int] = []
-
-        def frozen(call: Any) -> Any:
-            async def wait(*args: Any, **kw: Any) -> Any:
-                await thaw.wait()
-                return await call(*args, **kw)
-
-            return wait
-
-        async def unanswered(items: list[Any], timeout: float) -> list[bool]:
-            taken.append(len(items))
-            await answers.wait()  # stored, as far as w1 can tell, once it goes on
-            return [False] * len(items)
-
-        assert w1.stored is not None
-        w1.stored.publish = unanswered  # type: ignore[method-assign]
+        stall = _Stall(w1)
         part = w1.owned[p]
         nc = await nats.connect(url)
         body = json.dumps({"seq": 1, "values": samples[stream][:1].tolist()})
         await nc.jetstream().publish(f"sensors.{stream}.data", body.encode())
         await nc.close()
-        await _until(lambda: sum(taken) == 1, 60, "w1 to answer sample 1")
-        for name in ("put", "update", "create"):  # w1 stands still from here
-            setattr(w1.kv, name, frozen(getattr(w1.kv, name)))
-        w1._balance = frozen(w1._balance)  # type: ignore[method-assign]
+        await _until(lambda: sum(stall.taken) == 1, 60, "w1 to answer sample 1")
+        stall.freeze()  # w1 stands still from here
         w2 = worker("w2")
         running2 = asyncio.create_task(w2.run())
         try:
             await _until(lambda: len(native.predictions()) >= 1, 60, "w2's answer")
-            answers.set()  # w1 goes on
+            stall.answers.set()  # w1 goes on
             assert part.task is not None
             await _until(part.task.done, 60, "w1's partition loop to see its lease gone")
             # behind whatever w1 sent on its connection: seen, so is all of that
             await w1.nc.publish("errors.sentinel", b"{}")
             await _until(lambda: bool(native.of("errors/sentinel")), 60, "w1's sentinel")
         finally:
-            thaw.set()
-            answers.set()
+            stall.release()
             w1.stopping.set()
             w2.stopping.set()
             await asyncio.gather(running1, running2, return_exceptions=True)
@@ -2597,29 +2613,11 @@ def test_a_worker_whose_lease_ran_out_writes_no_snapshot_over_the_new_owners(
         w1 = worker("w1", 1.0)  # snapshots each partition that moved, every second
         running1 = asyncio.create_task(w1.run())
         await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
-        thaw, answers = asyncio.Event(), asyncio.Event()
-        taken: list[int] = []
-
-        def frozen(call: Any) -> Any:
-            async def wait(*args: Any, **kw: Any) -> Any:
-                await thaw.wait()
-                return await call(*args, **kw)
-
-            return wait
-
-        async def unanswered(items: list[Any], timeout: float) -> list[bool]:
-            taken.append(len(items))
-            await answers.wait()  # stored, as far as w1 can tell, once it goes on
-            return [False] * len(items)
-
-        assert w1.stored is not None
-        w1.stored.publish = unanswered  # type: ignore[method-assign]
+        stall = _Stall(w1)
         part = w1.owned[p]
         await send(0)
-        await _until(lambda: sum(taken) == 1, 60, "w1 to answer sample 1")
-        for name in ("put", "update", "create"):  # w1 stands still from here
-            setattr(w1.kv, name, frozen(getattr(w1.kv, name)))
-        w1._balance = frozen(w1._balance)  # type: ignore[method-assign]
+        await _until(lambda: sum(stall.taken) == 1, 60, "w1 to answer sample 1")
+        stall.freeze()  # w1 stands still from here
         w2 = worker("w2", 600.0)
         running2 = asyncio.create_task(w2.run())
         try:
@@ -2631,14 +2629,13 @@ def test_a_worker_whose_lease_ran_out_writes_no_snapshot_over_the_new_owners(
             await _until(lambda: ours.covered >= 6, 60, "w2 to acknowledge every message")
             await w2._snapshot(ours, force=True)
             assert ours.snapshotted == ours.covered
-            answers.set()  # w1 goes on, past its snapshot interval
+            stall.answers.set()  # w1 goes on, past its snapshot interval
             assert part.task is not None
             await _until(part.task.done, 60, "w1's partition loop to see its lease gone")
             newest = (await w2._snapshots(p))[0]
             assert (newest.generation, newest.covered) == (ours.generation, ours.covered)
         finally:
-            thaw.set()
-            answers.set()
+            stall.release()
             w1.stopping.set()
             w2.stopping.set()
             await asyncio.gather(running1, running2, return_exceptions=True)

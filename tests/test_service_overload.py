@@ -232,14 +232,9 @@ def test_messages_held_at_a_crash_wait_for_their_gap_once_the_service_reads_agai
     again.processor.journal.close()
 
 
-def test_a_held_message_is_not_given_up_on_while_what_it_waits_for_is_in_the_inbox(
-    bundles, tmp_path
-):
-    """Under a backlog the sample a held message waits for may have arrived already and wait
-    in the inbox behind others, or while the answer window is full: the wait ran out all the
-    same (seen in a backlog of 100,000 messages, several streams at once when a round took
-    long), the held message was applied after a gap and its predecessor answered ``late``.
-    A wait ends only once what arrived within it was read."""
+def _seq_3_held_for_seq_2_in_the_inbox(bundles, tmp_path):
+    """A service (reorder_ms 60 s) holding stream s's seq 3 for seq 2, which waits in its
+    inbox behind a full answer window (seq 1's answer awaits its PUBACK)."""
     import json
 
     import numpy as np
@@ -257,8 +252,23 @@ def test_a_held_message_is_not_given_up_on_while_what_it_waits_for_is_in_the_inb
     assert p.handle([sample(1)]) and p.tick(release_all=True) and p.handle([sample(3)])
     svc._on_message(None, None, Msg("sensors/s/data", sample(2).payload, 2))
     for mid, o in enumerate(p.outbox.take(), 1):
-        p.outbox.sent(mid, o)  # seq 1's answer, awaiting its PUBACK
+        p.outbox.sent(mid, o)
     svc.outbox.window = 1  # full: nothing is taken
+    return svc
+
+
+def test_a_held_message_is_not_given_up_on_while_what_it_waits_for_is_in_the_inbox(
+    bundles, tmp_path
+):
+    """Under a backlog the sample a held message waits for may have arrived already and wait
+    in the inbox behind others, or while the answer window is full: the wait ran out all the
+    same (seen in a backlog of 100,000 messages, several streams at once when a round took
+    long), the held message was applied after a gap and its predecessor answered ``late``.
+    A wait ends only once what arrived within it was read."""
+    import json
+
+    svc = _seq_3_held_for_seq_2_in_the_inbox(bundles, tmp_path)
+    p = svc.processor
     now = [time.monotonic() + 3600.0]  # the wait is long over
     p.reorder._clock = lambda: now[0]
     assert svc._work_once() and len(svc.inbox) == 1 and len(p.reorder) == 1
@@ -363,24 +373,10 @@ def test_a_wall_clock_step_back_does_not_give_up_a_held_message_its_gap_waits_in
     ``late`` and dropped."""
     import json
 
-    import numpy as np
-
     import edge.mqtt_loop
-    from edge.processor import Inbound
 
-    def sample(seq):
-        body = json.dumps({"seq": seq, "values": np.full(6, 0.1 * seq).tolist()}).encode()
-        return Inbound("sensors/s/data", body, seq)
-
-    svc = service(bundles, tmp_path, reorder_ms=60000)
+    svc = _seq_3_held_for_seq_2_in_the_inbox(bundles, tmp_path)
     p = svc.processor
-    svc.connected.set()
-    assert svc._take() == ([], [])  # reading
-    assert p.handle([sample(1)]) and p.tick(release_all=True) and p.handle([sample(3)])
-    svc._on_message(None, None, Msg("sensors/s/data", sample(2).payload, 2))
-    for mid, o in enumerate(p.outbox.take(), 1):
-        p.outbox.sent(mid, o)  # seq 1's answer, awaiting its PUBACK
-    svc.outbox.window = 1  # full: nothing is taken
     wall = SimpleNamespace(time=lambda: time.time() - 86400.0, monotonic=time.monotonic)
     monkeypatch.setattr(edge.mqtt_loop, "time", wall)  # NTP steps the clock back a day
     now = [time.monotonic() + 3600.0]  # seq 3's wait is long over

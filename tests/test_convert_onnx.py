@@ -310,14 +310,8 @@ def test_a_model_of_one_feature_taking_batch_and_time_only_converts(capsys, tmp_
             dynamic_shapes={"x": {0: auto, 1: auto}} if dynamo else None,
         )  # fmt: skip
     rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.normal(size=(8, 30, 1)).astype(np.float32))
-    out = tmp_path / "bundle"
-    code, res = run_cli(
-        capsys, "convert", str(model), "--calib", str(tmp_path / "calib.npy"),
-        "--out", str(out), "--quant", "float32", "--long-steps", "300",
-    )  # fmt: skip
-    assert code == 0, res.err
-    assert "input [batch, time] (one feature)" in res.out
+    out, said = _float32_bundle(capsys, model, tmp_path, rng.normal(size=(8, 30, 1)))
+    assert "input [batch, time] (one feature)" in said
     x = rng.normal(0, 2, (1000, 1)).astype(np.float32)
     got = np.asarray(edge.load(out).step("s", x))
     with torch.no_grad():
@@ -383,13 +377,7 @@ def test_a_state_given_and_returned_by_the_model_is_the_runtimes_own(
     model = tmp_path / "m.onnx"
     names = Carried.export(model, kind, layers, dynamo)
     rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.normal(size=(8, 30, 3)).astype(np.float32))
-    out = tmp_path / "bundle"
-    code, res = run_cli(
-        capsys, "convert", str(model), "--calib", str(tmp_path / "calib.npy"),
-        "--out", str(out), "--quant", "float32", "--long-steps", "300",
-    )  # fmt: skip
-    assert code == 0, res.err
+    out, said = _float32_bundle(capsys, model, tmp_path, rng.normal(size=(8, 30, 3)))
     x = rng.normal(0, 2, (1, 1000, 3)).astype(np.float32)
     zero = np.zeros((layers, 1, 5), np.float32)
     want = ort.InferenceSession(str(model)).run(None, {"x": x} | dict.fromkeys(names[1:], zero))
@@ -397,7 +385,7 @@ def test_a_state_given_and_returned_by_the_model_is_the_runtimes_own(
     np.testing.assert_allclose(got, want[0][0], atol=1e-5)
     state = json.loads((out / "report.json").read_text())["source"]["state"]
     assert state.startswith(", ".join(names[1:])), state
-    assert f"  state    {state}" in res.out  # the summary says it too
+    assert f"  state    {state}" in said  # the summary says it too
 
 
 def test_an_input_that_is_not_the_state_is_still_refused_naming_the_inputs(capsys, tmp_path, tiny):
@@ -712,6 +700,19 @@ def test_a_head_on_the_flattened_batch_and_time_rows_is_read_per_step(capsys, tm
         assert onnx_intake.read(path).check_agreement(x) <= 1e-5
     else:
         assert_refused(capsys, path, tiny / "calib.npy", tmp_path, ROWS[head])
+
+
+def _float32_bundle(capsys, model: Path, tmp_path: Path, calib: np.ndarray) -> tuple[Path, str]:
+    """``model`` converted to a float32 bundle (``tmp_path / "bundle"``) with ``calib``; the
+    bundle and what the converter printed."""
+    np.save(tmp_path / "calib.npy", calib.astype(np.float32))
+    out = tmp_path / "bundle"
+    code, res = run_cli(
+        capsys, "convert", str(model), "--calib", str(tmp_path / "calib.npy"),
+        "--out", str(out), "--quant", "float32", "--long-steps", "300",
+    )  # fmt: skip
+    assert code == 0, res.err
+    return out, res.out
 
 
 def _export_tiny_gru(path: Path, **options: Any) -> None:
@@ -1105,13 +1106,7 @@ def test_an_input_exported_with_fixed_lengths_converts_when_the_graph_runs_on_ot
     model = tmp_path / "m.onnx"
     net = Fixed.export(model, head, batch_first, dynamo=False)
     rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.normal(size=(8, 30, 3)).astype(np.float32))
-    out = tmp_path / "bundle"
-    code, res = run_cli(
-        capsys, "convert", str(model), "--calib", str(tmp_path / "calib.npy"),
-        "--out", str(out), "--quant", "float32", "--long-steps", "300",
-    )  # fmt: skip
-    assert code == 0, res.err
+    out, _ = _float32_bundle(capsys, model, tmp_path, rng.normal(size=(8, 30, 3)))
     x = rng.normal(0, 2, (1, 1000, 3)).astype(np.float32)
     got = np.asarray(edge.load(out).step("s", x[0]))
     with torch.no_grad():
@@ -1299,13 +1294,7 @@ def test_two_recurrent_modules_in_a_row_stream_as_one_chain(capsys, tmp_path):
     model = tmp_path / "two.onnx"
     export(net, Recipe("LSTM", 2, "reg", exporter="legacy"), model)
     rng = np.random.default_rng(0)
-    np.save(tmp_path / "calib.npy", rng.normal(size=(16, 30, 3)).astype(np.float32))
-    out = tmp_path / "bundle"
-    code, res = run_cli(
-        capsys, "convert", str(model), "--calib", str(tmp_path / "calib.npy"),
-        "--out", str(out), "--quant", "float32", "--long-steps", "300",
-    )  # fmt: skip
-    assert code == 0, res.err
+    out, _ = _float32_bundle(capsys, model, tmp_path, rng.normal(size=(16, 30, 3)))
     x = rng.normal(size=(1, 200, 3)).astype(np.float32)
     want = ort.InferenceSession(str(model)).run(None, {"x": x})[0][0]
     got = edge.load(out).step("s", x[0])

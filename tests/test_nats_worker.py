@@ -1590,6 +1590,29 @@ def _worker_config(bundles: Path, tmp_path: Path, **overrides: Any) -> Any:
     return config.load(None, overrides=keys)
 
 
+def _one_stream_leasing_a_second(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path, n: int, seed: int
+) -> tuple[str, dict[str, np.ndarray], str, int, Any, NatsCollector, Any]:
+    """One stream of ``n`` samples: the server's url, the samples, the stream, its partition,
+    what an uninterrupted engine answers, a NATS subscriber of the answers, and a factory of
+    workers whose leases last a second (a pause past one takes a test a few seconds)."""
+    from edge.nats_worker import Worker, WorkerOptions
+
+    url = nats_server.url
+    cfg = _worker_config(bundles, tmp_path)
+    samples = _samples(1, n, seed=seed)
+    (stream,) = samples
+    want = offline(bundles / "clf-int8", samples)
+
+    def worker(worker_id: str, snapshot_interval: float = 600.0) -> Worker:
+        opts = WorkerOptions(
+            [url], worker_id, partitions=P, lease_seconds=1, snapshot_interval=snapshot_interval
+        )
+        return Worker(cfg, opts)
+
+    return url, samples, stream, partition(stream, P), want, NatsCollector(url), worker
+
+
 class _Stall:
     """A worker standing still as under SIGSTOP: its answers wait for the store's
     acknowledgements until ``answers`` is set, and from ``freeze()`` its lease renewals and
@@ -1712,19 +1735,11 @@ def test_a_worker_whose_lease_ran_out_mid_batch_pulls_nothing_from_the_new_owner
 
     import nats
 
-    from edge.nats_worker import STREAM, Worker, WorkerOptions
+    from edge.nats_worker import STREAM
 
-    url = nats_server.url
-    cfg = _worker_config(bundles, tmp_path)
-    samples = _samples(1, 12, seed=53)
-    (stream,) = samples
-    p = partition(stream, P)
-    want = offline(bundles / "clf-int8", samples)
-    native = NatsCollector(url)
-
-    def worker(worker_id: str) -> Worker:
-        opts = WorkerOptions([url], worker_id, partitions=P, lease_seconds=1, snapshot_interval=600)
-        return Worker(cfg, opts)
+    url, samples, stream, p, want, native, worker = _one_stream_leasing_a_second(
+        bundles, nats_server, tmp_path, 12, seed=53
+    )
 
     async def run() -> None:
         nc = await nats.connect(url)
@@ -1959,19 +1974,9 @@ def test_a_worker_whose_lease_ran_out_mid_publish_leaves_the_answers_to_the_new_
 
     import nats
 
-    from edge.nats_worker import Worker, WorkerOptions
-
-    url = nats_server.url
-    cfg = _worker_config(bundles, tmp_path)
-    samples = _samples(1, 1, seed=59)
-    (stream,) = samples
-    p = partition(stream, P)
-    want = offline(bundles / "clf-int8", samples)
-    native = NatsCollector(url)
-
-    def worker(worker_id: str) -> Worker:
-        opts = WorkerOptions([url], worker_id, partitions=P, lease_seconds=1, snapshot_interval=600)
-        return Worker(cfg, opts)
+    url, samples, stream, p, want, native, worker = _one_stream_leasing_a_second(
+        bundles, nats_server, tmp_path, 1, seed=59
+    )
 
     async def run() -> None:
         w1 = worker("w1")
@@ -2485,19 +2490,9 @@ def test_a_worker_stopped_inside_a_takeover_leaves_the_new_owners_consumer_alone
 
     import nats
 
-    from edge.nats_worker import Worker, WorkerOptions
-
-    url = nats_server.url
-    cfg = _worker_config(bundles, tmp_path)
-    samples = _samples(1, 12, seed=61)
-    (stream,) = samples
-    p = partition(stream, P)
-    want = offline(bundles / "clf-int8", samples)
-    native = NatsCollector(url)
-
-    def worker(worker_id: str) -> Worker:
-        opts = WorkerOptions([url], worker_id, partitions=P, lease_seconds=1, snapshot_interval=600)
-        return Worker(cfg, opts)
+    url, samples, stream, p, want, native, worker = _one_stream_leasing_a_second(
+        bundles, nats_server, tmp_path, 12, seed=61
+    )
 
     async def run() -> None:
         nc = await nats.connect(url)
@@ -2586,21 +2581,9 @@ def test_a_worker_whose_lease_ran_out_writes_no_snapshot_over_the_new_owners(
 
     import nats
 
-    from edge.nats_worker import Worker, WorkerOptions
-
-    url = nats_server.url
-    cfg = _worker_config(bundles, tmp_path)
-    samples = _samples(1, 6, seed=71)
-    (stream,) = samples
-    p = partition(stream, P)
-    want = offline(bundles / "clf-int8", samples)
-    native = NatsCollector(url)
-
-    def worker(worker_id: str, interval: float) -> Worker:
-        opts = WorkerOptions(
-            [url], worker_id, partitions=P, lease_seconds=1, snapshot_interval=interval
-        )
-        return Worker(cfg, opts)
+    url, samples, stream, p, want, native, worker = _one_stream_leasing_a_second(
+        bundles, nats_server, tmp_path, 6, seed=71
+    )
 
     async def run() -> None:
         nc = await nats.connect(url)

@@ -257,6 +257,27 @@ def _seq_3_held_for_seq_2_in_the_inbox(bundles, tmp_path):
     return svc
 
 
+def _answered_in_order_once_the_window_has_room(svc):
+    """Seq 3's wait long over while seq 2 waits in the inbox: nothing is given up on, and
+    once the window has room seq 2, then seq 3, are answered without a gap."""
+    import json
+
+    p = svc.processor
+    now = [time.monotonic() + 3600.0]  # the wait is long over
+    p.reorder._clock = lambda: now[0]
+    assert svc._work_once() and len(svc.inbox) == 1 and len(p.reorder) == 1
+    svc.outbox.window = 100
+    svc.connected.clear()  # (no broker here: the answers stay in the outbox)
+    p.resume()
+    assert svc._work_once() and len(svc.inbox) == 0 and len(p.reorder) == 0
+    got = [(o.topic, json.loads(o.payload)) for o in p.outbox.take()]
+    assert [(t, d["seq"], d.get("gap")) for t, d in got] == [
+        ("predictions/s", 2, None),
+        ("predictions/s", 3, None),
+    ]
+    p.journal.close()
+
+
 def test_a_held_message_is_not_given_up_on_while_what_it_waits_for_is_in_the_inbox(
     bundles, tmp_path
 ):
@@ -265,23 +286,8 @@ def test_a_held_message_is_not_given_up_on_while_what_it_waits_for_is_in_the_inb
     same (seen in a backlog of 100,000 messages, several streams at once when a round took
     long), the held message was applied after a gap and its predecessor answered ``late``.
     A wait ends only once what arrived within it was read."""
-    import json
-
     svc = _seq_3_held_for_seq_2_in_the_inbox(bundles, tmp_path)
-    p = svc.processor
-    now = [time.monotonic() + 3600.0]  # the wait is long over
-    p.reorder._clock = lambda: now[0]
-    assert svc._work_once() and len(svc.inbox) == 1 and len(p.reorder) == 1
-    svc.outbox.window = 100
-    svc.connected.clear()  # (no broker here: the answers stay in the outbox)
-    svc.processor.reorder.resume()
-    assert svc._work_once() and len(svc.inbox) == 0 and len(p.reorder) == 0
-    got = [(o.topic, json.loads(o.payload)) for o in p.outbox.take()]
-    assert [(t, d["seq"], d.get("gap")) for t, d in got] == [
-        ("predictions/s", 2, None),
-        ("predictions/s", 3, None),
-    ]
-    p.journal.close()
+    _answered_in_order_once_the_window_has_room(svc)
 
 
 def test_time_cut_off_from_the_broker_does_not_make_a_stream_idle(bundles, tmp_path):
@@ -371,24 +377,10 @@ def test_a_wall_clock_step_back_does_not_give_up_a_held_message_its_gap_waits_in
     the wall clock back, the message seemed to arrive in the future, a held message's wait
     ran out while the sample it waited for was in the inbox, and that sample was answered
     ``late`` and dropped."""
-    import json
 
     import edge.mqtt_loop
 
     svc = _seq_3_held_for_seq_2_in_the_inbox(bundles, tmp_path)
-    p = svc.processor
     wall = SimpleNamespace(time=lambda: time.time() - 86400.0, monotonic=time.monotonic)
     monkeypatch.setattr(edge.mqtt_loop, "time", wall)  # NTP steps the clock back a day
-    now = [time.monotonic() + 3600.0]  # seq 3's wait is long over
-    p.reorder._clock = lambda: now[0]
-    assert svc._work_once() and len(svc.inbox) == 1 and len(p.reorder) == 1
-    svc.outbox.window = 100
-    svc.connected.clear()  # (no broker here: the answers stay in the outbox)
-    svc.processor.resume()
-    assert svc._work_once() and len(svc.inbox) == 0 and len(p.reorder) == 0
-    got = [(o.topic, json.loads(o.payload)) for o in p.outbox.take()]
-    assert [(t, d["seq"], d.get("gap")) for t, d in got] == [
-        ("predictions/s", 2, None),
-        ("predictions/s", 3, None),
-    ]
-    p.journal.close()
+    _answered_in_order_once_the_window_has_room(svc)

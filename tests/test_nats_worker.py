@@ -1613,6 +1613,18 @@ def _one_stream_leasing_a_second(
     return url, samples, stream, partition(stream, P), want, NatsCollector(url), worker
 
 
+def _run_and_check_each_answered_once(run: Any, native: NatsCollector, want: Any) -> None:
+    """``run()`` to its end; then every sample was answered once, as an uninterrupted engine
+    answers it."""
+    try:
+        asyncio.run(run())
+        got = native.predictions()
+        assert _check(got, want) == ([], [])
+        assert [k for k, ys in got.items() if len(ys) > 1] == []
+    finally:
+        native.close()
+
+
 class _Stall:
     """A worker standing still as under SIGSTOP: its answers wait for the store's
     acknowledgements until ``answers`` is set, and from ``freeze()`` its lease renewals and
@@ -2006,13 +2018,7 @@ def test_a_worker_whose_lease_ran_out_mid_publish_leaves_the_answers_to_the_new_
             w2.stopping.set()
             await asyncio.gather(running1, running2, return_exceptions=True)
 
-    try:
-        asyncio.run(run())
-        got = native.predictions()
-        assert _check(got, want) == ([], [])
-        assert [k for k, ys in got.items() if len(ys) > 1] == []
-    finally:
-        native.close()
+    _run_and_check_each_answered_once(run, native, want)
 
 
 @failover
@@ -2560,13 +2566,7 @@ def test_a_worker_stopped_inside_a_takeover_leaves_the_new_owners_consumer_alone
             await asyncio.gather(running1, running2, return_exceptions=True)
             await nc.close()
 
-    try:
-        asyncio.run(run())
-        got = native.predictions()
-        assert _check(got, want) == ([], [])
-        assert [k for k, ys in got.items() if len(ys) > 1] == []
-    finally:
-        native.close()
+    _run_and_check_each_answered_once(run, native, want)
 
 
 @failover
@@ -2624,13 +2624,7 @@ def test_a_worker_whose_lease_ran_out_writes_no_snapshot_over_the_new_owners(
             await asyncio.gather(running1, running2, return_exceptions=True)
             await nc.close()
 
-    try:
-        asyncio.run(run())
-        got = native.predictions()
-        assert _check(got, want) == ([], [])
-        assert [k for k, ys in got.items() if len(ys) > 1] == []
-    finally:
-        native.close()
+    _run_and_check_each_answered_once(run, native, want)
 
 
 @failover

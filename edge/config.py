@@ -11,6 +11,7 @@ import math
 import os
 import socket
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ from .errors import ConfigError
 ENV_PREFIX = "EDGE_LSTM_"
 # The one default reorder window: serve, the demo, firmware-sim and the chaos bench all use it.
 REORDER_MS_DEFAULT = 600.0
+# The longest reconnect delay: a thread waits at most ``threading.TIMEOUT_MAX`` seconds, and
+# the first delay is ``reconnect_min`` with up to 25% of jitter. A longer one raised
+# OverflowError in the network thread, which then stopped: serve ran on, connected to nothing.
+LONGEST_RECONNECT = threading.TIMEOUT_MAX / 1.25
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -424,6 +429,11 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
     ):
         if not 0 <= getattr(cfg, name) <= top:
             raise ConfigError(f"{name} = {getattr(cfg, name)} must be in 0..{top}")
+    if cfg.reconnect_max > LONGEST_RECONNECT:
+        raise ConfigError(
+            f"reconnect_max = {cfg.reconnect_max:g} must be at most {LONGEST_RECONNECT:.4g} "
+            "seconds (the longest a thread can wait)"
+        )
     if cfg.reconnect_min > cfg.reconnect_max:
         raise ConfigError(
             f"reconnect_min = {cfg.reconnect_min} must not exceed reconnect_max = {cfg.reconnect_max}"

@@ -152,6 +152,7 @@ def test_config_precedence_and_errors(tmp_path):
         ("max_wait_ms", float("nan"), "max_wait_ms = nan is not a valid finite number"),
         ("queue_size", 1.7, "queue_size = 1.7 is not a valid int"),
         ("keepalive", "100000", r"keepalive = 100000 must be in 0\.\.65535"),
+        ("reconnect_max", "1e10", "reconnect_max = 1e\\+10 must be at most .* seconds"),
         ("session_expiry", "-1", r"session_expiry = -1 must be in 0\.\.4294967295"),
         ("session_expiry", str(2**32), "session_expiry = 4294967296 must be in"),
         ("metrics_port", "70000", r"metrics_port = 70000 must be in 0\.\.65535"),

@@ -63,6 +63,48 @@ def test_snapshot_object_round_trip_and_damage(tmp_path: Path) -> None:
     assert (tmp_path / "snap-00000001.bin").read_bytes() == b"S" * 100
 
 
+def _signed(edit: dict[str, object]) -> bytes:
+    """A partition snapshot whose header ``edit`` changed, its crc made again: intact as far as
+    the crc tells, as one of another writer would be."""
+    import json
+    import struct
+    import zlib
+
+    from edge.partition_snapshot import MAGIC
+
+    snap = PartitionSnapshot(3, 7, 1234, b"S" * 100, b"W" * 10, "s1", [["ab", 1]], 16)
+    blob = snap.pack()
+    (n,) = struct.unpack_from("<I", blob, len(MAGIC))
+    head = json.loads(blob[len(MAGIC) + 4 : len(MAGIC) + 4 + n]) | edit
+    text = json.dumps(head).encode()
+    body = MAGIC + struct.pack("<I", len(text)) + text + blob[len(MAGIC) + 4 + n : -4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"covered": float("inf")}, "covered inf is not a whole number >= 0"),
+        ({"partitions": float("nan")}, "partitions nan is not a whole number >= 0"),
+        ({"generation": 7.5}, "generation 7.5 is not a whole number >= 0"),
+        ({"partition": -3}, "partition -3 is not a whole number >= 0"),
+        ({"snapshot": -10, "segment": 120}, "snapshot -10 is not a whole number >= 0"),
+        ({"stream": None}, "stream None is not a string"),
+        ({"twins": [1]}, r"twins \[1\] is not a list of \[key, count\] pairs"),
+        ({"twins": [["zz", 1]]}, "non-hexadecimal number"),
+    ],
+)
+def test_a_partition_snapshot_header_of_the_wrong_shape_is_refused(
+    edit: dict[str, object], message: str
+) -> None:
+    """A header of another writer raised OverflowError out of the restore (Infinity), or was
+    taken: a fraction truncated, a negative size starting the log segment inside the header,
+    a null stream id read as "None", twins that failed the restore later with a TypeError."""
+    assert unpack(_signed({})).twins == [["ab", 1]]  # the re-signing alone changes nothing
+    with pytest.raises(SnapshotError, match=f"partition snapshot header unreadable: {message}"):
+        unpack(_signed(edit))
+
+
 def _live(qos: str = "1") -> dict[str, str]:
     return {"Nmqtt-Pub": qos}
 

@@ -144,6 +144,7 @@ class Journal:
         for gen in reversed(snaps):
             try:
                 extra = restore(self.path("snap", gen))
+                lsn = _covered_lsn(extra, self.path("snap", gen))
             except StateMismatch:
                 raise  # intact, of another model: not to be replaced by this one's state
             except SnapshotError as exc:
@@ -158,7 +159,7 @@ class Journal:
                     ) from None
                 rec.damaged_snapshots.append(str(exc))
                 continue
-            rec.generation, rec.base_lsn, rec.extra = gen, int(extra.get("lsn", 0)), extra
+            rec.generation, rec.base_lsn, rec.extra = gen, lsn, extra
             self.snapshots = [g for g in snaps if g <= gen]
             self._snapshot_bytes = self.path("snap", gen).stat().st_size
             if gen not in segs:  # a checkpoint writes it before the snapshot: it was removed
@@ -494,3 +495,13 @@ def _write_all(fd: int, data: bytes, size: int, fsync: bool) -> None:
                 f"off ({cut.strerror or cut})",
             ) from exc
         raise
+
+
+def _covered_lsn(extra: dict[str, Any], path: Path) -> int:
+    """The last lsn a snapshot covers, a whole number >= 0; else the snapshot is unusable, as
+    a damaged one is. ``int()`` of a null, a word, NaN or Infinity stopped the start with a
+    traceback instead of falling back to the snapshot before it."""
+    lsn = extra.get("lsn", 0)
+    if isinstance(lsn, bool) or not isinstance(lsn, int) or not 0 <= lsn < 2**63:
+        raise SnapshotError(f"{path}: the last lsn it covers, {lsn!r:.40}, is not a whole number")
+    return lsn

@@ -159,6 +159,37 @@ def test_damaged_snapshot_falls_back_to_the_previous_generation(bundles, tmp_pat
     np.testing.assert_array_equal(fresh.state_of("dev")[1], engine.state_of("dev")[1])
 
 
+@pytest.mark.parametrize("lsn", [None, "x", float("inf"), 2.5])
+def test_a_snapshot_whose_covered_lsn_is_no_number_falls_back_to_the_one_before(
+    bundles, tmp_path, lsn
+):
+    """An intact snapshot (its digest made again after an edit, or another writer's) whose
+    ``lsn`` is no whole number stopped the start with a TypeError, ValueError or
+    OverflowError; it is now passed over as a damaged one is."""
+    from tests.test_snapshot_format import resigned
+
+    engine = edge.load(bundles / "clf-int8")
+    j = Journal(tmp_path / "state")
+    j.recover(engine.restore)
+    j.open()
+    for seq in (1, 2):
+        j.append([Record("dev", seq, None, np.full((1, 6), 0.5), lsn=seq)])
+        engine.step("dev", np.full(6, 0.5), seq=seq)
+        j.checkpoint(engine.snapshot, [Mark(seq)], {"lsn": seq})
+    j.close()
+    snap = tmp_path / "state" / "snap-00000002.bin"
+    edit = lambda h: {**h, "extra": {**h["extra"], "lsn": lsn}}  # noqa: E731
+    snap.write_bytes(resigned(snap.read_bytes(), edit))
+    fresh = edge.load(bundles / "clf-int8")
+    got = Journal(tmp_path / "state").recover(fresh.restore)
+    assert got.generation == 1 and got.base_lsn == 1
+    assert got.damaged_snapshots == [
+        f"{snap}: the last lsn it covers, {lsn!r}, is not a whole number"
+    ]
+    assert [r.seq for r in got.entries if isinstance(r, Record)] == [2]
+    assert fresh.last_seq("dev") == 1
+
+
 def test_carried_copies_are_not_replayed_twice(tmp_path):
     j = Journal(tmp_path)
     j.recover(no_restore)

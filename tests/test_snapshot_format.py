@@ -64,19 +64,20 @@ def test_missing_file_names_the_path(tmp_path):
         fmt.read(tmp_path / "nope.bin")
 
 
-def signed(header_edit) -> bytes:
-    """A snapshot whose header ``header_edit`` changed, its digest made again: intact as far
-    as the digest can tell, as one of another writer or edited by hand would be."""
+def resigned(data: bytes, header_edit) -> bytes:
+    """Snapshot ``data`` with its header changed by ``header_edit``, its digest made again:
+    intact as far as the digest can tell, as one of another writer or edited by hand would be."""
     import hashlib
     import json
 
-    data = fmt.encode(sample())
     _, version, _, hlen = fmt._HEAD.unpack_from(data)
-    header = json.loads(data[16 : 16 + hlen])
-    header = header_edit(header)
-    head = json.dumps(header).encode()
+    head = json.dumps(header_edit(json.loads(data[16 : 16 + hlen]))).encode()
     body = fmt._HEAD.pack(fmt.MAGIC, version, 0, len(head)) + head + data[16 + hlen : -32]
     return body + hashlib.sha256(body).digest()
+
+
+def signed(header_edit) -> bytes:
+    return resigned(fmt.encode(sample()), header_edit)
 
 
 def edited(key, value):

@@ -14,6 +14,7 @@ the whole sequence.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,12 @@ def load_model(path: str | Path) -> object:
     p = input_file(path, missing="model file not found")
     if p.suffix not in (".keras", ".h5", ".hdf5"):
         raise ConvertError(f"{p}: expected a .keras (or legacy .h5) or an .onnx model file")
+    if p.suffix == ".keras" and not zipfile.is_zipfile(p):
+        # Keras says "File not found" of a file that is there but is no zip archive
+        raise ConvertError(
+            f"{p}: Keras cannot read this model: it is not a zip archive, as a .keras file is "
+            "(damaged, cut short, or another format renamed)"
+        )
     import keras
 
     try:

@@ -59,6 +59,19 @@ def test_unreadable_model(capsys, tmp_path, src):
     assert_refused(code, out, "Keras cannot read this model", tmp_path)
 
 
+@pytest.mark.parametrize("content", [b"", b"not a zip", b"PK\x03\x04cut short"])
+def test_a_keras_file_that_is_no_zip_archive_is_not_said_to_be_missing(
+    capsys, tmp_path, src, content
+):
+    """Keras answered "File not found" of a .keras file that is there but is no zip archive
+    (empty, cut short, another format renamed): the line now says what is wrong with it."""
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(content)
+    code, out = convert(capsys, bad, src / "model.calib.npy", str(tmp_path / "out"))
+    assert_refused(code, out, f"{bad}: Keras cannot read this model: it is not a zip", tmp_path)
+    assert "not found" not in out.err
+
+
 def one_value(value, index):
     """Zero sequences but for one value, finite in float32: a sensor glitch."""
     x = np.zeros((2, 10, 6), np.float32)

@@ -65,6 +65,35 @@ class PartitionSnapshot:
         (directory / "wal-00000001.log").write_bytes(self.segment)
 
 
+def _check_head(head: Any) -> None:
+    """The header's fields of the types ``unpack`` reads them as, else ValueError naming the bad
+    value. The crc only tells damage: a header of another writer had ``int()`` raise
+    OverflowError on Infinity, truncate 1.5, take a negative size (the log segment then began
+    inside the header), ``str()`` read a null stream id as "None", and twins that are not
+    [hex key, count] pairs failed the restore later with a TypeError."""
+    if not isinstance(head, dict):
+        raise ValueError(f"the header is {type(head).__name__}, not a JSON object")
+    counts = ["partition", "generation", "covered", "snapshot", "segment"]
+    for key in counts + ["partitions"] * ("partitions" in head):
+        value = head.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key} {value!r:.40} is not a whole number >= 0")
+    if not isinstance(head.get("stream", ""), str):
+        raise ValueError(f"stream {head['stream']!r:.40} is not a string")
+    twins = head.get("twins", [])
+    if not isinstance(twins, list) or not all(
+        isinstance(pair, list)
+        and len(pair) == 2
+        and isinstance(pair[0], str)
+        and isinstance(pair[1], int)
+        and not isinstance(pair[1], bool)
+        for pair in twins
+    ):
+        raise ValueError(f"twins {twins!r:.60} is not a list of [key, count] pairs")
+    for key, _ in twins:
+        bytes.fromhex(key)  # its ValueError names the bad character
+
+
 def unpack(blob: bytes) -> PartitionSnapshot:
     if len(blob) < len(MAGIC) + 8 or not blob.startswith(MAGIC):
         raise SnapshotError("not a partition snapshot (bad magic)")
@@ -76,54 +105,20 @@ def unpack(blob: bytes) -> PartitionSnapshot:
     at += 4
     try:
         head = json.loads(body[at : at + n])
-        if not isinstance(head, dict):
-            raise ValueError(f"the header is {type(head).__name__}, not a JSON object")
+        _check_head(head)
         at += n
-        snap_len, seg_len = _count(head, "snapshot"), _count(head, "segment")
+        snap_len, seg_len = int(head["snapshot"]), int(head["segment"])
         if at + snap_len + seg_len != len(body):
             raise ValueError("sizes do not add up")
         return PartitionSnapshot(
-            _count(head, "partition"),
-            _count(head, "generation"),
-            _count(head, "covered"),
+            int(head["partition"]),
+            int(head["generation"]),
+            int(head["covered"]),
             body[at : at + snap_len],
             body[at + snap_len :],
-            _text(head, "stream"),
-            _twins(head.get("twins", [])),
-            _count(head, "partitions", 0),
+            str(head.get("stream", "")),
+            list(head.get("twins", [])),
+            int(head.get("partitions", 0)),
         )
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise SnapshotError(f"partition snapshot header unreadable: {exc}") from exc
-
-
-def _count(head: dict[str, Any], key: str, default: int | None = None) -> int:
-    """A whole number >= 0 of the header. The crc only tells damage: a header of another writer
-    had ``int()`` raise OverflowError on Infinity, truncate 1.5, take a negative size (the log
-    segment then began inside the header), and a partition or generation below 0."""
-    value = head[key] if default is None else head.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{key} {value!r:.40} is not a whole number >= 0")
-    return value
-
-
-def _text(head: dict[str, Any], key: str) -> str:
-    value = head.get(key, "")
-    if not isinstance(value, str):  # str() made "None" of a null, a stream id never seen
-        raise ValueError(f"{key} {value!r:.40} is not a string")
-    return value
-
-
-def _twins(value: Any) -> list[list[Any]]:
-    """``Twins.export()``: [hex key, count] pairs (restored, anything else raised TypeError)."""
-    if not isinstance(value, list) or not all(
-        isinstance(pair, list)
-        and len(pair) == 2
-        and isinstance(pair[0], str)
-        and isinstance(pair[1], int)
-        and not isinstance(pair[1], bool)
-        for pair in value
-    ):
-        raise ValueError(f"twins {value!r:.60} is not a list of [key, count] pairs")
-    for key, _ in value:
-        bytes.fromhex(key)  # its ValueError names the bad character
-    return value

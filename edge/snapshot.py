@@ -92,6 +92,37 @@ def chunks(snap: Snapshot) -> Iterator[bytes | memoryview]:
     yield digest.digest()
 
 
+def _check_header(header: Any, version: int, size: int) -> None:
+    """The header's fields of the types decode reads them as, else ValueError naming the bad
+    value. The digest only says the file is as written: a header of another writer (or edited
+    and signed again) crashed the restore with a KeyError or TypeError, a count of streams'
+    state past the file's size with an OverflowError, and a stream listed twice or a number
+    for a name was taken, one stream's state silently lost."""
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is {type(header).__name__}, not a JSON object")
+    if not isinstance(header.get("model_sha256"), str):
+        raise ValueError(f"model_sha256 {header.get('model_sha256')!r:.40} is not a string")
+    streams = header.get("streams")
+    if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
+        raise ValueError(f"streams {streams!r:.60} is not a list of stream ids")
+    seen: set[str] = set()
+    for s in streams:
+        if s in seen:
+            raise ValueError(f"stream {s!r:.60} is listed twice")
+        seen.add(s)
+    if not isinstance(header.get("extra", {}) or {}, dict):
+        raise ValueError(f"extra {header['extra']!r:.40} is not a JSON object")
+    layout = header.get("state_layout")
+    if not isinstance(layout, list) or not all(isinstance(x, list) and len(x) > 2 for x in layout):
+        raise ValueError(f"state_layout {layout!r:.60} is not a list of tensor descriptions")
+    counts = [(f"state_layout {x[0]!r:.40} width", x[1]) for x in layout]
+    if version >= 2:
+        counts += [(k, header.get(k)) for k in ("boot_history", "gap_slots")]
+    for name, value in counts:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= size:
+            raise ValueError(f"{name} {value!r:.40} is not a whole number the file can hold")
+
+
 def decode(data: bytes, where: str = "snapshot") -> Snapshot:
     if len(data) < _HEAD.size + 32 or data[:8] != MAGIC:
         raise SnapshotError(f"{where}: not an edge-lstm snapshot (bad magic or too short)")
@@ -143,37 +174,6 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
         boots,
         gaps,
     )
-
-
-def _check_header(header: Any, version: int, size: int) -> None:
-    """The header's fields of the types decode reads them as, else ValueError naming the bad
-    value. The digest only says the file is as written: a header of another writer (or edited
-    and signed again) crashed the restore with a KeyError or TypeError, a count of streams'
-    state past the file's size with an OverflowError, and a stream listed twice or a number
-    for a name was taken, one stream's state silently lost."""
-    if not isinstance(header, dict):
-        raise ValueError(f"the header is {type(header).__name__}, not a JSON object")
-    if not isinstance(header.get("model_sha256"), str):
-        raise ValueError(f"model_sha256 {header.get('model_sha256')!r:.40} is not a string")
-    streams = header.get("streams")
-    if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
-        raise ValueError(f"streams {streams!r:.60} is not a list of stream ids")
-    seen: set[str] = set()
-    for s in streams:
-        if s in seen:
-            raise ValueError(f"stream {s!r:.60} is listed twice")
-        seen.add(s)
-    if not isinstance(header.get("extra", {}) or {}, dict):
-        raise ValueError(f"extra {header['extra']!r:.40} is not a JSON object")
-    layout = header.get("state_layout")
-    if not isinstance(layout, list) or not all(isinstance(x, list) and len(x) > 2 for x in layout):
-        raise ValueError(f"state_layout {layout!r:.60} is not a list of tensor descriptions")
-    counts = [(f"state_layout {x[0]!r:.40} width", x[1]) for x in layout]
-    if version >= 2:
-        counts += [(k, header.get(k)) for k in ("boot_history", "gap_slots")]
-    for name, value in counts:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= size:
-            raise ValueError(f"{name} {value!r:.40} is not a whole number the file can hold")
 
 
 def write_atomic(path: str | Path, data: bytes | Iterable[bytes | memoryview]) -> None:

@@ -544,7 +544,8 @@ def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
         data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError as exc:
         raise BundleError(f"{mpath}: missing; is {d} a bundle made by lstm-convert?") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: malformed JSON, or
+        # an integer of more digits than Python converts (a traceback until it was caught)
         raise BundleError(f"{mpath}: unreadable: {exc}") from exc
     except RecursionError as exc:  # nesting far beyond any manifest's
         raise BundleError(f"{mpath}: unreadable: JSON nested too deeply") from exc

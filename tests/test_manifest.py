@@ -182,6 +182,17 @@ def test_missing_and_garbled_manifests(tmp_path):
         read_bundle(tmp_path)
 
 
+def test_a_manifest_number_of_more_digits_than_python_converts_is_unreadable(
+    manifest_dict, tmp_path
+):
+    """json.loads raises a plain ValueError (not a JSONDecodeError) for an integer of more than
+    4300 digits: it escaped as a traceback from every command that loads the bundle."""
+    text = json.dumps(manifest_dict)[:-1] + ', "note": ' + "9" * 5000 + "}"
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(BundleError, match="manifest.json: unreadable: Exceeds the limit"):
+        read_bundle(tmp_path)
+
+
 def test_model_file_cannot_escape_the_bundle(manifest_dict, tmp_path):
     manifest_dict["model_file"] = "../elsewhere.tflite"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest_dict))

@@ -329,19 +329,26 @@ def _overlap(a: str, b: str) -> bool:
     return len(la) == len(lb) and all(x == y or x in wild or y in wild for x, y in zip(la, lb))
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
+    """The tables of a configuration file (serve's and the worker's), or one line naming it."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the configuration file: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # a TOMLDecodeError, or (a plain ValueError, a traceback until it
+        # was caught) an integer of more digits than Python converts
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    return data
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    data = read_toml(path)
     section = data.get("serve", data)
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [serve] must be a table")

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,18 +89,7 @@ def _read_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(processing keys, worker keys) of the TOML file."""
     if not path:
         return {}, {}
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration file: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    data = config.read_toml(Path(path))
     worker = data.pop("worker", {})
     serve = data.get("serve", data)
     if not isinstance(worker, dict) or not isinstance(serve, dict):

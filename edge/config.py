@@ -404,6 +404,11 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         )
     if not cfg.state_dir.strip():
         raise ConfigError("state_dir is empty: name a directory (it is created if missing)")
+    for name in ("model", "state_dir", "password_file", "tls_ca", "tls_cert", "tls_key"):
+        if "\0" in getattr(cfg, name):  # a TOML "\u0000": the state_dir's mkdir raised ValueError
+            raise ConfigError(
+                f"{name} = {getattr(cfg, name)!r}: a path cannot hold a NUL character"
+            )
     positive = (
         "queue_size",
         "max_unacked",

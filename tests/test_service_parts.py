@@ -163,6 +163,8 @@ def test_config_precedence_and_errors(tmp_path):
         ("broker", "unix://run/m.sock", "expected unix:///PATH, the socket's absolute path"),
         ("broker", "unix:///run/m.sock?x=1", "expected unix:///PATH"),
         ("state_dir", "", "state_dir is empty"),
+        ("state_dir", "a\0b", r"state_dir = 'a\\x00b': a path cannot hold a NUL character"),
+        ("model", "m\0", r"model = 'm\\x00': a path cannot hold a NUL character"),
         ("status_topic", "edge/#/{runtime_id}", "status_topic = 'edge/#/{runtime_id}'"),
         ("stats_topic", "edge/+/x", "stats_topic = 'edge/\\+/x'"),
         ("runtime_control_topic", "a/{stream}", "runtime_control_topic = 'a/{stream}'"),

@@ -331,8 +331,7 @@ class Processor:
             self.metrics.inc("wal_damaged")
         self.lsn = self.mark = rec.last_lsn
         self._recovered_settings(rec.extra.get("replay"))
-        self.reorder.load(rec.extra.get("reorder") or {})
-        self.reorder.load_boots(rec.extra.get("reorder_boots") or {})
+        self._load_reorder(rec.extra)
         self._load_flags(rec.extra.get("restart") or {})
         self._load_resets(rec.extra.get("resets"))
         outs: list[Outbound] = []
@@ -454,7 +453,7 @@ class Processor:
             kept = (str(s) for s in doc.get("kept") or ())
             self._kept_restarted = {s for s in kept if s in self.engine.store}
             self._restarted.load(doc.get("evicted"))  # beside those of streams evicted by it
-        except (TypeError, ValueError, zlib.error) as exc:  # a header of a later version
+        except (TypeError, ValueError, AttributeError, zlib.error) as exc:  # a later version's
             log.error(
                 "restart flags in the snapshot unreadable (%s): every stream's next "
                 "prediction says restart",
@@ -468,8 +467,24 @@ class Processor:
             for pid, stream, seq, boot, rebase, nxt, lsn in saved or ():
                 boot, nxt = (None if v is None else int(v) for v in (boot, nxt))
                 self._resets[int(pid)] = (str(stream), int(seq), boot, bool(rebase), nxt, int(lsn))
-        except (TypeError, ValueError) as exc:  # a header of a later version
+        except (TypeError, ValueError, OverflowError) as exc:  # a header of a later version
             log.error("resets in the snapshot unreadable (%s): redeliveries reset anew", exc)
+
+    def _load_reorder(self, extra: dict[str, Any]) -> None:
+        """What the reorder buffer expected of each stream. Unreadable (a header of another
+        writer: a traceback at start until it was caught), it expects what the engine says."""
+        for load, key in (
+            (self.reorder.load, "reorder"),
+            (self.reorder.load_boots, "reorder_boots"),
+        ):
+            try:
+                load(extra.get(key) or {})
+            except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+                log.error(
+                    "%s in the snapshot unreadable (%s): the engine's last seq is expected",
+                    key,
+                    exc,
+                )
 
     def _packet_id(self, msg: Inbound) -> int:
         """The broker's packet id of a message (0: none, or not an MQTT broker's)."""

@@ -106,10 +106,16 @@ class Reorderer:
         return out
 
     def load(self, saved: dict[str, list[Any]]) -> None:
-        for stream, (nxt, voids) in saved.items():
-            self._next[stream] = int(nxt)
+        """``export``'s records; all or, on a malformed one (ValueError, TypeError,
+        AttributeError, OverflowError), none of them."""
+        loaded = {
+            str(stream): (int(nxt), {int(v) for v in voids or ()})
+            for stream, (nxt, voids) in saved.items()
+        }
+        for stream, (nxt, voids) in loaded.items():
+            self._next[stream] = nxt
             if voids:
-                self._void[stream] = {int(v) for v in voids}
+                self._void[stream] = voids
 
     def export_boots(
         self, boots: Callable[[str], tuple[int | None, list[int]]]
@@ -126,8 +132,10 @@ class Reorderer:
         }
 
     def load_boots(self, saved: dict[str, list[Any]]) -> None:
-        for stream, (cur, old) in saved.items():
-            self._boots[stream] = (int(cur), [int(b) for b in old])
+        """``export_boots``'s records; all or, on a malformed one, none of them (as ``load``)."""
+        self._boots.update(
+            {str(stream): (int(cur), [int(b) for b in old]) for stream, (cur, old) in saved.items()}
+        )
 
     def force(self, stream: str, seq: int) -> list[Record]:
         """Release the held record ``seq`` of ``stream`` as ``expire`` once did (log replay)."""

@@ -1146,3 +1146,40 @@ def test_samples_whose_answers_a_predecessor_sent_are_not_counted_as_latency(bun
     assert p.engine.last_seq("a") == 5
     assert p.metrics.e2e_latency.count == 2  # seq 4 and 5: answered now, 30 s late
     p.journal.close()
+
+
+@pytest.mark.parametrize(
+    "records, said",
+    [
+        ({"reorder": -1}, "reorder in the snapshot unreadable"),
+        ({"reorder": {"a": 1}}, "reorder in the snapshot unreadable"),
+        ({"reorder_boots": {"a": [float("inf"), []]}}, "reorder_boots in the snapshot unreadable"),
+        ({"restart": -1}, "restart flags in the snapshot unreadable"),
+        (
+            {"resets": [[float("inf"), "a", 1, None, False, None, 1]]},
+            "resets in the snapshot unreadable",
+        ),
+    ],
+)
+def test_a_snapshot_whose_processor_records_are_unreadable_still_starts(
+    bundles, tmp_path, caplog, records, said
+):
+    """An intact snapshot (its digest made again after an edit, or another writer's) whose
+    records of the reorder buffer, restart flags or resets were of another shape stopped the
+    start with an AttributeError, TypeError or OverflowError. Each is now logged and left out,
+    as a record of a later version is, and the service answers."""
+    from tests.test_snapshot_format import resigned
+
+    state = tmp_path / "state"
+    p = make(bundles, state)
+    p.handle([msg("a", 1, np.zeros(6)), msg("a", 3, np.zeros(6))])
+    assert p.checkpoint()
+    p.journal.close()
+    snap = sorted(state.glob("snap-*.bin"))[-1]
+    edit = lambda h: {**h, "extra": {**h["extra"], **records}}  # noqa: E731
+    snap.write_bytes(resigned(snap.read_bytes(), edit))
+    again = make(bundles, state)
+    assert said in caplog.text
+    again.handle([msg("b", 1, np.zeros(6))])
+    again.tick(release_all=True)
+    assert any(o.topic == "predictions/b" for o in answers(again))

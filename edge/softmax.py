@@ -23,6 +23,7 @@ from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 
 import numpy as np
 
+KEPT_ROWS = 4096  # the largest batch whose working buffers are kept for the next call
 ONE = 1 << 40  # the table's fixed point: K * 2**40 stays exact in float64 up to 8,192 classes
 
 
@@ -46,6 +47,11 @@ class IntSoftmax:
     def __init__(self, scale: float) -> None:
         self.table = exp_table(scale)
         self._ints: list[int] = self.table.tolist()
+        # The same integers as float64 (exact below 2**53): the sums and the division need no
+        # int64 -> float64 conversion of their own.
+        self._exact = self.table.astype(np.float64)
+        self._shape: tuple[int, ...] = ()  # the shape ``_work`` holds buffers for
+        self._work: tuple[np.ndarray, ...] = ()
 
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         if raw.size == raw.shape[-1]:  # one row: Python ints cost a third of NumPy calls
@@ -54,8 +60,31 @@ class IntSoftmax:
             e = [self._ints[top - v] for v in q]
             total = sum(e)  # int / int is correctly rounded, as the division below
             return np.array([v / total for v in e], np.float32).reshape(raw.shape)
+        if raw.ndim == 2:
+            return self._rows_of(raw)
         # classes first: reductions over a short last axis cost NumPy several times more
         t = np.ascontiguousarray(raw.T)
         e = self.table[(t.max(axis=0) - t).view(np.uint8)]  # int8 wraps: d = max - q, 0..255
         out: np.ndarray = (e / e.sum(axis=0)).T.astype(np.float32)
+        return out
+
+    def _rows_of(self, raw: np.ndarray) -> np.ndarray:
+        """The same arithmetic for ``[n, classes]`` in buffers kept while the shape repeats
+        (the service's batches): at these sizes each temporary costs as much as the arithmetic.
+        A long chunk's buffers are not kept."""
+        work = self._work
+        if raw.shape != self._shape:
+            n, c = raw.shape
+            t, d = np.empty((c, n), np.int8), np.empty((c, n), np.int8)
+            work = (t, np.empty(n, np.int8), d, d.view(np.uint8), np.empty((c, n)), np.empty(n))
+            if n <= KEPT_ROWS:
+                self._work, self._shape = work, raw.shape
+        t, top, d, du, e, total = work
+        np.copyto(t, raw.T)  # classes first: reductions over a short last axis cost more
+        np.maximum.reduce(t, axis=0, out=top)
+        np.subtract(top, t, out=d)  # int8 wraps: d = max - q, 0..255 read as uint8
+        self._exact.take(du, out=e)
+        np.add.reduce(e, axis=0, out=total)
+        np.divide(e, total, out=e)
+        out: np.ndarray = e.T.astype(np.float32)
         return out

@@ -79,3 +79,22 @@ def test_any_leading_shape():
     assert sm(raw).tobytes() == rows.tobytes()
     assert sm(raw[:1]).tobytes() == rows[:1].tobytes()
     assert sm(raw[0]).tobytes() == rows[0].tobytes()
+
+
+def test_batches_of_changing_shapes_keep_their_own_results():
+    """The batch path keeps its working buffers while the shape repeats: every result is the
+    row-by-row one, and a later call (same shape, another shape, a long chunk) leaves the
+    arrays handed out before untouched."""
+    sm = IntSoftmax(SCALE)
+    rng = np.random.default_rng(7)
+    shapes = [(64, 4), (64, 4), (5, 4), (64, 4), (5000, 4), (64, 9), (3, 4), (64, 4)]
+    given, kept = [], []
+    for shape in shapes:
+        raw = rng.integers(-128, 128, shape).astype(np.int8)
+        p = sm(raw)
+        rows = np.stack([sm(r) for r in raw])
+        assert p.tobytes() == rows.tobytes()
+        given.append(p)
+        kept.append(p.copy())
+    for p, copy in zip(given, kept):
+        assert p.tobytes() == copy.tobytes()

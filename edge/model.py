@@ -157,7 +157,7 @@ class StepModel:
 
     def encode_x_into(self, values: np.ndarray, out: np.ndarray) -> None:
         """``encode_x`` written straight into ``out`` (a bound input tensor): the same float64
-        operations in the same order, bit for bit, in a scratch array kept per shape (at the
+        results, bit for bit, in a scratch array kept per shape (at the
         service's small batches each temporary costs as much as the arithmetic)."""
         spec, mean, std = self.x_spec, self._mean, self._std
         if mean is None and not spec.quantized:
@@ -173,13 +173,17 @@ class StepModel:
                 np.divide(v, spec.scale, out=v)
         else:
             np.divide(values, spec.scale, out=v)
-        if spec.quantized:
-            lo, hi = INT_RANGES[spec.dtype]
-            np.rint(v, out=v)
-            np.add(v, spec.zero_point, out=v)
-            np.maximum(v, lo, out=v)  # np.clip, without its per-call overhead
-            np.minimum(v, hi, out=v)
-        out[...] = v
+        if not spec.quantized:
+            out[...] = v
+            return
+        # Clipped to the integer range before rounding, not after: rint is monotone and keeps
+        # integers, so the bits are ``quantize``'s, and the last add writes the int8 itself.
+        lo, hi = INT_RANGES[spec.dtype]
+        zp = spec.zero_point
+        np.maximum(v, lo - zp, out=v)  # np.clip, without its per-call overhead
+        np.minimum(v, hi - zp, out=v)
+        np.rint(v, out=v)
+        np.add(v, zp, out=out, casting="unsafe")
 
     def _scratch_view(self, shape: tuple[int, ...]) -> np.ndarray:
         """A float64 view of ``shape`` on one buffer that grows to the largest batch seen."""

@@ -23,15 +23,19 @@ import numpy as np
 
 from .backend import SignatureRunner
 from .errors import BackendError
+from .state_store import as_records
 
 
 class Binding(Protocol):
     """``inputs`` = [x, *state inputs], ``outputs`` = [y, *state outputs], each ``[rows, width]``;
-    valid until the next ``bind`` with another row count."""
+    ``state_in``/``state_out``: the state ones as ``as_records`` views. All valid until the next
+    ``bind`` with another row count."""
 
     rows: int
     inputs: list[np.ndarray]
     outputs: list[np.ndarray]
+    state_in: list[np.ndarray]
+    state_out: list[np.ndarray]
     rebinds: int
 
     def bind(self, rows: int) -> None: ...
@@ -62,11 +66,14 @@ class TensorBinding:
         self.rebinds = 0
         self.inputs: list[np.ndarray] = []
         self.outputs: list[np.ndarray] = []
+        self.state_in: list[np.ndarray] = []
+        self.state_out: list[np.ndarray] = []
 
     def bind(self, rows: int) -> None:
         if rows == self.rows:
             return
-        self.inputs, self.outputs = [], []  # no view may outlive the buffers it shows
+        # no view may outlive the buffers it shows
+        self.inputs, self.outputs, self.state_in, self.state_out = [], [], [], []
         w, sub = self._wrapper, self._sub
         try:
             for index, width in zip(self._in, self._widths):
@@ -74,6 +81,8 @@ class TensorBinding:
             w.AllocateTensors(sub)
             self.inputs = [w.tensor(w, i, sub) for i in self._in]
             self.outputs = [w.tensor(w, i, sub) for i in self._out]
+            self.state_in = [as_records(a) for a in self.inputs[1:]]
+            self.state_out = [as_records(a) for a in self.outputs[1:]]
         except Exception as exc:
             self.rows = 0
             raise BackendError(f"cannot bind the model's tensors for {rows} rows: {exc}") from exc
@@ -107,12 +116,16 @@ class RunnerBinding:
         self.rebinds = 0
         self.inputs: list[np.ndarray] = []
         self.outputs: list[np.ndarray] = []
+        self.state_in: list[np.ndarray] = []
+        self.state_out: list[np.ndarray] = []
 
     def bind(self, rows: int) -> None:
         if rows == self.rows:
             return
         arrays = [np.zeros((rows, w), d) for d, w in zip(self._dtypes, self._widths)]
         self.inputs, self.outputs = arrays[: len(self._in)], arrays[len(self._in) :]
+        self.state_in = [as_records(a) for a in self.inputs[1:]]
+        self.state_out = [as_records(a) for a in self.outputs[1:]]
         self.rows = rows
         self.rebinds += 1
 

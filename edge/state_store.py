@@ -32,6 +32,12 @@ GAP_SLOTS = 4  # the last gaps remembered per stream, to tell a late sample from
 U32 = 1 << 32
 
 
+def as_records(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous ``[rows, width]`` array as a 1-D array of one opaque item per row (the
+    same memory): NumPy gathers and scatters whole rows of it several times faster."""
+    return a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).reshape(-1)
+
+
 class Departed:
     """The last seq and current boot of evicted streams, in a fixed table of hashed slots
     (made at the first eviction). A stream that comes back is numbered on from there: a sample
@@ -138,7 +144,10 @@ class StateStore:
         self._clock = clock
         self._rows: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
         self._free: list[int] = []
-        self.arrays: list[np.ndarray] = [np.empty((0, z.shape[1]), z.dtype) for z in self._zero]
+        self.arrays = [np.empty((0, z.shape[1]), z.dtype) for z in self._zero]
+        # Counts every change to which streams hold rows and to their LRU order: equal counts,
+        # the same streams in the same rows and order.
+        self.moves = 0
         self.last_seq = np.empty(0, np.int64)
         self.last_seen = np.empty(0, np.float64)
         self.boots = np.empty((0, BOOT_HISTORY), np.int64)
@@ -164,6 +173,15 @@ class StateStore:
     @property
     def streams(self) -> list[str]:
         return list(self._rows)
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        return self._arrays
+
+    @arrays.setter
+    def arrays(self, value: list[np.ndarray]) -> None:
+        self._arrays = value
+        self.records: list[np.ndarray] = [as_records(a) for a in value]  # a row per item
 
     @property
     def zero_row(self) -> list[np.ndarray]:
@@ -212,6 +230,7 @@ class StateStore:
         streams = list(streams)
         out = self.lookup(streams) if rows is None else rows.astype(np.intp, copy=True)
         move = self._rows.move_to_end
+        self.moves += 1
         if not len(out) or out.min() >= 0:
             new = []
             for stream in streams:
@@ -244,14 +263,21 @@ class StateStore:
     def touch_many(self, streams: Sequence[str], rows: np.ndarray) -> None:
         """Mark known streams (and their rows) as just used, in this order."""
         deque(map(self._rows.move_to_end, streams), maxlen=0)
+        self.moves += 1
+        self.last_seen[rows] = self._clock()
+
+    def stamp(self, rows: np.ndarray) -> None:
+        """Mark rows as just used whose streams are the most recently used already."""
         self.last_seen[rows] = self._clock()
 
     def touch(self, stream: str, row: int) -> None:
         """Mark one known stream as just used."""
         self._rows.move_to_end(stream)
+        self.moves += 1
         self.last_seen[row] = self._clock()
 
     def _depart(self, stream: str, row: int) -> None:
+        self.moves += 1
         self.recalled.discard(stream)
         seq, boot = int(self.last_seq[row]), int(self.boots[row, 0])
         if seq != NO_SEQ or boot != NO_BOOT:
@@ -357,6 +383,7 @@ class StateStore:
         self.recalled.discard(stream)
         row = self._rows.pop(stream, None)
         if row is not None:
+            self.moves += 1
             self._free.append(row)
 
     def depart_shed(self) -> list[str]:
@@ -436,6 +463,7 @@ class StateStore:
             boots = None if boots is None else boots[over:]
             gaps = None if gaps is None else gaps[over:]
         self._rows.clear()
+        self.moves += 1
         self._free.clear()
         self.arrays = [np.empty((0, z.shape[1]), z.dtype) for z in self._zero]
         self.last_seq = np.empty(0, np.int64)

@@ -434,3 +434,68 @@ def test_a_batch_wider_than_the_capacity_is_refused_before_anything_changes(load
     # a batch of at most capacity streams still runs: a returns (restart), b's gap is counted
     outs = engine.step_many(chunks[:3])
     assert outs[0].restart and outs[1].gap == 0 and outs[1].duplicates == 1
+
+
+# Between steady batches (every stream known, each its next seq): the same streams again, in
+# another order, a subset, one stream stepped alone, a stream reset, evicted (as when idle) or
+# removed; a batch with streams evicted or removed since is no steady one.
+STEADY_OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("batch"), st.lists(st.integers(0, 7), min_size=1, max_size=8, unique=True)
+        ),
+        st.tuples(st.just("again"), st.just(0)),
+        st.tuples(st.sampled_from(["alone", "reset", "evict", "remove"]), st.integers(0, 7)),
+    ),
+    min_size=1,
+    max_size=16,
+)
+
+
+@SETTINGS
+@given(ops=STEADY_OPS, seed=st.integers(0, 999), name=st.sampled_from(QUANTIZED))
+def test_steady_batches_of_changing_streams_equal_each_stream_alone(load, ops, seed, name):
+    """Steady batches whose streams repeat, change, shrink, grow, or were reset, evicted or
+    removed in between give exactly what each stream stepped alone gives: the same outputs,
+    state, last seq, and least-recently-used order."""
+    batched, alone = load(name), load(name)
+    f = batched.manifest.features
+    ids = [f"s{i}" for i in range(8)]
+    nxt = dict.fromkeys(ids, 1)
+    new = set(ids)  # unknown and not evicted: a batch gives them rows after the others
+    last = ids
+    for j, (op, arg) in enumerate([("batch", list(range(8))), *ops]):
+        s = ids[arg] if isinstance(arg, int) else ""
+        if op in ("batch", "again"):
+            streams = last if op == "again" else [ids[i] for i in arg]
+            x = samples(len(streams), seed + j, f)
+            seqs = np.array([nxt[t] for t in streams], np.int64)
+            got = batched.step_batch(list(streams), x, seqs=seqs)
+            for i in sorted(range(len(streams)), key=lambda i: streams[i] in new):
+                want = alone.step(streams[i], x[i], seq=nxt[streams[i]])
+                np.testing.assert_array_equal(got.y_of(i)[0], want)
+            for t in streams:
+                nxt[t] += 1
+            new -= set(streams)
+            last = streams
+        elif op == "alone":
+            x1 = samples(1, seed + j, f)[0]
+            np.testing.assert_array_equal(
+                batched.step(s, x1, seq=nxt[s]), alone.step(s, x1, seq=nxt[s])
+            )
+            nxt[s] += 1
+            new.discard(s)
+        elif op == "reset":
+            for e in (batched, alone):
+                e.reset(s)
+        elif op == "evict":
+            for e in (batched, alone):
+                e.store.evict([s])  # as when idle: numbered on once back
+        else:
+            for e in (batched, alone):
+                e.store.remove(s)  # forgotten for good: it starts over
+            nxt[s] = 1
+            new.add(s)
+        assert batched.store.streams == alone.store.streams
+        for t in ids:
+            assert same_state(batched, alone, t) and batched.last_seq(t) == alone.last_seq(t)

@@ -76,6 +76,10 @@ class StepModel:
         self._mean, self._std = _input_normalization(manifest)
         self._scratch: dict[tuple[int, ...], np.ndarray] = {}  # encode_x_into's, by shape
         self._scratch_base = np.empty(0, np.float64)
+        # the quantised input's range less its zero point, and the zero point, as floats
+        lo, hi = INT_RANGES.get(self.x_spec.dtype, (0, 0))
+        zp = self.x_spec.zero_point
+        self._x_range = (float(lo - zp), float(hi - zp), float(zp))
         self._check_signature(self._runner)
         self.binding: Binding = bind(
             interpreter,
@@ -177,13 +181,14 @@ class StepModel:
             out[...] = v
             return
         # Clipped to the integer range before rounding, not after: rint is monotone and keeps
-        # integers, so the bits are ``quantize``'s, and the last add writes the int8 itself.
-        lo, hi = INT_RANGES[spec.dtype]
-        zp = spec.zero_point
-        np.maximum(v, lo - zp, out=v)  # np.clip, without its per-call overhead
-        np.minimum(v, hi - zp, out=v)
+        # integers, so the bits are ``quantize``'s. Float operands: NumPy converts an int each
+        # call.
+        lo, hi, zp = self._x_range
+        np.maximum(v, lo, out=v)  # np.clip, without its per-call overhead
+        np.minimum(v, hi, out=v)
         np.rint(v, out=v)
-        np.add(v, zp, out=out, casting="unsafe")
+        np.add(v, zp, out=v)
+        out[...] = v
 
     def _scratch_view(self, shape: tuple[int, ...]) -> np.ndarray:
         """A float64 view of ``shape`` on one buffer that grows to the largest batch seen."""

@@ -650,13 +650,15 @@ class Engine:
             return None
         if x.shape != (n, f) or sq.shape != (n,):
             return None
-        hi = sq.max()
-        if hi >= U32:
-            return None
-        unsequenced = hi == NO_SEQ
-        if unsequenced:  # all without seq: nothing to admit, no boots to look at
-            if not self.allow_unsequenced or sq.min() != NO_SEQ:  # -5 is no "none" mark
+        prev = sq - 1
+        # every seq in 1 .. 2**32 - 1: its predecessor read unsigned (a negative one is huge)
+        unsequenced = int(prev.view(np.uint64).max()) >= U32 - 1
+        if not unsequenced:  # each the next of its stream: a start, gap, replay or wrap is not
+            if prev.tobytes() != store.last_seq.take(rows).tobytes():  # (==).all(), quicker
                 return None
+        else:  # all without seq: nothing to admit, no boots to look at
+            if sq.max() != NO_SEQ or not self.allow_unsequenced or sq.min() != NO_SEQ:
+                return None  # a seq past 32 bits, seq 0, or -5 (no "none" mark)
             if boots is not None:  # ... once the general path would not refuse one
                 bt = np.asarray(boots)
                 if bt.dtype != np.int64 or bt.shape != (n,):
@@ -664,9 +666,6 @@ class Engine:
                 if bt.min() < NO_BOOT or bt.max() >= U32:
                     return None
             boots = None
-        # each the next of its stream: a start (no last seq), gap, replay or wrap is not
-        elif sq.min() < 1 or not (sq - store.last_seq.take(rows) == 1).all():
-            return None
         if boots is not None:
             bt = np.asarray(boots)
             if bt.shape != (n,) or bt.dtype != np.int64:

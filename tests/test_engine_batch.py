@@ -499,3 +499,33 @@ def test_steady_batches_of_changing_streams_equal_each_stream_alone(load, ops, s
         assert batched.store.streams == alone.store.streams
         for t in ids:
             assert same_state(batched, alone, t) and batched.last_seq(t) == alone.last_seq(t)
+
+
+def test_steady_batches_across_the_end_of_the_seq_range_equal_each_stream_alone(load):
+    """Seqs up to 2**32 - 1, the wrap to 0 and on, a seq past 32 bits, and a -1 beside real
+    seqs, batch after batch of the same streams: what each stream stepped alone gives."""
+    batched, alone = load(), load()
+    streams = ["a", "b", "c"]
+    top = 2**32
+    for e in (batched, alone):
+        for s, first in zip(streams, (5, 5, top - 2)):
+            e.reset(s, next_seq=first)
+    rounds = [
+        [5, 5, top - 2],
+        [6, 6, top - 1],
+        [7, 7, top],  # past 32 bits
+        [8, 8, 0],  # the wrap
+        [9, 9, 1],
+        [10, -1, 2],  # no seq beside real ones
+        [11, 11, 3],
+    ]
+    for j, seqs in enumerate(rounds):
+        x = samples(len(streams), j)
+        got = batched.step_batch(streams, x, seqs=np.array(seqs, np.int64))
+        for i, (s, q) in enumerate(zip(streams, seqs)):
+            (want,) = alone.step_many([Chunk(s, x[i], None if q == -1 else q)])
+            have = got.outcome(i)
+            np.testing.assert_array_equal(have.y, want.y)
+            assert type(have.error) is type(want.error) and have.gap == want.gap
+        for s in streams:
+            assert same_state(batched, alone, s) and batched.last_seq(s) == alone.last_seq(s)

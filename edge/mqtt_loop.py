@@ -34,7 +34,7 @@ from .ha_discovery import publish as publish_discovery
 from .inbox import Inbox
 from .journal import Journal
 from .metrics import Metrics
-from .mqtt_client import CLOSED, Client
+from .mqtt_client import CLOSED, Client, packet_size
 from .mqtt_network import STABLE_SECONDS, NetworkLoop
 from .outbox import Outbound
 from .outfile import replace_whole
@@ -118,6 +118,38 @@ def publish_size(o: Outbound, protocol: str) -> int:
     """Bytes of the PUBLISH packet that carries ``o`` (no properties)."""
     rest = 2 + len(o.topic.encode()) + (2 if o.qos else 0) + (protocol == "5") + len(o.payload)
     return (2 if rest < 1 << 7 else 3 if rest < 1 << 14 else 4 if rest < 1 << 21 else 5) + rest
+
+
+# Ends a status text cut to fit the broker's maximum packet size.
+CUT = " [...] (shortened to fit the broker's maximum packet size; in full in the log)"
+STATUS_BASE = ("state", "runtime_id", "model", "kernels", "ts")  # never cut
+
+
+def fitted(doc: dict[str, Any], size: Any, limit: int) -> bytes:
+    """``doc`` as JSON, its longest texts besides ``STATUS_BASE`` (a reload failure, a
+    reason, damage found) cut with ``CUT`` until ``size(payload)`` is within ``limit``; the
+    base alone when cutting is not enough. A status too large is not sent at all, and the
+    broker would go on showing the previous one."""
+    doc = {k: list(v) if isinstance(v, list) else v for k, v in doc.items()}
+    while True:
+        out = json.dumps(doc, allow_nan=False).encode()
+        over = size(out) - limit
+        if over <= 0:
+            return out
+        # (length, where it is held, its key there) of every text that may be cut
+        texts: list[tuple[int, Any, Any]] = []
+        for key, value in doc.items():
+            if key in STATUS_BASE:
+                continue
+            if isinstance(value, str):
+                texts.append((len(value), doc, key))
+            elif isinstance(value, list):
+                texts += [(len(v), value, i) for i, v in enumerate(value) if isinstance(v, str)]
+        best: tuple[int, Any, Any] = max(texts, key=lambda t: t[0], default=(0, {}, ""))
+        length, holder, key = best
+        if length <= len(CUT):
+            return json.dumps({k: doc[k] for k in STATUS_BASE if k in doc}).encode()
+        holder[key] = holder[key][: max(0, length - over - len(CUT))] + CUT
 
 
 def recorded_filters(path: Path) -> Any:
@@ -332,6 +364,8 @@ class MqttService:
         )
 
     def _status(self, state: str, **extra: Any) -> bytes:
+        """Our status as JSON, within the broker's maximum packet size (the full text of
+        one cut to fit is logged)."""
         doc = {
             "state": state,
             "runtime_id": self.cfg.runtime_id,
@@ -342,7 +376,20 @@ class MqttService:
         }
         if self._recovery and state != "offline":  # every status of this run says so
             doc["recovered_from_damage"] = self._recovery
-        return json.dumps(doc, allow_nan=False).encode()
+        out = json.dumps(doc, allow_nan=False).encode()
+        if not self._max_packet:
+            return out
+        topic, v5 = self._status_topic.encode(), self.cfg.protocol == "5"
+        fit = fitted(doc, lambda b: packet_size(topic, len(b), 1, v5), self._max_packet)
+        if fit != out:
+            log.warning(
+                "status on %s shortened to fit the broker's maximum packet size (%d bytes); "
+                "in full: %s",
+                self._status_topic,
+                self._max_packet,
+                out.decode(),
+            )
+        return fit
 
     def _say(self, state: str, reason: str | None = None, **answers: Any) -> None:
         """Publish our retained status (online, degraded) when it changes. The latest answer

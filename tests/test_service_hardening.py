@@ -1205,3 +1205,43 @@ def test_a_request_trickled_to_the_metrics_endpoint_is_cut_off(broker, service):
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read()
     assert b"edge_lstm_messages_in_total" in body
     col.close()
+
+
+def test_a_status_larger_than_the_brokers_packet_size_is_shortened_and_held(
+    bundles, service, tmp_path
+):
+    """A retained status over the broker's maximum packet size (a reload failure naming a
+    long bundle path) was not sent but counted as said: the broker went on showing the
+    previous status, the failure nowhere but in the log. It is cut to fit, still JSON, and
+    the broker holds it; the log keeps the whole text."""
+    import shutil
+
+    from firmware_sim.broker import Broker
+    from tests.mqtt_helpers import Serve
+
+    model = tmp_path / ("b" * 250) / ("c" * 250) / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    small = Broker(tmp_path / "small", embedded=False, extra="max_packet_size 700\n").start()
+    svc = Serve(model, small.url, tmp_path / "state").start()
+    try:
+        col = Collector(small.url)
+        wait_until(col.online, 30, "online")
+        shutil.rmtree(model)  # the reload finds no bundle, and says where it looked
+        pub = Publisher(small.url)
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
+        pub.flush()
+        reloads = lambda: [d for _, d in col.of("edge/status/edge-test") if "reload" in d]  # noqa: E731
+        wait_until(reloads, 30, "the reload answered")
+        said = reloads()[-1]["reload"]
+        assert said.startswith("failed, the running model kept: ") and "[...]" in said, said
+        late = Collector(small.url, client_id="late")  # what the broker holds now
+        wait_until(lambda: late.of("edge/status/edge-test"), 30, "the retained status")
+        assert late.of("edge/status/edge-test")[-1][1]["reload"] == said
+        assert f"{model}: not a bundle directory" in svc.output()
+        assert "status on edge/status/edge-test shortened" in svc.output()
+        assert "disconnected" not in svc.output() and svc.alive()
+        for c in (col, late, pub):
+            c.close()
+    finally:
+        svc.stop()
+        small.stop()

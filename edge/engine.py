@@ -448,6 +448,7 @@ class Engine:
             {**extra, **{k: v for k, v in kept.items() if v}},
             boots,
             gaps,
+            self.store.idle_seconds(),
         )
         try:
             snapfmt.write_atomic(path, snapfmt.chunks(snap))
@@ -487,7 +488,7 @@ class Engine:
                 self.store.load([], np.empty(0, np.int64), [a[:0] for a in self.store.arrays])
                 return {}
             raise StateMismatch(f"{path}: cannot restore: {problem}")
-        self.store.load(snap.streams, snap.last_seq, snap.arrays, snap.boots, snap.gaps)
+        self.store.load(snap.streams, snap.last_seq, snap.arrays, snap.boots, snap.gaps, snap.idle)
         extra = dict(snap.extra)
         recalled = extra.pop(RECALLED, None) or []
         try:

@@ -258,10 +258,11 @@ class Processor:
             engine.store.pause()  # a reload while cut off: idle time still stands still
         self._engine = engine
         engine.store.on_evict = self._forget
-        # A stream's bytes in a snapshot: state tensors, seq, boot ids, gaps, room for its id.
+        # A stream's bytes in a snapshot: state tensors, seq, boot ids, gaps, room for its id
+        # and its idle seconds.
         layout = engine.manifest.state_layout()
         state = sum(width * np.dtype(dtype).itemsize for _, width, dtype, _, _ in layout)
-        self._stream_bytes = state + 8 * (1 + BOOT_HISTORY + 2 * GAP_SLOTS) + 48
+        self._stream_bytes = state + 8 * (1 + BOOT_HISTORY + 2 * GAP_SLOTS) + 60
 
     def _checkpoint_estimate(self) -> tuple[int, int]:
         """Bytes a checkpoint now would write: a snapshot of the streams held, and the entries

@@ -7,7 +7,8 @@
     8       2     u16 format version (1)
     10      2     u16 reserved (0)
     12      4     u32 header length N
-    16      N     header, UTF-8 JSON: model_sha256, state_layout, streams, created, extra
+    16      N     header, UTF-8 JSON: model_sha256, state_layout, streams, created, extra,
+                  and idle_seconds (optional: how long each stream had been idle)
     16+N    8*S   i64 last seq per stream (-1 = none yet), S = len(streams)
     ...     8*S*B i64 boot ids per stream, current first (-1 = none), B = header "boot_history"
     ...     16*S*G i64 (first skipped seq, count) of each stream's last gaps, G = "gap_slots"
@@ -16,7 +17,9 @@
 
 Written to a temp file in the same directory, fsynced, then renamed over the target, so a
 crash leaves either the old snapshot or the new one, never a torn file. Version 1 (no boot
-ids) is still read.
+ids) is still read. A header key added later (``idle_seconds``) is optional, so the version
+stays: a snapshot without it reads as one of streams just seen, and an edge-lstm that does not
+know it ignores it (a rollback still reads the snapshot).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class Snapshot:
     extra: dict[str, Any] = field(default_factory=dict)
     boots: np.ndarray | None = None  # [S, B] i64; None reads as "no boot ids known"
     gaps: np.ndarray | None = None  # [S, G, 2] i64; None reads as "no gaps remembered"
+    # [S] seconds each stream had been idle when taken: a duration, for neither the monotonic
+    # clock (a reboot) nor the wall clock (a device without RTC) carries over; None: not said
+    idle: np.ndarray | None = None
 
 
 def encode(snap: Snapshot) -> bytes:
@@ -67,18 +73,18 @@ def chunks(snap: Snapshot) -> Iterator[bytes | memoryview]:
     n = len(snap.streams)
     boots = np.full((n, 1), -1, np.int64) if snap.boots is None else snap.boots
     gaps = np.zeros((n, 1, 2), np.int64) if snap.gaps is None else snap.gaps
-    header = json.dumps(
-        {
-            "model_sha256": snap.model_sha256,
-            "state_layout": snap.state_layout,
-            "streams": snap.streams,
-            "created": time.time(),
-            "extra": snap.extra,
-            "boot_history": int(boots.shape[1]),
-            "gap_slots": int(gaps.shape[1]),
-        },
-        allow_nan=False,
-    ).encode()
+    fields: dict[str, Any] = {
+        "model_sha256": snap.model_sha256,
+        "state_layout": snap.state_layout,
+        "streams": snap.streams,
+        "created": time.time(),
+        "extra": snap.extra,
+        "boot_history": int(boots.shape[1]),
+        "gap_slots": int(gaps.shape[1]),
+    }
+    if snap.idle is not None:  # milliseconds are plenty for a timeout
+        fields["idle_seconds"] = np.round(snap.idle.astype(np.float64), 3).tolist()
+    header = json.dumps(fields, allow_nan=False).encode()
     arrays = [(snap.last_seq, "<i8"), (boots, "<i8"), (gaps, "<i8")]
     arrays += [(a, DTYPES[layout[2]]) for layout, a in zip(snap.state_layout, snap.arrays)]
     digest = hashlib.sha256()
@@ -160,6 +166,7 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
             arr = np.frombuffer(body, DTYPES[dtype], count, off).reshape(n, int(width))
             arrays.append(arr.astype(DTYPES[dtype]).copy())
             off += arr.nbytes
+        idle = _idle_seconds(header.get("idle_seconds"), n)
     except (KeyError, ValueError, TypeError, RecursionError) as exc:
         raise SnapshotError(f"{where}: malformed snapshot content: {exc}") from exc
     if off != len(body):
@@ -173,7 +180,20 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
         dict(header.get("extra") or {}),
         boots,
         gaps,
+        idle,
     )
+
+
+def _idle_seconds(value: Any, n: int) -> np.ndarray | None:
+    """The header's ``idle_seconds``: ``n`` numbers >= 0 (None when absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != n:
+        raise ValueError(f"idle_seconds is not a list of {n} numbers")
+    idle = np.asarray(value, np.float64)  # ValueError or TypeError for a non-number
+    if not np.isfinite(idle).all() or (idle < 0).any():
+        raise ValueError("idle_seconds holds a negative or non-finite number")
+    return idle
 
 
 def write_atomic(path: str | Path, data: bytes | Iterable[bytes | memoryview]) -> None:

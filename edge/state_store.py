@@ -337,6 +337,16 @@ class StateStore:
         if other.paused_at is not None:
             self.paused_at = other.paused_at
 
+    def _now(self) -> float:
+        """The time idle time counts to: standing still while paused."""
+        return self._clock() if self.paused_at is None else self.paused_at
+
+    def idle_seconds(self) -> np.ndarray:
+        """How long each stream has been idle, in ``export`` order: a snapshot keeps the
+        duration, since the clock it counts on does not survive a reboot."""
+        rows = np.fromiter(self._rows.values(), dtype=np.intp, count=len(self._rows))
+        return np.maximum(self._now() - self.last_seen[rows], 0.0)
+
     def pause(self) -> None:
         """Nothing can arrive from now on: idle time stands still."""
         if self.paused_at is None:
@@ -355,7 +365,7 @@ class StateStore:
         """Streams not seen for ``timeout`` seconds (of those messages could arrive in),
         oldest first (nothing is changed)."""
         if now is None:
-            now = self._clock() if self.paused_at is None else self.paused_at
+            now = self._now()
         limit = now - timeout
         out = []
         for stream, row in self._rows.items():  # oldest first: stop at the first fresh one
@@ -448,10 +458,13 @@ class StateStore:
         arrays: Sequence[np.ndarray],
         boots: np.ndarray | None = None,
         gaps: np.ndarray | None = None,
+        idle: np.ndarray | None = None,
     ) -> None:
         """Replace everything with exported content (same layout, checked by the caller).
         Content of more streams than ``capacity`` (a smaller one than it was taken with) keeps
-        the most recently used; the others are set aside in ``shed`` for ``depart_shed``."""
+        the most recently used; the others are set aside in ``shed`` for ``depart_shed``.
+        ``idle``: how long each stream had been idle (``idle_seconds``), counted on from
+        there; without it every stream is just seen."""
         self.departed = Departed()
         self.recalled = set()
         over = len(streams) - self.capacity
@@ -462,6 +475,7 @@ class StateStore:
             streams, last_seq, arrays = streams[over:], last_seq[over:], [a[over:] for a in arrays]
             boots = None if boots is None else boots[over:]
             gaps = None if gaps is None else gaps[over:]
+            idle = None if idle is None else idle[over:]
         self._rows.clear()
         self.moves += 1
         self._free.clear()
@@ -478,4 +492,6 @@ class StateStore:
         if gaps is not None and len(gaps):
             w = min(GAP_SLOTS, gaps.shape[1])
             self.gaps[rows, :w] = gaps[:, :w]
+        if idle is not None and len(idle):
+            self.last_seen[rows] = self._now() - idle
         self.scatter(rows, arrays)

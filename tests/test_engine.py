@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import edge
 from edge import Chunk
+from edge import snapshot as fmt
 
 MODES = [
     "clf-int8",
@@ -256,6 +257,47 @@ def test_a_reload_keeps_how_long_each_stream_has_been_idle(load, carry):
     assert new.store.streams == ["a", "b"] and new.store.idle(60) == ["a"]
     now[0] = 111.0
     assert new.store.idle(60) == ["a", "b"]
+
+
+def test_a_restore_keeps_how_long_each_stream_has_been_idle(load, tmp_path):
+    """A restored stream was "just seen": a service restarted more often than its
+    idle_timeout never forgot a dead device. The snapshot keeps how long each stream had
+    been idle (a duration: the restarted process's clock starts anew) and counting goes on."""
+    now = [1000.0]
+    old = load(idle_timeout=60, clock=lambda: now[0])
+    old.step("a", samples(1, 0)[0], seq=1)
+    now[0] += 50.0
+    old.step("b", samples(1, 0)[0], seq=1)
+    now[0] += 5.0  # "a" idle for 55 s, "b" for 5 s
+    old.snapshot(tmp_path / "snap.bin")
+    now[0] = 3.0  # another boot, another clock
+    new = load(idle_timeout=60, clock=lambda: now[0])
+    new.restore(tmp_path / "snap.bin")
+    assert new.store.idle(60) == []
+    now[0] += 6.0
+    assert new.store.idle(60) == ["a"]
+    now[0] += 50.0
+    assert new.store.idle(60) == ["a", "b"]
+
+
+def test_a_snapshot_that_does_not_say_how_long_streams_were_idle_restores_them_as_just_seen(
+    load, tmp_path
+):
+    """One written before snapshots kept idle time: its streams count from the restore."""
+    now = [0.0]
+    old = load(idle_timeout=60, clock=lambda: now[0])
+    old.step("a", samples(1, 0)[0], seq=1)
+    now[0] = 59.0
+    old.snapshot(tmp_path / "snap.bin")
+    snap = fmt.read(tmp_path / "snap.bin")
+    snap.idle = None
+    fmt.write_atomic(tmp_path / "snap.bin", fmt.encode(snap))
+    new = load(idle_timeout=60, clock=lambda: now[0])
+    new.restore(tmp_path / "snap.bin")
+    now[0] = 118.0
+    assert new.store.idle(60) == []
+    now[0] = 119.0
+    assert new.store.idle(60) == ["a"]
 
 
 @pytest.mark.parametrize(

@@ -227,6 +227,11 @@ def retained(url: str, prefix: str) -> dict[str, bytes]:
     return got
 
 
+def sensors_of(url: str) -> set[str]:
+    """The streams whose sensors the broker holds."""
+    return {t.split("/")[3].rsplit("_", 1)[0] for t in retained(url, "homeassistant")}
+
+
 def test_home_assistant_discovery_through_a_real_broker(service, broker):
     s = service("--ha-discovery", "true", "--capacity", "2", "--max-batch", "2")
     col = Collector(broker.url)
@@ -245,11 +250,8 @@ def test_home_assistant_discovery_through_a_real_broker(service, broker):
         assert doc["availability"][0]["topic"] == "edge/status/edge-test"
     pub.send("dev-3", 1, np.full(6, 0.1))  # capacity 2: dev-1 (least recently used) goes
     pub.flush()
-
-    def sensors_of() -> set[str]:
-        return {t.split("/")[3].rsplit("_", 1)[0] for t in retained(broker.url, "homeassistant")}
-
-    wait_until(lambda: sensors_of() == {"dev-2", "dev-3"}, 60, "dev-1 removed, dev-3 added")
+    want = {"dev-2", "dev-3"}
+    wait_until(lambda: sensors_of(broker.url) == want, 60, "dev-1 removed, dev-3 added")
     pub.close()
     col.close()
     assert "Traceback" not in s.output()
@@ -340,6 +342,37 @@ def test_sensors_a_broker_restarted_without_persistence_lost_are_announced_again
     broker.restart()
     wait_until(lambda: set(retained(broker.url, "homeassistant")) == want, 60, "announced again")
     assert svc.alive() and "Traceback" not in svc.output()
+
+
+def test_a_restart_does_not_make_idle_streams_fresh(service, broker):
+    """A restart restored every stream as just seen: a service restarted more often than its
+    idle_timeout never forgot a dead device, nor removed its sensors. A stream idle for 12 s
+    of a 20 s timeout before the restart is forgotten 8 s after it, well before one sampled
+    just before the restart (both were forgotten in one round)."""
+    import time
+
+    flags = ("--ha-discovery", "true", "--idle-timeout", "20", "--reorder-ms", "0")
+    svc = service(*flags)
+    col = Collector(broker.url)
+    wait_until(col.online, 60, "online")
+    pub = Publisher(broker.url)
+    pub.send("dead", 1, np.full(6, 0.1))
+    pub.flush()
+    wait_until(lambda: ("dead", 1) in col.predictions(), 60, "the answer to dead")
+    since = time.monotonic()  # "dead" has been idle at least this long
+    wait_until(lambda: time.monotonic() - since >= 12, 60, "12 s of dead idle")
+    pub.send("live", 1, np.full(6, 0.1))
+    pub.flush()
+    wait_until(lambda: ("live", 1) in col.predictions(), 60, "the answer to live")
+    wait_until(lambda: sensors_of(broker.url) == {"dead", "live"}, 60, "both announced")
+    svc.stop()
+    svc = service(*flags)
+    wait_until(lambda: "dead" not in sensors_of(broker.url), 60, "dead forgotten")
+    assert sensors_of(broker.url) == {"live"}
+    wait_until(lambda: not sensors_of(broker.url), 60, "live forgotten in its turn")
+    assert svc.alive() and "Traceback" not in svc.output()
+    pub.close()
+    col.close()
 
 
 # --- Grafana --------------------------------------------------------------------------------

@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -67,9 +69,6 @@ def test_missing_file_names_the_path(tmp_path):
 def resigned(data: bytes, header_edit) -> bytes:
     """Snapshot ``data`` with its header changed by ``header_edit``, its digest made again:
     intact as far as the digest can tell, as one of another writer or edited by hand would be."""
-    import hashlib
-    import json
-
     _, version, _, hlen = fmt._HEAD.unpack_from(data)
     head = json.dumps(header_edit(json.loads(data[16 : 16 + hlen]))).encode()
     body = fmt._HEAD.pack(fmt.MAGIC, version, 0, len(head)) + head + data[16 + hlen : -32]
@@ -117,3 +116,23 @@ def test_a_signed_snapshot_header_as_written_is_read():
     """The re-signing of the test above changes nothing by itself."""
     got = fmt.decode(signed(lambda h: h), "snap")
     assert got.streams == ["dev-1", "dév/2"] and got.extra == {"note": 1}
+
+
+def test_idle_seconds_are_kept_and_optional(tmp_path):
+    """How long each stream had been idle is a header field an older edge-lstm ignores (the
+    version stays); a snapshot without it reads as one that does not say."""
+    snap = sample()
+    assert fmt.decode(fmt.encode(snap)).idle is None
+    snap.idle = np.array([12.5, 0.0])
+    got = fmt.decode(fmt.encode(snap))
+    np.testing.assert_array_equal(got.idle, [12.5, 0.0])
+    assert fmt.encode(snap)[8:10] == b"\x02\x00"  # format version 2 still
+
+
+@pytest.mark.parametrize(
+    "idle, message",
+    [([1.0], "not a list of 2 numbers"), ([1.0, -3.0], "negative"), (["a", 1.0], "malformed")],
+)
+def test_bad_idle_seconds_are_refused(idle, message):
+    with pytest.raises(SnapshotError, match=message):
+        fmt.decode(signed(edited("idle_seconds", idle)), "snap")

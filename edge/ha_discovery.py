@@ -9,6 +9,8 @@ status topic. A stream that is evicted (least recently used past ``capacity``, o
 protocol has it. So are the sensors a previous run left retained under this runtime's node
 that this one does not hold (streams evicted or outputs changed while it was down, or a
 removal cut off by a crash): the transport reads them back at each connect (``filter``).
+New sensors are announced ``PER_ROUND`` streams a round (a second) at most: after a broker
+lost them all, thousands at once were a burst of megabytes ahead of every prediction.
 
 Pure logic: ``Announcer.reconcile`` turns the set of live streams into the messages to publish;
 the transport publishes them.
@@ -28,6 +30,10 @@ from .config import ServiceConfig
 from .manifest import Manifest
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
+# Streams announced per ``reconcile`` of the service (once a second): the discovery messages
+# of thousands of streams at once (about 1.6 kB a stream, after a broker lost them) were
+# megabytes in one burst, beyond the broker's queue and ahead of every prediction.
+PER_ROUND = 100
 
 # Templates tolerate both prediction shapes: one sample (y: [O], label: str, p: float) and
 # several samples in one message (y: [[O], ...], label: [str], p: [float]); the last counts.
@@ -146,8 +152,11 @@ class Announcer:
         prediction_template: str,
         status_topic: str,
         prefix: str = "homeassistant",
+        per_round: int | None = None,
     ) -> None:
         self.manifest = manifest
+        self.per_round = per_round  # streams announced per reconcile at most (None: all)
+        self.waiting = 0  # live streams left to announce by the last reconcile
         self.runtime_id = runtime_id
         self.prediction_template = prediction_template
         self.status_topic = status_topic
@@ -172,21 +181,27 @@ class Announcer:
         return f"{self.prefix}/sensor/{object_id(self.runtime_id)}/+/config"
 
     def reconcile(self, streams: Iterable[str], found: Iterable[str] = ()) -> list[Discovery]:
-        """Discovery messages for streams new since the last call, removals for streams gone
-        and for the ``found`` topics (retained sensors read back from the broker) that no
+        """Discovery messages for streams new since the last call (``per_round`` of them at
+        most: the others at the next calls, ``waiting`` says how many), removals for streams
+        gone and for the ``found`` topics (retained sensors read back from the broker) that no
         stream held now has. Call it with every stream the service holds state for."""
         live = set(streams)
         out: list[Discovery] = []
         for stream in sorted(set(self.announced) - live):
             out += [Discovery(t, b"") for t in self.announced.pop(stream)]
-        fresh = live - set(self.announced) | (live & self.again)
-        self.again.clear()
-        for stream in sorted(fresh):
+        fresh = sorted(live - set(self.announced) | (live & self.again))
+        cut = len(fresh) if self.per_round is None else self.per_round
+        now, later = fresh[:cut], fresh[cut:]
+        self.again &= set(later)
+        self.waiting = len(later)
+        for stream in now:
             configs = self._configs(stream)
             self.announced[stream] = [t for t, _ in configs]
             out += [Discovery(t, json.dumps(c).encode()) for t, c in configs]
-        mine = {t for topics in self.announced.values() for t in topics}
-        out += [Discovery(t, b"") for t in sorted(set(found) - mine)]
+        if found := set(found):  # a stream still to be announced keeps its sensors meanwhile
+            mine = {t for topics in self.announced.values() for t in topics}
+            mine.update(t for s in later for t, _ in self._configs(s))
+            out += [Discovery(t, b"") for t in sorted(found - mine)]
         return out
 
     def not_sent(self, topics: Iterable[str]) -> list[str]:
@@ -223,6 +238,7 @@ def announcer_for(cfg: ServiceConfig, manifest: Manifest) -> Announcer | None:
         prediction_template=cfg.prediction_topic,
         status_topic=cfg.status_topic.replace("{runtime_id}", cfg.runtime_id),
         prefix=cfg.ha_prefix,
+        per_round=PER_ROUND,
     )
 
 

@@ -29,7 +29,7 @@ from . import early_signals
 from .config import ServiceConfig
 from .engine import Engine, load
 from .errors import ConfigError, EdgeError
-from .ha_discovery import announcer_for
+from .ha_discovery import PER_ROUND, Announcer, announcer_for
 from .ha_discovery import publish as publish_discovery
 from .inbox import Inbox
 from .journal import Journal
@@ -277,6 +277,7 @@ class MqttService:
         # one per connection: whether the broker kept our session (the loop re-announces)
         self._ha_connects: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._ha_under = None if self.ha is None else self.ha.filter.removesuffix("+/config")
+        self._ha_rounds: int | None = None  # rounds of a paced announcement so far
 
     @property
     def engine(self) -> Engine:
@@ -345,6 +346,34 @@ class MqttService:
                 ", ".join(streams[:5]) + (f" and {len(streams) - 5} more" if streams[5:] else ""),
                 self._max_packet,
             )
+
+    def _reconcile_ha(self, ha: Announcer) -> None:
+        """Once a second: Home Assistant's sensors in step with the streams held, new ones
+        announced ``PER_ROUND`` a second (after a broker lost them, every stream is new to
+        it), with the progress of a longer run in the log."""
+        found = []
+        while not self._ha_found.empty():
+            found.append(self._ha_found.get_nowait())
+        kept = []
+        while not self._ha_connects.empty():
+            kept.append(self._ha_connects.get_nowait())
+        if kept:
+            ha.reconnected(everything=not all(kept))
+        self._announce(ha.reconcile(self.engine.store.streams, found))
+        if ha.waiting and self._ha_rounds is None:  # a run longer than a round starts
+            self._ha_rounds = 0
+            log.info(
+                "Home Assistant discovery: %d a second; %d streams still to announce",
+                PER_ROUND,
+                ha.waiting,
+            )
+        if self._ha_rounds is not None:
+            self._ha_rounds += 1
+            if not ha.waiting:
+                log.info("Home Assistant discovery: every stream announced")
+                self._ha_rounds = None
+            elif self._ha_rounds % 10 == 0:
+                log.info("Home Assistant discovery: %d streams still to announce", ha.waiting)
 
     def _on_too_large(self, topic: str, size: int) -> None:
         """A message of ours (the stats, the status, a discovery message) larger than the
@@ -913,15 +942,7 @@ class MqttService:
                             self._say("online", snapshot="done", snapshot_ts=time.time())
                     last_snapshot = now
                 if self.ha is not None and self.connected.is_set() and now - last_ha >= 1.0:
-                    found = []
-                    while not self._ha_found.empty():
-                        found.append(self._ha_found.get_nowait())
-                    kept = []
-                    while not self._ha_connects.empty():
-                        kept.append(self._ha_connects.get_nowait())
-                    if kept:
-                        self.ha.reconnected(everything=not all(kept))
-                    self._announce(self.ha.reconcile(self.engine.store.streams, found))
+                    self._reconcile_ha(self.ha)
                     last_ha = now
                 if cfg.stats_interval and now - last_stats >= cfg.stats_interval:
                     self.client.publish(self._stats_topic, self.metrics.dumps(self.stats()), qos=0)

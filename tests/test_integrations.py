@@ -204,6 +204,33 @@ def test_announcer_removes_found_sensors_no_stream_holds(bundles):
     assert all(t.startswith(a.filter.removesuffix("+/config")) for t in [*mine, ghost])
 
 
+def test_announcer_paces_new_streams_and_keeps_the_sensors_of_those_still_to_come(bundles):
+    """Every stream at once was a burst of megabytes after a broker lost the sensors of
+    thousands: ``per_round`` streams a call, the others at the next calls, none forgotten.
+    A stream still to be announced keeps the sensors a broker holds for it meanwhile."""
+    m = read_bundle(bundles / "clf-int8")[0]
+    kw = {"runtime_id": "r", "prediction_template": "predictions/{stream}", "status_topic": "s"}
+    a = Announcer(m, **kw, per_round=2)
+    streams = ["a", "b", "c", "d", "e"]
+
+    def announced(out: list[Discovery]) -> list[str]:
+        return sorted({json.loads(d.payload)["state_topic"][12:] for d in out if d.payload})
+
+    assert (announced(a.reconcile(streams)), a.waiting) == (["a", "b"], 3)
+    held = [
+        t for t, _ in sensor_configs("e", m, runtime_id="r", prediction_topic="p", status_topic="s")
+    ]
+    ghost = "homeassistant/sensor/r/gone_label/config"
+    second = a.reconcile(streams, [*held, ghost])
+    assert announced(second) == ["c", "d"] and a.waiting == 1
+    assert [d.topic for d in second if not d.payload] == [ghost]
+    assert announced(a.reconcile(streams)) == ["e"] and a.waiting == 0
+    assert a.reconcile(streams) == []
+    a.reconnected(everything=True)  # the broker lost them all: each one again, paced
+    again = [announced(a.reconcile(streams)) for _ in range(4)]
+    assert again == [["a", "b"], ["c", "d"], ["e"], []]
+
+
 def retained(url: str, prefix: str) -> dict[str, bytes]:
     """What a new subscriber gets from the broker's retained store under ``prefix``."""
     import time
@@ -373,6 +400,60 @@ def test_a_restart_does_not_make_idle_streams_fresh(service, broker):
     assert svc.alive() and "Traceback" not in svc.output()
     pub.close()
     col.close()
+
+
+class Watcher(Collector):
+    """Status, predictions and discovery messages, in the order the broker delivers them."""
+
+    FILTERS = (("edge/status/#", 1), ("predictions/#", 1), ("homeassistant/#", 1))
+
+
+def test_sensors_of_many_streams_a_broker_lost_are_announced_again_paced(service, broker):
+    """A broker restarted without persistence lost the sensors of every stream: all their
+    discovery messages went out in one burst (about 1.6 kB a stream, megabytes for
+    thousands), and predictions waited behind it. They go out a hundred streams a second,
+    predictions in between, until every sensor is back."""
+    n = 600
+    svc = service("--ha-discovery", "true", "--reorder-ms", "0", "--max-batch", "64")
+    quick = {"configure": lambda c: c.reconnect_delay_set(0.1, 1)}
+    watch = Watcher(broker.url, client_id="watcher", **quick)
+    wait_until(watch.online, 60, "online")
+    pub = Publisher(broker.url, **quick)
+    for i in range(n):
+        pub.send(f"s{i}", 1, np.full(6, 0.1))
+    pub.flush()
+    want = {f"s{i}" for i in range(n)} | {"p"}
+    seq = 0
+
+    def answered() -> bool:
+        got = watch.of("predictions/p")
+        return bool(got) and got[-1][1]["seq"] == seq
+
+    def ping() -> None:  # one sample of "p", answered
+        nonlocal seq
+        seq += 1
+        pub.send("p", seq, np.full(6, 0.1))
+        wait_until(answered, 60, f"p {seq} answered")
+
+    ping()
+    wait_until(lambda: sensors_of(broker.url) == want, 120, "every stream announced")
+    start = len(watch.messages)
+    watch.granted = None
+    broker.restart()  # no persistence: every retained sensor gone
+    wait_until(watch.qos1_granted, 60, "the watcher subscribed again")
+    wait_until(lambda: sensors_of(broker.url), 60, "the service back (subscribed)")
+    for _ in range(10_000):  # predictions go on while the sensors come back
+        ping()
+        if sensors_of(broker.url) == want:
+            break
+    assert sensors_of(broker.url) == want
+    kinds = {"predictions": "p", "homeassistant": "d"}
+    order = "".join(kinds.get(t.split("/")[0], "") for t, _ in watch.messages[start:])
+    assert order.strip("p").count("p") >= 2, order  # answers between discovery messages
+    assert "Home Assistant discovery: every stream announced" in svc.output()
+    assert svc.alive() and "Traceback" not in svc.output()
+    pub.close()
+    watch.close()
 
 
 # --- Grafana --------------------------------------------------------------------------------

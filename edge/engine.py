@@ -411,7 +411,7 @@ class Engine:
         }
 
     def snapshot(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """All streams' state, last seq and boot ids, atomically (see ``edge.snapshot``).
+        """All streams' state, last seq, boot ids and idle time, atomically (``edge.snapshot``).
 
         A failed write leaves ``path`` as it was and raises ``SnapshotError`` naming it.
         ``extra`` (given back by ``restore``) must be JSON without NaN or infinities, and may

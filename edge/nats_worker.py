@@ -692,16 +692,15 @@ class Worker:
             return part, passed
         return None, passed
 
-    async def _consumers(self, p: int) -> dict[str, Takeover]:
-        """The consumers of partition ``p`` (name -> the lease revision it was made under)."""
+    async def _consumer_names(self) -> list[str]:
+        """The names of the stream's consumers."""
         from nats.js.errors import APIError
 
-        found: dict[str, Takeover] = {}
-        offset = 0
+        found: list[str] = []
         while True:  # in pages (1,024 names each)
             reply = await self.nc.request(
                 f"$JS.API.CONSUMER.NAMES.{STREAM}",
-                json.dumps({"offset": offset}).encode(),
+                json.dumps({"offset": len(found)}).encode(),
                 timeout=STOP_SECONDS,
             )
             doc = json.loads(reply.data)
@@ -709,13 +708,39 @@ class Worker:
                 APIError.from_error(doc["error"])  # raises its class (NotFoundError, ...)
                 raise APIError(description=str(doc["error"]))
             names = [str(n) for n in doc.get("consumers") or []]
-            for name in names:
-                rev = consumer_lease(name, p)
-                if rev is not None:
-                    found[name] = rev
-            offset += len(names)
-            if not names or offset >= int(doc.get("total", 0)):
+            found += names
+            if not names or len(found) >= int(doc.get("total", 0)):
                 return found
+
+    async def _consumers(self, p: int) -> dict[str, Takeover]:
+        """The consumers of partition ``p`` (name -> the lease revision it was made under)."""
+        found: dict[str, Takeover] = {}
+        for name in await self._consumer_names():
+            rev = consumer_lease(name, p)
+            if rev is not None:
+                found[name] = rev
+        return found
+
+    async def _remove_stale_consumers(self) -> None:
+        """Delete the consumers of our partitions made by earlier takeovers. A worker stopped
+        past its lease inside a takeover and killed right after making its consumer leaves
+        one that nothing reads: it held its position (and the server's resources) until the
+        partition's next takeover, which may be weeks away. Only older ones: a later one is
+        either a new owner's (the partition is going) or a leftover ``_subscribe`` sees."""
+        from nats.js.errors import NotFoundError
+
+        names = await self._consumer_names()
+        for part in list(self.owned.values()):
+            for name in names:
+                lease = consumer_lease(name, part.number)
+                if lease is None or lease >= part.lease or not self.holds(part.number):
+                    continue
+                with contextlib.suppress(NotFoundError):  # deleted meanwhile
+                    await self.js.delete_consumer(STREAM, name)
+                log.warning(
+                    "partition %d: removed consumer %s of an earlier takeover", part.number, name
+                )
+                self.metrics.inc("stale_consumers_removed")
 
     async def _subscribe(self, part: Partition) -> None:
         """Make the partition's consumer of this takeover, after the consumers of earlier ones
@@ -1656,6 +1681,7 @@ class Worker:
                     for name in stores + [MQTT_STORE] * self.mqtt_store:
                         await self.js.stream_info(name)
                     await self._check_discard()
+                    await self._remove_stale_consumers()
                     # one worker of the group: the owner of partition 0
                     if 0 in self.owned and self._sweep_due():
                         self.swept = time.monotonic()

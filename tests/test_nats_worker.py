@@ -2570,6 +2570,71 @@ def test_a_worker_stopped_inside_a_takeover_leaves_the_new_owners_consumer_alone
 
 
 @failover
+def test_a_consumer_a_stale_worker_left_is_removed_by_the_partitions_owner(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A worker stopped past its lease inside a takeover, and killed right after it made its
+    consumer, left that consumer (named with its older lease) on the server until the
+    partition's next takeover: a position held, and the server's resources, for good. The
+    partition's owner removes it, and no consumer of its own, of its other partitions or of
+    anyone else."""
+    import json
+
+    import nats
+    from nats.js import api
+
+    from edge.nats_worker import STREAM
+    from edge.partitions import filter_subject
+
+    url, samples, stream, p, want, native, worker = _one_stream_leasing_a_second(
+        bundles, nats_server, tmp_path, 2, seed=113
+    )
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def send(k: int) -> None:
+            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
+            await js.publish(f"sensors.{stream}.data", body.encode())
+            await _until(lambda: len(native.predictions()) > k, 60, f"answer {k + 1}")
+
+        async def names() -> set[str]:
+            return {c.name for c in await js.consumers_info(STREAM)}
+
+        w1 = worker("w1")
+        running = asyncio.create_task(w1.run())
+        await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
+        await send(0)
+        stale = w1.owned[p].consumer
+        w1.stopping.set()
+        assert await running == 0
+        w2 = worker("w2")
+        running = asyncio.create_task(w2.run())
+        try:
+            await _until(lambda: len(w2.owned) == P, 60, "w2 to own every partition")
+            ours = {part.consumer for part in w2.owned.values()}
+            assert stale not in ours
+            for name in (stale, "audit"):  # w1 resumed, made its consumer, was killed
+                config = api.ConsumerConfig(durable_name=name, filter_subject=filter_subject(p))
+                config.ack_policy = api.AckPolicy.ALL
+                await js.add_consumer(STREAM, config=config)
+            deadline = time.monotonic() + 60
+            while stale in await names():
+                assert time.monotonic() < deadline, f"consumer {stale} still there"
+                await asyncio.sleep(0.1)
+            assert await names() == ours | {"audit"}
+            assert w2.metrics.snapshot().get("stale_consumers_removed") == 1
+            await send(1)  # the partition goes on through its own consumer
+        finally:
+            w2.stopping.set()
+            await running
+            await nc.close()
+
+    _run_and_check_each_answered_once(run, native, want)
+
+
+@failover
 def test_a_worker_whose_lease_ran_out_writes_no_snapshot_over_the_new_owners(
     bundles: Path, nats_server: NatsServer, tmp_path: Path
 ) -> None:

@@ -1035,21 +1035,41 @@ class Worker:
         first = msgs[0].metadata.sequence.stream
         if part.expect and part.covered < part.expect < first:
             part.processor.assume_lost(
-                f"partition {part.number}: stream {STREAM}'s limits removed its message at "
-                f"sequence {part.expect} (and any up to {first - 1}) before it was handled"
+                f"partition {part.number}: stream {STREAM}'s limits removed what it had yet to "
+                f"read between sequences {part.expect} and {first - 1}"
             )
             self.metrics.inc("history_lost")
         part.expect = 0
         last = msgs[-1].metadata
         if not self.limited or not last.num_pending:
             return
+        part.expect = await self._next_of(part, last.sequence.stream)
+
+    async def _next_of(self, part: Partition, seq: int) -> int:
+        """The sequence of the partition's message after ``seq`` (one was pending when ``seq``
+        was delivered), or one known removed, for ``_gone``; 0: not known (NATS away). Limits
+        remove the oldest messages first, so once the stream begins past ``seq + 1`` the
+        message pending then may be gone before the look-up found it (the look-up finds the
+        one after it, or none): then ``seq + 1`` is reported, as what was removed may have
+        been the partition's. The stream is in that state only when the partition lags by
+        about what the limits keep: what it is about to read is being removed."""
+        from nats.js.errors import NotFoundError
+
         try:
-            found = await self.js.get_msg(
-                STREAM, seq=last.sequence.stream + 1, subject=filter_subject(part.number), next=True
-            )
-            part.expect = int(found.seq or 0)
-        except Exception as exc:  # not found (removed meanwhile, too), NATS away: not watched
+            try:
+                subject = filter_subject(part.number)
+                found = await self.js.get_msg(STREAM, seq=seq + 1, subject=subject, next=True)
+                expect = int(found.seq or 0)
+            except NotFoundError:  # every pending one removed meanwhile
+                expect = 0
+            # read after the look-up: a stream that still begins at or before seq + 1 had
+            # removed nothing after ``seq`` when the look-up ran
+            if (await self._stream_state())[1] > seq + 1:
+                return seq + 1
+            return expect
+        except Exception as exc:  # NATS away: not watched
             log.debug("partition %d: next message not looked up: %r", part.number, exc)
+            return 0
 
     def _no_room(self, exc: BaseException) -> bool:
         """Whether a refusal says JetStream's storage is full; said (an error line, counter
@@ -1487,7 +1507,9 @@ class Worker:
                 ci = await self.js.consumer_info(STREAM, part.consumer)
             except NotFoundError:  # made again by its loop
                 continue
-            if not ci.num_pending and not ci.num_ack_pending and self.holds(part.number):
+            # (not past a removal it has yet to report: see _gone)
+            idle = not ci.num_pending and not ci.num_ack_pending and not part.expect
+            if idle and self.holds(part.number):
                 part.covered = max(part.covered, last)
 
     async def _make_again(self, exc: Exception) -> None:

@@ -2826,6 +2826,102 @@ def test_messages_the_streams_limits_remove_before_they_are_handled_are_reported
 
 
 @failover
+@pytest.mark.parametrize("removed", ["some", "every"])
+def test_messages_the_limits_remove_before_the_look_up_after_a_batch_are_reported(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path, removed: str
+) -> None:
+    """The look-up of a partition's next message after a batch found the one after it when
+    the stream's limits had removed it in between: that one was then expected, came, and the
+    loss went without a report; with every pending one removed it found none, and the
+    partition, idle then, was moved past the loss. A stream that begins past the batch's end
+    at the look-up is reported as the other limit losses are, once."""
+    import json
+
+    import nats
+
+    from edge.nats_worker import STREAM, Worker, WorkerOptions, ensure_resources
+    from edge.partitions import filter_subject
+
+    url = nats_server.url
+    cfg = _worker_config(bundles, tmp_path, max_batch=1, reorder_ms=0)
+    samples = _samples(2, 5, seed=79)
+    stream, other = samples
+    p = partition(stream, P)
+    assert partition(other, P) != p
+    native = NatsCollector(url)
+    opts = WorkerOptions([url], "w1", partitions=P, snapshot_interval=600)
+    w = Worker(cfg, opts)
+    rounds = 0
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+
+        async def limit(n: int) -> None:
+            config = (await js.stream_info(STREAM)).config
+            config.max_msgs = n
+            await js.update_stream(config)
+
+        async def send(s: str, seq: int) -> None:
+            body = json.dumps({"seq": seq, "values": samples[s][seq - 1 : seq].tolist()})
+            await js.publish(f"sensors.{s}.data", body.encode())
+
+        await ensure_resources(js, opts)
+        await limit(1000)  # removes nothing yet
+        for seq in range(1, 5):  # a backlog when the worker starts: stream seqs 1-4 ...
+            await send(stream, seq)
+        for seq in range(1, 3):  # ... and 5-6, another partition's
+            await send(other, seq)
+        ensure, caught_up, raced = w.ensure_resources, w._caught_up, asyncio.Event()
+
+        async def ensured() -> None:  # the worker's own connection: its look-ups race
+            await ensure()
+            get_msg = w.js.get_msg
+
+            async def late(*args: Any, **kw: Any) -> Any:
+                if kw.get("subject") == filter_subject(p) and not raced.is_set():
+                    await _until(lambda: len(w.owned) == P, 60, "w1 to own every partition")
+                    # after batch 1: seqs 1 and 2 go (2 not handled), or 1 to 4 (none of 2-4)
+                    await limit(4 if removed == "some" else 2)
+                    raced.set()
+                return await get_msg(*args, **kw)
+
+            w.js.get_msg = late
+
+        async def counted(last: int) -> None:
+            nonlocal rounds
+            await caught_up(last)
+            rounds += raced.is_set()
+
+        w.ensure_resources = ensured  # type: ignore[method-assign]
+        w._caught_up = counted  # type: ignore[method-assign]
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(raced.is_set, 60, "the look-up after batch 1")
+            if removed == "every":
+                # idle partitions' positions moved on to the stream's end (not past the loss)
+                await _until(lambda: rounds >= 2, 60, "two balancing rounds")
+                await send(stream, 5)
+            want = 3 if removed == "some" else 2
+            await _until(lambda: len(native.of(f"predictions/{stream}")) >= want, 60, "answers")
+        finally:
+            w.stopping.set()
+            await running
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+        flags = {d["seq"]: d.get("restart", False) for _, d in native.of(f"predictions/{stream}")}
+        if removed == "some":
+            assert flags == {1: False, 3: True, 4: False}
+        else:
+            assert flags == {1: False, 5: True}
+        assert w.metrics.snapshot().get("history_lost") == 1
+    finally:
+        native.close()
+
+
+@failover
 def test_partitions_are_taken_at_once_from_a_lease_bucket_made_again(
     bundles: Path, nats_server: NatsServer, tmp_path: Path
 ) -> None:

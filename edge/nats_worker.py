@@ -1055,21 +1055,23 @@ class Worker:
         about what the limits keep: what it is about to read is being removed."""
         from nats.js.errors import NotFoundError
 
+        subject = filter_subject(part.number)
         try:
-            try:
-                subject = filter_subject(part.number)
-                found = await self.js.get_msg(STREAM, seq=seq + 1, subject=subject, next=True)
-                expect = int(found.seq or 0)
-            except NotFoundError:  # every pending one removed meanwhile
-                expect = 0
-            # read after the look-up: a stream that still begins at or before seq + 1 had
-            # removed nothing after ``seq`` when the look-up ran
-            if (await self._stream_state())[1] > seq + 1:
-                return seq + 1
-            return expect
+            found = await self.js.get_msg(STREAM, seq=seq + 1, subject=subject, next=True)
+            expect = int(found.seq or 0)
+        except NotFoundError:  # every pending one removed meanwhile
+            expect = 0
         except Exception as exc:  # NATS away: not watched
             log.debug("partition %d: next message not looked up: %r", part.number, exc)
             return 0
+        try:
+            # read after the look-up: a stream that still begins at or before seq + 1 had
+            # removed nothing after ``seq`` when the look-up ran
+            first = (await self._stream_state())[1]
+        except Exception as exc:  # NATS away: what the look-up found, as before
+            log.debug("partition %d: stream's first sequence not read: %r", part.number, exc)
+            return expect
+        return seq + 1 if first > seq + 1 else expect
 
     def _no_room(self, exc: BaseException) -> bool:
         """Whether a refusal says JetStream's storage is full; said (an error line, counter

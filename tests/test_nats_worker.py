@@ -3405,3 +3405,67 @@ def test_streams_forgotten_as_idle_are_in_the_snapshot_before_their_next_answer(
         asyncio.run(run())
     finally:
         native.close()
+
+
+@failover
+def test_a_streams_idle_time_goes_on_through_a_takeover(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A stream's idle time (for ``idle_timeout``) began again at every takeover: a partition
+    taken over more often than ``idle_timeout`` never forgot a dead device. The snapshot
+    records how long each stream had been idle, and the new owner counts on from there."""
+    import json
+
+    import nats
+
+    from edge.nats_worker import Worker, WorkerOptions
+
+    url = nats_server.url
+    samples = _samples(1, 2, seed=127)
+    (stream,) = samples
+    p = partition(stream, P)
+    timeout, before = 600.0, 585.0  # idle for 585 s of 600 at the hand-over
+    opts = WorkerOptions([url], "w1", partitions=P, snapshot_interval=600)
+    native = NatsCollector(url)
+
+    def worker(worker_id: str) -> Worker:
+        cfg = _worker_config(bundles, tmp_path / worker_id, idle_timeout=timeout)
+        return Worker(cfg, opts)
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+
+        async def send(seq: int) -> None:
+            body = json.dumps({"seq": seq, "values": samples[stream][seq - 1 : seq].tolist()})
+            await nc.jetstream().publish(f"sensors.{stream}.data", body.encode())
+            await _until(lambda: len(native.predictions()) >= seq, 60, f"answer {seq}")
+
+        w1 = worker("w1")
+        running = asyncio.create_task(w1.run())
+        try:
+            await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
+            await send(1)
+            store = w1.owned[p].processor.engine.store
+            store.last_seen[store.lookup([stream])] -= before  # as if that long ago
+        finally:
+            w1.stopping.set()  # hands every partition over with its snapshot
+            assert await running == 0
+        assert store.stats.evicted_idle == 0
+        w2 = worker("w2")
+        running = asyncio.create_task(w2.run())
+        try:
+            await _until(lambda: len(w2.owned) == P, 60, "w2 to own every partition")
+            forgotten = w2.owned[p].processor.engine.store.stats
+            await _until(lambda: forgotten.evicted_idle == 1, 60, "the stream forgotten as idle")
+            await send(2)
+        finally:
+            w2.stopping.set()
+            assert await running == 0
+            await nc.close()
+
+    try:
+        asyncio.run(run())
+        flags = [d.get("restart", False) for _, d in native.of(f"predictions/{stream}")]
+        assert flags == [False, True]
+    finally:
+        native.close()

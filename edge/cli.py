@@ -154,7 +154,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--broker",
         default="mqtt://127.0.0.1:1883",
-        help="mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883)",
+        help="mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH (default mqtt://127.0.0.1:1883)",
     )
     t.add_argument("--runtime-id", default="+", help="one runtime id (default: all)")
     t.add_argument("--stats-topic", default="edge/stats/{runtime_id}", help="as the service's")

@@ -126,6 +126,15 @@ def test_help_uses_the_names_its_text_uses_and_states_the_defaults(capsys):
     assert all(key in worker for key in WORKER_KEYS), worker
 
 
+def test_top_help_names_every_broker_form_it_takes(capsys):
+    """``top --broker`` takes a unix socket as ``serve`` does, but its help named only
+    mqtt:// and mqtts://: a user of a gateway's socket read that top could not reach it."""
+    with pytest.raises(SystemExit):
+        main(["top", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH" in text, text
+
+
 @pytest.mark.parametrize(
     "name, make, out, needle",
     [

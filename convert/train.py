@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,12 +294,15 @@ def evaluate(
 
 def _bar(epochs: int) -> Callable[..., None]:
     """A tqdm bar over all epochs: ``bar(loss[, held-out replay accuracy, best])`` per epoch,
-    ``bar(None)`` to close."""
+    ``bar(None)`` to close. Where stderr is no terminal (a log, a pipe, the demo under a
+    script) tqdm draws nothing, so a plain line every tenth of the epochs says training goes on."""
     from tqdm import tqdm
 
     bar = tqdm(total=epochs, desc="training", unit="epoch", disable=None)
+    every, done = max(1, epochs // 10), 0
 
     def update(loss: float | None, val: float | None = None, best: float | None = None) -> None:
+        nonlocal done
         if loss is None:
             bar.close()
             return
@@ -307,5 +311,9 @@ def _bar(epochs: int) -> Callable[..., None]:
             post.update(val=f"{val:.3f}", best=f"{best:.3f}")
         bar.set_postfix(post)
         bar.update()
+        done += 1
+        if bar.disable and (done % every == 0 or done == epochs):
+            figures = ", ".join(f"{k} {v}" for k, v in post.items())
+            print(f"training: epoch {done}/{epochs}, {figures}", file=sys.stderr, flush=True)
 
     return update

@@ -726,3 +726,17 @@ def test_train_example_over_an_earlier_model_replaces_its_files_together_or_none
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {
         name: f"earlier {name}".encode() for name in names
     }
+
+
+def test_train_example_says_how_far_training_is_when_stderr_is_no_terminal(tmp_path, capsys):
+    """Off a terminal (a log, a pipe, the demo's first run under a script) the progress bar
+    drew nothing, and minutes of training printed not a line: each epoch is said instead."""
+    from convert.train import train_example
+
+    train_example(tmp_path / "m.keras", epochs=1, pretrain_epochs=1, units=4, singles_per_epoch=0)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("training")]
+    assert [line.split(",")[0] for line in lines] == [
+        "training: epoch 1/2",
+        "training: epoch 2/2",
+    ], lines
+    assert "val " in lines[-1] and "best " in lines[-1]  # the held-out figures of a stream epoch

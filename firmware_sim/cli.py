@@ -126,6 +126,8 @@ def _batch(text: str) -> int | tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected N or LO-HI") from None
     low, high = batch if isinstance(batch, tuple) else (batch, batch)
+    if low > high:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO-HI with LO <= HI")
     if not 1 <= low <= high <= MAX_BATCH:
         raise argparse.ArgumentTypeError(f"{text!r}: samples per message must be 1..{MAX_BATCH}")
     return batch

@@ -828,6 +828,10 @@ def test_demo_cluster_refuses_the_embedded_broker():
         (["run", "--broker", "mqtt://127.0.0.1:1", "--duration", "nan"], "--duration: 'nan'"),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--rate", "inf"], "--rate: 'inf'"),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--batch", "5000"], "must be 1..1024"),
+        (
+            ["run", "--broker", "mqtt://127.0.0.1:1", "--batch", "5-2"],
+            "'5-2': expected LO-HI with LO <= HI",
+        ),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--connections", "-1"], "--connections"),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--devices", "0"], "--devices: '0'"),
         (["run", "--broker", "mqtt://127.0.0.1:1", "--seed", "-1"], "--seed: '-1'"),

@@ -81,6 +81,7 @@ from .partitions import (
     stream_to_token,
     topic_to_subject,
     transform_dest,
+    transform_partitions,
 )
 from .processor import Inbound, Processor
 from .state_lock import StateLock
@@ -265,9 +266,11 @@ async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any, Any]
         tr = info.config.subject_transform
         dest = tr.dest if tr is not None else None
         if dest != transform_dest(opts.partitions):
+            made = transform_partitions(dest)
+            what = f"{made} partitions" if made is not None else f"subject transform {dest!r}"
             raise ConfigError(
-                f"stream {STREAM} exists with subject transform {dest!r}, not "
-                f"{transform_dest(opts.partitions)!r}: partitions are fixed at creation "
+                f"partitions = {opts.partitions}, but stream {STREAM} was made with {what}: "
+                "partitions are fixed at creation "
                 "(start with the stream's partition count, or delete the stream)"
             )
         if not _has_mqtt_source(info.config):  # made by a version that only captured

@@ -15,6 +15,7 @@ the partitions it gains or loses, and no coordinator is needed. Leases in a key-
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -59,6 +60,14 @@ def transform_dest(partitions: int) -> str:
     return (
         f"{STORED_PREFIX}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
     )
+
+
+def transform_partitions(dest: str | None) -> int | None:
+    """The partition count of a stream's transform ``dest`` (None when it is not ours)."""
+    made = re.fullmatch(
+        re.escape(STORED_PREFIX) + r"\.\{\{partition\((\d+),1\)\}\}\..*", dest or ""
+    )
+    return int(made.group(1)) if made else None
 
 
 def mqtt_source_transforms(partitions: int) -> list[tuple[str, str]]:

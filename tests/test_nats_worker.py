@@ -327,6 +327,10 @@ def test_a_worker_is_refused_with_other_partitions_or_a_state_dir_in_use(
         assert other.proc is not None
         assert other.proc.wait(60) == 2
         assert "partitions are fixed at creation" in other.log()
+        # the count the stream was made with, not a NATS subject transform to decode
+        assert f"partitions = 4, but stream EDGE_SENSORS was made with {P} partitions" in (
+            other.log()
+        )
         # the same worker id on the same state directory: a second copy of one unit
         twin = WorkerProc(bundles / "clf-int8", nats_server.url, tmp_path / "state", "w1")
         twin.log_path = tmp_path / "twin.log"

@@ -38,6 +38,8 @@ def verdict(r: dict[str, Any]) -> str:
         )
     elif wrong is None:
         head = "no offline reference (run with --bundle to judge exactness)"
+        if missing:  # the one failure a run without a reference can still see
+            head = f"NOT ALL ANSWERED: {missing:,} expected predictions missing; {head}"
     elif wrong == 0 and missing == 0 and unacked:  # exact over what the broker took only
         head = f"NOT ALL DELIVERED: {undelivered}; the {got:,} predictions equal the offline run"
     elif wrong == 0 and missing == 0:

@@ -107,6 +107,16 @@ def test_verdict_line():
     assert verdict(unref) == "verdict: no offline reference (run with --bundle to judge exactness)"
 
 
+def test_verdict_without_a_bundle_says_what_is_missing():
+    """Without --bundle a run whose runtime answered nothing (none serving, another topic)
+    exited 1 with the verdict 'no offline reference', as if all had gone well but exactness."""
+    unanswered = {"predictions_received": 0, "predictions_missing": 20}
+    assert verdict(unanswered) == (
+        "verdict: NOT ALL ANSWERED: 20 expected predictions missing; no offline reference "
+        "(run with --bundle to judge exactness)"
+    )
+
+
 def sent(stream, seq, labels, faults=(), delivered=True, epoch=0):
     lab = np.array(labels) if labels[0] is not None else None
     return Sent(

@@ -147,7 +147,8 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
             except queue.Empty:
                 if args.timeout and time.monotonic() - last > args.timeout:
                     print(
-                        f"edge-lstm: no stats from {args.broker} for {args.timeout:g} s",
+                        f"edge-lstm: no stats on {stats_prefix + args.runtime_id} from "
+                        f"{args.broker} for {args.timeout:g} s",
                         file=sys.stderr,
                     )
                     return 1

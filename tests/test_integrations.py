@@ -705,6 +705,19 @@ def test_top_without_a_broker_is_one_line():
         assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_top_that_hears_no_stats_names_the_topic_it_listened_on(broker):
+    """`top --runtime-id` with a mistyped id (or another --stats-topic) gave up saying only
+    `no stats from mqtt://...`, as if the broker were silent: it names the topic it read."""
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "top", "--broker", broker.url, "--runtime-id", "nosuch",
+         "--timeout", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(err) == 1, out.stderr
+    assert f"no stats on edge/stats/nosuch from {broker.url} for 1 s" in err[0], err
+
+
 def test_top_reads_a_broker_on_a_unix_socket_and_says_when_the_broker_refuses_it(tmp_path):
     """`serve` accepts `unix:///PATH`; `top` refused it (`expected mqtt://HOST:PORT`). It
     reads the stats there now. A broker that refuses the connection (no user name where one

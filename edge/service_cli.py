@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from . import config, early_signals
+from .manifest import read_bundle
 
 SERVE_DESCRIPTION = """\
 Run the MQTT service: subscribe to sample topics, keep h/C per stream, publish a prediction
@@ -36,6 +37,9 @@ def serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.captureWarnings(True)  # e.g. a kernel-set mismatch accepted with "warn"
+    # A bundle that cannot be read is refused before the state directory is made: a
+    # mistyped --model would leave an empty one behind at every try.
+    read_bundle(cfg.model)
     from .mqtt_loop import MqttService
 
     return MqttService(cfg).run()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edge.cli import main
+from tests.mqtt_helpers import ROOT
 
 
 def test_inspect_human_and_json(bundles, capsys):
@@ -73,6 +74,20 @@ def test_serve_refuses_bad_configuration(args, needle):
         [sys.executable, "-m", "edge", "serve", *args], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2 and needle in out.stderr, out.stderr
+
+
+def test_serve_of_a_missing_bundle_leaves_no_state_dir_behind(tmp_path):
+    """A mistyped --model was refused only after the state directory was made: each try
+    left an empty ``edge-state`` in the current directory. The bundle is read first now."""
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "serve", "--model", str(tmp_path / "nope"),
+         "--broker", "mqtt://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1 and "nope: not a bundle directory" in err[0], err
+    assert not (tmp_path / "edge-state").exists()
 
 
 def test_serve_on_a_state_dir_that_is_a_file_is_one_line(bundles, tmp_path):

@@ -37,7 +37,13 @@ next steps (as root), see README "Installing on a device":
   (umask 027; echo 'PASSWORD' > /etc/edge-lstm/broker.password)
   chgrp edge-lstm /etc/edge-lstm/broker.password
   install -m 644 {d}/edge-lstm.service /etc/systemd/system/edge-lstm.service
-  systemctl daemon-reload && systemctl enable --now edge-lstm"""
+  systemctl daemon-reload && systemctl enable --now edge-lstm
+  # Grafana: Dashboards -> Import {d}/grafana-dashboard.json, with your Prometheus data source
+  # workers on NATS JetStream instead of serve (docs/cluster.md); on each NATS node:
+  #   install -D -m 644 {d}/nats-server.conf /etc/nats/nats-server.conf
+  # on each worker host, with the bundle as model in /etc/edge-lstm/worker.toml:
+  #   install -m 644 {d}/edge-lstm-worker.service /etc/systemd/system/edge-lstm-worker.service
+  #   systemctl daemon-reload && systemctl enable --now edge-lstm-worker"""
 
 
 def kit_files() -> dict[str, bytes]:

@@ -143,6 +143,17 @@ def test_deploy_kits_next_steps_make_everything_its_files_expect(tmp_path):
         assert Path(value).name in out.stdout and str(Path(value).parent) in out.stdout, key
 
 
+def test_deploy_kits_next_steps_say_where_each_file_goes(tmp_path):
+    """The help and the README say the kit prints where each file goes; the worker's unit,
+    nats-server.conf and the Grafana dashboard were written and never mentioned again."""
+    kit = tmp_path / "kit"
+    out = run_cli("edge.cli", ["deploy-kit", str(kit)])
+    assert out.returncode == 0, out.stderr
+    steps = [line for line in out.stdout.splitlines() if not line.startswith("wrote ")]
+    for name in sorted(p.name for p in kit.iterdir()):
+        assert any(f"{kit}/{name}" in line for line in steps), name
+
+
 def test_every_module_path_and_name_the_docs_cite_exists():
     """`edge/x.py`, `edge.module.Name`, `bench.name`: a reader looks them up."""
     import importlib

@@ -183,7 +183,8 @@ class ServiceConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
 
 
-def _convert(name: str, value: Any) -> Any:
+def _convert(name: str, value: Any, where: str | None = None) -> Any:
+    """``value`` as the field's type, or ConfigError naming it and ``where`` it was set."""
     typ = FIELDS[name].type
     try:
         if typ in ("bool", bool):
@@ -208,7 +209,8 @@ def _convert(name: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError, OverflowError):
         kind = {"float": "finite number", "str": "string"}.get(str(typ), str(typ))
-        raise ConfigError(f"{name} = {value!r} is not a valid {kind}") from None
+        source = f" ({where})" if where else ""
+        raise ConfigError(f"{name} = {value!r}{source} is not a valid {kind}") from None
 
 
 def load(
@@ -217,20 +219,24 @@ def load(
     overrides: Mapping[str, Any] | None = None,
 ) -> ServiceConfig:
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}  # a key's file or environment variable, for its errors
     if file:
         values.update(_read_toml(Path(file)))
+        where = dict.fromkeys(values, f"in {file}")
     env = os.environ if env is None else env
     for name in FIELDS:
         key = ENV_PREFIX + name.upper()
         if key in env:
-            values[name] = env[key]
+            values[name], where[name] = env[key], key
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
+            where.pop(name, None)  # an option of the command line: its name is the key's
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
-    cfg = ServiceConfig(**{k: _convert(k, v) for k, v in values.items()})
+        named = f"{file}: " if file else ""
+        raise ConfigError(f"{named}unknown configuration key(s): {', '.join(unknown)}")
+    cfg = ServiceConfig(**{k: _convert(k, v, where.get(k)) for k, v in values.items()})
     return validate(cfg)
 
 

@@ -1,6 +1,7 @@
 """Pure parts of the service: reordering, configuration, topic templates."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -141,6 +142,21 @@ def test_config_precedence_and_errors(tmp_path):
         config.load(None, env={}, overrides={"model": "m", "tls_ca": "/nope"})
     with pytest.raises(ConfigError, match="invalid TOML"):
         f.write_text("model = \n")
+        config.load(f, env={})
+
+
+def test_config_errors_say_where_the_value_was_set(tmp_path):
+    """`EDGE_LSTM_MAX_BATCH=lots` was refused as `max_batch = 'lots'`, and a misspelt key as
+    `unknown configuration key(s): modle`: neither said where to look (an environment set
+    by a unit file, one of several configuration files)."""
+    f = tmp_path / "edge.toml"
+    f.write_text('model = "m"\nmax_batch = "many"\n')
+    with pytest.raises(ConfigError, match=r"max_batch = 'lots' \(EDGE_LSTM_MAX_BATCH\) is not"):
+        config.load(f, env={"EDGE_LSTM_MAX_BATCH": "lots"})
+    with pytest.raises(ConfigError, match=rf"max_batch = 'many' \(in {re.escape(str(f))}\) is"):
+        config.load(f, env={})
+    f.write_text('model = "m"\nmodle = 1\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(f))}: unknown .*key\(s\): modle$"):
         config.load(f, env={})
 
 

@@ -883,6 +883,9 @@ class MqttService:
             except OSError as exc:  # in use, or an address not of this machine
                 where = f"{cfg.metrics_host}:{cfg.metrics_port}"
                 raise ConfigError(f"metrics_host/metrics_port {where}: {exc}") from None
+            log.info(
+                "Prometheus metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port
+            )
         if cfg.protocol == "5":
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties

@@ -471,7 +471,7 @@ def test_every_metric_the_grafana_dashboard_queries_exists(service, broker):
     from prometheus_client.parser import text_string_to_metric_families
 
     port = free_port()
-    service("--metrics-port", str(port), "--stats-interval", "0")
+    svc = service("--metrics-port", str(port), "--stats-interval", "0")
     col = Collector(broker.url)
     wait_until(col.online, 60, "runtime online")
     pub = Publisher(broker.url)
@@ -492,6 +492,8 @@ def test_every_metric_the_grafana_dashboard_queries_exists(service, broker):
     } <= wanted
     assert wanted - samples == set(), f"queried but not exported: {sorted(wanted - samples)}"
     assert 'edge_lstm_errors_total{code="bad_json"} 1.0' in text
+    # where to point Prometheus is in the start-up log, not only in the configuration
+    assert f"Prometheus metrics on http://127.0.0.1:{port}/metrics" in svc.output()
     pub.close()
     col.close()
 

@@ -501,9 +501,10 @@ def add_arguments(parser: Any) -> None:
     """One ``--key`` flag per configuration key, with its help and default."""
     for f in dataclasses.fields(ServiceConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = (
-            f"{f.metadata['help']} [default: {f.default!r}; env {ENV_PREFIX}{f.name.upper()}]"
-        )
+        env = f"env {ENV_PREFIX}{f.name.upper()}"
+        said = any(w in f.metadata["help"] for w in ("(default: ", "(required)"))
+        # a key whose help says its default in words: '' there means "not set", not the default
+        help_text = f"{f.metadata['help']} [{env if said else f'default: {f.default!r}; {env}'}]"
         choices = f.metadata.get("choices")
         parser.add_argument(
             flag,

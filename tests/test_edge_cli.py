@@ -141,6 +141,20 @@ def test_help_uses_the_names_its_text_uses_and_states_the_defaults(capsys):
     assert all(key in worker for key in WORKER_KEYS), worker
 
 
+def test_serve_help_states_one_default_per_key(capsys):
+    """--client-id's help said `(default: edge-lstm-HOSTNAME) [default: '']`, --runtime-id
+    `(default: the client id) [default: '']` and --model `(required) [default: '']`: two
+    answers, one of them wrong. A key whose help says its default (or that it is required)
+    shows only its environment variable."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: edge-lstm-HOSTNAME) [env EDGE_LSTM_CLIENT_ID]" in text, text
+    assert "(default: the client id) [env EDGE_LSTM_RUNTIME_ID]" in text, text
+    assert "lstm-convert (required) [env EDGE_LSTM_MODEL]" in text, text
+    assert "[default: 'sensors/{stream}/data'; env EDGE_LSTM_DATA_TOPIC]" in text, text
+
+
 def test_top_help_names_every_broker_form_it_takes(capsys):
     """``top --broker`` takes a unix socket as ``serve`` does, but its help named only
     mqtt:// and mqtts://: a user of a gateway's socket read that top could not reach it."""

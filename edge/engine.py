@@ -10,7 +10,7 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,23 @@ def out_of_bounds(x: np.ndarray, bounds: tuple[np.ndarray, np.ndarray]) -> np.nd
     return np.asarray(~((x >= lo) & (x <= hi)).all(axis=-1))
 
 
+def float_outputs(model: StepModel) -> list[int]:
+    """Indices among the binding's outputs [y, *states] of the float ones: only those can
+    come out of an overflowing step as inf or NaN (an integer-quantised one saturates)."""
+    specs = [model.y_spec, *model.state_out]
+    return [k for k, spec in enumerate(specs) if not spec.quantized]
+
+
+class _Overflow(Exception):
+    """Samples a batch stepped to a non-finite answer or state (``bad``: per applied sample,
+    chunk after chunk), and the refusals that makes (``errors``, by chunk)."""
+
+    def __init__(self, bad: np.ndarray) -> None:
+        super().__init__("non-finite step")
+        self.bad = bad
+        self.errors: dict[int, SampleError] = {}
+
+
 def _opt(value: Any) -> int | None:
     """An int64 array entry -> int, or None for the "none" marker (NO_SEQ = NO_BOOT = -1)."""
     v = int(value)
@@ -263,6 +280,9 @@ class Engine:
         self._steady: tuple[list[str], np.ndarray, int] | None = None
         # State outputs fed back byte for byte (no stacked layer re-encodes its state)
         self._same_bytes = not any(model.requantized)
+        # Float outputs checked after each invoke: inf - inf inside the model gives NaN, and a
+        # NaN state answered NaN for every later sample of the stream.
+        self._float_outs = float_outputs(model)
 
     @property
     def manifest(self) -> Manifest:
@@ -334,6 +354,8 @@ class Engine:
         for arena, view in zip(store.arrays, b.inputs[1:]):
             view[0] = arena[row]
         model.run()
+        if self._float_outs and not self._finite(b.outputs):
+            return None  # the general path refuses it, the state untouched
         for arena, out, rq, so, si in zip(
             store.arrays, b.outputs[1:], model.requantized, model.state_out, model.state_in
         ):
@@ -691,6 +713,8 @@ class Engine:
         for rec, view in zip(store.records, b.state_in):  # whole rows, as one item each
             rec.take(rows, out=view)
         model.run()
+        if self._float_outs and not self._finite(b.outputs):
+            return None  # the general path refuses the stream, the others go on
         if self._same_bytes:
             for rec, out in zip(store.records, b.state_out):
                 rec.put(rows, out)
@@ -775,7 +799,30 @@ class Engine:
         bt: np.ndarray,
         errors: dict[int, SampleError],
     ) -> Batch:
-        """Check, admit, step and record a batch (``errors``: chunks refused already)."""
+        """Check, admit, step and record a batch (``errors``: chunks refused already). A chunk
+        a float model overflows on is refused, and the batch stepped again without it: its
+        stream's state is the one before the chunk, as for any refused chunk."""
+        if not self._float_outs:
+            return self._step_once(streams, x, cnt, sq, bt, errors)
+        given, counters = dict(errors), replace(self.counters)
+        while True:
+            try:
+                return self._step_once(streams, x, cnt, sq, bt, errors)
+            except _Overflow as exc:  # rare: nothing recorded, every state as it was
+                self.counters = replace(counters)
+                errors = {**given, **exc.errors}
+
+    def _step_once(
+        self,
+        streams: Sequence[Any],
+        x: np.ndarray,
+        cnt: np.ndarray,
+        sq: np.ndarray,
+        bt: np.ndarray,
+        errors: dict[int, SampleError],
+    ) -> Batch:
+        """``_step_arrays`` for one set of refused chunks; ``_Overflow`` when the model
+        overflowed on a sample, with the chunks to refuse."""
         n = len(streams)
         cap = self.store.capacity
         if n > cap:  # refused before anything changes: no eviction, no count
@@ -803,9 +850,43 @@ class Engine:
         plan = self._admit_fast(streams, cnt, sq, bt, rows, ok)
         if plan is None:
             plan = self._admit_each(streams, cnt, sq, bt, ok, errors)
+        recalled = set(self.store.recalled) if self._float_outs else set()
         if self.store.recalled:
             self._restart_recalled(streams, plan)
-        return self._apply(streams, x, cnt, sq, plan, errors)
+        try:
+            return self._apply(streams, x, cnt, sq, plan, errors)
+        except _Overflow as exc:  # as before this call, for the batch to be stepped again
+            self.store.recalled = {s for s in recalled if s in self.store}
+            exc.errors = self._overflow_errors(streams, sq, plan, exc.bad)
+            raise
+
+    def _overflow_errors(
+        self, streams: Sequence[Any], sq: np.ndarray, plan: _Plan, bad: np.ndarray
+    ) -> dict[int, SampleError]:
+        """The refusal of each stream's first chunk holding a sample the model overflowed on
+        (``bad``: per applied sample, chunk after chunk). A later chunk of that stream was
+        stepped from the broken state: it is judged again."""
+        ends = np.cumsum(plan.applied)
+        errors: dict[int, SampleError] = {}
+        seen: set[int] = set()
+        for r in np.flatnonzero(bad).tolist():
+            i = int(np.searchsorted(ends, r, "right"))
+            if int(plan.stream_of[i]) in seen:
+                continue
+            seen.add(int(plan.stream_of[i]))
+            k = r - int(ends[i] - plan.applied[i])  # among the chunk's applied samples
+            where = "this sample"
+            if plan.applied[i] + plan.skip[i] > 1:
+                where = f"sample {int(plan.skip[i]) + k} of the chunk"
+                if sq[i] != NO_SEQ:
+                    where += f" (seq {(int(plan.first_seq[i]) + k) % U32})"
+            errors[i] = InvalidSample(
+                f"the model's computation overflowed on {where}: values too large for the "
+                "model (its answer or state was not finite); the stream's state is kept",
+                stream_id=streams[i],
+                seq=_opt(sq[i]),
+            )
+        return errors
 
     def _restart_recalled(self, streams: Sequence[Any], plan: _Plan) -> None:
         """The first samples an evicted stream applies once back start from the zero state:
@@ -1191,9 +1272,11 @@ class Engine:
         if plan.rows is not None and len(xa) == n <= self.store.capacity and stepped.all():
             # Fast admission, one sample per stream, all known: no grouping to do.
             names = list(streams)
+            known = plan.rows.copy() if self._float_outs else plan.rows
             rows = plan.rows[:] = self.store.acquire(names, plan.rows)
             zero = plan.reset if plan.reset.any() else None
-            return model.decode_y(self._advance(rows, applied, model.encode_x(xa), zero))
+            xq = model.encode_x(xa)
+            return model.decode_y(self._guarded(names, known, rows, applied, xq, zero))
         chunks = np.flatnonzero(stepped)
         # Streams numbered densely among the stepped chunks (in order of first appearance):
         # a stream whose chunks were all refused or duplicates has no samples to step.
@@ -1205,11 +1288,11 @@ class Engine:
         names = [streams[int(i)] for i in firsts]
         assert n_streams <= self.store.capacity, "a wider batch is refused by _step_arrays"
         known = None if plan.rows is None else plan.rows[firsts]
+        if known is None:
+            known = self.store.lookup(names)
+        rows = self.store.acquire(names, known)
         if plan.rows is not None:
-            rows = self.store.acquire(names, known)
             plan.rows[firsts] = rows
-        else:
-            rows = self.store.acquire(names)
         lengths = np.bincount(u_of_chunk, weights=plan.applied[chunks], minlength=n_streams)
         lengths = lengths.astype(np.int64)
         zero_first = plan.reset[chunks]
@@ -1230,21 +1313,67 @@ class Engine:
         if len(zero_at):
             zero = np.zeros(len(xa), bool)
             zero[zero_at] = True
-        y_raw = self._advance(rows, lengths, self.model.encode_x(xg), zero)
+        try:
+            y_raw = self._guarded(names, known, rows, lengths, self.model.encode_x(xg), zero)
+        except _Overflow as exc:
+            if order is not None:  # back to the order of xa
+                exc.bad = exc.bad[inverse]
+            raise
         if order is not None:
             back = np.empty_like(y_raw)
             back[order] = y_raw
             y_raw = back
         return self.model.decode_y(y_raw)
 
+    def _guarded(
+        self,
+        names: list[Any],
+        known: np.ndarray,
+        rows: np.ndarray,
+        lengths: np.ndarray,
+        xq: np.ndarray,
+        zero: np.ndarray | None,
+    ) -> np.ndarray:
+        """``_advance``, and for a float model: when a sample's answer or new state is not
+        finite, every stream's state put back as it was (and the streams that got their row
+        here dropped) and ``_Overflow`` raised, per sample in ``xq``'s order."""
+        if not self._float_outs:
+            return self._advance(rows, lengths, xq, zero)
+        before = self.store.gather(rows)
+        bad = np.zeros(len(xq), bool)
+        y_raw = self._advance(rows, lengths, xq, zero, bad)
+        if bad.any():
+            self.store.scatter(rows, before)
+            for name in np.asarray(names, object)[known < 0].tolist():
+                self.store.remove(name)
+            raise _Overflow(bad)
+        return y_raw
+
+    def _finite(self, outputs: Sequence[np.ndarray]) -> bool:
+        """Whether the float outputs of an invoke are all finite: one check per tensor."""
+        return all(np.isfinite(outputs[k]).all() for k in self._float_outs)
+
+    def _mark_bad(self, outputs: Sequence[np.ndarray], idx: np.ndarray, bad: np.ndarray) -> None:
+        """Mark ``bad[idx]`` where a row of an invoke's float outputs is not finite."""
+        if self._finite(outputs):
+            return
+        for k in self._float_outs:
+            bad[idx[~np.isfinite(outputs[k]).all(axis=1)]] = True
+
     def _advance(
-        self, rows: np.ndarray, lengths: np.ndarray, xq: np.ndarray, zero: np.ndarray | None
+        self,
+        rows: np.ndarray,
+        lengths: np.ndarray,
+        xq: np.ndarray,
+        zero: np.ndarray | None,
+        bad: np.ndarray | None = None,
     ) -> np.ndarray:
         """Step streams ``rows`` through their ``lengths`` encoded samples (``xq`` grouped by
         stream, in order); ``zero``: reset the state before these samples. Round r steps the
         r-th sample of every stream still going, in one invoke per ``max_batch`` rows. While
         the same streams go on, the state stays in the interpreter's buffers between rounds;
-        it goes back to the arena when one finishes. -> encoded y, in ``xq``'s order."""
+        it goes back to the arena when one finishes. -> encoded y, in ``xq``'s order. ``bad``:
+        marked where a sample's float answer or state was not finite."""
         model = self.model
         b = model.binding
         arenas = self.store.arrays
@@ -1281,7 +1410,7 @@ class Engine:
                 for r in range(r0, r1):
                     for k in range(0, m, maxb):
                         part = slice(k, min(m, k + maxb))
-                        self._round(rows[part], starts[part] + r, xq, zero, y_raw)
+                        self._round(rows[part], starts[part] + r, xq, zero, y_raw, bad)
                         invokes += 1
                 continue
             b.bind(m)
@@ -1299,6 +1428,8 @@ class Engine:
                     for view, zr in zip(s_in, zero_rows):
                         view[z] = zr
                 model.run()
+                if bad is not None:
+                    self._mark_bad(b.outputs, idx, bad)
                 y_raw[idx] = y_out
                 if r + 1 < r1:  # the same streams go on: feed the state straight back
                     for view, out, rq, (so, si) in zip(s_in, s_out, requant, specs):
@@ -1320,6 +1451,7 @@ class Engine:
         xq: np.ndarray,
         zero: np.ndarray | None,
         y_raw: np.ndarray,
+        bad: np.ndarray | None,
     ) -> None:
         """One invoke for some rows of a round too wide for ``max_batch``: gather, scatter."""
         if zero is not None:
@@ -1327,6 +1459,8 @@ class Engine:
             if z.any():
                 self.store.zero_rows(rows[z])
         y, states = self.model.invoke(xq[idx], self.store.gather(rows))
+        if bad is not None:  # the outputs as the model gave them, before any re-encoding
+            self._mark_bad(self.model.binding.outputs, idx, bad)
         self.store.scatter(rows, states)
         y_raw[idx] = y
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import edge
 from edge import Chunk
 from edge import snapshot as fmt
+from edge.engine import float_outputs
 
 MODES = [
     "clf-int8",
@@ -575,8 +576,146 @@ def test_a_value_the_normalised_float_input_cannot_hold_is_refused_not_poisoning
     ref.step("s", x[0], seq=2)  # what the steady batch applied to "s"
     np.testing.assert_array_equal(engine.step("s", x[0], seq=3), ref.step("s", x[0], seq=3))
     assert all(np.isfinite(a).all() for a in engine.state_of("s"))
-    # 3e38 is fine for a feature whose std (16) takes it into range
-    assert np.isfinite(engine.step("u", [3e38 / 2**20, 0, 0])).all()
+    # 3e38 passes that check for a feature whose std (16) takes it into range; whether the
+    # model's own arithmetic then overflows depends on its weights and kernels: refused if it
+    # does, the state kept either way
+    assert_refused_exactly_on_overflow(engine, ref, "s", np.array([3e38, 0, 0]), seq=4)
+
+
+def same(a: list[np.ndarray] | None, b: list[np.ndarray] | None) -> bool:
+    """Whether two ``state_of`` answers are equal, bit for bit (both None: no stream)."""
+    if a is None or b is None:
+        return a is b
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+FLOAT_MODES = ["clf-float32", "clf-float16", "cnn-gru-float32"]
+# Inside these bundles' input checks; ai-edge-litert's XNNPACK kernels overflow on it (inf -
+# inf: NaN), tflite-runtime 2.14's builtin kernels saturate instead, on every value tried.
+OVERFLOW = 1e30
+# The tests of each path need a step that overflows: the desktop interpreter's kernels.
+XNNPACK = pytest.mark.desktop
+
+
+def overflows(ref: edge.Engine, stream: str, x: np.ndarray) -> bool:
+    """Whether the model itself, with no engine checks, steps ``ref``'s stream on one sample
+    to an answer or state that is not finite."""
+    model = ref.model
+    state = ref.state_of(stream)
+    states = model.zero_state() if state is None else [a.reshape(1, -1) for a in state]
+    y, new = model.invoke(model.encode_x(x.reshape(1, -1)), states)
+    return not all(np.isfinite(a).all() for a in [y, *new])
+
+
+def assert_refused_exactly_on_overflow(
+    engine: edge.Engine, ref: edge.Engine, stream: str, x: np.ndarray, seq: int
+) -> None:
+    """``engine`` and ``ref`` hold the same state: a sample the model overflows on is refused
+    with the state kept, any other answered as ``ref`` answers it; the state stays finite."""
+    if overflows(ref, stream, x):
+        with pytest.raises(edge.InvalidSample, match="overflowed on this sample") as info:
+            engine.step(stream, x, seq=seq)
+        assert info.value.stream_id == stream and info.value.seq == seq
+        assert engine.last_seq(stream) == ref.last_seq(stream)
+    else:
+        np.testing.assert_array_equal(engine.step(stream, x, seq=seq), ref.step(stream, x, seq))
+    assert same(engine.state_of(stream), ref.state_of(stream))
+    assert all(np.isfinite(a).all() for a in engine.state_of(stream) or [])
+
+
+@pytest.mark.parametrize("name", FLOAT_MODES)
+def test_a_float_step_is_refused_exactly_when_the_model_overflows(load, name):
+    """Both interpreters: values past what the arithmetic holds, through the quick path of a
+    stream's next sample, the steady batch and the general path."""
+    engine, ref = load(name), load(name)
+    f = engine.manifest.features
+    x0 = samples(1, 0, f)[0]
+    engine.step("s", x0, seq=1)
+    ref.step("s", x0, seq=1)
+    for value in [1e30, -1e30, 3e38, -3e38, 1e20]:  # feature 0's std (>= 7) takes them in
+        x = x0.copy()
+        x[0] = value
+        assert_refused_exactly_on_overflow(engine, ref, "s", x, ref.last_seq("s") + 1)
+
+
+def overflowing(n: int, at: int, seed: int, f: int) -> np.ndarray:
+    """n samples, the one at ``at`` with a value the float model overflows on."""
+    x = samples(n, seed, f)
+    x[at, 0] = OVERFLOW
+    return x
+
+
+@XNNPACK
+@pytest.mark.parametrize("name", FLOAT_MODES)
+def test_a_sample_a_float_model_overflows_on_is_refused_and_the_state_kept(load, name):
+    """inf - inf inside the model: the answer and the new state were NaN, and every later
+    sample of the stream was answered NaN (the NaN state also went into snapshots)."""
+    engine, ref = load(name), load(name)
+    f = engine.manifest.features
+    x = overflowing(3, 1, 0, f)
+    np.testing.assert_array_equal(engine.step("s", x[0], seq=1), ref.step("s", x[0], seq=1))
+    with pytest.raises(edge.InvalidSample, match="overflowed on this sample") as info:
+        engine.step("s", x[1], seq=2)  # the quick path of a stream's next sample
+    assert info.value.stream_id == "s" and info.value.seq == 2
+    assert engine.last_seq("s") == 1 and same(engine.state_of("s"), ref.state_of("s"))
+    np.testing.assert_array_equal(engine.step("s", x[2], seq=2), ref.step("s", x[2], seq=2))
+    with pytest.raises(edge.InvalidSample, match="values too large for the model"):
+        engine.step("new", x[1])  # the general path: a new stream gets no state
+    assert engine.state_of("new") is None and engine.counters.rejected == 2
+
+
+@XNNPACK
+def test_a_chunk_a_float_model_overflows_on_in_its_middle_is_refused_whole(load):
+    """As a chunk with a NaN in its middle: refused whole, naming the sample, nothing applied."""
+    engine, ref = load("cnn-gru-float32"), load("cnn-gru-float32")
+    x = overflowing(5, 2, 1, 3)
+    engine.step("s", x[:2], seq=1)
+    ref.step("s", x[:2], seq=1)
+    with pytest.raises(edge.InvalidSample, match=r"sample 2 of the chunk \(seq 5\)") as info:
+        engine.step("s", x, seq=3)
+    assert info.value.seq == 3 and engine.last_seq("s") == 2
+    assert same(engine.state_of("s"), ref.state_of("s"))
+    nan = x.copy()
+    nan[2, 0] = np.nan
+    with pytest.raises(edge.InvalidSample, match="NaN"):
+        engine.step("s", nan, seq=3)
+    assert engine.last_seq("s") == 2 and same(engine.state_of("s"), ref.state_of("s"))
+    good = samples(5, 2, 3)
+    np.testing.assert_array_equal(engine.step("s", good, seq=3), ref.step("s", good, seq=3))
+
+
+@XNNPACK
+def test_step_many_refuses_only_the_chunks_a_float_model_overflows_on(load):
+    """A stream's later chunk in the same call goes on from the state before its refused one."""
+    engine, ref = load("cnn-gru-float32"), load("cnn-gru-float32")
+    x, big = samples(4, 3, 3), overflowing(3, 1, 4, 3)
+    chunks = [
+        Chunk("a", x[:2], 1),
+        Chunk("b", big[1], 1),
+        Chunk("c", x[2:]),
+        Chunk("a", big, 3),
+        Chunk("a", x[2:], 3),
+    ]
+    out = engine.step_many(chunks)
+    assert [o.error is None for o in out] == [True, False, True, False, True]
+    assert "overflowed on this sample" in str(out[1].error) and out[1].seq == 1
+    assert "sample 1 of the chunk (seq 4)" in str(out[3].error)
+    for o, c in zip(out, chunks):
+        if o.error is None:
+            np.testing.assert_array_equal(o.y, ref.step(c.stream, c.values, seq=c.seq))
+    assert engine.state_of("b") is None and engine.last_seq("a") == 4
+    assert all(same(engine.state_of(s), ref.state_of(s)) for s in "ac")
+    assert engine.counters.rejected == 2 and engine.counters.samples == ref.counters.samples
+
+
+@pytest.mark.parametrize("name", ["clf-int8", "clf-int16x8", "cnn-gru-int8"])
+def test_integer_quantised_outputs_are_not_checked_for_overflow(load, name):
+    """Their tensors cannot hold inf or NaN: the check costs them nothing."""
+    engine = load(name)
+    assert float_outputs(engine.model) == []
+    x = np.zeros(engine.manifest.features)
+    x[0] = OVERFLOW
+    assert np.isfinite(engine.step("s", x)).all()  # the quantised input saturates
 
 
 def test_unsequenced_samples_only_when_allowed(load):

@@ -529,3 +529,42 @@ def test_steady_batches_across_the_end_of_the_seq_range_equal_each_stream_alone(
             assert type(have.error) is type(want.error) and have.gap == want.gap
         for s in streams:
             assert same_state(batched, alone, s) and batched.last_seq(s) == alone.last_seq(s)
+
+
+@pytest.mark.desktop  # ai-edge-litert's kernels overflow on 1e30; tflite 2.14's saturate
+@pytest.mark.parametrize("max_batch", [256, 2])
+def test_a_batch_refuses_only_the_streams_a_float_model_overflows_on(load, max_batch):
+    """The steady batch, and one wider than ``max_batch`` (rounds in parts): the stream whose
+    sample overflows the model is refused with its state kept, the others are answered."""
+    e, ref = load("cnn-gru-float32", max_batch=max_batch), load("cnn-gru-float32")
+    streams = [f"k{i}" for i in range(5)]
+    x0 = samples(5, 0, 3)
+    e.step_batch(streams, x0, seqs=[1] * 5)
+    ref.step_batch(streams, x0, seqs=[1] * 5)
+    x = samples(5, 1, 3)
+    x[3, 0] = 1e30  # inside the input checks, past the model's float32 arithmetic
+    got = e.step_batch(streams, x, seqs=[2] * 5)
+    assert list(got.errors) == [3] and "overflowed on this sample" in str(got.errors[3])
+    assert got.errors[3].stream_id == "k3" and got.errors[3].seq == 2
+    assert e.last_seq("k3") == 1 and same_state(e, ref, "k3")
+    for i in (0, 1, 2, 4):
+        np.testing.assert_array_equal(got.y_of(i)[0], ref.step(streams[i], x[i], seq=2))
+        assert same_state(e, ref, streams[i])
+    x[3] = samples(1, 2, 3)[0]
+    again = e.step_batch(streams, x, seqs=[3, 3, 3, 2, 3])
+    assert not again.errors
+    np.testing.assert_array_equal(again.y_of(3)[0], ref.step("k3", x[3], seq=2))
+    assert same_state(e, ref, "k3")
+
+
+@pytest.mark.desktop  # as above
+def test_chunks_of_one_stream_after_one_a_float_model_overflows_on_step_from_before_it(load):
+    e, ref = load("cnn-gru-float32"), load("cnn-gru-float32")
+    x = samples(6, 3, 3)
+    x[2, 0] = 1e30
+    got = e.step_batch(["a", "b", "a"], x, counts=[2, 2, 2], seqs=[1, 1, 5])
+    assert list(got.errors) == [1] and "sample 0 of the chunk (seq 1)" in str(got.errors[1])
+    np.testing.assert_array_equal(got.y_of(0), ref.step("a", x[:2], seq=1))
+    np.testing.assert_array_equal(got.y_of(2), ref.step("a", x[4:], seq=5))
+    assert got.gap[2] == 2 and e.last_seq("a") == 6 and same_state(e, ref, "a")
+    assert e.state_of("b") is None

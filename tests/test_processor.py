@@ -1183,3 +1183,23 @@ def test_a_snapshot_whose_processor_records_are_unreadable_still_starts(
     again.handle([msg("b", 1, np.zeros(6))])
     again.tick(release_all=True)
     assert any(o.topic == "predictions/b" for o in answers(again))
+
+
+@pytest.mark.desktop  # ai-edge-litert's kernels overflow on 1e30; tflite 2.14's saturate
+def test_a_sample_the_float_model_overflows_on_is_reported_and_the_stream_goes_on(
+    bundles, tmp_path
+):
+    """1e30 passes the input checks of cnn-gru-float32 but overflows its arithmetic: it was
+    answered NaN, and so was every later sample of the device (its state was NaN)."""
+    p = make(bundles, tmp_path, model=str(bundles / "cnn-gru-float32"))
+    ref = edge.load(bundles / "cnn-gru-float32")
+    x = np.random.default_rng(5).normal(0, 2, (3, 3))
+    assert p.handle([msg("s", 1, x[0]), msg("s", 2, [1e30, 0, 0])])
+    ok, refused = [json.loads(o.payload) for o in answers(p)]
+    assert ok["seq"] == 1 and np.isfinite(ok["y"]).all()
+    assert refused["seq"] == 2 and refused["error"] == "invalid_sample"
+    assert "overflowed" in refused["detail"] and p.metrics.errors["invalid_sample"] == 1
+    assert p.handle([msg("s", 2, x[1])])  # sent again with usable values: answered
+    (o,) = [json.loads(o.payload) for o in answers(p)]
+    ref.step("s", x[0], seq=1)
+    np.testing.assert_allclose(o["y"], ref.step("s", x[1], seq=2), rtol=1e-6)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edge.backend import select
+from edge.errors import shown
 from edge.manifest import (
     FORMAT,
     MANIFEST_LIMIT,
@@ -59,7 +60,8 @@ def describe(
         dtype = np.dtype(d["dtype"]).name
         if dtype != "float32" and not float(scale) >= np.finfo(np.float32).tiny:
             raise ConvertError(
-                f"--quant {mode}: TFLite gave tensor {name!r} the scale {float(scale):g}, which "
+                f"--quant {mode}: TFLite gave tensor {shown(name)} the scale {float(scale):g}, "
+                "which "
                 "no runtime can use: its values on --calib are constant (an output always 0?); "
                 "check the model, or try another --quant mode"
             )
@@ -157,7 +159,7 @@ def _not_a_bundle(mpath: Path) -> str | None:
         return f"is unreadable: {exc}"
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else None
-        return f"has format {found!r}, not {FORMAT!r}"
+        return f"has format {shown(found)}, not {FORMAT!r}"
     return None
 
 

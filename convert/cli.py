@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge.cli import quiet_tensorflow, run_command, sigterm_interrupts, version_text
+from edge.errors import shown
 
 from . import train as train_defaults
 from .errors import ConvertError
@@ -31,10 +32,10 @@ examples:
 def _csv(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",")]
     if not all(items):
-        raise argparse.ArgumentTypeError(f"empty name in {text!r}")
+        raise argparse.ArgumentTypeError(f"empty name in {shown(text)}")
     twice = sorted({t for t in items if items.count(t) > 1})
     if twice:
-        raise argparse.ArgumentTypeError(f"{twice[0]!r} appears twice in {text!r}")
+        raise argparse.ArgumentTypeError(f"{shown(twice[0])} appears twice in {shown(text)}")
     return items
 
 
@@ -46,7 +47,7 @@ def _out_dir(text: str) -> str:
     path, here = Path(text).resolve(), Path.cwd().resolve()
     if path == here or path in here.parents:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is the current directory or holds it; name a directory of its own"
+            f"{shown(text)} is the current directory or holds it; name a directory of its own"
         )
     return text
 

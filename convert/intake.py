@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from edge.errors import shown
+
 from .datasets import input_file
 from .errors import ConvertError, UnsupportedModel
 from .spec import (
@@ -79,7 +81,7 @@ def _act(fn: object, where: str, allow_softmax: bool = False) -> str:
     name = _activation_name(fn)
     ok = [a for a in ACTIVATIONS if allow_softmax or a != "softmax"]
     if name not in ok:
-        raise UnsupportedModel(f"{where}: activation {name!r} is not one of {', '.join(ok)}")
+        raise UnsupportedModel(f"{where}: activation {shown(name)} is not one of {', '.join(ok)}")
     return name
 
 
@@ -201,7 +203,8 @@ def _conv(layer: Any, where: str) -> Conv1D:
         )
     if layer.padding not in ("causal", "valid") and _span(layer):  # one tap: no padding
         problems.append(
-            f"padding={layer.padding!r} centres the window, so step t reads later samples; use "
+            f"padding={shown(layer.padding)} centres the window, so step t reads later samples; "
+            "use "
             "padding='causal'"
         )
     if layer.data_format != "channels_last":
@@ -296,7 +299,7 @@ def _chain(model: Any) -> list[Any]:
         return [la for top in model.layers for la in (_chain(top) if _nested(top) else [top])]
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UnsupportedModel(
-            f"model {model.name!r}: {len(model.inputs)} inputs and {len(model.outputs)} "
+            f"model {shown(model.name)}: {len(model.inputs)} inputs and {len(model.outputs)} "
             "outputs; a model inside the model must take one tensor and give one"
         )
     start, t = model.inputs[0], model.outputs[0]
@@ -305,16 +308,16 @@ def _chain(model: Any) -> list[Any]:
         op, node_index, _ = t._keras_history
         if not isinstance(op, keras.layers.Layer):
             raise UnsupportedModel(
-                f"operation {op.name!r} ({type(op).__name__}) cannot be streamed: it is an "
+                f"operation {shown(op.name)} ({type(op).__name__}) cannot be streamed: it is an "
                 "operation on the model's tensors (x * 2, x + y, keras.ops...), not a layer, "
                 "and is not read; use layers (Rescaling, Activation, Dense, ...)"
             )
         ins = _tensors_read(op._inbound_nodes[node_index])
         if isinstance(op, keras.layers.InputLayer):
-            raise UnsupportedModel(f"the output is computed from {op.name!r}, not the input")
+            raise UnsupportedModel(f"the output is computed from {shown(op.name)}, not the input")
         if len(ins) != 1 and type(op).__name__ not in _REASONS:  # those say why themselves
             raise UnsupportedModel(
-                f"layer {op.name!r} ({type(op).__name__}) takes {len(ins)} tensors: the model "
+                f"layer {shown(op.name)} ({type(op).__name__}) takes {len(ins)} tensors: the model "
                 "branches (a residual connection, a concatenation, an initial state); only "
                 "one chain of layers from the input to the output is streamed"
             )
@@ -349,7 +352,7 @@ def _readable(model: Any) -> None:
 
     if not isinstance(model, (keras.Sequential, Functional)):
         raise UnsupportedModel(
-            f"model {model.name!r} ({type(model).__name__}) is a subclassed keras.Model: its "
+            f"model {shown(model.name)} ({type(model).__name__}) is a subclassed keras.Model: its "
             "call() is Python code the converter cannot read; build it with keras.Sequential "
             "or the functional API (keras.Model(inputs, outputs))"
         )
@@ -383,7 +386,7 @@ def spec_from_model(model: object, source_sha256: str = "", name: str = "model")
     layers = _chain(keras_model)
     for i, layer in enumerate(layers):
         kind = type(layer).__name__
-        where = f"layer {layer.name!r} ({kind})"
+        where = f"layer {shown(layer.name)} ({kind})"
         inner = layer.layer if isinstance(layer, keras.layers.TimeDistributed) else layer
         ikind = type(inner).__name__
         if kind in _REASONS or ikind in _REASONS:
@@ -669,7 +672,7 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
         )
     if shift and (whole := differ(fit(xs, length))) is not None and whole > tol:
         return (
-            f"a Conv1D with padding='valid' streams as its causal twin: on --calib its outputs "
+            "a Conv1D with padding='valid' streams as its causal twin: on --calib its outputs "
             f"differ from Keras' by {whole:.3g} (relative to the output's scale; the stream "
             f"also steps the {shift} first outputs Keras drops, and the state after them "
             "carries that on); train with padding='causal' for a stream that is the model"

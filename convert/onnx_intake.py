@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from edge.errors import shown
+
 from .datasets import input_file
 from .errors import ConvertError, UnsupportedModel
 from .spec import (
@@ -110,7 +112,7 @@ class _Graph:
 
 
 def _where(node: Any) -> str:
-    return f"node {node.name or node.output[0]!r} ({node.op_type})"
+    return f"node {shown(node.name or node.output[0])} ({node.op_type})"
 
 
 def load(path: str | Path) -> Any:
@@ -132,8 +134,8 @@ def load(path: str | Path) -> Any:
             where = p.parent / info.get("location", "")
             if not info.get("location") or not where.is_file():
                 raise ConvertError(
-                    f"{p}: initializer {t.name!r} keeps its data in the external file "
-                    f"{info.get('location', '')!r}, which is not beside the model"
+                    f"{p}: initializer {shown(t.name)} keeps its data in the external file "
+                    f"{shown(info.get('location', ''))}, which is not beside the model"
                 )
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
@@ -230,7 +232,7 @@ def _probe(
         except Exception as exc:
             text = str(exc).strip()
             node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
-            where = f"node {node.group(2)!r} ({node.group(1)})" if node else "the graph"
+            where = f"node {shown(node.group(2))} ({node.group(1)})" if node else "the graph"
             status = re.search(r"Status Message: (.+)", text)
             # without onnxruntime's source location and failed condition before the reason
             why = (
@@ -322,14 +324,15 @@ class _Chain:
             what = "step"
         if "?" in roles or not ok:
             raise UnsupportedModel(
-                f"{_where(node)}: its output {name!r} has shape {list(shape)} on a "
+                f"{_where(node)}: its output {shown(name)} has shape {list(shape)} on a "
                 f"[{PROBES[0][0]}, {PROBES[0][1]}, F] input, no longer one row of features per "
                 f"{what} (it mixes time steps or batch rows together)"
             )
         wide = [k for k, r in enumerate(roles) if r == "static" and shape[k] != 1]
         if len(wide) > 1:
             raise UnsupportedModel(
-                f"{_where(node)}: its output {name!r} has {len(wide)} feature axes; expected one"
+                f"{_where(node)}: its output {shown(name)} has {len(wide)} feature axes; "
+                "expected one"
             )
         if wide:
             return wide[0]
@@ -415,7 +418,7 @@ def _cell_activations(node: Any, attrs: dict[str, Any], count: int) -> list[str]
     for n in names:
         if n.lower() not in known:
             raise UnsupportedModel(
-                f"{_where(node)}: activation {n!r} cannot be reproduced by the step (one of "
+                f"{_where(node)}: activation {shown(n)} cannot be reproduced by the step (one of "
                 f"{', '.join(CELL_ACTIVATIONS)})"
             )
         out.append(known[n.lower()])
@@ -460,7 +463,7 @@ def _activation_op(g: _Graph, node: Any) -> str | None:
     if op == "Gelu":
         if a.get("approximate", "none") != "none":
             raise UnsupportedModel(
-                f"{where}: approximate={a['approximate']!r}; only the exact GELU"
+                f"{where}: approximate={shown(a['approximate'])}; only the exact GELU"
             )
         return "gelu"
     if op == "Clip":
@@ -515,7 +518,8 @@ def check_recurrent(node: Any) -> None:
     direction = attrs.get("direction", "forward")
     if direction != "forward":
         raise UnsupportedModel(
-            f"{where} cannot be streamed: direction={direction!r} reads the sequence backwards, "
+            f"{where} cannot be streamed: direction={shown(direction)} reads the sequence "
+            "backwards, "
             "so step t depends on later samples (bidirectional=False in PyTorch)"
         )
     if "clip" in attrs:
@@ -535,8 +539,8 @@ def check_recurrent(node: Any) -> None:
     acts = _cell_activations(node, attrs, 3 if node.op_type == "LSTM" else 2)
     if node.op_type == "LSTM" and acts[1] != acts[2]:
         raise UnsupportedModel(
-            f"{where}: cell activation {acts[1]!r} differs from the output activation "
-            f"{acts[2]!r}; the step uses one for both"
+            f"{where}: cell activation {shown(acts[1])} differs from the output activation "
+            f"{shown(acts[2])}; the step uses one for both"
         )
 
 
@@ -974,7 +978,7 @@ def read(path: str | Path) -> OnnxSource:
         owner = next(n for n in recurrent if given[0] in n.input)
         raise UnsupportedModel(
             f"the model has {len(inputs)} inputs: its weights are not stored in the file but "
-            f"inputs (input {given[0]!r} is a weight of {_where(owner)}); export with the "
+            f"inputs (input {shown(given[0])} is a weight of {_where(owner)}); export with the "
             "parameters (torch.onnx.export(..., export_params=True), its default)"
         )
     if len(inputs) != 1:
@@ -995,7 +999,8 @@ def read(path: str | Path) -> OnnxSource:
         except (KeyError, TypeError):  # a type NumPy has no name for (bfloat16, ...)
             kind = onnx.TensorProto.DataType.Name(elem).lower()
         raise UnsupportedModel(
-            f"model input {inp.name!r} is {kind}; the step model reads float32 samples: export "
+            f"model input {shown(inp.name)} is {kind}; the step model reads float32 samples: "
+            "export "
             "the model in float32 (in PyTorch, model.float() and a float32 example input)"
         )
     dims = [_dim(d) for d in inp.type.tensor_type.shape.dim]
@@ -1004,13 +1009,14 @@ def read(path: str | Path) -> OnnxSource:
     one_feature = len(dims) == 2 and w_first is not None and w_first.shape[-1] == 1
     if inp.type.tensor_type.HasField("shape") and len(dims) != 3 and not one_feature:
         raise UnsupportedModel(
-            f"model input {inp.name!r} has shape {dims}; expected [batch, time, features] "
+            f"model input {shown(inp.name)} has shape {dims}; expected [batch, time, features] "
             "(or [batch, time] for a model of one feature)"
         )
     fixed = [isinstance(d, int) and d > 0 for d in dims]
     if len(dims) == 3 and not fixed[2] and any(fixed[:2]):
         raise UnsupportedModel(
-            f"model input {inp.name!r} has shape {dims}: its features are not on the last axis; "
+            f"model input {shown(inp.name)} has shape {dims}: its features are not on the last "
+            "axis; "
             "the step reads [batch, time, features] (or [time, batch, features]) samples: "
             "move the features last before exporting"
         )
@@ -1055,15 +1061,15 @@ def read(path: str | Path) -> OnnxSource:
             raise
         why = re.search(r": (node .*? fails(?: \([^)]*\))?);", str(exc))
         raise UnsupportedModel(
-            f"model input {inp.name!r} has the fixed shape {declared} and the graph computes "
-            f"for no other batch size or sequence length"
+            f"model input {shown(inp.name)} has the fixed shape {declared} and the graph computes "
+            "for no other batch size or sequence length"
             + (
                 f" ({why.group(1)} on a [{PROBES[0][0]}, {PROBES[0][1]}, {features}] input)"
                 if why
                 else ""
             )
             + "; export with dynamic batch and time axes (torch.onnx.export(..., "
-            f"dynamic_axes={{{inp.name!r}: {{0: 'batch', 1: 'time'}}}}, dynamo=False), or "
+            f"dynamic_axes={{{shown(inp.name)}: {{0: 'batch', 1: 'time'}}}}, dynamo=False), or "
             "dynamic_shapes with torch.export.Dim.AUTO axes)"
         ) from exc
     chain = _Chain(g)
@@ -1204,7 +1210,9 @@ def read(path: str | Path) -> OnnxSource:
             )
         current = nxt
     if current != g.output_name:
-        raise UnsupportedModel(f"the chain from the input ends at {current!r}, not at the output")
+        raise UnsupportedModel(
+            f"the chain from the input ends at {shown(current)}, not at the output"
+        )
     if chain.stack is not None:
         raise UnsupportedModel(
             "the model outputs every layer's final state h_n; only the top layer's (h_n[-1]) is "
@@ -1213,7 +1221,7 @@ def read(path: str | Path) -> OnnxSource:
     out_roles = _roles(g, current)
     if "a0a1" in out_roles:
         raise UnsupportedModel(
-            f"the output {current!r} has the batch and time axes flattened together (shape "
+            f"the output {shown(current)} has the batch and time axes flattened together (shape "
             f"{list(g.probes[0][current].shape)} on a [{PROBES[0][0]}, {PROBES[0][1]}, F] "
             "input); reshape it back to the input's batch and time axes in the model"
         )
@@ -1412,7 +1420,7 @@ class OnnxSource:
         scale = max(1.0, float(np.abs(y_ort).max()))
         if not diff <= AGREEMENT_TOL * scale:
             raise UnsupportedModel(
-                f"the step read from the graph differs from onnxruntime's run of it by up to "
+                "the step read from the graph differs from onnxruntime's run of it by up to "
                 f"{diff:.3g} on --calib: the graph does more than the nodes this reader knows"
             )
         return diff

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, shown
 from edge.manifest import read_bundle
 
 from . import bundle, intake, quantize, verdict, verify
@@ -126,15 +126,15 @@ def run_convert(
     t0 = time.perf_counter()
     targets = targets or verdict.Targets()
     if mode not in (*quantize.MODES, "auto"):
-        raise ConvertError(f"--quant {mode!r} is not one of {', '.join(quantize.MODES)}, auto")
+        raise ConvertError(f"--quant {shown(mode)} is not one of {', '.join(quantize.MODES)}, auto")
     if normalization not in ("runtime", "graph"):
-        raise ConvertError(f"--normalization {normalization!r} is not 'runtime' or 'graph'")
+        raise ConvertError(f"--normalization {shown(normalization)} is not 'runtime' or 'graph'")
     if sample_rate_hz is not None and not 0 < sample_rate_hz < math.inf:
         raise ConvertError(f"--sample-rate {sample_rate_hz} must be a finite number > 0")
     for name in feature_names or []:
         if name in SENML_RECORDS:
             raise ConvertError(
-                f"--feature-names: {name!r} names SenML's {SENML_RECORDS[name]} record, so a "
+                f"--feature-names: {shown(name)} names SenML's {SENML_RECORDS[name]} record, so a "
                 "device could never send that feature in SenML: name it otherwise"
             )
     bundle.check_replaceable(Path(out).resolve())  # again when staging; here before slow work
@@ -149,7 +149,7 @@ def run_convert(
         raise ConvertError(f"--labels has {len(labels)} labels for {spec.outputs} outputs")
     if labels is not None and spec.outputs == 1:
         raise ConvertError(
-            f"--labels {labels[0]!r}: a model of one output has no classes to choose between "
+            f"--labels {shown(labels[0])}: a model of one output has no classes to choose between "
             "(its top class is always the first); a sigmoid output is judged as a regressor "
             "against 0/1 targets: convert it without --labels"
         )

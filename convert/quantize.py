@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from edge.errors import shown
+
 from . import reference, step_graph
 from .errors import ConvertError
 from .spec import Activation, Dense, LSTMCell, ModelSpec
@@ -103,7 +105,7 @@ def _finite_or_refuse(spec: ModelSpec, y: np.ndarray, states: list[np.ndarray], 
     """A float model that overflows on its own calibration data has no ranges to quantise
     to, and no float reference to verify against: said here, naming where, not later as an
     invalid scale deep in a bundle."""
-    named = [(f"state {s.name!r} (layer {s.layer})", b) for s, b in zip(spec.states, states)]
+    named = [(f"state {shown(s.name)} (layer {s.layer})", b) for s, b in zip(spec.states, states)]
     for name, a in [*named, ("output", y)]:
         bad = ~np.isfinite(a)
         if bad.any():
@@ -357,7 +359,7 @@ def convert(
     per_channel: bool = False,
 ) -> bytes:
     if mode not in MODES:
-        raise ConvertError(f"--quant {mode!r} is not one of {', '.join(MODES)}")
+        raise ConvertError(f"--quant {shown(mode)} is not one of {', '.join(MODES)}")
     import tensorflow as tf
 
     if (why := unfit(spec, mode)) is not None:

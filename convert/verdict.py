@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from edge.errors import shown
+
 from .errors import ConvertError
 
 REGIMES = ("sequences", "continuous")
@@ -40,7 +42,7 @@ class Targets:
 
     def __post_init__(self) -> None:
         if self.regime not in REGIMES:
-            raise ConvertError(f"--regime {self.regime!r} is not one of {', '.join(REGIMES)}")
+            raise ConvertError(f"--regime {shown(self.regime)} is not one of {', '.join(REGIMES)}")
         for name in ("max_rmse_ratio", "max_drift_ratio"):
             if not getattr(self, name) >= 1.0:
                 raise ConvertError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")

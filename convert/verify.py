@@ -24,6 +24,7 @@ import edge
 from edge.backend import available
 from edge.children import ending_with_us
 from edge.cli import probe_inputs
+from edge.errors import shown
 
 from . import kernels, quantize, reference, verdict
 from .errors import ConvertError, VerificationFailed
@@ -234,7 +235,7 @@ def device_python() -> str | None:
     env = os.environ.get("EDGE_LSTM_DEVICE_PYTHON")
     if env:
         if shutil.which(env) is None:
-            raise ConvertError(f"EDGE_LSTM_DEVICE_PYTHON={env!r}: no such executable")
+            raise ConvertError(f"EDGE_LSTM_DEVICE_PYTHON={shown(env)}: no such executable")
         return env
     guess = Path(__file__).resolve().parent.parent / ".venv-device" / "bin" / "python"
     return str(guess) if guess.exists() else None
@@ -288,7 +289,7 @@ def interpreters(bundle: Path, reference_y: np.ndarray, dev_python: str | None) 
         res["tflite"] = {
             "status": "failed",
             "error": f"unreadable inspect output: {exc}: "
-            f"{proc.stdout[-300:]!r} {proc.stderr[-300:]!r}",
+            f"{shown(proc.stdout[-300:], 400)} {shown(proc.stderr[-300:], 400)}",
         }
         return res
     res["tflite"] = {

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import BackendError
+from .errors import BackendError, shown
 
 BACKENDS = ("litert", "tflite", "tensorflow")
 ENV_VAR = "EDGE_LSTM_BACKEND"
@@ -116,7 +116,9 @@ def _load(name: str) -> Backend:
         mod = tf.lite
         version = str(tf.__version__)
     else:
-        raise BackendError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+        raise BackendError(
+            f"unknown backend {shown(name)}; choose one of auto, {', '.join(BACKENDS)}"
+        )
     resolver = getattr(
         getattr(mod, "OpResolverType", None), "BUILTIN_WITHOUT_DEFAULT_DELEGATES", None
     )
@@ -176,12 +178,14 @@ def select(choice: str | None = None, env: Mapping[str, str] | None = None) -> B
     env = os.environ if env is None else env
     if choice is not None and not isinstance(choice, str):  # 5 raised AttributeError (strip)
         raise BackendError(
-            f"backend {choice!r} is not a name; choose one of auto, {', '.join(BACKENDS)}"
+            f"backend {shown(choice)} is not a name; choose one of auto, {', '.join(BACKENDS)}"
         )
     choice = (choice or env.get(ENV_VAR) or "auto").strip().lower()
     order = BACKENDS if choice == "auto" else (choice,)
     if choice != "auto" and choice not in BACKENDS:
-        raise BackendError(f"unknown backend {choice!r}; choose one of auto, {', '.join(BACKENDS)}")
+        raise BackendError(
+            f"unknown backend {shown(choice)}; choose one of auto, {', '.join(BACKENDS)}"
+        )
     errors = []
     for name in order:
         if name in _cache:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 ENV_PREFIX = "EDGE_LSTM_"
 # The one default reorder window: serve, the demo, firmware-sim and the chaos bench all use it.
@@ -156,7 +156,7 @@ class ServiceConfig:
                 ok = isinstance(value, {"bool": bool, "str": str}[typ])
             if not ok:
                 kind = {"float": "finite number", "str": "string"}.get(typ, typ)
-                raise ConfigError(f"{f.name} = {value!r} is not a valid {kind}")
+                raise ConfigError(f"{f.name} = {shown(value)} is not a valid {kind}")
 
     @property
     def unix(self) -> bool:
@@ -210,7 +210,7 @@ def _convert(name: str, value: Any, where: str | None = None) -> Any:
     except (TypeError, ValueError, OverflowError):
         kind = {"float": "finite number", "str": "string"}.get(str(typ), str(typ))
         source = f" ({where})" if where else ""
-        raise ConfigError(f"{name} = {value!r}{source} is not a valid {kind}") from None
+        raise ConfigError(f"{name} = {shown(value)}{source} is not a valid {kind}") from None
 
 
 def load(
@@ -250,7 +250,7 @@ def _check_tls(cfg: ServiceConfig) -> None:
             ssl.create_default_context(cafile=cfg.tls_ca)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
-                f"tls_ca = {cfg.tls_ca!r}: not a usable CA certificate: {exc}"
+                f"tls_ca = {shown(cfg.tls_ca)}: not a usable CA certificate: {exc}"
             ) from None
     if cfg.tls_cert or cfg.tls_key:
         if not cfg.tls_cert:
@@ -259,7 +259,7 @@ def _check_tls(cfg: ServiceConfig) -> None:
             ssl.create_default_context().load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
-                f"tls_cert = {cfg.tls_cert!r} / tls_key = {cfg.tls_key!r}: not a usable "
+                f"tls_cert = {shown(cfg.tls_cert)} / tls_key = {shown(cfg.tls_key)}: not a usable "
                 f"certificate and key: {exc}"
             ) from None
 
@@ -289,7 +289,7 @@ def _check_topics(cfg: ServiceConfig) -> None:
         topic = template.replace("{runtime_id}", "x")
         if not template or any(c in topic for c in "+#\0") or "{" in topic or "}" in topic:
             raise ConfigError(
-                f"{name} = {template!r}: expected a topic, '{{runtime_id}}' its only placeholder, "
+                f"{name} = {shown(template)}: expected a topic, '{{runtime_id}}' its only placeholder, "
                 "no '+' or '#'"
             )
     inputs = ("data_topic", "control_topic", "runtime_control_topic")
@@ -310,7 +310,7 @@ def _check_topics(cfg: ServiceConfig) -> None:
     for a, b, why in pairs:
         if _overlap(getattr(cfg, a), getattr(cfg, b)):
             raise ConfigError(
-                f"{a} = {getattr(cfg, a)!r} overlaps {b} = {getattr(cfg, b)!r}: {why}"
+                f"{a} = {shown(getattr(cfg, a))} overlaps {b} = {shown(getattr(cfg, b))}: {why}"
             )
 
 
@@ -323,7 +323,7 @@ def _mqtt_string(name: str, text: str) -> None:
         size = -1
     if size < 0 or size > 65535 or "\0" in text:
         raise ConfigError(
-            f"{name} = {text[:40]!r}{'...' if len(text) > 40 else ''}: MQTT carries at most "
+            f"{name} = {shown(text, 40)}: MQTT carries at most "
             "65,535 bytes of UTF-8 text without NUL characters"
         )
 
@@ -376,21 +376,25 @@ def broker_address(url: str, what: str) -> tuple[str, str, int]:
         u = urlparse(url)
         port = u.port
     except ValueError as exc:  # a port out of range, an unclosed [ of an IPv6 address
-        raise ConfigError(f"{what} {url!r}: {exc}") from None
+        raise ConfigError(f"{what} {shown(url)}: {exc}") from None
     if u.scheme == "unix":
         if u.netloc or not u.path.startswith("/") or u.query or u.fragment:
-            raise ConfigError(f"{what} {url!r}: expected unix:///PATH, the socket's absolute path")
+            raise ConfigError(
+                f"{what} {shown(url)}: expected unix:///PATH, the socket's absolute path"
+            )
         return "unix", u.path, 1883  # paho wants a port; a socket has none
     if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
         raise ConfigError(
-            f"{what} {url!r}: expected mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH"
+            f"{what} {shown(url)}: expected mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH"
         )
     if port == 0:
-        raise ConfigError(f"{what} {url!r}: port 0 is not a broker's port")
+        raise ConfigError(f"{what} {shown(url)}: port 0 is not a broker's port")
     try:
         u.hostname.encode("idna")  # what the resolver does: a label over 63 characters fails
     except UnicodeError as exc:
-        raise ConfigError(f"{what} {url!r}: host {u.hostname!r} is no host name: {exc}") from None
+        raise ConfigError(
+            f"{what} {shown(url)}: host {shown(u.hostname)} is no host name: {exc}"
+        ) from None
     return "tcp", u.hostname, port or (8883 if u.scheme == "mqtts" else 1883)
 
 
@@ -399,13 +403,13 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
         if choices and value not in choices:
-            raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{f.name} = {shown(value)} is not one of {', '.join(choices)}")
     if not cfg.model:
         raise ConfigError("model is required (--model DIR)")
     transport, _, _ = broker_address(cfg.broker, "broker =")
     if transport == "unix" and (cfg.tls_ca or cfg.tls_cert):
         raise ConfigError(
-            f"broker = {cfg.broker!r}: no TLS over a unix socket; leave tls_ca and "
+            f"broker = {shown(cfg.broker)}: no TLS over a unix socket; leave tls_ca and "
             "tls_cert empty (the socket's file permissions guard it)"
         )
     if not cfg.state_dir.strip():
@@ -413,7 +417,7 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
     for name in ("model", "state_dir", "password_file", "tls_ca", "tls_cert", "tls_key"):
         if "\0" in getattr(cfg, name):  # a TOML "\u0000": the state_dir's mkdir raised ValueError
             raise ConfigError(
-                f"{name} = {getattr(cfg, name)!r}: a path cannot hold a NUL character"
+                f"{name} = {shown(getattr(cfg, name))}: a path cannot hold a NUL character"
             )
     positive = (
         "queue_size",
@@ -429,7 +433,7 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
     )
     for name in positive:
         if getattr(cfg, name) <= 0:
-            raise ConfigError(f"{name} = {getattr(cfg, name)!r} must be > 0")
+            raise ConfigError(f"{name} = {shown(getattr(cfg, name))} must be > 0")
     for name in (
         "max_wait_ms",
         "reorder_ms",
@@ -439,14 +443,14 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         "restart_gap",
     ):
         if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name} = {getattr(cfg, name)!r} must be >= 0")
+            raise ConfigError(f"{name} = {shown(getattr(cfg, name))} must be >= 0")
     for name, top in (
         ("keepalive", 65535),  # MQTT's two-byte field
         ("session_expiry", 2**32 - 1),  # MQTT 5's four-byte field
         ("metrics_port", 65535),
     ):
         if not 0 <= getattr(cfg, name) <= top:
-            raise ConfigError(f"{name} = {getattr(cfg, name)} must be in 0..{top}")
+            raise ConfigError(f"{name} = {shown(getattr(cfg, name))} must be in 0..{top}")
     if cfg.reconnect_max > LONGEST_RECONNECT:
         raise ConfigError(
             f"reconnect_max = {cfg.reconnect_max:g} must be at most {LONGEST_RECONNECT:.4g} "
@@ -479,11 +483,11 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         or prefix.startswith("/")
         or prefix.endswith("/")
     ):
-        raise ConfigError(f"ha_prefix = {prefix!r}: expected a topic like 'homeassistant'")
+        raise ConfigError(f"ha_prefix = {shown(prefix)}: expected a topic like 'homeassistant'")
     for name in ("tls_ca", "tls_cert", "tls_key", "password_file"):
         path = getattr(cfg, name)
         if path and not Path(path).is_file():
-            raise ConfigError(f"{name} = {path!r}: file not found")
+            raise ConfigError(f"{name} = {shown(path)}: file not found")
     _check_tls(cfg)
     client_id = cfg.client_id or f"edge-lstm-{socket.gethostname()}"
     for name, text in (("client_id", client_id), ("username", cfg.username)):
@@ -491,7 +495,7 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
     runtime_id = cfg.runtime_id or client_id
     if any(c in runtime_id for c in "/+#\0") or not runtime_id.strip():
         raise ConfigError(
-            f"runtime_id = {runtime_id!r} (the client id unless set) must be one topic level "
+            f"runtime_id = {shown(runtime_id)} (the client id unless set) must be one topic level "
             "without '+' or '#'"
         )
     return dataclasses.replace(cfg, client_id=client_id, runtime_id=runtime_id)

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .outfile import regular_target
 
 NEXT_STEPS = """\
@@ -66,7 +66,7 @@ def write_kit(directory: str | Path, *, force: bool = False) -> list[Path]:
     if not files:
         raise ConfigError("the deploy kit is missing from this installation of edge-lstm")
     if target.exists() and not target.is_dir():
-        raise ConfigError(f"{str(target)!r} exists and is not a directory")
+        raise ConfigError(f"{shown(str(target))} exists and is not a directory")
     try:
         real = {name: regular_target(target / name, ConfigError) for name in files}
     except ConfigError as exc:
@@ -85,7 +85,7 @@ def write_kit(directory: str | Path, *, force: bool = False) -> list[Path]:
             _replace_all(staged, real)
         done = True
     except OSError as exc:
-        raise ConfigError(f"cannot write the deploy kit into {str(target)!r}: {exc}") from exc
+        raise ConfigError(f"cannot write the deploy kit into {shown(str(target))}: {exc}") from exc
     finally:
         for tmp in staged.values():
             Path(tmp).unlink(missing_ok=True)

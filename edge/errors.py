@@ -20,6 +20,11 @@ Dependency errors are wrapped (``raise BundleError(...) from exc``) so callers c
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+SHOWN_CHARS = 80  # how much of a bad value an error message repeats
+
 
 class EdgeError(Exception):
     """Base of every error raised by ``edge``."""
@@ -66,7 +71,7 @@ class SampleError(EdgeError):
     def __str__(self) -> str:
         where = []
         if self.stream_id is not None:
-            where.append(f"stream {self.stream_id!r}")
+            where.append(f"stream {shown(self.stream_id)}")
         if self.seq is not None:
             where.append(f"seq {self.seq}")
         prefix = f"{', '.join(where)}: " if where else ""
@@ -91,3 +96,18 @@ class StaleSample(SampleError):
 
 class MissingSeq(SampleError):
     code = "missing_seq"
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr`` of a bad value, cut to about ``limit`` chars so hostile input gives a short line.
+
+    Never raises: a huge int exceeds Python's int-to-str limit, a deep list its recursion limit.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"<{'-' if value < 0 else ''}{digits}-digit integer>"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"

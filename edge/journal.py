@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, SnapshotError, StateMismatch
+from .errors import ConfigError, SnapshotError, StateMismatch, shown
 from .outfile import KINDS
 from .wal import Damage, Entry, Joined, Mark, Output, Record, encode, encode_round, scan
 
@@ -102,7 +102,7 @@ class Journal:
         self._torn: tuple[int, int] | None = None
         self._unfinished = False  # the newest segment ends inside a round (see ``open``)
         if self.dir.exists() and not self.dir.is_dir():
-            raise ConfigError(f"state_dir {str(self.dir)!r} exists and is not a directory")
+            raise ConfigError(f"state_dir {shown(str(self.dir))} exists and is not a directory")
 
     def path(self, kind: str, gen: int) -> Path:
         return self.dir / (f"snap-{gen:08d}.bin" if kind == "snap" else f"wal-{gen:08d}.log")
@@ -127,7 +127,7 @@ class Journal:
             if not stat.S_ISREG(mode):
                 kind = KINDS.get(stat.S_IFMT(mode), "not a regular file")
                 raise ConfigError(
-                    f"state_dir {str(self.dir)!r}: {path.name} is {kind}, not a file this "
+                    f"state_dir {shown(str(self.dir))}: {path.name} is {kind}, not a file this "
                     "runtime wrote; remove it, or give another state_dir"
                 )
 
@@ -153,7 +153,7 @@ class Journal:
                     # Falling back would restart every stream, and the next checkpoints
                     # would delete the snapshots that hold their state.
                     raise ConfigError(
-                        f"state_dir {str(self.dir)!r}: cannot read "
+                        f"state_dir {shown(str(self.dir))}: cannot read "
                         f"{self.path('snap', gen).name}: {exc.__cause__.strerror}; give its "
                         "files to the user serve runs as"
                     ) from None
@@ -503,5 +503,7 @@ def _covered_lsn(extra: dict[str, Any], path: Path) -> int:
     traceback instead of falling back to the snapshot before it."""
     lsn = extra.get("lsn", 0)
     if isinstance(lsn, bool) or not isinstance(lsn, int) or not 0 <= lsn < 2**63:
-        raise SnapshotError(f"{path}: the last lsn it covers, {lsn!r:.40}, is not a whole number")
+        raise SnapshotError(
+            f"{path}: the last lsn it covers, {shown(lsn, 40)}, is not a whole number"
+        )
     return lsn

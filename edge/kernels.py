@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 
-from .errors import BundleError
+from .errors import BundleError, shown
 from .manifest import Manifest
 
 KERNEL_POLICIES = ("refuse", "warn")
@@ -32,14 +32,16 @@ def mismatch(manifest: Manifest, got: str) -> str | None:
     verified = manifest.verified_kernels
     if verified is None:
         return (
-            f"this runtime computes with kernel set {got!r} but the manifest records no verified "
+            f"this runtime computes with kernel set {shown(got)} but the manifest records no "
+            "verified "
             "kernel set (made by an older lstm-convert)"
         )
     if got in verified:
         return None
     listed = ", ".join(repr(v) for v in verified) or "none"
     return (
-        f"this runtime computes with kernel set {got!r} but the bundle was verified with {listed}; "
+        f"this runtime computes with kernel set {shown(got)} but the bundle was verified with "
+        f"{listed}; "
         "its results would differ from the verified ones"
     )
 
@@ -47,7 +49,9 @@ def mismatch(manifest: Manifest, got: str) -> str | None:
 def enforce(manifest: Manifest, got: str, policy: str, where: str) -> None:
     """Refuse (``BundleError``) or warn (``KernelMismatchWarning``) on a mismatch."""
     if policy not in KERNEL_POLICIES:
-        raise BundleError(f"kernel_mismatch {policy!r} is not one of {', '.join(KERNEL_POLICIES)}")
+        raise BundleError(
+            f"kernel_mismatch {shown(policy)} is not one of {', '.join(KERNEL_POLICIES)}"
+        )
     why = mismatch(manifest, got)
     if why is None:
         return

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import BundleError
+from .errors import BundleError, shown
 from .outfile import KINDS
 
 FORMAT = "edge-lstm-bundle"
@@ -195,10 +195,10 @@ class Manifest:
 
 def _get(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
     if key not in d:
-        raise BundleError(f"{where}: missing field {key!r}")
+        raise BundleError(f"{where}: missing field {shown(key)}")
     value = d[key]
     if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
-        raise BundleError(f"{where}: field {key!r} has the wrong type ({value!r})")
+        raise BundleError(f"{where}: field {shown(key)} has the wrong type ({shown(value)})")
     return value
 
 
@@ -219,7 +219,7 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     if not isinstance(data, Mapping):
         raise BundleError(f"{where}: not a JSON object")
     if data.get("format") != FORMAT:
-        raise BundleError(f"{where}: field 'format' is {data.get('format')!r}, not {FORMAT!r}")
+        raise BundleError(f"{where}: field 'format' is {shown(data.get('format'))}, not {FORMAT!r}")
     version = _get(data, "format_version", int, where)
     if version not in READABLE_VERSIONS:
         raise BundleError(
@@ -228,34 +228,36 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         )
     quant = _get(data, "quantization", str, where)
     if quant not in QUANT_MODES:
-        raise BundleError(f"{where}: quantization {quant!r} is not one of {QUANT_MODES}")
+        raise BundleError(f"{where}: quantization {shown(quant)} is not one of {QUANT_MODES}")
     sig = _get(data, "signature", dict, where)
     feats = _get(data, "features", dict, where)
     raw_names = _get(feats, "names", list, f"{where}: features")
     if not all(isinstance(n, str) and n for n in raw_names) or len(set(raw_names)) != len(
         raw_names
     ):
-        raise BundleError(f"{where}: features.names must be distinct names, got {raw_names!r}")
+        raise BundleError(f"{where}: features.names must be distinct names, got {shown(raw_names)}")
     names = tuple(raw_names)
     count = _get(feats, "count", int, f"{where}: features")
     if count != len(names) or count < 1:
         raise BundleError(f"{where}: features.count {count} does not match {len(names)} names")
     raw_units = feats.get("units") or [""] * count
     if not isinstance(raw_units, list) or len(raw_units) != count:
-        raise BundleError(f"{where}: features.units must list {count} units, got {raw_units!r}")
+        raise BundleError(
+            f"{where}: features.units must list {count} units, got {shown(raw_units)}"
+        )
     units = tuple(str(u) for u in raw_units)
     out = _get(data, "output", dict, where)
     kind = _get(out, "kind", str, f"{where}: output")
     if kind not in OUTPUT_KINDS:
-        raise BundleError(f"{where}: output.kind {kind!r} is not one of {OUTPUT_KINDS}")
+        raise BundleError(f"{where}: output.kind {shown(kind)} is not one of {OUTPUT_KINDS}")
     tensors: dict[str, TensorSpec] = {}
     for name, spec in _get(data, "tensors", dict, where).items():
         w = f"{where}: tensors.{name}"
         if not isinstance(spec, Mapping):
-            raise BundleError(f"{w}: not a JSON object ({spec!r:.40})")
+            raise BundleError(f"{w}: not a JSON object ({shown(spec, 40)})")
         dtype = _get(spec, "dtype", str, w)
         if dtype not in DTYPES:
-            raise BundleError(f"{w}: dtype {dtype!r} is not one of {DTYPES}")
+            raise BundleError(f"{w}: dtype {shown(dtype)} is not one of {DTYPES}")
         width = _get(spec, "width", int, w)
         raw_scale = _get(spec, "scale", (int, float), w)
         scale = _finite(raw_scale)
@@ -276,22 +278,26 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     m_in, m_out = _get(sig, "input", str, where), _get(sig, "output", str, where)
     for name in (m_in, m_out):
         if name not in tensors:
-            raise BundleError(f"{where}: signature tensor {name!r} is not described in 'tensors'")
+            raise BundleError(
+                f"{where}: signature tensor {shown(name)} is not described in 'tensors'"
+            )
     if m_in == m_out:
-        raise BundleError(f"{where}: signature input and output are both {m_in!r}")
+        raise BundleError(f"{where}: signature input and output are both {shown(m_in)}")
     if tensors[m_in].width != count:
         raise BundleError(f"{where}: input width {tensors[m_in].width} != features.count {count}")
     raw_labels = out.get("labels") or []
     if not isinstance(raw_labels, list) or not all(isinstance(x, str) for x in raw_labels):
-        raise BundleError(f"{where}: output.labels must be a list of names, got {raw_labels!r}")
+        raise BundleError(
+            f"{where}: output.labels must be a list of names, got {shown(raw_labels)}"
+        )
     if not all(raw_labels) or len(set(raw_labels)) != len(raw_labels):
         # the published label names the class: two classes named alike cannot be told apart
-        raise BundleError(f"{where}: output.labels must be distinct names, got {raw_labels!r}")
+        raise BundleError(f"{where}: output.labels must be distinct names, got {shown(raw_labels)}")
     labels = tuple(raw_labels)
     activation = out.get("activation", "linear")
     if activation not in OUTPUT_ACTIVATIONS:
         raise BundleError(
-            f"{where}: output.activation {activation!r} is not one of {OUTPUT_ACTIVATIONS}"
+            f"{where}: output.activation {shown(activation)} is not one of {OUTPUT_ACTIVATIONS}"
         )
     if version == ACTIVATION_VERSION and activation == "linear":
         # Only a bundle whose output tensor holds logits is written as version 3: without its
@@ -303,7 +309,7 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     y_dtype = tensors[m_out].dtype
     if activation != "linear" and (version < ACTIVATION_VERSION or y_dtype != "int8"):
         raise BundleError(
-            f"{where}: output.activation {activation!r} needs format_version "
+            f"{where}: output.activation {shown(activation)} needs format_version "
             f"{ACTIVATION_VERSION} and an int8 output tensor (got {version}, {y_dtype})"
         )
     if kind == "classifier" and labels and len(labels) != tensors[m_out].width:
@@ -327,15 +333,19 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
     }
     rate = data.get("sample_rate_hz")
     if rate is not None and not ((_finite(rate) or 0.0) > 0):
-        raise BundleError(f"{where}: sample_rate_hz {rate!r} is not a positive number")
+        raise BundleError(f"{where}: sample_rate_hz {shown(rate)} is not a positive number")
     for s in states:
         if {s.input, s.output} & {m_in, m_out}:
-            raise BundleError(f"{where}: state tensor {s.input!r} is the model's input or output")
+            raise BundleError(
+                f"{where}: state tensor {shown(s.input)} is the model's input or output"
+            )
     _check_state_encodings(data, states, tensors, where)
     _check_state_pairs(states, version, where)
     for key in ("fidelity", "interpreters"):  # records of the conversion, read as objects
         if not isinstance(data.get(key) or {}, Mapping):
-            raise BundleError(f"{where}: field {key!r} has the wrong type ({data[key]!r:.40})")
+            raise BundleError(
+                f"{where}: field {shown(key)} has the wrong type ({shown(data[key], 40)})"
+            )
     _check_normalization(data, count, where)
     return Manifest(
         model_file=_get(data, "model_file", str, where),
@@ -378,7 +388,7 @@ def _parse_states(
             continue
         role = _get(e, "role", str, w)
         if role not in STATE_ROLES:
-            raise BundleError(f"{w}: role {role!r} is not one of {STATE_ROLES}")
+            raise BundleError(f"{w}: role {shown(role)} is not one of {STATE_ROLES}")
         states.append(
             StateTensor(
                 _get(e, "input", str, w),
@@ -393,12 +403,12 @@ def _parse_states(
         w = f"{where}: state[{i if version > 1 else i // 2}]"
         for name in (s.input, s.output):
             if name not in tensors or tensors[name].width != s.width:
-                raise BundleError(f"{w}: tensor {name!r} missing or not {s.width} wide")
+                raise BundleError(f"{w}: tensor {shown(name)} missing or not {s.width} wide")
     for side in ("input", "output"):
         seen = [getattr(s, side) for s in states]
         twice = sorted({n for n in seen if seen.count(n) > 1})
         if twice:
-            raise BundleError(f"{where}: state {side} {twice[0]!r} is listed twice")
+            raise BundleError(f"{where}: state {side} {shown(twice[0])} is listed twice")
     if {s.input for s in states} & {s.output for s in states}:
         raise BundleError(f"{where}: a state tensor is both an input and an output")
     if not states:
@@ -418,15 +428,15 @@ def _check_state_encodings(
     as h0_next, but c's scale is not h's. (Float states carry no such mark.)"""
     requant = data.get("state_requantization", True)
     if not isinstance(requant, bool):
-        raise BundleError(f"{where}: state_requantization {requant!r} is not true or false")
+        raise BundleError(f"{where}: state_requantization {shown(requant)} is not true or false")
     if requant:
         return
     for s in states:
         i, o = tensors[s.input], tensors[s.output]
         if (i.dtype, i.scale, i.zero_point) != (o.dtype, o.scale, o.zero_point):
             raise BundleError(
-                f"{where}: state output {o.name!r} is {o.dtype} ({o.scale}, {o.zero_point}), "
-                f"its input {i.name!r} {i.dtype} ({i.scale}, {i.zero_point}), but "
+                f"{where}: state output {shown(o.name)} is {o.dtype} ({o.scale}, {o.zero_point}), "
+                f"its input {shown(i.name)} {i.dtype} ({i.scale}, {i.zero_point}), but "
                 "state_requantization is false: the state outputs are cross-wired"
             )
 
@@ -440,8 +450,9 @@ def _check_state_pairs(states: tuple[StateTensor, ...], version: int, where: str
     for i, s in enumerate(states):
         if s.output != f"{s.input}_next":
             raise BundleError(
-                f"{where}: state[{i if version > 1 else i // 2}] feeds {s.input!r} from "
-                f"{s.output!r}, the next value of {s.output[: -len('_next')]!r}: the state "
+                f"{where}: state[{i if version > 1 else i // 2}] feeds {shown(s.input)} from "
+                f"{shown(s.output)}, the next value of {shown(s.output[: -len('_next')])}: the "
+                "state "
                 "outputs are cross-wired"
             )
 
@@ -453,7 +464,7 @@ def _check_normalization(data: Mapping[str, Any], count: int, where: str) -> Non
     (An explicit null is the converter's record of a model without normalisation.)"""
     mode = data.get("normalization")
     if mode is not None and mode not in NORMALIZATIONS:
-        raise BundleError(f"{where}: normalization {mode!r} is not one of {NORMALIZATIONS}")
+        raise BundleError(f"{where}: normalization {shown(mode)} is not one of {NORMALIZATIONS}")
     if "input_normalization" not in data:
         if mode == "runtime":
             raise BundleError(
@@ -470,7 +481,7 @@ def _check_normalization(data: Mapping[str, Any], count: int, where: str) -> Non
         )
     w = f"{where}: input_normalization"
     if not isinstance(norm, Mapping):
-        raise BundleError(f"{w} has the wrong type ({norm!r})")
+        raise BundleError(f"{w} has the wrong type ({shown(norm)})")
     for key in ("mean", "std"):
         values = _get(norm, key, list, w)
         if len(values) != count:
@@ -484,7 +495,7 @@ def _check_normalization(data: Mapping[str, Any], count: int, where: str) -> Non
                 ok = x is not None and F32_TINY <= x <= F32_MAX
                 need = f"a finite number in [{F32_TINY:.4g}, {F32_MAX:.4g}]"
             if not ok:
-                raise BundleError(f"{w}.{key}[{k}] is {v!r}; it must be {need}")
+                raise BundleError(f"{w}.{key}[{k}] is {shown(v)}; it must be {need}")
 
 
 def _kernels(data: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -494,12 +505,16 @@ def _kernels(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     k = _get(data, "kernels", dict, where)
     verified = _get(k, "verified", list, f"{where}: kernels")
     if not all(isinstance(v, str) and v for v in verified):
-        raise BundleError(f"{where}: kernels.verified must list kernel-set names, got {verified!r}")
+        raise BundleError(
+            f"{where}: kernels.verified must list kernel-set names, got {shown(verified)}"
+        )
     reference = _get(k, "reference", str, f"{where}: kernels")
     if not isinstance(k.get("sets", {}), dict):
-        raise BundleError(f"{where}: kernels.sets has the wrong type ({k['sets']!r})")
+        raise BundleError(f"{where}: kernels.sets has the wrong type ({shown(k['sets'])})")
     if reference not in k.get("sets", {reference: None}):
-        raise BundleError(f"{where}: kernels.reference {reference!r} is not one of kernels.sets")
+        raise BundleError(
+            f"{where}: kernels.reference {shown(reference)} is not one of kernels.sets"
+        )
     return dict(k)
 
 
@@ -551,11 +566,11 @@ def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
         raise BundleError(f"{mpath}: unreadable: JSON nested too deeply") from exc
     manifest = parse(data, str(mpath))
     if "\0" in manifest.model_file:  # no file name holds one; os.stat raises ValueError
-        raise BundleError(f"{mpath}: model_file {manifest.model_file!r} holds a NUL character")
+        raise BundleError(f"{mpath}: model_file {shown(manifest.model_file)} holds a NUL character")
     mfile = Path(manifest.model_file)
     if mfile.is_absolute() or ".." in mfile.parts:
         raise BundleError(
-            f"{mpath}: model_file {manifest.model_file!r} must stay inside the bundle"
+            f"{mpath}: model_file {shown(manifest.model_file)} must stay inside the bundle"
         )
     tpath = d / mfile
     try:

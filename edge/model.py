@@ -14,7 +14,7 @@ import numpy as np
 
 from .backend import Backend, SignatureRunner, kernel_set
 from .binding import Binding, bind
-from .errors import BackendError, BundleError, ConfigError
+from .errors import BackendError, BundleError, ConfigError, shown
 from .manifest import Manifest, TensorSpec
 from .softmax import IntSoftmax
 from .state_store import whole_number
@@ -57,12 +57,13 @@ class StepModel:
         num_threads: int = 1,
     ) -> None:
         if not whole_number(max_batch) or max_batch < 1:
-            raise ConfigError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
+            raise ConfigError(f"max_batch must be a whole number >= 1, got {shown(max_batch)}")
         # the interpreter's C int; True would be 1 thread, and the interpreter's own refusal
         # was worded as a model it "could not open"
         if not whole_number(num_threads) or not 1 <= num_threads < 2**31:
             raise ConfigError(
-                f"num_threads must be a whole number from 1 to {2**31 - 1}, got {num_threads!r}"
+                f"num_threads must be a whole number from 1 to {2**31 - 1}, got "
+                f"{shown(num_threads)}"
             )
         self.manifest = manifest
         self.backend = backend
@@ -113,12 +114,13 @@ class StepModel:
             d = side.get(spec.name)
             if d is None and spec.name in found:
                 raise BundleError(
-                    f"manifest tensor {spec.name!r} is used as an {kind} of the model, but it is "
+                    f"manifest tensor {shown(spec.name)} is used as an {kind} of the model, but "
+                    "it is "
                     f"not one (its {kind}s are {sorted(side)})"
                 )
             if d is None:
                 raise BundleError(
-                    f"manifest tensor {spec.name!r} is not in the model's signature "
+                    f"manifest tensor {shown(spec.name)} is not in the model's signature "
                     f"(it has {sorted(found)})"
                 )
             dtype = np.dtype(d["dtype"]).name
@@ -126,7 +128,7 @@ class StepModel:
             width = int(d["shape"][-1])
             if dtype != spec.dtype or width != spec.width:
                 raise BundleError(
-                    f"tensor {spec.name!r}: model has {dtype}[{width}], manifest says "
+                    f"tensor {shown(spec.name)}: model has {dtype}[{width}], manifest says "
                     f"{spec.dtype}[{spec.width}]"
                 )
             # Exactly, in the float32 the model holds (the converter writes that value): a scale
@@ -134,7 +136,8 @@ class StepModel:
             same = np.float32(scale) == np.float32(spec.scale)
             if spec.quantized and (not same or zp != spec.zero_point):
                 raise BundleError(
-                    f"tensor {spec.name!r}: model quantisation ({scale}, {zp}) differs from the "
+                    f"tensor {shown(spec.name)}: model quantisation ({scale}, {zp}) differs from "
+                    "the "
                     f"manifest's ({spec.scale}, {spec.zero_point})"
                 )
         # An input the manifest does not name is never fed: a state left out of 'state' held
@@ -144,7 +147,7 @@ class StepModel:
         unnamed = sorted(set(ins) - set(named))
         if unnamed:
             raise BundleError(
-                f"the model's input {unnamed[0]!r} is not in the manifest (its inputs are "
+                f"the model's input {shown(unnamed[0])} is not in the manifest (its inputs are "
                 f"{sorted(ins)}; the manifest names {named})"
             )
 

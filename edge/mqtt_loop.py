@@ -28,7 +28,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from . import early_signals
 from .config import ServiceConfig
 from .engine import Engine, load
-from .errors import ConfigError, EdgeError
+from .errors import ConfigError, EdgeError, shown
 from .ha_discovery import PER_ROUND, Announcer, announcer_for
 from .ha_discovery import publish as publish_discovery
 from .inbox import Inbox
@@ -196,7 +196,7 @@ class MqttService:
         try:
             rec = self.processor.recover()
         except OSError as exc:
-            raise ConfigError(f"state_dir {cfg.state_dir!r} cannot be read: {exc}") from exc
+            raise ConfigError(f"state_dir {shown(cfg.state_dir)} cannot be read: {exc}") from exc
         try:
             journal.open()
         except OSError as exc:
@@ -515,7 +515,7 @@ class MqttService:
         where = f"password_file {cfg.password_file}" if cfg.password_file else "password"
         if not cfg.password_file and not cfg.password:
             where = "no password"
-        return f"user name {cfg.username!r}, {where}: check them against the broker's"
+        return f"user name {shown(cfg.username)}, {where}: check them against the broker's"
 
     def _no_retain(self, client: Any) -> None:
         """A broker without retained messages (mosquitto's ``retain_available false``)
@@ -574,7 +574,7 @@ class MqttService:
         sent, filters = self._subscribing
         if mid != sent:
             return
-        refused = [f"{f!r} ({c})" for f, c in zip(filters, codes) if c.is_failure]
+        refused = [f"{shown(f)} ({c})" for f, c in zip(filters, codes) if c.is_failure]
         # Granted at QoS 0 (a broker's maximum QoS): messages come unacknowledged, so those
         # in hand at a crash are lost, and none are kept for us while we are away.
         qos0 = [

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SnapshotError
+from .errors import SnapshotError, shown
 
 MAGIC = b"EDGEPS1\n"
 _U32 = struct.Struct("<I")
@@ -77,9 +77,9 @@ def _check_head(head: Any) -> None:
     for key in counts + ["partitions"] * ("partitions" in head):
         value = head.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{key} {value!r:.40} is not a whole number >= 0")
+            raise ValueError(f"{key} {shown(value, 40)} is not a whole number >= 0")
     if not isinstance(head.get("stream", ""), str):
-        raise ValueError(f"stream {head['stream']!r:.40} is not a string")
+        raise ValueError(f"stream {shown(head['stream'], 40)} is not a string")
     twins = head.get("twins", [])
     if not isinstance(twins, list) or not all(
         isinstance(pair, list)
@@ -89,7 +89,7 @@ def _check_head(head: Any) -> None:
         and not isinstance(pair[1], bool)
         for pair in twins
     ):
-        raise ValueError(f"twins {twins!r:.60} is not a list of [key, count] pairs")
+        raise ValueError(f"twins {shown(twins, 60)} is not a list of [key, count] pairs")
     for key, _ in twins:
         bytes.fromhex(key)  # its ValueError names the bad character
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 SENSOR_SUBJECTS = ("sensors.*.data", "sensors.*.control")
 SENSOR_KINDS = ("data", "control")
@@ -51,7 +51,7 @@ def partition(token: str, partitions: int) -> int:
 def check_partitions(partitions: int) -> int:
     whole = isinstance(partitions, int) and not isinstance(partitions, bool)
     if not whole or not 1 <= partitions <= MAX_PARTITIONS:
-        raise ConfigError(f"partitions = {partitions!r} must be in 1..{MAX_PARTITIONS}")
+        raise ConfigError(f"partitions = {shown(partitions)} must be in 1..{MAX_PARTITIONS}")
     return partitions
 
 

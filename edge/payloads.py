@@ -49,6 +49,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .errors import shown
+
 try:  # a C JSON codec, when installed; the standard library otherwise (same results)
     import orjson
 except ImportError:  # pragma: no cover - depends on the install
@@ -98,18 +100,6 @@ class Samples:
     ts: float | None
     values: np.ndarray  # [k, F] float64
     boot: int | None = None
-
-
-def _show(value: Any, limit: int = 80) -> str:
-    """``repr`` cut to ``limit`` chars; never raises (huge ints exceed Python's str limit)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        digits = int(value.bit_length() * math.log10(2)) + 1
-        return f"<{'-' if value < 0 else ''}{digits}-digit integer>"
-    try:
-        text = repr(value)
-    except (ValueError, RecursionError):
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _NUMBER_TYPES = {int, float}  # exact types: bool is an int subclass and must be refused
@@ -172,13 +162,13 @@ def _parse(payload: bytes, max_depth: int) -> tuple[Any, bool]:
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PayloadError("bad_json", f"payload is not UTF-8: {_show(payload[:40])}") from exc
+        raise PayloadError("bad_json", f"payload is not UTF-8: {shown(payload[:40])}") from exc
     try:
         return json.loads(text), False
     except json.JSONDecodeError as exc:
-        raise PayloadError("bad_json", f"malformed JSON: {_show(str(exc), 200)}") from exc
+        raise PayloadError("bad_json", f"malformed JSON: {shown(str(exc), 200)}") from exc
     except (ValueError, RecursionError) as exc:  # e.g. an integer beyond the digit limit
-        raise PayloadError("bad_json", f"unparsable JSON: {_show(str(exc), 200)}") from exc
+        raise PayloadError("bad_json", f"unparsable JSON: {shown(str(exc), 200)}") from exc
 
 
 def detect(payload: bytes, content_type: str | None = None) -> str:
@@ -187,7 +177,7 @@ def detect(payload: bytes, content_type: str | None = None) -> str:
         kind = CONTENT_TYPES.get(key)
         if kind is None:
             raise PayloadError(
-                "bad_content_type", f"content type {_show(content_type)} is not supported"
+                "bad_content_type", f"content type {shown(content_type)} is not supported"
             )
         return kind
     head = payload.removeprefix(_BOM).lstrip()[:1]
@@ -250,7 +240,7 @@ def _no_repeated_key(payload: bytes) -> None:
         keys = [k for k, _ in items]
         if len(set(keys)) < len(keys):
             twice = next(k for k in keys if keys.count(k) > 1)
-            raise PayloadError("bad_json", f"key {_show(twice)} appears twice in one object")
+            raise PayloadError("bad_json", f"key {shown(twice)} appears twice in one object")
         return dict(items)
 
     try:
@@ -263,7 +253,7 @@ def _no_repeated_key(payload: bytes) -> None:
 
 def _seq(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < U32:
-        raise PayloadError("bad_seq", f"seq {_show(value)} is not an unsigned 32-bit integer")
+        raise PayloadError("bad_seq", f"seq {shown(value)} is not an unsigned 32-bit integer")
     return value
 
 
@@ -272,7 +262,7 @@ def _boot(value: Any, seq: int | None = None) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < U32:
         raise PayloadError(
-            "bad_boot", f"boot {_show(value)} is not an unsigned 32-bit integer", seq
+            "bad_boot", f"boot {shown(value)} is not an unsigned 32-bit integer", seq
         )
     return value
 
@@ -286,13 +276,13 @@ def _number(value: Any, what: str, seq: int | None) -> float:
             x = math.inf
         if math.isfinite(x):
             return x
-    raise PayloadError("bad_ts", f"{what} {_show(value)} is not a finite number", seq)
+    raise PayloadError("bad_ts", f"{what} {shown(value)} is not a finite number", seq)
 
 
 def _plausible(ts: float, what: str, seq: int | None) -> float:
     if not 0.0 <= ts <= MAX_TS:
         raise PayloadError(
-            "bad_ts", f"{what} {_show(ts)} is outside [0, {MAX_TS:.0f}] seconds since 1970", seq
+            "bad_ts", f"{what} {shown(ts)} is outside [0, {MAX_TS:.0f}] seconds since 1970", seq
         )
     return ts
 
@@ -308,13 +298,13 @@ def _row(row: list[Any], where: str, seq: int | None) -> list[float]:
     for i, v in enumerate(row):
         if not _is_number(v):
             code = "wrong_shape" if isinstance(v, list) else "bad_values"
-            raise PayloadError(code, f"{where}[{i}] is {_show(v)}, not a number", seq)
+            raise PayloadError(code, f"{where}[{i}] is {shown(v)}, not a number", seq)
         try:
             x = float(v)
         except OverflowError:
             x = math.inf
         if not math.isfinite(x):
-            raise PayloadError("not_finite", f"{where}[{i}] is {_show(v)}, not finite", seq)
+            raise PayloadError("not_finite", f"{where}[{i}] is {shown(v)}, not finite", seq)
         out.append(x)
     return out
 
@@ -345,7 +335,7 @@ def _values(values: Any, f: int, seq: int | None, finite: bool = False) -> np.nd
     if type(values) is list and values and (fast := _plain(values, f, finite)) is not None:
         return fast
     if not isinstance(values, list):
-        raise PayloadError("bad_values", f"values must be an array, got {_show(values)}", seq)
+        raise PayloadError("bad_values", f"values must be an array, got {shown(values)}", seq)
     if not values:
         raise PayloadError("wrong_shape", f"values are empty, expected [{f}] or [k, {f}]", seq)
     if not isinstance(values[0], list):
@@ -355,11 +345,11 @@ def _values(values: Any, f: int, seq: int | None, finite: bool = False) -> np.nd
         for k, row in enumerate(values):
             if not isinstance(row, list):
                 raise PayloadError(
-                    "bad_values", f"values[{k}] is {_show(row)}, expected an array", seq
+                    "bad_values", f"values[{k}] is {shown(row)}, expected an array", seq
                 )
             rows.append(_row(row, f"values[{k}]", seq))
         if len({len(r) for r in rows}) > 1:
-            lengths = _show([len(r) for r in rows])
+            lengths = shown([len(r) for r in rows])
             raise PayloadError("bad_values", f"rows of values differ in length: {lengths}", seq)
     if len(rows[0]) != f:
         shape = [len(rows[0])] if not isinstance(values[0], list) else [len(rows), len(rows[0])]
@@ -389,27 +379,27 @@ def decode_senml(doc: Any, features: Sequence[str]) -> Samples:
     for rec in doc:
         bn = rec.get("bn", base_name)
         if not isinstance(bn, str):
-            raise PayloadError("bad_senml", f"base name 'bn' {_show(bn)} is not a string", seq)
+            raise PayloadError("bad_senml", f"base name 'bn' {shown(bn)} is not a string", seq)
         base_name = bn
         if rec.get("bt") is not None:
             base_time, timed = _number(rec["bt"], "base time 'bt'", seq), True
         n = rec.get("n", "")
         if not isinstance(n, str):
-            raise PayloadError("bad_senml", f"record name 'n' {_show(n)} is not a string", seq)
+            raise PayloadError("bad_senml", f"record name 'n' {shown(n)} is not a string", seq)
         name = base_name + n
         short = name.rsplit("/", 1)[-1] if name not in features else name
         if short == "seq":  # named twice, which one is meant cannot be told: neither is taken
             if seq is not None:
-                raise PayloadError("bad_senml", f"'seq' is given twice (record {_show(name, 60)})")
+                raise PayloadError("bad_senml", f"'seq' is given twice (record {shown(name, 60)})")
             seq = _seq(rec.get("v"))
             continue
         if short == "boot":
             if boot is not None:
                 raise PayloadError(
-                    "bad_senml", f"'boot' is given twice (record {_show(name, 60)})", seq
+                    "bad_senml", f"'boot' is given twice (record {shown(name, 60)})", seq
                 )
             if rec.get("v") is None:
-                raise PayloadError("bad_boot", f"record {_show(name, 60)} has no 'v'", seq)
+                raise PayloadError("bad_boot", f"record {shown(name, 60)} has no 'v'", seq)
             boot = _boot(rec["v"], seq)
             continue
         if short not in features:
@@ -417,28 +407,28 @@ def decode_senml(doc: Any, features: Sequence[str]) -> Samples:
         v = rec.get("v")
         if not _is_number(v):
             raise PayloadError(
-                "bad_senml", f"record {_show(name, 60)} has no numeric 'v' ({_show(v)})", seq
+                "bad_senml", f"record {shown(name, 60)} has no numeric 'v' ({shown(v)})", seq
             )
         t = base_time
         if rec.get("t") is not None:
             t, timed = t + _number(rec["t"], "time 't'", seq), True
         if -SENML_RELATIVE <= t < 0:  # seconds ago: only their order is known
-            relative = relative or _show(name, 40)
+            relative = relative or shown(name, 40)
         else:
-            t = _plausible(t, f"time of record {_show(name, 40)}", seq)
+            t = _plausible(t, f"time of record {shown(name, 40)}", seq)
         sample = by_time.setdefault(t, {})
         if short in sample:  # which one is meant cannot be told: neither is taken
-            raise PayloadError("bad_senml", f"{_show(short, 60)} is given twice at t={t}", seq)
+            raise PayloadError("bad_senml", f"{shown(short, 60)} is given twice at t={t}", seq)
         sample[short] = v
     if not by_time:
         raise PayloadError(
-            "bad_senml", f"no record names one of the features {_show(list(features), 200)}", seq
+            "bad_senml", f"no record names one of the features {shown(list(features), 200)}", seq
         )
     rows = []
     for t in sorted(by_time):
         missing = [n for n in features if n not in by_time[t]]
         if missing:
-            raise PayloadError("wrong_shape", f"sample at t={t} lacks {_show(missing)}", seq)
+            raise PayloadError("wrong_shape", f"sample at t={t} lacks {shown(missing)}", seq)
         rows.append([by_time[t][n] for n in features])
     if relative is not None:
         if max(by_time) >= SENML_RELATIVE:  # now is not known here: no order between them
@@ -611,7 +601,7 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
         return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
     if depth < MAX_DEPTH and isinstance(value, (list, tuple)):
         return [_jsonable(v, depth + 1) for v in value]
-    return _show(value, 200)
+    return shown(value, 200)
 
 
 def error(

@@ -30,7 +30,7 @@ import numpy as np
 from . import payloads, wal
 from .config import ServiceConfig
 from .engine import Chunk, Engine, Outcome
-from .errors import ConfigError, NewerFormat, SnapshotError, StateMismatch
+from .errors import ConfigError, NewerFormat, SnapshotError, StateMismatch, shown
 from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
@@ -739,7 +739,7 @@ class Processor:
     def _non_data(self, msg: Inbound, r: _Round) -> None:
         stream = self.control.stream(msg.topic)
         if stream is None and msg.topic != self.runtime_control:
-            detail = f"topic {msg.topic[:200]!r} does not match {self.data.template!r}"
+            detail = f"topic {shown(msg.topic, 200)} does not match {shown(self.data.template)}"
             self._error(r, INVALID_STREAM, "bad_topic", detail)
             return
         r.counts.append(("control", 1))
@@ -758,18 +758,18 @@ class Processor:
             if cmd in ("reload", "snapshot"):
                 r.requests.add(cmd)
             else:
-                detail = f"runtime control {msg.payload[:80]!r}: expected reload or snapshot"
+                detail = f"runtime control {shown(msg.payload)}: expected reload or snapshot"
                 self._error(r, where, "unknown_command", detail)
             return
         if cmd != "reset":
-            detail = f'control {msg.payload[:80]!r}: expected {{"cmd": "reset"}}'
+            detail = f'control {shown(msg.payload)}: expected {{"cmd": "reset"}}'
             self._error(r, stream, "unknown_command", detail)
             return
         assert isinstance(doc, dict)
         seq, boot = doc.get("seq"), doc.get("boot")
         for name, value in (("seq", seq), ("boot", boot)):
             if value is not None and not _u32(value):
-                detail = f"reset {name} {value!r} is not an unsigned 32-bit integer"
+                detail = f"reset {name} {shown(value)} is not an unsigned 32-bit integer"
                 self._error(r, stream, f"bad_{name}", detail)
                 return
         empty = np.empty((0, self.engine.manifest.features))

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .engine import FLOAT32_MAX, Engine, input_bounds, out_of_bounds
-from .errors import BundleError
+from .errors import BundleError, shown
 from .outfile import regular_target, replace_whole
 
 
@@ -57,7 +57,7 @@ def run_file(engine: Engine, inputs: Mapping[str, np.ndarray]) -> dict[str, np.n
         try:
             out[f"{name}/y"], out[f"{name}/state"] = run(engine, x)
         except BundleError as exc:
-            raise BundleError(f"array {name!r}: {exc}") from None
+            raise BundleError(f"array {shown(name)}: {exc}") from None
     return out
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 log = logging.getLogger("edge.service")
 LOCK_NAME = "lock"
@@ -68,7 +68,7 @@ class StateLock:
         except OSError:
             holder = ""
         raise ConfigError(
-            f"{self.what} {str(self.path.parent)!r} is in use by another process (pid "
+            f"{self.what} {shown(str(self.path.parent))} is in use by another process (pid "
             f"{holder or 'unknown'}); give each one a {self.what} of its own"
         ) from None
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 NO_SEQ = -1
 NO_BOOT = -1
@@ -132,11 +132,13 @@ class StateStore:
     ) -> None:
         for name, value in (("capacity", capacity), ("chunk", chunk)):
             if not whole_number(value) or value < 1:
-                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+                raise ConfigError(f"{name} must be a whole number >= 1, got {shown(value)}")
         # NaN too: no stream's last sample is ever more recent than now - NaN, so every
         # stream would be forgotten (and stepped from the zero state) at every call.
         if idle_timeout is not None and not (_real(idle_timeout) and idle_timeout > 0):
-            raise ConfigError(f"idle_timeout must be a number of seconds > 0, got {idle_timeout!r}")
+            raise ConfigError(
+                f"idle_timeout must be a number of seconds > 0, got {shown(idle_timeout)}"
+            )
         self._zero = [np.asarray(z).reshape(1, -1) for z in zero_rows]
         self.capacity = capacity
         self.chunk = chunk

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import broker_address
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .top import TopView
 
 CLEAR = "\033[H\033[2J"  # cursor home, clear screen: only on a terminal
@@ -56,7 +56,7 @@ def _prefix(template: str, name: str) -> str:
     head, sep, tail = template.partition("{runtime_id}")
     if not sep or tail or not head.endswith("/") or any(c in head for c in "+#\0"):
         raise ConfigError(
-            f"--{name} {template!r}: expected a topic ending in /{{runtime_id}}, no '+' or '#'"
+            f"--{name} {shown(template)}: expected a topic ending in /{{runtime_id}}, no '+' or '#'"
         )
     return head
 
@@ -85,7 +85,9 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
         raise ConfigError(f"--timeout {args.timeout}: must be a number >= 0")
     rid = args.runtime_id
     if rid != "+" and (not rid or any(c in rid for c in "/+#\0")):
-        raise ConfigError(f"--runtime-id {rid!r}: one topic level without '+' or '#', or + for all")
+        raise ConfigError(
+            f"--runtime-id {shown(rid)}: one topic level without '+' or '#', or + for all"
+        )
     stats_prefix = _prefix(args.stats_topic, "stats-topic")
     status_prefix = _prefix(args.status_topic, "status-topic")
     view = TopView(stats_prefix, status_prefix)
@@ -103,18 +105,18 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
         try:
             password = Path(args.password_file).read_text().strip() if args.password_file else None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--password-file {args.password_file!r}: {exc}") from None
+            raise ConfigError(f"--password-file {shown(args.password_file)}: {exc}") from None
         client.username_pw_set(args.username, password)
     if transport == "unix" and args.tls_ca:
         raise ConfigError(
-            f"--broker {args.broker!r}: no TLS over a unix socket; leave --tls-ca out"
+            f"--broker {shown(args.broker)}: no TLS over a unix socket; leave --tls-ca out"
         )
     if args.tls_ca or args.broker.startswith("mqtts:"):
         try:
             client.tls_set(ca_certs=args.tls_ca or None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
-                f"--tls-ca {args.tls_ca!r}: not a usable CA certificate: {exc}"
+                f"--tls-ca {shown(args.tls_ca)}: not a usable CA certificate: {exc}"
             ) from None
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:

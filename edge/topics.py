@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 PLACEHOLDER = "{stream}"
 CACHED = 16384  # topics remembered per template: a fleet's topics repeat with every message
@@ -18,10 +18,10 @@ class Template:
         levels = template.split("/")
         if template.count(PLACEHOLDER) != 1 or PLACEHOLDER not in levels:
             raise ConfigError(
-                f"topic template {template!r} must hold '{PLACEHOLDER}' once, as a whole level"
+                f"topic template {shown(template)} must hold '{PLACEHOLDER}' once, as a whole level"
             )
         if any(c in template for c in "+#\0"):
-            raise ConfigError(f"topic template {template!r} must not contain '+', '#' or NUL")
+            raise ConfigError(f"topic template {shown(template)} must not contain '+', '#' or NUL")
         self.template = template
         self.index = levels.index(PLACEHOLDER)
         self.levels = levels

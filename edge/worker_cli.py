@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config, early_signals
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 WORKER_DESCRIPTION = """\
 Join a group of workers that share the sensor streams of a NATS JetStream server or cluster:
@@ -101,7 +101,9 @@ def _read_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
         if key in worker and (
             isinstance(worker[key], bool) or not isinstance(worker[key], (typ, int))
         ):
-            raise ConfigError(f"{path}: [worker] {key} = {worker[key]!r} is not a {typ.__name__}")
+            raise ConfigError(
+                f"{path}: [worker] {key} = {shown(worker[key])} is not a {typ.__name__}"
+            )
     return dict(serve), dict(worker)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from edge.cli import quiet_tensorflow, run_command, version_text
 from edge.config import broker_address
-from edge.errors import ConfigError
+from edge.errors import ConfigError, shown
 from edge.sequencing import HALF
 
 from .errors import SimError
@@ -77,7 +77,7 @@ def _positive(text: str) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number")
+        raise argparse.ArgumentTypeError(f"{shown(text)}: expected a positive number")
     return value
 
 
@@ -88,7 +88,7 @@ def _count(low: int) -> Any:
         except ValueError:
             value = low - 1
         if value < low:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {low}")
+            raise argparse.ArgumentTypeError(f"{shown(text)}: expected a whole number >= {low}")
         return value
 
     return parse
@@ -100,7 +100,7 @@ def _restart_gap(text: str) -> int | None:
     value = _count(0)(text)
     if value >= HALF:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected the runtime's restart_gap, 0..{HALF - 1} (0: off)"
+            f"{shown(text)}: expected the runtime's restart_gap, 0..{HALF - 1} (0: off)"
         )
     return value or None
 
@@ -113,7 +113,7 @@ def _kernel_set(text: str) -> str:
     """A typo was noticed only when the run was scored, and judged against another set."""
     if not KERNEL_SET.fullmatch(text):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected a kernel set such as litert-xnnpack, litert-builtin-x86_64 or "
+            f"{shown(text)}: expected a kernel set such as litert-xnnpack, litert-builtin-x86_64 or "
             "tflite-2.14-builtin-aarch64"
         )
     return text
@@ -124,12 +124,14 @@ def _batch(text: str) -> int | tuple[int, int]:
     try:
         batch = (int(lo), int(hi)) if sep else int(lo)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected N or LO-HI") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)}: expected N or LO-HI") from None
     low, high = batch if isinstance(batch, tuple) else (batch, batch)
     if low > high:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LO-HI with LO <= HI")
     if not 1 <= low <= high <= MAX_BATCH:
-        raise argparse.ArgumentTypeError(f"{text!r}: samples per message must be 1..{MAX_BATCH}")
+        raise argparse.ArgumentTypeError(
+            f"{shown(text)}: samples per message must be 1..{MAX_BATCH}"
+        )
     return batch
 
 
@@ -347,11 +349,11 @@ def host(args: argparse.Namespace) -> int:
     try:
         cores = {int(c) for c in args.cores.split(",")}
     except ValueError:
-        raise SimError(f"--cores {args.cores!r}: expected numbers like 0 or 0,1") from None
+        raise SimError(f"--cores {shown(args.cores)}: expected numbers like 0 or 0,1") from None
     usable = os.sched_getaffinity(0)
     if not cores <= usable:
         have = ",".join(map(str, sorted(usable)))
-        raise SimError(f"--cores {args.cores!r}: this machine lets us use CPUs {have}")
+        raise SimError(f"--cores {shown(args.cores)}: this machine lets us use CPUs {have}")
     top = MAX_SLOWDOWN * len(cores)
     if args.slowdown is not None and not (
         math.isfinite(args.slowdown) and 1 <= args.slowdown <= top

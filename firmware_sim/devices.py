@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from edge import payloads
+from edge.errors import shown
 
 from .errors import SimError
 from .faults import INVALID, LOST_IN_REBOOT, FaultPlan, Injector
@@ -270,7 +271,7 @@ class Fleet:
                 f"need --devices >= 1, --rate > 0, --batch >= 1 (got {devices}, {rate}, {batch})"
             )
         if fmt not in (*FORMATS, "mixed"):
-            raise SimError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}, mixed")
+            raise SimError(f"--format {shown(fmt)} is not one of {', '.join(FORMATS)}, mixed")
         self.boot_ids = boot_ids
         self.plan = faults or FaultPlan()
         self.rate = rate

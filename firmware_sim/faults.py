@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge.errors import shown
+
 from .errors import SimError
 
 KINDS = (
@@ -44,20 +46,20 @@ class FaultPlan:
         for part in filter(None, (p.strip() for p in (text or "").split(","))):
             name, sep, value = part.partition("=")
             if name in named:  # which rate is meant cannot be told (all=, then one kind: its own)
-                raise SimError(f"--faults {text!r}: {name!r} is given twice")
+                raise SimError(f"--faults {shown(text)}: {shown(name)} is given twice")
             named.add(name)
             try:
                 rate = float(value) if sep else float("nan")
             except ValueError:
                 rate = float("nan")
             if not 0 <= rate <= 1:
-                raise SimError(f"--faults {part!r}: expected NAME=RATE with RATE in [0, 1]")
+                raise SimError(f"--faults {shown(part)}: expected NAME=RATE with RATE in [0, 1]")
             if name == "all":
                 rates.update({k: rate for k in KINDS})
             elif name in KINDS:
                 rates[name] = rate
             else:
-                raise SimError(f"--faults {name!r} is not one of all, {', '.join(KINDS)}")
+                raise SimError(f"--faults {shown(name)} is not one of all, {', '.join(KINDS)}")
         return FaultPlan(rates)
 
 

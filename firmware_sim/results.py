@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from edge.errors import shown
 from edge.outfile import regular_target, replace_whole
 
 from .errors import SimError
@@ -20,12 +21,14 @@ def results_dir(text: str, *names: str) -> Path:
     if not text.strip():
         raise SimError("--out is empty: name a directory for the results")
     if out.exists() and not out.is_dir():
-        raise SimError(f"--out {text!r} is not a directory: name a directory for the results")
+        raise SimError(f"--out {shown(text)} is not a directory: name a directory for the results")
     there = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not there.is_dir():
-        raise SimError(f"--out {text!r}: cannot make the directory: {there} is not a directory")
+        raise SimError(
+            f"--out {shown(text)}: cannot make the directory: {there} is not a directory"
+        )
     if not os.access(there, os.W_OK | os.X_OK):
-        raise SimError(f"--out {text!r}: {there} is not writable")
+        raise SimError(f"--out {shown(text)}: {there} is not writable")
     for name in names:
         regular_target(out / name, SimError, "--out ")
     return out

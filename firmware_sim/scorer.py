@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from edge.errors import shown
+
 from .devices import Key, Sent
 from .errors import SimError
 from .mqtt import close_client, connect, new_client
@@ -135,11 +137,13 @@ class Scorer:
         while self.status.get(runtime_id) != "online":
             if alive is not None and not alive():
                 raise SimError(
-                    f"the runtime {runtime_id!r} ended before it came online"
+                    f"the runtime {shown(runtime_id)} ended before it came online"
                     + (f": {why_ended()}" if why_ended else "")
                 )
             if time.monotonic() > deadline:
-                raise SimError(f"the runtime {runtime_id!r} did not come online within {timeout} s")
+                raise SimError(
+                    f"the runtime {shown(runtime_id)} did not come online within {timeout} s"
+                )
             time.sleep(0.05)
 
     def close(self) -> None:

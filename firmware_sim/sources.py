@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.datasets import basicmotions  # pure NumPy, no TensorFlow
+from edge.errors import shown
 
 from .errors import SimError
 
@@ -64,7 +65,9 @@ def maker(spec: str, seed: int, features: int = 6) -> Callable[[int], Source]:
     name, _, arg = spec.partition(":")
     if name == "basicmotions":
         if arg not in ("", "test", "train"):
-            raise SimError(f"--source {spec!r}: the split is 'test' or 'train', not {arg!r}")
+            raise SimError(
+                f"--source {shown(spec)}: the split is 'test' or 'train', not {shown(arg)}"
+            )
         rec = basicmotions(arg or "test")
         count, length = rec.x.shape[:2]
         data = rec.x.reshape(-1, rec.x.shape[-1]).astype(np.float64)
@@ -86,7 +89,7 @@ def maker(spec: str, seed: int, features: int = 6) -> Callable[[int], Source]:
     path = Path(spec)
     if not path.is_file():
         raise SimError(
-            f"--source {spec!r}: not a file, and not one of basicmotions[:train|test], "
+            f"--source {shown(spec)}: not a file, and not one of basicmotions[:train|test], "
             f"{', '.join(SYNTHETIC)}"
         )
     data = load_file(path)
@@ -195,7 +198,7 @@ def load_file(path: Path) -> np.ndarray:
                 if len(rows) == 1:  # a header alone, or numbers not separated by commas
                     raise SimError(
                         f"--source {path}: no row of comma-separated numbers; its one line is "
-                        f"{','.join(rows[0])!r}"
+                        f"{shown(','.join(rows[0]))}"
                     )
                 rows = rows[1:]  # header
             data = np.asarray(rows, dtype=np.float64)

@@ -259,6 +259,7 @@ def test_demo_runs_and_scores(bundles, tmp_path):
             ["run", "--broker", "mqtt://127.0.0.1:9", "--faults", "reboot=0.1", "--no-boot-ids"],
             "needs --restart-gap",
         ),
+        (["run", "--broker", "mqtt://127.0.0.1:9", "--faults", "x" * 100_000], "(100002 chars)"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message):

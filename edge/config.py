@@ -27,6 +27,14 @@ REORDER_MS_DEFAULT = 600.0
 # the first delay is ``reconnect_min`` with up to 25% of jitter. A longer one raised
 # OverflowError in the network thread, which then stopped: serve ran on, connected to nothing.
 LONGEST_RECONNECT = threading.TIMEOUT_MAX / 1.25
+# Past these a setting stops meaning what it says: a batch waits until it is full, a gap is
+# never given up on, the write-ahead log is never folded into a snapshot.
+UPPER_BOUNDS = {
+    "max_wait_ms": 3_600_000,
+    "reorder_ms": 3_600_000,
+    "snapshot_interval": 86_400,
+    "stats_interval": 86_400,
+}
 
 
 def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -448,6 +456,7 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         ("keepalive", 65535),  # MQTT's two-byte field
         ("session_expiry", 2**32 - 1),  # MQTT 5's four-byte field
         ("metrics_port", 65535),
+        *UPPER_BOUNDS.items(),
     ):
         if not 0 <= getattr(cfg, name) <= top:
             raise ConfigError(f"{name} = {shown(getattr(cfg, name))} must be in 0..{top}")

@@ -302,6 +302,13 @@ def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path)
         assert r.returncode == 2 and f"worker_id {bad!r}: needs letters" in r.stderr, r.stderr
     r = run("--nats", "nats://127.0.0.1:1", "--lease-seconds", "1e308")
     assert r.returncode == 2 and "lease_seconds = 1e+308 must be in 1..3600" in r.stderr
+    # finite but never reached: the journal was never folded into a snapshot
+    r = run("--nats", "nats://127.0.0.1:1", "--snapshot-interval", "1e300")
+    assert r.returncode == 2 and "snapshot_interval = 1e+300 must be in 0..86400" in r.stderr
+    slow = tmp_path / "slow.toml"
+    slow.write_text("[worker]\nstats_interval = 1e300\n")
+    r = run("--nats", "nats://127.0.0.1:1", "--config", str(slow))
+    assert r.returncode == 2 and "stats_interval = 1e+300 must be in 0..86400" in r.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text("[worker]\npartitions = 'many'\n")
     r = run("--nats", "nats://127.0.0.1:1", "--config", str(bad))

@@ -173,6 +173,11 @@ def test_config_errors_say_where_the_value_was_set(tmp_path):
         ("session_expiry", str(2**32), "session_expiry = 4294967296 must be in"),
         ("metrics_port", "70000", r"metrics_port = 70000 must be in 0\.\.65535"),
         ("max_samples_per_message", "65536", "max_samples_per_message = 65536 must be <= 65535"),
+        # a finite but huge wait: every batch waited until it was full
+        ("max_wait_ms", "1e300", r"max_wait_ms = 1e\+300 must be in 0\.\.3600000"),
+        ("reorder_ms", "1e300", r"reorder_ms = 1e\+300 must be in 0\.\.3600000"),
+        ("snapshot_interval", "1e300", r"snapshot_interval = 1e\+300 must be in 0\.\.86400"),
+        ("stats_interval", "1e300", r"stats_interval = 1e\+300 must be in 0\.\.86400"),
         ("gap_policy", "g" * 100_000, r"gap_policy = 'g{79}\.\.\. \(100002 chars\) is not one"),
         ("broker", "mqtt://127.0.0.1:99999", "broker = 'mqtt://127.0.0.1:99999': Port out of"),
         ("broker", "mqtt://127.0.0.1:abc", "broker = 'mqtt://127.0.0.1:abc'"),

@@ -495,7 +495,11 @@ def validate(cfg: ServiceConfig) -> ServiceConfig:
         raise ConfigError(f"ha_prefix = {shown(prefix)}: expected a topic like 'homeassistant'")
     for name in ("tls_ca", "tls_cert", "tls_key", "password_file"):
         path = getattr(cfg, name)
-        if path and not Path(path).is_file():
+        try:
+            found = not path or Path(path).is_file()
+        except OSError as exc:  # a name too long for the file system: was a traceback
+            raise ConfigError(f"{name} = {shown(path)}: {exc.strerror}") from None
+        if not found:
             raise ConfigError(f"{name} = {shown(path)}: file not found")
     _check_tls(cfg)
     client_id = cfg.client_id or f"edge-lstm-{socket.gethostname()}"

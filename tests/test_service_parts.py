@@ -178,6 +178,12 @@ def test_config_errors_say_where_the_value_was_set(tmp_path):
         ("reorder_ms", "1e300", r"reorder_ms = 1e\+300 must be in 0\.\.3600000"),
         ("snapshot_interval", "1e300", r"snapshot_interval = 1e\+300 must be in 0\.\.86400"),
         ("stats_interval", "1e300", r"stats_interval = 1e\+300 must be in 0\.\.86400"),
+        # a name too long for the file system was an OSError traceback
+        (
+            "password_file",
+            "p" * 100_000,
+            r"password_file = 'p{79}\.\.\. \(100002 chars\): File name too long",
+        ),
         ("gap_policy", "g" * 100_000, r"gap_policy = 'g{79}\.\.\. \(100002 chars\) is not one"),
         ("broker", "mqtt://127.0.0.1:99999", "broker = 'mqtt://127.0.0.1:99999': Port out of"),
         ("broker", "mqtt://127.0.0.1:abc", "broker = 'mqtt://127.0.0.1:abc'"),

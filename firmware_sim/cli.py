@@ -26,10 +26,18 @@ from .verdict import judged
 SCORE_FILES = ("score.json", "score.png")
 MAX_BATCH = 1024  # the service's max_samples_per_message default
 MAX_SLOWDOWN = 100  # per core: cgroup's least CPU quota (1 ms) of its default period (100 ms)
+# Every device is made up front (its source, clock and state), before the first sends:
+# 10**9 of them filled memory before any error.
+MAX_DEVICES = 10_000
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", type=_count(1), default=20, help="simulated devices (default 20)")
+    p.add_argument(
+        "--devices",
+        type=_count(1, MAX_DEVICES),
+        default=20,
+        help=f"simulated devices (default 20, at most {MAX_DEVICES})",
+    )
     p.add_argument(
         "--rate", type=_positive, default=10.0, help="samples per second per device (default 10)"
     )
@@ -81,7 +89,7 @@ def _positive(text: str) -> float:
     return value
 
 
-def _count(low: int) -> Any:
+def _count(low: int, high: int | None = None) -> Any:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -89,6 +97,8 @@ def _count(low: int) -> Any:
             value = low - 1
         if value < low:
             raise argparse.ArgumentTypeError(f"{shown(text)}: expected a whole number >= {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{shown(text)}: expected {low}..{high}")
         return value
 
     return parse
@@ -223,7 +233,9 @@ def parser() -> argparse.ArgumentParser:
     )
     h.add_argument("--bundle", required=True, help="bundle directory")
     h.add_argument("--rate", type=_positive, default=10.0, help="samples per second per device")
-    h.add_argument("--devices", type=_count(1), help="one trial at this count instead of a search")
+    h.add_argument(
+        "--devices", type=_count(1, MAX_DEVICES), help="one trial at this count instead of a search"
+    )
     h.add_argument(
         "--cores", default="0", help="CPU cores for the runtime, e.g. 0 or 0,1 (default 0)"
     )

@@ -276,6 +276,20 @@ def test_bad_input_is_one_line_and_nonzero(args, message):
     assert len(lines) == 1 and message in lines[0], out.stderr
 
 
+@pytest.mark.parametrize("command", [["run", "--broker", "mqtt://127.0.0.1:9"], ["host"]])
+def test_more_devices_than_the_limit_are_refused_naming_the_value(command):
+    """A billion devices filled memory before any error."""
+    out = subprocess.run(
+        [sys.executable, "-m", "firmware_sim", *command, "--devices", "1000000000"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "--devices: '1000000000': expected 1..10000" in out.stderr.splitlines()[-1]
+
+
 KILLED_WITH_ITS_CHILDREN = """
 import os, signal, sys
 from pathlib import Path

@@ -129,6 +129,15 @@ def _check_header(header: Any, version: int, size: int) -> None:
             raise ValueError(f"{name} {value!r:.40} is not a whole number the file can hold")
 
 
+def _check_numbering(boots: np.ndarray, gaps: np.ndarray) -> None:
+    """Boot ids are -1 (none) or unsigned 32-bit, gaps (first skipped seq, count) unsigned
+    32-bit: a file signed with others (an int64 minimum, a negative count) was restored."""
+    for name, arr, low in (("boot id", boots, -1), ("gap", gaps, 0)):
+        bad = arr[(arr < low) | (arr >= 2**32)]
+        if bad.size:
+            raise ValueError(f"{name} {int(bad[0])} is outside {low}..{2**32 - 1}")
+
+
 def decode(data: bytes, where: str = "snapshot") -> Snapshot:
     if len(data) < _HEAD.size + 32 or data[:8] != MAGIC:
         raise SnapshotError(f"{where}: not an edge-lstm snapshot (bad magic or too short)")
@@ -160,6 +169,7 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
             slots = int(header["gap_slots"])
             gaps = np.frombuffer(body, "<i8", n * slots * 2, off).reshape(n, slots, 2).copy()
             off += 16 * n * slots
+            _check_numbering(boots, gaps)
         arrays = []
         for _, width, dtype, *_ in layout:
             count = n * int(width)

@@ -190,6 +190,30 @@ def test_a_snapshot_whose_covered_lsn_is_no_number_falls_back_to_the_one_before(
     assert fresh.last_seq("dev") == 1
 
 
+def test_a_snapshot_of_boot_ids_out_of_range_falls_back_to_the_one_before(bundles, tmp_path):
+    """Signed, but with an int64 minimum for a boot id: it was restored as it was."""
+    from edge import snapshot as fmt
+
+    engine = edge.load(bundles / "clf-int8")
+    j = Journal(tmp_path / "state")
+    j.recover(engine.restore)
+    j.open()
+    for seq in (1, 2):
+        j.append([Record("dev", seq, None, np.full((1, 6), 0.5), lsn=seq)])
+        engine.step("dev", np.full(6, 0.5), seq=seq)
+        j.checkpoint(engine.snapshot, [Mark(seq)], {"lsn": seq})
+    j.close()
+    path = tmp_path / "state" / "snap-00000002.bin"
+    snap = fmt.read(path)
+    snap.boots = np.full_like(snap.boots, -(2**63))
+    path.write_bytes(fmt.encode(snap))
+    fresh = edge.load(bundles / "clf-int8")
+    got = Journal(tmp_path / "state").recover(fresh.restore)
+    assert got.generation == 1 and len(got.damaged_snapshots) == 1
+    assert f"boot id {-(2**63)} is outside" in got.damaged_snapshots[0]
+    assert [r.seq for r in got.entries if isinstance(r, Record)] == [2]
+
+
 def test_carried_copies_are_not_replayed_twice(tmp_path):
     j = Journal(tmp_path)
     j.recover(no_restore)

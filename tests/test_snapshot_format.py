@@ -136,3 +136,22 @@ def test_idle_seconds_are_kept_and_optional(tmp_path):
 def test_bad_idle_seconds_are_refused(idle, message):
     with pytest.raises(SnapshotError, match=message):
         fmt.decode(signed(edited("idle_seconds", idle)), "snap")
+
+
+@pytest.mark.parametrize(
+    "boots, gaps, message",
+    [
+        ([[-(2**63)], [-1]], [[[0, 0]], [[0, 0]]], f"boot id {-(2**63)} is outside -1\\.\\."),
+        ([[2**32], [7]], [[[0, 0]], [[0, 0]]], f"boot id {2**32} is outside"),
+        ([[1], [-1]], [[[4, -3]], [[0, 0]]], "gap -3 is outside 0\\.\\.4294967295"),
+        ([[1], [-1]], [[[-(2**63), 2]], [[0, 0]]], f"gap {-(2**63)} is outside"),
+    ],
+)
+def test_a_signed_snapshot_with_numbering_out_of_range_is_refused(boots, gaps, message):
+    """Signed, so only the range tells: such ids and counts were restored as they were."""
+    snap = sample()
+    snap.boots, snap.gaps = np.array(boots, np.int64), np.array(gaps, np.int64)
+    with pytest.raises(SnapshotError, match=f"snap: malformed snapshot content: {message}"):
+        fmt.decode(fmt.encode(snap), "snap")
+    snap.boots, snap.gaps = np.array([[3], [-1]], np.int64), np.array([[[4, 2]], [[0, 0]]])
+    assert fmt.decode(fmt.encode(snap), "snap").boots.tolist() == [[3], [-1]]

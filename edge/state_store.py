@@ -392,7 +392,9 @@ class StateStore:
             self.zero_rows(np.asarray([row]))
 
     def remove(self, stream: str) -> None:
+        """Forget a stream for good, its numbering too (an evicted one's as well)."""
         self.recalled.discard(stream)
+        self.departed.take(stream)
         row = self._rows.pop(stream, None)
         if row is not None:
             self.moves += 1

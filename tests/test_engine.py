@@ -665,6 +665,21 @@ def test_a_sample_a_float_model_overflows_on_is_refused_and_the_state_kept(load,
 
 
 @XNNPACK
+def test_an_evicted_stream_whose_return_a_float_model_overflows_on_keeps_its_numbering(load):
+    """A stream back from eviction whose first sample is refused keeps the numbering it
+    came back with: what it was answered for before is still a duplicate."""
+    engine = load("cnn-gru-float32")
+    x = overflowing(4, 1, 0, 3)
+    engine.step("s", x[0], seq=1)
+    engine.store.evict(["s"])
+    with pytest.raises(edge.InvalidSample, match="overflowed on this sample"):
+        engine.step("s", x[1], seq=2)
+    with pytest.raises(edge.DuplicateSample):
+        engine.step("s", x[2], seq=1)
+    assert np.isfinite(engine.step("s", x[2], seq=2)).all() and engine.last_seq("s") == 2
+
+
+@XNNPACK
 def test_a_chunk_a_float_model_overflows_on_in_its_middle_is_refused_whole(load):
     """As a chunk with a NaN in its middle: refused whole, naming the sample, nothing applied."""
     engine, ref = load("cnn-gru-float32"), load("cnn-gru-float32")

@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import edge
@@ -454,6 +454,7 @@ STEADY_OPS = st.lists(
 
 @SETTINGS
 @given(ops=STEADY_OPS, seed=st.integers(0, 999), name=st.sampled_from(QUANTIZED))
+@example(ops=[("evict", 0), ("remove", 0), ("batch", [0])], seed=0, name=QUANTIZED[0])
 def test_steady_batches_of_changing_streams_equal_each_stream_alone(load, ops, seed, name):
     """Steady batches whose streams repeat, change, shrink, grow, or were reset, evicted or
     removed in between give exactly what each stream stepped alone gives: the same outputs,

@@ -80,10 +80,19 @@ _DROP = bytes(b for b in range(256) if b not in _STRUCTURE)
 _AS_BRACKETS = bytes.maketrans(b"{}", b"[]")  # nesting is nesting, whichever the bracket
 _OPEN = ord("[")
 # orjson reads integers beyond 64 bits as floats; the standard library keeps them exact. A
-# payload with a run of 16 digits goes to the standard library: every digit mapped to "0",
-# everything else to " ", then one substring search (a tenth of the cost of a regex search).
-_DIGITS_AS_ZERO = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+# payload with an integer of 16 digits or more goes to the standard library: every digit
+# mapped to "0", a point or exponent mark to ".", everything else to " ", then one substring
+# search (a tenth of the cost of a regex search). The digits after a float's point are no
+# integer: a device printing its floats in full (17 significant digits) stays with orjson.
+_DIGITS_AS_ZERO = bytes(48 if 48 <= b <= 57 else 46 if b in b".eE" else 32 for b in range(256))
 _LONG_DIGITS = b"0" * 16
+_LONG_INTEGER = b" " + _LONG_DIGITS  # at the start of a number (a sign reads as " " too)
+
+
+def _long_integer(payload: bytes) -> bool:
+    """Whether ``payload`` may hold an integer of 16 digits or more (never a false no)."""
+    marked = payload.translate(_DIGITS_AS_ZERO)
+    return _LONG_INTEGER in marked or marked.startswith(_LONG_DIGITS)
 
 
 class PayloadError(ValueError):
@@ -154,7 +163,7 @@ def _parse(payload: bytes, max_depth: int) -> tuple[Any, bool]:
     if payload[:3] == _BOM:
         payload = payload[3:]
     check_depth(payload, max_depth)
-    if orjson is not None and _LONG_DIGITS not in payload.translate(_DIGITS_AS_ZERO):
+    if orjson is not None and not _long_integer(payload):
         try:
             return orjson.loads(payload), True
         except orjson.JSONDecodeError:

@@ -708,6 +708,24 @@ def test_the_c_json_codec_and_the_standard_library_give_the_same_results(monkeyp
     assert json.loads(fast_out) == json.loads(slow_out)
 
 
+def test_floats_printed_in_full_are_read_by_the_c_codec():
+    """Only an integer of 16 digits or more needs the standard library (orjson reads one
+    beyond 64 bits as a float): the digits after a float's point are none, and a device
+    printing its floats in full was decoded at a fifth of the speed."""
+    full = (
+        b'{"seq": 3, "ts": 1796104548.091172, '
+        b'"values": [0.10490011715303971, -0.36159505490948474, 1.2345678901234567e-7]}'
+    )
+    assert payloads._parse(full, payloads.MAX_DEPTH) == (json.loads(full), True)
+    for exact in (
+        b'{"seq": 12345678901234567, "values": [1, 2, 3]}',
+        b'{"seq": 1, "values": [-12345678901234567, 0.5, 1]}',
+        b"12345678901234567",
+        b'{"seq": 1, "values": [1.5, 12345678901234567.5, 1e+1234567890123456]}',
+    ):
+        assert payloads._parse(exact, payloads.MAX_DEPTH)[1] is False, exact
+
+
 _ELEMENT = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.integers(min_value=-(10**400), max_value=10**400),

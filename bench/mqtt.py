@@ -11,7 +11,8 @@
    that the generator is never the limit. Rounds are interleaved; min and median are printed,
    ratios are of medians. 1,000 streams.
 2. Latency publish -> prediction at half the runtime's measured maximum throughput, paced by
-   the raw-socket publisher (a paho publisher lags at that rate, and its lag reads as latency).
+   the raw-socket publisher (a paho publisher lags at that rate, and its lag reads as latency),
+   for whole snapshot intervals (``SNAPSHOT_SECONDS``): each holds one snapshot's pause.
 3. RSS of the runtime with 10,000 active streams.
 4. Recovery after kill -9 at 1,000 msg/s offered: time from restart until the backlog is cleared.
 """
@@ -39,6 +40,11 @@ from bench.raw_mqtt import RawPublisher
 from firmware_sim.broker import Broker
 from firmware_sim.mqtt import close_client
 from firmware_sim.runtime import Runtime
+
+# The runtime's snapshot interval here. The latency window is a whole number of them: a window
+# shorter than one held the pause of a snapshot or not by chance, and its p99 was that pause
+# (tens of ms) or not from one run to the next.
+SNAPSHOT_SECONDS = 5
 
 
 def client(url: str, cid: str, inflight: int = 2000) -> mqtt.Client:
@@ -235,7 +241,7 @@ def start_runtime(
             "--log-level",
             "warning",
             "--snapshot-interval",
-            "5",
+            str(SNAPSHOT_SECONDS),
             "--data-topic",
             f"{prefix}/{{stream}}/data",
             *extra,
@@ -330,7 +336,7 @@ def main() -> int:
             log(f"latency at half the runtime's maximum: {half:.0f} msg/s")
             sink.lat.clear()
             base = sink.n
-            count = int(half * (3 if args.quick else 6))
+            count = int(half * SNAPSHOT_SECONDS * (1 if args.quick else 2))
             paced(url, messages(1000, count, start_seq=10_000), half)
             sink.wait_for(base + count, 30)
             lat = np.array(sink.lat) * 1000

@@ -680,14 +680,16 @@ class MqttService:
                 bool(msg.retain),
             )
         )
-        self.wake.set()
+        if not self.wake.is_set():  # set costs a lock and a notify, for each message
+            self.wake.set()
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         # Only a worker waiting for room in the window needs waking: otherwise the acks are
         # drained with the next messages (or the next idle tick). Waking it for each one
         # doubled its rounds at a steady trickle of messages, each round a thread switch.
         self.acks.put((mid, reason if getattr(reason, "is_failure", False) else None))
-        self.answered.set()
+        if not self.answered.is_set():
+            self.answered.set()
 
     # -- worker side ------------------------------------------------------------------------
 

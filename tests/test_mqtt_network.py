@@ -275,6 +275,7 @@ def _published_state(cls: type[mqtt.Client], connected: bool, inflight: int, v5:
         c.publish("answers/s1", b'{"y": 1}', qos=1),
         c.publish("answers/s2", b"", qos=1, retain=True),
         c.publish("answers/s3", b"\x00" * 300, qos=1),
+        c.publish("answers/s4", b"\x01" * 20_000, qos=1),  # three length bytes
     ]
     queued = [bytes(p["packet"]) for p in c._out_packet]
     kept = [
@@ -296,8 +297,9 @@ def _published_state(cls: type[mqtt.Client], connected: bool, inflight: int, v5:
 @pytest.mark.parametrize("connected", [True, False], ids=["connected", "offline"])
 @pytest.mark.parametrize("inflight", [0, 2])
 def test_an_answer_is_published_as_paho_publishes_it(v5, connected, inflight):
-    """The service's publish skips paho's per-message lock and condition, nothing else: the
-    same bytes queued, the same messages kept to send again, the same receipts."""
+    """The service's publish skips paho's per-message lock and condition and makes the packet
+    in one piece, nothing else: the same bytes queued, the same messages kept to send again,
+    the same receipts."""
     assert _published_state(Client, connected, inflight, v5) == _published_state(
         mqtt.Client, connected, inflight, v5
     )

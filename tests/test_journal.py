@@ -159,6 +159,20 @@ def test_damaged_snapshot_falls_back_to_the_previous_generation(bundles, tmp_pat
     np.testing.assert_array_equal(fresh.state_of("dev")[1], engine.state_of("dev")[1])
 
 
+def _two_generations(bundle, state):
+    """Two samples of one stream, a snapshot after each: the path of the second."""
+    engine = edge.load(bundle)
+    j = Journal(state)
+    j.recover(engine.restore)
+    j.open()
+    for seq in (1, 2):
+        j.append([Record("dev", seq, None, np.full((1, 6), 0.5), lsn=seq)])
+        engine.step("dev", np.full(6, 0.5), seq=seq)
+        j.checkpoint(engine.snapshot, [Mark(seq)], {"lsn": seq})
+    j.close()
+    return state / "snap-00000002.bin"
+
+
 @pytest.mark.parametrize("lsn", [None, "x", float("inf"), 2.5])
 def test_a_snapshot_whose_covered_lsn_is_no_number_falls_back_to_the_one_before(
     bundles, tmp_path, lsn
@@ -168,16 +182,7 @@ def test_a_snapshot_whose_covered_lsn_is_no_number_falls_back_to_the_one_before(
     OverflowError; it is now passed over as a damaged one is."""
     from tests.test_snapshot_format import resigned
 
-    engine = edge.load(bundles / "clf-int8")
-    j = Journal(tmp_path / "state")
-    j.recover(engine.restore)
-    j.open()
-    for seq in (1, 2):
-        j.append([Record("dev", seq, None, np.full((1, 6), 0.5), lsn=seq)])
-        engine.step("dev", np.full(6, 0.5), seq=seq)
-        j.checkpoint(engine.snapshot, [Mark(seq)], {"lsn": seq})
-    j.close()
-    snap = tmp_path / "state" / "snap-00000002.bin"
+    snap = _two_generations(bundles / "clf-int8", tmp_path / "state")
     edit = lambda h: {**h, "extra": {**h["extra"], "lsn": lsn}}  # noqa: E731
     snap.write_bytes(resigned(snap.read_bytes(), edit))
     fresh = edge.load(bundles / "clf-int8")
@@ -194,16 +199,7 @@ def test_a_snapshot_of_boot_ids_out_of_range_falls_back_to_the_one_before(bundle
     """Signed, but with an int64 minimum for a boot id: it was restored as it was."""
     from edge import snapshot as fmt
 
-    engine = edge.load(bundles / "clf-int8")
-    j = Journal(tmp_path / "state")
-    j.recover(engine.restore)
-    j.open()
-    for seq in (1, 2):
-        j.append([Record("dev", seq, None, np.full((1, 6), 0.5), lsn=seq)])
-        engine.step("dev", np.full(6, 0.5), seq=seq)
-        j.checkpoint(engine.snapshot, [Mark(seq)], {"lsn": seq})
-    j.close()
-    path = tmp_path / "state" / "snap-00000002.bin"
+    path = _two_generations(bundles / "clf-int8", tmp_path / "state")
     snap = fmt.read(path)
     snap.boots = np.full_like(snap.boots, -(2**63))
     path.write_bytes(fmt.encode(snap))

@@ -864,8 +864,8 @@ def test_demo_cluster_refuses_the_embedded_broker():
             "--faults reboot with --no-boot-ids needs --restart-gap N",
         ),
         (
-            ["host", "--bundle", "b", "--devices", "100000", "--rate", "100"],
-            "--devices 100000 at --rate 100: 10,000,000 msg/s needs 16667 device processes",
+            ["host", "--bundle", "b", "--devices", "10000", "--rate", "1000"],
+            "--devices 10000 at --rate 1000: 10,000,000 msg/s needs 16667 device processes",
         ),
         (["host", "--bundle", "b", "--cores", "4096"], "--cores '4096'"),
         (["host", "--bundle", "b", "--slowdown", "0.5"], "--slowdown 0.5"),

@@ -125,11 +125,38 @@ CUT = " [...] (shortened to fit the broker's maximum packet size; in full in the
 STATUS_BASE = ("state", "runtime_id", "model", "kernels", "ts")  # never cut
 
 
+def reload_outcome(answer: str) -> tuple[str, str]:
+    """(``ok`` or ``failed``, why) of an answer to ``reload``."""
+    failed = answer.startswith("failed")
+    return ("failed", answer.partition(": ")[2]) if failed else ("ok", answer)
+
+
+def base_status(doc: dict[str, Any], size: Any, limit: int) -> bytes:
+    """``STATUS_BASE`` of ``doc`` and the outcome of the last ``reload`` (``failed: ...`` or
+    ``ok: ...``, its reason cut to fit, else the bare word): a failed reload must not vanish
+    from the status because its text, or another one, would not fit."""
+    base = {k: doc[k] for k in STATUS_BASE if k in doc}
+    answer = doc.get("reload")
+    if isinstance(answer, str):
+        word, why = reload_outcome(answer)
+        while why:
+            out = json.dumps({**base, "reload": f"{word}: {why}"}).encode()
+            over = size(out) - limit
+            if over <= 0:
+                return out
+            why = why[: max(0, len(why) - over)]
+        out = json.dumps({**base, "reload": word}).encode()
+        if size(out) <= limit:
+            return out
+    return json.dumps(base).encode()
+
+
 def fitted(doc: dict[str, Any], size: Any, limit: int) -> bytes:
     """``doc`` as JSON, its longest texts besides ``STATUS_BASE`` (a reload failure, a
     reason, damage found) cut with ``CUT`` until ``size(payload)`` is within ``limit``; the
-    base alone when cutting is not enough. A status too large is not sent at all, and the
-    broker would go on showing the previous one."""
+    base and the reload's outcome alone when cutting is not enough (``base_status``). A
+    status too large is not sent at all, and the broker would go on showing the previous one."""
+    whole = doc
     doc = {k: list(v) if isinstance(v, list) else v for k, v in doc.items()}
     while True:
         out = json.dumps(doc, allow_nan=False).encode()
@@ -148,7 +175,7 @@ def fitted(doc: dict[str, Any], size: Any, limit: int) -> bytes:
         best: tuple[int, Any, Any] = max(texts, key=lambda t: t[0], default=(0, {}, ""))
         length, holder, key = best
         if length <= len(CUT):
-            return json.dumps({k: doc[k] for k in STATUS_BASE if k in doc}).encode()
+            return base_status(whole, size, limit)
         holder[key] = holder[key][: max(0, length - over - len(CUT))] + CUT
 
 

@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -1207,13 +1209,13 @@ def test_a_request_trickled_to_the_metrics_endpoint_is_cut_off(broker, service):
     col.close()
 
 
-def test_a_status_larger_than_the_brokers_packet_size_is_shortened_and_held(
-    bundles, service, tmp_path
-):
-    """A retained status over the broker's maximum packet size (a reload failure naming a
-    long bundle path) was not sent but counted as said: the broker went on showing the
-    previous status, the failure nowhere but in the log. It is cut to fit, still JSON, and
-    the broker holds it; the log keeps the whole text."""
+@contextlib.contextmanager
+def failed_reload_under(
+    bundles: Path, tmp_path: Path, max_packet: int
+) -> Iterator[tuple[Any, Path, dict[str, Any], dict[str, Any]]]:
+    """A service on a bundle under a long path, behind a broker of that ``max_packet_size``,
+    asked to reload once its bundle is gone: (the service, the path, its status with the
+    reload's answer, the status the broker holds retained then)."""
     import shutil
 
     from firmware_sim.broker import Broker
@@ -1221,7 +1223,8 @@ def test_a_status_larger_than_the_brokers_packet_size_is_shortened_and_held(
 
     model = tmp_path / ("b" * 250) / ("c" * 250) / "bundle"
     shutil.copytree(bundles / "clf-int8", model)
-    small = Broker(tmp_path / "small", embedded=False, extra="max_packet_size 700\n").start()
+    extra = f"max_packet_size {max_packet}\n"
+    small = Broker(tmp_path / "small", embedded=False, extra=extra).start()
     svc = Serve(model, small.url, tmp_path / "state").start()
     try:
         col = Collector(small.url)
@@ -1232,16 +1235,36 @@ def test_a_status_larger_than_the_brokers_packet_size_is_shortened_and_held(
         pub.flush()
         reloads = lambda: [d for _, d in col.of("edge/status/edge-test") if "reload" in d]  # noqa: E731
         wait_until(reloads, 30, "the reload answered")
-        said = reloads()[-1]["reload"]
-        assert said.startswith("failed, the running model kept: ") and "[...]" in said, said
         late = Collector(small.url, client_id="late")  # what the broker holds now
         wait_until(lambda: late.of("edge/status/edge-test"), 30, "the retained status")
-        assert late.of("edge/status/edge-test")[-1][1]["reload"] == said
-        assert f"{model}: not a bundle directory" in svc.output()
-        assert "status on edge/status/edge-test shortened" in svc.output()
-        assert "disconnected" not in svc.output() and svc.alive()
+        yield svc, model, reloads()[-1], late.of("edge/status/edge-test")[-1][1]
         for c in (col, late, pub):
             c.close()
     finally:
         svc.stop()
         small.stop()
+
+
+def test_a_status_larger_than_the_brokers_packet_size_is_shortened_and_held(bundles, tmp_path):
+    """A retained status over the broker's maximum packet size (a reload failure naming a
+    long bundle path) was not sent but counted as said: the broker went on showing the
+    previous status, the failure nowhere but in the log. It is cut to fit, still JSON, and
+    the broker holds it; the log keeps the whole text."""
+    with failed_reload_under(bundles, tmp_path, 700) as (svc, model, status, held):
+        said = status["reload"]
+        assert said.startswith("failed, the running model kept: ") and "[...]" in said, said
+        assert held["reload"] == said
+        assert f"{model}: not a bundle directory" in svc.output()
+        assert "status on edge/status/edge-test shortened" in svc.output()
+        assert "disconnected" not in svc.output() and svc.alive()
+
+
+def test_a_status_too_large_even_cut_keeps_the_reloads_outcome(bundles, tmp_path):
+    """A status over the broker's maximum packet size even with its texts cut went out with
+    the base fields only: a failed reload's answer vanished from it, the broker showing
+    "online" as if nothing had been asked. It keeps the outcome and what of the reason fits."""
+    with failed_reload_under(bundles, tmp_path, 220) as (svc, model, status, held):
+        assert status["reload"].startswith(f"failed: {str(model)[:20]}"), status
+        assert held == status
+        assert f"{model}: not a bundle directory" in svc.output()
+        assert "disconnected" not in svc.output() and svc.alive()

@@ -10,7 +10,9 @@ protocol has it. So are the sensors a previous run left retained under this runt
 that this one does not hold (streams evicted or outputs changed while it was down, or a
 removal cut off by a crash): the transport reads them back at each connect (``filter``).
 New sensors are announced ``PER_ROUND`` streams a round (a second) at most: after a broker
-lost them all, thousands at once were a burst of megabytes ahead of every prediction.
+lost them all, thousands at once were a burst of megabytes ahead of every prediction. Removals
+go out as many streams' worth a round, in their order: thousands of streams forgotten at once,
+or a ``reload`` that changes every stream's sensors, were as long a burst.
 
 Pure logic: ``Announcer.reconcile`` turns the set of live streams into the messages to publish;
 the transport publishes them.
@@ -157,6 +159,7 @@ class Announcer:
         self.manifest = manifest
         self.per_round = per_round  # streams announced per reconcile at most (None: all)
         self.waiting = 0  # live streams left to announce by the last reconcile
+        self.removing: dict[str, None] = {}  # topics to remove, in order, paced as announcements
         self.runtime_id = runtime_id
         self.prediction_template = prediction_template
         self.status_topic = status_topic
@@ -186,23 +189,39 @@ class Announcer:
         gone and for the ``found`` topics (retained sensors read back from the broker) that no
         stream held now has. Call it with every stream the service holds state for."""
         live = set(streams)
-        out: list[Discovery] = []
         for stream in sorted(set(self.announced) - live):
-            out += [Discovery(t, b"") for t in self.announced.pop(stream)]
+            self._remove(self.announced.pop(stream))
         fresh = sorted(live - set(self.announced) | (live & self.again))
         cut = len(fresh) if self.per_round is None else self.per_round
         now, later = fresh[:cut], fresh[cut:]
         self.again &= set(later)
         self.waiting = len(later)
+        if found := set(found):  # a stream still to be announced keeps its sensors meanwhile
+            mine = {t for topics in self.announced.values() for t in topics}
+            mine.update(t for s in now + later for t, _ in self._configs(s))
+            self._remove(sorted(found - mine))
+        announced: list[Discovery] = []
         for stream in now:
             configs = self._configs(stream)
             self.announced[stream] = [t for t, _ in configs]
-            out += [Discovery(t, json.dumps(c).encode()) for t, c in configs]
-        if found := set(found):  # a stream still to be announced keeps its sensors meanwhile
-            mine = {t for topics in self.announced.values() for t in topics}
-            mine.update(t for s in later for t, _ in self._configs(s))
-            out += [Discovery(t, b"") for t in sorted(found - mine)]
-        return out
+            for topic, config in configs:
+                self.removing.pop(topic, None)  # back before its removal went out
+                announced.append(Discovery(topic, json.dumps(config).encode()))
+        return self._removals() + announced
+
+    def _remove(self, topics: Iterable[str]) -> None:
+        """Queue the removal of ``topics`` (sent by ``reconcile``, paced)."""
+        self.removing.update(dict.fromkeys(topics))
+
+    def _removals(self) -> list[Discovery]:
+        """The next queued removals: ``per_round`` streams' worth of sensors at most."""
+        cut = len(self.removing)
+        if self.per_round is not None:
+            cut = self.per_round * max(1, len(self._configs("-")))
+        topics = list(self.removing)[:cut]
+        for topic in topics:
+            del self.removing[topic]
+        return [Discovery(t, b"") for t in topics]
 
     def not_sent(self, topics: Iterable[str]) -> list[str]:
         """The discovery messages of ``topics`` were not sent (over the broker's maximum
@@ -221,11 +240,16 @@ class Announcer:
         self.unsent.clear()
 
     def model_changed(self, manifest: Manifest) -> list[Discovery]:
-        """A reloaded model may change the sensors (labels, outputs): announce all again."""
+        """A reloaded model may change the sensors (labels, outputs): every stream announced
+        again, paced, its sensors the new model has not removed (paced too); until its turn,
+        a stream keeps those it shares with the new model."""
         self.manifest = manifest
-        streams = list(self.announced)
-        gone = [Discovery(t, b"") for s in streams for t in self.announced.pop(s)]
-        return gone + self.reconcile(streams)
+        for stream, topics in self.announced.items():
+            new = {t for t, _ in self._configs(stream)}
+            self._remove(t for t in topics if t not in new)
+            self.announced[stream] = [t for t in topics if t in new]
+        self.again |= set(self.announced)
+        return self.reconcile(list(self.announced))
 
 
 def announcer_for(cfg: ServiceConfig, manifest: Manifest) -> Announcer | None:

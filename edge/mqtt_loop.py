@@ -377,7 +377,7 @@ class MqttService:
     def _reconcile_ha(self, ha: Announcer) -> None:
         """Once a second: Home Assistant's sensors in step with the streams held, new ones
         announced ``PER_ROUND`` a second (after a broker lost them, every stream is new to
-        it), with the progress of a longer run in the log."""
+        it), removals as many streams' worth, with the progress of a longer run in the log."""
         found = []
         while not self._ha_found.empty():
             found.append(self._ha_found.get_nowait())
@@ -387,20 +387,27 @@ class MqttService:
         if kept:
             ha.reconnected(everything=not all(kept))
         self._announce(ha.reconcile(self.engine.store.streams, found))
-        if ha.waiting and self._ha_rounds is None:  # a run longer than a round starts
+        left = ha.waiting or ha.removing
+        if left and self._ha_rounds is None:  # a run longer than a round starts
             self._ha_rounds = 0
             log.info(
-                "Home Assistant discovery: %d a second; %d streams still to announce",
+                "Home Assistant discovery: %d streams a second; %d streams still to announce, "
+                "%d sensors to remove",
                 PER_ROUND,
                 ha.waiting,
+                len(ha.removing),
             )
         if self._ha_rounds is not None:
             self._ha_rounds += 1
-            if not ha.waiting:
-                log.info("Home Assistant discovery: every stream announced")
+            if not left:
+                log.info("Home Assistant discovery: every stream announced, every sensor removed")
                 self._ha_rounds = None
             elif self._ha_rounds % 10 == 0:
-                log.info("Home Assistant discovery: %d streams still to announce", ha.waiting)
+                log.info(
+                    "Home Assistant discovery: %d streams still to announce, %d sensors to remove",
+                    ha.waiting,
+                    len(ha.removing),
+                )
 
     def _on_too_large(self, topic: str, size: int) -> None:
         """A message of ours (the stats, the status, a discovery message) larger than the

@@ -231,6 +231,29 @@ def test_announcer_paces_new_streams_and_keeps_the_sensors_of_those_still_to_com
     assert again == [["a", "b"], ["c", "d"], ["e"], []]
 
 
+def test_announcer_paces_removals_and_sends_every_one(bundles):
+    """Streams forgotten by the thousand, or a reload that changes every stream's sensors,
+    had all their removals in one burst. ``per_round`` streams' worth a call, in turn,
+    every one in the end; a stream back before its removal went out keeps its sensors."""
+    m = read_bundle(bundles / "clf-int8")[0]
+    reg = read_bundle(bundles / "reg2-int8")[0]
+    kw = {"runtime_id": "r", "prediction_template": "predictions/{stream}", "status_topic": "s"}
+    a = Announcer(m, **kw, per_round=2)
+    streams = ["a", "b", "c", "d", "e"]
+    old = {d.topic for _ in range(3) for d in a.reconcile(streams)}
+    assert len(old) == 10 and a.waiting == 0
+    gone = a.reconcile(["c"])
+    assert [bool(d.payload) for d in gone] == [False] * 4  # 2 streams' worth of 4 left
+    back = a.reconcile(["c", "e"])  # "e" is back before its removal went out
+    assert [d.topic for d in back if not d.payload] == [t for t in old if "/d_" in t]
+    assert all("/e_" in d.topic for d in back if d.payload) and len(back) == 4
+    assert a.reconcile(["c", "e"]) == [] and not a.removing
+    changed = [a.model_changed(reg)] + [a.reconcile(["c", "e"]) for _ in range(2)]
+    removed = [sorted(d.topic for d in out if not d.payload) for out in changed]
+    assert removed == [sorted(t for t in old if "/c_" in t or "/e_" in t), [], []]
+    assert [len([d for d in out if d.payload]) for out in changed] == [2 * reg.outputs, 0, 0]
+
+
 def retained(url: str, prefix: str) -> dict[str, bytes]:
     """What a new subscriber gets from the broker's retained store under ``prefix``."""
     import time
@@ -408,33 +431,50 @@ class Watcher(Collector):
     FILTERS = (("edge/status/#", 1), ("predictions/#", 1), ("homeassistant/#", 1))
 
 
+class Pinger:
+    """Samples of stream "p", each waited for until answered: predictions going on."""
+
+    def __init__(self, pub: Publisher, watch: Collector, width: int = 6) -> None:
+        self.pub, self.watch, self.width, self.seq = pub, watch, width, 0
+
+    def answered(self) -> bool:
+        got = self.watch.of("predictions/p")
+        return bool(got) and got[-1][1]["seq"] == self.seq
+
+    def __call__(self) -> None:
+        self.seq += 1
+        self.pub.send("p", self.seq, np.full(self.width, 0.1))
+        wait_until(self.answered, 60, f"p {self.seq} answered")
+
+    def until(self, cond: Any, what: str) -> None:
+        """Ping until ``cond()``."""
+        for _ in range(10_000):
+            self()
+            if cond():
+                return
+        raise AssertionError(f"no {what} after 10,000 predictions")
+
+
+def many_streams(pub: Publisher, n: int) -> set[str]:
+    """One sample of each of ``n`` streams; their names."""
+    for i in range(n):
+        pub.send(f"s{i}", 1, np.full(6, 0.1))
+    pub.flush()
+    return {f"s{i}" for i in range(n)}
+
+
 def test_sensors_of_many_streams_a_broker_lost_are_announced_again_paced(service, broker):
     """A broker restarted without persistence lost the sensors of every stream: all their
     discovery messages went out in one burst (about 1.6 kB a stream, megabytes for
     thousands), and predictions waited behind it. They go out a hundred streams a second,
     predictions in between, until every sensor is back."""
-    n = 600
     svc = service("--ha-discovery", "true", "--reorder-ms", "0", "--max-batch", "64")
     quick = {"configure": lambda c: c.reconnect_delay_set(0.1, 1)}
     watch = Watcher(broker.url, client_id="watcher", **quick)
     wait_until(watch.online, 60, "online")
     pub = Publisher(broker.url, **quick)
-    for i in range(n):
-        pub.send(f"s{i}", 1, np.full(6, 0.1))
-    pub.flush()
-    want = {f"s{i}" for i in range(n)} | {"p"}
-    seq = 0
-
-    def answered() -> bool:
-        got = watch.of("predictions/p")
-        return bool(got) and got[-1][1]["seq"] == seq
-
-    def ping() -> None:  # one sample of "p", answered
-        nonlocal seq
-        seq += 1
-        pub.send("p", seq, np.full(6, 0.1))
-        wait_until(answered, 60, f"p {seq} answered")
-
+    want = many_streams(pub, 600) | {"p"}
+    ping = Pinger(pub, watch)
     ping()
     wait_until(lambda: sensors_of(broker.url) == want, 120, "every stream announced")
     start = len(watch.messages)
@@ -442,11 +482,7 @@ def test_sensors_of_many_streams_a_broker_lost_are_announced_again_paced(service
     broker.restart()  # no persistence: every retained sensor gone
     wait_until(watch.qos1_granted, 60, "the watcher subscribed again")
     wait_until(lambda: sensors_of(broker.url), 60, "the service back (subscribed)")
-    for _ in range(10_000):  # predictions go on while the sensors come back
-        ping()
-        if sensors_of(broker.url) == want:
-            break
-    assert sensors_of(broker.url) == want
+    ping.until(lambda: sensors_of(broker.url) == want, "every sensor back")
     kinds = {"predictions": "p", "homeassistant": "d"}
     order = "".join(kinds.get(t.split("/")[0], "") for t, _ in watch.messages[start:])
     assert order.strip("p").count("p") >= 2, order  # answers between discovery messages
@@ -454,6 +490,56 @@ def test_sensors_of_many_streams_a_broker_lost_are_announced_again_paced(service
     assert svc.alive() and "Traceback" not in svc.output()
     pub.close()
     watch.close()
+
+
+def test_sensors_a_reload_changes_for_many_streams_are_removed_paced(bundles, broker, tmp_path):
+    """A reload to a model of other outputs removed every stream's old sensors in one burst
+    (thousands of empty messages at once), predictions waiting behind it. The removals go out
+    a hundred streams' worth a second, predictions in between, each sensor removed once."""
+    import shutil
+
+    from tests.mqtt_helpers import Serve
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    flags = ("--ha-discovery", "true", "--reorder-ms", "0", "--max-batch", "64")
+    svc = Serve(model, broker.url, tmp_path / "state", *flags).start()
+    try:
+        watch = Watcher(broker.url, client_id="watcher")
+        wait_until(watch.online, 60, "online")
+        pub = Publisher(broker.url)
+        streams = many_streams(pub, 600) | {"p"}
+        ping = Pinger(pub, watch)
+        ping()
+        old = {
+            f"homeassistant/sensor/edge-test/{s}_{k}/config"
+            for s in streams
+            for k in ("label", "probability")
+        }
+        wait_until(lambda: set(retained(broker.url, "homeassistant")) == old, 120, "announced")
+        start = len(watch.messages)
+        shutil.rmtree(model)
+        shutil.copytree(bundles / "reg2-int8", model)  # a regressor: sensors y0, y1
+        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
+        said = lambda: [d for _, d in watch.of("edge/status/") if "reload" in d]  # noqa: E731
+        wait_until(said, 60, "the reload answered")
+        assert said()[-1]["reload"] == "state layout changed: all streams reset"
+        new = {t.replace("_label/", "_y0/").replace("_probability/", "_y1/") for t in old}
+        held = lambda: set(retained(broker.url, "homeassistant")) == new  # noqa: E731
+        ping.width = 3  # the regressor's features
+        ping.until(held, "sensors of the new model alone")
+        seen = watch.messages[start:]
+        removed = [t for t, d in seen if d == {"raw": ""}]
+        assert sorted(removed) == sorted(old), "each old sensor removed once"
+        gone = [d == {"raw": ""} for t, d in seen]
+        order = "".join("r" if g else "p" for (t, _), g in zip(seen, gone) if g or t[0] == "p")
+        assert order.strip("p").count("p") >= 2, order  # answers between removals
+        assert "every stream announced, every sensor removed" in svc.output()
+        assert svc.alive() and "Traceback" not in svc.output()
+        pub.close()
+        watch.close()
+    finally:
+        svc.stop()
 
 
 # --- Grafana --------------------------------------------------------------------------------

@@ -209,3 +209,41 @@ def test_the_demo_cache_is_not_current_when_its_bundle_was_converted_from_anothe
     assert not cached(tmp_path)
     (tmp_path / "model.keras").write_bytes(b"PK an earlier model")
     assert cached(tmp_path)
+
+
+@pytest.mark.broker
+def test_the_walkthrough_shows_why_serve_did_not_connect(bundles, broker, tmp_path):
+    """``scripts/walkthrough --bundle DIR`` with a bundle converted where tflite-runtime was
+    not reachable (no EDGE_LSTM_DEVICE_PYTHON) waited a minute and ended with a bare "serve
+    did not connect": the device install's serve had refused the bundle at once, in a line
+    it did not show. Its wait for serve ends when serve exits and shows serve's own error;
+    a serve that connects passes."""
+    import shutil
+
+    from firmware_sim.offline import device_python
+
+    python = device_python() or sys.executable  # tflite-runtime 2.14, as the walkthrough's
+    unverified = tmp_path / "unverified"
+    shutil.copytree(bundles / "clf-int8", unverified)
+    manifest = unverified / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    kernels = doc["kernels"]
+    kernels["verified"] = [k for k in kernels["verified"] if not k.startswith("tflite")]
+    kernels["sets"] = {k: v for k, v in kernels["sets"].items() if not k.startswith("tflite")}
+    manifest.write_text(json.dumps(doc))
+    wait = (
+        'source scripts/_serve.sh; "$1" -m edge serve --model "$2" --broker "$3" '
+        '--state-dir "$4" >"$4.log" 2>&1 & pid=$!; trap "kill $pid 2>/dev/null; wait $pid" EXIT; '
+        'await_serve "$4.log" $pid 600'
+    )
+
+    def walk(bundle: Path, state: Path) -> subprocess.CompletedProcess[str]:
+        args = ["bash", "-c", wait, "-", python, str(bundle), broker.url, str(state)]
+        return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+    refused = walk(unverified, tmp_path / "refused")
+    assert refused.returncode == 1, refused.stderr
+    assert "serve exited before connecting" in refused.stderr, refused.stderr
+    assert f"{unverified}: this runtime computes with kernel set 'tflite-2.14" in refused.stderr
+    served = walk(bundles / "clf-int8", tmp_path / "served")
+    assert served.returncode == 0, served.stderr

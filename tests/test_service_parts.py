@@ -559,3 +559,26 @@ def test_a_topic_the_broker_refused_is_kept_out_for_a_while_then_tried_again(mon
     assert c.drop_refused() == [(second.mid, denied)] and not c._out_messages
     now[0] += mqtt_client.REFUSAL_KEPT_SECONDS + 1
     assert c.refused("p/b") is None
+
+
+def test_a_status_cut_to_its_base_keeps_the_reloads_outcome_in_the_room_there_is():
+    """Past cutting its texts, a status keeps its base and the last reload's outcome: "ok: "
+    or "failed: " with what of the reason fits, the bare word when no more does, the base
+    alone when not even that does."""
+    import json
+
+    from edge.mqtt_loop import STATUS_BASE, fitted
+
+    base = {k: "x" for k in STATUS_BASE}
+    noise = {"damage": ["d" * 60] * 20}  # many short texts: cutting them is not enough
+
+    def fit(reload: str, limit: int) -> object:
+        got = fitted({**base, **noise, "reload": reload}, len, limit)
+        assert len(got) <= limit or limit < len(json.dumps(base)), got
+        return json.loads(got).get("reload")
+
+    room = len(json.dumps({**base, "reload": "ok: "}))
+    assert fit("state kept", room + 5) == "ok: state"
+    assert fit("failed, the running model kept: no bundle", room + 6) == "failed: no"
+    assert fit("failed, the running model kept: no bundle", room + 4) == "failed"
+    assert fit("state kept", room - 10) is None

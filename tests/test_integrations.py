@@ -245,7 +245,7 @@ def test_announcer_paces_removals_and_sends_every_one(bundles):
     gone = a.reconcile(["c"])
     assert [bool(d.payload) for d in gone] == [False] * 4  # 2 streams' worth of 4 left
     back = a.reconcile(["c", "e"])  # "e" is back before its removal went out
-    assert [d.topic for d in back if not d.payload] == [t for t in old if "/d_" in t]
+    assert sorted(d.topic for d in back if not d.payload) == sorted(t for t in old if "/d_" in t)
     assert all("/e_" in d.topic for d in back if d.payload) and len(back) == 4
     assert a.reconcile(["c", "e"]) == [] and not a.removing
     changed = [a.model_changed(reg)] + [a.reconcile(["c", "e"]) for _ in range(2)]

@@ -60,12 +60,14 @@ from . import snapshot as snapfmt
 from .config import ServiceConfig
 from .engine import Engine, load
 from .errors import ConfigError, EdgeError, SnapshotError
+from .errors import shown as bounded
 from .jetstream import PullFeed, StorePublisher
 from .journal import Journal
 from .metrics import Metrics
 from .model import StepModel
 from .outbox import Outbound
 from .partitions import (
+    MAX_PARTITIONS,
     MQTT_QOS_HEADER,
     MQTT_STORE,
     MQTT_STORE_PREFIX,
@@ -380,6 +382,18 @@ class Fenced(Exception):
 
 
 Takeover = tuple[int, int]  # (when the lease bucket was made, in µs; the lease's revision)
+LARGEST_SEQ = 2**64 - 1  # JetStream's sequences are unsigned 64-bit numbers
+
+
+def recorded(doc: Any, key: str, top: int, default: int | None = None) -> int:
+    """A whole number 0..``top`` of a record read back from JetStream, else ValueError naming
+    it: another writer's or a hand-edited one may hold anything JSON does, and ``int()`` raised
+    OverflowError on Infinity or 1e400 (a crash, where unreadable records are written again or
+    ignored), truncated 1.5 and took a negative number."""
+    value = doc[key] if default is None else doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise ValueError(f"{key} {bounded(value)} is not a whole number in 0..{top}")
+    return value
 
 
 def consumer_name(p: int, lease: Takeover) -> str:
@@ -500,16 +514,23 @@ class Worker:
         a partition of the new count may have no snapshot to say so."""
         from nats.js.errors import KeyNotFoundError
 
-        count = 0
+        count, value = 0, b""
         try:
-            doc = json.loads((await self.answered.get(LAYOUT)).value or b"")
-            count, before = int(doc["partitions"]), int(doc.get("before", 0))
+            value = (await self.answered.get(LAYOUT)).value or b""
+            doc = json.loads(value)
+            count = recorded(doc, "partitions", MAX_PARTITIONS)
+            before = recorded(doc, "before", MAX_PARTITIONS, default=0)
             if count == self.opts.partitions:
                 return before if doc.get("stream") == self.stream_id else 0
         except KeyNotFoundError:  # not recorded yet (a new group): written below
             pass
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-            log.warning("partition count record unreadable (%r); written again", exc)
+            log.warning(
+                "partition count record %s = %s unreadable (%s); written again",
+                LAYOUT,
+                bounded(value),
+                exc,
+            )
             count = 0
         doc = {"partitions": self.opts.partitions, "before": count, "stream": self.stream_id}
         await self.answered.put(LAYOUT, json.dumps(doc).encode())
@@ -1224,14 +1245,21 @@ class Worker:
         """The mark of earlier owners on this incarnation of the stream; 0 when there is none."""
         from nats.js.errors import KeyNotFoundError
 
+        key, value = f"p.{part.number}", b""
         try:
-            entry = await self.answered.get(f"p.{part.number}")
-            doc = json.loads(entry.value or b"")
-            return int(doc["lsn"]) if doc.get("stream") == part.stream else 0
+            value = (await self.answered.get(key)).value or b""
+            doc = json.loads(value)
+            return recorded(doc, "lsn", LARGEST_SEQ) if doc.get("stream") == part.stream else 0
         except KeyNotFoundError:
             return 0
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-            log.warning("partition %d: answered mark unreadable (%r); ignored", part.number, exc)
+            log.warning(
+                "partition %d: answered mark %s = %s unreadable (%s); ignored",
+                part.number,
+                key,
+                bounded(value),
+                exc,
+            )
             return 0
 
     async def _checkpoint(self, part: Partition, *, force: bool = False) -> None:

@@ -3480,3 +3480,55 @@ def test_a_streams_idle_time_goes_on_through_a_takeover(
         assert flags == [False, True]
     finally:
         native.close()
+
+
+@failover
+def test_numbers_of_records_written_by_another_hand_are_damage_not_a_crash(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The partition count record and the answered marks are JSON anyone with access to the
+    bucket can write. Their numbers were read with ``int()``: Infinity or 1e400 raised
+    OverflowError (the worker stopped at start, or never took the partition), 1.5 and -1 were
+    taken, and a 100,000-character value was logged in full. Each is now an unreadable record
+    (written again, or ignored) logged in one bounded line naming its key."""
+    import logging
+
+    import nats
+
+    from edge.nats_worker import LAYOUT, STREAM, Worker, WorkerOptions, ensure_resources
+
+    url = nats_server.url
+    opts = WorkerOptions([url], "w1", partitions=P)
+    w = Worker(_worker_config(bundles, tmp_path), opts)
+    bad = ["Infinity", "1e400", '"x"', "null", "-1", "1.5", "9" * 5000, '"' + "x" * 100_000 + '"']
+    assert len(bad) == P
+
+    async def run() -> int:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        _, _, answered = await ensure_resources(js, opts)
+        stream = (await js.stream_info(STREAM)).created.isoformat()
+        await answered.put(LAYOUT, b'{"partitions": Infinity, "stream": "%s"}' % stream.encode())
+        for p, value in enumerate(bad):
+            await answered.put(
+                f"p.{p}", b'{"stream": "%s", "lsn": %s}' % (stream.encode(), value.encode())
+            )
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(
+                lambda: len(w.owned) == P or running.done(), 120, "w1 to own every partition"
+            )
+            assert len(w.owned) == P
+        finally:
+            w.stopping.set()
+            code = await running
+            await nc.close()
+        return code
+
+    with caplog.at_level(logging.WARNING, logger="edge.worker"):
+        assert asyncio.run(run()) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "edge.worker"]
+    assert max(len(line) for line in said) < 500
+    assert any(f"record {LAYOUT} = " in line for line in said)
+    for p in range(P):
+        assert [line for line in said if f"answered mark p.{p} = " in line], p

@@ -57,7 +57,7 @@ from typing import Any
 from . import early_signals, wal
 from . import partition_snapshot as psnap
 from . import snapshot as snapfmt
-from .config import ServiceConfig
+from .config import UPPER_BOUNDS, ServiceConfig
 from .engine import Engine, load
 from .errors import ConfigError, EdgeError, SnapshotError
 from .errors import shown as bounded
@@ -152,14 +152,20 @@ class WorkerOptions:
             raise ConfigError(
                 f"lease_seconds = {self.lease_seconds!r} must be in 1..{MAX_LEASE_SECONDS:g}"
             )
-        if not self.snapshot_interval > 0 or math.isinf(self.snapshot_interval):
-            raise ConfigError(
-                f"snapshot_interval = {self.snapshot_interval!r} must be finite and > 0"
-            )
-        if not self.stats_interval >= 0 or math.isinf(self.stats_interval):
-            raise ConfigError(f"stats_interval = {self.stats_interval!r} must be finite and >= 0")
+        self._check_intervals()
         if isinstance(self.replicas, bool) or self.replicas not in (1, 3, 5):
             raise ConfigError(f"replicas = {self.replicas!r} must be 1, 3 or 5")
+
+    def _check_intervals(self) -> None:
+        """Bounded as serve's, here where every worker's options pass (the command line's,
+        and a program's own): a finite snapshot interval of 1e300 never folded the journal
+        into a snapshot, a stats interval of 1e300 never reported."""
+        for name, lowest in (("snapshot_interval", "above 0"), ("stats_interval", "")):
+            value, top = getattr(self, name), UPPER_BOUNDS[name]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not 0 <= value <= top or (lowest and value == 0):  # NaN fails
+                extra = f" and {lowest}" if lowest else ""
+                raise ConfigError(f"{name} = {bounded(value)} must be in 0..{top}{extra}")
 
     def shown(self) -> str:
         """The servers as a log line or an error may show them: without credentials."""

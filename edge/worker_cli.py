@@ -107,15 +107,6 @@ def _read_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     return dict(serve), dict(worker)
 
 
-def _check_bounds(wk: dict[str, Any]) -> None:
-    """The worker's intervals are bounded as serve's: a snapshot interval of 1e300 never
-    folded the journal into a snapshot."""
-    for key in ("snapshot_interval", "stats_interval"):
-        top = config.UPPER_BOUNDS[key]
-        if key in wk and wk[key] > top:
-            raise ConfigError(f"{key} = {shown(wk[key])} must be in 0..{top}")
-
-
 def worker(args: argparse.Namespace) -> int:
     early_signals.catch()  # SIGHUP is ignored from here on: a worker has nothing to reload
     from .nats_worker import Worker, WorkerOptions
@@ -125,7 +116,6 @@ def worker(args: argparse.Namespace) -> int:
         value = getattr(args, key, None)
         if value is not None:
             wk[key] = value
-    _check_bounds(wk)
     cli = {"model": args.model, "state_dir": args.state_dir, "log_level": args.log_level}
     # as for serve: the command line wins over the environment, which wins over the file
     in_env = {name for name in config.FIELDS if config.ENV_PREFIX + name.upper() in os.environ}

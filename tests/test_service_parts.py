@@ -1,7 +1,9 @@
 """Pure parts of the service: reordering, configuration, topic templates."""
 
 import dataclasses
+import math
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -256,6 +258,32 @@ def test_worker_options_made_in_python_refuse_values_of_another_type():
         WorkerOptions(["nats://127.0.0.1:4222"], "w", partitions=1.5)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="replicas = True must be 1, 3 or 5"):
         WorkerOptions(["nats://127.0.0.1:4222"], "w", replicas=True)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "snapshot_interval",
+            1e300,
+            r"snapshot_interval = 1e\+300 must be in 0\.\.86400 and above 0",
+        ),
+        ("snapshot_interval", 0.0, r"snapshot_interval = 0.0 must be in 0\.\.86400 and above 0"),
+        ("snapshot_interval", math.nan, r"snapshot_interval = nan must be in 0\.\.86400"),
+        ("stats_interval", 86_401, r"stats_interval = 86401 must be in 0\.\.86400"),
+        ("stats_interval", -1.0, r"stats_interval = -1.0 must be in 0\.\.86400"),
+        ("stats_interval", "x" * 100_000, r"stats_interval = 'x+\.\.\. \(100002 chars\) must"),
+    ],
+)
+def test_worker_options_made_in_python_bound_their_intervals_as_the_command_line(
+    key: str, value: Any, message: str
+) -> None:
+    """A program's own ``WorkerOptions`` took a snapshot or stats interval of 1e300 (the
+    command line refused it): the journal was never folded into a snapshot."""
+    from edge.nats_worker import WorkerOptions
+
+    with pytest.raises(ConfigError, match=message):
+        WorkerOptions(["nats://127.0.0.1:4222"], "w", **{key: value})
 
 
 def test_a_config_file_that_is_not_utf8_is_named(tmp_path):

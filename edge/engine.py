@@ -29,6 +29,7 @@ from .errors import (
     SnapshotError,
     StaleSample,
     StateMismatch,
+    shown,
 )
 from .kernels import enforce
 from .manifest import Manifest, read_bundle
@@ -255,13 +256,15 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if gap_policy not in GAP_POLICIES:
-            raise ConfigError(f"gap_policy {gap_policy!r} is not one of {GAP_POLICIES}")
+            raise ConfigError(f"gap_policy {shown(gap_policy)} is not one of {GAP_POLICIES}")
         if not whole_number(restart_gap) or not 0 <= restart_gap < HALF:
             raise ConfigError(
-                f"restart_gap must be a whole number in 0..{HALF - 1}, got {restart_gap!r}"
+                f"restart_gap must be a whole number in 0..{HALF - 1}, got {shown(restart_gap)}"
             )
         if not isinstance(allow_unsequenced, (bool, np.bool_)):  # "no" would allow them
-            raise ConfigError(f"allow_unsequenced must be True or False, got {allow_unsequenced!r}")
+            raise ConfigError(
+                f"allow_unsequenced must be True or False, got {shown(allow_unsequenced)}"
+            )
         self.restart_gap = restart_gap
         self.model = model
         self._features = model.manifest.features  # read on every call: kept, not recounted
@@ -376,11 +379,11 @@ class Engine:
         the stream's current one. Refused (``InvalidSample``, nothing changed) with an invalid
         stream id, or a ``next_seq`` or ``boot`` that ``step`` would refuse as a seq or boot."""
         if not _valid_id(stream):
-            raise InvalidSample(f"invalid stream id {stream!r}")
+            raise InvalidSample(f"invalid stream id {shown(stream)}")
         for name, value in (("next_seq", next_seq), ("boot", boot)):
             if value is not None and not _u32(value):
                 raise InvalidSample(
-                    f"{name} {value!r} is not an unsigned 32-bit integer", stream_id=stream
+                    f"{name} {shown(value)} is not an unsigned 32-bit integer", stream_id=stream
                 )
         self.store.reset(stream)
         self.counters.resets += 1
@@ -440,19 +443,20 @@ class Engine:
         not use the keys the engine keeps its own records under (``departed``, ``recalled``).
         """
         if "\0" in str(path):  # no file name holds one; the write raised ValueError
-            raise SnapshotError(f"{path!r}: the path holds a NUL character. Nothing written")
+            raise SnapshotError(f"{shown(path)}: the path holds a NUL character. Nothing written")
         if not isinstance(extra, (Mapping, type(None))) or any(
             not isinstance(k, str) for k in extra or {}
         ):
             # JSON would turn a key 1 into "1": restore would give back another dict
             raise SnapshotError(
-                f"{path}: extra must be a dict with string keys, got {extra!r:.60}. Nothing written"
+                f"{path}: extra must be a dict with string keys, got {shown(extra, 60)}. "
+                "Nothing written"
             )
         extra = dict(extra or {})
         taken = sorted(k for k in (DEPARTED, RECALLED) if k in extra)
         if taken:
             raise SnapshotError(
-                f"{path}: extra key {taken[0]!r} is the engine's own (its evicted streams); "
+                f"{path}: extra key {shown(taken[0])} is the engine's own (its evicted streams); "
                 "name it otherwise. Nothing written"
             )
         try:
@@ -559,7 +563,7 @@ class Engine:
             if not isinstance(c, Chunk):
                 raise InvalidSample(
                     f"step_many takes Chunk objects or a mapping of stream -> values, "
-                    f"got {type(c).__name__} {c!r:.60}"
+                    f"got {type(c).__name__} {shown(c, 60)}"
                 )
         n = len(chunks)
         f = self._features
@@ -764,16 +768,20 @@ class Engine:
         in the order a refusal names them: stream id, seq, values."""
         stream, seq = chunk.stream, chunk.seq
         if not _valid_id(stream):
-            raise InvalidSample(f"invalid stream id {stream!r}", stream_id=None, seq=seq)
+            raise InvalidSample(f"invalid stream id {shown(stream)}", stream_id=None, seq=seq)
         if seq is None and not self.allow_unsequenced:
             raise MissingSeq(
                 "sample has no seq; this engine needs sequenced streams", stream_id=stream
             )
         if seq is not None and not _u32(seq):
-            raise InvalidSample(f"seq {seq!r} is not an unsigned 32-bit integer", stream_id=stream)
+            raise InvalidSample(
+                f"seq {shown(seq)} is not an unsigned 32-bit integer", stream_id=stream
+            )
         if chunk.boot is not None and not _u32(chunk.boot):
             raise InvalidSample(
-                f"boot {chunk.boot!r} is not an unsigned 32-bit integer", stream_id=stream, seq=seq
+                f"boot {shown(chunk.boot)} is not an unsigned 32-bit integer",
+                stream_id=stream,
+                seq=seq,
             )
         try:
             arr = _real_values(chunk.values)
@@ -914,7 +922,7 @@ class Engine:
         if rows.min() < 0:
             for i in np.flatnonzero(rows < 0).tolist():
                 if i not in errors and not _valid_id(streams[i]):
-                    msg = f"invalid stream id {streams[i]!r}"
+                    msg = f"invalid stream id {shown(streams[i])}"
                     errors[i] = InvalidSample(msg, stream_id=None, seq=_opt(sq[i]))
         lo, hi = int(sq.min()), int(sq.max())
         if lo <= NO_SEQ and not self.allow_unsequenced:  # below it: an invalid seq is lowest
@@ -1510,7 +1518,7 @@ def load(
     on purpose). ``builtin_kernels`` switches the interpreter's default delegates off."""
     for name, flag in (("self_test", self_test), ("builtin_kernels", builtin_kernels)):
         if not isinstance(flag, (bool, np.bool_)):  # "no" would switch it on
-            raise ConfigError(f"{name} must be True or False, got {flag!r}")
+            raise ConfigError(f"{name} must be True or False, got {shown(flag)}")
     manifest, content = read_bundle(directory)
     chosen = select(backend)
     model = StepModel(

@@ -72,8 +72,8 @@ class SampleError(EdgeError):
         where = []
         if self.stream_id is not None:
             where.append(f"stream {shown(self.stream_id)}")
-        if self.seq is not None:
-            where.append(f"seq {self.seq}")
+        if self.seq is not None:  # an invalid stream's seq is not checked: it may be anything
+            where.append(f"seq {_seq_text(self.seq)}")
         prefix = f"{', '.join(where)}: " if where else ""
         return prefix + super().__str__()
 
@@ -96,6 +96,15 @@ class StaleSample(SampleError):
 
 class MissingSeq(SampleError):
     code = "missing_seq"
+
+
+def _seq_text(seq: Any) -> str:
+    """A seq as it reads (``5``, numpy's too), or ``shown`` of one too long to repeat."""
+    try:
+        text = str(seq)
+    except ValueError:  # an int past Python's int-to-str limit
+        return shown(seq)
+    return text if len(text) <= SHOWN_CHARS else shown(seq)
 
 
 def shown(value: Any, limit: int = SHOWN_CHARS) -> str:

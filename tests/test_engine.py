@@ -462,6 +462,31 @@ def test_reset_refuses_what_step_refuses_and_changes_nothing(load, args, message
     assert engine.stats()["streams"] == 1 and engine.counters.resets == 0
 
 
+def test_refusals_repeat_a_100000_character_value_cut_short(load):
+    """A stream id, seq or option of 100,000 characters was repeated in full in the refusal
+    (on ``errors/{stream}``, in the log): each is now cut to 80 characters with its length."""
+    engine = load()
+    huge = "x" * 100_000
+    said = [
+        str(engine.step_many([Chunk(huge, samples(1, 0)[0], 1)])[0].error),
+        str(engine.step_many([Chunk(huge + "\n", samples(1, 0)[0], huge)])[0].error),
+        str(engine.step_many([Chunk("s", samples(1, 0)[0], huge)])[0].error),
+        str(engine.step_many([Chunk("s", samples(1, 0)[0], 10**5000)])[0].error),
+    ]
+    for call in (
+        lambda: engine.reset(huge),
+        lambda: engine.reset("s", next_seq=huge),
+        lambda: load(gap_policy=huge),
+    ):
+        with pytest.raises(edge.EdgeError) as refused:
+            call()
+        said.append(str(refused.value))
+    for line in said:
+        assert len(line) < 400 and ("(100002 chars)" in line or "-digit integer>" in line), line[
+            :200
+        ]
+
+
 def test_reset_takes_numpy_integers(load):
     engine = load()
     engine.reset("s", next_seq=np.uint32(7), boot=np.int64(3))

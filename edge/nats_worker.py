@@ -59,7 +59,7 @@ from . import partition_snapshot as psnap
 from . import snapshot as snapfmt
 from .config import UPPER_BOUNDS, ServiceConfig
 from .engine import Engine, load
-from .errors import ConfigError, EdgeError, SnapshotError
+from .errors import SHOWN_CHARS, ConfigError, EdgeError, SnapshotError
 from .errors import shown as bounded
 from .jetstream import PullFeed, StorePublisher
 from .journal import Journal
@@ -142,19 +142,21 @@ class WorkerOptions:
             raise ConfigError("nats: at least one server URL is needed")
         for url in self.servers:
             if not url.startswith(("nats://", "tls://")) or len(url.split("://", 1)[1]) == 0:
-                raise ConfigError(f"nats server {shown(url)!r}: expected nats://HOST:PORT")
+                raise ConfigError(f"nats server {bounded(shown(url))}: expected nats://HOST:PORT")
         check_partitions(self.partitions)
         if not WORKER_ID.fullmatch(self.worker_id):  # a key of the lease bucket, a subject token
             raise ConfigError(
-                f"worker_id {self.worker_id!r}: needs letters, digits, '-' or '_' only"
+                f"worker_id {bounded(self.worker_id)}: needs letters, digits, '-' or '_' only"
             )
-        if not 1 <= self.lease_seconds <= MAX_LEASE_SECONDS:  # NaN fails too
+        lease = self.lease_seconds
+        number = isinstance(lease, (int, float)) and not isinstance(lease, bool)
+        if not number or not 1 <= lease <= MAX_LEASE_SECONDS:  # NaN fails too
             raise ConfigError(
-                f"lease_seconds = {self.lease_seconds!r} must be in 1..{MAX_LEASE_SECONDS:g}"
+                f"lease_seconds = {bounded(self.lease_seconds)} must be in 1..{MAX_LEASE_SECONDS:g}"
             )
         self._check_intervals()
         if isinstance(self.replicas, bool) or self.replicas not in (1, 3, 5):
-            raise ConfigError(f"replicas = {self.replicas!r} must be 1, 3 or 5")
+            raise ConfigError(f"replicas = {bounded(self.replicas)} must be 1, 3 or 5")
 
     def _check_intervals(self) -> None:
         """Bounded as serve's, here where every worker's options pass (the command line's,
@@ -169,7 +171,12 @@ class WorkerOptions:
 
     def shown(self) -> str:
         """The servers as a log line or an error may show them: without credentials."""
-        return ",".join(shown(url) for url in self.servers)
+        return ",".join(cut(shown(url)) for url in self.servers)
+
+
+def cut(text: str) -> str:
+    """``text`` as it is, or cut as ``edge.errors.shown`` cuts a value too long to repeat."""
+    return text if len(text) <= SHOWN_CHARS else bounded(text)
 
 
 def shown(url: str) -> str:
@@ -997,7 +1004,7 @@ class Worker:
                     "partition %d: its consumer delivers messages of other partitions (%s; "
                     "edited?): not stepped here, the consumer is made again",
                     part.number,
-                    next(m.subject for m in msgs if not m.subject.startswith(mine)),
+                    bounded(next(m.subject for m in msgs if not m.subject.startswith(mine))),
                 )
                 self.metrics.inc("consumers_made_again")
                 msgs = [m for m in msgs if m.subject.startswith(mine)]
@@ -1018,7 +1025,9 @@ class Worker:
                 # duplicate there was reported already, or is the partition's own
                 item = inbound(m, m.metadata.sequence.stream <= handled)
                 if item is None:
-                    log.error("partition %d: unexpected subject %r", part.number, m.subject)
+                    log.error(
+                        "partition %d: unexpected subject %s", part.number, bounded(m.subject)
+                    )
                 else:
                     batch.append(item)
             if msgs:
@@ -1521,7 +1530,7 @@ class Worker:
         dest = transform.dest if transform is not None else None
         if dest != transform_dest(self.opts.partitions):
             raise ConfigError(
-                f"stream {STREAM} was edited to subject transform {dest!r}, not "
+                f"stream {STREAM} was edited to subject transform {bounded(dest)}, not "
                 f"{transform_dest(self.opts.partitions)!r}: its messages no longer land in the "
                 f"partitions whose state they need; put it back, or delete the stream and "
                 "start the workers with the new partition count"
@@ -1615,8 +1624,8 @@ class Worker:
             Path(name).unlink()
         except OSError as exc:
             raise ConfigError(
-                f"state_dir {self.cfg.state_dir!r}: the worker cannot keep its scratch journals "
-                f"in {str(self.root)!r}: {exc.strerror or exc}"
+                f"state_dir {bounded(self.cfg.state_dir)}: the worker cannot keep its scratch "
+                f"journals in {bounded(str(self.root))}: {exc.strerror or exc}"
             ) from None
 
     def _foreign(self, snap: psnap.PartitionSnapshot) -> str | None:

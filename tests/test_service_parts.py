@@ -286,6 +286,30 @@ def test_worker_options_made_in_python_bound_their_intervals_as_the_command_line
         WorkerOptions(["nats://127.0.0.1:4222"], "w", **{key: value})
 
 
+@pytest.mark.parametrize(
+    "key",
+    ["servers", "worker_id", "lease_seconds", "replicas"],
+)
+def test_worker_options_repeat_a_100000_character_value_cut_short(key: str) -> None:
+    """A refused server URL or worker id was repeated in full, a 100,000-character line, and
+    a lease of another type than a number raised TypeError."""
+    from edge.nats_worker import WorkerOptions
+
+    huge = "x" * 100_000
+    value: Any = ["nats://" + huge + "@h:1", "tls://" + huge] if key == "servers" else huge
+    if key == "worker_id":
+        value = huge + ":"  # not a key of the lease bucket
+    kw: dict[str, Any] = {"servers": ["nats://127.0.0.1:4222"], "worker_id": "w", key: value}
+    if key == "servers":
+        kw["servers"] = ["nats://127.0.0.1:4222", "http://" + huge]
+    with pytest.raises(ConfigError) as refused:
+        WorkerOptions(**kw)
+    assert len(str(refused.value)) < 300 and "chars)" in str(refused.value)
+    if key == "servers":
+        shown = WorkerOptions(value, "w").shown()  # credentials out, each URL cut short
+        assert len(shown) < 300 and "nats://***@h:1" in shown and "chars)" in shown
+
+
 def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     f = tmp_path / "edge.toml"
     f.write_bytes(b'model = "x"\n\xff\xfe = 1\n')

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -85,15 +84,13 @@ def add_worker_parser(sub: Any) -> None:
     )
 
 
-def _read_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(processing keys, worker keys) of the TOML file."""
+def _read_file(path: str | None) -> dict[str, Any]:
+    """The worker keys of the TOML file; its processing keys are ``config.load``'s to read."""
     if not path:
-        return {}, {}
-    data = config.read_toml(Path(path))
-    worker = data.pop("worker", {})
-    serve = data.get("serve", data)
-    if not isinstance(worker, dict) or not isinstance(serve, dict):
-        raise ConfigError(f"{path}: [worker] and [serve] must be tables")
+        return {}
+    worker = config.read_toml(Path(path)).get("worker", {})
+    if not isinstance(worker, dict):
+        raise ConfigError(f"{path}: [worker] must be a table")
     unknown = sorted(set(worker) - set(WORKER_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown [worker] key(s): {', '.join(unknown)}")
@@ -104,24 +101,22 @@ def _read_file(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
             raise ConfigError(
                 f"{path}: [worker] {key} = {shown(worker[key])} is not a {typ.__name__}"
             )
-    return dict(serve), dict(worker)
+    return dict(worker)
 
 
 def worker(args: argparse.Namespace) -> int:
     early_signals.catch()  # SIGHUP is ignored from here on: a worker has nothing to reload
     from .nats_worker import Worker, WorkerOptions
 
-    serve, wk = _read_file(args.config)
+    wk = _read_file(args.config)
     for key in WORKER_KEYS:
         value = getattr(args, key, None)
         if value is not None:
             wk[key] = value
     cli = {"model": args.model, "state_dir": args.state_dir, "log_level": args.log_level}
-    # as for serve: the command line wins over the environment, which wins over the file
-    in_env = {name for name in config.FIELDS if config.ENV_PREFIX + name.upper() in os.environ}
-    from_file = {k: v for k, v in serve.items() if k not in in_env}
-    overrides = {**from_file, **{k: v for k, v in cli.items() if v is not None}}
-    cfg = config.load(None, overrides=overrides)
+    # as for serve (the command line wins over the environment, which wins over the file),
+    # and named as serve names them: a bad key of the file with the file's name
+    cfg = config.load(args.config, overrides=cli)
     servers = [u.strip() for u in str(wk.get("nats") or "").split(",") if u.strip()]
     if not servers:
         raise ConfigError("nats is required (--nats nats://HOST:PORT[,...])")

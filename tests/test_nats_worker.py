@@ -313,6 +313,13 @@ def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path)
     bad.write_text("[worker]\npartitions = 'many'\n")
     r = run("--nats", "nats://127.0.0.1:1", "--config", str(bad))
     assert r.returncode == 2 and "partitions = 'many'" in r.stderr
+    # serve's keys of the file are named with the file, as serve names them
+    bad.write_text("reorder_msx = 5\n[worker]\npartitions = 4\n")
+    r = run("--nats", "nats://127.0.0.1:1", "--config", str(bad))
+    assert r.returncode == 2 and f"{bad}: unknown configuration key(s): reorder_msx" in r.stderr
+    bad.write_text("[serve]\nreorder_ms = 'soon'\n")
+    r = run("--nats", "nats://127.0.0.1:1", "--config", str(bad))
+    assert r.returncode == 2 and f"reorder_ms = 'soon' (in {bad}) is not" in r.stderr
     # a state_dir it cannot keep its journals in: it would join the group and take
     # partitions it could never step
     r = run("--nats", "nats://127.0.0.1:1", "--state-dir", str(bad))

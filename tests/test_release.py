@@ -258,8 +258,8 @@ def test_the_worker_toml_of_docs_cluster_is_what_the_worker_reads(tmp_path):
     unit = (ROOT / "edge" / "deploy" / "edge-lstm-worker.service").read_text()
     assert "--config /etc/edge-lstm/worker.toml" in unit and "/etc/edge-lstm/worker.toml" in doc
     (tmp_path / "worker.toml").write_text(toml)
-    serve, worker = _read_file(str(tmp_path / "worker.toml"))
-    cfg = config.load(None, overrides=serve)
+    worker = _read_file(str(tmp_path / "worker.toml"))
+    cfg = config.load(tmp_path / "worker.toml", env={})
     assert cfg.model == "/opt/edge-lstm/bundle" and cfg.reorder_ms == 600
     assert worker["nats"].count("nats://") == 3 and worker["replicas"] == 3
 

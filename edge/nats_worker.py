@@ -703,7 +703,7 @@ class Worker:
                     p,
                     snap.generation,
                     STREAM,
-                    snap.stream or "before",
+                    cut(snap.stream or "before"),
                     covered,
                     stream_id,
                     last_seq,

@@ -65,6 +65,12 @@ class PartitionSnapshot:
         (directory / "wal-00000001.log").write_bytes(self.segment)
 
 
+def _count(value: Any) -> bool:
+    """Whether ``value`` is a whole number a sequence or count of JetStream can be (unsigned
+    64-bit): a generation of 4,000 digits passed, and was logged in full wherever named."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
 def _check_head(head: Any) -> None:
     """The header's fields of the types ``unpack`` reads them as, else ValueError naming the bad
     value. The crc only tells damage: a header of another writer had ``int()`` raise
@@ -76,8 +82,8 @@ def _check_head(head: Any) -> None:
     counts = ["partition", "generation", "covered", "snapshot", "segment"]
     for key in counts + ["partitions"] * ("partitions" in head):
         value = head.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{key} {shown(value, 40)} is not a whole number >= 0")
+        if not _count(value):
+            raise ValueError(f"{key} {shown(value, 40)} is not a whole number >= 0 and < 2**64")
     if not isinstance(head.get("stream", ""), str):
         raise ValueError(f"stream {shown(head['stream'], 40)} is not a string")
     twins = head.get("twins", [])

@@ -91,6 +91,11 @@ def _signed(edit: dict[str, object]) -> bytes:
         ({"snapshot": -10, "segment": 120}, "snapshot -10 is not a whole number >= 0"),
         ({"stream": None}, "stream None is not a string"),
         ({"twins": [1]}, r"twins \[1\] is not a list of \[key, count\] pairs"),
+        ({"generation": 10**4000}, "generation <4001-digit integer> is not a whole number"),
+        (
+            {"covered": 2**64},
+            r"covered 18446744073709551616 is not a whole number >= 0 and < 2\*\*64",
+        ),
         ({"twins": [["zz", 1]]}, "non-hexadecimal number"),
     ],
 )

@@ -865,7 +865,7 @@ def test_demo_cluster_refuses_the_embedded_broker():
         ),
         (
             ["host", "--bundle", "b", "--devices", "10000", "--rate", "1000"],
-            "--devices 10000 at --rate 1000: 10,000,000 msg/s needs 16667 device processes",
+            "--devices 10000 at --rate 1000: 10,000,000 msg/s needs 10000 device processes",
         ),
         (["host", "--bundle", "b", "--cores", "4096"], "--cores '4096'"),
         (["host", "--bundle", "b", "--slowdown", "0.5"], "--slowdown 0.5"),

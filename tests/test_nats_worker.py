@@ -1608,6 +1608,14 @@ def _worker_config(bundles: Path, tmp_path: Path, **overrides: Any) -> Any:
     return config.load(None, overrides=keys)
 
 
+async def _publish_sample(js: Any, samples: dict[str, np.ndarray], stream: str, k: int) -> None:
+    """Sample k of ``stream`` (seq k + 1) published to the sensor stream."""
+    import json
+
+    body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
+    await js.publish(f"sensors.{stream}.data", body.encode())
+
+
 def _one_stream_leasing_a_second(
     bundles: Path, nats_server: NatsServer, tmp_path: Path, n: int, seed: int
 ) -> tuple[str, dict[str, np.ndarray], str, int, Any, NatsCollector, Any]:
@@ -1761,7 +1769,6 @@ def test_a_worker_whose_lease_ran_out_mid_batch_pulls_nothing_from_the_new_owner
     partition's consumer, which the new owner had made again under the same name. What the
     server delivered to that request was never acknowledged by it, and the new owner's
     acknowledgement of later messages (ack policy ``all``) covered those too: lost."""
-    import json
 
     import nats
 
@@ -1776,8 +1783,7 @@ def test_a_worker_whose_lease_ran_out_mid_batch_pulls_nothing_from_the_new_owner
         js = nc.jetstream()
 
         async def send(k: int) -> None:
-            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
-            await js.publish(f"sensors.{stream}.data", body.encode())
+            await _publish_sample(js, samples, stream, k)
 
         requests: list[str] = []  # reply subjects of pull requests on the partition's consumer
 
@@ -2510,7 +2516,6 @@ def test_a_worker_stopped_inside_a_takeover_leaves_the_new_owners_consumer_alone
     the new owner had made meanwhile under the same name and made it again from its own,
     older snapshot. The new owner read the partition again from there, and its
     acknowledgements went to a consumer that had not delivered them."""
-    import json
 
     import nats
 
@@ -2523,8 +2528,7 @@ def test_a_worker_stopped_inside_a_takeover_leaves_the_new_owners_consumer_alone
         js = nc.jetstream()
 
         async def send(k: int) -> None:
-            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
-            await js.publish(f"sensors.{stream}.data", body.encode())
+            await _publish_sample(js, samples, stream, k)
 
         w1 = worker("w1")
         # w1 stands still inside the takeover (thaw), and takes no part in the group after it
@@ -2596,7 +2600,6 @@ def test_a_consumer_a_stale_worker_left_is_removed_by_the_partitions_owner(
     partition's next takeover: a position held, and the server's resources, for good. The
     partition's owner removes it, and no consumer of its own, of its other partitions or of
     anyone else."""
-    import json
 
     import nats
     from nats.js import api
@@ -2613,8 +2616,7 @@ def test_a_consumer_a_stale_worker_left_is_removed_by_the_partitions_owner(
         js = nc.jetstream()
 
         async def send(k: int) -> None:
-            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
-            await js.publish(f"sensors.{stream}.data", body.encode())
+            await _publish_sample(js, samples, stream, k)
             await _until(lambda: len(native.predictions()) > k, 60, f"answer {k + 1}")
 
         async def names() -> set[str]:
@@ -2660,7 +2662,6 @@ def test_a_worker_whose_lease_ran_out_writes_no_snapshot_over_the_new_owners(
     on, once resumed, to write the partition's snapshot at its interval: its older state, into
     the slot (its next generation) where the new owner had written its own. The next takeover
     restored the older state and read the partition again from there."""
-    import json
 
     import nats
 
@@ -2673,8 +2674,7 @@ def test_a_worker_whose_lease_ran_out_writes_no_snapshot_over_the_new_owners(
         js = nc.jetstream()
 
         async def send(k: int) -> None:
-            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
-            await js.publish(f"sensors.{stream}.data", body.encode())
+            await _publish_sample(js, samples, stream, k)
 
         w1 = worker("w1", 1.0)  # snapshots each partition that moved, every second
         running1 = asyncio.create_task(w1.run())
@@ -2781,7 +2781,6 @@ def test_messages_the_streams_limits_remove_before_they_are_handled_are_reported
     discard old) removed messages a running worker had not handled yet (a backlog): its
     consumer passed over them and the stream went on from the next one, flagged nothing: the
     samples were lost without a report. The stream's next answer now says ``restart``."""
-    import json
 
     import nats
 
@@ -2808,8 +2807,7 @@ def test_messages_the_streams_limits_remove_before_they_are_handled_are_reported
         await ensure_resources(js, opts)
         await limit(1000)  # removes nothing yet
         for k in range(4):  # a backlog when the worker starts
-            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
-            await js.publish(f"sensors.{stream}.data", body.encode())
+            await _publish_sample(js, samples, stream, k)
         publish, held, go = w._publish, asyncio.Event(), asyncio.Event()
 
         async def slow(q: Any) -> None:  # the partition stays behind after its first batch
@@ -2947,7 +2945,6 @@ def test_partitions_are_taken_at_once_from_a_lease_bucket_made_again(
     from 1: a partition's consumer, named with the revision of the takeover that made it, must
     not make a takeover of the new bucket look older than it (the partition left alone until
     the new revisions passed the old ones)."""
-    import json
 
     import nats
 
@@ -2966,8 +2963,7 @@ def test_partitions_are_taken_at_once_from_a_lease_bucket_made_again(
         js = nc.jetstream()
 
         async def send(k: int) -> None:
-            body = json.dumps({"seq": k + 1, "values": samples[stream][k : k + 1].tolist()})
-            await js.publish(f"sensors.{stream}.data", body.encode())
+            await _publish_sample(js, samples, stream, k)
 
         kv, _, _ = await ensure_resources(js, opts)
         for _ in range(3000):  # a group that ran a while: its lease revisions are high

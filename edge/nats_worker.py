@@ -1087,6 +1087,9 @@ class Worker:
         last = msgs[-1].metadata
         if not self.limited or not last.num_pending:
             return
+        # not idle while looked up: a balancing round would move its position past the
+        # removal the look-up is about to find (``_caught_up``)
+        part.expect = last.sequence.stream + 1
         part.expect = await self._next_of(part, last.sequence.stream)
 
     async def _next_of(self, part: Partition, seq: int) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TransportError
+from .errors import TransportError, shown
 
 log = logging.getLogger("edge.worker")
 
@@ -127,7 +127,8 @@ class StorePublisher:
 
     async def _on(self, msg: Any) -> None:
         n, _, i = msg.subject[len(self.prefix) :].partition(".")
-        batch = self._batches.get(int(n))
+        ours = n.isdecimal() and i.isdecimal() and len(n) + len(i) < 40  # (else not our reply)
+        batch = self._batches.get(int(n)) if ours else None
         if batch is None or batch.done.is_set():
             return  # late: its batch gave up waiting (it is sent again)
         status = msg.headers.get("Status") if msg.headers else None
@@ -136,11 +137,13 @@ class StorePublisher:
             batch.error = f"status {status} {msg.headers.get('Description', '')}".strip()
         elif data.startswith(b'{"error"'):
             batch.error = data.decode(errors="replace")
-        else:
-            # parsed only when it may say so (rare): nats-server writes `"duplicate": true`
-            batch.duplicate[int(i)] = b'"duplicate"' in data and bool(
-                json.loads(data).get("duplicate")
-            )
+        elif int(i) >= len(batch.duplicate):
+            return  # not one we sent
+        elif b'"duplicate"' in data:  # parsed only when it may say so (rare)
+            try:  # nats-server writes `"duplicate": true`
+                batch.duplicate[int(i)] = json.loads(data).get("duplicate") is True
+            except (ValueError, AttributeError, RecursionError):
+                batch.error = f"acknowledgement {shown(data)} unreadable"
         batch.left -= 1
         if batch.left <= 0 or batch.error:
             batch.done.set()

@@ -403,9 +403,14 @@ def recorded(doc: Any, key: str, top: int, default: int | None = None) -> int:
     it: another writer's or a hand-edited one may hold anything JSON does, and ``int()`` raised
     OverflowError on Infinity or 1e400 (a crash, where unreadable records are written again or
     ignored), truncated 1.5 and took a negative number."""
-    value = doc[key] if default is None else doc.get(key, default)
+    return whole(doc[key] if default is None else doc.get(key, default), key, top)
+
+
+def whole(value: Any, what: str, top: int = LARGEST_SEQ) -> int:
+    """``value`` if it is a whole number 0..``top``, else ValueError naming it (cut): what a
+    record or a server's reply holds is JSON, anything JSON holds (see ``recorded``)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
-        raise ValueError(f"{key} {bounded(value)} is not a whole number in 0..{top}")
+        raise ValueError(f"{what} {bounded(value)} is not a whole number in 0..{top}")
     return value
 
 
@@ -555,7 +560,9 @@ class Worker:
         nothing; messages before the first were removed (a purge, limits set on the stream)."""
         info = await self.js.stream_info(STREAM)
         created = info.created.isoformat() if info.created else ""
-        return created, int(info.state.first_seq), int(info.state.last_seq)
+        state = info.state
+        first = whole(state.first_seq, f"stream {STREAM} info: first_seq")
+        return created, first, whole(state.last_seq, f"stream {STREAM} info: last_seq")
 
     # -- partitions -------------------------------------------------------------------------
 
@@ -746,12 +753,15 @@ class Worker:
                 timeout=STOP_SECONDS,
             )
             doc = json.loads(reply.data)
+            if not isinstance(doc, dict) or not isinstance(doc.get("consumers") or [], list):
+                raise ValueError(f"consumer names reply {bounded(reply.data)} is not a page")
             if "error" in doc:
                 APIError.from_error(doc["error"])  # raises its class (NotFoundError, ...)
                 raise APIError(description=str(doc["error"]))
             names = [str(n) for n in doc.get("consumers") or []]
             found += names
-            if not names or len(found) >= int(doc.get("total", 0)):
+            total = whole(doc.get("total", 0), "consumer names reply: total")
+            if not names or len(found) >= total:
                 return found
 
     async def _consumers(self, p: int) -> dict[str, Takeover]:
@@ -1105,7 +1115,7 @@ class Worker:
         subject = filter_subject(part.number)
         try:
             found = await self.js.get_msg(STREAM, seq=seq + 1, subject=subject, next=True)
-            expect = int(found.seq or 0)
+            expect = whole(found.seq or 0, f"stream {STREAM} message: seq")
         except NotFoundError:  # every pending one removed meanwhile
             expect = 0
         except Exception as exc:  # NATS away: not watched
@@ -1375,7 +1385,7 @@ class Worker:
         for subject in info.state.subjects or {}:
             if subject[len(chunks) :] in named:
                 continue
-            last = int((await self.js.get_last_msg(stream, subject)).seq or 0)
+            last = whole((await self.js.get_last_msg(stream, subject)).seq or 0, f"{subject}: seq")
             if self.unnamed.get(subject) == last:
                 await self.js.purge_stream(stream, subject=subject)
                 log.info("snapshot store: removed chunks no object names (%s)", subject)
@@ -1545,7 +1555,7 @@ class Worker:
             self.metrics.inc("stream_discards_new")
         self.discarding = problem
         if self.limited:
-            await self._caught_up(int(info.state.last_seq))
+            await self._caught_up(whole(info.state.last_seq, f"stream {STREAM} info: last_seq"))
 
     async def _caught_up(self, last: int) -> None:
         """On a stream whose limits remove old messages, move what each idle partition covers

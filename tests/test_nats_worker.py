@@ -3538,3 +3538,63 @@ def test_numbers_of_records_written_by_another_hand_are_damage_not_a_crash(
     assert any(f"record {LAYOUT} = " in line for line in said)
     for p in range(P):
         assert [line for line in said if f"answered mark p.{p} = " in line], p
+
+
+class _NamesServer(NatsServer):
+    """A nats-server that hands the worker's requests for the stream's consumer names to a
+    subject the test answers, as a server of another version (or a damaged one) might."""
+
+    def config(self) -> str:
+        return super().config() + 'mappings { "$JS.API.CONSUMER.NAMES.EDGE_SENSORS": "names" }\n'
+
+
+def test_a_consumer_names_reply_of_the_wrong_shape_is_named_in_one_line(
+    bundles: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ``total`` of the server's reply to a consumer names request was read with
+    ``int()``: a 100,000-character string was logged whole, Infinity gave an OverflowError's
+    words without the value, and -1 was taken. Each is now a reply the round refuses, logged
+    in one bounded line naming the value; the worker goes on and stops cleanly."""
+    import json
+    import logging
+
+    import nats
+
+    from edge.errors import shown
+    from edge.nats_worker import Worker, WorkerOptions
+
+    server = _NamesServer(tmp_path / "nats").start()
+    opts = WorkerOptions([server.url], "w1", partitions=P, lease_seconds=1.0)
+    w = Worker(_worker_config(bundles, tmp_path), opts)
+    bad = ["null", '"3"', "1e400", "-1", "2.5", '"' + "x" * 100_000 + '"']
+    asked: list[int] = []
+
+    async def run() -> int:
+        nc = await nats.connect(server.url)
+
+        async def answer(msg: Any) -> None:
+            value = bad[len(asked) % len(bad)]
+            asked.append(1)
+            await msg.respond(b'{"total": %s, "consumers": ["edge-p0-1-1"]}' % value.encode())
+
+        await nc.subscribe("names", cb=answer)
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(
+                lambda: len(asked) > 2 * len(bad) or running.done(), 120, "the names asked for"
+            )
+        finally:
+            w.stopping.set()
+            code = await running
+            await nc.close()
+            server.stop()
+        return code
+
+    with caplog.at_level(logging.WARNING, logger="edge.worker"):
+        assert asyncio.run(run()) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "edge.worker"]
+    assert max(len(line) for line in said) < 500
+    for value in bad:
+        named = f"total {shown(json.loads(value))} is not"
+        assert [line for line in said if named in line], (named, said[-3:])
+    assert not w.owned

@@ -167,7 +167,7 @@ def _real_values(values: Any) -> np.ndarray:
     try:
         raw = np.asarray(values)
     except Exception as exc:  # an object's __array__ raises what it likes (torch: RuntimeError)
-        raise InvalidSample(f"values are not numeric: {exc}") from exc
+        raise InvalidSample(f"values are not numeric: {shown(str(exc), 200)}") from exc
     kind = raw.dtype.kind
     if kind in "mM":  # a cast gives counts of the time unit since 1970: no sensor values
         raise InvalidSample(f"values are times ({raw.dtype}), not numbers")
@@ -180,12 +180,12 @@ def _real_values(values: Any) -> np.ndarray:
     except OverflowError as exc:
         big = [v for v in raw.flat if isinstance(v, int) and abs(v) > FLOAT32_MAX]
         if not big:
-            raise InvalidSample(f"values are not numeric: {exc}") from exc
+            raise InvalidSample(f"values are not numeric: {shown(str(exc), 200)}") from exc
         raise InvalidSample(
             f"values beyond the float32 range (max |x| ~1e{int(math.log10(abs(big[0])))})"
         ) from exc
     except Exception as exc:  # an object's __float__ raises what it likes
-        raise InvalidSample(f"values are not numeric: {exc}") from exc
+        raise InvalidSample(f"values are not numeric: {shown(str(exc), 200)}") from exc
 
 
 def input_bounds(model: StepModel) -> tuple[np.ndarray, np.ndarray] | None:

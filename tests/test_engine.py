@@ -414,6 +414,19 @@ def test_values_whose_conversion_raises_any_error_are_refused_as_invalid_samples
     assert engine.last_seq("s") == 1
 
 
+def test_a_long_value_that_is_not_a_number_is_cut_in_the_refusal(load):
+    """NumPy's words for a string it cannot convert hold the whole string: a 1 MB value made
+    a 1 MB refusal (and log line). It is cut like every other repeated value now."""
+    engine = load()
+    values = ["x" * 1_000_000] + [0.0] * 5
+    with pytest.raises(edge.InvalidSample, match="values are not numeric") as err:
+        engine.step("s", values, seq=1)
+    assert "chars)" in str(err.value) and len(str(err.value)) < 400
+    (bad,) = engine.step_many([Chunk("s", values, 1)])
+    assert len(str(bad.error)) < 400
+    assert engine.last_seq("s") is None
+
+
 def test_one_bad_chunk_does_not_stop_the_others(load):
     engine = load()
     outs = engine.step_many(

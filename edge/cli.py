@@ -222,6 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(parser(), commands, argv)
 
 
+def console() -> int:
+    """The console script: ``main`` with the interpreters' start-up lines kept off stderr
+    (ai-edge-litert and tflite-runtime write "Created TensorFlow Lite XNNPACK delegate for
+    CPU." from C++ for every interpreter, which ``inspect``, ``serve``, ``replay`` and
+    ``worker`` make)."""
+    quiet_tensorflow(filter_stderr=True)
+    return main()
+
+
 def _raise_interrupt(_number: int, _frame: object) -> None:
     raise KeyboardInterrupt
 

@@ -225,11 +225,14 @@ def load(
     file: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    tables: Mapping[str, Any] | None = None,
 ) -> ServiceConfig:
+    """``tables``: what ``read_toml`` read of ``file`` already (the worker reads it once for
+    its [worker] table and this, so that a file changed meanwhile cannot give it two)."""
     values: dict[str, Any] = {}
     where: dict[str, str] = {}  # a key's file or environment variable, for its errors
     if file:
-        values.update(_read_toml(Path(file)))
+        values.update(_serve_table(read_toml(Path(file)) if tables is None else tables, file))
         where = dict.fromkeys(values, f"in {file}")
     env = os.environ if env is None else env
     for name in FIELDS:
@@ -361,8 +364,8 @@ def read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    data = read_toml(path)
+def _serve_table(data: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """serve's keys of a configuration file's tables."""
     section = data.get("serve", data)
     if not isinstance(section, dict):
         raise ConfigError(f"{path}: [serve] must be a table")

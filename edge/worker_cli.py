@@ -84,11 +84,10 @@ def add_worker_parser(sub: Any) -> None:
     )
 
 
-def _read_file(path: str | None) -> dict[str, Any]:
-    """The worker keys of the TOML file; its processing keys are ``config.load``'s to read."""
-    if not path:
-        return {}
-    worker = config.read_toml(Path(path)).get("worker", {})
+def _worker_table(tables: dict[str, Any], path: str) -> dict[str, Any]:
+    """The worker keys of the TOML file's ``tables``; its processing keys are
+    ``config.load``'s to read."""
+    worker = tables.get("worker", {})
     if not isinstance(worker, dict):
         raise ConfigError(f"{path}: [worker] must be a table")
     unknown = sorted(set(worker) - set(WORKER_KEYS))
@@ -108,7 +107,9 @@ def worker(args: argparse.Namespace) -> int:
     early_signals.catch()  # SIGHUP is ignored from here on: a worker has nothing to reload
     from .nats_worker import Worker, WorkerOptions
 
-    wk = _read_file(args.config)
+    # read once: a file changed between two reads would give the worker two configurations
+    tables = config.read_toml(Path(args.config)) if args.config else {}
+    wk = _worker_table(tables, args.config) if args.config else {}
     for key in WORKER_KEYS:
         value = getattr(args, key, None)
         if value is not None:
@@ -116,7 +117,7 @@ def worker(args: argparse.Namespace) -> int:
     cli = {"model": args.model, "state_dir": args.state_dir, "log_level": args.log_level}
     # as for serve (the command line wins over the environment, which wins over the file),
     # and named as serve names them: a bad key of the file with the file's name
-    cfg = config.load(args.config, overrides=cli)
+    cfg = config.load(args.config, overrides=cli, tables=tables)
     servers = [u.strip() for u in str(wk.get("nats") or "").split(",") if u.strip()]
     if not servers:
         raise ConfigError("nats is required (--nats nats://HOST:PORT[,...])")

@@ -3598,3 +3598,46 @@ def test_a_consumer_names_reply_of_the_wrong_shape_is_named_in_one_line(
         named = f"total {shown(json.loads(value))} is not"
         assert [line for line in said if named in line], (named, said[-3:])
     assert not w.owned
+
+
+def test_a_config_file_that_can_be_read_once_configures_the_worker(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The worker read --config twice (its [worker] table, then serve's keys): a file changed
+    in between gave it two configurations, and one that reads once (``--config <(...)``, a
+    pipe) gave it none of serve's keys the second time ("model is required"). It is read once."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.mqtt_helpers import ROOT
+
+    doc = (
+        f'model = "{bundles / "clf-int8"}"\nreorder_ms = 50\n'
+        f'[worker]\nnats = "{nats_server.url}"\npartitions = {P}\nworker_id = "w1"\n'
+    )
+    read_end, write_end = os.pipe()
+    os.write(write_end, doc.encode())
+    os.close(write_end)
+    log = tmp_path / "w1.log"
+    argv = ["--config", f"/dev/fd/{read_end}", "--state-dir", str(tmp_path / "state")]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge", "worker", *argv],
+            stdout=out, stderr=out, pass_fds=(read_end,), cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+    os.close(read_end)
+    col = Collector(nats_server.mqtt_url)
+    try:
+        wait_until(
+            lambda: owned(col, "w1") == list(range(P)) or proc.poll() is not None,
+            120,
+            "w1 to own every partition",
+        )
+        assert proc.poll() is None, log.read_text()
+    finally:
+        col.close()
+        proc.terminate()
+        proc.wait(30)
+    assert proc.returncode == 0, log.read_text()

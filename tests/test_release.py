@@ -251,14 +251,14 @@ def test_lstm_converts_help_names_what_its_text_names_and_says_the_exit_codes():
 
 
 def test_the_worker_toml_of_docs_cluster_is_what_the_worker_reads(tmp_path):
-    from edge.worker_cli import _read_file
+    from edge.worker_cli import _worker_table
 
     doc = (ROOT / "docs" / "cluster.md").read_text()
     (toml,) = re.findall(r"```toml\n(.*?)```", doc, re.S)
     unit = (ROOT / "edge" / "deploy" / "edge-lstm-worker.service").read_text()
     assert "--config /etc/edge-lstm/worker.toml" in unit and "/etc/edge-lstm/worker.toml" in doc
     (tmp_path / "worker.toml").write_text(toml)
-    worker = _read_file(str(tmp_path / "worker.toml"))
+    worker = _worker_table(config.read_toml(tmp_path / "worker.toml"), "worker.toml")
     cfg = config.load(tmp_path / "worker.toml", env={})
     assert cfg.model == "/opt/edge-lstm/bundle" and cfg.reorder_ms == 600
     assert worker["nats"].count("nats://") == 3 and worker["replicas"] == 3

@@ -320,14 +320,12 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
 def test_a_config_file_with_a_number_of_more_digits_than_python_converts_is_named(tmp_path):
     """tomllib raises a plain ValueError for an integer of more than 4300 digits: serve and
     worker stopped with a traceback instead of one line naming the file."""
-    from edge.worker_cli import _read_file
-
     f = tmp_path / "edge.toml"
     f.write_text('model = "x"\nmax_batch = ' + "9" * 5000 + "\n")
     with pytest.raises(ConfigError, match=f"{f}: invalid TOML: Exceeds the limit"):
         config.load(f, env={})
     with pytest.raises(ConfigError, match=f"{f}: invalid TOML: Exceeds the limit"):
-        _read_file(str(f))
+        config.read_toml(f)
 
 
 def test_topic_templates():

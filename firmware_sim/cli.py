@@ -29,6 +29,7 @@ MAX_SLOWDOWN = 100  # per core: cgroup's least CPU quota (1 ms) of its default p
 # Every device is made up front (its source, clock and state), before the first sends:
 # 10**9 of them filled memory before any error.
 MAX_DEVICES = 10_000
+NONE_KEYS = ("slowdown", "first_failing")  # host's figures whose None means "none"
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -251,6 +252,12 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument(
         "--out", default="sim-results", help="directory for host.json (default sim-results)"
     )
+    h.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as JSON (host.json's figures without the trials) instead of "
+        "a table",
+    )
     return p
 
 
@@ -390,7 +397,14 @@ def host(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     replace_file(out / "host.json", lambda tmp: tmp.write_text(text))
     summary = {k: v for k, v in r.items() if k != "trials"}
-    print(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    from .scorer import table
+
+    # None of these says there was none (no slow-down, no count that failed), not n/a
+    print(table({k: "none" if v is None and k in NONE_KEYS else v for k, v in summary.items()}))
+    print(f"\nresults: {out / 'host.json'}")
     return 0
 
 

@@ -526,6 +526,28 @@ def test_pi_profile_trial_on_one_core(bundles):
 
 
 @pytest.mark.broker
+def test_host_prints_a_table_as_run_does_and_json_on_request(bundles, tmp_path, capsys):
+    """``host`` printed its summary as JSON where ``run`` prints a table: now a table, and the
+    path of host.json; ``--json`` prints the JSON (host.json's figures, without the trials)."""
+    import json
+
+    from firmware_sim.cli import main
+
+    common = ["host", "--bundle", str(bundles / "clf-int8"), "--devices", "2", "--seconds", "1"]
+    assert main([*common, "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "t" / "host.json").read_text())
+    lines = out.splitlines()
+    assert f"  {'devices':34s} 2" in lines and f"  {'runtime alive':34s} True" in lines, out
+    assert f"results: {tmp_path / 't' / 'host.json'}" in lines and saved["devices"] == 2
+    assert not out.lstrip().startswith("{")
+    assert main([*common, "--out", str(tmp_path / "j"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "j" / "host.json").read_text())
+    assert summary == {k: v for k, v in saved.items() if k != "trials"} and summary["devices"] == 2
+
+
+@pytest.mark.broker
 def test_the_pi_profile_spreads_its_devices_over_processes(broker):
     """One interpreter cannot publish a few thousand messages a second and stay on time: the
     trial then measured its own lag as the runtime's. The devices are spread over processes,

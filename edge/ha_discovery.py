@@ -76,10 +76,13 @@ def sensor_configs(
     """(discovery topic, config) of every sensor of one stream."""
     node = object_id(runtime_id)
     base = object_id(stream)
+    # Nothing of one model beyond its sensors (the model id is each prediction's ``model``
+    # attribute): a reload that keeps them changes no discovery message, and no stream shows
+    # the old model while it waits for its paced announcement.
     device = {
         "identifiers": [f"edge-lstm-{node}-{base}"],
-        "name": f"{stream} ({manifest.model_id[:8]})",
-        "model": f"edge-lstm {manifest.output_kind}, {manifest.quantization}",
+        "name": stream,
+        "model": f"edge-lstm {manifest.output_kind}",
         "manufacturer": "edge-lstm",
         "sw_version": __version__,
     }
@@ -207,14 +210,15 @@ class Announcer:
             for topic, config in configs:
                 self.removing.pop(topic, None)  # back before its removal went out
                 announced.append(Discovery(topic, json.dumps(config).encode()))
-        return self._removals() + announced
+        return self.removals() + announced
 
     def _remove(self, topics: Iterable[str]) -> None:
         """Queue the removal of ``topics`` (sent by ``reconcile``, paced)."""
         self.removing.update(dict.fromkeys(topics))
 
-    def _removals(self) -> list[Discovery]:
-        """The next queued removals: ``per_round`` streams' worth of sensors at most."""
+    def removals(self) -> list[Discovery]:
+        """The next queued removals: ``per_round`` streams' worth of sensors at most (a round
+        of ``reconcile``'s; also sent alone as the service stops)."""
         cut = len(self.removing)
         if self.per_round is not None:
             cut = self.per_round * max(1, len(self._configs("-")))
@@ -242,8 +246,12 @@ class Announcer:
     def model_changed(self, manifest: Manifest) -> list[Discovery]:
         """A reloaded model may change the sensors (labels, outputs): every stream announced
         again, paced, its sensors the new model has not removed (paced too); until its turn,
-        a stream keeps those it shares with the new model."""
+        a stream keeps those it shares with the new model. A model whose sensors are the same
+        (a retrained model, another quantisation) changes no discovery message: none sent."""
+        before = self._configs("-")  # a stream's configs differ from another's in names only
         self.manifest = manifest
+        if self._configs("-") == before:
+            return []
         for stream, topics in self.announced.items():
             new = {t for t, _ in self._configs(stream)}
             self._remove(t for t in topics if t not in new)

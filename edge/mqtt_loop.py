@@ -53,6 +53,7 @@ QOS_HINT = (
     "serve's last will, answers and subscriptions are QoS 1: the broker's max_qos must be 1 or 2"
 )
 DRAIN_SECONDS = 3.0  # how long SIGTERM keeps answering what is already here
+STOP_HA_ROUNDS = 3  # rounds of queued Home Assistant sensor removals a clean stop still sends
 RETRY_SECONDS = 1.0  # between attempts to write to an unwritable state directory
 
 
@@ -408,6 +409,20 @@ class MqttService:
                     ha.waiting,
                     len(ha.removing),
                 )
+
+    def _remove_ha_sensors(self) -> None:
+        """At a clean stop, the sensor removals still queued (streams evicted, the sensors a
+        reload's model has not): dropped, a service not started again left them in Home
+        Assistant for good. ``STOP_HA_ROUNDS`` rounds at most, one right away, then one a second
+        as while serving; a longer queue's rest the next run removes, finding them retained
+        under its node."""
+        ha = self.ha
+        for n in range(STOP_HA_ROUNDS):
+            if ha is None or not ha.removing or not self.connected.is_set():
+                return
+            if n:
+                time.sleep(1.0)  # the pace of ``_reconcile_ha``'s rounds
+            self._announce(ha.removals())
 
     def _on_too_large(self, topic: str, size: int) -> None:
         """A message of ours (the stats, the status, a discovery message) larger than the
@@ -1029,6 +1044,7 @@ class MqttService:
         self.inbox.close()
         if self.processor.degraded is None:
             self.processor.checkpoint()
+        self._remove_ha_sensors()  # before the offline status, whose PUBACK is waited for
         offline = self._status("offline")
         info = self.client.publish(self._status_topic, offline, qos=1, retain=self._retain)
         if self.connected.is_set() and info.rc == self.mqtt.MQTT_ERR_SUCCESS:

@@ -542,6 +542,94 @@ def test_sensors_a_reload_changes_for_many_streams_are_removed_paced(bundles, br
         svc.stop()
 
 
+def _reloaded(pub: Publisher, watch: Watcher) -> str:
+    """Ask the service to reload; its answer (the status's ``reload``)."""
+    pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
+    said = lambda: [d for _, d in watch.of("edge/status/") if "reload" in d]  # noqa: E731
+    wait_until(said, 60, "the reload answered")
+    return str(said()[-1]["reload"])
+
+
+def test_sensor_removals_still_queued_at_a_stop_are_sent_before_it_ends(bundles, broker, tmp_path):
+    """A reload to a model of other outputs queues the removal of every stream's old sensors,
+    sent a hundred streams' worth a second: those still queued when the service stopped were
+    dropped, and a service not started again left them in Home Assistant for good. A clean
+    stop sends up to three more rounds of them before it says offline."""
+    import shutil
+
+    from tests.mqtt_helpers import Serve
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    flags = ("--ha-discovery", "true", "--reorder-ms", "0", "--max-batch", "64")
+    svc = Serve(model, broker.url, tmp_path / "state", *flags).start()
+    try:
+        watch = Watcher(broker.url, client_id="watcher")
+        wait_until(watch.online, 60, "online")
+        pub = Publisher(broker.url)
+        streams = many_streams(pub, 299) | {"p"}
+        Pinger(pub, watch)()
+        wait_until(lambda: sensors_of(broker.url) == streams, 120, "every stream announced")
+        shutil.rmtree(model)
+        shutil.copytree(bundles / "reg2-int8", model)  # a regressor: sensors y0, y1
+        assert _reloaded(pub, watch) == "state layout changed: all streams reset"
+        assert svc.stop() == 0
+        left = [
+            t
+            for t in retained(broker.url, "homeassistant")
+            if not t.endswith(("_y0/config", "_y1/config"))
+        ]
+        assert left == [], f"{len(left)} sensors of the old model left, e.g. {left[:3]}"
+        assert "Traceback" not in svc.output()
+        pub.close()
+        watch.close()
+    finally:
+        svc.stop()
+
+
+def test_a_reload_that_keeps_the_sensors_leaves_no_stream_named_by_the_old_model(
+    bundles, broker, tmp_path
+):
+    """A stream's device was named with the model id: after a reload every stream was
+    announced again, a hundred a second, and one waiting for its turn showed the old model's
+    name meanwhile (6 s for 600 streams). The name is the stream's, the model each
+    prediction's ``model`` attribute: a reload whose sensors are the same changes nothing."""
+    import shutil
+
+    from tests.mqtt_helpers import Serve
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    flags = ("--ha-discovery", "true", "--reorder-ms", "0", "--max-batch", "64")
+    svc = Serve(model, broker.url, tmp_path / "state", *flags).start()
+    try:
+        watch = Watcher(broker.url, client_id="watcher")
+        wait_until(watch.online, 60, "online")
+        pub = Publisher(broker.url)
+        streams = many_streams(pub, 600) | {"p"}
+        Pinger(pub, watch)()
+        wait_until(lambda: sensors_of(broker.url) == streams, 120, "every stream announced")
+        shutil.rmtree(model)
+        shutil.copytree(bundles / "clf-float32", model)  # another model, the same sensors
+        _reloaded(pub, watch)
+        new = read_bundle(model)[0]
+        configs = retained(broker.url, "homeassistant")
+        assert len(configs) == 2 * len(streams)
+        for topic, body in configs.items():
+            stream = json.loads(body)["state_topic"].split("/", 1)[1]
+            want = dict(sensor_configs(
+                stream, new, runtime_id="edge-test", prediction_topic=f"predictions/{stream}",
+                status_topic="edge/status/edge-test",
+            ))  # fmt: skip
+            assert json.loads(body) == want[topic], topic
+            assert json.loads(body)["device"]["name"] == stream
+        assert svc.alive() and "Traceback" not in svc.output()
+        pub.close()
+        watch.close()
+    finally:
+        svc.stop()
+
+
 # --- Grafana --------------------------------------------------------------------------------
 
 

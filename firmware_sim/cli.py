@@ -230,7 +230,8 @@ def parser() -> argparse.ArgumentParser:
         "host",
         help="Pi-class host profile: real-time capacity on one core",
         description="Run edge-lstm serve pinned to CPU cores with a memory cap (and an "
-        "optional CPU slow-down), and find the largest device count that keeps real time.",
+        "optional CPU slow-down), and find the largest device count that keeps real time: "
+        "its figures as a table (--json: as JSON), every trial in OUT/host.json.",
     )
     h.add_argument("--bundle", required=True, help="bundle directory")
     h.add_argument("--rate", type=_positive, default=10.0, help="samples per second per device")

@@ -152,8 +152,8 @@ class Runtime:
         """SIGTERM, then the exit code; killed (-9) only past ``timeout``. A clean stop takes
         well under a second, at most about 12 s by design (3 s of draining, the last
         checkpoint, 2 s of Home Assistant sensor removals, 2 s for the offline status, 5 s for
-        the network); the rest is room for a
-        loaded machine, so that only a hang is reported as one."""
+        the network); the rest is room for a loaded machine, so that only a hang is reported
+        as one."""
         rc = 0
         if self.proc is not None:
             if self.proc.poll() is None:

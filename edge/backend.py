@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import BackendError, shown
+from .stderr_filter import interpreter_lines
 
 BACKENDS = ("litert", "tflite", "tensorflow")
 ENV_VAR = "EDGE_LSTM_BACKEND"
@@ -83,7 +84,9 @@ class Backend:
         if self.builtin_only:
             kwargs["experimental_op_resolver_type"] = self.builtin_resolver
         try:
-            interp = self.make_interpreter(**kwargs)
+            with interpreter_lines():  # the delegate, made at the first allocation, says so
+                interp = self.make_interpreter(**kwargs)
+                interp.allocate_tensors()
             runner: SignatureRunner = interp.get_signature_runner(signature)
         except Exception as exc:  # the interpreters raise ValueError/RuntimeError freely
             # one line: TFLite ends with "Registration failed." after the line saying why

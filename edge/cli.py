@@ -223,11 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console() -> int:
-    """The console script: ``main`` with the interpreters' start-up lines kept off stderr
+    """The console script: ``main`` with the interpreters' start-up line kept off stderr
     (ai-edge-litert and tflite-runtime write "Created TensorFlow Lite XNNPACK delegate for
-    CPU." from C++ for every interpreter, which ``inspect``, ``serve``, ``replay`` and
-    ``worker`` make)."""
-    quiet_tensorflow(filter_stderr=True)
+    CPU." from C++, and ``inspect``, ``serve``, ``replay`` and ``worker`` make interpreters)."""
+    from . import stderr_filter
+
+    quiet_tensorflow()
+    stderr_filter.catch_interpreter_lines()
     return main()
 
 

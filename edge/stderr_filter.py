@@ -5,6 +5,11 @@ TensorFlow 2.21 writes some lines from C++ before its logging is set up, where
 the oneDNN note and "Could not find cuda drivers". They say nothing a user can act on, so the
 commands that may import TensorFlow pass their stderr (file descriptor 2, which C++ writes to)
 through a pipe that drops exactly these lines and forwards everything else unchanged.
+
+A service (``edge-lstm``) does not: a thread between its log and its stderr would lose the
+last lines before a crash, and block every log call once the reader of stderr is gone. There
+only the making of an interpreter, which writes "Created TensorFlow Lite XNNPACK delegate for
+CPU." from C++, is caught (``interpreter_lines``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import contextlib
 import os
 import re
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 
 NOISE = re.compile(
     rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
@@ -64,3 +71,43 @@ def install() -> None:
         thread.join(timeout=2)
 
     atexit.register(restore)
+
+
+_scoped = False
+
+
+def catch_interpreter_lines() -> None:
+    """From now on ``interpreter_lines`` drops the noise written while an interpreter is made."""
+    global _scoped
+    _scoped = os.environ.get("EDGE_LSTM_TF_LOGS") != "1"
+
+
+@contextlib.contextmanager
+def interpreter_lines() -> Iterator[None]:
+    """fd 2 goes to a temporary file for the block, then what it got is passed on less the
+    noise. A no-op unless ``catch_interpreter_lines`` was called: a library user's stderr is
+    not touched."""
+    if not _scoped:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        caught = tempfile.TemporaryFile()  # noqa: SIM115 (closed after the block, below)
+        original = os.dup(2)
+    except (OSError, ValueError):  # no room for the file, no descriptor: the line stays
+        yield
+        return
+    try:
+        os.dup2(caught.fileno(), 2)
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os.dup2(original, 2)
+        os.close(original)
+        with caught:
+            caught.seek(0)
+            kept = b"".join(line for line in caught if not is_noise(line))
+        if kept:
+            with contextlib.suppress(OSError):  # a stderr nobody reads any more
+                os.write(2, kept)

@@ -116,6 +116,28 @@ def test_the_interpreters_start_up_line_is_kept_off_stderr(bundles, tmp_path):
     assert kept.returncode == 2 and "nope" in kept.stderr, kept.stderr
 
 
+def test_only_the_making_of_an_interpreter_passes_through_the_line_filter():
+    """A service's stderr is not routed through a thread (its last lines before a crash would
+    be lost with it): only what is written while an interpreter is made is caught, and there
+    every line but the interpreter's start-up line is passed on, in order."""
+    code = (
+        "import os\n"
+        "from edge import stderr_filter as f\n"
+        "with f.interpreter_lines(): os.write(2, b'untouched\\n')\n"
+        "f.catch_interpreter_lines()\n"
+        "os.write(2, b'before\\n')\n"
+        "with f.interpreter_lines():\n"
+        "    os.write(2, b'INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\n')\n"
+        "    os.write(2, b'kept\\n')\n"
+        "    assert os.fstat(2).st_nlink == 0  # a file of its own, not the terminal or a pipe\n"
+        "os.write(2, b'after\\n')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("EDGE_LSTM_TF_LOGS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=60)
+    assert out.returncode == 0 and out.stderr == b"untouched\nbefore\nkept\nafter\n", out.stderr
+
+
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "edge", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "inspect" in out.stdout and "serve" in out.stdout

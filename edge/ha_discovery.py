@@ -194,6 +194,7 @@ class Announcer:
         live = set(streams)
         for stream in sorted(set(self.announced) - live):
             self._remove(self.announced.pop(stream))
+            self.unsent.discard(stream)  # gone: nothing to send again (a fleet churns for months)
         fresh = sorted(live - set(self.announced) | (live & self.again))
         cut = len(fresh) if self.per_round is None else self.per_round
         now, later = fresh[:cut], fresh[cut:]

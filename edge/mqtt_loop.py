@@ -258,7 +258,8 @@ class MqttService:
         self._attempting = False  # a connection attempt is under way (no CONNACK yet)
         self._clock = time.monotonic
         # The broker's refusals of our publishes, one per answer (a stream's topic its ACL
-        # denies): the first 10 a minute at error level, the rest at debug level.
+        # denies), and discovery messages too large for it (each round of new streams): the
+        # first 10 a minute at their level, the rest at debug level.
         self._log_refusal = RateLimitedLog()
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
@@ -366,13 +367,16 @@ class MqttService:
         if self.ha is None:
             return
         streams = self.ha.not_sent(publish_discovery(self.client, messages, self._retain))
-        if streams:
-            log.warning(
-                "Home Assistant discovery of stream(s) %s not sent: over the broker's maximum "
-                "packet size (%d bytes); their sensors are missing in Home Assistant until a "
-                "reconnect to a broker that takes them (mosquitto's max_packet_size)",
-                ", ".join(streams[:5]) + (f" and {len(streams) - 5} more" if streams[5:] else ""),
-                self._max_packet,
+        if streams:  # at every round that announces new streams: rate-limited
+            named = ", ".join(streams[:5]) + (
+                f" and {len(streams) - 5} more" if streams[5:] else ""
+            )
+            self._log_refusal(
+                "discovery_too_large",
+                f"Home Assistant discovery of stream(s) {named} not sent: over the broker's "
+                f"maximum packet size ({self._max_packet} bytes); their sensors are missing in "
+                "Home Assistant until a reconnect to a broker that takes them (mosquitto's "
+                "max_packet_size)",
             )
 
     def _reconcile_ha(self, ha: Announcer) -> None:
@@ -429,8 +433,12 @@ class MqttService:
         broker takes: not sent, since the broker would close the connection for it (and
         with it every answer in flight, at every stats message). Said once per topic."""
         self.metrics.inc("publish_failed")
-        said = topic in self._too_large_said
-        self._too_large_said.add(topic)
+        # A discovery topic per stream: said once for them all, not once per device id ever
+        # heard (each remembered, for as long as the service runs).
+        ha = self._ha_under is not None and topic.startswith(self._ha_under)
+        kind = self.ha.filter if ha and self.ha is not None else topic
+        said = kind in self._too_large_said
+        self._too_large_said.add(kind)
         log.log(
             logging.DEBUG if said else logging.WARNING,
             "not sent on %s: %d bytes, over the broker's maximum packet size (%d bytes), "
@@ -438,7 +446,7 @@ class MqttService:
             topic,
             size,
             self._max_packet,
-            "" if said else " (said once for this topic; counted in publish_failed)",
+            "" if said else f" (said once for {kind}; counted in publish_failed)",
         )
 
     def _status(self, state: str, **extra: Any) -> bytes:

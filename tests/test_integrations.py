@@ -374,6 +374,74 @@ def test_sensors_too_large_for_the_broker_are_said_and_sent_after_a_reconnect(se
         small.stop()
 
 
+def test_sensors_too_large_for_the_broker_of_a_churning_fleet_stay_bounded(
+    bundles, tmp_path, caplog
+):
+    """A broker that takes no discovery message, and a fleet whose streams come and go (each
+    wave evicting the one before it): every discovery topic was remembered, and warned about,
+    once each, and every stream evicted stayed among those to announce again at the next
+    reconnect, for as long as the service ran (months: an entry and a warning per device id
+    ever heard). One warning says discovery messages do not fit, the streams not sent are at
+    most those held, and the streams named are rate-limited as other repeated warnings."""
+    import logging
+    import threading
+
+    from edge import config
+    from edge.mqtt_loop import MqttService
+    from firmware_sim.broker import Broker
+
+    small = Broker(tmp_path / "small", embedded=False, extra="max_packet_size 700\n").start()
+    cfg = config.load(
+        None,
+        env={},
+        overrides={
+            "model": str(bundles / "clf-int8"),
+            "broker": small.url,
+            "state_dir": str(tmp_path / "state"),
+            "runtime_id": "edge-test",
+            "capacity": 20,
+            "max_batch": 20,
+            "reorder_ms": 0,
+            "ha_discovery": True,
+        },
+    )
+    made: list[Any] = []
+
+    def run() -> None:  # made here: the signals stay the test runner's
+        made.append(MqttService(cfg))
+        made[0].run()
+
+    caplog.set_level(logging.INFO)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    pub = Publisher(small.url)
+    try:
+        wait_until(lambda: made and made[0].connected.is_set(), 60, "connected")
+        svc = made[0]
+        waves = 15
+        for w in range(waves):
+            wave = [f"w{w}-{i}" for i in range(cfg.capacity)]
+            for stream in wave:
+                pub.send(stream, 1, np.full(6, 0.1))
+            pub.flush()
+            wait_until(lambda wave=wave: all(s in svc.ha.announced for s in wave), 60, f"wave {w}")
+        assert svc.engine.store.stats.evicted_lru >= (waves - 1) * cfg.capacity
+        assert svc._too_large_said <= {svc._stats_topic, svc._status_topic, svc.ha.filter}
+        assert len(svc.ha.unsent) <= cfg.capacity
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        per_topic = [m for m in warned if m.startswith("not sent on homeassistant/")]
+        assert len(per_topic) == 1, per_topic[:3]
+        named = [m for m in warned if "Home Assistant discovery of stream(s)" in m]
+        assert 1 <= len(named) < waves, named
+    finally:
+        pub.close()
+        if made:
+            made[0]._stop()
+        thread.join(60)
+        small.stop()
+    assert not thread.is_alive()
+
+
 def test_sensors_a_broker_restarted_without_persistence_lost_are_announced_again(service, broker):
     """A broker restarted without persistence loses its retained messages: the service's
     sensors were gone from Home Assistant until the service restarted, since it counted

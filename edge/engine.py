@@ -223,6 +223,14 @@ class _Overflow(Exception):
         self.errors: dict[int, SampleError] = {}
 
 
+def _plain_arrays(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read-only (zeros, falses, 0..n): the outcome arrays of a plain batch of n."""
+    out = (np.zeros(n, np.int64), np.zeros(n, bool), np.arange(n + 1))
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
 def _opt(value: Any) -> int | None:
     """An int64 array entry -> int, or None for the "none" marker (NO_SEQ = NO_BOOT = -1)."""
     v = int(value)
@@ -277,7 +285,10 @@ class Engine:
         self.counters = Counters()
         self._no_output = np.empty((0, model.manifest.outputs), np.float32)
         self._no_output.flags.writeable = False
-        self._plain_cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        # (zeros, falses, 0..n) as long as the longest plain batch, and views of them for the
+        # last size asked: one set per size was kept for every size ever seen (max_batch**2
+        # bytes over time, 140 MB at max_batch 4096).
+        self._plain_full = self._plain_last = _plain_arrays(0)
         # The last steady batch's streams, their rows, and ``store.moves`` once they were
         # marked used: while nothing has moved since, the same streams need no lookup.
         self._steady: tuple[list[str], np.ndarray, int] | None = None
@@ -755,12 +766,12 @@ class Engine:
 
     def _plain(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read-only (zeros, falses, 0..n) for the outcome arrays of a plain batch of n."""
-        got = self._plain_cache.get(n)
-        if got is None:
-            got = (np.zeros(n, np.int64), np.zeros(n, bool), np.arange(n + 1))
-            for a in got:
-                a.flags.writeable = False
-            self._plain_cache[n] = got
+        got = self._plain_last
+        if len(got[1]) != n:
+            full = self._plain_full
+            if len(full[1]) < n:
+                full = self._plain_full = _plain_arrays(n)
+            got = self._plain_last = (full[0][:n], full[1][:n], full[2][: n + 1])
         return got
 
     def _chunk_values(self, chunk: Chunk) -> np.ndarray:

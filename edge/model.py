@@ -21,6 +21,9 @@ from .state_store import whole_number
 
 NP_DTYPES: dict[str, type[np.generic]] = {"int8": np.int8, "int16": np.int16, "float32": np.float32}
 INT_RANGES = {"int8": (-128, 127), "int16": (-32768, 32767)}
+# Shapes of batches whose scratch views encode_x_into keeps: sizes repeat in a service, but
+# every size up to max_batch shows up in time.
+SCRATCH_SHAPES = 64
 
 
 def quantize(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
@@ -199,6 +202,8 @@ class StepModel:
         if size > self._scratch_base.size:
             self._scratch_base = np.empty(size, np.float64)
             self._scratch.clear()  # views of the old buffer
+        elif len(self._scratch) >= SCRATCH_SHAPES:
+            self._scratch.clear()  # not a view for every batch size ever seen
         view = self._scratch_base[:size].reshape(shape)
         self._scratch[shape] = view
         return view

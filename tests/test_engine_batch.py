@@ -569,3 +569,38 @@ def test_chunks_of_one_stream_after_one_a_float_model_overflows_on_step_from_bef
     np.testing.assert_array_equal(got.y_of(2), ref.step("a", x[4:], seq=5))
     assert got.gap[2] == 2 and e.last_seq("a") == 6 and same_state(e, ref, "a")
     assert e.state_of("b") is None
+
+
+def test_batches_of_ever_new_sizes_keep_no_memory_per_size(load):
+    """The steady path kept its read-only outcome arrays for every batch size it ever saw:
+    a service's micro-batches come in every size up to ``max_batch``, and it came to keep
+    ``max_batch``**2 bytes (140 MB at ``max_batch`` 4096), and a view per size for the
+    model's input. What they keep now is a batch's worth or two, whatever sizes come."""
+    import dataclasses
+    import tracemalloc
+
+    n = 2000
+    e = load(max_batch=n)
+    streams = [f"s{i}" for i in range(n)]
+    nxt = np.ones(n, np.int64)
+    x = samples(n, 4)
+
+    def step(k: int) -> edge.Batch:
+        got = e.step_batch(streams[:k], x[:k], seqs=nxt[:k].copy())
+        assert not got.errors and got.seq.tolist() == nxt[:k].tolist()
+        nxt[:k] += 1
+        return got
+
+    step(n)  # every stream known
+    full = step(n)  # the steady path, at the largest size
+    one = sum(v.nbytes for v in vars(full).values() if isinstance(v, np.ndarray))
+    assert dataclasses.is_dataclass(full) and one
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for k in range(1, n):
+            step(k)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 2 * one, f"{grown} bytes kept after {n - 1} batch sizes, a batch is {one}"

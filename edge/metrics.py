@@ -77,6 +77,7 @@ class Metrics:
         "publish_failed",
         "sessions_lost",
         "subscriptions_downgraded",
+        "reorder_voids_forgotten",
     )
 
     def __init__(self) -> None:

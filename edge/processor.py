@@ -34,7 +34,7 @@ from .errors import ConfigError, NewerFormat, SnapshotError, StateMismatch, show
 from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
-from .reorder import Reorderer
+from .reorder import VOIDS_KEPT, Reorderer
 from .sequencing import GAP_POLICIES, HALF, U32, admit, earlier_boot
 from .state_store import BOOT_HISTORY, GAP_SLOTS, NO_BOOT, NO_SEQ
 from .topics import Template
@@ -242,6 +242,7 @@ class Processor:
         # left, so that they are stepped again. An id is forgotten when the broker gives it to
         # a new message: it had our acknowledgement by then.
         self._resets: dict[int, tuple[str, int, int | None, bool, int | None, int]] = {}
+        self._voids_counted = 0  # the reorder buffer's refused seqs let go, counted so far
         self.engine = engine
         journal.checkpoint_estimate = self._checkpoint_estimate
 
@@ -847,7 +848,26 @@ class Processor:
         # learnt of it goes too (else each such id ever heard is kept, and snapshotted).
         store = self.engine.store
         self.reorder.forget({rec.stream for rec in stepped if rec.stream not in store})
+        if self.reorder.voids_forgotten != self._voids_counted:
+            self._voids_let_go()
         return out
+
+    def _voids_let_go(self) -> None:
+        """Refused seqs the reorder buffer let go (``VOIDS_KEPT``): counted, said once."""
+        gone = self.reorder.voids_forgotten - self._voids_counted
+        first = not self._voids_counted
+        self._voids_counted = self.reorder.voids_forgotten
+        self.metrics.inc("reorder_voids_forgotten", gone)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "reorder_voids_forgotten: %d refused seqs past open gaps let go, of streams whose "
+            "gap has stayed open while their messages are refused (kept at most %d in all, "
+            "the farthest ahead let go first; counted in reorder_voids_forgotten): a sample "
+            "behind one of them waits reorder_ms for it%s",
+            gone,
+            VOIDS_KEPT,
+            " (said once)" if first else "",
+        )
 
     def _reset(self, rec: Record) -> list[Outbound]:
         next_seq = rec.seq if rec.rebase else None

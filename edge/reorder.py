@@ -27,6 +27,11 @@ from .wal import Record
 # months, and written into every snapshot. Past this many the farthest are let go: a record
 # beyond them waits for them as for any gap, at most the hold time.
 MAX_VOIDS = 1024
+# Refused seqs remembered in all. A fleet whose sensors fail after a lost sample kept up to
+# MAX_VOIDS for each stream, as long as its gap stayed open: without bound, in memory and in
+# every snapshot. Past this many the farthest ahead of their streams are let go (down to
+# half, so that the sort that picks them is rare), counted in ``voids_forgotten``.
+VOIDS_KEPT = 16384
 # ``seq - expect`` (mod 2**32) below this: at or ahead of the expected seq. One less than HALF,
 # as ``expect`` is the last applied seq + 1 and a seq 2**31 from that one is admitted behind.
 AHEAD = HALF - 1
@@ -58,6 +63,8 @@ class Reorderer:
         self._held: dict[str, list[_Held]] = {}
         self._next: dict[str, int] = {}  # the seq each stream expects next
         self._void: dict[str, set[int]] = {}  # seqs that arrived unusable: do not wait for them
+        self._voids = 0  # how many ``_void`` holds in all
+        self.voids_forgotten = 0  # let go to stay within VOIDS_KEPT
         self._fresh: set[str] = set()  # new lives: no expectation yet, not even the engine's
         # Records of an earlier boot heard while the new life waits to begin: they follow its
         # first record, so that the engine, then in the new boot, answers them stale.
@@ -90,7 +97,7 @@ class Reorderer:
         for stream in streams:
             if stream not in self._held:
                 self._next.pop(stream, None)
-                self._void.pop(stream, None)
+                self._drop_voids(stream)
                 self._boots.pop(stream, None)
                 self._fresh.discard(stream)
 
@@ -115,7 +122,8 @@ class Reorderer:
         for stream, (nxt, voids) in loaded.items():
             self._next[stream] = nxt
             if voids:
-                self._void[stream] = voids
+                self._set_voids(stream, voids)
+        self._bound_voids()
 
     def export_boots(
         self, boots: Callable[[str], tuple[int | None, list[int]]]
@@ -204,7 +212,7 @@ class Reorderer:
         while stream in self._held:
             held += self._release_first(stream)
         self._next.pop(stream, None)
-        self._void.pop(stream, None)
+        self._drop_voids(stream)
         if rec.boot is not None:
             self._boots[stream] = (rec.boot, old[:3])
         self._fresh.add(stream)
@@ -218,7 +226,7 @@ class Reorderer:
         while stream in self._held:
             out += self._release_first(stream)
         self._next.pop(stream, None)
-        self._void.pop(stream, None)
+        self._drop_voids(stream)
         self._boots.pop(stream, None)
         self._fresh.discard(stream)
         return out
@@ -243,10 +251,42 @@ class Reorderer:
 
     def _add_void(self, stream: str, seq: int, near: int) -> None:
         voids = self._void.setdefault(stream, set())
+        if seq in voids:
+            return
         voids.add(seq)
+        self._voids += 1
         if len(voids) > MAX_VOIDS:  # keep the half nearest to ``near``
             keep = sorted(voids, key=lambda v: (v - near) % U32)[: MAX_VOIDS // 2]
-            self._void[stream] = set(keep)
+            self._set_voids(stream, set(keep))
+        self._bound_voids()
+
+    def _set_voids(self, stream: str, voids: set[int]) -> None:
+        self._drop_voids(stream)
+        self._void[stream] = voids
+        self._voids += len(voids)
+
+    def _drop_voids(self, stream: str) -> None:
+        self._voids -= len(self._void.pop(stream, ()))
+
+    def _bound_voids(self) -> None:
+        """Past VOIDS_KEPT in all, keep the half nearest to what their streams expect (or to
+        their first record held, in a new life): decided by what is kept alone, so that a
+        replay of the log decides alike."""
+        if self._voids <= VOIDS_KEPT:
+            return
+        ranked = []
+        for stream, voids in self._void.items():
+            near = self._next.get(stream)
+            if near is None:
+                held = self._held.get(stream)
+                near = held[0].record.seq if held else 0
+            ranked += [((v - near) % U32, stream, v) for v in voids]
+        ranked.sort()
+        kept: dict[str, set[int]] = {}
+        for _, stream, v in ranked[: VOIDS_KEPT // 2]:
+            kept.setdefault(stream, set()).add(v)
+        self.voids_forgotten += self._voids - VOIDS_KEPT // 2
+        self._void, self._voids = kept, VOIDS_KEPT // 2
 
     def save(self) -> Saved:
         """What ``expire`` may change: ``restore`` puts it back (a release the caller could
@@ -273,9 +313,9 @@ class Reorderer:
             else:
                 self._next[stream] = nxt
             if voids is None:
-                self._void.pop(stream, None)
+                self._drop_voids(stream)
             else:
-                self._void[stream] = set(voids)
+                self._set_voids(stream, set(voids))
             if behind:
                 self._behind[stream] = list(behind)
             else:
@@ -372,9 +412,11 @@ class Reorderer:
         voids = self._void.get(stream)
         if not voids:
             return
+        was = len(voids)
         while self._next[stream] in voids:
             voids.discard(self._next[stream])
             self._next[stream] = (self._next[stream] + 1) % U32
         voids -= {v for v in voids if (v - self._next[stream]) % U32 >= HALF}  # passed
+        self._voids -= was - len(voids)
         if not voids:
             del self._void[stream]

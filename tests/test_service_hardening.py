@@ -3,6 +3,7 @@ payloads (also retained), a backlog, overload, a full or read-only disk, device 
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -612,6 +613,39 @@ def test_a_reset_ends_a_wait_for_a_gap(bundles, broker, service):
         assert len(got[("k", seq)]) == 1
         np.testing.assert_array_equal(got[("k", seq)][0], y, err_msg=f"seq {seq}")
     assert col.of("errors/") == []
+
+
+def test_refused_seqs_past_gaps_across_a_fleet_stay_bounded(bundles, broker, service, tmp_path):
+    """A fleet whose sensors fail after a lost sample: each stream's refused seqs past its gap
+    were remembered (up to 1024 a stream, kept in memory and in every snapshot), for as
+    long as the gap stayed open: with enough such streams, without bound. They are kept
+    up to ``VOIDS_KEPT`` in all, the farthest ahead forgotten, counted and logged once."""
+    import edge.snapshot
+    from edge.reorder import VOIDS_KEPT
+
+    streams, per = 40, VOIDS_KEPT // 20  # twice the limit, each stream below its own
+    col = Collector(broker.url)
+    svc = service()
+    wait_until(col.online, 20, "runtime online")
+    pub = Publisher(broker.url)
+    bad = np.full(6, 0.1).tolist()
+    bad[0] = "broken"
+    for i in range(streams):
+        pub.send(f"f{i}", 1, np.full(6, 0.1))  # then seq 2 lost, and every later one refused
+        for seq in range(3, 3 + per):
+            pub.raw(f"sensors/f{i}/data", json.dumps({"seq": seq, "values": bad}).encode())
+        pub.flush(300)
+    refused = lambda: len(col.of("errors/f"))  # noqa: E731
+    wait_until(lambda: refused() >= streams * per, 300, "every refusal answered")
+    assert svc.stop() == 0  # its last snapshot holds what the reorder buffer keeps
+    snap = edge.snapshot.read(max((tmp_path / "state").glob("snap-*.bin")))
+    kept = sum(len(voids) for _, voids in snap.extra["reorder"].values())
+    assert 0 < kept <= VOIDS_KEPT < streams * per
+    said = [line for line in svc.output().splitlines() if "reorder_voids_forgotten: " in line]
+    assert len(said) == 1, said
+    assert "WARNING" in said[0] and f"kept at most {VOIDS_KEPT}" in said[0]
+    counted = re.findall(r'"reorder_voids_forgotten": (\d+)', svc.output())
+    assert counted and 0 < kept + int(counted[-1]) <= streams * per  # each let go counted
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

@@ -453,8 +453,29 @@ class Engine:
         ``extra`` (given back by ``restore``) must be JSON without NaN or infinities, and may
         not use the keys the engine keeps its own records under (``departed``, ``recalled``).
         """
+        self.take_snapshot(path, extra)()
+
+    def take_snapshot(
+        self, path: str | Path, extra: dict[str, Any] | None = None
+    ) -> Callable[[], None]:
+        """``snapshot`` in two: the state is copied now (array copies, cheap), and the returned
+        call encodes, writes and fsyncs that copy, the slow part, which may run in another
+        thread while this engine steps on. Bad ``extra`` raises here, nothing written."""
         if "\0" in str(path):  # no file name holds one; the write raised ValueError
             raise SnapshotError(f"{shown(path)}: the path holds a NUL character. Nothing written")
+        snap = self.capture(extra, path)
+
+        def write() -> None:
+            try:
+                snapfmt.write_atomic(path, snapfmt.chunks(snap))
+            except OSError as exc:
+                reason = exc.strerror or exc
+                raise SnapshotError(f"{path}: cannot write snapshot: {reason}") from exc
+
+        return write
+
+    def capture(self, extra: dict[str, Any] | None, path: str | Path) -> snapfmt.Snapshot:
+        """A copy of what a snapshot holds, ``extra`` checked (errors name ``path``)."""
         if not isinstance(extra, (Mapping, type(None))) or any(
             not isinstance(k, str) for k in extra or {}
         ):
@@ -476,7 +497,7 @@ class Engine:
             raise SnapshotError(f"{path}: extra is not plain JSON: {exc}. Nothing written") from exc
         streams, last_seq, arrays, boots, gaps = self.store.export()
         kept = {DEPARTED: self.store.departed.export(), RECALLED: sorted(self.store.recalled)}
-        snap = snapfmt.Snapshot(
+        return snapfmt.Snapshot(
             self.manifest.model_sha256,
             [list(x) for x in self.manifest.state_layout()],
             streams,
@@ -487,11 +508,6 @@ class Engine:
             gaps,
             self.store.idle_seconds(),
         )
-        try:
-            snapfmt.write_atomic(path, snapfmt.chunks(snap))
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise SnapshotError(f"{path}: cannot write snapshot: {reason}") from exc
 
     def restore(
         self, path: str | Path, *, fresh_on_mismatch: bool = False, other_model_ok: bool = False

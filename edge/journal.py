@@ -9,8 +9,10 @@
 
 A checkpoint opens segment G+1 (starting with the entries a snapshot cannot hold: messages held
 by the reorder buffer and answers the broker has not acknowledged, marked ``carried``), writes
-snapshot G+1, and then deletes what the generation before the previous one needed. Recovery
-restores the newest snapshot that reads back intact and replays every segment from its
+snapshot G+1 of the state copied when it began (in a background thread while the log goes on in
+segment G+1, or before it returns), and then deletes what the generation before the previous
+one needed. Until snapshot G+1 is in place, snapshot G and segments G and G+1 are the state.
+Recovery restores the newest snapshot that reads back intact and replays every segment from its
 generation on, so a damaged snapshot costs a longer replay, not state. Damaged log spans are
 skipped and reported; intact entries after them are replayed.
 
@@ -27,6 +29,7 @@ import logging
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +73,19 @@ CROWDED_FROM = 256 * 1024
 ROOM_STEP = 64 * 1024
 
 
+@dataclass
+class _Pending:
+    """A checkpoint whose snapshot is being written."""
+
+    generation: int
+    carried: int  # the size of its segment when begun: the carried copies only
+    lost: str | None  # ``Journal.lost`` when it began: the loss it mends
+    done: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+    size: int = 0  # of the snapshot written
+
+
 class Journal:
     def __init__(
         self, directory: str | Path, *, fsync: bool = False, scratch: bool = False
@@ -101,6 +117,7 @@ class Journal:
         # cut off before that segment is appended to, else it reads as damage in the middle.
         self._torn: tuple[int, int] | None = None
         self._unfinished = False  # the newest segment ends inside a round (see ``open``)
+        self._pending: _Pending | None = None  # the checkpoint in flight
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"state_dir {shown(str(self.dir))} exists and is not a directory")
 
@@ -172,8 +189,9 @@ class Journal:
         first = rec.generation
         carried: set[Any] = set()
         # A newest segment beyond every snapshot is a checkpoint a crash cut short before its
-        # snapshot was in place: it holds copies carried over from the segment before it (the
-        # log goes on in it only once its snapshot is written), so cut short it lost nothing.
+        # snapshot was in place (or one whose snapshot failed): it starts with copies carried
+        # over from the segment before it, ended by a Mark, so cut short there it lost nothing.
+        # What the log appended after them while the snapshot was written is replayed as any.
         unfinished = segs[-1] if segs and segs[-1] > max(snaps, default=0) else None
         for gen in (g for g in segs if g >= first):
             path = self.path("wal", gen)
@@ -184,6 +202,7 @@ class Journal:
             # The last entry replayed, while every frame read since was of its round.
             open_round: int | None = None
             more = False  # the frame just read was written with the next one
+            copies = gen == unfinished  # still in the copies a checkpoint began it with
             for item in scan(data):
                 if isinstance(item, Joined):
                     more = True
@@ -197,7 +216,7 @@ class Journal:
                         if gen == segs[-1]:
                             self._torn = (gen, item.offset)
                             self._unfinished = True  # the round the torn write was in
-                        if gen == unfinished:  # carried copies cut short: cut off, no loss
+                        if copies:  # carried copies cut short: cut off, no loss
                             continue
                         what = (
                             f"ends inside an entry at offset {item.offset} (a torn last "
@@ -215,6 +234,7 @@ class Journal:
                     continue
                 if isinstance(item, Mark):
                     rec.acked = max(rec.acked, item.acked)
+                    copies = False
                     continue
                 if isinstance(item, (Record, Output)):
                     if item.carried:
@@ -369,13 +389,39 @@ class Journal:
     def checkpoint(self, snapshot: Any, carry: Sequence[Entry], extra: dict[str, Any]) -> None:
         """Start segment G+1 with ``carry``, write snapshot G+1 with ``snapshot(path, extra)``,
         then drop what only generations before the previous snapshot needed."""
+        self.start_checkpoint(lambda path, ex: lambda: snapshot(path, ex), carry, extra)
+        self.finish()
+
+    def start_checkpoint(
+        self,
+        take: Callable[[Path, dict[str, Any]], Callable[[], None]],
+        carry: Sequence[Entry],
+        extra: dict[str, Any],
+        *,
+        background: bool = False,
+    ) -> None:
+        """Begin a checkpoint: ``take(path, extra)`` copies the state now and returns the call
+        that writes snapshot G+1; segment G+1 is started with ``carry`` and appended to from
+        here on. ``background``: that write (and the removal of retired generations) runs in
+        a thread, the loop answering on meanwhile, and ``finish`` says how it went; else it
+        runs before this returns. A crash before the snapshot is in place leaves snapshot G
+        and segments G and G+1, the state a restart rebuilds (``recover``). One at a time;
+        an ``OSError`` or ``SnapshotError`` raised here changed nothing."""
+        assert self._pending is None, "a checkpoint is in flight"
         gen = self.generation + 1
+        write = take(self.path("snap", gen), {**extra, "generation": gen})
+        if not carry or not isinstance(carry[-1], Mark):
+            # ends the copies: a torn write after it is one of the log's own (``recover``)
+            carry = [*carry, Mark(0)]
         seg = self.path("wal", gen)
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         data = b"".join(encode(e) for e in carry)
         try:
-            self._with_room(lambda: _write_all(fd, data, 0, True))
+            # fsynced with the snapshot's write, before it (and before the log appended to it
+            # counts for anything: the snapshot before it is the state until then)
+            self._with_room(lambda: _write_all(fd, data, 0, False))
+            synced = os.dup(fd)
         except OSError:
             os.close(fd)
             _remove(seg, "the segment of a failed checkpoint")
@@ -384,31 +430,82 @@ class Journal:
             os.close(self._fd)
         self._fd, self._size, self.generation = fd, os.fstat(fd).st_size, gen
         self._room = -1
+        pending = _Pending(gen, self._size, self.lost)
+        self._pending = pending
+        if background:
+            pending.thread = threading.Thread(
+                target=self._write_snapshot, args=(pending, synced, write), name="edge-checkpoint"
+            )
+            pending.thread.start()  # not a daemon: an exit waits for the file to be whole
+        else:
+            self._write_snapshot(pending, synced, write)
+
+    def _write_snapshot(self, pending: _Pending, segment: int, write: Callable[[], None]) -> None:
+        """The slow part of a checkpoint, in whichever thread: fsync the carried copies (fd
+        ``segment``, a duplicate of its own, closed here), write the snapshot, then retire
+        what it makes unneeded. It touches only files of other generations than the one
+        appended to, and ``snapshots``, which nothing else uses while it runs."""
         try:
-            self._with_room(lambda: snapshot(self.path("snap", gen), {**extra, "generation": gen}))
-        except BaseException:
-            # A snapshot renamed into place before the failure (its directory's fsync failed)
-            # goes first: a restart would take it for the newest state and replay only its
-            # segment, skipping what the log goes on to hold where it was.
-            if not _remove(self.path("snap", gen), "the snapshot of a failed checkpoint"):
-                # It stays, whole (written before its rename): the log goes on after it.
-                self.snapshots.append(gen)
-                raise
+            try:
+                os.fsync(segment)
+            finally:
+                os.close(segment)
+            self._with_room(write)
+            path = self.path("snap", pending.generation)
+            pending.size = path.stat().st_size
+            self.snapshots.append(pending.generation)
+            keep = 1 if self.scratch else 2
+            self._drop_before(self.snapshots[-keep] if len(self.snapshots) >= keep else 0)
+        except BaseException as exc:  # handed to ``finish``, in the thread that started it
+            pending.error = exc
+        finally:
+            pending.done.set()
+
+    @property
+    def checkpointing(self) -> bool:
+        """A checkpoint is in flight (its snapshot not yet written, or not yet ``finish``ed)."""
+        return self._pending is not None
+
+    def pending_done(self) -> bool:
+        """The checkpoint in flight wrote its snapshot or failed: ``finish`` will not wait."""
+        return self._pending is not None and self._pending.done.is_set()
+
+    def finish(self) -> bool:
+        """Wait for the checkpoint in flight, if any; whether there was one. Raises what its
+        write raised: the snapshot is then removed and the log goes on in its segment (a
+        restart replays it on the snapshot before), or, when nothing was appended to that
+        segment yet, the directory is left as before the checkpoint."""
+        pending = self._pending
+        if pending is None:
+            return False
+        pending.done.wait()
+        if pending.thread is not None:
+            pending.thread.join()
+        self._pending = None
+        gen = pending.generation
+        if pending.error is None:
+            self._snapshot_bytes = pending.size
+            self._checkpointed = pending.carried
+            if self.lost == pending.lost:  # not a loss met while the snapshot was written
+                self.lost = None
+            return True
+        # A snapshot renamed into place before the failure (its directory's fsync failed) goes
+        # first: a restart would take it for the newest state, a state the rollback below
+        # would have the log no longer follow.
+        if not _remove(self.path("snap", gen), "the snapshot of a failed checkpoint"):
+            # It stays, whole (written before its rename): the log goes on after it.
+            self.snapshots.append(gen)
+            raise pending.error
+        if self._fd is not None and self.generation == gen and self._size == pending.carried:
             # The segment holds copies of what the log before it holds: the log goes on there,
             # and a disk that stays full does not gather a segment per attempt.
-            # First of all: nothing may be appended to the number ``fd`` had once it is closed.
-            os.close(fd)
-            self._fd, self.generation = None, gen - 1
-            _remove(seg, "the segment of a failed checkpoint")
+            # First of all: nothing may be appended to the number the fd had once it is closed.
+            self.close()
+            self.generation = gen - 1
+            _remove(self.path("wal", gen), "the segment of a failed checkpoint")
             with contextlib.suppress(OSError):  # the next append says what is wrong
                 self.open()
-            raise
-        self._snapshot_bytes = self.path("snap", gen).stat().st_size
-        self._checkpointed = self._size
-        self.lost = None
-        self.snapshots.append(gen)
-        keep = 1 if self.scratch else 2
-        self._drop_before(self.snapshots[-keep] if len(self.snapshots) >= keep else 0)
+        raise pending.error
 
     def _with_room(self, write: Callable[[], None]) -> None:
         """``write``; when the disk is full, once more after dropping the generations before

@@ -892,6 +892,7 @@ class MqttService:
         return ok
 
     def reload(self) -> None:
+        self.processor.checkpoint_done(wait=True)  # of the running model, before it is swapped
         try:
             new = open_engine(self.cfg)
         except EdgeError as exc:
@@ -994,15 +995,19 @@ class MqttService:
                     self.processor.requests.discard("reload")
                     self.requests.discard("reload")
                     self.reload()
+                # Written in the background: the answers go on meanwhile; one at a time.
+                self.processor.checkpoint_done()
                 asked = self.processor.requests & {"snapshot", "checkpoint"}
                 if (
-                    now - last_snapshot >= cfg.snapshot_interval or asked
-                ) and self.processor.degraded is None:
-                    if self.processor.checkpoint(if_changed=not asked):
-                        self.processor.requests -= asked
-                        if "snapshot" in asked:  # the answer to {"cmd": "snapshot"}: in the status
-                            self._say("online", snapshot="done", snapshot_ts=time.time())
+                    (now - last_snapshot >= cfg.snapshot_interval or asked)
+                    and self.processor.degraded is None
+                    and not self.processor.journal.checkpointing
+                ):
+                    self.processor.checkpoint(if_changed=not asked, background=True)
                     last_snapshot = now
+                if "snapshot" in self.processor.done_requests:  # durable: {"cmd": "snapshot"}
+                    self._say("online", snapshot="done", snapshot_ts=time.time())
+                self.processor.done_requests.clear()
                 if self.ha is not None and self.connected.is_set() and now - last_ha >= 1.0:
                     self._reconcile_ha(self.ha)
                     last_ha = now
@@ -1050,6 +1055,7 @@ class MqttService:
                 self.wake.clear()
         left = len(self.inbox)
         self.inbox.close()
+        self.processor.checkpoint_done(wait=True)  # the one in flight is whole before we go
         if self.processor.degraded is None:
             self.processor.checkpoint()
         self._remove_ha_sensors()  # before the offline status, whose PUBACK is waited for

@@ -217,6 +217,8 @@ class Processor:
         self.idle_timeout = cfg.idle_timeout  # applied here, not in the engine: it is logged
         self.outbox = Outbox(cfg.max_unacked)
         self.requests: set[str] = set()
+        self._asked: set[str] = set()  # the requests the checkpoint in flight answers
+        self.done_requests: set[str] = set()  # answered by a durable checkpoint, until told
         self.lsn = 0  # of the last message taken in
         self.mark = 0  # the last ack mark logged
         self.degraded: str | None = None  # why the journal cannot be written, while it cannot
@@ -642,14 +644,25 @@ class Processor:
         self.outbox.put(r.outs + self._apply(r))
         return True
 
-    def checkpoint(self, if_changed: bool = False) -> bool:
+    def checkpoint(self, if_changed: bool = False, *, background: bool = False) -> bool:
         """Snapshot the engine into a new generation; False (and degraded) when it cannot.
         ``if_changed``: not when nothing was logged since the last one (an idle device would
         write the same snapshot every ``snapshot_interval``, wearing its SD card out).
         Messages held for reordering are carried into the new segment, held, for a replay
         to hold them as this does; a release the log could not take left them held (a full
         disk, or a directory whose files were removed, gets its space and files back from
-        the checkpoint before that release has to be logged)."""
+        the checkpoint before that release has to be logged).
+        ``background``: the state is copied now and written by a thread while messages are
+        answered on (the write of 10,000 streams held every answer for tens of ms);
+        ``checkpoint_done`` tells when it is durable. A checkpoint that switches the replay
+        settings or mends a lost segment is written before this returns: the log after it
+        must not be replayed on the snapshot before. Without ``background`` a checkpoint in
+        flight is waited for first."""
+        if self.journal.checkpointing:
+            if background:
+                return True  # one at a time: asked again once this one is done
+            if not self.checkpoint_done(wait=True):
+                return False
         switch = self._switch
         if if_changed and switch is None and not self.journal.changed:
             self.metrics.saved()
@@ -658,6 +671,7 @@ class Processor:
         if switch is not None and not self.tick(release_all=True):
             return False
         lost = self.journal.lost
+        background = background and switch is None and lost is None
         carry: list[Entry] = [
             dataclasses.replace(rec, carried=True) for rec in self.reorder.pending()
         ]
@@ -676,15 +690,17 @@ class Processor:
                 "restart": self._flags(),
                 "resets": [[pid, *was] for pid, was in self._resets.items()],
             }
-            self.journal.checkpoint(self.engine.snapshot, carry, extra)
+            self.journal.start_checkpoint(
+                self.engine.take_snapshot, carry, extra, background=background
+            )
         except (OSError, SnapshotError) as exc:  # the engine names the file in a SnapshotError
-            if self.degraded is None:
-                log.error("snapshot failed in %s: %s; retrying later", self.cfg.state_dir, exc)
-                self.metrics.inc("storage_errors")
-            cause = exc if isinstance(exc, OSError) else exc.__cause__
-            self.degraded = f"snapshot failed: {getattr(cause, 'strerror', None) or exc}"
+            self._snapshot_failed(exc)
             return False
-        self.metrics.inc("snapshots")
+        self._asked = self.requests & {"snapshot", "checkpoint"}
+        if background:
+            return True
+        if not self.checkpoint_done(wait=True):
+            return False
         if switch is not None:
             log.info("the configured %s in effect from this snapshot on", switch)
             self._put_settings(switch)
@@ -692,6 +708,30 @@ class Processor:
         if lost:
             log.warning("%s: the state written out again in a new generation", lost)
         return True
+
+    def checkpoint_done(self, *, wait: bool = False) -> bool:
+        """Whether the checkpoint begun last is durable now (False: still being written, none
+        in flight, or failed, which degrades). The requests it was begun for are then
+        answered: taken out of ``requests`` into ``done_requests``."""
+        if not self.journal.checkpointing or not (wait or self.journal.pending_done()):
+            return False
+        try:
+            self.journal.finish()
+        except (OSError, SnapshotError) as exc:
+            self._snapshot_failed(exc)
+            return False
+        self.metrics.inc("snapshots")
+        self.requests -= self._asked
+        self.done_requests |= self._asked
+        self._asked = set()
+        return True
+
+    def _snapshot_failed(self, exc: OSError | SnapshotError) -> None:
+        if self.degraded is None:
+            log.error("snapshot failed in %s: %s; retrying later", self.cfg.state_dir, exc)
+            self.metrics.inc("storage_errors")
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        self.degraded = f"snapshot failed: {getattr(cause, 'strerror', None) or exc}"
 
     # -- decoding ---------------------------------------------------------------------------
 

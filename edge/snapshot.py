@@ -84,7 +84,7 @@ def chunks(snap: Snapshot) -> Iterator[bytes | memoryview]:
     }
     if snap.idle is not None:  # milliseconds are plenty for a timeout
         fields["idle_seconds"] = np.round(snap.idle.astype(np.float64), 3).tolist()
-    header = json.dumps(fields, allow_nan=False).encode()
+    header = _dumps(fields).encode()
     arrays = [(snap.last_seq, "<i8"), (boots, "<i8"), (gaps, "<i8")]
     arrays += [(a, DTYPES[layout[2]]) for layout, a in zip(snap.state_layout, snap.arrays)]
     digest = hashlib.sha256()
@@ -96,6 +96,27 @@ def chunks(snap: Snapshot) -> Iterator[bytes | memoryview]:
         digest.update(view)
         yield view
     yield digest.digest()
+
+
+SLICE = 500  # list items encoded per json.dumps call (``_dumps``)
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    """``json.dumps(doc)``, its long lists encoded in slices with the GIL let go between them.
+    A snapshot is written in a thread beside the one answering samples, and one call encoding
+    10,000 streams' ids and idle times held that one for ~6 ms."""
+    out = []
+    for key, value in doc.items():
+        if isinstance(value, list) and len(value) > SLICE:
+            parts = []
+            for i in range(0, len(value), SLICE):
+                parts.append(json.dumps(value[i : i + SLICE], allow_nan=False)[1:-1])
+                time.sleep(0)
+            text = "[" + ", ".join(parts) + "]"
+        else:
+            text = json.dumps(value, allow_nan=False)
+        out.append(f"{json.dumps(key)}: {text}")
+    return "{" + ", ".join(out) + "}"
 
 
 def _check_header(header: Any, version: int, size: int) -> None:

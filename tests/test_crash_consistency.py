@@ -191,3 +191,126 @@ def test_kills_with_reordering_never_answer_twice_or_lose(bundles, tmp_path, see
     assert not two, f"answered with two different y: {two[:5]}"
     lost = [k for k in valid if k not in got and (k[0], None, k[2]) not in got]
     assert not lost, f"{len(lost)} samples never answered, e.g. {sorted(lost)[:5]}"
+
+
+# -- a checkpoint written beside the answers, in a real service -----------------------------
+
+
+def _gated(bundles, broker, state, gate, *args):
+    """serve whose snapshot writes wait at ``gate`` (``tests.snapshot_gate``)."""
+    from tests.mqtt_helpers import Serve
+
+    svc = Serve(bundles / "clf-int8", broker.url, state, "--snapshot-interval", "3600", *args)
+    svc.cmd[1:3] = ["-m", "tests.snapshot_gate", str(gate)]
+    return svc.start()
+
+
+def _send(pub, samples, seqs):
+    for seq in seqs:
+        for stream, x in samples.items():
+            pub.send(stream, seq, x[seq - 1])
+    pub.flush()
+
+
+def _answered(col, samples, seqs):
+    want = {(s, q) for s in samples for q in seqs}
+    return lambda: want <= set(col.predictions())
+
+
+def _held_snapshot(bundles, broker, tmp_path):
+    """A service answering 20 samples of each of 4 streams, then holding the snapshot asked
+    for at its write while it answers 20 more: (service, collector, publisher, samples)."""
+    from tests.mqtt_helpers import Collector, Publisher, wait_until
+
+    samples = {f"dev-{i}": np.random.default_rng(i).normal(0, 3, (60, 6)) for i in range(4)}
+    col = Collector(broker.url)
+    svc = _gated(bundles, broker, tmp_path / "state", tmp_path / "gate")
+    wait_until(col.online, 30, "runtime online")
+    pub = Publisher(broker.url)
+    _send(pub, samples, range(1, 21))
+    wait_until(_answered(col, samples, range(1, 21)), 30, "the first answers")
+    pub.raw("edge/control/edge-test", b'{"cmd": "snapshot"}')
+    wait_until((tmp_path / "gate.1").exists, 30, "the snapshot write to begin")
+    _send(pub, samples, range(21, 41))
+    # The write is held: the samples after it are answered all the same (the answer path
+    # waited for the whole write, fsyncs and all, and here for ever).
+    wait_until(_answered(col, samples, range(21, 41)), 30, "answers while the snapshot is written")
+    assert not _snapshot_done(col), "snapshot said done before its file was written"
+    return svc, col, pub, samples
+
+
+def _snapshot_done(col):
+    return any(d.get("snapshot") == "done" for _, d in col.of("edge/status/edge-test"))
+
+
+def _resumed_exactly(bundles, broker, tmp_path, col, pub, samples):
+    """Restart plainly, send the last 20 samples: every answer ever given is the one of an
+    uninterrupted run (a sample replayed twice, or lost, changes the state after it)."""
+    from tests.mqtt_helpers import Serve, offline, wait_until
+
+    svc = Serve(bundles / "clf-int8", broker.url, tmp_path / "state").start()
+    try:
+        wait_until(lambda: col.online(), 30, "runtime online again")
+        _send(pub, samples, range(41, 61))
+        wait_until(_answered(col, samples, range(1, 61)), 60, "every answer")
+        expected = offline(bundles / "clf-int8", samples)
+        for key, ys in col.predictions().items():
+            for y in ys:
+                np.testing.assert_array_equal(y, expected[key], err_msg=str(key))
+    finally:
+        assert svc.stop() == 0, svc.output()
+
+
+@pytest.mark.broker
+def test_a_kill_9_while_a_snapshot_is_written_beside_the_answers_loses_nothing(
+    bundles, broker, tmp_path
+):
+    svc, col, pub, samples = _held_snapshot(bundles, broker, tmp_path)
+    svc.kill9()
+    gens = lambda kind: [int(p.name[-12:-4]) for p in (tmp_path / "state").glob(kind)]  # noqa: E731
+    assert max(gens("wal-*")) > max(gens("snap-*"), default=0)  # its segment, not its snapshot
+    _resumed_exactly(bundles, broker, tmp_path, col, pub, samples)
+
+
+@pytest.mark.broker
+def test_a_snapshot_written_beside_the_answers_holds_the_state_it_began_with(
+    bundles, broker, tmp_path
+):
+    from edge import snapshot, wal
+    from tests.mqtt_helpers import wait_until
+
+    svc, col, pub, samples = _held_snapshot(bundles, broker, tmp_path)
+    (tmp_path / "gate.1.go").write_text("go")
+    wait_until(lambda: _snapshot_done(col), 30, "snapshot done")
+    journal = Journal(tmp_path / "state")
+    gen = max(int(p.name[5:13]) for p in journal.dir.glob("snap-*"))
+    snap = snapshot.read(journal.path("snap", gen))
+    assert dict(zip(snap.streams, snap.last_seq.tolist())) == dict.fromkeys(samples, 20)
+    logged = [
+        (e.stream, e.seq)
+        for e in wal.scan(journal.path("wal", gen).read_bytes())
+        if isinstance(e, wal.Record)
+    ]
+    assert sorted(logged) == sorted((s, q) for s in samples for q in range(21, 41))
+    svc.kill9()
+    _resumed_exactly(bundles, broker, tmp_path, col, pub, samples)
+
+
+@pytest.mark.broker
+def test_a_snapshot_write_failing_beside_the_answers_degrades_retries_and_loses_nothing(
+    bundles, broker, tmp_path
+):
+    from tests.mqtt_helpers import wait_until
+
+    svc, col, pub, samples = _held_snapshot(bundles, broker, tmp_path)
+    (tmp_path / "gate.1.go").write_text("fail")
+    status = lambda: col.of("edge/status/edge-test")[-1][1]  # noqa: E731
+    wait_until(lambda: status().get("state") == "degraded", 30, "degraded")
+    assert "Input/output error" in status()["reason"]
+    wait_until((tmp_path / "gate.2").exists, 30, "the snapshot retried")
+    assert not _snapshot_done(col)
+    (tmp_path / "gate.2.go").write_text("go")
+    wait_until(lambda: _snapshot_done(col), 30, "snapshot done once retried")
+    assert status().get("state") == "online"
+    svc.kill9()
+    _resumed_exactly(bundles, broker, tmp_path, col, pub, samples)

@@ -124,7 +124,9 @@ class Disk:
         return p
 
 
-def run(bundles, state, msgs, seed, kills, reorder_ms, disk=None):
+def run(bundles, state, msgs, seed, kills, reorder_ms, disk=None, background=False):
+    """``background``: checkpoints written by their thread while the rounds go on; a kill
+    while one is in flight finds its snapshot in place or (at random) not yet."""
     rng = random.Random(seed)
     fate = random.Random(seed + 1000)  # kills: drawn apart, so both runs see the same batches
     clock = Clock()
@@ -150,8 +152,12 @@ def run(bundles, state, msgs, seed, kills, reorder_ms, disk=None):
             if fate.random() < 0.7:
                 p.outbox.acked(mid)
         if rng.random() < 0.1:
-            assert p.checkpoint() or disk.full
+            assert p.checkpoint(background=background) or disk.full
+        p.checkpoint_done()
         if fate.random() < kills:
+            gen = p.journal.generation
+            if p.journal.checkpointing and p.journal.finish() and fate.random() < 0.5:
+                p.journal.path("snap", gen).unlink()  # killed before its rename
             p.journal.close()  # kill -9: only what is in the log survives
             p = disk.attach(make(bundles, state, clock, reorder_ms=reorder_ms))
             again = p.outbox.take()
@@ -173,20 +179,32 @@ SEEDS = range(int(os.environ.get("EDGE_LSTM_CRASH_SEEDS", "6")))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_kills_never_change_an_answer(bundles, tmp_path, seed):
+@pytest.mark.parametrize("background", [False, True])
+def test_kills_never_change_an_answer(bundles, tmp_path, seed, background):
     msgs, _ = traffic(seed)
     calm = run(bundles, tmp_path / "calm", msgs, seed, kills=0, reorder_ms=0)
-    chaos = run(bundles, tmp_path / "chaos", msgs, seed, kills=0.08, reorder_ms=0)
+    chaos = run(
+        bundles, tmp_path / "chaos", msgs, seed, kills=0.08, reorder_ms=0, background=background
+    )
     ys = lambda got: {k: v for k, v in got.items() if k[1] is not None}  # noqa: E731
     assert ys(chaos) == ys(calm)  # (a redelivery may add an error answer, never a prediction)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("full_disk", [False, True])
-def test_kills_with_reordering_never_answer_twice_or_lose(bundles, tmp_path, seed, full_disk):
+@pytest.mark.parametrize("how", ["", "full_disk", "background"])
+def test_kills_with_reordering_never_answer_twice_or_lose(bundles, tmp_path, seed, how):
     msgs, valid = traffic(seed)
-    disk = Disk(enabled=full_disk)
-    got = run(bundles, tmp_path / "chaos", msgs, seed, kills=0.08, reorder_ms=200, disk=disk)
+    disk = Disk(enabled=how == "full_disk")
+    got = run(
+        bundles,
+        tmp_path / "chaos",
+        msgs,
+        seed,
+        kills=0.08,
+        reorder_ms=200,
+        disk=disk,
+        background=how == "background",
+    )
     two = [k for k, v in got.items() if k[1] is not None and len(v) > 1]
     assert not two, f"answered with two different y: {two[:5]}"
     lost = [k for k in valid if k not in got and (k[0], None, k[2]) not in got]

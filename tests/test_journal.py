@@ -717,3 +717,105 @@ def test_a_checkpoint_a_crash_cut_short_before_its_snapshot_lost_nothing(tmp_pat
     got = Journal(tmp_path).recover(lambda path: {"lsn": 1})
     assert not got.lost and got.damage == []
     assert [e.lsn for e in got.entries if isinstance(e, Record)] == [2, 3, 4]
+
+
+def _held_checkpoint(j, fail=False):
+    """A checkpoint begun in the background whose snapshot write waits for ``go``."""
+    import threading
+
+    go = threading.Event()
+
+    def take(path, extra):
+        def write():
+            assert go.wait(30)
+            if fail:
+                raise SnapshotError(f"{path}: cannot write snapshot: Input/output error")
+            Path(path).write_text(json.dumps(extra))
+
+        return write
+
+    j.start_checkpoint(take, [rec("a", 4, 3, carried=True), Mark(1)], {"lsn": 3}, background=True)
+    return go
+
+
+def _lsns(got):
+    return [e.lsn for e in got.entries if isinstance(e, Record)]
+
+
+def _restore(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_what_is_logged_while_a_snapshot_is_written_is_replayed_once_after_it(tmp_path):
+    """The log goes on in the new segment while its snapshot is written: kill -9 then (the
+    snapshot not in place) replays it on the snapshot before, once in place on the new one;
+    either way every entry once, the copies the checkpoint carried not again."""
+    j = Journal(tmp_path)
+    j.recover(no_restore)
+    j.append([rec("a", 1, 1), rec("a", 2, 2), rec("a", 4, 3)])  # 4 is held for reordering
+    go = _held_checkpoint(j)
+    assert j.checkpointing and not j.pending_done()
+    j.append([rec("a", 3, 4)])
+    j.append([rec("a", 5, 5)])
+    got = Journal(tmp_path).recover(_restore)  # as a crash now finds it
+    assert got.generation == 0 and not got.damage and not got.lost
+    assert _lsns(got) == [1, 2, 3, 4, 5]
+    go.set()
+    assert j.finish() and not j.checkpointing
+    assert j.changed  # logged after the snapshot began: the next one is not skipped
+    j.close()
+    got = Journal(tmp_path).recover(_restore)
+    assert got.generation == 1 and got.base_lsn == 3 and not got.damage
+    assert _lsns(got) == [3, 4, 5]  # the copy of the held one, to hold it again
+
+
+def test_a_snapshot_failing_in_the_background_keeps_the_log_written_meanwhile(tmp_path):
+    """Its segment holds entries acknowledged while it was written: kept, the log goes on in
+    it, and a restart replays it on the snapshot before; the failure is raised by ``finish``.
+    With nothing logged meanwhile the directory is left as it was, as a failed checkpoint
+    always left it."""
+    j = Journal(tmp_path)
+    j.recover(no_restore)
+    j.append([rec("a", 1, 1), rec("a", 2, 2), rec("a", 4, 3)])
+    _held_checkpoint(j, fail=True).set()
+    with pytest.raises(SnapshotError):
+        j.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wal-00000000.log"]
+    go = _held_checkpoint(j, fail=True)
+    j.append([rec("a", 3, 4)])
+    go.set()
+    with pytest.raises(SnapshotError, match="Input/output error"):
+        j.finish()
+    j.append([rec("a", 5, 5)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wal-00000000.log", "wal-00000001.log"]
+    j.close()
+    got = Journal(tmp_path).recover(_restore)
+    assert not got.damage and not got.lost and _lsns(got) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_a_torn_write_after_the_copies_of_an_unfinished_checkpoint_is_the_logs_own(tmp_path, fsync):
+    """The copies a checkpoint begins its segment with, cut short, lost nothing; a write torn
+    after them is of the log going on while the snapshot was written, reported as a torn
+    last write anywhere is (what it may have cost told as there)."""
+    j = Journal(tmp_path, fsync=fsync)
+    j.recover(no_restore)
+    j.append([rec("a", 1, 1), rec("a", 2, 2), rec("a", 4, 3)])
+    go = _held_checkpoint(j)
+    j.append([rec("a", 3, 4)])
+    seg = tmp_path / "wal-00000001.log"
+    at = seg.stat().st_size
+    j.append([rec("a", 5, 5)])
+    torn = seg.read_bytes()[:-5]
+    go.set()
+    j.finish()
+    j.close()
+    (tmp_path / "snap-00000001.bin").unlink()  # a crash before it was in place
+    seg.write_bytes(torn)
+    got = Journal(tmp_path, fsync=fsync).recover(_restore)
+    assert _lsns(got) == [1, 2, 3, 4]
+    assert got.damage == [
+        f"wal-00000001.log: ends inside an entry at offset {at} (a torn last write, or the file "
+        "cut short), skipped"
+    ]
+    assert got.lost is not fsync

@@ -225,6 +225,7 @@ def start_runtime(
     prefix: str = "v5",
     cores: set[int] | None = None,
     extra: tuple[str, ...] = (),
+    tree: str | None = None,
 ) -> Runtime:
     """edge-lstm serve in its own process, returned once its retained status says online.
     It reads ``{prefix}/{stream}/data``, so that several can wait side by side."""
@@ -246,7 +247,10 @@ def start_runtime(
             f"{prefix}/{{stream}}/data",
             *extra,
         ),
-    ).start()
+    )
+    if tree is not None:  # its ``edge`` first on the path
+        rt.cmd[1:3] = ["-c", f"import sys; sys.path.insert(0, {tree!r}); {RUN}"]
+    rt.start()
     seen = threading.Event()
     c = client(url, f"bench-status-{time.monotonic_ns()}")
     c.on_message = lambda cl, u, m: seen.set() if b'"online"' in m.payload else None
@@ -255,6 +259,23 @@ def start_runtime(
     seen.wait(30)
     close_client(c)
     return rt
+
+
+RUN = "from edge.cli import main; raise SystemExit(main())"  # a runtime of another tree
+
+
+def latency_window(
+    url: str, sink: Sink, prefix: str, rate: float, count: int, start_seq: int, streams: int
+) -> tuple[float, ...]:
+    """(p50, p99, p99.9, max) in ms of ``count`` messages to ``streams`` streams of
+    ``prefix`` at ``rate``."""
+    sink.lat.clear()
+    base = sink.n
+    msgs = messages(streams, count, start_seq=start_seq, prefix=prefix)
+    paced(url, msgs, rate)
+    sink.wait_for(base + count, 30)
+    lat = np.array(sink.lat) * 1000
+    return tuple(float(np.percentile(lat, q)) for q in (50, 99, 99.9, 100))
 
 
 def rss_mb(rt: Runtime) -> float:
@@ -271,6 +292,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=0, help="interleaved throughput rounds")
     ap.add_argument("--throughput-only", action="store_true", help="part 1 only")
     ap.add_argument("--echo", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--against",
+        metavar="TREE",
+        help="also measure the latency of serve from another source tree (an older commit's "
+        "worktree), its windows interleaved with this one's",
+    )
+    ap.add_argument("--latency-rounds", type=int, default=1, help="latency windows per runtime")
+    ap.add_argument(
+        "--latency-streams", type=int, default=1000, help="streams of the latency windows"
+    )
     args = ap.parse_args()
     if args.echo:
         echo_main(args.echo)
@@ -334,18 +365,34 @@ def main() -> int:
 
             half = rt_rate / 2
             log(f"latency at half the runtime's maximum: {half:.0f} msg/s")
-            sink.lat.clear()
-            base = sink.n
             count = int(half * SNAPSHOT_SECONDS * (1 if args.quick else 2))
-            paced(url, messages(1000, count, start_seq=10_000), half)
-            sink.wait_for(base + count, 30)
-            lat = np.array(sink.lat) * 1000
-            results.update(
-                latency_rate_msgs_per_s=half,
-                latency_p50_ms=float(np.percentile(lat, 50)),
-                latency_p99_ms=float(np.percentile(lat, 99)),
-                latency_samples=len(lat),
-            )
+            runs = {"": (rt, "v5")}
+            if args.against:  # the same load, the windows interleaved
+                old = start_runtime(bundle, url, work / "old", "5", "old", {0}, tree=args.against)
+                runs["against_"] = (old, "old")
+            streams = args.latency_streams
+            for name, (_, prefix) in runs.items():  # every stream made, in both
+                if streams > 1000 or name:
+                    latency_window(url, sink, prefix, half, max(count, streams), 10_000, streams)
+            lat: dict[str, list[tuple[float, ...]]] = {name: [] for name in runs}
+            for r in range(args.latency_rounds):
+                for name, (_, prefix) in runs.items():
+                    got = latency_window(url, sink, prefix, half, count, 20_000 + 1000 * r, streams)
+                    lat[name].append(got)
+                    log(
+                        f"  round {r + 1}: {name or 'this'} p50 {got[0]:.1f} ms, p99 {got[1]:.1f}"
+                        f" ms, p99.9 {got[2]:.1f} ms, max {got[3]:.1f} ms"
+                    )
+            results.update(latency_rate_msgs_per_s=half, latency_samples=count)
+            results["latency_streams"] = streams
+            for name, got in lat.items():
+                for i, what in enumerate(("p50", "p99", "p99.9", "max")):
+                    values = [g[i] for g in got]
+                    results[f"{name}latency_{what}_ms"] = statistics.median(values)
+                    results[f"{name}latency_{what}_ms_min"] = min(values)
+                    results[f"{name}latency_{what}_ms_max"] = max(values)
+            if args.against:
+                old.stop()
 
             log("RSS with 10,000 active streams")
             base = sink.n

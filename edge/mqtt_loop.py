@@ -11,6 +11,7 @@ backlog stays at the broker, not in our memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -1017,6 +1018,8 @@ class MqttService:
             return self._shutdown()
         finally:
             self.network.stop()
+            with contextlib.suppress(Exception):  # whole before the directory is let go
+                self.processor.journal.finish()
             self.processor.journal.close()
             self.lock.release()
 

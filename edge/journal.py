@@ -31,6 +31,7 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,6 @@ class _Pending:
     carried: int  # the size of its segment when begun: the carried copies only
     lost: str | None  # ``Journal.lost`` when it began: the loss it mends
     done: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
     error: BaseException | None = None
     size: int = 0  # of the snapshot written
 
@@ -118,6 +118,7 @@ class Journal:
         self._torn: tuple[int, int] | None = None
         self._unfinished = False  # the newest segment ends inside a round (see ``open``)
         self._pending: _Pending | None = None  # the checkpoint in flight
+        self._writer: ThreadPoolExecutor | None = None  # writes its snapshot (``background``)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"state_dir {shown(str(self.dir))} exists and is not a directory")
 
@@ -433,10 +434,11 @@ class Journal:
         pending = _Pending(gen, self._size, self.lost)
         self._pending = pending
         if background:
-            pending.thread = threading.Thread(
-                target=self._write_snapshot, args=(pending, synced, write), name="edge-checkpoint"
-            )
-            pending.thread.start()  # not a daemon: an exit waits for the file to be whole
+            # One thread kept for them: starting one waits until it runs, which on a busy
+            # machine took milliseconds. An exit waits for the work handed to it.
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="edge-checkpoint")
+            self._writer.submit(self._write_snapshot, pending, synced, write)
         else:
             self._write_snapshot(pending, synced, write)
 
@@ -479,8 +481,6 @@ class Journal:
         if pending is None:
             return False
         pending.done.wait()
-        if pending.thread is not None:
-            pending.thread.join()
         self._pending = None
         gen = pending.generation
         if pending.error is None:

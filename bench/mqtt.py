@@ -1,6 +1,7 @@
 """MQTT service benchmark against a local Mosquitto, side by side in one run.
 
-    .venv/bin/python -m bench.mqtt [--quick] [--rounds N]
+    .venv/bin/python -m bench.mqtt [--quick] [--rounds N] [--latency-rounds N]
+        [--latency-streams N] [--against TREE]
 
 1. Throughput per CPU-second of the process under test, each pinned to core 0 (the broker,
    the load and the sink to the other cores, when there are any): a bare paho
@@ -13,6 +14,10 @@
 2. Latency publish -> prediction at half the runtime's measured maximum throughput, paced by
    the raw-socket publisher (a paho publisher lags at that rate, and its lag reads as latency),
    for whole snapshot intervals (``SNAPSHOT_SECONDS``): each holds one snapshot's pause.
+   ``--against TREE`` runs a second ``serve`` from another source tree (``git worktree add``
+   of an older commit) and alternates its windows with this one's, at the same rate;
+   ``--latency-streams 10000`` gives the snapshot a size whose pause shows (with 1,000 streams
+   it is a few ms, within this machine's noise).
 3. RSS of the runtime with 10,000 active streams.
 4. Recovery after kill -9 at 1,000 msg/s offered: time from restart until the backlog is cleared.
 """

@@ -419,10 +419,12 @@ def test_a_log_write_the_full_disk_cut_short_leaves_no_hole(small_disk):
     assert [e.seq for e in got.entries if isinstance(e, Record)] == [1, 2]
 
 
-def test_a_directory_too_small_for_two_generations_keeps_one(small_disk):
+@pytest.mark.parametrize("background", [False, True])
+def test_a_directory_too_small_for_two_generations_keeps_one(small_disk, background):
     """The newest snapshot does not fit beside the two generations kept: the older one (only
     the fallback should the newer snapshot be damaged) goes, with a log line, and the
-    checkpoint succeeds; a directory that can never checkpoint would only fill further."""
+    checkpoint succeeds; a directory that can never checkpoint would only fill further.
+    Written in the background, the same, the log going on meanwhile."""
     state = small_disk / "state"
     j = Journal(state)
     j.recover(no_restore)
@@ -436,11 +438,13 @@ def test_a_directory_too_small_for_two_generations_keeps_one(small_disk):
     os.truncate(filler, filler.stat().st_size - 200_000)  # not room for a third snapshot
     j.reserve = lambda: 0  # as if the disk had filled by something else than the log
     j.append([rec("a", 3, 3)])
-    j.checkpoint(snapshot, [Mark(3)], {"lsn": 3})
+    take = lambda path, extra: lambda: snapshot(path, extra)  # noqa: E731
+    j.start_checkpoint(take, [Mark(3)], {"lsn": 3}, background=background)
+    j.append([rec("a", 4, 4)])
+    assert j.finish()
     assert sorted(p.name for p in state.iterdir()) == [
         "snap-00000002.bin", "snap-00000003.bin", "wal-00000002.log", "wal-00000003.log"
     ]  # fmt: skip
-    j.append([rec("a", 4, 4)])
     j.close()
     got = Journal(state).recover(lambda p: {"lsn": 3})
     assert got.generation == 3 and got.exact and not got.damage

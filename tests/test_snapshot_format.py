@@ -155,3 +155,25 @@ def test_a_signed_snapshot_with_numbering_out_of_range_is_refused(boots, gaps, m
         fmt.decode(fmt.encode(snap), "snap")
     snap.boots, snap.gaps = np.array([[3], [-1]], np.int64), np.array([[[4, 2]], [[0, 0]]])
     assert fmt.decode(fmt.encode(snap), "snap").boots.tolist() == [[3], [-1]]
+
+
+def test_a_header_of_many_streams_is_the_json_of_one_call():
+    """The header is encoded a slice of its long lists at a time (the writer lets the thread
+    answering samples in between): the bytes are the ones one ``json.dumps`` writes."""
+    n = 2 * fmt.SLICE + 7
+    snap = fmt.Snapshot(
+        "ab" * 32,
+        [["h0", 2, "int8", 0.1, 0]],
+        [f"dév-{i}" for i in range(n)],
+        np.arange(n),
+        [np.zeros((n, 2), np.int8)],
+        {"lsn": 3, "reorder": {f"s{i}": [i, []] for i in range(n)}},
+        idle=np.linspace(0, 99.9999, n),
+    )
+    data = fmt.encode(snap)
+    (length,) = np.frombuffer(data, "<u4", 1, 12)
+    header = data[16 : 16 + int(length)]
+    assert header == json.dumps(json.loads(header)).encode()
+    got = fmt.decode(data)
+    assert got.streams == snap.streams and got.extra == snap.extra
+    np.testing.assert_allclose(got.idle, np.round(snap.idle, 3))

@@ -84,10 +84,12 @@ class Backend:
         if self.builtin_only:
             kwargs["experimental_op_resolver_type"] = self.builtin_resolver
         try:
-            with interpreter_lines():  # the delegate, made at the first allocation, says so
+            with interpreter_lines():
                 interp = self.make_interpreter(**kwargs)
-                interp.allocate_tensors()
-            runner: SignatureRunner = interp.get_signature_runner(signature)
+                # No interp.allocate_tensors() here: tflite-runtime 2.14 applies its default
+                # delegate there but not in the signature runner's, so calling it would turn a
+                # float model's built-in kernel set into XNNPACK's (other bits).
+                runner: SignatureRunner = interp.get_signature_runner(signature)
         except Exception as exc:  # the interpreters raise ValueError/RuntimeError freely
             # one line: TFLite ends with "Registration failed." after the line saying why
             why = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())

@@ -18,6 +18,7 @@ from .errors import BackendError, BundleError, ConfigError, shown
 from .manifest import Manifest, TensorSpec
 from .softmax import IntSoftmax
 from .state_store import whole_number
+from .stderr_filter import interpreter_lines
 
 NP_DTYPES: dict[str, type[np.generic]] = {"int8": np.int8, "int16": np.int16, "float32": np.float32}
 INT_RANGES = {"int8": (-128, 127), "int16": (-32768, 32767)}
@@ -100,8 +101,10 @@ class StepModel:
         ]
         self.decode_y = output_decoder(manifest)
         # One step from zero state applies the interpreter's lazy delegates, so the execution
-        # plan then shows the kernels every later invoke runs.
-        self.invoke(self.encode_x(np.zeros((1, manifest.features))), self.zero_state())
+        # plan then shows the kernels every later invoke runs (and the delegate's line is
+        # written now, where the service catches it).
+        with interpreter_lines():
+            self.invoke(self.encode_x(np.zeros((1, manifest.features))), self.zero_state())
         self.kernels = kernel_set(backend, interpreter)
 
     def _check_signature(self, runner: SignatureRunner) -> None:

@@ -8,8 +8,8 @@ through a pipe that drops exactly these lines and forwards everything else uncha
 
 A service (``edge-lstm``) does not: a thread between its log and its stderr would lose the
 last lines before a crash, and block every log call once the reader of stderr is gone. There
-only the making of an interpreter, which writes "Created TensorFlow Lite XNNPACK delegate for
-CPU." from C++, is caught (``interpreter_lines``).
+only the making of an interpreter and its first step, where its delegate writes "Created
+TensorFlow Lite XNNPACK delegate for CPU." from C++, are caught (``interpreter_lines``).
 """
 
 from __future__ import annotations

@@ -53,6 +53,18 @@ def test_the_runtime_detects_its_kernel_set_and_it_is_a_verified_one(bundles):
     assert e.manifest.kernels["reference"] == "litert-xnnpack"
 
 
+def test_a_float_bundle_runs_the_kernel_set_each_interpreter_takes_by_default(bundles):
+    """ai-edge-litert gives a float model to XNNPACK; tflite-runtime 2.14's signature runner
+    never applies its default delegate, so the device keeps its built-in kernels. Loading must
+    not change that (a whole-interpreter allocation would apply XNNPACK there: other bits than
+    the ones the converter verified)."""
+    chosen = backend.select(os.environ.get("EDGE_LSTM_EXPECT_BACKEND"))
+    e = edge.load(bundles / "clf-float32")
+    delegated = chosen.name != "tflite"
+    assert e.model.kernels == backend.kernel_set_name(chosen.family, delegated, backend.machine())
+    assert e.model.kernels in e.manifest.verified_kernels
+
+
 def test_switching_the_delegates_off_is_seen_in_the_execution_plan(bundles):
     chosen = backend.select()
     e = edge.load(bundles / BUNDLE, builtin_kernels=True, kernel_mismatch="allow")

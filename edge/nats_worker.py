@@ -1025,6 +1025,7 @@ class Worker:
             # What this partition's state took in already, delivered again: also as a first
             # delivery by a server that lost its consumers' newest acknowledgements (killed)
             handled = max(part.replay_until, part.covered)
+            forgotten = part.twins.forgotten
             for m in msgs:
                 twin = part.twins.admit(m.subject, m.data, m.headers)
                 if twin is None:
@@ -1040,6 +1041,8 @@ class Worker:
                     )
                 else:
                     batch.append(item)
+            if part.twins.forgotten != forgotten:
+                self._twins_let_go(part, part.twins.forgotten - forgotten)
             if msgs:
                 since = time.monotonic()
                 while not proc.handle(batch):  # the scratch journal is unwritable
@@ -1078,6 +1081,21 @@ class Worker:
             if crowded or time.monotonic() - part.last_snapshot >= self.opts.snapshot_interval:
                 proc.requests.discard("checkpoint")
                 await self._snapshot(part, force=crowded)
+
+    def _twins_let_go(self, part: Partition, n: int) -> None:
+        """Copies whose twin was awaited past ``Twins.capacity``: counted, said once."""
+        first = not self.metrics.counters["mqtt_twins_forgotten"]
+        self.metrics.inc("mqtt_twins_forgotten", n)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "partition %d: mqtt_twins_forgotten: %d MQTT publishes stepped whose second copy "
+            "had not come among the %d awaited; such a copy that still comes is stepped again "
+            "(answered as a duplicate when it carries a seq)%s",
+            part.number,
+            n,
+            part.twins.capacity,
+            " (said once)" if first else "",
+        )
 
     async def _gone(self, part: Partition, msgs: list[Any]) -> None:
         """Whether the stream's limits (``max_msgs``, ``max_bytes``, ``max_age`` with discard

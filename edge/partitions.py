@@ -93,6 +93,9 @@ class Twins:
         self.capacity = capacity
         # key -> copies stepped whose twin has not come yet: > 0 live ones, < 0 stored ones
         self._open: OrderedDict[bytes, int] = OrderedDict()
+        # entries let go beyond capacity, oldest first: a twin of theirs that still comes is
+        # stepped again (a duplicate when it carries a seq), so the worker reports them
+        self.forgotten = 0
 
     @staticmethod
     def _key(subject: str, data: bytes) -> bytes:
@@ -115,6 +118,7 @@ class Twins:
         self._open.move_to_end(key)
         while len(self._open) > self.capacity:
             self._open.popitem(last=False)
+            self.forgotten += 1
         return side < 0
 
     def export(self) -> list[list[Any]]:

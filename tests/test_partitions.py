@@ -140,7 +140,9 @@ def test_twins_forget_the_oldest_beyond_capacity() -> None:
     t = Twins(capacity=2)
     for b in (b"1", b"2", b"3"):
         assert t.admit("in.0.a.data", b, _live()) is False
-    assert t.admit("in.0.a.data", b"1", _stored()) is True  # forgotten: stepped again, silently
+    assert t.forgotten == 1  # reported by the worker (mqtt_twins_forgotten)
+    assert t.admit("in.0.a.data", b"1", _stored()) is True  # forgotten: stepped again
+    assert t.forgotten == 2  # its own entry (awaiting a live twin) let "2" go
     assert t.admit("in.0.a.data", b"3", _stored()) is None
 
 

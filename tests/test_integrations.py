@@ -5,11 +5,13 @@ Grafana dashboard's every metric scraped from a real service's Prometheus endpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -560,11 +562,12 @@ def test_sensors_of_many_streams_a_broker_lost_are_announced_again_paced(service
     watch.close()
 
 
-def test_sensors_a_reload_changes_for_many_streams_are_removed_paced(bundles, broker, tmp_path):
-    """A reload to a model of other outputs removed every stream's old sensors in one burst
-    (thousands of empty messages at once), predictions waiting behind it. The removals go out
-    a hundred streams' worth a second, predictions in between, each sensor removed once."""
+@contextlib.contextmanager
+def _announced(bundles: Path, broker: Any, tmp_path: Path, n: int) -> Iterator[Any]:
+    """``serve`` with discovery on a copy of the int8 classifier (``.model``), ``n`` streams
+    and "p" heard and all announced; the service, publisher, watcher and pinger as attributes."""
     import shutil
+    from types import SimpleNamespace
 
     from tests.mqtt_helpers import Serve
 
@@ -576,38 +579,48 @@ def test_sensors_a_reload_changes_for_many_streams_are_removed_paced(bundles, br
         watch = Watcher(broker.url, client_id="watcher")
         wait_until(watch.online, 60, "online")
         pub = Publisher(broker.url)
-        streams = many_streams(pub, 600) | {"p"}
+        streams = many_streams(pub, n) | {"p"}
         ping = Pinger(pub, watch)
         ping()
+        wait_until(lambda: sensors_of(broker.url) == streams, 120, "every stream announced")
+        yield SimpleNamespace(
+            svc=svc, pub=pub, watch=watch, ping=ping, model=model, streams=streams
+        )
+        pub.close()
+        watch.close()
+    finally:
+        svc.stop()
+
+
+def test_sensors_a_reload_changes_for_many_streams_are_removed_paced(bundles, broker, tmp_path):
+    """A reload to a model of other outputs removed every stream's old sensors in one burst
+    (thousands of empty messages at once), predictions waiting behind it. The removals go out
+    a hundred streams' worth a second, predictions in between, each sensor removed once."""
+    import shutil
+
+    with _announced(bundles, broker, tmp_path, 600) as run:
         old = {
             f"homeassistant/sensor/edge-test/{s}_{k}/config"
-            for s in streams
+            for s in run.streams
             for k in ("label", "probability")
         }
-        wait_until(lambda: set(retained(broker.url, "homeassistant")) == old, 120, "announced")
-        start = len(watch.messages)
-        shutil.rmtree(model)
-        shutil.copytree(bundles / "reg2-int8", model)  # a regressor: sensors y0, y1
-        pub.raw("edge/control/edge-test", b'{"cmd": "reload"}')
-        said = lambda: [d for _, d in watch.of("edge/status/") if "reload" in d]  # noqa: E731
-        wait_until(said, 60, "the reload answered")
-        assert said()[-1]["reload"] == "state layout changed: all streams reset"
+        wait_until(lambda: set(retained(broker.url, "homeassistant")) == old, 120, "both sensors")
+        start = len(run.watch.messages)
+        shutil.rmtree(run.model)
+        shutil.copytree(bundles / "reg2-int8", run.model)  # a regressor: sensors y0, y1
+        assert _reloaded(run.pub, run.watch) == "state layout changed: all streams reset"
         new = {t.replace("_label/", "_y0/").replace("_probability/", "_y1/") for t in old}
         held = lambda: set(retained(broker.url, "homeassistant")) == new  # noqa: E731
-        ping.width = 3  # the regressor's features
-        ping.until(held, "sensors of the new model alone")
-        seen = watch.messages[start:]
+        run.ping.width = 3  # the regressor's features
+        run.ping.until(held, "sensors of the new model alone")
+        seen = run.watch.messages[start:]
         removed = [t for t, d in seen if d == {"raw": ""}]
         assert sorted(removed) == sorted(old), "each old sensor removed once"
         gone = [d == {"raw": ""} for t, d in seen]
         order = "".join("r" if g else "p" for (t, _), g in zip(seen, gone) if g or t[0] == "p")
         assert order.strip("p").count("p") >= 2, order  # answers between removals
-        assert "every stream announced, every sensor removed" in svc.output()
-        assert svc.alive() and "Traceback" not in svc.output()
-        pub.close()
-        watch.close()
-    finally:
-        svc.stop()
+        assert "every stream announced, every sensor removed" in run.svc.output()
+        assert run.svc.alive() and "Traceback" not in run.svc.output()
 
 
 def _reloaded(pub: Publisher, watch: Watcher) -> str:
@@ -625,34 +638,18 @@ def test_sensor_removals_still_queued_at_a_stop_are_sent_before_it_ends(bundles,
     stop sends up to three more rounds of them before it says offline."""
     import shutil
 
-    from tests.mqtt_helpers import Serve
-
-    model = tmp_path / "bundle"
-    shutil.copytree(bundles / "clf-int8", model)
-    flags = ("--ha-discovery", "true", "--reorder-ms", "0", "--max-batch", "64")
-    svc = Serve(model, broker.url, tmp_path / "state", *flags).start()
-    try:
-        watch = Watcher(broker.url, client_id="watcher")
-        wait_until(watch.online, 60, "online")
-        pub = Publisher(broker.url)
-        streams = many_streams(pub, 299) | {"p"}
-        Pinger(pub, watch)()
-        wait_until(lambda: sensors_of(broker.url) == streams, 120, "every stream announced")
-        shutil.rmtree(model)
-        shutil.copytree(bundles / "reg2-int8", model)  # a regressor: sensors y0, y1
-        assert _reloaded(pub, watch) == "state layout changed: all streams reset"
-        assert svc.stop() == 0
+    with _announced(bundles, broker, tmp_path, 299) as run:
+        shutil.rmtree(run.model)
+        shutil.copytree(bundles / "reg2-int8", run.model)  # a regressor: sensors y0, y1
+        assert _reloaded(run.pub, run.watch) == "state layout changed: all streams reset"
+        assert run.svc.stop() == 0
         left = [
-            t
-            for t in retained(broker.url, "homeassistant")
-            if not t.endswith(("_y0/config", "_y1/config"))
+            topic
+            for topic in retained(broker.url, "homeassistant")
+            if not topic.endswith(("_y0/config", "_y1/config"))
         ]
         assert left == [], f"{len(left)} sensors of the old model left, e.g. {left[:3]}"
-        assert "Traceback" not in svc.output()
-        pub.close()
-        watch.close()
-    finally:
-        svc.stop()
+        assert "Traceback" not in run.svc.output()
 
 
 def test_a_reload_that_keeps_the_sensors_leaves_no_stream_named_by_the_old_model(
@@ -664,25 +661,13 @@ def test_a_reload_that_keeps_the_sensors_leaves_no_stream_named_by_the_old_model
     prediction's ``model`` attribute: a reload whose sensors are the same changes nothing."""
     import shutil
 
-    from tests.mqtt_helpers import Serve
-
-    model = tmp_path / "bundle"
-    shutil.copytree(bundles / "clf-int8", model)
-    flags = ("--ha-discovery", "true", "--reorder-ms", "0", "--max-batch", "64")
-    svc = Serve(model, broker.url, tmp_path / "state", *flags).start()
-    try:
-        watch = Watcher(broker.url, client_id="watcher")
-        wait_until(watch.online, 60, "online")
-        pub = Publisher(broker.url)
-        streams = many_streams(pub, 600) | {"p"}
-        Pinger(pub, watch)()
-        wait_until(lambda: sensors_of(broker.url) == streams, 120, "every stream announced")
-        shutil.rmtree(model)
-        shutil.copytree(bundles / "clf-float32", model)  # another model, the same sensors
-        _reloaded(pub, watch)
-        new = read_bundle(model)[0]
+    with _announced(bundles, broker, tmp_path, 600) as run:
+        shutil.rmtree(run.model)
+        shutil.copytree(bundles / "clf-float32", run.model)  # another model, the same sensors
+        _reloaded(run.pub, run.watch)
+        new = read_bundle(run.model)[0]
         configs = retained(broker.url, "homeassistant")
-        assert len(configs) == 2 * len(streams)
+        assert len(configs) == 2 * len(run.streams)
         for topic, body in configs.items():
             stream = json.loads(body)["state_topic"].split("/", 1)[1]
             want = dict(sensor_configs(
@@ -691,14 +676,7 @@ def test_a_reload_that_keeps_the_sensors_leaves_no_stream_named_by_the_old_model
             ))  # fmt: skip
             assert json.loads(body) == want[topic], topic
             assert json.loads(body)["device"]["name"] == stream
-        assert svc.alive() and "Traceback" not in svc.output()
-        pub.close()
-        watch.close()
-    finally:
-        svc.stop()
-
-
-# --- Grafana --------------------------------------------------------------------------------
+        assert run.svc.alive() and "Traceback" not in run.svc.output()
 
 
 def dashboard_metrics() -> set[str]:

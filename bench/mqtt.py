@@ -62,41 +62,94 @@ def client(url: str, cid: str, inflight: int = 2000) -> mqtt.Client:
 
 
 class Sink:
-    """Counts answers and their latency (from the ``ts`` the sample carried), and errors."""
+    """Counts answers and their latency (from the ``ts`` the sample carried), and errors, in a
+    process of its own: in the benchmark's process it shared the interpreter lock with the
+    paced publisher and the collector with TensorFlow's heap (full collections of 200-300 ms),
+    and their turns read as the service's latency."""
 
     def __init__(self, url: str) -> None:
-        self.n = self.errors = 0
-        self.lat: list[float] = []
-        self.lock = threading.Lock()
-        self.c = client(url, f"bench-sink-{time.monotonic_ns()}")
-        self.c.on_message = self._on
-        ready = threading.Event()
-        self.c.on_subscribe = lambda *a: ready.set()
-        self.c.subscribe([("predictions/#", 1), ("errors/#", 1)])
-        self.c.loop_start()
-        ready.wait(5)
+        cmd = [sys.executable, "-m", "bench.mqtt", "--sink", url]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        if self._ask("ready") != "ready":
+            raise RuntimeError("the sink did not subscribe")
 
-    def _on(self, c: Any, u: Any, msg: Any) -> None:
-        now = time.time()
-        if msg.topic.startswith("errors/"):
-            with self.lock:
-                self.errors += 1
-            log(f"  unexpected error answer: {msg.payload[:200]!r}")
-            return
-        ts = json.loads(msg.payload).get("ts")
-        with self.lock:
-            self.n += 1
-            if ts:
-                self.lat.append(now - ts)
+    def _ask(self, cmd: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(cmd + "\n")
+        return self.proc.stdout.readline().strip()
+
+    @property
+    def n(self) -> int:
+        return int(self._ask("n"))
+
+    @property
+    def errors(self) -> int:
+        return int(self._ask("errors"))
+
+    def reset(self) -> None:
+        """Forget the latencies seen so far."""
+        self._ask("reset")
+
+    def latencies(self) -> list[float]:
+        """Latencies in seconds since the last ``reset``."""
+        return [float(v) for v in json.loads(self._ask("lat"))]
 
     def wait_for(self, n: int, timeout: float) -> float:
         t0 = time.monotonic()
         while self.n < n and time.monotonic() - t0 < timeout:
-            time.sleep(0.002)
+            time.sleep(0.005)
         return time.monotonic()
 
     def close(self) -> None:
-        close_client(self.c)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+def sink_main(url: str) -> None:
+    """The sink's process: subscribes, then answers one line per command on stdin."""
+    n = errors = 0
+    lat: list[float] = []
+    lock = threading.Lock()
+    ready = threading.Event()
+
+    def on_message(c: Any, u: Any, msg: Any) -> None:
+        nonlocal n, errors
+        now = time.time()
+        if msg.topic.startswith("errors/"):
+            with lock:
+                errors += 1
+            log(f"  unexpected error answer: {msg.payload[:200]!r}")
+            return
+        ts = json.loads(msg.payload).get("ts")
+        with lock:
+            n += 1
+            if ts:
+                lat.append(now - ts)
+
+    c = client(url, f"bench-sink-{time.monotonic_ns()}")
+    c.on_message = on_message
+    c.on_subscribe = lambda *a: ready.set()
+    c.subscribe([("predictions/#", 1), ("errors/#", 1)])
+    c.loop_start()
+    for line in sys.stdin:
+        with lock:
+            cmd = line.strip()
+            if cmd == "ready":
+                print("ready" if ready.wait(5) else "timeout", flush=True)
+            elif cmd == "n":
+                print(n, flush=True)
+            elif cmd == "errors":
+                print(errors, flush=True)
+            elif cmd == "reset":
+                lat.clear()
+                print("ok", flush=True)
+            elif cmd == "lat":
+                print(json.dumps(lat), flush=True)
+    close_client(c)
 
 
 def echo_main(url: str) -> None:
@@ -274,12 +327,12 @@ def latency_window(
 ) -> tuple[float, ...]:
     """(p50, p99, p99.9, max) in ms of ``count`` messages to ``streams`` streams of
     ``prefix`` at ``rate``."""
-    sink.lat.clear()
+    sink.reset()
     base = sink.n
     msgs = messages(streams, count, start_seq=start_seq, prefix=prefix)
     paced(url, msgs, rate)
     sink.wait_for(base + count, 30)
-    lat = np.array(sink.lat) * 1000
+    lat = np.array(sink.latencies()) * 1000
     return tuple(float(np.percentile(lat, q)) for q in (50, 99, 99.9, 100))
 
 
@@ -297,6 +350,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=0, help="interleaved throughput rounds")
     ap.add_argument("--throughput-only", action="store_true", help="part 1 only")
     ap.add_argument("--echo", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--sink", metavar="URL", help=argparse.SUPPRESS)
     ap.add_argument(
         "--against",
         metavar="TREE",
@@ -310,6 +364,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.echo:
         echo_main(args.echo)
+        return 0
+    if args.sink:
+        sink_main(args.sink)
         return 0
     n = 6000 if args.quick else 20000
     rounds = args.rounds or (2 if args.quick else 3)

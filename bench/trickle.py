@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
                         rt = rts[w]
                         assert rt.proc is not None
                         count = int(rate * args.seconds)
-                        sink.lat.clear()
+                        sink.reset()
                         base = sink.n
                         c0 = cpu_seconds(rt.proc.pid)
                         paced(broker.url, messages(STREAMS, count, seq, f"w{i}"), rate)
                         sink.wait_for(base + count, 120)
                         c1 = cpu_seconds(rt.proc.pid)
                         seq += count // STREAMS + 10
-                        lat = np.array(sink.lat) * 1000
+                        lat = np.array(sink.latencies()) * 1000
                         row = (
                             (c1 - c0) / count * 1000,
                             float(np.percentile(lat, 50)),

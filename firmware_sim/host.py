@@ -225,13 +225,17 @@ def search(
         )
         return bool(r["kept_up_real_time"])
 
+    # Doubling up to the limit, which is tried too: a search that stepped over it reported the
+    # count before as the most kept up, "first failing: none", without running the limit.
     good, bad, n = 0, None, start
-    while n <= limit:
+    while bad is None:
         if ok(n):
-            good, n = n, n * 2
+            good = n
+            if n >= limit:
+                break
+            n = min(n * 2, limit)
         else:
             bad = n
-            break
     if bad is not None:
         for _ in range(3):
             mid = (good + bad) // 2

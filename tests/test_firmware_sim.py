@@ -1101,8 +1101,27 @@ def test_the_host_search_stops_at_the_load_its_device_processes_can_offer(monkey
     monkeypatch.setattr(host, "MAX_PROCESSES", 4)
     r = host.search(Path("b"), 100.0, seconds=1, cores={0}, memory_mb=0, slowdown=None)
     top = host.offered_at_most(100.0)
-    assert top == 24 and asked == [10, 20] and r["search_limit_devices"] == top
-    assert r["max_devices_real_time"] == 20 and r["first_failing"] is None
+    assert top == 24 and asked == [10, 20, 24] and r["search_limit_devices"] == top
+    assert r["max_devices_real_time"] == 24 and r["first_failing"] is None
+
+
+def test_the_host_search_tries_its_limit_and_bisects_below_it(monkeypatch):
+    """Doubling from 320 stepped over a limit of 480 to 640 and stopped: the summary said 320
+    kept up and nothing failed, although 480 had never run. The limit is tried, and a count
+    below it that fails is bisected towards as any other."""
+    from firmware_sim import host
+
+    asked = []
+
+    def trial(bundle, n, rate, **kw):
+        asked.append(n)
+        return {"kept_up_real_time": n <= 350, "predictions_missing": 0, "runtime_peak_rss_mb": 1}
+
+    monkeypatch.setattr(host, "trial", trial)
+    monkeypatch.setattr(host, "offered_at_most", lambda rate, batch=1: 480)
+    r = host.search(Path("b"), 10.0, seconds=1, cores={0}, memory_mb=0, slowdown=None)
+    assert asked[:7] == [10, 20, 40, 80, 160, 320, 480] and asked[7:] == [400, 360, 340]
+    assert r["max_devices_real_time"] == 340 and r["first_failing"] == 360
 
 
 def test_a_cpu_slow_down_the_kernel_refuses_leaves_no_cgroup_behind(tmp_path, monkeypatch):

@@ -1124,6 +1124,28 @@ def test_the_host_search_tries_its_limit_and_bisects_below_it(monkeypatch):
     assert r["max_devices_real_time"] == 340 and r["first_failing"] == 360
 
 
+def test_real_time_is_judged_against_the_fastest_early_tenth_not_the_reorder_hold():
+    """A stream's first sample waits the runtime's reorder hold (600 ms), so the first tenth of
+    a 6 s trial was that much slower: a runtime 700 ms behind at the end was said to keep up.
+    The last tenth is judged against the fastest tenth of the first half."""
+    from firmware_sim.scorer import real_time
+
+    held = np.full(100, 600.0)
+    steady = np.full(800, 20.0)
+    behind = np.concatenate([held, steady[:400], np.linspace(20, 700, 500)])
+    r = real_time(behind, missing=0)
+    assert (
+        r["latency_first_tenth_median_ms"] == 600 and r["latency_early_best_tenth_median_ms"] == 20
+    )
+    assert r["latency_last_tenth_median_ms"] > 600 and r["kept_up_real_time"] is False
+    assert real_time(np.concatenate([held, steady, np.full(100, 30.0)]), 0)["kept_up_real_time"]
+    assert not real_time(np.concatenate([held, steady]), missing=1)["kept_up_real_time"]
+    rising = np.linspace(5, 2000, 1000)  # behind from the start
+    assert real_time(rising, 0)["kept_up_real_time"] is False
+    assert real_time(np.array([]), 0) == dict.fromkeys(real_time(np.array([3.0]), 0))
+    assert real_time(np.array([3.0]), 0)["kept_up_real_time"] is True
+
+
 def test_a_cpu_slow_down_the_kernel_refuses_leaves_no_cgroup_behind(tmp_path, monkeypatch):
     """The runtime's CPU cgroup was made before its quota was written: a quota the kernel
     refused (or no quota file) left the empty group in /sys/fs/cgroup for good, one per run."""

@@ -78,7 +78,10 @@ class Sink:
     def _ask(self, cmd: str) -> str:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(cmd + "\n")
-        return self.proc.stdout.readline().strip()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the sink process ended (exit code {self.proc.wait()})")
+        return line.strip()
 
     @property
     def n(self) -> int:

@@ -299,6 +299,7 @@ def start_runtime(
         client_id=cid,
         reorder_ms=0,
         cores=cores,
+        tree=tree,
         extra=(
             "--log-level",
             "warning",
@@ -309,8 +310,6 @@ def start_runtime(
             *extra,
         ),
     )
-    if tree is not None:  # its ``edge`` first on the path
-        rt.cmd[1:3] = ["-c", f"import sys; sys.path.insert(0, {tree!r}); {RUN}"]
     rt.start()
     seen = threading.Event()
     c = client(url, f"bench-status-{time.monotonic_ns()}")
@@ -320,9 +319,6 @@ def start_runtime(
     seen.wait(30)
     close_client(c)
     return rt
-
-
-RUN = "from edge.cli import main; raise SystemExit(main())"  # a runtime of another tree
 
 
 def latency_window(

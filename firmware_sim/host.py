@@ -144,9 +144,11 @@ def trial(
     slowdown: float | None,
     batch: int = 1,
     drain: float = 5.0,
+    tree: Path | None = None,
 ) -> dict[str, Any]:
     """One run of ``devices`` at ``rate``; answers still missing ``drain`` s after the last
-    sample count as missing (and as not keeping up)."""
+    sample count as missing (and as not keeping up). ``tree``: the runtime of another source
+    tree (``bench.host_capacity``)."""
     import edge
 
     names = list(edge.load(bundle).manifest.feature_names)
@@ -168,6 +170,7 @@ def trial(
                 memory_mb=memory_mb,
                 slowdown=slowdown,
                 client_id="host-runtime",
+                tree=tree,
             )
             runtime.start()
             scorer = Scorer(broker.url)

@@ -17,6 +17,9 @@ from edge.children import ending_with_us
 CGROUP_V1 = Path("/sys/fs/cgroup")
 
 
+RUN_OTHER_TREE = "from edge.cli import main; raise SystemExit(main())"
+
+
 class Runtime:
     def __init__(
         self,
@@ -32,11 +35,18 @@ class Runtime:
         slowdown: float | None = None,
         extra: tuple[str, ...] = (),
         python: str | None = None,
+        tree: str | Path | None = None,
     ) -> None:
+        # ``tree``: the runtime of another source tree (an older commit's worktree, for a
+        # before/after benchmark), its ``edge`` first on the path
+        run = (
+            ["-m", "edge"]
+            if tree is None
+            else ["-c", f"import sys; sys.path.insert(0, {str(tree)!r}); {RUN_OTHER_TREE}"]
+        )
         self.cmd = [
             python or sys.executable,  # e.g. a device-like install's Python
-            "-m",
-            "edge",
+            *run,
             "serve",
             "--model",
             str(bundle),

@@ -1124,6 +1124,23 @@ def test_the_host_search_tries_its_limit_and_bisects_below_it(monkeypatch):
     assert r["max_devices_real_time"] == 340 and r["first_failing"] == 360
 
 
+def test_a_runtime_of_another_source_tree_runs_that_trees_edge(tmp_path):
+    """The before/after benchmarks run ``serve`` from an older commit's worktree: its own
+    ``edge`` package, not the installed one, with the same arguments."""
+    from firmware_sim.runtime import Runtime
+
+    (tmp_path / "old" / "edge").mkdir(parents=True)
+    (tmp_path / "old" / "edge" / "__init__.py").write_text("")
+    (tmp_path / "old" / "edge" / "cli.py").write_text(
+        "import sys\ndef main():\n    print('old tree', sys.argv[1:3])\n    return 0\n"
+    )
+    rt = Runtime(Path("b"), "mqtt://127.0.0.1:1", tmp_path / "state", tree=tmp_path / "old")
+    out = subprocess.run(rt.cmd, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "old tree ['serve', '--model']", out
+    here = Runtime(Path("b"), "mqtt://127.0.0.1:1", tmp_path / "state")
+    assert here.cmd[1:3] == ["-m", "edge"] and rt.cmd[3:] == here.cmd[3:]
+
+
 def test_real_time_is_judged_against_the_fastest_early_tenth_not_the_reorder_hold():
     """A stream's first sample waits the runtime's reorder hold (600 ms), so the first tenth of
     a 6 s trial was that much slower: a runtime 700 ms behind at the end was said to keep up.

@@ -78,7 +78,11 @@ def test_hostile_payloads_never_stop_the_service(bundles, broker, service):
     wait_until(lambda: evil() >= n_bad, 60, "an answer to every hostile message")
     assert svc.alive(), svc.output()[-3000:]
     answered_gen = lambda: sum("/gen-" in t for t, _ in col.messages)  # noqa: E731
-    wait_until(lambda: answered_gen() >= n_gen, 120, "an answer for every mutated message")
+    try:
+        wait_until(lambda: answered_gen() >= n_gen, 120, "an answer for every mutated message")
+    except AssertionError as exc:  # what a rare failure needs to be understood
+        said = f"{answered_gen()} of {n_gen}; serve's log ends:\n{svc.output()[-3000:]}"
+        raise AssertionError(f"{exc}: {said}") from None
     assert "Traceback" not in svc.output()
     # a restart meets the retained poison again: still no crash loop
     assert svc.stop() == 0

@@ -41,8 +41,6 @@ def main() -> int:
         ap.error(f"--devices {args.devices!r}: not a comma-separated list of counts")
     bundle = Path(args.bundle) if args.bundle else example(1, 64)[1]
     runtimes: dict[str, Path | None] = {"this": None, "against": tree}
-    kept: dict[tuple[str, int], list[bool]] = {}
-    last: dict[tuple[str, int], list[float]] = {}
     trials: list[dict[str, Any]] = []
     for r in range(args.rounds):
         for n in counts:
@@ -53,26 +51,32 @@ def main() -> int:
                 )  # fmt: skip
                 if t.get("notes"):
                     log(f"  {name}: {'; '.join(t['notes'])}")
-                ok = bool(t["kept_up_real_time"])
-                kept.setdefault((name, n), []).append(ok)
-                last.setdefault((name, n), []).append(t["latency_last_tenth_median_ms"] or 0.0)
                 trials.append({"round": r + 1, "runtime": name, **t})
                 log(
                     f"  round {r + 1}: {name:8s} {n:5d} devices x {args.rate:g} Hz: last tenth "
                     f"{t['latency_last_tenth_median_ms'] or 0:8.1f} ms, missing "
-                    f"{t['predictions_missing']} -> {'keeps up' if ok else 'falls behind'}"
+                    f"{t['predictions_missing']} -> "
+                    f"{'keeps up' if t['kept_up_real_time'] else 'falls behind'}"
                 )
+    kept = {
+        f"{name}_{n}": [
+            bool(t["kept_up_real_time"])
+            for t in trials
+            if t["runtime"] == name and t["devices"] == n
+        ]
+        for name in runtimes
+        for n in counts
+    }
     print(f"{'devices':>8}  {'this: kept up':>14}  {'against: kept up':>17}")
     for n in counts:
-        cells = [f"{sum(kept[name, n])} of {len(kept[name, n])}" for name in runtimes]
+        cells = [f"{sum(kept[f'{name}_{n}'])} of {len(kept[f'{name}_{n}'])}" for name in runtimes]
         print(f"{n:8d}  {cells[0]:>14}  {cells[1]:>17}")
     summary = {
         "bundle": str(bundle),
         "against": str(tree),
         "rate_hz": args.rate,
         "slowdown": args.slowdown,
-        "kept_up": {f"{name}_{n}": kept[name, n] for name in runtimes for n in counts},
-        "last_tenth_median_ms": {f"{name}_{n}": last[name, n] for name in runtimes for n in counts},
+        "kept_up": kept,
         "trials": trials,
     }
     save("host_capacity", summary)

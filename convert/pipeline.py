@@ -16,7 +16,7 @@ import numpy as np
 from edge.errors import EdgeError, shown
 from edge.manifest import read_bundle
 
-from . import bundle, intake, quantize, verdict, verify
+from . import bundle, cell_range, intake, quantize, verdict, verify
 from .datasets import input_file, load_array
 from .errors import ConvertError
 from .spec import ModelSpec
@@ -185,7 +185,9 @@ def run_convert(
                 regime=targets.regime,
             )
             progress(f"converting to {m}")
-            try:
+
+            def write(cal: quantize.Calibration, m: str = m) -> Path:
+                """The bundle of ``cal`` in ``tmp``, verified or not."""
                 content = quantize.convert(
                     spec, cal, m, normalize_in_graph=in_graph, per_channel=per_channel
                 )
@@ -199,15 +201,24 @@ def run_convert(
                     feature_units=[""] * spec.features,
                     sample_rate_hz=sample_rate_hz,
                 )
-            except ConvertError as exc:
+                for old in tmp.iterdir():
+                    old.unlink()
+                (tmp / bundle.MODEL_NAME).write_bytes(content)
+                bundle.write_manifest(tmp, manifest)
+                return tmp
+
+            cells: cell_range.Choice | None = None
+            try:
+                if m in cell_range.MODES and any(s.role == "c" for s in spec.states):
+                    progress("  choosing the int8 cell-state range on the int8 graph")
+                    cells = cell_range.choose(spec, cal, calib, write, regime=targets.regime)
+                    cal = dataclasses.replace(cal, ranges=cells.ranges)
+                manifest, content = read_bundle(write(cal))
+            except (ConvertError, EdgeError) as exc:
                 if mode != "auto":
                     raise
                 tried.append({"mode": m, "passed": False, "why": str(exc)})
                 continue
-            for old in tmp.iterdir():
-                old.unlink()
-            (tmp / bundle.MODEL_NAME).write_bytes(content)
-            bundle.write_manifest(tmp, manifest)
             progress("verifying")
             try:
                 report = verify.verify(
@@ -226,6 +237,8 @@ def run_convert(
                 tried.append({"mode": m, "passed": False, "why": str(exc), "failed": ["runs"]})
                 report = None
                 continue
+            if cells is not None:
+                report["cell_state_range"] = cells.describe()
             failed = [k for k, v in report["checks"].items() if not v]
             tried.append(
                 {

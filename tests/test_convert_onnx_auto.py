@@ -16,21 +16,15 @@ pytestmark = pytest.mark.desktop
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
+    return _built(tmp_path_factory, layers=2)
+
+
+def _built(tmp_path_factory, **recipe):
     from tests.torch_models import Recipe, build
 
-    recipe = Recipe(kind="LSTM", layers=2, task="clf", exporter="legacy")
-    return build(recipe, tmp_path_factory.mktemp("src"))
-
-
-@pytest.fixture(scope="module")
-def src_seed2(tmp_path_factory):
-    """The same recipe, seed 2. Seed 0 trains differently on other CPUs: on some its int8
-    bundle agrees with the float model on 97.5% of steps, short of the 98% target (#13's open
-    part): ``--quant auto`` is what answers for it."""
-    from tests.torch_models import Recipe, build
-
-    recipe = Recipe(kind="LSTM", layers=2, task="clf", exporter="legacy", seed=2)
-    return build(recipe, tmp_path_factory.mktemp("src2"))
+    return build(
+        Recipe(kind="LSTM", task="clf", exporter="legacy", **recipe), tmp_path_factory.mktemp("src")
+    )
 
 
 def test_a_two_layer_lstm_classifier_converts_in_auto_and_meets_every_target(capsys, tmp_path, src):
@@ -62,12 +56,21 @@ def test_a_two_layer_lstm_classifier_converts_in_auto_and_meets_every_target(cap
     assert (y.argmax(-1) == per_step).mean() >= acc_float - 0.01
 
 
-def test_the_classifier_meets_every_target_in_int8_itself(capsys, tmp_path, src_seed2):
-    """Its cells' int8 ranges searched on both regimes the verdict judges, sequences from a
-    zero state and one long stream: on the stream alone the upper cell got +-24 and the int8
-    bundle agreed with its float model on 97.4% of the steps (the target is 98%)."""
-    out = tmp_path / "bundle"
-    code, res = convert_cli(capsys, src_seed2, out, "int8", long_steps=10_000)
+@pytest.mark.parametrize(
+    "recipe",
+    [{"layers": 2, "seed": 0}, {"layers": 2, "seed": 2}, {"layers": 1, "seed": 2}],
+    ids=["2x16-seed0", "2x16-seed2", "1x16-seed2"],
+)
+def test_the_classifier_meets_every_target_in_int8_itself(capsys, tmp_path_factory, recipe):
+    """Small, barely trained classifiers (float accuracy 87.5-100%), where int8 is at its
+    edge. Each cell's range is chosen on the int8 graph among the state search's choice and
+    its neighbours (``cell_range``): with the search's choice alone these agreed with their
+    float model on 97.5%, 99.2% and 96.6% of the steps (the target is 98%), the last also
+    losing one test recording's class. Before that, the search on the stream alone had given
+    the seed-2 model's upper cell +-24 and 97.4%."""
+    src = _built(tmp_path_factory, **recipe)
+    out = tmp_path_factory.mktemp("out") / "bundle"
+    code, res = convert_cli(capsys, src, out, "int8", long_steps=10_000)
     assert code == 0, res.err
     report = json.loads((out / "report.json").read_text())
     assert report["quantization"] == "int8"
@@ -75,3 +78,9 @@ def test_the_classifier_meets_every_target_in_int8_itself(capsys, tmp_path, src_
     assert report["parity"]["top1_agreement"] >= 0.98
     assert report["parity"]["accuracy_drop"] <= 0.01
     assert report["drift"]["no_drift"] and report["drift"]["steps"] == 10_000
+    # the bundle holds the ranges the report says were chosen, and they were tried
+    chosen = report["cell_state_range"]["chosen"]
+    assert chosen[1::2] in [t["cells"] for t in report["cell_state_range"]["tried"]]
+    tensors = json.loads((out / "manifest.json").read_text())["tensors"]
+    cells = [v["scale"] for k, v in sorted(tensors.items()) if k[0] == "c" and k[1:].isdigit()]
+    assert cells == pytest.approx([2 * c / 255 for c in chosen[1::2]], rel=1e-6)

@@ -27,23 +27,27 @@ from .spec import ModelSpec
 MODES = ("int8", "int8-float-head")  # the modes whose cell state is int8
 # Candidates around the search's choice: within these factors of it, per cell.
 BELOW, ABOVE = 0.5, 1.5
-MAX_SEQUENCES = 64  # calibration sequences streamed per candidate (and one long stream)
 
 Build = Callable[[quantize.Calibration], Path]  # converts with these ranges, gives the bundle
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    ranges: list[tuple[float, float]]
-    searched: list[tuple[float, float]]  # what choose_c_range gave
-    tried: list[dict[str, object]]  # per candidate: the cells' ranges and the error judged
+    ranges: list[tuple[float, float]]  # every state's, the cells' chosen
+    searched: list[float]  # per cell, the bound choose_c_range gave
+    chosen: list[float]
+    # per candidate: the cells' bounds and per run its errors (a classifier's disagreement and
+    # mean |dy|, a regressor's RMSE against float)
+    tried: list[dict[str, object]]
+
+    def said(self) -> str:
+        chosen, searched = (
+            ", ".join(f"+-{c:g}" for c in cs) for cs in (self.chosen, self.searched)
+        )
+        return f"cell-state range {chosen} (the search's: {searched})"
 
     def describe(self) -> dict[str, object]:
-        return {
-            "searched": [r[1] for r in self.searched],
-            "chosen": [r[1] for r in self.ranges],
-            "tried": self.tried,
-        }
+        return {"searched": self.searched, "chosen": self.chosen, "tried": self.tried}
 
 
 def choose(
@@ -90,15 +94,17 @@ def choose(
     tried = [
         {"cells": list(key), "error": [float(e) for e in errs]} for key, errs in scores.items()
     ]
-    return Choice(best, list(cal.ranges), tried)
+    return Choice(best, [cal.ranges[k][1] for k in cells], [best[k][1] for k in cells], tried)
 
 
 def _runs(spec: ModelSpec, calib: np.ndarray, regime: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(sequences [N, T, F], float outputs [N, T, O]) streamed per candidate: the calibration
-    sequences from a zero state, and them back to back as one stream; only the stream where
-    the model runs unreset (as in ``choose_c_range``)."""
-    long = calib.reshape(1, -1, calib.shape[-1])[:, : quantize.SEARCH_STEPS]
-    runs = [] if regime == "continuous" else [calib[:MAX_SEQUENCES]]
+    """(sequences [N, T, F], float outputs [N, T, O]) streamed per candidate, about
+    ``SEARCH_STEPS`` steps each, as in ``choose_c_range``: calibration sequences from a zero
+    state, and the sequences back to back as one stream; only the stream where the model runs
+    unreset."""
+    steps = quantize.SEARCH_STEPS
+    long = calib.reshape(1, -1, calib.shape[-1])[:, :steps]
+    runs = [] if regime == "continuous" else [calib[: max(1, steps // calib.shape[1]), :steps]]
     return [(x, reference.run(spec, x)[0]) for x in [*runs, long]]
 
 

@@ -212,6 +212,7 @@ def run_convert(
                 if m in cell_range.MODES and any(s.role == "c" for s in spec.states):
                     progress("  choosing the int8 cell-state range on the int8 graph")
                     cells = cell_range.choose(spec, cal, calib, write, regime=targets.regime)
+                    progress(f"  {cells.said()}")
                     cal = dataclasses.replace(cal, ranges=cells.ranges)
                 manifest, content = read_bundle(write(cal))
             except (ConvertError, EdgeError) as exc:

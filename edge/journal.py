@@ -118,6 +118,10 @@ class Journal:
         self._torn: tuple[int, int] | None = None
         self._unfinished = False  # the newest segment ends inside a round (see ``open``)
         self._pending: _Pending | None = None  # the checkpoint in flight
+        self._ident = (0, 0)  # (st_dev, st_ino) of the segment appended to
+        # Called once the directory is there, before a file is made in it: the directory may
+        # be one made again (removed or moved away under the process), which its owner locks.
+        self.claim: Callable[[], None] = lambda: None
         self._writer: ThreadPoolExecutor | None = None  # writes its snapshot (``background``)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"state_dir {shown(str(self.dir))} exists and is not a directory")
@@ -293,6 +297,7 @@ class Journal:
         if self._fd is not None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.claim()
         path = self.path("wal", self.generation)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if self._torn is not None and self._torn[0] == self.generation:
@@ -314,7 +319,8 @@ class Journal:
                     path.unlink(missing_ok=True)
                 raise
             self._unfinished = False
-        self._fd, self._size, self._room = fd, os.fstat(fd).st_size, -1
+        st = os.fstat(fd)
+        self._fd, self._size, self._room, self._ident = fd, st.st_size, -1, (st.st_dev, st.st_ino)
 
     @property
     def is_open(self) -> bool:
@@ -354,10 +360,22 @@ class Journal:
             self.close()
             raise
         self._size += len(data)
-        if not os.fstat(self._fd).st_nlink:  # written to a file no longer in the directory
-            self.lost = f"log segment {self.path('wal', self.generation)} was removed"
+        if gone := self._displaced():  # written to a file no longer where a restart looks
+            self.lost = f"log segment {self.path('wal', self.generation)} {gone}"
             self.close()
             raise OSError(errno.ENOENT, self.lost)
+
+    def _displaced(self) -> str | None:
+        """What became of the segment appended to, if it is no longer at its path: removed
+        (``rm -rf`` of the directory), or moved away with its directory (``mv``), which the
+        log would go on appending to until the next snapshot, a restart finding nothing."""
+        try:
+            st = os.stat(self.path("wal", self.generation))
+        except OSError:
+            return "was removed or moved away"
+        if (st.st_dev, st.st_ino) != self._ident:
+            return "was replaced"
+        return None
 
     def room(self, *, look: bool = False) -> int:
         """Free bytes on the log's file system: looked up when ``look`` or after ROOM_STEP
@@ -416,6 +434,7 @@ class Journal:
             carry = [*carry, Mark(0)]
         seg = self.path("wal", gen)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.claim()
         fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         data = b"".join(encode(e) for e in carry)
         try:
@@ -429,8 +448,9 @@ class Journal:
             raise
         if self._fd is not None:
             os.close(self._fd)
-        self._fd, self._size, self.generation = fd, os.fstat(fd).st_size, gen
-        self._room = -1
+        st = os.fstat(fd)
+        self._fd, self._size, self.generation = fd, st.st_size, gen
+        self._room, self._ident = -1, (st.st_dev, st.st_ino)
         pending = _Pending(gen, self._size, self.lost)
         self._pending = pending
         if background:

@@ -217,6 +217,7 @@ class MqttService:
         self.lock = StateLock(cfg.state_dir)
         self.lock.acquire()
         journal = Journal(cfg.state_dir, fsync=cfg.durability == "power")
+        journal.claim = self.lock.follow
         self.processor = Processor(open_engine(cfg), cfg, journal, self.metrics)
         # Messages held for reordering wait only while the broker can send what they wait
         # for: from the first message taken on a connection (``_take``), not while starting

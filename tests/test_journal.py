@@ -823,3 +823,25 @@ def test_a_torn_write_after_the_copies_of_an_unfinished_checkpoint_is_the_logs_o
         "cut short), skipped"
     ]
     assert got.lost is not fsync
+
+
+def test_a_state_dir_moved_away_under_the_log_is_noticed_at_the_next_append(tmp_path):
+    """``mv`` of the state directory: the log went on appending to the moved file, which a
+    restart does not look at, until the next snapshot (a day by default); a crash in that
+    time restarted every stream from the zero state. The next append says so, as it does
+    for a removed directory, and nothing is taken until the state is written out again."""
+    state = tmp_path / "state"
+    j = _checkpointed_with_one_record(state)
+    state.rename(tmp_path / "moved")
+    with pytest.raises(OSError, match="moved away"):
+        j.append([rec("a", 2, 2)])
+    assert j.lost is not None and "moved away" in j.lost
+    with pytest.raises(OSError):
+        j.append([rec("a", 2, 2)])  # not into a new file silently either
+    j.open()
+    j.checkpoint(_snap_of(100), [Mark(1)], {"lsn": 1})
+    assert j.lost is None
+    j.append([rec("a", 2, 2)])
+    j.close()
+    got = Journal(state).recover(lambda p: {"lsn": 1})
+    assert got.generation == 2 and [e.lsn for e in got.entries if isinstance(e, Record)] == [2]

@@ -4,6 +4,7 @@ payloads (also retained), a backlog, overload, a full or read-only disk, device 
 import contextlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -263,6 +264,56 @@ def test_a_second_serve_on_a_state_dir_in_use_is_refused(bundles, broker, servic
     pub.send("dev-0", 1, np.zeros(6))
     pub.flush()
     wait_until(lambda: ("dev-0", 1) in col.predictions(), 30, "the first still answering")
+    col.close()
+    pub.close()
+
+
+@pytest.mark.parametrize("how", ["removed", "renamed"])
+def test_a_state_dir_removed_or_renamed_under_serve_is_written_out_again_and_kept_locked(
+    bundles, broker, service, tmp_path, how
+):
+    """The state directory removed (``rm -rf``) or moved away (``mv``) under a running
+    service: the next write notices, the state is written out again where ``state_dir``
+    says, and that directory is locked as the first one was. A moved one was appended to
+    for up to ``snapshot_interval`` without a word, and a kill -9 in that time restarted
+    every stream from the zero state; a directory made again was not locked, and a second
+    ``serve`` started on it."""
+    samples = make_samples(3, 30, seed=23)
+    state = tmp_path / "state"
+    col = Collector(broker.url)
+    svc = service("--reorder-ms", "0")
+    wait_until(col.online, 30, "runtime online")
+    pub = Publisher(broker.url)
+    for i in range(10):
+        feed_good(pub, samples, i)
+    pub.flush()
+    wait_until(lambda: len(col.predictions()) == 30, 60, "the first answers")
+    if how == "removed":
+        shutil.rmtree(state)
+    else:
+        state.rename(tmp_path / "state-moved")
+    for i in range(10, 20):
+        feed_good(pub, samples, i)
+    pub.flush()
+    wait_until(lambda: len(col.predictions()) == 60, 60, "the answers after it")
+    wait_until(lambda: "written out again" in svc.output(), 60, "the state written out again")
+    cmd = [sys.executable, "-m", "edge", "serve", "--model", str(bundles / BUNDLE)]
+    cmd += ["--broker", broker.url, "--state-dir", str(state), "--client-id", "edge-other"]
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"a second serve ran on the same state_dir: {exc.stderr!r}") from None
+    assert second.returncode == 2, second.stderr
+    assert f"is in use by another process (pid {svc.proc.pid})" in second.stderr
+    svc.kill9()
+    service("--reorder-ms", "0")
+    for i in range(20, 30):
+        feed_good(pub, samples, i)
+    pub.flush()
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 60, "every prediction")
+    assert_exact(col.predictions(), expected)
+    assert not any(d.get("restart") for _, d in col.of("predictions/"))
     col.close()
     pub.close()
 

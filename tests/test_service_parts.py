@@ -549,6 +549,42 @@ def test_a_deleted_lock_file_leaves_the_state_dir_locked(tmp_path):
     StateLock(tmp_path / "state").acquire()
 
 
+@pytest.mark.parametrize("how", ["removed", "renamed"])
+def test_a_state_dir_made_again_under_its_holder_is_locked_before_it_is_written(tmp_path, how):
+    """The directory removed or moved away under a running service and made again by it is
+    another directory: it was not locked, and a second serve started on it."""
+    import os
+    import shutil
+
+    from edge.state_lock import StateLock
+
+    state = tmp_path / "state"
+    first = StateLock(state)
+    first.acquire()
+    first.follow()  # the same directory: nothing changes
+    if how == "removed":
+        shutil.rmtree(state)
+    else:
+        state.rename(tmp_path / "moved")
+    state.mkdir()
+    first.follow()
+    if how == "renamed":
+        StateLock(tmp_path / "moved").acquire()  # let go: it is not the state_dir any more
+    with pytest.raises(ConfigError, match=f"in use by another process \\(pid {os.getpid()}\\)"):
+        StateLock(state).acquire()
+    first.release()
+    holder = StateLock(state)
+    holder.acquire()
+    shutil.rmtree(state)
+    state.mkdir()
+    newcomer = StateLock(state)  # another serve, on the directory made again before its holder
+    newcomer.acquire()
+    with pytest.raises(OSError, match="in use by another process"):
+        holder.follow()  # nothing may be written there
+    newcomer.release()
+    holder.release()
+
+
 def test_a_state_dir_that_cannot_be_written_is_not_locked(tmp_path, caplog):
     from edge.state_lock import StateLock
 

@@ -184,14 +184,19 @@ class Journal:
             rec.generation, rec.base_lsn, rec.extra = gen, lsn, extra
             self.snapshots = [g for g in snaps if g <= gen]
             self._snapshot_bytes = self.path("snap", gen).stat().st_size
-            if gen not in segs:  # a checkpoint writes it before the snapshot: it was removed
-                rec.damage.append(f"{self.path('wal', gen).name}: missing (what it logged is lost)")
-                rec.lost = True
             break
         if not rec.generation:
             # No usable snapshot: exact only if the log still reaches back to the beginning.
             rec.exact = not segs or segs[0] == 0
         first = rec.generation
+        # Every generation from the snapshot restored to the newest one, a snapshot unusable
+        # too, has its segment (a checkpoint writes it before the snapshot): one missing was
+        # removed, and the segments on either side of it are no log without it.
+        start = first or min([*segs, *snaps], default=0)
+        for gen in range(start, max([*segs, *snaps], default=-1) + 1):
+            if gen not in segs:
+                rec.damage.append(f"{self.path('wal', gen).name}: missing (what it logged is lost)")
+                rec.lost = True
         carried: set[Any] = set()
         # A newest segment beyond every snapshot is a checkpoint a crash cut short before its
         # snapshot was in place (or one whose snapshot failed): it starts with copies carried

@@ -350,6 +350,41 @@ def test_what_damage_may_have_cost_is_told(tmp_path):
     assert got.damage == ["wal-00000001.log: missing (what it logged is lost)"]
 
 
+@pytest.mark.parametrize("newest", ["damaged", "missing"])
+def test_a_segment_missing_between_two_that_are_replayed_is_told(tmp_path, newest):
+    """Every generation from the snapshot restored to the newest one has its segment (a
+    checkpoint writes it before its snapshot). With the newest snapshot unusable and its
+    segment gone, or a checkpoint cut short after a segment and snapshot went missing, the
+    segments before and after the hole were replayed as one log: what the missing one logged
+    was lost without a report."""
+    state = tmp_path / "state"
+
+    def restore(path):
+        data = Path(path).read_bytes()
+        if data != b"snap":
+            raise SnapshotError(f"{path}: checksum mismatch")
+        return {"lsn": 0}
+
+    j = Journal(state)
+    j.recover(no_restore)
+    j.open()
+    for lsn in (1, 2, 3):
+        j.append([rec("s", lsn, lsn)])
+        j.checkpoint(lambda p, extra: Path(p).write_bytes(b"snap"), [Mark(lsn)], {"lsn": lsn})
+    j.append([rec("s", 4, 4)])
+    j.close()
+    if newest == "missing":  # and a checkpoint a crash cut short before its snapshot
+        segment = wal.encode(Mark(4)) + wal.encode(rec("s", 5, 5))
+        (state / "wal-00000004.log").write_bytes(segment)
+        (state / "snap-00000003.bin").unlink()
+    else:
+        (state / "snap-00000003.bin").write_bytes(b"snaq")
+    (state / "wal-00000003.log").unlink()
+    got = Journal(state).recover(restore)
+    assert got.generation == 2 and got.lost
+    assert "wal-00000003.log: missing (what it logged is lost)" in got.damage
+
+
 def test_a_snapshot_that_finds_the_disk_full_degrades_and_is_retried(bundles, small_disk):
     """The log's new segment fits, the snapshot does not: the engine reports that as a
     ``SnapshotError`` naming the file, which is the storage error it is (degraded, retried

@@ -368,6 +368,10 @@ class Journal:
         if gone := self._displaced():  # written to a file no longer where a restart looks
             self.lost = f"log segment {self.path('wal', self.generation)} {gone}"
             self.close()
+            # The log goes on in the next segment: one made again under this number would
+            # read, after a crash before the state is written out again, as that generation's
+            # whole log (at generation 0, as the whole log from the start: no loss seen).
+            self.generation += 1
             raise OSError(errno.ENOENT, self.lost)
 
     def _displaced(self) -> str | None:

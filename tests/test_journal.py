@@ -879,4 +879,4 @@ def test_a_state_dir_moved_away_under_the_log_is_noticed_at_the_next_append(tmp_
     j.append([rec("a", 2, 2)])
     j.close()
     got = Journal(state).recover(lambda p: {"lsn": 1})
-    assert got.generation == 2 and [e.lsn for e in got.entries if isinstance(e, Record)] == [2]
+    assert got.generation == 3 and [e.lsn for e in got.entries if isinstance(e, Record)] == [2]

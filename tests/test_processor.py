@@ -298,6 +298,40 @@ def test_a_removed_state_directory_is_noticed_and_written_out_again(bundles, tmp
     np.testing.assert_array_equal(np.asarray([got[q] for q in (1, 2, 3, 4)], np.float32), want)
 
 
+def test_a_removed_state_directory_whose_rewrite_fails_is_a_loss_after_a_crash(
+    bundles, tmp_path, xs
+):
+    """rm -rf of a state directory still at its first generation (no snapshot yet: the first
+    day, by default), and the snapshot that would write the state out again fails (a full
+    disk). The retry made a new wal-00000000.log, which after a crash read as the whole log
+    from the start: every stream went on from the zero state without a restart flag."""
+    import errno
+    import shutil
+
+    from edge.errors import SnapshotError
+
+    state = tmp_path / "state"
+    p = make(bundles, state)
+    p.journal.open()
+    assert p.handle([msg("s", 1, xs[0]), msg("s", 2, xs[1])])
+    shutil.rmtree(state)
+    assert not p.handle([msg("s", 3, xs[2])])
+
+    def full(path, extra):
+        raise SnapshotError(f"{path}: No space left on device") from OSError(
+            errno.ENOSPC, "No space left on device"
+        )
+
+    p.engine.take_snapshot = full
+    p.journal.open()  # what the service's storage retry does
+    assert not p.checkpoint() and p.journal.lost
+    p.journal.close()  # a crash
+    again = make(bundles, state)
+    assert again.handle([msg("s", 3, xs[2])])
+    (prediction,) = [json.loads(o.payload) for o in answers(again) if o.topic == "predictions/s"]
+    assert prediction["restart"] is True
+
+
 def test_a_state_directory_of_a_later_version_is_refused_untouched(bundles, tmp_path, xs):
     """A rollback to this version after a later one wrote a snapshot format of its own: that
     snapshot was taken for damage, the state restored from an older generation (or none, the

@@ -38,6 +38,7 @@ from typing import Any
 
 from .errors import ConfigError, SnapshotError, StateMismatch, shown
 from .outfile import KINDS
+from .state_lock import make_dir
 from .wal import Damage, Entry, Joined, Mark, Output, Record, encode, encode_round, scan
 
 log = logging.getLogger("edge.service")
@@ -140,18 +141,23 @@ class Journal:
 
     def _regular(self, snaps: list[int], segs: list[int]) -> None:
         """Refuse a snapshot or segment that is not a regular file (where a link leads): a FIFO
-        would be waited on for ever, a device read without end."""
+        would be waited on for ever, a device read without end. A segment that is a link to
+        nothing cannot be read either (a snapshot is read as a damaged one)."""
         for path in [*(self.path("snap", g) for g in snaps), *(self.path("wal", g) for g in segs)]:
             try:
                 mode = path.stat().st_mode
-            except FileNotFoundError:  # a dangling link: read as missing, like a removed file
-                continue
-            if not stat.S_ISREG(mode):
+            except FileNotFoundError:  # a dangling link
+                if path.name.startswith("snap-"):
+                    continue
+                kind = f"a symbolic link to {shown(os.readlink(path))}, which does not exist,"
+            else:
+                if stat.S_ISREG(mode):
+                    continue
                 kind = KINDS.get(stat.S_IFMT(mode), "not a regular file")
-                raise ConfigError(
-                    f"state_dir {shown(str(self.dir))}: {path.name} is {kind}, not a file this "
-                    "runtime wrote; remove it, or give another state_dir"
-                )
+            raise ConfigError(
+                f"state_dir {shown(str(self.dir))}: {path.name} is {kind}, not a file this "
+                "runtime wrote; remove it, or give another state_dir"
+            )
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -301,7 +307,7 @@ class Journal:
         """Open the current segment for appending; OSError when the directory is unusable."""
         if self._fd is not None:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
         self.claim()
         path = self.path("wal", self.generation)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -442,7 +448,7 @@ class Journal:
             # ends the copies: a torn write after it is one of the log's own (``recover``)
             carry = [*carry, Mark(0)]
         seg = self.path("wal", gen)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
         self.claim()
         fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         data = b"".join(encode(e) for e in carry)

@@ -22,6 +22,21 @@ log = logging.getLogger("edge.service")
 LOCK_NAME = "lock"
 
 
+def make_dir(directory: Path) -> None:
+    """``mkdir -p directory``. A symbolic link to a directory that is not there (on a file
+    system not mounted) is an OSError that says so: mkdir's own is "File exists", of a
+    directory nobody can see."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        if directory.is_symlink() and not directory.exists():
+            target = os.readlink(directory)
+            raise OSError(
+                errno.ENOENT, f"{directory} is a symbolic link to {target}, which does not exist"
+            ) from None
+        raise
+
+
 class StateLock:
     def __init__(self, directory: str | Path, what: str = "state_dir") -> None:
         self.path = Path(directory) / LOCK_NAME
@@ -36,7 +51,7 @@ class StateLock:
         if directory.exists() and not directory.is_dir():
             raise ConfigError(f"{self.what} {directory}: not a directory")
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            make_dir(directory)
             dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             log.warning("%s %s: not locked (%s)", self.what, directory, exc.strerror or exc)

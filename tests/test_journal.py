@@ -722,6 +722,16 @@ def test_a_fifo_named_as_a_log_segment_or_snapshot_is_refused_not_waited_on(tmp_
         Journal(tmp_path).recover(no_restore)
 
 
+def test_a_log_segment_that_is_a_link_to_nowhere_is_refused_naming_it(tmp_path):
+    """Its read failed with "No such file or directory" of a file every listing shows (the
+    start refused as "state_dir cannot be read"). It is named as what it is, as a FIFO is."""
+    from edge.errors import ConfigError
+
+    (tmp_path / "wal-00000003.log").symlink_to(tmp_path / "card" / "wal")
+    with pytest.raises(ConfigError, match=r"wal-00000003\.log is a symbolic link to .*card/wal"):
+        Journal(tmp_path).recover(no_restore)
+
+
 def test_only_names_of_the_journals_own_pattern_are_its_files(tmp_path):
     """A name with a newline at its end, or digits of another script, is not a generation."""
     (tmp_path / "wal-00000003.log\n").write_bytes(b"")
@@ -880,3 +890,22 @@ def test_a_state_dir_moved_away_under_the_log_is_noticed_at_the_next_append(tmp_
     j.close()
     got = Journal(state).recover(lambda p: {"lsn": 1})
     assert got.generation == 3 and [e.lsn for e in got.entries if isinstance(e, Record)] == [2]
+
+
+def test_a_state_dir_that_is_a_link_to_nowhere_is_named_so(tmp_path):
+    """``state_dir`` a symbolic link into a file system not mounted (an SD card): the service
+    was degraded with "File exists", of a directory nobody could see. The error names the
+    link and where it leads; once that is there, the log is written."""
+    target = tmp_path / "card" / "edge"
+    link = tmp_path / "state"
+    link.symlink_to(target)
+    j = Journal(link)
+    j.recover(no_restore)
+    with pytest.raises(OSError) as exc:
+        j.open()
+    assert f"{link} is a symbolic link to {target}, which does not exist" in str(exc.value)
+    target.mkdir(parents=True)
+    j.open()
+    j.append([rec("a", 1, 1)])
+    j.close()
+    assert (target / "wal-00000000.log").stat().st_size

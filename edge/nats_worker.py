@@ -232,6 +232,26 @@ def discard_problem(config: Any) -> str | None:
     )
 
 
+def retention_problem(config: Any) -> str | None:
+    """Why the sensor stream loses devices' samples at a takeover, if it does: with interest
+    or work-queue retention JetStream removes a message once its consumer acknowledged it (and
+    when the consumer is deleted, as each takeover does), while a new owner replays the
+    partition from its snapshot, which covers less: what lies between is lost without a report
+    (the worker makes the stream with limits retention)."""
+    from nats.js import api
+
+    retention = config.retention
+    if retention is None or retention == api.RetentionPolicy.LIMITS:
+        return None
+    name = getattr(retention, "value", retention)
+    return (
+        f"stream {STREAM} has {name} retention: it removes messages once they are "
+        "acknowledged or their consumer is deleted, and a partition taken over is replayed "
+        "from its snapshot: the samples in between are lost without a report; make the "
+        "stream again with limits retention"
+    )
+
+
 def store_discard_problem(config: Any) -> str | None:
     """Why the MQTT listener's store cannot take the answers, if it cannot: with a limit and
     discard ``new`` it refuses every one past the limit, and the worker sends it again for
@@ -496,6 +516,7 @@ class Worker:
         self.seen: set[str] = set()  # the incarnations of the stream this process has seen
         self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
         self.discarding: str | None = None  # the stream's discard-new limits, once said
+        self.retaining: str | None = None  # the stream's retention other than limits, once said
         self.limited = False  # whether the stream has limits that remove old messages
         self.full_said = -math.inf  # when JetStream's want of storage was last said (_no_room)
         self.failure: str | None = None  # why the worker stops on its own (exit 1)
@@ -1551,7 +1572,8 @@ class Worker:
         log.info("answers are also stored in %s (MQTT QoS 1 subscriptions)", MQTT_STORE)
 
     async def _check_discard(self) -> None:
-        """Limits with discard ``new`` put on the stream while the group runs: said once. A
+        """Limits with discard ``new``, or a retention other than limits, put on the stream
+        while the group runs: said once. A
         subject transform edited to another partition count: stored under it, every stream
         lands in another partition, whose state knows nothing of it (answered from the zero
         state without a word), so the worker stops as it refuses to start (exit 2)."""
@@ -1572,6 +1594,11 @@ class Worker:
             log.error("%s", problem)
             self.metrics.inc("stream_discards_new")
         self.discarding = problem
+        problem = retention_problem(config)
+        if problem and problem != self.retaining:
+            log.error("%s", problem)
+            self.metrics.inc("stream_retention_removes")
+        self.retaining = problem
         if self.limited:
             await self._caught_up(whole(info.state.last_seq, f"stream {STREAM} info: last_seq"))
 
@@ -1762,7 +1789,7 @@ class Worker:
                 await asyncio.sleep(1.0)
         stream_config = (await self.js.stream_info(STREAM)).config
         self.limited = bool(_removing_limits(stream_config))
-        problem = discard_problem(stream_config)
+        problem = retention_problem(stream_config) or discard_problem(stream_config)
         problem = problem or store_discard_problem((await self.js.stream_info(MQTT_STORE)).config)
         if problem:
             raise ConfigError(problem)

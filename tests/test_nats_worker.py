@@ -1074,6 +1074,45 @@ def test_a_stream_that_discards_new_messages_is_named(
         col.close()
 
 
+def test_a_stream_that_removes_acknowledged_messages_is_named(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+) -> None:
+    """With interest retention on the sensor stream (an operator's edit to save room), a
+    message was removed once its owner acknowledged it, and all of a partition's when a
+    takeover deleted its consumer: the new owner, replaying from its snapshot, found nothing,
+    and the samples sent meanwhile were never answered nor reported. A running worker says
+    so; a starting one is refused."""
+    import nats
+    from nats.js import api
+
+    from edge.nats_worker import STREAM
+
+    async def interest() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        info = await js.stream_info(STREAM)
+        info.config.retention = api.RetentionPolicy.INTEREST
+        await js.update_stream(info.config)
+        await nc.close()
+
+    w1 = workers("w1")
+    col = Collector(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1"], P)
+        asyncio.run(interest())
+        said = f"stream {STREAM} has interest retention: it removes messages once they are "
+        said += "acknowledged or their consumer is deleted"
+        wait_until(lambda: said in w1.log(), 60, "the running worker to say so")
+        assert w1.proc is not None and w1.proc.poll() is None
+        w2 = WorkerProc(
+            bundles / "clf-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", str(P)
+        ).start()
+        assert w2.proc is not None and w2.proc.wait(60) == 2
+        assert said in w2.log() and "Traceback" not in w2.log()
+    finally:
+        col.close()
+
+
 @failover
 def test_worker_added_mid_stream_takes_its_share_with_state(
     bundles: Path, nats_server: NatsServer, workers: Any

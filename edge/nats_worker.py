@@ -100,6 +100,7 @@ SNAPSHOTS = "edge_snapshots"
 ANSWERED = "edge_answered"
 LAYOUT = "partitions"  # key of the answered bucket: the partition count, and the one before
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
+AUTHORIZATION = "authorization violation"  # nats-server's refusal of a client's credentials
 IN_USE_OTHERWISE = 10058  # ... a stream of that name exists with another configuration
 NO_STORAGE = 10023  # JetStream's error code: insufficient resources (its storage is full)
 NOT_CLUSTERED = 10074  # JetStream's error code: replicas > 1 on a server without a cluster
@@ -520,6 +521,9 @@ class Worker:
         self.limited = False  # whether the stream has limits that remove old messages
         self.full_said = -math.inf  # when JetStream's want of storage was last said (_no_room)
         self.failure: str | None = None  # why the worker stops on its own (exit 1)
+        self.connect_error = ""  # the last error of the first connection to NATS
+        self.refusals = 0  # ... the times a server refused our credentials then
+        self.refused = asyncio.Event()  # ... as many times as there are servers
         # chunk subjects of the snapshot store no object named at the last look -> their last
         # sequence then (see _sweep_chunks)
         self.unnamed: dict[str, int] = {}
@@ -1666,7 +1670,14 @@ class Worker:
         }
 
     async def _nats_error(self, exc: Exception) -> None:
-        log.warning("NATS: %s", str(exc) or type(exc).__name__)
+        said = str(exc) or type(exc).__name__
+        log.warning("NATS: %s", said)
+        if self.nc is None:  # the first connection: its error says why it is not made
+            self.connect_error = said
+            # the client would try the same for good; one server of several may still take it
+            self.refusals += AUTHORIZATION in said.lower()
+            if self.refusals >= len(self.opts.servers):
+                self.refused.set()
 
     def _usable_root(self) -> None:
         """The worker's scratch journals need a directory it can write: one it cannot would
@@ -1743,22 +1754,36 @@ class Worker:
                 loop.add_signal_handler(sig, self.stopping.set)
         if set(early_signals.take()) - {signal.SIGHUP}:  # arrived while the process started
             self.stopping.set()
-        try:
-            # nats-py retries a first connection as long as reconnects are allowed: bounded here.
-            self.nc = await asyncio.wait_for(
-                nats.connect(
-                    servers=self.opts.servers,
-                    name=f"edge-lstm-{self.opts.worker_id}",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    connect_timeout=5,
-                    error_cb=self._nats_error,  # one line each, not the library's traceback
-                ),
-                CONNECT_SECONDS,
+        connecting = asyncio.ensure_future(
+            nats.connect(
+                servers=self.opts.servers,
+                name=f"edge-lstm-{self.opts.worker_id}",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+                error_cb=self._nats_error,  # one line each, not the library's traceback
             )
+        )
+        refused = asyncio.ensure_future(self.refused.wait())
+        # nats-py retries a first connection as long as reconnects are allowed: bounded here,
+        # and ended at once when the server refuses the credentials (tried again for good).
+        await asyncio.wait(
+            [connecting, refused], timeout=CONNECT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+        )
+        refused.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.wait([connecting])
+            why = self.connect_error
+            if self.refused.is_set():
+                raise ConfigError(f"NATS at {self.opts.shown()} refused the connection: {why}")
+            last = f" (last error: {why})" if why else ""
+            raise ConfigError(f"cannot reach NATS at {self.opts.shown()}: timed out{last}")
+        try:
+            self.nc = connecting.result()
         except Exception as exc:
             raise ConfigError(
-                f"cannot reach NATS at {self.opts.shown()}: {str(exc) or 'timed out'}"
+                f"cannot reach NATS at {self.opts.shown()}: {str(exc) or type(exc).__name__}"
             ) from exc
         info = getattr(self.nc, "_server_info", None) or {}
         if info and not info.get("jetstream"):

@@ -327,6 +327,45 @@ def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path)
     assert f"{str(bad)!r}" in r.stderr and "Traceback" not in r.stderr
 
 
+class _AuthServer(NatsServer):
+    """A nats-server that takes only user ``edge`` with password ``right``."""
+
+    def config(self) -> str:
+        return super().config() + "authorization {\n  user: edge\n  password: right\n}\n"
+
+
+def test_credentials_the_server_refuses_are_named_at_once(bundles: Path, tmp_path: Path) -> None:
+    """A wrong password was tried again and again for the whole connect timeout, one warning
+    line each, and the worker then said it could not reach NATS, "timed out": the server
+    was there and had said why. It says the server refused the connection, and why; a server
+    it cannot reach is named with the last error the attempts met."""
+    import subprocess
+    import sys
+
+    server = _AuthServer(tmp_path / "nats").start()
+    try:
+        host = f"127.0.0.1:{server.port}"
+
+        def run(url: str) -> subprocess.CompletedProcess[str]:
+            cmd = [sys.executable, "-m", "edge", "worker", "--model", str(bundles / "clf-int8")]
+            cmd += ["--nats", url, "--state-dir", str(tmp_path / "s"), "--worker-id", "w1"]
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+        wrong = (f"nats://edge:wrong@{host}", f"nats://***@{host}")
+        for url, shown in (wrong, (f"nats://{host}", f"nats://{host}")):
+            r = run(url)
+            said = f"NATS at {shown} refused the connection: nats: 'Authorization Violation'"
+            assert r.returncode == 2 and said in r.stderr, r.stderr[-2000:]
+            assert "wrong" not in r.stderr and "Traceback" not in r.stderr
+        # a server that is not there: named with the last error its attempts met
+        server.stop()
+        r = run(f"nats://edge:wrong@{host}")
+        said = f"cannot reach NATS at nats://***@{host}: timed out (last error: "
+        assert r.returncode == 2 and said in r.stderr and "Connect call failed" in r.stderr
+    finally:
+        server.stop()
+
+
 @failover
 def test_a_worker_is_refused_with_other_partitions_or_a_state_dir_in_use(
     bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path

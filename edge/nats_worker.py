@@ -1764,16 +1764,21 @@ class Worker:
                 error_cb=self._nats_error,  # one line each, not the library's traceback
             )
         )
-        refused = asyncio.ensure_future(self.refused.wait())
+        ends = [asyncio.ensure_future(e.wait()) for e in (self.refused, self.stopping)]
         # nats-py retries a first connection as long as reconnects are allowed: bounded here,
-        # and ended at once when the server refuses the credentials (tried again for good).
+        # and ended at once when the server refuses the credentials (tried again for good),
+        # or by a SIGTERM.
         await asyncio.wait(
-            [connecting, refused], timeout=CONNECT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            [connecting, *ends], timeout=CONNECT_SECONDS, return_when=asyncio.FIRST_COMPLETED
         )
-        refused.cancel()
+        for end in ends:
+            end.cancel()
         if not connecting.done():
             connecting.cancel()
             await asyncio.wait([connecting])
+            if self.stopping.is_set():
+                log.info("stopped before NATS was reached")
+                return 0
             why = self.connect_error
             if self.refused.is_set():
                 raise ConfigError(f"NATS at {self.opts.shown()} refused the connection: {why}")
@@ -1811,7 +1816,12 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise ConfigError(f"JetStream at {self.opts.shown()}: {exc}") from exc
                 log.warning("JetStream not ready yet: %r", exc)
-                await asyncio.sleep(1.0)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 1.0)
+                if self.stopping.is_set():  # SIGTERM while waiting: nothing taken yet
+                    log.info("stopped before JetStream was ready")
+                    await self.nc.close()
+                    return 0
         stream_config = (await self.js.stream_info(STREAM)).config
         self.limited = bool(_removing_limits(stream_config))
         problem = retention_problem(stream_config) or discard_problem(stream_config)

@@ -366,6 +366,34 @@ def test_credentials_the_server_refuses_are_named_at_once(bundles: Path, tmp_pat
         server.stop()
 
 
+def test_a_worker_stopped_while_it_waits_for_nats_or_jetstream_stops_at_once(
+    bundles: Path, tmp_path: Path
+) -> None:
+    """SIGTERM while the worker waited to reach NATS (up to 15 s) or for JetStream to be
+    ready (a cluster without a quorum, up to a minute): it waited on, then exited 2 with
+    the error of the wait. It stops cleanly (exit 0), having taken nothing."""
+    from firmware_sim.broker import free_port
+
+    nodes = [NatsServer(tmp_path / f"n{i}", name=f"n{i}") for i in (1, 2, 3)]
+    for n in nodes:
+        n.peers = [m for m in nodes if m is not n]
+    alone = nodes[0].start()  # its peers never come: JetStream has no leader
+    try:
+        for url, waiting, said in (
+            (f"nats://127.0.0.1:{free_port()}", "NATS: ", "stopped before NATS was reached"),
+            (alone.url, "JetStream not ready yet", "stopped before JetStream was ready"),
+        ):
+            w = WorkerProc(bundles / "clf-int8", url, tmp_path / "s", "w1").start()
+            assert w.proc is not None
+            wait_until(lambda w=w, waiting=waiting: waiting in w.log(), 120, waiting)
+            w.proc.terminate()
+            assert w.proc.wait(120) == 0, w.log()[-2000:]
+            assert said in w.log() and "Traceback" not in w.log()
+            w.log_path.unlink()
+    finally:
+        alone.stop()
+
+
 @failover
 def test_a_worker_is_refused_with_other_partitions_or_a_state_dir_in_use(
     bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path

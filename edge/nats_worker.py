@@ -523,6 +523,7 @@ class Worker:
         self.failure: str | None = None  # why the worker stops on its own (exit 1)
         self.connect_error = ""  # the last error of the first connection to NATS
         self.refusals = 0  # ... the times a server refused our credentials then
+        self.denied = ""  # the last permissions violation the server said
         self.refused = asyncio.Event()  # ... as many times as there are servers
         # chunk subjects of the snapshot store no object named at the last look -> their last
         # sequence then (see _sweep_chunks)
@@ -1672,6 +1673,8 @@ class Worker:
     async def _nats_error(self, exc: Exception) -> None:
         said = str(exc) or type(exc).__name__
         log.warning("NATS: %s", said)
+        if "permissions violation" in said.lower():
+            self.denied = said
         if self.nc is None:  # the first connection: its error says why it is not made
             self.connect_error = said
             # the client would try the same for good; one server of several may still take it
@@ -1812,6 +1815,12 @@ class Worker:
                         f"replicas = {self.opts.replicas}: nats-server at {self.opts.shown()} "
                         "runs without a cluster (JetStream: replicas > 1 not supported in "
                         "non-clustered mode); use replicas = 1 there"
+                    ) from exc
+                if self.denied:  # the server drops what its permissions deny: no answer
+                    raise ConfigError(
+                        f"JetStream at {self.opts.shown()}: the server denies this worker's "
+                        f"user what the worker needs ({self.denied}); allow it JetStream's "
+                        "API and the subjects the worker uses"
                     ) from exc
                 if time.monotonic() > deadline:
                     raise ConfigError(f"JetStream at {self.opts.shown()}: {exc}") from exc

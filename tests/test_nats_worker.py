@@ -366,6 +366,34 @@ def test_credentials_the_server_refuses_are_named_at_once(bundles: Path, tmp_pat
         server.stop()
 
 
+class _DeniedServer(NatsServer):
+    """A nats-server whose only user may not use JetStream's API."""
+
+    def config(self) -> str:
+        user = '{user: edge, password: right, permissions: {publish: {deny: ["$JS.API.>"]}}}'
+        return super().config() + f"authorization {{\n  users = [{user}]\n}}\n"
+
+
+def test_a_user_denied_jetstream_is_named_at_once(bundles: Path, tmp_path: Path) -> None:
+    """The server drops a request its permissions deny, and says so on the connection: the
+    worker took it for a JetStream not ready yet, waited a minute, and said `nats: timeout`."""
+    import subprocess
+    import sys
+
+    server = _DeniedServer(tmp_path / "nats").start()
+    try:
+        cmd = [sys.executable, "-m", "edge", "worker", "--model", str(bundles / "clf-int8")]
+        cmd += ["--nats", f"nats://edge:right@127.0.0.1:{server.port}"]
+        cmd += ["--state-dir", str(tmp_path / "s"), "--worker-id", "w1"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        said = "the server denies this worker's user what the worker needs (nats: permissions "
+        said += "violation for publish to"
+        assert r.returncode == 2 and said in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and "right" not in r.stderr
+    finally:
+        server.stop()
+
+
 def test_a_worker_stopped_while_it_waits_for_nats_or_jetstream_stops_at_once(
     bundles: Path, tmp_path: Path
 ) -> None:

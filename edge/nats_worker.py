@@ -233,6 +233,40 @@ def discard_problem(config: Any) -> str | None:
     )
 
 
+def _size_limit(config: Any, max_payload: int) -> int:
+    """A stream's ``max_msg_size`` when it refuses messages the server takes (0: it does not)."""
+    size = getattr(config, "max_msg_size", None) or 0
+    return size if 0 < size < max_payload else 0
+
+
+def size_problem(config: Any, max_payload: int) -> str | None:
+    """Why the sensor stream loses devices' samples without a report, if it does: a message
+    larger than its ``max_msg_size`` is refused, live and as a copy from the MQTT listener's
+    store (whose copying then stalls on it), after the listener acknowledged the device's
+    publish (the worker makes the stream without that limit)."""
+    size = _size_limit(config, max_payload)
+    if not size:
+        return None
+    return (
+        f"stream {STREAM} refuses messages larger than its max_msg_size = {size} bytes (the "
+        f"server takes {max_payload}): devices' samples larger than that are acknowledged and "
+        "lost without a report; remove the limit"
+    )
+
+
+def store_size_problem(config: Any, max_payload: int) -> str | None:
+    """Why the MQTT listener's store cannot take some answers, if it cannot: one larger than
+    its ``max_msg_size`` is refused, and sent again for good."""
+    size = _size_limit(config, max_payload)
+    if not size:
+        return None
+    return (
+        f"stream {MQTT_STORE} (NATS's MQTT store) refuses messages larger than its "
+        f"max_msg_size = {size} bytes (the server takes {max_payload}): answers larger than "
+        "that are refused and sent again for good; remove the limit"
+    )
+
+
 def retention_problem(config: Any) -> str | None:
     """Why the sensor stream loses devices' samples at a takeover, if it does: with interest
     or work-queue retention JetStream removes a message once its consumer acknowledged it (and
@@ -518,6 +552,7 @@ class Worker:
         self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
         self.discarding: str | None = None  # the stream's discard-new limits, once said
         self.retaining: str | None = None  # the stream's retention other than limits, once said
+        self.sizing: str | None = None  # the stream's max_msg_size, once said
         self.limited = False  # whether the stream has limits that remove old messages
         self.full_said = -math.inf  # when JetStream's want of storage was last said (_no_room)
         self.failure: str | None = None  # why the worker stops on its own (exit 1)
@@ -1577,8 +1612,8 @@ class Worker:
         log.info("answers are also stored in %s (MQTT QoS 1 subscriptions)", MQTT_STORE)
 
     async def _check_discard(self) -> None:
-        """Limits with discard ``new``, or a retention other than limits, put on the stream
-        while the group runs: said once. A
+        """Limits with discard ``new``, a retention other than limits, or a ``max_msg_size``
+        put on the stream while the group runs: said once. A
         subject transform edited to another partition count: stored under it, every stream
         lands in another partition, whose state knows nothing of it (answered from the zero
         state without a word), so the worker stops as it refuses to start (exit 2)."""
@@ -1604,6 +1639,11 @@ class Worker:
             log.error("%s", problem)
             self.metrics.inc("stream_retention_removes")
         self.retaining = problem
+        problem = size_problem(config, int(self.nc.max_payload))
+        if problem and problem != self.sizing:
+            log.error("%s", problem)
+            self.metrics.inc("stream_refuses_large")
+        self.sizing = problem
         if self.limited:
             await self._caught_up(whole(info.state.last_seq, f"stream {STREAM} info: last_seq"))
 
@@ -1833,8 +1873,12 @@ class Worker:
                     return 0
         stream_config = (await self.js.stream_info(STREAM)).config
         self.limited = bool(_removing_limits(stream_config))
+        store_config = (await self.js.stream_info(MQTT_STORE)).config
+        largest = int(self.nc.max_payload)
         problem = retention_problem(stream_config) or discard_problem(stream_config)
-        problem = problem or store_discard_problem((await self.js.stream_info(MQTT_STORE)).config)
+        problem = problem or size_problem(stream_config, largest)
+        problem = problem or store_discard_problem(store_config)
+        problem = problem or store_size_problem(store_config, largest)
         if problem:
             raise ConfigError(problem)
         await self._refuse_foreign_snapshots()

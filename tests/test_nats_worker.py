@@ -1208,6 +1208,48 @@ def test_a_stream_that_removes_acknowledged_messages_is_named(
         col.close()
 
 
+@pytest.mark.parametrize("store", [False, True])
+def test_a_stream_that_refuses_large_messages_is_named(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path, store: bool
+) -> None:
+    """With ``max_msg_size`` on the sensor stream, a device's sample larger than it was
+    acknowledged by the MQTT listener and refused by the stream, live and as a copy from the
+    listener's store (the copying stalled on it): lost without a word. On the listener's store,
+    every answer larger than it was refused and sent again for good. A worker is refused at
+    start; a running one names it on the sensor stream."""
+    import nats
+
+    from edge.nats_worker import MQTT_STORE, STREAM
+
+    name = MQTT_STORE if store else STREAM
+
+    async def limit() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        info = await js.stream_info(name)
+        info.config.max_msg_size = 150
+        await js.update_stream(info.config)
+        await nc.close()
+
+    w1 = workers("w1")
+    col = Collector(nats_server.mqtt_url)  # the MQTT listener makes its store
+    try:
+        wait_owned(col, ["w1"], P)
+        asyncio.run(limit())
+        said = f"stream {MQTT_STORE} (NATS's MQTT store)" if store else f"stream {STREAM}"
+        said += " refuses messages larger than its max_msg_size = 150 bytes"
+        if not store:
+            wait_until(lambda: said in w1.log(), 60, "the running worker to say so")
+            assert w1.proc is not None and w1.proc.poll() is None
+        w2 = WorkerProc(
+            bundles / "clf-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", str(P)
+        ).start()
+        assert w2.proc is not None and w2.proc.wait(60) == 2
+        assert said in w2.log() and "Traceback" not in w2.log()
+    finally:
+        col.close()
+
+
 @failover
 def test_worker_added_mid_stream_takes_its_share_with_state(
     bundles: Path, nats_server: NatsServer, workers: Any

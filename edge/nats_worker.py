@@ -267,6 +267,24 @@ def store_size_problem(config: Any, max_payload: int) -> str | None:
     )
 
 
+def sealed_problem(config: Any, store: bool = False) -> str | None:
+    """Why a stream of the group takes nothing more, if it does: a sealed stream refuses every
+    message (and cannot be unsealed). The sensor stream's refusals come after the MQTT
+    listener acknowledged the device's publish: lost without a report; the listener's store
+    refuses every answer, which the worker sends again for good."""
+    if not getattr(config, "sealed", False):
+        return None
+    if store:
+        return (
+            f"stream {MQTT_STORE} (NATS's MQTT store) is sealed: every answer is refused and "
+            "sent again for good; delete it (the MQTT listener makes it again)"
+        )
+    return (
+        f"stream {STREAM} is sealed: it refuses every message, and devices' samples are "
+        "acknowledged and lost without a report; make the stream again"
+    )
+
+
 def retention_problem(config: Any) -> str | None:
     """Why the sensor stream loses devices' samples at a takeover, if it does: with interest
     or work-queue retention JetStream removes a message once its consumer acknowledged it (and
@@ -553,6 +571,7 @@ class Worker:
         self.discarding: str | None = None  # the stream's discard-new limits, once said
         self.retaining: str | None = None  # the stream's retention other than limits, once said
         self.sizing: str | None = None  # the stream's max_msg_size, once said
+        self.sealed: str | None = None  # the stream sealed, once said
         self.limited = False  # whether the stream has limits that remove old messages
         self.full_said = -math.inf  # when JetStream's want of storage was last said (_no_room)
         self.failure: str | None = None  # why the worker stops on its own (exit 1)
@@ -1612,8 +1631,8 @@ class Worker:
         log.info("answers are also stored in %s (MQTT QoS 1 subscriptions)", MQTT_STORE)
 
     async def _check_discard(self) -> None:
-        """Limits with discard ``new``, a retention other than limits, or a ``max_msg_size``
-        put on the stream while the group runs: said once. A
+        """Limits with discard ``new``, a retention other than limits, a ``max_msg_size`` put
+        on the stream, or the stream sealed, while the group runs: said once. A
         subject transform edited to another partition count: stored under it, every stream
         lands in another partition, whose state knows nothing of it (answered from the zero
         state without a word), so the worker stops as it refuses to start (exit 2)."""
@@ -1644,6 +1663,11 @@ class Worker:
             log.error("%s", problem)
             self.metrics.inc("stream_refuses_large")
         self.sizing = problem
+        problem = sealed_problem(config)
+        if problem and problem != self.sealed:
+            log.error("%s", problem)
+            self.metrics.inc("stream_sealed")
+        self.sealed = problem
         if self.limited:
             await self._caught_up(whole(info.state.last_seq, f"stream {STREAM} info: last_seq"))
 
@@ -1875,7 +1899,8 @@ class Worker:
         self.limited = bool(_removing_limits(stream_config))
         store_config = (await self.js.stream_info(MQTT_STORE)).config
         largest = int(self.nc.max_payload)
-        problem = retention_problem(stream_config) or discard_problem(stream_config)
+        problem = sealed_problem(stream_config) or sealed_problem(store_config, store=True)
+        problem = problem or retention_problem(stream_config) or discard_problem(stream_config)
         problem = problem or size_problem(stream_config, largest)
         problem = problem or store_discard_problem(store_config)
         problem = problem or store_size_problem(store_config, largest)

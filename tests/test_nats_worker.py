@@ -1250,6 +1250,47 @@ def test_a_stream_that_refuses_large_messages_is_named(
         col.close()
 
 
+@pytest.mark.parametrize("store", [False, True])
+def test_a_sealed_stream_is_named(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path, store: bool
+) -> None:
+    """The sensor stream sealed (it takes nothing more, for good): every device's sample was
+    acknowledged by the MQTT listener and refused by the stream, without a word anywhere; the
+    listener's store sealed refused every answer, sent again for good. A worker is refused at
+    start; a running one names the sensor stream's."""
+    import nats
+
+    from edge.nats_worker import MQTT_STORE, STREAM
+
+    name = MQTT_STORE if store else STREAM
+
+    async def seal() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        info = await js.stream_info(name)
+        info.config.sealed = True
+        await js.update_stream(info.config)
+        await nc.close()
+
+    w1 = workers("w1")
+    col = Collector(nats_server.mqtt_url)  # the MQTT listener makes its store
+    try:
+        wait_owned(col, ["w1"], P)
+        asyncio.run(seal())
+        said = f"stream {MQTT_STORE} (NATS's MQTT store)" if store else f"stream {STREAM}"
+        said += " is sealed: "
+        if not store:
+            wait_until(lambda: said in w1.log(), 60, "the running worker to say so")
+            assert w1.proc is not None and w1.proc.poll() is None
+        w2 = WorkerProc(
+            bundles / "clf-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", str(P)
+        ).start()
+        assert w2.proc is not None and w2.proc.wait(60) == 2
+        assert said in w2.log() and "Traceback" not in w2.log()
+    finally:
+        col.close()
+
+
 @failover
 def test_worker_added_mid_stream_takes_its_share_with_state(
     bundles: Path, nats_server: NatsServer, workers: Any

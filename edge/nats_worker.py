@@ -323,6 +323,32 @@ def _has_mqtt_source(config: Any) -> bool:
     return any(s.name == MQTT_STORE for s in config.sources or [])
 
 
+def source_problem(config: Any, partitions: int) -> str | None:
+    """How the stream's copy of the MQTT listener's store differs from the one the worker
+    makes, if it does (an operator's edit): removed, a QoS 1 publish whose live copy is lost
+    (a stream electing its leader) is lost too, acknowledged; with other transforms or a
+    filter, copies land in partitions whose state does not know their streams."""
+    ours = {(src, dest) for src, dest in mqtt_source_transforms(partitions)}
+    found = [s for s in config.sources or [] if s.name == MQTT_STORE]
+    if not found:
+        return f"stream {STREAM} no longer copies {MQTT_STORE} (its source was removed)"
+    for source in found:
+        pairs = {(t.src, t.dest) for t in source.subject_transforms or []}
+        if pairs != ours or source.filter_subject or source.opt_start_seq:
+            return (
+                f"stream {STREAM}'s copy of {MQTT_STORE} was edited (transforms "
+                f"{bounded(sorted(pairs))}, filter {bounded(source.filter_subject)})"
+            )
+    return None
+
+
+def with_mqtt_source(config: Any, partitions: int) -> Any:
+    """``config`` with the copy of the MQTT listener's store as the worker makes it."""
+    others = [s for s in config.sources or [] if s.name != MQTT_STORE]
+    config.sources = [*others, mqtt_source(partitions)]
+    return config
+
+
 async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any, Any]:
     """Create the stream, the buckets and the snapshot store, unless they exist; a stream
     made with another partition count is refused (P is fixed at creation)."""
@@ -362,9 +388,11 @@ async def ensure_resources(js: Any, opts: WorkerOptions) -> tuple[Any, Any, Any]
                 "(start with the stream's partition count, or delete the stream)"
             )
         if not _has_mqtt_source(info.config):  # made by a version that only captured
-            info.config.sources = [*(info.config.sources or []), mqtt_source(opts.partitions)]
-            await js.update_stream(info.config)
+            await js.update_stream(with_mqtt_source(info.config, opts.partitions))
             log.info("stream %s now also sources %s", STREAM, MQTT_STORE)
+        elif problem := source_problem(info.config, opts.partitions):
+            await js.update_stream(with_mqtt_source(info.config, opts.partitions))
+            log.error("%s; made again", problem)
     else:
         await js.add_stream(
             api.StreamConfig(
@@ -1632,7 +1660,8 @@ class Worker:
 
     async def _check_discard(self) -> None:
         """Limits with discard ``new``, a retention other than limits, a ``max_msg_size`` put
-        on the stream, or the stream sealed, while the group runs: said once. A
+        on the stream, or the stream sealed, while the group runs: said once. Its copy of the
+        MQTT listener's store removed or edited: made again as the worker makes it. A
         subject transform edited to another partition count: stored under it, every stream
         lands in another partition, whose state knows nothing of it (answered from the zero
         state without a word), so the worker stops as it refuses to start (exit 2)."""
@@ -1647,6 +1676,12 @@ class Worker:
                 f"partitions whose state they need; put it back, or delete the stream and "
                 "start the workers with the new partition count"
             )
+        problem = source_problem(config, self.opts.partitions)
+        if problem:
+            await self.js.update_stream(with_mqtt_source(config, self.opts.partitions))
+            log.error("%s; made again", problem)
+            self.metrics.inc("mqtt_source_made_again")
+            config = (await self.js.stream_info(STREAM)).config
         self.limited = bool(_removing_limits(config))
         problem = discard_problem(config)
         if problem and problem != self.discarding:

@@ -1292,6 +1292,61 @@ def test_a_sealed_stream_is_named(
 
 
 @failover
+@pytest.mark.parametrize("edit", ["removed", "edited"])
+def test_the_streams_copy_of_the_mqtt_store_removed_or_edited_is_made_again(
+    bundles: Path, nats_server: NatsServer, workers: Any, edit: str
+) -> None:
+    """The sensor stream's source of the MQTT listener's store removed by an operator under a
+    running group: the worker said nothing, and a QoS 1 publish whose live copy was lost (the
+    stream electing a leader) was lost with it, acknowledged; every live copy stepped waited
+    for its twin for good. Edited to other transforms, copies landed in partitions whose state
+    did not know their streams. It is made again as the worker makes it."""
+    import nats
+    from nats.js import api
+
+    from edge.nats_worker import MQTT_STORE, STREAM, mqtt_source
+
+    async def change() -> list[Any]:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        info = await js.stream_info(STREAM)
+        if edit == "removed":
+            info.config.sources = []
+        else:  # as the copy of another partition count
+            info.config.sources = [mqtt_source(P // 2)]
+        await js.update_stream(info.config)
+        await nc.close()
+        return [mqtt_source(P)]
+
+    async def sources() -> list[Any]:
+        nc = await nats.connect(nats_server.url)
+        found = (await nc.jetstream().stream_info(STREAM)).config.sources or []
+        await nc.close()
+        return [
+            api.StreamSource(name=s.name, subject_transforms=s.subject_transforms) for s in found
+        ]
+
+    w1 = workers("w1")
+    with _every_kind(nats_server) as (col, _, _, pub):
+        wait_owned(col, ["w1"], P)
+        want_sources = asyncio.run(change())
+        said = f"stream {STREAM} no longer copies {MQTT_STORE} (its source was removed); made again"
+        if edit == "edited":
+            said = f"stream {STREAM}'s copy of {MQTT_STORE} was edited (transforms"
+        wait_until(lambda: said in w1.log(), 60, "the running worker to make it again")
+        assert asyncio.run(sources()) == want_sources
+        samples = _samples(6, 8, seed=71)
+        want = offline(bundles / "clf-int8", samples)
+        _send(pub, samples, range(8))
+        wait_until(lambda: len(col.predictions()) >= len(want), 60, "every prediction")
+        assert _check(col.predictions(), want) == ([], [])
+        assert [k for k, ys in col.predictions().items() if len(ys) > 1] == []
+        assert not col.of("errors/")
+    assert w1.stop() == 0
+    assert w1.final_stats()[-1].get("mqtt_source_made_again") == 1
+
+
+@failover
 def test_worker_added_mid_stream_takes_its_share_with_state(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

@@ -600,6 +600,7 @@ class Worker:
         self.retaining: str | None = None  # the stream's retention other than limits, once said
         self.sizing: str | None = None  # the stream's max_msg_size, once said
         self.sealed: str | None = None  # the stream sealed, once said
+        self.lease_bucket: Any = None  # the lease bucket's configuration, read each round
         self.limited = False  # whether the stream has limits that remove old messages
         self.full_said = -math.inf  # when JetStream's want of storage was last said (_no_room)
         self.failure: str | None = None  # why the worker stops on its own (exit 1)
@@ -1587,6 +1588,7 @@ class Worker:
 
         prefix = f"$KV.{LEASES}.w."
         info = await self.js.stream_info(f"KV_{LEASES}", subjects_filter=prefix + ">")
+        self.lease_bucket = info.config  # for _keep_lease_ttl
         members: set[str] = set()
         for subject in info.state.subjects or {}:
             key = subject[len(prefix) - 2 :]
@@ -1705,6 +1707,28 @@ class Worker:
         self.sealed = problem
         if self.limited:
             await self._caught_up(whole(info.state.last_seq, f"stream {STREAM} info: last_seq"))
+
+    async def _keep_lease_ttl(self) -> None:
+        """The lease bucket's TTL edited under a running group (a stream edit): without one, or
+        a longer one, a killed worker's leases did not run out, and its partitions waited for
+        it for good (or that long). Put back to ``lease_seconds``, which every worker of the
+        group shares (``_check_lease``)."""
+        config = self.lease_bucket
+        ttl = (config.max_age or 0) if config is not None else self.opts.lease_seconds
+        if abs(ttl - self.opts.lease_seconds) <= 1e-3:
+            return
+        assert config is not None
+        log.error(
+            "lease bucket %s: its TTL was edited to %gs, not lease_seconds = %g: a dead "
+            "worker's partitions would wait %s; put back",
+            LEASES,
+            ttl,
+            self.opts.lease_seconds,
+            f"{ttl:g} s" if ttl else "for good",
+        )
+        config.max_age = self.opts.lease_seconds
+        await self.js.update_stream(config)
+        self.metrics.inc("lease_ttl_put_back")
 
     async def _caught_up(self, last: int) -> None:
         """On a stream whose limits remove old messages, move what each idle partition covers
@@ -1962,6 +1986,7 @@ class Worker:
                     for name in stores + [MQTT_STORE] * self.mqtt_store:
                         await self.js.stream_info(name)
                     await self._check_discard()
+                    await self._keep_lease_ttl()
                     if time.monotonic() - self.consumers_looked >= STALE_CONSUMER_SECONDS:
                         self.consumers_looked = time.monotonic()
                         await self._remove_stale_consumers()

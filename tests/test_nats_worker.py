@@ -1347,6 +1347,38 @@ def test_the_streams_copy_of_the_mqtt_store_removed_or_edited_is_made_again(
 
 
 @failover
+def test_a_lease_bucket_whose_ttl_is_edited_away_is_put_back(
+    bundles: Path, nats_server: NatsServer, workers: Any
+) -> None:
+    """The lease bucket's TTL removed under a running group (a stream edit): the leases of a
+    worker killed then never ran out, and its partitions waited for it for good. The TTL is
+    put back, and the killed worker's partitions move."""
+    import nats
+
+    from edge.nats_worker import LEASES
+
+    async def no_ttl() -> None:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        info = await js.stream_info(f"KV_{LEASES}")
+        info.config.max_age = 0
+        await js.update_stream(info.config)
+        await nc.close()
+
+    procs = {i: workers(i) for i in ("w1", "w2")}
+    col = Collector(nats_server.mqtt_url)
+    try:
+        wait_owned(col, ["w1", "w2"], P)
+        asyncio.run(no_ttl())
+        procs["w2"].kill()
+        wait_owned(col, ["w1"], P, 90)
+        said = f"lease bucket {LEASES}: its TTL was edited to 0s, not lease_seconds = 2"
+        assert any(said in w.log() for w in procs.values())  # (w2 may have put it back)
+    finally:
+        col.close()
+
+
+@failover
 def test_worker_added_mid_stream_takes_its_share_with_state(
     bundles: Path, nats_server: NatsServer, workers: Any
 ) -> None:

@@ -400,7 +400,13 @@ class Engine:
         self.counters.resets += 1
         row = self.store.peek(stream)
         if row is None and (next_seq is not None or boot is not None):
-            row = int(self.store.acquire([stream])[0])
+            # An evicted stream gets its last seq and boot ids back first: the reset keeps
+            # them as it keeps a known stream's (a straggler of an earlier boot stays stale,
+            # a redelivery a duplicate). Its state is zero, as the reset asks: no restart.
+            row = int(self.store.recall([stream], np.full(1, -1, np.intp))[0])
+            self.store.recalled.discard(stream)
+            if row < 0:
+                row = int(self.store.acquire([stream])[0])
         if row is not None and next_seq is not None:  # a new numbering: old gaps mean nothing
             self.store.last_seq[row] = (int(next_seq) - 1) % U32
             self.store.gaps[row] = 0

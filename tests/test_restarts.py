@@ -124,3 +124,29 @@ def test_boots_and_gaps_survive_a_snapshot(bundles, xs, tmp_path):
     f.restore(tmp_path / "s.bin")
     (late,) = f.step_many([edge.Chunk("d", xs[4:5], 13, boot=1)])
     assert late.late == 1 and f.boots("d") == (1, [])
+
+
+@pytest.mark.parametrize("evicted", [False, True])
+def test_a_reset_of_an_evicted_stream_keeps_its_numbering_and_boot(bundles, xs, evicted):
+    """An evicted stream keeps its last seq and boot, and a reset keeps them too (but what it
+    names). A reset of an evicted stream naming its boot or next seq gave it a new row
+    without them: a redelivery of a sample applied before the eviction was stepped a second
+    time, unreported, and the stream's boot was forgotten."""
+    e = edge.load(bundles / BUNDLE, capacity=1)
+    e.step("d", xs[:3], seq=1, boot=7)
+    e.step("d", xs[3:6], seq=1, boot=8)  # rebooted
+    if evicted:
+        e.step("other", xs[0], seq=1)
+        assert e.state_of("d") is None
+    e.reset("d", boot=8)  # the device says which boot it is in
+    (again,) = e.step_many([edge.Chunk("d", xs[5:6], 3, boot=8)])  # a redelivery
+    assert (again.duplicates, len(again.y)) == (1, 0)
+    (on,) = e.step_many([edge.Chunk("d", xs[6:8], 4, boot=8)])
+    np.testing.assert_array_equal(on.y, edge.load(bundles / BUNDLE).step("x", xs[6:8]))
+    assert (on.gap, on.restart) == (0, False)
+    if evicted:
+        e.step("other", xs[0], seq=2)
+    e.reset("d", next_seq=20)
+    assert e.boots("d")[0] == 8 and e.last_seq("d") == 19
+    (nxt,) = e.step_many([edge.Chunk("d", xs[8:9], 20, boot=8)])
+    assert (nxt.gap, nxt.restart, len(nxt.y)) == (0, False, 1)

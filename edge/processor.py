@@ -480,6 +480,7 @@ class Processor:
         for load, key in (
             (self.reorder.load, "reorder"),
             (self.reorder.load_boots, "reorder_boots"),
+            (self.reorder.load_fresh, "reorder_fresh"),
         ):
             try:
                 load(extra.get(key) or {})
@@ -686,6 +687,7 @@ class Processor:
                 "lsn": self.lsn,
                 "reorder": self.reorder.export(self.engine.last_seq),
                 "reorder_boots": self.reorder.export_boots(self.engine.boots),
+                "reorder_fresh": self.reorder.export_fresh(),
                 "replay": self._replay_settings() if switch is None else switch,
                 "restart": self._flags(),
                 "resets": [[pid, *was] for pid, was in self._resets.items()],

@@ -131,8 +131,7 @@ class Reorderer:
         """The boot ids a snapshot must keep: of streams this has in another boot than the
         engine (a new boot's first message refused by the engine), so that after a restart
         the boot's next message goes on as here instead of beginning a new life again. Not of
-        a new life still waiting to begin: its held records, pushed again by a replay, begin
-        it again."""
+        a new life still waiting to begin (``export_fresh``)."""
         return {
             stream: [cur, old]
             for stream, (cur, old) in self._boots.items()
@@ -144,6 +143,27 @@ class Reorderer:
         self._boots.update(
             {str(stream): (int(cur), [int(b) for b in old]) for stream, (cur, old) in saved.items()}
         )
+
+    def export_fresh(self) -> dict[str, list[Any]]:
+        """The new lives of new boots still waiting to begin, with their boot ids, for a
+        snapshot: a replay pushes their held records again, but a record of that life began
+        it only when the engine still had the boot before it, which an eviction of the stream
+        forgets. Without the mark a message of the earlier boot held behind the new life's
+        first went to the engine at once on the replay (which took the stream up again in
+        that boot) instead of after it, to be answered stale."""
+        return {
+            stream: [cur, old]
+            for stream, (cur, old) in self._boots.items()
+            if stream in self._fresh and stream in self._held
+        }
+
+    def load_fresh(self, saved: dict[str, list[Any]]) -> None:
+        """``export_fresh``'s records; all or, on a malformed one, none of them (as ``load``)."""
+        lives = {
+            str(stream): (int(cur), [int(b) for b in old]) for stream, (cur, old) in saved.items()
+        }
+        self._boots.update(lives)
+        self._fresh.update(lives)
 
     def force(self, stream: str, seq: int) -> list[Record]:
         """Release the held record ``seq`` of ``stream`` as ``expire`` once did (log replay)."""

@@ -1237,3 +1237,46 @@ def test_a_sample_the_float_model_overflows_on_is_reported_and_the_stream_goes_o
     (o,) = [json.loads(o.payload) for o in answers(p)]
     ref.step("s", x[0], seq=1)
     np.testing.assert_allclose(o["y"], ref.step("s", x[1], seq=2), rtol=1e-6)
+
+
+def test_a_new_boot_waiting_while_its_stream_is_evicted_replays_as_it_ran(bundles, tmp_path, xs):
+    """A device's new boot waits ``reorder_ms``; a late message of its earlier boot waits
+    behind it, to be answered stale once the new boot has begun. Its stream evicted from the
+    engine meanwhile (``capacity``), a checkpoint did not keep that the new boot was waiting
+    to begin: replayed after a crash, the earlier boot's message went to the engine at once,
+    which took the stream up again in that boot, and the new boot's samples were stepped
+    against it: their answers, published again, differed from the ones published before."""
+
+    def data(stream, seq, row, boot=None):
+        body = {"seq": seq, "values": np.asarray(row).tolist()}
+        if boot is not None:
+            body["boot"] = boot
+        return Inbound(f"sensors/{stream}/data", json.dumps(body).encode(), 0)
+
+    def reset(stream):
+        return Inbound(f"sensors/{stream}/control", b'{"cmd": "reset", "seq": 1}', 0)
+
+    now = [0.0]
+    state = tmp_path / "state"
+    opts = {"reorder_ms": 500, "capacity": 2, "max_batch": 2}
+    p = make(bundles, state, lambda: now[0], **opts)
+    p.journal.open()
+    assert p.handle([reset("s"), data("s", 1, xs[0:2], boot=7)])  # answered at once
+    assert p.handle([data("s", 1, xs[2:4], boot=8)])  # a new boot: its first waits
+    assert p.handle([reset("a"), data("a", 1, xs[4]), reset("b"), data("b", 1, xs[5])])
+    assert "s" not in p.engine.store  # evicted while its new boot waits
+    assert p.handle([data("s", 3, xs[6], boot=7)])  # late, of the boot before: waits behind
+    assert p.checkpoint()
+    answers(p)
+    now[0] = 1.0
+    assert p.tick()
+    ran = {(o.lsn, o.topic): o.payload for o in answers(p)}
+    assert [json.loads(ran[k]).get("error") for k in sorted(ran)] == [None, "stale"]
+    p.journal.close()
+    again = make(bundles, state, lambda: now[0], **opts)  # a crash: the answers go out again
+    again.journal.open()
+    republished = {(o.lsn, o.topic): o.payload for o in answers(again)}
+    assert {k: republished.get(k) for k in ran} == ran
+    assert all(
+        np.array_equal(a, b) for a, b in zip(p.engine.state_of("s"), again.engine.state_of("s"))
+    )

@@ -425,9 +425,13 @@ class Engine:
         return int(self.store.last_seq[row])
 
     def boots(self, stream: str) -> tuple[int | None, list[int]]:
-        """(current boot id or None, earlier boot ids) of a stream."""
+        """(current boot id or None, earlier boot ids) of a stream. An evicted stream kept its
+        current boot (not its earlier ones): its next sample is admitted in that boot."""
         row = self._known(stream)
-        return (None, []) if row is None else self.store.boot_of(row)
+        if row is not None:
+            return self.store.boot_of(row)
+        kept = self.store.departed.peek(stream) if isinstance(stream, str) else None
+        return (None, []) if kept is None or kept[1] == NO_BOOT else (kept[1], [])
 
     def state_of(self, stream: str) -> list[np.ndarray] | None:
         row = self._known(stream)

@@ -70,15 +70,21 @@ class Departed:
         slot, key = self._where(stream)
         keys[slot], self._seq[slot], self._boot[slot] = key, seq, boot
 
-    def take(self, stream: str) -> tuple[int, int] | None:
-        """(last seq, boot) of an evicted stream, forgotten here; None if not remembered."""
+    def peek(self, stream: str) -> tuple[int, int] | None:
+        """(last seq, boot) of an evicted stream, kept here; None if not remembered."""
         if self._key is None:
             return None
         slot, key = self._where(stream)
         if int(self._key[slot]) != key:
             return None
-        self._key[slot] = 0
         return int(self._seq[slot]), int(self._boot[slot])
+
+    def take(self, stream: str) -> tuple[int, int] | None:
+        """(last seq, boot) of an evicted stream, forgotten here; None if not remembered."""
+        was = self.peek(stream)
+        if was is not None and self._key is not None:
+            self._key[self._where(stream)[0]] = 0
+        return was
 
     def export(self) -> str | None:
         """The occupied slots for a snapshot (slot, key, seq, boot as i64), None if none."""

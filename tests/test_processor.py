@@ -1280,3 +1280,39 @@ def test_a_new_boot_waiting_while_its_stream_is_evicted_replays_as_it_ran(bundle
     assert all(
         np.array_equal(a, b) for a, b in zip(p.engine.state_of("s"), again.engine.state_of("s"))
     )
+
+
+def test_a_new_boot_of_an_evicted_stream_waits_before_a_late_message_of_the_boot_before(
+    bundles, tmp_path, xs
+):
+    """An evicted stream keeps its boot. The reorder buffer asked the engine, which knew only
+    the streams it held: a new boot of an evicted stream was not told from its first message,
+    a late message of the boot before went to the engine at once and was stepped (the stream
+    taken up again in that boot), and the new boot's first sample, which had arrived before
+    it, was then dropped as late. As for a stream held, the late one is answered stale."""
+
+    def data(stream, seq, row, boot=None):
+        body = {"seq": seq, "values": np.asarray(row).tolist()}
+        if boot is not None:
+            body["boot"] = boot
+        return Inbound(f"sensors/{stream}/data", json.dumps(body).encode(), 0)
+
+    def reset(stream):
+        return Inbound(f"sensors/{stream}/control", b'{"cmd": "reset", "seq": 1}', 0)
+
+    now = [0.0]
+    p = make(bundles, tmp_path, lambda: now[0], reorder_ms=500, capacity=2, max_batch=2)
+    assert p.handle([reset("s"), data("s", 1, xs[0:2], boot=7)])
+    assert p.handle([reset("a"), data("a", 1, xs[4]), reset("b"), data("b", 1, xs[5])])
+    assert "s" not in p.engine.store  # evicted, its numbering and boot kept
+    answers(p)
+    assert p.handle([data("s", 1, xs[2:4], boot=8)])  # a new boot: its first waits
+    assert p.handle([data("s", 3, xs[6], boot=7)])  # late, of the boot before
+    now[0] = 1.0
+    assert p.tick()
+    got = [json.loads(o.payload) for o in answers(p)]
+    assert [(d["seq"], d.get("error"), d.get("restart"), d["boot"]) for d in got] == [
+        (1, None, True, 8),
+        (3, "stale", None, 7),
+    ]
+    np.testing.assert_array_equal(got[0]["y"], edge.load(bundles / "clf-int8").step("x", xs[2:4]))

@@ -860,8 +860,12 @@ class Processor:
             self._take(r, Void(stream, seq))
 
     def _applied(self, stream: str, seq: int, count: int, boot: int | None) -> bool:
-        """Whether every sample of a message was applied already (same boot, seq behind)."""
+        """Whether every sample of a message was applied already (same boot, seq behind),
+        also by a stream evicted since (it keeps its last seq and boot)."""
         last = self.engine.last_seq(stream)
+        if last is None and stream not in self.engine.store:
+            kept = self.engine.store.departed.peek(stream)
+            last = None if kept is None or kept[0] == NO_SEQ else kept[0]
         current, _ = self.engine.boots(stream)
         if last is None or (boot is not None and boot != current):
             return False

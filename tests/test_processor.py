@@ -269,6 +269,26 @@ def test_a_dropped_redelivery_of_applied_samples_is_not_reported_dropped(bundles
     assert p.metrics.counters["dropped_overload"] == 1
 
 
+def test_a_dropped_redelivery_of_samples_an_evicted_stream_applied_is_not_reported_dropped(
+    bundles, tmp_path, xs
+):
+    """An evicted stream keeps its numbering: a redelivered copy of samples it had applied,
+    shed under overload, was answered "dropped" (contradicting their prediction) when the
+    stream was not held; as for a stream held, the copy is not news and a resend is told it
+    is a duplicate."""
+    import dataclasses
+
+    p = make(bundles, tmp_path, overload="drop-oldest", capacity=1, max_batch=1)
+    assert p.handle([msg("a", 1, xs[0]), msg("a", 2, xs[1]), msg("b", 1, xs[2])])
+    assert "a" not in p.engine.store
+    answers(p)
+    again = dataclasses.replace(msg("a", 2, xs[1]), redelivered=True)
+    assert p.handle([], dropped=[again, msg("a", 1, xs[0]), msg("a", 3, xs[2])])
+    errors = [json.loads(o.payload) for o in answers(p) if o.topic == "errors/a"]
+    assert [(e["error"], e["seq"]) for e in errors] == [("duplicate", 1), ("dropped", 3)]
+    assert p.metrics.counters["dropped_overload"] == 1
+
+
 def test_a_removed_state_directory_is_noticed_and_written_out_again(bundles, tmp_path, xs):
     """rm -rf of the state directory under a running service: the next batch is not taken
     (nothing acknowledged into a file that is gone), and once the state is written out again

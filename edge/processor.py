@@ -859,13 +859,18 @@ class Processor:
             # Reported: its stream's next samples do not wait reorder_ms for it.
             self._take(r, Void(stream, seq))
 
-    def _applied(self, stream: str, seq: int, count: int, boot: int | None) -> bool:
-        """Whether every sample of a message was applied already (same boot, seq behind),
-        also by a stream evicted since (it keeps its last seq and boot)."""
+    def _last_seq(self, stream: str) -> int | None:
+        """The stream's last applied seq, also of a stream evicted since (it keeps it)."""
         last = self.engine.last_seq(stream)
         if last is None and stream not in self.engine.store:
             kept = self.engine.store.departed.peek(stream)
             last = None if kept is None or kept[0] == NO_SEQ else kept[0]
+        return last
+
+    def _applied(self, stream: str, seq: int, count: int, boot: int | None) -> bool:
+        """Whether every sample of a message was applied already (same boot, seq behind),
+        also by a stream evicted since (it keeps its last seq and boot)."""
+        last = self._last_seq(stream)
         current, _ = self.engine.boots(stream)
         if last is None or (boot is not None and boot != current):
             return False
@@ -938,7 +943,7 @@ class Processor:
             nxt = None if after is None else (after + 1) % U32
             self._resets[rec.mid] = (rec.stream, rec.seq, rec.boot, rec.rebase, nxt, rec.lsn)
         self._log_note("reset", f"stream {rec.stream} reset by control message", logging.INFO)
-        last = self.engine.last_seq(rec.stream)
+        last = self._last_seq(rec.stream)
         body = {
             "cmd": "reset",
             "ok": True,

@@ -289,6 +289,22 @@ def test_a_dropped_redelivery_of_samples_an_evicted_stream_applied_is_not_report
     assert p.metrics.counters["dropped_overload"] == 1
 
 
+def test_the_reply_to_a_reset_of_an_evicted_stream_names_the_seq_it_expects(bundles, tmp_path, xs):
+    """A reset without ``seq`` keeps the stream's numbering, an evicted stream's too, and
+    the reply says which seq comes next: for an evicted stream it said none, and the sample
+    after the one it had applied was then refused as a duplicate."""
+    p = make(bundles, tmp_path, capacity=1, max_batch=1)
+    assert p.handle([msg("a", 1, xs[0]), msg("a", 2, xs[1]), msg("b", 1, xs[2])])
+    assert "a" not in p.engine.store
+    answers(p)
+    assert p.handle([Inbound("sensors/a/control", b'{"cmd": "reset"}', 0)])
+    (reply,) = answers(p)
+    assert json.loads(reply.payload)["next_seq"] == 3
+    assert p.handle([msg("a", 2, xs[3]), msg("a", 3, xs[4])])
+    got = [(o.topic, json.loads(o.payload).get("error")) for o in answers(p)]
+    assert got == [("errors/a", "duplicate"), ("predictions/a", None)]
+
+
 def test_a_removed_state_directory_is_noticed_and_written_out_again(bundles, tmp_path, xs):
     """rm -rf of the state directory under a running service: the next batch is not taken
     (nothing acknowledged into a file that is gone), and once the state is written out again

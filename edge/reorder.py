@@ -61,6 +61,10 @@ class Reorderer:
         self._clock = clock
         self._boots: dict[str, tuple[int, list[int]]] = {}  # current boot, earlier ones
         self._held: dict[str, list[_Held]] = {}
+        # Streams whose held records are in seq order from the expected one on, as a sort
+        # left them, none held since: the next release of one needs no sort (a backlog out of
+        # order with many gaps re-sorted all it held at each gap, for minutes).
+        self._in_order: set[str] = set()
         self._next: dict[str, int] = {}  # the seq each stream expects next
         self._void: dict[str, set[int]] = {}  # seqs that arrived unusable: do not wait for them
         self._voids = 0  # how many ``_void`` holds in all
@@ -223,6 +227,13 @@ class Reorderer:
 
     def _hold(self, rec: Record) -> None:
         self._held.setdefault(rec.stream, []).append(_Held(self._clock(), rec))
+        self._in_order.discard(rec.stream)
+
+    def _sorted(self, stream: str, items: list[_Held], expect: int) -> bool:
+        """Whether ``items``, held by ``stream``, are in the order a sort from ``expect``
+        gives: kept in order since a sort from an earlier expectation (which only moves
+        forward), and the first of them not behind ``expect`` (none is then)."""
+        return stream in self._in_order and 0 <= (items[0].record.seq - expect) % U32 < AHEAD
 
     def _start_over(self, rec: Record, old: list[int]) -> list[Record]:
         """``rec`` begins a new life of its stream: the old life's held records go first, and
@@ -328,6 +339,7 @@ class Reorderer:
         """Back to ``saved``, taken before the ``expire`` calls to undo (nothing else since)."""
         for stream, (held, nxt, voids, fresh, behind) in saved.streams.items():
             self._held[stream] = list(held)
+            self._in_order.discard(stream)
             if nxt is None:
                 self._next.pop(stream, None)
             else:
@@ -374,12 +386,13 @@ class Reorderer:
             limit = min(limit, horizon - self.hold)
         out: list[Record] = []
         for stream in list(self._held):
-            while stream in self._held and (
-                force or min(h.since for h in self._held[stream]) <= limit
-            ):
+            # Released while one held since before ``limit`` is (nothing is held meanwhile)
+            due = {id(h.record) for h in self._held[stream] if force or h.since <= limit}
+            while stream in self._held and due:
                 released = self._release_first(stream)
                 self.forced.append((stream, released[0].seq))
                 out += released
+                due.difference_update(map(id, released))
         return out
 
     def _release_first(self, stream: str) -> list[Record]:
@@ -389,6 +402,8 @@ class Reorderer:
         if expect is None:  # a new life: the lowest seq, counted around the first one heard
             base = (items[0].record.seq - HALF) % U32
             first = min(items, key=lambda h: (h.record.seq - base) % U32)
+        elif self._sorted(stream, items, expect):
+            first = items[0]
         else:
             first = min(items, key=lambda h: (h.record.seq - expect) % U32)
         items.remove(first)
@@ -409,20 +424,27 @@ class Reorderer:
         self._skip_voids(stream)
         items = self._held.pop(stream, [])
         expect = self._next[stream]
-        items.sort(key=lambda h: (h.record.seq - expect) % U32)
+        presorted = bool(items) and self._sorted(stream, items, expect)
+        self._in_order.discard(stream)
+        if not presorted:
+            items.sort(key=lambda h: (h.record.seq - expect) % U32)
         out: list[Record] = []
         for i, h in enumerate(items):
             self._skip_voids(stream)
             ahead = (h.record.seq - self._next[stream]) % U32
             if 0 < ahead < AHEAD:  # a gap: the rest waits, but what is behind goes on
-                kept = []
-                for h2 in items[i:]:
-                    if (h2.record.seq - self._next[stream]) % U32 >= AHEAD:
-                        out.append(h2.record)
-                    else:
-                        kept.append(h2)
+                if presorted:  # all ahead of the first that waits: none behind
+                    kept = items[i:]
+                else:
+                    kept = []
+                    for h2 in items[i:]:
+                        if (h2.record.seq - self._next[stream]) % U32 >= AHEAD:
+                            out.append(h2.record)
+                        else:
+                            kept.append(h2)
                 if kept:
                     self._held[stream] = kept
+                    self._in_order.add(stream)
                 return out
             out.append(h.record)
             self._advance(h.record)

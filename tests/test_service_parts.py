@@ -455,6 +455,39 @@ def test_reorderer_forgets_evicted_streams():
     assert not r._next
 
 
+def test_giving_up_on_the_gaps_of_a_long_backlog_sorts_what_waits_once():
+    """A backlog of one stream out of order with samples lost now and then (a device's
+    store-and-forward buffer after a reconnect): what waited was sorted again, whole, at each
+    gap given up on, and a tick over 18,000 messages held with 1,800 gaps took about 40 s, the
+    service answering nothing meanwhile. The work is counted here in reads of held seqs."""
+    reads = [0]
+
+    class Counted(Record):
+        @property
+        def seq(self) -> int:
+            reads[0] += 1
+            return self._seq
+
+        @seq.setter
+        def seq(self, value: int) -> None:
+            self._seq = value
+
+    n = 4000
+    seqs = [q for q in range(3, 3 + n + n // 9) if q % 10]  # 2 and every tenth lost
+    np.random.default_rng(1).shuffle(seqs)
+    now = [0.0]
+    r = Reorderer(1.0, lambda: now[0])
+    assert [x.seq for x in push(r, rec("s", 1), None)] == []
+    assert [x.seq for x in r.expire(force=True)] == [1]
+    for q in seqs:
+        assert push(r, Counted("s", q, None, np.zeros((1, 2))), 1) == []
+    reads[0] = 0
+    now[0] = 2.0
+    out = [x.seq for x in r.expire()]
+    assert out == sorted(seqs) and len(r) == 0
+    assert reads[0] < 20 * n
+
+
 def test_reorderer_force_repeats_an_expiry():
     now = [0.0]
     live = Reorderer(0.1, lambda: now[0])

@@ -686,7 +686,7 @@ class Processor:
             extra = {
                 "lsn": self.lsn,
                 "reorder": self.reorder.export(self.engine.last_seq),
-                "reorder_boots": self.reorder.export_boots(self.engine.boots),
+                "reorder_boots": self.reorder.export_boots(self._held_boots),
                 "reorder_fresh": self.reorder.export_fresh(),
                 "replay": self._replay_settings() if switch is None else switch,
                 "restart": self._flags(),
@@ -858,6 +858,11 @@ class Processor:
         if seq is not None and self.data.stream(msg.topic) is not None:
             # Reported: its stream's next samples do not wait reorder_ms for it.
             self._take(r, Void(stream, seq))
+
+    def _held_boots(self, stream: str) -> tuple[int | None, list[int]]:
+        """The boot ids of a stream the engine holds, none of an evicted one: it keeps only
+        its current boot, the reorder buffer's (saved in a snapshot) names earlier ones."""
+        return self.engine.boots(stream) if stream in self.engine.store else (None, [])
 
     def _last_seq(self, stream: str) -> int | None:
         """The stream's last applied seq, also of a stream evicted since (it keeps it)."""

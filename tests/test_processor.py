@@ -1352,3 +1352,34 @@ def test_a_new_boot_of_an_evicted_stream_waits_before_a_late_message_of_the_boot
         (3, "stale", None, 7),
     ]
     np.testing.assert_array_equal(got[0]["y"], edge.load(bundles / "clf-int8").step("x", xs[2:4]))
+
+
+def test_the_earlier_boots_of_a_stream_evicted_while_it_waits_survive_a_restart(
+    bundles, tmp_path, xs
+):
+    """An evicted stream keeps only its current boot in the engine; the reorder buffer, which
+    holds a message of it past a gap, knows its earlier ones too, and a snapshot keeps them,
+    so that after a restart a late message of one of them (a random nonce, not just below
+    the current boot) is told as before."""
+
+    def data(seq, row, boot):
+        body = {"seq": seq, "boot": boot, "values": np.asarray(row).tolist()}
+        return Inbound("sensors/s/data", json.dumps(body).encode(), 0)
+
+    now = [0.0]
+    state = tmp_path / "state"
+    opts = {"reorder_ms": 500, "capacity": 1, "max_batch": 1}
+    p = make(bundles, state, lambda: now[0], **opts)
+    p.journal.open()
+    assert p.handle([data(1, xs[0], 1000)])
+    now[0] = 1.0
+    assert p.tick() and p.handle([data(1, xs[1], 50_000)])  # rebooted: a new nonce
+    now[0] = 2.0
+    assert p.tick() and p.engine.boots("s") == (50_000, [1000])
+    assert p.handle([data(3, xs[2], 50_000)])  # past a gap: waits
+    assert p.handle([Inbound("sensors/b/control", b'{"cmd": "reset", "seq": 1}', 0)])
+    assert p.handle([msg("b", 1, xs[3])]) and "s" not in p.engine.store
+    assert p.checkpoint()
+    p.journal.close()
+    again = make(bundles, state, lambda: now[0], **opts)
+    assert again.reorder._boots["s"] == p.reorder._boots["s"] == (50_000, [1000])

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 import edge
+from edge.errors import EdgeError
 
 from . import quantize, reference
+from .errors import ConvertError
 from .spec import ModelSpec
 
 MODES = ("int8", "int8-float-head")  # the modes whose cell state is int8
@@ -37,7 +39,7 @@ class Choice:
     searched: list[float]  # per cell, the bound choose_c_range gave
     chosen: list[float]
     # per candidate: the cells' bounds and per run its errors (a classifier's disagreement and
-    # mean |dy|, a regressor's RMSE against float)
+    # mean |dy|, a regressor's RMSE against float), or why it could not be made
     tried: list[dict[str, object]]
 
     def said(self) -> str:
@@ -63,15 +65,26 @@ def choose(
     cells = [k for k, s in enumerate(spec.states) if s.role == "c"]
     runs = _runs(spec, calib, regime)
     scores: dict[tuple[float, ...], tuple[float, ...]] = {}
+    failed: dict[tuple[float, ...], str] = {}
     classifier = False
 
-    def score(ranges: list[tuple[float, float]]) -> tuple[float, ...]:
+    def score(ranges: list[tuple[float, float]]) -> tuple[float, ...] | None:
+        """The errors of the bundle with these ranges; None for one that could not be made
+        or opened (the search's own choice raises: there is nothing to fall back to)."""
         nonlocal classifier
-        key = tuple(ranges[k][1] for k in cells)
+        key = _key(ranges, cells)
+        if key in failed:
+            return None
         if key not in scores:
-            engine = edge.load(
-                build(dataclasses.replace(cal, ranges=ranges)), kernel_mismatch="allow"
-            )
+            try:
+                engine = edge.load(
+                    build(dataclasses.replace(cal, ranges=ranges)), kernel_mismatch="allow"
+                )
+            except (ConvertError, EdgeError) as exc:
+                if ranges == cal.ranges:
+                    raise
+                failed[key] = str(exc)
+                return None
             classifier = engine.manifest.output_kind == "classifier"
             errors = []
             for x, y_float in runs:
@@ -88,13 +101,17 @@ def choose(
         c0 = best[k][1]
         cands = [c0] + [c for c in quantize.C_CANDIDATES if BELOW * c0 <= c <= ABOVE * c0]
         options = [[(-c, c) if j == k else r for j, r in enumerate(best)] for c in cands]
-        for o in options:
-            score(o)
-        best = min(options, key=lambda o: _judged(score(o), scores, classifier))
-    tried = [
-        {"cells": list(key), "error": [float(e) for e in errs]} for key, errs in scores.items()
+        made = [o for o in options if score(o) is not None]
+        best = min(made, key=lambda o: _judged(scores[_key(o, cells)], scores, classifier))
+    tried: list[dict[str, object]] = [
+        {"cells": list(key), "error": list(errs)} for key, errs in scores.items()
     ]
+    tried += [{"cells": list(key), "failed": why} for key, why in failed.items()]
     return Choice(best, [cal.ranges[k][1] for k in cells], [best[k][1] for k in cells], tried)
+
+
+def _key(ranges: list[tuple[float, float]], cells: list[int]) -> tuple[float, ...]:
+    return tuple(ranges[k][1] for k in cells)
 
 
 def _runs(spec: ModelSpec, calib: np.ndarray, regime: str) -> list[tuple[np.ndarray, np.ndarray]]:

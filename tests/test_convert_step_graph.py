@@ -253,3 +253,49 @@ def test_an_integer_bias_is_at_its_inputs_scale_times_its_weights():
     builtin = tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     interp = tf.lite.Interpreter(model_content=content, experimental_op_resolver_type=builtin)
     interp.allocate_tensors()  # the built-in FULLY_CONNECTED checks the bias scale
+
+
+def test_a_cell_range_whose_bundle_cannot_be_made_is_passed_over_and_named(tmp_path, monkeypatch):
+    """The cell-state ranges around the search's choice are each converted (``cell_range``):
+    one the converter fails on is left out of the choice and named in the report; the
+    search's own choice failing fails the conversion, as it did before there were others."""
+    import keras
+
+    from convert import quantize
+    from convert.errors import ConvertError
+    from convert.pipeline import run_convert
+    from convert.verdict import Targets
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, 3))
+    # every gate's bias 2: f ~ 0.9, and C grows to several units (candidates around it)
+    bias = keras.initializers.Constant(2.0)
+    z = keras.layers.LSTM(4, return_sequences=True, bias_initializer=bias, unit_forget_bias=False)(
+        inp
+    )
+    keras.Model(inp, keras.layers.Dense(2)(z)).save(tmp_path / "model.keras")
+    x = np.random.default_rng(1).normal(0, 1, (8, 20, 3)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    real = quantize.convert
+    seen: list[list[tuple[float, float]]] = []
+
+    def convert(spec, cal, mode, **kw):
+        seen.append(cal.ranges)
+        if cal.ranges != seen[0] or fail_first:
+            raise ConvertError(f"the TFLite converter failed ({mode}): cells {cal.ranges}")
+        return real(spec, cal, mode, **kw)
+
+    monkeypatch.setattr(quantize, "convert", convert)
+    args = (tmp_path / "model.keras", tmp_path / "calib.npy")
+    fail_first = False
+    report = run_convert(*args, tmp_path / "b", targets=Targets(long_steps=300), progress=print)
+    cells = report["cell_state_range"]
+    assert len(seen) > 2 and cells["chosen"] == cells["searched"]
+    failed = [t for t in cells["tried"] if "failed" in t]
+    assert (
+        len(failed) == len(cells["tried"]) - 1 and "TFLite converter failed" in failed[0]["failed"]
+    )
+    seen.clear()
+    fail_first = True
+    with pytest.raises(ConvertError, match="TFLite converter failed"):
+        run_convert(*args, tmp_path / "c", targets=Targets(long_steps=300), progress=print)

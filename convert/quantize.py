@@ -415,6 +415,39 @@ def convert(
     return match_bias_scales(result) if integer else result
 
 
+# XNNPACK takes an int8 FULLY_CONNECTED only when input scale x weight scale / output scale is
+# below 256; past it LiteRT's delegate aborts the process (a double free) on the first invoke
+XNNPACK_MAX_REQUANT = 256.0
+
+
+def _widen_collapsed_outputs(model: Any, fc: list[int]) -> bool:
+    """Every int8 FULLY_CONNECTED's output scale at least its input scale times weight scale
+    over ``XNNPACK_MAX_REQUANT``. A layer that gives the same value on every calibration sample
+    (a ReLU that never fires) is calibrated to a range of a few millionths, a scale far finer
+    than one unit of the kernel's integer sum (input scale x weight scale), so the output can
+    hold nothing but that one value: at the coarser scale it holds the same, and XNNPACK takes
+    the op. Returns whether a scale changed (their consumers' biases follow in
+    ``match_bias_scales``)."""
+    from tensorflow.lite.python import schema_py_generated as fb
+
+    changed = False
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            if op.opcodeIndex not in fc or len(op.inputs) < 2 or not len(op.outputs):
+                continue
+            x, w, y = sg.tensors[op.inputs[0]], sg.tensors[op.inputs[1]], sg.tensors[op.outputs[0]]
+            if any(t.type != fb.TensorType.INT8 for t in (x, w, y)):
+                continue
+            qx, qw, qy = x.quantization, w.quantization, y.quantization
+            if qx is None or qw is None or qy is None or qy.scale is None or len(qy.scale) != 1:
+                continue
+            unit = float(qx.scale[0]) * float(np.max(np.asarray(qw.scale, np.float64)))
+            if unit / float(qy.scale[0]) >= XNNPACK_MAX_REQUANT:
+                qy.scale = [float(np.float32(unit))]
+                changed = True
+    return changed
+
+
 def match_bias_scales(content: bytes) -> bytes:
     """Every integer FULLY_CONNECTED's bias at the scale its kernel adds it at: input scale
     times weight scale. TFLite's quantiser scales a bias by its input's calibrated range, and
@@ -423,7 +456,8 @@ def match_bias_scales(content: bytes) -> bytes:
     were at the product scale, so it counted (product / bias scale) times too much (5x for a
     head reading an LSTM's ``h`` of calibrated range 0.2), and the built-in kernels refused a
     mismatch over 2% of the output scale ('scale_diff / output_scale <= 0.02'). The bias's
-    integers are rescaled to the product scale, so it adds what the float model adds."""
+    integers are rescaled to the product scale, so it adds what the float model adds. Output
+    scales collapsed on a constant layer are widened first (``_widen_collapsed_outputs``)."""
     from tensorflow.lite.python import schema_py_generated as fb
 
     model = fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(content, 0))
@@ -435,7 +469,7 @@ def match_bias_scales(content: bytes) -> bytes:
         if max(oc.builtinCode, oc.deprecatedBuiltinCode) == fb.BuiltinOperator.FULLY_CONNECTED
     ]
     done: set[int] = set()
-    changed = False
+    changed = _widen_collapsed_outputs(model, fc)  # first: it changes inputs' scales
     for sg in model.subgraphs:
         for op in sg.operators:
             ins = list(op.inputs)

@@ -1299,3 +1299,60 @@ def test_two_recurrent_modules_in_a_row_stream_as_one_chain(capsys, tmp_path):
     want = ort.InferenceSession(str(model)).run(None, {"x": x})[0][0]
     got = edge.load(out).step("s", x[0])
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+CONVERT_IN_A_PROCESS = "import sys; from convert import cli; sys.exit(cli.main(sys.argv[1:]))"
+
+
+def test_an_int8_head_layer_that_never_fires_converts_and_runs(tmp_path):
+    """A hidden head layer whose ReLU gives 0 on every calibration sample (a dead layer, as in
+    an undertrained model) was calibrated to a range of a few millionths: its int8 output scale
+    was thousands of times finer than one unit of its FULLY_CONNECTED's integer sum, which
+    XNNPACK does not take, and LiteRT aborted the conversion at the verification's first step
+    ('double free or corruption'), leaving no message. The int8 bundle converts, meets its
+    targets and streams what onnxruntime computes (its output is the head's constant)."""
+    import os
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    import edge
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(3, 5, batch_first=True)
+            self.hidden, self.out = nn.Linear(5, 4), nn.Linear(4, 1)
+            with torch.no_grad():
+                self.hidden.bias.fill_(-5.0)  # below what the weights can lift: never fires
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.out(torch.relu(self.hidden(self.rnn(x)[0]))))
+
+    torch.manual_seed(0)
+    model, calib, out = tmp_path / "m.onnx", tmp_path / "calib.npy", tmp_path / "bundle"
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Net().eval(), (torch.zeros(2, 5, 3),), str(model), input_names=["x"],
+            dynamic_axes={"x": {0: "b", 1: "t"}}, dynamo=False,
+        )  # fmt: skip
+    rng = np.random.default_rng(0)
+    np.save(calib, rng.normal(size=(8, 40, 3)).astype(np.float32))
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    argv = ["convert", str(model), "--calib", str(calib), "--out", str(out), "--quant", "int8"]
+    done = subprocess.run(  # in a process of its own: the abort took the caller with it
+        [sys.executable, "-c", CONVERT_IN_A_PROCESS, *argv, "--long-steps", "300"],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    report = json.loads((out / "report.json").read_text())
+    assert all(report["checks"].values()), report["checks"]
+    x = rng.normal(size=(1, 200, 3)).astype(np.float32)
+    want = ort.InferenceSession(str(model)).run(None, {"x": x})[0][0]
+    got = np.asarray(edge.load(out).step("s", x[0]))
+    np.testing.assert_allclose(got, want, atol=4 / 256)  # a few steps of the output's scale

@@ -872,7 +872,8 @@ def _without_state(model: Any, consts: dict[str, np.ndarray]) -> tuple[Any, list
     ``forward(x, h0, c0)`` returning ``y, h_n, c_n``, to carry the state between calls), and
     the names dropped. A state input feeds only recurrent ops' initial states (through
     ``STATE_PATH_OPS``); they start at zero, as the runtime starts every stream, which keeps
-    each stream's state itself. A state output is made only of recurrent ops' final states.
+    each stream's state itself (a state input no node reads goes with them). A state output is
+    made only of recurrent ops' final states.
     The model is returned as it is when that would not leave one input and one output."""
     import onnx
 
@@ -921,6 +922,10 @@ def _without_state(model: Any, consts: dict[str, np.ndarray]) -> tuple[Any, list
         path: list[int] = []
         if state_in(name, path):
             paths[name] = path
+    if paths:  # a state input no node reads: torch.onnx.export(net, (x, (h0, h0))) of an
+        # nn.LSTM, one tensor given as h0 and c0, feeds both initial states from c0 (dynamo)
+        unread = {n for n in inputs if not uses.get(n) and n not in outputs}
+        paths = {n: paths.get(n, []) for n in inputs if n in paths or n in unread}
     state_outputs = [o.name for o in graph.output if state_out(o.name)]
     if len(graph.output) - len(state_outputs) != 1:
         state_outputs = []

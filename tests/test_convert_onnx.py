@@ -1356,3 +1356,43 @@ def test_an_int8_head_layer_that_never_fires_converts_and_runs(tmp_path):
     want = ort.InferenceSession(str(model)).run(None, {"x": x})[0][0]
     got = np.asarray(edge.load(out).step("s", x[0]))
     np.testing.assert_allclose(got, want, atol=4 / 256)  # a few steps of the output's scale
+
+
+def test_a_state_tensor_given_as_both_h0_and_c0_is_the_runtimes_own(capsys, tmp_path):
+    """``torch.onnx.export(net, (x, (h0, h0)))``: one zero tensor given as both states of an
+    ``nn.LSTM`` whose forward takes ``(x, (h0, c0))`` and returns them. torch 2.13's default
+    exporter feeds the op's initial h and c both from the input c0 and keeps h0 as an input no
+    node reads; it was refused as 'the model has 3 inputs (x, h0, c0)'. The unread input goes
+    with the state: the float32 bundle streams what onnxruntime computes from the zero state."""
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    import edge
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(3, 5, batch_first=True), nn.Linear(5, 2)
+
+        def forward(self, x, state):  # type: ignore[no-untyped-def]
+            y, (h, c) = self.rnn(x, state)
+            return self.fc(y), (h, c)
+
+    torch.manual_seed(0)
+    model, zero, auto = tmp_path / "m.onnx", torch.zeros(1, 2, 5), torch.export.Dim.AUTO
+    with warnings.catch_warnings():  # the exporter's own notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Net().eval(), (torch.zeros(2, 7, 3), (zero, zero)), str(model),
+            input_names=["x", "h0", "c0"], dynamic_shapes=({0: auto, 1: auto}, ({1: auto},) * 2),
+        )  # fmt: skip
+    rng = np.random.default_rng(0)
+    out, said = _float32_bundle(capsys, model, tmp_path, rng.normal(size=(8, 30, 3)))
+    x = rng.normal(0, 2, (1, 300, 3)).astype(np.float32)
+    z = np.zeros((1, 1, 5), np.float32)
+    want = ort.InferenceSession(str(model)).run(None, {"x": x, "h0": z, "c0": z})[0][0]
+    np.testing.assert_allclose(np.asarray(edge.load(out).step("s", x[0])), want, atol=1e-5)
+    state = json.loads((out / "report.json").read_text())["source"]["state"]
+    assert state.startswith("h0, c0, "), state
+    assert f"  state    {state}" in said  # the summary says it too

@@ -1132,34 +1132,38 @@ def test_a_bucket_deleted_under_a_running_worker_is_made_again(
         assert w1.proc is not None and w1.proc.poll() is None
 
 
-@failover
-def test_a_stream_that_discards_new_messages_is_named(
-    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+def _a_stream_edit_is_named(
+    bundles: Path,
+    nats_server: NatsServer,
+    workers: Any,
+    tmp_path: Path,
+    name: str,
+    edit: Any,
+    said: str,
+    *,
+    running: bool = True,
 ) -> None:
-    """With a limit and discard ``new`` on the sensor stream, every MQTT publish past the limit
-    was acknowledged to the device by the MQTT listener, refused by the stream, and lost
-    without a word anywhere. A running worker says so; a starting one is refused."""
+    """``edit`` (of a stream configuration) made to stream ``name`` under a running worker:
+    the worker says ``said`` and goes on (where ``running``), and a worker started after it is
+    refused with it (exit 2)."""
     import nats
-    from nats.js import api
 
-    from edge.nats_worker import STREAM
-
-    async def limit() -> None:
+    async def apply() -> None:
         nc = await nats.connect(nats_server.url)
         js = nc.jetstream()
-        info = await js.stream_info(STREAM)
-        info.config.max_msgs, info.config.discard = 30, api.DiscardPolicy.NEW
+        info = await js.stream_info(name)
+        edit(info.config)
         await js.update_stream(info.config)
         await nc.close()
 
     w1 = workers("w1")
-    col = Collector(nats_server.mqtt_url)
+    col = Collector(nats_server.mqtt_url)  # the MQTT listener makes its store
     try:
         wait_owned(col, ["w1"], P)
-        asyncio.run(limit())
-        said = f"stream {STREAM} discards new messages past its limits (max_msgs = 30)"
-        wait_until(lambda: said in w1.log(), 60, "the running worker to say so")
-        assert w1.proc is not None and w1.proc.poll() is None
+        asyncio.run(apply())
+        if running:
+            wait_until(lambda: said in w1.log(), 60, "the running worker to say so")
+            assert w1.proc is not None and w1.proc.poll() is None
         w2 = WorkerProc(
             bundles / "clf-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", str(P)
         ).start()
@@ -1167,6 +1171,24 @@ def test_a_stream_that_discards_new_messages_is_named(
         assert said in w2.log() and "Traceback" not in w2.log()
     finally:
         col.close()
+
+
+@failover
+def test_a_stream_that_discards_new_messages_is_named(
+    bundles: Path, nats_server: NatsServer, workers: Any, tmp_path: Path
+) -> None:
+    """With a limit and discard ``new`` on the sensor stream, every MQTT publish past the limit
+    was acknowledged to the device by the MQTT listener, refused by the stream, and lost
+    without a word anywhere. A running worker says so; a starting one is refused."""
+    from nats.js import api
+
+    from edge.nats_worker import STREAM
+
+    def limit(config: Any) -> None:
+        config.max_msgs, config.discard = 30, api.DiscardPolicy.NEW
+
+    said = f"stream {STREAM} discards new messages past its limits (max_msgs = 30)"
+    _a_stream_edit_is_named(bundles, nats_server, workers, tmp_path, STREAM, limit, said)
 
 
 def test_a_stream_that_removes_acknowledged_messages_is_named(
@@ -1177,35 +1199,17 @@ def test_a_stream_that_removes_acknowledged_messages_is_named(
     takeover deleted its consumer: the new owner, replaying from its snapshot, found nothing,
     and the samples sent meanwhile were never answered nor reported. A running worker says
     so; a starting one is refused."""
-    import nats
     from nats.js import api
 
     from edge.nats_worker import STREAM
 
-    async def interest() -> None:
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        info = await js.stream_info(STREAM)
-        info.config.retention = api.RetentionPolicy.INTEREST
-        await js.update_stream(info.config)
-        await nc.close()
+    said = f"stream {STREAM} has interest retention: it removes messages once they are "
+    said += "acknowledged or their consumer is deleted"
 
-    w1 = workers("w1")
-    col = Collector(nats_server.mqtt_url)
-    try:
-        wait_owned(col, ["w1"], P)
-        asyncio.run(interest())
-        said = f"stream {STREAM} has interest retention: it removes messages once they are "
-        said += "acknowledged or their consumer is deleted"
-        wait_until(lambda: said in w1.log(), 60, "the running worker to say so")
-        assert w1.proc is not None and w1.proc.poll() is None
-        w2 = WorkerProc(
-            bundles / "clf-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", str(P)
-        ).start()
-        assert w2.proc is not None and w2.proc.wait(60) == 2
-        assert said in w2.log() and "Traceback" not in w2.log()
-    finally:
-        col.close()
+    def interest(config: Any) -> None:
+        config.retention = api.RetentionPolicy.INTEREST
+
+    _a_stream_edit_is_named(bundles, nats_server, workers, tmp_path, STREAM, interest, said)
 
 
 @pytest.mark.parametrize("store", [False, True])
@@ -1217,37 +1221,18 @@ def test_a_stream_that_refuses_large_messages_is_named(
     listener's store (the copying stalled on it): lost without a word. On the listener's store,
     every answer larger than it was refused and sent again for good. A worker is refused at
     start; a running one names it on the sensor stream."""
-    import nats
-
     from edge.nats_worker import MQTT_STORE, STREAM
 
+    said = f"stream {MQTT_STORE} (NATS's MQTT store)" if store else f"stream {STREAM}"
+    said += " refuses messages larger than its max_msg_size = 150 bytes"
+
+    def limit(config: Any) -> None:
+        config.max_msg_size = 150
+
     name = MQTT_STORE if store else STREAM
-
-    async def limit() -> None:
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        info = await js.stream_info(name)
-        info.config.max_msg_size = 150
-        await js.update_stream(info.config)
-        await nc.close()
-
-    w1 = workers("w1")
-    col = Collector(nats_server.mqtt_url)  # the MQTT listener makes its store
-    try:
-        wait_owned(col, ["w1"], P)
-        asyncio.run(limit())
-        said = f"stream {MQTT_STORE} (NATS's MQTT store)" if store else f"stream {STREAM}"
-        said += " refuses messages larger than its max_msg_size = 150 bytes"
-        if not store:
-            wait_until(lambda: said in w1.log(), 60, "the running worker to say so")
-            assert w1.proc is not None and w1.proc.poll() is None
-        w2 = WorkerProc(
-            bundles / "clf-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", str(P)
-        ).start()
-        assert w2.proc is not None and w2.proc.wait(60) == 2
-        assert said in w2.log() and "Traceback" not in w2.log()
-    finally:
-        col.close()
+    _a_stream_edit_is_named(
+        bundles, nats_server, workers, tmp_path, name, limit, said, running=not store
+    )
 
 
 @pytest.mark.parametrize("store", [False, True])
@@ -1258,37 +1243,18 @@ def test_a_sealed_stream_is_named(
     acknowledged by the MQTT listener and refused by the stream, without a word anywhere; the
     listener's store sealed refused every answer, sent again for good. A worker is refused at
     start; a running one names the sensor stream's."""
-    import nats
-
     from edge.nats_worker import MQTT_STORE, STREAM
 
+    said = f"stream {MQTT_STORE} (NATS's MQTT store)" if store else f"stream {STREAM}"
+    said += " is sealed: "
+
+    def seal(config: Any) -> None:
+        config.sealed = True
+
     name = MQTT_STORE if store else STREAM
-
-    async def seal() -> None:
-        nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
-        info = await js.stream_info(name)
-        info.config.sealed = True
-        await js.update_stream(info.config)
-        await nc.close()
-
-    w1 = workers("w1")
-    col = Collector(nats_server.mqtt_url)  # the MQTT listener makes its store
-    try:
-        wait_owned(col, ["w1"], P)
-        asyncio.run(seal())
-        said = f"stream {MQTT_STORE} (NATS's MQTT store)" if store else f"stream {STREAM}"
-        said += " is sealed: "
-        if not store:
-            wait_until(lambda: said in w1.log(), 60, "the running worker to say so")
-            assert w1.proc is not None and w1.proc.poll() is None
-        w2 = WorkerProc(
-            bundles / "clf-int8", nats_server.url, tmp_path / "s2", "w2", "--partitions", str(P)
-        ).start()
-        assert w2.proc is not None and w2.proc.wait(60) == 2
-        assert said in w2.log() and "Traceback" not in w2.log()
-    finally:
-        col.close()
+    _a_stream_edit_is_named(
+        bundles, nats_server, workers, tmp_path, name, seal, said, running=not store
+    )
 
 
 @failover

@@ -26,9 +26,16 @@ def make(bundles, state, clock=time.monotonic, **overrides):
     return p
 
 
-def msg(stream, seq, row, mid=0):
-    body = json.dumps({"seq": seq, "values": np.asarray(row).tolist()}).encode()
-    return Inbound(f"sensors/{stream}/data", body, mid)
+def msg(stream, seq, row, mid=0, boot=None):
+    body = {"seq": seq, "values": np.asarray(row).tolist()}
+    if boot is not None:
+        body["boot"] = boot
+    return Inbound(f"sensors/{stream}/data", json.dumps(body).encode(), mid)
+
+
+def reset_to_1(stream):
+    """A reset whose next seq is 1: the stream's numbering known, nothing waits for it."""
+    return Inbound(f"sensors/{stream}/control", b'{"cmd": "reset", "seq": 1}', 0)
 
 
 def answers(p):
@@ -254,33 +261,20 @@ def test_a_stream_whose_message_waits_for_reordering_is_not_forgotten_as_idle(
     assert "a" not in p.engine.store
 
 
-def test_a_dropped_redelivery_of_applied_samples_is_not_reported_dropped(bundles, tmp_path, xs):
-    """drop-oldest sheds what waits; a redelivered copy of samples already predicted is not
-    news, and saying "dropped" about them would contradict their prediction."""
-    import dataclasses
-
-    p = make(bundles, tmp_path, overload="drop-oldest")
-    assert p.handle([msg("a", 1, xs[0]), msg("a", 2, xs[1])])
-    answers(p)
-    again = dataclasses.replace(msg("a", 2, xs[1]), redelivered=True)
-    assert p.handle([], dropped=[again, msg("a", 1, xs[0]), msg("a", 3, xs[2])])
-    errors = [json.loads(o.payload) for o in answers(p) if o.topic == "errors/a"]
-    assert [(e["error"], e["seq"]) for e in errors] == [("duplicate", 1), ("dropped", 3)]
-    assert p.metrics.counters["dropped_overload"] == 1
-
-
-def test_a_dropped_redelivery_of_samples_an_evicted_stream_applied_is_not_reported_dropped(
-    bundles, tmp_path, xs
+@pytest.mark.parametrize("evicted", [False, True], ids=["held", "evicted"])
+def test_a_dropped_redelivery_of_applied_samples_is_not_reported_dropped(
+    bundles, tmp_path, xs, evicted
 ):
-    """An evicted stream keeps its numbering: a redelivered copy of samples it had applied,
-    shed under overload, was answered "dropped" (contradicting their prediction) when the
-    stream was not held; as for a stream held, the copy is not news and a resend is told it
-    is a duplicate."""
+    """drop-oldest sheds what waits; a redelivered copy of samples already predicted is not
+    news, and saying "dropped" about them would contradict their prediction. An evicted
+    stream keeps its numbering: such a copy was answered "dropped" when the stream was not
+    held; as for a stream held, a resend is told it is a duplicate."""
     import dataclasses
 
-    p = make(bundles, tmp_path, overload="drop-oldest", capacity=1, max_batch=1)
-    assert p.handle([msg("a", 1, xs[0]), msg("a", 2, xs[1]), msg("b", 1, xs[2])])
-    assert "a" not in p.engine.store
+    limits = {"capacity": 1, "max_batch": 1} if evicted else {}
+    p = make(bundles, tmp_path, overload="drop-oldest", **limits)
+    assert p.handle([msg("a", 1, xs[0]), msg("a", 2, xs[1]), *[msg("b", 1, xs[2])] * evicted])
+    assert ("a" in p.engine.store) is not evicted
     answers(p)
     again = dataclasses.replace(msg("a", 2, xs[1]), redelivered=True)
     assert p.handle([], dropped=[again, msg("a", 1, xs[0]), msg("a", 3, xs[2])])
@@ -1283,25 +1277,16 @@ def test_a_new_boot_waiting_while_its_stream_is_evicted_replays_as_it_ran(bundle
     which took the stream up again in that boot, and the new boot's samples were stepped
     against it: their answers, published again, differed from the ones published before."""
 
-    def data(stream, seq, row, boot=None):
-        body = {"seq": seq, "values": np.asarray(row).tolist()}
-        if boot is not None:
-            body["boot"] = boot
-        return Inbound(f"sensors/{stream}/data", json.dumps(body).encode(), 0)
-
-    def reset(stream):
-        return Inbound(f"sensors/{stream}/control", b'{"cmd": "reset", "seq": 1}', 0)
-
     now = [0.0]
     state = tmp_path / "state"
     opts = {"reorder_ms": 500, "capacity": 2, "max_batch": 2}
     p = make(bundles, state, lambda: now[0], **opts)
     p.journal.open()
-    assert p.handle([reset("s"), data("s", 1, xs[0:2], boot=7)])  # answered at once
-    assert p.handle([data("s", 1, xs[2:4], boot=8)])  # a new boot: its first waits
-    assert p.handle([reset("a"), data("a", 1, xs[4]), reset("b"), data("b", 1, xs[5])])
+    assert p.handle([reset_to_1("s"), msg("s", 1, xs[0:2], boot=7)])  # answered at once
+    assert p.handle([msg("s", 1, xs[2:4], boot=8)])  # a new boot: its first waits
+    assert p.handle([reset_to_1("a"), msg("a", 1, xs[4]), reset_to_1("b"), msg("b", 1, xs[5])])
     assert "s" not in p.engine.store  # evicted while its new boot waits
-    assert p.handle([data("s", 3, xs[6], boot=7)])  # late, of the boot before: waits behind
+    assert p.handle([msg("s", 3, xs[6], boot=7)])  # late, of the boot before: waits behind
     assert p.checkpoint()
     answers(p)
     now[0] = 1.0
@@ -1327,23 +1312,14 @@ def test_a_new_boot_of_an_evicted_stream_waits_before_a_late_message_of_the_boot
     taken up again in that boot), and the new boot's first sample, which had arrived before
     it, was then dropped as late. As for a stream held, the late one is answered stale."""
 
-    def data(stream, seq, row, boot=None):
-        body = {"seq": seq, "values": np.asarray(row).tolist()}
-        if boot is not None:
-            body["boot"] = boot
-        return Inbound(f"sensors/{stream}/data", json.dumps(body).encode(), 0)
-
-    def reset(stream):
-        return Inbound(f"sensors/{stream}/control", b'{"cmd": "reset", "seq": 1}', 0)
-
     now = [0.0]
     p = make(bundles, tmp_path, lambda: now[0], reorder_ms=500, capacity=2, max_batch=2)
-    assert p.handle([reset("s"), data("s", 1, xs[0:2], boot=7)])
-    assert p.handle([reset("a"), data("a", 1, xs[4]), reset("b"), data("b", 1, xs[5])])
+    assert p.handle([reset_to_1("s"), msg("s", 1, xs[0:2], boot=7)])
+    assert p.handle([reset_to_1("a"), msg("a", 1, xs[4]), reset_to_1("b"), msg("b", 1, xs[5])])
     assert "s" not in p.engine.store  # evicted, its numbering and boot kept
     answers(p)
-    assert p.handle([data("s", 1, xs[2:4], boot=8)])  # a new boot: its first waits
-    assert p.handle([data("s", 3, xs[6], boot=7)])  # late, of the boot before
+    assert p.handle([msg("s", 1, xs[2:4], boot=8)])  # a new boot: its first waits
+    assert p.handle([msg("s", 3, xs[6], boot=7)])  # late, of the boot before
     now[0] = 1.0
     assert p.tick()
     got = [json.loads(o.payload) for o in answers(p)]
@@ -1362,22 +1338,18 @@ def test_the_earlier_boots_of_a_stream_evicted_while_it_waits_survive_a_restart(
     so that after a restart a late message of one of them (a random nonce, not just below
     the current boot) is told as before."""
 
-    def data(seq, row, boot):
-        body = {"seq": seq, "boot": boot, "values": np.asarray(row).tolist()}
-        return Inbound("sensors/s/data", json.dumps(body).encode(), 0)
-
     now = [0.0]
     state = tmp_path / "state"
     opts = {"reorder_ms": 500, "capacity": 1, "max_batch": 1}
     p = make(bundles, state, lambda: now[0], **opts)
     p.journal.open()
-    assert p.handle([data(1, xs[0], 1000)])
+    assert p.handle([msg("s", 1, xs[0], boot=1000)])
     now[0] = 1.0
-    assert p.tick() and p.handle([data(1, xs[1], 50_000)])  # rebooted: a new nonce
+    assert p.tick() and p.handle([msg("s", 1, xs[1], boot=50_000)])  # rebooted: a new nonce
     now[0] = 2.0
     assert p.tick() and p.engine.boots("s") == (50_000, [1000])
-    assert p.handle([data(3, xs[2], 50_000)])  # past a gap: waits
-    assert p.handle([Inbound("sensors/b/control", b'{"cmd": "reset", "seq": 1}', 0)])
+    assert p.handle([msg("s", 3, xs[2], boot=50_000)])  # past a gap: waits
+    assert p.handle([reset_to_1("b")])
     assert p.handle([msg("b", 1, xs[3])]) and "s" not in p.engine.store
     assert p.checkpoint()
     p.journal.close()

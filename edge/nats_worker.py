@@ -606,6 +606,7 @@ class Worker:
         self.failure: str | None = None  # why the worker stops on its own (exit 1)
         self.connect_error = ""  # the last error of the first connection to NATS
         self.refusals = 0  # ... the times a server refused our credentials then
+        self.refusal = ""  # ... the last such refusal
         self.denied = ""  # the last permissions violation the server said
         self.refused = asyncio.Event()  # ... as many times as there are servers
         # chunk subjects of the snapshot store no object named at the last look -> their last
@@ -1801,7 +1802,9 @@ class Worker:
         if self.nc is None:  # the first connection: its error says why it is not made
             self.connect_error = said
             # the client would try the same for good; one server of several may still take it
-            self.refusals += AUTHORIZATION in said.lower()
+            if AUTHORIZATION in said.lower():
+                self.refusal = said  # kept: the server's closing the connection follows it
+                self.refusals += 1
             if self.refusals >= len(self.opts.servers):
                 self.refused.set()
 
@@ -1907,7 +1910,9 @@ class Worker:
                 return 0
             why = self.connect_error
             if self.refused.is_set():
-                raise ConfigError(f"NATS at {self.opts.shown()} refused the connection: {why}")
+                raise ConfigError(
+                    f"NATS at {self.opts.shown()} refused the connection: {self.refusal}"
+                )
             last = f" (last error: {why})" if why else ""
             raise ConfigError(f"cannot reach NATS at {self.opts.shown()}: timed out{last}")
         try:

@@ -596,10 +596,9 @@ class Worker:
         self.stream_id = ""  # when the stream was created (see _stream_state)
         self.seen: set[str] = set()  # the incarnations of the stream this process has seen
         self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
-        self.discarding: str | None = None  # the stream's discard-new limits, once said
-        self.retaining: str | None = None  # the stream's retention other than limits, once said
-        self.sizing: str | None = None  # the stream's max_msg_size, once said
-        self.sealed: str | None = None  # the stream sealed, once said
+        # per counter, the stream's setting that loses messages (discard-new limits, retention
+        # other than limits, max_msg_size, sealed) as last said, so that each is said once
+        self.stream_problems: dict[str, str | None] = {}
         self.lease_bucket: Any = None  # the lease bucket's configuration, read each round
         self.limited = False  # whether the stream has limits that remove old messages
         self.full_said = -math.inf  # when JetStream's want of storage was last said (_no_room)
@@ -1686,26 +1685,16 @@ class Worker:
             self.metrics.inc("mqtt_source_made_again")
             config = (await self.js.stream_info(STREAM)).config
         self.limited = bool(_removing_limits(config))
-        problem = discard_problem(config)
-        if problem and problem != self.discarding:
-            log.error("%s", problem)
-            self.metrics.inc("stream_discards_new")
-        self.discarding = problem
-        problem = retention_problem(config)
-        if problem and problem != self.retaining:
-            log.error("%s", problem)
-            self.metrics.inc("stream_retention_removes")
-        self.retaining = problem
-        problem = size_problem(config, int(self.nc.max_payload))
-        if problem and problem != self.sizing:
-            log.error("%s", problem)
-            self.metrics.inc("stream_refuses_large")
-        self.sizing = problem
-        problem = sealed_problem(config)
-        if problem and problem != self.sealed:
-            log.error("%s", problem)
-            self.metrics.inc("stream_sealed")
-        self.sealed = problem
+        for counter, problem in (
+            ("stream_discards_new", discard_problem(config)),
+            ("stream_retention_removes", retention_problem(config)),
+            ("stream_refuses_large", size_problem(config, int(self.nc.max_payload))),
+            ("stream_sealed", sealed_problem(config)),
+        ):
+            if problem and problem != self.stream_problems.get(counter):
+                log.error("%s", problem)
+                self.metrics.inc(counter)
+            self.stream_problems[counter] = problem
         if self.limited:
             await self._caught_up(whole(info.state.last_seq, f"stream {STREAM} info: last_seq"))
 

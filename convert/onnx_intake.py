@@ -212,6 +212,14 @@ def _probe(
         types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     except Exception:
         types = {}
+    for node in m.graph.node:  # onnxruntime's refusal would not say what to do about it
+        elem = types.get(node.input[0]) if node.op_type in ("LSTM", "GRU", "RNN") else None
+        if elem not in (None, onnx.TensorProto.FLOAT):
+            raise UnsupportedModel(
+                f"{_where(node)} computes in {onnx.helper.tensor_dtype_to_np_dtype(elem)}: the "
+                "step model is float32 (export the model without .double() or .half() on its "
+                "recurrent layers)"
+            )
     have = {o.name for o in m.graph.output}
     for node in m.graph.node:
         for name in node.output:

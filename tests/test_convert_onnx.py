@@ -1017,6 +1017,44 @@ def test_a_model_not_in_float32_is_refused_naming_its_input_type(capsys, tmp_pat
     assert_refused(capsys, model, tiny / "calib.npy", tmp_path, f"model input 'x' is {dtype}")
 
 
+@pytest.mark.parametrize("dtype", ["double", "half"])
+def test_a_recurrent_layer_cast_to_another_precision_inside_is_refused_naming_it(
+    capsys, tmp_path, dtype
+):
+    """float32 in and out, the LSTM itself in double or half precision (``.double()`` on the
+    layer, a cast before it): refused as an unsupported Cast node, or with onnxruntime's
+    reason and advice about fixed batch and time lengths that did not apply."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = getattr(torch.nn.LSTM(3, 8, batch_first=True), dtype)()
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y, _ = self.rnn(getattr(x, dtype)())
+            return self.head(y.float())
+
+    model = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Net().eval(),
+            (torch.zeros(2, 5, 3),),
+            str(model),
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "batch", 1: "time"}, "y": {0: "batch", 1: "time"}},
+            dynamo=False,
+        )
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(0).normal(size=(4, 20, 3)).astype(np.float32))
+    want = {"double": "float64", "half": "float16"}[dtype]
+    line = assert_refused(capsys, model, calib, tmp_path, f"(LSTM) computes in {want}", ".double()")
+    assert "fixes a batch" not in line
+
+
 FIXED = {  # input layout: (example input shape, dynamic axes, refusal)
     "channels first": (
         (2, 3, 50),

@@ -387,8 +387,10 @@ class Engine:
     def reset(self, stream: str, *, next_seq: int | None = None, boot: int | None = None) -> None:
         """Zero the stream's state. Its last seq is kept (redeliveries stay duplicates) unless
         ``next_seq`` is given: then that seq is the next one accepted. ``boot`` makes that boot
-        the stream's current one. Refused (``InvalidSample``, nothing changed) with an invalid
-        stream id, or a ``next_seq`` or ``boot`` that ``step`` would refuse as a seq or boot."""
+        the stream's current one; a boot other than its current one without ``next_seq``
+        forgets the last seq: the boot's next sample sets it, as a new boot's first does.
+        Refused (``InvalidSample``, nothing changed) with an invalid stream id, or a
+        ``next_seq`` or ``boot`` that ``step`` would refuse as a seq or boot."""
         if not _valid_id(stream):
             raise InvalidSample(f"invalid stream id {shown(stream)}")
         for name, value in (("next_seq", next_seq), ("boot", boot)):
@@ -407,6 +409,11 @@ class Engine:
             self.store.recalled.discard(stream)
             if row < 0:
                 row = int(self.store.acquire([stream])[0])
+        if row is not None and next_seq is None and boot is not None:
+            current = int(self.store.boots[row, 0])
+            if current not in (NO_BOOT, boot):  # a new boot numbers anew: its next seq is the
+                self.store.last_seq[row] = NO_SEQ  # baseline, as a new boot's first message's
+                self.store.gaps[row] = 0
         if row is not None and next_seq is not None:  # a new numbering: old gaps mean nothing
             self.store.last_seq[row] = (int(next_seq) - 1) % U32
             self.store.gaps[row] = 0

@@ -299,6 +299,55 @@ def test_the_reply_to_a_reset_of_an_evicted_stream_names_the_seq_it_expects(bund
     assert got == [("errors/a", "duplicate"), ("predictions/a", None)]
 
 
+@pytest.mark.parametrize("when", ["running", "crash", "snapshot", "evicted", "sent again"])
+def test_a_reset_naming_a_new_boot_lets_that_boot_number_from_its_first_message(
+    bundles, tmp_path, xs, when
+):
+    """A rebooted device says so with ``{"cmd": "reset", "boot": B}`` and numbers from seq 1:
+    the reset kept the last seq of its previous boot, and every sample of the new boot up to
+    it was answered ``duplicate``, never stepped. A new boot's next message sets the baseline,
+    as its first data message does; also replayed after a crash, from a snapshot, for an
+    evicted stream and for a reset the broker sends again. A reset naming the current boot
+    keeps the numbering."""
+    import dataclasses
+
+    p = make(bundles, tmp_path / "s", capacity=1, max_batch=1)
+    assert p.handle([msg("a", s, xs[s], boot=7) for s in range(1, 6)])
+    if when == "evicted":
+        assert p.handle([msg("b", 1, xs[0])])
+        assert "a" not in p.engine.store
+    answers(p)
+    reset = Inbound("sensors/a/control", b'{"cmd": "reset", "boot": 8}', 3)
+    new_life = [msg("a", 1, xs[10], 4, boot=8), msg("a", 2, xs[11], 5, boot=8)]
+    assert p.handle([reset])
+    if when == "crash":
+        p.journal.close()  # kill -9
+        p = make(bundles, tmp_path / "s", capacity=1, max_batch=1)
+    elif when == "snapshot":
+        assert p.checkpoint()
+        p.journal.close()
+        p = make(bundles, tmp_path / "s", capacity=1, max_batch=1)
+    replies = [json.loads(o.payload) for o in answers(p) if o.topic == "replies/a"]
+    assert replies == [{"cmd": "reset", "ok": True, "next_seq": None, "boot": 8}]
+    assert p.handle(new_life)
+    if when == "sent again":  # our acknowledgements lost: the reset and what followed again
+        again = [dataclasses.replace(m, redelivered=True) for m in [reset, *new_life]]
+        assert p.handle(again)
+    got = [(o.topic, json.loads(o.payload)) for o in answers(p) if o.topic != "replies/a"]
+    want = edge.load(bundles / "clf-int8").step("x", xs[10:12])
+    if when == "sent again":  # stepped again from the reset, as the first copies were
+        want = np.concatenate([want, want])
+    assert [t for t, _ in got] == ["predictions/a"] * len(want), got
+    np.testing.assert_array_equal(np.float32([d["y"] for _, d in got]), want)
+    # The current boot named again: the numbering is kept, seq 1 stays a duplicate.
+    assert p.handle([Inbound("sensors/a/control", b'{"cmd": "reset", "boot": 8}', 0)])
+    (reply,) = answers(p)
+    assert json.loads(reply.payload)["next_seq"] == 3
+    assert p.handle([msg("a", 2, xs[12], boot=8), msg("a", 3, xs[13], boot=8)])
+    got = [(o.topic, json.loads(o.payload).get("error")) for o in answers(p)]
+    assert got == [("errors/a", "duplicate"), ("predictions/a", None)]
+
+
 def test_a_removed_state_directory_is_noticed_and_written_out_again(bundles, tmp_path, xs):
     """rm -rf of the state directory under a running service: the next batch is not taken
     (nothing acknowledged into a file that is gone), and once the state is written out again

@@ -628,9 +628,8 @@ class Processor:
                 return False
             if self.journal.crowded():
                 self.requests.add("checkpoint")
-        if settle and self.degraded is not None:
-            log.warning("the log in %s is writable again; resuming", self.cfg.state_dir)
-            self.degraded = None
+        if settle and r.entries:  # a round that wrote nothing says nothing of the directory
+            self._writable_again()
         self.mark = max(self.mark, mark)
         self.lsn = r.lsn
         for name, n in r.counts:
@@ -644,6 +643,11 @@ class Processor:
             self.metrics.inc("wal_records", sum(isinstance(i, Record) for i in r.items))
         self.outbox.put(r.outs + self._apply(r))
         return True
+
+    def _writable_again(self) -> None:
+        if self.degraded is not None:
+            log.warning("the log in %s is writable again; resuming", self.cfg.state_dir)
+            self.degraded = None
 
     def checkpoint(self, if_changed: bool = False, *, background: bool = False) -> bool:
         """Snapshot the engine into a new generation; False (and degraded) when it cannot.
@@ -703,6 +707,7 @@ class Processor:
             return True
         if not self.checkpoint_done(wait=True):
             return False
+        self._writable_again()  # a new generation written whole
         if switch is not None:
             log.info("the configured %s in effect from this snapshot on", switch)
             self._put_settings(switch)

@@ -348,6 +348,36 @@ def test_a_reset_naming_a_new_boot_lets_that_boot_number_from_its_first_message(
     assert got == [("errors/a", "duplicate"), ("predictions/a", None)]
 
 
+def test_a_state_directory_still_read_only_stays_degraded_until_a_snapshot_is_written(
+    bundles, small_disk, xs
+):
+    """A state directory that cannot be written (read-only, another user's) left the service
+    degraded for one second: the next round of the service's loop, with nothing to log, said
+    "writable again; resuming" and the status went back to online while nothing could be
+    written (and, when a snapshot was due, degraded and online again every second). Only a
+    write that succeeds ends it: a round's log entries, or the retry's new generation."""
+    import subprocess
+
+    p = make(bundles, small_disk / "state")
+    assert p.handle([msg("s", 1, xs[0])])
+    answers(p)
+    assert p.tick()  # how far the answers are acknowledged: logged, nothing left to log
+    p.journal.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        assert not p.handle([msg("s", 2, xs[1])])
+        assert "Read-only file system" in p.degraded
+        for _ in range(3):  # rounds of the service's loop with nothing to log
+            p.tick()
+            assert p.degraded is not None
+        assert not p.checkpoint() and p.degraded is not None  # the storage retry
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    assert p.checkpoint() and p.degraded is None
+    assert p.handle([msg("s", 2, xs[1])])
+    assert [o.topic for o in answers(p)] == ["predictions/s"]
+
+
 def test_a_removed_state_directory_is_noticed_and_written_out_again(bundles, tmp_path, xs):
     """rm -rf of the state directory under a running service: the next batch is not taken
     (nothing acknowledged into a file that is gone), and once the state is written out again

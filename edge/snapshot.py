@@ -264,7 +264,43 @@ def read(path: str | Path) -> Snapshot:
         raise SnapshotError(f"{path}: cannot read snapshot: it is {kind}, not a regular file")
     with os.fdopen(fd, "rb") as f:
         try:
+            size, planned = os.fstat(f.fileno()).st_size, _planned_size(f)
+            if planned == 0:  # a file of zeros (or anything else) no longer than its head
+                raise SnapshotError(f"{path}: not an edge-lstm snapshot (bad magic or too short)")
+            if planned is not None and planned != size:
+                # Read whole, a file grown past what it holds (a sparse file of gigabytes of
+                # zeros) stopped the start with a MemoryError instead of falling back.
+                raise SnapshotError(
+                    f"{path}: {size} bytes, where its header describes {planned}: the file is "
+                    "corrupt or truncated"
+                )
+            f.seek(0)
             data = f.read()
         except OSError as exc:
             raise SnapshotError(f"{path}: cannot read snapshot: {exc}") from exc
     return decode(data, str(path))
+
+
+def _planned_size(f: Any) -> int | None:
+    """The size of the snapshot file ``f`` as its head and header describe it, read without
+    its state: 0 for a file that is no snapshot, None where they describe none (``decode``
+    names what is wrong then)."""
+    head = f.read(_HEAD.size)
+    if len(head) < _HEAD.size or head[:8] != MAGIC:
+        return 0
+    _, version, _, hlen = _HEAD.unpack(head)
+    size = os.fstat(f.fileno()).st_size
+    if version not in READABLE or _HEAD.size + hlen + 32 > size:
+        return None
+    try:
+        header = json.loads(f.read(hlen))
+        _check_header(header, version, size)
+        n = len(header["streams"])
+        planned = _HEAD.size + hlen + 8 * n + 32
+        if version >= 2:
+            planned += 8 * n * int(header["boot_history"]) + 16 * n * int(header["gap_slots"])
+        for _, width, dtype, *_ in header["state_layout"]:
+            planned += n * int(width) * np.dtype(DTYPES[dtype]).itemsize
+    except (KeyError, ValueError, TypeError, RecursionError):
+        return None
+    return int(planned)

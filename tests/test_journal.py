@@ -195,6 +195,32 @@ def test_a_snapshot_whose_covered_lsn_is_no_number_falls_back_to_the_one_before(
     assert fresh.last_seq("dev") == 1
 
 
+@pytest.mark.parametrize("how", ["grown", "replaced"])
+def test_a_huge_sparse_snapshot_falls_back_to_the_one_before_without_reading_it(
+    bundles, tmp_path, how
+):
+    """A snapshot grown to a terabyte of zeros (a file system's damage, a sparse file put in
+    its place) was read whole: the start stopped with a MemoryError (or the memory ran out),
+    every start again. Its size is checked against its header first, and it is passed over
+    as a damaged one is."""
+    snap = _two_generations(bundles / "clf-int8", tmp_path / "state")
+    size = snap.stat().st_size
+    if how == "replaced":
+        snap.write_bytes(b"")
+    os.truncate(snap, 1 << 40)
+    fresh = edge.load(bundles / "clf-int8")
+    got = Journal(tmp_path / "state").recover(fresh.restore)
+    assert got.generation == 1 and got.base_lsn == 1 and got.exact
+    want = (
+        f"{snap}: {1 << 40} bytes, where its header describes {size}: the file is corrupt "
+        "or truncated"
+        if how == "grown"
+        else f"{snap}: not an edge-lstm snapshot (bad magic or too short)"
+    )
+    assert got.damaged_snapshots == [want]
+    assert [r.seq for r in got.entries if isinstance(r, Record)] == [2]
+
+
 def test_a_snapshot_of_boot_ids_out_of_range_falls_back_to_the_one_before(bundles, tmp_path):
     """Signed, but with an int64 minimum for a boot id: it was restored as it was."""
     from edge import snapshot as fmt

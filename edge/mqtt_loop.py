@@ -39,7 +39,7 @@ from .mqtt_client import CLOSED, Client, packet_size
 from .mqtt_network import STABLE_SECONDS, NetworkLoop
 from .outbox import Outbound
 from .outfile import replace_whole
-from .processor import Inbound, Processor, RateLimitedLog
+from .processor import Inbound, Processor, RateLimitedLog, storage_fault
 from .state_lock import StateLock
 
 log = logging.getLogger("edge.service")
@@ -230,7 +230,7 @@ class MqttService:
         try:
             journal.open()
         except OSError as exc:
-            self.processor.degraded = f"state_dir not writable: {exc.strerror or exc}"
+            self.processor.degraded = storage_fault("state_dir not writable", exc, cfg.state_dir)
             log.error("cannot write in state_dir %s: %s; not acknowledging", cfg.state_dir, exc)
         self.outbox = self.processor.outbox
         # Said in every status while this process runs: what start-up found damaged.
@@ -1035,7 +1035,9 @@ class MqttService:
         try:
             journal.open()
         except OSError as exc:
-            self.processor.degraded = f"state_dir not writable: {exc.strerror or exc}"
+            self.processor.degraded = storage_fault(
+                "state_dir not writable", exc, self.cfg.state_dir
+            )
             return
         # A new generation first: it writes out the state anew when the files were removed,
         # and gives a full disk the room of the log it ends (and of older generations).

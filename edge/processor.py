@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import json
 import logging
 import secrets
@@ -179,6 +180,15 @@ class RateLimitedLog:
 def _duration(seconds: float) -> str:
     minutes = max(1, round(seconds / 60))
     return f"{minutes} min" if minutes < 120 else f"{minutes / 60:.0f} h"
+
+
+def storage_fault(what: str, exc: BaseException, state_dir: str) -> str:
+    """The reason a degraded status gives for a storage error: what failed, why, the errno's
+    name and the directory (``state_dir not writable: Read-only file system (EROFS) in
+    /var/lib/edge-lstm``); the text of the error alone named neither of the last two."""
+    why = getattr(exc, "strerror", None) or str(exc)
+    code = errno.errorcode.get(getattr(exc, "errno", None) or 0)
+    return f"{what}: {why}{f' ({code})' if code else ''} in {state_dir}"
 
 
 def _u32(value: Any) -> bool:
@@ -624,7 +634,7 @@ class Processor:
                         "cannot write the log in %s: %s; not acknowledging", self.cfg.state_dir, exc
                     )
                     self.metrics.inc("storage_errors")
-                self.degraded = f"state_dir not writable: {exc.strerror or exc}"
+                self.degraded = storage_fault("state_dir not writable", exc, self.cfg.state_dir)
                 return False
             if self.journal.crowded():
                 self.requests.add("checkpoint")
@@ -738,7 +748,8 @@ class Processor:
             log.error("snapshot failed in %s: %s; retrying later", self.cfg.state_dir, exc)
             self.metrics.inc("storage_errors")
         cause = exc if isinstance(exc, OSError) else exc.__cause__
-        self.degraded = f"snapshot failed: {getattr(cause, 'strerror', None) or exc}"
+        named = cause if cause is not None and getattr(cause, "strerror", None) else exc
+        self.degraded = storage_fault("snapshot failed", named, self.cfg.state_dir)
 
     # -- decoding ---------------------------------------------------------------------------
 

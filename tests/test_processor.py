@@ -378,6 +378,26 @@ def test_a_state_directory_still_read_only_stays_degraded_until_a_snapshot_is_wr
     assert [o.topic for o in answers(p)] == ["predictions/s"]
 
 
+def test_a_degraded_state_names_the_errno_and_the_state_directory(bundles, small_disk, xs):
+    """The degraded status said ``state_dir not writable: Read-only file system``: neither the
+    error's name (as a search or an alert matches it) nor the directory (a host runs a
+    ``serve`` per directory); only the service's log did."""
+    import subprocess
+
+    state = small_disk / "state"
+    p = make(bundles, state)
+    assert p.handle([msg("s", 1, xs[0])])
+    p.journal.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        assert not p.handle([msg("s", 2, xs[1])])
+        assert p.degraded == f"state_dir not writable: Read-only file system (EROFS) in {state}"
+        assert not p.checkpoint()
+        assert p.degraded == f"snapshot failed: Read-only file system (EROFS) in {state}"
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+
+
 def test_a_removed_state_directory_is_noticed_and_written_out_again(bundles, tmp_path, xs):
     """rm -rf of the state directory under a running service: the next batch is not taken
     (nothing acknowledged into a file that is gone), and once the state is written out again

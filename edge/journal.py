@@ -123,6 +123,8 @@ class Journal:
         # Called once the directory is there, before a file is made in it: the directory may
         # be one made again (removed or moved away under the process), which its owner locks.
         self.claim: Callable[[], None] = lambda: None
+        # (st_dev, st_ino) of the directory recovered from, or made since (None: none yet)
+        self._home: tuple[int, int] | None = None
         self._writer: ThreadPoolExecutor | None = None  # writes its snapshot (``background``)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"state_dir {shown(str(self.dir))} exists and is not a directory")
@@ -164,6 +166,7 @@ class Journal:
     def recover(self, restore: Any) -> Recovery:
         """Restore the newest intact snapshot (``restore(path) -> extra dict``, raising
         ``SnapshotError``) and collect the log entries to replay on top of it."""
+        self._home = _ident(self.dir)
         self._adopt_format_1()
         self._drop_partial()
         snaps, segs = self._listing()
@@ -307,8 +310,7 @@ class Journal:
         """Open the current segment for appending; OSError when the directory is unusable."""
         if self._fd is not None:
             return
-        make_dir(self.dir)
-        self.claim()
+        self._enter()
         path = self.path("wal", self.generation)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         if self._torn is not None and self._torn[0] == self.generation:
@@ -332,6 +334,28 @@ class Journal:
             self._unfinished = False
         st = os.fstat(fd)
         self._fd, self._size, self._room, self._ident = fd, st.st_size, -1, (st.st_dev, st.st_ino)
+
+    def _enter(self) -> None:
+        """Make the directory (again) and have it claimed before a file is made in it. One
+        other than the directory recovered from (or made since) that holds snapshots or log
+        segments is a state this process did not start from: a file system mounted at or
+        above ``state_dir`` after the start, when it was missing or empty. Its generations
+        written beside, a restart took up the newest, and what this process logged there
+        was lost; so nothing is written in it (``StateAppeared``) until a restart recovers it."""
+        make_dir(self.dir)
+        self.claim()
+        here = _ident(self.dir)
+        if here == self._home:
+            return
+        snaps, segs = self._listing()
+        if snaps or segs:
+            newest = self.path("snap" if snaps else "wal", max(snaps or segs)).name
+            raise StateAppeared(
+                errno.EEXIST,
+                f"{self.dir} holds a state this process did not start from ({newest}; a file "
+                "system mounted after the start?): restart the service to take it up",
+            )
+        self._home = here
 
     @property
     def is_open(self) -> bool:
@@ -448,8 +472,7 @@ class Journal:
             # ends the copies: a torn write after it is one of the log's own (``recover``)
             carry = [*carry, Mark(0)]
         seg = self.path("wal", gen)
-        make_dir(self.dir)
-        self.claim()
+        self._enter()
         fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         data = b"".join(encode(e) for e in carry)
         try:
@@ -592,6 +615,14 @@ class Journal:
         yield from (self.path("wal", g) for g in segs)
 
 
+def _ident(directory: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def _remove(path: Path, what: str) -> bool:
     """Remove ``path`` if it is there; whether it is gone. A failure (a read-only directory)
     is logged."""
@@ -601,6 +632,10 @@ def _remove(path: Path, what: str) -> bool:
         log.error("cannot remove %s, %s: %s", path, what, exc.strerror or exc)
         return False
     return True
+
+
+class StateAppeared(OSError):
+    """The state directory holds snapshots or a log this process did not start from."""
 
 
 class UncutWrite(OSError):

@@ -33,7 +33,7 @@ from .errors import ConfigError, EdgeError, shown
 from .ha_discovery import PER_ROUND, Announcer, announcer_for
 from .ha_discovery import publish as publish_discovery
 from .inbox import Inbox
-from .journal import Journal
+from .journal import Journal, StateAppeared
 from .metrics import Metrics
 from .mqtt_client import CLOSED, Client, packet_size
 from .mqtt_network import STABLE_SECONDS, NetworkLoop
@@ -202,6 +202,7 @@ class MqttService:
         self.wake = threading.Event()  # a message arrived (or an answer was acknowledged)
         self.answered = threading.Event()  # the broker acknowledged an answer
         self.stopping = False  # asked to stop (a plain flag: see ``_stop``)
+        self.exit_code = 0  # of ``run`` once stopped
         self.requests: set[str] = set()
         if threading.current_thread() is threading.main_thread():
             # First of all: a SIGTERM while the model loads or the log replays is a clean stop.
@@ -1034,6 +1035,11 @@ class MqttService:
         journal = self.processor.journal
         try:
             journal.open()
+        except StateAppeared as exc:  # a restart takes it up: systemd's, after this exit
+            log.error("%s; stopping (exit 1)", exc)
+            self.processor.degraded = storage_fault("state_dir not usable", exc, self.cfg.state_dir)
+            self.stopping, self.exit_code = True, 1
+            return
         except OSError as exc:
             self.processor.degraded = storage_fault(
                 "state_dir not writable", exc, self.cfg.state_dir
@@ -1077,7 +1083,7 @@ class MqttService:
             len(self.outbox),
             self.metrics.dumps(self.stats()).decode(),
         )
-        return 0
+        return self.exit_code
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -244,6 +244,46 @@ def test_read_only_state_dir_starts_degraded(bundles, broker, service, small_dis
     assert svc.alive() and "Traceback" not in svc.output()
 
 
+def test_a_state_that_appears_at_state_dir_after_the_start_is_taken_up_by_a_restart(
+    bundles, broker, service, tmp_path
+):
+    """``state_dir`` a symbolic link into an SD card mounted after the service started: it
+    began degraded, and once the card was there it wrote its own generations beside the
+    card's and answered every stream from the zero state; the next restart took up the card's
+    newer generation, and what had been acknowledged meanwhile was lost. It writes nothing
+    there and exits 1 (systemd starts it again); the restart answers on from the card's state
+    what waited at the broker."""
+    samples = make_samples(2, 10, seed=23)
+    card = tmp_path / "card"
+    col = Collector(broker.url)
+    first = service(state=card / "edge")
+    wait_until(col.online, 30, "runtime online")
+    pub = Publisher(broker.url)
+    for i in range(5):
+        feed_good(pub, samples, i)
+    pub.flush()
+    wait_until(lambda: len(col.predictions()) == 10, 30, "answers on the card")
+    assert first.stop() == 0
+    files = sorted(p.name for p in (card / "edge").glob("*-*"))  # snapshots and segments
+    card.rename(tmp_path / "unmounted")
+    link = tmp_path / "state"
+    link.symlink_to(card / "edge")
+    svc = service(state=link)
+    status = lambda: [d["state"] for _, d in col.of("edge/status/edge-test")]  # noqa: E731
+    wait_until(lambda: status()[-1] == "degraded", 30, "degraded without its card")
+    for i in range(5, 10):
+        feed_good(pub, samples, i)
+    pub.flush()
+    (tmp_path / "unmounted").rename(card)  # the card is mounted
+    assert svc.proc.wait(60) == 1
+    assert "holds a state this process did not start from" in svc.output()
+    assert sorted(p.name for p in (card / "edge").glob("*-*")) == files  # none written
+    service(state=link)
+    expected = offline(bundles / BUNDLE, samples)
+    wait_until(lambda: set(expected) <= set(col.predictions()), 60, "every prediction")
+    assert_exact(col.predictions(), expected)
+
+
 def test_a_second_serve_on_a_state_dir_in_use_is_refused(bundles, broker, service, tmp_path):
     """Two processes on one state directory would split every stream's history between
     them; the second one is refused before it reads or writes anything there."""

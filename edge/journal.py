@@ -214,7 +214,7 @@ class Journal:
         unfinished = segs[-1] if segs and segs[-1] > max(snaps, default=0) else None
         for gen in (g for g in segs if g >= first):
             path = self.path("wal", gen)
-            data = path.read_bytes()
+            data = _read_segment(path)
             if not data and gen != unfinished:  # made with a first entry: cut to nothing
                 rec.damage.append(f"{path.name}: empty, cut short (what it logged is lost)")
                 rec.lost = True
@@ -613,6 +613,26 @@ class Journal:
         snaps, segs = self._listing()
         yield from (self.path("snap", g) for g in snaps)
         yield from (self.path("wal", g) for g in segs)
+
+
+def _read_segment(path: Path) -> bytes:
+    """A log segment's bytes, but for a hole that runs to its end (a file grown sparse, by
+    a file system's damage or a tool, to gigabytes): one zero byte stands for it, which
+    ``scan`` reads as the zeros it is (a tail cut short). Read whole, the start stopped with
+    a MemoryError, or ran out of memory, every time."""
+    with open(path, "rb") as f:
+        size = hole = os.fstat(f.fileno()).st_size
+        try:
+            hole = os.lseek(f.fileno(), 0, os.SEEK_HOLE)
+            if hole < size:
+                os.lseek(f.fileno(), hole, os.SEEK_DATA)  # ENXIO: no data after the hole
+                hole = size  # a hole inside: read whole
+        except OSError:  # ENXIO: none (the hole is its tail); or holes are not told
+            pass
+        f.seek(0)
+        if hole >= size:
+            return f.read()
+        return f.read(hole) + b"\0"
 
 
 def _ident(directory: Path) -> tuple[int, int] | None:

@@ -221,6 +221,31 @@ def test_a_huge_sparse_snapshot_falls_back_to_the_one_before_without_reading_it(
     assert [r.seq for r in got.entries if isinstance(r, Record)] == [2]
 
 
+def test_a_log_segment_grown_sparse_to_a_terabyte_is_read_as_a_tail_of_zeros(tmp_path):
+    """A segment grown to a terabyte by a hole at its end was read whole: the start stopped
+    with a MemoryError, every time. The hole is read as the zeros it is, as a short tail of
+    them was: the entries before it replayed, the tail reported, and cut off at the open."""
+    state = tmp_path / "state"
+    j = Journal(state)
+    j.recover(no_restore)
+    j.open()
+    j.append([rec("a", 1, 1), rec("a", 2, 2)])
+    j.close()
+    seg = state / "wal-00000000.log"
+    size = seg.stat().st_size
+    os.truncate(seg, 1 << 40)
+    j = Journal(state)
+    got = j.recover(no_restore)
+    assert [e.seq for e in got.entries if isinstance(e, Record)] == [1, 2]
+    assert got.damage == [
+        f"wal-00000000.log: ends inside an entry at offset {size} (a torn last write, or the "
+        "file cut short), skipped"
+    ]
+    j.open()  # the hole cut off (a mark appended after it)
+    assert size < seg.stat().st_size < 2 * size
+    j.close()
+
+
 def test_a_snapshot_of_boot_ids_out_of_range_falls_back_to_the_one_before(bundles, tmp_path):
     """Signed, but with an int64 minimum for a boot id: it was restored as it was."""
     from edge import snapshot as fmt

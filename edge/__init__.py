@@ -7,8 +7,12 @@
 Never imports TensorFlow unless it is explicitly chosen as the (heavy) fallback backend.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .engine import Batch, Chunk, Engine, Outcome, load
 from .errors import (
     BackendError,
     BundleError,
@@ -25,7 +29,21 @@ from .errors import (
     StateMismatch,
     TransportError,
 )
-from .manifest import Manifest
+
+if TYPE_CHECKING:
+    from .engine import Batch, Chunk, Engine, Outcome, load
+    from .manifest import Manifest
+
+# Imported at their first use (NumPy, an interpreter's modules: seconds on a Pi), so that
+# ``edge-lstm serve`` takes the signals sent to it while it starts before it imports them.
+_LAZY = {
+    "Batch": "engine",
+    "Chunk": "engine",
+    "Engine": "engine",
+    "Outcome": "engine",
+    "load": "engine",
+    "Manifest": "manifest",
+}
 
 __all__ = [
     "BackendError",
@@ -50,3 +68,12 @@ __all__ = [
     "__version__",
     "load",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -11,11 +11,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import numpy as np
-
+from . import early_signals
 from ._version import __version__
 from .errors import ConfigError, EdgeError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Optional dependencies by top-level module, with the extra that installs them: a command that
 # needs one of these on a machine without it says so in one line instead of a traceback.
@@ -74,6 +77,8 @@ def missing_dependency(exc: ModuleNotFoundError) -> str | None:
 
 def probe_inputs(features: int, steps: int = 64) -> np.ndarray:
     """A fixed input sequence, identical on every machine, to compare interpreters by."""
+    import numpy as np
+
     t = np.arange(steps)[:, None]
     return np.asarray(np.sin(0.3 * t + np.arange(features)[None, :]), dtype=np.float64)
 
@@ -225,7 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def console() -> int:
     """The console script: ``main`` with the interpreters' start-up line kept off stderr
     (ai-edge-litert and tflite-runtime write "Created TensorFlow Lite XNNPACK delegate for
-    CPU." from C++, and ``inspect``, ``serve``, ``replay`` and ``worker`` make interpreters)."""
+    CPU." from C++, and ``inspect``, ``serve``, ``replay`` and ``worker`` make interpreters).
+    The services take SIGTERM, SIGINT and SIGHUP from here on, before NumPy and the runtime
+    are imported (seconds on a Pi), which a ``systemctl reload`` or stop may come during."""
+    if sys.argv[1:2] in (["serve"], ["worker"]):
+        early_signals.catch()
     from . import stderr_filter
 
     quiet_tensorflow()
@@ -284,6 +293,8 @@ def top(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .engine import load
 
     t0 = time.perf_counter()

@@ -1,8 +1,14 @@
 """The paho callbacks never block, whatever the backlog: the broker keeps it, not us."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
+
+import pytest
 
 from edge import config
 from edge.mqtt_loop import MqttService
@@ -68,7 +74,6 @@ def test_drop_oldest_drops_no_more_than_the_answer_window_takes(bundles, tmp_pat
 def test_signals_while_starting_are_acted_on_once_the_service_can(bundles, tmp_path):
     """A ``systemctl reload`` (SIGHUP) right after a start must not kill the service, and a
     SIGTERM then is a clean stop, not a death by signal."""
-    import os
     import signal
 
     from edge import early_signals
@@ -86,6 +91,54 @@ def test_signals_while_starting_are_acted_on_once_the_service_can(bundles, tmp_p
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+# Runs ``edge-lstm serve`` as its console script does, with a signal sent to it while it
+# imports NumPy (as ``edge`` or the runtime first asks for it): seconds on a Pi, in which
+# ``systemctl reload`` or ``stop`` may come.
+SIGNAL_AT_NUMPY = """
+import importlib.abc, os, signal, sys
+
+class SignalAtNumpy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), int(os.environ["SIGNAL_AT_NUMPY"]))
+        return None
+
+sys.meta_path.insert(0, SignalAtNumpy())
+from edge.cli import console
+raise SystemExit(console())
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_signal_while_serve_imports_its_modules_is_acted_on_once_it_can(
+    bundles, broker, tmp_path, sig
+):
+    """A SIGHUP that came while the command imported its modules killed it (the default
+    action), before it could remember it; a SIGTERM ended it by signal, not cleanly."""
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-c", SIGNAL_AT_NUMPY, "serve"]
+    cmd += ["--model", str(bundles / "clf-int8"), "--broker", broker.url]
+    cmd += ["--state-dir", str(tmp_path / "state"), "--stats-interval", "0"]
+    with open(log, "wb") as out:
+        env = {**os.environ, "SIGNAL_AT_NUMPY": str(int(sig))}
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        if sig == signal.SIGHUP:
+            deadline = time.monotonic() + 120
+            while "model reloaded" not in log.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            assert proc.poll() is None, log.read_text()  # reloaded, still serving
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log.read_text()
+        assert "stopped cleanly" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_the_stop_signal_takes_no_lock_the_loop_may_hold(bundles, tmp_path):

@@ -560,7 +560,8 @@ class Processor:
                 r.outs.append(o)
                 r.entries.append(Output(o.lsn, o.topic, o.payload))
         r.counts.append(("samples_in", r.samples))
-        self._idle(r)
+        came = [m.received for m in batch if m.received]  # 0: not stamped
+        self._idle(r, min(came) if came else None)
         return self._run(r)
 
     def answered(self, released: Sequence[Record] = ()) -> int:
@@ -580,7 +581,9 @@ class Processor:
         nothing was changed (what was due for release is held as before, and released by a
         later round)."""
         held = len(self.reorder)
-        idle = bool(self.idle_timeout) and bool(self.engine.store.idle(self.idle_timeout))
+        idle = bool(self.idle_timeout) and bool(
+            self.engine.store.idle(self.idle_timeout, horizon=horizon)
+        )
         if (
             not held
             and not idle
@@ -594,7 +597,7 @@ class Processor:
             r.released = self.reorder.expire(force=release_all, horizon=horizon)
             r.entries += [Release(s, q) for s, q in self.reorder.forced]
             self.reorder.forced.clear()
-        self._idle(r)
+        self._idle(r, horizon)
         if self._run(r, settle=settle):
             return True
         # Neither logged nor applied, the released records wait again, held as before: a
@@ -605,12 +608,14 @@ class Processor:
             self.reorder.restore(saved)
         return False
 
-    def _idle(self, r: _Round) -> None:
+    def _idle(self, r: _Round, horizon: float | None = None) -> None:
         """Streams idle past ``idle_timeout`` are forgotten before this round applies; logged
         first, so a replay forgets them at the same point. Also in a round that takes nothing
-        in: a gateway that hears from nobody any more forgets its streams all the same."""
+        in: a gateway that hears from nobody any more forgets its streams all the same.
+        ``horizon``: when the oldest message not yet worked off arrived; idle time counts up
+        to there, as a stream whose message waits in a backlog was heard when it came."""
         if self.idle_timeout:
-            r.evict = self.engine.store.idle(self.idle_timeout)
+            r.evict = self.engine.store.idle(self.idle_timeout, horizon=horizon)
             if r.evict and (r.released or len(self.reorder)):
                 # A message held for reordering (released now, or still waiting) came when its
                 # stream was not idle (else the stream was forgotten then): it is not now.

@@ -369,11 +369,16 @@ class StateStore:
         self.paused_at = None
         self.last_seen += now - np.maximum(was, self.last_seen)  # keeps the LRU order
 
-    def idle(self, timeout: float, now: float | None = None) -> list[str]:
+    def idle(
+        self, timeout: float, now: float | None = None, *, horizon: float | None = None
+    ) -> list[str]:
         """Streams not seen for ``timeout`` seconds (of those messages could arrive in),
-        oldest first (nothing is changed)."""
+        oldest first (nothing is changed). ``horizon``: when the oldest message not yet
+        applied arrived; idle time counts to there at most."""
         if now is None:
             now = self._now()
+        if horizon is not None:
+            now = min(now, horizon)
         limit = now - timeout
         out = []
         for stream, row in self._rows.items():  # oldest first: stop at the first fresh one

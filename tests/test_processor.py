@@ -261,6 +261,30 @@ def test_a_stream_whose_message_waits_for_reordering_is_not_forgotten_as_idle(
     assert "a" not in p.engine.store
 
 
+def test_a_stream_whose_message_waits_in_a_backlog_is_not_forgotten_as_idle(bundles, tmp_path, xs):
+    """A backlog (the broker's queue after an outage, read faster than it is worked off)
+    took longer to work off than a stream had left of its idle_timeout: the stream was
+    forgotten as idle before its message, which came 50 s after its last one, was read, and
+    that message stepped from the zero state, flagged restart. A stream is idle by the time
+    the oldest message not yet worked off arrived."""
+    import dataclasses
+
+    now = [1000.0]
+    p = make(bundles, tmp_path, idle_timeout=60, clock=lambda: now[0])
+    p.engine.store._clock = lambda: now[0]
+    assert p.handle([msg("a", 1, xs[0]), msg("a", 2, xs[1])])
+    came = [dataclasses.replace(msg("a", 3, xs[2]), received=now[0] + 50)]
+    now[0] += 100  # worked off 50 s after it came, 100 s after a's last sample
+    assert p.handle(came)
+    assert p.tick()
+    got = [json.loads(o.payload) for o in answers(p) if o.topic == "predictions/a"]
+    assert [(d["seq"], d.get("restart")) for d in got] == [(1, None), (2, None), (3, None)]
+    want = edge.load(bundles / "clf-int8").step("x", xs[:3])[-1]
+    np.testing.assert_array_equal(np.float32(got[-1]["y"]), want)
+    now[0] += 10  # nothing waits now: a's last sample was 110 s ago, but applied 10 s ago
+    assert p.tick() and "a" in p.engine.store
+
+
 @pytest.mark.parametrize("evicted", [False, True], ids=["held", "evicted"])
 def test_a_dropped_redelivery_of_applied_samples_is_not_reported_dropped(
     bundles, tmp_path, xs, evicted

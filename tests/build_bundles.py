@@ -102,6 +102,35 @@ def train_cnn_gru(out: Path) -> None:
     np.savez(out / "test.npz", x=xt, y=yt)
 
 
+def make_overflowing(out: Path) -> None:
+    """A float model made to overflow on a valid sample, whatever its interpreter's order of
+    sums: feature 0 enters two convolution channels with weight 2, and those channels enter
+    the LSTM with opposite weights. Feature 0 at 2e38 makes both channels inf and every gate
+    inf - inf: NaN (in XNNPACK; tflite-runtime 2.14's builtin kernels clamp to the largest
+    float instead). Trained weights overflow or not by chance and by interpreter version."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((None, 3))
+    conv = keras.layers.Conv1D(4, 1, use_bias=False)
+    rnn = keras.layers.LSTM(8, return_sequences=True)
+    model = keras.Model(inp, keras.layers.Dense(2)(rnn(conv(inp))))
+    k = np.zeros((1, 3, 4), np.float32)
+    k[0, 0, :2] = 2.0
+    k[0, 1] = [0.1, -0.1, 0.0, 0.2]
+    k[0, 2, 2] = 0.5
+    conv.set_weights([k])
+    w, u, b = rnn.get_weights()
+    w[1] = -w[0]
+    rnn.set_weights([w, u, b])
+    model.save(out / "model.keras")
+    scale = np.array([10.0, 1.0, 1.0], np.float32)  # feature 0 of regression_data in ~unit range
+    x, _ = regression_data(40, 60, seed=1)
+    np.save(out / "calib.npy", x / scale)
+    xt, _ = regression_data(8, 60, seed=2)
+    np.savez(out / "test.npz", x=xt / scale)
+
+
 def record_bits(bundle: Path, x: np.ndarray) -> None:
     """``bits.npz``: the raw closed-loop outputs of ``x`` in every kernel set the desktop reaches
     (tflite-runtime 2.14 through the device-like Python), keyed ``KERNELS/x/y`` and
@@ -150,6 +179,8 @@ def build_all(dest: Path) -> None:
     train_regressor(src / "reg")
     (src / "cnn-gru").mkdir(parents=True)
     train_cnn_gru(src / "cnn-gru")
+    (src / "overflow").mkdir(parents=True)
+    make_overflowing(src / "overflow")
     for name, (recipe, _) in TORCH.items():
         r = torch_models.Recipe(**recipe)  # type: ignore[arg-type]
         net, d = torch_models.train(r)
@@ -192,6 +223,11 @@ def build_all(dest: Path) -> None:
                 mode,
                 None,
             )
+        )
+    for mode in ("float32", "float16"):
+        d = src / "overflow"
+        jobs.append(
+            (f"overflow-{mode}", d / "model.keras", d / "calib.npy", d / "test.npz", mode, None)
         )
     for name, (recipe, modes) in TORCH.items():
         d = src / name

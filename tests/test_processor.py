@@ -1372,16 +1372,16 @@ def test_a_snapshot_whose_processor_records_are_unreadable_still_starts(
     assert any(o.topic == "predictions/b" for o in answers(again))
 
 
-@pytest.mark.desktop  # ai-edge-litert's kernels overflow on 1e30; tflite 2.14's saturate
+@pytest.mark.desktop  # a model made to overflow (build_bundles.make_overflowing): XNNPACK
 def test_a_sample_the_float_model_overflows_on_is_reported_and_the_stream_goes_on(
     bundles, tmp_path
 ):
-    """1e30 passes the input checks of cnn-gru-float32 but overflows its arithmetic: it was
+    """3e38 passes the input checks of the model but overflows its arithmetic: it was
     answered NaN, and so was every later sample of the device (its state was NaN)."""
-    p = make(bundles, tmp_path, model=str(bundles / "cnn-gru-float32"))
-    ref = edge.load(bundles / "cnn-gru-float32")
+    p = make(bundles, tmp_path, model=str(bundles / "overflow-float32"))
+    ref = edge.load(bundles / "overflow-float32")
     x = np.random.default_rng(5).normal(0, 2, (3, 3))
-    assert p.handle([msg("s", 1, x[0]), msg("s", 2, [1e30, 0, 0])])
+    assert p.handle([msg("s", 1, x[0]), msg("s", 2, [3e38, 0, 0])])
     ok, refused = [json.loads(o.payload) for o in answers(p)]
     assert ok["seq"] == 1 and np.isfinite(ok["y"]).all()
     assert refused["seq"] == 2 and refused["error"] == "invalid_sample"

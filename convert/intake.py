@@ -14,6 +14,7 @@ the whole sequence.
 from __future__ import annotations
 
 import hashlib
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,37 @@ def load_model(path: str | Path) -> object:
     try:
         return keras.models.load_model(p, compile=False)
     except Exception as exc:  # Keras raises many types for unreadable files
+        if (custom := _custom_object(exc)) is not None:
+            raise UnsupportedModel(
+                f"{p}: the model uses {custom}, which is not one of Keras' own: a custom "
+                "layer, activation or model is Python code the converter cannot read; build the "
+                "model from Keras' layers and activations (see the README's list)"
+            ) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConvertError(f"{p}: Keras cannot read this model: {first}") from exc
+
+
+# Keras' words for an object of the file that is not its own (.keras; legacy .h5), and for the
+# layer whose config holds it (a custom activation of a Dense)
+_UNKNOWN = re.compile(r"Could not locate (class|function) '([^']+)'|Unknown (\w+): '([^']+)'")
+_HOLDER = re.compile(r"Error when deserializing class '(\w+)' using config=\{'name': '([^']+)'")
+
+
+def _custom_object(exc: BaseException) -> str | None:
+    """The custom object Keras could not find when loading, named (its first line only said
+    that the whole model "could not be deserialized properly"); None for other failures."""
+    said = []
+    cause: BaseException | None = exc
+    while cause is not None and len(said) < 20:
+        said.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = "\n".join(said)
+    if (found := _UNKNOWN.search(text)) is None:
+        return None
+    kind, name = (found[1], found[2]) if found[1] else (found[3], found[4])
+    holder = _HOLDER.search(text)
+    where = f" (of layer {shown(holder[2])} ({holder[1]}))" if holder and kind != "layer" else ""
+    return f"the {kind} {shown(name)}{where}"
 
 
 def _f32(a: Any) -> np.ndarray:

@@ -163,6 +163,36 @@ def test_a_savedmodel_is_refused_saying_what_to_convert(capsys, tmp_path, src, g
     assert "model.save('model.keras')" in out.err
 
 
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+@pytest.mark.parametrize("custom", ["layer", "activation"])
+def test_a_custom_layer_or_activation_is_refused_naming_it(capsys, tmp_path, src, custom, suffix):
+    """Keras' first line about a model holding a custom object was all that was said: "<class
+    'keras.src.models.functional.Functional'> could not be deserialized properly. Please ensure
+    ..." (.keras), naming neither the object nor the layer."""
+    import keras
+
+    class Doubled(keras.layers.Layer):
+        def call(self, x):
+            return x * 2.0
+
+    def doubled(x):
+        return x * 2.0
+
+    inp = keras.Input((None, 6))
+    z = keras.layers.LSTM(4, return_sequences=True)(inp)
+    if custom == "layer":
+        z, needle = Doubled(name="twice")(z), "the model uses the "
+    else:
+        z = keras.layers.Dense(2, activation=doubled, name="head")(z)
+        needle = "the model uses the function 'doubled' (of layer 'head' (Dense)), which is not "
+    model = tmp_path / f"m{suffix}"
+    keras.Model(inp, z).save(model)
+    code, out = convert(capsys, model, src / "model.calib.npy", str(tmp_path / "out"))
+    assert_refused(code, out, needle, tmp_path)
+    assert "'Doubled', which is not one of Keras' own" in out.err or custom != "layer"
+    assert "could not be deserialized" not in out.err
+
+
 def test_unsupported_layer(capsys, tmp_path, src):
     import keras
 

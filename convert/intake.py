@@ -644,9 +644,11 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
         return x if steps is None else np.concatenate([x] * -(-steps // x.shape[1]), 1)[:, :steps]
 
     early_steps = AGREEMENT_STEPS if length is None or spec.sequence_output else None
-    # A mixed-precision policy (mixed_float16 / mixed_bfloat16): Keras computes in half
+    # A mixed-precision policy (mixed_float16 / mixed_bfloat16), or a half-precision input
+    # (keras.Input(dtype="float16"), which rounds every sample): Keras computes in half
     # precision, the step in float32; they differ by that rounding, not by a misread layer.
-    half = sorted({str(getattr(la, "compute_dtype", "")) for la in layers} & set(HALF_EPS))
+    dtypes = {str(getattr(la, "compute_dtype", "")) for la in layers}
+    half = sorted({*dtypes, str(model.inputs[0].dtype)} & set(HALF_EPS))
     tol = max([AGREEMENT_TOL, *(HALF_STEPS_EPS * HALF_EPS[h] for h in half)])
 
     def differ(
@@ -695,10 +697,10 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
         )
     if half and early is not None and early > AGREEMENT_TOL:
         return (
-            f"Keras computes this model in {half[0]} (a mixed-precision dtype policy), the "
-            f"step in float32: they differ by {early:.3g} (relative) in the first "
-            f"{early_steps or length} steps of --calib, and the bundle is verified against the "
-            "float32 step"
+            f"Keras computes this model in {half[0]} (a mixed-precision dtype policy or a "
+            f"half-precision input), the step in float32: they differ by {early:.3g} (relative) "
+            f"in the first {early_steps or length} steps of --calib, and the bundle is verified "
+            "against the float32 step"
         )
     if shift and (whole := differ(fit(xs, length))) is not None and whole > tol:
         return (

@@ -292,6 +292,22 @@ def test_a_mixed_precision_model_is_checked_within_its_precision_and_said(policy
     assert said is not None and f"Keras computes this model in {policy[6:]}" in said
 
 
+def test_a_half_precision_input_is_checked_within_its_precision_and_said():
+    """keras.Input(dtype="float16") rounds every sample to half precision before float32
+    layers: that rounding was taken for a misread layer and the model refused ('please report
+    the model')."""
+    import keras
+
+    from convert import intake
+
+    inp = keras.Input((None, 5), dtype="float16")
+    z = keras.layers.LSTM(16, return_sequences=True)(inp)
+    model = keras.Model(inp, keras.layers.Dense(3)(z))
+    x = np.random.default_rng(9).normal(0, 1, (16, 20, 5)).astype(np.float32)
+    said = intake.check_agreement(model, intake.spec_from_model(model), x)
+    assert said is not None and "Keras computes this model in float16" in said
+
+
 def test_stateful_lstm_streams_like_keras():
     """stateful=True only fixes Keras' batch; the runtime keeps each stream's state itself."""
     import keras

@@ -98,7 +98,22 @@ def load_array(path: str | Path, key: str = "x") -> np.ndarray:
                     if key in files:
                         return np.asarray(z[key])
             else:
-                return np.asarray(np.load(f, allow_pickle=False))
+                head = f.read(6)
+                f.seek(0)
+                if head != b"\x93NUMPY" and not head.startswith(b"PK\x03\x04"):
+                    # NumPy's words for it: "pickled (object) data", of a CSV file too
+                    raise ValueError(
+                        "not a NumPy array file (.npy, as numpy.save writes it): text, CSV or "
+                        "a pickle is not read"
+                    )
+                loaded = np.load(f, allow_pickle=False)
+                if isinstance(loaded, np.lib.npyio.NpzFile):  # an .npz named otherwise
+                    with loaded:
+                        raise ValueError(
+                            f"an .npz archive of named arrays ({sorted(loaded.files)}), not one "
+                            "array (.npy): name it .npz"
+                        )
+                return np.asarray(loaded)
     except Exception as exc:  # a damaged file raises what the part that trips on it raises:
         # ValueError (object arrays), OSError, EOFError, zipfile.BadZipFile, zlib.error,
         # tokenize.TokenError (a garbled header), ...

@@ -134,6 +134,33 @@ def test_calibration_file_that_holds_no_float_x(capsys, tmp_path, src, name, arr
     assert_refused(code, out, needle, tmp_path)
 
 
+@pytest.mark.parametrize("given", ["csv", "pickle", "npz"])
+def test_a_calibration_file_of_another_format_is_refused_saying_what_it_is(
+    capsys, tmp_path, src, given
+):
+    """A CSV file (or a pickle) given as --calib was said to hold "pickled (object) data", with
+    NumPy's advice to load it with allow_pickle (no option does); an .npz archive named .npy
+    was refused for its "dtype <U1"."""
+    import pickle
+
+    calib = tmp_path / "calib.npy"
+    x = np.zeros((2, 10, 6), np.float32)
+    if given == "csv":
+        calib.write_text("0.1,0.2,0.3,0.4,0.5,0.6\n" * 10)
+    elif given == "pickle":
+        calib.write_bytes(pickle.dumps(x))
+    else:
+        with calib.open("wb") as f:
+            np.savez(f, x=x)
+    code, out = convert(capsys, src / "model.keras", calib, str(tmp_path / "out"))
+    if given == "npz":
+        needle = "calib.npy: cannot read: an .npz archive of named arrays (['x']), not one array"
+    else:
+        needle = "calib.npy: cannot read: not a NumPy array file (.npy, as numpy.save writes it)"
+    assert_refused(code, out, needle, tmp_path)
+    assert "allow_pickle" not in out.err and "dtype" not in out.err
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbled member", "bad deflate stream"])
 def test_a_damaged_npz_calibration_file_is_refused_naming_it(capsys, tmp_path, src, damage):
     """A truncated or damaged .npz (a zip archive) ended in a traceback of zipfile, zlib or

@@ -301,6 +301,32 @@ def test_a_bundle_that_also_holds_other_files_is_not_replaced(capsys, tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_the_bundle_directory_is_readable_by_others_as_mkdir_makes_it(capsys, tmp_path, src):
+    """The bundle directory was the staging directory mkdtemp made, mode 0700 whatever the
+    umask: copied to a device (scp, rsync -a, cp -a keep the mode), the service's own user
+    (deploy/edge-lstm.service: User=edge-lstm) could not read the bundle. It gets what mkdir
+    gives; a bundle it replaces keeps the earlier one's mode."""
+    import os
+    import stat
+
+    from convert.bundle import staging
+
+    out = tmp_path / "out"
+    umask = os.umask(0o022)
+    try:
+        code, said = convert(
+            capsys, src / "model.keras", src / "model.calib.npy", out, "--quant", "float32"
+        )
+    finally:
+        os.umask(umask)
+    assert code in (0, 1), said.err
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    out.chmod(0o750)
+    with staging(out) as tmp:
+        (tmp / "model.tflite").write_bytes(b"new")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+
+
 def test_a_full_disk_while_the_bundle_is_written_is_one_line_and_leaves_nothing(
     capsys, tmp_path, src, monkeypatch
 ):

@@ -589,6 +589,28 @@ def _causal_twin(model: Any) -> Any:
     return twin
 
 
+def _input_cast(model: Any, xs: np.ndarray) -> None:
+    """A model whose input is not a float (``keras.Input(dtype="int32")``) casts every sample
+    to that type, which the step, fed float32 samples as they come, does not: samples the cast
+    changes (a fraction, a value out of its range) are refused, naming the first."""
+    import keras
+
+    dtype = str(model.inputs[0].dtype)
+    if "float" in dtype:
+        return
+    cast = keras.ops.cast(keras.ops.cast(xs, dtype), "float32")
+    kept = np.asarray(keras.ops.convert_to_numpy(cast))
+    if not np.array_equal(kept, xs):
+        at = np.argwhere(kept != xs)[0]
+        raise UnsupportedModel(
+            f"the model's input is {dtype} (keras.Input(dtype=...)): Keras casts every sample "
+            "to it, the step takes the samples as they come; the data holds "
+            f"{float(xs[tuple(at)]):g} at index {at.tolist()}, which that cast changes: give "
+            f"the samples as {dtype} values, as the device will send them, or build the model "
+            "with a float input"
+        )
+
+
 def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
     """Keras itself against the step read from the model, over the first steps of ``xs``:
     what is read wrongly is refused here (exit 2) rather than verified against itself. (Only
@@ -632,6 +654,7 @@ def check_agreement(model: Any, spec: ModelSpec, xs: np.ndarray) -> str | None:
         and la.padding == "valid"
         and not isinstance(prev, keras.layers.ZeroPadding1D)  # padded: causal, no shift
     )
+    _input_cast(model, xs)
     xs = xs[:AGREEMENT_SEQUENCES]
     if stateful:  # whole batches of the model's fixed size
         if not isinstance(batch, int):

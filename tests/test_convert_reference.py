@@ -308,6 +308,26 @@ def test_a_half_precision_input_is_checked_within_its_precision_and_said():
     assert said is not None and "Keras computes this model in float16" in said
 
 
+def test_an_integer_input_is_refused_where_keras_casts_a_sample_the_step_takes_as_is():
+    """keras.Input(dtype="int32") truncates every sample to an integer, the step does not: a
+    fraction in --calib was refused as "a layer is not read as Keras computes it (please
+    report the model)". It is named; whole-number samples convert as before."""
+    import keras
+
+    from convert import intake
+    from convert.errors import UnsupportedModel
+
+    inp = keras.Input((None, 5), dtype="int32")
+    z = keras.layers.LSTM(16, return_sequences=True)(inp)
+    model = keras.Model(inp, keras.layers.Dense(3)(z))
+    spec = intake.spec_from_model(model)
+    x = np.random.default_rng(9).normal(0, 3, (16, 20, 5)).astype(np.float32)
+    said = r"the model's input is int32 .* at index \[0, 0, 0\]"
+    with pytest.raises(UnsupportedModel, match=said):
+        intake.check_agreement(model, spec, x)
+    assert intake.check_agreement(model, spec, np.round(x)) is None
+
+
 def test_stateful_lstm_streams_like_keras():
     """stateful=True only fixes Keras' batch; the runtime keeps each stream's state itself."""
     import keras

@@ -106,7 +106,12 @@ def load_model(path: str | Path) -> object:
     import keras
 
     try:
-        return keras.models.load_model(p, compile=False)
+        try:
+            return keras.models.load_model(p, compile=False)
+        except Exception as exc:  # Keras 2's time_major, which Keras 3 has no keyword for
+            if p.suffix == ".keras" or "'time_major'" not in str(exc):
+                raise
+            model = keras.models.load_model(p, compile=False, custom_objects=_keras2_rnn())
     except Exception as exc:  # Keras raises many types for unreadable files
         if (custom := _custom_object(exc)) is not None:
             raise UnsupportedModel(
@@ -116,6 +121,55 @@ def load_model(path: str | Path) -> object:
             ) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConvertError(f"{p}: Keras cannot read this model: {first}") from exc
+    time_major = [la.name for la in _all_layers(model) if getattr(la, "keras2_time_major", False)]
+    if time_major:
+        raise UnsupportedModel(
+            f"{p}: layer {shown(time_major[0])} was saved with time_major=True (Keras 2): it "
+            "reads [time, batch, features]; only batch-major models ([batch, time, features]) "
+            "are read"
+        )
+    return model
+
+
+def _keras2(base: Any) -> Any:
+    """``base`` (a Keras 3 recurrent layer) taking Keras 2's ``time_major`` keyword, which a
+    legacy .h5 of tf.keras 2 holds for every LSTM / GRU / SimpleRNN / RNN layer."""
+
+    class Keras2(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, time_major: bool = False, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.keras2_time_major = bool(time_major)
+
+    Keras2.__name__ = Keras2.__qualname__ = base.__name__
+    return Keras2
+
+
+def _keras2_rnn() -> dict[str, Any]:
+    import keras
+
+    class Bidirectional(keras.layers.Bidirectional):  # type: ignore[misc]
+        """Keras builds the layers it wraps without the custom objects: it gets them without
+        ``time_major`` (it is refused whatever it holds)."""
+
+        @classmethod
+        def from_config(cls, config: Any, custom_objects: Any = None) -> Any:
+            for key in ("layer", "backward_layer"):
+                if isinstance(wrapped := config.get(key), dict):
+                    wrapped.get("config", {}).pop("time_major", None)
+            return super().from_config(config, custom_objects)
+
+    rnn = {n: _keras2(getattr(keras.layers, n)) for n in ("LSTM", "GRU", "SimpleRNN", "RNN")}
+    return {**rnn, "Bidirectional": Bidirectional}
+
+
+def _all_layers(model: Any) -> list[Any]:
+    """Every layer of ``model``, those of nested models and wrappers included."""
+    out = []
+    for la in getattr(model, "layers", []):
+        out += [la, *_all_layers(la)]
+        if (inner := getattr(la, "layer", None)) is not None:  # Bidirectional, TimeDistributed
+            out += [inner]
+    return out
 
 
 # Keras' words for an object of the file that is not its own (.keras; legacy .h5), and for the

@@ -220,6 +220,63 @@ def test_a_custom_layer_or_activation_is_refused_naming_it(capsys, tmp_path, src
     assert "could not be deserialized" not in out.err
 
 
+def keras2_h5(path, time_major=False, both_ways=False):
+    """A legacy .h5 as tf.keras 2 writes it: every recurrent layer's config holds
+    ``time_major``, the input layer's ``batch_input_shape``."""
+    import json
+
+    import h5py
+    import keras
+
+    inp = keras.Input((None, 6))
+    z = keras.layers.LSTM(8, return_sequences=True, name="lstm")
+    z = keras.layers.Bidirectional(z, name="both_ways")(inp) if both_ways else z(inp)
+    z = keras.layers.GRU(4, return_sequences=True, name="gru")(z)
+    keras.Model(inp, keras.layers.Dense(2)(z)).save(path)
+
+    def as_keras2(config):
+        if isinstance(config, list):
+            return [as_keras2(c) for c in config]
+        if not isinstance(config, dict):
+            return config
+        c = config.get("config")
+        if config.get("class_name") == "InputLayer":
+            c["batch_input_shape"] = c.pop("batch_shape")
+        if config.get("class_name") in ("LSTM", "GRU"):
+            c["time_major"] = time_major and config["class_name"] == "GRU"
+        return {k: as_keras2(v) for k, v in config.items()}
+
+    with h5py.File(path, "r+") as f:
+        f.attrs["model_config"] = json.dumps(as_keras2(json.loads(f.attrs["model_config"])))
+        f.attrs["keras_version"] = "2.15.0"
+
+
+def test_a_keras2_h5_model_with_recurrent_layers_converts(capsys, tmp_path, src):
+    """tf.keras 2 writes time_major=False into every recurrent layer's config, a keyword
+    Keras 3 has not: every such .h5 was refused with "Keras cannot read this model:
+    Unrecognized keyword arguments passed to LSTM: {'time_major': False}"."""
+    keras2_h5(tmp_path / "m.h5")
+    code, out = convert(
+        capsys, tmp_path / "m.h5", src / "model.calib.npy", tmp_path / "out", "--quant", "float32"
+    )
+    assert code == 0, out.err
+    assert (tmp_path / "out" / "model.tflite").is_file()
+
+
+def test_a_keras2_h5_model_reading_time_first_is_refused_naming_the_layer(capsys, tmp_path, src):
+    keras2_h5(tmp_path / "m.h5", time_major=True)
+    code, out = convert(capsys, tmp_path / "m.h5", src / "model.calib.npy", tmp_path / "out")
+    assert_refused(code, out, "layer 'gru' was saved with time_major=True (Keras 2)", tmp_path)
+
+
+def test_a_keras2_h5_model_reading_both_ways_is_refused_as_bidirectional(capsys, tmp_path, src):
+    """Keras builds a Bidirectional's layers without the custom objects: it was refused with
+    Keras' "Unrecognized keyword arguments passed to LSTM: {'time_major': False}"."""
+    keras2_h5(tmp_path / "m.h5", both_ways=True)
+    code, out = convert(capsys, tmp_path / "m.h5", src / "model.calib.npy", tmp_path / "out")
+    assert_refused(code, out, "layer 'both_ways' (Bidirectional) cannot be streamed", tmp_path)
+
+
 def test_unsupported_layer(capsys, tmp_path, src):
     import keras
 

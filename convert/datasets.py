@@ -96,7 +96,10 @@ def load_array(path: str | Path, key: str = "x") -> np.ndarray:
                 with z:
                     files = z.files
                     if key in files:
-                        return np.asarray(z[key])
+                        try:
+                            return np.asarray(z[key])
+                        except ValueError as exc:  # an object array: which one, said
+                            raise ValueError(f"array {key!r}: {exc}") from exc
             else:
                 head = f.read(6)
                 f.seek(0)

@@ -37,14 +37,15 @@ def _stderr(msg: str) -> None:
 
 
 def load_sequences(
-    path: str | Path, features: int, what: str
+    path: str | Path, features: int, what: str, with_labels: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """[N, T, F] float32 sequences (and optional labels ``y`` from an .npz), checked."""
+    """[N, T, F] float32 sequences (and optional labels ``y`` from an .npz, unless
+    ``with_labels`` is False: calibration reads none), checked."""
     p = input_file(path, f"{what} ")
     try:
         x = load_array(p)
         labels = None
-        if p.suffix == ".npz":
+        if p.suffix == ".npz" and with_labels:
             with np.load(p, allow_pickle=False) as z:
                 has_labels = "y" in z.files
             labels = load_array(p, "y") if has_labels else None
@@ -153,7 +154,7 @@ def run_convert(
             "(its top class is always the first); a sigmoid output is judged as a regressor "
             "against 0/1 targets: convert it without --labels"
         )
-    calib, _ = load_sequences(calib_path, spec.features, "--calib")
+    calib, _ = load_sequences(calib_path, spec.features, "--calib", with_labels=False)
     data, data_labels = (
         load_sequences(data_path, spec.features, "--data") if data_path else (calib, None)
     )

@@ -120,7 +120,11 @@ def test_held_out_data_beyond_the_input_bound_is_refused_before_converting(capsy
     "name, arrays, needle",
     [
         ("calib.npz", {"data": np.zeros((2, 3, 6), np.float32)}, "calib.npz: no array named 'x'"),
-        ("calib.npz", {"x": np.array([[1, "a"]], object)}, "calib.npz: cannot read: Object"),
+        (
+            "calib.npz",
+            {"x": np.array([[1, "a"]], object)},
+            "calib.npz: cannot read: array 'x': Object",
+        ),
         ("calib.npy", {"x": np.array([[1, "a"]], object)}, "calib.npy: cannot read: Object"),
     ],
 )
@@ -159,6 +163,21 @@ def test_a_calibration_file_of_another_format_is_refused_saying_what_it_is(
         needle = "calib.npy: cannot read: not a NumPy array file (.npy, as numpy.save writes it)"
     assert_refused(code, out, needle, tmp_path)
     assert "allow_pickle" not in out.err and "dtype" not in out.err
+
+
+def test_labels_that_cannot_be_read_are_named_and_never_stop_calibration(capsys, tmp_path, src):
+    """An .npz whose labels 'y' are an object array (a list of lists of unequal length) was
+    refused as --calib, whose labels calibration never reads, and as --data the line did not
+    say which array it could not read."""
+    x = np.load(src / "model.calib.npy")[:4]
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x, y=np.array([[0], [1, 2], [3], []], object))
+    code, out = convert(capsys, src / "model.keras", data, tmp_path / "out", "--quant", "float32")
+    assert code in (0, 1), out.err
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "out").rename(tmp_path / "bundle" / "out")
+    code, out = convert_with_data(capsys, src, tmp_path, data)
+    assert_refused(code, out, "data.npz: cannot read: array 'y': Object arrays", tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbled member", "bad deflate stream"])

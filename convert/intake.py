@@ -120,6 +120,9 @@ def load_model(path: str | Path) -> object:
                 "model from Keras' layers and activations (see the README's list)"
             ) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        saved = _saved_by(p)
+        if saved is not None and saved != keras.__version__:  # a keyword of another Keras
+            first += f" (the model was saved by Keras {saved}, this is Keras {keras.__version__})"
         raise ConvertError(f"{p}: Keras cannot read this model: {first}") from exc
     time_major = [la.name for la in _all_layers(model) if getattr(la, "keras2_time_major", False)]
     if time_major:
@@ -129,6 +132,26 @@ def load_model(path: str | Path) -> object:
             "are read"
         )
     return model
+
+
+def _saved_by(p: Path) -> str | None:
+    """The Keras version a model file says saved it, if it says."""
+    import json
+
+    try:
+        if p.suffix == ".keras":
+            with zipfile.ZipFile(p) as z:
+                version = json.loads(z.read("metadata.json")).get("keras_version")
+        else:
+            import h5py
+
+            with h5py.File(p, "r") as f:
+                version = f.attrs.get("keras_version")
+        version = version.decode() if isinstance(version, bytes) else version
+    except Exception:  # damaged or without it: nothing to add
+        return None
+    ok = isinstance(version, str) and version.isprintable() and len(version) <= 40
+    return version if ok else None
 
 
 def _keras2(base: Any) -> Any:

@@ -296,6 +296,31 @@ def test_a_keras2_h5_model_reading_both_ways_is_refused_as_bidirectional(capsys,
     assert_refused(code, out, "layer 'both_ways' (Bidirectional) cannot be streamed", tmp_path)
 
 
+def test_a_model_keras_cannot_read_says_which_keras_saved_it(capsys, tmp_path, src):
+    """A model saved by a newer Keras, with a keyword this one has not, was refused with
+    Keras' "Unrecognized keyword arguments passed to LSTM: ..." alone, which did not say that
+    the two versions differ."""
+    import json
+    import zipfile
+
+    import keras
+
+    inp = keras.Input((None, 6))
+    keras.Model(inp, keras.layers.LSTM(4, return_sequences=True)(inp)).save(tmp_path / "a.keras")
+    saved = zipfile.ZipFile(tmp_path / "a.keras")
+    with saved as a, zipfile.ZipFile(tmp_path / "m.keras", "w") as m:
+        for name in a.namelist():
+            data = json.loads(a.read(name)) if name.endswith(".json") else a.read(name)
+            if name == "metadata.json":
+                data["keras_version"] = "3.99.0"
+            if name == "config.json":
+                data["config"]["layers"][-1]["config"]["new_keyword"] = True
+            m.writestr(name, json.dumps(data) if name.endswith(".json") else data)
+    code, out = convert(capsys, tmp_path / "m.keras", src / "model.calib.npy", tmp_path / "out")
+    needle = f"(the model was saved by Keras 3.99.0, this is Keras {keras.__version__})"
+    assert_refused(code, out, "{'new_keyword': True} " + needle, tmp_path)
+
+
 def test_unsupported_layer(capsys, tmp_path, src):
     import keras
 

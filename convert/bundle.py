@@ -28,6 +28,7 @@ from edge.manifest import (
     StateTensor,
     TensorSpec,
 )
+from edge.outfile import new_mode
 
 from . import quantize, step_graph
 from .errors import ConvertError
@@ -179,17 +180,6 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def directory_mode(out: Path) -> int:
-    """The permissions of the bundle directory that replaces ``out``: the earlier one's, else
-    what ``mkdir`` gives (0755 under the usual umask)."""
-    try:
-        return stat.S_IMODE(out.stat().st_mode)
-    except FileNotFoundError:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        return 0o777 & ~umask
-
-
 def put_in_place(tmp: Path, out: Path) -> None:
     """``tmp`` becomes ``out``; an ``out`` there before ends up at ``tmp`` (for the caller to
     delete). Never a moment without one whole bundle at ``out`` where the file system can swap
@@ -241,7 +231,7 @@ def staging(out: Path) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-        os.chmod(tmp, directory_mode(out))  # mkdtemp's 0700 would shut out the service's user
+        os.chmod(tmp, new_mode(out, 0o777))  # mkdtemp's 0700 would shut out the service's user
         lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         raise ConvertError(f"{out}: cannot write the output directory: {exc}") from exc

@@ -45,15 +45,16 @@ def regular_target(path: Path, error: type[EdgeError], label: str = "") -> Path:
     raise error(f"{label}{path} is {kind}{via}; only a regular file is replaced")
 
 
-def new_mode(target: Path) -> int:
+def new_mode(target: Path, made: int = 0o666) -> int:
     """The permissions of the file that replaces ``target``: its own if it exists, else what
-    creating it would have given (the temporary file is created 0600)."""
+    creating it with mode ``made`` would have given (the temporary file is created 0600; a
+    directory: 0o777)."""
     try:
         return stat.S_IMODE(target.stat().st_mode)
     except FileNotFoundError:
         umask = os.umask(0o022)
         os.umask(umask)
-        return 0o666 & ~umask
+        return made & ~umask
 
 
 def replace_whole(

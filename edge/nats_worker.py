@@ -572,6 +572,15 @@ class Partition:
 class Worker:
     def __init__(self, cfg: ServiceConfig, opts: WorkerOptions) -> None:
         self.cfg, self.opts = cfg, opts
+        for key, kind in (("data_topic", "data"), ("control_topic", "control")):
+            # The stream captures sensors.*.data / sensors.*.control, read back as these
+            # topics: another template answered every sample bad_topic, or read none.
+            if getattr(cfg, key) != f"sensors/{{stream}}/{kind}":
+                raise ConfigError(
+                    f"{key} = {bounded(getattr(cfg, key))}: a worker reads "
+                    f"sensors/{{stream}}/{kind} only (NATS subject sensors.{{stream}}.{kind}); "
+                    f"remove {key} from its configuration"
+                )
         self.metrics = Metrics()
         engine = load(
             cfg.model,

@@ -327,6 +327,25 @@ def test_bad_partitions_and_urls_are_usage_errors(bundles: Path, tmp_path: Path)
     assert f"{str(bad)!r}" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_data_or_control_topic_the_worker_does_not_read_is_refused_at_start(
+    bundles: Path, tmp_path: Path
+) -> None:
+    """A serve configuration's data_topic reused for a worker: the worker answered every
+    sample on sensors/{stream}/data bad_topic and never read the configured topic."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "w.toml"
+    for key, topic in (("data_topic", "dev/{stream}/up"), ("control_topic", "dev/{stream}/ctl")):
+        cfg.write_text(f'{key} = "{topic}"\n')
+        cmd = [sys.executable, "-m", "edge", "worker", "--model", str(bundles / "clf-int8")]
+        cmd += ["--nats", "nats://127.0.0.1:1", "--config", str(cfg)]
+        cmd += ["--state-dir", str(tmp_path / "state")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and f"{key} = '{topic}': a worker reads" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
 class _AuthServer(NatsServer):
     """A nats-server that takes only user ``edge`` with password ``right``."""
 

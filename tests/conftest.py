@@ -54,6 +54,14 @@ def bundles() -> Path:
     return BUNDLE_DIR
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``mounts`` on every test that mounts a file system: the emulated Arm guest has no
+    mount(8), and deselects them."""
+    for item in items:
+        if "small_disk" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.mounts)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB file system (tmpfs, mounted as root), to fill up or make read-only."""

@@ -983,6 +983,9 @@ class MqttService:
                 else:
                     last_retry = now
                     if degraded is not None:
+                        # said first: the retry's snapshot may take long (slow or failing
+                        # storage), and a round that took over RETRY_SECONDS comes straight here
+                        self._update_status()
                         self._retry_storage()
                     if self.outbox.queued or self.outbox.in_flight >= self.outbox.window:
                         self.answered.wait(0.05)  # nothing to take in before the broker acks

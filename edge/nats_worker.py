@@ -71,6 +71,7 @@ from .partitions import (
     MQTT_QOS_HEADER,
     MQTT_STORE,
     MQTT_STORE_PREFIX,
+    READ_TOPIC,
     SENSOR_SUBJECTS,
     Twins,
     answer_id,
@@ -575,11 +576,11 @@ class Worker:
         for key, kind in (("data_topic", "data"), ("control_topic", "control")):
             # The stream captures sensors.*.data / sensors.*.control, read back as these
             # topics: another template answered every sample bad_topic, or read none.
-            if getattr(cfg, key) != f"sensors/{{stream}}/{kind}":
+            read = READ_TOPIC.replace("{kind}", kind)
+            if getattr(cfg, key) != read:
                 raise ConfigError(
-                    f"{key} = {bounded(getattr(cfg, key))}: a worker reads "
-                    f"sensors/{{stream}}/{kind} only (NATS subject sensors.{{stream}}.{kind}); "
-                    f"remove {key} from its configuration"
+                    f"{key} = {bounded(getattr(cfg, key))}: a worker reads {read} only (NATS "
+                    f"subject sensors.{{stream}}.{kind}); remove {key} from its configuration"
                 )
         self.metrics = Metrics()
         engine = load(

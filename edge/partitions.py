@@ -25,6 +25,8 @@ from .errors import ConfigError, shown
 SENSOR_SUBJECTS = ("sensors.*.data", "sensors.*.control")
 SENSOR_KINDS = ("data", "control")
 STORED_PREFIX = "in"
+# The topic a stored message is handed to the Processor on (``stored_to_topic``)
+READ_TOPIC = "sensors/{stream}/{kind}"
 # NATS's MQTT listener stores every QoS 1/2 publish in its own stream (R3 in a 3-node
 # cluster) under this prefix before it sends the PUBACK, and delivers what is stored there to
 # MQTT QoS 1 subscriptions: the worker reads devices' publishes from it and writes answers to it.
@@ -161,7 +163,7 @@ def stored_to_topic(subject: str) -> str | None:
     if len(parts) < 4 or parts[0] != STORED_PREFIX:
         return None
     token, kind = ".".join(parts[2:-1]), parts[-1]
-    return f"sensors/{token_to_stream(token)}/{kind}"
+    return READ_TOPIC.format(stream=token_to_stream(token), kind=kind)
 
 
 def topic_to_subject(topic: str) -> str:

@@ -110,6 +110,7 @@ READY_SECONDS = 60.0  # for JetStream to accept the resources at start (a formin
 ANSWER_HEADROOM = 512
 SNAPSHOT_CHUNK = 128 * 1024  # bytes per message of a stored snapshot (nats-py's default)
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
+CONSUMER_SECONDS = 60.0  # for NATS to confirm a partition's new consumer (an election)
 READ_TRIES = 3  # reads of a snapshot object that its writer replaces meanwhile
 BUSY_WAIT = 0.25  # seconds a partition waits for messages while samples are held
 IDLE_WAIT = 1.0  # ... and with nothing held
@@ -943,7 +944,7 @@ class Worker:
             config.opt_start_seq = part.covered + 1
         config.durable_name = durable
         config.filter_subject = filter_subject(part.number)
-        await self.js.add_consumer(STREAM, config=config)
+        await self._add_consumer(part, config)
         later = sorted(
             n for n, rev in (await self._consumers(part.number)).items() if rev > part.lease
         )
@@ -954,6 +955,30 @@ class Worker:
             raise Fenced(f"partition {part.number}: taken over since (consumer {later[0]})")
         part.feed = PullFeed(self.nc, STREAM, durable, self.cfg.max_batch)
         await part.feed.start()
+
+    async def _add_consumer(self, part: Partition, config: Any) -> None:
+        """Make the partition's consumer, asking again while NATS has not confirmed it (the
+        same configuration: the server answers for the one it made). With a node of the
+        cluster dead, a replicated consumer is confirmed once its group has elected a leader,
+        which took longer than a request waits on a loaded machine: the takeover failed, the
+        next one deleted that consumer and made another, election and all: a partition went
+        unowned for tens of seconds, longer while elections outlasted the wait."""
+        from nats.errors import TimeoutError as NatsTimeout
+
+        deadline = time.monotonic() + CONSUMER_SECONDS
+        while True:
+            try:
+                await self.js.add_consumer(STREAM, config=config, timeout=STOP_SECONDS)
+                return
+            except NatsTimeout:
+                if time.monotonic() >= deadline or not self.holds(part.number):
+                    raise
+                log.warning(
+                    "partition %d: consumer %s not confirmed by NATS yet (electing?); asking again",
+                    part.number,
+                    config.durable_name,
+                )
+                self.metrics.inc("consumer_creates_repeated")
 
     async def _still_ours(self, p: int) -> bool:
         """Whether the server holds our lease on ``p`` now: a later takeover took it first."""

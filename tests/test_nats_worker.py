@@ -1498,6 +1498,39 @@ def _stream_leader(urls: list[str]) -> str:
     return found[-1]
 
 
+def _streams_said(urls: list[str]) -> str:
+    """The sensor stream's leader, state and sources, and the MQTT store's, for a failure's
+    report: a source that stopped copying, a QoS 1 delivery that stopped."""
+    import nats
+
+    from edge.nats_worker import STREAM
+
+    async def run() -> str:
+        nc = await nats.connect(servers=urls, connect_timeout=5, max_reconnect_attempts=1)
+        try:
+            js, said = nc.jetstream(), []
+            for name in (STREAM, "$MQTT_msgs"):
+                info = await js.stream_info(name)
+                said.append(f"{name}: leader {info.cluster and info.cluster.leader}, {info.state}")
+                said += [f"  source {s}" for s in info.sources or []]
+                if name == "$MQTT_msgs":  # the MQTT subscribers' QoS 1 deliveries
+                    for c in await js.consumers_info(name):
+                        said.append(
+                            f"  consumer {c.name} leader {c.cluster and c.cluster.leader}: "
+                            f"pending {c.num_pending}, unacked {c.num_ack_pending}, "
+                            f"redelivered {c.num_redelivered}, delivered {c.delivered}, "
+                            f"ack floor {c.ack_floor}"
+                        )
+            return "\n".join(said)
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(asyncio.wait_for(run(), 30))
+    except Exception as exc:
+        return f"streams not read: {exc!r}"
+
+
 def _messy(pub: Publisher, samples: dict[str, np.ndarray], first: int, last: int) -> None:
     """Seqs ``first..last`` (even count) of every stream with each pair swapped: 2, 1, 4, 3..."""
     for a in range(first, last + 1, 2):
@@ -1546,10 +1579,16 @@ class _Scenario:
         """Every prediction so far bit-identical (copies too), every duplicate sent reported,
         and nothing else reported but a device's resend (a duplicate too)."""
         want = {k: v for k, v in self.want.items() if k[1] <= self.sent}
-        wait_until(lambda: want.keys() <= self.col.predictions().keys(), timeout, what)
+        began = time.monotonic()
+        try:
+            wait_until(lambda: want.keys() <= self.col.predictions().keys(), timeout, what)
+        except AssertionError as e:
+            lost = sorted(want.keys() - self.col.predictions().keys())
+            raise AssertionError(f"{e}; {len(lost)} answers missing: {lost[:40]}") from None
         missing, wrong = _check(self.col.predictions(), want)
         assert (missing, wrong) == ([], []), what
         wait_until(lambda: self.dups <= self.reported(), timeout, f"duplicates reported: {what}")
+        print(f"{what}: {time.monotonic() - began:.1f} s")  # a failure's report says how long
         assert {d.get("error") for _, d in self.col.of("errors/")} <= {"duplicate"}, what
 
     def close(self) -> None:
@@ -1740,8 +1779,11 @@ def test_three_node_cluster_three_workers_through_kills_and_a_join(
             assert f"partition {p}: no snapshot; replaying from the start" in logs
     finally:
         sc.close()
+        # shown only when the test fails: the streams, and what each worker said at the end
+        print(_streams_said([n.url for n in nats_cluster if n.proc and n.proc.poll() is None]))
         for w in procs.values():
             w.stop()
+            print(f"--- {w.id}'s log, last lines ---", *w.log().splitlines()[-60:], sep="\n")
 
 
 @failover
@@ -3930,3 +3972,55 @@ def test_a_config_file_that_can_be_read_once_configures_the_worker(
         proc.terminate()
         proc.wait(30)
     assert proc.returncode == 0, log.read_text()
+
+
+@failover
+def test_a_consumer_whose_creation_is_confirmed_late_is_asked_for_again_not_made_anew(
+    bundles: Path,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a node of a cluster dead, a replicated consumer is confirmed once its group has
+    elected a leader, which took longer than a request waits on a loaded machine. The takeover
+    failed with ``nats: timeout``, its lease was let go, and the next round deleted that
+    consumer and made another under a new lease, election and all: a partition went unowned
+    for tens of seconds, and for good when every election outlasted the wait. The consumer is
+    asked for again (the server answers for the one it made) and the takeover goes on."""
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.manager import JetStreamManager
+
+    from edge.nats_worker import Worker, WorkerOptions
+    from edge.partitions import filter_subject
+
+    create = JetStreamManager.add_consumer
+    lost: list[str] = []
+
+    async def late(self: Any, stream: str, config: Any = None, **kw: Any) -> Any:
+        info = await create(self, stream, config, **kw)
+        if config is not None and config.filter_subject == filter_subject(0) and not lost:
+            lost.append(config.durable_name)  # made, but its answer comes after the wait
+            raise NatsTimeout
+        return info
+
+    monkeypatch.setattr(JetStreamManager, "add_consumer", late)
+    cfg = _worker_config(bundles, tmp_path)
+    w = Worker(cfg, WorkerOptions([nats_server.url], "w1", partitions=P))
+
+    async def run() -> None:
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(lambda: len(w.owned) == P, 120, "w1 to own every partition")
+            assert lost, "partition 0's consumer was never made"
+            assert w.owned[0].consumer == lost[0]  # the one made first, taken at the first go
+            assert (await w._consumers(0)).keys() == {lost[0]}
+        finally:
+            w.stopping.set()
+            await running
+
+    asyncio.run(run())
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "balancing round failed" in m], said
+    assert f"partition 0: consumer {lost[0]} not confirmed by NATS yet" in "\n".join(said)
+    assert w.metrics.counters["consumer_creates_repeated"] == 1

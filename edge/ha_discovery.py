@@ -186,6 +186,27 @@ class Announcer:
         """The topic filter of every sensor this runtime can have announced."""
         return f"{self.prefix}/sensor/{object_id(self.runtime_id)}/+/config"
 
+    @property
+    def filters(self) -> list[str]:
+        """``filter``, and the filter of the node edge-lstm 0.1.0 named this runtime's id as
+        when that differs (``_`` for the characters a topic level cannot hold, no hash): the
+        sensors it left retained there are read back too, else they stayed in Home Assistant
+        beside the new ones after an upgrade, every stream twice."""
+        earlier = f"{self.prefix}/sensor/{_UNSAFE.sub('_', self.runtime_id)}/+/config"
+        return [self.filter] if earlier == self.filter else [self.filter, earlier]
+
+    def ours(self, topic: str, payload: bytes) -> bool:
+        """Whether a retained sensor read back (under one of ``filters``) is this runtime's:
+        any under its node; under 0.1.0's name for it, which another runtime's id can be
+        (``edge.test`` was ``edge_test``), only one available with this runtime's status."""
+        if topic.startswith(self.filter.removesuffix("+/config")):
+            return True
+        try:
+            doc = json.loads(payload)
+            return any(a.get("topic") == self.status_topic for a in doc["availability"])
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            return False
+
     def reconcile(self, streams: Iterable[str], found: Iterable[str] = ()) -> list[Discovery]:
         """Discovery messages for streams new since the last call (``per_round`` of them at
         most: the others at the next calls, ``waiting`` says how many), removals for streams

@@ -308,7 +308,10 @@ class MqttService:
         self._ha_found: queue.SimpleQueue[str] = queue.SimpleQueue()
         # one per connection: whether the broker kept our session (the loop re-announces)
         self._ha_connects: queue.SimpleQueue[bool] = queue.SimpleQueue()
-        self._ha_under = None if self.ha is None else self.ha.filter.removesuffix("+/config")
+        # where the sensors read back are (``Announcer.filters``): a tuple for ``startswith``
+        self._ha_under = (
+            None if self.ha is None else tuple(f.removesuffix("+/config") for f in self.ha.filters)
+        )
         self._ha_rounds: int | None = None  # rounds of a paced announcement so far
 
     @property
@@ -541,11 +544,11 @@ class MqttService:
             keep = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
             subs: list[tuple[str, Any]] = [(f, keep) for f in filters]
             if self.ha is not None:  # our own sensors' stored copies, not our publishes
-                subs.append((self.ha.filter, SubscribeOptions(qos=0, noLocal=True)))
+                subs += [(f, SubscribeOptions(qos=0, noLocal=True)) for f in self.ha.filters]
         else:  # MQTT 3.1.1 sends them at every subscribe; they are answered `retained`
             subs = [(f, 1) for f in filters]
             if self.ha is not None:
-                subs.append((self.ha.filter, 0))
+                subs += [(f, 0) for f in self.ha.filters]
         known = self._drop_stale_subscriptions(client, [f for f, _ in subs], flags.session_present)
         if not flags.session_present and (self._had_session or known):
             self._session_lost()
@@ -640,7 +643,7 @@ class MqttService:
         qos0 = [
             f
             for f, c in zip(filters, codes)
-            if not c.is_failure and c.value == 0 and (self.ha is None or f != self.ha.filter)
+            if not c.is_failure and c.value == 0 and (self.ha is None or f not in self.ha.filters)
         ]
         if qos0:
             self.metrics.inc("subscriptions_downgraded")
@@ -723,7 +726,8 @@ class MqttService:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if self._ha_under is not None and msg.topic.startswith(self._ha_under):
-            if msg.retain and msg.payload:  # a stored sensor (not an echo of a publish)
+            # a stored sensor (not an echo of a publish) of this runtime's
+            if msg.retain and msg.payload and self.ha and self.ha.ours(msg.topic, msg.payload):
                 self._ha_found.put(msg.topic)
             return
         props = msg.properties

@@ -341,6 +341,40 @@ def test_sensors_a_previous_run_left_are_removed(service, broker, protocol):
     assert "Traceback" not in s.output()
 
 
+def test_sensors_edge_lstm_0_1_0_left_under_its_node_name_are_removed(service, broker):
+    """edge-lstm 0.1.0 named a runtime id's node with '_' for each character a topic level
+    cannot hold (``edge.test`` -> ``edge_test``), without the hash this one appends: after
+    an upgrade its sensors stayed retained beside the new ones, every stream twice in Home
+    Assistant, both available. They are read back and removed; a runtime whose id is that
+    name keeps its own (their availability is its status)."""
+    pub = Publisher(broker.url)
+
+    def sensor(node: str, runtime: str) -> tuple[str, bytes]:
+        config = {"availability": [{"topic": f"edge/status/{runtime}"}], "name": "prediction"}
+        return f"homeassistant/sensor/{node}/dev-1_label/config", json.dumps(config).encode()
+
+    old, other = sensor("edge_test", "edge.test"), sensor("edge_test", "edge_test")
+    other = (other[0].replace("dev-1", "dev-9"), other[1])
+    for topic, payload in (old, other):
+        pub.client.publish(topic, payload, qos=1, retain=True)
+    pub.flush()
+    s = service("--ha-discovery", "true", "--runtime-id", "edge.test")
+    col = Collector(broker.url)
+    wait_until(lambda: col.online("edge.test"), 60, "runtime online")
+    pub.send("dev-1", 1, np.full(6, 0.1))
+    pub.flush()
+    node = object_id("edge.test")
+    want = {other[0]} | {
+        f"homeassistant/sensor/{node}/dev-1_{k}/config" for k in ("label", "probability")
+    }
+    wait_until(
+        lambda: set(retained(broker.url, "homeassistant")) == want, 60, "0.1.0's sensor removed"
+    )
+    pub.close()
+    col.close()
+    assert "Traceback" not in s.output()
+
+
 def test_sensors_too_large_for_the_broker_are_said_and_sent_after_a_reconnect(service, tmp_path):
     """An MQTT 5 broker with a small maximum packet size (mosquitto `max_packet_size 700`)
     takes no discovery message (about 800 bytes): they were not sent, the log named only

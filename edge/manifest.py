@@ -23,9 +23,10 @@ from .outfile import KINDS
 
 FORMAT = "edge-lstm-bundle"
 FORMAT_VERSION = 2
-# The output tensor holds logits and the runtime applies ``output.activation``. Written only by
-# bundles that need it: an older runtime refuses those instead of publishing logits, and still
-# reads the others.
+# The output tensor holds logits and the runtime applies ``output.activation``, or the
+# quantisation is a mode 0.1.0 does not know (``MIXED_MODES``). Written only by bundles that
+# need it: an older runtime refuses those naming the version ("upgrade edge-lstm") instead of
+# publishing logits or naming a quantization it calls invalid, and still reads the others.
 ACTIVATION_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: LSTM-only state layout (h_in/h_out/c_in/c_out per layer)
 MANIFEST_NAME = "manifest.json"
@@ -35,6 +36,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_LIMIT = 1 << 20
 MODEL_LIMIT = 2 << 30
 QUANT_MODES = ("int8", "int8-float-head", "int8-float-cell", "int16x8", "float16", "float32")
+MIXED_MODES = ("int8-float-head", "int8-float-cell")  # written as ACTIVATION_VERSION
 DTYPES = ("int8", "int16", "float32")
 OUTPUT_KINDS = ("classifier", "regressor")
 OUTPUT_ACTIVATIONS = ("linear", "softmax")  # applied by the runtime to the output tensor
@@ -171,7 +173,11 @@ class Manifest:
         activation = {"activation": act} if act != "linear" else {}
         return {
             "format": FORMAT,
-            "format_version": ACTIVATION_VERSION if activation else FORMAT_VERSION,
+            "format_version": (
+                ACTIVATION_VERSION
+                if activation or self.quantization in MIXED_MODES
+                else FORMAT_VERSION
+            ),
             "model_file": self.model_file,
             "tflite_sha256": self.tflite_sha256,
             "source_sha256": self.source_sha256,
@@ -299,9 +305,9 @@ def parse(data: Mapping[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         raise BundleError(
             f"{where}: output.activation {shown(activation)} is not one of {OUTPUT_ACTIVATIONS}"
         )
-    if version == ACTIVATION_VERSION and activation == "linear":
-        # Only a bundle whose output tensor holds logits is written as version 3: without its
-        # activation the logits would be published as the answer.
+    if version == ACTIVATION_VERSION and activation == "linear" and quant not in MIXED_MODES:
+        # Only a bundle whose output tensor holds logits (or of a mixed mode) is written as
+        # version 3: without its activation the logits would be published as the answer.
         raise BundleError(
             f"{where}: format_version {version} marks an output of logits, but "
             "output.activation is missing or 'linear'"

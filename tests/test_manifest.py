@@ -27,6 +27,23 @@ def test_bundles_without_a_runtime_activation_stay_version_2(bundles):
     assert parse(d).output_activation == "linear"
 
 
+def test_mixed_mode_bundles_are_version_3_which_0_1_0_refuses_by_its_version(bundles):
+    """edge-lstm 0.1.0 refused a bundle of a mode it does not know as damaged ("quantization
+    'int8-float-head' is not one of ('int8', ...)"); version 3 makes it say "format_version 3
+    is not supported ...; upgrade edge-lstm". A version-2 manifest of such a mode is read."""
+    made = json.loads((bundles / "reg2-int8-float-head" / "manifest.json").read_text())
+    assert made["format_version"] == 3 and "activation" not in made["output"]
+    for mode in ("int8-float-head", "int8-float-cell"):
+        d = copy.deepcopy(made)
+        d.update(quantization=mode, format_version=2)
+        written = parse(d).to_dict()
+        assert written["format_version"] == 3 and parse(written).quantization == mode
+    plain = json.loads((bundles / "reg2-int8" / "manifest.json").read_text())
+    plain["format_version"] = 3  # an int8 bundle of version 3 still needs its activation
+    with pytest.raises(BundleError, match="marks an output of logits"):
+        parse(plain)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

@@ -904,7 +904,7 @@ class MqttService:
             new = open_engine(self.cfg)
         except EdgeError as exc:
             log.error("reload failed, keeping the running model: %s", exc)
-            self._say("online", reload=f"failed, the running model kept: {exc}")
+            self._answer(reload=f"failed, the running model kept: {exc}")
             return
         old = self.engine
         # Held messages were read for the running model (SenML by its feature names): a
@@ -913,7 +913,7 @@ class MqttService:
             release_all=True
         ):
             log.error("reload failed, keeping the running model: the log cannot be written")
-            self._say("online", reload="failed, the running model kept: log not writable")
+            self._answer(reload="failed, the running model kept: log not writable")
             return
         kept = new.manifest.state_layout() == old.manifest.state_layout()
         if kept:
@@ -940,7 +940,7 @@ class MqttService:
         log.info("model reloaded (%s): %s", new.manifest.model_id, note)
         if self.ha is not None:
             self._announce(self.ha.model_changed(new.manifest))
-        self._say("online", reload=note)
+        self._answer(reload=note)
 
     def run(self) -> int:
         cfg = self.cfg
@@ -1016,7 +1016,7 @@ class MqttService:
                     self.processor.checkpoint(if_changed=not asked, background=True)
                     last_snapshot = now
                 if "snapshot" in self.processor.done_requests:  # durable: {"cmd": "snapshot"}
-                    self._say("online", snapshot="done", snapshot_ts=time.time())
+                    self._answer(snapshot="done", snapshot_ts=time.time())
                 self.processor.done_requests.clear()
                 if self.ha is not None and self.connected.is_set() and now - last_ha >= 1.0:
                     self._reconcile_ha(self.ha)
@@ -1056,11 +1056,21 @@ class MqttService:
         # and gives a full disk the room of the log it ends (and of older generations).
         self.processor.checkpoint()
 
-    def _update_status(self) -> None:
+    def _state(self) -> tuple[str, str | None]:
+        """(``online`` or ``degraded``, why) as the service stands."""
         reason = self.processor.degraded or self._deaf
-        state = "online" if reason is None else "degraded"
+        return ("online" if reason is None else "degraded"), reason
+
+    def _update_status(self) -> None:
+        state, reason = self._state()
         if state != self._said:
             self._say(state, reason)
+
+    def _answer(self, **answers: Any) -> None:
+        """Answer a runtime command in the status as the service stands: said ``online``, a
+        reload answered on a full disk put out a status without its reason, until the next
+        round said ``degraded`` again."""
+        self._say(*self._state(), **answers)
 
     def _shutdown(self) -> int:
         """Answer what is already here for a bounded time, snapshot, say offline, disconnect.

@@ -850,6 +850,47 @@ def test_a_reload_whose_snapshot_does_not_fit_keeps_the_running_model(
         svc.stop()
 
 
+def test_a_reload_answered_while_degraded_says_degraded(bundles, broker, small_disk, tmp_path):
+    """A reload (SIGHUP, as ``systemctl reload`` sends) answered while the state directory
+    cannot be written: its answer went out in a retained status that said ``online``,
+    without the reason, and the next round said ``degraded`` again. A monitor saw the
+    service come back for a moment, and a script that read the status after its reload read
+    ``online`` where nothing was acknowledged."""
+    import signal
+
+    from tests.mqtt_helpers import Serve
+
+    model = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", model)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    col = Collector(broker.url)
+    # the state directory is the file system's root: the runtime's own log goes beside it
+    svc = Serve(model, broker.url, small_disk, "--reorder-ms", "0").start()
+    try:
+        statuses = lambda: [d for _, d in col.of("edge/status/edge-test")]  # noqa: E731
+        wait_until(lambda: statuses() and statuses()[-1]["state"] == "degraded", 30, "degraded")
+        (model / "manifest.json").write_text("{")  # a bundle being copied, say
+        svc.proc.send_signal(signal.SIGHUP)
+        reloads = lambda: [d for d in statuses() if "reload" in d]  # noqa: E731
+        wait_until(reloads, 30, "the reload answered")
+        first = reloads()[0]
+        assert first["reload"].startswith("failed, the running model kept: "), first
+        assert "manifest.json" in first["reload"], first
+        assert first["state"] == "degraded", first
+        assert "Read-only file system" in first["reason"], first
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        pub = Publisher(broker.url)
+        pub.send("z", 1, np.ones(6))
+        pub.flush()
+        wait_until(lambda: ("z", 1) in col.predictions(), 30, "answered once writable")
+        wait_until(lambda: statuses()[-1]["state"] == "online", 30, "online again")
+        assert statuses()[-1]["reload"] == first["reload"]  # the answer stays until the next
+        pub.close()
+    finally:
+        assert svc.stop() == 0
+        col.close()
+
+
 def test_a_broker_away_for_long_is_not_a_log_line_per_attempt(bundles, tmp_path, caplog):
     """A broker down for a day was a warning every ``reconnect_max`` (2,880 a day at 30 s) on
     the gateway's SD card. The first three attempts, the 10th, every 100th and any whose

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -282,7 +283,8 @@ def deploy_kit(args: argparse.Namespace) -> int:
         written = write_kit(args.directory, force=args.force)
     for path in written:
         print(f"wrote {path}")
-    print(NEXT_STEPS.format(d=args.directory))
+    # commands to paste into a shell: a directory with a space or a quote is one word there
+    print(NEXT_STEPS.format(d=shlex.quote(args.directory)))
     return 0
 
 

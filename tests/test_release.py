@@ -154,6 +154,25 @@ def test_deploy_kits_next_steps_say_where_each_file_goes(tmp_path):
         assert any(f"{kit}/{name}" in line for line in steps), name
 
 
+def test_deploy_kits_next_steps_run_as_printed_from_a_directory_with_a_space(tmp_path):
+    """The steps are commands to paste into a shell: the kit's directory was printed as it
+    was, and `install -m 644 /tmp/my kit/mosquitto.conf /etc/...` split it in two (install:
+    target '/etc/mosquitto/conf.d/edge-lstm.conf' is not a directory)."""
+    import shlex
+
+    kit = tmp_path / "my kit's"
+    out = run_cli("edge.cli", ["deploy-kit", str(kit)])
+    assert out.returncode == 0, out.stderr
+    installs = [
+        shlex.split(line.strip().lstrip("#").strip())
+        for line in out.stdout.splitlines()
+        if line.strip().lstrip("#").strip().startswith("install ")
+    ]
+    assert len(installs) == 6, out.stdout
+    for argv in installs:
+        assert (kit / Path(argv[-2]).name).is_file() and Path(argv[-2]).parent == kit, argv
+
+
 def test_every_module_path_and_name_the_docs_cite_exists():
     """`edge/x.py`, `edge.module.Name`, `bench.name`: a reader looks them up."""
     import importlib

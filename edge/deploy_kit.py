@@ -74,7 +74,13 @@ def write_kit(directory: str | Path, *, force: bool = False) -> list[Path]:
     clash = [name for name in files if os.path.lexists(target / name)]
     if clash and not force:
         raise ConfigError(f"{target}: {', '.join(clash)} already there; pass --force to overwrite")
-    created = not target.exists()
+    # Made here (the kit's directory and any parent missing), deepest first: taken away again
+    # when the kit is not written, as a full disk leaves it, not left behind empty.
+    created: list[Path] = []
+    folder = target
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
     staged: dict[str, str] = {}
     done = False
     try:
@@ -89,9 +95,10 @@ def write_kit(directory: str | Path, *, force: bool = False) -> list[Path]:
     finally:
         for tmp in staged.values():
             Path(tmp).unlink(missing_ok=True)
-        if created and not done:
-            with contextlib.suppress(OSError):
-                target.rmdir()
+        if not done:
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
     return [target / name for name in files]
 
 

@@ -413,6 +413,19 @@ def test_deploy_kit_is_written_whole_or_not_at_all(tmp_path):
         assert sorted(p.name for p in target.iterdir()) == kit  # no temporary file left
 
 
+def test_deploy_kit_on_a_full_disk_leaves_no_directory_it_made(small_disk):
+    """Written whole or not at all: on a full disk the kit's directory was taken away again,
+    but the parents it had made for it (`deploy-kit /srv/kits/edge/v2`) were left behind."""
+    from tests.conftest import fill
+
+    fill(small_disk / "filler")
+    out = run_cli("edge.cli", ["deploy-kit", str(small_disk / "kits" / "edge" / "v2")])
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert "No space left on device" in err[0] and str(small_disk / "kits") in err[0]
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]
+
+
 def test_deploy_kit_follows_a_link_and_keeps_it(tmp_path):
     elsewhere = tmp_path / "etc"
     elsewhere.mkdir()

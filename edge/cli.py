@@ -38,6 +38,23 @@ OPTIONAL_MODULES = {
 }
 
 
+# Every file the kit writes is named: the kit grew files the help never mentioned.
+DEPLOY_KIT_DESCRIPTION = """\
+Write the deploy kit that ships with this installation into DIR (made if needed), and say
+where each file goes:
+  edge-lstm.service         systemd unit of edge-lstm serve (systemctl reload: SIGHUP)
+  edge-lstm.toml            example configuration of serve
+  mosquitto.conf            Mosquitto: TLS listener, password file, persistent sessions
+  edge-lstm.acl             Mosquitto ACL: each device writes only its own topics
+  grafana-dashboard.json    Grafana dashboard of the Prometheus metrics
+  nats-server.conf          nats-server with JetStream and MQTT, for edge-lstm worker
+  edge-lstm-worker.service  systemd unit of edge-lstm worker
+A DIR that holds any of these already is refused (exit 2, nothing written) unless --force.
+Written whole or not at all: a target that is not a regular file (a directory, a FIFO...)
+is refused before anything is written; a link is followed and kept.
+"""
+
+
 def version_text(prog: str) -> str:
     """``PROG VERSION`` from the installed package's metadata (the source tree's version when
     run from a checkout that is not installed)."""
@@ -141,12 +158,9 @@ def parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     k = sub.add_parser(
         "deploy-kit",
-        help="write the systemd unit, example configuration and Mosquitto configuration",
-        description="Write the deploy kit that ships with this installation (systemd unit, "
-        "edge-lstm.toml, Mosquitto TLS/ACL configuration) into DIR, and say where each "
-        "file goes. Existing files are left alone unless --force. Written whole or not at "
-        "all: a target that is not a regular file (a directory, a FIFO...) is refused before "
-        "anything is written; a link is followed and kept.",
+        help="write the systemd units, example configuration, Mosquitto and NATS configuration",
+        description=DEPLOY_KIT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     k.add_argument("directory", metavar="DIR", help="directory to write (created if needed)")
     k.add_argument("--force", action="store_true", help="overwrite files already in DIR")

@@ -413,6 +413,25 @@ def test_deploy_kit_is_written_whole_or_not_at_all(tmp_path):
         assert sorted(p.name for p in target.iterdir()) == kit  # no temporary file left
 
 
+def test_deploy_kits_help_names_every_file_it_writes_and_what_a_second_run_does(tmp_path):
+    """The help named three of the seven files the kit writes, and said "Existing files are
+    left alone unless --force": run again to add the files a newer kit has, it wrote none
+    and exited 2."""
+    from edge.deploy_kit import kit_files
+
+    out = run_cli("edge.cli", ["deploy-kit", "--help"])
+    assert out.returncode == 0, out.stderr
+    for name in kit_files():
+        assert re.search(rf"^\s+{re.escape(name)}\s", out.stdout, re.M), name
+    kit = tmp_path / "kit"
+    assert run_cli("edge.cli", ["deploy-kit", str(kit)]).returncode == 0
+    (kit / "nats-server.conf").unlink()  # a kit written before this file was part of it
+    again = run_cli("edge.cli", ["deploy-kit", str(kit)])
+    assert again.returncode == 2 and not (kit / "nats-server.conf").exists()
+    said = " ".join(out.stdout.split())
+    assert "refused (exit 2, nothing written) unless --force" in said, out.stdout
+
+
 def test_deploy_kit_on_a_full_disk_leaves_no_directory_it_made(small_disk):
     """Written whole or not at all: on a full disk the kit's directory was taken away again,
     but the parents it had made for it (`deploy-kit /srv/kits/edge/v2`) were left behind."""

@@ -19,6 +19,7 @@ import numpy as np
 from . import snapshot as snapfmt
 from .backend import select
 from .errors import (
+    BackendError,
     BundleError,
     ConfigError,
     DuplicateSample,
@@ -1565,13 +1566,17 @@ def load(
             raise ConfigError(f"{name} must be True or False, got {shown(flag)}")
     manifest, content = read_bundle(directory)
     chosen = select(backend)
-    model = StepModel(
-        manifest,
-        content,
-        chosen.builtin() if builtin_kernels else chosen,
-        max_batch=max_batch,
-        num_threads=num_threads,
-    )
+    try:
+        model = StepModel(
+            manifest,
+            content,
+            chosen.builtin() if builtin_kernels else chosen,
+            max_batch=max_batch,
+            num_threads=num_threads,
+        )
+    except (BundleError, BackendError) as exc:  # the interpreter's and the signature's
+        # refusals name no file: a reload's status and log said which model only by this
+        raise type(exc)(f"{directory}: {exc}") from exc
     if kernel_mismatch != "allow":
         enforce(manifest, model.kernels, kernel_mismatch, str(directory))
     if self_test:

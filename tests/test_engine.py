@@ -961,3 +961,30 @@ def test_a_bundle_of_the_same_tflite_with_another_normalisation_is_another_model
     (same / "manifest.json").write_text(json.dumps(m))
     assert edge.load(same).manifest.model_id == a.manifest.model_id
     edge.load(same).restore(tmp_path / "a.bin")
+
+
+@pytest.mark.parametrize("model", ["garbage", "reg2-int8"])
+def test_a_model_the_interpreter_or_the_manifest_refuses_is_named(bundles, tmp_path, model):
+    """A bundle whose .tflite matches its manifest's sha256 but cannot be opened (a model of
+    ops this interpreter lacks, bytes that are no model) or is not the model the manifest
+    describes: the error named neither the bundle nor the file (`litert could not open the
+    model: The model is not a valid Flatbuffer buffer`), and a `reload` of the bundle at
+    `model` said only that in its status and log."""
+    import hashlib
+    import json
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundles / "clf-int8", bundle)
+    if model == "garbage":
+        data = np.random.default_rng(0).bytes(50_000)
+    else:
+        data = (bundles / model / "model.tflite").read_bytes()
+    (bundle / "model.tflite").write_bytes(data)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["tflite_sha256"] = hashlib.sha256(data).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(edge.EdgeError) as err:
+        edge.load(bundle)
+    assert str(err.value).startswith(f"{bundle}: "), err.value
+    assert ("could not open the model" if model == "garbage" else "manifest says") in str(err.value)

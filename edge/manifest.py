@@ -524,14 +524,18 @@ def _kernels(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     return dict(k)
 
 
-def _open_regular(path: Path, limit: int, what: str) -> BinaryIO:
+def _open_regular(
+    path: Path, limit: int, what: str, within: tuple[int, Path] | None = None
+) -> BinaryIO:
     """``path`` opened for reading, if it is a regular file of at most ``limit`` bytes. A FIFO
     would block the open or the read forever, a device may never end, and each file is read
     whole: all of them are refused by ``stat`` before the open. The open never blocks, and the
-    opened file is checked again in case the path changed in between."""
-    st = path.stat()  # FileNotFoundError and other OSErrors: the caller words them
+    opened file is checked again in case the path changed in between. ``within``: (an open
+    directory, the file's path in it) is what is opened; ``path`` only names it."""
+    dir_fd, name = within if within is not None else (None, path)
+    st = os.stat(name, dir_fd=dir_fd)  # FileNotFoundError and other OSErrors: the caller words them
     _check_regular(path, st, limit, what)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
     f = os.fdopen(fd, "rb")
     try:
         _check_regular(path, os.fstat(fd), limit, what)
@@ -554,11 +558,25 @@ def _check_regular(path: Path, st: os.stat_result, limit: int, what: str) -> Non
 def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
     """Read and check a bundle directory: manifest valid, tflite present, sha256 matching."""
     d = Path(directory)
-    mpath = d / MANIFEST_NAME
     if not d.is_dir():
         raise BundleError(f"{d}: not a bundle directory")
+    # Both files are read in the directory that is there now: a new bundle put in place
+    # meanwhile (a symbolic link pointed at it, a directory renamed over) gave the manifest of
+    # one and the model of the other, and a good new bundle was refused as modified.
     try:
-        with _open_regular(mpath, MANIFEST_LIMIT, "manifest") as f:
+        dir_fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise BundleError(f"{d}: not a bundle directory: {exc}") from exc
+    try:
+        return _read_bundle(d, dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_bundle(d: Path, dir_fd: int) -> tuple[Manifest, bytes]:
+    mpath = d / MANIFEST_NAME
+    try:
+        with _open_regular(mpath, MANIFEST_LIMIT, "manifest", (dir_fd, Path(MANIFEST_NAME))) as f:
             raw = f.read(MANIFEST_LIMIT + 1)
         if len(raw) > MANIFEST_LIMIT:  # grew after the size check
             raise BundleError(f"{mpath}: the manifest is over the limit of {MANIFEST_LIMIT} bytes")
@@ -580,7 +598,7 @@ def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
         )
     tpath = d / mfile
     try:
-        with _open_regular(tpath, MODEL_LIMIT, "model") as f:
+        with _open_regular(tpath, MODEL_LIMIT, "model", (dir_fd, mfile)) as f:
             content = _read_verified(f, tpath, manifest.tflite_sha256)
     except OSError as exc:
         raise BundleError(f"{tpath}: cannot read the model: {exc}") from exc

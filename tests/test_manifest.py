@@ -337,8 +337,8 @@ def test_a_model_that_does_not_fit_in_memory_is_one_error(bundle_copy, monkeypat
         def __exit__(self, *exc):
             self.f.close()
 
-    def scarce_open(path, limit, what):
-        f = real_open(path, limit, what)
+    def scarce_open(path, limit, what, within=None):
+        f = real_open(path, limit, what, within)
         return Scarce(f) if what == "model" else f
 
     monkeypatch.setattr(edge.manifest, "_open_regular", scarce_open)
@@ -450,3 +450,44 @@ def test_a_huge_bad_value_gives_a_short_error_naming_the_field(manifest_dict, ed
     with pytest.raises(BundleError, match=field) as err:
         parse(d)
     assert len(str(err.value)) < 400 and " chars)" in str(err.value)
+
+
+@pytest.mark.parametrize("swap", ["link", "rename"])
+def test_a_bundle_swapped_while_it_is_read_is_read_from_one_bundle(
+    bundles, tmp_path, monkeypatch, swap
+):
+    """A new bundle put in place while a ``reload`` reads the old one (a symbolic link
+    pointed at it with ``mv -T``, or the directory renamed over): the manifest came from one
+    bundle and the model from the other, and the good new bundle was refused as modified
+    (``sha256 ... does not match the manifest's tflite_sha256``). Both are read from the
+    directory that was there when the read began."""
+    import os
+    import shutil
+
+    from edge import manifest as mf
+
+    old, new = tmp_path / "v1", tmp_path / "v2"
+    shutil.copytree(bundles / "clf-int8", old)
+    shutil.copytree(bundles / "reg2-int8", new)
+    model = tmp_path / "bundle"
+    if swap == "link":
+        model.symlink_to(old)
+    else:
+        old.rename(model)
+    real_open = os.open
+
+    def open_then_swap(path, flags, *args, **kw):
+        fd = real_open(path, flags, *args, **kw)
+        if str(path).endswith("manifest.json"):  # between the manifest and the model
+            if swap == "link":
+                (tmp_path / "next").symlink_to(new)
+                os.replace(tmp_path / "next", model)
+            else:
+                model.rename(tmp_path / "v1-old")
+                new.rename(model)
+        return fd
+
+    monkeypatch.setattr(mf.os, "open", open_then_swap)
+    manifest, content = read_bundle(model)
+    assert manifest.features == 6  # clf-int8's manifest, and its model
+    assert content == (bundles / "clf-int8" / "model.tflite").read_bytes()

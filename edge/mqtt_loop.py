@@ -26,7 +26,7 @@ from typing import Any
 
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from . import early_signals
+from . import early_signals, systemd_notify
 from .config import ServiceConfig
 from .engine import Engine, load
 from .errors import ConfigError, EdgeError, shown
@@ -214,6 +214,7 @@ class MqttService:
                     self.requests.add("reload")
                 else:
                     self._stop()
+            systemd_notify.notify("READY=1")  # systemd may send signals from now on
         self.metrics = Metrics()
         self.lock = StateLock(cfg.state_dir)
         self.lock.acquire()

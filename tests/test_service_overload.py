@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -139,6 +140,58 @@ def test_a_signal_while_serve_imports_its_modules_is_acted_on_once_it_can(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_tells_systemd_it_is_ready_once_a_reload_cannot_kill_it(bundles, broker, tmp_path):
+    """Under ``Type=simple`` (the deploy kit's unit until now) systemd counted ``serve`` as
+    started at its exec, and a ``systemctl reload`` right after ``systemctl start`` came while
+    Python itself was starting, before any handler of ours: SIGHUP's default action ended it
+    (exit 129). The unit is ``Type=notify`` and ``serve`` says ``READY=1`` once its handlers are
+    in place: a SIGHUP the moment it says so is a reload."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(120)
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "edge", "serve", "--model", str(bundles / "clf-int8")]
+    cmd += ["--broker", broker.url, "--state-dir", str(tmp_path / "state"), "--stats-interval", "0"]
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        assert sock.recv(4096) == b"READY=1", log.read_text()
+        proc.send_signal(signal.SIGHUP)  # what systemctl reload sends once the unit is up
+        deadline = time.monotonic() + 120
+        while "model reloaded" not in log.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log.read_text()
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    unit = (Path(__file__).parents[1] / "edge" / "deploy" / "edge-lstm.service").read_text()
+    assert "\nType=notify\n" in unit
+
+
+def test_telling_systemd_is_nothing_without_its_socket_and_never_fatal(
+    tmp_path, monkeypatch, caplog
+):
+    """No ``NOTIFY_SOCKET`` (``Type=simple``, or run by hand): nothing sent. One that cannot
+    be reached: a warning naming it, and the service goes on."""
+    from edge.systemd_notify import notify
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify("READY=1") is False
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
+    assert notify("READY=1") is False
+    assert f"NOTIFY_SOCKET={str(tmp_path / 'gone')!r}" in caplog.text
+    monkeypatch.setenv("NOTIFY_SOCKET", "@edge-lstm-test-absent-abstract-socket")
+    assert notify("READY=1") is False
 
 
 def test_the_stop_signal_takes_no_lock_the_loop_may_hold(bundles, tmp_path):

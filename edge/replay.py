@@ -10,15 +10,17 @@ runtime feeds it.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from .engine import FLOAT32_MAX, Engine, input_bounds, out_of_bounds
 from .errors import BundleError, shown
-from .outfile import regular_target, replace_whole
+from .outfile import KINDS, regular_target, replace_whole
 
 
 def run(engine: Engine, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +63,21 @@ def run_file(engine: Engine, inputs: Mapping[str, np.ndarray]) -> dict[str, np.n
     return out
 
 
+def open_input(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file (a link to one included). The open
+    of a FIFO waits for a writer for ever, and an .npz is read by seeking, which neither a
+    FIFO nor a device does: they are refused, and the open never blocks."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"it is {KINDS.get(stat.S_IFMT(mode), 'not a regular file')}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
 def replay_command(
     bundle: str, inputs: Path, out: Path, backend: str | None, builtin_kernels: bool
 ) -> dict[str, Any]:
@@ -75,7 +92,7 @@ def replay_command(
         raise BundleError(f"--out {out}: expected a file in an existing directory")
     try:
         # opened here, not by np.load: it leaves its own file open when the zip is unreadable
-        with open(inputs, "rb") as f:
+        with open_input(inputs) as f:
             z = np.load(f, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):
                 raise ValueError("one array (.npy), not an .npz archive of named arrays")

@@ -243,6 +243,24 @@ def test_replay_refuses_a_value_the_normalised_float_input_cannot_hold(bundles, 
     assert not (tmp_path / "o.npz").exists()
 
 
+def test_replay_of_an_input_that_is_no_regular_file_says_what_it_is(bundles, tmp_path):
+    """`--input` naming a FIFO (a pipe nobody writes to, a mistyped path in a directory of
+    them) waited in its open for a writer for ever; a directory was "[Errno 21] Is a
+    directory". An .npz is read by seeking, which neither a FIFO nor a device does."""
+    os.mkfifo(tmp_path / "fifo.npz")
+    (tmp_path / "dir.npz").mkdir()
+    for name, kind in (("fifo.npz", "a FIFO"), ("dir.npz", "a directory")):
+        r = subprocess.run(
+            [sys.executable, "-m", "edge", "replay", str(bundles / "clf-int8"),
+             "--input", str(tmp_path / name), "--out", str(tmp_path / "o.npz")],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1, r.stderr
+        assert f"{tmp_path / name}: not a readable .npz of [N, T, F] arrays: it is {kind}" in err[0]
+    assert not (tmp_path / "o.npz").exists()
+
+
 def special_files(d):
     """name -> (maker, what the refusal calls it): files a rename must never replace."""
 

@@ -85,11 +85,20 @@ def input_file(path: str | Path, label: str = "", missing: str = "file not found
 
 def load_array(path: str | Path, key: str = "x") -> np.ndarray:
     """A float array from .npy, or .npz with ``key``; errors name the file."""
+    from edge.replay import NUMPY_MAGIC
+
     p = Path(path)
     try:
         # opened here, not by np.load: it leaves its own file open when the zip is unreadable
         with p.open("rb") as f:
+            head = f.read(6)
+            f.seek(0)
             if p.suffix == ".npz":
+                if not head.startswith(NUMPY_MAGIC):  # NumPy's words: "pickled (object) data"
+                    raise ValueError(
+                        "not a NumPy .npz archive (as numpy.savez writes it): text, CSV or a "
+                        "pickle is not read"
+                    )
                 z = np.load(f, allow_pickle=False)
                 if not isinstance(z, np.lib.npyio.NpzFile):
                     raise ValueError("one array (.npy), not an .npz archive of named arrays")
@@ -101,8 +110,6 @@ def load_array(path: str | Path, key: str = "x") -> np.ndarray:
                         except ValueError as exc:  # an object array: which one, said
                             raise ValueError(f"array {key!r}: {exc}") from exc
             else:
-                head = f.read(6)
-                f.seek(0)
                 if head != b"\x93NUMPY" and not head.startswith(b"PK\x03\x04"):
                     # NumPy's words for it: "pickled (object) data", of a CSV file too
                     raise ValueError(

@@ -63,6 +63,10 @@ def run_file(engine: Engine, inputs: Mapping[str, np.ndarray]) -> dict[str, np.n
     return out
 
 
+# How a zip archive (an .npz; empty, it is its end record alone) and a .npy begin.
+NUMPY_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")
+
+
 def open_input(path: Path) -> BinaryIO:
     """``path`` opened for reading if it is a regular file (a link to one included). The open
     of a FIFO waits for a writer for ever, and an .npz is read by seeking, which neither a
@@ -93,6 +97,16 @@ def replay_command(
     try:
         # opened here, not by np.load: it leaves its own file open when the zip is unreadable
         with open_input(inputs) as f:
+            head = f.read(6)
+            f.seek(0)
+            if not head.startswith(NUMPY_MAGIC):  # NumPy calls the rest "pickled (object)
+                # data" and says to allow pickles, a CSV file too: no option does, none should
+                raise ValueError(
+                    "not a NumPy .npz archive (as numpy.savez writes it): text, CSV or a "
+                    "pickle is not read"
+                    if head
+                    else "the file is empty"
+                )
             z = np.load(f, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):
                 raise ValueError("one array (.npy), not an .npz archive of named arrays")

@@ -165,6 +165,23 @@ def test_a_calibration_file_of_another_format_is_refused_saying_what_it_is(
     assert "allow_pickle" not in out.err and "dtype" not in out.err
 
 
+@pytest.mark.parametrize("given", ["csv", "pickle"])
+def test_an_npz_of_another_format_is_refused_saying_what_it_is(capsys, tmp_path, src, given):
+    """A CSV file or a pickle named .npz (--data, or --calib) was said to hold "pickled
+    (object) data", with NumPy's advice to load it with allow_pickle (no option does)."""
+    import pickle
+
+    data = tmp_path / "data.npz"
+    if given == "csv":
+        data.write_text("0.1,0.2,0.3,0.4,0.5,0.6\n" * 10)
+    else:
+        data.write_bytes(pickle.dumps({"x": np.zeros((2, 10, 6), np.float32)}))
+    code, out = convert_with_data(capsys, src, tmp_path, data)
+    needle = "data.npz: cannot read: not a NumPy .npz archive (as numpy.savez writes it)"
+    assert_refused(code, out, needle, tmp_path)
+    assert "allow_pickle" not in out.err and "pickled" not in out.err
+
+
 def test_labels_that_cannot_be_read_are_named_and_never_stop_calibration(capsys, tmp_path, src):
     """An .npz whose labels 'y' are an object array (a list of lists of unequal length) was
     refused as --calib, whose labels calibration never reads, and as --data the line did not

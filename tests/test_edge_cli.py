@@ -243,6 +243,30 @@ def test_replay_refuses_a_value_the_normalised_float_input_cannot_hold(bundles, 
     assert not (tmp_path / "o.npz").exists()
 
 
+@pytest.mark.parametrize("given", ["csv", "pickle", "empty"])
+def test_replay_of_an_input_that_is_no_npz_says_so_and_never_to_allow_pickles(
+    bundles, tmp_path, capsys, given
+):
+    """A CSV file or a pickle given as IN.npz was said to hold "pickled (object) data", with
+    NumPy's advice to load it with allow_pickle (no option does, and none should)."""
+    import pickle
+
+    path = tmp_path / "in.npz"
+    if given == "csv":
+        path.write_text("t,a,b\n0,0.1,0.2\n")
+    elif given == "pickle":
+        path.write_bytes(pickle.dumps({"a": np.zeros((1, 2, 6))}))
+    else:
+        path.write_bytes(b"")
+    args = ["replay", str(bundles / "clf-int8"), "--input", str(path)]
+    assert main([*args, "--out", str(tmp_path / "o.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    why = "the file is empty" if given == "empty" else "not a NumPy .npz archive"
+    assert len(err) == 1 and f"{path}: not a readable .npz of [N, T, F] arrays: {why}" in err[0]
+    assert "pickle" not in err[0].replace("or a pickle is not read", ""), err
+    assert not (tmp_path / "o.npz").exists()
+
+
 def test_replay_of_an_input_that_is_no_regular_file_says_what_it_is(bundles, tmp_path):
     """`--input` naming a FIFO (a pipe nobody writes to, a mistyped path in a directory of
     them) waited in its open for a writer for ever; a directory was "[Errno 21] Is a

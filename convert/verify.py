@@ -25,6 +25,7 @@ from edge.backend import available
 from edge.children import ending_with_us
 from edge.cli import probe_inputs
 from edge.errors import shown
+from edge.manifest import read_bundle
 
 from . import kernels, quantize, reference, verdict
 from .errors import ConvertError, VerificationFailed
@@ -316,7 +317,7 @@ def verify(
     targets = targets or verdict.Targets()
     t0 = time.perf_counter()
     engine = edge.load(bundle, kernel_mismatch="allow")  # refuses a model it cannot open
-    content = (bundle / "model.tflite").read_bytes()
+    _, content = read_bundle(bundle)  # the manifest's model_file, checked as loaded
     audit = op_audit(content)
     progress(f"  parity on {len(data)} sequences x {data.shape[1]} steps")
     # A bundle that ends at the logits (the runtime applies the softmax): the reference stops

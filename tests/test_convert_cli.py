@@ -606,6 +606,28 @@ def test_verify_command_reruns_the_checks(capsys, bundles, src):
     assert "drift" in out.out and "tflite: passed 2.14" in out.out
 
 
+def test_verify_reads_the_model_file_the_manifest_names(capsys, tmp_path, bundles, src):
+    """A bundle whose manifest names its model `step.tflite` loads in `inspect` and `serve`;
+    `verify` read `model.tflite` for its op audit regardless: a FileNotFoundError traceback
+    without one, and the audit of another model than the one verified beside one."""
+    import json
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles / "clf-int8", b)
+    (b / "model.tflite").rename(b / "step.tflite")
+    manifest = json.loads((b / "manifest.json").read_text())
+    (b / "manifest.json").write_text(json.dumps({**manifest, "model_file": "step.tflite"}))
+    argv = ["verify", str(b), "--model", str(src / "model.keras"), "--json"]
+    code, out = run(capsys, *argv, "--data", str(src / "model.test.npz"), "--long-steps", "100")
+    assert code in (0, 1) and "Traceback" not in out.err, out.err
+    shutil.copy(bundles / "clf-float32" / "model.tflite", b / "model.tflite")  # another model
+    code, out = run(capsys, *argv, "--data", str(src / "model.test.npz"), "--long-steps", "100")
+    report = json.loads(out.out)
+    assert report["tflite_bytes"] == (b / "step.tflite").stat().st_size
+    assert "DEQUANTIZE" in report["op_audit"]["ops"]  # the int8 model's, not the float one's
+
+
 def test_help_lists_every_subcommand(capsys):
     from convert.cli import main
 

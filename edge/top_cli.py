@@ -92,7 +92,7 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
     status_prefix = _prefix(args.status_topic, "status-topic")
     view = TopView(stats_prefix, status_prefix)
     # (topic, payload); the topic None: not UTF-8, skipped; the payload None: the broker
-    # refused the connection (the reason is the topic)
+    # refused the connection, or no broker answered it (the topic says why)
     inbox = Inbox()
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
@@ -119,11 +119,25 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
                 f"--tls-ca {shown(args.tls_ca)}: not a usable CA certificate: {exc}"
             ) from None
 
+    answered = threading.Event()  # a CONNACK came once: later drops are reconnected quietly
+
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if not reason.is_failure:
+            answered.set()
             c.subscribe([(stats_prefix + args.runtime_id, 0), (status_prefix + args.runtime_id, 0)])
         else:  # a wrong user name or password: paho would retry it for ever, silently
-            inbox.put((str(reason), None))
+            inbox.put((f"the broker {args.broker} refused us: {reason}", None))
+
+    def on_disconnect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not answered.is_set():  # no CONNACK: no MQTT broker there (another service on
+            # that port, TLS without mqtts://), which paho would retry for ever, silently
+            inbox.put(
+                (
+                    f"{args.broker} ended the connection without answering as an MQTT broker "
+                    f"does ({reason}): is a broker listening there, with or without TLS?",
+                    None,
+                )
+            )
 
     def on_message(c: Any, userdata: Any, msg: Any) -> None:
         try:
@@ -133,6 +147,7 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
         inbox.put((topic, bytes(msg.payload)))
 
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     client.on_message = on_message
     try:
         client.connect(host, port, keepalive=30)
@@ -148,20 +163,24 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
                 topic, payload = inbox.get(timeout=0.5)
             except queue.Empty:
                 if args.timeout and time.monotonic() - last > args.timeout:
-                    print(
-                        f"edge-lstm: no stats on {stats_prefix + args.runtime_id} from "
-                        f"{args.broker} for {args.timeout:g} s",
-                        file=sys.stderr,
-                    )
+                    if not answered.is_set():
+                        print(
+                            f"edge-lstm: {args.broker} has not answered the connection as an "
+                            f"MQTT broker does for {args.timeout:g} s",
+                            file=sys.stderr,
+                        )
+                    else:
+                        print(
+                            f"edge-lstm: no stats on {stats_prefix + args.runtime_id} from "
+                            f"{args.broker} for {args.timeout:g} s",
+                            file=sys.stderr,
+                        )
                     return 1
                 continue
             for _ in range(inbox.take_dropped()):
                 view.skip("while top was behind")
             if payload is None:
-                print(
-                    f"edge-lstm: error: the broker {args.broker} refused us: {topic}",
-                    file=sys.stderr,
-                )
+                print(f"edge-lstm: error: {topic}", file=sys.stderr)
                 return 1
             if topic is None:
                 view.skip("a topic that is not UTF-8")

@@ -961,6 +961,54 @@ def test_top_without_a_broker_is_one_line():
         assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@contextlib.contextmanager
+def not_a_broker(answer: str) -> Iterator[int]:
+    """A loopback port where something that is no MQTT broker listens: it closes each
+    connection at once ("close") or holds it without a word ("silent")."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                if answer == "close":
+                    conn.close()
+                else:
+                    held.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize("answer", ["close", "silent"])
+def test_top_where_no_mqtt_broker_answers_says_so(answer):
+    """`top --broker` at a port where no MQTT broker listens (another service, a TLS
+    listener without mqtts://) that closed the connection had paho reconnect for ever in
+    silence, and with --timeout `top` said it heard no stats, as if a broker were there."""
+    with not_a_broker(answer) as port:
+        timeout = "5" if answer == "silent" else "60"
+        args = ["--broker", f"mqtt://127.0.0.1:{port}", "--timeout", timeout]
+        out = subprocess.run(
+            [sys.executable, "-m", "edge", "top", *args],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(err) == 1, out.stderr
+    if answer == "close":
+        assert f"error: mqtt://127.0.0.1:{port} ended the connection without answering" in err[0]
+    else:
+        assert f"{port} has not answered the connection as an MQTT broker does for 5 s" in err[0]
+
+
 def test_top_that_hears_no_stats_names_the_topic_it_listened_on(broker):
     """`top --runtime-id` with a mistyped id (or another --stats-topic) gave up saying only
     `no stats from mqtt://...`, as if the broker were silent: it names the topic it read."""

@@ -190,7 +190,18 @@ def synthetic(kind: str, features: int, n: int, rng: np.random.Generator) -> np.
 def load_file(path: Path) -> np.ndarray:
     try:
         if path.suffix == ".npy":
-            data = np.load(path, allow_pickle=False)
+            with path.open("rb") as f:
+                head = f.read(6)
+                if head != b"\x93NUMPY":  # NumPy's words for the rest, a CSV file too:
+                    # "pickled (object) data", load it with allow_pickle (none should)
+                    raise SimError(
+                        f"--source {path}: not a NumPy array file (.npy, as numpy.save writes "
+                        "it): an .npz, text or a pickle is not read"
+                        if head
+                        else f"--source {path}: cannot read: the file is empty"
+                    )
+                f.seek(0)
+                data = np.load(f, allow_pickle=False)
         elif path.suffix == ".csv":
             with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM is no value
                 rows = [r for r in csv.reader(f) if r]
@@ -206,6 +217,8 @@ def load_file(path: Path) -> np.ndarray:
             raise SimError(f"--source {path}: expected a .npy or .csv file")
     except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty .npy
         raise SimError(f"--source {path}: cannot read: {exc or 'the file is empty'}") from exc
+    except MemoryError as exc:  # the array its header says is larger than the memory left
+        raise SimError(f"--source {path}: does not fit in the memory left: {exc}") from exc
     if data.dtype.kind not in "biuf":
         raise SimError(f"--source {path}: expected numbers, got an array of {data.dtype}")
     if data.ndim == 3:

@@ -57,6 +57,39 @@ def test_source_files_that_hold_no_numbers_are_named(tmp_path):
             make(str(tmp_path / name), 0, 0)
 
 
+@pytest.mark.parametrize("given", ["npz", "csv", "pickle", "huge"])
+def test_a_npy_source_that_is_no_npy_or_too_large_is_one_line(tmp_path, given):
+    """An .npz named .npy ended `firmware-sim run` with an AttributeError traceback ('NpzFile'
+    object has no attribute 'dtype'), a header promising more than the memory left with a
+    MemoryError traceback, and text or a pickle was said to hold "pickled (object) data",
+    with NumPy's advice to load it with allow_pickle."""
+    import io
+    import pickle
+
+    path = tmp_path / "x.npy"
+    if given == "npz":
+        with path.open("wb") as f:
+            np.savez(f, x=np.zeros((10, 6)))
+    elif given == "csv":
+        path.write_text("0.1,0.2,0.3,0.4,0.5,0.6\n" * 10)
+    elif given == "pickle":
+        path.write_bytes(pickle.dumps(np.zeros((10, 6))))
+    else:  # 4 TiB promised, 100 bytes there (as a cut-off or sparse file)
+        head = io.BytesIO()
+        shape = {"descr": "<f8", "fortran_order": False, "shape": (10**11, 6)}
+        np.lib.format.write_array_header_1_0(head, shape)
+        path.write_bytes(head.getvalue() + bytes(100))
+    with pytest.raises(SimError) as err:
+        make(str(path), 0, 0)
+    if given == "huge":
+        assert str(err.value).startswith(f"--source {path}: does not fit in the memory left: ")
+    else:
+        assert str(err.value) == (
+            f"--source {path}: not a NumPy array file (.npy, as numpy.save writes it): an .npz, "
+            "text or a pickle is not read"
+        )
+
+
 @pytest.mark.parametrize("text", ["1;2;3\n", "acc_x,acc_y\n"], ids=["semicolons", "header only"])
 def test_a_csv_source_without_a_row_of_numbers_names_its_line(tmp_path, text):
     """Its one line was taken for a header, and the file was refused as 'got shape [0]'."""

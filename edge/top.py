@@ -170,8 +170,11 @@ class TopView:
                 _num(s.get("snapshot_age_seconds")),
                 ", ".join(f"{_shown(code, CODE_WIDTH)} {n}" for code, n in errs) or "-",
             ]
-            lines.append(
-                "".join(f"{c:<{w}}" if w else c for c, (_, w) in zip(cells, COLUMNS, strict=True))
+            lines.append(  # a cell as wide as its column or wider (1,000,000 streams) still
+                # ends in a space: else it ran into the next one's number
+                "".join(
+                    f"{c:<{w - 1}} " if w else c for c, (_, w) in zip(cells, COLUMNS, strict=True)
+                )
             )
         if not self.runtimes:
             lines.append("(waiting for stats; is edge-lstm serve running with stats_interval > 0?)")

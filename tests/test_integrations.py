@@ -854,6 +854,20 @@ def test_top_skips_hostile_stats_with_a_note_and_keeps_a_bounded_table():
     assert "1 over 1 MiB" in note and f"{5001 - MAX_RUNTIMES} past {MAX_RUNTIMES} runtimes" in note
 
 
+def test_top_keeps_numbers_wider_than_their_column_apart():
+    """A service with a million streams (`bench.hardening` runs one) showed
+    `1,000,000123,456,789`: a number as wide as its column or wider ran into the next."""
+    v = TopView("edge/stats/", "edge/status/")
+    stats = {"active_streams": 1_000_000, "queue_depth": 123_456, "e2e_latency_p50_ms": 12345.6}
+    v.update("edge/stats/pi", json.dumps({**stats, "uptime_seconds": 1, "messages_in": 0}).encode())
+    v.update(
+        "edge/stats/pi",
+        json.dumps({**stats, "uptime_seconds": 2, "messages_in": 12_345_678}).encode(),
+    )
+    row = v.render().splitlines()[1].split()
+    assert row[:8] == ["pi", "online", "1,000,000", "12,345,678", "-", "0", "123456", "12,346"]
+
+
 def test_top_shows_no_rate_over_an_infinite_uptime():
     """A stats message with `"uptime_seconds": Infinity` (or the string "1e400") made the
     time between two messages infinite, and every rate showed 0 where there is none."""

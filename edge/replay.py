@@ -111,7 +111,12 @@ def replay_command(
             if not isinstance(z, np.lib.npyio.NpzFile):
                 raise ValueError("one array (.npy), not an .npz archive of named arrays")
             with z:
-                arrays = {k: z[k] for k in z.files}
+                arrays = {}
+                for k in z.files:
+                    try:
+                        arrays[k] = z[k]
+                    except ValueError as exc:  # an object array: which of them, said
+                        raise ValueError(f"array {shown(k)}: {exc}") from exc
     except Exception as exc:  # a damaged file raises what the part that trips on it raises:
         # OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError
         raise BundleError(f"{inputs}: not a readable .npz of [N, T, F] arrays: {exc}") from exc

@@ -217,6 +217,12 @@ def test_top_help_names_every_broker_form_it_takes(capsys):
             "array 'bad': replay input has shape [2, 5, 4]",
         ),
         ("none.npz", lambda p: np.savez(p), "o.npz", "holds no arrays to replay"),
+        (  # an object array (never unpickled) was not named among several
+            "obj.npz",
+            lambda p: np.savez(p, good=np.zeros((2, 5, 6)), bad=np.array([[1, "a"]], object)),
+            "o.npz",
+            "arrays: array 'bad': Object arrays cannot be loaded",
+        ),
         # damaged archives: they ended in zipfile's and tokenize's tracebacks
         ("cut.npz", lambda p: _damaged(p, "cut"), "o.npz", "not a readable .npz"),
         ("garbled.npz", lambda p: _damaged(p, "garbled"), "o.npz", "not a readable .npz"),

@@ -1576,7 +1576,7 @@ def load(
         )
     except (BundleError, BackendError) as exc:  # the interpreter's and the signature's
         # refusals name no file: a reload's status and log said which model only by this
-        raise type(exc)(f"{directory}: {exc}") from exc
+        raise type(exc)(f"{Path(directory) / manifest.model_file}: {exc}") from exc
     if kernel_mismatch != "allow":
         enforce(manifest, model.kernels, kernel_mismatch, str(directory))
     if self_test:

@@ -555,6 +555,9 @@ def _check_regular(path: Path, st: os.stat_result, limit: int, what: str) -> Non
         )
 
 
+TFLITE_IDENTIFIER = b"TFL3"  # the flatbuffer file identifier of every .tflite, at byte 4
+
+
 def read_bundle(directory: str | Path) -> tuple[Manifest, bytes]:
     """Read and check a bundle directory: manifest valid, tflite present, sha256 matching."""
     d = Path(directory)
@@ -602,6 +605,14 @@ def _read_bundle(d: Path, dir_fd: int) -> tuple[Manifest, bytes]:
             content = _read_verified(f, tpath, manifest.tflite_sha256)
     except OSError as exc:
         raise BundleError(f"{tpath}: cannot read the model: {exc}") from exc
+    if content[4:8] != TFLITE_IDENTIFIER:  # a manifest whose sha256 was made for another
+        # file: the interpreters call it "model_path or model_content must be specified" (an
+        # empty one), a 'utf-8' codec error or std::bad_alloc, naming no file
+        raise BundleError(
+            f"{tpath}: not a TFLite model ("
+            + (f"{len(content)} bytes without" if content else "an empty file, no")
+            + " 'TFL3' at byte 4), though its sha256 is the manifest's tflite_sha256"
+        )
     return manifest, content
 
 

@@ -24,6 +24,25 @@ def test_inspect_human_and_json(bundles, capsys):
     assert len(info["probe_y"]) == 64 and info["manifest"]["quantization"] == "int8"
 
 
+@pytest.mark.parametrize("content", [b"", b"x" * 9000], ids=["empty", "text"])
+def test_inspect_of_a_model_that_is_no_tflite_names_the_file(bundles, tmp_path, capsys, content):
+    """A model.tflite that is no TFLite model, with a manifest whose sha256 was made for it,
+    was refused in the interpreter's words, naming no file: "`model_path` or `model_content`
+    must be specified" for an empty one, a 'utf-8' codec error or std::bad_alloc."""
+    import hashlib
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles / "clf-int8", b)
+    (b / "model.tflite").write_bytes(content)
+    d = json.loads((b / "manifest.json").read_text())
+    d["tflite_sha256"] = hashlib.sha256(content).hexdigest()
+    (b / "manifest.json").write_text(json.dumps(d))
+    assert main(["inspect", str(b)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{b / 'model.tflite'}: not a TFLite model (" in err[0], err
+
+
 def test_inspect_of_a_missing_bundle_is_one_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

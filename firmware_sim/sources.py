@@ -204,14 +204,27 @@ def load_file(path: Path) -> np.ndarray:
                 data = np.load(f, allow_pickle=False)
         elif path.suffix == ".csv":
             with path.open(newline="", encoding="utf-8-sig") as f:  # a BOM is no value
-                rows = [r for r in csv.reader(f) if r]
+                reader = csv.reader(f)
+                lines = [(reader.line_num, r) for r in reader if r]
+            rows = [r for _, r in lines]
             if rows and not _numeric(rows[0]):
                 if len(rows) == 1:  # a header alone, or numbers not separated by commas
                     raise SimError(
                         f"--source {path}: no row of comma-separated numbers; its one line is "
                         f"{shown(','.join(rows[0]))}"
                     )
-                rows = rows[1:]  # header
+                lines, rows = lines[1:], rows[1:]  # header
+            for line, row in lines:  # NumPy's words name no line ("inhomogeneous shape")
+                if len(row) != len(rows[0]):
+                    raise SimError(
+                        f"--source {path}: line {line} has {len(row)} values, line "
+                        f"{lines[0][0]} has {len(rows[0])}"
+                    )
+                if not _numeric(row):
+                    raise SimError(
+                        f"--source {path}: line {line} is not comma-separated numbers: "
+                        f"{shown(','.join(row))}"
+                    )
             data = np.asarray(rows, dtype=np.float64)
         else:
             raise SimError(f"--source {path}: expected a .npy or .csv file")

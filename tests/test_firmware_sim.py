@@ -57,6 +57,25 @@ def test_source_files_that_hold_no_numbers_are_named(tmp_path):
             make(str(tmp_path / name), 0, 0)
 
 
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("t,a,b\n0,1,2\n\n1,2\n", "line 4 has 2 values, line 2 has 3"),
+        ("0,1,2\n1,,3\n", "line 2 is not comma-separated numbers: '1,,3'"),
+    ],
+    ids=["ragged", "empty cell"],
+)
+def test_a_csv_source_with_a_bad_row_names_its_line(tmp_path, text, why):
+    """A row of another length was refused in NumPy's words ("setting an array element with
+    a sequence. The requested array has an inhomogeneous shape ..."), an empty cell as
+    "could not convert string to float: ''": neither said where in the file."""
+    path = tmp_path / "x.csv"
+    path.write_text(text)
+    with pytest.raises(SimError) as err:
+        make(str(path), 0, 0)
+    assert str(err.value) == f"--source {path}: {why}"
+
+
 @pytest.mark.parametrize("given", ["npz", "csv", "pickle", "huge"])
 def test_a_npy_source_that_is_no_npy_or_too_large_is_one_line(tmp_path, given):
     """An .npz named .npy ended `firmware-sim run` with an AttributeError traceback ('NpzFile'

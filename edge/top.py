@@ -184,6 +184,18 @@ class TopView:
         return "\n".join(lines)
 
 
+def fit(frame: str, columns: int, lines: int) -> str:
+    """``frame`` cut to a terminal of ``columns`` x ``lines``: a longer line wraps and more
+    lines scroll, either way the header goes off the screen and each redraw leaves the
+    previous one's lines above it. The last line left says how many were cut."""
+    rows = frame.split("\n")
+    if len(rows) > lines:
+        keep = max(lines - 1, 1)
+        cut = f"({len(rows) - keep} more lines: a taller terminal shows them, or --runtime-id ID)"
+        rows = [*rows[:keep], cut]
+    return "\n".join(row[: max(columns - 1, 1)] for row in rows)
+
+
 def _shown(text: str, width: int) -> str:
     """``text`` cut to ``width`` with every character a terminal would act on (escape
     sequences, newlines, C1 controls) shown as ``?``: anyone may publish on these topics."""

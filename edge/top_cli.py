@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import queue
+import shutil
 import ssl
 import sys
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 
 from .config import broker_address
 from .errors import ConfigError, shown
-from .top import TopView
+from .top import TopView, fit
 
 CLEAR = "\033[H\033[2J"  # cursor home, clear screen: only on a terminal
 MAX_BEHIND = 10_000  # messages waiting to be drawn; past this, a flood is dropped (counted)
@@ -192,7 +193,9 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
             last = time.monotonic()
             frame = view.render()
             try:
-                if tty:
+                if tty:  # redrawn in place: no more than the terminal holds
+                    size = shutil.get_terminal_size()
+                    frame = fit(frame, size.columns, size.lines - 2)
                     out.write(CLEAR + time.strftime("%H:%M:%S ") + args.broker + "\n" + frame)
                     out.write("\n")
                 else:

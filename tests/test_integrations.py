@@ -916,6 +916,42 @@ def test_top_shows_a_real_service(service, broker):
     col.close()
 
 
+def test_top_on_a_small_terminal_draws_no_more_than_it_holds(broker):
+    """On a terminal `top` redraws in place; with more runtimes than the terminal has lines
+    (or lines wider than it) the frame scrolled: the header went off the screen, and every
+    redraw left the last one's rows above it. The frame is cut to the terminal, saying so."""
+    import os
+    import pty
+
+    import paho.mqtt.publish as publish
+
+    host, port = broker.url.rsplit("/", 1)[1].split(":")
+    msgs = [
+        {"topic": f"edge/stats/pi-{i:02d}", "payload": json.dumps({"uptime_seconds": 1}),
+         "qos": 1, "retain": True}
+        for i in range(30)
+    ]  # fmt: skip
+    publish.multiple(msgs, hostname=host, port=int(port))
+    leader, follower = pty.openpty()
+    env = {**os.environ, "LINES": "12", "COLUMNS": "60"}
+    top = subprocess.Popen(
+        [sys.executable, "-m", "edge", "top", "--broker", broker.url, "--count", "30",
+         "--timeout", "60"],
+        stdout=follower, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    os.close(follower)
+    text = b""
+    with contextlib.suppress(OSError):  # EIO once top has exited and closed the terminal
+        while chunk := os.read(leader, 65536):
+            text += chunk
+    os.close(leader)
+    err = top.communicate(timeout=120)[1]
+    assert top.returncode == 0, err
+    last = text.decode().split("\x1b[2J")[-1].strip("\r\n").split("\r\n")
+    assert len(last) <= 11 and all(len(line) < 60 for line in last), last
+    assert last[1].startswith("runtime") and last[-1].startswith("(22 more lines: "), last
+
+
 def test_top_into_a_pipe_whose_reader_is_gone_ends_without_a_traceback(broker):
     """`edge-lstm top | head -1`: the next frame after `head` exited ended `top` with a
     BrokenPipeError traceback. It ends quietly, exit 0."""

@@ -280,6 +280,9 @@ def replay(args: argparse.Namespace) -> int:
 
     from .replay import replay_command
 
+    for flag, value in (("--input", args.input), ("--out", args.out)):
+        if not value:  # Path("") is ".": an empty --out was called "--out . is a directory"
+            raise ConfigError(f"{flag} is empty: name a .npz file")
     with sigterm_interrupts():
         info = replay_command(
             args.bundle, Path(args.input), Path(args.out), args.backend, args.builtin_kernels

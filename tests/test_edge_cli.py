@@ -258,6 +258,17 @@ def test_replay_refuses_bad_inputs_in_one_line(bundles, tmp_path, capsys, name, 
     assert not list(tmp_path.glob("*.tmp.npz"))  # nothing half written
 
 
+@pytest.mark.parametrize("flag", ["--input", "--out"])
+def test_replay_of_an_empty_path_names_the_option(bundles, tmp_path, capsys, flag):
+    """An empty ``--out`` (an unset shell variable) was refused as "--out . is a directory"."""
+    np.savez(tmp_path / "in.npz", a=np.zeros((1, 2, 6)))
+    paths = {"--input": str(tmp_path / "in.npz"), "--out": str(tmp_path / "o.npz"), flag: ""}
+    args = ["replay", str(bundles / "clf-int8"), *(x for kv in paths.items() for x in kv)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} is empty" in err[0], err
+
+
 def test_replay_refuses_a_value_the_normalised_float_input_cannot_hold(bundles, tmp_path, capsys):
     """It was replayed into inf in the model's input and NaN raw outputs, as if computed."""
     np.savez(tmp_path / "in.npz", a=np.full((1, 2, 3), 3e38))

@@ -164,18 +164,12 @@ def run_top(args: argparse.Namespace, out: Any = None) -> int:
                 topic, payload = inbox.get(timeout=0.5)
             except queue.Empty:
                 if args.timeout and time.monotonic() - last > args.timeout:
-                    if not answered.is_set():
-                        print(
-                            f"edge-lstm: {args.broker} has not answered the connection as an "
-                            f"MQTT broker does for {args.timeout:g} s",
-                            file=sys.stderr,
-                        )
-                    else:
-                        print(
-                            f"edge-lstm: no stats on {stats_prefix + args.runtime_id} from "
-                            f"{args.broker} for {args.timeout:g} s",
-                            file=sys.stderr,
-                        )
+                    said = (
+                        f"no stats on {stats_prefix + args.runtime_id} from {args.broker}"
+                        if answered.is_set()
+                        else f"{args.broker} has not answered the connection as an MQTT broker does"
+                    )
+                    print(f"edge-lstm: {said} for {args.timeout:g} s", file=sys.stderr)
                     return 1
                 continue
             for _ in range(inbox.take_dropped()):

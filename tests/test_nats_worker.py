@@ -3986,7 +3986,7 @@ def test_a_consumer_whose_creation_is_confirmed_late_is_asked_for_again_not_made
     elected a leader, which took longer than a request waits on a loaded machine. The takeover
     failed with ``nats: timeout``, its lease was let go, and the next round deleted that
     consumer and made another under a new lease, election and all: a partition went unowned
-    for tens of seconds, and for good when every election outlasted the wait. The consumer is
+    for tens of seconds, and longer while elections outlasted the wait. The consumer is
     asked for again (the server answers for the one it made) and the takeover goes on."""
     from nats.errors import TimeoutError as NatsTimeout
     from nats.js.manager import JetStreamManager

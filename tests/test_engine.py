@@ -963,7 +963,14 @@ def test_a_bundle_of_the_same_tflite_with_another_normalisation_is_another_model
     edge.load(same).restore(tmp_path / "a.bin")
 
 
-@pytest.mark.parametrize("model", ["garbage", "reg2-int8"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        # tflite-runtime 2.14 crashes (SIGSEGV) on such bytes: ai-edge-litert's refusal only
+        pytest.param("garbage", marks=pytest.mark.desktop),
+        "reg2-int8",
+    ],
+)
 def test_a_model_the_interpreter_or_the_manifest_refuses_is_named(bundles, tmp_path, model):
     """A bundle whose .tflite matches its manifest's sha256 but cannot be opened (a model of
     ops this interpreter lacks, bytes that are no model) or is not the model the manifest

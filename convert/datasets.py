@@ -85,7 +85,7 @@ def input_file(path: str | Path, label: str = "", missing: str = "file not found
 
 def load_array(path: str | Path, key: str = "x") -> np.ndarray:
     """A float array from .npy, or .npz with ``key``; errors name the file."""
-    from edge.replay import NUMPY_MAGIC
+    from edge.replay import NOT_NPZ, NUMPY_MAGIC
 
     p = Path(path)
     try:
@@ -94,11 +94,8 @@ def load_array(path: str | Path, key: str = "x") -> np.ndarray:
             head = f.read(6)
             f.seek(0)
             if p.suffix == ".npz":
-                if not head.startswith(NUMPY_MAGIC):  # NumPy's words: "pickled (object) data"
-                    raise ValueError(
-                        "not a NumPy .npz archive (as numpy.savez writes it): text, CSV or a "
-                        "pickle is not read"
-                    )
+                if not head.startswith(NUMPY_MAGIC):
+                    raise ValueError(NOT_NPZ)
                 z = np.load(f, allow_pickle=False)
                 if not isinstance(z, np.lib.npyio.NpzFile):
                     raise ValueError("one array (.npy), not an .npz archive of named arrays")

@@ -65,6 +65,9 @@ def run_file(engine: Engine, inputs: Mapping[str, np.ndarray]) -> dict[str, np.n
 
 # How a zip archive (an .npz; empty, it is its end record alone) and a .npy begin.
 NUMPY_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")
+# What a file without it is refused as: NumPy calls it "pickled (object) data" and advises
+# allow_pickle, a CSV file too (no option reads it, none should).
+NOT_NPZ = "not a NumPy .npz archive (as numpy.savez writes it): text, CSV or a pickle is not read"
 
 
 def open_input(path: Path) -> BinaryIO:
@@ -99,14 +102,8 @@ def replay_command(
         with open_input(inputs) as f:
             head = f.read(6)
             f.seek(0)
-            if not head.startswith(NUMPY_MAGIC):  # NumPy calls the rest "pickled (object)
-                # data" and says to allow pickles, a CSV file too: no option does, none should
-                raise ValueError(
-                    "not a NumPy .npz archive (as numpy.savez writes it): text, CSV or a "
-                    "pickle is not read"
-                    if head
-                    else "the file is empty"
-                )
+            if not head.startswith(NUMPY_MAGIC):
+                raise ValueError(NOT_NPZ if head else "the file is empty")
             z = np.load(f, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):
                 raise ValueError("one array (.npy), not an .npz archive of named arrays")

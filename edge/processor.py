@@ -14,7 +14,6 @@ of the batch goes on.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import errno
 import json
@@ -36,6 +35,7 @@ from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
 from .reorder import VOIDS_KEPT, Reorderer
+from .restart_flags import RestartFlags
 from .sequencing import GAP_POLICIES, HALF, U32, admit, earlier_boot
 from .state_store import BOOT_HISTORY, GAP_SLOTS, NO_BOOT, NO_SEQ
 from .topics import Template
@@ -50,60 +50,6 @@ RETAINED_DETAIL = (
 )
 
 __all__ = ["Inbound", "Outbound", "Processor"]
-
-
-class HashedFlags:
-    """A flag per stream id, counted in a fixed table of hashed slots (4 MiB, made when the
-    first stream is flagged). Streams evicted for good must not pile up, and a bounded list of
-    ids is no answer: a fleet larger than ``capacity`` churns through it, each returning
-    stream evicting another whose id pushes the flags of the streams about to return out.
-    Here nothing is pushed out; ids sharing a slot count in it, and only a flag left by a
-    stream that never came back can fall to a new one sharing its slot (a ``restart`` it did
-    not need)."""
-
-    SLOTS = 1 << 22
-
-    def __init__(self) -> None:
-        self._count: bytearray | None = None  # made by the first flag: most runs set none
-        self.pending = 0  # flags set and not yet taken (including those never to be)
-
-    def _slot(self, stream: str) -> int:
-        return zlib.crc32(stream.encode()) & (self.SLOTS - 1)
-
-    def set(self, stream: str) -> None:
-        if self._count is None:
-            self._count = bytearray(self.SLOTS)
-        i = self._slot(stream)
-        self._count[i] = min(self._count[i] + 1, 255)
-        self.pending += 1
-
-    def pop(self, stream: str) -> bool:
-        """Whether the stream was flagged; its flag is taken."""
-        i = self._slot(stream)
-        if self._count is None or not self._count[i]:
-            return False
-        self._count[i] -= 1
-        self.pending = max(self.pending - 1, 0)
-        return True
-
-    def export(self) -> str | None:
-        """The table for a snapshot (compressed: mostly empty slots), None when it is empty."""
-        if self._count is None or not self.pending:
-            return None
-        return base64.b64encode(zlib.compress(bytes(self._count), 1)).decode()
-
-    def load(self, text: str | None) -> None:
-        """Add a table of ``export`` to the flags set here."""
-        if not text:
-            return
-        table = zlib.decompress(base64.b64decode(text))
-        if len(table) != self.SLOTS:
-            raise ValueError(f"a table of {len(table)} slots, not {self.SLOTS}")
-        if self._count is not None:
-            both = np.frombuffer(table, np.uint8) + np.frombuffer(self._count, np.uint8).astype(int)
-            table = np.minimum(both, 255).astype(np.uint8).tobytes()
-        self._count = bytearray(table)
-        self.pending = sum(self._count)
 
 
 @dataclass(slots=True)  # made per message: not frozen, whose __init__ costs 5x
@@ -232,7 +178,7 @@ class Processor:
         self.lsn = 0  # of the last message taken in
         self.mark = 0  # the last ack mark logged
         self.degraded: str | None = None  # why the journal cannot be written, while it cannot
-        self._restarted = HashedFlags()  # streams whose next answer says "restart"
+        self._restarted = RestartFlags()  # streams whose next answer says "restart"
         self._kept_restarted: set[str] = set()  # the same, of streams whose state was kept
         # After a loss whose streams are not known (a log damaged or missing before the oldest
         # snapshot kept, a replay that could not reach back far enough), every stream new to
@@ -473,7 +419,7 @@ class Processor:
                 "prediction says restart",
                 exc,
             )
-            self._restarted = HashedFlags()
+            self._restarted = RestartFlags()
             self._unknown_lost = True
 
     def _load_resets(self, saved: Any) -> None:

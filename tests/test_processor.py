@@ -687,6 +687,32 @@ def test_restart_flags_not_yet_taken_survive_a_restart(bundles, tmp_path, xs):
     assert _flags(again, [msg("a", 3, xs[2])]) == [False]
 
 
+def test_restart_flags_of_a_snapshot_written_before_the_fingerprint_table_are_taken(
+    bundles, tmp_path, xs, monkeypatch
+):
+    """Snapshots held the flags of evicted streams as counts per hashed slot: an upgrade
+    between a stream's eviction and its return keeps its flag."""
+    from tests.test_restart_flags import legacy_table
+
+    state = tmp_path / "state"
+    p = make(bundles, state, capacity=2, max_batch=1)
+    p.journal.open()
+    for stream in ("a", "b", "c"):  # c pushes a out
+        assert _flags(p, [msg(stream, 1, xs[0])]) == [False]
+    monkeypatch.setattr(p._restarted, "export", lambda: legacy_table("a"))  # as written before
+    assert p.checkpoint()
+    p.journal.close()
+    monkeypatch.undo()
+    again = make(bundles, state, capacity=2, max_batch=1)
+    again.journal.open()
+    answers(again)
+    assert _flags(again, [msg("new", 1, xs[1])]) == [False]
+    assert _flags(again, [msg("a", 2, xs[1])]) == [True]
+    assert again._restarted.pending == 2  # b and c, pushed out by new and a: fingerprints
+    assert again.checkpoint()
+    assert "slots" not in (again._restarted.export() or {})  # taken: not written again
+
+
 def test_a_release_the_log_could_not_take_survives_the_checkpoint_that_follows(
     bundles, tmp_path, xs
 ):

@@ -283,6 +283,11 @@ def replay(args: argparse.Namespace) -> int:
     for flag, value in (("--input", args.input), ("--out", args.out)):
         if not value:  # Path("") is ".": an empty --out was called "--out . is a directory"
             raise ConfigError(f"{flag} is empty: name a .npz file")
+        if value == "-":  # not standard input or output: a file named "-" was written
+            raise ConfigError(
+                f"{flag} -: replay reads and writes .npz files, not standard input or output "
+                "(which carries its summary); name a file (./- for one called -)"
+            )
     with sigterm_interrupts():
         info = replay_command(
             args.bundle, Path(args.input), Path(args.out), args.backend, args.builtin_kernels

@@ -269,6 +269,22 @@ def test_replay_of_an_empty_path_names_the_option(bundles, tmp_path, capsys, fla
     assert len(err) == 1 and f"{flag} is empty" in err[0], err
 
 
+@pytest.mark.parametrize("flag", ["--input", "--out"])
+def test_replay_of_a_dash_refuses_it_rather_than_writing_a_file_named_dash(
+    bundles, tmp_path, capsys, flag, monkeypatch
+):
+    """``--out -`` wrote a file called ``-`` into the working directory, where a user looked
+    for the arrays on standard output (which carries the summary)."""
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "in.npz", a=np.zeros((1, 2, 6)))
+    paths = {"--input": "in.npz", "--out": "o.npz", flag: "-"}
+    args = ["replay", str(bundles / "clf-int8"), *(x for kv in paths.items() for x in kv)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} -: " in err[0] and "./-" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npz"]
+
+
 def test_replay_refuses_a_value_the_normalised_float_input_cannot_hold(bundles, tmp_path, capsys):
     """It was replayed into inf in the model's input and NaN raw outputs, as if computed."""
     np.savez(tmp_path / "in.npz", a=np.full((1, 2, 3), 3e38))

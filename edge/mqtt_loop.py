@@ -267,7 +267,7 @@ class MqttService:
         self._log_refusal = RateLimitedLog()
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
-        self._said: str | None = None  # the state our retained status says
+        self._said: tuple[str, str | None] | None = None  # what our retained status says
         self._answers: dict[str, Any] = {}  # the latest answer to each runtime command
         # False once the broker says it keeps no retained messages (MQTT 5 CONNACK): it
         # refuses a retained will or publish, so the status goes out without the flag.
@@ -494,7 +494,7 @@ class MqttService:
             status = self._status(state, **extra)
             info = self.client.publish(self._status_topic, status, 1, self._retain)
             self._status_mid = info.mid
-            self._said = state
+            self._said = (state, reason)
 
     def _on_pre_connect(self, client: Any, userdata: Any) -> None:
         self._attempting = True
@@ -1063,9 +1063,10 @@ class MqttService:
         return ("online" if reason is None else "degraded"), reason
 
     def _update_status(self) -> None:
-        state, reason = self._state()
-        if state != self._said:
-            self._say(state, reason)
+        """Said again when the state or its reason changes: a disk that went from full to
+        read-only kept saying "No space left" while a monitor waited for room."""
+        if self._state() != self._said:
+            self._say(*self._state())
 
     def _answer(self, **answers: Any) -> None:
         """Answer a runtime command in the status as the service stands: said ``online``, a

@@ -244,6 +244,33 @@ def test_read_only_state_dir_starts_degraded(bundles, broker, service, small_dis
     assert svc.alive() and "Traceback" not in svc.output()
 
 
+def test_a_degraded_status_is_said_again_when_its_reason_changes(
+    bundles, broker, service, small_disk
+):
+    """The status was published again only when its state changed: a state directory that
+    went from read-only to full kept saying ``Read-only file system`` to a monitor that
+    waited for it to be made writable, while the disk now wanted room."""
+    fill(small_disk / "filler")  # full, and then read-only
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    col = Collector(broker.url)
+    svc = service(state=small_disk)  # the file system's root: the runtime's log goes beside it
+    statuses = lambda: [d for _, d in col.of("edge/status/edge-test")]  # noqa: E731
+    reason = lambda: (statuses() and statuses()[-1].get("reason")) or ""  # noqa: E731
+    wait_until(lambda: "Read-only file system" in reason(), 30, "degraded: read-only")
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    pub = Publisher(broker.url)
+    pub.send("dev-0", 1, np.zeros(6))
+    pub.flush()
+    wait_until(lambda: "No space left on device" in reason(), 30, "degraded: full")
+    assert statuses()[-1]["state"] == "degraded"
+    (small_disk / "filler").unlink()
+    wait_until(lambda: ("dev-0", 1) in col.predictions(), 30, "answered once there is room")
+    wait_until(lambda: statuses()[-1]["state"] == "online", 30, "online again")
+    assert svc.alive() and "Traceback" not in svc.output()
+    pub.close()
+    col.close()
+
+
 def test_a_state_that_appears_at_state_dir_after_the_start_is_taken_up_by_a_restart(
     bundles, broker, service, tmp_path
 ):

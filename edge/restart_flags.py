@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sys
 import zlib
 from array import array
 
@@ -108,8 +109,9 @@ class RestartFlags:
             return None
         doc = {}
         if self._fp is not None and self._over is not None:
-            raw = np.frombuffer(self._fp, np.uint32).astype("<u4").tobytes()
-            raw += np.frombuffer(self._over, np.uint32).astype("<u4").tobytes()
+            raw = self._fp.tobytes() + self._over.tobytes()
+            if sys.byteorder == "big":  # little-endian in the file
+                raw = np.frombuffer(raw, np.uint32).astype("<u4").tobytes()
             doc["buckets"] = base64.b64encode(zlib.compress(raw, 1)).decode()
         if self._legacy is not None and any(self._legacy):
             doc["slots"] = base64.b64encode(zlib.compress(bytes(self._legacy), 1)).decode()

@@ -73,6 +73,12 @@ class Recovery:
 # ``reserve`` bytes, kept for the next checkpoint.
 CROWDED_FROM = 256 * 1024
 ROOM_STEP = 64 * 1024
+# A segment this large is checkpointed early whatever room is left: a restart reads the log
+# since the last snapshot into memory, ~7 bytes of memory for each byte of log (a 96 MB
+# segment of a million samples took 610 MB more than an empty one: bench.recovery_memory),
+# which a long ``snapshot_interval`` on a busy gateway made more than a Pi has, at every
+# restart.
+SEGMENT_MAX = 16 * 1024 * 1024
 
 
 @dataclass
@@ -435,8 +441,11 @@ class Journal:
         return 2 * max(self._snapshot_bytes, snapshot) + carry + ROOM_STEP
 
     def crowded(self) -> bool:
-        """Whether the log since the last snapshot takes as much room as it has left on its
-        file system (beyond the reserve): time for a checkpoint, while there is room for one."""
+        """Whether it is time for a checkpoint: the log since the last snapshot is past
+        ``SEGMENT_MAX``, or takes as much room as it has left on its file system (beyond the
+        reserve), while there is room for one."""
+        if self._size >= SEGMENT_MAX:
+            return True
         return self._size >= CROWDED_FROM and self._size >= self.room() - self.reserve()
 
     @property

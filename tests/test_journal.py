@@ -586,6 +586,30 @@ def test_a_segment_as_large_as_the_room_left_asks_for_a_checkpoint(small_disk):
     assert not j.crowded()
 
 
+def test_a_segment_past_its_largest_size_asks_for_a_checkpoint_with_room_to_spare(
+    tmp_path, monkeypatch
+):
+    """A restart reads the log since the last snapshot into memory: a long
+    ``snapshot_interval`` on a busy gateway let it grow past what a Pi has. Past
+    ``SEGMENT_MAX`` a checkpoint is asked for whatever room is left."""
+    from edge import journal as journal_mod
+
+    monkeypatch.setattr(journal_mod, "SEGMENT_MAX", 300_000)
+    j = Journal(tmp_path / "state")
+    j.recover(no_restore)
+    j.open()
+    j.checkpoint(_snap_of(1000), [Mark(0)], {"lsn": 0})
+    lsn = 0
+    while not j.crowded():
+        assert j._size < 300_000
+        lsn += 1
+        j.append([rec("a", lsn, lsn, k=40)])
+    assert j._size >= 300_000 and j.room() > 100 * j._size  # not for want of room
+    j.checkpoint(_snap_of(1000), [Mark(lsn)], {"lsn": lsn})
+    assert not j.crowded()
+    j.close()
+
+
 def test_the_log_leaves_room_for_the_next_snapshot(small_disk):
     """A log that filled the disk after a snapshot failed for lack of room left no way out:
     the next snapshot could never be written, and the state directory stayed full for good.

@@ -154,6 +154,13 @@ def run_convert(
             "(its top class is always the first); a sigmoid output is judged as a regressor "
             "against 0/1 targets: convert it without --labels"
         )
+    if normalization == "graph" and spec.norm_mean is None:
+        progress(
+            "note: --normalization graph changes nothing: the model has no leading "
+            "Normalization layer"
+        )
+    if per_channel and mode in ("float16", "float32"):
+        progress(f"note: --per-channel changes nothing in {mode}: it sets integer weight scales")
     calib, _ = load_sequences(calib_path, spec.features, "--calib", with_labels=False)
     data, data_labels = (
         load_sequences(data_path, spec.features, "--data") if data_path else (calib, None)

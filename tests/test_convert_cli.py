@@ -299,6 +299,22 @@ def test_a_keras2_h5_model_with_recurrent_layers_converts(capsys, tmp_path, src)
     assert (tmp_path / "out" / "model.tflite").is_file()
 
 
+def test_options_that_change_nothing_for_the_model_or_mode_are_said(capsys, tmp_path, src):
+    """``--normalization graph`` on a model without a Normalization layer, and
+    ``--per-channel`` in a float mode, were ignored without a word."""
+    keras2_h5(tmp_path / "m.h5")
+    code, out = convert(
+        capsys,
+        tmp_path / "m.h5",
+        src / "model.calib.npy",
+        tmp_path / "out",
+        *("--quant", "float32", "--normalization", "graph", "--per-channel"),
+    )
+    assert code == 0, out.err
+    assert "--normalization graph changes nothing: the model has no leading" in out.err
+    assert "--per-channel changes nothing in float32" in out.err
+
+
 def test_a_keras2_h5_model_reading_time_first_is_refused_naming_the_layer(capsys, tmp_path, src):
     keras2_h5(tmp_path / "m.h5", time_major=True)
     code, out = convert(capsys, tmp_path / "m.h5", src / "model.calib.npy", tmp_path / "out")

@@ -1087,7 +1087,8 @@ class MqttService:
         left = len(self.inbox)
         self.inbox.close()
         self.processor.checkpoint_done(wait=True)  # the one in flight is whole before we go
-        if self.processor.degraded is None:
+        degraded = self.processor.degraded
+        if degraded is None:
             self.processor.checkpoint()
         self._remove_ha_sensors()  # before the offline status, whose PUBACK is waited for
         offline = self._status("offline")
@@ -1096,8 +1097,15 @@ class MqttService:
             info.wait_for_publish(2.0)
         self.network.quiet()  # no reconnecting after this disconnect
         self.client.disconnect()
+        if degraded is not None:  # "cleanly" would hide that no final snapshot was written
+            log.warning(
+                "stopped degraded (%s): no final snapshot; the next start replays the log since "
+                "the last one",
+                degraded,
+            )
         log.info(
-            "stopped cleanly (%d messages left to the broker, %d answers unacknowledged): %s",
+            "stopped %s(%d messages left to the broker, %d answers unacknowledged): %s",
+            "cleanly " if degraded is None else "",
             left,
             len(self.outbox),
             self.metrics.dumps(self.stats()).decode(),

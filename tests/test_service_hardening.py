@@ -244,6 +244,21 @@ def test_read_only_state_dir_starts_degraded(bundles, broker, service, small_dis
     assert svc.alive() and "Traceback" not in svc.output()
 
 
+def test_a_stop_while_degraded_says_so_not_cleanly(bundles, broker, service, small_disk):
+    """A stop while the state directory could not be written skipped its final snapshot and
+    logged "stopped cleanly"."""
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    col = Collector(broker.url)
+    svc = service(state=small_disk)  # the file system's root: the runtime's log goes beside it
+    status = lambda: col.of("edge/status/edge-test")  # noqa: E731
+    wait_until(lambda: status() and status()[-1][1]["state"] == "degraded", 30, "degraded")
+    assert svc.stop() == 0
+    out = svc.output()
+    assert "stopped degraded (state_dir not writable: " in out and "no final snapshot" in out
+    assert "stopped cleanly" not in out
+    col.close()
+
+
 def test_a_degraded_status_is_said_again_when_its_reason_changes(
     bundles, broker, service, small_disk
 ):

@@ -94,7 +94,7 @@ class RestartFlags:
                     over[b] -= 1
                     return self._taken()
         if self._legacy is not None:
-            i = zlib.crc32(stream.encode()) & (LEGACY_SLOTS - 1)
+            i = zlib.crc32(stream.encode("utf-8", "surrogatepass")) & (LEGACY_SLOTS - 1)
             if self._legacy[i]:
                 self._legacy[i] -= 1
                 return self._taken()

@@ -59,6 +59,8 @@ class Scorer:
         self.errors: list[tuple[str, dict[str, Any], float]] = []
         self.status: dict[str, str] = {}
         self.status_log: list[tuple[str, dict[str, Any], float]] = []
+        # (stream, payload) of answers that are no JSON object
+        self.unreadable: list[tuple[str, bytes]] = []
         self.client = new_client(url, client_id, clean_session=not persistent)
         self.client.on_message = self._on_message
         ready = threading.Event()
@@ -97,8 +99,12 @@ class Scorer:
         try:
             doc = json.loads(msg.payload)
         except ValueError:
-            return
+            doc = None
         if not isinstance(doc, dict):
+            # An answer no consumer could read is the runtime's fault: kept, to be counted.
+            if not msg.topic.startswith("edge/status/"):
+                with self.lock:
+                    self.unreadable.append((msg.topic.split("/", 1)[-1], bytes(msg.payload)))
             return
         if msg.topic.startswith("edge/status/"):
             runtime = msg.topic.rsplit("/", 1)[1]
@@ -262,19 +268,44 @@ class Answers:
     other_streams: int = 0  # prediction messages on streams no simulated device has
     restarts: set[tuple[str, int]] = field(default_factory=set)  # (stream, epoch) flagged
     gap_covered: set[Key] = field(default_factory=set)  # samples a prediction's gap skipped
+    malformed: list[tuple[str, str]] = field(default_factory=list)  # (stream, what is wrong)
+
+
+def readable(doc: dict[str, Any]) -> tuple[int, np.ndarray] | str:
+    """(seq, rows of y) of a prediction, or what makes it one no consumer can use: such an
+    answer stopped the whole score with a traceback (a missing ``y``, a ``seq`` not a number,
+    rows of different lengths)."""
+    seq = doc.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq < U32:
+        return f"seq {json.dumps(seq)[:40]} is not a u32"
+    if "y" not in doc:
+        return "no y"
+    try:
+        y = np.asarray(doc["y"], np.float32)
+    except (TypeError, ValueError):
+        return f"y {json.dumps(doc['y'])[:60]} is not a vector or rows of numbers"
+    if y.ndim not in (1, 2) or y.size == 0:
+        return f"y of shape {list(y.shape)} is not a vector or rows of numbers"
+    return seq, y.reshape(1, -1) if y.ndim == 1 else y
 
 
 def answers(scorer: Scorer, truth: Truth, ref: Reference | None = None) -> Answers:
     out = Answers()
     with scorer.lock:
         items = list(scorer.predictions)
+        unreadable = list(getattr(scorer, "unreadable", ()))
+    for stream, payload in unreadable:
+        if stream in truth.streams:
+            out.malformed.append((stream, f"not a JSON object: {payload[:40]!r}"))
     for stream, doc, t in items:
         if stream not in truth.streams:
             out.other_streams += 1
             continue
-        y = np.asarray(doc["y"], np.float32)
-        rows = y.reshape(1, -1) if y.ndim == 1 else y
-        seq0 = doc["seq"]
+        got = readable(doc)
+        if isinstance(got, str):
+            out.malformed.append((stream, got))
+            continue
+        seq0, rows = got
         e0 = None
         for k, row in enumerate(rows):
             seq = (seq0 + k) % U32
@@ -603,6 +634,9 @@ def score(
         "unexpected_predictions": ans.unexpected
         + len(set(got) - want - late - stale - unacked_keys),
         "predictions_other_streams": ans.other_streams,
+        # answers of the devices' streams that are no prediction a consumer could read
+        "malformed_answers": len(ans.malformed),
+        "malformed_examples": ans.malformed[:5],
         "excluded_samples": len(excluded),
         "excluded_reasons": reasons[:5],
         "errors_received": len(scorer.errors),
@@ -623,7 +657,11 @@ def score(
         r["offline_kernels"] = ref_kernels
         if ref_note:
             r["offline_kernels_note"] = ref_note
-        diffs = [float(np.abs(ys[0][0] - ref[k]).max()) for k, ys in got.items() if k in ref]
+        diffs = [  # a row of another width is wrong (below), not a difference to measure
+            float(np.abs(ys[0][0] - ref[k]).max())
+            for k, ys in got.items()
+            if k in ref and ys[0][0].shape == ref[k].shape
+        ]
         wrong = [
             k
             for k, ys in got.items()

@@ -11,6 +11,27 @@ def judged(r: dict[str, Any]) -> bool:
     return int(r.get("samples_delivered_valid", 1)) > 0  # figures without it: judged as given
 
 
+def failures(r: dict[str, Any]) -> list[str]:
+    """What fails a run besides wrong values and missing predictions, one text each."""
+    out: list[str] = []
+    bad = int(r.get("malformed_answers", 0))
+    if bad:
+        which = "; ".join(f"{s}: {why}" for s, why in r.get("malformed_examples", [])[:2])
+        out.append(f"{bad:,} answer{'s' if bad != 1 else ''} no consumer can read ({which})")
+    return out
+
+
+def passed(r: dict[str, Any]) -> bool:
+    """No expected prediction missing, every message delivered, something judged, and none of
+    ``failures``: what ``run`` exits 0 on (the demo also wants no wrong prediction)."""
+    return (
+        int(r.get("predictions_missing", 0)) == 0
+        and not r.get("messages_not_delivered")
+        and judged(r)
+        and not failures(r)
+    )
+
+
 def verdict(r: dict[str, Any]) -> str:
     """``exact`` means every prediction equals an offline run of the same bundle over what
     the devices delivered, no expected prediction is missing, and the broker acknowledged
@@ -36,21 +57,26 @@ def verdict(r: dict[str, Any]) -> str:
             f"connection to the broker {cut:,} time{'s' if cut != 1 else ''} (answers published "
             "meanwhile never reached it): run again with the broker up throughout"
         )
-    elif wrong is None:
-        head = "no offline reference (run with --bundle to judge exactness)"
-        if missing:  # the one failure a run without a reference can still see
-            head = f"NOT ALL ANSWERED: {missing:,} expected predictions missing; {head}"
-    elif wrong == 0 and missing == 0 and unacked:  # exact over what the broker took only
-        head = f"NOT ALL DELIVERED: {undelivered}; the {got:,} predictions equal the offline run"
-    elif wrong == 0 and missing == 0:
-        head = f"EXACT: all {got:,} predictions equal the offline run"
     else:
         parts = []
         if wrong:
             parts.append(f"{wrong:,} of {got:,} predictions differ from the offline run")
         if missing:
             parts.append(f"{missing:,} expected predictions missing")
-        head = "NOT EXACT: " + ", ".join(parts)
+        parts += failures(r)
+        if wrong is None:
+            head = "no offline reference (run with --bundle to judge exactness)"
+            if parts:  # the failures a run without a reference can still see
+                kind = "NOT ALL ANSWERED" if missing else "NOT EXACT"
+                head = f"{kind}: {', '.join(parts)}; {head}"
+        elif parts:
+            head = "NOT EXACT: " + ", ".join(parts)
+        elif unacked:  # exact over what the broker took only
+            head = (
+                f"NOT ALL DELIVERED: {undelivered}; the {got:,} predictions equal the offline run"
+            )
+        else:
+            head = f"EXACT: all {got:,} predictions equal the offline run"
     tail = []
     if unacked and not head.startswith("NOT ALL DELIVERED"):
         tail.append(undelivered)

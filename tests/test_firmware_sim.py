@@ -627,6 +627,7 @@ class _Answers:
         self.lock = threading.Lock()
         self.predictions = []
         self.errors = []
+        self.status_log = []  # no runtime said its kernel set
 
     def predict(self, stream, seq, at, y=None, **extra):
         y = [0.0, 1.0] if y is None else y
@@ -1548,3 +1549,63 @@ def test_a_nats_server_interrupted_while_it_starts_is_stopped(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         nats.start()
     assert nats.proc is not None and nats.proc.poll() is not None
+
+
+@pytest.mark.broker
+def test_answers_no_consumer_can_read_are_counted_not_a_traceback(broker):
+    """A prediction without ``y``, with a ``seq`` that is no number, with rows of different
+    lengths or that is no JSON object stopped the score with a traceback (KeyError, TypeError,
+    ValueError): no figure, no verdict. Each is now counted, named, and fails the run."""
+    from firmware_sim.scorer import Scorer, score
+    from firmware_sim.verdict import verdict
+    from tests.mqtt_helpers import Publisher
+
+    log = [_sent("d", i, float(i)) for i in range(1, 6)]
+    scorer = Scorer(broker.url)
+    pub = Publisher(broker.url)
+    try:
+        pub.raw("predictions/d", b"{not json")  # first: read before the 6 that follow
+        for seq, y in ((1, [0.0, 1.0]), (2, [0.0, 1.0]), (5, [0.0, 1.0])):  # sound ones
+            pub.raw("predictions/d", json.dumps({"seq": seq, "y": y, "model": "m"}).encode())
+        pub.raw("predictions/d", json.dumps({"seq": 3, "model": "m"}).encode())
+        pub.raw("predictions/d", json.dumps({"seq": "4", "y": [0.0, 1.0]}).encode())
+        pub.raw("predictions/d", json.dumps({"seq": 4, "y": [[0.0, 1.0], [2.0]]}).encode())
+        pub.flush()
+        wait_until(lambda: len(scorer.predictions) == 6, 60, "the answers")
+        r = score(scorer, log, 1.0)
+    finally:
+        pub.close()
+        scorer.close()
+    assert r["malformed_answers"] == 4, r["malformed_examples"]
+    whys = [why for _, why in r["malformed_examples"]]
+    assert "no y" in whys and 'seq "4" is not a u32' in whys
+    assert any("not a vector or rows of numbers" in why for why in whys)
+    assert any(why.startswith("not a JSON object") for why in whys)
+    assert r["predictions_received"] == 3 and r["predictions_missing"] == 2
+    text = verdict(r)
+    assert text.startswith("verdict: NOT ALL ANSWERED: 2 expected predictions missing, 4 answers")
+    assert "no consumer can read (d: not a JSON object: b'{not json'; d: no y)" in text
+    from firmware_sim.verdict import passed
+
+    r["predictions_missing"] = 0  # the malformed answers alone fail the run
+    assert not passed(r) and "NOT EXACT: 4 answers no consumer can read" in verdict(r)
+
+
+def test_a_prediction_of_another_width_than_the_offline_run_is_wrong_not_a_traceback(
+    monkeypatch,
+):
+    """A row one value longer was subtracted from the offline run's row: a numpy broadcast
+    error ended the score. It is a wrong prediction."""
+    from firmware_sim import scorer as scoring
+    from firmware_sim.verdict import verdict
+
+    log = [_sent("d", 1, 0.0), _sent("d", 2, 1.0)]
+    ref = {("d", 0, 1): np.array([0.0, 1.0], np.float32), ("d", 0, 2): np.ones(2, np.float32)}
+    monkeypatch.setattr(scoring, "offline_in", lambda *a: (ref, "litert-xnnpack", None))
+    ans = _Answers()
+    ans.predict("d", 1, 0.1, y=[0.0, 1.0])
+    ans.predict("d", 2, 1.1, y=[1.0, 1.0, 1.0])
+    r = scoring.score(ans, log, 2.0, Path("bundle"))
+    assert r["wrong_predictions"] == 1 and r["wrong_examples"] == [("d", 0, 2)]
+    assert r["max_abs_diff_vs_offline"] == 0.0
+    assert verdict(r).startswith("verdict: NOT EXACT: 1 of 2 predictions differ")

@@ -264,7 +264,7 @@ class Truth:
 @dataclass
 class Answers:
     got: dict[Key, Got] = field(default_factory=dict)
-    unexpected: int = 0  # prediction rows for no sample that was sent
+    unexpected: list[tuple[str, int]] = field(default_factory=list)  # rows for no sample sent
     other_streams: int = 0  # prediction messages on streams no simulated device has
     restarts: set[tuple[str, int]] = field(default_factory=set)  # (stream, epoch) flagged
     gap_covered: set[Key] = field(default_factory=set)  # samples a prediction's gap skipped
@@ -311,7 +311,7 @@ def answers(scorer: Scorer, truth: Truth, ref: Reference | None = None) -> Answe
             seq = (seq0 + k) % U32
             e = truth.epoch(stream, seq, t, doc.get("boot"), row, ref)
             if e is None:
-                out.unexpected += 1
+                out.unexpected.append((stream, seq))
                 continue
             e0 = e if e0 is None else e0
             out.got.setdefault((stream, e, seq), []).append((row, t))
@@ -601,6 +601,8 @@ def score(
     # handed to the broker, never acknowledged: it went away (answers to them are no surprise)
     unacked = [m for m in log if m.published is not None and not m.delivered]
     unacked_keys = {k for m in unacked for k in m.keys}
+    # predictions for samples that should have none (never sent, invalid, not delivered)
+    unwanted = set(got) - want - late - stale - unacked_keys
     r: dict[str, Any] = {
         "devices": len({m.stream for m in log}),
         "messages_created": len(log),
@@ -631,8 +633,8 @@ def score(
         "inconsistent_predictions": sum(
             any(not np.array_equal(ys[0][0], y) for y, _ in ys[1:]) for ys in got.values()
         ),
-        "unexpected_predictions": ans.unexpected
-        + len(set(got) - want - late - stale - unacked_keys),
+        "unexpected_predictions": len(ans.unexpected) + len(unwanted),
+        "unexpected_examples": sorted(ans.unexpected)[:3] + sorted(unwanted)[:3],
         "predictions_other_streams": ans.other_streams,
         # answers of the devices' streams that are no prediction a consumer could read
         "malformed_answers": len(ans.malformed),

@@ -18,6 +18,13 @@ def failures(r: dict[str, Any]) -> list[str]:
     if bad:
         which = "; ".join(f"{s}: {why}" for s, why in r.get("malformed_examples", [])[:2])
         out.append(f"{bad:,} answer{'s' if bad != 1 else ''} no consumer can read ({which})")
+    extra = int(r.get("unexpected_predictions", 0))
+    if extra:  # a sample never sent, or one that should have been refused (NaN, garbage)
+        which = ", ".join(" ".join(map(str, k)) for k in r.get("unexpected_examples", [])[:3])
+        out.append(
+            f"{extra:,} prediction{'s' if extra != 1 else ''} for samples that should have none"
+            + (f" ({which})" if which else "")
+        )
     return out
 
 

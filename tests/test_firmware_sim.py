@@ -719,7 +719,7 @@ def test_answers_without_boot_are_attributed_by_value_then_time():
     ans.predict("d", 42, 9.0)  # nobody sent seq 42
     got = answers(ans, truth, ref)
     assert set(got.got) == {("d", 0, 11), ("d", 1, 1), ("d", 1, 2)}
-    assert got.unexpected == 1
+    assert got.unexpected == [("d", 42)]
     log2 = [_sent("d", 1, 0.0, 0), _sent("d", 1, 2.0, 1)]
     ans2 = _Answers()
     ans2.predict("d", 1, 1.0, y=[1.0, 1.0])  # arrived before boot 1 sent its seq 1
@@ -1609,3 +1609,28 @@ def test_a_prediction_of_another_width_than_the_offline_run_is_wrong_not_a_trace
     assert r["wrong_predictions"] == 1 and r["wrong_examples"] == [("d", 0, 2)]
     assert r["max_abs_diff_vs_offline"] == 0.0
     assert verdict(r).startswith("verdict: NOT EXACT: 1 of 2 predictions differ")
+
+
+def test_predictions_for_samples_that_should_have_none_fail_the_run(monkeypatch):
+    """A prediction for a seq no device sent, or for a sample the runtime should have refused
+    (a NaN), was counted in ``unexpected predictions`` and nowhere else: the verdict said
+    'EXACT: all 5 predictions equal the offline run' and run and demo exited 0."""
+    from firmware_sim import scorer as scoring
+    from firmware_sim.verdict import passed, verdict
+
+    log = [_sent("d", 1, 0.0), _sent("d", 2, 1.0), _sent("d", 3, 2.0, faults=["nan"])]
+    ref = {("d", 0, s): np.array([0.0, float(s)], np.float32) for s in (1, 2)}
+    monkeypatch.setattr(scoring, "offline_in", lambda *a: (ref, "litert-xnnpack", None))
+    ans = _Answers()
+    for seq in (1, 2):
+        ans.predict("d", seq, seq + 0.1, y=[0.0, float(seq)])
+    r = scoring.score(ans, log, 3.0, Path("bundle"))
+    assert passed(r) and verdict(r).startswith("verdict: EXACT: all 2 predictions")
+    ans.predict("d", 3, 3.1, y=[0.0, 3.0])  # the NaN sample: refused by a sound runtime
+    ans.predict("d", 9, 3.2, y=[0.0, 9.0])  # nobody sent seq 9
+    r = scoring.score(ans, log, 3.0, Path("bundle"))
+    assert r["unexpected_predictions"] == 2 and not passed(r)
+    assert r["unexpected_examples"] == [("d", 3), ("d", 9)]
+    assert verdict(r).startswith(
+        "verdict: NOT EXACT: 2 predictions for samples that should have none (d 3, d 9)"
+    )

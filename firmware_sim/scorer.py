@@ -671,6 +671,11 @@ def score(
         ]
         r["wrong_predictions"] = len(wrong)
         r["wrong_examples"] = wrong[:5]
+        # Predictions the offline run computed nothing for (it refused the samples: a bundle
+        # of another feature count) are judged by nothing: the verdict said EXACT for them.
+        unjudged = sorted(k for k in got if k in want and k not in ref)
+        r["predictions_not_compared"] = len(unjudged)
+        r["not_compared_examples"] = unjudged[:5]
         r["max_abs_diff_vs_offline"] = max(diffs) if diffs else None  # none compared: no figure
         if labels:
             keys = [k for k in got if k in labels and k in ref]

@@ -25,6 +25,12 @@ def failures(r: dict[str, Any]) -> list[str]:
             f"{extra:,} prediction{'s' if extra != 1 else ''} for samples that should have none"
             + (f" ({which})" if which else "")
         )
+    unjudged = int(r.get("predictions_not_compared", 0))
+    if unjudged:
+        out.append(
+            f"{unjudged:,} prediction{'s' if unjudged != 1 else ''} the offline run computed "
+            "nothing for (it refused their samples: is --bundle the bundle the runtime serves?)"
+        )
     return out
 
 

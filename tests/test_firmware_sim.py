@@ -1634,3 +1634,25 @@ def test_predictions_for_samples_that_should_have_none_fail_the_run(monkeypatch)
     assert verdict(r).startswith(
         "verdict: NOT EXACT: 2 predictions for samples that should have none (d 3, d 9)"
     )
+
+
+def test_predictions_the_offline_run_computed_nothing_for_are_not_exact(bundles):
+    """A --bundle of another feature count than the samples: the offline run refused every
+    sample, so no prediction was compared, and the verdict said 'EXACT: all 2 predictions
+    equal the offline run' with no difference measured."""
+    from firmware_sim.devices import Sent
+    from firmware_sim.scorer import score
+    from firmware_sim.verdict import passed, verdict
+
+    bundle = bundles / "reg2-int8"  # 3 features; the devices sent 6
+    log = [Sent("d", s, np.ones((1, 6)), None, created=s, published=s) for s in (1, 2)]
+    ans = _Answers()
+    for seq in (1, 2):
+        ans.predict("d", seq, seq + 0.1, y=[0.0, 1.0])
+    r = score(ans, log, 2.0, bundle)
+    assert verdict(r).startswith(
+        "verdict: NOT EXACT: 2 predictions the offline run computed nothing for"
+    )
+    assert r["max_abs_diff_vs_offline"] is None and not passed(r)
+    assert r["predictions_received"] == r["predictions_not_compared"] == 2
+    assert r["not_compared_examples"] == [("d", 0, 1), ("d", 0, 2)]

@@ -512,6 +512,22 @@ def runtime_kernels(scorer: Scorer) -> str | None:
     return found.pop() if found else None
 
 
+def model_check(scorer: Scorer, truth: Truth, bundle: Path) -> dict[str, Any]:
+    """The model id the predictions name against the bundle's: a bundle of the same .tflite
+    with other labels answers the same ``y`` (judged exact) under labels of its own."""
+    from edge.manifest import read_bundle
+
+    model = read_bundle(bundle)[0].model_id
+    with scorer.lock:
+        named = [d.get("model") for s, d, _ in scorer.predictions if s in truth.streams]
+    others = Counter(str(m) for m in named if m != model)
+    return {
+        "bundle_model": model,
+        "predictions_other_model": sum(others.values()),
+        "other_models": dict(others.most_common(3)),
+    }
+
+
 def latencies_s(got: dict[Key, Got], log: Sequence[Sent]) -> np.ndarray:
     """Publish -> first prediction, in seconds, in the order the samples were published."""
     sent_at = {key: m.published for m in log if m.published for key in m.keys}
@@ -676,6 +692,8 @@ def score(
         unjudged = sorted(k for k in got if k in want and k not in ref)
         r["predictions_not_compared"] = len(unjudged)
         r["not_compared_examples"] = unjudged[:5]
+        if bundle is not None:  # as it is wherever there is a reference
+            r.update(model_check(scorer, truth, bundle))
         r["max_abs_diff_vs_offline"] = max(diffs) if diffs else None  # none compared: no figure
         if labels:
             keys = [k for k in got if k in labels and k in ref]

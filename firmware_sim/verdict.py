@@ -31,6 +31,13 @@ def failures(r: dict[str, Any]) -> list[str]:
             f"{unjudged:,} prediction{'s' if unjudged != 1 else ''} the offline run computed "
             "nothing for (it refused their samples: is --bundle the bundle the runtime serves?)"
         )
+    other = int(r.get("predictions_other_model", 0))
+    if other:
+        names = ", ".join(r.get("other_models", {}))
+        out.append(
+            f"{other:,} prediction{'s' if other != 1 else ''} name model {names}, not "
+            f"--bundle's {r.get('bundle_model')} (the runtime serves another bundle)"
+        )
     return out
 
 

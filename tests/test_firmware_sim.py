@@ -1602,6 +1602,7 @@ def test_a_prediction_of_another_width_than_the_offline_run_is_wrong_not_a_trace
     log = [_sent("d", 1, 0.0), _sent("d", 2, 1.0)]
     ref = {("d", 0, 1): np.array([0.0, 1.0], np.float32), ("d", 0, 2): np.ones(2, np.float32)}
     monkeypatch.setattr(scoring, "offline_in", lambda *a: (ref, "litert-xnnpack", None))
+    monkeypatch.setattr(scoring, "model_check", lambda *a: {})  # no bundle to read
     ans = _Answers()
     ans.predict("d", 1, 0.1, y=[0.0, 1.0])
     ans.predict("d", 2, 1.1, y=[1.0, 1.0, 1.0])
@@ -1621,6 +1622,7 @@ def test_predictions_for_samples_that_should_have_none_fail_the_run(monkeypatch)
     log = [_sent("d", 1, 0.0), _sent("d", 2, 1.0), _sent("d", 3, 2.0, faults=["nan"])]
     ref = {("d", 0, s): np.array([0.0, float(s)], np.float32) for s in (1, 2)}
     monkeypatch.setattr(scoring, "offline_in", lambda *a: (ref, "litert-xnnpack", None))
+    monkeypatch.setattr(scoring, "model_check", lambda *a: {})  # no bundle to read
     ans = _Answers()
     for seq in (1, 2):
         ans.predict("d", seq, seq + 0.1, y=[0.0, float(seq)])
@@ -1656,3 +1658,38 @@ def test_predictions_the_offline_run_computed_nothing_for_are_not_exact(bundles)
     assert r["max_abs_diff_vs_offline"] is None and not passed(r)
     assert r["predictions_received"] == r["predictions_not_compared"] == 2
     assert r["not_compared_examples"] == [("d", 0, 1), ("d", 0, 2)]
+
+
+def test_predictions_of_another_model_than_the_bundle_are_not_exact(bundles, tmp_path):
+    """A runtime serving the same .tflite with other labels answers the same ``y`` under its
+    own model id and labels: judged by ``y`` alone the run was EXACT. The model id every
+    prediction names is compared with the bundle's."""
+    import shutil
+
+    from edge.manifest import read_bundle
+    from firmware_sim.devices import Sent
+    from firmware_sim.scorer import offline, score
+    from firmware_sim.verdict import passed, verdict
+
+    bundle = bundles / "clf-int8"
+    other = tmp_path / "relabelled"
+    shutil.copytree(bundle, other)
+    doc = json.loads((other / "manifest.json").read_text())
+    doc["output"]["labels"] = ["a", "b", "c", "d"]
+    (other / "manifest.json").write_text(json.dumps(doc))
+    served = read_bundle(other)[0].model_id
+    assert served != read_bundle(bundle)[0].model_id
+    rng = np.random.default_rng(0)
+    log = [Sent("d", s, rng.normal(size=(1, 6)), None, created=s, published=s) for s in (1, 2)]
+    ref = offline(other, log)
+    ans = _Answers()
+    for seq in (1, 2):
+        ans.predict("d", seq, seq + 0.1, y=ref[("d", 0, seq)].tolist(), model=served)
+    r = score(ans, log, 2.0, bundle)
+    assert r["wrong_predictions"] == 0  # the same y
+    assert not passed(r) and verdict(r).startswith(
+        f"verdict: NOT EXACT: 2 predictions name model {served}, not --bundle's "
+    )
+    assert r["other_models"] == {served: 2}
+    r = score(ans, log, 2.0, other)
+    assert passed(r) and r["predictions_other_model"] == 0

@@ -517,7 +517,8 @@ def model_check(scorer: Scorer, truth: Truth, bundle: Path) -> dict[str, Any]:
     with other labels answers the same ``y`` (judged exact) under labels of its own."""
     from edge.manifest import read_bundle
 
-    model = read_bundle(bundle)[0].model_id
+    manifest = read_bundle(bundle)[0]
+    model = manifest.model_id
     with scorer.lock:
         named = [d.get("model") for s, d, _ in scorer.predictions if s in truth.streams]
     others = Counter(str(m) for m in named if m != model)
@@ -525,7 +526,31 @@ def model_check(scorer: Scorer, truth: Truth, bundle: Path) -> dict[str, Any]:
         "bundle_model": model,
         "predictions_other_model": sum(others.values()),
         "other_models": dict(others.most_common(3)),
+        **(label_check(scorer, truth, manifest.labels) if manifest.labels else {}),
     }
+
+
+def label_check(scorer: Scorer, truth: Truth, classes: Sequence[str]) -> dict[str, Any]:
+    """Each prediction's ``label`` and ``p`` against its own ``y`` (the top class and its
+    value): what most consumers read, and judged by nothing before, ``y`` alone was."""
+    with scorer.lock:
+        docs = [(s, d) for s, d, _ in scorer.predictions if s in truth.streams]
+    bad: list[tuple[str, int, tuple[Any, Any], tuple[Any, Any]]] = []  # (label, p) said, due
+    for stream, doc in docs:
+        if isinstance(readable(doc), str):
+            continue  # counted as malformed
+        flat = not isinstance(doc["y"][0], list)
+        rows = [doc["y"]] if flat else doc["y"]
+        tops = [
+            max((i for i, v in enumerate(row) if v is not None), key=lambda i: row[i], default=None)
+            for row in rows
+        ]
+        names = [None if t is None or t >= len(classes) else classes[t] for t in tops]
+        ps = [None if t is None else row[t] for row, t in zip(rows, tops)]
+        want = (names[0], ps[0]) if flat else (names, ps)
+        if (doc.get("label"), doc.get("p")) != want:
+            bad.append((stream, doc["seq"], (doc.get("label"), doc.get("p")), want))
+    return {"labels_wrong": len(bad), "labels_wrong_examples": bad[:5]}
 
 
 def latencies_s(got: dict[Key, Got], log: Sequence[Sent]) -> np.ndarray:

@@ -38,6 +38,14 @@ def failures(r: dict[str, Any]) -> list[str]:
             f"{other:,} prediction{'s' if other != 1 else ''} name model {names}, not "
             f"--bundle's {r.get('bundle_model')} (the runtime serves another bundle)"
         )
+    mislabelled = int(r.get("labels_wrong", 0))
+    if mislabelled:
+        stream, seq, said, due = r.get("labels_wrong_examples", [("?", "?", "??", "??")])[0]
+        out.append(
+            f"{mislabelled:,} prediction{'s' if mislabelled != 1 else ''} whose label or p is "
+            f"not their y's top class (e.g. {stream} seq {seq}: label {said[0]!r} p {said[1]}, "
+            f"y's top {due[0]!r} {due[1]})"
+        )
     return out
 
 

@@ -1684,7 +1684,9 @@ def test_predictions_of_another_model_than_the_bundle_are_not_exact(bundles, tmp
     ref = offline(other, log)
     ans = _Answers()
     for seq in (1, 2):
-        ans.predict("d", seq, seq + 0.1, y=ref[("d", 0, seq)].tolist(), model=served)
+        y = ref[("d", 0, seq)]
+        top = int(y.argmax())
+        ans.predict("d", seq, seq + 0.1, y=y.tolist(), model=served, label="abcd"[top], p=y[top])
     r = score(ans, log, 2.0, bundle)
     assert r["wrong_predictions"] == 0  # the same y
     assert not passed(r) and verdict(r).startswith(
@@ -1693,3 +1695,36 @@ def test_predictions_of_another_model_than_the_bundle_are_not_exact(bundles, tmp
     assert r["other_models"] == {served: 2}
     r = score(ans, log, 2.0, other)
     assert passed(r) and r["predictions_other_model"] == 0
+
+
+def test_a_label_or_p_that_is_not_the_top_class_of_y_fails_the_run(bundles):
+    """Consumers read ``label`` and ``p``; the judge compared ``y`` alone, so a prediction
+    whose ``y`` equals the offline run's under another label was EXACT."""
+    from edge.manifest import read_bundle
+    from firmware_sim.devices import Sent
+    from firmware_sim.scorer import offline, score
+    from firmware_sim.verdict import passed, verdict
+
+    bundle = bundles / "clf-int8"
+    manifest = read_bundle(bundle)[0]
+    rng = np.random.default_rng(1)
+    log = [Sent("d", s, rng.normal(size=(1, 6)), None, created=s, published=s) for s in (1, 2, 3)]
+    ref = offline(bundle, log)
+    ans = _Answers()
+    for seq in (1, 2, 3):
+        y = ref[("d", 0, seq)]
+        top = int(y.argmax())
+        label, p = manifest.labels[top], float(y[top])
+        if seq == 2:
+            label = manifest.labels[(top + 1) % len(manifest.labels)]
+        if seq == 3:
+            p = float(y[top]) + 0.5  # not what y says
+        ans.predict("d", seq, seq + 0.1, y=y.tolist(), model=manifest.model_id, label=label, p=p)
+    r = score(ans, log, 3.0, bundle)
+    assert r["wrong_predictions"] == 0 and r["predictions_other_model"] == 0
+    assert not passed(r)
+    assert verdict(r).startswith(
+        "verdict: NOT EXACT: 2 predictions whose label or p is not their y's top class "
+        "(e.g. d seq 2: label "
+    )
+    assert [e[1] for e in r["labels_wrong_examples"]] == [2, 3]

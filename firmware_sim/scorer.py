@@ -267,6 +267,7 @@ class Answers:
     unexpected: list[tuple[str, int]] = field(default_factory=list)  # rows for no sample sent
     other_streams: int = 0  # prediction messages on streams no simulated device has
     restarts: set[tuple[str, int]] = field(default_factory=set)  # (stream, epoch) flagged
+    flagged: list[Key] = field(default_factory=list)  # first sample of each restart answer
     gap_covered: set[Key] = field(default_factory=set)  # samples a prediction's gap skipped
     malformed: list[tuple[str, str]] = field(default_factory=list)  # (stream, what is wrong)
 
@@ -306,23 +307,41 @@ def answers(scorer: Scorer, truth: Truth, ref: Reference | None = None) -> Answe
             out.malformed.append((stream, got))
             continue
         seq0, rows = got
-        e0 = None
+        first: Key | None = None
         for k, row in enumerate(rows):
             seq = (seq0 + k) % U32
             e = truth.epoch(stream, seq, t, doc.get("boot"), row, ref)
             if e is None:
                 out.unexpected.append((stream, seq))
                 continue
-            e0 = e if e0 is None else e0
+            first = first or (stream, e, seq)
             out.got.setdefault((stream, e, seq), []).append((row, t))
-        if e0 is None:
+        if first is None:
             continue
+        e0 = first[1]
         if doc.get("restart"):
             out.restarts.add((stream, e0))
+            out.flagged.append(first)
         gap = doc.get("gap")
         if isinstance(gap, int) and 0 < gap < HALF:
             out.gap_covered.update((stream, e0, (seq0 - g) % U32) for g in range(1, gap + 1))
     return out
+
+
+def restart_flags(ans: Answers, got: dict[Key, Got], log: Sequence[Sent]) -> tuple[int, list[Key]]:
+    """(answers flagged ``restart`` that are not their boot's first, and those flagged first
+    answers): a restart is said on the first answer of a boot, a reboot's first one always,
+    and never after it. Order within a boot: seq from its first message on."""
+    base: dict[tuple[str, int], int] = {}
+    for m in sorted(log, key=lambda m: m.created):
+        base.setdefault((m.stream, m.epoch), m.seq)
+    first: dict[tuple[str, int], Key] = {}
+    for k in got:
+        b, now = base[k[:2]], first.get(k[:2])
+        if now is None or (k[2] - b) % U32 < (now[2] - b) % U32:
+            first[k[:2]] = k
+    spurious = sorted({k for k in ans.flagged if k in got and first[k[:2]] != k})
+    return len(spurious), spurious[:5]
 
 
 def expected_keys(log: Sequence[Sent]) -> set[Key]:
@@ -644,6 +663,8 @@ def score(
     unacked_keys = {k for m in unacked for k in m.keys}
     # predictions for samples that should have none (never sent, invalid, not delivered)
     unwanted = set(got) - want - late - stale - unacked_keys
+    answered_reboots = {k[:2] for k in got} & reboots_seen
+    spurious = restart_flags(ans, got, log)
     r: dict[str, Any] = {
         "devices": len({m.stream for m in log}),
         "messages_created": len(log),
@@ -668,6 +689,11 @@ def score(
         "stale_claims_unfounded": stale_unfounded,
         "restarts": len(ans.restarts & reboots_seen),
         "restarts_expected": len(reboots_seen - {(k[0], k[1]) for k in excluded}),
+        # reboots answered (an answer of theirs received) without a restart on any answer
+        "restarts_missing": len(answered_reboots - ans.restarts),
+        "restarts_missing_examples": sorted(answered_reboots - ans.restarts)[:5],
+        "restarts_spurious": spurious[0],
+        "restarts_spurious_examples": spurious[1],
         "missing_examples": sorted(missing - broker_lost)[:5],
         "duplicate_predictions": sum(len(v) - 1 for v in got.values()),
         # one sample answered twice with different values: the runtime contradicts itself

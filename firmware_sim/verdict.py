@@ -46,6 +46,20 @@ def failures(r: dict[str, Any]) -> list[str]:
             f"not their y's top class (e.g. {stream} seq {seq}: label {said[0]!r} p {said[1]}, "
             f"y's top {due[0]!r} {due[1]})"
         )
+    unflagged = int(r.get("restarts_missing", 0))
+    if unflagged:
+        stream, epoch = r.get("restarts_missing_examples", [("?", "?")])[0]
+        out.append(
+            f"{unflagged:,} device reboot{'s' if unflagged != 1 else ''} answered without "
+            f'"restart": true (e.g. {stream}, its boot {epoch} counted from 0)'
+        )
+    spurious = int(r.get("restarts_spurious", 0))
+    if spurious:
+        stream, _, seq = r.get("restarts_spurious_examples", [("?", "?", "?")])[0]
+        out.append(
+            f'{spurious:,} "restart" flag{"s" if spurious != 1 else ""} on an answer that is '
+            f"not its boot's first (e.g. {stream} seq {seq})"
+        )
     return out
 
 

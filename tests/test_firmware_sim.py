@@ -1728,3 +1728,38 @@ def test_a_label_or_p_that_is_not_the_top_class_of_y_fails_the_run(bundles):
         "(e.g. d seq 2: label "
     )
     assert [e[1] for e in r["labels_wrong_examples"]] == [2, 3]
+
+
+def test_restart_flags_missing_or_out_of_place_fail_the_run():
+    """``restarts`` and ``restarts_expected`` were figures the verdict never read: a runtime
+    that answered a reboot without ``"restart": true``, or said it on an answer in the middle
+    of a boot, was judged as passing."""
+    from firmware_sim.scorer import score
+    from firmware_sim.verdict import passed, verdict
+
+    def judge(flags):
+        ans = _Answers()
+        for i in range(5):
+            ans.predict("d", 10 + i, i + 0.1, boot=7, **({"restart": True} if i in flags else {}))
+        for i in range(3):
+            extra = {"restart": True} if 5 + i in flags else {}
+            ans.predict("d", 1 + i, 5.1 + i, boot=8, **extra)
+        ans.error("d", 15, "stale", 5.6, boot=7)
+        return score(ans, _boots(), 8.0)
+
+    r = judge({5})  # boot 1's first answer
+    assert passed(r) and r["restarts"] == r["restarts_expected"] == 1
+    r = judge({0, 5})  # boot 0's first answer may say it too (the runtime knew the device)
+    assert passed(r)
+    r = judge(set())
+    assert not passed(r) and r["restarts_missing_examples"] == [("d", 1)]
+    assert "NOT ALL ANSWERED" not in verdict(r) and verdict(r).startswith(
+        'verdict: NOT EXACT: 1 device reboot answered without "restart": true (e.g. d, its boot 1'
+    )
+    r = judge({5, 6})  # and again on boot 1's second answer
+    assert not passed(r) and r["restarts_spurious_examples"] == [("d", 1, 2)]
+    assert '1 "restart" flag on an answer that is not its boot\'s first (e.g. d seq 2)' in (
+        verdict(r)
+    )
+    r = judge({2, 5})  # in the middle of boot 0
+    assert not passed(r) and r["restarts_spurious_examples"] == [("d", 0, 12)]

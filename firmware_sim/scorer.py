@@ -11,6 +11,7 @@ offline engine run from zero state from the first sample of its boot.
 
 from __future__ import annotations
 
+import bisect
 import json
 import threading
 import time
@@ -268,6 +269,7 @@ class Answers:
     other_streams: int = 0  # prediction messages on streams no simulated device has
     restarts: set[tuple[str, int]] = field(default_factory=set)  # (stream, epoch) flagged
     flagged: list[Key] = field(default_factory=list)  # first sample of each restart answer
+    gaps: list[tuple[Key, int]] = field(default_factory=list)  # (first sample, its gap or 0)
     gap_covered: set[Key] = field(default_factory=set)  # samples a prediction's gap skipped
     malformed: list[tuple[str, str]] = field(default_factory=list)  # (stream, what is wrong)
 
@@ -323,25 +325,57 @@ def answers(scorer: Scorer, truth: Truth, ref: Reference | None = None) -> Answe
             out.restarts.add((stream, e0))
             out.flagged.append(first)
         gap = doc.get("gap")
+        out.gaps.append((first, gap if isinstance(gap, int) else 0))
         if isinstance(gap, int) and 0 < gap < HALF:
             out.gap_covered.update((stream, e0, (seq0 - g) % U32) for g in range(1, gap + 1))
     return out
 
 
-def restart_flags(ans: Answers, got: dict[Key, Got], log: Sequence[Sent]) -> tuple[int, list[Key]]:
-    """(answers flagged ``restart`` that are not their boot's first, and those flagged first
-    answers): a restart is said on the first answer of a boot, a reboot's first one always,
-    and never after it. Order within a boot: seq from its first message on."""
+def boot_order(applied: set[Key], log: Sequence[Sent]) -> tuple[Any, dict[Any, list[int]]]:
+    """(offset of a key within its boot, and per boot the sorted offsets of the samples
+    ``applied``): a boot's samples in order, by seq counted from its first message on (a
+    seq before it, as a runtime may answer wrongly, is negative)."""
     base: dict[tuple[str, int], int] = {}
     for m in sorted(log, key=lambda m: m.created):
         base.setdefault((m.stream, m.epoch), m.seq)
-    first: dict[tuple[str, int], Key] = {}
-    for k in got:
-        b, now = base[k[:2]], first.get(k[:2])
-        if now is None or (k[2] - b) % U32 < (now[2] - b) % U32:
-            first[k[:2]] = k
-    spurious = sorted({k for k in ans.flagged if k in got and first[k[:2]] != k})
+
+    def offset(k: Key) -> int:
+        return (k[2] - base[(k[0], k[1])] + HALF) % U32 - HALF
+
+    order: dict[tuple[str, int], list[int]] = {}
+    for k in applied:
+        order.setdefault((k[0], k[1]), []).append(offset(k))
+    for offsets in order.values():
+        offsets.sort()
+    return offset, order
+
+
+def restart_flags(ans: Answers, got: dict[Key, Got], log: Sequence[Sent]) -> tuple[int, list[Key]]:
+    """(how many answers say ``restart`` that are not their boot's first, examples): a restart
+    is said on the first answer of a boot, a reboot's always, and never after it."""
+    offset, order = boot_order(set(got), log)
+    spurious = sorted({k for k in ans.flagged if k in got and order[k[:2]][0] != offset(k)})
     return len(spurious), spurious[:5]
+
+
+def gap_errors(
+    ans: Answers, got: dict[Key, Got], want: set[Key], log: Sequence[Sent]
+) -> tuple[int, list[Any]]:
+    """(how many answers say another ``gap`` than the samples of their boot skipped since the
+    one applied before, examples as (key, said, due)): a consumer counts its lost samples by
+    it, and the judge excuses losses of the broker with it. Applied: what was answered or was
+    due (a missing answer is counted as missing, not as a gap the next one should say)."""
+    offset, order = boot_order(set(got) | want, log)
+    wrong = set()
+    for k, said in ans.gaps:
+        if k not in got:
+            continue
+        offsets, at = order[k[:2]], offset(k)
+        i = bisect.bisect_left(offsets, at)
+        due = at - offsets[i - 1] - 1 if i else 0
+        if said != due:
+            wrong.add((k, said, due))
+    return len(wrong), sorted(wrong)[:5]
 
 
 def expected_keys(log: Sequence[Sent]) -> set[Key]:
@@ -665,6 +699,7 @@ def score(
     unwanted = set(got) - want - late - stale - unacked_keys
     answered_reboots = {k[:2] for k in got} & reboots_seen
     spurious = restart_flags(ans, got, log)
+    gaps = gap_errors(ans, got, want, log)
     r: dict[str, Any] = {
         "devices": len({m.stream for m in log}),
         "messages_created": len(log),
@@ -694,6 +729,9 @@ def score(
         "restarts_missing_examples": sorted(answered_reboots - ans.restarts)[:5],
         "restarts_spurious": spurious[0],
         "restarts_spurious_examples": spurious[1],
+        # answers whose gap is not the samples of their boot skipped since the one before
+        "gaps_wrong": gaps[0],
+        "gaps_wrong_examples": gaps[1],
         "missing_examples": sorted(missing - broker_lost)[:5],
         "duplicate_predictions": sum(len(v) - 1 for v in got.values()),
         # one sample answered twice with different values: the runtime contradicts itself

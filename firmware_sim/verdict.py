@@ -60,6 +60,13 @@ def failures(r: dict[str, Any]) -> list[str]:
             f'{spurious:,} "restart" flag{"s" if spurious != 1 else ""} on an answer that is '
             f"not its boot's first (e.g. {stream} seq {seq})"
         )
+    gaps = int(r.get("gaps_wrong", 0))
+    if gaps:
+        (stream, _, seq), said, due = r.get("gaps_wrong_examples", [(("?", 0, "?"), "?", "?")])[0]
+        out.append(
+            f"{gaps:,} answer{'s' if gaps != 1 else ''} with a wrong gap (e.g. {stream} seq "
+            f"{seq}: gap {said}, {due} skipped)"
+        )
     return out
 
 

@@ -261,6 +261,9 @@ def test_every_fault_at_once_loses_and_corrupts_nothing(bundles, broker, tmp_pat
     assert r["unexpected_predictions"] == 0
     assert r["errors_received"] >= r["errors_expected_at_least"] > 0
     assert abs(r["accuracy_runtime"] - r["accuracy_offline"]) <= 0.01
+    from firmware_sim.verdict import passed, verdict
+
+    assert passed(r), verdict(r)  # labels, model, gaps and restart flags too
 
 
 @pytest.mark.desktop
@@ -857,6 +860,9 @@ def test_rebooting_devices_restart_their_streams(bundles, broker, tmp_path, boot
     assert r["restarts"] == r["restarts_expected"] > 0
     if boot_ids:
         assert r["excluded_samples"] == 0
+    from firmware_sim.verdict import passed, verdict
+
+    assert passed(r), verdict(r)  # every reboot's first answer says restart, and no other
 
 
 @pytest.mark.desktop
@@ -1763,3 +1769,32 @@ def test_restart_flags_missing_or_out_of_place_fail_the_run():
     )
     r = judge({2, 5})  # in the middle of boot 0
     assert not passed(r) and r["restarts_spurious_examples"] == [("d", 0, 12)]
+
+
+def test_a_gap_that_is_not_what_was_skipped_fails_the_run():
+    """A prediction's ``gap`` (how many samples of the stream it skipped) was read only to
+    excuse the broker's losses: a runtime that left it out after a lost sample, or said one
+    where nothing was skipped, passed."""
+    from firmware_sim.scorer import score
+    from firmware_sim.verdict import passed, verdict
+
+    log = [_sent("d", 10 + i, float(i)) for i in range(5)]
+    log[2].published = None  # seq 12 never left the device (dropped)
+
+    def judge(gaps, answered=(10, 11, 13, 14)):
+        ans = _Answers()
+        for seq in answered:
+            ans.predict("d", seq, seq + 0.1, **({"gap": gaps[seq]} if seq in gaps else {}))
+        return score(ans, log, 5.0)
+
+    r = judge({})
+    assert not passed(r) and r["gaps_wrong_examples"] == [(("d", 0, 13), 0, 1)]
+    assert verdict(r).startswith(
+        "verdict: NOT EXACT: 1 answer with a wrong gap (e.g. d seq 13: gap 0, 1 skipped)"
+    )
+    r = judge({11: 3, 13: 1})
+    assert not passed(r) and r["gaps_wrong_examples"] == [(("d", 0, 11), 3, 0)]
+    r = judge({13: 1})
+    assert passed(r) and r["gaps_wrong"] == 0
+    r = judge({13: 1}, answered=(10, 13, 14))  # 11's answer lost: missing, not a gap
+    assert r["predictions_missing"] == 1 and r["gaps_wrong"] == 0

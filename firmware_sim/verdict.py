@@ -136,4 +136,10 @@ def verdict(r: dict[str, Any]) -> str:
     late = int(r.get("late_beyond_reorder_window", 0))
     if late:
         tail.append(f"{late:,} sample{'s' if late != 1 else ''} late beyond the reorder window")
+    left = int(r.get("excluded_samples", 0))
+    if left:  # a verdict over part of the run says so, not only the table
+        tail.append(
+            f"{left:,} sample{'s' if left != 1 else ''} not judged (devices rebooted without boot "
+            "ids and the runtime could not tell: see excluded reasons)"
+        )
     return "verdict: " + head + ("; " + ", ".join(tail) if tail else "")

@@ -1798,3 +1798,23 @@ def test_a_gap_that_is_not_what_was_skipped_fails_the_run():
     assert passed(r) and r["gaps_wrong"] == 0
     r = judge({13: 1}, answered=(10, 13, 14))  # 11's answer lost: missing, not a gap
     assert r["predictions_missing"] == 1 and r["gaps_wrong"] == 0
+
+
+def test_a_verdict_over_part_of_the_run_says_how_many_samples_it_left_out():
+    """Samples after a reboot the runtime could not tell (no boot ids, no --restart-gap) are
+    left out of the judgement: the verdict said EXACT over the rest without a word of them."""
+    from firmware_sim.scorer import score
+    from firmware_sim.verdict import verdict
+
+    log = [m for m in _boots(boot_ids=False) if m.seq != 15]
+    ans = _Answers()
+    for i in range(5):
+        ans.predict("d", 10 + i, i + 0.1)
+    r = score(ans, log, 8.0)
+    r["wrong_predictions"] = 0  # as an offline reference would have it
+    assert r["excluded_samples"] == 3
+    assert verdict(r).startswith("verdict: EXACT: all 5 predictions equal the offline run;")
+    assert verdict(r).endswith(
+        "3 samples not judged (devices rebooted without boot ids and the runtime could not "
+        "tell: see excluded reasons)"
+    )

@@ -1818,3 +1818,18 @@ def test_a_verdict_over_part_of_the_run_says_how_many_samples_it_left_out():
         "3 samples not judged (devices rebooted without boot ids and the runtime could not "
         "tell: see excluded reasons)"
     )
+
+
+def test_run_fails_on_wrong_predictions_judged_in_the_runtimes_own_kernel_set():
+    """``run`` exited 0 with 'NOT EXACT: 3 of 1,000 predictions differ from the offline run'
+    when that run was in the runtime's own kernel set (where a difference is the runtime's);
+    only a run judged in another set (``--kernels``) differs by its kernels alone."""
+    from firmware_sim.verdict import passed
+
+    r = {"predictions_received": 1000, "predictions_missing": 0, "messages_not_delivered": 0}
+    r |= {"wrong_predictions": 3, "samples_delivered_valid": 1000}
+    own = {**r, "runtime_kernels": "litert-xnnpack", "offline_kernels": "litert-xnnpack"}
+    assert not passed(own)
+    assert passed({**own, "wrong_predictions": 0})
+    assert passed({**own, "offline_kernels": "tflite-2.14-builtin-x86_64"})  # --kernels
+    assert passed({**own, "runtime_kernels": "not reported"})  # an older runtime: unknown

@@ -124,14 +124,15 @@ class Scorer:
         return answers(self, Truth(log), ref).got
 
     def wait(self, log: Sequence[Sent], timeout: float, restart_gap: int | None = None) -> None:
-        """Until every sample that must be answered has a prediction (or ``timeout``)."""
+        """Until every sample that must be answered has a prediction and every invalid message
+        an error (or ``timeout``)."""
         deadline = time.monotonic() + timeout
         truth = Truth(log)
         want = expected_keys(log) - excluded_keys(truth, restart_gap)[0]
         while time.monotonic() < deadline:
             t0 = time.monotonic()
             got = answers(self, truth).got
-            if want - set(got) <= excused_keys(self, truth):
+            if want - set(got) <= excused_keys(self, truth) and not unanswered_invalid(self, log):
                 return
             time.sleep(max(0.05, 2 * (time.monotonic() - t0)))
 
@@ -376,6 +377,21 @@ def gap_errors(
         if said != due:
             wrong.add((k, said, due))
     return len(wrong), sorted(wrong)[:5]
+
+
+# Error codes about valid samples (a copy of one applied, or one given up on): the others
+# answer a message the runtime refused.
+NOT_REFUSALS = ("duplicate", "late", "stale")
+
+
+def unanswered_invalid(scorer: Scorer, log: Sequence[Sent]) -> dict[str, int]:
+    """stream -> invalid messages delivered (NaN, garbage, wrong feature count) beyond the
+    refusals (errors) its topic got: each is due one, or the device never learns that its
+    sample was refused. Counted per stream: garbage is answered without a seq."""
+    due = Counter(m.stream for m in log if m.delivered and not m.valid)
+    with scorer.lock:
+        refused = Counter(s for s, d, _ in scorer.errors if d.get("error") not in NOT_REFUSALS)
+    return {s: n - refused[s] for s, n in due.items() if refused[s] < n}
 
 
 def expected_keys(log: Sequence[Sent]) -> set[Key]:
@@ -700,6 +716,7 @@ def score(
     answered_reboots = {k[:2] for k in got} & reboots_seen
     spurious = restart_flags(ans, got, log)
     gaps = gap_errors(ans, got, want, log)
+    unanswered = unanswered_invalid(scorer, log)
     r: dict[str, Any] = {
         "devices": len({m.stream for m in log}),
         "messages_created": len(log),
@@ -749,6 +766,9 @@ def score(
         "errors_received": len(scorer.errors),
         "errors_by_code": dict(codes),
         "errors_expected_at_least": invalid_delivered,
+        # invalid messages delivered that no error answered (per stream: refusals < messages)
+        "invalid_unanswered": sum(unanswered.values()),
+        "invalid_unanswered_examples": sorted(unanswered)[:5],
         "duration_s": duration,
         "throughput_predictions_per_s": len(got) / duration if duration else 0.0,
     }

@@ -67,6 +67,13 @@ def failures(r: dict[str, Any]) -> list[str]:
             f"{gaps:,} answer{'s' if gaps != 1 else ''} with a wrong gap (e.g. {stream} seq "
             f"{seq}: gap {said}, {due} skipped)"
         )
+    silent = int(r.get("invalid_unanswered", 0))
+    if silent and not r.get("scorer_cut_off_from_broker"):  # else its error may have passed us
+        streams = ", ".join(r.get("invalid_unanswered_examples", [])[:3])
+        out.append(
+            f"{silent:,} invalid message{'s' if silent != 1 else ''} (NaN, garbage, wrong feature "
+            f"count) answered with no error (on {streams})"
+        )
     return out
 
 

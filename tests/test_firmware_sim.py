@@ -1632,6 +1632,7 @@ def test_predictions_for_samples_that_should_have_none_fail_the_run(monkeypatch)
     ans = _Answers()
     for seq in (1, 2):
         ans.predict("d", seq, seq + 0.1, y=[0.0, float(seq)])
+    ans.error("d", 3, "not_finite", 2.1)
     r = scoring.score(ans, log, 3.0, Path("bundle"))
     assert passed(r) and verdict(r).startswith("verdict: EXACT: all 2 predictions")
     ans.predict("d", 3, 3.1, y=[0.0, 3.0])  # the NaN sample: refused by a sound runtime
@@ -1833,3 +1834,28 @@ def test_run_fails_on_wrong_predictions_judged_in_the_runtimes_own_kernel_set():
     assert passed({**own, "wrong_predictions": 0})
     assert passed({**own, "offline_kernels": "tflite-2.14-builtin-x86_64"})  # --kernels
     assert passed({**own, "runtime_kernels": "not reported"})  # an older runtime: unknown
+
+
+def test_an_invalid_message_answered_with_no_error_fails_the_run():
+    """The errors a run's invalid messages (NaN, garbage) are due were counted
+    (``errors expected at least``) and never compared: a runtime that refused them without a
+    word, so the device never learns its sample was dropped, passed."""
+    from firmware_sim.scorer import score
+    from firmware_sim.verdict import passed, verdict
+
+    log = [_sent("d", 1, 0.0), _sent("d", 2, 1.0, faults=["nan"]), _sent("d", 3, 2.0)]
+    log += [_sent("d", 4, 3.0, faults=["garbage"]), _sent("e", 1, 0.0)]
+    ans = _Answers()
+    for stream, seq in (("d", 1), ("d", 3), ("e", 1)):
+        ans.predict(stream, seq, seq + 0.1, **({"gap": 1} if seq == 3 else {}))
+    ans.error("d", 2, "duplicate", 2.1)  # about a valid sample: no refusal
+    r = score(ans, log, 4.0)
+    assert not passed(r) and verdict(r).startswith(
+        "verdict: NOT EXACT: 2 invalid messages (NaN, garbage, wrong feature count) answered "
+        "with no error (on d)"
+    )
+    assert r["invalid_unanswered"] == 2 and r["invalid_unanswered_examples"] == ["d"]
+    ans.error("d", 2, "not_finite", 2.2)
+    ans.errors.append(("d", {"seq": None, "error": "bad_payload", "detail": ""}, 3.1))
+    r = score(ans, log, 4.0)
+    assert r["invalid_unanswered"] == 0 and passed(r), verdict(r)

@@ -74,6 +74,12 @@ def failures(r: dict[str, Any]) -> list[str]:
             f"{silent:,} invalid message{'s' if silent != 1 else ''} (NaN, garbage, wrong feature "
             f"count) answered with no error (on {streams})"
         )
+    crashed = int(r.get("errors_by_code", {}).get("internal", 0))
+    if crashed:  # the runtime failed on a message it should have answered or refused
+        out.append(
+            f"{crashed:,} answer{'s' if crashed != 1 else ''} 'internal' (an exception in the "
+            "runtime: its id finds the traceback in the runtime's log)"
+        )
     return out
 
 

@@ -1859,3 +1859,21 @@ def test_an_invalid_message_answered_with_no_error_fails_the_run():
     ans.errors.append(("d", {"seq": None, "error": "bad_payload", "detail": ""}, 3.1))
     r = score(ans, log, 4.0)
     assert r["invalid_unanswered"] == 0 and passed(r), verdict(r)
+
+
+def test_an_internal_error_fails_the_run():
+    """An ``internal`` error is an exception in the runtime; a run with one, for a sample that
+    was predicted anyway or for a refused one, was judged as passing."""
+    from firmware_sim.scorer import score
+    from firmware_sim.verdict import passed, verdict
+
+    log = [_sent("d", 1, 0.0), _sent("d", 2, 1.0)]
+    ans = _Answers()
+    for seq in (1, 2):
+        ans.predict("d", seq, seq + 0.1)
+    assert passed(score(ans, log, 2.0))
+    ans.error("d", 2, "internal", 2.2, id="4f2a")
+    r = score(ans, log, 2.0)
+    assert not passed(r) and verdict(r).startswith(
+        "verdict: NOT EXACT: 1 answer 'internal' (an exception in the runtime"
+    )

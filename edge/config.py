@@ -278,7 +278,7 @@ def _check_tls(cfg: ServiceConfig) -> None:
 def _check_topics(cfg: ServiceConfig) -> None:
     """Topics the service publishes to or subscribes with: no wildcards where MQTT forbids
     them (a will topic with one makes the broker refuse every connection), no two alike."""
-    from .topics import Template
+    from .topics import Template, shared_subscription
 
     streams = {
         name: getattr(cfg, name)
@@ -290,13 +290,18 @@ def _check_topics(cfg: ServiceConfig) -> None:
             "reply_topic",
         )
     }
+    runtime = {
+        name: getattr(cfg, name)
+        for name in ("status_topic", "stats_topic", "runtime_control_topic")
+    }
+    for name, template in {**streams, **runtime}.items():
+        shared_subscription(name, template)
     for name, template in streams.items():
         try:
             Template(template)
         except ConfigError as exc:
             raise ConfigError(f"{name}: {exc}") from None
-    for name in ("status_topic", "stats_topic", "runtime_control_topic"):
-        template = getattr(cfg, name)
+    for name, template in runtime.items():
         topic = template.replace("{runtime_id}", "x")
         if not template or any(c in topic for c in "+#\0") or "{" in topic or "}" in topic:
             raise ConfigError(

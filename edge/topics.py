@@ -11,6 +11,22 @@ PLACEHOLDER = "{stream}"
 CACHED = 16384  # topics remembered per template: a fleet's topics repeat with every message
 V = TypeVar("V")
 CACHED_LENGTH = 512  # longer topics (never a valid stream's) are matched, not remembered
+# Prefixes of a shared subscription (MQTT 5's, and EMQX's older one): not a topic of ours.
+SHARED_PREFIXES = ("$share/", "$queue/")
+
+
+def shared_subscription(name: str, template: str) -> None:
+    """Refuse a template that names a shared subscription. Its messages come under the topic
+    without the prefix (every sample was answered ``bad_topic``, and gone from the group),
+    and a group spreads one stream's samples over its runtimes, each stepping its share
+    from a state of its own: answers wrong, and nothing would say so."""
+    if template.startswith(SHARED_PREFIXES):
+        raise ConfigError(
+            f"{name} = {shown(template)} is a shared subscription ($share/ or $queue/), "
+            "no topic to publish on; and one runtime must read every message of a stream, "
+            "in order, to step its state; give each runtime streams (a topic template) of "
+            "its own, or use edge-lstm worker, which hands each stream to one worker"
+        )
 
 
 class Template:

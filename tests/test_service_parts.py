@@ -233,6 +233,26 @@ def test_config_refuses_values_that_would_fail_later(key, value, message):
 
 
 @pytest.mark.parametrize(
+    "key, value",
+    [
+        ("data_topic", "$share/edge/sensors/{stream}/data"),
+        ("control_topic", "$share/g/sensors/{stream}/control"),
+        ("data_topic", "$queue/sensors/{stream}/data"),
+        ("prediction_topic", "$share/g/predictions/{stream}"),
+        ("runtime_control_topic", "$share/g/edge/control/{runtime_id}"),
+        ("status_topic", "$share/g/edge/status/{runtime_id}"),
+    ],
+)
+def test_a_shared_subscription_as_a_topic_template_is_refused(key, value):
+    """A ``$share/GROUP/`` data topic used to be accepted: the broker delivers its messages
+    under the topic without the prefix, so every sample was answered ``bad_topic`` and gone;
+    and spreading one stream over several runtimes would step each share from its own state."""
+    with pytest.raises(ConfigError, match=f"{key}.*shared subscription.*one runtime") as exc:
+        config.load(None, env={}, overrides={"model": "m", key: value})
+    assert "edge-lstm worker" in str(exc.value)
+
+
+@pytest.mark.parametrize(
     "key, value, message",
     [
         ("reorder_ms", float("nan"), "reorder_ms = nan is not a valid finite number"),

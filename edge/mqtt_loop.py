@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import random
 import signal
@@ -124,7 +125,7 @@ def publish_size(o: Outbound, protocol: str) -> int:
 
 # Ends a status text cut to fit the broker's maximum packet size.
 CUT = " [...] (shortened to fit the broker's maximum packet size; in full in the log)"
-STATUS_BASE = ("state", "runtime_id", "model", "kernels", "ts")  # never cut
+STATUS_BASE = ("state", "runtime_id", "instance", "model", "kernels", "ts")  # never cut
 
 
 def reload_outcome(answer: str) -> tuple[str, str]:
@@ -279,6 +280,9 @@ class MqttService:
         self._subscribing: tuple[int, list[str]] = (-1, [])  # the SUBSCRIBE's id and filters
         self._had_session = False  # a connection of this process made one at the broker
         self._too_large_said: set[str] = set()  # topics whose message was too large, said
+        # In each of our statuses: one on our status topic with another is another runtime's.
+        self._instance = os.urandom(6).hex()
+        self._others = 0  # statuses of other runtimes seen on our status topic, for the log
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
             queue_depth=lambda: len(self.inbox),
@@ -462,6 +466,7 @@ class MqttService:
         doc = {
             "state": state,
             "runtime_id": self.cfg.runtime_id,
+            "instance": self._instance,
             "model": self.engine.manifest.model_id,
             "kernels": self.engine.model.kernels,
             "ts": time.time(),
@@ -546,10 +551,20 @@ class MqttService:
             subs: list[tuple[str, Any]] = [(f, keep) for f in filters]
             if self.ha is not None:  # our own sensors' stored copies, not our publishes
                 subs += [(f, SubscribeOptions(qos=0, noLocal=True)) for f in self.ha.filters]
+            # another runtime's statuses there (``_on_status``): only what is published now
+            subs.append(
+                (
+                    self._status_topic,
+                    SubscribeOptions(
+                        qos=0, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+                    ),
+                )
+            )
         else:  # MQTT 3.1.1 sends them at every subscribe; they are answered `retained`
             subs = [(f, 1) for f in filters]
             if self.ha is not None:
                 subs += [(f, 0) for f in self.ha.filters]
+            subs.append((self._status_topic, 0))
         known = self._drop_stale_subscriptions(client, [f for f, _ in subs], flags.session_present)
         if not flags.session_present and (self._had_session or known):
             self._session_lost()
@@ -638,13 +653,28 @@ class MqttService:
         sent, filters = self._subscribing
         if mid != sent:
             return
-        refused = [f"{shown(f)} ({c})" for f, c in zip(filters, codes) if c.is_failure]
+        watch = [c for f, c in zip(filters, codes) if f == self._status_topic]
+        if watch and watch[0].is_failure:  # the check for a twin runtime only
+            log.warning(
+                "the broker refused the subscription to our status topic %s (%s): another "
+                "runtime with our runtime_id would go unnoticed",
+                self._status_topic,
+                watch[0],
+            )
+        refused = [
+            f"{shown(f)} ({c})"
+            for f, c in zip(filters, codes)
+            if c.is_failure and f != self._status_topic
+        ]
         # Granted at QoS 0 (a broker's maximum QoS): messages come unacknowledged, so those
         # in hand at a crash are lost, and none are kept for us while we are away.
         qos0 = [
             f
             for f, c in zip(filters, codes)
-            if not c.is_failure and c.value == 0 and (self.ha is None or f not in self.ha.filters)
+            if not c.is_failure
+            and c.value == 0
+            and f != self._status_topic
+            and (self.ha is None or f not in self.ha.filters)
         ]
         if qos0:
             self.metrics.inc("subscriptions_downgraded")
@@ -725,7 +755,43 @@ class MqttService:
                 more,
             )
 
+    def _on_status(self, msg: Any) -> None:
+        """A status on our status topic that is not ours: another runtime with our
+        runtime_id (a client id of its own; a twin with ours the broker drops in turn, see
+        ``_on_disconnect``). Each overwrites the other's retained status, its last will says
+        ``offline`` for both, and at each connect each removes the Home Assistant sensors of
+        the other's streams under the node they share: said in the log (the first three, the
+        10th, every 100th), never answered with a status of ours, which would be the other's
+        news in turn, without end. A stored status (an earlier run of ours), an empty one
+        (cleared by hand), ours (MQTT 3.1.1 has no noLocal) and an ``offline`` one (the last
+        will of an earlier run of ours, published by the broker once it notices it gone)
+        are not another runtime's news."""
+        if msg.retain or not msg.payload:
+            return
+        try:
+            doc = json.loads(msg.payload)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and (
+            doc.get("instance") == self._instance or doc.get("state") == "offline"
+        ):
+            return
+        self._others += 1
+        log.log(
+            logging.ERROR if loud(self._others) else logging.DEBUG,
+            "another runtime publishes its status on our status topic %s (runtime_id %r): "
+            "each overwrites the other's%s; give every serve a runtime_id of its own (the "
+            "client id unless set)%s",
+            shown(self._status_topic),
+            self.cfg.runtime_id,
+            "" if self.ha is None else ", and removes the other's Home Assistant sensors",
+            " (while it goes on, more at the 10th and every 100th)" if self._others == 3 else "",
+        )
+
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        if msg.topic == self._status_topic:
+            self._on_status(msg)
+            return
         if self._ha_under is not None and msg.topic.startswith(self._ha_under):
             # a stored sensor (not an echo of a publish) of this runtime's
             if msg.retain and msg.payload and self.ha and self.ha.ours(msg.topic, msg.payload):

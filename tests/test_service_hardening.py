@@ -965,6 +965,40 @@ def test_a_broker_away_for_long_is_not_a_log_line_per_attempt(bundles, tmp_path,
         svc.lock.release()
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_another_runtime_with_our_runtime_id_is_named_in_the_log(
+    bundles, broker, service, tmp_path, protocol
+):
+    """Two serves with client ids of their own and one runtime_id (a configuration copied to
+    a second gateway, a second model's unit): each overwrote the other's retained status and
+    the one that ended first had its last will say `offline` for both, with nothing in either
+    log. The first says so when the second comes online; the second takes nothing of its own
+    for another's."""
+    col = Collector(broker.url)
+    first = service("--protocol", protocol, "--ha-discovery", "true")
+    wait_until(lambda: col.online(), 30, "the first online")
+    topics = ("data", "control", "prediction", "error", "reply")
+    second = service(
+        "--protocol",
+        protocol,
+        "--client-id",
+        "edge-test-2",
+        "--runtime-id",
+        "edge-test",
+        *(a for t in topics for a in (f"--{t}-topic", f"two/{{stream}}/{t}")),
+        state=tmp_path / "second" / "state",
+    )
+    said = "another runtime publishes its status on our status topic 'edge/status/edge-test'"
+    wait_until(lambda: said in first.output(), 60, "the first to name the second")
+    assert "give every serve a runtime_id of its own" in first.output()
+    assert "Home Assistant sensors" in first.output()
+    assert said not in second.output()  # nothing of its own taken for another's
+    second.kill9()  # its last will: not news of another runtime (ours look the same)
+    assert first.alive() and "Traceback" not in first.output()
+    assert said not in second.output() and "Traceback" not in second.output()
+    col.close()
+
+
 def test_a_session_handed_back_and_forth_is_not_two_log_lines_per_round(bundles, tmp_path, caplog):
     """Another client with our client id takes the session at every connect: each round was
     a 'disconnected' warning (or a 'session taken over' error) and a 'connected' line, for as

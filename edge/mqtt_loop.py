@@ -37,7 +37,7 @@ from .inbox import Inbox
 from .journal import Journal, StateAppeared
 from .metrics import Metrics
 from .mqtt_client import CLOSED, Client, packet_size
-from .mqtt_network import STABLE_SECONDS, NetworkLoop
+from .mqtt_network import NetworkLoop, held
 from .outbox import Outbound
 from .outfile import replace_whole
 from .processor import Inbound, Processor, RateLimitedLog, storage_fault
@@ -734,7 +734,7 @@ class MqttService:
             # else paho telling of a disconnect a second time (the broker's DISCONNECT, then
             # the socket's close): said once
             return
-        short = self._clock() - up < STABLE_SECONDS
+        short = not held(self._clock() - up, self.cfg.reconnect_max)
         self._flaps = self._flaps + 1 if short else 0
         said = loud(self._flaps)
         more = " (while it goes on, more at the 10th and every 100th)" if self._flaps == 3 else ""

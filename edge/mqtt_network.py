@@ -29,6 +29,15 @@ MAX_READS_AHEAD = 1000  # packets taken from what is read ahead before writing a
 STABLE_SECONDS = 5.0
 
 
+def held(lasted: float, reconnect_max: float) -> bool:
+    """Whether a connection that lasted ``lasted`` seconds held, for the log: longer than a
+    flap and than the longest reconnect delay. Another client with our client id takes the
+    session back once its own delay runs out, up to ``reconnect_max``: of two serves with
+    one client id, the one whose connections lasted that long logged each drop as news, a
+    warning for ever, and the likely cause only once, at the start."""
+    return lasted >= STABLE_SECONDS + reconnect_max
+
+
 class NetworkLoop:
     def __init__(
         self,
@@ -146,6 +155,7 @@ class NetworkLoop:
         delay, waited = self.reconnect_min, False  # the first connect does not wait
         up_since: float | None = None  # when the current connection was made (CONNACK)
         flaps = 0  # connections in a row that the broker dropped soon after making them
+        short = 0  # connections in a row that did not hold (``held``), for the log
         while not self._stop.is_set():
             sock = self.client.socket()
             if sock is None:
@@ -155,9 +165,10 @@ class NetworkLoop:
                 if up_since is not None:
                     lasted = time.monotonic() - up_since
                     flaps = 0 if lasted >= STABLE_SECONDS else flaps + 1
+                    short = 0 if held(lasted, self.reconnect_max) else short + 1
                     if not flaps:
                         delay = self.reconnect_min  # a connection that held: start over
-                    elif flaps in (3, 10) or flaps % 100 == 0:
+                    if short in (3, 10) or (short and short % 100 == 0):
                         log.error(
                             "the broker dropped the connection %.1f s after making it, %d "
                             "times in a row: does another client use this client id (a second "
@@ -165,7 +176,7 @@ class NetworkLoop:
                             "the broker's ACL refuse a topic we publish on (mosquitto then "
                             "closes the connection)?",
                             lasted,
-                            flaps,
+                            short,
                         )
                     up_since = None
                 if waited:

@@ -965,6 +965,25 @@ def test_a_broker_away_for_long_is_not_a_log_line_per_attempt(bundles, tmp_path,
         svc.lock.release()
 
 
+def test_two_serves_with_one_client_id_both_name_the_likely_cause_while_it_lasts(
+    broker, service, tmp_path
+):
+    """Two serves with one client id (a copy started by hand beside the systemd one): the
+    broker hands the session back and forth for as long as both run. One of them held each
+    connection until the other's reconnect delay ran out (up to `reconnect_max`), longer than
+    a flap, so each drop was news to it, a warning for ever, and the likely cause was said
+    once in its log, at the start. Both now say it again while it goes on (the 10th)."""
+    flags = ("--reconnect-max", "6")
+    first = service(*flags)
+    wait_until(lambda: "connected to" in first.output(), 60, "the first connected")
+    second = service(*flags, state=tmp_path / "second" / "state")
+    said = re.compile(r"dropped the connection .* 10 times in a row: does another client use")
+    for svc in (first, second):
+        wait_until(lambda s=svc: said.search(s.output()), 300, "the cause named again")
+    for svc in (first, second):
+        assert svc.alive() and "Traceback" not in svc.output()
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_another_runtime_with_our_runtime_id_is_named_in_the_log(
     bundles, broker, service, tmp_path, protocol

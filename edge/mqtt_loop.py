@@ -280,8 +280,10 @@ class MqttService:
         self._subscribing: tuple[int, list[str]] = (-1, [])  # the SUBSCRIBE's id and filters
         self._had_session = False  # a connection of this process made one at the broker
         self._too_large_said: set[str] = set()  # topics whose message was too large, said
-        # In each of our statuses: one on our status topic with another is another runtime's.
-        self._instance = os.urandom(6).hex()
+        # In each of our statuses but "offline": one on our status topic with another is
+        # another runtime's. Not in the last will, which goes in every CONNECT: a broker's
+        # maximum packet size refuses the connection for a will too large.
+        self._instance = os.urandom(4).hex()
         self._others = 0  # statuses of other runtimes seen on our status topic, for the log
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
@@ -466,7 +468,7 @@ class MqttService:
         doc = {
             "state": state,
             "runtime_id": self.cfg.runtime_id,
-            "instance": self._instance,
+            **({"instance": self._instance} if state != "offline" else {}),
             "model": self.engine.manifest.model_id,
             "kernels": self.engine.model.kernels,
             "ts": time.time(),

@@ -124,7 +124,9 @@ def verdict(r: dict[str, Any]) -> str:
         head = (
             f"NOT JUDGED: {missing:,} expected predictions missing, but the scorer lost its "
             f"connection to the broker {cut:,} time{'s' if cut != 1 else ''} (answers published "
-            "meanwhile never reached it): run again with the broker up throughout"
+            "meanwhile never reached it): run again with the broker up throughout, and "
+            "without another firmware-sim run on this broker (its scorer has the same client "
+            "id: the broker drops one of the two at each connect of the other)"
         )
     else:
         parts = []

@@ -1350,9 +1350,39 @@ def test_a_scorer_cut_off_from_its_broker_does_not_blame_the_runtime_for_what_it
         "verdict: NOT JUDGED: 3 expected predictions missing, but the scorer lost its "
         "connection to the broker "
     )
-    assert verdict(r).endswith(
-        "(answers published meanwhile never reached it): run again with the broker up throughout"
-    )
+    assert (
+        "(answers published meanwhile never reached it): run again with the broker up "
+        "throughout, and without another firmware-sim run on this broker"
+    ) in verdict(r)
+
+
+@pytest.mark.broker
+def test_a_scorer_cut_off_by_a_second_run_on_its_broker_names_that_cause(broker):
+    """Two `firmware-sim run`s on one broker at once: their scorers share a client id, and the
+    broker drops one of them at each connect of the other. The verdict told each to run again
+    with the broker up throughout, when it had been; it names the second run too."""
+    import time
+
+    from firmware_sim.scorer import Scorer, score
+    from firmware_sim.verdict import verdict
+
+    first = Scorer(broker.url)
+    second = None
+    try:
+        second = Scorer(broker.url)  # the other run's scorer, with the same client id
+        deadline = time.monotonic() + 120
+        while not first.cut_off:
+            assert time.monotonic() < deadline, "the first scorer was never dropped"
+            time.sleep(0.05)
+        r = score(first, [_sent("d", i, float(i)) for i in range(3)], 1.0)
+        r["wrong_predictions"] = 0
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+    said = verdict(r)
+    assert said.startswith("verdict: NOT JUDGED: 3 expected predictions missing"), said
+    assert "another firmware-sim run on this broker" in said, said
 
 
 def test_a_demo_whose_cached_bundle_is_damaged_says_how_to_get_a_sound_one(

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import early_signals, wal
+from . import early_signals, systemd_notify, wal
 from . import partition_snapshot as psnap
 from . import snapshot as snapfmt
 from .config import UPPER_BOUNDS, ServiceConfig
@@ -1905,6 +1905,10 @@ class Worker:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stopping.set)
+            # Started, for systemd: the configuration, model and state_dir are taken (one the
+            # worker cannot use failed the start itself) and SIGTERM is a clean stop. Not once
+            # NATS is reached: that waits up to CONNECT_SECONDS, JetStream READY_SECONDS more.
+            systemd_notify.notify("READY=1")
         if set(early_signals.take()) - {signal.SIGHUP}:  # arrived while the process started
             self.stopping.set()
         connecting = asyncio.ensure_future(

@@ -1459,6 +1459,52 @@ def test_systemd_unit_runs_the_worker(
     assert rc == 0
 
 
+def test_the_worker_tells_systemd_it_is_started_once_it_can_stop_cleanly(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's unit was ``Type=simple``: systemd counted the worker started at its exec,
+    also one whose configuration or bundle it cannot use (``systemctl start`` said nothing of
+    it). The unit is ``Type=notify`` as ``serve``'s, and the worker says ``READY=1`` once its
+    model and state_dir are taken and its SIGTERM handler is in place, before it reaches NATS:
+    one refused at start never says it; one that said it stops cleanly, a SIGHUP before
+    that (nothing to reload) changing nothing."""
+    import signal
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    try:
+        bad = WorkerProc(tmp_path / "no-bundle", nats_server.url, tmp_path / "bad", "w1").start()
+        assert bad.proc is not None
+        assert bad.proc.wait(120) == 2, bad.log()[-2000:]
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing was said
+            sock.recv(4096)
+        sock.setblocking(True)
+        sock.settimeout(120)
+        w = WorkerProc(
+            bundles / "clf-int8", nats_server.url, tmp_path / "state", "w1", "--partitions", str(P)
+        ).start()
+        assert w.proc is not None
+        col = Collector(nats_server.mqtt_url)
+        try:
+            assert sock.recv(4096) == b"READY=1", w.log()[-2000:]
+            w.proc.send_signal(signal.SIGHUP)
+            wait_owned(col, ["w1"], P, 120)
+            assert w.proc.poll() is None, w.log()[-2000:]
+            w.proc.terminate()
+            assert w.proc.wait(120) == 0, w.log()[-2000:]
+            assert "stopped cleanly" in w.log()
+        finally:
+            col.close()
+            w.stop()
+    finally:
+        sock.close()
+    unit = (Path(__file__).parents[1] / "edge" / "deploy" / "edge-lstm-worker.service").read_text()
+    assert "\nType=notify\nNotifyAccess=main\n" in unit
+
+
 @pytest.fixture
 def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     nodes = [NatsServer(tmp_path / f"n{i}", name=f"n{i}") for i in (1, 2, 3)]

@@ -128,6 +128,10 @@ SWEEP_SECONDS = 60.0
 # listing of the stream's consumers: every balancing round, it cost an idle worker and its
 # nats-server about a fifth more CPU).
 STALE_CONSUMER_SECONDS = 10.0
+# Takeovers a balancing round runs at once (see ``Worker._take``): enough for a worker's
+# share of the default 16 partitions among two, few enough that a lone worker taking hundreds
+# does not open as many snapshot reads and consumer creates on NATS at once.
+TAKEOVERS_AT_ONCE = 8
 
 
 @dataclass(frozen=True)
@@ -1655,6 +1659,7 @@ class Worker:
         if give:
             await self.release(give)
         epoch: int | None = None  # of the lease bucket the leases below are taken in
+        taking: list[tuple[int, Takeover]] = []
         for p, owner in plan.items():
             if owner != self.opts.worker_id or p in self.owned or self.stopping.is_set():
                 continue
@@ -1670,15 +1675,44 @@ class Worker:
                 # Held when asked for, gone when the client looked whether it was a delete
                 # marker: it ran out meanwhile (not a deleted bucket). Taken next round.
                 continue
-            try:
-                await self.acquire(p, (epoch, self.leases[p]))
-            except Fenced as exc:  # stopped past the lease while taking it: another's now
-                log.warning("%s; not taken", exc)
-                self.metrics.inc("takeovers_fenced")
-                self.leases.pop(p, None)
-            except Exception:
-                self.leases.pop(p, None)
-                raise
+            taking.append((p, (epoch, self.leases[p])))
+        if taking:
+            await self._take(taking)
+
+    async def _take(self, taking: list[tuple[int, Takeover]]) -> None:
+        """Take over these partitions (their leases held), ``TAKEOVERS_AT_ONCE`` at a time.
+        One after another, each waited out its own timeouts while NATS failed over (a
+        snapshot read, its consumer's creation while JetStream elected: 5 s each): a worker
+        whose leases all ran out in a node's loss answered again only tens of seconds later.
+        A fenced takeover is dropped; any other error is raised once every other takeover
+        has ended (taken or dropped), so none is left half done."""
+        slots = asyncio.Semaphore(TAKEOVERS_AT_ONCE)
+
+        async def take(p: int, lease: Takeover) -> None:
+            async with slots:
+                if self.stopping.is_set():  # not begun: given back, as a stop gives back leases
+                    revision = self.leases.pop(p, None)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(
+                            self.kv.delete(f"p.{p}", last=revision), STOP_SECONDS
+                        )
+                    return
+                try:
+                    await self.acquire(p, lease)
+                except Fenced as exc:  # stopped past the lease while taking it: another's now
+                    log.warning("%s; not taken", exc)
+                    self.metrics.inc("takeovers_fenced")
+                    self.leases.pop(p, None)
+                except BaseException:
+                    self.leases.pop(p, None)
+                    raise
+
+        ended = await asyncio.gather(*(take(p, x) for p, x in taking), return_exceptions=True)
+        failed = [(p, x) for (p, _), x in zip(taking, ended) if isinstance(x, BaseException)]
+        for p, exc in failed[1:]:  # the first is raised: the round says it
+            log.warning("partition %d: takeover failed: %r", p, exc)
+        if failed:
+            raise failed[0][1]
 
     # -- running ----------------------------------------------------------------------------
 

@@ -4070,3 +4070,147 @@ def test_a_consumer_whose_creation_is_confirmed_late_is_asked_for_again_not_made
     assert not [m for m in said if "balancing round failed" in m], said
     assert f"partition 0: consumer {lost[0]} not confirmed by NATS yet" in "\n".join(said)
     assert w.metrics.counters["consumer_creates_repeated"] == 1
+
+
+@failover
+def test_a_worker_takes_its_partitions_over_at_once_a_bounded_number_at_a_time(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A balancing round took its partitions over one after another, and each waited out its
+    own timeouts while NATS failed over (its snapshot reads, its consumer's creation): a
+    worker whose leases all ran out in a node's loss answered again tens of seconds later.
+    They are taken at once, ``TAKEOVERS_AT_ONCE`` at a time: with slow snapshot reads, that
+    many are in flight together, and never more."""
+    from edge import nats_worker
+    from edge.nats_worker import Worker, WorkerOptions
+
+    monkeypatch.setattr(nats_worker, "TAKEOVERS_AT_ONCE", 3)
+    cfg = _worker_config(bundles, tmp_path)
+    w = Worker(cfg, WorkerOptions([nats_server.url], "w1", partitions=P))
+    reading = {"now": 0, "peak": 0, "began": 0}
+    together = asyncio.Event()  # as many reads in flight as takeovers may run at once
+    look_at_start = w._refuse_foreign_snapshots
+
+    async def slow_from_now_on() -> None:
+        await look_at_start()  # reads every partition's snapshots, one after another
+        read = w._snapshots
+
+        async def slow(p: int) -> list[Any]:
+            reading["now"] += 1
+            reading["began"] += 1
+            reading["peak"] = max(reading["peak"], reading["now"])
+            if reading["now"] >= 3:
+                together.set()
+            try:
+                if reading["began"] <= 3:  # the first ones wait for each other (bounded)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(together.wait(), 10)
+                return await read(p)
+            finally:
+                reading["now"] -= 1
+
+        w._snapshots = slow  # type: ignore[method-assign]
+
+    w._refuse_foreign_snapshots = slow_from_now_on  # type: ignore[method-assign]
+
+    async def run() -> None:
+        running = asyncio.create_task(w.run())
+        try:
+            await _until(lambda: len(w.owned) == P, 180, "w1 to own every partition")
+        finally:
+            w.stopping.set()
+            await running
+
+    asyncio.run(run())
+    assert reading["began"] == P
+    assert reading["peak"] == 3
+    assert w.metrics.counters["partitions_acquired"] == P
+
+
+@failover
+def test_a_failed_takeover_is_raised_once_the_rounds_other_takeovers_have_ended(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The takeovers of a round run at once: one fenced (another worker's now) is dropped
+    and counted, as before; one that fails otherwise has its lease let go and its error
+    raised to the round, once every other takeover of the round has ended, so none of those
+    is cut short or left untaken until the next round."""
+    import nats
+
+    from edge.nats_worker import Fenced, Worker, WorkerOptions
+
+    cfg = _worker_config(bundles, tmp_path)
+    w = Worker(cfg, WorkerOptions([nats_server.url], "w1", partitions=P, lease_seconds=30))
+
+    async def run() -> None:
+        w.nc = await nats.connect(nats_server.url)
+        w.js = w.nc.jetstream()
+        try:
+            await w.ensure_resources()
+            subscribe = w._subscribe
+
+            async def failing(part: Any) -> None:
+                if part.number == 0:
+                    raise RuntimeError("partition 0 cannot be read")
+                if part.number == 1:
+                    raise Fenced("partition 1: taken over since (consumer edge-p1-9-9)")
+                await subscribe(part)
+
+            w._subscribe = failing  # type: ignore[method-assign]
+            with pytest.raises(RuntimeError, match="partition 0 cannot be read"):
+                await w._balance()
+            assert sorted(w.owned) == list(range(2, P))  # taken, not cut short
+            assert sorted(w.leases) == list(range(2, P))
+            assert not (w.root / "p0").exists() and not (w.root / "p1").exists()
+            await w.release(list(w.owned.values()))
+        finally:
+            await w.nc.close()
+
+    asyncio.run(run())
+    assert w.metrics.counters["takeovers_fenced"] == 1
+    assert w.metrics.counters["partitions_acquired"] == P - 2
+    assert "partition 1: taken over since (consumer edge-p1-9-9); not taken" in caplog.text
+
+
+@failover
+def test_a_stop_during_a_rounds_takeovers_begins_no_more_and_gives_their_leases_back(
+    bundles: Path, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM while a round takes partitions over: as when they were taken one after
+    another, none is begun after it (the stop hands over what is owned); the leases the round
+    took for those not begun are given back at once, not left to run out."""
+    import nats
+    from nats.js.errors import NoKeysError
+
+    from edge import nats_worker
+    from edge.nats_worker import Worker, WorkerOptions
+
+    monkeypatch.setattr(nats_worker, "TAKEOVERS_AT_ONCE", 1)
+    cfg = _worker_config(bundles, tmp_path)
+    w = Worker(cfg, WorkerOptions([nats_server.url], "w1", partitions=P, lease_seconds=30))
+
+    async def run() -> list[str]:
+        w.nc = await nats.connect(nats_server.url)
+        w.js = w.nc.jetstream()
+        try:
+            await w.ensure_resources()
+            read = w._snapshots
+
+            async def stop_meanwhile(p: int) -> list[Any]:
+                w.stopping.set()  # SIGTERM while the first takeover reads its snapshots
+                return await read(p)
+
+            w._snapshots = stop_meanwhile  # type: ignore[method-assign]
+            await w._balance()
+            (taken,) = w.owned
+            assert list(w.leases) == [taken]
+            await w.release(list(w.owned.values()))
+            try:
+                return [k for k in await w.kv.keys() if k.startswith("p.")]
+            except NoKeysError:
+                return []
+        finally:
+            await w.nc.close()
+
+    assert asyncio.run(run()) == []  # every lease given back: the taken one's by its release
+    assert w.metrics.counters["partitions_acquired"] == 1

@@ -268,7 +268,9 @@ class Reorderer:
         if self.hold <= 0:
             return []
         expect = self._next.get(stream)
-        if expect is None and last_applied is not None:
+        if expect is None and last_applied is not None and stream not in self._fresh:
+            # (not in a new life: the engine's last seq is the life before's, and counted
+            # from it, the new life's records past it went first, the ones before it late)
             expect = (last_applied + 1) % U32
         if expect is None:  # a new life's: not waited for once its first record is out
             if stream in self._held:

@@ -669,6 +669,36 @@ def test_after_a_loss_of_unknown_streams_every_stream_new_to_the_state_says_rest
     assert _flags(later, [msg("other", 1, xs[0]), msg("kept", 5, xs[4])]) == [True, False]
 
 
+def test_a_new_boots_backlog_with_a_refused_message_is_stepped_in_order(bundles, tmp_path, xs):
+    """A device rebooted while its messages queued (the runtime down, or a worker's
+    partition replayed after a takeover) and one of the new boot's messages was refused
+    (NaN) at a seq past the old boot's last. Counted from that seq, the new boot's samples
+    from there on were stepped first, as its beginning (``restart``), and all before them
+    were answered ``late``: lost, and the rest computed from the wrong state."""
+    now = [0.0]
+    p = make(bundles, tmp_path, lambda: now[0], reorder_ms=600)
+    for seq in range(1, 6):
+        assert p.handle([msg("d", seq, xs[seq], boot=5)])
+    now[0] = 1.0
+    assert p.tick()
+    answers(p)
+    backlog = [msg("d", seq, xs[seq], boot=6) for seq in range(1, 12)]
+    backlog[8] = Inbound("sensors/d/data", b'{"seq": 9, "values": [NaN], "boot": 6}')
+    assert p.handle(backlog)
+    now[0] = 2.0
+    assert p.tick()
+    got = [json.loads(o.payload) for o in answers(p)]
+    assert [(d["seq"], d.get("error")) for d in got] == [
+        (9, "not_finite"),
+        *((seq, None) for seq in range(1, 9)),
+        *((seq, None) for seq in (10, 11)),
+    ]
+    assert got[1].get("restart") and not any(d.get("restart") for d in got[2:])
+    one = edge.load(bundles / "clf-int8")
+    want = one.step("x", np.asarray([xs[s] for s in (*range(1, 9), 10, 11)]))
+    np.testing.assert_array_equal(np.float32([d["y"] for d in got[1:]]), want)
+
+
 def test_restart_flags_not_yet_taken_survive_a_restart(bundles, tmp_path, xs):
     """An evicted stream's flag, and a kept stream's flag after a damaged log, are in the
     snapshot: a restart of the runtime between the loss and the stream's return keeps them."""

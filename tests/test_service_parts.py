@@ -554,6 +554,22 @@ def test_an_earlier_boot_heard_while_the_new_one_waits_follows_its_start():
     assert [(x.seq, x.boot) for x in push(r, brec(22, 5), 1, (6, [5]))] == [(22, 5)]
 
 
+def test_a_refused_seq_while_a_new_life_waits_is_not_counted_from_the_life_before():
+    """A new boot's backlog (a worker's takeover replays it, or a broker delivers what queued
+    while the runtime was down): its first record waits, and a refused message of it (NaN) past
+    the old boot's last seq was counted from that seq. The new life's records from there on
+    went to the engine first, as the new boot's beginning, and every one before them was
+    answered ``late``."""
+    r = Reorderer(10.0, lambda: 0.0)
+    assert [x.seq for x in push(r, brec(23, 5), 22, (5, []))] == [23]
+    assert push(r, brec(1, 6), 23, (5, [])) == []  # a new life: waits
+    for seq in (3, 24, 25):
+        assert push(r, brec(seq, 6), 23, (5, [])) == []
+    assert r.void("s", 31, 23) == []  # boot 6's NaN: the new life goes on waiting
+    assert r.void("s", 2, 23) == []
+    assert [x.seq for x in r.expire(force=True)] == [1, 3, 24, 25]
+
+
 def test_reorderer_starts_over_past_the_restart_gap():
     r = Reorderer(10.0, lambda: 0.0, restart_gap=10)
     for seq in range(1, 51):

@@ -266,9 +266,26 @@ def _check_tls(cfg: ServiceConfig) -> None:
     if cfg.tls_cert or cfg.tls_key:
         if not cfg.tls_cert:
             raise ConfigError("tls_key needs tls_cert")
+        asked: list[bool] = []
+
+        def passphrase() -> bytes:
+            # without a callback OpenSSL asks on the terminal: a prompt at every start on
+            # a console, `[Errno 22] Invalid argument` under systemd
+            asked.append(True)
+            return b""
+
         try:
-            ssl.create_default_context().load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+            ssl.create_default_context().load_cert_chain(
+                cfg.tls_cert, cfg.tls_key or None, password=passphrase
+            )
         except (OSError, ssl.SSLError) as exc:
+            if asked:
+                raise ConfigError(
+                    f"tls_key = {shown(cfg.tls_key or cfg.tls_cert)}: the private key is "
+                    "encrypted (it has a passphrase), which a service cannot type in; give an "
+                    "unencrypted copy (`openssl pkey -in KEY -out KEY.plain`), readable only by "
+                    "the service's user"
+                ) from None
             raise ConfigError(
                 f"tls_cert = {shown(cfg.tls_cert)} / tls_key = {shown(cfg.tls_key)}: not a usable "
                 f"certificate and key: {exc}"

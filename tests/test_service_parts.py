@@ -590,6 +590,46 @@ def test_certificate_files_that_do_not_load_are_named(tmp_path):
             config.load(None, env={}, overrides={"model": "m", key: str(junk)})
 
 
+def test_a_client_key_with_a_passphrase_is_named_and_no_passphrase_is_asked(tmp_path):
+    """A client key encrypted with a passphrase made OpenSSL ask for it on the terminal (a
+    prompt at every start, on a console) or fail with `[Errno 22] Invalid argument` (under
+    systemd), which named neither the key nor the passphrase. It is refused, saying why; a
+    key that does not match its certificate is still named as before."""
+    import subprocess
+
+    from tests.test_service_hardening import _tls_files
+
+    certs = _tls_files(tmp_path / "certs")
+    encrypted = certs / "client-enc.key"
+    protect = ["-aes256", "-passout", "pass:pw", "-out", encrypted]
+    subprocess.run(
+        ["openssl", "pkey", "-in", certs / "client.key", *protect], check=True, capture_output=True
+    )
+    said = r"tls_key = '/.*: the private key is encrypted \(it has a passphrase\)"
+    with pytest.raises(ConfigError, match=said):
+        config.load(
+            None,
+            env={},
+            overrides={
+                "model": "m",
+                "tls_cert": str(certs / "client.crt"),
+                "tls_key": str(encrypted),
+            },
+        )
+    with pytest.raises(
+        ConfigError, match="not a usable certificate and key: .*KEY_VALUES_MISMATCH"
+    ):
+        config.load(
+            None,
+            env={},
+            overrides={
+                "model": "m",
+                "tls_cert": str(certs / "client.crt"),
+                "tls_key": str(certs / "server.key"),
+            },
+        )
+
+
 def test_a_state_dir_is_locked_while_held_and_free_once_released(tmp_path):
     import os
 

@@ -65,6 +65,7 @@ from .jetstream import PullFeed, StorePublisher
 from .journal import Journal
 from .metrics import Metrics
 from .model import StepModel
+from .mqtt_loop import loud
 from .outbox import Outbound
 from .partitions import (
     MAX_PARTITIONS,
@@ -622,6 +623,7 @@ class Worker:
         self.refusals = 0  # ... the times a server refused our credentials then
         self.refusal = ""  # ... the last such refusal
         self.denied = ""  # the last permissions violation the server said
+        self.last_error = ("", 0)  # the client's last error, and how many times in a row
         self.refused = asyncio.Event()  # ... as many times as there are servers
         # chunk subjects of the snapshot store no object named at the last look -> their last
         # sequence then (see _sweep_chunks)
@@ -1854,7 +1856,12 @@ class Worker:
 
     async def _nats_error(self, exc: Exception) -> None:
         said = str(exc) or type(exc).__name__
-        log.warning("NATS: %s", said)
+        # The client tries a server away again every half second, each an error: logged as
+        # serve logs a broker away (the same in a row at 1-3, 10 and every 100th).
+        n = self.last_error[1] + 1 if self.last_error[0] == said else 1
+        self.last_error = (said, n)
+        note = " (the same again is logged at attempt 10 and every 100th)" if n == 3 else ""
+        log.log(logging.WARNING if loud(n) else logging.DEBUG, "NATS: %s%s", said, note)
         if "permissions violation" in said.lower():
             self.denied = said
         if self.nc is None:  # the first connection: its error says why it is not made

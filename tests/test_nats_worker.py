@@ -385,6 +385,23 @@ def test_credentials_the_server_refuses_are_named_at_once(bundles: Path, tmp_pat
         server.stop()
 
 
+def test_a_server_away_is_not_a_warning_line_every_half_second(
+    nats_server: NatsServer, workers: Any
+) -> None:
+    """While the server was away, the client's every reconnect attempt (two a second) was a
+    warning line: 172,800 a day on a gateway's SD card. As `serve` logs a broker away, the
+    same error in a row is logged at the first three attempts, the 10th and every 100th,
+    the others at debug level."""
+    w = workers("w1", "--log-level", "debug")
+    wait_until(lambda: "taken over in" in w.log(), 120, "the worker up")
+    nats_server.stop()
+    failed = "Connect call failed"
+    wait_until(lambda: w.log().count(failed) >= 15, 120, "15 reconnect attempts")
+    loud = [ln for ln in w.log().splitlines() if failed in ln and " WARNING " in ln]
+    assert 1 <= len(loud) <= 4, loud
+    assert "the same again is logged at attempt 10 and every 100th" in loud[min(2, len(loud) - 1)]
+
+
 class _DeniedServer(NatsServer):
     """A nats-server whose only user may not use JetStream's API."""
 

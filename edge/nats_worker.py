@@ -624,6 +624,8 @@ class Worker:
         self.refusal = ""  # ... the last such refusal
         self.denied = ""  # the last permissions violation the server said
         self.last_error = ("", 0)  # the client's last error, and how many times in a row
+        self.renewals_failed = 0  # lease renewal rounds failed in a row (NATS away)
+        self.rounds_failed = 0  # balancing rounds failed in a row (NATS away)
         self.refused = asyncio.Event()  # ... as many times as there are servers
         # chunk subjects of the snapshot store no object named at the last look -> their last
         # sequence then (see _sweep_chunks)
@@ -1601,6 +1603,8 @@ class Worker:
                 pending.pop(key, None)
                 if not task.cancelled() and (exc := task.exception()) is not None:
                     failed.append(exc)
+                elif not task.cancelled():  # NATS answers again
+                    self.renewals_failed = 0
 
             pending[key] = asyncio.create_task(call())
             pending[key].add_done_callback(done)
@@ -1612,7 +1616,16 @@ class Worker:
                     start((p, rev), functools.partial(self._renew_lease, p, rev))
                 if failed:  # NATS unreachable for a moment: the leases say so
                     self._no_room(failed[0])
-                    log.warning("lease renewal failed (%d): %s", len(failed), failed[0])
+                    # four rounds a lease: a server away for a day was 100,000 lines
+                    self.renewals_failed += 1
+                    n = self.renewals_failed
+                    log.log(
+                        logging.WARNING if loud(n) else logging.DEBUG,
+                        "lease renewal failed (%d): %s%s",
+                        len(failed),
+                        failed[0],
+                        " (while it goes on, more at the 10th and every 100th)" if n == 3 else "",
+                    )
                     failed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), self.opts.lease_seconds / 4)
@@ -2077,7 +2090,16 @@ class Worker:
                     await self._make_again(exc)
                 except Exception as exc:  # NATS unreachable for a moment: the leases say so
                     self._no_room(exc)
-                    log.warning("balancing round failed: %s", exc)
+                    self.rounds_failed += 1
+                    n = self.rounds_failed
+                    log.log(
+                        logging.WARNING if loud(n) else logging.DEBUG,
+                        "balancing round failed: %s%s",
+                        exc,
+                        " (while it goes on, more at the 10th and every 100th)" if n == 3 else "",
+                    )
+                else:
+                    self.rounds_failed = 0
                 await self._say("online")  # every round: core NATS keeps no retained status
                 now = time.monotonic()
                 if self.opts.stats_interval and now - last_stats >= self.opts.stats_interval:

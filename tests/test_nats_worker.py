@@ -389,9 +389,10 @@ def test_a_server_away_is_not_a_warning_line_every_half_second(
     nats_server: NatsServer, workers: Any
 ) -> None:
     """While the server was away, the client's every reconnect attempt (two a second) was a
-    warning line: 172,800 a day on a gateway's SD card. As `serve` logs a broker away, the
-    same error in a row is logged at the first three attempts, the 10th and every 100th,
-    the others at debug level."""
+    warning line: 172,800 a day on a gateway's SD card, and each failed lease renewal and
+    balancing round another. As `serve` logs a broker away, the same error in a row is
+    logged at the first three attempts, the 10th and every 100th, the others at debug
+    level."""
     w = workers("w1", "--log-level", "debug")
     wait_until(lambda: "taken over in" in w.log(), 120, "the worker up")
     nats_server.stop()
@@ -400,6 +401,11 @@ def test_a_server_away_is_not_a_warning_line_every_half_second(
     loud = [ln for ln in w.log().splitlines() if failed in ln and " WARNING " in ln]
     assert 1 <= len(loud) <= 4, loud
     assert "the same again is logged at attempt 10 and every 100th" in loud[min(2, len(loud) - 1)]
+    # and so are the worker's own rounds that fail meanwhile (four a lease, one a third)
+    for failing in ("lease renewal failed", "balancing round failed"):
+        wait_until(lambda f=failing: w.log().count(f) >= 5, 180, f"5 of {failing!r}")
+        loud = [ln for ln in w.log().splitlines() if failing in ln and " WARNING " in ln]
+        assert 1 <= len(loud) <= 3, loud
 
 
 class _DeniedServer(NatsServer):

@@ -1951,6 +1951,27 @@ class Worker:
         finally:
             self.lock.release()
 
+    def _login(self) -> dict[str, Any]:
+        """``serve``'s keys of the broker's TLS and login (``tls_ca``, ``tls_cert``,
+        ``tls_key``, ``username``, ``password_file``) for NATS: read from the same file and
+        environment, and checked as ``serve`` checks them, they were ignored without a word
+        (a server with TLS then failed `certificate verify failed`)."""
+        import ssl
+
+        cfg = self.cfg
+        kw: dict[str, Any] = {}
+        if cfg.tls_ca or cfg.tls_cert:
+            tls = ssl.create_default_context(cafile=cfg.tls_ca or None)
+            if cfg.tls_cert:
+                tls.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+            kw["tls"] = tls
+        if cfg.username:
+            kw["user"] = cfg.username
+            kw["password"] = (
+                Path(cfg.password_file).read_text().strip() if cfg.password_file else cfg.password
+            )
+        return kw
+
     async def _run(self) -> int:
         import nats
         from nats.js.errors import NotFoundError
@@ -1973,6 +1994,7 @@ class Worker:
                 reconnect_time_wait=0.5,
                 connect_timeout=5,
                 error_cb=self._nats_error,  # one line each, not the library's traceback
+                **self._login(),
             )
         )
         ends = [asyncio.ensure_future(e.wait()) for e in (self.refused, self.stopping)]

@@ -24,7 +24,8 @@ TOML file (--config, top level or a [serve] table); the worker's own keys from i
 table (nats, partitions, worker_id, lease_seconds, snapshot_interval, replicas,
 stats_interval). As for serve, the processing keys are also environment variables
 (EDGE_LSTM_REORDER_MS, ...): the command line wins over the environment, which wins over the
-file.
+file. serve's keys of TLS and login (tls_ca, tls_cert, tls_key, username, password_file) are
+the NATS server's: TLS is used where the server requires it (a tls block in its configuration).
 """
 
 WORKER_KEYS = {

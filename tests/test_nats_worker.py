@@ -408,6 +408,49 @@ def test_a_server_away_is_not_a_warning_line_every_half_second(
         assert 1 <= len(loud) <= 3, loud
 
 
+class _TlsServer(NatsServer):
+    """A nats-server that requires TLS (a certificate of its own CA) and a user's password."""
+
+    certs = Path()
+
+    def config(self) -> str:
+        c = self.certs
+        tls = f'tls {{\n  cert_file: "{c}/server.crt"\n  key_file: "{c}/server.key"\n}}\n'
+        return (
+            super().config()
+            + tls
+            + "authorization {\n  users = [{user: edge, password: right}]\n}\n"
+        )
+
+
+def test_the_tls_and_login_keys_of_serve_reach_nats(bundles: Path, tmp_path: Path) -> None:
+    """`tls_ca`, `username` and `password_file` in the worker's file are accepted, as for
+    serve, and were ignored without a word: a server with TLS was refused `certificate verify
+    failed` (the system's CAs), a password kept in a file could not be used. They are used."""
+    from tests.test_service_hardening import _tls_files
+
+    _TlsServer.certs = _tls_files(tmp_path / "certs")
+    server = _TlsServer(tmp_path / "nats").start()
+    password = tmp_path / "password"
+    password.write_text("right\n")
+    conf = tmp_path / "worker.toml"
+    conf.write_text(
+        f'tls_ca = "{_TlsServer.certs / "ca.crt"}"\nusername = "edge"\n'
+        f'password_file = "{password}"\n'
+    )
+    w = WorkerProc(bundles / "clf-int8", server.url, tmp_path / "s", "w1", "--config", str(conf))
+    try:
+        w.start()
+        assert w.proc is not None
+        up = "taken over in"
+        wait_until(lambda: up in w.log() or w.proc.poll() is not None, 120, "up or ended")
+        assert up in w.log(), w.log()[-2000:]
+        assert "right" not in w.log()
+    finally:
+        w.stop()
+        server.stop()
+
+
 class _DeniedServer(NatsServer):
     """A nats-server whose only user may not use JetStream's API."""
 

@@ -182,6 +182,12 @@ class WorkerOptions:
         return ",".join(cut(shown(url)) for url in self.servers)
 
 
+def again(last: tuple[str, int], said: str) -> tuple[str, int]:
+    """``last`` (an error's text, and how many times in a row it came) once ``said`` came:
+    another error is logged at once, the same again as a reconnect is (``loud``)."""
+    return (said, last[1] + 1 if last[0] == said else 1)
+
+
 def cut(text: str) -> str:
     """``text`` as it is, or cut as ``edge.errors.shown`` cuts a value too long to repeat."""
     return text if len(text) <= SHOWN_CHARS else bounded(text)
@@ -624,8 +630,8 @@ class Worker:
         self.refusal = ""  # ... the last such refusal
         self.denied = ""  # the last permissions violation the server said
         self.last_error = ("", 0)  # the client's last error, and how many times in a row
-        self.renewals_failed = 0  # lease renewal rounds failed in a row (NATS away)
-        self.rounds_failed = 0  # balancing rounds failed in a row (NATS away)
+        self.renewals_failed = ("", 0)  # ... of the lease renewal rounds (NATS away)
+        self.rounds_failed = ("", 0)  # ... of the balancing rounds (NATS away)
         self.refused = asyncio.Event()  # ... as many times as there are servers
         # chunk subjects of the snapshot store no object named at the last look -> their last
         # sequence then (see _sweep_chunks)
@@ -1604,7 +1610,7 @@ class Worker:
                 if not task.cancelled() and (exc := task.exception()) is not None:
                     failed.append(exc)
                 elif not task.cancelled():  # NATS answers again
-                    self.renewals_failed = 0
+                    self.renewals_failed = ("", 0)
 
             pending[key] = asyncio.create_task(call())
             pending[key].add_done_callback(done)
@@ -1617,8 +1623,8 @@ class Worker:
                 if failed:  # NATS unreachable for a moment: the leases say so
                     self._no_room(failed[0])
                     # four rounds a lease: a server away for a day was 100,000 lines
-                    self.renewals_failed += 1
-                    n = self.renewals_failed
+                    self.renewals_failed = again(self.renewals_failed, str(failed[0]))
+                    n = self.renewals_failed[1]
                     log.log(
                         logging.WARNING if loud(n) else logging.DEBUG,
                         "lease renewal failed (%d): %s%s",
@@ -1871,8 +1877,8 @@ class Worker:
         said = str(exc) or type(exc).__name__
         # The client tries a server away again every half second, each an error: logged as
         # serve logs a broker away (the same in a row at 1-3, 10 and every 100th).
-        n = self.last_error[1] + 1 if self.last_error[0] == said else 1
-        self.last_error = (said, n)
+        self.last_error = again(self.last_error, said)
+        n = self.last_error[1]
         note = " (the same again is logged at attempt 10 and every 100th)" if n == 3 else ""
         log.log(logging.WARNING if loud(n) else logging.DEBUG, "NATS: %s%s", said, note)
         if "permissions violation" in said.lower():
@@ -2112,8 +2118,8 @@ class Worker:
                     await self._make_again(exc)
                 except Exception as exc:  # NATS unreachable for a moment: the leases say so
                     self._no_room(exc)
-                    self.rounds_failed += 1
-                    n = self.rounds_failed
+                    self.rounds_failed = again(self.rounds_failed, str(exc))
+                    n = self.rounds_failed[1]
                     log.log(
                         logging.WARNING if loud(n) else logging.DEBUG,
                         "balancing round failed: %s%s",
@@ -2121,7 +2127,7 @@ class Worker:
                         " (while it goes on, more at the 10th and every 100th)" if n == 3 else "",
                     )
                 else:
-                    self.rounds_failed = 0
+                    self.rounds_failed = ("", 0)
                 await self._say("online")  # every round: core NATS keeps no retained status
                 now = time.monotonic()
                 if self.opts.stats_interval and now - last_stats >= self.opts.stats_interval:

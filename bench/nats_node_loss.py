@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 from edge.mqtt_loop import delivered
 from edge.nats_worker import STREAM, WorkerOptions, ensure_resources
 from edge.partitions import SOURCE_HEADER
-from tests.nats_helpers import NatsServer
+from tests.nats_helpers import NatsServer, start_cluster
 
 
 async def measure(nodes: list[NatsServer], n: int) -> dict[str, object]:
@@ -101,11 +101,7 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=3000)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="nats-node-loss-"))
-    nodes = [NatsServer(root / f"n{i}", name=f"n{i}") for i in (1, 2, 3)]
-    for x in nodes:
-        x.peers = [m for m in nodes if m is not x]
-    for x in nodes:
-        x.start()
+    nodes = start_cluster(root)
     try:
         print(json.dumps(asyncio.run(measure(nodes, args.messages)), indent=2))
     finally:

@@ -39,7 +39,7 @@ import numpy as np
 
 from edge.nats_worker import LEASES
 from tests.mqtt_helpers import ROOT, Collector, Publisher, wait_until
-from tests.nats_helpers import NatsCollector, NatsServer, all_owned
+from tests.nats_helpers import NatsCollector, all_owned, start_cluster
 
 PARTITIONS = 8
 STREAMS = 12
@@ -133,11 +133,7 @@ def one_run(
     tree: Path, bundle: Path, rate: float, before: float, after: float, kill: str
 ) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="nats-takeover-"))
-    nodes = [NatsServer(root / f"n{i}", name=f"n{i}") for i in (1, 2, 3)]
-    for n in nodes:
-        n.peers = [m for m in nodes if m is not n]
-    for n in nodes:
-        n.start()
+    nodes = start_cluster(root)
     urls = [n.url for n in nodes]
     state = root / "state"
     state.mkdir()

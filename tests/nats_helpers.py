@@ -103,6 +103,16 @@ class NatsServer:
                 self.kill()
 
 
+def start_cluster(root: Path, size: int = 3) -> list[NatsServer]:
+    """``size`` nats-servers routed to each other (a JetStream cluster), started."""
+    nodes = [NatsServer(root / f"n{i}", name=f"n{i}") for i in range(1, size + 1)]
+    for n in nodes:
+        n.peers = [m for m in nodes if m is not n]
+    for n in nodes:
+        n.start()
+    return nodes
+
+
 class WorkerProc:
     """``edge-lstm worker`` in a child process of this interpreter."""
 

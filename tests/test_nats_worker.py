@@ -27,6 +27,7 @@ from tests.nats_helpers import (
     WorkerProc,
     all_owned,
     owned,
+    start_cluster,
     wait_owned,
 )
 
@@ -1573,11 +1574,7 @@ def test_the_worker_tells_systemd_it_is_started_once_it_can_stop_cleanly(
 
 @pytest.fixture
 def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
-    nodes = [NatsServer(tmp_path / f"n{i}", name=f"n{i}") for i in (1, 2, 3)]
-    for n in nodes:
-        n.peers = [m for m in nodes if m is not n]
-    for n in nodes:
-        n.start()
+    nodes = start_cluster(tmp_path)
     yield nodes
     for n in nodes:
         n.stop()

@@ -40,7 +40,7 @@ from .mqtt_client import CLOSED, Client, packet_size
 from .mqtt_network import NetworkLoop, held
 from .outbox import Outbound
 from .outfile import replace_whole
-from .processor import Inbound, Processor, RateLimitedLog, storage_fault
+from .processor import Inbound, Processor, RateLimitedLog, loud, storage_fault
 from .state_lock import StateLock
 
 log = logging.getLogger("edge.service")
@@ -57,14 +57,6 @@ QOS_HINT = (
 DRAIN_SECONDS = 3.0  # how long SIGTERM keeps answering what is already here
 STOP_HA_ROUNDS = 3  # rounds of queued Home Assistant sensor removals a clean stop still sends
 RETRY_SECONDS = 1.0  # between attempts to write to an unwritable state directory
-
-
-def loud(n: int) -> bool:
-    """Whether the ``n``-th of a run of like events is logged at its level: the first three,
-    the 10th and every 100th; the rest go to debug level. A broker away for a day is
-    otherwise a line every ``reconnect_max`` seconds (2,880 a day at 30 s) on the gateway's
-    SD card."""
-    return n <= 3 or n == 10 or n % 100 == 0
 
 
 def delivered(info: Any) -> bool:

@@ -65,7 +65,6 @@ from .jetstream import PullFeed, StorePublisher
 from .journal import Journal
 from .metrics import Metrics
 from .model import StepModel
-from .mqtt_loop import loud
 from .outbox import Outbound
 from .partitions import (
     MAX_PARTITIONS,
@@ -87,7 +86,7 @@ from .partitions import (
     transform_dest,
     transform_partitions,
 )
-from .processor import Inbound, Processor
+from .processor import InARow, Inbound, Processor
 from .state_lock import StateLock
 
 log = logging.getLogger("edge.worker")
@@ -180,12 +179,6 @@ class WorkerOptions:
     def shown(self) -> str:
         """The servers as a log line or an error may show them: without credentials."""
         return ",".join(cut(shown(url)) for url in self.servers)
-
-
-def again(last: tuple[str, int], said: str) -> tuple[str, int]:
-    """``last`` (an error's text, and how many times in a row it came) once ``said`` came:
-    another error is logged at once, the same again as a reconnect is (``loud``)."""
-    return (said, last[1] + 1 if last[0] == said else 1)
 
 
 def cut(text: str) -> str:
@@ -629,9 +622,9 @@ class Worker:
         self.refusals = 0  # ... the times a server refused our credentials then
         self.refusal = ""  # ... the last such refusal
         self.denied = ""  # the last permissions violation the server said
-        self.last_error = ("", 0)  # the client's last error, and how many times in a row
-        self.renewals_failed = ("", 0)  # ... of the lease renewal rounds (NATS away)
-        self.rounds_failed = ("", 0)  # ... of the balancing rounds (NATS away)
+        self.nats_errors = InARow(log, "NATS")  # the client's, as it tries a server again
+        self.renewals_failed = InARow(log, "lease renewal failed")  # NATS away
+        self.rounds_failed = InARow(log, "balancing round failed")  # ... the same
         self.refused = asyncio.Event()  # ... as many times as there are servers
         # chunk subjects of the snapshot store no object named at the last look -> their last
         # sequence then (see _sweep_chunks)
@@ -1610,7 +1603,7 @@ class Worker:
                 if not task.cancelled() and (exc := task.exception()) is not None:
                     failed.append(exc)
                 elif not task.cancelled():  # NATS answers again
-                    self.renewals_failed = ("", 0)
+                    self.renewals_failed.over()
 
             pending[key] = asyncio.create_task(call())
             pending[key].add_done_callback(done)
@@ -1623,15 +1616,7 @@ class Worker:
                 if failed:  # NATS unreachable for a moment: the leases say so
                     self._no_room(failed[0])
                     # four rounds a lease: a server away for a day was 100,000 lines
-                    self.renewals_failed = again(self.renewals_failed, str(failed[0]))
-                    n = self.renewals_failed[1]
-                    log.log(
-                        logging.WARNING if loud(n) else logging.DEBUG,
-                        "lease renewal failed (%d): %s%s",
-                        len(failed),
-                        failed[0],
-                        " (while it goes on, more at the 10th and every 100th)" if n == 3 else "",
-                    )
+                    self.renewals_failed(str(failed[0]), f"lease renewal failed ({len(failed)})")
                     failed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), self.opts.lease_seconds / 4)
@@ -1877,10 +1862,7 @@ class Worker:
         said = str(exc) or type(exc).__name__
         # The client tries a server away again every half second, each an error: logged as
         # serve logs a broker away (the same in a row at 1-3, 10 and every 100th).
-        self.last_error = again(self.last_error, said)
-        n = self.last_error[1]
-        note = " (the same again is logged at attempt 10 and every 100th)" if n == 3 else ""
-        log.log(logging.WARNING if loud(n) else logging.DEBUG, "NATS: %s%s", said, note)
+        self.nats_errors(said, note="the same again is logged at attempt 10 and every 100th")
         if "permissions violation" in said.lower():
             self.denied = said
         if self.nc is None:  # the first connection: its error says why it is not made
@@ -2118,16 +2100,9 @@ class Worker:
                     await self._make_again(exc)
                 except Exception as exc:  # NATS unreachable for a moment: the leases say so
                     self._no_room(exc)
-                    self.rounds_failed = again(self.rounds_failed, str(exc))
-                    n = self.rounds_failed[1]
-                    log.log(
-                        logging.WARNING if loud(n) else logging.DEBUG,
-                        "balancing round failed: %s%s",
-                        exc,
-                        " (while it goes on, more at the 10th and every 100th)" if n == 3 else "",
-                    )
+                    self.rounds_failed(str(exc))
                 else:
-                    self.rounds_failed = ("", 0)
+                    self.rounds_failed.over()
                 await self._say("online")  # every round: core NATS keeps no retained status
                 now = time.monotonic()
                 if self.opts.stats_interval and now - last_stats >= self.opts.stats_interval:

@@ -123,6 +123,39 @@ class RateLimitedLog:
         )
 
 
+def loud(n: int) -> bool:
+    """Whether the ``n``-th of a run of like events is logged at its level: the first three,
+    the 10th and every 100th; the rest go to debug level. A broker away for a day is
+    otherwise a line every ``reconnect_max`` seconds (2,880 a day at 30 s) on the gateway's
+    SD card."""
+    return n <= 3 or n == 10 or n % 100 == 0
+
+
+class InARow:
+    """A failure that repeats (a server away: the client tries again every half second),
+    logged as ``loud`` says; another failure's text is logged at once."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.logger, self.what = logger, what
+        self.said, self.n = "", 0
+
+    def __call__(self, said: str, what: str | None = None, *, note: str | None = None) -> None:
+        self.n = self.n + 1 if said == self.said else 1
+        self.said = said
+        note = note or "while it goes on, more at the 10th and every 100th"
+        self.logger.log(
+            logging.WARNING if loud(self.n) else logging.DEBUG,
+            "%s: %s%s",
+            what or self.what,
+            said,
+            f" ({note})" if self.n == 3 else "",
+        )
+
+    def over(self) -> None:
+        """It works again: the next failure is the first of a new run."""
+        self.said, self.n = "", 0
+
+
 def _duration(seconds: float) -> str:
     minutes = max(1, round(seconds / 60))
     return f"{minutes} min" if minutes < 120 else f"{minutes / 60:.0f} h"

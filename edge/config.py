@@ -187,6 +187,13 @@ class ServiceConfig:
     def tls(self) -> bool:
         return bool(self.tls_ca) or urlparse(self.broker).scheme == "mqtts"
 
+    def login_password(self) -> str:
+        """The password to log in with (``serve``'s broker, the worker's NATS):
+        ``password_file``'s, else ``password``."""
+        if self.password_file:
+            return Path(self.password_file).read_text().strip()
+        return self.password
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
 

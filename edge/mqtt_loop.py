@@ -345,10 +345,7 @@ class MqttService:
         client.max_queued_messages_set(0)
         client.will_set(self._status_topic, self._status("offline"), qos=1, retain=True)
         if cfg.username:
-            password = (
-                Path(cfg.password_file).read_text().strip() if cfg.password_file else cfg.password
-            )
-            client.username_pw_set(cfg.username, password or None)
+            client.username_pw_set(cfg.username, cfg.login_password() or None)
         if cfg.tls:
             client.tls_set(
                 ca_certs=cfg.tls_ca or None,

@@ -1955,9 +1955,7 @@ class Worker:
             kw["tls"] = tls
         if cfg.username:
             kw["user"] = cfg.username
-            kw["password"] = (
-                Path(cfg.password_file).read_text().strip() if cfg.password_file else cfg.password
-            )
+            kw["password"] = cfg.login_password()
         return kw
 
     async def _run(self) -> int:

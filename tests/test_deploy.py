@@ -242,6 +242,33 @@ def test_systemd_unit_runs_the_service(bundles, broker, tmp_path):
     col.close()
 
 
+@pytest.mark.parametrize("unit_file", ["edge-lstm.service", "edge-lstm-worker.service"])
+def test_a_refused_start_is_not_started_again_by_its_unit(unit_file, tmp_path):
+    """A configuration the runtime refuses (exit 2, one line) was started again every 2 s
+    under ``Restart=always``, for good: a log line every 2 s and never a failed unit. The
+    unit's own command, run with a configuration naming a bundle that is not there, exits
+    with a status the unit does not restart; a crash or exit 1 is still restarted."""
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(DEPLOY / unit_file)
+    service = unit["Service"]
+    assert service["Restart"] == "always"
+    kept_down = {int(s) for s in service.get("RestartPreventExitStatus", "").split()}
+    assert 1 not in kept_down
+    argv = shlex.split(service["ExecStart"])
+    config = tmp_path / "edge-lstm.toml"
+    config.write_text(
+        f'model = "{tmp_path / "no-bundle"}"\nbroker = "mqtt://127.0.0.1:1"\n'
+        '[worker]\nnats = "nats://127.0.0.1:1"\n'
+    )
+    args = [a if not a.startswith("/etc/") else str(config) for a in argv[1:]]
+    args = [a if not a.startswith("/var/lib/") else str(tmp_path / "state") for a in args]
+    done = subprocess.run(
+        [sys.executable, "-m", "edge", *args], capture_output=True, text=True, timeout=120
+    )
+    assert "no-bundle" in done.stderr, done.stderr
+    assert done.returncode in kept_down, (done.returncode, done.stderr)
+
+
 def test_a_subscription_the_broker_refuses_is_said_not_served_deaf(bundles, tmp_path):
     """A broker's ACL may refuse a subscription (here mosquitto's dynamic security plugin
     refuses the sensors' topics to anonymous clients): the runtime must not say `online` and

@@ -59,7 +59,7 @@ from . import partition_snapshot as psnap
 from . import snapshot as snapfmt
 from .config import UPPER_BOUNDS, ServiceConfig
 from .engine import Engine, load
-from .errors import SHOWN_CHARS, ConfigError, EdgeError, SnapshotError
+from .errors import SHOWN_CHARS, ConfigError, EdgeError, SnapshotError, TransportError
 from .errors import shown as bounded
 from .jetstream import PullFeed, StorePublisher
 from .journal import Journal
@@ -112,6 +112,7 @@ SNAPSHOT_CHUNK = 128 * 1024  # bytes per message of a stored snapshot (nats-py's
 STOP_SECONDS = 5.0  # longest wait for each step of a clean stop
 CONSUMER_SECONDS = 60.0  # for NATS to confirm a partition's new consumer (an election)
 READ_TRIES = 3  # reads of a snapshot object that its writer replaces meanwhile
+UNREADABLE_SECONDS = 60.0  # a snapshot NATS cannot read waits for it this long at most
 BUSY_WAIT = 0.25  # seconds a partition waits for messages while samples are held
 IDLE_WAIT = 1.0  # ... and with nothing held
 # A partition whose scratch log takes no batch for this long (its directory unwritable, or
@@ -454,6 +455,28 @@ async def _check_lease(js: Any, opts: WorkerOptions) -> None:
         )
 
 
+def _unavailable() -> tuple[type[BaseException], ...]:
+    """Errors of a NATS that cannot answer now (a timeout is an ``OSError``), not of what it
+    holds."""
+    from nats.errors import (
+        ConnectionClosedError,
+        ConnectionReconnectingError,
+        NoRespondersError,
+        StaleConnectionError,
+    )
+    from nats.js.errors import ServerError, ServiceUnavailableError
+
+    return (
+        OSError,
+        ConnectionClosedError,
+        ConnectionReconnectingError,
+        NoRespondersError,
+        StaleConnectionError,
+        ServerError,
+        ServiceUnavailableError,
+    )
+
+
 def _why(exc: BaseException) -> str:
     """An exception as a log line: nats-py's API errors print as ``ServiceUnavailableError()``
     unless their description is asked for."""
@@ -610,6 +633,7 @@ class Worker:
         self.mqtt_store = False  # whether the MQTT listener's store exists (it makes it itself)
         self.stream_id = ""  # when the stream was created (see _stream_state)
         self.seen: set[str] = set()  # the incarnations of the stream this process has seen
+        self.unreadable: dict[int, float] = {}  # partition -> when its snapshot read first failed
         self.relaid = 0  # the partition count before this incarnation of the stream (_layout)
         # per counter, the stream's setting that loses messages (discard-new limits, retention
         # other than limits, max_msg_size, sealed) as last said, so that each is said once
@@ -707,7 +731,14 @@ class Worker:
         return proc, directory
 
     async def _snapshots(self, p: int) -> list[psnap.PartitionSnapshot]:
-        """This partition's intact snapshots in JetStream, newest first."""
+        """This partition's intact snapshots in JetStream, newest first.
+
+        A read NATS cannot answer now (a timeout while JetStream elects after a node's loss,
+        the connection away) is not damage: taken as such, the partition was restored from
+        the older slot (more to replay) or the stream's start, and where the stream's limits
+        had removed that start its streams' state was given up. The takeover fails instead
+        and the next round tries it again, for ``UNREADABLE_SECONDS``; a slot unreadable for
+        longer (its chunks lost) is passed over, named."""
         from nats.js.errors import NotFoundError, ObjectNotFoundError
 
         found: list[psnap.PartitionSnapshot] = []
@@ -717,6 +748,22 @@ class Worker:
                 data = await self._get(name)
             except (NotFoundError, ObjectNotFoundError):
                 continue  # this slot was never written: nothing to restore from it
+            except _unavailable() as exc:
+                since = self.unreadable.setdefault(p, time.monotonic())
+                if time.monotonic() - since < UNREADABLE_SECONDS:
+                    raise TransportError(
+                        f"partition {p}: snapshot {name} cannot be read now ({_why(exc)}); "
+                        "the takeover is tried again"
+                    ) from exc
+                log.error(
+                    "partition %d: snapshot %s unreadable for %.0f s (%s): restored without it",
+                    p,
+                    name,
+                    UNREADABLE_SECONDS,
+                    _why(exc),
+                )
+                self.metrics.inc("snapshots_unreadable")
+                continue
             except Exception as exc:  # a damaged object: the other slot, or the stream start
                 log.error("partition %d: snapshot %s unreadable: %r", p, name, exc)
                 self.metrics.inc("snapshots_damaged")
@@ -737,6 +784,7 @@ class Worker:
                 self.metrics.inc("snapshots_damaged")
                 continue
             found.append(snap)
+        self.unreadable.pop(p, None)
         return sorted(found, key=lambda s: s.generation, reverse=True)
 
     async def _restore(self, p: int) -> Partition:
@@ -1914,7 +1962,12 @@ class Worker:
         partition from the stream's start into its own state, answer with errors, and write
         its snapshots over the group's. Refused at start, nothing touched."""
         for p in range(self.opts.partitions):
-            for snap in (await self._snapshots(p))[:1]:
+            try:
+                snaps = await self._snapshots(p)
+            except TransportError as exc:  # checked again when the partition is taken over
+                log.warning("%s", exc)
+                continue
+            for snap in snaps[:1]:
                 problem = self._foreign(snap)
                 if problem:
                     raise self._refusal(p, snap, problem)

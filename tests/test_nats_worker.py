@@ -3151,6 +3151,76 @@ def test_a_worker_whose_lease_ran_out_writes_no_snapshot_over_the_new_owners(
 
 
 @failover
+@pytest.mark.parametrize("lasting", [False, True], ids=["a moment", "for good"])
+def test_a_snapshot_nats_cannot_read_now_is_waited_for_not_passed_over(
+    bundles: Path,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    lasting: bool,
+) -> None:
+    """A snapshot read that timed out (JetStream electing after a node's loss) was taken for
+    damage: the partition was restored from the older slot (more to replay) or the stream's
+    start, and where the stream's limits had removed that start its streams' state was given
+    up. The takeover now fails and is tried again: the newest snapshot is restored. One that
+    stays unreadable past ``UNREADABLE_SECONDS`` (here 0) is passed over, counted."""
+    import nats
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from edge import nats_worker
+    from edge.partition_snapshot import object_name
+
+    if lasting:
+        monkeypatch.setattr(nats_worker, "UNREADABLE_SECONDS", 0.0)
+
+    url, samples, stream, p, want, native, worker = _one_stream_leasing_a_second(
+        bundles, nats_server, tmp_path, 3, seed=79
+    )
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        w1 = worker("w1")
+        running1 = asyncio.create_task(w1.run())
+        await _until(lambda: len(w1.owned) == P, 60, "w1 to own every partition")
+        part = w1.owned[p]
+        for k in range(2):  # a snapshot after each sample: the two slots differ
+            await _publish_sample(js, samples, stream, k)
+            await _until(lambda k=k: part.covered > k, 60, f"w1 to handle sample {k + 1}")
+            await w1._snapshot(part, force=True)
+        newest = (await w1._snapshots(p))[0].generation
+        running1.cancel()  # as kill -9: no hand-over, no last snapshot
+        with contextlib.suppress(asyncio.CancelledError):
+            await running1
+        w2 = worker("w2")
+        read, failed = w2._get, []
+
+        async def unavailable_thrice(name: str) -> bytes:
+            if name == object_name(p, newest % 2) and (lasting or len(failed) < 3):
+                failed.append(name)
+                raise NatsTimeout()
+            return await read(name)
+
+        w2._get = unavailable_thrice
+        running2 = asyncio.create_task(w2.run())
+        try:
+            await _until(lambda: p in w2.owned, 120, "w2 to take the partition over")
+            restored = w2.owned[p].generation - 1
+            assert restored == (newest - 1 if lasting else newest)
+            assert w2.metrics.counters["snapshots_damaged"] == 0
+            assert w2.metrics.counters["snapshots_unreadable"] == (2 if lasting else 0)
+            assert len(failed) == (2 if lasting else 3)
+            await _publish_sample(js, samples, stream, 2)
+            await _until(lambda: len(native.predictions()) >= 3, 60, "the third answer")
+        finally:
+            w2.stopping.set()
+            await asyncio.gather(running2, return_exceptions=True)
+            await nc.close()
+
+    _run_and_check_each_answered_once(run, native, want)
+
+
+@failover
 def test_snapshot_chunks_that_no_object_names_are_removed(
     bundles: Path, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

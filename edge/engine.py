@@ -391,13 +391,24 @@ class Engine:
         the stream's current one; a boot other than its current one without ``next_seq``
         forgets the last seq: the boot's next sample sets it, as a new boot's first does.
         Refused (``InvalidSample``, nothing changed) with an invalid stream id, or a
-        ``next_seq`` or ``boot`` that ``step`` would refuse as a seq or boot."""
+        ``next_seq`` or ``boot`` that ``step`` would refuse as a seq or boot; and
+        (``StaleSample``) naming a boot the device has left, as its samples are: made current,
+        it took the live boot for an earlier one, whose every later sample was then stale."""
         if not _valid_id(stream):
             raise InvalidSample(f"invalid stream id {shown(stream)}")
         for name, value in (("next_seq", next_seq), ("boot", boot)):
             if value is not None and not _u32(value):
                 raise InvalidSample(
                     f"{name} {shown(value)} is not an unsigned 32-bit integer", stream_id=stream
+                )
+        if boot is not None:
+            cur, old = self.boots(stream)
+            if earlier_boot(int(boot), cur, old):
+                self.counters.stale += 1
+                raise StaleSample(
+                    f"reset of boot {boot}, older than the stream's current boot {cur}; "
+                    "nothing changed",
+                    stream_id=stream,
                 )
         self.store.reset(stream)
         self.counters.resets += 1

@@ -30,7 +30,14 @@ import numpy as np
 from . import payloads, wal
 from .config import ServiceConfig
 from .engine import Chunk, Engine, Outcome
-from .errors import ConfigError, NewerFormat, SnapshotError, StateMismatch, shown
+from .errors import (
+    ConfigError,
+    NewerFormat,
+    SnapshotError,
+    StaleSample,
+    StateMismatch,
+    shown,
+)
 from .journal import Journal, Recovery
 from .metrics import Metrics
 from .outbox import Outbound, Outbox
@@ -937,6 +944,11 @@ class Processor:
             next_seq = was[4]  # the samples after the first copy come again: stepped again
         try:
             self.engine.reset(rec.stream, next_seq=next_seq, boot=rec.boot)
+        except StaleSample as exc:  # a copy the broker sends again was answered already
+            if rec.redelivered:
+                return []
+            seq = rec.seq if rec.rebase else None
+            return [self._error_msg(rec.stream, exc.code, str(exc), seq, rec.lsn)]
         except Exception as exc:
             return [self._internal(rec.stream, exc, rec.lsn)]
         store = self.engine.store

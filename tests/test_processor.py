@@ -372,6 +372,47 @@ def test_a_reset_naming_a_new_boot_lets_that_boot_number_from_its_first_message(
     assert got == [("errors/a", "duplicate"), ("predictions/a", None)]
 
 
+@pytest.mark.parametrize("when", ["running", "crash", "evicted", "sent again"])
+def test_a_reset_naming_a_boot_the_device_has_left_is_stale_and_changes_nothing(
+    bundles, tmp_path, xs, when
+):
+    """A reset of boot 7 that came after boot 8 had begun (control and data are separate
+    topics, a queued reset delivered late) made boot 7 current again: boot 8 was then an
+    earlier boot, and its every later sample was answered ``stale``, never stepped. It is
+    refused as the samples of a boot the device has left are (once: a copy the broker sends
+    again was answered already); the live boot goes on from its state, also after a crash's
+    replay and for an evicted stream."""
+    import dataclasses
+
+    p = make(bundles, tmp_path / "s", capacity=1, max_batch=1)
+    assert p.handle([msg("a", s, xs[s], boot=7) for s in range(1, 4)])
+    assert p.handle([msg("a", 1, xs[10], boot=8), msg("a", 2, xs[11], boot=8)])
+    if when == "evicted":
+        assert p.handle([msg("b", 1, xs[0])])
+        assert "a" not in p.engine.store
+    answers(p)
+    late = Inbound("sensors/a/control", b'{"cmd": "reset", "boot": 7}', 3)
+    assert p.handle([late])
+    if when == "crash":
+        p.journal.close()  # kill -9
+        p = make(bundles, tmp_path / "s", capacity=1, max_batch=1)
+    # (after a crash, the answers not acknowledged yet go out again with it)
+    got = [json.loads(o.payload) for o in answers(p) if o.topic != "predictions/a"]
+    assert [d["error"] for d in got] == ["stale"], got
+    if when == "sent again":
+        assert p.handle([dataclasses.replace(late, redelivered=True)])
+        assert answers(p) == []
+    assert p.handle([msg("a", 3, xs[12], boot=8), msg("a", 4, xs[13], boot=8)])
+    got = [(o.topic, json.loads(o.payload)) for o in answers(p)]
+    assert [t for t, _ in got] == ["predictions/a"] * 2, got
+    # an evicted stream comes back from the zero state, as always, and says so
+    evicted = when == "evicted"
+    assert [d.get("restart", False) for _, d in got] == [evicted, False]
+    model = edge.load(bundles / "clf-int8")
+    want = model.step("x", xs[12:14]) if evicted else model.step("x", xs[10:14])[2:]
+    np.testing.assert_array_equal(np.float32([d["y"] for _, d in got]), want)
+
+
 def test_a_state_directory_still_read_only_stays_degraded_until_a_snapshot_is_written(
     bundles, small_disk, xs
 ):

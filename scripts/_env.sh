@@ -16,7 +16,8 @@ fi
 # ensure_venv DIR PIP-ARGS... : create DIR and install PIP-ARGS unless the stamp says it is current.
 ensure_venv() {
     local dir="$1"; shift
-    local want; want="$(cat "$ROOT/pyproject.toml" <(printf '%s\n' "$@") | sha256sum | cut -c1-16)"
+    # the version too: an editable install's metadata holds the version it was installed at
+    local want; want="$(cat "$ROOT/pyproject.toml" "$ROOT/edge/_version.py" <(printf '%s\n' "$@") | sha256sum | cut -c1-16)"
     if [[ -x "$dir/bin/python" && -f "$dir/.stamp" && "$(cat "$dir/.stamp")" == "$want" ]]; then
         return 0
     fi

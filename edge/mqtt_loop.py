@@ -1174,5 +1174,6 @@ class MqttService:
             **self.metrics.snapshot(),
             "engine": self.engine.stats(),
             "degraded": self.processor.degraded,
+            "instance": self._instance,  # tells two runtimes with one runtime_id apart (top)
             "ts": time.time(),
         }

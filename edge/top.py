@@ -28,6 +28,7 @@ CODE_WIDTH = 32  # an error code as shown (the service's are shorter)
 MAX_PAYLOAD = 1 << 20  # a stats message is a few kB; anyone may publish 10 MB on the topic
 MAX_RUNTIMES = 200  # rows kept; the ids past this many (fakes, most likely) are skipped
 MAX_COUNT = 2**53  # a count or measurement at or past this is nonsense, shown as "-"
+MAX_INSTANCES = 16  # processes remembered per runtime id (each restart is a new one)
 
 
 @dataclass
@@ -36,6 +37,25 @@ class Runtime:
     stats: dict[str, Any] = field(default_factory=dict)
     previous: dict[str, Any] = field(default_factory=dict)
     updates: int = 0
+    # the last stats of each process (``instance``) that published under this id, so that
+    # rates are taken between two messages of one process: two runtimes given one
+    # runtime_id take turns on its topic, and their counters mixed made nonsense rates
+    last: dict[str, dict[str, Any]] = field(default_factory=dict)
+    twins: set[str] = field(default_factory=set)  # instances seen speaking in turn
+
+    def take(self, doc: dict[str, Any]) -> None:
+        """One stats message. An instance that speaks again after another one did is a twin,
+        not a restart (a restarted service never comes back as the process it was)."""
+        instance = doc.get("instance")
+        key = instance if isinstance(instance, str) else ""  # an older service says none
+        spoke = next(reversed(self.last), None)
+        if key in self.last and key != spoke and spoke is not None:
+            self.twins |= {key, spoke}
+        self.previous = self.last.pop(key, {})
+        self.last[key] = self.stats = doc  # the latest speaker last
+        while len(self.last) > MAX_INSTANCES:
+            self.last.pop(next(iter(self.last)))
+        self.updates += 1
 
     def seconds(self) -> float | None:
         """Seconds between the last two stats messages: by the service's uptime, on a clock
@@ -144,8 +164,7 @@ class TopView:
         if kind == "status":
             rt.state = state
         else:
-            rt.previous, rt.stats = rt.stats, doc
-            rt.updates += 1
+            rt.take(doc)
             if rt.state == "?":
                 rt.state = "degraded" if doc.get("degraded") else "online"
         return rid
@@ -178,6 +197,12 @@ class TopView:
             )
         if not self.runtimes:
             lines.append("(waiting for stats; is edge-lstm serve running with stats_interval > 0?)")
+        for rid in sorted(r for r, rt in self.runtimes.items() if rt.twins):
+            lines.append(
+                f"(runtime {_shown(rid, 40)}: {len(self.runtimes[rid].twins)} processes have"
+                " published under this id, and its row shows whichever spoke last; give every"
+                " serve a runtime_id of its own)"
+            )
         if self.skipped:
             why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
             lines.append(f"(skipped messages: {why})")

@@ -786,6 +786,29 @@ def test_top_shows_no_negative_rate_after_a_service_restarts():
     assert v.render().splitlines()[1].split()[3:6] == ["10", "5", "0.5"]
 
 
+def test_top_takes_rates_within_one_process_when_two_share_a_runtime_id():
+    """Two services given one runtime_id publish in turn on its stats topic: their counters
+    were taken as one service's, a rate between the two processes' counts (one at 5,000 and
+    one at 40 messages: "-" or thousands a second). Each process's stats say its instance."""
+    v = TopView("edge/stats/", "edge/status/")
+
+    def stats(instance: str, n: int, uptime: float) -> None:
+        doc = {"messages_in": n, "predictions_out": n, "instance": instance}
+        v.update("edge/stats/pi", json.dumps({**doc, "uptime_seconds": uptime}).encode())
+
+    for k in range(3):
+        stats("aaaa", 5000 + 100 * k, 1000.0 + 10 * k)  # 10 messages a second
+        stats("bbbb", 40 + 20 * k, 50.0 + 10 * k)  # 2 a second
+        assert v.render().splitlines()[1].split()[3] == ("-" if k == 0 else "2")
+    assert "2 processes have published under this id" in v.render()
+    # a restart is a new instance that the old one does not follow: no twins
+    w = TopView("edge/stats/", "edge/status/")
+    for instance, n, uptime in (("aaaa", 5000, 100.0), ("cccc", 40, 10.0), ("cccc", 60, 20.0)):
+        doc = {"messages_in": n, "predictions_out": n, "instance": instance}
+        w.update("edge/stats/pi", json.dumps({**doc, "uptime_seconds": uptime}).encode())
+    assert w.render().splitlines()[1].split()[3] == "2" and "processes" not in w.render()
+
+
 def test_top_rates_do_not_follow_a_step_of_the_services_wall_clock():
     """A gateway without a real-time clock starts at the time it last saved, and NTP then
     steps its clock by hours or months: the rates between two stats messages were divided by

@@ -519,6 +519,9 @@ def test_outputs_are_strict_json(bundles, broker, service):
     pub.raw("sensors/b/data", payloads.encode_frame(1, np.zeros((1, 6)), ts=float("inf")))
     pub.flush()
     wait_until(lambda: len(col.of("edge/stats/")) >= 2, 20, "stats")
+    # each stats message names its process, as the status does (top tells twins apart by it)
+    status = next(d for _, d in col.of("edge/status/") if d.get("state") == "online")
+    assert {d["instance"] for _, d in col.of("edge/stats/")} == {status["instance"]}
     raw = []
     got = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw")
     got.on_message = lambda c, u, m: raw.append(m.payload)

@@ -78,6 +78,7 @@ class Metrics:
         "sessions_lost",
         "subscriptions_downgraded",
         "reorder_voids_forgotten",
+        "overlapping_runtimes",
     )
 
     def __init__(self) -> None:

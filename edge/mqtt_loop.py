@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from paho.mqtt.client import topic_matches_sub
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from . import early_signals, systemd_notify
@@ -42,6 +43,7 @@ from .outbox import Outbound
 from .outfile import replace_whole
 from .processor import Inbound, Processor, RateLimitedLog, loud, storage_fault
 from .state_lock import StateLock
+from .topics import overlap, runtime_filter
 
 log = logging.getLogger("edge.service")
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another client connected with our id
@@ -259,6 +261,9 @@ class MqttService:
         # first 10 a minute at their level, the rest at debug level.
         self._log_refusal = RateLimitedLog()
         self._status_topic = cfg.status_topic.replace("{runtime_id}", cfg.runtime_id)
+        # every runtime's status, ours among them: another runtime that answers the samples
+        # we answer, on the topics we answer them on, says so in its status (``_on_peer``)
+        self._statuses = runtime_filter(cfg.status_topic) or self._status_topic
         self._stats_topic = cfg.stats_topic.replace("{runtime_id}", cfg.runtime_id)
         self._said: tuple[str, str | None] | None = None  # what our retained status says
         self._answers: dict[str, Any] = {}  # the latest answer to each runtime command
@@ -277,6 +282,7 @@ class MqttService:
         # maximum packet size refuses the connection for a will too large.
         self._instance = os.urandom(4).hex()
         self._others = 0  # statuses of other runtimes seen on our status topic, for the log
+        self._peers_said: dict[str, str] = {}  # runtime id -> the instance said to overlap
         self.metrics.gauges.update(
             active_streams=lambda: len(self.engine.store),
             queue_depth=lambda: len(self.inbox),
@@ -463,6 +469,11 @@ class MqttService:
             "ts": time.time(),
             **extra,
         }
+        if state != "offline":  # what we answer, and where: for another runtime's check
+            doc |= {
+                "data_topic": self.cfg.data_topic,
+                "prediction_topic": self.cfg.prediction_topic,
+            }
         if self._recovery and state != "offline":  # every status of this run says so
             doc["recovered_from_damage"] = self._recovery
         out = json.dumps(doc, allow_nan=False).encode()
@@ -542,20 +553,14 @@ class MqttService:
             subs: list[tuple[str, Any]] = [(f, keep) for f in filters]
             if self.ha is not None:  # our own sensors' stored copies, not our publishes
                 subs += [(f, SubscribeOptions(qos=0, noLocal=True)) for f in self.ha.filters]
-            # another runtime's statuses there (``_on_status``): only what is published now
-            subs.append(
-                (
-                    self._status_topic,
-                    SubscribeOptions(
-                        qos=0, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
-                    ),
-                )
-            )
+            # the runtimes' statuses (``_on_status``, ``_on_peer``), stored ones too: a
+            # runtime running already says so only in its stored status
+            subs.append((self._statuses, SubscribeOptions(qos=0, noLocal=True)))
         else:  # MQTT 3.1.1 sends them at every subscribe; they are answered `retained`
             subs = [(f, 1) for f in filters]
             if self.ha is not None:
                 subs += [(f, 0) for f in self.ha.filters]
-            subs.append((self._status_topic, 0))
+            subs.append((self._statuses, 0))
         known = self._drop_stale_subscriptions(client, [f for f, _ in subs], flags.session_present)
         if not flags.session_present and (self._had_session or known):
             self._session_lost()
@@ -644,18 +649,18 @@ class MqttService:
         sent, filters = self._subscribing
         if mid != sent:
             return
-        watch = [c for f, c in zip(filters, codes) if f == self._status_topic]
-        if watch and watch[0].is_failure:  # the check for a twin runtime only
+        watch = [c for f, c in zip(filters, codes) if f == self._statuses]
+        if watch and watch[0].is_failure:  # the checks for twin runtimes only
             log.warning(
-                "the broker refused the subscription to our status topic %s (%s): another "
-                "runtime with our runtime_id would go unnoticed",
-                self._status_topic,
+                "the broker refused the subscription to the status topics %s (%s): another "
+                "runtime with our runtime_id, or answering our streams, would go unnoticed",
+                self._statuses,
                 watch[0],
             )
         refused = [
             f"{shown(f)} ({c})"
             for f, c in zip(filters, codes)
-            if c.is_failure and f != self._status_topic
+            if c.is_failure and f != self._statuses
         ]
         # Granted at QoS 0 (a broker's maximum QoS): messages come unacknowledged, so those
         # in hand at a crash are lost, and none are kept for us while we are away.
@@ -664,7 +669,7 @@ class MqttService:
             for f, c in zip(filters, codes)
             if not c.is_failure
             and c.value == 0
-            and f != self._status_topic
+            and f != self._statuses
             and (self.ha is None or f not in self.ha.filters)
         ]
         if qos0:
@@ -779,9 +784,51 @@ class MqttService:
             " (while it goes on, more at the 10th and every 100th)" if self._others == 3 else "",
         )
 
+    def _on_peer(self, msg: Any) -> None:
+        """Another runtime's status. Two runtimes reading one data topic with one prediction
+        topic template (a second gateway or model installed from the same kit, a copied
+        configuration) each answer every sample on the same topic, from states of their own:
+        the devices get two answers to each, and nothing said so. Said here in the log, once
+        per run of that runtime, with a count; the runtime ids and client ids may all differ."""
+        try:
+            doc = json.loads(msg.payload) if len(msg.payload) <= 65536 else None
+        except ValueError:  # anyone may publish here
+            doc = None
+        if not isinstance(doc, dict) or doc.get("state") not in ("online", "degraded"):
+            return
+        said = [doc.get(k) for k in ("runtime_id", "instance", "data_topic", "prediction_topic")]
+        texts = [v for v in said if isinstance(v, str)]
+        if len(texts) < len(said):
+            return  # an older runtime's, which says no topics, or nonsense
+        rid, instance, data, predictions = texts
+        if rid == self.cfg.runtime_id or predictions != self.cfg.prediction_topic:
+            return  # ours; or its answers go elsewhere (two models compared, say)
+        try:
+            both = overlap(data, self.cfg.data_topic)
+        except ConfigError:
+            return
+        if not both or self._peers_said.get(rid) == instance:
+            return
+        if len(self._peers_said) >= 64:
+            self._peers_said.clear()
+        self._peers_said[rid] = instance
+        self.metrics.inc("overlapping_runtimes")
+        log.error(
+            "runtime %s (status on %s) reads samples on %s and answers on %s, as we do: a "
+            "sample on a topic both read is answered twice there, each from a state of its "
+            "own; give each runtime data topics of its own, or another prediction_topic",
+            shown(rid),
+            shown(msg.topic),
+            shown(data),
+            shown(predictions),
+        )
+
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         if msg.topic == self._status_topic:
             self._on_status(msg)
+            return
+        if self._statuses != self._status_topic and topic_matches_sub(self._statuses, msg.topic):
+            self._on_peer(msg)
             return
         if self._ha_under is not None and msg.topic.startswith(self._ha_under):
             # a stored sensor (not an echo of a publish) of this runtime's

@@ -82,3 +82,20 @@ _STREAM_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 
 def valid_stream_id(sid: str) -> bool:
     return bool(_STREAM_RE.fullmatch(sid))  # not ``$``, which also matches before a final \n
+
+
+def runtime_filter(template: str) -> str | None:
+    """The filter matching every runtime's topic of ``template`` (``edge/status/{runtime_id}``
+    -> ``edge/status/+``), or None where ``{runtime_id}`` is not one whole level."""
+    levels = template.split("/")
+    if levels.count("{runtime_id}") != 1 or template.count("{runtime_id}") != 1:
+        return None
+    return "/".join("+" if lv == "{runtime_id}" else lv for lv in levels)
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both templates (``{stream}`` matches any one level)."""
+    x, y = Template(a).levels, Template(b).levels
+    return len(x) == len(y) and all(
+        p == q or PLACEHOLDER in (p, q) for p, q in zip(x, y, strict=True)
+    )

@@ -1021,6 +1021,42 @@ def test_another_runtime_with_our_runtime_id_is_named_in_the_log(
     col.close()
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_another_runtime_answering_our_streams_on_our_topics_is_named_in_the_log(
+    bundles, broker, service, tmp_path, protocol
+):
+    """Two serves of their own client and runtime ids that read one data topic and answer
+    on one prediction topic (a second gateway or model installed from the same kit): each
+    answered every sample on the same topic, from a state of its own, and neither said a
+    word. Each says so now: the second from the first's stored status, the first when the
+    second comes online. A third answering elsewhere (two models compared) is no news."""
+    col = Collector(broker.url)
+    first = service("--protocol", protocol)
+    wait_until(lambda: col.online(), 30, "the first online")
+
+    def start(name: str, *flags: str) -> Any:
+        return service(
+            "--protocol", protocol, "--client-id", name, "--runtime-id", name, *flags,
+            state=tmp_path / name / "state",
+        )  # fmt: skip
+
+    third = start("compared", "--prediction-topic", "compared/{stream}")
+    wait_until(lambda: col.online("compared"), 60, "the third online")
+    second = start("copied")
+    said = "reads samples on 'sensors/{stream}/data' and answers on 'predictions/{stream}', as we"
+    wait_until(lambda: said in second.output(), 60, "the second to name the first")
+    assert "runtime 'edge-test' (status on 'edge/status/edge-test')" in second.output()
+    wait_until(lambda: said in first.output(), 60, "the first to name the second")
+    assert "runtime 'copied' (status on 'edge/status/copied')" in first.output()
+    # the third's answers go elsewhere; the others' to other topics than its own
+    wait_until(lambda: col.online("copied"), 60, "the second online")
+    assert "as we do" not in third.output()
+    assert "runtime 'compared'" not in first.output() + second.output()
+    for svc in (first, second, third):
+        assert svc.alive() and "Traceback" not in svc.output()
+    col.close()
+
+
 def test_a_session_handed_back_and_forth_is_not_two_log_lines_per_round(bundles, tmp_path, caplog):
     """Another client with our client id takes the session at every connect: each round was
     a 'disconnected' warning (or a 'session taken over' error) and a 'connected' line, for as

@@ -357,6 +357,20 @@ def test_topic_templates():
             Template(bad)
 
 
+def test_templates_that_share_a_topic_and_the_filter_of_every_runtime():
+    from edge.topics import overlap, runtime_filter
+
+    assert overlap("sensors/{stream}/data", "sensors/{stream}/data")
+    assert overlap("sensors/{stream}/data", "{stream}/pi-1/data")  # sensors/pi-1/data
+    assert not overlap("sensors/{stream}/data", "sensors/{stream}/imu")
+    assert not overlap("sensors/{stream}/data", "sensors/{stream}")
+    assert not overlap("a/{stream}", "b/{stream}")
+    assert runtime_filter("edge/status/{runtime_id}") == "edge/status/+"
+    assert runtime_filter("{runtime_id}/status") == "+/status"
+    for none in ("edge/status-{runtime_id}", "edge/status", "{runtime_id}/{runtime_id}"):
+        assert runtime_filter(none) is None, none
+
+
 def test_a_stream_id_ending_in_a_newline_is_not_a_stream_of_the_template():
     """``$`` also matches before a final newline: ``sensors/dev-1\n/data`` was read as stream
     ``dev-1\n``, which the engine then refused, answered on a topic with a newline in it and

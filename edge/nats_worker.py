@@ -65,6 +65,7 @@ from .jetstream import PullFeed, StorePublisher
 from .journal import Journal
 from .metrics import Metrics
 from .model import StepModel
+from .nats_auth import connect_options
 from .outbox import Outbound
 from .partitions import (
     MAX_PARTITIONS,
@@ -144,6 +145,10 @@ class WorkerOptions:
     snapshot_interval: float = 5.0
     replicas: int = 1
     stats_interval: float = 10.0
+    # at most one way of logging in besides serve's username / password_file (nats_auth)
+    creds: str = ""  # nats_creds: a .creds file (user JWT + nkey seed)
+    nkey: str = ""  # nats_nkey: an nkey user seed file
+    token_file: str = ""  # nats_token_file: a file holding a token
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -601,6 +606,10 @@ class Partition:
 class Worker:
     def __init__(self, cfg: ServiceConfig, opts: WorkerOptions) -> None:
         self.cfg, self.opts = cfg, opts
+        # read and checked before the model is loaded: a bad one is refused at once (exit 2)
+        self.auth = connect_options(
+            opts.creds, opts.nkey, opts.token_file, username=cfg.username, servers=opts.servers
+        )
         for key, kind in (("data_topic", "data"), ("control_topic", "control")):
             # The stream captures sensors.*.data / sensors.*.control, read back as these
             # topics: another template answered every sample bad_topic, or read none.
@@ -2009,7 +2018,7 @@ class Worker:
         if cfg.username:
             kw["user"] = cfg.username
             kw["password"] = cfg.login_password()
-        return kw
+        return {**kw, **self.auth}  # nats_creds, nats_nkey or nats_token_file
 
     async def _run(self) -> int:
         import nats

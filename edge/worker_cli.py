@@ -22,10 +22,13 @@ Devices publish MQTT to NATS's MQTT listener (sensors/{stream}/data) or natively
 The processing keys of `serve` (reorder_ms, gap_policy, max_batch, ...) are read from the
 TOML file (--config, top level or a [serve] table); the worker's own keys from its [worker]
 table (nats, partitions, worker_id, lease_seconds, snapshot_interval, replicas,
-stats_interval). As for serve, the processing keys are also environment variables
-(EDGE_LSTM_REORDER_MS, ...): the command line wins over the environment, which wins over the
-file. serve's keys of TLS and login (tls_ca, tls_cert, tls_key, username, password_file) are
-the NATS server's: TLS is used where the server requires it (a tls block in its configuration).
+stats_interval, nats_creds, nats_nkey, nats_token_file). As for serve, the processing keys are
+also environment variables (EDGE_LSTM_REORDER_MS, ...): the command line wins over the
+environment, which wins over the file. serve's keys of TLS and login (tls_ca, tls_cert,
+tls_key, username, password_file) are the NATS server's: TLS is used where the server requires
+it (a tls block in its configuration). Instead of a user and password, one of nats_creds (a
+.creds file of a NATS account: user JWT and nkey seed), nats_nkey (an nkey seed file) or
+nats_token_file (a file holding a token) logs in to NATS.
 """
 
 WORKER_KEYS = {
@@ -36,6 +39,9 @@ WORKER_KEYS = {
     "snapshot_interval": float,
     "replicas": int,
     "stats_interval": float,
+    "nats_creds": str,
+    "nats_nkey": str,
+    "nats_token_file": str,
 }
 
 
@@ -79,6 +85,17 @@ def add_worker_parser(sub: Any) -> None:
     )
     w.add_argument(
         "--replicas", type=int, metavar="R", help="JetStream replicas (1, 3 or 5) [default: 1]"
+    )
+    w.add_argument(
+        "--nats-creds",
+        metavar="FILE",
+        help="NATS credentials file (.creds: user JWT and nkey seed, as nsc writes it)",
+    )
+    w.add_argument("--nats-nkey", metavar="FILE", help="file holding an nkey user seed (SU...)")
+    w.add_argument(
+        "--nats-token-file",
+        metavar="FILE",
+        help="file holding the NATS token (never the token itself on the command line)",
     )
     w.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="[default: info]"
@@ -132,6 +149,9 @@ def worker(args: argparse.Namespace) -> int:
         snapshot_interval=float(wk.get("snapshot_interval", 5.0)),
         replicas=int(wk.get("replicas", 1)),
         stats_interval=float(wk.get("stats_interval", cfg.stats_interval)),
+        creds=str(wk.get("nats_creds", "")),
+        nkey=str(wk.get("nats_nkey", "")),
+        token_file=str(wk.get("nats_token_file", "")),
     )
     logging.basicConfig(
         level=cfg.log_level.upper(),

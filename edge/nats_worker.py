@@ -482,6 +482,12 @@ def _unavailable() -> tuple[type[BaseException], ...]:
     )
 
 
+def _authorization_error() -> type[BaseException]:
+    from nats.errors import AuthorizationError
+
+    return AuthorizationError
+
+
 def _why(exc: BaseException) -> str:
     """An exception as a log line: nats-py's API errors print as ``ServiceUnavailableError()``
     unless their description is asked for."""
@@ -1931,6 +1937,25 @@ class Worker:
             if self.refusals >= len(self.opts.servers):
                 self.refused.set()
 
+    async def _nats_closed(self) -> None:
+        """The client closed the connection for good while the worker runs: the server
+        refused its credentials (they were revoked, a token or user removed from its
+        configuration, a reload) or said another error it closes on. nats-py then never
+        connects again, and the worker went on with every round failing `connection closed`,
+        never saying why, even once the credentials were taken again. It says why and stops
+        (exit 1, so that systemd starts it again: a refusal at that start is exit 2, the
+        server's words)."""
+        if self.nc is None or self.stopping.is_set():  # the start's own, or our close
+            return
+        err = self.nc.last_error
+        said = "no error said" if err is None else str(err) or type(err).__name__
+        if isinstance(err, _authorization_error()):
+            said = f"{said} (the server refused this worker's credentials)"
+        if self.failure is None:
+            self.failure = f"NATS closed the connection for good: {said}; stopping"
+            log.error("%s", self.failure)
+        self.stopping.set()
+
     def _usable_root(self) -> None:
         """The worker's scratch journals need a directory it can write: one it cannot would
         join the group and take partitions it then never steps (``serve`` starts degraded
@@ -2042,6 +2067,7 @@ class Worker:
                 reconnect_time_wait=0.5,
                 connect_timeout=5,
                 error_cb=self._nats_error,  # one line each, not the library's traceback
+                closed_cb=self._nats_closed,
                 **self._login(),
             )
         )
@@ -2178,7 +2204,10 @@ class Worker:
                 await self.kv.delete(f"w.{self.opts.worker_id}")
             await self._say("offline")
             if self.failure is not None:  # said when it was found
-                log.warning("stopped, its partitions handed over: exit 1")
+                if self.nc.is_closed:  # nothing could be handed over
+                    log.warning("stopped, its partitions left to their leases' end: exit 1")
+                else:
+                    log.warning("stopped, its partitions handed over: exit 1")
                 return 1
             log.info("stopped cleanly: %s", self.metrics.dumps(self.stats()).decode())
             return 0

@@ -350,3 +350,39 @@ def test_a_creds_file_of_an_account_logs_in_and_another_accounts_is_refused(
         _refused_at_start(bundles, tmp_path, server, "--nats-creds", wrong)
     finally:
         server.stop()
+
+
+@pytest.mark.broker
+def test_credentials_revoked_while_the_worker_runs_are_said_and_it_stops(
+    bundles: Path, tmp_path: Path
+) -> None:
+    """A server that stops taking the worker's token (its configuration reloaded) says
+    `Authorization Violation` and closes the connection, which nats-py then never opens
+    again: the worker went on, every round failing `connection closed`, saying nowhere why,
+    even once the token was taken again. It says so and stops (exit 1): systemd starts it
+    again, and a refusal at that start is exit 2 with the server's words."""
+    import signal
+
+    server = token_server(tmp_path / "nats", "first-t0ken")
+    token = write(tmp_path / "token", "first-t0ken\n")
+    w = WorkerProc(bundles / "clf-int8", server.url, tmp_path / "s", "w1")
+    w.args += ["--nats-token-file", token]
+    try:
+        w.start()
+        assert w.proc is not None
+        wait_until(lambda: "taken over in" in w.log() or w.proc.poll() is not None, 120, "up")
+        assert w.proc.poll() is None, w.log()[-2000:]
+        conf = server.dir / "nats.conf"
+        conf.write_text(conf.read_text().replace("first-t0ken", "second-t0ken"))
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGHUP)  # a reload: the token is no longer taken
+        assert w.proc.wait(60) == 1, w.log()[-3000:]
+        said = "ERROR edge.worker: NATS closed the connection for good: nats: authorization "
+        said += "failed (the server refused this worker's credentials); stopping"
+        assert said in w.log() and "Traceback" not in w.log(), w.log()[-3000:]
+        assert "partitions left to their leases' end: exit 1" in w.log()
+        assert "t0ken" not in w.log()
+        _refused_at_start(bundles, tmp_path, server, "--nats-token-file", token)
+    finally:
+        w.stop()
+        server.stop()

@@ -233,9 +233,12 @@ def load(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     tables: Mapping[str, Any] | None = None,
+    serving: bool = True,
 ) -> ServiceConfig:
     """``tables``: what ``read_toml`` read of ``file`` already (the worker reads it once for
-    its [worker] table and this, so that a file changed meanwhile cannot give it two)."""
+    its [worker] table and this, so that a file changed meanwhile cannot give it two).
+    ``serving`` False: read for a client of the runtime's broker (``firmware-sim``), which
+    needs no model."""
     values: dict[str, Any] = {}
     where: dict[str, str] = {}  # a key's file or environment variable, for its errors
     if file:
@@ -255,7 +258,7 @@ def load(
         named = f"{file}: " if file else ""
         raise ConfigError(f"{named}unknown configuration key(s): {', '.join(unknown)}")
     cfg = ServiceConfig(**{k: _convert(k, v, where.get(k)) for k, v in values.items()})
-    return validate(cfg)
+    return validate(cfg, serving)
 
 
 def _check_tls(cfg: ServiceConfig) -> None:
@@ -438,13 +441,13 @@ def broker_address(url: str, what: str) -> tuple[str, str, int]:
     return "tcp", u.hostname, port or (8883 if u.scheme == "mqtts" else 1883)
 
 
-def validate(cfg: ServiceConfig) -> ServiceConfig:
+def validate(cfg: ServiceConfig, serving: bool = True) -> ServiceConfig:
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
         value = getattr(cfg, f.name)
         if choices and value not in choices:
             raise ConfigError(f"{f.name} = {shown(value)} is not one of {', '.join(choices)}")
-    if not cfg.model:
+    if serving and not cfg.model:
         raise ConfigError("model is required (--model DIR)")
     transport, _, _ = broker_address(cfg.broker, "broker =")
     if transport == "unix" and (cfg.tls_ca or cfg.tls_cert):

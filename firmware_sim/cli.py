@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge.cli import quiet_tensorflow, run_command, version_text
 from edge.config import broker_address
@@ -22,6 +22,9 @@ from edge.sequencing import HALF
 from .errors import SimError
 from .results import replace_file, results_dir
 from .verdict import passed
+
+if TYPE_CHECKING:
+    from .mqtt import Link
 
 SCORE_FILES = ("score.json", "score.png")
 MAX_BATCH = 1024  # the service's max_samples_per_message default
@@ -68,6 +71,72 @@ def _device_args(p: argparse.ArgumentParser) -> None:
         default="sim-results",
         help="directory for score.json and score.png (default sim-results)",
     )
+
+
+def _login_args(p: argparse.ArgumentParser) -> None:
+    """The runtime's broker as ``edge-lstm serve`` is configured for it: its file, login and
+    TLS. Options given override the file; ``EDGE_LSTM_*`` variables are read as serve reads
+    them (a password only from EDGE_LSTM_PASSWORD or a file, never from the command line)."""
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="edge-lstm serve's configuration file: the broker, login, TLS files and topic "
+        "templates of the runtime under test (the options below override it)",
+    )
+    p.add_argument("--username", help="broker user name (serve's username)")
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="file holding the broker password (serve's password_file; else the "
+        "EDGE_LSTM_PASSWORD_FILE or EDGE_LSTM_PASSWORD environment variable, or the file's keys)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        "--cafile",
+        dest="tls_ca",
+        metavar="FILE",
+        help="CA certificate file; enables TLS (serve's tls_ca)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        "--certfile",
+        dest="tls_cert",
+        metavar="FILE",
+        help="client certificate file, for TLS client auth (serve's tls_cert)",
+    )
+    p.add_argument(
+        "--tls-key",
+        "--keyfile",
+        dest="tls_key",
+        metavar="FILE",
+        help="client private key file, unencrypted (serve's tls_key)",
+    )
+
+
+def broker_link(args: argparse.Namespace, env: Any = None) -> Link:
+    """The ``Link`` to the runtime's broker: serve's loader reads ``--config`` and the
+    environment, and checks what it took (files that exist and load, topic templates)."""
+    from edge.config import load
+
+    from .mqtt import Link
+
+    env = os.environ if env is None else env
+    if not args.broker and not args.config and "EDGE_LSTM_BROKER" not in env:
+        raise SimError("--broker URL or --config FILE.toml is required")
+    overrides = {
+        "broker": args.broker,
+        "username": args.username,
+        "password_file": args.password_file,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+    }
+    cfg = load(args.config, env, overrides, serving=False)
+    if (cfg.password or cfg.password_file) and not cfg.username:
+        raise SimError(
+            "a broker password (password_file or password) needs a user name: --username"
+        )
+    return Link.of(cfg)
 
 
 def _broker(text: str) -> str:
@@ -168,10 +237,11 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--broker",
-        required=True,
         type=_broker,
-        help="mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH (loopback or your own test hosts)",
+        help="mqtt://HOST:PORT, mqtts://HOST:PORT or unix:///PATH (loopback or your own test "
+        "hosts); needed unless --config gives it",
     )
+    _login_args(r)
     r.add_argument(
         "--source",
         default="basicmotions",
@@ -301,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
     from .scorer import Scorer, save, score, table
     from .verdict import verdict
 
+    broker = broker_link(args)  # checked before anything starts
     names, features, bundle, classes = None, 6, None, ()
     if args.bundle:
         from edge.manifest import read_bundle
@@ -316,7 +387,7 @@ def run(args: argparse.Namespace) -> int:
     plan = FaultPlan.parse(args.faults)
     check_reboots(plan, args.boot_ids, args.restart_gap)
     fleet = Fleet(
-        args.broker,
+        broker,
         args.devices,
         args.rate,
         source=args.source,
@@ -330,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
         boot_ids=args.boot_ids,
     )
     try:
-        scorer = Scorer(args.broker)
+        scorer = Scorer(broker)
     except SimError:
         fleet.close()
         raise

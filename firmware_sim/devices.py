@@ -37,10 +37,11 @@ import numpy as np
 
 from edge import payloads
 from edge.errors import shown
+from edge.topics import Template
 
 from .errors import SimError
 from .faults import INVALID, LOST_IN_REBOOT, FaultPlan, Injector
-from .mqtt import close_client, connect, new_client
+from .mqtt import Link, close_client, connect, link, new_client
 from .sources import Source, maker
 
 FORMATS = ("json", "senml", "binary")
@@ -119,7 +120,9 @@ def _check_open_files(n_conn: int, devices: int, connections: int) -> None:
 
 
 class Connection:
-    def __init__(self, url: str, client_id: str, configure: Callable[[Any], None] | None = None):
+    def __init__(
+        self, url: str | Link, client_id: str, configure: Callable[[Any], None] | None = None
+    ):
         try:
             self.client = new_client(url, client_id, clean_session=False)
         except OSError as exc:  # its socket pair: out of open files, say
@@ -183,6 +186,7 @@ class Device:
         boot_ids: bool = True,
         batch_max: int | None = None,
         boot_base: int = 0,
+        topic: str | None = None,
     ) -> None:
         self.stream, self.source, self.conn, self.own_conn = stream, source, conn, own_conn
         self.rate, self.batch, self.fmt = rate, batch, fmt
@@ -198,7 +202,7 @@ class Device:
         self.skew = 0.0
         self.offline = False
         self.buffer: deque[tuple[Sent, bytes]] = deque()
-        self.topic = f"sensors/{stream}/data"
+        self.topic = topic or f"sensors/{stream}/data"  # the runtime's data_topic
 
     @property
     def carries_boot(self) -> bool:
@@ -246,7 +250,7 @@ class Fleet:
 
     def __init__(
         self,
-        url: str,
+        url: str | Link,
         devices: int,
         rate: float,
         *,
@@ -306,6 +310,7 @@ class Fleet:
             raise
         self.devices = []
         boot_base = secrets.randbits(32)  # this run's boots: see the module's docstring
+        data = Template(link(url).data_topic)
         for i, src in enumerate(sources):
             rng = np.random.default_rng([seed, i, 7])
             self.devices.append(
@@ -324,6 +329,7 @@ class Fleet:
                     feature_names=names,
                     boot_ids=boot_ids,
                     boot_base=boot_base,
+                    topic=data.topic(f"{prefix}-{i}"),
                 )
             )
         self.reboots = 0

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from edge.children import ending_with_us
 
+from .mqtt import Link, link
+
 CGROUP_V1 = Path("/sys/fs/cgroup")
 
 
@@ -24,7 +26,7 @@ class Runtime:
     def __init__(
         self,
         bundle: Path,
-        url: str,
+        url: str | Link,
         state_dir: Path,
         *,
         protocol: str = "5",
@@ -36,7 +38,11 @@ class Runtime:
         extra: tuple[str, ...] = (),
         python: str | None = None,
         tree: str | Path | None = None,
+        config: str | Path | None = None,
     ) -> None:
+        """``url``: a ``Link`` gives serve its login, TLS files and topic templates too (its
+        password by serve's environment variable); ``config``: serve's configuration file,
+        which the options given here override."""
         # ``tree``: the runtime of another source tree (an older commit's worktree, for a
         # before/after benchmark), its ``edge`` first on the path
         run = (
@@ -50,8 +56,8 @@ class Runtime:
             "serve",
             "--model",
             str(bundle),
-            "--broker",
-            url,
+            *(link(url).serve_args()),
+            *(() if config is None else ("--config", str(config))),
             "--state-dir",
             str(state_dir),
             "--protocol",
@@ -63,6 +69,7 @@ class Runtime:
             *(() if reorder_ms is None else ("--reorder-ms", str(reorder_ms))),
             *extra,
         ]
+        self.password = link(url).password
         self.cores, self.memory_mb, self.slowdown = cores, memory_mb, slowdown
         self.state_dir = state_dir
         self.log_path = state_dir.parent / "runtime.log"
@@ -81,6 +88,9 @@ class Runtime:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        if self.password:  # serve reads a password_file before a password: none given here
+            env.pop("EDGE_LSTM_PASSWORD_FILE", None)
+            env["EDGE_LSTM_PASSWORD"] = self.password
         self._cgroup_setup()
         self.proc = subprocess.Popen(
             self.cmd,

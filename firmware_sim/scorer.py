@@ -24,16 +24,17 @@ from typing import Any
 import numpy as np
 
 from edge.errors import shown
+from edge.topics import Template
 
 from .devices import Key, Sent
 from .errors import SimError
-from .mqtt import close_client, connect, new_client
+from .mqtt import Link, close_client, connect, link, new_client, templates
 
 U32 = 2**32
 HALF = 2**31
 
 
-def start(client: Any, url: str, subscribed: threading.Event) -> None:
+def start(client: Any, url: str | Link, subscribed: threading.Event) -> None:
     """Connect, run the network loop, and wait until the broker confirmed the subscription."""
     try:
         connect(client, url)
@@ -50,7 +51,7 @@ class Scorer:
 
     def __init__(
         self,
-        url: str,
+        url: str | Link,
         client_id: str = "firmware-sim-scorer",
         configure: Any = None,
         persistent: bool = False,
@@ -62,18 +63,28 @@ class Scorer:
         self.status_log: list[tuple[str, dict[str, Any], float]] = []
         # (stream, payload) of answers that are no JSON object
         self.unreadable: list[tuple[str, bytes]] = []
+        # where the runtime answers: its prediction, error and status topics
+        self.answers, self.refusals, self.status_topic = templates(link(url))
         self.client = new_client(url, client_id, clean_session=not persistent)
         self.client.on_message = self._on_message
         ready = threading.Event()
         self.client.on_subscribe = lambda *a: ready.set()
         refused: list[str] = []
+        answered = threading.Event()  # a CONNACK came
 
         def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, *rest: Any) -> None:
+            answered.set()
             if reason.is_failure:  # e.g. a broker that wants a user name: say so at once
-                refused.append(str(reason))
+                refused.append(f"refused the connection: {reason}")
                 ready.set()
                 return
-            c.subscribe([("predictions/#", 1), ("errors/#", 1), ("edge/status/#", 1)])
+            c.subscribe(
+                [
+                    (self.answers.filter, 1),
+                    (self.refusals.filter, 1),
+                    (self.status_topic.filter, 1),
+                ]
+            )
 
         self.client.on_connect = on_connect
         # Answers published while we are cut off from the broker (a clean session) never reach
@@ -81,6 +92,16 @@ class Scorer:
         self.cut_off = 0
 
         def on_disconnect(c: Any, userdata: Any, flags: Any, reason: Any, *rest: Any) -> None:
+            if not answered.is_set() and not ready.is_set():
+                # no CONNACK: a TLS client certificate the broker does not take (TLS 1.3
+                # refuses it after the handshake), or no MQTT broker there; paho would try
+                # again for ever, and we said "no answer to our subscription" 10 s later
+                refused.append(
+                    f"ended the connection without answering it as an MQTT broker does "
+                    f"({reason}): does it take our client certificate (tls_cert, --tls-cert)?"
+                )
+                ready.set()
+                return
             if reason.is_failure:  # not our own disconnect at close
                 with self.lock:
                     self.cut_off += 1
@@ -93,7 +114,7 @@ class Scorer:
         start(self.client, url, ready)
         if refused:
             close_client(self.client)
-            raise SimError(f"broker {url} refused the connection: {refused[0]}")
+            raise SimError(f"broker {url} {refused[0]}")
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         now = time.time()
@@ -101,23 +122,25 @@ class Scorer:
             doc = json.loads(msg.payload)
         except ValueError:
             doc = None
+        runtime = self.status_topic.runtime(msg.topic)
+        prediction = self.answers.stream(msg.topic)
+        stream = prediction if prediction is not None else self.refusals.stream(msg.topic)
         if not isinstance(doc, dict):
             # An answer no consumer could read is the runtime's fault: kept, to be counted.
-            if not msg.topic.startswith("edge/status/"):
+            if runtime is None:
                 with self.lock:
-                    self.unreadable.append((msg.topic.split("/", 1)[-1], bytes(msg.payload)))
+                    self.unreadable.append((stream or msg.topic, bytes(msg.payload)))
             return
-        if msg.topic.startswith("edge/status/"):
-            runtime = msg.topic.rsplit("/", 1)[1]
+        if runtime is not None:
+            runtime = runtime or str(doc.get("runtime_id"))  # a fixed topic: the payload's
             with self.lock:
                 self.status[runtime] = str(doc.get("state"))
                 self.status_log.append((runtime, doc, now))
             return
-        stream = msg.topic.split("/", 1)[1]
+        if stream is None:
+            return
         with self.lock:
-            (self.predictions if msg.topic.startswith("predictions/") else self.errors).append(
-                (stream, doc, now)
-            )
+            (self.predictions if prediction is not None else self.errors).append((stream, doc, now))
 
     def received(self, log: Sequence[Sent], ref: Reference | None = None) -> dict[Key, Got]:
         """(stream, epoch, seq) -> every (y, arrival time) received for it."""
@@ -163,7 +186,7 @@ class Witness:
     never receives, the broker never delivered (to anyone). Tells the broker's losses from
     the runtime's."""
 
-    def __init__(self, url: str, client_id: str = "firmware-sim-witness") -> None:
+    def __init__(self, url: str | Link, client_id: str = "firmware-sim-witness") -> None:
         from .devices import digest
 
         self.digest = digest
@@ -174,7 +197,8 @@ class Witness:
         self.client.on_message = self._on_message
         ready = threading.Event()
         self.client.on_subscribe = lambda *a: ready.set()
-        self.client.on_connect = lambda c, *a: c.subscribe("sensors/+/data", 1)
+        data = Template(link(url).data_topic).filter
+        self.client.on_connect = lambda c, *a: c.subscribe(data, 1)
         start(self.client, url, ready)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:

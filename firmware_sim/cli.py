@@ -90,6 +90,9 @@ def _login_args(p: argparse.ArgumentParser) -> None:
         help="file holding the broker password (serve's password_file; else the "
         "EDGE_LSTM_PASSWORD_FILE or EDGE_LSTM_PASSWORD environment variable, or the file's keys)",
     )
+    # else argparse takes --password for an abbreviation of --password-file, and shows the
+    # password back as a file name not found
+    p.add_argument("--password", nargs="?", action=_NoPassword, help=argparse.SUPPRESS)
     p.add_argument(
         "--tls-ca",
         "--cafile",
@@ -111,6 +114,14 @@ def _login_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="client private key file, unencrypted (serve's tls_key)",
     )
+
+
+class _NoPassword(argparse.Action):
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        parser.error(
+            "--password: no password on the command line (any user sees it in ps): use "
+            "--password-file FILE or EDGE_LSTM_PASSWORD"
+        )
 
 
 def broker_link(args: argparse.Namespace, env: Any = None) -> Link:

@@ -211,3 +211,60 @@ def test_without_broker_or_config_run_says_what_it_needs(capsys, tmp_path, monke
     assert main(["run", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["firmware-sim: error: --broker URL or --config FILE.toml is required"], err
+
+
+def test_the_password_is_read_as_serve_reads_it(tmp_path, capsys):
+    """password_file (option, variable or key) before a password; never a command-line value."""
+    from firmware_sim.cli import broker_link, parser
+
+    (tmp_path / "pw").write_text("from-file\n")
+    (tmp_path / "pw2").write_text("from-option\n")
+    config = _config(tmp_path, broker="mqtt://127.0.0.1:9", username="u", password="from-key")
+
+    def password(*options: str, env: dict[str, str] | None = None) -> str:
+        args = parser().parse_args(["run", "--config", str(config), *options])
+        return broker_link(args, env or {}).password
+
+    assert password() == "from-key"
+    assert password(env={"EDGE_LSTM_PASSWORD": "from-env"}) == "from-env"
+    assert password(env={"EDGE_LSTM_PASSWORD_FILE": str(tmp_path / "pw")}) == "from-file"
+    assert password("--password-file", str(tmp_path / "pw2")) == "from-option"
+    for given in (["--password", "hunter2"], ["--password=hunter2"]):
+        with pytest.raises(SystemExit):  # not taken for --password-file hunter2
+            parser().parse_args(["run", "--config", str(config), *given])
+        err = capsys.readouterr().err
+        assert "no password on the command line" in err and "hunter2" not in err, err
+
+
+def test_the_runtime_started_is_given_the_same_broker_and_topics_but_no_password_argument(
+    tmp_path,
+):
+    from firmware_sim.mqtt import Link
+    from firmware_sim.runtime import Runtime
+
+    link = Link("mqtts://127.0.0.1:9", "u", "s3cret", "ca.pem", "c.pem", "k.pem", **TOPICS)
+    rt = Runtime(tmp_path / "b", link, tmp_path / "state", config=tmp_path / "edge-lstm.toml")
+    cmd = " ".join(rt.cmd)
+    assert "s3cret" not in cmd and rt.password == "s3cret"
+    for option in ("--broker mqtts://127.0.0.1:9", "--username u", "--tls-ca ca.pem"):
+        assert option in cmd
+    for option in ("--tls-cert c.pem", "--tls-key k.pem", f"--config {tmp_path}/edge-lstm.toml"):
+        assert option in cmd
+    for key, template in TOPICS.items():
+        assert f"--{key.replace('_', '-')} {template}" in cmd
+
+
+@pytest.mark.parametrize(
+    "template, topic, runtime",
+    [
+        ("edge/status/{runtime_id}", "edge/status/rt", "rt"),
+        ("edge/status/{runtime_id}", "edge/status/rt/x", None),
+        ("site/rt-{runtime_id}/state", "site/rt-a/state", "a"),
+        ("site/state", "site/state", ""),  # one topic: the payload names the runtime
+        ("site/state", "site/other", None),
+    ],
+)
+def test_status_topics_of_a_template(template, topic, runtime):
+    from firmware_sim.mqtt import StatusTopic
+
+    assert StatusTopic(template).runtime(topic) == runtime

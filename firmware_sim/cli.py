@@ -95,21 +95,18 @@ def _login_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--password", nargs="?", action=_NoPassword, help=argparse.SUPPRESS)
     p.add_argument(
         "--tls-ca",
-        "--cafile",
         dest="tls_ca",
         metavar="FILE",
         help="CA certificate file; enables TLS (serve's tls_ca)",
     )
     p.add_argument(
         "--tls-cert",
-        "--certfile",
         dest="tls_cert",
         metavar="FILE",
         help="client certificate file, for TLS client auth (serve's tls_cert)",
     )
     p.add_argument(
         "--tls-key",
-        "--keyfile",
         dest="tls_key",
         metavar="FILE",
         help="client private key file, unencrypted (serve's tls_key)",

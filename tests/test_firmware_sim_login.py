@@ -146,7 +146,7 @@ def test_a_client_certificate_of_another_ca_is_refused_in_one_line(secured, tmp_
     _openssl("req", "-x509", *ec, "-keyout", "rogue.key", "-out", "rogue.crt", "-days", "2",
              "-subj", "/CN=rogue", cwd=tmp_path)  # fmt: skip
     args = ["run", "--config", str(secured.config), "--devices", "1", "--duration", "1"]
-    args += ["--certfile", str(tmp_path / "rogue.crt"), "--keyfile", str(tmp_path / "rogue.key")]
+    args += ["--tls-cert", str(tmp_path / "rogue.crt"), "--tls-key", str(tmp_path / "rogue.key")]
     assert main([*args, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"firmware-sim: error: broker {secured.url} "), err
@@ -162,7 +162,7 @@ def _config(tmp_path: Path, **keys: str) -> Path:
 @pytest.mark.parametrize(
     "keys, options, message",
     [
-        ({}, ["--cafile", "missing-ca.pem"], "tls_ca = 'missing-ca.pem': file not found"),
+        ({}, ["--tls-ca", "missing-ca.pem"], "tls_ca = 'missing-ca.pem': file not found"),
         ({"tls_ca": "nowhere/ca.pem"}, [], "tls_ca = 'nowhere/ca.pem': file not found"),
         (
             {},

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from . import trial_load
 from .backend import Backend, SignatureRunner, kernel_set
 from .binding import Binding, bind
 from .errors import BackendError, BundleError, ConfigError, shown
@@ -59,7 +60,10 @@ class StepModel:
         *,
         max_batch: int = 256,
         num_threads: int = 1,
+        trial: bool = True,
     ) -> None:
+        """``trial``: open the model in a child process first (``edge.trial_load``), so that
+        bytes the interpreter crashes on are refused instead of killing this process."""
         if not whole_number(max_batch) or max_batch < 1:
             raise ConfigError(f"max_batch must be a whole number >= 1, got {shown(max_batch)}")
         # the interpreter's C int; True would be 1 thread, and the interpreter's own refusal
@@ -72,6 +76,8 @@ class StepModel:
         self.manifest = manifest
         self.backend = backend
         self.max_batch = max_batch
+        if trial:
+            trial_load.check(manifest, content, backend, num_threads, max_batch)
         interpreter, self._runner = backend.open(content, manifest.signature, num_threads)
         t = manifest.tensors
         self.x_spec = t[manifest.input]

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import tflite_check
 from .errors import BundleError, shown
 from .outfile import KINDS
 
@@ -612,6 +613,16 @@ def _read_bundle(d: Path, dir_fd: int) -> tuple[Manifest, bytes]:
             f"{tpath}: not a TFLite model ("
             + (f"{len(content)} bytes without" if content else "an empty file, no")
             + " 'TFL3' at byte 4), though its sha256 is the manifest's tflite_sha256"
+        )
+    # A model damaged before its sha256 was made: tflite-runtime reads its flatbuffer
+    # unchecked and crashed (SIGSEGV) on offsets past the end. (edge.trial_load catches what
+    # this walk of the schema cannot.)
+    damage = tflite_check.problem(content)
+    if damage is not None:
+        raise BundleError(
+            f"{tpath}: not a sound TFLite model ({damage}), though its sha256 is the manifest's "
+            "tflite_sha256: the file was damaged (cut off or overwritten) before its sha256 "
+            "was made; copy or convert the bundle again"
         )
     return manifest, content
 

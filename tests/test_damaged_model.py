@@ -2,7 +2,9 @@
 the sha256 matches, so only opening the model tells. tflite-runtime 2.14 reads such bytes
 unchecked and died of SIGSEGV in ``edge.load``, taking ``serve``, ``worker`` and a running
 service's reload with it. Each must be refused with a one-line ``EdgeError`` naming the file,
-or load and answer; never end the process."""
+or load and answer; never end the process. Both guards are tried: the structural check of
+``edge.tflite_check`` (``read_bundle``), and with it switched off the trial load in a child
+process (``edge.trial_load``), which must hold on its own against whatever the check misses."""
 
 import hashlib
 import json
@@ -87,9 +89,14 @@ FLIPS = {
 }
 
 
+@pytest.mark.parametrize("guard", ["check", "trial"])
 @pytest.mark.parametrize("damage", [*CUTS.values(), *FLIPS.values()], ids=[*CUTS, *FLIPS])
-def test_a_damaged_model_is_refused_naming_the_file_or_loads_and_answers(bundles, tmp_path, damage):
+def test_a_damaged_model_is_refused_naming_the_file_or_loads_and_answers(
+    bundles, tmp_path, monkeypatch, damage, guard
+):
     b = _damaged(bundles, tmp_path, damage)
+    if guard == "trial":
+        monkeypatch.setattr("edge.tflite_check.problem", lambda data: None)
     try:
         engine = edge.load(b)
     except edge.EdgeError as exc:
@@ -101,8 +108,30 @@ def test_a_damaged_model_is_refused_naming_the_file_or_loads_and_answers(bundles
     assert y.shape == (5, engine.manifest.outputs) and np.isfinite(y).all()
 
 
+@pytest.mark.parametrize("damage", ["middle", "subgraphs-offset"])
+def test_the_check_names_what_is_damaged_and_where(bundles, tmp_path, damage):
+    b = _damaged(bundles, tmp_path, {**CUTS, **FLIPS}[damage])
+    with pytest.raises(edge.BundleError) as err:
+        edge.load(b)
+    text = str(err.value)
+    assert text.startswith(f"{b / 'model.tflite'}: not a sound TFLite model (model."), text
+    assert "past the end of the " in text and "-byte file" in text, text
+
+
+def test_every_test_bundle_passes_the_check(bundles):
+    """The check refuses no sound model: every bundle the converter made (Keras and PyTorch,
+    every quantisation mode)."""
+    from edge.tflite_check import problem
+
+    models = sorted(bundles.glob("*/model.tflite"))
+    assert len(models) >= 10
+    for model in models:
+        assert problem(model.read_bytes()) is None, model
+
+
 def test_serve_of_a_damaged_model_is_one_line_naming_the_file(bundles, broker, tmp_path):
-    """A cut-off model whose sha256 matches ended ``serve`` with SIGSEGV and not a word."""
+    """A cut-off model whose sha256 matches ended ``serve`` with SIGSEGV and not a word. It is
+    refused before the state directory is made, as a bundle that cannot be read is."""
     b = _damaged(bundles, tmp_path, CUTS["middle"])
     argv = ["--model", str(b), "--broker", broker.url, "--state-dir", str(tmp_path / "state")]
     out = subprocess.run(
@@ -112,4 +141,5 @@ def test_serve_of_a_damaged_model_is_one_line_naming_the_file(bundles, broker, t
     )  # fmt: skip
     err = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(err) == 1, (out.returncode, out.stderr)
-    assert f"{b / 'model.tflite'}: " in err[0] and "error" in err[0], err
+    assert f"{b / 'model.tflite'}: not a sound TFLite model" in err[0] and "error" in err[0], err
+    assert not (tmp_path / "state").exists()

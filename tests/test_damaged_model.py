@@ -143,3 +143,20 @@ def test_serve_of_a_damaged_model_is_one_line_naming_the_file(bundles, broker, t
     assert out.returncode == 2 and len(err) == 1, (out.returncode, out.stderr)
     assert f"{b / 'model.tflite'}: not a sound TFLite model" in err[0] and "error" in err[0], err
     assert not (tmp_path / "state").exists()
+
+
+def test_a_worker_of_a_damaged_model_is_one_line_naming_the_file(bundles, tmp_path):
+    """``edge-lstm worker`` opens the bundle before it connects to NATS: it died of SIGSEGV."""
+    b = _damaged(bundles, tmp_path, FLIPS["buffers-offset"])
+    cmd = [sys.executable, "-m", "edge", "worker", "--model", str(b)]
+    cmd += ["--nats", "nats://127.0.0.1:1", "--state-dir", str(tmp_path / "state")]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1, (out.returncode, out.stderr)
+    assert f"{b / 'model.tflite'}: not a sound TFLite model" in err[0], err

@@ -20,7 +20,7 @@ from edge.errors import shown
 
 from . import reference, step_graph
 from .errors import ConvertError
-from .spec import Activation, Dense, LSTMCell, ModelSpec
+from .spec import Activation, Dense, GRUCell, LSTMCell, ModelSpec
 
 MODES = ("int8", "int8-float-head", "int8-float-cell", "int16x8", "float16", "float32")
 # ``--quant auto``'s order: by bundle size, smallest first, as measured on the example model
@@ -235,6 +235,84 @@ def layer_input_ranges(
     return out
 
 
+# Past these pre-activations an int8 activation's output is its first or last code: the int8
+# sigmoid (scale 1/256) gives its top code for z > 5.2 and its bottom one below -6.3, tanh (scale
+# 1/128) for |z| > 3.1; with room for the rounding of z itself.
+SATURATES = {"sigmoid": 7.0, "tanh": 3.5}
+
+
+def gate_ranges(
+    spec: ModelSpec, cal: Calibration, *, normalize_in_graph: bool
+) -> dict[int, dict[str, tuple[float, float]]]:
+    """Per LSTM / GRU layer, per gate whose calibrated pre-activation reaches beyond where its
+    activation saturates in int8 (``SATURATES``), that range cut there. The calibrated range
+    of a gate fed outlying inputs can span +-15 and more, all of it at one int8 scale: cut
+    where the activation's output no longer changes, the values that do change it are
+    resolved several times finer, and no output moves by more than its rounding."""
+    inp = reference.normalize(spec, cal.x) if normalize_in_graph else cal.x.astype(np.float64)
+    owners = [s.layer for s in spec.states]
+    out: dict[int, dict[str, tuple[float, float]]] = {}
+    k = 0
+    for i, layer in enumerate(spec.layers):
+        n = owners.count(i)
+        st = [s.astype(np.float64) for s in cal.states[k : k + n]]
+        stacked = any(isinstance(b, (LSTMCell, GRUCell)) for b in spec.layers[:i])
+        pre = _preactivations(layer, inp, st, stacked=stacked)
+        pins = {}
+        for g, (z, act, extra) in pre.items():
+            if act not in SATURATES:
+                continue
+            bound = SATURATES[act] + extra
+            lo, hi = _hull_with_zero(float(z.min()), float(z.max()))
+            if lo < -bound or hi > bound:
+                pins[g] = (max(lo, -bound), min(hi, bound))
+        if pins:
+            out[i] = pins
+        inp, _ = reference.layer_step(layer, inp, st)
+        k += n
+    return out
+
+
+def _preactivations(
+    layer: object, inp: np.ndarray, st: list[np.ndarray], *, stacked: bool
+) -> dict[str, tuple[np.ndarray, str, float]]:
+    """Per gate of a recurrent layer (its pre-activation on these rows, its activation, 0),
+    and per gate ``x<gate>`` (the input's part of it, the activation, the most the recurrent
+    part can add: h in [-1, 1]); the input's part beyond that plus the saturation bound
+    saturates the gate whatever h is."""
+    if isinstance(layer, LSTMCell):
+        h = st[0]
+        xp = inp @ layer.kernel + (0.0 if stacked else layer.bias)
+        reach = np.abs(layer.recurrent).sum(0) + (np.abs(layer.bias) if stacked else 0.0)
+        z = xp + h @ layer.recurrent + (layer.bias if stacked else 0.0)
+        out = {}
+        for g in "ifco":
+            act = layer.activation if g == "c" else layer.recurrent_activation
+            out[g] = (layer.gate(g, z), act, 0.0)
+            out["x" + g] = (layer.gate(g, xp), act, float(layer.gate(g, reach).max()))
+        return out
+    if isinstance(layer, GRUCell):
+        h = st[0]
+        x = inp @ layer.kernel + layer.input_bias
+        ract = layer.recurrent_activation
+        reach = np.abs(layer.recurrent).sum(0) + np.abs(layer.recurrent_bias)
+        if layer.reset_after:
+            r_ = h @ layer.recurrent + layer.recurrent_bias
+            zr = {g: layer.gate(g, x) + layer.gate(g, r_) for g in "zr"}
+            r = reference.activate(zr["r"], ract)
+            hh = layer.gate("h", x) + r * layer.gate("h", r_)
+        else:
+            zr = {g: layer.gate(g, x) + h @ layer.gate(g, layer.recurrent) for g in "zr"}
+            r = reference.activate(zr["r"], ract)
+            hh = layer.gate("h", x) + (r * h) @ layer.gate("h", layer.recurrent)
+        acts = {"z": ract, "r": ract, "h": layer.activation}
+        out = {"z": (zr["z"], ract, 0.0), "r": (zr["r"], ract, 0.0), "h": (hh, acts["h"], 0.0)}
+        for g in "zrh":
+            out["x" + g] = (layer.gate(g, x), acts[g], float(layer.gate(g, reach).max()))
+        return out
+    return {}
+
+
 # Where one weight tensor holds a gate's input rows and recurrent rows (``step_graph._lstm_fn``),
 # neither part may span more than this many times the other's magnitude: the smaller part's
 # weights would be rounded that much coarser than with a tensor of their own.
@@ -371,11 +449,15 @@ def convert(
         if mode == "int8-float-cell":  # C stays float: no int8 range on it
             ranges = [None if s.role == "c" else r for s, r in zip(spec.states, ranges)]
     scales = input_scales(spec, cal, normalize_in_graph=normalize_in_graph) if integer else None
+    gates = (
+        gate_ranges(spec, cal, normalize_in_graph=normalize_in_graph) if mode == "int8" else None
+    )
     fn, owner = step_graph.build(
         logits(spec) if runtime_softmax(spec, mode) else spec,
         normalize_in_graph=normalize_in_graph,
         state_ranges=ranges,
         input_scales=scales,
+        gate_ranges=gates,
     )
     conv = tf.lite.TFLiteConverter.from_concrete_functions([fn], owner)
     names = [n for n, _, _ in step_graph.state_names(spec)]

@@ -69,13 +69,17 @@ def build(
     normalize_in_graph: bool,
     state_ranges: Sequence[tuple[float, float] | None] | None = None,
     input_scales: Mapping[int, float | None] | None = None,
+    gate_ranges: Mapping[int, Mapping[str, tuple[float, float]]] | None = None,
 ) -> tuple[Any, Any]:
     """(concrete function, the module owning it). ``state_ranges`` adds fake-quants (none
     on a state whose range is None).
 
     ``input_scales``: per LSTM layer index, the factor its input is scaled by before it joins
     ``h`` in one tensor (see ``_lstm_fn``), or None for an input FC apart from the recurrent
-    one; a layer not named gets 1.0."""
+    one; a layer not named gets 1.0.
+
+    ``gate_ranges``: per recurrent layer index, per gate, the int8 range its pre-activation is
+    pinned to (``quantize.gate_ranges``); a gate not named keeps its calibrated range."""
     import tensorflow as tf
 
     c = tf.constant
@@ -93,11 +97,14 @@ def build(
     scales = input_scales or {}
     steps: list[LayerFn] = []
     for i, layer in enumerate(spec.layers):
+        gates = _pins(tf, (gate_ranges or {}).get(i, {}))
         if isinstance(layer, LSTMCell):
             stacked = any(isinstance(b, RECURRENT) for b in spec.layers[:i])
-            steps.append(_lstm_fn(layer, tf, c, scales.get(i, 1.0), bias_with_h=stacked))
+            steps.append(
+                _lstm_fn(layer, tf, c, scales.get(i, 1.0), bias_with_h=stacked, gate_pin=gates)
+            )
         else:
-            steps.append(_layer_fn(layer, tf, c))
+            steps.append(_layer_fn(layer, tf, c, gate_pin=gates))
 
     specs = [tf.TensorSpec([None, spec.features], tf.float32, name="x")]
     specs += [tf.TensorSpec([None, s.width], tf.float32, name=s.name) for s in states]
@@ -128,9 +135,25 @@ def build(
 
 Pin = Callable[[int, Any], Any]
 LayerFn = Callable[[Any, list[Any], Pin], tuple[Any, list[Any]]]
+GatePin = Callable[[str, Any], Any]
 
 
-def _layer_fn(layer: Any, tf: Any, c: Callable[[Any], Any]) -> LayerFn:
+def _pins(tf: Any, ranges: Mapping[str, tuple[float, float]]) -> GatePin:
+    """A gate's pre-activation pinned to its range in ``ranges``, or left as it is."""
+
+    def pin(gate: str, t: Any) -> Any:
+        if gate not in ranges:
+            return t
+        lo, hi = ranges[gate]
+        return tf.quantization.fake_quant_with_min_max_args(t, min=lo, max=hi, num_bits=8)
+
+    return pin
+
+
+def _layer_fn(
+    layer: Any, tf: Any, c: Callable[[Any], Any], *, gate_pin: GatePin | None = None
+) -> LayerFn:
+    gp = gate_pin or (lambda g, t: t)
     """A TF function of (input, this layer's state, pin) -> (output, new state); ``pin(j, t)``
     gives state output ``j`` the range of state input ``j``."""
     if isinstance(layer, Dense):
@@ -166,14 +189,14 @@ def _layer_fn(layer: Any, tf: Any, c: Callable[[Any], Any]) -> LayerFn:
 
         def gru(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
             (h,) = st
-            x = {g: tf.matmul(inp, kx[g]) + bx[g] for g in "zrh"}
+            x = {g: gp("x" + g, tf.matmul(inp, kx[g]) + bx[g]) for g in "zrh"}
             if after:
                 r_ = {g: tf.matmul(h, kh[g]) + bh[g] for g in "zrh"}
-                z, r = (ract(x[g] + r_[g]) for g in "zr")
-                hh = act(x["h"] + r * r_["h"])
+                z, r = (ract(gp(g, x[g] + r_[g])) for g in "zr")
+                hh = act(gp("h", x["h"] + r * r_["h"]))
             else:
-                z, r = (ract(x[g] + tf.matmul(h, kh[g])) for g in "zr")
-                hh = act(x["h"] + tf.matmul(r * h, kh["h"]))
+                z, r = (ract(gp(g, x[g] + tf.matmul(h, kh[g]))) for g in "zr")
+                hh = act(gp("h", x["h"] + tf.matmul(r * h, kh["h"])))
             h = pin(0, z * h + (1.0 - z) * hh)
             return h, [h]
 
@@ -205,7 +228,13 @@ def _layer_fn(layer: Any, tf: Any, c: Callable[[Any], Any]) -> LayerFn:
 
 
 def _lstm_fn(
-    layer: LSTMCell, tf: Any, c: Callable[[Any], Any], scale: float | None, *, bias_with_h: bool
+    layer: LSTMCell,
+    tf: Any,
+    c: Callable[[Any], Any],
+    scale: float | None,
+    *,
+    bias_with_h: bool,
+    gate_pin: GatePin | None = None,
 ) -> LayerFn:
     """The gates' pre-activations, each gate's bias inside a FULLY_CONNECTED (no broadcast
     ADD; the built-in int8 kernels of older runtimes spent most of a step on those).
@@ -240,13 +269,22 @@ def _lstm_fn(
 
     def lstm(inp: Any, st: list[Any], pin: Pin) -> tuple[Any, list[Any]]:
         h, cell = st
+        gp = gate_pin or (lambda g, t: t)
         if scale is None and bias_with_h:
-            z = {g: tf.matmul(inp, kx[g]) + (tf.matmul(h, kh[g]) + bias[g]) for g in "ifco"}
+            z = {
+                g: gp("x" + g, tf.matmul(inp, kx[g])) + (tf.matmul(h, kh[g]) + bias[g])
+                for g in "ifco"
+            }
         elif scale is None:
-            z = {g: (tf.matmul(inp, kx[g]) + bias[g]) + tf.matmul(h, kh[g]) for g in "ifco"}
+            z = {
+                g: gp("x" + g, tf.matmul(inp, kx[g]) + bias[g]) + tf.matmul(h, kh[g])
+                for g in "ifco"
+            }
         else:
             xh = tf.concat([inp * scale if scale != 1.0 else inp, h], axis=-1)
             z = {g: tf.matmul(xh, kxh[g]) + bias[g] for g in "ifco"}
+        if gate_pin is not None:
+            z = {g: gate_pin(g, z[g]) for g in "ifco"}
         f, i, g, o = ract(z["f"]), ract(z["i"]), act(z["c"]), ract(z["o"])
         with tf.name_scope(CELL_SCOPE):  # C and what computes it, up to act(C)
             cell = pin(1, f * cell + i * g)

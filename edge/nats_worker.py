@@ -103,6 +103,7 @@ ANSWERED = "edge_answered"
 LAYOUT = "partitions"  # key of the answered bucket: the partition count, and the one before
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
 AUTHORIZATION = "authorization violation"  # nats-server's refusal of a client's credentials
+NO_TLS = "does not require tls"  # ``_tls_only_client``'s refusal of a server
 IN_USE_OTHERWISE = 10058  # ... a stream of that name exists with another configuration
 NO_STORAGE = 10023  # JetStream's error code: insufficient resources (its storage is full)
 NOT_CLUSTERED = 10074  # JetStream's error code: replicas > 1 on a server without a cluster
@@ -480,6 +481,32 @@ def _unavailable() -> tuple[type[BaseException], ...]:
         ServerError,
         ServiceUnavailableError,
     )
+
+
+def _tls_only_client() -> Any:
+    """nats-py's client, refusing a server whose INFO does not require TLS before anything
+    else is sent. Given a TLS context, nats-py upgrades only a connection whose server says
+    ``tls_required``, and otherwise sends its CONNECT, password or token included, in plain
+    text: to a server without TLS configured, or to whatever answers in its place."""
+    from nats.aio.client import Client
+    from nats.errors import Error
+
+    class TlsOnly(Client):
+        async def _process_info(
+            self, info: dict[str, Any], initial_connection: bool = False
+        ) -> None:
+            server = self._current_server
+            websocket = server is not None and server.uri.scheme == "wss"  # TLS below it
+            if initial_connection and not websocket and not info.get("tls_required"):
+                where = server.uri.netloc if server is not None else "?"
+                raise Error(
+                    f"nats: the server at {where} does not require TLS, and the worker is given "
+                    "tls_ca or tls_cert: nothing was sent to it (configure the server's tls "
+                    "block, or remove the worker's TLS keys)"
+                )
+            await super()._process_info(info, initial_connection)
+
+    return TlsOnly()
 
 
 def _authorization_error() -> type[BaseException]:
@@ -1931,7 +1958,7 @@ class Worker:
         if self.nc is None:  # the first connection: its error says why it is not made
             self.connect_error = said
             # the client would try the same for good; one server of several may still take it
-            if AUTHORIZATION in said.lower():
+            if AUTHORIZATION in said.lower() or NO_TLS in said.lower():
                 self.refusal = said  # kept: the server's closing the connection follows it
                 self.refusals += 1
             if self.refusals >= len(self.opts.servers):
@@ -2046,7 +2073,7 @@ class Worker:
         return {**kw, **self.auth}  # nats_creds, nats_nkey or nats_token_file
 
     async def _run(self) -> int:
-        import nats
+        from nats.aio.client import Client as NatsClient
         from nats.js.errors import NotFoundError
 
         loop = asyncio.get_running_loop()
@@ -2059,18 +2086,19 @@ class Worker:
             systemd_notify.notify("READY=1")
         if set(early_signals.take()) - {signal.SIGHUP}:  # arrived while the process started
             self.stopping.set()
-        connecting = asyncio.ensure_future(
-            nats.connect(
-                servers=self.opts.servers,
-                name=f"edge-lstm-{self.opts.worker_id}",
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                connect_timeout=5,
-                error_cb=self._nats_error,  # one line each, not the library's traceback
-                closed_cb=self._nats_closed,
-                **self._login(),
-            )
+        login = self._login()
+        client = _tls_only_client() if "tls" in login else NatsClient()
+        options: dict[str, Any] = dict(
+            servers=self.opts.servers,
+            name=f"edge-lstm-{self.opts.worker_id}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            error_cb=self._nats_error,  # one line each, not the library's traceback
+            closed_cb=self._nats_closed,
+            **login,
         )
+        connecting = asyncio.ensure_future(client.connect(**options))
         ends = [asyncio.ensure_future(e.wait()) for e in (self.refused, self.stopping)]
         # nats-py retries a first connection as long as reconnects are allowed: bounded here,
         # and ended at once when the server refuses the credentials (tried again for good),
@@ -2094,7 +2122,8 @@ class Worker:
             last = f" (last error: {why})" if why else ""
             raise ConfigError(f"cannot reach NATS at {self.opts.shown()}: timed out{last}")
         try:
-            self.nc = connecting.result()
+            connecting.result()
+            self.nc = client
         except Exception as exc:
             raise ConfigError(
                 f"cannot reach NATS at {self.opts.shown()}: {str(exc) or type(exc).__name__}"

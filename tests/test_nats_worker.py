@@ -452,6 +452,46 @@ def test_the_tls_and_login_keys_of_serve_reach_nats(bundles: Path, tmp_path: Pat
         server.stop()
 
 
+class _PlainServer(NatsServer):
+    """A nats-server with a user's password and no TLS."""
+
+    def config(self) -> str:
+        return super().config() + "authorization {\n  users = [{user: edge, password: right}]\n}\n"
+
+
+def test_a_server_without_tls_gets_nothing_from_a_worker_given_tls(
+    bundles: Path, tmp_path: Path
+) -> None:
+    """nats-py upgrades to TLS only a connection whose server asks for it: given `tls_ca`,
+    the worker sent its user and password in plain text to a server without TLS (or to
+    whatever answered in its place), and ran. It refuses such a server before it sends
+    anything: exit 2, one line naming the server."""
+    import subprocess
+    import sys
+
+    from tests.test_service_hardening import _tls_files
+
+    certs = _tls_files(tmp_path / "certs")
+    server = _PlainServer(tmp_path / "nats").start()
+    password = tmp_path / "password"
+    password.write_text("right\n")
+    conf = tmp_path / "worker.toml"
+    conf.write_text(
+        f'tls_ca = "{certs / "ca.crt"}"\nusername = "edge"\npassword_file = "{password}"\n'
+    )
+    try:
+        cmd = [sys.executable, "-m", "edge", "worker", "--model", str(bundles / "clf-int8")]
+        cmd += ["--nats", server.url, "--config", str(conf)]
+        cmd += ["--state-dir", str(tmp_path / "s"), "--worker-id", "w1"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        said = f"the server at 127.0.0.1:{server.port} does not require TLS, and the worker is"
+        assert r.returncode == 2 and said in r.stderr, r.stderr[-2000:]
+        assert "nothing was sent to it" in r.stderr
+        assert "Traceback" not in r.stderr and "right" not in r.stderr
+    finally:
+        server.stop()
+
+
 class _DeniedServer(NatsServer):
     """A nats-server whose only user may not use JetStream's API."""
 

@@ -153,9 +153,9 @@ def _pins(tf: Any, ranges: Mapping[str, tuple[float, float]]) -> GatePin:
 def _layer_fn(
     layer: Any, tf: Any, c: Callable[[Any], Any], *, gate_pin: GatePin | None = None
 ) -> LayerFn:
-    gp = gate_pin or (lambda g, t: t)
     """A TF function of (input, this layer's state, pin) -> (output, new state); ``pin(j, t)``
     gives state output ``j`` the range of state input ``j``."""
+    gp = gate_pin or (lambda g, t: t)
     if isinstance(layer, Dense):
         w, b, act = c(layer.kernel), c(layer.bias), tf_activation(layer.activation)
         return lambda inp, st, pin: (act(tf.matmul(inp, w) + b), [])

@@ -1700,6 +1700,11 @@ class Worker:
 
         try:
             while not self.stopping.is_set():
+                if self.nc is not None and self.nc.is_closed:
+                    # closed for good, and nats-py may not have said so: its close ends
+                    # before the closed callback when the socket is already gone
+                    await self._nats_closed()
+                    break
                 start("w", lambda: self.kv.put(member, json.dumps({"ts": time.time()}).encode()))
                 for p, rev in list(self.leases.items()):
                     start((p, rev), functools.partial(self._renew_lease, p, rev))

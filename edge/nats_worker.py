@@ -102,7 +102,9 @@ SNAPSHOTS = "edge_snapshots"
 ANSWERED = "edge_answered"
 LAYOUT = "partitions"  # key of the answered bucket: the partition count, and the one before
 CONNECT_SECONDS = 15.0  # to reach NATS at start; later outages are waited out
+REFUSED_ROUNDS = 3  # reconnections refused at every server in a row before the worker stops
 AUTHORIZATION = "authorization violation"  # nats-server's refusal of a client's credentials
+CREDENTIALS = " (the server refused this worker's credentials)"  # said as the worker stops
 NO_TLS = "does not require tls"  # ``_tls_only_client``'s refusal of a server
 IN_USE_OTHERWISE = 10058  # ... a stream of that name exists with another configuration
 NO_STORAGE = 10023  # JetStream's error code: insufficient resources (its storage is full)
@@ -513,6 +515,22 @@ def _authorization_error() -> type[BaseException]:
     from nats.errors import AuthorizationError
 
     return AuthorizationError
+
+
+def _unawaited_close(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """nats-py closes a connection the server refused in a task nobody awaits. When the
+    server has already dropped the socket, that close fails `Connection lost` and asyncio
+    printed its traceback after the worker had said why it stops: one debug line instead.
+    Every other unhandled error keeps asyncio's own report."""
+    from nats.aio.client import Client
+
+    task = context.get("future")
+    coro = task.get_coro() if isinstance(task, asyncio.Task) else None
+    code = getattr(coro, "cr_code", None)
+    if isinstance(context.get("exception"), ConnectionError) and code is Client._close.__code__:
+        log.debug("NATS client's close after the connection was lost: %r", context["exception"])
+        return
+    loop.default_exception_handler(context)
 
 
 def _why(exc: BaseException) -> str:
@@ -1960,14 +1978,24 @@ class Worker:
         self.nats_errors(said, note="the same again is logged at attempt 10 and every 100th")
         if "permissions violation" in said.lower():
             self.denied = said
+        refused = AUTHORIZATION in said.lower() or NO_TLS in said.lower()
+        if refused:
+            self.refusal = said  # kept: the server's closing the connection follows it
+            self.refusals += 1  # in a row: a connection made sets it to 0
         if self.nc is None:  # the first connection: its error says why it is not made
             self.connect_error = said
             # the client would try the same for good; one server of several may still take it
-            if AUTHORIZATION in said.lower() or NO_TLS in said.lower():
-                self.refusal = said  # kept: the server's closing the connection follows it
-                self.refusals += 1
             if self.refusals >= len(self.opts.servers):
                 self.refused.set()
+        elif refused and self.refusals >= REFUSED_ROUNDS * len(self.opts.servers):
+            # Revoked credentials whose connection the server reset before its refusal was
+            # read: nats-py reconnects, refused every half second for good. As when it closes.
+            if AUTHORIZATION in said.lower():
+                said += CREDENTIALS
+            self._stop_on_nats(f"NATS refused {self.refusals} reconnections in a row: {said}")
+
+    async def _nats_reconnected(self) -> None:
+        self.refusals = 0
 
     async def _nats_closed(self) -> None:
         """The client closed the connection for good while the worker runs: the server
@@ -1977,15 +2005,19 @@ class Worker:
         never saying why, even once the credentials were taken again. It says why and stops
         (exit 1, so that systemd starts it again: a refusal at that start is exit 2, the
         server's words)."""
-        if self.nc is None or self.stopping.is_set():  # the start's own, or our close
+        if self.nc is None:  # the start's own
             return
         err = self.nc.last_error
         said = "no error said" if err is None else str(err) or type(err).__name__
         if isinstance(err, _authorization_error()):
-            said = f"{said} (the server refused this worker's credentials)"
-        if self.failure is None:
-            self.failure = f"NATS closed the connection for good: {said}; stopping"
-            log.error("%s", self.failure)
+            said += CREDENTIALS
+        self._stop_on_nats(f"NATS closed the connection for good: {said}")
+
+    def _stop_on_nats(self, why: str) -> None:
+        if self.stopping.is_set():  # our own close, or said already
+            return
+        self.failure = f"{why}; stopping"
+        log.error("%s", self.failure)
         self.stopping.set()
 
     def _usable_root(self) -> None:
@@ -2048,6 +2080,7 @@ class Worker:
         )
 
     async def run(self) -> int:
+        asyncio.get_running_loop().set_exception_handler(_unawaited_close)
         self._usable_root()
         self.lock.acquire()
         for left in self.root.glob("p*"):  # scratch copies of partitions held before
@@ -2101,6 +2134,7 @@ class Worker:
             connect_timeout=5,
             error_cb=self._nats_error,  # one line each, not the library's traceback
             closed_cb=self._nats_closed,
+            reconnected_cb=self._nats_reconnected,
             **login,
         )
         connecting = asyncio.ensure_future(client.connect(**options))
@@ -2129,6 +2163,7 @@ class Worker:
         try:
             connecting.result()
             self.nc = client
+            self.refusals = 0  # one server of several may have refused it
         except Exception as exc:
             raise ConfigError(
                 f"cannot reach NATS at {self.opts.shown()}: {str(exc) or type(exc).__name__}"
@@ -2238,7 +2273,7 @@ class Worker:
                 await self.kv.delete(f"w.{self.opts.worker_id}")
             await self._say("offline")
             if self.failure is not None:  # said when it was found
-                if self.nc.is_closed:  # nothing could be handed over
+                if not self.nc.is_connected:  # nothing could be handed over
                     log.warning("stopped, its partitions left to their leases' end: exit 1")
                 else:
                     log.warning("stopped, its partitions handed over: exit 1")
@@ -2253,4 +2288,7 @@ class Worker:
                 await self.nc.drain()
             except Exception as exc:  # NATS away (a stop during an outage): nothing to drain to
                 log.debug("drain: %r", exc)
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except OSError as lost:  # the socket already gone: nothing to flush to
+                    log.debug("close: %r", lost)

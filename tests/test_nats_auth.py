@@ -352,6 +352,56 @@ def test_a_creds_file_of_an_account_logs_in_and_another_accounts_is_refused(
         server.stop()
 
 
+def test_nats_clients_close_failing_after_the_socket_is_gone_is_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """nats-py closes a refused connection in a task nobody awaits; once the server has
+    dropped the socket, that close fails `Connection lost`, which asyncio printed as a
+    traceback at the worker's exit. The worker's handler turns that one into a debug line
+    and leaves every other unretrieved error to asyncio's report."""
+    import gc
+    import logging
+
+    from nats.aio.client import Client
+
+    from edge.nats_worker import _unawaited_close
+
+    class LostSocket:
+        def writelines(self, data: Any) -> None:
+            pass
+
+        async def drain(self) -> None:
+            raise ConnectionResetError("Connection lost")
+
+        def close(self) -> None:
+            pass
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(_unawaited_close)
+        nc = Client()
+        nc._current_server, nc._transport = object(), LostSocket()
+        nc._pending, nc._pending_data_size, nc._flush_queue = [b"PING"], 4, asyncio.Queue()
+        tasks = [asyncio.create_task(nc._close(Client.CLOSED, False))]
+
+        async def other() -> None:
+            raise ConnectionResetError("not the client's close")
+
+        tasks.append(asyncio.create_task(other()))
+        while not all(t.done() for t in tasks):  # done() leaves their errors unretrieved
+            await asyncio.sleep(0)
+        tasks.clear()
+        gc.collect()
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(main())
+    said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    closed = "NATS client's close after the connection was lost: "
+    closed += "ConnectionResetError('Connection lost')"
+    assert ("edge.worker", "DEBUG", closed) in said, said
+    unretrieved = [m for name, lvl, m in said if lvl == "ERROR" and name == "asyncio"]
+    assert len(unretrieved) == 1 and "not the client's close" in caplog.text, said
+
+
 @pytest.mark.broker
 def test_credentials_revoked_while_the_worker_runs_are_said_and_it_stops(
     bundles: Path, tmp_path: Path
@@ -376,13 +426,48 @@ def test_credentials_revoked_while_the_worker_runs_are_said_and_it_stops(
         conf.write_text(conf.read_text().replace("first-t0ken", "second-t0ken"))
         assert server.proc is not None
         server.proc.send_signal(signal.SIGHUP)  # a reload: the token is no longer taken
-        assert w.proc.wait(60) == 1, w.log()[-3000:]
-        said = "ERROR edge.worker: NATS closed the connection for good: nats: authorization "
-        said += "failed (the server refused this worker's credentials); stopping"
-        assert said in w.log() and "Traceback" not in w.log(), w.log()[-3000:]
-        assert "partitions left to their leases' end: exit 1" in w.log()
-        assert "t0ken" not in w.log()
+        _stops_refused(w)
         _refused_at_start(bundles, tmp_path, server, "--nats-token-file", token)
     finally:
         w.stop()
         server.stop()
+
+
+@pytest.mark.broker
+def test_a_server_restarted_without_the_workers_user_is_said_and_the_worker_stops(
+    bundles: Path, tmp_path: Path
+) -> None:
+    """A restart, not a reload: the connection is lost, not closed by a refusal, and nats-py
+    reconnects for good, refused every half second; the worker retried for ever with a
+    warning at each. It stops once each server has refused it REFUSED_ROUNDS times in a
+    row."""
+    server = token_server(tmp_path / "nats", "first-t0ken")
+    token = write(tmp_path / "token", "first-t0ken\n")
+    w = WorkerProc(bundles / "clf-int8", server.url, tmp_path / "s", "w1")
+    w.args += ["--nats-token-file", token]
+    try:
+        w.start()
+        assert w.proc is not None
+        wait_until(lambda: "taken over in" in w.log() or w.proc.poll() is not None, 120, "up")
+        assert w.proc.poll() is None, w.log()[-2000:]
+        server.stop()
+        assert isinstance(server, _AuthServer)
+        server.auth = server.auth.replace("first-t0ken", "second-t0ken")
+        server.start()
+        _stops_refused(w)
+        assert "NATS refused 3 reconnections in a row: nats: 'Authorization Violation'" in w.log()
+    finally:
+        w.stop()
+        server.stop()
+
+
+def _stops_refused(w: WorkerProc) -> None:
+    """``w`` stops (exit 1) saying the server refused its credentials, in one line."""
+    assert w.proc is not None
+    assert w.proc.wait(60) == 1, w.log()[-3000:]
+    said = "(the server refused this worker's credentials); stopping"
+    errors = [line for line in w.log().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(said), w.log()[-3000:]
+    assert "ERROR edge.worker: NATS " in errors[0] and "Traceback" not in w.log()
+    assert "partitions left to their leases' end: exit 1" in w.log()
+    assert "t0ken" not in w.log()

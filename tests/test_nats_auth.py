@@ -418,10 +418,7 @@ def test_credentials_revoked_while_the_worker_runs_are_said_and_it_stops(
     w = WorkerProc(bundles / "clf-int8", server.url, tmp_path / "s", "w1")
     w.args += ["--nats-token-file", token]
     try:
-        w.start()
-        assert w.proc is not None
-        wait_until(lambda: "taken over in" in w.log() or w.proc.poll() is not None, 120, "up")
-        assert w.proc.poll() is None, w.log()[-2000:]
+        _up(w)
         conf = server.dir / "nats.conf"
         conf.write_text(conf.read_text().replace("first-t0ken", "second-t0ken"))
         assert server.proc is not None
@@ -446,10 +443,7 @@ def test_a_server_restarted_without_the_workers_user_is_said_and_the_worker_stop
     w = WorkerProc(bundles / "clf-int8", server.url, tmp_path / "s", "w1")
     w.args += ["--nats-token-file", token]
     try:
-        w.start()
-        assert w.proc is not None
-        wait_until(lambda: "taken over in" in w.log() or w.proc.poll() is not None, 120, "up")
-        assert w.proc.poll() is None, w.log()[-2000:]
+        _up(w)
         server.stop()
         assert isinstance(server, _AuthServer)
         server.auth = server.auth.replace("first-t0ken", "second-t0ken")
@@ -459,6 +453,14 @@ def test_a_server_restarted_without_the_workers_user_is_said_and_the_worker_stop
     finally:
         w.stop()
         server.stop()
+
+
+def _up(w: WorkerProc) -> None:
+    """``w`` started and holding partitions."""
+    w.start()
+    assert w.proc is not None
+    wait_until(lambda: "taken over in" in w.log() or w.proc.poll() is not None, 120, "up")
+    assert w.proc.poll() is None, w.log()[-2000:]
 
 
 def _stops_refused(w: WorkerProc) -> None:

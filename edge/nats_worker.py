@@ -1978,7 +1978,8 @@ class Worker:
         self.nats_errors(said, note="the same again is logged at attempt 10 and every 100th")
         if "permissions violation" in said.lower():
             self.denied = said
-        refused = AUTHORIZATION in said.lower() or NO_TLS in said.lower()
+        credentials = AUTHORIZATION in said.lower()
+        refused = credentials or NO_TLS in said.lower()
         if refused:
             self.refusal = said  # kept: the server's closing the connection follows it
             self.refusals += 1  # in a row: a connection made sets it to 0
@@ -1990,8 +1991,7 @@ class Worker:
         elif refused and self.refusals >= REFUSED_ROUNDS * len(self.opts.servers):
             # Revoked credentials whose connection the server reset before its refusal was
             # read: nats-py reconnects, refused every half second for good. As when it closes.
-            if AUTHORIZATION in said.lower():
-                said += CREDENTIALS
+            said += CREDENTIALS if credentials else ""
             self._stop_on_nats(f"NATS refused {self.refusals} reconnections in a row: {said}")
 
     async def _nats_reconnected(self) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -413,21 +415,13 @@ def test_credentials_revoked_while_the_worker_runs_are_said_and_it_stops(
     again, and a refusal at that start is exit 2 with the server's words."""
     import signal
 
-    server = token_server(tmp_path / "nats", "first-t0ken")
-    token = write(tmp_path / "token", "first-t0ken\n")
-    w = WorkerProc(bundles / "clf-int8", server.url, tmp_path / "s", "w1")
-    w.args += ["--nats-token-file", token]
-    try:
-        _up(w)
+    with _token_worker(bundles, tmp_path) as (server, token, w):
         conf = server.dir / "nats.conf"
         conf.write_text(conf.read_text().replace("first-t0ken", "second-t0ken"))
         assert server.proc is not None
         server.proc.send_signal(signal.SIGHUP)  # a reload: the token is no longer taken
         _stops_refused(w)
         _refused_at_start(bundles, tmp_path, server, "--nats-token-file", token)
-    finally:
-        w.stop()
-        server.stop()
 
 
 @pytest.mark.broker
@@ -438,29 +432,32 @@ def test_a_server_restarted_without_the_workers_user_is_said_and_the_worker_stop
     reconnects for good, refused every half second; the worker retried for ever with a
     warning at each. It stops once each server has refused it REFUSED_ROUNDS times in a
     row."""
-    server = token_server(tmp_path / "nats", "first-t0ken")
-    token = write(tmp_path / "token", "first-t0ken\n")
-    w = WorkerProc(bundles / "clf-int8", server.url, tmp_path / "s", "w1")
-    w.args += ["--nats-token-file", token]
-    try:
-        _up(w)
+    with _token_worker(bundles, tmp_path) as (server, _, w):
         server.stop()
-        assert isinstance(server, _AuthServer)
         server.auth = server.auth.replace("first-t0ken", "second-t0ken")
         server.start()
         _stops_refused(w)
         assert "NATS refused 3 reconnections in a row: nats: 'Authorization Violation'" in w.log()
+
+
+@contextlib.contextmanager
+def _token_worker(bundles: Path, tmp_path: Path) -> Iterator[tuple[_AuthServer, str, WorkerProc]]:
+    """A nats-server taking the token ``first-t0ken``, its token file, and a worker logged in
+    with it, holding partitions; both stopped at the end."""
+    server = token_server(tmp_path / "nats", "first-t0ken")
+    assert isinstance(server, _AuthServer)
+    token = write(tmp_path / "token", "first-t0ken\n")
+    w = WorkerProc(bundles / "clf-int8", server.url, tmp_path / "s", "w1")
+    w.args += ["--nats-token-file", token]
+    try:
+        w.start()
+        assert w.proc is not None
+        wait_until(lambda: "taken over in" in w.log() or w.proc.poll() is not None, 120, "up")
+        assert w.proc.poll() is None, w.log()[-2000:]
+        yield server, token, w
     finally:
         w.stop()
         server.stop()
-
-
-def _up(w: WorkerProc) -> None:
-    """``w`` started and holding partitions."""
-    w.start()
-    assert w.proc is not None
-    wait_until(lambda: "taken over in" in w.log() or w.proc.poll() is not None, 120, "up")
-    assert w.proc.poll() is None, w.log()[-2000:]
 
 
 def _stops_refused(w: WorkerProc) -> None:
